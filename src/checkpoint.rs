@@ -1,0 +1,302 @@
+//! Reading a Hugging Face safetensors checkpoint: `model.safetensors.index.json` plus
+//! memory-mapped shards (or a single `model.safetensors`), one tensor at a time, on request.
+//!
+//! Only the tensors asked for are decoded, so a rank can later read just its experts. Each
+//! shard's header is parsed and bounds-checked when the shard is first touched; every error
+//! names the tensor and the file.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use rayon::prelude::*;
+
+use crate::fp8;
+
+/// Suffix of the f32 block scales that accompany an FP8 weight.
+pub const SCALE_SUFFIX: &str = "_scale_inv";
+/// DeepSeek's FP8 block edge.
+pub const FP8_BLOCK: usize = 128;
+
+/// Element types we read (safetensors' spelling in `StDtype::name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StDtype {
+    F8E4M3,
+    BF16,
+    F16,
+    F32,
+}
+
+impl StDtype {
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "F8_E4M3" => Self::F8E4M3,
+            "BF16" => Self::BF16,
+            "F16" => Self::F16,
+            "F32" => Self::F32,
+            _ => return None,
+        })
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F8E4M3 => "F8_E4M3",
+            Self::BF16 => "BF16",
+            Self::F16 => "F16",
+            Self::F32 => "F32",
+        }
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Self::F8E4M3 => 1,
+            Self::BF16 | Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub dtype: StDtype,
+    pub shape: Vec<usize>,
+    /// Absolute byte range inside the shard file.
+    range: std::ops::Range<usize>,
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    tensors: HashMap<String, TensorInfo>,
+}
+
+impl Shard {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
+        // SAFETY: the map is read-only and lives as long as the Shard. Checkpoints are not
+        // modified while a run reads them; a file truncated underneath us would be a user error
+        // that the bounds checks below cannot catch, as with any memory-mapped reader.
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let tensors = parse_header(&mmap, path)?;
+        Ok(Self { path: path.to_path_buf(), mmap, tensors })
+    }
+
+    fn bytes(&self, info: &TensorInfo) -> &[u8] {
+        &self.mmap[info.range.clone()]
+    }
+}
+
+/// Parse and bounds-check a safetensors header: u64 little-endian length, then JSON.
+fn parse_header(bytes: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> {
+    let file = path.display();
+    if bytes.len() < 8 {
+        bail!("{file} is truncated: {} bytes, shorter than the 8-byte safetensors header length", bytes.len());
+    }
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let data_start = 8usize.checked_add(n).filter(|&e| e <= bytes.len()).with_context(|| {
+        format!("{file} is truncated or not safetensors: header claims {n} bytes, file has {}", bytes.len())
+    })?;
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
+        .map_err(|e| anyhow::anyhow!("{file}: bad safetensors header JSON: {e}"))?;
+    let data_len = bytes.len() - data_start;
+    let mut tensors = HashMap::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_s = v.get("dtype").and_then(|d| d.as_str()).unwrap_or("?");
+        let dtype = StDtype::parse(dtype_s).with_context(|| {
+            format!("{file}: tensor {name} has dtype {dtype_s}; supported: F8_E4M3, BF16, F16, F32")
+        })?;
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .with_context(|| format!("{file}: tensor {name} has no valid shape"))?;
+        let offsets: Vec<usize> = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .filter(|o: &Vec<usize>| o.len() == 2 && o[0] <= o[1])
+            .with_context(|| format!("{file}: tensor {name} has no valid data_offsets"))?;
+        let need = shape.iter().product::<usize>() * dtype.size();
+        if offsets[1] - offsets[0] != need {
+            bail!("{file}: tensor {name} holds {} bytes but shape {shape:?} of {} needs {need}",
+                offsets[1] - offsets[0], dtype.name());
+        }
+        if offsets[1] > data_len {
+            bail!("{file} is truncated: tensor {name} ends at byte {} of the data but the file holds only {data_len}",
+                offsets[1]);
+        }
+        tensors.insert(name, TensorInfo { dtype, shape, range: data_start + offsets[0]..data_start + offsets[1] });
+    }
+    Ok(tensors)
+}
+
+/// A checkpoint directory, opened lazily shard by shard.
+pub struct Checkpoint {
+    dir: PathBuf,
+    /// tensor name -> shard file name (relative to `dir`)
+    weight_map: BTreeMap<String, String>,
+    shards: Mutex<HashMap<String, Arc<Shard>>>,
+}
+
+impl Checkpoint {
+    pub fn open(dir: &Path) -> Result<Self> {
+        let index_path = dir.join("model.safetensors.index.json");
+        let single = dir.join("model.safetensors");
+        let weight_map = if index_path.exists() {
+            let text = std::fs::read_to_string(&index_path)
+                .with_context(|| format!("cannot read {}", index_path.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| anyhow::anyhow!("{}: bad JSON: {e}", index_path.display()))?;
+            let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| {
+                format!("{}: no \"weight_map\" object", index_path.display())
+            })?;
+            let mut out = BTreeMap::new();
+            for (k, f) in map {
+                let f = f.as_str().with_context(|| {
+                    format!("{}: weight_map entry {k} is not a file name", index_path.display())
+                })?;
+                out.insert(k.clone(), f.to_string());
+            }
+            out
+        } else if single.exists() {
+            let shard = Shard::open(&single)?;
+            shard.tensors.keys().map(|k| (k.clone(), "model.safetensors".to_string())).collect()
+        } else {
+            bail!("{} holds neither model.safetensors.index.json nor model.safetensors", dir.display());
+        };
+        // A scale without its weight means the checkpoint was cut or mislabelled.
+        for name in weight_map.keys() {
+            if let Some(weight) = name.strip_suffix(SCALE_SUFFIX) {
+                if !weight_map.contains_key(weight) {
+                    bail!("{}: scale {name} (in {}) has no weight {weight}", dir.display(), weight_map[name]);
+                }
+            }
+        }
+        Ok(Self { dir: dir.to_path_buf(), weight_map, shards: Mutex::new(HashMap::new()) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.weight_map.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &String> {
+        self.weight_map.keys()
+    }
+
+    /// The shard file that holds `name`, for messages.
+    pub fn file_of(&self, name: &str) -> Option<&str> {
+        self.weight_map.get(name).map(|s| s.as_str())
+    }
+
+    fn shard(&self, file: &str) -> Result<Arc<Shard>> {
+        let mut shards = self.shards.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = shards.get(file) {
+            return Ok(s.clone());
+        }
+        let s = Arc::new(Shard::open(&self.dir.join(file))?);
+        shards.insert(file.to_string(), s.clone());
+        Ok(s)
+    }
+
+    fn locate(&self, name: &str) -> Result<(Arc<Shard>, TensorInfo)> {
+        let file = self
+            .weight_map
+            .get(name)
+            .with_context(|| format!("tensor {name} is missing from the checkpoint in {}", self.dir.display()))?;
+        let shard = self.shard(file)?;
+        let info = shard.tensors.get(name).cloned().with_context(|| {
+            format!("tensor {name} is listed for {} but that shard does not contain it", shard.path.display())
+        })?;
+        Ok((shard, info))
+    }
+
+    /// Shape and stored dtype of a tensor.
+    pub fn info(&self, name: &str) -> Result<TensorInfo> {
+        Ok(self.locate(name)?.1)
+    }
+
+    /// Read `name` as `dtype` on `device`, checking its shape; FP8 weights are dequantised with
+    /// their block scales. Precision: FP8 and bf16 values are exact in f32; an FP8 value times a
+    /// power-of-two scale is exact in bf16 too (other scales round once).
+    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let (shard, info) = self.locate(name)?;
+        let file = shard.path.display();
+        if info.shape != shape {
+            bail!("tensor {name} in {file} has shape {:?}, expected {shape:?} from config.json", info.shape);
+        }
+        let bytes = shard.bytes(&info);
+        let numel: usize = shape.iter().product();
+        let tensor = match (info.dtype, dtype) {
+            (StDtype::F8E4M3, _) => {
+                let (rows, cols) = match shape {
+                    [r, c] => (*r, *c),
+                    _ => bail!("tensor {name} in {file} is F8_E4M3 with shape {shape:?}; only matrices are block-scaled"),
+                };
+                let scales = self.load_scales(name, rows, cols)?;
+                match dtype {
+                    DType::BF16 => {
+                        let mut out = vec![bf16::ZERO; numel];
+                        fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, &mut out, bf16::from_f32);
+                        Tensor::from_vec(out, shape, device)?
+                    }
+                    _ => {
+                        let mut out = vec![0f32; numel];
+                        fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, &mut out, |x| x);
+                        Tensor::from_vec(out, shape, device)?.to_dtype(dtype)?
+                    }
+                }
+            }
+            (StDtype::BF16, _) => {
+                let v: Vec<bf16> = decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)));
+                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            }
+            (StDtype::F16, _) => {
+                let v: Vec<f16> = decode_le(bytes, |b: &[u8; 2]| f16::from_bits(u16::from_le_bytes(*b)));
+                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            }
+            (StDtype::F32, _) => {
+                let v: Vec<f32> = decode_le(bytes, |b: &[u8; 4]| f32::from_le_bytes(*b));
+                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            }
+        };
+        Ok(tensor)
+    }
+
+    /// The [ceil(rows/128), ceil(cols/128)] scales of FP8 weight `name`, as f32.
+    fn load_scales(&self, name: &str, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        let scale_name = format!("{name}{SCALE_SUFFIX}");
+        if !self.contains(&scale_name) {
+            bail!(
+                "tensor {name} in {} is F8_E4M3 but the checkpoint has no {scale_name}",
+                self.file_of(name).unwrap_or("?")
+            );
+        }
+        let (shard, info) = self.locate(&scale_name)?;
+        let expect = [fp8::blocks(rows, FP8_BLOCK), fp8::blocks(cols, FP8_BLOCK)];
+        if info.shape != expect {
+            bail!("scale {scale_name} in {} has shape {:?}, expected {expect:?} for a [{rows}, {cols}] weight",
+                shard.path.display(), info.shape);
+        }
+        let bytes = shard.bytes(&info);
+        Ok(match info.dtype {
+            StDtype::F32 => decode_le(bytes, |b: &[u8; 4]| f32::from_le_bytes(*b)),
+            StDtype::BF16 => decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)).to_f32()),
+            other => bail!("scale {scale_name} in {} is {}; expected F32 or BF16", shard.path.display(), other.name()),
+        })
+    }
+}
+
+/// Decode little-endian elements of `N` bytes each, in parallel for large tensors.
+fn decode_le<T: Send, const N: usize>(bytes: &[u8], f: impl Fn(&[u8; N]) -> T + Sync + Send) -> Vec<T> {
+    bytes.par_chunks_exact(N).map(|c| f(c.try_into().unwrap())).collect()
+}

@@ -1,0 +1,138 @@
+//! `dsa-train eval`: language-modelling loss, indexer KL and attention-mass recall of a
+//! checkpoint on a token stream.
+//!
+//! The stream is cut into consecutive, non-overlapping windows of `seq_len` tokens (the
+//! remainder is dropped), one window per forward. Averages:
+//! - `lm_loss`: mean next-token cross-entropy over every predicted position of every window;
+//! - `indexer_kl_per_layer[l]`: mean over every query position of every window of the layer's
+//!   KL (dense: against the head-mean dense attention over all causal keys; sparse: against the
+//!   sparse attention's own head-mean probabilities over S_t); `indexer_kl` is their mean;
+//! - `attention_mass_recall_per_layer[l]`: mean over positions with t + 1 > k of the dense
+//!   attention mass inside S_t (1.0 when no position has t + 1 > k: S_t then holds every key).
+//! Sums are accumulated in f64.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+
+use crate::config::IndexerDefaults;
+use crate::data::read_token_file;
+use crate::losses::next_token_nll;
+use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+
+#[derive(Debug, Clone)]
+pub struct EvalArgs {
+    pub model: PathBuf,
+    pub tokens: PathBuf,
+    pub seq_len: usize,
+    pub attention: AttentionMode,
+    pub topk: Option<usize>,
+    pub device: Device,
+    pub dtype: DType,
+    pub indexer: IndexerDefaults,
+    pub init_seed: u64,
+    pub skip_mtp: bool,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct EvalReport {
+    pub tokens: usize,
+    pub windows: usize,
+    pub seq_len: usize,
+    pub attention: String,
+    pub topk: usize,
+    pub lm_loss: f64,
+    pub indexer_kl: f64,
+    pub indexer_kl_per_layer: Vec<f64>,
+    pub attention_mass_recall: f64,
+    pub attention_mass_recall_per_layer: Vec<f64>,
+}
+
+/// Load the model named by `args` and evaluate it.
+pub fn run(args: &EvalArgs) -> Result<EvalReport> {
+    let opts = LoadOptions {
+        dtype: args.dtype,
+        device: args.device.clone(),
+        indexer: args.indexer,
+        init_seed: args.init_seed,
+        skip_mtp: args.skip_mtp,
+    };
+    let model = Model::load(&args.model, &opts)?;
+    let tokens = read_token_file(&args.tokens, model.cfg.vocab_size)?;
+    evaluate(&model, &tokens, args)
+}
+
+pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalReport> {
+    let n = args.seq_len;
+    if n < 2 {
+        bail!("--seq-len {n}: need at least 2 tokens per window to predict anything");
+    }
+    let windows = tokens.len() / n;
+    if windows == 0 {
+        bail!("token file {} holds {} tokens, fewer than one window of --seq-len {n}", args.tokens.display(), tokens.len());
+    }
+    let topk = args.topk.unwrap_or(model.cfg.index_topk);
+    if topk == 0 {
+        bail!("--topk must be positive");
+    }
+    let opts = ForwardOptions {
+        attention: args.attention,
+        topk,
+        indexer_kl: true,
+        recall: true,
+        detach_indexer_inputs: false,
+    };
+    let layers = model.layers.len();
+    let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
+    // Positions t with t + 1 > k count towards the recall.
+    let recall_positions = n.saturating_sub(topk);
+    for w in 0..windows {
+        let window = Tensor::from_slice(&tokens[w * n..(w + 1) * n], (1, n), &model.device)?;
+        let out = model.forward(&window, &opts)?;
+        nll_sum += sum_f64(&next_token_nll(&out.logits, &window)?)?;
+        for (l, stats) in out.layers.iter().enumerate() {
+            if let Some(kl) = &stats.indexer_kl {
+                kl_sum[l] += sum_f64(kl)?;
+            }
+            if let (Some(r), true) = (&stats.recall, recall_positions > 0) {
+                recall_sum[l] += sum_f64(&r.narrow(1, topk, recall_positions)?)?;
+            }
+        }
+        eprintln!("[eval] window {}/{windows}: running lm_loss {:.5}", w + 1, nll_sum / ((w + 1) * (n - 1)) as f64);
+    }
+    let kl: Vec<f64> = kl_sum.iter().map(|s| s / (windows * n) as f64).collect();
+    let recall: Vec<f64> = if recall_positions == 0 {
+        vec![1.0; layers]
+    } else {
+        recall_sum.iter().map(|s| s / (windows * recall_positions) as f64).collect()
+    };
+    Ok(EvalReport {
+        tokens: windows * n,
+        windows,
+        seq_len: n,
+        attention: match args.attention {
+            AttentionMode::Dense => "dense".into(),
+            AttentionMode::Sparse => "sparse".into(),
+        },
+        topk,
+        lm_loss: nll_sum / (windows * (n - 1)) as f64,
+        indexer_kl: mean(&kl),
+        indexer_kl_per_layer: kl,
+        attention_mass_recall: mean(&recall),
+        attention_mass_recall_per_layer: recall,
+    })
+}
+
+fn sum_f64(t: &Tensor) -> Result<f64> {
+    Ok(t.to_dtype(DType::F64)?.sum_all()?.to_scalar::<f64>()?)
+}
+
+fn mean(v: &[f64]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().sum::<f64>() / v.len() as f64
+    }
+}

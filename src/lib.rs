@@ -1,0 +1,55 @@
+//! dsa-train: continued pre-training of DeepSeek-V3.1-Terminus with DeepSeek Sparse Attention.
+//!
+//! Module map, in dependency order:
+//! - `config`: the checkpoint's config.json, validated.
+//! - `fp8`, `checkpoint`, `hf_writer`: FP8 block codec; reading and writing HF safetensors.
+//! - `weights`: the one table of tensor names and shapes; indexer initialisation; loading.
+//! - `ops`, `rope`: differentiable building blocks and YaRN RoPE tables.
+//! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
+//! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
+//! - `data`, `eval`, `tiny`: token files, the `eval` command, the generated tiny checkpoint.
+
+pub mod checkpoint;
+pub mod config;
+pub mod data;
+pub mod dsa;
+pub mod eval;
+pub mod fp8;
+pub mod hf_writer;
+pub mod losses;
+pub mod model;
+pub mod ops;
+pub mod rng;
+pub mod rope;
+pub mod tiny;
+pub mod weights;
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+/// Parse a `--device` value: `cpu`, `cuda` or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let ordinal = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| anyhow::anyhow!("--device {s}: expected cuda:N"))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!("--device {s}: this binary was built without the `cuda` feature (cargo build --release --features cuda)");
+            }
+            Ok(Device::new_cuda(ordinal)?)
+        }
+        other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
+    }
+}
+
+/// Parse a `--dtype` value.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => bail!("--dtype {other}: expected f32 or bf16"),
+    }
+}

@@ -1,0 +1,123 @@
+//! The `dsa-train` command line. Every user error ends as one `error:` line on stderr and exit
+//! status 1 (2 for malformed arguments); results go to stdout.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand, ValueEnum};
+
+use dsa_train::config::IndexerDefaults;
+use dsa_train::eval::{self, EvalArgs};
+use dsa_train::model::AttentionMode;
+
+#[derive(Parser)]
+#[command(name = "dsa-train", version, about = "Continued pre-training of DeepSeek models with DeepSeek Sparse Attention")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Attention {
+    Dense,
+    Sparse,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Evaluate a checkpoint on a token file: LM loss, indexer KL, attention-mass recall.
+    /// A summary goes to stderr; the last line of stdout is one JSON object.
+    Eval {
+        /// Checkpoint directory (config.json + safetensors, HF layout).
+        #[arg(long)]
+        model: PathBuf,
+        /// Raw little-endian u32 token ids.
+        #[arg(long)]
+        tokens: PathBuf,
+        /// Window length; the stream is cut into consecutive windows, the remainder dropped.
+        #[arg(long, default_value_t = 4096)]
+        seq_len: usize,
+        #[arg(long, value_enum, default_value_t = Attention::Dense)]
+        attention: Attention,
+        /// Keys per query for selection (default: index_topk of the config).
+        #[arg(long)]
+        topk: Option<usize>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// f32 or bf16.
+        #[arg(long, default_value = "f32")]
+        dtype: String,
+        /// Indexer heads when config.json has no index_n_heads (V3.1 checkpoints).
+        #[arg(long, default_value_t = 64)]
+        index_n_heads: usize,
+        /// Indexer head dim when config.json has no index_head_dim.
+        #[arg(long, default_value_t = 128)]
+        index_head_dim: usize,
+        /// Seed of the deterministic indexer initialisation for checkpoints without one.
+        #[arg(long, default_value_t = 0)]
+        init_seed: u64,
+        /// Do not load the MTP layer(s).
+        #[arg(long)]
+        no_mtp: bool,
+    },
+    /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus).
+    Tiny {
+        /// Output directory; receives model/ and tokens.bin.
+        #[arg(long, default_value = "checkpoints/tiny")]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Eval {
+            model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp,
+        } => {
+            let args = EvalArgs {
+                model,
+                tokens,
+                seq_len,
+                attention: match attention {
+                    Attention::Dense => AttentionMode::Dense,
+                    Attention::Sparse => AttentionMode::Sparse,
+                },
+                topk,
+                device: dsa_train::parse_device(&device)?,
+                dtype: dsa_train::parse_dtype(&dtype)?,
+                indexer: IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: topk.unwrap_or(2048) },
+                init_seed,
+                skip_mtp: no_mtp,
+            };
+            let report = eval::run(&args)?;
+            eprintln!(
+                "[eval] {} tokens in {} windows of {}, {} attention, top-k {}: lm_loss {:.6}, indexer KL {:.6}, recall {:.4}",
+                report.tokens, report.windows, report.seq_len, report.attention, report.topk,
+                report.lm_loss, report.indexer_kl, report.attention_mass_recall
+            );
+            for (l, (kl, r)) in report.indexer_kl_per_layer.iter().zip(&report.attention_mass_recall_per_layer).enumerate() {
+                eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}");
+            }
+            println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Tiny { output, seed } => {
+            dsa_train::tiny::write_default(&output, seed)?;
+            eprintln!("[tiny] wrote {}/model and {}/tokens.bin", output.display(), output.display());
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

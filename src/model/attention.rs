@@ -1,0 +1,130 @@
+//! Multi-head latent attention (MLA) of DeepSeek-V3, in its two equivalent forms.
+//!
+//! Shape letters: B batch, T tokens, H heads, N = qk_nope_head_dim, R = qk_rope_head_dim,
+//! V = v_head_dim, C = kv_lora_rank, K = selected keys per query.
+//!
+//! - `dense`: "MHA mode". Keys and values are expanded per head through kv_b_proj; scores
+//!   [B, H, T, T] over every causal key. Used for the frozen model in the warm-up stage.
+//! - `sparse`: "MQA (absorbed) mode" over each query's selected set. W_UK (the k_nope rows of
+//!   kv_b_proj) is folded into the query, so every head reads ONE shared key per token,
+//!   `[kv_a_norm(c), k_pe]` (C + R dims); values are the C-dim latent and W_UV (the v rows) is
+//!   applied after the weighted sum. Same function, reorganised: with K >= T it equals `dense`.
+//!
+//! Softmax runs in f32 with the scale qk_head_dim^-1/2 * mscale^2.
+
+use candle_core::{DType, Result, Tensor, D};
+
+use crate::dsa::Selection;
+use crate::ops::{linear, rms_norm, rope_interleaved, softmax_last};
+
+pub struct Mla {
+    pub q_a_proj: Tensor,
+    pub q_a_norm: Tensor,
+    pub q_b_proj: Tensor,
+    pub kv_a_proj: Tensor,
+    pub kv_a_norm: Tensor,
+    pub kv_b_proj: Tensor,
+    pub o_proj: Tensor,
+    pub heads: usize,
+    pub nope: usize,
+    pub rope: usize,
+    pub v_dim: usize,
+    pub kv_lora: usize,
+    pub eps: f64,
+    pub scale: f64,
+}
+
+/// What both attention forms (and the indexer) read from one layer input.
+pub struct Projected {
+    /// q LoRA output after its RMSNorm [B, T, q_lora]; the indexer reads it too.
+    pub qr: Tensor,
+    /// [B, T, H, N]
+    pub q_nope: Tensor,
+    /// RoPE'd [B, T, H, R]
+    pub q_pe: Tensor,
+    /// kv_a_norm(c) [B, T, C]
+    pub c_norm: Tensor,
+    /// RoPE'd shared rope key [B, T, 1, R]
+    pub k_pe: Tensor,
+}
+
+/// Attention output and the head-mean probabilities the indexer loss needs.
+pub struct AttentionOut {
+    /// [B, T, hidden]
+    pub out: Tensor,
+    /// Head-mean probabilities, f32, detached: [B, T, T] (dense) or [B, T, K] over S_t (sparse).
+    pub head_mean_probs: Tensor,
+}
+
+impl Mla {
+    pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Projected> {
+        let (b, t, _) = x.dims3()?;
+        let (h, n, r) = (self.heads, self.nope, self.rope);
+        let qr = rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, self.eps)?;
+        let q = linear(&qr, &self.q_b_proj)?.reshape((b, t, h, n + r))?; // [B, T, H, N+R]
+        let q_nope = q.narrow(3, 0, n)?;
+        let q_pe = rope_interleaved(&q.narrow(3, n, r)?.contiguous()?, cos, sin)?;
+        let ckv = linear(x, &self.kv_a_proj)?; // [B, T, C+R]
+        let c_norm = rms_norm(&ckv.narrow(2, 0, self.kv_lora)?, &self.kv_a_norm, self.eps)?;
+        let k_pe = ckv.narrow(2, self.kv_lora, r)?.reshape((b, t, 1, r))?;
+        let k_pe = rope_interleaved(&k_pe, cos, sin)?;
+        Ok(Projected { qr, q_nope, q_pe, c_norm, k_pe })
+    }
+
+    /// Dense causal attention probabilities per head, [B, H, T, T] f32.
+    fn dense_probs_and_values(&self, p: &Projected, causal: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let kv = linear(&p.c_norm, &self.kv_b_proj)?.reshape((b, t, h, self.nope + self.v_dim))?;
+        let k_nope = kv.narrow(3, 0, self.nope)?;
+        let v = kv.narrow(3, self.nope, self.v_dim)?.transpose(1, 2)?.contiguous()?; // [B, H, T, V]
+        let k_pe = p.k_pe.broadcast_as((b, t, h, self.rope))?;
+        let k = Tensor::cat(&[&k_nope, &k_pe], 3)?.transpose(1, 2)?.contiguous()?; // [B, H, T, N+R]
+        let q = Tensor::cat(&[&p.q_nope, &p.q_pe], 3)?.transpose(1, 2)?.contiguous()?; // [B, H, T, N+R]
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, H, T, T]
+        let scores = (scores * self.scale)?.broadcast_add(causal)?;
+        Ok((softmax_last(&scores)?, v))
+    }
+
+    /// Head-mean dense probabilities [B, T, T] f32 (detached), for the attention-mass recall.
+    pub fn dense_head_mean_probs(&self, p: &Projected, causal: &Tensor) -> Result<Tensor> {
+        Ok(self.dense_probs_and_values(p, causal)?.0.mean(1)?.detach())
+    }
+
+    /// Dense MLA in MHA mode; `causal` is the [T, T] mask bias.
+    pub fn dense(&self, p: &Projected, causal: &Tensor) -> Result<AttentionOut> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let (probs, v) = self.dense_probs_and_values(p, causal)?;
+        let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, T, V]
+        let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
+        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: probs.mean(1)?.detach() })
+    }
+
+    /// Sparse MLA in absorbed (MQA) mode over the selected keys of each query.
+    pub fn sparse(&self, p: &Projected, sel: &Selection) -> Result<AttentionOut> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
+        let bt = b * t;
+        // kv_b_proj rows per head: [N rows of W_UK; V rows of W_UV], each [*, C].
+        let w_kv = self.kv_b_proj.reshape((h, self.nope + self.v_dim, c))?;
+        let w_uk = w_kv.narrow(1, 0, self.nope)?.contiguous()?; // [H, N, C]
+        let w_uv = w_kv.narrow(1, self.nope, self.v_dim)?.contiguous()?; // [H, V, C]
+        // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h].
+        let q_nope = p.q_nope.reshape((bt, h, self.nope))?.transpose(0, 1)?.contiguous()?; // [H, BT, N]
+        let q_lat = q_nope.matmul(&w_uk)?.transpose(0, 1)?; // [BT, H, C]
+        let q = Tensor::cat(&[&q_lat, &p.q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
+        // One shared key/value entry per token, gathered per query.
+        let kv = Tensor::cat(&[&p.c_norm, &p.k_pe.squeeze(2)?], 2)?.reshape((bt, c + r))?; // [BT, C+R]
+        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
+        let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?; // [BT*K]
+        let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
+        let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
+        let bias = sel.bias.reshape((bt, 1, k))?;
+        let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
+        let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?)?; // [BT, H, C]
+        // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
+        let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
+        let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
+        let head_mean = probs.mean(D::Minus2)?.reshape((b, t, k))?.detach();
+        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean })
+    }
+}

@@ -1,0 +1,358 @@
+//! DeepSeek-V3 / V3.2 in candle: embeddings, decoder layers (MLA + indexer + MLP or MoE), the
+//! final norm and LM head, and the multi-token-prediction (MTP) module.
+//!
+//! `forward(&self)` returns the logits and, per layer, exactly what the DSA losses and metrics
+//! need (per-query indexer KL, attention-mass recall, expert load). Nothing is cached between
+//! calls. Each layer computes its statistics as it goes and drops its L x L tensors before the
+//! next layer runs, so at most one layer's L x L is alive at a time (unless gradients are being
+//! recorded through them, which the trainer avoids by backpropagating layer by layer).
+
+pub mod attention;
+pub mod indexer;
+pub mod moe;
+
+use std::path::Path;
+
+use anyhow::Context;
+use candle_core::{DType, Device, Result, Tensor};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{IndexerDefaults, ModelConfig};
+use crate::dsa::{causal_bias, recall_rows, select_topk};
+use crate::losses::kl_rows;
+use crate::ops::{linear, rms_norm};
+use crate::weights::{self, ParamSet};
+use attention::{Mla, Projected};
+use indexer::Indexer;
+use moe::{Mlp, Moe};
+
+/// Which attention the main model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionMode {
+    /// Every causal key (MHA mode): the warm-up stage.
+    Dense,
+    /// The indexer's top-k keys (absorbed MQA mode): the sparse stage.
+    Sparse,
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    pub attention: AttentionMode,
+    pub topk: usize,
+    /// Compute the per-query indexer KL of every layer.
+    pub indexer_kl: bool,
+    /// Compute the attention-mass recall of the top-k (costs a dense pass in sparse mode).
+    pub recall: bool,
+    /// Detach the indexer's inputs (x and qr) from the main model (sparse-stage training).
+    pub detach_indexer_inputs: bool,
+}
+
+/// What one layer reports besides its hidden states.
+#[derive(Debug, Default)]
+pub struct LayerStats {
+    /// [B, T] KL(p_t || softmax(I_t)) per query, over all causal keys (dense) or over S_t (sparse).
+    pub indexer_kl: Option<Tensor>,
+    /// [B, T] dense attention mass inside S_t per query.
+    pub recall: Option<Tensor>,
+    /// Tokens routed to each expert (MoE layers only).
+    pub expert_counts: Option<Vec<u32>>,
+}
+
+pub struct ForwardOutput {
+    /// [B, T, vocab] in the model dtype.
+    pub logits: Tensor,
+    /// Final hidden states before the last norm [B, T, hidden] (the MTP module reads them).
+    pub hidden: Tensor,
+    pub layers: Vec<LayerStats>,
+}
+
+pub enum FeedForward {
+    Dense(Mlp),
+    Moe(Moe),
+}
+
+pub struct DecoderLayer {
+    pub input_norm: Tensor,
+    pub post_attention_norm: Tensor,
+    pub attn: Mla,
+    pub indexer: Indexer,
+    pub ffn: FeedForward,
+    pub eps: f64,
+}
+
+/// Per-forward constants shared by all layers.
+pub struct ForwardContext {
+    pub cos: Tensor,
+    pub sin: Tensor,
+    /// [T, T] causal bias.
+    pub causal: Tensor,
+}
+
+impl ForwardContext {
+    pub fn new(cfg: &ModelConfig, t: usize, device: &Device) -> Result<Self> {
+        let (cos, sin) = crate::rope::tables(cfg, t, device)?;
+        let causal = causal_bias(t, device).map_err(candle_core::Error::wrap)?;
+        Ok(Self { cos, sin, causal })
+    }
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions) -> Result<(Tensor, LayerStats)> {
+        let x = rms_norm(h, &self.input_norm, self.eps)?;
+        let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
+        let mut stats = LayerStats::default();
+        let need_scores = opts.attention == AttentionMode::Sparse || opts.indexer_kl || opts.recall;
+        let scores = if need_scores {
+            let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), proj.qr.detach()) } else { (x.clone(), proj.qr.clone()) };
+            Some(self.indexer.scores(&ix, &iqr, &ctx.cos, &ctx.sin, &ctx.causal)?)
+        } else {
+            None
+        };
+        let attn_out = match opts.attention {
+            AttentionMode::Dense => {
+                let a = self.attn.dense(&proj, &ctx.causal)?;
+                if let Some(scores) = &scores {
+                    if opts.indexer_kl {
+                        stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, scores)?);
+                    }
+                    if opts.recall {
+                        let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
+                        stats.recall = Some(recall_rows(&a.head_mean_probs, &sel).map_err(candle_core::Error::wrap)?);
+                    }
+                }
+                a.out
+            }
+            AttentionMode::Sparse => {
+                let scores = scores.as_ref().expect("sparse attention computes scores");
+                let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
+                let a = self.attn.sparse(&proj, &sel)?;
+                if opts.indexer_kl {
+                    let on_set = (scores.gather(&sel.indices, 2)? + &sel.bias)?; // [B, T, K]
+                    stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);
+                }
+                if opts.recall {
+                    let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal)?;
+                    stats.recall = Some(recall_rows(&dense, &sel).map_err(candle_core::Error::wrap)?);
+                }
+                a.out
+            }
+        };
+        let h = (h + attn_out)?;
+        let x = rms_norm(&h, &self.post_attention_norm, self.eps)?;
+        let f = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+            FeedForward::Moe(moe) => {
+                let (y, counts) = moe.forward(&x)?;
+                stats.expert_counts = Some(counts);
+                y
+            }
+        };
+        Ok(((h + f)?, stats))
+    }
+
+    /// The projections of this layer's attention, for callers that need them (tests, kernels).
+    pub fn project(&self, h: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, Projected)> {
+        let x = rms_norm(h, &self.input_norm, self.eps)?;
+        let p = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
+        Ok((x, p))
+    }
+}
+
+/// The multi-token-prediction module: predicts token t+2 from h_t and the embedding of t+1.
+pub struct Mtp {
+    pub embed: Tensor,
+    pub enorm: Tensor,
+    pub hnorm: Tensor,
+    pub eh_proj: Tensor,
+    pub layer: DecoderLayer,
+    pub head_norm: Tensor,
+    pub head: Tensor,
+}
+
+pub struct Model {
+    pub cfg: ModelConfig,
+    pub embed: Tensor,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: Tensor,
+    pub lm_head: Tensor,
+    pub mtp: Vec<Mtp>,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+/// How to load a model.
+#[derive(Debug, Clone)]
+pub struct LoadOptions {
+    pub dtype: DType,
+    pub device: Device,
+    pub indexer: IndexerDefaults,
+    /// Seed of the deterministic indexer initialisation (V3.1 checkpoints have no indexer).
+    pub init_seed: u64,
+    /// Leave the MTP layers out even when the checkpoint has them.
+    pub skip_mtp: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { dtype: DType::F32, device: Device::Cpu, indexer: IndexerDefaults::default(), init_seed: 0, skip_mtp: false }
+    }
+}
+
+impl Model {
+    /// Load config.json and the weights of `dir`, logging what was initialised or skipped.
+    pub fn load(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
+        let cfg = ModelConfig::from_dir(dir, &opts.indexer)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let with_mtp = cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp;
+        if cfg.num_nextn_predict_layers > 0 && opts.skip_mtp {
+            eprintln!("[load] skipping the {} MTP layer(s) as asked", cfg.num_nextn_predict_layers);
+        }
+        let specs = weights::model_weights(&cfg, with_mtp);
+        let (params, initialised) = weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
+        if !initialised.is_empty() {
+            eprintln!(
+                "[load] {} has no indexer tensors: initialised {} of them from seed {} ({}x{} heads, top-k {})",
+                dir.display(), initialised.len(), opts.init_seed, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+            );
+        }
+        Model::from_params(cfg, &params, opts.dtype, &opts.device, with_mtp)
+            .with_context(|| format!("building the model from {}", dir.display()))
+    }
+
+    /// Assemble the model from named parameters (as listed by `weights::model_weights`).
+    pub fn from_params(cfg: ModelConfig, params: &ParamSet, dtype: DType, device: &Device, with_mtp: bool) -> anyhow::Result<Self> {
+        let get = |n: &str| weights::get(params, n).cloned();
+        let layers = (0..cfg.num_hidden_layers).map(|l| build_layer(&cfg, params, l)).collect::<anyhow::Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings { get("model.embed_tokens.weight")? } else { get("lm_head.weight")? };
+        let mut mtp = vec![];
+        if with_mtp {
+            for m in 0..cfg.num_nextn_predict_layers {
+                let l = cfg.num_hidden_layers + m;
+                let p = format!("model.layers.{l}.");
+                mtp.push(Mtp {
+                    embed: get(&format!("{p}embed_tokens.weight"))?,
+                    enorm: get(&format!("{p}enorm.weight"))?,
+                    hnorm: get(&format!("{p}hnorm.weight"))?,
+                    eh_proj: get(&format!("{p}eh_proj.weight"))?,
+                    layer: build_layer(&cfg, params, l)?,
+                    head_norm: get(&format!("{p}shared_head.norm.weight"))?,
+                    head: get(&format!("{p}shared_head.head.weight"))?,
+                });
+            }
+        }
+        Ok(Model {
+            embed: get("model.embed_tokens.weight")?,
+            norm: get("model.norm.weight")?,
+            lm_head,
+            layers,
+            mtp,
+            dtype,
+            device: device.clone(),
+            cfg,
+        })
+    }
+
+    /// Token embeddings [B, T, hidden] for `tokens` [B, T] u32.
+    pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
+        embed_with(&self.embed, tokens)
+    }
+
+    /// Final norm and LM head: [B, T, hidden] -> [B, T, vocab].
+    pub fn head(&self, h: &Tensor) -> Result<Tensor> {
+        linear(&rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?, &self.lm_head)
+    }
+
+    pub fn forward(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let (_, t) = tokens.dims2()?;
+        let ctx = ForwardContext::new(&self.cfg, t, &self.device)?;
+        let mut h = self.embed(tokens)?;
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            let (next, stats) = layer.forward(&h, &ctx, opts)?;
+            h = next;
+            layers.push(stats);
+        }
+        Ok(ForwardOutput { logits: self.head(&h)?, hidden: h, layers })
+    }
+
+    /// Logits of MTP depth `depth` (0-based): position t predicts token t + 2 + depth, from the
+    /// main model's final hidden state at t and the embedding of token t + 1 + depth.
+    /// Returns [B, T - 1 - depth, vocab].
+    pub fn mtp_logits(&self, depth: usize, hidden: &Tensor, tokens: &Tensor, opts: &ForwardOptions) -> Result<(Tensor, LayerStats)> {
+        let m = &self.mtp[depth];
+        let (_, t) = tokens.dims2()?;
+        let n = t - 1 - depth;
+        let eps = self.cfg.rms_norm_eps;
+        let e = rms_norm(&embed_with(&m.embed, &tokens.narrow(1, 1 + depth, n)?)?, &m.enorm, eps)?;
+        let hh = rms_norm(&hidden.narrow(1, 0, n)?, &m.hnorm, eps)?;
+        let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
+        let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
+        let (y, stats) = m.layer.forward(&x, &ctx, opts)?;
+        Ok((linear(&rms_norm(&y, &m.head_norm, eps)?, &m.head)?, stats))
+    }
+}
+
+fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+    let (b, t) = tokens.dims2()?;
+    let d = table.dim(1)?;
+    table.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))
+}
+
+fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize) -> anyhow::Result<DecoderLayer> {
+    let p = format!("model.layers.{l}.");
+    let get = |n: &str| weights::get(params, &format!("{p}{n}")).cloned();
+    let mlp = |prefix: &str| -> anyhow::Result<Mlp> {
+        Ok(Mlp {
+            gate: get(&format!("{prefix}gate_proj.weight"))?,
+            up: get(&format!("{prefix}up_proj.weight"))?,
+            down: get(&format!("{prefix}down_proj.weight"))?,
+        })
+    };
+    let ffn = if cfg.is_moe_layer(l) {
+        FeedForward::Moe(Moe {
+            router: get("mlp.gate.weight")?,
+            bias: get("mlp.gate.e_score_correction_bias")?,
+            experts: (0..cfg.n_routed_experts).map(|e| mlp(&format!("mlp.experts.{e}."))).collect::<anyhow::Result<_>>()?,
+            shared: if cfg.n_shared_experts > 0 { Some(mlp("mlp.shared_experts.")?) } else { None },
+            top_k: cfg.num_experts_per_tok,
+            n_group: cfg.n_group,
+            topk_group: cfg.topk_group,
+            norm_topk_prob: cfg.norm_topk_prob,
+            routed_scaling_factor: cfg.routed_scaling_factor,
+        })
+    } else {
+        FeedForward::Dense(mlp("mlp.")?)
+    };
+    Ok(DecoderLayer {
+        input_norm: get("input_layernorm.weight")?,
+        post_attention_norm: get("post_attention_layernorm.weight")?,
+        attn: Mla {
+            q_a_proj: get("self_attn.q_a_proj.weight")?,
+            q_a_norm: get("self_attn.q_a_layernorm.weight")?,
+            q_b_proj: get("self_attn.q_b_proj.weight")?,
+            kv_a_proj: get("self_attn.kv_a_proj_with_mqa.weight")?,
+            kv_a_norm: get("self_attn.kv_a_layernorm.weight")?,
+            kv_b_proj: get("self_attn.kv_b_proj.weight")?,
+            o_proj: get("self_attn.o_proj.weight")?,
+            heads: cfg.num_attention_heads,
+            nope: cfg.qk_nope_head_dim,
+            rope: cfg.qk_rope_head_dim,
+            v_dim: cfg.v_head_dim,
+            kv_lora: cfg.kv_lora_rank,
+            eps: cfg.rms_norm_eps,
+            scale: cfg.softmax_scale(),
+        },
+        indexer: Indexer {
+            wq_b: get("self_attn.indexer.wq_b.weight")?,
+            wk: get("self_attn.indexer.wk.weight")?,
+            k_norm_weight: get("self_attn.indexer.k_norm.weight")?,
+            k_norm_bias: get("self_attn.indexer.k_norm.bias")?,
+            weights_proj: get("self_attn.indexer.weights_proj.weight")?,
+            heads: cfg.index_n_heads,
+            head_dim: cfg.index_head_dim,
+            rope: cfg.qk_rope_head_dim,
+        },
+        ffn,
+        eps: cfg.rms_norm_eps,
+    })
+}

@@ -1,0 +1,191 @@
+//! Differentiable building blocks written from candle's primitive ops.
+//!
+//! candle's fused `rope_i`, `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward,
+//! so a gradient through them silently stops (trap 6 of the brief). Everything here is built
+//! from ops that autograd knows; normalisations and softmax run in f32 whatever the input
+//! dtype and return the input dtype. The fused kernels of the GPU issue are tested against
+//! these plain versions.
+
+use candle_core::{DType, Result, Tensor, D};
+
+/// `x @ w^T` for `x` of any rank `[..., in]` and `w` `[out, in]`.
+pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims();
+    let inner = dims[dims.len() - 1];
+    let lead: usize = dims[..dims.len() - 1].iter().product();
+    let y = x.reshape((lead, inner))?.matmul(&w.t()?)?;
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().unwrap() = w.dim(0)?;
+    y.reshape(out_dims)
+}
+
+/// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, statistics in f32; the
+/// normalised value is cast back to x's dtype before the scale (as DeepSeek and HF do).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = x32.broadcast_div(&(ms + eps)?.sqrt()?)?.to_dtype(dtype)?;
+    normed.broadcast_mul(&w.to_dtype(dtype)?)
+}
+
+/// LayerNorm over the last dim with scale and bias, all in f32 (the indexer's k_norm).
+pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let x32 = x.to_dtype(DType::F32)?;
+    let centred = x32.broadcast_sub(&x32.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    let normed = centred.broadcast_div(&(var + eps)?.sqrt()?)?;
+    normed
+        .broadcast_mul(&w.to_dtype(DType::F32)?)?
+        .broadcast_add(&b.to_dtype(DType::F32)?)?
+        .to_dtype(dtype)
+}
+
+/// Log-sum-exp over the last dim (keepdim), in f32. The max is detached: the result does not
+/// depend on it, and a detached shift keeps the gradient exactly softmax.
+pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.broadcast_add(&m)
+}
+
+/// Softmax over the last dim in f32 (output f32).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    let m = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&m)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Log-softmax over the last dim in f32: `x - logsumexp(x)`. Its gradient for a target
+/// distribution p is `softmax(x) - p`, with no log of an underflowed probability anywhere.
+pub fn log_softmax_last(x: &Tensor) -> Result<Tensor> {
+    let x = x.to_dtype(DType::F32)?;
+    x.broadcast_sub(&logsumexp_last(&x)?)
+}
+
+/// Logistic sigmoid `1 / (1 + exp(-x))`; for x << 0, exp overflows to inf and the result is 0.
+pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
+    (x.neg()?.exp()? + 1.0)?.recip()
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    let h = (linear(x, gate)?.silu()? * linear(x, up)?)?;
+    linear(&h, down)
+}
+
+/// RoPE on interleaved pairs (2i, 2i+1) with frequency i: the layout of DeepSeek's MLA.
+/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2].
+pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, h, r) = x.dims4()?;
+    let pairs = x.reshape((b, t, h, r / 2, 2))?;
+    let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?; // [B, T, H, R/2]
+    let x1 = pairs.narrow(4, 1, 1)?.squeeze(4)?;
+    let cos = cos.reshape((1, t, 1, r / 2))?.to_dtype(x.dtype())?;
+    let sin = sin.reshape((1, t, 1, r / 2))?.to_dtype(x.dtype())?;
+    let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+    let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+    Tensor::stack(&[y0, y1], 4)?.reshape((b, t, h, r))
+}
+
+/// RoPE on the two halves (i, i + R/2) with frequency i: the layout of the DSA indexer.
+/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2].
+pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (_, t, _, r) = x.dims4()?;
+    let x1 = x.narrow(3, 0, r / 2)?;
+    let x2 = x.narrow(3, r / 2, r / 2)?;
+    let cos = cos.reshape((1, t, 1, r / 2))?.to_dtype(x.dtype())?;
+    let sin = sin.reshape((1, t, 1, r / 2))?.to_dtype(x.dtype())?;
+    let y1 = (x1.broadcast_mul(&cos)? - x2.broadcast_mul(&sin)?)?;
+    let y2 = (x2.broadcast_mul(&cos)? + x1.broadcast_mul(&sin)?)?;
+    Tensor::cat(&[y1, y2], 3)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn randn(shape: &[usize], seed: u64) -> Tensor {
+        crate::rng::randn(shape, seed, 1.0, &Device::Cpu).unwrap()
+    }
+
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn plain_ops_match_candles_fused_forward() {
+        let x = randn(&[3, 7, 33], 1);
+        let w = randn(&[33], 2);
+        let b = randn(&[33], 3);
+        let fused = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
+        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-6).unwrap(), &fused) < 1e-5);
+        let fused = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
+        assert!(max_abs_diff(&layer_norm(&x, &w, &b, 1e-6).unwrap(), &fused) < 1e-5);
+        let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
+        assert!(max_abs_diff(&softmax_last(&x).unwrap(), &fused) < 1e-6);
+        let lsm = log_softmax_last(&x).unwrap().exp().unwrap();
+        assert!(max_abs_diff(&lsm, &fused) < 1e-6);
+    }
+
+    #[test]
+    fn rope_layouts_match_candles_fused_rope_and_are_a_permutation_of_each_other() {
+        let (b, t, h, r) = (2, 5, 3, 8);
+        let x = randn(&[b, t, h, r], 4);
+        let cos = randn(&[t, r / 2], 5);
+        let sin = randn(&[t, r / 2], 6);
+        // candle's rope_i / rope take [B, H, T, R].
+        let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
+        let fused_i = candle_nn::rotary_emb::rope_i(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
+        assert!(max_abs_diff(&rope_interleaved(&x, &cos, &sin).unwrap(), &fused_i) < 1e-6);
+        let fused_h = candle_nn::rotary_emb::rope(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
+        assert!(max_abs_diff(&rope_half(&x, &cos, &sin).unwrap(), &fused_h) < 1e-6);
+    }
+
+    #[test]
+    fn gradients_flow_through_every_op() {
+        // Each op's gradient is compared with a central finite difference in f64.
+        let dev = Device::Cpu;
+        let x0 = randn(&[2, 3, 6], 7).to_dtype(DType::F64).unwrap();
+        let w = randn(&[6], 8).to_dtype(DType::F64).unwrap();
+        let bias = randn(&[6], 9).to_dtype(DType::F64).unwrap();
+        let cos = randn(&[3, 3], 10).to_dtype(DType::F64).unwrap();
+        let sin = randn(&[3, 3], 11).to_dtype(DType::F64).unwrap();
+        let probe = randn(&[2, 3, 6], 12).to_dtype(DType::F64).unwrap();
+        type F = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
+        let (w2, b2, c2, s2, c3, s3) = (w.clone(), bias.clone(), cos.clone(), sin.clone(), cos.clone(), sin.clone());
+        let w3 = w.clone();
+        let fs: Vec<(&str, F)> = vec![
+            ("rms_norm", Box::new(move |x| rms_norm(x, &w2, 1e-6))),
+            ("layer_norm", Box::new(move |x| layer_norm(x, &w3, &b2, 1e-6))),
+            ("log_softmax", Box::new(|x| log_softmax_last(x)?.to_dtype(DType::F64))),
+            ("softmax", Box::new(|x| softmax_last(x)?.to_dtype(DType::F64))),
+            ("sigmoid", Box::new(sigmoid)),
+            ("rope_i", Box::new(move |x| rope_interleaved(&x.reshape((2, 3, 1, 6))?, &c2, &s2))),
+            ("rope_h", Box::new(move |x| rope_half(&x.reshape((2, 3, 1, 6))?, &c3, &s3))),
+        ];
+        for (name, f) in fs {
+            let var = Var::from_tensor(&x0).unwrap();
+            let loss = (f(var.as_tensor()).unwrap().reshape((2, 3, 6)).unwrap() * &probe).unwrap().sum_all().unwrap();
+            let grads = loss.backward().unwrap();
+            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap();
+            let g: Vec<f64> = g.to_vec1().unwrap();
+            let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
+            let eval = |v: &[f64]| -> f64 {
+                let t = Tensor::from_slice(v, (2, 3, 6), &dev).unwrap();
+                (f(&t).unwrap().reshape((2, 3, 6)).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+            };
+            for i in [0, 5, 17, 30] {
+                let (mut p, mut m) = (base.clone(), base.clone());
+                p[i] += 1e-3;
+                m[i] -= 1e-3;
+                let fd = (eval(&p) - eval(&m)) / 2e-3;
+                // log_softmax/softmax run in f32 internally; allow f32 rounding in the difference.
+                assert!((fd - g[i]).abs() < 1e-3 * (1.0 + fd.abs()), "{name}[{i}]: fd {fd} vs autograd {}", g[i]);
+            }
+        }
+    }
+}

@@ -1,0 +1,257 @@
+//! The one table of weight names: every tensor of the model, its shape, how a Hugging Face
+//! checkpoint stores it, and whether it belongs to the lightning indexer. Loading, indexer
+//! initialisation, the trainable/frozen split and export all read this table.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::checkpoint::{Checkpoint, StDtype};
+use crate::config::ModelConfig;
+
+/// What a tensor is; decides storage, compute dtype and (later) weight decay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// A projection `[out, in]`; FP8 with block scales in DeepSeek's checkpoints.
+    Linear,
+    /// A norm's scale vector.
+    Norm,
+    /// A norm's bias vector (the indexer's LayerNorm).
+    NormBias,
+    Embedding,
+    /// The unquantised bf16 output head.
+    Head,
+    /// The MoE router weight `[experts, hidden]`; computed in f32.
+    Router,
+    /// The router's selection bias; f32, adjusted by the load rule, never by gradients.
+    RouterBias,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct WeightSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub kind: Kind,
+    /// Part of the lightning indexer (trained in the warm-up; absent from V3.1 checkpoints).
+    pub indexer: bool,
+}
+
+impl WeightSpec {
+    /// How a DeepSeek HF checkpoint stores this tensor.
+    pub fn storage(&self) -> StDtype {
+        match self.kind {
+            Kind::Linear if !self.indexer => StDtype::F8E4M3,
+            Kind::RouterBias => StDtype::F32,
+            // DeepSeek keeps the indexer's head weights in f32.
+            Kind::Linear if self.name.ends_with("weights_proj.weight") => StDtype::F32,
+            _ => StDtype::BF16,
+        }
+    }
+
+    /// The dtype the model computes this tensor in, given the model's compute dtype. The
+    /// router, its bias and the indexer head weights stay f32 whatever the compute dtype.
+    pub fn compute_dtype(&self, model_dtype: DType) -> DType {
+        match self.kind {
+            Kind::Router | Kind::RouterBias => DType::F32,
+            _ if self.indexer => DType::F32,
+            _ => model_dtype,
+        }
+    }
+}
+
+fn spec(name: String, shape: &[usize], kind: Kind, indexer: bool) -> WeightSpec {
+    WeightSpec { name, shape: shape.to_vec(), kind, indexer }
+}
+
+/// Tensors of decoder layer `l` (the MTP layer is `l = num_hidden_layers`).
+pub fn layer_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
+    let p = format!("model.layers.{l}.");
+    let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
+    let mut v = vec![
+        spec(format!("{p}input_layernorm.weight"), &[d], Kind::Norm, false),
+        spec(format!("{p}self_attn.q_a_proj.weight"), &[cfg.q_lora_rank, d], Kind::Linear, false),
+        spec(format!("{p}self_attn.q_a_layernorm.weight"), &[cfg.q_lora_rank], Kind::Norm, false),
+        spec(format!("{p}self_attn.q_b_proj.weight"), &[h * cfg.qk_head_dim(), cfg.q_lora_rank], Kind::Linear, false),
+        spec(format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[cfg.kv_lora_rank + cfg.qk_rope_head_dim, d], Kind::Linear, false),
+        spec(format!("{p}self_attn.kv_a_layernorm.weight"), &[cfg.kv_lora_rank], Kind::Norm, false),
+        spec(format!("{p}self_attn.kv_b_proj.weight"), &[h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank], Kind::Linear, false),
+        spec(format!("{p}self_attn.o_proj.weight"), &[d, h * cfg.v_head_dim], Kind::Linear, false),
+        spec(format!("{p}post_attention_layernorm.weight"), &[d], Kind::Norm, false),
+    ];
+    let (hi, di) = (cfg.index_n_heads, cfg.index_head_dim);
+    let ix = format!("{p}self_attn.indexer.");
+    v.extend([
+        spec(format!("{ix}wq_b.weight"), &[hi * di, cfg.q_lora_rank], Kind::Linear, true),
+        spec(format!("{ix}wk.weight"), &[di, d], Kind::Linear, true),
+        spec(format!("{ix}k_norm.weight"), &[di], Kind::Norm, true),
+        spec(format!("{ix}k_norm.bias"), &[di], Kind::NormBias, true),
+        spec(format!("{ix}weights_proj.weight"), &[hi, d], Kind::Linear, true),
+    ]);
+    let mlp = |prefix: &str, inter: usize| {
+        vec![
+            spec(format!("{prefix}gate_proj.weight"), &[inter, d], Kind::Linear, false),
+            spec(format!("{prefix}up_proj.weight"), &[inter, d], Kind::Linear, false),
+            spec(format!("{prefix}down_proj.weight"), &[d, inter], Kind::Linear, false),
+        ]
+    };
+    if cfg.is_moe_layer(l) {
+        v.push(spec(format!("{p}mlp.gate.weight"), &[cfg.n_routed_experts, d], Kind::Router, false));
+        v.push(spec(format!("{p}mlp.gate.e_score_correction_bias"), &[cfg.n_routed_experts], Kind::RouterBias, false));
+        for e in 0..cfg.n_routed_experts {
+            v.extend(mlp(&format!("{p}mlp.experts.{e}."), cfg.moe_intermediate_size));
+        }
+        if cfg.n_shared_experts > 0 {
+            v.extend(mlp(&format!("{p}mlp.shared_experts."), cfg.moe_intermediate_size * cfg.n_shared_experts));
+        }
+    } else {
+        v.extend(mlp(&format!("{p}mlp."), cfg.intermediate_size));
+    }
+    v
+}
+
+/// The extra tensors of the multi-token-prediction module at layer index `l`.
+pub fn mtp_extra_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
+    let p = format!("model.layers.{l}.");
+    let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    vec![
+        spec(format!("{p}embed_tokens.weight"), &[vocab, d], Kind::Embedding, false),
+        spec(format!("{p}enorm.weight"), &[d], Kind::Norm, false),
+        spec(format!("{p}hnorm.weight"), &[d], Kind::Norm, false),
+        spec(format!("{p}eh_proj.weight"), &[d, 2 * d], Kind::Linear, false),
+        spec(format!("{p}shared_head.norm.weight"), &[d], Kind::Norm, false),
+        spec(format!("{p}shared_head.head.weight"), &[vocab, d], Kind::Head, false),
+    ]
+}
+
+/// Every tensor of the model, in checkpoint order. `with_mtp` adds the MTP layers.
+pub fn model_weights(cfg: &ModelConfig, with_mtp: bool) -> Vec<WeightSpec> {
+    let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let mut v = vec![spec("model.embed_tokens.weight".into(), &[vocab, d], Kind::Embedding, false)];
+    for l in 0..cfg.num_hidden_layers {
+        v.extend(layer_weights(cfg, l));
+    }
+    v.push(spec("model.norm.weight".into(), &[d], Kind::Norm, false));
+    if !cfg.tie_word_embeddings {
+        v.push(spec("lm_head.weight".into(), &[vocab, d], Kind::Head, false));
+    }
+    if with_mtp {
+        for m in 0..cfg.num_nextn_predict_layers {
+            let l = cfg.num_hidden_layers + m;
+            v.extend(layer_weights(cfg, l));
+            v.extend(mtp_extra_weights(cfg, l));
+        }
+    }
+    v
+}
+
+/// Deterministic initial values for an indexer tensor missing from the checkpoint.
+///
+/// Linear weights are uniform in +-1/sqrt(fan_in) (PyTorch's default Linear bound), drawn per
+/// element from splitmix64 of (fnv1a64(name) ^ seed) + (i+1) * golden, so a value depends only
+/// on (seed, name, index): any subset of tensors, on any rank, gets the same numbers, and a
+/// numpy script can reproduce them bit for bit (tools/parity). LayerNorm: weight 1, bias 0.
+pub fn init_indexer_tensor(spec: &WeightSpec, seed: u64) -> Vec<f32> {
+    let numel: usize = spec.shape.iter().product();
+    match spec.kind {
+        Kind::Norm => vec![1.0; numel],
+        Kind::NormBias => vec![0.0; numel],
+        _ => {
+            let bound = (1.0 / (spec.shape[1] as f64).sqrt()) as f32;
+            let base = fnv1a64(spec.name.as_bytes()) ^ seed;
+            (0..numel as u64)
+                .map(|i| {
+                    let z = splitmix64_mix(base.wrapping_add((i + 1).wrapping_mul(GOLDEN)));
+                    let u = (z >> 40) as f32 / (1u32 << 24) as f32;
+                    (2.0 * u - 1.0) * bound
+                })
+                .collect()
+        }
+    }
+}
+
+const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
+
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+}
+
+fn splitmix64_mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Named parameter tensors, in compute dtype, on one device.
+pub type ParamSet = BTreeMap<String, Tensor>;
+
+/// Load `specs` from a checkpoint. Indexer tensors the checkpoint lacks (a V3.1-Terminus
+/// checkpoint has none) are initialised from `init_seed`; everything else must be present.
+/// Returns the parameters and the names that were initialised rather than read.
+pub fn load_params(
+    ckpt: &Checkpoint,
+    specs: &[WeightSpec],
+    dtype: DType,
+    device: &Device,
+    init_seed: u64,
+) -> Result<(ParamSet, Vec<String>)> {
+    let mut params = ParamSet::new();
+    let mut initialised = vec![];
+    for s in specs {
+        let want = s.compute_dtype(dtype);
+        let t = if ckpt.contains(&s.name) || !s.indexer {
+            ckpt.load(&s.name, &s.shape, want, device)?
+        } else {
+            initialised.push(s.name.clone());
+            Tensor::from_vec(init_indexer_tensor(s, init_seed), s.shape.as_slice(), device)?.to_dtype(want)?
+        };
+        params.insert(s.name.clone(), t);
+    }
+    Ok((params, initialised))
+}
+
+/// Fetch a parameter by name; a missing one is a programming error in the weight table.
+pub fn get<'a>(params: &'a ParamSet, name: &str) -> Result<&'a Tensor> {
+    params.get(name).with_context(|| format!("parameter {name} was not loaded"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IndexerDefaults;
+
+    #[test]
+    fn table_of_the_671b_model_has_the_briefs_shapes_and_count() {
+        let text = include_str!("../tests/data/config_671b.json");
+        let cfg = ModelConfig::from_json(text, &IndexerDefaults::default()).unwrap();
+        let w = model_weights(&cfg, true);
+        let find = |n: &str| w.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}"));
+        assert_eq!(find("model.layers.0.self_attn.q_b_proj.weight").shape, [128 * 192, 1536]);
+        assert_eq!(find("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").shape, [576, 7168]);
+        assert_eq!(find("model.layers.0.self_attn.kv_b_proj.weight").shape, [128 * 256, 512]);
+        assert_eq!(find("model.layers.3.mlp.gate.weight").shape, [256, 7168]);
+        assert_eq!(find("model.layers.61.eh_proj.weight").shape, [7168, 14336]);
+        assert_eq!(find("model.layers.5.self_attn.indexer.wq_b.weight").shape, [64 * 128, 1536]);
+        assert_eq!(find("model.layers.5.self_attn.indexer.weights_proj.weight").storage(), StDtype::F32);
+        assert_eq!(find("model.layers.5.mlp.experts.255.down_proj.weight").storage(), StDtype::F8E4M3);
+        // 671B main parameters + ~14B MTP: the table should count about 685B without indexers.
+        let total: usize = w.iter().filter(|s| !s.indexer).map(|s| s.shape.iter().product::<usize>()).sum();
+        assert!((684e9..686e9).contains(&(total as f64)), "{total}");
+    }
+
+    #[test]
+    fn indexer_init_depends_only_on_seed_name_and_index() {
+        let s = |name: &str| spec(name.into(), &[8, 5], Kind::Linear, true);
+        let a = init_indexer_tensor(&s("model.layers.0.self_attn.indexer.wq_b.weight"), 0);
+        let b = init_indexer_tensor(&s("model.layers.0.self_attn.indexer.wq_b.weight"), 0);
+        let c = init_indexer_tensor(&s("model.layers.1.self_attn.indexer.wq_b.weight"), 0);
+        let d = init_indexer_tensor(&s("model.layers.0.self_attn.indexer.wq_b.weight"), 1);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_ne!(a, d);
+        let bound = 1.0 / 5f32.sqrt();
+        assert!(a.iter().all(|x| x.abs() <= bound));
+        let mean = a.iter().sum::<f32>() / a.len() as f32;
+        assert!(mean.abs() < 0.2, "{mean}");
+    }
+}
