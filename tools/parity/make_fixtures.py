@@ -90,8 +90,8 @@ FIXTURES: dict[str, dict] = {
         extra_tokens=5,
         shards=3,
         router_logit_std=1.5,
-        router_bias_std=0.3,
-        router_bias_offset=-0.5,
+        router_bias_std=0.15,
+        router_bias_offset=-0.6,
     ),
     "v31_tiny": dict(
         kind="v31",
@@ -121,8 +121,8 @@ FIXTURES: dict[str, dict] = {
         extra_tokens=7,
         shards=2,
         router_logit_std=1.5,
-        router_bias_std=0.3,
-        router_bias_offset=-0.5,
+        router_bias_std=0.15,
+        router_bias_offset=-0.6,
     ),
 }
 
@@ -198,6 +198,17 @@ def indexer_init_values(name: str, shape: tuple[int, int], seed: int) -> np.ndar
     return vals.reshape(out_dim, in_dim)
 
 
+def indexer_init_value_scalar(name: str, in_dim: int, seed: int, i: int) -> np.float32:
+    """Element i of the same init with plain Python integers (cross-checks the numpy
+    vectorisation, which relies on uint64 wrap-around)."""
+    x = ((fnv1a64(name.encode("utf-8")) ^ seed) + (i + 1) * 0x9E3779B97F4A7C15) & M64
+    z = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & M64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
+    z ^= z >> 31
+    u = np.float32(z >> 40) / np.float32(1 << 24)
+    return np.float32(np.float32(2.0) * u - np.float32(1.0)) * np.float32(1.0 / math.sqrt(in_dim))
+
+
 def indexer_init_layer(prefix: str, cfg: dict, seed: int) -> dict[str, np.ndarray]:
     """All five indexer tensors of one layer (prefix ends with 'self_attn.indexer.')."""
     h_i, d_i = cfg["index_n_heads"], cfg["index_head_dim"]
@@ -218,6 +229,8 @@ def write_indexer_init_sample(path: str) -> None:
     samples = []
     for seed in (0, 12345):
         v = indexer_init_values(name, shape, seed).reshape(-1)[:8]
+        scalar = np.array([indexer_init_value_scalar(name, shape[1], seed, i) for i in range(8)], np.float32)
+        assert np.array_equal(v.view(np.uint32), scalar.view(np.uint32))
         samples.append(
             {
                 "name": name,
@@ -384,41 +397,36 @@ def nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def shard_split_points(tensors, n_shards: int) -> list[int]:
-    """Indices where shards 2..n start. Each cut lands inside a layer (so that layer spans
-    two shards); the first cut deliberately separates a weight from its weight_scale_inv
-    (loaders must look every tensor up in weight_map, never assume companions share a file)."""
+def shard_split_points(tensors, n_shards: int, n_layers: int) -> list[int]:
+    """Indices where shards 2..n start. Each cut lands strictly inside a MAIN decoder
+    layer (so that layer spans two shards), near the byte fraction j/n; the first cut
+    also separates a weight from its weight_scale_inv (loaders must look every tensor up
+    in weight_map and never assume that companions share a file)."""
     sizes = [nbytes(t) for _, t in tensors]
-    total = sum(sizes)
     cum = np.cumsum(sizes)
+    main_layers = {f"model.layers.{i}" for i in range(n_layers)}
+    # allowed cut c: tensors[c-1] and tensors[c] belong to the same main layer
+    allowed = [c for c in range(1, len(tensors)) if layer_of(tensors[c][0]) in main_layers and layer_of(tensors[c - 1][0]) == layer_of(tensors[c][0])]
     cuts = []
     for j in range(1, n_shards):
-        idx = int(np.searchsorted(cum, total * j / n_shards)) + 1
-        lay = layer_of(tensors[idx][0])
-        members = [i for i, (n, _) in enumerate(tensors) if layer_of(n) == lay]
-        lo, hi = members[0] + 1, members[-1]  # cut strictly inside the layer
-        idx = min(max(idx, lo), hi)
+        target = int(np.searchsorted(cum, cum[-1] * j / n_shards)) + 1
+        cands = allowed
         if j == 1:
-            # move to the nearest cut between X.weight and X.weight_scale_inv
-            for d in range(0, len(tensors)):
-                cand = [c for c in (idx - d, idx + d) if lo <= c <= hi]
-                hit = [c for c in cand if tensors[c][0].endswith(".weight_scale_inv")]
-                if hit:
-                    idx = hit[0]
-                    break
-        cuts.append(idx)
-    assert cuts == sorted(set(cuts)), cuts
+            cands = [c for c in allowed if tensors[c][0].endswith(".weight_scale_inv")]
+        cands = [c for c in cands if not cuts or c > cuts[-1]]
+        cuts.append(min(cands, key=lambda c: abs(c - target)))
     return cuts
 
 
 def write_checkpoint(out_dir: str, cfg: dict, tensors) -> dict:
     n = cfg["shards"]
-    cuts = [0] + shard_split_points(tensors, n) + [len(tensors)]
+    cuts = [0] + shard_split_points(tensors, n, cfg["num_hidden_layers"]) + [len(tensors)]
     weight_map = {}
     for k in range(n):
         fname = f"model-{k + 1:05d}-of-{n:05d}.safetensors"
         part = dict(tensors[cuts[k] : cuts[k + 1]])
         save_file({nm: t.contiguous() for nm, t in part.items()}, os.path.join(out_dir, fname), metadata={"format": "pt"})
+        os.chmod(os.path.join(out_dir, fname), 0o644)  # safetensors creates files 0600
         for nm in part:
             weight_map[nm] = fname
     index = {
@@ -927,8 +935,10 @@ def reference(fixture_dir: str, cfg: dict, init_seed: int) -> tuple[dict, dict]:
         "dense": block(loss_d, st_d),
         "sparse": block(loss_s, st_s),
     }
-    save_file({"logits": logits_d.to(torch.float32).contiguous()}, os.path.join(fixture_dir, "logits_dense.safetensors"))
-    save_file({"logits": logits_s.to(torch.float32).contiguous()}, os.path.join(fixture_dir, "logits_sparse.safetensors"))
+    for mode, lg in (("dense", logits_d), ("sparse", logits_s)):
+        path = os.path.join(fixture_dir, f"logits_{mode}.safetensors")
+        save_file({"logits": lg.to(torch.float32).contiguous()}, path)
+        os.chmod(path, 0o644)
     diagnostics = {
         "transformers": transformers.__version__,
         "torch": torch.__version__,

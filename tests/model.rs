@@ -1,0 +1,146 @@
+//! Model-level properties on a tiny random checkpoint: the two attention paths agree when the
+//! selection holds every key, gradients reach every trainable tensor and only through the
+//! intended path, bf16 tracks f32, and the MTP module runs.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor, Var};
+use common::tiny_checkpoint;
+use dsa_train::checkpoint::Checkpoint;
+use dsa_train::config::ModelConfig;
+use dsa_train::losses::next_token_nll;
+use dsa_train::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use dsa_train::weights::{self, ParamSet};
+
+fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
+    let mut rng = dsa_train::rng::SplitMix64::new(seed);
+    let v: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % 512) as u32).collect();
+    Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
+}
+
+fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
+    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false }
+}
+
+fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    diff / scale
+}
+
+#[test]
+fn sparse_attention_with_k_at_least_t_equals_dense() {
+    let (_tmp, dir) = tiny_checkpoint(true, 21);
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let x = tokens(2, 40, 1);
+    let dense = model.forward(&x, &opts(AttentionMode::Dense, 40)).unwrap();
+    let sparse = model.forward(&x, &opts(AttentionMode::Sparse, 64)).unwrap();
+    assert!(max_rel_err(&sparse.logits, &dense.logits) < 1e-5);
+    for (d, s) in dense.layers.iter().zip(&sparse.layers) {
+        // With S_t = every causal key, the sparse-stage KL is the warm-up KL.
+        assert!(max_rel_err(s.indexer_kl.as_ref().unwrap(), d.indexer_kl.as_ref().unwrap()) < 1e-4);
+    }
+    // A real selection changes the result.
+    let narrow = model.forward(&x, &opts(AttentionMode::Sparse, 8)).unwrap();
+    assert!(max_rel_err(&narrow.logits, &dense.logits) > 1e-3);
+    let recall: Vec<Vec<f32>> = narrow.layers[0].recall.as_ref().unwrap().to_vec2().unwrap();
+    assert!(recall[0][..8].iter().all(|r| (r - 1.0).abs() < 1e-5));
+    assert!(recall[0][8..].iter().all(|r| *r > 0.0 && *r < 1.0 + 1e-6));
+}
+
+/// The model with every parameter wrapped in a Var, plus the Vars by name.
+fn model_with_vars(dir: &std::path::Path) -> (Model, Vec<(String, Var)>) {
+    let cfg = ModelConfig::from_dir(dir, &Default::default()).unwrap();
+    let ckpt = Checkpoint::open(dir).unwrap();
+    let specs = weights::model_weights(&cfg, false);
+    let (params, _) = weights::load_params(&ckpt, &specs, DType::F32, &Device::Cpu, 0).unwrap();
+    let vars: Vec<(String, Var)> = params.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
+    let as_params: ParamSet = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    (Model::from_params(cfg, &as_params, DType::F32, &Device::Cpu, false).unwrap(), vars)
+}
+
+#[test]
+fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
+    let (_tmp, dir) = tiny_checkpoint(true, 22);
+    let (model, vars) = model_with_vars(&dir);
+    let x = tokens(2, 48, 2);
+    let mut o = opts(AttentionMode::Sparse, 12);
+    o.detach_indexer_inputs = true;
+    o.recall = false;
+    let out = model.forward(&x, &o).unwrap();
+    let lm = next_token_nll(&out.logits, &x).unwrap().mean_all().unwrap();
+    let kl = out.layers.iter().map(|s| s.indexer_kl.as_ref().unwrap().mean_all().unwrap()).reduce(|a, b| (a + b).unwrap()).unwrap();
+
+    let nonzero = |g: Option<&Tensor>| g.is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let used_expert = |name: &str| -> bool {
+        // Experts that no token was routed to get no gradient, legitimately.
+        let Some(rest) = name.split(".mlp.experts.").nth(1) else { return true };
+        let l: usize = name.split('.').nth(2).unwrap().parse().unwrap();
+        let e: usize = rest.split('.').next().unwrap().parse().unwrap();
+        out.layers[l].expert_counts.as_ref().unwrap()[e] > 0
+    };
+
+    let lm_grads = lm.backward().unwrap();
+    for (name, var) in &vars {
+        let g = lm_grads.get(var.as_tensor());
+        if name.contains(".indexer.") || name.ends_with("e_score_correction_bias") {
+            assert!(!nonzero(g), "LM loss must not reach {name}");
+        } else if used_expert(name) {
+            assert!(nonzero(g), "LM loss must reach {name}");
+        }
+    }
+    let kl_grads = kl.backward().unwrap();
+    for (name, var) in &vars {
+        let g = kl_grads.get(var.as_tensor());
+        assert_eq!(nonzero(g), name.contains(".indexer."), "KL gradient into {name}");
+    }
+}
+
+#[test]
+fn without_detach_the_kl_reaches_the_main_model() {
+    // The detach is what blocks it: the same forward without it leaks into q_a_proj.
+    let (_tmp, dir) = tiny_checkpoint(true, 23);
+    let (model, vars) = model_with_vars(&dir);
+    let x = tokens(1, 24, 3);
+    let mut o = opts(AttentionMode::Sparse, 6);
+    o.recall = false;
+    let out = model.forward(&x, &o).unwrap();
+    let kl = out.layers[1].indexer_kl.as_ref().unwrap().mean_all().unwrap();
+    let grads = kl.backward().unwrap();
+    let q_a = &vars.iter().find(|(n, _)| n == "model.layers.1.self_attn.q_a_proj.weight").unwrap().1;
+    assert!(grads.get(q_a.as_tensor()).is_some());
+}
+
+#[test]
+fn bf16_forward_tracks_f32() {
+    let (_tmp, dir) = tiny_checkpoint(true, 24);
+    let f32m = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let bf16m = Model::load(&dir, &LoadOptions { dtype: DType::BF16, ..Default::default() }).unwrap();
+    let x = tokens(1, 32, 4);
+    let a = f32m.forward(&x, &opts(AttentionMode::Dense, 8)).unwrap().logits;
+    let b = bf16m.forward(&x, &opts(AttentionMode::Dense, 8)).unwrap().logits.to_dtype(DType::F32).unwrap();
+    assert!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
+    let dot = (&a * &b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+    let na = a.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let nb = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let cos = dot / (na * nb);
+    assert!(cos > 1.0 - 5e-3, "cosine {cos}");
+}
+
+#[test]
+fn mtp_layer_loads_and_predicts_two_ahead() {
+    let (_tmp, dir) = tiny_checkpoint(false, 25);
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    assert_eq!(model.mtp.len(), 1);
+    let x = tokens(2, 16, 5);
+    let o = opts(AttentionMode::Dense, 8);
+    let out = model.forward(&x, &o).unwrap();
+    let (logits, _) = model.mtp_logits(0, &out.hidden, &x, &o).unwrap();
+    assert_eq!(logits.dims(), [2, 15, 512]);
+    // Its loss is a finite cross-entropy against tokens t+2.
+    let targets = x.narrow(1, 1, 15).unwrap();
+    let nll = next_token_nll(&logits, &targets).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    assert!(nll.is_finite() && nll > 0.0);
+    let skipped = Model::load(&dir, &LoadOptions { skip_mtp: true, ..Default::default() }).unwrap();
+    assert!(skipped.mtp.is_empty());
+}
