@@ -34,6 +34,8 @@ pub struct EvalArgs {
     pub indexer: IndexerDefaults,
     pub init_seed: u64,
     pub skip_mtp: bool,
+    /// Evaluate at most this many windows (all when None).
+    pub max_windows: Option<usize>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -70,8 +72,12 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         bail!("--seq-len {n}: need at least 2 tokens per window to predict anything");
     }
     let windows = tokens.len() / n;
-    if windows == 0 {
+    let windows = args.max_windows.map_or(windows, |m| windows.min(m));
+    if tokens.len() < n {
         bail!("token file {} holds {} tokens, fewer than one window of --seq-len {n}", args.tokens.display(), tokens.len());
+    }
+    if windows == 0 {
+        bail!("--max-windows 0 evaluates nothing");
     }
     let topk = args.topk.unwrap_or(model.cfg.index_topk);
     if topk == 0 {

@@ -6,6 +6,8 @@
 //! Encoding (for export and for test checkpoints): per block, a power-of-two scale (DeepSeek's
 //! "ue8m0" format) no smaller than amax / 448, then round-to-nearest-even into e4m3.
 
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 pub const E4M3_MAX: f32 = 448.0;
@@ -58,14 +60,19 @@ pub fn blocks(n: usize, block: usize) -> usize {
 }
 
 /// Dequantise a row-major [rows, cols] FP8 matrix with its [ceil(rows/B), ceil(cols/B)] scales,
-/// writing each element through `store` (f32, bf16, ...). Rows are processed in parallel.
-pub fn dequantize_into<T: Send>(
+/// converting each value with `store` (to f32, bf16, ...). Row blocks run in parallel. Every
+/// element of `out` is written, so the caller may treat it as initialised afterwards.
+///
+/// Every element of a block shares one scale, so each block gets a 256-entry table of
+/// `store(e4m3(b) * scale)`; the inner loop is then a single lookup per byte, and the result is
+/// bit-identical to converting element by element.
+pub fn dequantize_into<T: Copy + Send + Sync>(
     w8: &[u8],
     scales: &[f32],
     rows: usize,
     cols: usize,
     block: usize,
-    out: &mut [T],
+    out: &mut [MaybeUninit<T>],
     store: impl Fn(f32) -> T + Sync,
 ) {
     assert_eq!(w8.len(), rows * cols);
@@ -75,13 +82,16 @@ pub fn dequantize_into<T: Send>(
     if cols == 0 {
         return;
     }
-    out.par_chunks_mut(cols).zip(w8.par_chunks(cols)).enumerate().for_each(|(r, (dst, src))| {
-        let scale_row = &scales[(r / block) * col_blocks..][..col_blocks];
-        for (cb, &s) in scale_row.iter().enumerate() {
-            let start = cb * block;
-            let end = (start + block).min(cols);
-            for (d, &b) in dst[start..end].iter_mut().zip(&src[start..end]) {
-                *d = store(E4M3_TABLE[b as usize] * s);
+    out.par_chunks_mut(block * cols).zip(w8.par_chunks(block * cols)).enumerate().for_each(|(rb, (dst, src))| {
+        let tables: Vec<[T; 256]> = scales[rb * col_blocks..][..col_blocks]
+            .iter()
+            .map(|&s| std::array::from_fn(|b| store(E4M3_TABLE[b] * s)))
+            .collect();
+        for (drow, srow) in dst.chunks_mut(cols).zip(src.chunks(cols)) {
+            for ((d, s), table) in drow.chunks_mut(block).zip(srow.chunks(block)).zip(&tables) {
+                for (x, &b) in d.iter_mut().zip(s) {
+                    x.write(table[b as usize]);
+                }
             }
         }
     });
@@ -132,14 +142,19 @@ mod tests {
         assert_eq!(E4M3_TABLE[0x01], 2f32.powi(-9));
     }
 
+    fn dequantize_vec(w8: &[u8], scales: &[f32], rows: usize, cols: usize, block: usize) -> Vec<f32> {
+        let mut out = vec![MaybeUninit::uninit(); rows * cols];
+        dequantize_into(w8, scales, rows, cols, block, &mut out, |x| x);
+        out.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+    }
+
     #[test]
     fn dequantize_applies_partial_edge_blocks() {
         // 5 x 3 with block 2: scale grid 3 x 2, the last row and column blocks are partial.
         let (rows, cols, block) = (5, 3, 2);
         let w8: Vec<u8> = (0..15).map(|i| f32_to_e4m3(i as f32 * 0.5)).collect();
         let scales = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0];
-        let mut out = vec![0f32; 15];
-        dequantize_into(&w8, &scales, rows, cols, block, &mut out, |x| x);
+        let out = dequantize_vec(&w8, &scales, rows, cols, block);
         for r in 0..rows {
             for c in 0..cols {
                 let expect = (r * cols + c) as f32 * 0.5 * scales[(r / 2) * 2 + c / 2];
@@ -155,8 +170,7 @@ mod tests {
         let (q, s) = quantize(&w, rows, cols, 128);
         assert_eq!(s.len(), 2 * 3);
         assert!(s.iter().all(|x| x.log2().fract() == 0.0), "scales must be powers of two");
-        let mut back = vec![0f32; w.len()];
-        dequantize_into(&q, &s, rows, cols, 128, &mut back, |x| x);
+        let back = dequantize_vec(&q, &s, rows, cols, 128);
         for (a, b) in w.iter().zip(&back) {
             // 3 mantissa bits: relative error <= 2^-4, plus the subnormal floor of the block.
             assert!((a - b).abs() <= a.abs() / 16.0 + 1e-3, "{a} vs {b}");

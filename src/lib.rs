@@ -9,6 +9,7 @@
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token files, the `eval` command, the generated tiny checkpoint.
 
+pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;

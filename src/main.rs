@@ -61,6 +61,14 @@ enum Command {
         /// Do not load the MTP layer(s).
         #[arg(long)]
         no_mtp: bool,
+        /// Evaluate only the first N windows.
+        #[arg(long)]
+        max_windows: Option<usize>,
+    },
+    /// Benchmarks (numbers for docs/benchmarks.md; never timed tests).
+    Bench {
+        #[command(subcommand)]
+        which: BenchCommand,
     },
     /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus).
     Tiny {
@@ -72,10 +80,24 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Load plus dequantise an FP8 checkpoint to bf16 (generated into --dir when empty).
+    Load {
+        #[arg(long, default_value = "checkpoints/bench-fp8")]
+        dir: PathBuf,
+        /// Size of the generated checkpoint in GiB.
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval {
-            model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp,
+            model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp, max_windows,
         } => {
             let args = EvalArgs {
                 model,
@@ -91,6 +113,7 @@ fn run(cli: Cli) -> Result<()> {
                 indexer: IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: topk.unwrap_or(2048) },
                 init_seed,
                 skip_mtp: no_mtp,
+                max_windows,
             };
             let report = eval::run(&args)?;
             eprintln!(
@@ -102,6 +125,9 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}");
             }
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
+            println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
         }
         Command::Tiny { output, seed } => {
             dsa_train::tiny::write_default(&output, seed)?;

@@ -30,9 +30,12 @@ pub struct Mla {
     pub rope: usize,
     pub v_dim: usize,
     pub kv_lora: usize,
-    pub eps: f64,
     pub scale: f64,
 }
+
+/// Epsilon of the q_a and kv_a LoRA norms. DeepSeek's reference code and transformers build
+/// these two norms with their default 1e-6 whatever config.json's rms_norm_eps says.
+pub const LORA_NORM_EPS: f64 = 1e-6;
 
 /// What both attention forms (and the indexer) read from one layer input.
 pub struct Projected {
@@ -60,12 +63,12 @@ impl Mla {
     pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Projected> {
         let (b, t, _) = x.dims3()?;
         let (h, n, r) = (self.heads, self.nope, self.rope);
-        let qr = rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, self.eps)?;
+        let qr = rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, LORA_NORM_EPS)?;
         let q = linear(&qr, &self.q_b_proj)?.reshape((b, t, h, n + r))?; // [B, T, H, N+R]
         let q_nope = q.narrow(3, 0, n)?;
         let q_pe = rope_interleaved(&q.narrow(3, n, r)?.contiguous()?, cos, sin)?;
         let ckv = linear(x, &self.kv_a_proj)?; // [B, T, C+R]
-        let c_norm = rms_norm(&ckv.narrow(2, 0, self.kv_lora)?, &self.kv_a_norm, self.eps)?;
+        let c_norm = rms_norm(&ckv.narrow(2, 0, self.kv_lora)?, &self.kv_a_norm, LORA_NORM_EPS)?;
         let k_pe = ckv.narrow(2, self.kv_lora, r)?.reshape((b, t, 1, r))?;
         let k_pe = rope_interleaved(&k_pe, cos, sin)?;
         Ok(Projected { qr, q_nope, q_pe, c_norm, k_pe })

@@ -339,7 +339,6 @@ fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize) -> anyhow::Result
             rope: cfg.qk_rope_head_dim,
             v_dim: cfg.v_head_dim,
             kv_lora: cfg.kv_lora_rank,
-            eps: cfg.rms_norm_eps,
             scale: cfg.softmax_scale(),
         },
         indexer: Indexer {

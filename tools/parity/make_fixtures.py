@@ -949,7 +949,7 @@ def reference(fixture_dir: str, cfg: dict, init_seed: int) -> tuple[dict, dict]:
         "patch_validation_window0": validation,
         "topk_boundary": {
             mode: {
-                "rows_with_t_plus_1_gt_k": st["boundary_rows"],
+                "rows_all_layers_with_t_plus_1_gt_k": st["boundary_rows"],
                 "exact_ties_at_kth_place": st["boundary_exact_ties"],
                 "min_nonzero_gap_at_kth_place": st["boundary_min_gap"],
             }

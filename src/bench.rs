@@ -1,0 +1,74 @@
+//! Benchmarks run from the command line (`dsa-train bench ...`); never timed tests.
+//!
+//! `bench load`: read plus dequantise a DeepSeek-shaped FP8 checkpoint into bf16 model
+//! parameters through the same path `eval` and `train` use (`weights::load_params`), reported
+//! as checkpoint bytes per second. The checkpoint is generated first when the folder is empty;
+//! the timed runs then read it from the page cache (the number measures decoding, not disk).
+
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::Result;
+use candle_core::{DType, Device};
+use serde_json::json;
+
+use crate::checkpoint::{Checkpoint, FP8_BLOCK};
+use crate::config::{IndexerDefaults, ModelConfig};
+use crate::weights::{load_params, model_weights};
+
+/// A DeepSeek-V3-shaped config whose FP8 checkpoint is about `gib` GiB (hidden 2048, 4
+/// layers, 1 dense; the expert count sets the size).
+pub fn sized_config(gib: f64) -> serde_json::Value {
+    let (hidden, moe_inter) = (2048usize, 1024usize);
+    let per_expert = 3 * hidden * moe_inter; // bytes in FP8
+    let experts = ((gib * (1u64 << 30) as f64 - 150e6) / (3.0 * per_expert as f64)).round().max(8.0) as usize;
+    let experts = experts.div_ceil(8) * 8;
+    let mut c = crate::tiny::tiny_config(false);
+    let o = c.as_object_mut().unwrap();
+    for (k, v) in [
+        ("hidden_size", json!(hidden)), ("num_hidden_layers", json!(4)), ("intermediate_size", json!(5632)),
+        ("moe_intermediate_size", json!(moe_inter)), ("num_attention_heads", json!(16)), ("q_lora_rank", json!(768)),
+        ("kv_lora_rank", json!(512)), ("qk_nope_head_dim", json!(128)), ("qk_rope_head_dim", json!(64)),
+        ("v_head_dim", json!(128)), ("n_routed_experts", json!(experts)), ("n_group", json!(8)),
+        ("topk_group", json!(4)), ("num_experts_per_tok", json!(8)), ("vocab_size", json!(32768)),
+        ("num_nextn_predict_layers", json!(0)),
+    ] {
+        o.insert(k.into(), v);
+    }
+    c
+}
+
+pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
+    if !dir.join("config.json").exists() {
+        eprintln!("[bench] writing a ~{gib} GiB FP8 checkpoint to {} (one-off)", dir.display());
+        crate::tiny::write_random_checkpoint(dir, &sized_config(gib), 1, 512 << 20)?;
+    }
+    let cfg = ModelConfig::from_dir(dir, &IndexerDefaults::default())?;
+    let specs: Vec<_> = model_weights(&cfg, false).into_iter().filter(|s| !s.indexer).collect();
+    let ckpt = Checkpoint::open(dir)?;
+    let bytes: u64 = ckpt.names().map(|n| ckpt.info(n).map(|i| (i.shape.iter().product::<usize>() * i.dtype.size()) as u64)).sum::<Result<u64>>()?;
+    let fp8_bytes: u64 = specs.iter().filter(|s| s.storage() == crate::checkpoint::StDtype::F8E4M3)
+        .map(|s| s.shape.iter().product::<usize>() as u64).sum();
+    let mut times = vec![];
+    for r in 0..repeats + 1 {
+        let ckpt = Checkpoint::open(dir)?; // fresh maps each run
+        let t0 = Instant::now();
+        let (params, _) = load_params(&ckpt, &specs, DType::BF16, &Device::Cpu, 0)?;
+        let dt = t0.elapsed().as_secs_f64();
+        drop(params);
+        if r > 0 {
+            times.push(dt); // the first run warms the page cache
+        }
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    Ok(format!(
+        "load+dequantise to bf16: {:.2} GiB checkpoint ({:.2} GiB FP8, block {FP8_BLOCK}), {} threads, median of {}: {:.3} s = {:.2} GB/s",
+        bytes as f64 / (1u64 << 30) as f64,
+        fp8_bytes as f64 / (1u64 << 30) as f64,
+        rayon::current_num_threads(),
+        times.len(),
+        median,
+        bytes as f64 / median / 1e9
+    ))
+}
