@@ -80,8 +80,7 @@ struct RawConfig {
     vocab_size: usize,
     hidden_size: usize,
     num_hidden_layers: usize,
-    #[serde(default)]
-    first_k_dense_replace: usize,
+    first_k_dense_replace: Option<usize>,
     intermediate_size: usize,
     moe_intermediate_size: usize,
     num_attention_heads: usize,
@@ -163,7 +162,10 @@ impl ModelConfig {
             vocab_size: raw.vocab_size,
             hidden_size: raw.hidden_size,
             num_hidden_layers: raw.num_hidden_layers,
-            first_k_dense_replace: raw.first_k_dense_replace,
+            // transformers' V3.2 config may carry only mlp_layer_types ("dense" then "sparse").
+            first_k_dense_replace: raw.first_k_dense_replace.unwrap_or_else(|| {
+                raw.mlp_layer_types.as_ref().map_or(0, |t| t.iter().take_while(|x| x.as_str() == "dense").count())
+            }),
             intermediate_size: raw.intermediate_size,
             moe_intermediate_size: raw.moe_intermediate_size,
             num_attention_heads: raw.num_attention_heads,
