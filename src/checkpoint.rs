@@ -302,6 +302,24 @@ impl Checkpoint {
     }
 }
 
+/// Read every tensor of one safetensors file as f32 (training checkpoints: master weights and
+/// optimizer moments).
+pub fn load_file_f32(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let shard = Shard::open(path)?;
+    let mut out = BTreeMap::new();
+    let mut names: Vec<&String> = shard.tensors.keys().collect();
+    names.sort();
+    for name in names {
+        let info = &shard.tensors[name];
+        if info.dtype != StDtype::F32 {
+            bail!("{}: tensor {name} is {}; training checkpoints hold F32", path.display(), info.dtype.name());
+        }
+        let v: Vec<f32> = decode_le(shard.bytes(info), |b: &[u8; 4]| f32::from_le_bytes(*b));
+        out.insert(name.clone(), Tensor::from_vec(v, info.shape.as_slice(), device)?);
+    }
+    Ok(out)
+}
+
 /// Decode little-endian elements of `N` bytes each, in parallel.
 fn decode_le<T: Send, const N: usize>(bytes: &[u8], f: impl Fn(&[u8; N]) -> T + Sync + Send) -> Vec<T> {
     const CHUNK: usize = 1 << 16;

@@ -89,6 +89,7 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         indexer_kl: true,
         recall: true,
         detach_indexer_inputs: false,
+        seq_balance: false,
     };
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use dsa_train::config::IndexerDefaults;
 use dsa_train::eval::{self, EvalArgs};
 use dsa_train::model::AttentionMode;
+use dsa_train::recipe::Recipe;
+use dsa_train::train::Resume;
 
 #[derive(Parser)]
 #[command(name = "dsa-train", version, about = "Continued pre-training of DeepSeek models with DeepSeek Sparse Attention")]
@@ -64,6 +66,23 @@ enum Command {
         /// Evaluate only the first N windows.
         #[arg(long)]
         max_windows: Option<usize>,
+    },
+    /// Train a recipe: the dense warm-up or the sparse stage (train.stage).
+    Train {
+        recipe: PathBuf,
+        /// Override a recipe key: --set section.key=value (repeatable; the type must match).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Resume: `auto` (newest complete checkpoint in run.output_dir, else start fresh) or a
+        /// step-N folder.
+        #[arg(long)]
+        resume: Option<String>,
+    },
+    /// Validate a recipe and print what it will do (parameters, tokens, memory, FLOPs).
+    Check {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
     },
     /// Benchmarks (numbers for docs/benchmarks.md; never timed tests).
     Bench {
@@ -125,6 +144,23 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}");
             }
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Train { recipe, sets, resume } => {
+            let r = Recipe::load(&recipe, &sets)?;
+            let resume = resume.map(|s| if s == "auto" { Resume::Auto } else { Resume::Path(PathBuf::from(s)) });
+            let out = dsa_train::train::train(r, resume)?;
+            eprintln!(
+                "[train] {} at step {}{}",
+                if out.stopped_by_signal { "stopped" } else { "finished" },
+                out.steps_done,
+                out.last_checkpoint.map_or(String::new(), |d| format!("; checkpoint {}", d.display()))
+            );
+        }
+        Command::Check { recipe, sets } => {
+            let r = Recipe::load(&recipe, &sets)?;
+            let plan = dsa_train::train::plan::plan(&r)?;
+            println!("{}", r.to_toml());
+            println!("{}", dsa_train::train::plan::report(&r, &plan));
         }
         Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
             println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);

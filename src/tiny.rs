@@ -45,9 +45,6 @@ pub fn tiny_config(with_indexer: bool) -> serde_json::Value {
     c
 }
 
-/// Indexer shape given to a V3.1-style tiny checkpoint, which has none in its config.
-pub const TINY_INDEXER: IndexerDefaults = IndexerDefaults { n_heads: 4, head_dim: 32, topk: 32 };
-
 /// Random values for one tensor, scaled so activations stay O(1) through the layers.
 fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();

@@ -210,6 +210,22 @@ pub fn load_params(
     Ok((params, initialised))
 }
 
+/// Replace loaded tensors by overlay values (f32 from training checkpoints), checking names
+/// and shapes against the weight table.
+pub fn apply_overlay(params: &mut ParamSet, specs: &[WeightSpec], overlay: BTreeMap<String, Tensor>, dtype: DType) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &WeightSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    for (name, t) in overlay {
+        let spec = by_name.get(name.as_str()).with_context(|| {
+            format!("checkpoint tensor {name} is not part of this model (config.json, the MTP setting or the indexer shape differ)")
+        })?;
+        if t.dims() != spec.shape.as_slice() {
+            anyhow::bail!("checkpoint tensor {name} has shape {:?}, the model expects {:?}", t.dims(), spec.shape);
+        }
+        params.insert(name, t.to_dtype(spec.compute_dtype(dtype))?);
+    }
+    Ok(())
+}
+
 /// Fetch a parameter by name; a missing one is a programming error in the weight table.
 pub fn get<'a>(params: &'a ParamSet, name: &str) -> Result<&'a Tensor> {
     params.get(name).with_context(|| format!("parameter {name} was not loaded"))

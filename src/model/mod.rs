@@ -13,7 +13,7 @@ pub mod moe;
 
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use candle_core::{DType, Device, Result, Tensor};
 
 use crate::checkpoint::Checkpoint;
@@ -45,6 +45,8 @@ pub struct ForwardOptions {
     pub recall: bool,
     /// Detach the indexer's inputs (x and qr) from the main model (sparse-stage training).
     pub detach_indexer_inputs: bool,
+    /// Compute the MoE sequence-wise balance loss.
+    pub seq_balance: bool,
 }
 
 /// What one layer reports besides its hidden states.
@@ -56,6 +58,8 @@ pub struct LayerStats {
     pub recall: Option<Tensor>,
     /// Tokens routed to each expert (MoE layers only).
     pub expert_counts: Option<Vec<u32>>,
+    /// Sequence-wise balance loss (MoE layers, when asked), scalar f32.
+    pub balance_loss: Option<Tensor>,
 }
 
 pub struct ForwardOutput {
@@ -142,9 +146,10 @@ impl DecoderLayer {
         let f = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
             FeedForward::Moe(moe) => {
-                let (y, counts) = moe.forward(&x)?;
-                stats.expert_counts = Some(counts);
-                y
+                let r = moe.forward(&x, opts.seq_balance)?;
+                stats.expert_counts = Some(r.counts);
+                stats.balance_loss = r.balance_loss;
+                r.out
             }
         };
         Ok(((h + f)?, stats))
@@ -199,22 +204,31 @@ impl Default for LoadOptions {
 }
 
 impl Model {
-    /// Load config.json and the weights of `dir`, logging what was initialised or skipped.
+    /// Load a model from a Hugging Face checkpoint folder or a training `step-N` checkpoint
+    /// (resolved to its HF folder plus parameter overlays), logging what was initialised or
+    /// skipped.
     pub fn load(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
-        let cfg = ModelConfig::from_dir(dir, &opts.indexer)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let source = crate::train::ckpt::resolve_model(dir)?;
+        let hf_dir = &source.hf_dir;
+        let cfg = ModelConfig::from_dir(hf_dir, &opts.indexer)?;
+        let ckpt = Checkpoint::open(hf_dir)?;
         let with_mtp = cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp;
         if cfg.num_nextn_predict_layers > 0 && opts.skip_mtp {
             eprintln!("[load] skipping the {} MTP layer(s) as asked", cfg.num_nextn_predict_layers);
         }
         let specs = weights::model_weights(&cfg, with_mtp);
-        let (params, initialised) = weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
+        let (mut params, initialised) = weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
         if !initialised.is_empty() {
             eprintln!(
                 "[load] {} has no indexer tensors: initialised {} of them from seed {} ({}x{} heads, top-k {})",
-                dir.display(), initialised.len(), opts.init_seed, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+                hf_dir.display(), initialised.len(), opts.init_seed, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
             );
         }
+        let overlay = crate::train::ckpt::overlay_params(&source, &opts.device)?;
+        if !overlay.is_empty() {
+            eprintln!("[load] applied {} trained tensors from {}", overlay.len(), dir.display());
+        }
+        weights::apply_overlay(&mut params, &specs, overlay, opts.dtype)?;
         Model::from_params(cfg, &params, opts.dtype, &opts.device, with_mtp)
             .with_context(|| format!("building the model from {}", dir.display()))
     }

@@ -62,11 +62,21 @@ pub fn route_token(biased: &[f32], n_group: usize, topk_group: usize, top_k: usi
     order
 }
 
+pub struct MoeOutput {
+    pub out: Tensor,
+    pub counts: Vec<u32>,
+    /// Scalar f32, present when asked for.
+    pub balance_loss: Option<Tensor>,
+}
+
 impl Moe {
-    /// x [B, T, hidden] -> (output [B, T, hidden], tokens routed to each expert).
-    pub fn forward(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>)> {
+    /// x [B, T, hidden] -> output [B, T, hidden], tokens routed to each expert, and (when asked)
+    /// the sequence-wise balance loss of DeepSeek-V3 without its alpha:
+    /// mean over sequences of sum_e f_e P_e, with f_e = E / (K T) * (tokens of the sequence
+    /// routed to e) and P_e = mean over the sequence of s_e / sum_j s_j.
+    pub fn forward(&self, x: &Tensor, balance: bool) -> Result<MoeOutput> {
         let dims = x.dims().to_vec();
-        let d = dims[dims.len() - 1];
+        let (b, t, d) = x.dims3()?;
         let x = x.reshape(((), d))?; // [N, hidden]
         let n = x.dim(0)?;
         let e = self.experts.len();
@@ -108,7 +118,18 @@ impl Moe {
             out = (out + shared.forward(&x)?)?;
         }
         let counts = tokens_of.iter().map(|v| v.len() as u32).collect();
-        Ok((out.reshape(dims)?, counts))
+        let balance_loss = if balance {
+            let mut f = vec![0f32; b * e];
+            for (slot, &ex) in chosen.iter().enumerate() {
+                f[(slot / k) / t * e + ex as usize] += e as f32 / (k * t) as f32;
+            }
+            let f = Tensor::from_vec(f, (b, e), x.device())?;
+            let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?.reshape((b, t, e))?.mean(1)?; // [B, E]
+            Some((f * p)?.sum(1)?.mean_all()?)
+        } else {
+            None
+        };
+        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
     }
 }
 

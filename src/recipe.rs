@@ -1,0 +1,430 @@
+//! Training recipes: TOML files, one section per component.
+//!
+//! Every key has a default except `run.output_dir`, `model.path` and `data.path`. Unknown keys
+//! are rejected with the nearest valid key; `--set section.key=value` overrides a key but may
+//! not change its type (an integer is accepted where a float is expected). The schema is the
+//! default recipe itself, so adding a field to a struct is all it takes to accept a new key.
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Recipe {
+    pub run: RunConfig,
+    pub model: ModelSection,
+    pub data: DataConfig,
+    pub train: TrainConfig,
+    pub dsa: DsaConfig,
+    pub checkpoint: CheckpointConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Checkpoints, metrics.jsonl and the resolved recipe go here.
+    pub output_dir: String,
+    pub seed: u64,
+    /// Show the progress bar (metrics.jsonl is always written).
+    pub progress: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// A Hugging Face checkpoint directory or a `step-N` checkpoint of an earlier run.
+    pub path: String,
+    /// Compute dtype: "f32" or "bf16" (master weights and Adam moments are always f32).
+    pub dtype: String,
+    /// "cpu", "cuda" or "cuda:N".
+    pub device: String,
+    /// Indexer shape when config.json has none (V3.1-Terminus).
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
+    /// Seed of the deterministic indexer initialisation.
+    pub init_seed: u64,
+    /// Load and train the MTP layer(s) when the checkpoint has them.
+    pub mtp: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// Raw little-endian u32 token file or a prepared data directory.
+    pub path: String,
+    pub seq_len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// "warmup" (dense attention, only the indexer learns) or "sparse".
+    pub stage: String,
+    pub steps: u64,
+    pub lr: f64,
+    /// Learning rate of the indexer; 0 means the same as `lr`.
+    pub indexer_lr: f64,
+    pub global_batch_seqs: usize,
+    pub micro_batch_seqs: usize,
+    /// Linear warm-up steps from 0 to `lr`.
+    pub warmup_steps: u64,
+    /// "constant" or "cosine" (to `min_lr` at `steps`) after the warm-up.
+    pub schedule: String,
+    pub min_lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    /// Decoupled weight decay; never applied to norms, biases or the router bias.
+    pub weight_decay: f64,
+    /// Global-norm clip per parameter group (main model, indexer); 0 disables.
+    pub grad_clip: f64,
+    /// Router-bias update speed of the auxiliary-loss-free balancing (sign rule); 0 = off.
+    pub router_bias_gamma: f64,
+    /// Weight of the sequence-wise balance loss; 0 = off.
+    pub seq_balance_alpha: f64,
+    /// Weight of the MTP loss in the sparse stage; 0 = MTP not trained.
+    pub mtp_weight: f64,
+    /// Weight of the indexer KL in the sparse stage (it reaches only the indexer).
+    pub kl_weight: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DsaConfig {
+    /// Keys per query in the sparse stage (and for the warm-up's recall metric).
+    pub index_topk: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CheckpointConfig {
+    /// Save every N steps (and at the end, and on SIGINT/SIGTERM); 0 = only at the end.
+    pub every: u64,
+    /// Keep the newest N complete checkpoints; 0 = keep all.
+    pub keep_last: usize,
+}
+
+impl Default for Recipe {
+    fn default() -> Self {
+        Self {
+            run: RunConfig::default(),
+            model: ModelSection::default(),
+            data: DataConfig::default(),
+            train: TrainConfig::default(),
+            dsa: DsaConfig::default(),
+            checkpoint: CheckpointConfig::default(),
+        }
+    }
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self { output_dir: String::new(), seed: 0, progress: true }
+    }
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            dtype: "bf16".into(),
+            device: "cuda".into(),
+            index_n_heads: 64,
+            index_head_dim: 128,
+            init_seed: 0,
+            mtp: true,
+        }
+    }
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self { path: String::new(), seq_len: 131072 }
+    }
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            stage: "warmup".into(),
+            steps: 1000,
+            lr: 1e-3,
+            indexer_lr: 0.0,
+            global_batch_seqs: 16,
+            micro_batch_seqs: 1,
+            warmup_steps: 0,
+            schedule: "constant".into(),
+            min_lr: 0.0,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            router_bias_gamma: 0.0,
+            seq_balance_alpha: 0.0,
+            mtp_weight: 0.0,
+            kl_weight: 1.0,
+        }
+    }
+}
+
+impl Default for DsaConfig {
+    fn default() -> Self {
+        Self { index_topk: 2048 }
+    }
+}
+
+impl Default for CheckpointConfig {
+    fn default() -> Self {
+        Self { every: 100, keep_last: 3 }
+    }
+}
+
+/// The training stage, parsed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stage {
+    Warmup,
+    Sparse,
+}
+
+impl Recipe {
+    /// Read a recipe file, apply `--set` overrides, validate. Errors name the file and key.
+    pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        Self::parse(&text, sets).with_context(|| format!("recipe {}", path.display()))
+    }
+
+    pub fn parse(text: &str, sets: &[String]) -> Result<Self> {
+        let toml_value: toml::Value = toml::from_str(text).map_err(|e| anyhow::anyhow!("bad TOML: {}", e.message()))?;
+        let mut tree = serde_json::to_value(&toml_value)?;
+        let schema = serde_json::to_value(Recipe::default())?;
+        check_keys(&tree, &schema, "")?;
+        for set in sets {
+            apply_set(&mut tree, &schema, set)?;
+        }
+        let recipe: Recipe = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
+        recipe.validate()?;
+        Ok(recipe)
+    }
+
+    pub fn stage(&self) -> Stage {
+        match self.train.stage.as_str() {
+            "sparse" => Stage::Sparse,
+            _ => Stage::Warmup,
+        }
+    }
+
+    /// The resolved recipe as TOML (stored in every checkpoint).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("a recipe always serialises")
+    }
+
+    pub fn micro_batches(&self) -> usize {
+        self.train.global_batch_seqs / self.train.micro_batch_seqs
+    }
+
+    pub fn indexer_lr(&self) -> f64 {
+        if self.train.indexer_lr > 0.0 { self.train.indexer_lr } else { self.train.lr }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (key, v) in [("run.output_dir", &self.run.output_dir), ("model.path", &self.model.path), ("data.path", &self.data.path)] {
+            if v.is_empty() {
+                bail!("{key} must be set");
+            }
+        }
+        if !matches!(self.train.stage.as_str(), "warmup" | "sparse") {
+            bail!("train.stage is {:?}; expected \"warmup\" or \"sparse\"", self.train.stage);
+        }
+        if !matches!(self.train.schedule.as_str(), "constant" | "cosine") {
+            bail!("train.schedule is {:?}; expected \"constant\" or \"cosine\"", self.train.schedule);
+        }
+        crate::parse_dtype(&self.model.dtype).map_err(|_| anyhow::anyhow!("model.dtype is {:?}; expected \"f32\" or \"bf16\"", self.model.dtype))?;
+        if !(self.model.device == "cpu" || self.model.device == "cuda" || self.model.device.starts_with("cuda:")) {
+            bail!("model.device is {:?}; expected \"cpu\", \"cuda\" or \"cuda:N\"", self.model.device);
+        }
+        let t = &self.train;
+        if t.micro_batch_seqs == 0 || t.global_batch_seqs == 0 || t.global_batch_seqs % t.micro_batch_seqs != 0 {
+            bail!(
+                "train.global_batch_seqs ({}) must be a positive multiple of train.micro_batch_seqs ({})",
+                t.global_batch_seqs, t.micro_batch_seqs
+            );
+        }
+        if self.data.seq_len < 2 {
+            bail!("data.seq_len must be at least 2");
+        }
+        if self.dsa.index_topk == 0 {
+            bail!("dsa.index_topk must be positive");
+        }
+        for (key, v) in [("train.lr", t.lr), ("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.eps", t.eps)] {
+            if !(v > 0.0) || !v.is_finite() {
+                bail!("{key} must be a positive number");
+            }
+        }
+        if t.beta1 >= 1.0 || t.beta2 >= 1.0 {
+            bail!("train.beta1 and train.beta2 must be below 1");
+        }
+        for (key, v) in [
+            ("train.indexer_lr", t.indexer_lr), ("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip), ("train.router_bias_gamma", t.router_bias_gamma),
+            ("train.seq_balance_alpha", t.seq_balance_alpha), ("train.mtp_weight", t.mtp_weight), ("train.kl_weight", t.kl_weight),
+        ] {
+            if !(v >= 0.0) || !v.is_finite() {
+                bail!("{key} must be zero or positive");
+            }
+        }
+        if t.steps == 0 {
+            bail!("train.steps must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// Reject keys the schema does not have, suggesting the nearest sibling.
+fn check_keys(tree: &Value, schema: &Value, prefix: &str) -> Result<()> {
+    let (Some(obj), Some(sch)) = (tree.as_object(), schema.as_object()) else { return Ok(()) };
+    for (k, v) in obj {
+        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        match sch.get(k) {
+            None => bail!("unknown key `{path}`{}", suggestion(k, sch.keys(), prefix)),
+            Some(s) if s.is_object() && !v.is_object() => bail!("`{path}` must be a section ([{path}])"),
+            Some(s) if !s.is_object() && !type_ok(s, v) => bail!("`{path}` must be {}, got {}", type_name(s), type_name(v)),
+            Some(s) => check_keys(v, s, &path)?,
+        }
+    }
+    Ok(())
+}
+
+fn suggestion<'a>(key: &str, candidates: impl Iterator<Item = &'a String>, prefix: &str) -> String {
+    let best = candidates.map(|c| (edit_distance(key, c), c)).min();
+    match best {
+        Some((d, c)) if d <= key.len().max(3) / 2 + 1 => {
+            if prefix.is_empty() { format!("; did you mean `{c}`?") } else { format!("; did you mean `{prefix}.{c}`?") }
+        }
+        _ => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Apply one `section.key=value` override; the value is parsed as a TOML literal (bare words
+/// are strings) and must have the key's type.
+fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
+    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set}: expected section.key=value"))?;
+    let key = key.trim();
+    let parts: Vec<&str> = key.split('.').collect();
+    let mut sch = schema;
+    for (i, p) in parts.iter().enumerate() {
+        let prefix = parts[..i].join(".");
+        sch = sch.get(p).with_context(|| {
+            format!("--set {key}: unknown key{}", suggestion(p, sch.as_object().map(|o| o.keys()).into_iter().flatten(), &prefix))
+        })?;
+    }
+    if sch.is_object() {
+        bail!("--set {key}: that is a section, not a key");
+    }
+    let parsed: Value = match toml::from_str::<toml::Value>(&format!("v = {}", raw.trim())) {
+        Ok(t) => serde_json::to_value(&t)?["v"].clone(),
+        Err(_) => Value::String(raw.trim().to_string()),
+    };
+    if !type_ok(sch, &parsed) {
+        bail!("--set {key}={}: expected {}, got {}", raw.trim(), type_name(sch), type_name(&parsed));
+    }
+    let mut node = tree;
+    for p in &parts[..parts.len() - 1] {
+        let obj = node.as_object_mut().context("recipe root must be a table")?;
+        node = obj.entry(p.to_string()).or_insert_with(|| Value::Object(Default::default()));
+    }
+    node.as_object_mut()
+        .with_context(|| format!("--set {key}: its section is not a table"))?
+        .insert(parts[parts.len() - 1].to_string(), parsed);
+    Ok(())
+}
+
+/// Does `v` fit the type of the schema's default `sch`? Integers fit float keys.
+fn type_ok(sch: &Value, v: &Value) -> bool {
+    match (sch, v) {
+        (Value::String(_), Value::String(_)) | (Value::Bool(_), Value::Bool(_)) => true,
+        (Value::Number(s), Value::Number(p)) => s.is_f64() || p.is_u64(),
+        _ => false,
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::String(_) => "a string",
+        Value::Bool(_) => "a boolean",
+        Value::Number(n) if n.is_f64() => "a number",
+        Value::Number(_) => "an integer",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "a table",
+        Value::Null => "nothing",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = "[run]\noutput_dir = \"out\"\n[model]\npath = \"m\"\n[data]\npath = \"d\"\n";
+
+    #[test]
+    fn a_minimal_recipe_takes_the_defaults() {
+        let r = Recipe::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(r.train.lr, 1e-3);
+        assert_eq!(r.dsa.index_topk, 2048);
+        assert_eq!(r.stage(), Stage::Warmup);
+        // The resolved recipe round-trips.
+        assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+    }
+
+    #[test]
+    fn unknown_keys_name_the_key_and_the_nearest_valid_one() {
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlrr = 1.0\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`train.lrr`") && err.contains("`train.lr`"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[chekpoint]\nevery = 1\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`chekpoint`") && err.contains("`checkpoint`"), "{err}");
+        let err = Recipe::parse(MINIMAL, &["train.stpes=3".into()]).unwrap_err().to_string();
+        assert!(err.contains("train.stpes") && err.contains("`train.steps`"), "{err}");
+    }
+
+    #[test]
+    fn set_overrides_but_may_not_change_a_type() {
+        let r = Recipe::parse(MINIMAL, &["train.steps=7".into(), "train.lr=2e-4".into(), "train.stage=sparse".into(),
+            "data.path=/x y/z".into(), "train.lr=1".into()]).unwrap();
+        assert_eq!((r.train.steps, r.train.lr, r.stage()), (7, 1.0, Stage::Sparse));
+        assert_eq!(r.data.path, "/x y/z");
+        for (set, want) in [("train.steps=1.5", "expected an integer"), ("train.steps=many", "expected an integer"),
+            ("train.lr=fast", "expected a number"), ("run.progress=1", "expected a boolean"), ("train.steps=-2", "expected an integer")] {
+            let err = Recipe::parse(MINIMAL, &[set.into()]).unwrap_err().to_string();
+            assert!(err.contains(want), "{set}: {err}");
+        }
+    }
+
+    #[test]
+    fn wrong_types_and_values_in_the_file_are_named() {
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = \"ten\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`train.steps` must be an integer, got a string"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nstage = \"dense\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("train.stage"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nglobal_batch_seqs = 5\nmicro_batch_seqs = 2\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("train.global_batch_seqs"), "{err}");
+        let err = Recipe::parse("[run]\nseed = 1\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("run.output_dir"), "{err}");
+    }
+}

@@ -1,0 +1,187 @@
+//! Training checkpoints: `<output_dir>/step-N/`.
+//!
+//! A checkpoint is written into a hidden temporary folder, every file flushed to disk, the
+//! `COMPLETE` marker written last, and the folder renamed to `step-N`. A folder without the
+//! marker (a run killed mid-save) is never resumed from. Contents:
+//! - `params.safetensors`: the f32 values of every tensor this stage changes (the indexer alone
+//!   after warm-up steps; everything, router biases included, in the sparse stage);
+//! - `optimizer.safetensors`: Adam moments `NAME.exp_avg`, `NAME.exp_avg_sq` (f32);
+//! - `state.json`: stage, step, tokens seen, data cursor, per-tensor optimizer step counts, the
+//!   model path the run started from, versions;
+//! - `recipe.toml`: the resolved recipe.
+//! The frozen rest lives in the Hugging Face checkpoint the run started from: a `step-N` folder
+//! names its starting point, so chains (HF -> warm-up -> sparse) resolve to one HF folder plus
+//! overlays applied in order.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use crate::checkpoint::load_file_f32;
+use crate::data::DataCursor;
+use crate::hf_writer::{write_safetensors, StoredTensor};
+use crate::recipe::Stage;
+
+pub const FORMAT_VERSION: u32 = 1;
+const MARKER: &str = "COMPLETE";
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub format_version: u32,
+    pub dsa_train_version: String,
+    pub stage: Stage,
+    /// Optimizer steps completed.
+    pub step: u64,
+    pub tokens_seen: u64,
+    pub data_cursor: DataCursor,
+    /// Per-tensor Adam step counts (bias correction).
+    pub optimizer_steps: BTreeMap<String, u64>,
+    /// The `model.path` this run started from (absolute), for chaining.
+    pub model_path: String,
+}
+
+/// Everything a checkpoint holds, in memory.
+pub struct Snapshot {
+    pub state: TrainState,
+    pub params: BTreeMap<String, Tensor>,
+    pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    pub recipe_toml: String,
+}
+
+fn f32_tensor(name: &str, t: &Tensor) -> Result<StoredTensor> {
+    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    Ok(StoredTensor::f32(name, t.dims(), &v))
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all().with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Write `snap` as `<output_dir>/step-<step>`, atomically. Returns the final folder.
+pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
+    let step = snap.state.step;
+    let final_dir = output_dir.join(format!("step-{step}"));
+    let tmp = output_dir.join(format!(".step-{step}.tmp"));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let params: Vec<StoredTensor> = snap.params.iter().map(|(n, t)| f32_tensor(n, t)).collect::<Result<_>>()?;
+    write_safetensors(&tmp.join("params.safetensors"), &params)?;
+    let mut moments = vec![];
+    for (n, (m, v)) in &snap.moments {
+        moments.push(f32_tensor(&format!("{n}.exp_avg"), m)?);
+        moments.push(f32_tensor(&format!("{n}.exp_avg_sq"), v)?);
+    }
+    write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
+    for f in ["params.safetensors", "optimizer.safetensors"] {
+        std::fs::File::open(tmp.join(f))?.sync_all()?;
+    }
+    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&snap.state)?.as_bytes())?;
+    write_synced(&tmp.join("recipe.toml"), snap.recipe_toml.as_bytes())?;
+    write_synced(&tmp.join(MARKER), b"")?;
+    if final_dir.exists() {
+        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    }
+    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    Ok(final_dir)
+}
+
+/// Complete checkpoints in `output_dir`, oldest first.
+pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return vec![] };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let n: u64 = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join(MARKER).exists().then(|| (n, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Remove all but the newest `keep_last` complete checkpoints (0 keeps all).
+pub fn prune(output_dir: &Path, keep_last: usize) -> Result<()> {
+    if keep_last == 0 {
+        return Ok(());
+    }
+    let all = complete_checkpoints(output_dir);
+    for (_, dir) in all.iter().take(all.len().saturating_sub(keep_last)) {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+    }
+    Ok(())
+}
+
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join("state.json").exists()
+}
+
+pub fn read_state(dir: &Path) -> Result<TrainState> {
+    if !dir.join(MARKER).exists() {
+        bail!("{} is not a complete checkpoint (no {MARKER} marker)", dir.display());
+    }
+    let path = dir.join("state.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let state: TrainState = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: bad state: {e}", path.display()))?;
+    if state.format_version != FORMAT_VERSION {
+        bail!("{}: checkpoint format {} is not supported (this build reads {FORMAT_VERSION})", path.display(), state.format_version);
+    }
+    Ok(state)
+}
+
+/// Load a checkpoint's tensors and state.
+pub fn load(dir: &Path, device: &Device) -> Result<Snapshot> {
+    let state = read_state(dir)?;
+    let params = load_file_f32(&dir.join("params.safetensors"), device)?;
+    let mut flat = load_file_f32(&dir.join("optimizer.safetensors"), device)?;
+    let names: Vec<String> = flat.keys().filter_map(|n| n.strip_suffix(".exp_avg").map(String::from)).collect();
+    let mut moments = BTreeMap::new();
+    for n in names {
+        let m = flat.remove(&format!("{n}.exp_avg")).expect("listed above");
+        let v = flat.remove(&format!("{n}.exp_avg_sq"))
+            .with_context(|| format!("{}: optimizer state has {n}.exp_avg but no {n}.exp_avg_sq", dir.display()))?;
+        moments.insert(n, (m, v));
+    }
+    let recipe_toml = std::fs::read_to_string(dir.join("recipe.toml")).unwrap_or_default();
+    Ok(Snapshot { state, params, moments, recipe_toml })
+}
+
+/// Where a model comes from: a Hugging Face folder plus parameter overlays, oldest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelSource {
+    pub hf_dir: PathBuf,
+    pub overlays: Vec<PathBuf>,
+}
+
+/// Resolve `path` (an HF folder or a `step-N` checkpoint, possibly chained).
+pub fn resolve_model(path: &Path) -> Result<ModelSource> {
+    let mut overlays = vec![];
+    let mut cur = path.to_path_buf();
+    for _ in 0..64 {
+        if !is_checkpoint(&cur) {
+            overlays.reverse();
+            return Ok(ModelSource { hf_dir: cur, overlays });
+        }
+        let state = read_state(&cur)?;
+        overlays.push(cur.join("params.safetensors"));
+        cur = PathBuf::from(state.model_path);
+    }
+    bail!("{}: checkpoint chain is longer than 64 links (a cycle?)", path.display())
+}
+
+/// Overlay tensors of every link of `src`, later links winning.
+pub fn overlay_params(src: &ModelSource, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for file in &src.overlays {
+        out.extend(load_file_f32(file, device)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,407 @@
+//! `dsa-train train`: the two DSA stages of continued pre-training.
+//!
+//! Warm-up (`train.stage = "warmup"`): dense attention; every tensor but the indexers' is a
+//! plain (frozen) tensor, so it gets no gradient and no optimizer state. Loss, per micro-batch:
+//!   L_I = sum over layers l of mean over (sequence, query t) of KL(p_l,t || softmax(I_l,t)),
+//! with p the head-mean dense attention probabilities (= the L1-normalised head sum) over the
+//! causal keys. Summing over layers gives each layer's indexer exactly the gradient of its own
+//! mean KL; the mean over tokens keeps the scale independent of batch and sequence length. The
+//! backward runs layer by layer, so one layer's L x L scores are alive at a time.
+//!
+//! Sparse (`"sparse"`): the main model attends over the indexer's top-k (absorbed MLA) and
+//! learns from next-token cross-entropy (+ optional MTP and balance losses); each indexer learns
+//! from the KL over S_t against the sparse attention's own head-mean probabilities, its inputs
+//! detached, so the two losses train disjoint tensors. The indexer KL is backpropagated per
+//! layer as soon as the layer has run; the LM loss once at the end.
+//!
+//! One step: for each micro-batch, fetch, forward, backward into an f32 accumulator (each loss
+//! divided by the number of micro-batches); clip per group; AdamW; router-bias sign update.
+
+pub mod ckpt;
+pub mod metrics;
+pub mod optim;
+pub mod plan;
+pub mod signals;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use crate::checkpoint::Checkpoint;
+use crate::config::{IndexerDefaults, ModelConfig};
+use crate::data::{TokenStream, WindowSampler};
+use crate::losses::next_token_nll;
+use crate::model::{AttentionMode, ForwardContext, ForwardOptions, Model};
+use crate::recipe::{Recipe, Stage};
+use crate::weights::{self, Kind, ParamSet, WeightSpec};
+use ckpt::{ModelSource, Snapshot, TrainState};
+use metrics::{MetricsLog, StepMetrics};
+use optim::{lr_at, AdamW, GradAccum, Group, Slot};
+
+/// Where to resume from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Resume {
+    /// The newest complete checkpoint in run.output_dir, or a fresh start if there is none.
+    Auto,
+    Path(PathBuf),
+}
+
+/// How a call to `train` ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainOutcome {
+    pub steps_done: u64,
+    pub stopped_by_signal: bool,
+    pub last_checkpoint: Option<PathBuf>,
+}
+
+/// The model, its trainable tensors and everything needed to continue a run.
+pub struct Trainer {
+    pub recipe: Recipe,
+    pub stage: Stage,
+    pub model: Model,
+    pub slots: Vec<Slot>,
+    /// MoE router biases (sparse stage): changed by the sign rule, saved with the parameters.
+    pub router_biases: Vec<(String, Var)>,
+    pub sampler: WindowSampler,
+    pub step: u64,
+    pub tokens_seen: u64,
+    model_path: PathBuf,
+    ctx: ForwardContext,
+    device: Device,
+}
+
+/// Load the model for `recipe`: the HF weights, the overlays of a step-N chain, and (when
+/// resuming) the checkpoint's own parameters; decide what trains.
+fn build_model(recipe: &Recipe, resume: Option<&Snapshot>, device: &Device) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>, PathBuf)> {
+    let model_path = std::path::absolute(&recipe.model.path)
+        .with_context(|| format!("model.path {}", recipe.model.path))?;
+    let source: ModelSource = ckpt::resolve_model(&model_path)?;
+    let defaults = IndexerDefaults {
+        n_heads: recipe.model.index_n_heads,
+        head_dim: recipe.model.index_head_dim,
+        topk: recipe.dsa.index_topk,
+    };
+    let cfg = ModelConfig::from_dir(&source.hf_dir, &defaults)?;
+    let dtype = crate::parse_dtype(&recipe.model.dtype)?;
+    let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
+    let specs = weights::model_weights(&cfg, with_mtp);
+    let hf = Checkpoint::open(&source.hf_dir)?;
+    let (mut params, initialised) = weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
+    if !initialised.is_empty() {
+        eprintln!("[train] {} has no indexer tensors: initialised {} from seed {}", source.hf_dir.display(), initialised.len(), recipe.model.init_seed);
+    }
+    let mut overlay = ckpt::overlay_params(&source, device)?;
+    if let Some(snap) = resume {
+        overlay.extend(snap.params.clone());
+    }
+    weights::apply_overlay(&mut params, &specs, overlay, dtype)?;
+
+    let stage = recipe.stage();
+    let trainable = |s: &WeightSpec| match stage {
+        Stage::Warmup => s.indexer,
+        Stage::Sparse => s.kind != Kind::RouterBias,
+    };
+    let mut slots = vec![];
+    let mut router_biases = vec![];
+    let mut model_params = ParamSet::new();
+    for s in &specs {
+        let t = params.remove(&s.name).expect("load_params returns every spec");
+        if trainable(s) {
+            let var = Var::from_tensor(&t)?;
+            model_params.insert(s.name.clone(), var.as_tensor().clone());
+            let decay = matches!(s.kind, Kind::Linear | Kind::Embedding | Kind::Head | Kind::Router);
+            let group = if s.indexer { Group::Indexer } else { Group::Main };
+            slots.push(Slot::new(s.name.clone(), var, decay, group)?);
+        } else if stage == Stage::Sparse && s.kind == Kind::RouterBias {
+            let var = Var::from_tensor(&t)?;
+            model_params.insert(s.name.clone(), var.as_tensor().clone());
+            router_biases.push((s.name.clone(), var));
+        } else {
+            model_params.insert(s.name.clone(), t);
+        }
+    }
+    let model = Model::from_params(cfg, &model_params, dtype, device, with_mtp)?;
+    Ok((model, slots, router_biases, model_path))
+}
+
+impl Trainer {
+    pub fn new(recipe: Recipe, resume: Option<Resume>) -> Result<Self> {
+        let device = crate::parse_device(&recipe.model.device)?;
+        let output_dir = PathBuf::from(&recipe.run.output_dir);
+        let resume_dir = match resume {
+            None => None,
+            Some(Resume::Auto) => ckpt::complete_checkpoints(&output_dir).pop().map(|(_, d)| d),
+            Some(Resume::Path(p)) => Some(p),
+        };
+        let snapshot = match &resume_dir {
+            Some(d) => {
+                let snap = ckpt::load(d, &device)?;
+                if snap.state.stage != recipe.stage() {
+                    bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
+                }
+                eprintln!("[train] resuming from {} (step {})", d.display(), snap.state.step);
+                Some(snap)
+            }
+            None => None,
+        };
+        let (model, mut slots, router_biases, model_path) = build_model(&recipe, snapshot.as_ref(), &device)?;
+        let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
+        let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
+        let (mut step, mut tokens_seen) = (0, 0);
+        if let Some(snap) = &snapshot {
+            for s in slots.iter_mut() {
+                if let Some((m, v)) = snap.moments.get(&s.name) {
+                    s.m = m.clone();
+                    s.v = v.clone();
+                    s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
+                }
+            }
+            sampler.restore(snap.state.data_cursor.clone());
+            step = snap.state.step;
+            tokens_seen = snap.state.tokens_seen;
+        }
+        let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
+        let stage = recipe.stage();
+        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device })
+    }
+
+    fn forward_options(&self) -> ForwardOptions {
+        ForwardOptions {
+            attention: match self.stage {
+                Stage::Warmup => AttentionMode::Dense,
+                Stage::Sparse => AttentionMode::Sparse,
+            },
+            topk: self.recipe.dsa.index_topk,
+            indexer_kl: true,
+            recall: false,
+            detach_indexer_inputs: self.stage == Stage::Sparse,
+            seq_balance: self.stage == Stage::Sparse && self.recipe.train.seq_balance_alpha > 0.0,
+        }
+    }
+
+    /// Forward and backward of one micro-batch; gradients go into `accum` scaled by `scale`.
+    /// Returns (LM loss, mean over main layers of the indexer KL).
+    fn micro_batch(&self, tokens: &Tensor, scale: f64, accum: &mut GradAccum, loads: &mut [Vec<u64>]) -> Result<(Option<f64>, f64)> {
+        let opts = self.forward_options();
+        let t = &self.recipe.train;
+        let kl_weight = if self.stage == Stage::Sparse { t.kl_weight } else { 1.0 };
+        let mut kl_sum = 0.0;
+        let mut main_loss: Option<Tensor> = None;
+        let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match acc { Some(a) => (a + x)?, None => x }))
+        };
+        let mut h = self.model.embed(tokens)?;
+        for (l, layer) in self.model.layers.iter().enumerate() {
+            let (next, stats) = layer.forward(&h, &self.ctx, &opts)?;
+            let kl = stats.indexer_kl.context("layer returned no indexer KL")?.mean_all()?;
+            kl_sum += kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            // The KL graph holds only indexer tensors (frozen or detached inputs): backprop now
+            // and free this layer's scores.
+            accum.add(&self.slots, &(kl * (scale * kl_weight))?.backward()?)?;
+            if let Some(c) = stats.expert_counts {
+                loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
+            }
+            if let Some(b) = stats.balance_loss {
+                main_loss = add(main_loss, (b * t.seq_balance_alpha)?)?;
+            }
+            // In warm-up nothing upstream trains, so the next layer needs no graph behind h.
+            h = if self.stage == Stage::Warmup { next.detach() } else { next };
+        }
+        let mut lm_value = None;
+        if self.stage == Stage::Sparse {
+            let lm = next_token_nll(&self.model.head(&h)?, tokens)?.mean_all()?;
+            lm_value = Some(lm.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            main_loss = add(main_loss, lm)?;
+        }
+        // MTP: its indexer always learns its KL; its main tensors only when mtp_weight > 0.
+        for depth in 0..self.model.mtp.len() {
+            if tokens.dim(1)? < depth + 3 {
+                break;
+            }
+            let (logits, stats) = self.model.mtp_logits(depth, &h, tokens, &opts)?;
+            let kl = stats.indexer_kl.context("MTP layer returned no indexer KL")?.mean_all()?;
+            accum.add(&self.slots, &(kl * (scale * kl_weight))?.backward()?)?;
+            if self.stage == Stage::Sparse && t.mtp_weight > 0.0 {
+                let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
+                let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
+                main_loss = add(main_loss, (mtp * t.mtp_weight)?)?;
+            }
+        }
+        if let Some(loss) = main_loss {
+            accum.add(&self.slots, &(loss * scale)?.backward()?)?;
+        }
+        Ok((lm_value, kl_sum / self.model.layers.len() as f64))
+    }
+
+    /// One optimizer step over `global_batch_seqs` sequences.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let r = &self.recipe;
+        let micro = r.micro_batches();
+        let scale = 1.0 / micro as f64;
+        let mut accum = GradAccum::default();
+        let experts = self.model.cfg.n_routed_experts;
+        let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
+        let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
+        let seq_len = r.data.seq_len;
+        for _ in 0..micro {
+            let batch = self.sampler.next_batch(r.train.micro_batch_seqs)?;
+            let flat: Vec<u32> = batch.concat();
+            let tokens = Tensor::from_vec(flat, (r.train.micro_batch_seqs, seq_len), &self.device)?;
+            let (lm, kl) = self.micro_batch(&tokens, scale, &mut accum, &mut loads)?;
+            lm_sum += lm.unwrap_or(0.0);
+            kl_sum += kl;
+        }
+        let lr = lr_at(self.step, r.train.lr, &r.train);
+        let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
+        let report = AdamW::from_recipe(&r.train).step(&mut self.slots, &accum, |g| match g {
+            Group::Main => lr,
+            Group::Indexer => indexer_lr,
+        })?;
+        self.update_router_biases(&loads)?;
+        self.step += 1;
+        let tokens = (r.train.global_batch_seqs * seq_len) as u64;
+        self.tokens_seen += tokens;
+        let elapsed = start.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.step,
+            stage: r.train.stage.clone(),
+            lm_loss: (self.stage == Stage::Sparse).then_some(lm_sum / micro as f64),
+            indexer_kl: kl_sum / micro as f64,
+            lr,
+            indexer_lr,
+            grad_norm: match self.stage {
+                Stage::Warmup => report.indexer_grad_norm,
+                Stage::Sparse => report.main_grad_norm,
+            },
+            indexer_grad_norm: report.indexer_grad_norm,
+            tokens: self.tokens_seen,
+            tokens_per_s: tokens as f64 / elapsed,
+            elapsed_s: elapsed,
+        })
+    }
+
+    /// Auxiliary-loss-free balancing: b_e += gamma * sign(mean load - load_e), per MoE layer.
+    fn update_router_biases(&self, loads: &[Vec<u64>]) -> Result<()> {
+        let gamma = self.recipe.train.router_bias_gamma;
+        if gamma == 0.0 {
+            return Ok(());
+        }
+        for (name, var) in &self.router_biases {
+            let Some(l) = name.split('.').nth(2).and_then(|x| x.parse::<usize>().ok()) else { continue };
+            let Some(load) = loads.get(l) else { continue }; // MTP layer: not counted
+            let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
+            // Under-loaded experts (load below the mean) get a higher bias, over-loaded a lower one.
+            let delta: Vec<f32> = load
+                .iter()
+                .map(|&x| match (x as f64).partial_cmp(&mean) {
+                    Some(std::cmp::Ordering::Less) => gamma as f32,
+                    Some(std::cmp::Ordering::Greater) => -gamma as f32,
+                    _ => 0.0,
+                })
+                .collect();
+            let delta = Tensor::from_vec(delta, load.len(), &self.device)?;
+            var.set(&(var.as_tensor() + delta)?)?;
+        }
+        Ok(())
+    }
+
+    /// The checkpoint of the current state.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let mut params = BTreeMap::new();
+        let mut moments = BTreeMap::new();
+        let mut optimizer_steps = BTreeMap::new();
+        for s in &self.slots {
+            params.insert(s.name.clone(), s.value_f32()?);
+            moments.insert(s.name.clone(), (s.m.clone(), s.v.clone()));
+            optimizer_steps.insert(s.name.clone(), s.steps);
+        }
+        for (name, var) in &self.router_biases {
+            params.insert(name.clone(), var.as_tensor().clone());
+        }
+        Ok(Snapshot {
+            state: TrainState {
+                format_version: ckpt::FORMAT_VERSION,
+                dsa_train_version: env!("CARGO_PKG_VERSION").into(),
+                stage: self.stage,
+                step: self.step,
+                tokens_seen: self.tokens_seen,
+                data_cursor: self.sampler.cursor(),
+                optimizer_steps,
+                model_path: self.model_path.to_string_lossy().into_owned(),
+            },
+            params,
+            moments,
+            recipe_toml: self.recipe.to_toml(),
+        })
+    }
+
+    pub fn save_checkpoint(&self) -> Result<PathBuf> {
+        let out = Path::new(&self.recipe.run.output_dir);
+        let dir = ckpt::save(out, &self.snapshot()?)?;
+        ckpt::prune(out, self.recipe.checkpoint.keep_last)?;
+        Ok(dir)
+    }
+}
+
+/// Run a recipe to `train.steps`, checkpointing as configured.
+pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
+    let out = PathBuf::from(&recipe.run.output_dir);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
+    std::fs::write(out.join("recipe.toml"), recipe.to_toml()).with_context(|| format!("cannot write {}", out.join("recipe.toml").display()))?;
+    signals::install();
+    let mut trainer = Trainer::new(recipe, resume)?;
+    let r = trainer.recipe.clone();
+    let log = MetricsLog::open(&out, trainer.step)?;
+    let progress = progress_bar(&r, trainer.step);
+    let mut last_checkpoint = None;
+    let mut stopped = false;
+    let log_every = (r.train.steps / 20).max(1);
+    while trainer.step < r.train.steps {
+        let m = trainer.train_step()?;
+        log.append(&m)?;
+        let summary = format!(
+            "{}kl {:.4} lr {:.2e} {:.0} tok/s",
+            m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")), m.indexer_kl, m.lr, m.tokens_per_s
+        );
+        match &progress {
+            Some(p) => {
+                p.set_position(m.step);
+                p.set_message(summary);
+            }
+            None if m.step % log_every == 0 || m.step == 1 => eprintln!("[train] step {}/{} {summary}", m.step, r.train.steps),
+            None => {}
+        }
+        stopped = signals::stop_requested();
+        let periodic = r.checkpoint.every > 0 && m.step % r.checkpoint.every == 0;
+        if periodic || stopped || m.step == r.train.steps {
+            last_checkpoint = Some(trainer.save_checkpoint()?);
+        }
+        if stopped {
+            eprintln!("[train] stop requested: checkpoint written at step {}, exiting", m.step);
+            break;
+        }
+    }
+    if let Some(p) = progress {
+        p.finish();
+    }
+    Ok(TrainOutcome { steps_done: trainer.step, stopped_by_signal: stopped, last_checkpoint })
+}
+
+fn progress_bar(r: &Recipe, start: u64) -> Option<indicatif::ProgressBar> {
+    use std::io::IsTerminal;
+    if !r.run.progress || !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let p = indicatif::ProgressBar::new(r.train.steps).with_position(start);
+    p.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
+            .expect("static template")
+            .progress_chars("=> "),
+    );
+    p.set_prefix(r.train.stage.clone());
+    Some(p)
+}

@@ -1,0 +1,254 @@
+//! The trainer on a tiny checkpoint: exact resume (in process, after SIGKILL), clean stop on
+//! SIGTERM, warm-up leaving the main model untouched, the sparse stage learning, router-bias
+//! updates, and recipe errors through the binary.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device};
+use common::{assert_clean_error, path_str, run_cli};
+use dsa_train::checkpoint::{load_file_f32, Checkpoint};
+use dsa_train::model::{LoadOptions, Model};
+use dsa_train::recipe::Recipe;
+use dsa_train::train::{self, metrics, Resume};
+
+/// A tiny V3.1-style checkpoint (2 layers) and a synthetic corpus in a temp folder.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    root: PathBuf,
+}
+
+impl Fixture {
+    fn new(seed: u64) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let mut cfg = dsa_train::tiny::tiny_config(false);
+        cfg["num_hidden_layers"] = 2.into();
+        dsa_train::tiny::write_random_checkpoint(&root.join("model"), &cfg, seed, 1 << 20).unwrap();
+        let tokens = dsa_train::tiny::synthetic_corpus(512, 4096, seed);
+        dsa_train::data::write_token_file(&root.join("tokens.bin"), &tokens).unwrap();
+        Self { _tmp: tmp, root }
+    }
+
+    /// A recipe file for `stage` writing into `out`.
+    fn recipe(&self, stage: &str, out: &str, model: &Path, steps: u64) -> PathBuf {
+        let text = format!(
+            "[run]\noutput_dir = \"{}\"\nseed = 3\nprogress = false\n\
+             [model]\npath = \"{}\"\ndtype = \"f32\"\ndevice = \"cpu\"\nindex_n_heads = 2\nindex_head_dim = 32\n\
+             [data]\npath = \"{}\"\nseq_len = 32\n\
+             [train]\nstage = \"{stage}\"\nsteps = {steps}\nlr = 1e-2\nglobal_batch_seqs = 4\nmicro_batch_seqs = 2\n\
+             warmup_steps = 2\nrouter_bias_gamma = 0.01\nmtp_weight = 0.5\nseq_balance_alpha = 0.01\n\
+             [dsa]\nindex_topk = 8\n[checkpoint]\nevery = 2\nkeep_last = 0\n",
+            self.root.join(out).display(), model.display(), self.root.join("tokens.bin").display()
+        );
+        let path = self.root.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn out(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
+fn run_recipe(path: &Path, sets: &[&str], resume: Option<Resume>) -> train::TrainOutcome {
+    let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+    train::train(Recipe::load(path, &sets).unwrap(), resume).unwrap()
+}
+
+fn losses(dir: &Path) -> Vec<(u64, Option<u64>, u64)> {
+    // (step, lm_loss bits, indexer_kl bits): compared bit for bit.
+    metrics::read(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.step, m.lm_loss.map(f64::to_bits), m.indexer_kl.to_bits()))
+        .collect()
+}
+
+fn assert_same_params(a: &Path, b: &Path) {
+    let pa = load_file_f32(&a.join("params.safetensors"), &Device::Cpu).unwrap();
+    let pb = load_file_f32(&b.join("params.safetensors"), &Device::Cpu).unwrap();
+    assert_eq!(pa.keys().collect::<Vec<_>>(), pb.keys().collect::<Vec<_>>());
+    for (name, t) in &pa {
+        let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        let y: Vec<f32> = pb[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} differs");
+    }
+}
+
+#[test]
+fn resume_reproduces_an_uninterrupted_run_bit_for_bit_in_both_stages() {
+    let f = Fixture::new(1);
+    let model = f.root.join("model");
+    // Warm-up: 4 straight vs 2 + resume + 2.
+    let straight = f.recipe("warmup", "w-straight", &model, 4);
+    run_recipe(&straight, &[], None);
+    let split = f.recipe("warmup", "w-split", &model, 4);
+    run_recipe(&split, &["train.steps=2"], None);
+    run_recipe(&split, &[], Some(Resume::Auto));
+    assert_eq!(losses(&f.out("w-straight")), losses(&f.out("w-split")));
+    assert_eq!(losses(&f.out("w-split")).len(), 4);
+    assert_same_params(&f.out("w-straight/step-4"), &f.out("w-split/step-4"));
+
+    // Sparse, chained from the warm-up: 4 straight vs 2 + resume + 2.
+    let warm = f.out("w-straight/step-4");
+    let straight = f.recipe("sparse", "s-straight", &warm, 4);
+    run_recipe(&straight, &[], None);
+    let split = f.recipe("sparse", "s-split", &warm, 4);
+    run_recipe(&split, &["train.steps=2"], None);
+    run_recipe(&split, &[], Some(Resume::Path(f.out("s-split/step-2"))));
+    let a = losses(&f.out("s-straight"));
+    assert_eq!(a, losses(&f.out("s-split")));
+    assert!(a.iter().all(|(_, lm, _)| lm.is_some()));
+    assert_same_params(&f.out("s-straight/step-4"), &f.out("s-split/step-4"));
+}
+
+#[test]
+fn warmup_trains_only_the_indexer_and_leaves_every_other_tensor_bitwise_unchanged() {
+    let f = Fixture::new(2);
+    let model = f.root.join("model");
+    let recipe = f.recipe("warmup", "w", &model, 3);
+    run_recipe(&recipe, &[], None);
+    let step = f.out("w/step-3");
+    let saved = load_file_f32(&step.join("params.safetensors"), &Device::Cpu).unwrap();
+    assert!(!saved.is_empty() && saved.keys().all(|n| n.contains(".indexer.")), "{:?}", saved.keys());
+    // The chained model equals the base everywhere but in the indexers, which did move.
+    let opts = LoadOptions { indexer: dsa_train::config::IndexerDefaults { n_heads: 2, head_dim: 32, topk: 8 }, ..Default::default() };
+    let trained = Model::load(&step, &opts).unwrap();
+    let base = Model::load(&model, &opts).unwrap();
+    let bits = |t: &candle_core::Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect() };
+    for (a, b) in trained.layers.iter().zip(&base.layers) {
+        assert_eq!(bits(&a.attn.q_b_proj), bits(&b.attn.q_b_proj));
+        assert_eq!(bits(&a.attn.kv_b_proj), bits(&b.attn.kv_b_proj));
+        assert_eq!(bits(&a.input_norm), bits(&b.input_norm));
+        assert_ne!(bits(&a.indexer.wq_b), bits(&b.indexer.wq_b));
+        assert_ne!(bits(&a.indexer.weights_proj), bits(&b.indexer.weights_proj));
+    }
+    assert_eq!(bits(&trained.embed), bits(&base.embed));
+    assert_eq!(bits(&trained.lm_head), bits(&base.lm_head));
+    // Compared with the HF file itself, not only with our own loader.
+    let hf = Checkpoint::open(&model).unwrap();
+    let w = hf.load("model.layers.1.mlp.experts.3.up_proj.weight", &[96, 192], DType::F32, &Device::Cpu).unwrap();
+    if let dsa_train::model::FeedForward::Moe(moe) = &trained.layers[1].ffn {
+        assert_eq!(bits(&moe.experts[3].up), bits(&w));
+    } else {
+        panic!("layer 1 is MoE");
+    }
+}
+
+#[test]
+fn sparse_stage_lowers_the_lm_loss_and_moves_the_router_bias() {
+    let f = Fixture::new(3);
+    let model = f.root.join("model");
+    let recipe = f.recipe("sparse", "s", &model, 12);
+    run_recipe(&recipe, &["train.lr=3e-3", "checkpoint.every=0"], None);
+    let m = metrics::read(&f.out("s/metrics.jsonl")).unwrap();
+    let lm: Vec<f64> = m.iter().map(|x| x.lm_loss.unwrap()).collect();
+    let first = lm[..3].iter().sum::<f64>() / 3.0;
+    let last = lm[lm.len() - 3..].iter().sum::<f64>() / 3.0;
+    assert!(last < first - 0.2, "LM loss {first} -> {last}");
+    let saved = load_file_f32(&f.out("s/step-12/params.safetensors"), &Device::Cpu).unwrap();
+    let hf = Checkpoint::open(&model).unwrap();
+    let name = "model.layers.1.mlp.gate.e_score_correction_bias";
+    let before: Vec<f32> = hf.load(name, &[8], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let after: Vec<f32> = saved[name].to_vec1().unwrap();
+    // 12 steps of +-0.01: every expert moved by a multiple of 0.01, and some moved.
+    assert!(before.iter().zip(&after).any(|(a, b)| (a - b).abs() > 5e-3));
+    for (a, b) in before.iter().zip(&after) {
+        let k = (b - a) / 0.01;
+        assert!((k - k.round()).abs() < 1e-2 && k.abs() <= 12.0 + 1e-3, "{a} -> {b}");
+    }
+}
+
+/// Spawn `dsa-train train` in the background.
+fn spawn_train(recipe: &Path, extra: &[&str]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_dsa-train"))
+        .arg("train")
+        .arg(recipe)
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+fn wait_for(cond: impl Fn() -> bool, what: &str) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_from_the_last_complete_checkpoint_and_matches() {
+    let f = Fixture::new(4);
+    let model = f.root.join("model");
+    let reference = f.recipe("warmup", "ref", &model, 8);
+    run_recipe(&reference, &["checkpoint.every=1"], None);
+
+    let recipe = f.recipe("warmup", "killed", &model, 8);
+    let mut child = spawn_train(&recipe, &["--set", "checkpoint.every=1"]);
+    let out = f.out("killed");
+    wait_for(|| out.join("step-3").join("COMPLETE").exists(), "step-3");
+    child.kill().unwrap(); // SIGKILL, possibly in the middle of writing step-4
+    child.wait().unwrap();
+    let (code, _, stderr) = run_cli(&["train", path_str(&recipe), "--set", "checkpoint.every=1", "--resume", "auto"]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("resuming from"), "{stderr}");
+    assert_eq!(losses(&f.out("ref")), losses(&out));
+    assert_same_params(&f.out("ref/step-8"), &out.join("step-8"));
+    // No temporary folder is left looking like a checkpoint.
+    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().starts_with("step-") && !e.path().join("COMPLETE").exists()).collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
+    let f = Fixture::new(5);
+    let recipe = f.recipe("warmup", "term", &f.root.join("model"), 10_000);
+    let mut child = spawn_train(&recipe, &["--set", "checkpoint.every=0"]);
+    let metrics_path = f.out("term/metrics.jsonl");
+    wait_for(|| std::fs::read_to_string(&metrics_path).is_ok_and(|t| t.lines().count() >= 2), "two steps");
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+    assert!(status.success(), "{status:?} {stderr}");
+    assert!(stderr.contains("stop requested"), "{stderr}");
+    let steps = metrics::read(&metrics_path).unwrap().len() as u64;
+    let ckpts = dsa_train::train::ckpt::complete_checkpoints(&f.out("term"));
+    assert_eq!(ckpts.last().map(|c| c.0), Some(steps), "checkpoint at the last step taken");
+}
+
+#[test]
+fn recipe_and_data_errors_are_one_clear_line() {
+    let f = Fixture::new(6);
+    let recipe = f.recipe("warmup", "e", &f.root.join("model"), 2);
+    let text = std::fs::read_to_string(&recipe).unwrap();
+    let bad = f.root.join("bad.toml");
+    std::fs::write(&bad, text.replace("warmup_steps", "warmup_stpes")).unwrap();
+    assert_clean_error(&run_cli(&["train", path_str(&bad)]), &["bad.toml", "train.warmup_stpes", "train.warmup_steps"]);
+    assert_clean_error(&run_cli(&["check", path_str(&recipe), "--set", "train.steps=1.5"]), &["train.steps", "integer"]);
+    assert_clean_error(&run_cli(&["train", path_str(&recipe), "--set", "data.path=/nonexistent/tokens.bin"]), &["/nonexistent/tokens.bin"]);
+    assert_clean_error(&run_cli(&["train", path_str(&recipe), "--set", "model.path=/nonexistent/model"]), &["/nonexistent/model"]);
+    std::fs::write(&bad, "[run\noutput_dir=1").unwrap();
+    assert_clean_error(&run_cli(&["train", path_str(&bad)]), &["bad.toml", "TOML"]);
+}
+
+#[test]
+fn check_reports_counts_and_estimates() {
+    let f = Fixture::new(7);
+    let recipe = f.recipe("warmup", "c", &f.root.join("model"), 2);
+    let (code, stdout, stderr) = run_cli(&["check", path_str(&recipe)]);
+    assert_eq!(code, 0, "{stderr}");
+    // Warm-up trains only the indexers: 3 layers (2 + MTP) x (64*160 + 32*192 + 2*32 + 2*192).
+    let per_layer = 64 * 160 + 32 * 192 + 64 + 2 * 192;
+    assert!(stdout.contains(&format!("{} trainable", 3 * per_layer)), "{stdout}");
+    assert!(stdout.contains("tokens per step: 128"), "{stdout}");
+    assert!(stdout.contains("FLOPs per step") && stdout.contains("memory per device"));
+}
