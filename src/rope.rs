@@ -71,7 +71,7 @@ mod tests {
 
     #[test]
     fn yarn_ramp_of_the_671b_config_is_10_to_23() {
-        let cfg = ModelConfig::from_json(include_str!("../tests/data/config_671b.json"), &IndexerDefaults::default()).unwrap();
+        let cfg = ModelConfig::from_json(include_str!("../tests/data/deepseek-v3.1-terminus/config.json"), &IndexerDefaults::default()).unwrap();
         let f = inv_freq(&cfg);
         let base = |i: usize| 10000f64.powf(-((2 * i) as f64) / 64.0);
         // Below low = 10 the original frequencies survive; from high = 23 on they are divided by 40.

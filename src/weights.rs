@@ -238,7 +238,7 @@ mod tests {
 
     #[test]
     fn table_of_the_671b_model_has_the_briefs_shapes_and_count() {
-        let text = include_str!("../tests/data/config_671b.json");
+        let text = include_str!("../tests/data/deepseek-v3.1-terminus/config.json");
         let cfg = ModelConfig::from_json(text, &IndexerDefaults::default()).unwrap();
         let w = model_weights(&cfg, true);
         let find = |n: &str| w.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}"));

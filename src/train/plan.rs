@@ -12,7 +12,8 @@
 //! Memory per device (one device; the scale-out issue divides it): weights in the compute
 //! dtype; for trainable tensors + f32 master (if not f32) + f32 gradient + two f32 moments;
 //! activations estimated as 34 * hidden bytes per token per layer (bf16, no recomputation)
-//! for the sparse stage, plus one layer's streamed attention/indexer working set.
+//! for the sparse stage, plus one layer's streamed attention/indexer working set (LSE per head,
+//! indexer queries, selected indices; the kernels never store [T, T] or [T, H, K]).
 
 use anyhow::Result;
 
@@ -94,7 +95,9 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
     let hidden = cfg.hidden_size as f64;
-    let streamed = micro_tokens * (h * k.min(t) as f64 * 4.0 + cfg.index_n_heads as f64 * 4.0 * 128.0);
+    // Per token of the micro-batch: one layer's per-head LSE, indexer query and selected indices
+    // (the attention and indexer kernels stream over keys and never store [T, T] or [T, H, K]).
+    let streamed = micro_tokens * (h * 4.0 + cfg.index_n_heads as f64 * cfg.index_head_dim as f64 * 2.0 + k.min(t) as f64 * 4.0);
     let activation_bytes = match stage {
         Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + streamed,
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + streamed,
