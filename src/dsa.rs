@@ -52,24 +52,51 @@ pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
 }
 
 /// Deterministic causal top-k of `scores` [B, T, T] (entries above the diagonal are ignored).
-/// Runs on the host; the GPU issue replaces it with a streaming kernel.
 pub fn select_topk(scores: &Tensor, k: usize) -> Result<Selection> {
     let (b, t, t2) = scores.dims3()?;
     anyhow::ensure!(t == t2, "indexer scores must be square per batch, got {:?}", scores.dims());
+    select_topk_streaming(b, t, k, scores.device(), |q0, n| Ok(scores.narrow(1, q0, n)?))
+}
+
+/// Deterministic causal top-k computed over query blocks: `rows(q0, n)` returns the scores
+/// [B, n, T] of queries q0..q0+n, so no more than one block of scores exists at a time.
+/// Selection runs on the host for now; the GPU issue replaces it with a device kernel.
+pub fn select_topk_streaming(
+    b: usize,
+    t: usize,
+    k: usize,
+    device: &Device,
+    mut rows: impl FnMut(usize, usize) -> Result<Tensor>,
+) -> Result<Selection> {
     anyhow::ensure!(k > 0, "top-k must be positive");
     let kk = k.min(t);
-    let host: Vec<f32> = scores.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let mut indices = vec![0u32; b * t * kk];
     let mut valid = vec![0f32; b * t * kk];
-    indices.par_chunks_mut(kk).zip(valid.par_chunks_mut(kk)).enumerate().for_each(|(row_id, (idx, val))| {
-        let q = row_id % t;
-        let row = &host[row_id * t..(row_id + 1) * t];
-        let sel = topk_causal_row(row, q, kk);
-        idx[..sel.len()].copy_from_slice(&sel);
-        val[..sel.len()].iter_mut().for_each(|v| *v = 1.0);
-    });
-    let device = scores.device();
-    Ok(selection_from_host(indices, valid, (b, t, kk), device)?)
+    let block = query_block(b, t);
+    for q0 in (0..t).step_by(block) {
+        let n = block.min(t - q0);
+        let host: Vec<f32> = rows(q0, n)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // [B, n, T]
+        let mut idx_rows: Vec<(usize, &[f32])> = Vec::with_capacity(b * n);
+        for bi in 0..b {
+            for r in 0..n {
+                idx_rows.push((bi * t + q0 + r, &host[(bi * n + r) * t..(bi * n + r + 1) * t]));
+            }
+        }
+        let picked: Vec<(usize, Vec<u32>)> = idx_rows
+            .par_iter()
+            .map(|(row_id, row)| (*row_id, topk_causal_row(row, row_id % t, kk)))
+            .collect();
+        for (row_id, sel) in picked {
+            indices[row_id * kk..][..sel.len()].copy_from_slice(&sel);
+            valid[row_id * kk..][..sel.len()].iter_mut().for_each(|v| *v = 1.0);
+        }
+    }
+    selection_from_host(indices, valid, (b, t, kk), device)
+}
+
+/// Queries per scoring block: about 2^24 score elements (64 MiB of f32) per block.
+fn query_block(b: usize, t: usize) -> usize {
+    ((1usize << 24) / (b * t).max(1)).clamp(1, t.max(1))
 }
 
 fn selection_from_host(indices: Vec<u32>, valid: Vec<f32>, shape: (usize, usize, usize), device: &Device) -> Result<Selection> {

@@ -39,20 +39,91 @@ impl Indexer {
         Tensor::cat(&[&roped, &x.narrow(3, self.rope, d - self.rope)?], 3)
     }
 
-    /// Index scores [B, T, T] f32 with `causal` ([T, T] bias) added.
-    pub fn scores(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor, causal: &Tensor) -> Result<Tensor> {
+    /// The indexer's queries, keys and head weights (differentiable, f32).
+    pub fn project(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<IndexerProj> {
         let (b, t, _) = x.dims3()?;
         let (hi, di) = (self.heads, self.head_dim);
         let x = x.to_dtype(DType::F32)?;
         let qr = qr.to_dtype(DType::F32)?;
         let q = linear(&qr, &self.wq_b)?.reshape((b, t, hi, di))?;
-        let q = self.rope_prefix(&q, cos, sin)?; // [B, T, HI, DI]
+        let q = self.rope_prefix(&q, cos, sin)?.contiguous()?; // [B, T, HI, DI]
         let k = layer_norm(&linear(&x, &self.wk)?, &self.k_norm_weight, &self.k_norm_bias, K_NORM_EPS)?;
-        let k = self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?.reshape((b, t, di))?; // [B, T, DI]
+        let k = self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?.reshape((b, t, di))?.contiguous()?; // [B, T, DI]
         let w = (linear(&x, &self.weights_proj)? * ((hi as f64).powf(-0.5) * (di as f64).powf(-0.5)))?; // [B, T, HI]
-        let qk = q.reshape((b, t * hi, di))?.contiguous()?.matmul(&k.t()?.contiguous()?)?.relu()?; // [B, T*HI, T]
-        let qk = qk.reshape((b, t, hi, t))?;
-        let scores = w.unsqueeze(2)?.contiguous()?.matmul(&qk)?.squeeze(2)?; // [B, T, T]
-        scores.broadcast_add(causal)
+        Ok(IndexerProj { q, k, w })
+    }
+}
+
+/// Queries [B, T, HI, DI], keys [B, T, DI] and head weights [B, T, HI] (scale folded in).
+pub struct IndexerProj {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub w: Tensor,
+}
+
+impl IndexerProj {
+    pub fn detach(&self) -> Self {
+        Self { q: self.q.detach(), k: self.k.detach(), w: self.w.detach() }
+    }
+
+    /// Scores of queries `q0..q0+n` against every key: [B, n, T] f32, causal bias not added.
+    /// Holds a [B, n*HI, T] intermediate, so callers bound `n`.
+    pub fn scores_rows(&self, q0: usize, n: usize) -> Result<Tensor> {
+        let (b, _, hi, di) = self.q.dims4()?;
+        let t = self.k.dim(1)?;
+        let q = self.q.narrow(1, q0, n)?.reshape((b, n * hi, di))?.contiguous()?;
+        let qk = q.matmul(&self.k.t()?.contiguous()?)?.relu()?.reshape((b, n, hi, t))?; // [B, n, HI, T]
+        let w = self.w.narrow(1, q0, n)?.unsqueeze(2)?.contiguous()?; // [B, n, 1, HI]
+        w.matmul(&qk)?.squeeze(2) // [B, n, T]
+    }
+
+    /// Dense scores [B, T, T] with the causal bias added (warm-up KL and recall).
+    pub fn scores(&self, causal: &Tensor) -> Result<Tensor> {
+        let t = self.k.dim(1)?;
+        self.scores_rows(0, t)?.broadcast_add(causal)
+    }
+
+    /// Scores at the selected keys only: [B, T, K] = sum_j w[t,j] ReLU(q[t,j] . k[idx[t,i]]),
+    /// differentiable and O(T K) in memory (the sparse-stage KL needs nothing else).
+    pub fn scores_at(&self, indices: &Tensor) -> Result<Tensor> {
+        let (b, t, hi, di) = self.q.dims4()?;
+        let kk = indices.dim(2)?;
+        let offsets = Tensor::arange(0u32, b as u32, indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
+        let flat = indices.broadcast_add(&offsets)?.flatten_all()?;
+        let k_sel = self.k.reshape((b * t, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
+        let q = self.q.reshape((b * t, hi, di))?; // [BT, HI, DI]
+        let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
+        let w = self.w.reshape((b * t, 1, hi))?;
+        w.matmul(&qk)?.reshape((b, t, kk)) // [B, T, K]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::randn;
+    use candle_core::Device;
+
+    #[test]
+    fn scores_at_the_selection_equal_the_dense_scores_gathered() {
+        let dev = Device::Cpu;
+        let (b, t, hi, di) = (2, 19, 3, 8);
+        let proj = IndexerProj {
+            q: randn(&[b, t, hi, di], 1, 1.0, &dev).unwrap(),
+            k: randn(&[b, t, di], 2, 1.0, &dev).unwrap(),
+            w: randn(&[b, t, hi], 3, 1.0, &dev).unwrap(),
+        };
+        let causal = crate::dsa::causal_bias(t, &dev).unwrap();
+        let dense = proj.scores(&causal).unwrap();
+        let sel = crate::dsa::select_topk(&dense, 5).unwrap();
+        let gathered = (dense.gather(&sel.indices, 2).unwrap() * &sel.valid).unwrap();
+        let direct = (proj.scores_at(&sel.indices).unwrap() * &sel.valid).unwrap();
+        let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff < 1e-5, "{diff}");
+        // Streaming selection in blocks of 4 queries picks the same sets.
+        let streamed = crate::dsa::select_topk_streaming(b, t, 5, &dev, |q0, n| {
+            Ok(proj.scores_rows(q0, n)?.broadcast_add(&causal.narrow(0, q0, n)?)?)
+        }).unwrap();
+        assert_eq!(streamed.indices.to_vec3::<u32>().unwrap(), sel.indices.to_vec3::<u32>().unwrap());
     }
 }

@@ -105,19 +105,22 @@ impl DecoderLayer {
         let x = rms_norm(h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         let mut stats = LayerStats::default();
-        let need_scores = opts.attention == AttentionMode::Sparse || opts.indexer_kl || opts.recall;
-        let scores = if need_scores {
+        // The indexer reads x and qr; in the sparse stage they are detached so the KL trains
+        // only the indexer.
+        let need_indexer = opts.attention == AttentionMode::Sparse || opts.indexer_kl || opts.recall;
+        let ix = if need_indexer {
             let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), proj.qr.detach()) } else { (x.clone(), proj.qr.clone()) };
-            Some(self.indexer.scores(&ix, &iqr, &ctx.cos, &ctx.sin, &ctx.causal)?)
+            Some(self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?)
         } else {
             None
         };
         let attn_out = match opts.attention {
             AttentionMode::Dense => {
                 let a = self.attn.dense(&proj, &ctx.causal)?;
-                if let Some(scores) = &scores {
+                if let Some(ix) = &ix {
+                    let scores = ix.scores(&ctx.causal)?; // [B, T, T]
                     if opts.indexer_kl {
-                        stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, scores)?);
+                        stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &scores)?);
                     }
                     if opts.recall {
                         let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
@@ -127,11 +130,11 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
-                let scores = scores.as_ref().expect("sparse attention computes scores");
-                let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
+                let ix = ix.as_ref().expect("sparse attention projects the indexer");
+                let sel = select_indexer_topk(&ix.detach(), ctx, opts.topk)?;
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
-                    let on_set = (scores.gather(&sel.indices, 2)? + &sel.bias)?; // [B, T, K]
+                    let on_set = (ix.scores_at(&sel.indices)? + &sel.bias)?; // [B, T, K]
                     stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);
                 }
                 if opts.recall {
@@ -161,6 +164,15 @@ impl DecoderLayer {
         let p = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         Ok((x, p))
     }
+}
+
+/// Top-k selection from the indexer, scoring one block of queries at a time (no [T, T] tensor).
+fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize) -> Result<crate::dsa::Selection> {
+    let (b, t, _, _) = ix.q.dims4()?;
+    crate::dsa::select_topk_streaming(b, t, k, ix.q.device(), |q0, n| {
+        Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal.narrow(0, q0, n)?)?)
+    })
+    .map_err(candle_core::Error::wrap)
 }
 
 /// The multi-token-prediction module: predicts token t+2 from h_t and the embedding of t+1.
