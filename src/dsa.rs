@@ -55,16 +55,17 @@ pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
 pub fn select_topk(scores: &Tensor, k: usize) -> Result<Selection> {
     let (b, t, t2) = scores.dims3()?;
     anyhow::ensure!(t == t2, "indexer scores must be square per batch, got {:?}", scores.dims());
-    select_topk_streaming(b, t, k, scores.device(), |q0, n| Ok(scores.narrow(1, q0, n)?))
+    select_topk_streaming(b, t, k, query_block(b, t), scores.device(), |q0, n| Ok(scores.narrow(1, q0, n)?))
 }
 
-/// Deterministic causal top-k computed over query blocks: `rows(q0, n)` returns the scores
-/// [B, n, T] of queries q0..q0+n, so no more than one block of scores exists at a time.
+/// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
+/// the scores [B, n, T] of queries q0..q0+n, so no more than one block exists at a time.
 /// Selection runs on the host for now; the GPU issue replaces it with a device kernel.
 pub fn select_topk_streaming(
     b: usize,
     t: usize,
     k: usize,
+    block: usize,
     device: &Device,
     mut rows: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<Selection> {
@@ -72,7 +73,7 @@ pub fn select_topk_streaming(
     let kk = k.min(t);
     let mut indices = vec![0u32; b * t * kk];
     let mut valid = vec![0f32; b * t * kk];
-    let block = query_block(b, t);
+    let block = block.max(1);
     for q0 in (0..t).step_by(block) {
         let n = block.min(t - q0);
         let host: Vec<f32> = rows(q0, n)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // [B, n, T]
@@ -95,7 +96,7 @@ pub fn select_topk_streaming(
 }
 
 /// Queries per scoring block: about 2^24 score elements (64 MiB of f32) per block.
-fn query_block(b: usize, t: usize) -> usize {
+pub fn query_block(b: usize, t: usize) -> usize {
     ((1usize << 24) / (b * t).max(1)).clamp(1, t.max(1))
 }
 

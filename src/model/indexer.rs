@@ -121,7 +121,7 @@ mod tests {
         let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
-        let streamed = crate::dsa::select_topk_streaming(b, t, 5, &dev, |q0, n| {
+        let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, &dev, |q0, n| {
             Ok(proj.scores_rows(q0, n)?.broadcast_add(&causal.narrow(0, q0, n)?)?)
         }).unwrap();
         assert_eq!(streamed.indices.to_vec3::<u32>().unwrap(), sel.indices.to_vec3::<u32>().unwrap());

@@ -169,7 +169,7 @@ impl DecoderLayer {
 /// Top-k selection from the indexer, scoring one block of queries at a time (no [T, T] tensor).
 fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize) -> Result<crate::dsa::Selection> {
     let (b, t, _, _) = ix.q.dims4()?;
-    crate::dsa::select_topk_streaming(b, t, k, ix.q.device(), |q0, n| {
+    crate::dsa::select_topk_streaming(b, t, k, crate::dsa::query_block(b, t), ix.q.device(), |q0, n| {
         Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal.narrow(0, q0, n)?)?)
     })
     .map_err(candle_core::Error::wrap)
