@@ -72,3 +72,28 @@ pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
         bytes as f64 / median / 1e9
     ))
 }
+
+/// Time `steps` training steps of `recipe` after two untimed ones; no checkpoint is written.
+pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String> {
+    let mut trainer = crate::train::Trainer::new(recipe.clone(), None)?;
+    let mut times = vec![];
+    let mut last = None;
+    for i in 0..steps + 2 {
+        let t0 = Instant::now();
+        let m = trainer.train_step()?;
+        trainer.sync_device()?;
+        if i >= 2 {
+            times.push(t0.elapsed().as_secs_f64());
+        }
+        last = Some(m);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let median = times[times.len() / 2];
+    let tokens = (recipe.train.global_batch_seqs * recipe.data.seq_len) as f64;
+    let m = last.expect("at least one step");
+    Ok(format!(
+        "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s (last: lm_loss {}, indexer_kl {:.4})",
+        recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
+        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl
+    ))
+}

@@ -23,6 +23,9 @@ pub struct Selection {
     pub valid: Tensor,
     /// [B, T, K] f32: 0 for a selected key, `MASKED` for padding.
     pub bias: Tensor,
+    /// [B, T, K] u32: row in the flattened [B*T] token axis (b * T + index); u32::MAX for
+    /// padding. The kernels' form.
+    pub absolute: Tensor,
 }
 
 /// Ordering key: +0.0 and -0.0 compare equal, NaN (never expected) sorts last.
@@ -102,7 +105,15 @@ pub fn query_block(b: usize, t: usize) -> usize {
 
 fn selection_from_host(indices: Vec<u32>, valid: Vec<f32>, shape: (usize, usize, usize), device: &Device) -> Result<Selection> {
     let bias: Vec<f32> = valid.iter().map(|v| if *v > 0.0 { 0.0 } else { MASKED }).collect();
+    let (_, t, k) = shape;
+    let absolute: Vec<u32> = indices
+        .iter()
+        .zip(&valid)
+        .enumerate()
+        .map(|(i, (idx, v))| if *v > 0.0 { (i / (t * k) * t) as u32 + idx } else { u32::MAX })
+        .collect();
     Ok(Selection {
+        absolute: Tensor::from_vec(absolute, shape, device)?,
         indices: Tensor::from_vec(indices, shape, device)?,
         valid: Tensor::from_vec(valid, shape, device)?,
         bias: Tensor::from_vec(bias, shape, device)?,

@@ -84,16 +84,24 @@ enum Command {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
     },
+    /// The GPU test suite: CPU f32 twins against the GPU path on fresh random inputs.
+    GpuSelftest {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+    },
     /// Benchmarks (numbers for docs/benchmarks.md; never timed tests).
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
     },
-    /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus).
+    /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus), or
+    /// with --preset bench-1k the GPU benchmark model.
     Tiny {
         /// Output directory; receives model/ and tokens.bin.
         #[arg(long, default_value = "checkpoints/tiny")]
         output: PathBuf,
+        #[arg(long, default_value = "tiny")]
+        preset: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
@@ -110,6 +118,15 @@ enum BenchCommand {
         gib: f64,
         #[arg(long, default_value_t = 3)]
         repeats: usize,
+    },
+    /// Time whole training steps of a recipe (no checkpoints written): median tokens/s.
+    Step {
+        recipe: PathBuf,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        sets: Vec<String>,
+        /// Timed steps (after 2 untimed warm-up steps).
+        #[arg(long, default_value_t = 5)]
+        steps: usize,
     },
 }
 
@@ -165,8 +182,13 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
             println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
         }
-        Command::Tiny { output, seed } => {
-            dsa_train::tiny::write_default(&output, seed)?;
+        Command::GpuSelftest { device } => dsa_train::gpu_check::run(&device)?,
+        Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
+            let r = Recipe::load(&recipe, &sets)?;
+            println!("{}", dsa_train::bench::bench_step(r, steps)?);
+        }
+        Command::Tiny { output, preset, seed } => {
+            dsa_train::tiny::write_preset(&output, &preset, seed)?;
             eprintln!("[tiny] wrote {}/model and {}/tokens.bin", output.display(), output.display());
         }
     }

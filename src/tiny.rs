@@ -45,6 +45,28 @@ pub fn tiny_config(with_indexer: bool) -> serde_json::Value {
     c
 }
 
+/// config.json of the benchmark model of the GPU issue (the shape transformers' DeepseekV32 was
+/// timed on): vocab 129280, hidden 1024, 4 layers (1 dense + 3 MoE: 16 routed experts, top-4,
+/// 1 shared, 4 groups / top 2), 16 heads, q_lora 768, kv_lora 512, nope 128, rope 64, v 128,
+/// indexer 64 x 128, top-k 2048, YaRN factor 40 from 4096.
+pub fn bench_1k_config() -> serde_json::Value {
+    let mut c = tiny_config(true);
+    let o = c.as_object_mut().unwrap();
+    for (k, v) in [
+        ("vocab_size", json!(129280)), ("hidden_size", json!(1024)), ("num_hidden_layers", json!(4)),
+        ("first_k_dense_replace", json!(1)), ("intermediate_size", json!(2816)), ("moe_intermediate_size", json!(512)),
+        ("num_attention_heads", json!(16)), ("num_key_value_heads", json!(16)), ("q_lora_rank", json!(768)),
+        ("kv_lora_rank", json!(512)), ("qk_nope_head_dim", json!(128)), ("qk_rope_head_dim", json!(64)),
+        ("v_head_dim", json!(128)), ("n_routed_experts", json!(16)), ("num_experts_per_tok", json!(4)),
+        ("n_shared_experts", json!(1)), ("n_group", json!(4)), ("topk_group", json!(2)),
+        ("index_n_heads", json!(64)), ("index_head_dim", json!(128)), ("index_topk", json!(2048)),
+        ("num_nextn_predict_layers", json!(0)),
+    ] {
+        o.insert(k.into(), v);
+    }
+    c
+}
+
 /// Random values for one tensor, scaled so activations stay O(1) through the layers.
 fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
@@ -110,11 +132,16 @@ pub fn synthetic_corpus(vocab: usize, n_tokens: usize, seed: u64) -> Vec<u32> {
     out
 }
 
-/// Write the embedded default into `dir`: `model/` (V3.1 style, no indexer) and `tokens.bin`.
-pub fn write_default(dir: &Path, seed: u64) -> Result<()> {
-    let model_dir = dir.join("model");
-    write_random_checkpoint(&model_dir, &tiny_config(false), seed, 1 << 20)?;
-    let tokens = synthetic_corpus(512, 1 << 17, seed ^ 0x5eed);
-    crate::data::write_token_file(&dir.join("tokens.bin"), &tokens)?;
+/// Write a preset into `dir`: `model/` and `tokens.bin`. "tiny" is the embedded default (V3.1
+/// style, no indexer); "bench-1k" is the GPU benchmark model (V3.2 style).
+pub fn write_preset(dir: &Path, preset: &str, seed: u64) -> Result<()> {
+    let (config, tokens) = match preset {
+        "tiny" => (tiny_config(false), 1 << 17),
+        "bench-1k" => (bench_1k_config(), 1 << 22),
+        other => anyhow::bail!("unknown preset {other:?}; expected \"tiny\" or \"bench-1k\""),
+    };
+    let vocab = config["vocab_size"].as_u64().unwrap_or(512) as usize;
+    write_random_checkpoint(&dir.join("model"), &config, seed, 1 << 30)?;
+    crate::data::write_token_file(&dir.join("tokens.bin"), &synthetic_corpus(vocab, tokens, seed ^ 0x5eed))?;
     Ok(())
 }

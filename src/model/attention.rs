@@ -117,6 +117,28 @@ impl Mla {
         let q = Tensor::cat(&[&q_lat, &p.q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
         // One shared key/value entry per token, gathered per query.
         let kv = Tensor::cat(&[&p.c_norm, &p.k_pe.squeeze(2)?], 2)?.reshape((bt, c + r))?; // [BT, C+R]
+        let (o_lat, head_mean) = if crate::kernels::available(q.device()) {
+            // Fused kernel: gathers the selected rows on the fly, keeps only the LSE.
+            let (q32, kv32) = (q.to_dtype(DType::F32)?.contiguous()?, kv.to_dtype(DType::F32)?.contiguous()?);
+            let idx = sel.absolute.reshape((bt, k))?;
+            let out = crate::kernels::sparse_mla(&q32, &kv32, &idx, self.scale, c)?; // [BT, H, C+1]
+            let pm = crate::kernels::sparse_mla_head_mean_probs(&q32.detach(), &kv32.detach(), &idx, &out, self.scale, c)?;
+            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
+        } else {
+            self.sparse_plain(&q, &kv, sel, b, t)?
+        };
+        // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
+        let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
+        let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
+        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.detach() })
+    }
+
+    /// The plain twin of the sparse kernel: gather the selected rows [BT, K, C+R], score, softmax
+    /// in f32, weight the latent values. Returns the latent output [BT, H, C] and the head-mean
+    /// probabilities [B, T, K].
+    fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
+        let bt = b * t;
         let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
         let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?; // [BT*K]
         let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
@@ -124,10 +146,6 @@ impl Mla {
         let bias = sel.bias.reshape((bt, 1, k))?;
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
         let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?)?; // [BT, H, C]
-        // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
-        let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
-        let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
-        let head_mean = probs.mean(D::Minus2)?.reshape((b, t, k))?.detach();
-        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean })
+        Ok((o_lat, probs.mean(D::Minus2)?.reshape((b, t, k))?))
     }
 }

@@ -309,6 +309,11 @@ impl Trainer {
         Ok(())
     }
 
+    /// Wait for queued device work (timing).
+    pub fn sync_device(&self) -> Result<()> {
+        Ok(self.device.synchronize()?)
+    }
+
     /// The checkpoint of the current state.
     pub fn snapshot(&self) -> Result<Snapshot> {
         let mut params = BTreeMap::new();

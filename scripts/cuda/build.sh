@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Build the CUDA binary and package what the GPU host runs into dist/gpu/ (git-ignored).
+# Usage: scripts/cuda/build.sh [TOOLCHAIN_DIR]   (see scripts/cuda/setup_toolchain.sh)
+# With a system CUDA toolkit, set CUDA_ROOT and CUDA_COMPUTE_CAP=90 and skip the toolchain.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+TOOLCHAIN="${1:-../dsa-cuda-toolchain}"
+if [ -z "${CUDA_ROOT:-}" ]; then
+  # shellcheck disable=SC1091
+  source "$TOOLCHAIN/env.sh"
+fi
+TARGET_DIR="${CARGO_TARGET_DIR:-target-cuda}"
+cargo build --release --features cuda --target-dir "$TARGET_DIR"
+mkdir -p dist/gpu
+cp "$TARGET_DIR/release/dsa-train" dist/gpu/dsa-train
+strip dist/gpu/dsa-train
+cp scripts/gpu/run_suite.sh dist/gpu/
+ls -la dist/gpu

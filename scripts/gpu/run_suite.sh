@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# On the GPU host, from the repository root: the GPU test suite, then the benchmarks, then a
+# short table. Full logs go to LOG_DIR (default: $OUT on the lent machines, else gpu-logs/).
+# Usage: dist/gpu/run_suite.sh [LOG_DIR] [SEQ_LENS]
+set -uo pipefail
+LOG="${1:-${OUT:-gpu-logs}}"
+SEQ_LENS="${2:-2048 4096 8192}"
+mkdir -p "$LOG"
+export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
+export NCCL_NVLS_ENABLE=0
+BIN=dist/gpu/dsa-train
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG/device.txt"
+DEVICE="$(head -1 "$LOG/device.txt" | cut -d, -f1)"
+
+echo "== GPU tests" | tee "$LOG/summary.txt"
+$BIN gpu-selftest --device cuda 2>&1 | tee "$LOG/gpu-tests.log"
+grep -E "^(PASS|FAIL|gpu-selftest)" "$LOG/gpu-tests.log" >> "$LOG/summary.txt"
+
+echo "== benchmarks ($DEVICE)" | tee -a "$LOG/summary.txt"
+[ -d /tmp/bench-1k/model ] || $BIN tiny --preset bench-1k --output /tmp/bench-1k 2>&1 | tail -1
+for stage in warmup sparse; do
+  for L in $SEQ_LENS; do
+    line="$($BIN bench step recipes/bench-1k-$stage.toml --steps 3 \
+      --set model.path=/tmp/bench-1k/model --set data.path=/tmp/bench-1k/tokens.bin \
+      --set data.seq_len=$L 2>>"$LOG/bench-stderr.log" | tail -1)"
+    [ -n "$line" ] || line="$stage stage, seq_len $L: FAILED (see bench-stderr.log: $(grep -m1 -i error "$LOG/bench-stderr.log" | tail -c 200))"
+    echo "$line" | tee -a "$LOG/bench.log"
+  done
+done
+cat "$LOG/bench.log" >> "$LOG/summary.txt"
+echo; echo "==== summary ($DEVICE)"; cat "$LOG/summary.txt"

@@ -1,0 +1,171 @@
+//! `dsa-train gpu-selftest`: the GPU test suite, run on the GPU machine (CI has no GPU).
+//!
+//! Each check runs the same computation on the CPU in f32 (the reference: the plain twins,
+//! themselves checked against transformers by the parity tests) and on the GPU, on fresh
+//! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
+//! one stripped executable carries both the suite and the benchmarks to the GPU host.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Tensor};
+
+use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use crate::recipe::Recipe;
+
+struct Outcome {
+    name: &'static str,
+    ok: bool,
+    detail: String,
+}
+
+fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    Ok(diff / scale.max(1e-30))
+}
+
+fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
+    let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+    Ok(dot / (na * nb))
+}
+
+fn tokens(b: usize, t: usize, vocab: usize, seed: u64, device: &Device) -> Result<Tensor> {
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let v: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+    Ok(Tensor::from_vec(v, (b, t), device)?)
+}
+
+/// Logits of the tiny V3.2 model on CPU f32 vs GPU f32 and bf16, both attention modes.
+fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
+    let cpu = Model::load(dir, &LoadOptions::default())?;
+    let g32 = Model::load(dir, &LoadOptions { device: gpu.clone(), ..Default::default() })?;
+    let g16 = Model::load(dir, &LoadOptions { device: gpu.clone(), dtype: DType::BF16, ..Default::default() })?;
+    let mut out = vec![];
+    for (mode, name32, name16) in [
+        (AttentionMode::Dense, "dense forward f32", "dense forward bf16"),
+        (AttentionMode::Sparse, "sparse forward f32", "sparse forward bf16"),
+    ] {
+        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false };
+        let x = tokens(2, 97, cpu.cfg.vocab_size, 11, &Device::Cpu)?;
+        let reference = cpu.forward(&x, &opts)?.logits;
+        let a = g32.forward(&x.to_device(gpu)?, &opts)?.logits;
+        let e = rel_err(&a, &reference)?;
+        out.push(Outcome { name: name32, ok: e < 1e-4, detail: format!("max rel err {e:.2e} (< 1e-4)") });
+        let b = g16.forward(&x.to_device(gpu)?, &opts)?.logits;
+        let c = cosine(&b, &reference)?;
+        out.push(Outcome { name: name16, ok: c > 1.0 - 5e-3, detail: format!("cosine {c:.6} (> 0.995)") });
+    }
+    Ok(out)
+}
+
+/// Three training steps of each stage in f32 on CPU and GPU give the same losses.
+fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (stage, name) in [("warmup", "warm-up steps f32"), ("sparse", "sparse steps f32")] {
+        let mut losses = vec![];
+        for device in ["cpu", gpu_name] {
+            let text = format!(
+                "[run]\noutput_dir = \"{}\"\nprogress = false\n[model]\npath = \"{}\"\ndtype = \"f32\"\ndevice = \"{device}\"\n\
+                 [data]\npath = \"{}\"\nseq_len = 64\n[train]\nstage = \"{stage}\"\nsteps = 3\nlr = 3e-3\nglobal_batch_seqs = 2\n\
+                 [dsa]\nindex_topk = 16\n[checkpoint]\nevery = 0\n",
+                dir.parent().unwrap().join("unused").display(), dir.display(), tokens_file.display()
+            );
+            let mut trainer = crate::train::Trainer::new(Recipe::parse(&text, &[])?, None)?;
+            let mut l = vec![];
+            for _ in 0..3 {
+                let m = trainer.train_step()?;
+                l.push(m.lm_loss.unwrap_or(0.0) + m.indexer_kl);
+            }
+            losses.push(l);
+        }
+        let worst = losses[0].iter().zip(&losses[1]).map(|(a, b)| ((a - b) / a).abs()).fold(0.0, f64::max);
+        out.push(Outcome { name, ok: worst < 1e-3, detail: format!("losses cpu {:?} gpu {:?}, max rel diff {worst:.2e} (< 1e-3)", losses[0], losses[1]) });
+    }
+    Ok(out)
+}
+
+/// The sparse MLA kernel against its plain twin (candle ops on the same GPU, f32) on fresh random
+/// inputs of awkward sizes with padded selections: output, head-mean probabilities, and the
+/// gradients of q and kv under a random upstream gradient.
+fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
+    use candle_core::Var;
+    let mut out = vec![];
+    let mut rng = crate::rng::SplitMix64::new(77);
+    for (n, h, k, dqk, dv) in [(97usize, 16usize, 64usize, 576usize, 512usize), (1, 3, 5, 160, 144), (300, 20, 40, 576, 512)] {
+        let scale = (dqk as f64).powf(-0.5);
+        let q = Var::from_tensor(&crate::rng::randn(&[n, h, dqk], rng.next_u64(), 1.0, gpu)?)?;
+        let kv = Var::from_tensor(&crate::rng::randn(&[n, dqk], rng.next_u64(), 1.0, gpu)?)?;
+        // Causal-style selections: row t may pick among 0..=t; a third of the slots are padding.
+        let mut abs = vec![u32::MAX; n * k];
+        for t in 0..n {
+            for j in 0..k {
+                if rng.uniform() > 0.33 || j == 0 {
+                    abs[t * k + j] = (rng.next_u64() % (t as u64 + 1)) as u32;
+                }
+            }
+        }
+        let idx = Tensor::from_vec(abs.clone(), (n, k), gpu)?;
+        let upstream = crate::rng::randn(&[n, h, dv], rng.next_u64(), 1.0, gpu)?;
+        // Kernel.
+        crate::kernels::set_enabled(true);
+        let fused = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
+        let o_k = fused.narrow(2, 0, dv)?;
+        let pm_k = crate::kernels::sparse_mla_head_mean_probs(q.as_tensor(), kv.as_tensor(), &idx, &fused, scale, dv)?;
+        let g_k = (&o_k * &upstream)?.sum_all()?.backward()?;
+        // Twin: gather, masked softmax in f32, weighted values.
+        let rows: Vec<u32> = abs.iter().map(|&a| if a == u32::MAX { 0 } else { a }).collect();
+        let bias: Vec<f32> = abs.iter().map(|&a| if a == u32::MAX { crate::dsa::MASKED } else { 0.0 }).collect();
+        let rows = Tensor::from_vec(rows, n * k, gpu)?;
+        let bias = Tensor::from_vec(bias, (n, 1, k), gpu)?;
+        let sel = kv.as_tensor().index_select(&rows, 0)?.reshape((n, k, dqk))?;
+        let scores = (q.as_tensor().matmul(&sel.t()?)? * scale)?.broadcast_add(&bias)?;
+        let probs = crate::ops::softmax_last(&scores)?;
+        let o_t = probs.matmul(&sel.narrow(2, 0, dv)?.contiguous()?)?;
+        let pm_t = probs.mean(1)?;
+        let g_t = (&o_t * &upstream)?.sum_all()?.backward()?;
+        let e_o = rel_err(&o_k, &o_t)?;
+        let e_p = rel_err(&pm_k, &pm_t)?;
+        let e_dq = rel_err(g_k.get(q.as_tensor()).unwrap(), g_t.get(q.as_tensor()).unwrap())?;
+        let e_dkv = rel_err(g_k.get(kv.as_tensor()).unwrap(), g_t.get(kv.as_tensor()).unwrap())?;
+        let worst = e_o.max(e_p).max(e_dq).max(e_dkv);
+        out.push(Outcome {
+            name: "sparse MLA kernel vs twin",
+            ok: worst < 1e-4,
+            detail: format!("N {n} H {h} K {k} dqk {dqk} dv {dv}: rel err out {e_o:.1e} probs {e_p:.1e} dq {e_dq:.1e} dkv {e_dkv:.1e} (< 1e-4)"),
+        });
+    }
+    Ok(out)
+}
+
+/// Run every check; print one line each; fail if any fails.
+pub fn run(device_name: &str) -> Result<()> {
+    let gpu = crate::parse_device(device_name)?;
+    if gpu.is_cpu() {
+        bail!("gpu-selftest needs a GPU device (--device cuda)");
+    }
+    let dir: PathBuf = std::env::temp_dir().join(format!("dsa-gpu-selftest-{}", std::process::id()));
+    let model = dir.join("model");
+    crate::tiny::write_random_checkpoint(&model, &crate::tiny::tiny_config(true), 5, 1 << 20)?;
+    let tokens_file = dir.join("tokens.bin");
+    crate::data::write_token_file(&tokens_file, &crate::tiny::synthetic_corpus(512, 1 << 14, 5))?;
+    let mut all = sparse_kernel_matches_twin(&gpu)?;
+    all.extend(forward_matches_cpu(&model, &gpu)?);
+    all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
+    let _ = std::fs::remove_dir_all(&dir);
+    let failed = all.iter().filter(|o| !o.ok).count();
+    for o in &all {
+        println!("{} {}: {}", if o.ok { "PASS" } else { "FAIL" }, o.name, o.detail);
+    }
+    println!("gpu-selftest: {} passed, {failed} failed", all.len() - failed);
+    if failed > 0 {
+        bail!("{failed} GPU check(s) failed");
+    }
+    Ok(())
+}
