@@ -10,7 +10,8 @@
 // owning 2 heads; a tile of 32 selected kv rows is gathered into shared memory once and read by
 // every head of the block; lane j scores key j of the tile; online softmax per head; each lane
 // accumulates DV/32 output dims. The backward accumulates dkv with atomics (its summation
-// order is not deterministic; a deterministic key-centric pass is planned). Numerics: f32
+// order is not deterministic; a deterministic key-centric pass is planned), the block's
+// per-key sums over heads being one small product in shared memory. Numerics: f32
 // throughout, expf/logf (no fast-math), the same max-shifted softmax as the plain twin.
 
 #include <stdint.h>
@@ -159,9 +160,13 @@ sparse_mla_probs_f32(const float* __restrict__ q, const float* __restrict__ kv, 
 }
 
 // Backward. delta [N, H] = sum_d dout . out (precomputed). dq [N, H, DQK] is written; dkv
-// [NKV, DQK] must be zero on entry and is accumulated with atomics.
+// [NKV, DQK] must be zero on entry and is accumulated with one global atomic per element per
+// block (summation order across blocks is not deterministic).
 // Per key j: p = exp(s - lse); dp = dout_h . v_j; ds = p (dp - delta_h);
 // dq_h += scale ds kv_j;  dkv_j += scale ds q_h  (+ p dout_h on the value dims).
+// The block's dkv tile [TILE, DQK] is a small matrix product over its heads,
+// dS^T [TILE, HPB] x (scale Q) [HPB, DQK] + P^T [TILE, HPB] x dO [HPB, DV], computed by all
+// threads from ds and p staged in shared memory (no shared-memory atomics).
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, const uint32_t* __restrict__ idx,
                    const float* __restrict__ fwd_out, const float* __restrict__ dout, const float* __restrict__ delta,
@@ -169,14 +174,15 @@ sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
   extern __shared__ float smem[];
   const int stride = DQK + 1;
   float* kv_s = smem;                              // [TILE][stride]
-  float* dkv_s = kv_s + TILE * stride;             // [TILE][stride], summed over the block's heads
-  float* q_s = dkv_s + TILE * stride;              // [HEADS_PER_BLOCK][DQK] (unscaled)
+  float* q_s = kv_s + TILE * stride;               // [HEADS_PER_BLOCK][DQK], scaled
   float* do_s = q_s + HEADS_PER_BLOCK * DQK;       // [HEADS_PER_BLOCK][DV]
+  float* ds_s = do_s + HEADS_PER_BLOCK * DV;       // [HEADS_PER_BLOCK][TILE]
+  float* p_s = ds_s + HEADS_PER_BLOCK * TILE;      // [HEADS_PER_BLOCK][TILE]
   const int n = blockIdx.x, h0 = blockIdx.y * HEADS_PER_BLOCK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int i = threadIdx.x; i < HEADS_PER_BLOCK * DQK; i += blockDim.x) {
     int hh = i / DQK, d = i - hh * DQK, h = h0 + hh;
-    q_s[i] = (h < H) ? q[((size_t)n * H + h) * DQK + d] : 0.f;
+    q_s[i] = (h < H) ? q[((size_t)n * H + h) * DQK + d] * scale : 0.f;
   }
   for (int i = threadIdx.x; i < HEADS_PER_BLOCK * DV; i += blockDim.x) {
     int hh = i / DV, d = i - hh * DV, h = h0 + hh;
@@ -191,7 +197,6 @@ sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
   for (int t0 = 0; t0 < K; t0 += TILE) {
     __syncthreads();
     load_tile(kv_s, kv, row, t0, K, DQK);
-    for (int i = threadIdx.x; i < TILE * stride; i += blockDim.x) dkv_s[i] = 0.f;
     __syncthreads();
     const int j = t0 + lane;
     const bool valid = j < K && row[j] != INVALID;
@@ -199,18 +204,20 @@ sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
 #pragma unroll
     for (int hw = 0; hw < HEADS_PER_WARP; ++hw) {
       const int hh = warp * HEADS_PER_WARP + hw, h = h0 + hh;
-      if (h >= H) continue;
-      const float* qh = q_s + hh * DQK;
-      const float* doh = do_s + hh * DV;
       float ds = 0.f, p = 0.f;
-      if (valid) {
+      if (h < H && valid) {
+        const float* qh = q_s + hh * DQK;
+        const float* doh = do_s + hh * DV;
         float dot = 0.f, dp = 0.f;
         for (int d = 0; d < DQK; ++d) dot = fmaf(qh[d], kv_j[d], dot);
         for (int d = 0; d < DV; ++d) dp = fmaf(doh[d], kv_j[d], dp);
         const size_t nh = (size_t)n * H + h;
-        p = expf(dot * scale - fwd_out[nh * (DV + 1) + DV]);
+        p = expf(dot - fwd_out[nh * (DV + 1) + DV]);
         ds = p * (dp - delta[nh]);
       }
+      ds_s[hh * TILE + lane] = ds;
+      p_s[hh * TILE + lane] = p;
+      if (h >= H) continue;  // warp-uniform
       // dq: lane owns dims lane + 32 i; sum over the tile's keys.
       for (int jj = 0; jj < TILE; ++jj) {
         const float dsj = __shfl_sync(FULL, ds, jj) * scale;
@@ -221,21 +228,20 @@ sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
           if (d < DQK) dq_acc[hw][i] = fmaf(dsj, kvr[d], dq_acc[hw][i]);
         }
       }
-      // dkv of key j (lane j), summed over heads in shared memory.
-      if (valid) {
-        float* dst = dkv_s + lane * stride;
-        for (int d = 0; d < DQK; ++d) {
-          float g = scale * ds * qh[d];
-          if (d < DV) g = fmaf(p, doh[d], g);
-          atomicAdd(dst + d, g);
-        }
-      }
     }
     __syncthreads();
+    // dkv tile: element (r, d) sums over the block's heads; one global atomic each.
     for (int i = threadIdx.x; i < TILE * DQK; i += blockDim.x) {
-      int r = i / DQK, d = i - r * DQK, jr = t0 + r;
-      uint32_t s = (jr < K) ? row[jr] : INVALID;
-      if (s != INVALID) atomicAdd(dkv + (size_t)s * DQK + d, dkv_s[r * stride + d]);
+      const int r = i / DQK, d = i - r * DQK, jr = t0 + r;
+      const uint32_t s = (jr < K) ? row[jr] : INVALID;
+      if (s == INVALID) continue;
+      float g = 0.f;
+#pragma unroll
+      for (int hh = 0; hh < HEADS_PER_BLOCK; ++hh) {
+        g = fmaf(ds_s[hh * TILE + r], q_s[hh * DQK + d], g);  // q_s is pre-scaled
+        if (d < DV) g = fmaf(p_s[hh * TILE + r], do_s[hh * DV + d], g);
+      }
+      atomicAdd(dkv + (size_t)s * DQK + d, g);
     }
   }
 #pragma unroll

@@ -55,7 +55,7 @@ pub fn sparse_mla_head_mean_probs(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out
 mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
 
@@ -66,8 +66,8 @@ mod cuda {
     const MAX_DQK: usize = 576;
     const MAX_DV: usize = 512;
 
-    fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<candle_core::cuda_backend::CudaFunc> {
-        let f = dev.get_or_load_custom_func(name, "dsa_sparse_mla", PTX)?;
+    fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+        let f = dev.get_or_load_custom_func(name, "dsa_sparse_mla", PTX)?.into_cuda_function();
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
         Ok(f)
     }
@@ -127,7 +127,8 @@ mod cuda {
             let f = load(dev, "sparse_mla_fwd_f32", smem)?;
             let (q, kv, idx) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (n, h, k, dqk, dv) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, self.dv as i32);
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&kv).arg(&idx).arg(&out).arg(&n).arg(&h).arg(&k).arg(&dqk).arg(&dv).arg(&self.scale);
             let cfg = LaunchConfig { grid_dim: grid(&d), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: smem as u32 };
             // SAFETY: every pointer is a live device buffer of the size the kernel indexes
@@ -188,13 +189,14 @@ mod cuda {
             let fwd_out = cuda_view(&fo_s, fo_l, "forward output")?;
             let dout = cuda_view(&do_s, do_l, "output gradient")?;
             let delta = cuda_view(&de_s, de_l, "delta")?;
-            let smem = (2 * TILE * (d.dqk + 1) + HEADS_PER_BLOCK * (d.dqk + self.dv)) * 4;
+            let smem = (TILE * (d.dqk + 1) + HEADS_PER_BLOCK * (d.dqk + self.dv + 2 * TILE)) * 4;
             let f = load(dev, "sparse_mla_bwd_f32", smem)?;
             let (q, kv, idx) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let dq = out.slice(0..d.n * d.h * d.dqk);
             let dkv = out.slice(d.n * d.h * d.dqk..);
             let (n, h, k, dqk, dv) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, self.dv as i32);
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&kv).arg(&idx).arg(&fwd_out).arg(&dout).arg(&delta).arg(&dq).arg(&dkv);
             b.arg(&n).arg(&h).arg(&k).arg(&dqk).arg(&dv).arg(&self.scale);
             let cfg = LaunchConfig { grid_dim: grid(&d), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: smem as u32 };
@@ -230,7 +232,8 @@ mod cuda {
             let f = load(dev, "sparse_mla_probs_f32", smem)?;
             let (q, kv, idx) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (n, h, k, dqk, dv) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, self.dv as i32);
-            let mut b = f.builder();
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
             b.arg(&q).arg(&kv).arg(&idx).arg(&fwd_out).arg(&out).arg(&n).arg(&h).arg(&k).arg(&dqk).arg(&dv).arg(&self.scale);
             let cfg = LaunchConfig { grid_dim: (d.n as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: smem as u32 };
             // SAFETY: as for the forward.

@@ -200,7 +200,9 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // One line: candle's errors may append a backtrace after the message.
+            let text = format!("{e:#}");
+            eprintln!("error: {}", text.lines().next().unwrap_or("unknown error").trim_end());
             ExitCode::FAILURE
         }
     }

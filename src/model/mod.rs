@@ -47,10 +47,39 @@ pub struct ForwardOptions {
     pub detach_indexer_inputs: bool,
     /// Compute the MoE sequence-wise balance loss.
     pub seq_balance: bool,
+    /// Dense mode: instead of the per-query KL, return the indexer projections and the KL
+    /// target (`LayerStats::deferred_kl`) so the caller can compute and backpropagate the KL one
+    /// block of queries at a time (bounded memory at long sequence lengths).
+    pub defer_dense_kl: bool,
+}
+
+impl ForwardOptions {
+    /// Inference-style options: statistics as asked, nothing detached or deferred.
+    pub fn new(attention: AttentionMode, topk: usize) -> Self {
+        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false }
+    }
+}
+
+/// What the warm-up KL of one layer needs, for blockwise evaluation by the caller.
+pub struct DeferredKl {
+    pub proj: indexer::IndexerProj,
+    /// Head-mean dense attention probabilities [B, T, T], detached.
+    pub target: Tensor,
+}
+
+impl DeferredKl {
+    /// Per-query KL of queries q0..q0+n: [B, n], differentiable in the indexer. `causal` may be
+    /// the bias of a longer sequence (the MTP layer sees T - 1 positions): its prefix is used.
+    pub fn block(&self, q0: usize, n: usize, causal: &Tensor) -> Result<Tensor> {
+        let t = self.proj.k.dim(1)?;
+        let bias = causal.narrow(0, q0, n)?.narrow(1, 0, t)?;
+        let scores = self.proj.scores_rows(q0, n)?.broadcast_add(&bias)?;
+        kl_rows(&self.target.narrow(1, q0, n)?, &scores)
+    }
 }
 
 /// What one layer reports besides its hidden states.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct LayerStats {
     /// [B, T] KL(p_t || softmax(I_t)) per query, over all causal keys (dense) or over S_t (sparse).
     pub indexer_kl: Option<Tensor>,
@@ -60,6 +89,8 @@ pub struct LayerStats {
     pub expert_counts: Option<Vec<u32>>,
     /// Sequence-wise balance loss (MoE layers, when asked), scalar f32.
     pub balance_loss: Option<Tensor>,
+    /// With `defer_dense_kl`: the pieces of the dense KL.
+    pub deferred_kl: Option<DeferredKl>,
 }
 
 pub struct ForwardOutput {
@@ -117,7 +148,10 @@ impl DecoderLayer {
         let attn_out = match opts.attention {
             AttentionMode::Dense => {
                 let a = self.attn.dense(&proj, &ctx.causal)?;
-                if let Some(ix) = &ix {
+                if opts.defer_dense_kl {
+                    let proj = ix.expect("deferred KL projects the indexer");
+                    stats.deferred_kl = Some(DeferredKl { proj, target: a.head_mean_probs.clone() });
+                } else if let Some(ix) = &ix {
                     let scores = ix.scores(&ctx.causal)?; // [B, T, T]
                     if opts.indexer_kl {
                         stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &scores)?);

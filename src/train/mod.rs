@@ -179,6 +179,7 @@ impl Trainer {
             recall: false,
             detach_indexer_inputs: self.stage == Stage::Sparse,
             seq_balance: self.stage == Stage::Sparse && self.recipe.train.seq_balance_alpha > 0.0,
+            defer_dense_kl: self.stage == Stage::Warmup,
         }
     }
 
@@ -196,11 +197,9 @@ impl Trainer {
         let mut h = self.model.embed(tokens)?;
         for (l, layer) in self.model.layers.iter().enumerate() {
             let (next, stats) = layer.forward(&h, &self.ctx, &opts)?;
-            let kl = stats.indexer_kl.context("layer returned no indexer KL")?.mean_all()?;
-            kl_sum += kl.to_dtype(DType::F64)?.to_scalar::<f64>()?;
             // The KL graph holds only indexer tensors (frozen or detached inputs): backprop now
             // and free this layer's scores.
-            accum.add(&self.slots, &(kl * (scale * kl_weight))?.backward()?)?;
+            kl_sum += self.backprop_indexer_kl(&stats, scale * kl_weight, accum)?;
             if let Some(c) = stats.expert_counts {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
@@ -222,8 +221,7 @@ impl Trainer {
                 break;
             }
             let (logits, stats) = self.model.mtp_logits(depth, &h, tokens, &opts)?;
-            let kl = stats.indexer_kl.context("MTP layer returned no indexer KL")?.mean_all()?;
-            accum.add(&self.slots, &(kl * (scale * kl_weight))?.backward()?)?;
+            self.backprop_indexer_kl(&stats, scale * kl_weight, accum)?;
             if self.stage == Stage::Sparse && t.mtp_weight > 0.0 {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
                 let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
@@ -234,6 +232,29 @@ impl Trainer {
             accum.add(&self.slots, &(loss * scale)?.backward()?)?;
         }
         Ok((lm_value, kl_sum / self.model.layers.len() as f64))
+    }
+
+    /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL.
+    /// A deferred (warm-up) KL is evaluated a block of queries at a time, each block's scores
+    /// freed after its backward, so memory stays bounded at long sequence lengths.
+    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum) -> Result<f64> {
+        if let Some(kl) = &stats.indexer_kl {
+            let kl = kl.mean_all()?;
+            accum.add(&self.slots, &(&kl * weight)?.backward()?)?;
+            return Ok(kl.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+        }
+        let d = stats.deferred_kl.as_ref().context("layer returned no indexer KL")?;
+        let (b, t, hi, _) = d.proj.q.dims4()?;
+        // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
+        let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
+        let mut total = 0.0;
+        for q0 in (0..t).step_by(block) {
+            let n = block.min(t - q0);
+            let kl_sum = d.block(q0, n, &self.ctx.causal)?.sum_all()?; // sum over [B, n]
+            total += kl_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+            accum.add(&self.slots, &(kl_sum * (weight / (b * t) as f64))?.backward()?)?;
+        }
+        Ok(total / (b * t) as f64)
     }
 
     /// One optimizer step over `global_batch_seqs` sequences.
