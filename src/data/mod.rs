@@ -1,4 +1,20 @@
-//! Token data. For now: raw little-endian u32 token files, as `eval --tokens` reads them.
+//! Token data for training and evaluation (docs/data.md describes the formats).
+//!
+//! - `prepare`: `dsa-train data prepare`, text (.txt, .jsonl) to a prepared token directory.
+//! - `format`: that directory's shard header and index.json.
+//! - `stream`: `TokenStream`, a memory-mapped view of a prepared directory or a raw file.
+//! - `sampler`: `WindowSampler`, shuffled training windows with an exact-resume cursor.
+//! - here: raw little-endian u32 token files, as `eval --tokens` reads them.
+
+pub mod format;
+pub mod prepare;
+pub mod sampler;
+pub mod stream;
+
+pub use format::DataIndex;
+pub use prepare::{prepare, PrepareArgs, PrepareReport};
+pub use sampler::{DataCursor, WindowSampler};
+pub use stream::TokenStream;
 
 use std::path::Path;
 
