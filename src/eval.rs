@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
 
 use crate::config::IndexerDefaults;
-use crate::data::read_token_file;
+use crate::data::{read_token_file, TokenStream};
 use crate::losses::next_token_nll;
 use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
 
@@ -62,7 +62,16 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         skip_mtp: args.skip_mtp,
     };
     let model = Model::load(&args.model, &opts)?;
-    let tokens = read_token_file(&args.tokens, model.cfg.vocab_size)?;
+    let tokens = if args.tokens.is_dir() {
+        // A prepared directory: read only the windows to be evaluated, but never less than one
+        // window's worth, so that `evaluate` reports too-short data and --max-windows 0 itself.
+        let stream = TokenStream::open(&args.tokens, model.cfg.vocab_size)?;
+        let n = args.seq_len as u64;
+        let windows = args.max_windows.map_or(u64::MAX, |m| m as u64).min(stream.len() / n.max(1));
+        stream.read_prefix((windows * n).max(n))?
+    } else {
+        read_token_file(&args.tokens, model.cfg.vocab_size)?
+    };
     evaluate(&model, &tokens, args)
 }
 

@@ -7,7 +7,8 @@
 //! - `ops`, `rope`: differentiable building blocks and YaRN RoPE tables.
 //! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
-//! - `data`, `eval`, `tiny`: token data, the `eval` command, the generated tiny checkpoint.
+//! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
+//!   generated tiny checkpoint.
 //! - `recipe`, `train`: TOML recipes; the two DSA stages, optimizer, checkpoints, `check`.
 
 pub mod bench;

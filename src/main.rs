@@ -34,7 +34,7 @@ enum Command {
         /// Checkpoint directory (config.json + safetensors, HF layout).
         #[arg(long)]
         model: PathBuf,
-        /// Raw little-endian u32 token ids.
+        /// Raw little-endian u32 token ids, or a directory written by `data prepare`.
         #[arg(long)]
         tokens: PathBuf,
         /// Window length; the stream is cut into consecutive windows, the remainder dropped.
@@ -94,6 +94,11 @@ enum Command {
         #[command(subcommand)]
         which: BenchCommand,
     },
+    /// Token data: `data prepare` tokenises text into shards (docs/data.md).
+    Data {
+        #[command(subcommand)]
+        which: DataCommand,
+    },
     /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus), or
     /// with --preset bench-1k the GPU benchmark model.
     Tiny {
@@ -127,6 +132,32 @@ enum BenchCommand {
         /// Timed steps (after 2 untimed warm-up steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+    },
+}
+
+#[derive(Subcommand)]
+enum DataCommand {
+    /// Tokenise .txt files (one document each) and .jsonl files (one {"text": ...} per line)
+    /// into DIR/tokens-NNNNN.bin shards and DIR/index.json, with BOS/EOS around each document.
+    Prepare {
+        /// A Hugging Face tokenizer.json (scripts/fetch_tokenizer.sh fetches DeepSeek-V3's).
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// Input files, read in the order given.
+        #[arg(long, num_args = 1.., required = true)]
+        input: Vec<PathBuf>,
+        /// Output directory (must not already hold an index.json).
+        #[arg(long)]
+        output: PathBuf,
+        /// BOS id (default: the tokenizer's <｜begin▁of▁sentence｜>).
+        #[arg(long)]
+        bos_id: Option<u32>,
+        /// EOS id (default: the tokenizer's <｜end▁of▁sentence｜>).
+        #[arg(long)]
+        eos_id: Option<u32>,
+        /// Tokens per shard (the default makes 1 GiB shards).
+        #[arg(long, default_value_t = dsa_train::data::prepare::DEFAULT_SHARD_TOKENS)]
+        shard_tokens: u64,
     },
 }
 
@@ -186,6 +217,15 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
             let r = Recipe::load(&recipe, &sets)?;
             println!("{}", dsa_train::bench::bench_step(r, steps)?);
+        }
+        Command::Data { which: DataCommand::Prepare { tokenizer, input, output, bos_id, eos_id, shard_tokens } } => {
+            let args = dsa_train::data::PrepareArgs { tokenizer, inputs: input, output, bos_id, eos_id, shard_tokens, progress: true };
+            let report = dsa_train::data::prepare(&args)?;
+            eprintln!(
+                "[data] {} tokens of {} documents in {} shards to {} ({:.1} s, {:.0} tokens/s)",
+                report.total_tokens, report.total_documents, report.shards, report.output, report.seconds, report.tokens_per_second
+            );
+            println!("{}", serde_json::to_string(&report)?);
         }
         Command::Tiny { output, preset, seed } => {
             dsa_train::tiny::write_preset(&output, &preset, seed)?;

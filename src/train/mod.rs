@@ -159,7 +159,7 @@ impl Trainer {
                     s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
                 }
             }
-            sampler.restore(snap.state.data_cursor.clone());
+            sampler.restore(snap.state.data_cursor).context("the checkpoint's data cursor does not fit data.path and data.seq_len")?;
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
         }

@@ -1,0 +1,165 @@
+//! `TokenStream`: one memory-mapped token stream over a prepared directory (its shards
+//! concatenated in index order) or over a raw little-endian u32 file.
+//!
+//! Nothing is read at open time beyond headers and sizes, so opening a corpus of any size is
+//! instant; ids are checked against the vocabulary as windows are copied out.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use memmap2::Mmap;
+
+use super::format::{DataIndex, ShardHeader, HEADER_BYTES, INDEX_FILE};
+
+/// One file's share of the stream.
+struct Segment {
+    path: PathBuf,
+    map: Mmap,
+    /// Byte offset of the first token in `map` (the header size, or 0 for a raw file).
+    offset: usize,
+    tokens: u64,
+    /// Position of this segment's first token in the whole stream.
+    start: u64,
+}
+
+pub struct TokenStream {
+    path: PathBuf,
+    segments: Vec<Segment>,
+    len: u64,
+    vocab_size: u64,
+    index: Option<DataIndex>,
+}
+
+impl TokenStream {
+    /// Open `path`: a directory prepared by `dsa-train data prepare`, or a raw token file.
+    /// Every id fetched later must be below `vocab_size`.
+    pub fn open(path: &Path, vocab_size: usize) -> Result<Self> {
+        let (segments, index) = if path.is_dir() {
+            let (s, i) = open_prepared(path)?;
+            (s, Some(i))
+        } else {
+            (vec![open_raw(path)?], None)
+        };
+        let len = segments.iter().map(|s| s.tokens).sum();
+        Ok(Self { path: path.to_path_buf(), segments, len, vocab_size: vocab_size as u64, index })
+    }
+
+    /// The path the stream was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tokens in the whole stream.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// index.json of a prepared directory (None for a raw file).
+    pub fn index(&self) -> Option<&DataIndex> {
+        self.index.as_ref()
+    }
+
+    /// Copy `out.len()` tokens starting at stream position `start`, across shard boundaries,
+    /// checking each id against the vocabulary.
+    pub fn copy_range(&self, start: u64, out: &mut [u32]) -> Result<()> {
+        let end = start.checked_add(out.len() as u64).filter(|&e| e <= self.len);
+        if end.is_none() {
+            bail!(
+                "{}: tokens {start}..{} requested but the stream holds {}",
+                self.path.display(), start.saturating_add(out.len() as u64), self.len
+            );
+        }
+        // The segment holding `start`: the last one starting at or before it.
+        let mut seg = self.segments.partition_point(|s| s.start <= start) - 1;
+        let (mut pos, mut filled) = (start, 0usize);
+        while filled < out.len() {
+            let s = &self.segments[seg];
+            let local = (pos - s.start) as usize;
+            let take = (out.len() - filled).min(s.tokens as usize - local);
+            let bytes = &s.map[s.offset + local * 4..s.offset + (local + take) * 4];
+            for (i, (o, b)) in out[filled..filled + take].iter_mut().zip(bytes.chunks_exact(4)).enumerate() {
+                let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                if id as u64 >= self.vocab_size {
+                    bail!(
+                        "{}: token {id} at position {} of the stream (token {} of {}) is outside the vocabulary (vocab_size {})",
+                        self.path.display(), pos + i as u64, local + i, s.path.display(), self.vocab_size
+                    );
+                }
+                *o = id;
+            }
+            filled += take;
+            pos += take as u64;
+            seg += 1;
+        }
+        Ok(())
+    }
+
+    /// The first `n` tokens (all of them when the stream is shorter).
+    pub fn read_prefix(&self, n: u64) -> Result<Vec<u32>> {
+        let mut v = vec![0u32; n.min(self.len) as usize];
+        self.copy_range(0, &mut v)?;
+        Ok(v)
+    }
+}
+
+fn map_file(path: &Path) -> Result<(Mmap, u64)> {
+    let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+    let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+    if len == 0 {
+        // mmap of an empty file fails with an unhelpful EINVAL; say what is wrong instead.
+        bail!("token file {} is empty", path.display());
+    }
+    // SAFETY: the map is read-only and lives as long as the stream. Token files are not
+    // modified while a run reads them; a file truncated underneath us would be a user error
+    // that no bounds check can catch, as with any memory-mapped reader.
+    let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+    Ok((map, len))
+}
+
+fn open_raw(path: &Path) -> Result<Segment> {
+    let (map, len) = map_file(path)?;
+    if len % 4 != 0 {
+        bail!(
+            "token file {} has {len} bytes, not a multiple of 4: expected raw little-endian u32 token ids",
+            path.display()
+        );
+    }
+    Ok(Segment { path: path.to_path_buf(), map, offset: 0, tokens: len / 4, start: 0 })
+}
+
+fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
+    let index_path = dir.join(INDEX_FILE);
+    if !index_path.is_file() {
+        bail!(
+            "{} has no {INDEX_FILE}: not a prepared token directory, or `dsa-train data prepare` did not finish",
+            dir.display()
+        );
+    }
+    let index = DataIndex::read(&index_path)?;
+    let mut segments = Vec::with_capacity(index.shards.len());
+    let mut start = 0u64;
+    for entry in &index.shards {
+        let path = dir.join(&entry.file);
+        let (map, len) = map_file(&path)?;
+        let header = ShardHeader::decode(&map[..HEADER_BYTES.min(map.len())], len, &path)?;
+        if header.tokens != entry.tokens || header.documents != entry.documents {
+            bail!(
+                "token shard {} holds {} tokens of {} documents but {} lists {} tokens of {} documents",
+                path.display(), header.tokens, header.documents, index_path.display(), entry.tokens, entry.documents
+            );
+        }
+        segments.push(Segment { path, map, offset: HEADER_BYTES, tokens: header.tokens, start });
+        start += header.tokens;
+    }
+    // Zero-token shards would never hold a position and would confuse the segment search.
+    segments.retain(|s| s.tokens > 0);
+    if segments.is_empty() {
+        bail!("{} lists no tokens", index_path.display());
+    }
+    Ok((segments, index))
+}
