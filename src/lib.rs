@@ -8,6 +8,7 @@
 //! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token files, the `eval` command, the generated tiny checkpoint.
+//! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
 
 pub mod bench;
 pub mod checkpoint;
@@ -15,11 +16,13 @@ pub mod config;
 pub mod data;
 pub mod dsa;
 pub mod eval;
+pub mod export;
 pub mod fp8;
 pub mod hf_writer;
 pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod rng;
 pub mod rope;
 pub mod tiny;
