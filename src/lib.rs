@@ -10,6 +10,7 @@
 //! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
 //!   generated tiny checkpoint.
 //! - `recipe`, `train`: TOML recipes; the two DSA stages, optimizer, checkpoints, `check`.
+//! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
 
 pub mod bench;
 pub mod checkpoint;
@@ -17,6 +18,7 @@ pub mod config;
 pub mod data;
 pub mod dsa;
 pub mod eval;
+pub mod export;
 pub mod fp8;
 pub mod gpu_check;
 pub mod hf_writer;
@@ -24,6 +26,7 @@ pub mod kernels;
 pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod plot;
 pub mod recipe;
 pub mod rng;
 pub mod rope;

@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use dsa_train::config::IndexerDefaults;
 use dsa_train::eval::{self, EvalArgs};
+use dsa_train::export::{self, ExportOptions};
 use dsa_train::model::AttentionMode;
 use dsa_train::recipe::Recipe;
 use dsa_train::train::Resume;
@@ -93,6 +94,44 @@ enum Command {
     Bench {
         #[command(subcommand)]
         which: BenchCommand,
+    },
+    /// Export a checkpoint as a DeepSeek-V3.2-Exp Hugging Face checkpoint (indexer included).
+    /// For now the input is a Hugging Face checkpoint directory.
+    Export {
+        /// Checkpoint directory (config.json + safetensors, HF layout).
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// New (or empty) output directory.
+        #[arg(long)]
+        output: PathBuf,
+        /// Store the main model's projections as FP8 with 128x128 block scales (DeepSeek's
+        /// format); without it they are bf16.
+        #[arg(long)]
+        fp8: bool,
+        /// Indexer heads when config.json has no index_n_heads (V3.1 checkpoints).
+        #[arg(long, default_value_t = 64)]
+        index_n_heads: usize,
+        /// Indexer head dim when config.json has no index_head_dim.
+        #[arg(long, default_value_t = 128)]
+        index_head_dim: usize,
+        /// index_topk to write when config.json has none.
+        #[arg(long, default_value_t = 2048)]
+        index_topk: usize,
+        /// Seed of the deterministic indexer initialisation for checkpoints without one.
+        #[arg(long, default_value_t = 0)]
+        init_seed: u64,
+        /// Largest shard in MB (10^6 bytes); a tensor never splits.
+        #[arg(long, default_value_t = 5000)]
+        max_shard_mb: usize,
+    },
+    /// Plot a run's metrics.jsonl (indexer KL, LM loss, lr, throughput, ...) into a PNG.
+    Plot {
+        /// metrics.jsonl of a run.
+        #[arg(long)]
+        metrics: PathBuf,
+        /// PNG to write.
+        #[arg(long)]
+        output: PathBuf,
     },
     /// Token data: `data prepare` tokenises text into shards (docs/data.md).
     Data {
@@ -226,6 +265,20 @@ fn run(cli: Cli) -> Result<()> {
                 report.total_tokens, report.total_documents, report.shards, report.output, report.seconds, report.tokens_per_second
             );
             println!("{}", serde_json::to_string(&report)?);
+        }
+        Command::Export { checkpoint, output, fp8, index_n_heads, index_head_dim, index_topk, init_seed, max_shard_mb } => {
+            let indexer = IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: index_topk };
+            let opts = ExportOptions { fp8, max_shard_bytes: max_shard_mb.saturating_mul(1_000_000) };
+            let cfg = export::export_hf_checkpoint(&checkpoint, &output, &indexer, init_seed, &opts)?;
+            eprintln!(
+                "[export] wrote {} ({} layers, {}x{} indexer heads, top-k {}, {})",
+                output.display(), cfg.num_hidden_layers, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk,
+                if fp8 { "FP8 weights" } else { "bf16 weights" }
+            );
+        }
+        Command::Plot { metrics, output } => {
+            dsa_train::plot::plot_metrics(&metrics, &output)?;
+            eprintln!("[plot] wrote {}", output.display());
         }
         Command::Tiny { output, preset, seed } => {
             dsa_train::tiny::write_preset(&output, &preset, seed)?;

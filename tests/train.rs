@@ -252,3 +252,39 @@ fn check_reports_counts_and_estimates() {
     assert!(stdout.contains("tokens per step: 128"), "{stdout}");
     assert!(stdout.contains("FLOPs per step") && stdout.contains("memory per device"));
 }
+
+#[test]
+fn a_trained_checkpoint_exports_as_a_v32_checkpoint_our_loader_reads_back() {
+    let f = Fixture::new(8);
+    let model = f.root.join("model");
+    let recipe = f.recipe("warmup", "x", &model, 2);
+    run_recipe(&recipe, &[], None);
+    let step = f.out("x/step-2");
+    let export = f.out("export");
+    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&step), "--output", path_str(&export), "--fp8"]);
+    assert_eq!(code, 0, "{stderr}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["model_type"], "deepseek_v32");
+    assert_eq!((cfg["index_n_heads"].as_u64(), cfg["index_head_dim"].as_u64(), cfg["index_topk"].as_u64()), (Some(2), Some(32), Some(8)));
+    // The trained indexer (rounded once to bf16; weights_proj is stored f32) and the untouched
+    // main model come back.
+    let trained = load_file_f32(&step.join("params.safetensors"), &Device::Cpu).unwrap();
+    let hf = Checkpoint::open(&export).unwrap();
+    for (name, t) in &trained {
+        let back: Vec<f32> = hf.load(name, t.dims(), DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let stored = if name.ends_with("weights_proj.weight") { t.clone() } else { t.to_dtype(DType::BF16).unwrap() };
+        let want: Vec<f32> = stored.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(back, want, "{name}");
+    }
+    let base = Checkpoint::open(&model).unwrap();
+    let name = "model.layers.1.self_attn.kv_b_proj.weight";
+    let shape = base.info(name).unwrap().shape;
+    let a: Vec<f32> = base.load(name, &shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = hf.load(name, &shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(a, b);
+    // And the plot command draws the run.
+    let png = f.out("x/loss.png");
+    let (code, _, stderr) = run_cli(&["plot", "--metrics", path_str(&f.out("x/metrics.jsonl")), "--output", path_str(&png)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(std::fs::metadata(&png).unwrap().len() > 1000);
+}
