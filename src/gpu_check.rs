@@ -152,6 +152,26 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// The row gather (and its scatter-add backward) against candle's index_select, with repeated
+/// indices so that several gradients land on one row.
+fn gather_matches_index_select(gpu: &Device) -> Result<Vec<Outcome>> {
+    use candle_core::Var;
+    let mut rng = crate::rng::SplitMix64::new(99);
+    let (n, d, m) = (1000usize, 96usize, 20_000usize);
+    let src = Var::from_tensor(&crate::rng::randn(&[n, d], 1, 1.0, gpu)?)?;
+    let idx: Vec<u32> = (0..m).map(|_| (rng.next_u64() % n as u64) as u32).collect();
+    let idx = Tensor::from_vec(idx, m, gpu)?;
+    let up = crate::rng::randn(&[m, d], 2, 1.0, gpu)?;
+    crate::kernels::set_enabled(true);
+    let a = crate::kernels::gather_rows(src.as_tensor(), &idx)?;
+    let ga = (&a * &up)?.sum_all()?.backward()?;
+    let b = src.as_tensor().index_select(&idx, 0)?;
+    let gb = (&b * &up)?.sum_all()?.backward()?;
+    let e = rel_err(&a, &b)?;
+    let eg = rel_err(ga.get(src.as_tensor()).unwrap(), gb.get(src.as_tensor()).unwrap())?;
+    Ok(vec![Outcome { name: "row gather kernel vs index_select", ok: e == 0.0 && eg < 1e-5, detail: format!("forward rel err {e:.1e} (exact), gradient {eg:.1e} (< 1e-5)") }])
+}
+
 /// Run every check; print one line each; fail if any fails.
 pub fn run(device_name: &str) -> Result<()> {
     let gpu = crate::parse_device(device_name)?;
@@ -164,6 +184,7 @@ pub fn run(device_name: &str) -> Result<()> {
     let tokens_file = dir.join("tokens.bin");
     crate::data::write_token_file(&tokens_file, &crate::tiny::synthetic_corpus(512, 1 << 14, 5))?;
     let mut all = sparse_kernel_matches_twin(&gpu)?;
+    all.extend(gather_matches_index_select(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
     let _ = std::fs::remove_dir_all(&dir);

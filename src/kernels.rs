@@ -51,6 +51,17 @@ pub fn sparse_mla_head_mean_probs(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out
     }
 }
 
+/// Rows `idx` of `src` [N, D] (f32), differentiable in `src`: [M, D]. On CUDA the backward is a
+/// parallel scatter-add (candle's index_add walks the indices serially per thread); elsewhere
+/// it is candle's `index_select`.
+pub fn gather_rows(src: &Tensor, idx: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if available(src.device()) {
+        return src.apply_op2(idx, cuda::GatherRows);
+    }
+    src.index_select(idx, 0)
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -204,6 +215,72 @@ mod cuda {
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(total)))
+        }
+    }
+
+    const GATHER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gather.ptx"));
+
+    fn launch_rows(name: &str, src: &CudaView<f32>, idx: &CudaView<u32>, out: &CudaView<f32>, m: usize, d: usize, dev: &CudaDevice) -> Result<()> {
+        let f = dev.get_or_load_custom_func(name, "dsa_gather", GATHER_PTX)?.into_cuda_function();
+        let (m64, d32) = (m as i64, d as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(src).arg(idx).arg(out).arg(&m64).arg(&d32);
+        let blocks = (m * d).div_ceil(256).max(1) as u32;
+        // SAFETY: idx holds rows < N (they come from the selection); buffers are sized M x D
+        // and N x D as the kernel indexes them.
+        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        Ok(())
+    }
+
+    pub struct GatherRows;
+
+    impl candle_core::CustomOp2 for GatherRows {
+        fn name(&self) -> &'static str {
+            "dsa-gather-rows"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-gather-rows runs on CUDA only; the CPU uses index_select")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (_, d) = l1.shape().dims2()?;
+            let m = l2.shape().dims1()?;
+            let dev = s1.device();
+            let out = dev.alloc_zeros::<f32>(m * d)?;
+            launch_rows("gather_rows_f32", &view::<f32>(s1, l1, "src")?, &view::<u32>(s2, l2, "idx")?, &out.slice(..), m, d, dev)?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((m, d))))
+        }
+
+        fn bwd(&self, src: &Tensor, idx: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+            let g = src.apply_op2_no_bwd(idx, &ScatterAddRows { grad: grad.contiguous()?.detach() })?;
+            Ok((Some(g), None))
+        }
+    }
+
+    struct ScatterAddRows {
+        grad: Tensor,
+    }
+
+    impl candle_core::CustomOp2 for ScatterAddRows {
+        fn name(&self) -> &'static str {
+            "dsa-scatter-add-rows"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-scatter-add-rows runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (n, d) = l1.shape().dims2()?;
+            let m = l2.shape().dims1()?;
+            let dev = s1.device();
+            let out = dev.alloc_zeros::<f32>(n * d)?;
+            let (g_s, g_l) = self.grad.storage_and_layout();
+            let grad = cuda_view(&g_s, g_l, "gradient")?;
+            launch_rows("scatter_add_rows_f32", &grad, &view::<u32>(s2, l2, "idx")?, &out.slice(..), m, d, dev)?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, d))))
         }
     }
 

@@ -145,7 +145,7 @@ impl Mla {
         let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
         let bias = sel.bias.reshape((bt, 1, k))?;
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
-        let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?)?; // [BT, H, C]
+        let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?.contiguous()?)?; // [BT, H, C]
         Ok((o_lat, probs.mean(D::Minus2)?.reshape((b, t, k))?))
     }
 }

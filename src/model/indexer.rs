@@ -90,7 +90,7 @@ impl IndexerProj {
         let kk = indices.dim(2)?;
         let offsets = Tensor::arange(0u32, b as u32, indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
         let flat = indices.broadcast_add(&offsets)?.flatten_all()?;
-        let k_sel = self.k.reshape((b * t, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
+        let k_sel = crate::kernels::gather_rows(&self.k.reshape((b * t, di))?, &flat)?.reshape((b * t, kk, di))?; // [BT, K, DI]
         let q = self.q.reshape((b * t, hi, di))?; // [BT, HI, DI]
         let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
         let w = self.w.reshape((b * t, 1, hi))?;
