@@ -16,9 +16,12 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
 
-/// Can the custom kernels run on `device`?
+/// Can the custom kernels run on `device`? `DSA_PLAIN=1` in the environment forces the plain
+/// twins (for side-by-side benchmarks).
 pub fn available(device: &Device) -> bool {
-    cfg!(feature = "cuda") && device.is_cuda() && ENABLED.load(Ordering::SeqCst)
+    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let plain = *PLAIN.get_or_init(|| std::env::var("DSA_PLAIN").is_ok_and(|v| v == "1"));
+    cfg!(feature = "cuda") && device.is_cuda() && !plain && ENABLED.load(Ordering::SeqCst)
 }
 
 /// Sparse MLA forward over selected keys: q [N, H, DQK] f32, kv [NKV, DQK] f32 (its first `dv`
@@ -51,15 +54,19 @@ pub fn sparse_mla_head_mean_probs(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out
     }
 }
 
-/// Rows `idx` of `src` [N, D] (f32), differentiable in `src`: [M, D]. On CUDA the backward is a
-/// parallel scatter-add (candle's index_add walks the indices serially per thread); elsewhere
-/// it is candle's `index_select`.
-pub fn gather_rows(src: &Tensor, idx: &Tensor) -> Result<Tensor> {
+/// Indexer scores at the selected keys: q [N, HI, DI], w [N, HI], k [NK, DI] (all f32),
+/// idx [N, K] u32 absolute rows (u32::MAX = padding, scored 0) -> [N, K]. Differentiable in q,
+/// w and k; never stores [N, HI, K] or the gathered keys.
+pub fn indexer_scores_at(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if available(src.device()) {
-        return src.apply_op2(idx, cuda::GatherRows);
+    {
+        q.apply_op3(w, k, cuda::IndexerScoresAt { idx: idx.clone() })
     }
-    src.index_select(idx, 0)
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, w, k, idx);
+        candle_core::bail!("indexer_scores_at kernel needs the `cuda` feature")
+    }
 }
 
 #[cfg(feature = "cuda")]
@@ -218,69 +225,112 @@ mod cuda {
         }
     }
 
-    const GATHER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/gather.ptx"));
+    const INDEXER_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/indexer.ptx"));
 
-    fn launch_rows(name: &str, src: &CudaView<f32>, idx: &CudaView<u32>, out: &CudaView<f32>, m: usize, d: usize, dev: &CudaDevice) -> Result<()> {
-        let f = dev.get_or_load_custom_func(name, "dsa_gather", GATHER_PTX)?.into_cuda_function();
-        let (m64, d32) = (m as i64, d as i32);
-        let stream = dev.cuda_stream();
-        let mut b = stream.launch_builder(&f);
-        b.arg(src).arg(idx).arg(out).arg(&m64).arg(&d32);
-        let blocks = (m * d).div_ceil(256).max(1) as u32;
-        // SAFETY: idx holds rows < N (they come from the selection); buffers are sized M x D
-        // and N x D as the kernel indexes them.
-        unsafe { b.launch(LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
-        Ok(())
+    /// Shapes of q [N, HI, DI], w [N, HI], k [NK, DI], idx [N, K].
+    fn indexer_dims(l1: &Layout, l2: &Layout, l3: &Layout, idx: &Tensor) -> Result<(usize, usize, usize, usize)> {
+        let (n, hi, di) = l1.shape().dims3()?;
+        let (n2, hi2) = l2.shape().dims2()?;
+        let (_, di3) = l3.shape().dims2()?;
+        let (n4, k) = idx.dims2()?;
+        if n2 != n || hi2 != hi || di3 != di || n4 != n || di > 128 || hi > 64 || idx.dtype() != DType::U32 {
+            bail!("indexer_scores_at: q {:?}, w {:?}, k {:?}, idx {:?} do not fit (DI <= 128, HI <= 64, u32 idx)",
+                l1.shape(), l2.shape(), l3.shape(), idx.shape());
+        }
+        Ok((n, hi, di, k))
     }
 
-    pub struct GatherRows;
+    fn u32_view<'a>(st: &'a Storage, l: &Layout) -> Result<CudaView<'a, u32>> {
+        match st {
+            Storage::Cuda(s) => view::<u32>(s, l, "idx"),
+            _ => bail!("indexer_scores_at: idx is not on the GPU"),
+        }
+    }
 
-    impl candle_core::CustomOp2 for GatherRows {
+    pub struct IndexerScoresAt {
+        pub idx: Tensor,
+    }
+
+    impl CustomOp3 for IndexerScoresAt {
         fn name(&self) -> &'static str {
-            "dsa-gather-rows"
+            "dsa-indexer-scores-at"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            bail!("dsa-gather-rows runs on CUDA only; the CPU uses index_select")
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-indexer-scores-at runs on CUDA only; the CPU uses the plain twin")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-            let (_, d) = l1.shape().dims2()?;
-            let m = l2.shape().dims1()?;
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (n, hi, di, k) = indexer_dims(l1, l2, l3, &self.idx)?;
             let dev = s1.device();
-            let out = dev.alloc_zeros::<f32>(m * d)?;
-            launch_rows("gather_rows_f32", &view::<f32>(s1, l1, "src")?, &view::<u32>(s2, l2, "idx")?, &out.slice(..), m, d, dev)?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((m, d))))
+            let out = dev.alloc_zeros::<f32>(n * k)?;
+            let (i_s, i_l) = self.idx.storage_and_layout();
+            let idx = u32_view(&i_s, i_l)?;
+            let smem = (hi * di + TILE * (di + 1) + WARPS as usize * TILE) * 4;
+            let f = dev.get_or_load_custom_func("indexer_scores_at_f32", "dsa_indexer", INDEXER_PTX)?.into_cuda_function();
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+            let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
+            let (n32, hi32, di32, k32) = (n as i32, hi as i32, di as i32, k as i32);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&q).arg(&w).arg(&kk).arg(&idx).arg(&out).arg(&n32).arg(&hi32).arg(&di32).arg(&k32);
+            // SAFETY: shapes checked above; rows in idx are < NK (they come from the selection).
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: smem as u32 }) }.w()?;
+            drop(b);
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, k))))
         }
 
-        fn bwd(&self, src: &Tensor, idx: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let g = src.apply_op2_no_bwd(idx, &ScatterAddRows { grad: grad.contiguous()?.detach() })?;
-            Ok((Some(g), None))
+        fn bwd(&self, q: &Tensor, w: &Tensor, k: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let op = IndexerScoresAtBwd { idx: self.idx.clone(), grad: grad.contiguous()?.detach() };
+            let flat = q.apply_op3_no_bwd(w, k, &op)?;
+            let (n, hi, di) = q.dims3()?;
+            let nk = k.dim(0)?;
+            let dq = flat.narrow(0, 0, n * hi * di)?.reshape((n, hi, di))?;
+            let dw = flat.narrow(0, n * hi * di, n * hi)?.reshape((n, hi))?;
+            let dk = flat.narrow(0, n * hi * di + n * hi, nk * di)?.reshape((nk, di))?;
+            Ok((Some(dq), Some(dw), Some(dk)))
         }
     }
 
-    struct ScatterAddRows {
+    struct IndexerScoresAtBwd {
+        idx: Tensor,
         grad: Tensor,
     }
 
-    impl candle_core::CustomOp2 for ScatterAddRows {
+    impl CustomOp3 for IndexerScoresAtBwd {
         fn name(&self) -> &'static str {
-            "dsa-scatter-add-rows"
+            "dsa-indexer-scores-at-bwd"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            bail!("dsa-scatter-add-rows runs on CUDA only")
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-indexer-scores-at-bwd runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
-            let (n, d) = l1.shape().dims2()?;
-            let m = l2.shape().dims1()?;
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+            let (n, hi, di, k) = indexer_dims(l1, l2, l3, &self.idx)?;
+            let nk = l3.shape().dims2()?.0;
             let dev = s1.device();
-            let out = dev.alloc_zeros::<f32>(n * d)?;
+            let total = n * hi * di + n * hi + nk * di;
+            let out = dev.alloc_zeros::<f32>(total)?;
+            let (i_s, i_l) = self.idx.storage_and_layout();
+            let idx = u32_view(&i_s, i_l)?;
             let (g_s, g_l) = self.grad.storage_and_layout();
-            let grad = cuda_view(&g_s, g_l, "gradient")?;
-            launch_rows("scatter_add_rows_f32", &grad, &view::<u32>(s2, l2, "idx")?, &out.slice(..), m, d, dev)?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, d))))
+            let grad = cuda_view(&g_s, g_l, "score gradient")?;
+            let smem = (hi * di + TILE * (di + 1) + hi * TILE) * 4;
+            let f = dev.get_or_load_custom_func("indexer_scores_at_bwd_f32", "dsa_indexer", INDEXER_PTX)?.into_cuda_function();
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+            let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
+            let dq = out.slice(0..n * hi * di);
+            let dw = out.slice(n * hi * di..n * hi * di + n * hi);
+            let dk = out.slice(n * hi * di + n * hi..);
+            let (n32, hi32, di32, k32) = (n as i32, hi as i32, di as i32, k as i32);
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&q).arg(&w).arg(&kk).arg(&idx).arg(&grad).arg(&dq).arg(&dw).arg(&dk).arg(&n32).arg(&hi32).arg(&di32).arg(&k32);
+            // SAFETY: as for the forward; dq, dw and dk are disjoint ranges of one zeroed buffer.
+            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (WARPS * 32, 1, 1), shared_mem_bytes: smem as u32 }) }.w()?;
+            drop(b);
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(total)))
         }
     }
 

@@ -27,5 +27,11 @@ for stage in warmup sparse; do
     echo "$line" | tee -a "$LOG/bench.log"
   done
 done
+# The plain twins (candle ops only) side by side at the shortest length.
+L0="${SEQ_LENS%% *}"
+line="$(DSA_PLAIN=1 $BIN bench step recipes/bench-1k-sparse.toml --steps 3 \
+  --set model.path=/tmp/bench-1k/model --set data.path=/tmp/bench-1k/tokens.bin \
+  --set data.seq_len=$L0 2>>"$LOG/bench-stderr.log" | tail -1)"
+echo "plain twins (DSA_PLAIN=1): ${line:-FAILED}" | tee -a "$LOG/bench.log"
 cat "$LOG/bench.log" >> "$LOG/summary.txt"
 echo; echo "==== summary ($DEVICE)"; cat "$LOG/summary.txt"

@@ -84,17 +84,27 @@ impl IndexerProj {
     }
 
     /// Scores at the selected keys only: [B, T, K] = sum_j w[t,j] ReLU(q[t,j] . k[idx[t,i]]),
-    /// differentiable and O(T K) in memory (the sparse-stage KL needs nothing else).
-    pub fn scores_at(&self, indices: &Tensor) -> Result<Tensor> {
+    /// differentiable and O(T K) in memory (the sparse-stage KL needs nothing else). Padding
+    /// slots score 0 (the caller adds the selection's bias). On CUDA a fused kernel computes
+    /// it; the plain twin below gathers the keys.
+    pub fn scores_at(&self, sel: &crate::dsa::Selection) -> Result<Tensor> {
         let (b, t, hi, di) = self.q.dims4()?;
-        let kk = indices.dim(2)?;
-        let offsets = Tensor::arange(0u32, b as u32, indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
-        let flat = indices.broadcast_add(&offsets)?.flatten_all()?;
-        let k_sel = crate::kernels::gather_rows(&self.k.reshape((b * t, di))?, &flat)?.reshape((b * t, kk, di))?; // [BT, K, DI]
+        let kk = sel.indices.dim(2)?;
+        if crate::kernels::available(self.q.device()) {
+            let q = self.q.reshape((b * t, hi, di))?;
+            let w = self.w.reshape((b * t, hi))?.contiguous()?;
+            let k = self.k.reshape((b * t, di))?;
+            let idx = sel.absolute.reshape((b * t, kk))?;
+            return crate::kernels::indexer_scores_at(&q, &w, &k, &idx)?.reshape((b, t, kk));
+        }
+        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
+        let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?;
+        let k_sel = self.k.reshape((b * t, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
         let q = self.q.reshape((b * t, hi, di))?; // [BT, HI, DI]
         let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
         let w = self.w.reshape((b * t, 1, hi))?;
-        w.matmul(&qk)?.reshape((b, t, kk)) // [B, T, K]
+        (w.matmul(&qk)?.reshape((b, t, kk))? * &sel.valid)? // padding slots score 0
+            .reshape((b, t, kk))
     }
 }
 
@@ -117,7 +127,7 @@ mod tests {
         let dense = proj.scores(&causal).unwrap();
         let sel = crate::dsa::select_topk(&dense, 5).unwrap();
         let gathered = (dense.gather(&sel.indices, 2).unwrap() * &sel.valid).unwrap();
-        let direct = (proj.scores_at(&sel.indices).unwrap() * &sel.valid).unwrap();
+        let direct = proj.scores_at(&sel).unwrap();
         let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
@@ -125,5 +135,30 @@ mod tests {
             Ok(proj.scores_rows(q0, n)?.broadcast_add(&causal.narrow(0, q0, n)?)?)
         }).unwrap();
         assert_eq!(streamed.indices.to_vec3::<u32>().unwrap(), sel.indices.to_vec3::<u32>().unwrap());
+    }
+}
+
+#[cfg(test)]
+mod grad_tests {
+    use super::*;
+    use crate::rng::randn;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn scores_at_passes_gradients_to_queries_keys_and_weights() {
+        let dev = Device::Cpu;
+        let (b, t, hi, di) = (1, 30, 4, 16);
+        let q = Var::from_tensor(&randn(&[b, t, hi, di], 3, 1.0, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&randn(&[b, t, hi], 4, 1.0, &dev).unwrap()).unwrap();
+        let k = Var::from_tensor(&randn(&[b, t, di], 5, 1.0, &dev).unwrap()).unwrap();
+        let proj = IndexerProj { q: q.as_tensor().clone(), k: k.as_tensor().clone(), w: w.as_tensor().clone() };
+        let causal = crate::dsa::causal_bias(t, &dev).unwrap();
+        let sel = crate::dsa::select_topk(&proj.scores(&causal).unwrap().detach(), 8).unwrap();
+        let up = randn(&[b, t, 8], 6, 1.0, &dev).unwrap();
+        let g = (proj.scores_at(&sel).unwrap() * up).unwrap().sum_all().unwrap().backward().unwrap();
+        for v in [&q, &w, &k] {
+            let n = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(n > 0.0, "zero gradient for {:?}", v.shape());
+        }
     }
 }

@@ -168,7 +168,7 @@ impl DecoderLayer {
                 let sel = select_indexer_topk(&ix.detach(), ctx, opts.topk)?;
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
-                    let on_set = (ix.scores_at(&sel.indices)? + &sel.bias)?; // [B, T, K]
+                    let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
                     stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);
                 }
                 if opts.recall {
