@@ -84,10 +84,15 @@ mod cuda {
     const MAX_DQK: usize = 576;
     const MAX_DV: usize = 512;
 
-    fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
-        let f = dev.get_or_load_custom_func(name, "dsa_sparse_mla", PTX)?.into_cuda_function();
+    /// Load kernel `name` of a PTX module and allow it `smem_bytes` of dynamic shared memory.
+    fn load_from(dev: &CudaDevice, module: &str, ptx: &str, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+        let f = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
         f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
         Ok(f)
+    }
+
+    fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+        load_from(dev, "dsa_sparse_mla", PTX, name, smem_bytes)
     }
 
     /// A contiguous f32 (or u32) view of a storage, checked.
@@ -267,8 +272,7 @@ mod cuda {
             let (i_s, i_l) = self.idx.storage_and_layout();
             let idx = u32_view(&i_s, i_l)?;
             let smem = (hi * di + TILE * (di + 1) + WARPS as usize * TILE) * 4;
-            let f = dev.get_or_load_custom_func("indexer_scores_at_f32", "dsa_indexer", INDEXER_PTX)?.into_cuda_function();
-            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+            let f = load_from(dev, "dsa_indexer", INDEXER_PTX, "indexer_scores_at_f32", smem)?;
             let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
             let (n32, hi32, di32, k32) = (n as i32, hi as i32, di as i32, k as i32);
             let stream = dev.cuda_stream();
@@ -317,8 +321,7 @@ mod cuda {
             let (g_s, g_l) = self.grad.storage_and_layout();
             let grad = cuda_view(&g_s, g_l, "score gradient")?;
             let smem = (hi * di + TILE * (di + 1) + hi * TILE) * 4;
-            let f = dev.get_or_load_custom_func("indexer_scores_at_bwd_f32", "dsa_indexer", INDEXER_PTX)?.into_cuda_function();
-            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+            let f = load_from(dev, "dsa_indexer", INDEXER_PTX, "indexer_scores_at_bwd_f32", smem)?;
             let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
             let dq = out.slice(0..n * hi * di);
             let dw = out.slice(n * hi * di..n * hi * di + n * hi);

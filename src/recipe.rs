@@ -130,8 +130,9 @@ impl Default for ModelSection {
     fn default() -> Self {
         Self {
             path: String::new(),
-            dtype: "bf16".into(),
-            device: "cuda".into(),
+            // CPU and f32 by default so that a recipe runs on any build; GPU recipes say so.
+            dtype: "f32".into(),
+            device: "cpu".into(),
             index_n_heads: 64,
             index_head_dim: 128,
             init_seed: 0,
