@@ -97,3 +97,90 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
         median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl
     ))
 }
+
+/// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device.
+fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times = vec![];
+    for _ in 0..reps {
+        let t0 = Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// `bench kernels`: the DSA kernels at the 671B attention shape (128 heads, d_qk 576, d_v 512,
+/// top-k 2048; indexer 64 x 128) for each length, beside cuBLAS's bf16 matmul rate in the same
+/// run. FLOP counts (the brief's): sparse MLA forward 2 S H k (576 + 512), backward
+/// 2 S H k (2 x 512 + 3 x 576), indexer scores at the selection 2 S k HI DI (forward) and twice
+/// that (backward), with k the number of selected keys summed over queries (min(k, t+1)).
+pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
+    use candle_core::{Tensor, Var};
+    let dev = crate::parse_device(device_name)?;
+    if !crate::kernels::available(&dev) {
+        anyhow::bail!("bench kernels needs a CUDA device and a --features cuda build");
+    }
+    // cuBLAS reference: bf16 4096^3.
+    let a = crate::rng::randn(&[4096, 4096], 1, 1.0, &dev)?.to_dtype(DType::BF16)?;
+    let b = crate::rng::randn(&[4096, 4096], 2, 1.0, &dev)?.to_dtype(DType::BF16)?;
+    let t = time_median(&dev, 10, || Ok(a.matmul(&b).map(|_| ())?))?;
+    let mut out = Emit(vec![]);
+    out.push(format!("cuBLAS bf16 matmul 4096^3: {:.3} ms = {:.0} TFLOP/s", t * 1e3, 2.0 * 4096f64.powi(3) / t / 1e12));
+    let (h, dqk, dv, topk, hi, di) = (128usize, 576usize, 512usize, 2048usize, 64usize, 128usize);
+    for &l in lens {
+        let mut rng = crate::rng::SplitMix64::new(l as u64);
+        let kk = topk.min(l);
+        let mut idx = vec![u32::MAX; l * kk];
+        let mut pairs = 0f64;
+        for t in 0..l {
+            let n = kk.min(t + 1);
+            pairs += n as f64;
+            for j in 0..n {
+                idx[t * kk + j] = if t < kk { j as u32 } else { (rng.next_u64() % (t as u64 + 1)) as u32 };
+            }
+        }
+        let idx = Tensor::from_vec(idx, (l, kk), &dev)?;
+        let q = Var::from_tensor(&crate::rng::randn(&[l, h, dqk], 3, 1.0, &dev)?)?;
+        let kv = Var::from_tensor(&crate::rng::randn(&[l, dqk], 4, 1.0, &dev)?)?;
+        let scale = (192f64).powf(-0.5);
+        let fwd = time_median(&dev, 3, || Ok(crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv).map(|_| ())?))?;
+        let o = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
+        let g = crate::rng::randn(&[l, h, dv + 1], 5, 1.0, &dev)?;
+        let loss = (o * g)?.sum_all()?;
+        let bwd = time_median(&dev, 3, || Ok(loss.backward().map(|_| ())?))?;
+        let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
+        let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
+        out.push(format!(
+            "L {l}: sparse MLA fwd {:.2} ms = {:.1} TFLOP/s; bwd (incl. autograd glue) {:.2} ms = {:.1} TFLOP/s",
+            fwd * 1e3, f_fwd / fwd / 1e12, bwd * 1e3, f_bwd / bwd / 1e12
+        ));
+        drop((q, kv, loss));
+        let qi = Var::from_tensor(&crate::rng::randn(&[l, hi, di], 6, 1.0, &dev)?)?;
+        let wi = Var::from_tensor(&crate::rng::randn(&[l, hi], 7, 1.0, &dev)?)?;
+        let ki = Var::from_tensor(&crate::rng::randn(&[l, di], 8, 1.0, &dev)?)?;
+        let ifwd = time_median(&dev, 3, || Ok(crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx).map(|_| ())?))?;
+        let s = crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx)?.sum_all()?;
+        let ibwd = time_median(&dev, 3, || Ok(s.backward().map(|_| ())?))?;
+        let f_i = 2.0 * pairs * (hi * di) as f64;
+        out.push(format!(
+            "L {l}: indexer scores at selection fwd {:.2} ms = {:.1} TFLOP/s; bwd {:.2} ms = {:.1} TFLOP/s",
+            ifwd * 1e3, f_i / ifwd / 1e12, ibwd * 1e3, 2.0 * f_i / ibwd / 1e12
+        ));
+    }
+    Ok(out.0.join("\n"))
+}
+
+/// Lines of a long benchmark: each is printed to stderr as soon as it is measured (a later
+/// failure, such as running out of memory at a longer length, keeps the earlier figures).
+struct Emit(Vec<String>);
+
+impl Emit {
+    fn push(&mut self, line: String) {
+        eprintln!("[bench] {line}");
+        self.0.push(line);
+    }
+}

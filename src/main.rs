@@ -163,6 +163,14 @@ enum BenchCommand {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Time the DSA kernels at the 671B attention shape (GPU only): TFLOP/s per kernel.
+    Kernels {
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Sequence lengths, comma-separated.
+        #[arg(long, default_value = "8192,32768")]
+        lens: String,
+    },
     /// Time whole training steps of a recipe (no checkpoints written): median tokens/s.
     Step {
         recipe: PathBuf,
@@ -253,6 +261,13 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
         }
         Command::GpuSelftest { device } => dsa_train::gpu_check::run(&device)?,
+        Command::Bench { which: BenchCommand::Kernels { device, lens } } => {
+            let lens: Vec<usize> = lens
+                .split(',')
+                .map(|x| x.trim().parse().map_err(|_| anyhow::anyhow!("--lens {lens}: expected comma-separated integers")))
+                .collect::<Result<_>>()?;
+            println!("{}", dsa_train::bench::bench_kernels(&device, &lens)?);
+        }
         Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
             let r = Recipe::load(&recipe, &sets)?;
             println!("{}", dsa_train::bench::bench_step(r, steps)?);

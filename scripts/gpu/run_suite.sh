@@ -17,6 +17,7 @@ $BIN gpu-selftest --device cuda 2>&1 | tee "$LOG/gpu-tests.log"
 grep -E "^(PASS|FAIL|gpu-selftest)" "$LOG/gpu-tests.log" >> "$LOG/summary.txt"
 
 echo "== benchmarks ($DEVICE)" | tee -a "$LOG/summary.txt"
+$BIN bench kernels --device cuda --lens "${KERNEL_LENS:-8192,32768}" 2>>"$LOG/bench-stderr.log" | tee -a "$LOG/summary.txt"
 [ -d /tmp/bench-1k/model ] || $BIN tiny --preset bench-1k --output /tmp/bench-1k 2>&1 | tail -1
 for stage in warmup sparse; do
   for L in $SEQ_LENS; do
