@@ -389,6 +389,13 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
     while trainer.step < r.train.steps {
         let m = trainer.train_step()?;
         log.append(&m)?;
+        if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
+            bail!(
+                "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}); \
+                 stopping without a checkpoint (resume from the last complete one with a lower train.lr)",
+                m.step, m.lm_loss, m.indexer_kl, m.grad_norm
+            );
+        }
         let summary = format!(
             "{}kl {:.4} lr {:.2e} {:.0} tok/s",
             m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")), m.indexer_kl, m.lr, m.tokens_per_s
