@@ -288,3 +288,11 @@ fn a_trained_checkpoint_exports_as_a_v32_checkpoint_our_loader_reads_back() {
     assert_eq!(code, 0, "{stderr}");
     assert!(std::fs::metadata(&png).unwrap().len() > 1000);
 }
+
+#[test]
+fn a_diverging_run_stops_with_one_clear_line() {
+    let f = Fixture::new(9);
+    let recipe = f.recipe("warmup", "nan", &f.root.join("model"), 5);
+    let result = run_cli(&["train", path_str(&recipe), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0"]);
+    assert_clean_error(&result, &["not finite", "step"]);
+}
