@@ -308,9 +308,10 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // One line: candle's errors may append a backtrace after the message.
-            let text = format!("{e:#}");
-            eprintln!("error: {}", text.lines().next().unwrap_or("unknown error").trim_end());
+            // One line: the context chain joined by ": ", each cause cut at its first line
+            // (candle's errors may append a backtrace after the message).
+            let text: Vec<String> = e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim_end().to_string()).collect();
+            eprintln!("error: {}", text.join(": "));
             ExitCode::FAILURE
         }
     }

@@ -196,10 +196,10 @@ impl Trainer {
         };
         let mut h = self.model.embed(tokens)?;
         for (l, layer) in self.model.layers.iter().enumerate() {
-            let (next, stats) = layer.forward(&h, &self.ctx, &opts)?;
+            let (next, stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             // The KL graph holds only indexer tensors (frozen or detached inputs): backprop now
             // and free this layer's scores.
-            kl_sum += self.backprop_indexer_kl(&stats, scale * kl_weight, accum)?;
+            kl_sum += self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
             if let Some(c) = stats.expert_counts {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
@@ -211,7 +211,7 @@ impl Trainer {
         }
         let mut lm_value = None;
         if self.stage == Stage::Sparse {
-            let lm = next_token_nll(&self.model.head(&h)?, tokens)?.mean_all()?;
+            let lm = next_token_nll(&self.model.head(&h)?, tokens).and_then(|x| x.mean_all()).context("LM head and loss")?;
             lm_value = Some(lm.to_dtype(DType::F64)?.to_scalar::<f64>()?);
             main_loss = add(main_loss, lm)?;
         }
@@ -229,7 +229,8 @@ impl Trainer {
             }
         }
         if let Some(loss) = main_loss {
-            accum.add(&self.slots, &(loss * scale)?.backward()?)?;
+            let grads = (loss * scale)?.backward().context("main-model backward")?;
+            accum.add(&self.slots, &grads)?;
         }
         Ok((lm_value, kl_sum / self.model.layers.len() as f64))
     }
@@ -278,10 +279,12 @@ impl Trainer {
         }
         let lr = lr_at(self.step, r.train.lr, &r.train);
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
-        let report = AdamW::from_recipe(&r.train).step(&mut self.slots, &accum, |g| match g {
-            Group::Main => lr,
-            Group::Indexer => indexer_lr,
-        })?;
+        let report = AdamW::from_recipe(&r.train)
+            .step(&mut self.slots, &accum, |g| match g {
+                Group::Main => lr,
+                Group::Indexer => indexer_lr,
+            })
+            .context("optimizer step")?;
         self.update_router_biases(&loads)?;
         self.step += 1;
         let tokens = (r.train.global_batch_seqs * seq_len) as u64;
