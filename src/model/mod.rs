@@ -22,7 +22,7 @@ use crate::dsa::{causal_bias, recall_rows, select_topk};
 use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
 use crate::weights::{self, ParamSet};
-use attention::{Mla, Projected};
+use attention::Mla;
 use indexer::Indexer;
 use moe::{Mlp, Moe};
 
@@ -190,13 +190,6 @@ impl DecoderLayer {
             }
         };
         Ok(((h + f)?, stats))
-    }
-
-    /// The projections of this layer's attention, for callers that need them (tests, kernels).
-    pub fn project(&self, h: &Tensor, ctx: &ForwardContext) -> Result<(Tensor, Projected)> {
-        let x = rms_norm(h, &self.input_norm, self.eps)?;
-        let p = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
-        Ok((x, p))
     }
 }
 

@@ -189,7 +189,8 @@ impl Trainer {
         let opts = self.forward_options();
         let t = &self.recipe.train;
         let kl_weight = if self.stage == Stage::Sparse { t.kl_weight } else { 1.0 };
-        let mut kl_sum = 0.0;
+        // Scalars stay on the device until the end of the micro-batch: one host sync for the logs.
+        let mut kl_sum: Option<Tensor> = None;
         let mut main_loss: Option<Tensor> = None;
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
             Ok(Some(match acc { Some(a) => (a + x)?, None => x }))
@@ -199,7 +200,8 @@ impl Trainer {
             let (next, stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             // The KL graph holds only indexer tensors (frozen or detached inputs): backprop now
             // and free this layer's scores.
-            kl_sum += self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
+            let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
+            kl_sum = add(kl_sum, kl)?;
             if let Some(c) = stats.expert_counts {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
@@ -212,7 +214,7 @@ impl Trainer {
         let mut lm_value = None;
         if self.stage == Stage::Sparse {
             let lm = next_token_nll(&self.model.head(&h)?, tokens).and_then(|x| x.mean_all()).context("LM head and loss")?;
-            lm_value = Some(lm.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            lm_value = Some(lm.detach());
             main_loss = add(main_loss, lm)?;
         }
         // MTP: its indexer always learns its KL; its main tensors only when mtp_weight > 0.
@@ -232,30 +234,35 @@ impl Trainer {
             let grads = (loss * scale)?.backward().context("main-model backward")?;
             accum.add(&self.slots, &grads)?;
         }
-        Ok((lm_value, kl_sum / self.model.layers.len() as f64))
+        let kl_sum = kl_sum.context("the model has no layers")?;
+        let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
+        let host: Vec<f32> = Tensor::stack(&[&lm, &kl_sum], 0)?.to_vec1()?; // the one sync
+        Ok((lm_value.map(|_| host[0] as f64), host[1] as f64 / self.model.layers.len() as f64))
     }
 
-    /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL.
-    /// A deferred (warm-up) KL is evaluated a block of queries at a time, each block's scores
-    /// freed after its backward, so memory stays bounded at long sequence lengths.
-    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum) -> Result<f64> {
+    /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL
+    /// as a detached f32 scalar on the device. A deferred (warm-up) KL is evaluated a block of
+    /// queries at a time, each block's scores freed after its backward, so memory stays bounded
+    /// at long sequence lengths.
+    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum) -> Result<Tensor> {
         if let Some(kl) = &stats.indexer_kl {
             let kl = kl.mean_all()?;
             accum.add(&self.slots, &(&kl * weight)?.backward()?)?;
-            return Ok(kl.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            return Ok(kl.detach().to_dtype(DType::F32)?);
         }
         let d = stats.deferred_kl.as_ref().context("layer returned no indexer KL")?;
         let (b, t, hi, _) = d.proj.q.dims4()?;
         // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
         let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
-        let mut total = 0.0;
+        let mut total: Option<Tensor> = None;
         for q0 in (0..t).step_by(block) {
             let n = block.min(t - q0);
             let kl_sum = d.block(q0, n, &self.ctx.causal)?.sum_all()?; // sum over [B, n]
-            total += kl_sum.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-            accum.add(&self.slots, &(kl_sum * (weight / (b * t) as f64))?.backward()?)?;
+            accum.add(&self.slots, &(&kl_sum * (weight / (b * t) as f64))?.backward()?)?;
+            let kl_sum = kl_sum.detach();
+            total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
         }
-        Ok(total / (b * t) as f64)
+        Ok((total.context("empty sequence")? / (b * t) as f64)?.to_dtype(DType::F32)?)
     }
 
     /// One optimizer step over `global_batch_seqs` sequences.

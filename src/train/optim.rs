@@ -108,12 +108,21 @@ impl AdamW {
     }
 
     pub fn step(&self, slots: &mut [Slot], accum: &GradAccum, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
-        // Global norm per group, in f64 on the host: one reduction per tensor, one sync per step.
-        let mut sq: HashMap<Group, f64> = HashMap::new();
+        // Global norm per group: squared sums added on the device, one host sync per group.
+        let mut sq_dev: HashMap<Group, Tensor> = HashMap::new();
         for s in slots.iter() {
             if let Some(g) = accum.grads.get(&s.name) {
-                *sq.entry(s.group).or_default() += g.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+                let part = g.sqr()?.sum_all()?;
+                let sum = match sq_dev.remove(&s.group) {
+                    Some(prev) => (prev + part)?,
+                    None => part,
+                };
+                sq_dev.insert(s.group, sum);
             }
+        }
+        let mut sq: HashMap<Group, f64> = HashMap::new();
+        for (group, t) in sq_dev {
+            sq.insert(group, t.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         }
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
         let scale = |g: Group| if self.clip > 0.0 && norm(g) > self.clip { self.clip / (norm(g) + 1e-6) } else { 1.0 };
