@@ -47,6 +47,16 @@ __device__ __forceinline__ void load_tile(float* kv_s, const float* kv, const ui
   }
 }
 
+// Stage the rows of heads h0 .. h0 + HEADS_PER_BLOCK of query n into shared memory, times
+// `mul`; heads past H are zero. src is [N, H, stride] with the first D columns wanted.
+__device__ __forceinline__ void load_heads(float* dst, const float* src, int n, int H, int h0, int D, int stride,
+                                           float mul) {
+  for (int i = threadIdx.x; i < HEADS_PER_BLOCK * D; i += blockDim.x) {
+    int hh = i / D, d = i - hh * D, h = h0 + hh;
+    dst[i] = (h < H) ? src[((size_t)n * H + h) * stride + d] * mul : 0.f;
+  }
+}
+
 extern "C" __global__ void __launch_bounds__(WARPS * 32)
 sparse_mla_fwd_f32(const float* __restrict__ q, const float* __restrict__ kv, const uint32_t* __restrict__ idx,
                    float* __restrict__ out, int N, int H, int K, int DQK, int DV, float scale) {
@@ -56,10 +66,7 @@ sparse_mla_fwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
   float* q_s = kv_s + TILE * stride;  // [HEADS_PER_BLOCK][DQK], pre-scaled
   const int n = blockIdx.x, h0 = blockIdx.y * HEADS_PER_BLOCK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int i = threadIdx.x; i < HEADS_PER_BLOCK * DQK; i += blockDim.x) {
-    int hh = i / DQK, d = i - hh * DQK, h = h0 + hh;
-    q_s[i] = (h < H) ? q[((size_t)n * H + h) * DQK + d] * scale : 0.f;
-  }
+  load_heads(q_s, q, n, H, h0, DQK, DQK, scale);
   float m[HEADS_PER_WARP], l[HEADS_PER_WARP], acc[HEADS_PER_WARP][MAXV];
 #pragma unroll
   for (int hw = 0; hw < HEADS_PER_WARP; ++hw) {
@@ -180,14 +187,8 @@ sparse_mla_bwd_f32(const float* __restrict__ q, const float* __restrict__ kv, co
   float* p_s = ds_s + HEADS_PER_BLOCK * TILE;      // [HEADS_PER_BLOCK][TILE]
   const int n = blockIdx.x, h0 = blockIdx.y * HEADS_PER_BLOCK;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  for (int i = threadIdx.x; i < HEADS_PER_BLOCK * DQK; i += blockDim.x) {
-    int hh = i / DQK, d = i - hh * DQK, h = h0 + hh;
-    q_s[i] = (h < H) ? q[((size_t)n * H + h) * DQK + d] * scale : 0.f;
-  }
-  for (int i = threadIdx.x; i < HEADS_PER_BLOCK * DV; i += blockDim.x) {
-    int hh = i / DV, d = i - hh * DV, h = h0 + hh;
-    do_s[i] = (h < H) ? dout[((size_t)n * H + h) * (DV + 1) + d] : 0.f;
-  }
+  load_heads(q_s, q, n, H, h0, DQK, DQK, scale);
+  load_heads(do_s, dout, n, H, h0, DV, DV + 1, 1.f);
   float dq_acc[HEADS_PER_WARP][MAXQ];
 #pragma unroll
   for (int hw = 0; hw < HEADS_PER_WARP; ++hw)
