@@ -28,6 +28,35 @@ pub struct Selection {
     pub absolute: Tensor,
 }
 
+impl Selection {
+    /// Rebuild a selection from its `absolute` form [B, T, K] (u32::MAX = padding) on the
+    /// device: the form the kernels produce and the only one worth caching between passes.
+    pub fn from_absolute(absolute: Tensor) -> candle_core::Result<Self> {
+        let (b, t, k) = absolute.dims3()?;
+        let device = absolute.device().clone();
+        let valid_mask = absolute.ne(u32::MAX)?; // [B, T, K] u8
+        let offsets = Tensor::arange(0u32, b as u32, &device)?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?.contiguous()?;
+        // Padding becomes the sequence offset first, so the subtraction never wraps.
+        let indices = (valid_mask.where_cond(&absolute, &offsets)? - &offsets)?;
+        let valid = valid_mask.to_dtype(DType::F32)?;
+        let masked = Tensor::full(MASKED, (b, t, k), &device)?;
+        let bias = valid_mask.where_cond(&masked.zeros_like()?, &masked)?;
+        Ok(Self { indices, valid, bias, absolute })
+    }
+
+    /// Selection from per-sequence key positions [B, T, K] (u32::MAX = padding).
+    pub fn from_positions(positions: &Tensor) -> candle_core::Result<Self> {
+        let (b, t, k) = positions.dims3()?;
+        let device = positions.device();
+        let valid_mask = positions.ne(u32::MAX)?;
+        let offsets = Tensor::arange(0u32, b as u32, device)?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?;
+        let zero = positions.zeros_like()?;
+        let safe = valid_mask.where_cond(positions, &zero)?; // no wrap-around in the add below
+        let absolute = valid_mask.where_cond(&safe.broadcast_add(&offsets)?, positions)?;
+        Self::from_absolute(absolute)
+    }
+}
+
 /// Ordering key: +0.0 and -0.0 compare equal, NaN (never expected) sorts last.
 #[inline]
 fn score_key(x: f32) -> f32 {
@@ -129,8 +158,17 @@ pub fn recall_rows(p: &Tensor, sel: &Selection) -> Result<Tensor> {
 
 /// Causal mask bias [T, T]: 0 where s <= t, `MASKED` above the diagonal.
 pub fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
-    let v: Vec<f32> = (0..t * t).map(|i| if i % t <= i / t { 0.0 } else { MASKED }).collect();
-    Ok(Tensor::from_vec(v, (t, t), device)?)
+    Ok(causal_rows(0, t, t, device)?)
+}
+
+/// Rows q0..q0+n of the causal mask bias over `t` keys: [n, t], 0 where s <= q0 + r and
+/// `MASKED` above. Built on the device, so no [T, T] bias is ever kept.
+pub fn causal_rows(q0: usize, n: usize, t: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let rows = Tensor::arange(q0 as u32, (q0 + n) as u32, device)?.reshape((n, 1))?;
+    let cols = Tensor::arange(0u32, t as u32, device)?.reshape((1, t))?;
+    let above = cols.broadcast_gt(&rows)?; // [n, t] u8
+    let masked = Tensor::full(MASKED, (n, t), device)?;
+    above.where_cond(&masked, &masked.zeros_like()?)
 }
 
 #[cfg(test)]

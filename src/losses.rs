@@ -30,6 +30,54 @@ pub fn next_token_nll(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     lsm.gather(&targets, 2)?.squeeze(2)?.neg()
 }
 
+/// Positions per LM-head chunk so that one chunk holds about 2^27 logits (with the f32
+/// log-softmax and its gradient, about 1.5 GiB at most).
+pub fn lm_chunk_positions(batch: usize, vocab: usize) -> usize {
+    ((1usize << 27) / (batch * vocab).max(1)).max(1)
+}
+
+/// Next-token cross-entropy computed and backpropagated one chunk of positions at a time, so
+/// the [B, T, vocab] logits never exist: at most `chunk` positions of them are alive.
+/// `h` [B, T, D] hidden states (treated as a leaf), `head` maps [B, n, D] -> [B, n, V],
+/// `tokens` [B, T]; position t predicts token t + 1, as in `next_token_nll`. Each chunk's share
+/// of `weight * mean NLL` is backpropagated at once and its gradients (the head's parameters)
+/// handed to `on_grads`. Returns the mean NLL (detached f32 scalar) and
+/// d(weight * mean NLL) / dh, [B, T, D] in h's dtype (zero at the last position).
+pub fn chunked_next_token_loss(
+    h: &Tensor,
+    tokens: &Tensor,
+    chunk: usize,
+    weight: f64,
+    head: impl Fn(&Tensor) -> Result<Tensor>,
+    mut on_grads: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+) -> Result<(Tensor, Tensor)> {
+    let (b, t, _) = h.dims3()?;
+    let positions = t - 1;
+    let count = (b * positions) as f64;
+    let chunk = chunk.max(1);
+    let mut total: Option<Tensor> = None;
+    let mut dh = Vec::with_capacity(positions.div_ceil(chunk) + 1);
+    for p0 in (0..positions).step_by(chunk) {
+        let n = chunk.min(positions - p0);
+        let hv = candle_core::Var::from_tensor(&h.narrow(1, p0, n)?.detach())?;
+        let logits = head(hv.as_tensor())?; // [B, n, V]
+        let targets = tokens.narrow(1, p0 + 1, n)?.unsqueeze(2)?.contiguous()?; // [B, n, 1]
+        let nll_sum = log_softmax_last(&logits)?.gather(&targets, 2)?.neg()?.sum_all()?;
+        let grads = (&nll_sum * (weight / count))?.backward()?;
+        on_grads(&grads)?;
+        dh.push(match grads.get(hv.as_tensor()) {
+            Some(g) => g.to_dtype(h.dtype())?,
+            None => hv.as_tensor().zeros_like()?,
+        });
+        let nll_sum = nll_sum.detach().to_dtype(DType::F32)?;
+        total = Some(match total { Some(a) => (a + nll_sum)?, None => nll_sum });
+    }
+    dh.push(h.narrow(1, positions, 1)?.zeros_like()?);
+    let dh = Tensor::cat(&dh, 1)?;
+    let total = total.ok_or_else(|| candle_core::Error::Msg("a sequence needs at least 2 tokens".into()))?;
+    Ok(((total / count)?, dh))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -68,6 +116,29 @@ mod tests {
                 let want = if s < valid { q[s] - pv[r][s] as f64 } else { 0.0 };
                 assert!((g[r][s] as f64 - want).abs() < 1e-5, "grad {r},{s}: {} vs {want}", g[r][s]);
             }
+        }
+    }
+
+    #[test]
+    fn chunked_loss_and_gradients_equal_the_whole_sequence_ones() {
+        let dev = Device::Cpu;
+        let (b, t, d, v) = (2, 9, 5, 13);
+        let h = Var::from_tensor(&crate::rng::randn(&[b, t, d], 7, 1.0, &dev).unwrap()).unwrap();
+        let w = Var::from_tensor(&crate::rng::randn(&[v, d], 8, 1.0, &dev).unwrap()).unwrap();
+        let tokens = Tensor::from_vec((0..(b * t) as u32).map(|i| (i * 7) % v as u32).collect::<Vec<_>>(), (b, t), &dev).unwrap();
+        let head = |x: &Tensor| crate::ops::linear(x, w.as_tensor());
+        let whole = next_token_nll(&head(h.as_tensor()).unwrap(), &tokens).unwrap().mean_all().unwrap();
+        let g = (&whole * 0.5).unwrap().backward().unwrap();
+        for chunk in [1, 3, 8, 100] {
+            let mut gw = w.as_tensor().zeros_like().unwrap();
+            let (loss, dh) = chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, head, |gs| {
+                gw = (&gw + gs.get(w.as_tensor()).unwrap())?;
+                Ok(())
+            }).unwrap();
+            let close = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(close(&loss, &whole) < 1e-6, "chunk {chunk}");
+            assert!(close(&dh, g.get(h.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dh");
+            assert!(close(&gw, g.get(w.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dw");
         }
     }
 

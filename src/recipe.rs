@@ -89,6 +89,12 @@ pub struct TrainConfig {
     pub mtp_weight: f64,
     /// Weight of the indexer KL in the sparse stage (it reaches only the indexer).
     pub kl_weight: f64,
+    /// Sparse stage: keep only each layer's input during the forward and recompute the layer
+    /// in the backward (activation memory of one layer instead of all of them).
+    pub recompute: bool,
+    /// Token positions per LM-head chunk (logits and cross-entropy are computed and
+    /// backpropagated one chunk at a time); 0 = about 2^27 logits per chunk.
+    pub lm_head_chunk: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -168,6 +174,8 @@ impl Default for TrainConfig {
             seq_balance_alpha: 0.0,
             mtp_weight: 0.0,
             kl_weight: 1.0,
+            recompute: true,
+            lm_head_chunk: 0,
         }
     }
 }

@@ -296,3 +296,28 @@ fn a_diverging_run_stops_with_one_clear_line() {
     let result = run_cli(&["train", path_str(&recipe), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0"]);
     assert_clean_error(&result, &["not finite", "step"]);
 }
+
+#[test]
+fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
+    let f = Fixture::new(4);
+    let model = f.root.join("model");
+    let recipe = f.recipe("sparse", "g", &model, 1);
+    let grads = |sets: &[&str]| {
+        let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+        let mut t = train::Trainer::new(Recipe::load(&recipe, &sets).unwrap(), None).unwrap();
+        let (accum, _, lm, kl) = t.accumulate_gradients().unwrap();
+        (accum.grads, lm, kl)
+    };
+    let (whole, lm0, kl0) = grads(&["train.recompute=false", "train.lm_head_chunk=1000"]);
+    for sets in [&["train.recompute=true", "train.lm_head_chunk=5"][..], &["train.recompute=false", "train.lm_head_chunk=7"][..]] {
+        let (g, lm, kl) = grads(sets);
+        assert!((lm - lm0).abs() < 1e-6 * lm0.abs() && (kl - kl0).abs() < 1e-6 * kl0.abs().max(1e-3), "{sets:?}: {lm} vs {lm0}, {kl} vs {kl0}");
+        assert_eq!(g.len(), whole.len(), "{sets:?}: the same tensors get gradients");
+        for (name, a) in &whole {
+            let b = &g[name];
+            let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff <= 1e-4 * scale + 1e-9, "{sets:?}: {name}: max diff {diff} (max |g| {scale})");
+        }
+    }
+}

@@ -18,7 +18,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
-use crate::dsa::{causal_bias, recall_rows, select_topk};
+use crate::dsa::{recall_rows, select_topk};
 use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
 use crate::weights::{self, ParamSet};
@@ -68,11 +68,10 @@ pub struct DeferredKl {
 }
 
 impl DeferredKl {
-    /// Per-query KL of queries q0..q0+n: [B, n], differentiable in the indexer. `causal` may be
-    /// the bias of a longer sequence (the MTP layer sees T - 1 positions): its prefix is used.
-    pub fn block(&self, q0: usize, n: usize, causal: &Tensor) -> Result<Tensor> {
+    /// Per-query KL of queries q0..q0+n: [B, n], differentiable in the indexer.
+    pub fn block(&self, q0: usize, n: usize) -> Result<Tensor> {
         let t = self.proj.k.dim(1)?;
-        let bias = causal.narrow(0, q0, n)?.narrow(1, 0, t)?;
+        let bias = crate::dsa::causal_rows(q0, n, t, self.proj.k.device())?;
         let scores = self.proj.scores_rows(q0, n)?.broadcast_add(&bias)?;
         kl_rows(&self.target.narrow(1, q0, n)?, &scores)
     }
@@ -91,6 +90,8 @@ pub struct LayerStats {
     pub balance_loss: Option<Tensor>,
     /// With `defer_dense_kl`: the pieces of the dense KL.
     pub deferred_kl: Option<DeferredKl>,
+    /// Sparse mode: the selected sets (a recomputing backward reuses them).
+    pub selection: Option<crate::dsa::Selection>,
 }
 
 pub struct ForwardOutput {
@@ -119,26 +120,37 @@ pub struct DecoderLayer {
 pub struct ForwardContext {
     pub cos: Tensor,
     pub sin: Tensor,
-    /// [T, T] causal bias.
-    pub causal: Tensor,
+    /// Sequence length.
+    pub t: usize,
 }
 
 impl ForwardContext {
     pub fn new(cfg: &ModelConfig, t: usize, device: &Device) -> Result<Self> {
         let (cos, sin) = crate::rope::tables(cfg, t, device)?;
-        let causal = causal_bias(t, device).map_err(candle_core::Error::wrap)?;
-        Ok(Self { cos, sin, causal })
+        Ok(Self { cos, sin, t })
+    }
+
+    /// Causal bias of queries q0..q0+n: [n, T] (built on demand; never [T, T] at long lengths
+    /// unless a caller asks for every row).
+    pub fn causal(&self, q0: usize, n: usize) -> Result<Tensor> {
+        crate::dsa::causal_rows(q0, n, self.t, self.cos.device())
     }
 }
 
 impl DecoderLayer {
     pub fn forward(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions) -> Result<(Tensor, LayerStats)> {
+        self.forward_with(h, ctx, opts, None)
+    }
+
+    /// `forward`, reusing `cached` as the sparse selection instead of running the indexer's
+    /// top-k again (the recomputing backward: same input, so the same sets).
+    pub fn forward_with(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<(Tensor, LayerStats)> {
         let x = rms_norm(h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         let mut stats = LayerStats::default();
         // The indexer reads x and qr; in the sparse stage they are detached so the KL trains
         // only the indexer.
-        let need_indexer = opts.attention == AttentionMode::Sparse || opts.indexer_kl || opts.recall;
+        let need_indexer = (opts.attention == AttentionMode::Sparse && cached.is_none()) || opts.indexer_kl || opts.recall;
         let ix = if need_indexer {
             let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), proj.qr.detach()) } else { (x.clone(), proj.qr.clone()) };
             Some(self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?)
@@ -147,12 +159,13 @@ impl DecoderLayer {
         };
         let attn_out = match opts.attention {
             AttentionMode::Dense => {
-                let a = self.attn.dense(&proj, &ctx.causal)?;
+                let causal = ctx.causal(0, ctx.t)?;
+                let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
                     let proj = ix.expect("deferred KL projects the indexer");
                     stats.deferred_kl = Some(DeferredKl { proj, target: a.head_mean_probs.clone() });
                 } else if let Some(ix) = &ix {
-                    let scores = ix.scores(&ctx.causal)?; // [B, T, T]
+                    let scores = ix.scores(&causal)?; // [B, T, T]
                     if opts.indexer_kl {
                         stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &scores)?);
                     }
@@ -164,17 +177,21 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
-                let ix = ix.as_ref().expect("sparse attention projects the indexer");
-                let sel = select_indexer_topk(&ix.detach(), ctx, opts.topk)?;
+                let sel = match cached {
+                    Some(sel) => sel.clone(),
+                    None => select_indexer_topk(&ix.as_ref().expect("sparse attention projects the indexer").detach(), ctx, opts.topk)?,
+                };
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
+                    let ix = ix.as_ref().expect("the indexer KL projects the indexer");
                     let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
                     stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);
                 }
                 if opts.recall {
-                    let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal)?;
+                    let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
                     stats.recall = Some(recall_rows(&dense, &sel).map_err(candle_core::Error::wrap)?);
                 }
+                stats.selection = Some(sel);
                 a.out
             }
         };
@@ -197,7 +214,7 @@ impl DecoderLayer {
 fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize) -> Result<crate::dsa::Selection> {
     let (b, t, _, _) = ix.q.dims4()?;
     crate::dsa::select_topk_streaming(b, t, k, crate::dsa::query_block(b, t), ix.q.device(), |q0, n| {
-        Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal.narrow(0, q0, n)?)?)
+        Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal(q0, n)?)?)
     })
     .map_err(candle_core::Error::wrap)
 }

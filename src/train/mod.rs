@@ -185,54 +185,116 @@ impl Trainer {
 
     /// Forward and backward of one micro-batch; gradients go into `accum` scaled by `scale`.
     /// Returns (LM loss, mean over main layers of the indexer KL).
+    ///
+    /// Pass 1 runs the layers in order; each layer's indexer KL is backpropagated as soon as
+    /// the layer has run (its graph holds only indexer tensors). The LM head and cross-entropy
+    /// run in chunks of positions (`losses::chunked_next_token_loss`), giving dL/dh at the
+    /// last layer. With `train.recompute` (sparse stage) pass 1 keeps only each layer's input
+    /// and selected sets; pass 2 walks the layers backwards, recomputing one layer from its
+    /// input and backpropagating sum(out * dL/dout) (+ its balance loss) through it alone.
     fn micro_batch(&self, tokens: &Tensor, scale: f64, accum: &mut GradAccum, loads: &mut [Vec<u64>]) -> Result<(Option<f64>, f64)> {
         let opts = self.forward_options();
         let t = &self.recipe.train;
-        let kl_weight = if self.stage == Stage::Sparse { t.kl_weight } else { 1.0 };
+        let sparse = self.stage == Stage::Sparse;
+        let recompute = sparse && t.recompute;
+        let kl_weight = if sparse { t.kl_weight } else { 1.0 };
         // Scalars stay on the device until the end of the micro-batch: one host sync for the logs.
         let mut kl_sum: Option<Tensor> = None;
-        let mut main_loss: Option<Tensor> = None;
+        let mut balance: Option<Tensor> = None;
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
             Ok(Some(match acc { Some(a) => (a + x)?, None => x }))
         };
+        let mut inputs = Vec::new();
+        let mut selections = Vec::new();
         let mut h = self.model.embed(tokens)?;
+        if recompute {
+            h = h.detach();
+        }
         for (l, layer) in self.model.layers.iter().enumerate() {
-            let (next, stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
-            // The KL graph holds only indexer tensors (frozen or detached inputs): backprop now
-            // and free this layer's scores.
+            if recompute {
+                inputs.push(h.clone());
+            }
+            let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
             kl_sum = add(kl_sum, kl)?;
-            if let Some(c) = stats.expert_counts {
+            if let Some(c) = stats.expert_counts.take() {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
-            if let Some(b) = stats.balance_loss {
-                main_loss = add(main_loss, (b * t.seq_balance_alpha)?)?;
+            match stats.balance_loss.take() {
+                Some(b) if !recompute => balance = add(balance, (b * t.seq_balance_alpha)?)?,
+                _ => {} // recompute: added again in pass 2, where its graph is rebuilt
             }
-            // In warm-up nothing upstream trains, so the next layer needs no graph behind h.
-            h = if self.stage == Stage::Warmup { next.detach() } else { next };
+            if recompute {
+                selections.push(stats.selection.take());
+            }
+            drop(stats);
+            // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
+            h = if !sparse || recompute { next.detach() } else { next };
         }
         let mut lm_value = None;
-        if self.stage == Stage::Sparse {
-            let lm = next_token_nll(&self.model.head(&h)?, tokens).and_then(|x| x.mean_all()).context("LM head and loss")?;
-            lm_value = Some(lm.detach());
-            main_loss = add(main_loss, lm)?;
+        let mut dh: Option<Tensor> = None;
+        if sparse {
+            let (b, _) = tokens.dims2()?;
+            let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
+            let slots = &self.slots;
+            let (lm, g) = crate::losses::chunked_next_token_loss(&h.detach(), tokens, chunk, scale, |x| self.model.head(x), |gs| {
+                accum.add(slots, gs).map_err(candle_core::Error::wrap)
+            })
+            .context("LM head and loss")?;
+            lm_value = Some(lm);
+            dh = Some(g);
         }
         // MTP: its indexer always learns its KL; its main tensors only when mtp_weight > 0.
         for depth in 0..self.model.mtp.len() {
             if tokens.dim(1)? < depth + 3 {
                 break;
             }
-            let (logits, stats) = self.model.mtp_logits(depth, &h, tokens, &opts)?;
+            let trains = sparse && t.mtp_weight > 0.0;
+            let hv = Var::from_tensor(&h.detach())?;
+            let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &opts)?;
             self.backprop_indexer_kl(&stats, scale * kl_weight, accum)?;
-            if self.stage == Stage::Sparse && t.mtp_weight > 0.0 {
+            if trains {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
                 let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
-                main_loss = add(main_loss, (mtp * t.mtp_weight)?)?;
+                let grads = (mtp * (t.mtp_weight * scale))?.backward().context("MTP backward")?;
+                accum.add(&self.slots, &grads)?;
+                if let (Some(d), Some(g)) = (dh.as_mut(), grads.get(hv.as_tensor())) {
+                    *d = (&*d + g)?;
+                }
             }
         }
-        if let Some(loss) = main_loss {
-            let grads = (loss * scale)?.backward().context("main-model backward")?;
-            accum.add(&self.slots, &grads)?;
+        if let Some(mut dh) = dh {
+            let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
+                Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)
+            };
+            if recompute {
+                let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
+                for (l, layer) in self.model.layers.iter().enumerate().rev() {
+                    let x = Var::from_tensor(&inputs[l])?;
+                    let (out, stats) = layer
+                        .forward_with(x.as_tensor(), &self.ctx, &again, selections[l].as_ref())
+                        .with_context(|| format!("layer {l} recompute"))?;
+                    let mut loss = surrogate(&out, &dh)?;
+                    if let Some(b) = stats.balance_loss {
+                        loss = (loss + (b * (t.seq_balance_alpha * scale))?)?;
+                    }
+                    let grads = loss.backward().with_context(|| format!("layer {l} main backward"))?;
+                    accum.add(&self.slots, &grads)?;
+                    dh = match grads.get(x.as_tensor()) {
+                        Some(g) => g.clone(),
+                        None => inputs[l].zeros_like()?,
+                    };
+                }
+                let grads = surrogate(&self.model.embed(tokens)?, &dh)?.backward().context("embedding backward")?;
+                accum.add(&self.slots, &grads)?;
+            } else {
+                let mut loss = surrogate(&h, &dh)?;
+                if let Some(b) = balance {
+                    loss = (loss + (b * scale)?)?;
+                }
+                let grads = loss.backward().context("main-model backward")?;
+                accum.add(&self.slots, &grads)?;
+            }
         }
         let kl_sum = kl_sum.context("the model has no layers")?;
         let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
@@ -257,7 +319,7 @@ impl Trainer {
         let mut total: Option<Tensor> = None;
         for q0 in (0..t).step_by(block) {
             let n = block.min(t - q0);
-            let kl_sum = d.block(q0, n, &self.ctx.causal)?.sum_all()?; // sum over [B, n]
+            let kl_sum = d.block(q0, n)?.sum_all()?; // sum over [B, n]
             accum.add(&self.slots, &(&kl_sum * (weight / (b * t) as f64))?.backward()?)?;
             let kl_sum = kl_sum.detach();
             total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
@@ -265,9 +327,10 @@ impl Trainer {
         Ok((total.context("empty sequence")? / (b * t) as f64)?.to_dtype(DType::F32)?)
     }
 
-    /// One optimizer step over `global_batch_seqs` sequences.
-    pub fn train_step(&mut self) -> Result<StepMetrics> {
-        let start = Instant::now();
+    /// Forward and backward over the next `global_batch_seqs` sequences (advancing the data
+    /// cursor): the averaged gradients, the expert loads per layer, and the summed LM loss and
+    /// indexer KL of the micro-batches.
+    pub fn accumulate_gradients(&mut self) -> Result<(GradAccum, Vec<Vec<u64>>, f64, f64)> {
         let r = &self.recipe;
         let micro = r.micro_batches();
         let scale = 1.0 / micro as f64;
@@ -275,15 +338,24 @@ impl Trainer {
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
-        let seq_len = r.data.seq_len;
         for _ in 0..micro {
             let batch = self.sampler.next_batch(r.train.micro_batch_seqs)?;
             let flat: Vec<u32> = batch.concat();
-            let tokens = Tensor::from_vec(flat, (r.train.micro_batch_seqs, seq_len), &self.device)?;
+            let tokens = Tensor::from_vec(flat, (r.train.micro_batch_seqs, r.data.seq_len), &self.device)?;
             let (lm, kl) = self.micro_batch(&tokens, scale, &mut accum, &mut loads)?;
             lm_sum += lm.unwrap_or(0.0);
             kl_sum += kl;
         }
+        Ok((accum, loads, lm_sum, kl_sum))
+    }
+
+    /// One optimizer step over `global_batch_seqs` sequences.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let start = Instant::now();
+        let (accum, loads, lm_sum, kl_sum) = self.accumulate_gradients()?;
+        let r = &self.recipe;
+        let micro = r.micro_batches();
+        let seq_len = r.data.seq_len;
         let lr = lr_at(self.step, r.train.lr, &r.train);
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
         let report = AdamW::from_recipe(&r.train)

@@ -9,6 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use candle_core::{Device, Result, Tensor};
 
+// One module per new kernel family (each with its .cu file in kernels/).
+
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
 /// Use the kernels when the device supports them (tests switch them off to run the twins).

@@ -13,13 +13,13 @@ use candle_core::{DType, Device, Tensor};
 use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
 use crate::recipe::Recipe;
 
-struct Outcome {
-    name: &'static str,
-    ok: bool,
-    detail: String,
+pub(crate) struct Outcome {
+    pub name: &'static str,
+    pub ok: bool,
+    pub detail: String,
 }
 
-fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
@@ -27,7 +27,7 @@ fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     Ok(diff / scale.max(1e-30))
 }
 
-fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
+pub(crate) fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
     let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
@@ -199,6 +199,7 @@ pub fn run(device_name: &str) -> Result<()> {
     crate::data::write_token_file(&tokens_file, &crate::tiny::synthetic_corpus(512, 1 << 14, 5))?;
     let mut all = sparse_kernel_matches_twin(&gpu)?;
     all.extend(indexer_kernel_matches_twin(&gpu)?);
+    // Checks of the kernel modules (one line per module).
     all.extend(forward_matches_cpu(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
     let _ = std::fs::remove_dir_all(&dir);
