@@ -225,7 +225,9 @@ impl Trainer {
                 _ => {} // recompute: added again in pass 2, where its graph is rebuilt
             }
             if recompute {
-                selections.push(stats.selection.take());
+                // Only the absolute form is kept ([B, T, K] u32; the other three forms are
+                // rebuilt in pass 2): 1 GiB per layer at 128K tokens and k = 2048.
+                selections.push(stats.selection.take().map(|s| s.absolute));
             }
             drop(stats);
             // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
@@ -271,8 +273,9 @@ impl Trainer {
                 let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
                     let x = Var::from_tensor(&inputs[l])?;
+                    let sel = selections[l].take().map(crate::dsa::Selection::from_absolute).transpose()?;
                     let (out, stats) = layer
-                        .forward_with(x.as_tensor(), &self.ctx, &again, selections[l].as_ref())
+                        .forward_with(x.as_tensor(), &self.ctx, &again, sel.as_ref())
                         .with_context(|| format!("layer {l} recompute"))?;
                     let mut loss = surrogate(&out, &dh)?;
                     if let Some(b) = stats.balance_loss {
