@@ -78,11 +78,11 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
     let mut trainer = crate::train::Trainer::new(recipe.clone(), None)?;
     let mut times = vec![];
     let mut last = None;
-    for i in 0..steps + 2 {
+    for i in 0..steps + 1 {
         let t0 = Instant::now();
         let m = trainer.train_step()?;
         trainer.sync_device()?;
-        if i >= 2 {
+        if i >= 1 {
             times.push(t0.elapsed().as_secs_f64());
         }
         last = Some(m);
@@ -92,10 +92,20 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
     let tokens = (recipe.train.global_batch_seqs * recipe.data.seq_len) as f64;
     let m = last.expect("at least one step");
     Ok(format!(
-        "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s (last: lm_loss {}, indexer_kl {:.4})",
+        "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s (last: lm_loss {}, indexer_kl {:.4}){}",
         recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
-        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl
+        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, device_memory_in_use()
     ))
+}
+
+/// ", device memory in use X of Y GiB" on a CUDA build: the driver's view after the steps
+/// (live tensors plus whatever the stream-ordered allocator still holds; not the peak).
+fn device_memory_in_use() -> String {
+    #[cfg(feature = "cuda")]
+    if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+        return format!(", device memory in use after the steps {:.1} of {:.1} GiB", (total - free) as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64);
+    }
+    String::new()
 }
 
 /// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device.
