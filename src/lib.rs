@@ -16,6 +16,7 @@ pub mod bench;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod dist;
 pub mod dsa;
 pub mod eval;
 pub mod export;

@@ -1,0 +1,166 @@
+//! Several processes training one model: the job layout (`launch`), the collectives between
+//! ranks (`Collective`; the TCP backend in `tcp`), and the `[parallel]` layout checks.
+//!
+//! Every collective is defined through `all_gather`; reductions sum in rank order on every
+//! rank, so all ranks hold bit-identical results whatever the network timing.
+
+pub mod launch;
+pub mod tcp;
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+pub use launch::Launch;
+
+pub trait Collective: Send {
+    fn rank(&self) -> usize;
+    fn world(&self) -> usize;
+
+    /// Every rank's bytes, in rank order.
+    fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
+
+    /// Element-wise sum over ranks, added in rank order.
+    fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let all = self.all_gather(&bytes)?;
+        for (r, part) in all.iter().enumerate() {
+            if part.len() != bytes.len() {
+                bail!("all-reduce: rank {r} sent {} values, rank {} has {}", part.len() / 4, self.rank(), buf.len());
+            }
+        }
+        for (i, x) in buf.iter_mut().enumerate() {
+            let mut acc = 0f32;
+            for part in &all {
+                acc += f32::from_le_bytes(part[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            }
+            *x = acc;
+        }
+        Ok(())
+    }
+
+    /// Rank `root`'s bytes on every rank.
+    fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
+        if self.world() == 1 {
+            return Ok(());
+        }
+        let mine = if self.rank() == root { buf.clone() } else { vec![] };
+        *buf = self.all_gather(&mine)?.swap_remove(root);
+        Ok(())
+    }
+
+    /// Send `parts[r]` to rank r; returns what each rank sent to this one, in rank order.
+    fn all_to_all(&mut self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
+        let world = self.world();
+        if parts.len() != world {
+            bail!("all-to-all needs one part per rank ({world}), got {}", parts.len());
+        }
+        let mut packed = vec![];
+        for p in &parts {
+            packed.extend((p.len() as u64).to_le_bytes());
+            packed.extend(p);
+        }
+        let all = self.all_gather(&packed)?;
+        let me = self.rank();
+        all.into_iter()
+            .map(|from| {
+                let mut at = 0;
+                for r in 0..world {
+                    let n = u64::from_le_bytes(from[at..at + 8].try_into()?) as usize;
+                    if r == me {
+                        return Ok(from[at + 8..at + 8 + n].to_vec());
+                    }
+                    at += 8 + n;
+                }
+                bail!("all-to-all: short frame")
+            })
+            .collect()
+    }
+
+    fn barrier(&mut self) -> Result<()> {
+        self.all_gather(&[]).map(|_| ())
+    }
+}
+
+/// The collectives of a job of one process.
+pub struct SingleProcess;
+
+impl Collective for SingleProcess {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world(&self) -> usize {
+        1
+    }
+    fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
+        Ok(vec![mine.to_vec()])
+    }
+}
+
+/// Rendezvous timeout: DSA_RENDEZVOUS_TIMEOUT seconds, default 300.
+pub fn rendezvous_timeout() -> Duration {
+    Duration::from_secs(std::env::var("DSA_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300))
+}
+
+/// Join the job the environment describes (a single process needs no network).
+pub fn connect(launch: &Launch) -> Result<Box<dyn Collective>> {
+    if launch.world == 1 {
+        return Ok(Box::new(SingleProcess));
+    }
+    Ok(Box::new(tcp::TcpCollective::rendezvous(launch, rendezvous_timeout(), vec![])?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    }
+
+    fn launch(rank: usize, world: usize, port: u16) -> Launch {
+        Launch { rank, world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+    }
+
+    #[test]
+    fn three_ranks_agree_bit_for_bit() {
+        let port = free_port();
+        let handles: Vec<_> = (0..3)
+            .map(|r| {
+                std::thread::spawn(move || {
+                    let mut c = tcp::TcpCollective::rendezvous(&launch(r, 3, port), Duration::from_secs(20), b"id".to_vec()).unwrap();
+                    assert_eq!(c.payload, b"id".to_vec());
+                    let mut v = vec![r as f32 + 0.1, 1e-8 * r as f32, -(r as f32)];
+                    c.all_reduce_sum(&mut v).unwrap();
+                    let mut b = if r == 2 { b"from two".to_vec() } else { vec![] };
+                    c.broadcast(&mut b, 2).unwrap();
+                    let got = c.all_to_all((0..3).map(|to| vec![r as u8, to as u8]).collect()).unwrap();
+                    c.barrier().unwrap();
+                    (v, b, got)
+                })
+            })
+            .collect();
+        let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let expect = [0.1f32 + 1.1 + 2.1, 0.0 + 1e-8 + 2e-8, -3.0];
+        for (r, (v, b, got)) in results.iter().enumerate() {
+            assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), results[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            assert!(v.iter().zip(expect).all(|(a, e)| (a - e).abs() < 1e-6), "{v:?}");
+            assert_eq!(b, b"from two");
+            assert_eq!(got, &(0..3).map(|from| vec![from as u8, r as u8]).collect::<Vec<_>>());
+        }
+    }
+
+    #[test]
+    fn a_missing_rank_is_named() {
+        let port = free_port();
+        let h = std::thread::spawn(move || tcp::TcpCollective::rendezvous(&launch(1, 3, port), Duration::from_secs(2), vec![]).map(|_| ()));
+        let err = tcp::TcpCollective::rendezvous(&launch(0, 3, port), Duration::from_secs(2), vec![]).err().expect("rank 2 never comes");
+        assert!(format!("{err:#}").contains("rank(s) 2 of 3 did not arrive"), "{err:#}");
+        let _ = h.join();
+        let err = tcp::TcpCollective::rendezvous(&launch(1, 2, free_port()), Duration::from_secs(1), vec![]).err().expect("no rank 0");
+        assert!(format!("{err:#}").contains("did not answer within 1 s"), "{err:#}");
+    }
+}
