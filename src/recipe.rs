@@ -20,6 +20,7 @@ pub struct Recipe {
     pub train: TrainConfig,
     pub dsa: DsaConfig,
     pub checkpoint: CheckpointConfig,
+    pub parallel: ParallelConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +105,55 @@ pub struct DsaConfig {
     pub index_topk: usize,
 }
 
+/// How the job's ranks divide the work (validated against the world size at start-up, the
+/// way torchtitan's ParallelDims does): dp x tp x pp = world.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ParallelConfig {
+    /// Data-parallel ranks; 0 = the world size divided by tp x pp.
+    pub dp: usize,
+    /// Expert-parallel ranks: routed experts are split into ep contiguous ranges; ep divides dp.
+    pub ep: usize,
+    /// Tensor parallelism (not built: must be 1).
+    pub tp: usize,
+    /// Pipeline parallelism (not built: must be 1).
+    pub pp: usize,
+}
+
+impl Default for ParallelConfig {
+    fn default() -> Self {
+        Self { dp: 0, ep: 1, tp: 1, pp: 1 }
+    }
+}
+
+/// The parallel layout of a job, resolved against its world size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Layout {
+    pub world: usize,
+    pub dp: usize,
+    pub ep: usize,
+}
+
+impl ParallelConfig {
+    /// Resolve against `world` ranks; errors name the keys and the numbers.
+    pub fn layout(&self, world: usize) -> Result<Layout> {
+        if self.tp != 1 {
+            bail!("parallel.tp = {}: tensor parallelism is not built; use parallel.tp = 1", self.tp);
+        }
+        if self.pp != 1 {
+            bail!("parallel.pp = {}: pipeline parallelism is not built; use parallel.pp = 1", self.pp);
+        }
+        let dp = if self.dp == 0 { world } else { self.dp };
+        if dp * self.tp * self.pp != world {
+            bail!("parallel.dp ({dp}) x parallel.tp ({}) x parallel.pp ({}) = {} but the job has {world} rank(s)", self.tp, self.pp, dp * self.tp * self.pp);
+        }
+        if self.ep == 0 || dp % self.ep != 0 {
+            bail!("parallel.ep ({}) must divide parallel.dp ({dp})", self.ep);
+        }
+        Ok(Layout { world, dp, ep: self.ep })
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct CheckpointConfig {
@@ -122,6 +172,7 @@ impl Default for Recipe {
             train: TrainConfig::default(),
             dsa: DsaConfig::default(),
             checkpoint: CheckpointConfig::default(),
+            parallel: ParallelConfig::default(),
         }
     }
 }

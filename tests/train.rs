@@ -4,55 +4,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use common::{assert_clean_error, path_str, run_cli};
+use common::{assert_clean_error, path_str, run_cli, Fixture};
 use dsa_train::checkpoint::{load_file_f32, Checkpoint};
 use dsa_train::model::{LoadOptions, Model};
 use dsa_train::recipe::Recipe;
 use dsa_train::train::{self, metrics, Resume};
-
-/// A tiny V3.1-style checkpoint (2 layers) and a synthetic corpus in a temp folder.
-struct Fixture {
-    _tmp: tempfile::TempDir,
-    root: PathBuf,
-}
-
-impl Fixture {
-    fn new(seed: u64) -> Self {
-        let tmp = tempfile::tempdir().unwrap();
-        let root = tmp.path().to_path_buf();
-        let mut cfg = dsa_train::tiny::tiny_config(false);
-        cfg["num_hidden_layers"] = 2.into();
-        dsa_train::tiny::write_random_checkpoint(&root.join("model"), &cfg, seed, 1 << 20).unwrap();
-        let tokens = dsa_train::tiny::synthetic_corpus(512, 4096, seed);
-        dsa_train::data::write_token_file(&root.join("tokens.bin"), &tokens).unwrap();
-        Self { _tmp: tmp, root }
-    }
-
-    /// A recipe file for `stage` writing into `out`.
-    fn recipe(&self, stage: &str, out: &str, model: &Path, steps: u64) -> PathBuf {
-        let text = format!(
-            "[run]\noutput_dir = \"{}\"\nseed = 3\nprogress = false\n\
-             [model]\npath = \"{}\"\ndtype = \"f32\"\ndevice = \"cpu\"\nindex_n_heads = 2\nindex_head_dim = 32\n\
-             [data]\npath = \"{}\"\nseq_len = 32\n\
-             [train]\nstage = \"{stage}\"\nsteps = {steps}\nlr = 1e-2\nglobal_batch_seqs = 4\nmicro_batch_seqs = 2\n\
-             warmup_steps = 2\nrouter_bias_gamma = 0.01\nmtp_weight = 0.5\nseq_balance_alpha = 0.01\n\
-             [dsa]\nindex_topk = 8\n[checkpoint]\nevery = 2\nkeep_last = 0\n",
-            self.root.join(out).display(), model.display(), self.root.join("tokens.bin").display()
-        );
-        let path = self.root.join(format!("{out}.toml"));
-        std::fs::write(&path, text).unwrap();
-        path
-    }
-
-    fn out(&self, name: &str) -> PathBuf {
-        self.root.join(name)
-    }
-}
 
 fn run_recipe(path: &Path, sets: &[&str], resume: Option<Resume>) -> train::TrainOutcome {
     let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();

@@ -12,6 +12,13 @@
 //! The frozen rest lives in the Hugging Face checkpoint the run started from: a `step-N` folder
 //! names its starting point, so chains (HF -> warm-up -> sparse) resolve to one HF folder plus
 //! overlays applied in order.
+//!
+//! Sharded (a job of several ranks): every rank writes `params.rank-RRRRR.safetensors` and
+//! `optimizer.rank-RRRRR.safetensors` with the tensors whose optimizer state it owns (each
+//! tensor in exactly one file); rank 0 writes `manifest.json` (world and layout), state.json
+//! and recipe.toml after all ranks have written, then the marker, then renames. Tensors are
+//! found by name whatever file holds them, so a checkpoint loads under any other layout
+//! (re-sharding is a matter of which rank keeps which tensor).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -65,24 +72,52 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Write `snap` as `<output_dir>/step-<step>`, atomically. Returns the final folder.
 pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
+    save_sharded(output_dir, snap, &mut crate::dist::SingleProcess)
+}
+
+fn shard_name(kind: &str, rank: usize) -> String {
+    format!("{kind}.rank-{rank:05}.safetensors")
+}
+
+/// `save` for a job of several ranks: every rank calls it with its own part of the snapshot
+/// (its tensors, moments and optimizer step counts; rank 0's state and recipe are written).
+pub fn save_sharded(output_dir: &Path, snap: &Snapshot, comm: &mut dyn crate::dist::Collective) -> Result<PathBuf> {
+    let (rank, world) = (comm.rank(), comm.world());
     let step = snap.state.step;
     let final_dir = output_dir.join(format!("step-{step}"));
     let tmp = output_dir.join(format!(".step-{step}.tmp"));
-    if tmp.exists() {
+    if rank == 0 && tmp.exists() {
         std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
+    comm.barrier()?;
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let (pname, oname) = if world == 1 { ("params.safetensors".to_string(), "optimizer.safetensors".to_string()) } else { (shard_name("params", rank), shard_name("optimizer", rank)) };
     let params: Vec<StoredTensor> = snap.params.iter().map(|(n, t)| f32_tensor(n, t)).collect::<Result<_>>()?;
-    write_safetensors(&tmp.join("params.safetensors"), &params)?;
+    write_safetensors(&tmp.join(&pname), &params)?;
     let mut moments = vec![];
     for (n, (m, v)) in &snap.moments {
         moments.push(f32_tensor(&format!("{n}.exp_avg"), m)?);
         moments.push(f32_tensor(&format!("{n}.exp_avg_sq"), v)?);
     }
-    write_safetensors(&tmp.join("optimizer.safetensors"), &moments)?;
-    for f in ["params.safetensors", "optimizer.safetensors"] {
+    write_safetensors(&tmp.join(&oname), &moments)?;
+    for f in [&pname, &oname] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
+    // Every rank's optimizer step counts go into the one state.json.
+    let mut state = snap.state.clone();
+    for part in comm.all_gather(serde_json::to_string(&snap.state.optimizer_steps)?.as_bytes())? {
+        let steps: BTreeMap<String, u64> = serde_json::from_slice(&part).context("bad optimizer step counts from a rank")?;
+        state.optimizer_steps.extend(steps);
+    }
+    if rank != 0 {
+        comm.barrier()?; // rank 0 finishes the checkpoint
+        return Ok(final_dir);
+    }
+    if world > 1 {
+        let manifest = serde_json::json!({"world": world, "files": (0..world).flat_map(|r| [shard_name("params", r), shard_name("optimizer", r)]).collect::<Vec<_>>()});
+        write_synced(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+    }
+    let snap = &Snapshot { state, params: BTreeMap::new(), moments: BTreeMap::new(), recipe_toml: snap.recipe_toml.clone() };
     write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&snap.state)?.as_bytes())?;
     write_synced(&tmp.join("recipe.toml"), snap.recipe_toml.as_bytes())?;
     write_synced(&tmp.join(MARKER), b"")?;
@@ -90,7 +125,35 @@ pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
     std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    comm.barrier()?;
     Ok(final_dir)
+}
+
+/// The files of `kind` ("params" or "optimizer") in a checkpoint: the single-process file, or
+/// every rank's shard (checked against manifest.json when there is one).
+pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
+    let single = dir.join(format!("{kind}.safetensors"));
+    if single.exists() {
+        return Ok(vec![single]);
+    }
+    let manifest = dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: neither {kind}.safetensors nor manifest.json", dir.display()))?;
+    let m: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: bad manifest: {e}", manifest.display()))?;
+    let world = m["world"].as_u64().with_context(|| format!("{}: no world size", manifest.display()))? as usize;
+    let files: Vec<PathBuf> = (0..world).map(|r| dir.join(shard_name(kind, r))).collect();
+    if let Some(missing) = files.iter().find(|f| !f.exists()) {
+        bail!("{}: the manifest lists {} but it is missing", dir.display(), missing.display());
+    }
+    Ok(files)
+}
+
+/// Every tensor of `kind` in a checkpoint, whichever shard holds it.
+fn load_tensors(dir: &Path, kind: &str, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    let mut out = BTreeMap::new();
+    for f in tensor_files(dir, kind)? {
+        out.extend(load_file_f32(&f, device)?);
+    }
+    Ok(out)
 }
 
 /// Complete checkpoints in `output_dir`, oldest first.
@@ -140,8 +203,8 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 /// Load a checkpoint's tensors and state.
 pub fn load(dir: &Path, device: &Device) -> Result<Snapshot> {
     let state = read_state(dir)?;
-    let params = load_file_f32(&dir.join("params.safetensors"), device)?;
-    let mut flat = load_file_f32(&dir.join("optimizer.safetensors"), device)?;
+    let params = load_tensors(dir, "params", device)?;
+    let mut flat = load_tensors(dir, "optimizer", device)?;
     let names: Vec<String> = flat.keys().filter_map(|n| n.strip_suffix(".exp_avg").map(String::from)).collect();
     let mut moments = BTreeMap::new();
     for n in names {
@@ -158,6 +221,7 @@ pub fn load(dir: &Path, device: &Device) -> Result<Snapshot> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelSource {
     pub hf_dir: PathBuf,
+    /// step-N folders, oldest first.
     pub overlays: Vec<PathBuf>,
 }
 
@@ -171,7 +235,7 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
             return Ok(ModelSource { hf_dir: cur, overlays });
         }
         let state = read_state(&cur)?;
-        overlays.push(cur.join("params.safetensors"));
+        overlays.push(cur.clone());
         cur = PathBuf::from(state.model_path);
     }
     bail!("{}: checkpoint chain is longer than 64 links (a cycle?)", path.display())
@@ -180,8 +244,8 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
 /// Overlay tensors of every link of `src`, later links winning.
 pub fn overlay_params(src: &ModelSource, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
-    for file in &src.overlays {
-        out.extend(load_file_f32(file, device)?);
+    for dir in &src.overlays {
+        out.extend(load_tensors(dir, "params", device)?);
     }
     Ok(out)
 }

@@ -32,10 +32,11 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
+use crate::dist::Collective;
 use crate::data::{TokenStream, WindowSampler};
 use crate::losses::next_token_nll;
 use crate::model::{AttentionMode, ForwardContext, ForwardOptions, Model};
-use crate::recipe::{Recipe, Stage};
+use crate::recipe::{Layout, Recipe, Stage};
 use crate::weights::{self, Kind, ParamSet, WeightSpec};
 use ckpt::{ModelSource, Snapshot, TrainState};
 use metrics::{MetricsLog, StepMetrics};
@@ -71,6 +72,9 @@ pub struct Trainer {
     model_path: PathBuf,
     ctx: ForwardContext,
     device: Device,
+    /// The other ranks of the job (a single process has none).
+    comm: Box<dyn Collective>,
+    layout: Layout,
 }
 
 /// Load the model for `recipe`: the HF weights, the overlays of a step-N chain, and (when
@@ -128,7 +132,26 @@ fn build_model(recipe: &Recipe, resume: Option<&Snapshot>, device: &Device) -> R
 }
 
 impl Trainer {
+    /// A trainer of a single-process job.
     pub fn new(recipe: Recipe, resume: Option<Resume>) -> Result<Self> {
+        Self::with_comm(recipe, resume, Box::new(crate::dist::SingleProcess))
+    }
+
+    /// A trainer for one rank of a job: data parallel over `comm`'s ranks, each taking every
+    /// dp-th micro-batch of the global batch, gradients summed over ranks, optimizer state
+    /// sharded (ZeRO-1) and parameters gathered after each step.
+    pub fn with_comm(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<Self> {
+        let layout = recipe.parallel.layout(comm.world())?;
+        if layout.ep > 1 {
+            bail!("parallel.ep = {}: expert parallelism is not available in this build yet; use parallel.ep = 1", layout.ep);
+        }
+        let micro = recipe.micro_batches();
+        if micro % layout.dp != 0 {
+            bail!(
+                "train.global_batch_seqs / train.micro_batch_seqs = {micro} micro-batches per step, not a multiple of parallel.dp = {}",
+                layout.dp
+            );
+        }
         let device = crate::parse_device(&recipe.model.device)?;
         let output_dir = PathBuf::from(&recipe.run.output_dir);
         let resume_dir = match resume {
@@ -151,8 +174,22 @@ impl Trainer {
         let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
+        if layout.dp > 1 {
+            let sizes: Vec<usize> = slots.iter().map(|s| s.var.as_tensor().elem_count()).collect();
+            let owners = optim::assign_owners(&sizes, layout.dp);
+            for (s, owner) in slots.iter_mut().zip(owners) {
+                if owner != comm.rank() {
+                    s.disown()?;
+                }
+            }
+        }
         if let Some(snap) = &snapshot {
-            for s in slots.iter_mut() {
+            // Whatever layout wrote the checkpoint, each rank takes the state of the tensors it
+            // owns now (re-sharding by name).
+            for s in slots.iter_mut().filter(|s| s.owned) {
+                if let Some(p) = snap.params.get(&s.name) {
+                    s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
+                }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
                     s.m = m.clone();
                     s.v = v.clone();
@@ -165,7 +202,7 @@ impl Trainer {
         }
         let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         let stage = recipe.stage();
-        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device })
+        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, comm, layout })
     }
 
     fn forward_options(&self) -> ForwardOptions {
@@ -341,22 +378,110 @@ impl Trainer {
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
-        for _ in 0..micro {
+        let (dp, rank) = (self.layout.dp, self.comm.rank());
+        for i in 0..micro {
+            // Every rank draws every window (the data cursor stays the same on all ranks) and
+            // computes its own share of the micro-batches.
             let batch = self.sampler.next_batch(r.train.micro_batch_seqs)?;
+            if i % dp != rank {
+                continue;
+            }
             let flat: Vec<u32> = batch.concat();
             let tokens = Tensor::from_vec(flat, (r.train.micro_batch_seqs, r.data.seq_len), &self.device)?;
             let (lm, kl) = self.micro_batch(&tokens, scale, &mut accum, &mut loads)?;
             lm_sum += lm.unwrap_or(0.0);
             kl_sum += kl;
         }
+        if self.comm.world() > 1 {
+            (lm_sum, kl_sum) = self.reduce_over_ranks(&mut accum, &mut loads, lm_sum, kl_sum)?;
+        }
         Ok((accum, loads, lm_sum, kl_sum))
+    }
+
+    /// Sum gradients, expert loads and the logged losses over the ranks. Gradients travel in
+    /// buckets of about 2^24 values; a tensor with a gradient on any rank gets one on every
+    /// rank (zeros where it had none), so every rank sees the same set of updated tensors.
+    fn reduce_over_ranks(&mut self, accum: &mut GradAccum, loads: &mut [Vec<u64>], lm: f64, kl: f64) -> Result<(f64, f64)> {
+        const BUCKET: usize = 1 << 24;
+        let mut start = 0;
+        while start < self.slots.len() {
+            let mut end = start;
+            let mut len = 0;
+            while end < self.slots.len() && (end == start || len + self.slots[end].var.as_tensor().elem_count() <= BUCKET) {
+                len += self.slots[end].var.as_tensor().elem_count() + 1;
+                end += 1;
+            }
+            // [presence flag, values] per tensor.
+            let mut flat = Vec::with_capacity(len);
+            for s in &self.slots[start..end] {
+                match accum.grads.get(&s.name) {
+                    Some(g) => {
+                        flat.push(1.0);
+                        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    None => {
+                        flat.push(0.0);
+                        flat.extend(std::iter::repeat_n(0f32, s.var.as_tensor().elem_count()));
+                    }
+                }
+            }
+            self.comm.all_reduce_sum(&mut flat)?;
+            let mut at = 0;
+            for s in &self.slots[start..end] {
+                let n = s.var.as_tensor().elem_count();
+                if flat[at] > 0.0 {
+                    let g = Tensor::from_slice(&flat[at + 1..at + 1 + n], s.var.as_tensor().shape(), &self.device)?;
+                    accum.grads.insert(s.name.clone(), g);
+                }
+                at += n + 1;
+            }
+            start = end;
+        }
+        // Loads are counts: summed exactly as integers.
+        let mut mine: Vec<u8> = [lm, kl].iter().flat_map(|x| x.to_le_bytes()).collect();
+        mine.extend(loads.iter().flatten().flat_map(|x| x.to_le_bytes()));
+        let all = self.comm.all_gather(&mine)?;
+        let word = |part: &[u8], i: usize| -> [u8; 8] { part[8 * i..8 * i + 8].try_into().expect("8 bytes") };
+        let (mut lm, mut kl) = (0.0, 0.0);
+        loads.iter_mut().flatten().for_each(|x| *x = 0);
+        for part in &all {
+            lm += f64::from_le_bytes(word(part, 0));
+            kl += f64::from_le_bytes(word(part, 1));
+            for (i, x) in loads.iter_mut().flatten().enumerate() {
+                *x += u64::from_le_bytes(word(part, 2 + i));
+            }
+        }
+        Ok((lm, kl))
+    }
+
+    /// ZeRO-1: after the optimizer step each tensor's owner sends its new value to every rank.
+    fn gather_updated_params(&mut self) -> Result<()> {
+        let mut mine = vec![];
+        for s in self.slots.iter().filter(|s| s.owned) {
+            mine.extend(s.value_f32()?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()));
+        }
+        let all = self.comm.all_gather(&mine)?;
+        let sizes: Vec<usize> = self.slots.iter().map(|s| s.var.as_tensor().elem_count()).collect();
+        let owners = optim::assign_owners(&sizes, self.layout.dp);
+        let mut at = vec![0usize; all.len()];
+        for (s, owner) in self.slots.iter_mut().zip(owners) {
+            let n = s.var.as_tensor().elem_count();
+            let bytes = &all[owner][at[owner]..at[owner] + 4 * n];
+            at[owner] += 4 * n;
+            if !s.owned {
+                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                s.set_value(&Tensor::from_vec(v, s.var.as_tensor().shape(), &self.device)?)?;
+            }
+        }
+        Ok(())
     }
 
     /// One optimizer step over `global_batch_seqs` sequences.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let (accum, loads, lm_sum, kl_sum) = self.accumulate_gradients()?;
-        let r = &self.recipe;
+        let recipe = self.recipe.clone();
+        let r = &recipe;
         let micro = r.micro_batches();
         let seq_len = r.data.seq_len;
         let lr = lr_at(self.step, r.train.lr, &r.train);
@@ -367,6 +492,9 @@ impl Trainer {
                 Group::Indexer => indexer_lr,
             })
             .context("optimizer step")?;
+        if self.layout.dp > 1 {
+            self.gather_updated_params().context("gathering the updated parameters from their owners")?;
+        }
         self.update_router_biases(&loads)?;
         self.step += 1;
         let tokens = (r.train.global_batch_seqs * seq_len) as u64;
@@ -425,12 +553,13 @@ impl Trainer {
         let mut params = BTreeMap::new();
         let mut moments = BTreeMap::new();
         let mut optimizer_steps = BTreeMap::new();
-        for s in &self.slots {
+        // Each rank saves the tensors it owns; rank 0 also the router biases (identical on all).
+        for s in self.slots.iter().filter(|s| s.owned) {
             params.insert(s.name.clone(), s.value_f32()?);
             moments.insert(s.name.clone(), (s.m.clone(), s.v.clone()));
             optimizer_steps.insert(s.name.clone(), s.steps);
         }
-        for (name, var) in &self.router_biases {
+        for (name, var) in self.router_biases.iter().filter(|_| self.comm.rank() == 0) {
             params.insert(name.clone(), var.as_tensor().clone());
         }
         Ok(Snapshot {
@@ -450,30 +579,62 @@ impl Trainer {
         })
     }
 
-    pub fn save_checkpoint(&self) -> Result<PathBuf> {
-        let out = Path::new(&self.recipe.run.output_dir);
-        let dir = ckpt::save(out, &self.snapshot()?)?;
-        ckpt::prune(out, self.recipe.checkpoint.keep_last)?;
+    pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
+        let out = PathBuf::from(&self.recipe.run.output_dir);
+        let snap = self.snapshot()?;
+        let dir = ckpt::save_sharded(&out, &snap, self.comm.as_mut())?;
+        if self.comm.rank() == 0 {
+            ckpt::prune(&out, self.recipe.checkpoint.keep_last)?;
+        }
+        self.comm.barrier()?;
         Ok(dir)
+    }
+
+    pub fn rank(&self) -> usize {
+        self.comm.rank()
+    }
+
+    /// Did any rank get a stop signal? (All ranks must checkpoint and stop at the same step.)
+    fn stop_agreed(&mut self, mine: bool) -> Result<bool> {
+        if self.comm.world() == 1 {
+            return Ok(mine);
+        }
+        Ok(self.comm.all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
     }
 }
 
 /// Run a recipe to `train.steps`, checkpointing as configured.
+/// Run a recipe as one rank of the job the environment describes (SLURM or torchrun-style
+/// variables; a single process when there are none).
 pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
+    let launch = crate::dist::Launch::from_env()?;
+    // Check the layout before waiting for other ranks: a typo fails at once on every rank.
+    recipe.parallel.layout(launch.world)?;
+    let comm = crate::dist::connect(&launch)?;
+    train_with(recipe, resume, comm)
+}
+
+/// `train` over the given collectives; rank 0 alone writes the logs and the recipe copy.
+pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<TrainOutcome> {
     let out = PathBuf::from(&recipe.run.output_dir);
+    let lead = comm.rank() == 0;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
-    std::fs::write(out.join("recipe.toml"), recipe.to_toml()).with_context(|| format!("cannot write {}", out.join("recipe.toml").display()))?;
+    if lead {
+        std::fs::write(out.join("recipe.toml"), recipe.to_toml()).with_context(|| format!("cannot write {}", out.join("recipe.toml").display()))?;
+    }
     signals::install();
-    let mut trainer = Trainer::new(recipe, resume)?;
+    let mut trainer = Trainer::with_comm(recipe, resume, comm)?;
     let r = trainer.recipe.clone();
-    let log = MetricsLog::open(&out, trainer.step)?;
-    let progress = progress_bar(&r, trainer.step);
+    let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
+    let progress = if lead { progress_bar(&r, trainer.step) } else { None };
     let mut last_checkpoint = None;
     let mut stopped = false;
     let log_every = (r.train.steps / 20).max(1);
     while trainer.step < r.train.steps {
         let m = trainer.train_step()?;
-        log.append(&m)?;
+        if let Some(log) = &log {
+            log.append(&m)?;
+        }
         if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
             bail!(
                 "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}); \
@@ -490,10 +651,10 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
                 p.set_position(m.step);
                 p.set_message(summary);
             }
-            None if m.step % log_every == 0 || m.step == 1 => eprintln!("[train] step {}/{} {summary}", m.step, r.train.steps),
+            None if lead && (m.step % log_every == 0 || m.step == 1) => eprintln!("[train] step {}/{} {summary}", m.step, r.train.steps),
             None => {}
         }
-        stopped = signals::stop_requested();
+        stopped = trainer.stop_agreed(signals::stop_requested())?;
         let periodic = r.checkpoint.every > 0 && m.step % r.checkpoint.every == 0;
         if periodic || stopped || m.step == r.train.steps {
             last_checkpoint = Some(trainer.save_checkpoint()?);

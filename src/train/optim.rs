@@ -34,6 +34,9 @@ pub struct Slot {
     pub steps: u64,
     pub decay: bool,
     pub group: Group,
+    /// This rank holds the tensor's optimizer state and updates it (ZeRO-1: every tensor has
+    /// exactly one owner among the data-parallel ranks; the others receive its new value).
+    pub owned: bool,
 }
 
 impl Slot {
@@ -41,7 +44,17 @@ impl Slot {
         let t = var.as_tensor();
         let master = if t.dtype() == DType::F32 { None } else { Some(t.to_dtype(DType::F32)?) };
         let m = t.to_dtype(DType::F32)?.zeros_like()?;
-        Ok(Self { name, m: m.clone(), v: m, master, var, steps: 0, decay, group })
+        Ok(Self { name, m: m.clone(), v: m, master, var, steps: 0, decay, group, owned: true })
+    }
+
+    /// Hand the tensor's optimizer state to another rank: drop the moments and the f32 master
+    /// (the memory ZeRO-1 saves).
+    pub fn disown(&mut self) -> Result<()> {
+        self.owned = false;
+        self.m = Tensor::zeros(0, DType::F32, self.m.device())?;
+        self.v = self.m.clone();
+        self.master = None;
+        Ok(())
     }
 
     /// The f32 value of the parameter.
@@ -126,7 +139,7 @@ impl AdamW {
         }
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
         let scale = |g: Group| if self.clip > 0.0 && norm(g) > self.clip { self.clip / (norm(g) + 1e-6) } else { 1.0 };
-        for s in slots.iter_mut() {
+        for s in slots.iter_mut().filter(|s| s.owned) {
             let Some(g) = accum.grads.get(&s.name) else { continue };
             let g = (g * scale(s.group))?;
             s.steps += 1;
@@ -146,6 +159,21 @@ impl AdamW {
         }
         Ok(StepReport { main_grad_norm: norm(Group::Main), indexer_grad_norm: norm(Group::Indexer) })
     }
+}
+
+/// Owner rank of each tensor: largest first to the least-loaded rank (lowest rank on ties), so
+/// optimizer memory is balanced and every rank computes the same assignment.
+pub fn assign_owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..sizes.len()).collect();
+    order.sort_by(|&a, &b| sizes[b].cmp(&sizes[a]).then(a.cmp(&b)));
+    let mut load = vec![0usize; ranks.max(1)];
+    let mut owner = vec![0; sizes.len()];
+    for i in order {
+        let r = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("at least one rank");
+        owner[i] = r;
+        load[r] += sizes[i];
+    }
+    owner
 }
 
 /// Learning rate at `step` (0-based): linear warm-up from 0 over `warmup_steps`, then constant

@@ -41,3 +41,43 @@ pub fn assert_clean_error(result: &(i32, String, String), needles: &[&str]) {
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A tiny V3.1-style checkpoint (2 layers) and a synthetic corpus in a temp folder.
+pub struct Fixture {
+    _tmp: tempfile::TempDir,
+    pub root: PathBuf,
+}
+
+impl Fixture {
+    pub fn new(seed: u64) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().to_path_buf();
+        let mut cfg = dsa_train::tiny::tiny_config(false);
+        cfg["num_hidden_layers"] = 2.into();
+        dsa_train::tiny::write_random_checkpoint(&root.join("model"), &cfg, seed, 1 << 20).unwrap();
+        let tokens = dsa_train::tiny::synthetic_corpus(512, 4096, seed);
+        dsa_train::data::write_token_file(&root.join("tokens.bin"), &tokens).unwrap();
+        Self { _tmp: tmp, root }
+    }
+
+    /// A recipe file for `stage` writing into `out`.
+    pub fn recipe(&self, stage: &str, out: &str, model: &Path, steps: u64) -> PathBuf {
+        let text = format!(
+            "[run]\noutput_dir = \"{}\"\nseed = 3\nprogress = false\n\
+             [model]\npath = \"{}\"\ndtype = \"f32\"\ndevice = \"cpu\"\nindex_n_heads = 2\nindex_head_dim = 32\n\
+             [data]\npath = \"{}\"\nseq_len = 32\n\
+             [train]\nstage = \"{stage}\"\nsteps = {steps}\nlr = 1e-2\nglobal_batch_seqs = 4\nmicro_batch_seqs = 2\n\
+             warmup_steps = 2\nrouter_bias_gamma = 0.01\nmtp_weight = 0.5\nseq_balance_alpha = 0.01\n\
+             [dsa]\nindex_topk = 8\n[checkpoint]\nevery = 2\nkeep_last = 0\n",
+            self.root.join(out).display(), model.display(), self.root.join("tokens.bin").display()
+        );
+        let path = self.root.join(format!("{out}.toml"));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    pub fn out(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+}
+
