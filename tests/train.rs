@@ -184,6 +184,12 @@ fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
     let steps = metrics::read(&metrics_path).unwrap().len() as u64;
     let ckpts = dsa_train::train::ckpt::complete_checkpoints(&f.out("term"));
     assert_eq!(ckpts.last().map(|c| c.0), Some(steps), "checkpoint at the last step taken");
+    assert!(!f.out("term/FINISHED").exists(), "a stopped run is not finished");
+    // Resumed with a reachable step count, the run finishes and says so.
+    let last = format!("train.steps={}", steps + 1);
+    let mut child = spawn_train(&recipe, &["--set", "checkpoint.every=0", "--set", &last, "--resume", "auto"]);
+    assert!(child.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(f.out("term/FINISHED")).unwrap().trim(), (steps + 1).to_string());
 }
 
 #[test]

@@ -626,6 +626,9 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let mut trainer = Trainer::with_comm(recipe, resume, comm)?;
     let r = trainer.recipe.clone();
     let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
+    if lead && trainer.step < r.train.steps {
+        let _ = std::fs::remove_file(out.join("FINISHED")); // a longer run of the same folder
+    }
     let progress = if lead { progress_bar(&r, trainer.step) } else { None };
     let mut last_checkpoint = None;
     let mut stopped = false;
@@ -666,6 +669,11 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     }
     if let Some(p) = progress {
         p.finish();
+    }
+    let finished = out.join("FINISHED");
+    if lead && trainer.step >= r.train.steps {
+        // Job scripts tell "reached train.steps" from "stopped by a signal" by this file.
+        std::fs::write(&finished, format!("{}\n", trainer.step)).with_context(|| format!("cannot write {}", finished.display()))?;
     }
     Ok(TrainOutcome { steps_done: trainer.step, stopped_by_signal: stopped, last_checkpoint })
 }
