@@ -17,7 +17,8 @@ pub const MASKED: f32 = -1e30;
 /// The selected sets of one layer.
 #[derive(Debug, Clone)]
 pub struct Selection {
-    /// [B, T, K] u32 key positions, K = min(k, T); best first.
+    /// [B, T, K] u32 key positions, K = min(k, T): best first from the host selection,
+    /// ascending from the device kernel (the sets, not their order, are the contract).
     pub indices: Tensor,
     /// [B, T, K] f32: 1 for a selected key, 0 for padding.
     pub valid: Tensor,

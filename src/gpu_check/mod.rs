@@ -5,6 +5,7 @@
 //! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
+mod indexer_topk;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -200,6 +201,7 @@ pub fn run(device_name: &str) -> Result<()> {
     let mut all = sparse_kernel_matches_twin(&gpu)?;
     all.extend(indexer_kernel_matches_twin(&gpu)?);
     // Checks of the kernel modules (one line per module).
+    all.extend(indexer_topk::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
     let _ = std::fs::remove_dir_all(&dir);

@@ -179,7 +179,10 @@ impl DecoderLayer {
             AttentionMode::Sparse => {
                 let sel = match cached {
                     Some(sel) => sel.clone(),
-                    None => select_indexer_topk(&ix.as_ref().expect("sparse attention projects the indexer").detach(), ctx, opts.topk)?,
+                    None => {
+                        let fast = proj.q_nope.dtype() == DType::BF16 && crate::kernels::available(h.device());
+                        select_indexer_topk(&ix.as_ref().expect("sparse attention projects the indexer").detach(), ctx, opts.topk, fast)?
+                    }
                 };
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
@@ -211,8 +214,19 @@ impl DecoderLayer {
 }
 
 /// Top-k selection from the indexer, scoring one block of queries at a time (no [T, T] tensor).
-fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize) -> Result<crate::dsa::Selection> {
+/// `fast` (bf16 models on CUDA): the tensor-core scoring and device top-k kernels, with q_I and
+/// k_I rounded to bf16 for the products (f32 accumulation); otherwise f32 scores and the host
+/// selection, the reference that f32 GPU runs share with the CPU.
+fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize, fast: bool) -> Result<crate::dsa::Selection> {
     let (b, t, _, _) = ix.q.dims4()?;
+    if fast {
+        let q = ix.q.to_dtype(DType::BF16)?;
+        let keys = ix.k.to_dtype(DType::BF16)?;
+        let rows = (0..b)
+            .map(|bi| crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &ix.w.get(bi)?, &keys.get(bi)?, 0, k))
+            .collect::<Result<Vec<_>>>()?;
+        return crate::dsa::Selection::from_positions(&Tensor::stack(&rows, 0)?);
+    }
     crate::dsa::select_topk_streaming(b, t, k, crate::dsa::query_block(b, t), ix.q.device(), |q0, n| {
         Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal(q0, n)?)?)
     })
