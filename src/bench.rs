@@ -142,6 +142,23 @@ pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
     out.push(format!("cuBLAS bf16 matmul 4096^3: {:.3} ms = {:.0} TFLOP/s", t * 1e3, 2.0 * 4096f64.powi(3) / t / 1e12));
     let (h, dqk, dv, topk, hi, di) = (128usize, 576usize, 512usize, 2048usize, 64usize, 128usize);
     for &l in lens {
+        // The tensor-core kernels (each module times its own; a failure such as running out of
+        // memory at one length is reported and the next length still runs).
+        type Bench = fn(&Device, usize) -> Result<Vec<String>>;
+        let families: [(&str, Bench); 1] = [
+            ("indexer top-k", crate::kernels::indexer_topk::bench),
+        ];
+        for (name, bench) in families {
+            match bench(&dev, l) {
+                Ok(lines) => lines.into_iter().for_each(|x| out.push(format!("L {l}: {x}"))),
+                Err(e) => out.push(format!("L {l}: {name}: failed: {e:#}")),
+            }
+        }
+        // Version-1 f32 kernels (CUDA cores), the baseline: short lengths only (f32 inputs at
+        // the 671B shape need 9 GiB per 32K queries).
+        if l > 8192 {
+            continue;
+        }
         let mut rng = crate::rng::SplitMix64::new(l as u64);
         let kk = topk.min(l);
         let mut idx = vec![u32::MAX; l * kk];

@@ -12,6 +12,10 @@ mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 export NCCL_NVLS_ENABLE=0
 BIN=dist/gpu/dsa-train
+if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then
+  xz -dc "$BIN.xz" > "$BIN" 2>/dev/null || python3 -c 'import lzma,sys; sys.stdout.buffer.write(lzma.open(sys.argv[1]).read())' "$BIN.xz" > "$BIN"
+  chmod +x "$BIN"
+fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$LOG/device.txt"
 DEVICE="$(head -1 "$LOG/device.txt" | cut -d, -f1)"
 
