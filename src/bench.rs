@@ -108,6 +108,15 @@ fn device_memory_in_use() -> String {
     String::new()
 }
 
+/// With DSA_MEM_LOG=1, print the device memory in use at `at` (finding what fills the GPU at
+/// long sequence lengths).
+pub fn log_device_memory(at: &str) {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *ON.get_or_init(|| std::env::var("DSA_MEM_LOG").is_ok_and(|v| v == "1")) {
+        eprintln!("[mem] {at}{}", device_memory_in_use());
+    }
+}
+
 /// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device.
 fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;

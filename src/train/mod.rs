@@ -252,7 +252,9 @@ impl Trainer {
                 inputs.push(h.clone());
             }
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
+            crate::bench::log_device_memory(&format!("layer {l} forward"));
             let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
+            crate::bench::log_device_memory(&format!("layer {l} KL backward"));
             kl_sum = add(kl_sum, kl)?;
             if let Some(c) = stats.expert_counts.take() {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
@@ -318,6 +320,7 @@ impl Trainer {
                     if let Some(b) = stats.balance_loss {
                         loss = (loss + (b * (t.seq_balance_alpha * scale))?)?;
                     }
+                    crate::bench::log_device_memory(&format!("layer {l} recomputed"));
                     let grads = loss.backward().with_context(|| format!("layer {l} main backward"))?;
                     accum.add(&self.slots, &grads)?;
                     dh = match grads.get(x.as_tensor()) {
