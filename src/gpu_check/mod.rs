@@ -6,6 +6,7 @@
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
 mod indexer_topk;
+mod sparse_mla_tc;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -201,6 +202,7 @@ pub fn run(device_name: &str) -> Result<()> {
     let mut all = sparse_kernel_matches_twin(&gpu)?;
     all.extend(indexer_kernel_matches_twin(&gpu)?);
     // Checks of the kernel modules (one line per module).
+    all.extend(sparse_mla_tc::checks(&gpu)?);
     all.extend(indexer_topk::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);

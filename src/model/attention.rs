@@ -118,11 +118,17 @@ impl Mla {
         // One shared key/value entry per token, gathered per query.
         let kv = Tensor::cat(&[&p.c_norm, &p.k_pe.squeeze(2)?], 2)?.reshape((bt, c + r))?; // [BT, C+R]
         let (o_lat, head_mean) = if crate::kernels::available(q.device()) {
-            // Fused kernel: gathers the selected rows on the fly, keeps only the LSE.
-            let (q32, kv32) = (q.to_dtype(DType::F32)?.contiguous()?, kv.to_dtype(DType::F32)?.contiguous()?);
+            // Fused kernel: gathers the selected rows on the fly, keeps only the LSE. bf16 models
+            // take the tensor-core kernel (bf16 products, f32 softmax and accumulators).
             let idx = sel.absolute.reshape((bt, k))?;
-            let out = crate::kernels::sparse_mla(&q32, &kv32, &idx, self.scale, c)?; // [BT, H, C+1]
-            let pm = crate::kernels::sparse_mla_head_mean_probs(&q32.detach(), &kv32.detach(), &idx, &out, self.scale, c)?;
+            let tensor_cores = q.dtype() == DType::BF16 && crate::kernels::sparse_mla_tc::supported(c + r, c, h);
+            let out = if tensor_cores {
+                crate::kernels::sparse_mla_tc::sparse_mla_bf16(&q.contiguous()?, &kv.contiguous()?, &idx, self.scale, c)?
+            } else {
+                crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?.contiguous()?, &kv.to_dtype(DType::F32)?.contiguous()?, &idx, self.scale, c)?
+            }; // [BT, H, C+1] f32
+            let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
+            let pm = crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?;
             (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
         } else {
             self.sparse_plain(&q, &kv, sel, b, t)?

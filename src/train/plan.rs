@@ -9,11 +9,21 @@
 //! - indexer scores, per layer and sequence: 2 * HI * DI * T(T+1)/2 (+ its projections);
 //! - training multiplies a forward by 3 (forward + backward); in warm-up only the indexer is
 //!   differentiated, so the main model costs one forward and the indexer three.
-//! Memory per device (one device; the scale-out issue divides it): weights in the compute
-//! dtype; for trainable tensors + f32 master (if not f32) + f32 gradient + two f32 moments;
-//! activations estimated as 34 * hidden bytes per token per layer (bf16, no recomputation)
-//! for the sparse stage, plus one layer's streamed attention/indexer working set (LSE per head,
-//! indexer queries, selected indices; the kernels never store [T, T] or [T, H, K]).
+//! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
+//! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
+//! - optimizer (ZeRO-1): f32 master (when the dtype is not f32) and two f32 moments of the
+//!   trainable tensors this device holds, divided by the ranks that hold them (dp for
+//!   non-expert tensors, dp/ep for experts); the f32 gradient accumulator is not sharded;
+//! - activations of one micro-batch of T tokens: with `train.recompute` (sparse stage) each
+//!   layer's input (hidden x dtype per token and layer) plus ONE layer's working set; without
+//!   it, 34 x hidden bytes per token and layer (Korthikanti et al.'s bf16 count without the
+//!   attention matrix, which the kernels never store). One layer's working set per token:
+//!   attention in absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies:
+//!   about 14 H (C+R) bytes), the indexer (HI x DI f32 queries, their bf16 copy and gradient:
+//!   10 HI DI bytes), the selection (k x 4 bytes, twice) and the sparse-KL rows (k x 4 bytes, 5
+//!   live tensors), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2 bytes).
+//!   The LM head runs in chunks of 2^27 logits (f32 log-softmax and gradient: ~1.5 GiB).
+//!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
 
 use anyhow::Result;
 
@@ -95,20 +105,31 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
     let hidden = cfg.hidden_size as f64;
-    // Per token of the micro-batch: one layer's per-head LSE, indexer query and selected indices
-    // (the attention and indexer kernels stream over keys and never store [T, T] or [T, H, K]).
-    let streamed = micro_tokens * (h * 4.0 + cfg.index_n_heads as f64 * cfg.index_head_dim as f64 * 2.0 + k.min(t) as f64 * 4.0);
+    let (hi, di) = (cfg.index_n_heads as f64, cfg.index_head_dim as f64);
+    let kk = k.min(t) as f64;
+    let layer_working_set = micro_tokens
+        * (14.0 * h * (c + r) + 10.0 * hi * di + 7.0 * kk * 4.0 + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0);
+    let lm_chunk = (1u64 << 27) as f64 * 4.0 * 3.0;
     let activation_bytes = match stage {
-        Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + streamed,
-        Stage::Sparse => 34.0 * hidden * micro_tokens * layers + streamed,
+        Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
+        Stage::Sparse if recipe.train.recompute => micro_tokens * hidden * dtype_bytes * layers + layer_working_set + lm_chunk,
+        Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
     };
+    // Parallel layout: dp from the recipe (0 = one device), ep splits the routed experts.
+    let dp = recipe.parallel.dp.max(1) as f64;
+    let ep = recipe.parallel.ep.max(1) as f64;
+    let is_expert = |s: &crate::weights::WeightSpec| s.name.contains(".mlp.experts.");
+    let local = |s: &crate::weights::WeightSpec| if is_expert(s) { numel(s) as f64 / ep } else { numel(s) as f64 };
+    let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
+    let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
+    let optimizer_bytes: f64 = specs.iter().filter(|s| trainable(s)).map(|s| local(s) * ((master + 8.0) / holders(s) + 4.0)).sum();
     Plan {
         trainable_params,
         frozen_params: total - trainable_params,
         tokens_per_step: tokens as u64,
         flops_per_step,
-        weight_bytes: total as f64 * dtype_bytes,
-        optimizer_bytes: trainable_params as f64 * (master + 4.0 + 8.0),
+        weight_bytes,
+        optimizer_bytes,
         activation_bytes,
     }
 }
@@ -117,8 +138,11 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
 pub fn report(recipe: &Recipe, p: &Plan) -> String {
     let gib = |b: f64| b / (1u64 << 30) as f64;
     format!(
-        "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\nmemory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2}",
+        "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
+         layout: dp {} x ep {} ({} device(s))\n\
+         memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2}",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
-        p.flops_per_step, gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes)
+        p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.ep, recipe.parallel.dp.max(1),
+        gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes)
     )
 }

@@ -1,0 +1,167 @@
+//! GPU checks of the tensor-core sparse MLA (`kernels::sparse_mla_tc`, bf16) against the f32
+//! CUDA-core kernel (`kernels::sparse_mla`) run on the same bf16-rounded inputs converted to
+//! f32: forward output, LSE, dq and dkv under a random upstream gradient, on awkward sizes with
+//! padded selections (duplicates included), a large-magnitude case, and the deterministic dkv
+//! mode (two runs bit-identical, and equal to the atomic mode within tolerance).
+//!
+//! Tolerances reflect bf16 P in P V and bf16 dO, P and scale * dS as backward operands, and
+//! bf16 gradients: max relative error (max |a - b| / max |b|) < 2e-2 and cosine > 0.9999.
+
+use anyhow::{anyhow, Result};
+use candle_core::{DType, Device, Tensor, Var};
+
+use super::{cosine, rel_err, Outcome};
+use crate::kernels::sparse_mla_tc as tc;
+
+const REL_TOL: f32 = 2e-2;
+const COS_TOL: f32 = 0.9999;
+
+struct Case {
+    name: &'static str,
+    n: usize,
+    h: usize,
+    k: usize,
+    dqk: usize,
+    dv: usize,
+    /// Fraction of padding slots (slot 0 is always valid, so no query is empty).
+    pad: f64,
+    /// Standard deviation of q (30: very peaked softmax).
+    qmul: f64,
+    seed: u64,
+}
+
+struct Inputs {
+    q: Tensor,
+    kv: Tensor,
+    idx: Tensor,
+    up: Tensor,
+    scale: f64,
+    dv: usize,
+}
+
+/// bf16 q [N, H, DQK] and kv [max(N, 8), DQK]; idx [N, K]: slot j of query t picks a row in
+/// 0..=max(t, 7) (duplicates allowed), a fraction `pad` of the slots past 0 are padding.
+fn inputs(c: &Case, gpu: &Device) -> Result<Inputs> {
+    let nkv = c.n.max(8);
+    let q = crate::rng::randn(&[c.n, c.h, c.dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
+    let kv = crate::rng::randn(&[nkv, c.dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
+    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
+    let mut abs = vec![u32::MAX; c.n * c.k];
+    for t in 0..c.n {
+        let hi = t.max(7).min(nkv - 1) as u64 + 1;
+        for j in 0..c.k {
+            if j == 0 || rng.uniform() >= c.pad {
+                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
+            }
+        }
+    }
+    let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
+    let up = crate::rng::randn(&[c.n, c.h, c.dv], c.seed + 3, 1.0, gpu)?;
+    Ok(Inputs { q, kv, idx, up, scale: 192f64.powf(-0.5), dv: c.dv })
+}
+
+struct Run {
+    out: Tensor,
+    dq: Tensor,
+    dkv: Tensor,
+}
+
+/// Forward and backward of loss = sum(out[..., :dv] * up) through `f`, with q and kv cast to
+/// `dtype` first (bf16 for the tensor-core op, f32 for the twin).
+fn run(x: &Inputs, dtype: DType, f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Result<Run> {
+    let q = Var::from_tensor(&x.q.to_dtype(dtype)?)?;
+    let kv = Var::from_tensor(&x.kv.to_dtype(dtype)?)?;
+    let out = f(q.as_tensor(), kv.as_tensor())?;
+    let grads = (out.narrow(2, 0, x.dv)? * &x.up)?.sum_all()?.backward()?;
+    let dq = grads.get(q.as_tensor()).ok_or_else(|| anyhow!("no dq"))?.clone();
+    let dkv = grads.get(kv.as_tensor()).ok_or_else(|| anyhow!("no dkv"))?.clone();
+    Ok(Run { out, dq, dkv })
+}
+
+fn run_tc(x: &Inputs) -> Result<Run> {
+    run(x, DType::BF16, |q, kv| tc::sparse_mla_bf16(q, kv, &x.idx, x.scale, x.dv))
+}
+
+fn run_twin(x: &Inputs) -> Result<Run> {
+    run(x, DType::F32, |q, kv| crate::kernels::sparse_mla(q, kv, &x.idx, x.scale, x.dv))
+}
+
+fn bits(t: &Tensor) -> Result<Vec<u16>> {
+    Ok(t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect())
+}
+
+fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
+    let x = inputs(c, gpu)?;
+    let a = run_tc(&x)?;
+    let b = run_twin(&x)?;
+    let dv = c.dv;
+    let e_o = rel_err(&a.out.narrow(2, 0, dv)?, &b.out.narrow(2, 0, dv)?)?;
+    let c_o = cosine(&a.out.narrow(2, 0, dv)?, &b.out.narrow(2, 0, dv)?)?;
+    let e_l = rel_err(&a.out.narrow(2, dv, 1)?, &b.out.narrow(2, dv, 1)?)?;
+    let (e_dq, c_dq) = (rel_err(&a.dq, &b.dq)?, cosine(&a.dq, &b.dq)?);
+    let (e_dkv, c_dkv) = (rel_err(&a.dkv, &b.dkv)?, cosine(&a.dkv, &b.dkv)?);
+    let dtypes_ok = a.dq.dtype() == DType::BF16 && a.dkv.dtype() == DType::BF16;
+    let worst = e_o.max(e_l).max(e_dq).max(e_dkv);
+    let least = c_o.min(c_dq).min(c_dkv);
+    // NaN compares false, so it fails here.
+    let ok = dtypes_ok && worst < REL_TOL && least > COS_TOL;
+    Ok(Outcome {
+        name: c.name,
+        ok,
+        detail: format!(
+            "N {} H {} K {} dqk {} dv {} q std {}: rel err out {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dkv {e_dkv:.1e} (< {REL_TOL:.0e}); \
+             cosine out {c_o:.6} dq {c_dq:.6} dkv {c_dkv:.6} (> {COS_TOL}); grads bf16 {dtypes_ok}",
+            c.n, c.h, c.k, c.dqk, c.dv, c.qmul
+        ),
+    })
+}
+
+/// Deterministic mode: two backward runs give bit-identical dq and dkv, close to atomic mode.
+fn deterministic(c: &Case, gpu: &Device) -> Result<Outcome> {
+    let x = inputs(c, gpu)?;
+    let before = tc::deterministic();
+    tc::set_deterministic(false);
+    let atomic = run_tc(&x);
+    tc::set_deterministic(true);
+    let r1 = run_tc(&x);
+    let r2 = run_tc(&x);
+    tc::set_deterministic(before);
+    let (atomic, r1, r2) = (atomic?, r1?, r2?);
+    let same_dkv = bits(&r1.dkv)? == bits(&r2.dkv)?;
+    let same_dq = bits(&r1.dq)? == bits(&r2.dq)?;
+    let e = rel_err(&r1.dkv, &atomic.dkv)?;
+    let cs = cosine(&r1.dkv, &atomic.dkv)?;
+    Ok(Outcome {
+        name: c.name,
+        ok: same_dkv && same_dq && e < REL_TOL && cs > COS_TOL,
+        detail: format!(
+            "N {} H {} K {}: two runs bit-identical dkv {same_dkv} dq {same_dq}; vs atomic dkv rel err {e:.1e} cosine {cs:.6}",
+            c.n, c.h, c.k
+        ),
+    })
+}
+
+pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
+    let third = 1.0 / 3.0;
+    let cases = [
+        Case { name: "tc sparse MLA vs f32 kernel (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 101 },
+        Case { name: "tc sparse MLA vs f32 kernel (one query)", n: 1, h: 16, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 202 },
+        Case { name: "tc sparse MLA vs f32 kernel (K 2048 > valid)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 303 },
+        Case { name: "tc sparse MLA vs f32 kernel (q x 30)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 30.0, seed: 404 },
+        Case { name: "tc sparse MLA vs f32 kernel (H 20, K 97)", n: 33, h: 20, k: 97, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 505 },
+        Case { name: "tc sparse MLA vs f32 kernel (N 1025)", n: 1025, h: 16, k: 64, dqk: 576, dv: 512, pad: 0.1, qmul: 1.0, seed: 606 },
+        Case { name: "tc sparse MLA vs f32 kernel (dqk 192, dv 128)", n: 50, h: 128, k: 40, dqk: 192, dv: 128, pad: third, qmul: 1.0, seed: 707 },
+    ];
+    let mut out = vec![];
+    for c in &cases {
+        out.push(compare(c, gpu)?);
+    }
+    for c in [
+        Case { name: "tc sparse MLA deterministic dkv (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 808 },
+        // 300 queries at K 2048 take three chunks of 128.
+        Case { name: "tc sparse MLA deterministic dkv (chunked)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 909 },
+    ] {
+        out.push(deterministic(&c, gpu)?);
+    }
+    Ok(out)
+}

@@ -1,0 +1,465 @@
+//! Tensor-core sparse MLA in absorbed (MQA) mode, bf16 (kernels/sparse_mla_tc.cu).
+//!
+//! Same function as `kernels::sparse_mla` (its f32 CUDA-core twin): q [N, H, DQK], one shared
+//! key per token kv [NKV, DQK] whose first DV columns are the value, idx [N, K] u32 absolute kv
+//! rows (u32::MAX, or any row >= NKV, is padding). Output [N, H, DV + 1] f32: the attention
+//! output, then the natural-log LSE of the scaled scores (a query with no valid key gets a zero
+//! output and LSE -inf; the f32 twin gives NaN there). Differentiable in q and kv; the gradient of
+//! the LSE column is ignored, as in the twin.
+//!
+//! Numerics: bf16 operands on mma.sync with f32 accumulation; softmax in f32 (base 2, ex2.approx);
+//! P rounded to bf16 before P V; backward recomputes P from the LSE, rounds dO, P and scale * dS
+//! to bf16 as operands, accumulates dq and dkv in f32 and returns them as bf16 (candle wants the
+//! gradient dtype of the input).
+//!
+//! dkv summation: by default f32 atomics (order not deterministic). With
+//! `set_deterministic(true)` each (query, selected key) contribution is written to a chunk
+//! buffer and summed per kv row in ascending (query, slot) order, chunk by chunk: bit-identical
+//! from run to run (about twice the backward time).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::{Result, Tensor};
+
+static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+
+/// Largest DQK / DV the kernels handle (shared-memory budget of one 64-head block on an H100).
+pub const MAX_DQK: usize = 576;
+pub const MAX_DV: usize = 512;
+
+/// Deterministic dkv accumulation on or off (global; default off).
+pub fn set_deterministic(on: bool) {
+    DETERMINISTIC.store(on, Ordering::SeqCst);
+}
+
+pub fn deterministic() -> bool {
+    DETERMINISTIC.load(Ordering::SeqCst)
+}
+
+/// Shapes the tensor-core path handles: DQK and DV multiples of 64, DV <= DQK, DQK <= 576,
+/// DV <= 512, any H >= 1. Callers fall back to the f32 kernel otherwise.
+pub fn supported(dqk: usize, dv: usize, h: usize) -> bool {
+    h >= 1 && dv >= 64 && dqk % 64 == 0 && dv % 64 == 0 && dv <= dqk && dqk <= MAX_DQK && dv <= MAX_DV
+}
+
+/// Sparse MLA forward: q [N, H, DQK] bf16, kv [NKV, DQK] bf16, idx [N, K] u32 -> [N, H, DV + 1]
+/// f32 (output, then LSE). Differentiable in q and kv (gradients bf16).
+pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
+        q.apply_op3(&kv, &idx, cuda::SparseMlaTc { scale: scale as f32, dv })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, kv, idx, scale, dv);
+        candle_core::bail!("sparse_mla_bf16 kernel needs the `cuda` feature")
+    }
+}
+
+/// Median wall time of `f` over `reps` runs after one warm-up, each synchronised with the
+/// device (the logic of `bench::time_median`).
+#[cfg(feature = "cuda")]
+fn time_median(device: &candle_core::Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    device.synchronize()?;
+    let mut times = vec![];
+    for _ in 0..reps {
+        let t0 = std::time::Instant::now();
+        f()?;
+        device.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// Benchmark at sequence length `l` at the 671B shape: H 128, DQK 576, DV 512, top-k 2048
+/// (query t selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a
+/// random subset after). FLOP counts with P = number of valid (query, key) pairs:
+/// forward 2 P H (DQK + DV), backward 2 P H (2 DV + 3 DQK) (S, dP, dQ, dK and dV products).
+/// The backward is timed without autograd glue (the bwd op alone, prep included).
+pub fn bench(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>> {
+    #[cfg(feature = "cuda")]
+    {
+        bench_cuda(dev, l)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dev, l);
+        anyhow::bail!("sparse_mla_tc bench needs the `cuda` feature")
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>> {
+    use candle_core::DType;
+    if !dev.is_cuda() || l == 0 {
+        anyhow::bail!("sparse_mla_tc bench needs a CUDA device and l >= 1");
+    }
+    let (h, dqk, dv, topk) = (128usize, 576usize, 512usize, 2048usize);
+    let kk = topk.min(l);
+    let mut rng = crate::rng::SplitMix64::new(l as u64 ^ 0x5eed);
+    let mut idx = vec![u32::MAX; l * kk];
+    let mut pairs = 0f64;
+    // Partial Fisher-Yates over 0..=t, undone after each row so the pool stays the identity.
+    let mut pool: Vec<u32> = Vec::with_capacity(l);
+    let mut swaps = vec![0usize; kk];
+    for t in 0..l {
+        pool.push(t as u32);
+        let m = kk.min(t + 1);
+        pairs += m as f64;
+        if t < kk {
+            for j in 0..=t {
+                idx[t * kk + j] = j as u32;
+            }
+            continue;
+        }
+        for j in 0..kk {
+            let r = j + (rng.next_u64() % (pool.len() - j) as u64) as usize;
+            pool.swap(j, r);
+            swaps[j] = r;
+            idx[t * kk + j] = pool[j];
+        }
+        for j in (0..kk).rev() {
+            pool.swap(j, swaps[j]);
+        }
+    }
+    let idx = Tensor::from_vec(idx, (l, kk), dev)?;
+    let q = Tensor::randn(0f32, 1f32, (l, h, dqk), dev)?.to_dtype(DType::BF16)?;
+    let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
+    let scale = 192f64.powf(-0.5);
+    let fwd = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?))?;
+    let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
+    let dout = Tensor::randn(0f32, 1f32, (l, h, dv + 1), dev)?;
+    let mut bwd_times = vec![];
+    for det in [false, true] {
+        let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
+        bwd_times.push(time_median(dev, 3, || Ok(q.apply_op3_no_bwd(&kv, &idx, &op).map(|_| ())?))?);
+    }
+    let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
+    let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
+    Ok(vec![
+        format!("L {l}: tensor-core sparse MLA (H {h}, dqk {dqk}, dv {dv}, k {topk}, {pairs} valid pairs)"),
+        format!("  fwd bf16 {:.3} ms = {:.1} TFLOP/s", fwd * 1e3, f_fwd / fwd / 1e12),
+        format!("  bwd bf16 (atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
+        format!("  bwd bf16 (deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
+    ])
+}
+
+#[cfg(feature = "cuda")]
+pub(crate) mod cuda {
+    use candle_core::backend::BackendStorage;
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+    use half::bf16;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse_mla_tc.ptx"));
+    const MODULE: &str = "dsa_sparse_mla_tc";
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    /// Queries per deterministic chunk at most, and the chunk buffer's budget (f32 elements).
+    const DET_MAX_CHUNK: usize = 128;
+    const DET_BUF_ELEMS: usize = 1 << 28;
+
+    fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+        if smem_bytes > 0 {
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
+        }
+        Ok(f)
+    }
+
+    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        if !l.is_contiguous() {
+            bail!("sparse_mla_bf16: {what} must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.shape());
+        }
+        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
+    }
+
+    fn cuda_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        match st {
+            Storage::Cuda(s) => view::<T>(s, l, what),
+            _ => bail!("sparse_mla_bf16: {what} is not on the GPU"),
+        }
+    }
+
+    /// Uninitialised device buffer of at least one element (the kernels write before reading).
+    fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+        // SAFETY: every consumer writes the elements it later reads (see each launch).
+        unsafe { dev.alloc::<T>(len.max(1)) }
+    }
+
+    struct Dims {
+        n: usize,
+        h: usize,
+        k: usize,
+        dqk: usize,
+        nkv: usize,
+    }
+
+    fn check(l1: &Layout, s1: &CudaStorage, l2: &Layout, s2: &CudaStorage, l3: &Layout, s3: &CudaStorage, dv: usize) -> Result<Dims> {
+        let (n, h, dqk) = l1.shape().dims3()?;
+        let (nkv, dqk2) = l2.shape().dims2()?;
+        let (n3, k) = l3.shape().dims2()?;
+        if dqk != dqk2 || n3 != n || n == 0 || nkv == 0 || nkv >= u32::MAX as usize || !super::supported(dqk, dv, h) {
+            bail!(
+                "sparse_mla_bf16: q {:?}, kv {:?}, idx {:?} and dv {dv} do not fit (q [N, H, DQK], kv [NKV, DQK], idx [N, K], \
+                 N, NKV >= 1, DQK and DV multiples of 64, 64 <= DV <= DQK, DQK <= {}, DV <= {})",
+                l1.shape(),
+                l2.shape(),
+                l3.shape(),
+                super::MAX_DQK,
+                super::MAX_DV
+            );
+        }
+        if s1.dtype() != DType::BF16 || s2.dtype() != DType::BF16 || s3.dtype() != DType::U32 {
+            bail!("sparse_mla_bf16: expects bf16 q and kv and u32 indices, got {:?} {:?} {:?}", s1.dtype(), s2.dtype(), s3.dtype());
+        }
+        Ok(Dims { n, h, k, dqk, nkv })
+    }
+
+    /// Row groups (of 16 heads) per block: 4 when H > 32, else just enough for H.
+    fn row_groups(h: usize) -> usize {
+        if h > 32 {
+            4
+        } else if h > 16 {
+            2
+        } else {
+            1
+        }
+    }
+
+    // Dynamic shared memory, laid out as in the .cu file.
+    fn fwd_smem(rg: usize, dqk: usize) -> usize {
+        let rows = 16 * rg;
+        rows * dqk * 2 + 2 * 64 * dqk * 2 + rows * 128 + 8 * 16 * 4 + 2 * rows * 4
+    }
+
+    fn bwd_smem(rg: usize, dqk: usize, dv: usize) -> usize {
+        let rows = 16 * rg;
+        rows * dqk * 2 + rows * dv * 2 + 2 * 32 * dqk * 2 + 2 * rows * 64 + 2 * 32 * 4
+    }
+
+    fn check_smem(dev: &CudaDevice, bytes: usize) -> Result<()> {
+        let limit = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()? as usize;
+        if bytes > limit {
+            bail!("sparse_mla_bf16: needs {bytes} bytes of shared memory per block, the device allows {limit}");
+        }
+        Ok(())
+    }
+
+    fn blocks(total: usize, per: usize, cap: usize) -> u32 {
+        total.div_ceil(per).clamp(1, cap) as u32
+    }
+
+    /// Compacted indices [N, K] (valid entries first, original order) and counts [N].
+    fn compact(dev: &CudaDevice, idx: &CudaView<u32>, d: &Dims) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
+        let cidx = alloc::<u32>(dev, d.n * d.k)?;
+        let cnt = alloc::<u32>(dev, d.n)?;
+        let f = load(dev, "sparse_mla_tc_compact", 0)?;
+        let (n, k, nkv) = (d.n as i32, d.k as i32, d.nkv as u32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(idx).arg(&cidx).arg(&cnt).arg(&n).arg(&k).arg(&nkv);
+        // SAFETY: idx is [N, K]; cidx [N, K] and cnt [N] are written (entries past cnt unused).
+        unsafe { b.launch(LaunchConfig { grid_dim: (d.n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        drop(b);
+        Ok((cidx, cnt))
+    }
+
+    pub struct SparseMlaTc {
+        pub scale: f32,
+        pub dv: usize,
+    }
+
+    impl CustomOp3 for SparseMlaTc {
+        fn name(&self) -> &'static str {
+            "dsa-sparse-mla-tc"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-sparse-mla-tc runs on CUDA only; the CPU uses the plain twin")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+            let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
+            let dev = s1.device();
+            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let (cidx, cnt) = compact(dev, &idx, &d)?;
+            let out = dev.alloc_zeros::<f32>(d.n * d.h * (self.dv + 1))?;
+            let rg = row_groups(d.h);
+            let smem = fwd_smem(rg, d.dqk);
+            check_smem(dev, smem)?;
+            let f = load(dev, &format!("sparse_mla_tc_fwd_rg{rg}"), smem)?;
+            let (n, h, k, dqk, dv) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, self.dv as i32);
+            let sl2 = self.scale * LOG2E;
+            let stream = dev.cuda_stream();
+            let mut b = stream.launch_builder(&f);
+            b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&out).arg(&n).arg(&h).arg(&k).arg(&dqk).arg(&dv).arg(&sl2);
+            let cfg = LaunchConfig { grid_dim: (d.n as u32, d.h.div_ceil(16 * rg) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+            // SAFETY: shapes checked above; compacted rows are < NKV; out is [N, H, DV + 1].
+            unsafe { b.launch(cfg) }.w()?;
+            drop(b);
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d.n, d.h, self.dv + 1))))
+        }
+
+        fn bwd(&self, q: &Tensor, kv: &Tensor, idx: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let op = SparseMlaTcBwd {
+                scale: self.scale,
+                dv: self.dv,
+                fwd_out: res.detach(),
+                dout: grad_res.to_dtype(DType::F32)?.contiguous()?.detach(),
+                deterministic: super::deterministic(),
+            };
+            let flat = q.apply_op3_no_bwd(kv, idx, &op)?;
+            let (n, h, dqk) = q.dims3()?;
+            let nkv = kv.dim(0)?;
+            let dq = flat.narrow(0, 0, n * h * dqk)?.reshape((n, h, dqk))?;
+            let dkv = flat.narrow(0, n * h * dqk, nkv * dqk)?.reshape((nkv, dqk))?;
+            Ok((Some(dq), Some(dkv), None))
+        }
+    }
+
+    /// Backward: one flat bf16 buffer holding dq [N, H, DQK] then dkv [NKV, DQK].
+    pub struct SparseMlaTcBwd {
+        pub scale: f32,
+        pub dv: usize,
+        /// The forward's result [N, H, DV + 1] f32 (output and LSE).
+        pub fwd_out: Tensor,
+        /// Its gradient [N, H, DV + 1] f32 (the LSE column is ignored).
+        pub dout: Tensor,
+        pub deterministic: bool,
+    }
+
+    impl CustomOp3 for SparseMlaTcBwd {
+        fn name(&self) -> &'static str {
+            "dsa-sparse-mla-tc-bwd"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-sparse-mla-tc-bwd runs on CUDA only")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+            let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
+            let dv = self.dv;
+            let want = [d.n, d.h, dv + 1];
+            for (t, what) in [(&self.fwd_out, "forward output"), (&self.dout, "output gradient")] {
+                if t.dims() != &want[..] || t.dtype() != DType::F32 {
+                    bail!("sparse_mla_bf16 backward: {what} is {:?} {:?}, expected f32 {want:?}", t.dtype(), t.shape());
+                }
+            }
+            let dev = s1.device();
+            let stream = dev.cuda_stream();
+            let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
+            let (go_s, go_l) = self.dout.storage_and_layout();
+            let fwd_out = cuda_view::<f32>(&fo_s, fo_l, "forward output")?;
+            let dout = cuda_view::<f32>(&go_s, go_l, "output gradient")?;
+            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let nh = d.n * d.h;
+
+            // dO in bf16, delta, LSE in base 2.
+            let dob = alloc::<bf16>(dev, nh * dv)?;
+            let lse2 = alloc::<f32>(dev, nh)?;
+            let delta = alloc::<f32>(dev, nh)?;
+            {
+                let f = load(dev, "sparse_mla_tc_bwd_prep", 0)?;
+                let (nh32, dv32) = (nh as i32, dv as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&fwd_out).arg(&dout).arg(&dob).arg(&lse2).arg(&delta).arg(&nh32).arg(&dv32);
+                // SAFETY: out and dout are [N H, DV + 1]; dob [N H, DV], lse2 and delta [N H] are written.
+                unsafe { b.launch(LaunchConfig { grid_dim: (nh.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            }
+            let (cidx, cnt) = compact(dev, &idx, &d)?;
+
+            let dq_len = nh * d.dqk;
+            let out = dev.alloc_zeros::<bf16>(dq_len + d.nkv * d.dqk)?;
+            let dkv32 = dev.alloc_zeros::<f32>(d.nkv * d.dqk)?;
+            let rg = row_groups(d.h);
+            let hgroups = d.h.div_ceil(16 * rg);
+            let smem = bwd_smem(rg, d.dqk, dv);
+            check_smem(dev, smem)?;
+            let f = load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)?;
+            let dq = out.slice(0..dq_len);
+            let (n32, h32, k32, dqk32, dv32) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
+            let (scale, sl2) = (self.scale, self.scale * LOG2E);
+            let launch_bwd = |detbuf: &CudaSlice<f32>, n0: usize, nlen: usize, det: i32, chunk: usize| -> Result<()> {
+                let (n0, nlen32, chunk32) = (n0 as i32, nlen as i32, chunk as i32);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&dob).arg(&lse2).arg(&delta).arg(&dq).arg(&dkv32).arg(detbuf);
+                b.arg(&n32).arg(&h32).arg(&k32).arg(&dqk32).arg(&dv32).arg(&scale).arg(&sl2).arg(&n0).arg(&nlen32).arg(&det).arg(&chunk32);
+                let cfg = LaunchConfig { grid_dim: (nlen as u32, hgroups as u32, 1), block_dim: (64 * rg as u32, 1, 1), shared_mem_bytes: smem as u32 };
+                // SAFETY: shapes checked; each block writes its own dq rows; dkv32 [NKV, DQK]
+                // takes atomics (det 0); detbuf [hgroups, chunk, K, DQK] takes plain stores of
+                // the chunk's valid (query, slot) pairs (det 1).
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            };
+
+            if !self.deterministic {
+                launch_bwd(&dkv32, 0, d.n, 0, 0)?;
+            } else {
+                let per_query = (hgroups * d.k.max(1) * d.dqk).max(1);
+                let chunk = (DET_BUF_ELEMS / per_query).clamp(1, DET_MAX_CHUNK).min(d.n);
+                let detbuf = alloc::<f32>(dev, hgroups * chunk * d.k * d.dqk)?;
+                let mut rowcount = dev.alloc_zeros::<u32>(d.nkv)?;
+                let offset = alloc::<u32>(dev, d.nkv)?;
+                let cursor = alloc::<u32>(dev, d.nkv)?;
+                let list = alloc::<u32>(dev, chunk * d.k)?;
+                let f_count = load(dev, "sparse_mla_tc_det_count", 0)?;
+                let f_scan = load(dev, "sparse_mla_tc_det_scan", 0)?;
+                let f_fill = load(dev, "sparse_mla_tc_det_fill", 0)?;
+                let f_reduce = load(dev, "sparse_mla_tc_det_reduce", 0)?;
+                let nkv32 = d.nkv as i32;
+                let (hg32, chunk32) = (hgroups as i32, chunk as i32);
+                let mut n0 = 0;
+                while n0 < d.n {
+                    let nlen = chunk.min(d.n - n0);
+                    launch_bwd(&detbuf, n0, nlen, 1, chunk)?;
+                    if n0 > 0 {
+                        stream.memset_zeros(&mut rowcount).w()?;
+                    }
+                    let (n0_32, nlen32) = (n0 as i32, nlen as i32);
+                    let grid = blocks(nlen * d.k, 256, 65_535);
+                    let cfg = |g: u32, t: u32| LaunchConfig { grid_dim: (g, 1, 1), block_dim: (t, 1, 1), shared_mem_bytes: 0 };
+                    // SAFETY (the four launches): cidx/cnt are [N, K]/[N] with rows < NKV;
+                    // rowcount, offset, cursor are [NKV]; list holds the chunk's valid entries
+                    // (<= nlen K); detbuf was filled for every valid entry by the launch above.
+                    let mut b = stream.launch_builder(&f_count);
+                    b.arg(&cidx).arg(&cnt).arg(&rowcount).arg(&n0_32).arg(&nlen32).arg(&k32);
+                    unsafe { b.launch(cfg(grid, 256)) }.w()?;
+                    let mut b = stream.launch_builder(&f_scan);
+                    b.arg(&rowcount).arg(&offset).arg(&cursor).arg(&nkv32);
+                    unsafe { b.launch(cfg(1, 1024)) }.w()?;
+                    let mut b = stream.launch_builder(&f_fill);
+                    b.arg(&cidx).arg(&cnt).arg(&offset).arg(&cursor).arg(&list).arg(&n0_32).arg(&nlen32).arg(&k32);
+                    unsafe { b.launch(cfg(grid, 256)) }.w()?;
+                    let mut b = stream.launch_builder(&f_reduce);
+                    b.arg(&detbuf).arg(&rowcount).arg(&offset).arg(&list).arg(&dkv32);
+                    b.arg(&nkv32).arg(&k32).arg(&dqk32).arg(&chunk32).arg(&hg32).arg(&nlen32);
+                    unsafe { b.launch(cfg(d.nkv.min(1 << 20) as u32, 256)) }.w()?;
+                    n0 += nlen;
+                }
+            }
+
+            // dkv f32 -> bf16 into the second part of the output.
+            {
+                let len = d.nkv * d.dqk;
+                let dst = out.slice(dq_len..);
+                let f = load(dev, "sparse_mla_tc_to_bf16", 0)?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&dkv32).arg(&dst).arg(&len);
+                // SAFETY: both buffers hold `len` elements.
+                unsafe { b.launch(LaunchConfig { grid_dim: (blocks(len, 256, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            }
+            drop(dq);
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(dq_len + d.nkv * d.dqk)))
+        }
+    }
+}
