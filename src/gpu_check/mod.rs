@@ -5,6 +5,7 @@
 //! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
+mod warmup_kl;
 mod indexer_topk;
 mod sparse_mla_tc;
 use std::path::{Path, PathBuf};
@@ -202,6 +203,7 @@ pub fn run(device_name: &str) -> Result<()> {
     let mut all = sparse_kernel_matches_twin(&gpu)?;
     all.extend(indexer_kernel_matches_twin(&gpu)?);
     // Checks of the kernel modules (one line per module).
+    all.extend(warmup_kl::checks(&gpu)?);
     all.extend(sparse_mla_tc::checks(&gpu)?);
     all.extend(indexer_topk::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);

@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Device, Result, Tensor};
 
 // One module per new kernel family (each with its .cu file in kernels/).
+pub mod warmup_kl;
 pub mod sparse_mla_tc;
 pub mod indexer_topk;
 

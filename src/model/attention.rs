@@ -59,6 +59,15 @@ pub struct AttentionOut {
     pub head_mean_probs: Tensor,
 }
 
+/// The dense attention's per-head queries and keys [B, H, T, N+R] (bf16, detached) and the
+/// LSE of each head's scaled scores [B, H, T] f32: enough to recompute any probability tile.
+pub struct DenseScores {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub lse: Tensor,
+    pub scale: f64,
+}
+
 impl Mla {
     pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Projected> {
         let (b, t, _) = x.dims3()?;
@@ -74,8 +83,8 @@ impl Mla {
         Ok(Projected { qr, q_nope, q_pe, c_norm, k_pe })
     }
 
-    /// Dense causal attention probabilities per head, [B, H, T, T] f32.
-    fn dense_probs_and_values(&self, p: &Projected, causal: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// MHA-mode per-head queries and keys [B, H, T, N+R] and values [B, H, T, V].
+    fn mha_qkv(&self, p: &Projected) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let kv = linear(&p.c_norm, &self.kv_b_proj)?.reshape((b, t, h, self.nope + self.v_dim))?;
         let k_nope = kv.narrow(3, 0, self.nope)?;
@@ -83,6 +92,12 @@ impl Mla {
         let k_pe = p.k_pe.broadcast_as((b, t, h, self.rope))?;
         let k = Tensor::cat(&[&k_nope, &k_pe], 3)?.transpose(1, 2)?.contiguous()?; // [B, H, T, N+R]
         let q = Tensor::cat(&[&p.q_nope, &p.q_pe], 3)?.transpose(1, 2)?.contiguous()?; // [B, H, T, N+R]
+        Ok((q, k, v))
+    }
+
+    /// Dense causal attention probabilities per head, [B, H, T, T] f32.
+    fn dense_probs_and_values(&self, p: &Projected, causal: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (q, k, v) = self.mha_qkv(p)?;
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, H, T, T]
         let scores = (scores * self.scale)?.broadcast_add(causal)?;
         Ok((softmax_last(&scores)?, v))
@@ -100,6 +115,23 @@ impl Mla {
         let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, T, V]
         let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
         Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: probs.mean(1)?.detach() })
+    }
+
+    /// Can `dense_streaming` run here (CUDA kernels, bf16 model, shapes the kernels take)?
+    pub fn streaming_supported(&self, p: &Projected, indexer_heads: usize, indexer_dim: usize) -> bool {
+        p.q_nope.dtype() == DType::BF16
+            && crate::kernels::available(p.q_nope.device())
+            && crate::kernels::warmup_kl::supported(self.nope + self.rope, self.v_dim, indexer_heads, indexer_dim)
+    }
+
+    /// Dense MLA through the flash-style kernel: the output and what the streaming warm-up KL
+    /// recomputes the target from (per-head q, k and LSE); no [T, T] tensor exists.
+    pub fn dense_streaming(&self, p: &Projected) -> Result<(Tensor, DenseScores)> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let (q, k, v) = self.mha_qkv(p)?;
+        let (o, lse) = crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?; // [B, H, T, V]
+        let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
+        Ok((linear(&o, &self.o_proj)?, DenseScores { q: q.detach(), k: k.detach(), lse, scale: self.scale }))
     }
 
     /// Sparse MLA in absorbed (MQA) mode over the selected keys of each query.

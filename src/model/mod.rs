@@ -60,20 +60,28 @@ impl ForwardOptions {
     }
 }
 
-/// What the warm-up KL of one layer needs, for blockwise evaluation by the caller.
-pub struct DeferredKl {
-    pub proj: indexer::IndexerProj,
-    /// Head-mean dense attention probabilities [B, T, T], detached.
-    pub target: Tensor,
+/// What the warm-up KL of one layer needs, for evaluation by the caller.
+pub enum DeferredKl {
+    /// The plain path: the head-mean dense probabilities [B, T, T] (detached), evaluated a
+    /// block of queries at a time.
+    Plain { proj: indexer::IndexerProj, target: Tensor },
+    /// The streaming kernel: the target is recomputed tile by tile from q, k and the LSE.
+    Streaming { proj: indexer::IndexerProj, scores: attention::DenseScores },
 }
 
 impl DeferredKl {
-    /// Per-query KL of queries q0..q0+n: [B, n], differentiable in the indexer.
-    pub fn block(&self, q0: usize, n: usize) -> Result<Tensor> {
-        let t = self.proj.k.dim(1)?;
-        let bias = crate::dsa::causal_rows(q0, n, t, self.proj.k.device())?;
-        let scores = self.proj.scores_rows(q0, n)?.broadcast_add(&bias)?;
-        kl_rows(&self.target.narrow(1, q0, n)?, &scores)
+    pub fn proj(&self) -> &indexer::IndexerProj {
+        match self {
+            DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } => proj,
+        }
+    }
+
+    /// Plain path: per-query KL of queries q0..q0+n, [B, n], differentiable in the indexer.
+    pub fn block(proj: &indexer::IndexerProj, target: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
+        let t = proj.k.dim(1)?;
+        let bias = crate::dsa::causal_rows(q0, n, t, proj.k.device())?;
+        let scores = proj.scores_rows(q0, n)?.broadcast_add(&bias)?;
+        kl_rows(&target.narrow(1, q0, n)?, &scores)
     }
 }
 
@@ -158,12 +166,17 @@ impl DecoderLayer {
             None
         };
         let attn_out = match opts.attention {
+            AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
+                let (out, scores) = self.attn.dense_streaming(&proj)?;
+                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer"), scores });
+                out
+            }
             AttentionMode::Dense => {
                 let causal = ctx.causal(0, ctx.t)?;
                 let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
                     let proj = ix.expect("deferred KL projects the indexer");
-                    stats.deferred_kl = Some(DeferredKl { proj, target: a.head_mean_probs.clone() });
+                    stats.deferred_kl = Some(DeferredKl::Plain { proj, target: a.head_mean_probs.clone() });
                 } else if let Some(ix) = &ix {
                     let scores = ix.scores(&causal)?; // [B, T, T]
                     if opts.indexer_kl {

@@ -356,13 +356,25 @@ impl Trainer {
             return Ok(kl.detach().to_dtype(DType::F32)?);
         }
         let d = stats.deferred_kl.as_ref().context("layer returned no indexer KL")?;
-        let (b, t, hi, _) = d.proj.q.dims4()?;
+        let (b, t, hi, _) = d.proj().q.dims4()?;
+        let (proj, target) = match d {
+            crate::model::DeferredKl::Plain { proj, target } => (proj, target),
+            crate::model::DeferredKl::Streaming { proj, scores } => {
+                // Loss and gradients in one kernel call; the gradients of q_I, w and k_I are
+                // pushed into the indexer's parameters through sum(x * dx).
+                let g = weight / (b * t) as f64;
+                let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
+                let surrogate = (((&proj.q * &r.dqi)?.sum_all()? + (&proj.w * &r.dw)?.sum_all()?)? + (&proj.k * &r.dki)?.sum_all()?)?;
+                accum.add(&self.slots, &surrogate.backward()?)?;
+                return Ok((r.kl.sum_all()? / (b * t) as f64)?.to_dtype(DType::F32)?);
+            }
+        };
         // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
         let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
         let mut total: Option<Tensor> = None;
         for q0 in (0..t).step_by(block) {
             let n = block.min(t - q0);
-            let kl_sum = d.block(q0, n)?.sum_all()?; // sum over [B, n]
+            let kl_sum = crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
             accum.add(&self.slots, &(&kl_sum * (weight / (b * t) as f64))?.backward()?)?;
             let kl_sum = kl_sum.detach();
             total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });

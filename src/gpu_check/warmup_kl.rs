@@ -1,0 +1,131 @@
+//! GPU checks of `kernels::warmup_kl`: the dense attention forward (output and LSE) and the
+//! streaming warm-up KL with its indexer gradients, against their plain candle twins on fresh
+//! random inputs, plus the memory bound of the KL kernel at T = 32768.
+//!
+//! Inputs are bf16-rounded for both sides (q, k, v are bf16; qi and ki are f32 holding
+//! bf16-exact values, so the kernel's bf16 staging of them is exact and the comparison measures
+//! accumulation order and the bf16 rounding of the kernels' intermediate operands only).
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::{cosine, rel_err, Outcome};
+use crate::kernels::warmup_kl as wk;
+
+/// 671B softmax scale factor mscale^2 (YaRN factor 40).
+fn mscale2() -> f64 {
+    let m = 0.1 * 40f64.ln() + 1.0;
+    m * m
+}
+
+fn randn_bf16(shape: &[usize], seed: u64, std: f64, gpu: &Device) -> Result<Tensor> {
+    Ok(crate::rng::randn(shape, seed, std, gpu)?.to_dtype(DType::BF16)?)
+}
+
+fn finite(t: &Tensor) -> Result<bool> {
+    Ok(t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite())
+}
+
+/// Max-abs relative error and cosine against the reference `b`. An all-zero reference (T = 1:
+/// one key, so p = softmax(I) = 1, kl = 0 and every gradient is 0) is judged by the kernel's
+/// absolute magnitude instead (< 1e-4).
+fn compare(a: &Tensor, b: &Tensor, rel_tol: f32, cos_tol: f32) -> Result<(bool, String)> {
+    if !finite(a)? {
+        return Ok((false, "kernel output not finite".into()));
+    }
+    let amax = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+    if amax(b)? < 1e-6 {
+        let m = amax(a)?;
+        return Ok((m < 1e-4, format!("ref 0, |kernel| max {m:.1e}")));
+    }
+    let e = rel_err(a, b)?;
+    let c = cosine(a, b)?;
+    Ok((e < rel_tol && c > cos_tol, format!("rel {e:.1e} cos {c:.6}")))
+}
+
+pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    // (B, H, T, DQK, DV, HI, DI, q/k std, w std): the bench dims at awkward lengths (1, 97,
+    // 1025 = 8 query blocks + 1 row, 17 key chunks), one case with large magnitudes (peaked
+    // attention and indexer softmaxes), and the tiny test-model dims.
+    let cases = [
+        (1usize, 16usize, 1usize, 192usize, 128usize, 64usize, 128usize, 1.0f64, 0.1f64),
+        (2, 16, 97, 192, 128, 64, 128, 3.0, 1.0),
+        (1, 4, 1025, 192, 128, 64, 128, 1.0, 0.1),
+        (2, 3, 97, 48, 32, 4, 32, 2.0, 0.5),
+    ];
+    let g = 0.37;
+    for (i, &(b, h, t, dqk, dv, hi, di, sd, wsd)) in cases.iter().enumerate() {
+        let seed = 7100 + 10 * i as u64;
+        let scale = (dqk as f64).powf(-0.5) * mscale2();
+        let q = randn_bf16(&[b, h, t, dqk], seed, sd, gpu)?;
+        let k = randn_bf16(&[b, h, t, dqk], seed + 1, sd, gpu)?;
+        let v = randn_bf16(&[b, h, t, dv], seed + 2, 1.0, gpu)?;
+        let qi = randn_bf16(&[b, t, hi, di], seed + 3, 1.0, gpu)?.to_dtype(DType::F32)?;
+        let ki = randn_bf16(&[b, t, di], seed + 4, 1.0, gpu)?.to_dtype(DType::F32)?;
+        let w = crate::rng::randn(&[b, t, hi], seed + 5, wsd, gpu)?;
+
+        let (o_k, lse_k) = wk::dense_attention_fwd(&q, &k, &v, scale)?;
+        let (o_t, lse_t) = wk::dense_attention_fwd_plain(&q, &k, &v, scale)?;
+        let (ok_o, d_o) = compare(&o_k, &o_t, 1e-2, 0.9999)?;
+        let (ok_l, d_l) = compare(&lse_k, &lse_t, 1e-2, 0.9999)?;
+        out.push(Outcome {
+            name: "dense attention fwd kernel vs twin",
+            ok: ok_o && ok_l,
+            detail: format!("B {b} H {h} T {t} dqk {dqk} dv {dv} std {sd}: out {d_o}; lse {d_l} (rel < 1e-2, cos > 0.9999)"),
+        });
+
+        // The kernel reads the kernel's LSE; the twin recomputes the softmax from scratch.
+        let kk = wk::warmup_kl(&q, &k, &lse_k, scale, &qi, &w, &ki, g)?;
+        let tw = wk::warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g)?;
+        let mut ok = true;
+        let mut parts = vec![];
+        for (what, a, r) in [("kl", &kk.kl, &tw.kl), ("dqi", &kk.dqi, &tw.dqi), ("dw", &kk.dw, &tw.dw), ("dki", &kk.dki, &tw.dki)] {
+            let (o, d) = compare(a, r, 2e-2, 0.999)?;
+            ok &= o;
+            parts.push(format!("{what} {d}"));
+        }
+        out.push(Outcome {
+            name: "warm-up KL kernel vs twin",
+            ok,
+            detail: format!(
+                "B {b} H {h} T {t} dqk {dqk} HI {hi} DI {di} std {sd}/{wsd} g {g}: {} (rel < 2e-2, cos > 0.999)",
+                parts.join("; ")
+            ),
+        });
+    }
+    out.push(memory_check(gpu)?);
+    Ok(out)
+}
+
+/// Device memory taken by warmup_kl beyond its inputs and outputs at T = 32768 (B 1, H 16,
+/// bench dims): free memory before and after the call (synchronised), minus the outputs.
+fn memory_check(gpu: &Device) -> Result<Outcome> {
+    let (b, h, t, dqk, dv, hi, di) = (1usize, 16usize, 32768usize, 192usize, 128usize, 64usize, 128usize);
+    let scale = (dqk as f64).powf(-0.5) * mscale2();
+    let bf = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1f32, shape, gpu)?.to_dtype(DType::BF16)?) };
+    let (q, k, v) = (bf(&[b, h, t, dqk])?, bf(&[b, h, t, dqk])?, bf(&[b, h, t, dv])?);
+    let (_, lse) = wk::dense_attention_fwd(&q, &k, &v, scale)?;
+    drop(v);
+    let qi = Tensor::randn(0f32, 1f32, (b, t, hi, di), gpu)?;
+    let w = (Tensor::randn(0f32, 1f32, (b, t, hi), gpu)? * ((hi * di) as f64).powf(-0.5))?;
+    let ki = Tensor::randn(0f32, 1f32, (b, t, di), gpu)?;
+    gpu.synchronize()?;
+    let before = wk::device_free_bytes(gpu)?;
+    let r = wk::warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, 1.0 / t as f64)?;
+    gpu.synchronize()?;
+    let after = wk::device_free_bytes(gpu)?;
+    let outputs = 4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
+    let extra = before.saturating_sub(after).saturating_sub(outputs);
+    let ok_finite = finite(&r.kl)? && finite(&r.dqi)? && finite(&r.dw)? && finite(&r.dki)?;
+    let mib = |x: usize| x as f64 / (1u64 << 20) as f64;
+    Ok(Outcome {
+        name: "warm-up KL memory at T 32768",
+        ok: extra < (256 << 20) && ok_finite,
+        detail: format!(
+            "B {b} H {h} dqk {dqk} HI {hi} DI {di}: {:.1} MiB beyond inputs and {:.1} MiB of outputs (< 256 MiB); outputs finite: {ok_finite}",
+            mib(extra),
+            mib(outputs)
+        ),
+    })
+}

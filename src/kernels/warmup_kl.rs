@@ -1,0 +1,469 @@
+//! Kernels of the dense warm-up stage (kernels/warmup_kl.cu).
+//!
+//! - `dense_attention_fwd`: dense causal attention (MHA mode) forward with the per-head
+//!   log-sum-exp, bf16 in and out, on the tensor cores (forward only: the main model is frozen
+//!   during warm-up).
+//! - `warmup_kl`: the warm-up indexer loss `kl[t] = KL(p[t,:] || softmax(I[t,:]))` over the
+//!   causal keys, where `p` is the head mean of the attention probabilities (recomputed from
+//!   q, k and the forward's LSE) and `I[t,s] = sum_j w[t,j] ReLU(qi[t,j] . ki[s])`, together with
+//!   the gradients of `g * sum_t kl[t]` into qi, w and ki. Streaming: no L x L tensor is ever
+//!   stored and no workspace is allocated besides the outputs.
+//!
+//! Numerics (see the .cu header): bf16 tensor-core products with f32 accumulation; qi and ki
+//! (f32) are rounded to bf16 when staged in shared memory (the plain twin keeps them f32), the
+//! gradient operand `dI * w * 1[z > 0]` is rounded to bf16 for the dqi/dki products; softmaxes,
+//! LSEs, the KL and dw are f32; masked entries (s > t) are -inf / p = 0. The ReLU gradient mask
+//! is strict (`> 0`). dki is accumulated with f32 atomics across query blocks (summation order
+//! not deterministic); kl, dqi and dw are deterministic.
+//!
+//! Plain twins (`dense_attention_fwd_plain`, `warmup_kl_plain`) are candle ops materialising
+//! [B, H, T, T]: for tests and for shapes the kernels do not take (`supported`).
+
+use candle_core::{DType, Device, Result, Tensor, Var, D};
+
+/// Gradients and per-query loss of the warm-up KL.
+pub struct WarmupKl {
+    /// [B, T] f32: KL(p_t || softmax(I_t)) per query (not multiplied by g).
+    pub kl: Tensor,
+    /// [B, T, HI, DI] f32: d(g * sum kl) / d qi.
+    pub dqi: Tensor,
+    /// [B, T, HI] f32: d(g * sum kl) / d w.
+    pub dw: Tensor,
+    /// [B, T, DI] f32: d(g * sum kl) / d ki.
+    pub dki: Tensor,
+}
+
+/// Dimensions the kernels take: DQK and DV multiples of 16 up to 256, 1 <= HI <= 64, DI a
+/// multiple of 16 up to 128 (the 671B shape 192/128/64/128 and the tiny test models'
+/// 48/32/4/32 both fit). Callers take the plain twins otherwise.
+pub fn supported(dqk: usize, dv: usize, hi: usize, di: usize) -> bool {
+    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x % 16 == 0;
+    m16(dqk, 256) && m16(dv, 256) && (1..=64).contains(&hi) && m16(di, 128)
+}
+
+/// Dense causal attention forward: q, k [B, H, T, DQK] bf16, v [B, H, T, DV] bf16, scores
+/// `scale * q.k`. Returns out [B, H, T, DV] bf16 and lse [B, H, T] f32 (natural log of the
+/// sum over s <= t of exp(scale * q.k)).
+pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::dense_attention_fwd(q, k, v, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, scale);
+        candle_core::bail!("dense_attention_fwd kernel needs the `cuda` feature (use dense_attention_fwd_plain)")
+    }
+}
+
+/// Streaming warm-up KL and its indexer gradients. q, k [B, H, T, DQK] bf16 and lse [B, H, T]
+/// f32 (from `dense_attention_fwd` with the same `scale`); qi [B, T, HI, DI], w [B, T, HI],
+/// ki [B, T, DI] f32; `g` weighs the loss whose gradients are returned (g * sum_t kl[t]).
+#[allow(clippy::too_many_arguments)]
+pub fn warmup_kl(q: &Tensor, k: &Tensor, lse: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::warmup_kl(q, k, lse, scale, qi, w, ki, g)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, lse, scale, qi, w, ki, g);
+        candle_core::bail!("warmup_kl kernel needs the `cuda` feature (use warmup_kl_plain)")
+    }
+}
+
+/// Plain twin of `dense_attention_fwd` (candle ops, f32 softmax, [B, H, T, T] scores):
+/// out [B, H, T, DV] in f32 (cast as needed) and lse [B, H, T] f32.
+pub fn dense_attention_fwd_plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let scores = scaled_causal_scores(q, k, scale)?;
+    let lse = crate::ops::logsumexp_last(&scores)?.squeeze(D::Minus1)?;
+    let out = crate::ops::softmax_last(&scores)?.matmul(&v.to_dtype(DType::F32)?.contiguous()?)?;
+    Ok((out, lse))
+}
+
+/// Plain twin of `warmup_kl`: head-mean dense probabilities, dense indexer scores with the
+/// causal bias, `losses::kl_rows`, autograd (all f32, qi/ki not rounded). Materialises
+/// [B, H, T, T] and [B, T * HI, T]: small T only.
+#[allow(clippy::too_many_arguments)]
+pub fn warmup_kl_plain(q: &Tensor, k: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+    let (_, _, t, _) = q.dims4()?;
+    let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
+    let p = crate::ops::softmax_last(&scaled_causal_scores(q, k, scale)?)?.mean(1)?.detach(); // [B, T, T]
+    let qv = Var::from_tensor(&qi.to_dtype(DType::F32)?.contiguous()?)?;
+    let wv = Var::from_tensor(&w.to_dtype(DType::F32)?.contiguous()?)?;
+    let kv = Var::from_tensor(&ki.to_dtype(DType::F32)?.contiguous()?)?;
+    let proj = crate::model::indexer::IndexerProj { q: qv.as_tensor().clone(), k: kv.as_tensor().clone(), w: wv.as_tensor().clone() };
+    let kl = crate::losses::kl_rows(&p, &proj.scores(&causal)?)?; // [B, T]
+    let grads = (kl.sum_all()? * g)?.backward()?;
+    let get = |v: &Var| -> Result<Tensor> {
+        match grads.get(v.as_tensor()) {
+            Some(x) => Ok(x.clone()),
+            None => v.as_tensor().zeros_like(),
+        }
+    };
+    Ok(WarmupKl { kl: kl.detach(), dqi: get(&qv)?, dw: get(&wv)?, dki: get(&kv)? })
+}
+
+/// scale * q k^T + causal bias (`dsa::MASKED` above the diagonal), f32 [B, H, T, T].
+fn scaled_causal_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+    let (_, _, t, _) = q.dims4()?;
+    if k.dims() != q.dims() {
+        candle_core::bail!("dense attention: k {:?} must have the shape of q {:?}", k.shape(), q.shape());
+    }
+    let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
+    let q32 = q.to_dtype(DType::F32)?.contiguous()?;
+    let k32 = k.to_dtype(DType::F32)?.contiguous()?;
+    (q32.matmul(&k32.t()?)? * scale)?.broadcast_add(&causal)
+}
+
+/// Free device memory in bytes (cudarc's mem_get_info), for memory checks.
+pub fn device_free_bytes(dev: &Device) -> Result<usize> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::WrapErr;
+        let (free, _) = dev.as_cuda_device()?.cuda_stream().context().mem_get_info().w()?;
+        Ok(free)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = dev;
+        candle_core::bail!("device_free_bytes needs the `cuda` feature")
+    }
+}
+
+/// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device
+/// (the logic of `bench::time_median`).
+fn time_median(dev: &Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
+    f()?;
+    dev.synchronize()?;
+    let mut times = vec![];
+    for _ in 0..reps.max(1) {
+        let t0 = std::time::Instant::now();
+        f()?;
+        dev.synchronize()?;
+        times.push(t0.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    Ok(times[times.len() / 2])
+}
+
+/// `bench kernels` lines at sequence length `l`, the 671B shape: B 1, H 128, DQK 192, DV 128,
+/// indexer HI 64 x DI 128, softmax scale 192^-1/2 * mscale^2.
+/// FLOP counts, with pairs = L (L + 1) / 2 causal (query, key) pairs:
+/// - attention forward: 2 * H * (DQK + DV) * pairs (QK^T and PV);
+/// - warm-up KL: (2 * H * DQK + 5 * 2 * HI * DI) * pairs: the attention QK^T recomputed once,
+///   and five indexer-sized products per pair (pass 1: logits; pass 2: logits, the logits again
+///   for the ReLU mask, dqi, dki). Exponentials and element-wise work are not counted.
+/// Extra memory of warmup_kl: measured with mem_get_info before and after the call (minus its
+/// outputs), beside the computed figure (the kernel allocates nothing besides the outputs).
+pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
+    if !dev.is_cuda() || !cfg!(feature = "cuda") {
+        anyhow::bail!("the warm-up kernels bench needs a CUDA device and a --features cuda build");
+    }
+    let (b, h, dqk, dv, hi, di) = (1usize, 128usize, 192usize, 128usize, 64usize, 128usize);
+    let mscale = 0.1 * 40f64.ln() + 1.0;
+    let scale = (dqk as f64).powf(-0.5) * mscale * mscale;
+    let bf = |shape: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1f32, shape, dev)?.to_dtype(DType::BF16) };
+    let q = bf(&[b, h, l, dqk])?;
+    let k = bf(&[b, h, l, dqk])?;
+    let v = bf(&[b, h, l, dv])?;
+    let pairs = b as f64 * l as f64 * (l as f64 + 1.0) / 2.0;
+    let reps = if l >= 65536 { 2 } else { 5 };
+    let mut lines = vec![];
+    let ta = time_median(dev, reps, || {
+        dense_attention_fwd(&q, &k, &v, scale)?;
+        Ok(())
+    })?;
+    let f_attn = 2.0 * h as f64 * (dqk + dv) as f64 * pairs;
+    lines.push(format!(
+        "L {l}: dense causal attention fwd (B {b}, H {h}, dqk {dqk}, dv {dv}, bf16): {:.2} ms = {:.1} TFLOP/s (2 H (dqk+dv) x causal pairs)",
+        ta * 1e3, f_attn / ta / 1e12
+    ));
+    let (_, lse) = dense_attention_fwd(&q, &k, &v, scale)?;
+    drop(v);
+    let qi = Tensor::randn(0f32, 1f32, (b, l, hi, di), dev)?;
+    let w = (Tensor::randn(0f32, 1f32, (b, l, hi), dev)? * ((hi * di) as f64).powf(-0.5))?;
+    let ki = Tensor::randn(0f32, 1f32, (b, l, di), dev)?;
+    let g = 1.0 / l as f64;
+    dev.synchronize()?;
+    let free0 = device_free_bytes(dev)?;
+    let r = warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g)?;
+    dev.synchronize()?;
+    let free1 = device_free_bytes(dev)?;
+    let outputs = 4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
+    let kl_mean = r.kl.mean_all()?.to_scalar::<f32>()?;
+    drop(r);
+    let extra = free0.saturating_sub(free1).saturating_sub(outputs);
+    let tk = time_median(dev, reps, || {
+        warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g)?;
+        Ok(())
+    })?;
+    let f_kl = (2.0 * h as f64 * dqk as f64 + 5.0 * 2.0 * (hi * di) as f64) * pairs;
+    let mib = |x: usize| x as f64 / (1u64 << 20) as f64;
+    lines.push(format!(
+        "L {l}: warm-up KL + indexer grads (H {h}, dqk {dqk}, HI {hi}, DI {di}): {:.2} ms = {:.1} TFLOP/s \
+         ((2 H dqk + 5 x 2 HI DI) x causal pairs); extra device memory measured {:.1} MiB beyond {:.1} MiB of outputs \
+         (computed: 0, no workspace); mean kl {kl_mean:.4}",
+        tk * 1e3, f_kl / tk / 1e12, mib(extra), mib(outputs)
+    ));
+    Ok(lines)
+}
+
+#[cfg(feature = "cuda")]
+mod cuda {
+    use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
+    use candle_core::op::BackpropOp;
+    use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
+    use half::bf16;
+
+    use super::WarmupKl;
+
+    const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/warmup_kl.ptx"));
+    const MODULE: &str = "dsa_warmup_kl";
+    // Tile constants of kernels/warmup_kl.cu.
+    const FA_BM: usize = 64;
+    const FA_BN: usize = 64;
+    const FA_THREADS: u32 = 128;
+    const KL_BM: usize = 128;
+    const KL_BC: usize = 64;
+    const KL_THREADS: u32 = 256;
+
+    fn load(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
+        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
+        Ok(f)
+    }
+
+    fn smem_limit(dev: &CudaDevice) -> Result<usize> {
+        let n = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// On the GPU, of `dtype`, contiguous, and starting at a 16-byte boundary (the kernels read
+    /// 16-byte vectors); copies only when needed.
+    fn prep(t: &Tensor, dtype: DType, what: &str) -> Result<Tensor> {
+        if t.dtype() != dtype {
+            bail!("warmup_kl kernels: {what} must be {dtype:?}, got {:?} (shape {:?})", t.dtype(), t.shape());
+        }
+        if !t.device().is_cuda() {
+            bail!("warmup_kl kernels: {what} is not on a CUDA device (use the plain twin)");
+        }
+        let t = t.contiguous()?;
+        if t.layout().start_offset() % (16 / dtype.size_in_bytes()) != 0 {
+            return t.affine(1.0, 0.0); // a fresh, aligned buffer (x * 1 + 0 is exact)
+        }
+        Ok(t)
+    }
+
+    fn view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        match st {
+            Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..)),
+            _ => bail!("warmup_kl kernels: {what} is not on a CUDA device"),
+        }
+    }
+
+    fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
+        Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+    }
+
+    fn check_i32(x: usize, what: &str) -> Result<i32> {
+        i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("warmup_kl kernels: {what} = {x} does not fit in i32")))
+    }
+
+    pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, dqk) = q.dims4()?;
+        let (bv, hv, tv, dv) = v.dims4()?;
+        if k.dims() != q.dims() || (bv, hv, tv) != (b, h, t) || t == 0 || b == 0 || h == 0 {
+            bail!("dense_attention_fwd: q {:?}, k {:?}, v {:?} do not fit ([B, H, T, DQK], same, [B, H, T, DV], T > 0)", q.shape(), k.shape(), v.shape());
+        }
+        if !(dqk % 16 == 0 && (16..=256).contains(&dqk) && dv % 16 == 0 && (16..=256).contains(&dv)) || b > 65535 || h > 65535 {
+            bail!("dense_attention_fwd: q {:?} / v {:?}: needs DQK, DV multiples of 16 in 16..=256 and B, H <= 65535", q.shape(), v.shape());
+        }
+        let (q, k, v) = (prep(q, DType::BF16, "q")?, prep(k, DType::BF16, "k")?, prep(v, DType::BF16, "v")?);
+        let dev = q.device().as_cuda_device()?.clone();
+        let dvp = [32usize, 64, 128, 256].into_iter().find(|&p| dv <= p).unwrap_or(256);
+        let smem = (FA_BM * (dqk + 8) + 2 * FA_BN * (dqk + 8) + 2 * FA_BN * (dv + 8)) * 2;
+        if smem > smem_limit(&dev)? {
+            bail!("dense_attention_fwd: DQK {dqk} / DV {dv} need {smem} bytes of shared memory, more than the device has");
+        }
+        let f = load(&dev, &format!("dense_attn_fwd_dv{dvp}"), smem)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let qv = view::<bf16>(&qs, ql, "q")?;
+        let kv = view::<bf16>(&ks, kl, "k")?;
+        let vv = view::<bf16>(&vs, vl, "v")?;
+        let mut out = dev.alloc_zeros::<bf16>(b * h * t * dv)?;
+        let mut lse = dev.alloc_zeros::<f32>(b * h * t)?;
+        let (t32, h32, dqk32, dv32) = (check_i32(t, "T")?, h as i32, dqk as i32, dv as i32);
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let cfg = LaunchConfig { grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32), block_dim: (FA_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&mut lse).arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale_log2);
+        // SAFETY: q, k are [B, H, T, DQK] and v [B, H, T, DV] contiguous bf16 starting 16-byte
+        // aligned (checked above); out and lse are fresh buffers of B H T DV and B H T elements;
+        // the launch is on candle's stream, ordered with its other work.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        Ok((wrap(out, &dev, (b, h, t, dv)), wrap(lse, &dev, (b, h, t))))
+    }
+
+    /// Dynamic shared memory of warmup_kl_bf16 with `nbuf` attention buffers (mirror of kl_carve).
+    fn kl_smem(dqk: usize, di: usize, hi: usize, nbuf: usize) -> usize {
+        let (sq, si) = (dqk + 8, di + 8);
+        let region_a = nbuf * (KL_BM + KL_BC) * sq * 2;
+        let region_b = KL_BM * di * 4 + KL_BM * si * 2 + KL_BM * (KL_BC + 8) * 2;
+        region_a.max(region_b) + KL_BC * si * 2 + KL_BM * hi * 4
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn warmup_kl(q: &Tensor, k: &Tensor, lse: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+        let (b, h, t, dqk) = q.dims4()?;
+        let shapes = || format!("q {:?}, k {:?}, lse {:?}, qi {:?}, w {:?}, ki {:?}", q.shape(), k.shape(), lse.shape(), qi.shape(), w.shape(), ki.shape());
+        if qi.rank() != 4 || w.rank() != 3 || ki.rank() != 3 || lse.rank() != 3 {
+            bail!("warmup_kl: expects q, k [B, H, T, DQK], lse [B, H, T], qi [B, T, HI, DI], w [B, T, HI], ki [B, T, DI]; got {}", shapes());
+        }
+        let (hi, di) = (qi.dim(2)?, qi.dim(3)?);
+        let fits = k.dims() == q.dims()
+            && lse.dims() == [b, h, t]
+            && qi.dims() == [b, t, hi, di]
+            && w.dims() == [b, t, hi]
+            && ki.dims() == [b, t, di]
+            && t > 0
+            && b > 0
+            && h > 0
+            && b <= 65535
+            && dqk % 16 == 0
+            && (16..=256).contains(&dqk)
+            && (1..=64).contains(&hi)
+            && di % 16 == 0
+            && (16..=128).contains(&di);
+        if !fits {
+            bail!("warmup_kl: {} do not fit (DQK a multiple of 16 <= 256, 1 <= HI <= 64, DI a multiple of 16 <= 128, T > 0)", shapes());
+        }
+        let q = prep(q, DType::BF16, "q")?;
+        let k = prep(k, DType::BF16, "k")?;
+        let lse = prep(lse, DType::F32, "lse")?;
+        let qi = prep(qi, DType::F32, "qi")?;
+        let w = prep(w, DType::F32, "w")?;
+        let ki = prep(ki, DType::F32, "ki")?;
+        let dev = q.device().as_cuda_device()?.clone();
+        let limit = smem_limit(&dev)?;
+        let nbuf = if kl_smem(dqk, di, hi, 2) <= limit { 2 } else { 1 };
+        let smem = kl_smem(dqk, di, hi, nbuf);
+        if smem > limit {
+            bail!("warmup_kl: DQK {dqk}, HI {hi}, DI {di} need {smem} bytes of shared memory, the device allows {limit}");
+        }
+        let f = load(&dev, "warmup_kl_bf16", smem)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl_) = k.storage_and_layout();
+        let (ls, ll) = lse.storage_and_layout();
+        let (qis, qil) = qi.storage_and_layout();
+        let (ws, wl) = w.storage_and_layout();
+        let (kis, kil) = ki.storage_and_layout();
+        let qv = view::<bf16>(&qs, ql, "q")?;
+        let kv = view::<bf16>(&ks, kl_, "k")?;
+        let lv = view::<f32>(&ls, ll, "lse")?;
+        let qiv = view::<f32>(&qis, qil, "qi")?;
+        let wv = view::<f32>(&ws, wl, "w")?;
+        let kiv = view::<f32>(&kis, kil, "ki")?;
+        // All outputs start at zero: dqi and dki are accumulated into (dki with atomics).
+        let mut kl = dev.alloc_zeros::<f32>(b * t)?;
+        let mut dqi = dev.alloc_zeros::<f32>(b * t * hi * di)?;
+        let mut dw = dev.alloc_zeros::<f32>(b * t * hi)?;
+        let mut dki = dev.alloc_zeros::<f32>(b * t * di)?;
+        let (t32, h32, dqk32, hi32, di32, nbuf32) = (check_i32(t, "T")?, check_i32(h, "H")?, dqk as i32, hi as i32, di as i32, nbuf as i32);
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let g32 = g as f32;
+        let cfg = LaunchConfig { grid_dim: (t.div_ceil(KL_BM) as u32, b as u32, 1), block_dim: (KL_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let stream = dev.cuda_stream();
+        let mut lb = stream.launch_builder(&f);
+        lb.arg(&qv).arg(&kv).arg(&lv).arg(&qiv).arg(&wv).arg(&kiv);
+        lb.arg(&mut kl).arg(&mut dqi).arg(&mut dw).arg(&mut dki);
+        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&hi32).arg(&di32).arg(&scale_log2).arg(&g32).arg(&nbuf32);
+        // SAFETY: every input is contiguous, of the checked shape and dtype, 16-byte aligned;
+        // the outputs are fresh zeroed buffers of the sizes the kernel indexes; candle's stream.
+        unsafe { lb.launch(cfg) }.w()?;
+        drop(lb);
+        Ok(WarmupKl {
+            kl: wrap(kl, &dev, (b, t)),
+            dqi: wrap(dqi, &dev, (b, t, hi, di)),
+            dw: wrap(dw, &dev, (b, t, hi)),
+            dki: wrap(dki, &dev, (b, t, di)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The plain twins against direct f64 loops over the maths of the module doc (the CUDA
+    /// kernels are compared with the twins by `gpu-selftest`).
+    #[test]
+    fn plain_twins_match_f64_loops() {
+        let dev = Device::Cpu;
+        let (b, h, t, dqk, dv, hi, di) = (2usize, 3usize, 9usize, 8usize, 4usize, 3usize, 5usize);
+        let (scale, g) = (0.4, 0.7);
+        let r = |shape: &[usize], seed: u64| crate::rng::randn(shape, seed, 1.0, &dev).unwrap();
+        let (q, k, v) = (r(&[b, h, t, dqk], 1), r(&[b, h, t, dqk], 2), r(&[b, h, t, dv], 3));
+        let (qi, w, ki) = (r(&[b, t, hi, di], 4), r(&[b, t, hi], 5), r(&[b, t, di], 6));
+        let (out, lse) = dense_attention_fwd_plain(&q, &k, &v, scale).unwrap();
+        let res = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g).unwrap();
+        let f = |x: &Tensor| -> Vec<f64> { x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect() };
+        let (q, k, v, qi, w, ki) = (f(&q), f(&k), f(&v), f(&qi), f(&w), f(&ki));
+        let (out, lse, kl, dqi, dw, dki) = (f(&out), f(&lse), f(&res.kl), f(&res.dqi), f(&res.dw), f(&res.dki));
+        let close = |a: f64, e: f64, what: &str| assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{what}: {a} vs {e}");
+        let mut gdqi = vec![0.0; dqi.len()];
+        let mut gdw = vec![0.0; dw.len()];
+        let mut gdki = vec![0.0; dki.len()];
+        for bb in 0..b {
+            for tt in 0..t {
+                let mut p = vec![0.0; tt + 1];
+                for hh in 0..h {
+                    let base = (bb * h + hh) * t;
+                    let a: Vec<f64> = (0..=tt).map(|s| (0..dqk).map(|d| q[(base + tt) * dqk + d] * k[(base + s) * dqk + d]).sum::<f64>() * scale).collect();
+                    let m = a.iter().cloned().fold(f64::MIN, f64::max);
+                    let z: f64 = a.iter().map(|x| (x - m).exp()).sum();
+                    close(lse[base + tt], m + z.ln(), "lse");
+                    for d in 0..dv {
+                        let o: f64 = (0..=tt).map(|s| (a[s] - m).exp() / z * v[(base + s) * dv + d]).sum();
+                        close(out[(base + tt) * dv + d], o, "out");
+                    }
+                    for s in 0..=tt {
+                        p[s] += (a[s] - m).exp() / z / h as f64;
+                    }
+                }
+                let row = bb * t + tt;
+                let zq = |j: usize, s: usize| (0..di).map(|d| qi[(row * hi + j) * di + d] * ki[(bb * t + s) * di + d]).sum::<f64>();
+                let logits: Vec<f64> = (0..=tt).map(|s| (0..hi).map(|j| w[row * hi + j] * zq(j, s).max(0.0)).sum()).collect();
+                let m = logits.iter().cloned().fold(f64::MIN, f64::max);
+                let lz = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+                let expect: f64 = (0..=tt).filter(|&s| p[s] > 0.0).map(|s| p[s] * (p[s].ln() - (logits[s] - lz))).sum();
+                close(kl[row], expect, "kl");
+                for s in 0..=tt {
+                    let d_i = g * ((logits[s] - lz).exp() - p[s]);
+                    for j in 0..hi {
+                        let z = zq(j, s);
+                        if z <= 0.0 {
+                            continue;
+                        }
+                        gdw[row * hi + j] += d_i * z;
+                        for d in 0..di {
+                            gdqi[(row * hi + j) * di + d] += d_i * w[row * hi + j] * ki[(bb * t + s) * di + d];
+                            gdki[(bb * t + s) * di + d] += d_i * w[row * hi + j] * qi[(row * hi + j) * di + d];
+                        }
+                    }
+                }
+            }
+        }
+        for (got, want, what) in [(&dqi, &gdqi, "dqi"), (&dw, &gdw, "dw"), (&dki, &gdki, "dki")] {
+            for (a, e) in got.iter().zip(want.iter()) {
+                close(*a, *e, what);
+            }
+        }
+    }
+}
