@@ -108,12 +108,17 @@ fn device_memory_in_use() -> String {
     String::new()
 }
 
-/// With DSA_MEM_LOG=1, print the device memory in use at `at` (finding what fills the GPU at
-/// long sequence lengths).
+/// With DSA_MEM_LOG=1, print the time since the first call and the device memory in use at
+/// `at` (after synchronising): where a step spends its time and what fills the GPU.
 pub fn log_device_memory(at: &str) {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     if *ON.get_or_init(|| std::env::var("DSA_MEM_LOG").is_ok_and(|v| v == "1")) {
-        eprintln!("[mem] {at}{}", device_memory_in_use());
+        // Wait for queued device work so the timestamps split the step by phase.
+        #[cfg(feature = "cuda")]
+        let _ = candle_core::cuda_backend::cudarc::driver::result::ctx::synchronize();
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+        eprintln!("[mem] {t:9.3} s {at}{}", device_memory_in_use().replace(" after the steps", ""));
     }
 }
 

@@ -274,6 +274,7 @@ impl Trainer {
         }
         let mut lm_value = None;
         let mut dh: Option<Tensor> = None;
+        crate::bench::log_device_memory("layers done");
         if sparse {
             let (b, _) = tokens.dims2()?;
             let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
@@ -304,6 +305,7 @@ impl Trainer {
                 }
             }
         }
+        crate::bench::log_device_memory("LM head and MTP done");
         if let Some(mut dh) = dh {
             let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
                 Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)
