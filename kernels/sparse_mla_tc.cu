@@ -1,6 +1,6 @@
 // Tensor-core sparse MLA in absorbed (MQA) mode, bf16 inputs: forward with per-head LSE and
-// backward (dq, dkv), plus the small kernels around them (index compaction, backward prep,
-// deterministic dkv reduction, f32 -> bf16).
+// backward (dq, dkv), the head-mean probabilities (the sparse-stage KL target), plus the small
+// kernels around them (index compaction, backward prep, deterministic dkv reduction, f32 -> bf16).
 //
 // Shapes (row-major): q [N, H, DQK] bf16, kv [NKV, DQK] bf16 (one shared key per token; its first
 // DV columns are also the value), idx [N, K] u32 absolute kv rows (0xFFFFFFFF, or any row >= NKV,
@@ -872,6 +872,247 @@ sparse_mla_tc_det_reduce(const float* __restrict__ detbuf, const uint32_t* __res
       const int d = tid + 256 * u;
       if (d < DQK) dkv[(size_t)row * DQK + d] += acc[u];
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head-mean probabilities, the sparse-stage KL target (not differentiated):
+//   pmean[n, j] = (1/H) sum_h exp(scale q[n, h] . kv[idx[n, j]] - lse[n, h])
+// for valid slots j, 0 for padding; lse is column DV of the forward's output [N, H, DV + 1].
+//
+// sparse_mla_tc_compact_pos: as sparse_mla_tc_compact, plus cpos[n, i] = the slot j of the i-th
+// valid entry, so that results go back to their slots (pmean is zero-filled by the host first).
+//
+// sparse_mla_tc_probs_rg{RG}: one block per (query n, pass of ROWS = 16 RG heads), 8 warps;
+// RG = 8 when H > 64, so one pass covers every head up to H = 128 (H > 128: several passes write
+// per-pass sums part[pass][n][j], added in pass order by sparse_mla_tc_probs_sum). Warp (r, c),
+// r < RG the row group, c < WC = 8 / RG, keeps its 16 heads' Q as mma A fragments in registers
+// for the whole block (DQK / 16 k-steps x 4 registers, <= 144) and per 64-key tile computes
+// S [16 x KPW] for keys c KPW .. c KPW + KPW - 1 with B fragments from the swizzled kv tile (one
+// ldmatrix.x4 per two mma). p = 2^(S sl2 - lse2_h) in f32 (ex2.approx, max 2 ulp; the forward's
+// base-2 domain, lse2 = lse log2 e); heads past H give 0. Fixed summation order: per thread row
+// g plus row g + 8, then over g by xor-shuffles 4, 8, 16 (a butterfly: every lane gets the same
+// bits), then over the row groups r = 0, 1, .. in shared memory, then over passes in order; no
+// atomics anywhere, so results are bit-identical run to run. Columns past the valid count (zero
+// kv rows in the last tile) are computed but never written.
+// KV tiles: PR_STAGES = 3 cp.async stages (Q needs no shared memory here, so a third stage fits
+// at DQK = 576); the rows of tile t + 3 are fetched into registers meanwhile. The column sums of
+// tile t go to red [t & 1][RG][64] and are stored by threads 0..63 after the next tile's block
+// barrier (so one barrier per tile). Shared memory: KV [3][64][DQK] bf16 | red [2][RG][64] f32.
+
+#define PR_BK 64
+#define PR_THREADS 256
+#define PR_STAGES 3
+#define PR_MAXKS 36  // DQK / 16 k-steps at most (DQK <= 576)
+
+__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
+
+extern "C" __global__ void __launch_bounds__(256)
+sparse_mla_tc_compact_pos(const uint32_t* __restrict__ idx, uint32_t* __restrict__ cidx, uint32_t* __restrict__ cpos,
+                          uint32_t* __restrict__ cnt, int N, int K, uint32_t NKV) {
+  const int lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+  if (n >= N) return;
+  const uint32_t* in = idx + (size_t)n * K;
+  uint32_t* o = cidx + (size_t)n * K;
+  uint32_t* op = cpos + (size_t)n * K;
+  uint32_t base = 0;
+  for (int j0 = 0; j0 < K; j0 += 32) {
+    const int j = j0 + lane;
+    const uint32_t v = j < K ? in[j] : INVALID;
+    const bool ok = v < NKV;
+    const unsigned m = __ballot_sync(FULL, ok);
+    if (ok) {
+      const uint32_t at = base + __popc(m & ((1u << lane) - 1u));
+      o[at] = v;
+      op[at] = (uint32_t)j;
+    }
+    base += __popc(m);
+  }
+  if (lane == 0) cnt[n] = base;
+}
+
+template <int RG>
+__device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
+                                           const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cpos,
+                                           const uint32_t* __restrict__ cnt, const float* __restrict__ fwd_out,
+                                           float* __restrict__ out, int N, int H, int K, int DQK, int DV, float sl2) {
+  constexpr int ROWS = 16 * RG;
+  constexpr int WC = 8 / RG;                       // warps per row group
+  constexpr int KPW = PR_BK / WC;                  // keys per warp
+  constexpr int NT = KPW / 8;                      // n-tiles per warp
+  constexpr int KPT = PR_BK / (PR_THREADS / 8);    // keys gathered per thread per tile
+  extern __shared__ __align__(128) uint8_t smem[];
+  const int rowbytes = DQK * 2;
+  const int nch = DQK / 8;   // 16-byte chunks per row
+  const int nks = DQK / 16;  // mma k-steps
+  uint8_t* kv_s = smem;
+  float* red_s = reinterpret_cast<float*>(kv_s + PR_STAGES * PR_BK * rowbytes);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int r = warp / WC, c = warp % WC;
+  const int g = lane >> 2, tig = lane & 3;
+  const int n = N - 1 - (int)blockIdx.x;  // later queries usually select more keys: start them first
+  const int h0 = blockIdx.y * ROWS;
+  const int count = (int)cnt[n];
+  if (count == 0) return;  // block-uniform; the output stays zero
+  const int ntiles = (count + PR_BK - 1) / PR_BK;
+  const uint32_t* rowidx = cidx + (size_t)n * K;
+  const uint32_t* rowpos = cpos + (size_t)n * K;
+
+  // Gather: thread owns keys (tid >> 3) + 32 i of a tile and chunks sub, sub + 8, ...
+  const int sub = tid & 7;
+  uint32_t pre[KPT];
+  auto fetch_rows = [&](int t) {
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+      const int j = t * PR_BK + (tid >> 3) + i * (PR_THREADS / 8);
+      pre[i] = (j < count) ? rowidx[j] : INVALID;
+    }
+  };
+  auto issue_tile = [&](int buf) {
+#pragma unroll
+    for (int i = 0; i < KPT; ++i) {
+      const int key = (tid >> 3) + i * (PR_THREADS / 8);
+      const bool valid = pre[i] != INVALID;
+      const bf16* src = kv + (size_t)(valid ? pre[i] : 0u) * DQK;
+      uint8_t* d = kv_s + (buf * PR_BK + key) * rowbytes;
+      const int x = (sub ^ key) & 7;
+      for (int ch = sub; ch < nch; ch += 8) cp_async16(smem_u32(d + ((ch & ~7) | x) * 16), src + ch * 8, valid ? 16u : 0u);
+    }
+  };
+  fetch_rows(0);
+  issue_tile(0);
+  cp_async_commit();
+  fetch_rows(1);
+  if (ntiles > 1) issue_tile(1);
+  cp_async_commit();  // possibly empty: the group count stays "tiles issued so far + 1"
+  fetch_rows(2);
+
+  // Q rows hA = h0 + 16 r + g and hB = hA + 8 as A fragments (a0: row g, cols 2 tig, +1;
+  // a1: row g + 8; a2, a3: cols + 8), straight from global memory; heads past H are zero.
+  const int hA = h0 + 16 * r + g, hB = hA + 8;
+  const bool rvA = hA < H, rvB = hB < H;
+  const bf16* qA = q + ((size_t)n * H + (rvA ? hA : 0)) * DQK + 2 * tig;
+  const bf16* qB = q + ((size_t)n * H + (rvB ? hB : 0)) * DQK + 2 * tig;
+  uint32_t qf[PR_MAXKS][4];
+#pragma unroll
+  for (int ks = 0; ks < PR_MAXKS; ++ks) {
+    const bool in = ks < nks;
+    qf[ks][0] = (in && rvA) ? __ldg(reinterpret_cast<const unsigned int*>(qA + 16 * ks)) : 0u;
+    qf[ks][1] = (in && rvB) ? __ldg(reinterpret_cast<const unsigned int*>(qB + 16 * ks)) : 0u;
+    qf[ks][2] = (in && rvA) ? __ldg(reinterpret_cast<const unsigned int*>(qA + 16 * ks + 8)) : 0u;
+    qf[ks][3] = (in && rvB) ? __ldg(reinterpret_cast<const unsigned int*>(qB + 16 * ks + 8)) : 0u;
+  }
+  const float lA = rvA ? fwd_out[((size_t)n * H + hA) * (DV + 1) + DV] * LOG2E : 0.f;
+  const float lB = rvB ? fwd_out[((size_t)n * H + hB) * (DV + 1) + DV] * LOG2E : 0.f;
+
+  // B (non-trans, key rows): key b_key, chunk 2 ks + b_hi; b_key & 7 == lane & 7.
+  const int x7 = lane & 7;
+  const int b_key = c * KPW + (lane & 7) + (NT >= 2 ? 8 * (lane >> 4) : 0);
+  const int b_hi = (lane >> 3) & 1;
+  const bool single = gridDim.y == 1;
+
+  // Threads 0..63 store tile t's column sums (row groups in order) to slot cpos of key t*64+tid;
+  // `mypos` was read one tile earlier.
+  uint32_t mypos = 0;
+  auto store_sums = [&](int t) {
+    if (tid < PR_BK) {
+      const int j = t * PR_BK + tid;
+      if (j < count) {
+        const float* rs = red_s + (t & 1) * RG * PR_BK + tid;
+        float tot = 0.f;
+#pragma unroll
+        for (int rr = 0; rr < RG; ++rr) tot += rs[rr * PR_BK];
+        if (single)
+          out[(size_t)n * K + mypos] = tot / (float)H;
+        else
+          out[((size_t)blockIdx.y * N + n) * K + mypos] = tot;
+      }
+    }
+  };
+
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait_1();  // all groups but the newest: tile t has landed (for this thread's copies)
+    __syncthreads();    // ... for everyone; everyone is done with tile t - 1 and red [(t - 1) & 1] is full
+    if (t + 2 < ntiles) issue_tile((t + 2) % PR_STAGES);  // the buffer of tile t - 1
+    cp_async_commit();
+    fetch_rows(t + 3);
+    if (t > 0) store_sums(t - 1);
+    if (tid < PR_BK) {
+      const int j = t * PR_BK + tid;
+      mypos = j < count ? rowpos[j] : 0u;
+    }
+
+    float s[NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = 0.f;
+    const uint32_t kb = smem_u32(kv_s) + ((t % PR_STAGES) * PR_BK + b_key) * rowbytes;
+#pragma unroll
+    for (int ks = 0; ks < PR_MAXKS; ++ks) {
+      if (ks < nks) {
+        const uint32_t boff = swz(2 * ks + b_hi, x7) * 16;
+        if constexpr (NT >= 2) {
+#pragma unroll
+          for (int np = 0; np < NT / 2; ++np) {
+            uint32_t b[4];
+            ldsm_x4(b, kb + np * 16 * rowbytes + boff);
+            mma16816(s[2 * np], qf[ks], b[0], b[1]);
+            mma16816(s[2 * np + 1], qf[ks], b[2], b[3]);
+          }
+        } else {
+          uint32_t b[2];
+          ldsm_x2(b, kb + boff);
+          mma16816(s[0], qf[ks], b[0], b[1]);
+        }
+      }
+    }
+
+    // Probabilities and their sums over the warp's 16 rows, per key column.
+    float* rs = red_s + (t & 1) * RG * PR_BK + r * PR_BK + c * KPW;
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+      const float p0 = rvA ? ex2(fmaf(s[nt][0], sl2, -lA)) : 0.f;  // row g, col 2 tig
+      const float p1 = rvA ? ex2(fmaf(s[nt][1], sl2, -lA)) : 0.f;  // row g, col 2 tig + 1
+      const float p2 = rvB ? ex2(fmaf(s[nt][2], sl2, -lB)) : 0.f;  // row g + 8, col 2 tig
+      const float p3 = rvB ? ex2(fmaf(s[nt][3], sl2, -lB)) : 0.f;  // row g + 8, col 2 tig + 1
+      float c0 = p0 + p2, c1 = p1 + p3;
+      c0 += __shfl_xor_sync(FULL, c0, 4);
+      c1 += __shfl_xor_sync(FULL, c1, 4);
+      c0 += __shfl_xor_sync(FULL, c0, 8);
+      c1 += __shfl_xor_sync(FULL, c1, 8);
+      c0 += __shfl_xor_sync(FULL, c0, 16);
+      c1 += __shfl_xor_sync(FULL, c1, 16);
+      if (g == 0) *reinterpret_cast<float2*>(rs + nt * 8 + 2 * tig) = make_float2(c0, c1);
+    }
+  }
+  cp_async_wait_all();
+  __syncthreads();  // red [(ntiles - 1) & 1] is full
+  store_sums(ntiles - 1);
+}
+
+#define PROBS_KERNEL(RG)                                                                                           \
+  extern "C" __global__ void __launch_bounds__(PR_THREADS, 1)                                                       \
+      sparse_mla_tc_probs_rg##RG(const bf16* __restrict__ q, const bf16* __restrict__ kv,                         \
+                                 const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cpos,            \
+                                 const uint32_t* __restrict__ cnt, const float* __restrict__ fwd_out,             \
+                                 float* __restrict__ out, int N, int H, int K, int DQK, int DV, float sl2) {      \
+    probs_impl<RG>(q, kv, cidx, cpos, cnt, fwd_out, out, N, H, K, DQK, DV, sl2);                                    \
+  }
+PROBS_KERNEL(1)
+PROBS_KERNEL(2)
+PROBS_KERNEL(4)
+PROBS_KERNEL(8)
+
+// pmean[i] = (sum over passes p = 0, 1, .. of part[p][i]) / H, in pass order.
+extern "C" __global__ void __launch_bounds__(256)
+sparse_mla_tc_probs_sum(const float* __restrict__ part, float* __restrict__ pmean, int passes, size_t len, int H) {
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < len; i += (size_t)gridDim.x * blockDim.x) {
+    float s = 0.f;
+    for (int p = 0; p < passes; ++p) s += part[(size_t)p * len + i];
+    pmean[i] = s / (float)H;
   }
 }
 

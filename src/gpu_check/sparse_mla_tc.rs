@@ -141,6 +141,85 @@ fn deterministic(c: &Case, gpu: &Device) -> Result<Outcome> {
     })
 }
 
+/// Head-mean probabilities (`sparse_mla_head_mean_probs_bf16`) against the f32 kernel
+/// (`kernels::sparse_mla_head_mean_probs`) on the same bf16-rounded q and kv (as f32) and the
+/// same LSE (the tensor-core forward's): max |a - b| / max |b| < 1e-2; every row with a valid
+/// slot sums to 1 within 1e-3 (each head's probabilities over its selected slots sum to 1, so
+/// their mean does too); padding slots and queries without a valid slot (every 11th query when
+/// `empty` is set) are exactly 0; two runs bit-identical.
+struct ProbsCase {
+    name: &'static str,
+    n: usize,
+    h: usize,
+    k: usize,
+    dqk: usize,
+    dv: usize,
+    pad: f64,
+    qmul: f64,
+    empty: bool,
+    seed: u64,
+}
+
+fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
+    const TOL: f32 = 1e-2;
+    const SUM_TOL: f32 = 1e-3;
+    let nkv = c.n.max(8);
+    let q = crate::rng::randn(&[c.n, c.h, c.dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
+    let kv = crate::rng::randn(&[nkv, c.dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
+    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
+    let mut abs = vec![u32::MAX; c.n * c.k];
+    for t in 0..c.n {
+        if c.empty && t % 11 == 5 {
+            continue;
+        }
+        let hi = t.max(7).min(nkv - 1) as u64 + 1;
+        for j in 0..c.k {
+            if j == 0 || rng.uniform() >= c.pad {
+                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
+            }
+        }
+    }
+    let idx = Tensor::from_vec(abs.clone(), (c.n, c.k), gpu)?;
+    let scale = 192f64.powf(-0.5);
+    let fwd = tc::sparse_mla_bf16(&q, &kv, &idx, scale, c.dv)?;
+    let a = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
+    let a2 = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
+    let b = crate::kernels::sparse_mla_head_mean_probs(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, &fwd, scale, c.dv)?;
+    let shape_ok = a.dims() == [c.n, c.k] && a.dtype() == DType::F32;
+    let e = rel_err(&a, &b)?;
+    let av = a.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    let a2v = a2.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+    let same = av.len() == a2v.len() && av.iter().zip(&a2v).all(|(x, y)| x.to_bits() == y.to_bits());
+    let (mut worst_sum, mut pad_max) = (0f32, 0f32);
+    for t in 0..c.n {
+        let row = &av[t * c.k..(t + 1) * c.k];
+        let slots = &abs[t * c.k..(t + 1) * c.k];
+        let mut sum = 0f32;
+        for (p, &i) in row.iter().zip(slots) {
+            if i == u32::MAX {
+                pad_max = pad_max.max(p.abs());
+            } else {
+                sum += p;
+            }
+        }
+        if slots.iter().any(|&i| i != u32::MAX) {
+            // f32::max ignores NaN: map it to infinity so that it fails.
+            let d = (sum - 1.0).abs();
+            worst_sum = if d.is_nan() { f32::INFINITY } else { worst_sum.max(d) };
+        }
+    }
+    let ok = shape_ok && e < TOL && worst_sum < SUM_TOL && pad_max == 0.0 && same;
+    Ok(Outcome {
+        name: c.name,
+        ok,
+        detail: format!(
+            "N {} H {} K {} dqk {} q std {}: rel err {e:.1e} (< {TOL:.0e}); worst |row sum - 1| {worst_sum:.1e} (< {SUM_TOL:.0e}); \
+             max at padding {pad_max:.1e} (= 0); two runs bit-identical {same}; shape/dtype ok {shape_ok}",
+            c.n, c.h, c.k, c.dqk, c.qmul
+        ),
+    })
+}
+
 pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let third = 1.0 / 3.0;
     let cases = [
@@ -162,6 +241,18 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         Case { name: "tc sparse MLA deterministic dkv (chunked)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 909 },
     ] {
         out.push(deterministic(&c, gpu)?);
+    }
+    for c in [
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1001 },
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (K 2048 > valid)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1002 },
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (one query)", n: 1, h: 16, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: false, seed: 1003 },
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (q x 30)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 30.0, empty: true, seed: 1004 },
+        // Row-group variants (H 20: 2 groups, H 40: 4) and two head passes (H 200 > 128).
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 20, K 97)", n: 33, h: 20, k: 97, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1005 },
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 40, dqk 192)", n: 50, h: 40, k: 40, dqk: 192, dv: 128, pad: third, qmul: 1.0, empty: true, seed: 1006 },
+        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 200, two passes)", n: 33, h: 200, k: 130, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1007 },
+    ] {
+        out.push(probs(&c, gpu)?);
     }
     Ok(out)
 }

@@ -16,6 +16,9 @@
 //! `set_deterministic(true)` each (query, selected key) contribution is written to a chunk
 //! buffer and summed per kv row in ascending (query, slot) order, chunk by chunk: bit-identical
 //! from run to run (about twice the backward time).
+//!
+//! `sparse_mla_head_mean_probs_bf16`: the sparse-stage KL target (head-mean probabilities at the
+//! selected slots, from the forward's LSE), only the S = Q K^T product; deterministic always.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -57,6 +60,32 @@ pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: us
     }
 }
 
+/// Head-mean probabilities of the sparse attention at its selected slots (the sparse-stage KL
+/// target; not differentiated): q [N, H, DQK] bf16, kv [NKV, DQK] bf16, idx [N, K] u32 and the
+/// forward's result fwd_out [N, H, DV + 1] f32 (column DV: the natural-log LSE) -> [N, K] f32,
+/// pmean[n, j] = (1/H) sum_h exp(scale q[n, h] . kv[idx[n, j]] - lse[n, h]) for valid slots
+/// (idx < NKV), 0 at padding slots and for queries without a valid slot. Same shapes as
+/// `sparse_mla_bf16` (`supported`). Twin: `kernels::sparse_mla_head_mean_probs` (f32).
+/// Numerics: S in f32 from bf16 products (mma.sync), p = 2^(S scale log2 e - lse log2 e) in f32
+/// (ex2.approx); heads summed in a fixed order without atomics, so bit-identical run to run.
+pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, scale: f64, dv: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    {
+        let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
+        if let (Ok((n, _, _)), Ok((_, 0))) = (q.dims3(), idx.dims2()) {
+            // No slots: nothing to launch (and no zero-length device buffers).
+            return Tensor::zeros((n, 0), candle_core::DType::F32, q.device());
+        }
+        let op = cuda::SparseMlaTcProbs { scale: scale as f32, dv, fwd_out: fwd_out.contiguous()?.detach() };
+        q.apply_op3_no_bwd(&kv, &idx, &op)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, kv, idx, fwd_out, scale, dv);
+        candle_core::bail!("sparse_mla_head_mean_probs_bf16 kernel needs the `cuda` feature")
+    }
+}
+
 /// Median wall time of `f` over `reps` runs after one warm-up, each synchronised with the
 /// device (the logic of `bench::time_median`).
 #[cfg(feature = "cuda")]
@@ -78,6 +107,7 @@ fn time_median(device: &candle_core::Device, reps: usize, mut f: impl FnMut() ->
 /// (query t selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a
 /// random subset after). FLOP counts with P = number of valid (query, key) pairs:
 /// forward 2 P H (DQK + DV), backward 2 P H (2 DV + 3 DQK) (S, dP, dQ, dK and dV products).
+/// head-mean probabilities 2 P H DQK (the S product only).
 /// The backward is timed without autograd glue (the bwd op alone, prep included).
 pub fn bench(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>> {
     #[cfg(feature = "cuda")]
@@ -141,6 +171,8 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
         bwd_times.push(time_median(dev, 3, || Ok(q.apply_op3_no_bwd(&kv, &idx, &op).map(|_| ())?))?);
     }
+    let probs = time_median(dev, 5, || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?))?;
+    let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
     let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
     Ok(vec![
@@ -148,6 +180,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         format!("  fwd bf16 {:.3} ms = {:.1} TFLOP/s", fwd * 1e3, f_fwd / fwd / 1e12),
         format!("  bwd bf16 (atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
         format!("  bwd bf16 (deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
+        format!("  head-mean probs bf16 {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
     ])
 }
 
@@ -275,6 +308,37 @@ pub(crate) mod cuda {
         unsafe { b.launch(LaunchConfig { grid_dim: (d.n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
         drop(b);
         Ok((cidx, cnt))
+    }
+
+    /// As `compact`, plus the slot of each compacted entry [N, K] (valid entries only).
+    fn compact_pos(dev: &CudaDevice, idx: &CudaView<u32>, d: &Dims) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
+        let cidx = alloc::<u32>(dev, d.n * d.k)?;
+        let cpos = alloc::<u32>(dev, d.n * d.k)?;
+        let cnt = alloc::<u32>(dev, d.n)?;
+        let f = load(dev, "sparse_mla_tc_compact_pos", 0)?;
+        let (n, k, nkv) = (d.n as i32, d.k as i32, d.nkv as u32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(idx).arg(&cidx).arg(&cpos).arg(&cnt).arg(&n).arg(&k).arg(&nkv);
+        // SAFETY: idx is [N, K]; cidx, cpos [N, K] and cnt [N] are written (entries past cnt unused).
+        unsafe { b.launch(LaunchConfig { grid_dim: (d.n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        drop(b);
+        Ok((cidx, cpos, cnt))
+    }
+
+    /// Row groups (of 16 heads) per head-mean-probs block: 8 when H > 64 (one pass up to 128
+    /// heads), else just enough for H.
+    fn probs_row_groups(h: usize) -> usize {
+        if h > 64 {
+            8
+        } else {
+            row_groups(h)
+        }
+    }
+
+    /// Head-mean-probs shared memory: three kv stages and the double-buffered column sums.
+    fn probs_smem(rg: usize, dqk: usize) -> usize {
+        3 * 64 * dqk * 2 + 2 * rg * 64 * 4
     }
 
     pub struct SparseMlaTc {
@@ -464,6 +528,74 @@ pub(crate) mod cuda {
             }
             drop(dq);
             Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(dq_len + d.nkv * d.dqk)))
+        }
+    }
+
+    /// Head-mean probabilities [N, K] f32 (see `sparse_mla_head_mean_probs_bf16`); no backward.
+    pub struct SparseMlaTcProbs {
+        pub scale: f32,
+        pub dv: usize,
+        /// The forward's result [N, H, DV + 1] f32 (contiguous; column DV is the LSE).
+        pub fwd_out: Tensor,
+    }
+
+    impl CustomOp3 for SparseMlaTcProbs {
+        fn name(&self) -> &'static str {
+            "dsa-sparse-mla-tc-probs"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-sparse-mla-tc-probs runs on CUDA only; the CPU uses the plain twin")
+        }
+
+        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+            let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
+            let dv = self.dv;
+            let want = [d.n, d.h, dv + 1];
+            if self.fwd_out.dims() != &want[..] || self.fwd_out.dtype() != DType::F32 {
+                bail!(
+                    "sparse_mla_head_mean_probs_bf16: forward output is {:?} {:?}, expected f32 {want:?}",
+                    self.fwd_out.dtype(),
+                    self.fwd_out.shape()
+                );
+            }
+            let dev = s1.device();
+            let stream = dev.cuda_stream();
+            let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
+            let fwd_out = cuda_view::<f32>(&fo_s, fo_l, "forward output")?;
+            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
+
+            let rg = probs_row_groups(d.h);
+            let passes = d.h.div_ceil(16 * rg);
+            let smem = probs_smem(rg, d.dqk);
+            check_smem(dev, smem)?;
+            let f = load(dev, &format!("sparse_mla_tc_probs_rg{rg}"), smem)?;
+            let len = d.n * d.k;
+            // Zero-filled: padding slots and queries without a valid slot are never written.
+            let pmean = dev.alloc_zeros::<f32>(len)?;
+            let part = if passes > 1 { Some(dev.alloc_zeros::<f32>(passes * len)?) } else { None };
+            let (n32, h32, k32, dqk32, dv32) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
+            let sl2 = self.scale * LOG2E;
+            {
+                let dst = part.as_ref().unwrap_or(&pmean);
+                let mut b = stream.launch_builder(&f);
+                b.arg(&q).arg(&kv).arg(&cidx).arg(&cpos).arg(&cnt).arg(&fwd_out).arg(dst);
+                b.arg(&n32).arg(&h32).arg(&k32).arg(&dqk32).arg(&dv32).arg(&sl2);
+                let cfg = LaunchConfig { grid_dim: (d.n as u32, passes as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // SAFETY: shapes checked above; compacted rows are < NKV and positions < K;
+                // fwd_out is [N, H, DV + 1]; dst is [N, K] (one pass) or [passes, N, K].
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            if let Some(part) = &part {
+                let f_sum = load(dev, "sparse_mla_tc_probs_sum", 0)?;
+                let passes32 = passes as i32;
+                let mut b = stream.launch_builder(&f_sum);
+                b.arg(part).arg(&pmean).arg(&passes32).arg(&len).arg(&h32);
+                // SAFETY: part is [passes, N K], pmean [N K].
+                unsafe { b.launch(LaunchConfig { grid_dim: (blocks(len, 256, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+            }
+            Ok((CudaStorage::wrap_cuda_slice(pmean, dev.clone()), Shape::from((d.n, d.k))))
         }
     }
 }
