@@ -159,8 +159,12 @@ impl Mla {
             } else {
                 crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?.contiguous()?, &kv.to_dtype(DType::F32)?.contiguous()?, &idx, self.scale, c)?
             }; // [BT, H, C+1] f32
-            let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
-            let pm = crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?;
+            let pm = if tensor_cores {
+                crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(&q.detach().contiguous()?, &kv.detach().contiguous()?, &idx, &out.detach(), self.scale, c)?
+            } else {
+                let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
+                crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?
+            };
             (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
         } else {
             self.sparse_plain(&q, &kv, sel, b, t)?

@@ -54,6 +54,36 @@ impl Indexer {
     }
 }
 
+impl Indexer {
+    /// Backpropagate given gradients of the projections (dq [B, T, HI, DI], dw [B, T, HI],
+    /// dk [B, T, DI]) into the indexer's parameters, recomputing the projections of `rows`
+    /// tokens at a time from the indexer's inputs x [B, T, hidden] and qr [B, T, q_lora]
+    /// (every projection is per token, so chunks are exact): sum(q dq) + sum(w dw) + sum(k dk)
+    /// per chunk. `cos`/`sin` are the rope tables of positions 0.. (at least T rows).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backprop_rows(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        grads: (&Tensor, &Tensor, &Tensor),
+        rows: usize,
+        mut on_grads: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+    ) -> Result<()> {
+        let (dq, dw, dk) = grads;
+        let t = x.dim(1)?;
+        for r0 in (0..t).step_by(rows.max(1)) {
+            let n = rows.max(1).min(t - r0);
+            let p = self.project(&x.narrow(1, r0, n)?, &qr.narrow(1, r0, n)?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?;
+            let dot = |a: &Tensor, g: &Tensor| -> Result<Tensor> { (a * g.narrow(1, r0, n)?.to_dtype(DType::F32)?)?.sum_all() };
+            let surrogate = ((dot(&p.q, dq)? + dot(&p.w, dw)?)? + dot(&p.k, dk)?)?;
+            on_grads(&surrogate.backward()?)?;
+        }
+        Ok(())
+    }
+}
+
 /// Queries [B, T, HI, DI], keys [B, T, DI] and head weights [B, T, HI] (scale folded in).
 pub struct IndexerProj {
     pub q: Tensor,
@@ -64,6 +94,14 @@ pub struct IndexerProj {
 impl IndexerProj {
     pub fn detach(&self) -> Self {
         Self { q: self.q.detach(), k: self.k.detach(), w: self.w.detach() }
+    }
+
+    /// Detached copies marked as leaves: a backward through losses built on them stops here
+    /// and returns d/dq, d/dw, d/dk, which `Indexer::backprop_rows` then pushes into the
+    /// indexer's parameters a chunk of tokens at a time (bounded memory at long lengths).
+    pub fn leaves(&self) -> Result<Self> {
+        let leaf = |t: &Tensor| -> Result<Tensor> { Ok(candle_core::Var::from_tensor(&t.detach())?.as_tensor().clone()) };
+        Ok(Self { q: leaf(&self.q)?, k: leaf(&self.k)?, w: leaf(&self.w)? })
     }
 
     /// Scores of queries `q0..q0+n` against every key: [B, n, T] f32, causal bias not added.

@@ -23,7 +23,7 @@ use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
 use crate::weights::{self, ParamSet};
 use attention::Mla;
-use indexer::Indexer;
+use indexer::{Indexer, IndexerProj};
 use moe::{Mlp, Moe};
 
 /// Which attention the main model runs.
@@ -100,6 +100,11 @@ pub struct LayerStats {
     pub deferred_kl: Option<DeferredKl>,
     /// Sparse mode: the selected sets (a recomputing backward reuses them).
     pub selection: Option<crate::dsa::Selection>,
+    /// Training: the indexer's inputs (x, qr), detached, and the leaf projections its KL was
+    /// built on; the trainer turns d(KL)/d(projections) into parameter gradients a chunk of
+    /// tokens at a time (`Indexer::backprop_rows`).
+    pub indexer_inputs: Option<(Tensor, Tensor)>,
+    pub indexer_proj: Option<indexer::IndexerProj>,
 }
 
 pub struct ForwardOutput {
@@ -161,7 +166,15 @@ impl DecoderLayer {
         let need_indexer = (opts.attention == AttentionMode::Sparse && cached.is_none()) || opts.indexer_kl || opts.recall;
         let ix = if need_indexer {
             let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), proj.qr.detach()) } else { (x.clone(), proj.qr.clone()) };
-            Some(self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?)
+            let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
+            if opts.detach_indexer_inputs || opts.defer_dense_kl {
+                let leaves = p.leaves()?;
+                stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
+                stats.indexer_proj = Some(IndexerProj { q: leaves.q.clone(), k: leaves.k.clone(), w: leaves.w.clone() });
+                Some(leaves)
+            } else {
+                Some(p)
+            }
         } else {
             None
         };

@@ -253,7 +253,7 @@ impl Trainer {
             }
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             crate::bench::log_device_memory(&format!("layer {l} forward"));
-            let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum).with_context(|| format!("layer {l} indexer KL backward"))?;
+            let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
             crate::bench::log_device_memory(&format!("layer {l} KL backward"));
             kl_sum = add(kl_sum, kl)?;
             if let Some(c) = stats.expert_counts.take() {
@@ -294,7 +294,7 @@ impl Trainer {
             let trains = sparse && t.mtp_weight > 0.0;
             let hv = Var::from_tensor(&h.detach())?;
             let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &opts)?;
-            self.backprop_indexer_kl(&stats, scale * kl_weight, accum)?;
+            self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &self.model.mtp[depth].layer.indexer)?;
             if trains {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
                 let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
@@ -348,40 +348,59 @@ impl Trainer {
     }
 
     /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL
-    /// as a detached f32 scalar on the device. A deferred (warm-up) KL is evaluated a block of
-    /// queries at a time, each block's scores freed after its backward, so memory stays bounded
-    /// at long sequence lengths.
-    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum) -> Result<Tensor> {
-        if let Some(kl) = &stats.indexer_kl {
+    /// as a detached f32 scalar on the device. Two steps, both bounded in memory at long
+    /// lengths: (1) the gradients of the KL w.r.t. the indexer's projections q_I, w, k_I (the
+    /// layer built the KL on leaf copies of them): from candle's backward over the selected
+    /// set (sparse), from the streaming kernel (warm-up on CUDA), or block of queries by block
+    /// (plain warm-up); (2) `Indexer::backprop_rows` pushes them into the parameters a chunk
+    /// of tokens at a time.
+    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum, indexer: &crate::model::indexer::Indexer) -> Result<Tensor> {
+        let proj = match (&stats.indexer_proj, &stats.deferred_kl) {
+            (_, Some(d)) => d.proj(),
+            (Some(p), None) => p,
+            (None, None) => bail!("layer returned no indexer projections"),
+        };
+        let (b, t, hi, di) = proj.q.dims4()?;
+        let grad_of = |gs: &candle_core::backprop::GradStore, x: &Tensor| -> Result<Tensor> {
+            Ok(match gs.get(x) { Some(g) => g.clone(), None => x.zeros_like()? })
+        };
+        let (kl, dq, dw, dk) = if let Some(kl) = &stats.indexer_kl {
             let kl = kl.mean_all()?;
-            accum.add(&self.slots, &(&kl * weight)?.backward()?)?;
-            return Ok(kl.detach().to_dtype(DType::F32)?);
-        }
-        let d = stats.deferred_kl.as_ref().context("layer returned no indexer KL")?;
-        let (b, t, hi, _) = d.proj().q.dims4()?;
-        let (proj, target) = match d {
-            crate::model::DeferredKl::Plain { proj, target } => (proj, target),
-            crate::model::DeferredKl::Streaming { proj, scores } => {
-                // Loss and gradients in one kernel call; the gradients of q_I, w and k_I are
-                // pushed into the indexer's parameters through sum(x * dx).
-                let g = weight / (b * t) as f64;
-                let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
-                let surrogate = (((&proj.q * &r.dqi)?.sum_all()? + (&proj.w * &r.dw)?.sum_all()?)? + (&proj.k * &r.dki)?.sum_all()?)?;
-                accum.add(&self.slots, &surrogate.backward()?)?;
-                return Ok((r.kl.sum_all()? / (b * t) as f64)?.to_dtype(DType::F32)?);
+            let gs = (&kl * weight)?.backward()?;
+            (kl.detach(), grad_of(&gs, &proj.q)?, grad_of(&gs, &proj.w)?, grad_of(&gs, &proj.k)?)
+        } else {
+            match stats.deferred_kl.as_ref().context("layer returned no indexer KL")? {
+                crate::model::DeferredKl::Streaming { proj, scores } => {
+                    // Loss and gradients in one kernel call.
+                    let g = weight / (b * t) as f64;
+                    let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
+                    ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
+                }
+                crate::model::DeferredKl::Plain { proj, target } => {
+                    // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
+                    let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
+                    let mut total: Option<Tensor> = None;
+                    let (mut dq, mut dw, mut dk) = (proj.q.zeros_like()?, proj.w.zeros_like()?, proj.k.zeros_like()?);
+                    for q0 in (0..t).step_by(block) {
+                        let n = block.min(t - q0);
+                        let kl_sum = crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
+                        let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
+                        dq = (dq + grad_of(&gs, &proj.q)?)?;
+                        dw = (dw + grad_of(&gs, &proj.w)?)?;
+                        dk = (dk + grad_of(&gs, &proj.k)?)?;
+                        let kl_sum = kl_sum.detach();
+                        total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
+                    }
+                    ((total.context("empty sequence")? / (b * t) as f64)?, dq, dw, dk)
+                }
             }
         };
-        // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
-        let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
-        let mut total: Option<Tensor> = None;
-        for q0 in (0..t).step_by(block) {
-            let n = block.min(t - q0);
-            let kl_sum = crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
-            accum.add(&self.slots, &(&kl_sum * (weight / (b * t) as f64))?.backward()?)?;
-            let kl_sum = kl_sum.detach();
-            total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
-        }
-        Ok((total.context("empty sequence")? / (b * t) as f64)?.to_dtype(DType::F32)?)
+        let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
+        // About 2^24 query values (64 MiB in f32) per chunk of tokens.
+        let rows = ((1usize << 24) / (b * hi * di).max(1)).clamp(1, t);
+        let slots = &self.slots;
+        indexer.backprop_rows(x, qr, &self.ctx.cos, &self.ctx.sin, (&dq, &dw, &dk), rows, |gs| accum.add(slots, gs).map_err(candle_core::Error::wrap))?;
+        Ok(kl.to_dtype(DType::F32)?)
     }
 
     /// Forward and backward over the next `global_batch_seqs` sequences (advancing the data
