@@ -45,6 +45,16 @@ impl Selection {
         Ok(Self { indices, valid, bias, absolute })
     }
 
+    /// The selected sets of queries q0..q0+n (the absolute rows still index the whole batch).
+    pub fn rows(&self, q0: usize, n: usize) -> candle_core::Result<Self> {
+        Ok(Self {
+            indices: self.indices.narrow(1, q0, n)?,
+            valid: self.valid.narrow(1, q0, n)?,
+            bias: self.bias.narrow(1, q0, n)?,
+            absolute: self.absolute.narrow(1, q0, n)?,
+        })
+    }
+
     /// Selection from per-sequence key positions [B, T, K] (u32::MAX = padding).
     pub fn from_positions(positions: &Tensor) -> candle_core::Result<Self> {
         let (b, t, k) = positions.dims3()?;

@@ -126,21 +126,23 @@ impl IndexerProj {
     /// slots score 0 (the caller adds the selection's bias). On CUDA a fused kernel computes
     /// it; the plain twin below gathers the keys.
     pub fn scores_at(&self, sel: &crate::dsa::Selection) -> Result<Tensor> {
+        // The queries may be a block of rows (t of them) while the keys cover the sequence (tk).
         let (b, t, hi, di) = self.q.dims4()?;
+        let tk = self.k.dim(1)?;
         let kk = sel.indices.dim(2)?;
         if crate::kernels::available(self.q.device()) {
-            let q = self.q.reshape((b * t, hi, di))?;
-            let w = self.w.reshape((b * t, hi))?.contiguous()?;
-            let k = self.k.reshape((b * t, di))?;
-            let idx = sel.absolute.reshape((b * t, kk))?;
+            let q = self.q.contiguous()?.reshape((b * t, hi, di))?;
+            let w = self.w.contiguous()?.reshape((b * t, hi))?;
+            let k = self.k.reshape((b * tk, di))?;
+            let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
             return crate::kernels::indexer_scores_at(&q, &w, &k, &idx)?.reshape((b, t, kk));
         }
-        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
-        let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?;
-        let k_sel = self.k.reshape((b * t, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
-        let q = self.q.reshape((b * t, hi, di))?; // [BT, HI, DI]
+        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
+        let flat = sel.indices.broadcast_add(&offsets)?.contiguous()?.flatten_all()?;
+        let k_sel = self.k.reshape((b * tk, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
+        let q = self.q.contiguous()?.reshape((b * t, hi, di))?; // [BT, HI, DI]
         let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
-        let w = self.w.reshape((b * t, 1, hi))?;
+        let w = self.w.contiguous()?.reshape((b * t, 1, hi))?;
         (w.matmul(&qk)?.reshape((b, t, kk))? * &sel.valid)? // padding slots score 0
             .reshape((b, t, kk))
     }

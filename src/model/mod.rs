@@ -47,9 +47,10 @@ pub struct ForwardOptions {
     pub detach_indexer_inputs: bool,
     /// Compute the MoE sequence-wise balance loss.
     pub seq_balance: bool,
-    /// Dense mode: instead of the per-query KL, return the indexer projections and the KL
-    /// target (`LayerStats::deferred_kl`) so the caller can compute and backpropagate the KL one
-    /// block of queries at a time (bounded memory at long sequence lengths).
+    /// Instead of the per-query KL, return the indexer projections and the KL target
+    /// (`LayerStats::deferred_kl`: dense target, streaming-kernel inputs, or the sparse
+    /// selection and its target) so the caller can compute and backpropagate the KL one block
+    /// of queries at a time (bounded memory at long sequence lengths). Both stages' training.
     pub defer_dense_kl: bool,
 }
 
@@ -67,12 +68,15 @@ pub enum DeferredKl {
     Plain { proj: indexer::IndexerProj, target: Tensor },
     /// The streaming kernel: the target is recomputed tile by tile from q, k and the LSE.
     Streaming { proj: indexer::IndexerProj, scores: attention::DenseScores },
+    /// Sparse stage: the KL over each query's selected set against the sparse attention's
+    /// head-mean probabilities [B, T, K], evaluated a block of queries at a time.
+    Sparse { proj: indexer::IndexerProj, target: Tensor, sel: crate::dsa::Selection },
 }
 
 impl DeferredKl {
     pub fn proj(&self) -> &indexer::IndexerProj {
         match self {
-            DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } => proj,
+            DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } | DeferredKl::Sparse { proj, .. } => proj,
         }
     }
 
@@ -211,7 +215,11 @@ impl DecoderLayer {
                     }
                 };
                 let a = self.attn.sparse(&proj, &sel)?;
-                if opts.indexer_kl {
+                if opts.indexer_kl && opts.defer_dense_kl {
+                    // Training: the caller evaluates the KL a block of queries at a time.
+                    let proj = ix.as_ref().expect("the indexer KL projects the indexer").detach();
+                    stats.deferred_kl = Some(DeferredKl::Sparse { proj, target: a.head_mean_probs.clone(), sel: sel.clone() });
+                } else if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
                     let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
                     stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);

@@ -216,7 +216,7 @@ impl Trainer {
             recall: false,
             detach_indexer_inputs: self.stage == Stage::Sparse,
             seq_balance: self.stage == Stage::Sparse && self.recipe.train.seq_balance_alpha > 0.0,
-            defer_dense_kl: self.stage == Stage::Warmup,
+            defer_dense_kl: true,
         }
     }
 
@@ -375,6 +375,31 @@ impl Trainer {
                     let g = weight / (b * t) as f64;
                     let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
+                }
+                crate::model::DeferredKl::Sparse { proj, target, sel } => {
+                    // Blocks of about 2^25 [B, n, K] elements; each block's queries and head
+                    // weights are their own leaves (their gradients are concatenated), the keys
+                    // one shared leaf.
+                    let kk = sel.indices.dim(2)?.max(1);
+                    let block = ((1usize << 25) / (b * kk)).clamp(1, t);
+                    let keys = Var::from_tensor(&proj.k)?;
+                    let (mut dqs, mut dws, mut dk) = (vec![], vec![], proj.k.zeros_like()?);
+                    let mut total: Option<Tensor> = None;
+                    for q0 in (0..t).step_by(block) {
+                        let n = block.min(t - q0);
+                        let (qv, wv) = (Var::from_tensor(&proj.q.narrow(1, q0, n)?)?, Var::from_tensor(&proj.w.narrow(1, q0, n)?)?);
+                        let p = crate::model::indexer::IndexerProj { q: qv.as_tensor().clone(), w: wv.as_tensor().clone(), k: keys.as_tensor().clone() };
+                        let rows = sel.rows(q0, n)?;
+                        let on_set = (p.scores_at(&rows)? + &rows.bias)?; // [B, n, K]
+                        let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?;
+                        let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
+                        dqs.push(grad_of(&gs, qv.as_tensor())?);
+                        dws.push(grad_of(&gs, wv.as_tensor())?);
+                        dk = (dk + grad_of(&gs, keys.as_tensor())?)?;
+                        let kl_sum = kl_sum.detach();
+                        total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
+                    }
+                    ((total.context("empty sequence")? / (b * t) as f64)?, Tensor::cat(&dqs, 1)?, Tensor::cat(&dws, 1)?, dk)
                 }
                 crate::model::DeferredKl::Plain { proj, target } => {
                     // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
