@@ -122,12 +122,13 @@ pub fn log_device_memory(at: &str) {
     }
 }
 
-/// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device.
-fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+/// Median seconds of `f` over `reps` runs (at least one) after one warm-up, synchronising the
+/// device. Every kernel family's `bench` uses it.
+pub(crate) fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     device.synchronize()?;
     let mut times = vec![];
-    for _ in 0..reps {
+    for _ in 0..reps.max(1) {
         let t0 = Instant::now();
         f()?;
         device.synchronize()?;

@@ -124,21 +124,7 @@ pub(crate) fn indexer_topk_chunked(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize
     Tensor::cat(&parts, 0)
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up, each ended by a device
-/// synchronisation (the logic of `bench::time_median`).
-fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = vec![];
-    for _ in 0..reps.max(1) {
-        let t0 = std::time::Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
-}
+use crate::bench::time_median;
 
 /// Benchmark at the 671B indexer shape (HI 64, DI 128, top-k 2048) for one sequence of length
 /// `l` (T = l, all l query rows, in the 256 MiB row chunks of `indexer_topk`).
@@ -185,7 +171,6 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape};
@@ -204,9 +189,7 @@ mod cuda {
     const TK_CAP: usize = 12288;
 
     fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
-        Ok(f)
+        crate::kernels::cuda::load_from(dev, MODULE, PTX, name, smem_bytes)
     }
 
     /// A contiguous view of a storage starting at a multiple of `align` elements, checked.

@@ -75,7 +75,7 @@ pub fn indexer_scores_at(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) -> Re
 }
 
 #[cfg(feature = "cuda")]
-mod cuda {
+pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUfunction_attribute_enum;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
@@ -90,9 +90,12 @@ mod cuda {
     const MAX_DV: usize = 512;
 
     /// Load kernel `name` of a PTX module and allow it `smem_bytes` of dynamic shared memory.
-    fn load_from(dev: &CudaDevice, module: &str, ptx: &str, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
+    /// Every kernel family loads its functions through this (0 bytes: no dynamic shared memory).
+    pub(crate) fn load_from(dev: &CudaDevice, module: &str, ptx: &str, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
         let f = dev.get_or_load_custom_func(name, module, ptx)?.into_cuda_function();
-        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
+        if smem_bytes > 0 {
+            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
+        }
         Ok(f)
     }
 
@@ -101,9 +104,9 @@ mod cuda {
     }
 
     /// A contiguous f32 (or u32) view of a storage, checked.
-    fn view<'a, T: candle_core::cuda_backend::CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    pub(crate) fn view<'a, T: candle_core::cuda_backend::CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
         if !l.is_contiguous() {
-            bail!("sparse_mla: {what} must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.shape());
+            bail!("kernel input {what} must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.shape());
         }
         Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
     }

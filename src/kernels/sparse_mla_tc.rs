@@ -86,22 +86,8 @@ pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fw
     }
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up, each synchronised with the
-/// device (the logic of `bench::time_median`).
 #[cfg(feature = "cuda")]
-fn time_median(device: &candle_core::Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = vec![];
-    for _ in 0..reps {
-        let t0 = std::time::Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
-}
+use crate::bench::time_median;
 
 /// Benchmark at sequence length `l` at the 671B shape: H 128, DQK 576, DV 512, top-k 2048
 /// (query t selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a
@@ -187,7 +173,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
@@ -201,19 +187,10 @@ pub(crate) mod cuda {
     const DET_BUF_ELEMS: usize = 1 << 28;
 
     fn load(dev: &CudaDevice, name: &str, smem_bytes: usize) -> Result<CudaFunction> {
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-        if smem_bytes > 0 {
-            f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem_bytes as i32).w()?;
-        }
-        Ok(f)
+        crate::kernels::cuda::load_from(dev, MODULE, PTX, name, smem_bytes)
     }
 
-    fn view<'a, T: CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        if !l.is_contiguous() {
-            bail!("sparse_mla_bf16: {what} must be contiguous, got strides {:?} for shape {:?}", l.stride(), l.shape());
-        }
-        Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
-    }
+    use crate::kernels::cuda::view;
 
     fn cuda_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
         match st {

@@ -131,21 +131,7 @@ pub fn device_free_bytes(dev: &Device) -> Result<usize> {
     }
 }
 
-/// Median seconds of `f` over `reps` runs after one warm-up, synchronising the device
-/// (the logic of `bench::time_median`).
-fn time_median(dev: &Device, reps: usize, mut f: impl FnMut() -> anyhow::Result<()>) -> anyhow::Result<f64> {
-    f()?;
-    dev.synchronize()?;
-    let mut times = vec![];
-    for _ in 0..reps.max(1) {
-        let t0 = std::time::Instant::now();
-        f()?;
-        dev.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
-}
+use crate::bench::time_median;
 
 /// `bench kernels` lines at sequence length `l`, the 671B shape: B 1, H 128, DQK 192, DV 128,
 /// indexer HI 64 x DI 128, softmax scale 192^-1/2 * mscale^2.
@@ -211,7 +197,7 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
 
 #[cfg(feature = "cuda")]
 mod cuda {
-    use candle_core::cuda_backend::cudarc::driver::sys::{CUdevice_attribute, CUfunction_attribute_enum};
+    use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
@@ -231,9 +217,7 @@ mod cuda {
     const KL_THREADS: u32 = 256;
 
     fn load(dev: &CudaDevice, name: &str, smem: usize) -> Result<CudaFunction> {
-        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?.into_cuda_function();
-        f.set_attribute(CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem as i32).w()?;
-        Ok(f)
+        crate::kernels::cuda::load_from(dev, MODULE, PTX, name, smem)
     }
 
     fn smem_limit(dev: &CudaDevice) -> Result<usize> {
