@@ -305,9 +305,15 @@ impl Checkpoint {
 /// Read every tensor of one safetensors file as f32 (training checkpoints: master weights and
 /// optimizer moments).
 pub fn load_file_f32(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    load_file_f32_where(path, device, &|_| true)
+}
+
+/// As `load_file_f32`, reading only the tensors whose names `keep` accepts (an
+/// expert-parallel rank skips the other ranks' experts).
+pub fn load_file_f32_where(path: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
     let shard = Shard::open(path)?;
     let mut out = BTreeMap::new();
-    let mut names: Vec<&String> = shard.tensors.keys().collect();
+    let mut names: Vec<&String> = shard.tensors.keys().filter(|n| keep(n)).collect();
     names.sort();
     for name in names {
         let info = &shard.tensors[name];

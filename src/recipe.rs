@@ -134,6 +134,21 @@ pub struct Layout {
     pub ep: usize,
 }
 
+impl Layout {
+    /// The expert-parallel group of `rank`: ep consecutive ranks, which between them hold
+    /// every routed expert and exchange token rows.
+    pub fn expert_group(&self, rank: usize) -> Vec<usize> {
+        let first = rank / self.ep * self.ep;
+        (first..first + self.ep).collect()
+    }
+
+    /// The ranks holding the same experts as `rank` (one per expert group): expert gradients
+    /// are summed over them and their optimizer state is sharded over them.
+    pub fn expert_replicas(&self, rank: usize) -> Vec<usize> {
+        (rank % self.ep..self.dp).step_by(self.ep).collect()
+    }
+}
+
 impl ParallelConfig {
     /// Resolve against `world` ranks; errors name the keys and the numbers.
     pub fn layout(&self, world: usize) -> Result<Layout> {

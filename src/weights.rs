@@ -226,6 +226,12 @@ pub fn apply_overlay(params: &mut ParamSet, specs: &[WeightSpec], overlay: BTree
     Ok(())
 }
 
+/// The routed expert a tensor belongs to (`...mlp.experts.{e}....`), if any.
+pub fn routed_expert(name: &str) -> Option<usize> {
+    let rest = &name[name.find(".mlp.experts.")? + ".mlp.experts.".len()..];
+    rest.split('.').next()?.parse().ok()
+}
+
 /// Fetch a parameter by name; a missing one is a programming error in the weight table.
 pub fn get<'a>(params: &'a ParamSet, name: &str) -> Result<&'a Tensor> {
     params.get(name).with_context(|| format!("parameter {name} was not loaded"))

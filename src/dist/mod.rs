@@ -4,9 +4,11 @@
 //! Every collective is defined through `all_gather`; reductions sum in rank order on every
 //! rank, so all ranks hold bit-identical results whatever the network timing.
 
+pub mod expert;
 pub mod launch;
 pub mod tcp;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
@@ -22,25 +24,37 @@ pub trait Collective: Send {
 
     /// Element-wise sum over ranks, added in rank order.
     fn all_reduce_sum(&mut self, buf: &mut [f32]) -> Result<()> {
+        let all: Vec<usize> = (0..self.world()).collect();
+        self.all_reduce_sum_among(buf, &all)
+    }
+
+    /// Element-wise sum over the ranks in `members` (ascending, this rank among them), added
+    /// in rank order. Every rank of the job calls it at the same moment, each with its own
+    /// group (the groups partition the job).
+    fn all_reduce_sum_among(&mut self, buf: &mut [f32], members: &[usize]) -> Result<()> {
         if self.world() == 1 {
             return Ok(());
         }
         let bytes: Vec<u8> = buf.iter().flat_map(|x| x.to_le_bytes()).collect();
         let all = self.all_gather(&bytes)?;
-        for (r, part) in all.iter().enumerate() {
-            if part.len() != bytes.len() {
-                bail!("all-reduce: rank {r} sent {} values, rank {} has {}", part.len() / 4, self.rank(), buf.len());
+        for &r in members {
+            if all[r].len() != bytes.len() {
+                bail!("all-reduce: rank {r} sent {} values, rank {} has {}", all[r].len() / 4, self.rank(), buf.len());
             }
         }
         for (i, x) in buf.iter_mut().enumerate() {
             let mut acc = 0f32;
-            for part in &all {
-                acc += f32::from_le_bytes(part[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+            for &r in members {
+                acc += f32::from_le_bytes(all[r][4 * i..4 * i + 4].try_into().expect("4 bytes"));
             }
             *x = acc;
         }
         Ok(())
     }
+
+    /// A channel for the token rows of expert parallelism among `members` (this rank among
+    /// them). Every rank of the job calls it once, at the same moment.
+    fn row_exchange(&mut self, members: &[usize]) -> Result<Arc<dyn expert::RowExchange>>;
 
     /// Rank `root`'s bytes on every rank.
     fn broadcast(&mut self, buf: &mut Vec<u8>, root: usize) -> Result<()> {
@@ -97,6 +111,9 @@ impl Collective for SingleProcess {
     }
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>> {
         Ok(vec![mine.to_vec()])
+    }
+    fn row_exchange(&mut self, _members: &[usize]) -> Result<Arc<dyn expert::RowExchange>> {
+        Ok(Arc::new(expert::LocalExchange))
     }
 }
 

@@ -28,6 +28,9 @@ pub struct TcpCollective {
     peers: Vec<Option<TcpStream>>,
     /// What rank 0 handed out at the rendezvous.
     pub payload: Vec<u8>,
+    /// The job, for the further connections of expert exchanges (MASTER_PORT + 1, + 2, ...).
+    launch: Launch,
+    extra_connections: u16,
 }
 
 fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
@@ -57,7 +60,7 @@ impl TcpCollective {
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let addr = format!("{}:{}", launch.master_addr, launch.master_port);
         if world == 1 {
-            return Ok(Self { rank, world, peers, payload });
+            return Ok(Self { rank, world, peers, payload, launch: launch.clone(), extra_connections: 0 });
         }
         let payload = if rank == 0 {
             let listener = TcpListener::bind(("0.0.0.0", launch.master_port))
@@ -127,7 +130,7 @@ impl TcpCollective {
             s.set_read_timeout(Some(io_timeout()))?;
             s.set_nodelay(true)?;
         }
-        Ok(Self { rank, world, peers, payload })
+        Ok(Self { rank, world, peers, payload, launch: launch.clone(), extra_connections: 0 })
     }
 
     fn lost(&self, peer: usize, e: std::io::Error) -> anyhow::Error {
@@ -138,6 +141,17 @@ impl TcpCollective {
 impl Collective for TcpCollective {
     fn rank(&self) -> usize {
         self.rank
+    }
+
+    /// A second star over the whole job on the next free port after MASTER_PORT, so that the
+    /// exchanges inside the model never interleave with the trainer's own collectives.
+    fn row_exchange(&mut self, members: &[usize]) -> Result<std::sync::Arc<dyn super::expert::RowExchange>> {
+        self.extra_connections += 1;
+        let mut launch = self.launch.clone();
+        launch.master_port = launch.master_port.checked_add(self.extra_connections).context("MASTER_PORT is too high for the expert exchange's port")?;
+        let star = TcpCollective::rendezvous(&launch, super::rendezvous_timeout(), vec![])
+            .with_context(|| format!("opening the expert exchange on port {} (MASTER_PORT + {})", launch.master_port, self.extra_connections))?;
+        Ok(std::sync::Arc::new(super::expert::CollectiveExchange::new(Box::new(star), members.to_vec())?))
     }
 
     fn world(&self) -> usize {

@@ -25,6 +25,7 @@ use crate::weights::{self, ParamSet};
 use attention::Mla;
 use indexer::{Indexer, IndexerProj};
 use moe::{Mlp, Moe};
+use crate::dist::expert::ExpertShard;
 
 /// Which attention the main model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,8 +340,21 @@ impl Model {
 
     /// Assemble the model from named parameters (as listed by `weights::model_weights`).
     pub fn from_params(cfg: ModelConfig, params: &ParamSet, dtype: DType, device: &Device, with_mtp: bool) -> anyhow::Result<Self> {
+        Self::from_params_sharded(cfg, params, dtype, device, with_mtp, None)
+    }
+
+    /// As `from_params`, holding only the routed experts of `shard` (expert parallelism);
+    /// `params` then needs only those experts.
+    pub fn from_params_sharded(
+        cfg: ModelConfig,
+        params: &ParamSet,
+        dtype: DType,
+        device: &Device,
+        with_mtp: bool,
+        shard: Option<&ExpertShard>,
+    ) -> anyhow::Result<Self> {
         let get = |n: &str| weights::get(params, n).cloned();
-        let layers = (0..cfg.num_hidden_layers).map(|l| build_layer(&cfg, params, l)).collect::<anyhow::Result<Vec<_>>>()?;
+        let layers = (0..cfg.num_hidden_layers).map(|l| build_layer(&cfg, params, l, shard)).collect::<anyhow::Result<Vec<_>>>()?;
         let lm_head = if cfg.tie_word_embeddings { get("model.embed_tokens.weight")? } else { get("lm_head.weight")? };
         let mut mtp = vec![];
         if with_mtp {
@@ -352,7 +366,7 @@ impl Model {
                     enorm: get(&format!("{p}enorm.weight"))?,
                     hnorm: get(&format!("{p}hnorm.weight"))?,
                     eh_proj: get(&format!("{p}eh_proj.weight"))?,
-                    layer: build_layer(&cfg, params, l)?,
+                    layer: build_layer(&cfg, params, l, shard)?,
                     head_norm: get(&format!("{p}shared_head.norm.weight"))?,
                     head: get(&format!("{p}shared_head.head.weight"))?,
                 });
@@ -416,7 +430,7 @@ fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     table.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))
 }
 
-fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize) -> anyhow::Result<DecoderLayer> {
+fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&ExpertShard>) -> anyhow::Result<DecoderLayer> {
     let p = format!("model.layers.{l}.");
     let get = |n: &str| weights::get(params, &format!("{p}{n}")).cloned();
     let mlp = |prefix: &str| -> anyhow::Result<Mlp> {
@@ -430,7 +444,12 @@ fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize) -> anyhow::Result
         FeedForward::Moe(Moe {
             router: get("mlp.gate.weight")?,
             bias: get("mlp.gate.e_score_correction_bias")?,
-            experts: (0..cfg.n_routed_experts).map(|e| mlp(&format!("mlp.experts.{e}."))).collect::<anyhow::Result<_>>()?,
+            experts: (0..cfg.n_routed_experts)
+                .filter(|&e| shard.is_none_or(|s| s.holds(e)))
+                .map(|e| mlp(&format!("mlp.experts.{e}.")))
+                .collect::<anyhow::Result<_>>()?,
+            shard: shard.cloned(),
+            n_experts: cfg.n_routed_experts,
             shared: if cfg.n_shared_experts > 0 { Some(mlp("mlp.shared_experts.")?) } else { None },
             top_k: cfg.num_experts_per_tok,
             n_group: cfg.n_group,

@@ -10,6 +10,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
+use crate::dist::expert::{all_to_all_rows, ExpertShard};
 use crate::ops::{linear, sigmoid, swiglu};
 
 pub struct Mlp {
@@ -29,7 +30,12 @@ pub struct Moe {
     pub router: Tensor,
     /// [E] f32
     pub bias: Tensor,
+    /// The routed experts held here: all E, or with expert parallelism the shard's range.
     pub experts: Vec<Mlp>,
+    /// Expert parallelism: which experts are held here and the exchange to the others.
+    pub shard: Option<ExpertShard>,
+    /// E, the routed experts of the whole layer.
+    pub n_experts: usize,
     pub shared: Option<Mlp>,
     pub top_k: usize,
     pub n_group: usize,
@@ -79,7 +85,7 @@ impl Moe {
         let (b, t, d) = x.dims3()?;
         let x = x.reshape(((), d))?; // [N, hidden]
         let n = x.dim(0)?;
-        let e = self.experts.len();
+        let e = self.n_experts;
         let k = self.top_k;
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
         let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
@@ -103,17 +109,23 @@ impl Moe {
             tokens_of[ex as usize].push((slot / k) as u32);
             slots_of[ex as usize].push(slot as u32);
         }
-        let mut out = x.zeros_like()?;
-        for (ex, mlp) in self.experts.iter().enumerate() {
-            if tokens_of[ex].is_empty() {
-                continue;
+        let mut out = match &self.shard {
+            None => {
+                let mut out = x.zeros_like()?;
+                for (ex, mlp) in self.experts.iter().enumerate() {
+                    if tokens_of[ex].is_empty() {
+                        continue;
+                    }
+                    let tok = Tensor::new(tokens_of[ex].as_slice(), x.device())?;
+                    let slot = Tensor::new(slots_of[ex].as_slice(), x.device())?;
+                    let y = mlp.forward(&x.index_select(&tok, 0)?)?; // [n_e, hidden]
+                    let w = weights.index_select(&slot, 0)?.unsqueeze(1)?; // [n_e, 1]
+                    out = out.index_add(&tok, &y.broadcast_mul(&w)?, 0)?;
+                }
+                out
             }
-            let tok = Tensor::new(tokens_of[ex].as_slice(), x.device())?;
-            let slot = Tensor::new(slots_of[ex].as_slice(), x.device())?;
-            let y = mlp.forward(&x.index_select(&tok, 0)?)?; // [n_e, hidden]
-            let w = weights.index_select(&slot, 0)?.unsqueeze(1)?; // [n_e, 1]
-            out = out.index_add(&tok, &y.broadcast_mul(&w)?, 0)?;
-        }
+            Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
+        };
         if let Some(shared) = &self.shared {
             out = (out + shared.forward(&x)?)?;
         }
@@ -130,6 +142,61 @@ impl Moe {
             None
         };
         Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
+    }
+}
+
+impl Moe {
+    /// The routed experts' weighted sum with the experts spread over an expert-parallel group.
+    /// Rows leave sorted by expert (then by token slot), so each destination receives, per
+    /// source, one block per local expert; the per-expert row counts travel first (host
+    /// bytes), then the rows, then the outputs come back in the order the rows left. The
+    /// routing weights are applied here, at the token's rank, so their gradient stays local.
+    /// Per token the expert outputs are added in expert order, as in the unsharded path.
+    fn experts_sharded(&self, x: &Tensor, weights: &Tensor, tokens_of: &[Vec<u32>], slots_of: &[Vec<u32>], shard: &ExpertShard) -> Result<Tensor> {
+        let ex = &shard.exchange;
+        let (ep, per) = (ex.size(), shard.count);
+        let tok: Vec<u32> = tokens_of.concat();
+        let slot: Vec<u32> = slots_of.concat();
+        let send: Vec<usize> = (0..ep).map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum()).collect();
+        let parts = (0..ep)
+            .map(|d| tokens_of[d * per..(d + 1) * per].iter().flat_map(|v| (v.len() as u32).to_le_bytes()).collect())
+            .collect();
+        let got = ex.host(parts).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
+        // counts[s][j]: rows source s sends for local expert j.
+        let counts: Vec<Vec<usize>> = got
+            .iter()
+            .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect::<Vec<_>>())
+            .collect();
+        if counts.iter().any(|c| c.len() != per) {
+            candle_core::bail!("expert exchange: a rank sent row counts for a different number of experts per rank than {per}");
+        }
+        let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
+        let dev = x.device();
+        let x_sorted = x.index_select(&Tensor::new(tok.as_slice(), dev)?, 0)?; // [S, hidden]
+        let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
+        // Start from arrived * 0 rather than fresh zeros: the output then depends on the input
+        // even when no row arrived, so every rank's backward takes part in the exchange.
+        let mut y = arrived.affine(0.0, 0.0)?;
+        let mut block_start = vec![0usize; ep + 1];
+        for s in 0..ep {
+            block_start[s + 1] = block_start[s] + recv[s];
+        }
+        for (j, mlp) in self.experts.iter().enumerate() {
+            let rows: Vec<u32> = (0..ep)
+                .flat_map(|s| {
+                    let first = block_start[s] + counts[s][..j].iter().sum::<usize>();
+                    (first..first + counts[s][j]).map(|r| r as u32)
+                })
+                .collect();
+            if rows.is_empty() {
+                continue;
+            }
+            let rows = Tensor::new(rows.as_slice(), dev)?;
+            y = y.index_add(&rows, &mlp.forward(&arrived.index_select(&rows, 0)?)?, 0)?;
+        }
+        let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
+        let w = weights.index_select(&Tensor::new(slot.as_slice(), dev)?, 0)?.unsqueeze(1)?;
+        x.zeros_like()?.index_add(&Tensor::new(tok.as_slice(), dev)?, &back.broadcast_mul(&w)?, 0)
     }
 }
 

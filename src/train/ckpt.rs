@@ -28,7 +28,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::checkpoint::load_file_f32;
+use crate::checkpoint::load_file_f32_where;
 use crate::data::DataCursor;
 use crate::hf_writer::{write_safetensors, StoredTensor};
 use crate::recipe::Stage;
@@ -148,10 +148,10 @@ pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
 }
 
 /// Every tensor of `kind` in a checkpoint, whichever shard holds it.
-fn load_tensors(dir: &Path, kind: &str, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for f in tensor_files(dir, kind)? {
-        out.extend(load_file_f32(&f, device)?);
+        out.extend(load_file_f32_where(&f, device, keep)?);
     }
     Ok(out)
 }
@@ -202,9 +202,15 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 
 /// Load a checkpoint's tensors and state.
 pub fn load(dir: &Path, device: &Device) -> Result<Snapshot> {
+    load_where(dir, device, &|_| true)
+}
+
+/// As `load`, keeping only the tensors (and their optimizer state) whose names `keep` accepts.
+pub fn load_where(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
     let state = read_state(dir)?;
-    let params = load_tensors(dir, "params", device)?;
-    let mut flat = load_tensors(dir, "optimizer", device)?;
+    let params = load_tensors(dir, "params", device, keep)?;
+    let keep_state = |n: &str| keep(n.strip_suffix(".exp_avg").or(n.strip_suffix(".exp_avg_sq")).unwrap_or(n));
+    let mut flat = load_tensors(dir, "optimizer", device, &keep_state)?;
     let names: Vec<String> = flat.keys().filter_map(|n| n.strip_suffix(".exp_avg").map(String::from)).collect();
     let mut moments = BTreeMap::new();
     for n in names {
@@ -243,9 +249,14 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
 
 /// Overlay tensors of every link of `src`, later links winning.
 pub fn overlay_params(src: &ModelSource, device: &Device) -> Result<BTreeMap<String, Tensor>> {
+    overlay_params_where(src, device, &|_| true)
+}
+
+/// As `overlay_params`, keeping only the tensors whose names `keep` accepts.
+pub fn overlay_params_where(src: &ModelSource, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for dir in &src.overlays {
-        out.extend(load_tensors(dir, "params", device)?);
+        out.extend(load_tensors(dir, "params", device, keep)?);
     }
     Ok(out)
 }

@@ -32,6 +32,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
+use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
 use crate::data::{TokenStream, WindowSampler};
 use crate::losses::next_token_nll;
@@ -77,9 +78,8 @@ pub struct Trainer {
     layout: Layout,
 }
 
-/// Load the model for `recipe`: the HF weights, the overlays of a step-N chain, and (when
-/// resuming) the checkpoint's own parameters; decide what trains.
-fn build_model(recipe: &Recipe, resume: Option<&Snapshot>, device: &Device) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>, PathBuf)> {
+/// Where the model of `recipe` comes from and its configuration.
+fn model_source(recipe: &Recipe) -> Result<(ModelSource, ModelConfig, PathBuf)> {
     let model_path = std::path::absolute(&recipe.model.path)
         .with_context(|| format!("model.path {}", recipe.model.path))?;
     let source: ModelSource = ckpt::resolve_model(&model_path)?;
@@ -89,15 +89,36 @@ fn build_model(recipe: &Recipe, resume: Option<&Snapshot>, device: &Device) -> R
         topk: recipe.dsa.index_topk,
     };
     let cfg = ModelConfig::from_dir(&source.hf_dir, &defaults)?;
+    Ok((source, cfg, model_path))
+}
+
+/// Does this rank hold tensor `name`? Everything but the routed experts of other ranks.
+fn held_here(shard: Option<&ExpertShard>, name: &str) -> bool {
+    match (shard, weights::routed_expert(name)) {
+        (Some(s), Some(e)) => s.holds(e),
+        _ => true,
+    }
+}
+
+/// Load the model for `recipe`: the HF weights, the overlays of a step-N chain, and (when
+/// resuming) the checkpoint's own parameters; decide what trains. With expert parallelism
+/// only the shard's routed experts are read.
+fn build_model(
+    recipe: &Recipe,
+    resume: Option<&Snapshot>,
+    device: &Device,
+    shard: Option<&ExpertShard>,
+) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>, PathBuf)> {
+    let (source, cfg, model_path) = model_source(recipe)?;
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
-    let specs = weights::model_weights(&cfg, with_mtp);
+    let specs: Vec<WeightSpec> = weights::model_weights(&cfg, with_mtp).into_iter().filter(|s| held_here(shard, &s.name)).collect();
     let hf = Checkpoint::open(&source.hf_dir)?;
     let (mut params, initialised) = weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
     if !initialised.is_empty() {
         eprintln!("[train] {} has no indexer tensors: initialised {} from seed {}", source.hf_dir.display(), initialised.len(), recipe.model.init_seed);
     }
-    let mut overlay = ckpt::overlay_params(&source, device)?;
+    let mut overlay = ckpt::overlay_params_where(&source, device, &|n| held_here(shard, n))?;
     if let Some(snap) = resume {
         overlay.extend(snap.params.clone());
     }
@@ -127,7 +148,7 @@ fn build_model(recipe: &Recipe, resume: Option<&Snapshot>, device: &Device) -> R
             model_params.insert(s.name.clone(), t);
         }
     }
-    let model = Model::from_params(cfg, &model_params, dtype, device, with_mtp)?;
+    let model = Model::from_params_sharded(cfg, &model_params, dtype, device, with_mtp, shard)?;
     Ok((model, slots, router_biases, model_path))
 }
 
@@ -141,10 +162,16 @@ impl Trainer {
     /// dp-th micro-batch of the global batch, gradients summed over ranks, optimizer state
     /// sharded (ZeRO-1) and parameters gathered after each step.
     pub fn with_comm(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<Self> {
+        let mut comm = comm;
         let layout = recipe.parallel.layout(comm.world())?;
-        if layout.ep > 1 {
-            bail!("parallel.ep = {}: expert parallelism is not available in this build yet; use parallel.ep = 1", layout.ep);
-        }
+        let shard = if layout.ep > 1 {
+            // Every rank opens its group's exchange at the same moment, before any loading.
+            let exchange = comm.row_exchange(&layout.expert_group(comm.rank()))?;
+            let (_, cfg, _) = model_source(&recipe)?;
+            Some(ExpertShard::new(cfg.n_routed_experts, exchange)?)
+        } else {
+            None
+        };
         let micro = recipe.micro_batches();
         if micro % layout.dp != 0 {
             bail!(
@@ -161,7 +188,7 @@ impl Trainer {
         };
         let snapshot = match &resume_dir {
             Some(d) => {
-                let snap = ckpt::load(d, &device)?;
+                let snap = ckpt::load_where(d, &device, &|n| held_here(shard.as_ref(), n))?;
                 if snap.state.stage != recipe.stage() {
                     bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
                 }
@@ -170,13 +197,12 @@ impl Trainer {
             }
             None => None,
         };
-        let (model, mut slots, router_biases, model_path) = build_model(&recipe, snapshot.as_ref(), &device)?;
+        let (model, mut slots, router_biases, model_path) = build_model(&recipe, snapshot.as_ref(), &device, shard.as_ref())?;
         let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
         if layout.dp > 1 {
-            let sizes: Vec<usize> = slots.iter().map(|s| s.var.as_tensor().elem_count()).collect();
-            let owners = optim::assign_owners(&sizes, layout.dp);
+            let owners = slot_owners(&slots, &layout, comm.rank());
             for (s, owner) in slots.iter_mut().zip(owners) {
                 if owner != comm.rank() {
                     s.disown()?;
@@ -459,44 +485,15 @@ impl Trainer {
         Ok((accum, loads, lm_sum, kl_sum))
     }
 
-    /// Sum gradients, expert loads and the logged losses over the ranks. Gradients travel in
-    /// buckets of about 2^24 values; a tensor with a gradient on any rank gets one on every
-    /// rank (zeros where it had none), so every rank sees the same set of updated tensors.
+    /// Sum gradients, expert loads and the logged losses over the ranks: the replicated
+    /// tensors over every rank, the routed experts over the ranks holding the same experts.
     fn reduce_over_ranks(&mut self, accum: &mut GradAccum, loads: &mut [Vec<u64>], lm: f64, kl: f64) -> Result<(f64, f64)> {
-        const BUCKET: usize = 1 << 24;
-        let mut start = 0;
-        while start < self.slots.len() {
-            let mut end = start;
-            let mut len = 0;
-            while end < self.slots.len() && (end == start || len + self.slots[end].var.as_tensor().elem_count() <= BUCKET) {
-                len += self.slots[end].var.as_tensor().elem_count() + 1;
-                end += 1;
-            }
-            // [presence flag, values] per tensor.
-            let mut flat = Vec::with_capacity(len);
-            for s in &self.slots[start..end] {
-                match accum.grads.get(&s.name) {
-                    Some(g) => {
-                        flat.push(1.0);
-                        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
-                    }
-                    None => {
-                        flat.push(0.0);
-                        flat.extend(std::iter::repeat_n(0f32, s.var.as_tensor().elem_count()));
-                    }
-                }
-            }
-            self.comm.all_reduce_sum(&mut flat)?;
-            let mut at = 0;
-            for s in &self.slots[start..end] {
-                let n = s.var.as_tensor().elem_count();
-                if flat[at] > 0.0 {
-                    let g = Tensor::from_slice(&flat[at + 1..at + 1 + n], s.var.as_tensor().shape(), &self.device)?;
-                    accum.grads.insert(s.name.clone(), g);
-                }
-                at += n + 1;
-            }
-            start = end;
+        let (replicated, experts) = self.slot_classes();
+        let everyone: Vec<usize> = (0..self.layout.world).collect();
+        self.reduce_grads(accum, &replicated, &everyone)?;
+        if self.layout.ep > 1 {
+            let replicas = self.layout.expert_replicas(self.comm.rank());
+            self.reduce_grads(accum, &experts, &replicas)?;
         }
         // Loads are counts: summed exactly as integers.
         let mut mine: Vec<u8> = [lm, kl].iter().flat_map(|x| x.to_le_bytes()).collect();
@@ -515,23 +512,78 @@ impl Trainer {
         Ok((lm, kl))
     }
 
-    /// ZeRO-1: after the optimizer step each tensor's owner sends its new value to every rank.
-    fn gather_updated_params(&mut self) -> Result<()> {
-        let mut mine = vec![];
-        for s in self.slots.iter().filter(|s| s.owned) {
-            mine.extend(s.value_f32()?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()));
+    /// Slot indices of the replicated tensors and of the routed experts held here.
+    fn slot_classes(&self) -> (Vec<usize>, Vec<usize>) {
+        (0..self.slots.len()).partition(|&i| self.layout.ep == 1 || weights::routed_expert(&self.slots[i].name).is_none())
+    }
+
+    /// Sum the gradients of `idx` over `members`, in buckets of about 2^24 values. A tensor
+    /// with a gradient on any member gets one on every member (zeros where it had none), so
+    /// the members update the same tensors. Members hold the same tensors in the same order.
+    fn reduce_grads(&mut self, accum: &mut GradAccum, idx: &[usize], members: &[usize]) -> Result<()> {
+        const BUCKET: usize = 1 << 24;
+        let size = |i: usize| self.slots[i].var.as_tensor().elem_count();
+        let mut start = 0;
+        while start < idx.len() {
+            let mut end = start;
+            let mut len = 0;
+            while end < idx.len() && (end == start || len + size(idx[end]) <= BUCKET) {
+                len += size(idx[end]) + 1;
+                end += 1;
+            }
+            // [presence flag, values] per tensor.
+            let mut flat = Vec::with_capacity(len);
+            for &i in &idx[start..end] {
+                match accum.grads.get(&self.slots[i].name) {
+                    Some(g) => {
+                        flat.push(1.0);
+                        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
+                    }
+                    None => {
+                        flat.push(0.0);
+                        flat.extend(std::iter::repeat_n(0f32, size(i)));
+                    }
+                }
+            }
+            self.comm.all_reduce_sum_among(&mut flat, members)?;
+            let mut at = 0;
+            for &i in &idx[start..end] {
+                let (s, n) = (&self.slots[i], size(i));
+                if flat[at] > 0.0 {
+                    let g = Tensor::from_slice(&flat[at + 1..at + 1 + n], s.var.as_tensor().shape(), &self.device)?;
+                    accum.grads.insert(s.name.clone(), g);
+                }
+                at += n + 1;
+            }
+            start = end;
         }
-        let all = self.comm.all_gather(&mine)?;
-        let sizes: Vec<usize> = self.slots.iter().map(|s| s.var.as_tensor().elem_count()).collect();
-        let owners = optim::assign_owners(&sizes, self.layout.dp);
-        let mut at = vec![0usize; all.len()];
-        for (s, owner) in self.slots.iter_mut().zip(owners) {
-            let n = s.var.as_tensor().elem_count();
-            let bytes = &all[owner][at[owner]..at[owner] + 4 * n];
-            at[owner] += 4 * n;
-            if !s.owned {
-                let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
-                s.set_value(&Tensor::from_vec(v, s.var.as_tensor().shape(), &self.device)?)?;
+        Ok(())
+    }
+
+    /// ZeRO-1: after the optimizer step each tensor's owner sends its new value to the ranks
+    /// holding it (first the replicated tensors, then the routed experts).
+    fn gather_updated_params(&mut self) -> Result<()> {
+        let owners = slot_owners(&self.slots, &self.layout, self.comm.rank());
+        let (replicated, experts) = self.slot_classes();
+        for class in [replicated, experts] {
+            let mut mine = vec![];
+            for &i in class.iter().filter(|&&i| self.slots[i].owned) {
+                mine.extend(self.slots[i].value_f32()?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()));
+            }
+            let all = self.comm.all_gather(&mine)?;
+            // An owner packs its owned tensors of the class in slot order; the ranks reading
+            // from it hold the same tensors in the same order, so offsets agree.
+            let mut at = vec![0usize; all.len()];
+            for &i in &class {
+                let owner = owners[i];
+                let s = &mut self.slots[i];
+                let n = s.var.as_tensor().elem_count();
+                let bytes = all[owner].get(at[owner]..at[owner] + 4 * n).context("parameter gather: an owner sent too few values")?;
+                at[owner] += 4 * n;
+                if !s.owned {
+                    let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
+                    s.set_value(&Tensor::from_vec(v, s.var.as_tensor().shape(), &self.device)?)?;
+                }
             }
         }
         Ok(())
@@ -662,6 +714,22 @@ impl Trainer {
         }
         Ok(self.comm.all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
     }
+}
+
+/// The rank owning each slot's optimizer state (ZeRO-1): replicated tensors are spread over
+/// all dp ranks, routed experts over the ranks holding the same experts.
+fn slot_owners(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<usize> {
+    let is_expert = |s: &Slot| layout.ep > 1 && weights::routed_expert(&s.name).is_some();
+    let mut owners = vec![0; slots.len()];
+    let everyone: Vec<usize> = (0..layout.dp).collect();
+    for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
+        let idx: Vec<usize> = (0..slots.len()).filter(|&i| is_expert(&slots[i]) == experts).collect();
+        let sizes: Vec<usize> = idx.iter().map(|&i| slots[i].var.as_tensor().elem_count()).collect();
+        for (&i, o) in idx.iter().zip(optim::assign_owners(&sizes, members.len())) {
+            owners[i] = members[o];
+        }
+    }
+    owners
 }
 
 /// Run a recipe to `train.steps`, checkpointing as configured.
