@@ -50,7 +50,16 @@ pub fn parse_device(s: &str) -> Result<Device> {
             if !cfg!(feature = "cuda") {
                 bail!("--device {s}: this binary was built without the `cuda` feature (cargo build --release --features cuda)");
             }
-            Ok(Device::new_cuda(ordinal)?)
+            // One Device (one CUDA stream) per GPU for the whole process, so that the
+            // trainer's work and NCCL's are ordered on the same stream.
+            static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+            let mut known = DEVICES.lock().map_err(|_| anyhow::anyhow!("device table poisoned"))?;
+            if let Some((_, d)) = known.iter().find(|(o, _)| *o == ordinal) {
+                return Ok(d.clone());
+            }
+            let d = Device::new_cuda(ordinal)?;
+            known.push((ordinal, d.clone()));
+            Ok(d)
         }
         other => bail!("--device {other}: expected cpu, cuda or cuda:N"),
     }

@@ -9,12 +9,30 @@
 //! the MoE keeps the graph the same shape on every rank (an exchange of zero rows still takes
 //! part) so that no rank waits for a partner that skipped one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::Collective;
+
+/// Nanoseconds spent in exchanges since the last `take_exchange_seconds`.
+static EXCHANGE_NANOS: AtomicU64 = AtomicU64::new(0);
+
+/// Seconds spent in expert exchanges (this process) since the last call.
+pub fn take_exchange_seconds() -> f64 {
+    EXCHANGE_NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// Time `f` as exchange time.
+pub fn timed<T>(f: impl FnOnce() -> T) -> T {
+    let start = Instant::now();
+    let out = f();
+    EXCHANGE_NANOS.fetch_add(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+    out
+}
 
 /// Moves bytes (and, on GPUs with NCCL, device rows) between the ranks of one group.
 pub trait RowExchange: Send + Sync {
@@ -175,7 +193,7 @@ impl CustomOp1 for AllToAllRows {
             parts.push(to_le_bytes(s, at, n * row)?);
             at += n * row;
         }
-        let got = self.exchange.host(parts).map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
+        let got = timed(|| self.exchange.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
         let elem = s.dtype().size_in_bytes();
         for (i, (g, &n)) in got.iter().zip(&self.recv).enumerate() {
             if g.len() != n * row * elem {
@@ -187,8 +205,15 @@ impl CustomOp1 for AllToAllRows {
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(&self, s: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendDevice;
         let (shape, row) = self.out_shape(layout)?;
-        let out = self.exchange.device(s, layout, s.dtype(), &self.send, &self.recv, row)?;
+        // Synchronised on both sides so that the time is the exchange's alone.
+        s.device().synchronize()?;
+        let out = timed(|| -> candle_core::Result<_> {
+            let out = self.exchange.device(s, layout, s.dtype(), &self.send, &self.recv, row)?;
+            s.device().synchronize()?;
+            Ok(out)
+        })?;
         Ok((out, shape))
     }
 

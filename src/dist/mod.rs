@@ -6,6 +6,8 @@
 
 pub mod expert;
 pub mod launch;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 pub mod tcp;
 
 use std::sync::Arc;
@@ -50,6 +52,14 @@ pub trait Collective: Send {
             *x = acc;
         }
         Ok(())
+    }
+
+    /// `t` (f32) summed element-wise over `members`, on `t`'s device. The default goes
+    /// through host memory; NCCL sums on the GPU.
+    fn all_reduce_tensor_among(&mut self, t: &candle_core::Tensor, members: &[usize]) -> Result<candle_core::Tensor> {
+        let mut v = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+        self.all_reduce_sum_among(&mut v, members)?;
+        Ok(candle_core::Tensor::from_vec(v, t.shape(), t.device())?)
     }
 
     /// A channel for the token rows of expert parallelism among `members` (this rank among
@@ -122,12 +132,30 @@ pub fn rendezvous_timeout() -> Duration {
     Duration::from_secs(std::env::var("DSA_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300))
 }
 
-/// Join the job the environment describes (a single process needs no network).
-pub fn connect(launch: &Launch) -> Result<Box<dyn Collective>> {
+/// The GPU of a rank: `cuda:LOCAL_RANK`, or `cuda:0` where CUDA_VISIBLE_DEVICES leaves each
+/// task one GPU (srun --gpus-per-task=1).
+pub fn rank_gpu(launch: &Launch) -> String {
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").map(|v| v.split(',').filter(|s| !s.is_empty()).count()).unwrap_or(usize::MAX);
+    if visible == 1 { "cuda:0".into() } else { format!("cuda:{}", launch.local_rank) }
+}
+
+/// Join the job the environment describes (a single process needs no network). Ranks on
+/// GPUs talk through NCCL when the binary has it, the CPU backend otherwise.
+pub fn connect(launch: &Launch, device: &candle_core::Device) -> Result<Box<dyn Collective>> {
     if launch.world == 1 {
         return Ok(Box::new(SingleProcess));
     }
-    Ok(Box::new(tcp::TcpCollective::rendezvous(launch, rendezvous_timeout(), vec![])?))
+    let star = tcp::TcpCollective::rendezvous(launch, rendezvous_timeout(), vec![])?;
+    match device {
+        #[cfg(feature = "nccl")]
+        candle_core::Device::Cuda(d) => Ok(Box::new(nccl::NcclCollective::new(star, d.clone()))),
+        #[cfg(not(feature = "nccl"))]
+        candle_core::Device::Cuda(_) => {
+            eprintln!("[dist] this binary has no NCCL (build with --features nccl): GPU ranks exchange through the CPU backend");
+            Ok(Box::new(star))
+        }
+        _ => Ok(Box::new(star)),
+    }
 }
 
 #[cfg(test)]

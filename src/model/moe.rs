@@ -10,7 +10,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use crate::dist::expert::{all_to_all_rows, ExpertShard};
+use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
 use crate::ops::{linear, sigmoid, swiglu};
 
 pub struct Mlp {
@@ -161,7 +161,7 @@ impl Moe {
         let parts = (0..ep)
             .map(|d| tokens_of[d * per..(d + 1) * per].iter().flat_map(|v| (v.len() as u32).to_le_bytes()).collect())
             .collect();
-        let got = ex.host(parts).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
+        let got = timed(|| ex.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
         // counts[s][j]: rows source s sends for local expert j.
         let counts: Vec<Vec<usize>> = got
             .iter()

@@ -25,6 +25,14 @@ pub struct StepMetrics {
     pub tokens: u64,
     pub tokens_per_s: f64,
     pub elapsed_s: f64,
+    /// Seconds of the step spent in the trainer's collectives between ranks (gradient sums,
+    /// ZeRO-1 parameter gathers, stop flags); 0 in a single process.
+    #[serde(default)]
+    pub comm_s: f64,
+    /// Seconds in the expert-parallel exchanges (row counts and token rows, forward and
+    /// backward; on GPUs timed between device synchronisations); 0 without ep.
+    #[serde(default)]
+    pub exchange_s: f64,
 }
 
 pub struct MetricsLog {

@@ -76,6 +76,8 @@ pub struct Trainer {
     /// The other ranks of the job (a single process has none).
     comm: Box<dyn Collective>,
     layout: Layout,
+    /// Seconds in `comm` collectives since the last step's metrics.
+    comm_seconds: f64,
 }
 
 /// Where the model of `recipe` comes from and its configuration.
@@ -228,7 +230,7 @@ impl Trainer {
         }
         let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         let stage = recipe.stage();
-        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, comm, layout })
+        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, comm, layout, comm_seconds: 0.0 })
     }
 
     fn forward_options(&self) -> ForwardOptions {
@@ -480,7 +482,9 @@ impl Trainer {
             kl_sum += kl;
         }
         if self.comm.world() > 1 {
+            let start = Instant::now();
             (lm_sum, kl_sum) = self.reduce_over_ranks(&mut accum, &mut loads, lm_sum, kl_sum)?;
+            self.comm_seconds += start.elapsed().as_secs_f64();
         }
         Ok((accum, loads, lm_sum, kl_sum))
     }
@@ -517,74 +521,91 @@ impl Trainer {
         (0..self.slots.len()).partition(|&i| self.layout.ep == 1 || weights::routed_expert(&self.slots[i].name).is_none())
     }
 
-    /// Sum the gradients of `idx` over `members`, in buckets of about 2^24 values. A tensor
-    /// with a gradient on any member gets one on every member (zeros where it had none), so
-    /// the members update the same tensors. Members hold the same tensors in the same order.
-    fn reduce_grads(&mut self, accum: &mut GradAccum, idx: &[usize], members: &[usize]) -> Result<()> {
+    /// Sum, over `members`, one f32 tensor per slot of `idx` (`mine(i)`; None counts as
+    /// zeros), in buckets of about 2^24 values flattened into one device tensor each, and
+    /// hand each slot's sum to `take`. Members hold the same slots in the same order.
+    fn sum_over(
+        &mut self,
+        idx: &[usize],
+        members: &[usize],
+        mine: impl Fn(&Slot) -> Result<Option<Tensor>>,
+        mut take: impl FnMut(&mut Slot, Tensor) -> Result<()>,
+    ) -> Result<()> {
         const BUCKET: usize = 1 << 24;
-        let size = |i: usize| self.slots[i].var.as_tensor().elem_count();
+        let size = |slots: &[Slot], i: usize| slots[i].var.as_tensor().elem_count();
         let mut start = 0;
         while start < idx.len() {
             let mut end = start;
             let mut len = 0;
-            while end < idx.len() && (end == start || len + size(idx[end]) <= BUCKET) {
-                len += size(idx[end]) + 1;
+            while end < idx.len() && (end == start || len + size(&self.slots, idx[end]) <= BUCKET) {
+                len += size(&self.slots, idx[end]);
                 end += 1;
             }
-            // [presence flag, values] per tensor.
-            let mut flat = Vec::with_capacity(len);
-            for &i in &idx[start..end] {
-                match accum.grads.get(&self.slots[i].name) {
-                    Some(g) => {
-                        flat.push(1.0);
-                        flat.extend(g.flatten_all()?.to_vec1::<f32>()?);
-                    }
-                    None => {
-                        flat.push(0.0);
-                        flat.extend(std::iter::repeat_n(0f32, size(i)));
-                    }
-                }
-            }
-            self.comm.all_reduce_sum_among(&mut flat, members)?;
+            let parts = idx[start..end]
+                .iter()
+                .map(|&i| -> Result<Tensor> {
+                    let s = &self.slots[i];
+                    Ok(match mine(s)? {
+                        Some(t) => t.to_dtype(DType::F32)?.flatten_all()?,
+                        None => Tensor::zeros(s.var.as_tensor().elem_count(), DType::F32, &self.device)?,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let flat = Tensor::cat(&parts, 0)?;
+            // A group of one (every group of the partition is one rank) has nothing to sum.
+            let sum = if members.len() == 1 { flat } else { self.comm.all_reduce_tensor_among(&flat, members)? };
             let mut at = 0;
             for &i in &idx[start..end] {
-                let (s, n) = (&self.slots[i], size(i));
-                if flat[at] > 0.0 {
-                    let g = Tensor::from_slice(&flat[at + 1..at + 1 + n], s.var.as_tensor().shape(), &self.device)?;
-                    accum.grads.insert(s.name.clone(), g);
-                }
-                at += n + 1;
+                let n = size(&self.slots, i);
+                let shape = self.slots[i].var.as_tensor().shape().clone();
+                take(&mut self.slots[i], sum.narrow(0, at, n)?.reshape(shape)?)?;
+                at += n;
             }
             start = end;
         }
         Ok(())
     }
 
-    /// ZeRO-1: after the optimizer step each tensor's owner sends its new value to the ranks
-    /// holding it (first the replicated tensors, then the routed experts).
+    /// Sum the gradients of `idx` over `members`. A tensor with a gradient on any member gets
+    /// one on every member (zeros where it had none), so the members update the same tensors:
+    /// the presence flags are summed first (host, one value per tensor).
+    fn reduce_grads(&mut self, accum: &mut GradAccum, idx: &[usize], members: &[usize]) -> Result<()> {
+        let mut present: Vec<f32> = idx.iter().map(|&i| accum.grads.contains_key(&self.slots[i].name) as u8 as f32).collect();
+        if members.len() > 1 {
+            self.comm.all_reduce_sum_among(&mut present, members)?;
+        }
+        let grads = std::mem::take(&mut accum.grads);
+        let mut summed = BTreeMap::new();
+        let wanted: std::collections::HashSet<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
+        let chosen: Vec<usize> = idx.iter().copied().filter(|i| wanted.contains(i)).collect();
+        self.sum_over(&chosen, members, |s| Ok(grads.get(&s.name).cloned()), |s, g| {
+            summed.insert(s.name.clone(), g);
+            Ok(())
+        })?;
+        // Tensors outside `idx` keep their own gradients.
+        let in_idx: std::collections::HashSet<&str> = idx.iter().map(|&i| self.slots[i].name.as_str()).collect();
+        accum.grads = grads.into_iter().filter(|(n, _)| !in_idx.contains(n.as_str())).collect();
+        accum.grads.extend(summed);
+        Ok(())
+    }
+
+    /// ZeRO-1: after the optimizer step each tensor's owner shares its new value with the
+    /// ranks holding it (first the replicated tensors, then the routed experts), as a sum in
+    /// which every other rank adds zeros (exact: x + 0 = x).
     fn gather_updated_params(&mut self) -> Result<()> {
-        let owners = slot_owners(&self.slots, &self.layout, self.comm.rank());
         let (replicated, experts) = self.slot_classes();
-        for class in [replicated, experts] {
-            let mut mine = vec![];
-            for &i in class.iter().filter(|&&i| self.slots[i].owned) {
-                mine.extend(self.slots[i].value_f32()?.flatten_all()?.to_vec1::<f32>()?.iter().flat_map(|x| x.to_le_bytes()));
+        let everyone: Vec<usize> = (0..self.layout.world).collect();
+        let replicas = self.layout.expert_replicas(self.comm.rank());
+        for (class, members) in [(replicated, everyone), (experts, replicas)] {
+            if members.len() == 1 {
+                continue; // the only holder is the owner
             }
-            let all = self.comm.all_gather(&mine)?;
-            // An owner packs its owned tensors of the class in slot order; the ranks reading
-            // from it hold the same tensors in the same order, so offsets agree.
-            let mut at = vec![0usize; all.len()];
-            for &i in &class {
-                let owner = owners[i];
-                let s = &mut self.slots[i];
-                let n = s.var.as_tensor().elem_count();
-                let bytes = all[owner].get(at[owner]..at[owner] + 4 * n).context("parameter gather: an owner sent too few values")?;
-                at[owner] += 4 * n;
+            self.sum_over(&class, &members, |s| if s.owned { s.value_f32().map(Some) } else { Ok(None) }, |s, v| {
                 if !s.owned {
-                    let v: Vec<f32> = bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes"))).collect();
-                    s.set_value(&Tensor::from_vec(v, s.var.as_tensor().shape(), &self.device)?)?;
+                    s.set_value(&v)?;
                 }
-            }
+                Ok(())
+            })?;
         }
         Ok(())
     }
@@ -606,7 +627,9 @@ impl Trainer {
             })
             .context("optimizer step")?;
         if self.layout.dp > 1 {
+            let start = Instant::now();
             self.gather_updated_params().context("gathering the updated parameters from their owners")?;
+            self.comm_seconds += start.elapsed().as_secs_f64();
         }
         self.update_router_biases(&loads)?;
         self.step += 1;
@@ -628,6 +651,8 @@ impl Trainer {
             tokens: self.tokens_seen,
             tokens_per_s: tokens as f64 / elapsed,
             elapsed_s: elapsed,
+            comm_s: std::mem::take(&mut self.comm_seconds),
+            exchange_s: crate::dist::expert::take_exchange_seconds(),
         })
     }
 
@@ -739,7 +764,14 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
     let launch = crate::dist::Launch::from_env()?;
     // Check the layout before waiting for other ranks: a typo fails at once on every rank.
     recipe.parallel.layout(launch.world)?;
-    let comm = crate::dist::connect(&launch)?;
+    let mut recipe = recipe;
+    if recipe.model.device == "cuda" && launch.world > 1 {
+        // One process per GPU: rank i of a node takes GPU LOCAL_RANK, unless the launcher
+        // gave each task a single visible GPU.
+        recipe.model.device = crate::dist::rank_gpu(&launch);
+    }
+    let device = crate::parse_device(&recipe.model.device)?;
+    let comm = crate::dist::connect(&launch, &device)?;
     train_with(recipe, resume, comm)
 }
 
