@@ -148,7 +148,10 @@ pub fn connect(launch: &Launch, device: &candle_core::Device) -> Result<Box<dyn 
     let star = tcp::TcpCollective::rendezvous(launch, rendezvous_timeout(), vec![])?;
     match device {
         #[cfg(feature = "nccl")]
-        candle_core::Device::Cuda(d) => Ok(Box::new(nccl::NcclCollective::new(star, d.clone()))),
+        candle_core::Device::Cuda(d) => {
+            nccl::check_library()?;
+            Ok(Box::new(nccl::NcclCollective::new(star, d.clone())))
+        }
         #[cfg(not(feature = "nccl"))]
         candle_core::Device::Cuda(_) => {
             eprintln!("[dist] this binary has no NCCL (build with --features nccl): GPU ranks exchange through the CPU backend");

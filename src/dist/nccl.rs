@@ -40,6 +40,26 @@ fn nccl_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
     anyhow!("NCCL {what} failed: {e:?} (set NCCL_DEBUG=INFO for NCCL's own account)")
 }
 
+/// cudarc opens libnccl by the names `libnccl.so`, `libnccl.so.<CUDA major>`, ... but not
+/// `libnccl.so.2`, the only name many systems ship; a missing library would panic inside
+/// cudarc at the first collective, so look first and say what to do.
+pub fn check_library() -> Result<()> {
+    let names = ["libnccl.so", "libnccl.so.13", "libnccl.so.12", "libnccl.so.11", "libnccl.so.1"];
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|d| !d.is_empty()).map(Into::into).collect();
+    dirs.extend(["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/usr/lib", "/usr/local/cuda/lib64"].map(Into::into));
+    if dirs.iter().any(|d| names.iter().any(|n| d.join(n).exists())) {
+        return Ok(());
+    }
+    let so2 = dirs.iter().map(|d| d.join("libnccl.so.2")).find(|p| p.exists());
+    match so2 {
+        Some(p) => bail!(
+            "NCCL: found {} but not libnccl.so, the name the binary opens: `mkdir -p ~/nccl-lib && ln -sf {} ~/nccl-lib/libnccl.so` and add ~/nccl-lib to LD_LIBRARY_PATH (scripts/slurm/train.sbatch and scripts/gpu/run_parallel.sh do this)",
+            p.display(), p.display()
+        ),
+        None => bail!("NCCL: no libnccl.so in LD_LIBRARY_PATH or the system library folders; install NCCL or add its lib folder to LD_LIBRARY_PATH"),
+    }
+}
+
 impl NcclCollective {
     pub fn new(host: TcpCollective, device: CudaDevice) -> Self {
         Self { host, device, groups: HashMap::new() }
