@@ -23,6 +23,7 @@ pub mod export;
 pub mod fp8;
 pub mod gpu_check;
 pub mod hf_writer;
+pub mod init;
 pub mod kernels;
 pub mod losses;
 pub mod model;

@@ -66,7 +66,7 @@ pub fn chunked_next_token_loss(
         let grads = (&nll_sum * (weight / count))?.backward()?;
         on_grads(&grads)?;
         dh.push(match grads.get(hv.as_tensor()) {
-            Some(g) => g.to_dtype(h.dtype())?,
+            Some(g) => g.detach().to_dtype(h.dtype())?,
             None => hv.as_tensor().zeros_like()?,
         });
         let nll_sum = nll_sum.detach().to_dtype(DType::F32)?;

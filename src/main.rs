@@ -149,6 +149,18 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         seed: u64,
     },
+    /// Write the random starting checkpoint of a model trained from scratch (train.stage =
+    /// "dense"), from a DeepSeek-V3-style config.json (initializer_range, default 0.02).
+    Init {
+        /// The model's config.json.
+        #[arg(long)]
+        config: PathBuf,
+        /// A new (or empty) folder for the HF checkpoint.
+        #[arg(long)]
+        output: PathBuf,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -294,6 +306,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Plot { metrics, output } => {
             dsa_train::plot::plot_metrics(&metrics, &output)?;
             eprintln!("[plot] wrote {}", output.display());
+        }
+        Command::Init { config, output, seed } => {
+            let n = dsa_train::init::write_initial_checkpoint(&config, &output, seed)?;
+            eprintln!("[init] wrote {} ({:.1}M parameters, seed {seed})", output.display(), n as f64 / 1e6);
         }
         Command::Tiny { output, preset, seed } => {
             dsa_train::tiny::write_preset(&output, &preset, seed)?;

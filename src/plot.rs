@@ -21,8 +21,10 @@ use plotters::style::{register_font, FontStyle};
 pub const PLOT_WIDTH: u32 = 1500;
 pub const PLOT_HEIGHT: u32 = 900;
 
+/// A logged step's stage (as metrics.jsonl spells it), in plotting order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Stage {
+    Dense,
     Warmup,
     Sparse,
 }
@@ -32,6 +34,7 @@ impl Stage {
         match self {
             Stage::Warmup => "warm-up (dense)",
             Stage::Sparse => "sparse",
+            Stage::Dense => "dense pre-training",
         }
     }
 
@@ -39,6 +42,7 @@ impl Stage {
         match self {
             Stage::Warmup => RGBColor(230, 120, 20),
             Stage::Sparse => RGBColor(30, 90, 200),
+            Stage::Dense => RGBColor(40, 150, 60),
         }
     }
 }
@@ -86,7 +90,8 @@ fn parse_line(line: &str) -> Result<MetricsRecord> {
     let stage = match o.get("stage").and_then(|s| s.as_str()) {
         Some("warmup") => Stage::Warmup,
         Some("sparse") => Stage::Sparse,
-        _ => bail!("\"stage\" is {}, expected \"warmup\" or \"sparse\"", o.get("stage").unwrap_or(&serde_json::Value::Null)),
+        Some("dense") => Stage::Dense,
+        _ => bail!("\"stage\" is {}, expected \"warmup\", \"sparse\" or \"dense\"", o.get("stage").unwrap_or(&serde_json::Value::Null)),
     };
     let num = |key: &str| -> Result<Option<f64>> {
         match o.get(key) {
@@ -185,8 +190,8 @@ where
     let heading = format!("{source}: steps logged {}, last step {}", records.len(), last.step);
     let font = ("sans-serif", 20).into_font();
     area.draw_text(&heading, &font.color(&BLACK), (16, 12)).map_err(draw_err)?;
-    let mut x = PLOT_WIDTH as i32 - 360;
-    for stage in [Stage::Warmup, Stage::Sparse] {
+    let mut x = PLOT_WIDTH as i32 - 560;
+    for stage in [Stage::Dense, Stage::Warmup, Stage::Sparse] {
         let y = 22;
         area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], stage.color().stroke_width(4))).map_err(draw_err)?;
         area.draw_text(stage.label(), &font.color(&BLACK), (x + 36, 12)).map_err(draw_err)?;
@@ -221,7 +226,7 @@ where
         .light_line_style(RGBColor(235, 235, 235))
         .draw()
         .map_err(draw_err)?;
-    for stage in [Stage::Warmup, Stage::Sparse] {
+    for stage in [Stage::Dense, Stage::Warmup, Stage::Sparse] {
         let pts: Vec<(f64, f64)> = points.iter().filter(|p| p.0 == stage).map(|p| (p.1, p.2)).collect();
         let color = stage.color();
         chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(draw_err)?;

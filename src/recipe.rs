@@ -62,7 +62,8 @@ pub struct DataConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
-    /// "warmup" (dense attention, only the indexer learns) or "sparse".
+    /// "warmup" (dense attention, only the indexer learns), "sparse", or "dense" (pre-training
+    /// from scratch: dense attention, LM loss, the indexer unused).
     pub stage: String,
     pub steps: u64,
     pub lr: f64,
@@ -264,6 +265,25 @@ impl Default for CheckpointConfig {
 pub enum Stage {
     Warmup,
     Sparse,
+    Dense,
+}
+
+impl Stage {
+    /// Does this stage train tensor `s` by gradient? (The router biases move by the balancing
+    /// rule instead, in the stages that train the main model.)
+    pub fn trains(self, s: &crate::weights::WeightSpec) -> bool {
+        use crate::weights::Kind;
+        match self {
+            Stage::Warmup => s.indexer,
+            Stage::Sparse => s.kind != Kind::RouterBias,
+            Stage::Dense => !s.indexer && s.kind != Kind::RouterBias,
+        }
+    }
+
+    /// Does this stage train the main model (LM loss, router-bias balancing)?
+    pub fn trains_main(self) -> bool {
+        self != Stage::Warmup
+    }
 }
 
 impl Recipe {
@@ -289,6 +309,7 @@ impl Recipe {
     pub fn stage(&self) -> Stage {
         match self.train.stage.as_str() {
             "sparse" => Stage::Sparse,
+            "dense" => Stage::Dense,
             _ => Stage::Warmup,
         }
     }
@@ -312,8 +333,8 @@ impl Recipe {
                 bail!("{key} must be set");
             }
         }
-        if !matches!(self.train.stage.as_str(), "warmup" | "sparse") {
-            bail!("train.stage is {:?}; expected \"warmup\" or \"sparse\"", self.train.stage);
+        if !matches!(self.train.stage.as_str(), "warmup" | "sparse" | "dense") {
+            bail!("train.stage is {:?}; expected \"warmup\", \"sparse\" or \"dense\"", self.train.stage);
         }
         if !matches!(self.train.schedule.as_str(), "constant" | "cosine") {
             bail!("train.schedule is {:?}; expected \"constant\" or \"cosine\"", self.train.schedule);

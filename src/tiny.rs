@@ -83,6 +83,18 @@ fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
 /// Write a random checkpoint for `config` (a config.json value) in DeepSeek's storage formats.
 /// Indexer tensors are written only when the config names the indexer (V3.2 style).
 pub fn write_random_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64, max_shard_bytes: usize) -> Result<()> {
+    write_checkpoint_of(dir, config, seed, max_shard_bytes, random_values)
+}
+
+/// Write a checkpoint for `config` whose values come from `values` (drawn in the weight
+/// table's order from one seeded generator), stored as DeepSeek stores each tensor.
+pub fn write_checkpoint_of(
+    dir: &Path,
+    config: &serde_json::Value,
+    seed: u64,
+    max_shard_bytes: usize,
+    values: impl Fn(&WeightSpec, &mut SplitMix64) -> Vec<f32>,
+) -> Result<()> {
     let cfg = ModelConfig::from_json(&config.to_string(), &IndexerDefaults::default())?;
     let mut rng = SplitMix64::new(seed);
     let mut tensors = vec![];
@@ -90,7 +102,7 @@ pub fn write_random_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64
         if spec.indexer && !cfg.indexer_in_config {
             continue;
         }
-        let v = random_values(&spec, &mut rng);
+        let v = values(&spec, &mut rng);
         match spec.storage() {
             StDtype::F8E4M3 => tensors.extend(StoredTensor::fp8(&spec.name, &spec.shape, &v)),
             StDtype::F32 => tensors.push(StoredTensor::f32(&spec.name, &spec.shape, &v)),

@@ -288,3 +288,70 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
         }
     }
 }
+
+/// `dsa-train init` writes the starting checkpoint of a from-scratch model (norms 1, biases 0,
+/// projections of the configured spread), refuses a non-empty folder, and the dense stage
+/// trains it: the LM loss falls, the indexer is never touched, and the stage resumes.
+#[test]
+fn init_and_the_dense_pretraining_stage() {
+    let f = Fixture::new(9);
+    let mut cfg = dsa_train::tiny::tiny_config(false);
+    cfg["num_hidden_layers"] = 2.into();
+    cfg["initializer_range"] = 0.05.into();
+    let config = f.root.join("config.json");
+    std::fs::write(&config, cfg.to_string()).unwrap();
+    let init = f.root.join("init");
+    let (code, _, stderr) = run_cli(&["init", "--config", path_str(&config), "--output", path_str(&init), "--seed", "4"]);
+    assert_eq!(code, 0, "{stderr}");
+    let hf = Checkpoint::open(&init).unwrap();
+    let norm: Vec<f32> = hf.load("model.layers.0.input_layernorm.weight", &[192], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    assert!(norm.iter().all(|&x| x == 1.0));
+    let bias: Vec<f32> = hf.load("model.layers.1.mlp.gate.e_score_correction_bias", &[8], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    assert!(bias.iter().all(|&x| x == 0.0));
+    let mc = dsa_train::config::ModelConfig::from_json(&cfg.to_string(), &Default::default()).unwrap();
+    let spec = dsa_train::weights::model_weights(&mc, false).into_iter().find(|s| s.name == "model.layers.0.self_attn.q_b_proj.weight").unwrap();
+    let w: Vec<f32> = hf.load(&spec.name, &spec.shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let std = (w.iter().map(|x| (x * x) as f64).sum::<f64>() / w.len() as f64).sqrt();
+    assert!((std - 0.05).abs() < 0.005, "q_b_proj spread {std} (FP8-stored, initializer_range 0.05)");
+    assert_clean_error(&run_cli(&["init", "--config", path_str(&config), "--output", path_str(&init)]), &["exists and is not empty"]);
+    assert_clean_error(&run_cli(&["init", "--config", path_str(&f.root.join("nope.json")), "--output", path_str(&f.root.join("x"))]), &["nope.json"]);
+
+    let recipe = f.recipe("dense", "d", &init, 12);
+    run_recipe(&recipe, &["train.lr=3e-3", "train.steps=6", "checkpoint.every=3"], None);
+    run_recipe(&recipe, &["train.lr=3e-3", "checkpoint.every=3"], Some(Resume::Auto));
+    let m = metrics::read(&f.out("d/metrics.jsonl")).unwrap();
+    assert_eq!(m.iter().map(|x| x.step).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    assert!(m.iter().all(|x| x.stage == "dense" && x.indexer_kl == 0.0));
+    let lm: Vec<f64> = m.iter().map(|x| x.lm_loss.unwrap()).collect();
+    let (first, last) = (lm[..3].iter().sum::<f64>() / 3.0, lm[9..].iter().sum::<f64>() / 3.0);
+    assert!(last < first - 0.2, "LM loss {first} -> {last}");
+    // The checkpoint holds the main model (and router biases), never an indexer tensor.
+    let saved = load_file_f32(&f.out("d/step-12/params.safetensors"), &Device::Cpu).unwrap();
+    assert!(saved.contains_key("model.layers.0.self_attn.q_b_proj.weight"));
+    assert!(saved.keys().all(|n| !n.contains(".indexer.")), "an indexer tensor was trained");
+}
+
+/// Nothing the trainer keeps between steps may hold an autograd graph: gradients come out of
+/// candle's backward as outputs of tracked ops (over the activations), and an Adam moment built
+/// from one would chain every step's graph to the next; on a GPU that grew device memory by
+/// gigabytes per step until it ran out (bf16 models: the f32 master copy recorded the update
+/// that made it, holding the previous master, moments and update). bf16 compute, every stage.
+#[test]
+fn gradients_and_optimizer_state_carry_no_graph_between_steps() {
+    let f = Fixture::new(11);
+    for stage in ["sparse", "dense", "warmup"] {
+        let recipe = f.recipe(stage, &format!("g-{stage}"), &f.root.join("model"), 2);
+        let mut t = train::Trainer::new(Recipe::load(&recipe, &["checkpoint.every=0".into(), "model.dtype=bf16".into()]).unwrap(), None).unwrap();
+        let (accum, ..) = t.accumulate_gradients().unwrap();
+        assert!(!accum.grads.is_empty());
+        for (name, g) in &accum.grads {
+            assert!(!g.track_op(), "{stage}: the accumulated gradient of {name} holds a graph");
+        }
+        t.train_step().unwrap();
+        t.train_step().unwrap();
+        for s in &t.slots {
+            assert!(!s.m.track_op() && !s.v.track_op(), "{stage}: the Adam moments of {} hold a graph", s.name);
+            assert!(s.master.as_ref().is_none_or(|m| !m.track_op()), "{stage}: the master copy of {} holds a graph", s.name);
+        }
+    }
+}

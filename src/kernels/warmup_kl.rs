@@ -97,7 +97,7 @@ pub fn warmup_kl_plain(q: &Tensor, k: &Tensor, scale: f64, qi: &Tensor, w: &Tens
     let grads = (kl.sum_all()? * g)?.backward()?;
     let get = |v: &Var| -> Result<Tensor> {
         match grads.get(v.as_tensor()) {
-            Some(x) => Ok(x.clone()),
+            Some(x) => Ok(x.detach()),
             None => v.as_tensor().zeros_like(),
         }
     };

@@ -127,10 +127,7 @@ fn build_model(
     weights::apply_overlay(&mut params, &specs, overlay, dtype)?;
 
     let stage = recipe.stage();
-    let trainable = |s: &WeightSpec| match stage {
-        Stage::Warmup => s.indexer,
-        Stage::Sparse => s.kind != Kind::RouterBias,
-    };
+    let trainable = |s: &WeightSpec| stage.trains(s);
     let mut slots = vec![];
     let mut router_biases = vec![];
     let mut model_params = ParamSet::new();
@@ -142,7 +139,7 @@ fn build_model(
             let decay = matches!(s.kind, Kind::Linear | Kind::Embedding | Kind::Head | Kind::Router);
             let group = if s.indexer { Group::Indexer } else { Group::Main };
             slots.push(Slot::new(s.name.clone(), var, decay, group)?);
-        } else if stage == Stage::Sparse && s.kind == Kind::RouterBias {
+        } else if stage.trains_main() && s.kind == Kind::RouterBias {
             let var = Var::from_tensor(&t)?;
             model_params.insert(s.name.clone(), var.as_tensor().clone());
             router_biases.push((s.name.clone(), var));
@@ -236,15 +233,15 @@ impl Trainer {
     fn forward_options(&self) -> ForwardOptions {
         ForwardOptions {
             attention: match self.stage {
-                Stage::Warmup => AttentionMode::Dense,
+                Stage::Warmup | Stage::Dense => AttentionMode::Dense,
                 Stage::Sparse => AttentionMode::Sparse,
             },
             topk: self.recipe.dsa.index_topk,
-            indexer_kl: true,
+            indexer_kl: self.stage != Stage::Dense,
             recall: false,
             detach_indexer_inputs: self.stage == Stage::Sparse,
-            seq_balance: self.stage == Stage::Sparse && self.recipe.train.seq_balance_alpha > 0.0,
-            defer_dense_kl: true,
+            seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
+            defer_dense_kl: self.stage != Stage::Dense,
         }
     }
 
@@ -260,9 +257,11 @@ impl Trainer {
     fn micro_batch(&self, tokens: &Tensor, scale: f64, accum: &mut GradAccum, loads: &mut [Vec<u64>]) -> Result<(Option<f64>, f64)> {
         let opts = self.forward_options();
         let t = &self.recipe.train;
-        let sparse = self.stage == Stage::Sparse;
-        let recompute = sparse && t.recompute;
-        let kl_weight = if sparse { t.kl_weight } else { 1.0 };
+        // `main`: the main model learns (sparse and dense stages); `with_kl`: the indexer learns.
+        let main = self.stage.trains_main();
+        let with_kl = self.stage != Stage::Dense;
+        let recompute = main && t.recompute;
+        let kl_weight = if self.stage == Stage::Sparse { t.kl_weight } else { 1.0 };
         // Scalars stay on the device until the end of the micro-batch: one host sync for the logs.
         let mut kl_sum: Option<Tensor> = None;
         let mut balance: Option<Tensor> = None;
@@ -281,9 +280,11 @@ impl Trainer {
             }
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             crate::bench::log_device_memory(&format!("layer {l} forward"));
-            let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
-            crate::bench::log_device_memory(&format!("layer {l} KL backward"));
-            kl_sum = add(kl_sum, kl)?;
+            if with_kl {
+                let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
+                crate::bench::log_device_memory(&format!("layer {l} KL backward"));
+                kl_sum = add(kl_sum, kl)?;
+            }
             if let Some(c) = stats.expert_counts.take() {
                 loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
@@ -298,12 +299,12 @@ impl Trainer {
             }
             drop(stats);
             // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
-            h = if !sparse || recompute { next.detach() } else { next };
+            h = if !main || recompute { next.detach() } else { next };
         }
         let mut lm_value = None;
         let mut dh: Option<Tensor> = None;
         crate::bench::log_device_memory("layers done");
-        if sparse {
+        if main {
             let (b, _) = tokens.dims2()?;
             let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
             let slots = &self.slots;
@@ -319,17 +320,22 @@ impl Trainer {
             if tokens.dim(1)? < depth + 3 {
                 break;
             }
-            let trains = sparse && t.mtp_weight > 0.0;
+            let trains = main && t.mtp_weight > 0.0;
+            if !trains && !with_kl {
+                continue;
+            }
             let hv = Var::from_tensor(&h.detach())?;
             let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &opts)?;
-            self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &self.model.mtp[depth].layer.indexer)?;
+            if with_kl {
+                self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &self.model.mtp[depth].layer.indexer)?;
+            }
             if trains {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
                 let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
                 let grads = (mtp * (t.mtp_weight * scale))?.backward().context("MTP backward")?;
                 accum.add(&self.slots, &grads)?;
                 if let (Some(d), Some(g)) = (dh.as_mut(), grads.get(hv.as_tensor())) {
-                    *d = (&*d + g)?;
+                    *d = (&*d + g.detach())?;
                 }
             }
         }
@@ -354,7 +360,7 @@ impl Trainer {
                     let grads = loss.backward().with_context(|| format!("layer {l} main backward"))?;
                     accum.add(&self.slots, &grads)?;
                     dh = match grads.get(x.as_tensor()) {
-                        Some(g) => g.clone(),
+                        Some(g) => g.detach(),
                         None => inputs[l].zeros_like()?,
                     };
                 }
@@ -369,7 +375,10 @@ impl Trainer {
                 accum.add(&self.slots, &grads)?;
             }
         }
-        let kl_sum = kl_sum.context("the model has no layers")?;
+        let kl_sum = match kl_sum {
+            Some(k) => k,
+            None => Tensor::zeros((), DType::F32, &self.device)?, // dense stage: no indexer KL
+        };
         let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
         let host: Vec<f32> = Tensor::stack(&[&lm, &kl_sum], 0)?.to_vec1()?; // the one sync
         Ok((lm_value.map(|_| host[0] as f64), host[1] as f64 / self.model.layers.len() as f64))
@@ -390,7 +399,7 @@ impl Trainer {
         };
         let (b, t, hi, di) = proj.q.dims4()?;
         let grad_of = |gs: &candle_core::backprop::GradStore, x: &Tensor| -> Result<Tensor> {
-            Ok(match gs.get(x) { Some(g) => g.clone(), None => x.zeros_like()? })
+            Ok(match gs.get(x) { Some(g) => g.detach(), None => x.zeros_like()? })
         };
         let (kl, dq, dw, dk) = if let Some(kl) = &stats.indexer_kl {
             let kl = kl.mean_all()?;
@@ -639,13 +648,13 @@ impl Trainer {
         Ok(StepMetrics {
             step: self.step,
             stage: r.train.stage.clone(),
-            lm_loss: (self.stage == Stage::Sparse).then_some(lm_sum / micro as f64),
+            lm_loss: self.stage.trains_main().then_some(lm_sum / micro as f64),
             indexer_kl: kl_sum / micro as f64,
             lr,
             indexer_lr,
             grad_norm: match self.stage {
                 Stage::Warmup => report.indexer_grad_norm,
-                Stage::Sparse => report.main_grad_norm,
+                Stage::Sparse | Stage::Dense => report.main_grad_norm,
             },
             indexer_grad_norm: report.indexer_grad_norm,
             tokens: self.tokens_seen,

@@ -42,7 +42,9 @@ pub struct Slot {
 impl Slot {
     pub fn new(name: String, var: Var, decay: bool, group: Group) -> Result<Self> {
         let t = var.as_tensor();
-        let master = if t.dtype() == DType::F32 { None } else { Some(t.to_dtype(DType::F32)?) };
+        // Detached: converted from the Var, the copy would otherwise record that op, and each
+        // update built from it would hold the previous step's tensors (a leak per step).
+        let master = if t.dtype() == DType::F32 { None } else { Some(t.to_dtype(DType::F32)?.detach()) };
         let m = t.to_dtype(DType::F32)?.zeros_like()?;
         Ok(Self { name, m: m.clone(), v: m, master, var, steps: 0, decay, group, owned: true })
     }
@@ -69,7 +71,7 @@ impl Slot {
     pub fn set_value(&mut self, value: &Tensor) -> Result<()> {
         let dtype = self.var.as_tensor().dtype();
         if self.master.is_some() {
-            self.master = Some(value.to_dtype(DType::F32)?.copy()?);
+            self.master = Some(value.detach().to_dtype(DType::F32)?.copy()?.detach());
         }
         self.var.set(&value.to_dtype(dtype)?)?;
         Ok(())
@@ -77,6 +79,11 @@ impl Slot {
 }
 
 /// Summed f32 gradients over the micro-batches of one step.
+///
+/// Gradients are stored detached: a gradient candle's backward returns is itself the output of
+/// tracked ops whose inputs include the activations, so keeping it attached would keep the
+/// whole forward graph alive, and the Adam moments built from it would chain every step's
+/// graph to the next (device memory growing by gigabytes per step).
 #[derive(Default)]
 pub struct GradAccum {
     pub grads: HashMap<String, Tensor>,
@@ -87,7 +94,7 @@ impl GradAccum {
     pub fn add(&mut self, slots: &[Slot], store: &GradStore) -> Result<()> {
         for s in slots {
             if let Some(g) = store.get(s.var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
+                let g = g.detach().to_dtype(DType::F32)?;
                 let sum = match self.grads.remove(&s.name) {
                     Some(prev) => (prev + g)?,
                     None => g,
@@ -150,7 +157,7 @@ impl AdamW {
             let v_hat = (&s.v / (1.0 - self.beta2.powi(t)))?;
             let lr = lr(s.group);
             let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let w = s.value_f32()?;
+            let w = s.value_f32()?.detach(); // an f32 model's Var: do not record the update
             let mut next = (&w - (update * lr)?)?;
             if s.decay && self.weight_decay > 0.0 {
                 next = (next - (&w * (lr * self.weight_decay))?)?;

@@ -65,10 +65,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
     let specs = model_weights(cfg, with_mtp);
     let numel = |s: &crate::weights::WeightSpec| s.shape.iter().product::<usize>() as u64;
-    let trainable = |s: &crate::weights::WeightSpec| match stage {
-        Stage::Warmup => s.indexer,
-        Stage::Sparse => s.kind != Kind::RouterBias,
-    };
+    let trainable = |s: &crate::weights::WeightSpec| stage.trains(s);
     let trainable_params: u64 = specs.iter().filter(|s| trainable(s)).map(numel).sum();
     let total: u64 = specs.iter().map(numel).sum();
     let dtype_bytes = if recipe.model.dtype == "f32" { 4.0 } else { 2.0 };
@@ -102,6 +99,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let flops_per_step = match stage {
         Stage::Warmup => 2.0 * active_main * tokens + dense_attn + 3.0 * indexer,
         Stage::Sparse => 3.0 * (2.0 * active_main * tokens + sparse_attn + indexer),
+        Stage::Dense => 3.0 * (2.0 * active_main * tokens + dense_attn),
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
     let hidden = cfg.hidden_size as f64;
@@ -114,6 +112,13 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
         Stage::Sparse if recipe.train.recompute => micro_tokens * hidden * dtype_bytes * layers + layer_working_set + lm_chunk,
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
+        // Plain dense attention keeps [B, H, T, T] scores, probabilities and their gradient
+        // (f32) for the layer being differentiated.
+        Stage::Dense => {
+            let dense_working = micro_tokens * t as f64 * h * 4.0 * 3.0;
+            let kept = if recipe.train.recompute { micro_tokens * hidden * dtype_bytes * layers } else { 34.0 * hidden * micro_tokens * layers };
+            kept + layer_working_set + dense_working + lm_chunk
+        }
     };
     // Parallel layout: dp from the recipe (0 = one device), ep splits the routed experts.
     let dp = recipe.parallel.dp.max(1) as f64;
