@@ -516,8 +516,8 @@ mod tests {
     fn wrong_types_and_values_in_the_file_are_named() {
         let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = \"ten\"\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("`train.steps` must be an integer, got a string"), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nstage = \"dense\"\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("train.stage"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nstage = \"sparce\"\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("train.stage") && err.contains("\"dense\""), "{err}");
         let err = Recipe::parse(&format!("{MINIMAL}[train]\nglobal_batch_seqs = 5\nmicro_batch_seqs = 2\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("train.global_batch_seqs"), "{err}");
         let err = Recipe::parse("[run]\nseed = 1\n", &[]).unwrap_err().to_string();

@@ -116,7 +116,7 @@ fn bad_metrics_lines_are_errors_naming_the_file_and_line() {
         (r#"{"stage": "sparse", "lm_loss": 2.0}"#, "\"step\""),
         (r#"{"step": -1, "stage": "sparse"}"#, "\"step\""),
         (r#"{"step": "7", "stage": "sparse"}"#, "\"step\""),
-        (r#"{"step": 3, "stage": "dense"}"#, "\"stage\""),
+        (r#"{"step": 3, "stage": "dance"}"#, "\"stage\""),
         (r#"{"step": 3, "stage": "sparse", "lm_loss": "2.1"}"#, "\"lm_loss\""),
     ];
     for (bad, needle) in cases {

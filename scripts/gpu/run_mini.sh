@@ -7,18 +7,35 @@
 #           mini-Terminus's random start (`dsa-train init`), time the dense stage at 4K and
 #           8K, then pre-train densely (recipes/mini-dense.toml) for DENSE_STEPS steps or
 #           DENSE_TIMEOUT seconds, checkpointing every 50 steps.
-# Environment: WORK, DENSE_STEPS (default the recipe's), DENSE_TIMEOUT (default 400).
+#   step 2: export the newest dense checkpoint as an HF FP8 checkpoint (the mini-Terminus),
+#           then the warm-up (recipes/mini-warmup.toml) and the sparse stage
+#           (recipes/mini-sparse.toml) at LONG tokens, each bounded by STAGE_TIMEOUT seconds.
+#   step 3: held-out evaluation (LM loss with dense and sparse attention, indexer recall) of
+#           the dense start, the warm-up's end and the sparse stage's end at 8K and LONG;
+#           tokens/s of the three stages per length; transformers' training step side by
+#           side (tools/reference/bench_transformers.py); plots and results.md in LOG_DIR.
+# Environment: WORK, DENSE_STEPS (default the recipe's), DENSE_TIMEOUT (default 400), LONG
+# (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4), LENS (tokens/s
+# lengths, default "4096 8192 16384 32768"), SETS (extra --set arguments for every run, e.g.
+# "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
+# CONFIG (the model's config.json, default recipes/mini/config.json).
 set -uo pipefail
 STEP="${1:?usage: run_mini.sh STEP [LOG_DIR]}"
 LOG="${2:-${OUT:-gpu-logs}}"
 WORK="${WORK:-/tmp/mini}"
 mkdir -p "$LOG" "$WORK"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-BIN=dist/gpu/dsa-train
+BIN="${BIN:-dist/gpu/dsa-train}"
 if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then xz -dc "$BIN.xz" > "$BIN" && chmod +x "$BIN"; fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$LOG/device.txt"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$LOG/device.txt" || echo cpu > "$LOG/device.txt"
 stamp() { echo "[mini $(date +%T)] $*" | tee -a "$LOG/mini.log"; }
-DATA=(--set "data.path=$WORK/tokens/train")
+EXTRA=()
+for kv in ${SETS:-}; do EXTRA+=(--set "$kv"); done
+DATA=(--set "data.path=$WORK/tokens/train" "${EXTRA[@]}")
+LONG="${LONG:-32768}"
+EVAL_DEVICE=cuda; EVAL_DTYPE=bf16
+case " ${SETS:-} " in *" model.device=cpu "*) EVAL_DEVICE=cpu; EVAL_DTYPE=f32 ;; esac
+newest() { ls -d "$1"/step-* 2>/dev/null | sort -t- -k2 -n | tail -1; }
 
 case "$STEP" in
 1)
@@ -32,7 +49,7 @@ case "$STEP" in
       stamp "tokenised $split in $(echo "$(date +%s.%N) - $start" | bc) s"
     done
   fi
-  [ -d "$WORK/init" ] || $BIN init --config recipes/mini/config.json --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
+  [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
   for L in 4096 8192; do
     line=$(timeout 120 $BIN bench step recipes/mini-dense.toml --steps 3 --set "model.path=$WORK/init" "${DATA[@]}" \
       --set data.seq_len=$L --set train.global_batch_seqs=2 --set train.micro_batch_seqs=2 2>>"$LOG/bench-stderr.log" | tail -1)
@@ -47,8 +64,63 @@ case "$STEP" in
   cp "$WORK/dense/metrics.jsonl" "$LOG/dense-metrics.jsonl" 2>/dev/null
   $BIN plot --metrics "$WORK/dense/metrics.jsonl" --output "$LOG/dense.png" 2>/dev/null
   ;;
+2)
+  dense="$(newest "$WORK/dense")"
+  [ -n "$dense" ] || { stamp "no dense checkpoint in $WORK/dense: run step 1 first"; exit 1; }
+  if [ ! -d "$WORK/terminus" ]; then
+    $BIN export --checkpoint "$dense" --output "$WORK/terminus" --fp8 --index-n-heads 8 --index-head-dim 64 2>&1 | tail -1 | tee -a "$LOG/mini.log"
+  fi
+  for stage in warmup sparse; do
+    from="$WORK/terminus"
+    [ "$stage" = sparse ] && from="$(newest "$WORK/warmup")"
+    stamp "$stage stage from $from at $LONG tokens (at most ${STAGE_TIMEOUT:-240} s)"
+    timeout -s INT "${STAGE_TIMEOUT:-240}" $BIN train "recipes/mini-$stage.toml" --set "model.path=$from" "${DATA[@]}" \
+      --set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set "run.output_dir=$WORK/$stage" \
+      --set checkpoint.every=25 --resume auto > "$LOG/$stage.log" 2>&1
+    stamp "$stage exit $? ($(wc -l < "$WORK/$stage/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
+    cp "$WORK/$stage/metrics.jsonl" "$LOG/$stage-metrics.jsonl" 2>/dev/null
+  done
+  ;;
+3)
+  # Held-out loss and recall: the dense start, the warm-up's end, the sparse stage's end.
+  : > "$LOG/eval.jsonl"
+  for model in "dense-start:$WORK/terminus" "warmup-end:$(newest "$WORK/warmup")" "sparse-end:$(newest "$WORK/sparse")"; do
+    name="${model%%:*}"; path="${model#*:}"
+    [ -d "$path" ] || { stamp "eval $name: no checkpoint"; continue; }
+    for L in 8192 "$LONG"; do
+      for attn in dense sparse; do
+        line=$($BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
+          --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "${EVAL_WINDOWS:-4}" 2>>"$LOG/eval-stderr.log" | tail -1)
+        echo "{\"model\": \"$name\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
+      done
+    done
+  done
+  stamp "eval: $(wc -l < "$LOG/eval.jsonl") rows"
+  # Tokens/s of the three stages per length (ours), then transformers' on the same config.
+  : > "$LOG/speed.txt"
+  for L in ${LENS:-4096 8192 16384 32768}; do
+    for stage in dense warmup sparse; do
+      from="$WORK/init"; [ "$stage" != dense ] && from="$WORK/terminus"
+      line=$(timeout 200 $BIN bench step "recipes/mini-$stage.toml" --steps 3 --set "model.path=$from" "${DATA[@]}" \
+        --set data.seq_len=$L --set dsa.index_topk=$((L / 64)) --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
+      echo "ours $stage $L: ${line:-FAILED}" | tee -a "$LOG/speed.txt"
+    done
+  done
+  if [ "$EVAL_DEVICE" = cuda ]; then
+    for m in v3 v32; do
+      python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
+        --lens "$(echo ${LENS:-4096 8192 16384 32768} | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
+        2>>"$LOG/transformers-stderr.log" | tee -a "$LOG/transformers.jsonl"
+    done
+  fi
+  for f in "$WORK"/dense/metrics.jsonl "$WORK"/warmup/metrics.jsonl "$WORK"/sparse/metrics.jsonl; do
+    [ -f "$f" ] && cat "$f"
+  done > "$LOG/all-metrics.jsonl"
+  $BIN plot --metrics "$LOG/all-metrics.jsonl" --output "$LOG/stages.png" 2>>"$LOG/mini.log"
+  stamp "step 3 done: eval.jsonl, speed.txt, transformers.jsonl, stages.png"
+  ;;
 *)
-  echo "run_mini.sh: step $STEP is not built yet (1 is)" >&2
+  echo "run_mini.sh: STEP is 1, 2 or 3" >&2
   exit 2
   ;;
 esac
