@@ -46,7 +46,7 @@ case "$STEP" in
       start=$(date +%s.%N)
       $BIN data prepare --tokenizer data/tokenizer/tokenizer.json --input "$WORK/corpus/$split.jsonl" \
         --output "$WORK/tokens/$split" 2>&1 | tail -2 | tee -a "$LOG/mini.log"
-      stamp "tokenised $split in $(echo "$(date +%s.%N) - $start" | bc) s"
+      stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
     done
   fi
   [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
@@ -117,7 +117,8 @@ case "$STEP" in
     [ -f "$f" ] && cat "$f"
   done > "$LOG/all-metrics.jsonl"
   $BIN plot --metrics "$LOG/all-metrics.jsonl" --output "$LOG/stages.png" 2>>"$LOG/mini.log"
-  stamp "step 3 done: eval.jsonl, speed.txt, transformers.jsonl, stages.png"
+  python3 tools/reference/report.py "$LOG" > /dev/null 2>>"$LOG/mini.log"
+  stamp "step 3 done: eval.jsonl, speed.txt, transformers.jsonl, stages.png, results-table.md (recall.png, speed.png with matplotlib)"
   ;;
 *)
   echo "run_mini.sh: STEP is 1, 2 or 3" >&2
