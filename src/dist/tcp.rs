@@ -28,9 +28,8 @@ pub struct TcpCollective {
     peers: Vec<Option<TcpStream>>,
     /// What rank 0 handed out at the rendezvous.
     pub payload: Vec<u8>,
-    /// The job, for the further connections of expert exchanges (MASTER_PORT + 1, + 2, ...).
+    /// The job, for the further connections of expert exchanges.
     launch: Launch,
-    extra_connections: u16,
 }
 
 fn write_frame(s: &mut TcpStream, bytes: &[u8]) -> std::io::Result<()> {
@@ -55,16 +54,24 @@ fn io_timeout() -> Duration {
 impl TcpCollective {
     /// Join the job described by `launch`; `payload` (rank 0's) reaches every rank.
     pub fn rendezvous(launch: &Launch, timeout: Duration, payload: Vec<u8>) -> Result<Self> {
+        Self::rendezvous_on(launch, timeout, payload, None)
+    }
+
+    /// As `rendezvous`; rank 0 listens on `listener` when given (already bound).
+    fn rendezvous_on(launch: &Launch, timeout: Duration, payload: Vec<u8>, listener: Option<TcpListener>) -> Result<Self> {
         let (rank, world) = (launch.rank, launch.world);
         let deadline = Instant::now() + timeout;
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let addr = format!("{}:{}", launch.master_addr, launch.master_port);
         if world == 1 {
-            return Ok(Self { rank, world, peers, payload, launch: launch.clone(), extra_connections: 0 });
+            return Ok(Self { rank, world, peers, payload, launch: launch.clone() });
         }
         let payload = if rank == 0 {
-            let listener = TcpListener::bind(("0.0.0.0", launch.master_port))
-                .with_context(|| format!("rank 0 cannot listen on port {} (MASTER_PORT; is it in use?)", launch.master_port))?;
+            let listener = match listener {
+                Some(l) => l,
+                None => TcpListener::bind(("0.0.0.0", launch.master_port))
+                    .with_context(|| format!("rank 0 cannot listen on port {} (MASTER_PORT; is it in use?)", launch.master_port))?,
+            };
             listener.set_nonblocking(true)?;
             let mut arrived = 1;
             while arrived < world {
@@ -130,7 +137,7 @@ impl TcpCollective {
             s.set_read_timeout(Some(io_timeout()))?;
             s.set_nodelay(true)?;
         }
-        Ok(Self { rank, world, peers, payload, launch: launch.clone(), extra_connections: 0 })
+        Ok(Self { rank, world, peers, payload, launch: launch.clone() })
     }
 
     fn lost(&self, peer: usize, e: std::io::Error) -> anyhow::Error {
@@ -143,14 +150,25 @@ impl Collective for TcpCollective {
         self.rank
     }
 
-    /// A second star over the whole job on the next free port after MASTER_PORT, so that the
-    /// exchanges inside the model never interleave with the trainer's own collectives.
+    /// A second star over the whole job, so that the exchanges inside the model never
+    /// interleave with the trainer's own collectives. Rank 0 listens on a port the system
+    /// picks and tells the others through the first star (a fixed MASTER_PORT + 1 could be
+    /// taken by another job on a shared node).
     fn row_exchange(&mut self, members: &[usize]) -> Result<std::sync::Arc<dyn super::expert::RowExchange>> {
-        self.extra_connections += 1;
+        let listener = if self.rank == 0 {
+            Some(TcpListener::bind(("0.0.0.0", 0)).context("rank 0 cannot open a port for the expert exchange")?)
+        } else {
+            None
+        };
+        let mut port = match &listener {
+            Some(l) => l.local_addr()?.port().to_le_bytes().to_vec(),
+            None => vec![],
+        };
+        self.broadcast(&mut port, 0)?;
         let mut launch = self.launch.clone();
-        launch.master_port = launch.master_port.checked_add(self.extra_connections).context("MASTER_PORT is too high for the expert exchange's port")?;
-        let star = TcpCollective::rendezvous(&launch, super::rendezvous_timeout(), vec![])
-            .with_context(|| format!("opening the expert exchange on port {} (MASTER_PORT + {})", launch.master_port, self.extra_connections))?;
+        launch.master_port = u16::from_le_bytes(port.as_slice().try_into().context("expert exchange: bad port from rank 0")?);
+        let star = TcpCollective::rendezvous_on(&launch, super::rendezvous_timeout(), vec![], listener)
+            .with_context(|| format!("opening the expert exchange on port {} of {}", launch.master_port, launch.master_addr))?;
         Ok(std::sync::Arc::new(super::expert::CollectiveExchange::new(Box::new(star), members.to_vec())?))
     }
 
