@@ -475,6 +475,27 @@ fn type_name(v: &Value) -> &'static str {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn expert_groups_and_replicas_partition_the_ranks() {
+        let l = Layout { world: 8, dp: 8, ep: 4 };
+        assert_eq!(l.expert_group(5), vec![4, 5, 6, 7]);
+        assert_eq!(l.expert_replicas(5), vec![1, 5]);
+        // Every rank is in exactly one group of each kind, and a group's members agree on it.
+        for r in 0..8 {
+            for m in l.expert_group(r) {
+                assert_eq!(l.expert_group(m), l.expert_group(r));
+            }
+            for m in l.expert_replicas(r) {
+                assert_eq!(l.expert_replicas(m), l.expert_replicas(r));
+                assert_eq!(m % 4, r % 4, "replicas hold the same expert range");
+            }
+        }
+        let one = Layout { world: 3, dp: 3, ep: 1 };
+        assert_eq!(one.expert_group(2), vec![2]);
+        assert_eq!(one.expert_replicas(2), vec![0, 1, 2]);
+    }
+
     use super::*;
 
     const MINIMAL: &str = "[run]\noutput_dir = \"out\"\n[model]\npath = \"m\"\n[data]\npath = \"d\"\n";

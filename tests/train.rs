@@ -218,6 +218,12 @@ fn check_reports_counts_and_estimates() {
     assert!(stdout.contains(&format!("{} trainable", 3 * per_layer)), "{stdout}");
     assert!(stdout.contains("tokens per step: 128"), "{stdout}");
     assert!(stdout.contains("FLOPs per step") && stdout.contains("memory per device"));
+    // The dense pre-training stage trains the main model but no indexer tensor.
+    let dense = f.recipe("dense", "cd", &f.root.join("model"), 2);
+    let (code, stdout, stderr) = run_cli(&["check", path_str(&dense)]);
+    assert_eq!(code, 0, "{stderr}");
+    // Frozen: the three indexers and the router biases of the two MoE layers (layer 1, MTP; 8 experts).
+    assert!(stdout.contains(&format!("trainable, {} frozen", 3 * per_layer + 2 * 8)), "{stdout}");
 }
 
 #[test]
