@@ -21,6 +21,11 @@ pub trait Collective: Send {
     fn rank(&self) -> usize;
     fn world(&self) -> usize;
 
+    /// What carries the traffic, for the logs.
+    fn backend(&self) -> &'static str {
+        "TCP (CPU memory)"
+    }
+
     /// Every rank's bytes, in rank order.
     fn all_gather(&mut self, mine: &[u8]) -> Result<Vec<Vec<u8>>>;
 

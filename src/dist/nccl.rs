@@ -103,6 +103,9 @@ impl NcclCollective {
 }
 
 impl Collective for NcclCollective {
+    fn backend(&self) -> &'static str {
+        "NCCL"
+    }
     fn rank(&self) -> usize {
         self.host.rank()
     }

@@ -793,6 +793,10 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
         std::fs::write(out.join("recipe.toml"), recipe.to_toml()).with_context(|| format!("cannot write {}", out.join("recipe.toml").display()))?;
     }
     signals::install();
+    if lead && comm.world() > 1 {
+        let l = recipe.parallel.layout(comm.world())?;
+        eprintln!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), l.dp, l.ep);
+    }
     let mut trainer = Trainer::with_comm(recipe, resume, comm)?;
     let r = trainer.recipe.clone();
     let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
