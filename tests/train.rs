@@ -361,3 +361,31 @@ fn gradients_and_optimizer_state_carry_no_graph_between_steps() {
         }
     }
 }
+
+/// `check`'s communication estimate counts what the trainer sends: nothing in one process;
+/// with dp = 2, ep = 2 two ring all-reduces of the replicated f32 trainable tensors (the
+/// experts have one holder each) and, per MoE layer, the rows of (ep-1)/ep of the top-k
+/// (token, expert) pairs out and back, in the forward, the recomputation and the backward.
+#[test]
+fn check_counts_the_bytes_each_device_sends() {
+    let f = Fixture::new(12);
+    let recipe = f.recipe("sparse", "comm", &f.root.join("model"), 2);
+    let one = dsa_train::train::plan::plan(&Recipe::load(&recipe, &[]).unwrap()).unwrap();
+    assert_eq!((one.grad_comm_bytes, one.expert_comm_bytes), (0.0, 0.0));
+    let sets = ["parallel.dp=2".to_string(), "parallel.ep=2".to_string(), "model.mtp=false".to_string()];
+    let r = Recipe::load(&recipe, &sets).unwrap();
+    let p = dsa_train::train::plan::plan(&r).unwrap();
+    let defaults = dsa_train::config::IndexerDefaults { n_heads: r.model.index_n_heads, head_dim: r.model.index_head_dim, topk: r.dsa.index_topk };
+    let cfg = dsa_train::config::ModelConfig::from_dir(&f.root.join("model"), &defaults).unwrap();
+    let specs = dsa_train::weights::model_weights(&cfg, false);
+    let replicated: usize = specs
+        .iter()
+        .filter(|s| s.kind != dsa_train::weights::Kind::RouterBias && !s.name.contains(".mlp.experts."))
+        .map(|s| s.shape.iter().product::<usize>())
+        .sum();
+    // Ring over 2 ranks: 2 (n-1)/n = 1 times the bytes; two all-reduces.
+    assert_eq!(p.grad_comm_bytes, 2.0 * 4.0 * replicated as f64);
+    // 1 MoE layer (layer 1), 2 micro-batches of 2 x 32 tokens over 2 ranks, top-2, hidden 192, f32.
+    let expect = 1.0 * 1.0 * 64.0 * 2.0 * 192.0 * 4.0 * 0.5 * 2.0 * 3.0;
+    assert_eq!(p.expert_comm_bytes, expect);
+}

@@ -24,6 +24,14 @@
 //!   live tensors), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2 bytes).
 //!   The LM head runs in chunks of 2^27 logits (f32 log-softmax and gradient: ~1.5 GiB).
 //!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
+//! Communication per device and step (what the trainer sends; a ring all-reduce of B bytes
+//! over n ranks sends 2 (n-1)/n B from each):
+//! - gradient sums and ZeRO-1 parameter shares: two all-reduces of the f32 trainable tensors,
+//!   the non-expert ones over dp ranks and the routed experts over their dp/ep holders;
+//! - expert exchange: per MoE layer and micro-batch, top-k rows of hidden x dtype bytes per
+//!   token go to the expert's rank ((ep-1)/ep of them leave the device) and come back; once in
+//!   the forward, and in the stages that train the main model again in the backward and (with
+//!   `train.recompute`) in the recomputation. MTP layers are not counted.
 
 use anyhow::Result;
 
@@ -41,6 +49,10 @@ pub struct Plan {
     pub weight_bytes: f64,
     pub optimizer_bytes: f64,
     pub activation_bytes: f64,
+    /// Bytes each device sends per step for gradient sums and ZeRO-1 shares.
+    pub grad_comm_bytes: f64,
+    /// Bytes each device sends per step in expert-parallel exchanges.
+    pub expert_comm_bytes: f64,
 }
 
 impl Plan {
@@ -128,6 +140,16 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
     let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
     let optimizer_bytes: f64 = specs.iter().filter(|s| trainable(s)).map(|s| local(s) * ((master + 8.0) / holders(s) + 4.0)).sum();
+    let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
+    let grad_comm_bytes: f64 = 2.0 * specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0 * ring(holders(s))).sum::<f64>();
+    let moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
+    let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
+    let exchange_passes = match stage {
+        Stage::Warmup => 1.0,
+        _ => 2.0 + if recipe.train.recompute { 1.0 } else { 0.0 },
+    };
+    let expert_comm_bytes = moe_layers * micro_per_device * micro_tokens * cfg.num_experts_per_tok as f64 * hidden * dtype_bytes
+        * ((ep - 1.0) / ep) * 2.0 * exchange_passes;
     Plan {
         trainable_params,
         frozen_params: total - trainable_params,
@@ -136,6 +158,8 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         weight_bytes,
         optimizer_bytes,
         activation_bytes,
+        grad_comm_bytes,
+        expert_comm_bytes,
     }
 }
 
@@ -145,9 +169,11 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
     format!(
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x ep {} ({} device(s))\n\
-         memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2}",
+         memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2}\n\
+         sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.ep, recipe.parallel.dp.max(1),
-        gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes)
+        gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes),
+        gib(p.grad_comm_bytes), gib(p.expert_comm_bytes)
     )
 }
