@@ -49,14 +49,14 @@ fn losses(dir: &Path) -> Vec<(f64, f64)> {
 }
 
 fn assert_close(a: &[(f64, f64)], b: &[(f64, f64)], what: &str) {
-    assert_close_within(a, b, what, |_| 1e-4);
+    assert_close_within(a, b, what, 1e-4);
 }
 
-/// `tol(step)`: relative tolerance at 1-based `step`.
-fn assert_close_within(a: &[(f64, f64)], b: &[(f64, f64)], what: &str, tol: impl Fn(usize) -> f64) {
+/// Same step counts, and every logged loss within relative tolerance `tol`.
+fn assert_close_within(a: &[(f64, f64)], b: &[(f64, f64)], what: &str, tol: f64) {
     assert_eq!(a.len(), b.len(), "{what}: step counts");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
-        let close = |p: f64, q: f64| (p - q).abs() <= tol(i + 1) * p.abs().max(q.abs()).max(1e-3);
+        let close = |p: f64, q: f64| (p - q).abs() <= tol * p.abs().max(q.abs()).max(1e-3);
         assert!(close(x.0, y.0) && close(x.1, y.1), "{what}, step {}: {x:?} vs {y:?}", i + 1);
     }
 }
@@ -93,12 +93,16 @@ fn data_parallel_matches_one_process_and_sharded_checkpoints_reshard() {
 fn expert_parallel_matches_one_process_and_reshards() {
     let f = Fixture::new(7);
     let model = f.root.join("model");
-    let tail = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
+    // An expert's gradient sums the rows of both ranks' micro-batches in one product rather
+    // than one micro-batch after the other, so sums round differently (~1e-7 relative). Three
+    // steps keep that far below the tolerance; with this fixture a fourth step reaches a near
+    // tie in a top-k choice, after which runs differing in the last bits may pick different
+    // keys, so the comparison stops at step 3.
     for stage in ["warmup", "sparse"] {
-        let one = f.recipe(stage, &format!("{stage}-one"), &model, 4);
+        let one = f.recipe(stage, &format!("{stage}-one"), &model, 3);
         train_ranks(1, &one, &[]);
         // dp = 2, ep = 2: each rank holds 4 of the 8 routed experts; 2 steps, then resume.
-        let ep = f.recipe(stage, &format!("{stage}-ep"), &model, 4);
+        let ep = f.recipe(stage, &format!("{stage}-ep"), &model, 3);
         train_ranks(2, &ep, &["--set", "parallel.ep=2", "--set", "train.steps=2"]);
         let step2 = f.out(&format!("{stage}-ep/step-2"));
         if stage == "sparse" {
@@ -111,16 +115,12 @@ fn expert_parallel_matches_one_process_and_reshards() {
             }
         }
         train_ranks(2, &ep, &["--set", "parallel.ep=2", "--resume", "auto"]);
-        // An expert's gradient sums the rows of both ranks' micro-batches in one product
-        // rather than one micro-batch after the other, so the sums round differently (~1e-7);
-        // a later top-k or routing choice near a tie can turn that into a small jump. Tight
-        // where nothing can have flipped yet, looser after.
-        let tol = |step: usize| if step <= 3 { 1e-5 } else { 1e-2 };
-        assert_close_within(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-ep"))), &format!("{stage}: ep=2 vs 1 process"), tol);
-        // Re-shard the ep = 2 checkpoint onto one process.
-        let down = f.recipe(stage, &format!("{stage}-epdown"), &model, 4);
+        assert_close_within(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-ep"))), &format!("{stage}: ep=2 vs 1 process"), 1e-5);
+        // Re-shard the ep = 2 checkpoint onto one process: its step 3 is the others' step 3.
+        let down = f.recipe(stage, &format!("{stage}-epdown"), &model, 3);
         train_ranks(1, &down, &["--resume", step2.to_str().unwrap()]);
-        assert_close_within(&tail(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-epdown"))), &format!("{stage}: ep 2 -> 1"), |s| tol(s + 2));
+        let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+        assert_close_within(&last(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-epdown"))), &format!("{stage}: ep 2 -> 1"), 1e-5);
     }
     // dp = 4, ep = 2: two expert groups; expert gradients summed over the two replicas and
     // their optimizer state sharded over them.
@@ -128,7 +128,7 @@ fn expert_parallel_matches_one_process_and_reshards() {
     train_ranks(1, &one, &["--set", "train.micro_batch_seqs=1"]);
     let four = f.recipe("sparse", "mb1-four", &model, 2);
     train_ranks(4, &four, &["--set", "train.micro_batch_seqs=1", "--set", "parallel.ep=2"]);
-    assert_close_within(&losses(&f.out("mb1-one")), &losses(&f.out("mb1-four")), "sparse: dp=4 ep=2 vs 1 process", |_| 1e-5);
+    assert_close_within(&losses(&f.out("mb1-one")), &losses(&f.out("mb1-four")), "sparse: dp=4 ep=2 vs 1 process", 1e-5);
 }
 
 /// A MoE whose 8 experts are split over two ranks (threads, TCP on localhost) gives the

@@ -132,7 +132,10 @@ impl Collective for NcclCollective {
 
     /// On the GPU: NCCL all-reduce from the tensor's memory into a new buffer.
     fn all_reduce_tensor_among(&mut self, t: &candle_core::Tensor, members: &[usize]) -> Result<candle_core::Tensor> {
-        if members.len() == 1 || !t.device().is_cuda() || t.dtype() != DType::F32 {
+        if members.len() == 1 {
+            return Ok(t.clone());
+        }
+        if !t.device().is_cuda() || t.dtype() != DType::F32 {
             let mut v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
             self.all_reduce_sum_among(&mut v, members)?;
             return Ok(candle_core::Tensor::from_vec(v, t.shape(), t.device())?);
@@ -193,22 +196,30 @@ impl NcclExchange {
         recv: &[usize],
     ) -> Result<CudaSlice<T>> {
         let total: usize = recv.iter().sum();
-        let mut out = self.stream.alloc_zeros::<T>(total.max(1)).map_err(|e| nccl_err("alloc", e))?;
+        // Not zeroed: the receives below write every element of 0..total (the one extra
+        // element of an empty result is never read).
+        let mut out = unsafe { self.stream.alloc::<T>(total.max(1)) }.map_err(|e| nccl_err("alloc", e))?;
         let comm = self.comm.0.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
         self.stream.context().bind_to_thread().map_err(|e| nccl_err("binding the GPU", e))?;
         group_start().map_err(|e| nccl_err("group start", e))?;
-        let (mut s_at, mut r_at) = (0, 0);
-        for peer in 0..self.size {
-            if send[peer] > 0 {
-                comm.send(&src.slice(s_at..s_at + send[peer]), peer as i32).map_err(|e| nccl_err("send", e))?;
+        let posted = (|| -> Result<()> {
+            let (mut s_at, mut r_at) = (0, 0);
+            for peer in 0..self.size {
+                if send[peer] > 0 {
+                    comm.send(&src.slice(s_at..s_at + send[peer]), peer as i32).map_err(|e| nccl_err("send", e))?;
+                }
+                if recv[peer] > 0 {
+                    comm.recv(&mut out.slice_mut(r_at..r_at + recv[peer]), peer as i32).map_err(|e| nccl_err("recv", e))?;
+                }
+                s_at += send[peer];
+                r_at += recv[peer];
             }
-            if recv[peer] > 0 {
-                comm.recv(&mut out.slice_mut(r_at..r_at + recv[peer]), peer as i32).map_err(|e| nccl_err("recv", e))?;
-            }
-            s_at += send[peer];
-            r_at += recv[peer];
-        }
-        group_end().map_err(|e| nccl_err("group end", e))?;
+            Ok(())
+        })();
+        // Closed whatever happened, so a failed post does not leave the group open.
+        let closed = group_end().map_err(|e| nccl_err("group end", e));
+        posted?;
+        closed?;
         Ok(out)
     }
 

@@ -143,9 +143,7 @@ impl Moe {
         };
         Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
     }
-}
 
-impl Moe {
     /// The routed experts' weighted sum with the experts spread over an expert-parallel group.
     /// Rows leave sorted by expert (then by token slot), so each destination receives, per
     /// source, one block per local expert; the per-expert row counts travel first (host
@@ -172,7 +170,8 @@ impl Moe {
         }
         let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
         let dev = x.device();
-        let x_sorted = x.index_select(&Tensor::new(tok.as_slice(), dev)?, 0)?; // [S, hidden]
+        let tok = Tensor::new(tok.as_slice(), dev)?;
+        let x_sorted = x.index_select(&tok, 0)?; // [S, hidden]
         let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
         // Start from arrived * 0 rather than fresh zeros: the output then depends on the input
         // even when no row arrived, so every rank's backward takes part in the exchange.
@@ -196,7 +195,7 @@ impl Moe {
         }
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
         let w = weights.index_select(&Tensor::new(slot.as_slice(), dev)?, 0)?.unsqueeze(1)?;
-        x.zeros_like()?.index_add(&Tensor::new(tok.as_slice(), dev)?, &back.broadcast_mul(&w)?, 0)
+        x.zeros_like()?.index_add(&tok, &back.broadcast_mul(&w)?, 0)
     }
 }
 

@@ -200,13 +200,9 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
     Ok(state)
 }
 
-/// Load a checkpoint's tensors and state.
-pub fn load(dir: &Path, device: &Device) -> Result<Snapshot> {
-    load_where(dir, device, &|_| true)
-}
-
-/// As `load`, keeping only the tensors (and their optimizer state) whose names `keep` accepts.
-pub fn load_where(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
+/// Load a checkpoint's state and the tensors (with their optimizer state) whose names `keep`
+/// accepts (`|_| true` for all; an expert-parallel rank skips the other ranks' experts).
+pub fn load(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
     let state = read_state(dir)?;
     let params = load_tensors(dir, "params", device, keep)?;
     let keep_state = |n: &str| keep(n.strip_suffix(".exp_avg").or(n.strip_suffix(".exp_avg_sq")).unwrap_or(n));

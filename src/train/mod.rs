@@ -187,7 +187,7 @@ impl Trainer {
         };
         let snapshot = match &resume_dir {
             Some(d) => {
-                let snap = ckpt::load_where(d, &device, &|n| held_here(shard.as_ref(), n))?;
+                let snap = ckpt::load(d, &device, &|n| held_here(shard.as_ref(), n))?;
                 if snap.state.stage != recipe.stage() {
                     bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
                 }
@@ -560,9 +560,7 @@ impl Trainer {
                     })
                 })
                 .collect::<Result<Vec<_>>>()?;
-            let flat = Tensor::cat(&parts, 0)?;
-            // A group of one (every group of the partition is one rank) has nothing to sum.
-            let sum = if members.len() == 1 { flat } else { self.comm.all_reduce_tensor_among(&flat, members)? };
+            let sum = self.comm.all_reduce_tensor_among(&Tensor::cat(&parts, 0)?, members)?;
             let mut at = 0;
             for &i in &idx[start..end] {
                 let n = size(&self.slots, i);
@@ -579,14 +577,14 @@ impl Trainer {
     /// one on every member (zeros where it had none), so the members update the same tensors:
     /// the presence flags are summed first (host, one value per tensor).
     fn reduce_grads(&mut self, accum: &mut GradAccum, idx: &[usize], members: &[usize]) -> Result<()> {
-        let mut present: Vec<f32> = idx.iter().map(|&i| accum.grads.contains_key(&self.slots[i].name) as u8 as f32).collect();
-        if members.len() > 1 {
-            self.comm.all_reduce_sum_among(&mut present, members)?;
+        if members.len() == 1 {
+            return Ok(()); // the only holder: its gradients are the sums (every group is one rank)
         }
+        let mut present: Vec<f32> = idx.iter().map(|&i| accum.grads.contains_key(&self.slots[i].name) as u8 as f32).collect();
+        self.comm.all_reduce_sum_among(&mut present, members)?;
         let grads = std::mem::take(&mut accum.grads);
         let mut summed = BTreeMap::new();
-        let wanted: std::collections::HashSet<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
-        let chosen: Vec<usize> = idx.iter().copied().filter(|i| wanted.contains(i)).collect();
+        let chosen: Vec<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
         self.sum_over(&chosen, members, |s| Ok(grads.get(&s.name).cloned()), |s, g| {
             summed.insert(s.name.clone(), g);
             Ok(())
