@@ -119,11 +119,16 @@ pub struct ParallelConfig {
     pub tp: usize,
     /// Pipeline parallelism (not built: must be 1).
     pub pp: usize,
+    /// ZeRO stage over the data-parallel ranks: 1 shards the f32 master weights and Adam
+    /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
+    /// each layer's gradients are summed onto their owner rank as soon as its backward has
+    /// run, and the other ranks free them.
+    pub zero: usize,
 }
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { dp: 0, ep: 1, tp: 1, pp: 1 }
+        Self { dp: 0, ep: 1, tp: 1, pp: 1, zero: 1 }
     }
 }
 
@@ -133,6 +138,8 @@ pub struct Layout {
     pub world: usize,
     pub dp: usize,
     pub ep: usize,
+    /// ZeRO stage (1 or 2).
+    pub zero: usize,
 }
 
 impl Layout {
@@ -159,6 +166,9 @@ impl ParallelConfig {
         if self.pp != 1 {
             bail!("parallel.pp = {}: pipeline parallelism is not built; use parallel.pp = 1", self.pp);
         }
+        if !(1..=2).contains(&self.zero) {
+            bail!("parallel.zero = {}: the ZeRO stages built are 1 (optimizer state sharded) and 2 (gradients too)", self.zero);
+        }
         let dp = if self.dp == 0 { world } else { self.dp };
         if dp * self.tp * self.pp != world {
             bail!("parallel.dp ({dp}) x parallel.tp ({}) x parallel.pp ({}) = {} but the job has {world} rank(s)", self.tp, self.pp, dp * self.tp * self.pp);
@@ -166,7 +176,7 @@ impl ParallelConfig {
         if self.ep == 0 || dp % self.ep != 0 {
             bail!("parallel.ep ({}) must divide parallel.dp ({dp})", self.ep);
         }
-        Ok(Layout { world, dp, ep: self.ep })
+        Ok(Layout { world, dp, ep: self.ep, zero: self.zero })
     }
 }
 
@@ -478,7 +488,7 @@ mod tests {
 
     #[test]
     fn expert_groups_and_replicas_partition_the_ranks() {
-        let l = Layout { world: 8, dp: 8, ep: 4 };
+        let l = Layout { world: 8, dp: 8, ep: 4, zero: 1 };
         assert_eq!(l.expert_group(5), vec![4, 5, 6, 7]);
         assert_eq!(l.expert_replicas(5), vec![1, 5]);
         // Every rank is in exactly one group of each kind, and a group's members agree on it.
@@ -491,7 +501,7 @@ mod tests {
                 assert_eq!(m % 4, r % 4, "replicas hold the same expert range");
             }
         }
-        let one = Layout { world: 3, dp: 3, ep: 1 };
+        let one = Layout { world: 3, dp: 3, ep: 1, zero: 1 };
         assert_eq!(one.expert_group(2), vec![2]);
         assert_eq!(one.expert_replicas(2), vec![0, 1, 2]);
     }

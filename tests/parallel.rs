@@ -1,5 +1,5 @@
 //! Several processes on the CPU collective backend (TCP on localhost): data and expert
-//! parallelism with ZeRO-1 give the losses of one process, sharded checkpoints resume and
+//! parallelism with ZeRO-1 and ZeRO-2 give the losses and gradient norms of one process, sharded checkpoints resume and
 //! re-shard (2 -> 1 and 1 -> 2), and layout errors are one clear line. The expert exchange is
 //! also checked on its own: outputs and every gradient of a sharded MoE against one holding
 //! all experts.
@@ -87,6 +87,46 @@ fn data_parallel_matches_one_process_and_sharded_checkpoints_reshard() {
         train_ranks(2, &up, &["--resume", one_step2.to_str().unwrap()]);
         assert_close(&tail(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-up"))), &format!("{stage}: 1 -> 2"));
     }
+}
+
+fn grad_norms(dir: &Path) -> Vec<(f64, f64)> {
+    metrics::read(&dir.join("metrics.jsonl")).unwrap().iter().map(|m| (m.grad_norm, m.indexer_grad_norm)).collect()
+}
+
+/// ZeRO-2: each layer's gradients are summed onto their owner as soon as its backward has run
+/// (the others free them); the clipping norm is summed over the owners. Same losses and norms
+/// as one process (the sums only round differently), with and without recomputation and with
+/// expert parallelism; a ZeRO-2 checkpoint resumes under ZeRO-1 (the files do not depend on it).
+#[test]
+fn zero2_sharded_gradients_match_one_process() {
+    let f = Fixture::new(11);
+    let model = f.root.join("model");
+    for stage in ["warmup", "sparse"] {
+        let one = f.recipe(stage, &format!("{stage}-one"), &model, 3);
+        train_ranks(1, &one, &[]);
+        let z2 = f.recipe(stage, &format!("{stage}-z2"), &model, 3);
+        train_ranks(2, &z2, &["--set", "parallel.zero=2"]);
+        let what = format!("{stage}: dp=2 zero=2 vs 1 process");
+        assert_close_within(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-z2"))), &what, 1e-5);
+        assert_close_within(&grad_norms(&f.out(&format!("{stage}-one"))), &grad_norms(&f.out(&format!("{stage}-z2"))), &format!("{what}, grad norms"), 1e-5);
+    }
+    // Sparse stage without recomputation (one backward per micro-batch), and with ep = 2.
+    let plain_one = f.recipe("sparse", "plain-one", &model, 2);
+    train_ranks(1, &plain_one, &["--set", "train.recompute=false"]);
+    let plain = f.recipe("sparse", "plain-z2", &model, 2);
+    train_ranks(2, &plain, &["--set", "train.recompute=false", "--set", "parallel.zero=2"]);
+    assert_close_within(&grad_norms(&f.out("plain-one")), &grad_norms(&f.out("plain-z2")), "sparse, no recompute: zero=2 grad norms", 1e-5);
+    let ep = f.recipe("sparse", "ep-z2", &model, 2);
+    train_ranks(4, &ep, &["--set", "train.micro_batch_seqs=1", "--set", "parallel.ep=2", "--set", "parallel.zero=2"]);
+    let one_mb1 = f.recipe("sparse", "mb1-one", &model, 2);
+    train_ranks(1, &one_mb1, &["--set", "train.micro_batch_seqs=1"]);
+    assert_close_within(&losses(&f.out("mb1-one")), &losses(&f.out("ep-z2")), "sparse: dp=4 ep=2 zero=2 vs 1 process", 1e-5);
+    assert_close_within(&grad_norms(&f.out("mb1-one")), &grad_norms(&f.out("ep-z2")), "sparse: dp=4 ep=2 zero=2 grad norms", 1e-5);
+    // A ZeRO-2 checkpoint resumed under ZeRO-1 continues the same run.
+    let resumed = f.recipe("sparse", "z2-to-z1", &model, 3);
+    train_ranks(2, &resumed, &["--resume", f.out("sparse-z2/step-2").to_str().unwrap()]);
+    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+    assert_close_within(&last(losses(&f.out("sparse-one"))), &losses(&f.out("z2-to-z1")), "sparse: zero 2 -> 1 resume", 1e-5);
 }
 
 #[test]

@@ -70,17 +70,43 @@ pub struct DenseScores {
 
 impl Mla {
     pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Projected> {
-        let (b, t, _) = x.dims3()?;
+        let qr = self.project_qr(x)?;
+        let (q_nope, q_pe) = self.project_queries(&qr, cos, sin)?;
+        let (c_norm, k_pe) = self.project_kv(x, cos, sin)?;
+        Ok(Projected { qr, q_nope, q_pe, c_norm, k_pe })
+    }
+
+    /// The q LoRA output after its RMSNorm [B, T, q_lora] (the indexer reads it too).
+    pub fn project_qr(&self, x: &Tensor) -> Result<Tensor> {
+        rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, LORA_NORM_EPS)
+    }
+
+    /// Per-head queries from `qr` [B, T, q_lora]: q_nope [B, T, H, N] and RoPE'd q_pe
+    /// [B, T, H, R] (`cos`/`sin` the rows of these T positions).
+    pub fn project_queries(&self, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = qr.dims3()?;
         let (h, n, r) = (self.heads, self.nope, self.rope);
-        let qr = rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, LORA_NORM_EPS)?;
-        let q = linear(&qr, &self.q_b_proj)?.reshape((b, t, h, n + r))?; // [B, T, H, N+R]
+        let q = linear(qr, &self.q_b_proj)?.reshape((b, t, h, n + r))?; // [B, T, H, N+R]
         let q_nope = q.narrow(3, 0, n)?;
         let q_pe = rope_interleaved(&q.narrow(3, n, r)?.contiguous()?, cos, sin)?;
+        Ok((q_nope, q_pe))
+    }
+
+    /// The shared latent key/value: kv_a_norm(c) [B, T, C] and the RoPE'd k_pe [B, T, 1, R].
+    pub fn project_kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = x.dims3()?;
+        let r = self.rope;
         let ckv = linear(x, &self.kv_a_proj)?; // [B, T, C+R]
         let c_norm = rms_norm(&ckv.narrow(2, 0, self.kv_lora)?, &self.kv_a_norm, LORA_NORM_EPS)?;
         let k_pe = ckv.narrow(2, self.kv_lora, r)?.reshape((b, t, 1, r))?;
         let k_pe = rope_interleaved(&k_pe, cos, sin)?;
-        Ok(Projected { qr, q_nope, q_pe, c_norm, k_pe })
+        Ok((c_norm, k_pe))
+    }
+
+    /// One shared key/value row per token, [B*T, C+R]: what every head of the absorbed form reads.
+    pub fn latent_kv(&self, c_norm: &Tensor, k_pe: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = c_norm.dims3()?;
+        Tensor::cat(&[c_norm, &k_pe.squeeze(2)?], 2)?.reshape((b * t, c + self.rope))
     }
 
     /// MHA-mode per-head queries and keys [B, H, T, N+R] and values [B, H, T, V].
@@ -136,19 +162,26 @@ impl Mla {
 
     /// Sparse MLA in absorbed (MQA) mode over the selected keys of each query.
     pub fn sparse(&self, p: &Projected, sel: &Selection) -> Result<AttentionOut> {
-        let (b, t, h, _) = p.q_nope.dims4()?;
+        self.sparse_rows(&p.q_nope, &p.q_pe, &self.latent_kv(&p.c_norm, &p.k_pe)?, sel)
+    }
+
+    /// Sparse MLA of the queries q_nope [B, n, H, N], q_pe [B, n, H, R] (any n of the T
+    /// positions) over the latent rows `kv` [B*T, C+R] of the whole batch; `sel` holds these
+    /// queries' sets ([B, n, K], absolute rows into kv). Each query reads only kv rows, so a
+    /// long sequence can be processed a block of queries at a time against one shared kv.
+    pub fn sparse_rows(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection) -> Result<AttentionOut> {
+        let (b, t, h, _) = q_nope.dims4()?;
         let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
         let bt = b * t;
+        let t_kv = kv.dim(0)? / b;
         // kv_b_proj rows per head: [N rows of W_UK; V rows of W_UV], each [*, C].
         let w_kv = self.kv_b_proj.reshape((h, self.nope + self.v_dim, c))?;
         let w_uk = w_kv.narrow(1, 0, self.nope)?.contiguous()?; // [H, N, C]
         let w_uv = w_kv.narrow(1, self.nope, self.v_dim)?.contiguous()?; // [H, V, C]
         // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h].
-        let q_nope = p.q_nope.reshape((bt, h, self.nope))?.transpose(0, 1)?.contiguous()?; // [H, BT, N]
+        let q_nope = q_nope.reshape((bt, h, self.nope))?.transpose(0, 1)?.contiguous()?; // [H, BT, N]
         let q_lat = q_nope.matmul(&w_uk)?.transpose(0, 1)?; // [BT, H, C]
-        let q = Tensor::cat(&[&q_lat, &p.q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
-        // One shared key/value entry per token, gathered per query.
-        let kv = Tensor::cat(&[&p.c_norm, &p.k_pe.squeeze(2)?], 2)?.reshape((bt, c + r))?; // [BT, C+R]
+        let q = Tensor::cat(&[&q_lat, &q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
         let (o_lat, head_mean) = if crate::kernels::available(q.device()) {
             // Fused kernel: gathers the selected rows on the fly, keeps only the LSE. bf16 models
             // take the tensor-core kernel (bf16 products, f32 softmax and accumulators).
@@ -167,7 +200,7 @@ impl Mla {
             };
             (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
         } else {
-            self.sparse_plain(&q, &kv, sel, b, t)?
+            self.sparse_plain(&q, kv, sel, b, t, t_kv)?
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
         let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
@@ -178,10 +211,10 @@ impl Mla {
     /// The plain twin of the sparse kernel: gather the selected rows [BT, K, C+R], score, softmax
     /// in f32, weight the latent values. Returns the latent output [BT, H, C] and the head-mean
     /// probabilities [B, T, K].
-    fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
+    fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize, t_kv: usize) -> Result<(Tensor, Tensor)> {
         let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
         let bt = b * t;
-        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?;
+        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t_kv as f64, 0.0)?.reshape((b, 1, 1))?;
         let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?; // [BT*K]
         let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
         let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]

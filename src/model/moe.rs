@@ -83,7 +83,49 @@ impl Moe {
     pub fn forward(&self, x: &Tensor, balance: bool) -> Result<MoeOutput> {
         let dims = x.dims().to_vec();
         let (b, t, d) = x.dims3()?;
-        let x = x.reshape(((), d))?; // [N, hidden]
+        let (out, chosen, scores) = self.forward_flat(&x.reshape(((), d))?)?;
+        let counts = self.counts(&chosen);
+        let balance_loss = if balance {
+            let f = Tensor::from_vec(self.balance_weights(&chosen, b, t), (b, self.n_experts), x.device())?;
+            let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?.reshape((b, t, self.n_experts))?.mean(1)?; // [B, E]
+            Some((f * p)?.sum(1)?.mean_all()?)
+        } else {
+            None
+        };
+        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
+    }
+
+    /// Tokens routed to each expert.
+    pub fn counts(&self, chosen: &[u32]) -> Vec<u32> {
+        let mut c = vec![0u32; self.n_experts];
+        chosen.iter().for_each(|&e| c[e as usize] += 1);
+        c
+    }
+
+    /// f of the balance loss, [B * E] row-major: f_e = E / (K T) * (tokens of the sequence
+    /// routed to e), from the experts `chosen` for the B*T tokens (K per token).
+    pub fn balance_weights(&self, chosen: &[u32], b: usize, t: usize) -> Vec<f32> {
+        let (e, k) = (self.n_experts, self.top_k);
+        let mut f = vec![0f32; b * e];
+        for (slot, &ex) in chosen.iter().enumerate() {
+            f[(slot / k) / t * e + ex as usize] += e as f32 / (k * t) as f32;
+        }
+        f
+    }
+
+    /// The balance loss's share of some tokens of a batch of B sequences of T tokens: with
+    /// `f_rows` [n, E] each token's sequence's f (detached, from the whole sequence's routing),
+    /// (1 / (B T)) sum over the tokens of sum_e f_e s_e / sum_j s_j. Summed over all tokens this
+    /// is the loss of `forward`.
+    pub fn balance_share(scores: &Tensor, f_rows: &Tensor, b: usize, t: usize) -> Result<Tensor> {
+        let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?;
+        (f_rows * p)?.sum_all()? / (b * t) as f64
+    }
+
+    /// x [N, hidden] -> (output [N, hidden], the K experts chosen per token [N*K], and the
+    /// router's sigmoid scores [N, E] f32, differentiable).
+    pub fn forward_flat(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>, Tensor)> {
+        let x = x.clone();
         let n = x.dim(0)?;
         let e = self.n_experts;
         let k = self.top_k;
@@ -129,19 +171,7 @@ impl Moe {
         if let Some(shared) = &self.shared {
             out = (out + shared.forward(&x)?)?;
         }
-        let counts = tokens_of.iter().map(|v| v.len() as u32).collect();
-        let balance_loss = if balance {
-            let mut f = vec![0f32; b * e];
-            for (slot, &ex) in chosen.iter().enumerate() {
-                f[(slot / k) / t * e + ex as usize] += e as f32 / (k * t) as f32;
-            }
-            let f = Tensor::from_vec(f, (b, e), x.device())?;
-            let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?.reshape((b, t, e))?.mean(1)?; // [B, E]
-            Some((f * p)?.sum(1)?.mean_all()?)
-        } else {
-            None
-        };
-        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
+        Ok((out, chosen, scores))
     }
 
     /// The routed experts' weighted sum with the experts spread over an expert-parallel group.

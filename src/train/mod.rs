@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plan;
 pub mod signals;
+pub mod zero;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -73,10 +74,11 @@ pub struct Trainer {
     model_path: PathBuf,
     ctx: ForwardContext,
     device: Device,
-    /// The other ranks of the job (a single process has none).
-    comm: Box<dyn Collective>,
+    /// The other ranks of the job (a single process has none), the layout, and the gradient
+    /// and parameter sums among them.
+    reducer: zero::Reducer,
     layout: Layout,
-    /// Seconds in `comm` collectives since the last step's metrics.
+    /// Seconds in stop-flag collectives since the last step's metrics.
     comm_seconds: f64,
 }
 
@@ -201,7 +203,7 @@ impl Trainer {
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
         if layout.dp > 1 {
-            let owners = slot_owners(&slots, &layout, comm.rank());
+            let owners = zero::slot_owners(&slots, &layout, comm.rank());
             for (s, owner) in slots.iter_mut().zip(owners) {
                 if owner != comm.rank() {
                     s.disown()?;
@@ -227,7 +229,8 @@ impl Trainer {
         }
         let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         let stage = recipe.stage();
-        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, comm, layout, comm_seconds: 0.0 })
+        let reducer = zero::Reducer::new(comm, layout, device.clone());
+        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, reducer, layout, comm_seconds: 0.0 })
     }
 
     fn forward_options(&self) -> ForwardOptions {
@@ -282,6 +285,7 @@ impl Trainer {
             crate::bench::log_device_memory(&format!("layer {l} forward"));
             if with_kl {
                 let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
+                self.flush_layer(accum, l).with_context(|| format!("layer {l} indexer gradient sums"))?;
                 crate::bench::log_device_memory(&format!("layer {l} KL backward"));
                 kl_sum = add(kl_sum, kl)?;
             }
@@ -363,6 +367,8 @@ impl Trainer {
                         Some(g) => g.detach(),
                         None => inputs[l].zeros_like()?,
                     };
+                    drop(grads);
+                    self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
                 }
                 let grads = surrogate(&self.model.embed(tokens)?, &dh)?.backward().context("embedding backward")?;
                 accum.add(&self.slots, &grads)?;
@@ -379,6 +385,7 @@ impl Trainer {
             Some(k) => k,
             None => Tensor::zeros((), DType::F32, &self.device)?, // dense stage: no indexer KL
         };
+        self.reducer.flush(&self.slots, accum, &|_| true).context("gradient sums")?;
         let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
         let host: Vec<f32> = Tensor::stack(&[&lm, &kl_sum], 0)?.to_vec1()?; // the one sync
         Ok((lm_value.map(|_| host[0] as f64), host[1] as f64 / self.model.layers.len() as f64))
@@ -476,7 +483,7 @@ impl Trainer {
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
-        let (dp, rank) = (self.layout.dp, self.comm.rank());
+        let (dp, rank) = (self.layout.dp, self.reducer.rank());
         for i in 0..micro {
             // Every rank draws every window (the data cursor stays the same on all ranks) and
             // computes its own share of the micro-batches.
@@ -490,28 +497,31 @@ impl Trainer {
             lm_sum += lm.unwrap_or(0.0);
             kl_sum += kl;
         }
-        if self.comm.world() > 1 {
+        self.reducer.finish(&self.slots, &mut accum).context("gradient sums")?;
+        if self.reducer.world() > 1 {
             let start = Instant::now();
-            (lm_sum, kl_sum) = self.reduce_over_ranks(&mut accum, &mut loads, lm_sum, kl_sum)?;
+            (lm_sum, kl_sum) = self.reduce_logs(&mut loads, lm_sum, kl_sum)?;
             self.comm_seconds += start.elapsed().as_secs_f64();
         }
         Ok((accum, loads, lm_sum, kl_sum))
     }
 
-    /// Sum gradients, expert loads and the logged losses over the ranks: the replicated
-    /// tensors over every rank, the routed experts over the ranks holding the same experts.
-    fn reduce_over_ranks(&mut self, accum: &mut GradAccum, loads: &mut [Vec<u64>], lm: f64, kl: f64) -> Result<(f64, f64)> {
-        let (replicated, experts) = self.slot_classes();
-        let everyone: Vec<usize> = (0..self.layout.world).collect();
-        self.reduce_grads(accum, &replicated, &everyone)?;
-        if self.layout.ep > 1 {
-            let replicas = self.layout.expert_replicas(self.comm.rank());
-            self.reduce_grads(accum, &experts, &replicas)?;
+    /// ZeRO-2: the gradients of layer `l` (`model.layers.{l}.`) are complete for this
+    /// micro-batch; sum them onto their owners now.
+    fn flush_layer(&self, accum: &mut GradAccum, l: usize) -> Result<()> {
+        if self.reducer.world() == 1 || self.layout.zero < 2 {
+            return Ok(()); // settled once at the end of the micro-batch or step
         }
-        // Loads are counts: summed exactly as integers.
+        let prefix = format!("model.layers.{l}.");
+        self.reducer.flush(&self.slots, accum, &|n| n.starts_with(&prefix))
+    }
+
+    /// Sum the expert loads and the logged losses over the ranks (loads are counts: summed
+    /// exactly as integers).
+    fn reduce_logs(&mut self, loads: &mut [Vec<u64>], lm: f64, kl: f64) -> Result<(f64, f64)> {
         let mut mine: Vec<u8> = [lm, kl].iter().flat_map(|x| x.to_le_bytes()).collect();
         mine.extend(loads.iter().flatten().flat_map(|x| x.to_le_bytes()));
-        let all = self.comm.all_gather(&mine)?;
+        let all = self.reducer.comm.get_mut().all_gather(&mine)?;
         let word = |part: &[u8], i: usize| -> [u8; 8] { part[8 * i..8 * i + 8].try_into().expect("8 bytes") };
         let (mut lm, mut kl) = (0.0, 0.0);
         loads.iter_mut().flatten().for_each(|x| *x = 0);
@@ -525,98 +535,6 @@ impl Trainer {
         Ok((lm, kl))
     }
 
-    /// Slot indices of the replicated tensors and of the routed experts held here.
-    fn slot_classes(&self) -> (Vec<usize>, Vec<usize>) {
-        (0..self.slots.len()).partition(|&i| self.layout.ep == 1 || weights::routed_expert(&self.slots[i].name).is_none())
-    }
-
-    /// Sum, over `members`, one f32 tensor per slot of `idx` (`mine(i)`; None counts as
-    /// zeros), in buckets of about 2^24 values flattened into one device tensor each, and
-    /// hand each slot's sum to `take`. Members hold the same slots in the same order.
-    fn sum_over(
-        &mut self,
-        idx: &[usize],
-        members: &[usize],
-        mine: impl Fn(&Slot) -> Result<Option<Tensor>>,
-        mut take: impl FnMut(&mut Slot, Tensor) -> Result<()>,
-    ) -> Result<()> {
-        const BUCKET: usize = 1 << 24;
-        let size = |slots: &[Slot], i: usize| slots[i].var.as_tensor().elem_count();
-        let mut start = 0;
-        while start < idx.len() {
-            let mut end = start;
-            let mut len = 0;
-            while end < idx.len() && (end == start || len + size(&self.slots, idx[end]) <= BUCKET) {
-                len += size(&self.slots, idx[end]);
-                end += 1;
-            }
-            let parts = idx[start..end]
-                .iter()
-                .map(|&i| -> Result<Tensor> {
-                    let s = &self.slots[i];
-                    Ok(match mine(s)? {
-                        Some(t) => t.to_dtype(DType::F32)?.flatten_all()?,
-                        None => Tensor::zeros(s.var.as_tensor().elem_count(), DType::F32, &self.device)?,
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            let sum = self.comm.all_reduce_tensor_among(&Tensor::cat(&parts, 0)?, members)?;
-            let mut at = 0;
-            for &i in &idx[start..end] {
-                let n = size(&self.slots, i);
-                let shape = self.slots[i].var.as_tensor().shape().clone();
-                take(&mut self.slots[i], sum.narrow(0, at, n)?.reshape(shape)?)?;
-                at += n;
-            }
-            start = end;
-        }
-        Ok(())
-    }
-
-    /// Sum the gradients of `idx` over `members`. A tensor with a gradient on any member gets
-    /// one on every member (zeros where it had none), so the members update the same tensors:
-    /// the presence flags are summed first (host, one value per tensor).
-    fn reduce_grads(&mut self, accum: &mut GradAccum, idx: &[usize], members: &[usize]) -> Result<()> {
-        if members.len() == 1 {
-            return Ok(()); // the only holder: its gradients are the sums (every group is one rank)
-        }
-        let mut present: Vec<f32> = idx.iter().map(|&i| accum.grads.contains_key(&self.slots[i].name) as u8 as f32).collect();
-        self.comm.all_reduce_sum_among(&mut present, members)?;
-        let grads = std::mem::take(&mut accum.grads);
-        let mut summed = BTreeMap::new();
-        let chosen: Vec<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
-        self.sum_over(&chosen, members, |s| Ok(grads.get(&s.name).cloned()), |s, g| {
-            summed.insert(s.name.clone(), g);
-            Ok(())
-        })?;
-        // Tensors outside `idx` keep their own gradients.
-        let in_idx: std::collections::HashSet<&str> = idx.iter().map(|&i| self.slots[i].name.as_str()).collect();
-        accum.grads = grads.into_iter().filter(|(n, _)| !in_idx.contains(n.as_str())).collect();
-        accum.grads.extend(summed);
-        Ok(())
-    }
-
-    /// ZeRO-1: after the optimizer step each tensor's owner shares its new value with the
-    /// ranks holding it (first the replicated tensors, then the routed experts), as a sum in
-    /// which every other rank adds zeros (exact: x + 0 = x).
-    fn gather_updated_params(&mut self) -> Result<()> {
-        let (replicated, experts) = self.slot_classes();
-        let everyone: Vec<usize> = (0..self.layout.world).collect();
-        let replicas = self.layout.expert_replicas(self.comm.rank());
-        for (class, members) in [(replicated, everyone), (experts, replicas)] {
-            if members.len() == 1 {
-                continue; // the only holder is the owner
-            }
-            self.sum_over(&class, &members, |s| if s.owned { s.value_f32().map(Some) } else { Ok(None) }, |s, v| {
-                if !s.owned {
-                    s.set_value(&v)?;
-                }
-                Ok(())
-            })?;
-        }
-        Ok(())
-    }
-
     /// One optimizer step over `global_batch_seqs` sequences.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
@@ -627,16 +545,17 @@ impl Trainer {
         let seq_len = r.data.seq_len;
         let lr = lr_at(self.step, r.train.lr, &r.train);
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
+        let mut sq = AdamW::squared_norms(&self.slots, &accum).context("gradient norms")?;
+        self.reducer.sum_squared_norms(&mut sq).context("summing the gradient norms over the ranks")?;
         let report = AdamW::from_recipe(&r.train)
-            .step(&mut self.slots, &accum, |g| match g {
+            .step_with_norms(&mut self.slots, &accum, &sq, |g| match g {
                 Group::Main => lr,
                 Group::Indexer => indexer_lr,
             })
             .context("optimizer step")?;
+        drop(accum);
         if self.layout.dp > 1 {
-            let start = Instant::now();
-            self.gather_updated_params().context("gathering the updated parameters from their owners")?;
-            self.comm_seconds += start.elapsed().as_secs_f64();
+            self.reducer.gather_updated_params(&mut self.slots).context("gathering the updated parameters from their owners")?;
         }
         self.update_router_biases(&loads)?;
         self.step += 1;
@@ -658,7 +577,7 @@ impl Trainer {
             tokens: self.tokens_seen,
             tokens_per_s: tokens as f64 / elapsed,
             elapsed_s: elapsed,
-            comm_s: std::mem::take(&mut self.comm_seconds),
+            comm_s: std::mem::take(&mut self.comm_seconds) + self.reducer.take_seconds(),
             exchange_s: crate::dist::expert::take_exchange_seconds(),
         })
     }
@@ -704,7 +623,7 @@ impl Trainer {
             moments.insert(s.name.clone(), (s.m.clone(), s.v.clone()));
             optimizer_steps.insert(s.name.clone(), s.steps);
         }
-        for (name, var) in self.router_biases.iter().filter(|_| self.comm.rank() == 0) {
+        for (name, var) in self.router_biases.iter().filter(|_| self.reducer.rank() == 0) {
             params.insert(name.clone(), var.as_tensor().clone());
         }
         Ok(Snapshot {
@@ -727,41 +646,26 @@ impl Trainer {
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = PathBuf::from(&self.recipe.run.output_dir);
         let snap = self.snapshot()?;
-        let dir = ckpt::save_sharded(&out, &snap, self.comm.as_mut())?;
-        if self.comm.rank() == 0 {
+        let comm = self.reducer.comm.get_mut();
+        let dir = ckpt::save_sharded(&out, &snap, comm.as_mut())?;
+        if comm.rank() == 0 {
             ckpt::prune(&out, self.recipe.checkpoint.keep_last)?;
         }
-        self.comm.barrier()?;
+        comm.barrier()?;
         Ok(dir)
     }
 
     pub fn rank(&self) -> usize {
-        self.comm.rank()
+        self.reducer.rank()
     }
 
     /// Did any rank get a stop signal? (All ranks must checkpoint and stop at the same step.)
     fn stop_agreed(&mut self, mine: bool) -> Result<bool> {
-        if self.comm.world() == 1 {
+        if self.reducer.world() == 1 {
             return Ok(mine);
         }
-        Ok(self.comm.all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
+        Ok(self.reducer.comm.get_mut().all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
     }
-}
-
-/// The rank owning each slot's optimizer state (ZeRO-1): replicated tensors are spread over
-/// all dp ranks, routed experts over the ranks holding the same experts.
-fn slot_owners(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<usize> {
-    let is_expert = |s: &Slot| layout.ep > 1 && weights::routed_expert(&s.name).is_some();
-    let mut owners = vec![0; slots.len()];
-    let everyone: Vec<usize> = (0..layout.dp).collect();
-    for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
-        let idx: Vec<usize> = (0..slots.len()).filter(|&i| is_expert(&slots[i]) == experts).collect();
-        let sizes: Vec<usize> = idx.iter().map(|&i| slots[i].var.as_tensor().elem_count()).collect();
-        for (&i, o) in idx.iter().zip(optim::assign_owners(&sizes, members.len())) {
-            owners[i] = members[o];
-        }
-    }
-    owners
 }
 
 /// Run a recipe to `train.steps`, checkpointing as configured.

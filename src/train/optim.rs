@@ -78,7 +78,9 @@ impl Slot {
     }
 }
 
-/// Summed f32 gradients over the micro-batches of one step.
+/// Summed f32 gradients over the micro-batches of one step: `pending` holds this rank's own
+/// sums not yet reduced over the ranks, `grads` the reduced sums the optimizer reads
+/// (`zero::Reducer` moves one into the other; a single process just settles them).
 ///
 /// Gradients are stored detached: a gradient candle's backward returns is itself the output of
 /// tracked ops whose inputs include the activations, so keeping it attached would keep the
@@ -87,20 +89,40 @@ impl Slot {
 #[derive(Default)]
 pub struct GradAccum {
     pub grads: HashMap<String, Tensor>,
+    pub pending: HashMap<String, Tensor>,
+}
+
+fn add_into(map: &mut HashMap<String, Tensor>, name: &str, g: Tensor) -> Result<()> {
+    let sum = match map.remove(name) {
+        Some(prev) => (prev + g)?,
+        None => g,
+    };
+    map.insert(name.to_string(), sum);
+    Ok(())
 }
 
 impl GradAccum {
-    /// Add the gradients of `store` for every slot that has one.
+    /// Add the gradients of `store` for every slot that has one (to `pending`).
     pub fn add(&mut self, slots: &[Slot], store: &GradStore) -> Result<()> {
         for s in slots {
             if let Some(g) = store.get(s.var.as_tensor()) {
-                let g = g.detach().to_dtype(DType::F32)?;
-                let sum = match self.grads.remove(&s.name) {
-                    Some(prev) => (prev + g)?,
-                    None => g,
-                };
-                self.grads.insert(s.name.clone(), sum);
+                add_into(&mut self.pending, &s.name, g.detach().to_dtype(DType::F32)?)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Add a reduced gradient to the final sums.
+    pub fn settle(&mut self, name: &str, g: Tensor) -> Result<()> {
+        add_into(&mut self.grads, name, g)
+    }
+
+    /// Move the pending gradients whose names satisfy `pick` to the final sums unchanged.
+    pub fn settle_pending(&mut self, pick: &dyn Fn(&str) -> bool) -> Result<()> {
+        let names: Vec<String> = self.pending.keys().filter(|n| pick(n)).cloned().collect();
+        for n in names {
+            let g = self.pending.remove(&n).expect("listed");
+            self.settle(&n, g)?;
         }
         Ok(())
     }
@@ -128,7 +150,13 @@ impl AdamW {
     }
 
     pub fn step(&self, slots: &mut [Slot], accum: &GradAccum, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
-        // Global norm per group: squared sums added on the device, one host sync per group.
+        let sq = Self::squared_norms(slots, accum)?;
+        self.step_with_norms(slots, accum, &sq, lr)
+    }
+
+    /// Squared norm per group of the gradients in `accum.grads`: squared sums added on the
+    /// device, one host sync per group.
+    pub fn squared_norms(slots: &[Slot], accum: &GradAccum) -> Result<HashMap<Group, f64>> {
         let mut sq_dev: HashMap<Group, Tensor> = HashMap::new();
         for s in slots.iter() {
             if let Some(g) = accum.grads.get(&s.name) {
@@ -144,6 +172,11 @@ impl AdamW {
         for (group, t) in sq_dev {
             sq.insert(group, t.to_dtype(DType::F64)?.to_scalar::<f64>()?);
         }
+        Ok(sq)
+    }
+
+    /// The update, clipping each group to `clip` by the global norms whose squares are `sq`.
+    pub fn step_with_norms(&self, slots: &mut [Slot], accum: &GradAccum, sq: &HashMap<Group, f64>, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
         let scale = |g: Group| if self.clip > 0.0 && norm(g) > self.clip { self.clip / (norm(g) + 1e-6) } else { 1.0 };
         for s in slots.iter_mut().filter(|s| s.owned) {
