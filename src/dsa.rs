@@ -55,6 +55,12 @@ impl Selection {
         })
     }
 
+    /// The sets of queries q0..q0+n of sequence `b` alone ([1, n, K]; absolute rows unchanged).
+    pub fn block(&self, b: usize, q0: usize, n: usize) -> candle_core::Result<Self> {
+        let cut = |x: &Tensor| x.narrow(0, b, 1)?.narrow(1, q0, n);
+        Ok(Self { indices: cut(&self.indices)?, valid: cut(&self.valid)?, bias: cut(&self.bias)?, absolute: cut(&self.absolute)? })
+    }
+
     /// Selection from per-sequence key positions [B, T, K] (u32::MAX = padding).
     pub fn from_positions(positions: &Tensor) -> candle_core::Result<Self> {
         let (b, t, k) = positions.dims3()?;

@@ -94,6 +94,14 @@ pub struct TrainConfig {
     /// Sparse stage: keep only each layer's input during the forward and recompute the layer
     /// in the backward (activation memory of one layer instead of all of them).
     pub recompute: bool,
+    /// Sparse stage with `recompute`: run each layer `block_rows` queries at a time in both
+    /// passes (the attention of a block reads the sequence's shared latent kv; everything else
+    /// is per token), so one layer's working set is that of `block_rows` tokens; 0 = the whole
+    /// sequence at once.
+    pub block_rows: usize,
+    /// With `recompute`: keep the layer inputs and selected sets between the two passes in
+    /// host memory (moved back one layer at a time), not on the device.
+    pub offload_activations: bool,
     /// Token positions per LM-head chunk (logits and cross-entropy are computed and
     /// backpropagated one chunk at a time); 0 = about 2^27 logits per chunk.
     pub lm_head_chunk: usize,
@@ -252,6 +260,8 @@ impl Default for TrainConfig {
             mtp_weight: 0.0,
             kl_weight: 1.0,
             recompute: true,
+            block_rows: 0,
+            offload_activations: false,
             lm_head_chunk: 0,
         }
     }
@@ -370,6 +380,9 @@ impl Recipe {
             if !(v > 0.0) || !v.is_finite() {
                 bail!("{key} must be a positive number");
             }
+        }
+        if (t.block_rows > 0 || t.offload_activations) && !t.recompute {
+            bail!("train.block_rows and train.offload_activations work on the recomputing backward: set train.recompute = true");
         }
         if t.beta1 >= 1.0 || t.beta2 >= 1.0 {
             bail!("train.beta1 and train.beta2 must be below 1");

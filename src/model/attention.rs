@@ -173,7 +173,6 @@ impl Mla {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
         let bt = b * t;
-        let t_kv = kv.dim(0)? / b;
         // kv_b_proj rows per head: [N rows of W_UK; V rows of W_UV], each [*, C].
         let w_kv = self.kv_b_proj.reshape((h, self.nope + self.v_dim, c))?;
         let w_uk = w_kv.narrow(1, 0, self.nope)?.contiguous()?; // [H, N, C]
@@ -200,7 +199,7 @@ impl Mla {
             };
             (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
         } else {
-            self.sparse_plain(&q, kv, sel, b, t, t_kv)?
+            self.sparse_plain(&q, kv, sel, b, t)?
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
         let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
@@ -211,11 +210,11 @@ impl Mla {
     /// The plain twin of the sparse kernel: gather the selected rows [BT, K, C+R], score, softmax
     /// in f32, weight the latent values. Returns the latent output [BT, H, C] and the head-mean
     /// probabilities [B, T, K].
-    fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize, t_kv: usize) -> Result<(Tensor, Tensor)> {
+    fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
         let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
         let bt = b * t;
-        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(t_kv as f64, 0.0)?.reshape((b, 1, 1))?;
-        let flat = sel.indices.broadcast_add(&offsets)?.flatten_all()?; // [BT*K]
+        // Absolute rows into kv; padding (u32::MAX) reads row 0, which its bias masks.
+        let flat = sel.absolute.ne(u32::MAX)?.where_cond(&sel.absolute, &sel.absolute.zeros_like()?)?.flatten_all()?; // [BT*K]
         let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
         let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
         let bias = sel.bias.reshape((bt, 1, k))?;

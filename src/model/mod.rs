@@ -53,12 +53,17 @@ pub struct ForwardOptions {
     /// selection and its target) so the caller can compute and backpropagate the KL one block
     /// of queries at a time (bounded memory at long sequence lengths). Both stages' training.
     pub defer_dense_kl: bool,
+    /// Sparse attention only: run the layer `block_rows` queries at a time against the
+    /// sequence's shared latent kv, each block's outputs detached before the next (0 = the
+    /// whole sequence at once). For passes whose outputs are not differentiated (the
+    /// recomputing trainer's first pass); `DecoderLayer::sparse_blocks` is its backward.
+    pub block_rows: usize,
 }
 
 impl ForwardOptions {
     /// Inference-style options: statistics as asked, nothing detached or deferred.
     pub fn new(attention: AttentionMode, topk: usize) -> Self {
-        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false }
+        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0 }
     }
 }
 
@@ -110,6 +115,30 @@ pub struct LayerStats {
     /// tokens at a time (`Indexer::backprop_rows`).
     pub indexer_inputs: Option<(Tensor, Tensor)>,
     pub indexer_proj: Option<indexer::IndexerProj>,
+    /// Block mode (MoE layers): the balance loss's f per sequence [B * E] (detached), which
+    /// the blocked backward needs before it has seen every token.
+    pub balance_weights: Option<Vec<f32>>,
+}
+
+/// The backward half of `DecoderLayer::sparse_blocks`.
+pub struct BlockBackward<'a> {
+    /// d(loss)/d(layer output) [B, T, hidden].
+    pub dout: &'a Tensor,
+    /// MoE layers: the balance loss's f per sequence (`LayerStats::balance_weights`) and the
+    /// loss weight (alpha times the micro-batch scale).
+    pub balance: Option<(&'a [f32], f64)>,
+}
+
+/// What `DecoderLayer::sparse_blocks` computed.
+pub struct BlockPass {
+    /// Forward: the layer output [B, T, hidden] (detached) and the sparse attention's head-mean
+    /// probabilities over S_t [B, T, K] (f32); MoE layers: the experts chosen per token
+    /// [B*T*K] in token order.
+    pub out: Option<Tensor>,
+    pub head_mean: Option<Tensor>,
+    pub chosen: Option<Vec<u32>>,
+    /// Backward: d(loss)/d(layer input) [B, T, hidden].
+    pub dx: Option<Tensor>,
 }
 
 pub struct ForwardOutput {
@@ -163,26 +192,13 @@ impl DecoderLayer {
     /// `forward`, reusing `cached` as the sparse selection instead of running the indexer's
     /// top-k again (the recomputing backward: same input, so the same sets).
     pub fn forward_with(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<(Tensor, LayerStats)> {
+        if opts.block_rows > 0 && opts.attention == AttentionMode::Sparse && !opts.recall {
+            return self.forward_blocks(h, ctx, opts, cached);
+        }
         let x = rms_norm(h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         let mut stats = LayerStats::default();
-        // The indexer reads x and qr; in the sparse stage they are detached so the KL trains
-        // only the indexer.
-        let need_indexer = (opts.attention == AttentionMode::Sparse && cached.is_none()) || opts.indexer_kl || opts.recall;
-        let ix = if need_indexer {
-            let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), proj.qr.detach()) } else { (x.clone(), proj.qr.clone()) };
-            let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
-            if opts.detach_indexer_inputs || opts.defer_dense_kl {
-                let leaves = p.leaves()?;
-                stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
-                stats.indexer_proj = Some(IndexerProj { q: leaves.q.clone(), k: leaves.k.clone(), w: leaves.w.clone() });
-                Some(leaves)
-            } else {
-                Some(p)
-            }
-        } else {
-            None
-        };
+        let ix = self.project_indexer(&x, &proj.qr, ctx, opts, cached.is_some(), &mut stats)?;
         let attn_out = match opts.attention {
             AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
                 let (out, scores) = self.attn.dense_streaming(&proj)?;
@@ -208,13 +224,7 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
-                let sel = match cached {
-                    Some(sel) => sel.clone(),
-                    None => {
-                        let fast = proj.q_nope.dtype() == DType::BF16 && crate::kernels::available(h.device());
-                        select_indexer_topk(&ix.as_ref().expect("sparse attention projects the indexer").detach(), ctx, opts.topk, fast)?
-                    }
-                };
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl && opts.defer_dense_kl {
                     // Training: the caller evaluates the KL a block of queries at a time.
@@ -245,6 +255,170 @@ impl DecoderLayer {
             }
         };
         Ok(((h + f)?, stats))
+    }
+
+    /// The indexer's projections of x and qr when this pass needs them (sparse attention
+    /// without cached sets, the KL, or the recall). In the sparse stage its inputs are detached
+    /// so the KL trains only the indexer; training keeps leaf copies (`stats`).
+    fn project_indexer(&self, x: &Tensor, qr: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: bool, stats: &mut LayerStats) -> Result<Option<IndexerProj>> {
+        let need_indexer = (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
+        if !need_indexer {
+            return Ok(None);
+        }
+        let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), qr.detach()) } else { (x.clone(), qr.clone()) };
+        let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
+        if opts.detach_indexer_inputs || opts.defer_dense_kl {
+            let leaves = p.leaves()?;
+            stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
+            stats.indexer_proj = Some(IndexerProj { q: leaves.q.clone(), k: leaves.k.clone(), w: leaves.w.clone() });
+            Ok(Some(leaves))
+        } else {
+            Ok(Some(p))
+        }
+    }
+
+    /// The sparse sets: `cached`, or the indexer's top-k.
+    fn selection(&self, ix: Option<&IndexerProj>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<crate::dsa::Selection> {
+        Ok(match cached {
+            Some(sel) => sel.clone(),
+            None => {
+                let ix = ix.expect("sparse attention projects the indexer");
+                let fast = self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(ix.q.device());
+                select_indexer_topk(&ix.detach(), ctx, opts.topk, fast)?
+            }
+        })
+    }
+
+    /// `forward_with` in block mode (sparse attention, `opts.block_rows` queries at a time):
+    /// the indexer over the whole sequence as usual, then `sparse_blocks`; the output is
+    /// detached and the balance loss is left to the blocked backward (`balance_weights`).
+    fn forward_blocks(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<(Tensor, LayerStats)> {
+        let mut stats = LayerStats::default();
+        let x = rms_norm(&h.detach(), &self.input_norm, self.eps)?;
+        let qr = self.attn.project_qr(&x)?;
+        let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
+        drop((x, qr));
+        let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows, None, &mut |_| Ok(()))?;
+        let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
+        if opts.indexer_kl {
+            let ix = ix.as_ref().expect("the indexer KL projects the indexer");
+            if opts.defer_dense_kl {
+                stats.deferred_kl = Some(DeferredKl::Sparse { proj: ix.detach(), target: head_mean, sel: sel.clone() });
+            } else {
+                let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
+                stats.indexer_kl = Some(kl_rows(&head_mean, &on_set)?);
+            }
+        }
+        if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, &pass.chosen) {
+            let (b, t, _) = h.dims3()?;
+            stats.expert_counts = Some(moe.counts(chosen));
+            stats.balance_weights = Some(moe.balance_weights(chosen, b, t));
+        }
+        stats.selection = Some(sel);
+        Ok((pass.out.expect("forward blocks return the output"), stats))
+    }
+
+    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time. Each
+    /// query reads only the shared latent kv rows [B*T, C+R] of the whole batch (computed once,
+    /// a leaf for the blocks) and its own token's hidden state; everything else (queries, the
+    /// attention, the output projection, norms, MLP or MoE) is per token. So a block's working
+    /// set is that of `rows` tokens, plus kv.
+    ///
+    /// Forward (`backward` None): outputs and head-mean probabilities, detached block by block.
+    /// Backward: each block is recomputed with its graph and sum(out * dout) (+ its share of
+    /// the balance loss) backpropagated alone; parameter gradients go to `sink` block by block,
+    /// the blocks' d(kv) are summed (f32) and then backpropagated through the kv projection.
+    /// The result is the gradient of the whole-layer recomputation up to summation order.
+    pub fn sparse_blocks(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        sel: &crate::dsa::Selection,
+        rows: usize,
+        backward: Option<BlockBackward>,
+        sink: &mut dyn FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+    ) -> Result<BlockPass> {
+        let (b, t, d) = h.dims3()?;
+        let rows = rows.clamp(1, t);
+        let h = h.detach();
+        let hv = candle_core::Var::from_tensor(&h)?;
+        let x_all = rms_norm(hv.as_tensor(), &self.input_norm, self.eps)?;
+        let (c_norm, k_pe) = self.attn.project_kv(&x_all, &ctx.cos, &ctx.sin)?;
+        let kv = self.attn.latent_kv(&c_norm, &k_pe)?; // [B*T, C+R]
+        drop((x_all, c_norm, k_pe));
+        let kv_leaf = candle_core::Var::from_tensor(&kv.detach())?;
+        let kv = if backward.is_some() { Some(kv) } else { None }; // forward: no graph kept
+        let mut dkv: Option<Tensor> = None;
+        let (mut outs, mut heads, mut dxs, mut chosen) = (vec![], vec![], vec![], vec![]);
+        for bi in 0..b {
+            let (mut seq_outs, mut seq_heads, mut seq_dxs) = (vec![], vec![], vec![]);
+            for q0 in (0..t).step_by(rows) {
+                let n = rows.min(t - q0);
+                let xq = candle_core::Var::from_tensor(&h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?)?; // [1, n, D]
+                let xn = rms_norm(xq.as_tensor(), &self.input_norm, self.eps)?;
+                let qr = self.attn.project_qr(&xn)?;
+                let (q_nope, q_pe) = self.attn.project_queries(&qr, &ctx.cos.narrow(0, q0, n)?, &ctx.sin.narrow(0, q0, n)?)?;
+                let a = self.attn.sparse_rows(&q_nope, &q_pe, kv_leaf.as_tensor(), &sel.block(bi, q0, n)?)?;
+                let h1 = (xq.as_tensor() + a.out)?;
+                let xf = rms_norm(&h1, &self.post_attention_norm, self.eps)?;
+                let (f, scores) = match &self.ffn {
+                    FeedForward::Dense(mlp) => (mlp.forward(&xf)?, None),
+                    FeedForward::Moe(moe) => {
+                        let (o, c, s) = moe.forward_flat(&xf.reshape((n, d))?)?;
+                        if backward.is_none() {
+                            chosen.extend(c);
+                        }
+                        (o.reshape((1, n, d))?, Some(s))
+                    }
+                };
+                let out = (h1 + f)?;
+                let Some(bw) = &backward else {
+                    seq_outs.push(out.detach());
+                    seq_heads.push(a.head_mean_probs);
+                    continue;
+                };
+                let dout = bw.dout.narrow(0, bi, 1)?.narrow(1, q0, n)?;
+                let mut loss = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?.sum_all()?;
+                if let (Some((fw, weight)), Some(scores)) = (bw.balance, &scores) {
+                    let e = scores.dim(1)?;
+                    let f_rows = Tensor::from_slice(&fw[bi * e..(bi + 1) * e], (1, e), h.device())?.broadcast_as((n, e))?;
+                    loss = (loss + (Moe::balance_share(scores, &f_rows, b, t)? * weight)?)?;
+                }
+                let grads = loss.backward()?;
+                sink(&grads)?;
+                seq_dxs.push(match grads.get(xq.as_tensor()) {
+                    Some(g) => g.detach(),
+                    None => xq.as_tensor().zeros_like()?,
+                });
+                if let Some(g) = grads.get(kv_leaf.as_tensor()) {
+                    let g = g.detach().to_dtype(DType::F32)?;
+                    dkv = Some(match dkv.take() {
+                        Some(acc) => (acc + g)?,
+                        None => g,
+                    });
+                }
+            }
+            if backward.is_some() {
+                dxs.push(Tensor::cat(&seq_dxs, 1)?);
+            } else {
+                outs.push(Tensor::cat(&seq_outs, 1)?);
+                heads.push(Tensor::cat(&seq_heads, 1)?);
+            }
+        }
+        if backward.is_none() {
+            let is_moe = matches!(self.ffn, FeedForward::Moe(_));
+            return Ok(BlockPass { out: Some(Tensor::cat(&outs, 0)?), head_mean: Some(Tensor::cat(&heads, 0)?), chosen: is_moe.then_some(chosen), dx: None });
+        }
+        let mut dx = Tensor::cat(&dxs, 0)?;
+        if let (Some(kv), Some(dkv)) = (kv, dkv) {
+            let grads = (kv.to_dtype(DType::F32)? * dkv)?.sum_all()?.backward()?;
+            sink(&grads)?;
+            if let Some(g) = grads.get(hv.as_tensor()) {
+                dx = (dx + g.detach().to_dtype(h.dtype())?)?;
+            }
+        }
+        Ok(BlockPass { out: None, head_mean: None, chosen: None, dx: Some(dx) })
     }
 }
 

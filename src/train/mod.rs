@@ -245,6 +245,7 @@ impl Trainer {
             detach_indexer_inputs: self.stage == Stage::Sparse,
             seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
             defer_dense_kl: self.stage != Stage::Dense,
+            block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute { self.recipe.train.block_rows } else { 0 },
         }
     }
 
@@ -273,13 +274,17 @@ impl Trainer {
         };
         let mut inputs = Vec::new();
         let mut selections = Vec::new();
+        let mut balance_weights = Vec::new();
+        // Offload: what pass 2 needs waits in host memory.
+        let host = Device::Cpu;
+        let keep = |x: Tensor| -> Result<Tensor> { Ok(if t.offload_activations { x.to_device(&host)? } else { x }) };
         let mut h = self.model.embed(tokens)?;
         if recompute {
             h = h.detach();
         }
         for (l, layer) in self.model.layers.iter().enumerate() {
             if recompute {
-                inputs.push(h.clone());
+                inputs.push(keep(h.clone())?);
             }
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             crate::bench::log_device_memory(&format!("layer {l} forward"));
@@ -299,7 +304,8 @@ impl Trainer {
             if recompute {
                 // Only the absolute form is kept ([B, T, K] u32; the other three forms are
                 // rebuilt in pass 2): 1 GiB per layer at 128K tokens and k = 2048.
-                selections.push(stats.selection.take().map(|s| s.absolute));
+                selections.push(stats.selection.take().map(|s| keep(s.absolute)).transpose()?);
+                balance_weights.push(stats.balance_weights.take());
             }
             drop(stats);
             // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
@@ -329,7 +335,9 @@ impl Trainer {
                 continue;
             }
             let hv = Var::from_tensor(&h.detach())?;
-            let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &opts)?;
+            // The MTP layer is differentiated through its own forward graph: no block mode.
+            let mtp_opts = ForwardOptions { block_rows: 0, ..opts.clone() };
+            let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
             if with_kl {
                 self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &self.model.mtp[depth].layer.indexer)?;
             }
@@ -351,8 +359,22 @@ impl Trainer {
             if recompute {
                 let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
-                    let x = Var::from_tensor(&inputs[l])?;
-                    let sel = selections[l].take().map(crate::dsa::Selection::from_absolute).transpose()?;
+                    let input = inputs[l].to_device(&self.device)?;
+                    let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
+                    if let (true, Some(sel)) = (opts.block_rows > 0, &sel) {
+                        // Block mode: the layer recomputed and differentiated a block of queries at a time.
+                        let bw = crate::model::BlockBackward {
+                            dout: &dh,
+                            balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
+                        };
+                        let pass = layer
+                            .sparse_blocks(&input, &self.ctx, sel, opts.block_rows, Some(bw), &mut |gs| accum.add(&self.slots, gs).map_err(candle_core::Error::wrap))
+                            .with_context(|| format!("layer {l} blocked recompute and backward"))?;
+                        dh = pass.dx.context("blocked backward returns dx")?;
+                        self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
+                        continue;
+                    }
+                    let x = Var::from_tensor(&input)?;
                     let (out, stats) = layer
                         .forward_with(x.as_tensor(), &self.ctx, &again, sel.as_ref())
                         .with_context(|| format!("layer {l} recompute"))?;
@@ -365,7 +387,7 @@ impl Trainer {
                     accum.add(&self.slots, &grads)?;
                     dh = match grads.get(x.as_tensor()) {
                         Some(g) => g.detach(),
-                        None => inputs[l].zeros_like()?,
+                        None => input.zeros_like()?,
                     };
                     drop(grads);
                     self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
