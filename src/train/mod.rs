@@ -352,6 +352,16 @@ impl Trainer {
             }
         }
         crate::bench::log_device_memory("LM head and MTP done");
+        if main && self.reducer.world() > 1 && self.layout.zero >= 2 {
+            // ZeRO-2: the LM head and final norm are complete; MTP layers too.
+            let mtp_first = self.model.layers.len();
+            self.reducer
+                .flush(&self.slots, accum, &|n| match n.strip_prefix("model.layers.") {
+                    Some(rest) => rest.split('.').next().and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l >= mtp_first),
+                    None => n != "model.embed_tokens.weight",
+                })
+                .context("LM head gradient sums")?;
+        }
         if let Some(mut dh) = dh {
             let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
                 Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)

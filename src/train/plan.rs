@@ -11,18 +11,27 @@
 //!   differentiated, so the main model costs one forward and the indexer three.
 //! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
 //! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
-//! - optimizer (ZeRO-1): f32 master (when the dtype is not f32) and two f32 moments of the
-//!   trainable tensors this device holds, divided by the ranks that hold them (dp for
-//!   non-expert tensors, dp/ep for experts); the f32 gradient accumulator is not sharded;
-//! - activations of one micro-batch of T tokens: with `train.recompute` (sparse stage) each
-//!   layer's input (hidden x dtype per token and layer) plus ONE layer's working set; without
-//!   it, 34 x hidden bytes per token and layer (Korthikanti et al.'s bf16 count without the
-//!   attention matrix, which the kernels never store). One layer's working set per token:
-//!   attention in absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies:
-//!   about 14 H (C+R) bytes), the indexer (HI x DI f32 queries, their bf16 copy and gradient:
-//!   10 HI DI bytes), the selection (k x 4 bytes, twice) and the sparse-KL rows (k x 4 bytes, 5
-//!   live tensors), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2 bytes).
-//!   The LM head runs in chunks of 2^27 logits (f32 log-softmax and gradient: ~1.5 GiB).
+//! - optimizer: f32 master (when the dtype is not f32) and two f32 moments of the trainable
+//!   tensors this device holds, divided by the ranks that hold them (dp for non-expert
+//!   tensors, dp/ep for experts). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an unsharded
+//!   f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned share (4 bytes /
+//!   holders) plus the unreduced gradients of the largest flush unit (one layer, or the
+//!   embedding or LM head alone) in f32 and in the compute dtype;
+//! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
+//!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
+//!   bytes per token and layer; both in host memory with `train.offload_activations`) plus ONE
+//!   layer's working set; without it, 34 x hidden bytes per token and layer (Korthikanti et
+//!   al.'s bf16 count without the attention matrix, which the kernels never store). One
+//!   layer's working set has a whole-sequence part per token: the indexer (HI x DI f32
+//!   queries, their bf16 copy and gradient: 10 HI DI bytes), the selection (k x 4 bytes, twice)
+//!   and the sparse-KL rows (k x 4 bytes, 5 live tensors), the latent kv and its f32 gradient
+//!   (12 (C+R) bytes); and a per-query part, for the B T tokens at once or, with
+//!   `train.block_rows` = n, for n tokens: attention in absorbed form (H x (C+R) query and
+//!   H x (C+1) output in f32 and bf16 copies: about 14 H (C+R) bytes), MoE routing and expert
+//!   inputs (about 4 x top-k x moe_intermediate x 2 bytes) and the layer's hidden-size
+//!   tensors (8 x hidden x dtype). The LM head runs in chunks of 2^27 logits (f32 log-softmax
+//!   and gradient: ~1.5 GiB). The MTP layer (when loaded) has no block mode and computes its
+//!   logits unchunked: one layer's working set at T tokens plus T x vocab x (dtype + 8) bytes.
 //!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
 //! Communication per device and step (what the trainer sends; a ring all-reduce of B bytes
 //! over n ranks sends 2 (n-1)/n B from each):
@@ -49,6 +58,8 @@ pub struct Plan {
     pub weight_bytes: f64,
     pub optimizer_bytes: f64,
     pub activation_bytes: f64,
+    /// Host memory per device for offloaded activations (`train.offload_activations`).
+    pub host_bytes: f64,
     /// Bytes each device sends per step for gradient sums and ZeRO-1 shares.
     pub grad_comm_bytes: f64,
     /// Bytes each device sends per step in expert-parallel exchanges.
@@ -117,12 +128,24 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let hidden = cfg.hidden_size as f64;
     let (hi, di) = (cfg.index_n_heads as f64, cfg.index_head_dim as f64);
     let kk = k.min(t) as f64;
-    let layer_working_set = micro_tokens
-        * (14.0 * h * (c + r) + 10.0 * hi * di + 7.0 * kk * 4.0 + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0);
+    let per_seq_token = 10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r);
+    let per_query = 14.0 * h * (c + r) + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0 + 8.0 * hidden * dtype_bytes;
+    let layer_working_set = micro_tokens * (per_seq_token + per_query);
+    let block = recipe.train.block_rows;
+    let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
+    let sparse_working_set = if blocked { micro_tokens * per_seq_token + (block.min(recipe.data.seq_len) as f64) * per_query } else { layer_working_set };
     let lm_chunk = (1u64 << 27) as f64 * 4.0 * 3.0;
+    let mtp_bytes = if with_mtp && stage != Stage::Dense { layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0) } else { 0.0 };
+    // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
+    let kept = micro_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;
+    let offload = recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
+    let host_bytes = if offload { kept } else { 0.0 };
     let activation_bytes = match stage {
         Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
-        Stage::Sparse if recipe.train.recompute => micro_tokens * hidden * dtype_bytes * layers + layer_working_set + lm_chunk,
+        Stage::Sparse if recipe.train.recompute => {
+            let on_device = if offload { 2.0 * micro_tokens * (hidden * dtype_bytes + kk * 4.0) } else { kept };
+            on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
+        }
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
         // Plain dense attention keeps [B, H, T, T] scores, probabilities and their gradient
         // (f32) for the layer being differentiated.
@@ -139,11 +162,27 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let local = |s: &crate::weights::WeightSpec| if is_expert(s) { numel(s) as f64 / ep } else { numel(s) as f64 };
     let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
     let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
-    let optimizer_bytes: f64 = specs.iter().filter(|s| trainable(s)).map(|s| local(s) * ((master + 8.0) / holders(s) + 4.0)).sum();
+    let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
+    let grad_bytes = |s: &crate::weights::WeightSpec| if zero2 { 4.0 / holders(s) } else { 4.0 };
+    let mut optimizer_bytes: f64 = specs.iter().filter(|s| trainable(s)).map(|s| local(s) * ((master + 8.0) / holders(s) + grad_bytes(s))).sum();
+    if zero2 {
+        // The largest flush unit's unreduced gradients: f32 plus the backward's own copy.
+        let mut units: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
+        for s in specs.iter().filter(|s| trainable(s)) {
+            let unit = match s.name.strip_prefix("model.layers.") {
+                Some(rest) => rest.split('.').next().unwrap_or("").to_string(),
+                None => s.name.clone(),
+            };
+            *units.entry(unit).or_default() += local(s);
+        }
+        optimizer_bytes += units.values().cloned().fold(0.0, f64::max) * (4.0 + dtype_bytes);
+    }
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
-    let grad_comm_bytes: f64 = 2.0 * specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0 * ring(holders(s))).sum::<f64>();
-    let moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
     let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
+    // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
+    let grad_sums = if zero2 { micro_per_device } else { 1.0 };
+    let grad_comm_bytes: f64 = (grad_sums + 1.0) * specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0 * ring(holders(s))).sum::<f64>();
+    let moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
     let exchange_passes = match stage {
         Stage::Warmup => 1.0,
         _ => 2.0 + if recipe.train.recompute { 1.0 } else { 0.0 },
@@ -158,6 +197,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         weight_bytes,
         optimizer_bytes,
         activation_bytes,
+        host_bytes,
         grad_comm_bytes,
         expert_comm_bytes,
     }
@@ -169,11 +209,12 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
     format!(
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x ep {} ({} device(s))\n\
-         memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2}\n\
+         memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2} (ZeRO-{}){}\n\
          sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.ep, recipe.parallel.dp.max(1),
-        gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes),
+        gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes), recipe.parallel.zero,
+        if p.host_bytes > 0.0 { format!("; host memory for offloaded activations {:.2} GiB", gib(p.host_bytes)) } else { String::new() },
         gib(p.grad_comm_bytes), gib(p.expert_comm_bytes)
     )
 }
