@@ -129,6 +129,51 @@ fn zero2_sharded_gradients_match_one_process() {
     assert_close_within(&last(losses(&f.out("sparse-one"))), &losses(&f.out("z2-to-z1")), "sparse: zero 2 -> 1 resume", 1e-5);
 }
 
+/// What ZeRO-2 saves: after a step's gradients are summed, each rank holds only the gradients
+/// of the tensors it owns (and nothing unreduced), while under ZeRO-1 every rank holds them
+/// all; between them the owners hold every gradient ZeRO-1 has.
+#[test]
+fn zero2_ranks_keep_only_the_gradients_they_own() {
+    use dsa_train::dist::{launch::Launch, tcp::TcpCollective};
+    use dsa_train::recipe::Recipe;
+    use dsa_train::train::Trainer;
+    use std::collections::BTreeSet;
+    let f = Fixture::new(13);
+    let recipe = f.recipe("sparse", "held", &f.root.join("model"), 1);
+    // Per rank: (names with a final gradient, names owned, anything left unreduced).
+    let run = |zero: usize| -> Vec<(BTreeSet<String>, BTreeSet<String>, usize)> {
+        let port = free_port();
+        let recipe = &recipe;
+        std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..2usize)
+                .map(|r| {
+                    sc.spawn(move || {
+                        let launch = Launch { rank: r, world: 2, local_rank: r, master_addr: "127.0.0.1".into(), master_port: port };
+                        let comm = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
+                        let sets = vec![format!("parallel.zero={zero}")];
+                        let mut t = Trainer::with_comm(Recipe::load(recipe, &sets).unwrap(), None, Box::new(comm)).unwrap();
+                        let (accum, ..) = t.accumulate_gradients().unwrap();
+                        let owned = t.slots.iter().filter(|s| s.owned).map(|s| s.name.clone()).collect();
+                        (accum.grads.keys().cloned().collect(), owned, accum.pending.len())
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        })
+    };
+    let (one, two) = (run(1), run(2));
+    let all: &BTreeSet<String> = &one[0].0;
+    assert_eq!(&one[1].0, all, "ZeRO-1: both ranks hold every gradient");
+    let mut union = BTreeSet::new();
+    for (r, (grads, owned, pending)) in two.iter().enumerate() {
+        assert_eq!(*pending, 0, "rank {r}: unreduced gradients left");
+        assert!(grads.is_subset(owned), "rank {r} holds gradients it does not own: {:?}", grads.difference(owned).collect::<Vec<_>>());
+        assert!(grads.len() < all.len(), "rank {r} holds {} of {} gradients", grads.len(), all.len());
+        union.extend(grads.iter().cloned());
+    }
+    assert_eq!(&union, all, "ZeRO-2: the owners hold every gradient");
+}
+
 #[test]
 fn expert_parallel_matches_one_process_and_reshards() {
     let f = Fixture::new(7);

@@ -342,31 +342,34 @@ impl DecoderLayer {
         let (b, t, d) = h.dims3()?;
         let rows = rows.clamp(1, t);
         let h = h.detach();
-        let hv = candle_core::Var::from_tensor(&h)?;
-        let x_all = rms_norm(hv.as_tensor(), &self.input_norm, self.eps)?;
+        let train = backward.is_some();
+        // Leaves (copies) only where a gradient is read back; the forward reads h and kv as they are.
+        let leaf = |x: &Tensor| -> Result<Tensor> { Ok(if train { candle_core::Var::from_tensor(x)?.as_tensor().clone() } else { x.clone() }) };
+        let hv = leaf(&h)?;
+        let x_all = rms_norm(&hv, &self.input_norm, self.eps)?;
         let (c_norm, k_pe) = self.attn.project_kv(&x_all, &ctx.cos, &ctx.sin)?;
         let kv = self.attn.latent_kv(&c_norm, &k_pe)?; // [B*T, C+R]
         drop((x_all, c_norm, k_pe));
-        let kv_leaf = candle_core::Var::from_tensor(&kv.detach())?;
-        let kv = if backward.is_some() { Some(kv) } else { None }; // forward: no graph kept
+        let kv_leaf = leaf(&kv.detach())?;
+        let kv = if train { Some(kv) } else { None }; // forward: no graph kept
         let mut dkv: Option<Tensor> = None;
         let (mut outs, mut heads, mut dxs, mut chosen) = (vec![], vec![], vec![], vec![]);
         for bi in 0..b {
             let (mut seq_outs, mut seq_heads, mut seq_dxs) = (vec![], vec![], vec![]);
             for q0 in (0..t).step_by(rows) {
                 let n = rows.min(t - q0);
-                let xq = candle_core::Var::from_tensor(&h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?)?; // [1, n, D]
-                let xn = rms_norm(xq.as_tensor(), &self.input_norm, self.eps)?;
+                let xq = leaf(&h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?)?; // [1, n, D]
+                let xn = rms_norm(&xq, &self.input_norm, self.eps)?;
                 let qr = self.attn.project_qr(&xn)?;
                 let (q_nope, q_pe) = self.attn.project_queries(&qr, &ctx.cos.narrow(0, q0, n)?, &ctx.sin.narrow(0, q0, n)?)?;
-                let a = self.attn.sparse_rows(&q_nope, &q_pe, kv_leaf.as_tensor(), &sel.block(bi, q0, n)?)?;
-                let h1 = (xq.as_tensor() + a.out)?;
+                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv_leaf, &sel.block(bi, q0, n)?)?;
+                let h1 = (&xq + a.out)?;
                 let xf = rms_norm(&h1, &self.post_attention_norm, self.eps)?;
                 let (f, scores) = match &self.ffn {
                     FeedForward::Dense(mlp) => (mlp.forward(&xf)?, None),
                     FeedForward::Moe(moe) => {
                         let (o, c, s) = moe.forward_flat(&xf.reshape((n, d))?)?;
-                        if backward.is_none() {
+                        if !train {
                             chosen.extend(c);
                         }
                         (o.reshape((1, n, d))?, Some(s))
@@ -387,11 +390,11 @@ impl DecoderLayer {
                 }
                 let grads = loss.backward()?;
                 sink(&grads)?;
-                seq_dxs.push(match grads.get(xq.as_tensor()) {
+                seq_dxs.push(match grads.get(&xq) {
                     Some(g) => g.detach(),
-                    None => xq.as_tensor().zeros_like()?,
+                    None => xq.zeros_like()?,
                 });
-                if let Some(g) = grads.get(kv_leaf.as_tensor()) {
+                if let Some(g) = grads.get(&kv_leaf) {
                     let g = g.detach().to_dtype(DType::F32)?;
                     dkv = Some(match dkv.take() {
                         Some(acc) => (acc + g)?,
@@ -399,14 +402,14 @@ impl DecoderLayer {
                     });
                 }
             }
-            if backward.is_some() {
+            if train {
                 dxs.push(Tensor::cat(&seq_dxs, 1)?);
             } else {
                 outs.push(Tensor::cat(&seq_outs, 1)?);
                 heads.push(Tensor::cat(&seq_heads, 1)?);
             }
         }
-        if backward.is_none() {
+        if !train {
             let is_moe = matches!(self.ffn, FeedForward::Moe(_));
             return Ok(BlockPass { out: Some(Tensor::cat(&outs, 0)?), head_mean: Some(Tensor::cat(&heads, 0)?), chosen: is_moe.then_some(chosen), dx: None });
         }
@@ -414,7 +417,7 @@ impl DecoderLayer {
         if let (Some(kv), Some(dkv)) = (kv, dkv) {
             let grads = (kv.to_dtype(DType::F32)? * dkv)?.sum_all()?.backward()?;
             sink(&grads)?;
-            if let Some(g) = grads.get(hv.as_tensor()) {
+            if let Some(g) = grads.get(&hv) {
                 dx = (dx + g.detach().to_dtype(h.dtype())?)?;
             }
         }

@@ -354,13 +354,12 @@ impl Trainer {
         crate::bench::log_device_memory("LM head and MTP done");
         if main && self.reducer.world() > 1 && self.layout.zero >= 2 {
             // ZeRO-2: the LM head and final norm are complete; MTP layers too.
-            let mtp_first = self.model.layers.len();
-            self.reducer
-                .flush(&self.slots, accum, &|n| match n.strip_prefix("model.layers.") {
-                    Some(rest) => rest.split('.').next().and_then(|l| l.parse::<usize>().ok()).is_some_and(|l| l >= mtp_first),
-                    None => n != "model.embed_tokens.weight",
-                })
-                .context("LM head gradient sums")?;
+            let main_layers = self.model.layers.len();
+            let done = |n: &str| match layer_of(n) {
+                Some(l) => l >= main_layers,
+                None => n != "model.embed_tokens.weight",
+            };
+            self.reducer.flush(&self.slots, accum, &done).context("LM head gradient sums")?;
         }
         if let Some(mut dh) = dh {
             let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
@@ -544,8 +543,7 @@ impl Trainer {
         if self.reducer.world() == 1 || self.layout.zero < 2 {
             return Ok(()); // settled once at the end of the micro-batch or step
         }
-        let prefix = format!("model.layers.{l}.");
-        self.reducer.flush(&self.slots, accum, &|n| n.starts_with(&prefix))
+        self.reducer.flush(&self.slots, accum, &|n| layer_of(n) == Some(l))
     }
 
     /// Sum the expert loads and the logged losses over the ranks (loads are counts: summed
@@ -698,6 +696,11 @@ impl Trainer {
         }
         Ok(self.reducer.comm.get_mut().all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
     }
+}
+
+/// The decoder layer a tensor belongs to (`model.layers.{l}.`), MTP layers included.
+fn layer_of(name: &str) -> Option<usize> {
+    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }
 
 /// Run a recipe to `train.steps`, checkpointing as configured.
