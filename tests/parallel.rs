@@ -312,4 +312,6 @@ fn layout_errors_are_one_clear_line() {
     assert_clean_error(&run_cli(&["train", r, "--set", "parallel.dp=2"]), &["parallel.dp (2)", "1 rank"]);
     assert_clean_error(&run_cli(&["train", r, "--set", "parallel.ep=3"]), &["parallel.ep (3) must divide parallel.dp (1)"]);
     assert_clean_error(&run_cli(&["train", r, "--set", "parallel.dq=2"]), &["--set parallel.dq: unknown key", "did you mean `parallel.dp`"]);
+    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.zero=3"]), &["parallel.zero = 3", "ZeRO stages built are 1"]);
+    assert_clean_error(&run_cli(&["train", r, "--set", "train.block_rows=4", "--set", "train.recompute=false"]), &["train.block_rows", "train.recompute = true"]);
 }
