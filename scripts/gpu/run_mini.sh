@@ -36,6 +36,13 @@ LONG="${LONG:-32768}"
 EVAL_DEVICE=cuda; EVAL_DTYPE=bf16
 case " ${SETS:-} " in *" model.device=cpu "*) EVAL_DEVICE=cpu; EVAL_DTYPE=f32 ;; esac
 newest() { ls -d "$1"/step-* 2>/dev/null | sort -t- -k2 -n | tail -1; }
+# Each step stays inside the lent machine's 10-minute command limit: STEP_BUDGET seconds
+# (default 560) from the step's start; optional work that would not end inside it is skipped.
+T0=$(date +%s)
+left() { echo $(( ${STEP_BUDGET:-560} - ($(date +%s) - T0) )); }
+# cap N: N, or what is left of the budget less a 20 s margin (at least 1).
+cap() { local l=$(( $(left) - 20 )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+fits() { [ "$(left)" -gt $(( $1 + 20 )) ]; }
 
 case "$STEP" in
 1)
@@ -49,16 +56,22 @@ case "$STEP" in
       stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
     done
   fi
+  if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-1}" = 1 ]; then
+    timeout 150 $BIN gpu-selftest --device cuda > "$LOG/gpu-tests.log" 2>&1
+    stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$LOG/gpu-tests.log") PASS, $(grep -c '^FAIL' "$LOG/gpu-tests.log") FAIL"
+  fi
   [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
   for L in 4096 8192; do
-    line=$(timeout 120 $BIN bench step recipes/mini-dense.toml --steps 3 --set "model.path=$WORK/init" "${DATA[@]}" \
-      --set data.seq_len=$L --set train.global_batch_seqs=2 --set train.micro_batch_seqs=2 2>>"$LOG/bench-stderr.log" | tail -1)
-    stamp "bench dense, seq_len $L: ${line:-FAILED (bench-stderr.log)}"
+    # DSA_MEM_LOG=1: synchronised timestamps per phase (where a dense step spends its time).
+    line=$(DSA_MEM_LOG=1 timeout "$(cap 90)" $BIN bench step recipes/mini-dense.toml --steps 3 --set "model.path=$WORK/init" "${DATA[@]}" \
+      --set data.seq_len=$L --set train.global_batch_seqs=2 --set train.micro_batch_seqs=2 2>"$LOG/profile-dense-$L.log" | tail -1)
+    stamp "bench dense, seq_len $L: ${line:-FAILED or timed out (profile-dense-$L.log)}"
   done
   steps=()
   [ -n "${DENSE_STEPS:-}" ] && steps=(--set "train.steps=$DENSE_STEPS")
-  stamp "dense pre-training (at most ${DENSE_TIMEOUT:-400} s)"
-  timeout -s INT "${DENSE_TIMEOUT:-400}" $BIN train recipes/mini-dense.toml --set "model.path=$WORK/init" "${DATA[@]}" \
+  dense_s=$(cap "${DENSE_TIMEOUT:-400}")
+  stamp "dense pre-training (at most $dense_s s)"
+  timeout -k 60 -s INT "$dense_s" $BIN train recipes/mini-dense.toml --set "model.path=$WORK/init" "${DATA[@]}" \
     --set "run.output_dir=$WORK/dense" --set checkpoint.every=50 "${steps[@]}" --resume auto > "$LOG/dense.log" 2>&1
   stamp "dense stage exit $? ($(wc -l < "$WORK/dense/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
   cp "$WORK/dense/metrics.jsonl" "$LOG/dense-metrics.jsonl" 2>/dev/null
@@ -73,8 +86,10 @@ case "$STEP" in
   for stage in warmup sparse; do
     from="$WORK/terminus"
     [ "$stage" = sparse ] && from="$(newest "$WORK/warmup")"
-    stamp "$stage stage from $from at $LONG tokens (at most ${STAGE_TIMEOUT:-240} s)"
-    timeout -s INT "${STAGE_TIMEOUT:-240}" $BIN train "recipes/mini-$stage.toml" --set "model.path=$from" "${DATA[@]}" \
+    budget=${STAGE_TIMEOUT:-240}
+    [ "$stage" = sparse ] && budget=$(cap "$budget")
+    stamp "$stage stage from $from at $LONG tokens (at most $budget s)"
+    timeout -k 60 -s INT "$budget" $BIN train "recipes/mini-$stage.toml" --set "model.path=$from" "${DATA[@]}" \
       --set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set "run.output_dir=$WORK/$stage" \
       --set checkpoint.every=25 --resume auto > "$LOG/$stage.log" 2>&1
     stamp "$stage exit $? ($(wc -l < "$WORK/$stage/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
@@ -82,37 +97,43 @@ case "$STEP" in
   done
   ;;
 3)
-  # Held-out loss and recall: the dense start, the warm-up's end, the sparse stage's end.
+  # Held-out loss and recall, most informative first: the dense start (dense attention; the
+  # untrained indexer's recall), the warm-up's end (recall after the warm-up; sparse attention
+  # before any sparse training), the sparse stage's end (dense and sparse attention).
   : > "$LOG/eval.jsonl"
-  for model in "dense-start:$WORK/terminus" "warmup-end:$(newest "$WORK/warmup")" "sparse-end:$(newest "$WORK/sparse")"; do
-    name="${model%%:*}"; path="${model#*:}"
+  for row in "dense-start:$WORK/terminus:dense" "warmup-end:$(newest "$WORK/warmup"):sparse" \
+             "sparse-end:$(newest "$WORK/sparse"):sparse" "sparse-end:$(newest "$WORK/sparse"):dense" "dense-start:$WORK/terminus:sparse"; do
+    name="${row%%:*}"; rest="${row#*:}"; path="${rest%:*}"; attn="${rest##*:}"
     [ -d "$path" ] || { stamp "eval $name: no checkpoint"; continue; }
     for L in 8192 "$LONG"; do
-      for attn in dense sparse; do
-        line=$($BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
-          --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "${EVAL_WINDOWS:-4}" 2>>"$LOG/eval-stderr.log" | tail -1)
-        echo "{\"model\": \"$name\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
-      done
+      fits 60 || { stamp "eval $name $L $attn: skipped (step budget)"; continue; }
+      line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
+        --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "${EVAL_WINDOWS:-4}" 2>>"$LOG/eval-stderr.log" | tail -1)
+      echo "{\"model\": \"$name\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
     done
   done
-  stamp "eval: $(wc -l < "$LOG/eval.jsonl") rows"
-  # Tokens/s of the three stages per length (ours), then transformers' on the same config.
-  : > "$LOG/speed.txt"
-  for L in ${LENS:-4096 8192 16384 32768}; do
-    for stage in dense warmup sparse; do
-      from="$WORK/init"; [ "$stage" != dense ] && from="$WORK/terminus"
-      line=$(timeout 200 $BIN bench step "recipes/mini-$stage.toml" --steps 3 --set "model.path=$from" "${DATA[@]}" \
-        --set data.seq_len=$L --set dsa.index_topk=$((L / 64)) --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
-      echo "ours $stage $L: ${line:-FAILED}" | tee -a "$LOG/speed.txt"
-    done
-  done
+  stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"
+  # transformers' training step on the same config.json, same GPU, until it runs out of memory.
   if [ "$EVAL_DEVICE" = cuda ]; then
     for m in v3 v32; do
-      python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
+      fits 60 || { stamp "transformers $m: skipped (step budget)"; continue; }
+      timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
         --lens "$(echo ${LENS:-4096 8192 16384 32768} | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
         2>>"$LOG/transformers-stderr.log" | tee -a "$LOG/transformers.jsonl"
     done
   fi
+  # Tokens/s of the three stages per length (ours; top-512 as in the recipes and as given to transformers).
+  # The stages' own runs (steps 1 and 2) log tokens/s at 4K (dense) and LONG (warm-up, sparse).
+  : > "$LOG/speed.txt"
+  for L in ${LENS:-4096 8192 16384 32768}; do
+    for stage in dense warmup sparse; do
+      fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
+      from="$WORK/init"; [ "$stage" != dense ] && from="$WORK/terminus"
+      line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$from" "${DATA[@]}" \
+        --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
+      echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$LOG/speed.txt"
+    done
+  done
   for f in "$WORK"/dense/metrics.jsonl "$WORK"/warmup/metrics.jsonl "$WORK"/sparse/metrics.jsonl; do
     [ -f "$f" ] && cat "$f"
   done > "$LOG/all-metrics.jsonl"

@@ -410,6 +410,7 @@ impl Trainer {
                 }
                 let grads = loss.backward().context("main-model backward")?;
                 accum.add(&self.slots, &grads)?;
+                crate::bench::log_device_memory("main-model backward done");
             }
         }
         let kl_sum = match kl_sum {
@@ -569,6 +570,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let (accum, loads, lm_sum, kl_sum) = self.accumulate_gradients()?;
+        crate::bench::log_device_memory("gradients accumulated");
         let recipe = self.recipe.clone();
         let r = &recipe;
         let micro = r.micro_batches();
@@ -584,6 +586,7 @@ impl Trainer {
             })
             .context("optimizer step")?;
         drop(accum);
+        crate::bench::log_device_memory("optimizer step done");
         if self.layout.dp > 1 {
             self.reducer.gather_updated_params(&mut self.slots).context("gathering the updated parameters from their owners")?;
         }
