@@ -74,6 +74,13 @@ pub fn query_block_rows(b: usize, t: usize, heads: usize, head_dim: usize) -> us
     ((1usize << 24) / (b * heads * head_dim).max(1)).clamp(1, t.max(1))
 }
 
+/// Query rows per block of the sparse stage's selection and KL: `query_block_rows`, and at
+/// most about 2^25 KL entries [B, n, K] (K = min(topk, T)) per block.
+pub fn sparse_block_rows(b: usize, t: usize, heads: usize, head_dim: usize, topk: usize) -> usize {
+    let kl_bound = ((1usize << 25) / (b * topk.min(t)).max(1)).max(1);
+    query_block_rows(b, t, heads, head_dim).min(kl_bound)
+}
+
 impl Indexer {
     /// Backpropagate given gradients of the projections (dq [B, T, HI, DI], dw [B, T, HI],
     /// dk [B, T, DI]) into the indexer's parameters, recomputing the projections of `rows`

@@ -279,11 +279,11 @@ impl DecoderLayer {
             // The deferred KL stops at the projections whether or not the inputs are detached.
             let (x, qr) = (ix.detach(), iqr.detach());
             let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
-            // Rows per block: about 2^24 query values and 2^25 KL entries [B, n, K], unless forced.
             let (b, t, _) = x.dims3()?;
-            let kl_rows_bound = ((1usize << 25) / (b * opts.topk.min(t)).max(1)).max(1);
-            let auto = indexer::query_block_rows(b, t, self.indexer.heads, self.indexer.head_dim).min(kl_rows_bound);
-            let rows = if opts.indexer_rows > 0 { opts.indexer_rows.min(t) } else { auto };
+            let rows = match opts.indexer_rows {
+                0 => indexer::sparse_block_rows(b, t, self.indexer.heads, self.indexer.head_dim, opts.topk),
+                forced => forced.min(t),
+            };
             stats.indexer_inputs = Some((x.clone(), qr.clone()));
             return Ok(Some(IndexerView::Keys { k, x, qr, rows }));
         }
