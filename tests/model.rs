@@ -19,7 +19,7 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
 }
 
 fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
-    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0 }
+    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 }
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
@@ -112,6 +112,75 @@ fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
     }
     for (name, _) in &vars {
         assert_eq!(reached.contains(name), name.contains(".indexer."), "KL gradient into {name}");
+    }
+}
+
+/// The sparse stage's deferred KL backward (`Indexer::backprop_sparse_kl`, what the trainer
+/// runs) projects the queries again a few rows at a time from the layer's detached inputs,
+/// scores them at the selected keys against one shared leaf copy of the keys and pushes the
+/// keys' summed gradient through the key path afterwards. Its indexer gradients must equal
+/// those of ONE plain autograd graph over every row (projections of all rows, no leaves,
+/// `scores_at` + the sets' bias, `kl_rows`, mean, backward) to 1e-5 of max |g|, its KL the
+/// graph's KL, and the sets chosen block by block the top-k of the whole-sequence scores.
+/// Whole-layer and block-mode forwards, 3 query rows per indexer block (8 blocks of 23 rows).
+#[test]
+fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
+    let (_tmp, dir) = tiny_checkpoint(true, 24);
+    let (model, vars) = model_with_vars(&dir);
+    let (b, t, topk, weight) = (2, 23, 5, 0.7);
+    let x = tokens(b, t, 4);
+    let ctx = dsa_train::model::ForwardContext::new(&model.cfg, t, &Device::Cpu).unwrap();
+    let max_abs = |x: &Tensor| x.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for block_rows in [0, 4] {
+        let o = ForwardOptions { detach_indexer_inputs: true, defer_dense_kl: true, recall: false, block_rows, indexer_rows: 3, ..opts(AttentionMode::Sparse, topk) };
+        let out = model.forward(&x, &o).unwrap();
+        for (l, s) in out.layers.iter().enumerate() {
+            let Some(dsa_train::model::DeferredKl::Sparse { keys, target, sel, rows }) = &s.deferred_kl else {
+                panic!("layer {l}: the sparse stage defers its KL")
+            };
+            assert_eq!(*rows, 3);
+            assert!(s.indexer_proj.is_none(), "layer {l}: no projections of every row are kept");
+            let (xi, qr) = s.indexer_inputs.as_ref().unwrap();
+            let indexer = &model.layers[l].indexer;
+            let prefix = format!("model.layers.{l}.self_attn.indexer.");
+            let params: Vec<&(String, Var)> = vars.iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+            assert_eq!(params.len(), 5);
+
+            // The trainer's path: gradients summed over the calls (query blocks, then key chunks).
+            let mut blocked: std::collections::HashMap<String, Tensor> = Default::default();
+            let mut calls = 0;
+            let kl = indexer
+                .backprop_sparse_kl((xi, qr), keys, target, sel, (&ctx.cos, &ctx.sin), *rows, weight, |gs| {
+                    calls += 1;
+                    for (name, var) in &params {
+                        if let Some(g) = gs.get(var.as_tensor()) {
+                            let sum = match blocked.remove(name) { Some(a) => (a + g)?, None => g.clone() };
+                            blocked.insert(name.clone(), sum);
+                        }
+                    }
+                    Ok(())
+                })
+                .unwrap();
+            assert_eq!(calls, 2 * t.div_ceil(3), "8 query blocks and 8 key chunks");
+
+            // The reference: one graph from the parameters over all rows.
+            let p = indexer.project(xi, qr, &ctx.cos, &ctx.sin).unwrap();
+            let causal = dsa_train::dsa::causal_bias(t, &Device::Cpu).unwrap();
+            let whole = dsa_train::dsa::select_topk(&p.scores(&causal).unwrap().detach(), topk).unwrap();
+            assert_eq!(whole.indices.to_vec3::<u32>().unwrap(), sel.indices.to_vec3::<u32>().unwrap(), "layer {l}: the sets");
+            let on_set = (p.scores_at(sel).unwrap() + &sel.bias).unwrap();
+            let kl_ref = dsa_train::losses::kl_rows(target, &on_set).unwrap().mean_all().unwrap();
+            let grads = (&kl_ref * weight).unwrap().backward().unwrap();
+            let (a, r) = (kl.to_scalar::<f32>().unwrap(), kl_ref.to_scalar::<f32>().unwrap());
+            assert!((a - r).abs() <= 1e-5 * r.abs(), "layer {l} (block_rows {block_rows}): KL {a} vs {r}");
+            for (name, var) in &params {
+                let reference = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no reference gradient"));
+                let scale = max_abs(reference);
+                assert!(scale > 0.0, "{name}: zero reference gradient");
+                let diff = max_abs(&(reference - &blocked[name]).unwrap());
+                assert!(diff <= 1e-5 * scale, "{name} (block_rows {block_rows}): max diff {diff}, max |g| {scale}");
+            }
+        }
     }
 }
 

@@ -41,17 +41,44 @@ impl Indexer {
 
     /// The indexer's queries, keys and head weights (differentiable, f32).
     pub fn project(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<IndexerProj> {
+        let (q, w) = self.project_queries(x, qr, cos, sin)?;
+        let k = self.project_keys(x, cos, sin)?;
+        Ok(IndexerProj { q, k, w })
+    }
+
+    /// Queries [B, n, HI, DI] and head weights [B, n, HI] of the n tokens of x [B, n, hidden]
+    /// and qr [B, n, q_lora] (differentiable, f32); `cos`/`sin` are the rope rows of those
+    /// tokens' positions. Per token, so a block of rows gives exactly those rows of `project`.
+    pub fn project_queries(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (hi, di) = (self.heads, self.head_dim);
-        let x = x.to_dtype(DType::F32)?;
         let qr = qr.to_dtype(DType::F32)?;
         let q = linear(&qr, &self.wq_b)?.reshape((b, t, hi, di))?;
         let q = self.rope_prefix(&q, cos, sin)?.contiguous()?; // [B, T, HI, DI]
-        let k = layer_norm(&linear(&x, &self.wk)?, &self.k_norm_weight, &self.k_norm_bias, K_NORM_EPS)?;
-        let k = self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?.reshape((b, t, di))?.contiguous()?; // [B, T, DI]
-        let w = (linear(&x, &self.weights_proj)? * ((hi as f64).powf(-0.5) * (di as f64).powf(-0.5)))?; // [B, T, HI]
-        Ok(IndexerProj { q, k, w })
+        let w = (linear(&x.to_dtype(DType::F32)?, &self.weights_proj)? * ((hi as f64).powf(-0.5) * (di as f64).powf(-0.5)))?; // [B, T, HI]
+        Ok((q, w))
     }
+
+    /// Keys [B, T, DI] of the tokens of x [B, T, hidden] (differentiable, f32).
+    pub fn project_keys(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = x.dims3()?;
+        let di = self.head_dim;
+        let k = layer_norm(&linear(&x.to_dtype(DType::F32)?, &self.wk)?, &self.k_norm_weight, &self.k_norm_bias, K_NORM_EPS)?;
+        self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?.reshape((b, t, di))?.contiguous() // [B, T, DI]
+    }
+}
+
+/// Query rows per block wherever the indexer's queries exist a block of rows at a time: about
+/// 2^24 query values (64 MiB in f32) over the batch's `b` sequences; at least 1, at most `t`.
+pub fn query_block_rows(b: usize, t: usize, heads: usize, head_dim: usize) -> usize {
+    ((1usize << 24) / (b * heads * head_dim).max(1)).clamp(1, t.max(1))
+}
+
+/// Query rows per block of the sparse stage's selection and KL: `query_block_rows`, and at
+/// most about 2^25 KL entries [B, n, K] (K = min(topk, T)) per block.
+pub fn sparse_block_rows(b: usize, t: usize, heads: usize, head_dim: usize, topk: usize) -> usize {
+    let kl_bound = ((1usize << 25) / (b * topk.min(t)).max(1)).max(1);
+    query_block_rows(b, t, heads, head_dim).min(kl_bound)
 }
 
 impl Indexer {
@@ -81,6 +108,78 @@ impl Indexer {
             on_grads(&surrogate.backward()?)?;
         }
         Ok(())
+    }
+
+    /// The keys-only `backprop_rows`: push dk [B, T, DI] (f32) into wk and k_norm, recomputing
+    /// the keys of `rows` tokens at a time from x [B, T, hidden]: sum(k dk) per chunk.
+    pub fn backprop_keys(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        dk: &Tensor,
+        rows: usize,
+        mut on_grads: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+    ) -> Result<()> {
+        let t = x.dim(1)?;
+        for r0 in (0..t).step_by(rows.max(1)) {
+            let n = rows.max(1).min(t - r0);
+            let k = self.project_keys(&x.narrow(1, r0, n)?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?;
+            on_grads(&(k * dk.narrow(1, r0, n)?.to_dtype(DType::F32)?)?.sum_all()?.backward()?)?;
+        }
+        Ok(())
+    }
+
+    /// The sparse stage's indexer KL of one layer, backpropagated into the indexer's parameters
+    /// without q_I ever existing for every row. Loss: `weight` times the mean over (sequence,
+    /// query t) of KL(p_t || softmax(I_t at S_t)), p = `target` [B, T, K] (the sparse
+    /// attention's head-mean probabilities), the sets `sel` and their bias. Per block of `rows`
+    /// queries: q and w are projected again from the detached inputs x [B, T, hidden] and
+    /// qr [B, T, q_lora] with their graph, scored at the selected keys against ONE shared leaf
+    /// copy of `keys` [B, T, DI] (f32), and the block's KL backpropagated at once: gradients of
+    /// wq_b and weights_proj go to `on_grads` block by block, d(keys) is summed over the blocks
+    /// in f32 and then pushed through wk and k_norm a chunk of `rows` tokens at a time
+    /// (`backprop_keys`). The same gradient as one graph over all rows, up to the order of the
+    /// f32 sums. `cos`/`sin`: rope tables of positions 0.. (at least T rows). Returns the mean
+    /// KL (detached f32 scalar).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backprop_sparse_kl(
+        &self,
+        inputs: (&Tensor, &Tensor),
+        keys: &Tensor,
+        target: &Tensor,
+        sel: &crate::dsa::Selection,
+        rope: (&Tensor, &Tensor),
+        rows: usize,
+        weight: f64,
+        mut on_grads: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+    ) -> Result<Tensor> {
+        let ((x, qr), (cos, sin)) = (inputs, rope);
+        let (b, t, _) = x.dims3()?;
+        let rows = rows.clamp(1, t.max(1));
+        let keys = candle_core::Var::from_tensor(&keys.detach())?; // the blocks' shared leaf
+        let mut dk = keys.as_tensor().zeros_like()?;
+        let mut total: Option<Tensor> = None;
+        for q0 in (0..t).step_by(rows) {
+            let n = rows.min(t - q0);
+            let (q, w) = self.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos.narrow(0, q0, n)?, &sin.narrow(0, q0, n)?)?;
+            let block = IndexerProj { q, k: keys.as_tensor().clone(), w };
+            let set = sel.rows(q0, n)?;
+            let on_set = (block.scores_at(&set)? + &set.bias)?; // [B, n, K]
+            let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?; // sum over [B, n]
+            let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
+            on_grads(&gs)?;
+            if let Some(g) = gs.get(keys.as_tensor()) {
+                dk = (dk + g.detach())?;
+            }
+            let kl_sum = kl_sum.detach();
+            total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
+        }
+        self.backprop_keys(x, cos, sin, &dk, rows, on_grads)?;
+        match total {
+            Some(s) => s / (b * t) as f64,
+            None => candle_core::bail!("the sparse-stage KL of an empty sequence"),
+        }
     }
 }
 

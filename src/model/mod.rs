@@ -58,12 +58,16 @@ pub struct ForwardOptions {
     /// whole sequence at once). For passes whose outputs are not differentiated (the
     /// recomputing trainer's first pass); `DecoderLayer::sparse_blocks` is its backward.
     pub block_rows: usize,
+    /// Sparse attention with `defer_dense_kl` (the sparse stage's training): query rows per
+    /// block of the indexer's selection and KL, where its queries exist a block at a time
+    /// (0 = about 2^24 query values and 2^25 KL entries per block; tests force a few rows).
+    pub indexer_rows: usize,
 }
 
 impl ForwardOptions {
     /// Inference-style options: statistics as asked, nothing detached or deferred.
     pub fn new(attention: AttentionMode, topk: usize) -> Self {
-        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0 }
+        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 }
     }
 }
 
@@ -75,14 +79,18 @@ pub enum DeferredKl {
     /// The streaming kernel: the target is recomputed tile by tile from q, k and the LSE.
     Streaming { proj: indexer::IndexerProj, scores: attention::DenseScores },
     /// Sparse stage: the KL over each query's selected set against the sparse attention's
-    /// head-mean probabilities [B, T, K], evaluated a block of queries at a time.
-    Sparse { proj: indexer::IndexerProj, target: Tensor, sel: crate::dsa::Selection },
+    /// head-mean probabilities `target` [B, T, K]. Only the keys [B, T, DI] (f32, detached) are
+    /// kept: `Indexer::backprop_sparse_kl` projects the queries and head weights again from
+    /// `LayerStats::indexer_inputs`, `rows` queries at a time.
+    Sparse { keys: Tensor, target: Tensor, sel: crate::dsa::Selection, rows: usize },
 }
 
 impl DeferredKl {
-    pub fn proj(&self) -> &indexer::IndexerProj {
+    /// The whole-sequence projections the KL is built on (none in the sparse stage).
+    pub fn proj(&self) -> Option<&indexer::IndexerProj> {
         match self {
-            DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } | DeferredKl::Sparse { proj, .. } => proj,
+            DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } => Some(proj),
+            DeferredKl::Sparse { .. } => None,
         }
     }
 
@@ -110,9 +118,11 @@ pub struct LayerStats {
     pub deferred_kl: Option<DeferredKl>,
     /// Sparse mode: the selected sets (a recomputing backward reuses them).
     pub selection: Option<crate::dsa::Selection>,
-    /// Training: the indexer's inputs (x, qr), detached, and the leaf projections its KL was
-    /// built on; the trainer turns d(KL)/d(projections) into parameter gradients a chunk of
-    /// tokens at a time (`Indexer::backprop_rows`).
+    /// Training: the indexer's inputs (x, qr), detached, and (warm-up, or a KL that is not
+    /// deferred) the leaf projections its KL was built on; the trainer turns
+    /// d(KL)/d(projections) into parameter gradients a chunk of tokens at a time
+    /// (`Indexer::backprop_rows`). The sparse stage's deferred KL keeps no projections of every
+    /// row (`DeferredKl::Sparse`): `indexer_proj` is None there.
     pub indexer_inputs: Option<(Tensor, Tensor)>,
     pub indexer_proj: Option<indexer::IndexerProj>,
     /// Block mode (MoE layers): the balance loss's f per sequence [B * E] (detached), which
@@ -202,10 +212,11 @@ impl DecoderLayer {
         let attn_out = match opts.attention {
             AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
                 let (out, scores) = self.attn.dense_streaming(&proj)?;
-                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer"), scores });
+                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole(), scores });
                 out
             }
             AttentionMode::Dense => {
+                let ix = ix.map(IndexerView::whole);
                 let causal = ctx.causal(0, ctx.t)?;
                 let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
@@ -226,14 +237,9 @@ impl DecoderLayer {
             AttentionMode::Sparse => {
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
                 let a = self.attn.sparse(&proj, &sel)?;
-                if opts.indexer_kl && opts.defer_dense_kl {
-                    // Training: the caller evaluates the KL a block of queries at a time.
-                    let proj = ix.as_ref().expect("the indexer KL projects the indexer").detach();
-                    stats.deferred_kl = Some(DeferredKl::Sparse { proj, target: a.head_mean_probs.clone(), sel: sel.clone() });
-                } else if opts.indexer_kl {
+                if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
-                    stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &on_set)?);
+                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, &mut stats)?;
                 }
                 if opts.recall {
                     let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
@@ -259,34 +265,63 @@ impl DecoderLayer {
 
     /// The indexer's projections of x and qr when this pass needs them (sparse attention
     /// without cached sets, the KL, or the recall). In the sparse stage its inputs are detached
-    /// so the KL trains only the indexer; training keeps leaf copies (`stats`).
-    fn project_indexer(&self, x: &Tensor, qr: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: bool, stats: &mut LayerStats) -> Result<Option<IndexerProj>> {
+    /// so the KL trains only the indexer. Training keeps the detached inputs (`stats`) and:
+    /// with sparse attention and a deferred KL (the sparse stage), the keys of every token
+    /// alone, f32 [B, T, DI], since the queries (HI x DI per token) are projected again a block
+    /// of rows at a time wherever they are needed; otherwise leaf copies of all three.
+    fn project_indexer(&self, x: &Tensor, qr: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: bool, stats: &mut LayerStats) -> Result<Option<IndexerView>> {
         let need_indexer = (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
         if !need_indexer {
             return Ok(None);
         }
         let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), qr.detach()) } else { (x.clone(), qr.clone()) };
+        if opts.attention == AttentionMode::Sparse && opts.defer_dense_kl {
+            // The deferred KL stops at the projections whether or not the inputs are detached.
+            let (x, qr) = (ix.detach(), iqr.detach());
+            let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
+            let (b, t, _) = x.dims3()?;
+            let rows = match opts.indexer_rows {
+                0 => indexer::sparse_block_rows(b, t, self.indexer.heads, self.indexer.head_dim, opts.topk),
+                forced => forced.min(t),
+            };
+            stats.indexer_inputs = Some((x.clone(), qr.clone()));
+            return Ok(Some(IndexerView::Keys { k, x, qr, rows }));
+        }
         let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
         if opts.detach_indexer_inputs || opts.defer_dense_kl {
             let leaves = p.leaves()?;
             stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
             stats.indexer_proj = Some(IndexerProj { q: leaves.q.clone(), k: leaves.k.clone(), w: leaves.w.clone() });
-            Ok(Some(leaves))
+            Ok(Some(IndexerView::Whole(leaves)))
         } else {
-            Ok(Some(p))
+            Ok(Some(IndexerView::Whole(p)))
         }
     }
 
-    /// The sparse sets: `cached`, or the indexer's top-k.
-    fn selection(&self, ix: Option<&IndexerProj>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<crate::dsa::Selection> {
-        Ok(match cached {
-            Some(sel) => sel.clone(),
-            None => {
-                let ix = ix.expect("sparse attention projects the indexer");
-                let fast = self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(ix.q.device());
-                select_indexer_topk(&ix.detach(), ctx, opts.topk, fast)?
+    /// The sparse sets: `cached`, or the indexer's top-k, scored a block of queries at a time
+    /// (with `IndexerView::Keys`, each block's queries projected from the inputs just then).
+    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<crate::dsa::Selection> {
+        if let Some(sel) = cached {
+            return Ok(sel.clone());
+        }
+        let ix = ix.expect("sparse attention projects the indexer");
+        let fast = |keys: &Tensor| self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(keys.device());
+        match ix {
+            IndexerView::Whole(p) => {
+                let p = p.detach();
+                let t = p.k.dim(1)?;
+                // One block of every row: the device kernel chunks its score buffer itself.
+                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), t, ctx, opts.topk, fast(&p.k))
             }
-        })
+            IndexerView::Keys { k, x, qr, rows } => {
+                let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
+                    let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
+                    let (q, w) = self.indexer.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos, &sin)?;
+                    Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
+                };
+                select_indexer_topk(k, queries, *rows, ctx, opts.topk, fast(k))
+            }
+        }
     }
 
     /// `forward_with` in block mode (sparse attention, `opts.block_rows` queries at a time):
@@ -303,12 +338,7 @@ impl DecoderLayer {
         let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
         if opts.indexer_kl {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-            if opts.defer_dense_kl {
-                stats.deferred_kl = Some(DeferredKl::Sparse { proj: ix.detach(), target: head_mean, sel: sel.clone() });
-            } else {
-                let on_set = (ix.scores_at(&sel)? + &sel.bias)?; // [B, T, K]
-                stats.indexer_kl = Some(kl_rows(&head_mean, &on_set)?);
-            }
+            sparse_kl(ix, head_mean, &sel, &mut stats)?;
         }
         if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, &pass.chosen) {
             let (b, t, _) = h.dims3()?;
@@ -425,22 +455,79 @@ impl DecoderLayer {
     }
 }
 
-/// Top-k selection from the indexer, scoring one block of queries at a time (no [T, T] tensor).
-/// `fast` (bf16 models on CUDA): the tensor-core scoring and device top-k kernels, with q_I and
-/// k_I rounded to bf16 for the products (f32 accumulation); otherwise f32 scores and the host
-/// selection, the reference that f32 GPU runs share with the CPU.
-fn select_indexer_topk(ix: &indexer::IndexerProj, ctx: &ForwardContext, k: usize, fast: bool) -> Result<crate::dsa::Selection> {
-    let (b, t, _, _) = ix.q.dims4()?;
-    if fast {
-        let q = ix.q.to_dtype(DType::BF16)?;
-        let keys = ix.k.to_dtype(DType::BF16)?;
-        let rows = (0..b)
-            .map(|bi| crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &ix.w.get(bi)?, &keys.get(bi)?, 0, k))
-            .collect::<Result<Vec<_>>>()?;
-        return crate::dsa::Selection::from_positions(&Tensor::stack(&rows, 0)?);
+/// What a pass holds of the indexer's projections.
+enum IndexerView {
+    /// Queries, keys and head weights of every row: a graph, or leaf copies when training.
+    Whole(IndexerProj),
+    /// The sparse stage's training: the keys of every token [B, T, DI] (f32, detached) and the
+    /// detached inputs x [B, T, hidden], qr [B, T, q_lora]; queries and head weights exist only
+    /// `rows` tokens at a time (`Indexer::project_queries`).
+    Keys { k: Tensor, x: Tensor, qr: Tensor, rows: usize },
+}
+
+impl IndexerView {
+    /// The whole projections (every pass but the sparse stage's training has them).
+    fn whole(self) -> IndexerProj {
+        match self {
+            IndexerView::Whole(p) => p,
+            IndexerView::Keys { .. } => unreachable!("only sparse attention keeps the indexer's keys alone"),
+        }
     }
-    crate::dsa::select_topk_streaming(b, t, k, crate::dsa::query_block(b, t), ix.q.device(), |q0, n| {
-        Ok(ix.scores_rows(q0, n)?.broadcast_add(&ctx.causal(q0, n)?)?)
+}
+
+/// The sparse-stage KL of one layer over the selected sets `sel`, against the sparse
+/// attention's head-mean probabilities `target` [B, T, K]: deferred to the trainer as (keys,
+/// target, sets) when only the keys are kept, otherwise per query into `stats.indexer_kl`
+/// (scores at the sets plus their bias, f32; differentiable in the projections).
+fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, stats: &mut LayerStats) -> Result<()> {
+    match ix {
+        IndexerView::Keys { k, rows, .. } => {
+            stats.deferred_kl = Some(DeferredKl::Sparse { keys: k.clone(), target, sel: sel.clone(), rows: *rows });
+        }
+        IndexerView::Whole(p) => {
+            let on_set = (p.scores_at(sel)? + &sel.bias)?; // [B, T, K]
+            stats.indexer_kl = Some(kl_rows(&target, &on_set)?);
+        }
+    }
+    Ok(())
+}
+
+/// Top-k selection from the indexer against `keys` [B, T, DI], scoring one block of at most
+/// `rows` queries at a time (no [T, T] tensor, and the queries of one block at a time):
+/// `queries(q0, n)` gives the detached queries [B, n, HI, DI] and head weights [B, n, HI]
+/// (f32) of rows q0..q0+n. `fast` (bf16 models on CUDA): the tensor-core scoring and device
+/// top-k kernels, with q_I and k_I rounded to bf16 for the products (f32 accumulation), each
+/// block's rows passed with their offset q0; otherwise f32 scores and the host selection,
+/// the reference that f32 GPU runs share with the CPU. The sets do not depend on `rows`.
+fn select_indexer_topk(
+    keys: &Tensor,
+    queries: impl Fn(usize, usize) -> Result<(Tensor, Tensor)>,
+    rows: usize,
+    ctx: &ForwardContext,
+    k: usize,
+    fast: bool,
+) -> Result<crate::dsa::Selection> {
+    let (b, t, _) = keys.dims3()?;
+    let rows = rows.clamp(1, t.max(1));
+    if fast {
+        let keys = keys.to_dtype(DType::BF16)?;
+        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] u32 per block
+        for q0 in (0..t).step_by(rows) {
+            let n = rows.min(t - q0);
+            let (q, w) = queries(q0, n)?;
+            let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
+            for (bi, parts) in per_seq.iter_mut().enumerate() {
+                parts.push(crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &w.get(bi)?, &keys.get(bi)?, q0, k)?);
+            }
+        }
+        let seqs = per_seq.iter().map(|p| Tensor::cat(p, 0)).collect::<Result<Vec<_>>>()?; // [T, K] each
+        return crate::dsa::Selection::from_positions(&Tensor::stack(&seqs, 0)?);
+    }
+    let keys = keys.clone();
+    crate::dsa::select_topk_streaming(b, t, k, rows.min(crate::dsa::query_block(b, t)), keys.device(), |q0, n| {
+        let (q, w) = queries(q0, n)?;
+        let block = IndexerProj { q, k: keys.clone(), w };
+        Ok(block.scores_rows(0, n)?.broadcast_add(&ctx.causal(q0, n)?)?)
     })
     .map_err(candle_core::Error::wrap)
 }

@@ -246,6 +246,7 @@ impl Trainer {
             seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
             defer_dense_kl: self.stage != Stage::Dense,
             block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute { self.recipe.train.block_rows } else { 0 },
+            indexer_rows: 0,
         }
     }
 
@@ -424,15 +425,23 @@ impl Trainer {
     }
 
     /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL
-    /// as a detached f32 scalar on the device. Two steps, both bounded in memory at long
-    /// lengths: (1) the gradients of the KL w.r.t. the indexer's projections q_I, w, k_I (the
-    /// layer built the KL on leaf copies of them): from candle's backward over the selected
-    /// set (sparse), from the streaming kernel (warm-up on CUDA), or block of queries by block
-    /// (plain warm-up); (2) `Indexer::backprop_rows` pushes them into the parameters a chunk
-    /// of tokens at a time.
+    /// as a detached f32 scalar on the device. Bounded in memory at long lengths. Sparse stage:
+    /// `Indexer::backprop_sparse_kl` projects the queries again a block of rows at a time and
+    /// sends each block's parameter gradients to `accum` at once (no q_I of every row, no
+    /// concatenated dq). Otherwise two steps: (1) the gradients of the KL w.r.t. the indexer's
+    /// projections q_I, w, k_I (the layer built the KL on leaf copies of them), from the
+    /// streaming kernel (warm-up on CUDA) or block of queries by block (plain warm-up);
+    /// (2) `Indexer::backprop_rows` pushes them into the parameters a chunk of tokens at a time.
     fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum, indexer: &crate::model::indexer::Indexer) -> Result<Tensor> {
-        let proj = match (&stats.indexer_proj, &stats.deferred_kl) {
-            (_, Some(d)) => d.proj(),
+        let slots = &self.slots;
+        if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
+            let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
+            let rope = (&self.ctx.cos, &self.ctx.sin);
+            let kl = indexer.backprop_sparse_kl((x, qr), keys, target, sel, rope, *rows, weight, |gs| accum.add(slots, gs).map_err(candle_core::Error::wrap))?;
+            return Ok(kl.to_dtype(DType::F32)?);
+        }
+        let proj = match (&stats.indexer_proj, stats.deferred_kl.as_ref().and_then(|d| d.proj())) {
+            (_, Some(p)) => p,
             (Some(p), None) => p,
             (None, None) => bail!("layer returned no indexer projections"),
         };
@@ -452,31 +461,7 @@ impl Trainer {
                     let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }
-                crate::model::DeferredKl::Sparse { proj, target, sel } => {
-                    // Blocks of about 2^25 [B, n, K] elements; each block's queries and head
-                    // weights are their own leaves (their gradients are concatenated), the keys
-                    // one shared leaf.
-                    let kk = sel.indices.dim(2)?.max(1);
-                    let block = ((1usize << 25) / (b * kk)).clamp(1, t);
-                    let keys = Var::from_tensor(&proj.k)?;
-                    let (mut dqs, mut dws, mut dk) = (vec![], vec![], proj.k.zeros_like()?);
-                    let mut total: Option<Tensor> = None;
-                    for q0 in (0..t).step_by(block) {
-                        let n = block.min(t - q0);
-                        let (qv, wv) = (Var::from_tensor(&proj.q.narrow(1, q0, n)?)?, Var::from_tensor(&proj.w.narrow(1, q0, n)?)?);
-                        let p = crate::model::indexer::IndexerProj { q: qv.as_tensor().clone(), w: wv.as_tensor().clone(), k: keys.as_tensor().clone() };
-                        let rows = sel.rows(q0, n)?;
-                        let on_set = (p.scores_at(&rows)? + &rows.bias)?; // [B, n, K]
-                        let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?;
-                        let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
-                        dqs.push(grad_of(&gs, qv.as_tensor())?);
-                        dws.push(grad_of(&gs, wv.as_tensor())?);
-                        dk = (dk + grad_of(&gs, keys.as_tensor())?)?;
-                        let kl_sum = kl_sum.detach();
-                        total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
-                    }
-                    ((total.context("empty sequence")? / (b * t) as f64)?, Tensor::cat(&dqs, 1)?, Tensor::cat(&dws, 1)?, dk)
-                }
+                crate::model::DeferredKl::Sparse { .. } => unreachable!("the sparse-stage KL returned above"),
                 crate::model::DeferredKl::Plain { proj, target } => {
                     // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
                     let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
@@ -498,8 +483,7 @@ impl Trainer {
         };
         let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
         // About 2^24 query values (64 MiB in f32) per chunk of tokens.
-        let rows = ((1usize << 24) / (b * hi * di).max(1)).clamp(1, t);
-        let slots = &self.slots;
+        let rows = crate::model::indexer::query_block_rows(b, t, hi, di);
         indexer.backprop_rows(x, qr, &self.ctx.cos, &self.ctx.sin, (&dq, &dw, &dk), rows, |gs| accum.add(slots, gs).map_err(candle_core::Error::wrap))?;
         Ok(kl.to_dtype(DType::F32)?)
     }

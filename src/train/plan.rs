@@ -22,17 +22,25 @@
 //!   bytes per token and layer; both in host memory with `train.offload_activations`) plus ONE
 //!   layer's working set; without it, 34 x hidden bytes per token and layer (Korthikanti et
 //!   al.'s bf16 count without the attention matrix, which the kernels never store). One
-//!   layer's working set has a whole-sequence part per token: the indexer (HI x DI f32
-//!   queries, their bf16 copy and gradient: 10 HI DI bytes), the selection (k x 4 bytes, twice)
-//!   and the sparse-KL rows (k x 4 bytes, 5 live tensors), the latent kv and its f32 gradient
-//!   (12 (C+R) bytes); and a per-query part, for the B T tokens at once or, with
-//!   `train.block_rows` = n, for n tokens: attention in absorbed form (H x (C+R) query and
-//!   H x (C+1) output in f32 and bf16 copies: about 14 H (C+R) bytes), MoE routing and expert
-//!   inputs (about 4 x top-k x moe_intermediate x 2 bytes) and the layer's hidden-size
-//!   tensors (8 x hidden x dtype). The LM head runs in chunks of 2^27 logits (f32 log-softmax
-//!   and gradient: ~1.5 GiB). The MTP layer (when loaded) has no block mode and computes its
-//!   logits unchunked: one layer's working set at T tokens plus T x vocab x (dtype + 8) bytes.
-//!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
+//!   layer's working set has a whole-sequence part per token. Sparse stage (the indexer's
+//!   queries exist a block of rows at a time): the indexer's keys (DI f32 values, their leaf
+//!   copy in the KL backward, the summed gradient, one block's gradient and their sum:
+//!   20 DI bytes), its detached inputs x and qr ((hidden + q_lora) x dtype), the KL target and
+//!   the four forms of the selection (k x 4 bytes, 5 tensors), the latent kv and its f32
+//!   gradient (12 (C+R) bytes); plus, once per layer, the KL's block of
+//!   n_I = min(T, 2^24 / (B HI DI), 2^25 / (B k)) query rows (about 6 f32 copies of the
+//!   queries and their gradients, the rows of x and qr in f32, 8 live [n_I, k] f32 tensors:
+//!   n_I (24 HI DI + 4 (hidden + q_lora) + 32 k) bytes; it bounds the selection's blocks
+//!   too). Warm-up and dense stages: the indexer (HI x DI f32 queries, their bf16 copy and
+//!   gradient: 10 HI DI bytes), 7 k x 4 bytes and 12 (C+R) bytes. And a per-query part, for
+//!   the B T tokens at once or, with `train.block_rows` = n, for n tokens: attention in
+//!   absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies: about
+//!   14 H (C+R) bytes), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2
+//!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype). The LM head runs in
+//!   chunks of 2^27 logits (f32 log-softmax and gradient: ~1.5 GiB). The MTP layer (when
+//!   loaded) has no block mode and computes its logits unchunked: one layer's working set at
+//!   T tokens plus T x vocab x (dtype + 8) bytes. Warm-up: no main-model backward; the
+//!   streaming KL kernel holds O(T) state.
 //! Communication per device and step (what the trainer sends; a ring all-reduce of B bytes
 //! over n ranks sends 2 (n-1)/n B from each):
 //! - gradient sums and ZeRO-1 parameter shares: two all-reduces of the f32 trainable tensors,
@@ -128,12 +136,22 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let hidden = cfg.hidden_size as f64;
     let (hi, di) = (cfg.index_n_heads as f64, cfg.index_head_dim as f64);
     let kk = k.min(t) as f64;
-    let per_seq_token = 10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r);
+    // The whole-sequence part per token and, in the sparse stage, the indexer's block of
+    // query rows (the trainer's: `ForwardOptions::indexer_rows` = 0).
+    let b = recipe.train.micro_batch_seqs.max(1);
+    let q_lora = cfg.q_lora_rank as f64;
+    let (per_seq_token, indexer_block) = if stage == Stage::Sparse {
+        let rows = crate::model::indexer::sparse_block_rows(b, t as usize, cfg.index_n_heads, cfg.index_head_dim, k as usize) as f64;
+        let per_token = 20.0 * di + (hidden + q_lora) * dtype_bytes + 5.0 * kk * 4.0 + 12.0 * (c + r);
+        (per_token, b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk))
+    } else {
+        (10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r), 0.0)
+    };
     let per_query = 14.0 * h * (c + r) + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0 + 8.0 * hidden * dtype_bytes;
-    let layer_working_set = micro_tokens * (per_seq_token + per_query);
+    let layer_working_set = micro_tokens * (per_seq_token + per_query) + indexer_block;
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
-    let sparse_working_set = if blocked { micro_tokens * per_seq_token + (block.min(recipe.data.seq_len) as f64) * per_query } else { layer_working_set };
+    let sparse_working_set = if blocked { micro_tokens * per_seq_token + indexer_block + (block.min(recipe.data.seq_len) as f64) * per_query } else { layer_working_set };
     let lm_chunk = (1u64 << 27) as f64 * 4.0 * 3.0;
     let mtp_bytes = if with_mtp && stage != Stage::Dense { layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0) } else { 0.0 };
     // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
