@@ -14,64 +14,82 @@ use rayon::prelude::*;
 /// exactly zero target probability) while `exp(bias - max)` underflows to exactly 0.
 pub const MASKED: f32 = -1e30;
 
-/// The selected sets of one layer.
+/// The selected sets of one layer, stored in ONE form: the kernels' absolute rows. At 128K
+/// tokens and k = 2048 each [B, T, K] form is 1 GiB per layer and sequence, so the positions,
+/// the 0/1 mask and the additive bias are derived on demand for the rows at hand (`rows`,
+/// `block` first, then `indices`/`valid`/`bias`: a block's worth, never the whole sequence's
+/// in the training paths).
 #[derive(Debug, Clone)]
 pub struct Selection {
-    /// [B, T, K] u32 key positions, K = min(k, T): best first from the host selection,
-    /// ascending from the device kernel (the sets, not their order, are the contract).
-    pub indices: Tensor,
-    /// [B, T, K] f32: 1 for a selected key, 0 for padding.
-    pub valid: Tensor,
-    /// [B, T, K] f32: 0 for a selected key, `MASKED` for padding.
-    pub bias: Tensor,
-    /// [B, T, K] u32: row in the flattened [B*T] token axis (b * T + index); u32::MAX for
-    /// padding. The kernels' form.
+    /// [B, T, K] u32: row in the flattened [B*T] token axis (sequence * seq_len + position);
+    /// u32::MAX for padding. Best first from the host selection, ascending from the device
+    /// kernel (the sets, not their order, are the contract).
     pub absolute: Tensor,
+    /// Tokens per sequence (the key axis), which the absolute rows are counted in.
+    seq_len: usize,
+    /// The batch index of this tensor's first sequence (non-zero after `block`).
+    first_seq: usize,
 }
 
 impl Selection {
-    /// Rebuild a selection from its `absolute` form [B, T, K] (u32::MAX = padding) on the
-    /// device: the form the kernels produce and the only one worth caching between passes.
+    /// Rebuild a selection from its `absolute` form [B, T, K] (u32::MAX = padding) of whole
+    /// sequences of T tokens: the form the kernels produce and the one cached between passes.
     pub fn from_absolute(absolute: Tensor) -> candle_core::Result<Self> {
-        let (b, t, k) = absolute.dims3()?;
-        let device = absolute.device().clone();
-        let valid_mask = absolute.ne(u32::MAX)?; // [B, T, K] u8
-        let offsets = Tensor::arange(0u32, b as u32, &device)?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?.contiguous()?;
+        let seq_len = absolute.dim(1)?;
+        Ok(Self { absolute, seq_len, first_seq: 0 })
+    }
+
+    /// Slots per query (K = min(k, T)).
+    pub fn k(&self) -> candle_core::Result<usize> {
+        self.absolute.dim(2)
+    }
+
+    /// [B, T, K] u8: 1 for a selected key, 0 for padding.
+    fn mask(&self) -> candle_core::Result<Tensor> {
+        self.absolute.ne(u32::MAX)
+    }
+
+    /// [B, T, K] u32 key positions within each sequence; padding slots hold 0.
+    pub fn indices(&self) -> candle_core::Result<Tensor> {
+        let (b, t, k) = self.absolute.dims3()?;
+        let device = self.absolute.device();
+        let start = (self.first_seq * self.seq_len) as f64;
+        let offsets = Tensor::arange(0u32, b as u32, device)?.affine(self.seq_len as f64, start)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?.contiguous()?;
         // Padding becomes the sequence offset first, so the subtraction never wraps.
-        let indices = (valid_mask.where_cond(&absolute, &offsets)? - &offsets)?;
-        let valid = valid_mask.to_dtype(DType::F32)?;
-        let masked = Tensor::full(MASKED, (b, t, k), &device)?;
-        let bias = valid_mask.where_cond(&masked.zeros_like()?, &masked)?;
-        Ok(Self { indices, valid, bias, absolute })
+        self.mask()?.where_cond(&self.absolute, &offsets)? - &offsets
+    }
+
+    /// [B, T, K] f32: 1 for a selected key, 0 for padding.
+    pub fn valid(&self) -> candle_core::Result<Tensor> {
+        self.mask()?.to_dtype(DType::F32)
+    }
+
+    /// [B, T, K] f32: 0 for a selected key, `MASKED` for padding (added to logits).
+    pub fn bias(&self) -> candle_core::Result<Tensor> {
+        let masked = Tensor::full(MASKED, self.absolute.shape(), self.absolute.device())?;
+        self.mask()?.where_cond(&masked.zeros_like()?, &masked)
     }
 
     /// The selected sets of queries q0..q0+n (the absolute rows still index the whole batch).
     pub fn rows(&self, q0: usize, n: usize) -> candle_core::Result<Self> {
-        Ok(Self {
-            indices: self.indices.narrow(1, q0, n)?,
-            valid: self.valid.narrow(1, q0, n)?,
-            bias: self.bias.narrow(1, q0, n)?,
-            absolute: self.absolute.narrow(1, q0, n)?,
-        })
+        Ok(Self { absolute: self.absolute.narrow(1, q0, n)?, seq_len: self.seq_len, first_seq: self.first_seq })
     }
 
     /// The sets of queries q0..q0+n of sequence `b` alone ([1, n, K]; absolute rows unchanged).
     pub fn block(&self, b: usize, q0: usize, n: usize) -> candle_core::Result<Self> {
-        let cut = |x: &Tensor| x.narrow(0, b, 1)?.narrow(1, q0, n);
-        Ok(Self { indices: cut(&self.indices)?, valid: cut(&self.valid)?, bias: cut(&self.bias)?, absolute: cut(&self.absolute)? })
+        Ok(Self { absolute: self.absolute.narrow(0, b, 1)?.narrow(1, q0, n)?, seq_len: self.seq_len, first_seq: self.first_seq + b })
     }
+}
 
-    /// Selection from per-sequence key positions [B, T, K] (u32::MAX = padding).
-    pub fn from_positions(positions: &Tensor) -> candle_core::Result<Self> {
-        let (b, t, k) = positions.dims3()?;
-        let device = positions.device();
-        let valid_mask = positions.ne(u32::MAX)?;
-        let offsets = Tensor::arange(0u32, b as u32, device)?.affine(t as f64, 0.0)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?;
-        let zero = positions.zeros_like()?;
-        let safe = valid_mask.where_cond(positions, &zero)?; // no wrap-around in the add below
-        let absolute = valid_mask.where_cond(&safe.broadcast_add(&offsets)?, positions)?;
-        Self::from_absolute(absolute)
-    }
+/// Absolute rows (sequence `seq` x `seq_len` + position; u32::MAX stays padding) of key
+/// positions [n, K] of one sequence: converted a block of queries at a time so that no
+/// second whole-sequence form of the sets ever exists.
+pub fn absolute_rows(positions: &Tensor, seq: usize, seq_len: usize) -> candle_core::Result<Tensor> {
+    let valid = positions.ne(u32::MAX)?;
+    let offset = Tensor::full((seq * seq_len) as u32, positions.shape(), positions.device())?;
+    // Padding becomes 0 before the add, so nothing wraps.
+    let shifted = (valid.where_cond(positions, &positions.zeros_like()?)? + offset)?;
+    valid.where_cond(&shifted, positions)
 }
 
 /// Ordering key: +0.0 and -0.0 compare equal, NaN (never expected) sorts last.
@@ -150,7 +168,6 @@ pub fn query_block(b: usize, t: usize) -> usize {
 }
 
 fn selection_from_host(indices: Vec<u32>, valid: Vec<f32>, shape: (usize, usize, usize), device: &Device) -> Result<Selection> {
-    let bias: Vec<f32> = valid.iter().map(|v| if *v > 0.0 { 0.0 } else { MASKED }).collect();
     let (_, t, k) = shape;
     let absolute: Vec<u32> = indices
         .iter()
@@ -158,19 +175,14 @@ fn selection_from_host(indices: Vec<u32>, valid: Vec<f32>, shape: (usize, usize,
         .enumerate()
         .map(|(i, (idx, v))| if *v > 0.0 { (i / (t * k) * t) as u32 + idx } else { u32::MAX })
         .collect();
-    Ok(Selection {
-        absolute: Tensor::from_vec(absolute, shape, device)?,
-        indices: Tensor::from_vec(indices, shape, device)?,
-        valid: Tensor::from_vec(valid, shape, device)?,
-        bias: Tensor::from_vec(bias, shape, device)?,
-    })
+    Ok(Selection::from_absolute(Tensor::from_vec(absolute, shape, device)?)?)
 }
 
 /// Attention-mass recall per query: sum over s in S_t of `p[b, t, s]`, with `p` [B, T, T] the
 /// head-mean dense attention probabilities. Returns [B, T] f32.
 pub fn recall_rows(p: &Tensor, sel: &Selection) -> Result<Tensor> {
-    let picked = p.to_dtype(DType::F32)?.contiguous()?.gather(&sel.indices, 2)?; // [B, T, K]
-    Ok((picked * &sel.valid)?.sum(2)?)
+    let picked = p.to_dtype(DType::F32)?.contiguous()?.gather(&sel.indices()?, 2)?; // [B, T, K]
+    Ok((picked * sel.valid()?)?.sum(2)?)
 }
 
 /// Causal mask bias [T, T]: 0 where s <= t, `MASKED` above the diagonal.
@@ -212,8 +224,8 @@ mod tests {
         let v: Vec<f32> = (0..b * t * t).map(|_| (rng.uniform() * 6.0).floor() as f32 - 2.0).collect();
         let scores = Tensor::from_vec(v.clone(), (b, t, t), &Device::Cpu).unwrap();
         let sel = select_topk(&scores, k).unwrap();
-        let idx: Vec<Vec<Vec<u32>>> = sel.indices.to_vec3().unwrap();
-        let valid: Vec<Vec<Vec<f32>>> = sel.valid.to_vec3().unwrap();
+        let idx: Vec<Vec<Vec<u32>>> = sel.indices().unwrap().to_vec3().unwrap();
+        let valid: Vec<Vec<Vec<f32>>> = sel.valid().unwrap().to_vec3().unwrap();
         for bi in 0..b {
             for q in 0..t {
                 let row = &v[(bi * t + q) * t..][..t];
@@ -226,6 +238,33 @@ mod tests {
                 assert!(valid[bi][q][n..].iter().all(|x| *x == 0.0));
             }
         }
+    }
+
+    #[test]
+    fn derived_forms_of_a_block_equal_the_whole_selections_cut() {
+        // The one stored form (absolute rows) must give, for any block of any sequence, the
+        // same positions, mask and bias as the whole selection's forms cut to that block.
+        let (b, t, k) = (3, 23, 6);
+        let scores = crate::rng::randn(&[b, t, t], 11, 1.0, &Device::Cpu).unwrap();
+        let sel = select_topk(&scores, k).unwrap();
+        let (idx, valid, bias) = (sel.indices().unwrap(), sel.valid().unwrap(), sel.bias().unwrap());
+        assert!(idx.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().all(|&i| (i as usize) < t));
+        let cut = |x: &Tensor, bi: usize, q0: usize, n: usize| x.narrow(0, bi, 1).unwrap().narrow(1, q0, n).unwrap();
+        for (bi, q0, n) in [(0, 0, 4), (1, 3, 7), (2, 17, 6), (2, 0, t)] {
+            let blk = sel.block(bi, q0, n).unwrap();
+            assert_eq!(blk.indices().unwrap().to_vec3::<u32>().unwrap(), cut(&idx, bi, q0, n).to_vec3::<u32>().unwrap(), "positions {bi} {q0}");
+            assert_eq!(blk.valid().unwrap().to_vec3::<f32>().unwrap(), cut(&valid, bi, q0, n).to_vec3::<f32>().unwrap());
+            assert_eq!(blk.bias().unwrap().to_vec3::<f32>().unwrap(), cut(&bias, bi, q0, n).to_vec3::<f32>().unwrap());
+            // A row range of all sequences.
+            let rows = sel.rows(q0, n).unwrap();
+            assert_eq!(rows.indices().unwrap().to_vec3::<u32>().unwrap(), idx.narrow(1, q0, n).unwrap().to_vec3::<u32>().unwrap());
+            // Positions of one sequence's block back to absolute rows.
+            let positions = (blk.valid().unwrap().ne(0f32).unwrap().where_cond(&blk.indices().unwrap(), &Tensor::full(u32::MAX, (1, n, k), &Device::Cpu).unwrap()).unwrap()).squeeze(0).unwrap();
+            assert_eq!(absolute_rows(&positions, bi, t).unwrap().to_vec2::<u32>().unwrap(), cut(&sel.absolute, bi, q0, n).squeeze(0).unwrap().to_vec2::<u32>().unwrap());
+        }
+        // Early rows hold fewer than k keys: padding is masked and scores nothing.
+        assert_eq!(valid.narrow(1, 0, 1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), b as f32);
+        assert_eq!(bias.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|&&x| x == MASKED).count(), b * (k - 1));
     }
 
     #[test]

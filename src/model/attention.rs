@@ -171,7 +171,7 @@ impl Mla {
     /// long sequence can be processed a block of queries at a time against one shared kv.
     pub fn sparse_rows(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection) -> Result<AttentionOut> {
         let (b, t, h, _) = q_nope.dims4()?;
-        let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
+        let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
         let bt = b * t;
         // kv_b_proj rows per head: [N rows of W_UK; V rows of W_UV], each [*, C].
         let w_kv = self.kv_b_proj.reshape((h, self.nope + self.v_dim, c))?;
@@ -211,13 +211,13 @@ impl Mla {
     /// in f32, weight the latent values. Returns the latent output [BT, H, C] and the head-mean
     /// probabilities [B, T, K].
     fn sparse_plain(&self, q: &Tensor, kv: &Tensor, sel: &Selection, b: usize, t: usize) -> Result<(Tensor, Tensor)> {
-        let (c, r, k) = (self.kv_lora, self.rope, sel.indices.dim(2)?);
+        let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
         let bt = b * t;
         // Absolute rows into kv; padding (u32::MAX) reads row 0, which its bias masks.
         let flat = sel.absolute.ne(u32::MAX)?.where_cond(&sel.absolute, &sel.absolute.zeros_like()?)?.flatten_all()?; // [BT*K]
         let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
         let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
-        let bias = sel.bias.reshape((bt, 1, k))?;
+        let bias = sel.bias()?.reshape((bt, 1, k))?;
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
         let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?.contiguous()?)?; // [BT, H, C]
         Ok((o_lat, probs.mean(D::Minus2)?.reshape((b, t, k))?))

@@ -165,7 +165,7 @@ impl Indexer {
             let (q, w) = self.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos.narrow(0, q0, n)?, &sin.narrow(0, q0, n)?)?;
             let block = IndexerProj { q, k: keys.as_tensor().clone(), w };
             let set = sel.rows(q0, n)?;
-            let on_set = (block.scores_at(&set)? + &set.bias)?; // [B, n, K]
+            let on_set = (block.scores_at(&set)? + set.bias()?)?; // [B, n, K]
             let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?; // sum over [B, n]
             let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
             on_grads(&gs)?;
@@ -228,7 +228,7 @@ impl IndexerProj {
         // The queries may be a block of rows (t of them) while the keys cover the sequence (tk).
         let (b, t, hi, di) = self.q.dims4()?;
         let tk = self.k.dim(1)?;
-        let kk = sel.indices.dim(2)?;
+        let kk = sel.k()?;
         if crate::kernels::available(self.q.device()) {
             let q = self.q.contiguous()?.reshape((b * t, hi, di))?;
             let w = self.w.contiguous()?.reshape((b * t, hi))?;
@@ -236,13 +236,13 @@ impl IndexerProj {
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
             return crate::kernels::indexer_scores_at(&q, &w, &k, &idx)?.reshape((b, t, kk));
         }
-        let offsets = Tensor::arange(0u32, b as u32, sel.indices.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
-        let flat = sel.indices.broadcast_add(&offsets)?.contiguous()?.flatten_all()?;
+        let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
+        let flat = sel.indices()?.broadcast_add(&offsets)?.contiguous()?.flatten_all()?;
         let k_sel = self.k.reshape((b * tk, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
         let q = self.q.contiguous()?.reshape((b * t, hi, di))?; // [BT, HI, DI]
         let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
         let w = self.w.contiguous()?.reshape((b * t, 1, hi))?;
-        (w.matmul(&qk)?.reshape((b, t, kk))? * &sel.valid)? // padding slots score 0
+        (w.matmul(&qk)?.reshape((b, t, kk))? * sel.valid()?)? // padding slots score 0
             .reshape((b, t, kk))
     }
 }
@@ -265,7 +265,7 @@ mod tests {
         let causal = crate::dsa::causal_bias(t, &dev).unwrap();
         let dense = proj.scores(&causal).unwrap();
         let sel = crate::dsa::select_topk(&dense, 5).unwrap();
-        let gathered = (dense.gather(&sel.indices, 2).unwrap() * &sel.valid).unwrap();
+        let gathered = (dense.gather(&sel.indices().unwrap(), 2).unwrap() * sel.valid().unwrap()).unwrap();
         let direct = proj.scores_at(&sel).unwrap();
         let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
@@ -273,7 +273,7 @@ mod tests {
         let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, &dev, |q0, n| {
             Ok(proj.scores_rows(q0, n)?.broadcast_add(&causal.narrow(0, q0, n)?)?)
         }).unwrap();
-        assert_eq!(streamed.indices.to_vec3::<u32>().unwrap(), sel.indices.to_vec3::<u32>().unwrap());
+        assert_eq!(streamed.indices().unwrap().to_vec3::<u32>().unwrap(), sel.indices().unwrap().to_vec3::<u32>().unwrap());
     }
 }
 

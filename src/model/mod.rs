@@ -485,7 +485,7 @@ fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, stat
             stats.deferred_kl = Some(DeferredKl::Sparse { keys: k.clone(), target, sel: sel.clone(), rows: *rows });
         }
         IndexerView::Whole(p) => {
-            let on_set = (p.scores_at(sel)? + &sel.bias)?; // [B, T, K]
+            let on_set = (p.scores_at(sel)? + sel.bias()?)?; // [B, T, K]
             stats.indexer_kl = Some(kl_rows(&target, &on_set)?);
         }
     }
@@ -511,17 +511,23 @@ fn select_indexer_topk(
     let rows = rows.clamp(1, t.max(1));
     if fast {
         let keys = keys.to_dtype(DType::BF16)?;
-        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] u32 per block
+        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
         for q0 in (0..t).step_by(rows) {
             let n = rows.min(t - q0);
             let (q, w) = queries(q0, n)?;
             let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
             for (bi, parts) in per_seq.iter_mut().enumerate() {
-                parts.push(crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &w.get(bi)?, &keys.get(bi)?, q0, k)?);
+                let positions = crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &w.get(bi)?, &keys.get(bi)?, q0, k)?;
+                parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
             }
         }
-        let seqs = per_seq.iter().map(|p| Tensor::cat(p, 0)).collect::<Result<Vec<_>>>()?; // [T, K] each
-        return crate::dsa::Selection::from_positions(&Tensor::stack(&seqs, 0)?);
+        // One whole-sequence copy at a time: the blocks of a sequence are joined and dropped.
+        let mut seqs = Vec::with_capacity(b);
+        for parts in per_seq {
+            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, T, K]
+        }
+        let absolute = if b == 1 { seqs.pop().expect("one sequence") } else { Tensor::cat(&seqs, 0)? };
+        return crate::dsa::Selection::from_absolute(absolute);
     }
     let keys = keys.clone();
     crate::dsa::select_topk_streaming(b, t, k, rows.min(crate::dsa::query_block(b, t)), keys.device(), |q0, n| {

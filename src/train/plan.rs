@@ -19,14 +19,15 @@
 //!   embedding or LM head alone) in f32 and in the compute dtype;
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
-//!   bytes per token and layer; both in host memory with `train.offload_activations`) plus ONE
-//!   layer's working set; without it, 34 x hidden bytes per token and layer (Korthikanti et
+//!   bytes per token and layer; both in host memory with `train.offload_activations`, which
+//!   leaves two hidden-size tensors and one set on the device) plus ONE layer's working set; without it, 34 x hidden bytes per token and layer (Korthikanti et
 //!   al.'s bf16 count without the attention matrix, which the kernels never store). One
 //!   layer's working set has a whole-sequence part per token. Sparse stage (the indexer's
 //!   queries exist a block of rows at a time): the indexer's keys (DI f32 values, their leaf
 //!   copy in the KL backward, the summed gradient, one block's gradient and their sum:
 //!   20 DI bytes), its detached inputs x and qr ((hidden + q_lora) x dtype), the KL target and
-//!   the four forms of the selection (k x 4 bytes, 5 tensors), the latent kv and its f32
+//!   the selection's one stored form (absolute rows; positions, mask and bias are derived a
+//!   block at a time): k x 4 bytes, 2 tensors; the latent kv and its f32
 //!   gradient (12 (C+R) bytes); plus, once per layer, the KL's block of
 //!   n_I = min(T, 2^24 / (B HI DI), 2^25 / (B k)) query rows (about 6 f32 copies of the
 //!   queries and their gradients, the rows of x and qr in f32, 8 live [n_I, k] f32 tensors:
@@ -142,7 +143,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let q_lora = cfg.q_lora_rank as f64;
     let (per_seq_token, indexer_block) = if stage == Stage::Sparse {
         let rows = crate::model::indexer::sparse_block_rows(b, t as usize, cfg.index_n_heads, cfg.index_head_dim, k as usize) as f64;
-        let per_token = 20.0 * di + (hidden + q_lora) * dtype_bytes + 5.0 * kk * 4.0 + 12.0 * (c + r);
+        let per_token = 20.0 * di + (hidden + q_lora) * dtype_bytes + 2.0 * kk * 4.0 + 12.0 * (c + r);
         (per_token, b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk))
     } else {
         (10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r), 0.0)
@@ -161,7 +162,9 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let activation_bytes = match stage {
         Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
         Stage::Sparse if recipe.train.recompute => {
-            let on_device = if offload { 2.0 * micro_tokens * (hidden * dtype_bytes + kk * 4.0) } else { kept };
+            // Offloaded: the layer's input and output (pass 1) or input and output gradient
+            // (pass 2) and the one set in use stay on the device.
+            let on_device = if offload { micro_tokens * (2.0 * hidden * dtype_bytes + kk * 4.0) } else { kept };
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
