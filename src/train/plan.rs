@@ -12,11 +12,12 @@
 //! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
 //! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
 //! - optimizer: f32 master (when the dtype is not f32) and two f32 moments of the trainable
-//!   tensors this device holds, divided by the ranks that hold them (dp for non-expert
-//!   tensors, dp/ep for experts). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an unsharded
-//!   f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned share (4 bytes /
-//!   holders) plus the unreduced gradients of the largest flush unit (one layer, or the
-//!   embedding or LM head alone) in f32 and in the compute dtype;
+//!   tensors this device OWNS, on the most-loaded rank (owners are whole tensors, assigned
+//!   as the trainer does among the ranks that hold them: dp for non-expert tensors, dp/ep for
+//!   experts; `most_loaded_rank_bytes`). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an
+//!   unsharded f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned
+//!   tensors' f32 gradients plus the unreduced gradients of the largest flush unit (one layer,
+//!   or the embedding or LM head alone) in f32 and in the compute dtype;
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
 //!   bytes per token and layer; both in host memory with `train.offload_activations`, which
@@ -184,8 +185,8 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
     let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
-    let grad_bytes = |s: &crate::weights::WeightSpec| if zero2 { 4.0 / holders(s) } else { 4.0 };
-    let mut optimizer_bytes: f64 = specs.iter().filter(|s| trainable(s)).map(|s| local(s) * ((master + 8.0) / holders(s) + grad_bytes(s))).sum();
+    let mut optimizer_bytes = most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0 + if zero2 { 4.0 } else { 0.0 })
+        + if zero2 { 0.0 } else { specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0).sum::<f64>() };
     if zero2 {
         // The largest flush unit's unreduced gradients: f32 plus the backward's own copy.
         let mut units: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
@@ -224,6 +225,32 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     }
 }
 
+/// Optimizer bytes of the most-loaded rank, replaying the trainer's owner assignment
+/// (`zero::slot_owners`: whole tensors, largest first to the least-loaded rank; replicated
+/// tensors over the dp ranks, the routed experts of one expert-parallel slice over its dp/ep
+/// replicas). `owned` bytes per owned value (f32 master and moments, plus the ZeRO-2 gradient
+/// share). Whole-tensor ownership is not balanced when a rank's fair share is smaller than the
+/// largest tensors (the embedding and LM head of the 671B model are 0.93B values each, a rank's
+/// share at dp 2048 about 0.33B), so this, not the average, is what must fit.
+fn most_loaded_rank_bytes(specs: &[crate::weights::WeightSpec], trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool, recipe: &Recipe, experts: usize, owned: f64) -> f64 {
+    let dp = recipe.parallel.dp.max(1);
+    let ep = recipe.parallel.ep.max(1);
+    let slice = experts.div_ceil(ep).max(1); // experts per expert-parallel rank
+    let is_expert = |s: &crate::weights::WeightSpec| ep > 1 && crate::weights::routed_expert(&s.name).is_some();
+    let sizes = |f: &dyn Fn(&crate::weights::WeightSpec) -> bool| -> Vec<usize> { specs.iter().filter(|s| trainable(s) && f(s)).map(|s| s.shape.iter().product::<usize>()).collect() };
+    let load = |sizes: &[usize], ranks: usize| -> Vec<usize> {
+        let mut load = vec![0usize; ranks.max(1)];
+        for (i, r) in crate::train::optim::assign_owners(sizes, ranks).into_iter().enumerate() {
+            load[r] += sizes[i];
+        }
+        load
+    };
+    let replicated = load(&sizes(&|s| !is_expert(s)), dp);
+    // Slice 0's experts (every slice is the same shape) over its dp/ep replicas.
+    let expert = load(&sizes(&|s| is_expert(s) && crate::weights::routed_expert(&s.name).is_some_and(|e| e < slice)), (dp / ep).max(1));
+    (0..dp).map(|r| (replicated[r] + if ep > 1 { expert[(r / ep).min(expert.len() - 1)] } else { 0 }) as f64 * owned).fold(0.0, f64::max)
+}
+
 /// Human-readable report for `dsa-train check`.
 pub fn report(recipe: &Recipe, p: &Plan) -> String {
     let gib = |b: f64| b / (1u64 << 30) as f64;
@@ -238,4 +265,32 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
         if p.host_bytes > 0.0 { format!("; host memory for offloaded activations {:.2} GiB", gib(p.host_bytes)) } else { String::new() },
         gib(p.grad_comm_bytes), gib(p.expert_comm_bytes)
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::weights::{Kind, WeightSpec};
+
+    fn spec(name: &str, rows: usize) -> WeightSpec {
+        WeightSpec { name: name.to_string(), shape: vec![rows, 10], kind: Kind::Linear, indexer: false }
+    }
+
+    #[test]
+    fn the_most_loaded_rank_holds_a_tensor_larger_than_its_fair_share() {
+        let mut recipe = Recipe::default();
+        recipe.parallel.dp = 4;
+        let all = |_: &WeightSpec| true;
+        // Four equal tensors over four ranks: one each, the average.
+        let even: Vec<WeightSpec> = (0..4).map(|i| spec(&format!("model.layers.{i}.w"), 5)).collect();
+        assert_eq!(most_loaded_rank_bytes(&even, &all, &recipe, 0, 2.0), 5.0 * 10.0 * 2.0);
+        // One tensor of 100 rows beside three of 5: its owner holds all 100 (the average would be 28.75).
+        let mut skewed = even[..3].to_vec();
+        skewed.push(spec("model.embed_tokens.weight", 100));
+        assert_eq!(most_loaded_rank_bytes(&skewed, &all, &recipe, 0, 1.0), 1000.0);
+        // Routed experts split over ep = 2: slice 0 (experts 0, 1 of 4) over dp / ep = 2 replicas.
+        recipe.parallel.ep = 2;
+        let experts: Vec<WeightSpec> = (0..4).map(|e| spec(&format!("model.layers.1.mlp.experts.{e}.up_proj.weight"), 7)).collect();
+        assert_eq!(most_loaded_rank_bytes(&experts, &all, &recipe, 4, 1.0), 70.0);
+    }
 }
