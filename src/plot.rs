@@ -61,9 +61,11 @@ pub struct MetricsRecord {
     pub tokens_per_s: Option<f64>,
 }
 
-/// Read metrics.jsonl, one record per step in step order. A step logged twice (a run resumed
-/// from an earlier checkpoint logs its steps again) keeps its last line. Blank lines are
-/// skipped; any other line must be a JSON object with an integer `step` and a known `stage`.
+/// Read metrics.jsonl, one record per stage and step, in stage order (dense, warm-up, sparse)
+/// and then step order: the stages of a pipeline may each count their steps from 1 (the files
+/// of its runs concatenated). A step of a stage logged twice (a run resumed from an earlier
+/// checkpoint logs its steps again) keeps its last line. Blank lines are skipped; any other
+/// line must be a JSON object with an integer `step` and a known `stage`.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read metrics file {}", path.display()))?;
     let mut by_step = BTreeMap::new();
@@ -72,7 +74,7 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
             continue;
         }
         let r = parse_line(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
-        by_step.insert(r.step, r);
+        by_step.insert((r.stage, r.step), r);
     }
     if by_step.is_empty() {
         bail!("metrics file {} holds no records", path.display());
@@ -152,11 +154,13 @@ fn render(records: &[MetricsRecord], source: &str) -> Result<Vec<u8>> {
         let (title, body) = root.split_vertically(40);
         draw_heading(&title, records, source)?;
         // Every panel spans the whole run, so the stages line up from panel to panel.
-        let steps = padded_range(records.iter().map(|r| r.step as f64), 0.0);
+        let xs = x_positions(records);
+        let steps = padded_range(xs.iter().copied(), 0.0);
         for (area, (name, get, may_log)) in body.split_evenly((2, 3)).iter().zip(PANELS) {
             let points: Vec<(Stage, f64, f64)> = records
                 .iter()
-                .filter_map(|r| get(r).filter(|v| v.is_finite()).map(|v| (r.stage, r.step as f64, v)))
+                .zip(&xs)
+                .filter_map(|(r, &x)| get(r).filter(|v| v.is_finite()).map(|v| (r.stage, x, v)))
                 .collect();
             // Zeros (a schedule that starts or ends at lr 0) have no place on a log axis and
             // are left out of it; the caption says so.
@@ -240,6 +244,25 @@ where
 
 /// The values' range widened by `pad` of its width on each side; never empty, so a single
 /// point or a constant series still gets an axis.
+/// The x position of each record (in `read_metrics` order): its step, shifted past the
+/// previous stages' last position when its stage counts its steps from the start again.
+pub fn x_positions(records: &[MetricsRecord]) -> Vec<f64> {
+    let (mut offset, mut last, mut stage) = (0.0, f64::NEG_INFINITY, None);
+    records
+        .iter()
+        .map(|r| {
+            if stage != Some(r.stage) {
+                stage = Some(r.stage);
+                if r.step as f64 + offset <= last {
+                    offset = last;
+                }
+            }
+            last = r.step as f64 + offset;
+            last
+        })
+        .collect()
+}
+
 fn padded_range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
     let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
     if !lo.is_finite() {

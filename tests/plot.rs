@@ -138,3 +138,20 @@ fn bad_metrics_lines_are_errors_naming_the_file_and_line() {
     let r = run_cli(&["plot", "--metrics", path_str(&missing), "--output", path_str(&tmp.path().join("p.png"))]);
     assert_clean_error(&r, &[path_str(&missing)]);
 }
+
+#[test]
+fn stages_that_each_count_from_step_one_are_all_kept_and_drawn_one_after_another() {
+    // The miniature reproduction concatenates three runs whose steps each start at 1.
+    let tmp = tempfile::tempdir().unwrap();
+    let line = |stage: &str, step: u64| serde_json::json!({"step": step, "stage": stage, "lm_loss": 3.0, "indexer_kl": 0.5}).to_string();
+    let mut lines: Vec<String> = (1..=3).map(|s| line("dense", s)).collect();
+    lines.extend((1..=4).map(|s| line("warmup", s)));
+    lines.extend((1..=2).map(|s| line("sparse", s)));
+    let records = read_metrics(&write_lines(tmp.path(), &lines)).unwrap();
+    assert_eq!(records.len(), 9);
+    assert_eq!(records.iter().map(|r| r.stage).collect::<Vec<_>>()[2..4], [Stage::Dense, Stage::Warmup]);
+    assert_eq!(dsa_train::plot::x_positions(&records), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    // A stage that continues the numbering (a sparse run resumed from the warm-up's steps) keeps it.
+    let records = read_metrics(&write_lines(tmp.path(), &run_lines(3, 3))).unwrap();
+    assert_eq!(dsa_train::plot::x_positions(&records), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+}
