@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The miniature reproduction on one GPU (docs/results.md), run in steps that pick up where the
 # previous one stopped; files stay in WORK (default /tmp/mini) on the GPU host between steps.
-# Usage: dist/gpu/run_mini.sh STEP [LOG_DIR]
+# Usage: scripts/gpu/run_mini.sh STEP [LOG_DIR]   (from the repository root)
 #   step 1: unpack and tokenise the corpus (data/corpus/corpus.tar.xz from
 #           scripts/fetch_corpus.sh, tokenizer from scripts/fetch_tokenizer.sh), write the
 #           mini-Terminus's random start (`dsa-train init`), time the dense stage at 4K and
@@ -18,7 +18,9 @@
 # (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4), LENS (tokens/s
 # lengths, default "4096 8192 16384 32768"), SETS (extra --set arguments for every run, e.g.
 # "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
-# CONFIG (the model's config.json, default recipes/mini/config.json).
+# CONFIG (the model's config.json, default recipes/mini/config.json), STEP_BUDGET (seconds per
+# step, default 560), SELFTEST (step 1 runs gpu-selftest first on CUDA, default 1),
+# BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps).
 set -uo pipefail
 STEP="${1:?usage: run_mini.sh STEP [LOG_DIR]}"
 LOG="${2:-${OUT:-gpu-logs}}"
