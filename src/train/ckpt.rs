@@ -15,10 +15,13 @@
 //!
 //! Sharded (a job of several ranks): every rank writes `params.rank-RRRRR.safetensors` and
 //! `optimizer.rank-RRRRR.safetensors` with the tensors whose optimizer state it owns (each
-//! tensor in exactly one file); rank 0 writes `manifest.json` (world and layout), state.json
-//! and recipe.toml after all ranks have written, then the marker, then renames. Tensors are
-//! found by name whatever file holds them, so a checkpoint loads under any other layout
-//! (re-sharding is a matter of which rank keeps which tensor).
+//! tensor in exactly one file); a tensor split among owners by rows (`zero::OwnedRange`) is
+//! stored as its parts, `NAME.rows.START-END` (moments `NAME.rows.START-END.exp_avg`, ...),
+//! each in its owner's file. Rank 0 writes `manifest.json` (world and layout), state.json and
+//! recipe.toml after all ranks have written, then the marker, then renames. Tensors are found
+//! by name whatever file holds them, and parts are joined into whole tensors on loading, so a
+//! checkpoint loads under any other layout (re-sharding is a matter of which rank keeps which
+//! rows). A single process never splits, so its files hold whole tensors only.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -147,11 +150,54 @@ pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Every tensor of `kind` in a checkpoint, whichever shard holds it.
+/// A stored part of a tensor: `{base}.rows.{start}-{end}{suffix}` -> (`{base}{suffix}`, start,
+/// end); the suffix is `.exp_avg`, `.exp_avg_sq` or nothing (see `optim::piece_name`).
+fn split_piece_name(name: &str) -> Option<(String, usize, usize)> {
+    let at = name.rfind(".rows.")?;
+    let rest = &name[at + ".rows.".len()..];
+    let (range, suffix) = match rest.find('.') {
+        Some(dot) => (&rest[..dot], &rest[dot..]),
+        None => (rest, ""),
+    };
+    let (a, b) = range.split_once('-')?;
+    let (start, end) = (a.parse().ok()?, b.parse().ok()?);
+    (start < end).then(|| (format!("{}{suffix}", &name[..at]), start, end))
+}
+
+/// Every tensor of `kind` in a checkpoint, whichever shard holds it; tensors stored as row
+/// ranges (ZeRO owners of parts of a tensor) are joined back into whole tensors, which must be
+/// covered exactly once from row 0. `keep` sees the whole tensor's name.
 fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+    let keep_stored = |n: &str| match split_piece_name(n) {
+        Some((base, ..)) => keep(&base),
+        None => keep(n),
+    };
     let mut out = BTreeMap::new();
+    let mut parts: BTreeMap<String, Vec<(usize, usize, Tensor)>> = BTreeMap::new();
     for f in tensor_files(dir, kind)? {
-        out.extend(load_file_f32_where(&f, device, keep)?);
+        for (name, t) in load_file_f32_where(&f, device, &keep_stored)? {
+            match split_piece_name(&name) {
+                Some((base, start, end)) => parts.entry(base).or_default().push((start, end, t)),
+                None => {
+                    out.insert(name, t);
+                }
+            }
+        }
+    }
+    for (base, mut pieces) in parts {
+        pieces.sort_by_key(|p| p.0);
+        let mut at = 0;
+        for (start, end, t) in &pieces {
+            if *start != at || t.dims().first() != Some(&(end - start)) {
+                bail!("{}: the stored row ranges of {base} do not join up at row {at} (next: rows {start}-{end}, shape {:?})", dir.display(), t.dims());
+            }
+            at = *end;
+        }
+        if out.contains_key(&base) {
+            bail!("{}: {base} is stored both whole and as row ranges", dir.display());
+        }
+        let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.2).collect();
+        out.insert(base, Tensor::cat(&ts, 0)?);
     }
     Ok(out)
 }
