@@ -202,6 +202,8 @@ fn optimizer_names(dir: &Path) -> Vec<Vec<String>> {
 /// on the same layout and re-shards 4 -> 1, 1 -> 4 and 4 -> 2 (where nothing splits).
 #[test]
 fn tensors_above_the_fair_share_split_by_rows_and_match_one_process() {
+    use candle_core::Device;
+    use dsa_train::train::ckpt;
     let f = Fixture::with_config(17, |c| c["vocab_size"] = 16384.into());
     let model = f.root.join("model");
     let set = ["--set", "train.micro_batch_seqs=1", "--set", "model.mtp=false"];
@@ -222,6 +224,23 @@ fn tensors_above_the_fair_share_split_by_rows_and_match_one_process() {
         assert!(holders >= 2, "{big} is not split: {names:?}");
         assert!(!names.concat().contains(&format!("{big}.exp_avg")), "{big} is also stored whole");
     }
+    // Joined on loading, the parts are the one-process checkpoint's tensors bit for bit (ZeRO-1
+    // adds the micro-batches in the same order as one process), moments included.
+    let (a, b) = (ckpt::load(&one_step2, &Device::Cpu, &|_| true).unwrap(), ckpt::load(&step2, &Device::Cpu, &|_| true).unwrap());
+    assert_eq!(a.params.keys().collect::<Vec<_>>(), b.params.keys().collect::<Vec<_>>());
+    assert_eq!(a.moments.keys().collect::<Vec<_>>(), b.moments.keys().collect::<Vec<_>>());
+    let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, t) in &a.params {
+        assert_eq!(t.dims(), b.params[n].dims(), "{n}");
+        assert!(bits(t) == bits(&b.params[n]), "{n}: the joined dp=4 checkpoint differs from one process");
+    }
+    for (n, (m, v)) in &a.moments {
+        assert!(bits(m) == bits(&b.moments[n].0) && bits(v) == bits(&b.moments[n].1), "{n}: moments differ");
+    }
+    assert_eq!(a.state.optimizer_steps, b.state.optimizer_steps);
+    // A later stage starting from the split checkpoint (model.path = step-2) sees whole tensors.
+    let overlay = ckpt::overlay_params(&ckpt::resolve_model(&step2).unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(overlay["model.embed_tokens.weight"].dims(), &[16384, 192]);
     train_ranks(4, &z1, &and(&set, &["--resume", "auto"]));
     let what = "dp=4 zero=1 with split tensors vs 1 process";
     assert_close_within(&losses(&f.out("one")), &losses(&f.out("z1")), what, 1e-5);

@@ -302,3 +302,42 @@ pub fn overlay_params_where(src: &ModelSource, device: &Device, keep: &dyn Fn(&s
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_range_names_parse_back_to_the_whole_tensor_and_its_rows() {
+        let p = |n: &str| split_piece_name(n);
+        assert_eq!(p("lm_head.weight.rows.0-5"), Some(("lm_head.weight".into(), 0, 5)));
+        assert_eq!(p("model.embed_tokens.weight.rows.64640-129280.exp_avg_sq"), Some(("model.embed_tokens.weight.exp_avg_sq".into(), 64640, 129280)));
+        assert_eq!(p("x.rows.3-7.exp_avg"), Some(("x.exp_avg".into(), 3, 7)));
+        for whole in ["lm_head.weight", "lm_head.weight.exp_avg", "x.rows.5-5", "x.rows.a-b", "x.rows.3"] {
+            assert_eq!(p(whole), None, "{whole}");
+        }
+    }
+
+    #[test]
+    fn parts_join_into_whole_tensors_and_gaps_are_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let rows = |a: f32, n: usize| Tensor::from_vec((0..2 * n).map(|i| a + i as f32).collect::<Vec<_>>(), (n, 2), &dev).unwrap();
+        let write = |name: &str, parts: &[(&str, Tensor)]| {
+            let stored: Vec<StoredTensor> = parts.iter().map(|(n, t)| f32_tensor(n, t).unwrap()).collect();
+            write_safetensors(&dir.path().join(name), &stored).unwrap();
+        };
+        std::fs::write(dir.path().join("manifest.json"), r#"{"world": 2}"#).unwrap();
+        write(&shard_name("params", 0), &[("w.rows.2-5", rows(10.0, 3)), ("b", rows(0.0, 1))]);
+        write(&shard_name("params", 1), &[("w.rows.0-2", rows(0.0, 2))]);
+        let got = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["b", "w"]);
+        let w: Vec<Vec<f32>> = got["w"].to_vec2().unwrap();
+        assert_eq!(w, [[0.0, 1.0], [2.0, 3.0], [10.0, 11.0], [12.0, 13.0], [14.0, 15.0]]);
+        // `keep` sees the whole tensor's name.
+        assert!(load_tensors(dir.path(), "params", &dev, &|n| n != "w").unwrap().keys().eq(["b"]));
+        write(&shard_name("params", 1), &[("w.rows.0-1", rows(0.0, 1))]);
+        let err = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap_err().to_string();
+        assert!(err.contains("row ranges of w do not join up at row 1"), "{err}");
+    }
+}

@@ -221,6 +221,10 @@ impl Trainer {
                     s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
                 }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
+                    let dims = s.var.as_tensor().dims().to_vec();
+                    if m.dims() != dims.as_slice() || v.dims() != dims.as_slice() {
+                        bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.as_deref().unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
+                    }
                     for p in s.pieces.iter_mut() {
                         let rows = |t: &Tensor| -> Result<Tensor> { Ok(if t.rank() == 0 { t.clone() } else { t.narrow(0, p.rows.start, p.rows.len())?.copy()? }) };
                         (p.m, p.v) = (rows(m)?, rows(v)?);
