@@ -225,8 +225,11 @@ impl Trainer {
                     if m.dims() != dims.as_slice() || v.dims() != dims.as_slice() {
                         bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.as_deref().unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
                     }
+                    let total = s.rows();
                     for p in s.pieces.iter_mut() {
-                        let rows = |t: &Tensor| -> Result<Tensor> { Ok(if t.rank() == 0 { t.clone() } else { t.narrow(0, p.rows.start, p.rows.len())?.copy()? }) };
+                        // A part is copied out, so the whole loaded moment can be freed.
+                        let whole = p.rows == (0..total);
+                        let rows = |t: &Tensor| -> Result<Tensor> { Ok(if whole || t.rank() == 0 { t.clone() } else { t.narrow(0, p.rows.start, p.rows.len())?.copy()? }) };
                         (p.m, p.v) = (rows(m)?, rows(v)?);
                     }
                     s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
