@@ -1,6 +1,8 @@
 //! Several processes on the CPU collective backend (TCP on localhost): data and expert
-//! parallelism with ZeRO-1 and ZeRO-2 give the losses and gradient norms of one process, sharded checkpoints resume and
-//! re-shard (2 -> 1 and 1 -> 2), and layout errors are one clear line. The expert exchange is
+//! parallelism with ZeRO-1 and ZeRO-2 give the losses and gradient norms of one process (also
+//! when tensors above a rank's fair share are split among owners by rows), sharded checkpoints
+//! resume and re-shard (2 -> 1 and 1 -> 2; 4 -> 1, 1 -> 4 and 4 -> 2 with split tensors), and
+//! layout errors are one clear line. The expert exchange is
 //! also checked on its own: outputs and every gradient of a sharded MoE against one holding
 //! all experts.
 
@@ -130,48 +132,137 @@ fn zero2_sharded_gradients_match_one_process() {
 }
 
 /// What ZeRO-2 saves: after a step's gradients are summed, each rank holds only the gradients
-/// of the tensors it owns (and nothing unreduced), while under ZeRO-1 every rank holds them
-/// all; between them the owners hold every gradient ZeRO-1 has.
+/// of the rows it owns (and nothing unreduced), while under ZeRO-1 every rank holds them all;
+/// between them the owners hold every row of every gradient ZeRO-1 has, once. Also with a
+/// vocabulary of 16384 over 4 ranks, where the embedding and LM head are split by rows.
 #[test]
 fn zero2_ranks_keep_only_the_gradients_they_own() {
     use dsa_train::dist::{launch::Launch, tcp::TcpCollective};
     use dsa_train::recipe::Recipe;
+    use dsa_train::train::optim::piece_name;
     use dsa_train::train::Trainer;
-    use std::collections::BTreeSet;
-    let f = Fixture::new(13);
-    let recipe = f.recipe("sparse", "held", &f.root.join("model"), 1);
-    // Per rank: (names with a final gradient, names owned, anything left unreduced).
-    let run = |zero: usize| -> Vec<(BTreeSet<String>, BTreeSet<String>, usize)> {
+    use std::collections::{BTreeMap, BTreeSet};
+    // Per rank: (rows of each final gradient by stored name, names owned, anything left unreduced).
+    type Held = (BTreeMap<String, usize>, BTreeSet<String>, usize);
+    let run = |recipe: &Path, world: usize, zero: usize, extra: &[&str]| -> Vec<Held> {
         let port = free_port();
-        let recipe = &recipe;
         std::thread::scope(|sc| {
-            let handles: Vec<_> = (0..2usize)
+            let handles: Vec<_> = (0..world)
                 .map(|r| {
                     sc.spawn(move || {
-                        let launch = Launch { rank: r, world: 2, local_rank: r, master_addr: "127.0.0.1".into(), master_port: port };
+                        let launch = Launch { rank: r, world, local_rank: r, master_addr: "127.0.0.1".into(), master_port: port };
                         let comm = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
-                        let sets = vec![format!("parallel.zero={zero}")];
+                        let mut sets = vec![format!("parallel.zero={zero}")];
+                        sets.extend(extra.iter().map(|x| x.to_string()));
                         let mut t = Trainer::with_comm(Recipe::load(recipe, &sets).unwrap(), None, Box::new(comm)).unwrap();
                         let (accum, ..) = t.accumulate_gradients().unwrap();
-                        let owned = t.slots.iter().filter(|s| s.owned).map(|s| s.name.clone()).collect();
-                        (accum.grads.keys().cloned().collect(), owned, accum.pending.len())
+                        let owned = t.slots.iter().flat_map(|s| s.pieces.iter().map(|p| piece_name(&s.name, &p.rows, s.rows()))).collect();
+                        let grads = accum.grads.iter().map(|(n, g)| (n.clone(), g.dims().first().copied().unwrap_or(1))).collect();
+                        (grads, owned, accum.pending.len())
                     })
                 })
                 .collect();
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
     };
-    let (one, two) = (run(1), run(2));
-    let all: &BTreeSet<String> = &one[0].0;
-    assert_eq!(&one[1].0, all, "ZeRO-1: both ranks hold every gradient");
-    let mut union = BTreeSet::new();
-    for (r, (grads, owned, pending)) in two.iter().enumerate() {
-        assert_eq!(*pending, 0, "rank {r}: unreduced gradients left");
-        assert!(grads.is_subset(owned), "rank {r} holds gradients it does not own: {:?}", grads.difference(owned).collect::<Vec<_>>());
-        assert!(grads.len() < all.len(), "rank {r} holds {} of {} gradients", grads.len(), all.len());
-        union.extend(grads.iter().cloned());
+    let base = |n: &str| n.find(".rows.").map_or(n.to_string(), |at| n[..at].to_string());
+    let small = Fixture::new(13);
+    let large = Fixture::with_config(13, |c| c["vocab_size"] = 16384.into());
+    for (f, world, extra, splits) in [(&small, 2, vec![], false), (&large, 4, vec!["train.micro_batch_seqs=1", "model.mtp=false"], true)] {
+        let recipe = f.recipe("sparse", "held", &f.root.join("model"), 1);
+        let (one, two) = (run(&recipe, world, 1, &extra), run(&recipe, world, 2, &extra));
+        let all = &one[0].0;
+        assert!(one.iter().all(|h| &h.0 == all), "ZeRO-1: every rank holds every gradient");
+        let mut rows: BTreeMap<String, usize> = BTreeMap::new();
+        for (r, (grads, owned, pending)) in two.iter().enumerate() {
+            assert_eq!(*pending, 0, "rank {r}: unreduced gradients left");
+            let names: BTreeSet<String> = grads.keys().cloned().collect();
+            assert!(names.is_subset(owned), "rank {r} holds gradients it does not own: {:?}", names.difference(owned).collect::<Vec<_>>());
+            assert!(grads.len() < all.len(), "rank {r} holds {} of {} gradients", grads.len(), all.len());
+            for (n, k) in grads {
+                *rows.entry(base(n)).or_default() += k;
+            }
+        }
+        assert_eq!(&rows, all, "ZeRO-2: the owners hold every row of every gradient, once");
+        let split = two.iter().any(|h| h.0.keys().any(|n| n.contains(".rows.")));
+        assert_eq!(split, splits, "world {world}: tensors split by rows");
     }
-    assert_eq!(&union, all, "ZeRO-2: the owners hold every gradient");
+}
+
+/// The names in the optimizer files of a checkpoint, per file.
+fn optimizer_names(dir: &Path) -> Vec<Vec<String>> {
+    let files = dsa_train::train::ckpt::tensor_files(dir, "optimizer").unwrap();
+    files.iter().map(|f| dsa_train::checkpoint::load_file_f32(f, &candle_core::Device::Cpu).unwrap().into_keys().collect()).collect()
+}
+
+/// ZeRO by row ranges: with a vocabulary of 16384 (embedding and LM head 3.1M values each, the
+/// rest about 2M) a rank's fair share at dp = 4 is smaller than the embedding, so its rows and
+/// the LM head's are split among owners. Losses and gradient norms match one process under
+/// ZeRO-1 and ZeRO-2; the sharded checkpoint stores the parts under their row ranges, resumes
+/// on the same layout and re-shards 4 -> 1, 1 -> 4 and 4 -> 2 (where nothing splits).
+#[test]
+fn tensors_above_the_fair_share_split_by_rows_and_match_one_process() {
+    use candle_core::Device;
+    use dsa_train::train::ckpt;
+    let f = Fixture::with_config(17, |c| c["vocab_size"] = 16384.into());
+    let model = f.root.join("model");
+    let set = ["--set", "train.micro_batch_seqs=1", "--set", "model.mtp=false"];
+    fn and<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+        base.iter().chain(extra).copied().collect()
+    }
+    let one = f.recipe("sparse", "one", &model, 4);
+    train_ranks(1, &one, &set);
+    let one_step2 = f.out("one/step-2");
+    assert!(optimizer_names(&one_step2).concat().iter().all(|n| !n.contains(".rows.")), "one process stores whole tensors");
+    // ZeRO-1, dp = 4: 2 steps, then resume on the same layout.
+    let z1 = f.recipe("sparse", "z1", &model, 4);
+    train_ranks(4, &z1, &and(&set, &["--set", "train.steps=2"]));
+    let step2 = f.out("z1/step-2");
+    let names = optimizer_names(&step2);
+    for big in ["model.embed_tokens.weight", "lm_head.weight"] {
+        let holders = names.iter().filter(|file| file.iter().any(|n| n.starts_with(&format!("{big}.rows.")) && n.ends_with(".exp_avg"))).count();
+        assert!(holders >= 2, "{big} is not split: {names:?}");
+        assert!(!names.concat().contains(&format!("{big}.exp_avg")), "{big} is also stored whole");
+    }
+    // Joined on loading, the parts are the one-process checkpoint's tensors bit for bit (ZeRO-1
+    // adds the micro-batches in the same order as one process), moments included.
+    let (a, b) = (ckpt::load(&one_step2, &Device::Cpu, &|_| true).unwrap(), ckpt::load(&step2, &Device::Cpu, &|_| true).unwrap());
+    assert_eq!(a.params.keys().collect::<Vec<_>>(), b.params.keys().collect::<Vec<_>>());
+    assert_eq!(a.moments.keys().collect::<Vec<_>>(), b.moments.keys().collect::<Vec<_>>());
+    let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    for (n, t) in &a.params {
+        assert_eq!(t.dims(), b.params[n].dims(), "{n}");
+        assert!(bits(t) == bits(&b.params[n]), "{n}: the joined dp=4 checkpoint differs from one process");
+    }
+    for (n, (m, v)) in &a.moments {
+        assert!(bits(m) == bits(&b.moments[n].0) && bits(v) == bits(&b.moments[n].1), "{n}: moments differ");
+    }
+    assert_eq!(a.state.optimizer_steps, b.state.optimizer_steps);
+    // A later stage starting from the split checkpoint (model.path = step-2) sees whole tensors.
+    let overlay = ckpt::overlay_params(&ckpt::resolve_model(&step2).unwrap(), &Device::Cpu).unwrap();
+    assert_eq!(overlay["model.embed_tokens.weight"].dims(), &[16384, 192]);
+    train_ranks(4, &z1, &and(&set, &["--resume", "auto"]));
+    let what = "dp=4 zero=1 with split tensors vs 1 process";
+    assert_close_within(&losses(&f.out("one")), &losses(&f.out("z1")), what, 1e-5);
+    assert_close_within(&grad_norms(&f.out("one")), &grad_norms(&f.out("z1")), &format!("{what}, grad norms"), 1e-5);
+    // ZeRO-2, dp = 4: each owner keeps only the summed gradient of its rows.
+    let z2 = f.recipe("sparse", "z2", &model, 4);
+    train_ranks(4, &z2, &and(&set, &["--set", "parallel.zero=2"]));
+    let what = "dp=4 zero=2 with split tensors vs 1 process";
+    assert_close_within(&losses(&f.out("one")), &losses(&f.out("z2")), what, 1e-5);
+    assert_close_within(&grad_norms(&f.out("one")), &grad_norms(&f.out("z2")), &format!("{what}, grad norms"), 1e-5);
+    // Re-shard: 4 -> 1, 1 -> 4, and 4 -> 2 (ZeRO-2).
+    let tail = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
+    let down = f.recipe("sparse", "down", &model, 4);
+    train_ranks(1, &down, &and(&set, &["--resume", step2.to_str().unwrap()]));
+    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("down")), "split: 4 -> 1", 1e-5);
+    let up = f.recipe("sparse", "up", &model, 4);
+    train_ranks(4, &up, &and(&set, &["--resume", one_step2.to_str().unwrap()]));
+    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("up")), "split: 1 -> 4", 1e-5);
+    assert_close_within(&tail(grad_norms(&f.out("one"))), &grad_norms(&f.out("up")), "split: 1 -> 4, grad norms", 1e-5);
+    let half = f.recipe("sparse", "half", &model, 4);
+    train_ranks(2, &half, &and(&set, &["--set", "parallel.zero=2", "--resume", f.out("z2/step-2").to_str().unwrap()]));
+    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("half")), "split: 4 -> 2", 1e-5);
 }
 
 #[test]

@@ -15,10 +15,13 @@
 //!
 //! Sharded (a job of several ranks): every rank writes `params.rank-RRRRR.safetensors` and
 //! `optimizer.rank-RRRRR.safetensors` with the tensors whose optimizer state it owns (each
-//! tensor in exactly one file); rank 0 writes `manifest.json` (world and layout), state.json
-//! and recipe.toml after all ranks have written, then the marker, then renames. Tensors are
-//! found by name whatever file holds them, so a checkpoint loads under any other layout
-//! (re-sharding is a matter of which rank keeps which tensor).
+//! tensor in exactly one file); a tensor split among owners by rows (`zero::OwnedRange`) is
+//! stored as its parts, `NAME.rows.START-END` (moments `NAME.rows.START-END.exp_avg`, ...),
+//! each in its owner's file. Rank 0 writes `manifest.json` (world and layout), state.json and
+//! recipe.toml after all ranks have written, then the marker, then renames. Tensors are found
+//! by name whatever file holds them, and parts are joined into whole tensors on loading, so a
+//! checkpoint loads under any other layout (re-sharding is a matter of which rank keeps which
+//! rows). A single process never splits, so its files hold whole tensors only.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -147,11 +150,54 @@ pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// Every tensor of `kind` in a checkpoint, whichever shard holds it.
+/// A stored part of a tensor: `{base}.rows.{start}-{end}{suffix}` -> (`{base}{suffix}`, start,
+/// end); the suffix is `.exp_avg`, `.exp_avg_sq` or nothing (see `optim::piece_name`).
+fn split_piece_name(name: &str) -> Option<(String, usize, usize)> {
+    let at = name.rfind(".rows.")?;
+    let rest = &name[at + ".rows.".len()..];
+    let (range, suffix) = match rest.find('.') {
+        Some(dot) => (&rest[..dot], &rest[dot..]),
+        None => (rest, ""),
+    };
+    let (a, b) = range.split_once('-')?;
+    let (start, end) = (a.parse().ok()?, b.parse().ok()?);
+    (start < end).then(|| (format!("{}{suffix}", &name[..at]), start, end))
+}
+
+/// Every tensor of `kind` in a checkpoint, whichever shard holds it; tensors stored as row
+/// ranges (ZeRO owners of parts of a tensor) are joined back into whole tensors, which must be
+/// covered exactly once from row 0. `keep` sees the whole tensor's name.
 fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+    let keep_stored = |n: &str| match split_piece_name(n) {
+        Some((base, ..)) => keep(&base),
+        None => keep(n),
+    };
     let mut out = BTreeMap::new();
+    let mut parts: BTreeMap<String, Vec<(usize, usize, Tensor)>> = BTreeMap::new();
     for f in tensor_files(dir, kind)? {
-        out.extend(load_file_f32_where(&f, device, keep)?);
+        for (name, t) in load_file_f32_where(&f, device, &keep_stored)? {
+            match split_piece_name(&name) {
+                Some((base, start, end)) => parts.entry(base).or_default().push((start, end, t)),
+                None => {
+                    out.insert(name, t);
+                }
+            }
+        }
+    }
+    for (base, mut pieces) in parts {
+        pieces.sort_by_key(|p| p.0);
+        let mut at = 0;
+        for (start, end, t) in &pieces {
+            if *start != at || t.dims().first() != Some(&(end - start)) {
+                bail!("{}: the stored row ranges of {base} do not join up at row {at} (next: rows {start}-{end}, shape {:?})", dir.display(), t.dims());
+            }
+            at = *end;
+        }
+        if out.contains_key(&base) {
+            bail!("{}: {base} is stored both whole and as row ranges", dir.display());
+        }
+        let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.2).collect();
+        out.insert(base, Tensor::cat(&ts, 0)?);
     }
     Ok(out)
 }
@@ -255,4 +301,43 @@ pub fn overlay_params_where(src: &ModelSource, device: &Device, keep: &dyn Fn(&s
         out.extend(load_tensors(dir, "params", device, keep)?);
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_range_names_parse_back_to_the_whole_tensor_and_its_rows() {
+        let p = |n: &str| split_piece_name(n);
+        assert_eq!(p("lm_head.weight.rows.0-5"), Some(("lm_head.weight".into(), 0, 5)));
+        assert_eq!(p("model.embed_tokens.weight.rows.64640-129280.exp_avg_sq"), Some(("model.embed_tokens.weight.exp_avg_sq".into(), 64640, 129280)));
+        assert_eq!(p("x.rows.3-7.exp_avg"), Some(("x.exp_avg".into(), 3, 7)));
+        for whole in ["lm_head.weight", "lm_head.weight.exp_avg", "x.rows.5-5", "x.rows.a-b", "x.rows.3"] {
+            assert_eq!(p(whole), None, "{whole}");
+        }
+    }
+
+    #[test]
+    fn parts_join_into_whole_tensors_and_gaps_are_one_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let dev = Device::Cpu;
+        let rows = |a: f32, n: usize| Tensor::from_vec((0..2 * n).map(|i| a + i as f32).collect::<Vec<_>>(), (n, 2), &dev).unwrap();
+        let write = |name: &str, parts: &[(&str, Tensor)]| {
+            let stored: Vec<StoredTensor> = parts.iter().map(|(n, t)| f32_tensor(n, t).unwrap()).collect();
+            write_safetensors(&dir.path().join(name), &stored).unwrap();
+        };
+        std::fs::write(dir.path().join("manifest.json"), r#"{"world": 2}"#).unwrap();
+        write(&shard_name("params", 0), &[("w.rows.2-5", rows(10.0, 3)), ("b", rows(0.0, 1))]);
+        write(&shard_name("params", 1), &[("w.rows.0-2", rows(0.0, 2))]);
+        let got = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap();
+        assert_eq!(got.keys().collect::<Vec<_>>(), ["b", "w"]);
+        let w: Vec<Vec<f32>> = got["w"].to_vec2().unwrap();
+        assert_eq!(w, [[0.0, 1.0], [2.0, 3.0], [10.0, 11.0], [12.0, 13.0], [14.0, 15.0]]);
+        // `keep` sees the whole tensor's name.
+        assert!(load_tensors(dir.path(), "params", &dev, &|n| n != "w").unwrap().keys().eq(["b"]));
+        write(&shard_name("params", 1), &[("w.rows.0-1", rows(0.0, 1))]);
+        let err = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap_err().to_string();
+        assert!(err.contains("row ranges of w do not join up at row 1"), "{err}");
+    }
 }

@@ -203,23 +203,35 @@ impl Trainer {
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
         if layout.dp > 1 {
-            let owners = zero::slot_owners(&slots, &layout, comm.rank());
-            for (s, owner) in slots.iter_mut().zip(owners) {
-                if owner != comm.rank() {
-                    s.disown()?;
-                }
+            // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
+            let rank = comm.rank();
+            let mut mine: Vec<Vec<std::ops::Range<usize>>> = vec![vec![]; slots.len()];
+            for r in zero::slot_ranges(&slots, &layout, rank).into_iter().filter(|r| r.owner == rank) {
+                mine[r.slot].push(r.rows);
+            }
+            for (s, rows) in slots.iter_mut().zip(mine) {
+                s.keep_rows(rows)?;
             }
         }
         if let Some(snap) = &snapshot {
-            // Whatever layout wrote the checkpoint, each rank takes the state of the tensors it
-            // owns now (re-sharding by name).
-            for s in slots.iter_mut().filter(|s| s.owned) {
+            // Whatever layout wrote the checkpoint (the loader re-assembles split tensors),
+            // each rank takes the state of the rows it owns now (re-sharding by name).
+            for s in slots.iter_mut().filter(|s| !s.pieces.is_empty()) {
                 if let Some(p) = snap.params.get(&s.name) {
                     s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
                 }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
-                    s.m = m.clone();
-                    s.v = v.clone();
+                    let dims = s.var.as_tensor().dims().to_vec();
+                    if m.dims() != dims.as_slice() || v.dims() != dims.as_slice() {
+                        bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.as_deref().unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
+                    }
+                    let total = s.rows();
+                    for p in s.pieces.iter_mut() {
+                        // A part is copied out, so the whole loaded moment can be freed.
+                        let whole = p.rows == (0..total);
+                        let rows = |t: &Tensor| -> Result<Tensor> { Ok(if whole || t.rank() == 0 { t.clone() } else { t.narrow(0, p.rows.start, p.rows.len())?.copy()? }) };
+                        (p.m, p.v) = (rows(m)?, rows(v)?);
+                    }
                     s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
                 }
             }
@@ -634,10 +646,14 @@ impl Trainer {
         let mut params = BTreeMap::new();
         let mut moments = BTreeMap::new();
         let mut optimizer_steps = BTreeMap::new();
-        // Each rank saves the tensors it owns; rank 0 also the router biases (identical on all).
-        for s in self.slots.iter().filter(|s| s.owned) {
-            params.insert(s.name.clone(), s.value_f32()?);
-            moments.insert(s.name.clone(), (s.m.clone(), s.v.clone()));
+        // Each rank saves the rows it owns (a part of a tensor under `optim::piece_name`); rank
+        // 0 also the router biases (identical on all).
+        for s in self.slots.iter().filter(|s| !s.pieces.is_empty()) {
+            for p in &s.pieces {
+                let name = optim::piece_name(&s.name, &p.rows, s.rows());
+                params.insert(name.clone(), s.piece_value(p)?);
+                moments.insert(name, (p.m.clone(), p.v.clone()));
+            }
             optimizer_steps.insert(s.name.clone(), s.steps);
         }
         for (name, var) in self.router_biases.iter().filter(|_| self.reducer.rank() == 0) {

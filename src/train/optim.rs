@@ -10,6 +10,7 @@
 //!   w = w - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps) - lr * wd * w   (wd only where decayed)
 
 use std::collections::HashMap;
+use std::ops::Range;
 
 use anyhow::Result;
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
@@ -24,63 +25,120 @@ pub enum Group {
     Indexer,
 }
 
-pub struct Slot {
-    pub name: String,
-    pub var: Var,
-    /// f32 master copy when the Var is not f32.
+/// Rows `rows` (along dim 0) of a tensor whose optimizer state this rank holds (ZeRO: see
+/// `zero::slot_ranges`; a single process holds one piece covering the whole tensor).
+pub struct Piece {
+    pub rows: Range<usize>,
+    /// f32 master of these rows; absent only when the piece is the whole tensor and the Var is
+    /// f32 (the Var is then the master).
     pub master: Option<Tensor>,
     pub m: Tensor,
     pub v: Tensor,
+}
+
+pub struct Slot {
+    pub name: String,
+    pub var: Var,
+    /// The row ranges whose f32 master and Adam moments this rank holds and updates; empty
+    /// where other ranks own the whole tensor (they send its new value after each step).
+    pub pieces: Vec<Piece>,
     pub steps: u64,
     pub decay: bool,
     pub group: Group,
-    /// This rank holds the tensor's optimizer state and updates it (ZeRO-1: every tensor has
-    /// exactly one owner among the data-parallel ranks; the others receive its new value).
-    pub owned: bool,
+}
+
+/// The name under which rows `rows` of tensor `name` (of `total` rows) are stored: the name
+/// itself for the whole tensor, `{name}.rows.{start}-{end}` for a part.
+pub fn piece_name(name: &str, rows: &Range<usize>, total: usize) -> String {
+    if rows.start == 0 && rows.end == total { name.to_string() } else { format!("{name}.rows.{}-{}", rows.start, rows.end) }
 }
 
 impl Slot {
     pub fn new(name: String, var: Var, decay: bool, group: Group) -> Result<Self> {
-        let t = var.as_tensor();
-        // Detached: converted from the Var, the copy would otherwise record that op, and each
-        // update built from it would hold the previous step's tensors (a leak per step).
-        let master = if t.dtype() == DType::F32 { None } else { Some(t.to_dtype(DType::F32)?.detach()) };
-        let m = t.to_dtype(DType::F32)?.zeros_like()?;
-        Ok(Self { name, m: m.clone(), v: m, master, var, steps: 0, decay, group, owned: true })
+        let mut s = Self { name, var, pieces: vec![], steps: 0, decay, group };
+        s.keep_rows(vec![0..s.rows()])?;
+        Ok(s)
     }
 
-    /// Hand the tensor's optimizer state to another rank: drop the moments and the f32 master
-    /// (the memory ZeRO-1 saves).
-    pub fn disown(&mut self) -> Result<()> {
-        self.owned = false;
-        self.m = Tensor::zeros(0, DType::F32, self.m.device())?;
-        self.v = self.m.clone();
-        self.master = None;
+    /// Rows along dim 0 (1 for a scalar).
+    pub fn rows(&self) -> usize {
+        self.var.as_tensor().dims().first().copied().unwrap_or(1)
+    }
+
+    /// Does this rank own every row?
+    pub fn owns_whole(&self) -> bool {
+        self.pieces.len() == 1 && self.pieces[0].rows == (0..self.rows())
+    }
+
+    /// Hold optimizer state for `ranges` only (fresh moments, masters from the current value):
+    /// ZeRO hands the other rows to other ranks, which is the memory it saves.
+    pub fn keep_rows(&mut self, ranges: Vec<Range<usize>>) -> Result<()> {
+        let t = self.var.as_tensor();
+        let whole_f32 = ranges.len() == 1 && ranges[0] == (0..self.rows()) && t.dtype() == DType::F32;
+        self.pieces = ranges
+            .into_iter()
+            .map(|rows| -> Result<Piece> {
+                let part = if t.rank() == 0 { t.clone() } else { t.narrow(0, rows.start, rows.len())? };
+                // Detached copies: converted from the Var, the copy would otherwise record that op,
+                // and each update built from it would hold the previous step's tensors (a leak per step).
+                let master = if whole_f32 { None } else { Some(part.to_dtype(DType::F32)?.copy()?.detach()) };
+                let m = part.to_dtype(DType::F32)?.zeros_like()?.detach();
+                Ok(Piece { rows, master, m: m.clone(), v: m })
+            })
+            .collect::<Result<_>>()?;
         Ok(())
     }
 
-    /// The f32 value of the parameter.
-    pub fn value_f32(&self) -> Result<Tensor> {
-        Ok(match &self.master {
+    /// The f32 value of a piece's rows.
+    pub fn piece_value(&self, p: &Piece) -> Result<Tensor> {
+        Ok(match &p.master {
             Some(m) => m.clone(),
             None => self.var.as_tensor().clone(),
         })
     }
 
-    /// Overwrite the parameter (and its master copy) from an f32 tensor, e.g. on resume.
-    pub fn set_value(&mut self, value: &Tensor) -> Result<()> {
-        let dtype = self.var.as_tensor().dtype();
-        if self.master.is_some() {
-            self.master = Some(value.detach().to_dtype(DType::F32)?.copy()?.detach());
+    /// The f32 value of the whole tensor: the owned rows from their masters, zeros elsewhere
+    /// (what each rank adds to the sum that shares the new values; exact: x + 0 = x).
+    pub fn owned_rows_or_zeros(&self) -> Result<Tensor> {
+        if self.owns_whole() {
+            return self.piece_value(&self.pieces[0]);
         }
-        self.var.set(&value.to_dtype(dtype)?)?;
+        let t = self.var.as_tensor();
+        let row_shape = |n: usize| -> Vec<usize> { std::iter::once(n).chain(t.dims().iter().skip(1).copied()).collect() };
+        let mut pieces: Vec<&Piece> = self.pieces.iter().collect();
+        pieces.sort_by_key(|p| p.rows.start);
+        let (mut parts, mut at) = (vec![], 0);
+        for p in pieces {
+            if p.rows.start > at {
+                parts.push(Tensor::zeros(row_shape(p.rows.start - at), DType::F32, t.device())?);
+            }
+            parts.push(self.piece_value(p)?);
+            at = p.rows.end;
+        }
+        if at < self.rows() {
+            parts.push(Tensor::zeros(row_shape(self.rows() - at), DType::F32, t.device())?);
+        }
+        Ok(Tensor::cat(&parts, 0)?)
+    }
+
+    /// Overwrite the parameter (and the masters of the owned rows) from an f32 tensor of the
+    /// whole shape, e.g. on resume.
+    pub fn set_value(&mut self, value: &Tensor) -> Result<()> {
+        let value = value.detach().to_dtype(DType::F32)?;
+        for p in self.pieces.iter_mut().filter(|p| p.master.is_some()) {
+            let rows = if value.rank() == 0 { value.clone() } else { value.narrow(0, p.rows.start, p.rows.len())? };
+            p.master = Some(rows.copy()?.detach());
+        }
+        self.var.set(&value.to_dtype(self.var.as_tensor().dtype())?)?;
         Ok(())
     }
 }
 
 /// Summed f32 gradients over the micro-batches of one step: `pending` holds this rank's own
 /// sums not yet reduced over the ranks, `grads` the reduced sums the optimizer reads
-/// (`zero::Reducer` moves one into the other; a single process just settles them).
+/// (`zero::Reducer` moves one into the other; a single process just settles them). Keys are
+/// tensor names; under ZeRO-2 the owner of rows of a split tensor keeps just those rows, under
+/// their `piece_name`.
 ///
 /// Gradients are stored detached: a gradient candle's backward returns is itself the output of
 /// tracked ops whose inputs include the activations, so keeping it attached would keep the
@@ -154,13 +212,23 @@ impl AdamW {
         self.step_with_norms(slots, accum, &sq, lr)
     }
 
-    /// Squared norm per group of the gradients in `accum.grads`: squared sums added on the
-    /// device, one host sync per group.
+    /// Squared norm per group of the gradients in `accum.grads` (whole tensors, or under ZeRO-2
+    /// the owned row ranges): squared sums added on the device, one host sync per group.
+    /// Numerics: each row (along dim 0) is summed in f32, the rows and tensors in f64, so a
+    /// tensor split into row ranges gives the same row sums as whole and the norm does not
+    /// depend on the split (one f32 sum over a 3M-value tensor would be off by ~1e-5).
     pub fn squared_norms(slots: &[Slot], accum: &GradAccum) -> Result<HashMap<Group, f64>> {
         let mut sq_dev: HashMap<Group, Tensor> = HashMap::new();
         for s in slots.iter() {
-            if let Some(g) = accum.grads.get(&s.name) {
-                let part = g.sqr()?.sum_all()?;
+            let parts: Vec<&Tensor> = match accum.grads.get(&s.name) {
+                Some(g) => vec![g],
+                None => s.pieces.iter().filter_map(|p| accum.grads.get(&piece_name(&s.name, &p.rows, s.rows()))).collect(),
+            };
+            for g in parts {
+                let part = match g.rank() {
+                    0 | 1 => g.to_dtype(DType::F64)?.sqr()?.sum_all()?,
+                    _ => g.sqr()?.flatten_from(1)?.sum(1)?.to_dtype(DType::F64)?.sum_all()?, // [rows] f32 -> f64
+                };
                 let sum = match sq_dev.remove(&s.group) {
                     Some(prev) => (prev + part)?,
                     None => part,
@@ -170,32 +238,55 @@ impl AdamW {
         }
         let mut sq: HashMap<Group, f64> = HashMap::new();
         for (group, t) in sq_dev {
-            sq.insert(group, t.to_dtype(DType::F64)?.to_scalar::<f64>()?);
+            sq.insert(group, t.to_scalar::<f64>()?);
         }
         Ok(sq)
     }
 
-    /// The update, clipping each group to `clip` by the global norms whose squares are `sq`.
+    /// The update of the owned rows, clipping each group to `clip` by the global norms whose
+    /// squares are `sq`. A piece's gradient is its own entry (ZeRO-2) or the rows of the whole
+    /// tensor's (single process, ZeRO-1). A wholly owned tensor's Var is refreshed here; a part
+    /// only in its master, the Var after `Reducer::gather_updated_params`.
     pub fn step_with_norms(&self, slots: &mut [Slot], accum: &GradAccum, sq: &HashMap<Group, f64>, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
         let scale = |g: Group| if self.clip > 0.0 && norm(g) > self.clip { self.clip / (norm(g) + 1e-6) } else { 1.0 };
-        for s in slots.iter_mut().filter(|s| s.owned) {
-            let Some(g) = accum.grads.get(&s.name) else { continue };
-            let g = (g * scale(s.group))?;
-            s.steps += 1;
-            let t = s.steps as i32;
-            s.m = ((&s.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-            s.v = ((&s.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-            let m_hat = (&s.m / (1.0 - self.beta1.powi(t)))?;
-            let v_hat = (&s.v / (1.0 - self.beta2.powi(t)))?;
+        for s in slots.iter_mut() {
+            let (total, whole) = (s.rows(), s.owns_whole());
+            let t = s.steps as i32 + 1;
             let lr = lr(s.group);
-            let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
-            let w = s.value_f32()?.detach(); // an f32 model's Var: do not record the update
-            let mut next = (&w - (update * lr)?)?;
-            if s.decay && self.weight_decay > 0.0 {
-                next = (next - (&w * (lr * self.weight_decay))?)?;
+            let mut stepped = false;
+            let mut next_whole = None;
+            for p in s.pieces.iter_mut() {
+                let g = match (accum.grads.get(&s.name), accum.grads.get(&piece_name(&s.name, &p.rows, total))) {
+                    (_, Some(g)) => g.clone(),
+                    (Some(g), None) => g.narrow(0, p.rows.start, p.rows.len())?,
+                    (None, None) => continue,
+                };
+                stepped = true;
+                let g = (g * scale(s.group))?;
+                p.m = ((&p.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
+                p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
+                let m_hat = (&p.m / (1.0 - self.beta1.powi(t)))?;
+                let v_hat = (&p.v / (1.0 - self.beta2.powi(t)))?;
+                let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
+                // An f32 model's Var: detached, so as not to record the update.
+                let w = match &p.master { Some(m) => m.clone(), None => s.var.as_tensor().detach() };
+                let mut next = (&w - (update * lr)?)?;
+                if s.decay && self.weight_decay > 0.0 {
+                    next = (next - (&w * (lr * self.weight_decay))?)?;
+                }
+                if whole {
+                    next_whole = Some(next);
+                } else {
+                    p.master = Some(next.detach());
+                }
             }
-            s.set_value(&next)?;
+            if let Some(next) = next_whole {
+                s.set_value(&next)?;
+            }
+            if stepped {
+                s.steps += 1;
+            }
         }
         Ok(StepReport { main_grad_norm: norm(Group::Main), indexer_grad_norm: norm(Group::Indexer) })
     }
@@ -284,7 +375,7 @@ mod tests {
         for _ in 0..10 {
             opt.step(&mut slots, &acc, |_| 1e-4).unwrap();
         }
-        let master: Vec<f32> = slots[0].master.as_ref().unwrap().to_vec1().unwrap();
+        let master: Vec<f32> = slots[0].pieces[0].master.as_ref().unwrap().to_vec1().unwrap();
         assert!((master[0] - 0.999).abs() < 1e-5 && (master[1] - 1.001).abs() < 1e-5, "{master:?}");
         assert_eq!(slots[1].var.as_tensor().to_vec1::<f32>().unwrap(), vec![7.0]);
         assert_eq!(slots[1].steps, 0);

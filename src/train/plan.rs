@@ -12,11 +12,11 @@
 //! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
 //! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
 //! - optimizer: f32 master (when the dtype is not f32) and two f32 moments of the trainable
-//!   tensors this device OWNS, on the most-loaded rank (owners are whole tensors, assigned
-//!   as the trainer does among the ranks that hold them: dp for non-expert tensors, dp/ep for
-//!   experts; `most_loaded_rank_bytes`). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an
+//!   rows this device OWNS, on the most-loaded rank (owners of whole tensors or, for a tensor
+//!   above the fair share, of row ranges, assigned as the trainer does among the ranks that
+//!   hold them: dp for non-expert tensors, dp/ep for experts; `most_loaded_rank_bytes`). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an
 //!   unsharded f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned
-//!   tensors' f32 gradients plus the unreduced gradients of the largest flush unit (one layer,
+//!   rows' f32 gradients plus the unreduced gradients of the largest flush unit (one layer,
 //!   or the embedding or LM head alone) in f32 and in the compute dtype;
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
@@ -225,29 +225,33 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     }
 }
 
-/// Optimizer bytes of the most-loaded rank, replaying the trainer's owner assignment
-/// (`zero::slot_owners`: whole tensors, largest first to the least-loaded rank; replicated
-/// tensors over the dp ranks, the routed experts of one expert-parallel slice over its dp/ep
-/// replicas). `owned` bytes per owned value (f32 master and moments, plus the ZeRO-2 gradient
-/// share). Whole-tensor ownership is not balanced when a rank's fair share is smaller than the
-/// largest tensors (the embedding and LM head of the 671B model are 0.93B values each, a rank's
-/// share at dp 2048 about 0.33B), so this, not the average, is what must fit.
+/// Optimizer bytes of the most-loaded rank, replaying the trainer's assignment
+/// (`zero::assign_row_ranges`, as `zero::slot_ranges` calls it: replicated tensors over the dp
+/// ranks, the routed experts of one expert-parallel slice over its dp/ep replicas; a tensor
+/// above the fair share cut into row ranges, largest first to the least-loaded rank). `owned`
+/// bytes per owned value (f32 master and moments, plus the ZeRO-2 gradient share). Without the
+/// row ranges the owner of the 671B embedding (0.93B values; a rank's share at dp 2048 is about
+/// 0.33B) would hold 3x the average; with them the most-loaded rank is near the average.
 fn most_loaded_rank_bytes(specs: &[crate::weights::WeightSpec], trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool, recipe: &Recipe, experts: usize, owned: f64) -> f64 {
     let dp = recipe.parallel.dp.max(1);
     let ep = recipe.parallel.ep.max(1);
     let slice = experts.div_ceil(ep).max(1); // experts per expert-parallel rank
     let is_expert = |s: &crate::weights::WeightSpec| ep > 1 && crate::weights::routed_expert(&s.name).is_some();
-    let sizes = |f: &dyn Fn(&crate::weights::WeightSpec) -> bool| -> Vec<usize> { specs.iter().filter(|s| trainable(s) && f(s)).map(|s| s.shape.iter().product::<usize>()).collect() };
-    let load = |sizes: &[usize], ranks: usize| -> Vec<usize> {
+    let load = |f: &dyn Fn(&crate::weights::WeightSpec) -> bool, ranks: usize| -> Vec<usize> {
+        let shapes: Vec<(usize, usize)> = specs
+            .iter()
+            .filter(|s| trainable(s) && f(s))
+            .map(|s| (s.shape.first().copied().unwrap_or(1), s.shape.iter().skip(1).product::<usize>()))
+            .collect();
         let mut load = vec![0usize; ranks.max(1)];
-        for (i, r) in crate::train::optim::assign_owners(sizes, ranks).into_iter().enumerate() {
-            load[r] += sizes[i];
+        for r in crate::train::zero::assign_row_ranges(&shapes, ranks) {
+            load[r.owner] += r.rows.len() * shapes[r.slot].1;
         }
         load
     };
-    let replicated = load(&sizes(&|s| !is_expert(s)), dp);
+    let replicated = load(&|s| !is_expert(s), dp);
     // Slice 0's experts (every slice is the same shape) over its dp/ep replicas.
-    let expert = load(&sizes(&|s| is_expert(s) && crate::weights::routed_expert(&s.name).is_some_and(|e| e < slice)), (dp / ep).max(1));
+    let expert = load(&|s| is_expert(s) && crate::weights::routed_expert(&s.name).is_some_and(|e| e < slice), (dp / ep).max(1));
     (0..dp).map(|r| (replicated[r] + if ep > 1 { expert[(r / ep).min(expert.len() - 1)] } else { 0 }) as f64 * owned).fold(0.0, f64::max)
 }
 
@@ -277,17 +281,19 @@ mod tests {
     }
 
     #[test]
-    fn the_most_loaded_rank_holds_a_tensor_larger_than_its_fair_share() {
+    fn the_most_loaded_rank_holds_about_the_fair_share_once_large_tensors_are_split_by_rows() {
         let mut recipe = Recipe::default();
         recipe.parallel.dp = 4;
         let all = |_: &WeightSpec| true;
         // Four equal tensors over four ranks: one each, the average.
         let even: Vec<WeightSpec> = (0..4).map(|i| spec(&format!("model.layers.{i}.w"), 5)).collect();
         assert_eq!(most_loaded_rank_bytes(&even, &all, &recipe, 0, 2.0), 5.0 * 10.0 * 2.0);
-        // One tensor of 100 rows beside three of 5: its owner holds all 100 (the average would be 28.75).
+        // One tensor of 100 rows beside three of 5 (fair share 1150 / 4 -> 288 values): split
+        // into four ranges of 25 rows, one per rank, and the three small ones on top of three of
+        // them. Whole, its owner would hold all 1000.
         let mut skewed = even[..3].to_vec();
         skewed.push(spec("model.embed_tokens.weight", 100));
-        assert_eq!(most_loaded_rank_bytes(&skewed, &all, &recipe, 0, 1.0), 1000.0);
+        assert_eq!(most_loaded_rank_bytes(&skewed, &all, &recipe, 0, 1.0), 300.0);
         // Routed experts split over ep = 2: slice 0 (experts 0, 1 of 4) over dp / ep = 2 replicas.
         recipe.parallel.ep = 2;
         let experts: Vec<WeightSpec> = (0..4).map(|e| spec(&format!("model.layers.1.mlp.experts.{e}.up_proj.weight"), 7)).collect();

@@ -1,8 +1,13 @@
 //! Gradient sums and the ZeRO optimizer sharding over the ranks that hold a tensor.
 //!
-//! Every trainable tensor has one owner among its holders (all dp ranks for replicated
-//! tensors, the dp/ep replicas for routed experts; `slot_owners`), which keeps its f32 master
-//! and Adam moments and updates it (ZeRO-1). Gradients go through two maps of `GradAccum`:
+//! Every row of every trainable tensor has one owner among the tensor's holders (all dp ranks
+//! for replicated tensors, the dp/ep replicas for routed experts), which keeps its f32 master
+//! and Adam moments and updates it (ZeRO-1). Ownership is by row ranges (`OwnedRange`,
+//! `assign_row_ranges`): a tensor larger than its holders' fair share (the group's elements
+//! over the number of holders) is cut along dim 0 into about equal contiguous ranges, each no
+//! larger than the share, so no rank holds much more than the average (the 671B embedding is
+//! 3x a rank's share at dp 2048); smaller tensors stay whole. One holder never splits.
+//! Gradients go through two maps of `GradAccum`:
 //! `pending` (this rank's local sum since the last reduction) and `grads` (summed over the
 //! holders, what the optimizer reads).
 //!
@@ -10,9 +15,10 @@
 //!   the last micro-batch, sums it over the holders into `grads` on every rank.
 //! - ZeRO-2 (`parallel.zero = 2`): the trainer calls `Reducer::flush` for a layer as soon as
 //!   that layer's backward has run (and for everything left at the end of each micro-batch);
-//!   the sum lands in `grads` on the owner only and the other ranks free their copy. A rank
+//!   the sum lands in `grads` on the owner only (a split tensor's owners keep their rows,
+//!   under `optim::piece_name`) and the other ranks free their copy. A rank
 //!   then holds, besides the gradients it owns, at most one layer's unreduced gradients.
-//!   The gradient norm for clipping is the rank-ordered sum of the owners' squared norms.
+//!   The gradient norm for clipping is the rank-ordered sum of the owned ranges' squared norms.
 //!
 //! Numerics: sums are f32, added in rank order on every rank (the TCP backend) or by NCCL's
 //! all-reduce (GPU ranks). ZeRO-1 adds a rank's micro-batches first and then the ranks; ZeRO-2
@@ -22,11 +28,12 @@
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashSet};
+use std::ops::Range;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Shape, Tensor};
 
-use super::optim::{assign_owners, GradAccum, Slot};
+use super::optim::{assign_owners, piece_name, GradAccum, Slot};
 use crate::dist::Collective;
 use crate::recipe::Layout;
 use crate::weights;
@@ -39,20 +46,58 @@ fn is_sharded_expert(layout: &Layout, name: &str) -> bool {
     layout.ep > 1 && weights::routed_expert(name).is_some()
 }
 
-/// The rank owning each slot's optimizer state: replicated tensors are spread over all dp
-/// ranks, routed experts over the ranks holding the same experts (largest first to the
-/// least-loaded rank, so every rank computes the same assignment).
-pub fn slot_owners(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<usize> {
-    let mut owners = vec![0; slots.len()];
+/// Rows `rows` of tensor `slot` are owned by `owner`: that rank keeps their f32 master, Adam
+/// moments and (ZeRO-2) summed gradient.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnedRange {
+    pub slot: usize,
+    pub rows: Range<usize>,
+    pub owner: usize,
+}
+
+/// Owners among `ranks` holders for a group of tensors, each given as (rows along dim 0,
+/// elements per row): a tensor above the fair share (ceil(total elements / ranks)) is cut into
+/// ceil(elements / share) ranges of about equal whole rows (at least one row each), then
+/// every range or whole tensor goes, largest first, to the least-loaded rank (lowest index on
+/// ties; `assign_owners`). Deterministic: every rank computes the same list. `slot` indexes
+/// `tensors`, `owner` is 0..ranks; the ranges of a tensor are in row order and cover it once.
+pub fn assign_row_ranges(tensors: &[(usize, usize)], ranks: usize) -> Vec<OwnedRange> {
+    let ranks = ranks.max(1);
+    let total: usize = tensors.iter().map(|&(r, c)| r * c).sum();
+    let share = total.div_ceil(ranks).max(1);
+    let mut pieces = vec![];
+    for (slot, &(rows, cols)) in tensors.iter().enumerate() {
+        let n = if ranks == 1 { 1 } else { (rows * cols).div_ceil(share).clamp(1, rows.max(1)) };
+        // Range j: rows [j rows / n, (j + 1) rows / n).
+        pieces.extend((0..n).map(|j| OwnedRange { slot, rows: j * rows / n..(j + 1) * rows / n, owner: 0 }));
+    }
+    let sizes: Vec<usize> = pieces.iter().map(|p| p.rows.len() * tensors[p.slot].1).collect();
+    for (p, owner) in pieces.iter_mut().zip(assign_owners(&sizes, ranks)) {
+        p.owner = owner;
+    }
+    pieces
+}
+
+/// Rows and elements per row of a tensor (a scalar is one row).
+fn row_shape(t: &Tensor) -> (usize, usize) {
+    match t.dims().split_first() {
+        Some((&rows, rest)) => (rows, rest.iter().product()),
+        None => (1, 1),
+    }
+}
+
+/// The owned ranges of every slot in the job as this rank sees it: replicated tensors spread
+/// over all dp ranks, routed experts over the ranks holding the same experts; `slot` indexes
+/// `slots`, `owner` is a rank of the job.
+pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRange> {
+    let mut out = vec![];
     let everyone: Vec<usize> = (0..layout.dp).collect();
     for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
         let idx: Vec<usize> = (0..slots.len()).filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts).collect();
-        let sizes: Vec<usize> = idx.iter().map(|&i| slots[i].var.as_tensor().elem_count()).collect();
-        for (&i, o) in idx.iter().zip(assign_owners(&sizes, members.len())) {
-            owners[i] = members[o];
-        }
+        let shapes: Vec<(usize, usize)> = idx.iter().map(|&i| row_shape(slots[i].var.as_tensor())).collect();
+        out.extend(assign_row_ranges(&shapes, members.len()).into_iter().map(|r| OwnedRange { slot: idx[r.slot], rows: r.rows, owner: members[r.owner] }));
     }
-    owners
+    out
 }
 
 /// Sum over `members` one f32 tensor per item (`mine(k)`; None counts as zeros), flattened
@@ -201,38 +246,46 @@ impl Reducer {
             |k| Ok(pending.remove(name(chosen[k]))),
             |k, sum| {
                 let s = &slots[chosen[k]];
-                if !owners_only || s.owned {
+                if !owners_only || s.owns_whole() {
                     accum.settle(&s.name, sum)?;
+                } else {
+                    // A split tensor: the owner keeps its rows (copied, so that the bucket is freed).
+                    for p in &s.pieces {
+                        accum.settle(&piece_name(&s.name, &p.rows, s.rows()), sum.narrow(0, p.rows.start, p.rows.len())?.copy()?)?;
+                    }
                 }
                 Ok(())
             },
         )
     }
 
-    /// ZeRO: after the optimizer step each tensor's owner shares its new value with the ranks
-    /// holding it, as a sum in which every other rank adds zeros (exact: x + 0 = x).
+    /// ZeRO: after the optimizer step the owners of each tensor's rows share their new values
+    /// with the ranks holding it, as a sum in which each rank adds its owned rows and zeros
+    /// elsewhere (exact: every row is x plus zeros). Every rank but a whole tensor's sole
+    /// owner (which set its Var in the step) takes the sum.
     pub fn gather_updated_params(&self, slots: &mut [Slot]) -> Result<()> {
         self.timed(|| {
             let groups = self.groups(slots, &|_| true);
-            let slots = RefCell::new(slots);
+            let slots: &[Slot] = slots; // the Vars are set through shared references
             for (idx, members) in groups {
                 if members.len() == 1 {
                     continue; // the only holder is the owner
                 }
-                let shapes: Vec<Shape> = idx.iter().map(|&i| slots.borrow()[i].var.as_tensor().shape().clone()).collect();
+                let shapes: Vec<Shape> = idx.iter().map(|&i| slots[i].var.as_tensor().shape().clone()).collect();
                 bucketed_sum(
                     self.comm.borrow_mut().as_mut(),
                     &self.device,
                     &shapes,
                     &members,
                     |k| {
-                        let s = &slots.borrow()[idx[k]];
-                        if s.owned { s.value_f32().map(Some) } else { Ok(None) }
+                        let s = &slots[idx[k]];
+                        if s.pieces.is_empty() { Ok(None) } else { s.owned_rows_or_zeros().map(Some) }
                     },
                     |k, v| {
-                        let s = &mut slots.borrow_mut()[idx[k]];
-                        if !s.owned {
-                            s.set_value(&v)?;
+                        let s = &slots[idx[k]];
+                        if !s.owns_whole() {
+                            // The owned rows' masters already hold these values.
+                            s.var.set(&v.to_dtype(s.var.as_tensor().dtype())?)?;
                         }
                         Ok(())
                     },
@@ -243,8 +296,8 @@ impl Reducer {
     }
 
     /// Squared gradient norms per group summed over the ranks (ZeRO-2: each rank holds only
-    /// the gradients it owns, and every tensor has exactly one owner in the job). f64, added
-    /// in rank order.
+    /// the gradients of the rows it owns, and every row has exactly one owner in the job). f64,
+    /// added in rank order.
     pub fn sum_squared_norms(&self, local: &mut std::collections::HashMap<super::optim::Group, f64>) -> Result<()> {
         if self.world() == 1 || self.layout.zero < 2 {
             return Ok(());
@@ -257,5 +310,54 @@ impl Reducer {
             local.insert(g, total);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every row of every tensor has exactly one owner; returns the elements each rank owns.
+    fn loads(tensors: &[(usize, usize)], ranges: &[OwnedRange], ranks: usize) -> Vec<usize> {
+        for (i, &(rows, _)) in tensors.iter().enumerate() {
+            let mut count = vec![0; rows];
+            for r in ranges.iter().filter(|r| r.slot == i) {
+                assert!(!r.rows.is_empty() && r.owner < ranks, "{r:?}");
+                r.rows.clone().for_each(|x| count[x] += 1);
+            }
+            assert!(count.iter().all(|&c| c == 1), "tensor {i}: rows owned {count:?} times");
+        }
+        let mut load = vec![0; ranks];
+        ranges.iter().for_each(|r| load[r.owner] += r.rows.len() * tensors[r.slot].1);
+        load
+    }
+
+    #[test]
+    fn a_tensor_above_the_fair_share_is_split_into_row_ranges_owned_once_each() {
+        // One [1000, 10] "embedding" beside six [5, 10] tensors over 4 ranks: the fair share is
+        // 10300 / 4 = 2575 values; whole, the embedding's owner would hold 10000.
+        let mut tensors = vec![(1000, 10)];
+        tensors.extend([(5, 10); 6]);
+        let ranges = assign_row_ranges(&tensors, 4);
+        let big: Vec<&OwnedRange> = ranges.iter().filter(|r| r.slot == 0).collect();
+        assert!(big.len() > 1, "not split: {big:?}");
+        let owners: std::collections::BTreeSet<usize> = big.iter().map(|r| r.owner).collect();
+        assert_eq!(owners.len(), big.len(), "two ranges on one rank: {big:?}");
+        assert!(ranges.iter().filter(|r| r.slot > 0).all(|r| r.rows == (0..5)), "small tensors stay whole");
+        let load = loads(&tensors, &ranges, 4);
+        assert!(*load.iter().max().unwrap() <= 2575 + 50, "unbalanced: {load:?}");
+        // Deterministic, and one holder (or a group with nothing large) never splits.
+        assert_eq!(assign_row_ranges(&tensors, 4), ranges);
+        assert_eq!(assign_row_ranges(&tensors, 1).len(), tensors.len());
+        assert_eq!(assign_row_ranges(&[(3, 3), (3, 3), (3, 3)], 3).len(), 3);
+        // At least one row per range: a tensor of 3 rows over 8 ranks splits into 3 at most.
+        let few = assign_row_ranges(&[(3, 100), (1, 1)], 8);
+        assert_eq!(few.iter().filter(|r| r.slot == 0).count(), 3);
+        loads(&[(3, 100), (1, 1)], &few, 8);
+        // Awkward sizes: rows not divisible by the number of ranges.
+        for ranks in [2, 3, 5, 7] {
+            let t = [(97, 3), (13, 1), (1, 1), (50, 2)];
+            loads(&t, &assign_row_ranges(&t, ranks), ranks);
+        }
     }
 }

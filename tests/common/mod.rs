@@ -50,10 +50,16 @@ pub struct Fixture {
 
 impl Fixture {
     pub fn new(seed: u64) -> Self {
+        Self::with_config(seed, |_| {})
+    }
+
+    /// As `new`, with `edit` applied to the model's config.json first.
+    pub fn with_config(seed: u64, edit: impl FnOnce(&mut serde_json::Value)) -> Self {
         let tmp = tempfile::tempdir().unwrap();
         let root = tmp.path().to_path_buf();
         let mut cfg = dsa_train::tiny::tiny_config(false);
         cfg["num_hidden_layers"] = 2.into();
+        edit(&mut cfg);
         dsa_train::tiny::write_random_checkpoint(&root.join("model"), &cfg, seed, 1 << 20).unwrap();
         let tokens = dsa_train::tiny::synthetic_corpus(512, 4096, seed);
         dsa_train::data::write_token_file(&root.join("tokens.bin"), &tokens).unwrap();
