@@ -102,6 +102,7 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         defer_dense_kl: false,
         block_rows: 0,
         indexer_rows: 0,
+        eval_rows: None,
     };
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);

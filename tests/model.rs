@@ -19,7 +19,7 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
 }
 
 fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
-    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 }
+    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None }
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {

@@ -55,7 +55,7 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         (AttentionMode::Dense, "dense forward f32", "dense forward bf16"),
         (AttentionMode::Sparse, "sparse forward f32", "sparse forward bf16"),
     ] {
-        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 };
+        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None };
         let x = tokens(2, 97, cpu.cfg.vocab_size, 11, &Device::Cpu)?;
         let reference = cpu.forward(&x, &opts)?.logits;
         let a = g32.forward(&x.to_device(gpu)?, &opts)?.logits;
