@@ -73,6 +73,43 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// The evaluation pass in blocks of query rows (`ForwardOptions::eval_rows`, `dsa-train eval`)
+/// against the whole-sequence pass on the GPU, both attention modes: f32 asserted to the CPU
+/// test's tolerances (logits 1e-4 relative, per-query KL 1e-3 relative, recall 1e-4 absolute);
+/// bf16 by the logits' cosine (> 0.999) and the largest recall difference (< 2e-2: a bf16
+/// product can reorder near-tied indexer scores).
+fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (dtype, mode, name) in [
+        (DType::F32, AttentionMode::Dense, "blocked eval dense f32"),
+        (DType::F32, AttentionMode::Sparse, "blocked eval sparse f32"),
+        (DType::BF16, AttentionMode::Dense, "blocked eval dense bf16"),
+        (DType::BF16, AttentionMode::Sparse, "blocked eval sparse bf16"),
+    ] {
+        let model = Model::load(dir, &LoadOptions { device: gpu.clone(), dtype, ..Default::default() })?;
+        let x = tokens(2, 97, model.cfg.vocab_size, 12, gpu)?;
+        let whole_opts = ForwardOptions::new(mode, 16);
+        let whole = model.forward(&x, &whole_opts)?;
+        let blocked = model.forward(&x, &ForwardOptions { eval_rows: Some(7), ..whole_opts })?;
+        let (mut kl, mut recall) = (0f32, 0f32);
+        for (b, w) in blocked.layers.iter().zip(&whole.layers) {
+            let (kb, kw) = (b.indexer_kl.as_ref().expect("KL"), w.indexer_kl.as_ref().expect("KL"));
+            kl = kl.max(rel_err(kb, kw)?);
+            let (rb, rw) = (b.recall.as_ref().expect("recall"), w.recall.as_ref().expect("recall"));
+            recall = recall.max((rb - rw)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
+        let (ok, detail) = if dtype == DType::F32 {
+            let e = rel_err(&blocked.logits, &whole.logits)?;
+            (e < 1e-4 && kl < 1e-3 && recall < 1e-4, format!("logits rel err {e:.2e} (< 1e-4), KL {kl:.2e} (< 1e-3), recall {recall:.2e} (< 1e-4)"))
+        } else {
+            let c = cosine(&blocked.logits, &whole.logits)?;
+            (c > 0.999 && recall < 2e-2, format!("logits cosine {c:.6} (> 0.999), recall max diff {recall:.2e} (< 2e-2), KL rel err {kl:.2e}"))
+        };
+        out.push(Outcome { name, ok, detail });
+    }
+    Ok(out)
+}
+
 /// Three training steps of each stage in f32 on CPU and GPU give the same losses.
 fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Result<Vec<Outcome>> {
     let mut out = vec![];
@@ -207,6 +244,7 @@ pub fn run(device_name: &str) -> Result<()> {
     all.extend(sparse_mla_tc::checks(&gpu)?);
     all.extend(indexer_topk::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
+    all.extend(eval_blocks_match_whole(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
     let _ = std::fs::remove_dir_all(&dir);
     let failed = all.iter().filter(|o| !o.ok).count();
