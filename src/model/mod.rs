@@ -254,7 +254,7 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
-                let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
@@ -288,8 +288,9 @@ impl DecoderLayer {
     /// f32 scores block by block, host top-k, as `select_topk` on the whole scores), then per
     /// block the dense attention rows, their head-mean probabilities, the indexer's scores of
     /// those rows again (cheaper to recompute than to keep), the KL rows and the recall rows.
-    /// Sparse: the attention and its KL are O(T K) already; the recall's dense probabilities
-    /// are computed per block. Every tensor of every row is O(T) (or O(T K)).
+    /// Sparse: the attention and its KL are O(T K) already; the host selection scores a block
+    /// of rows at a time (the device kernel as in `forward_with`), and the recall's dense
+    /// probabilities are computed per block. Every tensor of every row is O(T) (or O(T K)).
     fn attention_in_blocks(
         &self,
         proj: &attention::Projected,
@@ -327,7 +328,7 @@ impl DecoderLayer {
                 out.expect("dense_blocks returns the output when asked")
             }
             AttentionMode::Sparse => {
-                let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
                 let a = self.attn.sparse(proj, &sel)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
@@ -389,7 +390,10 @@ impl DecoderLayer {
 
     /// The sparse sets: `cached`, or the indexer's top-k, scored a block of queries at a time
     /// (with `IndexerView::Keys`, each block's queries projected from the inputs just then).
-    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<crate::dsa::Selection> {
+    /// `whole_rows`: with the whole projections, query rows per block of the host path (at
+    /// most `dsa::query_block`; its [B, n*HI, T] intermediate is HI times that block's scores);
+    /// the device kernel takes every row at once and chunks its score buffer itself.
+    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>, whole_rows: usize) -> Result<crate::dsa::Selection> {
         if let Some(sel) = cached {
             return Ok(sel.clone());
         }
@@ -398,9 +402,9 @@ impl DecoderLayer {
         match ix {
             IndexerView::Whole(p) => {
                 let p = p.detach();
-                let t = p.k.dim(1)?;
-                // One block of every row: the device kernel chunks its score buffer itself.
-                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), t, ctx, opts.topk, fast(&p.k))
+                let fast = fast(&p.k);
+                let rows = if fast { p.k.dim(1)? } else { whole_rows };
+                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), rows, ctx, opts.topk, fast)
             }
             IndexerView::Keys { k, x, qr, rows } => {
                 let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
@@ -422,7 +426,7 @@ impl DecoderLayer {
         let qr = self.attn.project_qr(&x)?;
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
-        let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+        let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
         let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows, None, &mut |_| Ok(()))?;
         let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
         if opts.indexer_kl {
