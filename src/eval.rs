@@ -10,6 +10,11 @@
 //! - `attention_mass_recall_per_layer[l]`: mean over positions with t + 1 > k of the dense
 //!   attention mass inside S_t (1.0 when no position has t + 1 > k: S_t then holds every key).
 //! Sums are accumulated in f64.
+//!
+//! Memory: the forward runs with `ForwardOptions::eval_rows` (the attention, the dense
+//! probabilities of the KL target and the recall, the indexer's scores and top-k a block of
+//! query rows at a time) and the LM head runs on chunks of positions, so no [.., T, T] tensor
+//! and no [T, vocab] logits exist: any length whose weights and O(T) activations fit.
 
 use std::path::PathBuf;
 
@@ -19,7 +24,7 @@ use serde::Serialize;
 
 use crate::config::IndexerDefaults;
 use crate::data::{read_token_file, TokenStream};
-use crate::losses::next_token_nll;
+use crate::losses::{lm_chunk_positions, next_token_nll};
 use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
 
 #[derive(Debug, Clone)]
@@ -102,6 +107,8 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         defer_dense_kl: false,
         block_rows: 0,
         indexer_rows: 0,
+        // No [.., T, T] tensor and no [T, vocab] logits at once: any length whose weights fit.
+        eval_rows: Some(0),
     };
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
@@ -109,9 +116,9 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     let recall_positions = n.saturating_sub(topk);
     for w in 0..windows {
         let window = Tensor::from_slice(&tokens[w * n..(w + 1) * n], (1, n), &model.device)?;
-        let out = model.forward(&window, &opts)?;
-        nll_sum += sum_f64(&next_token_nll(&out.logits, &window)?)?;
-        for (l, stats) in out.layers.iter().enumerate() {
+        let (hidden, layers) = model.forward_layers(&window, &opts)?;
+        nll_sum += nll_sum_in_chunks(model, &hidden, &window, lm_chunk_positions(1, model.cfg.vocab_size))?;
+        for (l, stats) in layers.iter().enumerate() {
             if let Some(kl) = &stats.indexer_kl {
                 kl_sum[l] += sum_f64(kl)?;
             }
@@ -142,6 +149,22 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         attention_mass_recall: mean(&recall),
         attention_mass_recall_per_layer: recall,
     })
+}
+
+/// Summed next-token NLL of `tokens` [B, T] from the final hidden states [B, T, hidden], the LM
+/// head run on `chunk` positions at a time: positions p0..p0+n predict tokens p0+1..p0+n+1, so
+/// each chunk's head also covers row p0+n, whose own prediction belongs to the next chunk.
+/// The same sum as `next_token_nll` over the whole logits (f32 per position, f64 sums).
+pub fn nll_sum_in_chunks(model: &Model, hidden: &Tensor, tokens: &Tensor, chunk: usize) -> Result<f64> {
+    let t = hidden.dim(1)?;
+    let chunk = chunk.max(1);
+    let mut sum = 0f64;
+    for p0 in (0..t.saturating_sub(1)).step_by(chunk) {
+        let n = chunk.min(t - 1 - p0);
+        let logits = model.head(&hidden.narrow(1, p0, n + 1)?)?; // [B, n+1, vocab]
+        sum += sum_f64(&next_token_nll(&logits, &tokens.narrow(1, p0, n + 1)?)?)?;
+    }
+    Ok(sum)
 }
 
 fn sum_f64(t: &Tensor) -> Result<f64> {

@@ -19,7 +19,7 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
 }
 
 fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
-    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 }
+    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None }
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
@@ -46,6 +46,46 @@ fn sparse_attention_with_k_at_least_t_equals_dense() {
     let recall: Vec<Vec<f32>> = narrow.layers[0].recall.as_ref().unwrap().to_vec2().unwrap();
     assert!(recall[0][..8].iter().all(|r| (r - 1.0).abs() < 1e-5));
     assert!(recall[0][8..].iter().all(|r| *r > 0.0 && *r < 1.0 + 1e-6));
+}
+
+/// The evaluation pass in blocks of query rows (`ForwardOptions::eval_rows`, what
+/// `dsa-train eval` runs, so that no [.., T, T] tensor exists) gives the whole-sequence pass's
+/// logits and, per layer and per query, its indexer KL and attention-mass recall; the LM loss
+/// with the head run in chunks of positions (`eval::nll_sum_in_chunks`) is the loss of the
+/// whole logits. Both attention modes, batch 2, T = 23 in blocks of 3 rows (a last block of
+/// 2) and in one block (`Some(0)` at this size), chunks of 4 positions; top-k 5, so the
+/// recall of most positions is below 1 and depends on which rows each block holds.
+#[test]
+fn evaluation_in_blocks_of_query_rows_equals_the_whole_sequence_pass() {
+    let (_tmp, dir) = tiny_checkpoint(true, 26);
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let (b, t, topk) = (2, 23, 5);
+    let x = tokens(b, t, 6);
+    let max_abs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    for mode in [AttentionMode::Dense, AttentionMode::Sparse] {
+        let whole = model.forward(&x, &opts(mode, topk)).unwrap();
+        let lm_whole: f64 = next_token_nll(&whole.logits, &x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| *v as f64).sum();
+        for rows in [3, 0] {
+            let o = ForwardOptions { eval_rows: Some(rows), ..opts(mode, topk) };
+            let blocked = model.forward(&x, &o).unwrap();
+            let e = max_rel_err(&blocked.logits, &whole.logits);
+            assert!(e < 1e-5, "{mode:?}, {rows} rows: logits, max rel err {e}");
+            for (l, (bl, wh)) in blocked.layers.iter().zip(&whole.layers).enumerate() {
+                let (kb, kw) = (bl.indexer_kl.as_ref().unwrap(), wh.indexer_kl.as_ref().unwrap());
+                assert_eq!(kb.dims(), [b, t]);
+                let e = max_rel_err(kb, kw);
+                assert!(e < 1e-4, "{mode:?}, {rows} rows, layer {l}: KL, max rel err {e}");
+                let (rb, rw) = (bl.recall.as_ref().unwrap(), wh.recall.as_ref().unwrap());
+                assert_eq!(rb.dims(), [b, t]);
+                let e = max_abs(rb, rw);
+                assert!(e < 1e-5, "{mode:?}, {rows} rows, layer {l}: recall, max abs diff {e}");
+                let below: usize = rw.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|r| **r < 0.999).count();
+                assert!(below >= b * (t - topk) / 2, "{mode:?}, layer {l}: only {below} positions with recall < 1");
+            }
+            let lm = dsa_train::eval::nll_sum_in_chunks(&model, &blocked.hidden, &x, 4).unwrap();
+            assert!((lm - lm_whole).abs() <= 1e-5 * lm_whole.abs(), "{mode:?}, {rows} rows: LM loss sum {lm} vs {lm_whole}");
+        }
+    }
 }
 
 /// The model with every parameter wrapped in a Var, plus the Vars by name.

@@ -69,7 +69,7 @@ fn check_fixture(name: &str) {
         // Logits, window by window.
         let reference = read_logits(&dir.join(format!("logits_{key}.safetensors")));
         let vocab = model.cfg.vocab_size;
-        let opts = ForwardOptions { attention: mode, topk, indexer_kl: false, recall: false, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 };
+        let opts = ForwardOptions { attention: mode, topk, indexer_kl: false, recall: false, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None };
         for w in 0..got.windows {
             let x = Tensor::from_slice(&tokens[w * seq_len..(w + 1) * seq_len], (1, seq_len), &Device::Cpu).unwrap();
             let ours: Vec<f32> = model.forward(&x, &opts).unwrap().logits.flatten_all().unwrap().to_vec1().unwrap();

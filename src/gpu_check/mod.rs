@@ -55,7 +55,7 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         (AttentionMode::Dense, "dense forward f32", "dense forward bf16"),
         (AttentionMode::Sparse, "sparse forward f32", "sparse forward bf16"),
     ] {
-        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 };
+        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None };
         let x = tokens(2, 97, cpu.cfg.vocab_size, 11, &Device::Cpu)?;
         let reference = cpu.forward(&x, &opts)?.logits;
         let a = g32.forward(&x.to_device(gpu)?, &opts)?.logits;
@@ -69,6 +69,43 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         let c = cosine(&b, &cpu.forward(&x, &all_keys)?.logits)?;
         let with_sel = cosine(&g16.forward(&x.to_device(gpu)?, &opts)?.logits, &reference)?;
         out.push(Outcome { name: name16, ok: c > 1.0 - 5e-3, detail: format!("top-k >= T: cosine {c:.6} (> 0.995); with top-16: {with_sel:.4}") });
+    }
+    Ok(out)
+}
+
+/// The evaluation pass in blocks of query rows (`ForwardOptions::eval_rows`, `dsa-train eval`)
+/// against the whole-sequence pass on the GPU, both attention modes: f32 asserted to the CPU
+/// test's tolerances (logits 1e-4 relative, per-query KL 1e-3 relative, recall 1e-4 absolute);
+/// bf16 by the logits' cosine (> 0.999) and the largest recall difference (< 2e-2: a bf16
+/// product can reorder near-tied indexer scores).
+fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (dtype, mode, name) in [
+        (DType::F32, AttentionMode::Dense, "blocked eval dense f32"),
+        (DType::F32, AttentionMode::Sparse, "blocked eval sparse f32"),
+        (DType::BF16, AttentionMode::Dense, "blocked eval dense bf16"),
+        (DType::BF16, AttentionMode::Sparse, "blocked eval sparse bf16"),
+    ] {
+        let model = Model::load(dir, &LoadOptions { device: gpu.clone(), dtype, ..Default::default() })?;
+        let x = tokens(2, 97, model.cfg.vocab_size, 12, gpu)?;
+        let whole_opts = ForwardOptions::new(mode, 16);
+        let whole = model.forward(&x, &whole_opts)?;
+        let blocked = model.forward(&x, &ForwardOptions { eval_rows: Some(7), ..whole_opts })?;
+        let (mut kl, mut recall) = (0f32, 0f32);
+        for (b, w) in blocked.layers.iter().zip(&whole.layers) {
+            let (kb, kw) = (b.indexer_kl.as_ref().expect("KL"), w.indexer_kl.as_ref().expect("KL"));
+            kl = kl.max(rel_err(kb, kw)?);
+            let (rb, rw) = (b.recall.as_ref().expect("recall"), w.recall.as_ref().expect("recall"));
+            recall = recall.max((rb - rw)?.abs()?.flatten_all()?.max(0)?.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+        }
+        let (ok, detail) = if dtype == DType::F32 {
+            let e = rel_err(&blocked.logits, &whole.logits)?;
+            (e < 1e-4 && kl < 1e-3 && recall < 1e-4, format!("logits rel err {e:.2e} (< 1e-4), KL {kl:.2e} (< 1e-3), recall {recall:.2e} (< 1e-4)"))
+        } else {
+            let c = cosine(&blocked.logits, &whole.logits)?;
+            (c > 0.999 && recall < 2e-2, format!("logits cosine {c:.6} (> 0.999), recall max diff {recall:.2e} (< 2e-2), KL rel err {kl:.2e}"))
+        };
+        out.push(Outcome { name, ok, detail });
     }
     Ok(out)
 }
@@ -207,6 +244,7 @@ pub fn run(device_name: &str) -> Result<()> {
     all.extend(sparse_mla_tc::checks(&gpu)?);
     all.extend(indexer_topk::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
+    all.extend(eval_blocks_match_whole(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
     let _ = std::fs::remove_dir_all(&dir);
     let failed = all.iter().filter(|o| !o.ok).count();

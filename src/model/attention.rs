@@ -5,6 +5,7 @@
 //!
 //! - `dense`: "MHA mode". Keys and values are expanded per head through kv_b_proj; scores
 //!   [B, H, T, T] over every causal key. Used for the frozen model in the warm-up stage.
+//!   `dense_blocks` is the same attention a block of query rows at a time (evaluation).
 //! - `sparse`: "MQA (absorbed) mode" over each query's selected set. W_UK (the k_nope rows of
 //!   kv_b_proj) is folded into the query, so every head reads ONE shared key per token,
 //!   `[kv_a_norm(c), k_pe]` (C + R dims); values are the C-dim latent and W_UV (the v rows) is
@@ -121,17 +122,51 @@ impl Mla {
         Ok((q, k, v))
     }
 
+    /// Dense causal probabilities per head of queries q0..q0+n against every key, [B, H, n, T]
+    /// f32, from the MHA-mode q, k [B, H, T, N+R]; `causal` is those queries' bias rows [n, T].
+    fn dense_probs_rows(&self, q: &Tensor, k: &Tensor, causal: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
+        let q = q.narrow(2, q0, n)?.contiguous()?; // [B, H, n, N+R]; the whole q when n = T
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, H, n, T]
+        softmax_last(&(scores * self.scale)?.broadcast_add(causal)?)
+    }
+
     /// Dense causal attention probabilities per head, [B, H, T, T] f32.
     fn dense_probs_and_values(&self, p: &Projected, causal: &Tensor) -> Result<(Tensor, Tensor)> {
         let (q, k, v) = self.mha_qkv(p)?;
-        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, H, T, T]
-        let scores = (scores * self.scale)?.broadcast_add(causal)?;
-        Ok((softmax_last(&scores)?, v))
+        let t = q.dim(2)?;
+        Ok((self.dense_probs_rows(&q, &k, causal, 0, t)?, v))
     }
 
     /// Head-mean dense probabilities [B, T, T] f32 (detached), for the attention-mass recall.
     pub fn dense_head_mean_probs(&self, p: &Projected, causal: &Tensor) -> Result<Tensor> {
         Ok(self.dense_probs_and_values(p, causal)?.0.mean(1)?.detach())
+    }
+
+    /// Dense MLA in MHA mode, `rows` queries at a time and without a graph (evaluation): no
+    /// [.., T, T] tensor exists, the largest being one block's probabilities [B, H, rows, T]
+    /// f32. Each block q0..q0+n hands its head-mean probabilities [B, n, T] (f32) to
+    /// `each(q0, n, probs)` before the next block is computed. With `output`, returns the
+    /// attention output [B, T, hidden] (the blocks' rows concatenated); without it (the sparse
+    /// pass's recall) the values and o_proj are skipped. Row for row the same computation as
+    /// `dense` and `dense_head_mean_probs`.
+    pub fn dense_blocks(&self, p: &Projected, rows: usize, output: bool, mut each: impl FnMut(usize, usize, Tensor) -> Result<()>) -> Result<Option<Tensor>> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let rows = rows.clamp(1, t.max(1));
+        let (q, k, v) = self.mha_qkv(p)?;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach()); // [B, H, T, *]: O(T), no graph
+        let mut outs = Vec::with_capacity(if output { t.div_ceil(rows) } else { 0 });
+        for q0 in (0..t).step_by(rows) {
+            let n = rows.min(t - q0);
+            let causal = crate::dsa::causal_rows(q0, n, t, q.device())?; // [n, T]
+            let probs = self.dense_probs_rows(&q, &k, &causal, q0, n)?; // [B, H, n, T]
+            if output {
+                let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, n, V]
+                let o = o.transpose(1, 2)?.reshape((b, n, h * self.v_dim))?;
+                outs.push(linear(&o, &self.o_proj)?.detach()); // [B, n, hidden]
+            }
+            each(q0, n, probs.mean(1)?)?;
+        }
+        if output { Ok(Some(Tensor::cat(&outs, 1)?)) } else { Ok(None) }
     }
 
     /// Dense MLA in MHA mode; `causal` is the [T, T] mask bias.

@@ -6,6 +6,8 @@
 //! calls. Each layer computes its statistics as it goes and drops its L x L tensors before the
 //! next layer runs, so at most one layer's L x L is alive at a time (unless gradients are being
 //! recorded through them, which the trainer avoids by backpropagating layer by layer).
+//! Evaluation (`ForwardOptions::eval_rows`) has no L x L at all: it computes those statistics
+//! a block of query rows at a time.
 
 pub mod attention;
 pub mod indexer;
@@ -62,12 +64,19 @@ pub struct ForwardOptions {
     /// block of the indexer's selection and KL, where its queries exist a block at a time
     /// (0 = about 2^24 query values and 2^25 KL entries per block; tests force a few rows).
     pub indexer_rows: usize,
+    /// Evaluation: the attention's [.., T, T] work (dense attention, the dense probabilities
+    /// of the KL target and the recall, the indexer's dense scores, their KL and top-k) runs
+    /// this many query rows at a time, so no [.., T, T] tensor exists; the layer's results
+    /// carry no graph. Some(0) = `eval_block_rows` (about 2^26 elements in a block's largest
+    /// intermediate; tests force a few rows). None: whole-sequence tensors (training, and the
+    /// reference the blocked pass is tested against). Not used with `defer_dense_kl`.
+    pub eval_rows: Option<usize>,
 }
 
 impl ForwardOptions {
     /// Inference-style options: statistics as asked, nothing detached or deferred.
     pub fn new(attention: AttentionMode, topk: usize) -> Self {
-        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0 }
+        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None }
     }
 }
 
@@ -96,10 +105,16 @@ impl DeferredKl {
 
     /// Plain path: per-query KL of queries q0..q0+n, [B, n], differentiable in the indexer.
     pub fn block(proj: &indexer::IndexerProj, target: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
+        Self::kl_rows_of(proj, &target.narrow(1, q0, n)?, q0, n)
+    }
+
+    /// The warm-up KL of queries q0..q0+n against their target rows `target` [B, n, T]: the
+    /// indexer's scores of those rows plus their causal bias, `kl_rows`. Returns [B, n].
+    pub fn kl_rows_of(proj: &indexer::IndexerProj, target: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
         let t = proj.k.dim(1)?;
         let bias = crate::dsa::causal_rows(q0, n, t, proj.k.device())?;
-        let scores = proj.scores_rows(q0, n)?.broadcast_add(&bias)?;
-        kl_rows(&target.narrow(1, q0, n)?, &scores)
+        let scores = proj.scores_rows(q0, n)?.broadcast_add(&bias)?; // [B, n, T]
+        kl_rows(target, &scores)
     }
 }
 
@@ -205,11 +220,15 @@ impl DecoderLayer {
         if opts.block_rows > 0 && opts.attention == AttentionMode::Sparse && !opts.recall {
             return self.forward_blocks(h, ctx, opts, cached);
         }
-        let x = rms_norm(h, &self.input_norm, self.eps)?;
+        let eval = opts.eval_rows.is_some() && !opts.defer_dense_kl;
+        // Evaluation keeps no graph: its blocks must not stay alive through one.
+        let h = if eval { h.detach() } else { h.clone() };
+        let x = rms_norm(&h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         let mut stats = LayerStats::default();
         let ix = self.project_indexer(&x, &proj.qr, ctx, opts, cached.is_some(), &mut stats)?;
         let attn_out = match opts.attention {
+            _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
                 let (out, scores) = self.attn.dense_streaming(&proj)?;
                 stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole(), scores });
@@ -235,7 +254,7 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
-                let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
@@ -249,7 +268,7 @@ impl DecoderLayer {
                 a.out
             }
         };
-        let h = (h + attn_out)?;
+        let h = (&h + attn_out)?;
         let x = rms_norm(&h, &self.post_attention_norm, self.eps)?;
         let f = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
@@ -261,6 +280,77 @@ impl DecoderLayer {
             }
         };
         Ok(((h + f)?, stats))
+    }
+
+    /// The attention of an evaluation pass (`opts.eval_rows`) with its KL and recall, a block
+    /// of query rows at a time wherever the whole-sequence pass holds [.., T, T] tensors; the
+    /// same statistics as `forward_with`'s, row for row. Dense: the sets first (the indexer's
+    /// f32 scores block by block, host top-k, as `select_topk` on the whole scores), then per
+    /// block the dense attention rows, their head-mean probabilities, the indexer's scores of
+    /// those rows again (cheaper to recompute than to keep), the KL rows and the recall rows.
+    /// Sparse: the attention and its KL are O(T K) already; the host selection scores a block
+    /// of rows at a time (the device kernel as in `forward_with`), and the recall's dense
+    /// probabilities are computed per block. Every tensor of every row is O(T) (or O(T K)).
+    fn attention_in_blocks(
+        &self,
+        proj: &attention::Projected,
+        ix: Option<IndexerView>,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+        stats: &mut LayerStats,
+    ) -> Result<Tensor> {
+        let (b, t, _, _) = proj.q_nope.dims4()?;
+        let rows = match opts.eval_rows {
+            Some(0) | None => eval_block_rows(b, t, self.attn.heads, self.indexer.heads),
+            Some(forced) => forced.min(t),
+        };
+        let (mut kl, mut recall) = (vec![], vec![]); // [B, n] per block
+        let out = match opts.attention {
+            AttentionMode::Dense => {
+                let ix = ix.map(|v| v.whole().detach());
+                let sel = match (&ix, opts.recall) {
+                    (Some(p), true) => {
+                        let queries = |q0: usize, n: usize| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?));
+                        Some(select_indexer_topk(&p.k, queries, rows, ctx, opts.topk, false)?)
+                    }
+                    _ => None,
+                };
+                let out = self.attn.dense_blocks(proj, rows, true, |q0, n, probs| {
+                    if let (Some(p), true) = (&ix, opts.indexer_kl) {
+                        kl.push(DeferredKl::kl_rows_of(p, &probs, q0, n)?);
+                    }
+                    if let Some(sel) = &sel {
+                        recall.push(recall_block(&probs, sel, q0, n)?);
+                    }
+                    Ok(())
+                })?;
+                out.expect("dense_blocks returns the output when asked")
+            }
+            AttentionMode::Sparse => {
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
+                let a = self.attn.sparse(proj, &sel)?;
+                if opts.indexer_kl {
+                    let ix = ix.as_ref().expect("the indexer KL projects the indexer");
+                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, stats)?;
+                }
+                if opts.recall {
+                    self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
+                        recall.push(recall_block(&probs, &sel, q0, n)?);
+                        Ok(())
+                    })?;
+                }
+                stats.selection = Some(sel);
+                a.out
+            }
+        };
+        if !kl.is_empty() {
+            stats.indexer_kl = Some(Tensor::cat(&kl, 1)?);
+        }
+        if !recall.is_empty() {
+            stats.recall = Some(Tensor::cat(&recall, 1)?);
+        }
+        Ok(out)
     }
 
     /// The indexer's projections of x and qr when this pass needs them (sparse attention
@@ -300,7 +390,10 @@ impl DecoderLayer {
 
     /// The sparse sets: `cached`, or the indexer's top-k, scored a block of queries at a time
     /// (with `IndexerView::Keys`, each block's queries projected from the inputs just then).
-    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<crate::dsa::Selection> {
+    /// `whole_rows`: with the whole projections, query rows per block of the host path (at
+    /// most `dsa::query_block`; its [B, n*HI, T] intermediate is HI times that block's scores);
+    /// the device kernel takes every row at once and chunks its score buffer itself.
+    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>, whole_rows: usize) -> Result<crate::dsa::Selection> {
         if let Some(sel) = cached {
             return Ok(sel.clone());
         }
@@ -309,9 +402,9 @@ impl DecoderLayer {
         match ix {
             IndexerView::Whole(p) => {
                 let p = p.detach();
-                let t = p.k.dim(1)?;
-                // One block of every row: the device kernel chunks its score buffer itself.
-                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), t, ctx, opts.topk, fast(&p.k))
+                let fast = fast(&p.k);
+                let rows = if fast { p.k.dim(1)? } else { whole_rows };
+                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), rows, ctx, opts.topk, fast)
             }
             IndexerView::Keys { k, x, qr, rows } => {
                 let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
@@ -333,7 +426,7 @@ impl DecoderLayer {
         let qr = self.attn.project_qr(&x)?;
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
-        let sel = self.selection(ix.as_ref(), ctx, opts, cached)?;
+        let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
         let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows, None, &mut |_| Ok(()))?;
         let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
         if opts.indexer_kl {
@@ -490,6 +583,24 @@ fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, stat
         }
     }
     Ok(())
+}
+
+/// Attention-mass recall of queries q0..q0+n, [B, n]: `probs` [B, n, T] their head-mean
+/// dense probabilities, `sel` the sets of every query. Sequence by sequence: one sequence's
+/// block of sets (`Selection::block`) is contiguous, which `recall_rows`' gather needs.
+fn recall_block(probs: &Tensor, sel: &crate::dsa::Selection, q0: usize, n: usize) -> Result<Tensor> {
+    let b = probs.dim(0)?;
+    let per_seq = (0..b)
+        .map(|bi| recall_rows(&probs.narrow(0, bi, 1)?, &sel.block(bi, q0, n)?).map_err(candle_core::Error::wrap))
+        .collect::<Result<Vec<_>>>()?; // [1, n] each
+    Tensor::cat(&per_seq, 0)
+}
+
+/// Query rows per block of the evaluation pass (`ForwardOptions::eval_rows`): about 2^26
+/// elements in its largest intermediates, the dense probabilities [B, H, n, T] and the
+/// indexer's per-head scores [B, n*HI, T] (f32, 256 MiB); at least 1, at most `t`.
+pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -> usize {
+    ((1usize << 26) / (b * heads.max(indexer_heads) * t).max(1)).clamp(1, t.max(1))
 }
 
 /// Top-k selection from the indexer against `keys` [B, T, DI], scoring one block of at most
@@ -665,6 +776,14 @@ impl Model {
     }
 
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+        let (h, layers) = self.forward_layers(tokens, opts)?;
+        Ok(ForwardOutput { logits: self.head(&h)?, hidden: h, layers })
+    }
+
+    /// `forward` without the LM head: the final hidden states [B, T, hidden] (before the last
+    /// norm) and each layer's statistics. For callers that run the head in chunks of
+    /// positions, since the [B, T, vocab] logits outgrow the accelerator at long lengths.
+    pub fn forward_layers(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<(Tensor, Vec<LayerStats>)> {
         let (_, t) = tokens.dims2()?;
         let ctx = ForwardContext::new(&self.cfg, t, &self.device)?;
         let mut h = self.embed(tokens)?;
@@ -674,7 +793,7 @@ impl Model {
             h = next;
             layers.push(stats);
         }
-        Ok(ForwardOutput { logits: self.head(&h)?, hidden: h, layers })
+        Ok((h, layers))
     }
 
     /// Logits of MTP depth `depth` (0-based): position t predicts token t + 2 + depth, from the

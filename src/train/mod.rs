@@ -259,6 +259,7 @@ impl Trainer {
             defer_dense_kl: self.stage != Stage::Dense,
             block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute { self.recipe.train.block_rows } else { 0 },
             indexer_rows: 0,
+            eval_rows: None,
         }
     }
 
