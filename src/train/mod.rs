@@ -316,8 +316,8 @@ impl Trainer {
                 _ => {} // recompute: added again in pass 2, where its graph is rebuilt
             }
             if recompute {
-                // Only the absolute form is kept ([B, T, K] u32; the other three forms are
-                // rebuilt in pass 2): 1 GiB per layer at 128K tokens and k = 2048.
+                // The selection's one stored form ([B, T, K] u32 absolute rows): 1 GiB per
+                // layer at 128K tokens and k = 2048.
                 selections.push(stats.selection.take().map(|s| keep(s.absolute)).transpose()?);
                 balance_weights.push(stats.balance_weights.take());
             }

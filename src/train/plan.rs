@@ -17,7 +17,9 @@
 //!   hold them: dp for non-expert tensors, dp/ep for experts; `most_loaded_rank_bytes`). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an
 //!   unsharded f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned
 //!   rows' f32 gradients plus the unreduced gradients of the largest flush unit (one layer,
-//!   or the embedding or LM head alone) in f32 and in the compute dtype;
+//!   or the embedding or LM head alone) in f32 and in the compute dtype; the LM head's
+//!   gradient is summed over its chunks out of place, holding 12 + dtype bytes per value at
+//!   once (8 + dtype beyond ZeRO-1's accumulator);
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
 //!   bytes per token and layer; both in host memory with `train.offload_activations`, which
@@ -197,7 +199,16 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             };
             *units.entry(unit).or_default() += local(s);
         }
-        optimizer_bytes += units.values().cloned().fold(0.0, f64::max) * (4.0 + dtype_bytes);
+        // The LM head's unit is summed over its chunks out of place: the old f32 sum, the
+        // chunk's gradient in the compute dtype and in f32, and the new sum live at once.
+        let head = units.get("lm_head.weight").copied().unwrap_or(0.0);
+        let largest = units.iter().filter(|(n, _)| n.as_str() != "lm_head.weight").map(|(_, v)| *v).fold(0.0, f64::max);
+        optimizer_bytes += (largest * (4.0 + dtype_bytes)).max(head * (12.0 + dtype_bytes));
+    } else {
+        // ZeRO-1: the f32 accumulator is counted above; adding an LM-head chunk's gradient
+        // to it also holds the chunk's gradient (compute dtype and f32) and the new sum.
+        let head: f64 = specs.iter().filter(|s| trainable(s) && s.name == "lm_head.weight").map(local).sum();
+        optimizer_bytes += head * (8.0 + dtype_bytes);
     }
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
     let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
@@ -278,6 +289,30 @@ mod tests {
 
     fn spec(name: &str, rows: usize) -> WeightSpec {
         WeightSpec { name: name.to_string(), shape: vec![rows, 10], kind: Kind::Linear, indexer: false }
+    }
+
+    #[test]
+    fn the_lm_heads_chunked_gradient_sum_is_counted_in_both_zero_levels() {
+        // The head's gradient is added chunk by chunk out of place: ZeRO-1 holds 8 + dtype
+        // bytes per head value beyond its f32 accumulator, ZeRO-2 12 + dtype for the head's
+        // flush unit (here the largest unit, as in the 671B model).
+        let mut json = crate::tiny::tiny_config(true);
+        json["vocab_size"] = 65536.into(); // the head's unit outgrows every layer's
+        let cfg = crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
+        let head = (cfg.vocab_size * cfg.hidden_size) as f64;
+        let mut recipe = Recipe::default();
+        recipe.train.stage = "sparse".into();
+        recipe.model.dtype = "bf16".into();
+        recipe.parallel.dp = 1;
+        let one = plan_for(&recipe, &cfg).optimizer_bytes;
+        let trainable = plan_for(&recipe, &cfg).trainable_params as f64;
+        assert!((one - (trainable * 16.0 + head * 10.0)).abs() < 1.0, "ZeRO-1 one rank: {one} vs {}", trainable * 16.0 + head * 10.0);
+        recipe.parallel.dp = 2;
+        recipe.parallel.zero = 2;
+        let two = plan_for(&recipe, &cfg).optimizer_bytes;
+        let specs = model_weights(&cfg, recipe.model.mtp);
+        let shares = most_loaded_rank_bytes(&specs, &|s| Stage::Sparse.trains(s), &recipe, cfg.n_routed_experts, 16.0);
+        assert!((two - (shares + head * 14.0)).abs() < 1.0, "ZeRO-2: {two} vs shares {shares} + head {}", head * 14.0);
     }
 
     #[test]
