@@ -231,11 +231,11 @@ impl DecoderLayer {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
                 let (out, scores) = self.attn.dense_streaming(&proj)?;
-                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole(), scores });
+                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole()?, scores });
                 out
             }
             AttentionMode::Dense => {
-                let ix = ix.map(IndexerView::whole);
+                let ix = ix.map(IndexerView::whole).transpose()?;
                 let causal = ctx.causal(0, ctx.t)?;
                 let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
@@ -308,7 +308,7 @@ impl DecoderLayer {
         let (mut kl, mut recall) = (vec![], vec![]); // [B, n] per block
         let out = match opts.attention {
             AttentionMode::Dense => {
-                let ix = ix.map(|v| v.whole().detach());
+                let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
                 let sel = match (&ix, opts.recall) {
                     (Some(p), true) => {
                         let queries = |q0: usize, n: usize| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?));
@@ -560,10 +560,10 @@ enum IndexerView {
 
 impl IndexerView {
     /// The whole projections (every pass but the sparse stage's training has them).
-    fn whole(self) -> IndexerProj {
+    fn whole(self) -> Result<IndexerProj> {
         match self {
-            IndexerView::Whole(p) => p,
-            IndexerView::Keys { .. } => unreachable!("only sparse attention keeps the indexer's keys alone"),
+            IndexerView::Whole(p) => Ok(p),
+            IndexerView::Keys { .. } => candle_core::bail!("only the sparse stage keeps the indexer's keys alone; this pass needs its queries"),
         }
     }
 }
@@ -633,12 +633,12 @@ fn select_indexer_topk(
             }
         }
         // One whole-sequence copy at a time: the blocks of a sequence are joined and dropped.
-        let mut seqs = Vec::with_capacity(b);
+        let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
         for parts in per_seq {
             seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, T, K]
         }
-        let absolute = if b == 1 { seqs.pop().expect("one sequence") } else { Tensor::cat(&seqs, 0)? };
-        return crate::dsa::Selection::from_absolute(absolute);
+        // (candle's cat of one tensor is that tensor: no copy for a single sequence)
+        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?);
     }
     let keys = keys.clone();
     crate::dsa::select_topk_streaming(b, t, k, rows.min(crate::dsa::query_block(b, t)), keys.device(), |q0, n| {

@@ -474,7 +474,7 @@ impl Trainer {
                     let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }
-                crate::model::DeferredKl::Sparse { .. } => unreachable!("the sparse-stage KL returned above"),
+                crate::model::DeferredKl::Sparse { .. } => bail!("the sparse-stage KL is backpropagated by Indexer::backprop_sparse_kl"),
                 crate::model::DeferredKl::Plain { proj, target } => {
                     // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
                     let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
