@@ -4,7 +4,8 @@
 //! - `config`: the checkpoint's config.json, validated.
 //! - `fp8`, `checkpoint`, `hf_writer`: FP8 block codec; reading and writing HF safetensors.
 //! - `weights`: the one table of tensor names and shapes; indexer initialisation; loading.
-//! - `ops`, `rope`: differentiable building blocks and YaRN RoPE tables.
+//! - `ops`, `rope`, `rows`: differentiable building blocks, YaRN RoPE tables, row gathers
+//!   and sums with a parallel deterministic adjoint.
 //! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
@@ -32,6 +33,7 @@ pub mod plot;
 pub mod recipe;
 pub mod rng;
 pub mod rope;
+pub mod rows;
 pub mod tiny;
 pub mod train;
 pub mod weights;

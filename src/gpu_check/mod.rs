@@ -8,6 +8,7 @@
 mod warmup_kl;
 mod indexer_topk;
 mod sparse_mla_tc;
+mod rows;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -243,6 +244,7 @@ pub fn run(device_name: &str) -> Result<()> {
     all.extend(warmup_kl::checks(&gpu)?);
     all.extend(sparse_mla_tc::checks(&gpu)?);
     all.extend(indexer_topk::checks(&gpu)?);
+    all.extend(rows::checks(&gpu)?);
     all.extend(forward_matches_cpu(&model, &gpu)?);
     all.extend(eval_blocks_match_whole(&model, &gpu)?);
     all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);

@@ -813,10 +813,15 @@ impl Model {
     }
 }
 
+/// The embedding rows of `tokens` (u32 [B, T]). A row gather whose backward sums each
+/// vocabulary row's gradients in parallel and in token order (`rows::RowPlan`); a token id
+/// past the vocabulary is an error, not a device assertion.
 fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t) = tokens.dims2()?;
     let d = table.dim(1)?;
-    table.index_select(&tokens.flatten_all()?, 0)?.reshape((b, t, d))
+    let ids: Vec<u32> = tokens.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let plan = crate::rows::RowPlan::gather(&ids, table.dim(0)?, table.device())?;
+    plan.apply(table)?.reshape((b, t, d))
 }
 
 fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&ExpertShard>) -> anyhow::Result<DecoderLayer> {

@@ -5,13 +5,16 @@
 //! its top-2 b; the top `topk_group` groups survive and the rest are masked with -inf (not 0,
 //! trap 2); the top `num_experts_per_tok` experts by b are chosen (lower index on ties); their
 //! weights are the unbiased s, normalised to sum 1, then times routed_scaling_factor (trap 3).
-//! Routing runs on the host; the expert compute is grouped by expert (one gather, one SwiGLU,
-//! one scatter-add per expert) and stays differentiable, including through the weights.
+//! Routing runs on the host; the expert compute is grouped by expert (one gather and one
+//! SwiGLU per expert, then one weighted combine of all experts' rows) and stays
+//! differentiable, including through the weights. Gathers and the combine are `RowPlan`s:
+//! their backward is a parallel, deterministic row sum, not candle's serial index_add.
 
 use candle_core::{DType, Result, Tensor};
 
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
 use crate::ops::{linear, sigmoid, swiglu};
+use crate::rows::RowPlan;
 
 pub struct Mlp {
     pub gate: Tensor,
@@ -153,18 +156,21 @@ impl Moe {
         }
         let mut out = match &self.shard {
             None => {
-                let mut out = x.zeros_like()?;
+                let dev = x.device();
+                // Each expert gathers its tokens; the outputs, weighted, are stacked in expert
+                // order and each token sums its K rows in that order (as index_add would).
+                let mut ys = Vec::with_capacity(e);
                 for (ex, mlp) in self.experts.iter().enumerate() {
                     if tokens_of[ex].is_empty() {
                         continue;
                     }
-                    let tok = Tensor::new(tokens_of[ex].as_slice(), x.device())?;
-                    let slot = Tensor::new(slots_of[ex].as_slice(), x.device())?;
-                    let y = mlp.forward(&x.index_select(&tok, 0)?)?; // [n_e, hidden]
-                    let w = weights.index_select(&slot, 0)?.unsqueeze(1)?; // [n_e, 1]
-                    out = out.index_add(&tok, &y.broadcast_mul(&w)?, 0)?;
+                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(&x)?)?); // [n_e, hidden]
                 }
-                out
+                let order: Vec<u32> = slots_of.concat();
+                let w = RowPlan::gather(&order, n * k, dev)?.apply(&weights.unsqueeze(1)?)?; // [N*K, 1]
+                let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
+                let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
+                combine.apply(&Tensor::cat(&ys, 0)?.broadcast_mul(&w)?)?
             }
             Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
         };
@@ -200,16 +206,17 @@ impl Moe {
         }
         let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
         let dev = x.device();
-        let tok = Tensor::new(tok.as_slice(), dev)?;
-        let x_sorted = x.index_select(&tok, 0)?; // [S, hidden]
+        let n = x.dim(0)?;
+        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(x)?; // [S, hidden]
         let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
-        // Start from arrived * 0 rather than fresh zeros: the output then depends on the input
-        // even when no row arrived, so every rank's backward takes part in the exchange.
-        let mut y = arrived.affine(0.0, 0.0)?;
         let mut block_start = vec![0usize; ep + 1];
         for s in 0..ep {
             block_start[s + 1] = block_start[s] + recv[s];
         }
+        // Local expert j takes its rows from every source's block; the outputs, stacked in
+        // expert order, go back to the arrival order (each arrived row has exactly one).
+        let mut ys = Vec::with_capacity(per);
+        let mut taken: Vec<u32> = Vec::with_capacity(arrived.dim(0)?);
         for (j, mlp) in self.experts.iter().enumerate() {
             let rows: Vec<u32> = (0..ep)
                 .flat_map(|s| {
@@ -220,12 +227,19 @@ impl Moe {
             if rows.is_empty() {
                 continue;
             }
-            let rows = Tensor::new(rows.as_slice(), dev)?;
-            y = y.index_add(&rows, &mlp.forward(&arrived.index_select(&rows, 0)?)?, 0)?;
+            ys.push(mlp.forward(&RowPlan::gather(&rows, arrived.dim(0)?, dev)?.apply(&arrived)?)?);
+            taken.extend(rows);
         }
+        // With no row here, arrived * 0 keeps the output a function of the input, so every
+        // rank's backward takes part in the exchange.
+        let y = if ys.is_empty() {
+            arrived.affine(0.0, 0.0)?
+        } else {
+            RowPlan::gather(&taken, arrived.dim(0)?, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)?
+        };
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
-        let w = weights.index_select(&Tensor::new(slot.as_slice(), dev)?, 0)?.unsqueeze(1)?;
-        x.zeros_like()?.index_add(&tok, &back.broadcast_mul(&w)?, 0)
+        let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?.apply(&weights.unsqueeze(1)?)?;
+        RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)
     }
 }
 
