@@ -20,7 +20,9 @@
 # "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
 # CONFIG (the model's config.json, default recipes/mini/config.json), STEP_BUDGET (seconds per
 # step, default 560), SELFTEST (step 1 runs gpu-selftest first on CUDA, default 1),
-# BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps).
+# BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps),
+# TRANSFORMERS (step 3 times transformers' step, default 1), DENSE_BENCH_LENS (step 1's timed
+# dense lengths before pre-training, default "4096 8192"; empty skips them).
 set -uo pipefail
 STEP="${1:?usage: run_mini.sh STEP [LOG_DIR]}"
 LOG="${2:-${OUT:-gpu-logs}}"
@@ -63,7 +65,7 @@ case "$STEP" in
     stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$LOG/gpu-tests.log") PASS, $(grep -c '^FAIL' "$LOG/gpu-tests.log") FAIL"
   fi
   [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
-  for L in 4096 8192; do
+  for L in ${DENSE_BENCH_LENS-4096 8192}; do
     # DSA_MEM_LOG=1: synchronised timestamps per phase (where a dense step spends its time).
     line=$(DSA_MEM_LOG=1 timeout "$(cap 90)" $BIN bench step recipes/mini-dense.toml --steps 3 --set "model.path=$WORK/init" "${DATA[@]}" \
       --set data.seq_len=$L --set train.global_batch_seqs=2 --set train.micro_batch_seqs=2 2>"$LOG/profile-dense-$L.log" | tail -1)
@@ -116,7 +118,7 @@ case "$STEP" in
   done
   stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"
   # transformers' training step on the same config.json, same GPU, until it runs out of memory.
-  if [ "$EVAL_DEVICE" = cuda ]; then
+  if [ "$EVAL_DEVICE" = cuda ] && [ "${TRANSFORMERS:-1}" = 1 ]; then
     for m in v3 v32; do
       fits 60 || { stamp "transformers $m: skipped (step budget)"; continue; }
       timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
