@@ -89,6 +89,9 @@ enum Command {
     GpuSelftest {
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// Run only the check groups whose name contains this (e.g. rows, dense, train).
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Benchmarks (numbers for docs/benchmarks.md; never timed tests).
     Bench {
@@ -272,7 +275,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
             println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
         }
-        Command::GpuSelftest { device } => dsa_train::gpu_check::run(&device)?,
+        Command::GpuSelftest { device, only } => dsa_train::gpu_check::run(&device, only.as_deref())?,
         Command::Bench { which: BenchCommand::Kernels { device, lens } } => {
             let lens: Vec<usize> = lens
                 .split(',')

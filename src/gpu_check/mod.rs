@@ -114,7 +114,7 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
 /// Three training steps of each stage in f32 on CPU and GPU give the same losses.
 fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Result<Vec<Outcome>> {
     let mut out = vec![];
-    for (stage, name) in [("warmup", "warm-up steps f32"), ("sparse", "sparse steps f32")] {
+    for (stage, name) in [("dense", "dense (pre-training) steps f32"), ("warmup", "warm-up steps f32"), ("sparse", "sparse steps f32")] {
         let mut losses = vec![];
         for device in ["cpu", gpu_name] {
             let text = format!(
@@ -227,8 +227,43 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-/// Run every check; print one line each; fail if any fails.
-pub fn run(device_name: &str) -> Result<()> {
+/// The dense stage's attention (`model::dense_recompute`) on the GPU in bf16: the flash-style
+/// forward kernel with the block-recomputing backward, against autograd of the whole f32
+/// softmax on the same bf16-rounded inputs (the mini and bench models' head dims, awkward T).
+fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
+    use candle_core::Var;
+    let mut out = vec![];
+    for (b, h, t, dqk, dv, rows) in [(2usize, 8usize, 1025usize, 96usize, 64usize, 0usize), (1, 4, 97, 192, 128, 16)] {
+        let r = |dims: &[usize], seed: u64, std: f64| -> Result<Tensor> { Ok(crate::rng::randn(dims, seed, std, gpu)?.to_dtype(DType::BF16)?) };
+        let (q, k, v) = (r(&[b, h, t, dqk], 1, 2.0)?, r(&[b, h, t, dqk], 2, 2.0)?, r(&[b, h, t, dv], 3, 1.0)?);
+        let up = crate::rng::randn(&[b, h, t, dv], 4, 1.0, gpu)?;
+        let scale = 1.0 / (dqk as f64).sqrt();
+        let (qb, kb, vb) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
+        let ours = crate::model::dense_recompute::attention(qb.as_tensor(), kb.as_tensor(), vb.as_tensor(), scale, rows)?;
+        let g1 = (ours.to_dtype(DType::F32)? * &up)?.sum_all()?.backward()?;
+        let f = |x: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?) };
+        let (q32, k32, v32) = (f(&q)?, f(&k)?, f(&v)?);
+        let causal = crate::dsa::causal_rows(0, t, t, gpu)?;
+        let s = (q32.as_tensor().matmul(&k32.as_tensor().t()?)? * scale)?.broadcast_add(&causal)?;
+        let reference = crate::ops::softmax_last(&s)?.matmul(v32.as_tensor())?;
+        let g2 = (&reference * &up)?.sum_all()?.backward()?;
+        let e_out = rel_err(&ours, &reference)?;
+        let g = |a: &Var, b: &Var| -> Result<f32> { rel_err(g1.get(a.as_tensor()).expect("grad"), g2.get(b.as_tensor()).expect("grad")) };
+        let (eq, ek, ev) = (g(&qb, &q32)?, g(&kb, &k32)?, g(&vb, &v32)?);
+        // bf16 output and gradients (8 bits of mantissa): 2e-2 of the largest value.
+        let worst = e_out.max(eq).max(ek).max(ev);
+        out.push(Outcome {
+            name: "dense-stage attention (flash forward, recomputing backward) bf16 vs whole f32",
+            ok: worst < 2e-2,
+            detail: format!("B {b} H {h} T {t} d {dqk}/{dv}: rel err out {e_out:.1e} dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} (< 2e-2)"),
+        });
+    }
+    Ok(out)
+}
+
+/// Run every check (or those whose group name contains `only`); print one line each; fail if
+/// any fails.
+pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
     let gpu = crate::parse_device(device_name)?;
     if gpu.is_cpu() {
         bail!("gpu-selftest needs a GPU device (--device cuda)");
@@ -238,16 +273,29 @@ pub fn run(device_name: &str) -> Result<()> {
     crate::tiny::write_random_checkpoint(&model, &crate::tiny::tiny_config(true), 5, 1 << 20)?;
     let tokens_file = dir.join("tokens.bin");
     crate::data::write_token_file(&tokens_file, &crate::tiny::synthetic_corpus(512, 1 << 14, 5))?;
-    let mut all = sparse_kernel_matches_twin(&gpu)?;
-    all.extend(indexer_kernel_matches_twin(&gpu)?);
-    // Checks of the kernel modules (one line per module).
-    all.extend(warmup_kl::checks(&gpu)?);
-    all.extend(sparse_mla_tc::checks(&gpu)?);
-    all.extend(indexer_topk::checks(&gpu)?);
-    all.extend(rows::checks(&gpu)?);
-    all.extend(forward_matches_cpu(&model, &gpu)?);
-    all.extend(eval_blocks_match_whole(&model, &gpu)?);
-    all.extend(train_steps_match_cpu(&model, &tokens_file, device_name)?);
+    type Group<'a> = (&'static str, Box<dyn Fn() -> Result<Vec<Outcome>> + 'a>);
+    let groups: Vec<Group> = vec![
+        ("sparse-mla", Box::new(|| sparse_kernel_matches_twin(&gpu))),
+        ("indexer", Box::new(|| indexer_kernel_matches_twin(&gpu))),
+        // Checks of the kernel modules (one line per module).
+        ("warmup-kl", Box::new(|| warmup_kl::checks(&gpu))),
+        ("sparse-mla-tc", Box::new(|| sparse_mla_tc::checks(&gpu))),
+        ("indexer-topk", Box::new(|| indexer_topk::checks(&gpu))),
+        ("rows", Box::new(|| rows::checks(&gpu))),
+        ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),
+        ("forward", Box::new(|| forward_matches_cpu(&model, &gpu))),
+        ("eval-blocks", Box::new(|| eval_blocks_match_whole(&model, &gpu))),
+        ("train-steps", Box::new(|| train_steps_match_cpu(&model, &tokens_file, device_name))),
+    ];
+    let mut all = vec![];
+    for (name, check) in &groups {
+        if only.is_none_or(|o| name.contains(o)) {
+            all.extend(check()?);
+        }
+    }
+    if all.is_empty() {
+        bail!("gpu-selftest --only {}: no check group matches (groups: {})", only.unwrap_or(""), groups.iter().map(|g| g.0).collect::<Vec<_>>().join(", "));
+    }
     let _ = std::fs::remove_dir_all(&dir);
     let failed = all.iter().filter(|o| !o.ok).count();
     for o in &all {

@@ -178,6 +178,15 @@ impl Mla {
         Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: probs.mean(1)?.detach() })
     }
 
+    /// Dense MLA in MHA mode for training without an [H, T, T] graph (`dense_recompute`):
+    /// the output only; the per-head probabilities are never materialised whole.
+    pub fn dense_recomputing(&self, p: &Projected) -> Result<Tensor> {
+        let (b, t, h, _) = p.q_nope.dims4()?;
+        let (q, k, v) = self.mha_qkv(p)?;
+        let o = super::dense_recompute::attention(&q, &k, &v, self.scale, 0)?; // [B, H, T, V]
+        linear(&o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?, &self.o_proj)
+    }
+
     /// Can `dense_streaming` run here (CUDA kernels, bf16 model, shapes the kernels take)?
     pub fn streaming_supported(&self, p: &Projected, indexer_heads: usize, indexer_dim: usize) -> bool {
         p.q_nope.dtype() == DType::BF16

@@ -10,6 +10,7 @@
 //! a block of query rows at a time.
 
 pub mod attention;
+pub mod dense_recompute;
 pub mod indexer;
 pub mod moe;
 
@@ -234,6 +235,9 @@ impl DecoderLayer {
                 stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole()?, scores });
                 out
             }
+            // No indexer statistic wants the probabilities (the dense pre-training stage): the
+            // flash-style forward and the block-recomputing backward, no [H, T, T] graph.
+            AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => self.attn.dense_recomputing(&proj)?,
             AttentionMode::Dense => {
                 let ix = ix.map(IndexerView::whole).transpose()?;
                 let causal = ctx.causal(0, ctx.t)?;

@@ -1,0 +1,208 @@
+//! Dense causal attention for training without an [H, T, T] graph: the forward keeps only the
+//! output and the per-head log-sum-exp, the backward recomputes the probabilities a block of
+//! query rows at a time (FlashAttention-2's backward, at block granularity, in candle ops).
+//!
+//! Why: the dense pre-training stage differentiated the plain softmax attention, whose graph
+//! holds several [B, H, T, T] f32 tensors per layer: 32 GiB per layer at 8K on the mini model,
+//! out of memory from 16K, and the step spends its time streaming them. Here the forward is
+//! the flash-style kernel (bf16 models on CUDA, `kernels::warmup_kl::dense_attention_fwd`) or
+//! the same computation a block at a time (the plain twin, any device and dtype), and the
+//! backward for the query rows q0..q0+n touches only the keys 0..q0+n (causality halves the
+//! work) with at most [B, H, n, q0+n] f32 alive.
+//!
+//! Numerics (per block, all f32): s = scale q.k (f32 products of the inputs), p = exp(s + bias
+//! - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta) with delta = rowsum(do * o), dq =
+//! scale ds k, dk += scale ds^T q. The probabilities are recomputed from the forward's lse, so
+//! a row sums to 1 up to the rounding of lse; dk and dv are summed over blocks in f32.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
+
+use crate::dsa::causal_rows;
+
+/// Query rows per block so that one block's [B, H, rows, T] f32 scores hold about 2^27 values
+/// (512 MiB), at least 16 rows.
+pub fn block_rows(b: usize, h: usize, t: usize) -> usize {
+    ((1usize << 27) / (b * h * t).max(1)).clamp(16, t.max(16))
+}
+
+/// Causal softmax attention q, k [B, H, T, DQK], v [B, H, T, DV] -> [B, H, T, DV] in v's
+/// dtype, differentiable in q, k and v, scores `scale * q.k`. `rows`: query rows per block of
+/// the backward (and of the plain forward); 0 picks `block_rows`.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
+    let (b, h, t, _) = q.dims4()?;
+    let rows = if rows == 0 { block_rows(b, h, t) } else { rows };
+    let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
+    let kernel = q.dtype() == DType::BF16
+        && crate::kernels::available(q.device())
+        && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
+    let (out, lse) = if kernel {
+        crate::kernels::warmup_kl::dense_attention_fwd(&qd, &kd, &vd, scale)?
+    } else {
+        forward_blocks(&qd, &kd, &vd, scale, rows)?
+    };
+    // A fresh buffer holding exactly the output, so that the op below can hand out a copy.
+    let out = out.to_dtype(v.dtype())?.contiguous()?.copy()?;
+    q.apply_op3(k, v, RecomputingBackward { out, lse, scale, rows })
+}
+
+/// The plain forward, a block of query rows at a time: (out [B, H, T, DV] f32, lse [B, H, T]).
+pub fn forward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<(Tensor, Tensor)> {
+    let t = q.dim(2)?;
+    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let (mut outs, mut lses) = (vec![], vec![]);
+    for q0 in (0..t).step_by(rows.max(1)) {
+        let n = rows.min(t - q0);
+        let keys = q0 + n;
+        let s = scores(&q, &k, scale, q0, n, keys)?; // [B, H, n, keys]
+        let lse = crate::ops::logsumexp_last(&s)?; // [B, H, n, 1]
+        let p = s.broadcast_sub(&lse)?.exp()?;
+        outs.push(p.matmul(&v.narrow(2, 0, keys)?.contiguous()?)?);
+        lses.push(lse.squeeze(D::Minus1)?);
+    }
+    Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
+}
+
+/// scale q.k + causal bias for queries q0..q0+n against keys 0..keys, f32 [B, H, n, keys].
+fn scores(q: &Tensor, k: &Tensor, scale: f64, q0: usize, n: usize, keys: usize) -> Result<Tensor> {
+    let qb = q.narrow(2, q0, n)?.contiguous()?;
+    let kb = k.narrow(2, 0, keys)?.contiguous()?;
+    let bias = causal_rows(q0, n, keys, q.device())?; // [n, keys]
+    (qb.matmul(&kb.t()?)? * scale)?.broadcast_add(&bias)
+}
+
+/// The backward a block of query rows at a time: (dq, dk, dv) in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, scale: f64, rows: usize) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = q.dim(2)?;
+    let f = |x: &Tensor| x.to_dtype(DType::F32);
+    let (q, k, v, dout) = (f(q)?, f(k)?, f(v)?, f(dout)?);
+    let delta = (&dout * f(out)?)?.sum_keepdim(D::Minus1)?; // [B, H, T, 1]
+    let lse = f(lse)?.unsqueeze(D::Minus1)?; // [B, H, T, 1]
+    let mut dk = k.zeros_like()?;
+    let mut dv = v.zeros_like()?;
+    let mut dqs = vec![];
+    for q0 in (0..t).step_by(rows.max(1)) {
+        let n = rows.min(t - q0);
+        let keys = q0 + n;
+        let p = scores(&q, &k, scale, q0, n, keys)?.broadcast_sub(&lse.narrow(2, q0, n)?)?.exp()?; // [B, H, n, keys]
+        let do_b = dout.narrow(2, q0, n)?.contiguous()?;
+        let v_b = v.narrow(2, 0, keys)?.contiguous()?;
+        let k_b = k.narrow(2, 0, keys)?.contiguous()?;
+        let dp = do_b.matmul(&v_b.t()?)?;
+        let ds = (p.clone() * dp.broadcast_sub(&delta.narrow(2, q0, n)?)?)?;
+        dqs.push((ds.matmul(&k_b)? * scale)?);
+        let pad = |x: Tensor| x.pad_with_zeros(2, 0, t - keys);
+        dv = (dv + pad(p.t()?.matmul(&do_b)?)?)?;
+        dk = (dk + pad((ds.t()?.matmul(&q.narrow(2, q0, n)?.contiguous()?)? * scale)?)?)?;
+    }
+    Ok((Tensor::cat(&dqs, 2)?, dk, dv))
+}
+
+/// Attaches the recomputing backward to an output computed without a graph: the forward hands
+/// out a copy of `out`; the backward runs `backward_blocks` on the detached inputs.
+struct RecomputingBackward {
+    out: Tensor,
+    lse: Tensor,
+    scale: f64,
+    rows: usize,
+}
+
+impl RecomputingBackward {
+    fn shape(&self) -> Shape {
+        self.out.shape().clone()
+    }
+}
+
+impl CustomOp3 for RecomputingBackward {
+    fn name(&self) -> &'static str {
+        "dsa-dense-attention-recomputing"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (s, l) = self.out.storage_and_layout();
+        match &*s {
+            Storage::Cpu(c) => Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, self.shape())),
+            _ => candle_core::bail!("dense attention: the output is not on the CPU"),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (s, l) = self.out.storage_and_layout();
+        match &*s {
+            Storage::Cuda(c) => Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, self.shape())),
+            _ => candle_core::bail!("dense attention: the output is not on the GPU"),
+        }
+    }
+
+    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (dq, dk, dv) = backward_blocks(&q.detach(), &k.detach(), &v.detach(), &self.out, &self.lse, &grad.detach(), self.scale, self.rows)?;
+        Ok((Some(dq.to_dtype(q.dtype())?), Some(dk.to_dtype(k.dtype())?), Some(dv.to_dtype(v.dtype())?)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The plain attention of the whole sequence, differentiated by autograd.
+    fn whole(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let t = q.dim(2)?;
+        let s = scores(q, k, scale, 0, t, t)?;
+        crate::ops::softmax_last(&s)?.matmul(v)
+    }
+
+    #[test]
+    fn blocked_forward_and_recomputed_backward_equal_autograd_of_the_whole_softmax() -> Result<()> {
+        let dev = Device::Cpu;
+        for (b, h, t, dqk, dvv, rows) in [(1, 1, 1, 4, 3, 1), (2, 3, 97, 12, 8, 7), (1, 2, 33, 8, 8, 32), (1, 2, 40, 8, 4, 64)] {
+            let seed = (t * 10 + rows) as u64;
+            // Large scores (std 3 before the scale) so that the softmax is peaked, not flat.
+            let q = Var::from_tensor(&crate::rng::randn(&[b, h, t, dqk], seed, 3.0, &dev)?)?;
+            let k = Var::from_tensor(&crate::rng::randn(&[b, h, t, dqk], seed + 1, 3.0, &dev)?)?;
+            let v = Var::from_tensor(&crate::rng::randn(&[b, h, t, dvv], seed + 2, 1.0, &dev)?)?;
+            let up = crate::rng::randn(&[b, h, t, dvv], seed + 3, 1.0, &dev)?;
+            let scale = 1.0 / (dqk as f64).sqrt();
+            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, rows)?;
+            let reference = whole(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
+            let g1 = (&ours * &up)?.sum_all()?.backward()?;
+            let g2 = (&reference * &up)?.sum_all()?.backward()?;
+            let err = |a: &Tensor, b: &Tensor| -> Result<f32> {
+                // A floor for gradients that vanish (T = 1: dq is 0 up to rounding).
+                let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-2);
+                Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale)
+            };
+            let e_out = err(&ours, &reference)?;
+            assert!(e_out < 1e-5, "T {t} rows {rows}: out {e_out}");
+            for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
+                let (a, r) = (g1.get(x.as_tensor()).expect("grad"), g2.get(x.as_tensor()).expect("grad"));
+                let e = err(a, r)?;
+                assert!(e < 1e-4, "T {t} rows {rows}: {name} {e}");
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_forward_keeps_the_log_sum_exp_of_each_row() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = crate::rng::randn(&[1, 2, 9, 4], 1, 1.0, &dev)?;
+        let k = crate::rng::randn(&[1, 2, 9, 4], 2, 1.0, &dev)?;
+        let v = crate::rng::randn(&[1, 2, 9, 3], 3, 1.0, &dev)?;
+        let (_, lse) = forward_blocks(&q, &k, &v, 0.5, 4)?;
+        let s = scores(&q, &k, 0.5, 0, 9, 9)?;
+        let expect = crate::ops::logsumexp_last(&s)?.squeeze(D::Minus1)?;
+        let d = (lse - expect)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+}
