@@ -5,7 +5,8 @@
 //! - `fp8`, `checkpoint`, `hf_writer`: FP8 block codec; reading and writing HF safetensors.
 //! - `weights`: the one table of tensor names and shapes; indexer initialisation; loading.
 //! - `ops`, `rope`: differentiable building blocks and YaRN RoPE tables.
-//! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
+//! - `dsa`, `losses`, `grad_rows`: top-k selection and recall; the LM and indexer KL losses;
+//!   the LM head's and embedding's weight gradients a block of rows at a time.
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
 //!   generated tiny checkpoint.
@@ -22,6 +23,7 @@ pub mod eval;
 pub mod export;
 pub mod fp8;
 pub mod gpu_check;
+pub mod grad_rows;
 pub mod hf_writer;
 pub mod init;
 pub mod kernels;
