@@ -6,7 +6,8 @@
 //! - `weights`: the one table of tensor names and shapes; indexer initialisation; loading.
 //! - `ops`, `rope`, `rows`: differentiable building blocks, YaRN RoPE tables, row gathers
 //!   and sums with a parallel deterministic adjoint.
-//! - `dsa`, `losses`: top-k selection and recall; the LM and indexer KL losses.
+//! - `dsa`, `losses`, `grad_rows`: top-k selection and recall; the LM and indexer KL losses;
+//!   the LM head's and embedding's weight gradients a block of rows at a time.
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
 //!   generated tiny checkpoint.
@@ -23,6 +24,7 @@ pub mod eval;
 pub mod export;
 pub mod fp8;
 pub mod gpu_check;
+pub mod grad_rows;
 pub mod hf_writer;
 pub mod init;
 pub mod kernels;

@@ -9,7 +9,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use crate::ops::log_softmax_last;
+use crate::grad_rows::LinearWeightGrad;
+use crate::ops::{linear, log_softmax_last, rms_norm};
 
 /// Per-row KL(p || softmax(logits)) over the last dim. `p` and `logits` [..., n]; returns [...].
 /// `p` is treated as a constant (detached); entries with p = 0 contribute nothing.
@@ -30,46 +31,144 @@ pub fn next_token_nll(logits: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     lsm.gather(&targets, 2)?.squeeze(2)?.neg()
 }
 
-/// Positions per LM-head chunk so that one chunk holds about 2^27 logits (with the f32
-/// log-softmax and its gradient, about 1.5 GiB at most).
+/// Positions per LM-head chunk so that one chunk holds about 2^27 logits (with their gradient,
+/// 0.5 GiB in bf16, plus one block of the loss's f32 work, `nll_rows_and_grad`).
 pub fn lm_chunk_positions(batch: usize, vocab: usize) -> usize {
     ((1usize << 27) / (batch * vocab).max(1)).max(1)
 }
 
+/// Values per block of rows of the LM loss's f32 work: 2^24, 64 MiB per f32 tensor.
+pub const LOSS_BLOCK: usize = 1 << 24;
+
+/// Next-token NLL per row and its gradient, without an autograd graph over the logits.
+/// `logits` [N, V] (any float dtype), `targets` [N] u32; returns the NLL of each row (f32 [N])
+/// and d(weight * sum of NLL) / dlogits [N, V] in the logits' dtype, computed `block_values`
+/// logits (whole rows) at a time. candle's backward of `-(log_softmax_last(logits)[target])`
+/// would keep the f32 logits, their shifted copy, exp and log-softmax for the backward and add
+/// the zeros-plus-sum copies of each node's gradient: about 38 bytes per logit for a chunk
+/// (4.8 GiB for the 2^27 logits of a 671B chunk); here the f32 work exists for one block of
+/// rows (at most 3 f32 tensors of the block at once) and the gradient is written into one
+/// buffer in the logits' dtype.
+///
+/// Numerics: the operations that backward performs, in its order, so bit for bit its values.
+/// With x = f32(logits), m = max(x) per row (detached there), e = exp(x - m), s = sum(e),
+/// lse = log(s) + m: NLL = -(x[t] - lse). The seed of `loss * weight` is `affine(1, w)` = f32(w),
+/// the sum's and negation's backward give -w at the target, so the gradient reaching x is
+/// G = -w one-hot (scattered into zeros) from the direct path, and from the lse path exactly w
+/// at lse (a sum of zeros and one value), w / s at s, (w / s) at every e, and (w / s) * e at
+/// x - m: x's gradient is (0 + G) + (w / s) e, i.e. (w / s) e + (-w) at the target (one f32
+/// addition, commutative) and (w / s) e elsewhere; cast to the logits' dtype. Each row's
+/// reductions (max, sum) are the same kernels over the same row whatever the block.
+pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64, block_values: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, vocab) = logits.dims2()?;
+    if targets.dims() != [rows] {
+        candle_core::bail!("the LM loss needs one target per row of logits ({:?} targets for {rows} rows)", targets.dims());
+    }
+    let block = (block_values / vocab.max(1)).max(1);
+    // This function's own buffer: written in place a block at a time, shared with no one.
+    let grad = Tensor::zeros((rows, vocab), logits.dtype(), logits.device())?;
+    let mut nll = Vec::with_capacity(rows.div_ceil(block));
+    // f32(w), as the backward's `affine(ones, w, 0)` makes it.
+    let w = Tensor::ones((1, 1), DType::F32, logits.device())?.affine(weight, 0.0)?;
+    for r0 in (0..rows).step_by(block) {
+        let n = block.min(rows - r0);
+        let t = targets.narrow(0, r0, n)?.unsqueeze(1)?.contiguous()?; // [n, 1]
+        let x = logits.narrow(0, r0, n)?.to_dtype(DType::F32)?;
+        let m = x.max_keepdim(D::Minus1)?;
+        let e = x.broadcast_sub(&m)?.exp()?;
+        let s = e.sum_keepdim(D::Minus1)?;
+        let lse = s.log()?.broadcast_add(&m)?;
+        nll.push((x.gather(&t, 1)? - lse)?.neg()?.squeeze(1)?);
+        drop(x);
+        let q = e.broadcast_mul(&(w.broadcast_as(s.shape())?.contiguous()? / &s)?)?;
+        drop(e);
+        let g = q.scatter_add(&t, &w.neg()?.broadcast_as((n, 1))?.contiguous()?, 1)?;
+        drop(q);
+        grad.slice_set(&g.to_dtype(logits.dtype())?, 0, r0)?;
+    }
+    if nll.is_empty() {
+        candle_core::bail!("the LM loss needs at least one row of logits");
+    }
+    Ok((Tensor::cat(&nll, 0)?, grad))
+}
+
+/// The LM head: final RMSNorm, then `logits = linear(norm(h), weight)` (as `Model::head`).
+pub struct LmHead<'a> {
+    pub norm: &'a Tensor,
+    pub weight: &'a Tensor,
+    pub eps: f64,
+    /// Produce the weight's gradient (false: the weight is frozen, skip the product).
+    pub weight_trains: bool,
+}
+
+/// What one chunk of `chunked_next_token_loss` hands back.
+pub enum HeadGrads<'a> {
+    /// The backward through the norm: the norm weight's gradient (and of anything else the
+    /// norm's inputs track).
+    Tracked(&'a candle_core::backprop::GradStore),
+    /// The head weight's gradient, rows on demand.
+    Weight(&'a LinearWeightGrad),
+}
+
 /// Next-token cross-entropy computed and backpropagated one chunk of positions at a time, so
 /// the [B, T, vocab] logits never exist: at most `chunk` positions of them are alive.
-/// `h` [B, T, D] hidden states (treated as a leaf), `head` maps [B, n, D] -> [B, n, V],
-/// `tokens` [B, T]; position t predicts token t + 1, as in `next_token_nll`. Each chunk's share
-/// of `weight * mean NLL` is backpropagated at once and its gradients (the head's parameters)
-/// handed to `on_grads`. Returns the mean NLL (detached f32 scalar) and
-/// d(weight * mean NLL) / dh, [B, T, D] in h's dtype (zero at the last position).
+/// `h` [B, T, D] hidden states (treated as a leaf), `tokens` [B, T]; position t predicts token
+/// t + 1, as in `next_token_nll`. Each chunk's share of `weight * mean NLL` is backpropagated at
+/// once: the gradients of the norm's weight go to `on_grads` as `HeadGrads::Tracked`, and the
+/// head weight's gradient (when `head.weight_trains`) as `HeadGrads::Weight`, a
+/// `LinearWeightGrad` that yields its rows a block at a time: candle's matmul backward would
+/// build the whole [vocab, D] gradient three times over (product, zeros, sum), 5.2 GiB in
+/// bf16 for the 671B head. Returns the mean NLL (detached f32 scalar) and d(weight * mean
+/// NLL) / dh, [B, T, D] in h's dtype (zero at the last position).
+///
+/// Memory per chunk: its logits and their gradient in the compute dtype and one block of the
+/// loss's f32 work (`nll_rows_and_grad`), instead of candle's graph over the f32 logits.
+///
+/// Numerics: the logits are computed from the normed chunk as before; their gradient is
+/// candle's, bit for bit (`nll_rows_and_grad`). The normed chunk's gradient is `dlogits @ W`,
+/// the very product candle's backward forms (`grad.matmul(rhs.t())` with rhs = W^T), and flows
+/// back through the norm by the surrogate sum(normed * it) in f32, whose gradient is it,
+/// exactly. So the loss, dh and the norm's gradient are candle's bit for bit; the head
+/// weight's gradient is candle's product restricted to a block of rows (`LinearWeightGrad`).
 pub fn chunked_next_token_loss(
     h: &Tensor,
     tokens: &Tensor,
     chunk: usize,
     weight: f64,
-    head: impl Fn(&Tensor) -> Result<Tensor>,
-    mut on_grads: impl FnMut(&candle_core::backprop::GradStore) -> Result<()>,
+    head: &LmHead,
+    mut on_grads: impl FnMut(HeadGrads) -> Result<()>,
 ) -> Result<(Tensor, Tensor)> {
-    let (b, t, _) = h.dims3()?;
+    let (b, t, d) = h.dims3()?;
     let positions = t - 1;
     let count = (b * positions) as f64;
     let chunk = chunk.max(1);
+    let w = head.weight.detach();
     let mut total: Option<Tensor> = None;
     let mut dh = Vec::with_capacity(positions.div_ceil(chunk) + 1);
     for p0 in (0..positions).step_by(chunk) {
         let n = chunk.min(positions - p0);
         let hv = candle_core::Var::from_tensor(&h.narrow(1, p0, n)?.detach())?;
-        let logits = head(hv.as_tensor())?; // [B, n, V]
-        let targets = tokens.narrow(1, p0 + 1, n)?.unsqueeze(2)?.contiguous()?; // [B, n, 1]
-        let nll_sum = log_softmax_last(&logits)?.gather(&targets, 2)?.neg()?.sum_all()?;
-        let grads = (&nll_sum * (weight / count))?.backward()?;
-        on_grads(&grads)?;
+        let normed = rms_norm(hv.as_tensor(), head.norm, head.eps)?; // [B, n, D]
+        let logits = linear(&normed.detach(), &w)?; // [B, n, V]
+        let vocab = logits.dim(2)?;
+        let targets = tokens.narrow(1, p0 + 1, n)?.flatten_all()?; // [B n]
+        let (nll_rows, dlogits) = nll_rows_and_grad(&logits.reshape((b * n, vocab))?, &targets, weight / count, LOSS_BLOCK)?;
+        drop(logits);
+        // As `sum_all` of the gathered [B, n, 1] log-probabilities summed them.
+        let nll_sum = nll_rows.reshape((b, n, 1))?.sum_all()?;
+        let x = normed.detach().reshape((b * n, d))?;
+        if head.weight_trains {
+            on_grads(HeadGrads::Weight(&LinearWeightGrad::new(&x, &dlogits)?))?;
+        }
+        let dnormed = dlogits.matmul(&w)?.reshape((b, n, d))?;
+        drop(dlogits);
+        let surrogate = (normed.to_dtype(DType::F32)? * dnormed.to_dtype(DType::F32)?)?.sum_all()?;
+        let grads = surrogate.backward()?;
+        on_grads(HeadGrads::Tracked(&grads))?;
         dh.push(match grads.get(hv.as_tensor()) {
             Some(g) => g.detach().to_dtype(h.dtype())?,
             None => hv.as_tensor().zeros_like()?,
         });
-        let nll_sum = nll_sum.detach().to_dtype(DType::F32)?;
         total = Some(match total { Some(a) => (a + nll_sum)?, None => nll_sum });
     }
     dh.push(h.narrow(1, positions, 1)?.zeros_like()?);
@@ -125,20 +224,98 @@ mod tests {
         let (b, t, d, v) = (2, 9, 5, 13);
         let h = Var::from_tensor(&crate::rng::randn(&[b, t, d], 7, 1.0, &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&crate::rng::randn(&[v, d], 8, 1.0, &dev).unwrap()).unwrap();
+        let norm = Var::from_tensor(&(crate::rng::randn(&[d], 9, 0.1, &dev).unwrap() + 1.0).unwrap()).unwrap();
         let tokens = Tensor::from_vec((0..(b * t) as u32).map(|i| (i * 7) % v as u32).collect::<Vec<_>>(), (b, t), &dev).unwrap();
-        let head = |x: &Tensor| crate::ops::linear(x, w.as_tensor());
-        let whole = next_token_nll(&head(h.as_tensor()).unwrap(), &tokens).unwrap().mean_all().unwrap();
+        let head = LmHead { norm: norm.as_tensor(), weight: w.as_tensor(), eps: 1e-6, weight_trains: true };
+        let logits = linear(&rms_norm(h.as_tensor(), norm.as_tensor(), 1e-6).unwrap(), w.as_tensor()).unwrap();
+        let whole = next_token_nll(&logits, &tokens).unwrap().mean_all().unwrap();
         let g = (&whole * 0.5).unwrap().backward().unwrap();
+        let close = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         for chunk in [1, 3, 8, 100] {
             let mut gw = w.as_tensor().zeros_like().unwrap();
-            let (loss, dh) = chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, head, |gs| {
-                gw = (&gw + gs.get(w.as_tensor()).unwrap())?;
+            let mut gn = norm.as_tensor().zeros_like().unwrap();
+            let (loss, dh) = chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, &head, |g| {
+                match g {
+                    HeadGrads::Tracked(gs) => {
+                        assert!(gs.get(w.as_tensor()).is_none(), "the head weight's gradient comes by rows only");
+                        gn = (&gn + gs.get(norm.as_tensor()).unwrap())?;
+                    }
+                    HeadGrads::Weight(src) => {
+                        // In blocks of 4 rows (13 is not a multiple).
+                        let parts: Vec<Tensor> = (0..v).step_by(4).map(|s| crate::grad_rows::RowBlocks::rows(src, s, 4.min(v - s))).collect::<Result<_>>()?;
+                        gw = (&gw + Tensor::cat(&parts, 0)?)?;
+                    }
+                }
                 Ok(())
-            }).unwrap();
-            let close = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+            })
+            .unwrap();
             assert!(close(&loss, &whole) < 1e-6, "chunk {chunk}");
             assert!(close(&dh, g.get(h.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dh");
             assert!(close(&gw, g.get(w.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dw");
+            assert!(close(&gn, g.get(norm.as_tensor()).unwrap()) < 1e-5, "chunk {chunk}: dnorm");
+        }
+    }
+
+    #[test]
+    fn the_loss_gradient_by_blocks_of_rows_is_candles_backward_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (rows, vocab) = (11, 37);
+        let targets = Tensor::from_vec((0..rows as u32).map(|i| (i * 13 + 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
+        let bits = |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for dtype in [DType::F32, DType::BF16] {
+            let logits = Var::from_tensor(&crate::rng::randn(&[rows, vocab], 4, 3.0, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let weight = 0.37 / 29.0;
+            let nll = log_softmax_last(logits.as_tensor()).unwrap().gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().neg().unwrap();
+            let want_grad = (nll.sum_all().unwrap() * weight).unwrap().backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            for block in [1, vocab, 3 * vocab + 5, 1 << 24] {
+                let (got_nll, got_grad) = nll_rows_and_grad(logits.as_tensor(), &targets, weight, block).unwrap();
+                assert_eq!(bits(&got_nll), bits(&nll), "{dtype:?}, block {block}: NLL");
+                assert_eq!(bits(&got_grad), bits(&want_grad), "{dtype:?}, block {block}: gradient");
+                assert_eq!(got_grad.dtype(), dtype);
+            }
+        }
+        assert!(nll_rows_and_grad(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap(), &targets, 1.0, 4).is_err());
+    }
+
+    /// Against the previous formulation (candle's backward through the whole head, chunk by
+    /// chunk): dh and the norm's gradient bit for bit (the head weight's: `grad_rows`).
+    #[test]
+    fn the_chunked_head_backward_keeps_candles_dh_and_norm_gradient_bit_for_bit() {
+        let dev = Device::Cpu;
+        let (b, t, d, v) = (2, 12, 16, 40);
+        for dtype in [DType::F32, DType::BF16] {
+            let h = crate::rng::randn(&[b, t, d], 1, 1.0, &dev).unwrap().to_dtype(dtype).unwrap();
+            let w = Var::from_tensor(&crate::rng::randn(&[v, d], 2, 0.3, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let norm = Var::from_tensor(&(crate::rng::randn(&[d], 3, 0.1, &dev).unwrap() + 1.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let tokens = Tensor::from_vec((0..(b * t) as u32).map(|i| (i * 11) % v as u32).collect::<Vec<_>>(), (b, t), &dev).unwrap();
+            let bits = |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let chunk = 5;
+            // Before: candle's backward of the whole head per chunk.
+            let (mut dh0, mut gn0) = (vec![], norm.as_tensor().zeros_like().unwrap().to_dtype(DType::F32).unwrap());
+            for p0 in (0..t - 1).step_by(chunk) {
+                let n = chunk.min(t - 1 - p0);
+                let hv = Var::from_tensor(&h.narrow(1, p0, n).unwrap()).unwrap();
+                let logits = linear(&rms_norm(hv.as_tensor(), norm.as_tensor(), 1e-6).unwrap(), w.as_tensor()).unwrap();
+                let targets = tokens.narrow(1, p0 + 1, n).unwrap().unsqueeze(2).unwrap().contiguous().unwrap();
+                let nll = log_softmax_last(&logits).unwrap().gather(&targets, 2).unwrap().neg().unwrap().sum_all().unwrap();
+                let gs = (nll * (0.5 / (b * (t - 1)) as f64)).unwrap().backward().unwrap();
+                dh0.push(gs.get(hv.as_tensor()).unwrap().clone());
+                gn0 = (gn0 + gs.get(norm.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+            }
+            dh0.push(h.narrow(1, t - 1, 1).unwrap().zeros_like().unwrap());
+            let dh0 = Tensor::cat(&dh0, 1).unwrap();
+            let head = LmHead { norm: norm.as_tensor(), weight: w.as_tensor(), eps: 1e-6, weight_trains: false };
+            let mut gn = norm.as_tensor().zeros_like().unwrap().to_dtype(DType::F32).unwrap();
+            let (_, dh) = chunked_next_token_loss(&h, &tokens, chunk, 0.5, &head, |g| {
+                match g {
+                    HeadGrads::Tracked(gs) => gn = (&gn + gs.get(norm.as_tensor()).unwrap().to_dtype(DType::F32)?)?,
+                    HeadGrads::Weight(_) => panic!("the head weight is frozen here"),
+                }
+                Ok(())
+            })
+            .unwrap();
+            assert_eq!(bits(&dh), bits(&dh0), "{dtype:?}: dh");
+            assert_eq!(bits(&gn), bits(&gn0), "{dtype:?}: the norm's gradient");
         }
     }
 

@@ -157,8 +157,8 @@ fn zero2_ranks_keep_only_the_gradients_they_own() {
                         let mut t = Trainer::with_comm(Recipe::load(recipe, &sets).unwrap(), None, Box::new(comm)).unwrap();
                         let (accum, ..) = t.accumulate_gradients().unwrap();
                         let owned = t.slots.iter().flat_map(|s| s.pieces.iter().map(|p| piece_name(&s.name, &p.rows, s.rows()))).collect();
-                        let grads = accum.grads.iter().map(|(n, g)| (n.clone(), g.dims().first().copied().unwrap_or(1))).collect();
-                        (grads, owned, accum.pending.len())
+                        let grads = accum.grads().map(|(n, g)| (n.to_string(), g.dims().first().copied().unwrap_or(1))).collect();
+                        (grads, owned, accum.pending_count())
                     })
                 })
                 .collect();

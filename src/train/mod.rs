@@ -17,6 +17,7 @@
 //! One step: for each micro-batch, fetch, forward, backward into an f32 accumulator (each loss
 //! divided by the number of micro-batches); clip per group; AdamW; router-bias sign update.
 
+pub mod accumulate;
 pub mod ckpt;
 pub mod metrics;
 pub mod optim;
@@ -292,10 +293,14 @@ impl Trainer {
         // Offload: what pass 2 needs waits in host memory.
         let host = Device::Cpu;
         let keep = |x: Tensor| -> Result<Tensor> { Ok(if t.offload_activations { x.to_device(&host)? } else { x }) };
-        let mut h = self.model.embed(tokens)?;
-        if recompute {
-            h = h.detach();
-        }
+        // The embedding table's gradient is built from dL/d(its output) a block of rows at a
+        // time (`add_embedding_grad`), never by candle's backward: its output is a leaf.
+        let embedded = self.model.embed(tokens)?.detach();
+        let embed_leaf = if main && !recompute { Some(Var::from_tensor(&embedded)?) } else { None };
+        let mut h = match &embed_leaf {
+            Some(leaf) => leaf.as_tensor().clone(),
+            None => embedded,
+        };
         for (l, layer) in self.model.layers.iter().enumerate() {
             if recompute {
                 inputs.push(keep(h.clone())?);
@@ -331,9 +336,17 @@ impl Trainer {
         if main {
             let (b, _) = tokens.dims2()?;
             let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
-            let slots = &self.slots;
-            let (lm, g) = crate::losses::chunked_next_token_loss(&h.detach(), tokens, chunk, scale, |x| self.model.head(x), |gs| {
-                accum.add(slots, gs).map_err(candle_core::Error::wrap)
+            let (slots, m, device) = (&self.slots, &self.model, &self.device);
+            // The head weight's gradient arrives a block of rows at a time, into its f32 sum.
+            let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
+            let head = crate::losses::LmHead { norm: &m.norm, weight: &m.lm_head, eps: m.cfg.rms_norm_eps, weight_trains: head_slot.is_some() };
+            let (lm, g) = crate::losses::chunked_next_token_loss(&h.detach(), tokens, chunk, scale, &head, |g| {
+                match (g, head_slot.as_deref()) {
+                    (crate::losses::HeadGrads::Tracked(gs), _) => accum.add(slots, gs),
+                    (crate::losses::HeadGrads::Weight(w), Some(name)) => accum.add_rows(name, w, device),
+                    (crate::losses::HeadGrads::Weight(_), None) => Ok(()), // not asked for
+                }
+                .map_err(candle_core::Error::wrap)
             })
             .context("LM head and loss")?;
             lm_value = Some(lm);
@@ -415,8 +428,7 @@ impl Trainer {
                     drop(grads);
                     self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
                 }
-                let grads = surrogate(&self.model.embed(tokens)?, &dh)?.backward().context("embedding backward")?;
-                accum.add(&self.slots, &grads)?;
+                self.add_embedding_grad(accum, tokens, &dh)?;
             } else {
                 let mut loss = surrogate(&h, &dh)?;
                 if let Some(b) = balance {
@@ -424,6 +436,9 @@ impl Trainer {
                 }
                 let grads = loss.backward().context("main-model backward")?;
                 accum.add(&self.slots, &grads)?;
+                if let Some(d) = embed_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor())) {
+                    self.add_embedding_grad(accum, tokens, d)?;
+                }
                 crate::bench::log_device_memory("main-model backward done");
             }
         }
@@ -435,6 +450,26 @@ impl Trainer {
         let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
         let host: Vec<f32> = Tensor::stack(&[&lm, &kl_sum], 0)?.to_vec1()?; // the one sync
         Ok((lm_value.map(|_| host[0] as f64), host[1] as f64 / self.model.layers.len() as f64))
+    }
+
+    /// The slot whose Var the model reads as `t` (the model holds clones of the slots' Vars,
+    /// which keep their tensor id); None for a frozen tensor.
+    fn slot_holding(&self, t: &Tensor) -> Option<&Slot> {
+        self.slots.iter().find(|s| s.var.as_tensor().id() == t.id())
+    }
+
+    /// Add the embedding table's gradient for `dh` = dL/d(embedding output) [B, T, D] to
+    /// `accum`, a block of table rows at a time (`grad_rows::EmbeddingGrad`, bit for bit
+    /// candle's index-select backward), so that neither candle's whole bf16 gradient (built
+    /// twice over: zeros and their index-add) nor its f32 copy exists beside the f32 sum.
+    /// Nothing when the table is frozen.
+    fn add_embedding_grad(&self, accum: &mut GradAccum, tokens: &Tensor, dh: &Tensor) -> Result<()> {
+        let table = &self.model.embed;
+        let Some(slot) = self.slot_holding(table) else { return Ok(()) };
+        let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
+        let (vocab, dim) = table.dims2()?;
+        let rows = crate::grad_rows::EmbeddingGrad::new(&ids, &dh.reshape((ids.len(), dim))?, vocab, table.dtype()).context("embedding gradient")?;
+        accum.add_rows(&slot.name, &rows, &self.device).context("embedding gradient")
     }
 
     /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL

@@ -12,8 +12,11 @@
 use std::collections::HashMap;
 use std::ops::Range;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::{backprop::GradStore, DType, Tensor, Var};
+
+use super::accumulate::{GradSum, BLOCK_VALUES};
+use crate::grad_rows::RowBlocks;
 
 use crate::recipe::TrainConfig;
 
@@ -140,39 +143,73 @@ impl Slot {
 /// tensor names; under ZeRO-2 the owner of rows of a split tensor keeps just those rows, under
 /// their `piece_name`.
 ///
-/// Gradients are stored detached: a gradient candle's backward returns is itself the output of
-/// tracked ops whose inputs include the activations, so keeping it attached would keep the
-/// whole forward graph alive, and the Adam moments built from it would chain every step's
-/// graph to the next (device memory growing by gigabytes per step).
-#[derive(Default)]
+/// Every sum is a `GradSum`: a buffer the accumulator allocated and alone holds, added to in
+/// place a block of rows at a time (`accumulate`), so adding a gradient costs two f32 blocks,
+/// not two whole copies; the sums are bit for bit those of `old + g` out of place. They are
+/// never attached to a graph: a gradient candle's backward returns is itself the output of
+/// tracked ops whose inputs include the activations, so keeping it would keep the whole
+/// forward graph alive, and the Adam moments built from it would chain every step's graph to
+/// the next (device memory growing by gigabytes per step); the sums only copy its values.
 pub struct GradAccum {
-    pub grads: HashMap<String, Tensor>,
-    pub pending: HashMap<String, Tensor>,
+    grads: HashMap<String, GradSum>,
+    pending: HashMap<String, GradSum>,
+    /// Values per block of rows added at once (`accumulate::BLOCK_VALUES`; smaller in tests).
+    block_values: usize,
 }
 
-fn add_into(map: &mut HashMap<String, Tensor>, name: &str, g: Tensor) -> Result<()> {
-    let sum = match map.remove(name) {
-        Some(prev) => (prev + g)?,
-        None => g,
-    };
-    map.insert(name.to_string(), sum);
-    Ok(())
+impl Default for GradAccum {
+    fn default() -> Self {
+        Self::with_block_values(BLOCK_VALUES)
+    }
+}
+
+/// map[name] += g in place, or a new sum holding a copy of g.
+fn add_into(map: &mut HashMap<String, GradSum>, name: &str, g: &dyn RowBlocks, device: &candle_core::Device, block_values: usize) -> Result<()> {
+    match map.get_mut(name) {
+        Some(sum) => sum.add(g, block_values).with_context(|| format!("adding to the gradient sum of {name}")),
+        None => {
+            map.insert(name.to_string(), GradSum::copy_of(g, device, block_values).with_context(|| format!("starting the gradient sum of {name}"))?);
+            Ok(())
+        }
+    }
 }
 
 impl GradAccum {
+    pub fn with_block_values(block_values: usize) -> Self {
+        Self { grads: HashMap::new(), pending: HashMap::new(), block_values: block_values.max(1) }
+    }
+
     /// Add the gradients of `store` for every slot that has one (to `pending`).
     pub fn add(&mut self, slots: &[Slot], store: &GradStore) -> Result<()> {
         for s in slots {
             if let Some(g) = store.get(s.var.as_tensor()) {
-                add_into(&mut self.pending, &s.name, g.detach().to_dtype(DType::F32)?)?;
+                add_into(&mut self.pending, &s.name, &g.detach(), g.device(), self.block_values)?;
             }
         }
         Ok(())
     }
 
-    /// Add a reduced gradient to the final sums.
-    pub fn settle(&mut self, name: &str, g: Tensor) -> Result<()> {
-        add_into(&mut self.grads, name, g)
+    /// Add a gradient that its source produces a block of rows at a time (the LM head's and
+    /// the embedding's, `grad_rows`) to `pending[name]`: only one block of it exists at once.
+    pub fn add_rows(&mut self, name: &str, g: &dyn RowBlocks, device: &candle_core::Device) -> Result<()> {
+        add_into(&mut self.pending, name, g, device, self.block_values)
+    }
+
+    /// Add a reduced gradient to the final sums (a copy of `g`'s values: `g` may be a view of
+    /// a buffer that is about to be freed).
+    pub fn settle(&mut self, name: &str, g: &Tensor) -> Result<()> {
+        add_into(&mut self.grads, name, g, g.device(), self.block_values)
+    }
+
+    /// Add a reduced sum to the final sums: moved in when there is none yet.
+    pub fn settle_sum(&mut self, name: &str, sum: GradSum) -> Result<()> {
+        match self.grads.get_mut(name) {
+            Some(total) => total.add(sum.as_tensor(), self.block_values).with_context(|| format!("adding to the summed gradient of {name}")),
+            None => {
+                self.grads.insert(name.to_string(), sum);
+                Ok(())
+            }
+        }
     }
 
     /// Move the pending gradients whose names satisfy `pick` to the final sums unchanged.
@@ -180,9 +217,44 @@ impl GradAccum {
         let names: Vec<String> = self.pending.keys().filter(|n| pick(n)).cloned().collect();
         for n in names {
             let g = self.pending.remove(&n).expect("listed");
-            self.settle(&n, g)?;
+            self.settle_sum(&n, g)?;
         }
         Ok(())
+    }
+
+    /// Hand this rank's pending sum of `name` to the reducer (which sums it over the ranks in
+    /// place and settles it).
+    pub fn take_pending(&mut self, name: &str) -> Option<GradSum> {
+        self.pending.remove(name)
+    }
+
+    pub fn has_pending(&self, name: &str) -> bool {
+        self.pending.contains_key(name)
+    }
+
+    pub fn pending_count(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// The final sum of `name` (a whole tensor or a `piece_name`), for reading.
+    pub fn grad(&self, name: &str) -> Option<&Tensor> {
+        self.grads.get(name).map(GradSum::as_tensor)
+    }
+
+    /// The final sums, for reading.
+    pub fn grads(&self) -> impl Iterator<Item = (&str, &Tensor)> {
+        self.grads.iter().map(|(n, s)| (n.as_str(), s.as_tensor()))
+    }
+
+    /// Set a final sum directly (a copy of `g`), replacing any.
+    pub fn set_grad(&mut self, name: &str, g: &Tensor) -> Result<()> {
+        self.grads.insert(name.to_string(), GradSum::copy_of(g, g.device(), self.block_values)?);
+        Ok(())
+    }
+
+    /// The final sums as plain tensors (the accumulator is done with them).
+    pub fn into_grads(self) -> HashMap<String, Tensor> {
+        self.grads.into_iter().map(|(n, s)| (n, s.into_tensor())).collect()
     }
 }
 
@@ -220,9 +292,9 @@ impl AdamW {
     pub fn squared_norms(slots: &[Slot], accum: &GradAccum) -> Result<HashMap<Group, f64>> {
         let mut sq_dev: HashMap<Group, Tensor> = HashMap::new();
         for s in slots.iter() {
-            let parts: Vec<&Tensor> = match accum.grads.get(&s.name) {
+            let parts: Vec<&Tensor> = match accum.grad(&s.name) {
                 Some(g) => vec![g],
-                None => s.pieces.iter().filter_map(|p| accum.grads.get(&piece_name(&s.name, &p.rows, s.rows()))).collect(),
+                None => s.pieces.iter().filter_map(|p| accum.grad(&piece_name(&s.name, &p.rows, s.rows()))).collect(),
             };
             for g in parts {
                 let part = match g.rank() {
@@ -257,7 +329,7 @@ impl AdamW {
             let mut stepped = false;
             let mut next_whole = None;
             for p in s.pieces.iter_mut() {
-                let g = match (accum.grads.get(&s.name), accum.grads.get(&piece_name(&s.name, &p.rows, total))) {
+                let g = match (accum.grad(&s.name), accum.grad(&piece_name(&s.name, &p.rows, total))) {
                     (_, Some(g)) => g.clone(),
                     (Some(g), None) => g.narrow(0, p.rows.start, p.rows.len())?,
                     (None, None) => continue,
@@ -339,7 +411,7 @@ mod tests {
         let (mut w, mut m, mut v) = ([0.5f64, -1.0, 2.0], [0f64; 3], [0f64; 3]);
         for (step, g) in grads.iter().enumerate() {
             let mut acc = GradAccum::default();
-            acc.grads.insert("w".into(), Tensor::new(g, &dev).unwrap());
+            acc.set_grad("w", &Tensor::new(g, &dev).unwrap()).unwrap();
             let rep = opt.step(&mut slots, &acc, |_| 0.01).unwrap();
             let n = g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
             assert!((rep.main_grad_norm - n).abs() < 1e-6);
@@ -370,7 +442,7 @@ mod tests {
         ];
         let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: 0.0 };
         let mut acc = GradAccum::default();
-        acc.grads.insert("a".into(), Tensor::new(&[1.0f32, -1.0], &dev).unwrap());
+        acc.set_grad("a", &Tensor::new(&[1.0f32, -1.0], &dev).unwrap()).unwrap();
         // Steps of 1e-4 are below bf16 resolution at 1.0, but the master accumulates them.
         for _ in 0..10 {
             opt.step(&mut slots, &acc, |_| 1e-4).unwrap();

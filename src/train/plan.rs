@@ -15,11 +15,12 @@
 //!   rows this device OWNS, on the most-loaded rank (owners of whole tensors or, for a tensor
 //!   above the fair share, of row ranges, assigned as the trainer does among the ranks that
 //!   hold them: dp for non-expert tensors, dp/ep for experts; `most_loaded_rank_bytes`). Gradients: ZeRO-1 (`parallel.zero = 1`) keeps an
-//!   unsharded f32 accumulator of every local trainable tensor; ZeRO-2 keeps the owned
-//!   rows' f32 gradients plus the unreduced gradients of the largest flush unit (one layer,
-//!   or the embedding or LM head alone) in f32 and in the compute dtype; the LM head's
-//!   gradient is summed over its chunks out of place, holding 12 + dtype bytes per value at
-//!   once (8 + dtype beyond ZeRO-1's accumulator);
+//!   unsharded f32 sum of every local trainable tensor; ZeRO-2 keeps the owned rows' f32
+//!   gradients plus the unreduced f32 sum of one flush unit at a time (one layer, or the
+//!   embedding, final norm or LM head alone). Sums are added to in place a block of rows at a
+//!   time, and the LM head's and embedding's gradients arrive a block of rows at a time, so
+//!   beyond the sums a unit holds one block or one backward's gradients (`GradientPeak`: for
+//!   the head or embedding 4 bytes per value plus 10 x 2^24 bytes in bf16);
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
 //!   bytes per token and layer; both in host memory with `train.offload_activations`, which
@@ -41,7 +42,9 @@
 //!   absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies: about
 //!   14 H (C+R) bytes), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2
 //!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype). The LM head runs in
-//!   chunks of 2^27 logits (f32 log-softmax and gradient: ~1.5 GiB). The MTP layer (when
+//!   chunks of positions (`train.lm_head_chunk`, or 2^27 logits): a chunk's logits and their
+//!   gradient in the compute dtype, plus the loss's f32 work on one block of 2^24 logits
+//!   (`losses::nll_rows_and_grad`: 3 f32 tensors of the block at once), 0.69 GiB in bf16. The MTP layer (when
 //!   loaded) has no block mode and computes its logits unchunked: one layer's working set at
 //!   T tokens plus T x vocab x (dtype + 8) bytes. Warm-up: no main-model backward; the
 //!   streaming KL kernel holds O(T) state.
@@ -156,7 +159,12 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
     let sparse_working_set = if blocked { micro_tokens * per_seq_token + indexer_block + (block.min(recipe.data.seq_len) as f64) * per_query } else { layer_working_set };
-    let lm_chunk = (1u64 << 27) as f64 * 4.0 * 3.0;
+    // One LM-head chunk: its logits and their gradient (compute dtype), and the loss's f32
+    // work on one block of rows (3 f32 tensors of `LOSS_BLOCK` values).
+    let lm_positions = if recipe.train.lm_head_chunk > 0 { recipe.train.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, cfg.vocab_size) };
+    let lm_rows = b * lm_positions.min((t as usize).saturating_sub(1).max(1));
+    let loss_block_rows = (crate::losses::LOSS_BLOCK / cfg.vocab_size.max(1)).max(1).min(lm_rows);
+    let lm_chunk = (lm_rows * cfg.vocab_size) as f64 * 2.0 * dtype_bytes + 12.0 * (loss_block_rows * cfg.vocab_size) as f64;
     let mtp_bytes = if with_mtp && stage != Stage::Dense { layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0) } else { 0.0 };
     // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
     let kept = micro_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;
@@ -187,29 +195,17 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
     let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
-    let mut optimizer_bytes = most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0 + if zero2 { 4.0 } else { 0.0 })
-        + if zero2 { 0.0 } else { specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0).sum::<f64>() };
-    if zero2 {
-        // The largest flush unit's unreduced gradients: f32 plus the backward's own copy.
-        let mut units: std::collections::HashMap<String, f64> = std::collections::HashMap::new();
-        for s in specs.iter().filter(|s| trainable(s)) {
-            let unit = match s.name.strip_prefix("model.layers.") {
-                Some(rest) => rest.split('.').next().unwrap_or("").to_string(),
-                None => s.name.clone(),
-            };
-            *units.entry(unit).or_default() += local(s);
-        }
-        // The LM head's unit is summed over its chunks out of place: the old f32 sum, the
-        // chunk's gradient in the compute dtype and in f32, and the new sum live at once.
-        let head = units.get("lm_head.weight").copied().unwrap_or(0.0);
-        let largest = units.iter().filter(|(n, _)| n.as_str() != "lm_head.weight").map(|(_, v)| *v).fold(0.0, f64::max);
-        optimizer_bytes += (largest * (4.0 + dtype_bytes)).max(head * (12.0 + dtype_bytes));
+    let gradient_peak = GradientPeak::new(&specs, &trainable, &local, dtype_bytes);
+    let optimizer_bytes = if zero2 {
+        // Owned rows: master, moments and the summed gradient; plus one unit's unreduced sum.
+        most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0 + 4.0) + gradient_peak.zero2()
     } else {
-        // ZeRO-1: the f32 accumulator is counted above; adding an LM-head chunk's gradient
-        // to it also holds the chunk's gradient (compute dtype and f32) and the new sum.
-        let head: f64 = specs.iter().filter(|s| trainable(s) && s.name == "lm_head.weight").map(local).sum();
-        optimizer_bytes += head * (8.0 + dtype_bytes);
-    }
+        // Owned rows: master and moments; every local trainable tensor's f32 sum; plus what
+        // adding one unit's gradient to it holds.
+        most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0)
+            + specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0).sum::<f64>()
+            + gradient_peak.zero1(dp > 1.0)
+    };
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
     let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
     // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
@@ -233,6 +229,69 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         host_bytes,
         grad_comm_bytes,
         expert_comm_bytes,
+    }
+}
+
+/// The gradient memory beside the owned shares, unit by unit, as the trainer holds it. A unit
+/// is what the trainer sums over the ranks at once under ZeRO-2: one decoder layer (with its
+/// indexer and local experts), or a tensor outside the layers alone (the embedding, the final
+/// norm, the LM head). Byte counts (d = the compute dtype's bytes, u = a unit's local values,
+/// L = its largest tensor's, B = 2^24 values, `accumulate::BLOCK_VALUES` = `zero::BUCKET`):
+/// - the unit's f32 sum while its gradients arrive: 4 u (added to in place a block of rows at
+///   a time: two f32 blocks, 8 B bytes, or 4 B when the gradient is f32 already);
+/// - a unit differentiated by candle's backward (the layers; the final norm): one backward's
+///   gradients in the compute dtype, d u, plus, while it forms the largest tensor's gradient,
+///   the product and the zeros its store adds it to, 2 d L (or the add's two blocks, if more);
+/// - the LM head and the embedding, whose gradients come a block of rows at a time
+///   (`grad_rows`): one block's source in flight, at most 3 d B (the embedding's gathered rows,
+///   its block before and after `index_add`) or d B + the add's two blocks;
+/// - its reduction (ZeRO-2, or ZeRO-1's once per step): the sum is summed over the ranks in
+///   place, a bucket or row chunk of B values at a time: the bucket's copy and the
+///   collective's result, 8 B bytes.
+struct GradientPeak {
+    /// Per unit: (f32 sum bytes 4 u, extra bytes while its gradient arrives).
+    units: Vec<(f64, f64)>,
+    reduce: f64,
+}
+
+impl GradientPeak {
+    fn new(specs: &[crate::weights::WeightSpec], trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool, local: &dyn Fn(&crate::weights::WeightSpec) -> f64, dtype_bytes: f64) -> Self {
+        let block = crate::train::accumulate::BLOCK_VALUES as f64;
+        let add_block = block * if dtype_bytes == 4.0 { 4.0 } else { 8.0 };
+        let by_rows = |name: &str| name == "lm_head.weight" || name == "model.embed_tokens.weight";
+        // unit -> (values, largest tensor, produced by rows)
+        let mut units: std::collections::BTreeMap<String, (f64, f64, bool)> = std::collections::BTreeMap::new();
+        for s in specs.iter().filter(|s| trainable(s)) {
+            let unit = match s.name.strip_prefix("model.layers.") {
+                Some(rest) => rest.split('.').next().unwrap_or("").to_string(),
+                None => s.name.clone(),
+            };
+            let e = units.entry(unit).or_insert((0.0, 0.0, by_rows(&s.name)));
+            e.0 += local(s);
+            e.1 = e.1.max(local(s));
+        }
+        let units = units
+            .into_values()
+            .map(|(u, largest, rows)| {
+                let extra = if rows { (3.0 * dtype_bytes * block).max(dtype_bytes * block + add_block) } else { dtype_bytes * u + (2.0 * dtype_bytes * largest).max(add_block) };
+                (4.0 * u, extra)
+            })
+            .collect();
+        Self { units, reduce: 8.0 * crate::train::zero::BUCKET as f64 }
+    }
+
+    /// ZeRO-2: one unit's f32 sum at a time (each is summed onto its owners and freed before
+    /// the next unit's gradients start), with what arrives into it or its reduction.
+    fn zero2(&self) -> f64 {
+        self.units.iter().map(|&(sum, extra)| sum + extra.max(self.reduce)).fold(0.0, f64::max)
+    }
+
+    /// ZeRO-1 or one process: the sums of every unit exist all step (counted with the
+    /// accumulator); beyond them, what one unit's gradient holds as it arrives, or (several
+    /// ranks) the reduction's bucket at the end of the step.
+    fn zero1(&self, reduced: bool) -> f64 {
+        let arriving = self.units.iter().map(|&(_, extra)| extra).fold(0.0, f64::max);
+        if reduced { arriving.max(self.reduce) } else { arriving }
     }
 }
 
@@ -292,27 +351,53 @@ mod tests {
     }
 
     #[test]
-    fn the_lm_heads_chunked_gradient_sum_is_counted_in_both_zero_levels() {
-        // The head's gradient is added chunk by chunk out of place: ZeRO-1 holds 8 + dtype
-        // bytes per head value beyond its f32 accumulator, ZeRO-2 12 + dtype for the head's
-        // flush unit (here the largest unit, as in the 671B model).
+    fn gradient_sums_are_counted_as_the_trainer_holds_them() {
+        let block = crate::train::accumulate::BLOCK_VALUES as f64;
+        // bf16: a block of rows of the head or embedding in flight is 10 B bytes (the block in
+        // bf16, its f32 copy and the block's sum), above 3 x 2 B and the reduction's 8 B.
+        let rows_in_flight = 10.0 * block;
         let mut json = crate::tiny::tiny_config(true);
-        json["vocab_size"] = 65536.into(); // the head's unit outgrows every layer's
+        json["vocab_size"] = (1 << 20).into(); // the head and embedding outgrow every layer
         let cfg = crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
         let head = (cfg.vocab_size * cfg.hidden_size) as f64;
         let mut recipe = Recipe::default();
         recipe.train.stage = "sparse".into();
         recipe.model.dtype = "bf16".into();
+        recipe.model.mtp = false;
         recipe.parallel.dp = 1;
-        let one = plan_for(&recipe, &cfg).optimizer_bytes;
-        let trainable = plan_for(&recipe, &cfg).trainable_params as f64;
-        assert!((one - (trainable * 16.0 + head * 10.0)).abs() < 1.0, "ZeRO-1 one rank: {one} vs {}", trainable * 16.0 + head * 10.0);
+        let p = plan_for(&recipe, &cfg);
+        let trainable = p.trainable_params as f64;
+        // One process: master and moments (12 bytes), the f32 sums (4), one block in flight.
+        assert!((p.optimizer_bytes - (trainable * 16.0 + rows_in_flight)).abs() < 1.0, "one rank: {} vs {}", p.optimizer_bytes, trainable * 16.0 + rows_in_flight);
+        // ZeRO-2: the owned shares (16 bytes per owned value) and the head's f32 sum (4 bytes a
+        // value; no second copy, no bf16 copy) with one block in flight.
         recipe.parallel.dp = 2;
         recipe.parallel.zero = 2;
         let two = plan_for(&recipe, &cfg).optimizer_bytes;
-        let specs = model_weights(&cfg, recipe.model.mtp);
+        let specs = model_weights(&cfg, false);
         let shares = most_loaded_rank_bytes(&specs, &|s| Stage::Sparse.trains(s), &recipe, cfg.n_routed_experts, 16.0);
-        assert!((two - (shares + head * 14.0)).abs() < 1.0, "ZeRO-2: {two} vs shares {shares} + head {}", head * 14.0);
+        assert!((two - (shares + head * 4.0 + rows_in_flight)).abs() < 1.0, "ZeRO-2: {two} vs shares {shares} + head {}", head * 4.0);
+
+        // A layer differentiated by candle's backward: its f32 sum, its bf16 gradients, and the
+        // product and zeros of its largest tensor (here above the add's two f32 blocks).
+        let mut json = crate::tiny::tiny_config(true);
+        json["moe_intermediate_size"] = (1 << 18).into();
+        let cfg = crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
+        let specs = model_weights(&cfg, false);
+        let layer = |l: usize| -> (f64, f64) {
+            let mine: Vec<f64> = specs.iter().filter(|s| s.name.starts_with(&format!("model.layers.{l}.")) && Stage::Sparse.trains(s)).map(|s| s.shape.iter().product::<usize>() as f64).collect();
+            (mine.iter().sum(), mine.iter().cloned().fold(0.0, f64::max))
+        };
+        let (u, largest) = layer(1); // a MoE layer
+        assert!(4.0 * largest > 8.0 * block && u > head_of(&cfg), "the layer must dominate: {u} values, largest {largest}");
+        let shares = most_loaded_rank_bytes(&specs, &|s| Stage::Sparse.trains(s), &recipe, cfg.n_routed_experts, 16.0);
+        let two = plan_for(&recipe, &cfg).optimizer_bytes;
+        let want = shares + u * 6.0 + largest * 4.0;
+        assert!((two - want).abs() < 1.0, "ZeRO-2 layer unit: {two} vs {want}");
+    }
+
+    fn head_of(cfg: &crate::config::ModelConfig) -> f64 {
+        (cfg.vocab_size * cfg.hidden_size) as f64
     }
 
     #[test]

@@ -18,6 +18,9 @@
 //!   the sum lands in `grads` on the owner only (a split tensor's owners keep their rows,
 //!   under `optim::piece_name`) and the other ranks free their copy. A rank
 //!   then holds, besides the gradients it owns, at most one layer's unreduced gradients.
+//!   Sums are reduced in place (`sum_in_place`): a tensor above `BUCKET` values goes in row
+//!   chunks whose totals overwrite the rows they came from, so a reduction holds the sum and
+//!   one chunk, not a second whole copy.
 //!   The gradient norm for clipping is the rank-ordered sum of the owned ranges' squared norms.
 //!
 //! Numerics: sums are f32, added in rank order on every rank (the TCP backend) or by NCCL's
@@ -27,19 +30,20 @@
 //! a summed presence flag per tensor, so every holder updates the same set of tensors.
 
 use std::cell::RefCell;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Range;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Shape, Tensor};
 
+use super::accumulate::GradSum;
 use super::optim::{assign_owners, piece_name, GradAccum, Slot};
 use crate::dist::Collective;
 use crate::recipe::Layout;
 use crate::weights;
 
 /// About 2^24 f32 values (64 MiB) per collective call.
-const BUCKET: usize = 1 << 24;
+pub const BUCKET: usize = 1 << 24;
 
 /// Is `name` a routed expert split over the expert-parallel ranks?
 fn is_sharded_expert(layout: &Layout, name: &str) -> bool {
@@ -140,6 +144,59 @@ pub fn bucketed_sum(
     Ok(())
 }
 
+/// Consecutive items (by index into `shapes`) summed in one collective call: as many as fit
+/// in `bucket` values together, or one larger item alone.
+fn buckets(shapes: &[Shape], bucket: usize) -> Vec<Range<usize>> {
+    let mut out = vec![];
+    let mut start = 0;
+    while start < shapes.len() {
+        let (mut end, mut len) = (start, 0);
+        while end < shapes.len() && (end == start || len + shapes[end].elem_count() <= bucket) {
+            len += shapes[end].elem_count();
+            end += 1;
+        }
+        out.push(start..end);
+        start = end;
+    }
+    out
+}
+
+/// Sum `sums` (one bucket, as `buckets` forms them) element-wise over `members`, writing each
+/// member's total back into its own buffers. Small sums travel together, flattened into one
+/// collective call (one bucket-sized copy and the call's result in flight); a sum above
+/// `bucket` values (`BUCKET` in the trainer) travels alone, in chunks of whole rows of at most `bucket` values, each
+/// chunk's total written over the rows it came from (the rows were sent and are not needed
+/// again): one chunk's result in flight instead of a second whole copy of the gradient.
+/// Numerics: each element is the collective's sum of the members' values; with the TCP
+/// backend that is an f32 sum in member order, whatever the bucketing or chunking. NCCL's
+/// order may depend on the size of the call.
+pub fn sum_in_place(comm: &mut dyn Collective, members: &[usize], sums: &mut [GradSum], bucket: usize) -> Result<()> {
+    let total: usize = sums.iter().map(GradSum::elem_count).sum();
+    if let ([sum], true) = (&mut *sums, total > bucket) {
+        // A second handle on the buffer, only to read rows that have not been overwritten yet
+        // (chunk `start` is sent before its rows are written); dropped on return.
+        let t = sum.as_tensor().clone();
+        let (rows, per_row) = row_shape(&t);
+        let chunk = (bucket / per_row.max(1)).max(1);
+        for start in (0..rows).step_by(chunk) {
+            let len = chunk.min(rows - start);
+            let part = comm.all_reduce_tensor_among(&t.narrow(0, start, len)?, members)?;
+            sum.write_rows(start, &part)?;
+        }
+        return Ok(());
+    }
+    let parts = sums.iter().map(|s| Ok(s.as_tensor().flatten_all()?)).collect::<Result<Vec<_>>>()?;
+    let total = comm.all_reduce_tensor_among(&Tensor::cat(&parts, 0)?, members)?;
+    drop(parts);
+    let mut at = 0;
+    for s in sums.iter_mut() {
+        let n = s.elem_count();
+        s.write_flat(&total.narrow(0, at, n)?)?;
+        at += n;
+    }
+    Ok(())
+}
+
 /// Sums gradients and shares updated parameters among the holders of each tensor.
 pub struct Reducer {
     pub comm: RefCell<Box<dyn Collective>>,
@@ -228,35 +285,35 @@ impl Reducer {
             return accum.settle_pending(&|n| names.contains(n));
         }
         let mut comm = self.comm.borrow_mut();
-        let mut present: Vec<f32> = idx.iter().map(|&i| accum.pending.contains_key(name(i)) as u8 as f32).collect();
+        let mut present: Vec<f32> = idx.iter().map(|&i| accum.has_pending(name(i)) as u8 as f32).collect();
         comm.all_reduce_sum_among(&mut present, members)?;
         let chosen: Vec<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
-        let mut pending: BTreeMap<String, Tensor> = BTreeMap::new();
-        for &i in idx {
-            if let Some(g) = accum.pending.remove(name(i)) {
-                pending.insert(name(i).to_string(), g);
-            }
-        }
         let shapes: Vec<Shape> = chosen.iter().map(|&i| slots[i].var.as_tensor().shape().clone()).collect();
-        bucketed_sum(
-            comm.as_mut(),
-            &self.device,
-            &shapes,
-            members,
-            |k| Ok(pending.remove(name(chosen[k]))),
-            |k, sum| {
+        // A bucket of sums at a time: this rank's pending sums (zeros where it has none) are
+        // summed over the members in place and settled before the next bucket is taken, so
+        // besides the pending sums a reduction holds one bucket (or one row chunk) in flight.
+        for bucket in buckets(&shapes, BUCKET) {
+            let mut sums = bucket
+                .clone()
+                .map(|k| match accum.take_pending(name(chosen[k])) {
+                    Some(sum) => Ok(sum),
+                    None => GradSum::zeros(&shapes[k], &self.device),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            sum_in_place(comm.as_mut(), members, &mut sums, BUCKET)?;
+            for (k, sum) in bucket.zip(sums) {
                 let s = &slots[chosen[k]];
                 if !owners_only || s.owns_whole() {
-                    accum.settle(&s.name, sum)?;
+                    accum.settle_sum(&s.name, sum)?;
                 } else {
-                    // A split tensor: the owner keeps its rows (copied, so that the bucket is freed).
+                    // A split tensor: the owner keeps (a copy of) its rows; the sum is then freed.
                     for p in &s.pieces {
-                        accum.settle(&piece_name(&s.name, &p.rows, s.rows()), sum.narrow(0, p.rows.start, p.rows.len())?.copy()?)?;
+                        accum.settle(&piece_name(&s.name, &p.rows, s.rows()), &sum.as_tensor().narrow(0, p.rows.start, p.rows.len())?)?;
                     }
                 }
-                Ok(())
-            },
-        )
+            }
+        }
+        Ok(())
     }
 
     /// ZeRO: after the optimizer step the owners of each tensor's rows share their new values
@@ -359,5 +416,42 @@ mod tests {
             let t = [(97, 3), (13, 1), (1, 1), (50, 2)];
             loads(&t, &assign_row_ranges(&t, ranks), ranks);
         }
+    }
+
+    #[test]
+    fn sums_in_place_by_buckets_and_row_chunks_equal_the_whole_tensor_sums_bit_for_bit() {
+        use crate::dist::{launch::Launch, tcp::TcpCollective};
+        let dev = Device::Cpu;
+        // Small tensors that share buckets, one that fills a bucket alone, and tensors above the
+        // bucket (rows 1, 97 and 1025, one row larger than the bucket) summed in row chunks.
+        let shapes: Vec<Shape> = [vec![3usize, 2], vec![], vec![5], vec![16], vec![97, 5], vec![1, 40], vec![1025, 3], vec![2, 2]].iter().map(|d| Shape::from_dims(d)).collect();
+        let bucket = 16;
+        let value = |rank: usize, k: usize| crate::rng::randn(shapes[k].dims(), (10 * rank + k) as u64, [1.0, 1e-3, 3e4][k % 3], &dev).unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let totals: Vec<Vec<Vec<u32>>> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..2)
+                .map(|rank| {
+                    let (shapes, value) = (&shapes, &value);
+                    sc.spawn(move || {
+                        let launch = Launch { rank, world: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
+                        let mut comm = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
+                        let mut out = vec![];
+                        for b in buckets(shapes, bucket) {
+                            let mut sums: Vec<GradSum> = b.clone().map(|k| GradSum::copy_of(&value(rank, k), &Device::Cpu, 7).unwrap()).collect();
+                            sum_in_place(&mut comm, &[0, 1], &mut sums, bucket).unwrap();
+                            out.extend(sums.iter().map(|s| s.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>()));
+                        }
+                        out
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(totals[0], totals[1], "both ranks hold the same sums");
+        for (k, got) in totals[0].iter().enumerate() {
+            let want: Vec<u32> = (value(0, k) + value(1, k)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+            assert_eq!(got, &want, "tensor {k} of shape {:?}", shapes[k]);
+        }
+        assert_eq!(buckets(&shapes, bucket), vec![0..3, 3..4, 4..5, 5..6, 6..7, 7..8]);
     }
 }
