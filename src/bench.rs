@@ -101,6 +101,8 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
 /// ", device memory in use X of Y GiB" on a CUDA build: the driver's view after the steps
 /// (live tensors plus whatever the stream-ordered allocator still holds; not the peak).
 fn device_memory_in_use() -> String {
+    // Freed blocks kept by the memory pools are not in use (`cuda_runtime`).
+    crate::cuda_runtime::trim_pools();
     #[cfg(feature = "cuda")]
     if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
         return format!(", device memory in use after the steps {:.1} of {:.1} GiB", (total - free) as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64);

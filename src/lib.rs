@@ -1,7 +1,7 @@
 //! dsa-train: continued pre-training of DeepSeek-V3.1-Terminus with DeepSeek Sparse Attention.
 //!
 //! Module map, in dependency order:
-//! - `config`: the checkpoint's config.json, validated.
+//! - `config`: the checkpoint's config.json, validated; `cuda_runtime`: driver settings per GPU.
 //! - `fp8`, `checkpoint`, `hf_writer`: FP8 block codec; reading and writing HF safetensors.
 //! - `weights`: the one table of tensor names and shapes; indexer initialisation; loading.
 //! - `ops`, `rope`, `rows`: differentiable building blocks, YaRN RoPE tables, row gathers
@@ -17,6 +17,7 @@
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_runtime;
 pub mod data;
 pub mod dist;
 pub mod dsa;
@@ -63,6 +64,7 @@ pub fn parse_device(s: &str) -> Result<Device> {
                 return Ok(d.clone());
             }
             let d = Device::new_cuda(ordinal)?;
+            cuda_runtime::configure(&d)?;
             known.push((ordinal, d.clone()));
             Ok(d)
         }

@@ -500,6 +500,22 @@ fn type_name(v: &Value) -> &'static str {
 mod tests {
 
     #[test]
+    fn every_shipped_recipe_parses_and_validates() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).expect("recipes/") {
+            let path = entry.expect("a directory entry").path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                if let Err(e) = super::Recipe::load(&path, &[]) {
+                    panic!("{}: {e:#}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "only {seen} recipes found in {}", dir.display());
+    }
+
+    #[test]
     fn expert_groups_and_replicas_partition_the_ranks() {
         let l = Layout { world: 8, dp: 8, ep: 4, zero: 1 };
         assert_eq!(l.expert_group(5), vec![4, 5, 6, 7]);

@@ -6,7 +6,9 @@
 #   BIN_A / BIN_B may be .xz files (unpacked to /tmp). Models: the bench-1k recipes use
 #   /tmp/bench-1k (made here with `tiny --preset bench-1k`), the mini recipes /tmp/mini/init
 #   (made here with `init`); both read the bench-1k synthetic tokens.
-# Environment: STEPS (timed steps per run, default 3), STEP_TIMEOUT (seconds per run, default 150).
+# Environment: STEPS (timed steps per run, default 3), STEP_TIMEOUT (seconds per run, default 150),
+# ENV_A / ENV_B (space-separated VAR=VALUE set for A's / B's runs only: one binary under two
+# settings, e.g. ENV_A="DSA_CUDA_DEFAULTS=1" with BIN_A = BIN_B).
 set -uo pipefail
 A="${1:?BIN_A}"; B="${2:?BIN_B}"; LOG="${3:?LOG_DIR}"; shift 3
 mkdir -p "$LOG"
@@ -15,10 +17,12 @@ unpack() { case "$1" in *.xz) local out="/tmp/ab-$2"; xz -dc "$1" > "$out" && ch
 A="$(unpack "$A" a)"; B="$(unpack "$B" b)"
 [ -d /tmp/bench-1k/model ] || "$B" tiny --preset bench-1k --output /tmp/bench-1k 2>&1 | tail -1
 [ -d /tmp/mini/init ] || "$B" init --config recipes/mini/config.json --output /tmp/mini/init 2>&1 | tail -1
-run() { # BIN RECIPE LEN MICRO -> tokens/s or FAILED
+run() { # ENV BIN RECIPE LEN MICRO -> tokens/s or FAILED
+  local envs="$1"; shift
   local model=/tmp/bench-1k/model; case "$2" in *mini-*) model=/tmp/mini/init ;; esac
   local line
-  line="$(timeout "${STEP_TIMEOUT:-150}" "$1" bench step "$2" --steps "${STEPS:-3}" --set "model.path=$model" \
+  # shellcheck disable=SC2086
+  line="$(env $envs timeout "${STEP_TIMEOUT:-150}" "$1" bench step "$2" --steps "${STEPS:-3}" --set "model.path=$model" \
     --set data.path=/tmp/bench-1k/tokens.bin --set "data.seq_len=$3" --set "train.global_batch_seqs=$4" \
     --set "train.micro_batch_seqs=$4" 2>>"$LOG/ab-stderr.log" | tail -1)"
   echo "$line" >> "$LOG/ab-lines.log"
@@ -29,7 +33,7 @@ echo "| --- | --- | --- | --- |" | tee -a "$LOG/ab.md"
 for c in "$@"; do
   IFS=: read -r recipe len micro <<< "$c"
   micro="${micro:-1}"
-  a="$(run "$A" "$recipe" "$len" "$micro")"; b="$(run "$B" "$recipe" "$len" "$micro")"
+  a="$(run "${ENV_A:-}" "$A" "$recipe" "$len" "$micro")"; b="$(run "${ENV_B:-}" "$B" "$recipe" "$len" "$micro")"
   ratio="$(awk -v a="$a" -v b="$b" 'BEGIN { if (a + 0 > 0 && b + 0 > 0) printf "%.2f", b / a; else print "-" }')"
   echo "| $(basename "$recipe" .toml) at $len x $micro | $a | $b | $ratio |" | tee -a "$LOG/ab.md"
 done

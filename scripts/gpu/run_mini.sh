@@ -9,7 +9,9 @@
 #           DENSE_TIMEOUT seconds, checkpointing every 50 steps.
 #   step 2: export the newest dense checkpoint as an HF FP8 checkpoint (the mini-Terminus),
 #           then the warm-up (recipes/mini-warmup.toml) and the sparse stage
-#           (recipes/mini-sparse.toml) at LONG tokens, each bounded by STAGE_TIMEOUT seconds.
+#           (recipes/mini-sparse.toml) at LONG tokens, each bounded by STAGE_TIMEOUT seconds;
+#           then (BASELINE=1, the default) the matched baseline: the mini-Terminus continued
+#           densely (recipes/mini-dense-continued.toml) for the sparse checkpoint's steps.
 #   step 3: held-out evaluation (LM loss with dense and sparse attention, indexer recall) of
 #           the dense start, the warm-up's end and the sparse stage's end at 8K and LONG;
 #           tokens/s of the three stages per length; transformers' training step side by
@@ -99,13 +101,26 @@ case "$STEP" in
     stamp "$stage exit $? ($(wc -l < "$WORK/$stage/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
     cp "$WORK/$stage/metrics.jsonl" "$LOG/$stage-metrics.jsonl" 2>/dev/null
   done
+  # The matched baseline: the same start continued densely for as many steps (and tokens) as
+  # the sparse checkpoint that step 3 evaluates.
+  sparse_end="$(newest "$WORK/sparse")"
+  if [ "${BASELINE:-1}" = 1 ] && [ -n "$sparse_end" ] && fits 60; then
+    n="${sparse_end##*step-}"
+    budget=$(cap 400)
+    stamp "dense-continued baseline: $n steps at $LONG tokens from $WORK/terminus (at most $budget s)"
+    timeout -k 60 -s INT "$budget" $BIN train recipes/mini-dense-continued.toml --set "model.path=$WORK/terminus" "${DATA[@]}" \
+      --set "data.seq_len=$LONG" --set "train.steps=$n" --set "run.output_dir=$WORK/dense-continued" \
+      --set checkpoint.every=25 --resume auto > "$LOG/dense-continued.log" 2>&1
+    stamp "dense-continued exit $? ($(wc -l < "$WORK/dense-continued/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
+    cp "$WORK/dense-continued/metrics.jsonl" "$LOG/dense-continued-metrics.jsonl" 2>/dev/null
+  fi
   ;;
 3)
   # Held-out loss and recall, most informative first: the dense start (dense attention; the
-  # untrained indexer's recall), the warm-up's end (recall after the warm-up; sparse attention
+  # untrained indexer's recall), the dense-continued baseline, the warm-up's end (recall after the warm-up; sparse attention
   # before any sparse training), the sparse stage's end (dense and sparse attention).
   : > "$LOG/eval.jsonl"
-  for row in "dense-start:$WORK/terminus:dense" "warmup-end:$(newest "$WORK/warmup"):sparse" \
+  for row in "dense-start:$WORK/terminus:dense" "dense-continued:$(newest "$WORK/dense-continued"):dense" "warmup-end:$(newest "$WORK/warmup"):sparse" \
              "sparse-end:$(newest "$WORK/sparse"):sparse" "sparse-end:$(newest "$WORK/sparse"):dense" "dense-start:$WORK/terminus:sparse"; do
     name="${row%%:*}"; rest="${row#*:}"; path="${rest%:*}"; attn="${rest##*:}"
     [ -d "$path" ] || { stamp "eval $name: no checkpoint"; continue; }

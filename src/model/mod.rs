@@ -289,7 +289,9 @@ impl DecoderLayer {
     /// The attention of an evaluation pass (`opts.eval_rows`) with its KL and recall, a block
     /// of query rows at a time wherever the whole-sequence pass holds [.., T, T] tensors; the
     /// same statistics as `forward_with`'s, row for row. Dense: the sets first (the indexer's
-    /// f32 scores block by block, host top-k, as `select_topk` on the whole scores), then per
+    /// f32 scores block by block and the host top-k, as `select_topk` on the whole scores; bf16
+    /// models on CUDA take the device scoring and top-k kernels, as the sparse pass does: the
+    /// host top-k of every row of a 32K window took about 50 s per window), then per
     /// block the dense attention rows, their head-mean probabilities, the indexer's scores of
     /// those rows again (cheaper to recompute than to keep), the KL rows and the recall rows.
     /// Sparse: the attention and its KL are O(T K) already; the host selection scores a block
@@ -316,7 +318,8 @@ impl DecoderLayer {
                 let sel = match (&ix, opts.recall) {
                     (Some(p), true) => {
                         let queries = |q0: usize, n: usize| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?));
-                        Some(select_indexer_topk(&p.k, queries, rows, ctx, opts.topk, false)?)
+                        let fast = self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(p.k.device());
+                        Some(select_indexer_topk(&p.k, queries, rows, ctx, opts.topk, fast)?)
                     }
                     _ => None,
                 };

@@ -1,0 +1,94 @@
+//! How the process sets up the CUDA driver for each GPU it uses.
+//!
+//! Two defaults of cudarc (the driver layer under candle) cost time on every operation and buy
+//! nothing here, because the process drives each GPU through ONE stream (`parse_device`), on
+//! which the trainer, the kernels and NCCL are ordered:
+//! - event tracking: every allocation creates two CUDA events and every launch records them,
+//!   so that buffers shared between streams are synchronised. With one stream the order of
+//!   the stream already guarantees it; tracking is switched off.
+//! - the default memory pool's release threshold is 0: at every synchronisation (a host read
+//!   of a scalar, the MoE routing's host copy) the pool hands all freed memory back to the
+//!   driver, and the next allocations map it again. The threshold is raised to "never", so
+//!   freed blocks are reused; `trim_pools` returns them on demand (the memory log calls it
+//!   before it reads the driver's free memory, so its figures stay "memory in use").
+//!
+//! `DSA_CUDA_DEFAULTS=1` in the environment keeps cudarc's defaults (for side-by-side
+//! measurements of this module).
+
+use candle_core::Device;
+
+/// Apply the settings above to a CUDA device just created (nothing on the CPU).
+pub fn configure(device: &Device) -> candle_core::Result<()> {
+    if std::env::var("DSA_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
+        return Ok(());
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        // SAFETY: every buffer of this device is used on its one stream (module comment).
+        unsafe { d.disable_event_tracking() };
+        // A pool that cannot be configured costs speed, not correctness: say so and go on.
+        if let Err(e) = imp::keep_freed_memory(d) {
+            eprintln!("[cuda] the memory pool keeps returning freed memory to the driver ({e}); set DSA_CUDA_DEFAULTS=1 to silence this");
+        }
+    }
+    let _ = device;
+    Ok(())
+}
+
+/// Return the memory the pools keep to the driver (after the device work has finished), so
+/// that the driver's free-memory figure is the memory in use.
+pub fn trim_pools() {
+    #[cfg(feature = "cuda")]
+    imp::trim();
+}
+
+#[cfg(feature = "cuda")]
+mod imp {
+    use std::sync::Mutex;
+
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::cuda_backend::CudaDevice;
+
+    /// The default pools configured so far (raw CUmemoryPool handles as integers).
+    static POOLS: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+
+    fn check(r: sys::CUresult, what: &str) -> candle_core::Result<()> {
+        if r != sys::CUresult::CUDA_SUCCESS {
+            candle_core::bail!("CUDA {what}: {r:?}");
+        }
+        Ok(())
+    }
+
+    pub fn keep_freed_memory(d: &CudaDevice) -> candle_core::Result<()> {
+        let stream = d.cuda_stream();
+        let dev = stream.context().cu_device();
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        let mut never: u64 = u64::MAX;
+        // SAFETY: plain driver calls on a live device; `pool` and `never` outlive them.
+        unsafe {
+            check(sys::cuDeviceGetDefaultMemPool(&mut pool, dev), "default memory pool")?;
+            check(
+                sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut never as *mut u64 as *mut std::ffi::c_void),
+                "memory pool release threshold",
+            )?;
+        }
+        if let Ok(mut pools) = POOLS.lock() {
+            if !pools.contains(&(pool as usize)) {
+                pools.push(pool as usize);
+            }
+        }
+        Ok(())
+    }
+
+    pub fn trim() {
+        if let Ok(pools) = POOLS.lock() {
+            for &p in pools.iter() {
+                // SAFETY: p is a default pool handle from cuDeviceGetDefaultMemPool, valid for
+                // the life of the process; trimming keeps blocks that are still allocated.
+                unsafe {
+                    let _ = sys::cuMemPoolTrimTo(p as sys::CUmemoryPool, 0);
+                }
+            }
+        }
+    }
+}
