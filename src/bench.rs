@@ -84,8 +84,14 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
         trainer.sync_device()?;
         if i >= 1 {
             times.push(t0.elapsed().as_secs_f64());
+        } else {
+            crate::profile::reset(); // the regions of the timed steps only
         }
         last = Some(m);
+    }
+    let regions = crate::profile::report(steps);
+    if !regions.is_empty() {
+        eprintln!("[profile] DSA_PROFILE=1, per timed step (each region between device synchronisations):\n{regions}");
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];

@@ -13,6 +13,7 @@
 //!   generated tiny checkpoint.
 //! - `recipe`, `train`: TOML recipes; the two DSA stages, optimizer, checkpoints, `check`.
 //! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
+//! - `bench`, `profile`: benchmarks; `DSA_PROFILE=1` time per named region of a step.
 
 pub mod bench;
 pub mod checkpoint;
@@ -33,6 +34,7 @@ pub mod losses;
 pub mod model;
 pub mod ops;
 pub mod plot;
+pub mod profile;
 pub mod recipe;
 pub mod rng;
 pub mod rope;

@@ -224,10 +224,15 @@ impl DecoderLayer {
         let eval = opts.eval_rows.is_some() && !opts.defer_dense_kl;
         // Evaluation keeps no graph: its blocks must not stay alive through one.
         let h = if eval { h.detach() } else { h.clone() };
+        let region = crate::profile::region("layer: norm + MLA projections");
         let x = rms_norm(&h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
+        drop(region);
         let mut stats = LayerStats::default();
+        let region = crate::profile::region("layer: indexer projections");
         let ix = self.project_indexer(&x, &proj.qr, ctx, opts, cached.is_some(), &mut stats)?;
+        drop(region);
+        let region = crate::profile::region("layer: attention (with top-k, KL, recall)");
         let attn_out = match opts.attention {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
@@ -272,6 +277,8 @@ impl DecoderLayer {
                 a.out
             }
         };
+        drop(region);
+        let _region = crate::profile::region("layer: residual, norm, feed-forward");
         let h = (&h + attn_out)?;
         let x = rms_norm(&h, &self.post_attention_norm, self.eps)?;
         let f = match &self.ffn {

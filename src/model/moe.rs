@@ -132,6 +132,7 @@ impl Moe {
         let n = x.dim(0)?;
         let e = self.n_experts;
         let k = self.top_k;
+        let region = crate::profile::region("moe: router and host routing");
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
         let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
         let bias: Vec<f32> = self.bias.to_vec1()?;
@@ -154,6 +155,8 @@ impl Moe {
             tokens_of[ex as usize].push((slot / k) as u32);
             slots_of[ex as usize].push(slot as u32);
         }
+        drop(region);
+        let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
                 let dev = x.device();
@@ -174,7 +177,9 @@ impl Moe {
             }
             Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
         };
+        drop(region);
         if let Some(shared) = &self.shared {
+            let _region = crate::profile::region("moe: shared expert");
             out = (out + shared.forward(&x)?)?;
         }
         Ok((out, chosen, scores))

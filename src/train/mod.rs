@@ -305,7 +305,9 @@ impl Trainer {
             if recompute {
                 inputs.push(keep(h.clone())?);
             }
+            let region = crate::profile::region("step: layer forward (first pass)");
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
+            drop(region);
             crate::bench::log_device_memory(&format!("layer {l} forward"));
             if with_kl {
                 let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
@@ -340,6 +342,7 @@ impl Trainer {
             // The head weight's gradient arrives a block of rows at a time, into its f32 sum.
             let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
             let head = crate::losses::LmHead { norm: &m.norm, weight: &m.lm_head, eps: m.cfg.rms_norm_eps, weight_trains: head_slot.is_some() };
+            let _region = crate::profile::region("step: LM head, loss and its gradients");
             let (lm, g) = crate::losses::chunked_next_token_loss(&h.detach(), tokens, chunk, scale, &head, |g| {
                 match (g, head_slot.as_deref()) {
                     (crate::losses::HeadGrads::Tracked(gs), _) => accum.add(slots, gs),
@@ -411,9 +414,12 @@ impl Trainer {
                         continue;
                     }
                     let x = Var::from_tensor(&input)?;
+                    let region = crate::profile::region("step: layer recompute (forward again)");
                     let (out, stats) = layer
                         .forward_with(x.as_tensor(), &self.ctx, &again, sel.as_ref())
                         .with_context(|| format!("layer {l} recompute"))?;
+                    drop(region);
+                    let region = crate::profile::region("step: layer backward (autograd)");
                     let mut loss = surrogate(&out, &dh)?;
                     if let Some(b) = stats.balance_loss {
                         loss = (loss + (b * (t.seq_balance_alpha * scale))?)?;
@@ -426,8 +432,11 @@ impl Trainer {
                         None => input.zeros_like()?,
                     };
                     drop(grads);
+                    drop(region);
+                    let _region = crate::profile::region("step: layer gradient flush");
                     self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
                 }
+                let _region = crate::profile::region("step: embedding gradient");
                 self.add_embedding_grad(accum, tokens, &dh)?;
             } else {
                 let mut loss = surrogate(&h, &dh)?;
@@ -481,6 +490,7 @@ impl Trainer {
     /// streaming kernel (warm-up on CUDA) or block of queries by block (plain warm-up);
     /// (2) `Indexer::backprop_rows` pushes them into the parameters a chunk of tokens at a time.
     fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum, indexer: &crate::model::indexer::Indexer) -> Result<Tensor> {
+        let _region = crate::profile::region("step: indexer KL backward");
         let slots = &self.slots;
         if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
             let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
@@ -611,6 +621,7 @@ impl Trainer {
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
         let mut sq = AdamW::squared_norms(&self.slots, &accum).context("gradient norms")?;
         self.reducer.sum_squared_norms(&mut sq).context("summing the gradient norms over the ranks")?;
+        let region = crate::profile::region("step: gradient norms and AdamW");
         let report = AdamW::from_recipe(&r.train)
             .step_with_norms(&mut self.slots, &accum, &sq, |g| match g {
                 Group::Main => lr,
@@ -618,6 +629,7 @@ impl Trainer {
             })
             .context("optimizer step")?;
         drop(accum);
+        drop(region);
         crate::bench::log_device_memory("optimizer step done");
         if self.layout.dp > 1 {
             self.reducer.gather_updated_params(&mut self.slots).context("gathering the updated parameters from their owners")?;
