@@ -18,7 +18,8 @@
 #           side (tools/reference/bench_transformers.py); plots and results.md in LOG_DIR.
 # Environment: WORK, DENSE_STEPS (default the recipe's), DENSE_TIMEOUT (default 400), LONG
 # (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4), LENS (tokens/s
-# lengths, default "4096 8192 16384 32768"), SETS (extra --set arguments for every run, e.g.
+# lengths, default "4096 8192 16384 32768 65536"; 64K is past what transformers' DeepseekV32
+# fits on one H200: a length only we run), SETS (extra --set arguments for every run, e.g.
 # "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
 # CONFIG (the model's config.json, default recipes/mini/config.json), STEP_BUDGET (seconds per
 # step, default 560), SELFTEST (step 1 runs gpu-selftest first on CUDA, default 1),
@@ -137,14 +138,14 @@ case "$STEP" in
     for m in v3 v32; do
       fits 60 || { stamp "transformers $m: skipped (step budget)"; continue; }
       timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
-        --lens "$(echo ${LENS:-4096 8192 16384 32768} | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
+        --lens "$(echo ${LENS:-4096 8192 16384 32768 65536} | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
         2>>"$LOG/transformers-stderr.log" | tee -a "$LOG/transformers.jsonl"
     done
   fi
   # Tokens/s of the three stages per length (ours; top-512 as in the recipes and as given to transformers).
   # The stages' own runs (steps 1 and 2) log tokens/s at 4K (dense) and LONG (warm-up, sparse).
   : > "$LOG/speed.txt"
-  for L in ${LENS:-4096 8192 16384 32768}; do
+  for L in ${LENS:-4096 8192 16384 32768 65536}; do
     for stage in dense warmup sparse; do
       fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
       from="$WORK/init"; [ "$stage" != dense ] && from="$WORK/terminus"
