@@ -73,8 +73,10 @@ pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
     ))
 }
 
-/// Time `steps` training steps of `recipe` after two untimed ones; no checkpoint is written.
+/// Time `steps` (at least one) training steps of `recipe` after one untimed one; no
+/// checkpoint is written.
 pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String> {
+    let steps = steps.max(1);
     let mut trainer = crate::train::Trainer::new(recipe.clone(), None)?;
     let mut times = vec![];
     let mut last = None;

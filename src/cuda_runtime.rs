@@ -1,16 +1,17 @@
 //! How the process sets up the CUDA driver for each GPU it uses.
 //!
-//! Two defaults of cudarc (the driver layer under candle) cost time on every operation and buy
-//! nothing here, because the process drives each GPU through ONE stream (`parse_device`), on
-//! which the trainer, the kernels and NCCL are ordered:
-//! - event tracking: every allocation creates two CUDA events and every launch records them,
-//!   so that buffers shared between streams are synchronised. With one stream the order of
-//!   the stream already guarantees it; tracking is switched off.
+//! Two defaults of cudarc (the driver layer under candle) cost time and buy nothing here,
+//! because all the work on a GPU comes from one host thread through one stream (candle's
+//! per-thread stream, `parse_device`), on which the trainer, the kernels and NCCL are ordered:
+//! - event tracking: every allocation creates two CUDA events, for synchronising buffers
+//!   shared between streams (recorded only once a second stream exists, which never happens
+//!   here). Tracking is switched off: two driver calls fewer per allocation.
 //! - the default memory pool's release threshold is 0: at every synchronisation (a host read
 //!   of a scalar, the MoE routing's host copy) the pool hands all freed memory back to the
 //!   driver, and the next allocations map it again. The threshold is raised to "never", so
-//!   freed blocks are reused; `trim_pools` returns them on demand (the memory log calls it
-//!   before it reads the driver's free memory, so its figures stay "memory in use").
+//!   freed blocks are reused; `trim_pools` returns them on demand: before an NCCL
+//!   communicator is made (NCCL allocates outside the pool) and before the memory log reads
+//!   the driver's free memory (so its figures stay "memory in use").
 //!
 //! `DSA_CUDA_DEFAULTS=1` in the environment keeps cudarc's defaults (for side-by-side
 //! measurements of this module).
@@ -24,7 +25,8 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
     }
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
-        // SAFETY: every buffer of this device is used on its one stream (module comment).
+        // SAFETY: every buffer of this device is used from one thread on its one stream
+        // (module comment); no second stream is ever made.
         unsafe { d.disable_event_tracking() };
         // A pool that cannot be configured costs speed, not correctness: say so and go on.
         if let Err(e) = imp::keep_freed_memory(d) {

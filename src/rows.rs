@@ -223,7 +223,7 @@ mod cuda {
     fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(s: &CudaStorage, l: &Layout, m: &RowMap, d: usize, shape: Shape, name: &str) -> Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let rows = m.out_rows();
-        let out = dev.alloc_zeros::<T>(rows * d)?;
+        let out = dev.alloc_zeros::<T>((rows * d).max(1))?; // never an empty device buffer
         if rows > 0 && d > 0 {
             let Some((src_t, off_t)) = &m.on_device else { bail!("row map: built for the CPU, applied on the GPU") };
             let (ss, sl) = src_t.storage_and_layout();
@@ -233,12 +233,13 @@ mod cuda {
             let off = view::<u32>(os, ol, "row map offsets")?;
             let x = view::<T>(s, l, "rows")?;
             let f = load_from(dev, "dsa_rows", PTX, name, 0)?;
-            let d32 = d as i32;
+            let Ok(d32) = i32::try_from(d) else { bail!("row map: {d} values per row do not fit the kernel's int") };
+            let Ok(grid) = u32::try_from(rows) else { bail!("row map: {rows} output rows do not fit one launch") };
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&src).arg(&off).arg(&out).arg(&d32);
             let threads = d.next_multiple_of(32).min(256) as u32;
-            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
             // SAFETY: x holds in_rows * d values (checked by the caller's shape), every src entry
             // is < in_rows (checked when the plan was built), off has rows + 1 entries and out
             // rows * d; the launch is on candle's stream, ordered with its other ops.

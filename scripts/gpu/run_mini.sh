@@ -129,7 +129,7 @@ case "$STEP" in
       fits 60 || { stamp "eval $name $L $attn: skipped (step budget)"; continue; }
       line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
         --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "${EVAL_WINDOWS:-4}" 2>>"$LOG/eval-stderr.log" | tail -1)
-      echo "{\"model\": \"$name\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
+      echo "{\"model\": \"$name\", \"checkpoint\": \"$path\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
     done
   done
   stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"

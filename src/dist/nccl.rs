@@ -74,6 +74,9 @@ impl NcclCollective {
         if let Some(c) = self.groups.get(members) {
             return Ok(c.clone());
         }
+        // NCCL allocates its buffers outside the memory pool, which keeps freed memory
+        // (`cuda_runtime`): hand that back first so the communicator finds room.
+        crate::cuda_runtime::trim_pools();
         let me = self.host.rank();
         let index = members.iter().position(|&m| m == me).with_context(|| format!("rank {me} is not in the group {members:?}"))?;
         let leader = members[0];

@@ -8,7 +8,8 @@
 //! the flash-style kernel (bf16 models on CUDA, `kernels::warmup_kl::dense_attention_fwd`) or
 //! the same computation a block at a time (the plain twin, any device and dtype), and the
 //! backward for the query rows q0..q0+n touches only the keys 0..q0+n (causality halves the
-//! work) with at most [B, H, n, q0+n] f32 alive.
+//! work): a block holds p, dp, ds and their temporaries, a few [B, H, n, q0+n] f32 tensors,
+//! plus the f32 dk and dv of every row (padded to T each block before they are added).
 //!
 //! Numerics (per block, all f32): s = scale q.k (f32 products of the inputs), p = exp(s + bias
 //! - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta) with delta = rowsum(do * o), dq =
@@ -40,8 +41,9 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) ->
     } else {
         forward_blocks(&qd, &kd, &vd, scale, rows)?
     };
-    // A fresh buffer holding exactly the output, so that the op below can hand out a copy.
-    let out = out.to_dtype(v.dtype())?.contiguous()?.copy()?;
+    // A fresh buffer holding exactly the output (offset 0, no more elements than the shape):
+    // the op below hands out a copy of the whole buffer as a contiguous tensor.
+    let out = out.to_dtype(v.dtype())?.force_contiguous()?;
     q.apply_op3(k, v, RecomputingBackward { out, lse, scale, rows })
 }
 

@@ -173,7 +173,11 @@ impl Moe {
                 let w = RowPlan::gather(&order, n * k, dev)?.apply(&weights.unsqueeze(1)?)?; // [N*K, 1]
                 let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
                 let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
-                combine.apply(&Tensor::cat(&ys, 0)?.broadcast_mul(&w)?)?
+                if ys.is_empty() {
+                    x.zeros_like()? // no token at all
+                } else {
+                    combine.apply(&Tensor::cat(&ys, 0)?.broadcast_mul(&w)?)?
+                }
             }
             Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
         };

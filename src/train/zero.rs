@@ -171,6 +171,9 @@ fn buckets(shapes: &[Shape], bucket: usize) -> Vec<Range<usize>> {
 /// backend that is an f32 sum in member order, whatever the bucketing or chunking. NCCL's
 /// order may depend on the size of the call.
 pub fn sum_in_place(comm: &mut dyn Collective, members: &[usize], sums: &mut [GradSum], bucket: usize) -> Result<()> {
+    if members.len() <= 1 {
+        return Ok(()); // a sum over one holder is itself (and the result would share its buffer)
+    }
     let total: usize = sums.iter().map(GradSum::elem_count).sum();
     if let ([sum], true) = (&mut *sums, total > bucket) {
         // A second handle on the buffer, only to read rows that have not been overwritten yet

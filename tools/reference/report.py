@@ -36,10 +36,11 @@ def main():
     base = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-start" and r["attention"] == "dense"}
     sparse = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "sparse-end" and r["attention"] == "sparse"}
     matched = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-continued" and r["attention"] == "dense"}
+    step_of = lambda name: next((r.get("checkpoint", "").rsplit("step-", 1)[-1] for r in evals if r["model"] == name and "step-" in r.get("checkpoint", "")), "?")
     for L in sorted(set(base) & set(sparse)):
         out.append(f"\nAt {L}: sparse-end with sparse attention vs the dense start: {100 * (sparse[L] / base[L] - 1):+.2f} % LM loss.")
     for L in sorted(set(matched) & set(sparse)):
-        out.append(f"\nAt {L}: sparse-end with sparse attention vs the dense-continued baseline (same steps): {100 * (sparse[L] / matched[L] - 1):+.2f} % LM loss.")
+        out.append(f"\nAt {L}: sparse-end (step {step_of('sparse-end')}) with sparse attention vs the dense-continued baseline (step {step_of('dense-continued')}): {100 * (sparse[L] / matched[L] - 1):+.2f} % LM loss.")
     lens = sorted({L for (_, L) in ours} | {r["seq_len"] for r in theirs})
     out += ["", "Training tokens/s per length (batch 1):", "",
             "| seq_len | ours dense | ours warm-up | ours sparse | transformers V3 | transformers V32 |", "|---|---|---|---|---|---|"]
