@@ -42,7 +42,9 @@ DATA=(--set "data.path=$WORK/tokens/train" "${EXTRA[@]}")
 LONG="${LONG:-32768}"
 EVAL_DEVICE=cuda; EVAL_DTYPE=bf16
 case " ${SETS:-} " in *" model.device=cpu "*) EVAL_DEVICE=cpu; EVAL_DTYPE=f32 ;; esac
-newest() { ls -d "$1"/step-* 2>/dev/null | sort -t- -k2 -n | tail -1; }
+# The checkpoint with the highest step (sorted on the number after the last "step-", so that
+# a dash elsewhere in the path does not matter).
+newest() { ls -d "$1"/step-* 2>/dev/null | awk -F'step-' '{ print $NF "\t" $0 }' | sort -n | tail -1 | cut -f2; }
 # Each step stays inside the lent machine's 10-minute command limit: STEP_BUDGET seconds
 # (default 560) from the step's start; optional work that would not end inside it is skipped.
 T0=$(date +%s)
