@@ -73,18 +73,17 @@ impl RowBlocks for LinearWeightGrad {
 /// The gradient of an embedding table E [vocab, dim] for `h = E[ids]` (one index-select of
 /// rows), given dh [n, dim]: dE[v] = sum of dh[p] over the positions p with ids[p] = v.
 ///
-/// Numerics: bit for bit candle's index-select backward, which `index_add`s dh into zeros in
-/// E's dtype: here each block of rows starts from zeros in E's dtype and `index_add`s, in
-/// position order, the rows of dh whose token falls in the block (dh first cast to E's dtype,
-/// as the backward of the trainer's f32 surrogate casts it). Per destination row that is the
-/// same sequence of additions, rounded the same way; rows no token hits stay +0, as there.
+/// Numerics: each row of a block sums, in f32 and in position order, the rows of dh (cast to
+/// E's dtype, as the backward of the trainer's f32 surrogate casts it) whose token it is,
+/// rounded once to E's dtype (`rows::RowPlan`: one parallel pass, no serial index_add on the
+/// GPU); rows no token hits are +0. In f32 that is candle's index-select backward bit for bit
+/// (the same additions from zero in the same order); in bf16 candle rounds after every
+/// addition, this only once.
 pub struct EmbeddingGrad {
     /// (token, position), sorted by token and, for one token, by position.
     by_token: Vec<(u32, u32)>,
     dh: Tensor,
     shape: [usize; 2],
-    /// At most this many rows of dh are gathered at once (the block's source rows).
-    gather_rows: usize,
 }
 
 impl EmbeddingGrad {
@@ -100,8 +99,7 @@ impl EmbeddingGrad {
         }
         let mut by_token: Vec<(u32, u32)> = ids.iter().enumerate().map(|(p, &id)| (id, p as u32)).collect();
         by_token.sort_unstable(); // (token, position) pairs are distinct: a total order
-        let gather_rows = ((1usize << 24) / dim.max(1)).max(1);
-        Ok(Self { by_token, dh: dh.detach().to_dtype(dtype)?, shape: [vocab, dim], gather_rows })
+        Ok(Self { by_token, dh: dh.detach().to_dtype(dtype)?.contiguous()?, shape: [vocab, dim] })
     }
 }
 
@@ -114,17 +112,16 @@ impl RowBlocks for EmbeddingGrad {
         let dev = self.dh.device();
         let lo = self.by_token.partition_point(|&(id, _)| (id as usize) < start);
         let hi = self.by_token.partition_point(|&(id, _)| (id as usize) < start + len);
-        let mut block = Tensor::zeros((len, self.shape[1]), self.dh.dtype(), dev)?;
-        // index_add is out of place: a block's sums pass through at most `gather_rows` rows of
-        // dh at a time, in (token, position) order, which keeps each row's additions in
-        // position order.
-        for piece in self.by_token[lo..hi].chunks(self.gather_rows) {
-            let positions: Vec<u32> = piece.iter().map(|&(_, p)| p).collect();
-            let local: Vec<u32> = piece.iter().map(|&(id, _)| id - start as u32).collect();
-            let src = self.dh.index_select(&Tensor::new(positions.as_slice(), dev)?, 0)?;
-            block = block.index_add(&Tensor::new(local.as_slice(), dev)?, &src, 0)?;
+        // The block's groups straight from the (token, position) order: row r of the block sums
+        // the positions of token start + r, read from dh where they are (no gathered copy).
+        let pairs = &self.by_token[lo..hi];
+        let mut off = vec![0u32; len + 1];
+        pairs.iter().for_each(|&(id, _)| off[id as usize - start + 1] += 1);
+        for r in 0..len {
+            off[r + 1] += off[r];
         }
-        Ok(block)
+        let src: Vec<u32> = pairs.iter().map(|&(_, p)| p).collect();
+        crate::rows::RowPlan::sums(src, off, self.dh.dim(0)?, dev)?.apply(&self.dh)
     }
 }
 
@@ -144,7 +141,7 @@ mod tests {
     }
 
     #[test]
-    fn an_embedding_gradient_by_rows_is_candles_index_select_backward_bit_for_bit() {
+    fn an_embedding_gradient_by_rows_is_the_index_select_backward_summed_in_f32() {
         let dev = Device::Cpu;
         let (vocab, dim, n) = (97, 6, 300);
         // Repeated tokens (so rows sum several terms and bf16 rounds in between), unused rows.
@@ -157,10 +154,18 @@ mod tests {
             // The trainer's surrogate: sum(out * dh) in f32.
             let loss = (out.to_dtype(DType::F32).unwrap() * dh.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
             let want = loss.backward().unwrap().get(table.as_tensor()).unwrap().clone();
-            let mut src = EmbeddingGrad::new(&ids, &dh, vocab, dtype).unwrap();
-            for (block, gather) in [(1, 1), (10, 7), (97, 1 << 20), (30, 2)] {
-                src.gather_rows = gather;
-                assert_eq!(bits(&all_rows(&src, block)), bits(&want), "{dtype:?}, block {block}, gather {gather}");
+            // bf16: the same sums taken in f32 (candle's backward of an f32 table) and rounded once.
+            let want = if dtype == DType::F32 {
+                want
+            } else {
+                let t32 = Var::from_tensor(&table.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+                let out = t32.as_tensor().index_select(&idx, 0).unwrap();
+                let loss = (out * dh.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
+                loss.backward().unwrap().get(t32.as_tensor()).unwrap().to_dtype(dtype).unwrap()
+            };
+            let src = EmbeddingGrad::new(&ids, &dh, vocab, dtype).unwrap();
+            for block in [1, 10, 30, 97] {
+                assert_eq!(bits(&all_rows(&src, block)), bits(&want), "{dtype:?}, block {block}");
             }
         }
         let dh = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();

@@ -82,6 +82,20 @@ impl RowPlan {
         Ok(Self { map: Arc::new(map), adjoint: Arc::new(adjoint) })
     }
 
+    /// out row i = sum over j in off[i]..off[i + 1] of x[src[j]], added in that order (a
+    /// scatter-add given by its groups, e.g. an embedding gradient's rows by token).
+    pub fn sums(src: Vec<u32>, off: Vec<u32>, in_rows: usize, device: &Device) -> Result<Self> {
+        if off.first() != Some(&0) || off.last().map(|&o| o as usize) != Some(src.len()) || off.windows(2).any(|w| w[0] > w[1]) {
+            bail!("row sums: offsets must rise from 0 to the {} entries", src.len());
+        }
+        if let Some(&bad) = src.iter().find(|&&i| i as usize >= in_rows) {
+            bail!("row sums: index {bad} is out of range for {in_rows} rows");
+        }
+        let map = RowMap::new(src, off, in_rows, device)?;
+        let adjoint = map.transpose(device)?;
+        Ok(Self { map: Arc::new(map), adjoint: Arc::new(adjoint) })
+    }
+
     /// The transposed plan: a gather's scatter-add (out row r = the sum of the rows that
     /// gathered r, in the order they were gathered).
     pub fn adjoint(&self) -> Self {
