@@ -40,9 +40,14 @@ impl GradSum {
         Ok(Self { buf: Tensor::zeros(shape, DType::F32, device)? })
     }
 
-    /// A new sum holding `g`'s values in f32, converted a block of rows at a time.
+    /// A new sum holding `g`'s values in f32, converted a block of rows at a time (one block:
+    /// converted at once, into a buffer of its own).
     pub fn copy_of(g: &dyn RowBlocks, device: &Device, block_values: usize) -> Result<Self> {
-        let mut sum = Self::zeros(&Shape::from_dims(g.shape()), device)?;
+        let shape = Shape::from_dims(g.shape());
+        if shape.rank() == 0 || shape.elem_count() <= block_values {
+            return Ok(Self { buf: owned_f32(g, &shape)? });
+        }
+        let mut sum = Self::zeros(&shape, device)?;
         sum.take_rows(g, block_values, false)?;
         Ok(sum)
     }
@@ -90,10 +95,11 @@ impl GradSum {
         if g.shape() != self.buf.dims() {
             bail!("cannot add a gradient of shape {:?} to a sum of shape {:?}", g.shape(), self.buf.dims());
         }
-        if self.buf.rank() == 0 {
-            // One value: out of place is a new one-value buffer, as exclusively owned.
-            let g = g.rows(0, 1)?.detach().to_dtype(DType::F32)?.reshape(())?;
-            self.buf = if add { (&self.buf + g)? } else { g.copy()? };
+        if self.buf.rank() == 0 || self.buf.elem_count() <= block_values {
+            // One block (most tensors): out of place costs one block, and `buf + g` (or the
+            // converted copy) is a new buffer that this sum alone holds.
+            let part = owned_f32(g, self.buf.shape())?;
+            self.buf = if add { (&self.buf + part)? } else { part };
             return Ok(());
         }
         let rows = self.buf.dim(0)?;
@@ -111,6 +117,18 @@ impl GradSum {
         }
         Ok(())
     }
+}
+
+/// All of `g` (of `shape`) in f32, in a new buffer nothing else holds.
+fn owned_f32(g: &dyn RowBlocks, shape: &Shape) -> Result<Tensor> {
+    let rows = if shape.rank() == 0 { 1 } else { shape.dims()[0] };
+    let part = g.rows(0, rows)?.detach();
+    if part.elem_count() != shape.elem_count() {
+        bail!("a gradient source gave {:?} for a sum of shape {:?}", part.dims(), shape.dims());
+    }
+    let part = part.reshape(shape)?;
+    // to_dtype into the dtype a tensor already has returns that tensor: copy it then.
+    Ok(if part.dtype() == DType::F32 { part.force_contiguous()? } else { part.to_dtype(DType::F32)? })
 }
 
 #[cfg(test)]
@@ -184,6 +202,12 @@ mod tests {
         let dev = Device::Cpu;
         let g = crate::rng::randn(&[9, 4], 5, 1.0, &dev).unwrap();
         let before = bits(&g);
+        // Blocks of 4 values, and one block for the whole tensor (the f32 copy must be a copy).
+        for block in [1 << 24, 4] {
+            let mut sum = GradSum::copy_of(&g, &dev, block).unwrap();
+            sum.write_rows(0, &Tensor::ones((9, 4), DType::F32, &dev).unwrap()).unwrap();
+            assert_eq!(bits(&g), before, "block {block}: the first gradient's storage was written");
+        }
         let mut sum = GradSum::copy_of(&g, &dev, 4).unwrap();
         sum.add(&g, 4).unwrap();
         sum.write_rows(2, &Tensor::ones((3, 4), DType::F32, &dev).unwrap()).unwrap();
