@@ -170,8 +170,9 @@ pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
         // The tensor-core kernels (each module times its own; a failure such as running out of
         // memory at one length is reported and the next length still runs).
         type Bench = fn(&Device, usize) -> Result<Vec<String>>;
-        let families: [(&str, Bench); 3] = [
+        let families: [(&str, Bench); 4] = [
             ("indexer top-k", crate::kernels::indexer_topk::bench),
+            ("indexer scores at selection (tensor cores)", crate::kernels::indexer_at_tc::bench),
             ("sparse MLA (tensor cores)", crate::kernels::sparse_mla_tc::bench),
             ("dense attention + warm-up KL", crate::kernels::warmup_kl::bench),
         ];

@@ -185,6 +185,42 @@ pub fn recall_rows(p: &Tensor, sel: &Selection) -> Result<Tensor> {
     Ok((picked * sel.valid()?)?.sum(2)?)
 }
 
+/// Bisection steps of `topk_mass_rows`: the threshold's bracket starts at [0, row max] and
+/// halves each step, so after 30 steps the mass is exact to k * max * 2^-30 (below f32
+/// rounding of the sums for any k <= 2^20).
+const TOPK_MASS_BISECTIONS: usize = 30;
+
+/// The most attention mass any k keys can hold, per query: the sum of the k largest entries of
+/// each row of `p` [B, n, T] (non-negative; entries above the causal diagonal are 0, so a row
+/// with fewer than k keys gives its whole mass). This is the ceiling of the attention-mass
+/// recall: an indexer whose top-k is the attention's own top-k reaches it.
+///
+/// Computed without sorting (candle's sort needs a row in shared memory; 32K f32 does not
+/// fit): a bisection on the threshold tau with count(p >= tau) >= k, on the device, one pass
+/// over the rows per step. At the end fewer than k entries are >= hi and at least k are >= lo;
+/// the mass is sum(p >= hi) plus the missing count times the bracket's midpoint (the entries
+/// in [lo, hi) differ from it by less than the bracket's width). Ties at the row maximum with
+/// at least k copies give k * max. Returns [B, n] f32.
+pub fn topk_mass_rows(p: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    let p = p.to_dtype(DType::F32)?.contiguous()?;
+    let kf = k as f64;
+    let mut hi = p.max_keepdim(2)?; // [B, n, 1]
+    let mut lo = hi.zeros_like()?;
+    for _ in 0..TOPK_MASS_BISECTIONS {
+        let mid = ((&lo + &hi)? * 0.5)?;
+        let enough = p.broadcast_ge(&mid)?.to_dtype(DType::F32)?.sum_keepdim(2)?.ge(kf)?;
+        lo = enough.where_cond(&mid, &lo)?;
+        hi = enough.where_cond(&hi, &mid)?;
+    }
+    let above = p.broadcast_ge(&hi)?.to_dtype(DType::F32)?;
+    let count = above.sum_keepdim(2)?;
+    let sum_above = (&p * &above)?.sum_keepdim(2)?;
+    let mid = ((&lo + &hi)? * 0.5)?;
+    let filled = (sum_above + ((count.affine(-1.0, kf)?) * mid)?)?;
+    let ties_at_max = (hi * kf)?;
+    count.ge(kf)?.where_cond(&ties_at_max, &filled)?.squeeze(2)
+}
+
 /// Causal mask bias [T, T]: 0 where s <= t, `MASKED` above the diagonal.
 pub fn causal_bias(t: usize, device: &Device) -> Result<Tensor> {
     Ok(causal_rows(0, t, t, device)?)
@@ -203,6 +239,45 @@ pub fn causal_rows(q0: usize, n: usize, t: usize, device: &Device) -> candle_cor
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The sum of the k largest entries by sorting in f64, per row.
+    fn topk_mass_by_sorting(rows: &[Vec<f32>], k: usize) -> Vec<f64> {
+        rows.iter()
+            .map(|r| {
+                let mut v: Vec<f64> = r.iter().map(|&x| x as f64).collect();
+                v.sort_by(|a, b| b.partial_cmp(a).unwrap());
+                v.iter().take(k).sum()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn topk_mass_is_the_sum_of_the_k_largest_entries() {
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let (n, t) = (37, 97);
+        let mut rows: Vec<Vec<f32>> = (0..n)
+            .map(|r| {
+                // Causal rows of softmax-like mass: r + 1 keys, the rest 0; a few spiky rows.
+                let mut row: Vec<f32> = (0..t).map(|s| if s <= r * 3 { (rng.uniform() as f32).powi(1 + 3 * (r % 4) as i32) } else { 0.0 }).collect();
+                let z: f32 = row.iter().sum();
+                row.iter_mut().for_each(|x| *x /= z.max(1e-30));
+                row
+            })
+            .collect();
+        // Ties: one row of equal entries (ties at the max with more than k copies) and one with
+        // ties straddling the k-th place.
+        rows[5] = vec![1.0 / t as f32; t];
+        rows[6] = (0..t).map(|s| if s < 4 { 0.2 } else if s < 20 { 0.0125 } else { 0.0 }).collect();
+        let flat: Vec<f32> = rows.concat();
+        let p = Tensor::from_vec(flat, (1, n, t), &Device::Cpu).unwrap();
+        for k in [1usize, 7, 10, 40, 97, 200] {
+            let got: Vec<f32> = topk_mass_rows(&p, k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let want = topk_mass_by_sorting(&rows, k);
+            for (r, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert!((*g as f64 - w).abs() <= 2e-6 * w.max(1e-3), "k {k} row {r}: {g} vs {w}");
+            }
+        }
+    }
 
     #[test]
     fn ties_go_to_the_lower_index_and_signed_zeros_are_equal() {

@@ -8,7 +8,10 @@
 //!   KL (dense: against the head-mean dense attention over all causal keys; sparse: against the
 //!   sparse attention's own head-mean probabilities over S_t); `indexer_kl` is their mean;
 //! - `attention_mass_recall_per_layer[l]`: mean over positions with t + 1 > k of the dense
-//!   attention mass inside S_t (1.0 when no position has t + 1 > k: S_t then holds every key).
+//!   attention mass inside S_t (1.0 when no position has t + 1 > k: S_t then holds every key);
+//! - `attention_mass_recall_ceiling_per_layer[l]`: over the same positions, the most mass any
+//!   k keys hold (the sum of the k largest dense probabilities): the recall a perfect indexer
+//!   would reach, below 1 wherever the model's own attention is spread over more than k keys.
 //! Sums are accumulated in f64.
 //!
 //! Memory: the forward runs with `ForwardOptions::eval_rows` (the attention, the dense
@@ -55,6 +58,8 @@ pub struct EvalReport {
     pub indexer_kl_per_layer: Vec<f64>,
     pub attention_mass_recall: f64,
     pub attention_mass_recall_per_layer: Vec<f64>,
+    pub attention_mass_recall_ceiling: f64,
+    pub attention_mass_recall_ceiling_per_layer: Vec<f64>,
 }
 
 /// Load the model named by `args` and evaluate it.
@@ -112,6 +117,7 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     };
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
+    let mut ceiling_sum = vec![0f64; layers];
     // Positions t with t + 1 > k count towards the recall.
     let recall_positions = n.saturating_sub(topk);
     for w in 0..windows {
@@ -125,15 +131,21 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
             if let (Some(r), true) = (&stats.recall, recall_positions > 0) {
                 recall_sum[l] += sum_f64(&r.narrow(1, topk, recall_positions)?)?;
             }
+            if let (Some(c), true) = (&stats.recall_ceiling, recall_positions > 0) {
+                ceiling_sum[l] += sum_f64(&c.narrow(1, topk, recall_positions)?)?;
+            }
         }
         eprintln!("[eval] window {}/{windows}: running lm_loss {:.5}", w + 1, nll_sum / ((w + 1) * (n - 1)) as f64);
     }
     let kl: Vec<f64> = kl_sum.iter().map(|s| s / (windows * n) as f64).collect();
-    let recall: Vec<f64> = if recall_positions == 0 {
-        vec![1.0; layers]
-    } else {
-        recall_sum.iter().map(|s| s / (windows * recall_positions) as f64).collect()
+    let per_position = |sums: &[f64]| -> Vec<f64> {
+        if recall_positions == 0 {
+            vec![1.0; layers]
+        } else {
+            sums.iter().map(|s| s / (windows * recall_positions) as f64).collect()
+        }
     };
+    let (recall, ceiling) = (per_position(&recall_sum), per_position(&ceiling_sum));
     Ok(EvalReport {
         tokens: windows * n,
         windows,
@@ -148,6 +160,8 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         indexer_kl_per_layer: kl,
         attention_mass_recall: mean(&recall),
         attention_mass_recall_per_layer: recall,
+        attention_mass_recall_ceiling: mean(&ceiling),
+        attention_mass_recall_ceiling_per_layer: ceiling,
     })
 }
 

@@ -59,11 +59,24 @@ pub const LOSS_BLOCK: usize = 1 << 24;
 /// x - m: x's gradient is (0 + G) + (w / s) e, i.e. (w / s) e + (-w) at the target (one f32
 /// addition, commutative) and (w / s) e elsewhere; cast to the logits' dtype. Each row's
 /// reductions (max, sum) are the same kernels over the same row whatever the block.
+///
+/// On CUDA (bf16 or f32 logits) the fused kernels of `kernels::lm_loss` compute the same
+/// formula in two passes over each row, without the f32 copies; their row sums run in another
+/// order, so there the values agree with this path to f32 rounding rather than bit for bit.
 pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64, block_values: usize) -> Result<(Tensor, Tensor)> {
-    let (rows, vocab) = logits.dims2()?;
+    let (rows, _) = logits.dims2()?;
     if targets.dims() != [rows] {
         candle_core::bail!("the LM loss needs one target per row of logits ({:?} targets for {rows} rows)", targets.dims());
     }
+    if rows > 0 && targets.dtype() == DType::U32 && crate::kernels::lm_loss::supported(logits) {
+        return crate::kernels::lm_loss::nll_rows_and_grad(logits, targets, weight);
+    }
+    nll_rows_and_grad_plain(logits, targets, weight, block_values)
+}
+
+/// `nll_rows_and_grad`'s plain twin (every device; the CPU's path), bit for bit candle's.
+pub fn nll_rows_and_grad_plain(logits: &Tensor, targets: &Tensor, weight: f64, block_values: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, vocab) = logits.dims2()?;
     let block = (block_values / vocab.max(1)).max(1);
     // This function's own buffer: written in place a block at a time, shared with no one.
     let grad = Tensor::zeros((rows, vocab), logits.dtype(), logits.device())?;

@@ -246,12 +246,13 @@ fn run(cli: Cli) -> Result<()> {
             };
             let report = eval::run(&args)?;
             eprintln!(
-                "[eval] {} tokens in {} windows of {}, {} attention, top-k {}: lm_loss {:.6}, indexer KL {:.6}, recall {:.4}",
+                "[eval] {} tokens in {} windows of {}, {} attention, top-k {}: lm_loss {:.6}, indexer KL {:.6}, recall {:.4} (ceiling {:.4})",
                 report.tokens, report.windows, report.seq_len, report.attention, report.topk,
-                report.lm_loss, report.indexer_kl, report.attention_mass_recall
+                report.lm_loss, report.indexer_kl, report.attention_mass_recall, report.attention_mass_recall_ceiling
             );
-            for (l, (kl, r)) in report.indexer_kl_per_layer.iter().zip(&report.attention_mass_recall_per_layer).enumerate() {
-                eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}");
+            for (l, kl) in report.indexer_kl_per_layer.iter().enumerate() {
+                let (r, c) = (report.attention_mass_recall_per_layer[l], report.attention_mass_recall_ceiling_per_layer[l]);
+                eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}");
             }
             println!("{}", serde_json::to_string(&report)?);
         }

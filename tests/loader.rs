@@ -91,6 +91,13 @@ fn eval_runs_on_a_v31_checkpoint_and_prints_json_last() {
     }
     assert_eq!(v["indexer_kl_per_layer"].as_array().unwrap().len(), 4);
     assert_eq!(v["attention_mass_recall_per_layer"].as_array().unwrap().len(), 4);
+    // The ceiling is the mass of the best k keys: no indexer's top-k holds more, none less than 0.
+    let ceilings = v["attention_mass_recall_ceiling_per_layer"].as_array().unwrap();
+    assert_eq!(ceilings.len(), 4);
+    for (c, r) in ceilings.iter().zip(v["attention_mass_recall_per_layer"].as_array().unwrap()) {
+        let (c, r) = (c.as_f64().unwrap(), r.as_f64().unwrap());
+        assert!(r <= c + 1e-5 && c <= 1.0 + 1e-5 && c > 0.0, "recall {r} ceiling {c}");
+    }
 }
 
 #[test]

@@ -208,7 +208,7 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
             let causal = dsa_train::dsa::causal_bias(t, &Device::Cpu).unwrap();
             let whole = dsa_train::dsa::select_topk(&p.scores(&causal).unwrap().detach(), topk).unwrap();
             assert_eq!(whole.indices().unwrap().to_vec3::<u32>().unwrap(), sel.indices().unwrap().to_vec3::<u32>().unwrap(), "layer {l}: the sets");
-            let on_set = (p.scores_at(sel).unwrap() + sel.bias().unwrap()).unwrap();
+            let on_set = (p.scores_at(sel, false).unwrap() + sel.bias().unwrap()).unwrap();
             let kl_ref = dsa_train::losses::kl_rows(target, &on_set).unwrap().mean_all().unwrap();
             let grads = (&kl_ref * weight).unwrap().backward().unwrap();
             let (a, r) = (kl.to_scalar::<f32>().unwrap(), kl_ref.to_scalar::<f32>().unwrap());

@@ -13,6 +13,9 @@ use candle_core::{Device, Result, Tensor};
 pub mod warmup_kl;
 pub mod sparse_mla_tc;
 pub mod indexer_topk;
+pub mod indexer_at_tc;
+pub mod lm_loss;
+pub mod adamw;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -27,6 +30,18 @@ pub fn available(device: &Device) -> bool {
     static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let plain = *PLAIN.get_or_init(|| std::env::var("DSA_PLAIN").is_ok_and(|v| v == "1"));
     cfg!(feature = "cuda") && device.is_cuda() && !plain && ENABLED.load(Ordering::SeqCst)
+}
+
+/// Is the fused kernel `name` switched off by `DSA_PLAIN_OPS` (a comma-separated list of names,
+/// e.g. `DSA_PLAIN_OPS=lm-loss,indexer-at`)? Side-by-side benchmarks of one binary: the named
+/// operations take their plain twins while every other kernel stays on. Names: `indexer-at`
+/// (the sparse-stage KL's tensor-core scores at the selection; the f32 kernel instead),
+/// `lm-loss` (the fused LM loss), `adamw` (the fused optimizer step).
+pub fn plain_op(name: &str) -> bool {
+    static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+    LIST.get_or_init(|| std::env::var("DSA_PLAIN_OPS").map(|v| v.split(',').map(|s| s.trim().to_string()).collect()).unwrap_or_default())
+        .iter()
+        .any(|s| s == name)
 }
 
 /// Sparse MLA forward over selected keys: q [N, H, DQK] f32, kv [NKV, DQK] f32 (its first `dv`

@@ -15,6 +15,10 @@ use candle_core::{DType, Result, Tensor};
 use crate::ops::{layer_norm, linear, rope_half};
 
 pub struct Indexer {
+    /// Score the sparse stage's KL on tensor cores (`kernels::indexer_at_tc`: q_I and k_I
+    /// rounded to bf16, f32 sums): bf16 models on CUDA, whose selection is scored that way too.
+    /// f32 models keep the f32 kernel (GPU runs that must match the CPU).
+    pub tensor_cores: bool,
     pub wq_b: Tensor,
     pub wk: Tensor,
     pub k_norm_weight: Tensor,
@@ -165,7 +169,7 @@ impl Indexer {
             let (q, w) = self.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos.narrow(0, q0, n)?, &sin.narrow(0, q0, n)?)?;
             let block = IndexerProj { q, k: keys.as_tensor().clone(), w };
             let set = sel.rows(q0, n)?;
-            let on_set = (block.scores_at(&set)? + set.bias()?)?; // [B, n, K]
+            let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
             let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?; // sum over [B, n]
             let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
             on_grads(&gs)?;
@@ -223,8 +227,9 @@ impl IndexerProj {
     /// Scores at the selected keys only: [B, T, K] = sum_j w[t,j] ReLU(q[t,j] . k[idx[t,i]]),
     /// differentiable and O(T K) in memory (the sparse-stage KL needs nothing else). Padding
     /// slots score 0 (the caller adds the selection's bias). On CUDA a fused kernel computes
-    /// it; the plain twin below gathers the keys.
-    pub fn scores_at(&self, sel: &crate::dsa::Selection) -> Result<Tensor> {
+    /// it (with `tensor_cores` and a shape they cover, the bf16 tensor-core one; else f32); the
+    /// plain twin below gathers the keys.
+    pub fn scores_at(&self, sel: &crate::dsa::Selection, tensor_cores: bool) -> Result<Tensor> {
         // The queries may be a block of rows (t of them) while the keys cover the sequence (tk).
         let (b, t, hi, di) = self.q.dims4()?;
         let tk = self.k.dim(1)?;
@@ -234,6 +239,9 @@ impl IndexerProj {
             let w = self.w.contiguous()?.reshape((b * t, hi))?;
             let k = self.k.reshape((b * tk, di))?;
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
+            if tensor_cores && crate::kernels::indexer_at_tc::supported(hi, di) {
+                return crate::kernels::indexer_at_tc::indexer_scores_at_bf16(&q, &w, &k, &idx)?.reshape((b, t, kk));
+            }
             return crate::kernels::indexer_scores_at(&q, &w, &k, &idx)?.reshape((b, t, kk));
         }
         let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
@@ -266,7 +274,7 @@ mod tests {
         let dense = proj.scores(&causal).unwrap();
         let sel = crate::dsa::select_topk(&dense, 5).unwrap();
         let gathered = (dense.gather(&sel.indices().unwrap(), 2).unwrap() * sel.valid().unwrap()).unwrap();
-        let direct = proj.scores_at(&sel).unwrap();
+        let direct = proj.scores_at(&sel, false).unwrap();
         let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
@@ -294,7 +302,7 @@ mod grad_tests {
         let causal = crate::dsa::causal_bias(t, &dev).unwrap();
         let sel = crate::dsa::select_topk(&proj.scores(&causal).unwrap().detach(), 8).unwrap();
         let up = randn(&[b, t, 8], 6, 1.0, &dev).unwrap();
-        let g = (proj.scores_at(&sel).unwrap() * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (proj.scores_at(&sel, false).unwrap() * up).unwrap().sum_all().unwrap().backward().unwrap();
         for v in [&q, &w, &k] {
             let n = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(n > 0.0, "zero gradient for {:?}", v.shape());

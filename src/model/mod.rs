@@ -126,6 +126,9 @@ pub struct LayerStats {
     pub indexer_kl: Option<Tensor>,
     /// [B, T] dense attention mass inside S_t per query.
     pub recall: Option<Tensor>,
+    /// [B, T] the most dense attention mass any k keys hold per query (the recall's ceiling;
+    /// evaluation passes only).
+    pub recall_ceiling: Option<Tensor>,
     /// Tokens routed to each expert (MoE layers only).
     pub expert_counts: Option<Vec<u32>>,
     /// Sequence-wise balance loss (MoE layers, when asked), scalar f32.
@@ -267,7 +270,7 @@ impl DecoderLayer {
                 let a = self.attn.sparse(&proj, &sel)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, &mut stats)?;
+                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, self.indexer.tensor_cores, &mut stats)?;
                 }
                 if opts.recall {
                     let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
@@ -318,7 +321,7 @@ impl DecoderLayer {
             Some(0) | None => eval_block_rows(b, t, self.attn.heads, self.indexer.heads),
             Some(forced) => forced.min(t),
         };
-        let (mut kl, mut recall) = (vec![], vec![]); // [B, n] per block
+        let (mut kl, mut recall, mut ceiling) = (vec![], vec![], vec![]); // [B, n] per block
         let out = match opts.attention {
             AttentionMode::Dense => {
                 let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
@@ -336,6 +339,7 @@ impl DecoderLayer {
                     }
                     if let Some(sel) = &sel {
                         recall.push(recall_block(&probs, sel, q0, n)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
                     }
                     Ok(())
                 })?;
@@ -346,11 +350,12 @@ impl DecoderLayer {
                 let a = self.attn.sparse(proj, &sel)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, stats)?;
+                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, self.indexer.tensor_cores, stats)?;
                 }
                 if opts.recall {
                     self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
                         recall.push(recall_block(&probs, &sel, q0, n)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
                         Ok(())
                     })?;
                 }
@@ -363,6 +368,7 @@ impl DecoderLayer {
         }
         if !recall.is_empty() {
             stats.recall = Some(Tensor::cat(&recall, 1)?);
+            stats.recall_ceiling = Some(Tensor::cat(&ceiling, 1)?);
         }
         Ok(out)
     }
@@ -445,7 +451,7 @@ impl DecoderLayer {
         let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
         if opts.indexer_kl {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-            sparse_kl(ix, head_mean, &sel, &mut stats)?;
+            sparse_kl(ix, head_mean, &sel, self.indexer.tensor_cores, &mut stats)?;
         }
         if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, &pass.chosen) {
             let (b, t, _) = h.dims3()?;
@@ -586,13 +592,13 @@ impl IndexerView {
 /// attention's head-mean probabilities `target` [B, T, K]: deferred to the trainer as (keys,
 /// target, sets) when only the keys are kept, otherwise per query into `stats.indexer_kl`
 /// (scores at the sets plus their bias, f32; differentiable in the projections).
-fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, stats: &mut LayerStats) -> Result<()> {
+fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, tensor_cores: bool, stats: &mut LayerStats) -> Result<()> {
     match ix {
         IndexerView::Keys { k, rows, .. } => {
             stats.deferred_kl = Some(DeferredKl::Sparse { keys: k.clone(), target, sel: sel.clone(), rows: *rows });
         }
         IndexerView::Whole(p) => {
-            let on_set = (p.scores_at(sel)? + sel.bias()?)?; // [B, T, K]
+            let on_set = (p.scores_at(sel, tensor_cores)? + sel.bias()?)?; // [B, T, K]
             stats.indexer_kl = Some(kl_rows(&target, &on_set)?);
         }
     }
@@ -887,6 +893,10 @@ fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&Ex
             scale: cfg.softmax_scale(),
         },
         indexer: Indexer {
+            tensor_cores: {
+                let w = get("self_attn.kv_b_proj.weight")?;
+                w.dtype() == candle_core::DType::BF16 && crate::kernels::available(w.device())
+            },
             wq_b: get("self_attn.indexer.wq_b.weight")?,
             wk: get("self_attn.indexer.wk.weight")?,
             k_norm_weight: get("self_attn.indexer.k_norm.weight")?,

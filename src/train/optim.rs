@@ -17,6 +17,7 @@ use candle_core::{backprop::GradStore, DType, Tensor, Var};
 
 use super::accumulate::{GradSum, BLOCK_VALUES};
 use crate::grad_rows::RowBlocks;
+use crate::kernels::adamw::AdamWScalars;
 
 use crate::recipe::TrainConfig;
 
@@ -335,18 +336,25 @@ impl AdamW {
                     (None, None) => continue,
                 };
                 stepped = true;
-                let g = (g * scale(s.group))?;
-                p.m = ((&p.m * self.beta1)? + (&g * (1.0 - self.beta1))?)?;
-                p.v = ((&p.v * self.beta2)? + (g.sqr()? * (1.0 - self.beta2))?)?;
-                let m_hat = (&p.m / (1.0 - self.beta1.powi(t)))?;
-                let v_hat = (&p.v / (1.0 - self.beta2.powi(t)))?;
-                let update = (m_hat / (v_hat.sqrt()? + self.eps)?)?;
                 // An f32 model's Var: detached, so as not to record the update.
                 let w = match &p.master { Some(m) => m.clone(), None => s.var.as_tensor().detach() };
-                let mut next = (&w - (update * lr)?)?;
-                if s.decay && self.weight_decay > 0.0 {
-                    next = (next - (&w * (lr * self.weight_decay))?)?;
-                }
+                let decays = s.decay && self.weight_decay > 0.0;
+                let scalars = AdamWScalars {
+                    grad_scale: scale(s.group),
+                    beta1: self.beta1,
+                    beta2: self.beta2,
+                    eps: self.eps,
+                    t,
+                    lr,
+                    decay: decays.then_some(lr * self.weight_decay),
+                };
+                let (m, v, next) = if crate::kernels::adamw::supported(&g, &p.m, &p.v, &w) {
+                    // The same roundings in two fused passes (bit for bit the plain twin).
+                    crate::kernels::adamw::step(&g, &p.m, &p.v, &w, &scalars)?
+                } else {
+                    adamw_update_plain(&g, &p.m, &p.v, &w, &scalars)?
+                };
+                (p.m, p.v) = (m, v);
                 if whole {
                     next_whole = Some(next);
                 } else {
@@ -362,6 +370,23 @@ impl AdamW {
         }
         Ok(StepReport { main_grad_norm: norm(Group::Main), indexer_grad_norm: norm(Group::Indexer) })
     }
+}
+
+/// One tensor's AdamW update with candle ops: (m', v', w') from the gradient g, the moments m,
+/// v and the weights w (f32). The reference of `kernels::adamw::step`, which rounds each of
+/// these operations the same way.
+pub fn adamw_update_plain(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, s: &AdamWScalars) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let g = (g * s.grad_scale)?;
+    let m = ((m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
+    let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
+    let m_hat = (&m / (1.0 - s.beta1.powi(s.t)))?;
+    let v_hat = (&v / (1.0 - s.beta2.powi(s.t)))?;
+    let update = (m_hat / (v_hat.sqrt()? + s.eps)?)?;
+    let mut next = (w - (update * s.lr)?)?;
+    if let Some(decay) = s.decay {
+        next = (next - (w * decay)?)?;
+    }
+    Ok((m, v, next))
 }
 
 /// Owner rank of each tensor: largest first to the least-loaded rank (lowest rank on ties), so

@@ -29,10 +29,12 @@ def main():
                 ours[(m.group(1), int(m.group(2)))] = int(m.group(3))
     theirs = read_jsonl(os.path.join(log, "transformers.jsonl"))
     out = [f"Measured on {device}.", "", "Held-out LM loss and indexer attention-mass recall (layer mean):", "",
-           "| model | seq_len | attention | LM loss | recall |", "|---|---|---|---|---|"]
+           "| model | seq_len | attention | LM loss | recall | recall ceiling (best k keys) |", "|---|---|---|---|---|---|"]
     for r in evals:
         e = r["eval"]
-        out.append(f"| {r['model']} | {r['seq_len']} | {r['attention']} | {e['lm_loss']:.4f} | {e['attention_mass_recall']:.3f} |")
+        ceiling = e.get("attention_mass_recall_ceiling")
+        ceiling = f"{ceiling:.3f}" if ceiling is not None else "-"
+        out.append(f"| {r['model']} | {r['seq_len']} | {r['attention']} | {e['lm_loss']:.4f} | {e['attention_mass_recall']:.3f} | {ceiling} |")
     base = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-start" and r["attention"] == "dense"}
     sparse = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "sparse-end" and r["attention"] == "sparse"}
     matched = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-continued" and r["attention"] == "dense"}
@@ -68,7 +70,10 @@ def main():
         # recall of later layers, differ slightly between dense and sparse attention).
         if (r["model"], r["seq_len"]) not in seen:
             seen.add((r["model"], r["seq_len"]))
-            ax.plot(r["eval"]["attention_mass_recall_per_layer"], marker="o", label=f"{r['model']} @ {r['seq_len']}")
+            line, = ax.plot(r["eval"]["attention_mass_recall_per_layer"], marker="o", label=f"{r['model']} @ {r['seq_len']}")
+            if "attention_mass_recall_ceiling_per_layer" in r["eval"]:
+                # The same model's ceiling (the mass of its attention's own top k), dashed.
+                ax.plot(r["eval"]["attention_mass_recall_ceiling_per_layer"], ls="--", color=line.get_color(), label=f"ceiling, {r['model']} @ {r['seq_len']}")
     ax.set_xlabel("layer"); ax.set_ylabel("attention-mass recall of the top-k"); ax.legend(); ax.grid(alpha=.3)
     fig.tight_layout(); fig.savefig(os.path.join(log, "recall.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(7, 4))
