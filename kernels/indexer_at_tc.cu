@@ -61,6 +61,7 @@ __device__ __forceinline__ void at_mma(float (&d)[4], const uint32_t (&a)[4], ui
 }
 __device__ __forceinline__ uint16_t at_bf16(float x) {  // round to nearest even
   uint32_t u = __float_as_uint(x);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
   u += 0x7FFFu + ((u >> 16) & 1u);
   return (uint16_t)(u >> 16);
 }

@@ -9,7 +9,9 @@
 // plain twin (losses::nll_rows_and_grad: max, shift, exp, sum, scale, scatter, cast, each a
 // pass over f32 copies) holds never exists: two reads of the row and one write. The sums run
 // in another order than the twin's, so values agree to f32 rounding (not bit for bit).
-// A target outside the vocabulary gives a NaN loss (the caller validated the tokens).
+// A target outside the vocabulary gives a NaN loss (the caller validated the tokens) and a
+// gradient without its -w term. -inf logits add nothing to the sum (probability 0), and a NaN
+// logit makes its row's loss and gradient NaN.
 
 #include <stdint.h>
 
@@ -21,6 +23,10 @@ __device__ __forceinline__ float ce_load(const uint16_t* x, int i) { return __ui
 __device__ __forceinline__ void ce_store(float* g, int i, float v) { g[i] = v; }
 __device__ __forceinline__ void ce_store(uint16_t* g, int i, float v) {  // round to nearest even
   uint32_t u = __float_as_uint(v);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) {  // NaN stays NaN (quiet), as candle's cast keeps it
+    g[i] = (uint16_t)((u >> 16) | 0x40u);
+    return;
+  }
   u += 0x7FFFu + ((u >> 16) & 1u);
   g[i] = (uint16_t)(u >> 16);
 }
@@ -47,7 +53,7 @@ __device__ __forceinline__ void ce_stats_body(const T* __restrict__ logits, cons
     if (xv > m) {
       s = s * expf(m - xv) + 1.f;
       m = xv;
-    } else {
+    } else if (xv != -INFINITY) {  // exp(-inf - m) adds 0; with m still -inf it would add NaN
       s += expf(xv - m);
     }
   }

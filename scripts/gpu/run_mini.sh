@@ -4,20 +4,24 @@
 # Usage: scripts/gpu/run_mini.sh STEP [LOG_DIR]   (from the repository root)
 #   step 1: unpack and tokenise the corpus (data/corpus/corpus.tar.xz from
 #           scripts/fetch_corpus.sh, tokenizer from scripts/fetch_tokenizer.sh), write the
-#           mini-Terminus's random start (`dsa-train init`), time the dense stage at 4K and
-#           8K, then pre-train densely (recipes/mini-dense.toml) for DENSE_STEPS steps or
-#           DENSE_TIMEOUT seconds, checkpointing every 50 steps.
+#           mini-Terminus's random start (`dsa-train init`), time the dense stage (one sequence
+#           per step) at each of DENSE_BENCH_LENS (kept in WORK/speed.txt for step 3), then
+#           pre-train densely (recipes/mini-dense.toml) for DENSE_STEPS steps or DENSE_TIMEOUT
+#           seconds, checkpointing every 50 steps.
 #   step 2: export the newest dense checkpoint as an HF FP8 checkpoint (the mini-Terminus),
 #           then the warm-up (recipes/mini-warmup.toml) and the sparse stage
 #           (recipes/mini-sparse.toml) at LONG tokens, each bounded by STAGE_TIMEOUT seconds;
 #           then (BASELINE=1, the default) the matched baseline: the mini-Terminus continued
 #           densely (recipes/mini-dense-continued.toml) for the sparse checkpoint's steps.
-#   step 3: held-out evaluation (LM loss with dense and sparse attention, indexer recall) of
-#           the dense start, the warm-up's end and the sparse stage's end at 8K and LONG;
-#           tokens/s of the three stages per length; transformers' training step side by
-#           side (tools/reference/bench_transformers.py); plots and results.md in LOG_DIR.
+#   step 3: held-out evaluation (LM loss with dense and sparse attention, indexer recall and
+#           its ceiling) of the dense start, the baseline, the warm-up's end and the sparse
+#           stage's end at 8K and LONG; tokens/s of the warm-up and sparse stages per length
+#           (the dense stage's come from step 1); transformers' training step side by side
+#           (tools/reference/bench_transformers.py) if the budget allows; plots and
+#           results-table.md in LOG_DIR.
 # Environment: WORK, DENSE_STEPS (default the recipe's), DENSE_TIMEOUT (default 400), LONG
-# (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4), LENS (tokens/s
+# (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4; EVAL_WINDOWS_LONG,
+# default 2, at LONG), LENS (tokens/s
 # lengths, default "4096 8192 16384 32768 65536"; 64K is past what transformers' DeepseekV32
 # fits on one H200: a length only we run), SETS (extra --set arguments for every run, e.g.
 # "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
@@ -25,7 +29,7 @@
 # step, default 560), SELFTEST (step 1 runs gpu-selftest first on CUDA, default 1),
 # BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps),
 # TRANSFORMERS (step 3 times transformers' step, default 1), DENSE_BENCH_LENS (step 1's timed
-# dense lengths before pre-training, default "4096 8192"; empty skips them).
+# dense lengths before pre-training, default LENS; empty skips them).
 set -uo pipefail
 STEP="${1:?usage: run_mini.sh STEP [LOG_DIR]}"
 LOG="${2:-${OUT:-gpu-logs}}"
@@ -70,11 +74,14 @@ case "$STEP" in
     stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$LOG/gpu-tests.log") PASS, $(grep -c '^FAIL' "$LOG/gpu-tests.log") FAIL"
   fi
   [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
-  for L in ${DENSE_BENCH_LENS-4096 8192}; do
-    # DSA_MEM_LOG=1: synchronised timestamps per phase (where a dense step spends its time).
-    line=$(DSA_MEM_LOG=1 timeout "$(cap 90)" $BIN bench step recipes/mini-dense.toml --steps 3 --set "model.path=$WORK/init" "${DATA[@]}" \
-      --set data.seq_len=$L --set train.global_batch_seqs=2 --set train.micro_batch_seqs=2 2>"$LOG/profile-dense-$L.log" | tail -1)
-    stamp "bench dense, seq_len $L: ${line:-FAILED or timed out (profile-dense-$L.log)}"
+  # The dense stage's tokens/s per length (one sequence per step, as step 3 times the other
+  # stages and as transformers is timed), before pre-training: it needs only the random start.
+  : > "$WORK/speed.txt"
+  for L in ${DENSE_BENCH_LENS-${LENS:-4096 8192 16384 32768 65536}}; do
+    fits 45 || { echo "ours dense $L: skipped (step budget)" >> "$WORK/speed.txt"; continue; }
+    line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step recipes/mini-dense.toml --steps "${BENCH_STEPS:-2}" --set "model.path=$WORK/init" "${DATA[@]}" \
+      --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
+    echo "ours dense $L: ${line:-FAILED or timed out}" | tee -a "$WORK/speed.txt" "$LOG/mini.log"
   done
   steps=()
   [ -n "${DENSE_STEPS:-}" ] && steps=(--set "train.steps=$DENSE_STEPS")
@@ -129,12 +136,25 @@ case "$STEP" in
     [ -d "$path" ] || { stamp "eval $name: no checkpoint"; continue; }
     for L in 8192 "$LONG"; do
       fits 60 || { stamp "eval $name $L $attn: skipped (step budget)"; continue; }
+      windows="${EVAL_WINDOWS:-4}"; [ "$L" = "$LONG" ] && windows="${EVAL_WINDOWS_LONG:-2}"
       line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
-        --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "${EVAL_WINDOWS:-4}" 2>>"$LOG/eval-stderr.log" | tail -1)
+        --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "$windows" 2>>"$LOG/eval-stderr.log" | tail -1)
       echo "{\"model\": \"$name\", \"checkpoint\": \"$path\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
     done
   done
   stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"
+  # Tokens/s of the warm-up and sparse stages per length (ours; top-512 as in the recipes and
+  # as given to transformers); the dense stage's were timed in step 1 (WORK/speed.txt).
+  cp "$WORK/speed.txt" "$LOG/speed.txt" 2>/dev/null || : > "$LOG/speed.txt"
+  for L in ${LENS:-4096 8192 16384 32768 65536}; do
+    for stage in warmup sparse; do
+      fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
+      from="$WORK/terminus"
+      line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$from" "${DATA[@]}" \
+        --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
+      echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$LOG/speed.txt"
+    done
+  done
   # transformers' training step on the same config.json, same GPU, until it runs out of memory.
   if [ "$EVAL_DEVICE" = cuda ] && [ "${TRANSFORMERS:-1}" = 1 ]; then
     for m in v3 v32; do
@@ -144,18 +164,6 @@ case "$STEP" in
         2>>"$LOG/transformers-stderr.log" | tee -a "$LOG/transformers.jsonl"
     done
   fi
-  # Tokens/s of the three stages per length (ours; top-512 as in the recipes and as given to transformers).
-  # The stages' own runs (steps 1 and 2) log tokens/s at 4K (dense) and LONG (warm-up, sparse).
-  : > "$LOG/speed.txt"
-  for L in ${LENS:-4096 8192 16384 32768 65536}; do
-    for stage in dense warmup sparse; do
-      fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
-      from="$WORK/init"; [ "$stage" != dense ] && from="$WORK/terminus"
-      line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$from" "${DATA[@]}" \
-        --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
-      echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$LOG/speed.txt"
-    done
-  done
   for f in "$WORK"/dense/metrics.jsonl "$WORK"/warmup/metrics.jsonl "$WORK"/sparse/metrics.jsonl; do
     [ -f "$f" ] && cat "$f"
   done > "$LOG/all-metrics.jsonl"

@@ -89,7 +89,8 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
 /// every layer (< 2e-3): the dense blocked pass selects with the bf16 tensor-core scoring and
 /// the whole pass with f32 scores, so a near-tie can swap one key of a set and move that one
 /// query's recall by the key's mass (3e-2 seen in a 97-token row); a wrong set or offset moves
-/// the mean by far more. The largest difference is printed too.
+/// the mean by far more. The largest difference must stay below 0.1 (a wrong block boundary
+/// moves one query by more).
 fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
     for (dtype, mode, name) in [
@@ -118,8 +119,8 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         } else {
             let c = cosine(&blocked.logits, &whole.logits)?;
             (
-                c > 0.999 && recall_mean < 2e-3,
-                format!("logits cosine {c:.6} (> 0.999), recall mean diff {recall_mean:.2e} (< 2e-3; max {recall:.2e}), KL rel err {kl:.2e}"),
+                c > 0.999 && recall_mean < 2e-3 && recall < 0.1,
+                format!("logits cosine {c:.6} (> 0.999), recall mean diff {recall_mean:.2e} (< 2e-3), max {recall:.2e} (< 0.1), KL rel err {kl:.2e}"),
             )
         };
         out.push(Outcome { name, ok, detail });
@@ -215,8 +216,8 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
 /// 2-norm: the kernel rounds G = dI w [a > 0] to bf16 before its two products, and where a
 /// product a = q.k is within f32 rounding of 0 the two sums can disagree on [a > 0], which moves
 /// that one element by a whole |dI w k| term: at T 2100, k 2048 about 1e-2 of the largest dq).
-/// Awkward sizes: T 97, 300, 1025, 2100;
-/// HI 3, 5, 8, 64; K not a multiple of the 128-key tile, and K > T (every row padded).
+/// Awkward sizes: T 97 to 2100; HI 3, 5, 8, 12, 20, 32, 64 (each kernel instance's head
+/// tiling); K not a multiple of the 128-key tile, and K > T (every row padded).
 fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     use candle_core::Var;
     let mut out = vec![];
@@ -227,6 +228,12 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         (true, 2, 97, 8, 64, 128),
         (true, 1, 1025, 5, 32, 300),
         (true, 1, 2100, 64, 128, 2048),
+        // Every head-tile count: 12 heads (2 tiles of 8), 20 and 32 (4 tiles: two 16-head
+        // m-tiles in the backward's dq and dk), 3 (1 tile).
+        (true, 1, 700, 12, 128, 256),
+        (true, 2, 333, 20, 64, 200),
+        (true, 1, 500, 32, 128, 129),
+        (true, 2, 97, 3, 32, 16),
     ];
     for (tc, b, t, hi, di, k) in cases {
         let round = |x: Tensor| -> Result<Tensor> { Ok(if tc { x.to_dtype(DType::BF16)?.to_dtype(DType::F32)? } else { x }) };
@@ -299,30 +306,42 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
 }
 
 /// The fused LM loss (`kernels::lm_loss`) against its plain twin on the GPU (f32 passes over
-/// copies of the logits): the NLL to 1e-5 of the largest, the gradient to 1e-5 (f32 logits) or
-/// 1e-2 (bf16: both sides round f32 values that differ in the last bits, so an element may land
-/// one bf16 step apart) of the largest; and each gradient row sums to 0 (softmax times w, minus
-/// w at the target) within 1e-4 w. Awkward vocabularies (7, 1000, 129280), 1 row, and logits of
-/// std 30 (exp underflows for most of the row).
+/// copies of the logits): the NLL to 1e-5 of the largest; every gradient element within 1e-5
+/// of its twin's value (f32 logits) or one bf16 step, 2^-7 of it (bf16: both sides round f32
+/// values that differ in the last bits); every gradient finite; and each gradient row sums to
+/// 0 (softmax times w, minus w at the target) within 1e-4 w (1e-2 w in bf16). Awkward
+/// vocabularies (7, 1000, 129280), 1 row, logits of std 30 (exp underflows for most of the row)
+/// and a row with -inf logits among its first entries (they add 0; the twin's exp(-inf) is 0).
 fn lm_loss_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
     let mut rng = crate::rng::SplitMix64::new(91);
     for (dtype, rows, vocab, std) in [(DType::BF16, 97usize, 129280usize, 2.0), (DType::F32, 33, 1000, 1.0), (DType::BF16, 1, 7, 1.0), (DType::F32, 5, 129280, 30.0)] {
-        let logits = crate::rng::randn(&[rows, vocab], rng.next_u64(), std, gpu)?.to_dtype(dtype)?;
+        let mut logits = crate::rng::randn(&[rows, vocab], rng.next_u64(), std, gpu)?;
+        if std > 10.0 {
+            // -inf in the first entries of row 0 (each thread's first element).
+            let mask: Vec<f32> = (0..rows * vocab).map(|i| if i < 1500 && i % 3 == 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            logits = (logits + Tensor::from_vec(mask, (rows, vocab), gpu)?)?;
+        }
+        let logits = logits.to_dtype(dtype)?;
         let targets: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
         let targets = Tensor::from_vec(targets, rows, gpu)?;
         let w = 0.37;
         let (nll_k, g_k) = crate::kernels::lm_loss::nll_rows_and_grad(&logits, &targets, w)?;
         let (nll_t, g_t) = crate::losses::nll_rows_and_grad_plain(&logits, &targets, w, crate::losses::LOSS_BLOCK)?;
         let e_nll = rel_err(&nll_k, &nll_t)?;
-        let e_g = rel_err(&g_k, &g_t)?;
+        // Element by element: |kernel - twin| <= rel |twin| + 1e-7 w, rel = one bf16 step
+        // (2^-7 of the value) for bf16 gradients, 1e-5 for f32; the worst ratio must be <= 1.
+        let rel = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+        let (a, b) = (g_k.to_dtype(DType::F32)?, g_t.to_dtype(DType::F32)?);
+        let bound = (b.abs()? * rel)?.affine(1.0, 1e-7 * w)?;
+        let worst = (a - &b)?.abs()?.div(&bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let finite = g_k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
         let row_sum = g_k.to_dtype(DType::F32)?.sum(1)?.abs()?.max(0)?.to_scalar::<f32>()? as f64 / w;
-        let tol_g = if dtype == DType::F32 { 1e-5 } else { 1e-2 };
         out.push(Outcome {
             name: "fused LM loss vs twin",
-            ok: e_nll < 1e-5 && e_g < tol_g as f32 && row_sum < 1e-4 * (if dtype == DType::BF16 { 100.0 } else { 1.0 }),
+            ok: e_nll < 1e-5 && worst <= 1.0 && finite && row_sum < 1e-4 * (if dtype == DType::BF16 { 100.0 } else { 1.0 }),
             detail: format!(
-                "{dtype:?} {rows} x {vocab} std {std}: rel err nll {e_nll:.1e} (< 1e-5) grad {e_g:.1e} (< {tol_g:.0e}); max |row sum of grad| / w {row_sum:.1e}"
+                "{dtype:?} {rows} x {vocab} std {std}: rel err nll {e_nll:.1e} (< 1e-5); grad within {worst:.2} of the bound {rel:.1e} |twin| (<= 1); max |row sum of grad| / w {row_sum:.1e}"
             ),
         });
     }

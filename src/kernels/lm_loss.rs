@@ -33,7 +33,7 @@ pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64) -> Resu
         let targets = targets.contiguous()?;
         let stats = logits.apply_op2_no_bwd(&targets, &cuda::CeStats)?; // [N, 3]: nll, max, sum
         let grad = logits.apply_op3_no_bwd(&targets, &stats, &cuda::CeGrad { weight: weight as f32 })?;
-        Ok((stats.narrow(1, 0, 1)?.squeeze(1)?, grad))
+        Ok((stats.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, grad))
     }
     #[cfg(not(feature = "cuda"))]
     {

@@ -11,6 +11,7 @@
 //! their backward is a parallel, deterministic row sum, not candle's serial index_add.
 
 use candle_core::{DType, Result, Tensor};
+use rayon::prelude::*;
 
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
 use crate::ops::{linear, sigmoid, swiglu};
@@ -136,11 +137,17 @@ impl Moe {
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
         let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
         let bias: Vec<f32> = self.bias.to_vec1()?;
-        let mut chosen = Vec::with_capacity(n * k); // [N*K] expert ids
-        for row in host.chunks(e) {
-            let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-            chosen.extend(route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32));
-        }
+        // Each token's choice depends on its own row only: routed in parallel on the host's
+        // cores (one core took ~1 us per token, 16 ms per layer at 16K tokens), concatenated in
+        // token order, so the result is the serial loop's.
+        let chosen: Vec<u32> = host
+            .par_chunks(e)
+            .map(|row| {
+                let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32).collect::<Vec<u32>>()
+            })
+            .flatten_iter()
+            .collect(); // [N*K] expert ids
         let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
         let mut weights = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
         if self.norm_topk_prob {
