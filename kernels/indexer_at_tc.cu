@@ -144,6 +144,18 @@ __device__ __forceinline__ void at_scores_tile(float (&acc)[2][NT][4], uint32_t 
   }
 }
 
+// The head weights of this thread's C-fragment columns (heads 8 nt + 2 t4 + c), 0 past HI.
+template <int NT>
+__device__ __forceinline__ void at_load_weights(float (&wv)[NT][2], const float* w, int n, int HI, int t4) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int c = 0; c < 2; ++c) {
+      const int h = nt * 8 + 2 * t4 + c;
+      wv[nt][c] = h < HI ? w[(size_t)n * HI + h] : 0.f;
+    }
+}
+
 template <int NT, int KS>
 __device__ __forceinline__ void at_fwd_body(const uint16_t* __restrict__ q, const float* __restrict__ w,
                                             const uint16_t* __restrict__ k, const uint32_t* __restrict__ idx,
@@ -158,13 +170,7 @@ __device__ __forceinline__ void at_fwd_body(const uint16_t* __restrict__ q, cons
   const int ntiles = (K + AT_KT - 1) / AT_KT;
   at_load_q<KS>(q_s, q, n, HI, NT * 8);
   float wv[NT][2];
-#pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int h = nt * 8 + 2 * t4 + c;
-      wv[nt][c] = h < HI ? w[(size_t)n * HI + h] : 0.f;
-    }
+  at_load_weights<NT>(wv, w, n, HI, t4);
   const uint32_t k0 = at_smem_u32(k_s), qs = at_smem_u32(q_s);
   at_load_keys<KS>(k0, rows_s, k, row, 0, K);
   at_commit();
@@ -231,14 +237,9 @@ __device__ __forceinline__ void at_bwd_body(const uint16_t* __restrict__ q, cons
   for (int i = tid; i < (QROWS - NT * 8) * (GROWB / 4); i += AT_THREADS)
     reinterpret_cast<uint32_t*>(g_s + NT * 8 * GROWB)[i] = 0u;
   float wv[NT][2], dwp[NT][2];
+  at_load_weights<NT>(wv, w, n, HI, t4);
 #pragma unroll
-  for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-    for (int c = 0; c < 2; ++c) {
-      const int h = nt * 8 + 2 * t4 + c;
-      wv[nt][c] = h < HI ? w[(size_t)n * HI + h] : 0.f;
-      dwp[nt][c] = 0.f;
-    }
+  for (int nt = 0; nt < NT; ++nt) dwp[nt][0] = dwp[nt][1] = 0.f;
   const int qm = warp % MTH, d0 = (warp / MTH) * NDW;  // this warp's dq block
   const bool has_dq = d0 < NTD;                          // warp-uniform
   float dqa[NDW][4];
