@@ -26,7 +26,9 @@
 # fits on one H200: a length only we run), SETS (extra --set arguments for every run, e.g.
 # "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
 # CONFIG (the model's config.json, default recipes/mini/config.json), STEP_BUDGET (seconds per
-# step, default 560), SELFTEST (step 1 runs gpu-selftest first on CUDA, default 1),
+# step, default 560), SELFTEST (1: step 1 runs gpu-selftest first on CUDA, about 110 s; default
+# 0: run it in a call of its own, e.g. dist/gpu/run_suite.sh), SPARSE_STEPS (step 2's sparse
+# stage, default 60),
 # BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps),
 # TRANSFORMERS (step 3 times transformers' step, default 1), DENSE_BENCH_LENS (step 1's timed
 # dense lengths before pre-training, default LENS; empty skips them).
@@ -69,7 +71,7 @@ case "$STEP" in
       stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
     done
   fi
-  if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-1}" = 1 ]; then
+  if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-0}" = 1 ]; then
     timeout 150 $BIN gpu-selftest --device cuda > "$LOG/gpu-tests.log" 2>&1
     stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$LOG/gpu-tests.log") PASS, $(grep -c '^FAIL' "$LOG/gpu-tests.log") FAIL"
   fi
@@ -105,9 +107,13 @@ case "$STEP" in
     budget=${STAGE_TIMEOUT:-240}
     [ "$stage" = sparse ] && budget=$(cap "$budget")
     stamp "$stage stage from $from at $LONG tokens (at most $budget s)"
+    # The sparse stage runs SPARSE_STEPS steps (default 60), so that the dense baseline of as
+    # many steps (about 2x the time per step at 32K) still fits in this step's budget.
+    steps=()
+    [ "$stage" = sparse ] && steps=(--set "train.steps=${SPARSE_STEPS:-60}")
     timeout -k 60 -s INT "$budget" $BIN train "recipes/mini-$stage.toml" --set "model.path=$from" "${DATA[@]}" \
       --set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set "run.output_dir=$WORK/$stage" \
-      --set checkpoint.every=25 --resume auto > "$LOG/$stage.log" 2>&1
+      --set checkpoint.every=25 "${steps[@]}" --resume auto > "$LOG/$stage.log" 2>&1
     stamp "$stage exit $? ($(wc -l < "$WORK/$stage/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
     cp "$WORK/$stage/metrics.jsonl" "$LOG/$stage-metrics.jsonl" 2>/dev/null
   done
