@@ -22,6 +22,9 @@
 
 #include <stdint.h>
 
+#include "indexer_scores.cuh"
+#include "mma.cuh"
+
 #define AT_WARPS 4
 #define AT_THREADS (AT_WARPS * 32)
 #define AT_KT 128     // gathered keys per tile: 32 per warp
@@ -29,36 +32,6 @@
 #define AT_INVALID 0xFFFFFFFFu
 #define AT_FULL 0xFFFFFFFFu
 
-__device__ __forceinline__ uint32_t at_smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-// 16-byte async copy; src_bytes 0 fills the destination with zeros and reads nothing.
-__device__ __forceinline__ void at_cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void at_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void at_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ void at_ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void at_ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-__device__ __forceinline__ void at_ldsm_x2(uint32_t (&r)[2], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
-}
-// d += a (16x16 row-major) * b (16x8 col-major), bf16 in, f32 accumulators.
-__device__ __forceinline__ void at_mma(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ uint16_t at_bf16(float x) {  // round to nearest even
   uint32_t u = __float_as_uint(x);
   if ((u & 0x7FFFFFFFu) > 0x7F800000u) return (uint16_t)((u >> 16) | 0x40u);  // NaN stays NaN
@@ -97,7 +70,7 @@ __device__ __forceinline__ void at_load_keys(uint32_t dst0, uint32_t* rows_s, co
     const int m = i / G::CPR, c = i - m * G::CPR, j = t0 + m;
     const uint32_t s = (j < K) ? row[j] : AT_INVALID;
     const bool ok = s != AT_INVALID;
-    at_cp_async16(dst0 + m * G::ROWB + c * 16, k + (size_t)(ok ? s : 0) * G::DI + c * 8, ok ? 16 : 0);
+    cp_async16(dst0 + m * G::ROWB + c * 16, k + (size_t)(ok ? s : 0) * G::DI + c * 8, ok ? 16 : 0);
     if (c == 0) rows_s[m] = s;
   }
 }
@@ -123,22 +96,22 @@ __device__ __forceinline__ void at_scores_tile(float (&acc)[2][NT][4], uint32_t 
   for (int ks = 0; ks < KS; ++ks) {
     uint32_t a[2][4];
 #pragma unroll
-    for (int mt = 0; mt < 2; ++mt) at_ldsm_x4(a[mt], a_off + mt * 16 * G::ROWB + ks * 32);
+    for (int mt = 0; mt < 2; ++mt) ldsm_x4(a[mt], a_off + mt * 16 * G::ROWB + ks * 32);
 #pragma unroll
     for (int nt = 0; nt < NT; nt += 2) {
       if (nt + 1 < NT) {
         uint32_t b[4];
-        at_ldsm_x4(b, b_off + nt * 8 * G::ROWB + ks * 32);
+        ldsm_x4(b, b_off + nt * 8 * G::ROWB + ks * 32);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt) {
-          at_mma(acc[mt][nt], a[mt], b[0], b[1]);
-          at_mma(acc[mt][nt + 1], a[mt], b[2], b[3]);
+          mma_bf16_16816(acc[mt][nt], a[mt], b[0], b[1]);
+          mma_bf16_16816(acc[mt][nt + 1], a[mt], b[2], b[3]);
         }
       } else {
         uint32_t b[2];
-        at_ldsm_x2(b, b_off + nt * 8 * G::ROWB + ks * 32);  // lanes 0-15 give the addresses
+        ldsm_x2(b, b_off + nt * 8 * G::ROWB + ks * 32);  // lanes 0-15 give the addresses
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) at_mma(acc[mt][nt], a[mt], b[0], b[1]);
+        for (int mt = 0; mt < 2; ++mt) mma_bf16_16816(acc[mt][nt], a[mt], b[0], b[1]);
       }
     }
   }
@@ -171,40 +144,22 @@ __device__ __forceinline__ void at_fwd_body(const uint16_t* __restrict__ q, cons
   at_load_q<KS>(q_s, q, n, HI, NT * 8);
   float wv[NT][2];
   at_load_weights<NT>(wv, w, n, HI, t4);
-  const uint32_t k0 = at_smem_u32(k_s), qs = at_smem_u32(q_s);
+  const uint32_t k0 = smem_u32(k_s), qs = smem_u32(q_s);
   at_load_keys<KS>(k0, rows_s, k, row, 0, K);
-  at_commit();
+  cp_async_commit();
   for (int it = 0; it < ntiles; ++it) {
-    at_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();  // tile `it` (and q_s) visible to all; the other stage is free
     if (it + 1 < ntiles) at_load_keys<KS>(k0 + ((it + 1) % AT_STAGES) * G::STAGE, rows_s + ((it + 1) % AT_STAGES) * AT_KT, k, row, (it + 1) * AT_KT, K);
-    at_commit();
+    cp_async_commit();
     float acc[2][NT][4];
     at_scores_tile<NT, KS>(acc, k0 + (it % AT_STAGES) * G::STAGE, qs, warp, lane);
-    float p[2][2];
-#pragma unroll
-    for (int mt = 0; mt < 2; ++mt) {
-      float p0 = 0.f, p1 = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < NT; ++nt) {
-        p0 = fmaf(wv[nt][0], fmaxf(acc[mt][nt][0], 0.f), p0);
-        p0 = fmaf(wv[nt][1], fmaxf(acc[mt][nt][1], 0.f), p0);
-        p1 = fmaf(wv[nt][0], fmaxf(acc[mt][nt][2], 0.f), p1);
-        p1 = fmaf(wv[nt][1], fmaxf(acc[mt][nt][3], 0.f), p1);
-      }
-      p0 += __shfl_xor_sync(AT_FULL, p0, 1);
-      p0 += __shfl_xor_sync(AT_FULL, p0, 2);
-      p1 += __shfl_xor_sync(AT_FULL, p1, 1);
-      p1 += __shfl_xor_sync(AT_FULL, p1, 2);
-      p[mt][0] = p0;  // key 16 mt + g
-      p[mt][1] = p1;  // key 16 mt + g + 8
-    }
-    // Lane t4 of a quad stores key 8 t4 + g of the warp's 32: the warp writes 32 floats once each.
-    const float v = (t4 == 0) ? p[0][0] : (t4 == 1) ? p[0][1] : (t4 == 2) ? p[1][0] : p[1][1];
+    // Lane t4 of a quad holds key 8 t4 + g of the warp's 32: the warp writes 32 floats once each.
+    const float v = weighted_relu_key<NT>(acc, wv, t4);
     const int j = it * AT_KT + warp * 32 + t4 * 8 + g;
     if (j < K) out[(size_t)n * K + j] = v;  // padding slots: zero keys, so v is exactly 0
   }
-  at_wait<0>();
+  cp_async_wait<0>();
 }
 
 template <int NT, int KS>
@@ -247,15 +202,15 @@ __device__ __forceinline__ void at_bwd_body(const uint16_t* __restrict__ q, cons
   for (int x = 0; x < NDW; ++x)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dqa[x][e] = 0.f;
-  const uint32_t k0 = at_smem_u32(k_s), qs = at_smem_u32(q_s), gs = at_smem_u32(g_s);
+  const uint32_t k0 = smem_u32(k_s), qs = smem_u32(q_s), gs = smem_u32(g_s);
   const int bm = lane >> 3, br = lane & 7;  // ldmatrix x4 lane -> (matrix, row)
   at_load_keys<KS>(k0, rows_s, k, row, 0, K);
-  at_commit();
+  cp_async_commit();
   for (int it = 0; it < ntiles; ++it) {
-    at_wait<0>();
+    cp_async_wait<0>();
     __syncthreads();  // tile `it` visible; G of the previous tile no longer read
     if (it + 1 < ntiles) at_load_keys<KS>(k0 + ((it + 1) % AT_STAGES) * G::STAGE, rows_s + ((it + 1) % AT_STAGES) * AT_KT, k, row, (it + 1) * AT_KT, K);
-    at_commit();
+    cp_async_commit();
     const uint32_t kst = k0 + (it % AT_STAGES) * G::STAGE;
     const uint32_t* rows_t = rows_s + (it % AT_STAGES) * AT_KT;
     // 1. a, dw and G for this warp's 32 keys.
@@ -285,14 +240,14 @@ __device__ __forceinline__ void at_bwd_body(const uint16_t* __restrict__ q, cons
 #pragma unroll
     for (int ks = 0; ks < AT_KT / 16 && has_dq; ++ks) {
       uint32_t a[4];
-      at_ldsm_x4(a, gs + (qm * 16 + (lane & 15)) * GROWB + (ks * 16 + (lane >> 4) * 8) * 2);
+      ldsm_x4(a, gs + (qm * 16 + (lane & 15)) * GROWB + (ks * 16 + (lane >> 4) * 8) * 2);
 #pragma unroll
       for (int x = 0; x < NDW; x += 2) {
         // matrices: (keys +0, dims x), (keys +8, dims x), (keys +0, dims x+1), (keys +8, dims x+1)
         uint32_t b[4];
-        at_ldsm_x4_t(b, kst + (ks * 16 + (bm & 1) * 8 + br) * G::ROWB + ((d0 + x + (bm >> 1)) * 8) * 2);
-        at_mma(dqa[x], a, b[0], b[1]);
-        at_mma(dqa[x + 1], a, b[2], b[3]);
+        ldsm_x4_t(b, kst + (ks * 16 + (bm & 1) * 8 + br) * G::ROWB + ((d0 + x + (bm >> 1)) * 8) * 2);
+        mma_bf16_16816(dqa[x], a, b[0], b[1]);
+        mma_bf16_16816(dqa[x + 1], a, b[2], b[3]);
       }
     }
     // 3. dk[j, d] += sum_h G[h, j] q[h, d]: A = G^T (keys x heads) via .trans, B = q via .trans.
@@ -312,15 +267,15 @@ __device__ __forceinline__ void at_bwd_body(const uint16_t* __restrict__ q, cons
         for (int mt = 0; mt < 2; ++mt)
           // matrices: (heads +0, keys +0), (heads +0, keys +8), (heads +8, keys +0), (heads +8, keys +8),
           // transposed: a0 (keys 0-7, heads 0-7), a1 (keys 8-15, heads 0-7), a2 (keys 0-7, heads 8-15), a3.
-          at_ldsm_x4_t(a[mt], gs + (hk * 16 + (bm >> 1) * 8 + br) * GROWB + (warp * 32 + mt * 16 + (bm & 1) * 8) * 2);
+          ldsm_x4_t(a[mt], gs + (hk * 16 + (bm >> 1) * 8 + br) * GROWB + (warp * 32 + mt * 16 + (bm & 1) * 8) * 2);
 #pragma unroll
         for (int x = 0; x < 4; x += 2) {
           uint32_t b[4];
-          at_ldsm_x4_t(b, qs + (hk * 16 + (bm & 1) * 8 + br) * G::ROWB + ((dc + x + (bm >> 1)) * 8) * 2);
+          ldsm_x4_t(b, qs + (hk * 16 + (bm & 1) * 8 + br) * G::ROWB + ((dc + x + (bm >> 1)) * 8) * 2);
 #pragma unroll
           for (int mt = 0; mt < 2; ++mt) {
-            at_mma(acc[mt][x], a[mt], b[0], b[1]);
-            at_mma(acc[mt][x + 1], a[mt], b[2], b[3]);
+            mma_bf16_16816(acc[mt][x], a[mt], b[0], b[1]);
+            mma_bf16_16816(acc[mt][x + 1], a[mt], b[2], b[3]);
           }
         }
       }
@@ -338,7 +293,7 @@ __device__ __forceinline__ void at_bwd_body(const uint16_t* __restrict__ q, cons
         }
     }
   }
-  at_wait<0>();
+  cp_async_wait<0>();
   // dq: C fragment rows heads qm 16 + g (+8), cols dims (d0 + x) 8 + 2 t4 (+1).
 #pragma unroll
   for (int x = 0; x < NDW && has_dq; ++x)

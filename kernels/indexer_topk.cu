@@ -28,6 +28,9 @@
 
 #include <stdint.h>
 
+#include "indexer_scores.cuh"
+#include "mma.cuh"
+
 #define NEG_INF __int_as_float(0xff800000)
 #define FULL_MASK 0xFFFFFFFFu
 
@@ -40,33 +43,6 @@
 #define KT 64          // keys per tile
 #define STAGES 3       // cp.async pipeline depth
 #define KCH 4096       // keys per block (grid.y)
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte async copy; src_bytes 0 fills the destination with zeros and reads nothing.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory"); }
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-// d += a (16x16 row-major, bf16) * b (16x8 col-major, bf16), f32 accumulators.
-__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 
 // Shared memory: STAGES key tiles [KT][DI + 8] bf16 (each row padded by 16 bytes: the row stride
 // is an odd number of 16-byte units, so ldmatrix's 8 rows hit 8 distinct bank groups), then
@@ -174,34 +150,15 @@ __device__ __forceinline__ void scores_body(const uint16_t* __restrict__ q, cons
       for (int ks = 0; ks < KS; ++ks) {
         uint32_t a[2][4];
 #pragma unroll
-        for (int mt = 0; mt < 2; ++mt) ldmatrix_x4(a[mt], sb + (hf * 32 + mt * 16) * ROWB + ks * 32);
+        for (int mt = 0; mt < 2; ++mt) ldsm_x4(a[mt], sb + (hf * 32 + mt * 16) * ROWB + ks * 32);
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
           for (int nt = 0; nt < 4; ++nt) mma_bf16_16816(acc[mt][nt], a[mt], bq[ks][nt][0], bq[ks][nt][1]);
       }
-      // Weighted ReLU summed over this thread's 8 heads, then over the quad's 4 lanes (32 heads).
-      float p[2][2];
-#pragma unroll
-      for (int mt = 0; mt < 2; ++mt) {
-        float p0 = 0.f, p1 = 0.f;
-#pragma unroll
-        for (int nt = 0; nt < 4; ++nt) {
-          p0 = fmaf(wv[nt][0], fmaxf(acc[mt][nt][0], 0.f), p0);
-          p0 = fmaf(wv[nt][1], fmaxf(acc[mt][nt][1], 0.f), p0);
-          p1 = fmaf(wv[nt][0], fmaxf(acc[mt][nt][2], 0.f), p1);
-          p1 = fmaf(wv[nt][1], fmaxf(acc[mt][nt][3], 0.f), p1);
-        }
-        p0 += __shfl_xor_sync(FULL_MASK, p0, 1);
-        p0 += __shfl_xor_sync(FULL_MASK, p0, 2);
-        p1 += __shfl_xor_sync(FULL_MASK, p1, 1);
-        p1 += __shfl_xor_sync(FULL_MASK, p1, 2);
-        p[mt][0] = p0;  // key 16 mt + g
-        p[mt][1] = p1;  // key 16 mt + g + 8
-      }
-      // Lane t4 of each quad stores one of the quad's four keys: t4 -> key 8 t4 + g (t4 = 0: p[0][0],
-      // 1: p[0][1], 2: p[1][0], 3: p[1][1]), so the warp writes its 32 keys once each.
-      const float v = (t4 == 0) ? p[0][0] : (t4 == 1) ? p[0][1] : (t4 == 2) ? p[1][0] : p[1][1];
+      // Weighted ReLU summed over this thread's 8 heads, then over the quad's 4 lanes (32 heads);
+      // lane t4 of each quad holds key 8 t4 + g of the warp's 32.
+      const float v = weighted_relu_key<4>(acc, wv, t4);
       red[warp * KT + hf * 32 + t4 * 8 + g] = v;
     }
     __syncthreads();

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <math.h>
 #include <cuda_bf16.h>
+#include "mma.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -41,51 +42,20 @@ typedef __nv_bfloat16 bf16;
 // ---------------------------------------------------------------------------------------------
 // Small helpers (inline PTX).
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-// 16-byte global -> shared copy; src_bytes 0 writes 16 zero bytes (src must still be a valid
-// address).
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, uint32_t src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
 // Barrier among the `count` threads (a multiple of 32) that use barrier `id` (1..15).
 __device__ __forceinline__ void named_bar(int id, int count) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(count) : "memory");
 }
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x2(uint32_t (&r)[2], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0, %1}, [%2];\n" : "=r"(r[0]), "=r"(r[1]) : "r"(addr));
-}
-
-// D += A B: A 16x16 (row-major fragments a0..a3), B 16x8 (b0, b1), D 16x8 f32.
+// D += A B: A 16x16 (row-major fragments a0..a3), B 16x8 (b0, b1), D 16x8 f32. Not `volatile`,
+// unlike mma.cuh's mma_bf16_16816: the compiler may schedule these freely (this file's kernels
+// were tuned so).
 __device__ __forceinline__ void mma16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
       "{%0, %1, %2, %3};\n"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> packed bf16x2 (round to nearest even), `lo` in the low half (the lower column).
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  uint32_t d;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(d) : "f"(hi), "f"(lo));
-  return d;
 }
 
 // 2^x, max 2 ulp; 2^-inf = +0.
@@ -230,7 +200,7 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
   const int b_hi = (lane >> 3) & 1;
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();  // tile t landed for everyone; everyone is done with tile t - 1
     if (t + 1 < ntiles) issue_tile((t + 1) & 1);
     cp_async_commit();
@@ -358,7 +328,7 @@ __device__ __forceinline__ void fwd_impl(const bf16* __restrict__ q, const bf16*
       }
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
 
   // Row sums: over the quad, then over the row group's S warps (fixed order). All reads of
   // red_s in the last tile happened before its second block barrier.
@@ -567,7 +537,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   const uint32_t at_off = at_row * 64 + ((2 * kg + ((lane >> 3) & 1)) ^ x3) * 16;
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait_all();
+    cp_async_wait<0>();
     __syncthreads();
     const int buf = t & 1;
     if (t + 1 < ntiles) issue_tile(buf ^ 1);
@@ -717,7 +687,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       }
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
 
   // dq rows hA, hB; columns of half c.
 #pragma unroll
@@ -905,7 +875,6 @@ sparse_mla_tc_det_reduce(const float* __restrict__ detbuf, const uint32_t* __res
 #define PR_STAGES 3
 #define PR_MAXKS 36  // DQK / 16 k-steps at most (DQK <= 576)
 
-__device__ __forceinline__ void cp_async_wait_1() { asm volatile("cp.async.wait_group 1;\n" ::: "memory"); }
 
 extern "C" __global__ void __launch_bounds__(256)
 sparse_mla_tc_compact_pos(const uint32_t* __restrict__ idx, uint32_t* __restrict__ cidx, uint32_t* __restrict__ cpos,
@@ -1033,7 +1002,7 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
   };
 
   for (int t = 0; t < ntiles; ++t) {
-    cp_async_wait_1();  // all groups but the newest: tile t has landed (for this thread's copies)
+    cp_async_wait<1>();  // all groups but the newest: tile t has landed (for this thread's copies)
     __syncthreads();    // ... for everyone; everyone is done with tile t - 1 and red [(t - 1) & 1] is full
     if (t + 2 < ntiles) issue_tile((t + 2) % PR_STAGES);  // the buffer of tile t - 1
     cp_async_commit();
@@ -1088,7 +1057,7 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
       if (g == 0) *reinterpret_cast<float2*>(rs + nt * 8 + 2 * tig) = make_float2(c0, c1);
     }
   }
-  cp_async_wait_all();
+  cp_async_wait<0>();
   __syncthreads();  // red [(ntiles - 1) & 1] is full
   store_sums(ntiles - 1);
 }

@@ -47,6 +47,8 @@
 #include <stdint.h>
 #include <math.h>
 
+#include "mma.cuh"
+
 #define FULL 0xFFFFFFFFu
 #define LOG2E 1.4426950408889634f
 #define LN2 0.6931471805599453f
@@ -55,51 +57,6 @@ typedef uint16_t bf16_t;  // raw bf16 bits
 
 // ---------------------------------------------------------------------------------------------
 // Small PTX helpers.
-
-// Pack two floats into bf16x2 (round to nearest even); `lo` goes to the low 16 bits, which is
-// the element with the smaller column index in an mma fragment.
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-  uint32_t r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_u32(p)));
-}
-
-// c += a * b, m16n8k16, bf16 inputs, f32 accumulators.
-__device__ __forceinline__ void mma_bf16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// 16-byte global -> shared copy; src_bytes = 0 writes zeros (src must still be a valid address).
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_u32(dst)), "l"(src), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 __device__ __forceinline__ float quad_max(float v) {
   v = fmaxf(v, __shfl_xor_sync(FULL, v, 1));
@@ -203,8 +160,8 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
         ldsm_x4(bb, ks + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
-        mma_bf16(s[2 * np], a, bb[0], bb[1]);
-        mma_bf16(s[2 * np + 1], a, bb[2], bb[3]);
+        mma_bf16_16816(s[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(s[2 * np + 1], a, bb[2], bb[3]);
       }
     }
 
@@ -263,8 +220,8 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
         if (np * 16 < DV) {
           uint32_t bb[4];
           ldsm_x4_t(bb, vs + (kk * 16 + bkn_row(lane)) * SV + np * 16 + bkn_col(lane));
-          mma_bf16(o[2 * np], a, bb[0], bb[1]);
-          mma_bf16(o[2 * np + 1], a, bb[2], bb[3]);
+          mma_bf16_16816(o[2 * np], a, bb[0], bb[1]);
+          mma_bf16_16816(o[2 * np + 1], a, bb[2], bb[3]);
         }
       }
     }
@@ -410,8 +367,8 @@ __device__ __forceinline__ void index_z(float (&z)[8][4], const KlSmem& sm, int 
     for (int np = 0; np < 4; ++np) {
       uint32_t bb[4];
       ldsm_x4(bb, sm.ki + (np * 16 + bnk_row(lane)) * SI + kk * 16 + bnk_col(lane));
-      mma_bf16(z[2 * np], a, bb[0], bb[1]);
-      mma_bf16(z[2 * np + 1], a, bb[2], bb[3]);
+      mma_bf16_16816(z[2 * np], a, bb[0], bb[1]);
+      mma_bf16_16816(z[2 * np + 1], a, bb[2], bb[3]);
     }
   }
 }
@@ -481,8 +438,8 @@ __device__ __forceinline__ void head_sum_probs(float (&P)[8][4], const KlSmem& s
       for (int np = 0; np < 4; ++np) {
         uint32_t bb[4];
         ldsm_x4(bb, ks + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
-        mma_bf16(s[2 * np], a, bb[0], bb[1]);
-        mma_bf16(s[2 * np + 1], a, bb[2], bb[3]);
+        mma_bf16_16816(s[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(s[2 * np + 1], a, bb[2], bb[3]);
       }
     }
 #pragma unroll
@@ -652,8 +609,8 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
               if (half * 64 + np * 16 < DI) {
                 uint32_t bb[4];
                 ldsm_x4_t(bb, sm.ki + (kk * 16 + bkn_row(lane)) * SI + half * 64 + np * 16 + bkn_col(lane));
-                mma_bf16(u[2 * np], ga[kk], bb[0], bb[1]);
-                mma_bf16(u[2 * np + 1], ga[kk], bb[2], bb[3]);
+                mma_bf16_16816(u[2 * np], ga[kk], bb[0], bb[1]);
+                mma_bf16_16816(u[2 * np + 1], ga[kk], bb[2], bb[3]);
               }
             }
           }
@@ -691,8 +648,8 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
             if (ch * 64 + np * 16 < DI) {
               uint32_t bb[4];
               ldsm_x4_t(bb, sm.tile + (kt * 16 + bkn_row(lane)) * SI + ch * 64 + np * 16 + bkn_col(lane));
-              mma_bf16(dk[2 * np], a, bb[0], bb[1]);
-              mma_bf16(dk[2 * np + 1], a, bb[2], bb[3]);
+              mma_bf16_16816(dk[2 * np], a, bb[0], bb[1]);
+              mma_bf16_16816(dk[2 * np + 1], a, bb[2], bb[3]);
             }
           }
         }
