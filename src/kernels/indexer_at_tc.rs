@@ -108,9 +108,9 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaView, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Storage, Tensor};
+    use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::WrapErr;
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor};
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/indexer_at_tc.ptx"));
@@ -124,13 +124,6 @@ mod cuda {
     /// 8-head n-tiles of the kernel instance for HI heads: 1, 2, 4 or 8.
     fn n_tiles(hi: usize) -> usize {
         hi.div_ceil(8).next_power_of_two()
-    }
-
-    fn view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match st {
-            Storage::Cuda(s) => crate::kernels::cuda::view::<T>(s, l, what),
-            _ => bail!("indexer_scores_at_bf16: {what} is not on the GPU"),
-        }
     }
 
     /// Shapes (N, HI, DI, K, NK) from the f32 inputs' layouts and the index tensor.
@@ -175,9 +168,9 @@ mod cuda {
             let (q_s, q_l) = self.q16.storage_and_layout();
             let (k_s, k_l) = self.k16.storage_and_layout();
             let (i_s, i_l) = self.idx.storage_and_layout();
-            let q = view::<bf16>(&q_s, q_l, "q")?;
-            let kk = view::<bf16>(&k_s, k_l, "k")?;
-            let idx = view::<u32>(&i_s, i_l, "idx")?;
+            let q = crate::kernels::cuda::storage_view::<bf16>(&q_s, q_l, "q")?;
+            let kk = crate::kernels::cuda::storage_view::<bf16>(&k_s, k_l, "k")?;
+            let idx = crate::kernels::cuda::storage_view::<u32>(&i_s, i_l, "idx")?;
             let w = crate::kernels::cuda::view::<f32>(s2, l2, "w")?;
             let (hi32, k32) = (hi as i32, k as i32);
             let stream = dev.cuda_stream();
@@ -244,10 +237,10 @@ mod cuda {
             let (k_s, k_l) = self.k16.storage_and_layout();
             let (i_s, i_l) = self.idx.storage_and_layout();
             let (g_s, g_l) = self.grad.storage_and_layout();
-            let q = view::<bf16>(&q_s, q_l, "q")?;
-            let kk = view::<bf16>(&k_s, k_l, "k")?;
-            let idx = view::<u32>(&i_s, i_l, "idx")?;
-            let grad = view::<f32>(&g_s, g_l, "score gradient")?;
+            let q = crate::kernels::cuda::storage_view::<bf16>(&q_s, q_l, "q")?;
+            let kk = crate::kernels::cuda::storage_view::<bf16>(&k_s, k_l, "k")?;
+            let idx = crate::kernels::cuda::storage_view::<u32>(&i_s, i_l, "idx")?;
+            let grad = crate::kernels::cuda::storage_view::<f32>(&g_s, g_l, "score gradient")?;
             let w = crate::kernels::cuda::view::<f32>(s2, l2, "w")?;
             let dq = out.slice(0..n * hi * di);
             let dw = out.slice(n * hi * di..n * hi * di + n * hi);

@@ -126,6 +126,14 @@ pub(crate) mod cuda {
         Ok(s.as_cuda_slice::<T>()?.slice(l.start_offset()..))
     }
 
+    /// `view` of a tensor's storage (as `storage_and_layout` hands it), checked to be on the GPU.
+    pub(crate) fn storage_view<'a, T: candle_core::cuda_backend::CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+        match st {
+            Storage::Cuda(s) => view::<T>(s, l, what),
+            _ => bail!("kernel input {what} is not on the GPU"),
+        }
+    }
+
     struct Dims {
         n: usize,
         h: usize,
@@ -207,13 +215,6 @@ pub(crate) mod cuda {
         delta: Tensor,
     }
 
-    fn cuda_view<'a>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, f32>> {
-        match st {
-            Storage::Cuda(s) => view::<f32>(s, l, what),
-            _ => bail!("sparse_mla: {what} is not on the GPU"),
-        }
-    }
-
     impl CustomOp3 for SparseMlaBwd {
         fn name(&self) -> &'static str {
             "dsa-sparse-mla-bwd"
@@ -232,9 +233,9 @@ pub(crate) mod cuda {
             let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
             let (do_s, do_l) = self.dout.storage_and_layout();
             let (de_s, de_l) = self.delta.storage_and_layout();
-            let fwd_out = cuda_view(&fo_s, fo_l, "forward output")?;
-            let dout = cuda_view(&do_s, do_l, "output gradient")?;
-            let delta = cuda_view(&de_s, de_l, "delta")?;
+            let fwd_out = storage_view::<f32>(&fo_s, fo_l, "forward output")?;
+            let dout = storage_view::<f32>(&do_s, do_l, "output gradient")?;
+            let delta = storage_view::<f32>(&de_s, de_l, "delta")?;
             let smem = (TILE * (d.dqk + 1) + HEADS_PER_BLOCK * (d.dqk + self.dv + 2 * TILE)) * 4;
             let f = load(dev, "sparse_mla_bwd_f32", smem)?;
             let (q, kv, idx) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
@@ -268,13 +269,6 @@ pub(crate) mod cuda {
         Ok((n, hi, di, k))
     }
 
-    fn u32_view<'a>(st: &'a Storage, l: &Layout) -> Result<CudaView<'a, u32>> {
-        match st {
-            Storage::Cuda(s) => view::<u32>(s, l, "idx"),
-            _ => bail!("indexer_scores_at: idx is not on the GPU"),
-        }
-    }
-
     pub struct IndexerScoresAt {
         pub idx: Tensor,
     }
@@ -293,7 +287,7 @@ pub(crate) mod cuda {
             let dev = s1.device();
             let out = dev.alloc_zeros::<f32>(n * k)?;
             let (i_s, i_l) = self.idx.storage_and_layout();
-            let idx = u32_view(&i_s, i_l)?;
+            let idx = storage_view::<u32>(&i_s, i_l, "idx")?;
             let smem = (hi * di + TILE * (di + 1) + WARPS as usize * TILE) * 4;
             let f = load_from(dev, "dsa_indexer", INDEXER_PTX, "indexer_scores_at_f32", smem)?;
             let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
@@ -340,9 +334,9 @@ pub(crate) mod cuda {
             let total = n * hi * di + n * hi + nk * di;
             let out = dev.alloc_zeros::<f32>(total)?;
             let (i_s, i_l) = self.idx.storage_and_layout();
-            let idx = u32_view(&i_s, i_l)?;
+            let idx = storage_view::<u32>(&i_s, i_l, "idx")?;
             let (g_s, g_l) = self.grad.storage_and_layout();
-            let grad = cuda_view(&g_s, g_l, "score gradient")?;
+            let grad = storage_view::<f32>(&g_s, g_l, "score gradient")?;
             let smem = (hi * di + TILE * (di + 1) + hi * TILE) * 4;
             let f = load_from(dev, "dsa_indexer", INDEXER_PTX, "indexer_scores_at_bwd_f32", smem)?;
             let (q, w, kk) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "w")?, view::<f32>(s3, l3, "k")?);
@@ -380,7 +374,7 @@ pub(crate) mod cuda {
             let dev = s1.device();
             let out = dev.alloc_zeros::<f32>(d.n * d.k)?;
             let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
-            let fwd_out = cuda_view(&fo_s, fo_l, "forward output")?;
+            let fwd_out = storage_view::<f32>(&fo_s, fo_l, "forward output")?;
             let smem = (TILE * (d.dqk + 1) + WARPS as usize * TILE) * 4;
             let f = load(dev, "sparse_mla_probs_f32", smem)?;
             let (q, kv, idx) = (view::<f32>(s1, l1, "q")?, view::<f32>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);

@@ -175,8 +175,8 @@ pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
     use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
-    use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+    use candle_core::cuda_backend::{CudaDevice, WrapErr};
+    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse_mla_tc.ptx"));
@@ -191,13 +191,6 @@ pub(crate) mod cuda {
     }
 
     use crate::kernels::cuda::view;
-
-    fn cuda_view<'a, T: CudaDType>(st: &'a Storage, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-        match st {
-            Storage::Cuda(s) => view::<T>(s, l, what),
-            _ => bail!("sparse_mla_bf16: {what} is not on the GPU"),
-        }
-    }
 
     /// Uninitialised device buffer of at least one element (the kernels write before reading).
     fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
@@ -404,8 +397,8 @@ pub(crate) mod cuda {
             let stream = dev.cuda_stream();
             let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
             let (go_s, go_l) = self.dout.storage_and_layout();
-            let fwd_out = cuda_view::<f32>(&fo_s, fo_l, "forward output")?;
-            let dout = cuda_view::<f32>(&go_s, go_l, "output gradient")?;
+            let fwd_out = crate::kernels::cuda::storage_view::<f32>(&fo_s, fo_l, "forward output")?;
+            let dout = crate::kernels::cuda::storage_view::<f32>(&go_s, go_l, "output gradient")?;
             let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let nh = d.n * d.h;
 
@@ -539,7 +532,7 @@ pub(crate) mod cuda {
             let dev = s1.device();
             let stream = dev.cuda_stream();
             let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
-            let fwd_out = cuda_view::<f32>(&fo_s, fo_l, "forward output")?;
+            let fwd_out = crate::kernels::cuda::storage_view::<f32>(&fo_s, fo_l, "forward output")?;
             let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
 
