@@ -151,8 +151,10 @@ case "$STEP" in
   stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"
   # Tokens/s of the warm-up and sparse stages per length (ours; top-512 as in the recipes and
   # as given to transformers); the dense stage's were timed in step 1 (WORK/speed.txt).
+  # Longest first: if the budget runs out, the short lengths (which transformers also runs and
+  # the stages' own logs cover least) are the ones skipped.
   cp "$WORK/speed.txt" "$LOG/speed.txt" 2>/dev/null || : > "$LOG/speed.txt"
-  for L in ${LENS:-4096 8192 16384 32768 65536}; do
+  for L in $(echo ${LENS:-4096 8192 16384 32768 65536} | tr ' ' '\n' | sort -rn); do
     for stage in warmup sparse; do
       fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
       from="$WORK/terminus"
