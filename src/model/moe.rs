@@ -142,11 +142,10 @@ impl Moe {
         // token order, so the result is the serial loop's.
         let chosen: Vec<u32> = host
             .par_chunks(e)
-            .map(|row| {
+            .flat_map_iter(|row| {
                 let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32).collect::<Vec<u32>>()
+                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
             })
-            .flatten_iter()
             .collect(); // [N*K] expert ids
         let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
         let mut weights = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
