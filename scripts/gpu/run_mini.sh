@@ -1,186 +1,193 @@
 #!/usr/bin/env bash
-# The miniature reproduction on one GPU (docs/results.md), run in steps that pick up where the
-# previous one stopped; files stay in WORK (default /tmp/mini) on the GPU host between steps.
-# Usage: scripts/gpu/run_mini.sh STEP [LOG_DIR]   (from the repository root)
-#   step 1: unpack and tokenise the corpus (data/corpus/corpus.tar.xz from
-#           scripts/fetch_corpus.sh, tokenizer from scripts/fetch_tokenizer.sh), write the
-#           mini-Terminus's random start (`dsa-train init`), time the dense stage (one sequence
-#           per step) at each of DENSE_BENCH_LENS (kept in WORK/speed.txt for step 3), then
-#           pre-train densely (recipes/mini-dense.toml) for DENSE_STEPS steps or DENSE_TIMEOUT
-#           seconds, checkpointing every 50 steps.
-#   step 2: export the newest dense checkpoint as an HF FP8 checkpoint (the mini-Terminus),
-#           then the warm-up (recipes/mini-warmup.toml) and the sparse stage
-#           (recipes/mini-sparse.toml) at LONG tokens, each bounded by STAGE_TIMEOUT seconds;
-#           then (BASELINE=1, the default) the matched baseline: the mini-Terminus continued
-#           densely (recipes/mini-dense-continued.toml) for the sparse checkpoint's steps.
-#   step 3: held-out evaluation (LM loss with dense and sparse attention, indexer recall and
-#           its ceiling) of the dense start, the baseline, the warm-up's end and the sparse
-#           stage's end at 8K and LONG; tokens/s of the warm-up and sparse stages per length
-#           (the dense stage's come from step 1); transformers' training step side by side
-#           (tools/reference/bench_transformers.py) if the budget allows; plots and
-#           results-table.md in LOG_DIR.
-# Environment: WORK, DENSE_STEPS (default the recipe's), DENSE_TIMEOUT (default 400), LONG
-# (default 32768), STAGE_TIMEOUT (default 240), EVAL_WINDOWS (default 4; EVAL_WINDOWS_LONG,
-# default 2, at LONG), LENS (tokens/s
-# lengths, default "4096 8192 16384 32768 65536"; 64K is past what transformers' DeepseekV32
-# fits on one H200: a length only we run), SETS (extra --set arguments for every run, e.g.
-# "model.device=cpu model.dtype=f32" for a CPU rehearsal), BIN (default dist/gpu/dsa-train),
-# CONFIG (the model's config.json, default recipes/mini/config.json), STEP_BUDGET (seconds per
-# step, default 560), SELFTEST (1: step 1 runs gpu-selftest first on CUDA, about 110 s; default
-# 0: run it in a call of its own, e.g. dist/gpu/run_suite.sh), SPARSE_STEPS (step 2's sparse
-# stage, default 60),
-# BENCH_TIMEOUT / BENCH_STEPS (step 3's per-length `bench step`, default 75 s / 2 steps),
-# TRANSFORMERS (step 3 times transformers' step, default 1), DENSE_BENCH_LENS (step 1's timed
-# dense lengths before pre-training, default LENS; empty skips them).
+# The miniature reproduction on one GPU (docs/results.md) as one ordered list of tasks; each
+# call runs the next unfinished ones inside STEP_BUDGET seconds and stops, and the next call
+# picks up there (files stay in WORK, default /tmp/mini, on the GPU host between calls; a
+# training stage cut by the budget is stopped by SIGINT, checkpoints, and resumes). Three
+# calls of STEP_BUDGET=560 run all of it on an H200 (docs/results.md has the times).
+# Usage: scripts/gpu/run_mini.sh [STEP] [LOG_DIR]   (from the repository root; STEP is 1, 2, 3
+# or next, all meaning "continue": numbered only so that logs say which call they came from)
+#
+# The tasks, in order (a task is skipped when its result is already in WORK):
+#   tokenise  the corpus (data/corpus/corpus.tar.xz from scripts/fetch_corpus.sh, tokenizer
+#             from scripts/fetch_tokenizer.sh), train and held-out test splits
+#   selftest  gpu-selftest, with SELFTEST=1 only (about 110 s)
+#   init      the mini-Terminus's random start (`dsa-train init`, CONFIG)
+#   dense     pre-training (recipes/mini-dense.toml, DENSE_STEPS, default the recipe's)
+#   export    the last dense checkpoint as an HF FP8 checkpoint: the mini-Terminus
+#   warmup    dense warm-up at LONG tokens, top-LONG/64 (recipes/mini-warmup.toml)
+#   sparse    sparse stage from the warm-up's end, SPARSE_STEPS steps (recipes/mini-sparse.toml)
+#   baseline  the mini-Terminus continued densely for as many steps on as many tokens
+#             (recipes/mini-dense-continued.toml): the matched comparison for the sparse stage
+#   eval      held-out LM loss (dense and sparse attention), indexer recall and its ceiling of
+#             the dense start, the baseline, the warm-up's end and the sparse stage's end, at
+#             EVAL_SHORT (default 8192; EVAL_WINDOWS windows) and LONG (EVAL_WINDOWS_LONG)
+#   speed     tokens/s of the dense, warm-up and sparse stages at each of LENS, LONG first
+#   transformers  its DeepseekV3 and DeepseekV32 training steps on the same config.json at
+#             LENS (tools/reference/bench_transformers.py; TRANSFORMERS=0 skips it)
+# Every call ends with the report (tools/reference/report.py: results-table.md, recall.png,
+# speed.png; stages.png from `dsa-train plot`) of what WORK holds, in WORK/report and LOG_DIR.
+#
+# Environment: WORK; STEP_BUDGET (seconds per call, default 560); DENSE_STEPS; LONG (default
+# 32768); SPARSE_STEPS (default 120); EVAL_WINDOWS (default 4), EVAL_WINDOWS_LONG (default 2);
+# LENS (default "4096 8192 16384 32768 65536"); BENCH_TIMEOUT / BENCH_STEPS (per `bench step`,
+# default 75 s / 2 steps); SETS (extra --set arguments for every run, e.g. "model.device=cpu
+# model.dtype=f32" for a CPU rehearsal); BIN (default dist/gpu/dsa-train); CONFIG (default
+# recipes/mini/config.json); SELFTEST; TRANSFORMERS (default 1); MARGIN, MIN_TASK_S (the budget's
+# safety margin and the least time a task is started with; tests/run_mini.rs shrinks them).
 set -uo pipefail
-STEP="${1:?usage: run_mini.sh STEP [LOG_DIR]}"
+STEP="${1:-next}"
+case "$STEP" in 1|2|3|next) ;; *) echo "run_mini.sh: STEP is 1, 2, 3 or next (each continues where the last call stopped)" >&2; exit 2 ;; esac
 LOG="${2:-${OUT:-gpu-logs}}"
 WORK="${WORK:-/tmp/mini}"
-mkdir -p "$LOG" "$WORK"
+# The lent GPU machines return at most 8 files of a call: LOG gets the call's mini.log,
+# device.txt, the report (results-table.md, recall.png, speed.png, stages.png) and one
+# mini-files.tar.gz of everything else (every stage's log and metrics, the evaluations,
+# timings, transformers' figures); the detailed logs live in WORK/logs.
+D="$WORK/logs"
+mkdir -p "$LOG" "$WORK" "$D"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN="${BIN:-dist/gpu/dsa-train}"
 if [ ! -x "$BIN" ] && [ -f "$BIN.xz" ]; then xz -dc "$BIN.xz" > "$BIN" && chmod +x "$BIN"; fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null | tee "$LOG/device.txt" || echo cpu > "$LOG/device.txt"
-stamp() { echo "[mini $(date +%T)] $*" | tee -a "$LOG/mini.log"; }
+stamp() { echo "[mini $(date +%T)] $*" | tee -a "$LOG/mini.log" "$WORK/mini.log"; }
 EXTRA=()
 for kv in ${SETS:-}; do EXTRA+=(--set "$kv"); done
 DATA=(--set "data.path=$WORK/tokens/train" "${EXTRA[@]}")
 LONG="${LONG:-32768}"
+LENS="${LENS:-4096 8192 16384 32768 65536}"
+CONFIG="${CONFIG:-recipes/mini/config.json}"
 EVAL_DEVICE=cuda; EVAL_DTYPE=bf16
 case " ${SETS:-} " in *" model.device=cpu "*) EVAL_DEVICE=cpu; EVAL_DTYPE=f32 ;; esac
 # The checkpoint with the highest step (sorted on the number after the last "step-", so that
 # a dash elsewhere in the path does not matter).
 newest() { ls -d "$1"/step-* 2>/dev/null | awk -F'step-' '{ print $NF "\t" $0 }' | sort -n | tail -1 | cut -f2; }
-# Each step stays inside the lent machine's 10-minute command limit: STEP_BUDGET seconds
-# (default 560) from the step's start; optional work that would not end inside it is skipped.
 T0=$(date +%s)
 left() { echo $(( ${STEP_BUDGET:-560} - ($(date +%s) - T0) )); }
-# cap N: N, or what is left of the budget less a 20 s margin (at least 1).
-cap() { local l=$(( $(left) - 20 )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
-fits() { [ "$(left)" -gt $(( $1 + 20 )) ]; }
+# cap N: N, or what is left of the budget less MARGIN seconds (default 20; at least 1).
+# fits N: a task that needs about N seconds (MIN_TASK_S instead, where set) starts in time.
+MARGIN="${MARGIN:-20}"
+cap() { local l=$(( $(left) - MARGIN )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l : 1 )) || echo "$1"; }
+fits() { [ "$(left)" -gt $(( ${MIN_TASK_S:-$1} + MARGIN )) ]; }
+stamp "call $STEP: budget ${STEP_BUDGET:-560} s, WORK $WORK"
 
-case "$STEP" in
-1)
-  if [ ! -f "$WORK/tokens/train/index.json" ]; then
-    mkdir -p "$WORK/corpus"
-    xz -dc data/corpus/corpus.tar.xz | tar -x -C "$WORK/corpus"
-    for split in train test; do
-      start=$(date +%s.%N)
-      $BIN data prepare --tokenizer data/tokenizer/tokenizer.json --input "$WORK/corpus/$split.jsonl" \
-        --output "$WORK/tokens/$split" 2>&1 | tail -2 | tee -a "$LOG/mini.log"
-      stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
-    done
-  fi
-  if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-0}" = 1 ]; then
-    timeout 150 $BIN gpu-selftest --device cuda > "$LOG/gpu-tests.log" 2>&1
-    stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$LOG/gpu-tests.log") PASS, $(grep -c '^FAIL' "$LOG/gpu-tests.log") FAIL"
-  fi
-  [ -d "$WORK/init" ] || $BIN init --config "${CONFIG:-recipes/mini/config.json}" --output "$WORK/init" 2>&1 | tee -a "$LOG/mini.log"
-  # The dense stage's tokens/s per length (one sequence per step, as step 3 times the other
-  # stages and as transformers is timed), before pre-training: it needs only the random start.
-  : > "$WORK/speed.txt"
-  for L in ${DENSE_BENCH_LENS-${LENS:-4096 8192 16384 32768 65536}}; do
-    fits 45 || { echo "ours dense $L: skipped (step budget)" >> "$WORK/speed.txt"; continue; }
-    line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step recipes/mini-dense.toml --steps "${BENCH_STEPS:-2}" --set "model.path=$WORK/init" "${DATA[@]}" \
-      --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
-    echo "ours dense $L: ${line:-FAILED or timed out}" | tee -a "$WORK/speed.txt" "$LOG/mini.log"
+# The report of whatever WORK holds, into LOG; then stop this call.
+report() {
+  local R="$WORK/report"
+  mkdir -p "$R"
+  cp "$WORK"/eval.jsonl "$WORK"/speed.txt "$WORK"/transformers.jsonl "$LOG/device.txt" "$R"/ 2>/dev/null
+  for f in dense warmup sparse baseline; do
+    cp "$WORK/$f/metrics.jsonl" "$R/$f-metrics.jsonl" 2>/dev/null
   done
-  steps=()
-  [ -n "${DENSE_STEPS:-}" ] && steps=(--set "train.steps=$DENSE_STEPS")
-  dense_s=$(cap "${DENSE_TIMEOUT:-400}")
-  stamp "dense pre-training (at most $dense_s s)"
-  timeout -k 60 -s INT "$dense_s" $BIN train recipes/mini-dense.toml --set "model.path=$WORK/init" "${DATA[@]}" \
-    --set "run.output_dir=$WORK/dense" --set checkpoint.every=50 "${steps[@]}" --resume auto > "$LOG/dense.log" 2>&1
-  stamp "dense stage exit $? ($(wc -l < "$WORK/dense/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
-  cp "$WORK/dense/metrics.jsonl" "$LOG/dense-metrics.jsonl" 2>/dev/null
-  $BIN plot --metrics "$WORK/dense/metrics.jsonl" --output "$LOG/dense.png" 2>/dev/null
-  ;;
-2)
-  dense="$(newest "$WORK/dense")"
-  [ -n "$dense" ] || { stamp "no dense checkpoint in $WORK/dense: run step 1 first"; exit 1; }
-  if [ ! -d "$WORK/terminus" ]; then
-    $BIN export --checkpoint "$dense" --output "$WORK/terminus" --fp8 --index-n-heads 8 --index-head-dim 64 2>&1 | tail -1 | tee -a "$LOG/mini.log"
-  fi
-  for stage in warmup sparse; do
-    from="$WORK/terminus"
-    [ "$stage" = sparse ] && from="$(newest "$WORK/warmup")"
-    budget=${STAGE_TIMEOUT:-240}
-    [ "$stage" = sparse ] && budget=$(cap "$budget")
-    stamp "$stage stage from $from at $LONG tokens (at most $budget s)"
-    # The sparse stage runs SPARSE_STEPS steps (default 60), so that the dense baseline of as
-    # many steps (about 2x the time per step at 32K) still fits in this step's budget.
-    steps=()
-    [ "$stage" = sparse ] && steps=(--set "train.steps=${SPARSE_STEPS:-60}")
-    timeout -k 60 -s INT "$budget" $BIN train "recipes/mini-$stage.toml" --set "model.path=$from" "${DATA[@]}" \
-      --set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set "run.output_dir=$WORK/$stage" \
-      --set checkpoint.every=25 "${steps[@]}" --resume auto > "$LOG/$stage.log" 2>&1
-    stamp "$stage exit $? ($(wc -l < "$WORK/$stage/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
-    cp "$WORK/$stage/metrics.jsonl" "$LOG/$stage-metrics.jsonl" 2>/dev/null
+  for f in dense warmup sparse; do
+    [ -f "$WORK/$f/metrics.jsonl" ] && cat "$WORK/$f/metrics.jsonl"
+  done > "$R/all-metrics.jsonl"
+  [ -s "$R/all-metrics.jsonl" ] && $BIN plot --metrics "$R/all-metrics.jsonl" --output "$R/stages.png" >> "$D/report.log" 2>&1
+  python3 tools/reference/report.py "$R" > /dev/null 2>>"$D/report.log"
+  stamp "call $STEP done after $(( $(date +%s) - T0 )) s: $1"
+  for f in results-table.md recall.png speed.png stages.png; do
+    cp "$R/$f" "$LOG/" 2>/dev/null
   done
-  # The matched baseline: the same start continued densely for as many steps (and tokens) as
-  # the sparse checkpoint that step 3 evaluates.
-  sparse_end="$(newest "$WORK/sparse")"
-  if [ "${BASELINE:-1}" = 1 ] && [ -n "$sparse_end" ] && fits 60; then
-    n="${sparse_end##*step-}"
-    budget=$(cap 400)
-    stamp "dense-continued baseline: $n steps at $LONG tokens from $WORK/terminus (at most $budget s)"
-    timeout -k 60 -s INT "$budget" $BIN train recipes/mini-dense-continued.toml --set "model.path=$WORK/terminus" "${DATA[@]}" \
-      --set "data.seq_len=$LONG" --set "train.steps=$n" --set "run.output_dir=$WORK/dense-continued" \
-      --set checkpoint.every=25 --resume auto > "$LOG/dense-continued.log" 2>&1
-    stamp "dense-continued exit $? ($(wc -l < "$WORK/dense-continued/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
-    cp "$WORK/dense-continued/metrics.jsonl" "$LOG/dense-continued-metrics.jsonl" 2>/dev/null
-  fi
-  ;;
-3)
-  # Held-out loss and recall, most informative first: the dense start (dense attention; the
-  # untrained indexer's recall), the dense-continued baseline, the warm-up's end (recall after the warm-up; sparse attention
-  # before any sparse training), the sparse stage's end (dense and sparse attention).
-  : > "$LOG/eval.jsonl"
-  for row in "dense-start:$WORK/terminus:dense" "dense-continued:$(newest "$WORK/dense-continued"):dense" "warmup-end:$(newest "$WORK/warmup"):sparse" \
-             "sparse-end:$(newest "$WORK/sparse"):sparse" "sparse-end:$(newest "$WORK/sparse"):dense" "dense-start:$WORK/terminus:sparse"; do
-    name="${row%%:*}"; rest="${row#*:}"; path="${rest%:*}"; attn="${rest##*:}"
-    [ -d "$path" ] || { stamp "eval $name: no checkpoint"; continue; }
-    for L in 8192 "$LONG"; do
-      fits 60 || { stamp "eval $name $L $attn: skipped (step budget)"; continue; }
-      windows="${EVAL_WINDOWS:-4}"; [ "$L" = "$LONG" ] && windows="${EVAL_WINDOWS_LONG:-2}"
-      line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
-        --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "$windows" 2>>"$LOG/eval-stderr.log" | tail -1)
-      echo "{\"model\": \"$name\", \"checkpoint\": \"$path\", \"seq_len\": $L, \"attention\": \"$attn\", \"eval\": ${line:-null}}" >> "$LOG/eval.jsonl"
-    done
+  tar -czf "$LOG/mini-files.tar.gz" -C "$WORK" report logs mini.log 2>/dev/null
+  exit 0
+}
+
+# train_task NAME RECIPE FROM STEPS [--set ...]: one training stage into WORK/NAME, resumed
+# from its last checkpoint if an earlier call stopped it; fails (so the call stops) unless the
+# stage has FINISHED.
+train_task() {
+  local name=$1 recipe=$2 from=$3 steps=$4
+  shift 4
+  [ -f "$WORK/$name/FINISHED" ] && return 0
+  fits 60 || return 1
+  local budget
+  budget=$(cap 100000)
+  stamp "$name: $recipe from $from, ${steps:-default} steps (at most $budget s)"
+  local s=()
+  [ -n "$steps" ] && s=(--set "train.steps=$steps")
+  timeout -k 60 -s INT "$budget" $BIN train "$recipe" --set "model.path=$from" "${DATA[@]}" \
+    --set "run.output_dir=$WORK/$name" "${s[@]}" "$@" --resume auto >> "$D/$name.log" 2>&1
+  local rc=$?
+  stamp "$name exit $rc ($(wc -l < "$WORK/$name/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
+  [ -f "$WORK/$name/FINISHED" ] && return 0
+  # 124: stopped by the budget (it checkpointed on SIGINT); 0 without FINISHED: stopped by a
+  # signal from elsewhere. Anything else is an error that another call would only repeat.
+  [ "$rc" = 124 ] || [ "$rc" = 0 ] || { stamp "$name failed: see $D/$name.log"; tail -5 "$D/$name.log"; exit 1; }
+  return 1
+}
+
+# --- tokenise, self-test, random start
+if [ ! -f "$WORK/tokens/test/index.json" ]; then
+  rm -rf "$WORK/corpus" "$WORK/tokens"
+  mkdir -p "$WORK/corpus"
+  xz -dc data/corpus/corpus.tar.xz | tar -x -C "$WORK/corpus" || { stamp "cannot unpack data/corpus/corpus.tar.xz (run scripts/fetch_corpus.sh and carry it)"; exit 1; }
+  for split in train test; do
+    start=$(date +%s.%N)
+    $BIN data prepare --tokenizer data/tokenizer/tokenizer.json --input "$WORK/corpus/$split.jsonl" \
+      --output "$WORK/tokens/$split" 2>&1 | tail -2 >> "$D/data.log"
+    [ -f "$WORK/tokens/$split/index.json" ] || { stamp "tokenising $split failed"; exit 1; }
+    stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
   done
-  stamp "eval: $(grep -vc ': null}' "$LOG/eval.jsonl") rows"
-  # Tokens/s of the warm-up and sparse stages per length (ours; top-512 as in the recipes and
-  # as given to transformers); the dense stage's were timed in step 1 (WORK/speed.txt).
-  # Longest first: if the budget runs out, the short lengths (which transformers also runs and
-  # the stages' own logs cover least) are the ones skipped.
-  cp "$WORK/speed.txt" "$LOG/speed.txt" 2>/dev/null || : > "$LOG/speed.txt"
-  for L in $(echo ${LENS:-4096 8192 16384 32768 65536} | tr ' ' '\n' | sort -rn); do
-    for stage in warmup sparse; do
-      fits 45 || { echo "ours $stage $L: skipped (step budget)" >> "$LOG/speed.txt"; continue; }
-      from="$WORK/terminus"
-      line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$from" "${DATA[@]}" \
-        --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$LOG/bench-stderr.log" | tail -1)
-      echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$LOG/speed.txt"
-    done
+fi
+if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-0}" = 1 ] && [ ! -f "$WORK/selftest.done" ]; then
+  timeout 150 $BIN gpu-selftest --device cuda > "$D/gpu-tests.log" 2>&1
+  stamp "gpu-selftest exit $?: $(grep -c '^PASS' "$D/gpu-tests.log") PASS, $(grep -c '^FAIL' "$D/gpu-tests.log") FAIL"
+  touch "$WORK/selftest.done"
+fi
+[ -d "$WORK/init" ] || $BIN init --config "$CONFIG" --output "$WORK/init" >> "$D/data.log" 2>&1
+[ -d "$WORK/init" ] || { stamp "init failed"; exit 1; }
+
+# --- the three stages and the matched baseline
+train_task dense recipes/mini-dense.toml "$WORK/init" "${DENSE_STEPS:-}" --set checkpoint.every=50 || report "dense pre-training continues in the next call"
+if [ ! -d "$WORK/terminus" ]; then
+  $BIN export --checkpoint "$(newest "$WORK/dense")" --output "$WORK/terminus" --fp8 --index-n-heads 8 --index-head-dim 64 >> "$D/data.log" 2>&1
+  [ -d "$WORK/terminus" ] || { stamp "export failed"; exit 1; }
+fi
+STAGE=(--set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set checkpoint.every=25)
+train_task warmup recipes/mini-warmup.toml "$WORK/terminus" "" "${STAGE[@]}" || report "the warm-up continues in the next call"
+train_task sparse recipes/mini-sparse.toml "$(newest "$WORK/warmup")" "${SPARSE_STEPS:-120}" "${STAGE[@]}" || report "the sparse stage continues in the next call"
+# As many steps (one LONG-token sequence each, the same data order) as the sparse stage ran.
+sparse_steps="$(newest "$WORK/sparse")"; sparse_steps="${sparse_steps##*step-}"
+train_task baseline recipes/mini-dense-continued.toml "$WORK/terminus" "$sparse_steps" "${STAGE[@]}" || report "the dense-continued baseline continues in the next call"
+
+# --- held-out evaluation, most informative first; one row per (model, length, attention)
+touch "$WORK/eval.jsonl"
+for row in "dense-start:$WORK/terminus:dense" "baseline:$(newest "$WORK/baseline"):dense" "warmup-end:$(newest "$WORK/warmup"):sparse" \
+           "sparse-end:$(newest "$WORK/sparse"):sparse" "sparse-end:$(newest "$WORK/sparse"):dense" "dense-start:$WORK/terminus:sparse"; do
+  name="${row%%:*}"; rest="${row#*:}"; path="${rest%:*}"; attn="${rest##*:}"
+  for L in ${EVAL_SHORT:-8192} "$LONG"; do
+    key="\"model\": \"$name\", \"checkpoint\": \"$path\", \"seq_len\": $L, \"attention\": \"$attn\""
+    grep -qF "$key" "$WORK/eval.jsonl" && continue
+    fits 60 || report "evaluation continues in the next call"
+    windows="${EVAL_WINDOWS:-4}"; [ "$L" = "$LONG" ] && windows="${EVAL_WINDOWS_LONG:-2}"
+    line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
+      --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "$windows" 2>>"$D/eval-stderr.log" | tail -1)
+    echo "{$key, \"eval\": ${line:-null}}" >> "$WORK/eval.jsonl"
   done
-  # transformers' training step on the same config.json, same GPU, until it runs out of memory.
-  if [ "$EVAL_DEVICE" = cuda ] && [ "${TRANSFORMERS:-1}" = 1 ]; then
-    for m in v3 v32; do
-      fits 60 || { stamp "transformers $m: skipped (step budget)"; continue; }
-      timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "${CONFIG:-recipes/mini/config.json}" --model $m \
-        --lens "$(echo ${LENS:-4096 8192 16384 32768 65536} | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
-        2>>"$LOG/transformers-stderr.log" | tee -a "$LOG/transformers.jsonl"
-    done
-  fi
-  for f in "$WORK"/dense/metrics.jsonl "$WORK"/warmup/metrics.jsonl "$WORK"/sparse/metrics.jsonl; do
-    [ -f "$f" ] && cat "$f"
-  done > "$LOG/all-metrics.jsonl"
-  $BIN plot --metrics "$LOG/all-metrics.jsonl" --output "$LOG/stages.png" 2>>"$LOG/mini.log"
-  python3 tools/reference/report.py "$LOG" > /dev/null 2>>"$LOG/mini.log"
-  stamp "step 3 done: eval.jsonl, speed.txt, transformers.jsonl, stages.png, results-table.md (recall.png, speed.png with matplotlib)"
-  ;;
-*)
-  echo "run_mini.sh: STEP is 1, 2 or 3" >&2
-  exit 2
-  ;;
-esac
+done
+stamp "eval: $(grep -vc ': null}' "$WORK/eval.jsonl") rows"
+
+# --- tokens/s of the three stages (one sequence per step, top-512 as given to transformers),
+# side by side in one call; LONG first (the sparse / dense goal is set there), then longest first
+touch "$WORK/speed.txt"
+for L in $LONG $(echo $LENS | tr ' ' '\n' | grep -vx "$LONG" | sort -rn); do
+  for stage in dense warmup sparse; do
+    grep -q "^ours $stage $L: " "$WORK/speed.txt" && continue
+    fits 45 || report "tokens/s continue in the next call"
+    line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$WORK/terminus" "${DATA[@]}" \
+      --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$D/bench-stderr.log" | tail -1)
+    echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$WORK/speed.txt"
+  done
+done
+
+# --- transformers' training step on the same config.json, same GPU, until it runs out of memory
+if [ "$EVAL_DEVICE" = cuda ] && [ "${TRANSFORMERS:-1}" = 1 ]; then
+  touch "$WORK/transformers.jsonl"
+  for m in v3 v32; do
+    grep -qi "\"transformers [^\"]* deepseek$m\"" "$WORK/transformers.jsonl" && continue
+    fits 60 || report "transformers' timings continue in the next call"
+    timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "$CONFIG" --model $m \
+      --lens "$(echo $LENS | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
+      2>>"$D/transformers-stderr.log" | tee -a "$WORK/transformers.jsonl"
+  done
+fi
+report "every task has run"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The miniature reproduction's table and plots from run_mini.sh step 3's files.
+"""The miniature reproduction's table and plots from the files run_mini.sh writes.
 
 Usage: report.py LOG_DIR   (reads eval.jsonl, speed.txt, transformers.jsonl, device.txt;
 writes LOG_DIR/results-table.md, and with matplotlib recall.png and speed.png)
@@ -37,12 +37,12 @@ def main():
         out.append(f"| {r['model']} | {r['seq_len']} | {r['attention']} | {e['lm_loss']:.4f} | {e['attention_mass_recall']:.3f} | {ceiling} |")
     base = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-start" and r["attention"] == "dense"}
     sparse = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "sparse-end" and r["attention"] == "sparse"}
-    matched = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] == "dense-continued" and r["attention"] == "dense"}
-    step_of = lambda name: next((r.get("checkpoint", "").rsplit("step-", 1)[-1] for r in evals if r["model"] == name and "step-" in r.get("checkpoint", "")), "?")
+    matched = {r["seq_len"]: r["eval"]["lm_loss"] for r in evals if r["model"] in ("baseline", "dense-continued") and r["attention"] == "dense"}
+    step_of = lambda *names: next((r.get("checkpoint", "").rsplit("step-", 1)[-1] for r in evals if r["model"] in names and "step-" in r.get("checkpoint", "")), "?")
     for L in sorted(set(base) & set(sparse)):
         out.append(f"\nAt {L}: sparse-end with sparse attention vs the dense start: {100 * (sparse[L] / base[L] - 1):+.2f} % LM loss.")
     for L in sorted(set(matched) & set(sparse)):
-        out.append(f"\nAt {L}: sparse-end (step {step_of('sparse-end')}) with sparse attention vs the dense-continued baseline (step {step_of('dense-continued')}): {100 * (sparse[L] / matched[L] - 1):+.2f} % LM loss.")
+        out.append(f"\nAt {L}: sparse-end (step {step_of('sparse-end')}) with sparse attention vs the dense-continued baseline (step {step_of('baseline', 'dense-continued')}): {100 * (sparse[L] / matched[L] - 1):+.2f} % LM loss.")
     lens = sorted({L for (_, L) in ours} | {r["seq_len"] for r in theirs})
     out += ["", "Training tokens/s per length (batch 1):", "",
             "| seq_len | ours dense | ours warm-up | ours sparse | transformers V3 | transformers V32 |", "|---|---|---|---|---|---|"]
@@ -63,18 +63,23 @@ def main():
     except ImportError:
         print("(matplotlib missing: no recall.png / speed.png)", file=sys.stderr)
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
-    seen = set()
+    # Recall per layer at the longest evaluated length, one panel per model that has an
+    # indexer worth reading (its first row there: dense and sparse attention give slightly
+    # different hidden states, so later layers' recall differs a little), with the ceiling
+    # (the mass of the model's own k largest attention probabilities) dashed in the same colour.
+    longest = max((r["seq_len"] for r in evals), default=0)
+    firsts = {}
     for r in evals:
-        # One curve per model and length: its first row's (the hidden states, and so the
-        # recall of later layers, differ slightly between dense and sparse attention).
-        if (r["model"], r["seq_len"]) not in seen:
-            seen.add((r["model"], r["seq_len"]))
-            line, = ax.plot(r["eval"]["attention_mass_recall_per_layer"], marker="o", label=f"{r['model']} @ {r['seq_len']}")
-            if "attention_mass_recall_ceiling_per_layer" in r["eval"]:
-                # The same model's ceiling (the mass of its attention's own top k), dashed.
-                ax.plot(r["eval"]["attention_mass_recall_ceiling_per_layer"], ls="--", color=line.get_color(), label=f"ceiling, {r['model']} @ {r['seq_len']}")
-    ax.set_xlabel("layer"); ax.set_ylabel("attention-mass recall of the top-k"); ax.legend(); ax.grid(alpha=.3)
+        if r["seq_len"] == longest:
+            firsts.setdefault(r["model"], r)
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for name, r in firsts.items():
+        line, = ax.plot(r["eval"]["attention_mass_recall_per_layer"], marker="o", label=f"{name}: recall")
+        if "attention_mass_recall_ceiling_per_layer" in r["eval"]:
+            ax.plot(r["eval"]["attention_mass_recall_ceiling_per_layer"], ls="--", color=line.get_color(), label=f"{name}: ceiling")
+    ax.set_title(f"indexer attention-mass recall per layer at {longest} tokens, top-{firsts[next(iter(firsts))]['eval']['topk'] if firsts else '?'}")
+    ax.set_xlabel("layer"); ax.set_ylabel("attention mass in the top-k"); ax.grid(alpha=.3)
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout(); fig.savefig(os.path.join(log, "recall.png"), dpi=120)
     fig, ax = plt.subplots(figsize=(7, 4))
     for s in ("dense", "warmup", "sparse"):
