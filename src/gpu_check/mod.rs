@@ -383,6 +383,25 @@ fn adamw_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// The grouped routed experts (DSA_MOE_GROUPED=1: batched matmuls over [E, cap, .]) against
+/// one SwiGLU per expert on the GPU, output and gradients, at the bench model's expert shape
+/// (16 experts, 1024 x 512) and an awkward one; f32 within 1e-5, bf16 within 2e-2 relative
+/// (cuBLAS may block the batched and single products differently).
+fn moe_grouped_matches_per_expert(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (e, n, d, i) in [(16usize, 2048usize, 1024usize, 512usize), (3, 97, 24, 40)] {
+        for (dtype, tol) in [(DType::F32, 1e-5f32), (DType::BF16, 2e-2)] {
+            let err = crate::model::moe::grouped_against_plain(gpu, dtype, e, n, d, i, 3)?;
+            out.push(Outcome {
+                name: "grouped MoE experts vs one SwiGLU per expert",
+                ok: err <= tol,
+                detail: format!("{e} experts {d} x {i}, {n} tokens, {dtype:?}: output and gradients max rel err {err:.1e} (tolerance {tol:.0e})"),
+            });
+        }
+    }
+    Ok(out)
+}
+
 /// Run every check (or those whose group name contains `only`); print one line each; fail if
 /// any fails.
 pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
@@ -404,6 +423,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("sparse-mla-tc", Box::new(|| sparse_mla_tc::checks(&gpu))),
         ("indexer-topk", Box::new(|| indexer_topk::checks(&gpu))),
         ("rows", Box::new(|| rows::checks(&gpu))),
+        ("moe-grouped", Box::new(|| moe_grouped_matches_per_expert(&gpu))),
         ("lm-loss", Box::new(|| lm_loss_matches_twin(&gpu))),
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
         ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),

@@ -166,23 +166,15 @@ impl Moe {
         let mut out = match &self.shard {
             None => {
                 let dev = x.device();
-                // Each expert gathers its tokens; the outputs, weighted, are stacked in expert
-                // order and each token sums its K rows in that order (as index_add would).
-                let mut ys = Vec::with_capacity(e);
-                for (ex, mlp) in self.experts.iter().enumerate() {
-                    if tokens_of[ex].is_empty() {
-                        continue;
-                    }
-                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(&x)?)?); // [n_e, hidden]
-                }
+                // The experts' outputs of their tokens, stacked in expert order; weighted, each
+                // token sums its K rows in that order (as index_add would).
                 let order: Vec<u32> = slots_of.concat();
                 let w = RowPlan::gather(&order, n * k, dev)?.apply(&weights.unsqueeze(1)?)?; // [N*K, 1]
                 let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
                 let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
-                if ys.is_empty() {
-                    x.zeros_like()? // no token at all
-                } else {
-                    combine.apply(&Tensor::cat(&ys, 0)?.broadcast_mul(&w)?)?
+                match self.routed_outputs(&x, &tokens_of, self.use_grouped())? {
+                    Some(ys) => combine.apply(&ys.broadcast_mul(&w)?)?,
+                    None => x.zeros_like()?, // no token at all
                 }
             }
             Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
@@ -193,6 +185,63 @@ impl Moe {
             out = (out + shared.forward(&x)?)?;
         }
         Ok((out, chosen, scores))
+    }
+
+    /// Every routed expert's SwiGLU on its tokens `tokens_of[e]` (rows of x [N, hidden]),
+    /// stacked in expert order, then token order: [sum_e n_e, hidden], or None when no expert
+    /// has a token. `grouped`: all experts at once, as batched matmuls over [E, cap, .] with
+    /// cap = the largest n_e (rows past an expert's n_e are zeros, computed and dropped: at most
+    /// E * cap / sum n_e times the FLOPs, a few launches instead of about ten per expert; the
+    /// weights are stacked per call, which `use_grouped` bounds). Otherwise one gather and one
+    /// SwiGLU per expert, the plain twin. Each output row is the same dot products either way
+    /// (equal up to the matmul's summation order).
+    pub fn routed_outputs(&self, x: &Tensor, tokens_of: &[Vec<u32>], grouped: bool) -> Result<Option<Tensor>> {
+        let (n, d) = x.dims2()?;
+        let dev = x.device();
+        if tokens_of.iter().all(Vec::is_empty) {
+            return Ok(None);
+        }
+        if !grouped {
+            let mut ys = Vec::with_capacity(self.experts.len());
+            for (ex, mlp) in self.experts.iter().enumerate() {
+                if !tokens_of[ex].is_empty() {
+                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(x)?)?); // [n_e, hidden]
+                }
+            }
+            return Ok(Some(Tensor::cat(&ys, 0)?));
+        }
+        let e = self.experts.len();
+        let cap = tokens_of.iter().map(Vec::len).max().unwrap_or(0);
+        // Row ex * cap + j of the padded input is x[tokens_of[ex][j]], or zeros past n_ex (an
+        // empty group of the row sum).
+        let (mut src, mut off, mut valid) = (Vec::new(), Vec::with_capacity(e * cap + 1), Vec::new());
+        off.push(0u32);
+        for (ex, toks) in tokens_of.iter().enumerate() {
+            for j in 0..cap {
+                if let Some(&t) = toks.get(j) {
+                    src.push(t);
+                    valid.push((ex * cap + j) as u32);
+                }
+                off.push(src.len() as u32);
+            }
+        }
+        let xs = RowPlan::sums(src, off, n, dev)?.apply(x)?.reshape((e, cap, d))?;
+        let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&self.experts.iter().map(pick).collect::<Vec<_>>(), 0) };
+        let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E, I, D], [E, I, D], [E, D, I]
+        let h = (xs.matmul(&gate.transpose(1, 2)?)?.silu()? * xs.matmul(&up.transpose(1, 2)?)?)?; // [E, cap, I]
+        let y = h.matmul(&down.transpose(1, 2)?)?.reshape((e * cap, d))?;
+        Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
+    }
+
+    /// Whether the routed experts run grouped (`routed_outputs`): asked for with
+    /// DSA_MOE_GROUPED=1 (until GPU measurements decide the default), and only while the
+    /// stacked copy of the experts' weights stays under 256 MiB: small experts, where the
+    /// per-expert launches cost more than the FLOPs (large experts amortise them anyway).
+    fn use_grouped(&self) -> bool {
+        static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let asked = *ASKED.get_or_init(|| std::env::var("DSA_MOE_GROUPED").is_ok_and(|v| v == "1"));
+        let bytes: usize = self.experts.iter().map(|m| (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count()) * m.gate.dtype().size_in_bytes()).sum();
+        asked && self.experts.len() > 1 && bytes <= 256 << 20
     }
 
     /// The routed experts' weighted sum with the experts spread over an expert-parallel group.
@@ -258,6 +307,56 @@ impl Moe {
     }
 }
 
+/// The largest relative error (max |a - b| / max |a| per tensor) between the grouped experts
+/// (`Moe::routed_outputs` with `grouped`) and the per-expert twin, over the output and the
+/// gradients of a random probe of it into x and every expert's gate, up and down: `e` experts
+/// of hidden `d` and width `i`, `n` tokens with uneven loads and the last expert unused (its
+/// weights must get a zero gradient from the grouped path, or the error is infinite). For the
+/// unit test and gpu-selftest.
+pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, n: usize, d: usize, i: usize, seed: u64) -> Result<f32> {
+    use crate::rng::{randn, SplitMix64};
+    use candle_core::Var;
+    let var = |shape: &[usize], s: u64| -> Result<Var> { Var::from_tensor(&randn(shape, seed * 1000 + s, 0.5, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?) };
+    let weights: Vec<[Var; 3]> = (0..e as u64).map(|s| Ok([var(&[i, d], 10 + 3 * s)?, var(&[i, d], 11 + 3 * s)?, var(&[d, i], 12 + 3 * s)?])).collect::<Result<_>>()?;
+    let moe = Moe {
+        router: Tensor::zeros((e, d), DType::F32, dev)?,
+        bias: Tensor::zeros(e, DType::F32, dev)?,
+        experts: weights.iter().map(|[g, u, w]| Mlp { gate: g.as_tensor().clone(), up: u.as_tensor().clone(), down: w.as_tensor().clone() }).collect(),
+        shard: None,
+        n_experts: e,
+        shared: None,
+        top_k: 1,
+        n_group: 1,
+        topk_group: 1,
+        norm_topk_prob: true,
+        routed_scaling_factor: 1.0,
+    };
+    let x = var(&[n, d], 1)?;
+    // Expert j takes each token with probability about (j + 1) / e (uneven loads); the last takes none.
+    let mut rng = SplitMix64::new(seed);
+    let tokens_of: Vec<Vec<u32>> = (0..e).map(|j| if j + 1 == e { vec![] } else { (0..n as u32).filter(|_| rng.next_u64() % e as u64 <= j as u64).collect() }).collect();
+    let rows: usize = tokens_of.iter().map(Vec::len).sum();
+    let probe = randn(&[rows.max(1), d], seed + 7, 1.0, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+    let run = |grouped: bool| -> Result<Vec<Tensor>> {
+        let y = moe.routed_outputs(x.as_tensor(), &tokens_of, grouped)?.ok_or_else(|| candle_core::Error::Msg("no routed rows".into()))?;
+        let grads = (y.to_dtype(DType::F32)? * probe.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        let mut all = vec![y, grads.get(x.as_tensor()).cloned().unwrap_or(x.as_tensor().zeros_like()?)];
+        for v in weights.iter().flatten() {
+            all.push(grads.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like()?));
+        }
+        Ok(all)
+    };
+    let (plain, grouped) = (run(false)?, run(true)?);
+    let mut worst = 0f32;
+    for (a, b) in plain.iter().zip(&grouped) {
+        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        worst = worst.max(if scale == 0.0 { if diff == 0.0 { 0.0 } else { f32::INFINITY } } else { diff / scale });
+    }
+    Ok(worst)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +367,14 @@ mod tests {
         // With 0-masking (transformers' old bug) the masked experts would score 0 and win.
         let b = [-1.0, -0.9, -0.1, -0.2, -0.5, -0.5, -0.25, -0.25];
         assert_eq!(route_token(&b, 4, 2, 3), vec![2, 3, 6]);
+    }
+
+    /// The grouped experts against the per-expert twin, forward and backward, with an expert
+    /// that gets no token and uneven loads (f32, so only the summation order differs).
+    #[test]
+    fn grouped_experts_equal_one_swiglu_per_expert() {
+        let err = grouped_against_plain(&candle_core::Device::Cpu, DType::F32, 5, 23, 12, 7, 1).unwrap();
+        assert!(err <= 1e-5, "grouped experts vs one SwiGLU per expert: max relative error {err}");
     }
 
     #[test]
