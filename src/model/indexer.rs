@@ -166,12 +166,22 @@ impl Indexer {
         let mut total: Option<Tensor> = None;
         for q0 in (0..t).step_by(rows) {
             let n = rows.min(t - q0);
+            // (DSA_PROFILE regions: which part of this backward costs what, per block.)
+            let region = crate::profile::region("indexer KL bwd: project queries");
             let (q, w) = self.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos.narrow(0, q0, n)?, &sin.narrow(0, q0, n)?)?;
+            drop(region);
+            let region = crate::profile::region("indexer KL bwd: scores at the sets");
             let block = IndexerProj { q, k: keys.as_tensor().clone(), w };
             let set = sel.rows(q0, n)?;
             let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
+            drop(region);
+            let region = crate::profile::region("indexer KL bwd: KL rows");
             let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?; // sum over [B, n]
+            drop(region);
+            let region = crate::profile::region("indexer KL bwd: autograd of the block");
             let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
+            drop(region);
+            let _region = crate::profile::region("indexer KL bwd: gradients to the accumulator");
             on_grads(&gs)?;
             if let Some(g) = gs.get(keys.as_tensor()) {
                 dk = (dk + g.detach())?;
@@ -179,7 +189,9 @@ impl Indexer {
             let kl_sum = kl_sum.detach();
             total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
         }
+        let region = crate::profile::region("indexer KL bwd: keys backward");
         self.backprop_keys(x, cos, sin, &dk, rows, on_grads)?;
+        drop(region);
         match total {
             Some(s) => s / (b * t) as f64,
             None => candle_core::bail!("the sparse-stage KL of an empty sequence"),

@@ -201,6 +201,7 @@ impl Moe {
         if tokens_of.iter().all(Vec::is_empty) {
             return Ok(None);
         }
+        let _region = crate::profile::region(if grouped { "moe: routed experts (grouped)" } else { "moe: routed experts (one per expert)" });
         if !grouped {
             let mut ys = Vec::with_capacity(self.experts.len());
             for (ex, mlp) in self.experts.iter().enumerate() {
