@@ -1,15 +1,16 @@
 //! `scripts/gpu/run_mini.sh`, the miniature reproduction's driver, with a stand-in for the
 //! binary: calls with a few seconds of budget each must cut a training stage, resume it from
-//! its checkpoint in the next call without repeating or skipping a step, run every task once,
-//! give the matched baseline as many steps as the sparse stage, and return at most the 8 files
-//! the lent GPU machines hand back.
+//! its checkpoint in the next call without repeating or skipping a step, run every task once
+//! (a failed evaluation again, in a later call), give the matched baseline as many steps as
+//! the sparse stage, and return at most the 8 files the lent GPU machines hand back.
 
 use std::path::Path;
 use std::process::Command;
 
 /// The stand-in for dsa-train: `train` logs one metrics line per step (0.1 s each), keeps a
 /// `step-N` folder every 5 steps, and on SIGINT checkpoints the step it is at and exits 0, as
-/// the trainer does; it finishes with `FINISHED`; without `--resume auto` it starts over. Every call is recorded in calls.log.
+/// the trainer does; it finishes with `FINISHED`; it resumes from its newest `step-N` with
+/// `--resume auto`, from 0 without. `eval` fails once, for one row. Every call is recorded in calls.log.
 const FAKE_BIN: &str = r#"#!/usr/bin/env bash
 echo "$*" >> "$(dirname "$0")/calls.log"
 arg() { local v; v=$(printf '%s\n' "$@" | grep "^$1=" | tail -1); echo "${v#*=}"; }
@@ -18,8 +19,13 @@ case "$1" in
 init|export) mkdir -p "$(out_of "$@")" ;;
 train)
   out=$(arg run.output_dir "$@"); steps=$(arg train.steps "$@"); steps=${steps:-10}
-  mkdir -p "$out"; printf '%s\n' "$@" | grep -qx auto || rm -f "$out/metrics.jsonl"  # no --resume auto: from step 0
-  cur=$(cat "$out/metrics.jsonl" 2>/dev/null | wc -l); stop=0
+  mkdir -p "$out"; cur=0
+  # --resume auto: from the newest step-N, dropping metrics lines past it (as the trainer
+  # does); without it, from step 0.
+  if printf '%s\n' "$@" | grep -qx auto; then
+    cur=$(ls -d "$out"/step-* 2>/dev/null | sed 's/.*step-//' | sort -n | tail -1); cur=${cur:-0}
+  fi
+  head -n "$cur" "$out/metrics.jsonl" > "$out/m.tmp" 2>/dev/null; mv "$out/m.tmp" "$out/metrics.jsonl"; stop=0
   trap 'stop=1' INT
   while [ "$cur" -lt "$steps" ]; do
     sleep 0.1; cur=$((cur + 1)); echo "{\"step\": $cur}" >> "$out/metrics.jsonl"
@@ -27,7 +33,13 @@ train)
     [ "$stop" = 1 ] && { mkdir -p "$out/step-$cur"; exit 0; }
   done
   mkdir -p "$out/step-$cur"; touch "$out/FINISHED" ;;
-eval) echo '{"lm_loss": 7.0, "topk": 4, "attention_mass_recall": 0.5, "attention_mass_recall_per_layer": [0.5], "attention_mass_recall_ceiling": 0.6, "attention_mass_recall_ceiling_per_layer": [0.6]}' ;;
+eval)
+  # The first sparse-attention evaluation of the dense start at 64 tokens fails once.
+  once="$(dirname "$0")/failed-once"
+  if [[ "$*" == */terminus\ *--seq-len\ 64\ --attention\ sparse* ]] && [ ! -f "$once" ]; then
+    touch "$once"; echo "error: a made-up failure" >&2; exit 1
+  fi
+  echo '{"lm_loss": 7.0, "topk": 4, "attention_mass_recall": 0.5, "attention_mass_recall_per_layer": [0.5], "attention_mass_recall_ceiling": 0.6, "attention_mass_recall_ceiling_per_layer": [0.6]}' ;;
 bench) echo "$2 stage, seq_len $(arg data.seq_len "$@"): median step 0.1 s = 1000 tokens/s" ;;
 esac
 "#;
@@ -100,6 +112,9 @@ fn run_mini_resumes_each_stage_where_the_last_call_stopped_and_runs_every_task_o
     let evals = lines(&work.join("eval.jsonl"));
     assert_eq!(evals.len(), 12, "{evals:#?}");
     assert!(evals.iter().all(|l| !l.ends_with("null}")), "{evals:#?}");
+    let failures = lines(&work.join("failures.txt"));
+    assert_eq!(failures.len(), 1, "one evaluation failed once and was retried: {failures:?}");
+    assert!(failures[0].contains("\"seq_len\": 64, \"attention\": \"sparse\"") && failures[0].contains("terminus"), "{failures:?}");
     let speed = lines(&work.join("speed.txt"));
     assert_eq!(speed.len(), 6, "{speed:#?}");
     assert!(speed[0].starts_with("ours dense 64: ") && speed[3].starts_with("ours dense 32: "), "{speed:#?}");

@@ -2,8 +2,9 @@
 # The miniature reproduction on one GPU (docs/results.md) as one ordered list of tasks; each
 # call runs the next unfinished ones inside STEP_BUDGET seconds and stops, and the next call
 # picks up there (files stay in WORK, default /tmp/mini, on the GPU host between calls; a
-# training stage cut by the budget is stopped by SIGINT, checkpoints, and resumes). Three
-# calls of STEP_BUDGET=560 run all of it on an H200 (docs/results.md has the times).
+# training stage cut by the budget is stopped by SIGINT, checkpoints, and resumes). About
+# three calls of STEP_BUDGET=560 run all of it on an H200 (estimated from the task times of
+# the third pass in docs/results.md, which ran as five calls of this script's earlier form).
 # Usage: scripts/gpu/run_mini.sh [STEP] [LOG_DIR]   (from the repository root; STEP is 1, 2, 3
 # or next, all meaning "continue": numbered only so that logs say which call they came from)
 #
@@ -70,7 +71,10 @@ cap() { local l=$(( $(left) - MARGIN )); [ "$l" -lt "$1" ] && echo $(( l > 1 ? l
 fits() { [ "$(left)" -gt $(( ${MIN_TASK_S:-$1} + MARGIN )) ]; }
 stamp "call $STEP: budget ${STEP_BUDGET:-560} s, WORK $WORK"
 
-# The report of whatever WORK holds, into LOG; then stop this call.
+# The report of whatever WORK holds, into LOG: run at every exit of a call (the EXIT trap),
+# so a failing call also returns its logs. `stop MESSAGE` ends the call here.
+WHY="stopped"
+stop() { WHY="$1"; exit 0; }
 report() {
   local R="$WORK/report"
   mkdir -p "$R"
@@ -83,13 +87,18 @@ report() {
   done > "$R/all-metrics.jsonl"
   [ -s "$R/all-metrics.jsonl" ] && $BIN plot --metrics "$R/all-metrics.jsonl" --output "$R/stages.png" >> "$D/report.log" 2>&1
   python3 tools/reference/report.py "$R" > /dev/null 2>>"$D/report.log"
-  stamp "call $STEP done after $(( $(date +%s) - T0 )) s: $1"
+  stamp "call $STEP done after $(( $(date +%s) - T0 )) s: $WHY"
   for f in results-table.md recall.png speed.png stages.png; do
     cp "$R/$f" "$LOG/" 2>/dev/null
   done
   tar -czf "$LOG/mini-files.tar.gz" -C "$WORK" report logs mini.log 2>/dev/null
-  exit 0
 }
+trap report EXIT
+# A measurement that failed (or was cut) is retried in a later call, at most twice in all:
+# failed KEY records one failure; given_up KEY says it has failed twice.
+RETRY=0
+failed() { echo "$1" >> "$WORK/failures.txt"; given_up "$1" || RETRY=1; }
+given_up() { [ "$(grep -cxF "$1" "$WORK/failures.txt" 2>/dev/null)" -ge 2 ]; }
 
 # train_task NAME RECIPE FROM STEPS [--set ...]: one training stage into WORK/NAME, resumed
 # from its last checkpoint if an earlier call stopped it; fails (so the call stops) unless the
@@ -104,14 +113,15 @@ train_task() {
   stamp "$name: $recipe from $from, ${steps:-default} steps (at most $budget s)"
   local s=()
   [ -n "$steps" ] && s=(--set "train.steps=$steps")
-  timeout -k 60 -s INT "$budget" $BIN train "$recipe" --set "model.path=$from" "${DATA[@]}" \
+  timeout -k 15 -s INT "$budget" $BIN train "$recipe" --set "model.path=$from" "${DATA[@]}" \
     --set "run.output_dir=$WORK/$name" "${s[@]}" "$@" --resume auto >> "$D/$name.log" 2>&1
   local rc=$?
   stamp "$name exit $rc ($(wc -l < "$WORK/$name/metrics.jsonl" 2>/dev/null || echo 0) steps logged)"
   [ -f "$WORK/$name/FINISHED" ] && return 0
-  # 124: stopped by the budget (it checkpointed on SIGINT); 0 without FINISHED: stopped by a
-  # signal from elsewhere. Anything else is an error that another call would only repeat.
-  [ "$rc" = 124 ] || [ "$rc" = 0 ] || { stamp "$name failed: see $D/$name.log"; tail -5 "$D/$name.log"; exit 1; }
+  # 124: stopped by the budget (it checkpointed on SIGINT); 137: killed 15 s after that, so
+  # it resumes from its previous checkpoint; 0 without FINISHED: stopped by a signal from
+  # elsewhere. Anything else is an error that another call would only repeat.
+  case "$rc" in 0|124|137) ;; *) WHY="$name failed: see logs/$name.log in mini-files.tar.gz"; tail -5 "$D/$name.log"; exit 1 ;; esac
   return 1
 }
 
@@ -119,12 +129,12 @@ train_task() {
 if [ ! -f "$WORK/tokens/test/index.json" ]; then
   rm -rf "$WORK/corpus" "$WORK/tokens"
   mkdir -p "$WORK/corpus"
-  xz -dc data/corpus/corpus.tar.xz | tar -x -C "$WORK/corpus" || { stamp "cannot unpack data/corpus/corpus.tar.xz (run scripts/fetch_corpus.sh and carry it)"; exit 1; }
+  xz -dc data/corpus/corpus.tar.xz | tar -x -C "$WORK/corpus" || { WHY="cannot unpack data/corpus/corpus.tar.xz (run scripts/fetch_corpus.sh and carry it)"; exit 1; }
   for split in train test; do
     start=$(date +%s.%N)
     $BIN data prepare --tokenizer data/tokenizer/tokenizer.json --input "$WORK/corpus/$split.jsonl" \
       --output "$WORK/tokens/$split" 2>&1 | tail -2 >> "$D/data.log"
-    [ -f "$WORK/tokens/$split/index.json" ] || { stamp "tokenising $split failed"; exit 1; }
+    [ -f "$WORK/tokens/$split/index.json" ] || { WHY="tokenising $split failed: see logs/data.log"; exit 1; }
     stamp "tokenised $split in $(awk -v a="$start" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }') s"
   done
 fi
@@ -134,20 +144,20 @@ if [ "$EVAL_DEVICE" = cuda ] && [ "${SELFTEST:-0}" = 1 ] && [ ! -f "$WORK/selfte
   touch "$WORK/selftest.done"
 fi
 [ -d "$WORK/init" ] || $BIN init --config "$CONFIG" --output "$WORK/init" >> "$D/data.log" 2>&1
-[ -d "$WORK/init" ] || { stamp "init failed"; exit 1; }
+[ -d "$WORK/init" ] || { WHY="init failed: see logs/data.log"; exit 1; }
 
 # --- the three stages and the matched baseline
-train_task dense recipes/mini-dense.toml "$WORK/init" "${DENSE_STEPS:-}" --set checkpoint.every=50 || report "dense pre-training continues in the next call"
+train_task dense recipes/mini-dense.toml "$WORK/init" "${DENSE_STEPS:-}" --set checkpoint.every=50 || stop "dense pre-training continues in the next call"
 if [ ! -d "$WORK/terminus" ]; then
   $BIN export --checkpoint "$(newest "$WORK/dense")" --output "$WORK/terminus" --fp8 --index-n-heads 8 --index-head-dim 64 >> "$D/data.log" 2>&1
-  [ -d "$WORK/terminus" ] || { stamp "export failed"; exit 1; }
+  [ -d "$WORK/terminus" ] || { WHY="export failed: see logs/data.log"; exit 1; }
 fi
 STAGE=(--set "data.seq_len=$LONG" --set "dsa.index_topk=$((LONG / 64))" --set checkpoint.every=25)
-train_task warmup recipes/mini-warmup.toml "$WORK/terminus" "" "${STAGE[@]}" || report "the warm-up continues in the next call"
-train_task sparse recipes/mini-sparse.toml "$(newest "$WORK/warmup")" "${SPARSE_STEPS:-120}" "${STAGE[@]}" || report "the sparse stage continues in the next call"
+train_task warmup recipes/mini-warmup.toml "$WORK/terminus" "" "${STAGE[@]}" || stop "the warm-up continues in the next call"
+train_task sparse recipes/mini-sparse.toml "$(newest "$WORK/warmup")" "${SPARSE_STEPS:-120}" "${STAGE[@]}" || stop "the sparse stage continues in the next call"
 # As many steps (one LONG-token sequence each, the same data order) as the sparse stage ran.
 sparse_steps="$(newest "$WORK/sparse")"; sparse_steps="${sparse_steps##*step-}"
-train_task baseline recipes/mini-dense-continued.toml "$WORK/terminus" "$sparse_steps" "${STAGE[@]}" || report "the dense-continued baseline continues in the next call"
+train_task baseline recipes/mini-dense-continued.toml "$WORK/terminus" "$sparse_steps" "${STAGE[@]}" || stop "the dense-continued baseline continues in the next call"
 
 # --- held-out evaluation, most informative first; one row per (model, length, attention)
 touch "$WORK/eval.jsonl"
@@ -157,11 +167,15 @@ for row in "dense-start:$WORK/terminus:dense" "baseline:$(newest "$WORK/baseline
   for L in ${EVAL_SHORT:-8192} "$LONG"; do
     key="\"model\": \"$name\", \"checkpoint\": \"$path\", \"seq_len\": $L, \"attention\": \"$attn\""
     grep -qF "$key" "$WORK/eval.jsonl" && continue
-    fits 60 || report "evaluation continues in the next call"
+    given_up "eval $key" && continue
+    fits 120 || stop "evaluation continues in the next call"
     windows="${EVAL_WINDOWS:-4}"; [ "$L" = "$LONG" ] && windows="${EVAL_WINDOWS_LONG:-2}"
-    line=$(timeout "$(cap 120)" $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
+    line=$(timeout 120 $BIN eval --model "$path" --tokens "$WORK/tokens/test" --seq-len "$L" --attention "$attn" --topk $((L / 64)) \
       --device "$EVAL_DEVICE" --dtype "$EVAL_DTYPE" --index-n-heads 8 --index-head-dim 64 --no-mtp --max-windows "$windows" 2>>"$D/eval-stderr.log" | tail -1)
-    echo "{$key, \"eval\": ${line:-null}}" >> "$WORK/eval.jsonl"
+    case "$line" in
+      "{"*) echo "{$key, \"eval\": $line}" >> "$WORK/eval.jsonl" ;;
+      *) failed "eval $key"; stamp "eval $name $L $attn failed or timed out (see logs/eval-stderr.log)" ;;
+    esac
   done
 done
 stamp "eval: $(grep -vc ': null}' "$WORK/eval.jsonl") rows"
@@ -171,11 +185,15 @@ stamp "eval: $(grep -vc ': null}' "$WORK/eval.jsonl") rows"
 touch "$WORK/speed.txt"
 for L in $LONG $(echo $LENS | tr ' ' '\n' | grep -vx "$LONG" | sort -rn); do
   for stage in dense warmup sparse; do
-    grep -q "^ours $stage $L: " "$WORK/speed.txt" && continue
-    fits 45 || report "tokens/s continue in the next call"
-    line=$(timeout "$(cap "${BENCH_TIMEOUT:-75}")" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$WORK/terminus" "${DATA[@]}" \
+    grep -q "^ours $stage $L: .*tokens/s" "$WORK/speed.txt" && continue
+    given_up "speed $stage $L" && continue
+    fits "${BENCH_TIMEOUT:-75}" || stop "tokens/s continue in the next call"
+    line=$(timeout "${BENCH_TIMEOUT:-75}" $BIN bench step "recipes/mini-$stage.toml" --steps "${BENCH_STEPS:-2}" --set "model.path=$WORK/terminus" "${DATA[@]}" \
       --set data.seq_len=$L --set train.global_batch_seqs=1 --set train.micro_batch_seqs=1 2>>"$D/bench-stderr.log" | tail -1)
-    echo "ours $stage $L: ${line:-FAILED or timed out}" | tee -a "$WORK/speed.txt"
+    case "$line" in
+      *tokens/s*) echo "ours $stage $L: $line" | tee -a "$WORK/speed.txt" ;;
+      *) failed "speed $stage $L"; stamp "ours $stage $L: failed or timed out (see logs/bench-stderr.log)" ;;
+    esac
   done
 done
 
@@ -183,11 +201,22 @@ done
 if [ "$EVAL_DEVICE" = cuda ] && [ "${TRANSFORMERS:-1}" = 1 ]; then
   touch "$WORK/transformers.jsonl"
   for m in v3 v32; do
-    grep -qi "\"transformers [^\"]* deepseek$m\"" "$WORK/transformers.jsonl" && continue
-    fits 60 || report "transformers' timings continue in the next call"
-    timeout "$(cap 150)" python3 tools/reference/bench_transformers.py --config "$CONFIG" --model $m \
+    [ -f "$WORK/transformers-$m.done" ] && continue
+    given_up "transformers $m" && continue
+    fits 150 || stop "transformers' timings continue in the next call"
+    # One model's lines are kept only when its whole run (every length, or up to its OOM) ended.
+    if timeout 150 python3 tools/reference/bench_transformers.py --config "$CONFIG" --model $m \
       --lens "$(echo $LENS | tr ' ' ,)" --index-topk 512 --index-heads 8 --index-dim 64 \
-      2>>"$D/transformers-stderr.log" | tee -a "$WORK/transformers.jsonl"
+      > "$WORK/transformers-$m.jsonl" 2>>"$D/transformers-stderr.log"; then
+      cat "$WORK/transformers-$m.jsonl" | tee -a "$WORK/transformers.jsonl"
+      touch "$WORK/transformers-$m.done"
+    else
+      failed "transformers $m"; stamp "transformers $m failed or timed out (see logs/transformers-stderr.log)"
+    fi
   done
 fi
-report "every task has run"
+if [ "$RETRY" = 1 ]; then
+  WHY="a measurement failed (failures.txt, logs/): the next call tries it again"
+else
+  WHY="every task has run"
+fi

@@ -189,10 +189,10 @@ impl Moe {
 
     /// Every routed expert's SwiGLU on its tokens `tokens_of[e]` (rows of x [N, hidden]),
     /// stacked in expert order, then token order: [sum_e n_e, hidden], or None when no expert
-    /// has a token. `grouped`: all experts at once, as batched matmuls over [E, cap, .] with
-    /// cap = the largest n_e (rows past an expert's n_e are zeros, computed and dropped: at most
-    /// E * cap / sum n_e times the FLOPs, a few launches instead of about ten per expert; the
-    /// weights are stacked per call, which `use_grouped` bounds). Otherwise one gather and one
+    /// has a token. `grouped`: every expert that has tokens at once, as batched matmuls over
+    /// [E', cap, .] with cap = the largest n_e (rows past an expert's n_e are zeros, computed
+    /// and dropped: at most E' cap / sum n_e times the FLOPs, a few launches instead of about
+    /// ten per expert; the weights are stacked per call, which `use_grouped` bounds). Otherwise one gather and one
     /// SwiGLU per expert, the plain twin. Each output row is the same dot products either way
     /// (equal up to the matmul's summation order).
     pub fn routed_outputs(&self, x: &Tensor, tokens_of: &[Vec<u32>], grouped: bool) -> Result<Option<Tensor>> {
@@ -211,25 +211,29 @@ impl Moe {
             }
             return Ok(Some(Tensor::cat(&ys, 0)?));
         }
-        let e = self.experts.len();
+        // Only the experts that have tokens are stacked: an idle expert's weights get no
+        // gradient at all, as in the per-expert path (a zero gradient would still move them
+        // through AdamW's momentum and weight decay), and pad no rows.
+        let busy: Vec<usize> = (0..self.experts.len()).filter(|&ex| !tokens_of[ex].is_empty()).collect();
+        let e = busy.len();
         let cap = tokens_of.iter().map(Vec::len).max().unwrap_or(0);
-        // Row ex * cap + j of the padded input is x[tokens_of[ex][j]], or zeros past n_ex (an
-        // empty group of the row sum).
+        // Row g * cap + j of the padded input is x[tokens_of[busy[g]][j]], or zeros past that
+        // expert's count (an empty group of the row sum).
         let (mut src, mut off, mut valid) = (Vec::new(), Vec::with_capacity(e * cap + 1), Vec::new());
         off.push(0u32);
-        for (ex, toks) in tokens_of.iter().enumerate() {
+        for (g, &ex) in busy.iter().enumerate() {
             for j in 0..cap {
-                if let Some(&t) = toks.get(j) {
+                if let Some(&t) = tokens_of[ex].get(j) {
                     src.push(t);
-                    valid.push((ex * cap + j) as u32);
+                    valid.push((g * cap + j) as u32);
                 }
                 off.push(src.len() as u32);
             }
         }
         let xs = RowPlan::sums(src, off, n, dev)?.apply(x)?.reshape((e, cap, d))?;
-        let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&self.experts.iter().map(pick).collect::<Vec<_>>(), 0) };
-        let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E, I, D], [E, I, D], [E, D, I]
-        let h = (xs.matmul(&gate.transpose(1, 2)?)?.silu()? * xs.matmul(&up.transpose(1, 2)?)?)?; // [E, cap, I]
+        let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&busy.iter().map(|&ex| pick(&self.experts[ex])).collect::<Vec<_>>(), 0) };
+        let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E', I, D], [E', I, D], [E', D, I]
+        let h = (xs.matmul(&gate.transpose(1, 2)?)?.silu()? * xs.matmul(&up.transpose(1, 2)?)?)?; // [E', cap, I]
         let y = h.matmul(&down.transpose(1, 2)?)?.reshape((e * cap, d))?;
         Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
     }
@@ -312,8 +316,8 @@ impl Moe {
 /// (`Moe::routed_outputs` with `grouped`) and the per-expert twin, over the output and the
 /// gradients of a random probe of it into x and every expert's gate, up and down: `e` experts
 /// of hidden `d` and width `i`, `n` tokens with uneven loads and the last expert unused (its
-/// weights must get a zero gradient from the grouped path, or the error is infinite). For the
-/// unit test and gpu-selftest.
+/// weights must get no gradient from either path, or the error is infinite). For the unit
+/// test and gpu-selftest.
 pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, n: usize, d: usize, i: usize, seed: u64) -> Result<f32> {
     use crate::rng::{randn, SplitMix64};
     use candle_core::Var;
@@ -338,19 +342,21 @@ pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, 
     let tokens_of: Vec<Vec<u32>> = (0..e).map(|j| if j + 1 == e { vec![] } else { (0..n as u32).filter(|_| rng.next_u64() % e as u64 <= j as u64).collect() }).collect();
     let rows: usize = tokens_of.iter().map(Vec::len).sum();
     let probe = randn(&[rows.max(1), d], seed + 7, 1.0, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
-    let run = |grouped: bool| -> Result<Vec<Tensor>> {
+    let run = |grouped: bool| -> Result<Vec<Option<Tensor>>> {
         let y = moe.routed_outputs(x.as_tensor(), &tokens_of, grouped)?.ok_or_else(|| candle_core::Error::Msg("no routed rows".into()))?;
         let grads = (y.to_dtype(DType::F32)? * probe.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
-        let mut all = vec![y, grads.get(x.as_tensor()).cloned().unwrap_or(x.as_tensor().zeros_like()?)];
-        for v in weights.iter().flatten() {
-            all.push(grads.get(v.as_tensor()).cloned().unwrap_or(v.as_tensor().zeros_like()?));
-        }
+        let mut all = vec![Some(y), grads.get(x.as_tensor()).cloned()];
+        all.extend(weights.iter().flatten().map(|v| grads.get(v.as_tensor()).cloned()));
         Ok(all)
     };
     let (plain, grouped) = (run(false)?, run(true)?);
     let mut worst = 0f32;
     for (a, b) in plain.iter().zip(&grouped) {
-        let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+        let (a, b) = match (a, b) {
+            (None, None) => continue, // an idle expert: no gradient either way
+            (Some(a), Some(b)) => (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?),
+            _ => return Ok(f32::INFINITY), // a gradient on one path only
+        };
         let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
         let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
         worst = worst.max(if scale == 0.0 { if diff == 0.0 { 0.0 } else { f32::INFINITY } } else { diff / scale });

@@ -63,10 +63,11 @@ def main():
     except ImportError:
         print("(matplotlib missing: no recall.png / speed.png)", file=sys.stderr)
         return
-    # Recall per layer at the longest evaluated length, one panel per model that has an
-    # indexer worth reading (its first row there: dense and sparse attention give slightly
+    # Recall per layer at the longest evaluated length (k = L/64 for every row there), one
+    # curve per model (its first row at that length: dense and sparse attention give slightly
     # different hidden states, so later layers' recall differs a little), with the ceiling
     # (the mass of the model's own k largest attention probabilities) dashed in the same colour.
+    # Models trained densely keep an untrained indexer: their curves sit near the uniform bound.
     longest = max((r["seq_len"] for r in evals), default=0)
     firsts = {}
     for r in evals:
