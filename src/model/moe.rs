@@ -284,27 +284,22 @@ impl Moe {
         }
         // Local expert j takes its rows from every source's block; the outputs, stacked in
         // expert order, go back to the arrival order (each arrived row has exactly one).
-        let mut ys = Vec::with_capacity(per);
-        let mut taken: Vec<u32> = Vec::with_capacity(arrived.dim(0)?);
-        for (j, mlp) in self.experts.iter().enumerate() {
-            let rows: Vec<u32> = (0..ep)
-                .flat_map(|s| {
-                    let first = block_start[s] + counts[s][..j].iter().sum::<usize>();
-                    (first..first + counts[s][j]).map(|r| r as u32)
-                })
-                .collect();
-            if rows.is_empty() {
-                continue;
-            }
-            ys.push(mlp.forward(&RowPlan::gather(&rows, arrived.dim(0)?, dev)?.apply(&arrived)?)?);
-            taken.extend(rows);
-        }
+        let rows_of: Vec<Vec<u32>> = (0..per)
+            .map(|j| {
+                (0..ep)
+                    .flat_map(|s| {
+                        let first = block_start[s] + counts[s][..j].iter().sum::<usize>();
+                        (first..first + counts[s][j]).map(|r| r as u32)
+                    })
+                    .collect()
+            })
+            .collect();
+        let taken: Vec<u32> = rows_of.concat();
         // With no row here, arrived * 0 keeps the output a function of the input, so every
         // rank's backward takes part in the exchange.
-        let y = if ys.is_empty() {
-            arrived.affine(0.0, 0.0)?
-        } else {
-            RowPlan::gather(&taken, arrived.dim(0)?, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)?
+        let y = match self.routed_outputs(&arrived, &rows_of, self.use_grouped())? {
+            Some(ys) => RowPlan::gather(&taken, arrived.dim(0)?, dev)?.adjoint().apply(&ys)?,
+            None => arrived.affine(0.0, 0.0)?,
         };
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
         let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?.apply(&weights.unsqueeze(1)?)?;
