@@ -118,6 +118,11 @@ fn run_mini_resumes_each_stage_where_the_last_call_stopped_and_runs_every_task_o
     let speed = lines(&work.join("speed.txt"));
     assert_eq!(speed.len(), 6, "{speed:#?}");
     assert!(speed[0].starts_with("ours dense 64: ") && speed[3].starts_with("ours dense 32: "), "{speed:#?}");
+    // The report of the last call (tools/reference/report.py, where the machine has python3).
+    if Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success()) {
+        let table = std::fs::read_to_string(dir.path().join(format!("log{calls}")).join("results-table.md")).unwrap_or_default();
+        assert!(table.contains("| dense-start | 32 | dense | 7.0000 |") && table.contains("| 64 | 1000 | 1000 | 1000 |"), "report.py's table:\n{table}");
+    }
     // One more call finds nothing to do.
     let before = lines(&dir.path().join("calls.log")).len();
     assert!(call(calls + 1).contains("every task has run"));
