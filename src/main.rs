@@ -99,7 +99,7 @@ enum Command {
         which: BenchCommand,
     },
     /// Export a checkpoint as a DeepSeek-V3.2-Exp Hugging Face checkpoint (indexer included).
-    /// For now the input is a Hugging Face checkpoint directory.
+    /// The input is a Hugging Face checkpoint directory or a training `step-N` checkpoint.
     Export {
         /// Checkpoint directory (config.json + safetensors, HF layout).
         #[arg(long)]
