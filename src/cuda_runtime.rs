@@ -15,11 +15,20 @@
 //!
 //! `DSA_CUDA_DEFAULTS=1` in the environment keeps cudarc's defaults (for side-by-side
 //! measurements of this module).
+//!
+//! `DSA_TF32=1` lets cuBLAS run f32 matrix products on tensor cores (TF32: inputs rounded to
+//! 10 mantissa bits, f32 accumulation), for bf16 models, whose f32 products (the dense
+//! attention's recomputing backward, the indexer's projections) take bf16-valued inputs or
+//! f32 intermediates that a bf16 kernel would round further; opt-in until a side-by-side run
+//! measures it, and never for the f32 runs that must match the CPU.
 
 use candle_core::Device;
 
 /// Apply the settings above to a CUDA device just created (nothing on the CPU).
 pub fn configure(device: &Device) -> candle_core::Result<()> {
+    if device.is_cuda() && std::env::var("DSA_TF32").is_ok_and(|v| v == "1") {
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+    }
     if std::env::var("DSA_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
         return Ok(());
     }
