@@ -178,7 +178,7 @@ for row in "dense-start:$WORK/terminus:dense" "baseline:$(newest "$WORK/baseline
     esac
   done
 done
-stamp "eval: $(grep -vc ': null}' "$WORK/eval.jsonl") rows"
+stamp "eval: $(wc -l < "$WORK/eval.jsonl") rows"
 
 # --- tokens/s of the three stages (one sequence per step, top-512 as given to transformers),
 # side by side in one call; LONG first (the sparse / dense goal is set there), then longest first

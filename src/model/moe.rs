@@ -192,9 +192,9 @@ impl Moe {
     /// has a token. `grouped`: every expert that has tokens at once, as batched matmuls over
     /// [E', cap, .] with cap = the largest n_e (rows past an expert's n_e are zeros, computed
     /// and dropped: at most E' cap / sum n_e times the FLOPs, a few launches instead of about
-    /// ten per expert; the weights are stacked per call, which `use_grouped` bounds). Otherwise one gather and one
-    /// SwiGLU per expert, the plain twin. Each output row is the same dot products either way
-    /// (equal up to the matmul's summation order).
+    /// ten per expert; the weights are stacked per call, which `use_grouped` bounds).
+    /// Otherwise one gather and one SwiGLU per expert, the plain twin. Each output row is the
+    /// same dot products either way (equal up to the matmul's summation order).
     pub fn routed_outputs(&self, x: &Tensor, tokens_of: &[Vec<u32>], grouped: bool) -> Result<Option<Tensor>> {
         let (n, d) = x.dims2()?;
         let dev = x.device();

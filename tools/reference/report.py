@@ -78,7 +78,8 @@ def main():
         line, = ax.plot(r["eval"]["attention_mass_recall_per_layer"], marker="o", label=f"{name}: recall")
         if "attention_mass_recall_ceiling_per_layer" in r["eval"]:
             ax.plot(r["eval"]["attention_mass_recall_ceiling_per_layer"], ls="--", color=line.get_color(), label=f"{name}: ceiling")
-    ax.set_title(f"indexer attention-mass recall per layer at {longest} tokens, top-{firsts[next(iter(firsts))]['eval']['topk'] if firsts else '?'}")
+    topk = next(iter(firsts.values()))["eval"]["topk"] if firsts else "?"
+    ax.set_title(f"indexer attention-mass recall per layer at {longest} tokens, top-{topk}")
     ax.set_xlabel("layer"); ax.set_ylabel("attention mass in the top-k"); ax.grid(alpha=.3)
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8)
     fig.tight_layout(); fig.savefig(os.path.join(log, "recall.png"), dpi=120)
