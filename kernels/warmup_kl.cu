@@ -680,3 +680,333 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
     if (t < T) dw[((size_t)b * T + t) * HI + (i - r * HI)] = sm.dws[i];
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Kernels 3 and 4: dense causal attention backward (the dense stage trains the attention).
+//
+// Maths (FlashAttention-2's backward), per (b, h), queries t and keys s <= t:
+//   p[t,s] = exp(scale q[t].k[s] - lse[t]);  delta[t] = sum_d dout[t,d] out[t,d]
+//   dv[s]  = sum_t p[t,s] dout[t];  dp[t,s] = dout[t].v[s];  ds[t,s] = p[t,s] (dp[t,s] - delta[t])
+//   dq[t]  = scale sum_s ds[t,s] k[s];  dk[s] = scale sum_t ds[t,s] q[t]
+// lse is the forward's (natural log), delta is computed by the caller (f32).
+//
+// Two kernels instead of FlashAttention-2's one with atomic dq: kernel 3 owns 64 keys and
+// walks the query tiles after them (dk, dv); kernel 4 owns 64 queries and walks the key tiles
+// before them (dq). Each output row has exactly one writer and a fixed summation order, so
+// the backward is deterministic (bitwise repeatable) at the price of computing q.k and
+// dout.v twice (7 products per pair instead of 5).
+//
+// Numerics: products on the tensor cores (bf16 inputs, f32 accumulators); p and ds are rounded
+// to bf16 as operands of the dv, dk and dq products (relative 2^-9 each, as in
+// FlashAttention); exponentials, delta and every accumulator are f32; outputs are f32.
+// Masked pairs (s > t, or t, s >= T) carry p = 0 and ds = 0.
+//
+// Register budget per thread: kernel 3 holds dk (DQKP / 2 floats) and dv (DVP / 2) plus two
+// 16 x 32 tiles (16 floats each); kernel 4 holds dq (DQKP / 2) plus two 16 x 64 tiles. The
+// host takes these kernels only for DQKP + DVP <= 320 (the 671B shape 192 + 128).
+
+#define BW_BK 64  // kernel 3: keys per block (4 warps x 16)
+#define BW_BQ 32  // kernel 3: queries per tile
+#define BW_THREADS 128
+
+template <int DQKP, int DVP>
+__device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                               const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
+                                               const float* __restrict__ lse, const float* __restrict__ delta,
+                                               float* __restrict__ dk, float* __restrict__ dv, int T, int H, int DQK,
+                                               int DV, float scale, float scale_log2) {
+  extern __shared__ __align__(16) unsigned char bw_smem[];
+  const int SQ = DQK + 8, SV = DV + 8;
+  bf16_t* k_s = (bf16_t*)bw_smem;          // [BW_BK][SQ]
+  bf16_t* v_s = k_s + BW_BK * SQ;          // [BW_BK][SV]
+  bf16_t* q_s = v_s + BW_BK * SV;          // [2][BW_BQ][SQ]
+  bf16_t* do_s = q_s + 2 * BW_BQ * SQ;     // [2][BW_BQ][SV]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, cq = lane & 3;
+  const int s0 = blockIdx.x * BW_BK;  // block 0 has the most query tiles: launched first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const size_t bh = (size_t)b * H + h;
+  const bf16_t* qb = q + bh * T * DQK;
+  const bf16_t* kb = k + bh * T * DQK;
+  const bf16_t* vb = v + bh * T * DV;
+  const bf16_t* dob = dout + bh * T * DV;
+  const float* lseb = lse + bh * T;
+  const float* deltab = delta + bh * T;
+  const int qt0 = s0 / BW_BQ, nqt = (T + BW_BQ - 1) / BW_BQ;
+
+  load_rows_async(k_s, kb, s0, BW_BK, T, DQK, BW_THREADS);
+  load_rows_async(v_s, vb, s0, BW_BK, T, DV, BW_THREADS);
+  load_rows_async(q_s, qb, qt0 * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
+  load_rows_async(do_s, dob, qt0 * BW_BQ, BW_BQ, T, DV, BW_THREADS);
+  cp_async_commit();
+
+  float dka[DQKP / 8][4], dva[DVP / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < DQKP / 8; ++nt) dka[nt][0] = dka[nt][1] = dka[nt][2] = dka[nt][3] = 0.f;
+#pragma unroll
+  for (int nt = 0; nt < DVP / 8; ++nt) dva[nt][0] = dva[nt][1] = dva[nt][2] = dva[nt][3] = 0.f;
+  const int key0 = s0 + warp * 16 + gq;  // this thread's keys: key0 and key0 + 8
+
+  for (int qt = qt0; qt < nqt; ++qt) {
+    const int buf = (qt - qt0) & 1;
+    if (qt + 1 < nqt) {
+      load_rows_async(q_s + (buf ^ 1) * BW_BQ * SQ, qb, (qt + 1) * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
+      load_rows_async(do_s + (buf ^ 1) * BW_BQ * SV, dob, (qt + 1) * BW_BQ, BW_BQ, T, DV, BW_THREADS);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16_t* qs = q_s + buf * BW_BQ * SQ;
+    const bf16_t* dos = do_s + buf * BW_BQ * SV;
+
+    // s^T = K Q^T and dp^T = V dout^T for this warp's 16 keys x 32 queries.
+    float st[4][4], dpt[4][4];
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, k_s + (warp * 16 + a_row(lane)) * SQ + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, qs + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
+        mma_bf16_16816(st[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(st[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    for (int kk = 0; kk < DV / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, v_s + (warp * 16 + a_row(lane)) * SV + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < 2; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, dos + (np * 16 + bnk_row(lane)) * SV + kk * 16 + bnk_col(lane));
+        mma_bf16_16816(dpt[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(dpt[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+
+    // p^T and ds^T in place (element e: key key0 + 8 (e >> 1), query col).
+#pragma unroll
+    for (int nt = 0; nt < 4; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int col = qt * BW_BQ + nt * 8 + 2 * cq + e;
+        const bool in = col < T;
+        const float l2 = in ? lseb[col] * LOG2E : 0.f;
+        const float dl = in ? deltab[col] : 0.f;
+#pragma unroll
+        for (int r = 0; r < 2; ++r) {
+          const int key = key0 + 8 * r, i = 2 * r + e;
+          const float p = (in && key <= col) ? exp2f(st[nt][i] * scale_log2 - l2) : 0.f;
+          st[nt][i] = p;
+          dpt[nt][i] = p * (dpt[nt][i] - dl);
+        }
+      }
+    }
+
+    // dv += p^T dout and dk += ds^T q (A operands from the registers, B via ldmatrix.trans).
+#pragma unroll
+    for (int kk = 0; kk < 2; ++kk) {
+      uint32_t ap[4], as[4];
+      ap[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
+      ap[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
+      ap[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
+      ap[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
+      as[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
+      as[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
+      as[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
+      as[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < DVP / 16; ++np) {
+        if (np * 16 < DV) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, dos + (kk * 16 + bkn_row(lane)) * SV + np * 16 + bkn_col(lane));
+          mma_bf16_16816(dva[2 * np], ap, bb[0], bb[1]);
+          mma_bf16_16816(dva[2 * np + 1], ap, bb[2], bb[3]);
+        }
+      }
+#pragma unroll
+      for (int np = 0; np < DQKP / 16; ++np) {
+        if (np * 16 < DQK) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, qs + (kk * 16 + bkn_row(lane)) * SQ + np * 16 + bkn_col(lane));
+          mma_bf16_16816(dka[2 * np], as, bb[0], bb[1]);
+          mma_bf16_16816(dka[2 * np + 1], as, bb[2], bb[3]);
+        }
+      }
+    }
+    __syncthreads();  // buffer `buf` is refilled in the next iteration
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int key = key0 + 8 * r;
+    if (key < T) {
+      float* dkr = dk + (bh * T + key) * DQK;
+      float* dvr = dv + (bh * T + key) * DV;
+#pragma unroll
+      for (int nt = 0; nt < DQKP / 8; ++nt)
+        if (nt * 8 < DQK) *(float2*)(dkr + nt * 8 + 2 * cq) = make_float2(dka[nt][2 * r] * scale, dka[nt][2 * r + 1] * scale);
+#pragma unroll
+      for (int nt = 0; nt < DVP / 8; ++nt)
+        if (nt * 8 < DV) *(float2*)(dvr + nt * 8 + 2 * cq) = make_float2(dva[nt][2 * r], dva[nt][2 * r + 1]);
+    }
+  }
+}
+
+template <int DQKP, int DVP>
+__device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
+                                             const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
+                                             const float* __restrict__ lse, const float* __restrict__ delta,
+                                             float* __restrict__ dq, int T, int H, int DQK, int DV, float scale,
+                                             float scale_log2) {
+  extern __shared__ __align__(16) unsigned char bw_smem[];
+  const int SQ = DQK + 8, SV = DV + 8;
+  bf16_t* q_s = (bf16_t*)bw_smem;        // [FA_BM][SQ]
+  bf16_t* do_s = q_s + FA_BM * SQ;       // [FA_BM][SV]
+  bf16_t* k_s = do_s + FA_BM * SV;       // [2][FA_BN][SQ]
+  bf16_t* v_s = k_s + 2 * FA_BN * SQ;    // [2][FA_BN][SV]
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, cq = lane & 3;
+  const int ntiles = (T + FA_BM - 1) / FA_BM;
+  const int tile = ntiles - 1 - (int)blockIdx.x;  // longest rows first
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int t0 = tile * FA_BM;
+  const size_t bh = (size_t)b * H + h;
+  const bf16_t* qb = q + bh * T * DQK;
+  const bf16_t* kb = k + bh * T * DQK;
+  const bf16_t* vb = v + bh * T * DV;
+  const bf16_t* dob = dout + bh * T * DV;
+  const int nkt = (min(t0 + FA_BM, T) - 1) / FA_BN + 1;
+
+  load_rows_async(q_s, qb, t0, FA_BM, T, DQK, BW_THREADS);
+  load_rows_async(do_s, dob, t0, FA_BM, T, DV, BW_THREADS);
+  load_rows_async(k_s, kb, 0, FA_BN, T, DQK, BW_THREADS);
+  load_rows_async(v_s, vb, 0, FA_BN, T, DV, BW_THREADS);
+  cp_async_commit();
+
+  float dqa[DQKP / 8][4];
+#pragma unroll
+  for (int nt = 0; nt < DQKP / 8; ++nt) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.f;
+  const int row0 = t0 + warp * 16 + gq;  // this thread's rows: row0 and row0 + 8
+  float l2[2], dl[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    l2[r] = row < T ? lse[bh * T + row] * LOG2E : 0.f;
+    dl[r] = row < T ? delta[bh * T + row] : 0.f;
+  }
+
+  for (int kt = 0; kt < nkt; ++kt) {
+    const int buf = kt & 1;
+    if (kt + 1 < nkt) {
+      load_rows_async(k_s + (buf ^ 1) * FA_BN * SQ, kb, (kt + 1) * FA_BN, FA_BN, T, DQK, BW_THREADS);
+      load_rows_async(v_s + (buf ^ 1) * FA_BN * SV, vb, (kt + 1) * FA_BN, FA_BN, T, DV, BW_THREADS);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+    const bf16_t* ks = k_s + buf * FA_BN * SQ;
+    const bf16_t* vs = v_s + buf * FA_BN * SV;
+
+    // s = Q K^T and dp = dout V^T for this warp's 16 rows x 64 keys.
+    float s[8][4], dp[8][4];
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
+    for (int kk = 0; kk < DQK / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, q_s + (warp * 16 + a_row(lane)) * SQ + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, ks + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
+        mma_bf16_16816(s[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(s[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+    for (int kk = 0; kk < DV / 16; ++kk) {
+      uint32_t a[4];
+      ldsm_x4(a, do_s + (warp * 16 + a_row(lane)) * SV + kk * 16 + a_col(lane));
+#pragma unroll
+      for (int np = 0; np < 4; ++np) {
+        uint32_t bb[4];
+        ldsm_x4(bb, vs + (np * 16 + bnk_row(lane)) * SV + kk * 16 + bnk_col(lane));
+        mma_bf16_16816(dp[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(dp[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+#pragma unroll
+    for (int nt = 0; nt < 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = e >> 1, row = row0 + 8 * r;
+        const int col = kt * FA_BN + nt * 8 + 2 * cq + (e & 1);
+        const float p = (row < T && col <= row) ? exp2f(s[nt][e] * scale_log2 - l2[r]) : 0.f;
+        dp[nt][e] = p * (dp[nt][e] - dl[r]);
+      }
+    }
+
+    // dq += ds K (A from the registers, K via ldmatrix.trans).
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk) {
+      uint32_t a[4];
+      a[0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
+      a[1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
+      a[2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
+      a[3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
+#pragma unroll
+      for (int np = 0; np < DQKP / 16; ++np) {
+        if (np * 16 < DQK) {
+          uint32_t bb[4];
+          ldsm_x4_t(bb, ks + (kk * 16 + bkn_row(lane)) * SQ + np * 16 + bkn_col(lane));
+          mma_bf16_16816(dqa[2 * np], a, bb[0], bb[1]);
+          mma_bf16_16816(dqa[2 * np + 1], a, bb[2], bb[3]);
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = row0 + 8 * r;
+    if (row < T) {
+      float* dqr = dq + (bh * T + row) * DQK;
+#pragma unroll
+      for (int nt = 0; nt < DQKP / 8; ++nt)
+        if (nt * 8 < DQK) *(float2*)(dqr + nt * 8 + 2 * cq) = make_float2(dqa[nt][2 * r] * scale, dqa[nt][2 * r + 1] * scale);
+    }
+  }
+}
+
+#define DENSE_BWD(DQKP, DVP)                                                                                    \
+  extern "C" __global__ void __launch_bounds__(BW_THREADS) dense_attn_bwd_dkdv_##DQKP##_##DVP(                \
+      const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,                   \
+      const bf16_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,             \
+      float* __restrict__ dk, float* __restrict__ dv, int T, int H, int DQK, int DV, float scale,                 \
+      float scale_log2) {                                                                                         \
+    dense_bwd_dkdv<DQKP, DVP>(q, k, v, dout, lse, delta, dk, dv, T, H, DQK, DV, scale, scale_log2);              \
+  }                                                                                                               \
+  extern "C" __global__ void __launch_bounds__(BW_THREADS) dense_attn_bwd_dq_##DQKP##_##DVP(                  \
+      const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,                   \
+      const bf16_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,             \
+      float* __restrict__ dq, int T, int H, int DQK, int DV, float scale, float scale_log2) {                    \
+    dense_bwd_dq<DQKP, DVP>(q, k, v, dout, lse, delta, dq, T, H, DQK, DV, scale, scale_log2);                    \
+  }
+// Padded head dims (DQKP, DVP) with DQKP + DVP <= 320; the host picks the smallest that fit.
+DENSE_BWD(64, 32)
+DENSE_BWD(64, 64)
+DENSE_BWD(64, 128)
+DENSE_BWD(128, 32)
+DENSE_BWD(128, 64)
+DENSE_BWD(128, 128)
+DENSE_BWD(192, 32)
+DENSE_BWD(192, 64)
+DENSE_BWD(192, 128)

@@ -153,7 +153,7 @@ pub(crate) fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> R
 /// run. FLOP counts (the brief's): sparse MLA forward 2 S H k (576 + 512), backward
 /// 2 S H k (2 x 512 + 3 x 576), indexer scores at the selection 2 S k HI DI (forward) and twice
 /// that (backward), with k the number of selected keys summed over queries (min(k, t+1)).
-pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
+pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> Result<String> {
     use candle_core::{Tensor, Var};
     let dev = crate::parse_device(device_name)?;
     if !crate::kernels::available(&dev) {
@@ -176,7 +176,8 @@ pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
             ("sparse MLA (tensor cores)", crate::kernels::sparse_mla_tc::bench),
             ("dense attention + warm-up KL", crate::kernels::warmup_kl::bench),
         ];
-        for (name, bench) in families {
+        let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
+        for (name, bench) in families.into_iter().filter(|f| wanted(f.0)) {
             match bench(&dev, l) {
                 Ok(lines) => lines.into_iter().for_each(|x| out.push(format!("L {l}: {x}"))),
                 Err(e) => out.push(format!("L {l}: {name}: failed: {e:#}")),
@@ -184,7 +185,7 @@ pub fn bench_kernels(device_name: &str, lens: &[usize]) -> Result<String> {
         }
         // Version-1 f32 kernels (CUDA cores), the baseline: short lengths only (f32 inputs at
         // the 671B shape need 9 GiB per 32K queries).
-        if l > 8192 {
+        if l > 8192 || !wanted("v1 f32 kernels") {
             continue;
         }
         let mut rng = crate::rng::SplitMix64::new(l as u64);

@@ -185,6 +185,10 @@ enum BenchCommand {
         /// Sequence lengths, comma-separated.
         #[arg(long, default_value = "8192,32768")]
         lens: String,
+        /// Time only the kernel families whose name contains this (e.g. "dense", "sparse MLA",
+        /// "v1" for the f32 version-1 baseline); all by default.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Time whole training steps of a recipe (no checkpoints written): median tokens/s.
     Step {
@@ -277,12 +281,12 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
         }
         Command::GpuSelftest { device, only } => dsa_train::gpu_check::run(&device, only.as_deref())?,
-        Command::Bench { which: BenchCommand::Kernels { device, lens } } => {
+        Command::Bench { which: BenchCommand::Kernels { device, lens, only } } => {
             let lens: Vec<usize> = lens
                 .split(',')
                 .map(|x| x.trim().parse().map_err(|_| anyhow::anyhow!("--lens {lens}: expected comma-separated integers")))
                 .collect::<Result<_>>()?;
-            println!("{}", dsa_train::bench::bench_kernels(&device, &lens)?);
+            println!("{}", dsa_train::bench::bench_kernels(&device, &lens, only.as_deref())?);
         }
         Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
             let r = Recipe::load(&recipe, &sets)?;

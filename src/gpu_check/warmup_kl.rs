@@ -1,4 +1,5 @@
-//! GPU checks of `kernels::warmup_kl`: the dense attention forward (output and LSE) and the
+//! GPU checks of `kernels::warmup_kl`: the dense attention forward (output and LSE), its
+//! backward (dq, dk, dv; repeatable bit for bit), and the
 //! streaming warm-up KL with its indexer gradients, against their plain candle twins on fresh
 //! random inputs, plus the memory bound of the KL kernel at T = 32768.
 //!
@@ -94,7 +95,51 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             ),
         });
     }
+    out.extend(backward_checks(gpu)?);
     out.push(memory_check(gpu)?);
+    Ok(out)
+}
+
+/// The dense attention backward kernel against its plain twin (`backward_blocks`, f32) from the
+/// same forward output and LSE, on fresh random inputs: T = 1, 97 and 1025 (a partial last
+/// tile), 4097 with large magnitudes (peaked softmax rows), the tiny, mini and bench head dims;
+/// and its promise of bitwise repeatability (two runs compared exactly).
+fn backward_checks(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    let cases = [
+        (1usize, 2usize, 1usize, 192usize, 128usize, 1.0f64),
+        (2, 3, 97, 48, 32, 2.0),
+        (2, 8, 1025, 96, 64, 1.0),
+        (1, 2, 4097, 192, 128, 3.0),
+        (1, 3, 130, 64, 128, 1.5),
+    ];
+    for (i, &(b, h, t, dqk, dv, sd)) in cases.iter().enumerate() {
+        let seed = 7300 + 10 * i as u64;
+        let scale = (dqk as f64).powf(-0.5) * mscale2();
+        let q = randn_bf16(&[b, h, t, dqk], seed, sd, gpu)?;
+        let k = randn_bf16(&[b, h, t, dqk], seed + 1, sd, gpu)?;
+        let v = randn_bf16(&[b, h, t, dv], seed + 2, 1.0, gpu)?;
+        let dout = randn_bf16(&[b, h, t, dv], seed + 3, 1.0, gpu)?;
+        let (o, lse) = wk::dense_attention_fwd(&q, &k, &v, scale)?;
+        let ours = wk::dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
+        let again = wk::dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
+        let twin = crate::model::dense_recompute::backward_blocks(&q, &k, &v, &o, &lse, &dout, scale, 256)?;
+        let (mut ok, mut parts) = (true, vec![]);
+        for (what, a, r) in [("dq", &ours.0, &twin.0), ("dk", &ours.1, &twin.1), ("dv", &ours.2, &twin.2)] {
+            let (o, d) = compare(a, r, 2e-2, 0.999)?;
+            ok &= o;
+            parts.push(format!("{what} {d}"));
+        }
+        let mut same = true;
+        for (a, r) in [(&ours.0, &again.0), (&ours.1, &again.1), (&ours.2, &again.2)] {
+            same &= (a - r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
+        }
+        out.push(Outcome {
+            name: "dense attention bwd kernel vs twin",
+            ok: ok && same,
+            detail: format!("B {b} H {h} T {t} dqk {dqk} dv {dv} std {sd}: {} (rel < 2e-2, cos > 0.999); two runs bitwise equal: {same}", parts.join("; ")),
+        });
+    }
     Ok(out)
 }
 

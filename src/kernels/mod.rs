@@ -36,7 +36,8 @@ pub fn available(device: &Device) -> bool {
 /// e.g. `DSA_PLAIN_OPS=lm-loss,indexer-at`)? Side-by-side benchmarks of one binary: the named
 /// operations take their plain twins while every other kernel stays on. Names: `indexer-at`
 /// (the sparse-stage KL's tensor-core scores at the selection; the f32 kernel instead),
-/// `lm-loss` (the fused LM loss), `adamw` (the fused optimizer step).
+/// `lm-loss` (the fused LM loss), `adamw` (the fused optimizer step), `dense-bwd` (the dense
+/// attention's tensor-core backward; `model::dense_recompute::backward_blocks` instead).
 pub fn plain_op(name: &str) -> bool {
     static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     LIST.get_or_init(|| std::env::var("DSA_PLAIN_OPS").map(|v| v.split(',').map(|s| s.trim().to_string()).collect()).unwrap_or_default())

@@ -16,6 +16,11 @@
 //! is strict (`> 0`). dki is accumulated with f32 atomics across query blocks (summation order
 //! not deterministic); kl, dqi and dw are deterministic.
 //!
+//! - `dense_attention_bwd`: the dense causal attention's backward (dq, dk, dv in f32) from the
+//!   forward's output and LSE, on the tensor cores, deterministic (each output row has one
+//!   writer); the dense pre-training stage trains through it. Its plain twin is
+//!   `model::dense_recompute::backward_blocks`.
+//!
 //! Plain twins (`dense_attention_fwd_plain`, `warmup_kl_plain`) are candle ops materialising
 //! [B, H, T, T]: for tests and for shapes the kernels do not take (`supported`).
 
@@ -53,6 +58,38 @@ pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     {
         let _ = (q, k, v, scale);
         candle_core::bail!("dense_attention_fwd kernel needs the `cuda` feature (use dense_attention_fwd_plain)")
+    }
+}
+
+/// Head dims the backward kernel takes: DQK and DV multiples of 16 with DQK <= 192, DV <= 128
+/// and padded DQK + DV <= 320 (its register budget; the 671B shape is 192 + 128).
+pub fn backward_supported(dqk: usize, dv: usize) -> bool {
+    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x % 16 == 0;
+    m16(dqk, 192) && m16(dv, 128) && bwd_padded(dqk, dv).is_some()
+}
+
+/// (DQKP, DVP): the instantiated padded head dims of kernels/warmup_kl.cu's DENSE_BWD.
+fn bwd_padded(dqk: usize, dv: usize) -> Option<(usize, usize)> {
+    let dqkp = [64usize, 128, 192].into_iter().find(|&p| dqk <= p)?;
+    let dvp = [32usize, 64, 128].into_iter().find(|&p| dv <= p)?;
+    (dqkp + dvp <= 320).then_some((dqkp, dvp))
+}
+
+/// Dense causal attention backward: q, k [B, H, T, DQK], v [B, H, T, DV], the forward's out
+/// [B, H, T, DV] and lse [B, H, T] (natural log, f32), the output gradient dout [B, H, T, DV];
+/// q, k, v, dout bf16. Returns (dq, dk, dv) in f32, bitwise repeatable run to run.
+/// delta = rowsum(dout * out) is computed here in f32 from the bf16 out and dout.
+#[allow(clippy::too_many_arguments)]
+pub fn dense_attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    {
+        let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?; // [B, H, T]
+        cuda::dense_attention_bwd(q, k, v, dout, lse, &delta, scale)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, k, v, out, lse, dout, scale);
+        candle_core::bail!("dense_attention_bwd kernel needs the `cuda` feature (use dense_recompute::backward_blocks)")
     }
 }
 
@@ -137,6 +174,8 @@ use crate::bench::time_median;
 /// indexer HI 64 x DI 128, softmax scale 192^-1/2 * mscale^2.
 /// FLOP counts, with pairs = L (L + 1) / 2 causal (query, key) pairs:
 /// - attention forward: 2 * H * (DQK + DV) * pairs (QK^T and PV);
+/// - attention backward: 2 * H * (3 DQK + 2 DV) * pairs (FlashAttention-2's count: QK^T, dO V^T,
+///   P^T dO, dS K, dS^T Q); the deterministic two-kernel form executes QK^T and dO V^T twice;
 /// - warm-up KL: (2 * H * DQK + 5 * 2 * HI * DI) * pairs: the attention QK^T recomputed once,
 ///   and five indexer-sized products per pair (pass 1: logits; pass 2: logits, the logits again
 ///   for the ReLU mask, dqi, dki). Exponentials and element-wise work are not counted.
@@ -162,11 +201,23 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     })?;
     let f_attn = 2.0 * h as f64 * (dqk + dv) as f64 * pairs;
     lines.push(format!(
-        "L {l}: dense causal attention fwd (B {b}, H {h}, dqk {dqk}, dv {dv}, bf16): {:.2} ms = {:.1} TFLOP/s (2 H (dqk+dv) x causal pairs)",
+        "dense causal attention fwd (B {b}, H {h}, dqk {dqk}, dv {dv}, bf16): {:.2} ms = {:.1} TFLOP/s (2 H (dqk+dv) x causal pairs)",
         ta * 1e3, f_attn / ta / 1e12
     ));
-    let (_, lse) = dense_attention_fwd(&q, &k, &v, scale)?;
-    drop(v);
+    let (o, lse) = dense_attention_fwd(&q, &k, &v, scale)?;
+    let dout = bf(&[b, h, l, dv])?;
+    let tb = time_median(dev, reps, || {
+        dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
+        Ok(())
+    })?;
+    let f_bwd = 2.0 * h as f64 * (3 * dqk + 2 * dv) as f64 * pairs;
+    let f_exec = 2.0 * h as f64 * (4 * dqk + 3 * dv) as f64 * pairs;
+    lines.push(format!(
+        "dense causal attention bwd (dq, dk, dv; deterministic): {:.2} ms = {:.1} TFLOP/s (2 H (3 dqk + 2 dv) x causal pairs; \
+         {:.1} TFLOP/s executed, 2 H (4 dqk + 3 dv): q.k and dout.v are computed twice)",
+        tb * 1e3, f_bwd / tb / 1e12, f_exec / tb / 1e12
+    ));
+    drop((v, o, dout));
     let qi = Tensor::randn(0f32, 1f32, (b, l, hi, di), dev)?;
     let w = (Tensor::randn(0f32, 1f32, (b, l, hi), dev)? * ((hi * di) as f64).powf(-0.5))?;
     let ki = Tensor::randn(0f32, 1f32, (b, l, di), dev)?;
@@ -187,7 +238,7 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let f_kl = (2.0 * h as f64 * dqk as f64 + 5.0 * 2.0 * (hi * di) as f64) * pairs;
     let mib = |x: usize| x as f64 / (1u64 << 20) as f64;
     lines.push(format!(
-        "L {l}: warm-up KL + indexer grads (H {h}, dqk {dqk}, HI {hi}, DI {di}): {:.2} ms = {:.1} TFLOP/s \
+        "warm-up KL + indexer grads (H {h}, dqk {dqk}, HI {hi}, DI {di}): {:.2} ms = {:.1} TFLOP/s \
          ((2 H dqk + 5 x 2 HI DI) x causal pairs); extra device memory measured {:.1} MiB beyond {:.1} MiB of outputs \
          (computed: 0, no workspace); mean kl {kl_mean:.4}",
         tk * 1e3, f_kl / tk / 1e12, mib(extra), mib(outputs)
@@ -212,6 +263,8 @@ mod cuda {
     const FA_BM: usize = 64;
     const FA_BN: usize = 64;
     const FA_THREADS: u32 = 128;
+    const BW_BK: usize = 64;
+    const BW_BQ: usize = 32;
     const KL_BM: usize = 128;
     const KL_BC: usize = 64;
     const KL_THREADS: u32 = 256;
@@ -293,6 +346,67 @@ mod cuda {
         unsafe { lb.launch(cfg) }.w()?;
         drop(lb);
         Ok((wrap(out, &dev, (b, h, t, dv)), wrap(lse, &dev, (b, h, t))))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn dense_attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, h, t, dqk) = q.dims4()?;
+        let (bv, hv, tv, dv) = v.dims4()?;
+        let shapes = || format!("q {:?}, k {:?}, v {:?}, dout {:?}, lse {:?}", q.shape(), k.shape(), v.shape(), dout.shape(), lse.shape());
+        if k.dims() != q.dims() || (bv, hv, tv) != (b, h, t) || dout.dims() != v.dims() || lse.dims() != [b, h, t] || delta.dims() != [b, h, t] || t == 0 || b == 0 || h == 0 {
+            bail!("dense_attention_bwd: {} do not fit ([B, H, T, DQK], same, [B, H, T, DV], same, [B, H, T], T > 0)", shapes());
+        }
+        let Some((dqkp, dvp)) = super::bwd_padded(dqk, dv).filter(|_| super::backward_supported(dqk, dv) && b <= 65535 && h <= 65535) else {
+            bail!("dense_attention_bwd: {}: needs DQK <= 192, DV <= 128, multiples of 16, and B, H <= 65535", shapes());
+        };
+        let (q, k, v, dout) = (prep(q, DType::BF16, "q")?, prep(k, DType::BF16, "k")?, prep(v, DType::BF16, "v")?, prep(dout, DType::BF16, "dout")?);
+        let (lse, delta) = (prep(lse, DType::F32, "lse")?, prep(delta, DType::F32, "delta")?);
+        let dev = q.device().as_cuda_device()?.clone();
+        let (sq, sv) = (dqk + 8, dv + 8);
+        let smem_kv = (BW_BK * (sq + sv) + 2 * BW_BQ * (sq + sv)) * 2;
+        let smem_q = (FA_BM * (sq + sv) + 2 * FA_BN * (sq + sv)) * 2;
+        if smem_kv.max(smem_q) > smem_limit(&dev)? {
+            bail!("dense_attention_bwd: DQK {dqk} / DV {dv} need {} bytes of shared memory, more than the device has", smem_kv.max(smem_q));
+        }
+        let f_kv = load(&dev, &format!("dense_attn_bwd_dkdv_{dqkp}_{dvp}"), smem_kv)?;
+        let f_q = load(&dev, &format!("dense_attn_bwd_dq_{dqkp}_{dvp}"), smem_q)?;
+        let (qs, ql) = q.storage_and_layout();
+        let (ks, kl) = k.storage_and_layout();
+        let (vs, vl) = v.storage_and_layout();
+        let (ds, dl) = dout.storage_and_layout();
+        let (ls, ll) = lse.storage_and_layout();
+        let (es, el) = delta.storage_and_layout();
+        let qv = view::<bf16>(&qs, ql, "q")?;
+        let kv = view::<bf16>(&ks, kl, "k")?;
+        let vv = view::<bf16>(&vs, vl, "v")?;
+        let dov = view::<bf16>(&ds, dl, "dout")?;
+        let lv = view::<f32>(&ls, ll, "lse")?;
+        let ev = view::<f32>(&es, el, "delta")?;
+        // Every row below T is written by exactly one thread; rows are never accumulated into.
+        let mut dq = dev.alloc_zeros::<f32>(b * h * t * dqk)?;
+        let mut dk = dev.alloc_zeros::<f32>(b * h * t * dqk)?;
+        let mut dvv = dev.alloc_zeros::<f32>(b * h * t * dv)?;
+        let (t32, h32, dqk32, dv32) = (check_i32(t, "T")?, h as i32, dqk as i32, dv as i32);
+        let scale32 = scale as f32;
+        let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
+        let stream = dev.cuda_stream();
+        let cfg_kv = LaunchConfig { grid_dim: (t.div_ceil(BW_BK) as u32, h as u32, b as u32), block_dim: (FA_THREADS, 1, 1), shared_mem_bytes: smem_kv as u32 };
+        let mut lb = stream.launch_builder(&f_kv);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev).arg(&mut dk).arg(&mut dvv);
+        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale32).arg(&scale_log2);
+        // SAFETY: q, k [B, H, T, DQK], v and dout [B, H, T, DV] bf16, lse and delta [B, H, T]
+        // f32, all contiguous and 16-byte aligned (checked above); dk, dv fresh buffers of the
+        // sizes the kernel indexes; candle's stream orders the launch with its other work.
+        unsafe { lb.launch(cfg_kv) }.w()?;
+        drop(lb);
+        let cfg_q = LaunchConfig { grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32), block_dim: (FA_THREADS, 1, 1), shared_mem_bytes: smem_q as u32 };
+        let mut lb = stream.launch_builder(&f_q);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev).arg(&mut dq);
+        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale32).arg(&scale_log2);
+        // SAFETY: as above; dq is a fresh buffer of B H T DQK f32.
+        unsafe { lb.launch(cfg_q) }.w()?;
+        drop(lb);
+        Ok((wrap(dq, &dev, (b, h, t, dqk)), wrap(dk, &dev, (b, h, t, dqk)), wrap(dvv, &dev, (b, h, t, dv))))
     }
 
     /// Dynamic shared memory of warmup_kl_bf16 with `nbuf` attention buffers (mirror of kl_carve).

@@ -11,7 +11,12 @@
 //! work): a block holds p, dp, ds and their temporaries, a few [B, H, n, q0+n] f32 tensors,
 //! plus the f32 dk and dv of every row (padded to T each block before they are added).
 //!
-//! Numerics (per block, all f32): s = scale q.k (f32 products of the inputs), p = exp(s + bias
+//! On CUDA with bf16 inputs the backward is the tensor-core kernel
+//! (`kernels::warmup_kl::dense_attention_bwd`: FlashAttention-2's maths, bf16 products, f32
+//! accumulators, deterministic); `backward_blocks` below is its plain twin and the path of
+//! every other device, dtype and head dim.
+//!
+//! Numerics of the plain twin (per block, all f32): s = scale q.k (f32 products of the inputs), p = exp(s + bias
 //! - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta) with delta = rowsum(do * o), dq =
 //! scale ds k, dk += scale ds^T q. The probabilities are recomputed from the forward's lse, so
 //! a row sums to 1 up to the rounding of lse; dk and dv are summed over blocks in f32.
@@ -100,8 +105,19 @@ pub fn backward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &T
     Ok((Tensor::cat(&dqs, 2)?, dk, dv))
 }
 
+/// The tensor-core backward (`kernels::warmup_kl::dense_attention_bwd`) for bf16 on CUDA at the
+/// head dims it takes, unless `DSA_PLAIN_OPS` names `dense-bwd` (side-by-side runs); otherwise
+/// `backward_blocks`, its plain twin.
+pub fn use_backward_kernel(q: &Tensor, v: &Tensor) -> Result<bool> {
+    Ok(q.dtype() == DType::BF16
+        && v.dtype() == DType::BF16
+        && crate::kernels::available(q.device())
+        && crate::kernels::warmup_kl::backward_supported(q.dim(3)?, v.dim(3)?)
+        && !crate::kernels::plain_op("dense-bwd"))
+}
+
 /// Attaches the recomputing backward to an output computed without a graph: the forward hands
-/// out a copy of `out`; the backward runs `backward_blocks` on the detached inputs.
+/// out a copy of `out`; the backward runs the kernel or `backward_blocks` on the detached inputs.
 struct RecomputingBackward {
     out: Tensor,
     lse: Tensor,
@@ -146,7 +162,12 @@ impl CustomOp3 for RecomputingBackward {
     }
 
     fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = backward_blocks(&q.detach(), &k.detach(), &v.detach(), &self.out, &self.lse, &grad.detach(), self.scale, self.rows)?;
+        let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
+        let (dq, dk, dv) = if use_backward_kernel(&q, &v)? {
+            crate::kernels::warmup_kl::dense_attention_bwd(&q, &k, &v, &self.out, &self.lse, &grad.to_dtype(DType::BF16)?, self.scale)?
+        } else {
+            backward_blocks(&q, &k, &v, &self.out, &self.lse, &grad, self.scale, self.rows)?
+        };
         Ok((Some(dq.to_dtype(q.dtype())?), Some(dk.to_dtype(k.dtype())?), Some(dv.to_dtype(v.dtype())?)))
     }
 }

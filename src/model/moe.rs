@@ -238,13 +238,20 @@ impl Moe {
         Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
     }
 
-    /// Whether the routed experts run grouped (`routed_outputs`): asked for with
-    /// DSA_MOE_GROUPED=1 (until GPU measurements decide the default), and only while the
-    /// stacked copy of the experts' weights stays under 256 MiB: small experts, where the
-    /// per-expert launches cost more than the FLOPs (large experts amortise them anyway).
+    /// Whether the routed experts run grouped (`routed_outputs`): by default on CUDA, where it
+    /// was measured faster side by side (NVIDIA H200: bench model sparse stage at 8K 1.28x,
+    /// mini model dense stage 1.25x; docs/benchmarks.md), per expert elsewhere;
+    /// DSA_MOE_GROUPED=1 / =0 forces it on / off. Only while the stacked copy of the experts'
+    /// weights stays under 256 MiB: small experts, where the per-expert launches cost more
+    /// than the FLOPs (large experts amortise them anyway).
     fn use_grouped(&self) -> bool {
-        static ASKED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let asked = *ASKED.get_or_init(|| std::env::var("DSA_MOE_GROUPED").is_ok_and(|v| v == "1"));
+        static ASKED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
+        let asked = *ASKED.get_or_init(|| match std::env::var("DSA_MOE_GROUPED").as_deref() {
+            Ok("1") => Some(true),
+            Ok("0") => Some(false),
+            _ => None,
+        });
+        let asked = asked.unwrap_or_else(|| self.experts.first().is_some_and(|m| m.gate.device().is_cuda()));
         let bytes: usize = self.experts.iter().map(|m| (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count()) * m.gate.dtype().size_in_bytes()).sum();
         asked && self.experts.len() > 1 && bytes <= 256 << 20
     }
