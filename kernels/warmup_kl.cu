@@ -1,6 +1,8 @@
-// Dense-warm-up stage of DSA: (1) dense causal attention forward with the per-head LSE, and
-// (2) the streaming warm-up KL between the head-mean attention probabilities and the
-// lightning indexer's softmax, with its gradient into the indexer. No L x L tensor is stored.
+// Dense attention of DSA's dense stages: (1) dense causal attention forward with the per-head
+// LSE, (2) the streaming warm-up KL between the head-mean attention probabilities and the
+// lightning indexer's softmax, with its gradient into the indexer, and (3, 4) the dense
+// attention's backward (the dense pre-training stage; see its section below). No L x L tensor
+// is stored.
 //
 // Shapes (row-major): q, k [B, H, T, DQK] bf16; v [B, H, T, DV] bf16; out [B, H, T, DV] bf16;
 // lse [B, H, T] f32 (natural log of sum_s exp(scale * q.k) over s <= t);

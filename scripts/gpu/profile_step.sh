@@ -27,7 +27,9 @@ if [ -n "$NCU" ] && [ "${NCU_TIMEOUT:-150}" != 0 ]; then
 import csv, sys, collections
 rows = [r for r in csv.reader(open(sys.argv[1])) if len(r) > 5]
 if not rows: sys.exit(print("no ncu rows"))
-head = rows[0]; rows = rows[1:]
+# The header is the first row naming "Kernel Name" (the trainer's own output lines come first).
+start = next((i for i, r in enumerate(rows) if "Kernel Name" in r), 0)
+head = rows[start]; rows = rows[start + 1:]
 try:
     ki, ni, mi, ai = head.index("Kernel Name"), head.index("Invocations"), head.index("Metric Name"), head.index("Average")
     ui = head.index("Metric Unit")

@@ -272,7 +272,8 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
 }
 
 /// The dense stage's attention (`model::dense_recompute`) on the GPU in bf16: the flash-style
-/// forward kernel with the block-recomputing backward, against autograd of the whole f32
+/// forward kernel with the backward kernel (the block-recomputing backward when
+/// DSA_PLAIN_OPS=dense-bwd), against autograd of the whole f32
 /// softmax on the same bf16-rounded inputs (the mini and bench models' head dims, awkward T).
 fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
     use candle_core::Var;
@@ -297,7 +298,7 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
         // bf16 output and gradients (8 bits of mantissa): 2e-2 of the largest value.
         let worst = e_out.max(eq).max(ek).max(ev);
         out.push(Outcome {
-            name: "dense-stage attention (flash forward, recomputing backward) bf16 vs whole f32",
+            name: "dense-stage attention (flash forward and backward kernels) bf16 vs whole f32",
             ok: worst < 2e-2,
             detail: format!("B {b} H {h} T {t} d {dqk}/{dv}: rel err out {e_out:.1e} dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} (< 2e-2)"),
         });
@@ -383,7 +384,7 @@ fn adamw_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-/// The grouped routed experts (DSA_MOE_GROUPED=1: batched matmuls over [E, cap, .]) against
+/// The grouped routed experts (CUDA's default: batched matmuls over [E, cap, .]) against
 /// one SwiGLU per expert on the GPU, output and gradients, at the bench model's expert shape
 /// (16 experts, 1024 x 512) and an awkward one; f32 within 1e-5, bf16 within 2e-2 relative
 /// (cuBLAS may block the batched and single products differently).

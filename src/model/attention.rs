@@ -56,8 +56,16 @@ pub struct Projected {
 pub struct AttentionOut {
     /// [B, T, hidden]
     pub out: Tensor,
-    /// Head-mean probabilities, f32, detached: [B, T, T] (dense) or [B, T, K] over S_t (sparse).
-    pub head_mean_probs: Tensor,
+    /// Head-mean probabilities, f32, detached: [B, T, T] (dense) or [B, T, K] over S_t (sparse);
+    /// None where the caller did not ask for them (the sparse stage's recomputing pass).
+    pub head_mean_probs: Option<Tensor>,
+}
+
+impl AttentionOut {
+    /// The head-mean probabilities, or an error naming the caller's mistake (not asked for).
+    pub fn probs(&self) -> Result<&Tensor> {
+        self.head_mean_probs.as_ref().ok_or_else(|| candle_core::Error::Msg("attention: head-mean probabilities were not asked for".into()))
+    }
 }
 
 /// The dense attention's per-head queries and keys [B, H, T, N+R] (bf16, detached) and the
@@ -175,7 +183,7 @@ impl Mla {
         let (probs, v) = self.dense_probs_and_values(p, causal)?;
         let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, T, V]
         let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
-        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: probs.mean(1)?.detach() })
+        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: Some(probs.mean(1)?.detach()) })
     }
 
     /// Dense MLA in MHA mode for training without an [H, T, T] graph (`dense_recompute`):
@@ -205,15 +213,17 @@ impl Mla {
     }
 
     /// Sparse MLA in absorbed (MQA) mode over the selected keys of each query.
-    pub fn sparse(&self, p: &Projected, sel: &Selection) -> Result<AttentionOut> {
-        self.sparse_rows(&p.q_nope, &p.q_pe, &self.latent_kv(&p.c_norm, &p.k_pe)?, sel)
+    pub fn sparse(&self, p: &Projected, sel: &Selection, want_probs: bool) -> Result<AttentionOut> {
+        self.sparse_rows(&p.q_nope, &p.q_pe, &self.latent_kv(&p.c_norm, &p.k_pe)?, sel, want_probs)
     }
 
     /// Sparse MLA of the queries q_nope [B, n, H, N], q_pe [B, n, H, R] (any n of the T
     /// positions) over the latent rows `kv` [B*T, C+R] of the whole batch; `sel` holds these
     /// queries' sets ([B, n, K], absolute rows into kv). Each query reads only kv rows, so a
     /// long sequence can be processed a block of queries at a time against one shared kv.
-    pub fn sparse_rows(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection) -> Result<AttentionOut> {
+    /// `want_probs`: also the head-mean probabilities (the KL target; a pass of their own on
+    /// the GPU, skipped when not wanted).
+    pub fn sparse_rows(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection, want_probs: bool) -> Result<AttentionOut> {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
         let bt = b * t;
@@ -235,20 +245,23 @@ impl Mla {
             } else {
                 crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?.contiguous()?, &kv.to_dtype(DType::F32)?.contiguous()?, &idx, self.scale, c)?
             }; // [BT, H, C+1] f32
-            let pm = if tensor_cores {
-                crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(&q.detach().contiguous()?, &kv.detach().contiguous()?, &idx, &out.detach(), self.scale, c)?
+            let pm = if !want_probs {
+                None
+            } else if tensor_cores {
+                Some(crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(&q.detach().contiguous()?, &kv.detach().contiguous()?, &idx, &out.detach(), self.scale, c)?)
             } else {
                 let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
-                crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?
+                Some(crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?)
             };
-            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.reshape((b, t, k))?)
+            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.map(|p| p.reshape((b, t, k))).transpose()?)
         } else {
-            self.sparse_plain(&q, kv, sel, b, t)?
+            let (o, pm) = self.sparse_plain(&q, kv, sel, b, t)?;
+            (o, want_probs.then_some(pm))
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
         let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
         let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
-        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.detach() })
+        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.map(|p| p.detach()) })
     }
 
     /// The plain twin of the sparse kernel: gather the selected rows [BT, K, C+R], score, softmax

@@ -252,25 +252,25 @@ impl DecoderLayer {
                 let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
                     let proj = ix.expect("deferred KL projects the indexer");
-                    stats.deferred_kl = Some(DeferredKl::Plain { proj, target: a.head_mean_probs.clone() });
+                    stats.deferred_kl = Some(DeferredKl::Plain { proj, target: a.probs()?.clone() });
                 } else if let Some(ix) = &ix {
                     let scores = ix.scores(&causal)?; // [B, T, T]
                     if opts.indexer_kl {
-                        stats.indexer_kl = Some(kl_rows(&a.head_mean_probs, &scores)?);
+                        stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
                     }
                     if opts.recall {
                         let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
-                        stats.recall = Some(recall_rows(&a.head_mean_probs, &sel).map_err(candle_core::Error::wrap)?);
+                        stats.recall = Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
                     }
                 }
                 a.out
             }
             AttentionMode::Sparse => {
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
-                let a = self.attn.sparse(&proj, &sel)?;
+                let a = self.attn.sparse(&proj, &sel, opts.indexer_kl)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, self.indexer.tensor_cores, &mut stats)?;
+                    sparse_kl(ix, a.probs()?.clone(), &sel, self.indexer.tensor_cores, &mut stats)?;
                 }
                 if opts.recall {
                     let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
@@ -347,10 +347,10 @@ impl DecoderLayer {
             }
             AttentionMode::Sparse => {
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
-                let a = self.attn.sparse(proj, &sel)?;
+                let a = self.attn.sparse(proj, &sel, opts.indexer_kl)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.head_mean_probs.clone(), &sel, self.indexer.tensor_cores, stats)?;
+                    sparse_kl(ix, a.probs()?.clone(), &sel, self.indexer.tensor_cores, stats)?;
                 }
                 if opts.recall {
                     self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
@@ -505,8 +505,8 @@ impl DecoderLayer {
                 let xn = rms_norm(&xq, &self.input_norm, self.eps)?;
                 let qr = self.attn.project_qr(&xn)?;
                 let (q_nope, q_pe) = self.attn.project_queries(&qr, &ctx.cos.narrow(0, q0, n)?, &ctx.sin.narrow(0, q0, n)?)?;
-                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv_leaf, &sel.block(bi, q0, n)?)?;
-                let h1 = (&xq + a.out)?;
+                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv_leaf, &sel.block(bi, q0, n)?, backward.is_none())?;
+                let h1 = (&xq + &a.out)?;
                 let xf = rms_norm(&h1, &self.post_attention_norm, self.eps)?;
                 let (f, scores) = match &self.ffn {
                     FeedForward::Dense(mlp) => (mlp.forward(&xf)?, None),
@@ -521,7 +521,7 @@ impl DecoderLayer {
                 let out = (h1 + f)?;
                 let Some(bw) = &backward else {
                     seq_outs.push(out.detach());
-                    seq_heads.push(a.head_mean_probs);
+                    seq_heads.push(a.probs()?.clone());
                     continue;
                 };
                 let dout = bw.dout.narrow(0, bi, 1)?.narrow(1, q0, n)?;
