@@ -98,6 +98,50 @@ __device__ __forceinline__ int bkn_col(int lane) { return (lane >> 4) << 3; }
 __device__ __forceinline__ int akm_row(int lane) { return (lane & 7) + ((lane >> 4) << 3); }
 __device__ __forceinline__ int akm_col(int lane) { return ((lane >> 3) & 1) << 3; }
 
+// Warp-level tile products shared by the dense attention kernels (mma.sync m16n8k16).
+// acc[2 NP][4] += A B^T: A the 16 rows at `a` (row stride sa), B the NP * 16 rows at `b` (row
+// stride sb), both [rows][depth] row-major in shared memory, depth a multiple of 16.
+template <int NP>
+__device__ __forceinline__ void warp_abt(float (&acc)[2 * NP][4], const bf16_t* a, int sa, const bf16_t* b, int sb, int depth,
+                                         int lane) {
+  for (int kk = 0; kk < depth / 16; ++kk) {
+    uint32_t af[4];
+    ldsm_x4(af, a + a_row(lane) * sa + kk * 16 + a_col(lane));
+#pragma unroll
+    for (int np = 0; np < NP; ++np) {
+      uint32_t bb[4];
+      ldsm_x4(bb, b + (np * 16 + bnk_row(lane)) * sb + kk * 16 + bnk_col(lane));
+      mma_bf16_16816(acc[2 * np], af, bb[0], bb[1]);
+      mma_bf16_16816(acc[2 * np + 1], af, bb[2], bb[3]);
+    }
+  }
+}
+
+// acc[NP8][4] += P B: P the warp's 16 x (16 KK) f32 tile in mma accumulator layout (p[2 KK][4]),
+// rounded to bf16 as the A operand; B the 16 KK rows at `b` (row stride sb), [k][n] row-major,
+// read with ldmatrix.trans; only the first n (a multiple of 16, <= 8 NP8) columns.
+template <int KK, int NP8>
+__device__ __forceinline__ void warp_pb(float (&acc)[NP8][4], const float (&p)[2 * KK][4], const bf16_t* b, int sb, int n,
+                                        int lane) {
+#pragma unroll
+  for (int kk = 0; kk < KK; ++kk) {
+    uint32_t a[4];
+    a[0] = pack_bf16(p[2 * kk][0], p[2 * kk][1]);
+    a[1] = pack_bf16(p[2 * kk][2], p[2 * kk][3]);
+    a[2] = pack_bf16(p[2 * kk + 1][0], p[2 * kk + 1][1]);
+    a[3] = pack_bf16(p[2 * kk + 1][2], p[2 * kk + 1][3]);
+#pragma unroll
+    for (int np = 0; np < NP8 / 2; ++np) {
+      if (np * 16 < n) {
+        uint32_t bb[4];
+        ldsm_x4_t(bb, b + (kk * 16 + bkn_row(lane)) * sb + np * 16 + bkn_col(lane));
+        mma_bf16_16816(acc[2 * np], a, bb[0], bb[1]);
+        mma_bf16_16816(acc[2 * np + 1], a, bb[2], bb[3]);
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Kernel 1: dense causal attention forward with per-head LSE.
 
@@ -155,17 +199,7 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
     float s[8][4];
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, q_s + (warp * 16 + a_row(lane)) * SQ + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, ks + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
-        mma_bf16_16816(s[2 * np], a, bb[0], bb[1]);
-        mma_bf16_16816(s[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
+    warp_abt<4>(s, q_s + warp * 16 * SQ, SQ, ks, SQ, DQK, lane);
 
     // Scale into the log2 domain, mask (s > t or s >= T -> -inf), online softmax.
     float mx[2] = {-INFINITY, -INFINITY};
@@ -210,23 +244,7 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
     }
 
     // O += P V: P (bf16) straight from the score fragments, V via ldmatrix.trans.
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
-      a[0] = pack_bf16(s[2 * kk][0], s[2 * kk][1]);
-      a[1] = pack_bf16(s[2 * kk][2], s[2 * kk][3]);
-      a[2] = pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-      a[3] = pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-#pragma unroll
-      for (int np = 0; np < DVP / 16; ++np) {
-        if (np * 16 < DV) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, vs + (kk * 16 + bkn_row(lane)) * SV + np * 16 + bkn_col(lane));
-          mma_bf16_16816(o[2 * np], a, bb[0], bb[1]);
-          mma_bf16_16816(o[2 * np + 1], a, bb[2], bb[3]);
-        }
-      }
-    }
+    warp_pb<4, DVP / 8>(o, s, vs, SV, DV, lane);
     __syncthreads();  // buffer `buf` is refilled in the next iteration
   }
 
@@ -768,28 +786,8 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
     for (int nt = 0; nt < 4; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) st[nt][e] = dpt[nt][e] = 0.f;
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, k_s + (warp * 16 + a_row(lane)) * SQ + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, qs + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
-        mma_bf16_16816(st[2 * np], a, bb[0], bb[1]);
-        mma_bf16_16816(st[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
-    for (int kk = 0; kk < DV / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, v_s + (warp * 16 + a_row(lane)) * SV + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < 2; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, dos + (np * 16 + bnk_row(lane)) * SV + kk * 16 + bnk_col(lane));
-        mma_bf16_16816(dpt[2 * np], a, bb[0], bb[1]);
-        mma_bf16_16816(dpt[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
+    warp_abt<2>(st, k_s + warp * 16 * SQ, SQ, qs, SQ, DQK, lane);
+    warp_abt<2>(dpt, v_s + warp * 16 * SV, SV, dos, SV, DV, lane);
 
     // p^T and ds^T in place (element e: key key0 + 8 (e >> 1), query col).
 #pragma unroll
@@ -811,36 +809,8 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
     }
 
     // dv += p^T dout and dk += ds^T q (A operands from the registers, B via ldmatrix.trans).
-#pragma unroll
-    for (int kk = 0; kk < 2; ++kk) {
-      uint32_t ap[4], as[4];
-      ap[0] = pack_bf16(st[2 * kk][0], st[2 * kk][1]);
-      ap[1] = pack_bf16(st[2 * kk][2], st[2 * kk][3]);
-      ap[2] = pack_bf16(st[2 * kk + 1][0], st[2 * kk + 1][1]);
-      ap[3] = pack_bf16(st[2 * kk + 1][2], st[2 * kk + 1][3]);
-      as[0] = pack_bf16(dpt[2 * kk][0], dpt[2 * kk][1]);
-      as[1] = pack_bf16(dpt[2 * kk][2], dpt[2 * kk][3]);
-      as[2] = pack_bf16(dpt[2 * kk + 1][0], dpt[2 * kk + 1][1]);
-      as[3] = pack_bf16(dpt[2 * kk + 1][2], dpt[2 * kk + 1][3]);
-#pragma unroll
-      for (int np = 0; np < DVP / 16; ++np) {
-        if (np * 16 < DV) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, dos + (kk * 16 + bkn_row(lane)) * SV + np * 16 + bkn_col(lane));
-          mma_bf16_16816(dva[2 * np], ap, bb[0], bb[1]);
-          mma_bf16_16816(dva[2 * np + 1], ap, bb[2], bb[3]);
-        }
-      }
-#pragma unroll
-      for (int np = 0; np < DQKP / 16; ++np) {
-        if (np * 16 < DQK) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, qs + (kk * 16 + bkn_row(lane)) * SQ + np * 16 + bkn_col(lane));
-          mma_bf16_16816(dka[2 * np], as, bb[0], bb[1]);
-          mma_bf16_16816(dka[2 * np + 1], as, bb[2], bb[3]);
-        }
-      }
-    }
+    warp_pb<2, DVP / 8>(dva, st, dos, SV, DV, lane);
+    warp_pb<2, DQKP / 8>(dka, dpt, qs, SQ, DQK, lane);
     __syncthreads();  // buffer `buf` is refilled in the next iteration
   }
 
@@ -922,28 +892,8 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
     for (int nt = 0; nt < 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) s[nt][e] = dp[nt][e] = 0.f;
-    for (int kk = 0; kk < DQK / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, q_s + (warp * 16 + a_row(lane)) * SQ + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, ks + (np * 16 + bnk_row(lane)) * SQ + kk * 16 + bnk_col(lane));
-        mma_bf16_16816(s[2 * np], a, bb[0], bb[1]);
-        mma_bf16_16816(s[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
-    for (int kk = 0; kk < DV / 16; ++kk) {
-      uint32_t a[4];
-      ldsm_x4(a, do_s + (warp * 16 + a_row(lane)) * SV + kk * 16 + a_col(lane));
-#pragma unroll
-      for (int np = 0; np < 4; ++np) {
-        uint32_t bb[4];
-        ldsm_x4(bb, vs + (np * 16 + bnk_row(lane)) * SV + kk * 16 + bnk_col(lane));
-        mma_bf16_16816(dp[2 * np], a, bb[0], bb[1]);
-        mma_bf16_16816(dp[2 * np + 1], a, bb[2], bb[3]);
-      }
-    }
+    warp_abt<4>(s, q_s + warp * 16 * SQ, SQ, ks, SQ, DQK, lane);
+    warp_abt<4>(dp, do_s + warp * 16 * SV, SV, vs, SV, DV, lane);
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
 #pragma unroll
@@ -956,23 +906,7 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
     }
 
     // dq += ds K (A from the registers, K via ldmatrix.trans).
-#pragma unroll
-    for (int kk = 0; kk < 4; ++kk) {
-      uint32_t a[4];
-      a[0] = pack_bf16(dp[2 * kk][0], dp[2 * kk][1]);
-      a[1] = pack_bf16(dp[2 * kk][2], dp[2 * kk][3]);
-      a[2] = pack_bf16(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-      a[3] = pack_bf16(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-#pragma unroll
-      for (int np = 0; np < DQKP / 16; ++np) {
-        if (np * 16 < DQK) {
-          uint32_t bb[4];
-          ldsm_x4_t(bb, ks + (kk * 16 + bkn_row(lane)) * SQ + np * 16 + bkn_col(lane));
-          mma_bf16_16816(dqa[2 * np], a, bb[0], bb[1]);
-          mma_bf16_16816(dqa[2 * np + 1], a, bb[2], bb[3]);
-        }
-      }
-    }
+    warp_pb<4, DQKP / 8>(dqa, dp, ks, SQ, DQK, lane);
     __syncthreads();
   }
 
