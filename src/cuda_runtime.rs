@@ -17,10 +17,10 @@
 //! measurements of this module).
 //!
 //! `DSA_TF32=1` lets cuBLAS run f32 matrix products on tensor cores (TF32: inputs rounded to
-//! 10 mantissa bits, f32 accumulation), for bf16 models, whose f32 products (the dense
-//! attention's recomputing backward, the indexer's projections) take bf16-valued inputs or
-//! f32 intermediates that a bf16 kernel would round further; opt-in until a side-by-side run
-//! measures it, and never for the f32 runs that must match the CPU.
+//! 10 mantissa bits, f32 accumulation), for bf16 models, whose f32 products (the indexer's
+//! projections, the plain twins of the kernels) take bf16-valued inputs or f32 intermediates
+//! that a bf16 kernel would round further; opt-in (measured 1.00-1.05x side by side on an H200,
+//! docs/benchmarks.md), and never for the f32 runs that must match the CPU.
 
 use candle_core::Device;
 

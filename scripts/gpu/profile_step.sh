@@ -37,8 +37,9 @@ except ValueError:
     sys.exit(print("ncu header:", head))
 scale = {"nsecond": 1e-9, "usecond": 1e-6, "msecond": 1e-3, "second": 1.0}
 tot = collections.Counter(); calls = collections.Counter()
+width = max(ki, ni, mi, ai, ui)
 for r in rows:
-    if r[mi] != "gpu__time_duration.sum": continue
+    if len(r) <= width or r[mi] != "gpu__time_duration.sum": continue
     n = int(r[ni].replace(",", "")); avg = float(r[ai].replace(",", "")) * scale.get(r[ui], 1e-9)
     name = r[ki].split("(")[0][:70]
     tot[name] += n * avg; calls[name] += n

@@ -244,7 +244,8 @@ impl DecoderLayer {
                 out
             }
             // No indexer statistic wants the probabilities (the dense pre-training stage): the
-            // flash-style forward and the block-recomputing backward, no [H, T, T] graph.
+            // flash-style forward and backward (kernels, or the block-recomputing twin), no
+            // [H, T, T] graph.
             AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => self.attn.dense_recomputing(&proj)?,
             AttentionMode::Dense => {
                 let ix = ix.map(IndexerView::whole).transpose()?;
