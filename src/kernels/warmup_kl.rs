@@ -70,6 +70,7 @@ pub fn backward_supported(dqk: usize, dv: usize) -> bool {
 }
 
 /// (DQKP, DVP): the instantiated padded head dims of kernels/warmup_kl.cu's DENSE_BWD.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 fn bwd_padded(dqk: usize, dv: usize) -> Option<(usize, usize)> {
     let dqkp = [64usize, 128, 192].into_iter().find(|&p| dqk <= p)?;
     let dvp = [32usize, 64, 128].into_iter().find(|&p| dv <= p)?;
