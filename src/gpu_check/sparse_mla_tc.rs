@@ -2,7 +2,9 @@
 //! CUDA-core kernel (`kernels::sparse_mla`) run on the same bf16-rounded inputs converted to
 //! f32: forward output, LSE, dq and dkv under a random upstream gradient, on awkward sizes with
 //! padded selections (duplicates included), a large-magnitude case, and the deterministic dkv
-//! mode (two runs bit-identical, and equal to the atomic mode within tolerance).
+//! mode (two runs bit-identical, and equal to the atomic mode within tolerance). Cases at H a
+//! multiple of 64 with DQK 576 and DV 512 run the wgmma forward; `wg_forward` also compares that
+//! forward with the mma.sync one.
 //!
 //! Tolerances reflect bf16 P in P V and bf16 dO, P and scale * dS as backward operands, and
 //! bf16 gradients: max relative error (max |a - b| / max |b|) < 2e-2 and cosine > 0.9999.
@@ -220,6 +222,87 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     })
 }
 
+/// The wgmma forward (64-head blocks at DQK 576, DV 512) against the f32 kernel and against the
+/// mma.sync forward on the same inputs, forward only: output and LSE of the queries with a valid
+/// slot within 2e-2 of the f32 kernel (max relative error) and 1e-2 of mma.sync (both round P to
+/// bf16); queries without one (every 11th when `empty`) give a zero row and LSE -inf; two runs
+/// bit-identical.
+struct WgCase {
+    name: &'static str,
+    n: usize,
+    h: usize,
+    k: usize,
+    pad: f64,
+    qmul: f64,
+    empty: bool,
+    seed: u64,
+}
+
+fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
+    let (dqk, dv) = (576, 512);
+    if !tc::wgmma_forward(c.h, dqk, dv) {
+        return Ok(Outcome { name: c.name, ok: false, detail: format!("H {} does not take the wgmma forward (switched off?)", c.h) });
+    }
+    let nkv = c.n.max(8);
+    let q = crate::rng::randn(&[c.n, c.h, dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
+    let kv = crate::rng::randn(&[nkv, dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
+    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
+    let mut abs = vec![u32::MAX; c.n * c.k];
+    let (mut full, mut empty) = (vec![], vec![]);
+    for t in 0..c.n {
+        if c.empty && t % 11 == 5 {
+            empty.push(t as u32);
+            continue;
+        }
+        full.push(t as u32);
+        let hi = t.max(7).min(nkv - 1) as u64 + 1;
+        for j in 0..c.k {
+            if j == 0 || rng.uniform() >= c.pad {
+                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
+            }
+        }
+    }
+    let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
+    let scale = 192f64.powf(-0.5);
+    let wg = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
+    let wg2 = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
+    tc::set_wgmma_forward(false);
+    let mma = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv);
+    tc::set_wgmma_forward(true);
+    let mma = mma?;
+    let f32 = crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, scale, dv)?;
+    let same = {
+        let a = wg.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let b = wg2.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+    };
+    let rows = Tensor::from_vec(full.clone(), full.len(), gpu)?;
+    let pick = |t: &Tensor| t.index_select(&rows, 0);
+    let (a, b, m) = (pick(&wg)?, pick(&f32)?, pick(&mma)?);
+    let e_o = rel_err(&a.narrow(2, 0, dv)?, &b.narrow(2, 0, dv)?)?;
+    let e_l = rel_err(&a.narrow(2, dv, 1)?, &b.narrow(2, dv, 1)?)?;
+    let e_m = rel_err(&a, &m)?;
+    let c_o = cosine(&a.narrow(2, 0, dv)?, &b.narrow(2, 0, dv)?)?;
+    let empty_ok = if empty.is_empty() {
+        true
+    } else {
+        let e = wg.index_select(&Tensor::from_vec(empty.clone(), empty.len(), gpu)?, 0)?.to_device(&Device::Cpu)?;
+        let outs = e.narrow(2, 0, dv)?.flatten_all()?.to_vec1::<f32>()?;
+        let lses = e.narrow(2, dv, 1)?.flatten_all()?.to_vec1::<f32>()?;
+        outs.iter().all(|&v| v == 0.0) && lses.iter().all(|&v| v == f32::NEG_INFINITY)
+    };
+    let ok = e_o < REL_TOL && e_l < REL_TOL && e_m < 1e-2 && c_o > COS_TOL && empty_ok && same;
+    Ok(Outcome {
+        name: c.name,
+        ok,
+        detail: format!(
+            "N {} H {} K {} q std {}: vs f32 rel err out {e_o:.1e} lse {e_l:.1e} (< {REL_TOL:.0e}) cosine {c_o:.6}; vs mma.sync {e_m:.1e} (< 1e-2); \
+             {} empty queries zero with LSE -inf {empty_ok}; two runs bit-identical {same}",
+            c.n, c.h, c.k, c.qmul, empty.len()
+        ),
+    })
+}
+
 pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let third = 1.0 / 3.0;
     let cases = [
@@ -234,6 +317,16 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
     for c in &cases {
         out.push(compare(c, gpu)?);
+    }
+    let wg_cases = [
+        WgCase { name: "wgmma sparse fwd (one query, H 64, K 5)", n: 1, h: 64, k: 5, pad: third, qmul: 1.0, empty: false, seed: 1101 },
+        WgCase { name: "wgmma sparse fwd (K 2048 > valid, empty queries)", n: 300, h: 64, k: 2048, pad: third, qmul: 1.0, empty: true, seed: 1102 },
+        WgCase { name: "wgmma sparse fwd (H 128, q x 30)", n: 97, h: 128, k: 64, pad: third, qmul: 30.0, empty: true, seed: 1103 },
+        WgCase { name: "wgmma sparse fwd (H 192, N 1025, K 130)", n: 1025, h: 192, k: 130, pad: 0.1, qmul: 1.0, empty: false, seed: 1104 },
+        WgCase { name: "wgmma sparse fwd (K 4097, 43 tiles)", n: 33, h: 128, k: 4097, pad: third, qmul: 1.0, empty: true, seed: 1105 },
+    ];
+    for c in &wg_cases {
+        out.push(wg_forward(c, gpu)?);
     }
     for c in [
         Case { name: "tc sparse MLA deterministic dkv (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 808 },

@@ -25,6 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Result, Tensor};
 
 static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
+static WGMMA_FORWARD: AtomicBool = AtomicBool::new(true);
 
 /// Largest DQK / DV the kernels handle (shared-memory budget of one 64-head block on an H100).
 pub const MAX_DQK: usize = 576;
@@ -37,6 +38,18 @@ pub fn set_deterministic(on: bool) {
 
 pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::SeqCst)
+}
+
+/// Forward on Hopper's warpgroup products (kernels/sparse_mla_wg.cu) where it applies (default
+/// on); off, every shape takes the mma.sync forward. `DSA_PLAIN_OPS=sparse-wg` also turns it off.
+pub fn set_wgmma_forward(on: bool) {
+    WGMMA_FORWARD.store(on, Ordering::SeqCst);
+}
+
+/// Does the forward of this shape run the wgmma kernel: 64-head blocks at DQK 576 and DV 512
+/// (the 671B shape; H a multiple of 64), unless switched off.
+pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
+    h % 64 == 0 && dqk == 576 && dv == 512 && WGMMA_FORWARD.load(Ordering::SeqCst) && !crate::kernels::plain_op("sparse-wg")
 }
 
 /// Shapes the tensor-core path handles: DQK and DV multiples of 64, DV <= DQK, DQK <= 576,
@@ -150,6 +163,16 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
     let scale = 192f64.powf(-0.5);
     let fwd = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?))?;
+    let fwd_kernel = if wgmma_forward(h, dqk, dv) { "wgmma" } else { "mma.sync" };
+    // The mma.sync forward side by side (its figures before the wgmma kernel existed).
+    let fwd_mma = if fwd_kernel == "wgmma" {
+        set_wgmma_forward(false);
+        let t = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?));
+        set_wgmma_forward(true);
+        Some(t?)
+    } else {
+        None
+    };
     let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
     let mut bwd_times = vec![];
@@ -163,7 +186,11 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
     Ok(vec![
         format!("tensor-core sparse MLA (H {h}, dqk {dqk}, dv {dv}, k {topk}, the last {nq} queries of {l}: {pairs} valid pairs)"),
-        format!("  fwd bf16 {:.3} ms = {:.1} TFLOP/s", fwd * 1e3, f_fwd / fwd / 1e12),
+        format!("  fwd bf16 ({fwd_kernel}) {:.3} ms = {:.1} TFLOP/s", fwd * 1e3, f_fwd / fwd / 1e12),
+        match fwd_mma {
+            Some(t) => format!("  fwd bf16 (mma.sync, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_fwd / t / 1e12),
+            None => "  fwd bf16 (mma.sync): the kernel above".to_string(),
+        },
         format!("  bwd bf16 (atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
         format!("  bwd bf16 (deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
         format!("  head-mean probs bf16 {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
@@ -181,6 +208,8 @@ pub(crate) mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse_mla_tc.ptx"));
     const MODULE: &str = "dsa_sparse_mla_tc";
+    const WG_PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse_mla_wg.ptx"));
+    const WG_MODULE: &str = "dsa_sparse_mla_wg";
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     /// Queries per deterministic chunk at most, and the chunk buffer's budget (f32 elements).
     const DET_MAX_CHUNK: usize = 128;
@@ -242,6 +271,12 @@ pub(crate) mod cuda {
     fn fwd_smem(rg: usize, dqk: usize) -> usize {
         let rows = 16 * rg;
         rows * dqk * 2 + 2 * 64 * dqk * 2 + rows * 128 + 8 * 16 * 4 + 2 * rows * 4
+    }
+
+    /// The wgmma forward: Q, two KV tiles (64 rows each), the P tile, row maxima and sums, and
+    /// 1024 bytes to align the swizzle blocks.
+    fn wg_fwd_smem(dqk: usize) -> usize {
+        3 * 64 * dqk * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024
     }
 
     fn bwd_smem(rg: usize, dqk: usize, dv: usize) -> usize {
@@ -331,6 +366,24 @@ pub(crate) mod cuda {
             let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (cidx, cnt) = compact(dev, &idx, &d)?;
             let out = dev.alloc_zeros::<f32>(d.n * d.h * (self.dv + 1))?;
+            if super::wgmma_forward(d.h, d.dqk, self.dv) {
+                // The warpgroup kernel: one block per (query, 64 heads), the blocks of a query
+                // adjacent (they gather the same rows: L2 hits).
+                let smem = wg_fwd_smem(d.dqk);
+                check_smem(dev, smem)?;
+                let f = crate::kernels::cuda::load_from(dev, WG_MODULE, WG_PTX, "sparse_mla_wg_fwd_576_512", smem)?;
+                let (n, h, k) = (d.n as i32, d.h as i32, d.k as i32);
+                let sl2 = self.scale * LOG2E;
+                let stream = dev.cuda_stream();
+                let mut b = stream.launch_builder(&f);
+                b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&out).arg(&n).arg(&h).arg(&k).arg(&sl2);
+                let cfg = LaunchConfig { grid_dim: ((d.n * d.h / 64) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // SAFETY: shapes checked (H a multiple of 64, DQK 576, DV 512); compacted rows
+                // are < NKV; out is [N, H, DV + 1] and every element is written.
+                unsafe { b.launch(cfg) }.w()?;
+                drop(b);
+                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d.n, d.h, self.dv + 1))));
+            }
             let rg = row_groups(d.h);
             let smem = fwd_smem(rg, d.dqk);
             check_smem(dev, smem)?;

@@ -1,0 +1,246 @@
+// Sparse MLA forward in absorbed (MQA) mode on Hopper's warpgroup products (wgmma, sm_90a):
+// the same function and output contract as sparse_mla_tc_fwd_rg* in sparse_mla_tc.cu (its twin,
+// on mma.sync), for 64-head blocks at the 671B shape (DQK 576, DV 512, H a multiple of 64).
+//
+// q [N, H, DQK] bf16, kv [NKV, DQK] bf16 (first DV columns are the value), cidx/cnt: the
+// compacted selection of sparse_mla_tc_compact (valid rows in their original order, a count per
+// query). out [N, H, DV + 1] f32: output, then the natural-log LSE (-inf and a zero row when a
+// query has no valid key).
+//
+// One block per (query n, 64 heads), two warpgroups. Per tile of 64 selected keys:
+//   S: warpgroup w computes S_w [64 heads x 32 keys] = Q K_w^T over DQK (keys 32 w ..), both
+//      operands from shared memory (9 x 4 products m64n32k16);
+//   the two halves' row maxima meet in shared memory (one block barrier), so both warpgroups
+//      hold the same running maximum m and the same rescale factor alpha = 2^(m_old - m);
+//   P_w = 2^(S scale log2 e - m) rounded to bf16 into the shared P tile [64 x 64] (each
+//      warpgroup its 32 columns), a block barrier;
+//   P V: warpgroup w owns output columns [256 w, 256 w + 256): O_w = alpha O_w + P V_w
+//      (4 products m64n256k16, A = P, B = the tile's value rows, N-major); 128 f32 accumulators
+//      per thread, which is why the output is split by columns and S by keys.
+// Every tile is gathered by all 256 threads with cp.async into the other of two buffers while
+// this one is computed (buffer t & 1 is free once both warpgroups waited for tile t - 1's
+// products, which they do before the barrier that opens tile t).
+// Shared memory (1024-aligned): Q [9 blocks][64][128 B] | KV [2][9 blocks][64][128 B] |
+// P [64][128 B] | row maxima [2][64] f32 | row sums [2][64] f32 = 230400 bytes + alignment.
+//
+// Numerics as the twin: S in f32 from exact bf16 products; softmax in f32, base 2, ex2.approx;
+// row sums of the unrounded p (each warpgroup its keys, added in fixed order at the end); P
+// rounded to bf16 for P V; O accumulates in f32.
+
+#include <stdint.h>
+#include <math.h>
+#include <cuda_bf16.h>
+#include "mma.cuh"
+#include "wgmma.cuh"
+
+typedef __nv_bfloat16 bf16;
+
+#define INVALID 0xFFFFFFFFu
+#define FULL 0xFFFFFFFFu
+#define LN2 0.6931471805599453f
+
+#define WG_BK 64                    // keys per tile
+#define WG_ROWS 64                  // heads per block
+#define WG_THREADS 256              // two warpgroups
+#define WG_BLOCK_BYTES (64 * 128)   // one swizzle block: 64 rows x 64 bf16
+
+__device__ __forceinline__ float ex2f(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+// Byte offset of (row, 16-byte chunk ch) in a row of swizzle blocks (64 rows each).
+__device__ __forceinline__ uint32_t wg_off(int row, int ch) {
+  return (uint32_t)((ch >> 3) * WG_BLOCK_BYTES + row * 128 + (((ch & 7) ^ (row & 7)) << 4));
+}
+
+template <int DQK, int DV>
+__device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
+                                            const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cnt,
+                                            float* __restrict__ out, int N, int H, int K, float sl2) {
+  static_assert(DQK % 64 == 0 && DV == 512 && DV <= DQK, "one instantiation: DV 512 (two 256-column halves)");
+  constexpr int NKC = DQK / 64;               // swizzle blocks per row
+  constexpr int NCH = DQK / 8;                // 16-byte chunks per row
+  constexpr int TILE_BYTES = NKC * WG_BLOCK_BYTES;
+  constexpr int CPT = WG_BK * NCH / WG_THREADS;  // chunks gathered per thread per tile
+  static_assert(WG_BK * NCH % WG_THREADS == 0, "gather split");
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  uint8_t* sbase = smem_raw + (base - raw);
+  const uint32_t q_s = base;
+  const uint32_t kv_s = q_s + TILE_BYTES;
+  const uint32_t p_s = kv_s + 2 * TILE_BYTES;
+  uint8_t* p_ptr = sbase + 3 * TILE_BYTES;
+  float* max_s = reinterpret_cast<float*>(p_ptr + WG_BLOCK_BYTES);  // [2][64]
+  float* sum_s = max_s + 2 * WG_ROWS;                               // [2][64]
+
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wwarp = (tid >> 5) & 3;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int hb = H / WG_ROWS;  // head blocks per query; the blocks of one query are adjacent
+  const int n = N - 1 - (int)(blockIdx.x / hb);  // later queries usually select more keys
+  const int h0 = (int)(blockIdx.x % hb) * WG_ROWS;
+  const int count = (int)cnt[n];
+  const int ntiles = (count + WG_BK - 1) / WG_BK;
+  const uint32_t* rowidx = cidx + (size_t)n * K;
+
+  // Q block [64 heads][DQK].
+  for (int i = tid; i < WG_ROWS * NCH; i += WG_THREADS) {
+    const int r = i / NCH, ch = i - r * NCH;
+    cp_async16(q_s + wg_off(r, ch), q + ((size_t)n * H + h0 + r) * DQK + ch * 8, 16);
+  }
+  // Gather roles: thread owns key tid / 4 of a tile, chunks (tid & 3) + 4 i.
+  const int gkey = tid >> 2, gsub = tid & 3;
+  uint32_t pre = INVALID;
+  auto fetch_row = [&](int t) {
+    const int j = t * WG_BK + gkey;
+    pre = j < count ? rowidx[j] : INVALID;
+  };
+  auto issue_tile = [&](int buf) {
+    const bool valid = pre != INVALID;
+    const bf16* src = kv + (size_t)(valid ? pre : 0u) * DQK;
+    const uint32_t dst = kv_s + buf * TILE_BYTES;
+#pragma unroll
+    for (int i = 0; i < CPT; ++i) {
+      const int ch = gsub + 4 * i;
+      cp_async16(dst + wg_off(gkey, ch), src + ch * 8, valid ? 16 : 0);
+    }
+  };
+  fetch_row(0);
+  if (ntiles > 0) issue_tile(0);
+  cp_async_commit();
+  fetch_row(1);
+
+  float o[128];
+#pragma unroll
+  for (int i = 0; i < 128; ++i) o[i] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // rows r0 and r0 + 8, log2 domain
+  const int r0 = 16 * wwarp + g;
+
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();  // tile t (and Q) landed; both warpgroups are done with tile t - 1
+    if (t + 1 < ntiles) issue_tile((t + 1) & 1);
+    cp_async_commit();
+    fetch_row(t + 2);
+    const uint32_t kvb = kv_s + (t & 1) * TILE_BYTES;
+
+    // S_w = Q K_w^T: 64 heads x 32 keys.
+    float s[16];
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < NKC; ++kc)
+#pragma unroll
+      for (int kk = 0; kk < 4; ++kk) {
+        const uint64_t da = wgmma_desc(q_s + kc * WG_BLOCK_BYTES + kk * 32, 16, 1024);
+        const uint64_t db = wgmma_desc(kvb + kc * WG_BLOCK_BYTES + wg * 32 * 128 + kk * 32, 16, 1024);
+        wgmma_m64n32k16_ss(s, da, db, (kc | kk) != 0);
+      }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+
+    // Mask, log2 domain, this warpgroup's row maxima; exchange with the other half.
+    const int kbase = t * WG_BK + wg * 32;
+    float mx0 = -INFINITY, mx1 = -INFINITY;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const int key = kbase + 8 * j + 2 * t4;
+      const bool v0 = key < count, v1 = key + 1 < count;
+      s[4 * j + 0] = v0 ? s[4 * j + 0] * sl2 : -INFINITY;
+      s[4 * j + 1] = v1 ? s[4 * j + 1] * sl2 : -INFINITY;
+      s[4 * j + 2] = v0 ? s[4 * j + 2] * sl2 : -INFINITY;
+      s[4 * j + 3] = v1 ? s[4 * j + 3] * sl2 : -INFINITY;
+      mx0 = fmaxf(mx0, fmaxf(s[4 * j + 0], s[4 * j + 1]));
+      mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
+    }
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
+    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+    if (t4 == 0) {
+      max_s[wg * WG_ROWS + r0] = mx0;
+      max_s[wg * WG_ROWS + r0 + 8] = mx1;
+    }
+    __syncthreads();  // both halves' maxima; both warpgroups are done reading P of tile t - 1
+    mx0 = fmaxf(mx0, max_s[(wg ^ 1) * WG_ROWS + r0]);
+    mx1 = fmaxf(mx1, max_s[(wg ^ 1) * WG_ROWS + r0 + 8]);
+    const float mn0 = fmaxf(m0, mx0), mn1 = fmaxf(m1, mx1);
+    const float mu0 = mn0 == -INFINITY ? 0.f : mn0, mu1 = mn1 == -INFINITY ? 0.f : mn1;
+    const float al0 = ex2f(m0 - mu0), al1 = ex2f(m1 - mu1);  // 0 while nothing was valid
+    m0 = mn0;
+    m1 = mn1;
+
+    // P_w to shared memory (bf16, K-major swizzled: rows r0 and r0 + 8 share row & 7 == g).
+    float ps0 = 0.f, ps1 = 0.f;
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      const float p0 = ex2f(s[4 * j + 0] - mu0), p1 = ex2f(s[4 * j + 1] - mu0);
+      const float p2 = ex2f(s[4 * j + 2] - mu1), p3 = ex2f(s[4 * j + 3] - mu1);
+      ps0 += p0 + p1;
+      ps1 += p2 + p3;
+      const int pc = ((wg * 4 + j) ^ g) << 4;
+      *reinterpret_cast<uint32_t*>(p_ptr + r0 * 128 + pc + t4 * 4) = pack_bf16(p0, p1);
+      *reinterpret_cast<uint32_t*>(p_ptr + (r0 + 8) * 128 + pc + t4 * 4) = pack_bf16(p2, p3);
+    }
+    l0 = l0 * al0 + ps0;  // per-thread partial sums; every partial of a row shares the shift
+    l1 = l1 * al1 + ps1;
+#pragma unroll
+    for (int j = 0; j < 32; ++j) {
+      o[4 * j + 0] *= al0;
+      o[4 * j + 1] *= al0;
+      o[4 * j + 2] *= al1;
+      o[4 * j + 3] *= al1;
+    }
+    fence_async_smem();
+    __syncthreads();  // P complete
+
+    // O_w += P V_w over the tile's 64 keys.
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < WG_BK / 16; ++kk) {
+      const uint64_t da = wgmma_desc(p_s + kk * 32, 16, 1024);
+      const uint64_t db = wgmma_desc(kvb + (wg * 4) * WG_BLOCK_BYTES + kk * 16 * 128, WG_BLOCK_BYTES, 1024);
+      wgmma_m64n256k16_ss_tb(o, da, db, 1);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(o);
+  }
+  cp_async_wait<0>();
+
+  // Row sums: over the quad, then the two halves in fixed order.
+  l0 += __shfl_xor_sync(FULL, l0, 1);
+  l0 += __shfl_xor_sync(FULL, l0, 2);
+  l1 += __shfl_xor_sync(FULL, l1, 1);
+  l1 += __shfl_xor_sync(FULL, l1, 2);
+  if (t4 == 0) {
+    sum_s[wg * WG_ROWS + r0] = l0;
+    sum_s[wg * WG_ROWS + r0 + 8] = l1;
+  }
+  __syncthreads();
+  const float L0 = sum_s[r0] + sum_s[WG_ROWS + r0], L1 = sum_s[r0 + 8] + sum_s[WG_ROWS + r0 + 8];
+  float* outA = out + ((size_t)n * H + h0 + r0) * (DV + 1);
+  float* outB = outA + 8 * (size_t)(DV + 1);
+  if (wg == 0 && t4 == 0) {
+    outA[DV] = L0 > 0.f ? (m0 + log2f(L0)) * LN2 : -INFINITY;
+    outB[DV] = L1 > 0.f ? (m1 + log2f(L1)) * LN2 : -INFINITY;
+  }
+  const float inv0 = L0 > 0.f ? 1.f / L0 : 0.f, inv1 = L1 > 0.f ? 1.f / L1 : 0.f;
+#pragma unroll
+  for (int j = 0; j < 32; ++j) {
+    const int col = wg * (DV / 2) + 8 * j + 2 * t4;
+    outA[col] = o[4 * j + 0] * inv0;
+    outA[col + 1] = o[4 * j + 1] * inv0;
+    outB[col] = o[4 * j + 2] * inv1;
+    outB[col + 1] = o[4 * j + 3] * inv1;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+sparse_mla_wg_fwd_576_512(const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
+                          const uint32_t* __restrict__ cnt, float* __restrict__ out, int N, int H, int K, float sl2) {
+  wg_fwd_impl<576, 512>(q, kv, cidx, cnt, out, N, H, K, sl2);
+}
