@@ -46,6 +46,16 @@ typedef __nv_bfloat16 bf16;
 #define WG_THREADS 256              // two warpgroups
 #define WG_BLOCK_BYTES (64 * 128)   // one swizzle block: 64 rows x 64 bf16
 
+// Sum and maximum over the four lanes of a quad (the lanes that share a fragment row).
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(FULL, x, 1);
+  return x + __shfl_xor_sync(FULL, x, 2);
+}
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(FULL, x, 1));
+  return fmaxf(x, __shfl_xor_sync(FULL, x, 2));
+}
+
 __device__ __forceinline__ float ex2f(float x) {
   float y;
   asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
@@ -158,10 +168,8 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
       mx0 = fmaxf(mx0, fmaxf(s[4 * j + 0], s[4 * j + 1]));
       mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
-    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(FULL, mx0, 2));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 1));
-    mx1 = fmaxf(mx1, __shfl_xor_sync(FULL, mx1, 2));
+    mx0 = quad_max(mx0);
+    mx1 = quad_max(mx1);
     if (t4 == 0) {
       max_s[wg * WG_ROWS + r0] = mx0;
       max_s[wg * WG_ROWS + r0 + 8] = mx1;
@@ -218,10 +226,8 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
   cp_async_wait<0>();
 
   // Row sums: over the quad, then the two halves in fixed order.
-  l0 += __shfl_xor_sync(FULL, l0, 1);
-  l0 += __shfl_xor_sync(FULL, l0, 2);
-  l1 += __shfl_xor_sync(FULL, l1, 1);
-  l1 += __shfl_xor_sync(FULL, l1, 2);
+  l0 = quad_sum(l0);
+  l1 = quad_sum(l1);
   if (t4 == 0) {
     sum_s[wg * WG_ROWS + r0] = l0;
     sum_s[wg * WG_ROWS + r0 + 8] = l1;

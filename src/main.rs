@@ -142,7 +142,7 @@ enum Command {
         which: DataCommand,
     },
     /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus), or
-    /// with --preset bench-1k the GPU benchmark model.
+    /// with --preset bench-1k the GPU benchmark model (bench-1k-h128: the same with 128 heads).
     Tiny {
         /// Output directory; receives model/ and tokens.bin.
         #[arg(long, default_value = "checkpoints/tiny")]

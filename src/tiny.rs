@@ -67,6 +67,18 @@ pub fn bench_1k_config() -> serde_json::Value {
     c
 }
 
+/// The bench model with DeepSeek-V3's attention shape: 128 heads and q_lora 1536 (absorbed
+/// queries 128 x 576, latent values 512, as in `bench kernels`), the rest as bench-1k. Its
+/// sparse stage runs the wgmma forward (64-head blocks), which 16 heads cannot fill.
+pub fn bench_1k_h128_config() -> serde_json::Value {
+    let mut c = bench_1k_config();
+    let o = c.as_object_mut().unwrap();
+    for (k, v) in [("num_attention_heads", json!(128)), ("num_key_value_heads", json!(128)), ("q_lora_rank", json!(1536))] {
+        o.insert(k.into(), v);
+    }
+    c
+}
+
 /// Random values for one tensor, scaled so activations stay O(1) through the layers.
 fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
@@ -145,12 +157,14 @@ pub fn synthetic_corpus(vocab: usize, n_tokens: usize, seed: u64) -> Vec<u32> {
 }
 
 /// Write a preset into `dir`: `model/` and `tokens.bin`. "tiny" is the embedded default (V3.1
-/// style, no indexer); "bench-1k" is the GPU benchmark model (V3.2 style).
+/// style, no indexer); "bench-1k" is the GPU benchmark model (V3.2 style); "bench-1k-h128" the
+/// same with V3's 128 attention heads.
 pub fn write_preset(dir: &Path, preset: &str, seed: u64) -> Result<()> {
     let (config, tokens) = match preset {
         "tiny" => (tiny_config(false), 1 << 17),
         "bench-1k" => (bench_1k_config(), 1 << 22),
-        other => anyhow::bail!("unknown preset {other:?}; expected \"tiny\" or \"bench-1k\""),
+        "bench-1k-h128" => (bench_1k_h128_config(), 1 << 22),
+        other => anyhow::bail!("unknown preset {other:?}; expected \"tiny\", \"bench-1k\" or \"bench-1k-h128\""),
     };
     let vocab = config["vocab_size"].as_u64().unwrap_or(512) as usize;
     write_random_checkpoint(&dir.join("model"), &config, seed, 1 << 30)?;

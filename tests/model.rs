@@ -272,3 +272,18 @@ fn mtp_layer_loads_and_predicts_two_ahead() {
     let skipped = Model::load(&dir, &LoadOptions { skip_mtp: true, ..Default::default() }).unwrap();
     assert!(skipped.mtp.is_empty());
 }
+
+/// The bench-1k-h128 preset keeps bench-1k's model and takes DeepSeek-V3's attention shape:
+/// 128 heads, q_lora 1536, absorbed query rows kv_lora + rope = 576 and latent values 512 (the
+/// shape the wgmma sparse forward takes), and its config passes validation.
+#[test]
+fn bench_h128_preset_has_the_v3_attention_shape() {
+    let text = dsa_train::tiny::bench_1k_h128_config().to_string();
+    let c = dsa_train::config::ModelConfig::from_json(&text, &Default::default()).unwrap();
+    c.validate().unwrap();
+    assert_eq!((c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank), (128, 1536, 512));
+    assert_eq!(c.kv_lora_rank + c.qk_rope_head_dim, 576);
+    let base = dsa_train::config::ModelConfig::from_json(&dsa_train::tiny::bench_1k_config().to_string(), &Default::default()).unwrap();
+    assert_eq!((base.num_attention_heads, base.hidden_size, base.num_hidden_layers), (16, c.hidden_size, c.num_hidden_layers));
+    assert_eq!((c.index_n_heads, c.index_head_dim, c.index_topk), (64, 128, 2048));
+}

@@ -5,7 +5,8 @@
 #   CASE: RECIPE:SEQ_LEN[:MICRO_SEQS], e.g. recipes/mini-dense.toml:8192:2
 #   BIN_A / BIN_B may be .xz files (unpacked to /tmp). Models: the bench-1k recipes use
 #   /tmp/bench-1k (made here with `tiny --preset bench-1k`), the mini recipes /tmp/mini/init
-#   (made here with `init`); both read the bench-1k synthetic tokens.
+#   (made here with `init`); both read the bench-1k synthetic tokens. MODEL=DIR replaces the
+#   bench-1k model (e.g. a `tiny --preset bench-1k-h128` one).
 # Environment: STEPS (timed steps per run, default 3), STEP_TIMEOUT (seconds per run, default 150),
 # ENV_A / ENV_B (space-separated VAR=VALUE set for A's / B's runs only: one binary under two
 # settings, e.g. ENV_A="DSA_CUDA_DEFAULTS=1" with BIN_A = BIN_B).
@@ -19,7 +20,7 @@ A="$(unpack "$A" a)"; B="$(unpack "$B" b)"
 [ -d /tmp/mini/init ] || "$B" init --config recipes/mini/config.json --output /tmp/mini/init 2>&1 | tail -1
 run() { # ENV BIN RECIPE LEN MICRO -> tokens/s or FAILED
   local envs="$1"; shift
-  local model=/tmp/bench-1k/model; case "$2" in *mini-*) model=/tmp/mini/init ;; esac
+  local model="${MODEL:-/tmp/bench-1k/model}"; case "$2" in *mini-*) model=/tmp/mini/init ;; esac
   local line
   # shellcheck disable=SC2086
   line="$(env $envs timeout "${STEP_TIMEOUT:-150}" "$1" bench step "$2" --steps "${STEPS:-3}" --set "model.path=$model" \
