@@ -16,6 +16,8 @@ fn main() {
     };
     // sm_90a: Hopper with its architecture-specific instructions (wgmma, setmaxnreg).
     let arch = std::env::var("DSA_CUDA_ARCH").unwrap_or_else(|_| "sm_90a".into());
+    // The wgmma kernels exist only in an sm_90a build (kernels::sparse_mla_tc::wgmma_forward).
+    println!("cargo:rustc-env=DSA_CUDA_ARCH_BUILT={arch}");
     for entry in std::fs::read_dir("kernels").expect("kernels/ exists") {
         let path = entry.unwrap().path();
         if path.extension().is_none_or(|e| e != "cu") {

@@ -40,6 +40,7 @@ typedef __nv_bfloat16 bf16;
 #define INVALID 0xFFFFFFFFu
 #define FULL 0xFFFFFFFFu
 #define LN2 0.6931471805599453f
+#define LOG2E 1.4426950408889634f
 
 #define WG_BK 64                    // keys per tile
 #define WG_ROWS 64                  // heads per block
@@ -67,6 +68,16 @@ __device__ __forceinline__ uint32_t wg_off(int row, int ch) {
   return (uint32_t)((ch >> 3) * WG_BLOCK_BYTES + row * 128 + (((ch & 7) ^ (row & 7)) << 4));
 }
 
+// Gather one kv row into row `key` of a tile (a row of swizzle blocks at `dst`): this thread's
+// chunks sub, sub + 4, ... (four threads per row); an INVALID row is zero-filled.
+template <int DQK>
+__device__ __forceinline__ void wg_gather_row(uint32_t dst, const bf16* __restrict__ kv, uint32_t row, int key, int sub) {
+  const bool valid = row != INVALID;
+  const bf16* src = kv + (size_t)(valid ? row : 0u) * DQK;
+#pragma unroll
+  for (int ch = sub; ch < DQK / 8; ch += 4) cp_async16(dst + wg_off(key, ch), src + ch * 8, valid ? 16 : 0);
+}
+
 template <int DQK, int DV>
 __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
                                             const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cnt,
@@ -75,8 +86,7 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
   constexpr int NKC = DQK / 64;               // swizzle blocks per row
   constexpr int NCH = DQK / 8;                // 16-byte chunks per row
   constexpr int TILE_BYTES = NKC * WG_BLOCK_BYTES;
-  constexpr int CPT = WG_BK * NCH / WG_THREADS;  // chunks gathered per thread per tile
-  static_assert(WG_BK * NCH % WG_THREADS == 0, "gather split");
+  static_assert(WG_THREADS == 4 * WG_BK, "gather: four threads per key row");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t base = (raw + 1023u) & ~1023u;
@@ -109,16 +119,7 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
     const int j = t * WG_BK + gkey;
     pre = j < count ? rowidx[j] : INVALID;
   };
-  auto issue_tile = [&](int buf) {
-    const bool valid = pre != INVALID;
-    const bf16* src = kv + (size_t)(valid ? pre : 0u) * DQK;
-    const uint32_t dst = kv_s + buf * TILE_BYTES;
-#pragma unroll
-    for (int i = 0; i < CPT; ++i) {
-      const int ch = gsub + 4 * i;
-      cp_async16(dst + wg_off(gkey, ch), src + ch * 8, valid ? 16 : 0);
-    }
-  };
+  auto issue_tile = [&](int buf) { wg_gather_row<DQK>(kv_s + buf * TILE_BYTES, kv, pre, gkey, gsub); };
   fetch_row(0);
   if (ntiles > 0) issue_tile(0);
   cp_async_commit();
@@ -268,5 +269,150 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 sparse_mla_wg_fwd_576_512(const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
                           const uint32_t* __restrict__ cnt, float* __restrict__ out, int N, int H, int K, float sl2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   wg_fwd_impl<576, 512>(q, kv, cidx, cnt, out, N, H, K, sl2);
+#else
+  __trap();  // built for another target: the host never launches it (wgmma_forward says no)
+#endif
+}
+
+// ---------------------------------------------------------------------------------------------
+// Head-mean probabilities at H = 128 (the sparse-stage KL target; the same function as
+// sparse_mla_tc_probs_rg8, its twin): pmean[n, slot] = (1/H) sum_h 2^(S sl2 - lse2_h) at each
+// valid slot, with lse2 the forward's LSE times log2 e; padding slots stay as the host zeroed them.
+// One block per query, warpgroup w owns heads 64 w .. 64 w + 63 and keeps their Q as wgmma A
+// fragments in registers (36 k-steps x 4, loaded once from global memory), so each gathered key
+// tile serves all 128 heads and only B is read from shared memory: per tile of 64 keys each
+// warpgroup computes S [64 heads x 64 keys] (36 products m64n64k16, A from registers). Column
+// sums: rows g and g + 8 per thread, then over g by xor-shuffles 4, 8, 16, then the eight warps'
+// partials in shared memory in fixed order (warpgroup 0's four, then warpgroup 1's): no atomics,
+// bit-identical run to run. Three KV stages (the tile after next is gathered during this one);
+// the sums of tile t are stored after tile t + 1's block barrier (one barrier per tile).
+// Shared memory (1024-aligned): KV [3][9 blocks][64][128 B] | red [2][8][64] f32.
+
+#define PRW_STAGES 3
+
+template <int DQK>
+__device__ __forceinline__ void wg_probs_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
+                                              const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cpos,
+                                              const uint32_t* __restrict__ cnt, const float* __restrict__ fwd_out,
+                                              float* __restrict__ out, int N, int K, int DV, float sl2) {
+  constexpr int H = 2 * WG_ROWS;
+  constexpr int NKC = DQK / 64;
+  constexpr int NKS = DQK / 16;  // k-steps
+  constexpr int TILE_BYTES = NKC * WG_BLOCK_BYTES;
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t base = (raw + 1023u) & ~1023u;
+  const uint32_t kv_s = base;
+  float* red_s = reinterpret_cast<float*>(smem_raw + (base - raw) + PRW_STAGES * TILE_BYTES);  // [2][8][64]
+
+  const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wwarp = (tid >> 5) & 3;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int n = N - 1 - (int)blockIdx.x;  // later queries usually select more keys: start them first
+  const int count = (int)cnt[n];
+  if (count == 0) return;  // block-uniform; the output stays zero
+  const int ntiles = (count + WG_BK - 1) / WG_BK;
+  const uint32_t* rowidx = cidx + (size_t)n * K;
+  const uint32_t* rowpos = cpos + (size_t)n * K;
+
+  const int gkey = tid >> 2, gsub = tid & 3;
+  auto row_of = [&](int t) {
+    const int j = t * WG_BK + gkey;
+    return j < count ? rowidx[j] : INVALID;
+  };
+  uint32_t pre = row_of(0);
+  wg_gather_row<DQK>(kv_s, kv, pre, gkey, gsub);
+  cp_async_commit();
+  pre = row_of(1);
+  if (ntiles > 1) wg_gather_row<DQK>(kv_s + TILE_BYTES, kv, pre, gkey, gsub);
+  cp_async_commit();  // possibly empty: the group count stays "tiles issued so far + 1"
+  pre = row_of(2);
+
+  // Q rows hA = 64 wg + 16 wwarp + g and hB = hA + 8 as A fragments (a0: row g, cols 2 t4, +1;
+  // a1: row g + 8; a2, a3: cols + 8), straight from global memory.
+  const int hA = WG_ROWS * wg + 16 * wwarp + g, hB = hA + 8;
+  const bf16* qA = q + ((size_t)n * H + hA) * DQK + 2 * t4;
+  const bf16* qB = q + ((size_t)n * H + hB) * DQK + 2 * t4;
+  uint32_t qf[NKS][4];
+#pragma unroll
+  for (int ks = 0; ks < NKS; ++ks) {
+    qf[ks][0] = __ldg(reinterpret_cast<const unsigned int*>(qA + 16 * ks));
+    qf[ks][1] = __ldg(reinterpret_cast<const unsigned int*>(qB + 16 * ks));
+    qf[ks][2] = __ldg(reinterpret_cast<const unsigned int*>(qA + 16 * ks + 8));
+    qf[ks][3] = __ldg(reinterpret_cast<const unsigned int*>(qB + 16 * ks + 8));
+  }
+  const float lA = fwd_out[((size_t)n * H + hA) * (DV + 1) + DV] * LOG2E;
+  const float lB = fwd_out[((size_t)n * H + hB) * (DV + 1) + DV] * LOG2E;
+
+  // Threads 0..63 store tile t's column sums (the eight warps in order) to slot cpos of key
+  // t * 64 + tid; `mypos` was read one tile earlier.
+  uint32_t mypos = 0;
+  auto store_sums = [&](int t) {
+    if (tid < WG_BK) {
+      const int j = t * WG_BK + tid;
+      if (j < count) {
+        const float* rs = red_s + (t & 1) * 8 * WG_BK + tid;
+        float tot = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; ++w) tot += rs[w * WG_BK];
+        out[(size_t)n * K + mypos] = tot / (float)H;
+      }
+    }
+  };
+
+  for (int t = 0; t < ntiles; ++t) {
+    cp_async_wait<1>();  // all groups but the newest: tile t has landed (this thread's copies)
+    fence_async_smem();
+    __syncthreads();  // ... for everyone; everyone is done with tile t - 1; red [(t - 1) & 1] is full
+    if (t + 2 < ntiles) wg_gather_row<DQK>(kv_s + ((t + 2) % PRW_STAGES) * TILE_BYTES, kv, pre, gkey, gsub);
+    cp_async_commit();
+    pre = row_of(t + 3);
+    if (t > 0) store_sums(t - 1);
+    if (tid < WG_BK) {
+      const int j = t * WG_BK + tid;
+      mypos = j < count ? rowpos[j] : 0u;
+    }
+
+    const uint32_t kvb = kv_s + (t % PRW_STAGES) * TILE_BYTES;
+    float s[32];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < NKS; ++ks)
+      wgmma_m64n64k16_rs(s, qf[ks], wgmma_desc(kvb + (ks >> 2) * WG_BLOCK_BYTES + (ks & 3) * 32, 16, 1024), ks != 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_regs(s);
+
+    // Probabilities and their sums over the warp's 16 heads, per key column.
+    float* rs = red_s + (t & 1) * 8 * WG_BK + (4 * wg + wwarp) * WG_BK;
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      const float p0 = ex2f(fmaf(s[4 * j + 0], sl2, -lA)), p1 = ex2f(fmaf(s[4 * j + 1], sl2, -lA));
+      const float p2 = ex2f(fmaf(s[4 * j + 2], sl2, -lB)), p3 = ex2f(fmaf(s[4 * j + 3], sl2, -lB));
+      float c0 = p0 + p2, c1 = p1 + p3;
+      c0 += __shfl_xor_sync(FULL, c0, 4);
+      c1 += __shfl_xor_sync(FULL, c1, 4);
+      c0 += __shfl_xor_sync(FULL, c0, 8);
+      c1 += __shfl_xor_sync(FULL, c1, 8);
+      c0 += __shfl_xor_sync(FULL, c0, 16);
+      c1 += __shfl_xor_sync(FULL, c1, 16);
+      if (g == 0) *reinterpret_cast<float2*>(rs + 8 * j + 2 * t4) = make_float2(c0, c1);
+    }
+  }
+  cp_async_wait<0>();
+  __syncthreads();  // red [(ntiles - 1) & 1] is full
+  store_sums(ntiles - 1);
+}
+
+// Grid: one block per query (N blocks), 256 threads.
+extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
+sparse_mla_wg_probs_576_h128(const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
+                             const uint32_t* __restrict__ cpos, const uint32_t* __restrict__ cnt,
+                             const float* __restrict__ fwd_out, float* __restrict__ out, int N, int K, int DV, float sl2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  wg_probs_impl<576>(q, kv, cidx, cpos, cnt, fwd_out, out, N, K, DV, sl2);
+#else
+  __trap();  // built for another target: the host never launches it
+#endif
 }

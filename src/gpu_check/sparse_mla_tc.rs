@@ -187,6 +187,16 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     let a = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
     let a2 = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
     let b = crate::kernels::sparse_mla_head_mean_probs(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, &fwd, scale, c.dv)?;
+    // At H 128 the wgmma kernel ran: also against the mma.sync kernel on the same inputs.
+    let wg = tc::wgmma_probs(c.h, c.dqk);
+    let e_mma = if wg {
+        tc::set_wgmma(false);
+        let m = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv);
+        tc::set_wgmma(true);
+        rel_err(&a, &m?)?
+    } else {
+        0.0
+    };
     let shape_ok = a.dims() == [c.n, c.k] && a.dtype() == DType::F32;
     let e = rel_err(&a, &b)?;
     let av = a.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
@@ -210,14 +220,19 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
             worst_sum = if d.is_nan() { f32::INFINITY } else { worst_sum.max(d) };
         }
     }
-    let ok = shape_ok && e < TOL && worst_sum < SUM_TOL && pad_max == 0.0 && same;
+    let ok = shape_ok && e < TOL && worst_sum < SUM_TOL && pad_max == 0.0 && same && e_mma < TOL;
     Ok(Outcome {
         name: c.name,
         ok,
         detail: format!(
             "N {} H {} K {} dqk {} q std {}: rel err {e:.1e} (< {TOL:.0e}); worst |row sum - 1| {worst_sum:.1e} (< {SUM_TOL:.0e}); \
-             max at padding {pad_max:.1e} (= 0); two runs bit-identical {same}; shape/dtype ok {shape_ok}",
-            c.n, c.h, c.k, c.dqk, c.qmul
+             max at padding {pad_max:.1e} (= 0); two runs bit-identical {same}; shape/dtype ok {shape_ok}{}",
+            c.n,
+            c.h,
+            c.k,
+            c.dqk,
+            c.qmul,
+            if wg { format!("; wgmma kernel, vs mma.sync {e_mma:.1e} (< {TOL:.0e})") } else { String::new() }
         ),
     })
 }
@@ -266,9 +281,9 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let scale = 192f64.powf(-0.5);
     let wg = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
     let wg2 = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
-    tc::set_wgmma_forward(false);
+    tc::set_wgmma(false);
     let mma = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv);
-    tc::set_wgmma_forward(true);
+    tc::set_wgmma(true);
     let mma = mma?;
     let f32 = crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, scale, dv)?;
     let same = {
@@ -343,6 +358,8 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         // Row-group variants (H 20: 2 groups, H 40: 4) and two head passes (H 200 > 128).
         ProbsCase { name: "tc head-mean probs vs f32 kernel (H 20, K 97)", n: 33, h: 20, k: 97, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1005 },
         ProbsCase { name: "tc head-mean probs vs f32 kernel (H 40, dqk 192)", n: 50, h: 40, k: 40, dqk: 192, dv: 128, pad: third, qmul: 1.0, empty: true, seed: 1006 },
+        ProbsCase { name: "wgmma head-mean probs (H 128, K 2048 > valid, N 300)", n: 300, h: 128, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1008 },
+        ProbsCase { name: "wgmma head-mean probs (H 128, one query, K 5)", n: 1, h: 128, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: false, seed: 1009 },
         ProbsCase { name: "tc head-mean probs vs f32 kernel (H 200, two passes)", n: 33, h: 200, k: 130, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1007 },
     ] {
         out.push(probs(&c, gpu)?);

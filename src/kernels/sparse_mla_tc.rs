@@ -25,7 +25,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use candle_core::{Result, Tensor};
 
 static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
-static WGMMA_FORWARD: AtomicBool = AtomicBool::new(true);
+static WGMMA: AtomicBool = AtomicBool::new(true);
 
 /// Largest DQK / DV the kernels handle (shared-memory budget of one 64-head block on an H100).
 pub const MAX_DQK: usize = 576;
@@ -40,16 +40,30 @@ pub fn deterministic() -> bool {
     DETERMINISTIC.load(Ordering::SeqCst)
 }
 
-/// Forward on Hopper's warpgroup products (kernels/sparse_mla_wg.cu) where it applies (default
-/// on); off, every shape takes the mma.sync forward. `DSA_PLAIN_OPS=sparse-wg` also turns it off.
-pub fn set_wgmma_forward(on: bool) {
-    WGMMA_FORWARD.store(on, Ordering::SeqCst);
+/// The warpgroup (wgmma) kernels of kernels/sparse_mla_wg.cu where they apply (default on); off,
+/// every shape takes the mma.sync kernels. `DSA_PLAIN_OPS=sparse-wg` also turns them off.
+pub fn set_wgmma(on: bool) {
+    WGMMA.store(on, Ordering::SeqCst);
+}
+
+/// Built for sm_90a (the default `DSA_CUDA_ARCH`; other builds carry no wgmma code) and on.
+fn wgmma_on() -> bool {
+    #[cfg(feature = "cuda")]
+    let sm90a = env!("DSA_CUDA_ARCH_BUILT") == "sm_90a";
+    #[cfg(not(feature = "cuda"))]
+    let sm90a = false;
+    sm90a && WGMMA.load(Ordering::SeqCst) && !crate::kernels::plain_op("sparse-wg")
 }
 
 /// Does the forward of this shape run the wgmma kernel: 64-head blocks at DQK 576 and DV 512
-/// (the 671B shape; H a multiple of 64), unless switched off.
+/// (the 671B shape; H a multiple of 64).
 pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
-    h % 64 == 0 && dqk == 576 && dv == 512 && WGMMA_FORWARD.load(Ordering::SeqCst) && !crate::kernels::plain_op("sparse-wg")
+    h % 64 == 0 && dqk == 576 && dv == 512 && wgmma_on()
+}
+
+/// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
+pub fn wgmma_probs(h: usize, dqk: usize) -> bool {
+    h == 128 && dqk == 576 && wgmma_on()
 }
 
 /// Shapes the tensor-core path handles: DQK and DV multiples of 64, DV <= DQK, DQK <= 576,
@@ -166,9 +180,9 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let fwd_kernel = if wgmma_forward(h, dqk, dv) { "wgmma" } else { "mma.sync" };
     // The mma.sync forward side by side (its figures before the wgmma kernel existed).
     let fwd_mma = if fwd_kernel == "wgmma" {
-        set_wgmma_forward(false);
+        set_wgmma(false);
         let t = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?));
-        set_wgmma_forward(true);
+        set_wgmma(true);
         Some(t?)
     } else {
         None
@@ -181,6 +195,15 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         bwd_times.push(time_median(dev, 3, || Ok(q.apply_op3_no_bwd(&kv, &idx, &op).map(|_| ())?))?);
     }
     let probs = time_median(dev, 5, || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?))?;
+    let probs_kernel = if wgmma_probs(h, dqk) { "wgmma" } else { "mma.sync" };
+    let probs_mma = if probs_kernel == "wgmma" {
+        set_wgmma(false);
+        let t = time_median(dev, 5, || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?));
+        set_wgmma(true);
+        Some(t?)
+    } else {
+        None
+    };
     let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
     let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
@@ -193,7 +216,11 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         },
         format!("  bwd bf16 (atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
         format!("  bwd bf16 (deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
-        format!("  head-mean probs bf16 {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
+        format!("  head-mean probs bf16 ({probs_kernel}) {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
+        match probs_mma {
+            Some(t) => format!("  head-mean probs bf16 (mma.sync, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_probs / t / 1e12),
+            None => "  head-mean probs bf16 (mma.sync): the kernel above".to_string(),
+        },
     ])
 }
 
@@ -277,6 +304,11 @@ pub(crate) mod cuda {
     /// 1024 bytes to align the swizzle blocks.
     fn wg_fwd_smem(dqk: usize) -> usize {
         3 * 64 * dqk * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024
+    }
+
+    /// The wgmma head-mean probabilities: three KV tiles, the column sums, alignment.
+    fn wg_probs_smem(dqk: usize) -> usize {
+        3 * 64 * dqk * 2 + 2 * 8 * 64 * 4 + 1024
     }
 
     fn bwd_smem(rg: usize, dqk: usize, dv: usize) -> usize {
@@ -592,6 +624,23 @@ pub(crate) mod cuda {
             let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
 
+            if super::wgmma_probs(d.h, d.dqk) {
+                let smem = wg_probs_smem(d.dqk);
+                check_smem(dev, smem)?;
+                let f = crate::kernels::cuda::load_from(dev, WG_MODULE, WG_PTX, "sparse_mla_wg_probs_576_h128", smem)?;
+                // Zero-filled: padding slots and queries without a valid slot are never written.
+                let pmean = dev.alloc_zeros::<f32>(d.n * d.k)?;
+                let (n32, k32, dv32) = (d.n as i32, d.k as i32, dv as i32);
+                let sl2 = self.scale * LOG2E;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&q).arg(&kv).arg(&cidx).arg(&cpos).arg(&cnt).arg(&fwd_out).arg(&pmean).arg(&n32).arg(&k32).arg(&dv32).arg(&sl2);
+                let cfg = LaunchConfig { grid_dim: (d.n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                // SAFETY: shapes checked above (H 128, DQK 576); compacted rows are < NKV and
+                // positions < K; fwd_out is [N, H, DV + 1]; pmean is [N, K].
+                unsafe { b.launch(cfg) }.w()?;
+                drop(b);
+                return Ok((CudaStorage::wrap_cuda_slice(pmean, dev.clone()), Shape::from((d.n, d.k))));
+            }
             let rg = probs_row_groups(d.h);
             let passes = d.h.div_ceil(16 * rg);
             let smem = probs_smem(rg, d.dqk);
