@@ -18,8 +18,9 @@
 //      (4 products m64n256k16, A = P, B = the tile's value rows, N-major); 128 f32 accumulators
 //      per thread, which is why the output is split by columns and S by keys.
 // Every tile is gathered by all 256 threads with cp.async into the other of two buffers while
-// this one is computed (buffer t & 1 is free once both warpgroups waited for tile t - 1's
-// products, which they do before the barrier that opens tile t).
+// this one is computed: tile t + 1 goes to buffer (t + 1) & 1, over tile t - 1, issued after
+// the barrier that opens tile t, which both warpgroups reach only after waiting for tile t - 1's
+// products.
 // Shared memory (1024-aligned): Q [9 blocks][64][128 B] | KV [2][9 blocks][64][128 B] |
 // P [64][128 B] | row maxima [2][64] f32 | row sums [2][64] f32 = 230400 bytes + alignment.
 // The epilogue assembles the block's [64, DV + 1] output run in the (then free) KV buffers and

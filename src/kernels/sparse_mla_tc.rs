@@ -7,7 +7,11 @@
 //! output and LSE -inf; the f32 twin gives NaN there). Differentiable in q and kv; the gradient of
 //! the LSE column is ignored, as in the twin.
 //!
-//! Numerics: bf16 operands on mma.sync with f32 accumulation; softmax in f32 (base 2, ex2.approx);
+//! At the 671B shape on Hopper the forward and the head-mean probabilities run the wgmma kernels
+//! of kernels/sparse_mla_wg.cu instead (`wgmma_forward`, `wgmma_probs`): the same tiles and sums,
+//! the same output bits on every case tested.
+//!
+//! Numerics: bf16 operands on mma.sync (or wgmma) with f32 accumulation; softmax in f32 (base 2, ex2.approx);
 //! P rounded to bf16 before P V; backward recomputes P from the LSE, rounds dO, P and scale * dS
 //! to bf16 as operands, accumulates dq and dkv in f32 and returns them as bf16 (candle wants the
 //! gradient dtype of the input).
@@ -93,7 +97,7 @@ pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: us
 /// pmean[n, j] = (1/H) sum_h exp(scale q[n, h] . kv[idx[n, j]] - lse[n, h]) for valid slots
 /// (idx < NKV), 0 at padding slots and for queries without a valid slot. Same shapes as
 /// `sparse_mla_bf16` (`supported`). Twin: `kernels::sparse_mla_head_mean_probs` (f32).
-/// Numerics: S in f32 from bf16 products (mma.sync), p = 2^(S scale log2 e - lse log2 e) in f32
+/// Numerics: S in f32 from bf16 products (mma.sync; wgmma at H 128, DQK 576, same bits), p = 2^(S scale log2 e - lse log2 e) in f32
 /// (ex2.approx); heads summed in a fixed order without atomics, so bit-identical run to run.
 pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, scale: f64, dv: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
@@ -277,6 +281,15 @@ pub(crate) mod cuda {
                 super::MAX_DV
             );
         }
+        // cp.async reads 16-byte pieces of q and kv rows: their storage must start 16-byte aligned
+        // (rows are multiples of 64 elements, so every row is then aligned too).
+        if l1.start_offset() % 8 != 0 || l2.start_offset() % 8 != 0 {
+            bail!(
+                "sparse_mla_bf16: q and kv must start at a multiple of 8 elements of their storage (16 bytes), got offsets {} and {}",
+                l1.start_offset(),
+                l2.start_offset()
+            );
+        }
         if s1.dtype() != DType::BF16 || s2.dtype() != DType::BF16 || s3.dtype() != DType::U32 {
             bail!("sparse_mla_bf16: expects bf16 q and kv and u32 indices, got {:?} {:?} {:?}", s1.dtype(), s2.dtype(), s3.dtype());
         }
@@ -301,7 +314,8 @@ pub(crate) mod cuda {
     }
 
     /// The wgmma forward: Q, two KV tiles (64 rows each), the P tile, row maxima and sums, and
-    /// 1024 bytes to align the swizzle blocks.
+    /// 1024 bytes to align the swizzle blocks: 231424 bytes at DQK 576, 1 KB under the 227 KB
+    /// a block may have on an H100 or H200 (no room for another buffer).
     fn wg_fwd_smem(dqk: usize) -> usize {
         3 * 64 * dqk * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024
     }
@@ -407,6 +421,9 @@ pub(crate) mod cuda {
                 // walking the items, prefetching the next one's Q and first tile) measured 1-2 %
                 // slower on an H200; prefetching the tile after next into L2, 2-5 % slower.
                 let grid = d.n * d.h / 64;
+                if grid > i32::MAX as usize {
+                    bail!("sparse_mla_bf16: {} queries x {} heads is more than one launch takes (2^31 blocks of 64 heads)", d.n, d.h);
+                }
                 let (n, h, k) = (d.n as i32, d.h as i32, d.k as i32);
                 let sl2 = self.scale * LOG2E;
                 let stream = dev.cuda_stream();
