@@ -57,3 +57,11 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
+
+// Sum of x over the eight lanes that hold one column of an m16n8 fragment (lanes 4 g + t for
+// g = 0..7: a butterfly over xor 4, 8, 16, so every lane gets the same bits).
+__device__ __forceinline__ float sum_over_fragment_rows(float x) {
+  x += __shfl_xor_sync(0xFFFFFFFFu, x, 4);
+  x += __shfl_xor_sync(0xFFFFFFFFu, x, 8);
+  return x + __shfl_xor_sync(0xFFFFFFFFu, x, 16);
+}

@@ -1048,12 +1048,8 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
       const float p2 = rvB ? ex2(fmaf(s[nt][2], sl2, -lB)) : 0.f;  // row g + 8, col 2 tig
       const float p3 = rvB ? ex2(fmaf(s[nt][3], sl2, -lB)) : 0.f;  // row g + 8, col 2 tig + 1
       float c0 = p0 + p2, c1 = p1 + p3;
-      c0 += __shfl_xor_sync(FULL, c0, 4);
-      c1 += __shfl_xor_sync(FULL, c1, 4);
-      c0 += __shfl_xor_sync(FULL, c0, 8);
-      c1 += __shfl_xor_sync(FULL, c1, 8);
-      c0 += __shfl_xor_sync(FULL, c0, 16);
-      c1 += __shfl_xor_sync(FULL, c1, 16);
+      c0 = sum_over_fragment_rows(c0);
+      c1 = sum_over_fragment_rows(c1);
       if (g == 0) *reinterpret_cast<float2*>(rs + nt * 8 + 2 * tig) = make_float2(c0, c1);
     }
   }

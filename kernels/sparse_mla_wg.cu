@@ -392,12 +392,8 @@ __device__ __forceinline__ void wg_probs_impl(const bf16* __restrict__ q, const 
       const float p0 = ex2f(fmaf(s[4 * j + 0], sl2, -lA)), p1 = ex2f(fmaf(s[4 * j + 1], sl2, -lA));
       const float p2 = ex2f(fmaf(s[4 * j + 2], sl2, -lB)), p3 = ex2f(fmaf(s[4 * j + 3], sl2, -lB));
       float c0 = p0 + p2, c1 = p1 + p3;
-      c0 += __shfl_xor_sync(FULL, c0, 4);
-      c1 += __shfl_xor_sync(FULL, c1, 4);
-      c0 += __shfl_xor_sync(FULL, c0, 8);
-      c1 += __shfl_xor_sync(FULL, c1, 8);
-      c0 += __shfl_xor_sync(FULL, c0, 16);
-      c1 += __shfl_xor_sync(FULL, c1, 16);
+      c0 = sum_over_fragment_rows(c0);
+      c1 = sum_over_fragment_rows(c1);
       if (g == 0) *reinterpret_cast<float2*>(rs + 8 * j + 2 * t4) = make_float2(c0, c1);
     }
   }
