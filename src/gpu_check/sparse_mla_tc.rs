@@ -41,22 +41,35 @@ struct Inputs {
     dv: usize,
 }
 
-/// bf16 q [N, H, DQK] and kv [max(N, 8), DQK]; idx [N, K]: slot j of query t picks a row in
-/// 0..=max(t, 7) (duplicates allowed), a fraction `pad` of the slots past 0 are padding.
+/// A random selection [N, K] of absolute rows: slot j of query t picks a row in 0..=max(t, 7)
+/// (below `nkv`; duplicates allowed), slot 0 always valid, a fraction `pad` of the other slots
+/// padding (u32::MAX); with `empty`, every 11th query (t % 11 == 5) has only padding. Returns the
+/// slots and the queries without a valid slot.
+fn selection(n: usize, k: usize, nkv: usize, pad: f64, empty: bool, seed: u64) -> (Vec<u32>, Vec<u32>) {
+    let mut rng = crate::rng::SplitMix64::new(seed);
+    let mut abs = vec![u32::MAX; n * k];
+    let mut none = vec![];
+    for t in 0..n {
+        if empty && t % 11 == 5 {
+            none.push(t as u32);
+            continue;
+        }
+        let hi = t.max(7).min(nkv - 1) as u64 + 1;
+        for j in 0..k {
+            if j == 0 || rng.uniform() >= pad {
+                abs[t * k + j] = (rng.next_u64() % hi) as u32;
+            }
+        }
+    }
+    (abs, none)
+}
+
+/// bf16 q [N, H, DQK] and kv [max(N, 8), DQK]; idx [N, K] from `selection` (no empty query).
 fn inputs(c: &Case, gpu: &Device) -> Result<Inputs> {
     let nkv = c.n.max(8);
     let q = crate::rng::randn(&[c.n, c.h, c.dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
     let kv = crate::rng::randn(&[nkv, c.dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
-    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
-    let mut abs = vec![u32::MAX; c.n * c.k];
-    for t in 0..c.n {
-        let hi = t.max(7).min(nkv - 1) as u64 + 1;
-        for j in 0..c.k {
-            if j == 0 || rng.uniform() >= c.pad {
-                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
-            }
-        }
-    }
+    let (abs, _) = selection(c.n, c.k, nkv, c.pad, false, c.seed + 2);
     let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
     let up = crate::rng::randn(&[c.n, c.h, c.dv], c.seed + 3, 1.0, gpu)?;
     Ok(Inputs { q, kv, idx, up, scale: 192f64.powf(-0.5), dv: c.dv })
@@ -168,19 +181,7 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     let nkv = c.n.max(8);
     let q = crate::rng::randn(&[c.n, c.h, c.dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
     let kv = crate::rng::randn(&[nkv, c.dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
-    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
-    let mut abs = vec![u32::MAX; c.n * c.k];
-    for t in 0..c.n {
-        if c.empty && t % 11 == 5 {
-            continue;
-        }
-        let hi = t.max(7).min(nkv - 1) as u64 + 1;
-        for j in 0..c.k {
-            if j == 0 || rng.uniform() >= c.pad {
-                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
-            }
-        }
-    }
+    let (abs, _) = selection(c.n, c.k, nkv, c.pad, c.empty, c.seed + 2);
     let idx = Tensor::from_vec(abs.clone(), (c.n, c.k), gpu)?;
     let scale = 192f64.powf(-0.5);
     let fwd = tc::sparse_mla_bf16(&q, &kv, &idx, scale, c.dv)?;
@@ -261,22 +262,8 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let nkv = c.n.max(8);
     let q = crate::rng::randn(&[c.n, c.h, dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
     let kv = crate::rng::randn(&[nkv, dqk], c.seed + 1, 1.0, gpu)?.to_dtype(DType::BF16)?;
-    let mut rng = crate::rng::SplitMix64::new(c.seed + 2);
-    let mut abs = vec![u32::MAX; c.n * c.k];
-    let (mut full, mut empty) = (vec![], vec![]);
-    for t in 0..c.n {
-        if c.empty && t % 11 == 5 {
-            empty.push(t as u32);
-            continue;
-        }
-        full.push(t as u32);
-        let hi = t.max(7).min(nkv - 1) as u64 + 1;
-        for j in 0..c.k {
-            if j == 0 || rng.uniform() >= c.pad {
-                abs[t * c.k + j] = (rng.next_u64() % hi) as u32;
-            }
-        }
-    }
+    let (abs, empty) = selection(c.n, c.k, nkv, c.pad, c.empty, c.seed + 2);
+    let full: Vec<u32> = (0..c.n as u32).filter(|t| !empty.contains(t)).collect();
     let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
     let scale = 192f64.powf(-0.5);
     let wg = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;

@@ -180,17 +180,20 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let q = Tensor::randn(0f32, 1f32, (nq, h, dqk), dev)?.to_dtype(DType::BF16)?;
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
     let scale = 192f64.powf(-0.5);
-    let fwd = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?))?;
-    let fwd_kernel = if wgmma_forward(h, dqk, dv) { "wgmma" } else { "mma.sync" };
-    // The mma.sync forward side by side (its figures before the wgmma kernel existed).
-    let fwd_mma = if fwd_kernel == "wgmma" {
+    // Where a wgmma kernel ran, the mma.sync one on the same inputs too (side by side).
+    let mma_too = |wg: bool, f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<Option<f64>> {
+        if !wg {
+            return Ok(None);
+        }
         set_wgmma(false);
-        let t = time_median(dev, 5, || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?));
+        let t = time_median(dev, 5, f);
         set_wgmma(true);
-        Some(t?)
-    } else {
-        None
+        t.map(Some)
     };
+    let run_fwd = || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?);
+    let fwd = time_median(dev, 5, run_fwd)?;
+    let fwd_kernel = if wgmma_forward(h, dqk, dv) { "wgmma" } else { "mma.sync" };
+    let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
     let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
     let mut bwd_times = vec![];
@@ -198,16 +201,10 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
         bwd_times.push(time_median(dev, 3, || Ok(q.apply_op3_no_bwd(&kv, &idx, &op).map(|_| ())?))?);
     }
-    let probs = time_median(dev, 5, || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?))?;
+    let run_probs = || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
+    let probs = time_median(dev, 5, run_probs)?;
     let probs_kernel = if wgmma_probs(h, dqk) { "wgmma" } else { "mma.sync" };
-    let probs_mma = if probs_kernel == "wgmma" {
-        set_wgmma(false);
-        let t = time_median(dev, 5, || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?));
-        set_wgmma(true);
-        Some(t?)
-    } else {
-        None
-    };
+    let probs_mma = mma_too(probs_kernel == "wgmma", &run_probs)?;
     let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
     let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
