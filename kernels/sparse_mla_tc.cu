@@ -26,6 +26,7 @@
 #include <math.h>
 #include <cuda_bf16.h>
 #include "mma.cuh"
+#include "wgmma.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -423,19 +424,35 @@ sparse_mla_tc_bwd_prep(const float* __restrict__ out, const float* __restrict__ 
 // ---------------------------------------------------------------------------------------------
 // Backward. One block per (query n, group of ROWS = 16 RG heads); 2 RG warps: warp (r, c), r the
 // row group, c the half. Per tile of 32 keys:
-//  1. S [16 x 16] and dP [16 x 16] for row group r and keys 16 c .. 16 c + 15 (one shared B
-//     fragment per k-step of the value dims), P = 2^(S sl2 - lse2), dS' = scale P (dP - delta);
-//     P and dS' go to shared memory as bf16 [ROWS][32].
+//  1. S [ROWS x 32] and dP [ROWS x 32], P = 2^(S sl2 - lse2), dS' = scale P (dP - delta); P and
+//     dS' go to shared memory as bf16. On mma.sync (WG false) warp (r, c) computes rows 16 r ..
+//     and keys 16 c .. of both, sharing one B fragment per k-step of the value dims. On wgmma
+//     (WG true: ROWS 64, DQK 576, DV 512, sm_90a) warpgroup 0 computes S and warpgroup 1 dP,
+//     each the whole [64 x 32] tile (36 and 32 products m64n32k16, operands from shared memory);
+//     warpgroup 0 passes P in f32 through shared memory (both warpgroups' accumulators have the
+//     same layout, so thread t of one holds the elements of thread t of the other) and warpgroup
+//     1 forms dS'. Same f32 values either way: the products add the same exact bf16 terms in
+//     the same k order.
 //  2. dQ [16 x DQK/2] += dS'_r [16 x 32] K [32 x DQK/2] (column half c), in registers all along.
 //  3. dKV tile [32 x DQK] = dS'^T Q + P^T dO: warp w takes keys 16 (w & 1) .. + 15 and column
 //     pairs (w >> 1) + RG i, three pairs at a time; each finished 16 x 48 piece is added to dkv
 //     with f32x4 atomics (det == 0) or stored to the deterministic chunk buffer
 //     detbuf[hg][n - n0][j][DQK] (det != 0; j the compacted position, every valid j written).
 // dq (bf16) is written once at the end (dq = sum over tiles; scale is folded into dS').
-// Shared memory: Q [ROWS][DQK] | dO [ROWS][DV] | KV [2][32][DQK] | P [ROWS][32] | dS [ROWS][32] |
-// key rows [2][32] u32. P/dS rows are 64 bytes: chunk c of row r is stored at c ^ ((r >> 1) & 3).
+// Shared memory (1024-aligned; every matrix a row of swizzle blocks of 128-byte rows, chunk c of
+// row r at c ^ (r & 7), which is both what wgmma reads and conflict-free for ldmatrix):
+// Q [DQK/64][ROWS][128 B] | dO [DV/64][ROWS][128 B] | KV [2][DQK/64][32][128 B] |
+// P|dS [ROWS][128 B] (P keys in chunks 0-3, dS' in chunks 4-7) | key rows [2][32] u32 |
+// (WG) P exchange [16][128] f32.
 
-template <int RG>
+#define BWD_TILE_BLOCK (BWD_BK * 128)  // one swizzle block of a KV tile
+
+// Byte offset of (row, 16-byte chunk ch) in a row of swizzle blocks of `block_bytes` each.
+__device__ __forceinline__ uint32_t blk_off(int row, int ch, int block_bytes) {
+  return (uint32_t)((ch >> 3) * block_bytes + row * 128 + (((ch ^ row) & 7) << 4));
+}
+
+template <int RG, bool WG>
 __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
                                          const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cnt,
                                          const bf16* __restrict__ dob, const float* __restrict__ lse2,
@@ -447,15 +464,19 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   constexpr int NTHREADS = 64 * RG;
   constexpr int KPT = BWD_BK / (NTHREADS / 8);  // keys gathered per thread per tile
   constexpr int MAXPH = 18;                     // dq column pairs per warp (DQK / 32 <= 18)
-  extern __shared__ __align__(128) uint8_t smem[];
-  const int rbq = DQK * 2, rbo = DV * 2;
+  constexpr int QB = ROWS * 128;                // one swizzle block of Q or dO
+  static_assert(!WG || RG == 4, "the wgmma phase 1 takes 64-row blocks");
+  extern __shared__ uint8_t smem_raw[];
+  const uint32_t raw = smem_u32(smem_raw);
+  const uint32_t q_s = (raw + 1023u) & ~1023u;
+  const uint32_t do_s = q_s + (DQK / 64) * QB;
+  const uint32_t kv_s = do_s + (DV / 64) * QB;
+  const uint32_t tile_bytes = (DQK / 64) * BWD_TILE_BLOCK;
+  const uint32_t pds_s = kv_s + 2 * tile_bytes;
+  uint8_t* pds_p = smem_raw + (pds_s - raw);
+  uint32_t* krow_s = reinterpret_cast<uint32_t*>(pds_p + ROWS * 128);
+  float* xch_s = reinterpret_cast<float*>(krow_s + 2 * BWD_BK);  // WG only: [16][128]
   const int nchq = DQK / 8, ncho = DV / 8;
-  uint8_t* q_s = smem;
-  uint8_t* do_s = q_s + ROWS * rbq;
-  uint8_t* kv_s = do_s + ROWS * rbo;
-  uint8_t* p_s = kv_s + 2 * BWD_BK * rbq;
-  uint8_t* ds_s = p_s + ROWS * 64;
-  uint32_t* krow_s = reinterpret_cast<uint32_t*>(ds_s + ROWS * 64);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r = warp >> 1, c = warp & 1;
@@ -469,13 +490,11 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
   for (int i = tid; i < ROWS * nchq; i += NTHREADS) {
     const int rr = i / nchq, ch = i - rr * nchq, h = h0 + rr;
-    cp_async16(smem_u32(q_s + rr * rbq + swz(ch, rr) * 16), q + ((size_t)n * H + min(h, H - 1)) * DQK + ch * 8,
-               h < H ? 16u : 0u);
+    cp_async16(q_s + blk_off(rr, ch, QB), q + ((size_t)n * H + min(h, H - 1)) * DQK + ch * 8, h < H ? 16u : 0u);
   }
   for (int i = tid; i < ROWS * ncho; i += NTHREADS) {
     const int rr = i / ncho, ch = i - rr * ncho, h = h0 + rr;
-    cp_async16(smem_u32(do_s + rr * rbo + swz(ch, rr) * 16), dob + ((size_t)n * H + min(h, H - 1)) * DV + ch * 8,
-               h < H ? 16u : 0u);
+    cp_async16(do_s + blk_off(rr, ch, QB), dob + ((size_t)n * H + min(h, H - 1)) * DV + ch * 8, h < H ? 16u : 0u);
   }
 
   const int sub = tid & 7;
@@ -494,9 +513,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       const bool valid = pre[i] != INVALID;
       if (sub == 0) krow_s[buf * BWD_BK + key] = pre[i];
       const bf16* src = kv + (size_t)(valid ? pre[i] : 0u) * DQK;
-      uint8_t* d = kv_s + (buf * BWD_BK + key) * rbq;
-      const int x = (sub ^ key) & 7;
-      for (int ch = sub; ch < nchq; ch += 8) cp_async16(smem_u32(d + ((ch & ~7) | x) * 16), src + ch * 8, valid ? 16u : 0u);
+      const uint32_t d = kv_s + buf * tile_bytes;
+      for (int ch = sub; ch < nchq; ch += 8) cp_async16(d + blk_off(key, ch, BWD_TILE_BLOCK), src + ch * 8, valid ? 16u : 0u);
     }
   };
   fetch_rows(0);
@@ -504,11 +522,14 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   cp_async_commit();
   fetch_rows(1);
 
-  // Per-row softmax statistics of rows 16 r + g (A) and + 8 (B).
+  // Per-row softmax statistics of this thread's phase-1 rows: 16 r + g (A) and + 8 (B) on
+  // mma.sync, 16 (warp & 3) + g and + 8 on wgmma.
+  const int sA = h0 + 16 * (WG ? (warp & 3) : r) + g, sB = sA + 8;
+  const bool rvA = sA < H, rvB = sB < H;
+  const float lseA = rvA ? lse2[(size_t)n * H + sA] : 0.f, lseB = rvB ? lse2[(size_t)n * H + sB] : 0.f;
+  const float dlA = rvA ? delta[(size_t)n * H + sA] : 0.f, dlB = rvB ? delta[(size_t)n * H + sB] : 0.f;
+  // dq rows (phase 2): 16 r + g and + 8.
   const int hA = h0 + 16 * r + g, hB = hA + 8;
-  const bool rvA = hA < H, rvB = hB < H;
-  const float lseA = rvA ? lse2[(size_t)n * H + hA] : 0.f, lseB = rvB ? lse2[(size_t)n * H + hB] : 0.f;
-  const float dlA = rvA ? delta[(size_t)n * H + hA] : 0.f, dlB = rvB ? delta[(size_t)n * H + hB] : 0.f;
 
   const int nph = DQK / 32;  // dq column pairs per half
   const int npq = DQK / 16, npv = DV / 16;
@@ -524,63 +545,118 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   const int x7 = lane & 7;
   const int a_row = 16 * r + (lane & 7) + 8 * ((lane >> 3) & 1);
   const int a_hi = lane >> 4;
-  const uint32_t qa = smem_u32(q_s) + a_row * rbq;
-  const uint32_t oa = smem_u32(do_s) + a_row * rbo;
-  const uint32_t dsa = smem_u32(ds_s) + a_row * 64;
+  const uint32_t qa = q_s + a_row * 128;
+  const uint32_t oa = do_s + a_row * 128;
+  const uint32_t dsa = pds_s + a_row * 128;
   const int b_key = 16 * c + (lane & 7) + 8 * (lane >> 4);
   const int b_hi = (lane >> 3) & 1;
   const int t_row = (lane & 7) + 8 * ((lane >> 3) & 1);  // trans-B rows (keys or heads)
-  const int x3 = (lane & 7) >> 1;                         // P/dS swizzle of this lane's ldmatrix row
   // Phase 3 roles: keys 16 kg .., column pairs cs + RG i; trans-A rows (heads) at_row.
   const int kg = warp & 1, cs = warp >> 1;
   const int at_row = (lane & 7) + 8 * (lane >> 4);
-  const uint32_t at_off = at_row * 64 + ((2 * kg + ((lane >> 3) & 1)) ^ x3) * 16;
+  const int at_ch = 2 * kg + ((lane >> 3) & 1);  // key chunk of the P / dS' tiles
 
   for (int t = 0; t < ntiles; ++t) {
     cp_async_wait<0>();
+    if constexpr (WG) fence_async_smem();
     __syncthreads();
     const int buf = t & 1;
     if (t + 1 < ntiles) issue_tile(buf ^ 1);
     cp_async_commit();
     fetch_rows(t + 2);
-    const uint32_t kvb = smem_u32(kv_s) + buf * BWD_BK * rbq;
+    const uint32_t kvb = kv_s + buf * tile_bytes;
 
-    // Phase 1: S and dP.
-    float sa[2][4], dpa[2][4];
+    // Phase 1: S and dP, then P and dS' into the P|dS tile.
+    if constexpr (WG) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+      // The warpgroup index through a shuffle: provably warp-uniform, so ptxas keeps the two
+      // branches' products asynchronous (with tid >> 7 it serialises them).
+      const int wg = __shfl_sync(FULL, tid >> 7, 0), wr = tid & 127;
+      const int row = 16 * (warp & 3) + g;  // and row + 8; row & 7 == g
+      float acc[16];
+      wgmma_fence();
+      if (wg == 0) {
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+        for (int ks = 0; ks < 576 / 16; ++ks)
+          wgmma_m64n32k16_ss(acc, wgmma_desc(q_s + (ks >> 2) * QB + (ks & 3) * 32, 16, 1024),
+                             wgmma_desc(kvb + (ks >> 2) * BWD_TILE_BLOCK + (ks & 3) * 32, 16, 1024), ks != 0);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) sa[nt][e] = dpa[nt][e] = 0.f;
-    const uint32_t kb = kvb + b_key * rbq;
-    for (int g8 = 0; g8 < ncho; g8 += 8) {
-#pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        const uint32_t aoff = (g8 + ((2 * kk + a_hi) ^ x7)) * 16;
-        uint32_t aq[4], ao[4], b[4];
-        ldsm_x4(aq, qa + aoff);
-        ldsm_x4(ao, oa + aoff);
-        ldsm_x4(b, kb + (g8 + ((2 * kk + b_hi) ^ x7)) * 16);
-        mma16816(sa[0], aq, b[0], b[1]);
-        mma16816(sa[1], aq, b[2], b[3]);
-        mma16816(dpa[0], ao, b[0], b[1]);
-        mma16816(dpa[1], ao, b[2], b[3]);
+        for (int ks = 0; ks < 512 / 16; ++ks)
+          wgmma_m64n32k16_ss(acc, wgmma_desc(do_s + (ks >> 2) * QB + (ks & 3) * 32, 16, 1024),
+                             wgmma_desc(kvb + (ks >> 2) * BWD_TILE_BLOCK + (ks & 3) * 32, 16, 1024), ks != 0);
       }
-    }
-    for (int g8 = ncho; g8 < nchq; g8 += 8) {
+      wgmma_commit();
+      wgmma_wait<0>();
+      wgmma_fence_regs(acc);
+      const int kbase = t * BWD_BK;
+      if (wg == 0) {
 #pragma unroll
-      for (int kk = 0; kk < 4; ++kk) {
-        uint32_t aq[4], b[4];
-        ldsm_x4(aq, qa + (g8 + ((2 * kk + a_hi) ^ x7)) * 16);
-        ldsm_x4(b, kb + (g8 + ((2 * kk + b_hi) ^ x7)) * 16);
-        mma16816(sa[0], aq, b[0], b[1]);
-        mma16816(sa[1], aq, b[2], b[3]);
+        for (int j = 0; j < 4; ++j) {
+          const int key = kbase + 8 * j + 2 * tig;
+          const bool v0 = key < count, v1 = key + 1 < count;
+          const float p0 = v0 ? ex2(fmaf(acc[4 * j + 0], sl2, -lseA)) : 0.f;
+          const float p1 = v1 ? ex2(fmaf(acc[4 * j + 1], sl2, -lseA)) : 0.f;
+          const float p2 = v0 ? ex2(fmaf(acc[4 * j + 2], sl2, -lseB)) : 0.f;
+          const float p3 = v1 ? ex2(fmaf(acc[4 * j + 3], sl2, -lseB)) : 0.f;
+          xch_s[(4 * j + 0) * 128 + wr] = p0;
+          xch_s[(4 * j + 1) * 128 + wr] = p1;
+          xch_s[(4 * j + 2) * 128 + wr] = p2;
+          xch_s[(4 * j + 3) * 128 + wr] = p3;
+          *reinterpret_cast<uint32_t*>(pds_p + row * 128 + ((j ^ g) << 4) + tig * 4) = pack_bf16(p0, p1);
+          *reinterpret_cast<uint32_t*>(pds_p + (row + 8) * 128 + ((j ^ g) << 4) + tig * 4) = pack_bf16(p2, p3);
+        }
       }
-    }
-    {
+      __syncthreads();  // P in f32 handed over
+      if (wg == 1) {
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const float p0 = xch_s[(4 * j + 0) * 128 + wr], p1 = xch_s[(4 * j + 1) * 128 + wr];
+          const float p2 = xch_s[(4 * j + 2) * 128 + wr], p3 = xch_s[(4 * j + 3) * 128 + wr];
+          const float d0 = scale * p0 * (acc[4 * j + 0] - dlA), d1 = scale * p1 * (acc[4 * j + 1] - dlA);
+          const float d2 = scale * p2 * (acc[4 * j + 2] - dlB), d3 = scale * p3 * (acc[4 * j + 3] - dlB);
+          *reinterpret_cast<uint32_t*>(pds_p + row * 128 + (((4 + j) ^ g) << 4) + tig * 4) = pack_bf16(d0, d1);
+          *reinterpret_cast<uint32_t*>(pds_p + (row + 8) * 128 + (((4 + j) ^ g) << 4) + tig * 4) = pack_bf16(d2, d3);
+        }
+      }
+#else
+      __trap();  // built for another target: the host never launches the wgmma variant
+#endif
+    } else {
+      float sa[2][4], dpa[2][4];
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sa[nt][e] = dpa[nt][e] = 0.f;
+      const uint32_t kb = kvb + b_key * 128;
+      for (int g8 = 0; g8 < ncho; g8 += 8) {
+        const uint32_t qblk = qa + (g8 >> 3) * QB, oblk = oa + (g8 >> 3) * QB, kblk = kb + (g8 >> 3) * BWD_TILE_BLOCK;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          const uint32_t aoff = ((2 * kk + a_hi) ^ x7) << 4;
+          uint32_t aq[4], ao[4], b[4];
+          ldsm_x4(aq, qblk + aoff);
+          ldsm_x4(ao, oblk + aoff);
+          ldsm_x4(b, kblk + (((2 * kk + b_hi) ^ x7) << 4));
+          mma16816(sa[0], aq, b[0], b[1]);
+          mma16816(sa[1], aq, b[2], b[3]);
+          mma16816(dpa[0], ao, b[0], b[1]);
+          mma16816(dpa[1], ao, b[2], b[3]);
+        }
+      }
+      for (int g8 = ncho; g8 < nchq; g8 += 8) {
+        const uint32_t qblk = qa + (g8 >> 3) * QB, kblk = kb + (g8 >> 3) * BWD_TILE_BLOCK;
+#pragma unroll
+        for (int kk = 0; kk < 4; ++kk) {
+          uint32_t aq[4], b[4];
+          ldsm_x4(aq, qblk + (((2 * kk + a_hi) ^ x7) << 4));
+          ldsm_x4(b, kblk + (((2 * kk + b_hi) ^ x7) << 4));
+          mma16816(sa[0], aq, b[0], b[1]);
+          mma16816(sa[1], aq, b[2], b[3]);
+        }
+      }
       const int kbase = t * BWD_BK + 16 * c;
-      uint8_t* pA = p_s + (16 * r + g) * 64;
-      uint8_t* dA = ds_s + (16 * r + g) * 64;
-      const int xA = ((16 * r + g) >> 1) & 3, xB = ((16 * r + g + 8) >> 1) & 3;
+      uint8_t* pA = pds_p + (16 * r + g) * 128;  // rows 16 r + g and + 8: row & 7 == g
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int j = kbase + 8 * nt + 2 * tig;
@@ -592,28 +668,27 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         const float d0 = scale * p0 * (dpa[nt][0] - dlA), d1 = scale * p1 * (dpa[nt][1] - dlA);
         const float d2 = scale * p2 * (dpa[nt][2] - dlB), d3 = scale * p3 * (dpa[nt][3] - dlB);
         const int ch = 2 * c + nt;
-        *reinterpret_cast<uint32_t*>(pA + (ch ^ xA) * 16 + tig * 4) = pack_bf16(p0, p1);
-        *reinterpret_cast<uint32_t*>(pA + 8 * 64 + (ch ^ xB) * 16 + tig * 4) = pack_bf16(p2, p3);
-        *reinterpret_cast<uint32_t*>(dA + (ch ^ xA) * 16 + tig * 4) = pack_bf16(d0, d1);
-        *reinterpret_cast<uint32_t*>(dA + 8 * 64 + (ch ^ xB) * 16 + tig * 4) = pack_bf16(d2, d3);
+        *reinterpret_cast<uint32_t*>(pA + ((ch ^ g) << 4) + tig * 4) = pack_bf16(p0, p1);
+        *reinterpret_cast<uint32_t*>(pA + 8 * 128 + ((ch ^ g) << 4) + tig * 4) = pack_bf16(p2, p3);
+        *reinterpret_cast<uint32_t*>(pA + (((4 + ch) ^ g) << 4) + tig * 4) = pack_bf16(d0, d1);
+        *reinterpret_cast<uint32_t*>(pA + 8 * 128 + (((4 + ch) ^ g) << 4) + tig * 4) = pack_bf16(d2, d3);
       }
     }
     __syncthreads();  // P and dS' of the whole tile are visible
 
     // Phase 2: dQ += dS' K for the warp's rows and column half.
     {
-      const uint32_t kt = kvb + t_row * rbq;
 #pragma unroll
       for (int kk = 0; kk < BWD_BK / 16; ++kk) {
         uint32_t a[4];
-        ldsm_x4(a, dsa + ((2 * kk + a_hi) ^ x3) * 16);
-        const uint32_t krow = kt + 16 * kk * rbq;
+        ldsm_x4(a, dsa + (((4 + 2 * kk + a_hi) ^ x7) << 4));
+        const uint32_t krow = kvb + (t_row + 16 * kk) * 128;
 #pragma unroll
         for (int p = 0; p < MAXPH; ++p) {
           if (p < nph) {
-            const int cp = c * nph + p;
+            const int ch = 2 * (c * nph + p) + a_hi;
             uint32_t b[4];
-            ldsm_x4_t(b, krow + swz(2 * cp + a_hi, x7) * 16);
+            ldsm_x4_t(b, krow + (ch >> 3) * BWD_TILE_BLOCK + (((ch ^ x7) & 7) << 4));
             mma16816(dqa[p][0], a, b[0], b[1]);
             mma16816(dqa[p][1], a, b[2], b[3]);
           }
@@ -623,8 +698,9 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
     // Phase 3: dKV tile, 16 keys x 3 column pairs at a time.
     {
-      const uint32_t dsb = smem_u32(ds_s) + at_off, psb = smem_u32(p_s) + at_off;
-      const uint32_t qt = smem_u32(q_s) + t_row * rbq, ot = smem_u32(do_s) + t_row * rbo;
+      const uint32_t dsb = pds_s + at_row * 128 + (((4 + at_ch) ^ x7) << 4);
+      const uint32_t psb = pds_s + at_row * 128 + ((at_ch ^ x7) << 4);
+      const uint32_t qt = q_s + t_row * 128, ot = do_s + t_row * 128;
       const uint32_t rowA = krow_s[buf * BWD_BK + 16 * kg + g];
       const uint32_t rowB = krow_s[buf * BWD_BK + 16 * kg + g + 8];
       const bool odd = tig & 1;
@@ -641,19 +717,20 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 #pragma unroll
         for (int ks = 0; ks < RG; ++ks) {
           uint32_t ad[4], ap[4];
-          ldsm_x4_t(ad, dsb + ks * 16 * 64);
-          ldsm_x4_t(ap, psb + ks * 16 * 64);
+          ldsm_x4_t(ad, dsb + ks * 16 * 128);
+          ldsm_x4_t(ap, psb + ks * 16 * 128);
 #pragma unroll
           for (int jj = 0; jj < 3; ++jj) {
             const int cp = cs + RG * (3 * grp + jj);
             if (cp < npq) {
-              const int off = swz(2 * cp + a_hi, x7) * 16;
+              const int ch = 2 * cp + a_hi;
+              const uint32_t off = (ch >> 3) * QB + ks * 16 * 128 + (((ch ^ x7) & 7) << 4);
               uint32_t b[4];
-              ldsm_x4_t(b, qt + ks * 16 * rbq + off);
+              ldsm_x4_t(b, qt + off);
               mma16816(acc[jj][0], ad, b[0], b[1]);
               mma16816(acc[jj][1], ad, b[2], b[3]);
               if (cp < npv) {
-                ldsm_x4_t(b, ot + ks * 16 * rbo + off);
+                ldsm_x4_t(b, ot + off);
                 mma16816(acc[jj][0], ap, b[0], b[1]);
                 mma16816(acc[jj][1], ap, b[2], b[3]);
               }
@@ -697,8 +774,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt) {
         const int col = 16 * cp + 8 * nt + 2 * tig;
-        if (rvA) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hA) * DQK + col) = pack_bf16(dqa[p][nt][0], dqa[p][nt][1]);
-        if (rvB) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hB) * DQK + col) = pack_bf16(dqa[p][nt][2], dqa[p][nt][3]);
+        if (hA < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hA) * DQK + col) = pack_bf16(dqa[p][nt][0], dqa[p][nt][1]);
+        if (hB < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hB) * DQK + col) = pack_bf16(dqa[p][nt][2], dqa[p][nt][3]);
       }
     }
   }
@@ -710,12 +787,23 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       const uint32_t* __restrict__ cnt, const bf16* __restrict__ dob, const float* __restrict__ lse2,             \
       const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf, \
       int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {         \
-    bwd_impl<RG>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, DQK, DV, scale, sl2, n0, nlen, det, \
+    bwd_impl<RG, false>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, DQK, DV, scale, sl2, n0, nlen, det, \
                  chunk);                                                                                           \
   }
 BWD_KERNEL(1)
 BWD_KERNEL(2)
 BWD_KERNEL(4)
+
+// The wgmma variant (phase 1 on warpgroup products): H a multiple of 64, DQK 576, DV 512; grid as
+// sparse_mla_tc_bwd_rg4 (one block of 256 threads per query and 64 heads).
+extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_tc_bwd_wg(
+    const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
+    const uint32_t* __restrict__ cnt, const bf16* __restrict__ dob, const float* __restrict__ lse2,
+    const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf,
+    int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {
+  bwd_impl<4, true>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, 576, 512, scale, sl2, n0, nlen, det,
+                    chunk);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Deterministic dkv for queries n0 .. n0 + nlen: detbuf[hg][nl][j][:] holds the head-group-summed

@@ -213,7 +213,9 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
     fence_async_smem();
     __syncthreads();  // P complete
 
-    // O_w += P V_w over the tile's 64 keys.
+    // O_w += P V_w over the tile's 64 keys. The rescale above wrote o with ordinary
+    // instructions: pin those writes before the products read o as their accumulator.
+    wgmma_fence_regs(o);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < WG_BK / 16; ++kk) {

@@ -65,6 +65,13 @@ pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
     h % 64 == 0 && dqk == 576 && dv == 512 && wgmma_on()
 }
 
+/// Does the backward of this shape compute S and dP on wgmma (kernels/sparse_mla_tc.cu,
+/// sparse_mla_tc_bwd_wg; the rest of the backward as on mma.sync): 64-head blocks at DQK 576
+/// and DV 512, as the forward.
+pub fn wgmma_backward(h: usize, dqk: usize, dv: usize) -> bool {
+    wgmma_forward(h, dqk, dv)
+}
+
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
 pub fn wgmma_probs(h: usize, dqk: usize) -> bool {
     h == 128 && dqk == 576 && wgmma_on()
@@ -196,11 +203,17 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
     let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
+    let (qr, kvr, idxr) = (&q, &kv, &idx);
+    let run_bwd = |det: bool| {
+        let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
+        move || Ok(qr.apply_op3_no_bwd(kvr, idxr, &op).map(|_| ())?)
+    };
     let mut bwd_times = vec![];
     for det in [false, true] {
-        let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
-        bwd_times.push(time_median(dev, 3, || Ok(q.apply_op3_no_bwd(&kv, &idx, &op).map(|_| ())?))?);
+        bwd_times.push(time_median(dev, 3, run_bwd(det))?);
     }
+    let bwd_kernel = if wgmma_backward(h, dqk, dv) { "S and dP on wgmma" } else { "mma.sync" };
+    let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd(false))?;
     let run_probs = || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
     let probs = time_median(dev, 5, run_probs)?;
     let probs_kernel = if wgmma_probs(h, dqk) { "wgmma" } else { "mma.sync" };
@@ -215,8 +228,12 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
             Some(t) => format!("  fwd bf16 (mma.sync, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_fwd / t / 1e12),
             None => "  fwd bf16 (mma.sync): the kernel above".to_string(),
         },
-        format!("  bwd bf16 (atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
-        format!("  bwd bf16 (deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
+        format!("  bwd bf16 ({bwd_kernel}, atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
+        format!("  bwd bf16 ({bwd_kernel}, deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
+        match bwd_mma {
+            Some(t) => format!("  bwd bf16 (mma.sync, atomic dkv, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_bwd / t / 1e12),
+            None => "  bwd bf16 (mma.sync): the kernel above".to_string(),
+        },
         format!("  head-mean probs bf16 ({probs_kernel}) {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
         match probs_mma {
             Some(t) => format!("  head-mean probs bf16 (mma.sync, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_probs / t / 1e12),
@@ -322,9 +339,12 @@ pub(crate) mod cuda {
         3 * 64 * dqk * 2 + 2 * 8 * 64 * 4 + 1024
     }
 
-    fn bwd_smem(rg: usize, dqk: usize, dv: usize) -> usize {
+    /// The backward: Q, dO, two KV tiles of 32 keys, the P|dS tile, the tiles' key rows, 1024
+    /// bytes to align the swizzle blocks, and for the wgmma variant the f32 P exchange (16 x 128):
+    /// 230656 bytes at the 671B shape.
+    fn bwd_smem(rg: usize, dqk: usize, dv: usize, wg: bool) -> usize {
         let rows = 16 * rg;
-        rows * dqk * 2 + rows * dv * 2 + 2 * 32 * dqk * 2 + 2 * rows * 64 + 2 * 32 * 4
+        rows * dqk * 2 + rows * dv * 2 + 2 * 32 * dqk * 2 + rows * 128 + 2 * 32 * 4 + 1024 + if wg { 16 * 128 * 4 } else { 0 }
     }
 
     fn check_smem(dev: &CudaDevice, bytes: usize) -> Result<()> {
@@ -408,8 +428,11 @@ pub(crate) mod cuda {
             let dev = s1.device();
             let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
             let (cidx, cnt) = compact(dev, &idx, &d)?;
-            let out = dev.alloc_zeros::<f32>(d.n * d.h * (self.dv + 1))?;
+            let out_len = d.n * d.h * (self.dv + 1);
             if super::wgmma_forward(d.h, d.dqk, self.dv) {
+                // SAFETY: every element is written by the kernel below (each block stores its
+                // 64 rows of DV + 1 floats whole), so no zeroing pass (about 1 ms of 26 at 32K).
+                let out = unsafe { dev.alloc::<f32>(out_len) }?;
                 let smem = wg_fwd_smem(d.dqk);
                 check_smem(dev, smem)?;
                 let f = crate::kernels::cuda::load_from(dev, WG_MODULE, WG_PTX, "sparse_mla_wg_fwd_576_512", smem)?;
@@ -433,6 +456,7 @@ pub(crate) mod cuda {
                 drop(b);
                 return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d.n, d.h, self.dv + 1))));
             }
+            let out = dev.alloc_zeros::<f32>(out_len)?;
             let rg = row_groups(d.h);
             let smem = fwd_smem(rg, d.dqk);
             check_smem(dev, smem)?;
@@ -523,9 +547,10 @@ pub(crate) mod cuda {
             let dkv32 = dev.alloc_zeros::<f32>(d.nkv * d.dqk)?;
             let rg = row_groups(d.h);
             let hgroups = d.h.div_ceil(16 * rg);
-            let smem = bwd_smem(rg, d.dqk, dv);
+            let wg = super::wgmma_backward(d.h, d.dqk, dv);
+            let smem = bwd_smem(rg, d.dqk, dv, wg);
             check_smem(dev, smem)?;
-            let f = load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)?;
+            let f = if wg { load(dev, "sparse_mla_tc_bwd_wg", smem)? } else { load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)? };
             let dq = out.slice(0..dq_len);
             let (n32, h32, k32, dqk32, dv32) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
             let (scale, sl2) = (self.scale, self.scale * LOG2E);
