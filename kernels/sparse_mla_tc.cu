@@ -433,7 +433,10 @@ sparse_mla_tc_bwd_prep(const float* __restrict__ out, const float* __restrict__ 
 //     same layout, so thread t of one holds the elements of thread t of the other) and warpgroup
 //     1 forms dS'. Same f32 values either way: the products add the same exact bf16 terms in
 //     the same k order.
-//  2. dQ [16 x DQK/2] += dS'_r [16 x 32] K [32 x DQK/2] (column half c), in registers all along.
+//  2. dQ [16 x DQK/2] += dS'_r [16 x 32] K [32 x DQK/2] (column half c), in registers all along;
+//     on wgmma each warpgroup accumulates [64 x 288] (one n256 and one n32 product per k16 step,
+//     A = dS' and B = the KV tile from shared memory), issued before phase 3 and waited for
+//     after it, so the tensor cores run them while phase 3's mma.sync work issues.
 //  3. dKV tile [32 x DQK] = dS'^T Q + P^T dO: warp w takes keys 16 (w & 1) .. + 15 and column
 //     pairs (w >> 1) + RG i, three pairs at a time; each finished 16 x 48 piece is added to dkv
 //     with f32x4 atomics (det == 0) or stored to the deterministic chunk buffer
@@ -533,13 +536,23 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
   const int nph = DQK / 32;  // dq column pairs per half
   const int npq = DQK / 16, npv = DV / 16;
-  float dqa[MAXPH][2][4];
+  // dq accumulators: on mma.sync [16 x DQK/2] a warp in m16n8 fragments; on wgmma [64 x 288] a
+  // warpgroup (columns 0-287 for warpgroup 0, 288-575 for 1) as one n256 and one n32 product.
+  float dqa[WG ? 1 : MAXPH][2][4];
+  float dqw[WG ? 128 : 1], dqx[WG ? 16 : 1];
+  if constexpr (WG) {
 #pragma unroll
-  for (int p = 0; p < MAXPH; ++p)
+    for (int i = 0; i < 128; ++i) dqw[i] = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < 2; ++nt)
+    for (int i = 0; i < 16; ++i) dqx[i] = 0.f;
+  } else {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) dqa[p][nt][e] = 0.f;
+    for (int p = 0; p < MAXPH; ++p)
+#pragma unroll
+      for (int nt = 0; nt < 2; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dqa[p][nt][e] = 0.f;
+  }
 
   // ldmatrix lane roles (every ldmatrix row below has row & 7 == x7).
   const int x7 = lane & 7;
@@ -674,10 +687,32 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         *reinterpret_cast<uint32_t*>(pA + 8 * 128 + (((4 + ch) ^ g) << 4) + tig * 4) = pack_bf16(d2, d3);
       }
     }
+    if constexpr (WG) fence_async_smem();  // dS' is read by wgmma below
     __syncthreads();  // P and dS' of the whole tile are visible
 
-    // Phase 2: dQ += dS' K for the warp's rows and column half.
-    {
+    // Phase 2: dQ += dS' K. On wgmma the products are issued here and run while phase 3 issues
+    // its mma.sync work; they are waited for at the end of the tile (they read the KV buffer
+    // that the next tile's gather refills and the dS' that its phase 1 rewrites).
+    if constexpr (WG) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+      // A: dS' [64 heads x 32 keys], K-major in chunks 4-7 of the P|dS tile (a k16 step is 32
+      // bytes). B: the KV tile [32 keys x 576], N-major (64 dims a 4096-byte block, 8 keys a
+      // 1024-byte group, a k16 step 16 rows = 2048 bytes). Warpgroup 0 takes dims 0-255 (blocks
+      // 0-3) and 256-287 (the first half of block 4), warpgroup 1 288-319 (its second half,
+      // 64 bytes into each row) and 320-575 (blocks 5-8).
+      const int wg = __shfl_sync(FULL, tid >> 7, 0);
+      const uint32_t wide = kvb + (wg == 0 ? 0 : 5) * BWD_TILE_BLOCK;
+      const uint32_t narrow = kvb + 4 * BWD_TILE_BLOCK + (wg == 0 ? 0 : 64);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BWD_BK / 16; ++kk) {
+        const uint64_t da = wgmma_desc(pds_s + 64 + kk * 32, 16, 1024);
+        wgmma_m64n256k16_ss_tb(dqw, da, wgmma_desc(wide + kk * 2048, BWD_TILE_BLOCK, 1024), 1);
+        wgmma_m64n32k16_ss_tb(dqx, da, wgmma_desc(narrow + kk * 2048, BWD_TILE_BLOCK, 1024), 1);
+      }
+      wgmma_commit();
+#endif
+    } else {
 #pragma unroll
       for (int kk = 0; kk < BWD_BK / 16; ++kk) {
         uint32_t a[4];
@@ -763,19 +798,47 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         }
       }
     }
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    if constexpr (WG) {
+      wgmma_wait<0>();  // this tile's dQ products, before the barrier that frees its buffers
+      wgmma_fence_regs(dqw);
+      wgmma_fence_regs(dqx);
+    }
+#endif
   }
   cp_async_wait<0>();
 
-  // dq rows hA, hB; columns of half c.
+  if constexpr (WG) {
+    // dq rows 16 (warp & 3) + g and + 8 of the block; n8 tile j of each product at d[4 j ..].
+    const int wg = tid >> 7;
+    const int hr = h0 + 16 * (warp & 3) + g;
+    const int c_wide = wg == 0 ? 0 : 320, c_narrow = wg == 0 ? 256 : 288;
+    bf16* rowA = dq + ((size_t)n * H + hr) * DQK;
+    bf16* rowB = rowA + 8 * DQK;
 #pragma unroll
-  for (int p = 0; p < MAXPH; ++p) {
-    if (p < nph) {
-      const int cp = c * nph + p;
+    for (int j = 0; j < 32; ++j) {
+      const int col = c_wide + 8 * j + 2 * tig;
+      *reinterpret_cast<uint32_t*>(rowA + col) = pack_bf16(dqw[4 * j + 0], dqw[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(rowB + col) = pack_bf16(dqw[4 * j + 2], dqw[4 * j + 3]);
+    }
 #pragma unroll
-      for (int nt = 0; nt < 2; ++nt) {
-        const int col = 16 * cp + 8 * nt + 2 * tig;
-        if (hA < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hA) * DQK + col) = pack_bf16(dqa[p][nt][0], dqa[p][nt][1]);
-        if (hB < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hB) * DQK + col) = pack_bf16(dqa[p][nt][2], dqa[p][nt][3]);
+    for (int j = 0; j < 4; ++j) {
+      const int col = c_narrow + 8 * j + 2 * tig;
+      *reinterpret_cast<uint32_t*>(rowA + col) = pack_bf16(dqx[4 * j + 0], dqx[4 * j + 1]);
+      *reinterpret_cast<uint32_t*>(rowB + col) = pack_bf16(dqx[4 * j + 2], dqx[4 * j + 3]);
+    }
+  } else {
+    // dq rows hA, hB; columns of half c.
+#pragma unroll
+    for (int p = 0; p < MAXPH; ++p) {
+      if (p < nph) {
+        const int cp = c * nph + p;
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int col = 16 * cp + 8 * nt + 2 * tig;
+          if (hA < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hA) * DQK + col) = pack_bf16(dqa[p][nt][0], dqa[p][nt][1]);
+          if (hB < H) *reinterpret_cast<uint32_t*>(dq + ((size_t)n * H + hB) * DQK + col) = pack_bf16(dqa[p][nt][2], dqa[p][nt][3]);
+        }
       }
     }
   }

@@ -90,6 +90,21 @@ __device__ __forceinline__ void wgmma_m64n256k16_ss_tb(float (&d)[128], uint64_t
       : "l"(da), "l"(db), "r"(accumulate));
 }
 
+// D[64 x 32] (+)= A[64 x 16] B[16 x 32], A and B from shared memory (descriptors), B N-major (imm-trans-b 1);
+// `accumulate` 0 overwrites D. 16 f32 accumulators per thread (the m16n8 C layout, n8 tile j at d[4 j ..]).
+__device__ __forceinline__ void wgmma_m64n32k16_ss_tb(float (&d)[16], uint64_t da, uint64_t db, int accumulate) {
+  asm volatile(
+      "{\n.reg .pred p;\n"
+      "setp.ne.b32 p, %18, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16 "
+      "{"
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+      "}, %16, %17, p, 1, 1, 0, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
+      : "l"(da), "l"(db), "r"(accumulate));
+}
+
 // D[64 x 64] (+)= A[64 x 16] B[16 x 64], A from registers (the mma.sync m16n8k16 A fragment of each warp's 16 rows), B from shared memory, B K-major;
 // `accumulate` 0 overwrites D. 32 f32 accumulators per thread (the m16n8 C layout, n8 tile j at d[4 j ..]).
 __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t db, int accumulate) {

@@ -3,7 +3,7 @@
 //! f32: forward output, LSE, dq and dkv under a random upstream gradient, on awkward sizes with
 //! padded selections (duplicates included), a large-magnitude case, and the deterministic dkv
 //! mode (two runs bit-identical, and equal to the atomic mode within tolerance). Cases at H a
-//! multiple of 64 with DQK 576 and DV 512 run the wgmma forward and the backward with S and dP on
+//! multiple of 64 with DQK 576 and DV 512 run the wgmma forward and the backward with S, dP and dQ on
 //! wgmma; `wg_forward` and `wg_backward` also compare those with the mma.sync kernels.
 //!
 //! Tolerances reflect bf16 P in P V and bf16 dO, P and scale * dS as backward operands, and
@@ -20,8 +20,8 @@ const COS_TOL: f32 = 0.9999;
 /// dq's cosine at 128-192 heads and 130-2048 keys a query, for the wgmma backward: dq sums
 /// hundreds of bf16-rounded dS' terms whose row sums cancel (sum_j P_j (dP_j - delta) = 0), so
 /// its rounding error relative to |dq| grows with the keys. Measured on an H200 at H 128, K 2048:
-/// 0.99985, bit-equal to the mma.sync backward's dq on the same inputs (the kernels share phase
-/// 2 and compute the same f32 dS'), so this bounds the algorithm's bf16 error, not a kernel bug;
+/// 0.99985, bit-equal to the mma.sync backward's dq on the same inputs (the kernels compute the
+/// same f32 dS' and add the same bf16 products in the same order), so this bounds the algorithm's bf16 error, not a kernel bug;
 /// the bit-equality and dkv against the f32 kernel at `COS_TOL` are what catch one.
 const DQ_COS_TOL_MANY_KEYS: f32 = 0.9997;
 
@@ -312,10 +312,10 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     })
 }
 
-/// The backward with S and dP on wgmma (64-head blocks at DQK 576, DV 512) against the f32
+/// The backward with S, dP and dQ on wgmma (64-head blocks at DQK 576, DV 512) against the f32
 /// kernel (the tolerances of `compare`, dq's cosine at `DQ_COS_TOL_MANY_KEYS`) and against the
-/// all-mma.sync backward on the same inputs: both compute the same f32 S and dP and share phase
-/// 2, so dq must be bit-equal; dkv within 1e-2 (its atomics add in any order).
+/// all-mma.sync backward on the same inputs: both compute the same f32 S and dP and add dQ's
+/// products tile by tile in the same k order, so dq must be bit-equal; dkv within 1e-2 (its atomics add in any order).
 fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
     if !tc::wgmma_backward(c.h, c.dqk, c.dv) {
         return Ok(Outcome { name: c.name, ok: false, detail: format!("H {} does not take the wgmma backward (switched off?)", c.h) });

@@ -65,9 +65,9 @@ pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
     h % 64 == 0 && dqk == 576 && dv == 512 && wgmma_on()
 }
 
-/// Does the backward of this shape compute S and dP on wgmma (kernels/sparse_mla_tc.cu,
-/// sparse_mla_tc_bwd_wg; the rest of the backward as on mma.sync): 64-head blocks at DQK 576
-/// and DV 512, as the forward.
+/// Does the backward of this shape compute S, dP and dQ on wgmma (kernels/sparse_mla_tc.cu,
+/// sparse_mla_tc_bwd_wg; the dKV tile as on mma.sync): 64-head blocks at DQK 576 and DV 512, as
+/// the forward.
 pub fn wgmma_backward(h: usize, dqk: usize, dv: usize) -> bool {
     wgmma_forward(h, dqk, dv)
 }
@@ -212,7 +212,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     for det in [false, true] {
         bwd_times.push(time_median(dev, 3, run_bwd(det))?);
     }
-    let bwd_kernel = if wgmma_backward(h, dqk, dv) { "S and dP on wgmma" } else { "mma.sync" };
+    let bwd_kernel = if wgmma_backward(h, dqk, dv) { "S, dP, dQ on wgmma" } else { "mma.sync" };
     let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd(false))?;
     let run_probs = || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
     let probs = time_median(dev, 5, run_probs)?;
