@@ -20,8 +20,17 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, statistics in f32; the
-/// normalised value is cast back to x's dtype before the scale (as DeepSeek and HF do).
+/// normalised value is cast back to x's dtype before the scale (as DeepSeek and HF do). On a
+/// GPU the fused op of `kernels::rms_norm` (same roundings, one pass each way), else the plain one.
 pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::rms_norm::supported(x, w) {
+        return crate::kernels::rms_norm::rms_norm(x, w, eps);
+    }
+    rms_norm_plain(x, w, eps)
+}
+
+/// `rms_norm` from candle's ops (the fused kernel's twin, and the CPU's path).
+pub fn rms_norm_plain(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let x32 = x.to_dtype(DType::F32)?;
     let ms = x32.sqr()?.mean_keepdim(D::Minus1)?;
@@ -77,8 +86,17 @@ pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<T
 }
 
 /// RoPE on interleaved pairs (2i, 2i+1) with frequency i: the layout of DeepSeek's MLA.
-/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2].
+/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope` (the
+/// same bits), else the plain one.
 pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(x, cos) {
+        return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Interleaved);
+    }
+    rope_interleaved_plain(x, cos, sin)
+}
+
+/// `rope_interleaved` from candle's ops (the fused kernel's twin, and the CPU's path).
+pub fn rope_interleaved_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (b, t, h, r) = x.dims4()?;
     let pairs = x.reshape((b, t, h, r / 2, 2))?;
     let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?; // [B, T, H, R/2]
@@ -91,8 +109,16 @@ pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor
 }
 
 /// RoPE on the two halves (i, i + R/2) with frequency i: the layout of the DSA indexer.
-/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2].
+/// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope`.
 pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(x, cos) {
+        return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Halves);
+    }
+    rope_half_plain(x, cos, sin)
+}
+
+/// `rope_half` from candle's ops (the fused kernel's twin, and the CPU's path).
+pub fn rope_half_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let (_, t, _, r) = x.dims4()?;
     let x1 = x.narrow(3, 0, r / 2)?;
     let x2 = x.narrow(3, r / 2, r / 2)?;

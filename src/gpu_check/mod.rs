@@ -9,6 +9,8 @@ mod warmup_kl;
 mod indexer_topk;
 mod sparse_mla_tc;
 mod rows;
+mod rms_norm;
+mod rope;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -427,6 +429,8 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("moe-grouped", Box::new(|| moe_grouped_matches_per_expert(&gpu))),
         ("lm-loss", Box::new(|| lm_loss_matches_twin(&gpu))),
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
+        ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),
+        ("rope", Box::new(|| rope::checks(&gpu))),
         ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),
         ("forward", Box::new(|| forward_matches_cpu(&model, &gpu))),
         ("eval-blocks", Box::new(|| eval_blocks_match_whole(&model, &gpu))),

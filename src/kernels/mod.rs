@@ -16,6 +16,8 @@ pub mod indexer_topk;
 pub mod indexer_at_tc;
 pub mod lm_loss;
 pub mod adamw;
+pub mod rms_norm;
+pub mod rope;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -37,7 +39,9 @@ pub fn available(device: &Device) -> bool {
 /// operations take their plain twins while every other kernel stays on. Names: `indexer-at`
 /// (the sparse-stage KL's tensor-core scores at the selection; the f32 kernel instead),
 /// `lm-loss` (the fused LM loss), `adamw` (the fused optimizer step), `dense-bwd` (the dense
-/// attention's tensor-core backward; `model::dense_recompute::backward_blocks` instead).
+/// attention's tensor-core backward; `model::dense_recompute::backward_blocks` instead),
+/// `rms-norm` (the fused RMSNorm; `ops::rms_norm_plain` instead), `rope` (the fused rotary
+/// embedding; `ops::rope_interleaved_plain` and `ops::rope_half_plain` instead).
 pub fn plain_op(name: &str) -> bool {
     static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     LIST.get_or_init(|| std::env::var("DSA_PLAIN_OPS").map(|v| v.split(',').map(|s| s.trim().to_string()).collect()).unwrap_or_default())
