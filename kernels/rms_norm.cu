@@ -11,18 +11,11 @@
 // an f32 rounding, and T(n) then by one step of T in rare elements (y by up to two). __f*_rn keep nvcc from
 // contracting multiply-adds (each step rounds as the twin's op does).
 
-#include <cuda_bf16.h>
 #include <stdint.h>
 
-#define FULL 0xffffffffu
+#include "dtype.cuh"
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-// v rounded to T and back (the twin's casts to T between ops).
-template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+#define FULL 0xffffffffu
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -34,7 +27,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T> __device__ __forceinline__ float row_scale(const T* xr, int d, float inv_d, float eps, int lane) {
   float ss = 0.f;
   for (int j = lane; j < d; j += 32) {
-    const float v = to_f(xr[j]);
+    const float v = to_f32(xr[j]);
     ss = __fadd_rn(ss, __fmul_rn(v, v));
   }
   return __fsqrt_rn(__fadd_rn(__fmul_rn(warp_sum(ss), inv_d), eps));
@@ -49,8 +42,8 @@ __device__ void rms_fwd(const T* __restrict__ x, const T* __restrict__ w, T* __r
   const T* xr = x + r * d;
   const float s = row_scale(xr, d, inv_d, eps, lane);
   for (int j = lane; j < d; j += 32) {
-    const float nb = round_t<T>(__fdiv_rn(to_f(xr[j]), s));
-    y[r * d + j] = from_f<T>(__fmul_rn(nb, to_f(w[j])));
+    const float nb = round_to<T>(__fdiv_rn(to_f32(xr[j]), s));
+    y[r * d + j] = from_f32<T>(__fmul_rn(nb, to_f32(w[j])));
   }
 }
 
@@ -75,12 +68,12 @@ __device__ void rms_bwd_dx(const T* __restrict__ x, const T* __restrict__ w, con
   const T* dyr = dy + r * d;
   const float s = scale[r];
   float dot = 0.f;
-  for (int j = lane; j < d; j += 32) dot = __fadd_rn(dot, __fmul_rn(round_t<T>(__fmul_rn(to_f(dyr[j]), to_f(w[j]))), to_f(xr[j])));
+  for (int j = lane; j < d; j += 32) dot = __fadd_rn(dot, __fmul_rn(round_to<T>(__fmul_rn(to_f32(dyr[j]), to_f32(w[j]))), to_f32(xr[j])));
   dot = warp_sum(dot);
   const float a = __fmul_rn(__fdiv_rn(dot, __fmul_rn(__fmul_rn(s, s), s)), inv_d);
   for (int j = lane; j < d; j += 32) {
-    const float dn = round_t<T>(__fmul_rn(to_f(dyr[j]), to_f(w[j])));
-    dx[r * d + j] = from_f<T>(__fsub_rn(__fdiv_rn(dn, s), __fmul_rn(to_f(xr[j]), a)));
+    const float dn = round_to<T>(__fmul_rn(to_f32(dyr[j]), to_f32(w[j])));
+    dx[r * d + j] = from_f32<T>(__fsub_rn(__fdiv_rn(dn, s), __fmul_rn(to_f32(xr[j]), a)));
   }
 }
 
@@ -98,8 +91,8 @@ __device__ void rms_bwd_dw(const T* __restrict__ x, const T* __restrict__ dy, co
   float sum = 0.f;
   if (j < d)
     for (long long r = r0 + ty; r < r1; r += 8) {
-      const float nb = round_t<T>(__fdiv_rn(to_f(x[r * d + j]), scale[r]));
-      sum = __fadd_rn(sum, __fmul_rn(to_f(dy[r * d + j]), nb));
+      const float nb = round_to<T>(__fdiv_rn(to_f32(x[r * d + j]), scale[r]));
+      sum = __fadd_rn(sum, __fmul_rn(to_f32(dy[r * d + j]), nb));
     }
   acc[ty][tx] = sum;
   __syncthreads();

@@ -11,15 +11,9 @@
 // and autograd's zero-filled gradient plus a term is that term). __f*_rn keep nvcc from
 // contracting a product into an fma.
 
-#include <cuda_bf16.h>
 #include <stdint.h>
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_f(float v);
-template <> __device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <typename T> __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+#include "dtype.cuh"
 
 // One thread per pair; pairs = B T H R/2. `inverse` rotates by the negative angle (the backward).
 template <typename T>
@@ -32,18 +26,18 @@ __device__ void rope_pairs(const T* __restrict__ x, const float* __restrict__ co
     const long long base = row * 2 * half;
     const long long ia = interleaved ? base + 2 * i : base + i;
     const long long ib = interleaved ? ia + 1 : ia + half;
-    const float c = round_t<T>(cos[(long long)t * half + i]), s = round_t<T>(sin[(long long)t * half + i]);
-    const float a = to_f(x[ia]), b = to_f(x[ib]);
+    const float c = round_to<T>(cos[(long long)t * half + i]), s = round_to<T>(sin[(long long)t * half + i]);
+    const float a = to_f32(x[ia]), b = to_f32(x[ib]);
     float ya, yb;
     if (!inverse) {
-      ya = __fsub_rn(round_t<T>(__fmul_rn(a, c)), round_t<T>(__fmul_rn(b, s)));
-      yb = __fadd_rn(round_t<T>(__fmul_rn(a, s)), round_t<T>(__fmul_rn(b, c)));
+      ya = __fsub_rn(round_to<T>(__fmul_rn(a, c)), round_to<T>(__fmul_rn(b, s)));
+      yb = __fadd_rn(round_to<T>(__fmul_rn(a, s)), round_to<T>(__fmul_rn(b, c)));
     } else {
-      ya = __fadd_rn(round_t<T>(__fmul_rn(a, c)), round_t<T>(__fmul_rn(b, s)));
-      yb = __fsub_rn(round_t<T>(__fmul_rn(b, c)), round_t<T>(__fmul_rn(a, s)));
+      ya = __fadd_rn(round_to<T>(__fmul_rn(a, c)), round_to<T>(__fmul_rn(b, s)));
+      yb = __fsub_rn(round_to<T>(__fmul_rn(b, c)), round_to<T>(__fmul_rn(a, s)));
     }
-    y[ia] = from_f<T>(ya);
-    y[ib] = from_f<T>(yb);
+    y[ia] = from_f32<T>(ya);
+    y[ib] = from_f32<T>(yb);
   }
 }
 

@@ -7,17 +7,8 @@
 // candle's own index_add gives one thread per column a serial loop over all ids instead.
 
 #include <stdint.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
-__device__ __forceinline__ float to_f32(float v) { return v; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f32(__half v) { return __half2float(v); }
-
-template <typename T> __device__ __forceinline__ T from_f32(float v);
-template <> __device__ __forceinline__ float from_f32<float>(float v) { return v; }
-template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <> __device__ __forceinline__ __half from_f32<__half>(float v) { return __float2half_rn(v); }
+#include "dtype.cuh"
 
 template <typename T>
 __device__ void row_sum(const T* __restrict__ x, const uint32_t* __restrict__ src, const uint32_t* __restrict__ off,
