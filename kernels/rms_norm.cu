@@ -4,9 +4,10 @@
 // (bf16 or f32); w is already in T. Per row, as the twin rounds it:
 //   ms = (sum x^2) * (1/D),  s = sqrt(ms + eps),  n = x / s  (f32, IEEE division and sqrt)
 //   y  = T(T(n) * w)         (the product of two bf16 values is exact in f32, rounded once)
-// Backward, for dy [rows, D] in T (the twin's chain, with its two roundings to T):
+// Backward, for dy [rows, D] in T (dx with the twin's two roundings to T):
 //   dn = f32(T(dy * w)),  dot = sum dn x,  dx = T(dn / s - x (dot / (D s^3)))
-//   dw = T(sum over rows of dy * T(n))   (f32 sums; per chunk of rows here, chunks summed after)
+//   dw = T(sum over rows of dy * T(n))   (f32 products and sums, per chunk of rows, chunks summed
+//        after; the twin rounds each product to T and sums in T: this is the more accurate one)
 // The sums run in another order than candle's reductions, so s can differ from the twin's by
 // an f32 rounding, and T(n) then by one step of T in rare elements (y by up to two). __f*_rn keep nvcc from
 // contracting multiply-adds (each step rounds as the twin's op does).

@@ -89,7 +89,7 @@ pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<T
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope` (the
 /// same bits), else the plain one.
 pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(x, cos) {
+    if crate::kernels::rope::supported(x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Interleaved);
     }
     rope_interleaved_plain(x, cos, sin)
@@ -111,7 +111,7 @@ pub fn rope_interleaved_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<
 /// RoPE on the two halves (i, i + R/2) with frequency i: the layout of the DSA indexer.
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope`.
 pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(x, cos) {
+    if crate::kernels::rope::supported(x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Halves);
     }
     rope_half_plain(x, cos, sin)

@@ -16,14 +16,16 @@ pub enum Pairs {
     Halves,
 }
 
-/// Whether the fused op takes x [B, T, H, R] with cos/sin [T, R/2] f32: bf16 or f32 x on CUDA,
+/// Whether the fused op takes x [B, T, H, R] with cos and sin [T, R/2] f32: bf16 or f32 x on CUDA,
 /// R even, and `DSA_PLAIN_OPS` does not name `rope`.
-pub fn supported(x: &Tensor, cos: &Tensor) -> bool {
+pub fn supported(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     let Ok((_, t, _, r)) = x.dims4() else { return false };
     crate::kernels::available(x.device())
         && !crate::kernels::plain_op("rope")
         && matches!(x.dtype(), DType::BF16 | DType::F32)
         && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32
+        && sin.dims() == cos.dims()
         && r % 2 == 0
         && r > 0
         && cos.dims() == [t, r / 2]
@@ -32,6 +34,10 @@ pub fn supported(x: &Tensor, cos: &Tensor) -> bool {
 
 /// x [B, T, H, R] rotated by the angles of cos/sin [T, R/2] (f32), in x's dtype; differentiable in x.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Result<Tensor> {
+    let (_, t, _, r) = x.dims4()?;
+    if r % 2 != 0 || cos.dims() != [t, r / 2] || sin.dims() != cos.dims() || cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
+        candle_core::bail!("the fused RoPE needs x [B, T, H, R] with R even and f32 cos, sin [T, R/2]; got x {:?}, cos {:?} {:?}, sin {:?} {:?}", x.dims(), cos.dims(), cos.dtype(), sin.dims(), sin.dtype());
+    }
     let x = x.contiguous()?;
     let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
     #[cfg(feature = "cuda")]
