@@ -1,7 +1,8 @@
 //! The fused RMSNorm (`kernels::rms_norm`) against its plain twin (`ops::rms_norm_plain`) on
 //! the GPU, and both against f64 maths on the host: the output element by element against the
-//! twin, dx and dw (from sum(y g) for a random g) in the 2-norm against f64, where the fused
-//! op must be at least about as close as the twin; its backward run twice must be bit-equal.
+//! twin (bf16: within two steps, in at most 1e-4 of the values), dx and dw (from sum(y g) for
+//! a random g) in the 2-norm against f64, where the fused op must be at least about as close
+//! as the twin; its backward run twice must be bit-equal.
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var};
@@ -76,6 +77,9 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let (a, b) = (host_f64(&yf)?, host_f64(&yp)?);
         let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs() / (step * q.abs() + 1e-30)).fold(0.0f64, f64::max);
         let differ = a.iter().zip(&b).filter(|(p, q)| p != q).count();
+        // And in bf16 only rarely: a flip of T(x / s) needs the two s a rounding apart at a
+        // rounding boundary (measured: 175 of 29.4M values, 6e-6); at most 1e-4 of the values.
+        let rare = xd != DType::BF16 || differ as f64 <= 1e-4 * a.len() as f64;
         let e_y = rel_l2_f64(&a, &y_ref);
         let (e_dx, e_dx_plain) = (rel_l2_f64(&host_f64(&dxf)?, &dx_ref), rel_l2_f64(&host_f64(&dxp)?, &dx_ref));
         let (e_dw, e_dw_plain) = (rel_l2_f64(&host_f64(&dwf)?, &dw_ref), rel_l2_f64(&host_f64(&dwp)?, &dw_ref));
@@ -87,7 +91,7 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let repeat = host_f64(&dxf)? == host_f64(&dxf2)? && host_f64(&dwf)? == host_f64(&dwf2)?;
         out.push(Outcome {
             name: "fused RMSNorm vs twin and f64",
-            ok: worst <= 1.0 && close(e_dx, e_dx_plain, floor_dx) && close(e_dw, e_dw_plain, floor_dw) && e_y < step.max(2e-7) && repeat,
+            ok: worst <= 1.0 && rare && close(e_dx, e_dx_plain, floor_dx) && close(e_dw, e_dw_plain, floor_dw) && e_y < step.max(2e-7) && repeat,
             detail: format!(
                 "x {xd:?} {shape:?} std {std}, w {wd:?}: y within {worst:.2} of the bound {step:.1e} |twin| ({differ} of {} differ), {e_y:.1e} from f64; \
                  dx {e_dx:.1e} (twin {e_dx_plain:.1e}), dw {e_dw:.1e} (twin {e_dw_plain:.1e}) from f64; backward repeatable {repeat}",

@@ -16,27 +16,26 @@ pub enum Pairs {
     Halves,
 }
 
-/// Whether the fused op takes x [B, T, H, R] with cos and sin [T, R/2] f32: bf16 or f32 x on CUDA,
-/// R even, and `DSA_PLAIN_OPS` does not name `rope`.
-pub fn supported(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+/// Whether x [B, T, H, R] (R even, > 0) and f32 cos, sin [T, R/2] fit together: what the
+/// kernel's indexing assumes.
+fn shapes_fit(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
     let Ok((_, t, _, r)) = x.dims4() else { return false };
-    crate::kernels::available(x.device())
-        && !crate::kernels::plain_op("rope")
-        && matches!(x.dtype(), DType::BF16 | DType::F32)
-        && cos.dtype() == DType::F32
-        && sin.dtype() == DType::F32
-        && sin.dims() == cos.dims()
-        && r % 2 == 0
-        && r > 0
-        && cos.dims() == [t, r / 2]
-        && x.elem_count() < i64::MAX as usize
+    r > 0 && r % 2 == 0 && cos.dims() == [t, r / 2] && sin.dims() == cos.dims() && cos.dtype() == DType::F32 && sin.dtype() == DType::F32
+}
+
+/// Whether the fused op takes these: `shapes_fit`, bf16 or f32 x on CUDA, and `DSA_PLAIN_OPS`
+/// does not name `rope`.
+pub fn supported(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
+    crate::kernels::available(x.device()) && !crate::kernels::plain_op("rope") && matches!(x.dtype(), DType::BF16 | DType::F32) && shapes_fit(x, cos, sin)
 }
 
 /// x [B, T, H, R] rotated by the angles of cos/sin [T, R/2] (f32), in x's dtype; differentiable in x.
 pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Result<Tensor> {
-    let (_, t, _, r) = x.dims4()?;
-    if r % 2 != 0 || cos.dims() != [t, r / 2] || sin.dims() != cos.dims() || cos.dtype() != DType::F32 || sin.dtype() != DType::F32 {
-        candle_core::bail!("the fused RoPE needs x [B, T, H, R] with R even and f32 cos, sin [T, R/2]; got x {:?}, cos {:?} {:?}, sin {:?} {:?}", x.dims(), cos.dims(), cos.dtype(), sin.dims(), sin.dtype());
+    if !shapes_fit(x, cos, sin) {
+        candle_core::bail!(
+            "the fused RoPE needs x [B, T, H, R] with R even and f32 cos, sin [T, R/2]; got x {:?}, cos {:?} {:?}, sin {:?} {:?}",
+            x.dims(), cos.dims(), cos.dtype(), sin.dims(), sin.dtype()
+        );
     }
     let x = x.contiguous()?;
     let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
@@ -123,5 +122,29 @@ mod cuda {
             let dx = grad.contiguous()?.detach().apply_op3_no_bwd(cos, sin, &Rope { pairs: self.pairs, inverse: !self.inverse })?;
             Ok((Some(dx), None, None))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    // Shapes the kernel's indexing cannot take end in an error before any launch (on every build).
+    #[test]
+    fn mismatched_shapes_are_an_error_not_a_launch() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 4, 2, 6), DType::F32, &dev).unwrap();
+        let table = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, &dev).unwrap();
+        let (cos, sin) = (table(4, 3), table(4, 3));
+        assert!(shapes_fit(&x, &cos, &sin));
+        for (c, s) in [(table(3, 3), table(3, 3)), (table(4, 3), table(3, 3)), (table(4, 2), table(4, 2)), (cos.clone(), sin.to_dtype(DType::BF16).unwrap())] {
+            assert!(!shapes_fit(&x, &c, &s));
+            let err = rope(&x, &c, &s, Pairs::Halves).unwrap_err().to_string();
+            assert!(err.contains("R even"), "{err}");
+        }
+        let odd = Tensor::zeros((1, 4, 2, 5), DType::F32, &dev).unwrap();
+        assert!(!shapes_fit(&odd, &table(4, 2), &table(4, 2)));
+        assert!(!supported(&x, &cos, &sin), "no kernels on the CPU");
     }
 }
