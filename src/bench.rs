@@ -40,7 +40,7 @@ pub fn sized_config(gib: f64) -> serde_json::Value {
 
 pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
     if !dir.join("config.json").exists() {
-        eprintln!("[bench] writing a ~{gib} GiB FP8 checkpoint to {} (one-off)", dir.display());
+        crate::elog!("[bench] writing a ~{gib} GiB FP8 checkpoint to {} (one-off)", dir.display());
         crate::tiny::write_random_checkpoint(dir, &sized_config(gib), 1, 512 << 20)?;
     }
     let cfg = ModelConfig::from_dir(dir, &IndexerDefaults::default())?;
@@ -93,7 +93,7 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
     }
     let regions = crate::profile::report(steps);
     if !regions.is_empty() {
-        eprintln!("[profile] DSA_PROFILE=1, per timed step (each region between device synchronisations):\n{regions}");
+        crate::elog!("[profile] DSA_PROFILE=1, per timed step (each region between device synchronisations):\n{regions}");
     }
     times.sort_by(|a, b| a.total_cmp(b));
     let median = times[times.len() / 2];
@@ -128,7 +128,7 @@ pub fn log_device_memory(at: &str) {
         let _ = candle_core::cuda_backend::cudarc::driver::result::ctx::synchronize();
         static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
         let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
-        eprintln!("[mem] {t:9.3} s {at}{}", device_memory_in_use().replace(" after the steps", ""));
+        crate::elog!("[mem] {t:9.3} s {at}{}", device_memory_in_use().replace(" after the steps", ""));
     }
 }
 
@@ -236,7 +236,7 @@ struct Emit(Vec<String>);
 
 impl Emit {
     fn push(&mut self, line: String) {
-        eprintln!("[bench] {line}");
+        crate::elog!("[bench] {line}");
         self.0.push(line);
     }
 }

@@ -39,7 +39,7 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
         unsafe { d.disable_event_tracking() };
         // A pool that cannot be configured costs speed, not correctness: say so and go on.
         if let Err(e) = imp::keep_freed_memory(d) {
-            eprintln!("[cuda] the memory pool keeps returning freed memory to the driver ({e}); set DSA_CUDA_DEFAULTS=1 to silence this");
+            crate::elog!("[cuda] the memory pool keeps returning freed memory to the driver ({e}); set DSA_CUDA_DEFAULTS=1 to silence this");
         }
     }
     let _ = device;

@@ -123,11 +123,19 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     for w in 0..windows {
         let window = Tensor::from_slice(&tokens[w * n..(w + 1) * n], (1, n), &model.device)?;
         let (hidden, layers) = model.forward_layers(&window, &opts)?;
-        nll_sum += nll_sum_in_chunks(model, &hidden, &window, lm_chunk_positions(1, model.cfg.vocab_size))?;
+        let nll = nll_sum_in_chunks(model, &hidden, &window, lm_chunk_positions(1, model.cfg.vocab_size))?;
+        // The weights were checked finite when loaded (`Model::load`); a non-finite value now
+        // comes from the activations. Name the first layer whose indexer KL shows it.
+        let layer_kl: Vec<f64> = layers.iter().map(|s| s.indexer_kl.as_ref().map_or(Ok(0.0), sum_f64)).collect::<Result<_>>()?;
+        if let Some(l) = layer_kl.iter().position(|k| !k.is_finite()) {
+            bail!("window {w}: the indexer KL of layer {l} is not finite (the weights are finite: the activations overflow; try --dtype f32)");
+        }
+        if !nll.is_finite() {
+            bail!("window {w}: the LM loss is not finite (the weights are finite: the activations overflow; try --dtype f32)");
+        }
+        nll_sum += nll;
         for (l, stats) in layers.iter().enumerate() {
-            if let Some(kl) = &stats.indexer_kl {
-                kl_sum[l] += sum_f64(kl)?;
-            }
+            kl_sum[l] += layer_kl[l];
             if let (Some(r), true) = (&stats.recall, recall_positions > 0) {
                 recall_sum[l] += sum_f64(&r.narrow(1, topk, recall_positions)?)?;
             }
@@ -135,7 +143,7 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
                 ceiling_sum[l] += sum_f64(&c.narrow(1, topk, recall_positions)?)?;
             }
         }
-        eprintln!("[eval] window {}/{windows}: running lm_loss {:.5}", w + 1, nll_sum / ((w + 1) * (n - 1)) as f64);
+        crate::elog!("[eval] window {}/{windows}: running lm_loss {:.5}", w + 1, nll_sum / ((w + 1) * (n - 1)) as f64);
     }
     let kl: Vec<f64> = kl_sum.iter().map(|s| s / (windows * n) as f64).collect();
     let per_position = |sums: &[f64]| -> Vec<f64> {

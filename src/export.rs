@@ -79,7 +79,7 @@ pub fn export_v32(cfg: &ModelConfig, params: &ParamSet, out: &Path, opts: &Expor
         done += 1;
         bytes_done += t.nbytes();
         if last_report.elapsed().as_secs() >= 10 {
-            eprintln!("[export] {done}/{total} tensors, {:.2} GB", bytes_done as f64 / 1e9);
+            crate::elog!("[export] {done}/{total} tensors, {:.2} GB", bytes_done as f64 / 1e9);
             last_report = Instant::now();
         }
         if let Some(bytes) = scales.remove(&t.name) {
@@ -118,7 +118,7 @@ fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
     let present = mtp.iter().filter(|n| params.contains_key(*n)).count();
     if present == 0 {
         if cfg.num_nextn_predict_layers > 0 {
-            eprintln!(
+            crate::elog!(
                 "[export] the parameters hold no MTP layer: writing num_nextn_predict_layers 0 instead of {}",
                 cfg.num_nextn_predict_layers
             );
@@ -260,15 +260,8 @@ pub fn export_hf_checkpoint(
     // A training step-N folder resolves to its Hugging Face base plus trained overlays; the
     // indexer shape and top-k then come from the recipe that trained it.
     let source = crate::train::ckpt::resolve_model(src)?;
-    let mut indexer = *indexer;
-    let mut init_seed = init_seed;
-    if crate::train::ckpt::is_checkpoint(src) {
-        let text = std::fs::read_to_string(src.join("recipe.toml"))
-            .with_context(|| format!("cannot read {}", src.join("recipe.toml").display()))?;
-        let r = crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", src.join("recipe.toml").display()))?;
-        indexer = IndexerDefaults { n_heads: r.model.index_n_heads, head_dim: r.model.index_head_dim, topk: r.dsa.index_topk };
-        init_seed = r.model.init_seed;
-    }
+    source.verify_share(0, 1)?;
+    let (indexer, init_seed) = crate::train::ckpt::trained_settings(src)?.unwrap_or((*indexer, init_seed));
     let cfg = ModelConfig::from_dir(&source.hf_dir, &indexer)?;
     let ckpt = Checkpoint::open(&source.hf_dir)?;
     let specs = weights::model_weights(&cfg, cfg.num_nextn_predict_layers > 0);
@@ -279,13 +272,13 @@ pub fn export_hf_checkpoint(
     weights::apply_overlay(&mut params, &specs, overlay, DType::F32)?;
     let initialised: Vec<&String> = initialised.iter().filter(|n| !trained.contains(*n)).collect();
     if !initialised.is_empty() {
-        eprintln!(
+        crate::elog!(
             "[export] {} has no indexer tensors: initialised {} of them from seed {init_seed} ({}x{} heads, top-k {})",
             src.display(), initialised.len(), cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
         );
     }
     if !trained.is_empty() {
-        eprintln!("[export] {} trained tensors from {}", trained.len(), src.display());
+        crate::elog!("[export] {} trained tensors from {}", trained.len(), src.display());
     }
     export_v32(&cfg, &params, out, opts)?;
     Ok(cfg)

@@ -200,7 +200,7 @@ pub fn write_dir_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>)
     std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
     let partial = parent.join(format!(".{}.partial", name.to_string_lossy()));
     if partial.exists() {
-        eprintln!("[write] removing {}, left by an interrupted write", partial.display());
+        crate::elog!("[write] removing {}, left by an interrupted write", partial.display());
         std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
     }
     std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;

@@ -15,6 +15,16 @@
 //! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
 //! - `bench`, `profile`: benchmarks; `DSA_PROFILE=1` time per named region of a step.
 
+/// A line on stderr that never panics: a closed pipe (`| head`, a killed `tee`) or a full
+/// disk (`2>/dev/full`) loses the line, never the run.
+#[macro_export]
+macro_rules! elog {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
+}
+
 pub mod bench;
 pub mod checkpoint;
 pub mod config;
@@ -39,6 +49,7 @@ pub mod recipe;
 pub mod rng;
 pub mod rope;
 pub mod rows;
+pub mod signals;
 pub mod tiny;
 pub mod train;
 pub mod weights;

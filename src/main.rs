@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 
 use dsa_train::config::IndexerDefaults;
@@ -52,15 +52,17 @@ enum Command {
         /// f32 or bf16.
         #[arg(long, default_value = "f32")]
         dtype: String,
-        /// Indexer heads when config.json has no index_n_heads (V3.1 checkpoints).
-        #[arg(long, default_value_t = 64)]
-        index_n_heads: usize,
-        /// Indexer head dim when config.json has no index_head_dim.
-        #[arg(long, default_value_t = 128)]
-        index_head_dim: usize,
-        /// Seed of the deterministic indexer initialisation for checkpoints without one.
-        #[arg(long, default_value_t = 0)]
-        init_seed: u64,
+        /// Indexer heads when config.json has no index_n_heads (V3.1 checkpoints; default 64).
+        /// A step-N folder uses its run's recipe.
+        #[arg(long)]
+        index_n_heads: Option<usize>,
+        /// Indexer head dim when config.json has no index_head_dim (default 128).
+        #[arg(long)]
+        index_head_dim: Option<usize>,
+        /// Seed of the deterministic indexer initialisation for checkpoints without one
+        /// (default 0).
+        #[arg(long)]
+        init_seed: Option<u64>,
         /// Do not load the MTP layer(s).
         #[arg(long)]
         no_mtp: bool,
@@ -232,6 +234,28 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp, max_windows,
         } => {
+            // A step evaluates the model its run trained: the recipe's indexer and top-k; a
+            // flag that contradicts it is an error, not a silent override.
+            let (indexer, init_seed, topk) = match dsa_train::train::ckpt::trained_settings(&model)? {
+                Some((trained, seed)) => {
+                    for (flag, given, want) in [
+                        ("--index-n-heads", index_n_heads.map(|x| x as u64), trained.n_heads as u64),
+                        ("--index-head-dim", index_head_dim.map(|x| x as u64), trained.head_dim as u64),
+                        ("--init-seed", init_seed, seed),
+                    ] {
+                        if given.is_some_and(|g| g != want) {
+                            anyhow::bail!("{flag} {} contradicts {}/recipe.toml ({want}), which trained this step", given.unwrap_or(0), model.display());
+                        }
+                    }
+                    let k = topk.unwrap_or(trained.topk);
+                    (IndexerDefaults { topk: k, ..trained }, seed, Some(k))
+                }
+                None => (
+                    IndexerDefaults { n_heads: index_n_heads.unwrap_or(64), head_dim: index_head_dim.unwrap_or(128), topk: topk.unwrap_or(2048) },
+                    init_seed.unwrap_or(0),
+                    topk,
+                ),
+            };
             let args = EvalArgs {
                 model,
                 tokens,
@@ -243,28 +267,28 @@ fn run(cli: Cli) -> Result<()> {
                 topk,
                 device: dsa_train::parse_device(&device)?,
                 dtype: dsa_train::parse_dtype(&dtype)?,
-                indexer: IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: topk.unwrap_or(2048) },
+                indexer,
                 init_seed,
                 skip_mtp: no_mtp,
                 max_windows,
             };
             let report = eval::run(&args)?;
-            eprintln!(
+            dsa_train::elog!(
                 "[eval] {} tokens in {} windows of {}, {} attention, top-k {}: lm_loss {:.6}, indexer KL {:.6}, recall {:.4} (ceiling {:.4})",
                 report.tokens, report.windows, report.seq_len, report.attention, report.topk,
                 report.lm_loss, report.indexer_kl, report.attention_mass_recall, report.attention_mass_recall_ceiling
             );
             for (l, kl) in report.indexer_kl_per_layer.iter().enumerate() {
                 let (r, c) = (report.attention_mass_recall_per_layer[l], report.attention_mass_recall_ceiling_per_layer[l]);
-                eprintln!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}");
+                dsa_train::elog!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}");
             }
-            println!("{}", serde_json::to_string(&report)?);
+            print_result(&serde_json::to_string(&report)?)?;
         }
         Command::Train { recipe, sets, resume } => {
             let r = Recipe::load(&recipe, &sets)?;
             let resume = resume.map(|s| if s == "auto" { Resume::Auto } else { Resume::Path(PathBuf::from(s)) });
             let out = dsa_train::train::train(r, resume)?;
-            eprintln!(
+            dsa_train::elog!(
                 "[train] {} at step {}{}",
                 if out.stopped_by_signal { "stopped" } else { "finished" },
                 out.steps_done,
@@ -273,12 +297,16 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { recipe, sets } => {
             let r = Recipe::load(&recipe, &sets)?;
+            // The world `train` would see here (a launcher's variables, else one process).
+            let world = dsa_train::dist::Launch::from_env()?.world;
+            let planned_world = if r.parallel.dp > 0 { r.parallel.dp * r.parallel.tp * r.parallel.pp } else { world };
+            dsa_train::train::validate(&r, planned_world).with_context(|| format!("recipe {}", recipe.display()))?;
             let plan = dsa_train::train::plan::plan(&r)?;
-            println!("{}", r.to_toml());
-            println!("{}", dsa_train::train::plan::report(&r, &plan));
+            print_result(&r.to_toml())?;
+            print_result(&dsa_train::train::plan::report(&r, &plan))?;
         }
         Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
-            println!("{}", dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?);
+            print_result(&dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?)?;
         }
         Command::GpuSelftest { device, only } => dsa_train::gpu_check::run(&device, only.as_deref())?,
         Command::Bench { which: BenchCommand::Kernels { device, lens, only } } => {
@@ -286,26 +314,26 @@ fn run(cli: Cli) -> Result<()> {
                 .split(',')
                 .map(|x| x.trim().parse().map_err(|_| anyhow::anyhow!("--lens {lens}: expected comma-separated integers")))
                 .collect::<Result<_>>()?;
-            println!("{}", dsa_train::bench::bench_kernels(&device, &lens, only.as_deref())?);
+            print_result(&dsa_train::bench::bench_kernels(&device, &lens, only.as_deref())?)?;
         }
         Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
             let r = Recipe::load(&recipe, &sets)?;
-            println!("{}", dsa_train::bench::bench_step(r, steps)?);
+            print_result(&dsa_train::bench::bench_step(r, steps)?)?;
         }
         Command::Data { which: DataCommand::Prepare { tokenizer, input, output, bos_id, eos_id, shard_tokens } } => {
             let args = dsa_train::data::PrepareArgs { tokenizer, inputs: input, output, bos_id, eos_id, shard_tokens, progress: true };
             let report = dsa_train::data::prepare(&args)?;
-            eprintln!(
+            dsa_train::elog!(
                 "[data] {} tokens of {} documents in {} shards to {} ({:.1} s, {:.0} tokens/s)",
                 report.total_tokens, report.total_documents, report.shards, report.output, report.seconds, report.tokens_per_second
             );
-            println!("{}", serde_json::to_string(&report)?);
+            print_result(&serde_json::to_string(&report)?)?;
         }
         Command::Export { checkpoint, output, fp8, index_n_heads, index_head_dim, index_topk, init_seed, max_shard_mb } => {
             let indexer = IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: index_topk };
             let opts = ExportOptions { fp8, max_shard_bytes: max_shard_mb.saturating_mul(1_000_000) };
             let cfg = export::export_hf_checkpoint(&checkpoint, &output, &indexer, init_seed, &opts)?;
-            eprintln!(
+            dsa_train::elog!(
                 "[export] wrote {} ({} layers, {}x{} indexer heads, top-k {}, {})",
                 output.display(), cfg.num_hidden_layers, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk,
                 if fp8 { "FP8 weights" } else { "bf16 weights" }
@@ -313,18 +341,26 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Plot { metrics, output } => {
             dsa_train::plot::plot_metrics(&metrics, &output)?;
-            eprintln!("[plot] wrote {}", output.display());
+            dsa_train::elog!("[plot] wrote {}", output.display());
         }
         Command::Init { config, output, seed } => {
             let n = dsa_train::init::write_initial_checkpoint(&config, &output, seed)?;
-            eprintln!("[init] wrote {} ({:.1}M parameters, seed {seed})", output.display(), n as f64 / 1e6);
+            dsa_train::elog!("[init] wrote {} ({:.1}M parameters, seed {seed})", output.display(), n as f64 / 1e6);
         }
         Command::Tiny { output, preset, seed } => {
             dsa_train::tiny::write_preset(&output, &preset, seed)?;
-            eprintln!("[tiny] wrote {}/model and {}/tokens.bin", output.display(), output.display());
+            dsa_train::elog!("[tiny] wrote {}/model and {}/tokens.bin", output.display(), output.display());
         }
     }
     Ok(())
+}
+
+/// A result on stdout. Unlike a log line, a result that cannot be written is an error (exit 1):
+/// `| head` or a full disk must not pass for success.
+fn print_result(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{text}").and_then(|()| out.flush()).context("cannot write the result to stdout")
 }
 
 fn main() -> ExitCode {
@@ -335,7 +371,7 @@ fn main() -> ExitCode {
             // One line: the context chain joined by ": ", each cause cut at its first line
             // (candle's errors may append a backtrace after the message).
             let text: Vec<String> = e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim_end().to_string()).collect();
-            eprintln!("error: {}", text.join(": "));
+            dsa_train::elog!("error: {}", text.join(": "));
             ExitCode::FAILURE
         }
     }

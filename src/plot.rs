@@ -69,11 +69,21 @@ pub struct MetricsRecord {
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read metrics file {}", path.display()))?;
     let mut by_step = BTreeMap::new();
-    for (i, line) in text.lines().enumerate() {
+    let lines: Vec<&str> = text.lines().collect();
+    for (i, line) in lines.iter().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let r = parse_line(line).with_context(|| format!("{} line {}", path.display(), i + 1))?;
+        let r = match parse_line(line) {
+            Ok(r) => r,
+            // A run killed mid-write leaves its last line torn (no newline after it): that line
+            // alone is skipped, with a warning. Anywhere else a bad line is an error.
+            Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
+                crate::elog!("[plot] warning: {} line {}: skipped a torn last line ({e})", path.display(), i + 1);
+                continue;
+            }
+            Err(e) => return Err(e.context(format!("{} line {}", path.display(), i + 1))),
+        };
         by_step.insert((r.stage, r.step), r);
     }
     if by_step.is_empty() {

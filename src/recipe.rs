@@ -315,6 +315,7 @@ impl Recipe {
 
     pub fn parse(text: &str, sets: &[String]) -> Result<Self> {
         let toml_value: toml::Value = toml::from_str(text).map_err(|e| anyhow::anyhow!("bad TOML: {}", e.message()))?;
+        reject_non_finite(&toml_value, "")?;
         let mut tree = serde_json::to_value(&toml_value)?;
         let schema = serde_json::to_value(Recipe::default())?;
         check_keys(&tree, &schema, "")?;
@@ -403,6 +404,51 @@ impl Recipe {
     }
 }
 
+/// The keys a resumed run may change: the length of the run, the learning-rate schedule and
+/// optimizer settings, loss weights, memory strategies (recompute, blocks, offload, LM-head
+/// chunks: the same gradients up to the order of f32 sums), checkpointing, logging, the device,
+/// the output folder (a resume into a new folder forks the run) and the data- and
+/// expert-parallel layout (checkpoints re-shard). Every other key changes what the saved state
+/// means (which model, which data in which order, which tensors and shapes), and a resume that
+/// changes one is refused. A key added later is refused until it is listed here.
+pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
+    "run.output_dir", "run.progress", "model.device",
+    "train.steps", "train.lr", "train.indexer_lr", "train.warmup_steps", "train.schedule", "train.min_lr",
+    "train.beta1", "train.beta2", "train.eps", "train.weight_decay", "train.grad_clip",
+    "train.router_bias_gamma", "train.seq_balance_alpha", "train.mtp_weight", "train.kl_weight",
+    "train.recompute", "train.block_rows", "train.offload_activations", "train.lm_head_chunk",
+    "checkpoint.every", "checkpoint.keep_last", "parallel.dp", "parallel.ep", "parallel.zero",
+];
+
+impl Recipe {
+    /// What resuming a checkpoint written under `saved` with `self` would change among the
+    /// keys that may not change: `key: old -> new` for each, in key order. Paths compare as
+    /// absolute paths.
+    pub fn resume_changes(&self, saved: &Recipe) -> Vec<String> {
+        let flat = |r: &Recipe| -> std::collections::BTreeMap<String, Value> {
+            let mut r = r.clone();
+            for p in [&mut r.model.path, &mut r.data.path] {
+                if let Ok(a) = std::path::absolute(&*p) {
+                    *p = a.to_string_lossy().into_owned();
+                }
+            }
+            let tree = serde_json::to_value(&r).expect("a recipe always serialises");
+            let mut out = std::collections::BTreeMap::new();
+            for (section, keys) in tree.as_object().into_iter().flatten() {
+                for (k, v) in keys.as_object().into_iter().flatten() {
+                    out.insert(format!("{section}.{k}"), v.clone());
+                }
+            }
+            out
+        };
+        let (old, new) = (flat(saved), flat(self));
+        new.iter()
+            .filter(|(k, v)| !MAY_CHANGE_ON_RESUME.contains(&k.as_str()) && old.get(*k) != Some(*v))
+            .map(|(k, v)| format!("{k}: {} -> {v}", old.get(k).map_or("(absent)".to_string(), |o| o.to_string())))
+            .collect()
+    }
+}
+
 /// Reject keys the schema does not have, suggesting the nearest sibling.
 fn check_keys(tree: &Value, schema: &Value, prefix: &str) -> Result<()> {
     let (Some(obj), Some(sch)) = (tree.as_object(), schema.as_object()) else { return Ok(()) };
@@ -458,7 +504,10 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
         bail!("--set {key}: that is a section, not a key");
     }
     let parsed: Value = match toml::from_str::<toml::Value>(&format!("v = {}", raw.trim())) {
-        Ok(t) => serde_json::to_value(&t)?["v"].clone(),
+        Ok(t) => {
+            reject_non_finite(&t["v"], key)?;
+            serde_json::to_value(&t)?["v"].clone()
+        }
         Err(_) => Value::String(raw.trim().to_string()),
     };
     if !type_ok(sch, &parsed) {
@@ -475,6 +524,22 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
     Ok(())
 }
 
+/// NaN and infinities have no JSON form (they would reach the schema check as "nothing"):
+/// name them here.
+fn reject_non_finite(v: &toml::Value, path: &str) -> Result<()> {
+    match v {
+        toml::Value::Float(f) if !f.is_finite() => bail!("`{path}` is {f}; expected a finite number"),
+        toml::Value::Table(t) => {
+            for (k, x) in t {
+                reject_non_finite(x, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") })?;
+            }
+            Ok(())
+        }
+        toml::Value::Array(a) => a.iter().try_for_each(|x| reject_non_finite(x, path)),
+        _ => Ok(()),
+    }
+}
+
 /// Does `v` fit the type of the schema's default `sch`? Integers fit float keys.
 fn type_ok(sch: &Value, v: &Value) -> bool {
     match (sch, v) {
@@ -489,6 +554,7 @@ fn type_name(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Bool(_) => "a boolean",
         Value::Number(n) if n.is_f64() => "a number",
+        Value::Number(n) if n.as_i64().is_some_and(|x| x < 0) => "a negative integer",
         Value::Number(_) => "an integer",
         Value::Array(_) => "an array",
         Value::Object(_) => "a table",
@@ -566,7 +632,9 @@ mod tests {
         assert_eq!((r.train.steps, r.train.lr, r.stage()), (7, 1.0, Stage::Sparse));
         assert_eq!(r.data.path, "/x y/z");
         for (set, want) in [("train.steps=1.5", "expected an integer"), ("train.steps=many", "expected an integer"),
-            ("train.lr=fast", "expected a number"), ("run.progress=1", "expected a boolean"), ("train.steps=-2", "expected an integer")] {
+            ("train.lr=fast", "expected a number"), ("run.progress=1", "expected a boolean"),
+            ("train.steps=-2", "expected an integer, got a negative integer"), ("train.lr=nan", "`train.lr` is NaN; expected a finite number"),
+            ("train.lr=-inf", "expected a finite number")] {
             let err = Recipe::parse(MINIMAL, &[set.into()]).unwrap_err().to_string();
             assert!(err.contains(want), "{set}: {err}");
         }
@@ -580,6 +648,10 @@ mod tests {
         assert!(err.contains("train.stage") && err.contains("\"dense\""), "{err}");
         let err = Recipe::parse(&format!("{MINIMAL}[train]\nglobal_batch_seqs = 5\nmicro_batch_seqs = 2\n"), &[]).unwrap_err().to_string();
         assert!(err.contains("train.global_batch_seqs"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = -3\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`train.steps` must be an integer, got a negative integer"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlr = nan\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("`train.lr` is NaN"), "{err}");
         let err = Recipe::parse("[run]\nseed = 1\n", &[]).unwrap_err().to_string();
         assert!(err.contains("run.output_dir"), "{err}");
     }

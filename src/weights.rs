@@ -226,6 +226,19 @@ pub fn apply_overlay(params: &mut ParamSet, specs: &[WeightSpec], overlay: BTree
     Ok(())
 }
 
+/// The first tensor (in name order) holding a NaN or an infinity, if any: x * 0 is 0 for
+/// every finite x and NaN otherwise, so one sum per tensor, in the tensor's own dtype, finds it
+/// (a sum of zeros cannot overflow).
+pub fn first_non_finite(params: &ParamSet) -> Result<Option<String>> {
+    for (name, t) in params {
+        let s = (t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !s.is_finite() {
+            return Ok(Some(name.clone()));
+        }
+    }
+    Ok(None)
+}
+
 /// The routed expert a tensor belongs to (`...mlp.experts.{e}....`), if any.
 pub fn routed_expert(name: &str) -> Option<usize> {
     let rest = &name[name.find(".mlp.experts.")? + ".mlp.experts.".len()..];

@@ -22,6 +22,10 @@ use anyhow::{bail, Context, Result};
 
 /// Read a raw little-endian u32 token file, checking every id against the vocabulary.
 pub fn read_token_file(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("token file {} is not a regular file (a device, pipe or socket has no fixed size)", path.display());
+    }
     let bytes = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
     if bytes.is_empty() {
         bail!("token file {} is empty", path.display());

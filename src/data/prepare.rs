@@ -87,6 +87,9 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         );
     }
     let created_dir = !args.output.exists();
+    // SIGINT/SIGTERM/SIGHUP stop the tokenisation at the next batch, which removes what was
+    // written (a second signal still exits at once).
+    crate::signals::install();
     std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
 
     let bar = if args.progress {
@@ -202,6 +205,9 @@ fn tokenise_all(
     let mut docs = Documents { inputs, next_input: 0, open: None };
     let mut done = false;
     while !done {
+        if crate::signals::stop_requested() {
+            bail!("interrupted by a signal; the partial output was removed");
+        }
         let mut batch: Vec<Document> = Vec::new();
         let mut batch_bytes = 0;
         while batch.len() < BATCH_DOCUMENTS && batch_bytes < BATCH_BYTES {

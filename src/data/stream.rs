@@ -1,22 +1,27 @@
-//! `TokenStream`: one memory-mapped token stream over a prepared directory (its shards
-//! concatenated in index order) or over a raw little-endian u32 file.
+//! `TokenStream`: one token stream over a prepared directory (its shards concatenated in index
+//! order) or over a raw little-endian u32 file.
 //!
 //! Nothing is read at open time beyond headers and sizes, so opening a corpus of any size is
-//! instant; ids are checked against the vocabulary as windows are copied out.
+//! instant; windows are read with positioned reads (`pread`) and their ids checked against the
+//! vocabulary as they are copied out. Not memory-mapped: a file that shrinks under a run would
+//! kill a mapping's reader with SIGBUS, where a read returns short and becomes an error naming
+//! the file. Only regular files are accepted (`/dev/zero` or a pipe has no size to trust).
 
 use std::fs::File;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use memmap2::Mmap;
 
 use super::format::{DataIndex, ShardHeader, HEADER_BYTES, INDEX_FILE};
 
 /// One file's share of the stream.
 struct Segment {
     path: PathBuf,
-    map: Mmap,
-    /// Byte offset of the first token in `map` (the header size, or 0 for a raw file).
+    file: File,
+    /// The file's size when it was opened.
+    bytes: u64,
+    /// Byte offset of the first token in the file (the header size, or 0 for a raw file).
     offset: usize,
     tokens: u64,
     /// Position of this segment's first token in the whole stream.
@@ -81,7 +86,7 @@ impl TokenStream {
             let s = &self.segments[seg];
             let local = (pos - s.start) as usize;
             let take = (out.len() - filled).min(s.tokens as usize - local);
-            let bytes = &s.map[s.offset + local * 4..s.offset + (local + take) * 4];
+            let bytes = s.read(local, take)?;
             for (i, (o, b)) in out[filled..filled + take].iter_mut().zip(bytes.chunks_exact(4)).enumerate() {
                 let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 if id as u64 >= self.vocab_size {
@@ -107,29 +112,48 @@ impl TokenStream {
     }
 }
 
-fn map_file(path: &Path) -> Result<(Mmap, u64)> {
+impl Segment {
+    /// The bytes of `n` tokens from token `local` of this file. A file that changed size since
+    /// it was opened is an error, whether or not the range is still there.
+    fn read(&self, local: usize, n: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n * 4];
+        let at = (self.offset + local * 4) as u64;
+        let read = self.file.read_exact_at(&mut buf, at);
+        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        if now != self.bytes {
+            bail!(
+                "token file {} changed size during the run ({} bytes when opened, {now} now): it was truncated or rewritten; restore it and resume",
+                self.path.display(), self.bytes
+            );
+        }
+        read.with_context(|| format!("cannot read token file {} at byte {at}", self.path.display()))?;
+        Ok(buf)
+    }
+}
+
+/// Open a token file: it must be a regular, non-empty file. Returns it and its size.
+fn open_file(path: &Path) -> Result<(File, u64)> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("token file {} is not a regular file (a device, pipe or socket has no fixed size to read windows from)", path.display());
+    }
     let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
-    let len = file.metadata().with_context(|| format!("cannot stat {}", path.display()))?.len();
+    let len = meta.len();
     if len == 0 {
-        // mmap of an empty file fails with an unhelpful EINVAL; say what is wrong instead.
         bail!("token file {} is empty", path.display());
     }
-    // SAFETY: the map is read-only and lives as long as the stream. Token files are not
-    // modified while a run reads them; a file truncated underneath us would be a user error
-    // that no bounds check can catch, as with any memory-mapped reader.
-    let map = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
-    Ok((map, len))
+    Ok((file, len))
 }
 
 fn open_raw(path: &Path) -> Result<Segment> {
-    let (map, len) = map_file(path)?;
+    let (file, len) = open_file(path)?;
     if len % 4 != 0 {
         bail!(
             "token file {} has {len} bytes, not a multiple of 4: expected raw little-endian u32 token ids",
             path.display()
         );
     }
-    Ok(Segment { path: path.to_path_buf(), map, offset: 0, tokens: len / 4, start: 0 })
+    Ok(Segment { path: path.to_path_buf(), file, bytes: len, offset: 0, tokens: len / 4, start: 0 })
 }
 
 fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
@@ -145,15 +169,17 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
     let mut start = 0u64;
     for entry in &index.shards {
         let path = dir.join(&entry.file);
-        let (map, len) = map_file(&path)?;
-        let header = ShardHeader::decode(&map[..HEADER_BYTES.min(map.len())], len, &path)?;
+        let (file, len) = open_file(&path)?;
+        let mut head = vec![0u8; HEADER_BYTES.min(len as usize)];
+        file.read_exact_at(&mut head, 0).with_context(|| format!("cannot read token shard {}", path.display()))?;
+        let header = ShardHeader::decode(&head, len, &path)?;
         if header.tokens != entry.tokens || header.documents != entry.documents {
             bail!(
                 "token shard {} holds {} tokens of {} documents but {} lists {} tokens of {} documents",
                 path.display(), header.tokens, header.documents, index_path.display(), entry.tokens, entry.documents
             );
         }
-        segments.push(Segment { path, map, offset: HEADER_BYTES, tokens: header.tokens, start });
+        segments.push(Segment { path, file, bytes: len, offset: HEADER_BYTES, tokens: header.tokens, start });
         start += header.tokens;
     }
     // Zero-token shards would never hold a position and would confuse the segment search.

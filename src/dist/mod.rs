@@ -159,7 +159,7 @@ pub fn connect(launch: &Launch, device: &candle_core::Device) -> Result<Box<dyn 
         }
         #[cfg(not(feature = "nccl"))]
         candle_core::Device::Cuda(_) => {
-            eprintln!("[dist] this binary has no NCCL (build with --features nccl): GPU ranks exchange through the CPU backend");
+            crate::elog!("[dist] this binary has no NCCL (build with --features nccl): GPU ranks exchange through the CPU backend");
             Ok(Box::new(star))
         }
         _ => Ok(Box::new(star)),

@@ -716,26 +716,31 @@ impl Model {
     /// skipped.
     pub fn load(dir: &Path, opts: &LoadOptions) -> anyhow::Result<Self> {
         let source = crate::train::ckpt::resolve_model(dir)?;
+        source.verify_share(0, 1)?;
         let hf_dir = &source.hf_dir;
         let cfg = ModelConfig::from_dir(hf_dir, &opts.indexer)?;
         let ckpt = Checkpoint::open(hf_dir)?;
         let with_mtp = cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp;
         if cfg.num_nextn_predict_layers > 0 && opts.skip_mtp {
-            eprintln!("[load] skipping the {} MTP layer(s) as asked", cfg.num_nextn_predict_layers);
+            crate::elog!("[load] skipping the {} MTP layer(s) as asked", cfg.num_nextn_predict_layers);
         }
         let specs = weights::model_weights(&cfg, with_mtp);
         let (mut params, initialised) = weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
         if !initialised.is_empty() {
-            eprintln!(
+            crate::elog!(
                 "[load] {} has no indexer tensors: initialised {} of them from seed {} ({}x{} heads, top-k {})",
                 hf_dir.display(), initialised.len(), opts.init_seed, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
             );
         }
         let overlay = crate::train::ckpt::overlay_params(&source, &opts.device)?;
         if !overlay.is_empty() {
-            eprintln!("[load] applied {} trained tensors from {}", overlay.len(), dir.display());
+            crate::elog!("[load] applied {} trained tensors from {}", overlay.len(), dir.display());
         }
         weights::apply_overlay(&mut params, &specs, overlay, opts.dtype)?;
+        if let Some(name) = weights::first_non_finite(&params)? {
+            let file = if source.overlays.is_empty() { ckpt.file_of(&name).map(|f| hf_dir.join(f).display().to_string()) } else { None };
+            anyhow::bail!("tensor {name} (in {}) holds NaN or infinite values", file.unwrap_or_else(|| dir.display().to_string()));
+        }
         Model::from_params(cfg, &params, opts.dtype, &opts.device, with_mtp)
             .with_context(|| format!("building the model from {}", dir.display()))
     }

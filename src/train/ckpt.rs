@@ -2,16 +2,19 @@
 //!
 //! A checkpoint is written into a hidden temporary folder, every file flushed to disk, the
 //! `COMPLETE` marker written last, and the folder renamed to `step-N`. A folder without the
-//! marker (a run killed mid-save) is never resumed from. Contents:
+//! marker (a run killed mid-save) is never resumed from. The marker lists every file with its
+//! size and checksum (`integrity`); readers verify what they read. Contents:
 //! - `params.safetensors`: the f32 values of every tensor this stage changes (the indexer alone
 //!   after warm-up steps; everything, router biases included, in the sparse stage);
 //! - `optimizer.safetensors`: Adam moments `NAME.exp_avg`, `NAME.exp_avg_sq` (f32);
 //! - `state.json`: stage, step, tokens seen, data cursor, per-tensor optimizer step counts, the
 //!   model path the run started from, versions;
 //! - `recipe.toml`: the resolved recipe.
-//! The frozen rest lives in the Hugging Face checkpoint the run started from: a `step-N` folder
-//! names its starting point, so chains (HF -> warm-up -> sparse) resolve to one HF folder plus
-//! overlays applied in order.
+//! The frozen rest lives in the Hugging Face checkpoint the run started from. A run started
+//! from another run's `step-N` keeps hard links (or, across file systems, copies) of the
+//! parameters of every link of that chain in `<output_dir>/base/`, and each of its steps lists
+//! the whole chain (HF folder, then base links) by paths relative to the step and absolute; so
+//! the parent run may prune or move its steps, and the run folder itself may move.
 //!
 //! Sharded (a job of several ranks): every rank writes `params.rank-RRRRR.safetensors` and
 //! `optimizer.rank-RRRRR.safetensors` with the tensors whose optimizer state it owns (each
@@ -36,8 +39,9 @@ use crate::data::DataCursor;
 use crate::hf_writer::{write_safetensors, StoredTensor};
 use crate::recipe::Stage;
 
+use super::integrity::{self, FileSum, Use, MARKER};
+
 pub const FORMAT_VERSION: u32 = 1;
-const MARKER: &str = "COMPLETE";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -50,8 +54,70 @@ pub struct TrainState {
     pub data_cursor: DataCursor,
     /// Per-tensor Adam step counts (bias correction).
     pub optimizer_steps: BTreeMap<String, u64>,
-    /// The `model.path` this run started from (absolute), for chaining.
+    /// The `model.path` this run started from (absolute), for chaining (steps written before
+    /// `base` existed chain through it).
     pub model_path: String,
+    /// The model this step's parameters overlay: its HF folder and earlier links, oldest first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseChain>,
+}
+
+/// A path recorded both relative to the step folder (found first: the run folder may move)
+/// and absolute (found when the step alone moved).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordedPath {
+    pub relative: String,
+    pub absolute: String,
+}
+
+impl RecordedPath {
+    /// `target` as seen from a folder `from` (both absolute).
+    pub fn new(from: &Path, target: &Path) -> Self {
+        Self { relative: relative_path(from, target).to_string_lossy().into_owned(), absolute: target.to_string_lossy().into_owned() }
+    }
+
+    /// The recorded place as seen from the step folder `step`: relative if `exists` there,
+    /// else absolute.
+    pub fn locate(&self, step: &Path, exists: impl Fn(&Path) -> bool) -> PathBuf {
+        let rel = step.join(&self.relative);
+        if exists(&rel) { rel } else { PathBuf::from(&self.absolute) }
+    }
+}
+
+/// The chain under a run's steps.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct BaseChain {
+    pub hf_dir: RecordedPath,
+    /// step-N copies in `<output_dir>/base/`, oldest first.
+    pub overlays: Vec<RecordedPath>,
+}
+
+/// `to` relative to `from` (both absolute, lexically normalised; no symlinks resolved).
+pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
+    use std::path::Component;
+    let norm = |p: &Path| -> Vec<std::ffi::OsString> {
+        let mut out: Vec<std::ffi::OsString> = vec![];
+        for c in p.components() {
+            match c {
+                Component::ParentDir => {
+                    out.pop();
+                }
+                Component::Normal(x) => out.push(x.to_os_string()),
+                _ => {}
+            }
+        }
+        out
+    };
+    let (a, b) = (norm(from), norm(to));
+    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let mut rel = PathBuf::new();
+    for _ in common..a.len() {
+        rel.push("..");
+    }
+    for x in &b[common..] {
+        rel.push(x);
+    }
+    if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel }
 }
 
 /// Everything a checkpoint holds, in memory.
@@ -67,7 +133,7 @@ fn f32_tensor(name: &str, t: &Tensor) -> Result<StoredTensor> {
     Ok(StoredTensor::f32(name, t.dims(), &v))
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
     f.sync_all().with_context(|| format!("cannot write {}", path.display()))
@@ -84,16 +150,25 @@ fn shard_name(kind: &str, rank: usize) -> String {
 
 /// `save` for a job of several ranks: every rank calls it with its own part of the snapshot
 /// (its tensors, moments and optimizer step counts; rank 0's state and recipe are written).
+/// On an error rank 0 removes the temporary folder: a failed save leaves nothing behind.
 pub fn save_sharded(output_dir: &Path, snap: &Snapshot, comm: &mut dyn crate::dist::Collective) -> Result<PathBuf> {
+    let tmp = output_dir.join(format!(".step-{}.tmp", snap.state.step));
+    let result = write_step(output_dir, &tmp, snap, comm);
+    if result.is_err() && comm.rank() == 0 {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    result
+}
+
+fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn crate::dist::Collective) -> Result<PathBuf> {
     let (rank, world) = (comm.rank(), comm.world());
     let step = snap.state.step;
     let final_dir = output_dir.join(format!("step-{step}"));
-    let tmp = output_dir.join(format!(".step-{step}.tmp"));
     if rank == 0 && tmp.exists() {
-        std::fs::remove_dir_all(&tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
+        std::fs::remove_dir_all(tmp).with_context(|| format!("cannot clear {}", tmp.display()))?;
     }
     comm.barrier()?;
-    std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     let (pname, oname) = if world == 1 { ("params.safetensors".to_string(), "optimizer.safetensors".to_string()) } else { (shard_name("params", rank), shard_name("optimizer", rank)) };
     let params: Vec<StoredTensor> = snap.params.iter().map(|(n, t)| f32_tensor(n, t)).collect::<Result<_>>()?;
     write_safetensors(&tmp.join(&pname), &params)?;
@@ -106,28 +181,41 @@ pub fn save_sharded(output_dir: &Path, snap: &Snapshot, comm: &mut dyn crate::di
     for f in [&pname, &oname] {
         std::fs::File::open(tmp.join(f))?.sync_all()?;
     }
-    // Every rank's optimizer step counts go into the one state.json.
+    // Every rank's optimizer step counts and file checksums go to rank 0 (its state.json and
+    // marker). The checksums are of the flushed files as read back.
+    let sums = integrity::sum_files(tmp, &[pname.clone(), oname.clone()])?;
+    let mine = serde_json::to_vec(&(&snap.state.optimizer_steps, &sums))?;
     let mut state = snap.state.clone();
-    for part in comm.all_gather(serde_json::to_string(&snap.state.optimizer_steps)?.as_bytes())? {
-        let steps: BTreeMap<String, u64> = serde_json::from_slice(&part).context("bad optimizer step counts from a rank")?;
+    let mut files: BTreeMap<String, FileSum> = BTreeMap::new();
+    for part in comm.all_gather(&mine)? {
+        let (steps, sums): (BTreeMap<String, u64>, BTreeMap<String, FileSum>) =
+            serde_json::from_slice(&part).context("bad optimizer step counts or checksums from a rank")?;
         state.optimizer_steps.extend(steps);
+        files.extend(sums);
     }
     if rank != 0 {
         comm.barrier()?; // rank 0 finishes the checkpoint
         return Ok(final_dir);
     }
+    let mut meta = vec![];
     if world > 1 {
         let manifest = serde_json::json!({"world": world, "files": (0..world).flat_map(|r| [shard_name("params", r), shard_name("optimizer", r)]).collect::<Vec<_>>()});
         write_synced(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        meta.push("manifest.json".to_string());
     }
-    let snap = &Snapshot { state, params: BTreeMap::new(), moments: BTreeMap::new(), recipe_toml: snap.recipe_toml.clone() };
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&snap.state)?.as_bytes())?;
+    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
     write_synced(&tmp.join("recipe.toml"), snap.recipe_toml.as_bytes())?;
-    write_synced(&tmp.join(MARKER), b"")?;
+    meta.extend(["state.json".to_string(), "recipe.toml".to_string()]);
+    files.extend(integrity::sum_files(tmp, &meta)?);
+    integrity::write_marker(tmp, files)?;
     if final_dir.exists() {
         std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
     }
-    std::fs::rename(&tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::rename(tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    // The rename is durable once the folder holding it is flushed.
+    if let Ok(d) = std::fs::File::open(output_dir) {
+        let _ = d.sync_all();
+    }
     comm.barrier()?;
     Ok(final_dir)
 }
@@ -217,16 +305,35 @@ pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     out
 }
 
-/// Remove all but the newest `keep_last` complete checkpoints (0 keeps all).
-pub fn prune(output_dir: &Path, keep_last: usize) -> Result<()> {
+/// Remove all but the newest `keep_last` complete checkpoints (0 keeps all). `newest` is the
+/// step just written and verified: it is never removed, whatever the numbering. Steps that a
+/// later stage started from are not at risk: that stage holds its own links to them (`base/`).
+pub fn prune(output_dir: &Path, keep_last: usize, newest: &Path) -> Result<()> {
     if keep_last == 0 {
         return Ok(());
     }
     let all = complete_checkpoints(output_dir);
     for (_, dir) in all.iter().take(all.len().saturating_sub(keep_last)) {
+        if dir == newest {
+            continue;
+        }
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
+}
+
+/// The indexer shape and top-k (as `IndexerDefaults`) and the indexer's init seed that the
+/// step `dir` was trained with, from its recipe; None for a folder that is not a step. `eval`
+/// and `export` read a step through this, so they see the model its run trained.
+pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefaults, u64)>> {
+    if !is_checkpoint(dir) {
+        return Ok(None);
+    }
+    let file = dir.join("recipe.toml");
+    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let r = crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
+    let indexer = crate::config::IndexerDefaults { n_heads: r.model.index_n_heads, head_dim: r.model.index_head_dim, topk: r.dsa.index_topk };
+    Ok(Some((indexer, r.model.init_seed)))
 }
 
 pub fn is_checkpoint(dir: &Path) -> bool {
@@ -234,7 +341,7 @@ pub fn is_checkpoint(dir: &Path) -> bool {
 }
 
 pub fn read_state(dir: &Path) -> Result<TrainState> {
-    if !dir.join(MARKER).exists() {
+    if !dir.join(MARKER).is_file() {
         bail!("{} is not a complete checkpoint (no {MARKER} marker)", dir.display());
     }
     let path = dir.join("state.json");
@@ -273,6 +380,26 @@ pub struct ModelSource {
     pub overlays: Vec<PathBuf>,
 }
 
+impl ModelSource {
+    /// Verify every overlay's parameters against its marker, the share of `rank` of `world`
+    /// (each rank reads every world-th file; the caller agrees on the outcome).
+    pub fn verify_share(&self, rank: usize, world: usize) -> Result<()> {
+        for dir in &self.overlays {
+            integrity::verify_share(dir, Use::Model, rank, world)?;
+        }
+        Ok(())
+    }
+
+    /// The chain as a step in `output_dir/step-N` records it (paths from any sibling step).
+    pub fn recorded_from(&self, output_dir: &Path) -> BaseChain {
+        let step = output_dir.join("step-0");
+        BaseChain {
+            hf_dir: RecordedPath::new(&step, &self.hf_dir),
+            overlays: self.overlays.iter().map(|o| RecordedPath::new(&step, o)).collect(),
+        }
+    }
+}
+
 /// Resolve `path` (an HF folder or a `step-N` checkpoint, possibly chained).
 pub fn resolve_model(path: &Path) -> Result<ModelSource> {
     let mut overlays = vec![];
@@ -284,9 +411,77 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
         }
         let state = read_state(&cur)?;
         overlays.push(cur.clone());
+        if let Some(base) = &state.base {
+            // The step lists its whole chain: no need to read its parents' state.
+            let dir = std::path::absolute(&cur).unwrap_or(cur.clone());
+            let hf_dir = base.hf_dir.locate(&dir, |p| p.join("config.json").exists());
+            let mut links: Vec<PathBuf> = base.overlays.iter().map(|o| o.locate(&dir, is_checkpoint)).collect();
+            for (o, l) in base.overlays.iter().zip(&links) {
+                if !is_checkpoint(l) {
+                    bail!("{}: a step it was trained from is gone: neither {} nor {} holds it", cur.display(), dir.join(&o.relative).display(), o.absolute);
+                }
+            }
+            overlays.reverse();
+            links.extend(overlays);
+            return Ok(ModelSource { hf_dir, overlays: links });
+        }
         cur = PathBuf::from(state.model_path);
     }
     bail!("{}: checkpoint chain is longer than 64 links (a cycle?)", path.display())
+}
+
+/// `source` with each overlay replaced by its place in `<output_dir>/base/` (`<i>-<name>`);
+/// overlays already there stay. Paths only: `link_base` makes them.
+pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSource> {
+    let base = std::path::absolute(output_dir).with_context(|| format!("{}", output_dir.display()))?.join("base");
+    let mut overlays = vec![];
+    for (i, dir) in source.overlays.iter().enumerate() {
+        let abs = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+        overlays.push(if abs.starts_with(&base) {
+            abs
+        } else {
+            let name = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
+            base.join(format!("{i}-{name}"))
+        });
+    }
+    Ok(ModelSource { hf_dir: std::path::absolute(&source.hf_dir).unwrap_or(source.hf_dir.clone()), overlays })
+}
+
+/// Give a run its own links to the steps its model comes from: every overlay of `source`
+/// (parameters, state, recipe and marker, not the optimizer state) is hard-linked into its
+/// `linked_source` place (copied when the file system cannot link), so that the run no longer
+/// depends on the other run keeping those steps where they are. Returns the linked source.
+pub fn link_base(output_dir: &Path, source: &ModelSource) -> Result<ModelSource> {
+    let linked = linked_source(output_dir, source)?;
+    for (from, dest) in source.overlays.iter().zip(&linked.overlays) {
+        if dest.join(MARKER).exists() {
+            continue; // linked before (a resumed run), or the overlay is already a link
+        }
+        let parent = dest.parent().context("a base link has a parent folder")?;
+        let tmp = parent.join(format!(".{}.tmp", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let mut names: Vec<String> = std::fs::read_dir(from)
+            .with_context(|| format!("cannot read {}", from.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().is_file())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with("optimizer."))
+            .collect();
+        names.sort();
+        let mut copied = 0u64;
+        for n in &names {
+            let (a, b) = (from.join(n), tmp.join(n));
+            if std::fs::hard_link(&a, &b).is_err() {
+                copied += std::fs::copy(&a, &b).with_context(|| format!("cannot link or copy {} to {}", a.display(), b.display()))?;
+            }
+        }
+        if copied > 0 {
+            crate::elog!("[train] {} cannot be hard-linked here: copied {:.1} MB of it into {}", from.display(), copied as f64 / 1e6, dest.display());
+        }
+        std::fs::rename(&tmp, dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+    }
+    Ok(linked)
 }
 
 /// Overlay tensors of every link of `src`, later links winning.

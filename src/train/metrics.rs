@@ -40,8 +40,9 @@ pub struct MetricsLog {
 }
 
 impl MetricsLog {
-    /// Open `<dir>/metrics.jsonl`, dropping lines past `resume_step`: they came from steps after
-    /// the checkpoint being resumed, which will be recomputed.
+    /// Open `<dir>/metrics.jsonl`, dropping lines past `resume_step` (they came from steps after
+    /// the checkpoint being resumed, which will be recomputed) and a torn last line. Only a
+    /// resume of this folder's own run gets here with lines to drop (`run_dir::start_point`).
     pub fn open(dir: &Path, resume_step: u64) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         if path.exists() {
@@ -54,7 +55,9 @@ impl MetricsLog {
             if !out.is_empty() {
                 out.push('\n');
             }
-            std::fs::write(&path, out).with_context(|| format!("cannot write {}", path.display()))?;
+            // Replaced whole: a crash here leaves the old file or the new one, never half.
+            let tmp = dir.join(".metrics.jsonl.tmp");
+            std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, &path)).with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(Self { path })
     }

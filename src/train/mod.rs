@@ -18,11 +18,12 @@
 //! divided by the number of micro-batches); clip per group; AdamW; router-bias sign update.
 
 pub mod accumulate;
+pub mod integrity;
 pub mod ckpt;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
-pub mod signals;
+pub mod run_dir;
 pub mod zero;
 
 use std::collections::BTreeMap;
@@ -48,7 +49,8 @@ use optim::{lr_at, AdamW, GradAccum, Group, Slot};
 /// Where to resume from.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Resume {
-    /// The newest complete checkpoint in run.output_dir, or a fresh start if there is none.
+    /// The newest complete checkpoint in run.output_dir, or a fresh start (said in one line)
+    /// if there is none.
     Auto,
     Path(PathBuf),
 }
@@ -73,6 +75,8 @@ pub struct Trainer {
     pub step: u64,
     pub tokens_seen: u64,
     model_path: PathBuf,
+    /// The model under this run's parameters, as its checkpoints record it.
+    source: ModelSource,
     ctx: ForwardContext,
     device: Device,
     /// The other ranks of the job (a single process has none), the layout, and the gradient
@@ -83,11 +87,21 @@ pub struct Trainer {
     comm_seconds: f64,
 }
 
-/// Where the model of `recipe` comes from and its configuration.
-fn model_source(recipe: &Recipe) -> Result<(ModelSource, ModelConfig, PathBuf)> {
+/// Where the model of `recipe` comes from and its configuration: `model.path`'s chain, or,
+/// when resuming, the chain the checkpoint records (without the checkpoint itself, whose
+/// parameters come with its snapshot), so a resume does not depend on `model.path` still
+/// being where it was.
+fn model_source(recipe: &Recipe, resume_dir: Option<&Path>) -> Result<(ModelSource, ModelConfig, PathBuf)> {
     let model_path = std::path::absolute(&recipe.model.path)
         .with_context(|| format!("model.path {}", recipe.model.path))?;
-    let source: ModelSource = ckpt::resolve_model(&model_path)?;
+    let source: ModelSource = match resume_dir {
+        Some(dir) => {
+            let mut s = ckpt::resolve_model(dir)?;
+            s.overlays.pop();
+            s
+        }
+        None => ckpt::resolve_model(&model_path)?,
+    };
     let defaults = IndexerDefaults {
         n_heads: recipe.model.index_n_heads,
         head_dim: recipe.model.index_head_dim,
@@ -95,6 +109,71 @@ fn model_source(recipe: &Recipe) -> Result<(ModelSource, ModelConfig, PathBuf)> 
     };
     let cfg = ModelConfig::from_dir(&source.hf_dir, &defaults)?;
     Ok((source, cfg, model_path))
+}
+
+/// Every check `train` makes of a recipe before loading anything, for `train` and `check`
+/// alike: the parallel layout against `world` ranks, the batch against the layout, and
+/// `model.path` outside `run.output_dir` (a run would otherwise write over the steps it
+/// starts from).
+pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
+    let layout = recipe.parallel.layout(world)?;
+    let micro = recipe.micro_batches();
+    if micro % layout.dp != 0 {
+        bail!(
+            "train.global_batch_seqs / train.micro_batch_seqs = {micro} micro-batches per step, not a multiple of parallel.dp = {}",
+            layout.dp
+        );
+    }
+    let abs = |p: &str| std::path::absolute(p).map(|a| ckpt::relative_path(Path::new("/"), &a));
+    if let (Ok(model), Ok(out)) = (abs(&recipe.model.path), abs(&recipe.run.output_dir)) {
+        if model.starts_with(&out) {
+            bail!(
+                "model.path {} lies inside run.output_dir {}: the run would write over the steps it starts from; choose a new run.output_dir",
+                recipe.model.path, recipe.run.output_dir
+            );
+        }
+    }
+    Ok(layout)
+}
+
+/// Agree on an outcome across the ranks: if any rank failed, every rank fails (with its own
+/// error, or the message of the lowest failing rank).
+fn agree<T>(comm: &mut dyn Collective, mine: Result<T>) -> Result<T> {
+    if comm.world() == 1 {
+        return mine;
+    }
+    let text = match &mine {
+        Ok(_) => String::new(),
+        Err(e) => format!("{e:#}"),
+    };
+    for (r, part) in comm.all_gather(text.as_bytes())?.iter().enumerate() {
+        if !part.is_empty() {
+            let msg = String::from_utf8_lossy(part).into_owned();
+            return Err(match mine {
+                Err(e) => e,
+                Ok(_) => anyhow::anyhow!("rank {r}: {msg}"),
+            });
+        }
+    }
+    mine
+}
+
+/// Refuse to resume `dir` (whose resolved recipe is `saved_toml`) with `recipe` if that changes
+/// a key that gives the saved state its meaning (`recipe::MAY_CHANGE_ON_RESUME` lists the rest).
+fn check_resumable(dir: &Path, saved_toml: &str, recipe: &Recipe) -> Result<()> {
+    let file = dir.join("recipe.toml");
+    if saved_toml.trim().is_empty() {
+        bail!("{}: missing or empty; the checkpoint cannot be checked against the recipe", file.display());
+    }
+    let saved = Recipe::parse(saved_toml, &[]).with_context(|| format!("{}", file.display()))?;
+    let changes = recipe.resume_changes(&saved);
+    if !changes.is_empty() {
+        bail!(
+            "resuming {} would change what its saved state means: {}; keep these as in {} (docs/training.md lists the keys that may change), or start a new run from it with model.path",
+            dir.display(), changes.join(", "), file.display()
+        );
+    }
+    Ok(())
 }
 
 /// Does this rank hold tensor `name`? Everything but the routed experts of other ranks.
@@ -110,24 +189,29 @@ fn held_here(shard: Option<&ExpertShard>, name: &str) -> bool {
 /// only the shard's routed experts are read.
 fn build_model(
     recipe: &Recipe,
+    source: &ModelSource,
+    cfg: ModelConfig,
     resume: Option<&Snapshot>,
     device: &Device,
     shard: Option<&ExpertShard>,
-) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>, PathBuf)> {
-    let (source, cfg, model_path) = model_source(recipe)?;
+) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>)> {
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
     let specs: Vec<WeightSpec> = weights::model_weights(&cfg, with_mtp).into_iter().filter(|s| held_here(shard, &s.name)).collect();
     let hf = Checkpoint::open(&source.hf_dir)?;
     let (mut params, initialised) = weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
     if !initialised.is_empty() {
-        eprintln!("[train] {} has no indexer tensors: initialised {} from seed {}", source.hf_dir.display(), initialised.len(), recipe.model.init_seed);
+        crate::elog!("[train] {} has no indexer tensors: initialised {} from seed {}", source.hf_dir.display(), initialised.len(), recipe.model.init_seed);
     }
-    let mut overlay = ckpt::overlay_params_where(&source, device, &|n| held_here(shard, n))?;
+    let mut overlay = ckpt::overlay_params_where(source, device, &|n| held_here(shard, n))?;
     if let Some(snap) = resume {
         overlay.extend(snap.params.clone());
     }
     weights::apply_overlay(&mut params, &specs, overlay, dtype)?;
+    if let Some(name) = weights::first_non_finite(&params)? {
+        let from = resume.map_or_else(|| source.overlays.last().unwrap_or(&source.hf_dir).display().to_string(), |_| "the checkpoint being resumed".into());
+        bail!("tensor {name} (from {from}) holds NaN or infinite values; this model cannot be trained");
+    }
 
     let stage = recipe.stage();
     let trainable = |s: &WeightSpec| stage.trains(s);
@@ -151,55 +235,54 @@ fn build_model(
         }
     }
     let model = Model::from_params_sharded(cfg, &model_params, dtype, device, with_mtp, shard)?;
-    Ok((model, slots, router_biases, model_path))
+    Ok((model, slots, router_biases))
 }
 
 impl Trainer {
-    /// A trainer of a single-process job.
-    pub fn new(recipe: Recipe, resume: Option<Resume>) -> Result<Self> {
-        Self::with_comm(recipe, resume, Box::new(crate::dist::SingleProcess))
+    /// A trainer of a single-process job, fresh or from the checkpoint `resume_dir`.
+    pub fn new(recipe: Recipe, resume_dir: Option<&Path>) -> Result<Self> {
+        Self::with_comm(recipe, resume_dir, Box::new(crate::dist::SingleProcess))
     }
 
     /// A trainer for one rank of a job: data parallel over `comm`'s ranks, each taking every
     /// dp-th micro-batch of the global batch, gradients summed over ranks, optimizer state
-    /// sharded (ZeRO-1) and parameters gathered after each step.
-    pub fn with_comm(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<Self> {
+    /// sharded (ZeRO-1) and parameters gathered after each step. A checkpoint to resume and
+    /// the steps under it are verified first (each rank its share of the files).
+    pub fn with_comm(recipe: Recipe, resume_dir: Option<&Path>, comm: Box<dyn Collective>) -> Result<Self> {
         let mut comm = comm;
-        let layout = recipe.parallel.layout(comm.world())?;
+        let layout = validate(&recipe, comm.world())?;
+        let (rank, world) = (comm.rank(), comm.world());
+        let verified = (|| -> Result<()> {
+            if let Some(d) = resume_dir {
+                integrity::verify_share(d, integrity::Use::Resume, rank, world)?;
+            }
+            model_source(&recipe, resume_dir)?.0.verify_share(rank, world)
+        })();
+        agree(comm.as_mut(), verified)?;
+        let (source, cfg, model_path) = model_source(&recipe, resume_dir)?;
         let shard = if layout.ep > 1 {
             // Every rank opens its group's exchange at the same moment, before any loading.
             let exchange = comm.row_exchange(&layout.expert_group(comm.rank()))?;
-            let (_, cfg, _) = model_source(&recipe)?;
             Some(ExpertShard::new(cfg.n_routed_experts, exchange)?)
         } else {
             None
         };
-        let micro = recipe.micro_batches();
-        if micro % layout.dp != 0 {
-            bail!(
-                "train.global_batch_seqs / train.micro_batch_seqs = {micro} micro-batches per step, not a multiple of parallel.dp = {}",
-                layout.dp
-            );
-        }
         let device = crate::parse_device(&recipe.model.device)?;
-        let output_dir = PathBuf::from(&recipe.run.output_dir);
-        let resume_dir = match resume {
-            None => None,
-            Some(Resume::Auto) => ckpt::complete_checkpoints(&output_dir).pop().map(|(_, d)| d),
-            Some(Resume::Path(p)) => Some(p),
-        };
-        let snapshot = match &resume_dir {
+        let snapshot = match resume_dir {
             Some(d) => {
                 let snap = ckpt::load(d, &device, &|n| held_here(shard.as_ref(), n))?;
                 if snap.state.stage != recipe.stage() {
                     bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
                 }
-                eprintln!("[train] resuming from {} (step {})", d.display(), snap.state.step);
+                check_resumable(d, &snap.recipe_toml, &recipe)?;
+                if rank == 0 {
+                    crate::elog!("[train] resuming from {} (step {})", d.display(), snap.state.step);
+                }
                 Some(snap)
             }
             None => None,
         };
-        let (model, mut slots, router_biases, model_path) = build_model(&recipe, snapshot.as_ref(), &device, shard.as_ref())?;
+        let (model, mut slots, router_biases) = build_model(&recipe, &source, cfg, snapshot.as_ref(), &device, shard.as_ref())?;
         let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
@@ -224,7 +307,7 @@ impl Trainer {
                 if let Some((m, v)) = snap.moments.get(&s.name) {
                     let dims = s.var.as_tensor().dims().to_vec();
                     if m.dims() != dims.as_slice() || v.dims() != dims.as_slice() {
-                        bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.as_deref().unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
+                        bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
                     }
                     let total = s.rows();
                     for p in s.pieces.iter_mut() {
@@ -236,14 +319,14 @@ impl Trainer {
                     s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
                 }
             }
-            sampler.restore(snap.state.data_cursor).context("the checkpoint's data cursor does not fit data.path and data.seq_len")?;
+            sampler.restore(snap.state.data_cursor).with_context(|| format!("{}: its data cursor does not fit data.path and data.seq_len", resume_dir.unwrap_or(Path::new("")).display()))?;
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
         }
         let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         let stage = recipe.stage();
         let reducer = zero::Reducer::new(comm, layout, device.clone());
-        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, ctx, device, reducer, layout, comm_seconds: 0.0 })
+        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, source, ctx, device, reducer, layout, comm_seconds: 0.0 })
     }
 
     fn forward_options(&self) -> ForwardOptions {
@@ -717,6 +800,7 @@ impl Trainer {
                 data_cursor: self.sampler.cursor(),
                 optimizer_steps,
                 model_path: self.model_path.to_string_lossy().into_owned(),
+                base: Some(self.source.recorded_from(Path::new(&self.recipe.run.output_dir))),
             },
             params,
             moments,
@@ -724,16 +808,34 @@ impl Trainer {
         })
     }
 
+    /// Write the checkpoint of the current step, read it back against its checksums (each
+    /// rank its share), and only then prune older ones: the newest verified step is never lost.
     pub fn save_checkpoint(&mut self) -> Result<PathBuf> {
         let out = PathBuf::from(&self.recipe.run.output_dir);
         let snap = self.snapshot()?;
         let comm = self.reducer.comm.get_mut();
         let dir = ckpt::save_sharded(&out, &snap, comm.as_mut())?;
-        if comm.rank() == 0 {
-            ckpt::prune(&out, self.recipe.checkpoint.keep_last)?;
+        let (rank, world) = (comm.rank(), comm.world());
+        let verified = integrity::verify_share(&dir, integrity::Use::Resume, rank, world)
+            .with_context(|| format!("{} failed its check right after it was written (storage problem?); older checkpoints are kept", dir.display()));
+        agree(comm.as_mut(), verified)?;
+        if rank == 0 {
+            ckpt::prune(&out, self.recipe.checkpoint.keep_last, &dir)?;
         }
         comm.barrier()?;
         Ok(dir)
+    }
+
+    /// Give this run its own links to the steps its model comes from (`ckpt::link_base`), so
+    /// that its checkpoints survive the other run pruning or moving them. Rank 0 links; every
+    /// rank records the same paths.
+    pub fn link_base(&mut self) -> Result<()> {
+        let out = PathBuf::from(&self.recipe.run.output_dir);
+        let comm = self.reducer.comm.get_mut();
+        let linked = if comm.rank() == 0 { ckpt::link_base(&out, &self.source).map(|_| ()) } else { Ok(()) };
+        agree(comm.as_mut(), linked)?;
+        self.source = ckpt::linked_source(&out, &self.source)?;
+        Ok(())
     }
 
     pub fn rank(&self) -> usize {
@@ -759,8 +861,8 @@ fn layer_of(name: &str) -> Option<usize> {
 /// variables; a single process when there are none).
 pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
     let launch = crate::dist::Launch::from_env()?;
-    // Check the layout before waiting for other ranks: a typo fails at once on every rank.
-    recipe.parallel.layout(launch.world)?;
+    // Check the recipe before waiting for other ranks: a typo fails at once on every rank.
+    validate(&recipe, launch.world)?;
     let mut recipe = recipe;
     if recipe.model.device == "cuda" && launch.world > 1 {
         // One process per GPU: rank i of a node takes GPU LOCAL_RANK, unless the launcher
@@ -773,20 +875,36 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
 }
 
 /// `train` over the given collectives; rank 0 alone writes the logs and the recipe copy.
+///
+/// Before anything is written: rank 0 locks the folder (`run_dir::RunLock`, held until this
+/// returns, or the process dies), every rank agrees on it, and the start point is decided
+/// (`run_dir::start_point`: a folder holding another run is never written over).
 pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<TrainOutcome> {
+    let mut comm = comm;
     let out = PathBuf::from(&recipe.run.output_dir);
     let lead = comm.rank() == 0;
+    validate(&recipe, comm.world())?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
+    let lock = if lead { run_dir::RunLock::acquire(&out).map(Some) } else { Ok(None) };
+    let _lock = agree(comm.as_mut(), lock)?;
+    let start = agree(comm.as_mut(), run_dir::start_point(&out, resume.as_ref(), lead))?;
     if lead {
-        std::fs::write(out.join("recipe.toml"), recipe.to_toml()).with_context(|| format!("cannot write {}", out.join("recipe.toml").display()))?;
+        run_dir::clear_leftovers(&out);
     }
-    signals::install();
+    crate::signals::install();
     if lead && comm.world() > 1 {
         let l = recipe.parallel.layout(comm.world())?;
-        eprintln!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), l.dp, l.ep);
+        crate::elog!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), l.dp, l.ep);
     }
-    let mut trainer = Trainer::with_comm(recipe, resume, comm)?;
+    let mut trainer = Trainer::with_comm(recipe, start.as_deref(), comm)?;
+    trainer.link_base()?;
     let r = trainer.recipe.clone();
+    if lead {
+        // The run's resolved recipe, replaced whole (never half-written).
+        let path = out.join("recipe.toml");
+        let tmp = out.join(".recipe.toml.tmp");
+        std::fs::write(&tmp, r.to_toml()).and_then(|()| std::fs::rename(&tmp, &path)).with_context(|| format!("cannot write {}", path.display()))?;
+    }
     let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
     if lead && trainer.step < r.train.steps {
         let _ = std::fs::remove_file(out.join("FINISHED")); // a longer run of the same folder
@@ -795,12 +913,22 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let mut last_checkpoint = None;
     let mut stopped = false;
     let log_every = (r.train.steps / 20).max(1);
+    let first_step = trainer.step + 1;
     while trainer.step < r.train.steps {
         let m = trainer.train_step()?;
         if let Some(log) = &log {
             log.append(&m)?;
         }
         if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
+            if m.step == first_step {
+                // No update has happened in this process, and the weights were checked finite
+                // at load: the learning rate is not the cause.
+                bail!(
+                    "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}) at the first step, \
+                     before any update: the forward overflows (try model.dtype = \"f32\")",
+                    m.step, m.lm_loss, m.indexer_kl, m.grad_norm
+                );
+            }
             bail!(
                 "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}); \
                  stopping without a checkpoint (resume from the last complete one with a lower train.lr)",
@@ -816,16 +944,16 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
                 p.set_position(m.step);
                 p.set_message(summary);
             }
-            None if lead && (m.step % log_every == 0 || m.step == 1) => eprintln!("[train] step {}/{} {summary}", m.step, r.train.steps),
+            None if lead && (m.step % log_every == 0 || m.step == 1) => crate::elog!("[train] step {}/{} {summary}", m.step, r.train.steps),
             None => {}
         }
-        stopped = trainer.stop_agreed(signals::stop_requested())?;
+        stopped = trainer.stop_agreed(crate::signals::stop_requested())?;
         let periodic = r.checkpoint.every > 0 && m.step % r.checkpoint.every == 0;
         if periodic || stopped || m.step == r.train.steps {
             last_checkpoint = Some(trainer.save_checkpoint()?);
         }
         if stopped {
-            eprintln!("[train] stop requested: checkpoint written at step {}, exiting", m.step);
+            crate::elog!("[train] stop requested: checkpoint written at step {}, exiting", m.step);
             break;
         }
     }
