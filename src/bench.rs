@@ -8,8 +8,8 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
-use candle_core::{DType, Device};
+use anyhow::{Context, Result};
+use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
 use crate::checkpoint::{Checkpoint, FP8_BLOCK};
@@ -70,6 +70,64 @@ pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
         times.len(),
         median,
         bytes as f64 / median / 1e9
+    ))
+}
+
+/// Write a training checkpoint of about `gib` GiB (f32 parameters and their two Adam moments)
+/// into `dir` and time the save (writing, flushing, reading back for the checksums) and the
+/// verification a resume runs (`integrity::verify`, page cache warm), median of `repeats`.
+pub fn bench_checkpoint(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
+    use crate::train::{ckpt, integrity};
+    let values = (gib * (1u64 << 30) as f64 / 12.0) as usize; // 4 bytes x (param + 2 moments)
+    let per = 1usize << 24;
+    let mut params = std::collections::BTreeMap::new();
+    let mut moments = std::collections::BTreeMap::new();
+    let mut left = values;
+    let mut i = 0;
+    while left > 0 {
+        let n = left.min(per);
+        let t = Tensor::rand(-1f32, 1f32, n, &Device::Cpu)?;
+        moments.insert(format!("t{i}"), (t.affine(0.5, 0.0)?, t.sqr()?));
+        params.insert(format!("t{i}"), t);
+        left -= n;
+        i += 1;
+    }
+    let snap = ckpt::Snapshot {
+        state: ckpt::TrainState {
+            format_version: ckpt::FORMAT_VERSION,
+            dsa_train_version: env!("CARGO_PKG_VERSION").into(),
+            stage: crate::recipe::Stage::Warmup,
+            step: 1,
+            tokens_seen: 0,
+            data_cursor: Default::default(),
+            optimizer_steps: Default::default(),
+            model_path: String::new(),
+            base: None,
+        },
+        params,
+        moments,
+        recipe_toml: String::new(),
+    };
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let (mut save, mut verify) = (vec![], vec![]);
+    let mut bytes = 0u64;
+    for _ in 0..repeats.max(1) {
+        let t0 = Instant::now();
+        let step = ckpt::save(dir, &snap)?;
+        save.push(t0.elapsed().as_secs_f64());
+        let t0 = Instant::now();
+        integrity::verify(&step, integrity::Use::Resume)?;
+        verify.push(t0.elapsed().as_secs_f64());
+        bytes = integrity::read_marker(&step)?.map_or(0, |m| m.files.values().map(|f| f.bytes).sum());
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    let (s, v) = (median(&mut save), median(&mut verify));
+    Ok(format!(
+        "checkpoint of {:.2} GiB in {}, {} threads, median of {}: save {s:.3} s (write, flush, checksums) = {:.2} GB/s; verify {v:.3} s = {:.2} GB/s",
+        bytes as f64 / (1u64 << 30) as f64, dir.display(), rayon::current_num_threads(), save.len(), bytes as f64 / s / 1e9, bytes as f64 / v / 1e9
     ))
 }
 

@@ -86,6 +86,10 @@ enum Command {
         recipe: PathBuf,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         sets: Vec<String>,
+        /// The job's rank count to check the layout against (default: the launcher's, else
+        /// parallel.dp, else the smallest world the recipe's layout and batch allow).
+        #[arg(long)]
+        world: Option<usize>,
     },
     /// The GPU test suite: CPU f32 twins against the GPU path on fresh random inputs.
     GpuSelftest {
@@ -128,6 +132,12 @@ enum Command {
         /// Largest shard in MB (10^6 bytes); a tensor never splits.
         #[arg(long, default_value_t = 5000)]
         max_shard_mb: usize,
+    },
+    /// Check a training step-N folder against the checksums in its COMPLETE marker (what a
+    /// resume checks): after copying a run, or before trusting an old one.
+    Verify {
+        /// A step-N folder.
+        checkpoint: PathBuf,
     },
     /// Plot a run's metrics.jsonl (indexer KL, LM loss, lr, throughput, ...) into a PNG.
     Plot {
@@ -175,6 +185,15 @@ enum BenchCommand {
         #[arg(long, default_value = "checkpoints/bench-fp8")]
         dir: PathBuf,
         /// Size of the generated checkpoint in GiB.
+        #[arg(long, default_value_t = 1.0)]
+        gib: f64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
+    /// Save and verify a training checkpoint of --gib GiB (checksum cost, docs/training.md).
+    Checkpoint {
+        #[arg(long, default_value = "checkpoints/bench-ckpt")]
+        dir: PathBuf,
         #[arg(long, default_value_t = 1.0)]
         gib: f64,
         #[arg(long, default_value_t = 3)]
@@ -295,15 +314,19 @@ fn run(cli: Cli) -> Result<()> {
                 out.last_checkpoint.map_or(String::new(), |d| format!("; checkpoint {}", d.display()))
             );
         }
-        Command::Check { recipe, sets } => {
-            let r = Recipe::load(&recipe, &sets)?;
-            // The world `train` would see here (a launcher's variables, else one process).
-            let world = dsa_train::dist::Launch::from_env()?.world;
-            let planned_world = if r.parallel.dp > 0 { r.parallel.dp * r.parallel.tp * r.parallel.pp } else { world };
-            dsa_train::train::validate(&r, planned_world).with_context(|| format!("recipe {}", recipe.display()))?;
+        Command::Check { recipe, sets, world } => {
+            let mut r = Recipe::load(&recipe, &sets)?;
+            let launched = dsa_train::dist::Launch::from_env()?.world;
+            let world = world.unwrap_or_else(|| if launched > 1 { launched } else { r.parallel.smallest_world(r.micro_batches()) });
+            // `train`'s own checks, then the estimate for the layout they resolve.
+            let layout = dsa_train::train::validate(&r, world).with_context(|| format!("recipe {} on {world} rank(s)", recipe.display()))?;
+            r.parallel.dp = layout.dp;
             let plan = dsa_train::train::plan::plan(&r)?;
             print_result(&r.to_toml())?;
             print_result(&dsa_train::train::plan::report(&r, &plan))?;
+        }
+        Command::Bench { which: BenchCommand::Checkpoint { dir, gib, repeats } } => {
+            print_result(&dsa_train::bench::bench_checkpoint(&dir, gib, repeats)?)?;
         }
         Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
             print_result(&dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?)?;
@@ -338,6 +361,18 @@ fn run(cli: Cli) -> Result<()> {
                 output.display(), cfg.num_hidden_layers, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk,
                 if fp8 { "FP8 weights" } else { "bf16 weights" }
             );
+        }
+        Command::Verify { checkpoint } => {
+            use dsa_train::train::integrity;
+            let t0 = std::time::Instant::now();
+            integrity::verify(&checkpoint, integrity::Use::Resume)?;
+            let files = integrity::read_marker(&checkpoint)?.map(|m| m.files).unwrap_or_default();
+            let bytes: u64 = files.values().map(|f| f.bytes).sum();
+            let secs = t0.elapsed().as_secs_f64();
+            print_result(&format!(
+                "{}: {} files, {:.2} GiB, checksums match ({secs:.2} s, {:.2} GB/s)",
+                checkpoint.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, bytes as f64 / secs.max(1e-9) / 1e9
+            ))?;
         }
         Command::Plot { metrics, output } => {
             dsa_train::plot::plot_metrics(&metrics, &output)?;

@@ -166,6 +166,18 @@ impl Layout {
 }
 
 impl ParallelConfig {
+    /// The world `check` assumes without a launcher: dp x tp x pp when dp is set; else the
+    /// smallest multiple of ep whose dp divides the `micro_batches` of a step (else ep).
+    pub fn smallest_world(&self, micro_batches: usize) -> usize {
+        let ep = self.ep.max(1);
+        let dp = if self.dp > 0 {
+            self.dp
+        } else {
+            (1..=micro_batches.max(1)).map(|k| k * ep).find(|dp| micro_batches % dp == 0).unwrap_or(ep)
+        };
+        dp * self.tp.max(1) * self.pp.max(1)
+    }
+
     /// Resolve against `world` ranks; errors name the keys and the numbers.
     pub fn layout(&self, world: usize) -> Result<Layout> {
         if self.tp != 1 {

@@ -565,3 +565,32 @@ fn eval_gives_the_same_result_on_a_prepared_directory_and_its_raw_file() {
     assert!(from_dir.contains("\"windows\":3"), "{from_dir}");
     assert_eq!(from_dir, eval(&raw));
 }
+
+/// `data prepare` stopped by SIGINT after it has written shards removes what it wrote (and
+/// the output folder it created): a partial data set is never left to be mistaken for one.
+#[test]
+fn an_interrupted_prepare_removes_its_partial_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = word_tokenizer(dir.path(), true);
+    let body = (json!({"text": "the cat sat on the mat . a dog sat on the cat ."}).to_string() + "\n").repeat(2_000_000);
+    let input = dir.path().join("big.jsonl");
+    std::fs::write(&input, body).unwrap();
+    let out = dir.path().join("out");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_dsa-train"))
+        .args(["data", "prepare", "--tokenizer", path_str(&tok), "--output", path_str(&out), "--input", path_str(&input), "--shard-tokens", "100000"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !out.join("tokens-00000.bin").exists() {
+        assert!(t0.elapsed().as_secs() < 120, "no shard written");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "the run finished before the signal? {stderr}");
+    assert!(stderr.contains("error:") && stderr.contains("interrupted"), "{stderr}");
+    assert!(!out.exists(), "partial output left: {:?}", std::fs::read_dir(&out).map(|d| d.count()));
+}

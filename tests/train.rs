@@ -6,10 +6,9 @@ mod common;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
-use common::{assert_clean_error, path_str, run_cli, Fixture};
+use common::{assert_clean_error, path_str, run_cli, wait_for, Fixture};
 use dsa_train::checkpoint::{load_file_f32, Checkpoint};
 use dsa_train::model::{LoadOptions, Model};
 use dsa_train::recipe::Recipe;
@@ -136,13 +135,6 @@ fn spawn_train(recipe: &Path, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-fn wait_for(cond: impl Fn() -> bool, what: &str) {
-    let t0 = Instant::now();
-    while !cond() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 #[test]
 fn a_run_killed_with_sigkill_resumes_from_the_last_complete_checkpoint_and_matches() {

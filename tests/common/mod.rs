@@ -87,3 +87,11 @@ impl Fixture {
     }
 }
 
+/// Poll `cond` every 20 ms until it holds; fail after two minutes naming `what`.
+pub fn wait_for(cond: impl Fn() -> bool, what: &str) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
