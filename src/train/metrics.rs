@@ -33,6 +33,57 @@ pub struct StepMetrics {
     /// backward; on GPUs timed between device synchronisations); 0 without ep.
     #[serde(default)]
     pub exchange_s: f64,
+    /// Expert balance: over the MoE layers, the largest ratio of the most-loaded routed
+    /// expert's tokens to the mean per expert (1 = perfectly balanced); None without MoE.
+    #[serde(default)]
+    pub max_expert_load: Option<f64>,
+}
+
+/// Over layers, the largest max/mean ratio of per-expert token counts (layers with no routed
+/// tokens skipped).
+pub fn max_expert_load(loads: &[Vec<u64>]) -> Option<f64> {
+    loads
+        .iter()
+        .filter(|l| !l.is_empty() && l.iter().sum::<u64>() > 0)
+        .map(|l| *l.iter().max().unwrap_or(&0) as f64 / (l.iter().sum::<u64>() as f64 / l.len() as f64))
+        .max_by(|a, b| a.total_cmp(b))
+}
+
+/// Memory in use, GiB: the device's (all of it: allocations and the pools' cached blocks) on a
+/// GPU, the process's resident set on the CPU.
+pub fn memory_in_use_gib(device: &candle_core::Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        return Some((total - free) as f64 / (1u64 << 30) as f64);
+    }
+    let _ = device;
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: f64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a configuration value.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as f64;
+    Some(pages * page / (1u64 << 30) as f64)
+}
+
+/// The progress line for logs without a terminal: UTC time, losses, lr, speed, FLOP/s per
+/// device (the `check` count of a step's FLOPs over its time), memory and expert balance.
+pub fn log_line(m: &StepMetrics, steps: u64, flops_per_device_step: Option<f64>, mem_gib: Option<f64>) -> String {
+    let mut s = format!("{} step {}/{steps}", super::run_dir::utc_time(std::time::SystemTime::now()), m.step);
+    if let Some(l) = m.lm_loss {
+        s += &format!(" lm {l:.4}");
+    }
+    s += &format!(" kl {:.4} lr {:.2e} | {:.0} ms/step {:.0} tok/s", m.indexer_kl, m.lr, m.elapsed_s * 1e3, m.tokens_per_s);
+    if let Some(f) = flops_per_device_step {
+        let rate = f / m.elapsed_s;
+        s += &if rate >= 1e12 { format!(" {:.1} TFLOP/s", rate / 1e12) } else { format!(" {:.2} GFLOP/s", rate / 1e9) };
+    }
+    if let Some(g) = mem_gib {
+        s += &format!(" mem {g:.1} GiB");
+    }
+    if let Some(e) = m.max_expert_load {
+        s += &format!(" expert load max/mean {e:.2}");
+    }
+    s
 }
 
 pub struct MetricsLog {
@@ -77,4 +128,17 @@ pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
         .filter(|(_, l)| !l.trim().is_empty())
         .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1)))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expert_load_is_the_worst_layer_max_over_mean() {
+        assert_eq!(max_expert_load(&[]), None);
+        assert_eq!(max_expert_load(&[vec![0, 0]]), None);
+        assert_eq!(max_expert_load(&[vec![1, 1, 1, 1], vec![4, 0, 0, 0], vec![]]), Some(4.0));
+        assert_eq!(max_expert_load(&[vec![3, 1]]), Some(1.5));
+    }
 }

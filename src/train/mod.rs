@@ -739,6 +739,7 @@ impl Trainer {
             elapsed_s: elapsed,
             comm_s: std::mem::take(&mut self.comm_seconds) + self.reducer.take_seconds(),
             exchange_s: crate::dist::expert::take_exchange_seconds(),
+            max_expert_load: metrics::max_expert_load(&loads),
         })
     }
 
@@ -914,6 +915,8 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let mut stopped = false;
     let log_every = (r.train.steps / 20).max(1);
     let first_step = trainer.step + 1;
+    // FLOPs of a step (the `check` count), per device, for the log's TFLOP/s.
+    let flops_per_device_step = plan::plan(&r).ok().map(|p| p.flops_per_step / trainer.reducer.world() as f64);
     while trainer.step < r.train.steps {
         let m = trainer.train_step()?;
         if let Some(log) = &log {
@@ -935,16 +938,18 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
                 m.step, m.lm_loss, m.indexer_kl, m.grad_norm
             );
         }
-        let summary = format!(
-            "{}kl {:.4} lr {:.2e} {:.0} tok/s",
-            m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")), m.indexer_kl, m.lr, m.tokens_per_s
-        );
         match &progress {
             Some(p) => {
                 p.set_position(m.step);
-                p.set_message(summary);
+                p.set_message(format!(
+                    "{}kl {:.4} lr {:.2e} {:.0} tok/s",
+                    m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")), m.indexer_kl, m.lr, m.tokens_per_s
+                ));
             }
-            None if lead && (m.step % log_every == 0 || m.step == 1) => crate::elog!("[train] step {}/{} {summary}", m.step, r.train.steps),
+            None if lead && (m.step % log_every == 0 || m.step == 1) => {
+                let mem = metrics::memory_in_use_gib(&trainer.device);
+                crate::elog!("[train] {}", metrics::log_line(&m, r.train.steps, flops_per_device_step, mem));
+            }
             None => {}
         }
         stopped = trainer.stop_agreed(crate::signals::stop_requested())?;
