@@ -281,5 +281,22 @@ pub fn export_hf_checkpoint(
         crate::elog!("[export] {} trained tensors from {}", trained.len(), src.display());
     }
     export_v32(&cfg, &params, out, opts)?;
+    copy_companions(&source.hf_dir, out)?;
     Ok(cfg)
+}
+
+/// The files of a Hugging Face model folder that are not weights but that loaders and
+/// generation expect beside them; copied from the base folder when it has them.
+pub const COMPANION_FILES: &[&str] =
+    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+
+/// Copy the `COMPANION_FILES` that `hf_dir` holds into `out`, so an export is self-contained.
+fn copy_companions(hf_dir: &Path, out: &Path) -> Result<()> {
+    for name in COMPANION_FILES {
+        let from = hf_dir.join(name);
+        if from.is_file() {
+            std::fs::copy(&from, out.join(name)).with_context(|| format!("cannot copy {} into {}", from.display(), out.display()))?;
+        }
+    }
+    Ok(())
 }

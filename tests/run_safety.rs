@@ -249,8 +249,11 @@ fn a_chain_survives_the_parent_pruning_its_step_and_the_child_moving() {
     assert_eq!(code, 0, "{stderr}");
     let after: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(before["lm_loss"], after["lm_loss"]);
+    // The export is self-contained: the base folder's tokenizer and generation config come along.
+    std::fs::write(f.root.join("model/generation_config.json"), r#"{"bos_token_id": 0}"#).unwrap();
     let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&f.out("moved/step-3")), "--output", path_str(&f.out("x"))]);
     assert_eq!(code, 0, "{stderr}");
+    assert_eq!(std::fs::read_to_string(f.out("x/generation_config.json")).unwrap(), r#"{"bos_token_id": 0}"#);
 }
 
 /// Failure 7: `--resume auto` refuses a change to a key that gives the saved state its meaning,
