@@ -261,8 +261,13 @@ pub fn export_hf_checkpoint(
     // indexer shape and top-k then come from the recipe that trained it.
     let source = crate::train::ckpt::resolve_model(src)?;
     source.verify_share(0, 1)?;
-    let (indexer, init_seed) = crate::train::ckpt::trained_settings(src)?.unwrap_or((*indexer, init_seed));
-    let cfg = ModelConfig::from_dir(&source.hf_dir, &indexer)?;
+    let trained = crate::train::ckpt::trained_settings(src)?;
+    let (indexer, init_seed) = trained.unwrap_or((*indexer, init_seed));
+    let mut cfg = ModelConfig::from_dir(&source.hf_dir, &indexer)?;
+    if trained.is_some() {
+        // A step exports the k its run trained with (the recipe's), not a base config.json's.
+        cfg.index_topk = indexer.topk;
+    }
     let ckpt = Checkpoint::open(&source.hf_dir)?;
     let specs = weights::model_weights(&cfg, cfg.num_nextn_predict_layers > 0);
     let (mut params, initialised) = weights::load_params(&ckpt, &specs, DType::BF16, &Device::Cpu, init_seed)?;

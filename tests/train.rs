@@ -393,3 +393,24 @@ fn check_counts_the_bytes_each_device_sends() {
     let expect = 1.0 * 1.0 * 64.0 * 2.0 * 192.0 * 4.0 * 0.5 * 2.0 * 3.0;
     assert_eq!(p.expert_comm_bytes, expect);
 }
+
+/// One home for k: a V3.2 base whose config.json says index_topk 32, trained with a recipe of
+/// dsa.index_topk 8, selects 8, says config.json's value is not used, and its step exports 8.
+#[test]
+fn the_recipes_index_topk_selects_and_is_what_a_step_exports() {
+    let f = Fixture::with_config(13, |c| {
+        c["model_type"] = "deepseek_v32".into();
+        c["index_n_heads"] = 2.into();
+        c["index_head_dim"] = 32.into();
+        c["index_topk"] = 32.into();
+    });
+    let recipe = f.recipe("warmup", "k", &f.root.join("model"), 2);
+    let (code, _, stderr) = run_cli(&["train", path_str(&recipe)]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("dsa.index_topk = 8 selects") && stderr.contains("index_topk 32 is not used"), "{stderr}");
+    let export = f.out("export");
+    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&f.out("k/step-2")), "--output", path_str(&export)]);
+    assert_eq!(code, 0, "{stderr}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["index_topk"], 8);
+}

@@ -259,7 +259,18 @@ impl Trainer {
             model_source(&recipe, resume_dir)?.0.verify_share(rank, world)
         })();
         agree(comm.as_mut(), verified)?;
-        let (source, cfg, model_path) = model_source(&recipe, resume_dir)?;
+        let (source, mut cfg, model_path) = model_source(&recipe, resume_dir)?;
+        if cfg.index_topk != recipe.dsa.index_topk {
+            // One home for k: the recipe's dsa.index_topk selects (a V3.2 config.json carries
+            // its own); the model's config follows, so this run's steps export the k it used.
+            if rank == 0 {
+                crate::elog!(
+                    "[train] dsa.index_topk = {} selects; {}/config.json's index_topk {} is not used",
+                    recipe.dsa.index_topk, source.hf_dir.display(), cfg.index_topk
+                );
+            }
+            cfg.index_topk = recipe.dsa.index_topk;
+        }
         let shard = if layout.ep > 1 {
             // Every rank opens its group's exchange at the same moment, before any loading.
             let exchange = comm.row_exchange(&layout.expert_group(comm.rank()))?;
