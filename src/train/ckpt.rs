@@ -27,7 +27,6 @@
 //! rows). A single process never splits, so its files hold whole tensors only.
 
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -39,7 +38,7 @@ use crate::data::DataCursor;
 use crate::hf_writer::{write_safetensors, StoredTensor};
 use crate::recipe::Stage;
 
-use super::integrity::{self, FileSum, Use, MARKER};
+use super::integrity::{self, write_synced, FileSum, Use, MARKER};
 
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -133,11 +132,6 @@ fn f32_tensor(name: &str, t: &Tensor) -> Result<StoredTensor> {
     Ok(StoredTensor::f32(name, t.dims(), &v))
 }
 
-pub(crate) fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all().with_context(|| format!("cannot write {}", path.display()))
-}
 
 /// Write `snap` as `<output_dir>/step-<step>`, atomically. Returns the final folder.
 pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {

@@ -15,7 +15,7 @@
 //! hard-linked copy of a parent (params without optimizer state) verifies as a model.
 
 use std::collections::BTreeMap;
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -78,10 +78,17 @@ pub fn sum_files(dir: &Path, names: &[String]) -> Result<BTreeMap<String, FileSu
     names.par_iter().map(|n| Ok((n.clone(), sum_file(&dir.join(n))?))).collect()
 }
 
+/// Write `bytes` to `path` and flush them to the storage before returning.
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all().with_context(|| format!("cannot write {}", path.display()))
+}
+
 /// Write the marker of `dir` (synced): the last file of a checkpoint.
 pub fn write_marker(dir: &Path, files: BTreeMap<String, FileSum>) -> Result<()> {
     let text = serde_json::to_string_pretty(&Marker { format_version: MARKER_FORMAT, files })?;
-    super::ckpt::write_synced(&dir.join(MARKER), text.as_bytes())
+    write_synced(&dir.join(MARKER), text.as_bytes())
 }
 
 /// The marker of `dir`: `None` when it is the empty marker of a step written before checksums.
