@@ -160,51 +160,13 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
     Ok(format!(
         "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s (last: lm_loss {}, indexer_kl {:.4}){}",
         recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
-        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, device_memory_in_use()
+        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, crate::profile::device_memory_in_use()
     ))
 }
 
 /// ", device memory in use X of Y GiB" on a CUDA build: the driver's view after the steps
 /// (live tensors plus whatever the stream-ordered allocator still holds; not the peak).
-fn device_memory_in_use() -> String {
-    // Freed blocks kept by the memory pools are not in use (`cuda_runtime`).
-    crate::cuda_runtime::trim_pools();
-    #[cfg(feature = "cuda")]
-    if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
-        return format!(", device memory in use after the steps {:.1} of {:.1} GiB", (total - free) as f64 / (1u64 << 30) as f64, total as f64 / (1u64 << 30) as f64);
-    }
-    String::new()
-}
 
-/// With DSA_MEM_LOG=1, print the time since the first call and the device memory in use at
-/// `at` (after synchronising): where a step spends its time and what fills the GPU.
-pub fn log_device_memory(at: &str) {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    if *ON.get_or_init(|| std::env::var("DSA_MEM_LOG").is_ok_and(|v| v == "1")) {
-        // Wait for queued device work so the timestamps split the step by phase.
-        #[cfg(feature = "cuda")]
-        let _ = candle_core::cuda_backend::cudarc::driver::result::ctx::synchronize();
-        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-        let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
-        crate::elog!("[mem] {t:9.3} s {at}{}", device_memory_in_use().replace(" after the steps", ""));
-    }
-}
-
-/// Median seconds of `f` over `reps` runs (at least one) after one warm-up, synchronising the
-/// device. Every kernel family's `bench` uses it.
-pub(crate) fn time_median(device: &Device, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
-    f()?;
-    device.synchronize()?;
-    let mut times = vec![];
-    for _ in 0..reps.max(1) {
-        let t0 = Instant::now();
-        f()?;
-        device.synchronize()?;
-        times.push(t0.elapsed().as_secs_f64());
-    }
-    times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
-}
 
 /// `bench kernels`: the DSA kernels at the 671B attention shape (128 heads, d_qk 576, d_v 512,
 /// top-k 2048; indexer 64 x 128) for each length, beside cuBLAS's bf16 matmul rate in the same
@@ -220,7 +182,7 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
     // cuBLAS reference: bf16 4096^3.
     let a = crate::rng::randn(&[4096, 4096], 1, 1.0, &dev)?.to_dtype(DType::BF16)?;
     let b = crate::rng::randn(&[4096, 4096], 2, 1.0, &dev)?.to_dtype(DType::BF16)?;
-    let t = time_median(&dev, 10, || Ok(a.matmul(&b).map(|_| ())?))?;
+    let t = crate::profile::time_median(&dev, 10, || Ok(a.matmul(&b).map(|_| ())?))?;
     let mut out = Emit(vec![]);
     out.push(format!("cuBLAS bf16 matmul 4096^3: {:.3} ms = {:.0} TFLOP/s", t * 1e3, 2.0 * 4096f64.powi(3) / t / 1e12));
     let (h, dqk, dv, topk, hi, di) = (128usize, 576usize, 512usize, 2048usize, 64usize, 128usize);
@@ -261,11 +223,11 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
         let q = Var::from_tensor(&crate::rng::randn(&[l, h, dqk], 3, 1.0, &dev)?)?;
         let kv = Var::from_tensor(&crate::rng::randn(&[l, dqk], 4, 1.0, &dev)?)?;
         let scale = (192f64).powf(-0.5);
-        let fwd = time_median(&dev, 3, || Ok(crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv).map(|_| ())?))?;
+        let fwd = crate::profile::time_median(&dev, 3, || Ok(crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv).map(|_| ())?))?;
         let o = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
         let g = crate::rng::randn(&[l, h, dv + 1], 5, 1.0, &dev)?;
         let loss = (o * g)?.sum_all()?;
-        let bwd = time_median(&dev, 3, || Ok(loss.backward().map(|_| ())?))?;
+        let bwd = crate::profile::time_median(&dev, 3, || Ok(loss.backward().map(|_| ())?))?;
         let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
         let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
         out.push(format!(
@@ -276,9 +238,9 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
         let qi = Var::from_tensor(&crate::rng::randn(&[l, hi, di], 6, 1.0, &dev)?)?;
         let wi = Var::from_tensor(&crate::rng::randn(&[l, hi], 7, 1.0, &dev)?)?;
         let ki = Var::from_tensor(&crate::rng::randn(&[l, di], 8, 1.0, &dev)?)?;
-        let ifwd = time_median(&dev, 3, || Ok(crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx).map(|_| ())?))?;
+        let ifwd = crate::profile::time_median(&dev, 3, || Ok(crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx).map(|_| ())?))?;
         let s = crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx)?.sum_all()?;
-        let ibwd = time_median(&dev, 3, || Ok(s.backward().map(|_| ())?))?;
+        let ibwd = crate::profile::time_median(&dev, 3, || Ok(s.backward().map(|_| ())?))?;
         let f_i = 2.0 * pairs * (hi * di) as f64;
         out.push(format!(
             "L {l}: indexer scores at selection fwd {:.2} ms = {:.1} TFLOP/s; bwd {:.2} ms = {:.1} TFLOP/s",

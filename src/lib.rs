@@ -11,9 +11,13 @@
 //! - `model`: MLA (dense and absorbed sparse), the lightning indexer, MoE, the decoder.
 //! - `data`, `eval`, `tiny`: token data (prepare, stream, sampler), the `eval` command, the
 //!   generated tiny checkpoint.
-//! - `recipe`, `train`: TOML recipes; the two DSA stages, optimizer, checkpoints, `check`.
+//! - `recipe`, `train`: TOML recipes; the two DSA stages, optimizer, checkpoints (verified,
+//!   `train::integrity`), the run folder (`train::run_dir`), `check`.
 //! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
-//! - `bench`, `profile`: benchmarks; `DSA_PROFILE=1` time per named region of a step.
+//! - `bench`, `profile`: benchmarks; `DSA_PROFILE=1` time per named region of a step, the
+//!   median timer and device-memory readings the benchmarks share.
+//! - `signals`: stop requests (SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGPIPE) for `train` and
+//!   `data prepare`; `elog!`: log lines that never panic.
 
 /// A line on stderr that never panics: a closed pipe (`| head`, a killed `tee`) or a full
 /// disk (`2>/dev/full`) loses the line, never the run.

@@ -54,7 +54,7 @@ pub fn indexer_scores_at_bf16(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) 
     }
 }
 
-use crate::bench::time_median;
+use crate::profile::time_median;
 
 /// Benchmark at the 671B indexer shape (HI 64, DI 128, top-k 2048) for one sequence of `l`
 /// queries with causal random selections, beside the f32 kernel it replaces. FLOPs: forward

@@ -124,7 +124,7 @@ pub(crate) fn indexer_topk_chunked(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize
     Tensor::cat(&parts, 0)
 }
 
-use crate::bench::time_median;
+use crate::profile::time_median;
 
 /// Benchmark at the 671B indexer shape (HI 64, DI 128, top-k 2048) for one sequence of length
 /// `l` (T = l, all l query rows, in the 256 MiB row chunks of `indexer_topk`).

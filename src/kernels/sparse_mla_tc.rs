@@ -125,7 +125,7 @@ pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fw
 }
 
 #[cfg(feature = "cuda")]
-use crate::bench::time_median;
+use crate::profile::time_median;
 
 /// Benchmark at sequence length `l` at the 671B shape: H 128, DQK 576, DV 512, top-k 2048
 /// (query t selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a

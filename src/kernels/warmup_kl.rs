@@ -170,7 +170,7 @@ pub fn device_free_bytes(dev: &Device) -> Result<usize> {
     }
 }
 
-use crate::bench::time_median;
+use crate::profile::time_median;
 
 /// `bench kernels` lines at sequence length `l`, the 671B shape: B 1, H 128, DQK 192, DV 128,
 /// indexer HI 64 x DI 128, softmax scale 192^-1/2 * mscale^2.

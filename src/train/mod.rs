@@ -402,11 +402,11 @@ impl Trainer {
             let region = crate::profile::region("step: layer forward (first pass)");
             let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
             drop(region);
-            crate::bench::log_device_memory(&format!("layer {l} forward"));
+            crate::profile::log_device_memory(&format!("layer {l} forward"));
             if with_kl {
                 let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
                 self.flush_layer(accum, l).with_context(|| format!("layer {l} indexer gradient sums"))?;
-                crate::bench::log_device_memory(&format!("layer {l} KL backward"));
+                crate::profile::log_device_memory(&format!("layer {l} KL backward"));
                 kl_sum = add(kl_sum, kl)?;
             }
             if let Some(c) = stats.expert_counts.take() {
@@ -428,7 +428,7 @@ impl Trainer {
         }
         let mut lm_value = None;
         let mut dh: Option<Tensor> = None;
-        crate::bench::log_device_memory("layers done");
+        crate::profile::log_device_memory("layers done");
         if main {
             let (b, _) = tokens.dims2()?;
             let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
@@ -475,7 +475,7 @@ impl Trainer {
                 }
             }
         }
-        crate::bench::log_device_memory("LM head and MTP done");
+        crate::profile::log_device_memory("LM head and MTP done");
         if main && self.reducer.world() > 1 && self.layout.zero >= 2 {
             // ZeRO-2: the LM head and final norm are complete; MTP layers too.
             let main_layers = self.model.layers.len();
@@ -518,7 +518,7 @@ impl Trainer {
                     if let Some(b) = stats.balance_loss {
                         loss = (loss + (b * (t.seq_balance_alpha * scale))?)?;
                     }
-                    crate::bench::log_device_memory(&format!("layer {l} recomputed"));
+                    crate::profile::log_device_memory(&format!("layer {l} recomputed"));
                     let grads = loss.backward().with_context(|| format!("layer {l} main backward"))?;
                     accum.add(&self.slots, &grads)?;
                     dh = match grads.get(x.as_tensor()) {
@@ -542,7 +542,7 @@ impl Trainer {
                 if let Some(d) = embed_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor())) {
                     self.add_embedding_grad(accum, tokens, d)?;
                 }
-                crate::bench::log_device_memory("main-model backward done");
+                crate::profile::log_device_memory("main-model backward done");
             }
         }
         let kl_sum = match kl_sum {
@@ -706,7 +706,7 @@ impl Trainer {
     pub fn train_step(&mut self) -> Result<StepMetrics> {
         let start = Instant::now();
         let (accum, loads, lm_sum, kl_sum) = self.accumulate_gradients()?;
-        crate::bench::log_device_memory("gradients accumulated");
+        crate::profile::log_device_memory("gradients accumulated");
         let recipe = self.recipe.clone();
         let r = &recipe;
         let micro = r.micro_batches();
@@ -724,7 +724,7 @@ impl Trainer {
             .context("optimizer step")?;
         drop(accum);
         drop(region);
-        crate::bench::log_device_memory("optimizer step done");
+        crate::profile::log_device_memory("optimizer step done");
         if self.layout.dp > 1 {
             self.reducer.gather_updated_params(&mut self.slots).context("gathering the updated parameters from their owners")?;
         }
