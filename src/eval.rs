@@ -127,11 +127,12 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         // The weights were checked finite when loaded (`Model::load`); a non-finite value now
         // comes from the activations. Name the first layer whose indexer KL shows it.
         let layer_kl: Vec<f64> = layers.iter().map(|s| s.indexer_kl.as_ref().map_or(Ok(0.0), sum_f64)).collect::<Result<_>>()?;
+        let hint = if args.dtype == DType::F32 { "" } else { "; try --dtype f32" };
         if let Some(l) = layer_kl.iter().position(|k| !k.is_finite()) {
-            bail!("window {w}: the indexer KL of layer {l} is not finite (the weights are finite: the activations overflow; try --dtype f32)");
+            bail!("window {w}: the indexer KL of layer {l} is not finite (the weights are finite: the activations overflow{hint})");
         }
         if !nll.is_finite() {
-            bail!("window {w}: the LM loss is not finite (the weights are finite: the activations overflow; try --dtype f32)");
+            bail!("window {w}: the LM loss is not finite (the weights are finite: the activations overflow{hint})");
         }
         nll_sum += nll;
         for (l, stats) in layers.iter().enumerate() {

@@ -257,6 +257,11 @@ pub fn export_hf_checkpoint(
 ) -> Result<ModelConfig> {
     // Fail before the (possibly long) load, not after it.
     check_output_dir(out)?;
+    // Not inside a training step: pruning would delete it with the step.
+    let resolved = crate::paths::resolved(out);
+    if let Some(step) = resolved.ancestors().skip(1).find(|a| crate::train::ckpt::is_checkpoint(a)) {
+        bail!("--output {} lies inside the training checkpoint {}; choose a folder outside it", out.display(), step.display());
+    }
     // A training step-N folder resolves to its Hugging Face base plus trained overlays; the
     // indexer shape and top-k then come from the recipe that trained it.
     let source = crate::train::ckpt::resolve_model(src)?;

@@ -16,6 +16,7 @@
 //! - `export`, `plot`: writing a V3.2-Exp checkpoint; drawing a run's metrics.jsonl.
 //! - `bench`, `profile`: benchmarks; `DSA_PROFILE=1` time per named region of a step, the
 //!   median timer and device-memory readings the benchmarks share.
+//! - `paths`: one spelling per place on disk (resolved, relative).
 //! - `signals`: stop requests (SIGINT, SIGTERM, SIGUSR1, SIGHUP, SIGPIPE) for `train` and
 //!   `data prepare`; `elog!`: log lines that never panic.
 
@@ -47,6 +48,7 @@ pub mod kernels;
 pub mod losses;
 pub mod model;
 pub mod ops;
+pub mod paths;
 pub mod plot;
 pub mod profile;
 pub mod recipe;

@@ -253,6 +253,9 @@ fn run(cli: Cli) -> Result<()> {
         Command::Eval {
             model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp, max_windows,
         } => {
+            if topk == Some(0) {
+                anyhow::bail!("--topk 0: top-k must be positive");
+            }
             // A step evaluates the model its run trained: the recipe's indexer and top-k; a
             // flag that contradicts it is an error, not a silent override.
             let (indexer, init_seed, topk) = match dsa_train::train::ckpt::trained_settings(&model)? {
@@ -366,12 +369,16 @@ fn run(cli: Cli) -> Result<()> {
             use dsa_train::train::integrity;
             let t0 = std::time::Instant::now();
             integrity::verify(&checkpoint, integrity::Use::Resume)?;
+            // And the steps under it (its base links), as a resume reads them.
+            let chain = dsa_train::train::ckpt::resolve_model(&checkpoint)?;
+            chain.verify_share(0, 1)?;
             let files = integrity::read_marker(&checkpoint)?.map(|m| m.files).unwrap_or_default();
             let bytes: u64 = files.values().map(|f| f.bytes).sum();
             let secs = t0.elapsed().as_secs_f64();
             print_result(&format!(
-                "{}: {} files, {:.2} GiB, checksums match ({secs:.2} s, {:.2} GB/s)",
-                checkpoint.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, bytes as f64 / secs.max(1e-9) / 1e9
+                "{}: {} files, {:.2} GiB, checksums match, and those of the {} step(s) under it ({secs:.2} s, {:.2} GB/s)",
+                checkpoint.display(), files.len(), bytes as f64 / (1u64 << 30) as f64, chain.overlays.len().saturating_sub(1),
+                bytes as f64 / secs.max(1e-9) / 1e9
             ))?;
         }
         Command::Plot { metrics, output } => {

@@ -127,6 +127,12 @@ fn parse_line(line: &str) -> Result<MetricsRecord> {
 /// The file is written under a temporary name and renamed, so a viewer that reloads it while
 /// a run re-plots never sees half an image.
 pub fn plot_metrics(metrics: &Path, out_png: &Path) -> Result<()> {
+    // The PNG replaces a regular file only (never a device, pipe or symlink's target).
+    if let Ok(meta) = out_png.symlink_metadata() {
+        if !meta.is_file() {
+            bail!("--output {} exists and is not a regular file", out_png.display());
+        }
+    }
     let records = read_metrics(metrics)?;
     let rgb = render(&records, &metrics.display().to_string())?;
     let tmp = out_png.with_extension("png.partial");

@@ -180,6 +180,9 @@ impl ParallelConfig {
 
     /// Resolve against `world` ranks; errors name the keys and the numbers.
     pub fn layout(&self, world: usize) -> Result<Layout> {
+        if world == 0 {
+            bail!("a job of 0 ranks: the world size must be at least 1");
+        }
         if self.tp != 1 {
             bail!("parallel.tp = {}: tensor parallelism is not built; use parallel.tp = 1", self.tp);
         }
@@ -435,14 +438,13 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
 impl Recipe {
     /// What resuming a checkpoint written under `saved` with `self` would change among the
     /// keys that may not change: `key: old -> new` for each, in key order. Paths compare as
-    /// absolute paths.
+    /// resolved places (`paths::resolved`; `train` stores them resolved, so a relative path in a
+    /// checkpoint's recipe comes only from an older build).
     pub fn resume_changes(&self, saved: &Recipe) -> Vec<String> {
         let flat = |r: &Recipe| -> std::collections::BTreeMap<String, Value> {
             let mut r = r.clone();
             for p in [&mut r.model.path, &mut r.data.path] {
-                if let Ok(a) = std::path::absolute(&*p) {
-                    *p = a.to_string_lossy().into_owned();
-                }
+                *p = crate::paths::resolved(Path::new(p.as_str())).to_string_lossy().into_owned();
             }
             let tree = serde_json::to_value(&r).expect("a recipe always serialises");
             let mut out = std::collections::BTreeMap::new();
@@ -520,7 +522,11 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
             reject_non_finite(&t["v"], key)?;
             serde_json::to_value(&t)?["v"].clone()
         }
-        Err(_) => Value::String(raw.trim().to_string()),
+        Err(_) => match raw.trim().parse::<f64>() {
+            // TOML refuses a float out of f64's range; it is not a string either.
+            Ok(x) if !x.is_finite() => bail!("--set {key}={}: out of range; expected a finite number", raw.trim()),
+            _ => Value::String(raw.trim().to_string()),
+        },
     };
     if !type_ok(sch, &parsed) {
         bail!("--set {key}={}: expected {}, got {}", raw.trim(), type_name(sch), type_name(&parsed));
@@ -646,7 +652,7 @@ mod tests {
         for (set, want) in [("train.steps=1.5", "expected an integer"), ("train.steps=many", "expected an integer"),
             ("train.lr=fast", "expected a number"), ("run.progress=1", "expected a boolean"),
             ("train.steps=-2", "expected an integer, got a negative integer"), ("train.lr=nan", "`train.lr` is NaN; expected a finite number"),
-            ("train.lr=-inf", "expected a finite number")] {
+            ("train.lr=-inf", "expected a finite number"), ("train.lr=1e400", "out of range")] {
             let err = Recipe::parse(MINIMAL, &[set.into()]).unwrap_err().to_string();
             assert!(err.contains(want), "{set}: {err}");
         }

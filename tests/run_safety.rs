@@ -83,6 +83,10 @@ fn a_run_whose_model_lies_inside_its_output_dir_is_refused() {
     let sparse = f.recipe("sparse", "w", &f.out("w/step-2"), 2);
     assert_clean_error(&run_cli(&["train", path_str(&sparse)]), &["lies inside run.output_dir", "model.path"]);
     assert_clean_error(&run_cli(&["check", path_str(&sparse)]), &["lies inside run.output_dir"]);
+    // The same place through a symlink.
+    std::os::unix::fs::symlink(f.out("w"), f.out("w-link")).unwrap();
+    let linked = f.recipe("sparse", "w-link", &f.out("w/step-2"), 2);
+    assert_clean_error(&run_cli(&["train", path_str(&linked)]), &["lies inside run.output_dir"]);
     assert_eq!(snapshot(&f.out("w")), before, "the warm-up's folder changed");
 }
 
@@ -100,6 +104,12 @@ fn a_fresh_start_over_an_earlier_run_is_refused_and_changes_nothing() {
     // Resuming from anything but the newest step into the folder would overwrite step-4.
     let older = run_cli(&["train", path_str(&recipe), "--resume", path_str(&f.out("r/step-2"))]);
     assert_clean_error(&older, &["would overwrite", "new run.output_dir"]);
+    // A newest step without its marker is neither skipped nor replaced.
+    std::fs::rename(f.out("r/step-4/COMPLETE"), f.out("r/COMPLETE.aside")).unwrap();
+    let skipped = run_cli(&["train", path_str(&recipe), "--set", "train.steps=6", "--resume", "auto"]);
+    assert_clean_error(&skipped, &["step-4 has no COMPLETE marker"]);
+    std::fs::rename(f.out("r/COMPLETE.aside"), f.out("r/step-4/COMPLETE")).unwrap();
+    assert_eq!(snapshot(&f.out("r")), before, "a refused run changed the folder");
     let (code, _, stderr) = run_cli(&["train", path_str(&recipe), "--set", "train.steps=6", "--set", "checkpoint.keep_last=2", "--resume", "auto"]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("resuming from") && stderr.contains("step-4"), "{stderr}");
@@ -127,6 +137,15 @@ fn damaged_checkpoints_are_refused_by_every_reader_and_nothing_is_pruned() {
     assert_clean_error(&run_cli(&["verify", path_str(&out.join("step-4"))]), &["step-4/params.safetensors", "checksum"]);
     let (code, stdout, stderr) = run_cli(&["verify", path_str(&out.join("step-2"))]);
     assert!(code == 0 && stdout.contains("4 files") && stdout.contains("checksums match"), "{stdout} {stderr}");
+    // An emptied marker (a step of this format always lists its files) and a file the marker
+    // does not list are damage too.
+    let marker = std::fs::read(out.join("step-2/COMPLETE")).unwrap();
+    std::fs::write(out.join("step-2/COMPLETE"), b"").unwrap();
+    assert_clean_error(&run_cli(&["verify", path_str(&out.join("step-2"))]), &["step-2/COMPLETE", "the marker is empty"]);
+    std::fs::write(out.join("step-2/COMPLETE"), &marker).unwrap();
+    std::fs::write(out.join("step-2/params.rank-00001.safetensors"), b"stray").unwrap();
+    assert_clean_error(&run_cli(&["verify", path_str(&out.join("step-2"))]), &["params.rank-00001.safetensors", "not listed"]);
+    std::fs::remove_file(out.join("step-2/params.rank-00001.safetensors")).unwrap();
     // The way out: the older step, into a new folder.
     let fork = run_cli(&["train", path_str(&recipe), "--resume", path_str(&out.join("step-2")), "--set", &format!("run.output_dir={}", f.out("d2").display())]);
     assert_eq!(fork.0, 0, "{}", fork.2);
@@ -236,24 +255,39 @@ fn a_chain_survives_the_parent_pruning_its_step_and_the_child_moving() {
     let (code, _, stderr) = run_cli(&["train", path_str(&warm), "--set", "checkpoint.keep_last=1", "--set", "train.steps=4", "--resume", "auto"]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(steps(&f.out("w")), vec![4], "the warm-up pruned its step-2");
-    let (code, _, stderr) = run_cli(&["train", path_str(&sparse), "--set", "train.steps=3", "--resume", "auto"]);
-    assert_eq!(code, 0, "{stderr}");
+    // Resumed again and again: one base link, not one per resume.
+    for steps in [3, 4, 5] {
+        let (code, _, stderr) = run_cli(&["train", path_str(&sparse), "--set", &format!("train.steps={steps}"), "--set", "checkpoint.keep_last=1", "--resume", "auto"]);
+        assert_eq!(code, 0, "{stderr}");
+    }
+    let links: Vec<String> = std::fs::read_dir(f.out("s/base")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert_eq!(links, ["0-step-2"]);
+    std::fs::remove_dir_all(f.out("w")).unwrap(); // the warm-up run is gone altogether
     let tokens = f.root.join("tokens.bin");
     let eval = |step: &Path| run_cli(&["eval", "--model", path_str(step), "--tokens", path_str(&tokens), "--seq-len", "32", "--max-windows", "2"]);
-    let (code, stdout, stderr) = eval(&f.out("s/step-3"));
+    let (code, stdout, stderr) = eval(&f.out("s/step-5"));
     assert_eq!(code, 0, "{stderr}");
     let before: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-    // The whole sparse run folder moves; its steps still resolve, to the same model.
-    std::fs::rename(f.out("s"), f.out("moved")).unwrap();
-    let (code, stdout, stderr) = eval(&f.out("moved/step-3"));
+    // The whole sparse run folder moves, deeper; its steps still resolve, to the same model.
+    std::fs::create_dir_all(f.out("archive/2026")).unwrap();
+    std::fs::rename(f.out("s"), f.out("archive/2026/moved")).unwrap();
+    let (code, stdout, stderr) = eval(&f.out("archive/2026/moved/step-5"));
     assert_eq!(code, 0, "{stderr}");
     let after: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(before["lm_loss"], after["lm_loss"]);
     // The export is self-contained: the base folder's tokenizer and generation config come along.
     std::fs::write(f.root.join("model/generation_config.json"), r#"{"bos_token_id": 0}"#).unwrap();
-    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&f.out("moved/step-3")), "--output", path_str(&f.out("x"))]);
+    let moved = f.out("archive/2026/moved");
+    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&moved.join("step-5")), "--output", path_str(&f.out("x"))]);
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(std::fs::read_to_string(f.out("x/generation_config.json")).unwrap(), r#"{"bos_token_id": 0}"#);
+    let (code, _, stderr) = run_cli(&["train", path_str(&sparse), "--set", &format!("run.output_dir={}", moved.display()), "--set", "train.steps=6", "--resume", "auto"]);
+    assert_eq!(code, 0, "{stderr}");
+    // An export into a step would be pruned with it: refused.
+    assert_clean_error(&run_cli(&["export", "--checkpoint", path_str(&moved.join("step-6")), "--output", path_str(&moved.join("step-6/hf"))]), &["lies inside the training checkpoint"]);
+    // `verify` checks the steps under a step too, as a resume does.
+    flip_bytes(&moved.join("base/0-step-2/params.safetensors"), &[5]);
+    assert_clean_error(&run_cli(&["verify", path_str(&moved.join("step-6"))]), &["0-step-2/params.safetensors", "checksum"]);
 }
 
 /// Failure 7: `--resume auto` refuses a change to a key that gives the saved state its meaning,
@@ -285,6 +319,18 @@ fn resume_refuses_changes_to_what_the_saved_state_means() {
         let r = run_cli(&["train", path_str(&recipe), "--set", "train.steps=3", "--set", set, "--resume", "auto"]);
         assert_clean_error(&r, &["would change what its saved state means", want]);
     }
+    // A relative data.path names another file from another working directory: refused.
+    let rel = f.recipe("warmup", "rel", &f.root.join("model"), 2);
+    let text = std::fs::read_to_string(&rel).unwrap().replace(&f.root.join("tokens.bin").display().to_string(), "tokens.bin");
+    std::fs::write(&rel, text).unwrap();
+    let cli_in = |dir: &Path, args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_dsa-train")).args(args).current_dir(dir).output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    assert_eq!(cli_in(&f.root, &["train", path_str(&rel)]).0, 0);
+    std::fs::create_dir(f.root.join("elsewhere")).unwrap();
+    std::fs::copy(f.root.join("tokens2.bin"), f.root.join("elsewhere/tokens.bin")).unwrap();
+    assert_clean_error(&cli_in(&f.root.join("elsewhere"), &["train", path_str(&rel), "--set", "train.steps=3", "--resume", "auto"]), &["data.path"]);
     let (code, _, stderr) = run_cli(&["train", path_str(&recipe), "--set", "train.steps=3", "--set", "train.lr=5e-3",
         "--set", "checkpoint.every=1", "--set", "train.warmup_steps=0", "--resume", "auto"]);
     assert_eq!(code, 0, "{stderr}");
@@ -306,6 +352,19 @@ fn token_files_that_shrink_or_are_not_files_are_clear_errors() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.lines().any(|l| l.starts_with("error:") && l.contains("shrinking.bin") && l.contains("changed size")), "{stderr}");
 
+    // Rewritten in place at the same size: other data under the same name.
+    std::fs::copy(f.root.join("tokens.bin"), &tokens).unwrap();
+    let recipe = f.recipe("warmup", "t2", &f.root.join("model"), 100_000);
+    let child = spawn_train(&recipe, &["--set", &format!("data.path={}", tokens.display()), "--set", "checkpoint.every=0"], Stdio::piped());
+    wait_for(|| metrics_lines(&f.out("t2")) >= 2, "two steps");
+    let mut bytes = std::fs::read(&tokens).unwrap();
+    bytes.reverse();
+    std::fs::write(&tokens, &bytes).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.lines().any(|l| l.starts_with("error:") && l.contains("shrinking.bin") && l.contains("modified")), "{stderr}");
+
     let fresh = f.recipe("warmup", "z", &f.root.join("model"), 2);
     assert_clean_error(&run_cli(&["train", path_str(&fresh), "--set", "data.path=/dev/zero"]), &["/dev/zero", "not a regular file"]);
     assert_clean_error(&run_cli(&["eval", "--model", path_str(&f.root.join("model")), "--tokens", "/dev/zero"]), &["/dev/zero", "not a regular file"]);
@@ -324,6 +383,9 @@ fn eval_names_non_finite_weights_and_reads_a_steps_recipe() {
     assert_eq!(code, 0, "{stderr}");
     let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     assert_eq!(report["topk"], 8, "the step's recipe has dsa.index_topk = 8");
+    // Without the MTP layer: the step's MTP tensors are left out, not an error.
+    let (code, _, stderr) = run_cli(&["eval", "--model", path_str(&f.out("e/step-2")), "--tokens", path_str(&tokens), "--seq-len", "32", "--max-windows", "1", "--no-mtp"]);
+    assert_eq!(code, 0, "{stderr}");
     assert_clean_error(&run_cli(&["eval", "--model", path_str(&f.out("e/step-2")), "--tokens", path_str(&tokens), "--index-n-heads", "4"]), &["--index-n-heads 4", "recipe.toml"]);
 
     let bad = f.root.join("nan-model");
@@ -354,13 +416,21 @@ fn check_validates_like_train_and_failures_leave_nothing_behind() {
     let recipe = f.recipe("warmup", "c", &f.root.join("model"), 4);
     assert_clean_error(&run_cli(&["check", path_str(&recipe), "--set", "parallel.dp=7", "--set", "parallel.ep=3"]), &["parallel.ep (3) must divide parallel.dp (7)"]);
     assert_clean_error(&run_cli(&["check", path_str(&recipe), "--set", "parallel.dp=3"]), &["not a multiple of parallel.dp = 3"]);
+    assert_clean_error(&run_cli(&["check", path_str(&recipe), "--world", "0"]), &["0 ranks"]);
+    assert_clean_error(&run_cli(&["eval", "--model", path_str(&f.root.join("model")), "--tokens", path_str(&f.root.join("tokens.bin")), "--topk", "0"]), &["--topk 0"]);
 
-    // A save that fails (a file where step-2 must go) leaves no temporary folder.
+    // A save that fails (a file put where step-8 must go while the run is at step 1) leaves
+    // no temporary folder, and the file is not replaced.
     let out = f.out("c");
-    std::fs::create_dir_all(&out).unwrap();
-    std::fs::write(out.join("step-2"), b"in the way").unwrap();
-    let r = run_cli(&["train", path_str(&recipe)]);
-    assert_clean_error(&r, &["step-2"]);
+    let long = f.recipe("warmup", "c", &f.root.join("model"), 100_000);
+    let child = spawn_train(&long, &["--set", "checkpoint.every=8"], Stdio::piped());
+    wait_for(|| metrics_lines(&out) >= 1, "a step");
+    std::fs::write(out.join("step-8"), b"in the way").unwrap();
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert_eq!(result.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error:") && stderr.contains("step-8 already exists"), "{stderr}");
+    assert_eq!(std::fs::read(out.join("step-8")).unwrap(), b"in the way");
     let names: Vec<String> = std::fs::read_dir(&out).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| !n.ends_with(".tmp")), "{names:?}");
 
@@ -382,6 +452,9 @@ fn check_validates_like_train_and_failures_leave_nothing_behind() {
     let (code, _, stderr) = run_cli(&["plot", "--metrics", path_str(&metrics), "--output", path_str(&png)]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("torn last line"), "{stderr}");
+    let fifo = f.root.join("fifo.png");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    assert_clean_error(&run_cli(&["plot", "--metrics", path_str(&metrics), "--output", path_str(&fifo)]), &["not a regular file"]);
     std::fs::write(&metrics, format!("{}\n{line}\n", &line[..40])).unwrap();
     assert_clean_error(&run_cli(&["plot", "--metrics", path_str(&metrics), "--output", path_str(&png)]), &["line 1"]);
 }

@@ -5,7 +5,8 @@
 //! instant; windows are read with positioned reads (`pread`) and their ids checked against the
 //! vocabulary as they are copied out. Not memory-mapped: a file that shrinks under a run would
 //! kill a mapping's reader with SIGBUS, where a read returns short and becomes an error naming
-//! the file. Only regular files are accepted (`/dev/zero` or a pipe has no size to trust).
+//! the file; so is one whose modification time changed (rewritten in place at the same size).
+//! Only regular files are accepted (`/dev/zero` or a pipe has no size to trust).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -19,8 +20,9 @@ use super::format::{DataIndex, ShardHeader, HEADER_BYTES, INDEX_FILE};
 struct Segment {
     path: PathBuf,
     file: File,
-    /// The file's size when it was opened.
+    /// The file's size and modification time when it was opened.
     bytes: u64,
+    modified: Option<std::time::SystemTime>,
     /// Byte offset of the first token in the file (the header size, or 0 for a raw file).
     offset: usize,
     tokens: u64,
@@ -119,20 +121,25 @@ impl Segment {
         let mut buf = vec![0u8; n * 4];
         let at = (self.offset + local * 4) as u64;
         let read = self.file.read_exact_at(&mut buf, at);
-        let now = self.file.metadata().map(|m| m.len()).unwrap_or(0);
+        let meta = self.file.metadata().ok();
+        let now = meta.as_ref().map_or(0, |m| m.len());
         if now != self.bytes {
             bail!(
                 "token file {} changed size during the run ({} bytes when opened, {now} now): it was truncated or rewritten; restore it and resume",
                 self.path.display(), self.bytes
             );
         }
+        if meta.and_then(|m| m.modified().ok()) != self.modified {
+            bail!("token file {} was modified during the run (same size, new contents): restore it and resume", self.path.display());
+        }
         read.with_context(|| format!("cannot read token file {} at byte {at}", self.path.display()))?;
         Ok(buf)
     }
 }
 
-/// Open a token file: it must be a regular, non-empty file. Returns it and its size.
-fn open_file(path: &Path) -> Result<(File, u64)> {
+/// Open a token file: it must be a regular, non-empty file. Returns it, its size and its
+/// modification time.
+fn open_file(path: &Path) -> Result<(File, u64, Option<std::time::SystemTime>)> {
     let meta = std::fs::metadata(path).with_context(|| format!("cannot open token file {}", path.display()))?;
     if !meta.is_file() {
         bail!("token file {} is not a regular file (a device, pipe or socket has no fixed size to read windows from)", path.display());
@@ -142,18 +149,18 @@ fn open_file(path: &Path) -> Result<(File, u64)> {
     if len == 0 {
         bail!("token file {} is empty", path.display());
     }
-    Ok((file, len))
+    Ok((file, len, meta.modified().ok()))
 }
 
 fn open_raw(path: &Path) -> Result<Segment> {
-    let (file, len) = open_file(path)?;
+    let (file, len, modified) = open_file(path)?;
     if len % 4 != 0 {
         bail!(
             "token file {} has {len} bytes, not a multiple of 4: expected raw little-endian u32 token ids",
             path.display()
         );
     }
-    Ok(Segment { path: path.to_path_buf(), file, bytes: len, offset: 0, tokens: len / 4, start: 0 })
+    Ok(Segment { path: path.to_path_buf(), file, bytes: len, modified, offset: 0, tokens: len / 4, start: 0 })
 }
 
 fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
@@ -169,7 +176,7 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
     let mut start = 0u64;
     for entry in &index.shards {
         let path = dir.join(&entry.file);
-        let (file, len) = open_file(&path)?;
+        let (file, len, modified) = open_file(&path)?;
         let mut head = vec![0u8; HEADER_BYTES.min(len as usize)];
         file.read_exact_at(&mut head, 0).with_context(|| format!("cannot read token shard {}", path.display()))?;
         let header = ShardHeader::decode(&head, len, &path)?;
@@ -179,7 +186,7 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
                 path.display(), header.tokens, header.documents, index_path.display(), entry.tokens, entry.documents
             );
         }
-        segments.push(Segment { path, file, bytes: len, offset: HEADER_BYTES, tokens: header.tokens, start });
+        segments.push(Segment { path, file, bytes: len, modified, offset: HEADER_BYTES, tokens: header.tokens, start });
         start += header.tokens;
     }
     // Zero-token shards would never hold a position and would confuse the segment search.

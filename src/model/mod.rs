@@ -732,7 +732,14 @@ impl Model {
                 hf_dir.display(), initialised.len(), opts.init_seed, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
             );
         }
-        let overlay = crate::train::ckpt::overlay_params(&source, &opts.device)?;
+        let mut overlay = crate::train::ckpt::overlay_params(&source, &opts.device)?;
+        if !with_mtp {
+            // A trained step holds its MTP layer's tensors too; without MTP they are not loaded.
+            let main_layers = cfg.num_hidden_layers;
+            overlay.retain(|n, _| {
+                n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| l < main_layers)
+            });
+        }
         if !overlay.is_empty() {
             crate::elog!("[load] applied {} trained tensors from {}", overlay.len(), dir.display());
         }

@@ -40,7 +40,8 @@ use crate::recipe::Stage;
 
 use super::integrity::{self, write_synced, FileSum, Use, MARKER};
 
-pub const FORMAT_VERSION: u32 = 1;
+/// 2: the marker lists every file with its checksum (`integrity`); 1: the marker is empty.
+pub const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct TrainState {
@@ -70,16 +71,19 @@ pub struct RecordedPath {
 }
 
 impl RecordedPath {
-    /// `target` as seen from a folder `from` (both absolute).
+    /// `target` as seen from a folder `from`; the absolute path resolved (`paths::resolved`).
     pub fn new(from: &Path, target: &Path) -> Self {
-        Self { relative: relative_path(from, target).to_string_lossy().into_owned(), absolute: target.to_string_lossy().into_owned() }
+        Self {
+            relative: crate::paths::relative(from, target).to_string_lossy().into_owned(),
+            absolute: crate::paths::resolved(target).to_string_lossy().into_owned(),
+        }
     }
 
     /// The recorded place as seen from the step folder `step`: relative if `exists` there,
-    /// else absolute.
+    /// else absolute; resolved either way.
     pub fn locate(&self, step: &Path, exists: impl Fn(&Path) -> bool) -> PathBuf {
-        let rel = step.join(&self.relative);
-        if exists(&rel) { rel } else { PathBuf::from(&self.absolute) }
+        let rel = crate::paths::resolved(&step.join(&self.relative));
+        if exists(&rel) { rel } else { crate::paths::resolved(Path::new(&self.absolute)) }
     }
 }
 
@@ -91,33 +95,6 @@ pub struct BaseChain {
     pub overlays: Vec<RecordedPath>,
 }
 
-/// `to` relative to `from` (both absolute, lexically normalised; no symlinks resolved).
-pub fn relative_path(from: &Path, to: &Path) -> PathBuf {
-    use std::path::Component;
-    let norm = |p: &Path| -> Vec<std::ffi::OsString> {
-        let mut out: Vec<std::ffi::OsString> = vec![];
-        for c in p.components() {
-            match c {
-                Component::ParentDir => {
-                    out.pop();
-                }
-                Component::Normal(x) => out.push(x.to_os_string()),
-                _ => {}
-            }
-        }
-        out
-    };
-    let (a, b) = (norm(from), norm(to));
-    let common = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let mut rel = PathBuf::new();
-    for _ in common..a.len() {
-        rel.push("..");
-    }
-    for x in &b[common..] {
-        rel.push(x);
-    }
-    if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel }
-}
 
 /// Everything a checkpoint holds, in memory.
 pub struct Snapshot {
@@ -202,8 +179,10 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
     meta.extend(["state.json".to_string(), "recipe.toml".to_string()]);
     files.extend(integrity::sum_files(tmp, &meta)?);
     integrity::write_marker(tmp, files)?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir).with_context(|| format!("cannot replace {}", final_dir.display()))?;
+    if final_dir.symlink_metadata().is_ok() {
+        // Start points are chosen so that a run's new steps are past every step in its folder
+        // (`run_dir::start_point`); something there now is not ours to replace.
+        bail!("{} already exists; not replacing it", final_dir.display());
     }
     std::fs::rename(tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
     // The rename is durable once the folder holding it is flushed.
@@ -217,6 +196,19 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
 /// The files of `kind` ("params" or "optimizer") in a checkpoint: the single-process file, or
 /// every rank's shard (checked against manifest.json when there is one).
 pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
+    if let Ok(Some(marker)) = integrity::read_marker(dir) {
+        // The marker is the list: a file it does not name is not part of the step.
+        let listed: Vec<PathBuf> = marker
+            .files
+            .keys()
+            .filter(|n| n.starts_with(&format!("{kind}.")) && n.ends_with(".safetensors"))
+            .map(|n| dir.join(n))
+            .collect();
+        if listed.is_empty() {
+            bail!("{}: its marker lists no {kind} file", dir.display());
+        }
+        return Ok(listed);
+    }
     let single = dir.join(format!("{kind}.safetensors"));
     if single.exists() {
         return Ok(vec![single]);
@@ -284,6 +276,17 @@ fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> 
     Ok(out)
 }
 
+/// Every `step-N` entry of `output_dir`, complete or not, oldest first.
+pub fn step_entries(output_dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(output_dir) else { return vec![] };
+    let mut out: Vec<(u64, PathBuf)> = entries
+        .filter_map(|e| e.ok())
+        .filter_map(|e| Some((e.file_name().into_string().ok()?.strip_prefix("step-")?.parse().ok()?, e.path())))
+        .collect();
+    out.sort();
+    out
+}
+
 /// Complete checkpoints in `output_dir`, oldest first.
 pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else { return vec![] };
@@ -341,7 +344,7 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
     let path = dir.join("state.json");
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let state: TrainState = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: bad state: {e}", path.display()))?;
-    if state.format_version != FORMAT_VERSION {
+    if !(1..=FORMAT_VERSION).contains(&state.format_version) {
         bail!("{}: checkpoint format {} is not supported (this build reads {FORMAT_VERSION})", path.display(), state.format_version);
     }
     Ok(state)
@@ -407,7 +410,7 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
         overlays.push(cur.clone());
         if let Some(base) = &state.base {
             // The step lists its whole chain: no need to read its parents' state.
-            let dir = std::path::absolute(&cur).unwrap_or(cur.clone());
+            let dir = crate::paths::resolved(&cur);
             let hf_dir = base.hf_dir.locate(&dir, |p| p.join("config.json").exists());
             let mut links: Vec<PathBuf> = base.overlays.iter().map(|o| o.locate(&dir, is_checkpoint)).collect();
             for (o, l) in base.overlays.iter().zip(&links) {
@@ -427,10 +430,10 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
 /// `source` with each overlay replaced by its place in `<output_dir>/base/` (`<i>-<name>`);
 /// overlays already there stay. Paths only: `link_base` makes them.
 pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSource> {
-    let base = std::path::absolute(output_dir).with_context(|| format!("{}", output_dir.display()))?.join("base");
+    let base = crate::paths::resolved(&output_dir.join("base"));
     let mut overlays = vec![];
     for (i, dir) in source.overlays.iter().enumerate() {
-        let abs = std::path::absolute(dir).with_context(|| format!("{}", dir.display()))?;
+        let abs = crate::paths::resolved(dir);
         overlays.push(if abs.starts_with(&base) {
             abs
         } else {
@@ -438,7 +441,7 @@ pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSou
             base.join(format!("{i}-{name}"))
         });
     }
-    Ok(ModelSource { hf_dir: std::path::absolute(&source.hf_dir).unwrap_or(source.hf_dir.clone()), overlays })
+    Ok(ModelSource { hf_dir: crate::paths::resolved(&source.hf_dir), overlays })
 }
 
 /// Give a run its own links to the steps its model comes from: every overlay of `source`

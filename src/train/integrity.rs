@@ -115,11 +115,32 @@ pub fn verify(dir: &Path, what: Use) -> Result<()> {
 /// a job split the reading of a large checkpoint among them.
 pub fn verify_share(dir: &Path, what: Use, rank: usize, world: usize) -> Result<()> {
     let Some(marker) = read_marker(dir)? else {
+        // Only steps of format 1 were written with an empty marker; a newer step with one has
+        // lost its checksums (damaged, or emptied by hand) and is not trusted.
+        let state = dir.join("state.json");
+        let format = std::fs::read_to_string(&state)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+            .and_then(|v| v["format_version"].as_u64());
+        if format != Some(1) {
+            bail!("{}: the marker is empty but {} is not of format 1 (a step written before checksums): the step is damaged; this checkpoint cannot be used", dir.join(MARKER).display(), state.display());
+        }
         if rank == 0 {
             crate::elog!("[checkpoint] warning: {} was written without checksums (an older dsa-train); it cannot be verified", dir.display());
         }
         return Ok(());
     };
+    // A tensor or layout file the marker does not list was added afterwards: readers go by the
+    // marker, but such a file means someone changed the step.
+    if rank == 0 {
+        for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.filter_map(|e| e.ok()) {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let ours = name.ends_with(".safetensors") || name == "manifest.json" || name == "state.json" || name == "recipe.toml";
+            if ours && !marker.files.contains_key(&name) {
+                bail!("{}: not listed in the checkpoint's marker (added after the checkpoint was written); this checkpoint cannot be used", e.path().display());
+            }
+        }
+    }
     let needed: Vec<(&String, &FileSum)> = marker.files.iter().filter(|(n, _)| what.needs(n)).collect();
     let mine: Vec<(&String, &FileSum)> = needed.into_iter().skip(rank).step_by(world.max(1)).collect();
     // Sizes first: a truncated or missing file is reported without hashing anything.
@@ -177,6 +198,11 @@ mod tests {
         write_marker(d, sum_files(d, &names).unwrap()).unwrap();
         verify(d, Use::Resume).unwrap();
 
+        std::fs::write(d.join("params.rank-00001.safetensors"), b"stray").unwrap();
+        let err = verify(d, Use::Model).unwrap_err().to_string();
+        assert!(err.contains("params.rank-00001.safetensors") && err.contains("not listed"), "{err}");
+        std::fs::remove_file(d.join("params.rank-00001.safetensors")).unwrap();
+
         let mut bytes = std::fs::read(d.join("optimizer.safetensors")).unwrap();
         bytes[4321] ^= 0x10;
         std::fs::write(d.join("optimizer.safetensors"), &bytes).unwrap();
@@ -201,7 +227,11 @@ mod tests {
     fn the_empty_marker_of_an_older_build_is_accepted_and_a_torn_one_is_not() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(MARKER), b"").unwrap();
+        std::fs::write(dir.path().join("state.json"), br#"{"format_version": 1}"#).unwrap();
         verify(dir.path(), Use::Resume).unwrap();
+        // An emptied marker of a step that had checksums is damage.
+        std::fs::write(dir.path().join("state.json"), br#"{"format_version": 2}"#).unwrap();
+        assert!(verify(dir.path(), Use::Resume).unwrap_err().to_string().contains("the marker is empty"));
         std::fs::write(dir.path().join(MARKER), b"{\"format_version\": 1, \"fi").unwrap();
         assert!(verify(dir.path(), Use::Resume).unwrap_err().to_string().contains("damaged marker"));
     }

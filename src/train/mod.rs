@@ -124,14 +124,13 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
             layout.dp
         );
     }
-    let abs = |p: &str| std::path::absolute(p).map(|a| ckpt::relative_path(Path::new("/"), &a));
-    if let (Ok(model), Ok(out)) = (abs(&recipe.model.path), abs(&recipe.run.output_dir)) {
-        if model.starts_with(&out) {
-            bail!(
-                "model.path {} lies inside run.output_dir {}: the run would write over the steps it starts from; choose a new run.output_dir",
-                recipe.model.path, recipe.run.output_dir
-            );
-        }
+    // Resolved (symlinks, `..`): the same place however it is spelt.
+    let (model, out) = (crate::paths::resolved(Path::new(&recipe.model.path)), crate::paths::resolved(Path::new(&recipe.run.output_dir)));
+    if model.starts_with(&out) {
+        bail!(
+            "model.path {} lies inside run.output_dir {}: the run would write over the steps it starts from; choose a new run.output_dir",
+            recipe.model.path, recipe.run.output_dir
+        );
     }
     Ok(layout)
 }
@@ -893,6 +892,12 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
 /// (`run_dir::start_point`: a folder holding another run is never written over).
 pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<TrainOutcome> {
     let mut comm = comm;
+    // The run records where its model and data are, resolved: a resume from another working
+    // directory, or through another spelling, compares the places, not the strings.
+    let mut recipe = recipe;
+    for p in [&mut recipe.model.path, &mut recipe.data.path] {
+        *p = crate::paths::resolved(Path::new(p.as_str())).to_string_lossy().into_owned();
+    }
     let out = PathBuf::from(&recipe.run.output_dir);
     let lead = comm.rank() == 0;
     validate(&recipe, comm.world())?;
@@ -937,9 +942,10 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
             if m.step == first_step {
                 // No update has happened in this process, and the weights were checked finite
                 // at load: the learning rate is not the cause.
+                let hint = if r.model.dtype == "f32" { "" } else { " (try model.dtype = \"f32\")" };
                 bail!(
                     "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}) at the first step, \
-                     before any update: the forward overflows (try model.dtype = \"f32\")",
+                     before any update: the forward overflows{hint}",
                     m.step, m.lm_loss, m.indexer_kl, m.grad_norm
                 );
             }

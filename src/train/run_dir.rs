@@ -60,7 +60,7 @@ impl RunLock {
 
 /// What of a run `dir` holds, in words, or None: complete checkpoints or logged steps.
 pub fn existing_run(dir: &Path) -> Option<String> {
-    let steps = ckpt::complete_checkpoints(dir);
+    let steps = ckpt::step_entries(dir);
     let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.lines().filter(|l| !l.trim().is_empty()).count()).unwrap_or(0);
     let mut parts = vec![];
     match (steps.first(), steps.last()) {
@@ -81,6 +81,19 @@ pub fn existing_run(dir: &Path) -> Option<String> {
 pub fn start_point(out: &Path, resume: Option<&Resume>, log: bool) -> Result<Option<PathBuf>> {
     let newest = ckpt::complete_checkpoints(out).pop().map(|(_, d)| d);
     let held = existing_run(out);
+    if resume.is_some() {
+        // The newest step must be complete: a `step-N` without its marker was not written by a
+        // finished save (ours are renamed into place only once marked), so it was damaged or
+        // put there; continuing from an older step would silently drop it.
+        if let Some((_, last)) = ckpt::step_entries(out).pop() {
+            if newest.as_ref() != Some(&last) {
+                bail!(
+                    "{} has no {} marker (damaged, or not written by dsa-train), and it is the newest step of run.output_dir {}: restore or remove it, or resume an older step into a new run.output_dir",
+                    last.display(), super::integrity::MARKER, out.display()
+                );
+            }
+        }
+    }
     match resume {
         None => {
             if let Some(what) = held {
