@@ -31,6 +31,8 @@ pub struct RunConfig {
     pub seed: u64,
     /// Show the progress bar (metrics.jsonl is always written).
     pub progress: bool,
+    /// Also write the metrics as TensorBoard scalars to `<output_dir>/tensorboard/`.
+    pub tensorboard: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,7 +230,7 @@ impl Default for Recipe {
 
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { output_dir: String::new(), seed: 0, progress: true }
+        Self { output_dir: String::new(), seed: 0, progress: true, tensorboard: true }
     }
 }
 
@@ -427,7 +429,7 @@ impl Recipe {
 /// means (which model, which data in which order, which tensors and shapes), and a resume that
 /// changes one is refused. A key added later is refused until it is listed here.
 pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
-    "run.output_dir", "run.progress", "model.device",
+    "run.output_dir", "run.progress", "run.tensorboard", "model.device",
     "train.steps", "train.lr", "train.indexer_lr", "train.warmup_steps", "train.schedule", "train.min_lr",
     "train.beta1", "train.beta2", "train.eps", "train.weight_decay", "train.grad_clip",
     "train.router_bias_gamma", "train.seq_balance_alpha", "train.mtp_weight", "train.kl_weight",

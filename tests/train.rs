@@ -51,6 +51,17 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit_in_both_stages() {
     run_recipe(&split, &[], Some(Resume::Auto));
     assert_eq!(losses(&f.out("w-straight")), losses(&f.out("w-split")));
     assert_eq!(losses(&f.out("w-split")).len(), 4);
+    // TensorBoard: one event file per start of the run, the same KL per step as metrics.jsonl.
+    let mut kl: Vec<(u64, f32)> = vec![];
+    let files: Vec<_> = std::fs::read_dir(f.out("w-split/tensorboard")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(files.len(), 2);
+    for file in &files {
+        let scalars = dsa_train::train::tensorboard::read_scalars(file).unwrap();
+        kl.extend(scalars.into_iter().filter(|s| s.1 == "train/indexer_kl").map(|s| (s.0, s.2)));
+    }
+    kl.sort_by_key(|x| x.0);
+    let want: Vec<(u64, f32)> = metrics::read(&f.out("w-split/metrics.jsonl")).unwrap().iter().map(|m| (m.step, m.indexer_kl as f32)).collect();
+    assert_eq!(kl, want);
     assert_same_params(&f.out("w-straight/step-4"), &f.out("w-split/step-4"));
 
     // Sparse, chained from the warm-up: 4 straight vs 2 + resume + 2.

@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod optim;
 pub mod plan;
 pub mod run_dir;
+pub mod tensorboard;
 pub mod zero;
 
 use std::collections::BTreeMap;
@@ -923,6 +924,13 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
         std::fs::write(&tmp, r.to_toml()).and_then(|()| std::fs::rename(&tmp, &path)).with_context(|| format!("cannot write {}", path.display()))?;
     }
     let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
+    let mut events = if lead && r.run.tensorboard {
+        tensorboard::EventWriter::create(&out, trainer.step)
+            .map_err(|e| crate::elog!("[train] warning: {e:#}; no TensorBoard events for this run"))
+            .ok()
+    } else {
+        None
+    };
     if lead && trainer.step < r.train.steps {
         let _ = std::fs::remove_file(out.join("FINISHED")); // a longer run of the same folder
     }
@@ -937,6 +945,9 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
         let m = trainer.train_step()?;
         if let Some(log) = &log {
             log.append(&m)?;
+        }
+        if let Some(ev) = events.as_mut() {
+            ev.append(&m);
         }
         if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
             if m.step == first_step {

@@ -144,7 +144,8 @@ pub fn clear_leftovers(out: &Path) {
     }
 }
 
-fn hostname() -> String {
+/// This machine's host name (for the lock's holder line and TensorBoard file names).
+pub fn hostname() -> String {
     let mut buf = [0u8; 256];
     // SAFETY: the buffer is ours and its length is passed; gethostname NUL-terminates within it
     // when the name fits.
