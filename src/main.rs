@@ -368,6 +368,10 @@ fn run(cli: Cli) -> Result<()> {
         Command::Verify { checkpoint } => {
             use dsa_train::train::integrity;
             let t0 = std::time::Instant::now();
+            if integrity::read_marker(&checkpoint)?.is_none() {
+                integrity::verify(&checkpoint, integrity::Use::Resume)?; // names a damaged empty marker
+                anyhow::bail!("{} was written without checksums (format 1): it cannot be verified", checkpoint.display());
+            }
             integrity::verify(&checkpoint, integrity::Use::Resume)?;
             // And the steps under it (its base links), as a resume reads them.
             let chain = dsa_train::train::ckpt::resolve_model(&checkpoint)?;

@@ -5,12 +5,25 @@
 
 use std::path::{Component, Path, PathBuf};
 
-/// `p` made absolute and normalised lexically, then its longest existing prefix canonicalised
-/// (symlinks resolved by the file system); the rest does not exist yet.
+/// `p` made absolute, `..` applied to what the path before it resolves to, then its longest
+/// existing prefix canonicalised (symlinks resolved by the file system); the rest does not
+/// exist yet and is kept as written.
 pub fn resolved(p: &Path) -> PathBuf {
-    // `..` is applied lexically first (as a shell's `cd` does), so the walk up below sees
-    // plain names only.
-    let abs = lexical(&std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
+    // `..` is applied as the kernel applies it: to the place the path so far resolves to (after
+    // a symlink, the parent of its target), lexically only where nothing exists yet.
+    let mut abs = PathBuf::new();
+    for c in std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if let Ok(real) = abs.canonicalize() {
+                    abs = real;
+                }
+                abs.pop();
+            }
+            other => abs.push(other),
+        }
+    }
     let mut existing = abs.clone();
     let mut rest: Vec<std::ffi::OsString> = vec![];
     loop {
@@ -75,6 +88,10 @@ mod tests {
         assert_eq!(resolved(&d.join("link/b")), d.join("a/b"));
         // Not there yet: the existing part resolved, the rest normalised.
         assert_eq!(resolved(&d.join("link/new/./x/../y")), d.join("a/new/y"));
+        // `..` after a symlink: the parent of its target, as the kernel sees it.
+        std::fs::create_dir_all(d.join("deep/er")).unwrap();
+        std::os::unix::fs::symlink(d.join("deep/er"), d.join("a/jump")).unwrap();
+        assert_eq!(resolved(&d.join("a/jump/..")), d.join("deep"));
         assert_eq!(relative(&d.join("a/b/step-0"), &d.join("link")), PathBuf::from("../.."));
         assert_eq!(relative(&d.join("a"), &d.join("a/b/c")), PathBuf::from("b/c"));
     }

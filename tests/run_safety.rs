@@ -87,6 +87,12 @@ fn a_run_whose_model_lies_inside_its_output_dir_is_refused() {
     std::os::unix::fs::symlink(f.out("w"), f.out("w-link")).unwrap();
     let linked = f.recipe("sparse", "w-link", &f.out("w/step-2"), 2);
     assert_clean_error(&run_cli(&["train", path_str(&linked)]), &["lies inside run.output_dir"]);
+    // `..` after a symlink goes to the parent of its target, as the kernel resolves it.
+    std::fs::create_dir_all(f.root.join("model/sub")).unwrap();
+    std::fs::create_dir_all(f.out("e")).unwrap();
+    std::os::unix::fs::symlink(f.root.join("model/sub"), f.out("e/q")).unwrap();
+    let up = f.recipe("warmup", "e/q/..", &f.root.join("model"), 2);
+    assert_clean_error(&run_cli(&["train", path_str(&up)]), &["lies inside run.output_dir"]);
     assert_eq!(snapshot(&f.out("w")), before, "the warm-up's folder changed");
 }
 
@@ -288,6 +294,39 @@ fn a_chain_survives_the_parent_pruning_its_step_and_the_child_moving() {
     // `verify` checks the steps under a step too, as a resume does.
     flip_bytes(&moved.join("base/0-step-2/params.safetensors"), &[5]);
     assert_clean_error(&run_cli(&["verify", path_str(&moved.join("step-6"))]), &["0-step-2/params.safetensors", "checksum"]);
+}
+
+/// A run's base links are the steps it trained on: a leftover link of an earlier start is not
+/// reused for another parent, a link swapped for another step of the same name is refused,
+/// and a run may not live inside another run's step (pruning would take it).
+#[test]
+fn base_links_are_the_steps_the_run_trained_on() {
+    let f = Fixture::new(31);
+    let warm = f.recipe("warmup", "a", &f.root.join("model"), 2);
+    assert_eq!(run_cli(&["train", path_str(&warm)]).0, 0);
+    assert_eq!(run_cli(&["train", path_str(&warm), "--set", &format!("run.output_dir={}", f.out("b").display()), "--set", "run.seed=4"]).0, 0);
+    let marker = |d: &Path| std::fs::read(d.join("COMPLETE")).unwrap();
+    assert_ne!(marker(&f.out("a/step-2")), marker(&f.out("b/step-2")));
+    // A sparse start from a/step-2 leaves its link; the folder is then emptied of steps and
+    // metrics (as a start killed before its first step leaves it) and started from b/step-2.
+    let sparse = f.recipe("sparse", "x", &f.out("a/step-2"), 2);
+    assert_eq!(run_cli(&["train", path_str(&sparse)]).0, 0);
+    for leftover in ["step-2", "metrics.jsonl", "FINISHED", "tensorboard"] {
+        let p = f.out("x").join(leftover);
+        if p.is_dir() { std::fs::remove_dir_all(&p).unwrap() } else { std::fs::remove_file(&p).unwrap() }
+    }
+    let (code, _, stderr) = run_cli(&["train", path_str(&sparse), "--set", &format!("model.path={}", f.out("b/step-2").display())]);
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(marker(&f.out("x/base/0-step-2")), marker(&f.out("b/step-2")), "the leftover link of a/step-2 was reused");
+    // A link swapped for another step of the same name.
+    std::fs::remove_dir_all(f.out("x/base/0-step-2")).unwrap();
+    std::process::Command::new("cp").args(["-r", path_str(&f.out("a/step-2")), path_str(&f.out("x/base/0-step-2"))]).status().unwrap();
+    let tokens = f.root.join("tokens.bin");
+    assert_clean_error(&run_cli(&["eval", "--model", path_str(&f.out("x/step-2")), "--tokens", path_str(&tokens), "--seq-len", "32"]), &["is not the step it was trained from"]);
+    assert_clean_error(&run_cli(&["verify", path_str(&f.out("x/step-2"))]), &["is not the step it was trained from"]);
+    // Inside another run's step: refused.
+    let inside = f.recipe("sparse", "a/step-2/child", &f.out("b/step-2"), 2);
+    assert_clean_error(&run_cli(&["train", path_str(&inside)]), &["lies inside the training checkpoint"]);
 }
 
 /// Failure 7: `--resume auto` refuses a change to a key that gives the saved state its meaning,

@@ -93,6 +93,15 @@ pub struct BaseChain {
     pub hf_dir: RecordedPath,
     /// step-N copies in `<output_dir>/base/`, oldest first.
     pub overlays: Vec<RecordedPath>,
+    /// XXH3-64 (hex) of each overlay's marker, which holds the checksums of its files: the
+    /// step found at a recorded path must be the very step this run was trained on.
+    #[serde(default)]
+    pub overlay_markers: Vec<String>,
+}
+
+/// XXH3-64 (hex) of the marker of step `dir` ("" when it cannot be read).
+pub fn marker_digest(dir: &Path) -> String {
+    std::fs::read(dir.join(MARKER)).map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b))).unwrap_or_default()
 }
 
 
@@ -393,6 +402,7 @@ impl ModelSource {
         BaseChain {
             hf_dir: RecordedPath::new(&step, &self.hf_dir),
             overlays: self.overlays.iter().map(|o| RecordedPath::new(&step, o)).collect(),
+            overlay_markers: self.overlays.iter().map(|o| marker_digest(o)).collect(),
         }
     }
 }
@@ -413,9 +423,14 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
             let dir = crate::paths::resolved(&cur);
             let hf_dir = base.hf_dir.locate(&dir, |p| p.join("config.json").exists());
             let mut links: Vec<PathBuf> = base.overlays.iter().map(|o| o.locate(&dir, is_checkpoint)).collect();
-            for (o, l) in base.overlays.iter().zip(&links) {
+            for (i, (o, l)) in base.overlays.iter().zip(&links).enumerate() {
                 if !is_checkpoint(l) {
                     bail!("{}: a step it was trained from is gone: neither {} nor {} holds it", cur.display(), dir.join(&o.relative).display(), o.absolute);
+                }
+                if let Some(want) = base.overlay_markers.get(i).filter(|m| !m.is_empty()) {
+                    if marker_digest(l) != *want {
+                        bail!("{}: {} is not the step it was trained from (its marker differs from the one recorded): replaced or damaged", cur.display(), l.display());
+                    }
                 }
             }
             overlays.reverse();
@@ -452,7 +467,12 @@ pub fn link_base(output_dir: &Path, source: &ModelSource) -> Result<ModelSource>
     let linked = linked_source(output_dir, source)?;
     for (from, dest) in source.overlays.iter().zip(&linked.overlays) {
         if dest.join(MARKER).exists() {
-            continue; // linked before (a resumed run), or the overlay is already a link
+            // Linked before (a resumed run), or the overlay is already a link: it must be the same
+            // step (the same marker, which holds every file's checksum).
+            if from != dest && marker_digest(from) != marker_digest(dest) {
+                bail!("{} holds another step than {} (a leftover of an earlier start?); remove it or choose a new run.output_dir", dest.display(), from.display());
+            }
+            continue;
         }
         let parent = dest.parent().context("a base link has a parent folder")?;
         let tmp = parent.join(format!(".{}.tmp", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));

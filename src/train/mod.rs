@@ -133,6 +133,10 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
             recipe.model.path, recipe.run.output_dir
         );
     }
+    // Inside another run's step, pruning that step would take this run with it.
+    if let Some(step) = out.ancestors().find(|a| ckpt::is_checkpoint(a)) {
+        bail!("run.output_dir {} lies inside the training checkpoint {}; choose a folder outside it", recipe.run.output_dir, step.display());
+    }
     Ok(layout)
 }
 
@@ -896,7 +900,7 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     // The run records where its model and data are, resolved: a resume from another working
     // directory, or through another spelling, compares the places, not the strings.
     let mut recipe = recipe;
-    for p in [&mut recipe.model.path, &mut recipe.data.path] {
+    for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.run.output_dir] {
         *p = crate::paths::resolved(Path::new(p.as_str())).to_string_lossy().into_owned();
     }
     let out = PathBuf::from(&recipe.run.output_dir);
@@ -908,6 +912,14 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let start = agree(comm.as_mut(), run_dir::start_point(&out, resume.as_ref(), lead))?;
     if lead {
         run_dir::clear_leftovers(&out);
+        if start.is_none() {
+            // A fresh start over a folder that holds no run: base links left by an earlier
+            // start that never wrote a step are not this run's.
+            let base = out.join("base");
+            if base.exists() {
+                std::fs::remove_dir_all(&base).with_context(|| format!("cannot clear the leftover {}", base.display()))?;
+            }
+        }
     }
     crate::signals::install();
     if lead && comm.world() > 1 {
@@ -938,6 +950,9 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let mut last_checkpoint = None;
     let mut stopped = false;
     let log_every = (r.train.steps / 20).max(1);
+    if lead && trainer.step >= r.train.steps {
+        crate::elog!("[train] nothing to do: the run is at step {}, train.steps is {}", trainer.step, r.train.steps);
+    }
     let first_step = trainer.step + 1;
     // FLOPs of a step (the `check` count), per device, for the log's TFLOP/s.
     let flops_per_device_step = plan::plan(&r).ok().map(|p| p.flops_per_step / trainer.reducer.world() as f64);

@@ -26,7 +26,8 @@ pub struct EventWriter {
 }
 
 impl EventWriter {
-    /// A new event file in `<dir>/tensorboard/`; `resumed_step` > 0 marks a restart there.
+    /// A new event file in `<dir>/tensorboard/`; when the run resumes at `resumed_step`, or the
+    /// folder holds earlier files, the file marks a restart at `resumed_step + 1`.
     pub fn create(dir: &Path, resumed_step: u64) -> Result<Self> {
         let folder = dir.join("tensorboard");
         std::fs::create_dir_all(&folder).with_context(|| format!("cannot create {}", folder.display()))?;
@@ -39,10 +40,12 @@ impl EventWriter {
             n += 1;
         }
         let path = folder.join(name);
+        let earlier = std::fs::read_dir(&folder).map(|d| d.count()).unwrap_or(0) > 0;
         let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
         let mut w = Self { path, file: Some(file) };
         w.record(&event(wall_time(), 0, Body::FileVersion))?;
-        if resumed_step > 0 {
+        if resumed_step > 0 || earlier {
+            // Earlier files may hold steps past the start (a run killed after logging them).
             w.record(&event(wall_time(), resumed_step + 1, Body::Start))?;
         }
         Ok(w)

@@ -77,7 +77,7 @@ impl Fixture {
              [dsa]\nindex_topk = 8\n[checkpoint]\nevery = 2\nkeep_last = 0\n",
             self.root.join(out).display(), model.display(), self.root.join("tokens.bin").display()
         );
-        let path = self.root.join(format!("{out}.toml"));
+        let path = self.root.join(format!("{}.toml", out.replace('/', "_")));
         std::fs::write(&path, text).unwrap();
         path
     }
