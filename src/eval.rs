@@ -72,8 +72,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         skip_mtp: args.skip_mtp,
     };
     let model = Model::load(&args.model, &opts)?;
-    let tokens = if args.tokens.is_dir() {
-        // A prepared directory: read only the windows to be evaluated, but never less than one
+    let tokens = if args.tokens.is_dir() || crate::data::megatron::prefix_of(&args.tokens).is_some() {
+        // A prepared directory or a Megatron dataset: read only the windows to be evaluated, but never less than one
         // window's worth, so that `evaluate` reports too-short data and --max-windows 0 itself.
         let stream = TokenStream::open(&args.tokens, model.cfg.vocab_size)?;
         let n = args.seq_len as u64;

@@ -2,11 +2,13 @@
 //!
 //! - `prepare`: `dsa-train data prepare`, text (.txt, .jsonl) to a prepared token directory.
 //! - `format`: that directory's shard header and index.json.
-//! - `stream`: `TokenStream`, a memory-mapped view of a prepared directory or a raw file.
+//! - `megatron`: Megatron-LM indexed datasets (`.bin` + `.idx`), read in place.
+//! - `stream`: `TokenStream`, one view of a prepared directory, a Megatron dataset or a raw file.
 //! - `sampler`: `WindowSampler`, shuffled training windows with an exact-resume cursor.
 //! - here: raw little-endian u32 token files, as `eval --tokens` reads them.
 
 pub mod format;
+pub mod megatron;
 pub mod prepare;
 pub mod sampler;
 pub mod stream;

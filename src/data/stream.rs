@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 
 use super::format::{DataIndex, ShardHeader, HEADER_BYTES, INDEX_FILE};
+use super::megatron::Width;
 
 /// One file's share of the stream.
 struct Segment {
@@ -25,6 +26,8 @@ struct Segment {
     modified: Option<std::time::SystemTime>,
     /// Byte offset of the first token in the file (the header size, or 0 for a raw file).
     offset: usize,
+    /// How each id is stored (u32 in our formats; Megatron datasets say in their index).
+    width: Width,
     tokens: u64,
     /// Position of this segment's first token in the whole stream.
     start: u64,
@@ -39,12 +42,15 @@ pub struct TokenStream {
 }
 
 impl TokenStream {
-    /// Open `path`: a directory prepared by `dsa-train data prepare`, or a raw token file.
+    /// Open `path`: a directory prepared by `dsa-train data prepare`, a Megatron indexed
+    /// dataset (its prefix, or its `.bin` or `.idx`), or a raw token file.
     /// Every id fetched later must be below `vocab_size`.
     pub fn open(path: &Path, vocab_size: usize) -> Result<Self> {
         let (segments, index) = if path.is_dir() {
             let (s, i) = open_prepared(path)?;
             (s, Some(i))
+        } else if let Some(prefix) = super::megatron::prefix_of(path) {
+            (vec![open_megatron(&prefix)?], None)
         } else {
             (vec![open_raw(path)?], None)
         };
@@ -89,15 +95,16 @@ impl TokenStream {
             let local = (pos - s.start) as usize;
             let take = (out.len() - filled).min(s.tokens as usize - local);
             let bytes = s.read(local, take)?;
-            for (i, (o, b)) in out[filled..filled + take].iter_mut().zip(bytes.chunks_exact(4)).enumerate() {
-                let id = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                if id as u64 >= self.vocab_size {
+            for (i, (o, b)) in out[filled..filled + take].iter_mut().zip(bytes.chunks_exact(s.width.bytes)).enumerate() {
+                // A negative id of a signed Megatron dtype is reported as out of the vocabulary.
+                let id = s.width.decode(b).unwrap_or(u64::MAX);
+                if id >= self.vocab_size {
                     bail!(
                         "{}: token {id} at position {} of the stream (token {} of {}) is outside the vocabulary (vocab_size {})",
                         self.path.display(), pos + i as u64, local + i, s.path.display(), self.vocab_size
                     );
                 }
-                *o = id;
+                *o = id as u32; // below vocab_size, which fits u32
             }
             filled += take;
             pos += take as u64;
@@ -118,8 +125,9 @@ impl Segment {
     /// The bytes of `n` tokens from token `local` of this file. A file that changed size since
     /// it was opened is an error, whether or not the range is still there.
     fn read(&self, local: usize, n: usize) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; n * 4];
-        let at = (self.offset + local * 4) as u64;
+        let w = self.width.bytes;
+        let mut buf = vec![0u8; n * w];
+        let at = (self.offset + local * w) as u64;
         let read = self.file.read_exact_at(&mut buf, at);
         let meta = self.file.metadata().ok();
         let now = meta.as_ref().map_or(0, |m| m.len());
@@ -152,6 +160,12 @@ fn open_file(path: &Path) -> Result<(File, u64, Option<std::time::SystemTime>)> 
     Ok((file, len, meta.modified().ok()))
 }
 
+fn open_megatron(prefix: &Path) -> Result<Segment> {
+    let d = super::megatron::open(prefix)?;
+    let (file, len, modified) = open_file(&d.bin)?;
+    Ok(Segment { path: d.bin, file, bytes: len, modified, offset: 0, width: d.width, tokens: d.tokens, start: 0 })
+}
+
 fn open_raw(path: &Path) -> Result<Segment> {
     let (file, len, modified) = open_file(path)?;
     if len % 4 != 0 {
@@ -160,7 +174,7 @@ fn open_raw(path: &Path) -> Result<Segment> {
             path.display()
         );
     }
-    Ok(Segment { path: path.to_path_buf(), file, bytes: len, modified, offset: 0, tokens: len / 4, start: 0 })
+    Ok(Segment { path: path.to_path_buf(), file, bytes: len, modified, offset: 0, width: Width::U32, tokens: len / 4, start: 0 })
 }
 
 fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
@@ -186,7 +200,7 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
                 path.display(), header.tokens, header.documents, index_path.display(), entry.tokens, entry.documents
             );
         }
-        segments.push(Segment { path, file, bytes: len, modified, offset: HEADER_BYTES, tokens: header.tokens, start });
+        segments.push(Segment { path, file, bytes: len, modified, offset: HEADER_BYTES, width: Width::U32, tokens: header.tokens, start });
         start += header.tokens;
     }
     // Zero-token shards would never hold a position and would confuse the segment search.
