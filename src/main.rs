@@ -227,7 +227,8 @@ enum DataCommand {
     /// Tokenise .txt files (one document each) and .jsonl files (one {"text": ...} per line)
     /// into DIR/tokens-NNNNN.bin shards and DIR/index.json, with BOS/EOS around each document.
     Prepare {
-        /// A Hugging Face tokenizer.json (scripts/fetch_tokenizer.sh fetches DeepSeek-V3's).
+        /// A Hugging Face tokenizer.json, or a model folder holding one (DeepSeek's checkpoints
+        /// ship it; scripts/fetch_tokenizer.sh fetches DeepSeek-V3's otherwise).
         #[arg(long)]
         tokenizer: PathBuf,
         /// Input files, read in the order given.

@@ -126,6 +126,13 @@ fn prepare_wraps_each_document_in_bos_and_eos_in_input_order() {
         "total_tokens": 18, "total_documents": 3, "bos_id": 0, "eos_id": 1,
         "tokenizer": path_str(&tok), "vocab_size": 11,
     }));
+    // The tokenizer may also be named by the model folder that ships it as tokenizer.json.
+    let model = tmp.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(&tok, model.join("tokenizer.json")).unwrap();
+    let again = tmp.path().join("again");
+    prepare_ok(&model, &[&txt, &jl], &again, &[]);
+    assert_eq!(read_shard(&again.join("tokens-00000.bin")).5, stream);
 }
 
 #[test]

@@ -74,8 +74,10 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     if args.shard_tokens == 0 {
         bail!("--shard-tokens must be positive");
     }
-    let tokenizer = Tokenizer::from_file(&args.tokenizer)
-        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", args.tokenizer.display()))?;
+    // A model folder (DeepSeek's Hugging Face repository ships tokenizer.json) or the file.
+    let tokenizer_file = if args.tokenizer.is_dir() { args.tokenizer.join("tokenizer.json") } else { args.tokenizer.clone() };
+    let tokenizer = Tokenizer::from_file(&tokenizer_file)
+        .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tokenizer_file.display()))?;
     let vocab_size = tokenizer.get_vocab_size(true) as u64;
     let bos_id = delimiter_id(&tokenizer, args, args.bos_id, BOS_TOKEN, "--bos-id", vocab_size)?;
     let eos_id = delimiter_id(&tokenizer, args, args.eos_id, EOS_TOKEN, "--eos-id", vocab_size)?;
