@@ -602,44 +602,49 @@ fn an_interrupted_prepare_removes_its_partial_output() {
     assert!(!out.exists(), "partial output left: {:?}", std::fs::read_dir(&out).map(|d| d.count()));
 }
 
-/// A Megatron-LM indexed dataset (`PREFIX.bin` + `PREFIX.idx`, laid out here from the format's
-/// description) is the same token stream as the raw file of its ids, in int32 and uint16, by
-/// prefix or by either file; `eval` on it gives the raw file's result, and a truncated `.bin` is
-/// one error naming it.
+/// Write `PREFIX.bin` + `PREFIX.idx` as Megatron's MMapIndexedDatasetBuilder lays them out
+/// (written here from the format's description, not with the crate's reader): dtype `code`,
+/// `width` bytes per id.
+fn write_megatron(prefix: &Path, code: u8, width: usize, docs: &[&[u32]]) {
+    let (mut bin, mut lens, mut ptrs) = (vec![], vec![], vec![]);
+    for d in docs {
+        ptrs.push(bin.len() as i64);
+        lens.push(d.len() as i32);
+        for &t in *d {
+            bin.extend_from_slice(&(t as u64).to_le_bytes()[..width]);
+        }
+    }
+    let mut idx = b"MMIDIDX\x00\x00".to_vec();
+    idx.extend_from_slice(&1u64.to_le_bytes());
+    idx.push(code);
+    idx.extend_from_slice(&(docs.len() as u64).to_le_bytes());
+    idx.extend_from_slice(&(docs.len() as u64 + 1).to_le_bytes());
+    lens.iter().for_each(|l| idx.extend_from_slice(&l.to_le_bytes()));
+    ptrs.iter().for_each(|p| idx.extend_from_slice(&p.to_le_bytes()));
+    (0..=docs.len() as i64).for_each(|d| idx.extend_from_slice(&d.to_le_bytes()));
+    std::fs::write(format!("{}.bin", prefix.display()), bin).unwrap();
+    std::fs::write(format!("{}.idx", prefix.display()), idx).unwrap();
+}
+
+/// A Megatron-LM indexed dataset is the same token stream as the raw file of its ids, in int32
+/// and uint16, by prefix or by either file; `eval` on it gives the raw file's result; a
+/// truncated `.bin` or a float dtype is one error naming the file.
 #[test]
 fn a_megatron_indexed_dataset_reads_as_the_same_stream() {
     let dir = tempfile::tempdir().unwrap();
     let ids: Vec<u32> = dsa_train::tiny::synthetic_corpus(512, 3000, 7);
     let docs: Vec<&[u32]> = ids.chunks(437).collect();
-    let write = |prefix: &Path, code: u8, width: usize| {
-        let (mut bin, mut lens, mut ptrs) = (vec![], vec![], vec![]);
-        for d in &docs {
-            ptrs.push(bin.len() as i64);
-            lens.push(d.len() as i32);
-            for &t in *d {
-                bin.extend_from_slice(&(t as u64).to_le_bytes()[..width]);
-            }
-        }
-        let mut idx = b"MMIDIDX\x00\x00".to_vec();
-        idx.extend_from_slice(&1u64.to_le_bytes());
-        idx.push(code);
-        idx.extend_from_slice(&(docs.len() as u64).to_le_bytes());
-        idx.extend_from_slice(&(docs.len() as u64 + 1).to_le_bytes());
-        lens.iter().for_each(|l| idx.extend_from_slice(&l.to_le_bytes()));
-        ptrs.iter().for_each(|p| idx.extend_from_slice(&p.to_le_bytes()));
-        (0..=docs.len() as i64).for_each(|d| idx.extend_from_slice(&d.to_le_bytes()));
-        std::fs::write(format!("{}.bin", prefix.display()), bin).unwrap();
-        std::fs::write(format!("{}.idx", prefix.display()), idx).unwrap();
-    };
     let raw = dir.path().join("raw.u32");
     dsa_train::data::write_token_file(&raw, &ids).unwrap();
     let (p32, p16) = (dir.path().join("c32_text_document"), dir.path().join("c16_text_document"));
-    write(&p32, 4, 4);
-    write(&p16, 8, 2);
+    write_megatron(&p32, 4, 4, &docs);
+    write_megatron(&p16, 8, 2, &docs);
     for p in [p32.clone(), p16.clone(), p32.with_extension("bin"), p16.with_extension("idx")] {
+        assert_eq!(dsa_train::data::megatron::prefix_of(&p), Some(p.with_extension("")), "{}", p.display());
         let s = TokenStream::open(&p, 512).unwrap();
         assert_eq!(s.read_prefix(u64::MAX).unwrap(), ids, "{}", p.display());
     }
+    assert_eq!(dsa_train::data::megatron::prefix_of(&raw), None);
     let (_tmp, model) = common::tiny_checkpoint(true, 3);
     let eval = |tokens: &Path| {
         let (code, stdout, stderr) = run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(tokens), "--seq-len", "64", "--max-windows", "3"]);
@@ -652,4 +657,6 @@ fn a_megatron_indexed_dataset_reads_as_the_same_stream() {
     let bytes = std::fs::read(&bin).unwrap();
     std::fs::write(&bin, &bytes[..bytes.len() - 2]).unwrap();
     assert_clean_error(&run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(&p16)]), &["c16_text_document.bin", "truncated"]);
+    write_megatron(&p32, 7, 4, &docs);
+    assert_clean_error(&run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(&p32)]), &["c32_text_document.idx", "not an integer token type"]);
 }

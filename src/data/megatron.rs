@@ -122,48 +122,11 @@ pub fn open(prefix: &Path) -> Result<Dataset> {
 mod tests {
     use super::*;
 
-    /// Write a dataset as Megatron's MMapIndexedDatasetBuilder lays it out (written here from the
-    /// format's description, not with our reader's code).
-    pub fn write(prefix: &Path, code: u8, bytes_per: usize, docs: &[Vec<u64>]) {
-        let mut bin = vec![];
-        let (mut lens, mut ptrs) = (vec![], vec![]);
-        for d in docs {
-            ptrs.push(bin.len() as i64);
-            lens.push(d.len() as i32);
-            for &t in d {
-                bin.extend_from_slice(&t.to_le_bytes()[..bytes_per]);
-            }
-        }
-        let mut idx = MAGIC.to_vec();
-        idx.extend_from_slice(&1u64.to_le_bytes());
-        idx.push(code);
-        idx.extend_from_slice(&(docs.len() as u64).to_le_bytes());
-        idx.extend_from_slice(&(docs.len() as u64 + 1).to_le_bytes());
-        lens.iter().for_each(|l| idx.extend_from_slice(&l.to_le_bytes()));
-        ptrs.iter().for_each(|p| idx.extend_from_slice(&p.to_le_bytes()));
-        (0..=docs.len() as i64).for_each(|d| idx.extend_from_slice(&d.to_le_bytes()));
-        std::fs::write(format!("{}.bin", prefix.display()), bin).unwrap();
-        std::fs::write(format!("{}.idx", prefix.display()), idx).unwrap();
-    }
-
     #[test]
-    fn a_packed_dataset_opens_by_prefix_or_either_file_and_damage_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        let prefix = dir.path().join("corpus_text_document");
-        write(&prefix, 4, 4, &[vec![5, 6, 7], vec![8, 9]]);
-        for p in [prefix.clone(), prefix.with_extension("bin"), prefix.with_extension("idx")] {
-            assert_eq!(prefix_of(&p), Some(prefix.clone()), "{}", p.display());
-        }
-        let d = open(&prefix).unwrap();
-        assert_eq!((d.tokens, d.sequences, d.width), (5, 2, Width { bytes: 4, signed: true }));
-        assert_eq!(prefix_of(&dir.path().join("nothing")), None);
-        let bin = prefix.with_extension("bin");
-        let bytes = std::fs::read(&bin).unwrap();
-        std::fs::write(&bin, &bytes[..bytes.len() - 4]).unwrap();
-        assert!(open(&prefix).unwrap_err().to_string().contains("truncated or not its pair"));
-        write(&prefix, 7, 4, &[vec![1]]);
-        assert!(open(&prefix).unwrap_err().to_string().contains("not an integer token type"));
+    fn ids_decode_little_endian_and_negative_signed_ids_are_refused() {
         assert_eq!(Width { bytes: 2, signed: true }.decode(&[0xff, 0xff]), None);
         assert_eq!(Width { bytes: 2, signed: false }.decode(&[0xff, 0xff]), Some(65535));
+        assert_eq!(Width { bytes: 4, signed: true }.decode(&[1, 2, 0, 0]), Some(0x0201));
+        assert_eq!(Width::from_code(7), None, "float32 is not a token type");
     }
 }

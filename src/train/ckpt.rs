@@ -444,7 +444,7 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
 
 /// `source` with each overlay replaced by its place in `<output_dir>/base/` (`<i>-<name>`);
 /// overlays already there stay. Paths only: `link_base` makes them.
-pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSource> {
+pub fn linked_source(output_dir: &Path, source: &ModelSource) -> ModelSource {
     let base = crate::paths::resolved(&output_dir.join("base"));
     let mut overlays = vec![];
     for (i, dir) in source.overlays.iter().enumerate() {
@@ -456,7 +456,7 @@ pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSou
             base.join(format!("{i}-{name}"))
         });
     }
-    Ok(ModelSource { hf_dir: crate::paths::resolved(&source.hf_dir), overlays })
+    ModelSource { hf_dir: crate::paths::resolved(&source.hf_dir), overlays }
 }
 
 /// Give a run its own links to the steps its model comes from: every overlay of `source`
@@ -464,7 +464,7 @@ pub fn linked_source(output_dir: &Path, source: &ModelSource) -> Result<ModelSou
 /// `linked_source` place (copied when the file system cannot link), so that the run no longer
 /// depends on the other run keeping those steps where they are. Returns the linked source.
 pub fn link_base(output_dir: &Path, source: &ModelSource) -> Result<ModelSource> {
-    let linked = linked_source(output_dir, source)?;
+    let linked = linked_source(output_dir, source);
     for (from, dest) in source.overlays.iter().zip(&linked.overlays) {
         if dest.join(MARKER).exists() {
             // Linked before (a resumed run), or the overlay is already a link: it must be the same

@@ -162,14 +162,15 @@ fn agree<T>(comm: &mut dyn Collective, mine: Result<T>) -> Result<T> {
     mine
 }
 
-/// Refuse to resume `dir` (whose resolved recipe is `saved_toml`) with `recipe` if that changes
-/// a key that gives the saved state its meaning (`recipe::MAY_CHANGE_ON_RESUME` lists the rest).
-fn check_resumable(dir: &Path, saved_toml: &str, recipe: &Recipe) -> Result<()> {
+/// Refuse to resume `dir` with `recipe` if that changes a key that gives the saved state its
+/// meaning (`recipe::MAY_CHANGE_ON_RESUME` lists the rest). Read before anything is loaded.
+fn check_resumable(dir: &Path, recipe: &Recipe) -> Result<()> {
     let file = dir.join("recipe.toml");
-    if saved_toml.trim().is_empty() {
+    let text = std::fs::read_to_string(&file).unwrap_or_default();
+    if text.trim().is_empty() {
         bail!("{}: missing or empty; the checkpoint cannot be checked against the recipe", file.display());
     }
-    let saved = Recipe::parse(saved_toml, &[]).with_context(|| format!("{}", file.display()))?;
+    let saved = Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
     let changes = recipe.resume_changes(&saved);
     if !changes.is_empty() {
         bail!(
@@ -256,14 +257,20 @@ impl Trainer {
         let mut comm = comm;
         let layout = validate(&recipe, comm.world())?;
         let (rank, world) = (comm.rank(), comm.world());
-        let verified = (|| -> Result<()> {
+        // Cheap checks first (the recipe guard reads one small file), then the checksums, each
+        // rank its share; every rank fails if one does.
+        let resolved = (|| -> Result<_> {
+            if let Some(d) = resume_dir {
+                check_resumable(d, &recipe)?;
+            }
+            let found = model_source(&recipe, resume_dir)?;
             if let Some(d) = resume_dir {
                 integrity::verify_share(d, integrity::Use::Resume, rank, world)?;
             }
-            model_source(&recipe, resume_dir)?.0.verify_share(rank, world)
+            found.0.verify_share(rank, world)?;
+            Ok(found)
         })();
-        agree(comm.as_mut(), verified)?;
-        let (source, mut cfg, model_path) = model_source(&recipe, resume_dir)?;
+        let (source, mut cfg, model_path) = agree(comm.as_mut(), resolved)?;
         if cfg.index_topk != recipe.dsa.index_topk {
             // One home for k: the recipe's dsa.index_topk selects (a V3.2 config.json carries
             // its own); the model's config follows, so this run's steps export the k it used.
@@ -289,7 +296,6 @@ impl Trainer {
                 if snap.state.stage != recipe.stage() {
                     bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
                 }
-                check_resumable(d, &snap.recipe_toml, &recipe)?;
                 if rank == 0 {
                     crate::elog!("[train] resuming from {} (step {})", d.display(), snap.state.step);
                 }
@@ -850,7 +856,7 @@ impl Trainer {
         let comm = self.reducer.comm.get_mut();
         let linked = if comm.rank() == 0 { ckpt::link_base(&out, &self.source).map(|_| ()) } else { Ok(()) };
         agree(comm.as_mut(), linked)?;
-        self.source = ckpt::linked_source(&out, &self.source)?;
+        self.source = ckpt::linked_source(&out, &self.source);
         Ok(())
     }
 
@@ -905,7 +911,7 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     }
     let out = PathBuf::from(&recipe.run.output_dir);
     let lead = comm.rank() == 0;
-    validate(&recipe, comm.world())?;
+    let layout = validate(&recipe, comm.world())?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
     let lock = if lead { run_dir::RunLock::acquire(&out).map(Some) } else { Ok(None) };
     let _lock = agree(comm.as_mut(), lock)?;
@@ -923,8 +929,7 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     }
     crate::signals::install();
     if lead && comm.world() > 1 {
-        let l = recipe.parallel.layout(comm.world())?;
-        crate::elog!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), l.dp, l.ep);
+        crate::elog!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), layout.dp, layout.ep);
     }
     let mut trainer = Trainer::with_comm(recipe, start.as_deref(), comm)?;
     trainer.link_base()?;
@@ -965,19 +970,15 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
             ev.append(&m);
         }
         if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
-            if m.step == first_step {
-                // No update has happened in this process, and the weights were checked finite
-                // at load: the learning rate is not the cause.
-                let hint = if r.model.dtype == "f32" { "" } else { " (try model.dtype = \"f32\")" };
-                bail!(
-                    "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}) at the first step, \
-                     before any update: the forward overflows{hint}",
-                    m.step, m.lm_loss, m.indexer_kl, m.grad_norm
-                );
-            }
+            // At the first step of this process no update has happened, and the weights were
+            // checked finite at load: the learning rate is not the cause then.
+            let why = match (m.step == first_step, r.model.dtype.as_str()) {
+                (true, "f32") => "at the first step, before any update: the forward overflows".to_string(),
+                (true, _) => "at the first step, before any update: the forward overflows (try model.dtype = \"f32\")".to_string(),
+                (false, _) => "stopping without a checkpoint (resume from the last complete one with a lower train.lr)".to_string(),
+            };
             bail!(
-                "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}); \
-                 stopping without a checkpoint (resume from the last complete one with a lower train.lr)",
+                "step {}: the loss or gradient norm is not finite (lm_loss {:?}, indexer_kl {}, grad_norm {}); {why}",
                 m.step, m.lm_loss, m.indexer_kl, m.grad_norm
             );
         }
