@@ -129,6 +129,110 @@ pub fn rope_half_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
     Tensor::cat(&[y1, y2], 3)
 }
 
+// ---------------------------------------------------------------------------------------
+// The backward of each op above, written out (the explicit layer backward of
+// `model::backward` is built from these). Each has candle's autograd of its forward as the
+// twin; `tests` compares them. Gradients come back in the dtypes of the forward's inputs.
+// ---------------------------------------------------------------------------------------
+
+/// The backward of `linear` (`y = x @ w^T`): dx = dy @ w, shaped like x, and, when
+/// `weight_grad`, dw = dy^T @ x [out, in] (a frozen weight's is not computed). Both products in
+/// the dtype of x (matmul accumulators: f32 on cuBLAS, the dtype's own on the CPU).
+pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, weight_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let (out, inp) = w.dims2()?;
+    let lead = dy.elem_count() / out.max(1);
+    let dy2 = dy.reshape((lead, out))?;
+    let dx = dy2.matmul(w)?.reshape(x.shape())?;
+    let dw = if weight_grad { Some(dy2.t()?.matmul(&x.reshape((lead, inp))?)?) } else { None };
+    Ok((dx, dw))
+}
+
+/// The backward of `rms_norm`: (dx in x's dtype, dw in w's). On a GPU the fused op's backward
+/// (`kernels::rms_norm::rms_norm_backward`), else `rms_norm_backward_plain`.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    if crate::kernels::rms_norm::supported(x, w) {
+        return crate::kernels::rms_norm::rms_norm_backward(x, w, eps, dy);
+    }
+    rms_norm_backward_plain(x, w, eps, dy)
+}
+
+/// `rms_norm_backward` in candle's ops. With s = sqrt(mean(x^2) + eps) and xh = x / s (f32):
+/// dn = dy * w (rounded to x's dtype, as the forward's product), dx = (dn - xh mean(dn xh)) / s,
+/// dw = sum over rows of dy * normed (normed = xh rounded to x's dtype, as the forward used),
+/// every sum in f32.
+pub fn rms_norm_backward_plain(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = x.dtype();
+    let d = x.dims().last().copied().unwrap_or(1);
+    let x32 = x.to_dtype(DType::F32)?;
+    let s = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let xh = x32.broadcast_div(&s)?;
+    let dn = dy.broadcast_mul(&w.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    let dot = (&dn * &xh)?.mean_keepdim(D::Minus1)?;
+    let dx = dn.broadcast_sub(&xh.broadcast_mul(&dot)?)?.broadcast_div(&s)?.to_dtype(dtype)?;
+    let normed = xh.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    let rows = x.elem_count() / d.max(1);
+    let dw = (dy.to_dtype(DType::F32)? * normed)?.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
+    Ok((dx, dw))
+}
+
+/// The backward of `rope_interleaved`: the rotation by the opposite angles (exact: the
+/// rotation is orthogonal and -sin is exact), the fused op's inverse on a GPU.
+pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(dy, cos, sin) {
+        return crate::kernels::rope::rope_inverse(dy, cos, sin, crate::kernels::rope::Pairs::Interleaved);
+    }
+    rope_interleaved_plain(dy, cos, &sin.neg()?)
+}
+
+/// What `swiglu_saved` keeps for `swiglu_backward`: the gate and up products [.., I] and the
+/// hidden value silu(gate) * up [.., I], in the input's dtype.
+pub struct SwigluSaved {
+    gate: Tensor,
+    up: Tensor,
+    hidden: Tensor,
+}
+
+impl SwigluSaved {
+    /// The SwiGLU's output `hidden @ down^T` (a backward that only needs the gradients skips it).
+    pub fn output(&self, down: &Tensor) -> Result<Tensor> {
+        linear(&self.hidden, down)
+    }
+}
+
+/// The hidden layer of `swiglu` with what its backward reads (the same ops, so the same values).
+pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
+    let g = linear(x, gate)?;
+    let u = linear(x, up)?;
+    let hidden = (g.silu()? * &u)?;
+    Ok(SwigluSaved { gate: g, up: u, hidden })
+}
+
+/// Gradients of a SwiGLU's three weights (None where not asked for).
+pub struct SwigluGrads {
+    pub gate: Option<Tensor>,
+    pub up: Option<Tensor>,
+    pub down: Option<Tensor>,
+}
+
+/// The backward of `swiglu`: dx and the weights' gradients (`want` = [gate, up, down]).
+/// With g, u the gate and up products and h = silu(g) u: dh = dy @ down; du = dh silu(g);
+/// dg = dh u silu'(g), silu'(g) = sig(g) (1 + g (1 - sig(g))), the elementwise part in f32 and
+/// rounded once to the dtype; dx = dg @ gate + du @ up.
+pub fn swiglu_backward(x: &Tensor, saved: &SwigluSaved, gate: &Tensor, up: &Tensor, down: &Tensor, dy: &Tensor, want: [bool; 3]) -> Result<(Tensor, SwigluGrads)> {
+    let dtype = x.dtype();
+    let (dh, d_down) = linear_backward(&saved.hidden, down, dy, want[2])?;
+    let g32 = saved.gate.to_dtype(DType::F32)?;
+    let sig = sigmoid(&g32)?;
+    let silu = (&g32 * &sig)?;
+    let dh32 = dh.to_dtype(DType::F32)?;
+    let du = (&dh32 * silu)?.to_dtype(dtype)?;
+    let dsilu = (&sig * ((&g32 * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+    let dg = ((dh32 * saved.up.to_dtype(DType::F32)?)? * dsilu)?.to_dtype(dtype)?;
+    let (dx_g, d_gate) = linear_backward(x, gate, &dg, want[0])?;
+    let (dx_u, d_up) = linear_backward(x, up, &du, want[1])?;
+    Ok(((dx_g + dx_u)?, SwigluGrads { gate: d_gate, up: d_up, down: d_down }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

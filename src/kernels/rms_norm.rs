@@ -43,6 +43,27 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     }
 }
 
+/// The backward of `rms_norm` without autograd: (dx in x's dtype, dw in w's), the same three
+/// passes and sum as the op's own backward.
+pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dims = x.dims().to_vec();
+    let d = *dims.last().unwrap_or(&0);
+    let rows = x.elem_count() / d.max(1);
+    let x2 = x.contiguous()?.reshape((rows, d))?;
+    let dy2 = dy.to_dtype(x.dtype())?.contiguous()?.reshape((rows, d))?;
+    let wx = w.to_dtype(x.dtype())?.contiguous()?;
+    #[cfg(feature = "cuda")]
+    {
+        let (dx, dw) = cuda::backward(&x2, &wx, eps as f32, &dy2)?;
+        Ok((dx.reshape(dims)?, dw.to_dtype(w.dtype())?))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (x2, dy2, wx, eps, dims);
+        candle_core::bail!("the fused RMSNorm needs the `cuda` feature")
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
@@ -121,13 +142,18 @@ mod cuda {
         }
 
         fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-            let dy = grad.contiguous()?.detach();
-            let scale = x.apply_op1_no_bwd(&RowScale { eps: self.eps })?; // [rows] f32
-            let dx = x.apply_op3_no_bwd(w, &dy, &Dx { scale: scale.clone() })?;
-            let partial = x.apply_op3_no_bwd(&dy, &scale, &DwPartial)?; // [chunks, d] f32
-            let dw = partial.sum(0)?.to_dtype(w.dtype())?;
+            let (dx, dw) = backward(x, w, self.eps, &grad.contiguous()?.detach())?;
             Ok((Some(dx), Some(dw)))
         }
+    }
+
+    /// x, dy [rows, d] and w [d] (x's dtype), contiguous -> (dx [rows, d], dw [d] in w's dtype).
+    pub(super) fn backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+        let scale = x.apply_op1_no_bwd(&RowScale { eps })?; // [rows] f32
+        let dx = x.apply_op3_no_bwd(w, dy, &Dx { scale: scale.clone() })?;
+        let partial = x.apply_op3_no_bwd(dy, &scale, &DwPartial)?; // [chunks, d] f32
+        let dw = partial.sum(0)?.to_dtype(w.dtype())?;
+        Ok((dx, dw))
     }
 
     /// s = sqrt(mean(x^2) + eps) of every row, f32 [rows].

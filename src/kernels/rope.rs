@@ -50,6 +50,24 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Result<Tens
     }
 }
 
+/// The inverse rotation (the angles negated): `rope`'s backward, without autograd.
+pub fn rope_inverse(dy: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Result<Tensor> {
+    if !shapes_fit(dy, cos, sin) {
+        candle_core::bail!("the fused RoPE's inverse needs dy [B, T, H, R] with R even and f32 cos, sin [T, R/2]; got dy {:?}", dy.dims());
+    }
+    let dy = dy.contiguous()?;
+    let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
+    #[cfg(feature = "cuda")]
+    {
+        dy.apply_op3_no_bwd(&cos, &sin, &cuda::Rope { pairs, inverse: true })
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (dy, cos, sin, pairs);
+        candle_core::bail!("the fused RoPE needs the `cuda` feature")
+    }
+}
+
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;

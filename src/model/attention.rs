@@ -15,8 +15,9 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use super::grad_sink::GradSink;
 use crate::dsa::Selection;
-use crate::ops::{linear, rms_norm, rope_interleaved, softmax_last};
+use crate::ops::{linear, linear_backward, rms_norm, rms_norm_backward, rope_interleaved, rope_interleaved_backward, softmax_last};
 
 pub struct Mla {
     pub q_a_proj: Tensor,
@@ -77,6 +78,42 @@ pub struct DenseScores {
     pub scale: f64,
 }
 
+/// What the query path (`Mla::queries_saved`) keeps for its backward: the q LoRA output before
+/// its norm (qa) and after it (qr) [B, T, q_lora].
+pub struct QuerySaved {
+    qa: Tensor,
+    qr: Tensor,
+}
+
+/// What `Mla::latent_kv_saved` keeps for its backward: kv_a_proj's output [B, T, C+R].
+pub struct KvSaved {
+    ckv: Tensor,
+}
+
+/// What the absorbed attention (`Mla::sparse_saved`) keeps for its backward.
+pub struct SparseSaved {
+    /// q_nope per head [H, BT, N].
+    q_nope: Tensor,
+    /// The absorbed queries [BT, H, C+R].
+    q: Tensor,
+    /// The latent output per head [H, BT, C].
+    o_lat: Tensor,
+    /// The kernels' combined result [BT, H, C+1] f32 (output and LSE); None on the plain path.
+    fwd: Option<Tensor>,
+    /// The per-head values, o_proj's input [B, T, H*V].
+    o: Tensor,
+}
+
+/// The absorbed attention's gradients with respect to its inputs.
+pub struct SparseGrads {
+    /// [B, T, H, N]
+    pub q_nope: Tensor,
+    /// [B, T, H, R] (of the RoPE'd q_pe)
+    pub q_pe: Tensor,
+    /// [B*T', C+R] of the latent rows `kv` (every row, zero where no query selected it), f32.
+    pub kv: Tensor,
+}
+
 impl Mla {
     pub fn project(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Projected> {
         let qr = self.project_qr(x)?;
@@ -103,13 +140,65 @@ impl Mla {
 
     /// The shared latent key/value: kv_a_norm(c) [B, T, C] and the RoPE'd k_pe [B, T, 1, R].
     pub fn project_kv(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (b, t, _) = x.dims3()?;
+        self.kv_from_ckv(&linear(x, &self.kv_a_proj)?, cos, sin)
+    }
+
+    /// kv_a_proj's output ckv [B, T, C+R] -> (kv_a_norm(c) [B, T, C], RoPE'd k_pe [B, T, 1, R]).
+    fn kv_from_ckv(&self, ckv: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = ckv.dims3()?;
         let r = self.rope;
-        let ckv = linear(x, &self.kv_a_proj)?; // [B, T, C+R]
         let c_norm = rms_norm(&ckv.narrow(2, 0, self.kv_lora)?, &self.kv_a_norm, LORA_NORM_EPS)?;
         let k_pe = ckv.narrow(2, self.kv_lora, r)?.reshape((b, t, 1, r))?;
         let k_pe = rope_interleaved(&k_pe, cos, sin)?;
         Ok((c_norm, k_pe))
+    }
+
+    /// `latent_kv(project_kv(x))` keeping what `latent_kv_backward` reads: x [B, T, hidden]
+    /// (the input norm's output) -> kv [B*T, C+R].
+    pub fn latent_kv_saved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, KvSaved)> {
+        let ckv = linear(x, &self.kv_a_proj)?;
+        let (c_norm, k_pe) = self.kv_from_ckv(&ckv, cos, sin)?;
+        Ok((self.latent_kv(&c_norm, &k_pe)?, KvSaved { ckv }))
+    }
+
+    /// The backward of `latent_kv_saved`: dkv [B*T, C+R] -> dx [B, T, hidden]; kv_a_proj's
+    /// and kv_a_norm's gradients to `grads`. dkv is rounded to the model dtype first.
+    pub fn latent_kv_backward(&self, x: &Tensor, saved: &KvSaved, dkv: &Tensor, cos: &Tensor, sin: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let (b, t, _) = saved.ckv.dims3()?;
+        let (c, r) = (self.kv_lora, self.rope);
+        let dkv = dkv.to_dtype(saved.ckv.dtype())?;
+        let dc_norm = dkv.narrow(1, 0, c)?.reshape((b, t, c))?;
+        let dk_pe = rope_interleaved_backward(&dkv.narrow(1, c, r)?.reshape((b, t, 1, r))?.contiguous()?, cos, sin)?.reshape((b, t, r))?;
+        let (dc, dnorm) = rms_norm_backward(&saved.ckv.narrow(2, 0, c)?, &self.kv_a_norm, LORA_NORM_EPS, &dc_norm)?;
+        add_if_wanted(grads, &self.kv_a_norm, Some(dnorm))?;
+        let dckv = Tensor::cat(&[&dc, &dk_pe], 2)?;
+        let (dx, dw) = linear_backward(x, &self.kv_a_proj, &dckv, grads.wants(&self.kv_a_proj))?;
+        add_if_wanted(grads, &self.kv_a_proj, dw)?;
+        Ok(dx)
+    }
+
+    /// The query path keeping what `queries_backward` reads: x [B, T, hidden] (the input norm's
+    /// output) -> (q_nope [B, T, H, N], RoPE'd q_pe [B, T, H, R]).
+    pub fn queries_saved(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor, QuerySaved)> {
+        let qa = linear(x, &self.q_a_proj)?;
+        let qr = rms_norm(&qa, &self.q_a_norm, LORA_NORM_EPS)?;
+        let (q_nope, q_pe) = self.project_queries(&qr, cos, sin)?;
+        Ok((q_nope, q_pe, QuerySaved { qa, qr }))
+    }
+
+    /// The backward of `queries_saved`: the gradients of q_nope and q_pe -> dx [B, T, hidden];
+    /// q_a_proj's, q_a_norm's and q_b_proj's gradients to `grads`.
+    pub fn queries_backward(&self, x: &Tensor, saved: &QuerySaved, dq_nope: &Tensor, dq_pe: &Tensor, cos: &Tensor, sin: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let (b, t, h, _) = dq_nope.dims4()?;
+        let dq_pe = rope_interleaved_backward(&dq_pe.contiguous()?, cos, sin)?;
+        let dq = Tensor::cat(&[dq_nope, &dq_pe], 3)?.reshape((b, t, h * (self.nope + self.rope)))?;
+        let (dqr, dw) = linear_backward(&saved.qr, &self.q_b_proj, &dq, grads.wants(&self.q_b_proj))?;
+        add_if_wanted(grads, &self.q_b_proj, dw)?;
+        let (dqa, dnorm) = rms_norm_backward(&saved.qa, &self.q_a_norm, LORA_NORM_EPS, &dqr)?;
+        add_if_wanted(grads, &self.q_a_norm, Some(dnorm))?;
+        let (dx, dw) = linear_backward(x, &self.q_a_proj, &dqa, grads.wants(&self.q_a_proj))?;
+        add_if_wanted(grads, &self.q_a_proj, dw)?;
+        Ok(dx)
     }
 
     /// One shared key/value row per token, [B*T, C+R]: what every head of the absorbed form reads.
@@ -224,22 +313,37 @@ impl Mla {
     /// `want_probs`: also the head-mean probabilities (the KL target; a pass of their own on
     /// the GPU, skipped when not wanted).
     pub fn sparse_rows(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection, want_probs: bool) -> Result<AttentionOut> {
+        Ok(self.sparse_saved(q_nope, q_pe, kv, sel, want_probs)?.0)
+    }
+
+    /// kv_b_proj's rows per head: W_UK [H, N, C] and W_UV [H, V, C].
+    fn absorbed_weights(&self) -> Result<(Tensor, Tensor)> {
+        let c = self.kv_lora;
+        let w_kv = self.kv_b_proj.reshape((self.heads, self.nope + self.v_dim, c))?;
+        Ok((w_kv.narrow(1, 0, self.nope)?.contiguous()?, w_kv.narrow(1, self.nope, self.v_dim)?.contiguous()?))
+    }
+
+    /// Do the bf16 tensor-core kernels take this model's shapes?
+    fn tensor_cores(&self, q: &Tensor) -> bool {
+        q.dtype() == DType::BF16 && crate::kernels::sparse_mla_tc::supported(self.kv_lora + self.rope, self.kv_lora, self.heads)
+    }
+
+    /// `sparse_rows`, also returning what `sparse_backward` reads (the same tensors autograd
+    /// would keep; no extra work).
+    pub fn sparse_saved(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection, want_probs: bool) -> Result<(AttentionOut, SparseSaved)> {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
         let bt = b * t;
-        // kv_b_proj rows per head: [N rows of W_UK; V rows of W_UV], each [*, C].
-        let w_kv = self.kv_b_proj.reshape((h, self.nope + self.v_dim, c))?;
-        let w_uk = w_kv.narrow(1, 0, self.nope)?.contiguous()?; // [H, N, C]
-        let w_uv = w_kv.narrow(1, self.nope, self.v_dim)?.contiguous()?; // [H, V, C]
+        let (w_uk, w_uv) = self.absorbed_weights()?;
         // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h].
         let q_nope = q_nope.reshape((bt, h, self.nope))?.transpose(0, 1)?.contiguous()?; // [H, BT, N]
         let q_lat = q_nope.matmul(&w_uk)?.transpose(0, 1)?; // [BT, H, C]
         let q = Tensor::cat(&[&q_lat, &q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
-        let (o_lat, head_mean) = if crate::kernels::available(q.device()) {
+        let (o_lat, head_mean, fwd) = if crate::kernels::available(q.device()) {
             // Fused kernel: gathers the selected rows on the fly, keeps only the LSE. bf16 models
             // take the tensor-core kernel (bf16 products, f32 softmax and accumulators).
             let idx = sel.absolute.reshape((bt, k))?;
-            let tensor_cores = q.dtype() == DType::BF16 && crate::kernels::sparse_mla_tc::supported(c + r, c, h);
+            let tensor_cores = self.tensor_cores(&q);
             let out = if tensor_cores {
                 crate::kernels::sparse_mla_tc::sparse_mla_bf16(&q.contiguous()?, &kv.contiguous()?, &idx, self.scale, c)?
             } else {
@@ -253,15 +357,86 @@ impl Mla {
                 let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
                 Some(crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?)
             };
-            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.map(|p| p.reshape((b, t, k))).transpose()?)
+            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.map(|p| p.reshape((b, t, k))).transpose()?, Some(out.detach()))
         } else {
             let (o, pm) = self.sparse_plain(&q, kv, sel, b, t)?;
-            (o, want_probs.then_some(pm))
+            (o, want_probs.then_some(pm), None)
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
-        let o = o_lat.transpose(0, 1)?.contiguous()?.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
+        let o_lat = o_lat.transpose(0, 1)?.contiguous()?; // [H, BT, C]
+        let o = o_lat.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
         let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
-        Ok(AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.map(|p| p.detach()) })
+        let out = AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.map(|p| p.detach()) };
+        Ok((out, SparseSaved { q_nope, q, o_lat, fwd, o }))
+    }
+
+    /// The backward of `sparse_saved`: dout [B, T, hidden] -> the gradients of its queries and
+    /// of every latent row (`SparseGrads`); o_proj's and kv_b_proj's gradients to `grads`.
+    /// Attention through the kernels' backward on a GPU (the kernel the forward ran), else
+    /// `sparse_plain_backward`. Products in the model dtype, softmax gradients in f32.
+    pub fn sparse_backward(&self, saved: &SparseSaved, kv: &Tensor, sel: &Selection, dout: &Tensor, grads: &mut dyn GradSink) -> Result<SparseGrads> {
+        let (b, t, _) = dout.dims3()?;
+        let (h, c, r, n) = (self.heads, self.kv_lora, self.rope, self.nope);
+        let bt = b * t;
+        let (w_uk, w_uv) = self.absorbed_weights()?;
+        let (d_o, dw) = linear_backward(&saved.o, &self.o_proj, dout, grads.wants(&self.o_proj))?;
+        add_if_wanted(grads, &self.o_proj, dw)?;
+        let d_o = d_o.reshape((bt, h, self.v_dim))?.transpose(0, 1)?.contiguous()?; // [H, BT, V]
+        let do_lat = d_o.matmul(&w_uv)?; // [H, BT, C]
+        let wants_kv_b = grads.wants(&self.kv_b_proj);
+        let dw_uv = if wants_kv_b { Some(d_o.transpose(1, 2)?.matmul(&saved.o_lat)?) } else { None }; // [H, V, C]
+        let do_lat = do_lat.transpose(0, 1)?.contiguous()?; // [BT, H, C]
+        let (dq, dkv) = match &saved.fwd {
+            Some(fwd) => {
+                let idx = sel.absolute.reshape((bt, sel.k()?))?;
+                if self.tensor_cores(&saved.q) {
+                    crate::kernels::sparse_mla_tc::sparse_mla_bf16_backward(&saved.q, kv, &idx, fwd, &do_lat, self.scale, c)?
+                } else {
+                    let (q32, kv32) = (saved.q.to_dtype(DType::F32)?.contiguous()?, kv.to_dtype(DType::F32)?.contiguous()?);
+                    crate::kernels::sparse_mla_backward(&q32, &kv32, &idx, fwd, &do_lat, self.scale, c)?
+                }
+            }
+            None => self.sparse_plain_backward(&saved.q, kv, sel, &do_lat)?,
+        };
+        let dq = dq.to_dtype(saved.q.dtype())?; // [BT, H, C+R]
+        let dq_lat = dq.narrow(2, 0, c)?.transpose(0, 1)?.contiguous()?; // [H, BT, C]
+        let dq_nope = dq_lat.matmul(&w_uk.transpose(1, 2)?)?; // [H, BT, N]
+        if let Some(dw_uv) = dw_uv {
+            let dw_uk = saved.q_nope.transpose(1, 2)?.matmul(&dq_lat)?; // [H, N, C]
+            let dw = Tensor::cat(&[&dw_uk, &dw_uv], 1)?.reshape((h * (n + self.v_dim), c))?;
+            grads.add(&self.kv_b_proj, dw)?;
+        }
+        Ok(SparseGrads {
+            q_nope: dq_nope.transpose(0, 1)?.reshape((b, t, h, n))?,
+            q_pe: dq.narrow(2, c, r)?.reshape((b, t, h, r))?,
+            kv: dkv.to_dtype(DType::F32)?,
+        })
+    }
+
+    /// The plain twin of the sparse kernels' backward, recomputing the probabilities from q and
+    /// kv as they do: with kv_sel the selected rows [BT, K, C+R], P = softmax(scale q kv_sel^T +
+    /// bias) (f32), dP = do_lat V^T (V = the first C columns), dS = P (dP - sum(P dP)) (f32);
+    /// dq = scale dS kv_sel; d(kv_sel) = scale dS^T q + [P^T do_lat, 0]; each selected row's
+    /// gradient is added to its kv row (padding slots add zeros: their P is 0). Products in the
+    /// dtype of q (as autograd of `sparse_plain` runs them).
+    fn sparse_plain_backward(&self, q: &Tensor, kv: &Tensor, sel: &Selection, do_lat: &Tensor) -> Result<(Tensor, Tensor)> {
+        let bt = q.dim(0)?;
+        let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
+        let dtype = q.dtype();
+        let flat = sel.absolute.ne(u32::MAX)?.where_cond(&sel.absolute, &sel.absolute.zeros_like()?)?.flatten_all()?; // [BT*K]
+        let kv_sel = kv.index_select(&flat, 0)?.reshape((bt, k, c + r))?; // [BT, K, C+R]
+        let scores = q.matmul(&kv_sel.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
+        let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&sel.bias()?.reshape((bt, 1, k))?)?)?;
+        let values = kv_sel.narrow(2, 0, c)?.contiguous()?; // [BT, K, C]
+        let dp = do_lat.matmul(&values.t()?)?.to_dtype(DType::F32)?; // [BT, H, K]
+        let ds = (&probs * dp.broadcast_sub(&(&probs * &dp)?.sum_keepdim(D::Minus1)?)?)?;
+        let ds = (ds * self.scale)?.to_dtype(dtype)?;
+        let dq = ds.matmul(&kv_sel)?; // [BT, H, C+R]
+        let dv = probs.to_dtype(dtype)?.t()?.matmul(do_lat)?; // [BT, K, C]
+        let dv = Tensor::cat(&[&dv, &Tensor::zeros((bt, k, r), dtype, q.device())?], 2)?;
+        let dkv_sel = (ds.t()?.matmul(q)? + dv)?.reshape((bt * k, c + r))?;
+        let dkv = Tensor::zeros((kv.dim(0)?, c + r), dtype, q.device())?.index_add(&flat, &dkv_sel, 0)?;
+        Ok((dq, dkv))
     }
 
     /// The plain twin of the sparse kernel: gather the selected rows [BT, K, C+R], score, softmax
@@ -278,5 +453,13 @@ impl Mla {
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
         let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?.contiguous()?)?; // [BT, H, C]
         Ok((o_lat, probs.mean(D::Minus2)?.reshape((b, t, k))?))
+    }
+}
+
+/// Hand a parameter's gradient to `grads` when it was computed (None: the parameter is frozen).
+pub(crate) fn add_if_wanted(grads: &mut dyn GradSink, param: &Tensor, grad: Option<Tensor>) -> Result<()> {
+    match grad {
+        Some(g) if grads.wants(param) => grads.add(param, g),
+        _ => Ok(()),
     }
 }

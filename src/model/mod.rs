@@ -10,7 +10,9 @@
 //! a block of query rows at a time.
 
 pub mod attention;
+pub mod backward;
 pub mod dense_recompute;
+pub mod grad_sink;
 pub mod indexer;
 pub mod moe;
 
@@ -59,7 +61,7 @@ pub struct ForwardOptions {
     /// Sparse attention only: run the layer `block_rows` queries at a time against the
     /// sequence's shared latent kv, each block's outputs detached before the next (0 = the
     /// whole sequence at once). For passes whose outputs are not differentiated (the
-    /// recomputing trainer's first pass); `DecoderLayer::sparse_blocks` is its backward.
+    /// recomputing trainer's first pass); `DecoderLayer::sparse_backward` is its backward.
     pub block_rows: usize,
     /// Sparse attention with `defer_dense_kl` (the sparse stage's training): query rows per
     /// block of the indexer's selection and KL, where its queries exist a block at a time
@@ -149,25 +151,13 @@ pub struct LayerStats {
     pub balance_weights: Option<Vec<f32>>,
 }
 
-/// The backward half of `DecoderLayer::sparse_blocks`.
-pub struct BlockBackward<'a> {
-    /// d(loss)/d(layer output) [B, T, hidden].
-    pub dout: &'a Tensor,
-    /// MoE layers: the balance loss's f per sequence (`LayerStats::balance_weights`) and the
-    /// loss weight (alpha times the micro-batch scale).
-    pub balance: Option<(&'a [f32], f64)>,
-}
-
-/// What `DecoderLayer::sparse_blocks` computed.
+/// What `DecoderLayer::sparse_blocks` computed: the layer output [B, T, hidden] (detached),
+/// the sparse attention's head-mean probabilities over S_t [B, T, K] (f32), and, for MoE
+/// layers, the experts chosen per token [B*T*K] in token order.
 pub struct BlockPass {
-    /// Forward: the layer output [B, T, hidden] (detached) and the sparse attention's head-mean
-    /// probabilities over S_t [B, T, K] (f32); MoE layers: the experts chosen per token
-    /// [B*T*K] in token order.
-    pub out: Option<Tensor>,
-    pub head_mean: Option<Tensor>,
+    pub out: Tensor,
+    pub head_mean: Tensor,
     pub chosen: Option<Vec<u32>>,
-    /// Backward: d(loss)/d(layer input) [B, T, hidden].
-    pub dx: Option<Tensor>,
 }
 
 pub struct ForwardOutput {
@@ -291,6 +281,7 @@ impl DecoderLayer {
                 let r = moe.forward(&x, opts.seq_balance)?;
                 stats.expert_counts = Some(r.counts);
                 stats.balance_loss = r.balance_loss;
+                stats.balance_weights = r.balance_weights;
                 r.out
             }
         };
@@ -448,8 +439,8 @@ impl DecoderLayer {
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
         let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
-        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows, None, &mut |_| Ok(()))?;
-        let head_mean = pass.head_mean.expect("forward blocks return the probabilities");
+        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows)?;
+        let head_mean = pass.head_mean;
         if opts.indexer_kl {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
             sparse_kl(ix, head_mean, &sel, self.indexer.tensor_cores, &mut stats)?;
@@ -460,112 +451,51 @@ impl DecoderLayer {
             stats.balance_weights = Some(moe.balance_weights(chosen, b, t));
         }
         stats.selection = Some(sel);
-        Ok((pass.out.expect("forward blocks return the output"), stats))
+        Ok((pass.out, stats))
     }
 
-    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time. Each
-    /// query reads only the shared latent kv rows [B*T, C+R] of the whole batch (computed once,
-    /// a leaf for the blocks) and its own token's hidden state; everything else (queries, the
-    /// attention, the output projection, norms, MLP or MoE) is per token. So a block's working
-    /// set is that of `rows` tokens, plus kv.
-    ///
-    /// Forward (`backward` None): outputs and head-mean probabilities, detached block by block.
-    /// Backward: each block is recomputed with its graph and sum(out * dout) (+ its share of
-    /// the balance loss) backpropagated alone; parameter gradients go to `sink` block by block,
-    /// the blocks' d(kv) are summed (f32) and then backpropagated through the kv projection.
-    /// The result is the gradient of the whole-layer recomputation up to summation order.
-    pub fn sparse_blocks(
-        &self,
-        h: &Tensor,
-        ctx: &ForwardContext,
-        sel: &crate::dsa::Selection,
-        rows: usize,
-        backward: Option<BlockBackward>,
-        sink: &mut dyn FnMut(&candle_core::backprop::GradStore) -> Result<()>,
-    ) -> Result<BlockPass> {
+    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time, without
+    /// a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). Each
+    /// query reads only the shared latent kv rows [B*T, C+R] of the whole batch (computed
+    /// once) and its own token's hidden state; everything else (queries, the attention, the
+    /// output projection, norms, MLP or MoE) is per token. So a block's working set is that of
+    /// `rows` tokens, plus kv. Outputs and head-mean probabilities are detached block by block.
+    pub fn sparse_blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &crate::dsa::Selection, rows: usize) -> Result<BlockPass> {
         let (b, t, d) = h.dims3()?;
         let rows = rows.clamp(1, t);
         let h = h.detach();
-        let train = backward.is_some();
-        // Leaves (copies) only where a gradient is read back; the forward reads h and kv as they are.
-        let leaf = |x: &Tensor| -> Result<Tensor> { Ok(if train { candle_core::Var::from_tensor(x)?.as_tensor().clone() } else { x.clone() }) };
-        let hv = leaf(&h)?;
-        let x_all = rms_norm(&hv, &self.input_norm, self.eps)?;
+        let x_all = rms_norm(&h, &self.input_norm, self.eps)?;
         let (c_norm, k_pe) = self.attn.project_kv(&x_all, &ctx.cos, &ctx.sin)?;
-        let kv = self.attn.latent_kv(&c_norm, &k_pe)?; // [B*T, C+R]
+        let kv = self.attn.latent_kv(&c_norm, &k_pe)?.detach(); // [B*T, C+R]
         drop((x_all, c_norm, k_pe));
-        let kv_leaf = leaf(&kv.detach())?;
-        let kv = if train { Some(kv) } else { None }; // forward: no graph kept
-        let mut dkv: Option<Tensor> = None;
-        let (mut outs, mut heads, mut dxs, mut chosen) = (vec![], vec![], vec![], vec![]);
+        let (mut outs, mut heads, mut chosen) = (vec![], vec![], vec![]);
         for bi in 0..b {
-            let (mut seq_outs, mut seq_heads, mut seq_dxs) = (vec![], vec![], vec![]);
+            let (mut seq_outs, mut seq_heads) = (vec![], vec![]);
             for q0 in (0..t).step_by(rows) {
                 let n = rows.min(t - q0);
-                let xq = leaf(&h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?)?; // [1, n, D]
+                let xq = h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?; // [1, n, D]
                 let xn = rms_norm(&xq, &self.input_norm, self.eps)?;
                 let qr = self.attn.project_qr(&xn)?;
                 let (q_nope, q_pe) = self.attn.project_queries(&qr, &ctx.cos.narrow(0, q0, n)?, &ctx.sin.narrow(0, q0, n)?)?;
-                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv_leaf, &sel.block(bi, q0, n)?, backward.is_none())?;
+                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv, &sel.block(bi, q0, n)?, true)?;
                 let h1 = (&xq + &a.out)?;
                 let xf = rms_norm(&h1, &self.post_attention_norm, self.eps)?;
-                let (f, scores) = match &self.ffn {
-                    FeedForward::Dense(mlp) => (mlp.forward(&xf)?, None),
+                let f = match &self.ffn {
+                    FeedForward::Dense(mlp) => mlp.forward(&xf)?,
                     FeedForward::Moe(moe) => {
-                        let (o, c, s) = moe.forward_flat(&xf.reshape((n, d))?)?;
-                        if !train {
-                            chosen.extend(c);
-                        }
-                        (o.reshape((1, n, d))?, Some(s))
+                        let (o, c, _) = moe.forward_flat(&xf.reshape((n, d))?)?;
+                        chosen.extend(c);
+                        o.reshape((1, n, d))?
                     }
                 };
-                let out = (h1 + f)?;
-                let Some(bw) = &backward else {
-                    seq_outs.push(out.detach());
-                    seq_heads.push(a.probs()?.clone());
-                    continue;
-                };
-                let dout = bw.dout.narrow(0, bi, 1)?.narrow(1, q0, n)?;
-                let mut loss = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?.sum_all()?;
-                if let (Some((fw, weight)), Some(scores)) = (bw.balance, &scores) {
-                    let e = scores.dim(1)?;
-                    let f_rows = Tensor::from_slice(&fw[bi * e..(bi + 1) * e], (1, e), h.device())?.broadcast_as((n, e))?;
-                    loss = (loss + (Moe::balance_share(scores, &f_rows, b, t)? * weight)?)?;
-                }
-                let grads = loss.backward()?;
-                sink(&grads)?;
-                seq_dxs.push(match grads.get(&xq) {
-                    Some(g) => g.detach(),
-                    None => xq.zeros_like()?,
-                });
-                if let Some(g) = grads.get(&kv_leaf) {
-                    let g = g.detach().to_dtype(DType::F32)?;
-                    dkv = Some(match dkv.take() {
-                        Some(acc) => (acc + g)?,
-                        None => g,
-                    });
-                }
+                seq_outs.push((h1 + f)?.detach());
+                seq_heads.push(a.probs()?.clone());
             }
-            if train {
-                dxs.push(Tensor::cat(&seq_dxs, 1)?);
-            } else {
-                outs.push(Tensor::cat(&seq_outs, 1)?);
-                heads.push(Tensor::cat(&seq_heads, 1)?);
-            }
+            outs.push(Tensor::cat(&seq_outs, 1)?);
+            heads.push(Tensor::cat(&seq_heads, 1)?);
         }
-        if !train {
-            let is_moe = matches!(self.ffn, FeedForward::Moe(_));
-            return Ok(BlockPass { out: Some(Tensor::cat(&outs, 0)?), head_mean: Some(Tensor::cat(&heads, 0)?), chosen: is_moe.then_some(chosen), dx: None });
-        }
-        let mut dx = Tensor::cat(&dxs, 0)?;
-        if let (Some(kv), Some(dkv)) = (kv, dkv) {
-            let grads = (kv.to_dtype(DType::F32)? * dkv)?.sum_all()?.backward()?;
-            sink(&grads)?;
-            if let Some(g) = grads.get(&hv) {
-                dx = (dx + g.detach().to_dtype(h.dtype())?)?;
-            }
-        }
-        Ok(BlockPass { out: None, head_mean: None, chosen: None, dx: Some(dx) })
+        let is_moe = matches!(self.ffn, FeedForward::Moe(_));
+        Ok(BlockPass { out: Tensor::cat(&outs, 0)?, head_mean: Tensor::cat(&heads, 0)?, chosen: is_moe.then_some(chosen) })
     }
 }
 
@@ -857,7 +787,7 @@ fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     plan.apply(table)?.reshape((b, t, d))
 }
 
-fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&ExpertShard>) -> anyhow::Result<DecoderLayer> {
+pub(crate) fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&ExpertShard>) -> anyhow::Result<DecoderLayer> {
     let p = format!("model.layers.{l}.");
     let get = |n: &str| weights::get(params, &format!("{p}{n}")).cloned();
     let mlp = |prefix: &str| -> anyhow::Result<Mlp> {

@@ -13,8 +13,10 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
+use super::attention::add_if_wanted;
+use super::grad_sink::GradSink;
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
-use crate::ops::{linear, sigmoid, swiglu};
+use crate::ops::{linear, sigmoid, swiglu, swiglu_backward, swiglu_saved, SwigluSaved};
 use crate::rows::RowPlan;
 
 pub struct Mlp {
@@ -27,6 +29,63 @@ impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         swiglu(x, &self.gate, &self.up, &self.down)
     }
+
+    /// The hidden layer of `forward` with what `backward` reads (the output:
+    /// `SwigluSaved::output`).
+    pub fn forward_saved(&self, x: &Tensor) -> Result<SwigluSaved> {
+        swiglu_saved(x, &self.gate, &self.up)
+    }
+
+    /// The backward of `forward_saved`: dy -> dx; the three weights' gradients to `grads`.
+    pub fn backward(&self, x: &Tensor, saved: &SwigluSaved, dy: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let want = [grads.wants(&self.gate), grads.wants(&self.up), grads.wants(&self.down)];
+        let (dx, g) = swiglu_backward(x, saved, &self.gate, &self.up, &self.down, dy, want)?;
+        add_if_wanted(grads, &self.gate, g.gate)?;
+        add_if_wanted(grads, &self.up, g.up)?;
+        add_if_wanted(grads, &self.down, g.down)?;
+        Ok(dx)
+    }
+}
+
+/// One batch of tokens' routing (`Moe::route`).
+pub struct Routing {
+    /// The router's sigmoid scores [N, E] f32 (differentiable in x and the router).
+    pub scores: Tensor,
+    /// The K experts chosen per token, best first [N*K].
+    pub chosen: Vec<u32>,
+    /// Their unbiased scores [N, K] f32.
+    picked: Tensor,
+    /// The combine weights [N*K] in x's dtype: `picked`, normalised to sum 1 when
+    /// norm_topk_prob, times routed_scaling_factor.
+    weights: Tensor,
+    /// Per expert, its tokens and their (token, slot) indices t*K + j, in token order.
+    tokens_of: Vec<Vec<u32>>,
+    slots_of: Vec<Vec<u32>>,
+}
+
+impl MoeSaved {
+    /// The experts chosen per token [N*K] and the router's scores [N, E] f32.
+    pub fn routing(&self) -> (&[u32], &Tensor) {
+        (&self.routing.chosen, &self.routing.scores)
+    }
+}
+
+/// What `Moe::forward_saved` keeps for `Moe::backward`.
+pub struct MoeSaved {
+    routing: Routing,
+    /// Token and slot of every routed row, rows sorted by expert then token: [S] each.
+    tok: Vec<u32>,
+    slot: Vec<u32>,
+    /// Expert parallelism: rows sent to and received from each rank of the group.
+    exchange: Option<(Vec<usize>, Vec<usize>)>,
+    /// Per expert held here (index into `Moe::experts`): its rows of the arrived rows, its
+    /// input [n_e, hidden] and its SwiGLU's saved values.
+    experts: Vec<(usize, Vec<u32>, Tensor, SwigluSaved)>,
+    /// Arrived rows (= S unsharded).
+    arrived_rows: usize,
+    /// The routed outputs back at this rank, unweighted [S, hidden].
+    back: Tensor,
+    shared: Option<SwigluSaved>,
 }
 
 pub struct Moe {
@@ -77,6 +136,9 @@ pub struct MoeOutput {
     pub counts: Vec<u32>,
     /// Scalar f32, present when asked for.
     pub balance_loss: Option<Tensor>,
+    /// The balance loss's f per sequence [B * E] (`balance_weights`), present when asked for:
+    /// a backward that recomputes the layer a block of tokens at a time needs it.
+    pub balance_weights: Option<Vec<f32>>,
 }
 
 impl Moe {
@@ -89,14 +151,15 @@ impl Moe {
         let (b, t, d) = x.dims3()?;
         let (out, chosen, scores) = self.forward_flat(&x.reshape(((), d))?)?;
         let counts = self.counts(&chosen);
-        let balance_loss = if balance {
-            let f = Tensor::from_vec(self.balance_weights(&chosen, b, t), (b, self.n_experts), x.device())?;
+        let (balance_loss, balance_weights) = if balance {
+            let fw = self.balance_weights(&chosen, b, t);
+            let f = Tensor::from_slice(&fw, (b, self.n_experts), x.device())?;
             let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?.reshape((b, t, self.n_experts))?.mean(1)?; // [B, E]
-            Some((f * p)?.sum(1)?.mean_all()?)
+            (Some((f * p)?.sum(1)?.mean_all()?), Some(fw))
         } else {
-            None
+            (None, None)
         };
-        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss })
+        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss, balance_weights })
     }
 
     /// Tokens routed to each expert.
@@ -131,37 +194,8 @@ impl Moe {
     pub fn forward_flat(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>, Tensor)> {
         let x = x.clone();
         let n = x.dim(0)?;
-        let e = self.n_experts;
         let k = self.top_k;
-        let region = crate::profile::region("moe: router and host routing");
-        let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
-        let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-        let bias: Vec<f32> = self.bias.to_vec1()?;
-        // Each token's choice depends on its own row only: routed in parallel on the host's
-        // cores (one core took ~1 us per token, 16 ms per layer at 16K tokens), concatenated in
-        // token order, so the result is the serial loop's.
-        let chosen: Vec<u32> = host
-            .par_chunks(e)
-            .flat_map_iter(|row| {
-                let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
-            })
-            .collect(); // [N*K] expert ids
-        let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
-        let mut weights = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
-        if self.norm_topk_prob {
-            weights = weights.broadcast_div(&(weights.sum_keepdim(1)? + 1e-20)?)?;
-        }
-        let weights = (weights * self.routed_scaling_factor)?.to_dtype(x.dtype())?.flatten_all()?; // [N*K]
-
-        // Group (token, slot) pairs by expert.
-        let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; e];
-        let mut slots_of: Vec<Vec<u32>> = vec![vec![]; e];
-        for (slot, &ex) in chosen.iter().enumerate() {
-            tokens_of[ex as usize].push((slot / k) as u32);
-            slots_of[ex as usize].push(slot as u32);
-        }
-        drop(region);
+        let Routing { scores, chosen, weights, tokens_of, slots_of, .. } = self.route(&x)?;
         let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
@@ -185,6 +219,196 @@ impl Moe {
             out = (out + shared.forward(&x)?)?;
         }
         Ok((out, chosen, scores))
+    }
+
+    /// Route the tokens x [N, hidden]: router logits in f32, sigmoid scores, the host's choice
+    /// per token (`route_token`), the combine weights (differentiable through the scores).
+    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+        let n = x.dim(0)?;
+        let e = self.n_experts;
+        let k = self.top_k;
+        let _region = crate::profile::region("moe: router and host routing");
+        let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
+        let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+        let bias: Vec<f32> = self.bias.to_vec1()?;
+        // Each token's choice depends on its own row only: routed in parallel on the host's
+        // cores (one core took ~1 us per token, 16 ms per layer at 16K tokens), concatenated in
+        // token order, so the result is the serial loop's.
+        let chosen: Vec<u32> = host
+            .par_chunks(e)
+            .flat_map_iter(|row| {
+                let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
+            })
+            .collect(); // [N*K] expert ids
+        let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
+        let picked = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
+        let mut weights = picked.clone();
+        if self.norm_topk_prob {
+            weights = weights.broadcast_div(&(weights.sum_keepdim(1)? + 1e-20)?)?;
+        }
+        let weights = (weights * self.routed_scaling_factor)?.to_dtype(x.dtype())?.flatten_all()?; // [N*K]
+
+        // Group (token, slot) pairs by expert.
+        let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; e];
+        let mut slots_of: Vec<Vec<u32>> = vec![vec![]; e];
+        for (slot, &ex) in chosen.iter().enumerate() {
+            tokens_of[ex as usize].push((slot / k) as u32);
+            slots_of[ex as usize].push(slot as u32);
+        }
+        Ok(Routing { scores, chosen, picked, weights, tokens_of, slots_of })
+    }
+
+    /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output, saved). The same values as `forward_flat` (its per-expert path: one
+    /// SwiGLU per expert that has rows), with the expert-parallel exchange of
+    /// `experts_sharded`. Rows are sorted by expert (then token), sent, computed by the experts
+    /// held here, sent back in the order they left, weighted and summed per token in that order.
+    pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, MoeSaved)> {
+        let (n, _) = x.dims2()?;
+        let dev = x.device();
+        let routing = self.route(&x.detach())?;
+        let _region = crate::profile::region("moe: routed experts and combine (explicit)");
+        let slot: Vec<u32> = routing.slots_of.concat();
+        let tok: Vec<u32> = routing.tokens_of.concat();
+        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(x)?; // [S, hidden]
+        let (arrived, rows_of, exchange) = match &self.shard {
+            None => {
+                // Expert e's rows are the next len(tokens_of[e]) sorted rows.
+                let mut at = 0u32;
+                let rows_of = routing.tokens_of.iter().map(|t| { let r = (at..at + t.len() as u32).collect::<Vec<_>>(); at += t.len() as u32; r }).collect::<Vec<_>>();
+                (x_sorted, rows_of, None)
+            }
+            Some(shard) => {
+                let (send, recv, counts) = self.exchange_counts(&routing.tokens_of, shard)?;
+                let arrived = all_to_all_rows(&x_sorted, &shard.exchange, &send, &recv)?; // [R, hidden]
+                (arrived, arrived_rows_of(&counts, &recv, shard.count), Some((send, recv)))
+            }
+        };
+        let arrived_rows = arrived.dim(0)?;
+        let mut experts = Vec::new();
+        let mut ys = Vec::new();
+        for (j, rows) in rows_of.into_iter().enumerate() {
+            if rows.is_empty() {
+                continue; // an idle expert: no compute, no gradient
+            }
+            let xe = RowPlan::gather(&rows, arrived_rows, dev)?.apply(&arrived)?;
+            let saved = self.experts[j].forward_saved(&xe)?;
+            ys.push(saved.output(&self.experts[j].down)?);
+            experts.push((j, rows, xe, saved));
+        }
+        // Each arrived row has exactly one expert: put the outputs back in arrival order.
+        let taken: Vec<u32> = experts.iter().flat_map(|(_, r, _, _)| r.iter().copied()).collect();
+        let y = if ys.is_empty() { arrived.zeros_like()? } else { RowPlan::gather(&taken, arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)? };
+        let back = match &exchange {
+            Some((send, recv)) => all_to_all_rows(&y, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
+            None => y,
+        }; // [S, hidden]
+        let w = RowPlan::gather(&slot, n * self.top_k, dev)?.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
+        let mut out = RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)?;
+        let shared = match &self.shared {
+            Some(mlp) => {
+                let saved = mlp.forward_saved(x)?;
+                out = (out + saved.output(&mlp.down)?)?;
+                Some(saved)
+            }
+            None => None,
+        };
+        Ok((out, MoeSaved { routing, tok, slot, exchange, experts, arrived_rows, back, shared }))
+    }
+
+    /// The backward of `forward_saved`: dy [N, hidden] -> dx [N, hidden]; the experts', the
+    /// shared expert's and the router's gradients to `grads`. `balance`: this batch's share of
+    /// the sequence-wise balance loss (`balance_share`: each token's f [N, E], the batch's B
+    /// and T) times its weight, whose gradient flows into the scores.
+    ///
+    /// Routed rows (sorted by expert, S of them): with w the combine weights, back the expert
+    /// outputs and d = dy of each row's token: d(back) = d w goes back through the exchange
+    /// and the experts; dw = sum over hidden of d back (f32). The weights' gradient then goes
+    /// through the scaling, the normalisation (dp_j = (dw_j - sum_i dw_i w_i) / sum p, with
+    /// w_i = p_i / sum p), into the chosen scores, and through the sigmoid into the router
+    /// logits: dlogit = ds s (1 - s), router += dlogit^T x (f32), dx += dlogit router.
+    pub fn backward(&self, x: &Tensor, saved: &MoeSaved, dy: &Tensor, balance: Option<(&Tensor, usize, usize, f64)>, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let (n, _) = x.dims2()?;
+        let dev = x.device();
+        let k = self.top_k;
+        let r = &saved.routing;
+        let mut dx = match (&self.shared, &saved.shared) {
+            (Some(mlp), Some(s)) => mlp.backward(x, s, dy, grads)?,
+            _ => x.zeros_like()?,
+        };
+        let tok_plan = RowPlan::gather(&saved.tok, n, dev)?;
+        let d_rows = tok_plan.apply(dy)?; // [S, hidden]
+        let w = RowPlan::gather(&saved.slot, n * k, dev)?.apply(&r.weights.unsqueeze(1)?)?; // [S, 1]
+        let dw_rows = (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
+        let d_back = d_rows.broadcast_mul(&w)?;
+        let d_y = match &saved.exchange {
+            Some((send, recv)) => all_to_all_rows(&d_back, &self.shard.as_ref().expect("sharded").exchange, send, recv)?,
+            None => d_back,
+        }; // [R, hidden]
+        let mut dxs = Vec::new();
+        for (j, rows, xe, s) in &saved.experts {
+            let dye = RowPlan::gather(rows, saved.arrived_rows, dev)?.apply(&d_y)?;
+            dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
+        }
+        let taken: Vec<u32> = saved.experts.iter().flat_map(|(_, r, _, _)| r.iter().copied()).collect();
+        let d_arrived = if dxs.is_empty() {
+            Tensor::zeros((saved.arrived_rows, x.dim(1)?), x.dtype(), dev)?
+        } else {
+            RowPlan::gather(&taken, saved.arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&dxs, 0)?)?
+        };
+        let d_sorted = match &saved.exchange {
+            Some((send, recv)) => all_to_all_rows(&d_arrived, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
+            None => d_arrived,
+        }; // [S, hidden]
+        dx = (dx + tok_plan.adjoint().apply(&d_sorted)?)?;
+        // The weights' path into the scores.
+        let dweights = RowPlan::gather(&saved.slot, n * k, dev)?.adjoint().apply(&dw_rows)?.reshape((n, k))?; // [N, K] f32
+        let dweights = (dweights * self.routed_scaling_factor)?;
+        let dpicked = if self.norm_topk_prob {
+            let sum = (r.picked.sum_keepdim(1)? + 1e-20)?;
+            let normed = r.picked.broadcast_div(&sum)?;
+            dweights.broadcast_sub(&(&dweights * normed)?.sum_keepdim(1)?)?.broadcast_div(&sum)?
+        } else {
+            dweights
+        };
+        let chosen_t = Tensor::from_slice(&r.chosen, (n, k), dev)?;
+        let mut dscores = r.scores.zeros_like()?.scatter_add(&chosen_t, &dpicked.contiguous()?, 1)?; // [N, E]
+        if let Some((f_rows, b, t, weight)) = balance {
+            // d/ds_te of weight/(B T) sum_t sum_e f_te s_te / S_t, S_t = sum_j s_tj.
+            let sum = r.scores.sum_keepdim(1)?;
+            let fs = (f_rows * &r.scores)?.sum_keepdim(1)?;
+            let d = (f_rows.broadcast_div(&sum)? - fs.broadcast_div(&sum.sqr()?)?.broadcast_as(f_rows.shape())?)?;
+            dscores = (dscores + (d * (weight / (b * t) as f64))?)?;
+        }
+        let dlogits = (dscores * (&r.scores * r.scores.affine(-1.0, 1.0)?)?)?; // [N, E] f32
+        let x32 = x.to_dtype(DType::F32)?;
+        let (dx32, drouter) = crate::ops::linear_backward(&x32, &self.router, &dlogits, grads.wants(&self.router))?;
+        add_if_wanted(grads, &self.router, drouter)?;
+        dx + dx32.to_dtype(x.dtype())?
+    }
+
+    /// Expert parallelism: rows sent to each rank of the group (by the expert ranges), the
+    /// rows received from each, and per source the rows for each local expert (exchanged as
+    /// host bytes first).
+    #[allow(clippy::type_complexity)]
+    fn exchange_counts(&self, tokens_of: &[Vec<u32>], shard: &ExpertShard) -> Result<(Vec<usize>, Vec<usize>, Vec<Vec<usize>>)> {
+        let ex = &shard.exchange;
+        let (ep, per) = (ex.size(), shard.count);
+        let send: Vec<usize> = (0..ep).map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum()).collect();
+        let parts = (0..ep)
+            .map(|d| tokens_of[d * per..(d + 1) * per].iter().flat_map(|v| (v.len() as u32).to_le_bytes()).collect())
+            .collect();
+        let got = timed(|| ex.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
+        // counts[s][j]: rows source s sends for local expert j.
+        let counts: Vec<Vec<usize>> = got
+            .iter()
+            .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect::<Vec<_>>())
+            .collect();
+        if counts.iter().any(|c| c.len() != per) {
+            candle_core::bail!("expert exchange: a rank sent row counts for a different number of experts per rank than {per}");
+        }
+        let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
+        Ok((send, recv, counts))
     }
 
     /// Every routed expert's SwiGLU on its tokens `tokens_of[e]` (rows of x [N, hidden]),
@@ -264,43 +488,14 @@ impl Moe {
     /// Per token the expert outputs are added in expert order, as in the unsharded path.
     fn experts_sharded(&self, x: &Tensor, weights: &Tensor, tokens_of: &[Vec<u32>], slots_of: &[Vec<u32>], shard: &ExpertShard) -> Result<Tensor> {
         let ex = &shard.exchange;
-        let (ep, per) = (ex.size(), shard.count);
         let tok: Vec<u32> = tokens_of.concat();
         let slot: Vec<u32> = slots_of.concat();
-        let send: Vec<usize> = (0..ep).map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum()).collect();
-        let parts = (0..ep)
-            .map(|d| tokens_of[d * per..(d + 1) * per].iter().flat_map(|v| (v.len() as u32).to_le_bytes()).collect())
-            .collect();
-        let got = timed(|| ex.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
-        // counts[s][j]: rows source s sends for local expert j.
-        let counts: Vec<Vec<usize>> = got
-            .iter()
-            .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect::<Vec<_>>())
-            .collect();
-        if counts.iter().any(|c| c.len() != per) {
-            candle_core::bail!("expert exchange: a rank sent row counts for a different number of experts per rank than {per}");
-        }
-        let recv: Vec<usize> = counts.iter().map(|c| c.iter().sum()).collect();
+        let (send, recv, counts) = self.exchange_counts(tokens_of, shard)?;
         let dev = x.device();
         let n = x.dim(0)?;
         let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(x)?; // [S, hidden]
         let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
-        let mut block_start = vec![0usize; ep + 1];
-        for s in 0..ep {
-            block_start[s + 1] = block_start[s] + recv[s];
-        }
-        // Local expert j takes its rows from every source's block; the outputs, stacked in
-        // expert order, go back to the arrival order (each arrived row has exactly one).
-        let rows_of: Vec<Vec<u32>> = (0..per)
-            .map(|j| {
-                (0..ep)
-                    .flat_map(|s| {
-                        let first = block_start[s] + counts[s][..j].iter().sum::<usize>();
-                        (first..first + counts[s][j]).map(|r| r as u32)
-                    })
-                    .collect()
-            })
-            .collect();
+        let rows_of = arrived_rows_of(&counts, &recv, shard.count);
         let taken: Vec<u32> = rows_of.concat();
         // With no row here, arrived * 0 keeps the output a function of the input, so every
         // rank's backward takes part in the exchange.
@@ -312,6 +507,26 @@ impl Moe {
         let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?.apply(&weights.unsqueeze(1)?)?;
         RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)
     }
+}
+
+/// Expert parallelism: local expert j's rows of the arrived rows, taken from every source's
+/// block (`counts[s][j]` rows of source s for expert j; sources' blocks in order, `recv[s]`
+/// rows each).
+fn arrived_rows_of(counts: &[Vec<usize>], recv: &[usize], per: usize) -> Vec<Vec<u32>> {
+    let mut block_start = vec![0usize; recv.len() + 1];
+    for s in 0..recv.len() {
+        block_start[s + 1] = block_start[s] + recv[s];
+    }
+    (0..per)
+        .map(|j| {
+            (0..recv.len())
+                .flat_map(|s| {
+                    let first = block_start[s] + counts[s][..j].iter().sum::<usize>();
+                    (first..first + counts[s][j]).map(|r| r as u32)
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The largest relative error (max |a - b| / max |a| per tensor) between the grouped experts

@@ -27,7 +27,7 @@ pub mod run_dir;
 pub mod tensorboard;
 pub mod zero;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -501,19 +501,20 @@ impl Trainer {
             };
             if recompute {
                 let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
+                let trainable: HashMap<candle_core::TensorId, &str> = self.slots.iter().map(|s| (s.var.as_tensor().id(), s.name.as_str())).collect();
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
                     let input = inputs[l].to_device(&self.device)?;
                     let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
-                    if let (true, Some(sel)) = (opts.block_rows > 0, &sel) {
-                        // Block mode: the layer recomputed and differentiated a block of queries at a time.
-                        let bw = crate::model::BlockBackward {
+                    if let Some(sel) = &sel {
+                        // Sparse stage: the layer's explicit backward (recomputed a block of queries at a time).
+                        let bw = crate::model::backward::LayerBackward {
                             dout: &dh,
                             balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
                         };
-                        let pass = layer
-                            .sparse_blocks(&input, &self.ctx, sel, opts.block_rows, Some(bw), &mut |gs| accum.add(&self.slots, gs).map_err(candle_core::Error::wrap))
-                            .with_context(|| format!("layer {l} blocked recompute and backward"))?;
-                        dh = pass.dx.context("blocked backward returns dx")?;
+                        let mut sink = AccumSink { trainable: &trainable, accum };
+                        dh = layer
+                            .sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink)
+                            .with_context(|| format!("layer {l} recompute and backward"))?;
                         self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
                         continue;
                     }
@@ -874,6 +875,26 @@ impl Trainer {
 }
 
 /// The decoder layer a tensor belongs to (`model.layers.{l}.`), MTP layers included.
+/// The explicit backward's parameter gradients into the step's f32 sums (`GradAccum`), for
+/// the tensors that train here (by the id of the Var the model reads).
+struct AccumSink<'a> {
+    trainable: &'a HashMap<candle_core::TensorId, &'a str>,
+    accum: &'a mut GradAccum,
+}
+
+impl crate::model::grad_sink::GradSink for AccumSink<'_> {
+    fn wants(&self, param: &Tensor) -> bool {
+        self.trainable.contains_key(&param.id())
+    }
+
+    fn add(&mut self, param: &Tensor, grad: Tensor) -> candle_core::Result<()> {
+        match self.trainable.get(&param.id()) {
+            Some(name) => self.accum.add_one(name, &grad).map_err(candle_core::Error::wrap),
+            None => Ok(()),
+        }
+    }
+}
+
 fn layer_of(name: &str) -> Option<usize> {
     name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
 }

@@ -190,6 +190,11 @@ impl GradAccum {
         Ok(())
     }
 
+    /// Add one tensor's gradient `g` (any float dtype, shaped like the tensor) to `pending[name]`.
+    pub fn add_one(&mut self, name: &str, g: &Tensor) -> Result<()> {
+        add_into(&mut self.pending, name, g, g.device(), self.block_values)
+    }
+
     /// Add a gradient that its source produces a block of rows at a time (the LM head's and
     /// the embedding's, `grad_rows`) to `pending[name]`: only one block of it exists at once.
     pub fn add_rows(&mut self, name: &str, g: &dyn RowBlocks, device: &candle_core::Device) -> Result<()> {
