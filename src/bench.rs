@@ -132,9 +132,15 @@ pub fn bench_checkpoint(dir: &Path, gib: f64, repeats: usize) -> Result<String> 
 }
 
 /// Time `steps` (at least one) training steps of `recipe` after one untimed one; no
-/// checkpoint is written.
-pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String> {
+/// checkpoint is written. Besides tokens/s: the model FLOP utilisation against
+/// `peak_tflops` (the bf16 dense peak: 989 for H100 SXM and H200), with the FLOPs of a step
+/// counted as `dsa-train check` counts them (train::plan: 2 x active parameters per token,
+/// attention over the selected or causal keys, indexer scoring; a training forward x3,
+/// recomputation not counted), and the device memory peak of the timed steps (the CUDA
+/// pools' high-water mark).
+pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64) -> Result<String> {
     let steps = steps.max(1);
+    let flops = crate::train::plan::plan(&recipe)?.flops_per_step;
     let mut trainer = crate::train::Trainer::new(recipe.clone(), None)?;
     let mut times = vec![];
     let mut last = None;
@@ -146,9 +152,11 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
             times.push(t0.elapsed().as_secs_f64());
         } else {
             crate::profile::reset(); // the regions of the timed steps only
+            crate::cuda_runtime::reset_peak();
         }
         last = Some(m);
     }
+    let peak = crate::cuda_runtime::peak_bytes().map_or(String::new(), |b| format!(", device memory peak {:.1} GiB", b as f64 / (1u64 << 30) as f64));
     let regions = crate::profile::report(steps);
     if !regions.is_empty() {
         crate::elog!("[profile] DSA_PROFILE=1, per timed step (each region between device synchronisations):\n{regions}");
@@ -158,9 +166,10 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize) -> Result<String>
     let tokens = (recipe.train.global_batch_seqs * recipe.data.seq_len) as f64;
     let m = last.expect("at least one step");
     Ok(format!(
-        "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s (last: lm_loss {}, indexer_kl {:.4}){}",
+        "{} stage, seq_len {}, {} seqs/step, {} {}: median step {:.3} s = {:.0} tokens/s, {:.1} TFLOP/s = MFU {:.1} % of {peak_tflops} ({:.2} GFLOP/token) (last: lm_loss {}, indexer_kl {:.4}){peak}{}",
         recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
-        median, tokens / median, m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, crate::profile::device_memory_in_use()
+        median, tokens / median, flops / median / 1e12, 100.0 * flops / median / (peak_tflops * 1e12), flops / tokens / 1e9,
+        m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, crate::profile::device_memory_in_use()
     ))
 }
 

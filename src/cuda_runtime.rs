@@ -53,6 +53,21 @@ pub fn trim_pools() {
     imp::trim();
 }
 
+/// The most memory the pools have had allocated at once since the last `reset_peak` (the
+/// driver's high-water mark of the default pools, summed), in bytes; None without CUDA pools.
+pub fn peak_bytes() -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    return imp::peak();
+    #[cfg(not(feature = "cuda"))]
+    None
+}
+
+/// Start a new high-water mark for `peak_bytes`.
+pub fn reset_peak() {
+    #[cfg(feature = "cuda")]
+    imp::reset_peak();
+}
+
 #[cfg(feature = "cuda")]
 mod imp {
     use std::sync::Mutex;
@@ -89,6 +104,36 @@ mod imp {
             }
         }
         Ok(())
+    }
+
+    pub fn peak() -> Option<u64> {
+        let pools = POOLS.lock().ok()?;
+        if pools.is_empty() {
+            return None;
+        }
+        let mut total = 0u64;
+        for &p in pools.iter() {
+            let mut v: u64 = 0;
+            // SAFETY: p is a live default pool handle; v outlives the call.
+            let r = unsafe { sys::cuMemPoolGetAttribute(p as sys::CUmemoryPool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut std::ffi::c_void) };
+            if r != sys::CUresult::CUDA_SUCCESS {
+                return None;
+            }
+            total += v;
+        }
+        Some(total)
+    }
+
+    pub fn reset_peak() {
+        if let Ok(pools) = POOLS.lock() {
+            for &p in pools.iter() {
+                let mut zero: u64 = 0;
+                // SAFETY: as in `peak`; setting the high-water mark to 0 is how the driver resets it.
+                unsafe {
+                    let _ = sys::cuMemPoolSetAttribute(p as sys::CUmemoryPool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut std::ffi::c_void);
+                }
+            }
+        }
     }
 
     pub fn trim() {

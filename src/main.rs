@@ -154,7 +154,8 @@ enum Command {
         which: DataCommand,
     },
     /// Write the embedded default (a tiny V3.1-style FP8 checkpoint and a synthetic corpus), or
-    /// with --preset bench-1k the GPU benchmark model (bench-1k-h128: the same with 128 heads).
+    /// with --preset bench-1k the GPU benchmark model (bench-1k-h128: the same with 128 heads;
+    /// slice-671b: two layers of the 671B model at its real widths, 2.0B parameters).
     Tiny {
         /// Output directory; receives model/ and tokens.bin.
         #[arg(long, default_value = "checkpoints/tiny")]
@@ -219,6 +220,9 @@ enum BenchCommand {
         /// Timed steps (after 2 untimed warm-up steps).
         #[arg(long, default_value_t = 5)]
         steps: usize,
+        /// The GPU's bf16 dense peak in TFLOP/s, for the MFU (989: H100 SXM and H200).
+        #[arg(long, default_value_t = 989.0)]
+        peak_tflops: f64,
     },
 }
 
@@ -343,9 +347,9 @@ fn run(cli: Cli) -> Result<()> {
                 .collect::<Result<_>>()?;
             print_result(&dsa_train::bench::bench_kernels(&device, &lens, only.as_deref())?)?;
         }
-        Command::Bench { which: BenchCommand::Step { recipe, sets, steps } } => {
+        Command::Bench { which: BenchCommand::Step { recipe, sets, steps, peak_tflops } } => {
             let r = Recipe::load(&recipe, &sets)?;
-            print_result(&dsa_train::bench::bench_step(r, steps)?)?;
+            print_result(&dsa_train::bench::bench_step(r, steps, peak_tflops)?)?;
         }
         Command::Data { which: DataCommand::Prepare { tokenizer, input, output, bos_id, eos_id, shard_tokens } } => {
             let args = dsa_train::data::PrepareArgs { tokenizer, inputs: input, output, bos_id, eos_id, shard_tokens, progress: true };

@@ -79,6 +79,26 @@ pub fn bench_1k_h128_config() -> serde_json::Value {
     c
 }
 
+/// A slice of the 671B model at its real widths (hidden 7168, 128 heads, q/kv LoRA 1536/512,
+/// nope/rope/v 128/64/128, indexer 64 x 128 and top-k 2048, dense MLP 18432, experts 2048
+/// wide, top-8, one shared expert) with 2 layers (1 dense, 1 MoE of 16 experts in 8 groups,
+/// 4 groups per token) and a 32768-token vocabulary: 2.0B parameters, the step engine's
+/// benchmark at the shapes the 671B job runs.
+pub fn slice_671b_config() -> serde_json::Value {
+    let mut c = bench_1k_config();
+    let o = c.as_object_mut().unwrap();
+    for (k, v) in [
+        ("vocab_size", json!(32768)), ("hidden_size", json!(7168)), ("num_hidden_layers", json!(2)),
+        ("first_k_dense_replace", json!(1)), ("intermediate_size", json!(18432)), ("moe_intermediate_size", json!(2048)),
+        ("num_attention_heads", json!(128)), ("num_key_value_heads", json!(128)), ("q_lora_rank", json!(1536)),
+        ("kv_lora_rank", json!(512)), ("n_routed_experts", json!(16)), ("num_experts_per_tok", json!(8)),
+        ("n_shared_experts", json!(1)), ("n_group", json!(8)), ("topk_group", json!(4)),
+    ] {
+        o.insert(k.into(), v);
+    }
+    c
+}
+
 /// Random values for one tensor, scaled so activations stay O(1) through the layers.
 fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
@@ -156,15 +176,19 @@ pub fn synthetic_corpus(vocab: usize, n_tokens: usize, seed: u64) -> Vec<u32> {
     out
 }
 
+/// The presets `write_preset` knows.
+pub const PRESETS: [&str; 4] = ["tiny", "bench-1k", "bench-1k-h128", "slice-671b"];
+
 /// Write a preset into `dir`: `model/` and `tokens.bin`. "tiny" is the embedded default (V3.1
 /// style, no indexer); "bench-1k" is the GPU benchmark model (V3.2 style); "bench-1k-h128" the
-/// same with V3's 128 attention heads.
+/// same with V3's 128 attention heads; "slice-671b" two layers of the 671B model at its widths.
 pub fn write_preset(dir: &Path, preset: &str, seed: u64) -> Result<()> {
     let (config, tokens) = match preset {
         "tiny" => (tiny_config(false), 1 << 17),
         "bench-1k" => (bench_1k_config(), 1 << 22),
         "bench-1k-h128" => (bench_1k_h128_config(), 1 << 22),
-        other => anyhow::bail!("unknown preset {other:?}; expected \"tiny\", \"bench-1k\" or \"bench-1k-h128\""),
+        "slice-671b" => (slice_671b_config(), 1 << 22),
+        other => anyhow::bail!("unknown preset {other:?}; expected one of {}", PRESETS.map(|p| format!("\"{p}\"")).join(", ")),
     };
     let vocab = config["vocab_size"].as_u64().unwrap_or(512) as usize;
     write_random_checkpoint(&dir.join("model"), &config, seed, 1 << 30)?;

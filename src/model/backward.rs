@@ -31,6 +31,9 @@ pub struct LayerBackward<'a> {
     /// MoE layers with a balance loss: its f per sequence [B * E] (`LayerStats::balance_weights`,
     /// from the whole sequence's routing) and its weight (alpha times the micro-batch scale).
     pub balance: Option<(&'a [f32], f64)>,
+    /// MoE layers: the first pass's experts per token [B*T*K] (`LayerStats::chosen`), reused
+    /// (no host routing, no synchronisation); None routes again.
+    pub chosen: Option<&'a [u32]>,
 }
 
 impl DecoderLayer {
@@ -72,7 +75,9 @@ impl DecoderLayer {
                 }
                 FeedForward::Moe(moe) => {
                     let xf = xf.reshape((bn * n, d))?;
-                    let (_, saved) = moe.forward_saved(&xf)?;
+                    let k = moe.top_k;
+                    let known: Option<Vec<u32>> = bw.chosen.map(|c| (b0..b0 + bn).flat_map(|bi| c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied()).collect());
+                    let (_, saved) = moe.forward_saved(&xf, known.as_deref())?;
                     let f_rows = match bw.balance {
                         Some((f, weight)) => {
                             let e = moe.n_experts;
@@ -174,7 +179,9 @@ pub fn explicit_against_autograd(cfg: &super::ModelConfig, device: &candle_core:
         let reference = loss.backward()?;
         let f = stats.balance_weights.clone();
         let mut sink = super::grad_sink::GradMap::default();
-        let bw = LayerBackward { dout: &dout, balance: f.as_deref().map(|f| (f, alpha)) };
+        // Blocks of one row route again on the host; the others reuse the first pass's choice.
+        let chosen = stats.chosen.clone().filter(|_| rows != 1);
+        let bw = LayerBackward { dout: &dout, balance: f.as_deref().map(|f| (f, alpha)), chosen: chosen.as_deref() };
         let dh = layer.sparse_backward(&h, &ctx, &sel, rows, bw, &mut sink)?;
         note(reference.get(hv.as_tensor()).ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?, &dh)?;
         for (name, param) in &params {

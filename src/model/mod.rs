@@ -133,6 +133,9 @@ pub struct LayerStats {
     pub recall_ceiling: Option<Tensor>,
     /// Tokens routed to each expert (MoE layers only).
     pub expert_counts: Option<Vec<u32>>,
+    /// MoE layers: the experts chosen per token [B*T*K] in token order (a recomputing backward
+    /// reuses them instead of routing on the host again).
+    pub chosen: Option<Vec<u32>>,
     /// Sequence-wise balance loss (MoE layers, when asked), scalar f32.
     pub balance_loss: Option<Tensor>,
     /// With `defer_dense_kl`: the pieces of the dense KL.
@@ -282,6 +285,7 @@ impl DecoderLayer {
                 stats.expert_counts = Some(r.counts);
                 stats.balance_loss = r.balance_loss;
                 stats.balance_weights = r.balance_weights;
+                stats.chosen = Some(r.chosen);
                 r.out
             }
         };
@@ -445,10 +449,11 @@ impl DecoderLayer {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
             sparse_kl(ix, head_mean, &sel, self.indexer.tensor_cores, &mut stats)?;
         }
-        if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, &pass.chosen) {
+        if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, pass.chosen) {
             let (b, t, _) = h.dims3()?;
-            stats.expert_counts = Some(moe.counts(chosen));
-            stats.balance_weights = Some(moe.balance_weights(chosen, b, t));
+            stats.expert_counts = Some(moe.counts(&chosen));
+            stats.balance_weights = Some(moe.balance_weights(&chosen, b, t));
+            stats.chosen = Some(chosen);
         }
         stats.selection = Some(sel);
         Ok((pass.out, stats))

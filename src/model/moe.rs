@@ -139,6 +139,8 @@ pub struct MoeOutput {
     /// The balance loss's f per sequence [B * E] (`balance_weights`), present when asked for:
     /// a backward that recomputes the layer a block of tokens at a time needs it.
     pub balance_weights: Option<Vec<f32>>,
+    /// The experts chosen per token [B*T*K], token order (a recomputing backward reuses them).
+    pub chosen: Vec<u32>,
 }
 
 impl Moe {
@@ -159,7 +161,7 @@ impl Moe {
         } else {
             (None, None)
         };
-        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss, balance_weights })
+        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss, balance_weights, chosen })
     }
 
     /// Tokens routed to each expert.
@@ -195,7 +197,7 @@ impl Moe {
         let x = x.clone();
         let n = x.dim(0)?;
         let k = self.top_k;
-        let Routing { scores, chosen, weights, tokens_of, slots_of, .. } = self.route(&x)?;
+        let Routing { scores, chosen, weights, tokens_of, slots_of, .. } = self.route(&x, None)?;
         let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
@@ -223,24 +225,31 @@ impl Moe {
 
     /// Route the tokens x [N, hidden]: router logits in f32, sigmoid scores, the host's choice
     /// per token (`route_token`), the combine weights (differentiable through the scores).
-    pub fn route(&self, x: &Tensor) -> Result<Routing> {
+    /// `known`: the choice an earlier pass made for these tokens [N*K] (a recomputation: same
+    /// input, so the same choice), used as it is: no host copy of the scores.
+    pub fn route(&self, x: &Tensor, known: Option<&[u32]>) -> Result<Routing> {
         let n = x.dim(0)?;
         let e = self.n_experts;
         let k = self.top_k;
         let _region = crate::profile::region("moe: router and host routing");
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
-        let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-        let bias: Vec<f32> = self.bias.to_vec1()?;
-        // Each token's choice depends on its own row only: routed in parallel on the host's
-        // cores (one core took ~1 us per token, 16 ms per layer at 16K tokens), concatenated in
-        // token order, so the result is the serial loop's.
-        let chosen: Vec<u32> = host
-            .par_chunks(e)
-            .flat_map_iter(|row| {
-                let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
-            })
-            .collect(); // [N*K] expert ids
+        let chosen: Vec<u32> = match known {
+            Some(c) if c.len() == n * k => c.to_vec(),
+            Some(c) => candle_core::bail!("MoE routing: {} known choices for {n} tokens of {k} experts", c.len()),
+            None => {
+                let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+                let bias: Vec<f32> = self.bias.to_vec1()?;
+                // Each token's choice depends on its own row only: routed in parallel on the
+                // host's cores (one core took ~1 us per token, 16 ms per layer at 16K tokens),
+                // concatenated in token order, so the result is the serial loop's.
+                host.par_chunks(e)
+                    .flat_map_iter(|row| {
+                        let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                        route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
+                    })
+                    .collect() // [N*K] expert ids
+            }
+        };
         let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
         let picked = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
         let mut weights = picked.clone();
@@ -259,14 +268,15 @@ impl Moe {
         Ok(Routing { scores, chosen, picked, weights, tokens_of, slots_of })
     }
 
-    /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output, saved). The same values as `forward_flat` (its per-expert path: one
+    /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output, saved); `known`
+    /// as in `route`. The same values as `forward_flat` (its per-expert path: one
     /// SwiGLU per expert that has rows), with the expert-parallel exchange of
     /// `experts_sharded`. Rows are sorted by expert (then token), sent, computed by the experts
     /// held here, sent back in the order they left, weighted and summed per token in that order.
-    pub fn forward_saved(&self, x: &Tensor) -> Result<(Tensor, MoeSaved)> {
+    pub fn forward_saved(&self, x: &Tensor, known: Option<&[u32]>) -> Result<(Tensor, MoeSaved)> {
         let (n, _) = x.dims2()?;
         let dev = x.device();
-        let routing = self.route(&x.detach())?;
+        let routing = self.route(&x.detach(), known)?;
         let _region = crate::profile::region("moe: routed experts and combine (explicit)");
         let slot: Vec<u32> = routing.slots_of.concat();
         let tok: Vec<u32> = routing.tokens_of.concat();

@@ -394,6 +394,7 @@ impl Trainer {
         let mut inputs = Vec::new();
         let mut selections = Vec::new();
         let mut balance_weights = Vec::new();
+        let mut chosen = Vec::new();
         // Offload: what pass 2 needs waits in host memory.
         let host = Device::Cpu;
         let keep = |x: Tensor| -> Result<Tensor> { Ok(if t.offload_activations { x.to_device(&host)? } else { x }) };
@@ -431,6 +432,7 @@ impl Trainer {
                 // layer at 128K tokens and k = 2048.
                 selections.push(stats.selection.take().map(|s| keep(s.absolute)).transpose()?);
                 balance_weights.push(stats.balance_weights.take());
+                chosen.push(stats.chosen.take());
             }
             drop(stats);
             // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
@@ -510,6 +512,7 @@ impl Trainer {
                         let bw = crate::model::backward::LayerBackward {
                             dout: &dh,
                             balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
+                            chosen: chosen[l].as_deref(),
                         };
                         let mut sink = AccumSink { trainable: &trainable, accum };
                         dh = layer

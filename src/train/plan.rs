@@ -179,10 +179,12 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
-        // Plain dense attention keeps [B, H, T, T] scores, probabilities and their gradient
-        // (f32) for the layer being differentiated.
+        // The flash-style attention of `dense_recompute`: one block of query rows' f32 scores,
+        // probabilities and their gradients (4 tensors of at most 2^27 values), the per-head
+        // q, k, v, output and their gradients in the dtype, and the f32 sums of dk and dv.
         Stage::Dense => {
-            let dense_working = micro_tokens * t as f64 * h * 4.0 * 3.0;
+            let block_values = (crate::model::dense_recompute::block_rows(b, h as usize, t as usize) as f64 * b as f64 * h * t as f64).min(micro_tokens * t as f64 * h);
+            let dense_working = 4.0 * 4.0 * block_values + micro_tokens * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
             let kept = if recipe.train.recompute { micro_tokens * hidden * dtype_bytes * layers } else { 34.0 * hidden * micro_tokens * layers };
             kept + layer_working_set + dense_working + lm_chunk
         }
@@ -394,6 +396,29 @@ mod tests {
         let two = plan_for(&recipe, &cfg).optimizer_bytes;
         let want = shares + u * 6.0 + largest * 4.0;
         assert!((two - want).abs() < 1.0, "ZeRO-2 layer unit: {two} vs {want}");
+    }
+
+    /// The slice-671b preset is what its name says (2.0B parameters at the 671B widths) and,
+    /// by `check`'s count, fits one 80 GB GPU in all three stages at the lengths of its
+    /// benchmarks (dense 8K; warm-up 32K; sparse 32K and 128K in blocks of 4096 and 2048 queries).
+    #[test]
+    fn the_slice_of_the_671b_model_fits_one_80_gb_gpu_in_every_stage() {
+        let cfg = crate::config::ModelConfig::from_json(&crate::tiny::slice_671b_config().to_string(), &Default::default()).unwrap();
+        assert_eq!((cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size, cfg.num_experts_per_tok), (7168, 128, 2048, 8));
+        let params: usize = model_weights(&cfg, false).iter().map(|s| s.shape.iter().product::<usize>()).sum();
+        assert!((1.9e9..2.1e9).contains(&(params as f64)), "{params} parameters");
+        for (stage, len, block) in [("dense", 8192, 0), ("warmup", 32768, 0), ("sparse", 32768, 4096), ("sparse", 131072, 2048)] {
+            let mut recipe = Recipe::default();
+            recipe.train.stage = stage.into();
+            recipe.model.dtype = "bf16".into();
+            recipe.model.mtp = false;
+            recipe.data.seq_len = len;
+            recipe.train.block_rows = block;
+            recipe.dsa.index_topk = 2048;
+            let gib = plan_for(&recipe, &cfg).memory_bytes() / (1u64 << 30) as f64;
+            let p = plan_for(&recipe, &cfg);
+            assert!(gib < 75.0, "{stage} at {len}: {gib:.1} GiB by check's count (weights {:.1}, optimizer {:.1}, activations {:.1})", p.weight_bytes / 1073741824.0, p.optimizer_bytes / 1073741824.0, p.activation_bytes / 1073741824.0);
+        }
     }
 
     fn head_of(cfg: &crate::config::ModelConfig) -> f64 {
