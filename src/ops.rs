@@ -162,6 +162,7 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Resul
 /// every sum in f32.
 pub fn rms_norm_backward_plain(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
     let dtype = x.dtype();
+    let dy = dy.to_dtype(dtype)?;
     let d = x.dims().last().copied().unwrap_or(1);
     let x32 = x.to_dtype(DType::F32)?;
     let s = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;

@@ -16,10 +16,14 @@
 //! the model dtype except kv's (f32 over blocks). The twin is candle's autograd of the same
 //! forward (`DecoderLayer::forward_with`); tests hold every gradient against it.
 
-use candle_core::{Result, Tensor};
+use std::collections::HashMap;
 
-use super::attention::add_if_wanted;
+use candle_core::{Result, Tensor, TensorId};
+
+use super::attention::{add_if_wanted, Mla};
 use super::grad_sink::GradSink;
+use super::indexer::Indexer;
+use super::moe::{Mlp, Moe};
 use super::{DecoderLayer, FeedForward, ForwardContext};
 use crate::dsa::Selection;
 use crate::ops::{rms_norm, rms_norm_backward};
@@ -43,6 +47,58 @@ impl DecoderLayer {
     /// block). The gradient of `forward_with`'s output against `bw.dout` (plus the balance
     /// loss) up to summation order, with no autograd graph.
     pub fn sparse_backward(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+        // The trainer's weights are Vars, through which candle records every op's inputs: the
+        // work runs on detached views of them (the same storage), so no graph is kept, and
+        // their gradients are handed on under the original tensors.
+        let (view, originals) = self.detached_view();
+        let dout = bw.dout.detach();
+        let bw = LayerBackward { dout: &dout, ..bw };
+        view.sparse_backward_detached(h, ctx, sel, rows, bw, &mut ToOriginals { inner: grads, originals })
+    }
+
+    /// A copy of the layer whose tensors are detached views of this one's, and the original of
+    /// each view by its id.
+    fn detached_view(&self) -> (DecoderLayer, HashMap<TensorId, Tensor>) {
+        let mut originals = HashMap::new();
+        let mut d = |t: &Tensor| -> Tensor {
+            let v = t.detach();
+            originals.insert(v.id(), t.clone());
+            v
+        };
+        let a = &self.attn;
+        let attn = Mla {
+            q_a_proj: d(&a.q_a_proj), q_a_norm: d(&a.q_a_norm), q_b_proj: d(&a.q_b_proj), kv_a_proj: d(&a.kv_a_proj),
+            kv_a_norm: d(&a.kv_a_norm), kv_b_proj: d(&a.kv_b_proj), o_proj: d(&a.o_proj),
+            heads: a.heads, nope: a.nope, rope: a.rope, v_dim: a.v_dim, kv_lora: a.kv_lora, scale: a.scale,
+        };
+        let ix = &self.indexer;
+        let indexer = Indexer {
+            tensor_cores: ix.tensor_cores, wq_b: d(&ix.wq_b), wk: d(&ix.wk), k_norm_weight: d(&ix.k_norm_weight),
+            k_norm_bias: d(&ix.k_norm_bias), weights_proj: d(&ix.weights_proj), heads: ix.heads, head_dim: ix.head_dim, rope: ix.rope,
+        };
+        let mut mlp = |m: &Mlp| Mlp { gate: d(&m.gate), up: d(&m.up), down: d(&m.down) };
+        let ffn = match &self.ffn {
+            FeedForward::Dense(m) => FeedForward::Dense(mlp(m)),
+            FeedForward::Moe(m) => FeedForward::Moe(Moe {
+                experts: m.experts.iter().map(&mut mlp).collect(),
+                shared: m.shared.as_ref().map(&mut mlp),
+                router: d(&m.router),
+                bias: d(&m.bias),
+                shard: m.shard.clone(),
+                n_experts: m.n_experts,
+                top_k: m.top_k,
+                n_group: m.n_group,
+                topk_group: m.topk_group,
+                norm_topk_prob: m.norm_topk_prob,
+                routed_scaling_factor: m.routed_scaling_factor,
+            }),
+        };
+        let layer = DecoderLayer { input_norm: d(&self.input_norm), post_attention_norm: d(&self.post_attention_norm), attn, indexer, ffn, eps: self.eps };
+        (layer, originals)
+    }
+
+    /// `sparse_backward` on a layer whose tensors record no graph.
+    fn sparse_backward_detached(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let h = h.detach();
         let eps = self.eps;
@@ -77,7 +133,7 @@ impl DecoderLayer {
                     let xf = xf.reshape((bn * n, d))?;
                     let k = moe.top_k;
                     let known: Option<Vec<u32>> = bw.chosen.map(|c| (b0..b0 + bn).flat_map(|bi| c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied()).collect());
-                    let (_, saved) = moe.forward_saved(&xf, known.as_deref())?;
+                    let (_, saved) = moe.forward_saved(&xf, known.as_deref(), false)?;
                     let f_rows = match bw.balance {
                         Some((f, weight)) => {
                             let e = moe.n_experts;
@@ -106,6 +162,25 @@ impl DecoderLayer {
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         assemble(dh_res, b, t)? + dh_norm
+    }
+}
+
+/// Gradients of detached views, handed on under the tensors they view.
+struct ToOriginals<'a> {
+    inner: &'a mut dyn GradSink,
+    originals: HashMap<TensorId, Tensor>,
+}
+
+impl GradSink for ToOriginals<'_> {
+    fn wants(&self, param: &Tensor) -> bool {
+        self.originals.get(&param.id()).is_some_and(|p| self.inner.wants(p))
+    }
+
+    fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()> {
+        match self.originals.get(&param.id()) {
+            Some(p) => self.inner.add(p, grad),
+            None => candle_core::bail!("explicit backward: a gradient for a tensor that is not one of the layer's"),
+        }
     }
 }
 
@@ -183,6 +258,9 @@ pub fn explicit_against_autograd(cfg: &super::ModelConfig, device: &candle_core:
         let chosen = stats.chosen.clone().filter(|_| rows != 1);
         let bw = LayerBackward { dout: &dout, balance: f.as_deref().map(|f| (f, alpha)), chosen: chosen.as_deref() };
         let dh = layer.sparse_backward(&h, &ctx, &sel, rows, bw, &mut sink)?;
+        if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
+            anyhow::bail!("layer {l}: the explicit backward recorded an autograd graph (its results hold one)");
+        }
         note(reference.get(hv.as_tensor()).ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?, &dh)?;
         for (name, param) in &params {
             match (reference.get(param), sink.sums.get(&param.id())) {

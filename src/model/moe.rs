@@ -268,12 +268,13 @@ impl Moe {
         Ok(Routing { scores, chosen, picked, weights, tokens_of, slots_of })
     }
 
-    /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output, saved); `known`
-    /// as in `route`. The same values as `forward_flat` (its per-expert path: one
+    /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output when
+    /// `want_output`, saved); `known` as in `route`. Without the output (a backward) the
+    /// combine and the shared expert's last product are skipped. The same values as `forward_flat` (its per-expert path: one
     /// SwiGLU per expert that has rows), with the expert-parallel exchange of
     /// `experts_sharded`. Rows are sorted by expert (then token), sent, computed by the experts
     /// held here, sent back in the order they left, weighted and summed per token in that order.
-    pub fn forward_saved(&self, x: &Tensor, known: Option<&[u32]>) -> Result<(Tensor, MoeSaved)> {
+    pub fn forward_saved(&self, x: &Tensor, known: Option<&[u32]>, want_output: bool) -> Result<(Option<Tensor>, MoeSaved)> {
         let (n, _) = x.dims2()?;
         let dev = x.device();
         let routing = self.route(&x.detach(), known)?;
@@ -313,15 +314,16 @@ impl Moe {
             Some((send, recv)) => all_to_all_rows(&y, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
             None => y,
         }; // [S, hidden]
-        let w = RowPlan::gather(&slot, n * self.top_k, dev)?.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
-        let mut out = RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)?;
-        let shared = match &self.shared {
-            Some(mlp) => {
-                let saved = mlp.forward_saved(x)?;
-                out = (out + saved.output(&mlp.down)?)?;
-                Some(saved)
-            }
-            None => None,
+        let shared = self.shared.as_ref().map(|mlp| mlp.forward_saved(x)).transpose()?;
+        let out = if want_output {
+            let w = RowPlan::gather(&slot, n * self.top_k, dev)?.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
+            let out = RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)?;
+            Some(match (&self.shared, &shared) {
+                (Some(mlp), Some(s)) => (out + s.output(&mlp.down)?)?,
+                _ => out,
+            })
+        } else {
+            None
         };
         Ok((out, MoeSaved { routing, tok, slot, exchange, experts, arrived_rows, back, shared }))
     }
