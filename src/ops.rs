@@ -208,6 +208,50 @@ pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSave
     Ok(SwigluSaved { gate: g, up: u, hidden })
 }
 
+/// `swiglu_saved` of E SwiGLUs at once: xs [E, cap, D] with stacked weights gate, up
+/// [E, I, D] (batched products; the same dot products as E separate calls).
+pub fn swiglu_batched_saved(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
+    let g = xs.matmul(&gate.transpose(1, 2)?)?;
+    let u = xs.matmul(&up.transpose(1, 2)?)?;
+    let hidden = (g.silu()? * &u)?;
+    Ok(SwigluSaved { gate: g, up: u, hidden })
+}
+
+impl SwigluSaved {
+    /// The output of `swiglu_batched_saved`'s SwiGLUs: hidden @ down^T per expert, down
+    /// [E, D, I] -> [E, cap, D].
+    pub fn output_batched(&self, down: &Tensor) -> Result<Tensor> {
+        self.hidden.matmul(&down.transpose(1, 2)?)
+    }
+}
+
+/// The backward of `swiglu_batched_saved` (+ `output_batched`): dy [E, cap, D] -> dx
+/// [E, cap, D] and the stacked weights' gradients ([E, I, D], [E, I, D], [E, D, I]); the
+/// elementwise part as in `swiglu_backward`.
+pub fn swiglu_batched_backward(xs: &Tensor, saved: &SwigluSaved, gate: &Tensor, up: &Tensor, down: &Tensor, dy: &Tensor) -> Result<(Tensor, SwigluGrads)> {
+    let dtype = xs.dtype();
+    let dh = dy.matmul(down)?; // [E, cap, I]
+    let d_down = dy.transpose(1, 2)?.matmul(&saved.hidden)?; // [E, D, I]
+    let (dg, du) = swiglu_elementwise_backward(saved, &dh, dtype)?;
+    let dx = (dg.matmul(gate)? + du.matmul(up)?)?;
+    let d_gate = dg.transpose(1, 2)?.matmul(xs)?;
+    let d_up = du.transpose(1, 2)?.matmul(xs)?;
+    Ok((dx, SwigluGrads { gate: Some(d_gate), up: Some(d_up), down: Some(d_down) }))
+}
+
+/// d(gate product), d(up product) from dh = d(hidden): du = dh silu(g), dg = dh u silu'(g),
+/// silu'(g) = sig(g) (1 + g (1 - sig(g))), in f32, each rounded once to `dtype`.
+fn swiglu_elementwise_backward(saved: &SwigluSaved, dh: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let g32 = saved.gate.to_dtype(DType::F32)?;
+    let sig = sigmoid(&g32)?;
+    let silu = (&g32 * &sig)?;
+    let dh32 = dh.to_dtype(DType::F32)?;
+    let du = (&dh32 * silu)?.to_dtype(dtype)?;
+    let dsilu = (&sig * ((&g32 * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
+    let dg = ((dh32 * saved.up.to_dtype(DType::F32)?)? * dsilu)?.to_dtype(dtype)?;
+    Ok((dg, du))
+}
+
 /// Gradients of a SwiGLU's three weights (None where not asked for).
 pub struct SwigluGrads {
     pub gate: Option<Tensor>,
@@ -220,15 +264,8 @@ pub struct SwigluGrads {
 /// dg = dh u silu'(g), silu'(g) = sig(g) (1 + g (1 - sig(g))), the elementwise part in f32 and
 /// rounded once to the dtype; dx = dg @ gate + du @ up.
 pub fn swiglu_backward(x: &Tensor, saved: &SwigluSaved, gate: &Tensor, up: &Tensor, down: &Tensor, dy: &Tensor, want: [bool; 3]) -> Result<(Tensor, SwigluGrads)> {
-    let dtype = x.dtype();
     let (dh, d_down) = linear_backward(&saved.hidden, down, dy, want[2])?;
-    let g32 = saved.gate.to_dtype(DType::F32)?;
-    let sig = sigmoid(&g32)?;
-    let silu = (&g32 * &sig)?;
-    let dh32 = dh.to_dtype(DType::F32)?;
-    let du = (&dh32 * silu)?.to_dtype(dtype)?;
-    let dsilu = (&sig * ((&g32 * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
-    let dg = ((dh32 * saved.up.to_dtype(DType::F32)?)? * dsilu)?.to_dtype(dtype)?;
+    let (dg, du) = swiglu_elementwise_backward(saved, &dh, x.dtype())?;
     let (dx_g, d_gate) = linear_backward(x, gate, &dg, want[0])?;
     let (dx_u, d_up) = linear_backward(x, up, &du, want[1])?;
     Ok(((dx_g + dx_u)?, SwigluGrads { gate: d_gate, up: d_up, down: d_down }))

@@ -308,13 +308,16 @@ fn expert_parallel_matches_one_process_and_reshards() {
 }
 
 /// A MoE whose 8 experts are split over two ranks (threads, TCP on localhost) gives the
-/// outputs and gradients of one MoE holding them all, each rank routing its own tokens.
+/// outputs and gradients of one MoE holding them all, each rank routing its own tokens: by
+/// candle's autograd and by the explicit backward (`Moe::backward`, the exchange reversed),
+/// the latter with the experts grouped and one per expert.
 #[test]
 fn sharded_experts_match_one_moe_holding_all() {
     use candle_core::{DType, Device, Tensor, Var};
     use dsa_train::dist::expert::{CollectiveExchange, ExpertShard, RowExchange};
     use dsa_train::dist::{launch::Launch, tcp::TcpCollective};
-    use dsa_train::model::moe::{Mlp, Moe};
+    use dsa_train::model::grad_sink::GradMap;
+    use dsa_train::model::moe::{ExpertCompute, Mlp, Moe};
     use std::sync::Arc;
 
     let dev = Device::Cpu;
@@ -327,7 +330,7 @@ fn sharded_experts_match_one_moe_holding_all() {
     let g = rand(&[1, t, d], 1.0);
 
     // Builds a MoE over fresh Vars (so gradients can be read back) for the experts in `held`.
-    let build = |held: std::ops::Range<usize>, shard: Option<ExpertShard>| {
+    let build = |held: std::ops::Range<usize>, shard: Option<ExpertShard>, compute: ExpertCompute| {
         let rv = Var::from_tensor(&router).unwrap();
         let vars: Vec<[Var; 3]> = held.clone().map(|i| experts[i].clone().map(|w| Var::from_tensor(&w).unwrap())).collect();
         let moe = Moe {
@@ -342,6 +345,7 @@ fn sharded_experts_match_one_moe_holding_all() {
             topk_group: 2,
             norm_topk_prob: true,
             routed_scaling_factor: 2.5,
+            compute,
         };
         (moe, rv, vars)
     };
@@ -353,12 +357,23 @@ fn sharded_experts_match_one_moe_holding_all() {
         let dexp: Vec<Vec<Tensor>> = vars.iter().map(|ws| ws.iter().map(|w| grads.get(w).cloned().unwrap_or_else(|| w.zeros_like().unwrap())).collect()).collect();
         (out, grads.get(&xv).unwrap().clone(), grads.get(rv).unwrap().clone(), dexp)
     };
-    let (moe, rv, vars) = build(0..e, None);
+    // The explicit forward and backward of the same; returns what `run` does.
+    let explicit = |moe: &Moe, rv: &Var, vars: &[[Var; 3]], x: &Tensor, g: &Tensor| {
+        let n = x.dim(1).unwrap();
+        let (out, saved) = moe.forward_saved(&x.reshape((n, d)).unwrap(), None, true).unwrap();
+        let mut sink = GradMap::default();
+        let dx = moe.backward(&x.reshape((n, d)).unwrap(), &saved, &g.reshape((n, d)).unwrap(), None, &mut sink).unwrap();
+        let dexp: Vec<Vec<Tensor>> = vars.iter().map(|ws| ws.iter().map(|w| sink.sums.get(&w.as_tensor().id()).cloned().unwrap_or_else(|| w.zeros_like().unwrap())).collect()).collect();
+        (out.unwrap().reshape(x.shape()).unwrap(), dx.reshape(x.shape()).unwrap(), sink.sums[&rv.as_tensor().id()].clone(), dexp)
+    };
+    let (moe, rv, vars) = build(0..e, None, ExpertCompute::Auto);
     let reference = run(&moe, &rv, &vars, &x, &g);
 
     let port = free_port();
     let half = t / 2;
-    let (build, run) = (&build, &run);
+    let (build, run, explicit) = (&build, &run, &explicit);
+    for (way, compute) in [("autograd", ExpertCompute::Auto), ("explicit, grouped", ExpertCompute::Grouped), ("explicit, per expert", ExpertCompute::PerExpert)] {
+    let port = if way == "autograd" { port } else { free_port() };
     let ranks: Vec<_> = std::thread::scope(|sc| {
         let handles: Vec<_> = (0..2usize)
         .map(|r| {
@@ -368,8 +383,8 @@ fn sharded_experts_match_one_moe_holding_all() {
                 let star = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
                 let ex: Arc<dyn RowExchange> = Arc::new(CollectiveExchange::new(Box::new(star), vec![0, 1]).unwrap());
                 let shard = ExpertShard::new(e, ex).unwrap();
-                let (moe, rv, vars) = build(shard.first..shard.first + shard.count, Some(shard));
-                run(&moe, &rv, &vars, &x, &g)
+                let (moe, rv, vars) = build(shard.first..shard.first + shard.count, Some(shard), compute);
+                if way == "autograd" { run(&moe, &rv, &vars, &x, &g) } else { explicit(&moe, &rv, &vars, &x, &g) }
             })
         })
         .collect();
@@ -378,7 +393,7 @@ fn sharded_experts_match_one_moe_holding_all() {
     let close = |a: &Tensor, b: &Tensor, what: &str| {
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         let size = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-5 * size.max(1.0), "{what}: max |diff| {diff} (scale {size})");
+        assert!(diff <= 1e-5 * size.max(1.0), "{way}: {what}: max |diff| {diff} (scale {size})");
     };
     let cat = |i: usize| Tensor::cat(&ranks.iter().map(|r| if i == 0 { r.0.clone() } else { r.1.clone() }).collect::<Vec<_>>(), 1).unwrap();
     close(&cat(0), &reference.0, "outputs");
@@ -390,6 +405,7 @@ fn sharded_experts_match_one_moe_holding_all() {
                 close(w, &reference.3[r * 4 + j][k], &format!("rank {r} expert {} weight {k}", r * 4 + j));
             }
         }
+    }
     }
     assert_eq!(x.dtype(), DType::F32);
 }

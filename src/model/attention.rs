@@ -386,6 +386,7 @@ impl Mla {
         let wants_kv_b = grads.wants(&self.kv_b_proj);
         let dw_uv = if wants_kv_b { Some(d_o.transpose(1, 2)?.matmul(&saved.o_lat)?) } else { None }; // [H, V, C]
         let do_lat = do_lat.transpose(0, 1)?.contiguous()?; // [BT, H, C]
+        let region = crate::profile::region("attention bwd: sparse MLA kernel");
         let (dq, dkv) = match &saved.fwd {
             Some(fwd) => {
                 let idx = sel.absolute.reshape((bt, sel.k()?))?;
@@ -398,6 +399,7 @@ impl Mla {
             }
             None => self.sparse_plain_backward(&saved.q, kv, sel, &do_lat)?,
         };
+        drop(region);
         let dq = dq.to_dtype(saved.q.dtype())?; // [BT, H, C+R]
         let dq_lat = dq.narrow(2, 0, c)?.transpose(0, 1)?.contiguous()?; // [H, BT, C]
         let dq_nope = dq_lat.matmul(&w_uk.transpose(1, 2)?)?; // [H, BT, N]

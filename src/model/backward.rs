@@ -91,6 +91,7 @@ impl DecoderLayer {
                 topk_group: m.topk_group,
                 norm_topk_prob: m.norm_topk_prob,
                 routed_scaling_factor: m.routed_scaling_factor,
+                compute: m.compute,
             }),
         };
         let layer = DecoderLayer { input_norm: d(&self.input_norm), post_attention_norm: d(&self.post_attention_norm), attn, indexer, ffn, eps: self.eps };
@@ -104,8 +105,10 @@ impl DecoderLayer {
         let eps = self.eps;
         let _region = crate::profile::region("layer: explicit recompute and backward");
         // Whole-sequence parts: the input norm and the latent kv every block reads.
+        let region = crate::profile::region("explicit: input norm and latent kv");
         let xn = rms_norm(&h, &self.input_norm, eps)?;
         let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
+        drop(region);
         let blocks: Vec<(usize, usize, usize, usize)> = if rows == 0 || rows >= t {
             vec![(0, b, 0, t)]
         } else {
@@ -119,10 +122,13 @@ impl DecoderLayer {
             let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
             let block_sel = if bn == b && n == t { sel.clone() } else { sel.block(b0, q0, n)? };
             // Forward of the block, keeping what its backward reads.
+            let region = crate::profile::region("explicit: queries and attention forward");
             let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xq, &cos, &sin)?;
             let (a, a_saved) = self.attn.sparse_saved(&q_nope, &q_pe, &kv, &block_sel, false)?;
             let h1 = (&hq + &a.out)?;
             let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
+            drop(region);
+            let region = crate::profile::region("explicit: feed-forward forward and backward");
             // Backward: out = h1 + ffn(norm(h1)), h1 = h + attention(norm(h)).
             let dxf = match &self.ffn {
                 FeedForward::Dense(mlp) => {
@@ -146,6 +152,8 @@ impl DecoderLayer {
                     moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?.reshape((bn, n, d))?
                 }
             };
+            drop(region);
+            let region = crate::profile::region("explicit: attention backward");
             let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
             add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
             let dh1 = (dout + dh1_norm)?;
@@ -154,9 +162,12 @@ impl DecoderLayer {
                 Some(acc) => (acc + g.kv)?,
                 None => g.kv,
             });
+            drop(region);
+            let _region = crate::profile::region("explicit: queries backward");
             dxn_q.push(self.attn.queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?);
             dh_res.push(dh1);
         }
+        let _region = crate::profile::region("explicit: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
         let dxn = (assemble(dxn_q, b, t)? + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
@@ -203,7 +214,16 @@ fn assemble(parts: Vec<Tensor>, b: usize, t: usize) -> Result<Tensor> {
 /// balance loss. Errors if the two give gradients to different parameters (idle experts must
 /// get none) or if a layer's sets have no padding (the check must cover it). Returns (max
 /// relative, max L2, gradients compared). For the unit test and gpu-selftest.
-pub fn explicit_against_autograd(cfg: &super::ModelConfig, device: &candle_core::Device, dtype: candle_core::DType, t: usize, k: usize, rows: usize, seed: u64) -> anyhow::Result<(f32, f32, usize)> {
+pub fn explicit_against_autograd(
+    cfg: &super::ModelConfig,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    compute: super::moe::ExpertCompute,
+    t: usize,
+    k: usize,
+    rows: usize,
+    seed: u64,
+) -> anyhow::Result<TwinReport> {
     use super::{AttentionMode, ForwardOptions};
     use crate::rng::randn;
     use candle_core::{DType, Device, Var};
@@ -225,19 +245,25 @@ pub fn explicit_against_autograd(cfg: &super::ModelConfig, device: &candle_core:
     let dout = randn(&[b, t, d], seed + 12, 1.0, &cpu)?.to_dtype(dtype)?.to_device(device)?;
     let alpha = 0.37;
     let to32 = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(&cpu);
-    let (mut worst, mut worst_l2, mut compared) = (0f32, 0f32, 0usize);
-    let mut note = |a: &Tensor, g: &Tensor| -> anyhow::Result<()> {
+    let mut report = TwinReport::default();
+    let mut note = |what: String, a: &Tensor, g: &Tensor| -> anyhow::Result<()> {
         let (a, g) = (to32(a)?, to32(g)?);
         let diff = (&a - &g)?;
         let scale = a.abs()?.max_all()?.to_scalar::<f32>()?.max(1e-30);
-        worst = worst.max(diff.abs()?.max_all()?.to_scalar::<f32>()? / scale);
+        let max = diff.abs()?.max_all()?.to_scalar::<f32>()? / scale;
+        if max > report.max_rel {
+            (report.max_rel, report.worst) = (max, what);
+        }
         let norm = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt().max(1e-30);
-        worst_l2 = worst_l2.max(diff.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() / norm);
-        compared += 1;
+        report.max_l2 = report.max_l2.max(diff.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() / norm);
+        report.compared += 1;
         Ok(())
     };
     for l in 0..cfg.num_hidden_layers {
-        let layer = super::build_layer(cfg, &params, l, None)?;
+        let mut layer = super::build_layer(cfg, &params, l, None)?;
+        if let FeedForward::Moe(m) = &mut layer.ffn {
+            m.compute = compute;
+        }
         let opts = ForwardOptions { indexer_kl: false, recall: false, detach_indexer_inputs: true, seq_balance: true, ..ForwardOptions::new(AttentionMode::Sparse, k) };
         let (_, stats) = layer.forward(&h, &ctx, &opts)?;
         let sel = stats.selection.ok_or_else(|| anyhow::anyhow!("the sparse pass returned no sets"))?;
@@ -261,22 +287,33 @@ pub fn explicit_against_autograd(cfg: &super::ModelConfig, device: &candle_core:
         if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
             anyhow::bail!("layer {l}: the explicit backward recorded an autograd graph (its results hold one)");
         }
-        note(reference.get(hv.as_tensor()).ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?, &dh)?;
+        note(format!("layer {l} dh"), reference.get(hv.as_tensor()).ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?, &dh)?;
         for (name, param) in &params {
             match (reference.get(param), sink.sums.get(&param.id())) {
-                (Some(a), Some(g)) => note(a, g)?,
+                (Some(a), Some(g)) => note(name.clone(), a, g)?,
                 (None, None) => {}
                 (a, g) => anyhow::bail!("layer {l}: {name}: autograd {} a gradient, the explicit backward {}", if a.is_some() { "gives" } else { "gives no" }, if g.is_some() { "does" } else { "does not" }),
             }
         }
     }
-    Ok((worst, worst_l2, compared))
+    Ok(report)
+}
+
+/// What `explicit_against_autograd` found: the largest max-relative error and the tensor it
+/// was in, the largest relative L2 error, and how many gradients were compared.
+#[derive(Debug, Default)]
+pub struct TwinReport {
+    pub max_rel: f32,
+    pub worst: String,
+    pub max_l2: f32,
+    pub compared: usize,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::config::{IndexerDefaults, ModelConfig};
+    use crate::model::moe::ExpertCompute;
     use candle_core::{DType, Device};
 
     /// A small V3.2 config: layer 0 dense, layer 1 MoE (8 experts in 4 groups, 2 kept, top 2,
@@ -301,17 +338,19 @@ mod tests {
     /// The explicit backward of a dense and a MoE layer (balance loss included) against
     /// candle's autograd in f32: dh and every parameter gradient within 1e-5 relative, the
     /// same parameters getting gradients, at blocks of every sequence at once, of 4 rows (not
-    /// dividing T 9) and of 1 row; top-k 5, so early queries have padded sets. Also MoE without
+    /// dividing T 9) and of 1 row, with the experts one at a time and grouped; top-k 5, so early queries have padded sets. Also MoE without
     /// the weights' normalisation and without a shared expert.
     #[test]
     fn explicit_layer_backward_matches_autograd() {
         let plain = config(&[]);
         let other = config(&[("norm_topk_prob", false.into()), ("n_shared_experts", 0.into()), ("first_k_dense_replace", 0.into())]);
-        for (cfg, min_grads) in [(&plain, 2 * 20), (&other, 2 * 20)] {
-            for rows in [0, 4, 1] {
-                let (worst, _, compared) = explicit_against_autograd(cfg, &Device::Cpu, DType::F32, 9, 5, rows, 3).unwrap();
-                assert!(worst <= 1e-5, "rows {rows}: max relative error {worst}");
-                assert!(compared >= min_grads, "rows {rows}: only {compared} gradients compared");
+        for cfg in [&plain, &other] {
+            for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
+                for rows in [0, 4, 1] {
+                    let r = explicit_against_autograd(cfg, &Device::Cpu, DType::F32, compute, 9, 5, rows, 3).unwrap();
+                    assert!(r.max_rel <= 1e-5, "{compute:?}, rows {rows}: max relative error {} in {}", r.max_rel, r.worst);
+                    assert!(r.compared >= 40, "{compute:?}, rows {rows}: only {} gradients compared", r.compared);
+                }
             }
         }
     }

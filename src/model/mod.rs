@@ -260,8 +260,12 @@ impl DecoderLayer {
                 a.out
             }
             AttentionMode::Sparse => {
+                let region = crate::profile::region("attention: selection (indexer top-k)");
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
+                drop(region);
+                let region = crate::profile::region("attention: sparse MLA forward (and probabilities)");
                 let a = self.attn.sparse(&proj, &sel, opts.indexer_kl)?;
+                drop(region);
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
                     sparse_kl(ix, a.probs()?.clone(), &sel, self.indexer.tensor_cores, &mut stats)?;
@@ -818,6 +822,7 @@ pub(crate) fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard:
             topk_group: cfg.topk_group,
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor,
+            compute: moe::ExpertCompute::Auto,
         })
     } else {
         FeedForward::Dense(mlp("mlp.")?)

@@ -16,7 +16,7 @@ use rayon::prelude::*;
 use super::attention::add_if_wanted;
 use super::grad_sink::GradSink;
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
-use crate::ops::{linear, sigmoid, swiglu, swiglu_backward, swiglu_saved, SwigluSaved};
+use crate::ops::{self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved};
 use crate::rows::RowPlan;
 
 pub struct Mlp {
@@ -63,6 +63,32 @@ pub struct Routing {
     slots_of: Vec<Vec<u32>>,
 }
 
+/// What the routed experts' explicit forward keeps, per `ExpertCompute`.
+enum ExpertsSaved {
+    /// Per expert held here that has rows (index into `Moe::experts`): its rows of the arrived
+    /// rows, its input [n_e, hidden] and its SwiGLU's saved values.
+    PerExpert(Vec<(usize, Vec<u32>, Tensor, SwigluSaved)>),
+    /// The busy experts at once: `pad` takes the arrived rows to [E' * cap] padded rows (zeros
+    /// past an expert's count), `unpad` takes them back; the padded input [E', cap, hidden],
+    /// the stacked weights (gate, up, down) and the batched SwiGLU's saved values.
+    Grouped { busy: Vec<usize>, pad: RowPlan, unpad: RowPlan, xs: Tensor, stacks: [Tensor; 3], saved: SwigluSaved },
+    /// No row reached an expert held here.
+    Idle,
+}
+
+/// How the routed experts run: a policy of the model, set when it is built (numerics: the same
+/// dot products either way, summed in cuBLAS's order for the shape).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExpertCompute {
+    /// Grouped on CUDA while the stacked weights stay under 256 MiB (small experts, where the
+    /// per-expert launches cost more than the FLOPs), one per expert otherwise.
+    Auto,
+    /// One gather and one SwiGLU per expert that has rows.
+    PerExpert,
+    /// Every busy expert at once: padded batched products over stacked weights.
+    Grouped,
+}
+
 impl MoeSaved {
     /// The experts chosen per token [N*K] and the router's scores [N, E] f32.
     pub fn routing(&self) -> (&[u32], &Tensor) {
@@ -78,9 +104,8 @@ pub struct MoeSaved {
     slot: Vec<u32>,
     /// Expert parallelism: rows sent to and received from each rank of the group.
     exchange: Option<(Vec<usize>, Vec<usize>)>,
-    /// Per expert held here (index into `Moe::experts`): its rows of the arrived rows, its
-    /// input [n_e, hidden] and its SwiGLU's saved values.
-    experts: Vec<(usize, Vec<u32>, Tensor, SwigluSaved)>,
+    /// The routed experts' forward.
+    experts: ExpertsSaved,
     /// Arrived rows (= S unsharded).
     arrived_rows: usize,
     /// The routed outputs back at this rank, unweighted [S, hidden].
@@ -105,6 +130,7 @@ pub struct Moe {
     pub topk_group: usize,
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f64,
+    pub compute: ExpertCompute,
 }
 
 /// The experts chosen for one token, best first.
@@ -296,20 +322,7 @@ impl Moe {
             }
         };
         let arrived_rows = arrived.dim(0)?;
-        let mut experts = Vec::new();
-        let mut ys = Vec::new();
-        for (j, rows) in rows_of.into_iter().enumerate() {
-            if rows.is_empty() {
-                continue; // an idle expert: no compute, no gradient
-            }
-            let xe = RowPlan::gather(&rows, arrived_rows, dev)?.apply(&arrived)?;
-            let saved = self.experts[j].forward_saved(&xe)?;
-            ys.push(saved.output(&self.experts[j].down)?);
-            experts.push((j, rows, xe, saved));
-        }
-        // Each arrived row has exactly one expert: put the outputs back in arrival order.
-        let taken: Vec<u32> = experts.iter().flat_map(|(_, r, _, _)| r.iter().copied()).collect();
-        let y = if ys.is_empty() { arrived.zeros_like()? } else { RowPlan::gather(&taken, arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)? };
+        let (y, experts) = self.experts_forward_saved(&arrived, &rows_of)?;
         let back = match &exchange {
             Some((send, recv)) => all_to_all_rows(&y, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
             None => y,
@@ -357,17 +370,7 @@ impl Moe {
             Some((send, recv)) => all_to_all_rows(&d_back, &self.shard.as_ref().expect("sharded").exchange, send, recv)?,
             None => d_back,
         }; // [R, hidden]
-        let mut dxs = Vec::new();
-        for (j, rows, xe, s) in &saved.experts {
-            let dye = RowPlan::gather(rows, saved.arrived_rows, dev)?.apply(&d_y)?;
-            dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
-        }
-        let taken: Vec<u32> = saved.experts.iter().flat_map(|(_, r, _, _)| r.iter().copied()).collect();
-        let d_arrived = if dxs.is_empty() {
-            Tensor::zeros((saved.arrived_rows, x.dim(1)?), x.dtype(), dev)?
-        } else {
-            RowPlan::gather(&taken, saved.arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&dxs, 0)?)?
-        };
+        let d_arrived = self.experts_backward(&saved.experts, saved.arrived_rows, &d_y, grads)?;
         let d_sorted = match &saved.exchange {
             Some((send, recv)) => all_to_all_rows(&d_arrived, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
             None => d_arrived,
@@ -397,6 +400,84 @@ impl Moe {
         let (dx32, drouter) = crate::ops::linear_backward(&x32, &self.router, &dlogits, grads.wants(&self.router))?;
         add_if_wanted(grads, &self.router, drouter)?;
         dx + dx32.to_dtype(x.dtype())?
+    }
+
+    /// The routed experts on the rows that arrived here [R, hidden], expert j (index into
+    /// `experts`) taking rows `rows_of[j]`: their outputs in arrival order [R, hidden] and
+    /// what `experts_backward` reads. Grouped or per expert as `compute` says.
+    fn experts_forward_saved(&self, arrived: &Tensor, rows_of: &[Vec<u32>]) -> Result<(Tensor, ExpertsSaved)> {
+        let (r, d) = arrived.dims2()?;
+        let dev = arrived.device();
+        let busy: Vec<usize> = (0..rows_of.len()).filter(|&j| !rows_of[j].is_empty()).collect();
+        if busy.is_empty() {
+            return Ok((arrived.zeros_like()?, ExpertsSaved::Idle));
+        }
+        if self.use_grouped() {
+            let cap = busy.iter().map(|&j| rows_of[j].len()).max().unwrap_or(0);
+            let (mut src, mut off, mut p_of_r) = (Vec::with_capacity(r), Vec::with_capacity(busy.len() * cap + 1), vec![0u32; r]);
+            off.push(0u32);
+            for (g, &j) in busy.iter().enumerate() {
+                for i in 0..cap {
+                    if let Some(&row) = rows_of[j].get(i) {
+                        src.push(row);
+                        p_of_r[row as usize] = (g * cap + i) as u32;
+                    }
+                    off.push(src.len() as u32);
+                }
+            }
+            let pad = RowPlan::sums(src, off, r, dev)?;
+            let unpad = RowPlan::gather(&p_of_r, busy.len() * cap, dev)?;
+            let xs = pad.apply(arrived)?.reshape((busy.len(), cap, d))?;
+            let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&busy.iter().map(|&j| pick(&self.experts[j])).collect::<Vec<_>>(), 0) };
+            let stacks = [stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?];
+            let saved = swiglu_batched_saved(&xs, &stacks[0], &stacks[1])?;
+            let y = unpad.apply(&saved.output_batched(&stacks[2])?.reshape((busy.len() * cap, d))?)?;
+            return Ok((y, ExpertsSaved::Grouped { busy, pad, unpad, xs, stacks, saved }));
+        }
+        let (mut experts, mut ys) = (Vec::with_capacity(busy.len()), Vec::with_capacity(busy.len()));
+        for j in busy {
+            let xe = RowPlan::gather(&rows_of[j], r, dev)?.apply(arrived)?;
+            let saved = self.experts[j].forward_saved(&xe)?;
+            ys.push(saved.output(&self.experts[j].down)?);
+            experts.push((j, rows_of[j].clone(), xe, saved));
+        }
+        // Each arrived row has exactly one expert: put the outputs back in arrival order.
+        let taken: Vec<u32> = experts.iter().flat_map(|(_, rows, _, _)| rows.iter().copied()).collect();
+        let y = RowPlan::gather(&taken, r, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)?;
+        Ok((y, ExpertsSaved::PerExpert(experts)))
+    }
+
+    /// The backward of `experts_forward_saved`: d(outputs) [R, hidden] -> d(arrived rows);
+    /// the experts' weights' gradients to `grads` (none for an idle expert).
+    fn experts_backward(&self, saved: &ExpertsSaved, arrived_rows: usize, d_y: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let d = d_y.dim(1)?;
+        let dev = d_y.device();
+        match saved {
+            ExpertsSaved::Idle => d_y.zeros_like(),
+            ExpertsSaved::PerExpert(experts) => {
+                let mut dxs = Vec::with_capacity(experts.len());
+                for (j, rows, xe, s) in experts {
+                    let dye = RowPlan::gather(rows, arrived_rows, dev)?.apply(d_y)?;
+                    dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
+                }
+                let taken: Vec<u32> = experts.iter().flat_map(|(_, rows, _, _)| rows.iter().copied()).collect();
+                RowPlan::gather(&taken, arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&dxs, 0)?)
+            }
+            ExpertsSaved::Grouped { busy, pad, unpad, xs, stacks, saved } => {
+                let (e, cap, _) = xs.dims3()?;
+                let d_pad = unpad.adjoint().apply(d_y)?.reshape((e, cap, d))?; // zero rows past each count
+                let (dxs, g) = ops::swiglu_batched_backward(xs, saved, &stacks[0], &stacks[1], &stacks[2], &d_pad)?;
+                for (gi, &j) in busy.iter().enumerate() {
+                    let m = &self.experts[j];
+                    for (param, grad) in [(&m.gate, &g.gate), (&m.up, &g.up), (&m.down, &g.down)] {
+                        if let Some(grad) = grad {
+                            add_if_wanted(grads, param, Some(grad.get(gi)?))?;
+                        }
+                    }
+                }
+                pad.adjoint().apply(&dxs.reshape((e * cap, d))?)
+            }
+        }
     }
 
     /// Expert parallelism: rows sent to each rank of the group (by the expert ranges), the
@@ -474,22 +555,19 @@ impl Moe {
         Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
     }
 
-    /// Whether the routed experts run grouped (`routed_outputs`): by default on CUDA, where it
-    /// was measured faster side by side (NVIDIA H200: bench model sparse stage at 8K 1.28x,
-    /// mini model dense stage 1.25x; docs/benchmarks.md), per expert elsewhere;
-    /// DSA_MOE_GROUPED=1 / =0 forces it on / off. Only while the stacked copy of the experts'
-    /// weights stays under 256 MiB: small experts, where the per-expert launches cost more
-    /// than the FLOPs (large experts amortise them anyway).
+    /// Whether the routed experts run grouped (`routed_outputs`, `experts_forward_saved`), as
+    /// `compute` says. `Auto`: on CUDA, where it was measured faster side by side (NVIDIA
+    /// H200: bench model sparse stage at 8K 1.28x, mini model dense stage 1.25x;
+    /// docs/benchmarks.md), while the stacked copy of the experts' weights stays under 256 MiB.
     fn use_grouped(&self) -> bool {
-        static ASKED: std::sync::OnceLock<Option<bool>> = std::sync::OnceLock::new();
-        let asked = *ASKED.get_or_init(|| match std::env::var("DSA_MOE_GROUPED").as_deref() {
-            Ok("1") => Some(true),
-            Ok("0") => Some(false),
-            _ => None,
-        });
-        let asked = asked.unwrap_or_else(|| self.experts.first().is_some_and(|m| m.gate.device().is_cuda()));
-        let bytes: usize = self.experts.iter().map(|m| (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count()) * m.gate.dtype().size_in_bytes()).sum();
-        asked && self.experts.len() > 1 && bytes <= 256 << 20
+        match self.compute {
+            ExpertCompute::PerExpert => false,
+            ExpertCompute::Grouped => true,
+            ExpertCompute::Auto => {
+                let bytes: usize = self.experts.iter().map(|m| (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count()) * m.gate.dtype().size_in_bytes()).sum();
+                self.experts.first().is_some_and(|m| m.gate.device().is_cuda()) && self.experts.len() > 1 && bytes <= 256 << 20
+            }
+        }
     }
 
     /// The routed experts' weighted sum with the experts spread over an expert-parallel group.
@@ -564,6 +642,7 @@ pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, 
         topk_group: 1,
         norm_topk_prob: true,
         routed_scaling_factor: 1.0,
+        compute: ExpertCompute::Auto,
     };
     let x = var(&[n, d], 1)?;
     // Expert j takes each token with probability about (j + 1) / e (uneven loads); the last takes none.
