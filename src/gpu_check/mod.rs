@@ -11,6 +11,7 @@ mod sparse_mla_tc;
 mod rows;
 mod rms_norm;
 mod rope;
+mod join_rows;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -409,7 +410,8 @@ fn moe_grouped_matches_per_expert(gpu: &Device) -> Result<Vec<Outcome>> {
 /// on the GPU, with the kernels the training step runs (the tensor-core sparse MLA at 576/512
 /// in bf16, the f32 kernel in f32, fused RMSNorm and RoPE): a dense and a MoE layer of 16
 /// heads, T 300, top-k 128, every sequence at once and blocks of 128 rows. f32: max relative
-/// error <= 1e-5; bf16 (both sides round differently): relative L2 <= 2e-2.
+/// error <= 1e-5 (blocks: 1e-4, relative L2 5e-5); bf16 (both sides round differently):
+/// relative L2 <= 2e-2.
 fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut c = crate::tiny::tiny_config(true);
     let o = c.as_object_mut().expect("object");
@@ -423,8 +425,11 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     }
     let cfg = crate::config::ModelConfig::from_json(&c.to_string(), &crate::config::IndexerDefaults::default())?;
     let mut out = vec![];
+    // f32 blocks of 128 rows: the weights' token sums are split at other points (cuBLAS's
+    // reductions per block shape, the blocks' sums), measured 2.9e-5 at most (H100).
     for (dtype, max_tol, l2_tol) in [(DType::F32, 1e-5f32, 1e-5f32), (DType::BF16, f32::INFINITY, 2e-2)] {
         for rows in [0, 128] {
+            let (max_tol, l2_tol) = if dtype == DType::F32 && rows > 0 { (1e-4, 5e-5) } else { (max_tol, l2_tol) };
             let r = crate::model::backward::explicit_against_autograd(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, 300, 128, rows, 5)?;
             out.push(Outcome {
                 name: "explicit layer backward vs autograd",
@@ -466,6 +471,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
         ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),
         ("rope", Box::new(|| rope::checks(&gpu))),
+        ("join-rows", Box::new(|| join_rows::checks(&gpu))),
         ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),
         ("forward", Box::new(|| forward_matches_cpu(&model, &gpu))),
         ("eval-blocks", Box::new(|| eval_blocks_match_whole(&model, &gpu))),

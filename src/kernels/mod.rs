@@ -18,6 +18,7 @@ pub mod lm_loss;
 pub mod adamw;
 pub mod rms_norm;
 pub mod rope;
+pub mod join_rows;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -66,30 +67,20 @@ pub fn sparse_mla(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: usize) 
 }
 
 /// The backward of `sparse_mla` without autograd: `fwd_out` its result [N, H, dv + 1] and
-/// `dout` the output's gradient [N, H, dv] -> (dq [N, H, DQK], dkv [NKV, DQK]), f32, the same
-/// kernel autograd runs.
-pub fn sparse_mla_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, dout: &Tensor, scale: f64, dv: usize) -> Result<(Tensor, Tensor)> {
+/// `grad` that result's gradient [N, H, dv + 1] f32 (the LSE column is ignored) -> (dq
+/// [N, H, DQK], dkv [NKV, DQK]), f32, the same kernel autograd runs.
+pub fn sparse_mla_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, grad: &Tensor, scale: f64, dv: usize) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::CustomOp3;
-        let grad = with_lse_column(dout)?;
-        let (dq, dkv, _) = cuda::SparseMla { scale: scale as f32, dv }.bwd(q, kv, idx, fwd_out, &grad)?;
+        let (dq, dkv, _) = cuda::SparseMla { scale: scale as f32, dv }.bwd(q, kv, idx, fwd_out, grad)?;
         Ok((dq.expect("dq"), dkv.expect("dkv")))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, kv, idx, fwd_out, dout, scale, dv);
+        let _ = (q, kv, idx, fwd_out, grad, scale, dv);
         candle_core::bail!("sparse_mla kernel needs the `cuda` feature")
     }
-}
-
-/// dout [N, H, dv] -> [N, H, dv + 1] f32 with a zero LSE column: the gradient of the sparse
-/// kernels' combined result (the LSE carries none).
-#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
-pub(crate) fn with_lse_column(dout: &Tensor) -> Result<Tensor> {
-    let (n, h, _) = dout.dims3()?;
-    let zero = Tensor::zeros((n, h, 1), candle_core::DType::F32, dout.device())?;
-    Tensor::cat(&[&dout.to_dtype(candle_core::DType::F32)?, &zero], 2)?.contiguous()
 }
 
 /// Head-mean attention probabilities over the selected keys [N, K], from the forward's LSE

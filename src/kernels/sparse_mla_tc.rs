@@ -99,20 +99,20 @@ pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: us
 }
 
 /// The backward of `sparse_mla_bf16` without autograd: `fwd_out` its result [N, H, DV + 1]
-/// f32 and `dout` the output's gradient [N, H, DV] -> (dq [N, H, DQK], dkv [NKV, DQK]) bf16,
-/// the same kernel autograd runs (deterministic when `set_deterministic` asked for it).
-pub fn sparse_mla_bf16_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, dout: &Tensor, scale: f64, dv: usize) -> Result<(Tensor, Tensor)> {
+/// f32 and `grad` that result's gradient [N, H, DV + 1] f32 (the LSE column is ignored) ->
+/// (dq [N, H, DQK], dkv [NKV, DQK]) bf16, the same kernel autograd runs (deterministic when
+/// `set_deterministic` asked for it).
+pub fn sparse_mla_bf16_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, grad: &Tensor, scale: f64, dv: usize) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::CustomOp3;
         let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
-        let grad = super::with_lse_column(dout)?;
-        let (dq, dkv, _) = cuda::SparseMlaTc { scale: scale as f32, dv }.bwd(&q, &kv, &idx, fwd_out, &grad)?;
+        let (dq, dkv, _) = cuda::SparseMlaTc { scale: scale as f32, dv }.bwd(&q, &kv, &idx, fwd_out, grad)?;
         Ok((dq.expect("dq"), dkv.expect("dkv")))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, kv, idx, fwd_out, dout, scale, dv);
+        let _ = (q, kv, idx, fwd_out, grad, scale, dv);
         candle_core::bail!("sparse_mla_bf16 kernel needs the `cuda` feature")
     }
 }

@@ -17,6 +17,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::grad_sink::GradSink;
 use crate::dsa::Selection;
+use crate::kernels::join_rows::join_rows;
 use crate::ops::{linear, linear_backward, rms_norm, rms_norm_backward, rope_interleaved, rope_interleaved_backward, softmax_last};
 
 pub struct Mla {
@@ -106,9 +107,9 @@ pub struct SparseSaved {
 
 /// The absorbed attention's gradients with respect to its inputs.
 pub struct SparseGrads {
-    /// [B, T, H, N]
+    /// Of q_nope, head-major [H, B*T, N] (as the per-head products make it).
     pub q_nope: Tensor,
-    /// [B, T, H, R] (of the RoPE'd q_pe)
+    /// Of the RoPE'd q_pe, [B*T, H, R].
     pub q_pe: Tensor,
     /// [B*T', C+R] of the latent rows `kv` (every row, zero where no query selected it), f32.
     pub kv: Tensor,
@@ -186,12 +187,15 @@ impl Mla {
         Ok((q_nope, q_pe, QuerySaved { qa, qr }))
     }
 
-    /// The backward of `queries_saved`: the gradients of q_nope and q_pe -> dx [B, T, hidden];
-    /// q_a_proj's, q_a_norm's and q_b_proj's gradients to `grads`.
+    /// The backward of `queries_saved`: the gradients of q_nope (head-major [H, B*T, N]) and of
+    /// q_pe ([B*T, H, R], as `SparseGrads` holds them) -> dx [B, T, hidden]; q_a_proj's,
+    /// q_a_norm's and q_b_proj's gradients to `grads`.
     pub fn queries_backward(&self, x: &Tensor, saved: &QuerySaved, dq_nope: &Tensor, dq_pe: &Tensor, cos: &Tensor, sin: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
-        let (b, t, h, _) = dq_nope.dims4()?;
-        let dq_pe = rope_interleaved_backward(&dq_pe.contiguous()?, cos, sin)?;
-        let dq = Tensor::cat(&[dq_nope, &dq_pe], 3)?.reshape((b, t, h * (self.nope + self.rope)))?;
+        let (b, t, _) = x.dims3()?;
+        let (h, r) = (self.heads, self.rope);
+        let dq_pe = rope_interleaved_backward(&dq_pe.reshape((b, t, h, r))?, cos, sin)?.reshape((b * t, h, r))?;
+        // [B*T, H, N+R]: the head-major dq_nope back to token-major, joined with dq_pe.
+        let dq = join_rows(&dq_nope.transpose(0, 1)?, Some(&dq_pe), 1, x.dtype())?.reshape((b, t, h * (self.nope + r)))?;
         let (dqr, dw) = linear_backward(&saved.qr, &self.q_b_proj, &dq, grads.wants(&self.q_b_proj))?;
         add_if_wanted(grads, &self.q_b_proj, dw)?;
         let (dqa, dnorm) = rms_norm_backward(&saved.qa, &self.q_a_norm, LORA_NORM_EPS, &dqr)?;
@@ -329,43 +333,45 @@ impl Mla {
     }
 
     /// `sparse_rows`, also returning what `sparse_backward` reads (the same tensors autograd
-    /// would keep; no extra work).
+    /// would keep; no extra work). Layout moves between token-major [BT, H, .] (the kernels')
+    /// and head-major [H, BT, .] (the per-head products') go through `join_rows`.
     pub fn sparse_saved(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor, sel: &Selection, want_probs: bool) -> Result<(AttentionOut, SparseSaved)> {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r, k) = (self.kv_lora, self.rope, sel.k()?);
         let bt = b * t;
+        let dtype = q_nope.dtype();
         let (w_uk, w_uv) = self.absorbed_weights()?;
-        // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h].
-        let q_nope = q_nope.reshape((bt, h, self.nope))?.transpose(0, 1)?.contiguous()?; // [H, BT, N]
-        let q_lat = q_nope.matmul(&w_uk)?.transpose(0, 1)?; // [BT, H, C]
-        let q = Tensor::cat(&[&q_lat, &q_pe.reshape((bt, h, r))?], 2)?.contiguous()?; // [BT, H, C+R]
+        // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h], head-major.
+        let q_nope = join_rows(&q_nope.permute((2, 0, 1, 3))?, None, 1, dtype)?; // [H, BT, N]
+        let q_lat = q_nope.matmul(&w_uk)?; // [H, BT, C]
+        let q = join_rows(&q_lat.transpose(0, 1)?, Some(&q_pe.reshape((bt, h, r))?), 1, dtype)?; // [BT, H, C+R]
         let (o_lat, head_mean, fwd) = if crate::kernels::available(q.device()) {
             // Fused kernel: gathers the selected rows on the fly, keeps only the LSE. bf16 models
             // take the tensor-core kernel (bf16 products, f32 softmax and accumulators).
             let idx = sel.absolute.reshape((bt, k))?;
             let tensor_cores = self.tensor_cores(&q);
             let out = if tensor_cores {
-                crate::kernels::sparse_mla_tc::sparse_mla_bf16(&q.contiguous()?, &kv.contiguous()?, &idx, self.scale, c)?
+                crate::kernels::sparse_mla_tc::sparse_mla_bf16(&q, &kv.contiguous()?, &idx, self.scale, c)?
             } else {
                 crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?.contiguous()?, &kv.to_dtype(DType::F32)?.contiguous()?, &idx, self.scale, c)?
             }; // [BT, H, C+1] f32
             let pm = if !want_probs {
                 None
             } else if tensor_cores {
-                Some(crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(&q.detach().contiguous()?, &kv.detach().contiguous()?, &idx, &out.detach(), self.scale, c)?)
+                Some(crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(&q.detach(), &kv.detach().contiguous()?, &idx, &out.detach(), self.scale, c)?)
             } else {
                 let (q32, kv32) = (q.detach().to_dtype(DType::F32)?.contiguous()?, kv.detach().to_dtype(DType::F32)?.contiguous()?);
                 Some(crate::kernels::sparse_mla_head_mean_probs(&q32, &kv32, &idx, &out, self.scale, c)?)
             };
-            (out.narrow(2, 0, c)?.to_dtype(q.dtype())?, pm.map(|p| p.reshape((b, t, k))).transpose()?, Some(out.detach()))
+            let o_lat = join_rows(&out.narrow(2, 0, c)?.transpose(0, 1)?, None, 1, dtype)?; // [H, BT, C]
+            (o_lat, pm.map(|p| p.reshape((b, t, k))).transpose()?, Some(out.detach()))
         } else {
             let (o, pm) = self.sparse_plain(&q, kv, sel, b, t)?;
-            (o, want_probs.then_some(pm), None)
+            (join_rows(&o.transpose(0, 1)?, None, 1, dtype)?, want_probs.then_some(pm), None)
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
-        let o_lat = o_lat.transpose(0, 1)?.contiguous()?; // [H, BT, C]
         let o = o_lat.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
-        let o = o.transpose(0, 1)?.reshape((b, t, h * self.v_dim))?;
+        let o = join_rows(&o.transpose(0, 1)?, None, 1, dtype)?.reshape((b, t, h * self.v_dim))?;
         let out = AttentionOut { out: linear(&o, &self.o_proj)?, head_mean_probs: head_mean.map(|p| p.detach()) };
         Ok((out, SparseSaved { q_nope, q, o_lat, fwd, o }))
     }
@@ -378,41 +384,41 @@ impl Mla {
         let (b, t, _) = dout.dims3()?;
         let (h, c, r, n) = (self.heads, self.kv_lora, self.rope, self.nope);
         let bt = b * t;
+        let dtype = saved.q.dtype();
         let (w_uk, w_uv) = self.absorbed_weights()?;
         let (d_o, dw) = linear_backward(&saved.o, &self.o_proj, dout, grads.wants(&self.o_proj))?;
         add_if_wanted(grads, &self.o_proj, dw)?;
-        let d_o = d_o.reshape((bt, h, self.v_dim))?.transpose(0, 1)?.contiguous()?; // [H, BT, V]
+        let d_o = join_rows(&d_o.reshape((bt, h, self.v_dim))?.transpose(0, 1)?, None, 1, dtype)?; // [H, BT, V]
         let do_lat = d_o.matmul(&w_uv)?; // [H, BT, C]
         let wants_kv_b = grads.wants(&self.kv_b_proj);
         let dw_uv = if wants_kv_b { Some(d_o.transpose(1, 2)?.matmul(&saved.o_lat)?) } else { None }; // [H, V, C]
-        let do_lat = do_lat.transpose(0, 1)?.contiguous()?; // [BT, H, C]
         let region = crate::profile::region("attention bwd: sparse MLA kernel");
         let (dq, dkv) = match &saved.fwd {
             Some(fwd) => {
                 let idx = sel.absolute.reshape((bt, sel.k()?))?;
+                // The gradient of the kernels' combined result [BT, H, C+1] f32: the output's,
+                // token-major, and a zero LSE column.
+                let zero = Tensor::zeros((1, 1, 1), do_lat.dtype(), do_lat.device())?.broadcast_as((bt, h, 1))?;
+                let grad = join_rows(&do_lat.transpose(0, 1)?, Some(&zero), 1, DType::F32)?;
                 if self.tensor_cores(&saved.q) {
-                    crate::kernels::sparse_mla_tc::sparse_mla_bf16_backward(&saved.q, kv, &idx, fwd, &do_lat, self.scale, c)?
+                    crate::kernels::sparse_mla_tc::sparse_mla_bf16_backward(&saved.q, kv, &idx, fwd, &grad, self.scale, c)?
                 } else {
                     let (q32, kv32) = (saved.q.to_dtype(DType::F32)?.contiguous()?, kv.to_dtype(DType::F32)?.contiguous()?);
-                    crate::kernels::sparse_mla_backward(&q32, &kv32, &idx, fwd, &do_lat, self.scale, c)?
+                    crate::kernels::sparse_mla_backward(&q32, &kv32, &idx, fwd, &grad, self.scale, c)?
                 }
             }
-            None => self.sparse_plain_backward(&saved.q, kv, sel, &do_lat)?,
+            None => self.sparse_plain_backward(&saved.q, kv, sel, &join_rows(&do_lat.transpose(0, 1)?, None, 1, dtype)?)?,
         };
         drop(region);
-        let dq = dq.to_dtype(saved.q.dtype())?; // [BT, H, C+R]
-        let dq_lat = dq.narrow(2, 0, c)?.transpose(0, 1)?.contiguous()?; // [H, BT, C]
+        let dq = dq.to_dtype(dtype)?; // [BT, H, C+R]
+        let dq_lat = join_rows(&dq.narrow(2, 0, c)?.transpose(0, 1)?, None, 1, dtype)?; // [H, BT, C]
         let dq_nope = dq_lat.matmul(&w_uk.transpose(1, 2)?)?; // [H, BT, N]
         if let Some(dw_uv) = dw_uv {
             let dw_uk = saved.q_nope.transpose(1, 2)?.matmul(&dq_lat)?; // [H, N, C]
             let dw = Tensor::cat(&[&dw_uk, &dw_uv], 1)?.reshape((h * (n + self.v_dim), c))?;
             grads.add(&self.kv_b_proj, dw)?;
         }
-        Ok(SparseGrads {
-            q_nope: dq_nope.transpose(0, 1)?.reshape((b, t, h, n))?,
-            q_pe: dq.narrow(2, c, r)?.reshape((b, t, h, r))?,
-            kv: dkv.to_dtype(DType::F32)?,
-        })
+        Ok(SparseGrads { q_nope: dq_nope, q_pe: join_rows(&dq.narrow(2, c, r)?, None, 1, dtype)?, kv: dkv.to_dtype(DType::F32)? })
     }
 
     /// The plain twin of the sparse kernels' backward, recomputing the probabilities from q and
