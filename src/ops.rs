@@ -147,6 +147,15 @@ pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, weight_grad: bool) -
     Ok((dx, dw))
 }
 
+/// The weight's half of `linear_backward` alone: dw = dy^T @ x [out, in] (for inputs that take
+/// no gradient, such as the indexer's detached ones).
+pub fn linear_weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
+    let inp = x.dims().last().copied().unwrap_or(1);
+    let out = dy.dims().last().copied().unwrap_or(1);
+    let lead = dy.elem_count() / out.max(1);
+    dy.reshape((lead, out))?.t()?.matmul(&x.reshape((lead, inp))?)
+}
+
 /// The backward of `rms_norm`: (dx in x's dtype, dw in w's). On a GPU the fused op's backward
 /// (`kernels::rms_norm::rms_norm_backward`), else `rms_norm_backward_plain`.
 pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -183,6 +192,34 @@ pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Res
         return crate::kernels::rope::rope_inverse(dy, cos, sin, crate::kernels::rope::Pairs::Interleaved);
     }
     rope_interleaved_plain(dy, cos, &sin.neg()?)
+}
+
+/// The backward of `rope_half`: the rotation by the opposite angles (exact), the fused op's
+/// inverse on a GPU.
+pub fn rope_half_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(dy, cos, sin) {
+        return crate::kernels::rope::rope_inverse(dy, cos, sin, crate::kernels::rope::Pairs::Halves);
+    }
+    rope_half_plain(dy, cos, &sin.neg()?)
+}
+
+/// The backward of `layer_norm` for an f32 input x (all in f32): with xh = (x - mean) / s,
+/// s = sqrt(var + eps), dxh = dy w: dx = (dxh - mean(dxh) - xh mean(dxh xh)) / s,
+/// dw = sum over rows of dy xh, db = sum over rows of dy. Returns (dx, dw, db).
+pub fn layer_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let d = x.dims().last().copied().unwrap_or(1);
+    let rows = x.elem_count() / d.max(1);
+    let x = x.to_dtype(DType::F32)?;
+    let dy = dy.to_dtype(DType::F32)?;
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let s = (centred.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
+    let xh = centred.broadcast_div(&s)?;
+    let dxh = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
+    let dot = (&dxh * &xh)?.mean_keepdim(D::Minus1)?;
+    let dx = dxh.broadcast_sub(&dxh.mean_keepdim(D::Minus1)?)?.broadcast_sub(&xh.broadcast_mul(&dot)?)?.broadcast_div(&s)?;
+    let dw = (&dy * &xh)?.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
+    let db = dy.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
+    Ok((dx, dw, db))
 }
 
 /// What `swiglu_saved` keeps for `swiglu_backward`: the gate and up products [.., I] and the

@@ -444,6 +444,23 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// The sparse-stage indexer KL's explicit backward (`Indexer::sparse_kl_backward`) against its
+/// autograd twin on the GPU, with the scores' f32 kernel and the tensor-core one, at the
+/// 671B indexer shape (64 x 128, RoPE 64) and a small one: KL within 1e-5, weights'
+/// gradients within 1e-4 (max relative; the kernels' dk atomics add in any order).
+fn indexer_kl_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (tensor_cores, shape, rows) in [(false, (1, 300, 256, 192, 64, 128, 64, 64), 128), (true, (1, 300, 256, 192, 64, 128, 64, 64), 128), (true, (2, 37, 40, 24, 3, 32, 16, 8), 5)] {
+        let (kl, grads) = crate::model::indexer::sparse_kl_against_autograd(gpu, tensor_cores, shape, rows, 9)?;
+        out.push(Outcome {
+            name: "explicit indexer KL backward vs autograd",
+            ok: kl <= 1e-5 && grads <= 1e-4,
+            detail: format!("tensor cores {tensor_cores}, (B, T, D, Q, HI, DI, R, k) {shape:?}, rows {rows}: KL rel err {kl:.1e}, weights' gradients max rel err {grads:.1e}"),
+        });
+    }
+    Ok(out)
+}
+
 /// Run every check (or those whose group name contains `only`); print one line each; fail if
 /// any fails.
 pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
@@ -467,6 +484,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("rows", Box::new(|| rows::checks(&gpu))),
         ("moe-grouped", Box::new(|| moe_grouped_matches_per_expert(&gpu))),
         ("layer-backward", Box::new(|| layer_backward_matches_autograd(&gpu))),
+        ("indexer-kl-backward", Box::new(|| indexer_kl_backward_matches_autograd(&gpu))),
         ("lm-loss", Box::new(|| lm_loss_matches_twin(&gpu))),
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
         ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),

@@ -54,6 +54,28 @@ pub fn indexer_scores_at_bf16(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) 
     }
 }
 
+/// The backward of `indexer_scores_at_bf16` without autograd: `grad` [N, K] f32 -> (dq
+/// [N, HI, DI], dw [N, HI], dk [NK, DI]) f32, the kernels autograd runs (q and k rounded to
+/// bf16 again, as the forward rounded them).
+pub fn indexer_scores_at_bf16_backward(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::CustomOp3;
+        let op = cuda::ScoresAtBf16 {
+            idx: idx.contiguous()?,
+            q16: q.detach().contiguous()?.to_dtype(DType::BF16)?,
+            k16: k.detach().contiguous()?.to_dtype(DType::BF16)?,
+        };
+        let (dq, dw, dk) = op.bwd(&q.contiguous()?, &w.contiguous()?, k, grad, grad)?;
+        Ok((dq.expect("dq"), dw.expect("dw"), dk.expect("dk")))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, w, k, idx, grad);
+        candle_core::bail!("indexer_scores_at_bf16 kernel needs the `cuda` feature")
+    }
+}
+
 use crate::profile::time_median;
 
 /// Benchmark at the 671B indexer shape (HI 64, DI 128, top-k 2048) for one sequence of `l`

@@ -112,6 +112,22 @@ pub fn indexer_scores_at(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) -> Re
     }
 }
 
+/// The backward of `indexer_scores_at` without autograd: `grad` [N, K] f32 -> (dq [N, HI, DI],
+/// dw [N, HI], dk [NK, DI]) f32, the kernel autograd runs.
+pub fn indexer_scores_at_backward(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::CustomOp3;
+        let (dq, dw, dk) = cuda::IndexerScoresAt { idx: idx.clone() }.bwd(q, w, k, grad, grad)?;
+        Ok((dq.expect("dq"), dw.expect("dw"), dk.expect("dk")))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (q, w, k, idx, grad);
+        candle_core::bail!("indexer_scores_at kernel needs the `cuda` feature")
+    }
+}
+
 #[cfg(feature = "cuda")]
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;

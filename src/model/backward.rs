@@ -16,12 +16,10 @@
 //! the model dtype except kv's (f32 over blocks). The twin is candle's autograd of the same
 //! forward (`DecoderLayer::forward_with`); tests hold every gradient against it.
 
-use std::collections::HashMap;
-
-use candle_core::{Result, Tensor, TensorId};
+use candle_core::{Result, Tensor};
 
 use super::attention::{add_if_wanted, Mla};
-use super::grad_sink::GradSink;
+use super::grad_sink::{GradSink, Originals, ToOriginals};
 use super::indexer::Indexer;
 use super::moe::{Mlp, Moe};
 use super::{DecoderLayer, FeedForward, ForwardContext};
@@ -57,14 +55,10 @@ impl DecoderLayer {
     }
 
     /// A copy of the layer whose tensors are detached views of this one's, and the original of
-    /// each view by its id.
-    fn detached_view(&self) -> (DecoderLayer, HashMap<TensorId, Tensor>) {
-        let mut originals = HashMap::new();
-        let mut d = |t: &Tensor| -> Tensor {
-            let v = t.detach();
-            originals.insert(v.id(), t.clone());
-            v
-        };
+    /// each view.
+    fn detached_view(&self) -> (DecoderLayer, Originals) {
+        let mut originals = Originals::default();
+        let mut d = |t: &Tensor| -> Tensor { originals.view(t) };
         let a = &self.attn;
         let attn = Mla {
             q_a_proj: d(&a.q_a_proj), q_a_norm: d(&a.q_a_norm), q_b_proj: d(&a.q_b_proj), kv_a_proj: d(&a.kv_a_proj),
@@ -173,25 +167,6 @@ impl DecoderLayer {
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         assemble(dh_res, b, t)? + dh_norm
-    }
-}
-
-/// Gradients of detached views, handed on under the tensors they view.
-struct ToOriginals<'a> {
-    inner: &'a mut dyn GradSink,
-    originals: HashMap<TensorId, Tensor>,
-}
-
-impl GradSink for ToOriginals<'_> {
-    fn wants(&self, param: &Tensor) -> bool {
-        self.originals.get(&param.id()).is_some_and(|p| self.inner.wants(p))
-    }
-
-    fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()> {
-        match self.originals.get(&param.id()) {
-            Some(p) => self.inner.add(p, grad),
-            None => candle_core::bail!("explicit backward: a gradient for a tensor that is not one of the layer's"),
-        }
     }
 }
 

@@ -38,3 +38,38 @@ impl GradSink for GradMap {
         Ok(())
     }
 }
+
+/// The originals of detached views of parameters, by the views' ids. A backward written by
+/// hand runs on such views (candle records no graph through a detached tensor, while through
+/// the trainer's Vars it would keep every op's inputs alive) and hands the gradients on under
+/// the originals (`ToOriginals`).
+#[derive(Default)]
+pub struct Originals(HashMap<TensorId, Tensor>);
+
+impl Originals {
+    /// A detached view of `t` (the same storage), remembered as `t`'s.
+    pub fn view(&mut self, t: &Tensor) -> Tensor {
+        let v = t.detach();
+        self.0.insert(v.id(), t.clone());
+        v
+    }
+}
+
+/// Gradients of detached views, handed on under the tensors they view.
+pub struct ToOriginals<'a> {
+    pub inner: &'a mut dyn GradSink,
+    pub originals: Originals,
+}
+
+impl GradSink for ToOriginals<'_> {
+    fn wants(&self, param: &Tensor) -> bool {
+        self.originals.0.get(&param.id()).is_some_and(|p| self.inner.wants(p))
+    }
+
+    fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()> {
+        match self.originals.0.get(&param.id()) {
+            Some(p) => self.inner.add(p, grad),
+            None => candle_core::bail!("explicit backward: a gradient for a tensor that is not a view of a parameter"),
+        }
+    }
+}

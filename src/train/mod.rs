@@ -391,6 +391,8 @@ impl Trainer {
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
             Ok(Some(match acc { Some(a) => (a + x)?, None => x }))
         };
+        // The tensors that learn, by the id of the Var the model reads (the explicit backwards' sink).
+        let trainable: HashMap<candle_core::TensorId, &str> = self.slots.iter().map(|s| (s.var.as_tensor().id(), s.name.as_str())).collect();
         let mut inputs = Vec::new();
         let mut selections = Vec::new();
         let mut balance_weights = Vec::new();
@@ -415,7 +417,7 @@ impl Trainer {
             drop(region);
             crate::profile::log_device_memory(&format!("layer {l} forward"));
             if with_kl {
-                let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
+                let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &trainable, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
                 self.flush_layer(accum, l).with_context(|| format!("layer {l} indexer gradient sums"))?;
                 crate::profile::log_device_memory(&format!("layer {l} KL backward"));
                 kl_sum = add(kl_sum, kl)?;
@@ -475,7 +477,7 @@ impl Trainer {
             let mtp_opts = ForwardOptions { block_rows: 0, ..opts.clone() };
             let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
             if with_kl {
-                self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &self.model.mtp[depth].layer.indexer)?;
+                self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &trainable, &self.model.mtp[depth].layer.indexer)?;
             }
             if trains {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
@@ -503,7 +505,6 @@ impl Trainer {
             };
             if recompute {
                 let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
-                let trainable: HashMap<candle_core::TensorId, &str> = self.slots.iter().map(|s| (s.var.as_tensor().id(), s.name.as_str())).collect();
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
                     let input = inputs[l].to_device(&self.device)?;
                     let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
@@ -597,13 +598,22 @@ impl Trainer {
     /// projections q_I, w, k_I (the layer built the KL on leaf copies of them), from the
     /// streaming kernel (warm-up on CUDA) or block of queries by block (plain warm-up);
     /// (2) `Indexer::backprop_rows` pushes them into the parameters a chunk of tokens at a time.
-    fn backprop_indexer_kl(&self, stats: &crate::model::LayerStats, weight: f64, accum: &mut GradAccum, indexer: &crate::model::indexer::Indexer) -> Result<Tensor> {
+    fn backprop_indexer_kl(
+        &self,
+        stats: &crate::model::LayerStats,
+        weight: f64,
+        accum: &mut GradAccum,
+        trainable: &HashMap<candle_core::TensorId, &str>,
+        indexer: &crate::model::indexer::Indexer,
+    ) -> Result<Tensor> {
         let _region = crate::profile::region("step: indexer KL backward");
         let slots = &self.slots;
         if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
+            // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
             let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
             let rope = (&self.ctx.cos, &self.ctx.sin);
-            let kl = indexer.backprop_sparse_kl((x, qr), keys, target, sel, rope, *rows, weight, |gs| accum.add(slots, gs).map_err(candle_core::Error::wrap))?;
+            let mut sink = AccumSink { trainable, accum };
+            let kl = indexer.sparse_kl_backward((x, qr), keys, target, sel, rope, *rows, weight, &mut sink)?;
             return Ok(kl.to_dtype(DType::F32)?);
         }
         let proj = match (&stats.indexer_proj, stats.deferred_kl.as_ref().and_then(|d| d.proj())) {
