@@ -293,6 +293,23 @@ impl IndexerProj {
     }
 }
 
+/// One layer's sparse-stage indexer KL, as `Indexer::sparse_kl_backward` takes it: the
+/// indexer's detached inputs x [B, T, hidden] and qr [B, T, q_lora], the keys [B, T, DI] (f32),
+/// the target [B, T, K] and sets `sel`, the RoPE tables of positions 0.. (at least T rows),
+/// query rows per block and the loss weight.
+#[derive(Clone, Copy)]
+pub struct SparseKl<'a> {
+    pub x: &'a Tensor,
+    pub qr: &'a Tensor,
+    pub keys: &'a Tensor,
+    pub target: &'a Tensor,
+    pub sel: &'a crate::dsa::Selection,
+    pub cos: &'a Tensor,
+    pub sin: &'a Tensor,
+    pub rows: usize,
+    pub weight: f64,
+}
+
 impl Indexer {
     /// `backprop_sparse_kl` written out (its twin): the same loss, blocks and value, no
     /// autograd graph; gradients of wq_b, weights_proj, wk and k_norm go to `grads`. Per block
@@ -303,37 +320,15 @@ impl Indexer {
     /// projections' weights (the inputs are detached: no dx). The keys' gradient, summed over
     /// the blocks in f32, then goes through the RoPE, k_norm (`ops::layer_norm_backward`) and
     /// wk a chunk of `rows` tokens at a time. Returns the mean KL (f32 scalar).
-    #[allow(clippy::too_many_arguments)]
-    pub fn sparse_kl_backward(
-        &self,
-        inputs: (&Tensor, &Tensor),
-        keys: &Tensor,
-        target: &Tensor,
-        sel: &crate::dsa::Selection,
-        rope: (&Tensor, &Tensor),
-        rows: usize,
-        weight: f64,
-        grads: &mut dyn GradSink,
-    ) -> Result<Tensor> {
+    pub fn sparse_kl_backward(&self, kl: &SparseKl, grads: &mut dyn GradSink) -> Result<Tensor> {
         let mut originals = Originals::default();
         let view = self.detached_view(&mut originals);
-        let mut sink = ToOriginals { inner: grads, originals };
-        view.sparse_kl_backward_detached(inputs, keys, target, sel, rope, rows, weight, &mut sink)
+        view.sparse_kl_backward_detached(kl, &mut ToOriginals { inner: grads, originals })
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn sparse_kl_backward_detached(
-        &self,
-        inputs: (&Tensor, &Tensor),
-        keys: &Tensor,
-        target: &Tensor,
-        sel: &crate::dsa::Selection,
-        rope: (&Tensor, &Tensor),
-        rows: usize,
-        weight: f64,
-        grads: &mut dyn GradSink,
-    ) -> Result<Tensor> {
-        let ((x, qr), (cos, sin)) = ((inputs.0.detach(), inputs.1.detach()), rope);
+    fn sparse_kl_backward_detached(&self, kl: &SparseKl, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let SparseKl { keys, target, sel, cos, sin, rows, weight, .. } = *kl;
+        let (x, qr) = (kl.x.detach(), kl.qr.detach());
         let (b, t, _) = x.dims3()?;
         let (hi, di) = (self.heads, self.head_dim);
         let rows = rows.clamp(1, t.max(1));
@@ -437,7 +432,8 @@ pub fn sparse_kl_against_autograd(dev: &candle_core::Device, tensor_cores: bool,
         Ok(())
     })?;
     let mut sink = super::grad_sink::GradMap::default();
-    let kl = ix.sparse_kl_backward((&x, &qr), &proj.k, &target, &sel, (&cos, &sin), rows, 0.7, &mut sink)?;
+    let args = SparseKl { x: &x, qr: &qr, keys: &proj.k, target: &target, sel: &sel, cos: &cos, sin: &sin, rows, weight: 0.7 };
+    let kl = ix.sparse_kl_backward(&args, &mut sink)?;
     let (a, e) = (kl_twin.to_dtype(DType::F32)?.to_scalar::<f32>()?, kl.to_dtype(DType::F32)?.to_scalar::<f32>()?);
     let mut worst = 0f32;
     for (i, p) in params.iter().enumerate() {

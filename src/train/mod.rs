@@ -611,9 +611,8 @@ impl Trainer {
         if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
             // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
             let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
-            let rope = (&self.ctx.cos, &self.ctx.sin);
-            let mut sink = AccumSink { trainable, accum };
-            let kl = indexer.sparse_kl_backward((x, qr), keys, target, sel, rope, *rows, weight, &mut sink)?;
+            let args = crate::model::indexer::SparseKl { x, qr, keys, target, sel, cos: &self.ctx.cos, sin: &self.ctx.sin, rows: *rows, weight };
+            let kl = indexer.sparse_kl_backward(&args, &mut AccumSink { trainable, accum })?;
             return Ok(kl.to_dtype(DType::F32)?);
         }
         let proj = match (&stats.indexer_proj, stats.deferred_kl.as_ref().and_then(|d| d.proj())) {
