@@ -15,7 +15,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::grad_sink::GradSink;
+use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dsa::Selection;
 use crate::kernels::join_rows::join_rows;
 use crate::ops::{linear, linear_backward, rms_norm, rms_norm_backward, rope_interleaved, rope_interleaved_backward, softmax_last};
@@ -461,13 +461,5 @@ impl Mla {
         let probs = softmax_last(&(scores * self.scale)?.broadcast_add(&bias)?)?; // [BT, H, K]
         let o_lat = probs.to_dtype(q.dtype())?.matmul(&kv_sel.narrow(2, 0, c)?.contiguous()?)?; // [BT, H, C]
         Ok((o_lat, probs.mean(D::Minus2)?.reshape((b, t, k))?))
-    }
-}
-
-/// Hand a parameter's gradient to `grads` when it was computed (None: the parameter is frozen).
-pub(crate) fn add_if_wanted(grads: &mut dyn GradSink, param: &Tensor, grad: Option<Tensor>) -> Result<()> {
-    match grad {
-        Some(g) if grads.wants(param) => grads.add(param, g),
-        _ => Ok(()),
     }
 }

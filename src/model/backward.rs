@@ -18,8 +18,8 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention::{add_if_wanted, Mla};
-use super::grad_sink::{GradSink, Originals, ToOriginals};
+use super::attention::Mla;
+use super::grad_sink::{add_if_wanted, GradSink, Originals, ToOriginals};
 use super::indexer::Indexer;
 use super::moe::{Mlp, Moe};
 use super::{DecoderLayer, FeedForward, ForwardContext};

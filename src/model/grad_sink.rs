@@ -12,6 +12,15 @@ pub trait GradSink {
     fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()>;
 }
 
+/// Hand a parameter's gradient to `grads` when it was computed and is wanted (None: the
+/// parameter is frozen and its gradient was skipped).
+pub fn add_if_wanted(grads: &mut dyn GradSink, param: &Tensor, grad: Option<Tensor>) -> Result<()> {
+    match grad {
+        Some(g) if grads.wants(param) => grads.add(param, g),
+        _ => Ok(()),
+    }
+}
+
 /// Gradients summed in f32 per parameter (by tensor id): the explicit backward's side of the
 /// tests that hold it against candle's autograd. `only`: the parameters that learn (None: all).
 #[derive(Default)]

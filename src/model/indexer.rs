@@ -12,7 +12,7 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
-use super::grad_sink::{GradSink, Originals, ToOriginals};
+use super::grad_sink::{add_if_wanted, GradSink, Originals, ToOriginals};
 use crate::ops::{layer_norm, layer_norm_backward, linear, linear_weight_grad, rope_half, rope_half_backward, softmax_last};
 
 pub struct Indexer {
@@ -375,8 +375,8 @@ impl Indexer {
             let k_lin = linear(&x32, &self.wk)?; // [B, n, DI]
             let dkn = self.rope_prefix_backward(&dk.narrow(1, r0, n)?.reshape((b, n, 1, di))?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?.reshape((b, n, di))?;
             let (dk_lin, dnw, dnb) = layer_norm_backward(&k_lin, &self.k_norm_weight, K_NORM_EPS, &dkn)?;
-            crate::model::attention::add_if_wanted(grads, &self.k_norm_weight, Some(dnw))?;
-            crate::model::attention::add_if_wanted(grads, &self.k_norm_bias, Some(dnb))?;
+            add_if_wanted(grads, &self.k_norm_weight, Some(dnw))?;
+            add_if_wanted(grads, &self.k_norm_bias, Some(dnb))?;
             if grads.wants(&self.wk) {
                 grads.add(&self.wk, linear_weight_grad(&x32, &dk_lin)?)?;
             }

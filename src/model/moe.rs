@@ -13,8 +13,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::attention::add_if_wanted;
-use super::grad_sink::GradSink;
+use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
 use crate::ops::{self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved};
 use crate::rows::RowPlan;
