@@ -131,7 +131,7 @@ pub fn rope_half_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 
 // ---------------------------------------------------------------------------------------
 // The backward of each op above, written out (the explicit layer backward of
-// `model::backward` is built from these). Each has candle's autograd of its forward as the
+// `model::blocks` is built from these). Each has candle's autograd of its forward as the
 // twin; `tests` compares them. Gradients come back in the dtypes of the forward's inputs.
 // ---------------------------------------------------------------------------------------
 

@@ -406,7 +406,7 @@ fn moe_grouped_matches_per_expert(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-/// The sparse-stage layer's explicit backward (`model::backward`) against candle's autograd
+/// The sparse-stage layer's explicit backward (`model::blocks`) against candle's autograd
 /// on the GPU, with the kernels the training step runs (the tensor-core sparse MLA at 576/512
 /// in bf16, the f32 kernel in f32, fused RMSNorm and RoPE): a dense and a MoE layer of 16
 /// heads, T 300, top-k 128, every sequence at once and blocks of 128 rows. f32: max relative
@@ -430,7 +430,7 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     for (dtype, max_tol, l2_tol) in [(DType::F32, 1e-5f32, 1e-5f32), (DType::BF16, f32::INFINITY, 2e-2)] {
         for rows in [0, 128] {
             let (max_tol, l2_tol) = if dtype == DType::F32 && rows > 0 { (1e-4, 5e-5) } else { (max_tol, l2_tol) };
-            let r = crate::model::backward::explicit_against_autograd(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, 300, 128, rows, 5)?;
+            let r = crate::model::blocks::explicit_against_autograd(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, 300, 128, rows, 5)?;
             out.push(Outcome {
                 name: "explicit layer backward vs autograd",
                 ok: r.max_rel <= max_tol && r.max_l2 <= l2_tol,

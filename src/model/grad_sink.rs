@@ -1,4 +1,4 @@
-//! Where an explicit backward (`model::backward`) puts the gradients of the parameters it
+//! Where an explicit backward (`model::blocks`) puts the gradients of the parameters it
 //! passes through: the trainer's f32 accumulator, or a plain map in tests.
 
 use std::collections::HashMap;

@@ -10,7 +10,7 @@
 //! a block of query rows at a time.
 
 pub mod attention;
-pub mod backward;
+pub mod blocks;
 pub mod dense_recompute;
 pub mod grad_sink;
 pub mod indexer;
@@ -152,15 +152,6 @@ pub struct LayerStats {
     /// Block mode (MoE layers): the balance loss's f per sequence [B * E] (detached), which
     /// the blocked backward needs before it has seen every token.
     pub balance_weights: Option<Vec<f32>>,
-}
-
-/// What `DecoderLayer::sparse_blocks` computed: the layer output [B, T, hidden] (detached),
-/// the sparse attention's head-mean probabilities over S_t [B, T, K] (f32), and, for MoE
-/// layers, the experts chosen per token [B*T*K] in token order.
-pub struct BlockPass {
-    pub out: Tensor,
-    pub head_mean: Tensor,
-    pub chosen: Option<Vec<u32>>,
 }
 
 pub struct ForwardOutput {
@@ -461,50 +452,6 @@ impl DecoderLayer {
         }
         stats.selection = Some(sel);
         Ok((pass.out, stats))
-    }
-
-    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time, without
-    /// a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). Each
-    /// query reads only the shared latent kv rows [B*T, C+R] of the whole batch (computed
-    /// once) and its own token's hidden state; everything else (queries, the attention, the
-    /// output projection, norms, MLP or MoE) is per token. So a block's working set is that of
-    /// `rows` tokens, plus kv. Outputs and head-mean probabilities are detached block by block.
-    pub fn sparse_blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &crate::dsa::Selection, rows: usize) -> Result<BlockPass> {
-        let (b, t, d) = h.dims3()?;
-        let rows = rows.clamp(1, t);
-        let h = h.detach();
-        let x_all = rms_norm(&h, &self.input_norm, self.eps)?;
-        let (c_norm, k_pe) = self.attn.project_kv(&x_all, &ctx.cos, &ctx.sin)?;
-        let kv = self.attn.latent_kv(&c_norm, &k_pe)?.detach(); // [B*T, C+R]
-        drop((x_all, c_norm, k_pe));
-        let (mut outs, mut heads, mut chosen) = (vec![], vec![], vec![]);
-        for bi in 0..b {
-            let (mut seq_outs, mut seq_heads) = (vec![], vec![]);
-            for q0 in (0..t).step_by(rows) {
-                let n = rows.min(t - q0);
-                let xq = h.narrow(0, bi, 1)?.narrow(1, q0, n)?.contiguous()?; // [1, n, D]
-                let xn = rms_norm(&xq, &self.input_norm, self.eps)?;
-                let qr = self.attn.project_qr(&xn)?;
-                let (q_nope, q_pe) = self.attn.project_queries(&qr, &ctx.cos.narrow(0, q0, n)?, &ctx.sin.narrow(0, q0, n)?)?;
-                let a = self.attn.sparse_rows(&q_nope, &q_pe, &kv, &sel.block(bi, q0, n)?, true)?;
-                let h1 = (&xq + &a.out)?;
-                let xf = rms_norm(&h1, &self.post_attention_norm, self.eps)?;
-                let f = match &self.ffn {
-                    FeedForward::Dense(mlp) => mlp.forward(&xf)?,
-                    FeedForward::Moe(moe) => {
-                        let (o, c, _) = moe.forward_flat(&xf.reshape((n, d))?)?;
-                        chosen.extend(c);
-                        o.reshape((1, n, d))?
-                    }
-                };
-                seq_outs.push((h1 + f)?.detach());
-                seq_heads.push(a.probs()?.clone());
-            }
-            outs.push(Tensor::cat(&seq_outs, 1)?);
-            heads.push(Tensor::cat(&seq_heads, 1)?);
-        }
-        let is_moe = matches!(self.ffn, FeedForward::Moe(_));
-        Ok(BlockPass { out: Tensor::cat(&outs, 0)?, head_mean: Tensor::cat(&heads, 0)?, chosen: is_moe.then_some(chosen) })
     }
 }
 

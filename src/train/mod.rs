@@ -510,7 +510,7 @@ impl Trainer {
                     let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
                     if let Some(sel) = &sel {
                         // Sparse stage: the layer's explicit backward (recomputed a block of queries at a time).
-                        let bw = crate::model::backward::LayerBackward {
+                        let bw = crate::model::blocks::LayerBackward {
                             dout: &dh,
                             balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
                             chosen: chosen[l].as_deref(),

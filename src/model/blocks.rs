@@ -1,7 +1,9 @@
-//! The sparse-stage decoder layer's backward written out, as llm.c writes a layer's backward:
-//! no candle autograd graph. The layer is recomputed from its input (kept by the trainer's
-//! first pass) with the sets that pass selected, a block of query rows at a time, and each
-//! block's backward runs by hand right after its forward.
+//! The sparse-stage decoder layer a block of query rows at a time: its forward without a graph
+//! (`DecoderLayer::sparse_blocks`, the recomputing trainer's first pass in block mode) and its
+//! backward written out, as llm.c writes a layer's backward (`DecoderLayer::sparse_backward`:
+//! no candle autograd graph). One block body serves both: the backward recomputes the layer
+//! from its input (kept by the trainer's first pass) with the sets (and, in MoE layers, the
+//! expert choices) that pass made, and runs each block's backward right after its forward.
 //!
 //! Shapes: B batch, T tokens, D hidden, C + R the latent kv row, n rows of a block.
 //!
@@ -14,7 +16,8 @@
 //!
 //! Numerics: each op's backward states its own (`ops`, `attention`, `moe`); gradients meet in
 //! the model dtype except kv's (f32 over blocks). The twin is candle's autograd of the same
-//! forward (`DecoderLayer::forward_with`); tests hold every gradient against it.
+//! forward (`DecoderLayer::forward_with`); `explicit_against_autograd` holds every gradient
+//! against it.
 
 use candle_core::{Result, Tensor};
 
@@ -38,7 +41,35 @@ pub struct LayerBackward<'a> {
     pub chosen: Option<&'a [u32]>,
 }
 
+/// What `DecoderLayer::sparse_blocks` computed: the layer output [B, T, hidden] (detached),
+/// the sparse attention's head-mean probabilities over S_t [B, T, K] (f32), and, for MoE
+/// layers, the experts chosen per token [B*T*K] in token order.
+pub struct BlockPass {
+    pub out: Tensor,
+    pub head_mean: Tensor,
+    pub chosen: Option<Vec<u32>>,
+}
+
+/// Which way the block body runs.
+enum Direction<'a, 'g> {
+    /// Outputs, probabilities and expert choices (`BlockPass`).
+    Forward,
+    /// dh, with the parameters' gradients to the sink.
+    Backward(LayerBackward<'a>, &'g mut dyn GradSink),
+}
+
 impl DecoderLayer {
+    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time, without
+    /// a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). A
+    /// block's working set is that of `rows` tokens, plus the sequence's latent kv.
+    pub fn sparse_blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize) -> Result<BlockPass> {
+        let (view, _) = self.detached_view();
+        match view.blocks(h, ctx, sel, rows.max(1), Direction::Forward)? {
+            Ran::Forward(pass) => Ok(pass),
+            Ran::Backward(_) => unreachable!("a forward run returns its pass"),
+        }
+    }
+
     /// The sparse-stage layer's backward: recompute from `h` [B, T, D] with the sets `sel`
     /// [B, T, K] (absolute rows), `rows` queries per block (0, or at least T: every sequence
     /// at once), and return d(loss)/dh [B, T, D]; parameter gradients go to `grads` (block by
@@ -51,7 +82,10 @@ impl DecoderLayer {
         let (view, originals) = self.detached_view();
         let dout = bw.dout.detach();
         let bw = LayerBackward { dout: &dout, ..bw };
-        view.sparse_backward_detached(h, ctx, sel, rows, bw, &mut ToOriginals { inner: grads, originals })
+        match view.blocks(h, ctx, sel, rows, Direction::Backward(bw, &mut ToOriginals { inner: grads, originals }))? {
+            Ran::Backward(dh) => Ok(dh),
+            Ran::Forward(_) => unreachable!("a backward run returns dh"),
+        }
     }
 
     /// A copy of the layer whose tensors are detached views of this one's, and the original of
@@ -92,14 +126,16 @@ impl DecoderLayer {
         (layer, originals)
     }
 
-    /// `sparse_backward` on a layer whose tensors record no graph.
-    fn sparse_backward_detached(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+    /// The block body of `sparse_blocks` and `sparse_backward`, on a layer whose tensors
+    /// record no graph. `rows` 0 or at least T: every sequence in one block.
+    fn blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, mut dir: Direction) -> Result<Ran> {
         let (b, t, d) = h.dims3()?;
         let h = h.detach();
         let eps = self.eps;
-        let _region = crate::profile::region("layer: explicit recompute and backward");
+        let forward = matches!(dir, Direction::Forward);
+        let _region = crate::profile::region(if forward { "layer: forward in blocks" } else { "layer: explicit recompute and backward" });
         // Whole-sequence parts: the input norm and the latent kv every block reads.
-        let region = crate::profile::region("explicit: input norm and latent kv");
+        let region = crate::profile::region("blocks: input norm and latent kv");
         let xn = rms_norm(&h, &self.input_norm, eps)?;
         let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
         drop(region);
@@ -109,20 +145,39 @@ impl DecoderLayer {
             (0..b).flat_map(|bi| (0..t).step_by(rows).map(move |q0| (bi, 1, q0, rows.min(t - q0)))).collect()
         };
         let mut dkv: Option<Tensor> = None;
-        let (mut dh_res, mut dxn_q) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()));
+        // Backward: dh's residual part and the input norm's output gradient; forward: outputs,
+        // probabilities, expert choices.
+        let (mut first, mut second, mut chosen) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()), Vec::new());
         for &(b0, bn, q0, n) in &blocks {
             let rows_of = |x: &Tensor| -> Result<Tensor> { x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous() };
-            let (hq, xq, dout) = (rows_of(&h)?, rows_of(&xn)?, rows_of(bw.dout)?.to_dtype(h.dtype())?);
+            let (hq, xq) = (rows_of(&h)?, rows_of(&xn)?);
             let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
             let block_sel = if bn == b && n == t { sel.clone() } else { sel.block(b0, q0, n)? };
-            // Forward of the block, keeping what its backward reads.
-            let region = crate::profile::region("explicit: queries and attention forward");
+            let region = crate::profile::region("blocks: queries and attention forward");
             let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xq, &cos, &sin)?;
-            let (a, a_saved) = self.attn.sparse_saved(&q_nope, &q_pe, &kv, &block_sel, false)?;
+            let (a, a_saved) = self.attn.sparse_saved(&q_nope, &q_pe, &kv, &block_sel, forward)?;
             let h1 = (&hq + &a.out)?;
             let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
             drop(region);
-            let region = crate::profile::region("explicit: feed-forward forward and backward");
+            let (bw, grads) = match &mut dir {
+                Direction::Forward => {
+                    let _region = crate::profile::region("blocks: feed-forward");
+                    let f = match &self.ffn {
+                        FeedForward::Dense(mlp) => mlp.forward(&xf)?,
+                        FeedForward::Moe(moe) => {
+                            let (o, c, _) = moe.forward_flat(&xf.reshape((bn * n, d))?)?;
+                            chosen.extend(c);
+                            o.reshape((bn, n, d))?
+                        }
+                    };
+                    first.push((h1 + f)?);
+                    second.push(a.probs()?.clone());
+                    continue;
+                }
+                Direction::Backward(bw, grads) => (&*bw, &mut **grads),
+            };
+            let dout = rows_of(bw.dout)?.to_dtype(h.dtype())?;
+            let region = crate::profile::region("blocks: feed-forward forward and backward");
             // Backward: out = h1 + ffn(norm(h1)), h1 = h + attention(norm(h)).
             let dxf = match &self.ffn {
                 FeedForward::Dense(mlp) => {
@@ -147,7 +202,7 @@ impl DecoderLayer {
                 }
             };
             drop(region);
-            let region = crate::profile::region("explicit: attention backward");
+            let region = crate::profile::region("blocks: attention backward");
             let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
             add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
             let dh1 = (dout + dh1_norm)?;
@@ -157,17 +212,27 @@ impl DecoderLayer {
                 None => g.kv,
             });
             drop(region);
-            let _region = crate::profile::region("explicit: queries backward");
-            dxn_q.push(self.attn.queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?);
-            dh_res.push(dh1);
+            let _region = crate::profile::region("blocks: queries backward");
+            second.push(self.attn.queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?);
+            first.push(dh1);
         }
-        let _region = crate::profile::region("explicit: latent kv and input norm backward");
+        let Direction::Backward(_, grads) = dir else {
+            let is_moe = matches!(self.ffn, FeedForward::Moe(_));
+            return Ok(Ran::Forward(BlockPass { out: assemble(first, b, t)?, head_mean: assemble(second, b, t)?, chosen: is_moe.then_some(chosen) }));
+        };
+        let _region = crate::profile::region("blocks: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
-        let dxn = (assemble(dxn_q, b, t)? + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+        let dxn = (assemble(second, b, t)? + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
-        assemble(dh_res, b, t)? + dh_norm
+        Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))
     }
+}
+
+/// What a run of the block body returns.
+enum Ran {
+    Forward(BlockPass),
+    Backward(Tensor),
 }
 
 /// The blocks' rows [bn, n, D] (in `sparse_backward`'s order) as one [B, T, D] tensor.
