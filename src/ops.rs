@@ -81,8 +81,21 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
 pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
-    let h = (linear(x, gate)?.silu()? * linear(x, up)?)?;
-    linear(&h, down)
+    linear(&silu_mul(&linear(x, gate)?, &linear(x, up)?)?, down)
+}
+
+/// silu(g) * u in g's dtype (silu in f32, rounded, then the product), differentiable. On a GPU
+/// the fused op of `kernels::swiglu` (the same bits), else `silu_mul_plain`.
+pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if crate::kernels::swiglu::supported(g, u) {
+        return crate::kernels::swiglu::silu_mul(g, u);
+    }
+    silu_mul_plain(g, u)
+}
+
+/// `silu_mul` from candle's ops (the fused kernel's twin, and the CPU's path).
+pub fn silu_mul_plain(g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    g.silu()? * u
 }
 
 /// RoPE on interleaved pairs (2i, 2i+1) with frequency i: the layout of DeepSeek's MLA.
@@ -241,7 +254,7 @@ impl SwigluSaved {
 pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
     let g = linear(x, gate)?;
     let u = linear(x, up)?;
-    let hidden = (g.silu()? * &u)?;
+    let hidden = silu_mul(&g, &u)?;
     Ok(SwigluSaved { gate: g, up: u, hidden })
 }
 
@@ -250,7 +263,7 @@ pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSave
 pub fn swiglu_batched_saved(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
     let g = xs.matmul(&gate.transpose(1, 2)?)?;
     let u = xs.matmul(&up.transpose(1, 2)?)?;
-    let hidden = (g.silu()? * &u)?;
+    let hidden = silu_mul(&g, &u)?;
     Ok(SwigluSaved { gate: g, up: u, hidden })
 }
 
@@ -276,16 +289,31 @@ pub fn swiglu_batched_backward(xs: &Tensor, saved: &SwigluSaved, gate: &Tensor, 
     Ok((dx, SwigluGrads { gate: Some(d_gate), up: Some(d_up), down: Some(d_down) }))
 }
 
-/// d(gate product), d(up product) from dh = d(hidden): du = dh silu(g), dg = dh u silu'(g),
-/// silu'(g) = sig(g) (1 + g (1 - sig(g))), in f32, each rounded once to `dtype`.
+/// d(gate product), d(up product) from dh = d(hidden): `silu_mul_backward`.
 fn swiglu_elementwise_backward(saved: &SwigluSaved, dh: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
-    let g32 = saved.gate.to_dtype(DType::F32)?;
+    silu_mul_backward(&saved.gate, &saved.up, &dh.to_dtype(dtype)?)
+}
+
+/// The backward of `silu_mul`: (dg, du) in g's dtype. On a GPU the fused op's backward, else
+/// `silu_mul_backward_plain`.
+pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    if crate::kernels::swiglu::supported(g, u) {
+        return crate::kernels::swiglu::silu_mul_backward(g, u, dh);
+    }
+    silu_mul_backward_plain(g, u, dh)
+}
+
+/// `silu_mul_backward` in candle's ops: du = dh silu(g), dg = dh u silu'(g),
+/// silu'(g) = sig(g) (1 + g (1 - sig(g))), in f32, each rounded once to g's dtype.
+pub fn silu_mul_backward_plain(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dtype = g.dtype();
+    let g32 = g.to_dtype(DType::F32)?;
     let sig = sigmoid(&g32)?;
     let silu = (&g32 * &sig)?;
     let dh32 = dh.to_dtype(DType::F32)?;
     let du = (&dh32 * silu)?.to_dtype(dtype)?;
     let dsilu = (&sig * ((&g32 * sig.affine(-1.0, 1.0)?)? + 1.0)?)?;
-    let dg = ((dh32 * saved.up.to_dtype(DType::F32)?)? * dsilu)?.to_dtype(dtype)?;
+    let dg = ((dh32 * u.to_dtype(DType::F32)?)? * dsilu)?.to_dtype(dtype)?;
     Ok((dg, du))
 }
 

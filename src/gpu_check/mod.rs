@@ -12,6 +12,7 @@ mod rows;
 mod rms_norm;
 mod rope;
 mod join_rows;
+mod swiglu;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -490,6 +491,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),
         ("rope", Box::new(|| rope::checks(&gpu))),
         ("join-rows", Box::new(|| join_rows::checks(&gpu))),
+        ("swiglu", Box::new(|| swiglu::checks(&gpu))),
         ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),
         ("forward", Box::new(|| forward_matches_cpu(&model, &gpu))),
         ("eval-blocks", Box::new(|| eval_blocks_match_whole(&model, &gpu))),

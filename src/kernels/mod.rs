@@ -19,6 +19,7 @@ pub mod adamw;
 pub mod rms_norm;
 pub mod rope;
 pub mod join_rows;
+pub mod swiglu;
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 

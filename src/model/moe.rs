@@ -549,7 +549,7 @@ impl Moe {
         let xs = RowPlan::sums(src, off, n, dev)?.apply(x)?.reshape((e, cap, d))?;
         let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&busy.iter().map(|&ex| pick(&self.experts[ex])).collect::<Vec<_>>(), 0) };
         let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E', I, D], [E', I, D], [E', D, I]
-        let h = (xs.matmul(&gate.transpose(1, 2)?)?.silu()? * xs.matmul(&up.transpose(1, 2)?)?)?; // [E', cap, I]
+        let h = crate::ops::silu_mul(&xs.matmul(&gate.transpose(1, 2)?)?, &xs.matmul(&up.transpose(1, 2)?)?)?; // [E', cap, I]
         let y = h.matmul(&down.transpose(1, 2)?)?.reshape((e * cap, d))?;
         Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
     }
