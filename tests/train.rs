@@ -275,7 +275,8 @@ fn a_diverging_run_stops_with_one_clear_line() {
 
 /// Also block mode (`train.block_rows`: each layer run and differentiated a few queries at a
 /// time against the shared latent kv, MoE balance loss included) with the layer inputs and
-/// sets offloaded to host memory, at block sizes that do and do not divide the sequence.
+/// sets offloaded to host memory, at block sizes that do and do not divide the sequence; and
+/// the dense stage's explicit layer backward against its autograd.
 #[test]
 fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
     let f = Fixture::new(4);
@@ -287,6 +288,17 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
         let (accum, _, lm, kl) = t.accumulate_gradients().unwrap();
         (accum.into_grads(), lm, kl)
     };
+    // The dense stage: the explicit layer backward (recompute) against autograd (no recompute).
+    let (dense_whole, dense_lm, _) = grads(&["train.stage=dense", "train.recompute=false"]);
+    let (dense_explicit, dense_lm2, _) = grads(&["train.stage=dense", "train.recompute=true"]);
+    assert!((dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(), "dense: {dense_lm2} vs {dense_lm}");
+    assert_eq!(dense_explicit.len(), dense_whole.len(), "dense: the same tensors get gradients");
+    for (name, a) in &dense_whole {
+        let b = &dense_explicit[name];
+        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff <= 1e-4 * scale + 1e-9, "dense: {name}: max diff {diff} (max |g| {scale})");
+    }
     let (whole, lm0, kl0) = grads(&["train.recompute=false", "train.lm_head_chunk=1000"]);
     for sets in [
         &["train.recompute=true", "train.lm_head_chunk=5"][..],

@@ -436,11 +436,18 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
                 name: "explicit layer backward vs autograd",
                 ok: r.max_rel <= max_tol && r.max_l2 <= l2_tol,
                 detail: format!(
-                    "{dtype:?}, rows {rows}: {} gradients, max rel err {:.1e} (in {}), rel L2 {:.1e} (tolerance {max_tol:.0e} max, {l2_tol:.0e} L2)",
+                    "sparse, {dtype:?}, rows {rows}: {} gradients, max rel err {:.1e} (in {}), rel L2 {:.1e} (tolerance {max_tol:.0e} max, {l2_tol:.0e} L2)",
                     r.compared, r.max_rel, r.worst, r.max_l2
                 ),
             });
         }
+        // The dense stage's layer (the dense attention's tensor-core backward in bf16).
+        let r = crate::model::blocks::explicit_against_autograd_in(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, crate::model::AttentionMode::Dense, 300, 128, 0, 6)?;
+        out.push(Outcome {
+            name: "explicit layer backward vs autograd",
+            ok: r.max_rel <= max_tol && r.max_l2 <= l2_tol,
+            detail: format!("dense, {dtype:?}: {} gradients, max rel err {:.1e} (in {}), rel L2 {:.1e} (tolerance {max_tol:.0e} max, {l2_tol:.0e} L2)", r.compared, r.max_rel, r.worst, r.max_l2),
+        });
     }
     Ok(out)
 }

@@ -105,6 +105,20 @@ pub struct SparseSaved {
     o: Tensor,
 }
 
+/// What the dense stage's attention (`Mla::dense_saved`) keeps for its backward: the latent
+/// values' input c_norm [B, T, C], the per-head q, k, v, the output o [B, H, T, V] and its LSE
+/// [B, H, T] (f32), o_proj's input [B, T, H*V], and the plain path's query rows per block.
+pub struct DenseSaved {
+    c_norm: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    o: Tensor,
+    lse: Tensor,
+    o_flat: Tensor,
+    rows: usize,
+}
+
 /// The absorbed attention's gradients with respect to its inputs.
 pub struct SparseGrads {
     /// Of q_nope, head-major [H, B*T, N] (as the per-head products make it).
@@ -286,6 +300,58 @@ impl Mla {
         let (q, k, v) = self.mha_qkv(p)?;
         let o = super::dense_recompute::attention(&q, &k, &v, self.scale, 0)?; // [B, H, T, V]
         linear(&o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?, &self.o_proj)
+    }
+
+    /// The dense stage's attention (MHA mode over every causal key, the flash-style forward of
+    /// `dense_recomputing`) from the latent kv rows `kv` [B*T, C+R] and the queries, keeping
+    /// what `dense_backward` reads: -> the attention output [B, T, hidden].
+    pub fn dense_saved(&self, q_nope: &Tensor, q_pe: &Tensor, kv: &Tensor) -> Result<(Tensor, DenseSaved)> {
+        let (b, t, h, _) = q_nope.dims4()?;
+        let (c, r) = (self.kv_lora, self.rope);
+        let kv = kv.reshape((b, t, c + r))?;
+        let c_norm = kv.narrow(2, 0, c)?;
+        let k_pe = kv.narrow(2, c, r)?.reshape((b, t, 1, r))?;
+        let p = Projected { qr: c_norm.clone(), q_nope: q_nope.clone(), q_pe: q_pe.clone(), c_norm: c_norm.contiguous()?, k_pe };
+        let (q, k, v) = self.mha_qkv(&p)?; // [B, H, T, N+R], [B, H, T, N+R], [B, H, T, V]
+        let rows = super::dense_recompute::block_rows(b, h, t);
+        let kernel = q.dtype() == DType::BF16 && crate::kernels::available(q.device()) && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
+        let (o, lse) = if kernel {
+            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?
+        } else {
+            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows)?
+        };
+        let o = o.to_dtype(v.dtype())?; // [B, H, T, V]
+        let o_flat = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
+        let out = linear(&o_flat, &self.o_proj)?;
+        Ok((out, DenseSaved { c_norm: p.c_norm, q, k, v, o, lse, o_flat, rows }))
+    }
+
+    /// The backward of `dense_saved`: dout [B, T, hidden] -> (d q_nope [B, T, H, N], d q_pe
+    /// [B, T, H, R], d kv [B*T, C+R] f32); o_proj's and kv_b_proj's gradients to `grads`. The
+    /// attention through the tensor-core backward (bf16 on CUDA) or
+    /// `dense_recompute::backward_blocks`, as `dense_recomputing`'s autograd runs them; the
+    /// shared k_pe's gradient is the sum over heads.
+    pub fn dense_backward(&self, saved: &DenseSaved, dout: &Tensor, grads: &mut dyn GradSink) -> Result<(Tensor, Tensor, Tensor)> {
+        let (b, t, _) = dout.dims3()?;
+        let (h, n, r, v_dim, c) = (self.heads, self.nope, self.rope, self.v_dim, self.kv_lora);
+        let dtype = saved.q.dtype();
+        let (d_o, dw) = linear_backward(&saved.o_flat, &self.o_proj, dout, grads.wants(&self.o_proj))?;
+        add_if_wanted(grads, &self.o_proj, dw)?;
+        let d_o = d_o.reshape((b, t, h, v_dim))?.transpose(1, 2)?.contiguous()?; // [B, H, T, V]
+        let (dq, dk, dv) = if super::dense_recompute::use_backward_kernel(&saved.q, &saved.v)? {
+            crate::kernels::warmup_kl::dense_attention_bwd(&saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale)?
+        } else {
+            super::dense_recompute::backward_blocks(&saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale, saved.rows)?
+        };
+        let to_tokens = |x: Tensor| -> Result<Tensor> { x.to_dtype(dtype)?.transpose(1, 2)?.contiguous() }; // [B, T, H, .]
+        let (dq, dk, dv) = (to_tokens(dq)?, to_tokens(dk)?, to_tokens(dv)?);
+        let dkv_b = Tensor::cat(&[&dk.narrow(3, 0, n)?, &dv], 3)?.reshape((b, t, h * (n + v_dim)))?;
+        let (dc_norm, dw) = linear_backward(&saved.c_norm, &self.kv_b_proj, &dkv_b, grads.wants(&self.kv_b_proj))?;
+        add_if_wanted(grads, &self.kv_b_proj, dw)?;
+        // k_pe is one key shared by the heads: its gradient is the heads' sum (f32).
+        let dk_pe = dk.narrow(3, n, r)?.to_dtype(DType::F32)?.sum(2)?; // [B, T, R]
+        let dkv = Tensor::cat(&[&dc_norm.to_dtype(DType::F32)?, &dk_pe], 2)?.reshape((b * t, c + r))?;
+        Ok((dq.narrow(3, 0, n)?, dq.narrow(3, n, r)?, dkv))
     }
 
     /// Can `dense_streaming` run here (CUDA kernels, bf16 model, shapes the kernels take)?

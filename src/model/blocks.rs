@@ -1,7 +1,9 @@
-//! The sparse-stage decoder layer a block of query rows at a time: its forward without a graph
-//! (`DecoderLayer::sparse_blocks`, the recomputing trainer's first pass in block mode) and its
-//! backward written out, as llm.c writes a layer's backward (`DecoderLayer::sparse_backward`:
-//! no candle autograd graph). One block body serves both: the backward recomputes the layer
+//! The decoder layer's training passes without autograd. The sparse stage's layer a block of
+//! query rows at a time: its forward without a graph (`DecoderLayer::sparse_blocks`, the
+//! recomputing trainer's first pass in block mode) and its backward written out, as llm.c
+//! writes a layer's backward (`DecoderLayer::sparse_backward`: no candle autograd graph). The
+//! dense stage's layer backward the same way, over the whole sequence
+//! (`DecoderLayer::dense_backward`, the attention through `dense_recompute`'s kernels). One block body serves both: the backward recomputes the layer
 //! from its input (kept by the trainer's first pass) with the sets (and, in MoE layers, the
 //! expert choices) that pass made, and runs each block's backward right after its forward.
 //!
@@ -124,6 +126,61 @@ impl DecoderLayer {
         };
         let layer = DecoderLayer { input_norm: d(&self.input_norm), post_attention_norm: d(&self.post_attention_norm), attn, indexer, ffn, eps: self.eps };
         (layer, originals)
+    }
+
+    /// The dense stage's layer backward (MHA-mode attention over every causal key): recompute
+    /// from `h` [B, T, D] and return d(loss)/dh; parameter gradients to `grads`. The gradient
+    /// of `forward_with` in the dense stage up to summation order, with no autograd graph.
+    pub fn dense_backward(&self, h: &Tensor, ctx: &ForwardContext, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let (view, originals) = self.detached_view();
+        view.dense_backward_detached(h, ctx, &bw.dout.detach(), bw, &mut ToOriginals { inner: grads, originals })
+    }
+
+    fn dense_backward_detached(&self, h: &Tensor, ctx: &ForwardContext, dout: &Tensor, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let h = h.detach();
+        let eps = self.eps;
+        let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
+        let dout = dout.to_dtype(h.dtype())?;
+        let xn = rms_norm(&h, &self.input_norm, eps)?;
+        let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
+        let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xn, &ctx.cos, &ctx.sin)?;
+        let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv)?;
+        let h1 = (&h + a)?;
+        let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
+        let dxf = match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                let saved = mlp.forward_saved(&xf)?;
+                mlp.backward(&xf, &saved, &dout, grads)?
+            }
+            FeedForward::Moe(moe) => {
+                let xf = xf.reshape((b * t, d))?;
+                let (_, saved) = moe.forward_saved(&xf, bw.chosen, false)?;
+                let f_rows = match bw.balance {
+                    Some((f, weight)) => {
+                        let e = moe.n_experts;
+                        let f = Tensor::from_slice(f, (b, 1, e), h.device())?;
+                        Some((f.broadcast_as((b, t, e))?.reshape((b * t, e))?, weight))
+                    }
+                    None => None,
+                };
+                let balance = f_rows.as_ref().map(|(f, weight)| (f, b, t, *weight));
+                moe.backward(&xf, &saved, &dout.reshape((b * t, d))?, balance, grads)?.reshape((b, t, d))?
+            }
+        };
+        let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
+        add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
+        let dh1 = (dout + dh1_norm)?;
+        let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
+        // `queries_backward` takes dq_nope head-major [H, BT, N] and dq_pe token-major [BT, H, R].
+        let (h_, n, r) = (self.attn.heads, self.attn.nope, self.attn.rope);
+        let dq_nope = dq_nope.reshape((b * t, h_, n))?.transpose(0, 1)?.contiguous()?;
+        let dq_pe = dq_pe.contiguous()?.reshape((b * t, h_, r))?;
+        let dxn = (self.attn.queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &ctx.cos, &ctx.sin, grads)?
+            + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+        let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
+        add_if_wanted(grads, &self.input_norm, Some(dw))?;
+        dh1 + dh_norm
     }
 
     /// The block body of `sparse_blocks` and `sparse_backward`, on a layer whose tensors
@@ -264,6 +321,23 @@ pub fn explicit_against_autograd(
     rows: usize,
     seed: u64,
 ) -> anyhow::Result<TwinReport> {
+    explicit_against_autograd_in(cfg, device, dtype, compute, super::AttentionMode::Sparse, t, k, rows, seed)
+}
+
+/// `explicit_against_autograd` in either attention mode: `Dense` holds `dense_backward` against
+/// autograd of the dense stage's forward (`rows` and `k` unused, no padded sets).
+#[allow(clippy::too_many_arguments)]
+pub fn explicit_against_autograd_in(
+    cfg: &super::ModelConfig,
+    device: &candle_core::Device,
+    dtype: candle_core::DType,
+    compute: super::moe::ExpertCompute,
+    mode: super::AttentionMode,
+    t: usize,
+    k: usize,
+    rows: usize,
+    seed: u64,
+) -> anyhow::Result<TwinReport> {
     use super::{AttentionMode, ForwardOptions};
     use crate::rng::randn;
     use candle_core::{DType, Device, Var};
@@ -304,15 +378,21 @@ pub fn explicit_against_autograd(
         if let FeedForward::Moe(m) = &mut layer.ffn {
             m.compute = compute;
         }
-        let opts = ForwardOptions { indexer_kl: false, recall: false, detach_indexer_inputs: true, seq_balance: true, ..ForwardOptions::new(AttentionMode::Sparse, k) };
-        let (_, stats) = layer.forward(&h, &ctx, &opts)?;
-        let sel = stats.selection.ok_or_else(|| anyhow::anyhow!("the sparse pass returned no sets"))?;
-        if !sel.absolute.flatten_all()?.to_vec1::<u32>()?.contains(&u32::MAX) {
-            anyhow::bail!("layer {l}: no padded set (k {k} must exceed the first queries' keys)");
-        }
-        // The twin: autograd through the whole-layer forward with the same sets.
+        let dense = mode == AttentionMode::Dense;
+        let opts = ForwardOptions { indexer_kl: false, recall: false, detach_indexer_inputs: true, seq_balance: true, ..ForwardOptions::new(mode, k) };
+        let sel = if dense {
+            None
+        } else {
+            let (_, stats) = layer.forward(&h, &ctx, &opts)?;
+            let sel = stats.selection.ok_or_else(|| anyhow::anyhow!("the sparse pass returned no sets"))?;
+            if !sel.absolute.flatten_all()?.to_vec1::<u32>()?.contains(&u32::MAX) {
+                anyhow::bail!("layer {l}: no padded set (k {k} must exceed the first queries' keys)");
+            }
+            Some(sel)
+        };
+        // The twin: autograd through the whole-layer forward (with the same sets).
         let hv = Var::from_tensor(&h)?;
-        let (out, stats) = layer.forward_with(hv.as_tensor(), &ctx, &opts, Some(&sel))?;
+        let (out, stats) = layer.forward_with(hv.as_tensor(), &ctx, &opts, sel.as_ref())?;
         let mut loss = (out.to_dtype(DType::F32)? * dout.to_dtype(DType::F32)?)?.sum_all()?;
         if let Some(bal) = &stats.balance_loss {
             loss = (loss + (bal * alpha)?)?;
@@ -323,7 +403,10 @@ pub fn explicit_against_autograd(
         // Blocks of one row route again on the host; the others reuse the first pass's choice.
         let chosen = stats.chosen.clone().filter(|_| rows != 1);
         let bw = LayerBackward { dout: &dout, balance: f.as_deref().map(|f| (f, alpha)), chosen: chosen.as_deref() };
-        let dh = layer.sparse_backward(&h, &ctx, &sel, rows, bw, &mut sink)?;
+        let dh = match &sel {
+            Some(sel) => layer.sparse_backward(&h, &ctx, sel, rows, bw, &mut sink)?,
+            None => layer.dense_backward(&h, &ctx, bw, &mut sink)?,
+        };
         if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
             anyhow::bail!("layer {l}: the explicit backward recorded an autograd graph (its results hold one)");
         }
@@ -380,6 +463,16 @@ mod tests {
     /// same parameters getting gradients, at blocks of every sequence at once, of 4 rows (not
     /// dividing T 9) and of 1 row, with the experts one at a time and grouped; top-k 5, so early queries have padded sets. Also MoE without
     /// the weights' normalisation and without a shared expert.
+    /// The dense stage's explicit layer backward against autograd in f32, dense and MoE layers.
+    #[test]
+    fn explicit_dense_layer_backward_matches_autograd() {
+        for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
+            let r = explicit_against_autograd_in(&config(&[]), &Device::Cpu, DType::F32, compute, crate::model::AttentionMode::Dense, 9, 5, 0, 4).unwrap();
+            assert!(r.max_rel <= 1e-5, "{compute:?}: max relative error {} in {}", r.max_rel, r.worst);
+            assert!(r.compared >= 40, "{compute:?}: only {} gradients compared", r.compared);
+        }
+    }
+
     #[test]
     fn explicit_layer_backward_matches_autograd() {
         let plain = config(&[]);

@@ -504,45 +504,23 @@ impl Trainer {
                 Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)
             };
             if recompute {
-                let again = ForwardOptions { indexer_kl: false, recall: false, ..opts.clone() };
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
                     let input = inputs[l].to_device(&self.device)?;
                     let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
-                    if let Some(sel) = &sel {
-                        // Sparse stage: the layer's explicit backward (recomputed a block of queries at a time).
-                        let bw = crate::model::blocks::LayerBackward {
-                            dout: &dh,
-                            balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
-                            chosen: chosen[l].as_deref(),
-                        };
-                        let mut sink = AccumSink { trainable: &trainable, accum };
-                        dh = layer
-                            .sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink)
-                            .with_context(|| format!("layer {l} recompute and backward"))?;
-                        self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
-                        continue;
-                    }
-                    let x = Var::from_tensor(&input)?;
-                    let region = crate::profile::region("step: layer recompute (forward again)");
-                    let (out, stats) = layer
-                        .forward_with(x.as_tensor(), &self.ctx, &again, sel.as_ref())
-                        .with_context(|| format!("layer {l} recompute"))?;
-                    drop(region);
-                    let region = crate::profile::region("step: layer backward (autograd)");
-                    let mut loss = surrogate(&out, &dh)?;
-                    if let Some(b) = stats.balance_loss {
-                        loss = (loss + (b * (t.seq_balance_alpha * scale))?)?;
-                    }
-                    crate::profile::log_device_memory(&format!("layer {l} recomputed"));
-                    let grads = loss.backward().with_context(|| format!("layer {l} main backward"))?;
-                    accum.add(&self.slots, &grads)?;
-                    dh = match grads.get(x.as_tensor()) {
-                        Some(g) => g.detach(),
-                        None => input.zeros_like()?,
+                    // The layer's explicit backward: the sparse stage's recomputed a block of
+                    // queries at a time with the first pass's sets, the dense stage's whole.
+                    let bw = crate::model::blocks::LayerBackward {
+                        dout: &dh,
+                        balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
+                        chosen: chosen[l].as_deref(),
                     };
-                    drop(grads);
-                    drop(region);
-                    let _region = crate::profile::region("step: layer gradient flush");
+                    let mut sink = AccumSink { trainable: &trainable, accum };
+                    dh = match &sel {
+                        Some(sel) => layer.sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink),
+                        None => layer.dense_backward(&input, &self.ctx, bw, &mut sink),
+                    }
+                    .with_context(|| format!("layer {l} recompute and backward"))?;
+                    crate::profile::log_device_memory(&format!("layer {l} backward"));
                     self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
                 }
                 let _region = crate::profile::region("step: embedding gradient");
