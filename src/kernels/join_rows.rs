@@ -42,7 +42,7 @@ pub fn join_rows_plain(x1: &Tensor, x2: Option<&Tensor>, split: usize, dtype: DT
         x.reshape((a, b, w))
     };
     let joined = match x2 {
-        Some(x2) => Tensor::cat(&[as3(x1)?, as3(x2)?], 2)?,
+        Some(x2) => Tensor::cat(&[as3(x1)?.to_dtype(dtype)?, as3(x2)?.to_dtype(dtype)?], 2)?,
         None => as3(x1)?,
     };
     joined.to_dtype(dtype)?.contiguous()
@@ -87,6 +87,7 @@ fn fused(x1: &Tensor, x2: Option<&Tensor>, split: usize, dtype: DType) -> bool {
     let ok = |x: &Tensor| strides3(x, split).is_some() && matches!(x.dtype(), DType::BF16 | DType::F32);
     crate::kernels::available(x1.device())
         && !crate::kernels::plain_op("join-rows")
+        && x1.elem_count() > 0
         && matches!(dtype, DType::BF16 | DType::F32)
         && ok(x1)
         && x2.is_none_or(|x2| ok(x2) && x2.dtype() == x1.dtype())

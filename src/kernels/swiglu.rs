@@ -26,6 +26,9 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 
 /// The backward of `silu_mul` without autograd: dh -> (dg, du) in g's dtype.
 pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
+    if dh.dims() != g.dims() || u.dims() != g.dims() {
+        candle_core::bail!("silu_mul_backward: g {:?}, u {:?} and dh {:?} must have one shape", g.dims(), u.dims(), dh.dims());
+    }
     #[cfg(feature = "cuda")]
     {
         cuda::backward(&g.contiguous()?, &u.contiguous()?, &dh.to_dtype(g.dtype())?.contiguous()?)

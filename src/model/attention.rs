@@ -326,8 +326,8 @@ impl Mla {
         Ok((out, DenseSaved { c_norm: p.c_norm, q, k, v, o, lse, o_flat, rows }))
     }
 
-    /// The backward of `dense_saved`: dout [B, T, hidden] -> (d q_nope [B, T, H, N], d q_pe
-    /// [B, T, H, R], d kv [B*T, C+R] f32); o_proj's and kv_b_proj's gradients to `grads`. The
+    /// The backward of `dense_saved`: dout [B, T, hidden] -> (d q_nope head-major [H, B*T, N],
+    /// d q_pe [B*T, H, R], as `queries_backward` takes them, and d kv [B*T, C+R] f32); o_proj's and kv_b_proj's gradients to `grads`. The
     /// attention through the tensor-core backward (bf16 on CUDA) or
     /// `dense_recompute::backward_blocks`, as `dense_recomputing`'s autograd runs them; the
     /// shared k_pe's gradient is the sum over heads.
@@ -351,7 +351,9 @@ impl Mla {
         // k_pe is one key shared by the heads: its gradient is the heads' sum (f32).
         let dk_pe = dk.narrow(3, n, r)?.to_dtype(DType::F32)?.sum(2)?; // [B, T, R]
         let dkv = Tensor::cat(&[&dc_norm.to_dtype(DType::F32)?, &dk_pe], 2)?.reshape((b * t, c + r))?;
-        Ok((dq.narrow(3, 0, n)?, dq.narrow(3, n, r)?, dkv))
+        // The queries' gradients as `queries_backward` takes them, as views of dq.
+        let dq = dq.reshape((b * t, h, n + r))?;
+        Ok((dq.narrow(2, 0, n)?.transpose(0, 1)?, dq.narrow(2, n, r)?, dkv))
     }
 
     /// Can `dense_streaming` run here (CUDA kernels, bf16 model, shapes the kernels take)?

@@ -172,10 +172,6 @@ impl DecoderLayer {
         add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
         let dh1 = (dout + dh1_norm)?;
         let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
-        // `queries_backward` takes dq_nope head-major [H, BT, N] and dq_pe token-major [BT, H, R].
-        let (h_, n, r) = (self.attn.heads, self.attn.nope, self.attn.rope);
-        let dq_nope = dq_nope.reshape((b * t, h_, n))?.transpose(0, 1)?.contiguous()?;
-        let dq_pe = dq_pe.contiguous()?.reshape((b * t, h_, r))?;
         let dxn = (self.attn.queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &ctx.cos, &ctx.sin, grads)?
             + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
@@ -192,9 +188,19 @@ impl DecoderLayer {
         let forward = matches!(dir, Direction::Forward);
         let _region = crate::profile::region(if forward { "layer: forward in blocks" } else { "layer: explicit recompute and backward" });
         // Whole-sequence parts: the input norm and the latent kv every block reads.
+        // (The forward keeps neither the normed input nor kv_a's output: each block norms its
+        // own rows again, the same bits, and the whole-sequence copies are freed at once.)
         let region = crate::profile::region("blocks: input norm and latent kv");
-        let xn = rms_norm(&h, &self.input_norm, eps)?;
-        let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
+        let (xn, kv, kv_saved) = {
+            let xn = rms_norm(&h, &self.input_norm, eps)?;
+            if forward {
+                let (c_norm, k_pe) = self.attn.project_kv(&xn, &ctx.cos, &ctx.sin)?;
+                (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
+            } else {
+                let (kv, saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
+                (Some(xn), kv, Some(saved))
+            }
+        };
         drop(region);
         let blocks: Vec<(usize, usize, usize, usize)> = if rows == 0 || rows >= t {
             vec![(0, b, 0, t)]
@@ -207,7 +213,11 @@ impl DecoderLayer {
         let (mut first, mut second, mut chosen) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()), Vec::new());
         for &(b0, bn, q0, n) in &blocks {
             let rows_of = |x: &Tensor| -> Result<Tensor> { x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous() };
-            let (hq, xq) = (rows_of(&h)?, rows_of(&xn)?);
+            let hq = rows_of(&h)?;
+            let xq = match &xn {
+                Some(xn) => rows_of(xn)?,
+                None => rms_norm(&hq, &self.input_norm, eps)?,
+            };
             let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
             let block_sel = if bn == b && n == t { sel.clone() } else { sel.block(b0, q0, n)? };
             let region = crate::profile::region("blocks: queries and attention forward");
@@ -279,6 +289,7 @@ impl DecoderLayer {
         };
         let _region = crate::profile::region("blocks: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
+        let (xn, kv_saved) = (xn.expect("a backward keeps the normed input"), kv_saved.expect("a backward keeps kv_a's output"));
         let dxn = (assemble(second, b, t)? + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
@@ -458,11 +469,6 @@ mod tests {
         ModelConfig::from_json(&c.to_string(), &IndexerDefaults::default()).unwrap()
     }
 
-    /// The explicit backward of a dense and a MoE layer (balance loss included) against
-    /// candle's autograd in f32: dh and every parameter gradient within 1e-5 relative, the
-    /// same parameters getting gradients, at blocks of every sequence at once, of 4 rows (not
-    /// dividing T 9) and of 1 row, with the experts one at a time and grouped; top-k 5, so early queries have padded sets. Also MoE without
-    /// the weights' normalisation and without a shared expert.
     /// The dense stage's explicit layer backward against autograd in f32, dense and MoE layers.
     #[test]
     fn explicit_dense_layer_backward_matches_autograd() {
@@ -473,6 +479,11 @@ mod tests {
         }
     }
 
+    /// The explicit backward of a dense and a MoE layer (balance loss included) against
+    /// candle's autograd in f32: dh and every parameter gradient within 1e-5 relative, the
+    /// same parameters getting gradients, at blocks of every sequence at once, of 4 rows (not
+    /// dividing T 9) and of 1 row, with the experts one at a time and grouped; top-k 5, so early queries have padded sets. Also MoE without
+    /// the weights' normalisation and without a shared expert.
     #[test]
     fn explicit_layer_backward_matches_autograd() {
         let plain = config(&[]);

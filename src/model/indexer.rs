@@ -369,7 +369,8 @@ impl Indexer {
             }
         }
         let _region = crate::profile::region("indexer KL bwd: keys backward");
-        for r0 in (0..t).step_by(rows) {
+        let keys_learn = [&self.wk, &self.k_norm_weight, &self.k_norm_bias].iter().any(|p| grads.wants(p));
+        for r0 in (0..t).step_by(rows).filter(|_| keys_learn) {
             let n = rows.min(t - r0);
             let x32 = x.narrow(1, r0, n)?.to_dtype(DType::F32)?;
             let k_lin = linear(&x32, &self.wk)?; // [B, n, DI]

@@ -515,9 +515,10 @@ impl Trainer {
                         chosen: chosen[l].as_deref(),
                     };
                     let mut sink = AccumSink { trainable: &trainable, accum };
-                    dh = match &sel {
-                        Some(sel) => layer.sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink),
-                        None => layer.dense_backward(&input, &self.ctx, bw, &mut sink),
+                    dh = match (opts.attention, &sel) {
+                        (AttentionMode::Sparse, Some(sel)) => layer.sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink),
+                        (AttentionMode::Dense, _) => layer.dense_backward(&input, &self.ctx, bw, &mut sink),
+                        (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg("the first pass kept no selected sets".into())),
                     }
                     .with_context(|| format!("layer {l} recompute and backward"))?;
                     crate::profile::log_device_memory(&format!("layer {l} backward"));
