@@ -293,6 +293,69 @@ impl IndexerProj {
     }
 }
 
+impl Indexer {
+    /// `backprop_rows` written out (its twin): the gradients of the projections, dq
+    /// [B, T, HI, DI], dw [B, T, HI] and dk [B, T, DI], into wq_b, weights_proj, wk and k_norm,
+    /// `rows` tokens at a time from the detached inputs x [B, T, hidden] and qr [B, T, q_lora]
+    /// (f32 products; the warm-up KL's backward on the GPU, after the streaming kernel).
+    #[allow(clippy::too_many_arguments)]
+    pub fn projections_backward(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor, grads_in: (&Tensor, &Tensor, &Tensor), rows: usize, grads: &mut dyn GradSink) -> Result<()> {
+        let mut originals = Originals::default();
+        let view = self.detached_view(&mut originals);
+        let sink = &mut ToOriginals { inner: grads, originals };
+        let (x, qr) = (x.detach(), qr.detach());
+        let (dq, dw, dk) = grads_in;
+        let t = x.dim(1)?;
+        let rows = rows.clamp(1, t.max(1));
+        for r0 in (0..t).step_by(rows) {
+            let n = rows.min(t - r0);
+            let (x32, qr32) = (x.narrow(1, r0, n)?.to_dtype(DType::F32)?, qr.narrow(1, r0, n)?.to_dtype(DType::F32)?);
+            let (dq, dw) = (dq.narrow(1, r0, n)?.to_dtype(DType::F32)?, dw.narrow(1, r0, n)?.to_dtype(DType::F32)?);
+            view.queries_weights_backward(&x32, &qr32, &dq, &dw, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?, sink)?;
+        }
+        view.keys_weights_backward(&x, &dk.to_dtype(DType::F32)?, cos, sin, rows, sink)
+    }
+
+    /// The queries' and head weights' projections backward for one chunk of n tokens: dq
+    /// [B, n, HI, DI] (of the RoPE'd queries) and dw [B, n, HI] (of the scaled head weights)
+    /// into wq_b and weights_proj, from x32 [B, n, hidden] and qr32 [B, n, q_lora] (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn queries_weights_backward(&self, x32: &Tensor, qr32: &Tensor, dq: &Tensor, dw: &Tensor, cos: &Tensor, sin: &Tensor, grads: &mut dyn GradSink) -> Result<()> {
+        let (b, n, hi, di) = dq.dims4()?;
+        if grads.wants(&self.wq_b) {
+            let dq_lin = self.rope_prefix_backward(dq, cos, sin)?.reshape((b, n, hi * di))?;
+            grads.add(&self.wq_b, linear_weight_grad(qr32, &dq_lin)?)?;
+        }
+        if grads.wants(&self.weights_proj) {
+            let head_scale = (hi as f64).powf(-0.5) * (di as f64).powf(-0.5);
+            grads.add(&self.weights_proj, linear_weight_grad(x32, &(dw * head_scale)?)?)?;
+        }
+        Ok(())
+    }
+
+    /// The keys' backward: dk [B, T, DI] (f32, of the RoPE'd keys) through the RoPE, k_norm
+    /// (`ops::layer_norm_backward`) and wk, `rows` tokens at a time from x [B, T, hidden];
+    /// nothing when all three are frozen.
+    fn keys_weights_backward(&self, x: &Tensor, dk: &Tensor, cos: &Tensor, sin: &Tensor, rows: usize, grads: &mut dyn GradSink) -> Result<()> {
+        let (b, t, _) = x.dims3()?;
+        let di = self.head_dim;
+        let keys_learn = [&self.wk, &self.k_norm_weight, &self.k_norm_bias].iter().any(|p| grads.wants(p));
+        for r0 in (0..t).step_by(rows.max(1)).filter(|_| keys_learn) {
+            let n = rows.max(1).min(t - r0);
+            let x32 = x.narrow(1, r0, n)?.to_dtype(DType::F32)?;
+            let k_lin = linear(&x32, &self.wk)?; // [B, n, DI]
+            let dkn = self.rope_prefix_backward(&dk.narrow(1, r0, n)?.reshape((b, n, 1, di))?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?.reshape((b, n, di))?;
+            let (dk_lin, dnw, dnb) = layer_norm_backward(&k_lin, &self.k_norm_weight, K_NORM_EPS, &dkn)?;
+            add_if_wanted(grads, &self.k_norm_weight, Some(dnw))?;
+            add_if_wanted(grads, &self.k_norm_bias, Some(dnb))?;
+            if grads.wants(&self.wk) {
+                grads.add(&self.wk, linear_weight_grad(&x32, &dk_lin)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One layer's sparse-stage indexer KL, as `Indexer::sparse_kl_backward` takes it: the
 /// indexer's detached inputs x [B, T, hidden] and qr [B, T, q_lora], the keys [B, T, DI] (f32),
 /// the target [B, T, K] and sets `sel`, the RoPE tables of positions 0.. (at least T rows),
@@ -360,28 +423,10 @@ impl Indexer {
             let _region = crate::profile::region("indexer KL bwd: explicit backward of the block");
             let (dq, dw, dk_block) = block.scores_at_backward(&set, self.tensor_cores, &d_on)?;
             dk = (dk + dk_block.to_dtype(DType::F32)?)?;
-            if grads.wants(&self.wq_b) {
-                let dq_lin = self.rope_prefix_backward(&dq, &cos_b, &sin_b)?.reshape((b, n, hi * di))?;
-                grads.add(&self.wq_b, linear_weight_grad(&qr32, &dq_lin)?)?;
-            }
-            if grads.wants(&self.weights_proj) {
-                grads.add(&self.weights_proj, linear_weight_grad(&x32, &(dw * head_scale)?)?)?;
-            }
+            self.queries_weights_backward(&x32, &qr32, &dq, &dw, &cos_b, &sin_b, grads)?;
         }
         let _region = crate::profile::region("indexer KL bwd: keys backward");
-        let keys_learn = [&self.wk, &self.k_norm_weight, &self.k_norm_bias].iter().any(|p| grads.wants(p));
-        for r0 in (0..t).step_by(rows).filter(|_| keys_learn) {
-            let n = rows.min(t - r0);
-            let x32 = x.narrow(1, r0, n)?.to_dtype(DType::F32)?;
-            let k_lin = linear(&x32, &self.wk)?; // [B, n, DI]
-            let dkn = self.rope_prefix_backward(&dk.narrow(1, r0, n)?.reshape((b, n, 1, di))?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?.reshape((b, n, di))?;
-            let (dk_lin, dnw, dnb) = layer_norm_backward(&k_lin, &self.k_norm_weight, K_NORM_EPS, &dkn)?;
-            add_if_wanted(grads, &self.k_norm_weight, Some(dnw))?;
-            add_if_wanted(grads, &self.k_norm_bias, Some(dnb))?;
-            if grads.wants(&self.wk) {
-                grads.add(&self.wk, linear_weight_grad(&x32, &dk_lin)?)?;
-            }
-        }
+        self.keys_weights_backward(&x, &dk, cos, sin, rows, grads)?;
         match total {
             Some(s) => s / (b * t) as f64,
             None => candle_core::bail!("the sparse-stage KL of an empty sequence"),
@@ -533,6 +578,52 @@ mod grad_tests {
         for rows in [11, 4, 1] {
             let (kl_err, grad_err) = sparse_kl_against_autograd(&Device::Cpu, false, (2, 11, 24, 20, 3, 16, 8, 4), rows, 1).unwrap();
             assert!(kl_err <= 1e-6 && grad_err <= 1e-5, "rows {rows}: KL off by {kl_err}, gradients by {grad_err}");
+        }
+    }
+
+    /// `projections_backward` against its autograd twin `backprop_rows` on random projection
+    /// gradients (f32, within 1e-5 relative), chunks of every row and of 3 rows.
+    #[test]
+    fn explicit_projections_backward_matches_autograd() {
+        let dev = Device::Cpu;
+        let (b, t, d, ql, hi, di, rope) = (2, 7, 24, 20, 3, 16, 8);
+        let var = |shape: &[usize], seed: u64, mean: f64| Var::from_tensor(&(randn(shape, seed, 0.3, &dev).unwrap() + mean).unwrap()).unwrap().as_tensor().clone();
+        let ix = Indexer {
+            tensor_cores: false,
+            wq_b: var(&[hi * di, ql], 1, 0.0),
+            wk: var(&[di, d], 2, 0.0),
+            k_norm_weight: var(&[di], 3, 1.0),
+            k_norm_bias: var(&[di], 4, 0.0),
+            weights_proj: var(&[hi, d], 5, 0.0),
+            heads: hi,
+            head_dim: di,
+            rope,
+        };
+        let (x, qr) = (randn(&[b, t, d], 6, 1.0, &dev).unwrap(), randn(&[b, t, ql], 7, 1.0, &dev).unwrap());
+        let angles = randn(&[t, rope / 2], 8, 3.0, &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let (dq, dw, dk) = (randn(&[b, t, hi, di], 9, 1.0, &dev).unwrap(), randn(&[b, t, hi], 10, 1.0, &dev).unwrap(), randn(&[b, t, di], 11, 1.0, &dev).unwrap());
+        let params = [&ix.wq_b, &ix.wk, &ix.k_norm_weight, &ix.k_norm_bias, &ix.weights_proj];
+        for rows in [t, 3] {
+            let mut twin: Vec<Option<Tensor>> = vec![None; params.len()];
+            ix.backprop_rows(&x, &qr, &cos, &sin, (&dq, &dw, &dk), rows, |gs| {
+                for (i, p) in params.iter().enumerate() {
+                    if let Some(g) = gs.get(p) {
+                        twin[i] = Some(match twin[i].take() { Some(a) => (a + g)?, None => g.clone() });
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+            let mut sink = crate::model::grad_sink::GradMap::default();
+            ix.projections_backward(&x, &qr, &cos, &sin, (&dq, &dw, &dk), rows, &mut sink).unwrap();
+            for (i, p) in params.iter().enumerate() {
+                let want = twin[i].as_ref().unwrap();
+                let got = &sink.sums[&p.id()];
+                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+                assert!(scale > 0.0 && diff <= 1e-5 * scale, "rows {rows}: parameter {i}: max diff {diff} (max |g| {scale})");
+            }
         }
     }
 

@@ -586,7 +586,6 @@ impl Trainer {
         indexer: &crate::model::indexer::Indexer,
     ) -> Result<Tensor> {
         let _region = crate::profile::region("step: indexer KL backward");
-        let slots = &self.slots;
         if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
             // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
             let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
@@ -638,7 +637,8 @@ impl Trainer {
         let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
         // About 2^24 query values (64 MiB in f32) per chunk of tokens.
         let rows = crate::model::indexer::query_block_rows(b, t, hi, di);
-        indexer.backprop_rows(x, qr, &self.ctx.cos, &self.ctx.sin, (&dq, &dw, &dk), rows, |gs| accum.add(slots, gs).map_err(candle_core::Error::wrap))?;
+        // Written out (`Indexer::projections_backward`; its autograd twin is `backprop_rows`).
+        indexer.projections_backward(x, qr, &self.ctx.cos, &self.ctx.sin, (&dq, &dw, &dk), rows, &mut AccumSink { trainable, accum })?;
         Ok(kl.to_dtype(DType::F32)?)
     }
 
