@@ -296,7 +296,7 @@ impl ModelConfig {
         layer >= self.first_k_dense_replace
     }
 
-    /// Attention softmax scale: qk_head_dim^-1/2, times mscale^2 under YaRN (trap 4 of the brief).
+    /// Attention softmax scale: qk_head_dim^-1/2, times mscale^2 under YaRN (as DeepSeek's reference code scales it).
     pub fn softmax_scale(&self) -> f64 {
         let base = (self.qk_head_dim() as f64).powf(-0.5);
         match &self.rope_scaling {

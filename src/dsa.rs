@@ -127,7 +127,8 @@ pub fn select_topk(scores: &Tensor, k: usize) -> Result<Selection> {
 
 /// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
 /// the scores [B, n, T] of queries q0..q0+n, so no more than one block exists at a time.
-/// Selection runs on the host for now; the GPU issue replaces it with a device kernel.
+/// The host selection: f32 runs and the CPU; bf16 models on CUDA take the device kernel
+/// (`kernels::indexer_topk`), whose rule is this one.
 pub fn select_topk_streaming(
     b: usize,
     t: usize,

@@ -1,9 +1,9 @@
 //! Differentiable building blocks written from candle's primitive ops.
 //!
 //! candle's fused `rope_i`, `softmax_last_dim`, `rms_norm` and `layer_norm` have no backward,
-//! so a gradient through them silently stops (trap 6 of the brief). Everything here is built
+//! so a gradient through them would silently stop. Everything here is built
 //! from ops that autograd knows; normalisations and softmax run in f32 whatever the input
-//! dtype and return the input dtype. The fused kernels of the GPU issue are tested against
+//! dtype and return the input dtype. The fused kernels (`kernels::*`) are tested against
 //! these plain versions.
 
 use candle_core::{DType, Result, Tensor, D};

@@ -117,18 +117,15 @@ pub struct DsaConfig {
 }
 
 /// How the job's ranks divide the work (validated against the world size at start-up, the
-/// way torchtitan's ParallelDims does): dp x tp x pp = world.
+/// way torchtitan's ParallelDims does): dp = world. Tensor and pipeline parallelism are not
+/// built (`parallel.tp` / `parallel.pp` other than 1 are refused by name).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ParallelConfig {
-    /// Data-parallel ranks; 0 = the world size divided by tp x pp.
+    /// Data-parallel ranks; 0 = the world size.
     pub dp: usize,
     /// Expert-parallel ranks: routed experts are split into ep contiguous ranges; ep divides dp.
     pub ep: usize,
-    /// Tensor parallelism (not built: must be 1).
-    pub tp: usize,
-    /// Pipeline parallelism (not built: must be 1).
-    pub pp: usize,
     /// ZeRO stage over the data-parallel ranks: 1 shards the f32 master weights and Adam
     /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
     /// each layer's gradients are summed onto their owner rank as soon as its backward has
@@ -138,7 +135,7 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { dp: 0, ep: 1, tp: 1, pp: 1, zero: 1 }
+        Self { dp: 0, ep: 1, zero: 1 }
     }
 }
 
@@ -168,7 +165,7 @@ impl Layout {
 }
 
 impl ParallelConfig {
-    /// The world `check` assumes without a launcher: dp x tp x pp when dp is set; else the
+    /// The world `check` assumes without a launcher: dp when it is set; else the
     /// smallest multiple of ep whose dp divides the `micro_batches` of a step (else ep).
     pub fn smallest_world(&self, micro_batches: usize) -> usize {
         let ep = self.ep.max(1);
@@ -177,7 +174,7 @@ impl ParallelConfig {
         } else {
             (1..=micro_batches.max(1)).map(|k| k * ep).find(|dp| micro_batches % dp == 0).unwrap_or(ep)
         };
-        dp * self.tp.max(1) * self.pp.max(1)
+        dp
     }
 
     /// Resolve against `world` ranks; errors name the keys and the numbers.
@@ -185,18 +182,12 @@ impl ParallelConfig {
         if world == 0 {
             bail!("a job of 0 ranks: the world size must be at least 1");
         }
-        if self.tp != 1 {
-            bail!("parallel.tp = {}: tensor parallelism is not built; use parallel.tp = 1", self.tp);
-        }
-        if self.pp != 1 {
-            bail!("parallel.pp = {}: pipeline parallelism is not built; use parallel.pp = 1", self.pp);
-        }
         if !(1..=2).contains(&self.zero) {
             bail!("parallel.zero = {}: the ZeRO stages built are 1 (optimizer state sharded) and 2 (gradients too)", self.zero);
         }
         let dp = if self.dp == 0 { world } else { self.dp };
-        if dp * self.tp * self.pp != world {
-            bail!("parallel.dp ({dp}) x parallel.tp ({}) x parallel.pp ({}) = {} but the job has {world} rank(s)", self.tp, self.pp, dp * self.tp * self.pp);
+        if dp != world {
+            bail!("parallel.dp ({dp}) but the job has {world} rank(s)");
         }
         if self.ep == 0 || dp % self.ep != 0 {
             bail!("parallel.ep ({}) must divide parallel.dp ({dp})", self.ep);
@@ -335,9 +326,12 @@ impl Recipe {
         reject_non_finite(&toml_value, "")?;
         let mut tree = serde_json::to_value(&toml_value)?;
         let schema = serde_json::to_value(Recipe::default())?;
+        drop_not_built(&mut tree)?;
         check_keys(&tree, &schema, "")?;
         for set in sets {
-            apply_set(&mut tree, &schema, set)?;
+            if !not_built_set(set)? {
+                apply_set(&mut tree, &schema, set)?;
+            }
         }
         let recipe: Recipe = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
         recipe.validate()?;
@@ -463,6 +457,42 @@ impl Recipe {
             .map(|(k, v)| format!("{k}: {} -> {v}", old.get(k).map_or("(absent)".to_string(), |o| o.to_string())))
             .collect()
     }
+}
+
+/// Parallelism that is named but not built: such a key is refused unless it asks for one rank
+/// (the recipes of older builds wrote `tp = 1` and `pp = 1`, which are dropped).
+const NOT_BUILT: [(&str, &str); 2] = [("tp", "tensor parallelism"), ("pp", "pipeline parallelism")];
+
+fn not_built(key: &str, value: &Value) -> Result<()> {
+    let what = NOT_BUILT.iter().find(|(k, _)| *k == key).map_or("this parallelism", |(_, w)| *w);
+    if value.as_i64() == Some(1) {
+        return Ok(());
+    }
+    bail!("parallel.{key} = {value}: {what} is not built (the layout keys are parallel.dp, parallel.ep and parallel.zero)")
+}
+
+/// Remove `parallel.tp` / `parallel.pp` of 1 from a recipe tree; refuse any other value.
+fn drop_not_built(tree: &mut Value) -> Result<()> {
+    if let Some(par) = tree.get_mut("parallel").and_then(Value::as_object_mut) {
+        for (key, _) in NOT_BUILT {
+            if let Some(v) = par.remove(key) {
+                not_built(key, &v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether `--set` names `parallel.tp` / `parallel.pp` (true: handled, nothing to apply).
+fn not_built_set(set: &str) -> Result<bool> {
+    let Some((key, raw)) = set.split_once('=') else { return Ok(false) };
+    let Some(name) = key.trim().strip_prefix("parallel.") else { return Ok(false) };
+    if !NOT_BUILT.iter().any(|(k, _)| *k == name) {
+        return Ok(false);
+    }
+    let value = raw.trim().parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(raw.trim().to_string()));
+    not_built(name, &value)?;
+    Ok(true)
 }
 
 /// Reject keys the schema does not have, suggesting the nearest sibling.
@@ -633,6 +663,21 @@ mod tests {
         assert_eq!(r.stage(), Stage::Warmup);
         // The resolved recipe round-trips.
         assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+    }
+
+    /// Tensor and pipeline parallelism are not built: no key in a resolved recipe, a value of 1
+    /// (older builds' recipes) accepted and dropped, any other refused by name, in the file
+    /// and in `--set`.
+    #[test]
+    fn parallelism_that_is_not_built_has_no_key() {
+        let r = Recipe::parse(&format!("{MINIMAL}[parallel]\ntp = 1\npp = 1\n"), &[]).unwrap();
+        let resolved = r.to_toml();
+        assert!(!resolved.lines().any(|l| l.starts_with("tp ") || l.starts_with("pp ")), "{resolved}");
+        let err = Recipe::parse(&format!("{MINIMAL}[parallel]\ntp = 2\n"), &[]).unwrap_err().to_string();
+        assert!(err.contains("parallel.tp = 2") && err.contains("tensor parallelism is not built"), "{err}");
+        let err = Recipe::parse(MINIMAL, &["parallel.pp=4".into()]).unwrap_err().to_string();
+        assert!(err.contains("parallel.pp = 4") && err.contains("pipeline parallelism is not built"), "{err}");
+        assert!(Recipe::parse(MINIMAL, &["parallel.pp=1".into()]).is_ok());
     }
 
     #[test]

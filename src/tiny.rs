@@ -45,7 +45,7 @@ pub fn tiny_config(with_indexer: bool) -> serde_json::Value {
     c
 }
 
-/// config.json of the benchmark model of the GPU issue (the shape transformers' DeepseekV32 was
+/// config.json of the GPU benchmark model (the shape transformers' DeepseekV32 was
 /// timed on): vocab 129280, hidden 1024, 4 layers (1 dense + 3 MoE: 16 routed experts, top-4,
 /// 1 shared, 4 groups / top 2), 16 heads, q_lora 768, kv_lora 512, nope 128, rope 64, v 128,
 /// indexer 64 x 128, top-k 2048, YaRN factor 40 from 4096.
