@@ -25,7 +25,14 @@ fn main() {
         }
         let ptx = out.join(path.file_stem().unwrap()).with_extension("ptx");
         let status = Command::new(&nvcc)
-            .args(["--ptx", &format!("-arch={arch}"), "-O3", "-std=c++17", "-lineinfo", "-o"])
+            .args([
+                "--ptx",
+                &format!("-arch={arch}"),
+                "-O3",
+                "-std=c++17",
+                "-lineinfo",
+                "-o",
+            ])
             .arg(&ptx)
             .arg(&path)
             .status()

@@ -21,16 +21,28 @@ use crate::weights::{load_params, model_weights};
 pub fn sized_config(gib: f64) -> serde_json::Value {
     let (hidden, moe_inter) = (2048usize, 1024usize);
     let per_expert = 3 * hidden * moe_inter; // bytes in FP8
-    let experts = ((gib * (1u64 << 30) as f64 - 150e6) / (3.0 * per_expert as f64)).round().max(8.0) as usize;
+    let experts = ((gib * (1u64 << 30) as f64 - 150e6) / (3.0 * per_expert as f64))
+        .round()
+        .max(8.0) as usize;
     let experts = experts.div_ceil(8) * 8;
     let mut c = crate::tiny::tiny_config(false);
     let o = c.as_object_mut().unwrap();
     for (k, v) in [
-        ("hidden_size", json!(hidden)), ("num_hidden_layers", json!(4)), ("intermediate_size", json!(5632)),
-        ("moe_intermediate_size", json!(moe_inter)), ("num_attention_heads", json!(16)), ("q_lora_rank", json!(768)),
-        ("kv_lora_rank", json!(512)), ("qk_nope_head_dim", json!(128)), ("qk_rope_head_dim", json!(64)),
-        ("v_head_dim", json!(128)), ("n_routed_experts", json!(experts)), ("n_group", json!(8)),
-        ("topk_group", json!(4)), ("num_experts_per_tok", json!(8)), ("vocab_size", json!(32768)),
+        ("hidden_size", json!(hidden)),
+        ("num_hidden_layers", json!(4)),
+        ("intermediate_size", json!(5632)),
+        ("moe_intermediate_size", json!(moe_inter)),
+        ("num_attention_heads", json!(16)),
+        ("q_lora_rank", json!(768)),
+        ("kv_lora_rank", json!(512)),
+        ("qk_nope_head_dim", json!(128)),
+        ("qk_rope_head_dim", json!(64)),
+        ("v_head_dim", json!(128)),
+        ("n_routed_experts", json!(experts)),
+        ("n_group", json!(8)),
+        ("topk_group", json!(4)),
+        ("num_experts_per_tok", json!(8)),
+        ("vocab_size", json!(32768)),
         ("num_nextn_predict_layers", json!(0)),
     ] {
         o.insert(k.into(), v);
@@ -40,15 +52,30 @@ pub fn sized_config(gib: f64) -> serde_json::Value {
 
 pub fn bench_load(dir: &Path, gib: f64, repeats: usize) -> Result<String> {
     if !dir.join("config.json").exists() {
-        crate::elog!("[bench] writing a ~{gib} GiB FP8 checkpoint to {} (one-off)", dir.display());
+        crate::elog!(
+            "[bench] writing a ~{gib} GiB FP8 checkpoint to {} (one-off)",
+            dir.display()
+        );
         crate::tiny::write_random_checkpoint(dir, &sized_config(gib), 1, 512 << 20)?;
     }
     let cfg = ModelConfig::from_dir(dir, &IndexerDefaults::default())?;
-    let specs: Vec<_> = model_weights(&cfg, false).into_iter().filter(|s| !s.indexer).collect();
+    let specs: Vec<_> = model_weights(&cfg, false)
+        .into_iter()
+        .filter(|s| !s.indexer)
+        .collect();
     let ckpt = Checkpoint::open(dir)?;
-    let bytes: u64 = ckpt.names().map(|n| ckpt.info(n).map(|i| (i.shape.iter().product::<usize>() * i.dtype.size()) as u64)).sum::<Result<u64>>()?;
-    let fp8_bytes: u64 = specs.iter().filter(|s| s.storage() == crate::checkpoint::StDtype::F8E4M3)
-        .map(|s| s.shape.iter().product::<usize>() as u64).sum();
+    let bytes: u64 = ckpt
+        .names()
+        .map(|n| {
+            ckpt.info(n)
+                .map(|i| (i.shape.iter().product::<usize>() * i.dtype.size()) as u64)
+        })
+        .sum::<Result<u64>>()?;
+    let fp8_bytes: u64 = specs
+        .iter()
+        .filter(|s| s.storage() == crate::checkpoint::StDtype::F8E4M3)
+        .map(|s| s.shape.iter().product::<usize>() as u64)
+        .sum();
     let mut times = vec![];
     for r in 0..repeats + 1 {
         let ckpt = Checkpoint::open(dir)?; // fresh maps each run
@@ -118,7 +145,8 @@ pub fn bench_checkpoint(dir: &Path, gib: f64, repeats: usize) -> Result<String> 
         let t0 = Instant::now();
         integrity::verify(&step, integrity::Use::Resume)?;
         verify.push(t0.elapsed().as_secs_f64());
-        bytes = integrity::read_marker(&step)?.map_or(0, |m| m.files.values().map(|f| f.bytes).sum());
+        bytes =
+            integrity::read_marker(&step)?.map_or(0, |m| m.files.values().map(|f| f.bytes).sum());
     }
     let median = |v: &mut Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
@@ -156,7 +184,12 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
         }
         last = Some(m);
     }
-    let peak = crate::cuda_runtime::peak_bytes().map_or(String::new(), |b| format!(", device memory peak {:.1} GiB", b as f64 / (1u64 << 30) as f64));
+    let peak = crate::cuda_runtime::peak_bytes().map_or(String::new(), |b| {
+        format!(
+            ", device memory peak {:.1} GiB",
+            b as f64 / (1u64 << 30) as f64
+        )
+    });
     let regions = crate::profile::report(steps);
     if !regions.is_empty() {
         crate::elog!("[profile] DSA_PROFILE=1, per timed step (each region between device synchronisations):\n{regions}");
@@ -172,10 +205,6 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
         m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, crate::profile::device_memory_in_use()
     ))
 }
-
-/// ", device memory in use X of Y GiB" on a CUDA build: the driver's view after the steps
-/// (live tensors plus whatever the stream-ordered allocator still holds; not the peak).
-
 
 /// `bench kernels`: the DSA kernels at the 671B attention shape (128 heads, d_qk 576, d_v 512,
 /// top-k 2048; indexer 64 x 128) for each length, beside cuBLAS's bf16 matmul rate in the same
@@ -193,7 +222,11 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
     let b = crate::rng::randn(&[4096, 4096], 2, 1.0, &dev)?.to_dtype(DType::BF16)?;
     let t = crate::profile::time_median(&dev, 10, || Ok(a.matmul(&b).map(|_| ())?))?;
     let mut out = Emit(vec![]);
-    out.push(format!("cuBLAS bf16 matmul 4096^3: {:.3} ms = {:.0} TFLOP/s", t * 1e3, 2.0 * 4096f64.powi(3) / t / 1e12));
+    out.push(format!(
+        "cuBLAS bf16 matmul 4096^3: {:.3} ms = {:.0} TFLOP/s",
+        t * 1e3,
+        2.0 * 4096f64.powi(3) / t / 1e12
+    ));
     let (h, dqk, dv, topk, hi, di) = (128usize, 576usize, 512usize, 2048usize, 64usize, 128usize);
     for &l in lens {
         // The tensor-core kernels (each module times its own; a failure such as running out of
@@ -201,14 +234,25 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
         type Bench = fn(&Device, usize) -> Result<Vec<String>>;
         let families: [(&str, Bench); 4] = [
             ("indexer top-k", crate::kernels::indexer_topk::bench),
-            ("indexer scores at selection (tensor cores)", crate::kernels::indexer_at_tc::bench),
-            ("sparse MLA (tensor cores)", crate::kernels::sparse_mla_tc::bench),
-            ("dense attention + warm-up KL", crate::kernels::warmup_kl::bench),
+            (
+                "indexer scores at selection (tensor cores)",
+                crate::kernels::indexer_at_tc::bench,
+            ),
+            (
+                "sparse MLA (tensor cores)",
+                crate::kernels::sparse_mla_tc::bench,
+            ),
+            (
+                "dense attention + warm-up KL",
+                crate::kernels::warmup_kl::bench,
+            ),
         ];
         let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
         for (name, bench) in families.into_iter().filter(|f| wanted(f.0)) {
             match bench(&dev, l) {
-                Ok(lines) => lines.into_iter().for_each(|x| out.push(format!("L {l}: {x}"))),
+                Ok(lines) => lines
+                    .into_iter()
+                    .for_each(|x| out.push(format!("L {l}: {x}"))),
                 Err(e) => out.push(format!("L {l}: {name}: failed: {e:#}")),
             }
         }
@@ -225,14 +269,23 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
             let n = kk.min(t + 1);
             pairs += n as f64;
             for j in 0..n {
-                idx[t * kk + j] = if t < kk { j as u32 } else { (rng.next_u64() % (t as u64 + 1)) as u32 };
+                idx[t * kk + j] = if t < kk {
+                    j as u32
+                } else {
+                    (rng.next_u64() % (t as u64 + 1)) as u32
+                };
             }
         }
         let idx = Tensor::from_vec(idx, (l, kk), &dev)?;
         let q = Var::from_tensor(&crate::rng::randn(&[l, h, dqk], 3, 1.0, &dev)?)?;
         let kv = Var::from_tensor(&crate::rng::randn(&[l, dqk], 4, 1.0, &dev)?)?;
         let scale = (192f64).powf(-0.5);
-        let fwd = crate::profile::time_median(&dev, 3, || Ok(crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv).map(|_| ())?))?;
+        let fwd = crate::profile::time_median(&dev, 3, || {
+            Ok(
+                crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)
+                    .map(|_| ())?,
+            )
+        })?;
         let o = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
         let g = crate::rng::randn(&[l, h, dv + 1], 5, 1.0, &dev)?;
         let loss = (o * g)?.sum_all()?;
@@ -247,8 +300,22 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
         let qi = Var::from_tensor(&crate::rng::randn(&[l, hi, di], 6, 1.0, &dev)?)?;
         let wi = Var::from_tensor(&crate::rng::randn(&[l, hi], 7, 1.0, &dev)?)?;
         let ki = Var::from_tensor(&crate::rng::randn(&[l, di], 8, 1.0, &dev)?)?;
-        let ifwd = crate::profile::time_median(&dev, 3, || Ok(crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx).map(|_| ())?))?;
-        let s = crate::kernels::indexer_scores_at(qi.as_tensor(), wi.as_tensor(), ki.as_tensor(), &idx)?.sum_all()?;
+        let ifwd = crate::profile::time_median(&dev, 3, || {
+            Ok(crate::kernels::indexer_scores_at(
+                qi.as_tensor(),
+                wi.as_tensor(),
+                ki.as_tensor(),
+                &idx,
+            )
+            .map(|_| ())?)
+        })?;
+        let s = crate::kernels::indexer_scores_at(
+            qi.as_tensor(),
+            wi.as_tensor(),
+            ki.as_tensor(),
+            &idx,
+        )?
+        .sum_all()?;
         let ibwd = crate::profile::time_median(&dev, 3, || Ok(s.backward().map(|_| ())?))?;
         let f_i = 2.0 * pairs * (hi * di) as f64;
         out.push(format!(

@@ -76,13 +76,19 @@ struct Shard {
 
 impl Shard {
     fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
+        let file =
+            File::open(path).with_context(|| format!("cannot open shard {}", path.display()))?;
         // SAFETY: the map is read-only and lives as long as the Shard. Checkpoints are not
         // modified while a run reads them; a file truncated underneath us would be a user error
         // that the bounds checks below cannot catch, as with any memory-mapped reader.
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("cannot map {}", path.display()))?;
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("cannot map {}", path.display()))?;
         let tensors = parse_header(&mmap, path)?;
-        Ok(Self { path: path.to_path_buf(), mmap, tensors })
+        Ok(Self {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+        })
     }
 
     fn bytes(&self, info: &TensorInfo) -> &[u8] {
@@ -91,7 +97,11 @@ impl Shard {
         #[cfg(target_os = "linux")]
         {
             let start = info.range.start / 4096 * 4096;
-            let _ = self.mmap.advise_range(memmap2::Advice::PopulateRead, start, info.range.end - start);
+            let _ = self.mmap.advise_range(
+                memmap2::Advice::PopulateRead,
+                start,
+                info.range.end - start,
+            );
         }
         &self.mmap[info.range.clone()]
     }
@@ -101,14 +111,24 @@ impl Shard {
 fn parse_header(bytes: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>> {
     let file = path.display();
     if bytes.len() < 8 {
-        bail!("{file} is truncated: {} bytes, shorter than the 8-byte safetensors header length", bytes.len());
+        bail!(
+            "{file} is truncated: {} bytes, shorter than the 8-byte safetensors header length",
+            bytes.len()
+        );
     }
     let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let data_start = 8usize.checked_add(n).filter(|&e| e <= bytes.len()).with_context(|| {
-        format!("{file} is truncated or not safetensors: header claims {n} bytes, file has {}", bytes.len())
-    })?;
-    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..data_start])
-        .map_err(|e| anyhow::anyhow!("{file}: bad safetensors header JSON: {e}"))?;
+    let data_start = 8usize
+        .checked_add(n)
+        .filter(|&e| e <= bytes.len())
+        .with_context(|| {
+            format!(
+                "{file} is truncated or not safetensors: header claims {n} bytes, file has {}",
+                bytes.len()
+            )
+        })?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes[8..data_start])
+            .map_err(|e| anyhow::anyhow!("{file}: bad safetensors header JSON: {e}"))?;
     let data_len = bytes.len() - data_start;
     let mut tensors = HashMap::new();
     for (name, v) in header {
@@ -132,14 +152,24 @@ fn parse_header(bytes: &[u8], path: &Path) -> Result<HashMap<String, TensorInfo>
             .with_context(|| format!("{file}: tensor {name} has no valid data_offsets"))?;
         let need = shape.iter().product::<usize>() * dtype.size();
         if offsets[1] - offsets[0] != need {
-            bail!("{file}: tensor {name} holds {} bytes but shape {shape:?} of {} needs {need}",
-                offsets[1] - offsets[0], dtype.name());
+            bail!(
+                "{file}: tensor {name} holds {} bytes but shape {shape:?} of {} needs {need}",
+                offsets[1] - offsets[0],
+                dtype.name()
+            );
         }
         if offsets[1] > data_len {
             bail!("{file} is truncated: tensor {name} ends at byte {} of the data but the file holds only {data_len}",
                 offsets[1]);
         }
-        tensors.insert(name, TensorInfo { dtype, shape, range: data_start + offsets[0]..data_start + offsets[1] });
+        tensors.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape,
+                range: data_start + offsets[0]..data_start + offsets[1],
+            },
+        );
     }
     Ok(tensors)
 }
@@ -161,32 +191,51 @@ impl Checkpoint {
                 .with_context(|| format!("cannot read {}", index_path.display()))?;
             let v: serde_json::Value = serde_json::from_str(&text)
                 .map_err(|e| anyhow::anyhow!("{}: bad JSON: {e}", index_path.display()))?;
-            let map = v.get("weight_map").and_then(|m| m.as_object()).with_context(|| {
-                format!("{}: no \"weight_map\" object", index_path.display())
-            })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .with_context(|| format!("{}: no \"weight_map\" object", index_path.display()))?;
             let mut out = BTreeMap::new();
             for (k, f) in map {
                 let f = f.as_str().with_context(|| {
-                    format!("{}: weight_map entry {k} is not a file name", index_path.display())
+                    format!(
+                        "{}: weight_map entry {k} is not a file name",
+                        index_path.display()
+                    )
                 })?;
                 out.insert(k.clone(), f.to_string());
             }
             out
         } else if single.exists() {
             let shard = Shard::open(&single)?;
-            shard.tensors.keys().map(|k| (k.clone(), "model.safetensors".to_string())).collect()
+            shard
+                .tensors
+                .keys()
+                .map(|k| (k.clone(), "model.safetensors".to_string()))
+                .collect()
         } else {
-            bail!("{} holds neither model.safetensors.index.json nor model.safetensors", dir.display());
+            bail!(
+                "{} holds neither model.safetensors.index.json nor model.safetensors",
+                dir.display()
+            );
         };
         // A scale without its weight means the checkpoint was cut or mislabelled.
         for name in weight_map.keys() {
             if let Some(weight) = name.strip_suffix(SCALE_SUFFIX) {
                 if !weight_map.contains_key(weight) {
-                    bail!("{}: scale {name} (in {}) has no weight {weight}", dir.display(), weight_map[name]);
+                    bail!(
+                        "{}: scale {name} (in {}) has no weight {weight}",
+                        dir.display(),
+                        weight_map[name]
+                    );
                 }
             }
         }
-        Ok(Self { dir: dir.to_path_buf(), weight_map, shards: Mutex::new(HashMap::new()) })
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            weight_map,
+            shards: Mutex::new(HashMap::new()),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -217,13 +266,18 @@ impl Checkpoint {
     }
 
     fn locate(&self, name: &str) -> Result<(Arc<Shard>, TensorInfo)> {
-        let file = self
-            .weight_map
-            .get(name)
-            .with_context(|| format!("tensor {name} is missing from the checkpoint in {}", self.dir.display()))?;
+        let file = self.weight_map.get(name).with_context(|| {
+            format!(
+                "tensor {name} is missing from the checkpoint in {}",
+                self.dir.display()
+            )
+        })?;
         let shard = self.shard(file)?;
         let info = shard.tensors.get(name).cloned().with_context(|| {
-            format!("tensor {name} is listed for {} but that shard does not contain it", shard.path.display())
+            format!(
+                "tensor {name} is listed for {} but that shard does not contain it",
+                shard.path.display()
+            )
         })?;
         Ok((shard, info))
     }
@@ -236,11 +290,20 @@ impl Checkpoint {
     /// Read `name` as `dtype` on `device`, checking its shape; FP8 weights are dequantised with
     /// their block scales. Precision: FP8 and bf16 values are exact in f32; an FP8 value times a
     /// power-of-two scale is exact in bf16 too (other scales round once).
-    pub fn load(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+    pub fn load(
+        &self,
+        name: &str,
+        shape: &[usize],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (shard, info) = self.locate(name)?;
         let file = shard.path.display();
         if info.shape != shape {
-            bail!("tensor {name} in {file} has shape {:?}, expected {shape:?} from config.json", info.shape);
+            bail!(
+                "tensor {name} in {file} has shape {:?}, expected {shape:?} from config.json",
+                info.shape
+            );
         }
         let bytes = shard.bytes(&info);
         let numel: usize = shape.iter().product();
@@ -253,21 +316,35 @@ impl Checkpoint {
                 let scales = self.load_scales(name, rows, cols)?;
                 match dtype {
                     DType::BF16 => {
-                        let out = filled_vec(numel, |o| fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, o, bf16::from_f32));
+                        let out = filled_vec(numel, |o| {
+                            fp8::dequantize_into(
+                                bytes,
+                                &scales,
+                                rows,
+                                cols,
+                                FP8_BLOCK,
+                                o,
+                                bf16::from_f32,
+                            )
+                        });
                         Tensor::from_vec(out, shape, device)?
                     }
                     _ => {
-                        let out = filled_vec(numel, |o| fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, o, |x| x));
+                        let out = filled_vec(numel, |o| {
+                            fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, o, |x| x)
+                        });
                         Tensor::from_vec(out, shape, device)?.to_dtype(dtype)?
                     }
                 }
             }
             (StDtype::BF16, _) => {
-                let v: Vec<bf16> = decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)));
+                let v: Vec<bf16> =
+                    decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)));
                 Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
             }
             (StDtype::F16, _) => {
-                let v: Vec<f16> = decode_le(bytes, |b: &[u8; 2]| f16::from_bits(u16::from_le_bytes(*b)));
+                let v: Vec<f16> =
+                    decode_le(bytes, |b: &[u8; 2]| f16::from_bits(u16::from_le_bytes(*b)));
                 Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
             }
             (StDtype::F32, _) => {
@@ -296,8 +373,14 @@ impl Checkpoint {
         let bytes = shard.bytes(&info);
         Ok(match info.dtype {
             StDtype::F32 => decode_le(bytes, |b: &[u8; 4]| f32::from_le_bytes(*b)),
-            StDtype::BF16 => decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)).to_f32()),
-            other => bail!("scale {scale_name} in {} is {}; expected F32 or BF16", shard.path.display(), other.name()),
+            StDtype::BF16 => decode_le(bytes, |b: &[u8; 2]| {
+                bf16::from_bits(u16::from_le_bytes(*b)).to_f32()
+            }),
+            other => bail!(
+                "scale {scale_name} in {} is {}; expected F32 or BF16",
+                shard.path.display(),
+                other.name()
+            ),
         })
     }
 }
@@ -310,7 +393,11 @@ pub fn load_file_f32(path: &Path, device: &Device) -> Result<BTreeMap<String, Te
 
 /// As `load_file_f32`, reading only the tensors whose names `keep` accepts (an
 /// expert-parallel rank skips the other ranks' experts).
-pub fn load_file_f32_where(path: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+pub fn load_file_f32_where(
+    path: &Path,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let shard = Shard::open(path)?;
     let mut out = BTreeMap::new();
     let mut names: Vec<&String> = shard.tensors.keys().filter(|n| keep(n)).collect();
@@ -318,23 +405,35 @@ pub fn load_file_f32_where(path: &Path, device: &Device, keep: &dyn Fn(&str) -> 
     for name in names {
         let info = &shard.tensors[name];
         if info.dtype != StDtype::F32 {
-            bail!("{}: tensor {name} is {}; training checkpoints hold F32", path.display(), info.dtype.name());
+            bail!(
+                "{}: tensor {name} is {}; training checkpoints hold F32",
+                path.display(),
+                info.dtype.name()
+            );
         }
         let v: Vec<f32> = decode_le(shard.bytes(info), |b: &[u8; 4]| f32::from_le_bytes(*b));
-        out.insert(name.clone(), Tensor::from_vec(v, info.shape.as_slice(), device)?);
+        out.insert(
+            name.clone(),
+            Tensor::from_vec(v, info.shape.as_slice(), device)?,
+        );
     }
     Ok(out)
 }
 
 /// Decode little-endian elements of `N` bytes each, in parallel.
-fn decode_le<T: Send, const N: usize>(bytes: &[u8], f: impl Fn(&[u8; N]) -> T + Sync + Send) -> Vec<T> {
+fn decode_le<T: Send, const N: usize>(
+    bytes: &[u8],
+    f: impl Fn(&[u8; N]) -> T + Sync + Send,
+) -> Vec<T> {
     const CHUNK: usize = 1 << 16;
     filled_vec(bytes.len() / N, |out| {
-        out.par_chunks_mut(CHUNK).zip(bytes.par_chunks(CHUNK * N)).for_each(|(o, b)| {
-            for (x, c) in o.iter_mut().zip(b.chunks_exact(N)) {
-                x.write(f(c.try_into().unwrap()));
-            }
-        })
+        out.par_chunks_mut(CHUNK)
+            .zip(bytes.par_chunks(CHUNK * N))
+            .for_each(|(o, b)| {
+                for (x, c) in o.iter_mut().zip(b.chunks_exact(N)) {
+                    x.write(f(c.try_into().unwrap()));
+                }
+            })
     })
 }
 

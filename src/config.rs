@@ -22,7 +22,11 @@ pub struct IndexerDefaults {
 impl Default for IndexerDefaults {
     fn default() -> Self {
         // DeepSeek-V3.2-Exp's values.
-        Self { n_heads: 64, head_dim: 128, topk: 2048 }
+        Self {
+            n_heads: 64,
+            head_dim: 128,
+            topk: 2048,
+        }
     }
 }
 
@@ -133,7 +137,8 @@ impl ModelConfig {
 
     /// Parse and validate the text of a config.json.
     pub fn from_json(text: &str, defaults: &IndexerDefaults) -> Result<Self> {
-        let raw: RawConfig = serde_json::from_str(text).map_err(|e| anyhow::anyhow!("bad config: {e}"))?;
+        let raw: RawConfig =
+            serde_json::from_str(text).map_err(|e| anyhow::anyhow!("bad config: {e}"))?;
         let model_type = raw.model_type.clone().unwrap_or_default();
         if model_type != "deepseek_v3" && model_type != "deepseek_v32" {
             bail!("model_type is {model_type:?}; expected \"deepseek_v3\" or \"deepseek_v32\"");
@@ -164,7 +169,9 @@ impl ModelConfig {
             num_hidden_layers: raw.num_hidden_layers,
             // transformers' V3.2 config may carry only mlp_layer_types ("dense" then "sparse").
             first_k_dense_replace: raw.first_k_dense_replace.unwrap_or_else(|| {
-                raw.mlp_layer_types.as_ref().map_or(0, |t| t.iter().take_while(|x| x.as_str() == "dense").count())
+                raw.mlp_layer_types.as_ref().map_or(0, |t| {
+                    t.iter().take_while(|x| x.as_str() == "dense").count()
+                })
             }),
             intermediate_size: raw.intermediate_size,
             moe_intermediate_size: raw.moe_intermediate_size,
@@ -194,7 +201,8 @@ impl ModelConfig {
         };
         if let Some(types) = &raw.mlp_layer_types {
             let dense = types.iter().take_while(|t| t.as_str() == "dense").count();
-            if types.len() != cfg.num_hidden_layers || dense != cfg.first_k_dense_replace
+            if types.len() != cfg.num_hidden_layers
+                || dense != cfg.first_k_dense_replace
                 || types[dense..].iter().any(|t| t != "sparse")
             {
                 bail!(
@@ -203,7 +211,9 @@ impl ModelConfig {
                 );
             }
         }
-        if raw.index_head_dim.is_some() != indexer_in_config || raw.index_topk.is_some() && !indexer_in_config {
+        if raw.index_head_dim.is_some() != indexer_in_config
+            || raw.index_topk.is_some() && !indexer_in_config
+        {
             bail!("index_n_heads, index_head_dim and index_topk must be given together");
         }
         cfg.validate()?;
@@ -233,8 +243,11 @@ impl ModelConfig {
                 bail!("{name} must be positive");
             }
         }
-        if self.qk_rope_head_dim % 2 != 0 {
-            bail!("qk_rope_head_dim {} must be even (RoPE rotates pairs)", self.qk_rope_head_dim);
+        if !self.qk_rope_head_dim.is_multiple_of(2) {
+            bail!(
+                "qk_rope_head_dim {} must be even (RoPE rotates pairs)",
+                self.qk_rope_head_dim
+            );
         }
         if self.index_head_dim < self.qk_rope_head_dim {
             bail!(
@@ -245,19 +258,29 @@ impl ModelConfig {
         if self.first_k_dense_replace > self.num_hidden_layers {
             bail!(
                 "first_k_dense_replace {} exceeds num_hidden_layers {}",
-                self.first_k_dense_replace, self.num_hidden_layers
+                self.first_k_dense_replace,
+                self.num_hidden_layers
             );
         }
-        let has_moe = self.first_k_dense_replace < self.num_hidden_layers || self.num_nextn_predict_layers > 0;
+        let has_moe = self.first_k_dense_replace < self.num_hidden_layers
+            || self.num_nextn_predict_layers > 0;
         if has_moe {
             if self.n_routed_experts == 0 {
                 bail!("n_routed_experts must be positive when MoE layers exist");
             }
-            if self.n_routed_experts % self.n_group != 0 {
-                bail!("n_routed_experts {} is not divisible by n_group {}", self.n_routed_experts, self.n_group);
+            if !self.n_routed_experts.is_multiple_of(self.n_group) {
+                bail!(
+                    "n_routed_experts {} is not divisible by n_group {}",
+                    self.n_routed_experts,
+                    self.n_group
+                );
             }
             if self.topk_group > self.n_group {
-                bail!("topk_group {} exceeds n_group {}", self.topk_group, self.n_group);
+                bail!(
+                    "topk_group {} exceeds n_group {}",
+                    self.topk_group,
+                    self.n_group
+                );
             }
             let selectable = self.topk_group * (self.n_routed_experts / self.n_group);
             if self.num_experts_per_tok == 0 || self.num_experts_per_tok > selectable {
@@ -319,7 +342,11 @@ pub fn yarn_mscale(factor: f64, mscale: f64) -> f64 {
 }
 
 fn parse_rope(raw: &RawConfig) -> Result<(f64, Option<YarnScaling>)> {
-    let params = raw.rope_scaling.as_ref().filter(|v| !v.is_null()).or(raw.rope_parameters.as_ref());
+    let params = raw
+        .rope_scaling
+        .as_ref()
+        .filter(|v| !v.is_null())
+        .or(raw.rope_parameters.as_ref());
     let theta_in_params = raw
         .rope_parameters
         .as_ref()
@@ -339,7 +366,9 @@ fn parse_rope(raw: &RawConfig) -> Result<(f64, Option<YarnScaling>)> {
         "yarn" => {
             let num = |key: &str, default: Option<f64>| -> Result<f64> {
                 match p.get(key).filter(|v| !v.is_null()) {
-                    Some(v) => v.as_f64().with_context(|| format!("rope_scaling.{key} is not a number")),
+                    Some(v) => v
+                        .as_f64()
+                        .with_context(|| format!("rope_scaling.{key} is not a number")),
                     None => default.with_context(|| format!("rope_scaling.{key} is missing")),
                 }
             };
@@ -347,7 +376,8 @@ fn parse_rope(raw: &RawConfig) -> Result<(f64, Option<YarnScaling>)> {
                 theta,
                 Some(YarnScaling {
                     factor: num("factor", None)?,
-                    original_max_position_embeddings: num("original_max_position_embeddings", None)? as usize,
+                    original_max_position_embeddings: num("original_max_position_embeddings", None)?
+                        as usize,
                     beta_fast: num("beta_fast", Some(32.0))?,
                     beta_slow: num("beta_slow", Some(1.0))?,
                     mscale: num("mscale", Some(1.0))?,
@@ -380,8 +410,15 @@ mod tests {
     fn the_671b_config_gives_the_papers_softmax_scale_and_default_indexer() {
         let c = ModelConfig::from_json(V3_671B, &IndexerDefaults::default()).unwrap();
         // 192^-0.5 * (0.1 ln 40 + 1)^2 = 0.1352338 (brief, section 1).
-        assert!((c.softmax_scale() - 0.1352338).abs() < 1e-6, "{}", c.softmax_scale());
-        assert_eq!((c.index_n_heads, c.index_head_dim, c.index_topk), (64, 128, 2048));
+        assert!(
+            (c.softmax_scale() - 0.1352338).abs() < 1e-6,
+            "{}",
+            c.softmax_scale()
+        );
+        assert_eq!(
+            (c.index_n_heads, c.index_head_dim, c.index_topk),
+            (64, 128, 2048)
+        );
         assert!(!c.indexer_in_config);
         assert!(c.is_moe_layer(3) && !c.is_moe_layer(2));
     }
@@ -392,16 +429,28 @@ mod tests {
             "\"deepseek_v3\",",
             "\"deepseek_v32\", \"index_n_heads\": 32, \"index_head_dim\": 96, \"index_topk\": 512,",
         );
-        let c = ModelConfig::from_json(&text, &IndexerDefaults { n_heads: 1, head_dim: 64, topk: 2 }).unwrap();
-        assert_eq!((c.index_n_heads, c.index_head_dim, c.index_topk), (32, 96, 512));
+        let c = ModelConfig::from_json(
+            &text,
+            &IndexerDefaults {
+                n_heads: 1,
+                head_dim: 64,
+                topk: 2,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            (c.index_n_heads, c.index_head_dim, c.index_topk),
+            (32, 96, 512)
+        );
         assert!(c.indexer_in_config);
     }
 
     #[test]
     fn rope_parameters_form_is_accepted() {
-        let text = V3_671B
-            .replace("\"rope_theta\": 10000,", "")
-            .replace("\"rope_scaling\": {\"type\"", "\"rope_parameters\": {\"rope_theta\": 50000, \"rope_type\"");
+        let text = V3_671B.replace("\"rope_theta\": 10000,", "").replace(
+            "\"rope_scaling\": {\"type\"",
+            "\"rope_parameters\": {\"rope_theta\": 50000, \"rope_type\"",
+        );
         let c = ModelConfig::from_json(&text, &IndexerDefaults::default()).unwrap();
         assert_eq!(c.rope_theta, 50000.0);
         assert_eq!(c.rope_scaling.as_ref().unwrap().factor, 40.0);
@@ -412,14 +461,38 @@ mod tests {
         let cases = [
             ("\"n_group\": 8", "\"n_group\": 7", "n_group"),
             ("\"topk_group\": 4", "\"topk_group\": 9", "topk_group"),
-            ("\"qk_rope_head_dim\": 64", "\"qk_rope_head_dim\": 63", "qk_rope_head_dim"),
-            ("\"num_experts_per_tok\": 8", "\"num_experts_per_tok\": 200", "num_experts_per_tok"),
-            ("\"first_k_dense_replace\": 3", "\"first_k_dense_replace\": 62", "first_k_dense_replace"),
-            ("\"scoring_func\": \"sigmoid\"", "\"scoring_func\": \"softmax\"", "scoring_func"),
+            (
+                "\"qk_rope_head_dim\": 64",
+                "\"qk_rope_head_dim\": 63",
+                "qk_rope_head_dim",
+            ),
+            (
+                "\"num_experts_per_tok\": 8",
+                "\"num_experts_per_tok\": 200",
+                "num_experts_per_tok",
+            ),
+            (
+                "\"first_k_dense_replace\": 3",
+                "\"first_k_dense_replace\": 62",
+                "first_k_dense_replace",
+            ),
+            (
+                "\"scoring_func\": \"sigmoid\"",
+                "\"scoring_func\": \"softmax\"",
+                "scoring_func",
+            ),
             ("\"deepseek_v3\"", "\"llama\"", "model_type"),
-            ("\"q_lora_rank\": 1536", "\"q_lora_rank\": null", "q_lora_rank"),
+            (
+                "\"q_lora_rank\": 1536",
+                "\"q_lora_rank\": null",
+                "q_lora_rank",
+            ),
             ("\"hidden_size\": 7168,", "", "hidden_size"),
-            ("\"type\": \"yarn\"", "\"type\": \"dynamic\"", "rope_scaling"),
+            (
+                "\"type\": \"yarn\"",
+                "\"type\": \"dynamic\"",
+                "rope_scaling",
+            ),
         ];
         for (from, to, field) in cases {
             let text = V3_671B.replace(from, to);
@@ -427,7 +500,11 @@ mod tests {
             let err = ModelConfig::from_json(&text, &IndexerDefaults::default()).unwrap_err();
             assert!(format!("{err:#}").contains(field), "{field}: {err:#}");
         }
-        let small_indexer = IndexerDefaults { n_heads: 4, head_dim: 32, topk: 8 };
+        let small_indexer = IndexerDefaults {
+            n_heads: 4,
+            head_dim: 32,
+            topk: 8,
+        };
         let err = ModelConfig::from_json(V3_671B, &small_indexer).unwrap_err();
         assert!(format!("{err:#}").contains("index_head_dim"), "{err:#}");
     }

@@ -92,9 +92,16 @@ mod imp {
         let mut never: u64 = u64::MAX;
         // SAFETY: plain driver calls on a live device; `pool` and `never` outlive them.
         unsafe {
-            check(sys::cuDeviceGetDefaultMemPool(&mut pool, dev), "default memory pool")?;
             check(
-                sys::cuMemPoolSetAttribute(pool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD, &mut never as *mut u64 as *mut std::ffi::c_void),
+                sys::cuDeviceGetDefaultMemPool(&mut pool, dev),
+                "default memory pool",
+            )?;
+            check(
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut never as *mut u64 as *mut std::ffi::c_void,
+                ),
                 "memory pool release threshold",
             )?;
         }
@@ -115,7 +122,13 @@ mod imp {
         for &p in pools.iter() {
             let mut v: u64 = 0;
             // SAFETY: p is a live default pool handle; v outlives the call.
-            let r = unsafe { sys::cuMemPoolGetAttribute(p as sys::CUmemoryPool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut v as *mut u64 as *mut std::ffi::c_void) };
+            let r = unsafe {
+                sys::cuMemPoolGetAttribute(
+                    p as sys::CUmemoryPool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                    &mut v as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
             if r != sys::CUresult::CUDA_SUCCESS {
                 return None;
             }
@@ -130,7 +143,11 @@ mod imp {
                 let mut zero: u64 = 0;
                 // SAFETY: as in `peak`; setting the high-water mark to 0 is how the driver resets it.
                 unsafe {
-                    let _ = sys::cuMemPoolSetAttribute(p as sys::CUmemoryPool, sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH, &mut zero as *mut u64 as *mut std::ffi::c_void);
+                    let _ = sys::cuMemPoolSetAttribute(
+                        p as sys::CUmemoryPool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                        &mut zero as *mut u64 as *mut std::ffi::c_void,
+                    );
                 }
             }
         }

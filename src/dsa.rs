@@ -36,7 +36,11 @@ impl Selection {
     /// sequences of T tokens: the form the kernels produce and the one cached between passes.
     pub fn from_absolute(absolute: Tensor) -> candle_core::Result<Self> {
         let seq_len = absolute.dim(1)?;
-        Ok(Self { absolute, seq_len, first_seq: 0 })
+        Ok(Self {
+            absolute,
+            seq_len,
+            first_seq: 0,
+        })
     }
 
     /// Slots per query (K = min(k, T)).
@@ -54,7 +58,11 @@ impl Selection {
         let (b, t, k) = self.absolute.dims3()?;
         let device = self.absolute.device();
         let start = (self.first_seq * self.seq_len) as f64;
-        let offsets = Tensor::arange(0u32, b as u32, device)?.affine(self.seq_len as f64, start)?.reshape((b, 1, 1))?.broadcast_as((b, t, k))?.contiguous()?;
+        let offsets = Tensor::arange(0u32, b as u32, device)?
+            .affine(self.seq_len as f64, start)?
+            .reshape((b, 1, 1))?
+            .broadcast_as((b, t, k))?
+            .contiguous()?;
         // Padding becomes the sequence offset first, so the subtraction never wraps.
         self.mask()?.where_cond(&self.absolute, &offsets)? - &offsets
     }
@@ -72,21 +80,37 @@ impl Selection {
 
     /// The selected sets of queries q0..q0+n (the absolute rows still index the whole batch).
     pub fn rows(&self, q0: usize, n: usize) -> candle_core::Result<Self> {
-        Ok(Self { absolute: self.absolute.narrow(1, q0, n)?, seq_len: self.seq_len, first_seq: self.first_seq })
+        Ok(Self {
+            absolute: self.absolute.narrow(1, q0, n)?,
+            seq_len: self.seq_len,
+            first_seq: self.first_seq,
+        })
     }
 
     /// The sets of queries q0..q0+n of sequence `b` alone ([1, n, K]; absolute rows unchanged).
     pub fn block(&self, b: usize, q0: usize, n: usize) -> candle_core::Result<Self> {
-        Ok(Self { absolute: self.absolute.narrow(0, b, 1)?.narrow(1, q0, n)?, seq_len: self.seq_len, first_seq: self.first_seq + b })
+        Ok(Self {
+            absolute: self.absolute.narrow(0, b, 1)?.narrow(1, q0, n)?,
+            seq_len: self.seq_len,
+            first_seq: self.first_seq + b,
+        })
     }
 }
 
 /// Absolute rows (sequence `seq` x `seq_len` + position; u32::MAX stays padding) of key
 /// positions [n, K] of one sequence: converted a block of queries at a time so that no
 /// second whole-sequence form of the sets ever exists.
-pub fn absolute_rows(positions: &Tensor, seq: usize, seq_len: usize) -> candle_core::Result<Tensor> {
+pub fn absolute_rows(
+    positions: &Tensor,
+    seq: usize,
+    seq_len: usize,
+) -> candle_core::Result<Tensor> {
     let valid = positions.ne(u32::MAX)?;
-    let offset = Tensor::full((seq * seq_len) as u32, positions.shape(), positions.device())?;
+    let offset = Tensor::full(
+        (seq * seq_len) as u32,
+        positions.shape(),
+        positions.device(),
+    )?;
     // Padding becomes 0 before the add, so nothing wraps.
     let shifted = (valid.where_cond(positions, &positions.zeros_like()?)? + offset)?;
     valid.where_cond(&shifted, positions)
@@ -107,7 +131,9 @@ fn score_key(x: f32) -> f32 {
 /// Indices of the top-k among `row[..=t]`, best first, lower index on ties.
 pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
     let better = |a: &u32, b: &u32| {
-        score_key(row[*b as usize]).total_cmp(&score_key(row[*a as usize])).then(a.cmp(b))
+        score_key(row[*b as usize])
+            .total_cmp(&score_key(row[*a as usize]))
+            .then(a.cmp(b))
     };
     let mut cand: Vec<u32> = (0..=t as u32).collect();
     if cand.len() > k {
@@ -121,8 +147,14 @@ pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
 /// Deterministic causal top-k of `scores` [B, T, T] (entries above the diagonal are ignored).
 pub fn select_topk(scores: &Tensor, k: usize) -> Result<Selection> {
     let (b, t, t2) = scores.dims3()?;
-    anyhow::ensure!(t == t2, "indexer scores must be square per batch, got {:?}", scores.dims());
-    select_topk_streaming(b, t, k, query_block(b, t), scores.device(), |q0, n| Ok(scores.narrow(1, q0, n)?))
+    anyhow::ensure!(
+        t == t2,
+        "indexer scores must be square per batch, got {:?}",
+        scores.dims()
+    );
+    select_topk_streaming(b, t, k, query_block(b, t), scores.device(), |q0, n| {
+        Ok(scores.narrow(1, q0, n)?)
+    })
 }
 
 /// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
@@ -144,11 +176,17 @@ pub fn select_topk_streaming(
     let block = block.max(1);
     for q0 in (0..t).step_by(block) {
         let n = block.min(t - q0);
-        let host: Vec<f32> = rows(q0, n)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?; // [B, n, T]
+        let host: Vec<f32> = rows(q0, n)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?; // [B, n, T]
         let mut idx_rows: Vec<(usize, &[f32])> = Vec::with_capacity(b * n);
         for bi in 0..b {
             for r in 0..n {
-                idx_rows.push((bi * t + q0 + r, &host[(bi * n + r) * t..(bi * n + r + 1) * t]));
+                idx_rows.push((
+                    bi * t + q0 + r,
+                    &host[(bi * n + r) * t..(bi * n + r + 1) * t],
+                ));
             }
         }
         let picked: Vec<(usize, Vec<u32>)> = idx_rows
@@ -157,7 +195,9 @@ pub fn select_topk_streaming(
             .collect();
         for (row_id, sel) in picked {
             indices[row_id * kk..][..sel.len()].copy_from_slice(&sel);
-            valid[row_id * kk..][..sel.len()].iter_mut().for_each(|v| *v = 1.0);
+            valid[row_id * kk..][..sel.len()]
+                .iter_mut()
+                .for_each(|v| *v = 1.0);
         }
     }
     selection_from_host(indices, valid, (b, t, kk), device)
@@ -168,21 +208,37 @@ pub fn query_block(b: usize, t: usize) -> usize {
     ((1usize << 24) / (b * t).max(1)).clamp(1, t.max(1))
 }
 
-fn selection_from_host(indices: Vec<u32>, valid: Vec<f32>, shape: (usize, usize, usize), device: &Device) -> Result<Selection> {
+fn selection_from_host(
+    indices: Vec<u32>,
+    valid: Vec<f32>,
+    shape: (usize, usize, usize),
+    device: &Device,
+) -> Result<Selection> {
     let (_, t, k) = shape;
     let absolute: Vec<u32> = indices
         .iter()
         .zip(&valid)
         .enumerate()
-        .map(|(i, (idx, v))| if *v > 0.0 { (i / (t * k) * t) as u32 + idx } else { u32::MAX })
+        .map(|(i, (idx, v))| {
+            if *v > 0.0 {
+                (i / (t * k) * t) as u32 + idx
+            } else {
+                u32::MAX
+            }
+        })
         .collect();
-    Ok(Selection::from_absolute(Tensor::from_vec(absolute, shape, device)?)?)
+    Ok(Selection::from_absolute(Tensor::from_vec(
+        absolute, shape, device,
+    )?)?)
 }
 
 /// Attention-mass recall per query: sum over s in S_t of `p[b, t, s]`, with `p` [B, T, T] the
 /// head-mean dense attention probabilities. Returns [B, T] f32.
 pub fn recall_rows(p: &Tensor, sel: &Selection) -> Result<Tensor> {
-    let picked = p.to_dtype(DType::F32)?.contiguous()?.gather(&sel.indices()?, 2)?; // [B, T, K]
+    let picked = p
+        .to_dtype(DType::F32)?
+        .contiguous()?
+        .gather(&sel.indices()?, 2)?; // [B, T, K]
     Ok((picked * sel.valid()?)?.sum(2)?)
 }
 
@@ -211,7 +267,11 @@ pub fn topk_mass_rows(p: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     let mut lo = hi.zeros_like()?;
     for _ in 0..TOPK_MASS_BISECTIONS {
         let mid = ((&lo + &hi)? * 0.5)?;
-        let enough = p.broadcast_ge(&mid)?.to_dtype(DType::F32)?.sum_keepdim(2)?.ge(kf)?;
+        let enough = p
+            .broadcast_ge(&mid)?
+            .to_dtype(DType::F32)?
+            .sum_keepdim(2)?
+            .ge(kf)?;
         lo = enough.where_cond(&mid, &lo)?;
         hi = enough.where_cond(&hi, &mid)?;
     }
@@ -261,7 +321,15 @@ mod tests {
         let mut rows: Vec<Vec<f32>> = (0..n)
             .map(|r| {
                 // Causal rows of softmax-like mass: r + 1 keys, the rest 0; a few spiky rows.
-                let mut row: Vec<f32> = (0..t).map(|s| if s <= r * 3 { (rng.uniform() as f32).powi(1 + 3 * (r % 4) as i32) } else { 0.0 }).collect();
+                let mut row: Vec<f32> = (0..t)
+                    .map(|s| {
+                        if s <= r * 3 {
+                            (rng.uniform() as f32).powi(1 + 3 * (r % 4) as i32)
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect();
                 let z: f32 = row.iter().sum();
                 row.iter_mut().for_each(|x| *x /= z.max(1e-30));
                 row
@@ -270,14 +338,32 @@ mod tests {
         // Ties: one row of equal entries (ties at the max with more than k copies) and one with
         // ties straddling the k-th place.
         rows[5] = vec![1.0 / t as f32; t];
-        rows[6] = (0..t).map(|s| if s < 4 { 0.2 } else if s < 20 { 0.0125 } else { 0.0 }).collect();
+        rows[6] = (0..t)
+            .map(|s| {
+                if s < 4 {
+                    0.2
+                } else if s < 20 {
+                    0.0125
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let flat: Vec<f32> = rows.concat();
         let p = Tensor::from_vec(flat, (1, n, t), &Device::Cpu).unwrap();
         for k in [1usize, 7, 10, 40, 97, 200] {
-            let got: Vec<f32> = topk_mass_rows(&p, k).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+            let got: Vec<f32> = topk_mass_rows(&p, k)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
             let want = topk_mass_by_sorting(&rows, k);
             for (r, (g, w)) in got.iter().zip(&want).enumerate() {
-                assert!((*g as f64 - w).abs() <= 2e-6 * w.max(1e-3), "k {k} row {r}: {g} vs {w}");
+                assert!(
+                    (*g as f64 - w).abs() <= 2e-6 * w.max(1e-3),
+                    "k {k} row {r}: {g} vs {w}"
+                );
             }
         }
     }
@@ -299,7 +385,9 @@ mod tests {
         let mut rng = crate::rng::SplitMix64::new(3);
         let (b, t, k) = (2, 37, 9);
         // Values on a coarse grid: many exact ties.
-        let v: Vec<f32> = (0..b * t * t).map(|_| (rng.uniform() * 6.0).floor() as f32 - 2.0).collect();
+        let v: Vec<f32> = (0..b * t * t)
+            .map(|_| (rng.uniform() * 6.0).floor() as f32 - 2.0)
+            .collect();
         let scores = Tensor::from_vec(v.clone(), (b, t, t), &Device::Cpu).unwrap();
         let sel = select_topk(&scores, k).unwrap();
         let idx: Vec<Vec<Vec<u32>>> = sel.indices().unwrap().to_vec3().unwrap();
@@ -308,7 +396,12 @@ mod tests {
             for q in 0..t {
                 let row = &v[(bi * t + q) * t..][..t];
                 let mut all: Vec<u32> = (0..=q as u32).collect();
-                all.sort_by(|a, c| row[*c as usize].partial_cmp(&row[*a as usize]).unwrap().then(a.cmp(c)));
+                all.sort_by(|a, c| {
+                    row[*c as usize]
+                        .partial_cmp(&row[*a as usize])
+                        .unwrap()
+                        .then(a.cmp(c))
+                });
                 all.truncate(k);
                 let n = all.len();
                 assert_eq!(&idx[bi][q][..n], &all[..], "row {bi},{q}");
@@ -325,37 +418,116 @@ mod tests {
         let (b, t, k) = (3, 23, 6);
         let scores = crate::rng::randn(&[b, t, t], 11, 1.0, &Device::Cpu).unwrap();
         let sel = select_topk(&scores, k).unwrap();
-        let (idx, valid, bias) = (sel.indices().unwrap(), sel.valid().unwrap(), sel.bias().unwrap());
-        assert!(idx.flatten_all().unwrap().to_vec1::<u32>().unwrap().iter().all(|&i| (i as usize) < t));
-        let cut = |x: &Tensor, bi: usize, q0: usize, n: usize| x.narrow(0, bi, 1).unwrap().narrow(1, q0, n).unwrap();
+        let (idx, valid, bias) = (
+            sel.indices().unwrap(),
+            sel.valid().unwrap(),
+            sel.bias().unwrap(),
+        );
+        assert!(idx
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<u32>()
+            .unwrap()
+            .iter()
+            .all(|&i| (i as usize) < t));
+        let cut = |x: &Tensor, bi: usize, q0: usize, n: usize| {
+            x.narrow(0, bi, 1).unwrap().narrow(1, q0, n).unwrap()
+        };
         for (bi, q0, n) in [(0, 0, 4), (1, 3, 7), (2, 17, 6), (2, 0, t)] {
             let blk = sel.block(bi, q0, n).unwrap();
-            assert_eq!(blk.indices().unwrap().to_vec3::<u32>().unwrap(), cut(&idx, bi, q0, n).to_vec3::<u32>().unwrap(), "positions {bi} {q0}");
-            assert_eq!(blk.valid().unwrap().to_vec3::<f32>().unwrap(), cut(&valid, bi, q0, n).to_vec3::<f32>().unwrap());
-            assert_eq!(blk.bias().unwrap().to_vec3::<f32>().unwrap(), cut(&bias, bi, q0, n).to_vec3::<f32>().unwrap());
+            assert_eq!(
+                blk.indices().unwrap().to_vec3::<u32>().unwrap(),
+                cut(&idx, bi, q0, n).to_vec3::<u32>().unwrap(),
+                "positions {bi} {q0}"
+            );
+            assert_eq!(
+                blk.valid().unwrap().to_vec3::<f32>().unwrap(),
+                cut(&valid, bi, q0, n).to_vec3::<f32>().unwrap()
+            );
+            assert_eq!(
+                blk.bias().unwrap().to_vec3::<f32>().unwrap(),
+                cut(&bias, bi, q0, n).to_vec3::<f32>().unwrap()
+            );
             // A row range of all sequences.
             let rows = sel.rows(q0, n).unwrap();
-            assert_eq!(rows.indices().unwrap().to_vec3::<u32>().unwrap(), idx.narrow(1, q0, n).unwrap().to_vec3::<u32>().unwrap());
+            assert_eq!(
+                rows.indices().unwrap().to_vec3::<u32>().unwrap(),
+                idx.narrow(1, q0, n).unwrap().to_vec3::<u32>().unwrap()
+            );
             // Positions of one sequence's block back to absolute rows.
-            let positions = (blk.valid().unwrap().ne(0f32).unwrap().where_cond(&blk.indices().unwrap(), &Tensor::full(u32::MAX, (1, n, k), &Device::Cpu).unwrap()).unwrap()).squeeze(0).unwrap();
-            assert_eq!(absolute_rows(&positions, bi, t).unwrap().to_vec2::<u32>().unwrap(), cut(&sel.absolute, bi, q0, n).squeeze(0).unwrap().to_vec2::<u32>().unwrap());
+            let positions = (blk
+                .valid()
+                .unwrap()
+                .ne(0f32)
+                .unwrap()
+                .where_cond(
+                    &blk.indices().unwrap(),
+                    &Tensor::full(u32::MAX, (1, n, k), &Device::Cpu).unwrap(),
+                )
+                .unwrap())
+            .squeeze(0)
+            .unwrap();
+            assert_eq!(
+                absolute_rows(&positions, bi, t)
+                    .unwrap()
+                    .to_vec2::<u32>()
+                    .unwrap(),
+                cut(&sel.absolute, bi, q0, n)
+                    .squeeze(0)
+                    .unwrap()
+                    .to_vec2::<u32>()
+                    .unwrap()
+            );
         }
         // Early rows hold fewer than k keys: padding is masked and scores nothing.
-        assert_eq!(valid.narrow(1, 0, 1).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), b as f32);
-        assert_eq!(bias.narrow(1, 0, 1).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|&&x| x == MASKED).count(), b * (k - 1));
+        assert_eq!(
+            valid
+                .narrow(1, 0, 1)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            b as f32
+        );
+        assert_eq!(
+            bias.narrow(1, 0, 1)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .filter(|&&x| x == MASKED)
+                .count(),
+            b * (k - 1)
+        );
     }
 
     #[test]
     fn recall_is_one_when_the_selection_holds_every_key() {
         let t = 6;
         let p = crate::ops::softmax_last(
-            &(crate::rng::randn(&[1, t, t], 5, 1.0, &Device::Cpu).unwrap()
-                .broadcast_add(&causal_bias(t, &Device::Cpu).unwrap()).unwrap()),
-        ).unwrap();
+            &(crate::rng::randn(&[1, t, t], 5, 1.0, &Device::Cpu)
+                .unwrap()
+                .broadcast_add(&causal_bias(t, &Device::Cpu).unwrap())
+                .unwrap()),
+        )
+        .unwrap();
         let scores = crate::rng::randn(&[1, t, t], 6, 1.0, &Device::Cpu).unwrap();
-        let full: Vec<f32> = recall_rows(&p, &select_topk(&scores, t).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let full: Vec<f32> = recall_rows(&p, &select_topk(&scores, t).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(full.iter().all(|r| (r - 1.0).abs() < 1e-6), "{full:?}");
-        let part: Vec<f32> = recall_rows(&p, &select_topk(&scores, 2).unwrap()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let part: Vec<f32> = recall_rows(&p, &select_topk(&scores, 2).unwrap())
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert!(part[..2].iter().all(|r| (r - 1.0).abs() < 1e-6));
         assert!(part[2..].iter().all(|r| *r < 1.0 && *r > 0.0), "{part:?}");
     }

@@ -72,12 +72,16 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         skip_mtp: args.skip_mtp,
     };
     let model = Model::load(&args.model, &opts)?;
-    let tokens = if args.tokens.is_dir() || crate::data::megatron::prefix_of(&args.tokens).is_some() {
+    let tokens = if args.tokens.is_dir() || crate::data::megatron::prefix_of(&args.tokens).is_some()
+    {
         // A prepared directory or a Megatron dataset: read only the windows to be evaluated, but never less than one
         // window's worth, so that `evaluate` reports too-short data and --max-windows 0 itself.
         let stream = TokenStream::open(&args.tokens, model.cfg.vocab_size)?;
         let n = args.seq_len as u64;
-        let windows = args.max_windows.map_or(u64::MAX, |m| m as u64).min(stream.len() / n.max(1));
+        let windows = args
+            .max_windows
+            .map_or(u64::MAX, |m| m as u64)
+            .min(stream.len() / n.max(1));
         stream.read_prefix((windows * n).max(n))?
     } else {
         read_token_file(&args.tokens, model.cfg.vocab_size)?
@@ -93,7 +97,11 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     let windows = tokens.len() / n;
     let windows = args.max_windows.map_or(windows, |m| windows.min(m));
     if tokens.len() < n {
-        bail!("token file {} holds {} tokens, fewer than one window of --seq-len {n}", args.tokens.display(), tokens.len());
+        bail!(
+            "token file {} holds {} tokens, fewer than one window of --seq-len {n}",
+            args.tokens.display(),
+            tokens.len()
+        );
     }
     if windows == 0 {
         bail!("--max-windows 0 evaluates nothing");
@@ -123,11 +131,23 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     for w in 0..windows {
         let window = Tensor::from_slice(&tokens[w * n..(w + 1) * n], (1, n), &model.device)?;
         let (hidden, layers) = model.forward_layers(&window, &opts)?;
-        let nll = nll_sum_in_chunks(model, &hidden, &window, lm_chunk_positions(1, model.cfg.vocab_size))?;
+        let nll = nll_sum_in_chunks(
+            model,
+            &hidden,
+            &window,
+            lm_chunk_positions(1, model.cfg.vocab_size),
+        )?;
         // The weights were checked finite when loaded (`Model::load`); a non-finite value now
         // comes from the activations. Name the first layer whose indexer KL shows it.
-        let layer_kl: Vec<f64> = layers.iter().map(|s| s.indexer_kl.as_ref().map_or(Ok(0.0), sum_f64)).collect::<Result<_>>()?;
-        let hint = if args.dtype == DType::F32 { "" } else { "; try --dtype f32" };
+        let layer_kl: Vec<f64> = layers
+            .iter()
+            .map(|s| s.indexer_kl.as_ref().map_or(Ok(0.0), sum_f64))
+            .collect::<Result<_>>()?;
+        let hint = if args.dtype == DType::F32 {
+            ""
+        } else {
+            "; try --dtype f32"
+        };
         if let Some(l) = layer_kl.iter().position(|k| !k.is_finite()) {
             bail!("window {w}: the indexer KL of layer {l} is not finite (the weights are finite: the activations overflow{hint})");
         }
@@ -144,14 +164,20 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
                 ceiling_sum[l] += sum_f64(&c.narrow(1, topk, recall_positions)?)?;
             }
         }
-        crate::elog!("[eval] window {}/{windows}: running lm_loss {:.5}", w + 1, nll_sum / ((w + 1) * (n - 1)) as f64);
+        crate::elog!(
+            "[eval] window {}/{windows}: running lm_loss {:.5}",
+            w + 1,
+            nll_sum / ((w + 1) * (n - 1)) as f64
+        );
     }
     let kl: Vec<f64> = kl_sum.iter().map(|s| s / (windows * n) as f64).collect();
     let per_position = |sums: &[f64]| -> Vec<f64> {
         if recall_positions == 0 {
             vec![1.0; layers]
         } else {
-            sums.iter().map(|s| s / (windows * recall_positions) as f64).collect()
+            sums.iter()
+                .map(|s| s / (windows * recall_positions) as f64)
+                .collect()
         }
     };
     let (recall, ceiling) = (per_position(&recall_sum), per_position(&ceiling_sum));
@@ -178,7 +204,12 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
 /// head run on `chunk` positions at a time: positions p0..p0+n predict tokens p0+1..p0+n+1, so
 /// each chunk's head also covers row p0+n, whose own prediction belongs to the next chunk.
 /// The same sum as `next_token_nll` over the whole logits (f32 per position, f64 sums).
-pub fn nll_sum_in_chunks(model: &Model, hidden: &Tensor, tokens: &Tensor, chunk: usize) -> Result<f64> {
+pub fn nll_sum_in_chunks(
+    model: &Model,
+    hidden: &Tensor,
+    tokens: &Tensor,
+    chunk: usize,
+) -> Result<f64> {
     let t = hidden.dim(1)?;
     let chunk = chunk.max(1);
     let mut sum = 0f64;

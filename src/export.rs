@@ -31,7 +31,9 @@ use serde_json::json;
 use crate::checkpoint::{Checkpoint, StDtype, FP8_BLOCK, SCALE_SUFFIX};
 use crate::config::{IndexerDefaults, ModelConfig};
 use crate::fp8;
-use crate::hf_writer::{check_output_dir, write_checkpoint_with, write_dir_atomically, StoredTensor, TensorPlan};
+use crate::hf_writer::{
+    check_output_dir, write_checkpoint_with, write_dir_atomically, StoredTensor, TensorPlan,
+};
 use crate::weights::{self, ParamSet, WeightSpec};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -45,7 +47,10 @@ pub struct ExportOptions {
 impl Default for ExportOptions {
     fn default() -> Self {
         // transformers' default shard size ("5GB").
-        Self { fp8: false, max_shard_bytes: 5_000_000_000 }
+        Self {
+            fp8: false,
+            max_shard_bytes: 5_000_000_000,
+        }
     }
 }
 
@@ -53,7 +58,12 @@ impl Default for ExportOptions {
 /// device) into the new directory `out` as a V3.2-Exp checkpoint. The MTP layers are written
 /// when `params` holds them; when it holds none, config.json says `num_nextn_predict_layers`
 /// 0 so the export stays self-consistent. `out` must not exist or be empty.
-pub fn export_v32(cfg: &ModelConfig, params: &ParamSet, out: &Path, opts: &ExportOptions) -> Result<()> {
+pub fn export_v32(
+    cfg: &ModelConfig,
+    params: &ParamSet,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<()> {
     check_output_dir(out)?;
     let with_mtp = mtp_present(cfg, params)?;
     let specs = weights::model_weights(cfg, with_mtp);
@@ -63,10 +73,21 @@ pub fn export_v32(cfg: &ModelConfig, params: &ParamSet, out: &Path, opts: &Expor
     let mut plan = Vec::with_capacity(specs.len() * 2);
     for s in &specs {
         let dtype = stored_dtype(s, opts.fp8);
-        plan.push(TensorPlan { name: s.name.clone(), dtype, shape: s.shape.clone() });
+        plan.push(TensorPlan {
+            name: s.name.clone(),
+            dtype,
+            shape: s.shape.clone(),
+        });
         if dtype == StDtype::F8E4M3 {
-            let scale_shape = vec![fp8::blocks(s.shape[0], FP8_BLOCK), fp8::blocks(s.shape[1], FP8_BLOCK)];
-            plan.push(TensorPlan { name: format!("{}{SCALE_SUFFIX}", s.name), dtype: StDtype::F32, shape: scale_shape });
+            let scale_shape = vec![
+                fp8::blocks(s.shape[0], FP8_BLOCK),
+                fp8::blocks(s.shape[1], FP8_BLOCK),
+            ];
+            plan.push(TensorPlan {
+                name: format!("{}{SCALE_SUFFIX}", s.name),
+                dtype: StDtype::F32,
+                shape: scale_shape,
+            });
         }
     }
     let by_name: HashMap<&str, &WeightSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
@@ -74,12 +95,16 @@ pub fn export_v32(cfg: &ModelConfig, params: &ParamSet, out: &Path, opts: &Expor
     // (right after the weight, possibly in the next shard).
     let mut scales: HashMap<String, Vec<u8>> = HashMap::new();
     // A 671B export runs for a long while: a progress line at most every 10 s.
-    let (total, mut done, mut bytes_done, mut last_report) = (plan.len(), 0usize, 0usize, Instant::now());
+    let (total, mut done, mut bytes_done, mut last_report) =
+        (plan.len(), 0usize, 0usize, Instant::now());
     let produce = |t: &TensorPlan| -> Result<Vec<u8>> {
         done += 1;
         bytes_done += t.nbytes();
         if last_report.elapsed().as_secs() >= 10 {
-            crate::elog!("[export] {done}/{total} tensors, {:.2} GB", bytes_done as f64 / 1e9);
+            crate::elog!(
+                "[export] {done}/{total} tensors, {:.2} GB",
+                bytes_done as f64 / 1e9
+            );
             last_report = Instant::now();
         }
         if let Some(bytes) = scales.remove(&t.name) {
@@ -98,8 +123,10 @@ pub fn export_v32(cfg: &ModelConfig, params: &ParamSet, out: &Path, opts: &Expor
             StDtype::F16 => unreachable!("the weight table stores no f16 tensor"),
         })
     };
-    write_dir_atomically(out, |dir| write_checkpoint_with(dir, &config, &plan, opts.max_shard_bytes, produce))
-        .with_context(|| format!("exporting to {}", out.display()))
+    write_dir_atomically(out, |dir| {
+        write_checkpoint_with(dir, &config, &plan, opts.max_shard_bytes, produce)
+    })
+    .with_context(|| format!("exporting to {}", out.display()))
 }
 
 /// How the export stores `spec`: DeepSeek's storage, with FP8 replaced by bf16 unless `fp8`.
@@ -112,9 +139,15 @@ pub fn stored_dtype(spec: &WeightSpec, fp8: bool) -> StDtype {
 
 /// Does `params` hold the MTP layers? All of them or none; a partial set is an error.
 fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
-    let main: BTreeSet<String> = weights::model_weights(cfg, false).into_iter().map(|s| s.name).collect();
-    let mtp: Vec<String> =
-        weights::model_weights(cfg, true).into_iter().map(|s| s.name).filter(|n| !main.contains(n)).collect();
+    let main: BTreeSet<String> = weights::model_weights(cfg, false)
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    let mtp: Vec<String> = weights::model_weights(cfg, true)
+        .into_iter()
+        .map(|s| s.name)
+        .filter(|n| !main.contains(n))
+        .collect();
     let present = mtp.iter().filter(|n| params.contains_key(*n)).count();
     if present == 0 {
         if cfg.num_nextn_predict_layers > 0 {
@@ -127,7 +160,10 @@ fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
     }
     if present < mtp.len() {
         let missing = mtp.iter().find(|n| !params.contains_key(*n)).unwrap();
-        bail!("the parameters hold {present} of the {} MTP tensors; {missing} is missing", mtp.len());
+        bail!(
+            "the parameters hold {present} of the {} MTP tensors; {missing} is missing",
+            mtp.len()
+        );
     }
     Ok(true)
 }
@@ -136,9 +172,19 @@ fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
 /// otherwise be dropped without a word).
 fn check_params(specs: &[WeightSpec], params: &ParamSet, cfg: &ModelConfig) -> Result<()> {
     for s in specs {
-        let t = params.get(&s.name).with_context(|| format!("parameter {} is missing from the parameters to export", s.name))?;
+        let t = params.get(&s.name).with_context(|| {
+            format!(
+                "parameter {} is missing from the parameters to export",
+                s.name
+            )
+        })?;
         if t.dims() != s.shape.as_slice() {
-            bail!("parameter {} has shape {:?}, expected {:?} from the model config", s.name, t.dims(), s.shape);
+            bail!(
+                "parameter {} has shape {:?}, expected {:?} from the model config",
+                s.name,
+                t.dims(),
+                s.shape
+            );
         }
     }
     if params.len() != specs.len() {
@@ -157,9 +203,16 @@ fn check_params(specs: &[WeightSpec], params: &ParamSet, cfg: &ModelConfig) -> R
 /// would silently corrupt the whole block).
 fn host_f32(params: &ParamSet, name: &str) -> Result<Vec<f32>> {
     let t = weights::get(params, name)?;
-    let v: Vec<f32> = t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = t
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
-        bail!("parameter {name} holds {} at flat index {i}; refusing to export a non-finite weight", v[i]);
+        bail!(
+            "parameter {name} holds {} at flat index {i}; refusing to export a non-finite weight",
+            v[i]
+        );
     }
     Ok(v)
 }
@@ -176,7 +229,14 @@ pub fn v32_config_json(cfg: &ModelConfig, fp8: bool, with_mtp: bool) -> serde_js
         ("intermediate_size", json!(cfg.intermediate_size)),
         ("moe_intermediate_size", json!(cfg.moe_intermediate_size)),
         ("num_hidden_layers", json!(cfg.num_hidden_layers)),
-        ("num_nextn_predict_layers", json!(if with_mtp { cfg.num_nextn_predict_layers } else { 0 })),
+        (
+            "num_nextn_predict_layers",
+            json!(if with_mtp {
+                cfg.num_nextn_predict_layers
+            } else {
+                0
+            }),
+        ),
         ("num_attention_heads", json!(cfg.num_attention_heads)),
         ("num_key_value_heads", json!(cfg.num_attention_heads)),
         ("n_shared_experts", json!(cfg.n_shared_experts)),
@@ -197,7 +257,10 @@ pub fn v32_config_json(cfg: &ModelConfig, fp8: bool, with_mtp: bool) -> serde_js
         ("norm_topk_prob", json!(cfg.norm_topk_prob)),
         ("scoring_func", json!("sigmoid")),
         ("hidden_act", json!("silu")),
-        ("max_position_embeddings", json!(cfg.max_position_embeddings)),
+        (
+            "max_position_embeddings",
+            json!(cfg.max_position_embeddings),
+        ),
         ("initializer_range", json!(0.02)),
         ("rms_norm_eps", json!(cfg.rms_norm_eps)),
         ("use_cache", json!(true)),
@@ -212,7 +275,10 @@ pub fn v32_config_json(cfg: &ModelConfig, fp8: bool, with_mtp: bool) -> serde_js
         ("index_topk", json!(cfg.index_topk)),
         ("torch_dtype", json!("bfloat16")),
     ];
-    let mut o: serde_json::Map<String, serde_json::Value> = fields.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
+    let mut o: serde_json::Map<String, serde_json::Value> = fields
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     if let Some(y) = &cfg.rope_scaling {
         o.insert(
             "rope_scaling".into(),
@@ -259,8 +325,16 @@ pub fn export_hf_checkpoint(
     check_output_dir(out)?;
     // Not inside a training step: pruning would delete it with the step.
     let resolved = crate::paths::resolved(out);
-    if let Some(step) = resolved.ancestors().skip(1).find(|a| crate::train::ckpt::is_checkpoint(a)) {
-        bail!("--output {} lies inside the training checkpoint {}; choose a folder outside it", out.display(), step.display());
+    if let Some(step) = resolved
+        .ancestors()
+        .skip(1)
+        .find(|a| crate::train::ckpt::is_checkpoint(a))
+    {
+        bail!(
+            "--output {} lies inside the training checkpoint {}; choose a folder outside it",
+            out.display(),
+            step.display()
+        );
     }
     // A training step-N folder resolves to its Hugging Face base plus trained overlays; the
     // indexer shape and top-k then come from the recipe that trained it.
@@ -275,12 +349,16 @@ pub fn export_hf_checkpoint(
     }
     let ckpt = Checkpoint::open(&source.hf_dir)?;
     let specs = weights::model_weights(&cfg, cfg.num_nextn_predict_layers > 0);
-    let (mut params, initialised) = weights::load_params(&ckpt, &specs, DType::BF16, &Device::Cpu, init_seed)?;
+    let (mut params, initialised) =
+        weights::load_params(&ckpt, &specs, DType::BF16, &Device::Cpu, init_seed)?;
     // Trained tensors stay f32 here so that the export rounds them exactly once.
     let overlay = crate::train::ckpt::overlay_params(&source, &Device::Cpu)?;
     let trained: std::collections::HashSet<String> = overlay.keys().cloned().collect();
     weights::apply_overlay(&mut params, &specs, overlay, DType::F32)?;
-    let initialised: Vec<&String> = initialised.iter().filter(|n| !trained.contains(*n)).collect();
+    let initialised: Vec<&String> = initialised
+        .iter()
+        .filter(|n| !trained.contains(*n))
+        .collect();
     if !initialised.is_empty() {
         crate::elog!(
             "[export] {} has no indexer tensors: initialised {} of them from seed {init_seed} ({}x{} heads, top-k {})",
@@ -288,7 +366,11 @@ pub fn export_hf_checkpoint(
         );
     }
     if !trained.is_empty() {
-        crate::elog!("[export] {} trained tensors from {}", trained.len(), src.display());
+        crate::elog!(
+            "[export] {} trained tensors from {}",
+            trained.len(),
+            src.display()
+        );
     }
     export_v32(&cfg, &params, out, opts)?;
     copy_companions(&source.hf_dir, out)?;
@@ -297,15 +379,21 @@ pub fn export_hf_checkpoint(
 
 /// The files of a Hugging Face model folder that are not weights but that loaders and
 /// generation expect beside them; copied from the base folder when it has them.
-pub const COMPANION_FILES: &[&str] =
-    &["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"];
+pub const COMPANION_FILES: &[&str] = &[
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+];
 
 /// Copy the `COMPANION_FILES` that `hf_dir` holds into `out`, so an export is self-contained.
 fn copy_companions(hf_dir: &Path, out: &Path) -> Result<()> {
     for name in COMPANION_FILES {
         let from = hf_dir.join(name);
         if from.is_file() {
-            std::fs::copy(&from, out.join(name)).with_context(|| format!("cannot copy {} into {}", from.display(), out.display()))?;
+            std::fs::copy(&from, out.join(name)).with_context(|| {
+                format!("cannot copy {} into {}", from.display(), out.display())
+            })?;
         }
     }
     Ok(())

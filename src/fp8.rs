@@ -82,19 +82,22 @@ pub fn dequantize_into<T: Copy + Send + Sync>(
     if cols == 0 {
         return;
     }
-    out.par_chunks_mut(block * cols).zip(w8.par_chunks(block * cols)).enumerate().for_each(|(rb, (dst, src))| {
-        let tables: Vec<[T; 256]> = scales[rb * col_blocks..][..col_blocks]
-            .iter()
-            .map(|&s| std::array::from_fn(|b| store(E4M3_TABLE[b] * s)))
-            .collect();
-        for (drow, srow) in dst.chunks_mut(cols).zip(src.chunks(cols)) {
-            for ((d, s), table) in drow.chunks_mut(block).zip(srow.chunks(block)).zip(&tables) {
-                for (x, &b) in d.iter_mut().zip(s) {
-                    x.write(table[b as usize]);
+    out.par_chunks_mut(block * cols)
+        .zip(w8.par_chunks(block * cols))
+        .enumerate()
+        .for_each(|(rb, (dst, src))| {
+            let tables: Vec<[T; 256]> = scales[rb * col_blocks..][..col_blocks]
+                .iter()
+                .map(|&s| std::array::from_fn(|b| store(E4M3_TABLE[b] * s)))
+                .collect();
+            for (drow, srow) in dst.chunks_mut(cols).zip(src.chunks(cols)) {
+                for ((d, s), table) in drow.chunks_mut(block).zip(srow.chunks(block)).zip(&tables) {
+                    for (x, &b) in d.iter_mut().zip(s) {
+                        x.write(table[b as usize]);
+                    }
                 }
             }
-        }
-    });
+        });
 }
 
 /// Quantise a row-major [rows, cols] f32 matrix into FP8 bytes and power-of-two block scales.
@@ -111,15 +114,21 @@ pub fn quantize(w: &[f32], rows: usize, cols: usize, block: usize) -> (Vec<u8>, 
                 }
             }
             // Smallest power of two with amax / scale <= 448; an all-zero block keeps scale 1.
-            scales[br * cb + bc] = if amax > 0.0 { (amax / E4M3_MAX).log2().ceil().exp2() } else { 1.0 };
+            scales[br * cb + bc] = if amax > 0.0 {
+                (amax / E4M3_MAX).log2().ceil().exp2()
+            } else {
+                1.0
+            };
         }
     }
     let mut q = vec![0u8; rows * cols];
-    q.par_chunks_mut(cols.max(1)).enumerate().for_each(|(r, dst)| {
-        for (c, d) in dst.iter_mut().enumerate() {
-            *d = f32_to_e4m3(w[r * cols + c] / scales[(r / block) * cb + c / block]);
-        }
-    });
+    q.par_chunks_mut(cols.max(1))
+        .enumerate()
+        .for_each(|(r, dst)| {
+            for (c, d) in dst.iter_mut().enumerate() {
+                *d = f32_to_e4m3(w[r * cols + c] / scales[(r / block) * cb + c / block]);
+            }
+        });
     (q, scales)
 }
 
@@ -142,10 +151,18 @@ mod tests {
         assert_eq!(E4M3_TABLE[0x01], 2f32.powi(-9));
     }
 
-    fn dequantize_vec(w8: &[u8], scales: &[f32], rows: usize, cols: usize, block: usize) -> Vec<f32> {
+    fn dequantize_vec(
+        w8: &[u8],
+        scales: &[f32],
+        rows: usize,
+        cols: usize,
+        block: usize,
+    ) -> Vec<f32> {
         let mut out = vec![MaybeUninit::uninit(); rows * cols];
         dequantize_into(w8, scales, rows, cols, block, &mut out, |x| x);
-        out.into_iter().map(|x| unsafe { x.assume_init() }).collect()
+        out.into_iter()
+            .map(|x| unsafe { x.assume_init() })
+            .collect()
     }
 
     #[test]
@@ -166,10 +183,15 @@ mod tests {
     #[test]
     fn quantize_round_trips_within_e4m3_precision() {
         let (rows, cols) = (130, 257);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.013).collect();
+        let w: Vec<f32> = (0..rows * cols)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) * 0.013)
+            .collect();
         let (q, s) = quantize(&w, rows, cols, 128);
         assert_eq!(s.len(), 2 * 3);
-        assert!(s.iter().all(|x| x.log2().fract() == 0.0), "scales must be powers of two");
+        assert!(
+            s.iter().all(|x| x.log2().fract() == 0.0),
+            "scales must be powers of two"
+        );
         let back = dequantize_vec(&q, &s, rows, cols, 128);
         for (a, b) in w.iter().zip(&back) {
             // 3 mantissa bits: relative error <= 2^-4, plus the subnormal floor of the block.

@@ -53,7 +53,11 @@ impl LinearWeightGrad {
         if n != m {
             candle_core::bail!("a linear weight gradient needs as many input rows as output-gradient rows ({n} vs {m})");
         }
-        Ok(Self { x: x.detach(), dy: dy.detach(), shape: [out, inner] })
+        Ok(Self {
+            x: x.detach(),
+            dy: dy.detach(),
+            shape: [out, inner],
+        })
     }
 }
 
@@ -92,14 +96,25 @@ impl EmbeddingGrad {
     pub fn new(ids: &[u32], dh: &Tensor, vocab: usize, dtype: DType) -> Result<Self> {
         let (n, dim) = dh.dims2()?;
         if ids.len() != n {
-            candle_core::bail!("an embedding gradient needs one token id per gradient row ({} ids, {n} rows)", ids.len());
+            candle_core::bail!(
+                "an embedding gradient needs one token id per gradient row ({} ids, {n} rows)",
+                ids.len()
+            );
         }
         if let Some(&bad) = ids.iter().find(|&&id| id as usize >= vocab) {
             candle_core::bail!("token id {bad} is outside the embedding table of {vocab} rows");
         }
-        let mut by_token: Vec<(u32, u32)> = ids.iter().enumerate().map(|(p, &id)| (id, p as u32)).collect();
+        let mut by_token: Vec<(u32, u32)> = ids
+            .iter()
+            .enumerate()
+            .map(|(p, &id)| (id, p as u32))
+            .collect();
         by_token.sort_unstable(); // (token, position) pairs are distinct: a total order
-        Ok(Self { by_token, dh: dh.detach().to_dtype(dtype)?.contiguous()?, shape: [vocab, dim] })
+        Ok(Self {
+            by_token,
+            dh: dh.detach().to_dtype(dtype)?.contiguous()?,
+            shape: [vocab, dim],
+        })
     }
 }
 
@@ -110,13 +125,19 @@ impl RowBlocks for EmbeddingGrad {
 
     fn rows(&self, start: usize, len: usize) -> Result<Tensor> {
         let dev = self.dh.device();
-        let lo = self.by_token.partition_point(|&(id, _)| (id as usize) < start);
-        let hi = self.by_token.partition_point(|&(id, _)| (id as usize) < start + len);
+        let lo = self
+            .by_token
+            .partition_point(|&(id, _)| (id as usize) < start);
+        let hi = self
+            .by_token
+            .partition_point(|&(id, _)| (id as usize) < start + len);
         // The block's groups straight from the (token, position) order: row r of the block sums
         // the positions of token start + r, read from dh where they are (no gathered copy).
         let pairs = &self.by_token[lo..hi];
         let mut off = vec![0u32; len + 1];
-        pairs.iter().for_each(|&(id, _)| off[id as usize - start + 1] += 1);
+        pairs
+            .iter()
+            .for_each(|&(id, _)| off[id as usize - start + 1] += 1);
         for r in 0..len {
             off[r + 1] += off[r];
         }
@@ -131,12 +152,23 @@ mod tests {
     use candle_core::{Device, Var};
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        t.flatten_all()
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
     }
 
     fn all_rows(src: &dyn RowBlocks, block: usize) -> Tensor {
         let rows = src.shape()[0];
-        let parts: Vec<Tensor> = (0..rows).step_by(block).map(|s| src.rows(s, block.min(rows - s)).unwrap()).collect();
+        let parts: Vec<Tensor> = (0..rows)
+            .step_by(block)
+            .map(|s| src.rows(s, block.min(rows - s)).unwrap())
+            .collect();
         Tensor::cat(&parts, 0).unwrap()
     }
 
@@ -145,27 +177,59 @@ mod tests {
         let dev = Device::Cpu;
         let (vocab, dim, n) = (97, 6, 300);
         // Repeated tokens (so rows sum several terms and bf16 rounds in between), unused rows.
-        let ids: Vec<u32> = (0..n as u32).map(|i| (i * 37 + i / 7) % 61 + (i % 3) * 11).collect();
+        let ids: Vec<u32> = (0..n as u32)
+            .map(|i| (i * 37 + i / 7) % 61 + (i % 3) * 11)
+            .collect();
         for dtype in [DType::F32, DType::BF16] {
-            let table = Var::from_tensor(&crate::rng::randn(&[vocab, dim], 3, 1.0, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let dh = crate::rng::randn(&[n, dim], 4, 1.0, &dev).unwrap().to_dtype(dtype).unwrap();
+            let table = Var::from_tensor(
+                &crate::rng::randn(&[vocab, dim], 3, 1.0, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let dh = crate::rng::randn(&[n, dim], 4, 1.0, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
             let idx = Tensor::new(ids.as_slice(), &dev).unwrap();
             let out = table.as_tensor().index_select(&idx, 0).unwrap();
             // The trainer's surrogate: sum(out * dh) in f32.
-            let loss = (out.to_dtype(DType::F32).unwrap() * dh.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
-            let want = loss.backward().unwrap().get(table.as_tensor()).unwrap().clone();
+            let loss = (out.to_dtype(DType::F32).unwrap() * dh.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let want = loss
+                .backward()
+                .unwrap()
+                .get(table.as_tensor())
+                .unwrap()
+                .clone();
             // bf16: the same sums taken in f32 (candle's backward of an f32 table) and rounded once.
             let want = if dtype == DType::F32 {
                 want
             } else {
-                let t32 = Var::from_tensor(&table.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
+                let t32 =
+                    Var::from_tensor(&table.as_tensor().to_dtype(DType::F32).unwrap()).unwrap();
                 let out = t32.as_tensor().index_select(&idx, 0).unwrap();
-                let loss = (out * dh.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
-                loss.backward().unwrap().get(t32.as_tensor()).unwrap().to_dtype(dtype).unwrap()
+                let loss = (out * dh.to_dtype(DType::F32).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                loss.backward()
+                    .unwrap()
+                    .get(t32.as_tensor())
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap()
             };
             let src = EmbeddingGrad::new(&ids, &dh, vocab, dtype).unwrap();
             for block in [1, 10, 30, 97] {
-                assert_eq!(bits(&all_rows(&src, block)), bits(&want), "{dtype:?}, block {block}");
+                assert_eq!(
+                    bits(&all_rows(&src, block)),
+                    bits(&want),
+                    "{dtype:?}, block {block}"
+                );
             }
         }
         let dh = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
@@ -178,23 +242,72 @@ mod tests {
         let dev = Device::Cpu;
         let (n, inner, out) = (600, 64, 300);
         for dtype in [DType::F32, DType::BF16] {
-            let x = crate::rng::randn(&[n, inner], 5, 1.0, &dev).unwrap().to_dtype(dtype).unwrap();
-            let w = Var::from_tensor(&crate::rng::randn(&[out, inner], 6, 1.0, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let dy = crate::rng::randn(&[n, out], 7, 1.0, &dev).unwrap().to_dtype(dtype).unwrap();
+            let x = crate::rng::randn(&[n, inner], 5, 1.0, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Var::from_tensor(
+                &crate::rng::randn(&[out, inner], 6, 1.0, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let dy = crate::rng::randn(&[n, out], 7, 1.0, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
             let y = crate::ops::linear(&x, w.as_tensor()).unwrap();
-            let loss = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap()).unwrap().sum_all().unwrap();
-            let want = loss.backward().unwrap().get(w.as_tensor()).unwrap().to_dtype(DType::F32).unwrap();
+            let loss = (y.to_dtype(DType::F32).unwrap() * dy.to_dtype(DType::F32).unwrap())
+                .unwrap()
+                .sum_all()
+                .unwrap();
+            let want = loss
+                .backward()
+                .unwrap()
+                .get(w.as_tensor())
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             let src = LinearWeightGrad::new(&x, &dy).unwrap();
             for block in [1, 77, 300] {
                 let got = all_rows(&src, block).to_dtype(DType::F32).unwrap();
-                let diff = (&got - &want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-                let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+                let diff = (&got - &want)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
                 // The dtype's rounding (bf16: 2^-8 of the largest value; f32: the sum of 600
                 // products grouped differently, as a one-column block is by the CPU kernel).
-                let tol = if dtype == DType::BF16 { scale / 256.0 } else { scale * 1e-5 };
-                assert!(diff <= tol, "{dtype:?}, block {block}: max diff {diff} (max |dW| {scale})");
+                let tol = if dtype == DType::BF16 {
+                    scale / 256.0
+                } else {
+                    scale * 1e-5
+                };
+                assert!(
+                    diff <= tol,
+                    "{dtype:?}, block {block}: max diff {diff} (max |dW| {scale})"
+                );
             }
         }
-        assert!(LinearWeightGrad::new(&Tensor::zeros((3, 2), DType::F32, &dev).unwrap(), &Tensor::zeros((4, 5), DType::F32, &dev).unwrap()).is_err());
+        assert!(LinearWeightGrad::new(
+            &Tensor::zeros((3, 2), DType::F32, &dev).unwrap(),
+            &Tensor::zeros((4, 5), DType::F32, &dev).unwrap()
+        )
+        .is_err());
     }
 }

@@ -26,11 +26,24 @@ pub struct StoredTensor {
 
 impl StoredTensor {
     pub fn f32(name: &str, shape: &[usize], v: &[f32]) -> Self {
-        Self { name: name.into(), dtype: StDtype::F32, shape: shape.to_vec(), bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect() }
+        Self {
+            name: name.into(),
+            dtype: StDtype::F32,
+            shape: shape.to_vec(),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
     }
     pub fn bf16(name: &str, shape: &[usize], v: &[f32]) -> Self {
-        let bytes = v.iter().flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes()).collect();
-        Self { name: name.into(), dtype: StDtype::BF16, shape: shape.to_vec(), bytes }
+        let bytes = v
+            .iter()
+            .flat_map(|x| bf16::from_f32(*x).to_bits().to_le_bytes())
+            .collect();
+        Self {
+            name: name.into(),
+            dtype: StDtype::BF16,
+            shape: shape.to_vec(),
+            bytes,
+        }
     }
     /// An FP8 weight and its block scales (two tensors, as DeepSeek stores them).
     pub fn fp8(name: &str, shape: &[usize], v: &[f32]) -> [Self; 2] {
@@ -38,7 +51,12 @@ impl StoredTensor {
         let (q, s) = fp8::quantize(v, rows, cols, FP8_BLOCK);
         let scale_shape = [fp8::blocks(rows, FP8_BLOCK), fp8::blocks(cols, FP8_BLOCK)];
         [
-            Self { name: name.into(), dtype: StDtype::F8E4M3, shape: shape.to_vec(), bytes: q },
+            Self {
+                name: name.into(),
+                dtype: StDtype::F8E4M3,
+                shape: shape.to_vec(),
+                bytes: q,
+            },
             Self::f32(&format!("{name}{SCALE_SUFFIX}"), &scale_shape, &s),
         ]
     }
@@ -80,22 +98,39 @@ fn header_bytes(plan: &[TensorPlan]) -> Result<Vec<u8>> {
 }
 
 /// Write one safetensors file whose tensors' bytes come from `produce`, one at a time, in order.
-fn write_shard(path: &Path, plan: &[TensorPlan], produce: &mut impl FnMut(&TensorPlan) -> Result<Vec<u8>>) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+fn write_shard(
+    path: &Path,
+    plan: &[TensorPlan],
+    produce: &mut impl FnMut(&TensorPlan) -> Result<Vec<u8>>,
+) -> Result<()> {
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut f = std::io::BufWriter::new(file);
-    f.write_all(&header_bytes(plan)?).with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(&header_bytes(plan)?)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     for t in plan {
         let bytes = produce(t)?;
         if bytes.len() != t.nbytes() {
-            bail!("tensor {} was produced with {} bytes but its shape {:?} of {} needs {}",
-                t.name, bytes.len(), t.shape, t.dtype.name(), t.nbytes());
+            bail!(
+                "tensor {} was produced with {} bytes but its shape {:?} of {} needs {}",
+                t.name,
+                bytes.len(),
+                t.shape,
+                t.dtype.name(),
+                t.nbytes()
+            );
         }
-        f.write_all(&bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        f.write_all(&bytes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
     // Flushed and synced before the caller may rename the directory into place, so a crash
     // cannot leave a committed checkpoint with missing data.
-    let file = f.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", path.display()))?;
-    file.sync_all().with_context(|| format!("cannot sync {}", path.display()))?;
+    let file = f
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    file.sync_all()
+        .with_context(|| format!("cannot sync {}", path.display()))?;
     Ok(())
 }
 
@@ -103,12 +138,22 @@ fn write_shard(path: &Path, plan: &[TensorPlan], produce: &mut impl FnMut(&Tenso
 pub fn write_safetensors(path: &Path, tensors: &[StoredTensor]) -> Result<()> {
     let plan: Vec<TensorPlan> = tensors.iter().map(StoredTensor::plan).collect();
     let mut next = tensors.iter();
-    write_shard(path, &plan, &mut |_| Ok(next.next().expect("one tensor per plan entry").bytes.clone()))
+    write_shard(path, &plan, &mut |_| {
+        Ok(next
+            .next()
+            .expect("one tensor per plan entry")
+            .bytes
+            .clone())
+    })
 }
 
 impl StoredTensor {
     fn plan(&self) -> TensorPlan {
-        TensorPlan { name: self.name.clone(), dtype: self.dtype, shape: self.shape.clone() }
+        TensorPlan {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+        }
     }
 }
 
@@ -176,7 +221,8 @@ pub fn check_output_dir(out: &Path) -> Result<()> {
     if !out.is_dir() {
         bail!("output {} exists and is not a directory", out.display());
     }
-    let mut entries = std::fs::read_dir(out).with_context(|| format!("cannot read output directory {}", out.display()))?;
+    let mut entries = std::fs::read_dir(out)
+        .with_context(|| format!("cannot read output directory {}", out.display()))?;
     if entries.next().is_some() {
         bail!("output directory {} is not empty; refusing to write into it (give a new or empty directory)", out.display());
     }
@@ -197,13 +243,19 @@ pub fn write_dir_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>)
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => std::path::PathBuf::from("."),
     };
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    std::fs::create_dir_all(&parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
     let partial = parent.join(format!(".{}.partial", name.to_string_lossy()));
     if partial.exists() {
-        crate::elog!("[write] removing {}, left by an interrupted write", partial.display());
-        std::fs::remove_dir_all(&partial).with_context(|| format!("cannot remove {}", partial.display()))?;
+        crate::elog!(
+            "[write] removing {}, left by an interrupted write",
+            partial.display()
+        );
+        std::fs::remove_dir_all(&partial)
+            .with_context(|| format!("cannot remove {}", partial.display()))?;
     }
-    std::fs::create_dir(&partial).with_context(|| format!("cannot create {}", partial.display()))?;
+    std::fs::create_dir(&partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
     if let Err(e) = write(&partial) {
         let _ = std::fs::remove_dir_all(&partial);
         return Err(e);

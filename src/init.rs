@@ -29,16 +29,32 @@ fn init_values(std: f64) -> impl Fn(&WeightSpec, &mut SplitMix64) -> Vec<f32> {
 /// Write the initial checkpoint for `config_path` into `output` (which must not exist or be
 /// empty); returns the parameter count.
 pub fn write_initial_checkpoint(config_path: &Path, output: &Path, seed: u64) -> Result<usize> {
-    let text = std::fs::read_to_string(config_path).with_context(|| format!("cannot read {}", config_path.display()))?;
-    let config: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", config_path.display()))?;
-    let cfg = crate::config::ModelConfig::from_json(&text, &crate::config::IndexerDefaults::default())
-        .with_context(|| format!("{}", config_path.display()))?;
-    if output.exists() && std::fs::read_dir(output).map(|mut d| d.next().is_some()).unwrap_or(true) {
-        bail!("--output {}: exists and is not empty; init writes only into a new folder", output.display());
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: not valid JSON: {e}", config_path.display()))?;
+    let cfg =
+        crate::config::ModelConfig::from_json(&text, &crate::config::IndexerDefaults::default())
+            .with_context(|| format!("{}", config_path.display()))?;
+    if output.exists()
+        && std::fs::read_dir(output)
+            .map(|mut d| d.next().is_some())
+            .unwrap_or(true)
+    {
+        bail!(
+            "--output {}: exists and is not empty; init writes only into a new folder",
+            output.display()
+        );
     }
-    let std = config.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02);
+    let std = config
+        .get("initializer_range")
+        .and_then(|v| v.as_f64())
+        .unwrap_or(0.02);
     if !(std > 0.0 && std.is_finite()) {
-        bail!("{}: initializer_range = {std} must be a positive number", config_path.display());
+        bail!(
+            "{}: initializer_range = {std} must be a positive number",
+            config_path.display()
+        );
     }
     let params: usize = crate::weights::model_weights(&cfg, true)
         .iter()

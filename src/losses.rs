@@ -63,10 +63,18 @@ pub const LOSS_BLOCK: usize = 1 << 24;
 /// On CUDA (bf16 or f32 logits) the fused kernels of `kernels::lm_loss` compute the same
 /// formula in two passes over each row, without the f32 copies; their row sums run in another
 /// order, so there the values agree with this path to f32 rounding rather than bit for bit.
-pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64, block_values: usize) -> Result<(Tensor, Tensor)> {
+pub fn nll_rows_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    weight: f64,
+    block_values: usize,
+) -> Result<(Tensor, Tensor)> {
     let (rows, _) = logits.dims2()?;
     if targets.dims() != [rows] {
-        candle_core::bail!("the LM loss needs one target per row of logits ({:?} targets for {rows} rows)", targets.dims());
+        candle_core::bail!(
+            "the LM loss needs one target per row of logits ({:?} targets for {rows} rows)",
+            targets.dims()
+        );
     }
     if rows > 0 && targets.dtype() == DType::U32 && crate::kernels::lm_loss::supported(logits) {
         return crate::kernels::lm_loss::nll_rows_and_grad(logits, targets, weight);
@@ -75,7 +83,12 @@ pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64, block_v
 }
 
 /// `nll_rows_and_grad`'s plain twin (every device; the CPU's path), bit for bit candle's.
-pub fn nll_rows_and_grad_plain(logits: &Tensor, targets: &Tensor, weight: f64, block_values: usize) -> Result<(Tensor, Tensor)> {
+pub fn nll_rows_and_grad_plain(
+    logits: &Tensor,
+    targets: &Tensor,
+    weight: f64,
+    block_values: usize,
+) -> Result<(Tensor, Tensor)> {
     let (rows, vocab) = logits.dims2()?;
     let block = (block_values / vocab.max(1)).max(1);
     // This function's own buffer: written in place a block at a time, shared with no one.
@@ -165,7 +178,12 @@ pub fn chunked_next_token_loss(
         let logits = linear(&normed.detach(), &w)?; // [B, n, V]
         let vocab = logits.dim(2)?;
         let targets = tokens.narrow(1, p0 + 1, n)?.flatten_all()?; // [B n]
-        let (nll_rows, dlogits) = nll_rows_and_grad(&logits.reshape((b * n, vocab))?, &targets, weight / count, LOSS_BLOCK)?;
+        let (nll_rows, dlogits) = nll_rows_and_grad(
+            &logits.reshape((b * n, vocab))?,
+            &targets,
+            weight / count,
+            LOSS_BLOCK,
+        )?;
         drop(logits);
         // As `sum_all` of the gathered [B, n, 1] log-probabilities summed them.
         let nll_sum = nll_rows.reshape((b, n, 1))?.sum_all()?;
@@ -175,18 +193,23 @@ pub fn chunked_next_token_loss(
         }
         let dnormed = dlogits.matmul(&w)?.reshape((b, n, d))?;
         drop(dlogits);
-        let surrogate = (normed.to_dtype(DType::F32)? * dnormed.to_dtype(DType::F32)?)?.sum_all()?;
+        let surrogate =
+            (normed.to_dtype(DType::F32)? * dnormed.to_dtype(DType::F32)?)?.sum_all()?;
         let grads = surrogate.backward()?;
         on_grads(HeadGrads::Tracked(&grads))?;
         dh.push(match grads.get(hv.as_tensor()) {
             Some(g) => g.detach().to_dtype(h.dtype())?,
             None => hv.as_tensor().zeros_like()?,
         });
-        total = Some(match total { Some(a) => (a + nll_sum)?, None => nll_sum });
+        total = Some(match total {
+            Some(a) => (a + nll_sum)?,
+            None => nll_sum,
+        });
     }
     dh.push(h.narrow(1, positions, 1)?.zeros_like()?);
     let dh = Tensor::cat(&dh, 1)?;
-    let total = total.ok_or_else(|| candle_core::Error::Msg("a sequence needs at least 2 tokens".into()))?;
+    let total = total
+        .ok_or_else(|| candle_core::Error::Msg("a sequence needs at least 2 tokens".into()))?;
     Ok(((total / count)?, dh))
 }
 
@@ -201,7 +224,12 @@ mod tests {
         let n = 7;
         let logits = crate::rng::randn(&[3, n], 1, 2.0, &dev).unwrap();
         // Target: a distribution with an exact zero on masked entries (last two of row 0).
-        let mut pv = crate::rng::randn(&[3, n], 2, 1.0, &dev).unwrap().exp().unwrap().to_vec2::<f32>().unwrap();
+        let mut pv = crate::rng::randn(&[3, n], 2, 1.0, &dev)
+            .unwrap()
+            .exp()
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
         pv[0][5] = 0.0;
         pv[0][6] = 0.0;
         for r in pv.iter_mut() {
@@ -219,14 +247,35 @@ mod tests {
         let g: Vec<Vec<f32>> = grads.get(var.as_tensor()).unwrap().to_vec2().unwrap();
         for r in 0..3 {
             let valid = if r == 0 { 5 } else { n };
-            let m = lv[r][..valid].iter().cloned().fold(f64::MIN, |a, b| a.max(b as f64));
+            let m = lv[r][..valid]
+                .iter()
+                .cloned()
+                .fold(f64::MIN, |a, b| a.max(b as f64));
             let z: f64 = lv[r][..valid].iter().map(|x| (*x as f64 - m).exp()).sum();
-            let q: Vec<f64> = lv[r][..valid].iter().map(|x| (*x as f64 - m).exp() / z).collect();
-            let expect: f64 = (0..valid).filter(|&s| pv[r][s] > 0.0).map(|s| pv[r][s] as f64 * (pv[r][s] as f64 / q[s]).ln()).sum();
-            assert!((got[r] as f64 - expect).abs() < 1e-5, "row {r}: {} vs {expect}", got[r]);
+            let q: Vec<f64> = lv[r][..valid]
+                .iter()
+                .map(|x| (*x as f64 - m).exp() / z)
+                .collect();
+            let expect: f64 = (0..valid)
+                .filter(|&s| pv[r][s] > 0.0)
+                .map(|s| pv[r][s] as f64 * (pv[r][s] as f64 / q[s]).ln())
+                .sum();
+            assert!(
+                (got[r] as f64 - expect).abs() < 1e-5,
+                "row {r}: {} vs {expect}",
+                got[r]
+            );
             for s in 0..n {
-                let want = if s < valid { q[s] - pv[r][s] as f64 } else { 0.0 };
-                assert!((g[r][s] as f64 - want).abs() < 1e-5, "grad {r},{s}: {} vs {want}", g[r][s]);
+                let want = if s < valid {
+                    q[s] - pv[r][s] as f64
+                } else {
+                    0.0
+                };
+                assert!(
+                    (g[r][s] as f64 - want).abs() < 1e-5,
+                    "grad {r},{s}: {} vs {want}",
+                    g[r][s]
+                );
             }
         }
     }
@@ -237,35 +286,83 @@ mod tests {
         let (b, t, d, v) = (2, 9, 5, 13);
         let h = Var::from_tensor(&crate::rng::randn(&[b, t, d], 7, 1.0, &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&crate::rng::randn(&[v, d], 8, 1.0, &dev).unwrap()).unwrap();
-        let norm = Var::from_tensor(&(crate::rng::randn(&[d], 9, 0.1, &dev).unwrap() + 1.0).unwrap()).unwrap();
-        let tokens = Tensor::from_vec((0..(b * t) as u32).map(|i| (i * 7) % v as u32).collect::<Vec<_>>(), (b, t), &dev).unwrap();
-        let head = LmHead { norm: norm.as_tensor(), weight: w.as_tensor(), eps: 1e-6, weight_trains: true };
-        let logits = linear(&rms_norm(h.as_tensor(), norm.as_tensor(), 1e-6).unwrap(), w.as_tensor()).unwrap();
-        let whole = next_token_nll(&logits, &tokens).unwrap().mean_all().unwrap();
+        let norm =
+            Var::from_tensor(&(crate::rng::randn(&[d], 9, 0.1, &dev).unwrap() + 1.0).unwrap())
+                .unwrap();
+        let tokens = Tensor::from_vec(
+            (0..(b * t) as u32)
+                .map(|i| (i * 7) % v as u32)
+                .collect::<Vec<_>>(),
+            (b, t),
+            &dev,
+        )
+        .unwrap();
+        let head = LmHead {
+            norm: norm.as_tensor(),
+            weight: w.as_tensor(),
+            eps: 1e-6,
+            weight_trains: true,
+        };
+        let logits = linear(
+            &rms_norm(h.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
+            w.as_tensor(),
+        )
+        .unwrap();
+        let whole = next_token_nll(&logits, &tokens)
+            .unwrap()
+            .mean_all()
+            .unwrap();
         let g = (&whole * 0.5).unwrap().backward().unwrap();
-        let close = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let close = |a: &Tensor, b: &Tensor| {
+            (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
         for chunk in [1, 3, 8, 100] {
             let mut gw = w.as_tensor().zeros_like().unwrap();
             let mut gn = norm.as_tensor().zeros_like().unwrap();
-            let (loss, dh) = chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, &head, |g| {
-                match g {
-                    HeadGrads::Tracked(gs) => {
-                        assert!(gs.get(w.as_tensor()).is_none(), "the head weight's gradient comes by rows only");
-                        gn = (&gn + gs.get(norm.as_tensor()).unwrap())?;
+            let (loss, dh) =
+                chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, &head, |g| {
+                    match g {
+                        HeadGrads::Tracked(gs) => {
+                            assert!(
+                                gs.get(w.as_tensor()).is_none(),
+                                "the head weight's gradient comes by rows only"
+                            );
+                            gn = (&gn + gs.get(norm.as_tensor()).unwrap())?;
+                        }
+                        HeadGrads::Weight(src) => {
+                            // In blocks of 4 rows (13 is not a multiple).
+                            let parts: Vec<Tensor> = (0..v)
+                                .step_by(4)
+                                .map(|s| crate::grad_rows::RowBlocks::rows(src, s, 4.min(v - s)))
+                                .collect::<Result<_>>()?;
+                            gw = (&gw + Tensor::cat(&parts, 0)?)?;
+                        }
                     }
-                    HeadGrads::Weight(src) => {
-                        // In blocks of 4 rows (13 is not a multiple).
-                        let parts: Vec<Tensor> = (0..v).step_by(4).map(|s| crate::grad_rows::RowBlocks::rows(src, s, 4.min(v - s))).collect::<Result<_>>()?;
-                        gw = (&gw + Tensor::cat(&parts, 0)?)?;
-                    }
-                }
-                Ok(())
-            })
-            .unwrap();
+                    Ok(())
+                })
+                .unwrap();
             assert!(close(&loss, &whole) < 1e-6, "chunk {chunk}");
-            assert!(close(&dh, g.get(h.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dh");
-            assert!(close(&gw, g.get(w.as_tensor()).unwrap()) < 1e-6, "chunk {chunk}: dw");
-            assert!(close(&gn, g.get(norm.as_tensor()).unwrap()) < 1e-5, "chunk {chunk}: dnorm");
+            assert!(
+                close(&dh, g.get(h.as_tensor()).unwrap()) < 1e-6,
+                "chunk {chunk}: dh"
+            );
+            assert!(
+                close(&gw, g.get(w.as_tensor()).unwrap()) < 1e-6,
+                "chunk {chunk}: dw"
+            );
+            assert!(
+                close(&gn, g.get(norm.as_tensor()).unwrap()) < 1e-5,
+                "chunk {chunk}: dnorm"
+            );
         }
     }
 
@@ -273,21 +370,66 @@ mod tests {
     fn the_loss_gradient_by_blocks_of_rows_is_candles_backward_bit_for_bit() {
         let dev = Device::Cpu;
         let (rows, vocab) = (11, 37);
-        let targets = Tensor::from_vec((0..rows as u32).map(|i| (i * 13 + 5) % vocab as u32).collect::<Vec<_>>(), rows, &dev).unwrap();
-        let bits = |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        let targets = Tensor::from_vec(
+            (0..rows as u32)
+                .map(|i| (i * 13 + 5) % vocab as u32)
+                .collect::<Vec<_>>(),
+            rows,
+            &dev,
+        )
+        .unwrap();
+        let bits = |x: &Tensor| {
+            x.flatten_all()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect::<Vec<_>>()
+        };
         for dtype in [DType::F32, DType::BF16] {
-            let logits = Var::from_tensor(&crate::rng::randn(&[rows, vocab], 4, 3.0, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
+            let logits = Var::from_tensor(
+                &crate::rng::randn(&[rows, vocab], 4, 3.0, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
             let weight = 0.37 / 29.0;
-            let nll = log_softmax_last(logits.as_tensor()).unwrap().gather(&targets.unsqueeze(1).unwrap(), 1).unwrap().neg().unwrap();
-            let want_grad = (nll.sum_all().unwrap() * weight).unwrap().backward().unwrap().get(logits.as_tensor()).unwrap().clone();
+            let nll = log_softmax_last(logits.as_tensor())
+                .unwrap()
+                .gather(&targets.unsqueeze(1).unwrap(), 1)
+                .unwrap()
+                .neg()
+                .unwrap();
+            let want_grad = (nll.sum_all().unwrap() * weight)
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(logits.as_tensor())
+                .unwrap()
+                .clone();
             for block in [1, vocab, 3 * vocab + 5, 1 << 24] {
-                let (got_nll, got_grad) = nll_rows_and_grad(logits.as_tensor(), &targets, weight, block).unwrap();
+                let (got_nll, got_grad) =
+                    nll_rows_and_grad(logits.as_tensor(), &targets, weight, block).unwrap();
                 assert_eq!(bits(&got_nll), bits(&nll), "{dtype:?}, block {block}: NLL");
-                assert_eq!(bits(&got_grad), bits(&want_grad), "{dtype:?}, block {block}: gradient");
+                assert_eq!(
+                    bits(&got_grad),
+                    bits(&want_grad),
+                    "{dtype:?}, block {block}: gradient"
+                );
                 assert_eq!(got_grad.dtype(), dtype);
             }
         }
-        assert!(nll_rows_and_grad(&Tensor::zeros((2, 3), DType::F32, &dev).unwrap(), &targets, 1.0, 4).is_err());
+        assert!(nll_rows_and_grad(
+            &Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+            &targets,
+            1.0,
+            4
+        )
+        .is_err());
     }
 
     /// Against the previous formulation (candle's backward through the whole head, chunk by
@@ -297,31 +439,107 @@ mod tests {
         let dev = Device::Cpu;
         let (b, t, d, v) = (2, 12, 16, 40);
         for dtype in [DType::F32, DType::BF16] {
-            let h = crate::rng::randn(&[b, t, d], 1, 1.0, &dev).unwrap().to_dtype(dtype).unwrap();
-            let w = Var::from_tensor(&crate::rng::randn(&[v, d], 2, 0.3, &dev).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let norm = Var::from_tensor(&(crate::rng::randn(&[d], 3, 0.1, &dev).unwrap() + 1.0).unwrap().to_dtype(dtype).unwrap()).unwrap();
-            let tokens = Tensor::from_vec((0..(b * t) as u32).map(|i| (i * 11) % v as u32).collect::<Vec<_>>(), (b, t), &dev).unwrap();
-            let bits = |x: &Tensor| x.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            let h = crate::rng::randn(&[b, t, d], 1, 1.0, &dev)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap();
+            let w = Var::from_tensor(
+                &crate::rng::randn(&[v, d], 2, 0.3, &dev)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let norm = Var::from_tensor(
+                &(crate::rng::randn(&[d], 3, 0.1, &dev).unwrap() + 1.0)
+                    .unwrap()
+                    .to_dtype(dtype)
+                    .unwrap(),
+            )
+            .unwrap();
+            let tokens = Tensor::from_vec(
+                (0..(b * t) as u32)
+                    .map(|i| (i * 11) % v as u32)
+                    .collect::<Vec<_>>(),
+                (b, t),
+                &dev,
+            )
+            .unwrap();
+            let bits = |x: &Tensor| {
+                x.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>()
+            };
             let chunk = 5;
             // Before: candle's backward of the whole head per chunk.
-            let (mut dh0, mut gn0) = (vec![], norm.as_tensor().zeros_like().unwrap().to_dtype(DType::F32).unwrap());
+            let (mut dh0, mut gn0) = (
+                vec![],
+                norm.as_tensor()
+                    .zeros_like()
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
+            );
             for p0 in (0..t - 1).step_by(chunk) {
                 let n = chunk.min(t - 1 - p0);
                 let hv = Var::from_tensor(&h.narrow(1, p0, n).unwrap()).unwrap();
-                let logits = linear(&rms_norm(hv.as_tensor(), norm.as_tensor(), 1e-6).unwrap(), w.as_tensor()).unwrap();
-                let targets = tokens.narrow(1, p0 + 1, n).unwrap().unsqueeze(2).unwrap().contiguous().unwrap();
-                let nll = log_softmax_last(&logits).unwrap().gather(&targets, 2).unwrap().neg().unwrap().sum_all().unwrap();
-                let gs = (nll * (0.5 / (b * (t - 1)) as f64)).unwrap().backward().unwrap();
+                let logits = linear(
+                    &rms_norm(hv.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
+                    w.as_tensor(),
+                )
+                .unwrap();
+                let targets = tokens
+                    .narrow(1, p0 + 1, n)
+                    .unwrap()
+                    .unsqueeze(2)
+                    .unwrap()
+                    .contiguous()
+                    .unwrap();
+                let nll = log_softmax_last(&logits)
+                    .unwrap()
+                    .gather(&targets, 2)
+                    .unwrap()
+                    .neg()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap();
+                let gs = (nll * (0.5 / (b * (t - 1)) as f64))
+                    .unwrap()
+                    .backward()
+                    .unwrap();
                 dh0.push(gs.get(hv.as_tensor()).unwrap().clone());
-                gn0 = (gn0 + gs.get(norm.as_tensor()).unwrap().to_dtype(DType::F32).unwrap()).unwrap();
+                gn0 = (gn0
+                    + gs.get(norm.as_tensor())
+                        .unwrap()
+                        .to_dtype(DType::F32)
+                        .unwrap())
+                .unwrap();
             }
             dh0.push(h.narrow(1, t - 1, 1).unwrap().zeros_like().unwrap());
             let dh0 = Tensor::cat(&dh0, 1).unwrap();
-            let head = LmHead { norm: norm.as_tensor(), weight: w.as_tensor(), eps: 1e-6, weight_trains: false };
-            let mut gn = norm.as_tensor().zeros_like().unwrap().to_dtype(DType::F32).unwrap();
+            let head = LmHead {
+                norm: norm.as_tensor(),
+                weight: w.as_tensor(),
+                eps: 1e-6,
+                weight_trains: false,
+            };
+            let mut gn = norm
+                .as_tensor()
+                .zeros_like()
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
             let (_, dh) = chunked_next_token_loss(&h, &tokens, chunk, 0.5, &head, |g| {
                 match g {
-                    HeadGrads::Tracked(gs) => gn = (&gn + gs.get(norm.as_tensor()).unwrap().to_dtype(DType::F32)?)?,
+                    HeadGrads::Tracked(gs) => {
+                        gn = (&gn + gs.get(norm.as_tensor()).unwrap().to_dtype(DType::F32)?)?
+                    }
                     HeadGrads::Weight(_) => panic!("the head weight is frozen here"),
                 }
                 Ok(())

@@ -15,7 +15,11 @@ use dsa_train::recipe::Recipe;
 use dsa_train::train::Resume;
 
 #[derive(Parser)]
-#[command(name = "dsa-train", version, about = "Continued pre-training of DeepSeek models with DeepSeek Sparse Attention")]
+#[command(
+    name = "dsa-train",
+    version,
+    about = "Continued pre-training of DeepSeek models with DeepSeek Sparse Attention"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -256,18 +260,38 @@ enum DataCommand {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Eval {
-            model, tokens, seq_len, attention, topk, device, dtype, index_n_heads, index_head_dim, init_seed, no_mtp, max_windows,
+            model,
+            tokens,
+            seq_len,
+            attention,
+            topk,
+            device,
+            dtype,
+            index_n_heads,
+            index_head_dim,
+            init_seed,
+            no_mtp,
+            max_windows,
         } => {
             if topk == Some(0) {
                 anyhow::bail!("--topk 0: top-k must be positive");
             }
             // A step evaluates the model its run trained: the recipe's indexer and top-k; a
             // flag that contradicts it is an error, not a silent override.
-            let (indexer, init_seed, topk) = match dsa_train::train::ckpt::trained_settings(&model)? {
+            let (indexer, init_seed, topk) = match dsa_train::train::ckpt::trained_settings(&model)?
+            {
                 Some((trained, seed)) => {
                     for (flag, given, want) in [
-                        ("--index-n-heads", index_n_heads.map(|x| x as u64), trained.n_heads as u64),
-                        ("--index-head-dim", index_head_dim.map(|x| x as u64), trained.head_dim as u64),
+                        (
+                            "--index-n-heads",
+                            index_n_heads.map(|x| x as u64),
+                            trained.n_heads as u64,
+                        ),
+                        (
+                            "--index-head-dim",
+                            index_head_dim.map(|x| x as u64),
+                            trained.head_dim as u64,
+                        ),
                         ("--init-seed", init_seed, seed),
                     ] {
                         if given.is_some_and(|g| g != want) {
@@ -278,7 +302,11 @@ fn run(cli: Cli) -> Result<()> {
                     (IndexerDefaults { topk: k, ..trained }, seed, Some(k))
                 }
                 None => (
-                    IndexerDefaults { n_heads: index_n_heads.unwrap_or(64), head_dim: index_head_dim.unwrap_or(128), topk: topk.unwrap_or(2048) },
+                    IndexerDefaults {
+                        n_heads: index_n_heads.unwrap_or(64),
+                        head_dim: index_head_dim.unwrap_or(128),
+                        topk: topk.unwrap_or(2048),
+                    },
                     init_seed.unwrap_or(0),
                     topk,
                 ),
@@ -306,67 +334,166 @@ fn run(cli: Cli) -> Result<()> {
                 report.lm_loss, report.indexer_kl, report.attention_mass_recall, report.attention_mass_recall_ceiling
             );
             for (l, kl) in report.indexer_kl_per_layer.iter().enumerate() {
-                let (r, c) = (report.attention_mass_recall_per_layer[l], report.attention_mass_recall_ceiling_per_layer[l]);
-                dsa_train::elog!("[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}");
+                let (r, c) = (
+                    report.attention_mass_recall_per_layer[l],
+                    report.attention_mass_recall_ceiling_per_layer[l],
+                );
+                dsa_train::elog!(
+                    "[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}"
+                );
             }
             print_result(&serde_json::to_string(&report)?)?;
         }
-        Command::Train { recipe, sets, resume } => {
+        Command::Train {
+            recipe,
+            sets,
+            resume,
+        } => {
             let r = Recipe::load(&recipe, &sets)?;
-            let resume = resume.map(|s| if s == "auto" { Resume::Auto } else { Resume::Path(PathBuf::from(s)) });
+            let resume = resume.map(|s| {
+                if s == "auto" {
+                    Resume::Auto
+                } else {
+                    Resume::Path(PathBuf::from(s))
+                }
+            });
             let out = dsa_train::train::train(r, resume)?;
             dsa_train::elog!(
                 "[train] {} at step {}{}",
-                if out.stopped_by_signal { "stopped" } else { "finished" },
+                if out.stopped_by_signal {
+                    "stopped"
+                } else {
+                    "finished"
+                },
                 out.steps_done,
-                out.last_checkpoint.map_or(String::new(), |d| format!("; checkpoint {}", d.display()))
+                out.last_checkpoint
+                    .map_or(String::new(), |d| format!("; checkpoint {}", d.display()))
             );
         }
-        Command::Check { recipe, sets, world } => {
+        Command::Check {
+            recipe,
+            sets,
+            world,
+        } => {
             let mut r = Recipe::load(&recipe, &sets)?;
             let launched = dsa_train::dist::Launch::from_env()?.world;
-            let world = world.unwrap_or_else(|| if launched > 1 { launched } else { r.parallel.smallest_world(r.micro_batches()) });
+            let world = world.unwrap_or_else(|| {
+                if launched > 1 {
+                    launched
+                } else {
+                    r.parallel.smallest_world(r.micro_batches())
+                }
+            });
             // `train`'s own checks, then the estimate for the layout they resolve.
-            let layout = dsa_train::train::validate(&r, world).with_context(|| format!("recipe {} on {world} rank(s)", recipe.display()))?;
+            let layout = dsa_train::train::validate(&r, world)
+                .with_context(|| format!("recipe {} on {world} rank(s)", recipe.display()))?;
             r.parallel.dp = layout.dp;
             let plan = dsa_train::train::plan::plan(&r)?;
             print_result(&r.to_toml())?;
             print_result(&dsa_train::train::plan::report(&r, &plan))?;
         }
-        Command::Bench { which: BenchCommand::Checkpoint { dir, gib, repeats } } => {
+        Command::Bench {
+            which: BenchCommand::Checkpoint { dir, gib, repeats },
+        } => {
             print_result(&dsa_train::bench::bench_checkpoint(&dir, gib, repeats)?)?;
         }
-        Command::Bench { which: BenchCommand::Load { dir, gib, repeats } } => {
+        Command::Bench {
+            which: BenchCommand::Load { dir, gib, repeats },
+        } => {
             print_result(&dsa_train::bench::bench_load(&dir, gib, repeats.max(1))?)?;
         }
-        Command::GpuSelftest { device, only } => dsa_train::gpu_check::run(&device, only.as_deref())?,
-        Command::Bench { which: BenchCommand::Kernels { device, lens, only } } => {
+        Command::GpuSelftest { device, only } => {
+            dsa_train::gpu_check::run(&device, only.as_deref())?
+        }
+        Command::Bench {
+            which: BenchCommand::Kernels { device, lens, only },
+        } => {
             let lens: Vec<usize> = lens
                 .split(',')
-                .map(|x| x.trim().parse().map_err(|_| anyhow::anyhow!("--lens {lens}: expected comma-separated integers")))
+                .map(|x| {
+                    x.trim().parse().map_err(|_| {
+                        anyhow::anyhow!("--lens {lens}: expected comma-separated integers")
+                    })
+                })
                 .collect::<Result<_>>()?;
-            print_result(&dsa_train::bench::bench_kernels(&device, &lens, only.as_deref())?)?;
+            print_result(&dsa_train::bench::bench_kernels(
+                &device,
+                &lens,
+                only.as_deref(),
+            )?)?;
         }
-        Command::Bench { which: BenchCommand::Step { recipe, sets, steps, peak_tflops } } => {
+        Command::Bench {
+            which:
+                BenchCommand::Step {
+                    recipe,
+                    sets,
+                    steps,
+                    peak_tflops,
+                },
+        } => {
             let r = Recipe::load(&recipe, &sets)?;
             print_result(&dsa_train::bench::bench_step(r, steps, peak_tflops)?)?;
         }
-        Command::Data { which: DataCommand::Prepare { tokenizer, input, output, bos_id, eos_id, shard_tokens } } => {
-            let args = dsa_train::data::PrepareArgs { tokenizer, inputs: input, output, bos_id, eos_id, shard_tokens, progress: true };
+        Command::Data {
+            which:
+                DataCommand::Prepare {
+                    tokenizer,
+                    input,
+                    output,
+                    bos_id,
+                    eos_id,
+                    shard_tokens,
+                },
+        } => {
+            let args = dsa_train::data::PrepareArgs {
+                tokenizer,
+                inputs: input,
+                output,
+                bos_id,
+                eos_id,
+                shard_tokens,
+                progress: true,
+            };
             let report = dsa_train::data::prepare(&args)?;
             dsa_train::elog!(
                 "[data] {} tokens of {} documents in {} shards to {} ({:.1} s, {:.0} tokens/s)",
-                report.total_tokens, report.total_documents, report.shards, report.output, report.seconds, report.tokens_per_second
+                report.total_tokens,
+                report.total_documents,
+                report.shards,
+                report.output,
+                report.seconds,
+                report.tokens_per_second
             );
             print_result(&serde_json::to_string(&report)?)?;
         }
-        Command::Export { checkpoint, output, fp8, index_n_heads, index_head_dim, index_topk, init_seed, max_shard_mb } => {
-            let indexer = IndexerDefaults { n_heads: index_n_heads, head_dim: index_head_dim, topk: index_topk };
-            let opts = ExportOptions { fp8, max_shard_bytes: max_shard_mb.saturating_mul(1_000_000) };
-            let cfg = export::export_hf_checkpoint(&checkpoint, &output, &indexer, init_seed, &opts)?;
+        Command::Export {
+            checkpoint,
+            output,
+            fp8,
+            index_n_heads,
+            index_head_dim,
+            index_topk,
+            init_seed,
+            max_shard_mb,
+        } => {
+            let indexer = IndexerDefaults {
+                n_heads: index_n_heads,
+                head_dim: index_head_dim,
+                topk: index_topk,
+            };
+            let opts = ExportOptions {
+                fp8,
+                max_shard_bytes: max_shard_mb.saturating_mul(1_000_000),
+            };
+            let cfg =
+                export::export_hf_checkpoint(&checkpoint, &output, &indexer, init_seed, &opts)?;
             dsa_train::elog!(
                 "[export] wrote {} ({} layers, {}x{} indexer heads, top-k {}, {})",
-                output.display(), cfg.num_hidden_layers, cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk,
+                output.display(),
+                cfg.num_hidden_layers,
+                cfg.index_n_heads,
+                cfg.index_head_dim,
+                cfg.index_topk,
                 if fp8 { "FP8 weights" } else { "bf16 weights" }
             );
         }
@@ -375,13 +502,18 @@ fn run(cli: Cli) -> Result<()> {
             let t0 = std::time::Instant::now();
             if integrity::read_marker(&checkpoint)?.is_none() {
                 integrity::verify(&checkpoint, integrity::Use::Resume)?; // names a damaged empty marker
-                anyhow::bail!("{} was written without checksums (format 1): it cannot be verified", checkpoint.display());
+                anyhow::bail!(
+                    "{} was written without checksums (format 1): it cannot be verified",
+                    checkpoint.display()
+                );
             }
             integrity::verify(&checkpoint, integrity::Use::Resume)?;
             // And the steps under it (its base links), as a resume reads them.
             let chain = dsa_train::train::ckpt::resolve_model(&checkpoint)?;
             chain.verify_share(0, 1)?;
-            let files = integrity::read_marker(&checkpoint)?.map(|m| m.files).unwrap_or_default();
+            let files = integrity::read_marker(&checkpoint)?
+                .map(|m| m.files)
+                .unwrap_or_default();
             let bytes: u64 = files.values().map(|f| f.bytes).sum();
             let secs = t0.elapsed().as_secs_f64();
             print_result(&format!(
@@ -394,13 +526,29 @@ fn run(cli: Cli) -> Result<()> {
             dsa_train::plot::plot_metrics(&metrics, &output)?;
             dsa_train::elog!("[plot] wrote {}", output.display());
         }
-        Command::Init { config, output, seed } => {
+        Command::Init {
+            config,
+            output,
+            seed,
+        } => {
             let n = dsa_train::init::write_initial_checkpoint(&config, &output, seed)?;
-            dsa_train::elog!("[init] wrote {} ({:.1}M parameters, seed {seed})", output.display(), n as f64 / 1e6);
+            dsa_train::elog!(
+                "[init] wrote {} ({:.1}M parameters, seed {seed})",
+                output.display(),
+                n as f64 / 1e6
+            );
         }
-        Command::Tiny { output, preset, seed } => {
+        Command::Tiny {
+            output,
+            preset,
+            seed,
+        } => {
             dsa_train::tiny::write_preset(&output, &preset, seed)?;
-            dsa_train::elog!("[tiny] wrote {}/model and {}/tokens.bin", output.display(), output.display());
+            dsa_train::elog!(
+                "[tiny] wrote {}/model and {}/tokens.bin",
+                output.display(),
+                output.display()
+            );
         }
     }
     Ok(())
@@ -411,7 +559,9 @@ fn run(cli: Cli) -> Result<()> {
 fn print_result(text: &str) -> Result<()> {
     use std::io::Write;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{text}").and_then(|()| out.flush()).context("cannot write the result to stdout")
+    writeln!(out, "{text}")
+        .and_then(|()| out.flush())
+        .context("cannot write the result to stdout")
 }
 
 fn main() -> ExitCode {
@@ -421,7 +571,17 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the context chain joined by ": ", each cause cut at its first line
             // (candle's errors may append a backtrace after the message).
-            let text: Vec<String> = e.chain().map(|c| c.to_string().lines().next().unwrap_or("").trim_end().to_string()).collect();
+            let text: Vec<String> = e
+                .chain()
+                .map(|c| {
+                    c.to_string()
+                        .lines()
+                        .next()
+                        .unwrap_or("")
+                        .trim_end()
+                        .to_string()
+                })
+                .collect();
             dsa_train::elog!("error: {}", text.join(": "));
             ExitCode::FAILURE
         }

@@ -56,7 +56,11 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 pub fn logsumexp_last(x: &Tensor) -> Result<Tensor> {
     let x = x.to_dtype(DType::F32)?;
     let m = x.max_keepdim(D::Minus1)?.detach();
-    x.broadcast_sub(&m)?.exp()?.sum_keepdim(D::Minus1)?.log()?.broadcast_add(&m)
+    x.broadcast_sub(&m)?
+        .exp()?
+        .sum_keepdim(D::Minus1)?
+        .log()?
+        .broadcast_add(&m)
 }
 
 /// Softmax over the last dim in f32 (output f32).
@@ -151,12 +155,21 @@ pub fn rope_half_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor>
 /// The backward of `linear` (`y = x @ w^T`): dx = dy @ w, shaped like x, and, when
 /// `weight_grad`, dw = dy^T @ x [out, in] (a frozen weight's is not computed). Both products in
 /// the dtype of x (matmul accumulators: f32 on cuBLAS, the dtype's own on the CPU).
-pub fn linear_backward(x: &Tensor, w: &Tensor, dy: &Tensor, weight_grad: bool) -> Result<(Tensor, Option<Tensor>)> {
+pub fn linear_backward(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    weight_grad: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
     let (out, inp) = w.dims2()?;
     let lead = dy.elem_count() / out.max(1);
     let dy2 = dy.reshape((lead, out))?;
     let dx = dy2.matmul(w)?.reshape(x.shape())?;
-    let dw = if weight_grad { Some(dy2.t()?.matmul(&x.reshape((lead, inp))?)?) } else { None };
+    let dw = if weight_grad {
+        Some(dy2.t()?.matmul(&x.reshape((lead, inp))?)?)
+    } else {
+        None
+    };
     Ok((dx, dw))
 }
 
@@ -166,12 +179,19 @@ pub fn linear_weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
     let inp = x.dims().last().copied().unwrap_or(1);
     let out = dy.dims().last().copied().unwrap_or(1);
     let lead = dy.elem_count() / out.max(1);
-    dy.reshape((lead, out))?.t()?.matmul(&x.reshape((lead, inp))?)
+    dy.reshape((lead, out))?
+        .t()?
+        .matmul(&x.reshape((lead, inp))?)
 }
 
 /// The backward of `rms_norm`: (dx in x's dtype, dw in w's). On a GPU the fused op's backward
 /// (`kernels::rms_norm::rms_norm_backward`), else `rms_norm_backward_plain`.
-pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     if crate::kernels::rms_norm::supported(x, w) {
         return crate::kernels::rms_norm::rms_norm_backward(x, w, eps, dy);
     }
@@ -182,19 +202,32 @@ pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Resul
 /// dn = dy * w (rounded to x's dtype, as the forward's product), dx = (dn - xh mean(dn xh)) / s,
 /// dw = sum over rows of dy * normed (normed = xh rounded to x's dtype, as the forward used),
 /// every sum in f32.
-pub fn rms_norm_backward_plain(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward_plain(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let dtype = x.dtype();
     let dy = dy.to_dtype(dtype)?;
     let d = x.dims().last().copied().unwrap_or(1);
     let x32 = x.to_dtype(DType::F32)?;
     let s = (x32.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?;
     let xh = x32.broadcast_div(&s)?;
-    let dn = dy.broadcast_mul(&w.to_dtype(dtype)?)?.to_dtype(DType::F32)?;
+    let dn = dy
+        .broadcast_mul(&w.to_dtype(dtype)?)?
+        .to_dtype(DType::F32)?;
     let dot = (&dn * &xh)?.mean_keepdim(D::Minus1)?;
-    let dx = dn.broadcast_sub(&xh.broadcast_mul(&dot)?)?.broadcast_div(&s)?.to_dtype(dtype)?;
+    let dx = dn
+        .broadcast_sub(&xh.broadcast_mul(&dot)?)?
+        .broadcast_div(&s)?
+        .to_dtype(dtype)?;
     let normed = xh.to_dtype(dtype)?.to_dtype(DType::F32)?;
     let rows = x.elem_count() / d.max(1);
-    let dw = (dy.to_dtype(DType::F32)? * normed)?.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
+    let dw = (dy.to_dtype(DType::F32)? * normed)?
+        .reshape((rows, d))?
+        .sum(0)?
+        .to_dtype(w.dtype())?;
     Ok((dx, dw))
 }
 
@@ -202,7 +235,12 @@ pub fn rms_norm_backward_plain(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) ->
 /// rotation is orthogonal and -sin is exact), the fused op's inverse on a GPU.
 pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if crate::kernels::rope::supported(dy, cos, sin) {
-        return crate::kernels::rope::rope_inverse(dy, cos, sin, crate::kernels::rope::Pairs::Interleaved);
+        return crate::kernels::rope::rope_inverse(
+            dy,
+            cos,
+            sin,
+            crate::kernels::rope::Pairs::Interleaved,
+        );
     }
     rope_interleaved_plain(dy, cos, &sin.neg()?)
 }
@@ -211,7 +249,12 @@ pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Res
 /// inverse on a GPU.
 pub fn rope_half_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     if crate::kernels::rope::supported(dy, cos, sin) {
-        return crate::kernels::rope::rope_inverse(dy, cos, sin, crate::kernels::rope::Pairs::Halves);
+        return crate::kernels::rope::rope_inverse(
+            dy,
+            cos,
+            sin,
+            crate::kernels::rope::Pairs::Halves,
+        );
     }
     rope_half_plain(dy, cos, &sin.neg()?)
 }
@@ -219,7 +262,12 @@ pub fn rope_half_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Ten
 /// The backward of `layer_norm` for an f32 input x (all in f32): with xh = (x - mean) / s,
 /// s = sqrt(var + eps), dxh = dy w: dx = (dxh - mean(dxh) - xh mean(dxh xh)) / s,
 /// dw = sum over rows of dy xh, db = sum over rows of dy. Returns (dx, dw, db).
-pub fn layer_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn layer_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let d = x.dims().last().copied().unwrap_or(1);
     let rows = x.elem_count() / d.max(1);
     let x = x.to_dtype(DType::F32)?;
@@ -229,8 +277,14 @@ pub fn layer_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Res
     let xh = centred.broadcast_div(&s)?;
     let dxh = dy.broadcast_mul(&w.to_dtype(DType::F32)?)?;
     let dot = (&dxh * &xh)?.mean_keepdim(D::Minus1)?;
-    let dx = dxh.broadcast_sub(&dxh.mean_keepdim(D::Minus1)?)?.broadcast_sub(&xh.broadcast_mul(&dot)?)?.broadcast_div(&s)?;
-    let dw = (&dy * &xh)?.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
+    let dx = dxh
+        .broadcast_sub(&dxh.mean_keepdim(D::Minus1)?)?
+        .broadcast_sub(&xh.broadcast_mul(&dot)?)?
+        .broadcast_div(&s)?;
+    let dw = (&dy * &xh)?
+        .reshape((rows, d))?
+        .sum(0)?
+        .to_dtype(w.dtype())?;
     let db = dy.reshape((rows, d))?.sum(0)?.to_dtype(w.dtype())?;
     Ok((dx, dw, db))
 }
@@ -255,7 +309,11 @@ pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSave
     let g = linear(x, gate)?;
     let u = linear(x, up)?;
     let hidden = silu_mul(&g, &u)?;
-    Ok(SwigluSaved { gate: g, up: u, hidden })
+    Ok(SwigluSaved {
+        gate: g,
+        up: u,
+        hidden,
+    })
 }
 
 /// `swiglu_saved` of E SwiGLUs at once: xs [E, cap, D] with stacked weights gate, up
@@ -264,7 +322,11 @@ pub fn swiglu_batched_saved(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<S
     let g = xs.matmul(&gate.transpose(1, 2)?)?;
     let u = xs.matmul(&up.transpose(1, 2)?)?;
     let hidden = silu_mul(&g, &u)?;
-    Ok(SwigluSaved { gate: g, up: u, hidden })
+    Ok(SwigluSaved {
+        gate: g,
+        up: u,
+        hidden,
+    })
 }
 
 impl SwigluSaved {
@@ -278,7 +340,14 @@ impl SwigluSaved {
 /// The backward of `swiglu_batched_saved` (+ `output_batched`): dy [E, cap, D] -> dx
 /// [E, cap, D] and the stacked weights' gradients ([E, I, D], [E, I, D], [E, D, I]); the
 /// elementwise part as in `swiglu_backward`.
-pub fn swiglu_batched_backward(xs: &Tensor, saved: &SwigluSaved, gate: &Tensor, up: &Tensor, down: &Tensor, dy: &Tensor) -> Result<(Tensor, SwigluGrads)> {
+pub fn swiglu_batched_backward(
+    xs: &Tensor,
+    saved: &SwigluSaved,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    dy: &Tensor,
+) -> Result<(Tensor, SwigluGrads)> {
     let dtype = xs.dtype();
     let dh = dy.matmul(down)?; // [E, cap, I]
     let d_down = dy.transpose(1, 2)?.matmul(&saved.hidden)?; // [E, D, I]
@@ -286,11 +355,22 @@ pub fn swiglu_batched_backward(xs: &Tensor, saved: &SwigluSaved, gate: &Tensor, 
     let dx = (dg.matmul(gate)? + du.matmul(up)?)?;
     let d_gate = dg.transpose(1, 2)?.matmul(xs)?;
     let d_up = du.transpose(1, 2)?.matmul(xs)?;
-    Ok((dx, SwigluGrads { gate: Some(d_gate), up: Some(d_up), down: Some(d_down) }))
+    Ok((
+        dx,
+        SwigluGrads {
+            gate: Some(d_gate),
+            up: Some(d_up),
+            down: Some(d_down),
+        },
+    ))
 }
 
 /// d(gate product), d(up product) from dh = d(hidden): `silu_mul_backward`.
-fn swiglu_elementwise_backward(saved: &SwigluSaved, dh: &Tensor, dtype: DType) -> Result<(Tensor, Tensor)> {
+fn swiglu_elementwise_backward(
+    saved: &SwigluSaved,
+    dh: &Tensor,
+    dtype: DType,
+) -> Result<(Tensor, Tensor)> {
     silu_mul_backward(&saved.gate, &saved.up, &dh.to_dtype(dtype)?)
 }
 
@@ -328,12 +408,27 @@ pub struct SwigluGrads {
 /// With g, u the gate and up products and h = silu(g) u: dh = dy @ down; du = dh silu(g);
 /// dg = dh u silu'(g), silu'(g) = sig(g) (1 + g (1 - sig(g))), the elementwise part in f32 and
 /// rounded once to the dtype; dx = dg @ gate + du @ up.
-pub fn swiglu_backward(x: &Tensor, saved: &SwigluSaved, gate: &Tensor, up: &Tensor, down: &Tensor, dy: &Tensor, want: [bool; 3]) -> Result<(Tensor, SwigluGrads)> {
+pub fn swiglu_backward(
+    x: &Tensor,
+    saved: &SwigluSaved,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+    dy: &Tensor,
+    want: [bool; 3],
+) -> Result<(Tensor, SwigluGrads)> {
     let (dh, d_down) = linear_backward(&saved.hidden, down, dy, want[2])?;
     let (dg, du) = swiglu_elementwise_backward(saved, &dh, x.dtype())?;
     let (dx_g, d_gate) = linear_backward(x, gate, &dg, want[0])?;
     let (dx_u, d_up) = linear_backward(x, up, &du, want[1])?;
-    Ok(((dx_g + dx_u)?, SwigluGrads { gate: d_gate, up: d_up, down: d_down }))
+    Ok((
+        (dx_g + dx_u)?,
+        SwigluGrads {
+            gate: d_gate,
+            up: d_up,
+            down: d_down,
+        },
+    ))
 }
 
 #[cfg(test)]
@@ -346,7 +441,16 @@ mod tests {
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
     }
 
     #[test]
@@ -372,9 +476,15 @@ mod tests {
         let sin = randn(&[t, r / 2], 6);
         // candle's rope_i / rope take [B, H, T, R].
         let xt = x.transpose(1, 2).unwrap().contiguous().unwrap();
-        let fused_i = candle_nn::rotary_emb::rope_i(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
+        let fused_i = candle_nn::rotary_emb::rope_i(&xt, &cos, &sin)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
         assert!(max_abs_diff(&rope_interleaved(&x, &cos, &sin).unwrap(), &fused_i) < 1e-6);
-        let fused_h = candle_nn::rotary_emb::rope(&xt, &cos, &sin).unwrap().transpose(1, 2).unwrap();
+        let fused_h = candle_nn::rotary_emb::rope(&xt, &cos, &sin)
+            .unwrap()
+            .transpose(1, 2)
+            .unwrap();
         assert!(max_abs_diff(&rope_half(&x, &cos, &sin).unwrap(), &fused_h) < 1e-6);
     }
 
@@ -389,27 +499,61 @@ mod tests {
         let sin = randn(&[3, 3], 11).to_dtype(DType::F64).unwrap();
         let probe = randn(&[2, 3, 6], 12).to_dtype(DType::F64).unwrap();
         type F = Box<dyn Fn(&Tensor) -> Result<Tensor>>;
-        let (w2, b2, c2, s2, c3, s3) = (w.clone(), bias.clone(), cos.clone(), sin.clone(), cos.clone(), sin.clone());
+        let (w2, b2, c2, s2, c3, s3) = (
+            w.clone(),
+            bias.clone(),
+            cos.clone(),
+            sin.clone(),
+            cos.clone(),
+            sin.clone(),
+        );
         let w3 = w.clone();
         let fs: Vec<(&str, F)> = vec![
             ("rms_norm", Box::new(move |x| rms_norm(x, &w2, 1e-6))),
-            ("layer_norm", Box::new(move |x| layer_norm(x, &w3, &b2, 1e-6))),
-            ("log_softmax", Box::new(|x| log_softmax_last(x)?.to_dtype(DType::F64))),
-            ("softmax", Box::new(|x| softmax_last(x)?.to_dtype(DType::F64))),
+            (
+                "layer_norm",
+                Box::new(move |x| layer_norm(x, &w3, &b2, 1e-6)),
+            ),
+            (
+                "log_softmax",
+                Box::new(|x| log_softmax_last(x)?.to_dtype(DType::F64)),
+            ),
+            (
+                "softmax",
+                Box::new(|x| softmax_last(x)?.to_dtype(DType::F64)),
+            ),
             ("sigmoid", Box::new(sigmoid)),
-            ("rope_i", Box::new(move |x| rope_interleaved(&x.reshape((2, 3, 1, 6))?, &c2, &s2))),
-            ("rope_h", Box::new(move |x| rope_half(&x.reshape((2, 3, 1, 6))?, &c3, &s3))),
+            (
+                "rope_i",
+                Box::new(move |x| rope_interleaved(&x.reshape((2, 3, 1, 6))?, &c2, &s2)),
+            ),
+            (
+                "rope_h",
+                Box::new(move |x| rope_half(&x.reshape((2, 3, 1, 6))?, &c3, &s3)),
+            ),
         ];
         for (name, f) in fs {
             let var = Var::from_tensor(&x0).unwrap();
-            let loss = (f(var.as_tensor()).unwrap().reshape((2, 3, 6)).unwrap() * &probe).unwrap().sum_all().unwrap();
+            let loss = (f(var.as_tensor()).unwrap().reshape((2, 3, 6)).unwrap() * &probe)
+                .unwrap()
+                .sum_all()
+                .unwrap();
             let grads = loss.backward().unwrap();
-            let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient")).flatten_all().unwrap();
+            let g = grads
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no gradient"))
+                .flatten_all()
+                .unwrap();
             let g: Vec<f64> = g.to_vec1().unwrap();
             let base: Vec<f64> = x0.flatten_all().unwrap().to_vec1().unwrap();
             let eval = |v: &[f64]| -> f64 {
                 let t = Tensor::from_slice(v, (2, 3, 6), &dev).unwrap();
-                (f(&t).unwrap().reshape((2, 3, 6)).unwrap() * &probe).unwrap().sum_all().unwrap().to_scalar::<f64>().unwrap()
+                (f(&t).unwrap().reshape((2, 3, 6)).unwrap() * &probe)
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f64>()
+                    .unwrap()
             };
             for i in [0, 5, 17, 30] {
                 let (mut p, mut m) = (base.clone(), base.clone());
@@ -417,7 +561,11 @@ mod tests {
                 m[i] -= 1e-3;
                 let fd = (eval(&p) - eval(&m)) / 2e-3;
                 // log_softmax/softmax run in f32 internally; allow f32 rounding in the difference.
-                assert!((fd - g[i]).abs() < 1e-3 * (1.0 + fd.abs()), "{name}[{i}]: fd {fd} vs autograd {}", g[i]);
+                assert!(
+                    (fd - g[i]).abs() < 1e-3 * (1.0 + fd.abs()),
+                    "{name}[{i}]: fd {fd} vs autograd {}",
+                    g[i]
+                );
             }
         }
     }

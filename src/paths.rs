@@ -12,7 +12,10 @@ pub fn resolved(p: &Path) -> PathBuf {
     // `..` is applied as the kernel applies it: to the place the path so far resolves to (after
     // a symlink, the parent of its target), lexically only where nothing exists yet.
     let mut abs = PathBuf::new();
-    for c in std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()).components() {
+    for c in std::path::absolute(p)
+        .unwrap_or_else(|_| p.to_path_buf())
+        .components()
+    {
         match c {
             Component::CurDir => {}
             Component::ParentDir => {
@@ -34,7 +37,10 @@ pub fn resolved(p: &Path) -> PathBuf {
             }
             return lexical(&out);
         }
-        match (existing.file_name().map(|n| n.to_os_string()), existing.parent()) {
+        match (
+            existing.file_name().map(|n| n.to_os_string()),
+            existing.parent(),
+        ) {
             (Some(name), Some(parent)) => {
                 rest.push(name);
                 existing = parent.to_path_buf();
@@ -71,7 +77,11 @@ pub fn relative(from: &Path, to: &Path) -> PathBuf {
     for x in &b[common..] {
         rel.push(x);
     }
-    if rel.as_os_str().is_empty() { PathBuf::from(".") } else { rel }
+    if rel.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        rel
+    }
 }
 
 #[cfg(test)]
@@ -92,7 +102,13 @@ mod tests {
         std::fs::create_dir_all(d.join("deep/er")).unwrap();
         std::os::unix::fs::symlink(d.join("deep/er"), d.join("a/jump")).unwrap();
         assert_eq!(resolved(&d.join("a/jump/..")), d.join("deep"));
-        assert_eq!(relative(&d.join("a/b/step-0"), &d.join("link")), PathBuf::from("../.."));
-        assert_eq!(relative(&d.join("a"), &d.join("a/b/c")), PathBuf::from("b/c"));
+        assert_eq!(
+            relative(&d.join("a/b/step-0"), &d.join("link")),
+            PathBuf::from("../..")
+        );
+        assert_eq!(
+            relative(&d.join("a"), &d.join("a/b/c")),
+            PathBuf::from("b/c")
+        );
     }
 }

@@ -67,7 +67,8 @@ pub struct MetricsRecord {
 /// checkpoint logs its steps again) keeps its last line. Blank lines are skipped; any other
 /// line must be a JSON object with an integer `step` and a known `stage`.
 pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read metrics file {}", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read metrics file {}", path.display()))?;
     let mut by_step = BTreeMap::new();
     let lines: Vec<&str> = text.lines().collect();
     for (i, line) in lines.iter().enumerate() {
@@ -79,7 +80,11 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
             // A run killed mid-write leaves its last line torn (no newline after it): that line
             // alone is skipped, with a warning. Anywhere else a bad line is an error.
             Err(e) if i + 1 == lines.len() && !text.ends_with('\n') => {
-                crate::elog!("[plot] warning: {} line {}: skipped a torn last line ({e})", path.display(), i + 1);
+                crate::elog!(
+                    "[plot] warning: {} line {}: skipped a torn last line ({e})",
+                    path.display(),
+                    i + 1
+                );
                 continue;
             }
             Err(e) => return Err(e.context(format!("{} line {}", path.display(), i + 1))),
@@ -93,22 +98,31 @@ pub fn read_metrics(path: &Path) -> Result<Vec<MetricsRecord>> {
 }
 
 fn parse_line(line: &str) -> Result<MetricsRecord> {
-    let v: serde_json::Value = serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {e}"))?;
+    let v: serde_json::Value =
+        serde_json::from_str(line).map_err(|e| anyhow::anyhow!("not JSON: {e}"))?;
     let o = v.as_object().context("not a JSON object")?;
     let step = match o.get("step") {
         None | Some(serde_json::Value::Null) => bail!("no \"step\""),
-        Some(s) => s.as_u64().with_context(|| format!("\"step\" is {s}, not a non-negative integer"))?,
+        Some(s) => s
+            .as_u64()
+            .with_context(|| format!("\"step\" is {s}, not a non-negative integer"))?,
     };
     let stage = match o.get("stage").and_then(|s| s.as_str()) {
         Some("warmup") => Stage::Warmup,
         Some("sparse") => Stage::Sparse,
         Some("dense") => Stage::Dense,
-        _ => bail!("\"stage\" is {}, expected \"warmup\", \"sparse\" or \"dense\"", o.get("stage").unwrap_or(&serde_json::Value::Null)),
+        _ => bail!(
+            "\"stage\" is {}, expected \"warmup\", \"sparse\" or \"dense\"",
+            o.get("stage").unwrap_or(&serde_json::Value::Null)
+        ),
     };
     let num = |key: &str| -> Result<Option<f64>> {
         match o.get(key) {
             None | Some(serde_json::Value::Null) => Ok(None),
-            Some(x) => x.as_f64().map(Some).with_context(|| format!("\"{key}\" is {x}, not a number")),
+            Some(x) => x
+                .as_f64()
+                .map(Some)
+                .with_context(|| format!("\"{key}\" is {x}, not a number")),
         }
     };
     Ok(MetricsRecord {
@@ -130,7 +144,10 @@ pub fn plot_metrics(metrics: &Path, out_png: &Path) -> Result<()> {
     // The PNG replaces a regular file only (never a device, pipe or symlink's target).
     if let Ok(meta) = out_png.symlink_metadata() {
         if !meta.is_file() {
-            bail!("--output {} exists and is not a regular file", out_png.display());
+            bail!(
+                "--output {} exists and is not a regular file",
+                out_png.display()
+            );
         }
     }
     let records = read_metrics(metrics)?;
@@ -140,7 +157,8 @@ pub fn plot_metrics(metrics: &Path, out_png: &Path) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e);
     }
-    std::fs::rename(&tmp, out_png).with_context(|| format!("cannot rename {} to {}", tmp.display(), out_png.display()))
+    std::fs::rename(&tmp, out_png)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), out_png.display()))
 }
 
 type Getter = fn(&MetricsRecord) -> Option<f64>;
@@ -165,7 +183,8 @@ fn render(records: &[MetricsRecord], source: &str) -> Result<Vec<u8>> {
     register_fonts()?;
     let mut buf = vec![0u8; (PLOT_WIDTH * PLOT_HEIGHT * 3) as usize];
     {
-        let root = BitMapBackend::with_buffer(&mut buf, (PLOT_WIDTH, PLOT_HEIGHT)).into_drawing_area();
+        let root =
+            BitMapBackend::with_buffer(&mut buf, (PLOT_WIDTH, PLOT_HEIGHT)).into_drawing_area();
         root.fill(&WHITE).map_err(draw_err)?;
         let (title, body) = root.split_vertically(40);
         draw_heading(&title, records, source)?;
@@ -180,8 +199,11 @@ fn render(records: &[MetricsRecord], source: &str) -> Result<Vec<u8>> {
                 .collect();
             // Zeros (a schedule that starts or ends at lr 0) have no place on a log axis and
             // are left out of it; the caption says so.
-            let positive: Vec<(Stage, f64, f64)> = points.iter().copied().filter(|p| p.2 > 0.0).collect();
-            let (lo, hi) = positive.iter().fold((f64::INFINITY, 0f64), |(lo, hi), p| (lo.min(p.2), hi.max(p.2)));
+            let positive: Vec<(Stage, f64, f64)> =
+                points.iter().copied().filter(|p| p.2 > 0.0).collect();
+            let (lo, hi) = positive.iter().fold((f64::INFINITY, 0f64), |(lo, hi), p| {
+                (lo.min(p.2), hi.max(p.2))
+            });
             if may_log && !positive.is_empty() && hi >= LOG_AXIS_RATIO * lo {
                 let y = (lo / 1.25..hi * 1.25).log_scale();
                 let dropped = points.len() - positive.len();
@@ -202,32 +224,58 @@ fn render(records: &[MetricsRecord], source: &str) -> Result<Vec<u8>> {
 
 /// The file name and extent of the run on the left, the stage colours on the right (one
 /// legend for all panels, so none covers a curve).
-fn draw_heading<DB: DrawingBackend>(area: &DrawingArea<DB, Shift>, records: &[MetricsRecord], source: &str) -> Result<()>
+fn draw_heading<DB: DrawingBackend>(
+    area: &DrawingArea<DB, Shift>,
+    records: &[MetricsRecord],
+    source: &str,
+) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    let last = records.last().expect("read_metrics returns at least one record");
-    let heading = format!("{source}: steps logged {}, last step {}", records.len(), last.step);
+    let last = records
+        .last()
+        .expect("read_metrics returns at least one record");
+    let heading = format!(
+        "{source}: steps logged {}, last step {}",
+        records.len(),
+        last.step
+    );
     let font = ("sans-serif", 20).into_font();
-    area.draw_text(&heading, &font.color(&BLACK), (16, 12)).map_err(draw_err)?;
+    area.draw_text(&heading, &font.color(&BLACK), (16, 12))
+        .map_err(draw_err)?;
     let mut x = PLOT_WIDTH as i32 - 560;
     for stage in [Stage::Dense, Stage::Warmup, Stage::Sparse] {
         let y = 22;
-        area.draw(&PathElement::new(vec![(x, y), (x + 28, y)], stage.color().stroke_width(4))).map_err(draw_err)?;
-        area.draw_text(stage.label(), &font.color(&BLACK), (x + 36, 12)).map_err(draw_err)?;
+        area.draw(&PathElement::new(
+            vec![(x, y), (x + 28, y)],
+            stage.color().stroke_width(4),
+        ))
+        .map_err(draw_err)?;
+        area.draw_text(stage.label(), &font.color(&BLACK), (x + 36, 12))
+            .map_err(draw_err)?;
         x += 190;
     }
     Ok(())
 }
 
-fn draw_panel<DB, Y>(area: &DrawingArea<DB, Shift>, name: &str, points: &[(Stage, f64, f64)], steps: (f64, f64), y: Y) -> Result<()>
+fn draw_panel<DB, Y>(
+    area: &DrawingArea<DB, Shift>,
+    name: &str,
+    points: &[(Stage, f64, f64)],
+    steps: (f64, f64),
+    y: Y,
+) -> Result<()>
 where
     DB: DrawingBackend,
     DB::ErrorType: 'static,
     Y: AsRangedCoord<Value = f64>,
     Y::CoordDescType: ValueFormatter<f64>,
 {
-    let caption = if points.is_empty() { format!("{name}: no data") } else { name.to_string() };
+    let caption = if points.is_empty() {
+        format!("{name}: no data")
+    } else {
+        name.to_string()
+    };
     let mut chart = ChartBuilder::on(area)
         .caption(caption, ("sans-serif", 20))
         .margin(12)
@@ -247,12 +295,20 @@ where
         .draw()
         .map_err(draw_err)?;
     for stage in [Stage::Dense, Stage::Warmup, Stage::Sparse] {
-        let pts: Vec<(f64, f64)> = points.iter().filter(|p| p.0 == stage).map(|p| (p.1, p.2)).collect();
+        let pts: Vec<(f64, f64)> = points
+            .iter()
+            .filter(|p| p.0 == stage)
+            .map(|p| (p.1, p.2))
+            .collect();
         let color = stage.color();
-        chart.draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2))).map_err(draw_err)?;
+        chart
+            .draw_series(LineSeries::new(pts.iter().copied(), color.stroke_width(2)))
+            .map_err(draw_err)?;
         // Markers keep short runs (a single logged step draws no line) visible.
         if pts.len() <= 40 {
-            chart.draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled()))).map_err(draw_err)?;
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(draw_err)?;
         }
     }
     Ok(())
@@ -280,7 +336,9 @@ pub fn x_positions(records: &[MetricsRecord]) -> Vec<f64> {
 }
 
 fn padded_range(values: impl Iterator<Item = f64>, pad: f64) -> (f64, f64) {
-    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
     if !lo.is_finite() {
         return (0.0, 1.0);
     }
@@ -311,24 +369,33 @@ fn format_tick(v: f64) -> String {
 /// process: plotters keeps a global table).
 fn register_fonts() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
-    if !*REGISTERED.get_or_init(|| register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_ok()) {
+    if !*REGISTERED.get_or_init(|| {
+        register_font("sans-serif", FontStyle::Normal, dejavu::sans::regular()).is_ok()
+    }) {
         bail!("the embedded DejaVu Sans font could not be parsed");
     }
     Ok(())
 }
 
-fn draw_err<E: std::error::Error + Send + Sync + 'static>(e: DrawingAreaErrorKind<E>) -> anyhow::Error {
+fn draw_err<E: std::error::Error + Send + Sync + 'static>(
+    e: DrawingAreaErrorKind<E>,
+) -> anyhow::Error {
     anyhow::anyhow!("drawing the plot failed: {e}")
 }
 
 fn write_png(path: &Path, rgb: &[u8], width: u32, height: u32) -> Result<()> {
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     let mut enc = png::Encoder::new(std::io::BufWriter::new(file), width, height);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
-    let mut w = enc.write_header().with_context(|| format!("cannot write {}", path.display()))?;
-    w.write_image_data(rgb).with_context(|| format!("cannot write {}", path.display()))?;
-    w.finish().with_context(|| format!("cannot write {}", path.display()))?;
+    let mut w = enc
+        .write_header()
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    w.write_image_data(rgb)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    w.finish()
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

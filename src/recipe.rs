@@ -13,6 +13,7 @@ use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+#[derive(Default)]
 pub struct Recipe {
     pub run: RunConfig,
     pub model: ModelSection,
@@ -135,7 +136,11 @@ pub struct ParallelConfig {
 
 impl Default for ParallelConfig {
     fn default() -> Self {
-        Self { dp: 0, ep: 1, zero: 1 }
+        Self {
+            dp: 0,
+            ep: 1,
+            zero: 1,
+        }
     }
 }
 
@@ -169,12 +174,15 @@ impl ParallelConfig {
     /// smallest multiple of ep whose dp divides the `micro_batches` of a step (else ep).
     pub fn smallest_world(&self, micro_batches: usize) -> usize {
         let ep = self.ep.max(1);
-        let dp = if self.dp > 0 {
+
+        if self.dp > 0 {
             self.dp
         } else {
-            (1..=micro_batches.max(1)).map(|k| k * ep).find(|dp| micro_batches % dp == 0).unwrap_or(ep)
-        };
-        dp
+            (1..=micro_batches.max(1))
+                .map(|k| k * ep)
+                .find(|dp| micro_batches.is_multiple_of(*dp))
+                .unwrap_or(ep)
+        }
     }
 
     /// Resolve against `world` ranks; errors name the keys and the numbers.
@@ -192,7 +200,12 @@ impl ParallelConfig {
         if self.ep == 0 || dp % self.ep != 0 {
             bail!("parallel.ep ({}) must divide parallel.dp ({dp})", self.ep);
         }
-        Ok(Layout { world, dp, ep: self.ep, zero: self.zero })
+        Ok(Layout {
+            world,
+            dp,
+            ep: self.ep,
+            zero: self.zero,
+        })
     }
 }
 
@@ -205,23 +218,14 @@ pub struct CheckpointConfig {
     pub keep_last: usize,
 }
 
-impl Default for Recipe {
-    fn default() -> Self {
-        Self {
-            run: RunConfig::default(),
-            model: ModelSection::default(),
-            data: DataConfig::default(),
-            train: TrainConfig::default(),
-            dsa: DsaConfig::default(),
-            checkpoint: CheckpointConfig::default(),
-            parallel: ParallelConfig::default(),
-        }
-    }
-}
-
 impl Default for RunConfig {
     fn default() -> Self {
-        Self { output_dir: String::new(), seed: 0, progress: true, tensorboard: true }
+        Self {
+            output_dir: String::new(),
+            seed: 0,
+            progress: true,
+            tensorboard: true,
+        }
     }
 }
 
@@ -242,7 +246,10 @@ impl Default for ModelSection {
 
 impl Default for DataConfig {
     fn default() -> Self {
-        Self { path: String::new(), seq_len: 131072 }
+        Self {
+            path: String::new(),
+            seq_len: 131072,
+        }
     }
 }
 
@@ -283,7 +290,10 @@ impl Default for DsaConfig {
 
 impl Default for CheckpointConfig {
     fn default() -> Self {
-        Self { every: 100, keep_last: 3 }
+        Self {
+            every: 100,
+            keep_last: 3,
+        }
     }
 }
 
@@ -317,12 +327,14 @@ impl Stage {
 impl Recipe {
     /// Read a recipe file, apply `--set` overrides, validate. Errors name the file and key.
     pub fn load(path: &Path, sets: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read recipe {}", path.display()))?;
         Self::parse(&text, sets).with_context(|| format!("recipe {}", path.display()))
     }
 
     pub fn parse(text: &str, sets: &[String]) -> Result<Self> {
-        let toml_value: toml::Value = toml::from_str(text).map_err(|e| anyhow::anyhow!("bad TOML: {}", e.message()))?;
+        let toml_value: toml::Value =
+            toml::from_str(text).map_err(|e| anyhow::anyhow!("bad TOML: {}", e.message()))?;
         reject_non_finite(&toml_value, "")?;
         let mut tree = serde_json::to_value(&toml_value)?;
         let schema = serde_json::to_value(Recipe::default())?;
@@ -356,27 +368,55 @@ impl Recipe {
     }
 
     pub fn indexer_lr(&self) -> f64 {
-        if self.train.indexer_lr > 0.0 { self.train.indexer_lr } else { self.train.lr }
+        if self.train.indexer_lr > 0.0 {
+            self.train.indexer_lr
+        } else {
+            self.train.lr
+        }
     }
 
     fn validate(&self) -> Result<()> {
-        for (key, v) in [("run.output_dir", &self.run.output_dir), ("model.path", &self.model.path), ("data.path", &self.data.path)] {
+        for (key, v) in [
+            ("run.output_dir", &self.run.output_dir),
+            ("model.path", &self.model.path),
+            ("data.path", &self.data.path),
+        ] {
             if v.is_empty() {
                 bail!("{key} must be set");
             }
         }
         if !matches!(self.train.stage.as_str(), "warmup" | "sparse" | "dense") {
-            bail!("train.stage is {:?}; expected \"warmup\", \"sparse\" or \"dense\"", self.train.stage);
+            bail!(
+                "train.stage is {:?}; expected \"warmup\", \"sparse\" or \"dense\"",
+                self.train.stage
+            );
         }
         if !matches!(self.train.schedule.as_str(), "constant" | "cosine") {
-            bail!("train.schedule is {:?}; expected \"constant\" or \"cosine\"", self.train.schedule);
+            bail!(
+                "train.schedule is {:?}; expected \"constant\" or \"cosine\"",
+                self.train.schedule
+            );
         }
-        crate::parse_dtype(&self.model.dtype).map_err(|_| anyhow::anyhow!("model.dtype is {:?}; expected \"f32\" or \"bf16\"", self.model.dtype))?;
-        if !(self.model.device == "cpu" || self.model.device == "cuda" || self.model.device.starts_with("cuda:")) {
-            bail!("model.device is {:?}; expected \"cpu\", \"cuda\" or \"cuda:N\"", self.model.device);
+        crate::parse_dtype(&self.model.dtype).map_err(|_| {
+            anyhow::anyhow!(
+                "model.dtype is {:?}; expected \"f32\" or \"bf16\"",
+                self.model.dtype
+            )
+        })?;
+        if !(self.model.device == "cpu"
+            || self.model.device == "cuda"
+            || self.model.device.starts_with("cuda:"))
+        {
+            bail!(
+                "model.device is {:?}; expected \"cpu\", \"cuda\" or \"cuda:N\"",
+                self.model.device
+            );
         }
         let t = &self.train;
-        if t.micro_batch_seqs == 0 || t.global_batch_seqs == 0 || t.global_batch_seqs % t.micro_batch_seqs != 0 {
+        if t.micro_batch_seqs == 0
+            || t.global_batch_seqs == 0
+            || !t.global_batch_seqs.is_multiple_of(t.micro_batch_seqs)
+        {
             bail!(
                 "train.global_batch_seqs ({}) must be a positive multiple of train.micro_batch_seqs ({})",
                 t.global_batch_seqs, t.micro_batch_seqs
@@ -388,7 +428,12 @@ impl Recipe {
         if self.dsa.index_topk == 0 {
             bail!("dsa.index_topk must be positive");
         }
-        for (key, v) in [("train.lr", t.lr), ("train.beta1", t.beta1), ("train.beta2", t.beta2), ("train.eps", t.eps)] {
+        for (key, v) in [
+            ("train.lr", t.lr),
+            ("train.beta1", t.beta1),
+            ("train.beta2", t.beta2),
+            ("train.eps", t.eps),
+        ] {
             if !(v > 0.0) || !v.is_finite() {
                 bail!("{key} must be a positive number");
             }
@@ -400,9 +445,14 @@ impl Recipe {
             bail!("train.beta1 and train.beta2 must be below 1");
         }
         for (key, v) in [
-            ("train.indexer_lr", t.indexer_lr), ("train.min_lr", t.min_lr), ("train.weight_decay", t.weight_decay),
-            ("train.grad_clip", t.grad_clip), ("train.router_bias_gamma", t.router_bias_gamma),
-            ("train.seq_balance_alpha", t.seq_balance_alpha), ("train.mtp_weight", t.mtp_weight), ("train.kl_weight", t.kl_weight),
+            ("train.indexer_lr", t.indexer_lr),
+            ("train.min_lr", t.min_lr),
+            ("train.weight_decay", t.weight_decay),
+            ("train.grad_clip", t.grad_clip),
+            ("train.router_bias_gamma", t.router_bias_gamma),
+            ("train.seq_balance_alpha", t.seq_balance_alpha),
+            ("train.mtp_weight", t.mtp_weight),
+            ("train.kl_weight", t.kl_weight),
         ] {
             if !(v >= 0.0) || !v.is_finite() {
                 bail!("{key} must be zero or positive");
@@ -423,12 +473,34 @@ impl Recipe {
 /// means (which model, which data in which order, which tensors and shapes), and a resume that
 /// changes one is refused. A key added later is refused until it is listed here.
 pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
-    "run.output_dir", "run.progress", "run.tensorboard", "model.device",
-    "train.steps", "train.lr", "train.indexer_lr", "train.warmup_steps", "train.schedule", "train.min_lr",
-    "train.beta1", "train.beta2", "train.eps", "train.weight_decay", "train.grad_clip",
-    "train.router_bias_gamma", "train.seq_balance_alpha", "train.mtp_weight", "train.kl_weight",
-    "train.recompute", "train.block_rows", "train.offload_activations", "train.lm_head_chunk",
-    "checkpoint.every", "checkpoint.keep_last", "parallel.dp", "parallel.ep", "parallel.zero",
+    "run.output_dir",
+    "run.progress",
+    "run.tensorboard",
+    "model.device",
+    "train.steps",
+    "train.lr",
+    "train.indexer_lr",
+    "train.warmup_steps",
+    "train.schedule",
+    "train.min_lr",
+    "train.beta1",
+    "train.beta2",
+    "train.eps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.router_bias_gamma",
+    "train.seq_balance_alpha",
+    "train.mtp_weight",
+    "train.kl_weight",
+    "train.recompute",
+    "train.block_rows",
+    "train.offload_activations",
+    "train.lm_head_chunk",
+    "checkpoint.every",
+    "checkpoint.keep_last",
+    "parallel.dp",
+    "parallel.ep",
+    "parallel.zero",
 ];
 
 impl Recipe {
@@ -440,7 +512,9 @@ impl Recipe {
         let flat = |r: &Recipe| -> std::collections::BTreeMap<String, Value> {
             let mut r = r.clone();
             for p in [&mut r.model.path, &mut r.data.path] {
-                *p = crate::paths::resolved(Path::new(p.as_str())).to_string_lossy().into_owned();
+                *p = crate::paths::resolved(Path::new(p.as_str()))
+                    .to_string_lossy()
+                    .into_owned();
             }
             let tree = serde_json::to_value(&r).expect("a recipe always serialises");
             let mut out = std::collections::BTreeMap::new();
@@ -454,7 +528,12 @@ impl Recipe {
         let (old, new) = (flat(saved), flat(self));
         new.iter()
             .filter(|(k, v)| !MAY_CHANGE_ON_RESUME.contains(&k.as_str()) && old.get(*k) != Some(*v))
-            .map(|(k, v)| format!("{k}: {} -> {v}", old.get(k).map_or("(absent)".to_string(), |o| o.to_string())))
+            .map(|(k, v)| {
+                format!(
+                    "{k}: {} -> {v}",
+                    old.get(k).map_or("(absent)".to_string(), |o| o.to_string())
+                )
+            })
             .collect()
     }
 }
@@ -464,7 +543,10 @@ impl Recipe {
 const NOT_BUILT: [(&str, &str); 2] = [("tp", "tensor parallelism"), ("pp", "pipeline parallelism")];
 
 fn not_built(key: &str, value: &Value) -> Result<()> {
-    let what = NOT_BUILT.iter().find(|(k, _)| *k == key).map_or("this parallelism", |(_, w)| *w);
+    let what = NOT_BUILT
+        .iter()
+        .find(|(k, _)| *k == key)
+        .map_or("this parallelism", |(_, w)| *w);
     if value.as_i64() == Some(1) {
         return Ok(());
     }
@@ -485,25 +567,43 @@ fn drop_not_built(tree: &mut Value) -> Result<()> {
 
 /// Whether `--set` names `parallel.tp` / `parallel.pp` (true: handled, nothing to apply).
 fn not_built_set(set: &str) -> Result<bool> {
-    let Some((key, raw)) = set.split_once('=') else { return Ok(false) };
-    let Some(name) = key.trim().strip_prefix("parallel.") else { return Ok(false) };
+    let Some((key, raw)) = set.split_once('=') else {
+        return Ok(false);
+    };
+    let Some(name) = key.trim().strip_prefix("parallel.") else {
+        return Ok(false);
+    };
     if !NOT_BUILT.iter().any(|(k, _)| *k == name) {
         return Ok(false);
     }
-    let value = raw.trim().parse::<i64>().map(Value::from).unwrap_or_else(|_| Value::String(raw.trim().to_string()));
+    let value = raw
+        .trim()
+        .parse::<i64>()
+        .map(Value::from)
+        .unwrap_or_else(|_| Value::String(raw.trim().to_string()));
     not_built(name, &value)?;
     Ok(true)
 }
 
 /// Reject keys the schema does not have, suggesting the nearest sibling.
 fn check_keys(tree: &Value, schema: &Value, prefix: &str) -> Result<()> {
-    let (Some(obj), Some(sch)) = (tree.as_object(), schema.as_object()) else { return Ok(()) };
+    let (Some(obj), Some(sch)) = (tree.as_object(), schema.as_object()) else {
+        return Ok(());
+    };
     for (k, v) in obj {
-        let path = if prefix.is_empty() { k.clone() } else { format!("{prefix}.{k}") };
+        let path = if prefix.is_empty() {
+            k.clone()
+        } else {
+            format!("{prefix}.{k}")
+        };
         match sch.get(k) {
             None => bail!("unknown key `{path}`{}", suggestion(k, sch.keys(), prefix)),
-            Some(s) if s.is_object() && !v.is_object() => bail!("`{path}` must be a section ([{path}])"),
-            Some(s) if !s.is_object() && !type_ok(s, v) => bail!("`{path}` must be {}, got {}", type_name(s), type_name(v)),
+            Some(s) if s.is_object() && !v.is_object() => {
+                bail!("`{path}` must be a section ([{path}])")
+            }
+            Some(s) if !s.is_object() && !type_ok(s, v) => {
+                bail!("`{path}` must be {}, got {}", type_name(s), type_name(v))
+            }
             Some(s) => check_keys(v, s, &path)?,
         }
     }
@@ -514,7 +614,11 @@ fn suggestion<'a>(key: &str, candidates: impl Iterator<Item = &'a String>, prefi
     let best = candidates.map(|c| (edit_distance(key, c), c)).min();
     match best {
         Some((d, c)) if d <= key.len().max(3) / 2 + 1 => {
-            if prefix.is_empty() { format!("; did you mean `{c}`?") } else { format!("; did you mean `{prefix}.{c}`?") }
+            if prefix.is_empty() {
+                format!("; did you mean `{c}`?")
+            } else {
+                format!("; did you mean `{prefix}.{c}`?")
+            }
         }
         _ => String::new(),
     }
@@ -526,7 +630,11 @@ fn edit_distance(a: &str, b: &str) -> usize {
     for (i, ca) in a.chars().enumerate() {
         let mut cur = vec![i + 1];
         for (j, cb) in b.iter().enumerate() {
-            cur.push((prev[j] + (ca != *cb) as usize).min(prev[j + 1] + 1).min(cur[j] + 1));
+            cur.push(
+                (prev[j] + (ca != *cb) as usize)
+                    .min(prev[j + 1] + 1)
+                    .min(cur[j] + 1),
+            );
         }
         prev = cur;
     }
@@ -536,14 +644,23 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Apply one `section.key=value` override; the value is parsed as a TOML literal (bare words
 /// are strings) and must have the key's type.
 fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
-    let (key, raw) = set.split_once('=').with_context(|| format!("--set {set}: expected section.key=value"))?;
+    let (key, raw) = set
+        .split_once('=')
+        .with_context(|| format!("--set {set}: expected section.key=value"))?;
     let key = key.trim();
     let parts: Vec<&str> = key.split('.').collect();
     let mut sch = schema;
     for (i, p) in parts.iter().enumerate() {
         let prefix = parts[..i].join(".");
         sch = sch.get(p).with_context(|| {
-            format!("--set {key}: unknown key{}", suggestion(p, sch.as_object().map(|o| o.keys()).into_iter().flatten(), &prefix))
+            format!(
+                "--set {key}: unknown key{}",
+                suggestion(
+                    p,
+                    sch.as_object().map(|o| o.keys()).into_iter().flatten(),
+                    &prefix
+                )
+            )
         })?;
     }
     if sch.is_object() {
@@ -556,17 +673,29 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
         }
         Err(_) => match raw.trim().parse::<f64>() {
             // TOML refuses a float out of f64's range; it is not a string either.
-            Ok(x) if !x.is_finite() => bail!("--set {key}={}: out of range; expected a finite number", raw.trim()),
+            Ok(x) if !x.is_finite() => bail!(
+                "--set {key}={}: out of range; expected a finite number",
+                raw.trim()
+            ),
             _ => Value::String(raw.trim().to_string()),
         },
     };
     if !type_ok(sch, &parsed) {
-        bail!("--set {key}={}: expected {}, got {}", raw.trim(), type_name(sch), type_name(&parsed));
+        bail!(
+            "--set {key}={}: expected {}, got {}",
+            raw.trim(),
+            type_name(sch),
+            type_name(&parsed)
+        );
     }
     let mut node = tree;
     for p in &parts[..parts.len() - 1] {
-        let obj = node.as_object_mut().context("recipe root must be a table")?;
-        node = obj.entry(p.to_string()).or_insert_with(|| Value::Object(Default::default()));
+        let obj = node
+            .as_object_mut()
+            .context("recipe root must be a table")?;
+        node = obj
+            .entry(p.to_string())
+            .or_insert_with(|| Value::Object(Default::default()));
     }
     node.as_object_mut()
         .with_context(|| format!("--set {key}: its section is not a table"))?
@@ -578,10 +707,19 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
 /// name them here.
 fn reject_non_finite(v: &toml::Value, path: &str) -> Result<()> {
     match v {
-        toml::Value::Float(f) if !f.is_finite() => bail!("`{path}` is {f}; expected a finite number"),
+        toml::Value::Float(f) if !f.is_finite() => {
+            bail!("`{path}` is {f}; expected a finite number")
+        }
         toml::Value::Table(t) => {
             for (k, x) in t {
-                reject_non_finite(x, &if path.is_empty() { k.clone() } else { format!("{path}.{k}") })?;
+                reject_non_finite(
+                    x,
+                    &if path.is_empty() {
+                        k.clone()
+                    } else {
+                        format!("{path}.{k}")
+                    },
+                )?;
             }
             Ok(())
         }
@@ -633,7 +771,12 @@ mod tests {
 
     #[test]
     fn expert_groups_and_replicas_partition_the_ranks() {
-        let l = Layout { world: 8, dp: 8, ep: 4, zero: 1 };
+        let l = Layout {
+            world: 8,
+            dp: 8,
+            ep: 4,
+            zero: 1,
+        };
         assert_eq!(l.expert_group(5), vec![4, 5, 6, 7]);
         assert_eq!(l.expert_replicas(5), vec![1, 5]);
         // Every rank is in exactly one group of each kind, and a group's members agree on it.
@@ -646,14 +789,20 @@ mod tests {
                 assert_eq!(m % 4, r % 4, "replicas hold the same expert range");
             }
         }
-        let one = Layout { world: 3, dp: 3, ep: 1, zero: 1 };
+        let one = Layout {
+            world: 3,
+            dp: 3,
+            ep: 1,
+            zero: 1,
+        };
         assert_eq!(one.expert_group(2), vec![2]);
         assert_eq!(one.expert_replicas(2), vec![0, 1, 2]);
     }
 
     use super::*;
 
-    const MINIMAL: &str = "[run]\noutput_dir = \"out\"\n[model]\npath = \"m\"\n[data]\npath = \"d\"\n";
+    const MINIMAL: &str =
+        "[run]\noutput_dir = \"out\"\n[model]\npath = \"m\"\n[data]\npath = \"d\"\n";
 
     #[test]
     fn a_minimal_recipe_takes_the_defaults() {
@@ -672,52 +821,132 @@ mod tests {
     fn parallelism_that_is_not_built_has_no_key() {
         let r = Recipe::parse(&format!("{MINIMAL}[parallel]\ntp = 1\npp = 1\n"), &[]).unwrap();
         let resolved = r.to_toml();
-        assert!(!resolved.lines().any(|l| l.starts_with("tp ") || l.starts_with("pp ")), "{resolved}");
-        let err = Recipe::parse(&format!("{MINIMAL}[parallel]\ntp = 2\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("parallel.tp = 2") && err.contains("tensor parallelism is not built"), "{err}");
-        let err = Recipe::parse(MINIMAL, &["parallel.pp=4".into()]).unwrap_err().to_string();
-        assert!(err.contains("parallel.pp = 4") && err.contains("pipeline parallelism is not built"), "{err}");
+        assert!(
+            !resolved
+                .lines()
+                .any(|l| l.starts_with("tp ") || l.starts_with("pp ")),
+            "{resolved}"
+        );
+        let err = Recipe::parse(&format!("{MINIMAL}[parallel]\ntp = 2\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.tp = 2") && err.contains("tensor parallelism is not built"),
+            "{err}"
+        );
+        let err = Recipe::parse(MINIMAL, &["parallel.pp=4".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("parallel.pp = 4") && err.contains("pipeline parallelism is not built"),
+            "{err}"
+        );
         assert!(Recipe::parse(MINIMAL, &["parallel.pp=1".into()]).is_ok());
     }
 
     #[test]
     fn unknown_keys_name_the_key_and_the_nearest_valid_one() {
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlrr = 1.0\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("`train.lrr`") && err.contains("`train.lr`"), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[chekpoint]\nevery = 1\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("`chekpoint`") && err.contains("`checkpoint`"), "{err}");
-        let err = Recipe::parse(MINIMAL, &["train.stpes=3".into()]).unwrap_err().to_string();
-        assert!(err.contains("train.stpes") && err.contains("`train.steps`"), "{err}");
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlrr = 1.0\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`train.lrr`") && err.contains("`train.lr`"),
+            "{err}"
+        );
+        let err = Recipe::parse(&format!("{MINIMAL}[chekpoint]\nevery = 1\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`chekpoint`") && err.contains("`checkpoint`"),
+            "{err}"
+        );
+        let err = Recipe::parse(MINIMAL, &["train.stpes=3".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.stpes") && err.contains("`train.steps`"),
+            "{err}"
+        );
     }
 
     #[test]
     fn set_overrides_but_may_not_change_a_type() {
-        let r = Recipe::parse(MINIMAL, &["train.steps=7".into(), "train.lr=2e-4".into(), "train.stage=sparse".into(),
-            "data.path=/x y/z".into(), "train.lr=1".into()]).unwrap();
-        assert_eq!((r.train.steps, r.train.lr, r.stage()), (7, 1.0, Stage::Sparse));
+        let r = Recipe::parse(
+            MINIMAL,
+            &[
+                "train.steps=7".into(),
+                "train.lr=2e-4".into(),
+                "train.stage=sparse".into(),
+                "data.path=/x y/z".into(),
+                "train.lr=1".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            (r.train.steps, r.train.lr, r.stage()),
+            (7, 1.0, Stage::Sparse)
+        );
         assert_eq!(r.data.path, "/x y/z");
-        for (set, want) in [("train.steps=1.5", "expected an integer"), ("train.steps=many", "expected an integer"),
-            ("train.lr=fast", "expected a number"), ("run.progress=1", "expected a boolean"),
-            ("train.steps=-2", "expected an integer, got a negative integer"), ("train.lr=nan", "`train.lr` is NaN; expected a finite number"),
-            ("train.lr=-inf", "expected a finite number"), ("train.lr=1e400", "out of range")] {
-            let err = Recipe::parse(MINIMAL, &[set.into()]).unwrap_err().to_string();
+        for (set, want) in [
+            ("train.steps=1.5", "expected an integer"),
+            ("train.steps=many", "expected an integer"),
+            ("train.lr=fast", "expected a number"),
+            ("run.progress=1", "expected a boolean"),
+            (
+                "train.steps=-2",
+                "expected an integer, got a negative integer",
+            ),
+            (
+                "train.lr=nan",
+                "`train.lr` is NaN; expected a finite number",
+            ),
+            ("train.lr=-inf", "expected a finite number"),
+            ("train.lr=1e400", "out of range"),
+        ] {
+            let err = Recipe::parse(MINIMAL, &[set.into()])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{set}: {err}");
         }
     }
 
     #[test]
     fn wrong_types_and_values_in_the_file_are_named() {
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = \"ten\"\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("`train.steps` must be an integer, got a string"), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nstage = \"sparce\"\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("train.stage") && err.contains("\"dense\""), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nglobal_batch_seqs = 5\nmicro_batch_seqs = 2\n"), &[]).unwrap_err().to_string();
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = \"ten\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`train.steps` must be an integer, got a string"),
+            "{err}"
+        );
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nstage = \"sparce\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.stage") && err.contains("\"dense\""),
+            "{err}"
+        );
+        let err = Recipe::parse(
+            &format!("{MINIMAL}[train]\nglobal_batch_seqs = 5\nmicro_batch_seqs = 2\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("train.global_batch_seqs"), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = -3\n"), &[]).unwrap_err().to_string();
-        assert!(err.contains("`train.steps` must be an integer, got a negative integer"), "{err}");
-        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlr = nan\n"), &[]).unwrap_err().to_string();
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nsteps = -3\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("`train.steps` must be an integer, got a negative integer"),
+            "{err}"
+        );
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nlr = nan\n"), &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`train.lr` is NaN"), "{err}");
-        let err = Recipe::parse("[run]\nseed = 1\n", &[]).unwrap_err().to_string();
+        let err = Recipe::parse("[run]\nseed = 1\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("run.output_dir"), "{err}");
     }
 }

@@ -30,12 +30,24 @@ impl RowMap {
     fn new(src: Vec<u32>, off: Vec<u32>, in_rows: usize, device: &Device) -> Result<Self> {
         let on_device = if device.is_cuda() {
             // Never an empty buffer on the device: a map without entries keeps one unused slot.
-            let s = if src.is_empty() { vec![0u32] } else { src.clone() };
-            Some((Tensor::from_vec(s.clone(), s.len(), device)?, Tensor::from_vec(off.clone(), off.len(), device)?))
+            let s = if src.is_empty() {
+                vec![0u32]
+            } else {
+                src.clone()
+            };
+            Some((
+                Tensor::from_vec(s.clone(), s.len(), device)?,
+                Tensor::from_vec(off.clone(), off.len(), device)?,
+            ))
         } else {
             None
         };
-        Ok(Self { src, off, in_rows, on_device })
+        Ok(Self {
+            src,
+            off,
+            in_rows,
+            on_device,
+        })
     }
 
     fn out_rows(&self) -> usize {
@@ -79,27 +91,42 @@ impl RowPlan {
         let off: Vec<u32> = (0..=ids.len() as u32).collect();
         let map = RowMap::new(ids.to_vec(), off, in_rows, device)?;
         let adjoint = map.transpose(device)?;
-        Ok(Self { map: Arc::new(map), adjoint: Arc::new(adjoint) })
+        Ok(Self {
+            map: Arc::new(map),
+            adjoint: Arc::new(adjoint),
+        })
     }
 
     /// out row i = sum over j in off[i]..off[i + 1] of x[src[j]], added in that order (a
     /// scatter-add given by its groups, e.g. an embedding gradient's rows by token).
     pub fn sums(src: Vec<u32>, off: Vec<u32>, in_rows: usize, device: &Device) -> Result<Self> {
-        if off.first() != Some(&0) || off.last().map(|&o| o as usize) != Some(src.len()) || off.windows(2).any(|w| w[0] > w[1]) {
-            bail!("row sums: offsets must rise from 0 to the {} entries", src.len());
+        if off.first() != Some(&0)
+            || off.last().map(|&o| o as usize) != Some(src.len())
+            || off.windows(2).any(|w| w[0] > w[1])
+        {
+            bail!(
+                "row sums: offsets must rise from 0 to the {} entries",
+                src.len()
+            );
         }
         if let Some(&bad) = src.iter().find(|&&i| i as usize >= in_rows) {
             bail!("row sums: index {bad} is out of range for {in_rows} rows");
         }
         let map = RowMap::new(src, off, in_rows, device)?;
         let adjoint = map.transpose(device)?;
-        Ok(Self { map: Arc::new(map), adjoint: Arc::new(adjoint) })
+        Ok(Self {
+            map: Arc::new(map),
+            adjoint: Arc::new(adjoint),
+        })
     }
 
     /// The transposed plan: a gather's scatter-add (out row r = the sum of the rows that
     /// gathered r, in the order they were gathered).
     pub fn adjoint(&self) -> Self {
-        Self { map: self.adjoint.clone(), adjoint: self.map.clone() }
+        Self {
+            map: self.adjoint.clone(),
+            adjoint: self.map.clone(),
+        }
     }
 
     pub fn out_rows(&self) -> usize {
@@ -112,7 +139,10 @@ impl RowPlan {
         if x.device().is_cuda() && !crate::kernels::available(x.device()) {
             return self.apply_plain(x);
         }
-        x.contiguous()?.apply_op1(RowSum { map: self.map.clone(), adjoint: self.adjoint.clone() })
+        x.contiguous()?.apply_op1(RowSum {
+            map: self.map.clone(),
+            adjoint: self.adjoint.clone(),
+        })
     }
 
     /// The same map with candle's ops: `index_select` of the entries, then `index_add` into
@@ -125,16 +155,26 @@ impl RowPlan {
         if m.src.len() == m.out_rows() && m.off.iter().enumerate().all(|(i, &o)| o as usize == i) {
             return Ok(picked);
         }
-        let dest: Vec<u32> = (0..m.out_rows()).flat_map(|i| (m.off[i]..m.off[i + 1]).map(move |_| i as u32)).collect();
+        let dest: Vec<u32> = (0..m.out_rows())
+            .flat_map(|i| (m.off[i]..m.off[i + 1]).map(move |_| i as u32))
+            .collect();
         let mut dims = x.dims().to_vec();
         dims[0] = m.out_rows();
-        Tensor::zeros(dims, x.dtype(), x.device())?.index_add(&Tensor::new(dest.as_slice(), x.device())?, &picked, 0)
+        Tensor::zeros(dims, x.dtype(), x.device())?.index_add(
+            &Tensor::new(dest.as_slice(), x.device())?,
+            &picked,
+            0,
+        )
     }
 }
 
 fn check_rows(x: &Tensor, m: &RowMap) -> Result<()> {
     if x.rank() == 0 || x.dim(0)? != m.in_rows {
-        bail!("row map: input {:?} does not have the map's {} rows", x.shape(), m.in_rows);
+        bail!(
+            "row map: input {:?} does not have the map's {} rows",
+            x.shape(),
+            m.in_rows
+        );
     }
     Ok(())
 }
@@ -149,7 +189,11 @@ impl RowSum {
     fn shapes(&self, l: &Layout) -> Result<(usize, Shape)> {
         let dims = l.shape().dims();
         if dims.is_empty() || dims[0] != self.map.in_rows {
-            bail!("row map: input {:?} does not have the map's {} rows", l.shape(), self.map.in_rows);
+            bail!(
+                "row map: input {:?} does not have the map's {} rows",
+                l.shape(),
+                self.map.in_rows
+            );
         }
         let mut out = dims.to_vec();
         out[0] = self.map.out_rows();
@@ -175,7 +219,9 @@ fn sum_rows<T: Copy + Send + Sync, A: Copy + Send + Sync + std::ops::AddAssign>(
         let mut acc = vec![zero; d];
         for j in m.off[i]..m.off[i + 1] {
             let s = m.src[j as usize] as usize * d;
-            acc.iter_mut().zip(&x[s..s + d]).for_each(|(a, &v)| *a += up(v));
+            acc.iter_mut()
+                .zip(&x[s..s + d])
+                .for_each(|(a, &v)| *a += up(v));
         }
         row.iter_mut().zip(acc).for_each(|(o, a)| *o = down(a));
     });
@@ -189,26 +235,58 @@ impl CustomOp1 for RowSum {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (d, shape) = self.shapes(l)?;
-        let Some((start, end)) = l.contiguous_offsets() else { bail!("row map: input must be contiguous") };
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("row map: input must be contiguous")
+        };
         let m = &*self.map;
         let out = match s {
-            CpuStorage::F32(v) => CpuStorage::F32(sum_rows(&v[start..end], m, d, 0f32, |x| x, |a| a, 0.0)),
-            CpuStorage::F64(v) => CpuStorage::F64(sum_rows(&v[start..end], m, d, 0f64, |x| x, |a| a, 0.0)),
-            CpuStorage::BF16(v) => CpuStorage::BF16(sum_rows(&v[start..end], m, d, 0f32, |x| x.to_f32(), half::bf16::from_f32, half::bf16::ZERO)),
-            CpuStorage::F16(v) => CpuStorage::F16(sum_rows(&v[start..end], m, d, 0f32, |x| x.to_f32(), half::f16::from_f32, half::f16::ZERO)),
-            other => bail!("row map: {:?} rows are not supported (f32, f64, bf16, f16)", other.dtype()),
+            CpuStorage::F32(v) => {
+                CpuStorage::F32(sum_rows(&v[start..end], m, d, 0f32, |x| x, |a| a, 0.0))
+            }
+            CpuStorage::F64(v) => {
+                CpuStorage::F64(sum_rows(&v[start..end], m, d, 0f64, |x| x, |a| a, 0.0))
+            }
+            CpuStorage::BF16(v) => CpuStorage::BF16(sum_rows(
+                &v[start..end],
+                m,
+                d,
+                0f32,
+                |x| x.to_f32(),
+                half::bf16::from_f32,
+                half::bf16::ZERO,
+            )),
+            CpuStorage::F16(v) => CpuStorage::F16(sum_rows(
+                &v[start..end],
+                m,
+                d,
+                0f32,
+                |x| x.to_f32(),
+                half::f16::from_f32,
+                half::f16::ZERO,
+            )),
+            other => bail!(
+                "row map: {:?} rows are not supported (f32, f64, bf16, f16)",
+                other.dtype()
+            ),
         };
         Ok((out, shape))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, l: &Layout) -> Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (d, shape) = self.shapes(l)?;
         cuda::row_sum(s, l, &self.map, d, shape)
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        let back = RowSum { map: self.adjoint.clone(), adjoint: self.map.clone() };
+        let back = RowSum {
+            map: self.adjoint.clone(),
+            adjoint: self.map.clone(),
+        };
         Ok(Some(grad.contiguous()?.apply_op1(back)?))
     }
 }
@@ -216,7 +294,9 @@ impl CustomOp1 for RowSum {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits};
+    use candle_core::cuda_backend::cudarc::driver::{
+        DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
+    };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
     use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage};
 
@@ -225,7 +305,13 @@ mod cuda {
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/rows.ptx"));
 
-    pub(super) fn row_sum(s: &CudaStorage, l: &Layout, m: &RowMap, d: usize, shape: Shape) -> Result<(CudaStorage, Shape)> {
+    pub(super) fn row_sum(
+        s: &CudaStorage,
+        l: &Layout,
+        m: &RowMap,
+        d: usize,
+        shape: Shape,
+    ) -> Result<(CudaStorage, Shape)> {
         match s.dtype() {
             DType::F32 => launch::<f32>(s, l, m, d, shape, "rows_sum_f32"),
             DType::BF16 => launch::<half::bf16>(s, l, m, d, shape, "rows_sum_bf16"),
@@ -234,26 +320,45 @@ mod cuda {
         }
     }
 
-    fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(s: &CudaStorage, l: &Layout, m: &RowMap, d: usize, shape: Shape, name: &str) -> Result<(CudaStorage, Shape)> {
+    fn launch<T: CudaDType + DeviceRepr + ValidAsZeroBits>(
+        s: &CudaStorage,
+        l: &Layout,
+        m: &RowMap,
+        d: usize,
+        shape: Shape,
+        name: &str,
+    ) -> Result<(CudaStorage, Shape)> {
         let dev = s.device();
         let rows = m.out_rows();
         let out = dev.alloc_zeros::<T>((rows * d).max(1))?; // never an empty device buffer
         if rows > 0 && d > 0 {
-            let Some((src_t, off_t)) = &m.on_device else { bail!("row map: built for the CPU, applied on the GPU") };
+            let Some((src_t, off_t)) = &m.on_device else {
+                bail!("row map: built for the CPU, applied on the GPU")
+            };
             let (ss, sl) = src_t.storage_and_layout();
             let (os, ol) = off_t.storage_and_layout();
-            let (Storage::Cuda(ss), Storage::Cuda(os)) = (&*ss, &*os) else { bail!("row map: its indices are not on the GPU") };
+            let (Storage::Cuda(ss), Storage::Cuda(os)) = (&*ss, &*os) else {
+                bail!("row map: its indices are not on the GPU")
+            };
             let src = view::<u32>(ss, sl, "row map sources")?;
             let off = view::<u32>(os, ol, "row map offsets")?;
             let x = view::<T>(s, l, "rows")?;
             let f = load_from(dev, "dsa_rows", PTX, name, 0)?;
-            let Ok(d32) = i32::try_from(d) else { bail!("row map: {d} values per row do not fit the kernel's int") };
-            let Ok(grid) = u32::try_from(rows) else { bail!("row map: {rows} output rows do not fit one launch") };
+            let Ok(d32) = i32::try_from(d) else {
+                bail!("row map: {d} values per row do not fit the kernel's int")
+            };
+            let Ok(grid) = u32::try_from(rows) else {
+                bail!("row map: {rows} output rows do not fit one launch")
+            };
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
             b.arg(&x).arg(&src).arg(&off).arg(&out).arg(&d32);
             let threads = d.next_multiple_of(32).min(256) as u32;
-            let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (grid, 1, 1),
+                block_dim: (threads, 1, 1),
+                shared_mem_bytes: 0,
+            };
             // SAFETY: x holds in_rows * d values (checked by the caller's shape), every src entry
             // is < in_rows (checked when the plan was built), off has rows + 1 entries and out
             // rows * d; the launch is on candle's stream, ordered with its other ops.
@@ -270,24 +375,41 @@ mod tests {
 
     fn random(rows: usize, d: usize, seed: u64) -> Result<Tensor> {
         let mut r = crate::rng::SplitMix64::new(seed);
-        Tensor::from_vec((0..rows * d).map(|_| r.normal() as f32).collect::<Vec<_>>(), (rows, d), &Device::Cpu)
+        Tensor::from_vec(
+            (0..rows * d).map(|_| r.normal() as f32).collect::<Vec<_>>(),
+            (rows, d),
+            &Device::Cpu,
+        )
     }
 
     #[test]
     fn gathers_and_their_adjoint_equal_index_select_and_index_add_bit_for_bit() -> Result<()> {
         let mut r = crate::rng::SplitMix64::new(7);
         for (in_rows, n, d) in [(1, 1, 1), (5, 97, 3), (97, 1025, 8), (300, 40, 1)] {
-            let ids: Vec<u32> = (0..n).map(|_| (r.next_u64() % in_rows as u64) as u32).collect();
+            let ids: Vec<u32> = (0..n)
+                .map(|_| (r.next_u64() % in_rows as u64) as u32)
+                .collect();
             let plan = RowPlan::gather(&ids, in_rows, &Device::Cpu)?;
             let x = Var::from_tensor(&random(in_rows, d, n as u64)?)?;
             let up = random(n, d, 99)?;
             let ours = plan.apply(x.as_tensor())?;
             let plain = plan.apply_plain(x.as_tensor())?;
-            assert_eq!(ours.to_vec2::<f32>()?, plain.to_vec2::<f32>()?, "forward {in_rows} {n} {d}");
+            assert_eq!(
+                ours.to_vec2::<f32>()?,
+                plain.to_vec2::<f32>()?,
+                "forward {in_rows} {n} {d}"
+            );
             let g_ours = (ours * &up)?.sum_all()?.backward()?;
             let g_plain = (plain * &up)?.sum_all()?.backward()?;
-            let (a, b) = (g_ours.get(x.as_tensor()).unwrap(), g_plain.get(x.as_tensor()).unwrap());
-            assert_eq!(a.to_vec2::<f32>()?, b.to_vec2::<f32>()?, "gradient {in_rows} {n} {d}");
+            let (a, b) = (
+                g_ours.get(x.as_tensor()).unwrap(),
+                g_plain.get(x.as_tensor()).unwrap(),
+            );
+            assert_eq!(
+                a.to_vec2::<f32>()?,
+                b.to_vec2::<f32>()?,
+                "gradient {in_rows} {n} {d}"
+            );
             // The adjoint applied directly is the scatter-add of the plain path.
             let scattered = plan.adjoint().apply(&up)?;
             let plain_scatter = plan.adjoint().apply_plain(&up)?;
@@ -300,7 +422,8 @@ mod tests {
     fn bf16_rows_are_summed_in_f32_and_rounded_once() -> Result<()> {
         // 1 + 2^-8 + 2^-8 in bf16 (ulp 2^-7 at 1): added one at a time each step ties and
         // rounds back to 1 (index_add); one f32 sum gives 1 + 2^-7, which bf16 holds exactly.
-        let x = Tensor::new(&[[1f32], [1.0 / 256.0], [1.0 / 256.0]], &Device::Cpu)?.to_dtype(DType::BF16)?;
+        let x = Tensor::new(&[[1f32], [1.0 / 256.0], [1.0 / 256.0]], &Device::Cpu)?
+            .to_dtype(DType::BF16)?;
         let sum = RowPlan::gather(&[0, 0, 0], 1, &Device::Cpu)?.adjoint();
         let at = |t: Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?[0][0]) };
         assert_eq!(at(sum.apply(&x)?)?, 1.0 + 1.0 / 128.0);
@@ -310,9 +433,14 @@ mod tests {
 
     #[test]
     fn an_index_past_the_rows_is_an_error() {
-        let e = RowPlan::gather(&[0, 3], 3, &Device::Cpu).err().expect("error").to_string();
+        let e = RowPlan::gather(&[0, 3], 3, &Device::Cpu)
+            .err()
+            .expect("error")
+            .to_string();
         assert!(e.contains("index 3 is out of range for 3 rows"), "{e}");
         let plan = RowPlan::gather(&[0], 3, &Device::Cpu).unwrap();
-        assert!(plan.apply(&Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap()).is_err());
+        assert!(plan
+            .apply(&Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap())
+            .is_err());
     }
 }

@@ -28,7 +28,12 @@ pub fn install() {
         unsafe { libc::signal(sig, on_signal as *const () as libc::sighandler_t) };
     }
     // SAFETY: as above; an atomic store only.
-    unsafe { libc::signal(libc::SIGPIPE, on_broken_pipe as *const () as libc::sighandler_t) };
+    unsafe {
+        libc::signal(
+            libc::SIGPIPE,
+            on_broken_pipe as *const () as libc::sighandler_t,
+        )
+    };
 }
 
 pub fn stop_requested() -> bool {

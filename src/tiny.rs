@@ -8,8 +8,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde_json::json;
 
-use crate::config::{IndexerDefaults, ModelConfig};
 use crate::checkpoint::StDtype;
+use crate::config::{IndexerDefaults, ModelConfig};
 use crate::hf_writer::{write_checkpoint, StoredTensor};
 use crate::rng::SplitMix64;
 use crate::weights::{model_weights, Kind, WeightSpec};
@@ -53,13 +53,27 @@ pub fn bench_1k_config() -> serde_json::Value {
     let mut c = tiny_config(true);
     let o = c.as_object_mut().unwrap();
     for (k, v) in [
-        ("vocab_size", json!(129280)), ("hidden_size", json!(1024)), ("num_hidden_layers", json!(4)),
-        ("first_k_dense_replace", json!(1)), ("intermediate_size", json!(2816)), ("moe_intermediate_size", json!(512)),
-        ("num_attention_heads", json!(16)), ("num_key_value_heads", json!(16)), ("q_lora_rank", json!(768)),
-        ("kv_lora_rank", json!(512)), ("qk_nope_head_dim", json!(128)), ("qk_rope_head_dim", json!(64)),
-        ("v_head_dim", json!(128)), ("n_routed_experts", json!(16)), ("num_experts_per_tok", json!(4)),
-        ("n_shared_experts", json!(1)), ("n_group", json!(4)), ("topk_group", json!(2)),
-        ("index_n_heads", json!(64)), ("index_head_dim", json!(128)), ("index_topk", json!(2048)),
+        ("vocab_size", json!(129280)),
+        ("hidden_size", json!(1024)),
+        ("num_hidden_layers", json!(4)),
+        ("first_k_dense_replace", json!(1)),
+        ("intermediate_size", json!(2816)),
+        ("moe_intermediate_size", json!(512)),
+        ("num_attention_heads", json!(16)),
+        ("num_key_value_heads", json!(16)),
+        ("q_lora_rank", json!(768)),
+        ("kv_lora_rank", json!(512)),
+        ("qk_nope_head_dim", json!(128)),
+        ("qk_rope_head_dim", json!(64)),
+        ("v_head_dim", json!(128)),
+        ("n_routed_experts", json!(16)),
+        ("num_experts_per_tok", json!(4)),
+        ("n_shared_experts", json!(1)),
+        ("n_group", json!(4)),
+        ("topk_group", json!(2)),
+        ("index_n_heads", json!(64)),
+        ("index_head_dim", json!(128)),
+        ("index_topk", json!(2048)),
         ("num_nextn_predict_layers", json!(0)),
     ] {
         o.insert(k.into(), v);
@@ -73,7 +87,11 @@ pub fn bench_1k_config() -> serde_json::Value {
 pub fn bench_1k_h128_config() -> serde_json::Value {
     let mut c = bench_1k_config();
     let o = c.as_object_mut().unwrap();
-    for (k, v) in [("num_attention_heads", json!(128)), ("num_key_value_heads", json!(128)), ("q_lora_rank", json!(1536))] {
+    for (k, v) in [
+        ("num_attention_heads", json!(128)),
+        ("num_key_value_heads", json!(128)),
+        ("q_lora_rank", json!(1536)),
+    ] {
         o.insert(k.into(), v);
     }
     c
@@ -88,11 +106,21 @@ pub fn slice_671b_config() -> serde_json::Value {
     let mut c = bench_1k_config();
     let o = c.as_object_mut().unwrap();
     for (k, v) in [
-        ("vocab_size", json!(32768)), ("hidden_size", json!(7168)), ("num_hidden_layers", json!(2)),
-        ("first_k_dense_replace", json!(1)), ("intermediate_size", json!(18432)), ("moe_intermediate_size", json!(2048)),
-        ("num_attention_heads", json!(128)), ("num_key_value_heads", json!(128)), ("q_lora_rank", json!(1536)),
-        ("kv_lora_rank", json!(512)), ("n_routed_experts", json!(16)), ("num_experts_per_tok", json!(8)),
-        ("n_shared_experts", json!(1)), ("n_group", json!(8)), ("topk_group", json!(4)),
+        ("vocab_size", json!(32768)),
+        ("hidden_size", json!(7168)),
+        ("num_hidden_layers", json!(2)),
+        ("first_k_dense_replace", json!(1)),
+        ("intermediate_size", json!(18432)),
+        ("moe_intermediate_size", json!(2048)),
+        ("num_attention_heads", json!(128)),
+        ("num_key_value_heads", json!(128)),
+        ("q_lora_rank", json!(1536)),
+        ("kv_lora_rank", json!(512)),
+        ("n_routed_experts", json!(16)),
+        ("num_experts_per_tok", json!(8)),
+        ("n_shared_experts", json!(1)),
+        ("n_group", json!(8)),
+        ("topk_group", json!(4)),
     ] {
         o.insert(k.into(), v);
     }
@@ -104,7 +132,11 @@ fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
     let n: usize = spec.shape.iter().product();
     let fan_in = spec.shape.last().copied().unwrap_or(1) as f64;
     match spec.kind {
-        Kind::Norm => rng.normal_vec(n, 0.1).into_iter().map(|x| 1.0 + x).collect(),
+        Kind::Norm => rng
+            .normal_vec(n, 0.1)
+            .into_iter()
+            .map(|x| 1.0 + x)
+            .collect(),
         Kind::NormBias => rng.normal_vec(n, 0.1),
         Kind::Embedding => rng.normal_vec(n, 1.0),
         Kind::RouterBias => rng.normal_vec(n, 0.1),
@@ -114,7 +146,12 @@ fn random_values(spec: &WeightSpec, rng: &mut SplitMix64) -> Vec<f32> {
 
 /// Write a random checkpoint for `config` (a config.json value) in DeepSeek's storage formats.
 /// Indexer tensors are written only when the config names the indexer (V3.2 style).
-pub fn write_random_checkpoint(dir: &Path, config: &serde_json::Value, seed: u64, max_shard_bytes: usize) -> Result<()> {
+pub fn write_random_checkpoint(
+    dir: &Path,
+    config: &serde_json::Value,
+    seed: u64,
+    max_shard_bytes: usize,
+) -> Result<()> {
     write_checkpoint_of(dir, config, seed, max_shard_bytes, random_values)
 }
 
@@ -167,7 +204,15 @@ pub fn synthetic_corpus(vocab: usize, n_tokens: usize, seed: u64) -> Vec<u32> {
             cur = *out.last().unwrap();
         } else {
             let r = rng.uniform();
-            let j = if r < 0.6 { 0 } else if r < 0.8 { 1 } else if r < 0.93 { 2 } else { 3 };
+            let j = if r < 0.6 {
+                0
+            } else if r < 0.8 {
+                1
+            } else if r < 0.93 {
+                2
+            } else {
+                3
+            };
             cur = succ[cur as usize][j];
             out.push(cur);
         }
@@ -188,10 +233,16 @@ pub fn write_preset(dir: &Path, preset: &str, seed: u64) -> Result<()> {
         "bench-1k" => (bench_1k_config(), 1 << 22),
         "bench-1k-h128" => (bench_1k_h128_config(), 1 << 22),
         "slice-671b" => (slice_671b_config(), 1 << 22),
-        other => anyhow::bail!("unknown preset {other:?}; expected one of {}", PRESETS.map(|p| format!("\"{p}\"")).join(", ")),
+        other => anyhow::bail!(
+            "unknown preset {other:?}; expected one of {}",
+            PRESETS.map(|p| format!("\"{p}\"")).join(", ")
+        ),
     };
     let vocab = config["vocab_size"].as_u64().unwrap_or(512) as usize;
     write_random_checkpoint(&dir.join("model"), &config, seed, 1 << 30)?;
-    crate::data::write_token_file(&dir.join("tokens.bin"), &synthetic_corpus(vocab, tokens, seed ^ 0x5eed))?;
+    crate::data::write_token_file(
+        &dir.join("tokens.bin"),
+        &synthetic_corpus(vocab, tokens, seed ^ 0x5eed),
+    )?;
     Ok(())
 }

@@ -61,7 +61,12 @@ impl WeightSpec {
 }
 
 fn spec(name: String, shape: &[usize], kind: Kind, indexer: bool) -> WeightSpec {
-    WeightSpec { name, shape: shape.to_vec(), kind, indexer }
+    WeightSpec {
+        name,
+        shape: shape.to_vec(),
+        kind,
+        indexer,
+    }
 }
 
 /// Tensors of decoder layer `l` (the MTP layer is `l = num_hidden_layers`).
@@ -69,40 +74,129 @@ pub fn layer_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
     let p = format!("model.layers.{l}.");
     let (d, h) = (cfg.hidden_size, cfg.num_attention_heads);
     let mut v = vec![
-        spec(format!("{p}input_layernorm.weight"), &[d], Kind::Norm, false),
-        spec(format!("{p}self_attn.q_a_proj.weight"), &[cfg.q_lora_rank, d], Kind::Linear, false),
-        spec(format!("{p}self_attn.q_a_layernorm.weight"), &[cfg.q_lora_rank], Kind::Norm, false),
-        spec(format!("{p}self_attn.q_b_proj.weight"), &[h * cfg.qk_head_dim(), cfg.q_lora_rank], Kind::Linear, false),
-        spec(format!("{p}self_attn.kv_a_proj_with_mqa.weight"), &[cfg.kv_lora_rank + cfg.qk_rope_head_dim, d], Kind::Linear, false),
-        spec(format!("{p}self_attn.kv_a_layernorm.weight"), &[cfg.kv_lora_rank], Kind::Norm, false),
-        spec(format!("{p}self_attn.kv_b_proj.weight"), &[h * (cfg.qk_nope_head_dim + cfg.v_head_dim), cfg.kv_lora_rank], Kind::Linear, false),
-        spec(format!("{p}self_attn.o_proj.weight"), &[d, h * cfg.v_head_dim], Kind::Linear, false),
-        spec(format!("{p}post_attention_layernorm.weight"), &[d], Kind::Norm, false),
+        spec(
+            format!("{p}input_layernorm.weight"),
+            &[d],
+            Kind::Norm,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.q_a_proj.weight"),
+            &[cfg.q_lora_rank, d],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.q_a_layernorm.weight"),
+            &[cfg.q_lora_rank],
+            Kind::Norm,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.q_b_proj.weight"),
+            &[h * cfg.qk_head_dim(), cfg.q_lora_rank],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.kv_a_proj_with_mqa.weight"),
+            &[cfg.kv_lora_rank + cfg.qk_rope_head_dim, d],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.kv_a_layernorm.weight"),
+            &[cfg.kv_lora_rank],
+            Kind::Norm,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.kv_b_proj.weight"),
+            &[
+                h * (cfg.qk_nope_head_dim + cfg.v_head_dim),
+                cfg.kv_lora_rank,
+            ],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}self_attn.o_proj.weight"),
+            &[d, h * cfg.v_head_dim],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}post_attention_layernorm.weight"),
+            &[d],
+            Kind::Norm,
+            false,
+        ),
     ];
     let (hi, di) = (cfg.index_n_heads, cfg.index_head_dim);
     let ix = format!("{p}self_attn.indexer.");
     v.extend([
-        spec(format!("{ix}wq_b.weight"), &[hi * di, cfg.q_lora_rank], Kind::Linear, true),
+        spec(
+            format!("{ix}wq_b.weight"),
+            &[hi * di, cfg.q_lora_rank],
+            Kind::Linear,
+            true,
+        ),
         spec(format!("{ix}wk.weight"), &[di, d], Kind::Linear, true),
         spec(format!("{ix}k_norm.weight"), &[di], Kind::Norm, true),
         spec(format!("{ix}k_norm.bias"), &[di], Kind::NormBias, true),
-        spec(format!("{ix}weights_proj.weight"), &[hi, d], Kind::Linear, true),
+        spec(
+            format!("{ix}weights_proj.weight"),
+            &[hi, d],
+            Kind::Linear,
+            true,
+        ),
     ]);
     let mlp = |prefix: &str, inter: usize| {
         vec![
-            spec(format!("{prefix}gate_proj.weight"), &[inter, d], Kind::Linear, false),
-            spec(format!("{prefix}up_proj.weight"), &[inter, d], Kind::Linear, false),
-            spec(format!("{prefix}down_proj.weight"), &[d, inter], Kind::Linear, false),
+            spec(
+                format!("{prefix}gate_proj.weight"),
+                &[inter, d],
+                Kind::Linear,
+                false,
+            ),
+            spec(
+                format!("{prefix}up_proj.weight"),
+                &[inter, d],
+                Kind::Linear,
+                false,
+            ),
+            spec(
+                format!("{prefix}down_proj.weight"),
+                &[d, inter],
+                Kind::Linear,
+                false,
+            ),
         ]
     };
     if cfg.is_moe_layer(l) {
-        v.push(spec(format!("{p}mlp.gate.weight"), &[cfg.n_routed_experts, d], Kind::Router, false));
-        v.push(spec(format!("{p}mlp.gate.e_score_correction_bias"), &[cfg.n_routed_experts], Kind::RouterBias, false));
+        v.push(spec(
+            format!("{p}mlp.gate.weight"),
+            &[cfg.n_routed_experts, d],
+            Kind::Router,
+            false,
+        ));
+        v.push(spec(
+            format!("{p}mlp.gate.e_score_correction_bias"),
+            &[cfg.n_routed_experts],
+            Kind::RouterBias,
+            false,
+        ));
         for e in 0..cfg.n_routed_experts {
-            v.extend(mlp(&format!("{p}mlp.experts.{e}."), cfg.moe_intermediate_size));
+            v.extend(mlp(
+                &format!("{p}mlp.experts.{e}."),
+                cfg.moe_intermediate_size,
+            ));
         }
         if cfg.n_shared_experts > 0 {
-            v.extend(mlp(&format!("{p}mlp.shared_experts."), cfg.moe_intermediate_size * cfg.n_shared_experts));
+            v.extend(mlp(
+                &format!("{p}mlp.shared_experts."),
+                cfg.moe_intermediate_size * cfg.n_shared_experts,
+            ));
         }
     } else {
         v.extend(mlp(&format!("{p}mlp."), cfg.intermediate_size));
@@ -115,25 +209,55 @@ pub fn mtp_extra_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
     let p = format!("model.layers.{l}.");
     let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
     vec![
-        spec(format!("{p}embed_tokens.weight"), &[vocab, d], Kind::Embedding, false),
+        spec(
+            format!("{p}embed_tokens.weight"),
+            &[vocab, d],
+            Kind::Embedding,
+            false,
+        ),
         spec(format!("{p}enorm.weight"), &[d], Kind::Norm, false),
         spec(format!("{p}hnorm.weight"), &[d], Kind::Norm, false),
-        spec(format!("{p}eh_proj.weight"), &[d, 2 * d], Kind::Linear, false),
-        spec(format!("{p}shared_head.norm.weight"), &[d], Kind::Norm, false),
-        spec(format!("{p}shared_head.head.weight"), &[vocab, d], Kind::Head, false),
+        spec(
+            format!("{p}eh_proj.weight"),
+            &[d, 2 * d],
+            Kind::Linear,
+            false,
+        ),
+        spec(
+            format!("{p}shared_head.norm.weight"),
+            &[d],
+            Kind::Norm,
+            false,
+        ),
+        spec(
+            format!("{p}shared_head.head.weight"),
+            &[vocab, d],
+            Kind::Head,
+            false,
+        ),
     ]
 }
 
 /// Every tensor of the model, in checkpoint order. `with_mtp` adds the MTP layers.
 pub fn model_weights(cfg: &ModelConfig, with_mtp: bool) -> Vec<WeightSpec> {
     let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
-    let mut v = vec![spec("model.embed_tokens.weight".into(), &[vocab, d], Kind::Embedding, false)];
+    let mut v = vec![spec(
+        "model.embed_tokens.weight".into(),
+        &[vocab, d],
+        Kind::Embedding,
+        false,
+    )];
     for l in 0..cfg.num_hidden_layers {
         v.extend(layer_weights(cfg, l));
     }
     v.push(spec("model.norm.weight".into(), &[d], Kind::Norm, false));
     if !cfg.tie_word_embeddings {
-        v.push(spec("lm_head.weight".into(), &[vocab, d], Kind::Head, false));
+        v.push(spec(
+            "lm_head.weight".into(),
+            &[vocab, d],
+            Kind::Head,
+            false,
+        ));
     }
     if with_mtp {
         for m in 0..cfg.num_nextn_predict_layers {
@@ -173,7 +297,9 @@ pub fn init_indexer_tensor(spec: &WeightSpec, seed: u64) -> Vec<f32> {
 const GOLDEN: u64 = 0x9E37_79B9_7F4A_7C15;
 
 fn fnv1a64(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn splitmix64_mix(mut z: u64) -> u64 {
@@ -203,7 +329,12 @@ pub fn load_params(
             ckpt.load(&s.name, &s.shape, want, device)?
         } else {
             initialised.push(s.name.clone());
-            Tensor::from_vec(init_indexer_tensor(s, init_seed), s.shape.as_slice(), device)?.to_dtype(want)?
+            Tensor::from_vec(
+                init_indexer_tensor(s, init_seed),
+                s.shape.as_slice(),
+                device,
+            )?
+            .to_dtype(want)?
         };
         params.insert(s.name.clone(), t);
     }
@@ -212,14 +343,24 @@ pub fn load_params(
 
 /// Replace loaded tensors by overlay values (f32 from training checkpoints), checking names
 /// and shapes against the weight table.
-pub fn apply_overlay(params: &mut ParamSet, specs: &[WeightSpec], overlay: BTreeMap<String, Tensor>, dtype: DType) -> Result<()> {
-    let by_name: std::collections::HashMap<&str, &WeightSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+pub fn apply_overlay(
+    params: &mut ParamSet,
+    specs: &[WeightSpec],
+    overlay: BTreeMap<String, Tensor>,
+    dtype: DType,
+) -> Result<()> {
+    let by_name: std::collections::HashMap<&str, &WeightSpec> =
+        specs.iter().map(|s| (s.name.as_str(), s)).collect();
     for (name, t) in overlay {
         let spec = by_name.get(name.as_str()).with_context(|| {
             format!("checkpoint tensor {name} is not part of this model (config.json, the MTP setting or the indexer shape differ)")
         })?;
         if t.dims() != spec.shape.as_slice() {
-            anyhow::bail!("checkpoint tensor {name} has shape {:?}, the model expects {:?}", t.dims(), spec.shape);
+            anyhow::bail!(
+                "checkpoint tensor {name} has shape {:?}, the model expects {:?}",
+                t.dims(),
+                spec.shape
+            );
         }
         params.insert(name, t.to_dtype(spec.compute_dtype(dtype))?);
     }
@@ -231,7 +372,10 @@ pub fn apply_overlay(params: &mut ParamSet, specs: &[WeightSpec], overlay: BTree
 /// (a sum of zeros cannot overflow).
 pub fn first_non_finite(params: &ParamSet) -> Result<Option<String>> {
     for (name, t) in params {
-        let s = (t * 0.0)?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let s = (t * 0.0)?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         if !s.is_finite() {
             return Ok(Some(name.clone()));
         }
@@ -247,7 +391,9 @@ pub fn routed_expert(name: &str) -> Option<usize> {
 
 /// Fetch a parameter by name; a missing one is a programming error in the weight table.
 pub fn get<'a>(params: &'a ParamSet, name: &str) -> Result<&'a Tensor> {
-    params.get(name).with_context(|| format!("parameter {name} was not loaded"))
+    params
+        .get(name)
+        .with_context(|| format!("parameter {name} was not loaded"))
 }
 
 #[cfg(test)]
@@ -260,17 +406,43 @@ mod tests {
         let text = include_str!("../tests/data/deepseek-v3.1-terminus/config.json");
         let cfg = ModelConfig::from_json(text, &IndexerDefaults::default()).unwrap();
         let w = model_weights(&cfg, true);
-        let find = |n: &str| w.iter().find(|s| s.name == n).unwrap_or_else(|| panic!("{n}"));
-        assert_eq!(find("model.layers.0.self_attn.q_b_proj.weight").shape, [128 * 192, 1536]);
-        assert_eq!(find("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").shape, [576, 7168]);
-        assert_eq!(find("model.layers.0.self_attn.kv_b_proj.weight").shape, [128 * 256, 512]);
+        let find = |n: &str| {
+            w.iter()
+                .find(|s| s.name == n)
+                .unwrap_or_else(|| panic!("{n}"))
+        };
+        assert_eq!(
+            find("model.layers.0.self_attn.q_b_proj.weight").shape,
+            [128 * 192, 1536]
+        );
+        assert_eq!(
+            find("model.layers.0.self_attn.kv_a_proj_with_mqa.weight").shape,
+            [576, 7168]
+        );
+        assert_eq!(
+            find("model.layers.0.self_attn.kv_b_proj.weight").shape,
+            [128 * 256, 512]
+        );
         assert_eq!(find("model.layers.3.mlp.gate.weight").shape, [256, 7168]);
         assert_eq!(find("model.layers.61.eh_proj.weight").shape, [7168, 14336]);
-        assert_eq!(find("model.layers.5.self_attn.indexer.wq_b.weight").shape, [64 * 128, 1536]);
-        assert_eq!(find("model.layers.5.self_attn.indexer.weights_proj.weight").storage(), StDtype::F32);
-        assert_eq!(find("model.layers.5.mlp.experts.255.down_proj.weight").storage(), StDtype::F8E4M3);
+        assert_eq!(
+            find("model.layers.5.self_attn.indexer.wq_b.weight").shape,
+            [64 * 128, 1536]
+        );
+        assert_eq!(
+            find("model.layers.5.self_attn.indexer.weights_proj.weight").storage(),
+            StDtype::F32
+        );
+        assert_eq!(
+            find("model.layers.5.mlp.experts.255.down_proj.weight").storage(),
+            StDtype::F8E4M3
+        );
         // 671B main parameters + ~14B MTP: the table should count about 685B without indexers.
-        let total: usize = w.iter().filter(|s| !s.indexer).map(|s| s.shape.iter().product::<usize>()).sum();
+        let total: usize = w
+            .iter()
+            .filter(|s| !s.indexer)
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
         assert!((684e9..686e9).contains(&(total as f64)), "{total}");
     }
 

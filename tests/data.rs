@@ -14,14 +14,20 @@ const BOS: &str = "<｜begin▁of▁sentence｜>";
 const EOS: &str = "<｜end▁of▁sentence｜>";
 
 /// The words of the word-level test tokenizer, id = position (BOS 0, EOS 1, <unk> 2).
-const WORDS: [&str; 11] = [BOS, EOS, "<unk>", "the", "cat", "sat", "on", "mat", "a", "dog", "."];
+const WORDS: [&str; 11] = [
+    BOS, EOS, "<unk>", "the", "cat", "sat", "on", "mat", "a", "dog", ".",
+];
 
 fn added(id: u32, content: &str) -> serde_json::Value {
     json!({"id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
            "normalized": false, "special": true})
 }
 
-fn tokenizer_json(added_tokens: Vec<serde_json::Value>, pre_tokenizer: serde_json::Value, model: serde_json::Value) -> serde_json::Value {
+fn tokenizer_json(
+    added_tokens: Vec<serde_json::Value>,
+    pre_tokenizer: serde_json::Value,
+    model: serde_json::Value,
+) -> serde_json::Value {
     json!({"version": "1.0", "truncation": null, "padding": null, "added_tokens": added_tokens,
            "normalizer": null, "pre_tokenizer": pre_tokenizer, "post_processor": null, "decoder": null,
            "model": model})
@@ -30,13 +36,27 @@ fn tokenizer_json(added_tokens: Vec<serde_json::Value>, pre_tokenizer: serde_jso
 /// A WordLevel tokenizer over `WORDS` split on whitespace, with DeepSeek's BOS/EOS names when
 /// `delimiters`.
 fn word_tokenizer(dir: &Path, delimiters: bool) -> PathBuf {
-    let vocab: serde_json::Map<String, serde_json::Value> = WORDS.iter().enumerate()
+    let vocab: serde_json::Map<String, serde_json::Value> = WORDS
+        .iter()
+        .enumerate()
         .filter(|(i, _)| delimiters || *i > 1)
-        .map(|(i, w)| (w.to_string(), json!(i))).collect();
-    let added_tokens = if delimiters { vec![added(0, BOS), added(1, EOS)] } else { vec![] };
-    let tok = tokenizer_json(added_tokens, json!({"type": "WhitespaceSplit"}),
-        json!({"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}));
-    let path = dir.join(if delimiters { "words.json" } else { "no-delimiters.json" });
+        .map(|(i, w)| (w.to_string(), json!(i)))
+        .collect();
+    let added_tokens = if delimiters {
+        vec![added(0, BOS), added(1, EOS)]
+    } else {
+        vec![]
+    };
+    let tok = tokenizer_json(
+        added_tokens,
+        json!({"type": "WhitespaceSplit"}),
+        json!({"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}),
+    );
+    let path = dir.join(if delimiters {
+        "words.json"
+    } else {
+        "no-delimiters.json"
+    });
     std::fs::write(&path, tok.to_string()).unwrap();
     path
 }
@@ -48,7 +68,10 @@ fn word_id(w: &str) -> u32 {
 /// Expected stream for documents under the word tokenizer: BOS words EOS, empty ones dropped.
 fn expected_words(docs: &[&str]) -> Vec<u32> {
     let mut v = Vec::new();
-    for d in docs.iter().filter(|d| d.split_whitespace().next().is_some()) {
+    for d in docs
+        .iter()
+        .filter(|d| d.split_whitespace().next().is_some())
+    {
         v.push(0);
         v.extend(d.split_whitespace().map(word_id));
         v.push(1);
@@ -57,13 +80,29 @@ fn expected_words(docs: &[&str]) -> Vec<u32> {
 }
 
 fn jsonl(path: &Path, texts: &[&str]) -> PathBuf {
-    let body: String = texts.iter().map(|t| json!({"text": t, "id": 7}).to_string() + "\n").collect();
+    let body: String = texts
+        .iter()
+        .map(|t| json!({"text": t, "id": 7}).to_string() + "\n")
+        .collect();
     std::fs::write(path, body).unwrap();
     path.to_path_buf()
 }
 
-fn prepare(tokenizer: &Path, inputs: &[&Path], out: &Path, extra: &[&str]) -> (i32, String, String) {
-    let mut args = vec!["data", "prepare", "--tokenizer", path_str(tokenizer), "--output", path_str(out), "--input"];
+fn prepare(
+    tokenizer: &Path,
+    inputs: &[&Path],
+    out: &Path,
+    extra: &[&str],
+) -> (i32, String, String) {
+    let mut args = vec![
+        "data",
+        "prepare",
+        "--tokenizer",
+        path_str(tokenizer),
+        "--output",
+        path_str(out),
+        "--input",
+    ];
     args.extend(inputs.iter().map(|p| path_str(p)));
     args.extend(extra);
     run_cli(&args)
@@ -79,8 +118,18 @@ fn read_shard(path: &Path) -> ([u8; 8], u32, u32, u64, u64, Vec<u32>) {
     let b = std::fs::read(path).unwrap();
     let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
     let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-    let tokens = b[32..].chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect();
-    (b[0..8].try_into().unwrap(), u32_at(8), u32_at(12), u64_at(16), u64_at(24), tokens)
+    let tokens = b[32..]
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    (
+        b[0..8].try_into().unwrap(),
+        u32_at(8),
+        u32_at(12),
+        u64_at(16),
+        u64_at(24),
+        tokens,
+    )
 }
 
 fn read_index(dir: &Path) -> serde_json::Value {
@@ -90,12 +139,21 @@ fn read_index(dir: &Path) -> serde_json::Value {
 /// All tokens of a prepared directory, shard after shard.
 fn all_tokens(dir: &Path) -> Vec<u32> {
     let index = read_index(dir);
-    index["shards"].as_array().unwrap().iter()
-        .flat_map(|s| read_shard(&dir.join(s["file"].as_str().unwrap())).5).collect()
+    index["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|s| read_shard(&dir.join(s["file"].as_str().unwrap())).5)
+        .collect()
 }
 
 fn files_in(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir).map(|r| r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|r| {
+            r.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -118,14 +176,20 @@ fn prepare_wraps_each_document_in_bos_and_eos_in_input_order() {
     let stream = [0, 3, 4, 5, 6, 8, 7, 10, 1, 0, 8, 9, 1, 0, 3, 7, 10, 1];
     assert_eq!(files_in(&out), ["index.json", "tokens-00000.bin"]);
     let (magic, version, reserved, tokens, docs, ids) = read_shard(&out.join("tokens-00000.bin"));
-    assert_eq!((&magic, version, reserved, tokens, docs), (b"DSATOKS\0", 1, 0, 18, 3));
+    assert_eq!(
+        (&magic, version, reserved, tokens, docs),
+        (b"DSATOKS\0", 1, 0, 18, 3)
+    );
     assert_eq!(ids, stream);
-    assert_eq!(read_index(&out), json!({
-        "version": 1,
-        "shards": [{"file": "tokens-00000.bin", "tokens": 18, "documents": 3}],
-        "total_tokens": 18, "total_documents": 3, "bos_id": 0, "eos_id": 1,
-        "tokenizer": path_str(&tok), "vocab_size": 11,
-    }));
+    assert_eq!(
+        read_index(&out),
+        json!({
+            "version": 1,
+            "shards": [{"file": "tokens-00000.bin", "tokens": 18, "documents": 3}],
+            "total_tokens": 18, "total_documents": 3, "bos_id": 0, "eos_id": 1,
+            "tokenizer": path_str(&tok), "vocab_size": 11,
+        })
+    );
     // The tokenizer may also be named by the model folder that ships it as tokenizer.json.
     let model = tmp.path().join("model");
     std::fs::create_dir(&model).unwrap();
@@ -145,15 +209,30 @@ fn prepare_cuts_shards_at_the_cap_and_counts_each_document_where_its_bos_is() {
     prepare_ok(&tok, &[&jl], &out, &["--shard-tokens", "4"]);
     // 5 + 4 + 6 = 15 tokens: shards of 4, 4, 4, 3. BOS at 0, 5, 9 -> shards 0, 1, 2.
     let index = read_index(&out);
-    let shards: Vec<(u64, u64)> = index["shards"].as_array().unwrap().iter()
-        .map(|s| (s["tokens"].as_u64().unwrap(), s["documents"].as_u64().unwrap())).collect();
+    let shards: Vec<(u64, u64)> = index["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| {
+            (
+                s["tokens"].as_u64().unwrap(),
+                s["documents"].as_u64().unwrap(),
+            )
+        })
+        .collect();
     assert_eq!(shards, [(4, 1), (4, 1), (4, 1), (3, 0)]);
     for (i, (t, d)) in shards.iter().enumerate() {
         let (_, _, _, ht, hd, ids) = read_shard(&out.join(format!("tokens-{i:05}.bin")));
         assert_eq!((ht, hd, ids.len() as u64), (*t, *d, *t));
     }
     assert_eq!(all_tokens(&out), expected_words(&docs));
-    assert_eq!((index["total_tokens"].as_u64(), index["total_documents"].as_u64()), (Some(15), Some(3)));
+    assert_eq!(
+        (
+            index["total_tokens"].as_u64(),
+            index["total_documents"].as_u64()
+        ),
+        (Some(15), Some(3))
+    );
 }
 
 #[test]
@@ -164,7 +243,12 @@ fn prepare_keeps_document_order_across_parallel_batches_and_repeats_bit_for_bit(
     // over threads and uneven work could reorder them.
     let words = ["the", "cat", "sat", "on", "mat", "a", "dog", ".", "zebra"];
     let texts: Vec<String> = (0..2500)
-        .map(|i| (0..(i * 7919) % 23).map(|j| words[(i + j * j) % words.len()]).collect::<Vec<_>>().join(" "))
+        .map(|i| {
+            (0..(i * 7919) % 23)
+                .map(|j| words[(i + j * j) % words.len()])
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let jl = jsonl(&tmp.path().join("many.jsonl"), &refs);
@@ -174,7 +258,11 @@ fn prepare_keeps_document_order_across_parallel_batches_and_repeats_bit_for_bit(
     assert_eq!(all_tokens(&a), expected_words(&refs));
     assert_eq!(files_in(&a), files_in(&b));
     for f in files_in(&a) {
-        assert_eq!(std::fs::read(a.join(&f)).unwrap(), std::fs::read(b.join(&f)).unwrap(), "{f}");
+        assert_eq!(
+            std::fs::read(a.join(&f)).unwrap(),
+            std::fs::read(b.join(&f)).unwrap(),
+            "{f}"
+        );
     }
 }
 
@@ -184,15 +272,35 @@ fn bos_and_eos_flags_override_the_tokenizer_and_stand_in_when_it_has_none() {
     let txt = tmp.path().join("a.txt");
     std::fs::write(&txt, "a dog").unwrap();
     let out = tmp.path().join("out");
-    prepare_ok(&word_tokenizer(tmp.path(), true), &[&txt], &out, &["--bos-id", "5", "--eos-id", "6"]);
+    prepare_ok(
+        &word_tokenizer(tmp.path(), true),
+        &[&txt],
+        &out,
+        &["--bos-id", "5", "--eos-id", "6"],
+    );
     assert_eq!(all_tokens(&out), [5, 8, 9, 6]);
-    assert_eq!((read_index(&out)["bos_id"].as_u64(), read_index(&out)["eos_id"].as_u64()), (Some(5), Some(6)));
+    assert_eq!(
+        (
+            read_index(&out)["bos_id"].as_u64(),
+            read_index(&out)["eos_id"].as_u64()
+        ),
+        (Some(5), Some(6))
+    );
 
     let bare = word_tokenizer(tmp.path(), false);
     let out2 = tmp.path().join("out2");
-    assert_clean_error(&prepare(&bare, &[&txt], &out2, &[]), &["no-delimiters.json", BOS, "--bos-id"]);
-    assert_clean_error(&prepare(&bare, &[&txt], &out2, &["--bos-id", "3"]), &["no-delimiters.json", EOS, "--eos-id"]);
-    assert_clean_error(&prepare(&bare, &[&txt], &out2, &["--bos-id", "3", "--eos-id", "11"]), &["--eos-id 11", "vocab_size 9"]);
+    assert_clean_error(
+        &prepare(&bare, &[&txt], &out2, &[]),
+        &["no-delimiters.json", BOS, "--bos-id"],
+    );
+    assert_clean_error(
+        &prepare(&bare, &[&txt], &out2, &["--bos-id", "3"]),
+        &["no-delimiters.json", EOS, "--eos-id"],
+    );
+    assert_clean_error(
+        &prepare(&bare, &[&txt], &out2, &["--bos-id", "3", "--eos-id", "11"]),
+        &["--eos-id 11", "vocab_size 9"],
+    );
     prepare_ok(&bare, &[&txt], &out2, &["--bos-id", "3", "--eos-id", "4"]);
     assert_eq!(all_tokens(&out2), [3, 8, 9, 4]);
 }
@@ -200,9 +308,20 @@ fn bos_and_eos_flags_override_the_tokenizer_and_stand_in_when_it_has_none() {
 /// The byte of each ByteLevel character (GPT-2's map: printable Latin-1 bytes stand for
 /// themselves, the other 68 bytes take the characters from U+0100 on, in byte order).
 fn byte_level_chars() -> Vec<char> {
-    let printable = |b: u32| (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7E).contains(&b) || (0xA1..=0xAC).contains(&b) || (0xAE..=0xFF).contains(&b)
+    };
     let mut next = 0x100;
-    (0..256u32).map(|b| if printable(b) { char::from_u32(b).unwrap() } else { next += 1; char::from_u32(next - 1).unwrap() }).collect()
+    (0..256u32)
+        .map(|b| {
+            if printable(b) {
+                char::from_u32(b).unwrap()
+            } else {
+                next += 1;
+                char::from_u32(next - 1).unwrap()
+            }
+        })
+        .collect()
 }
 
 #[test]
@@ -228,7 +347,11 @@ fn prepare_runs_a_byte_level_bpe_with_deepseeks_look_ahead_pre_tokenizer() {
         "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "vocab": vocab,
         "merges": ["h e", "Ġ he"]});
     let tok = tmp.path().join("bpe.json");
-    std::fs::write(&tok, tokenizer_json(vec![added(0, BOS), added(1, EOS)], pre, model).to_string()).unwrap();
+    std::fs::write(
+        &tok,
+        tokenizer_json(vec![added(0, BOS), added(1, EOS)], pre, model).to_string(),
+    )
+    .unwrap();
     let txt = tmp.path().join("a.txt");
     std::fs::write(&txt, "hello  he é").unwrap();
     let out = tmp.path().join("out");
@@ -236,7 +359,22 @@ fn prepare_runs_a_byte_level_bpe_with_deepseeks_look_ahead_pre_tokenizer() {
     // Pre-tokens "hello", " ", " he", " é": the look-ahead leaves the last space of "  " to
     // the word, so " he" merges to 259 (without it: " ", " ", "he" -> 34, 34, 258).
     let id = |b: u8| 2 + b as u32;
-    assert_eq!(all_tokens(&out), [0, 258, id(b'l'), id(b'l'), id(b'o'), id(b' '), 259, id(b' '), id(0xC3), id(0xA9), 1]);
+    assert_eq!(
+        all_tokens(&out),
+        [
+            0,
+            258,
+            id(b'l'),
+            id(b'l'),
+            id(b'o'),
+            id(b' '),
+            259,
+            id(b' '),
+            id(0xC3),
+            id(0xA9),
+            1
+        ]
+    );
     assert_eq!(read_index(&out)["vocab_size"], json!(260));
 }
 
@@ -244,10 +382,23 @@ fn prepare_runs_a_byte_level_bpe_with_deepseeks_look_ahead_pre_tokenizer() {
 
 /// Run prepare expecting a clean error that names `needles`, and check that the output holds
 /// nothing that looks complete (and no shards either).
-fn assert_prepare_fails(tok: &Path, inputs: &[&Path], out: &Path, extra: &[&str], needles: &[&str]) {
+fn assert_prepare_fails(
+    tok: &Path,
+    inputs: &[&Path],
+    out: &Path,
+    extra: &[&str],
+    needles: &[&str],
+) {
     assert_clean_error(&prepare(tok, inputs, out, extra), needles);
-    assert!(!out.join("index.json").exists(), "index.json left in {}", out.display());
-    let left: Vec<String> = files_in(out).into_iter().filter(|f| f.starts_with("tokens-")).collect();
+    assert!(
+        !out.join("index.json").exists(),
+        "index.json left in {}",
+        out.display()
+    );
+    let left: Vec<String> = files_in(out)
+        .into_iter()
+        .filter(|f| f.starts_with("tokens-"))
+        .collect();
     assert!(left.is_empty(), "shards left behind: {left:?}");
 }
 
@@ -258,10 +409,22 @@ fn missing_or_unsupported_inputs_are_named_before_anything_is_written() {
     let good = tmp.path().join("good.txt");
     std::fs::write(&good, "a dog").unwrap();
     let out = tmp.path().join("out");
-    assert_prepare_fails(&tok, &[&good, &tmp.path().join("nope.txt")], &out, &[], &["nope.txt"]);
+    assert_prepare_fails(
+        &tok,
+        &[&good, &tmp.path().join("nope.txt")],
+        &out,
+        &[],
+        &["nope.txt"],
+    );
     let md = tmp.path().join("notes.md");
     std::fs::write(&md, "a dog").unwrap();
-    assert_prepare_fails(&tok, &[&good, &md], &out, &[], &["notes.md", "unsupported extension"]);
+    assert_prepare_fails(
+        &tok,
+        &[&good, &md],
+        &out,
+        &[],
+        &["notes.md", "unsupported extension"],
+    );
     assert_prepare_fails(&tok, &[tmp.path()], &out, &[], &["is not a file"]);
     assert!(!out.exists());
 }
@@ -272,8 +435,16 @@ fn bad_jsonl_lines_are_named_by_file_and_line() {
     let tok = word_tokenizer(tmp.path(), true);
     let out = tmp.path().join("out");
     let cases: [(&str, &str, &str); 5] = [
-        ("{\"text\": \"a dog\"}\n{\"text\": \"the\"}\n{\"text\": \"cat\"\n", "line 3", "not valid JSON"),
-        ("{\"text\": \"a dog\"}\nnot json at all\n", "line 2", "not valid JSON"),
+        (
+            "{\"text\": \"a dog\"}\n{\"text\": \"the\"}\n{\"text\": \"cat\"\n",
+            "line 3",
+            "not valid JSON",
+        ),
+        (
+            "{\"text\": \"a dog\"}\nnot json at all\n",
+            "line 2",
+            "not valid JSON",
+        ),
         ("\n{\"body\": \"a dog\"}\n", "line 2", "\"text\""),
         ("{\"text\": \"a\"}\n{\"text\": 5}\n", "line 2", "\"text\""),
         ("[\"a dog\"]\n", "line 1", "not a JSON object"),
@@ -282,11 +453,23 @@ fn bad_jsonl_lines_are_named_by_file_and_line() {
         let name = format!("bad{i}.jsonl");
         let path = tmp.path().join(&name);
         std::fs::write(&path, body).unwrap();
-        assert_prepare_fails(&tok, &[&path], &out, &[], &[&format!("{name} {line}"), what]);
+        assert_prepare_fails(
+            &tok,
+            &[&path],
+            &out,
+            &[],
+            &[&format!("{name} {line}"), what],
+        );
     }
     let latin1 = tmp.path().join("latin1.txt");
     std::fs::write(&latin1, b"caf\xe9").unwrap();
-    assert_prepare_fails(&tok, &[&latin1], &out, &[], &["latin1.txt", "UTF-8", "offset 3"]);
+    assert_prepare_fails(
+        &tok,
+        &[&latin1],
+        &out,
+        &[],
+        &["latin1.txt", "UTF-8", "offset 3"],
+    );
 }
 
 #[test]
@@ -296,15 +479,34 @@ fn a_failure_after_shards_were_written_removes_them() {
     let good: Vec<&str> = vec!["the cat sat on the mat ."; 50];
     let first = jsonl(&tmp.path().join("first.jsonl"), &good);
     let second = tmp.path().join("second.jsonl");
-    std::fs::write(&second, "{\"text\": \"a dog\"}\n{\"text\": \"a cat\"}\n{oops}\n").unwrap();
+    std::fs::write(
+        &second,
+        "{\"text\": \"a dog\"}\n{\"text\": \"a cat\"}\n{oops}\n",
+    )
+    .unwrap();
     // 450 tokens of the first file fill several 64-token shards before line 3 fails.
     let out = tmp.path().join("out");
-    assert_prepare_fails(&tok, &[&first, &second], &out, &["--shard-tokens", "64"], &["second.jsonl line 3"]);
-    assert!(!out.exists(), "the output directory was created by the failed run and should be gone");
+    assert_prepare_fails(
+        &tok,
+        &[&first, &second],
+        &out,
+        &["--shard-tokens", "64"],
+        &["second.jsonl line 3"],
+    );
+    assert!(
+        !out.exists(),
+        "the output directory was created by the failed run and should be gone"
+    );
     // A directory that existed before is kept, with whatever else it holds.
     std::fs::create_dir(&out).unwrap();
     std::fs::write(out.join("notes"), "mine").unwrap();
-    assert_prepare_fails(&tok, &[&first, &second], &out, &["--shard-tokens", "64"], &["second.jsonl line 3"]);
+    assert_prepare_fails(
+        &tok,
+        &[&first, &second],
+        &out,
+        &["--shard-tokens", "64"],
+        &["second.jsonl line 3"],
+    );
     assert_eq!(files_in(&out), ["notes"]);
 }
 
@@ -315,7 +517,13 @@ fn an_empty_corpus_is_an_error() {
     let txt = tmp.path().join("empty.txt");
     std::fs::write(&txt, "  \n").unwrap();
     let jl = jsonl(&tmp.path().join("empty.jsonl"), &["", " "]);
-    assert_prepare_fails(&tok, &[&txt, &jl], &tmp.path().join("out"), &[], &["empty.txt", "empty.jsonl", "no text"]);
+    assert_prepare_fails(
+        &tok,
+        &[&txt, &jl],
+        &tmp.path().join("out"),
+        &[],
+        &["empty.txt", "empty.jsonl", "no text"],
+    );
 }
 
 #[test]
@@ -324,7 +532,13 @@ fn an_unreadable_tokenizer_is_named() {
     let txt = tmp.path().join("a.txt");
     std::fs::write(&txt, "a dog").unwrap();
     let out = tmp.path().join("out");
-    assert_prepare_fails(&tmp.path().join("missing.json"), &[&txt], &out, &[], &["missing.json", "tokenizer"]);
+    assert_prepare_fails(
+        &tmp.path().join("missing.json"),
+        &[&txt],
+        &out,
+        &[],
+        &["missing.json", "tokenizer"],
+    );
     let broken = tmp.path().join("broken.json");
     std::fs::write(&broken, "{\"model\": ").unwrap();
     assert_prepare_fails(&broken, &[&txt], &out, &[], &["broken.json", "tokenizer"]);
@@ -340,7 +554,10 @@ fn prepare_refuses_to_overwrite_a_finished_output() {
     prepare_ok(&tok, &[&txt], &out, &[]);
     let before = std::fs::read(out.join("tokens-00000.bin")).unwrap();
     std::fs::write(&txt, "the cat").unwrap();
-    assert_clean_error(&prepare(&tok, &[&txt], &out, &[]), &["out", "already holds", "index.json"]);
+    assert_clean_error(
+        &prepare(&tok, &[&txt], &out, &[]),
+        &["out", "already holds", "index.json"],
+    );
     assert_eq!(std::fs::read(out.join("tokens-00000.bin")).unwrap(), before);
 }
 
@@ -350,11 +567,18 @@ fn prepare_refuses_to_overwrite_a_finished_output() {
 fn prepared(tmp: &Path, docs: usize, shard_tokens: u64) -> (PathBuf, Vec<u32>) {
     let tok = word_tokenizer(tmp, true);
     let words = ["the", "cat", "sat", "on", "mat", "a", "dog", "."];
-    let texts: Vec<String> = (0..docs).map(|i| words[..1 + i % words.len()].join(" ")).collect();
+    let texts: Vec<String> = (0..docs)
+        .map(|i| words[..1 + i % words.len()].join(" "))
+        .collect();
     let refs: Vec<&str> = texts.iter().map(|s| s.as_str()).collect();
     let jl = jsonl(&tmp.join("corpus.jsonl"), &refs);
     let out = tmp.join("prepared");
-    prepare_ok(&tok, &[&jl], &out, &["--shard-tokens", &shard_tokens.to_string()]);
+    prepare_ok(
+        &tok,
+        &[&jl],
+        &out,
+        &["--shard-tokens", &shard_tokens.to_string()],
+    );
     (out, expected_words(&refs))
 }
 
@@ -364,7 +588,10 @@ fn stream_concatenates_shards_and_reads_ranges_across_their_boundaries() {
     let (dir, tokens) = prepared(tmp.path(), 40, 7);
     let stream = TokenStream::open(&dir, 11).unwrap();
     assert_eq!(stream.len(), tokens.len() as u64);
-    assert_eq!(stream.index().unwrap().shards.len(), tokens.len().div_ceil(7));
+    assert_eq!(
+        stream.index().unwrap().shards.len(),
+        tokens.len().div_ceil(7)
+    );
     // Every start and a length that spans zero, one and several boundaries.
     for len in [1, 6, 7, 8, 23] {
         for start in 0..=tokens.len() - len {
@@ -374,7 +601,10 @@ fn stream_concatenates_shards_and_reads_ranges_across_their_boundaries() {
         }
     }
     let mut past = vec![0; 2];
-    let err = stream.copy_range(tokens.len() as u64 - 1, &mut past).unwrap_err().to_string();
+    let err = stream
+        .copy_range(tokens.len() as u64 - 1, &mut past)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("prepared") && err.contains("holds"), "{err}");
 }
 
@@ -391,7 +621,10 @@ fn out_of_vocabulary_ids_are_reported_lazily_with_file_and_position() {
     stream.copy_range(0, &mut w).unwrap();
     stream.copy_range(38, &mut w).unwrap();
     let err = stream.copy_range(30, &mut w).unwrap_err().to_string();
-    assert!(err.contains("raw.bin") && err.contains("999") && err.contains("position 37"), "{err}");
+    assert!(
+        err.contains("raw.bin") && err.contains("999") && err.contains("position 37"),
+        "{err}"
+    );
 
     // In a prepared directory the shard is named as well as the stream position.
     let (dir, tokens) = prepared(tmp.path(), 10, 8);
@@ -400,7 +633,10 @@ fn out_of_vocabulary_ids_are_reported_lazily_with_file_and_position() {
     let mut all = vec![0; tokens.len()];
     let err = stream.copy_range(0, &mut all).unwrap_err().to_string();
     let shard = format!("tokens-{:05}.bin", pos / 8);
-    assert!(err.contains(&format!("position {pos} ")) && err.contains(&shard), "{err}");
+    assert!(
+        err.contains(&format!("position {pos} ")) && err.contains(&shard),
+        "{err}"
+    );
 }
 
 #[test]
@@ -409,11 +645,19 @@ fn damaged_prepared_directories_are_clear_errors_naming_the_file() {
     let (dir, _) = prepared(tmp.path(), 20, 16);
     let shard = dir.join("tokens-00001.bin");
     let good = std::fs::read(&shard).unwrap();
-    let open_err = || TokenStream::open(&dir, 11).err().map(|e| format!("{e:#}")).unwrap_or_default();
+    let open_err = || {
+        TokenStream::open(&dir, 11)
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default()
+    };
 
     std::fs::write(&shard, &good[..good.len() - 4]).unwrap();
     let err = open_err();
-    assert!(err.contains("tokens-00001.bin") && err.contains("truncated"), "{err}");
+    assert!(
+        err.contains("tokens-00001.bin") && err.contains("truncated"),
+        "{err}"
+    );
     std::fs::write(&shard, &good[..20]).unwrap();
     assert!(open_err().contains("tokens-00001.bin"), "{}", open_err());
     let mut bad = good.clone();
@@ -425,9 +669,16 @@ fn damaged_prepared_directories_are_clear_errors_naming_the_file() {
 
     let index_path = dir.join("index.json");
     let index = std::fs::read_to_string(&index_path).unwrap();
-    std::fs::write(&index_path, index.replacen("\"tokens\": 16", "\"tokens\": 15", 1)).unwrap();
+    std::fs::write(
+        &index_path,
+        index.replacen("\"tokens\": 16", "\"tokens\": 15", 1),
+    )
+    .unwrap();
     let err = open_err();
-    assert!(err.contains("index.json") && err.contains("total_tokens"), "{err}");
+    assert!(
+        err.contains("index.json") && err.contains("total_tokens"),
+        "{err}"
+    );
     std::fs::write(&index_path, "{\"version\": 1").unwrap();
     assert!(open_err().contains("index.json"));
     std::fs::remove_file(&index_path).unwrap();
@@ -442,8 +693,19 @@ fn damaged_prepared_directory_fails_eval_with_one_error_line() {
     let good = std::fs::read(&shard).unwrap();
     std::fs::write(&shard, &good[..good.len() - 2]).unwrap();
     let (_ckpt_tmp, model) = common::tiny_checkpoint(false, 3);
-    let result = run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(&dir), "--seq-len", "8",
-        "--index-n-heads", "4", "--index-head-dim", "32"]);
+    let result = run_cli(&[
+        "eval",
+        "--model",
+        path_str(&model),
+        "--tokens",
+        path_str(&dir),
+        "--seq-len",
+        "8",
+        "--index-n-heads",
+        "4",
+        "--index-head-dim",
+        "32",
+    ]);
     assert_clean_error(&result, &["tokens-00000.bin", "truncated"]);
 }
 
@@ -470,21 +732,55 @@ fn sampler_visits_every_window_once_per_epoch_in_a_seeded_order() {
         let batch = s.next_batch(100).unwrap();
         let starts: Vec<u32> = batch.iter().map(|w| w[0]).collect();
         for w in &batch {
-            assert_eq!(*w, (w[0]..w[0] + 10).collect::<Vec<_>>(), "a window is 10 consecutive tokens");
+            assert_eq!(
+                *w,
+                (w[0]..w[0] + 10).collect::<Vec<_>>(),
+                "a window is 10 consecutive tokens"
+            );
         }
         let mut sorted = starts.clone();
         sorted.sort_unstable();
-        assert_eq!(sorted, (0..100).map(|w| w * 10).collect::<Vec<_>>(), "epoch {epoch} visits each window once");
-        assert_eq!(s.cursor(), DataCursor { epoch: epoch + 1, index: 0 });
+        assert_eq!(
+            sorted,
+            (0..100).map(|w| w * 10).collect::<Vec<_>>(),
+            "epoch {epoch} visits each window once"
+        );
+        assert_eq!(
+            s.cursor(),
+            DataCursor {
+                epoch: epoch + 1,
+                index: 0
+            }
+        );
         epochs.push(starts);
     }
     assert_ne!(epochs[0], epochs[1]);
-    assert_ne!(epochs[0], (0..100).map(|w| w * 10).collect::<Vec<_>>(), "the order is shuffled");
+    assert_ne!(
+        epochs[0],
+        (0..100).map(|w| w * 10).collect::<Vec<_>>(),
+        "the order is shuffled"
+    );
     // The same seed repeats the order; another seed does not.
     let mut again = WindowSampler::new(counting_stream(tmp.path(), 1003), 10, 42).unwrap();
-    assert_eq!(again.next_batch(100).unwrap().iter().map(|w| w[0]).collect::<Vec<_>>(), epochs[0]);
+    assert_eq!(
+        again
+            .next_batch(100)
+            .unwrap()
+            .iter()
+            .map(|w| w[0])
+            .collect::<Vec<_>>(),
+        epochs[0]
+    );
     let mut other = WindowSampler::new(counting_stream(tmp.path(), 1003), 10, 43).unwrap();
-    assert_ne!(other.next_batch(100).unwrap().iter().map(|w| w[0]).collect::<Vec<_>>(), epochs[0]);
+    assert_ne!(
+        other
+            .next_batch(100)
+            .unwrap()
+            .iter()
+            .map(|w| w[0])
+            .collect::<Vec<_>>(),
+        epochs[0]
+    );
 }
 
 #[test]
@@ -493,8 +789,8 @@ fn restoring_a_cursor_continues_exactly_mid_epoch_and_across_epoch_boundaries() 
     let fresh = || WindowSampler::new(counting_stream(tmp.path(), 370), 10, 7).unwrap(); // 37 windows
     let mut straight = fresh();
     let reference: Vec<Vec<Vec<u32>>> = (0..20).map(|_| straight.next_batch(5).unwrap()).collect(); // 100 windows, ~2.7 epochs
-    // Stop after k batches: mid-epoch (3), a batch straddling the boundary (8: windows 35..40),
-    // inside the second epoch (9, 14) and in the third (16).
+                                                                                                    // Stop after k batches: mid-epoch (3), a batch straddling the boundary (8: windows 35..40),
+                                                                                                    // inside the second epoch (9, 14) and in the third (16).
     for k in [3, 8, 9, 14, 16] {
         let mut first = fresh();
         for b in &reference[..k] {
@@ -503,11 +799,22 @@ fn restoring_a_cursor_continues_exactly_mid_epoch_and_across_epoch_boundaries() 
         // The cursor goes through JSON as it would in a checkpoint.
         let saved = serde_json::to_string(&first.cursor()).unwrap();
         let cursor: DataCursor = serde_json::from_str(&saved).unwrap();
-        assert_eq!(cursor, DataCursor { epoch: (k as u64 * 5) / 37, index: (k as u64 * 5) % 37 });
+        assert_eq!(
+            cursor,
+            DataCursor {
+                epoch: (k as u64 * 5) / 37,
+                index: (k as u64 * 5) % 37
+            }
+        );
         let mut resumed = fresh();
         resumed.restore(cursor).unwrap();
         for (i, b) in reference[k..].iter().enumerate() {
-            assert_eq!(&resumed.next_batch(5).unwrap(), b, "resumed after {k} batches, batch {}", k + i);
+            assert_eq!(
+                &resumed.next_batch(5).unwrap(),
+                b,
+                "resumed after {k} batches, batch {}",
+                k + i
+            );
         }
     }
 }
@@ -529,11 +836,23 @@ fn resuming_exactly_at_an_epoch_boundary_starts_the_next_epochs_order() {
 #[test]
 fn sampler_rejects_too_little_data_and_foreign_cursors() {
     let tmp = tempfile::tempdir().unwrap();
-    let err = WindowSampler::new(counting_stream(tmp.path(), 9), 10, 0).err().unwrap().to_string();
-    assert!(err.contains("count-9.bin holds 9 tokens, fewer than one window of seq_len 10"), "{err}");
+    let err = WindowSampler::new(counting_stream(tmp.path(), 9), 10, 0)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("count-9.bin holds 9 tokens, fewer than one window of seq_len 10"),
+        "{err}"
+    );
     let mut s = WindowSampler::new(counting_stream(tmp.path(), 30), 10, 0).unwrap();
-    let err = s.restore(DataCursor { epoch: 0, index: 3 }).unwrap_err().to_string();
-    assert!(err.contains("index 3") && err.contains("3 windows"), "{err}");
+    let err = s
+        .restore(DataCursor { epoch: 0, index: 3 })
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("index 3") && err.contains("3 windows"),
+        "{err}"
+    );
     s.restore(DataCursor { epoch: 5, index: 2 }).unwrap();
 }
 
@@ -543,7 +862,10 @@ fn raw_file_and_prepared_directory_give_the_same_stream_and_batches() {
     let (dir, tokens) = prepared(tmp.path(), 60, 13);
     let raw = tmp.path().join("same.bin");
     dsa_train::data::write_token_file(&raw, &tokens).unwrap();
-    let (from_dir, from_raw) = (TokenStream::open(&dir, 11).unwrap(), TokenStream::open(&raw, 11).unwrap());
+    let (from_dir, from_raw) = (
+        TokenStream::open(&dir, 11).unwrap(),
+        TokenStream::open(&raw, 11).unwrap(),
+    );
     assert_eq!(from_dir.len(), from_raw.len());
     assert_eq!(from_dir.read_prefix(u64::MAX).unwrap(), tokens);
     assert_eq!(from_raw.read_prefix(u64::MAX).unwrap(), tokens);
@@ -563,8 +885,23 @@ fn eval_gives_the_same_result_on_a_prepared_directory_and_its_raw_file() {
     dsa_train::data::write_token_file(&raw, &tokens).unwrap();
     let (_ckpt_tmp, model) = common::tiny_checkpoint(false, 5);
     let eval = |tokens: &Path| {
-        let (code, stdout, stderr) = run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(tokens),
-            "--seq-len", "16", "--max-windows", "3", "--index-n-heads", "4", "--index-head-dim", "32", "--topk", "8"]);
+        let (code, stdout, stderr) = run_cli(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            path_str(tokens),
+            "--seq-len",
+            "16",
+            "--max-windows",
+            "3",
+            "--index-n-heads",
+            "4",
+            "--index-head-dim",
+            "32",
+            "--topk",
+            "8",
+        ]);
         assert_eq!(code, 0, "{stderr}");
         stdout.lines().last().unwrap().to_string()
     };
@@ -579,12 +916,25 @@ fn eval_gives_the_same_result_on_a_prepared_directory_and_its_raw_file() {
 fn an_interrupted_prepare_removes_its_partial_output() {
     let dir = tempfile::tempdir().unwrap();
     let tok = word_tokenizer(dir.path(), true);
-    let body = (json!({"text": "the cat sat on the mat . a dog sat on the cat ."}).to_string() + "\n").repeat(2_000_000);
+    let body = (json!({"text": "the cat sat on the mat . a dog sat on the cat ."}).to_string()
+        + "\n")
+        .repeat(2_000_000);
     let input = dir.path().join("big.jsonl");
     std::fs::write(&input, body).unwrap();
     let out = dir.path().join("out");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_dsa-train"))
-        .args(["data", "prepare", "--tokenizer", path_str(&tok), "--output", path_str(&out), "--input", path_str(&input), "--shard-tokens", "100000"])
+        .args([
+            "data",
+            "prepare",
+            "--tokenizer",
+            path_str(&tok),
+            "--output",
+            path_str(&out),
+            "--input",
+            path_str(&input),
+            "--shard-tokens",
+            "100000",
+        ])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -597,9 +947,20 @@ fn an_interrupted_prepare_removes_its_partial_output() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
-    assert_eq!(result.status.code(), Some(1), "the run finished before the signal? {stderr}");
-    assert!(stderr.contains("error:") && stderr.contains("interrupted"), "{stderr}");
-    assert!(!out.exists(), "partial output left: {:?}", std::fs::read_dir(&out).map(|d| d.count()));
+    assert_eq!(
+        result.status.code(),
+        Some(1),
+        "the run finished before the signal? {stderr}"
+    );
+    assert!(
+        stderr.contains("error:") && stderr.contains("interrupted"),
+        "{stderr}"
+    );
+    assert!(
+        !out.exists(),
+        "partial output left: {:?}",
+        std::fs::read_dir(&out).map(|d| d.count())
+    );
 }
 
 /// Write `PREFIX.bin` + `PREFIX.idx` as Megatron's MMapIndexedDatasetBuilder lays them out
@@ -619,8 +980,10 @@ fn write_megatron(prefix: &Path, code: u8, width: usize, docs: &[&[u32]]) {
     idx.push(code);
     idx.extend_from_slice(&(docs.len() as u64).to_le_bytes());
     idx.extend_from_slice(&(docs.len() as u64 + 1).to_le_bytes());
-    lens.iter().for_each(|l| idx.extend_from_slice(&l.to_le_bytes()));
-    ptrs.iter().for_each(|p| idx.extend_from_slice(&p.to_le_bytes()));
+    lens.iter()
+        .for_each(|l| idx.extend_from_slice(&l.to_le_bytes()));
+    ptrs.iter()
+        .for_each(|p| idx.extend_from_slice(&p.to_le_bytes()));
     (0..=docs.len() as i64).for_each(|d| idx.extend_from_slice(&d.to_le_bytes()));
     std::fs::write(format!("{}.bin", prefix.display()), bin).unwrap();
     std::fs::write(format!("{}.idx", prefix.display()), idx).unwrap();
@@ -636,27 +999,71 @@ fn a_megatron_indexed_dataset_reads_as_the_same_stream() {
     let docs: Vec<&[u32]> = ids.chunks(437).collect();
     let raw = dir.path().join("raw.u32");
     dsa_train::data::write_token_file(&raw, &ids).unwrap();
-    let (p32, p16) = (dir.path().join("c32_text_document"), dir.path().join("c16_text_document"));
+    let (p32, p16) = (
+        dir.path().join("c32_text_document"),
+        dir.path().join("c16_text_document"),
+    );
     write_megatron(&p32, 4, 4, &docs);
     write_megatron(&p16, 8, 2, &docs);
-    for p in [p32.clone(), p16.clone(), p32.with_extension("bin"), p16.with_extension("idx")] {
-        assert_eq!(dsa_train::data::megatron::prefix_of(&p), Some(p.with_extension("")), "{}", p.display());
+    for p in [
+        p32.clone(),
+        p16.clone(),
+        p32.with_extension("bin"),
+        p16.with_extension("idx"),
+    ] {
+        assert_eq!(
+            dsa_train::data::megatron::prefix_of(&p),
+            Some(p.with_extension("")),
+            "{}",
+            p.display()
+        );
         let s = TokenStream::open(&p, 512).unwrap();
         assert_eq!(s.read_prefix(u64::MAX).unwrap(), ids, "{}", p.display());
     }
     assert_eq!(dsa_train::data::megatron::prefix_of(&raw), None);
     let (_tmp, model) = common::tiny_checkpoint(true, 3);
     let eval = |tokens: &Path| {
-        let (code, stdout, stderr) = run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(tokens), "--seq-len", "64", "--max-windows", "3"]);
+        let (code, stdout, stderr) = run_cli(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            path_str(tokens),
+            "--seq-len",
+            "64",
+            "--max-windows",
+            "3",
+        ]);
         assert_eq!(code, 0, "{stderr}");
         let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        (v["lm_loss"].as_f64().unwrap(), v["tokens"].as_u64().unwrap())
+        (
+            v["lm_loss"].as_f64().unwrap(),
+            v["tokens"].as_u64().unwrap(),
+        )
     };
     assert_eq!(eval(&p16), eval(&raw));
     let bin = p16.with_extension("bin");
     let bytes = std::fs::read(&bin).unwrap();
     std::fs::write(&bin, &bytes[..bytes.len() - 2]).unwrap();
-    assert_clean_error(&run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(&p16)]), &["c16_text_document.bin", "truncated"]);
+    assert_clean_error(
+        &run_cli(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            path_str(&p16),
+        ]),
+        &["c16_text_document.bin", "truncated"],
+    );
     write_megatron(&p32, 7, 4, &docs);
-    assert_clean_error(&run_cli(&["eval", "--model", path_str(&model), "--tokens", path_str(&p32)]), &["c32_text_document.idx", "not an integer token type"]);
+    assert_clean_error(
+        &run_cli(&[
+            "eval",
+            "--model",
+            path_str(&model),
+            "--tokens",
+            path_str(&p32),
+        ]),
+        &["c32_text_document.idx", "not an integer token type"],
+    );
 }

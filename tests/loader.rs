@@ -13,14 +13,17 @@ use dsa_train::rng::SplitMix64;
 
 fn edit_index(dir: &Path, f: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) {
     let path = dir.join("model.safetensors.index.json");
-    let mut v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     f(v["weight_map"].as_object_mut().unwrap());
     std::fs::write(&path, serde_json::to_string(&v).unwrap()).unwrap();
 }
 
 fn shard_of(dir: &Path, name: &str) -> String {
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join("model.safetensors.index.json")).unwrap(),
+    )
+    .unwrap();
     v["weight_map"][name].as_str().unwrap().to_string()
 }
 
@@ -29,8 +32,19 @@ fn eval_cli(dir: &Path) -> (i32, String, String) {
     let tokens = dir.parent().unwrap().join("tokens.bin");
     dsa_train::data::write_token_file(&tokens, &(0..64).collect::<Vec<u32>>()).unwrap();
     run_cli(&[
-        "eval", "--model", path_str(dir), "--tokens", path_str(&tokens), "--seq-len", "16",
-        "--index-n-heads", "4", "--index-head-dim", "32", "--topk", "8",
+        "eval",
+        "--model",
+        path_str(dir),
+        "--tokens",
+        path_str(&tokens),
+        "--seq-len",
+        "16",
+        "--index-n-heads",
+        "4",
+        "--index-head-dim",
+        "32",
+        "--topk",
+        "8",
     ])
 }
 
@@ -43,20 +57,40 @@ fn fp8_weights_decode_exactly_through_the_file_format_with_ragged_blocks() {
     let (qbytes, sbytes) = (q.bytes.clone(), s.bytes.clone());
     write_safetensors(&tmp.path().join("model.safetensors"), &[q, s]).unwrap();
     let ckpt = Checkpoint::open(tmp.path()).unwrap();
-    let got: Vec<f32> = ckpt.load("w", &[rows, cols], DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let scales: Vec<f32> = sbytes.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+    let got: Vec<f32> = ckpt
+        .load("w", &[rows, cols], DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let scales: Vec<f32> = sbytes
+        .chunks(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
     for r in 0..rows {
         for c in 0..cols {
             // Independent decode through the float8 crate.
-            let expect = float8::F8E4M3::from_bits(qbytes[r * cols + c]).to_f32() * scales[(r / 128) * 2 + c / 128];
+            let expect = float8::F8E4M3::from_bits(qbytes[r * cols + c]).to_f32()
+                * scales[(r / 128) * 2 + c / 128];
             assert_eq!(got[r * cols + c], expect, "({r},{c})");
             let orig = w[r * cols + c];
-            assert!((orig - expect).abs() <= orig.abs() / 16.0 + 1e-2, "({r},{c}) {orig} vs {expect}");
+            assert!(
+                (orig - expect).abs() <= orig.abs() / 16.0 + 1e-2,
+                "({r},{c}) {orig} vs {expect}"
+            );
         }
     }
     // Power-of-two scales make the bf16 load exact as well.
-    let bf: Vec<f32> = ckpt.load("w", &[rows, cols], DType::BF16, &Device::Cpu).unwrap()
-        .to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let bf: Vec<f32> = ckpt
+        .load("w", &[rows, cols], DType::BF16, &Device::Cpu)
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(bf, got);
 }
 
@@ -68,11 +102,30 @@ fn only_the_requested_tensors_are_read() {
     let good_shard = shard_of(&dir, "model.embed_tokens.weight");
     assert_ne!(bad, dir.join(&good_shard));
     let len = std::fs::metadata(&bad).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&bad).unwrap().set_len(len - 100).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&bad)
+        .unwrap()
+        .set_len(len - 100)
+        .unwrap();
     let ckpt = Checkpoint::open(&dir).unwrap();
-    let e = ckpt.load("model.embed_tokens.weight", &[512, 192], DType::F32, &Device::Cpu).unwrap();
+    let e = ckpt
+        .load(
+            "model.embed_tokens.weight",
+            &[512, 192],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
     assert_eq!(e.dims(), [512, 192]);
-    let err = ckpt.load("model.layers.4.shared_head.head.weight", &[512, 192], DType::F32, &Device::Cpu).unwrap_err();
+    let err = ckpt
+        .load(
+            "model.layers.4.shared_head.head.weight",
+            &[512, 192],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap_err();
     assert!(format!("{err:#}").contains("truncated"), "{err:#}");
 }
 
@@ -81,7 +134,10 @@ fn eval_runs_on_a_v31_checkpoint_and_prints_json_last() {
     let (_tmp, dir) = tiny_checkpoint(false, 3);
     let (code, stdout, stderr) = eval_cli(&dir);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("has no indexer tensors: initialised"), "{stderr}");
+    assert!(
+        stderr.contains("has no indexer tensors: initialised"),
+        "{stderr}"
+    );
     let last = stdout.lines().last().unwrap();
     let v: serde_json::Value = serde_json::from_str(last).unwrap();
     assert_eq!(v["tokens"], 64);
@@ -90,13 +146,27 @@ fn eval_runs_on_a_v31_checkpoint_and_prints_json_last() {
         assert!(v[key].as_f64().unwrap().is_finite(), "{key}");
     }
     assert_eq!(v["indexer_kl_per_layer"].as_array().unwrap().len(), 4);
-    assert_eq!(v["attention_mass_recall_per_layer"].as_array().unwrap().len(), 4);
+    assert_eq!(
+        v["attention_mass_recall_per_layer"]
+            .as_array()
+            .unwrap()
+            .len(),
+        4
+    );
     // The ceiling is the mass of the best k keys: no indexer's top-k holds more, none less than 0.
-    let ceilings = v["attention_mass_recall_ceiling_per_layer"].as_array().unwrap();
+    let ceilings = v["attention_mass_recall_ceiling_per_layer"]
+        .as_array()
+        .unwrap();
     assert_eq!(ceilings.len(), 4);
-    for (c, r) in ceilings.iter().zip(v["attention_mass_recall_per_layer"].as_array().unwrap()) {
+    for (c, r) in ceilings
+        .iter()
+        .zip(v["attention_mass_recall_per_layer"].as_array().unwrap())
+    {
         let (c, r) = (c.as_f64().unwrap(), r.as_f64().unwrap());
-        assert!(r <= c + 1e-5 && c <= 1.0 + 1e-5 && c > 0.0, "recall {r} ceiling {c}");
+        assert!(
+            r <= c + 1e-5 && c <= 1.0 + 1e-5 && c > 0.0,
+            "recall {r} ceiling {c}"
+        );
     }
 }
 
@@ -112,10 +182,20 @@ fn a_missing_tensor_is_named() {
 #[test]
 fn a_wrong_shape_names_tensor_file_and_both_shapes() {
     let (_tmp, dir) = tiny_checkpoint(false, 5);
-    let cfg = std::fs::read_to_string(dir.join("config.json")).unwrap().replace("\"q_lora_rank\": 160", "\"q_lora_rank\": 161");
+    let cfg = std::fs::read_to_string(dir.join("config.json"))
+        .unwrap()
+        .replace("\"q_lora_rank\": 160", "\"q_lora_rank\": 161");
     std::fs::write(dir.join("config.json"), cfg).unwrap();
     let file = shard_of(&dir, "model.layers.0.self_attn.q_a_proj.weight");
-    assert_clean_error(&eval_cli(&dir), &["model.layers.0.self_attn.q_a_proj.weight", &file, "[160, 192]", "[161, 192]"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &[
+            "model.layers.0.self_attn.q_a_proj.weight",
+            &file,
+            "[160, 192]",
+            "[161, 192]",
+        ],
+    );
 }
 
 #[test]
@@ -130,7 +210,10 @@ fn an_unsupported_dtype_is_named() {
     edit_index(&dir, |m| {
         m.insert("model.norm.weight".into(), "extra.safetensors".into());
     });
-    assert_clean_error(&eval_cli(&dir), &["model.norm.weight", "extra.safetensors", "I32"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &["model.norm.weight", "extra.safetensors", "I32"],
+    );
 }
 
 #[test]
@@ -139,7 +222,13 @@ fn a_scale_without_its_weight_is_named() {
     edit_index(&dir, |m| {
         m.remove("model.layers.1.self_attn.o_proj.weight");
     });
-    assert_clean_error(&eval_cli(&dir), &["model.layers.1.self_attn.o_proj.weight_scale_inv", "has no weight"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &[
+            "model.layers.1.self_attn.o_proj.weight_scale_inv",
+            "has no weight",
+        ],
+    );
 }
 
 #[test]
@@ -148,7 +237,14 @@ fn an_fp8_weight_without_its_scale_is_named() {
     edit_index(&dir, |m| {
         m.remove("model.layers.1.self_attn.o_proj.weight_scale_inv");
     });
-    assert_clean_error(&eval_cli(&dir), &["model.layers.1.self_attn.o_proj.weight", "F8_E4M3", "_scale_inv"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &[
+            "model.layers.1.self_attn.o_proj.weight",
+            "F8_E4M3",
+            "_scale_inv",
+        ],
+    );
 }
 
 #[test]
@@ -157,10 +253,20 @@ fn a_truncated_shard_is_named() {
     let file = shard_of(&dir, "model.layers.0.mlp.down_proj.weight");
     let path = dir.join(&file);
     let len = std::fs::metadata(&path).unwrap().len();
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(len / 2).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
     assert_clean_error(&eval_cli(&dir), &[&file, "truncated"]);
     // Cut inside the header itself.
-    std::fs::OpenOptions::new().write(true).open(&path).unwrap().set_len(5).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_len(5)
+        .unwrap();
     assert_clean_error(&eval_cli(&dir), &[&file, "truncated"]);
 }
 
@@ -170,7 +276,10 @@ fn bad_json_is_named_by_file() {
     let index = dir.join("model.safetensors.index.json");
     let good = std::fs::read_to_string(&index).unwrap();
     std::fs::write(&index, "{\"weight_map\": {").unwrap();
-    assert_clean_error(&eval_cli(&dir), &["model.safetensors.index.json", "bad JSON"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &["model.safetensors.index.json", "bad JSON"],
+    );
     std::fs::write(&index, good).unwrap();
     std::fs::write(dir.join("config.json"), "{ not json").unwrap();
     assert_clean_error(&eval_cli(&dir), &["config.json"]);
@@ -193,11 +302,16 @@ fn a_missing_checkpoint_or_config_is_named() {
     let (_tmp, dir) = tiny_checkpoint(false, 12);
     for entry in std::fs::read_dir(&dir).unwrap() {
         let p = entry.unwrap().path();
-        if p.extension().is_some_and(|e| e == "safetensors") || p.ends_with("model.safetensors.index.json") {
+        if p.extension().is_some_and(|e| e == "safetensors")
+            || p.ends_with("model.safetensors.index.json")
+        {
             std::fs::remove_file(p).unwrap();
         }
     }
-    assert_clean_error(&eval_cli(&dir), &["neither model.safetensors.index.json nor model.safetensors"]);
+    assert_clean_error(
+        &eval_cli(&dir),
+        &["neither model.safetensors.index.json nor model.safetensors"],
+    );
 }
 
 #[test]
@@ -205,8 +319,19 @@ fn bad_token_files_are_named() {
     let (_tmp, dir) = tiny_checkpoint(false, 13);
     let tokens = dir.parent().unwrap().join("bad.bin");
     let run = |tokens: &Path, seq: &str| {
-        run_cli(&["eval", "--model", path_str(&dir), "--tokens", path_str(tokens), "--seq-len", seq,
-            "--index-n-heads", "4", "--index-head-dim", "32"])
+        run_cli(&[
+            "eval",
+            "--model",
+            path_str(&dir),
+            "--tokens",
+            path_str(tokens),
+            "--seq-len",
+            seq,
+            "--index-n-heads",
+            "4",
+            "--index-head-dim",
+            "32",
+        ])
     };
     std::fs::write(&tokens, [1u8, 2, 3, 4, 5, 6]).unwrap();
     assert_clean_error(&run(&tokens, "4"), &["bad.bin", "multiple of 4"]);

@@ -19,12 +19,40 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
 }
 
 fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
-    ForwardOptions { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None }
+    ForwardOptions {
+        attention,
+        topk,
+        indexer_kl: true,
+        recall: true,
+        detach_indexer_inputs: false,
+        seq_balance: false,
+        defer_dense_kl: false,
+        block_rows: 0,
+        indexer_rows: 0,
+        eval_rows: None,
+    }
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-    let scale = b.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let diff = (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff / scale
 }
 
@@ -38,7 +66,12 @@ fn sparse_attention_with_k_at_least_t_equals_dense() {
     assert!(max_rel_err(&sparse.logits, &dense.logits) < 1e-5);
     for (d, s) in dense.layers.iter().zip(&sparse.layers) {
         // With S_t = every causal key, the sparse-stage KL is the warm-up KL.
-        assert!(max_rel_err(s.indexer_kl.as_ref().unwrap(), d.indexer_kl.as_ref().unwrap()) < 1e-4);
+        assert!(
+            max_rel_err(
+                s.indexer_kl.as_ref().unwrap(),
+                d.indexer_kl.as_ref().unwrap()
+            ) < 1e-4
+        );
     }
     // A real selection changes the result.
     let narrow = model.forward(&x, &opts(AttentionMode::Sparse, 8)).unwrap();
@@ -61,29 +94,73 @@ fn evaluation_in_blocks_of_query_rows_equals_the_whole_sequence_pass() {
     let model = Model::load(&dir, &LoadOptions::default()).unwrap();
     let (b, t, topk) = (2, 23, 5);
     let x = tokens(b, t, 6);
-    let max_abs = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let max_abs = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     for mode in [AttentionMode::Dense, AttentionMode::Sparse] {
         let whole = model.forward(&x, &opts(mode, topk)).unwrap();
-        let lm_whole: f64 = next_token_nll(&whole.logits, &x).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|v| *v as f64).sum();
+        let lm_whole: f64 = next_token_nll(&whole.logits, &x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|v| *v as f64)
+            .sum();
         for rows in [3, 0] {
-            let o = ForwardOptions { eval_rows: Some(rows), ..opts(mode, topk) };
+            let o = ForwardOptions {
+                eval_rows: Some(rows),
+                ..opts(mode, topk)
+            };
             let blocked = model.forward(&x, &o).unwrap();
             let e = max_rel_err(&blocked.logits, &whole.logits);
             assert!(e < 1e-5, "{mode:?}, {rows} rows: logits, max rel err {e}");
             for (l, (bl, wh)) in blocked.layers.iter().zip(&whole.layers).enumerate() {
-                let (kb, kw) = (bl.indexer_kl.as_ref().unwrap(), wh.indexer_kl.as_ref().unwrap());
+                let (kb, kw) = (
+                    bl.indexer_kl.as_ref().unwrap(),
+                    wh.indexer_kl.as_ref().unwrap(),
+                );
                 assert_eq!(kb.dims(), [b, t]);
                 let e = max_rel_err(kb, kw);
-                assert!(e < 1e-4, "{mode:?}, {rows} rows, layer {l}: KL, max rel err {e}");
+                assert!(
+                    e < 1e-4,
+                    "{mode:?}, {rows} rows, layer {l}: KL, max rel err {e}"
+                );
                 let (rb, rw) = (bl.recall.as_ref().unwrap(), wh.recall.as_ref().unwrap());
                 assert_eq!(rb.dims(), [b, t]);
                 let e = max_abs(rb, rw);
-                assert!(e < 1e-5, "{mode:?}, {rows} rows, layer {l}: recall, max abs diff {e}");
-                let below: usize = rw.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().filter(|r| **r < 0.999).count();
-                assert!(below >= b * (t - topk) / 2, "{mode:?}, layer {l}: only {below} positions with recall < 1");
+                assert!(
+                    e < 1e-5,
+                    "{mode:?}, {rows} rows, layer {l}: recall, max abs diff {e}"
+                );
+                let below: usize = rw
+                    .flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .filter(|r| **r < 0.999)
+                    .count();
+                assert!(
+                    below >= b * (t - topk) / 2,
+                    "{mode:?}, layer {l}: only {below} positions with recall < 1"
+                );
             }
             let lm = dsa_train::eval::nll_sum_in_chunks(&model, &blocked.hidden, &x, 4).unwrap();
-            assert!((lm - lm_whole).abs() <= 1e-5 * lm_whole.abs(), "{mode:?}, {rows} rows: LM loss sum {lm} vs {lm_whole}");
+            assert!(
+                (lm - lm_whole).abs() <= 1e-5 * lm_whole.abs(),
+                "{mode:?}, {rows} rows: LM loss sum {lm} vs {lm_whole}"
+            );
         }
     }
 }
@@ -94,9 +171,18 @@ fn model_with_vars(dir: &std::path::Path) -> (Model, Vec<(String, Var)>) {
     let ckpt = Checkpoint::open(dir).unwrap();
     let specs = weights::model_weights(&cfg, false);
     let (params, _) = weights::load_params(&ckpt, &specs, DType::F32, &Device::Cpu, 0).unwrap();
-    let vars: Vec<(String, Var)> = params.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
-    let as_params: ParamSet = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
-    (Model::from_params(cfg, &as_params, DType::F32, &Device::Cpu, false).unwrap(), vars)
+    let vars: Vec<(String, Var)> = params
+        .iter()
+        .map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap()))
+        .collect();
+    let as_params: ParamSet = vars
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    (
+        Model::from_params(cfg, &as_params, DType::F32, &Device::Cpu, false).unwrap(),
+        vars,
+    )
 }
 
 #[test]
@@ -109,12 +195,29 @@ fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
     o.recall = false;
     let out = model.forward(&x, &o).unwrap();
     let lm = next_token_nll(&out.logits, &x).unwrap().mean_all().unwrap();
-    let kl = out.layers.iter().map(|s| s.indexer_kl.as_ref().unwrap().mean_all().unwrap()).reduce(|a, b| (a + b).unwrap()).unwrap();
+    let kl = out
+        .layers
+        .iter()
+        .map(|s| s.indexer_kl.as_ref().unwrap().mean_all().unwrap())
+        .reduce(|a, b| (a + b).unwrap())
+        .unwrap();
 
-    let nonzero = |g: Option<&Tensor>| g.is_some_and(|g| g.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    let nonzero = |g: Option<&Tensor>| {
+        g.is_some_and(|g| {
+            g.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                > 0.0
+        })
+    };
     let used_expert = |name: &str| -> bool {
         // Experts that no token was routed to get no gradient, legitimately.
-        let Some(rest) = name.split(".mlp.experts.").nth(1) else { return true };
+        let Some(rest) = name.split(".mlp.experts.").nth(1) else {
+            return true;
+        };
         let l: usize = name.split('.').nth(2).unwrap().parse().unwrap();
         let e: usize = rest.split('.').next().unwrap().parse().unwrap();
         out.layers[l].expert_counts.as_ref().unwrap()[e] > 0
@@ -132,26 +235,49 @@ fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
     // The KL is built on leaf copies of the indexer's projections: its backward stops there...
     let kl_grads = kl.backward().unwrap();
     for (name, var) in &vars {
-        assert!(!nonzero(kl_grads.get(var.as_tensor())), "the KL graph itself must stop at the projections, not reach {name}");
+        assert!(
+            !nonzero(kl_grads.get(var.as_tensor())),
+            "the KL graph itself must stop at the projections, not reach {name}"
+        );
     }
     // ...and the trainer's chunked step carries it into the indexer's parameters only.
     let ctx = dsa_train::model::ForwardContext::new(&model.cfg, 48, &Device::Cpu).unwrap();
     let mut reached = std::collections::HashSet::new();
     for (l, s) in out.layers.iter().enumerate() {
         let p = s.indexer_proj.as_ref().unwrap();
-        let g = |x: &Tensor| kl_grads.get(x).cloned().unwrap_or_else(|| x.zeros_like().unwrap());
+        let g = |x: &Tensor| {
+            kl_grads
+                .get(x)
+                .cloned()
+                .unwrap_or_else(|| x.zeros_like().unwrap())
+        };
         let (x, qr) = s.indexer_inputs.as_ref().unwrap();
-        model.layers[l].indexer.backprop_rows(x, qr, &ctx.cos, &ctx.sin, (&g(&p.q), &g(&p.w), &g(&p.k)), 7, |gs| {
-            for (name, var) in &vars {
-                if nonzero(gs.get(var.as_tensor())) {
-                    reached.insert(name.clone());
-                }
-            }
-            Ok(())
-        }).unwrap();
+        model.layers[l]
+            .indexer
+            .backprop_rows(
+                x,
+                qr,
+                &ctx.cos,
+                &ctx.sin,
+                (&g(&p.q), &g(&p.w), &g(&p.k)),
+                7,
+                |gs| {
+                    for (name, var) in &vars {
+                        if nonzero(gs.get(var.as_tensor())) {
+                            reached.insert(name.clone());
+                        }
+                    }
+                    Ok(())
+                },
+            )
+            .unwrap();
     }
     for (name, _) in &vars {
-        assert_eq!(reached.contains(name), name.contains(".indexer."), "KL gradient into {name}");
+        assert_eq!(
+            reached.contains(name),
+            name.contains(".indexer."),
+            "KL gradient into {name}"
+        );
     }
 }
 
@@ -170,55 +296,114 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
     let (b, t, topk, weight) = (2, 23, 5, 0.7);
     let x = tokens(b, t, 4);
     let ctx = dsa_train::model::ForwardContext::new(&model.cfg, t, &Device::Cpu).unwrap();
-    let max_abs = |x: &Tensor| x.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+    let max_abs = |x: &Tensor| {
+        x.abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    };
     for block_rows in [0, 4] {
-        let o = ForwardOptions { detach_indexer_inputs: true, defer_dense_kl: true, recall: false, block_rows, indexer_rows: 3, ..opts(AttentionMode::Sparse, topk) };
+        let o = ForwardOptions {
+            detach_indexer_inputs: true,
+            defer_dense_kl: true,
+            recall: false,
+            block_rows,
+            indexer_rows: 3,
+            ..opts(AttentionMode::Sparse, topk)
+        };
         let out = model.forward(&x, &o).unwrap();
         for (l, s) in out.layers.iter().enumerate() {
-            let Some(dsa_train::model::DeferredKl::Sparse { keys, target, sel, rows }) = &s.deferred_kl else {
+            let Some(dsa_train::model::DeferredKl::Sparse {
+                keys,
+                target,
+                sel,
+                rows,
+            }) = &s.deferred_kl
+            else {
                 panic!("layer {l}: the sparse stage defers its KL")
             };
             assert_eq!(*rows, 3);
-            assert!(s.indexer_proj.is_none(), "layer {l}: no projections of every row are kept");
+            assert!(
+                s.indexer_proj.is_none(),
+                "layer {l}: no projections of every row are kept"
+            );
             let (xi, qr) = s.indexer_inputs.as_ref().unwrap();
             let indexer = &model.layers[l].indexer;
             let prefix = format!("model.layers.{l}.self_attn.indexer.");
-            let params: Vec<&(String, Var)> = vars.iter().filter(|(n, _)| n.starts_with(&prefix)).collect();
+            let params: Vec<&(String, Var)> = vars
+                .iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .collect();
             assert_eq!(params.len(), 5);
 
             // The trainer's path: gradients summed over the calls (query blocks, then key chunks).
             let mut blocked: std::collections::HashMap<String, Tensor> = Default::default();
             let mut calls = 0;
             let kl = indexer
-                .backprop_sparse_kl((xi, qr), keys, target, sel, (&ctx.cos, &ctx.sin), *rows, weight, |gs| {
-                    calls += 1;
-                    for (name, var) in &params {
-                        if let Some(g) = gs.get(var.as_tensor()) {
-                            let sum = match blocked.remove(name) { Some(a) => (a + g)?, None => g.clone() };
-                            blocked.insert(name.clone(), sum);
+                .backprop_sparse_kl(
+                    (xi, qr),
+                    keys,
+                    target,
+                    sel,
+                    (&ctx.cos, &ctx.sin),
+                    *rows,
+                    weight,
+                    |gs| {
+                        calls += 1;
+                        for (name, var) in &params {
+                            if let Some(g) = gs.get(var.as_tensor()) {
+                                let sum = match blocked.remove(name) {
+                                    Some(a) => (a + g)?,
+                                    None => g.clone(),
+                                };
+                                blocked.insert(name.clone(), sum);
+                            }
                         }
-                    }
-                    Ok(())
-                })
+                        Ok(())
+                    },
+                )
                 .unwrap();
             assert_eq!(calls, 2 * t.div_ceil(3), "8 query blocks and 8 key chunks");
 
             // The reference: one graph from the parameters over all rows.
             let p = indexer.project(xi, qr, &ctx.cos, &ctx.sin).unwrap();
             let causal = dsa_train::dsa::causal_bias(t, &Device::Cpu).unwrap();
-            let whole = dsa_train::dsa::select_topk(&p.scores(&causal).unwrap().detach(), topk).unwrap();
-            assert_eq!(whole.indices().unwrap().to_vec3::<u32>().unwrap(), sel.indices().unwrap().to_vec3::<u32>().unwrap(), "layer {l}: the sets");
+            let whole =
+                dsa_train::dsa::select_topk(&p.scores(&causal).unwrap().detach(), topk).unwrap();
+            assert_eq!(
+                whole.indices().unwrap().to_vec3::<u32>().unwrap(),
+                sel.indices().unwrap().to_vec3::<u32>().unwrap(),
+                "layer {l}: the sets"
+            );
             let on_set = (p.scores_at(sel, false).unwrap() + sel.bias().unwrap()).unwrap();
-            let kl_ref = dsa_train::losses::kl_rows(target, &on_set).unwrap().mean_all().unwrap();
+            let kl_ref = dsa_train::losses::kl_rows(target, &on_set)
+                .unwrap()
+                .mean_all()
+                .unwrap();
             let grads = (&kl_ref * weight).unwrap().backward().unwrap();
-            let (a, r) = (kl.to_scalar::<f32>().unwrap(), kl_ref.to_scalar::<f32>().unwrap());
-            assert!((a - r).abs() <= 1e-5 * r.abs(), "layer {l} (block_rows {block_rows}): KL {a} vs {r}");
+            let (a, r) = (
+                kl.to_scalar::<f32>().unwrap(),
+                kl_ref.to_scalar::<f32>().unwrap(),
+            );
+            assert!(
+                (a - r).abs() <= 1e-5 * r.abs(),
+                "layer {l} (block_rows {block_rows}): KL {a} vs {r}"
+            );
             for (name, var) in &params {
-                let reference = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no reference gradient"));
+                let reference = grads
+                    .get(var.as_tensor())
+                    .unwrap_or_else(|| panic!("{name}: no reference gradient"));
                 let scale = max_abs(reference);
                 assert!(scale > 0.0, "{name}: zero reference gradient");
                 let diff = max_abs(&(reference - &blocked[name]).unwrap());
-                assert!(diff <= 1e-5 * scale, "{name} (block_rows {block_rows}): max diff {diff}, max |g| {scale}");
+                assert!(
+                    diff <= 1e-5 * scale,
+                    "{name} (block_rows {block_rows}): max diff {diff}, max |g| {scale}"
+                );
             }
         }
     }
@@ -233,9 +418,18 @@ fn without_detach_the_kl_reaches_the_main_model() {
     let mut o = opts(AttentionMode::Sparse, 6);
     o.recall = false;
     let out = model.forward(&x, &o).unwrap();
-    let kl = out.layers[1].indexer_kl.as_ref().unwrap().mean_all().unwrap();
+    let kl = out.layers[1]
+        .indexer_kl
+        .as_ref()
+        .unwrap()
+        .mean_all()
+        .unwrap();
     let grads = kl.backward().unwrap();
-    let q_a = &vars.iter().find(|(n, _)| n == "model.layers.1.self_attn.q_a_proj.weight").unwrap().1;
+    let q_a = &vars
+        .iter()
+        .find(|(n, _)| n == "model.layers.1.self_attn.q_a_proj.weight")
+        .unwrap()
+        .1;
     assert!(grads.get(q_a.as_tensor()).is_some());
 }
 
@@ -243,14 +437,56 @@ fn without_detach_the_kl_reaches_the_main_model() {
 fn bf16_forward_tracks_f32() {
     let (_tmp, dir) = tiny_checkpoint(true, 24);
     let f32m = Model::load(&dir, &LoadOptions::default()).unwrap();
-    let bf16m = Model::load(&dir, &LoadOptions { dtype: DType::BF16, ..Default::default() }).unwrap();
+    let bf16m = Model::load(
+        &dir,
+        &LoadOptions {
+            dtype: DType::BF16,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     let x = tokens(1, 32, 4);
-    let a = f32m.forward(&x, &opts(AttentionMode::Dense, 8)).unwrap().logits;
-    let b = bf16m.forward(&x, &opts(AttentionMode::Dense, 8)).unwrap().logits.to_dtype(DType::F32).unwrap();
-    assert!(b.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().all(|v| v.is_finite()));
-    let dot = (&a * &b).unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
-    let na = a.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
-    let nb = b.sqr().unwrap().sum_all().unwrap().sqrt().unwrap().to_scalar::<f32>().unwrap();
+    let a = f32m
+        .forward(&x, &opts(AttentionMode::Dense, 8))
+        .unwrap()
+        .logits;
+    let b = bf16m
+        .forward(&x, &opts(AttentionMode::Dense, 8))
+        .unwrap()
+        .logits
+        .to_dtype(DType::F32)
+        .unwrap();
+    assert!(b
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+        .iter()
+        .all(|v| v.is_finite()));
+    let dot = (&a * &b)
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let na = a
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    let nb = b
+        .sqr()
+        .unwrap()
+        .sum_all()
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     let cos = dot / (na * nb);
     assert!(cos > 1.0 - 5e-3, "cosine {cos}");
 }
@@ -267,9 +503,21 @@ fn mtp_layer_loads_and_predicts_two_ahead() {
     assert_eq!(logits.dims(), [2, 15, 512]);
     // Its loss is a finite cross-entropy against tokens t+2.
     let targets = x.narrow(1, 1, 15).unwrap();
-    let nll = next_token_nll(&logits, &targets).unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let nll = next_token_nll(&logits, &targets)
+        .unwrap()
+        .mean_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     assert!(nll.is_finite() && nll > 0.0);
-    let skipped = Model::load(&dir, &LoadOptions { skip_mtp: true, ..Default::default() }).unwrap();
+    let skipped = Model::load(
+        &dir,
+        &LoadOptions {
+            skip_mtp: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
     assert!(skipped.mtp.is_empty());
 }
 
@@ -281,9 +529,26 @@ fn bench_h128_preset_has_the_v3_attention_shape() {
     let text = dsa_train::tiny::bench_1k_h128_config().to_string();
     let c = dsa_train::config::ModelConfig::from_json(&text, &Default::default()).unwrap();
     c.validate().unwrap();
-    assert_eq!((c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank), (128, 1536, 512));
+    assert_eq!(
+        (c.num_attention_heads, c.q_lora_rank, c.kv_lora_rank),
+        (128, 1536, 512)
+    );
     assert_eq!(c.kv_lora_rank + c.qk_rope_head_dim, 576);
-    let base = dsa_train::config::ModelConfig::from_json(&dsa_train::tiny::bench_1k_config().to_string(), &Default::default()).unwrap();
-    assert_eq!((base.num_attention_heads, base.hidden_size, base.num_hidden_layers), (16, c.hidden_size, c.num_hidden_layers));
-    assert_eq!((c.index_n_heads, c.index_head_dim, c.index_topk), (64, 128, 2048));
+    let base = dsa_train::config::ModelConfig::from_json(
+        &dsa_train::tiny::bench_1k_config().to_string(),
+        &Default::default(),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            base.num_attention_heads,
+            base.hidden_size,
+            base.num_hidden_layers
+        ),
+        (16, c.hidden_size, c.num_hidden_layers)
+    );
+    assert_eq!(
+        (c.index_n_heads, c.index_head_dim, c.index_topk),
+        (64, 128, 2048)
+    );
 }

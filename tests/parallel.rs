@@ -15,7 +15,11 @@ use common::{assert_clean_error, run_cli, Fixture};
 use dsa_train::train::metrics;
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 /// Run `dsa-train train RECIPE ARGS` as `world` processes (torchrun-style variables); every
@@ -42,12 +46,20 @@ fn train_ranks(world: usize, recipe: &Path, args: &[&str]) {
         .collect();
     for (r, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
-        assert!(out.status.success(), "rank {r} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "rank {r} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
 fn losses(dir: &Path) -> Vec<(f64, f64)> {
-    metrics::read(&dir.join("metrics.jsonl")).unwrap().iter().map(|m| (m.lm_loss.unwrap_or(0.0), m.indexer_kl)).collect()
+    metrics::read(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.lm_loss.unwrap_or(0.0), m.indexer_kl))
+        .collect()
 }
 
 fn assert_close(a: &[(f64, f64)], b: &[(f64, f64)], what: &str) {
@@ -59,7 +71,11 @@ fn assert_close_within(a: &[(f64, f64)], b: &[(f64, f64)], what: &str, tol: f64)
     assert_eq!(a.len(), b.len(), "{what}: step counts");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
         let close = |p: f64, q: f64| (p - q).abs() <= tol * p.abs().max(q.abs()).max(1e-3);
-        assert!(close(x.0, y.0) && close(x.1, y.1), "{what}, step {}: {x:?} vs {y:?}", i + 1);
+        assert!(
+            close(x.0, y.0) && close(x.1, y.1),
+            "{what}, step {}: {x:?} vs {y:?}",
+            i + 1
+        );
     }
 }
 
@@ -75,24 +91,43 @@ fn data_parallel_matches_one_process_and_sharded_checkpoints_reshard() {
         let two = f.recipe(stage, &format!("{stage}-two"), &model, 4);
         train_ranks(2, &two, &["--set", "train.steps=2"]);
         let step2 = f.out(&format!("{stage}-two/step-2"));
-        assert!(step2.join("manifest.json").exists() && step2.join("optimizer.rank-00001.safetensors").exists());
+        assert!(
+            step2.join("manifest.json").exists()
+                && step2.join("optimizer.rank-00001.safetensors").exists()
+        );
         train_ranks(2, &two, &["--resume", "auto"]);
-        assert_close(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-two"))), &format!("{stage}: dp=2 vs 1 process"));
+        assert_close(
+            &losses(&f.out(&format!("{stage}-one"))),
+            &losses(&f.out(&format!("{stage}-two"))),
+            &format!("{stage}: dp=2 vs 1 process"),
+        );
         // Re-shard 2 -> 1: resume the dp=2 step-2 checkpoint in one process.
         let down = f.recipe(stage, &format!("{stage}-down"), &model, 4);
         train_ranks(1, &down, &["--resume", step2.to_str().unwrap()]);
         let tail = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
-        assert_close(&tail(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-down"))), &format!("{stage}: 2 -> 1"));
+        assert_close(
+            &tail(losses(&f.out(&format!("{stage}-one")))),
+            &losses(&f.out(&format!("{stage}-down"))),
+            &format!("{stage}: 2 -> 1"),
+        );
         // Re-shard 1 -> 2: resume the single-process step-2 checkpoint on 2 ranks.
         let up = f.recipe(stage, &format!("{stage}-up"), &model, 4);
         let one_step2 = f.out(&format!("{stage}-one/step-2"));
         train_ranks(2, &up, &["--resume", one_step2.to_str().unwrap()]);
-        assert_close(&tail(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-up"))), &format!("{stage}: 1 -> 2"));
+        assert_close(
+            &tail(losses(&f.out(&format!("{stage}-one")))),
+            &losses(&f.out(&format!("{stage}-up"))),
+            &format!("{stage}: 1 -> 2"),
+        );
     }
 }
 
 fn grad_norms(dir: &Path) -> Vec<(f64, f64)> {
-    metrics::read(&dir.join("metrics.jsonl")).unwrap().iter().map(|m| (m.grad_norm, m.indexer_grad_norm)).collect()
+    metrics::read(&dir.join("metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.grad_norm, m.indexer_grad_norm))
+        .collect()
 }
 
 /// ZeRO-2: each layer's gradients are summed onto their owner as soon as its backward has run
@@ -109,26 +144,75 @@ fn zero2_sharded_gradients_match_one_process() {
         let z2 = f.recipe(stage, &format!("{stage}-z2"), &model, 3);
         train_ranks(2, &z2, &["--set", "parallel.zero=2"]);
         let what = format!("{stage}: dp=2 zero=2 vs 1 process");
-        assert_close_within(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-z2"))), &what, 1e-5);
-        assert_close_within(&grad_norms(&f.out(&format!("{stage}-one"))), &grad_norms(&f.out(&format!("{stage}-z2"))), &format!("{what}, grad norms"), 1e-5);
+        assert_close_within(
+            &losses(&f.out(&format!("{stage}-one"))),
+            &losses(&f.out(&format!("{stage}-z2"))),
+            &what,
+            1e-5,
+        );
+        assert_close_within(
+            &grad_norms(&f.out(&format!("{stage}-one"))),
+            &grad_norms(&f.out(&format!("{stage}-z2"))),
+            &format!("{what}, grad norms"),
+            1e-5,
+        );
     }
     // Sparse stage without recomputation (one backward per micro-batch), and with ep = 2.
     let plain_one = f.recipe("sparse", "plain-one", &model, 2);
     train_ranks(1, &plain_one, &["--set", "train.recompute=false"]);
     let plain = f.recipe("sparse", "plain-z2", &model, 2);
-    train_ranks(2, &plain, &["--set", "train.recompute=false", "--set", "parallel.zero=2"]);
-    assert_close_within(&grad_norms(&f.out("plain-one")), &grad_norms(&f.out("plain-z2")), "sparse, no recompute: zero=2 grad norms", 1e-5);
+    train_ranks(
+        2,
+        &plain,
+        &["--set", "train.recompute=false", "--set", "parallel.zero=2"],
+    );
+    assert_close_within(
+        &grad_norms(&f.out("plain-one")),
+        &grad_norms(&f.out("plain-z2")),
+        "sparse, no recompute: zero=2 grad norms",
+        1e-5,
+    );
     let ep = f.recipe("sparse", "ep-z2", &model, 2);
-    train_ranks(4, &ep, &["--set", "train.micro_batch_seqs=1", "--set", "parallel.ep=2", "--set", "parallel.zero=2"]);
+    train_ranks(
+        4,
+        &ep,
+        &[
+            "--set",
+            "train.micro_batch_seqs=1",
+            "--set",
+            "parallel.ep=2",
+            "--set",
+            "parallel.zero=2",
+        ],
+    );
     let one_mb1 = f.recipe("sparse", "mb1-one", &model, 2);
     train_ranks(1, &one_mb1, &["--set", "train.micro_batch_seqs=1"]);
-    assert_close_within(&losses(&f.out("mb1-one")), &losses(&f.out("ep-z2")), "sparse: dp=4 ep=2 zero=2 vs 1 process", 1e-5);
-    assert_close_within(&grad_norms(&f.out("mb1-one")), &grad_norms(&f.out("ep-z2")), "sparse: dp=4 ep=2 zero=2 grad norms", 1e-5);
+    assert_close_within(
+        &losses(&f.out("mb1-one")),
+        &losses(&f.out("ep-z2")),
+        "sparse: dp=4 ep=2 zero=2 vs 1 process",
+        1e-5,
+    );
+    assert_close_within(
+        &grad_norms(&f.out("mb1-one")),
+        &grad_norms(&f.out("ep-z2")),
+        "sparse: dp=4 ep=2 zero=2 grad norms",
+        1e-5,
+    );
     // A ZeRO-2 checkpoint resumed under ZeRO-1 continues the same run.
     let resumed = f.recipe("sparse", "z2-to-z1", &model, 3);
-    train_ranks(2, &resumed, &["--resume", f.out("sparse-z2/step-2").to_str().unwrap()]);
+    train_ranks(
+        2,
+        &resumed,
+        &["--resume", f.out("sparse-z2/step-2").to_str().unwrap()],
+    );
     let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
-    assert_close_within(&last(losses(&f.out("sparse-one"))), &losses(&f.out("z2-to-z1")), "sparse: zero 2 -> 1 resume", 1e-5);
+    assert_close_within(
+        &last(losses(&f.out("sparse-one"))),
+        &losses(&f.out("z2-to-z1")),
+        "sparse: zero 2 -> 1 resume",
+        1e-5,
+    );
 }
 
 /// What ZeRO-2 saves: after a step's gradients are summed, each rank holds only the gradients
@@ -150,14 +234,41 @@ fn zero2_ranks_keep_only_the_gradients_they_own() {
             let handles: Vec<_> = (0..world)
                 .map(|r| {
                     sc.spawn(move || {
-                        let launch = Launch { rank: r, world, local_rank: r, master_addr: "127.0.0.1".into(), master_port: port };
-                        let comm = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
+                        let launch = Launch {
+                            rank: r,
+                            world,
+                            local_rank: r,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
+                        let comm = TcpCollective::rendezvous(
+                            &launch,
+                            std::time::Duration::from_secs(30),
+                            vec![],
+                        )
+                        .unwrap();
                         let mut sets = vec![format!("parallel.zero={zero}")];
                         sets.extend(extra.iter().map(|x| x.to_string()));
-                        let mut t = Trainer::with_comm(Recipe::load(recipe, &sets).unwrap(), None, Box::new(comm)).unwrap();
+                        let mut t = Trainer::with_comm(
+                            Recipe::load(recipe, &sets).unwrap(),
+                            None,
+                            Box::new(comm),
+                        )
+                        .unwrap();
                         let (accum, ..) = t.accumulate_gradients().unwrap();
-                        let owned = t.slots.iter().flat_map(|s| s.pieces.iter().map(|p| piece_name(&s.name, &p.rows, s.rows()))).collect();
-                        let grads = accum.grads().map(|(n, g)| (n.to_string(), g.dims().first().copied().unwrap_or(1))).collect();
+                        let owned = t
+                            .slots
+                            .iter()
+                            .flat_map(|s| {
+                                s.pieces
+                                    .iter()
+                                    .map(|p| piece_name(&s.name, &p.rows, s.rows()))
+                            })
+                            .collect();
+                        let grads = accum
+                            .grads()
+                            .map(|(n, g)| (n.to_string(), g.dims().first().copied().unwrap_or(1)))
+                            .collect();
                         (grads, owned, accum.pending_count())
                     })
                 })
@@ -165,25 +276,54 @@ fn zero2_ranks_keep_only_the_gradients_they_own() {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         })
     };
-    let base = |n: &str| n.find(".rows.").map_or(n.to_string(), |at| n[..at].to_string());
+    let base = |n: &str| {
+        n.find(".rows.")
+            .map_or(n.to_string(), |at| n[..at].to_string())
+    };
     let small = Fixture::new(13);
     let large = Fixture::with_config(13, |c| c["vocab_size"] = 16384.into());
-    for (f, world, extra, splits) in [(&small, 2, vec![], false), (&large, 4, vec!["train.micro_batch_seqs=1", "model.mtp=false"], true)] {
+    for (f, world, extra, splits) in [
+        (&small, 2, vec![], false),
+        (
+            &large,
+            4,
+            vec!["train.micro_batch_seqs=1", "model.mtp=false"],
+            true,
+        ),
+    ] {
         let recipe = f.recipe("sparse", "held", &f.root.join("model"), 1);
-        let (one, two) = (run(&recipe, world, 1, &extra), run(&recipe, world, 2, &extra));
+        let (one, two) = (
+            run(&recipe, world, 1, &extra),
+            run(&recipe, world, 2, &extra),
+        );
         let all = &one[0].0;
-        assert!(one.iter().all(|h| &h.0 == all), "ZeRO-1: every rank holds every gradient");
+        assert!(
+            one.iter().all(|h| &h.0 == all),
+            "ZeRO-1: every rank holds every gradient"
+        );
         let mut rows: BTreeMap<String, usize> = BTreeMap::new();
         for (r, (grads, owned, pending)) in two.iter().enumerate() {
             assert_eq!(*pending, 0, "rank {r}: unreduced gradients left");
             let names: BTreeSet<String> = grads.keys().cloned().collect();
-            assert!(names.is_subset(owned), "rank {r} holds gradients it does not own: {:?}", names.difference(owned).collect::<Vec<_>>());
-            assert!(grads.len() < all.len(), "rank {r} holds {} of {} gradients", grads.len(), all.len());
+            assert!(
+                names.is_subset(owned),
+                "rank {r} holds gradients it does not own: {:?}",
+                names.difference(owned).collect::<Vec<_>>()
+            );
+            assert!(
+                grads.len() < all.len(),
+                "rank {r} holds {} of {} gradients",
+                grads.len(),
+                all.len()
+            );
             for (n, k) in grads {
                 *rows.entry(base(n)).or_default() += k;
             }
         }
-        assert_eq!(&rows, all, "ZeRO-2: the owners hold every row of every gradient, once");
+        assert_eq!(
+            &rows, all,
+            "ZeRO-2: the owners hold every row of every gradient, once"
+        );
         let split = two.iter().any(|h| h.0.keys().any(|n| n.contains(".rows.")));
         assert_eq!(split, splits, "world {world}: tensors split by rows");
     }
@@ -192,7 +332,15 @@ fn zero2_ranks_keep_only_the_gradients_they_own() {
 /// The names in the optimizer files of a checkpoint, per file.
 fn optimizer_names(dir: &Path) -> Vec<Vec<String>> {
     let files = dsa_train::train::ckpt::tensor_files(dir, "optimizer").unwrap();
-    files.iter().map(|f| dsa_train::checkpoint::load_file_f32(f, &candle_core::Device::Cpu).unwrap().into_keys().collect()).collect()
+    files
+        .iter()
+        .map(|f| {
+            dsa_train::checkpoint::load_file_f32(f, &candle_core::Device::Cpu)
+                .unwrap()
+                .into_keys()
+                .collect()
+        })
+        .collect()
 }
 
 /// ZeRO by row ranges: with a vocabulary of 16384 (embedding and LM head 3.1M values each, the
@@ -206,63 +354,153 @@ fn tensors_above_the_fair_share_split_by_rows_and_match_one_process() {
     use dsa_train::train::ckpt;
     let f = Fixture::with_config(17, |c| c["vocab_size"] = 16384.into());
     let model = f.root.join("model");
-    let set = ["--set", "train.micro_batch_seqs=1", "--set", "model.mtp=false"];
+    let set = [
+        "--set",
+        "train.micro_batch_seqs=1",
+        "--set",
+        "model.mtp=false",
+    ];
     fn and<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
         base.iter().chain(extra).copied().collect()
     }
     let one = f.recipe("sparse", "one", &model, 4);
     train_ranks(1, &one, &set);
     let one_step2 = f.out("one/step-2");
-    assert!(optimizer_names(&one_step2).concat().iter().all(|n| !n.contains(".rows.")), "one process stores whole tensors");
+    assert!(
+        optimizer_names(&one_step2)
+            .concat()
+            .iter()
+            .all(|n| !n.contains(".rows.")),
+        "one process stores whole tensors"
+    );
     // ZeRO-1, dp = 4: 2 steps, then resume on the same layout.
     let z1 = f.recipe("sparse", "z1", &model, 4);
     train_ranks(4, &z1, &and(&set, &["--set", "train.steps=2"]));
     let step2 = f.out("z1/step-2");
     let names = optimizer_names(&step2);
     for big in ["model.embed_tokens.weight", "lm_head.weight"] {
-        let holders = names.iter().filter(|file| file.iter().any(|n| n.starts_with(&format!("{big}.rows.")) && n.ends_with(".exp_avg"))).count();
+        let holders = names
+            .iter()
+            .filter(|file| {
+                file.iter()
+                    .any(|n| n.starts_with(&format!("{big}.rows.")) && n.ends_with(".exp_avg"))
+            })
+            .count();
         assert!(holders >= 2, "{big} is not split: {names:?}");
-        assert!(!names.concat().contains(&format!("{big}.exp_avg")), "{big} is also stored whole");
+        assert!(
+            !names.concat().contains(&format!("{big}.exp_avg")),
+            "{big} is also stored whole"
+        );
     }
     // Joined on loading, the parts are the one-process checkpoint's tensors bit for bit (ZeRO-1
     // adds the micro-batches in the same order as one process), moments included.
-    let (a, b) = (ckpt::load(&one_step2, &Device::Cpu, &|_| true).unwrap(), ckpt::load(&step2, &Device::Cpu, &|_| true).unwrap());
-    assert_eq!(a.params.keys().collect::<Vec<_>>(), b.params.keys().collect::<Vec<_>>());
-    assert_eq!(a.moments.keys().collect::<Vec<_>>(), b.moments.keys().collect::<Vec<_>>());
-    let bits = |t: &candle_core::Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let (a, b) = (
+        ckpt::load(&one_step2, &Device::Cpu, &|_| true).unwrap(),
+        ckpt::load(&step2, &Device::Cpu, &|_| true).unwrap(),
+    );
+    assert_eq!(
+        a.params.keys().collect::<Vec<_>>(),
+        b.params.keys().collect::<Vec<_>>()
+    );
+    assert_eq!(
+        a.moments.keys().collect::<Vec<_>>(),
+        b.moments.keys().collect::<Vec<_>>()
+    );
+    let bits = |t: &candle_core::Tensor| {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect::<Vec<_>>()
+    };
     for (n, t) in &a.params {
         assert_eq!(t.dims(), b.params[n].dims(), "{n}");
-        assert!(bits(t) == bits(&b.params[n]), "{n}: the joined dp=4 checkpoint differs from one process");
+        assert!(
+            bits(t) == bits(&b.params[n]),
+            "{n}: the joined dp=4 checkpoint differs from one process"
+        );
     }
     for (n, (m, v)) in &a.moments {
-        assert!(bits(m) == bits(&b.moments[n].0) && bits(v) == bits(&b.moments[n].1), "{n}: moments differ");
+        assert!(
+            bits(m) == bits(&b.moments[n].0) && bits(v) == bits(&b.moments[n].1),
+            "{n}: moments differ"
+        );
     }
     assert_eq!(a.state.optimizer_steps, b.state.optimizer_steps);
     // A later stage starting from the split checkpoint (model.path = step-2) sees whole tensors.
-    let overlay = ckpt::overlay_params(&ckpt::resolve_model(&step2).unwrap(), &Device::Cpu).unwrap();
+    let overlay =
+        ckpt::overlay_params(&ckpt::resolve_model(&step2).unwrap(), &Device::Cpu).unwrap();
     assert_eq!(overlay["model.embed_tokens.weight"].dims(), &[16384, 192]);
     train_ranks(4, &z1, &and(&set, &["--resume", "auto"]));
     let what = "dp=4 zero=1 with split tensors vs 1 process";
     assert_close_within(&losses(&f.out("one")), &losses(&f.out("z1")), what, 1e-5);
-    assert_close_within(&grad_norms(&f.out("one")), &grad_norms(&f.out("z1")), &format!("{what}, grad norms"), 1e-5);
+    assert_close_within(
+        &grad_norms(&f.out("one")),
+        &grad_norms(&f.out("z1")),
+        &format!("{what}, grad norms"),
+        1e-5,
+    );
     // ZeRO-2, dp = 4: each owner keeps only the summed gradient of its rows.
     let z2 = f.recipe("sparse", "z2", &model, 4);
     train_ranks(4, &z2, &and(&set, &["--set", "parallel.zero=2"]));
     let what = "dp=4 zero=2 with split tensors vs 1 process";
     assert_close_within(&losses(&f.out("one")), &losses(&f.out("z2")), what, 1e-5);
-    assert_close_within(&grad_norms(&f.out("one")), &grad_norms(&f.out("z2")), &format!("{what}, grad norms"), 1e-5);
+    assert_close_within(
+        &grad_norms(&f.out("one")),
+        &grad_norms(&f.out("z2")),
+        &format!("{what}, grad norms"),
+        1e-5,
+    );
     // Re-shard: 4 -> 1, 1 -> 4, and 4 -> 2 (ZeRO-2).
     let tail = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
     let down = f.recipe("sparse", "down", &model, 4);
     train_ranks(1, &down, &and(&set, &["--resume", step2.to_str().unwrap()]));
-    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("down")), "split: 4 -> 1", 1e-5);
+    assert_close_within(
+        &tail(losses(&f.out("one"))),
+        &losses(&f.out("down")),
+        "split: 4 -> 1",
+        1e-5,
+    );
     let up = f.recipe("sparse", "up", &model, 4);
-    train_ranks(4, &up, &and(&set, &["--resume", one_step2.to_str().unwrap()]));
-    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("up")), "split: 1 -> 4", 1e-5);
-    assert_close_within(&tail(grad_norms(&f.out("one"))), &grad_norms(&f.out("up")), "split: 1 -> 4, grad norms", 1e-5);
+    train_ranks(
+        4,
+        &up,
+        &and(&set, &["--resume", one_step2.to_str().unwrap()]),
+    );
+    assert_close_within(
+        &tail(losses(&f.out("one"))),
+        &losses(&f.out("up")),
+        "split: 1 -> 4",
+        1e-5,
+    );
+    assert_close_within(
+        &tail(grad_norms(&f.out("one"))),
+        &grad_norms(&f.out("up")),
+        "split: 1 -> 4, grad norms",
+        1e-5,
+    );
     let half = f.recipe("sparse", "half", &model, 4);
-    train_ranks(2, &half, &and(&set, &["--set", "parallel.zero=2", "--resume", f.out("z2/step-2").to_str().unwrap()]));
-    assert_close_within(&tail(losses(&f.out("one"))), &losses(&f.out("half")), "split: 4 -> 2", 1e-5);
+    train_ranks(
+        2,
+        &half,
+        &and(
+            &set,
+            &[
+                "--set",
+                "parallel.zero=2",
+                "--resume",
+                f.out("z2/step-2").to_str().unwrap(),
+            ],
+        ),
+    );
+    assert_close_within(
+        &tail(losses(&f.out("one"))),
+        &losses(&f.out("half")),
+        "split: 4 -> 2",
+        1e-5,
+    );
 }
 
 #[test]
@@ -279,32 +517,67 @@ fn expert_parallel_matches_one_process_and_reshards() {
         train_ranks(1, &one, &[]);
         // dp = 2, ep = 2: each rank holds 4 of the 8 routed experts; 2 steps, then resume.
         let ep = f.recipe(stage, &format!("{stage}-ep"), &model, 3);
-        train_ranks(2, &ep, &["--set", "parallel.ep=2", "--set", "train.steps=2"]);
+        train_ranks(
+            2,
+            &ep,
+            &["--set", "parallel.ep=2", "--set", "train.steps=2"],
+        );
         let step2 = f.out(&format!("{stage}-ep/step-2"));
         if stage == "sparse" {
             // Each rank's files hold only its own experts.
             for r in 0..2 {
                 let file = step2.join(format!("params.rank-0000{r}.safetensors"));
-                let names = dsa_train::checkpoint::load_file_f32(&file, &candle_core::Device::Cpu).unwrap();
-                let experts: Vec<usize> = names.keys().filter_map(|n| dsa_train::weights::routed_expert(n)).collect();
-                assert!(!experts.is_empty() && experts.iter().all(|&e| e / 4 == r), "rank {r} saved experts {experts:?}");
+                let names =
+                    dsa_train::checkpoint::load_file_f32(&file, &candle_core::Device::Cpu).unwrap();
+                let experts: Vec<usize> = names
+                    .keys()
+                    .filter_map(|n| dsa_train::weights::routed_expert(n))
+                    .collect();
+                assert!(
+                    !experts.is_empty() && experts.iter().all(|&e| e / 4 == r),
+                    "rank {r} saved experts {experts:?}"
+                );
             }
         }
         train_ranks(2, &ep, &["--set", "parallel.ep=2", "--resume", "auto"]);
-        assert_close_within(&losses(&f.out(&format!("{stage}-one"))), &losses(&f.out(&format!("{stage}-ep"))), &format!("{stage}: ep=2 vs 1 process"), 1e-5);
+        assert_close_within(
+            &losses(&f.out(&format!("{stage}-one"))),
+            &losses(&f.out(&format!("{stage}-ep"))),
+            &format!("{stage}: ep=2 vs 1 process"),
+            1e-5,
+        );
         // Re-shard the ep = 2 checkpoint onto one process: its step 3 is the others' step 3.
         let down = f.recipe(stage, &format!("{stage}-epdown"), &model, 3);
         train_ranks(1, &down, &["--resume", step2.to_str().unwrap()]);
         let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
-        assert_close_within(&last(losses(&f.out(&format!("{stage}-one")))), &losses(&f.out(&format!("{stage}-epdown"))), &format!("{stage}: ep 2 -> 1"), 1e-5);
+        assert_close_within(
+            &last(losses(&f.out(&format!("{stage}-one")))),
+            &losses(&f.out(&format!("{stage}-epdown"))),
+            &format!("{stage}: ep 2 -> 1"),
+            1e-5,
+        );
     }
     // dp = 4, ep = 2: two expert groups; expert gradients summed over the two replicas and
     // their optimizer state sharded over them.
     let one = f.recipe("sparse", "mb1-one", &model, 2);
     train_ranks(1, &one, &["--set", "train.micro_batch_seqs=1"]);
     let four = f.recipe("sparse", "mb1-four", &model, 2);
-    train_ranks(4, &four, &["--set", "train.micro_batch_seqs=1", "--set", "parallel.ep=2"]);
-    assert_close_within(&losses(&f.out("mb1-one")), &losses(&f.out("mb1-four")), "sparse: dp=4 ep=2 vs 1 process", 1e-5);
+    train_ranks(
+        4,
+        &four,
+        &[
+            "--set",
+            "train.micro_batch_seqs=1",
+            "--set",
+            "parallel.ep=2",
+        ],
+    );
+    assert_close_within(
+        &losses(&f.out("mb1-one")),
+        &losses(&f.out("mb1-four")),
+        "sparse: dp=4 ep=2 vs 1 process",
+        1e-5,
+    );
 }
 
 /// A MoE whose 8 experts are split over two ranks (threads, TCP on localhost) gives the
@@ -325,46 +598,109 @@ fn sharded_experts_match_one_moe_holding_all() {
     let rand = |shape: &[usize], s: f64| Tensor::randn(0f32, s as f32, shape, &dev).unwrap();
     let router = rand(&[e, d], 0.5);
     let bias = rand(&[e], 0.1);
-    let experts: Vec<[Tensor; 3]> = (0..e).map(|_| [rand(&[inter, d], 0.3), rand(&[inter, d], 0.3), rand(&[d, inter], 0.3)]).collect();
+    let experts: Vec<[Tensor; 3]> = (0..e)
+        .map(|_| {
+            [
+                rand(&[inter, d], 0.3),
+                rand(&[inter, d], 0.3),
+                rand(&[d, inter], 0.3),
+            ]
+        })
+        .collect();
     let x = rand(&[1, t, d], 1.0);
     let g = rand(&[1, t, d], 1.0);
 
     // Builds a MoE over fresh Vars (so gradients can be read back) for the experts in `held`.
-    let build = |held: std::ops::Range<usize>, shard: Option<ExpertShard>, compute: ExpertCompute| {
-        let rv = Var::from_tensor(&router).unwrap();
-        let vars: Vec<[Var; 3]> = held.clone().map(|i| experts[i].clone().map(|w| Var::from_tensor(&w).unwrap())).collect();
-        let moe = Moe {
-            router: rv.as_tensor().clone(),
-            bias: bias.clone(),
-            experts: vars.iter().map(|[a, b, c]| Mlp { gate: a.as_tensor().clone(), up: b.as_tensor().clone(), down: c.as_tensor().clone() }).collect(),
-            shard,
-            n_experts: e,
-            shared: None,
-            top_k: 2,
-            n_group: 4,
-            topk_group: 2,
-            norm_topk_prob: true,
-            routed_scaling_factor: 2.5,
-            compute,
+    let build =
+        |held: std::ops::Range<usize>, shard: Option<ExpertShard>, compute: ExpertCompute| {
+            let rv = Var::from_tensor(&router).unwrap();
+            let vars: Vec<[Var; 3]> = held
+                .clone()
+                .map(|i| experts[i].clone().map(|w| Var::from_tensor(&w).unwrap()))
+                .collect();
+            let moe = Moe {
+                router: rv.as_tensor().clone(),
+                bias: bias.clone(),
+                experts: vars
+                    .iter()
+                    .map(|[a, b, c]| Mlp {
+                        gate: a.as_tensor().clone(),
+                        up: b.as_tensor().clone(),
+                        down: c.as_tensor().clone(),
+                    })
+                    .collect(),
+                shard,
+                n_experts: e,
+                shared: None,
+                top_k: 2,
+                n_group: 4,
+                topk_group: 2,
+                norm_topk_prob: true,
+                routed_scaling_factor: 2.5,
+                compute,
+            };
+            (moe, rv, vars)
         };
-        (moe, rv, vars)
-    };
     // Forward and backward of sum(out * g); returns (out, dx, drouter, dexperts).
     let run = |moe: &Moe, rv: &Var, vars: &[[Var; 3]], x: &Tensor, g: &Tensor| {
         let xv = Var::from_tensor(x).unwrap();
         let out = moe.forward(xv.as_tensor(), false).unwrap().out;
         let grads = (&out * g).unwrap().sum_all().unwrap().backward().unwrap();
-        let dexp: Vec<Vec<Tensor>> = vars.iter().map(|ws| ws.iter().map(|w| grads.get(w).cloned().unwrap_or_else(|| w.zeros_like().unwrap())).collect()).collect();
-        (out, grads.get(&xv).unwrap().clone(), grads.get(rv).unwrap().clone(), dexp)
+        let dexp: Vec<Vec<Tensor>> = vars
+            .iter()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| {
+                        grads
+                            .get(w)
+                            .cloned()
+                            .unwrap_or_else(|| w.zeros_like().unwrap())
+                    })
+                    .collect()
+            })
+            .collect();
+        (
+            out,
+            grads.get(&xv).unwrap().clone(),
+            grads.get(rv).unwrap().clone(),
+            dexp,
+        )
     };
     // The explicit forward and backward of the same; returns what `run` does.
     let explicit = |moe: &Moe, rv: &Var, vars: &[[Var; 3]], x: &Tensor, g: &Tensor| {
         let n = x.dim(1).unwrap();
-        let (out, saved) = moe.forward_saved(&x.reshape((n, d)).unwrap(), None, true).unwrap();
+        let (out, saved) = moe
+            .forward_saved(&x.reshape((n, d)).unwrap(), None, true)
+            .unwrap();
         let mut sink = GradMap::default();
-        let dx = moe.backward(&x.reshape((n, d)).unwrap(), &saved, &g.reshape((n, d)).unwrap(), None, &mut sink).unwrap();
-        let dexp: Vec<Vec<Tensor>> = vars.iter().map(|ws| ws.iter().map(|w| sink.sums.get(&w.as_tensor().id()).cloned().unwrap_or_else(|| w.zeros_like().unwrap())).collect()).collect();
-        (out.unwrap().reshape(x.shape()).unwrap(), dx.reshape(x.shape()).unwrap(), sink.sums[&rv.as_tensor().id()].clone(), dexp)
+        let dx = moe
+            .backward(
+                &x.reshape((n, d)).unwrap(),
+                &saved,
+                &g.reshape((n, d)).unwrap(),
+                None,
+                &mut sink,
+            )
+            .unwrap();
+        let dexp: Vec<Vec<Tensor>> = vars
+            .iter()
+            .map(|ws| {
+                ws.iter()
+                    .map(|w| {
+                        sink.sums
+                            .get(&w.as_tensor().id())
+                            .cloned()
+                            .unwrap_or_else(|| w.zeros_like().unwrap())
+                    })
+                    .collect()
+            })
+            .collect();
+        (
+            out.unwrap().reshape(x.shape()).unwrap(),
+            dx.reshape(x.shape()).unwrap(),
+            sink.sums[&rv.as_tensor().id()].clone(),
+            dexp,
+        )
     };
     let (moe, rv, vars) = build(0..e, None, ExpertCompute::Auto);
     let reference = run(&moe, &rv, &vars, &x, &g);
@@ -372,40 +708,97 @@ fn sharded_experts_match_one_moe_holding_all() {
     let port = free_port();
     let half = t / 2;
     let (build, run, explicit) = (&build, &run, &explicit);
-    for (way, compute) in [("autograd", ExpertCompute::Auto), ("explicit, grouped", ExpertCompute::Grouped), ("explicit, per expert", ExpertCompute::PerExpert)] {
-    let port = if way == "autograd" { port } else { free_port() };
-    let ranks: Vec<_> = std::thread::scope(|sc| {
-        let handles: Vec<_> = (0..2usize)
-        .map(|r| {
-            let (x, g) = (x.narrow(1, r * half, half).unwrap(), g.narrow(1, r * half, half).unwrap());
-            sc.spawn(move || {
-                let launch = Launch { rank: r, world: 2, local_rank: r, master_addr: "127.0.0.1".into(), master_port: port };
-                let star = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
-                let ex: Arc<dyn RowExchange> = Arc::new(CollectiveExchange::new(Box::new(star), vec![0, 1]).unwrap());
-                let shard = ExpertShard::new(e, ex).unwrap();
-                let (moe, rv, vars) = build(shard.first..shard.first + shard.count, Some(shard), compute);
-                if way == "autograd" { run(&moe, &rv, &vars, &x, &g) } else { explicit(&moe, &rv, &vars, &x, &g) }
-            })
-        })
-        .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    let close = |a: &Tensor, b: &Tensor, what: &str| {
-        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        let size = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-5 * size.max(1.0), "{way}: {what}: max |diff| {diff} (scale {size})");
-    };
-    let cat = |i: usize| Tensor::cat(&ranks.iter().map(|r| if i == 0 { r.0.clone() } else { r.1.clone() }).collect::<Vec<_>>(), 1).unwrap();
-    close(&cat(0), &reference.0, "outputs");
-    close(&cat(1), &reference.1, "d x");
-    close(&(&ranks[0].2 + &ranks[1].2).unwrap(), &reference.2, "d router (summed over ranks)");
-    for (r, rank) in ranks.iter().enumerate() {
-        for (j, dw) in rank.3.iter().enumerate() {
-            for (k, w) in dw.iter().enumerate() {
-                close(w, &reference.3[r * 4 + j][k], &format!("rank {r} expert {} weight {k}", r * 4 + j));
+    for (way, compute) in [
+        ("autograd", ExpertCompute::Auto),
+        ("explicit, grouped", ExpertCompute::Grouped),
+        ("explicit, per expert", ExpertCompute::PerExpert),
+    ] {
+        let port = if way == "autograd" { port } else { free_port() };
+        let ranks: Vec<_> = std::thread::scope(|sc| {
+            let handles: Vec<_> = (0..2usize)
+                .map(|r| {
+                    let (x, g) = (
+                        x.narrow(1, r * half, half).unwrap(),
+                        g.narrow(1, r * half, half).unwrap(),
+                    );
+                    sc.spawn(move || {
+                        let launch = Launch {
+                            rank: r,
+                            world: 2,
+                            local_rank: r,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
+                        let star = TcpCollective::rendezvous(
+                            &launch,
+                            std::time::Duration::from_secs(30),
+                            vec![],
+                        )
+                        .unwrap();
+                        let ex: Arc<dyn RowExchange> =
+                            Arc::new(CollectiveExchange::new(Box::new(star), vec![0, 1]).unwrap());
+                        let shard = ExpertShard::new(e, ex).unwrap();
+                        let (moe, rv, vars) =
+                            build(shard.first..shard.first + shard.count, Some(shard), compute);
+                        if way == "autograd" {
+                            run(&moe, &rv, &vars, &x, &g)
+                        } else {
+                            explicit(&moe, &rv, &vars, &x, &g)
+                        }
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let close = |a: &Tensor, b: &Tensor, what: &str| {
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let size = b
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-5 * size.max(1.0),
+                "{way}: {what}: max |diff| {diff} (scale {size})"
+            );
+        };
+        let cat = |i: usize| {
+            Tensor::cat(
+                &ranks
+                    .iter()
+                    .map(|r| if i == 0 { r.0.clone() } else { r.1.clone() })
+                    .collect::<Vec<_>>(),
+                1,
+            )
+            .unwrap()
+        };
+        close(&cat(0), &reference.0, "outputs");
+        close(&cat(1), &reference.1, "d x");
+        close(
+            &(&ranks[0].2 + &ranks[1].2).unwrap(),
+            &reference.2,
+            "d router (summed over ranks)",
+        );
+        for (r, rank) in ranks.iter().enumerate() {
+            for (j, dw) in rank.3.iter().enumerate() {
+                for (k, w) in dw.iter().enumerate() {
+                    close(
+                        w,
+                        &reference.3[r * 4 + j][k],
+                        &format!("rank {r} expert {} weight {k}", r * 4 + j),
+                    );
+                }
             }
         }
-    }
     }
     assert_eq!(x.dtype(), DType::F32);
 }
@@ -415,10 +808,38 @@ fn layout_errors_are_one_clear_line() {
     let f = Fixture::new(6);
     let recipe = f.recipe("warmup", "bad", &f.root.join("model"), 2);
     let r = recipe.to_str().unwrap();
-    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.tp=2"]), &["parallel.tp = 2", "not built"]);
-    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.dp=2"]), &["parallel.dp (2)", "1 rank"]);
-    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.ep=3"]), &["parallel.ep (3) must divide parallel.dp (1)"]);
-    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.dq=2"]), &["--set parallel.dq: unknown key", "did you mean `parallel.dp`"]);
-    assert_clean_error(&run_cli(&["train", r, "--set", "parallel.zero=3"]), &["parallel.zero = 3", "ZeRO stages built are 1"]);
-    assert_clean_error(&run_cli(&["train", r, "--set", "train.block_rows=4", "--set", "train.recompute=false"]), &["train.block_rows", "train.recompute = true"]);
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.tp=2"]),
+        &["parallel.tp = 2", "not built"],
+    );
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.dp=2"]),
+        &["parallel.dp (2)", "1 rank"],
+    );
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.ep=3"]),
+        &["parallel.ep (3) must divide parallel.dp (1)"],
+    );
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.dq=2"]),
+        &[
+            "--set parallel.dq: unknown key",
+            "did you mean `parallel.dp`",
+        ],
+    );
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.zero=3"]),
+        &["parallel.zero = 3", "ZeRO stages built are 1"],
+    );
+    assert_clean_error(
+        &run_cli(&[
+            "train",
+            r,
+            "--set",
+            "train.block_rows=4",
+            "--set",
+            "train.recompute=false",
+        ]),
+        &["train.block_rows", "train.recompute = true"],
+    );
 }

@@ -49,7 +49,11 @@ fn decode(path: &Path) -> (u32, u32, Vec<u8>) {
 
 /// Pixels of exactly `rgb` below the heading.
 fn count_below_heading(pixels: &[u8], width: u32, rgb: [u8; 3]) -> usize {
-    pixels.chunks_exact(3).skip(HEADING_ROWS * width as usize).filter(|p| **p == rgb).count()
+    pixels
+        .chunks_exact(3)
+        .skip(HEADING_ROWS * width as usize)
+        .filter(|p| **p == rgb)
+        .count()
 }
 
 #[test]
@@ -60,13 +64,26 @@ fn plot_of_a_run_is_a_png_of_the_documented_size_with_both_stages_drawn() {
     plot_metrics(&metrics, &png).unwrap();
     let (w, h, pixels) = decode(&png);
     assert_eq!((w, h), (PLOT_WIDTH, PLOT_HEIGHT));
-    let white = pixels.chunks_exact(3).filter(|p| *p == [255, 255, 255]).count();
+    let white = pixels
+        .chunks_exact(3)
+        .filter(|p| *p == [255, 255, 255])
+        .count();
     assert!(white < pixels.len() / 3, "the image is blank");
     // Dark text and axes, and curves of both stages in the panels.
-    assert!(pixels.chunks_exact(3).filter(|p| p.iter().all(|c| *c < 60)).count() > 2000);
+    assert!(
+        pixels
+            .chunks_exact(3)
+            .filter(|p| p.iter().all(|c| *c < 60))
+            .count()
+            > 2000
+    );
     assert!(count_below_heading(&pixels, w, WARMUP_RGB) > 1000);
     assert!(count_below_heading(&pixels, w, SPARSE_RGB) > 1000);
-    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 2, "a temporary file was left behind");
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        2,
+        "a temporary file was left behind"
+    );
 }
 
 #[test]
@@ -83,7 +100,10 @@ fn a_warmup_only_run_draws_no_sparse_curve() {
 #[test]
 fn a_single_step_with_absent_numbers_still_plots() {
     let tmp = tempfile::tempdir().unwrap();
-    let metrics = write_lines(tmp.path(), &[r#"{"step": 0, "stage": "warmup", "indexer_kl": 2.5}"#.to_string()]);
+    let metrics = write_lines(
+        tmp.path(),
+        &[r#"{"step": 0, "stage": "warmup", "indexer_kl": 2.5}"#.to_string()],
+    );
     let png = tmp.path().join("plot.png");
     plot_metrics(&metrics, &png).unwrap();
     let (w, h, pixels) = decode(&png);
@@ -100,11 +120,17 @@ fn a_step_logged_twice_keeps_its_last_line_and_steps_come_in_order() {
     lines.push(r#"{"step": 5, "stage": "sparse", "lm_loss": 1.5, "indexer_kl": 0.2}"#.into());
     lines.insert(0, String::new());
     let records = read_metrics(&write_lines(tmp.path(), &lines)).unwrap();
-    assert_eq!(records.iter().map(|r| r.step).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6]);
+    assert_eq!(
+        records.iter().map(|r| r.step).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5, 6]
+    );
     assert_eq!(records[4].lm_loss, Some(1.5));
     assert_eq!(records[4].lr, None);
     assert_eq!(records[0].lm_loss, None);
-    assert_eq!((records[2].stage, records[3].stage), (Stage::Warmup, Stage::Sparse));
+    assert_eq!(
+        (records[2].stage, records[3].stage),
+        (Stage::Warmup, Stage::Sparse)
+    );
 }
 
 #[test]
@@ -117,25 +143,52 @@ fn bad_metrics_lines_are_errors_naming_the_file_and_line() {
         (r#"{"step": -1, "stage": "sparse"}"#, "\"step\""),
         (r#"{"step": "7", "stage": "sparse"}"#, "\"step\""),
         (r#"{"step": 3, "stage": "dance"}"#, "\"stage\""),
-        (r#"{"step": 3, "stage": "sparse", "lm_loss": "2.1"}"#, "\"lm_loss\""),
+        (
+            r#"{"step": 3, "stage": "sparse", "lm_loss": "2.1"}"#,
+            "\"lm_loss\"",
+        ),
     ];
     for (bad, needle) in cases {
         let mut lines = run_lines(1, 1);
         lines.push(bad.to_string());
         let metrics = write_lines(tmp.path(), &lines);
-        let err = format!("{:#}", plot_metrics(&metrics, &tmp.path().join("p.png")).unwrap_err());
-        assert!(err.contains(&format!("{} line 3", metrics.display())) && err.contains(needle), "{bad}: {err}");
+        let err = format!(
+            "{:#}",
+            plot_metrics(&metrics, &tmp.path().join("p.png")).unwrap_err()
+        );
+        assert!(
+            err.contains(&format!("{} line 3", metrics.display())) && err.contains(needle),
+            "{bad}: {err}"
+        );
     }
     let metrics = write_lines(tmp.path(), &[]);
-    let err = format!("{:#}", plot_metrics(&metrics, &tmp.path().join("p.png")).unwrap_err());
+    let err = format!(
+        "{:#}",
+        plot_metrics(&metrics, &tmp.path().join("p.png")).unwrap_err()
+    );
     assert!(err.contains("holds no records"), "{err}");
     assert!(!tmp.path().join("p.png").exists());
 
-    let metrics = write_lines(tmp.path(), &["{\"step\": 1, \"stage\": \"warmup\"}".into(), "oops".into()]);
-    let r = run_cli(&["plot", "--metrics", path_str(&metrics), "--output", path_str(&tmp.path().join("p.png"))]);
+    let metrics = write_lines(
+        tmp.path(),
+        &["{\"step\": 1, \"stage\": \"warmup\"}".into(), "oops".into()],
+    );
+    let r = run_cli(&[
+        "plot",
+        "--metrics",
+        path_str(&metrics),
+        "--output",
+        path_str(&tmp.path().join("p.png")),
+    ]);
     assert_clean_error(&r, &[path_str(&metrics), "line 2"]);
     let missing = tmp.path().join("absent.jsonl");
-    let r = run_cli(&["plot", "--metrics", path_str(&missing), "--output", path_str(&tmp.path().join("p.png"))]);
+    let r = run_cli(&[
+        "plot",
+        "--metrics",
+        path_str(&missing),
+        "--output",
+        path_str(&tmp.path().join("p.png")),
+    ]);
     assert_clean_error(&r, &[path_str(&missing)]);
 }
 
@@ -143,15 +196,27 @@ fn bad_metrics_lines_are_errors_naming_the_file_and_line() {
 fn stages_that_each_count_from_step_one_are_all_kept_and_drawn_one_after_another() {
     // The miniature reproduction concatenates three runs whose steps each start at 1.
     let tmp = tempfile::tempdir().unwrap();
-    let line = |stage: &str, step: u64| serde_json::json!({"step": step, "stage": stage, "lm_loss": 3.0, "indexer_kl": 0.5}).to_string();
+    let line = |stage: &str, step: u64| {
+        serde_json::json!({"step": step, "stage": stage, "lm_loss": 3.0, "indexer_kl": 0.5})
+            .to_string()
+    };
     let mut lines: Vec<String> = (1..=3).map(|s| line("dense", s)).collect();
     lines.extend((1..=4).map(|s| line("warmup", s)));
     lines.extend((1..=2).map(|s| line("sparse", s)));
     let records = read_metrics(&write_lines(tmp.path(), &lines)).unwrap();
     assert_eq!(records.len(), 9);
-    assert_eq!(records.iter().map(|r| r.stage).collect::<Vec<_>>()[2..4], [Stage::Dense, Stage::Warmup]);
-    assert_eq!(dsa_train::plot::x_positions(&records), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]);
+    assert_eq!(
+        records.iter().map(|r| r.stage).collect::<Vec<_>>()[2..4],
+        [Stage::Dense, Stage::Warmup]
+    );
+    assert_eq!(
+        dsa_train::plot::x_positions(&records),
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0]
+    );
     // A stage that continues the numbering (a sparse run resumed from the warm-up's steps) keeps it.
     let records = read_metrics(&write_lines(tmp.path(), &run_lines(3, 3))).unwrap();
-    assert_eq!(dsa_train::plot::x_positions(&records), [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    assert_eq!(
+        dsa_train::plot::x_positions(&records),
+        [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    );
 }

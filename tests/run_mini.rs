@@ -45,7 +45,11 @@ esac
 "#;
 
 fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 #[test]
@@ -81,9 +85,17 @@ fn run_mini_resumes_each_stage_where_the_last_call_stopped_and_runs_every_task_o
             .env("EVAL_SHORT", "32")
             .output()
             .unwrap();
-        assert!(out.status.success(), "call {n}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "call {n}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
         let returned = std::fs::read_dir(&log).unwrap().count();
-        assert!(returned <= 8, "call {n} leaves {returned} files for the GPU machine to return, more than 8");
+        assert!(
+            returned <= 8,
+            "call {n} leaves {returned} files for the GPU machine to return, more than 8"
+        );
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let mut calls = 0;
@@ -94,38 +106,101 @@ fn run_mini_resumes_each_stage_where_the_last_call_stopped_and_runs_every_task_o
             break;
         }
     }
-    assert!(calls >= 3, "a 4 s pre-training plus the stages should not fit in one or two 4 s calls (took {calls})");
+    assert!(
+        calls >= 3,
+        "a 4 s pre-training plus the stages should not fit in one or two 4 s calls (took {calls})"
+    );
     // Every stage ran each of its steps exactly once across the calls.
-    for (stage, steps) in [("dense", 40), ("warmup", 10), ("sparse", 12), ("baseline", 12)] {
+    for (stage, steps) in [
+        ("dense", 40),
+        ("warmup", 10),
+        ("sparse", 12),
+        ("baseline", 12),
+    ] {
         let logged: Vec<String> = lines(&work.join(stage).join("metrics.jsonl"));
         let expected: Vec<String> = (1..=steps).map(|s| format!("{{\"step\": {s}}}")).collect();
         assert_eq!(logged, expected, "{stage}: steps logged across the calls");
-        assert!(work.join(stage).join("FINISHED").exists(), "{stage} did not finish");
+        assert!(
+            work.join(stage).join("FINISHED").exists(),
+            "{stage} did not finish"
+        );
     }
-    let trains: Vec<String> = lines(&dir.path().join("calls.log")).into_iter().filter(|l| l.starts_with("train ")).collect();
-    assert!(trains.iter().filter(|l| l.contains("run.output_dir=") && l.contains("/dense ")).count() >= 2, "pre-training was never resumed: {trains:?}");
-    let baseline = trains.iter().find(|l| l.contains("mini-dense-continued")).expect("the baseline ran");
-    assert!(baseline.contains("train.steps=12"), "the baseline must repeat the sparse stage's 12 steps: {baseline}");
-    let sparse = trains.iter().find(|l| l.contains("mini-sparse")).expect("the sparse stage ran");
-    assert!(sparse.contains(&format!("model.path={}", work.join("warmup").join("step-10").display())), "sparse starts from the warm-up's end: {sparse}");
+    let trains: Vec<String> = lines(&dir.path().join("calls.log"))
+        .into_iter()
+        .filter(|l| l.starts_with("train "))
+        .collect();
+    assert!(
+        trains
+            .iter()
+            .filter(|l| l.contains("run.output_dir=") && l.contains("/dense "))
+            .count()
+            >= 2,
+        "pre-training was never resumed: {trains:?}"
+    );
+    let baseline = trains
+        .iter()
+        .find(|l| l.contains("mini-dense-continued"))
+        .expect("the baseline ran");
+    assert!(
+        baseline.contains("train.steps=12"),
+        "the baseline must repeat the sparse stage's 12 steps: {baseline}"
+    );
+    let sparse = trains
+        .iter()
+        .find(|l| l.contains("mini-sparse"))
+        .expect("the sparse stage ran");
+    assert!(
+        sparse.contains(&format!(
+            "model.path={}",
+            work.join("warmup").join("step-10").display()
+        )),
+        "sparse starts from the warm-up's end: {sparse}"
+    );
     // Six model rows at two lengths, each once; three stages at two lengths, LONG first.
     let evals = lines(&work.join("eval.jsonl"));
     assert_eq!(evals.len(), 12, "{evals:#?}");
     assert!(evals.iter().all(|l| !l.ends_with("null}")), "{evals:#?}");
     let failures = lines(&work.join("failures.txt"));
-    assert_eq!(failures.len(), 1, "one evaluation failed once and was retried: {failures:?}");
-    assert!(failures[0].contains("\"seq_len\": 64, \"attention\": \"sparse\"") && failures[0].contains("terminus"), "{failures:?}");
+    assert_eq!(
+        failures.len(),
+        1,
+        "one evaluation failed once and was retried: {failures:?}"
+    );
+    assert!(
+        failures[0].contains("\"seq_len\": 64, \"attention\": \"sparse\"")
+            && failures[0].contains("terminus"),
+        "{failures:?}"
+    );
     let speed = lines(&work.join("speed.txt"));
     assert_eq!(speed.len(), 6, "{speed:#?}");
-    assert!(speed[0].starts_with("ours dense 64: ") && speed[3].starts_with("ours dense 32: "), "{speed:#?}");
+    assert!(
+        speed[0].starts_with("ours dense 64: ") && speed[3].starts_with("ours dense 32: "),
+        "{speed:#?}"
+    );
     // The report of the last call (tools/reference/report.py, where the machine has python3).
-    if Command::new("python3").arg("--version").output().is_ok_and(|o| o.status.success()) {
-        let table = std::fs::read_to_string(dir.path().join(format!("log{calls}")).join("results-table.md")).unwrap_or_default();
-        assert!(table.contains("| dense-start | 32 | dense | 7.0000 |") && table.contains("| 64 | 1000 | 1000 | 1000 |"), "report.py's table:\n{table}");
+    if Command::new("python3")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        let table = std::fs::read_to_string(
+            dir.path()
+                .join(format!("log{calls}"))
+                .join("results-table.md"),
+        )
+        .unwrap_or_default();
+        assert!(
+            table.contains("| dense-start | 32 | dense | 7.0000 |")
+                && table.contains("| 64 | 1000 | 1000 | 1000 |"),
+            "report.py's table:\n{table}"
+        );
     }
     // One more call finds nothing to do.
     let before = lines(&dir.path().join("calls.log")).len();
     assert!(call(calls + 1).contains("every task has run"));
     let after: Vec<String> = lines(&dir.path().join("calls.log"))[before..].to_vec();
-    assert!(after.iter().all(|l| l.starts_with("plot ")), "a finished pipeline ran again: {after:?}");
+    assert!(
+        after.iter().all(|l| l.starts_with("plot ")),
+        "a finished pipeline ran again: {after:?}"
+    );
 }

@@ -35,7 +35,10 @@ fn assert_same_params(a: &Path, b: &Path) {
     for (name, t) in &pa {
         let x: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
         let y: Vec<f32> = pb[name].flatten_all().unwrap().to_vec1().unwrap();
-        assert!(x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()), "{name} differs");
+        assert!(
+            x.iter().zip(&y).all(|(p, q)| p.to_bits() == q.to_bits()),
+            "{name} differs"
+        );
     }
 }
 
@@ -53,14 +56,26 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit_in_both_stages() {
     assert_eq!(losses(&f.out("w-split")).len(), 4);
     // TensorBoard: one event file per start of the run, the same KL per step as metrics.jsonl.
     let mut kl: Vec<(u64, f32)> = vec![];
-    let files: Vec<_> = std::fs::read_dir(f.out("w-split/tensorboard")).unwrap().map(|e| e.unwrap().path()).collect();
+    let files: Vec<_> = std::fs::read_dir(f.out("w-split/tensorboard"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
     assert_eq!(files.len(), 2);
     for file in &files {
         let scalars = dsa_train::train::tensorboard::read_scalars(file).unwrap();
-        kl.extend(scalars.into_iter().filter(|s| s.1 == "train/indexer_kl").map(|s| (s.0, s.2)));
+        kl.extend(
+            scalars
+                .into_iter()
+                .filter(|s| s.1 == "train/indexer_kl")
+                .map(|s| (s.0, s.2)),
+        );
     }
     kl.sort_by_key(|x| x.0);
-    let want: Vec<(u64, f32)> = metrics::read(&f.out("w-split/metrics.jsonl")).unwrap().iter().map(|m| (m.step, m.indexer_kl as f32)).collect();
+    let want: Vec<(u64, f32)> = metrics::read(&f.out("w-split/metrics.jsonl"))
+        .unwrap()
+        .iter()
+        .map(|m| (m.step, m.indexer_kl as f32))
+        .collect();
     assert_eq!(kl, want);
     assert_same_params(&f.out("w-straight/step-4"), &f.out("w-split/step-4"));
 
@@ -85,12 +100,31 @@ fn warmup_trains_only_the_indexer_and_leaves_every_other_tensor_bitwise_unchange
     run_recipe(&recipe, &[], None);
     let step = f.out("w/step-3");
     let saved = load_file_f32(&step.join("params.safetensors"), &Device::Cpu).unwrap();
-    assert!(!saved.is_empty() && saved.keys().all(|n| n.contains(".indexer.")), "{:?}", saved.keys());
+    assert!(
+        !saved.is_empty() && saved.keys().all(|n| n.contains(".indexer.")),
+        "{:?}",
+        saved.keys()
+    );
     // The chained model equals the base everywhere but in the indexers, which did move.
-    let opts = LoadOptions { indexer: dsa_train::config::IndexerDefaults { n_heads: 2, head_dim: 32, topk: 8 }, ..Default::default() };
+    let opts = LoadOptions {
+        indexer: dsa_train::config::IndexerDefaults {
+            n_heads: 2,
+            head_dim: 32,
+            topk: 8,
+        },
+        ..Default::default()
+    };
     let trained = Model::load(&step, &opts).unwrap();
     let base = Model::load(&model, &opts).unwrap();
-    let bits = |t: &candle_core::Tensor| -> Vec<u32> { t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect() };
+    let bits = |t: &candle_core::Tensor| -> Vec<u32> {
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
+    };
     for (a, b) in trained.layers.iter().zip(&base.layers) {
         assert_eq!(bits(&a.attn.q_b_proj), bits(&b.attn.q_b_proj));
         assert_eq!(bits(&a.attn.kv_b_proj), bits(&b.attn.kv_b_proj));
@@ -102,7 +136,14 @@ fn warmup_trains_only_the_indexer_and_leaves_every_other_tensor_bitwise_unchange
     assert_eq!(bits(&trained.lm_head), bits(&base.lm_head));
     // Compared with the HF file itself, not only with our own loader.
     let hf = Checkpoint::open(&model).unwrap();
-    let w = hf.load("model.layers.1.mlp.experts.3.up_proj.weight", &[96, 192], DType::F32, &Device::Cpu).unwrap();
+    let w = hf
+        .load(
+            "model.layers.1.mlp.experts.3.up_proj.weight",
+            &[96, 192],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
     if let dsa_train::model::FeedForward::Moe(moe) = &trained.layers[1].ffn {
         assert_eq!(bits(&moe.experts[3].up), bits(&w));
     } else {
@@ -124,13 +165,20 @@ fn sparse_stage_lowers_the_lm_loss_and_moves_the_router_bias() {
     let saved = load_file_f32(&f.out("s/step-12/params.safetensors"), &Device::Cpu).unwrap();
     let hf = Checkpoint::open(&model).unwrap();
     let name = "model.layers.1.mlp.gate.e_score_correction_bias";
-    let before: Vec<f32> = hf.load(name, &[8], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let before: Vec<f32> = hf
+        .load(name, &[8], DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let after: Vec<f32> = saved[name].to_vec1().unwrap();
     // 12 steps of +-0.01: every expert moved by a multiple of 0.01, and some moved.
     assert!(before.iter().zip(&after).any(|(a, b)| (a - b).abs() > 5e-3));
     for (a, b) in before.iter().zip(&after) {
         let k = (b - a) / 0.01;
-        assert!((k - k.round()).abs() < 1e-2 && k.abs() <= 12.0 + 1e-3, "{a} -> {b}");
+        assert!(
+            (k - k.round()).abs() < 1e-2 && k.abs() <= 12.0 + 1e-3,
+            "{a} -> {b}"
+        );
     }
 }
 
@@ -146,7 +194,6 @@ fn spawn_train(recipe: &Path, extra: &[&str]) -> std::process::Child {
         .unwrap()
 }
 
-
 #[test]
 fn a_run_killed_with_sigkill_resumes_from_the_last_complete_checkpoint_and_matches() {
     let f = Fixture::new(4);
@@ -160,14 +207,27 @@ fn a_run_killed_with_sigkill_resumes_from_the_last_complete_checkpoint_and_match
     wait_for(|| out.join("step-3").join("COMPLETE").exists(), "step-3");
     child.kill().unwrap(); // SIGKILL, possibly in the middle of writing step-4
     child.wait().unwrap();
-    let (code, _, stderr) = run_cli(&["train", path_str(&recipe), "--set", "checkpoint.every=1", "--resume", "auto"]);
+    let (code, _, stderr) = run_cli(&[
+        "train",
+        path_str(&recipe),
+        "--set",
+        "checkpoint.every=1",
+        "--resume",
+        "auto",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stderr.contains("resuming from"), "{stderr}");
     assert_eq!(losses(&f.out("ref")), losses(&out));
     assert_same_params(&f.out("ref/step-8"), &out.join("step-8"));
     // No temporary folder is left looking like a checkpoint.
-    let leftovers: Vec<_> = std::fs::read_dir(&out).unwrap().filter_map(|e| e.ok())
-        .filter(|e| e.file_name().to_string_lossy().starts_with("step-") && !e.path().join("COMPLETE").exists()).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(&out)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            e.file_name().to_string_lossy().starts_with("step-")
+                && !e.path().join("COMPLETE").exists()
+        })
+        .collect();
     assert!(leftovers.is_empty());
 }
 
@@ -177,7 +237,10 @@ fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
     let recipe = f.recipe("warmup", "term", &f.root.join("model"), 10_000);
     let mut child = spawn_train(&recipe, &["--set", "checkpoint.every=0"]);
     let metrics_path = f.out("term/metrics.jsonl");
-    wait_for(|| std::fs::read_to_string(&metrics_path).is_ok_and(|t| t.lines().count() >= 2), "two steps");
+    wait_for(
+        || std::fs::read_to_string(&metrics_path).is_ok_and(|t| t.lines().count() >= 2),
+        "two steps",
+    );
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let status = child.wait().unwrap();
     let mut stderr = String::new();
@@ -186,13 +249,35 @@ fn sigterm_writes_a_checkpoint_and_exits_cleanly() {
     assert!(stderr.contains("stop requested"), "{stderr}");
     let steps = metrics::read(&metrics_path).unwrap().len() as u64;
     let ckpts = dsa_train::train::ckpt::complete_checkpoints(&f.out("term"));
-    assert_eq!(ckpts.last().map(|c| c.0), Some(steps), "checkpoint at the last step taken");
-    assert!(!f.out("term/FINISHED").exists(), "a stopped run is not finished");
+    assert_eq!(
+        ckpts.last().map(|c| c.0),
+        Some(steps),
+        "checkpoint at the last step taken"
+    );
+    assert!(
+        !f.out("term/FINISHED").exists(),
+        "a stopped run is not finished"
+    );
     // Resumed with a reachable step count, the run finishes and says so.
     let last = format!("train.steps={}", steps + 1);
-    let mut child = spawn_train(&recipe, &["--set", "checkpoint.every=0", "--set", &last, "--resume", "auto"]);
+    let mut child = spawn_train(
+        &recipe,
+        &[
+            "--set",
+            "checkpoint.every=0",
+            "--set",
+            &last,
+            "--resume",
+            "auto",
+        ],
+    );
     assert!(child.wait().unwrap().success());
-    assert_eq!(std::fs::read_to_string(f.out("term/FINISHED")).unwrap().trim(), (steps + 1).to_string());
+    assert_eq!(
+        std::fs::read_to_string(f.out("term/FINISHED"))
+            .unwrap()
+            .trim(),
+        (steps + 1).to_string()
+    );
 }
 
 #[test]
@@ -202,10 +287,32 @@ fn recipe_and_data_errors_are_one_clear_line() {
     let text = std::fs::read_to_string(&recipe).unwrap();
     let bad = f.root.join("bad.toml");
     std::fs::write(&bad, text.replace("warmup_steps", "warmup_stpes")).unwrap();
-    assert_clean_error(&run_cli(&["train", path_str(&bad)]), &["bad.toml", "train.warmup_stpes", "train.warmup_steps"]);
-    assert_clean_error(&run_cli(&["check", path_str(&recipe), "--set", "train.steps=1.5"]), &["train.steps", "integer"]);
-    assert_clean_error(&run_cli(&["train", path_str(&recipe), "--set", "data.path=/nonexistent/tokens.bin"]), &["/nonexistent/tokens.bin"]);
-    assert_clean_error(&run_cli(&["train", path_str(&recipe), "--set", "model.path=/nonexistent/model"]), &["/nonexistent/model"]);
+    assert_clean_error(
+        &run_cli(&["train", path_str(&bad)]),
+        &["bad.toml", "train.warmup_stpes", "train.warmup_steps"],
+    );
+    assert_clean_error(
+        &run_cli(&["check", path_str(&recipe), "--set", "train.steps=1.5"]),
+        &["train.steps", "integer"],
+    );
+    assert_clean_error(
+        &run_cli(&[
+            "train",
+            path_str(&recipe),
+            "--set",
+            "data.path=/nonexistent/tokens.bin",
+        ]),
+        &["/nonexistent/tokens.bin"],
+    );
+    assert_clean_error(
+        &run_cli(&[
+            "train",
+            path_str(&recipe),
+            "--set",
+            "model.path=/nonexistent/model",
+        ]),
+        &["/nonexistent/model"],
+    );
     std::fs::write(&bad, "[run\noutput_dir=1").unwrap();
     assert_clean_error(&run_cli(&["train", path_str(&bad)]), &["bad.toml", "TOML"]);
 }
@@ -218,7 +325,10 @@ fn check_reports_counts_and_estimates() {
     assert_eq!(code, 0, "{stderr}");
     // Warm-up trains only the indexers: 3 layers (2 + MTP) x (64*160 + 32*192 + 2*32 + 2*192).
     let per_layer = 64 * 160 + 32 * 192 + 64 + 2 * 192;
-    assert!(stdout.contains(&format!("{} trainable", 3 * per_layer)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("{} trainable", 3 * per_layer)),
+        "{stdout}"
+    );
     assert!(stdout.contains("tokens per step: 128"), "{stdout}");
     assert!(stdout.contains("FLOPs per step") && stdout.contains("memory per device"));
     // The dense pre-training stage trains the main model but no indexer tensor.
@@ -226,7 +336,10 @@ fn check_reports_counts_and_estimates() {
     let (code, stdout, stderr) = run_cli(&["check", path_str(&dense)]);
     assert_eq!(code, 0, "{stderr}");
     // Frozen: the three indexers and the router biases of the two MoE layers (layer 1, MTP; 8 experts).
-    assert!(stdout.contains(&format!("trainable, {} frozen", 3 * per_layer + 2 * 8)), "{stdout}");
+    assert!(
+        stdout.contains(&format!("trainable, {} frozen", 3 * per_layer + 2 * 8)),
+        "{stdout}"
+    );
 }
 
 #[test]
@@ -237,30 +350,80 @@ fn a_trained_checkpoint_exports_as_a_v32_checkpoint_our_loader_reads_back() {
     run_recipe(&recipe, &[], None);
     let step = f.out("x/step-2");
     let export = f.out("export");
-    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&step), "--output", path_str(&export), "--fp8"]);
+    let (code, _, stderr) = run_cli(&[
+        "export",
+        "--checkpoint",
+        path_str(&step),
+        "--output",
+        path_str(&export),
+        "--fp8",
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["model_type"], "deepseek_v32");
-    assert_eq!((cfg["index_n_heads"].as_u64(), cfg["index_head_dim"].as_u64(), cfg["index_topk"].as_u64()), (Some(2), Some(32), Some(8)));
+    assert_eq!(
+        (
+            cfg["index_n_heads"].as_u64(),
+            cfg["index_head_dim"].as_u64(),
+            cfg["index_topk"].as_u64()
+        ),
+        (Some(2), Some(32), Some(8))
+    );
     // The trained indexer (rounded once to bf16; weights_proj is stored f32) and the untouched
     // main model come back.
     let trained = load_file_f32(&step.join("params.safetensors"), &Device::Cpu).unwrap();
     let hf = Checkpoint::open(&export).unwrap();
     for (name, t) in &trained {
-        let back: Vec<f32> = hf.load(name, t.dims(), DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let stored = if name.ends_with("weights_proj.weight") { t.clone() } else { t.to_dtype(DType::BF16).unwrap() };
-        let want: Vec<f32> = stored.to_dtype(DType::F32).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let back: Vec<f32> = hf
+            .load(name, t.dims(), DType::F32, &Device::Cpu)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let stored = if name.ends_with("weights_proj.weight") {
+            t.clone()
+        } else {
+            t.to_dtype(DType::BF16).unwrap()
+        };
+        let want: Vec<f32> = stored
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         assert_eq!(back, want, "{name}");
     }
     let base = Checkpoint::open(&model).unwrap();
     let name = "model.layers.1.self_attn.kv_b_proj.weight";
     let shape = base.info(name).unwrap().shape;
-    let a: Vec<f32> = base.load(name, &shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-    let b: Vec<f32> = hf.load(name, &shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let a: Vec<f32> = base
+        .load(name, &shape, DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    let b: Vec<f32> = hf
+        .load(name, &shape, DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert_eq!(a, b);
     // And the plot command draws the run.
     let png = f.out("x/loss.png");
-    let (code, _, stderr) = run_cli(&["plot", "--metrics", path_str(&f.out("x/metrics.jsonl")), "--output", path_str(&png)]);
+    let (code, _, stderr) = run_cli(&[
+        "plot",
+        "--metrics",
+        path_str(&f.out("x/metrics.jsonl")),
+        "--output",
+        path_str(&png),
+    ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(std::fs::metadata(&png).unwrap().len() > 1000);
 }
@@ -269,7 +432,14 @@ fn a_trained_checkpoint_exports_as_a_v32_checkpoint_our_loader_reads_back() {
 fn a_diverging_run_stops_with_one_clear_line() {
     let f = Fixture::new(9);
     let recipe = f.recipe("warmup", "nan", &f.root.join("model"), 5);
-    let result = run_cli(&["train", path_str(&recipe), "--set", "train.lr=1e30", "--set", "train.warmup_steps=0"]);
+    let result = run_cli(&[
+        "train",
+        path_str(&recipe),
+        "--set",
+        "train.lr=1e30",
+        "--set",
+        "train.warmup_steps=0",
+    ]);
     assert_clean_error(&result, &["not finite", "step"]);
 }
 
@@ -291,31 +461,89 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
     // The dense stage: the explicit layer backward (recompute) against autograd (no recompute).
     let (dense_whole, dense_lm, _) = grads(&["train.stage=dense", "train.recompute=false"]);
     let (dense_explicit, dense_lm2, _) = grads(&["train.stage=dense", "train.recompute=true"]);
-    assert!((dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(), "dense: {dense_lm2} vs {dense_lm}");
-    assert_eq!(dense_explicit.len(), dense_whole.len(), "dense: the same tensors get gradients");
+    assert!(
+        (dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(),
+        "dense: {dense_lm2} vs {dense_lm}"
+    );
+    assert_eq!(
+        dense_explicit.len(),
+        dense_whole.len(),
+        "dense: the same tensors get gradients"
+    );
     for (name, a) in &dense_whole {
         let b = &dense_explicit[name];
-        let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-        assert!(diff <= 1e-4 * scale + 1e-9, "dense: {name}: max diff {diff} (max |g| {scale})");
+        let diff = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let scale = a
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(
+            diff <= 1e-4 * scale + 1e-9,
+            "dense: {name}: max diff {diff} (max |g| {scale})"
+        );
     }
     let (whole, lm0, kl0) = grads(&["train.recompute=false", "train.lm_head_chunk=1000"]);
     for sets in [
         &["train.recompute=true", "train.lm_head_chunk=5"][..],
         &["train.recompute=false", "train.lm_head_chunk=7"][..],
-        &["train.recompute=true", "train.block_rows=5", "train.offload_activations=true"][..],
+        &[
+            "train.recompute=true",
+            "train.block_rows=5",
+            "train.offload_activations=true",
+        ][..],
         &["train.recompute=true", "train.block_rows=1"][..],
         &["train.recompute=true", "train.block_rows=32"][..],
     ] {
         let (g, lm, kl) = grads(sets);
-        assert!((lm - lm0).abs() < 1e-6 * lm0.abs() && (kl - kl0).abs() < 1e-6 * kl0.abs().max(1e-3), "{sets:?}: {lm} vs {lm0}, {kl} vs {kl0}");
+        assert!(
+            (lm - lm0).abs() < 1e-6 * lm0.abs() && (kl - kl0).abs() < 1e-6 * kl0.abs().max(1e-3),
+            "{sets:?}: {lm} vs {lm0}, {kl} vs {kl0}"
+        );
         let missing: Vec<&String> = whole.keys().filter(|n| !g.contains_key(*n)).collect();
-        assert_eq!(g.len(), whole.len(), "{sets:?}: the same tensors get gradients (missing {missing:?})");
+        assert_eq!(
+            g.len(),
+            whole.len(),
+            "{sets:?}: the same tensors get gradients (missing {missing:?})"
+        );
         for (name, a) in &whole {
             let b = &g[name];
-            let diff = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            let scale = a.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff <= 1e-4 * scale + 1e-9, "{sets:?}: {name}: max diff {diff} (max |g| {scale})");
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale + 1e-9,
+                "{sets:?}: {name}: max diff {diff} (max |g| {scale})"
+            );
         }
     }
 }
@@ -332,34 +560,108 @@ fn init_and_the_dense_pretraining_stage() {
     let config = f.root.join("config.json");
     std::fs::write(&config, cfg.to_string()).unwrap();
     let init = f.root.join("init");
-    let (code, _, stderr) = run_cli(&["init", "--config", path_str(&config), "--output", path_str(&init), "--seed", "4"]);
+    let (code, _, stderr) = run_cli(&[
+        "init",
+        "--config",
+        path_str(&config),
+        "--output",
+        path_str(&init),
+        "--seed",
+        "4",
+    ]);
     assert_eq!(code, 0, "{stderr}");
     let hf = Checkpoint::open(&init).unwrap();
-    let norm: Vec<f32> = hf.load("model.layers.0.input_layernorm.weight", &[192], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let norm: Vec<f32> = hf
+        .load(
+            "model.layers.0.input_layernorm.weight",
+            &[192],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(norm.iter().all(|&x| x == 1.0));
-    let bias: Vec<f32> = hf.load("model.layers.1.mlp.gate.e_score_correction_bias", &[8], DType::F32, &Device::Cpu).unwrap().to_vec1().unwrap();
+    let bias: Vec<f32> = hf
+        .load(
+            "model.layers.1.mlp.gate.e_score_correction_bias",
+            &[8],
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     assert!(bias.iter().all(|&x| x == 0.0));
-    let mc = dsa_train::config::ModelConfig::from_json(&cfg.to_string(), &Default::default()).unwrap();
-    let spec = dsa_train::weights::model_weights(&mc, false).into_iter().find(|s| s.name == "model.layers.0.self_attn.q_b_proj.weight").unwrap();
-    let w: Vec<f32> = hf.load(&spec.name, &spec.shape, DType::F32, &Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let mc =
+        dsa_train::config::ModelConfig::from_json(&cfg.to_string(), &Default::default()).unwrap();
+    let spec = dsa_train::weights::model_weights(&mc, false)
+        .into_iter()
+        .find(|s| s.name == "model.layers.0.self_attn.q_b_proj.weight")
+        .unwrap();
+    let w: Vec<f32> = hf
+        .load(&spec.name, &spec.shape, DType::F32, &Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
     let std = (w.iter().map(|x| (x * x) as f64).sum::<f64>() / w.len() as f64).sqrt();
-    assert!((std - 0.05).abs() < 0.005, "q_b_proj spread {std} (FP8-stored, initializer_range 0.05)");
-    assert_clean_error(&run_cli(&["init", "--config", path_str(&config), "--output", path_str(&init)]), &["exists and is not empty"]);
-    assert_clean_error(&run_cli(&["init", "--config", path_str(&f.root.join("nope.json")), "--output", path_str(&f.root.join("x"))]), &["nope.json"]);
+    assert!(
+        (std - 0.05).abs() < 0.005,
+        "q_b_proj spread {std} (FP8-stored, initializer_range 0.05)"
+    );
+    assert_clean_error(
+        &run_cli(&[
+            "init",
+            "--config",
+            path_str(&config),
+            "--output",
+            path_str(&init),
+        ]),
+        &["exists and is not empty"],
+    );
+    assert_clean_error(
+        &run_cli(&[
+            "init",
+            "--config",
+            path_str(&f.root.join("nope.json")),
+            "--output",
+            path_str(&f.root.join("x")),
+        ]),
+        &["nope.json"],
+    );
 
     let recipe = f.recipe("dense", "d", &init, 12);
-    run_recipe(&recipe, &["train.lr=3e-3", "train.steps=6", "checkpoint.every=3"], None);
-    run_recipe(&recipe, &["train.lr=3e-3", "checkpoint.every=3"], Some(Resume::Auto));
+    run_recipe(
+        &recipe,
+        &["train.lr=3e-3", "train.steps=6", "checkpoint.every=3"],
+        None,
+    );
+    run_recipe(
+        &recipe,
+        &["train.lr=3e-3", "checkpoint.every=3"],
+        Some(Resume::Auto),
+    );
     let m = metrics::read(&f.out("d/metrics.jsonl")).unwrap();
-    assert_eq!(m.iter().map(|x| x.step).collect::<Vec<_>>(), (1..=12).collect::<Vec<_>>());
+    assert_eq!(
+        m.iter().map(|x| x.step).collect::<Vec<_>>(),
+        (1..=12).collect::<Vec<_>>()
+    );
     assert!(m.iter().all(|x| x.stage == "dense" && x.indexer_kl == 0.0));
     let lm: Vec<f64> = m.iter().map(|x| x.lm_loss.unwrap()).collect();
-    let (first, last) = (lm[..3].iter().sum::<f64>() / 3.0, lm[9..].iter().sum::<f64>() / 3.0);
+    let (first, last) = (
+        lm[..3].iter().sum::<f64>() / 3.0,
+        lm[9..].iter().sum::<f64>() / 3.0,
+    );
     assert!(last < first - 0.2, "LM loss {first} -> {last}");
     // The checkpoint holds the main model (and router biases), never an indexer tensor.
     let saved = load_file_f32(&f.out("d/step-12/params.safetensors"), &Device::Cpu).unwrap();
     assert!(saved.contains_key("model.layers.0.self_attn.q_b_proj.weight"));
-    assert!(saved.keys().all(|n| !n.contains(".indexer.")), "an indexer tensor was trained");
+    assert!(
+        saved.keys().all(|n| !n.contains(".indexer.")),
+        "an indexer tensor was trained"
+    );
 }
 
 /// Nothing the trainer keeps between steps may hold an autograd graph: gradients come out of
@@ -372,18 +674,37 @@ fn gradients_and_optimizer_state_carry_no_graph_between_steps() {
     let f = Fixture::new(11);
     for stage in ["sparse", "dense", "warmup"] {
         let recipe = f.recipe(stage, &format!("g-{stage}"), &f.root.join("model"), 2);
-        let mut t = train::Trainer::new(Recipe::load(&recipe, &["checkpoint.every=0".into(), "model.dtype=bf16".into()]).unwrap(), None).unwrap();
+        let mut t = train::Trainer::new(
+            Recipe::load(
+                &recipe,
+                &["checkpoint.every=0".into(), "model.dtype=bf16".into()],
+            )
+            .unwrap(),
+            None,
+        )
+        .unwrap();
         let (accum, ..) = t.accumulate_gradients().unwrap();
         assert!(accum.grads().next().is_some());
         for (name, g) in accum.grads() {
-            assert!(!g.track_op(), "{stage}: the accumulated gradient of {name} holds a graph");
+            assert!(
+                !g.track_op(),
+                "{stage}: the accumulated gradient of {name} holds a graph"
+            );
         }
         t.train_step().unwrap();
         t.train_step().unwrap();
         for s in &t.slots {
             for p in &s.pieces {
-                assert!(!p.m.track_op() && !p.v.track_op(), "{stage}: the Adam moments of {} hold a graph", s.name);
-                assert!(p.master.as_ref().is_none_or(|m| !m.track_op()), "{stage}: the master copy of {} holds a graph", s.name);
+                assert!(
+                    !p.m.track_op() && !p.v.track_op(),
+                    "{stage}: the Adam moments of {} hold a graph",
+                    s.name
+                );
+                assert!(
+                    p.master.as_ref().is_none_or(|m| !m.track_op()),
+                    "{stage}: the master copy of {} holds a graph",
+                    s.name
+                );
             }
         }
     }
@@ -399,15 +720,25 @@ fn check_counts_the_bytes_each_device_sends() {
     let recipe = f.recipe("sparse", "comm", &f.root.join("model"), 2);
     let one = dsa_train::train::plan::plan(&Recipe::load(&recipe, &[]).unwrap()).unwrap();
     assert_eq!((one.grad_comm_bytes, one.expert_comm_bytes), (0.0, 0.0));
-    let sets = ["parallel.dp=2".to_string(), "parallel.ep=2".to_string(), "model.mtp=false".to_string()];
+    let sets = [
+        "parallel.dp=2".to_string(),
+        "parallel.ep=2".to_string(),
+        "model.mtp=false".to_string(),
+    ];
     let r = Recipe::load(&recipe, &sets).unwrap();
     let p = dsa_train::train::plan::plan(&r).unwrap();
-    let defaults = dsa_train::config::IndexerDefaults { n_heads: r.model.index_n_heads, head_dim: r.model.index_head_dim, topk: r.dsa.index_topk };
+    let defaults = dsa_train::config::IndexerDefaults {
+        n_heads: r.model.index_n_heads,
+        head_dim: r.model.index_head_dim,
+        topk: r.dsa.index_topk,
+    };
     let cfg = dsa_train::config::ModelConfig::from_dir(&f.root.join("model"), &defaults).unwrap();
     let specs = dsa_train::weights::model_weights(&cfg, false);
     let replicated: usize = specs
         .iter()
-        .filter(|s| s.kind != dsa_train::weights::Kind::RouterBias && !s.name.contains(".mlp.experts."))
+        .filter(|s| {
+            s.kind != dsa_train::weights::Kind::RouterBias && !s.name.contains(".mlp.experts.")
+        })
         .map(|s| s.shape.iter().product::<usize>())
         .sum();
     // Ring over 2 ranks: 2 (n-1)/n = 1 times the bytes; two all-reduces.
@@ -430,10 +761,22 @@ fn the_recipes_index_topk_selects_and_is_what_a_step_exports() {
     let recipe = f.recipe("warmup", "k", &f.root.join("model"), 2);
     let (code, _, stderr) = run_cli(&["train", path_str(&recipe)]);
     assert_eq!(code, 0, "{stderr}");
-    assert!(stderr.contains("dsa.index_topk = 8 selects") && stderr.contains("index_topk 32 is not used"), "{stderr}");
+    assert!(
+        stderr.contains("dsa.index_topk = 8 selects")
+            && stderr.contains("index_topk 32 is not used"),
+        "{stderr}"
+    );
     let export = f.out("export");
-    let (code, _, stderr) = run_cli(&["export", "--checkpoint", path_str(&f.out("k/step-2")), "--output", path_str(&export)]);
+    let (code, _, stderr) = run_cli(&[
+        "export",
+        "--checkpoint",
+        path_str(&f.out("k/step-2")),
+        "--output",
+        path_str(&export),
+    ]);
     assert_eq!(code, 0, "{stderr}");
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap()).unwrap();
+    let cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
     assert_eq!(cfg["index_topk"], 8);
 }

@@ -39,18 +39,30 @@ impl ShardHeader {
     /// or overlong shard is caught when it is opened rather than as a short read later.
     pub fn decode(bytes: &[u8], file_len: u64, path: &Path) -> Result<Self> {
         if bytes.len() < HEADER_BYTES {
-            bail!("token shard {} has {} bytes, fewer than its {HEADER_BYTES}-byte header", path.display(), bytes.len());
+            bail!(
+                "token shard {} has {} bytes, fewer than its {HEADER_BYTES}-byte header",
+                path.display(),
+                bytes.len()
+            );
         }
         if bytes[0..8] != MAGIC {
-            bail!("token shard {} does not start with the magic DSATOKS: not a prepared token shard", path.display());
+            bail!(
+                "token shard {} does not start with the magic DSATOKS: not a prepared token shard",
+                path.display()
+            );
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().unwrap());
         if version != VERSION {
-            bail!("token shard {} has format version {version}; this build reads version {VERSION}", path.display());
+            bail!(
+                "token shard {} has format version {version}; this build reads version {VERSION}",
+                path.display()
+            );
         }
         let tokens = u64::from_le_bytes(bytes[16..24].try_into().unwrap());
         let documents = u64::from_le_bytes(bytes[24..32].try_into().unwrap());
-        let expected = tokens.checked_mul(4).and_then(|b| b.checked_add(HEADER_BYTES as u64));
+        let expected = tokens
+            .checked_mul(4)
+            .and_then(|b| b.checked_add(HEADER_BYTES as u64));
         if expected != Some(file_len) {
             bail!(
                 "token shard {} has {file_len} bytes but its header announces {tokens} tokens ({} bytes): truncated or corrupt",
@@ -91,28 +103,46 @@ impl DataIndex {
     /// Read and check index.json for internal consistency (the shards themselves are checked
     /// when they are opened).
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let index: DataIndex =
-            serde_json::from_str(&text).with_context(|| format!("{} is not a valid token index", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let index: DataIndex = serde_json::from_str(&text)
+            .with_context(|| format!("{} is not a valid token index", path.display()))?;
         if index.version != VERSION {
-            bail!("{} has version {}; this build reads version {VERSION}", path.display(), index.version);
+            bail!(
+                "{} has version {}; this build reads version {VERSION}",
+                path.display(),
+                index.version
+            );
         }
         if index.shards.is_empty() {
             bail!("{} lists no shards", path.display());
         }
         for s in &index.shards {
             // Shards live beside index.json; a path would let an index point anywhere.
-            if s.file.is_empty() || s.file.contains(['/', '\\']) || s.file == ".." || s.file == "." {
-                bail!("{}: shard file {:?} is not a plain file name", path.display(), s.file);
+            if s.file.is_empty() || s.file.contains(['/', '\\']) || s.file == ".." || s.file == "."
+            {
+                bail!(
+                    "{}: shard file {:?} is not a plain file name",
+                    path.display(),
+                    s.file
+                );
             }
         }
         let tokens: u64 = index.shards.iter().map(|s| s.tokens).sum();
         let documents: u64 = index.shards.iter().map(|s| s.documents).sum();
         if tokens != index.total_tokens {
-            bail!("{}: total_tokens is {} but the shards hold {tokens}", path.display(), index.total_tokens);
+            bail!(
+                "{}: total_tokens is {} but the shards hold {tokens}",
+                path.display(),
+                index.total_tokens
+            );
         }
         if documents != index.total_documents {
-            bail!("{}: total_documents is {} but the shards hold {documents}", path.display(), index.total_documents);
+            bail!(
+                "{}: total_documents is {} but the shards hold {documents}",
+                path.display(),
+                index.total_documents
+            );
         }
         Ok(index)
     }
@@ -124,25 +154,43 @@ mod tests {
 
     #[test]
     fn header_round_trips_and_checks_the_file_size() {
-        let h = ShardHeader { tokens: 5, documents: 2 };
+        let h = ShardHeader {
+            tokens: 5,
+            documents: 2,
+        };
         let bytes = h.encode();
         assert_eq!(&bytes[0..8], b"DSATOKS\0");
         assert_eq!(bytes[8..12], 1u32.to_le_bytes());
         assert_eq!(bytes[12..16], [0; 4]);
         let p = Path::new("s.bin");
         assert_eq!(ShardHeader::decode(&bytes, 32 + 20, p).unwrap(), h);
-        let err = ShardHeader::decode(&bytes, 32 + 16, p).unwrap_err().to_string();
+        let err = ShardHeader::decode(&bytes, 32 + 16, p)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("s.bin") && err.contains("truncated"), "{err}");
         let mut bad = bytes;
         bad[8] = 2;
-        assert!(ShardHeader::decode(&bad, 52, p).unwrap_err().to_string().contains("version 2"));
+        assert!(ShardHeader::decode(&bad, 52, p)
+            .unwrap_err()
+            .to_string()
+            .contains("version 2"));
         bad[0] = b'X';
-        assert!(ShardHeader::decode(&bad, 52, p).unwrap_err().to_string().contains("magic"));
+        assert!(ShardHeader::decode(&bad, 52, p)
+            .unwrap_err()
+            .to_string()
+            .contains("magic"));
     }
 
     #[test]
     fn header_with_an_absurd_count_is_an_error_not_an_overflow() {
-        let bytes = ShardHeader { tokens: u64::MAX, documents: 0 }.encode();
-        assert!(ShardHeader::decode(&bytes, 32, Path::new("s.bin")).unwrap_err().to_string().contains("too many"));
+        let bytes = ShardHeader {
+            tokens: u64::MAX,
+            documents: 0,
+        }
+        .encode();
+        assert!(ShardHeader::decode(&bytes, 32, Path::new("s.bin"))
+            .unwrap_err()
+            .to_string()
+            .contains("too many"));
     }
 }

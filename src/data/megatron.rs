@@ -24,16 +24,37 @@ pub struct Width {
 }
 
 impl Width {
-    pub const U32: Width = Width { bytes: 4, signed: false };
+    pub const U32: Width = Width {
+        bytes: 4,
+        signed: false,
+    };
 
     fn from_code(code: u8) -> Option<Width> {
         Some(match code {
-            1 => Width { bytes: 1, signed: false },
-            2 => Width { bytes: 1, signed: true },
-            3 => Width { bytes: 2, signed: true },
-            4 => Width { bytes: 4, signed: true },
-            5 => Width { bytes: 8, signed: true },
-            8 => Width { bytes: 2, signed: false },
+            1 => Width {
+                bytes: 1,
+                signed: false,
+            },
+            2 => Width {
+                bytes: 1,
+                signed: true,
+            },
+            3 => Width {
+                bytes: 2,
+                signed: true,
+            },
+            4 => Width {
+                bytes: 4,
+                signed: true,
+            },
+            5 => Width {
+                bytes: 8,
+                signed: true,
+            },
+            8 => Width {
+                bytes: 2,
+                signed: false,
+            },
             _ => return None,
         })
     }
@@ -78,26 +99,52 @@ pub fn prefix_of(path: &Path) -> Option<PathBuf> {
 pub fn open(prefix: &Path) -> Result<Dataset> {
     let idx = PathBuf::from(format!("{}.idx", prefix.display()));
     let bin = PathBuf::from(format!("{}.bin", prefix.display()));
-    let mut f = std::fs::File::open(&idx).with_context(|| format!("cannot open {}", idx.display()))?;
+    let mut f =
+        std::fs::File::open(&idx).with_context(|| format!("cannot open {}", idx.display()))?;
     let mut head = [0u8; 34];
-    f.read_exact(&mut head).map_err(|_| anyhow::anyhow!("{} is shorter than a Megatron index header (34 bytes)", idx.display()))?;
+    f.read_exact(&mut head).map_err(|_| {
+        anyhow::anyhow!(
+            "{} is shorter than a Megatron index header (34 bytes)",
+            idx.display()
+        )
+    })?;
     if &head[..9] != MAGIC {
-        bail!("{} does not start with MMIDIDX: not a Megatron indexed dataset index", idx.display());
+        bail!(
+            "{} does not start with MMIDIDX: not a Megatron indexed dataset index",
+            idx.display()
+        );
     }
     let u64_at = |o: usize| u64::from_le_bytes(head[o..o + 8].try_into().expect("8 bytes"));
     if u64_at(9) != 1 {
-        bail!("{}: index version {} (this build reads version 1)", idx.display(), u64_at(9));
+        bail!(
+            "{}: index version {} (this build reads version 1)",
+            idx.display(),
+            u64_at(9)
+        );
     }
-    let width = Width::from_code(head[17]).with_context(|| format!("{}: dtype code {} is not an integer token type", idx.display(), head[17]))?;
+    let width = Width::from_code(head[17]).with_context(|| {
+        format!(
+            "{}: dtype code {} is not an integer token type",
+            idx.display(),
+            head[17]
+        )
+    })?;
     let (sequences, doc_count) = (u64_at(18), u64_at(26));
-    let need = sequences.checked_mul(12).and_then(|x| x.checked_add(doc_count.checked_mul(8)?)).and_then(|x| x.checked_add(34));
-    let idx_len = f.metadata().with_context(|| format!("cannot stat {}", idx.display()))?.len();
+    let need = sequences
+        .checked_mul(12)
+        .and_then(|x| x.checked_add(doc_count.checked_mul(8)?))
+        .and_then(|x| x.checked_add(34));
+    let idx_len = f
+        .metadata()
+        .with_context(|| format!("cannot stat {}", idx.display()))?
+        .len();
     if need != Some(idx_len) {
         bail!("{}: {idx_len} bytes, but its header announces {sequences} sequences and {doc_count} document indices ({} bytes): truncated or corrupt",
             idx.display(), need.map_or_else(|| "too many".into(), |n| n.to_string()));
     }
     let mut table = vec![0u8; (sequences * 12) as usize];
-    f.read_exact(&mut table).with_context(|| format!("cannot read {}", idx.display()))?;
+    f.read_exact(&mut table)
+        .with_context(|| format!("cannot read {}", idx.display()))?;
     let (lens, ptrs) = table.split_at((sequences * 4) as usize);
     let mut at = 0u64;
     for (i, (l, p)) in lens.chunks_exact(4).zip(ptrs.chunks_exact(8)).enumerate() {
@@ -108,14 +155,26 @@ pub fn open(prefix: &Path) -> Result<Dataset> {
         }
         at += len as u64 * width.bytes as u64;
     }
-    let bin_len = std::fs::metadata(&bin).with_context(|| format!("cannot stat {}", bin.display()))?.len();
+    let bin_len = std::fs::metadata(&bin)
+        .with_context(|| format!("cannot stat {}", bin.display()))?
+        .len();
     if bin_len != at {
-        bail!("{}: {bin_len} bytes, but {} lists {} bytes of tokens: truncated or not its pair", bin.display(), idx.display(), at);
+        bail!(
+            "{}: {bin_len} bytes, but {} lists {} bytes of tokens: truncated or not its pair",
+            bin.display(),
+            idx.display(),
+            at
+        );
     }
     if at == 0 {
         bail!("{} lists no tokens", idx.display());
     }
-    Ok(Dataset { bin, width, tokens: at / width.bytes as u64, sequences })
+    Ok(Dataset {
+        bin,
+        width,
+        tokens: at / width.bytes as u64,
+        sequences,
+    })
 }
 
 #[cfg(test)]
@@ -124,9 +183,30 @@ mod tests {
 
     #[test]
     fn ids_decode_little_endian_and_negative_signed_ids_are_refused() {
-        assert_eq!(Width { bytes: 2, signed: true }.decode(&[0xff, 0xff]), None);
-        assert_eq!(Width { bytes: 2, signed: false }.decode(&[0xff, 0xff]), Some(65535));
-        assert_eq!(Width { bytes: 4, signed: true }.decode(&[1, 2, 0, 0]), Some(0x0201));
+        assert_eq!(
+            Width {
+                bytes: 2,
+                signed: true
+            }
+            .decode(&[0xff, 0xff]),
+            None
+        );
+        assert_eq!(
+            Width {
+                bytes: 2,
+                signed: false
+            }
+            .decode(&[0xff, 0xff]),
+            Some(65535)
+        );
+        assert_eq!(
+            Width {
+                bytes: 4,
+                signed: true
+            }
+            .decode(&[1, 2, 0, 0]),
+            Some(0x0201)
+        );
         assert_eq!(Width::from_code(7), None, "float32 is not a token type");
     }
 }

@@ -24,11 +24,16 @@ use anyhow::{bail, Context, Result};
 
 /// Read a raw little-endian u32 token file, checking every id against the vocabulary.
 pub fn read_token_file(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
     if !meta.is_file() {
-        bail!("token file {} is not a regular file (a device, pipe or socket has no fixed size)", path.display());
+        bail!(
+            "token file {} is not a regular file (a device, pipe or socket has no fixed size)",
+            path.display()
+        );
     }
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read token file {}", path.display()))?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("cannot read token file {}", path.display()))?;
     if bytes.is_empty() {
         bail!("token file {} is empty", path.display());
     }
@@ -38,8 +43,15 @@ pub fn read_token_file(path: &Path, vocab_size: usize) -> Result<Vec<u32>> {
             path.display(), bytes.len()
         );
     }
-    let tokens: Vec<u32> = bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
-    if let Some((pos, id)) = tokens.iter().enumerate().find(|(_, &id)| id as usize >= vocab_size) {
+    let tokens: Vec<u32> = bytes
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    if let Some((pos, id)) = tokens
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= vocab_size)
+    {
         bail!("token file {}: token {id} at position {pos} is outside the vocabulary (vocab_size {vocab_size})", path.display());
     }
     Ok(tokens)

@@ -17,7 +17,9 @@ use rayon::prelude::*;
 use serde::Serialize;
 use tokenizers::Tokenizer;
 
-use super::format::{shard_name, DataIndex, ShardEntry, ShardHeader, HEADER_BYTES, INDEX_FILE, VERSION};
+use super::format::{
+    shard_name, DataIndex, ShardEntry, ShardHeader, HEADER_BYTES, INDEX_FILE, VERSION,
+};
 
 /// DeepSeek-V3's document delimiters (ids 0 and 1 in its tokenizer).
 pub const BOS_TOKEN: &str = "<｜begin▁of▁sentence｜>";
@@ -75,12 +77,30 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         bail!("--shard-tokens must be positive");
     }
     // A model folder (DeepSeek's Hugging Face repository ships tokenizer.json) or the file.
-    let tokenizer_file = if args.tokenizer.is_dir() { args.tokenizer.join("tokenizer.json") } else { args.tokenizer.clone() };
+    let tokenizer_file = if args.tokenizer.is_dir() {
+        args.tokenizer.join("tokenizer.json")
+    } else {
+        args.tokenizer.clone()
+    };
     let tokenizer = Tokenizer::from_file(&tokenizer_file)
         .map_err(|e| anyhow!("cannot load tokenizer {}: {e}", tokenizer_file.display()))?;
     let vocab_size = tokenizer.get_vocab_size(true) as u64;
-    let bos_id = delimiter_id(&tokenizer, args, args.bos_id, BOS_TOKEN, "--bos-id", vocab_size)?;
-    let eos_id = delimiter_id(&tokenizer, args, args.eos_id, EOS_TOKEN, "--eos-id", vocab_size)?;
+    let bos_id = delimiter_id(
+        &tokenizer,
+        args,
+        args.bos_id,
+        BOS_TOKEN,
+        "--bos-id",
+        vocab_size,
+    )?;
+    let eos_id = delimiter_id(
+        &tokenizer,
+        args,
+        args.eos_id,
+        EOS_TOKEN,
+        "--eos-id",
+        vocab_size,
+    )?;
     let (inputs, input_bytes) = check_inputs(&args.inputs)?;
     if args.output.join(INDEX_FILE).exists() {
         bail!(
@@ -92,7 +112,8 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     // SIGINT/SIGTERM/SIGHUP stop the tokenisation at the next batch, which removes what was
     // written (a second signal still exits at once).
     crate::signals::install();
-    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
 
     let bar = if args.progress {
         ProgressBar::with_draw_target(Some(input_bytes), ProgressDrawTarget::stderr())
@@ -100,11 +121,14 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         ProgressBar::hidden()
     };
     bar.set_style(
-        ProgressStyle::with_template("[data] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
-            .expect("the template is a constant"),
+        ProgressStyle::with_template(
+            "[data] {bar:40} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )
+        .expect("the template is a constant"),
     );
     let mut writer = ShardWriter::new(&args.output, args.shard_tokens, created_dir);
-    let written = tokenise_all(&tokenizer, &inputs, bos_id, eos_id, &mut writer, &bar).and_then(|()| writer.finish());
+    let written = tokenise_all(&tokenizer, &inputs, bos_id, eos_id, &mut writer, &bar)
+        .and_then(|()| writer.finish());
     bar.finish_and_clear();
     let shards = match written {
         Ok(shards) => shards,
@@ -116,8 +140,15 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
     let total_tokens: u64 = shards.iter().map(|s| s.tokens).sum();
     if total_tokens == 0 {
         writer.remove_all();
-        let names: Vec<String> = args.inputs.iter().map(|p| p.display().to_string()).collect();
-        bail!("the inputs ({}) hold no text to tokenise: every document is empty", names.join(", "));
+        let names: Vec<String> = args
+            .inputs
+            .iter()
+            .map(|p| p.display().to_string())
+            .collect();
+        bail!(
+            "the inputs ({}) hold no text to tokenise: every document is empty",
+            names.join(", ")
+        );
     }
     let index = DataIndex {
         version: VERSION,
@@ -147,7 +178,14 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
 
 /// The id of a delimiter: the flag when given (checked against the vocabulary), else the
 /// tokenizer's own token of that name.
-fn delimiter_id(tok: &Tokenizer, args: &PrepareArgs, flag: Option<u32>, name: &str, flag_name: &str, vocab: u64) -> Result<u32> {
+fn delimiter_id(
+    tok: &Tokenizer,
+    args: &PrepareArgs,
+    flag: Option<u32>,
+    name: &str,
+    flag_name: &str,
+    vocab: u64,
+) -> Result<u32> {
     match flag {
         Some(id) if id as u64 >= vocab => bail!(
             "{flag_name} {id} is outside the vocabulary of tokenizer {} (vocab_size {vocab})",
@@ -155,7 +193,10 @@ fn delimiter_id(tok: &Tokenizer, args: &PrepareArgs, flag: Option<u32>, name: &s
         ),
         Some(id) => Ok(id),
         None => tok.token_to_id(name).ok_or_else(|| {
-            anyhow!("tokenizer {} has no {name} token: pass {flag_name} N", args.tokenizer.display())
+            anyhow!(
+                "tokenizer {} has no {name} token: pass {flag_name} N",
+                args.tokenizer.display()
+            )
         }),
     }
 }
@@ -169,9 +210,13 @@ fn check_inputs(paths: &[PathBuf]) -> Result<(Vec<Input>, u64)> {
     let mut inputs = Vec::with_capacity(paths.len());
     let mut bytes = 0;
     for path in paths {
-        let meta = std::fs::metadata(path).with_context(|| format!("cannot read input file {}", path.display()))?;
+        let meta = std::fs::metadata(path)
+            .with_context(|| format!("cannot read input file {}", path.display()))?;
         if !meta.is_file() {
-            bail!("input {} is not a file: expected .txt or .jsonl files", path.display());
+            bail!(
+                "input {} is not a file: expected .txt or .jsonl files",
+                path.display()
+            );
         }
         let kind = match path.extension().and_then(|e| e.to_str()) {
             Some("txt") => Kind::Text,
@@ -182,7 +227,10 @@ fn check_inputs(paths: &[PathBuf]) -> Result<(Vec<Input>, u64)> {
             ),
         };
         bytes += meta.len();
-        inputs.push(Input { path: path.clone(), kind });
+        inputs.push(Input {
+            path: path.clone(),
+            kind,
+        });
     }
     Ok((inputs, bytes))
 }
@@ -204,7 +252,11 @@ fn tokenise_all(
     writer: &mut ShardWriter,
     bar: &ProgressBar,
 ) -> Result<()> {
-    let mut docs = Documents { inputs, next_input: 0, open: None };
+    let mut docs = Documents {
+        inputs,
+        next_input: 0,
+        open: None,
+    };
     let mut done = false;
     while !done {
         if crate::signals::stop_requested() {
@@ -228,10 +280,20 @@ fn tokenise_all(
         let ids: Vec<Result<Vec<u32>>> = batch
             .par_iter()
             .map(|d| {
-                tokenizer.encode_fast(d.text.as_str(), false).map(|e| e.get_ids().to_vec()).map_err(|e| {
-                    let at = if d.line > 0 { format!(" line {}", d.line) } else { String::new() };
-                    anyhow!("cannot tokenise {}{at}: {e}", inputs[d.input].path.display())
-                })
+                tokenizer
+                    .encode_fast(d.text.as_str(), false)
+                    .map(|e| e.get_ids().to_vec())
+                    .map_err(|e| {
+                        let at = if d.line > 0 {
+                            format!(" line {}", d.line)
+                        } else {
+                            String::new()
+                        };
+                        anyhow!(
+                            "cannot tokenise {}{at}: {e}",
+                            inputs[d.input].path.display()
+                        )
+                    })
             })
             .collect();
         for ids in ids {
@@ -263,7 +325,9 @@ impl Documents<'_> {
             if let Some((i, reader, line)) = &mut self.open {
                 let path = &self.inputs[*i].path;
                 let mut buf = Vec::new();
-                let n = reader.read_until(b'\n', &mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+                let n = reader
+                    .read_until(b'\n', &mut buf)
+                    .with_context(|| format!("cannot read {}", path.display()))?;
                 if n == 0 {
                     self.open = None;
                     continue;
@@ -275,7 +339,10 @@ impl Documents<'_> {
                     continue;
                 }
                 // Without its line ending, so that serde_json's column is the column in the line.
-                let record = buf.strip_suffix(b"\n").map(|r| r.strip_suffix(b"\r").unwrap_or(r)).unwrap_or(&buf);
+                let record = buf
+                    .strip_suffix(b"\n")
+                    .map(|r| r.strip_suffix(b"\r").unwrap_or(r))
+                    .unwrap_or(&buf);
                 let value: serde_json::Value = serde_json::from_slice(record)
                     .map_err(|e| anyhow!("{} is not valid JSON: {}", where_(), json_message(&e)))?;
                 let text = match value {
@@ -283,23 +350,45 @@ impl Documents<'_> {
                         Some(serde_json::Value::String(t)) => t,
                         _ => bail!("{} has no string \"text\" field", where_()),
                     },
-                    _ => bail!("{} is not a JSON object: expected {{\"text\": \"...\"}}", where_()),
+                    _ => bail!(
+                        "{} is not a JSON object: expected {{\"text\": \"...\"}}",
+                        where_()
+                    ),
                 };
-                return Ok(Some(Document { text, input: *i, line: *line, bytes: n as u64 }));
+                return Ok(Some(Document {
+                    text,
+                    input: *i,
+                    line: *line,
+                    bytes: n as u64,
+                }));
             }
-            let Some(input) = self.inputs.get(self.next_input) else { return Ok(None) };
+            let Some(input) = self.inputs.get(self.next_input) else {
+                return Ok(None);
+            };
             let i = self.next_input;
             self.next_input += 1;
-            let file = File::open(&input.path).with_context(|| format!("cannot read input file {}", input.path.display()))?;
+            let file = File::open(&input.path)
+                .with_context(|| format!("cannot read input file {}", input.path.display()))?;
             match input.kind {
                 Kind::Jsonl => self.open = Some((i, BufReader::with_capacity(1 << 20, file), 0)),
                 Kind::Text => {
-                    let bytes = std::fs::read(&input.path).with_context(|| format!("cannot read input file {}", input.path.display()))?;
+                    let bytes = std::fs::read(&input.path).with_context(|| {
+                        format!("cannot read input file {}", input.path.display())
+                    })?;
                     let n = bytes.len() as u64;
                     let text = String::from_utf8(bytes).map_err(|e| {
-                        anyhow!("{} is not UTF-8 text (invalid byte at offset {})", input.path.display(), e.utf8_error().valid_up_to())
+                        anyhow!(
+                            "{} is not UTF-8 text (invalid byte at offset {})",
+                            input.path.display(),
+                            e.utf8_error().valid_up_to()
+                        )
                     })?;
-                    return Ok(Some(Document { text, input: i, line: 0, bytes: n }));
+                    return Ok(Some(Document {
+                        text,
+                        input: i,
+                        line: 0,
+                        bytes: n,
+                    }));
                 }
             }
         }
@@ -310,7 +399,9 @@ impl Documents<'_> {
 /// line is parsed alone), with the column kept.
 fn json_message(e: &serde_json::Error) -> String {
     let msg = e.to_string();
-    let base = msg.rsplit_once(" at line ").map_or(msg.as_str(), |(m, _)| m);
+    let base = msg
+        .rsplit_once(" at line ")
+        .map_or(msg.as_str(), |(m, _)| m);
     format!("{base} (column {})", e.column())
 }
 
@@ -333,7 +424,13 @@ struct OpenShard {
 
 impl ShardWriter {
     fn new(dir: &Path, cap: u64, created_dir: bool) -> Self {
-        Self { dir: dir.to_path_buf(), cap, done: Vec::new(), current: None, created_dir }
+        Self {
+            dir: dir.to_path_buf(),
+            cap,
+            done: Vec::new(),
+            current: None,
+            created_dir,
+        }
     }
 
     fn tmp_path(&self, i: usize) -> PathBuf {
@@ -347,11 +444,18 @@ impl ShardWriter {
         while !tokens.is_empty() {
             if self.current.is_none() {
                 let tmp = self.tmp_path(self.done.len());
-                let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+                let file = File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
                 let mut file = BufWriter::with_capacity(1 << 20, file);
                 // A zeroed header (no magic) until the shard is complete.
-                file.write_all(&[0u8; HEADER_BYTES]).with_context(|| format!("cannot write {}", tmp.display()))?;
-                self.current = Some(OpenShard { file, tmp, tokens: 0, documents: 0 });
+                file.write_all(&[0u8; HEADER_BYTES])
+                    .with_context(|| format!("cannot write {}", tmp.display()))?;
+                self.current = Some(OpenShard {
+                    file,
+                    tmp,
+                    tokens: 0,
+                    documents: 0,
+                });
             }
             let cur = self.current.as_mut().unwrap();
             if starts_document {
@@ -361,7 +465,9 @@ impl ShardWriter {
             let take = ((self.cap - cur.tokens) as usize).min(tokens.len());
             bytes.clear();
             bytes.extend(tokens[..take].iter().flat_map(|t| t.to_le_bytes()));
-            cur.file.write_all(&bytes).with_context(|| format!("cannot write {}", cur.tmp.display()))?;
+            cur.file
+                .write_all(&bytes)
+                .with_context(|| format!("cannot write {}", cur.tmp.display()))?;
             cur.tokens += take as u64;
             tokens = &tokens[take..];
             if cur.tokens == self.cap {
@@ -373,18 +479,33 @@ impl ShardWriter {
 
     /// Write the real header, flush to disk, and rename the shard to its final name.
     fn close(&mut self) -> Result<()> {
-        let Some(cur) = self.current.take() else { return Ok(()) };
+        let Some(cur) = self.current.take() else {
+            return Ok(());
+        };
         let tmp = cur.tmp.clone();
-        let io = |r: std::io::Result<()>| r.with_context(|| format!("cannot write {}", tmp.display()));
-        let mut file = cur.file.into_inner().map_err(|e| e.into_error()).with_context(|| format!("cannot write {}", tmp.display()))?;
-        let header = ShardHeader { tokens: cur.tokens, documents: cur.documents };
+        let io =
+            |r: std::io::Result<()>| r.with_context(|| format!("cannot write {}", tmp.display()));
+        let mut file = cur
+            .file
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .with_context(|| format!("cannot write {}", tmp.display()))?;
+        let header = ShardHeader {
+            tokens: cur.tokens,
+            documents: cur.documents,
+        };
         io(file.seek(SeekFrom::Start(0)).map(|_| ()))?;
         io(file.write_all(&header.encode()))?;
         io(file.sync_all())?;
         let name = shard_name(self.done.len());
         let path = self.dir.join(&name);
-        std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        self.done.push(ShardEntry { file: name, tokens: cur.tokens, documents: cur.documents });
+        std::fs::rename(&tmp, &path)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        self.done.push(ShardEntry {
+            file: name,
+            tokens: cur.tokens,
+            documents: cur.documents,
+        });
         Ok(())
     }
 
@@ -413,7 +534,11 @@ fn write_index(dir: &Path, index: &DataIndex) -> Result<()> {
     let path = dir.join(INDEX_FILE);
     let tmp = dir.join(format!("{INDEX_FILE}.tmp"));
     let text = serde_json::to_string_pretty(index)? + "\n";
-    let mut file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    file.write_all(text.as_bytes()).and_then(|()| file.sync_all()).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    let mut file =
+        File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
 }

@@ -39,14 +39,26 @@ impl WindowSampler {
         if windows == 0 {
             bail!(
                 "{} holds {} tokens, fewer than one window of seq_len {seq_len}",
-                stream.path().display(), stream.len()
+                stream.path().display(),
+                stream.len()
             );
         }
         // The order is stored as u32 to halve its memory (one entry per window).
         if windows > u32::MAX as u64 {
-            bail!("{} holds {windows} windows of seq_len {seq_len}, more than 2^32", stream.path().display());
+            bail!(
+                "{} holds {windows} windows of seq_len {seq_len}, more than 2^32",
+                stream.path().display()
+            );
         }
-        Ok(Self { stream, seq_len, windows, seed, cursor: DataCursor::default(), order: Vec::new(), order_epoch: None })
+        Ok(Self {
+            stream,
+            seq_len,
+            windows,
+            seed,
+            cursor: DataCursor::default(),
+            order: Vec::new(),
+            order_epoch: None,
+        })
     }
 
     pub fn windows(&self) -> u64 {
@@ -93,12 +105,16 @@ impl WindowSampler {
             }
             let w = self.order[self.cursor.index as usize] as u64;
             let mut window = vec![0u32; self.seq_len];
-            self.stream.copy_range(w * self.seq_len as u64, &mut window)?;
+            self.stream
+                .copy_range(w * self.seq_len as u64, &mut window)?;
             batch.push(window);
             // Advance only after a successful read, so that a failed batch can be retried.
             self.cursor.index += 1;
             if self.cursor.index == self.windows {
-                self.cursor = DataCursor { epoch: self.cursor.epoch + 1, index: 0 };
+                self.cursor = DataCursor {
+                    epoch: self.cursor.epoch + 1,
+                    index: 0,
+                };
             }
         }
         Ok(batch)
@@ -150,7 +166,10 @@ mod tests {
             *counts.entry(shuffled_order(4, 3, epoch)).or_insert(0u32) += 1;
         }
         assert_eq!(counts.len(), 24);
-        assert!(counts.values().all(|c| (800..1200).contains(c)), "{counts:?}");
+        assert!(
+            counts.values().all(|c| (800..1200).contains(c)),
+            "{counts:?}"
+        );
     }
 
     #[test]

@@ -55,7 +55,13 @@ impl TokenStream {
             (vec![open_raw(path)?], None)
         };
         let len = segments.iter().map(|s| s.tokens).sum();
-        Ok(Self { path: path.to_path_buf(), segments, len, vocab_size: vocab_size as u64, index })
+        Ok(Self {
+            path: path.to_path_buf(),
+            segments,
+            len,
+            vocab_size: vocab_size as u64,
+            index,
+        })
     }
 
     /// The path the stream was opened from.
@@ -80,11 +86,15 @@ impl TokenStream {
     /// Copy `out.len()` tokens starting at stream position `start`, across shard boundaries,
     /// checking each id against the vocabulary.
     pub fn copy_range(&self, start: u64, out: &mut [u32]) -> Result<()> {
-        let end = start.checked_add(out.len() as u64).filter(|&e| e <= self.len);
+        let end = start
+            .checked_add(out.len() as u64)
+            .filter(|&e| e <= self.len);
         if end.is_none() {
             bail!(
                 "{}: tokens {start}..{} requested but the stream holds {}",
-                self.path.display(), start.saturating_add(out.len() as u64), self.len
+                self.path.display(),
+                start.saturating_add(out.len() as u64),
+                self.len
             );
         }
         // The segment holding `start`: the last one starting at or before it.
@@ -95,7 +105,11 @@ impl TokenStream {
             let local = (pos - s.start) as usize;
             let take = (out.len() - filled).min(s.tokens as usize - local);
             let bytes = s.read(local, take)?;
-            for (i, (o, b)) in out[filled..filled + take].iter_mut().zip(bytes.chunks_exact(s.width.bytes)).enumerate() {
+            for (i, (o, b)) in out[filled..filled + take]
+                .iter_mut()
+                .zip(bytes.chunks_exact(s.width.bytes))
+                .enumerate()
+            {
                 // A negative id of a signed Megatron dtype is reported as out of the vocabulary.
                 let id = s.width.decode(b).unwrap_or(u64::MAX);
                 if id >= self.vocab_size {
@@ -140,7 +154,12 @@ impl Segment {
         if meta.and_then(|m| m.modified().ok()) != self.modified {
             bail!("token file {} was modified during the run (same size, new contents): restore it and resume", self.path.display());
         }
-        read.with_context(|| format!("cannot read token file {} at byte {at}", self.path.display()))?;
+        read.with_context(|| {
+            format!(
+                "cannot read token file {} at byte {at}",
+                self.path.display()
+            )
+        })?;
         Ok(buf)
     }
 }
@@ -148,11 +167,13 @@ impl Segment {
 /// Open a token file: it must be a regular, non-empty file. Returns it, its size and its
 /// modification time.
 fn open_file(path: &Path) -> Result<(File, u64, Option<std::time::SystemTime>)> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+    let meta = std::fs::metadata(path)
+        .with_context(|| format!("cannot open token file {}", path.display()))?;
     if !meta.is_file() {
         bail!("token file {} is not a regular file (a device, pipe or socket has no fixed size to read windows from)", path.display());
     }
-    let file = File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
+    let file =
+        File::open(path).with_context(|| format!("cannot open token file {}", path.display()))?;
     let len = meta.len();
     if len == 0 {
         bail!("token file {} is empty", path.display());
@@ -163,7 +184,16 @@ fn open_file(path: &Path) -> Result<(File, u64, Option<std::time::SystemTime>)> 
 fn open_megatron(prefix: &Path) -> Result<Segment> {
     let d = super::megatron::open(prefix)?;
     let (file, len, modified) = open_file(&d.bin)?;
-    Ok(Segment { path: d.bin, file, bytes: len, modified, offset: 0, width: d.width, tokens: d.tokens, start: 0 })
+    Ok(Segment {
+        path: d.bin,
+        file,
+        bytes: len,
+        modified,
+        offset: 0,
+        width: d.width,
+        tokens: d.tokens,
+        start: 0,
+    })
 }
 
 fn open_raw(path: &Path) -> Result<Segment> {
@@ -174,7 +204,16 @@ fn open_raw(path: &Path) -> Result<Segment> {
             path.display()
         );
     }
-    Ok(Segment { path: path.to_path_buf(), file, bytes: len, modified, offset: 0, width: Width::U32, tokens: len / 4, start: 0 })
+    Ok(Segment {
+        path: path.to_path_buf(),
+        file,
+        bytes: len,
+        modified,
+        offset: 0,
+        width: Width::U32,
+        tokens: len / 4,
+        start: 0,
+    })
 }
 
 fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
@@ -192,7 +231,8 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
         let path = dir.join(&entry.file);
         let (file, len, modified) = open_file(&path)?;
         let mut head = vec![0u8; HEADER_BYTES.min(len as usize)];
-        file.read_exact_at(&mut head, 0).with_context(|| format!("cannot read token shard {}", path.display()))?;
+        file.read_exact_at(&mut head, 0)
+            .with_context(|| format!("cannot read token shard {}", path.display()))?;
         let header = ShardHeader::decode(&head, len, &path)?;
         if header.tokens != entry.tokens || header.documents != entry.documents {
             bail!(
@@ -200,7 +240,16 @@ fn open_prepared(dir: &Path) -> Result<(Vec<Segment>, DataIndex)> {
                 path.display(), header.tokens, header.documents, index_path.display(), entry.tokens, entry.documents
             );
         }
-        segments.push(Segment { path, file, bytes: len, modified, offset: HEADER_BYTES, width: Width::U32, tokens: header.tokens, start });
+        segments.push(Segment {
+            path,
+            file,
+            bytes: len,
+            modified,
+            offset: HEADER_BYTES,
+            width: Width::U32,
+            tokens: header.tokens,
+            start,
+        });
         start += header.tokens;
     }
     // Zero-token shards would never hold a position and would confuse the segment search.

@@ -54,7 +54,9 @@ pub trait RowExchange: Send + Sync {
         _recv: &[usize],
         _row_elems: usize,
     ) -> candle_core::Result<candle_core::CudaStorage> {
-        candle_core::bail!("expert parallelism on GPUs needs the NCCL backend (build with --features nccl)")
+        candle_core::bail!(
+            "expert parallelism on GPUs needs the NCCL backend (build with --features nccl)"
+        )
     }
 }
 
@@ -70,11 +72,15 @@ impl ExpertShard {
     /// The shard of group index `exchange.index()` for `total` experts.
     pub fn new(total: usize, exchange: Arc<dyn RowExchange>) -> anyhow::Result<Self> {
         let ep = exchange.size();
-        if total % ep != 0 {
+        if !total.is_multiple_of(ep) {
             anyhow::bail!("parallel.ep = {ep} does not divide the {total} routed experts (n_routed_experts in config.json)");
         }
         let count = total / ep;
-        Ok(Self { first: exchange.index() * count, count, exchange })
+        Ok(Self {
+            first: exchange.index() * count,
+            count,
+            exchange,
+        })
     }
 
     pub fn holds(&self, expert: usize) -> bool {
@@ -108,8 +114,20 @@ pub struct CollectiveExchange {
 
 impl CollectiveExchange {
     pub fn new(comm: Box<dyn Collective>, members: Vec<usize>) -> anyhow::Result<Self> {
-        let index = members.iter().position(|&m| m == comm.rank()).ok_or_else(|| anyhow::anyhow!("rank {} is not in its expert group {members:?}", comm.rank()))?;
-        Ok(Self { comm: Mutex::new(comm), members, index })
+        let index = members
+            .iter()
+            .position(|&m| m == comm.rank())
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "rank {} is not in its expert group {members:?}",
+                    comm.rank()
+                )
+            })?;
+        Ok(Self {
+            comm: Mutex::new(comm),
+            members,
+            index,
+        })
     }
 }
 
@@ -121,7 +139,10 @@ impl RowExchange for CollectiveExchange {
         self.index
     }
     fn host(&self, parts: Vec<Vec<u8>>) -> anyhow::Result<Vec<Vec<u8>>> {
-        let mut comm = self.comm.lock().map_err(|_| anyhow::anyhow!("expert exchange: a previous exchange panicked"))?;
+        let mut comm = self
+            .comm
+            .lock()
+            .map_err(|_| anyhow::anyhow!("expert exchange: a previous exchange panicked"))?;
         let mut global = vec![vec![]; comm.world()];
         for (part, &m) in parts.into_iter().zip(&self.members) {
             global[m] = part;
@@ -133,12 +154,24 @@ impl RowExchange for CollectiveExchange {
 
 /// Send consecutive blocks of `send[i]` rows of `x` ([S, D]) to group index i; returns the
 /// received rows ([sum recv, D]), blocks in group order. Differentiable.
-pub fn all_to_all_rows(x: &Tensor, exchange: &Arc<dyn RowExchange>, send: &[usize], recv: &[usize]) -> candle_core::Result<Tensor> {
+pub fn all_to_all_rows(
+    x: &Tensor,
+    exchange: &Arc<dyn RowExchange>,
+    send: &[usize],
+    recv: &[usize],
+) -> candle_core::Result<Tensor> {
     let rows: usize = send.iter().sum();
     if x.dim(0)? != rows {
-        candle_core::bail!("all_to_all_rows: {} rows but the send counts add up to {rows}", x.dim(0)?);
+        candle_core::bail!(
+            "all_to_all_rows: {} rows but the send counts add up to {rows}",
+            x.dim(0)?
+        );
     }
-    x.contiguous()?.apply_op1(AllToAllRows { exchange: exchange.clone(), send: send.to_vec(), recv: recv.to_vec() })
+    x.contiguous()?.apply_op1(AllToAllRows {
+        exchange: exchange.clone(),
+        send: send.to_vec(),
+        recv: recv.to_vec(),
+    })
 }
 
 struct AllToAllRows {
@@ -149,22 +182,60 @@ struct AllToAllRows {
 
 fn to_le_bytes(s: &CpuStorage, start: usize, len: usize) -> candle_core::Result<Vec<u8>> {
     Ok(match s {
-        CpuStorage::F32(v) => v[start..start + len].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        CpuStorage::F64(v) => v[start..start + len].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        CpuStorage::BF16(v) => v[start..start + len].iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        CpuStorage::F16(v) => v[start..start + len].iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
-        CpuStorage::U32(v) => v[start..start + len].iter().flat_map(|x| x.to_le_bytes()).collect(),
-        other => candle_core::bail!("all_to_all_rows: dtype {:?} is not exchanged", other.dtype()),
+        CpuStorage::F32(v) => v[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        CpuStorage::F64(v) => v[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        CpuStorage::BF16(v) => v[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        CpuStorage::F16(v) => v[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_bits().to_le_bytes())
+            .collect(),
+        CpuStorage::U32(v) => v[start..start + len]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+        other => candle_core::bail!(
+            "all_to_all_rows: dtype {:?} is not exchanged",
+            other.dtype()
+        ),
     })
 }
 
 fn from_le_bytes(dtype: DType, b: &[u8]) -> candle_core::Result<CpuStorage> {
     Ok(match dtype {
-        DType::F32 => CpuStorage::F32(b.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4"))).collect()),
-        DType::F64 => CpuStorage::F64(b.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().expect("8"))).collect()),
-        DType::BF16 => CpuStorage::BF16(b.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()),
-        DType::F16 => CpuStorage::F16(b.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]]))).collect()),
-        DType::U32 => CpuStorage::U32(b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4"))).collect()),
+        DType::F32 => CpuStorage::F32(
+            b.chunks_exact(4)
+                .map(|c| f32::from_le_bytes(c.try_into().expect("4")))
+                .collect(),
+        ),
+        DType::F64 => CpuStorage::F64(
+            b.chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().expect("8")))
+                .collect(),
+        ),
+        DType::BF16 => CpuStorage::BF16(
+            b.chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::F16 => CpuStorage::F16(
+            b.chunks_exact(2)
+                .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ),
+        DType::U32 => CpuStorage::U32(
+            b.chunks_exact(4)
+                .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
+                .collect(),
+        ),
         other => candle_core::bail!("all_to_all_rows: dtype {other:?} is not exchanged"),
     })
 }
@@ -186,41 +257,63 @@ impl CustomOp1 for AllToAllRows {
 
     fn cpu_fwd(&self, s: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
         let (shape, row) = self.out_shape(layout)?;
-        let Some((start, _)) = layout.contiguous_offsets() else { candle_core::bail!("all_to_all_rows needs a contiguous input") };
+        let Some((start, _)) = layout.contiguous_offsets() else {
+            candle_core::bail!("all_to_all_rows needs a contiguous input")
+        };
         let mut parts = Vec::with_capacity(self.send.len());
         let mut at = start;
         for &n in &self.send {
             parts.push(to_le_bytes(s, at, n * row)?);
             at += n * row;
         }
-        let got = timed(|| self.exchange.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
+        let got = timed(|| self.exchange.host(parts))
+            .map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
         let elem = s.dtype().size_in_bytes();
         for (i, (g, &n)) in got.iter().zip(&self.recv).enumerate() {
             if g.len() != n * row * elem {
-                candle_core::bail!("expert exchange: group rank {i} sent {} bytes, expected {} rows of {row}", g.len(), n);
+                candle_core::bail!(
+                    "expert exchange: group rank {i} sent {} bytes, expected {} rows of {row}",
+                    g.len(),
+                    n
+                );
             }
         }
         Ok((from_le_bytes(s.dtype(), &got.concat())?, shape))
     }
 
     #[cfg(feature = "cuda")]
-    fn cuda_fwd(&self, s: &candle_core::CudaStorage, layout: &Layout) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        layout: &Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendDevice;
         let (shape, row) = self.out_shape(layout)?;
         // Synchronised on both sides so that the time is the exchange's alone.
         s.device().synchronize()?;
         let out = timed(|| -> candle_core::Result<_> {
-            let out = self.exchange.device(s, layout, s.dtype(), &self.send, &self.recv, row)?;
+            let out = self
+                .exchange
+                .device(s, layout, s.dtype(), &self.send, &self.recv, row)?;
             s.device().synchronize()?;
             Ok(out)
         })?;
         Ok((out, shape))
     }
 
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
+    fn bwd(
+        &self,
+        _arg: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> candle_core::Result<Option<Tensor>> {
         // The rows came from where the gradient must go: the same exchange, reversed.
         grad.contiguous()?
-            .apply_op1(AllToAllRows { exchange: self.exchange.clone(), send: self.recv.clone(), recv: self.send.clone() })
+            .apply_op1(AllToAllRows {
+                exchange: self.exchange.clone(),
+                send: self.recv.clone(),
+                recv: self.send.clone(),
+            })
             .map(Some)
     }
 }

@@ -21,7 +21,13 @@ pub struct Launch {
 
 impl Launch {
     pub fn single() -> Self {
-        Self { rank: 0, world: 1, local_rank: 0, master_addr: "127.0.0.1".into(), master_port: 0 }
+        Self {
+            rank: 0,
+            world: 1,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 0,
+        }
     }
 
     /// Read the job layout from the environment.
@@ -34,12 +40,18 @@ impl Launch {
         let num = |k: &str| -> Result<Option<usize>> {
             match var(k) {
                 None => Ok(None),
-                Some(v) => v.trim().parse().map(Some).with_context(|| format!("environment variable {k}={v:?} is not a number")),
+                Some(v) => v
+                    .trim()
+                    .parse()
+                    .map(Some)
+                    .with_context(|| format!("environment variable {k}={v:?} is not a number")),
             }
         };
         let port = |default: Option<u16>| -> Result<u16> {
             match var("MASTER_PORT") {
-                Some(v) => v.trim().parse().with_context(|| format!("environment variable MASTER_PORT={v:?} is not a port number")),
+                Some(v) => v.trim().parse().with_context(|| {
+                    format!("environment variable MASTER_PORT={v:?} is not a port number")
+                }),
                 None => default.context("MASTER_PORT is not set"),
             }
         };
@@ -49,12 +61,20 @@ impl Launch {
                 world,
                 local_rank: num("LOCAL_RANK")?.unwrap_or(rank),
                 master_addr: var("MASTER_ADDR").unwrap_or_else(|| "127.0.0.1".into()),
-                master_port: if world > 1 { port(None).context("torchrun-style launch (RANK, WORLD_SIZE set)")? } else { 0 },
+                master_port: if world > 1 {
+                    port(None).context("torchrun-style launch (RANK, WORLD_SIZE set)")?
+                } else {
+                    0
+                },
             }
         } else if let (Some(rank), Some(world)) = (num("SLURM_PROCID")?, num("SLURM_NTASKS")?) {
-            let nodelist = var("SLURM_JOB_NODELIST").or_else(|| var("SLURM_NODELIST")).unwrap_or_else(|| "localhost".into());
+            let nodelist = var("SLURM_JOB_NODELIST")
+                .or_else(|| var("SLURM_NODELIST"))
+                .unwrap_or_else(|| "localhost".into());
             // A port from the job id keeps two jobs sharing a node apart (29500-30499).
-            let derived = num("SLURM_JOB_ID")?.map(|id| 29500 + (id % 1000) as u16).unwrap_or(29500);
+            let derived = num("SLURM_JOB_ID")?
+                .map(|id| 29500 + (id % 1000) as u16)
+                .unwrap_or(29500);
             Launch {
                 rank,
                 world,
@@ -66,7 +86,11 @@ impl Launch {
             Launch::single()
         };
         if launch.world == 0 || launch.rank >= launch.world {
-            bail!("rank {} is not below the world size {}", launch.rank, launch.world);
+            bail!(
+                "rank {} is not below the world size {}",
+                launch.rank,
+                launch.world
+            );
         }
         Ok(launch)
     }
@@ -79,7 +103,10 @@ pub fn first_host(nodelist: &str) -> Result<String> {
         Some(i) if first[..i].find(',').is_none() => (&first[..i], &first[i + 1..]),
         _ => return Ok(first.split(',').next().unwrap_or_default().to_string()),
     };
-    let inner = rest.split(']').next().with_context(|| format!("SLURM node list {nodelist:?}: unclosed '['"))?;
+    let inner = rest
+        .split(']')
+        .next()
+        .with_context(|| format!("SLURM node list {nodelist:?}: unclosed '['"))?;
     let range = inner.split(',').next().unwrap_or_default();
     let start = range.split('-').next().unwrap_or_default();
     if start.is_empty() {
@@ -94,7 +121,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn vars(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let m: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |k| m.get(k).cloned()
     }
 
@@ -109,15 +139,49 @@ mod tests {
 
     #[test]
     fn torchrun_then_slurm_then_single() {
-        let t = Launch::from_vars(vars(&[("RANK", "1"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "1"), ("MASTER_ADDR", "h"), ("MASTER_PORT", "1234")])).unwrap();
-        assert_eq!(t, Launch { rank: 1, world: 2, local_rank: 1, master_addr: "h".into(), master_port: 1234 });
-        let s = Launch::from_vars(vars(&[
-            ("SLURM_PROCID", "3"), ("SLURM_NTASKS", "8"), ("SLURM_LOCALID", "3"), ("SLURM_JOB_NODELIST", "gpu[01-02]"), ("SLURM_JOB_ID", "4242"),
+        let t = Launch::from_vars(vars(&[
+            ("RANK", "1"),
+            ("WORLD_SIZE", "2"),
+            ("LOCAL_RANK", "1"),
+            ("MASTER_ADDR", "h"),
+            ("MASTER_PORT", "1234"),
         ]))
         .unwrap();
-        assert_eq!(s, Launch { rank: 3, world: 8, local_rank: 3, master_addr: "gpu01".into(), master_port: 29742 });
+        assert_eq!(
+            t,
+            Launch {
+                rank: 1,
+                world: 2,
+                local_rank: 1,
+                master_addr: "h".into(),
+                master_port: 1234
+            }
+        );
+        let s = Launch::from_vars(vars(&[
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "8"),
+            ("SLURM_LOCALID", "3"),
+            ("SLURM_JOB_NODELIST", "gpu[01-02]"),
+            ("SLURM_JOB_ID", "4242"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            s,
+            Launch {
+                rank: 3,
+                world: 8,
+                local_rank: 3,
+                master_addr: "gpu01".into(),
+                master_port: 29742
+            }
+        );
         assert_eq!(Launch::from_vars(vars(&[])).unwrap(), Launch::single());
-        let err = Launch::from_vars(vars(&[("RANK", "2"), ("WORLD_SIZE", "2"), ("MASTER_PORT", "1")])).unwrap_err();
+        let err = Launch::from_vars(vars(&[
+            ("RANK", "2"),
+            ("WORLD_SIZE", "2"),
+            ("MASTER_PORT", "1"),
+        ]))
+        .unwrap_err();
         assert!(format!("{err:#}").contains("rank 2 is not below the world size 2"));
         let err = Launch::from_vars(vars(&[("RANK", "0"), ("WORLD_SIZE", "2")])).unwrap_err();
         assert!(format!("{err:#}").contains("MASTER_PORT"), "{err:#}");

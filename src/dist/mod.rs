@@ -46,7 +46,12 @@ pub trait Collective: Send {
         let all = self.all_gather(&bytes)?;
         for &r in members {
             if all[r].len() != bytes.len() {
-                bail!("all-reduce: rank {r} sent {} values, rank {} has {}", all[r].len() / 4, self.rank(), buf.len());
+                bail!(
+                    "all-reduce: rank {r} sent {} values, rank {} has {}",
+                    all[r].len() / 4,
+                    self.rank(),
+                    buf.len()
+                );
             }
         }
         for (i, x) in buf.iter_mut().enumerate() {
@@ -61,8 +66,15 @@ pub trait Collective: Send {
 
     /// `t` (f32) summed element-wise over `members`, on `t`'s device. The default goes
     /// through host memory; NCCL sums on the GPU.
-    fn all_reduce_tensor_among(&mut self, t: &candle_core::Tensor, members: &[usize]) -> Result<candle_core::Tensor> {
-        let mut v = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?;
+    fn all_reduce_tensor_among(
+        &mut self,
+        t: &candle_core::Tensor,
+        members: &[usize],
+    ) -> Result<candle_core::Tensor> {
+        let mut v = t
+            .flatten_all()?
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec1::<f32>()?;
         self.all_reduce_sum_among(&mut v, members)?;
         Ok(candle_core::Tensor::from_vec(v, t.shape(), t.device())?)
     }
@@ -76,7 +88,11 @@ pub trait Collective: Send {
         if self.world() == 1 {
             return Ok(());
         }
-        let mine = if self.rank() == root { buf.clone() } else { vec![] };
+        let mine = if self.rank() == root {
+            buf.clone()
+        } else {
+            vec![]
+        };
         *buf = self.all_gather(&mine)?.swap_remove(root);
         Ok(())
     }
@@ -85,7 +101,10 @@ pub trait Collective: Send {
     fn all_to_all(&mut self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let world = self.world();
         if parts.len() != world {
-            bail!("all-to-all needs one part per rank ({world}), got {}", parts.len());
+            bail!(
+                "all-to-all needs one part per rank ({world}), got {}",
+                parts.len()
+            );
         }
         let mut packed = vec![];
         for p in &parts {
@@ -134,14 +153,25 @@ impl Collective for SingleProcess {
 
 /// Rendezvous timeout: DSA_RENDEZVOUS_TIMEOUT seconds, default 300.
 pub fn rendezvous_timeout() -> Duration {
-    Duration::from_secs(std::env::var("DSA_RENDEZVOUS_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(300))
+    Duration::from_secs(
+        std::env::var("DSA_RENDEZVOUS_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(300),
+    )
 }
 
 /// The GPU of a rank: `cuda:LOCAL_RANK`, or `cuda:0` where CUDA_VISIBLE_DEVICES leaves each
 /// task one GPU (srun --gpus-per-task=1).
 pub fn rank_gpu(launch: &Launch) -> String {
-    let visible = std::env::var("CUDA_VISIBLE_DEVICES").map(|v| v.split(',').filter(|s| !s.is_empty()).count()).unwrap_or(usize::MAX);
-    if visible == 1 { "cuda:0".into() } else { format!("cuda:{}", launch.local_rank) }
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES")
+        .map(|v| v.split(',').filter(|s| !s.is_empty()).count())
+        .unwrap_or(usize::MAX);
+    if visible == 1 {
+        "cuda:0".into()
+    } else {
+        format!("cuda:{}", launch.local_rank)
+    }
 }
 
 /// Join the job the environment describes (a single process needs no network). Ranks on
@@ -171,11 +201,21 @@ mod tests {
     use super::*;
 
     fn free_port() -> u16 {
-        std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
     }
 
     fn launch(rank: usize, world: usize, port: u16) -> Launch {
-        Launch { rank, world, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port }
+        Launch {
+            rank,
+            world,
+            local_rank: rank,
+            master_addr: "127.0.0.1".into(),
+            master_port: port,
+        }
     }
 
     #[test]
@@ -184,13 +224,20 @@ mod tests {
         let handles: Vec<_> = (0..3)
             .map(|r| {
                 std::thread::spawn(move || {
-                    let mut c = tcp::TcpCollective::rendezvous(&launch(r, 3, port), Duration::from_secs(20), b"id".to_vec()).unwrap();
+                    let mut c = tcp::TcpCollective::rendezvous(
+                        &launch(r, 3, port),
+                        Duration::from_secs(20),
+                        b"id".to_vec(),
+                    )
+                    .unwrap();
                     assert_eq!(c.payload, b"id".to_vec());
                     let mut v = vec![r as f32 + 0.1, 1e-8 * r as f32, -(r as f32)];
                     c.all_reduce_sum(&mut v).unwrap();
                     let mut b = if r == 2 { b"from two".to_vec() } else { vec![] };
                     c.broadcast(&mut b, 2).unwrap();
-                    let got = c.all_to_all((0..3).map(|to| vec![r as u8, to as u8]).collect()).unwrap();
+                    let got = c
+                        .all_to_all((0..3).map(|to| vec![r as u8, to as u8]).collect())
+                        .unwrap();
                     c.barrier().unwrap();
                     (v, b, got)
                 })
@@ -199,21 +246,50 @@ mod tests {
         let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
         let expect = [0.1f32 + 1.1 + 2.1, 0.0 + 1e-8 + 2e-8, -3.0];
         for (r, (v, b, got)) in results.iter().enumerate() {
-            assert_eq!(v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), results[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
-            assert!(v.iter().zip(expect).all(|(a, e)| (a - e).abs() < 1e-6), "{v:?}");
+            assert_eq!(
+                v.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                results[0].0.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+            );
+            assert!(
+                v.iter().zip(expect).all(|(a, e)| (a - e).abs() < 1e-6),
+                "{v:?}"
+            );
             assert_eq!(b, b"from two");
-            assert_eq!(got, &(0..3).map(|from| vec![from as u8, r as u8]).collect::<Vec<_>>());
+            assert_eq!(
+                got,
+                &(0..3)
+                    .map(|from| vec![from as u8, r as u8])
+                    .collect::<Vec<_>>()
+            );
         }
     }
 
     #[test]
     fn a_missing_rank_is_named() {
         let port = free_port();
-        let h = std::thread::spawn(move || tcp::TcpCollective::rendezvous(&launch(1, 3, port), Duration::from_secs(2), vec![]).map(|_| ()));
-        let err = tcp::TcpCollective::rendezvous(&launch(0, 3, port), Duration::from_secs(2), vec![]).err().expect("rank 2 never comes");
-        assert!(format!("{err:#}").contains("rank(s) 2 of 3 did not arrive"), "{err:#}");
+        let h = std::thread::spawn(move || {
+            tcp::TcpCollective::rendezvous(&launch(1, 3, port), Duration::from_secs(2), vec![])
+                .map(|_| ())
+        });
+        let err =
+            tcp::TcpCollective::rendezvous(&launch(0, 3, port), Duration::from_secs(2), vec![])
+                .err()
+                .expect("rank 2 never comes");
+        assert!(
+            format!("{err:#}").contains("rank(s) 2 of 3 did not arrive"),
+            "{err:#}"
+        );
         let _ = h.join();
-        let err = tcp::TcpCollective::rendezvous(&launch(1, 2, free_port()), Duration::from_secs(1), vec![]).err().expect("no rank 0");
-        assert!(format!("{err:#}").contains("did not answer within 1 s"), "{err:#}");
+        let err = tcp::TcpCollective::rendezvous(
+            &launch(1, 2, free_port()),
+            Duration::from_secs(1),
+            vec![],
+        )
+        .err()
+        .expect("no rank 0");
+        assert!(
+            format!("{err:#}").contains("did not answer within 1 s"),
+            "{err:#}"
+        );
     }
 }

@@ -14,10 +14,14 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{anyhow, bail, Context, Result};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits};
-use candle_core::cuda_backend::cudarc::nccl::safe::{group_end, group_start, Comm, Id, NcclType, ReduceOp};
-use candle_core::cuda_backend::CudaDType;
 use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::cudarc::driver::{
+    CudaSlice, CudaStream, DeviceRepr, ValidAsZeroBits,
+};
+use candle_core::cuda_backend::cudarc::nccl::safe::{
+    group_end, group_start, Comm, Id, NcclType, ReduceOp,
+};
+use candle_core::cuda_backend::CudaDType;
 use candle_core::{CudaDevice, CudaStorage, DType, Layout};
 
 use super::expert::RowExchange;
@@ -44,13 +48,40 @@ fn nccl_err(what: &str, e: impl std::fmt::Debug) -> anyhow::Error {
 /// `libnccl.so.2`, the only name many systems ship; a missing library would panic inside
 /// cudarc at the first collective, so look first and say what to do.
 pub fn check_library() -> Result<()> {
-    let names = ["libnccl.so", "libnccl.so.13", "libnccl.so.12", "libnccl.so.11", "libnccl.so.1"];
-    let mut dirs: Vec<std::path::PathBuf> = std::env::var("LD_LIBRARY_PATH").unwrap_or_default().split(':').filter(|d| !d.is_empty()).map(Into::into).collect();
-    dirs.extend(["/lib/x86_64-linux-gnu", "/usr/lib/x86_64-linux-gnu", "/lib64", "/usr/lib64", "/usr/lib", "/usr/local/cuda/lib64"].map(Into::into));
-    if dirs.iter().any(|d| names.iter().any(|n| d.join(n).exists())) {
+    let names = [
+        "libnccl.so",
+        "libnccl.so.13",
+        "libnccl.so.12",
+        "libnccl.so.11",
+        "libnccl.so.1",
+    ];
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var("LD_LIBRARY_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(Into::into)
+        .collect();
+    dirs.extend(
+        [
+            "/lib/x86_64-linux-gnu",
+            "/usr/lib/x86_64-linux-gnu",
+            "/lib64",
+            "/usr/lib64",
+            "/usr/lib",
+            "/usr/local/cuda/lib64",
+        ]
+        .map(Into::into),
+    );
+    if dirs
+        .iter()
+        .any(|d| names.iter().any(|n| d.join(n).exists()))
+    {
         return Ok(());
     }
-    let so2 = dirs.iter().map(|d| d.join("libnccl.so.2")).find(|p| p.exists());
+    let so2 = dirs
+        .iter()
+        .map(|d| d.join("libnccl.so.2"))
+        .find(|p| p.exists());
     match so2 {
         Some(p) => bail!(
             "NCCL: found {} but not libnccl.so, the name the binary opens: `mkdir -p ~/nccl-lib && ln -sf {} ~/nccl-lib/libnccl.so` and add ~/nccl-lib to LD_LIBRARY_PATH (scripts/slurm/train.sbatch and scripts/gpu/run_parallel.sh do this)",
@@ -62,7 +93,11 @@ pub fn check_library() -> Result<()> {
 
 impl NcclCollective {
     pub fn new(host: TcpCollective, device: CudaDevice) -> Self {
-        Self { host, device, groups: HashMap::new() }
+        Self {
+            host,
+            device,
+            groups: HashMap::new(),
+        }
     }
 
     fn stream(&self) -> Arc<CudaStream> {
@@ -78,7 +113,10 @@ impl NcclCollective {
         // (`cuda_runtime`): hand that back first so the communicator finds room.
         crate::cuda_runtime::trim_pools();
         let me = self.host.rank();
-        let index = members.iter().position(|&m| m == me).with_context(|| format!("rank {me} is not in the group {members:?}"))?;
+        let index = members
+            .iter()
+            .position(|&m| m == me)
+            .with_context(|| format!("rank {me} is not in the group {members:?}"))?;
         let leader = members[0];
         let mine: Vec<u8> = if me == leader {
             let id = Id::new().map_err(|e| nccl_err("unique id", e))?;
@@ -89,14 +127,20 @@ impl NcclCollective {
         let all = self.host.all_gather(&mine)?;
         let bytes = &all[leader];
         if bytes.len() != 128 {
-            bail!("NCCL rendezvous: rank {leader} sent an id of {} bytes", bytes.len());
+            bail!(
+                "NCCL rendezvous: rank {leader} sent an id of {} bytes",
+                bytes.len()
+            );
         }
         let mut internal = [0 as std::ffi::c_char; 128];
         for (d, &b) in internal.iter_mut().zip(bytes) {
             *d = b as std::ffi::c_char;
         }
         // NCCL takes the thread's current device: make it this rank's GPU.
-        self.stream().context().bind_to_thread().map_err(|e| nccl_err("binding the GPU", e))?;
+        self.stream()
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("binding the GPU", e))?;
         let comm = Comm::from_rank(self.stream(), index, members.len(), Id::uninit(internal))
             .map_err(|e| nccl_err(&format!("communicator for ranks {members:?}"), e))?;
         let c = Arc::new(SharedComm(Mutex::new(comm)));
@@ -127,14 +171,22 @@ impl Collective for NcclCollective {
         let comm = self.comm(members)?;
         let stream = self.stream();
         let mut d = stream.clone_htod(buf).map_err(|e| nccl_err("upload", e))?;
-        comm.0.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?.all_reduce_in_place(&mut d, &ReduceOp::Sum).map_err(|e| nccl_err("all-reduce", e))?;
+        comm.0
+            .lock()
+            .map_err(|_| anyhow!("NCCL communicator poisoned"))?
+            .all_reduce_in_place(&mut d, &ReduceOp::Sum)
+            .map_err(|e| nccl_err("all-reduce", e))?;
         let back = stream.clone_dtoh(&d).map_err(|e| nccl_err("download", e))?;
         buf.copy_from_slice(&back);
         Ok(())
     }
 
     /// On the GPU: NCCL all-reduce from the tensor's memory into a new buffer.
-    fn all_reduce_tensor_among(&mut self, t: &candle_core::Tensor, members: &[usize]) -> Result<candle_core::Tensor> {
+    fn all_reduce_tensor_among(
+        &mut self,
+        t: &candle_core::Tensor,
+        members: &[usize],
+    ) -> Result<candle_core::Tensor> {
         if members.len() == 1 {
             return Ok(t.clone());
         }
@@ -149,8 +201,16 @@ impl Collective for NcclCollective {
 
     fn row_exchange(&mut self, members: &[usize]) -> Result<Arc<dyn RowExchange>> {
         let comm = self.comm(members)?;
-        let index = members.iter().position(|&m| m == self.rank()).expect("checked by comm()");
-        Ok(Arc::new(NcclExchange { comm, index, size: members.len(), stream: self.stream() }))
+        let index = members
+            .iter()
+            .position(|&m| m == self.rank())
+            .expect("checked by comm()");
+        Ok(Arc::new(NcclExchange {
+            comm,
+            index,
+            size: members.len(),
+            stream: self.stream(),
+        }))
     }
 }
 
@@ -163,18 +223,38 @@ impl candle_core::CustomOp1 for AllReduceSum {
     fn name(&self) -> &'static str {
         "nccl-all-reduce-sum"
     }
-    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
         candle_core::bail!("nccl-all-reduce-sum runs on GPU tensors only")
     }
-    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
+    fn cuda_fwd(
+        &self,
+        s: &CudaStorage,
+        l: &Layout,
+    ) -> candle_core::Result<(CudaStorage, candle_core::Shape)> {
         let run = || -> Result<CudaStorage> {
             let n = l.shape().elem_count();
-            let src = s.as_cuda_slice::<f32>()?.slice(l.start_offset()..l.start_offset() + n);
-            let comm = self.comm.0.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
+            let src = s
+                .as_cuda_slice::<f32>()?
+                .slice(l.start_offset()..l.start_offset() + n);
+            let comm = self
+                .comm
+                .0
+                .lock()
+                .map_err(|_| anyhow!("NCCL communicator poisoned"))?;
             let stream = comm.stream();
-            stream.context().bind_to_thread().map_err(|e| nccl_err("binding the GPU", e))?;
-            let mut out = stream.alloc_zeros::<f32>(n.max(1)).map_err(|e| nccl_err("alloc", e))?;
-            comm.all_reduce(&src, &mut out, &ReduceOp::Sum).map_err(|e| nccl_err("all-reduce", e))?;
+            stream
+                .context()
+                .bind_to_thread()
+                .map_err(|e| nccl_err("binding the GPU", e))?;
+            let mut out = stream
+                .alloc_zeros::<f32>(n.max(1))
+                .map_err(|e| nccl_err("alloc", e))?;
+            comm.all_reduce(&src, &mut out, &ReduceOp::Sum)
+                .map_err(|e| nccl_err("all-reduce", e))?;
             Ok(CudaStorage::wrap_cuda_slice(out, s.device.clone()))
         };
         let out = run().map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
@@ -201,18 +281,28 @@ impl NcclExchange {
         let total: usize = recv.iter().sum();
         // Not zeroed: the receives below write every element of 0..total (the one extra
         // element of an empty result is never read).
-        let mut out = unsafe { self.stream.alloc::<T>(total.max(1)) }.map_err(|e| nccl_err("alloc", e))?;
-        let comm = self.comm.0.lock().map_err(|_| anyhow!("NCCL communicator poisoned"))?;
-        self.stream.context().bind_to_thread().map_err(|e| nccl_err("binding the GPU", e))?;
+        let mut out =
+            unsafe { self.stream.alloc::<T>(total.max(1)) }.map_err(|e| nccl_err("alloc", e))?;
+        let comm = self
+            .comm
+            .0
+            .lock()
+            .map_err(|_| anyhow!("NCCL communicator poisoned"))?;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| nccl_err("binding the GPU", e))?;
         group_start().map_err(|e| nccl_err("group start", e))?;
         let posted = (|| -> Result<()> {
             let (mut s_at, mut r_at) = (0, 0);
             for peer in 0..self.size {
                 if send[peer] > 0 {
-                    comm.send(&src.slice(s_at..s_at + send[peer]), peer as i32).map_err(|e| nccl_err("send", e))?;
+                    comm.send(&src.slice(s_at..s_at + send[peer]), peer as i32)
+                        .map_err(|e| nccl_err("send", e))?;
                 }
                 if recv[peer] > 0 {
-                    comm.recv(&mut out.slice_mut(r_at..r_at + recv[peer]), peer as i32).map_err(|e| nccl_err("recv", e))?;
+                    comm.recv(&mut out.slice_mut(r_at..r_at + recv[peer]), peer as i32)
+                        .map_err(|e| nccl_err("recv", e))?;
                 }
                 s_at += send[peer];
                 r_at += recv[peer];
@@ -254,14 +344,34 @@ impl RowExchange for NcclExchange {
     /// Host bytes through the GPU: the lengths first (fixed size), then the bytes.
     fn host(&self, parts: Vec<Vec<u8>>) -> Result<Vec<Vec<u8>>> {
         let lens: Vec<u64> = parts.iter().map(|p| p.len() as u64).collect();
-        let d_lens = self.stream.clone_htod(&lens).map_err(|e| nccl_err("upload", e))?;
-        let got_lens = self.exchange(&d_lens.slice(..), &vec![1; self.size], &vec![1; self.size])?;
-        let got_lens: Vec<usize> = self.stream.clone_dtoh(&got_lens).map_err(|e| nccl_err("download", e))?.into_iter().map(|n| n as usize).collect();
+        let d_lens = self
+            .stream
+            .clone_htod(&lens)
+            .map_err(|e| nccl_err("upload", e))?;
+        let got_lens =
+            self.exchange(&d_lens.slice(..), &vec![1; self.size], &vec![1; self.size])?;
+        let got_lens: Vec<usize> = self
+            .stream
+            .clone_dtoh(&got_lens)
+            .map_err(|e| nccl_err("download", e))?
+            .into_iter()
+            .map(|n| n as usize)
+            .collect();
         let flat: Vec<u8> = parts.concat();
-        let d_flat = self.stream.clone_htod(if flat.is_empty() { &[0u8][..] } else { &flat[..] }).map_err(|e| nccl_err("upload", e))?;
+        let d_flat = self
+            .stream
+            .clone_htod(if flat.is_empty() {
+                &[0u8][..]
+            } else {
+                &flat[..]
+            })
+            .map_err(|e| nccl_err("upload", e))?;
         let send: Vec<usize> = parts.iter().map(Vec::len).collect();
         let got = self.exchange(&d_flat.slice(..), &send, &got_lens)?;
-        let got = self.stream.clone_dtoh(&got).map_err(|e| nccl_err("download", e))?;
+        let got = self
+            .stream
+            .clone_dtoh(&got)
+            .map_err(|e| nccl_err("download", e))?;
         let mut out = Vec::with_capacity(self.size);
         let mut at = 0;
         for n in got_lens {
@@ -271,7 +381,15 @@ impl RowExchange for NcclExchange {
         Ok(out)
     }
 
-    fn device(&self, x: &CudaStorage, layout: &Layout, dtype: DType, send: &[usize], recv: &[usize], row: usize) -> candle_core::Result<CudaStorage> {
+    fn device(
+        &self,
+        x: &CudaStorage,
+        layout: &Layout,
+        dtype: DType,
+        send: &[usize],
+        recv: &[usize],
+        row: usize,
+    ) -> candle_core::Result<CudaStorage> {
         let r = match dtype {
             DType::BF16 => self.rows::<half::bf16>(x, layout, send, recv, row),
             DType::F16 => self.rows::<half::f16>(x, layout, send, recv, row),

@@ -47,7 +47,10 @@ fn read_frame(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
 
 /// How long a collective waits for a peer before calling it lost.
 fn io_timeout() -> Duration {
-    let secs = std::env::var("DSA_COLLECTIVE_TIMEOUT").ok().and_then(|v| v.parse().ok()).unwrap_or(1800u64);
+    let secs = std::env::var("DSA_COLLECTIVE_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1800u64);
     Duration::from_secs(secs)
 }
 
@@ -58,19 +61,34 @@ impl TcpCollective {
     }
 
     /// As `rendezvous`; rank 0 listens on `listener` when given (already bound).
-    fn rendezvous_on(launch: &Launch, timeout: Duration, payload: Vec<u8>, listener: Option<TcpListener>) -> Result<Self> {
+    fn rendezvous_on(
+        launch: &Launch,
+        timeout: Duration,
+        payload: Vec<u8>,
+        listener: Option<TcpListener>,
+    ) -> Result<Self> {
         let (rank, world) = (launch.rank, launch.world);
         let deadline = Instant::now() + timeout;
         let mut peers: Vec<Option<TcpStream>> = (0..world).map(|_| None).collect();
         let addr = format!("{}:{}", launch.master_addr, launch.master_port);
         if world == 1 {
-            return Ok(Self { rank, world, peers, payload, launch: launch.clone() });
+            return Ok(Self {
+                rank,
+                world,
+                peers,
+                payload,
+                launch: launch.clone(),
+            });
         }
         let payload = if rank == 0 {
             let listener = match listener {
                 Some(l) => l,
-                None => TcpListener::bind(("0.0.0.0", launch.master_port))
-                    .with_context(|| format!("rank 0 cannot listen on port {} (MASTER_PORT; is it in use?)", launch.master_port))?,
+                None => TcpListener::bind(("0.0.0.0", launch.master_port)).with_context(|| {
+                    format!(
+                        "rank 0 cannot listen on port {} (MASTER_PORT; is it in use?)",
+                        launch.master_port
+                    )
+                })?,
             };
             listener.set_nonblocking(true)?;
             let mut arrived = 1;
@@ -79,9 +97,13 @@ impl TcpCollective {
                     Ok((mut s, from)) => {
                         s.set_nonblocking(false)?;
                         s.set_read_timeout(Some(Duration::from_secs(30)))?;
-                        let hello = read_frame(&mut s).with_context(|| format!("rendezvous: bad hello from {from}"))?;
+                        let hello = read_frame(&mut s)
+                            .with_context(|| format!("rendezvous: bad hello from {from}"))?;
                         if hello.len() != 12 || &hello[..4] != MAGIC {
-                            bail!("rendezvous on port {}: {from} is not a dsa-train rank", launch.master_port);
+                            bail!(
+                                "rendezvous on port {}: {from} is not a dsa-train rank",
+                                launch.master_port
+                            );
                         }
                         let r = u32::from_le_bytes(hello[4..8].try_into().unwrap()) as usize;
                         let w = u32::from_le_bytes(hello[8..12].try_into().unwrap()) as usize;
@@ -96,7 +118,10 @@ impl TcpCollective {
                     }
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                         if Instant::now() > deadline {
-                            let missing: Vec<String> = (1..world).filter(|r| peers[*r].is_none()).map(|r| r.to_string()).collect();
+                            let missing: Vec<String> = (1..world)
+                                .filter(|r| peers[*r].is_none())
+                                .map(|r| r.to_string())
+                                .collect();
                             bail!(
                                 "rendezvous on port {}: rank(s) {} of {world} did not arrive within {} s",
                                 launch.master_port, missing.join(", "), timeout.as_secs()
@@ -128,8 +153,14 @@ impl TcpCollective {
             hello.extend((rank as u32).to_le_bytes());
             hello.extend((world as u32).to_le_bytes());
             write_frame(&mut stream, &hello)?;
-            stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
-            let payload = read_frame(&mut stream).with_context(|| format!("rank {rank}: rank 0 at {addr} did not finish the rendezvous"))?;
+            stream.set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_secs(1)),
+            ))?;
+            let payload = read_frame(&mut stream).with_context(|| {
+                format!("rank {rank}: rank 0 at {addr} did not finish the rendezvous")
+            })?;
             peers[0] = Some(stream);
             payload
         };
@@ -137,11 +168,20 @@ impl TcpCollective {
             s.set_read_timeout(Some(io_timeout()))?;
             s.set_nodelay(true)?;
         }
-        Ok(Self { rank, world, peers, payload, launch: launch.clone() })
+        Ok(Self {
+            rank,
+            world,
+            peers,
+            payload,
+            launch: launch.clone(),
+        })
     }
 
     fn lost(&self, peer: usize, e: std::io::Error) -> anyhow::Error {
-        anyhow::anyhow!("rank {}: lost contact with rank {peer} during a collective ({e}); did that rank fail?", self.rank)
+        anyhow::anyhow!(
+            "rank {}: lost contact with rank {peer} during a collective ({e}); did that rank fail?",
+            self.rank
+        )
     }
 }
 
@@ -154,9 +194,15 @@ impl Collective for TcpCollective {
     /// interleave with the trainer's own collectives. Rank 0 listens on a port the system
     /// picks and tells the others through the first star (a fixed MASTER_PORT + 1 could be
     /// taken by another job on a shared node).
-    fn row_exchange(&mut self, members: &[usize]) -> Result<std::sync::Arc<dyn super::expert::RowExchange>> {
+    fn row_exchange(
+        &mut self,
+        members: &[usize],
+    ) -> Result<std::sync::Arc<dyn super::expert::RowExchange>> {
         let listener = if self.rank == 0 {
-            Some(TcpListener::bind(("0.0.0.0", 0)).context("rank 0 cannot open a port for the expert exchange")?)
+            Some(
+                TcpListener::bind(("0.0.0.0", 0))
+                    .context("rank 0 cannot open a port for the expert exchange")?,
+            )
         } else {
             None
         };
@@ -166,10 +212,23 @@ impl Collective for TcpCollective {
         };
         self.broadcast(&mut port, 0)?;
         let mut launch = self.launch.clone();
-        launch.master_port = u16::from_le_bytes(port.as_slice().try_into().context("expert exchange: bad port from rank 0")?);
-        let star = TcpCollective::rendezvous_on(&launch, super::rendezvous_timeout(), vec![], listener)
-            .with_context(|| format!("opening the expert exchange on port {} of {}", launch.master_port, launch.master_addr))?;
-        Ok(std::sync::Arc::new(super::expert::CollectiveExchange::new(Box::new(star), members.to_vec())?))
+        launch.master_port = u16::from_le_bytes(
+            port.as_slice()
+                .try_into()
+                .context("expert exchange: bad port from rank 0")?,
+        );
+        let star =
+            TcpCollective::rendezvous_on(&launch, super::rendezvous_timeout(), vec![], listener)
+                .with_context(|| {
+                    format!(
+                        "opening the expert exchange on port {} of {}",
+                        launch.master_port, launch.master_addr
+                    )
+                })?;
+        Ok(std::sync::Arc::new(super::expert::CollectiveExchange::new(
+            Box::new(star),
+            members.to_vec(),
+        )?))
     }
 
     fn world(&self) -> usize {
@@ -206,7 +265,11 @@ impl Collective for TcpCollective {
             let mut all = Vec::with_capacity(self.world);
             let mut at = 0;
             for _ in 0..self.world {
-                let n = u64::from_le_bytes(packed[at..at + 8].try_into().context("short all-gather frame")?) as usize;
+                let n = u64::from_le_bytes(
+                    packed[at..at + 8]
+                        .try_into()
+                        .context("short all-gather frame")?,
+                ) as usize;
                 all.push(packed[at + 8..at + 8 + n].to_vec());
                 at += 8 + n;
             }

@@ -6,7 +6,9 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::Outcome;
-use crate::kernels::indexer_topk::{indexer_scores_rows, indexer_topk, indexer_topk_chunked, topk_rows};
+use crate::kernels::indexer_topk::{
+    indexer_scores_rows, indexer_topk, indexer_topk_chunked, topk_rows,
+};
 use crate::model::indexer::IndexerProj;
 
 pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
@@ -25,7 +27,15 @@ fn host_u32(t: &Tensor) -> Result<Vec<u32>> {
 }
 
 /// Random q [r, hi, di] bf16 (N(0, std^2) before rounding), w [r, hi] f32, k [t, di] bf16.
-fn inputs(r: usize, t: usize, hi: usize, di: usize, std: f64, seed: u64, gpu: &Device) -> Result<(Tensor, Tensor, Tensor)> {
+fn inputs(
+    r: usize,
+    t: usize,
+    hi: usize,
+    di: usize,
+    std: f64,
+    seed: u64,
+    gpu: &Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let q = crate::rng::randn(&[r, hi, di], seed, std, gpu)?.to_dtype(DType::BF16)?;
     let w = crate::rng::randn(&[r, hi], seed + 1, 1.0, gpu)?;
     let k = crate::rng::randn(&[t, di], seed + 2, 1.0, gpu)?.to_dtype(DType::BF16)?;
@@ -50,10 +60,16 @@ fn scores_match_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let seed = 1000 + 10 * i as u64;
         let (q, w, mut k) = inputs(r, t, hi, di, std, seed, gpu)?;
         if i == 2 {
-            k = crate::rng::randn(&[di, t], seed + 3, 1.0, gpu)?.to_dtype(DType::BF16)?.t()?;
+            k = crate::rng::randn(&[di, t], seed + 3, 1.0, gpu)?
+                .to_dtype(DType::BF16)?
+                .t()?;
         }
         let a = host_f32(&indexer_scores_rows(&q, &w, &k, q0)?)?;
-        let proj = IndexerProj { q: q.to_dtype(DType::F32)?.unsqueeze(0)?, k: k.to_dtype(DType::F32)?.unsqueeze(0)?, w: w.unsqueeze(0)? };
+        let proj = IndexerProj {
+            q: q.to_dtype(DType::F32)?.unsqueeze(0)?,
+            k: k.to_dtype(DType::F32)?.unsqueeze(0)?,
+            w: w.unsqueeze(0)?,
+        };
         let b = host_f32(&proj.scores_rows(0, r)?.squeeze(0)?)?;
         let (mut diff, mut scale, mut mask_bad, mut nonfinite) = (0f32, 0f32, 0usize, 0usize);
         for rr in 0..r {
@@ -98,7 +114,13 @@ fn host_topk(scores: &[f32], r: usize, t: usize, q0: usize, topk: usize) -> Vec<
 
 /// Scores with many exact ties: causal entries drawn by `value(u, v)` from two uniforms; junk
 /// (1e30) above the diagonal, which the selection must ignore.
-fn tied_scores(r: usize, t: usize, q0: usize, seed: u64, value: impl Fn(f64, f64) -> f32) -> Vec<f32> {
+fn tied_scores(
+    r: usize,
+    t: usize,
+    q0: usize,
+    seed: u64,
+    value: impl Fn(f64, f64) -> f32,
+) -> Vec<f32> {
     let mut rng = crate::rng::SplitMix64::new(seed);
     let mut v = vec![0f32; r * t];
     for rr in 0..r {
@@ -138,32 +160,88 @@ fn topk_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     // ~16.7K keys) overflow the shared-memory candidate cache and take the global-memory path;
     // all-zero rows tie everywhere.
     let mut cases: Vec<(&'static str, usize, usize, usize, usize, Vec<f32>)> = vec![];
-    for (i, &(topk, t)) in [(1usize, 1usize), (5, 97), (2048, 4097), (64, 1025)].iter().enumerate() {
-        cases.push(("grid", topk, t, t, 0, tied_scores(t, t, 0, 50 + i as u64, grid_value)));
+    for (i, &(topk, t)) in [(1usize, 1usize), (5, 97), (2048, 4097), (64, 1025)]
+        .iter()
+        .enumerate()
+    {
+        cases.push((
+            "grid",
+            topk,
+            t,
+            t,
+            0,
+            tied_scores(t, t, 0, 50 + i as u64, grid_value),
+        ));
     }
-    cases.push(("grid, q0 900", 64, 1025, 125, 900, tied_scores(125, 1025, 900, 60, grid_value)));
-    cases.push(("two-level, cache overflow", 5000, 20000, 8, 19992, tied_scores(8, 20000, 19992, 61, |u, u2| {
-        if u < 1.0 / 6.0 { 1.0 } else if u2 < 0.5 { -0.0 } else { 0.0 }
-    })));
-    cases.push(("all zeros", 100, 3000, 5, 2995, tied_scores(5, 3000, 2995, 62, |_, u2| if u2 < 0.5 { -0.0 } else { 0.0 })));
+    cases.push((
+        "grid, q0 900",
+        64,
+        1025,
+        125,
+        900,
+        tied_scores(125, 1025, 900, 60, grid_value),
+    ));
+    cases.push((
+        "two-level, cache overflow",
+        5000,
+        20000,
+        8,
+        19992,
+        tied_scores(8, 20000, 19992, 61, |u, u2| {
+            if u < 1.0 / 6.0 {
+                1.0
+            } else if u2 < 0.5 {
+                -0.0
+            } else {
+                0.0
+            }
+        }),
+    ));
+    cases.push((
+        "all zeros",
+        100,
+        3000,
+        5,
+        2995,
+        tied_scores(5, 3000, 2995, 62, |_, u2| if u2 < 0.5 { -0.0 } else { 0.0 }),
+    ));
     for &(topk, t) in &[(1usize, 1usize), (5, 97), (2048, 4097), (64, 1025)] {
         let (q, w, k) = inputs(t, t, 64, 128, 1.0, 70 + t as u64, gpu)?;
-        cases.push(("kernel scores", topk, t, t, 0, host_f32(&indexer_scores_rows(&q, &w, &k, 0)?)?));
+        cases.push((
+            "kernel scores",
+            topk,
+            t,
+            t,
+            0,
+            host_f32(&indexer_scores_rows(&q, &w, &k, 0)?)?,
+        ));
     }
     for (what, topk, t, r, q0, scores) in cases {
         let dev_scores = Tensor::from_vec(scores.clone(), (r, t), gpu)?;
         let got = host_u32(&topk_rows(&dev_scores, q0, topk)?)?;
         let want = host_topk(&scores, r, t, q0, topk);
         let kk = topk.min(t);
-        let bad: Vec<usize> = (0..r).filter(|&rr| got[rr * kk..(rr + 1) * kk] != want[rr * kk..(rr + 1) * kk]).collect();
+        let bad: Vec<usize> = (0..r)
+            .filter(|&rr| got[rr * kk..(rr + 1) * kk] != want[rr * kk..(rr + 1) * kk])
+            .collect();
         let first = bad.first().map(|&rr| {
-            let m = (0..kk).find(|&j| got[rr * kk + j] != want[rr * kk + j]).unwrap_or(0);
-            format!("; first bad row {rr} at slot {m}: got {} want {}", got[rr * kk + m], want[rr * kk + m])
+            let m = (0..kk)
+                .find(|&j| got[rr * kk + j] != want[rr * kk + j])
+                .unwrap_or(0);
+            format!(
+                "; first bad row {rr} at slot {m}: got {} want {}",
+                got[rr * kk + m],
+                want[rr * kk + m]
+            )
         });
         out.push(Outcome {
             name: "indexer top-k kernel vs twin",
             ok: bad.is_empty() && got.len() == want.len(),
-            detail: format!("{what}: k {topk} T {t} R {r} q0 {q0}: {} of {r} rows differ (exact){}", bad.len(), first.unwrap_or_default()),
+            detail: format!(
+                "{what}: k {topk} T {t} R {r} q0 {q0}: {} of {r} rows differ (exact){}",
+                bad.len(),
+                first.unwrap_or_default()
+            ),
         });
     }
     Ok(out)
@@ -174,8 +252,14 @@ fn topk_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
 fn deterministic(gpu: &Device) -> Result<Vec<Outcome>> {
     let (r, t, hi, di, q0, topk) = (256usize, 4097usize, 64usize, 128usize, 3841usize, 2048usize);
     let (q, w, k) = inputs(r, t, hi, di, 1.0, 90, gpu)?;
-    let s1: Vec<u32> = host_f32(&indexer_scores_rows(&q, &w, &k, q0)?)?.iter().map(|x| x.to_bits()).collect();
-    let s2: Vec<u32> = host_f32(&indexer_scores_rows(&q, &w, &k, q0)?)?.iter().map(|x| x.to_bits()).collect();
+    let s1: Vec<u32> = host_f32(&indexer_scores_rows(&q, &w, &k, q0)?)?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
+    let s2: Vec<u32> = host_f32(&indexer_scores_rows(&q, &w, &k, q0)?)?
+        .iter()
+        .map(|x| x.to_bits())
+        .collect();
     let a = host_u32(&indexer_topk(&q, &w, &k, q0, topk)?)?;
     let b = host_u32(&indexer_topk(&q, &w, &k, q0, topk)?)?;
     let c = host_u32(&indexer_topk_chunked(&q, &w, &k, q0, topk, 7 * 4 * t)?)?;

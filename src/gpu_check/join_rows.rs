@@ -11,29 +11,120 @@ use super::Outcome;
 use crate::kernels::join_rows::{join_rows, join_rows_plain};
 
 fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
-    let r = |shape: &[usize], seed: u64, dtype: DType| -> Result<Tensor> { Ok(crate::rng::randn(shape, seed, 1.0, gpu)?.to_dtype(dtype)?) };
-    type Case = (&'static str, Box<dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)>>, usize, DType, DType);
+    let r = |shape: &[usize], seed: u64, dtype: DType| -> Result<Tensor> {
+        Ok(crate::rng::randn(shape, seed, 1.0, gpu)?.to_dtype(dtype)?)
+    };
+    type Case = (
+        &'static str,
+        Box<dyn Fn(&Tensor) -> Result<(Tensor, Option<Tensor>)>>,
+        usize,
+        DType,
+        DType,
+    );
     let cases: Vec<(Case, Vec<usize>)> = vec![
-        (("transpose [T, H, C] -> [H, T, C], bf16", Box::new(|x: &Tensor| Ok((x.transpose(0, 1)?, None))), 1, DType::BF16, DType::BF16), vec![257, 16, 512]),
-        (("narrow + transpose of the kernel's [T, H, C+1] f32 -> bf16", Box::new(|x: &Tensor| Ok((x.narrow(2, 0, 512)?.transpose(0, 1)?, None))), 1, DType::F32, DType::BF16), vec![130, 12, 513]),
-        (("permute [B, T, H, N] -> [H, B T, N]", Box::new(|x: &Tensor| Ok((x.narrow(3, 0, 128)?.permute((2, 0, 1, 3))?, None))), 1, DType::BF16, DType::BF16), vec![2, 77, 8, 192]),
-        (("join transposed latent and RoPE part", Box::new(|x: &Tensor| { let pe = x.narrow(2, 0, 64)?.contiguous()?; Ok((x.transpose(0, 1)?.transpose(0, 1)?, Some((pe * 2.0)?))) }), 1, DType::BF16, DType::BF16), vec![99, 5, 512]),
-        (("join with a broadcast zero column, bf16 -> f32", Box::new(|x: &Tensor| { let (a, b, _) = x.dims3()?; Ok((x.clone(), Some(Tensor::zeros((1, 1, 1), x.dtype(), x.device())?.broadcast_as((a, b, 1))?))) }), 1, DType::BF16, DType::F32), vec![64, 7, 40]),
-        (("f32 -> f32, odd widths", Box::new(|x: &Tensor| Ok((x.transpose(0, 1)?, Some(x.transpose(0, 1)?.narrow(2, 1, 3)?)))), 1, DType::F32, DType::F32), vec![33, 3, 17]),
+        (
+            (
+                "transpose [T, H, C] -> [H, T, C], bf16",
+                Box::new(|x: &Tensor| Ok((x.transpose(0, 1)?, None))),
+                1,
+                DType::BF16,
+                DType::BF16,
+            ),
+            vec![257, 16, 512],
+        ),
+        (
+            (
+                "narrow + transpose of the kernel's [T, H, C+1] f32 -> bf16",
+                Box::new(|x: &Tensor| Ok((x.narrow(2, 0, 512)?.transpose(0, 1)?, None))),
+                1,
+                DType::F32,
+                DType::BF16,
+            ),
+            vec![130, 12, 513],
+        ),
+        (
+            (
+                "permute [B, T, H, N] -> [H, B T, N]",
+                Box::new(|x: &Tensor| Ok((x.narrow(3, 0, 128)?.permute((2, 0, 1, 3))?, None))),
+                1,
+                DType::BF16,
+                DType::BF16,
+            ),
+            vec![2, 77, 8, 192],
+        ),
+        (
+            (
+                "join transposed latent and RoPE part",
+                Box::new(|x: &Tensor| {
+                    let pe = x.narrow(2, 0, 64)?.contiguous()?;
+                    Ok((x.transpose(0, 1)?.transpose(0, 1)?, Some((pe * 2.0)?)))
+                }),
+                1,
+                DType::BF16,
+                DType::BF16,
+            ),
+            vec![99, 5, 512],
+        ),
+        (
+            (
+                "join with a broadcast zero column, bf16 -> f32",
+                Box::new(|x: &Tensor| {
+                    let (a, b, _) = x.dims3()?;
+                    Ok((
+                        x.clone(),
+                        Some(
+                            Tensor::zeros((1, 1, 1), x.dtype(), x.device())?
+                                .broadcast_as((a, b, 1))?,
+                        ),
+                    ))
+                }),
+                1,
+                DType::BF16,
+                DType::F32,
+            ),
+            vec![64, 7, 40],
+        ),
+        (
+            (
+                "f32 -> f32, odd widths",
+                Box::new(|x: &Tensor| {
+                    Ok((
+                        x.transpose(0, 1)?,
+                        Some(x.transpose(0, 1)?.narrow(2, 1, 3)?),
+                    ))
+                }),
+                1,
+                DType::F32,
+                DType::F32,
+            ),
+            vec![33, 3, 17],
+        ),
     ];
     for (i, ((name, view, split, din, dout), shape)) in cases.into_iter().enumerate() {
         let x = r(&shape, 900 + i as u64, din)?;
         let run = |fused: bool| -> Result<(Tensor, Option<Tensor>)> {
             let xv = Var::from_tensor(&x)?;
             let (a, b) = view(xv.as_tensor())?;
-            let y = if fused { join_rows(&a, b.as_ref(), split, dout)? } else { join_rows_plain(&a, b.as_ref(), split, dout)? };
+            let y = if fused {
+                join_rows(&a, b.as_ref(), split, dout)?
+            } else {
+                join_rows_plain(&a, b.as_ref(), split, dout)?
+            };
             let g = crate::rng::randn(y.dims(), 77, 1.0, gpu)?.to_dtype(dout)?;
-            let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+            let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
             Ok((y, grads.get(xv.as_tensor()).cloned()))
         };
         let ((yf, gf), (yp, gp)) = (run(true)?, run(false)?);
@@ -43,7 +134,15 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             (None, None) => true,
             _ => false,
         };
-        out.push(Outcome { name: "join_rows vs twin", ok: same_y && same_g, detail: format!("{name} {shape:?}: output {}, gradient {}", if same_y { "bit-equal" } else { "DIFFERS" }, if same_g { "bit-equal" } else { "DIFFERS" }) });
+        out.push(Outcome {
+            name: "join_rows vs twin",
+            ok: same_y && same_g,
+            detail: format!(
+                "{name} {shape:?}: output {}, gradient {}",
+                if same_y { "bit-equal" } else { "DIFFERS" },
+                if same_g { "bit-equal" } else { "DIFFERS" }
+            ),
+        });
     }
     Ok(out)
 }

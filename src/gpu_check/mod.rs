@@ -5,14 +5,14 @@
 //! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
-mod warmup_kl;
 mod indexer_topk;
-mod sparse_mla_tc;
-mod rows;
+mod join_rows;
 mod rms_norm;
 mod rope;
-mod join_rows;
+mod rows;
+mod sparse_mla_tc;
 mod swiglu;
+mod warmup_kl;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
@@ -30,7 +30,11 @@ pub(crate) struct Outcome {
 pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> Result<f32> {
     let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
     let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
-    let diff = (&a - &b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+    let diff = (&a - &b)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f32>()?;
     let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
     Ok(diff / scale.max(1e-30))
 }
@@ -44,8 +48,14 @@ pub(crate) fn rel_l2(a: &Tensor, b: &Tensor) -> Result<f32> {
 }
 
 pub(crate) fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
-    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
-    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?;
+    let a = a
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?;
+    let b = b
+        .to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?;
     let dot = (&a * &b)?.sum_all()?.to_scalar::<f32>()?;
     let na = a.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
     let nb = b.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
@@ -54,34 +64,79 @@ pub(crate) fn cosine(a: &Tensor, b: &Tensor) -> Result<f32> {
 
 fn tokens(b: usize, t: usize, vocab: usize, seed: u64, device: &Device) -> Result<Tensor> {
     let mut rng = crate::rng::SplitMix64::new(seed);
-    let v: Vec<u32> = (0..b * t).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+    let v: Vec<u32> = (0..b * t)
+        .map(|_| (rng.next_u64() % vocab as u64) as u32)
+        .collect();
     Ok(Tensor::from_vec(v, (b, t), device)?)
 }
 
 /// Logits of the tiny V3.2 model on CPU f32 vs GPU f32 and bf16, both attention modes.
 fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
     let cpu = Model::load(dir, &LoadOptions::default())?;
-    let g32 = Model::load(dir, &LoadOptions { device: gpu.clone(), ..Default::default() })?;
-    let g16 = Model::load(dir, &LoadOptions { device: gpu.clone(), dtype: DType::BF16, ..Default::default() })?;
+    let g32 = Model::load(
+        dir,
+        &LoadOptions {
+            device: gpu.clone(),
+            ..Default::default()
+        },
+    )?;
+    let g16 = Model::load(
+        dir,
+        &LoadOptions {
+            device: gpu.clone(),
+            dtype: DType::BF16,
+            ..Default::default()
+        },
+    )?;
     let mut out = vec![];
     for (mode, name32, name16) in [
-        (AttentionMode::Dense, "dense forward f32", "dense forward bf16"),
-        (AttentionMode::Sparse, "sparse forward f32", "sparse forward bf16"),
+        (
+            AttentionMode::Dense,
+            "dense forward f32",
+            "dense forward bf16",
+        ),
+        (
+            AttentionMode::Sparse,
+            "sparse forward f32",
+            "sparse forward bf16",
+        ),
     ] {
-        let opts = ForwardOptions { attention: mode, topk: 16, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None };
+        let opts = ForwardOptions {
+            attention: mode,
+            topk: 16,
+            indexer_kl: true,
+            recall: true,
+            detach_indexer_inputs: false,
+            seq_balance: false,
+            defer_dense_kl: false,
+            block_rows: 0,
+            indexer_rows: 0,
+            eval_rows: None,
+        };
         let x = tokens(2, 97, cpu.cfg.vocab_size, 11, &Device::Cpu)?;
         let reference = cpu.forward(&x, &opts)?.logits;
         let a = g32.forward(&x.to_device(gpu)?, &opts)?.logits;
         let e = rel_err(&a, &reference)?;
-        out.push(Outcome { name: name32, ok: e < 1e-4, detail: format!("max rel err {e:.2e} (< 1e-4)") });
+        out.push(Outcome {
+            name: name32,
+            ok: e < 1e-4,
+            detail: format!("max rel err {e:.2e} (< 1e-4)"),
+        });
         // bf16 with a selection that keeps every key (top-k >= T), against the CPU f32 path:
         // with a real selection a bf16 model may legitimately pick other keys at near-ties
         // (reported, not asserted).
-        let all_keys = ForwardOptions { topk: 97, ..opts.clone() };
+        let all_keys = ForwardOptions {
+            topk: 97,
+            ..opts.clone()
+        };
         let b = g16.forward(&x.to_device(gpu)?, &all_keys)?.logits;
         let c = cosine(&b, &cpu.forward(&x, &all_keys)?.logits)?;
         let with_sel = cosine(&g16.forward(&x.to_device(gpu)?, &opts)?.logits, &reference)?;
-        out.push(Outcome { name: name16, ok: c > 1.0 - 5e-3, detail: format!("top-k >= T: cosine {c:.6} (> 0.995); with top-16: {with_sel:.4}") });
+        out.push(Outcome {
+            name: name16,
+            ok: c > 1.0 - 5e-3,
+            detail: format!("top-k >= T: cosine {c:.6} (> 0.995); with top-16: {with_sel:.4}"),
+        });
     }
     Ok(out)
 }
@@ -101,18 +156,41 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         (DType::F32, AttentionMode::Dense, "blocked eval dense f32"),
         (DType::F32, AttentionMode::Sparse, "blocked eval sparse f32"),
         (DType::BF16, AttentionMode::Dense, "blocked eval dense bf16"),
-        (DType::BF16, AttentionMode::Sparse, "blocked eval sparse bf16"),
+        (
+            DType::BF16,
+            AttentionMode::Sparse,
+            "blocked eval sparse bf16",
+        ),
     ] {
-        let model = Model::load(dir, &LoadOptions { device: gpu.clone(), dtype, ..Default::default() })?;
+        let model = Model::load(
+            dir,
+            &LoadOptions {
+                device: gpu.clone(),
+                dtype,
+                ..Default::default()
+            },
+        )?;
         let x = tokens(2, 97, model.cfg.vocab_size, 12, gpu)?;
         let whole_opts = ForwardOptions::new(mode, 16);
         let whole = model.forward(&x, &whole_opts)?;
-        let blocked = model.forward(&x, &ForwardOptions { eval_rows: Some(7), ..whole_opts })?;
+        let blocked = model.forward(
+            &x,
+            &ForwardOptions {
+                eval_rows: Some(7),
+                ..whole_opts
+            },
+        )?;
         let (mut kl, mut recall, mut recall_mean) = (0f32, 0f32, 0f32);
         for (b, w) in blocked.layers.iter().zip(&whole.layers) {
-            let (kb, kw) = (b.indexer_kl.as_ref().expect("KL"), w.indexer_kl.as_ref().expect("KL"));
+            let (kb, kw) = (
+                b.indexer_kl.as_ref().expect("KL"),
+                w.indexer_kl.as_ref().expect("KL"),
+            );
             kl = kl.max(rel_err(kb, kw)?);
-            let (rb, rw) = (b.recall.as_ref().expect("recall"), w.recall.as_ref().expect("recall"));
+            let (rb, rw) = (
+                b.recall.as_ref().expect("recall"),
+                w.recall.as_ref().expect("recall"),
+            );
             let diff = (rb - rw)?.abs()?.flatten_all()?.to_dtype(DType::F32)?;
             recall = recall.max(diff.max(0)?.to_scalar::<f32>()?);
             recall_mean = recall_mean.max(diff.mean_all()?.to_scalar::<f32>()?);
@@ -135,7 +213,11 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
 /// Three training steps of each stage in f32 on CPU and GPU give the same losses.
 fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Result<Vec<Outcome>> {
     let mut out = vec![];
-    for (stage, name) in [("dense", "dense (pre-training) steps f32"), ("warmup", "warm-up steps f32"), ("sparse", "sparse steps f32")] {
+    for (stage, name) in [
+        ("dense", "dense (pre-training) steps f32"),
+        ("warmup", "warm-up steps f32"),
+        ("sparse", "sparse steps f32"),
+    ] {
         let mut losses = vec![];
         for device in ["cpu", gpu_name] {
             let text = format!(
@@ -152,8 +234,19 @@ fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Resu
             }
             losses.push(l);
         }
-        let worst = losses[0].iter().zip(&losses[1]).map(|(a, b)| ((a - b) / a).abs()).fold(0.0, f64::max);
-        out.push(Outcome { name, ok: worst < 1e-3, detail: format!("losses cpu {:?} gpu {:?}, max rel diff {worst:.2e} (< 1e-3)", losses[0], losses[1]) });
+        let worst = losses[0]
+            .iter()
+            .zip(&losses[1])
+            .map(|(a, b)| ((a - b) / a).abs())
+            .fold(0.0, f64::max);
+        out.push(Outcome {
+            name,
+            ok: worst < 1e-3,
+            detail: format!(
+                "losses cpu {:?} gpu {:?}, max rel diff {worst:.2e} (< 1e-3)",
+                losses[0], losses[1]
+            ),
+        });
     }
     Ok(out)
 }
@@ -165,7 +258,11 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     use candle_core::Var;
     let mut out = vec![];
     let mut rng = crate::rng::SplitMix64::new(77);
-    for (n, h, k, dqk, dv) in [(97usize, 16usize, 64usize, 576usize, 512usize), (1, 3, 5, 160, 144), (300, 20, 40, 576, 512)] {
+    for (n, h, k, dqk, dv) in [
+        (97usize, 16usize, 64usize, 576usize, 512usize),
+        (1, 3, 5, 160, 144),
+        (300, 20, 40, 576, 512),
+    ] {
         // kv rows: at least 8, so a single query still sees distinct keys.
         let nkv = n.max(8);
         let scale = (dqk as f64).powf(-0.5);
@@ -186,14 +283,36 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         crate::kernels::set_enabled(true);
         let fused = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
         let o_k = fused.narrow(2, 0, dv)?;
-        let pm_k = crate::kernels::sparse_mla_head_mean_probs(q.as_tensor(), kv.as_tensor(), &idx, &fused, scale, dv)?;
+        let pm_k = crate::kernels::sparse_mla_head_mean_probs(
+            q.as_tensor(),
+            kv.as_tensor(),
+            &idx,
+            &fused,
+            scale,
+            dv,
+        )?;
         let g_k = (&o_k * &upstream)?.sum_all()?.backward()?;
         // Twin: gather, masked softmax in f32, weighted values.
-        let rows: Vec<u32> = abs.iter().map(|&a| if a == u32::MAX { 0 } else { a }).collect();
-        let bias: Vec<f32> = abs.iter().map(|&a| if a == u32::MAX { crate::dsa::MASKED } else { 0.0 }).collect();
+        let rows: Vec<u32> = abs
+            .iter()
+            .map(|&a| if a == u32::MAX { 0 } else { a })
+            .collect();
+        let bias: Vec<f32> = abs
+            .iter()
+            .map(|&a| {
+                if a == u32::MAX {
+                    crate::dsa::MASKED
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let rows = Tensor::from_vec(rows, n * k, gpu)?;
         let bias = Tensor::from_vec(bias, (n, 1, k), gpu)?;
-        let sel = kv.as_tensor().index_select(&rows, 0)?.reshape((n, k, dqk))?;
+        let sel = kv
+            .as_tensor()
+            .index_select(&rows, 0)?
+            .reshape((n, k, dqk))?;
         let scores = (q.as_tensor().matmul(&sel.t()?)? * scale)?.broadcast_add(&bias)?;
         let probs = crate::ops::softmax_last(&scores)?;
         let o_t = probs.matmul(&sel.narrow(2, 0, dv)?.contiguous()?)?;
@@ -201,8 +320,14 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let g_t = (&o_t * &upstream)?.sum_all()?.backward()?;
         let e_o = rel_err(&o_k, &o_t)?;
         let e_p = rel_err(&pm_k, &pm_t)?;
-        let e_dq = rel_err(g_k.get(q.as_tensor()).unwrap(), g_t.get(q.as_tensor()).unwrap())?;
-        let e_dkv = rel_err(g_k.get(kv.as_tensor()).unwrap(), g_t.get(kv.as_tensor()).unwrap())?;
+        let e_dq = rel_err(
+            g_k.get(q.as_tensor()).unwrap(),
+            g_t.get(q.as_tensor()).unwrap(),
+        )?;
+        let e_dkv = rel_err(
+            g_k.get(kv.as_tensor()).unwrap(),
+            g_t.get(kv.as_tensor()).unwrap(),
+        )?;
         let worst = e_o.max(e_p).max(e_dq).max(e_dkv);
         out.push(Outcome {
             name: "sparse MLA kernel vs twin",
@@ -240,11 +365,21 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         (true, 2, 97, 3, 32, 16),
     ];
     for (tc, b, t, hi, di, k) in cases {
-        let round = |x: Tensor| -> Result<Tensor> { Ok(if tc { x.to_dtype(DType::BF16)?.to_dtype(DType::F32)? } else { x }) };
+        let round = |x: Tensor| -> Result<Tensor> {
+            Ok(if tc {
+                x.to_dtype(DType::BF16)?.to_dtype(DType::F32)?
+            } else {
+                x
+            })
+        };
         let q = Var::from_tensor(&round(crate::rng::randn(&[b, t, hi, di], 3, 1.0, gpu)?)?)?;
         let w = Var::from_tensor(&crate::rng::randn(&[b, t, hi], 4, 1.0, gpu)?)?;
         let kk = Var::from_tensor(&round(crate::rng::randn(&[b, t, di], 5, 1.0, gpu)?)?)?;
-        let proj = crate::model::indexer::IndexerProj { q: q.as_tensor().clone(), k: kk.as_tensor().clone(), w: w.as_tensor().clone() };
+        let proj = crate::model::indexer::IndexerProj {
+            q: q.as_tensor().clone(),
+            k: kk.as_tensor().clone(),
+            w: w.as_tensor().clone(),
+        };
         let causal = crate::dsa::causal_bias(t, gpu)?;
         let sel = crate::dsa::select_topk(&proj.scores(&causal)?.detach(), k)?;
         let up = crate::rng::randn(&[b, t, k.min(t)], 6, 1.0, gpu)?;
@@ -256,12 +391,32 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let gp = (&p * &up)?.sum_all()?.backward()?;
         crate::kernels::set_enabled(true);
         let e = rel_err(&a, &p)?;
-        let g = |v: &Var| -> Result<f32> { rel_err(ga.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap()) };
-        let g2 = |v: &Var| -> Result<f32> { rel_l2(ga.get(v.as_tensor()).unwrap(), gp.get(v.as_tensor()).unwrap()) };
+        let g = |v: &Var| -> Result<f32> {
+            rel_err(
+                ga.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            )
+        };
+        let g2 = |v: &Var| -> Result<f32> {
+            rel_l2(
+                ga.get(v.as_tensor()).unwrap(),
+                gp.get(v.as_tensor()).unwrap(),
+            )
+        };
         let ew = g(&w)?;
-        let (eq, ek) = if tc { (g2(&q)?, g2(&kk)?) } else { (g(&q)?, g(&kk)?) };
+        let (eq, ek) = if tc {
+            (g2(&q)?, g2(&kk)?)
+        } else {
+            (g(&q)?, g(&kk)?)
+        };
         // The gradient must not vanish (a zero on both sides would compare equal).
-        let dq_norm = ga.get(q.as_tensor()).unwrap().abs()?.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let dq_norm = ga
+            .get(q.as_tensor())
+            .unwrap()
+            .abs()?
+            .sum_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
         let (exact, rounded) = if tc { (1e-4, 5e-3) } else { (1e-4, 1e-4) };
         out.push(Outcome {
             name: if tc { "indexer scores-at-selection bf16 tensor-core kernel vs twin" } else { "indexer scores-at-selection kernel vs twin" },
@@ -282,13 +437,32 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
 fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
     use candle_core::Var;
     let mut out = vec![];
-    for (b, h, t, dqk, dv, rows) in [(2usize, 8usize, 1025usize, 96usize, 64usize, 0usize), (1, 4, 97, 192, 128, 16)] {
-        let r = |dims: &[usize], seed: u64, std: f64| -> Result<Tensor> { Ok(crate::rng::randn(dims, seed, std, gpu)?.to_dtype(DType::BF16)?) };
-        let (q, k, v) = (r(&[b, h, t, dqk], 1, 2.0)?, r(&[b, h, t, dqk], 2, 2.0)?, r(&[b, h, t, dv], 3, 1.0)?);
+    for (b, h, t, dqk, dv, rows) in [
+        (2usize, 8usize, 1025usize, 96usize, 64usize, 0usize),
+        (1, 4, 97, 192, 128, 16),
+    ] {
+        let r = |dims: &[usize], seed: u64, std: f64| -> Result<Tensor> {
+            Ok(crate::rng::randn(dims, seed, std, gpu)?.to_dtype(DType::BF16)?)
+        };
+        let (q, k, v) = (
+            r(&[b, h, t, dqk], 1, 2.0)?,
+            r(&[b, h, t, dqk], 2, 2.0)?,
+            r(&[b, h, t, dv], 3, 1.0)?,
+        );
         let up = crate::rng::randn(&[b, h, t, dv], 4, 1.0, gpu)?;
         let scale = 1.0 / (dqk as f64).sqrt();
-        let (qb, kb, vb) = (Var::from_tensor(&q)?, Var::from_tensor(&k)?, Var::from_tensor(&v)?);
-        let ours = crate::model::dense_recompute::attention(qb.as_tensor(), kb.as_tensor(), vb.as_tensor(), scale, rows)?;
+        let (qb, kb, vb) = (
+            Var::from_tensor(&q)?,
+            Var::from_tensor(&k)?,
+            Var::from_tensor(&v)?,
+        );
+        let ours = crate::model::dense_recompute::attention(
+            qb.as_tensor(),
+            kb.as_tensor(),
+            vb.as_tensor(),
+            scale,
+            rows,
+        )?;
         let g1 = (ours.to_dtype(DType::F32)? * &up)?.sum_all()?.backward()?;
         let f = |x: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?) };
         let (q32, k32, v32) = (f(&q)?, f(&k)?, f(&v)?);
@@ -297,7 +471,12 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
         let reference = crate::ops::softmax_last(&s)?.matmul(v32.as_tensor())?;
         let g2 = (&reference * &up)?.sum_all()?.backward()?;
         let e_out = rel_err(&ours, &reference)?;
-        let g = |a: &Var, b: &Var| -> Result<f32> { rel_err(g1.get(a.as_tensor()).expect("grad"), g2.get(b.as_tensor()).expect("grad")) };
+        let g = |a: &Var, b: &Var| -> Result<f32> {
+            rel_err(
+                g1.get(a.as_tensor()).expect("grad"),
+                g2.get(b.as_tensor()).expect("grad"),
+            )
+        };
         let (eq, ek, ev) = (g(&qb, &q32)?, g(&kb, &k32)?, g(&vb, &v32)?);
         // bf16 output and gradients (8 bits of mantissa): 2e-2 of the largest value.
         let worst = e_out.max(eq).max(ek).max(ev);
@@ -320,28 +499,68 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
 fn lm_loss_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
     let mut rng = crate::rng::SplitMix64::new(91);
-    for (dtype, rows, vocab, std) in [(DType::BF16, 97usize, 129280usize, 2.0), (DType::F32, 33, 1000, 1.0), (DType::BF16, 1, 7, 1.0), (DType::F32, 5, 129280, 30.0)] {
+    for (dtype, rows, vocab, std) in [
+        (DType::BF16, 97usize, 129280usize, 2.0),
+        (DType::F32, 33, 1000, 1.0),
+        (DType::BF16, 1, 7, 1.0),
+        (DType::F32, 5, 129280, 30.0),
+    ] {
         let mut logits = crate::rng::randn(&[rows, vocab], rng.next_u64(), std, gpu)?;
         if std > 10.0 {
             // -inf in the first entries of row 0 (each thread's first element).
-            let mask: Vec<f32> = (0..rows * vocab).map(|i| if i < 1500 && i % 3 == 0 { f32::NEG_INFINITY } else { 0.0 }).collect();
+            let mask: Vec<f32> = (0..rows * vocab)
+                .map(|i| {
+                    if i < 1500 && i % 3 == 0 {
+                        f32::NEG_INFINITY
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
             logits = (logits + Tensor::from_vec(mask, (rows, vocab), gpu)?)?;
         }
         let logits = logits.to_dtype(dtype)?;
-        let targets: Vec<u32> = (0..rows).map(|_| (rng.next_u64() % vocab as u64) as u32).collect();
+        let targets: Vec<u32> = (0..rows)
+            .map(|_| (rng.next_u64() % vocab as u64) as u32)
+            .collect();
         let targets = Tensor::from_vec(targets, rows, gpu)?;
         let w = 0.37;
         let (nll_k, g_k) = crate::kernels::lm_loss::nll_rows_and_grad(&logits, &targets, w)?;
-        let (nll_t, g_t) = crate::losses::nll_rows_and_grad_plain(&logits, &targets, w, crate::losses::LOSS_BLOCK)?;
+        let (nll_t, g_t) = crate::losses::nll_rows_and_grad_plain(
+            &logits,
+            &targets,
+            w,
+            crate::losses::LOSS_BLOCK,
+        )?;
         let e_nll = rel_err(&nll_k, &nll_t)?;
         // Element by element: |kernel - twin| <= rel |twin| + 1e-7 w, rel = one bf16 step
         // (2^-7 of the value) for bf16 gradients, 1e-5 for f32; the worst ratio must be <= 1.
-        let rel = if dtype == DType::F32 { 1e-5 } else { 1.0 / 128.0 };
+        let rel = if dtype == DType::F32 {
+            1e-5
+        } else {
+            1.0 / 128.0
+        };
         let (a, b) = (g_k.to_dtype(DType::F32)?, g_t.to_dtype(DType::F32)?);
         let bound = (b.abs()? * rel)?.affine(1.0, 1e-7 * w)?;
-        let worst = (a - &b)?.abs()?.div(&bound)?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-        let finite = g_k.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().all(|x| x.is_finite());
-        let row_sum = g_k.to_dtype(DType::F32)?.sum(1)?.abs()?.max(0)?.to_scalar::<f32>()? as f64 / w;
+        let worst = (a - &b)?
+            .abs()?
+            .div(&bound)?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
+        let finite = g_k
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?
+            .iter()
+            .all(|x| x.is_finite());
+        let row_sum = g_k
+            .to_dtype(DType::F32)?
+            .sum(1)?
+            .abs()?
+            .max(0)?
+            .to_scalar::<f32>()? as f64
+            / w;
         out.push(Outcome {
             name: "fused LM loss vs twin",
             ok: e_nll < 1e-5 && worst <= 1.0 && finite && row_sum < 1e-4 * (if dtype == DType::BF16 { 100.0 } else { 1.0 }),
@@ -361,23 +580,42 @@ fn adamw_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     use crate::kernels::adamw::AdamWScalars;
     let mut out = vec![];
     let mut rng = crate::rng::SplitMix64::new(57);
-    for (n, grad_scale, decay, t) in [(1usize, 1.0, None, 1), (97, 0.37, Some(1e-4), 3), ((1 << 20) + 3, 1.0, Some(3e-5), 1000)] {
-        let r = |std: f64, rng: &mut crate::rng::SplitMix64| crate::rng::randn(&[n], rng.next_u64(), std, &Device::Cpu);
+    for (n, grad_scale, decay, t) in [
+        (1usize, 1.0, None, 1),
+        (97, 0.37, Some(1e-4), 3),
+        ((1 << 20) + 3, 1.0, Some(3e-5), 1000),
+    ] {
+        let r = |std: f64, rng: &mut crate::rng::SplitMix64| {
+            crate::rng::randn(&[n], rng.next_u64(), std, &Device::Cpu)
+        };
         let (g, m, w) = (r(1e-2, &mut rng)?, r(1e-3, &mut rng)?, r(0.05, &mut rng)?);
         let v = r(1e-3, &mut rng)?.sqr()?;
-        let s = AdamWScalars { grad_scale, beta1: 0.9, beta2: 0.95, eps: 1e-8, t, lr: 3e-4, decay };
+        let s = AdamWScalars {
+            grad_scale,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            t,
+            lr: 3e-4,
+            decay,
+        };
         let on = |x: &Tensor| x.to_device(gpu);
         let fused = crate::kernels::adamw::step(&on(&g)?, &on(&m)?, &on(&v)?, &on(&w)?, &s)?;
-        let plain_gpu = crate::train::optim::adamw_update_plain(&on(&g)?, &on(&m)?, &on(&v)?, &on(&w)?, &s)?;
+        let plain_gpu =
+            crate::train::optim::adamw_update_plain(&on(&g)?, &on(&m)?, &on(&v)?, &on(&w)?, &s)?;
         let plain_cpu = crate::train::optim::adamw_update_plain(&g, &m, &v, &w, &s)?;
-        let differ = |a: &(Tensor, Tensor, Tensor), b: &(Tensor, Tensor, Tensor)| -> Result<usize> {
-            let mut count = 0;
-            for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
-                let (x, y): (Vec<f32>, Vec<f32>) = (x.to_device(&Device::Cpu)?.to_vec1()?, y.to_device(&Device::Cpu)?.to_vec1()?);
-                count += x.iter().zip(&y).filter(|(p, q)| p != q).count();
-            }
-            Ok(count)
-        };
+        let differ =
+            |a: &(Tensor, Tensor, Tensor), b: &(Tensor, Tensor, Tensor)| -> Result<usize> {
+                let mut count = 0;
+                for (x, y) in [(&a.0, &b.0), (&a.1, &b.1), (&a.2, &b.2)] {
+                    let (x, y): (Vec<f32>, Vec<f32>) = (
+                        x.to_device(&Device::Cpu)?.to_vec1()?,
+                        y.to_device(&Device::Cpu)?.to_vec1()?,
+                    );
+                    count += x.iter().zip(&y).filter(|(p, q)| p != q).count();
+                }
+                Ok(count)
+            };
         let (d_gpu, d_cpu) = (differ(&fused, &plain_gpu)?, differ(&fused, &plain_cpu)?);
         out.push(Outcome {
             name: "fused AdamW vs twin",
@@ -417,21 +655,50 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut c = crate::tiny::tiny_config(true);
     let o = c.as_object_mut().expect("object");
     for (k, v) in [
-        ("hidden_size", 512), ("num_hidden_layers", 2), ("intermediate_size", 1024), ("moe_intermediate_size", 256),
-        ("num_attention_heads", 16), ("num_key_value_heads", 16), ("q_lora_rank", 384), ("kv_lora_rank", 512),
-        ("qk_nope_head_dim", 128), ("qk_rope_head_dim", 64), ("v_head_dim", 128), ("index_n_heads", 8),
-        ("index_head_dim", 64), ("index_topk", 128),
+        ("hidden_size", 512),
+        ("num_hidden_layers", 2),
+        ("intermediate_size", 1024),
+        ("moe_intermediate_size", 256),
+        ("num_attention_heads", 16),
+        ("num_key_value_heads", 16),
+        ("q_lora_rank", 384),
+        ("kv_lora_rank", 512),
+        ("qk_nope_head_dim", 128),
+        ("qk_rope_head_dim", 64),
+        ("v_head_dim", 128),
+        ("index_n_heads", 8),
+        ("index_head_dim", 64),
+        ("index_topk", 128),
     ] {
         o.insert(k.into(), v.into());
     }
-    let cfg = crate::config::ModelConfig::from_json(&c.to_string(), &crate::config::IndexerDefaults::default())?;
+    let cfg = crate::config::ModelConfig::from_json(
+        &c.to_string(),
+        &crate::config::IndexerDefaults::default(),
+    )?;
     let mut out = vec![];
     // f32 blocks of 128 rows: the weights' token sums are split at other points (cuBLAS's
     // reductions per block shape, the blocks' sums), measured 2.9e-5 at most (H100).
-    for (dtype, max_tol, l2_tol) in [(DType::F32, 1e-5f32, 1e-5f32), (DType::BF16, f32::INFINITY, 2e-2)] {
+    for (dtype, max_tol, l2_tol) in [
+        (DType::F32, 1e-5f32, 1e-5f32),
+        (DType::BF16, f32::INFINITY, 2e-2),
+    ] {
         for rows in [0, 128] {
-            let (max_tol, l2_tol) = if dtype == DType::F32 && rows > 0 { (1e-4, 5e-5) } else { (max_tol, l2_tol) };
-            let r = crate::model::blocks::explicit_against_autograd(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, 300, 128, rows, 5)?;
+            let (max_tol, l2_tol) = if dtype == DType::F32 && rows > 0 {
+                (1e-4, 5e-5)
+            } else {
+                (max_tol, l2_tol)
+            };
+            let r = crate::model::blocks::explicit_against_autograd(
+                &cfg,
+                gpu,
+                dtype,
+                crate::model::moe::ExpertCompute::Auto,
+                300,
+                128,
+                rows,
+                5,
+            )?;
             out.push(Outcome {
                 name: "explicit layer backward vs autograd",
                 ok: r.max_rel <= max_tol && r.max_l2 <= l2_tol,
@@ -442,7 +709,17 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
             });
         }
         // The dense stage's layer (the dense attention's tensor-core backward in bf16).
-        let r = crate::model::blocks::explicit_against_autograd_in(&cfg, gpu, dtype, crate::model::moe::ExpertCompute::Auto, crate::model::AttentionMode::Dense, 300, 128, 0, 6)?;
+        let r = crate::model::blocks::explicit_against_autograd_in(
+            &cfg,
+            gpu,
+            dtype,
+            crate::model::moe::ExpertCompute::Auto,
+            crate::model::AttentionMode::Dense,
+            300,
+            128,
+            0,
+            6,
+        )?;
         out.push(Outcome {
             name: "explicit layer backward vs autograd",
             ok: r.max_rel <= max_tol && r.max_l2 <= l2_tol,
@@ -458,8 +735,13 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
 /// gradients within 1e-4 (max relative; the kernels' dk atomics add in any order).
 fn indexer_kl_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];
-    for (tensor_cores, shape, rows) in [(false, (1, 300, 256, 192, 64, 128, 64, 64), 128), (true, (1, 300, 256, 192, 64, 128, 64, 64), 128), (true, (2, 37, 40, 24, 3, 32, 16, 8), 5)] {
-        let (kl, grads) = crate::model::indexer::sparse_kl_against_autograd(gpu, tensor_cores, shape, rows, 9)?;
+    for (tensor_cores, shape, rows) in [
+        (false, (1, 300, 256, 192, 64, 128, 64, 64), 128),
+        (true, (1, 300, 256, 192, 64, 128, 64, 64), 128),
+        (true, (2, 37, 40, 24, 3, 32, 16, 8), 5),
+    ] {
+        let (kl, grads) =
+            crate::model::indexer::sparse_kl_against_autograd(gpu, tensor_cores, shape, rows, 9)?;
         out.push(Outcome {
             name: "explicit indexer KL backward vs autograd",
             ok: kl <= 1e-5 && grads <= 1e-4,
@@ -476,11 +758,15 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
     if gpu.is_cpu() {
         bail!("gpu-selftest needs a GPU device (--device cuda)");
     }
-    let dir: PathBuf = std::env::temp_dir().join(format!("dsa-gpu-selftest-{}", std::process::id()));
+    let dir: PathBuf =
+        std::env::temp_dir().join(format!("dsa-gpu-selftest-{}", std::process::id()));
     let model = dir.join("model");
     crate::tiny::write_random_checkpoint(&model, &crate::tiny::tiny_config(true), 5, 1 << 20)?;
     let tokens_file = dir.join("tokens.bin");
-    crate::data::write_token_file(&tokens_file, &crate::tiny::synthetic_corpus(512, 1 << 14, 5))?;
+    crate::data::write_token_file(
+        &tokens_file,
+        &crate::tiny::synthetic_corpus(512, 1 << 14, 5),
+    )?;
     type Group<'a> = (&'static str, Box<dyn Fn() -> Result<Vec<Outcome>> + 'a>);
     let groups: Vec<Group> = vec![
         ("sparse-mla", Box::new(|| sparse_kernel_matches_twin(&gpu))),
@@ -490,19 +776,37 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("sparse-mla-tc", Box::new(|| sparse_mla_tc::checks(&gpu))),
         ("indexer-topk", Box::new(|| indexer_topk::checks(&gpu))),
         ("rows", Box::new(|| rows::checks(&gpu))),
-        ("moe-grouped", Box::new(|| moe_grouped_matches_per_expert(&gpu))),
-        ("layer-backward", Box::new(|| layer_backward_matches_autograd(&gpu))),
-        ("indexer-kl-backward", Box::new(|| indexer_kl_backward_matches_autograd(&gpu))),
+        (
+            "moe-grouped",
+            Box::new(|| moe_grouped_matches_per_expert(&gpu)),
+        ),
+        (
+            "layer-backward",
+            Box::new(|| layer_backward_matches_autograd(&gpu)),
+        ),
+        (
+            "indexer-kl-backward",
+            Box::new(|| indexer_kl_backward_matches_autograd(&gpu)),
+        ),
         ("lm-loss", Box::new(|| lm_loss_matches_twin(&gpu))),
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
         ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),
         ("rope", Box::new(|| rope::checks(&gpu))),
         ("join-rows", Box::new(|| join_rows::checks(&gpu))),
         ("swiglu", Box::new(|| swiglu::checks(&gpu))),
-        ("dense-recompute", Box::new(|| dense_recompute_matches_whole(&gpu))),
+        (
+            "dense-recompute",
+            Box::new(|| dense_recompute_matches_whole(&gpu)),
+        ),
         ("forward", Box::new(|| forward_matches_cpu(&model, &gpu))),
-        ("eval-blocks", Box::new(|| eval_blocks_match_whole(&model, &gpu))),
-        ("train-steps", Box::new(|| train_steps_match_cpu(&model, &tokens_file, device_name))),
+        (
+            "eval-blocks",
+            Box::new(|| eval_blocks_match_whole(&model, &gpu)),
+        ),
+        (
+            "train-steps",
+            Box::new(|| train_steps_match_cpu(&model, &tokens_file, device_name)),
+        ),
     ];
     let mut all = vec![];
     for (name, check) in &groups {
@@ -511,14 +815,26 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         }
     }
     if all.is_empty() {
-        bail!("gpu-selftest --only {}: no check group matches (groups: {})", only.unwrap_or(""), groups.iter().map(|g| g.0).collect::<Vec<_>>().join(", "));
+        bail!(
+            "gpu-selftest --only {}: no check group matches (groups: {})",
+            only.unwrap_or(""),
+            groups.iter().map(|g| g.0).collect::<Vec<_>>().join(", ")
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     let failed = all.iter().filter(|o| !o.ok).count();
     for o in &all {
-        println!("{} {}: {}", if o.ok { "PASS" } else { "FAIL" }, o.name, o.detail);
+        println!(
+            "{} {}: {}",
+            if o.ok { "PASS" } else { "FAIL" },
+            o.name,
+            o.detail
+        );
     }
-    println!("gpu-selftest: {} passed, {failed} failed", all.len() - failed);
+    println!(
+        "gpu-selftest: {} passed, {failed} failed",
+        all.len() - failed
+    );
     if failed > 0 {
         bail!("{failed} GPU check(s) failed");
     }

@@ -10,7 +10,13 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::Outcome;
 
 /// y, dx, dw of sum(rms_norm(x, w) * g) in f64 from the inputs as stored (no rounding inside).
-fn reference(x: &[f64], w: &[f64], g: &[f64], d: usize, eps: f64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+fn reference(
+    x: &[f64],
+    w: &[f64],
+    g: &[f64],
+    d: usize,
+    eps: f64,
+) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
     let rows = x.len() / d;
     let (mut y, mut dx, mut dw) = (vec![0.0; x.len()], vec![0.0; x.len()], vec![0.0; d]);
     for r in 0..rows {
@@ -27,7 +33,10 @@ fn reference(x: &[f64], w: &[f64], g: &[f64], d: usize, eps: f64) -> (Vec<f64>, 
 }
 
 fn host_f64(t: &Tensor) -> Result<Vec<f64>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F64)?.flatten_all()?.to_vec1()?)
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F64)?
+        .flatten_all()?
+        .to_vec1()?)
 }
 
 fn rel_l2_f64(a: &[f64], b: &[f64]) -> f64 {
@@ -37,11 +46,24 @@ fn rel_l2_f64(a: &[f64], b: &[f64]) -> f64 {
 }
 
 /// (y, dx, dw) of `norm` with its autograd.
-fn run(norm: fn(&Tensor, &Tensor, f64) -> candle_core::Result<Tensor>, x: &Tensor, w: &Tensor, g: &Tensor, eps: f64) -> Result<(Tensor, Tensor, Tensor)> {
+fn run(
+    norm: fn(&Tensor, &Tensor, f64) -> candle_core::Result<Tensor>,
+    x: &Tensor,
+    w: &Tensor,
+    g: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (xv, wv) = (Var::from_tensor(x)?, Var::from_tensor(w)?);
     let y = norm(xv.as_tensor(), wv.as_tensor(), eps)?;
-    let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
-    let get = |v: &Var| grads.get(v.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"));
+    let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?
+        .sum_all()?
+        .backward()?;
+    let get = |v: &Var| {
+        grads
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no gradient"))
+    };
     Ok((y, get(&xv)?, get(&wv)?))
 }
 
@@ -68,25 +90,40 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let (yf, dxf, dwf) = run(crate::kernels::rms_norm::rms_norm, &x, &w, &g, eps)?;
         let (yp, dxp, dwp) = run(crate::ops::rms_norm_plain, &x, &w, &g, eps)?;
         let (_, dxf2, dwf2) = run(crate::kernels::rms_norm::rms_norm, &x, &w, &g, eps)?;
-        let (y_ref, dx_ref, dw_ref) = reference(&host_f64(&x)?, &host_f64(&w)?, &host_f64(&g)?, d, eps);
+        let (y_ref, dx_ref, dw_ref) =
+            reference(&host_f64(&x)?, &host_f64(&w)?, &host_f64(&g)?, d, eps);
         // The output against the twin, element by element: for bf16 two steps of the dtype (2^-7
         // of the value each): where the two s differ by an f32 rounding, T(n) can land one step
         // apart and the product with w rounds once more (measured: 1.78 steps in 175 of 29M
         // values at D 7168); for f32 1e-6 relative. Plus 1e-30 for zeros.
         let step = if xd == DType::BF16 { 2.0 / 128.0 } else { 1e-6 };
         let (a, b) = (host_f64(&yf)?, host_f64(&yp)?);
-        let worst = a.iter().zip(&b).map(|(p, q)| (p - q).abs() / (step * q.abs() + 1e-30)).fold(0.0f64, f64::max);
+        let worst = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| (p - q).abs() / (step * q.abs() + 1e-30))
+            .fold(0.0f64, f64::max);
         let differ = a.iter().zip(&b).filter(|(p, q)| p != q).count();
         // And in bf16 only rarely: a flip of T(x / s) needs the two s a rounding apart at a
         // rounding boundary (measured: 175 of 29.4M values, 6e-6); at most 1e-4 of the values.
         let rare = xd != DType::BF16 || differ as f64 <= 1e-4 * a.len() as f64;
         let e_y = rel_l2_f64(&a, &y_ref);
-        let (e_dx, e_dx_plain) = (rel_l2_f64(&host_f64(&dxf)?, &dx_ref), rel_l2_f64(&host_f64(&dxp)?, &dx_ref));
-        let (e_dw, e_dw_plain) = (rel_l2_f64(&host_f64(&dwf)?, &dw_ref), rel_l2_f64(&host_f64(&dwp)?, &dw_ref));
+        let (e_dx, e_dx_plain) = (
+            rel_l2_f64(&host_f64(&dxf)?, &dx_ref),
+            rel_l2_f64(&host_f64(&dxp)?, &dx_ref),
+        );
+        let (e_dw, e_dw_plain) = (
+            rel_l2_f64(&host_f64(&dwf)?, &dw_ref),
+            rel_l2_f64(&host_f64(&dwp)?, &dw_ref),
+        );
         // At least about as close to f64 as the twin (1.5x, plus a floor of the dtype's rounding).
         // dx is in x's dtype; dw in w's (its sum in x's dtype first).
         let floor_dx = if xd == DType::BF16 { 4e-3 } else { 1e-6 };
-        let floor_dw = if xd == DType::BF16 || wd == DType::BF16 { 4e-3 } else { 1e-6 };
+        let floor_dw = if xd == DType::BF16 || wd == DType::BF16 {
+            4e-3
+        } else {
+            1e-6
+        };
         let close = |e: f64, e_plain: f64, floor: f64| e <= 1.5 * e_plain + floor;
         let repeat = host_f64(&dxf)? == host_f64(&dxf2)? && host_f64(&dwf)? == host_f64(&dwf2)?;
         out.push(Outcome {

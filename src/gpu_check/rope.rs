@@ -9,7 +9,13 @@ use super::Outcome;
 use crate::kernels::rope::Pairs;
 
 fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?.iter().map(|v| v.to_bits()).collect())
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
@@ -29,22 +35,38 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     for (pairs, dtype, shape, std) in cases {
         let [_, t, _, r] = shape;
         let angles = (crate::rng::randn(&[t + 5, r / 2], rng.next_u64(), 1.0, gpu)? * 1e3)?;
-        let (cos, sin) = (angles.cos()?.narrow(0, 5, t)?, angles.sin()?.narrow(0, 5, t)?);
+        let (cos, sin) = (
+            angles.cos()?.narrow(0, 5, t)?,
+            angles.sin()?.narrow(0, 5, t)?,
+        );
         let x = crate::rng::randn(&shape, rng.next_u64(), std, gpu)?.to_dtype(dtype)?;
         let g = crate::rng::randn(&shape, rng.next_u64(), 1.0, gpu)?.to_dtype(dtype)?;
         let run = |fused: bool| -> Result<(Tensor, Tensor)> {
             let xv = Var::from_tensor(&x)?;
             let y = match (fused, pairs) {
                 (true, _) => crate::kernels::rope::rope(xv.as_tensor(), &cos, &sin, pairs)?,
-                (false, Pairs::Interleaved) => crate::ops::rope_interleaved_plain(xv.as_tensor(), &cos, &sin)?,
+                (false, Pairs::Interleaved) => {
+                    crate::ops::rope_interleaved_plain(xv.as_tensor(), &cos, &sin)?
+                }
                 (false, Pairs::Halves) => crate::ops::rope_half_plain(xv.as_tensor(), &cos, &sin)?,
             };
-            let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
-            let dx = grads.get(xv.as_tensor()).cloned().ok_or_else(|| anyhow::anyhow!("no gradient"))?;
+            let grads = (y.to_dtype(DType::F32)? * g.to_dtype(DType::F32)?)?
+                .sum_all()?
+                .backward()?;
+            let dx = grads
+                .get(xv.as_tensor())
+                .cloned()
+                .ok_or_else(|| anyhow::anyhow!("no gradient"))?;
             Ok((y, dx))
         };
         let ((yf, dxf), (yp, dxp)) = (run(true)?, run(false)?);
-        let count = |a: &Tensor, b: &Tensor| -> Result<usize> { Ok(bits(a)?.iter().zip(bits(b)?).filter(|(p, q)| **p != *q).count()) };
+        let count = |a: &Tensor, b: &Tensor| -> Result<usize> {
+            Ok(bits(a)?
+                .iter()
+                .zip(bits(b)?)
+                .filter(|(p, q)| **p != *q)
+                .count())
+        };
         let (dy, ddx) = (count(&yf, &yp)?, count(&dxf, &dxp)?);
         out.push(Outcome {
             name: "fused RoPE vs twin (bitwise)",

@@ -52,7 +52,14 @@ struct Inputs {
 /// (below `nkv`; duplicates allowed), slot 0 always valid, a fraction `pad` of the other slots
 /// padding (u32::MAX); with `empty`, every 11th query (t % 11 == 5) has only padding. Returns the
 /// slots and the queries without a valid slot.
-fn selection(n: usize, k: usize, nkv: usize, pad: f64, empty: bool, seed: u64) -> (Vec<u32>, Vec<u32>) {
+fn selection(
+    n: usize,
+    k: usize,
+    nkv: usize,
+    pad: f64,
+    empty: bool,
+    seed: u64,
+) -> (Vec<u32>, Vec<u32>) {
     let mut rng = crate::rng::SplitMix64::new(seed);
     let mut abs = vec![u32::MAX; n * k];
     let mut none = vec![];
@@ -79,7 +86,14 @@ fn inputs(c: &Case, gpu: &Device) -> Result<Inputs> {
     let (abs, _) = selection(c.n, c.k, nkv, c.pad, false, c.seed + 2);
     let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
     let up = crate::rng::randn(&[c.n, c.h, c.dv], c.seed + 3, 1.0, gpu)?;
-    Ok(Inputs { q, kv, idx, up, scale: 192f64.powf(-0.5), dv: c.dv })
+    Ok(Inputs {
+        q,
+        kv,
+        idx,
+        up,
+        scale: 192f64.powf(-0.5),
+        dv: c.dv,
+    })
 }
 
 struct Run {
@@ -90,26 +104,45 @@ struct Run {
 
 /// Forward and backward of loss = sum(out[..., :dv] * up) through `f`, with q and kv cast to
 /// `dtype` first (bf16 for the tensor-core op, f32 for the twin).
-fn run(x: &Inputs, dtype: DType, f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>) -> Result<Run> {
+fn run(
+    x: &Inputs,
+    dtype: DType,
+    f: impl Fn(&Tensor, &Tensor) -> candle_core::Result<Tensor>,
+) -> Result<Run> {
     let q = Var::from_tensor(&x.q.to_dtype(dtype)?)?;
     let kv = Var::from_tensor(&x.kv.to_dtype(dtype)?)?;
     let out = f(q.as_tensor(), kv.as_tensor())?;
     let grads = (out.narrow(2, 0, x.dv)? * &x.up)?.sum_all()?.backward()?;
-    let dq = grads.get(q.as_tensor()).ok_or_else(|| anyhow!("no dq"))?.clone();
-    let dkv = grads.get(kv.as_tensor()).ok_or_else(|| anyhow!("no dkv"))?.clone();
+    let dq = grads
+        .get(q.as_tensor())
+        .ok_or_else(|| anyhow!("no dq"))?
+        .clone();
+    let dkv = grads
+        .get(kv.as_tensor())
+        .ok_or_else(|| anyhow!("no dkv"))?
+        .clone();
     Ok(Run { out, dq, dkv })
 }
 
 fn run_tc(x: &Inputs) -> Result<Run> {
-    run(x, DType::BF16, |q, kv| tc::sparse_mla_bf16(q, kv, &x.idx, x.scale, x.dv))
+    run(x, DType::BF16, |q, kv| {
+        tc::sparse_mla_bf16(q, kv, &x.idx, x.scale, x.dv)
+    })
 }
 
 fn run_twin(x: &Inputs) -> Result<Run> {
-    run(x, DType::F32, |q, kv| crate::kernels::sparse_mla(q, kv, &x.idx, x.scale, x.dv))
+    run(x, DType::F32, |q, kv| {
+        crate::kernels::sparse_mla(q, kv, &x.idx, x.scale, x.dv)
+    })
 }
 
 fn bits(t: &Tensor) -> Result<Vec<u16>> {
-    Ok(t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<half::bf16>()?.into_iter().map(|v| v.to_bits()).collect())
+    Ok(t.flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<half::bf16>()?
+        .into_iter()
+        .map(|v| v.to_bits())
+        .collect())
 }
 
 fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
@@ -194,7 +227,14 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     let fwd = tc::sparse_mla_bf16(&q, &kv, &idx, scale, c.dv)?;
     let a = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
     let a2 = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
-    let b = crate::kernels::sparse_mla_head_mean_probs(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, &fwd, scale, c.dv)?;
+    let b = crate::kernels::sparse_mla_head_mean_probs(
+        &q.to_dtype(DType::F32)?,
+        &kv.to_dtype(DType::F32)?,
+        &idx,
+        &fwd,
+        scale,
+        c.dv,
+    )?;
     // At H 128 the wgmma kernel ran: also against the mma.sync kernel on the same inputs.
     let wg = tc::wgmma_probs(c.h, c.dqk);
     let e_mma = if wg {
@@ -208,8 +248,12 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     let shape_ok = a.dims() == [c.n, c.k] && a.dtype() == DType::F32;
     let e = rel_err(&a, &b)?;
     let av = a.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-    let a2v = a2.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-    let same = av.len() == a2v.len() && av.iter().zip(&a2v).all(|(x, y)| x.to_bits() == y.to_bits());
+    let a2v = a2
+        .flatten_all()?
+        .to_device(&Device::Cpu)?
+        .to_vec1::<f32>()?;
+    let same =
+        av.len() == a2v.len() && av.iter().zip(&a2v).all(|(x, y)| x.to_bits() == y.to_bits());
     let (mut worst_sum, mut pad_max) = (0f32, 0f32);
     for t in 0..c.n {
         let row = &av[t * c.k..(t + 1) * c.k];
@@ -225,7 +269,11 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
         if slots.iter().any(|&i| i != u32::MAX) {
             // f32::max ignores NaN: map it to infinity so that it fails.
             let d = (sum - 1.0).abs();
-            worst_sum = if d.is_nan() { f32::INFINITY } else { worst_sum.max(d) };
+            worst_sum = if d.is_nan() {
+                f32::INFINITY
+            } else {
+                worst_sum.max(d)
+            };
         }
     }
     let ok = shape_ok && e < TOL && worst_sum < SUM_TOL && pad_max == 0.0 && same && e_mma < TOL;
@@ -264,7 +312,11 @@ struct WgCase {
 fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let (dqk, dv) = (576, 512);
     if !tc::wgmma_forward(c.h, dqk, dv) {
-        return Ok(Outcome { name: c.name, ok: false, detail: format!("H {} does not take the wgmma forward (switched off?)", c.h) });
+        return Ok(Outcome {
+            name: c.name,
+            ok: false,
+            detail: format!("H {} does not take the wgmma forward (switched off?)", c.h),
+        });
     }
     let nkv = c.n.max(8);
     let q = crate::rng::randn(&[c.n, c.h, dqk], c.seed, c.qmul, gpu)?.to_dtype(DType::BF16)?;
@@ -279,10 +331,22 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let mma = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv);
     tc::set_wgmma(true);
     let mma = mma?;
-    let f32 = crate::kernels::sparse_mla(&q.to_dtype(DType::F32)?, &kv.to_dtype(DType::F32)?, &idx, scale, dv)?;
+    let f32 = crate::kernels::sparse_mla(
+        &q.to_dtype(DType::F32)?,
+        &kv.to_dtype(DType::F32)?,
+        &idx,
+        scale,
+        dv,
+    )?;
     let same = {
-        let a = wg.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        let b = wg2.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        let a = wg
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
+        let b = wg2
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<f32>()?;
         a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
     };
     let rows = Tensor::from_vec(full.clone(), full.len(), gpu)?;
@@ -295,7 +359,9 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let empty_ok = if empty.is_empty() {
         true
     } else {
-        let e = wg.index_select(&Tensor::from_vec(empty.clone(), empty.len(), gpu)?, 0)?.to_device(&Device::Cpu)?;
+        let e = wg
+            .index_select(&Tensor::from_vec(empty.clone(), empty.len(), gpu)?, 0)?
+            .to_device(&Device::Cpu)?;
         let outs = e.narrow(2, 0, dv)?.flatten_all()?.to_vec1::<f32>()?;
         let lses = e.narrow(2, dv, 1)?.flatten_all()?.to_vec1::<f32>()?;
         outs.iter().all(|&v| v == 0.0) && lses.iter().all(|&v| v == f32::NEG_INFINITY)
@@ -318,7 +384,11 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
 /// products tile by tile in the same k order, so dq must be bit-equal; dkv within 1e-2 (its atomics add in any order).
 fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
     if !tc::wgmma_backward(c.h, c.dqk, c.dv) {
-        return Ok(Outcome { name: c.name, ok: false, detail: format!("H {} does not take the wgmma backward (switched off?)", c.h) });
+        return Ok(Outcome {
+            name: c.name,
+            ok: false,
+            detail: format!("H {} does not take the wgmma backward (switched off?)", c.h),
+        });
     }
     let x = inputs(c, gpu)?;
     let a = run_tc(&x)?;
@@ -331,7 +401,11 @@ fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
     let (e_dkv, c_dkv) = (rel_err(&a.dkv, &b.dkv)?, cosine(&a.dkv, &b.dkv)?);
     let (m_dq, m_dkv) = (rel_err(&a.dq, &m.dq)?, rel_err(&a.dkv, &m.dkv)?);
     let dq_bits = bits(&a.dq)? == bits(&m.dq)?;
-    let ok = e_dq.max(e_dkv) < REL_TOL && c_dq > DQ_COS_TOL_MANY_KEYS && c_dkv > COS_TOL && m_dkv < 1e-2 && dq_bits;
+    let ok = e_dq.max(e_dkv) < REL_TOL
+        && c_dq > DQ_COS_TOL_MANY_KEYS
+        && c_dkv > COS_TOL
+        && m_dkv < 1e-2
+        && dq_bits;
     Ok(Outcome {
         name: c.name,
         ok,
@@ -346,54 +420,328 @@ fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
 pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let third = 1.0 / 3.0;
     let cases = [
-        Case { name: "tc sparse MLA vs f32 kernel (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 101 },
-        Case { name: "tc sparse MLA vs f32 kernel (one query)", n: 1, h: 16, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 202 },
-        Case { name: "tc sparse MLA vs f32 kernel (K 2048 > valid)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 303 },
-        Case { name: "tc sparse MLA vs f32 kernel (q x 30)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 30.0, seed: 404 },
-        Case { name: "tc sparse MLA vs f32 kernel (H 20, K 97)", n: 33, h: 20, k: 97, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 505 },
-        Case { name: "tc sparse MLA vs f32 kernel (N 1025)", n: 1025, h: 16, k: 64, dqk: 576, dv: 512, pad: 0.1, qmul: 1.0, seed: 606 },
-        Case { name: "tc sparse MLA vs f32 kernel (dqk 192, dv 128)", n: 50, h: 128, k: 40, dqk: 192, dv: 128, pad: third, qmul: 1.0, seed: 707 },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (H 128)",
+            n: 97,
+            h: 128,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 101,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (one query)",
+            n: 1,
+            h: 16,
+            k: 5,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 202,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (K 2048 > valid)",
+            n: 300,
+            h: 16,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 303,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (q x 30)",
+            n: 97,
+            h: 128,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 30.0,
+            seed: 404,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (H 20, K 97)",
+            n: 33,
+            h: 20,
+            k: 97,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 505,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (N 1025)",
+            n: 1025,
+            h: 16,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: 0.1,
+            qmul: 1.0,
+            seed: 606,
+        },
+        Case {
+            name: "tc sparse MLA vs f32 kernel (dqk 192, dv 128)",
+            n: 50,
+            h: 128,
+            k: 40,
+            dqk: 192,
+            dv: 128,
+            pad: third,
+            qmul: 1.0,
+            seed: 707,
+        },
     ];
     let mut out = vec![];
     for c in &cases {
         out.push(compare(c, gpu)?);
     }
     let wg_cases = [
-        WgCase { name: "wgmma sparse fwd (one query, H 64, K 5)", n: 1, h: 64, k: 5, pad: third, qmul: 1.0, empty: false, seed: 1101 },
-        WgCase { name: "wgmma sparse fwd (K 2048 > valid, empty queries)", n: 300, h: 64, k: 2048, pad: third, qmul: 1.0, empty: true, seed: 1102 },
-        WgCase { name: "wgmma sparse fwd (H 128, q x 30)", n: 97, h: 128, k: 64, pad: third, qmul: 30.0, empty: true, seed: 1103 },
-        WgCase { name: "wgmma sparse fwd (H 192, N 1025, K 130)", n: 1025, h: 192, k: 130, pad: 0.1, qmul: 1.0, empty: false, seed: 1104 },
-        WgCase { name: "wgmma sparse fwd (K 4097, 43 tiles)", n: 33, h: 128, k: 4097, pad: third, qmul: 1.0, empty: true, seed: 1105 },
+        WgCase {
+            name: "wgmma sparse fwd (one query, H 64, K 5)",
+            n: 1,
+            h: 64,
+            k: 5,
+            pad: third,
+            qmul: 1.0,
+            empty: false,
+            seed: 1101,
+        },
+        WgCase {
+            name: "wgmma sparse fwd (K 2048 > valid, empty queries)",
+            n: 300,
+            h: 64,
+            k: 2048,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1102,
+        },
+        WgCase {
+            name: "wgmma sparse fwd (H 128, q x 30)",
+            n: 97,
+            h: 128,
+            k: 64,
+            pad: third,
+            qmul: 30.0,
+            empty: true,
+            seed: 1103,
+        },
+        WgCase {
+            name: "wgmma sparse fwd (H 192, N 1025, K 130)",
+            n: 1025,
+            h: 192,
+            k: 130,
+            pad: 0.1,
+            qmul: 1.0,
+            empty: false,
+            seed: 1104,
+        },
+        WgCase {
+            name: "wgmma sparse fwd (K 4097, 43 tiles)",
+            n: 33,
+            h: 128,
+            k: 4097,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1105,
+        },
     ];
     for c in &wg_cases {
         out.push(wg_forward(c, gpu)?);
     }
     for c in [
-        Case { name: "wgmma sparse bwd (one query, H 64, K 5)", n: 1, h: 64, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 1201 },
-        Case { name: "wgmma sparse bwd (H 128, K 2048 > valid, N 300)", n: 300, h: 128, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 1202 },
-        Case { name: "wgmma sparse bwd (H 192, N 1025, K 130)", n: 1025, h: 192, k: 130, dqk: 576, dv: 512, pad: 0.1, qmul: 1.0, seed: 1203 },
-        Case { name: "wgmma sparse bwd (H 128, q x 30, K 4097)", n: 33, h: 128, k: 4097, dqk: 576, dv: 512, pad: third, qmul: 30.0, seed: 1204 },
+        Case {
+            name: "wgmma sparse bwd (one query, H 64, K 5)",
+            n: 1,
+            h: 64,
+            k: 5,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1201,
+        },
+        Case {
+            name: "wgmma sparse bwd (H 128, K 2048 > valid, N 300)",
+            n: 300,
+            h: 128,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1202,
+        },
+        Case {
+            name: "wgmma sparse bwd (H 192, N 1025, K 130)",
+            n: 1025,
+            h: 192,
+            k: 130,
+            dqk: 576,
+            dv: 512,
+            pad: 0.1,
+            qmul: 1.0,
+            seed: 1203,
+        },
+        Case {
+            name: "wgmma sparse bwd (H 128, q x 30, K 4097)",
+            n: 33,
+            h: 128,
+            k: 4097,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 30.0,
+            seed: 1204,
+        },
     ] {
         out.push(wg_backward(&c, gpu)?);
     }
     for c in [
-        Case { name: "tc sparse MLA deterministic dkv (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 808 },
+        Case {
+            name: "tc sparse MLA deterministic dkv (H 128)",
+            n: 97,
+            h: 128,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 808,
+        },
         // 300 queries at K 2048 take three chunks of 128.
-        Case { name: "tc sparse MLA deterministic dkv (chunked)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, seed: 909 },
+        Case {
+            name: "tc sparse MLA deterministic dkv (chunked)",
+            n: 300,
+            h: 16,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 909,
+        },
     ] {
         out.push(deterministic(&c, gpu)?);
     }
     for c in [
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 128)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1001 },
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (K 2048 > valid)", n: 300, h: 16, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1002 },
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (one query)", n: 1, h: 16, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: false, seed: 1003 },
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (q x 30)", n: 97, h: 128, k: 64, dqk: 576, dv: 512, pad: third, qmul: 30.0, empty: true, seed: 1004 },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (H 128)",
+            n: 97,
+            h: 128,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1001,
+        },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (K 2048 > valid)",
+            n: 300,
+            h: 16,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1002,
+        },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (one query)",
+            n: 1,
+            h: 16,
+            k: 5,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: false,
+            seed: 1003,
+        },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (q x 30)",
+            n: 97,
+            h: 128,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 30.0,
+            empty: true,
+            seed: 1004,
+        },
         // Row-group variants (H 20: 2 groups, H 40: 4) and two head passes (H 200 > 128).
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 20, K 97)", n: 33, h: 20, k: 97, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1005 },
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 40, dqk 192)", n: 50, h: 40, k: 40, dqk: 192, dv: 128, pad: third, qmul: 1.0, empty: true, seed: 1006 },
-        ProbsCase { name: "wgmma head-mean probs (H 128, K 2048 > valid, N 300)", n: 300, h: 128, k: 2048, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1008 },
-        ProbsCase { name: "wgmma head-mean probs (H 128, one query, K 5)", n: 1, h: 128, k: 5, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: false, seed: 1009 },
-        ProbsCase { name: "tc head-mean probs vs f32 kernel (H 200, two passes)", n: 33, h: 200, k: 130, dqk: 576, dv: 512, pad: third, qmul: 1.0, empty: true, seed: 1007 },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (H 20, K 97)",
+            n: 33,
+            h: 20,
+            k: 97,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1005,
+        },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (H 40, dqk 192)",
+            n: 50,
+            h: 40,
+            k: 40,
+            dqk: 192,
+            dv: 128,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1006,
+        },
+        ProbsCase {
+            name: "wgmma head-mean probs (H 128, K 2048 > valid, N 300)",
+            n: 300,
+            h: 128,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1008,
+        },
+        ProbsCase {
+            name: "wgmma head-mean probs (H 128, one query, K 5)",
+            n: 1,
+            h: 128,
+            k: 5,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: false,
+            seed: 1009,
+        },
+        ProbsCase {
+            name: "tc head-mean probs vs f32 kernel (H 200, two passes)",
+            n: 33,
+            h: 200,
+            k: 130,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            empty: true,
+            seed: 1007,
+        },
     ] {
         out.push(probs(&c, gpu)?);
     }

@@ -24,7 +24,11 @@ fn randn_bf16(shape: &[usize], seed: u64, std: f64, gpu: &Device) -> Result<Tens
 }
 
 fn finite(t: &Tensor) -> Result<bool> {
-    Ok(t.to_dtype(DType::F32)?.abs()?.sum_all()?.to_scalar::<f32>()?.is_finite())
+    Ok(t.to_dtype(DType::F32)?
+        .abs()?
+        .sum_all()?
+        .to_scalar::<f32>()?
+        .is_finite())
 }
 
 /// Max-abs relative error and cosine against the reference `b`. An all-zero reference (T = 1:
@@ -34,14 +38,23 @@ fn compare(a: &Tensor, b: &Tensor, rel_tol: f32, cos_tol: f32) -> Result<(bool, 
     if !finite(a)? {
         return Ok((false, "kernel output not finite".into()));
     }
-    let amax = |t: &Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?) };
+    let amax = |t: &Tensor| -> Result<f32> {
+        Ok(t.to_dtype(DType::F32)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?)
+    };
     if amax(b)? < 1e-6 {
         let m = amax(a)?;
         return Ok((m < 1e-4, format!("ref 0, |kernel| max {m:.1e}")));
     }
     let e = rel_err(a, b)?;
     let c = cosine(a, b)?;
-    Ok((e < rel_tol && c > cos_tol, format!("rel {e:.1e} cos {c:.6}")))
+    Ok((
+        e < rel_tol && c > cos_tol,
+        format!("rel {e:.1e} cos {c:.6}"),
+    ))
 }
 
 pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
@@ -50,7 +63,9 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     // 1025 = 8 query blocks + 1 row, 17 key chunks), one case with large magnitudes (peaked
     // attention and indexer softmaxes), and the tiny test-model dims.
     let cases = [
-        (1usize, 16usize, 1usize, 192usize, 128usize, 64usize, 128usize, 1.0f64, 0.1f64),
+        (
+            1usize, 16usize, 1usize, 192usize, 128usize, 64usize, 128usize, 1.0f64, 0.1f64,
+        ),
         (2, 16, 97, 192, 128, 64, 128, 3.0, 1.0),
         (1, 4, 1025, 192, 128, 64, 128, 1.0, 0.1),
         (2, 3, 97, 48, 32, 4, 32, 2.0, 0.5),
@@ -81,7 +96,12 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let tw = wk::warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g)?;
         let mut ok = true;
         let mut parts = vec![];
-        for (what, a, r) in [("kl", &kk.kl, &tw.kl), ("dqi", &kk.dqi, &tw.dqi), ("dw", &kk.dw, &tw.dw), ("dki", &kk.dki, &tw.dki)] {
+        for (what, a, r) in [
+            ("kl", &kk.kl, &tw.kl),
+            ("dqi", &kk.dqi, &tw.dqi),
+            ("dw", &kk.dw, &tw.dw),
+            ("dki", &kk.dki, &tw.dki),
+        ] {
             let (o, d) = compare(a, r, 2e-2, 0.999)?;
             ok &= o;
             parts.push(format!("{what} {d}"));
@@ -123,15 +143,25 @@ fn backward_checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let (o, lse) = wk::dense_attention_fwd(&q, &k, &v, scale)?;
         let ours = wk::dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
         let again = wk::dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
-        let twin = crate::model::dense_recompute::backward_blocks(&q, &k, &v, &o, &lse, &dout, scale, 256)?;
+        let twin = crate::model::dense_recompute::backward_blocks(
+            &q, &k, &v, &o, &lse, &dout, scale, 256,
+        )?;
         let (mut ok, mut parts) = (true, vec![]);
-        for (what, a, r) in [("dq", &ours.0, &twin.0), ("dk", &ours.1, &twin.1), ("dv", &ours.2, &twin.2)] {
+        for (what, a, r) in [
+            ("dq", &ours.0, &twin.0),
+            ("dk", &ours.1, &twin.1),
+            ("dv", &ours.2, &twin.2),
+        ] {
             let (o, d) = compare(a, r, 2e-2, 0.999)?;
             ok &= o;
             parts.push(format!("{what} {d}"));
         }
         let mut same = true;
-        for (a, r) in [(&ours.0, &again.0), (&ours.1, &again.1), (&ours.2, &again.2)] {
+        for (a, r) in [
+            (&ours.0, &again.0),
+            (&ours.1, &again.1),
+            (&ours.2, &again.2),
+        ] {
             same &= (a - r)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? == 0.0;
         }
         out.push(Outcome {
@@ -146,10 +176,18 @@ fn backward_checks(gpu: &Device) -> Result<Vec<Outcome>> {
 /// Device memory taken by warmup_kl beyond its inputs and outputs at T = 32768 (B 1, H 16,
 /// bench dims): free memory before and after the call (synchronised), minus the outputs.
 fn memory_check(gpu: &Device) -> Result<Outcome> {
-    let (b, h, t, dqk, dv, hi, di) = (1usize, 16usize, 32768usize, 192usize, 128usize, 64usize, 128usize);
+    let (b, h, t, dqk, dv, hi, di) = (
+        1usize, 16usize, 32768usize, 192usize, 128usize, 64usize, 128usize,
+    );
     let scale = (dqk as f64).powf(-0.5) * mscale2();
-    let bf = |shape: &[usize]| -> Result<Tensor> { Ok(Tensor::randn(0f32, 1f32, shape, gpu)?.to_dtype(DType::BF16)?) };
-    let (q, k, v) = (bf(&[b, h, t, dqk])?, bf(&[b, h, t, dqk])?, bf(&[b, h, t, dv])?);
+    let bf = |shape: &[usize]| -> Result<Tensor> {
+        Ok(Tensor::randn(0f32, 1f32, shape, gpu)?.to_dtype(DType::BF16)?)
+    };
+    let (q, k, v) = (
+        bf(&[b, h, t, dqk])?,
+        bf(&[b, h, t, dqk])?,
+        bf(&[b, h, t, dv])?,
+    );
     let (_, lse) = wk::dense_attention_fwd(&q, &k, &v, scale)?;
     drop(v);
     let qi = Tensor::randn(0f32, 1f32, (b, t, hi, di), gpu)?;
@@ -160,7 +198,8 @@ fn memory_check(gpu: &Device) -> Result<Outcome> {
     let r = wk::warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, 1.0 / t as f64)?;
     gpu.synchronize()?;
     let after = wk::device_free_bytes(gpu)?;
-    let outputs = 4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
+    let outputs =
+        4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
     let extra = before.saturating_sub(after).saturating_sub(outputs);
     let ok_finite = finite(&r.kl)? && finite(&r.dqi)? && finite(&r.dw)? && finite(&r.dki)?;
     let mib = |x: usize| x as f64 / (1u64 << 20) as f64;

@@ -25,11 +25,19 @@ pub struct AdamWScalars {
 pub fn supported(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor) -> bool {
     crate::kernels::available(g.device())
         && !crate::kernels::plain_op("adamw")
-        && [g, m, v, w].iter().all(|t| t.dtype() == DType::F32 && t.shape() == g.shape())
+        && [g, m, v, w]
+            .iter()
+            .all(|t| t.dtype() == DType::F32 && t.shape() == g.shape())
 }
 
 /// (m', v', w') of one AdamW step: the new moments and weights, each of g's shape.
-pub fn step(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, s: &AdamWScalars) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn step(
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+    s: &AdamWScalars,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let shape = g.shape().clone();
     let n = shape.elem_count();
     #[cfg(feature = "cuda")]
@@ -38,7 +46,11 @@ pub fn step(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, s: &AdamWScalars) ->
         let (g, m, v, w) = (flat(g)?, flat(m)?, flat(v)?, flat(w)?);
         let mv = g.apply_op3_no_bwd(&m, &v, &cuda::Moments { s })?; // [2 n]
         let next = w.apply_op2_no_bwd(&mv, &cuda::Weights { s })?;
-        Ok((mv.narrow(0, 0, n)?.reshape(&shape)?, mv.narrow(0, n, n)?.reshape(&shape)?, next.reshape(&shape)?))
+        Ok((
+            mv.narrow(0, 0, n)?.reshape(&shape)?,
+            mv.narrow(0, n, n)?.reshape(&shape)?,
+            next.reshape(&shape)?,
+        ))
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -61,7 +73,11 @@ mod cuda {
     fn config(n: usize) -> LaunchConfig {
         // Grid-stride loops: at most 4096 blocks of 256 threads.
         let blocks = n.div_ceil(256).clamp(1, 4096) as u32;
-        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (blocks, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     pub struct Moments<'a> {
@@ -73,11 +89,27 @@ mod cuda {
             "dsa-adamw-moments"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-adamw-moments runs on CUDA only; the CPU uses the plain AdamW")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let n = l1.shape().elem_count();
             let dev = s1.device();
             // SAFETY: the kernel writes all 2 n entries.
@@ -87,15 +119,33 @@ mod cuda {
                 let v = |s, l, w| crate::kernels::cuda::view::<f32>(s, l, w);
                 let (g, m, vv) = (v(s1, l1, "gradient")?, v(s2, l2, "m")?, v(s3, l3, "v")?);
                 let s = self.s;
-                let (n64, gs, b1, omb1, b2, omb2) =
-                    (n as i64, s.grad_scale as f32, s.beta1 as f32, (1.0 - s.beta1) as f32, s.beta2 as f32, (1.0 - s.beta2) as f32);
+                let (n64, gs, b1, omb1, b2, omb2) = (
+                    n as i64,
+                    s.grad_scale as f32,
+                    s.beta1 as f32,
+                    (1.0 - s.beta1) as f32,
+                    s.beta2 as f32,
+                    (1.0 - s.beta2) as f32,
+                );
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
-                b.arg(&g).arg(&m).arg(&vv).arg(&mv).arg(&n64).arg(&gs).arg(&b1).arg(&omb1).arg(&b2).arg(&omb2);
+                b.arg(&g)
+                    .arg(&m)
+                    .arg(&vv)
+                    .arg(&mv)
+                    .arg(&n64)
+                    .arg(&gs)
+                    .arg(&b1)
+                    .arg(&omb1)
+                    .arg(&b2)
+                    .arg(&omb2);
                 // SAFETY: g, m, v are contiguous f32 of n elements; mv holds 2 n; candle's stream.
                 unsafe { b.launch(config(n)) }.w()?;
             }
-            Ok((CudaStorage::wrap_cuda_slice(mv, dev.clone()), Shape::from(2 * n)))
+            Ok((
+                CudaStorage::wrap_cuda_slice(mv, dev.clone()),
+                Shape::from(2 * n),
+            ))
         }
     }
 
@@ -108,14 +158,29 @@ mod cuda {
             "dsa-adamw-weights"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-adamw-weights runs on CUDA only; the CPU uses the plain AdamW")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let n = l1.shape().elem_count();
             if l2.shape().elem_count() != 2 * n {
-                bail!("dsa-adamw-weights: moments {:?} for {n} weights", l2.shape());
+                bail!(
+                    "dsa-adamw-weights: moments {:?} for {n} weights",
+                    l2.shape()
+                );
             }
             let dev = s1.device();
             // SAFETY: the kernel writes all n entries.
@@ -127,14 +192,32 @@ mod cuda {
                 let s = self.s;
                 let ibc1 = (1.0 / (1.0 - s.beta1.powi(s.t))) as f32;
                 let ibc2 = (1.0 / (1.0 - s.beta2.powi(s.t))) as f32;
-                let (n64, eps, lr, decay, has_decay) = (n as i64, s.eps as f32, s.lr as f32, s.decay.unwrap_or(0.0) as f32, s.decay.is_some() as i32);
+                let (n64, eps, lr, decay, has_decay) = (
+                    n as i64,
+                    s.eps as f32,
+                    s.lr as f32,
+                    s.decay.unwrap_or(0.0) as f32,
+                    s.decay.is_some() as i32,
+                );
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
-                b.arg(&w).arg(&mv).arg(&out).arg(&n64).arg(&ibc1).arg(&ibc2).arg(&eps).arg(&lr).arg(&decay).arg(&has_decay);
+                b.arg(&w)
+                    .arg(&mv)
+                    .arg(&out)
+                    .arg(&n64)
+                    .arg(&ibc1)
+                    .arg(&ibc2)
+                    .arg(&eps)
+                    .arg(&lr)
+                    .arg(&decay)
+                    .arg(&has_decay);
                 // SAFETY: w contiguous f32 of n, mv of 2 n (checked), out n; candle's stream.
                 unsafe { b.launch(config(n)) }.w()?;
             }
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(n)))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from(n),
+            ))
         }
     }
 }

@@ -31,8 +31,15 @@ pub fn indexer_scores_at_bf16(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) 
     let (n2, hi2) = w.dims2()?;
     let (_, di2) = k.dims2()?;
     let (n3, _) = idx.dims2()?;
-    if n2 != n || hi2 != hi || di2 != di || n3 != n || !fits(hi, di) || idx.dtype() != DType::U32
-        || q.dtype() != DType::F32 || w.dtype() != DType::F32 || k.dtype() != DType::F32
+    if n2 != n
+        || hi2 != hi
+        || di2 != di
+        || n3 != n
+        || !fits(hi, di)
+        || idx.dtype() != DType::U32
+        || q.dtype() != DType::F32
+        || w.dtype() != DType::F32
+        || k.dtype() != DType::F32
     {
         candle_core::bail!(
             "indexer_scores_at_bf16: q {:?} {:?}, w {:?}, k {:?}, idx {:?} {:?} do not fit (f32 q [N, HI, DI], w [N, HI], k [NK, DI], u32 idx [N, K]; HI <= 64, DI 32, 64 or 128)",
@@ -57,7 +64,13 @@ pub fn indexer_scores_at_bf16(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor) 
 /// The backward of `indexer_scores_at_bf16` without autograd: `grad` [N, K] f32 -> (dq
 /// [N, HI, DI], dw [N, HI], dk [NK, DI]) f32, the kernels autograd runs (q and k rounded to
 /// bf16 again, as the forward rounded them).
-pub fn indexer_scores_at_bf16_backward(q: &Tensor, w: &Tensor, k: &Tensor, idx: &Tensor, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn indexer_scores_at_bf16_backward(
+    q: &Tensor,
+    w: &Tensor,
+    k: &Tensor,
+    idx: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::CustomOp3;
@@ -92,7 +105,11 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
         let m = (t + 1).min(kk);
         pairs += m as f64;
         for j in 0..m {
-            abs[t * kk + j] = if t + 1 <= kk { j as u32 } else { (rng.next_u64() % (t as u64 + 1)) as u32 };
+            abs[t * kk + j] = if t < kk {
+                j as u32
+            } else {
+                (rng.next_u64() % (t as u64 + 1)) as u32
+            };
         }
     }
     let idx = Tensor::from_vec(abs, (l, kk), dev)?;
@@ -101,15 +118,26 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let k = candle_core::Var::from_tensor(&crate::rng::randn(&[l, di], 43, 1.0, dev)?)?;
     let up = crate::rng::randn(&[l, kk], 44, 1.0, dev)?;
     let reps = if l >= 32768 { 3 } else { 5 };
-    let fwd = time_median(dev, reps, || Ok(indexer_scores_at_bf16(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx).map(|_| ())?))?;
+    let fwd = time_median(dev, reps, || {
+        Ok(
+            indexer_scores_at_bf16(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx)
+                .map(|_| ())?,
+        )
+    })?;
     let both = time_median(dev, reps, || {
         let s = indexer_scores_at_bf16(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx)?;
         (s * &up)?.sum_all()?.backward()?;
         Ok(())
     })?;
-    let f32_fwd = time_median(dev, reps, || Ok(crate::kernels::indexer_scores_at(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx).map(|_| ())?))?;
+    let f32_fwd = time_median(dev, reps, || {
+        Ok(
+            crate::kernels::indexer_scores_at(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx)
+                .map(|_| ())?,
+        )
+    })?;
     let f32_both = time_median(dev, reps, || {
-        let s = crate::kernels::indexer_scores_at(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx)?;
+        let s =
+            crate::kernels::indexer_scores_at(q.as_tensor(), w.as_tensor(), k.as_tensor(), &idx)?;
         (s * &up)?.sum_all()?.backward()?;
         Ok(())
     })?;
@@ -149,13 +177,31 @@ mod cuda {
     }
 
     /// Shapes (N, HI, DI, K, NK) from the f32 inputs' layouts and the index tensor.
-    fn dims(l1: &Layout, l2: &Layout, l3: &Layout, idx: &Tensor) -> Result<(usize, usize, usize, usize, usize)> {
+    fn dims(
+        l1: &Layout,
+        l2: &Layout,
+        l3: &Layout,
+        idx: &Tensor,
+    ) -> Result<(usize, usize, usize, usize, usize)> {
         let (n, hi, di) = l1.shape().dims3()?;
         let (n2, hi2) = l2.shape().dims2()?;
         let (nk, di3) = l3.shape().dims2()?;
         let (n4, k) = idx.dims2()?;
-        if n2 != n || hi2 != hi || di3 != di || n4 != n || !super::fits(hi, di) || n >= i32::MAX as usize || k >= i32::MAX as usize {
-            bail!("indexer_scores_at_bf16: q {:?}, w {:?}, k {:?}, idx {:?} do not fit", l1.shape(), l2.shape(), l3.shape(), idx.shape());
+        if n2 != n
+            || hi2 != hi
+            || di3 != di
+            || n4 != n
+            || !super::fits(hi, di)
+            || n >= i32::MAX as usize
+            || k >= i32::MAX as usize
+        {
+            bail!(
+                "indexer_scores_at_bf16: q {:?}, w {:?}, k {:?}, idx {:?} do not fit",
+                l1.shape(),
+                l2.shape(),
+                l3.shape(),
+                idx.shape()
+            );
         }
         Ok((n, hi, di, k, nk))
     }
@@ -171,22 +217,47 @@ mod cuda {
             "dsa-indexer-scores-at-bf16"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-indexer-scores-at-bf16 runs on CUDA only; the CPU uses the plain twin")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, _s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            _s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (n, hi, di, k, _) = dims(l1, l2, l3, &self.idx)?;
             let dev = s1.device();
             // SAFETY: the kernel writes every one of the n * k entries.
             let out = unsafe { dev.alloc::<f32>(n * k) }?;
             if n == 0 || k == 0 {
-                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, k))));
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                    Shape::from((n, k)),
+                ));
             }
             let nt = n_tiles(hi);
             let rowb = di * 2 + 16;
             let smem = nt * 8 * rowb + STAGES * KT * rowb + STAGES * KT * 4;
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("indexer_at_fwd_bf16_nt{nt}_ks{}", di / 16), smem)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("indexer_at_fwd_bf16_nt{nt}_ks{}", di / 16),
+                smem,
+            )?;
             let (q_s, q_l) = self.q16.storage_and_layout();
             let (k_s, k_l) = self.k16.storage_and_layout();
             let (i_s, i_l) = self.idx.storage_and_layout();
@@ -197,17 +268,48 @@ mod cuda {
             let (hi32, k32) = (hi as i32, k as i32);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&w).arg(&kk).arg(&idx).arg(&out).arg(&hi32).arg(&k32);
+            b.arg(&q)
+                .arg(&w)
+                .arg(&kk)
+                .arg(&idx)
+                .arg(&out)
+                .arg(&hi32)
+                .arg(&k32);
             // SAFETY: q16 [n, hi, di] and k16 [nk, di] are contiguous bf16 copies made for this op
             // (offset 0: 16-byte aligned rows), w [n, hi] f32 contiguous, idx [n, k] rows < nk or
             // u32::MAX (the selection's); out holds n * k f32; the launch is on candle's stream.
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }) }.w()?;
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (n as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                })
+            }
+            .w()?;
             drop(b);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, k))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((n, k)),
+            ))
         }
 
-        fn bwd(&self, q: &Tensor, _w: &Tensor, k: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let op = ScoresAtBf16Bwd { idx: self.idx.clone(), q16: self.q16.clone(), k16: self.k16.clone(), grad: grad.contiguous()?.to_dtype(candle_core::DType::F32)?.detach() };
+        fn bwd(
+            &self,
+            q: &Tensor,
+            _w: &Tensor,
+            k: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let op = ScoresAtBf16Bwd {
+                idx: self.idx.clone(),
+                q16: self.q16.clone(),
+                k16: self.k16.clone(),
+                grad: grad
+                    .contiguous()?
+                    .to_dtype(candle_core::DType::F32)?
+                    .detach(),
+            };
             let flat = q.apply_op3_no_bwd(_w, k, &op)?;
             let (n, hi, di) = q.dims3()?;
             let nk = k.dim(0)?;
@@ -237,24 +339,53 @@ mod cuda {
             "dsa-indexer-scores-at-bf16-bwd"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-indexer-scores-at-bf16-bwd runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, _s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            _s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (n, hi, di, k, nk) = dims(l1, l2, l3, &self.idx)?;
             let dev = s1.device();
             let total = dk_offset(n, hi, di) + nk * di;
             // Zeroed: dk is summed with atomics; dq and dw are written in full.
             let out = dev.alloc_zeros::<f32>(total)?;
             if n == 0 || k == 0 {
-                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(total)));
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                    Shape::from(total),
+                ));
             }
             let nt = n_tiles(hi);
             let qrows = 16 * nt.div_ceil(2);
             let rowb = di * 2 + 16;
-            let smem = qrows * rowb + STAGES * KT * rowb + qrows * (KT * 2 + 16) + STAGES * KT * 4 + WARPS * nt * 8 * 4;
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("indexer_at_bwd_bf16_nt{nt}_ks{}", di / 16), smem)?;
+            let smem = qrows * rowb
+                + STAGES * KT * rowb
+                + qrows * (KT * 2 + 16)
+                + STAGES * KT * 4
+                + WARPS * nt * 8 * 4;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("indexer_at_bwd_bf16_nt{nt}_ks{}", di / 16),
+                smem,
+            )?;
             let (q_s, q_l) = self.q16.storage_and_layout();
             let (k_s, k_l) = self.k16.storage_and_layout();
             let (i_s, i_l) = self.idx.storage_and_layout();
@@ -270,13 +401,32 @@ mod cuda {
             let (hi32, k32) = (hi as i32, k as i32);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&w).arg(&kk).arg(&idx).arg(&grad).arg(&dq).arg(&dw).arg(&dk).arg(&hi32).arg(&k32);
+            b.arg(&q)
+                .arg(&w)
+                .arg(&kk)
+                .arg(&idx)
+                .arg(&grad)
+                .arg(&dq)
+                .arg(&dw)
+                .arg(&dk)
+                .arg(&hi32)
+                .arg(&k32);
             // SAFETY: as for the forward; grad [n, k] f32 contiguous; dq, dw and dk are disjoint
             // ranges of one zeroed buffer, dq and dk at even offsets (`dk_offset`) for the
             // kernel's 8-byte float2 stores and atomics.
-            unsafe { b.launch(LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: smem as u32 }) }.w()?;
+            unsafe {
+                b.launch(LaunchConfig {
+                    grid_dim: (n as u32, 1, 1),
+                    block_dim: (THREADS, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                })
+            }
+            .w()?;
             drop(b);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(total)))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from(total),
+            ))
         }
     }
 }

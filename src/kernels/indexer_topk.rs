@@ -15,7 +15,12 @@ use candle_core::{DType, Device, Result, Tensor};
 const MAX_SCORE_BYTES: usize = 256 << 20;
 
 /// Shapes (R, HI, DI, T) of q [R, HI, DI] bf16, w [R, HI] f32, k [T, DI] bf16, checked.
-fn score_dims(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize) -> Result<(usize, usize, usize, usize)> {
+fn score_dims(
+    q: &Tensor,
+    w: &Tensor,
+    k: &Tensor,
+    q0: usize,
+) -> Result<(usize, usize, usize, usize)> {
     let bad = || {
         candle_core::Error::Msg(format!(
             "indexer_scores_rows: q {:?} {:?}, w {:?} {:?}, k {:?} {:?} do not fit (q [R, HI, DI] bf16, w [R, HI] f32, \
@@ -26,9 +31,17 @@ fn score_dims(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize) -> Result<(usize, u
     let (r, hi, di) = q.dims3().map_err(|_| bad())?;
     let (r2, hi2) = w.dims2().map_err(|_| bad())?;
     let (t, di2) = k.dims2().map_err(|_| bad())?;
-    let fits = r2 == r && hi2 == hi && di2 == di && (1..=64).contains(&hi) && di % 16 == 0 && (16..=128).contains(&di)
-        && q.dtype() == DType::BF16 && w.dtype() == DType::F32 && k.dtype() == DType::BF16
-        && q0 + r < i32::MAX as usize && t < i32::MAX as usize;
+    let fits = r2 == r
+        && hi2 == hi
+        && di2 == di
+        && (1..=64).contains(&hi)
+        && di % 16 == 0
+        && (16..=128).contains(&di)
+        && q.dtype() == DType::BF16
+        && w.dtype() == DType::F32
+        && k.dtype() == DType::BF16
+        && q0 + r < i32::MAX as usize
+        && t < i32::MAX as usize;
     if !fits {
         return Err(bad());
     }
@@ -75,8 +88,17 @@ pub fn indexer_scores_rows(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize) -> Res
 /// past q0 + r are ignored) -> [R, min(topk, T)] u32 key positions in ascending order, padded at
 /// the end with u32::MAX when the row has fewer than `topk` causal keys.
 pub fn topk_rows(scores: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
-    let (r, t) = scores.dims2().map_err(|_| candle_core::Error::Msg(format!("topk_rows: scores must be [R, T], got {:?}", scores.dims())))?;
-    if scores.dtype() != DType::F32 || topk == 0 || q0 + r >= i32::MAX as usize || t >= i32::MAX as usize {
+    let (r, t) = scores.dims2().map_err(|_| {
+        candle_core::Error::Msg(format!(
+            "topk_rows: scores must be [R, T], got {:?}",
+            scores.dims()
+        ))
+    })?;
+    if scores.dtype() != DType::F32
+        || topk == 0
+        || q0 + r >= i32::MAX as usize
+        || t >= i32::MAX as usize
+    {
         candle_core::bail!("topk_rows: scores {:?} {:?}, q0 {q0}, topk {topk} do not fit (f32 scores, topk >= 1, q0 + R and T < 2^31)",
             scores.dims(), scores.dtype());
     }
@@ -86,7 +108,9 @@ pub fn topk_rows(scores: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
     }
     #[cfg(feature = "cuda")]
     {
-        scores.contiguous()?.apply_op1_no_bwd(&cuda::TopkRows { q0, topk })
+        scores
+            .contiguous()?
+            .apply_op1_no_bwd(&cuda::TopkRows { q0, topk })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -102,7 +126,14 @@ pub fn indexer_topk(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize, topk: usize) 
 }
 
 /// `indexer_topk` with the score-buffer bound as a parameter (the GPU check forces many chunks).
-pub(crate) fn indexer_topk_chunked(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize, topk: usize, max_bytes: usize) -> Result<Tensor> {
+pub(crate) fn indexer_topk_chunked(
+    q: &Tensor,
+    w: &Tensor,
+    k: &Tensor,
+    q0: usize,
+    topk: usize,
+    max_bytes: usize,
+) -> Result<Tensor> {
     let (r, _, _, t) = score_dims(q, w, k, q0)?;
     if topk == 0 {
         candle_core::bail!("indexer_topk: topk must be positive");
@@ -134,11 +165,19 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let (hi, di, topk) = (64usize, 128usize, 2048usize);
     anyhow::ensure!(l > 0, "indexer bench needs l > 0");
     let q = crate::rng::randn(&[l, hi, di], 21, 1.0, dev)?.to_dtype(DType::BF16)?;
-    let w = crate::rng::randn(&[l, hi], 22, (hi as f64).powf(-0.5) * (di as f64).powf(-0.5), dev)?;
+    let w = crate::rng::randn(
+        &[l, hi],
+        22,
+        (hi as f64).powf(-0.5) * (di as f64).powf(-0.5),
+        dev,
+    )?;
     let k = crate::rng::randn(&[l, di], 23, 1.0, dev)?.to_dtype(DType::BF16)?;
     let rows = (MAX_SCORE_BYTES / (4 * l)).clamp(1, l);
     let reps = if l >= 16384 { 3 } else { 10 };
-    let chunks: Vec<(usize, usize)> = (0..l).step_by(rows).map(|c0| (c0, rows.min(l - c0))).collect();
+    let chunks: Vec<(usize, usize)> = (0..l)
+        .step_by(rows)
+        .map(|c0| (c0, rows.min(l - c0)))
+        .collect();
     let score_time = time_median(dev, reps, || {
         for &(c0, n) in &chunks {
             indexer_scores_rows(&q.narrow(0, c0, n)?, &w.narrow(0, c0, n)?, &k, c0)?;
@@ -148,7 +187,12 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     // Top-k alone: one buffer of real scores (the last chunk's rows, which see every key), read
     // at each chunk's offset, so each call does the causal work of that chunk.
     let last = *chunks.last().unwrap();
-    let full = indexer_scores_rows(&q.narrow(0, last.0, last.1)?, &w.narrow(0, last.0, last.1)?, &k, l - last.1)?;
+    let full = indexer_scores_rows(
+        &q.narrow(0, last.0, last.1)?,
+        &w.narrow(0, last.0, last.1)?,
+        &k,
+        l - last.1,
+    )?;
     let topk_time = time_median(dev, reps, || {
         for &(c0, n) in &chunks {
             topk_rows(&full.narrow(0, 0, n)?, c0, topk)?;
@@ -156,7 +200,9 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
         Ok(())
     })?;
     drop(full);
-    let both_time = time_median(dev, reps, || Ok(indexer_topk(&q, &w, &k, 0, topk).map(|_| ())?))?;
+    let both_time = time_median(dev, reps, || {
+        Ok(indexer_topk(&q, &w, &k, 0, topk).map(|_| ())?)
+    })?;
     let flops = 2.0 * hi as f64 * di as f64 * (l as f64 * (l as f64 + 1.0) / 2.0);
     Ok(vec![
         format!(
@@ -171,9 +217,13 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::backend::BackendStorage;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaView, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
+    };
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/indexer_topk.ptx"));
@@ -193,7 +243,12 @@ mod cuda {
     }
 
     /// A contiguous view of a storage starting at a multiple of `align` elements, checked.
-    fn view<'a, T: candle_core::cuda_backend::CudaDType>(s: &'a CudaStorage, l: &Layout, what: &str, align: usize) -> Result<CudaView<'a, T>> {
+    fn view<'a, T: candle_core::cuda_backend::CudaDType>(
+        s: &'a CudaStorage,
+        l: &Layout,
+        what: &str,
+        align: usize,
+    ) -> Result<CudaView<'a, T>> {
         if !l.is_contiguous() || l.start_offset() % align != 0 {
             bail!("indexer_topk: {what} must be contiguous and start at a multiple of {align} elements, got strides {:?}, offset {} for shape {:?}",
                 l.stride(), l.start_offset(), l.shape());
@@ -210,19 +265,55 @@ mod cuda {
             "dsa-indexer-scores-rows"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-indexer-scores-rows runs on CUDA only; the CPU uses the plain twin (IndexerProj::scores_rows)")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (r, hi, di) = l1.shape().dims3()?;
             let (r2, hi2) = l2.shape().dims2()?;
             let (t, di3) = l3.shape().dims2()?;
-            if r2 != r || hi2 != hi || di3 != di || hi == 0 || hi > 64 || di % 16 != 0 || di == 0 || di > 128 || r == 0 || t == 0 {
-                bail!("indexer_scores_rows: q {:?}, w {:?}, k {:?} do not fit", l1.shape(), l2.shape(), l3.shape());
+            if r2 != r
+                || hi2 != hi
+                || di3 != di
+                || hi == 0
+                || hi > 64
+                || di % 16 != 0
+                || di == 0
+                || di > 128
+                || r == 0
+                || t == 0
+            {
+                bail!(
+                    "indexer_scores_rows: q {:?}, w {:?}, k {:?} do not fit",
+                    l1.shape(),
+                    l2.shape(),
+                    l3.shape()
+                );
             }
             if s1.dtype() != DType::BF16 || s2.dtype() != DType::F32 || s3.dtype() != DType::BF16 {
-                bail!("indexer_scores_rows: expects bf16 q, f32 w, bf16 k, got {:?} {:?} {:?}", s1.dtype(), s2.dtype(), s3.dtype());
+                bail!(
+                    "indexer_scores_rows: expects bf16 q, f32 w, bf16 k, got {:?} {:?} {:?}",
+                    s1.dtype(),
+                    s2.dtype(),
+                    s3.dtype()
+                );
             }
             let dev = s1.device();
             let q = view::<bf16>(s1, l1, "q", 2)?;
@@ -232,20 +323,40 @@ mod cuda {
             // rest -inf) before anything reads them.
             let out = unsafe { dev.alloc::<f32>(r * t) }?;
             let smem = STAGES * KT * (di * 2 + 16) + SC_WARPS * KT * 4;
-            let f = load(dev, &format!("indexer_scores_rows_bf16_ks{}", di / 16), smem)?;
+            let f = load(
+                dev,
+                &format!("indexer_scores_rows_bf16_ks{}", di / 16),
+                smem,
+            )?;
             let wpr = if hi > 32 { 2usize } else { 1 };
             let groups = r.div_ceil(SC_WARPS / wpr);
             let splits = t.div_ceil(KCH);
-            let (r32, hi32, t32, q032, wpr32) = (r as i32, hi as i32, t as i32, self.q0 as i32, wpr as i32);
+            let (r32, hi32, t32, q032, wpr32) =
+                (r as i32, hi as i32, t as i32, self.q0 as i32, wpr as i32);
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&w).arg(&k).arg(&out).arg(&r32).arg(&hi32).arg(&t32).arg(&q032).arg(&wpr32);
-            let cfg = LaunchConfig { grid_dim: (groups as u32, splits as u32, 1), block_dim: ((SC_WARPS * 32) as u32, 1, 1), shared_mem_bytes: smem as u32 };
+            b.arg(&q)
+                .arg(&w)
+                .arg(&k)
+                .arg(&out)
+                .arg(&r32)
+                .arg(&hi32)
+                .arg(&t32)
+                .arg(&q032)
+                .arg(&wpr32);
+            let cfg = LaunchConfig {
+                grid_dim: (groups as u32, splits as u32, 1),
+                block_dim: ((SC_WARPS * 32) as u32, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
             // SAFETY: q, w, k are live contiguous buffers of the checked shapes, aligned as the
             // kernel reads them; out holds r * t f32; the launch is on candle's stream.
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((r, t))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((r, t)),
+            ))
         }
     }
 
@@ -266,7 +377,12 @@ mod cuda {
         fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
             let (r, t) = l.shape().dims2()?;
             if s.dtype() != DType::F32 || r == 0 || t == 0 || self.topk == 0 {
-                bail!("topk_rows: scores {:?} {:?} with topk {} do not fit", l.shape(), s.dtype(), self.topk);
+                bail!(
+                    "topk_rows: scores {:?} {:?} with topk {} do not fit",
+                    l.shape(),
+                    s.dtype(),
+                    self.topk
+                );
             }
             let kk = self.topk.min(t);
             let dev = s.device();
@@ -275,15 +391,36 @@ mod cuda {
             let out = unsafe { dev.alloc::<u32>(r * kk) }?;
             let smem = (HIST_BINS + TK_CAP) * 4;
             let f = load(dev, "topk_rows_f32", smem)?;
-            let (r32, t32, q032, topk32, kk32, cap32) = (r as i32, t as i32, self.q0 as i32, self.topk.min(i32::MAX as usize) as i32, kk as i32, TK_CAP as i32);
+            let (r32, t32, q032, topk32, kk32, cap32) = (
+                r as i32,
+                t as i32,
+                self.q0 as i32,
+                self.topk.min(i32::MAX as usize) as i32,
+                kk as i32,
+                TK_CAP as i32,
+            );
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&scores).arg(&out).arg(&r32).arg(&t32).arg(&q032).arg(&topk32).arg(&kk32).arg(&cap32);
-            let cfg = LaunchConfig { grid_dim: (r as u32, 1, 1), block_dim: (TK_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+            b.arg(&scores)
+                .arg(&out)
+                .arg(&r32)
+                .arg(&t32)
+                .arg(&q032)
+                .arg(&topk32)
+                .arg(&kk32)
+                .arg(&cap32);
+            let cfg = LaunchConfig {
+                grid_dim: (r as u32, 1, 1),
+                block_dim: (TK_THREADS, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
             // SAFETY: scores is a live contiguous [r, t] f32 buffer, out holds r * kk u32.
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((r, kk))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((r, kk)),
+            ))
         }
     }
 }

@@ -22,17 +22,31 @@ pub fn supported(logits: &Tensor) -> bool {
 }
 
 /// NLL per row (f32 [N]) and d(weight * sum of NLL) / dlogits ([N, V], the logits' dtype).
-pub fn nll_rows_and_grad(logits: &Tensor, targets: &Tensor, weight: f64) -> Result<(Tensor, Tensor)> {
+pub fn nll_rows_and_grad(
+    logits: &Tensor,
+    targets: &Tensor,
+    weight: f64,
+) -> Result<(Tensor, Tensor)> {
     let (rows, _) = logits.dims2()?;
     if targets.dims() != [rows] || targets.dtype() != DType::U32 {
-        candle_core::bail!("the fused LM loss needs one u32 target per row ({:?} {:?} for {rows} rows)", targets.dims(), targets.dtype());
+        candle_core::bail!(
+            "the fused LM loss needs one u32 target per row ({:?} {:?} for {rows} rows)",
+            targets.dims(),
+            targets.dtype()
+        );
     }
     #[cfg(feature = "cuda")]
     {
         let logits = logits.contiguous()?;
         let targets = targets.contiguous()?;
         let stats = logits.apply_op2_no_bwd(&targets, &cuda::CeStats)?; // [N, 3]: nll, max, sum
-        let grad = logits.apply_op3_no_bwd(&targets, &stats, &cuda::CeGrad { weight: weight as f32 })?;
+        let grad = logits.apply_op3_no_bwd(
+            &targets,
+            &stats,
+            &cuda::CeGrad {
+                weight: weight as f32,
+            },
+        )?;
         Ok((stats.narrow(1, 0, 1)?.squeeze(1)?.contiguous()?, grad))
     }
     #[cfg(not(feature = "cuda"))]
@@ -47,7 +61,9 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape,
+    };
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/lm_loss.ptx"));
@@ -63,7 +79,11 @@ mod cuda {
     }
 
     fn config(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (rows as u32, 1, 1),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     pub struct CeStats;
@@ -73,17 +93,35 @@ mod cuda {
             "dsa-lm-ce-stats"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-lm-ce-stats runs on CUDA only; the CPU uses losses::nll_rows_and_grad")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (rows, vocab) = l1.shape().dims2()?;
             let dev = s1.device();
             // SAFETY: the kernel writes the 3 values of every row.
             let stats = unsafe { dev.alloc::<f32>(rows * 3) }?;
             if rows > 0 {
-                let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("lm_ce_stats_{}", suffix(s1.dtype())?), 0)?;
+                let f = crate::kernels::cuda::load_from(
+                    dev,
+                    MODULE,
+                    PTX,
+                    &format!("lm_ce_stats_{}", suffix(s1.dtype())?),
+                    0,
+                )?;
                 let targets = crate::kernels::cuda::view::<u32>(s2, l2, "targets")?;
                 let v32 = vocab as i32;
                 let stream = dev.cuda_stream();
@@ -103,7 +141,10 @@ mod cuda {
                     _ => launch!(f32),
                 }
             }
-            Ok((CudaStorage::wrap_cuda_slice(stats, dev.clone()), Shape::from((rows, 3))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(stats, dev.clone()),
+                Shape::from((rows, 3)),
+            ))
         }
     }
 
@@ -116,14 +157,36 @@ mod cuda {
             "dsa-lm-ce-grad"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-lm-ce-grad runs on CUDA only; the CPU uses losses::nll_rows_and_grad")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (rows, vocab) = l1.shape().dims2()?;
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("lm_ce_grad_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("lm_ce_grad_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let targets = crate::kernels::cuda::view::<u32>(s2, l2, "targets")?;
             let stats = crate::kernels::cuda::view::<f32>(s3, l3, "stats")?;
             let v32 = vocab as i32;
@@ -135,7 +198,12 @@ mod cuda {
                     if rows > 0 {
                         let logits = crate::kernels::cuda::view::<$t>(s1, l1, "logits")?;
                         let mut b = stream.launch_builder(&f);
-                        b.arg(&logits).arg(&targets).arg(&stats).arg(&self.weight).arg(&grad).arg(&v32);
+                        b.arg(&logits)
+                            .arg(&targets)
+                            .arg(&stats)
+                            .arg(&self.weight)
+                            .arg(&grad)
+                            .arg(&v32);
                         // SAFETY: as for the stats; stats [rows, 3] from CeStats on these logits.
                         unsafe { b.launch(config(rows)) }.w()?;
                     }

@@ -34,7 +34,8 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
     let w = w.to_dtype(x.dtype())?.contiguous()?;
     #[cfg(feature = "cuda")]
     {
-        x2.apply_op2(&w, cuda::RmsNorm { eps: eps as f32 })?.reshape(dims)
+        x2.apply_op2(&w, cuda::RmsNorm { eps: eps as f32 })?
+            .reshape(dims)
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -45,7 +46,12 @@ pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// The backward of `rms_norm` without autograd: (dx in x's dtype, dw in w's), the same three
 /// passes and sum as the op's own backward.
-pub fn rms_norm_backward(x: &Tensor, w: &Tensor, eps: f64, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn rms_norm_backward(
+    x: &Tensor,
+    w: &Tensor,
+    eps: f64,
+    dy: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     let dims = x.dims().to_vec();
     let d = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / d.max(1);
@@ -69,7 +75,10 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+        Shape, Tensor,
+    };
     use half::bf16;
 
     /// Rows per chunk of the backward's dw partial sums (one partial row of D f32 per chunk).
@@ -87,7 +96,11 @@ mod cuda {
     }
 
     fn row_config(rows: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1), block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (rows.div_ceil(ROWS_PER_BLOCK) as u32, 1, 1),
+            block_dim: (32 * ROWS_PER_BLOCK as u32, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     /// Rows per dw chunk: DW_CHUNK_ROWS, more when the grid's y extent (65535) would not hold the chunks.
@@ -109,14 +122,32 @@ mod cuda {
             "dsa-rms-norm"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-rms-norm runs on CUDA only; the CPU uses ops::rms_norm_plain")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (rows, d) = l1.shape().dims2()?;
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rms_norm_fwd_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("rms_norm_fwd_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let (rows64, d32, inv_d, eps) = (rows as i64, d as i32, inv_d(d), self.eps);
             let stream = dev.cuda_stream();
             macro_rules! launch {
@@ -141,16 +172,33 @@ mod cuda {
             Ok((y, Shape::from((rows, d))))
         }
 
-        fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn bwd(
+            &self,
+            x: &Tensor,
+            w: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (dx, dw) = backward(x, w, self.eps, &grad.contiguous()?.detach())?;
             Ok((Some(dx), Some(dw)))
         }
     }
 
     /// x, dy [rows, d] and w [d] (x's dtype), contiguous -> (dx [rows, d], dw [d] in w's dtype).
-    pub(super) fn backward(x: &Tensor, w: &Tensor, eps: f32, dy: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub(super) fn backward(
+        x: &Tensor,
+        w: &Tensor,
+        eps: f32,
+        dy: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let scale = x.apply_op1_no_bwd(&RowScale { eps })?; // [rows] f32
-        let dx = x.apply_op3_no_bwd(w, dy, &Dx { scale: scale.clone() })?;
+        let dx = x.apply_op3_no_bwd(
+            w,
+            dy,
+            &Dx {
+                scale: scale.clone(),
+            },
+        )?;
         let partial = x.apply_op3_no_bwd(dy, &scale, &DwPartial)?; // [chunks, d] f32
         let dw = partial.sum(0)?.to_dtype(w.dtype())?;
         Ok((dx, dw))
@@ -173,7 +221,13 @@ mod cuda {
         fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout) -> Result<(CudaStorage, Shape)> {
             let (rows, d) = l1.shape().dims2()?;
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rms_norm_scale_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("rms_norm_scale_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             // SAFETY: the kernel writes every row's scale.
             let scale = unsafe { dev.alloc::<f32>(rows) }?;
             if rows > 0 {
@@ -183,7 +237,12 @@ mod cuda {
                 macro_rules! launch {
                     ($t:ty) => {{
                         let x = crate::kernels::cuda::view::<$t>(s1, l1, "x")?;
-                        b.arg(&x).arg(&scale).arg(&rows64).arg(&d32).arg(&inv_d).arg(&eps);
+                        b.arg(&x)
+                            .arg(&scale)
+                            .arg(&rows64)
+                            .arg(&d32)
+                            .arg(&inv_d)
+                            .arg(&eps);
                         // SAFETY: x [rows, d] contiguous of the kernel's dtype, scale [rows] f32.
                         unsafe { b.launch(row_config(rows)) }.w()?;
                     }};
@@ -193,7 +252,10 @@ mod cuda {
                     _ => launch!(f32),
                 }
             }
-            Ok((CudaStorage::wrap_cuda_slice(scale, dev.clone()), Shape::from(rows)))
+            Ok((
+                CudaStorage::wrap_cuda_slice(scale, dev.clone()),
+                Shape::from(rows),
+            ))
         }
     }
 
@@ -207,14 +269,36 @@ mod cuda {
             "dsa-rms-norm-dx"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-rms-norm-dx runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (rows, d) = l1.shape().dims2()?;
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rms_norm_bwd_dx_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("rms_norm_bwd_dx_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let (sc_s, sc_l) = self.scale.storage_and_layout();
             let scale = crate::kernels::cuda::storage_view::<f32>(&sc_s, sc_l, "scale")?;
             let (rows64, d32, inv_d) = (rows as i64, d as i32, inv_d(d));
@@ -251,14 +335,36 @@ mod cuda {
             "dsa-rms-norm-dw"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-rms-norm-dw runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (rows, d) = l1.shape().dims2()?;
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rms_norm_bwd_dw_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("rms_norm_bwd_dw_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let chunk = dw_chunk(rows);
             let chunks = rows.div_ceil(chunk).max(1);
             let partial = dev.alloc_zeros::<f32>(chunks * d)?; // zero rows stand for an empty input
@@ -266,13 +372,23 @@ mod cuda {
                 let scale = crate::kernels::cuda::view::<f32>(s3, l3, "scale")?;
                 let (rows64, d32, chunk32) = (rows as i64, d as i32, chunk as i32);
                 let stream = dev.cuda_stream();
-                let cfg = LaunchConfig { grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1), block_dim: (32, 8, 1), shared_mem_bytes: 0 };
+                let cfg = LaunchConfig {
+                    grid_dim: (d.div_ceil(32) as u32, chunks as u32, 1),
+                    block_dim: (32, 8, 1),
+                    shared_mem_bytes: 0,
+                };
                 let mut b = stream.launch_builder(&f);
                 macro_rules! launch {
                     ($t:ty) => {{
                         let x = crate::kernels::cuda::view::<$t>(s1, l1, "x")?;
                         let dy = crate::kernels::cuda::view::<$t>(s2, l2, "dy")?;
-                        b.arg(&x).arg(&dy).arg(&scale).arg(&partial).arg(&rows64).arg(&d32).arg(&chunk32);
+                        b.arg(&x)
+                            .arg(&dy)
+                            .arg(&scale)
+                            .arg(&partial)
+                            .arg(&rows64)
+                            .arg(&d32)
+                            .arg(&chunk32);
                         // SAFETY: x, dy [rows, d] contiguous of the kernel's dtype, scale [rows],
                         // partial [chunks, d] f32 with chunks * chunk >= rows.
                         unsafe { b.launch(cfg) }.w()?;
@@ -283,7 +399,10 @@ mod cuda {
                     _ => launch!(f32),
                 }
             }
-            Ok((CudaStorage::wrap_cuda_slice(partial, dev.clone()), Shape::from((chunks, d))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(partial, dev.clone()),
+                Shape::from((chunks, d)),
+            ))
         }
     }
 }

@@ -19,14 +19,24 @@ pub enum Pairs {
 /// Whether x [B, T, H, R] (R even, > 0) and f32 cos, sin [T, R/2] fit together: what the
 /// kernel's indexing assumes.
 fn shapes_fit(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
-    let Ok((_, t, _, r)) = x.dims4() else { return false };
-    r > 0 && r % 2 == 0 && cos.dims() == [t, r / 2] && sin.dims() == cos.dims() && cos.dtype() == DType::F32 && sin.dtype() == DType::F32
+    let Ok((_, t, _, r)) = x.dims4() else {
+        return false;
+    };
+    r > 0
+        && r % 2 == 0
+        && cos.dims() == [t, r / 2]
+        && sin.dims() == cos.dims()
+        && cos.dtype() == DType::F32
+        && sin.dtype() == DType::F32
 }
 
 /// Whether the fused op takes these: `shapes_fit`, bf16 or f32 x on CUDA, and `DSA_PLAIN_OPS`
 /// does not name `rope`.
 pub fn supported(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
-    crate::kernels::available(x.device()) && !crate::kernels::plain_op("rope") && matches!(x.dtype(), DType::BF16 | DType::F32) && shapes_fit(x, cos, sin)
+    crate::kernels::available(x.device())
+        && !crate::kernels::plain_op("rope")
+        && matches!(x.dtype(), DType::BF16 | DType::F32)
+        && shapes_fit(x, cos, sin)
 }
 
 /// x [B, T, H, R] rotated by the angles of cos/sin [T, R/2] (f32), in x's dtype; differentiable in x.
@@ -41,7 +51,14 @@ pub fn rope(x: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Result<Tens
     let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
     #[cfg(feature = "cuda")]
     {
-        x.apply_op3(&cos, &sin, cuda::Rope { pairs, inverse: false })
+        x.apply_op3(
+            &cos,
+            &sin,
+            cuda::Rope {
+                pairs,
+                inverse: false,
+            },
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -59,7 +76,14 @@ pub fn rope_inverse(dy: &Tensor, cos: &Tensor, sin: &Tensor, pairs: Pairs) -> Re
     let (cos, sin) = (cos.contiguous()?.detach(), sin.contiguous()?.detach());
     #[cfg(feature = "cuda")]
     {
-        dy.apply_op3_no_bwd(&cos, &sin, &cuda::Rope { pairs, inverse: true })
+        dy.apply_op3_no_bwd(
+            &cos,
+            &sin,
+            &cuda::Rope {
+                pairs,
+                inverse: true,
+            },
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -73,7 +97,9 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    };
     use half::bf16;
 
     use super::Pairs;
@@ -93,11 +119,27 @@ mod cuda {
             "dsa-rope"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-rope runs on CUDA only; the CPU uses ops::rope_*_plain")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let (b, t, h, r) = l1.shape().dims4()?;
             let dev = s1.device();
             let suffix = match s1.dtype() {
@@ -105,12 +147,20 @@ mod cuda {
                 DType::F32 => "f32",
                 d => bail!("the fused RoPE takes bf16 or f32, got {d:?}"),
             };
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rope_{suffix}"), 0)?;
+            let f =
+                crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("rope_{suffix}"), 0)?;
             let pairs = (b * t * h * r / 2) as i64;
             let (t32, h32, half) = (t as i32, h as i32, (r / 2) as i32);
-            let (interleaved, inverse) = (i32::from(self.pairs == Pairs::Interleaved), i32::from(self.inverse));
+            let (interleaved, inverse) = (
+                i32::from(self.pairs == Pairs::Interleaved),
+                i32::from(self.inverse),
+            );
             let blocks = (pairs as u64).div_ceil(THREADS as u64).clamp(1, 1 << 20) as u32;
-            let cfg = LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+            let cfg = LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
             let cos = crate::kernels::cuda::view::<f32>(s2, l2, "cos")?;
             let sin = crate::kernels::cuda::view::<f32>(s3, l3, "sin")?;
             let stream = dev.cuda_stream();
@@ -136,8 +186,22 @@ mod cuda {
             Ok((y, l1.shape().clone()))
         }
 
-        fn bwd(&self, _x: &Tensor, cos: &Tensor, sin: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-            let dx = grad.contiguous()?.detach().apply_op3_no_bwd(cos, sin, &Rope { pairs: self.pairs, inverse: !self.inverse })?;
+        fn bwd(
+            &self,
+            _x: &Tensor,
+            cos: &Tensor,
+            sin: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+            let dx = grad.contiguous()?.detach().apply_op3_no_bwd(
+                cos,
+                sin,
+                &Rope {
+                    pairs: self.pairs,
+                    inverse: !self.inverse,
+                },
+            )?;
             Ok((Some(dx), None, None))
         }
     }
@@ -153,10 +217,16 @@ mod tests {
     fn mismatched_shapes_are_an_error_not_a_launch() {
         let dev = Device::Cpu;
         let x = Tensor::zeros((1, 4, 2, 6), DType::F32, &dev).unwrap();
-        let table = |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, &dev).unwrap();
+        let table =
+            |rows: usize, cols: usize| Tensor::zeros((rows, cols), DType::F32, &dev).unwrap();
         let (cos, sin) = (table(4, 3), table(4, 3));
         assert!(shapes_fit(&x, &cos, &sin));
-        for (c, s) in [(table(3, 3), table(3, 3)), (table(4, 3), table(3, 3)), (table(4, 2), table(4, 2)), (cos.clone(), sin.to_dtype(DType::BF16).unwrap())] {
+        for (c, s) in [
+            (table(3, 3), table(3, 3)),
+            (table(4, 3), table(3, 3)),
+            (table(4, 2), table(4, 2)),
+            (cos.clone(), sin.to_dtype(DType::BF16).unwrap()),
+        ] {
             assert!(!shapes_fit(&x, &c, &s));
             let err = rope(&x, &c, &s, Pairs::Halves).unwrap_err().to_string();
             assert!(err.contains("R even"), "{err}");

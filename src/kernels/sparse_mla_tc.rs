@@ -62,7 +62,7 @@ fn wgmma_on() -> bool {
 /// Does the forward of this shape run the wgmma kernel: 64-head blocks at DQK 576 and DV 512
 /// (the 671B shape; H a multiple of 64).
 pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
-    h % 64 == 0 && dqk == 576 && dv == 512 && wgmma_on()
+    h.is_multiple_of(64) && dqk == 576 && dv == 512 && wgmma_on()
 }
 
 /// Does the backward of this shape compute S, dP and dQ on wgmma (kernels/sparse_mla_tc.cu,
@@ -80,16 +80,35 @@ pub fn wgmma_probs(h: usize, dqk: usize) -> bool {
 /// Shapes the tensor-core path handles: DQK and DV multiples of 64, DV <= DQK, DQK <= 576,
 /// DV <= 512, any H >= 1. Callers fall back to the f32 kernel otherwise.
 pub fn supported(dqk: usize, dv: usize, h: usize) -> bool {
-    h >= 1 && dv >= 64 && dqk % 64 == 0 && dv % 64 == 0 && dv <= dqk && dqk <= MAX_DQK && dv <= MAX_DV
+    h >= 1
+        && dv >= 64
+        && dqk.is_multiple_of(64)
+        && dv.is_multiple_of(64)
+        && dv <= dqk
+        && dqk <= MAX_DQK
+        && dv <= MAX_DV
 }
 
 /// Sparse MLA forward: q [N, H, DQK] bf16, kv [NKV, DQK] bf16, idx [N, K] u32 -> [N, H, DV + 1]
 /// f32 (output, then LSE). Differentiable in q and kv (gradients bf16).
-pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: usize) -> Result<Tensor> {
+pub fn sparse_mla_bf16(
+    q: &Tensor,
+    kv: &Tensor,
+    idx: &Tensor,
+    scale: f64,
+    dv: usize,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
         let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
-        q.apply_op3(&kv, &idx, cuda::SparseMlaTc { scale: scale as f32, dv })
+        q.apply_op3(
+            &kv,
+            &idx,
+            cuda::SparseMlaTc {
+                scale: scale as f32,
+                dv,
+            },
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -102,12 +121,24 @@ pub fn sparse_mla_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, scale: f64, dv: us
 /// f32 and `grad` that result's gradient [N, H, DV + 1] f32 (the LSE column is ignored) ->
 /// (dq [N, H, DQK], dkv [NKV, DQK]) bf16, the same kernel autograd runs (deterministic when
 /// `set_deterministic` asked for it).
-pub fn sparse_mla_bf16_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, grad: &Tensor, scale: f64, dv: usize) -> Result<(Tensor, Tensor)> {
+pub fn sparse_mla_bf16_backward(
+    q: &Tensor,
+    kv: &Tensor,
+    idx: &Tensor,
+    fwd_out: &Tensor,
+    grad: &Tensor,
+    scale: f64,
+    dv: usize,
+) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::CustomOp3;
         let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
-        let (dq, dkv, _) = cuda::SparseMlaTc { scale: scale as f32, dv }.bwd(&q, &kv, &idx, fwd_out, grad)?;
+        let (dq, dkv, _) = cuda::SparseMlaTc {
+            scale: scale as f32,
+            dv,
+        }
+        .bwd(&q, &kv, &idx, fwd_out, grad)?;
         Ok((dq.expect("dq"), dkv.expect("dkv")))
     }
     #[cfg(not(feature = "cuda"))]
@@ -125,7 +156,14 @@ pub fn sparse_mla_bf16_backward(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: 
 /// `sparse_mla_bf16` (`supported`). Twin: `kernels::sparse_mla_head_mean_probs` (f32).
 /// Numerics: S in f32 from bf16 products (mma.sync; wgmma at H 128, DQK 576, same bits), p = 2^(S scale log2 e - lse log2 e) in f32
 /// (ex2.approx); heads summed in a fixed order without atomics, so bit-identical run to run.
-pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fwd_out: &Tensor, scale: f64, dv: usize) -> Result<Tensor> {
+pub fn sparse_mla_head_mean_probs_bf16(
+    q: &Tensor,
+    kv: &Tensor,
+    idx: &Tensor,
+    fwd_out: &Tensor,
+    scale: f64,
+    dv: usize,
+) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     {
         let (q, kv, idx) = (q.contiguous()?, kv.contiguous()?, idx.contiguous()?);
@@ -133,7 +171,11 @@ pub fn sparse_mla_head_mean_probs_bf16(q: &Tensor, kv: &Tensor, idx: &Tensor, fw
             // No slots: nothing to launch (and no zero-length device buffers).
             return Tensor::zeros((n, 0), candle_core::DType::F32, q.device());
         }
-        let op = cuda::SparseMlaTcProbs { scale: scale as f32, dv, fwd_out: fwd_out.contiguous()?.detach() };
+        let op = cuda::SparseMlaTcProbs {
+            scale: scale as f32,
+            dv,
+            fwd_out: fwd_out.contiguous()?.detach(),
+        };
         q.apply_op3_no_bwd(&kv, &idx, &op)
     }
     #[cfg(not(feature = "cuda"))]
@@ -218,24 +260,43 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     };
     let run_fwd = || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?);
     let fwd = time_median(dev, 5, run_fwd)?;
-    let fwd_kernel = if wgmma_forward(h, dqk, dv) { "wgmma" } else { "mma.sync" };
+    let fwd_kernel = if wgmma_forward(h, dqk, dv) {
+        "wgmma"
+    } else {
+        "mma.sync"
+    };
     let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
     let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
     let (qr, kvr, idxr) = (&q, &kv, &idx);
     let run_bwd = |det: bool| {
-        let op = cuda::SparseMlaTcBwd { scale: scale as f32, dv, fwd_out: out.clone(), dout: dout.clone(), deterministic: det };
+        let op = cuda::SparseMlaTcBwd {
+            scale: scale as f32,
+            dv,
+            fwd_out: out.clone(),
+            dout: dout.clone(),
+            deterministic: det,
+        };
         move || Ok(qr.apply_op3_no_bwd(kvr, idxr, &op).map(|_| ())?)
     };
     let mut bwd_times = vec![];
     for det in [false, true] {
         bwd_times.push(time_median(dev, 3, run_bwd(det))?);
     }
-    let bwd_kernel = if wgmma_backward(h, dqk, dv) { "S, dP, dQ on wgmma" } else { "mma.sync" };
+    let bwd_kernel = if wgmma_backward(h, dqk, dv) {
+        "S, dP, dQ on wgmma"
+    } else {
+        "mma.sync"
+    };
     let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd(false))?;
-    let run_probs = || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
+    let run_probs =
+        || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
     let probs = time_median(dev, 5, run_probs)?;
-    let probs_kernel = if wgmma_probs(h, dqk) { "wgmma" } else { "mma.sync" };
+    let probs_kernel = if wgmma_probs(h, dqk) {
+        "wgmma"
+    } else {
+        "mma.sync"
+    };
     let probs_mma = mma_too(probs_kernel == "wgmma", &run_probs)?;
     let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
@@ -265,9 +326,13 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
 pub(crate) mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaSlice, CudaView, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    };
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/sparse_mla_tc.ptx"));
@@ -286,7 +351,10 @@ pub(crate) mod cuda {
     use crate::kernels::cuda::view;
 
     /// Uninitialised device buffer of at least one element (the kernels write before reading).
-    fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(dev: &CudaDevice, len: usize) -> Result<CudaSlice<T>> {
+    fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
+        dev: &CudaDevice,
+        len: usize,
+    ) -> Result<CudaSlice<T>> {
         // SAFETY: every consumer writes the elements it later reads (see each launch).
         unsafe { dev.alloc::<T>(len.max(1)) }
     }
@@ -299,11 +367,25 @@ pub(crate) mod cuda {
         nkv: usize,
     }
 
-    fn check(l1: &Layout, s1: &CudaStorage, l2: &Layout, s2: &CudaStorage, l3: &Layout, s3: &CudaStorage, dv: usize) -> Result<Dims> {
+    fn check(
+        l1: &Layout,
+        s1: &CudaStorage,
+        l2: &Layout,
+        s2: &CudaStorage,
+        l3: &Layout,
+        s3: &CudaStorage,
+        dv: usize,
+    ) -> Result<Dims> {
         let (n, h, dqk) = l1.shape().dims3()?;
         let (nkv, dqk2) = l2.shape().dims2()?;
         let (n3, k) = l3.shape().dims2()?;
-        if dqk != dqk2 || n3 != n || n == 0 || nkv == 0 || nkv >= u32::MAX as usize || !super::supported(dqk, dv, h) {
+        if dqk != dqk2
+            || n3 != n
+            || n == 0
+            || nkv == 0
+            || nkv >= u32::MAX as usize
+            || !super::supported(dqk, dv, h)
+        {
             bail!(
                 "sparse_mla_bf16: q {:?}, kv {:?}, idx {:?} and dv {dv} do not fit (q [N, H, DQK], kv [NKV, DQK], idx [N, K], \
                  N, NKV >= 1, DQK and DV multiples of 64, 64 <= DV <= DQK, DQK <= {}, DV <= {})",
@@ -324,7 +406,12 @@ pub(crate) mod cuda {
             );
         }
         if s1.dtype() != DType::BF16 || s2.dtype() != DType::BF16 || s3.dtype() != DType::U32 {
-            bail!("sparse_mla_bf16: expects bf16 q and kv and u32 indices, got {:?} {:?} {:?}", s1.dtype(), s2.dtype(), s3.dtype());
+            bail!(
+                "sparse_mla_bf16: expects bf16 q and kv and u32 indices, got {:?} {:?} {:?}",
+                s1.dtype(),
+                s2.dtype(),
+                s3.dtype()
+            );
         }
         Ok(Dims { n, h, k, dqk, nkv })
     }
@@ -363,7 +450,13 @@ pub(crate) mod cuda {
     /// 230656 bytes at the 671B shape.
     fn bwd_smem(rg: usize, dqk: usize, dv: usize, wg: bool) -> usize {
         let rows = 16 * rg;
-        rows * dqk * 2 + rows * dv * 2 + 2 * 32 * dqk * 2 + rows * 128 + 2 * 32 * 4 + 1024 + if wg { 16 * 128 * 4 } else { 0 }
+        rows * dqk * 2
+            + rows * dv * 2
+            + 2 * 32 * dqk * 2
+            + rows * 128
+            + 2 * 32 * 4
+            + 1024
+            + if wg { 16 * 128 * 4 } else { 0 }
     }
 
     fn check_smem(dev: &CudaDevice, bytes: usize) -> Result<()> {
@@ -383,7 +476,11 @@ pub(crate) mod cuda {
     }
 
     /// Compacted indices [N, K] (valid entries first, original order) and counts [N].
-    fn compact(dev: &CudaDevice, idx: &CudaView<u32>, d: &Dims) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
+    fn compact(
+        dev: &CudaDevice,
+        idx: &CudaView<u32>,
+        d: &Dims,
+    ) -> Result<(CudaSlice<u32>, CudaSlice<u32>)> {
         let cidx = alloc::<u32>(dev, d.n * d.k)?;
         let cnt = alloc::<u32>(dev, d.n)?;
         let f = load(dev, "sparse_mla_tc_compact", 0)?;
@@ -392,13 +489,24 @@ pub(crate) mod cuda {
         let mut b = stream.launch_builder(&f);
         b.arg(idx).arg(&cidx).arg(&cnt).arg(&n).arg(&k).arg(&nkv);
         // SAFETY: idx is [N, K]; cidx [N, K] and cnt [N] are written (entries past cnt unused).
-        unsafe { b.launch(LaunchConfig { grid_dim: (d.n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (d.n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .w()?;
         drop(b);
         Ok((cidx, cnt))
     }
 
     /// As `compact`, plus the slot of each compacted entry [N, K] (valid entries only).
-    fn compact_pos(dev: &CudaDevice, idx: &CudaView<u32>, d: &Dims) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
+    fn compact_pos(
+        dev: &CudaDevice,
+        idx: &CudaView<u32>,
+        d: &Dims,
+    ) -> Result<(CudaSlice<u32>, CudaSlice<u32>, CudaSlice<u32>)> {
         let cidx = alloc::<u32>(dev, d.n * d.k)?;
         let cpos = alloc::<u32>(dev, d.n * d.k)?;
         let cnt = alloc::<u32>(dev, d.n)?;
@@ -406,9 +514,22 @@ pub(crate) mod cuda {
         let (n, k, nkv) = (d.n as i32, d.k as i32, d.nkv as u32);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(idx).arg(&cidx).arg(&cpos).arg(&cnt).arg(&n).arg(&k).arg(&nkv);
+        b.arg(idx)
+            .arg(&cidx)
+            .arg(&cpos)
+            .arg(&cnt)
+            .arg(&n)
+            .arg(&k)
+            .arg(&nkv);
         // SAFETY: idx is [N, K]; cidx, cpos [N, K] and cnt [N] are written (entries past cnt unused).
-        unsafe { b.launch(LaunchConfig { grid_dim: (d.n.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (d.n.div_ceil(8) as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }
+        .w()?;
         drop(b);
         Ok((cidx, cpos, cnt))
     }
@@ -438,14 +559,34 @@ pub(crate) mod cuda {
             "dsa-sparse-mla-tc"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-sparse-mla-tc runs on CUDA only; the CPU uses the plain twin")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
             let dev = s1.device();
-            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let (q, kv, idx) = (
+                view::<bf16>(s1, l1, "q")?,
+                view::<bf16>(s2, l2, "kv")?,
+                view::<u32>(s3, l3, "idx")?,
+            );
             let (cidx, cnt) = compact(dev, &idx, &d)?;
             let out_len = d.n * d.h * (self.dv + 1);
             if super::wgmma_forward(d.h, d.dqk, self.dv) {
@@ -454,7 +595,13 @@ pub(crate) mod cuda {
                 let out = unsafe { dev.alloc::<f32>(out_len) }?;
                 let smem = wg_fwd_smem(d.dqk);
                 check_smem(dev, smem)?;
-                let f = crate::kernels::cuda::load_from(dev, WG_MODULE, WG_PTX, "sparse_mla_wg_fwd_576_512", smem)?;
+                let f = crate::kernels::cuda::load_from(
+                    dev,
+                    WG_MODULE,
+                    WG_PTX,
+                    "sparse_mla_wg_fwd_576_512",
+                    smem,
+                )?;
                 // One block per (query, 64 heads); the blocks of a query adjacent (they gather
                 // the same rows: L2 hits). A persistent grid (one block per multiprocessor
                 // walking the items, prefetching the next one's Q and first tile) measured 1-2 %
@@ -467,32 +614,77 @@ pub(crate) mod cuda {
                 let sl2 = self.scale * LOG2E;
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
-                b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&out).arg(&n).arg(&h).arg(&k).arg(&sl2);
-                let cfg = LaunchConfig { grid_dim: (grid as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                b.arg(&q)
+                    .arg(&kv)
+                    .arg(&cidx)
+                    .arg(&cnt)
+                    .arg(&out)
+                    .arg(&n)
+                    .arg(&h)
+                    .arg(&k)
+                    .arg(&sl2);
+                let cfg = LaunchConfig {
+                    grid_dim: (grid as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
                 // SAFETY: shapes checked (H a multiple of 64, DQK 576, DV 512); compacted rows
                 // are < NKV; out is [N, H, DV + 1] and every element is written.
                 unsafe { b.launch(cfg) }.w()?;
                 drop(b);
-                return Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d.n, d.h, self.dv + 1))));
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                    Shape::from((d.n, d.h, self.dv + 1)),
+                ));
             }
             let out = dev.alloc_zeros::<f32>(out_len)?;
             let rg = row_groups(d.h);
             let smem = fwd_smem(rg, d.dqk);
             check_smem(dev, smem)?;
             let f = load(dev, &format!("sparse_mla_tc_fwd_rg{rg}"), smem)?;
-            let (n, h, k, dqk, dv) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, self.dv as i32);
+            let (n, h, k, dqk, dv) = (
+                d.n as i32,
+                d.h as i32,
+                d.k as i32,
+                d.dqk as i32,
+                self.dv as i32,
+            );
             let sl2 = self.scale * LOG2E;
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&out).arg(&n).arg(&h).arg(&k).arg(&dqk).arg(&dv).arg(&sl2);
-            let cfg = LaunchConfig { grid_dim: (d.n as u32, d.h.div_ceil(16 * rg) as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+            b.arg(&q)
+                .arg(&kv)
+                .arg(&cidx)
+                .arg(&cnt)
+                .arg(&out)
+                .arg(&n)
+                .arg(&h)
+                .arg(&k)
+                .arg(&dqk)
+                .arg(&dv)
+                .arg(&sl2);
+            let cfg = LaunchConfig {
+                grid_dim: (d.n as u32, d.h.div_ceil(16 * rg) as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: smem as u32,
+            };
             // SAFETY: shapes checked above; compacted rows are < NKV; out is [N, H, DV + 1].
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((d.n, d.h, self.dv + 1))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from((d.n, d.h, self.dv + 1)),
+            ))
         }
 
-        fn bwd(&self, q: &Tensor, kv: &Tensor, idx: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        fn bwd(
+            &self,
+            q: &Tensor,
+            kv: &Tensor,
+            idx: &Tensor,
+            res: &Tensor,
+            grad_res: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
             let op = SparseMlaTcBwd {
                 scale: self.scale,
                 dv: self.dv,
@@ -504,7 +696,9 @@ pub(crate) mod cuda {
             let (n, h, dqk) = q.dims3()?;
             let nkv = kv.dim(0)?;
             let dq = flat.narrow(0, 0, n * h * dqk)?.reshape((n, h, dqk))?;
-            let dkv = flat.narrow(0, n * h * dqk, nkv * dqk)?.reshape((nkv, dqk))?;
+            let dkv = flat
+                .narrow(0, n * h * dqk, nkv * dqk)?
+                .reshape((nkv, dqk))?;
             Ok((Some(dq), Some(dkv), None))
         }
     }
@@ -525,17 +719,40 @@ pub(crate) mod cuda {
             "dsa-sparse-mla-tc-bwd"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-sparse-mla-tc-bwd runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
             let dv = self.dv;
             let want = [d.n, d.h, dv + 1];
-            for (t, what) in [(&self.fwd_out, "forward output"), (&self.dout, "output gradient")] {
+            for (t, what) in [
+                (&self.fwd_out, "forward output"),
+                (&self.dout, "output gradient"),
+            ] {
                 if t.dims() != &want[..] || t.dtype() != DType::F32 {
-                    bail!("sparse_mla_bf16 backward: {what} is {:?} {:?}, expected f32 {want:?}", t.dtype(), t.shape());
+                    bail!(
+                        "sparse_mla_bf16 backward: {what} is {:?} {:?}, expected f32 {want:?}",
+                        t.dtype(),
+                        t.shape()
+                    );
                 }
             }
             let dev = s1.device();
@@ -544,7 +761,11 @@ pub(crate) mod cuda {
             let (go_s, go_l) = self.dout.storage_and_layout();
             let fwd_out = crate::kernels::cuda::storage_view::<f32>(&fo_s, fo_l, "forward output")?;
             let dout = crate::kernels::cuda::storage_view::<f32>(&go_s, go_l, "output gradient")?;
-            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let (q, kv, idx) = (
+                view::<bf16>(s1, l1, "q")?,
+                view::<bf16>(s2, l2, "kv")?,
+                view::<u32>(s3, l3, "idx")?,
+            );
             let nh = d.n * d.h;
 
             // dO in bf16, delta, LSE in base 2.
@@ -555,9 +776,22 @@ pub(crate) mod cuda {
                 let f = load(dev, "sparse_mla_tc_bwd_prep", 0)?;
                 let (nh32, dv32) = (nh as i32, dv as i32);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&fwd_out).arg(&dout).arg(&dob).arg(&lse2).arg(&delta).arg(&nh32).arg(&dv32);
+                b.arg(&fwd_out)
+                    .arg(&dout)
+                    .arg(&dob)
+                    .arg(&lse2)
+                    .arg(&delta)
+                    .arg(&nh32)
+                    .arg(&dv32);
                 // SAFETY: out and dout are [N H, DV + 1]; dob [N H, DV], lse2 and delta [N H] are written.
-                unsafe { b.launch(LaunchConfig { grid_dim: (nh.div_ceil(8) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+                unsafe {
+                    b.launch(LaunchConfig {
+                        grid_dim: (nh.div_ceil(8) as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .w()?;
             }
             let (cidx, cnt) = compact(dev, &idx, &d)?;
 
@@ -569,16 +803,49 @@ pub(crate) mod cuda {
             let wg = super::wgmma_backward(d.h, d.dqk, dv);
             let smem = bwd_smem(rg, d.dqk, dv, wg);
             check_smem(dev, smem)?;
-            let f = if wg { load(dev, "sparse_mla_tc_bwd_wg", smem)? } else { load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)? };
+            let f = if wg {
+                load(dev, "sparse_mla_tc_bwd_wg", smem)?
+            } else {
+                load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)?
+            };
             let dq = out.slice(0..dq_len);
-            let (n32, h32, k32, dqk32, dv32) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
+            let (n32, h32, k32, dqk32, dv32) =
+                (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
             let (scale, sl2) = (self.scale, self.scale * LOG2E);
-            let launch_bwd = |detbuf: &CudaSlice<f32>, n0: usize, nlen: usize, det: i32, chunk: usize| -> Result<()> {
+            let launch_bwd = |detbuf: &CudaSlice<f32>,
+                              n0: usize,
+                              nlen: usize,
+                              det: i32,
+                              chunk: usize|
+             -> Result<()> {
                 let (n0, nlen32, chunk32) = (n0 as i32, nlen as i32, chunk as i32);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&q).arg(&kv).arg(&cidx).arg(&cnt).arg(&dob).arg(&lse2).arg(&delta).arg(&dq).arg(&dkv32).arg(detbuf);
-                b.arg(&n32).arg(&h32).arg(&k32).arg(&dqk32).arg(&dv32).arg(&scale).arg(&sl2).arg(&n0).arg(&nlen32).arg(&det).arg(&chunk32);
-                let cfg = LaunchConfig { grid_dim: (nlen as u32, hgroups as u32, 1), block_dim: (64 * rg as u32, 1, 1), shared_mem_bytes: smem as u32 };
+                b.arg(&q)
+                    .arg(&kv)
+                    .arg(&cidx)
+                    .arg(&cnt)
+                    .arg(&dob)
+                    .arg(&lse2)
+                    .arg(&delta)
+                    .arg(&dq)
+                    .arg(&dkv32)
+                    .arg(detbuf);
+                b.arg(&n32)
+                    .arg(&h32)
+                    .arg(&k32)
+                    .arg(&dqk32)
+                    .arg(&dv32)
+                    .arg(&scale)
+                    .arg(&sl2)
+                    .arg(&n0)
+                    .arg(&nlen32)
+                    .arg(&det)
+                    .arg(&chunk32);
+                let cfg = LaunchConfig {
+                    grid_dim: (nlen as u32, hgroups as u32, 1),
+                    block_dim: (64 * rg as u32, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
                 // SAFETY: shapes checked; each block writes its own dq rows; dkv32 [NKV, DQK]
                 // takes atomics (det 0); detbuf [hgroups, chunk, K, DQK] takes plain stores of
                 // the chunk's valid (query, slot) pairs (det 1).
@@ -611,22 +878,47 @@ pub(crate) mod cuda {
                     }
                     let (n0_32, nlen32) = (n0 as i32, nlen as i32);
                     let grid = blocks(nlen * d.k, 256, 65_535);
-                    let cfg = |g: u32, t: u32| LaunchConfig { grid_dim: (g, 1, 1), block_dim: (t, 1, 1), shared_mem_bytes: 0 };
+                    let cfg = |g: u32, t: u32| LaunchConfig {
+                        grid_dim: (g, 1, 1),
+                        block_dim: (t, 1, 1),
+                        shared_mem_bytes: 0,
+                    };
                     // SAFETY (the four launches): cidx/cnt are [N, K]/[N] with rows < NKV;
                     // rowcount, offset, cursor are [NKV]; list holds the chunk's valid entries
                     // (<= nlen K); detbuf was filled for every valid entry by the launch above.
                     let mut b = stream.launch_builder(&f_count);
-                    b.arg(&cidx).arg(&cnt).arg(&rowcount).arg(&n0_32).arg(&nlen32).arg(&k32);
+                    b.arg(&cidx)
+                        .arg(&cnt)
+                        .arg(&rowcount)
+                        .arg(&n0_32)
+                        .arg(&nlen32)
+                        .arg(&k32);
                     unsafe { b.launch(cfg(grid, 256)) }.w()?;
                     let mut b = stream.launch_builder(&f_scan);
                     b.arg(&rowcount).arg(&offset).arg(&cursor).arg(&nkv32);
                     unsafe { b.launch(cfg(1, 1024)) }.w()?;
                     let mut b = stream.launch_builder(&f_fill);
-                    b.arg(&cidx).arg(&cnt).arg(&offset).arg(&cursor).arg(&list).arg(&n0_32).arg(&nlen32).arg(&k32);
+                    b.arg(&cidx)
+                        .arg(&cnt)
+                        .arg(&offset)
+                        .arg(&cursor)
+                        .arg(&list)
+                        .arg(&n0_32)
+                        .arg(&nlen32)
+                        .arg(&k32);
                     unsafe { b.launch(cfg(grid, 256)) }.w()?;
                     let mut b = stream.launch_builder(&f_reduce);
-                    b.arg(&detbuf).arg(&rowcount).arg(&offset).arg(&list).arg(&dkv32);
-                    b.arg(&nkv32).arg(&k32).arg(&dqk32).arg(&chunk32).arg(&hg32).arg(&nlen32);
+                    b.arg(&detbuf)
+                        .arg(&rowcount)
+                        .arg(&offset)
+                        .arg(&list)
+                        .arg(&dkv32);
+                    b.arg(&nkv32)
+                        .arg(&k32)
+                        .arg(&dqk32)
+                        .arg(&chunk32)
+                        .arg(&hg32)
+                        .arg(&nlen32);
                     unsafe { b.launch(cfg(d.nkv.min(1 << 20) as u32, 256)) }.w()?;
                     n0 += nlen;
                 }
@@ -640,10 +932,20 @@ pub(crate) mod cuda {
                 let mut b = stream.launch_builder(&f);
                 b.arg(&dkv32).arg(&dst).arg(&len);
                 // SAFETY: both buffers hold `len` elements.
-                unsafe { b.launch(LaunchConfig { grid_dim: (blocks(len, 256, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+                unsafe {
+                    b.launch(LaunchConfig {
+                        grid_dim: (blocks(len, 256, 65_535), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .w()?;
             }
             drop(dq);
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from(dq_len + d.nkv * d.dqk)))
+            Ok((
+                CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                Shape::from(dq_len + d.nkv * d.dqk),
+            ))
         }
     }
 
@@ -660,11 +962,27 @@ pub(crate) mod cuda {
             "dsa-sparse-mla-tc-probs"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-sparse-mla-tc-probs runs on CUDA only; the CPU uses the plain twin")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let d = check(l1, s1, l2, s2, l3, s3, self.dv)?;
             let dv = self.dv;
             let want = [d.n, d.h, dv + 1];
@@ -679,25 +997,52 @@ pub(crate) mod cuda {
             let stream = dev.cuda_stream();
             let (fo_s, fo_l) = self.fwd_out.storage_and_layout();
             let fwd_out = crate::kernels::cuda::storage_view::<f32>(&fo_s, fo_l, "forward output")?;
-            let (q, kv, idx) = (view::<bf16>(s1, l1, "q")?, view::<bf16>(s2, l2, "kv")?, view::<u32>(s3, l3, "idx")?);
+            let (q, kv, idx) = (
+                view::<bf16>(s1, l1, "q")?,
+                view::<bf16>(s2, l2, "kv")?,
+                view::<u32>(s3, l3, "idx")?,
+            );
             let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
 
             if super::wgmma_probs(d.h, d.dqk) {
                 let smem = wg_probs_smem(d.dqk);
                 check_smem(dev, smem)?;
-                let f = crate::kernels::cuda::load_from(dev, WG_MODULE, WG_PTX, "sparse_mla_wg_probs_576_h128", smem)?;
+                let f = crate::kernels::cuda::load_from(
+                    dev,
+                    WG_MODULE,
+                    WG_PTX,
+                    "sparse_mla_wg_probs_576_h128",
+                    smem,
+                )?;
                 // Zero-filled: padding slots and queries without a valid slot are never written.
                 let pmean = dev.alloc_zeros::<f32>(d.n * d.k)?;
                 let (n32, k32, dv32) = (d.n as i32, d.k as i32, dv as i32);
                 let sl2 = self.scale * LOG2E;
                 let mut b = stream.launch_builder(&f);
-                b.arg(&q).arg(&kv).arg(&cidx).arg(&cpos).arg(&cnt).arg(&fwd_out).arg(&pmean).arg(&n32).arg(&k32).arg(&dv32).arg(&sl2);
-                let cfg = LaunchConfig { grid_dim: (d.n as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                b.arg(&q)
+                    .arg(&kv)
+                    .arg(&cidx)
+                    .arg(&cpos)
+                    .arg(&cnt)
+                    .arg(&fwd_out)
+                    .arg(&pmean)
+                    .arg(&n32)
+                    .arg(&k32)
+                    .arg(&dv32)
+                    .arg(&sl2);
+                let cfg = LaunchConfig {
+                    grid_dim: (d.n as u32, 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
                 // SAFETY: shapes checked above (H 128, DQK 576); compacted rows are < NKV and
                 // positions < K; fwd_out is [N, H, DV + 1]; pmean is [N, K].
                 unsafe { b.launch(cfg) }.w()?;
                 drop(b);
-                return Ok((CudaStorage::wrap_cuda_slice(pmean, dev.clone()), Shape::from((d.n, d.k))));
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(pmean, dev.clone()),
+                    Shape::from((d.n, d.k)),
+                ));
             }
             let rg = probs_row_groups(d.h);
             let passes = d.h.div_ceil(16 * rg);
@@ -707,15 +1052,35 @@ pub(crate) mod cuda {
             let len = d.n * d.k;
             // Zero-filled: padding slots and queries without a valid slot are never written.
             let pmean = dev.alloc_zeros::<f32>(len)?;
-            let part = if passes > 1 { Some(dev.alloc_zeros::<f32>(passes * len)?) } else { None };
-            let (n32, h32, k32, dqk32, dv32) = (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
+            let part = if passes > 1 {
+                Some(dev.alloc_zeros::<f32>(passes * len)?)
+            } else {
+                None
+            };
+            let (n32, h32, k32, dqk32, dv32) =
+                (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
             let sl2 = self.scale * LOG2E;
             {
                 let dst = part.as_ref().unwrap_or(&pmean);
                 let mut b = stream.launch_builder(&f);
-                b.arg(&q).arg(&kv).arg(&cidx).arg(&cpos).arg(&cnt).arg(&fwd_out).arg(dst);
-                b.arg(&n32).arg(&h32).arg(&k32).arg(&dqk32).arg(&dv32).arg(&sl2);
-                let cfg = LaunchConfig { grid_dim: (d.n as u32, passes as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: smem as u32 };
+                b.arg(&q)
+                    .arg(&kv)
+                    .arg(&cidx)
+                    .arg(&cpos)
+                    .arg(&cnt)
+                    .arg(&fwd_out)
+                    .arg(dst);
+                b.arg(&n32)
+                    .arg(&h32)
+                    .arg(&k32)
+                    .arg(&dqk32)
+                    .arg(&dv32)
+                    .arg(&sl2);
+                let cfg = LaunchConfig {
+                    grid_dim: (d.n as u32, passes as u32, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: smem as u32,
+                };
                 // SAFETY: shapes checked above; compacted rows are < NKV and positions < K;
                 // fwd_out is [N, H, DV + 1]; dst is [N, K] (one pass) or [passes, N, K].
                 unsafe { b.launch(cfg) }.w()?;
@@ -726,9 +1091,19 @@ pub(crate) mod cuda {
                 let mut b = stream.launch_builder(&f_sum);
                 b.arg(part).arg(&pmean).arg(&passes32).arg(&len).arg(&h32);
                 // SAFETY: part is [passes, N K], pmean [N K].
-                unsafe { b.launch(LaunchConfig { grid_dim: (blocks(len, 256, 65_535), 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }) }.w()?;
+                unsafe {
+                    b.launch(LaunchConfig {
+                        grid_dim: (blocks(len, 256, 65_535), 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: 0,
+                    })
+                }
+                .w()?;
             }
-            Ok((CudaStorage::wrap_cuda_slice(pmean, dev.clone()), Shape::from((d.n, d.k))))
+            Ok((
+                CudaStorage::wrap_cuda_slice(pmean, dev.clone()),
+                Shape::from((d.n, d.k)),
+            ))
         }
     }
 }

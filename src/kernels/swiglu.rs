@@ -8,7 +8,11 @@ use candle_core::{DType, Result, Tensor};
 /// Whether the fused ops take g and u: bf16 or f32 on CUDA, same shape and dtype, and
 /// `DSA_PLAIN_OPS` does not name `swiglu`.
 pub fn supported(g: &Tensor, u: &Tensor) -> bool {
-    crate::kernels::available(g.device()) && !crate::kernels::plain_op("swiglu") && matches!(g.dtype(), DType::BF16 | DType::F32) && g.dtype() == u.dtype() && g.dims() == u.dims()
+    crate::kernels::available(g.device())
+        && !crate::kernels::plain_op("swiglu")
+        && matches!(g.dtype(), DType::BF16 | DType::F32)
+        && g.dtype() == u.dtype()
+        && g.dims() == u.dims()
 }
 
 /// silu(g) * u, differentiable in g and u.
@@ -27,11 +31,20 @@ pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// The backward of `silu_mul` without autograd: dh -> (dg, du) in g's dtype.
 pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
     if dh.dims() != g.dims() || u.dims() != g.dims() {
-        candle_core::bail!("silu_mul_backward: g {:?}, u {:?} and dh {:?} must have one shape", g.dims(), u.dims(), dh.dims());
+        candle_core::bail!(
+            "silu_mul_backward: g {:?}, u {:?} and dh {:?} must have one shape",
+            g.dims(),
+            u.dims(),
+            dh.dims()
+        );
     }
     #[cfg(feature = "cuda")]
     {
-        cuda::backward(&g.contiguous()?, &u.contiguous()?, &dh.to_dtype(g.dtype())?.contiguous()?)
+        cuda::backward(
+            &g.contiguous()?,
+            &u.contiguous()?,
+            &dh.to_dtype(g.dtype())?.contiguous()?,
+        )
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -45,7 +58,9 @@ mod cuda {
     use candle_core::backend::BackendStorage;
     use candle_core::cuda_backend::cudarc::driver::{LaunchConfig, PushKernelArg};
     use candle_core::cuda_backend::WrapErr;
-    use candle_core::{bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+    use candle_core::{
+        bail, CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    };
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/swiglu.ptx"));
@@ -61,7 +76,15 @@ mod cuda {
     }
 
     fn config(n: usize) -> LaunchConfig {
-        LaunchConfig { grid_dim: ((n as u64).div_ceil(THREADS as u64).clamp(1, 1 << 20) as u32, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+        LaunchConfig {
+            grid_dim: (
+                (n as u64).div_ceil(THREADS as u64).clamp(1, 1 << 20) as u32,
+                1,
+                1,
+            ),
+            block_dim: (THREADS, 1, 1),
+            shared_mem_bytes: 0,
+        }
     }
 
     pub struct SiluMul;
@@ -71,14 +94,32 @@ mod cuda {
             "dsa-silu-mul"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-silu-mul runs on CUDA only; the CPU uses ops::silu_mul_plain")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let n = l1.shape().elem_count();
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("silu_mul_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("silu_mul_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let stream = dev.cuda_stream();
             let n64 = n as i64;
             macro_rules! launch {
@@ -103,7 +144,13 @@ mod cuda {
             Ok((h, l1.shape().clone()))
         }
 
-        fn bwd(&self, g: &Tensor, u: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        fn bwd(
+            &self,
+            g: &Tensor,
+            u: &Tensor,
+            _res: &Tensor,
+            grad: &Tensor,
+        ) -> Result<(Option<Tensor>, Option<Tensor>)> {
             let (dg, du) = backward(g, u, &grad.contiguous()?.detach())?;
             Ok((Some(dg), Some(du)))
         }
@@ -113,7 +160,10 @@ mod cuda {
     pub(super) fn backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
         let flat = g.apply_op3_no_bwd(u, dh, &SiluMulBwd)?;
         let n = g.elem_count();
-        Ok((flat.narrow(0, 0, n)?.reshape(g.shape())?, flat.narrow(0, n, n)?.reshape(g.shape())?))
+        Ok((
+            flat.narrow(0, 0, n)?.reshape(g.shape())?,
+            flat.narrow(0, n, n)?.reshape(g.shape())?,
+        ))
     }
 
     /// dg then du in one flat buffer [2 n].
@@ -124,14 +174,36 @@ mod cuda {
             "dsa-silu-mul-bwd"
         }
 
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
             bail!("dsa-silu-mul-bwd runs on CUDA only")
         }
 
-        fn cuda_fwd(&self, s1: &CudaStorage, l1: &Layout, s2: &CudaStorage, l2: &Layout, s3: &CudaStorage, l3: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn cuda_fwd(
+            &self,
+            s1: &CudaStorage,
+            l1: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+            s3: &CudaStorage,
+            l3: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
             let n = l1.shape().elem_count();
             let dev = s1.device();
-            let f = crate::kernels::cuda::load_from(dev, MODULE, PTX, &format!("silu_mul_bwd_{}", suffix(s1.dtype())?), 0)?;
+            let f = crate::kernels::cuda::load_from(
+                dev,
+                MODULE,
+                PTX,
+                &format!("silu_mul_bwd_{}", suffix(s1.dtype())?),
+                0,
+            )?;
             let stream = dev.cuda_stream();
             let n64 = n as i64;
             macro_rules! launch {

@@ -42,14 +42,19 @@ pub struct WarmupKl {
 /// multiple of 16 up to 128 (the 671B shape 192/128/64/128 and the tiny test models'
 /// 48/32/4/32 both fit). Callers take the plain twins otherwise.
 pub fn supported(dqk: usize, dv: usize, hi: usize, di: usize) -> bool {
-    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x % 16 == 0;
+    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x.is_multiple_of(16);
     m16(dqk, 256) && m16(dv, 256) && (1..=64).contains(&hi) && m16(di, 128)
 }
 
 /// Dense causal attention forward: q, k [B, H, T, DQK] bf16, v [B, H, T, DV] bf16, scores
 /// `scale * q.k`. Returns out [B, H, T, DV] bf16 and lse [B, H, T] f32 (natural log of the
 /// sum over s <= t of exp(scale * q.k)).
-pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn dense_attention_fwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         cuda::dense_attention_fwd(q, k, v, scale)
@@ -57,7 +62,9 @@ pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (q, k, v, scale);
-        candle_core::bail!("dense_attention_fwd kernel needs the `cuda` feature (use dense_attention_fwd_plain)")
+        candle_core::bail!(
+            "dense_attention_fwd kernel needs the `cuda` feature (use dense_attention_fwd_plain)"
+        )
     }
 }
 
@@ -65,7 +72,7 @@ pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Re
 /// DV <= 128 (its register budget: dk and dv accumulators of (DQKP + DVP) / 2 floats per
 /// thread; the 671B shape is 192 + 128).
 pub fn backward_supported(dqk: usize, dv: usize) -> bool {
-    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x % 16 == 0;
+    let m16 = |x: usize, max: usize| x >= 16 && x <= max && x.is_multiple_of(16);
     m16(dqk, 192) && m16(dv, 128)
 }
 
@@ -82,7 +89,15 @@ fn bwd_padded(dqk: usize, dv: usize) -> Option<(usize, usize)> {
 /// q, k, v, dout bf16. Returns (dq, dk, dv) in f32, bitwise repeatable run to run.
 /// delta = rowsum(dout * out) is computed here in f32 from the bf16 out and dout.
 #[allow(clippy::too_many_arguments)]
-pub fn dense_attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn dense_attention_bwd(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?; // [B, H, T]
@@ -99,7 +114,16 @@ pub fn dense_attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse
 /// f32 (from `dense_attention_fwd` with the same `scale`); qi [B, T, HI, DI], w [B, T, HI],
 /// ki [B, T, DI] f32; `g` weighs the loss whose gradients are returned (g * sum_t kl[t]).
 #[allow(clippy::too_many_arguments)]
-pub fn warmup_kl(q: &Tensor, k: &Tensor, lse: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+pub fn warmup_kl(
+    q: &Tensor,
+    k: &Tensor,
+    lse: &Tensor,
+    scale: f64,
+    qi: &Tensor,
+    w: &Tensor,
+    ki: &Tensor,
+    g: f64,
+) -> Result<WarmupKl> {
     #[cfg(feature = "cuda")]
     {
         cuda::warmup_kl(q, k, lse, scale, qi, w, ki, g)
@@ -113,7 +137,12 @@ pub fn warmup_kl(q: &Tensor, k: &Tensor, lse: &Tensor, scale: f64, qi: &Tensor, 
 
 /// Plain twin of `dense_attention_fwd` (candle ops, f32 softmax, [B, H, T, T] scores):
 /// out [B, H, T, DV] in f32 (cast as needed) and lse [B, H, T] f32.
-pub fn dense_attention_fwd_plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+pub fn dense_attention_fwd_plain(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+) -> Result<(Tensor, Tensor)> {
     let scores = scaled_causal_scores(q, k, scale)?;
     let lse = crate::ops::logsumexp_last(&scores)?.squeeze(D::Minus1)?;
     let out = crate::ops::softmax_last(&scores)?.matmul(&v.to_dtype(DType::F32)?.contiguous()?)?;
@@ -124,14 +153,28 @@ pub fn dense_attention_fwd_plain(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64)
 /// causal bias, `losses::kl_rows`, autograd (all f32, qi/ki not rounded). Materialises
 /// [B, H, T, T] and [B, T * HI, T]: small T only.
 #[allow(clippy::too_many_arguments)]
-pub fn warmup_kl_plain(q: &Tensor, k: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+pub fn warmup_kl_plain(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    qi: &Tensor,
+    w: &Tensor,
+    ki: &Tensor,
+    g: f64,
+) -> Result<WarmupKl> {
     let (_, _, t, _) = q.dims4()?;
     let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
-    let p = crate::ops::softmax_last(&scaled_causal_scores(q, k, scale)?)?.mean(1)?.detach(); // [B, T, T]
+    let p = crate::ops::softmax_last(&scaled_causal_scores(q, k, scale)?)?
+        .mean(1)?
+        .detach(); // [B, T, T]
     let qv = Var::from_tensor(&qi.to_dtype(DType::F32)?.contiguous()?)?;
     let wv = Var::from_tensor(&w.to_dtype(DType::F32)?.contiguous()?)?;
     let kv = Var::from_tensor(&ki.to_dtype(DType::F32)?.contiguous()?)?;
-    let proj = crate::model::indexer::IndexerProj { q: qv.as_tensor().clone(), k: kv.as_tensor().clone(), w: wv.as_tensor().clone() };
+    let proj = crate::model::indexer::IndexerProj {
+        q: qv.as_tensor().clone(),
+        k: kv.as_tensor().clone(),
+        w: wv.as_tensor().clone(),
+    };
     let kl = crate::losses::kl_rows(&p, &proj.scores(&causal)?)?; // [B, T]
     let grads = (kl.sum_all()? * g)?.backward()?;
     let get = |v: &Var| -> Result<Tensor> {
@@ -140,14 +183,23 @@ pub fn warmup_kl_plain(q: &Tensor, k: &Tensor, scale: f64, qi: &Tensor, w: &Tens
             None => v.as_tensor().zeros_like(),
         }
     };
-    Ok(WarmupKl { kl: kl.detach(), dqi: get(&qv)?, dw: get(&wv)?, dki: get(&kv)? })
+    Ok(WarmupKl {
+        kl: kl.detach(),
+        dqi: get(&qv)?,
+        dw: get(&wv)?,
+        dki: get(&kv)?,
+    })
 }
 
 /// scale * q k^T + causal bias (`dsa::MASKED` above the diagonal), f32 [B, H, T, T].
 fn scaled_causal_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
     let (_, _, t, _) = q.dims4()?;
     if k.dims() != q.dims() {
-        candle_core::bail!("dense attention: k {:?} must have the shape of q {:?}", k.shape(), q.shape());
+        candle_core::bail!(
+            "dense attention: k {:?} must have the shape of q {:?}",
+            k.shape(),
+            q.shape()
+        );
     }
     let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
     let q32 = q.to_dtype(DType::F32)?.contiguous()?;
@@ -160,7 +212,12 @@ pub fn device_free_bytes(dev: &Device) -> Result<usize> {
     #[cfg(feature = "cuda")]
     {
         use candle_core::cuda_backend::WrapErr;
-        let (free, _) = dev.as_cuda_device()?.cuda_stream().context().mem_get_info().w()?;
+        let (free, _) = dev
+            .as_cuda_device()?
+            .cuda_stream()
+            .context()
+            .mem_get_info()
+            .w()?;
         Ok(free)
     }
     #[cfg(not(feature = "cuda"))]
@@ -190,7 +247,9 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let (b, h, dqk, dv, hi, di) = (1usize, 128usize, 192usize, 128usize, 64usize, 128usize);
     let mscale = 0.1 * 40f64.ln() + 1.0;
     let scale = (dqk as f64).powf(-0.5) * mscale * mscale;
-    let bf = |shape: &[usize]| -> Result<Tensor> { Tensor::randn(0f32, 1f32, shape, dev)?.to_dtype(DType::BF16) };
+    let bf = |shape: &[usize]| -> Result<Tensor> {
+        Tensor::randn(0f32, 1f32, shape, dev)?.to_dtype(DType::BF16)
+    };
     let q = bf(&[b, h, l, dqk])?;
     let k = bf(&[b, h, l, dqk])?;
     let v = bf(&[b, h, l, dv])?;
@@ -229,7 +288,8 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let r = warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g)?;
     dev.synchronize()?;
     let free1 = device_free_bytes(dev)?;
-    let outputs = 4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
+    let outputs =
+        4 * (r.kl.elem_count() + r.dqi.elem_count() + r.dw.elem_count() + r.dki.elem_count());
     let kl_mean = r.kl.mean_all()?.to_scalar::<f32>()?;
     drop(r);
     let extra = free0.saturating_sub(free1).saturating_sub(outputs);
@@ -251,7 +311,9 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
 #[cfg(feature = "cuda")]
 mod cuda {
     use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute;
-    use candle_core::cuda_backend::cudarc::driver::{CudaFunction, CudaView, LaunchConfig, PushKernelArg};
+    use candle_core::cuda_backend::cudarc::driver::{
+        CudaFunction, CudaView, LaunchConfig, PushKernelArg,
+    };
     use candle_core::cuda_backend::{CudaDType, CudaDevice, WrapErr};
     use candle_core::op::BackpropOp;
     use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
@@ -277,7 +339,11 @@ mod cuda {
     }
 
     fn smem_limit(dev: &CudaDevice) -> Result<usize> {
-        let n = dev.cuda_stream().context().attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN).w()?;
+        let n = dev
+            .cuda_stream()
+            .context()
+            .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .w()?;
         Ok(n.max(0) as usize)
     }
 
@@ -285,7 +351,11 @@ mod cuda {
     /// 16-byte vectors); copies only when needed.
     fn prep(t: &Tensor, dtype: DType, what: &str) -> Result<Tensor> {
         if t.dtype() != dtype {
-            bail!("warmup_kl kernels: {what} must be {dtype:?}, got {:?} (shape {:?})", t.dtype(), t.shape());
+            bail!(
+                "warmup_kl kernels: {what} must be {dtype:?}, got {:?} (shape {:?})",
+                t.dtype(),
+                t.shape()
+            );
         }
         if !t.device().is_cuda() {
             bail!("warmup_kl kernels: {what} is not on a CUDA device (use the plain twin)");
@@ -304,26 +374,54 @@ mod cuda {
         }
     }
 
-    fn wrap<T: CudaDType>(s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>, dev: &CudaDevice, shape: impl Into<Shape>) -> Tensor {
-        Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+    fn wrap<T: CudaDType>(
+        s: candle_core::cuda_backend::cudarc::driver::CudaSlice<T>,
+        dev: &CudaDevice,
+        shape: impl Into<Shape>,
+    ) -> Tensor {
+        Tensor::from_storage(
+            Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())),
+            shape,
+            BackpropOp::none(),
+            false,
+        )
     }
 
     fn check_i32(x: usize, what: &str) -> Result<i32> {
-        i32::try_from(x).map_err(|_| candle_core::Error::Msg(format!("warmup_kl kernels: {what} = {x} does not fit in i32")))
+        i32::try_from(x).map_err(|_| {
+            candle_core::Error::Msg(format!(
+                "warmup_kl kernels: {what} = {x} does not fit in i32"
+            ))
+        })
     }
 
-    pub fn dense_attention_fwd(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    pub fn dense_attention_fwd(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, dqk) = q.dims4()?;
         let (bv, hv, tv, dv) = v.dims4()?;
         if k.dims() != q.dims() || (bv, hv, tv) != (b, h, t) || t == 0 || b == 0 || h == 0 {
             bail!("dense_attention_fwd: q {:?}, k {:?}, v {:?} do not fit ([B, H, T, DQK], same, [B, H, T, DV], T > 0)", q.shape(), k.shape(), v.shape());
         }
-        if !(dqk % 16 == 0 && (16..=256).contains(&dqk) && dv % 16 == 0 && (16..=256).contains(&dv)) || b > 65535 || h > 65535 {
+        if !(dqk % 16 == 0 && (16..=256).contains(&dqk) && dv % 16 == 0 && (16..=256).contains(&dv))
+            || b > 65535
+            || h > 65535
+        {
             bail!("dense_attention_fwd: q {:?} / v {:?}: needs DQK, DV multiples of 16 in 16..=256 and B, H <= 65535", q.shape(), v.shape());
         }
-        let (q, k, v) = (prep(q, DType::BF16, "q")?, prep(k, DType::BF16, "k")?, prep(v, DType::BF16, "v")?);
+        let (q, k, v) = (
+            prep(q, DType::BF16, "q")?,
+            prep(k, DType::BF16, "k")?,
+            prep(v, DType::BF16, "v")?,
+        );
         let dev = q.device().as_cuda_device()?.clone();
-        let dvp = [32usize, 64, 128, 256].into_iter().find(|&p| dv <= p).unwrap_or(256);
+        let dvp = [32usize, 64, 128, 256]
+            .into_iter()
+            .find(|&p| dv <= p)
+            .unwrap_or(256);
         let smem = (FA_BM * (dqk + 8) + 2 * FA_BN * (dqk + 8) + 2 * FA_BN * (dv + 8)) * 2;
         if smem > smem_limit(&dev)? {
             bail!("dense_attention_fwd: DQK {dqk} / DV {dv} need {smem} bytes of shared memory, more than the device has");
@@ -339,10 +437,23 @@ mod cuda {
         let mut lse = dev.alloc_zeros::<f32>(b * h * t)?;
         let (t32, h32, dqk32, dv32) = (check_i32(t, "T")?, h as i32, dqk as i32, dv as i32);
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
-        let cfg = LaunchConfig { grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32), block_dim: (FA_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32),
+            block_dim: (FA_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&qv).arg(&kv).arg(&vv).arg(&mut out).arg(&mut lse).arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale_log2);
+        lb.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&mut out)
+            .arg(&mut lse)
+            .arg(&t32)
+            .arg(&h32)
+            .arg(&dqk32)
+            .arg(&dv32)
+            .arg(&scale_log2);
         // SAFETY: q, k are [B, H, T, DQK] and v [B, H, T, DV] contiguous bf16 starting 16-byte
         // aligned (checked above); out and lse are fresh buffers of B H T DV and B H T elements;
         // the launch is on candle's stream, ordered with its other work.
@@ -352,18 +463,53 @@ mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn dense_attention_bwd(q: &Tensor, k: &Tensor, v: &Tensor, dout: &Tensor, lse: &Tensor, delta: &Tensor, scale: f64) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn dense_attention_bwd(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        dout: &Tensor,
+        lse: &Tensor,
+        delta: &Tensor,
+        scale: f64,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, h, t, dqk) = q.dims4()?;
         let (bv, hv, tv, dv) = v.dims4()?;
-        let shapes = || format!("q {:?}, k {:?}, v {:?}, dout {:?}, lse {:?}", q.shape(), k.shape(), v.shape(), dout.shape(), lse.shape());
-        if k.dims() != q.dims() || (bv, hv, tv) != (b, h, t) || dout.dims() != v.dims() || lse.dims() != [b, h, t] || delta.dims() != [b, h, t] || t == 0 || b == 0 || h == 0 {
+        let shapes = || {
+            format!(
+                "q {:?}, k {:?}, v {:?}, dout {:?}, lse {:?}",
+                q.shape(),
+                k.shape(),
+                v.shape(),
+                dout.shape(),
+                lse.shape()
+            )
+        };
+        if k.dims() != q.dims()
+            || (bv, hv, tv) != (b, h, t)
+            || dout.dims() != v.dims()
+            || lse.dims() != [b, h, t]
+            || delta.dims() != [b, h, t]
+            || t == 0
+            || b == 0
+            || h == 0
+        {
             bail!("dense_attention_bwd: {} do not fit ([B, H, T, DQK], same, [B, H, T, DV], same, [B, H, T], T > 0)", shapes());
         }
-        let Some((dqkp, dvp)) = super::bwd_padded(dqk, dv).filter(|_| super::backward_supported(dqk, dv) && b <= 65535 && h <= 65535) else {
+        let Some((dqkp, dvp)) = super::bwd_padded(dqk, dv)
+            .filter(|_| super::backward_supported(dqk, dv) && b <= 65535 && h <= 65535)
+        else {
             bail!("dense_attention_bwd: {}: needs DQK <= 192, DV <= 128, multiples of 16, and B, H <= 65535", shapes());
         };
-        let (q, k, v, dout) = (prep(q, DType::BF16, "q")?, prep(k, DType::BF16, "k")?, prep(v, DType::BF16, "v")?, prep(dout, DType::BF16, "dout")?);
-        let (lse, delta) = (prep(lse, DType::F32, "lse")?, prep(delta, DType::F32, "delta")?);
+        let (q, k, v, dout) = (
+            prep(q, DType::BF16, "q")?,
+            prep(k, DType::BF16, "k")?,
+            prep(v, DType::BF16, "v")?,
+            prep(dout, DType::BF16, "dout")?,
+        );
+        let (lse, delta) = (
+            prep(lse, DType::F32, "lse")?,
+            prep(delta, DType::F32, "delta")?,
+        );
         let dev = q.device().as_cuda_device()?.clone();
         let (sq, sv) = (dqk + 8, dv + 8);
         let smem_kv = (BW_BK * (sq + sv) + 2 * BW_BQ * (sq + sv)) * 2;
@@ -388,28 +534,69 @@ mod cuda {
         // Every element is written exactly once (rows below T, all DQK / DV columns: multiples
         // of 16), never accumulated into, so the buffers need no zeroing.
         // SAFETY: uninitialised device memory that the kernels overwrite in full before any read.
-        let (mut dq, mut dk, mut dvv) = unsafe { (dev.alloc::<f32>(b * h * t * dqk)?, dev.alloc::<f32>(b * h * t * dqk)?, dev.alloc::<f32>(b * h * t * dv)?) };
+        let (mut dq, mut dk, mut dvv) = unsafe {
+            (
+                dev.alloc::<f32>(b * h * t * dqk)?,
+                dev.alloc::<f32>(b * h * t * dqk)?,
+                dev.alloc::<f32>(b * h * t * dv)?,
+            )
+        };
         let (t32, h32, dqk32, dv32) = (check_i32(t, "T")?, h as i32, dqk as i32, dv as i32);
         let scale32 = scale as f32;
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let stream = dev.cuda_stream();
-        let cfg_kv = LaunchConfig { grid_dim: (t.div_ceil(BW_BK) as u32, h as u32, b as u32), block_dim: (BW_THREADS, 1, 1), shared_mem_bytes: smem_kv as u32 };
+        let cfg_kv = LaunchConfig {
+            grid_dim: (t.div_ceil(BW_BK) as u32, h as u32, b as u32),
+            block_dim: (BW_THREADS, 1, 1),
+            shared_mem_bytes: smem_kv as u32,
+        };
         let mut lb = stream.launch_builder(&f_kv);
-        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev).arg(&mut dk).arg(&mut dvv);
-        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale32).arg(&scale_log2);
+        lb.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&dov)
+            .arg(&lv)
+            .arg(&ev)
+            .arg(&mut dk)
+            .arg(&mut dvv);
+        lb.arg(&t32)
+            .arg(&h32)
+            .arg(&dqk32)
+            .arg(&dv32)
+            .arg(&scale32)
+            .arg(&scale_log2);
         // SAFETY: q, k [B, H, T, DQK], v and dout [B, H, T, DV] bf16, lse and delta [B, H, T]
         // f32, all contiguous and 16-byte aligned (checked above); dk, dv fresh buffers of the
         // sizes the kernel indexes; candle's stream orders the launch with its other work.
         unsafe { lb.launch(cfg_kv) }.w()?;
         drop(lb);
-        let cfg_q = LaunchConfig { grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32), block_dim: (BW_THREADS, 1, 1), shared_mem_bytes: smem_q as u32 };
+        let cfg_q = LaunchConfig {
+            grid_dim: (t.div_ceil(FA_BM) as u32, h as u32, b as u32),
+            block_dim: (BW_THREADS, 1, 1),
+            shared_mem_bytes: smem_q as u32,
+        };
         let mut lb = stream.launch_builder(&f_q);
-        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev).arg(&mut dq);
-        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&dv32).arg(&scale32).arg(&scale_log2);
+        lb.arg(&qv)
+            .arg(&kv)
+            .arg(&vv)
+            .arg(&dov)
+            .arg(&lv)
+            .arg(&ev)
+            .arg(&mut dq);
+        lb.arg(&t32)
+            .arg(&h32)
+            .arg(&dqk32)
+            .arg(&dv32)
+            .arg(&scale32)
+            .arg(&scale_log2);
         // SAFETY: as above; dq is a fresh buffer of B H T DQK f32.
         unsafe { lb.launch(cfg_q) }.w()?;
         drop(lb);
-        Ok((wrap(dq, &dev, (b, h, t, dqk)), wrap(dk, &dev, (b, h, t, dqk)), wrap(dvv, &dev, (b, h, t, dv))))
+        Ok((
+            wrap(dq, &dev, (b, h, t, dqk)),
+            wrap(dk, &dev, (b, h, t, dqk)),
+            wrap(dvv, &dev, (b, h, t, dv)),
+        ))
     }
 
     /// Dynamic shared memory of warmup_kl_bf16 with `nbuf` attention buffers (mirror of kl_carve).
@@ -421,9 +608,28 @@ mod cuda {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub fn warmup_kl(q: &Tensor, k: &Tensor, lse: &Tensor, scale: f64, qi: &Tensor, w: &Tensor, ki: &Tensor, g: f64) -> Result<WarmupKl> {
+    pub fn warmup_kl(
+        q: &Tensor,
+        k: &Tensor,
+        lse: &Tensor,
+        scale: f64,
+        qi: &Tensor,
+        w: &Tensor,
+        ki: &Tensor,
+        g: f64,
+    ) -> Result<WarmupKl> {
         let (b, h, t, dqk) = q.dims4()?;
-        let shapes = || format!("q {:?}, k {:?}, lse {:?}, qi {:?}, w {:?}, ki {:?}", q.shape(), k.shape(), lse.shape(), qi.shape(), w.shape(), ki.shape());
+        let shapes = || {
+            format!(
+                "q {:?}, k {:?}, lse {:?}, qi {:?}, w {:?}, ki {:?}",
+                q.shape(),
+                k.shape(),
+                lse.shape(),
+                qi.shape(),
+                w.shape(),
+                ki.shape()
+            )
+        };
         if qi.rank() != 4 || w.rank() != 3 || ki.rank() != 3 || lse.rank() != 3 {
             bail!("warmup_kl: expects q, k [B, H, T, DQK], lse [B, H, T], qi [B, T, HI, DI], w [B, T, HI], ki [B, T, DI]; got {}", shapes());
         }
@@ -453,7 +659,11 @@ mod cuda {
         let ki = prep(ki, DType::F32, "ki")?;
         let dev = q.device().as_cuda_device()?.clone();
         let limit = smem_limit(&dev)?;
-        let nbuf = if kl_smem(dqk, di, hi, 2) <= limit { 2 } else { 1 };
+        let nbuf = if kl_smem(dqk, di, hi, 2) <= limit {
+            2
+        } else {
+            1
+        };
         let smem = kl_smem(dqk, di, hi, nbuf);
         if smem > limit {
             bail!("warmup_kl: DQK {dqk}, HI {hi}, DI {di} need {smem} bytes of shared memory, the device allows {limit}");
@@ -476,15 +686,33 @@ mod cuda {
         let mut dqi = dev.alloc_zeros::<f32>(b * t * hi * di)?;
         let mut dw = dev.alloc_zeros::<f32>(b * t * hi)?;
         let mut dki = dev.alloc_zeros::<f32>(b * t * di)?;
-        let (t32, h32, dqk32, hi32, di32, nbuf32) = (check_i32(t, "T")?, check_i32(h, "H")?, dqk as i32, hi as i32, di as i32, nbuf as i32);
+        let (t32, h32, dqk32, hi32, di32, nbuf32) = (
+            check_i32(t, "T")?,
+            check_i32(h, "H")?,
+            dqk as i32,
+            hi as i32,
+            di as i32,
+            nbuf as i32,
+        );
         let scale_log2 = (scale * std::f64::consts::LOG2_E) as f32;
         let g32 = g as f32;
-        let cfg = LaunchConfig { grid_dim: (t.div_ceil(KL_BM) as u32, b as u32, 1), block_dim: (KL_THREADS, 1, 1), shared_mem_bytes: smem as u32 };
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(KL_BM) as u32, b as u32, 1),
+            block_dim: (KL_THREADS, 1, 1),
+            shared_mem_bytes: smem as u32,
+        };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&qv).arg(&kv).arg(&lv).arg(&qiv).arg(&wv).arg(&kiv);
         lb.arg(&mut kl).arg(&mut dqi).arg(&mut dw).arg(&mut dki);
-        lb.arg(&t32).arg(&h32).arg(&dqk32).arg(&hi32).arg(&di32).arg(&scale_log2).arg(&g32).arg(&nbuf32);
+        lb.arg(&t32)
+            .arg(&h32)
+            .arg(&dqk32)
+            .arg(&hi32)
+            .arg(&di32)
+            .arg(&scale_log2)
+            .arg(&g32)
+            .arg(&nbuf32);
         // SAFETY: every input is contiguous, of the checked shape and dtype, 16-byte aligned;
         // the outputs are fresh zeroed buffers of the sizes the kernel indexes; candle's stream.
         unsafe { lb.launch(cfg) }.w()?;
@@ -510,14 +738,38 @@ mod tests {
         let (b, h, t, dqk, dv, hi, di) = (2usize, 3usize, 9usize, 8usize, 4usize, 3usize, 5usize);
         let (scale, g) = (0.4, 0.7);
         let r = |shape: &[usize], seed: u64| crate::rng::randn(shape, seed, 1.0, &dev).unwrap();
-        let (q, k, v) = (r(&[b, h, t, dqk], 1), r(&[b, h, t, dqk], 2), r(&[b, h, t, dv], 3));
+        let (q, k, v) = (
+            r(&[b, h, t, dqk], 1),
+            r(&[b, h, t, dqk], 2),
+            r(&[b, h, t, dv], 3),
+        );
         let (qi, w, ki) = (r(&[b, t, hi, di], 4), r(&[b, t, hi], 5), r(&[b, t, di], 6));
         let (out, lse) = dense_attention_fwd_plain(&q, &k, &v, scale).unwrap();
         let res = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g).unwrap();
-        let f = |x: &Tensor| -> Vec<f64> { x.flatten_all().unwrap().to_vec1::<f32>().unwrap().into_iter().map(f64::from).collect() };
+        let f = |x: &Tensor| -> Vec<f64> {
+            x.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f64::from)
+                .collect()
+        };
         let (q, k, v, qi, w, ki) = (f(&q), f(&k), f(&v), f(&qi), f(&w), f(&ki));
-        let (out, lse, kl, dqi, dw, dki) = (f(&out), f(&lse), f(&res.kl), f(&res.dqi), f(&res.dw), f(&res.dki));
-        let close = |a: f64, e: f64, what: &str| assert!((a - e).abs() <= 1e-4 * (1.0 + e.abs()), "{what}: {a} vs {e}");
+        let (out, lse, kl, dqi, dw, dki) = (
+            f(&out),
+            f(&lse),
+            f(&res.kl),
+            f(&res.dqi),
+            f(&res.dw),
+            f(&res.dki),
+        );
+        let close = |a: f64, e: f64, what: &str| {
+            assert!(
+                (a - e).abs() <= 1e-4 * (1.0 + e.abs()),
+                "{what}: {a} vs {e}"
+            )
+        };
         let mut gdqi = vec![0.0; dqi.len()];
         let mut gdw = vec![0.0; dw.len()];
         let mut gdki = vec![0.0; dki.len()];
@@ -526,12 +778,21 @@ mod tests {
                 let mut p = vec![0.0; tt + 1];
                 for hh in 0..h {
                     let base = (bb * h + hh) * t;
-                    let a: Vec<f64> = (0..=tt).map(|s| (0..dqk).map(|d| q[(base + tt) * dqk + d] * k[(base + s) * dqk + d]).sum::<f64>() * scale).collect();
+                    let a: Vec<f64> = (0..=tt)
+                        .map(|s| {
+                            (0..dqk)
+                                .map(|d| q[(base + tt) * dqk + d] * k[(base + s) * dqk + d])
+                                .sum::<f64>()
+                                * scale
+                        })
+                        .collect();
                     let m = a.iter().cloned().fold(f64::MIN, f64::max);
                     let z: f64 = a.iter().map(|x| (x - m).exp()).sum();
                     close(lse[base + tt], m + z.ln(), "lse");
                     for d in 0..dv {
-                        let o: f64 = (0..=tt).map(|s| (a[s] - m).exp() / z * v[(base + s) * dv + d]).sum();
+                        let o: f64 = (0..=tt)
+                            .map(|s| (a[s] - m).exp() / z * v[(base + s) * dv + d])
+                            .sum();
                         close(out[(base + tt) * dv + d], o, "out");
                     }
                     for s in 0..=tt {
@@ -539,11 +800,20 @@ mod tests {
                     }
                 }
                 let row = bb * t + tt;
-                let zq = |j: usize, s: usize| (0..di).map(|d| qi[(row * hi + j) * di + d] * ki[(bb * t + s) * di + d]).sum::<f64>();
-                let logits: Vec<f64> = (0..=tt).map(|s| (0..hi).map(|j| w[row * hi + j] * zq(j, s).max(0.0)).sum()).collect();
+                let zq = |j: usize, s: usize| {
+                    (0..di)
+                        .map(|d| qi[(row * hi + j) * di + d] * ki[(bb * t + s) * di + d])
+                        .sum::<f64>()
+                };
+                let logits: Vec<f64> = (0..=tt)
+                    .map(|s| (0..hi).map(|j| w[row * hi + j] * zq(j, s).max(0.0)).sum())
+                    .collect();
                 let m = logits.iter().cloned().fold(f64::MIN, f64::max);
                 let lz = m + logits.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
-                let expect: f64 = (0..=tt).filter(|&s| p[s] > 0.0).map(|s| p[s] * (p[s].ln() - (logits[s] - lz))).sum();
+                let expect: f64 = (0..=tt)
+                    .filter(|&s| p[s] > 0.0)
+                    .map(|s| p[s] * (p[s].ln() - (logits[s] - lz)))
+                    .sum();
                 close(kl[row], expect, "kl");
                 for s in 0..=tt {
                     let d_i = g * ((logits[s] - lz).exp() - p[s]);
@@ -554,14 +824,20 @@ mod tests {
                         }
                         gdw[row * hi + j] += d_i * z;
                         for d in 0..di {
-                            gdqi[(row * hi + j) * di + d] += d_i * w[row * hi + j] * ki[(bb * t + s) * di + d];
-                            gdki[(bb * t + s) * di + d] += d_i * w[row * hi + j] * qi[(row * hi + j) * di + d];
+                            gdqi[(row * hi + j) * di + d] +=
+                                d_i * w[row * hi + j] * ki[(bb * t + s) * di + d];
+                            gdki[(bb * t + s) * di + d] +=
+                                d_i * w[row * hi + j] * qi[(row * hi + j) * di + d];
                         }
                     }
                 }
             }
         }
-        for (got, want, what) in [(&dqi, &gdqi, "dqi"), (&dw, &gdw, "dw"), (&dki, &gdki, "dki")] {
+        for (got, want, what) in [
+            (&dqi, &gdqi, "dqi"),
+            (&dw, &gdw, "dw"),
+            (&dki, &gdki, "dki"),
+        ] {
             for (a, e) in got.iter().zip(want.iter()) {
                 close(*a, *e, what);
             }

@@ -64,7 +64,13 @@ impl DecoderLayer {
     /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time, without
     /// a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). A
     /// block's working set is that of `rows` tokens, plus the sequence's latent kv.
-    pub fn sparse_blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize) -> Result<BlockPass> {
+    pub fn sparse_blocks(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        sel: &Selection,
+        rows: usize,
+    ) -> Result<BlockPass> {
         let (view, _) = self.detached_view();
         match view.blocks(h, ctx, sel, rows.max(1), Direction::Forward)? {
             Ran::Forward(pass) => Ok(pass),
@@ -77,14 +83,34 @@ impl DecoderLayer {
     /// at once), and return d(loss)/dh [B, T, D]; parameter gradients go to `grads` (block by
     /// block). The gradient of `forward_with`'s output against `bw.dout` (plus the balance
     /// loss) up to summation order, with no autograd graph.
-    pub fn sparse_backward(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+    pub fn sparse_backward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        sel: &Selection,
+        rows: usize,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         // The trainer's weights are Vars, through which candle records every op's inputs: the
         // work runs on detached views of them (the same storage), so no graph is kept, and
         // their gradients are handed on under the original tensors.
         let (view, originals) = self.detached_view();
         let dout = bw.dout.detach();
         let bw = LayerBackward { dout: &dout, ..bw };
-        match view.blocks(h, ctx, sel, rows, Direction::Backward(bw, &mut ToOriginals { inner: grads, originals }))? {
+        match view.blocks(
+            h,
+            ctx,
+            sel,
+            rows,
+            Direction::Backward(
+                bw,
+                &mut ToOriginals {
+                    inner: grads,
+                    originals,
+                },
+            ),
+        )? {
             Ran::Backward(dh) => Ok(dh),
             Ran::Forward(_) => unreachable!("a backward run returns dh"),
         }
@@ -97,16 +123,37 @@ impl DecoderLayer {
         let mut d = |t: &Tensor| -> Tensor { originals.view(t) };
         let a = &self.attn;
         let attn = Mla {
-            q_a_proj: d(&a.q_a_proj), q_a_norm: d(&a.q_a_norm), q_b_proj: d(&a.q_b_proj), kv_a_proj: d(&a.kv_a_proj),
-            kv_a_norm: d(&a.kv_a_norm), kv_b_proj: d(&a.kv_b_proj), o_proj: d(&a.o_proj),
-            heads: a.heads, nope: a.nope, rope: a.rope, v_dim: a.v_dim, kv_lora: a.kv_lora, scale: a.scale,
+            q_a_proj: d(&a.q_a_proj),
+            q_a_norm: d(&a.q_a_norm),
+            q_b_proj: d(&a.q_b_proj),
+            kv_a_proj: d(&a.kv_a_proj),
+            kv_a_norm: d(&a.kv_a_norm),
+            kv_b_proj: d(&a.kv_b_proj),
+            o_proj: d(&a.o_proj),
+            heads: a.heads,
+            nope: a.nope,
+            rope: a.rope,
+            v_dim: a.v_dim,
+            kv_lora: a.kv_lora,
+            scale: a.scale,
         };
         let ix = &self.indexer;
         let indexer = Indexer {
-            tensor_cores: ix.tensor_cores, wq_b: d(&ix.wq_b), wk: d(&ix.wk), k_norm_weight: d(&ix.k_norm_weight),
-            k_norm_bias: d(&ix.k_norm_bias), weights_proj: d(&ix.weights_proj), heads: ix.heads, head_dim: ix.head_dim, rope: ix.rope,
+            tensor_cores: ix.tensor_cores,
+            wq_b: d(&ix.wq_b),
+            wk: d(&ix.wk),
+            k_norm_weight: d(&ix.k_norm_weight),
+            k_norm_bias: d(&ix.k_norm_bias),
+            weights_proj: d(&ix.weights_proj),
+            heads: ix.heads,
+            head_dim: ix.head_dim,
+            rope: ix.rope,
         };
-        let mut mlp = |m: &Mlp| Mlp { gate: d(&m.gate), up: d(&m.up), down: d(&m.down) };
+        let mut mlp = |m: &Mlp| Mlp {
+            gate: d(&m.gate),
+            up: d(&m.up),
+            down: d(&m.down),
+        };
         let ffn = match &self.ffn {
             FeedForward::Dense(m) => FeedForward::Dense(mlp(m)),
             FeedForward::Moe(m) => FeedForward::Moe(Moe {
@@ -124,19 +171,48 @@ impl DecoderLayer {
                 compute: m.compute,
             }),
         };
-        let layer = DecoderLayer { input_norm: d(&self.input_norm), post_attention_norm: d(&self.post_attention_norm), attn, indexer, ffn, eps: self.eps };
+        let layer = DecoderLayer {
+            input_norm: d(&self.input_norm),
+            post_attention_norm: d(&self.post_attention_norm),
+            attn,
+            indexer,
+            ffn,
+            eps: self.eps,
+        };
         (layer, originals)
     }
 
     /// The dense stage's layer backward (MHA-mode attention over every causal key): recompute
     /// from `h` [B, T, D] and return d(loss)/dh; parameter gradients to `grads`. The gradient
     /// of `forward_with` in the dense stage up to summation order, with no autograd graph.
-    pub fn dense_backward(&self, h: &Tensor, ctx: &ForwardContext, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+    pub fn dense_backward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let (view, originals) = self.detached_view();
-        view.dense_backward_detached(h, ctx, &bw.dout.detach(), bw, &mut ToOriginals { inner: grads, originals })
+        view.dense_backward_detached(
+            h,
+            ctx,
+            &bw.dout.detach(),
+            bw,
+            &mut ToOriginals {
+                inner: grads,
+                originals,
+            },
+        )
     }
 
-    fn dense_backward_detached(&self, h: &Tensor, ctx: &ForwardContext, dout: &Tensor, bw: LayerBackward, grads: &mut dyn GradSink) -> Result<Tensor> {
+    fn dense_backward_detached(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        dout: &Tensor,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let (b, t, d) = h.dims3()?;
         let h = h.detach();
         let eps = self.eps;
@@ -165,15 +241,20 @@ impl DecoderLayer {
                     None => None,
                 };
                 let balance = f_rows.as_ref().map(|(f, weight)| (f, b, t, *weight));
-                moe.backward(&xf, &saved, &dout.reshape((b * t, d))?, balance, grads)?.reshape((b, t, d))?
+                moe.backward(&xf, &saved, &dout.reshape((b * t, d))?, balance, grads)?
+                    .reshape((b, t, d))?
             }
         };
         let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
         add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
         let dh1 = (dout + dh1_norm)?;
         let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
-        let dxn = (self.attn.queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &ctx.cos, &ctx.sin, grads)?
-            + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+        let dxn = (self
+            .attn
+            .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &ctx.cos, &ctx.sin, grads)?
+            + self
+                .attn
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         dh1 + dh_norm
@@ -181,12 +262,23 @@ impl DecoderLayer {
 
     /// The block body of `sparse_blocks` and `sparse_backward`, on a layer whose tensors
     /// record no graph. `rows` 0 or at least T: every sequence in one block.
-    fn blocks(&self, h: &Tensor, ctx: &ForwardContext, sel: &Selection, rows: usize, mut dir: Direction) -> Result<Ran> {
+    fn blocks(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        sel: &Selection,
+        rows: usize,
+        mut dir: Direction,
+    ) -> Result<Ran> {
         let (b, t, d) = h.dims3()?;
         let h = h.detach();
         let eps = self.eps;
         let forward = matches!(dir, Direction::Forward);
-        let _region = crate::profile::region(if forward { "layer: forward in blocks" } else { "layer: explicit recompute and backward" });
+        let _region = crate::profile::region(if forward {
+            "layer: forward in blocks"
+        } else {
+            "layer: explicit recompute and backward"
+        });
         // Whole-sequence parts: the input norm and the latent kv every block reads.
         // (The forward keeps neither the normed input nor kv_a's output: each block norms its
         // own rows again, the same bits, and the whole-sequence copies are freed at once.)
@@ -205,24 +297,42 @@ impl DecoderLayer {
         let blocks: Vec<(usize, usize, usize, usize)> = if rows == 0 || rows >= t {
             vec![(0, b, 0, t)]
         } else {
-            (0..b).flat_map(|bi| (0..t).step_by(rows).map(move |q0| (bi, 1, q0, rows.min(t - q0)))).collect()
+            (0..b)
+                .flat_map(|bi| {
+                    (0..t)
+                        .step_by(rows)
+                        .map(move |q0| (bi, 1, q0, rows.min(t - q0)))
+                })
+                .collect()
         };
         let mut dkv: Option<Tensor> = None;
         // Backward: dh's residual part and the input norm's output gradient; forward: outputs,
         // probabilities, expert choices.
-        let (mut first, mut second, mut chosen) = (Vec::with_capacity(blocks.len()), Vec::with_capacity(blocks.len()), Vec::new());
+        let (mut first, mut second, mut chosen) = (
+            Vec::with_capacity(blocks.len()),
+            Vec::with_capacity(blocks.len()),
+            Vec::new(),
+        );
         for &(b0, bn, q0, n) in &blocks {
-            let rows_of = |x: &Tensor| -> Result<Tensor> { x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous() };
+            let rows_of = |x: &Tensor| -> Result<Tensor> {
+                x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous()
+            };
             let hq = rows_of(&h)?;
             let xq = match &xn {
                 Some(xn) => rows_of(xn)?,
                 None => rms_norm(&hq, &self.input_norm, eps)?,
             };
             let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
-            let block_sel = if bn == b && n == t { sel.clone() } else { sel.block(b0, q0, n)? };
+            let block_sel = if bn == b && n == t {
+                sel.clone()
+            } else {
+                sel.block(b0, q0, n)?
+            };
             let region = crate::profile::region("blocks: queries and attention forward");
             let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xq, &cos, &sin)?;
-            let (a, a_saved) = self.attn.sparse_saved(&q_nope, &q_pe, &kv, &block_sel, forward)?;
+            let (a, a_saved) = self
+                .attn
+                .sparse_saved(&q_nope, &q_pe, &kv, &block_sel, forward)?;
             let h1 = (&hq + &a.out)?;
             let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
             drop(region);
@@ -254,18 +364,29 @@ impl DecoderLayer {
                 FeedForward::Moe(moe) => {
                     let xf = xf.reshape((bn * n, d))?;
                     let k = moe.top_k;
-                    let known: Option<Vec<u32>> = bw.chosen.map(|c| (b0..b0 + bn).flat_map(|bi| c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied()).collect());
+                    let known: Option<Vec<u32>> = bw.chosen.map(|c| {
+                        (b0..b0 + bn)
+                            .flat_map(|bi| {
+                                c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied()
+                            })
+                            .collect()
+                    });
                     let (_, saved) = moe.forward_saved(&xf, known.as_deref(), false)?;
                     let f_rows = match bw.balance {
                         Some((f, weight)) => {
                             let e = moe.n_experts;
-                            let f = Tensor::from_slice(&f[b0 * e..(b0 + bn) * e], (bn, 1, e), h.device())?;
+                            let f = Tensor::from_slice(
+                                &f[b0 * e..(b0 + bn) * e],
+                                (bn, 1, e),
+                                h.device(),
+                            )?;
                             Some((f.broadcast_as((bn, n, e))?.reshape((bn * n, e))?, weight))
                         }
                         None => None,
                     };
                     let balance = f_rows.as_ref().map(|(f, weight)| (f, b, t, *weight));
-                    moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?.reshape((bn, n, d))?
+                    moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?
+                        .reshape((bn, n, d))?
                 }
             };
             drop(region);
@@ -273,24 +394,39 @@ impl DecoderLayer {
             let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
             add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
             let dh1 = (dout + dh1_norm)?;
-            let g = self.attn.sparse_backward(&a_saved, &kv, &block_sel, &dh1, grads)?;
+            let g = self
+                .attn
+                .sparse_backward(&a_saved, &kv, &block_sel, &dh1, grads)?;
             dkv = Some(match dkv.take() {
                 Some(acc) => (acc + g.kv)?,
                 None => g.kv,
             });
             drop(region);
             let _region = crate::profile::region("blocks: queries backward");
-            second.push(self.attn.queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?);
+            second.push(
+                self.attn
+                    .queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?,
+            );
             first.push(dh1);
         }
         let Direction::Backward(_, grads) = dir else {
             let is_moe = matches!(self.ffn, FeedForward::Moe(_));
-            return Ok(Ran::Forward(BlockPass { out: assemble(first, b, t)?, head_mean: assemble(second, b, t)?, chosen: is_moe.then_some(chosen) }));
+            return Ok(Ran::Forward(BlockPass {
+                out: assemble(first, b, t)?,
+                head_mean: assemble(second, b, t)?,
+                chosen: is_moe.then_some(chosen),
+            }));
         };
         let _region = crate::profile::region("blocks: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
-        let (xn, kv_saved) = (xn.expect("a backward keeps the normed input"), kv_saved.expect("a backward keeps kv_a's output"));
-        let dxn = (assemble(second, b, t)? + self.attn.latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+        let (xn, kv_saved) = (
+            xn.expect("a backward keeps the normed input"),
+            kv_saved.expect("a backward keeps kv_a's output"),
+        );
+        let dxn = (assemble(second, b, t)?
+            + self
+                .attn
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))
@@ -309,7 +445,10 @@ fn assemble(parts: Vec<Tensor>, b: usize, t: usize) -> Result<Tensor> {
         return Ok(parts.into_iter().next().expect("one part"));
     }
     let per_seq = parts.len() / b;
-    let seqs = parts.chunks(per_seq).map(|p| Tensor::cat(p, 1)).collect::<Result<Vec<_>>>()?;
+    let seqs = parts
+        .chunks(per_seq)
+        .map(|p| Tensor::cat(p, 1))
+        .collect::<Result<Vec<_>>>()?;
     let out = Tensor::cat(&seqs, 0)?;
     debug_assert_eq!(out.dims()[..2], [b, t]);
     Ok(out)
@@ -332,7 +471,17 @@ pub fn explicit_against_autograd(
     rows: usize,
     seed: u64,
 ) -> anyhow::Result<TwinReport> {
-    explicit_against_autograd_in(cfg, device, dtype, compute, super::AttentionMode::Sparse, t, k, rows, seed)
+    explicit_against_autograd_in(
+        cfg,
+        device,
+        dtype,
+        compute,
+        super::AttentionMode::Sparse,
+        t,
+        k,
+        rows,
+        seed,
+    )
 }
 
 /// `explicit_against_autograd` in either attention mode: `Dense` holds `dense_backward` against
@@ -358,7 +507,11 @@ pub fn explicit_against_autograd_in(
         .enumerate()
         .map(|(i, s)| -> anyhow::Result<(String, Tensor)> {
             let v = randn(&s.shape, seed * 1000 + i as u64, 0.2, &cpu)?;
-            let v = if s.name.ends_with("norm.weight") { (v * 0.5)?.affine(1.0, 1.0)? } else { v };
+            let v = if s.name.ends_with("norm.weight") {
+                (v * 0.5)?.affine(1.0, 1.0)?
+            } else {
+                v
+            };
             let v = v.to_dtype(s.compute_dtype(dtype))?.to_device(device)?;
             Ok((s.name, Var::from_tensor(&v)?.as_tensor().clone()))
         })
@@ -366,8 +519,12 @@ pub fn explicit_against_autograd_in(
     let b = 2;
     let d = cfg.hidden_size;
     let ctx = ForwardContext::new(cfg, t, device)?;
-    let h = randn(&[b, t, d], seed + 11, 1.0, &cpu)?.to_dtype(dtype)?.to_device(device)?;
-    let dout = randn(&[b, t, d], seed + 12, 1.0, &cpu)?.to_dtype(dtype)?.to_device(device)?;
+    let h = randn(&[b, t, d], seed + 11, 1.0, &cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
+    let dout = randn(&[b, t, d], seed + 12, 1.0, &cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)?;
     let alpha = 0.37;
     let to32 = |x: &Tensor| x.to_dtype(DType::F32)?.to_device(&cpu);
     let mut report = TwinReport::default();
@@ -380,7 +537,9 @@ pub fn explicit_against_autograd_in(
             (report.max_rel, report.worst) = (max, what);
         }
         let norm = a.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt().max(1e-30);
-        report.max_l2 = report.max_l2.max(diff.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() / norm);
+        report.max_l2 = report
+            .max_l2
+            .max(diff.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() / norm);
         report.compared += 1;
         Ok(())
     };
@@ -390,14 +549,29 @@ pub fn explicit_against_autograd_in(
             m.compute = compute;
         }
         let dense = mode == AttentionMode::Dense;
-        let opts = ForwardOptions { indexer_kl: false, recall: false, detach_indexer_inputs: true, seq_balance: true, ..ForwardOptions::new(mode, k) };
+        let opts = ForwardOptions {
+            indexer_kl: false,
+            recall: false,
+            detach_indexer_inputs: true,
+            seq_balance: true,
+            ..ForwardOptions::new(mode, k)
+        };
         let sel = if dense {
             None
         } else {
             let (_, stats) = layer.forward(&h, &ctx, &opts)?;
-            let sel = stats.selection.ok_or_else(|| anyhow::anyhow!("the sparse pass returned no sets"))?;
-            if !sel.absolute.flatten_all()?.to_vec1::<u32>()?.contains(&u32::MAX) {
-                anyhow::bail!("layer {l}: no padded set (k {k} must exceed the first queries' keys)");
+            let sel = stats
+                .selection
+                .ok_or_else(|| anyhow::anyhow!("the sparse pass returned no sets"))?;
+            if !sel
+                .absolute
+                .flatten_all()?
+                .to_vec1::<u32>()?
+                .contains(&u32::MAX)
+            {
+                anyhow::bail!(
+                    "layer {l}: no padded set (k {k} must exceed the first queries' keys)"
+                );
             }
             Some(sel)
         };
@@ -413,7 +587,11 @@ pub fn explicit_against_autograd_in(
         let mut sink = super::grad_sink::GradMap::default();
         // Blocks of one row route again on the host; the others reuse the first pass's choice.
         let chosen = stats.chosen.clone().filter(|_| rows != 1);
-        let bw = LayerBackward { dout: &dout, balance: f.as_deref().map(|f| (f, alpha)), chosen: chosen.as_deref() };
+        let bw = LayerBackward {
+            dout: &dout,
+            balance: f.as_deref().map(|f| (f, alpha)),
+            chosen: chosen.as_deref(),
+        };
         let dh = match &sel {
             Some(sel) => layer.sparse_backward(&h, &ctx, sel, rows, bw, &mut sink)?,
             None => layer.dense_backward(&h, &ctx, bw, &mut sink)?,
@@ -421,12 +599,22 @@ pub fn explicit_against_autograd_in(
         if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
             anyhow::bail!("layer {l}: the explicit backward recorded an autograd graph (its results hold one)");
         }
-        note(format!("layer {l} dh"), reference.get(hv.as_tensor()).ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?, &dh)?;
+        note(
+            format!("layer {l} dh"),
+            reference
+                .get(hv.as_tensor())
+                .ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?,
+            &dh,
+        )?;
         for (name, param) in &params {
             match (reference.get(param), sink.sums.get(&param.id())) {
                 (Some(a), Some(g)) => note(name.clone(), a, g)?,
                 (None, None) => {}
-                (a, g) => anyhow::bail!("layer {l}: {name}: autograd {} a gradient, the explicit backward {}", if a.is_some() { "gives" } else { "gives no" }, if g.is_some() { "does" } else { "does not" }),
+                (a, g) => anyhow::bail!(
+                    "layer {l}: {name}: autograd {} a gradient, the explicit backward {}",
+                    if a.is_some() { "gives" } else { "gives no" },
+                    if g.is_some() { "does" } else { "does not" }
+                ),
             }
         }
     }
@@ -456,10 +644,21 @@ mod tests {
         let mut c = crate::tiny::tiny_config(true);
         let o = c.as_object_mut().unwrap();
         for (k, v) in [
-            ("hidden_size", 40), ("num_hidden_layers", 2), ("intermediate_size", 56), ("moe_intermediate_size", 24),
-            ("num_attention_heads", 3), ("num_key_value_heads", 3), ("q_lora_rank", 28), ("kv_lora_rank", 20),
-            ("qk_nope_head_dim", 12), ("qk_rope_head_dim", 8), ("v_head_dim", 10), ("index_n_heads", 2),
-            ("index_head_dim", 16), ("index_topk", 5), ("vocab_size", 64),
+            ("hidden_size", 40),
+            ("num_hidden_layers", 2),
+            ("intermediate_size", 56),
+            ("moe_intermediate_size", 24),
+            ("num_attention_heads", 3),
+            ("num_key_value_heads", 3),
+            ("q_lora_rank", 28),
+            ("kv_lora_rank", 20),
+            ("qk_nope_head_dim", 12),
+            ("qk_rope_head_dim", 8),
+            ("v_head_dim", 10),
+            ("index_n_heads", 2),
+            ("index_head_dim", 16),
+            ("index_topk", 5),
+            ("vocab_size", 64),
         ] {
             o.insert(k.into(), v.into());
         }
@@ -473,9 +672,29 @@ mod tests {
     #[test]
     fn explicit_dense_layer_backward_matches_autograd() {
         for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
-            let r = explicit_against_autograd_in(&config(&[]), &Device::Cpu, DType::F32, compute, crate::model::AttentionMode::Dense, 9, 5, 0, 4).unwrap();
-            assert!(r.max_rel <= 1e-5, "{compute:?}: max relative error {} in {}", r.max_rel, r.worst);
-            assert!(r.compared >= 40, "{compute:?}: only {} gradients compared", r.compared);
+            let r = explicit_against_autograd_in(
+                &config(&[]),
+                &Device::Cpu,
+                DType::F32,
+                compute,
+                crate::model::AttentionMode::Dense,
+                9,
+                5,
+                0,
+                4,
+            )
+            .unwrap();
+            assert!(
+                r.max_rel <= 1e-5,
+                "{compute:?}: max relative error {} in {}",
+                r.max_rel,
+                r.worst
+            );
+            assert!(
+                r.compared >= 40,
+                "{compute:?}: only {} gradients compared",
+                r.compared
+            );
         }
     }
 
@@ -487,13 +706,36 @@ mod tests {
     #[test]
     fn explicit_layer_backward_matches_autograd() {
         let plain = config(&[]);
-        let other = config(&[("norm_topk_prob", false.into()), ("n_shared_experts", 0.into()), ("first_k_dense_replace", 0.into())]);
+        let other = config(&[
+            ("norm_topk_prob", false.into()),
+            ("n_shared_experts", 0.into()),
+            ("first_k_dense_replace", 0.into()),
+        ]);
         for cfg in [&plain, &other] {
             for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
                 for rows in [0, 4, 1] {
-                    let r = explicit_against_autograd(cfg, &Device::Cpu, DType::F32, compute, 9, 5, rows, 3).unwrap();
-                    assert!(r.max_rel <= 1e-5, "{compute:?}, rows {rows}: max relative error {} in {}", r.max_rel, r.worst);
-                    assert!(r.compared >= 40, "{compute:?}, rows {rows}: only {} gradients compared", r.compared);
+                    let r = explicit_against_autograd(
+                        cfg,
+                        &Device::Cpu,
+                        DType::F32,
+                        compute,
+                        9,
+                        5,
+                        rows,
+                        3,
+                    )
+                    .unwrap();
+                    assert!(
+                        r.max_rel <= 1e-5,
+                        "{compute:?}, rows {rows}: max relative error {} in {}",
+                        r.max_rel,
+                        r.worst
+                    );
+                    assert!(
+                        r.compared >= 40,
+                        "{compute:?}, rows {rows}: only {} gradients compared",
+                        r.compared
+                    );
                 }
             }
         }

@@ -49,13 +49,32 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) ->
     // A fresh buffer holding exactly the output (offset 0, no more elements than the shape):
     // the op below hands out a copy of the whole buffer as a contiguous tensor.
     let out = out.to_dtype(v.dtype())?.force_contiguous()?;
-    q.apply_op3(k, v, RecomputingBackward { out, lse, scale, rows })
+    q.apply_op3(
+        k,
+        v,
+        RecomputingBackward {
+            out,
+            lse,
+            scale,
+            rows,
+        },
+    )
 }
 
 /// The plain forward, a block of query rows at a time: (out [B, H, T, DV] f32, lse [B, H, T]).
-pub fn forward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<(Tensor, Tensor)> {
+pub fn forward_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<(Tensor, Tensor)> {
     let t = q.dim(2)?;
-    let (q, k, v) = (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?, v.to_dtype(DType::F32)?);
+    let (q, k, v) = (
+        q.to_dtype(DType::F32)?,
+        k.to_dtype(DType::F32)?,
+        v.to_dtype(DType::F32)?,
+    );
     let (mut outs, mut lses) = (vec![], vec![]);
     for q0 in (0..t).step_by(rows.max(1)) {
         let n = rows.min(t - q0);
@@ -79,7 +98,16 @@ fn scores(q: &Tensor, k: &Tensor, scale: f64, q0: usize, n: usize, keys: usize) 
 
 /// The backward a block of query rows at a time: (dq, dk, dv) in f32.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &Tensor, dout: &Tensor, scale: f64, rows: usize) -> Result<(Tensor, Tensor, Tensor)> {
+pub fn backward_blocks(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<(Tensor, Tensor, Tensor)> {
     let t = q.dim(2)?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
     let (q, k, v, dout) = (f(q)?, f(k)?, f(v)?, f(dout)?);
@@ -91,7 +119,9 @@ pub fn backward_blocks(q: &Tensor, k: &Tensor, v: &Tensor, out: &Tensor, lse: &T
     for q0 in (0..t).step_by(rows.max(1)) {
         let n = rows.min(t - q0);
         let keys = q0 + n;
-        let p = scores(&q, &k, scale, q0, n, keys)?.broadcast_sub(&lse.narrow(2, q0, n)?)?.exp()?; // [B, H, n, keys]
+        let p = scores(&q, &k, scale, q0, n, keys)?
+            .broadcast_sub(&lse.narrow(2, q0, n)?)?
+            .exp()?; // [B, H, n, keys]
         let do_b = dout.narrow(2, q0, n)?.contiguous()?;
         let v_b = v.narrow(2, 0, keys)?.contiguous()?;
         let k_b = k.narrow(2, 0, keys)?.contiguous()?;
@@ -136,10 +166,21 @@ impl CustomOp3 for RecomputingBackward {
         "dsa-dense-attention-recomputing"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         let (s, l) = self.out.storage_and_layout();
         match &*s {
-            Storage::Cpu(c) => Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, self.shape())),
+            Storage::Cpu(c) => Ok((
+                candle_core::backend::BackendStorage::try_clone(c, l)?,
+                self.shape(),
+            )),
             _ => candle_core::bail!("dense attention: the output is not on the CPU"),
         }
     }
@@ -156,19 +197,43 @@ impl CustomOp3 for RecomputingBackward {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         let (s, l) = self.out.storage_and_layout();
         match &*s {
-            Storage::Cuda(c) => Ok((candle_core::backend::BackendStorage::try_clone(c, l)?, self.shape())),
+            Storage::Cuda(c) => Ok((
+                candle_core::backend::BackendStorage::try_clone(c, l)?,
+                self.shape(),
+            )),
             _ => candle_core::bail!("dense attention: the output is not on the GPU"),
         }
     }
 
-    fn bwd(&self, q: &Tensor, k: &Tensor, v: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
         let (dq, dk, dv) = if use_backward_kernel(&q, &v)? {
-            crate::kernels::warmup_kl::dense_attention_bwd(&q, &k, &v, &self.out, &self.lse, &grad.to_dtype(DType::BF16)?, self.scale)?
+            crate::kernels::warmup_kl::dense_attention_bwd(
+                &q,
+                &k,
+                &v,
+                &self.out,
+                &self.lse,
+                &grad.to_dtype(DType::BF16)?,
+                self.scale,
+            )?
         } else {
-            backward_blocks(&q, &k, &v, &self.out, &self.lse, &grad, self.scale, self.rows)?
+            backward_blocks(
+                &q, &k, &v, &self.out, &self.lse, &grad, self.scale, self.rows,
+            )?
         };
-        Ok((Some(dq.to_dtype(q.dtype())?), Some(dk.to_dtype(k.dtype())?), Some(dv.to_dtype(v.dtype())?)))
+        Ok((
+            Some(dq.to_dtype(q.dtype())?),
+            Some(dk.to_dtype(k.dtype())?),
+            Some(dv.to_dtype(v.dtype())?),
+        ))
     }
 }
 
@@ -187,7 +252,12 @@ mod tests {
     #[test]
     fn blocked_forward_and_recomputed_backward_equal_autograd_of_the_whole_softmax() -> Result<()> {
         let dev = Device::Cpu;
-        for (b, h, t, dqk, dvv, rows) in [(1, 1, 1, 4, 3, 1), (2, 3, 97, 12, 8, 7), (1, 2, 33, 8, 8, 32), (1, 2, 40, 8, 4, 64)] {
+        for (b, h, t, dqk, dvv, rows) in [
+            (1, 1, 1, 4, 3, 1),
+            (2, 3, 97, 12, 8, 7),
+            (1, 2, 33, 8, 8, 32),
+            (1, 2, 40, 8, 4, 64),
+        ] {
             let seed = (t * 10 + rows) as u64;
             // Large scores (std 3 before the scale) so that the softmax is peaked, not flat.
             let q = Var::from_tensor(&crate::rng::randn(&[b, h, t, dqk], seed, 3.0, &dev)?)?;
@@ -201,13 +271,21 @@ mod tests {
             let g2 = (&reference * &up)?.sum_all()?.backward()?;
             let err = |a: &Tensor, b: &Tensor| -> Result<f32> {
                 // A floor for gradients that vanish (T = 1: dq is 0 up to rounding).
-                let scale = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?.max(1e-2);
+                let scale = b
+                    .abs()?
+                    .flatten_all()?
+                    .max(0)?
+                    .to_scalar::<f32>()?
+                    .max(1e-2);
                 Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()? / scale)
             };
             let e_out = err(&ours, &reference)?;
             assert!(e_out < 1e-5, "T {t} rows {rows}: out {e_out}");
             for (name, x) in [("dq", &q), ("dk", &k), ("dv", &v)] {
-                let (a, r) = (g1.get(x.as_tensor()).expect("grad"), g2.get(x.as_tensor()).expect("grad"));
+                let (a, r) = (
+                    g1.get(x.as_tensor()).expect("grad"),
+                    g2.get(x.as_tensor()).expect("grad"),
+                );
                 let e = err(a, r)?;
                 assert!(e < 1e-4, "T {t} rows {rows}: {name} {e}");
             }
@@ -224,7 +302,11 @@ mod tests {
         let (_, lse) = forward_blocks(&q, &k, &v, 0.5, 4)?;
         let s = scores(&q, &k, 0.5, 0, 9, 9)?;
         let expect = crate::ops::logsumexp_last(&s)?.squeeze(D::Minus1)?;
-        let d = (lse - expect)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let d = (lse - expect)?
+            .abs()?
+            .flatten_all()?
+            .max(0)?
+            .to_scalar::<f32>()?;
         assert!(d < 1e-6, "{d}");
         Ok(())
     }

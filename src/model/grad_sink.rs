@@ -31,12 +31,18 @@ pub struct GradMap {
 
 impl GradSink for GradMap {
     fn wants(&self, param: &Tensor) -> bool {
-        self.only.as_ref().is_none_or(|ids| ids.contains(&param.id()))
+        self.only
+            .as_ref()
+            .is_none_or(|ids| ids.contains(&param.id()))
     }
 
     fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()> {
         if grad.dims() != param.dims() {
-            candle_core::bail!("gradient of shape {:?} for a parameter of shape {:?}", grad.dims(), param.dims());
+            candle_core::bail!(
+                "gradient of shape {:?} for a parameter of shape {:?}",
+                grad.dims(),
+                param.dims()
+            );
         }
         let g = grad.to_dtype(DType::F32)?;
         let sum = match self.sums.remove(&param.id()) {
@@ -72,13 +78,18 @@ pub struct ToOriginals<'a> {
 
 impl GradSink for ToOriginals<'_> {
     fn wants(&self, param: &Tensor) -> bool {
-        self.originals.0.get(&param.id()).is_some_and(|p| self.inner.wants(p))
+        self.originals
+            .0
+            .get(&param.id())
+            .is_some_and(|p| self.inner.wants(p))
     }
 
     fn add(&mut self, param: &Tensor, grad: Tensor) -> Result<()> {
         match self.originals.0.get(&param.id()) {
             Some(p) => self.inner.add(p, grad),
-            None => candle_core::bail!("explicit backward: a gradient for a tensor that is not a view of a parameter"),
+            None => candle_core::bail!(
+                "explicit backward: a gradient for a tensor that is not a view of a parameter"
+            ),
         }
     }
 }

@@ -13,7 +13,10 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::grad_sink::{add_if_wanted, GradSink, Originals, ToOriginals};
-use crate::ops::{layer_norm, layer_norm_backward, linear, linear_weight_grad, rope_half, rope_half_backward, softmax_last};
+use crate::ops::{
+    layer_norm, layer_norm_backward, linear, linear_weight_grad, rope_half, rope_half_backward,
+    softmax_last,
+};
 
 pub struct Indexer {
     /// Score the sparse stage's KL on tensor cores (`kernels::indexer_at_tc`: q_I and k_I
@@ -70,7 +73,13 @@ impl Indexer {
     }
 
     /// The indexer's queries, keys and head weights (differentiable, f32).
-    pub fn project(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<IndexerProj> {
+    pub fn project(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<IndexerProj> {
         let (q, w) = self.project_queries(x, qr, cos, sin)?;
         let k = self.project_keys(x, cos, sin)?;
         Ok(IndexerProj { q, k, w })
@@ -79,13 +88,20 @@ impl Indexer {
     /// Queries [B, n, HI, DI] and head weights [B, n, HI] of the n tokens of x [B, n, hidden]
     /// and qr [B, n, q_lora] (differentiable, f32); `cos`/`sin` are the rope rows of those
     /// tokens' positions. Per token, so a block of rows gives exactly those rows of `project`.
-    pub fn project_queries(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn project_queries(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, t, _) = x.dims3()?;
         let (hi, di) = (self.heads, self.head_dim);
         let qr = qr.to_dtype(DType::F32)?;
         let q = linear(&qr, &self.wq_b)?.reshape((b, t, hi, di))?;
         let q = self.rope_prefix(&q, cos, sin)?.contiguous()?; // [B, T, HI, DI]
-        let w = (linear(&x.to_dtype(DType::F32)?, &self.weights_proj)? * ((hi as f64).powf(-0.5) * (di as f64).powf(-0.5)))?; // [B, T, HI]
+        let w = (linear(&x.to_dtype(DType::F32)?, &self.weights_proj)?
+            * ((hi as f64).powf(-0.5) * (di as f64).powf(-0.5)))?; // [B, T, HI]
         Ok((q, w))
     }
 
@@ -93,8 +109,15 @@ impl Indexer {
     pub fn project_keys(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let di = self.head_dim;
-        let k = layer_norm(&linear(&x.to_dtype(DType::F32)?, &self.wk)?, &self.k_norm_weight, &self.k_norm_bias, K_NORM_EPS)?;
-        self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?.reshape((b, t, di))?.contiguous() // [B, T, DI]
+        let k = layer_norm(
+            &linear(&x.to_dtype(DType::F32)?, &self.wk)?,
+            &self.k_norm_weight,
+            &self.k_norm_bias,
+            K_NORM_EPS,
+        )?;
+        self.rope_prefix(&k.reshape((b, t, 1, di))?, cos, sin)?
+            .reshape((b, t, di))?
+            .contiguous() // [B, T, DI]
     }
 }
 
@@ -132,8 +155,15 @@ impl Indexer {
         let t = x.dim(1)?;
         for r0 in (0..t).step_by(rows.max(1)) {
             let n = rows.max(1).min(t - r0);
-            let p = self.project(&x.narrow(1, r0, n)?, &qr.narrow(1, r0, n)?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?;
-            let dot = |a: &Tensor, g: &Tensor| -> Result<Tensor> { (a * g.narrow(1, r0, n)?.to_dtype(DType::F32)?)?.sum_all() };
+            let p = self.project(
+                &x.narrow(1, r0, n)?,
+                &qr.narrow(1, r0, n)?,
+                &cos.narrow(0, r0, n)?,
+                &sin.narrow(0, r0, n)?,
+            )?;
+            let dot = |a: &Tensor, g: &Tensor| -> Result<Tensor> {
+                (a * g.narrow(1, r0, n)?.to_dtype(DType::F32)?)?.sum_all()
+            };
             let surrogate = ((dot(&p.q, dq)? + dot(&p.w, dw)?)? + dot(&p.k, dk)?)?;
             on_grads(&surrogate.backward()?)?;
         }
@@ -154,8 +184,16 @@ impl Indexer {
         let t = x.dim(1)?;
         for r0 in (0..t).step_by(rows.max(1)) {
             let n = rows.max(1).min(t - r0);
-            let k = self.project_keys(&x.narrow(1, r0, n)?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?;
-            on_grads(&(k * dk.narrow(1, r0, n)?.to_dtype(DType::F32)?)?.sum_all()?.backward()?)?;
+            let k = self.project_keys(
+                &x.narrow(1, r0, n)?,
+                &cos.narrow(0, r0, n)?,
+                &sin.narrow(0, r0, n)?,
+            )?;
+            on_grads(
+                &(k * dk.narrow(1, r0, n)?.to_dtype(DType::F32)?)?
+                    .sum_all()?
+                    .backward()?,
+            )?;
         }
         Ok(())
     }
@@ -194,10 +232,19 @@ impl Indexer {
             let n = rows.min(t - q0);
             // (DSA_PROFILE regions: which part of this backward costs what, per block.)
             let region = crate::profile::region("indexer KL bwd: project queries");
-            let (q, w) = self.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos.narrow(0, q0, n)?, &sin.narrow(0, q0, n)?)?;
+            let (q, w) = self.project_queries(
+                &x.narrow(1, q0, n)?,
+                &qr.narrow(1, q0, n)?,
+                &cos.narrow(0, q0, n)?,
+                &sin.narrow(0, q0, n)?,
+            )?;
             drop(region);
             let region = crate::profile::region("indexer KL bwd: scores at the sets");
-            let block = IndexerProj { q, k: keys.as_tensor().clone(), w };
+            let block = IndexerProj {
+                q,
+                k: keys.as_tensor().clone(),
+                w,
+            };
             let set = sel.rows(q0, n)?;
             let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
             drop(region);
@@ -213,7 +260,10 @@ impl Indexer {
                 dk = (dk + g.detach())?;
             }
             let kl_sum = kl_sum.detach();
-            total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
+            total = Some(match total {
+                Some(a) => (a + kl_sum)?,
+                None => kl_sum,
+            });
         }
         let region = crate::profile::region("indexer KL bwd: keys backward");
         self.backprop_keys(x, cos, sin, &dk, rows, on_grads)?;
@@ -234,15 +284,27 @@ pub struct IndexerProj {
 
 impl IndexerProj {
     pub fn detach(&self) -> Self {
-        Self { q: self.q.detach(), k: self.k.detach(), w: self.w.detach() }
+        Self {
+            q: self.q.detach(),
+            k: self.k.detach(),
+            w: self.w.detach(),
+        }
     }
 
     /// Detached copies marked as leaves: a backward through losses built on them stops here
     /// and returns d/dq, d/dw, d/dk, which `Indexer::backprop_rows` then pushes into the
     /// indexer's parameters a chunk of tokens at a time (bounded memory at long lengths).
     pub fn leaves(&self) -> Result<Self> {
-        let leaf = |t: &Tensor| -> Result<Tensor> { Ok(candle_core::Var::from_tensor(&t.detach())?.as_tensor().clone()) };
-        Ok(Self { q: leaf(&self.q)?, k: leaf(&self.k)?, w: leaf(&self.w)? })
+        let leaf = |t: &Tensor| -> Result<Tensor> {
+            Ok(candle_core::Var::from_tensor(&t.detach())?
+                .as_tensor()
+                .clone())
+        };
+        Ok(Self {
+            q: leaf(&self.q)?,
+            k: leaf(&self.k)?,
+            w: leaf(&self.w)?,
+        })
     }
 
     /// Scores of queries `q0..q0+n` against every key: [B, n, T] f32, causal bias not added.
@@ -250,8 +312,15 @@ impl IndexerProj {
     pub fn scores_rows(&self, q0: usize, n: usize) -> Result<Tensor> {
         let (b, _, hi, di) = self.q.dims4()?;
         let t = self.k.dim(1)?;
-        let q = self.q.narrow(1, q0, n)?.reshape((b, n * hi, di))?.contiguous()?;
-        let qk = q.matmul(&self.k.t()?.contiguous()?)?.relu()?.reshape((b, n, hi, t))?; // [B, n, HI, T]
+        let q = self
+            .q
+            .narrow(1, q0, n)?
+            .reshape((b, n * hi, di))?
+            .contiguous()?;
+        let qk = q
+            .matmul(&self.k.t()?.contiguous()?)?
+            .relu()?
+            .reshape((b, n, hi, t))?; // [B, n, HI, T]
         let w = self.w.narrow(1, q0, n)?.unsqueeze(2)?.contiguous()?; // [B, n, 1, HI]
         w.matmul(&qk)?.squeeze(2) // [B, n, T]
     }
@@ -278,13 +347,24 @@ impl IndexerProj {
             let k = self.k.reshape((b * tk, di))?;
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
             if tensor_cores && crate::kernels::indexer_at_tc::supported(hi, di) {
-                return crate::kernels::indexer_at_tc::indexer_scores_at_bf16(&q, &w, &k, &idx)?.reshape((b, t, kk));
+                return crate::kernels::indexer_at_tc::indexer_scores_at_bf16(&q, &w, &k, &idx)?
+                    .reshape((b, t, kk));
             }
             return crate::kernels::indexer_scores_at(&q, &w, &k, &idx)?.reshape((b, t, kk));
         }
-        let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
-        let flat = sel.indices()?.broadcast_add(&offsets)?.contiguous()?.flatten_all()?;
-        let k_sel = self.k.reshape((b * tk, di))?.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
+        let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?
+            .affine(tk as f64, 0.0)?
+            .reshape((b, 1, 1))?;
+        let flat = sel
+            .indices()?
+            .broadcast_add(&offsets)?
+            .contiguous()?
+            .flatten_all()?;
+        let k_sel = self
+            .k
+            .reshape((b * tk, di))?
+            .index_select(&flat, 0)?
+            .reshape((b * t, kk, di))?; // [BT, K, DI]
         let q = self.q.contiguous()?.reshape((b * t, hi, di))?; // [BT, HI, DI]
         let qk = q.matmul(&k_sel.t()?.contiguous()?)?.relu()?; // [BT, HI, K]
         let w = self.w.contiguous()?.reshape((b * t, 1, hi))?;
@@ -299,19 +379,45 @@ impl Indexer {
     /// `rows` tokens at a time from the detached inputs x [B, T, hidden] and qr [B, T, q_lora]
     /// (f32 products; the warm-up KL's backward on the GPU, after the streaming kernel).
     #[allow(clippy::too_many_arguments)]
-    pub fn projections_backward(&self, x: &Tensor, qr: &Tensor, cos: &Tensor, sin: &Tensor, grads_in: (&Tensor, &Tensor, &Tensor), rows: usize, grads: &mut dyn GradSink) -> Result<()> {
+    pub fn projections_backward(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        grads_in: (&Tensor, &Tensor, &Tensor),
+        rows: usize,
+        grads: &mut dyn GradSink,
+    ) -> Result<()> {
         let mut originals = Originals::default();
         let view = self.detached_view(&mut originals);
-        let sink = &mut ToOriginals { inner: grads, originals };
+        let sink = &mut ToOriginals {
+            inner: grads,
+            originals,
+        };
         let (x, qr) = (x.detach(), qr.detach());
         let (dq, dw, dk) = grads_in;
         let t = x.dim(1)?;
         let rows = rows.clamp(1, t.max(1));
         for r0 in (0..t).step_by(rows) {
             let n = rows.min(t - r0);
-            let (x32, qr32) = (x.narrow(1, r0, n)?.to_dtype(DType::F32)?, qr.narrow(1, r0, n)?.to_dtype(DType::F32)?);
-            let (dq, dw) = (dq.narrow(1, r0, n)?.to_dtype(DType::F32)?, dw.narrow(1, r0, n)?.to_dtype(DType::F32)?);
-            view.queries_weights_backward(&x32, &qr32, &dq, &dw, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?, sink)?;
+            let (x32, qr32) = (
+                x.narrow(1, r0, n)?.to_dtype(DType::F32)?,
+                qr.narrow(1, r0, n)?.to_dtype(DType::F32)?,
+            );
+            let (dq, dw) = (
+                dq.narrow(1, r0, n)?.to_dtype(DType::F32)?,
+                dw.narrow(1, r0, n)?.to_dtype(DType::F32)?,
+            );
+            view.queries_weights_backward(
+                &x32,
+                &qr32,
+                &dq,
+                &dw,
+                &cos.narrow(0, r0, n)?,
+                &sin.narrow(0, r0, n)?,
+                sink,
+            )?;
         }
         view.keys_weights_backward(&x, &dk.to_dtype(DType::F32)?, cos, sin, rows, sink)
     }
@@ -320,15 +426,29 @@ impl Indexer {
     /// [B, n, HI, DI] (of the RoPE'd queries) and dw [B, n, HI] (of the scaled head weights)
     /// into wq_b and weights_proj, from x32 [B, n, hidden] and qr32 [B, n, q_lora] (f32).
     #[allow(clippy::too_many_arguments)]
-    fn queries_weights_backward(&self, x32: &Tensor, qr32: &Tensor, dq: &Tensor, dw: &Tensor, cos: &Tensor, sin: &Tensor, grads: &mut dyn GradSink) -> Result<()> {
+    fn queries_weights_backward(
+        &self,
+        x32: &Tensor,
+        qr32: &Tensor,
+        dq: &Tensor,
+        dw: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        grads: &mut dyn GradSink,
+    ) -> Result<()> {
         let (b, n, hi, di) = dq.dims4()?;
         if grads.wants(&self.wq_b) {
-            let dq_lin = self.rope_prefix_backward(dq, cos, sin)?.reshape((b, n, hi * di))?;
+            let dq_lin = self
+                .rope_prefix_backward(dq, cos, sin)?
+                .reshape((b, n, hi * di))?;
             grads.add(&self.wq_b, linear_weight_grad(qr32, &dq_lin)?)?;
         }
         if grads.wants(&self.weights_proj) {
             let head_scale = (hi as f64).powf(-0.5) * (di as f64).powf(-0.5);
-            grads.add(&self.weights_proj, linear_weight_grad(x32, &(dw * head_scale)?)?)?;
+            grads.add(
+                &self.weights_proj,
+                linear_weight_grad(x32, &(dw * head_scale)?)?,
+            )?;
         }
         Ok(())
     }
@@ -336,16 +456,33 @@ impl Indexer {
     /// The keys' backward: dk [B, T, DI] (f32, of the RoPE'd keys) through the RoPE, k_norm
     /// (`ops::layer_norm_backward`) and wk, `rows` tokens at a time from x [B, T, hidden];
     /// nothing when all three are frozen.
-    fn keys_weights_backward(&self, x: &Tensor, dk: &Tensor, cos: &Tensor, sin: &Tensor, rows: usize, grads: &mut dyn GradSink) -> Result<()> {
+    fn keys_weights_backward(
+        &self,
+        x: &Tensor,
+        dk: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        rows: usize,
+        grads: &mut dyn GradSink,
+    ) -> Result<()> {
         let (b, t, _) = x.dims3()?;
         let di = self.head_dim;
-        let keys_learn = [&self.wk, &self.k_norm_weight, &self.k_norm_bias].iter().any(|p| grads.wants(p));
+        let keys_learn = [&self.wk, &self.k_norm_weight, &self.k_norm_bias]
+            .iter()
+            .any(|p| grads.wants(p));
         for r0 in (0..t).step_by(rows.max(1)).filter(|_| keys_learn) {
             let n = rows.max(1).min(t - r0);
             let x32 = x.narrow(1, r0, n)?.to_dtype(DType::F32)?;
             let k_lin = linear(&x32, &self.wk)?; // [B, n, DI]
-            let dkn = self.rope_prefix_backward(&dk.narrow(1, r0, n)?.reshape((b, n, 1, di))?, &cos.narrow(0, r0, n)?, &sin.narrow(0, r0, n)?)?.reshape((b, n, di))?;
-            let (dk_lin, dnw, dnb) = layer_norm_backward(&k_lin, &self.k_norm_weight, K_NORM_EPS, &dkn)?;
+            let dkn = self
+                .rope_prefix_backward(
+                    &dk.narrow(1, r0, n)?.reshape((b, n, 1, di))?,
+                    &cos.narrow(0, r0, n)?,
+                    &sin.narrow(0, r0, n)?,
+                )?
+                .reshape((b, n, di))?;
+            let (dk_lin, dnw, dnb) =
+                layer_norm_backward(&k_lin, &self.k_norm_weight, K_NORM_EPS, &dkn)?;
             add_if_wanted(grads, &self.k_norm_weight, Some(dnw))?;
             add_if_wanted(grads, &self.k_norm_bias, Some(dnb))?;
             if grads.wants(&self.wk) {
@@ -386,11 +523,30 @@ impl Indexer {
     pub fn sparse_kl_backward(&self, kl: &SparseKl, grads: &mut dyn GradSink) -> Result<Tensor> {
         let mut originals = Originals::default();
         let view = self.detached_view(&mut originals);
-        view.sparse_kl_backward_detached(kl, &mut ToOriginals { inner: grads, originals })
+        view.sparse_kl_backward_detached(
+            kl,
+            &mut ToOriginals {
+                inner: grads,
+                originals,
+            },
+        )
     }
 
-    fn sparse_kl_backward_detached(&self, kl: &SparseKl, grads: &mut dyn GradSink) -> Result<Tensor> {
-        let SparseKl { keys, target, sel, cos, sin, rows, weight, .. } = *kl;
+    fn sparse_kl_backward_detached(
+        &self,
+        kl: &SparseKl,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let SparseKl {
+            keys,
+            target,
+            sel,
+            cos,
+            sin,
+            rows,
+            weight,
+            ..
+        } = *kl;
         let (x, qr) = (kl.x.detach(), kl.qr.detach());
         let (b, t, _) = x.dims3()?;
         let (hi, di) = (self.heads, self.head_dim);
@@ -406,19 +562,33 @@ impl Indexer {
             let (cos_b, sin_b) = (cos.narrow(0, q0, n)?, sin.narrow(0, q0, n)?);
             let qr32 = qr.narrow(1, q0, n)?.to_dtype(DType::F32)?;
             let x32 = x.narrow(1, q0, n)?.to_dtype(DType::F32)?;
-            let q = self.rope_prefix(&linear(&qr32, &self.wq_b)?.reshape((b, n, hi, di))?, &cos_b, &sin_b)?.contiguous()?;
+            let q = self
+                .rope_prefix(
+                    &linear(&qr32, &self.wq_b)?.reshape((b, n, hi, di))?,
+                    &cos_b,
+                    &sin_b,
+                )?
+                .contiguous()?;
             let w = (linear(&x32, &self.weights_proj)? * head_scale)?;
             drop(region);
             let region = crate::profile::region("indexer KL bwd: scores at the sets");
-            let block = IndexerProj { q, k: keys.clone(), w };
+            let block = IndexerProj {
+                q,
+                k: keys.clone(),
+                w,
+            };
             let set = sel.rows(q0, n)?;
             let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
             drop(region);
             let region = crate::profile::region("indexer KL bwd: KL rows and their gradient");
             let p = target.narrow(1, q0, n)?.to_dtype(DType::F32)?;
             let kl_sum = crate::losses::kl_rows(&p, &on_set)?.sum_all()?;
-            total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
-            let d_on = ((softmax_last(&on_set)?.broadcast_mul(&p.sum_keepdim(D::Minus1)?)? - &p)? * scale)?;
+            total = Some(match total {
+                Some(a) => (a + kl_sum)?,
+                None => kl_sum,
+            });
+            let d_on = ((softmax_last(&on_set)?.broadcast_mul(&p.sum_keepdim(D::Minus1)?)? - &p)?
+                * scale)?;
             drop(region);
             let _region = crate::profile::region("indexer KL bwd: explicit backward of the block");
             let (dq, dw, dk_block) = block.scores_at_backward(&set, self.tensor_cores, &d_on)?;
@@ -440,7 +610,13 @@ impl Indexer {
 /// (relative error of the KL, largest max-relative error over the five weights' gradients).
 /// Errors if either side gives a weight no gradient. For the unit test and gpu-selftest.
 #[allow(clippy::type_complexity)]
-pub fn sparse_kl_against_autograd(dev: &candle_core::Device, tensor_cores: bool, shape: (usize, usize, usize, usize, usize, usize, usize, usize), rows: usize, seed: u64) -> anyhow::Result<(f32, f32)> {
+pub fn sparse_kl_against_autograd(
+    dev: &candle_core::Device,
+    tensor_cores: bool,
+    shape: (usize, usize, usize, usize, usize, usize, usize, usize),
+    rows: usize,
+    seed: u64,
+) -> anyhow::Result<(f32, f32)> {
     use crate::rng::randn;
     let (b, t, d, ql, hi, di, rope, k) = shape;
     let cpu = candle_core::Device::Cpu;
@@ -466,28 +642,75 @@ pub fn sparse_kl_against_autograd(dev: &candle_core::Device, tensor_cores: bool,
     let proj = ix.project(&x, &qr, &cos, &sin)?.detach();
     let sel = crate::dsa::select_topk(&proj.scores(&crate::dsa::causal_bias(t, dev)?)?, k)?;
     // A target distribution over each query's valid slots.
-    let target = softmax_last(&(randn(&[b, t, k], seed + 10, 1.0, &cpu)?.to_device(dev)? + sel.bias()?)?)?;
-    let params = [&ix.wq_b, &ix.wk, &ix.k_norm_weight, &ix.k_norm_bias, &ix.weights_proj];
+    let target =
+        softmax_last(&(randn(&[b, t, k], seed + 10, 1.0, &cpu)?.to_device(dev)? + sel.bias()?)?)?;
+    let params = [
+        &ix.wq_b,
+        &ix.wk,
+        &ix.k_norm_weight,
+        &ix.k_norm_bias,
+        &ix.weights_proj,
+    ];
     let mut twin: Vec<Option<Tensor>> = vec![None; params.len()];
-    let kl_twin = ix.backprop_sparse_kl((&x, &qr), &proj.k, &target, &sel, (&cos, &sin), rows, 0.7, |gs| {
-        for (i, p) in params.iter().enumerate() {
-            if let Some(g) = gs.get(p) {
-                twin[i] = Some(match twin[i].take() { Some(a) => (a + g)?, None => g.clone() });
+    let kl_twin = ix.backprop_sparse_kl(
+        (&x, &qr),
+        &proj.k,
+        &target,
+        &sel,
+        (&cos, &sin),
+        rows,
+        0.7,
+        |gs| {
+            for (i, p) in params.iter().enumerate() {
+                if let Some(g) = gs.get(p) {
+                    twin[i] = Some(match twin[i].take() {
+                        Some(a) => (a + g)?,
+                        None => g.clone(),
+                    });
+                }
             }
-        }
-        Ok(())
-    })?;
+            Ok(())
+        },
+    )?;
     let mut sink = super::grad_sink::GradMap::default();
-    let args = SparseKl { x: &x, qr: &qr, keys: &proj.k, target: &target, sel: &sel, cos: &cos, sin: &sin, rows, weight: 0.7 };
+    let args = SparseKl {
+        x: &x,
+        qr: &qr,
+        keys: &proj.k,
+        target: &target,
+        sel: &sel,
+        cos: &cos,
+        sin: &sin,
+        rows,
+        weight: 0.7,
+    };
     let kl = ix.sparse_kl_backward(&args, &mut sink)?;
-    let (a, e) = (kl_twin.to_dtype(DType::F32)?.to_scalar::<f32>()?, kl.to_dtype(DType::F32)?.to_scalar::<f32>()?);
+    let (a, e) = (
+        kl_twin.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        kl.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+    );
     let mut worst = 0f32;
     for (i, p) in params.iter().enumerate() {
         let (Some(want), Some(got)) = (twin[i].as_ref(), sink.sums.get(&p.id())) else {
-            anyhow::bail!("indexer weight {i}: the twin gives {} gradient, the explicit backward {}", if twin[i].is_some() { "a" } else { "no" }, if sink.sums.contains_key(&p.id()) { "one" } else { "none" });
+            anyhow::bail!(
+                "indexer weight {i}: the twin gives {} gradient, the explicit backward {}",
+                if twin[i].is_some() { "a" } else { "no" },
+                if sink.sums.contains_key(&p.id()) {
+                    "one"
+                } else {
+                    "none"
+                }
+            );
         };
-        let scale = want.abs()?.max_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let diff = (want.to_dtype(DType::F32)? - got)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let scale = want
+            .abs()?
+            .max_all()?
+            .to_dtype(DType::F32)?
+            .to_scalar::<f32>()?;
+        let diff = (want.to_dtype(DType::F32)? - got)?
+            .abs()?
+            .max_all()?
+            .to_scalar::<f32>()?;
         if scale == 0.0 {
             anyhow::bail!("indexer weight {i}: a zero gradient (the check would prove nothing)");
         }
@@ -502,35 +725,57 @@ impl IndexerProj {
     /// form: with k_sel the gathered keys and qk = q k_sel^T [BT, HI, K], g = d(scores) at
     /// valid slots: dw = g ReLU(qk)^T, d(qk) = w^T g where qk >= 0 (candle's ReLU gradient),
     /// dq = d(qk) k_sel, d(k_sel) = d(qk)^T q, each selected key's gradient added to its row.
-    pub fn scores_at_backward(&self, sel: &crate::dsa::Selection, tensor_cores: bool, grad: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    pub fn scores_at_backward(
+        &self,
+        sel: &crate::dsa::Selection,
+        tensor_cores: bool,
+        grad: &Tensor,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, t, hi, di) = self.q.dims4()?;
         let tk = self.k.dim(1)?;
         let kk = sel.k()?;
         let q = self.q.contiguous()?.reshape((b * t, hi, di))?;
         let w = self.w.contiguous()?.reshape((b * t, hi))?;
         let k = self.k.reshape((b * tk, di))?;
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?.reshape((b * t, kk))?;
+        let grad = grad
+            .to_dtype(DType::F32)?
+            .contiguous()?
+            .reshape((b * t, kk))?;
         let (dq, dw, dk) = if crate::kernels::available(self.q.device()) {
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
             if tensor_cores && crate::kernels::indexer_at_tc::supported(hi, di) {
-                crate::kernels::indexer_at_tc::indexer_scores_at_bf16_backward(&q, &w, &k, &idx, &grad)?
+                crate::kernels::indexer_at_tc::indexer_scores_at_bf16_backward(
+                    &q, &w, &k, &idx, &grad,
+                )?
             } else {
                 crate::kernels::indexer_scores_at_backward(&q, &w, &k, &idx, &grad)?
             }
         } else {
-            let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?.affine(tk as f64, 0.0)?.reshape((b, 1, 1))?;
-            let flat = sel.indices()?.broadcast_add(&offsets)?.contiguous()?.flatten_all()?;
+            let offsets = Tensor::arange(0u32, b as u32, sel.absolute.device())?
+                .affine(tk as f64, 0.0)?
+                .reshape((b, 1, 1))?;
+            let flat = sel
+                .indices()?
+                .broadcast_add(&offsets)?
+                .contiguous()?
+                .flatten_all()?;
             let k_sel = k.index_select(&flat, 0)?.reshape((b * t, kk, di))?; // [BT, K, DI]
             let qk = q.matmul(&k_sel.t()?.contiguous()?)?; // [BT, HI, K]
             let g = (grad * sel.valid()?.reshape((b * t, kk))?)?.reshape((b * t, 1, kk))?;
             let dw = g.matmul(&qk.relu()?.t()?)?.reshape((b * t, hi))?;
-            let dqk = (w.reshape((b * t, hi, 1))?.matmul(&g)? * qk.ge(0f32)?.to_dtype(DType::F32)?)?; // [BT, HI, K]
+            let dqk =
+                (w.reshape((b * t, hi, 1))?.matmul(&g)? * qk.ge(0f32)?.to_dtype(DType::F32)?)?; // [BT, HI, K]
             let dq = dqk.matmul(&k_sel)?;
             let dk_sel = dqk.t()?.matmul(&q)?.reshape((b * t * kk, di))?;
-            let dk = Tensor::zeros((b * tk, di), DType::F32, q.device())?.index_add(&flat, &dk_sel, 0)?;
+            let dk = Tensor::zeros((b * tk, di), DType::F32, q.device())?
+                .index_add(&flat, &dk_sel, 0)?;
             (dq, dw, dk)
         };
-        Ok((dq.reshape((b, t, hi, di))?, dw.reshape((b, t, hi))?, dk.reshape((b, tk, di))?))
+        Ok((
+            dq.reshape((b, t, hi, di))?,
+            dw.reshape((b, t, hi))?,
+            dk.reshape((b, tk, di))?,
+        ))
     }
 }
 
@@ -552,15 +797,31 @@ mod tests {
         let causal = crate::dsa::causal_bias(t, &dev).unwrap();
         let dense = proj.scores(&causal).unwrap();
         let sel = crate::dsa::select_topk(&dense, 5).unwrap();
-        let gathered = (dense.gather(&sel.indices().unwrap(), 2).unwrap() * sel.valid().unwrap()).unwrap();
+        let gathered =
+            (dense.gather(&sel.indices().unwrap(), 2).unwrap() * sel.valid().unwrap()).unwrap();
         let direct = proj.scores_at(&sel, false).unwrap();
-        let diff = (gathered - direct).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        let diff = (gathered - direct)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
         let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, &dev, |q0, n| {
-            Ok(proj.scores_rows(q0, n)?.broadcast_add(&causal.narrow(0, q0, n)?)?)
-        }).unwrap();
-        assert_eq!(streamed.indices().unwrap().to_vec3::<u32>().unwrap(), sel.indices().unwrap().to_vec3::<u32>().unwrap());
+            Ok(proj
+                .scores_rows(q0, n)?
+                .broadcast_add(&causal.narrow(0, q0, n)?)?)
+        })
+        .unwrap();
+        assert_eq!(
+            streamed.indices().unwrap().to_vec3::<u32>().unwrap(),
+            sel.indices().unwrap().to_vec3::<u32>().unwrap()
+        );
     }
 }
 
@@ -576,8 +837,18 @@ mod grad_tests {
     #[test]
     fn explicit_sparse_kl_backward_matches_autograd() {
         for rows in [11, 4, 1] {
-            let (kl_err, grad_err) = sparse_kl_against_autograd(&Device::Cpu, false, (2, 11, 24, 20, 3, 16, 8, 4), rows, 1).unwrap();
-            assert!(kl_err <= 1e-6 && grad_err <= 1e-5, "rows {rows}: KL off by {kl_err}, gradients by {grad_err}");
+            let (kl_err, grad_err) = sparse_kl_against_autograd(
+                &Device::Cpu,
+                false,
+                (2, 11, 24, 20, 3, 16, 8, 4),
+                rows,
+                1,
+            )
+            .unwrap();
+            assert!(
+                kl_err <= 1e-6 && grad_err <= 1e-5,
+                "rows {rows}: KL off by {kl_err}, gradients by {grad_err}"
+            );
         }
     }
 
@@ -587,7 +858,12 @@ mod grad_tests {
     fn explicit_projections_backward_matches_autograd() {
         let dev = Device::Cpu;
         let (b, t, d, ql, hi, di, rope) = (2, 7, 24, 20, 3, 16, 8);
-        let var = |shape: &[usize], seed: u64, mean: f64| Var::from_tensor(&(randn(shape, seed, 0.3, &dev).unwrap() + mean).unwrap()).unwrap().as_tensor().clone();
+        let var = |shape: &[usize], seed: u64, mean: f64| {
+            Var::from_tensor(&(randn(shape, seed, 0.3, &dev).unwrap() + mean).unwrap())
+                .unwrap()
+                .as_tensor()
+                .clone()
+        };
         let ix = Indexer {
             tensor_cores: false,
             wq_b: var(&[hi * di, ql], 1, 0.0),
@@ -599,30 +875,63 @@ mod grad_tests {
             head_dim: di,
             rope,
         };
-        let (x, qr) = (randn(&[b, t, d], 6, 1.0, &dev).unwrap(), randn(&[b, t, ql], 7, 1.0, &dev).unwrap());
+        let (x, qr) = (
+            randn(&[b, t, d], 6, 1.0, &dev).unwrap(),
+            randn(&[b, t, ql], 7, 1.0, &dev).unwrap(),
+        );
         let angles = randn(&[t, rope / 2], 8, 3.0, &dev).unwrap();
         let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
-        let (dq, dw, dk) = (randn(&[b, t, hi, di], 9, 1.0, &dev).unwrap(), randn(&[b, t, hi], 10, 1.0, &dev).unwrap(), randn(&[b, t, di], 11, 1.0, &dev).unwrap());
-        let params = [&ix.wq_b, &ix.wk, &ix.k_norm_weight, &ix.k_norm_bias, &ix.weights_proj];
+        let (dq, dw, dk) = (
+            randn(&[b, t, hi, di], 9, 1.0, &dev).unwrap(),
+            randn(&[b, t, hi], 10, 1.0, &dev).unwrap(),
+            randn(&[b, t, di], 11, 1.0, &dev).unwrap(),
+        );
+        let params = [
+            &ix.wq_b,
+            &ix.wk,
+            &ix.k_norm_weight,
+            &ix.k_norm_bias,
+            &ix.weights_proj,
+        ];
         for rows in [t, 3] {
             let mut twin: Vec<Option<Tensor>> = vec![None; params.len()];
             ix.backprop_rows(&x, &qr, &cos, &sin, (&dq, &dw, &dk), rows, |gs| {
                 for (i, p) in params.iter().enumerate() {
                     if let Some(g) = gs.get(p) {
-                        twin[i] = Some(match twin[i].take() { Some(a) => (a + g)?, None => g.clone() });
+                        twin[i] = Some(match twin[i].take() {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        });
                     }
                 }
                 Ok(())
             })
             .unwrap();
             let mut sink = crate::model::grad_sink::GradMap::default();
-            ix.projections_backward(&x, &qr, &cos, &sin, (&dq, &dw, &dk), rows, &mut sink).unwrap();
+            ix.projections_backward(&x, &qr, &cos, &sin, (&dq, &dw, &dk), rows, &mut sink)
+                .unwrap();
             for (i, p) in params.iter().enumerate() {
                 let want = twin[i].as_ref().unwrap();
                 let got = &sink.sums[&p.id()];
-                let scale = want.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                let diff = (want - got).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-                assert!(scale > 0.0 && diff <= 1e-5 * scale, "rows {rows}: parameter {i}: max diff {diff} (max |g| {scale})");
+                let scale = want
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                let diff = (want - got)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap();
+                assert!(
+                    scale > 0.0 && diff <= 1e-5 * scale,
+                    "rows {rows}: parameter {i}: max diff {diff} (max |g| {scale})"
+                );
             }
         }
     }
@@ -634,13 +943,30 @@ mod grad_tests {
         let q = Var::from_tensor(&randn(&[b, t, hi, di], 3, 1.0, &dev).unwrap()).unwrap();
         let w = Var::from_tensor(&randn(&[b, t, hi], 4, 1.0, &dev).unwrap()).unwrap();
         let k = Var::from_tensor(&randn(&[b, t, di], 5, 1.0, &dev).unwrap()).unwrap();
-        let proj = IndexerProj { q: q.as_tensor().clone(), k: k.as_tensor().clone(), w: w.as_tensor().clone() };
+        let proj = IndexerProj {
+            q: q.as_tensor().clone(),
+            k: k.as_tensor().clone(),
+            w: w.as_tensor().clone(),
+        };
         let causal = crate::dsa::causal_bias(t, &dev).unwrap();
         let sel = crate::dsa::select_topk(&proj.scores(&causal).unwrap().detach(), 8).unwrap();
         let up = randn(&[b, t, 8], 6, 1.0, &dev).unwrap();
-        let g = (proj.scores_at(&sel, false).unwrap() * up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g = (proj.scores_at(&sel, false).unwrap() * up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         for v in [&q, &w, &k] {
-            let n = g.get(v.as_tensor()).unwrap().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+            let n = g
+                .get(v.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
             assert!(n > 0.0, "zero gradient for {:?}", v.shape());
         }
     }

@@ -23,6 +23,7 @@ use candle_core::{DType, Device, Result, Tensor};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
+use crate::dist::expert::ExpertShard;
 use crate::dsa::{recall_rows, select_topk};
 use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
@@ -30,7 +31,6 @@ use crate::weights::{self, ParamSet};
 use attention::Mla;
 use indexer::{Indexer, IndexerProj};
 use moe::{Mlp, Moe};
-use crate::dist::expert::ExpertShard;
 
 /// Which attention the main model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +79,18 @@ pub struct ForwardOptions {
 impl ForwardOptions {
     /// Inference-style options: statistics as asked, nothing detached or deferred.
     pub fn new(attention: AttentionMode, topk: usize) -> Self {
-        Self { attention, topk, indexer_kl: true, recall: true, detach_indexer_inputs: false, seq_balance: false, defer_dense_kl: false, block_rows: 0, indexer_rows: 0, eval_rows: None }
+        Self {
+            attention,
+            topk,
+            indexer_kl: true,
+            recall: true,
+            detach_indexer_inputs: false,
+            seq_balance: false,
+            defer_dense_kl: false,
+            block_rows: 0,
+            indexer_rows: 0,
+            eval_rows: None,
+        }
     }
 }
 
@@ -87,14 +98,25 @@ impl ForwardOptions {
 pub enum DeferredKl {
     /// The plain path: the head-mean dense probabilities [B, T, T] (detached), evaluated a
     /// block of queries at a time.
-    Plain { proj: indexer::IndexerProj, target: Tensor },
+    Plain {
+        proj: indexer::IndexerProj,
+        target: Tensor,
+    },
     /// The streaming kernel: the target is recomputed tile by tile from q, k and the LSE.
-    Streaming { proj: indexer::IndexerProj, scores: attention::DenseScores },
+    Streaming {
+        proj: indexer::IndexerProj,
+        scores: attention::DenseScores,
+    },
     /// Sparse stage: the KL over each query's selected set against the sparse attention's
     /// head-mean probabilities `target` [B, T, K]. Only the keys [B, T, DI] (f32, detached) are
     /// kept: `Indexer::backprop_sparse_kl` projects the queries and head weights again from
     /// `LayerStats::indexer_inputs`, `rows` queries at a time.
-    Sparse { keys: Tensor, target: Tensor, sel: crate::dsa::Selection, rows: usize },
+    Sparse {
+        keys: Tensor,
+        target: Tensor,
+        sel: crate::dsa::Selection,
+        rows: usize,
+    },
 }
 
 impl DeferredKl {
@@ -107,13 +129,23 @@ impl DeferredKl {
     }
 
     /// Plain path: per-query KL of queries q0..q0+n, [B, n], differentiable in the indexer.
-    pub fn block(proj: &indexer::IndexerProj, target: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
+    pub fn block(
+        proj: &indexer::IndexerProj,
+        target: &Tensor,
+        q0: usize,
+        n: usize,
+    ) -> Result<Tensor> {
         Self::kl_rows_of(proj, &target.narrow(1, q0, n)?, q0, n)
     }
 
     /// The warm-up KL of queries q0..q0+n against their target rows `target` [B, n, T]: the
     /// indexer's scores of those rows plus their causal bias, `kl_rows`. Returns [B, n].
-    pub fn kl_rows_of(proj: &indexer::IndexerProj, target: &Tensor, q0: usize, n: usize) -> Result<Tensor> {
+    pub fn kl_rows_of(
+        proj: &indexer::IndexerProj,
+        target: &Tensor,
+        q0: usize,
+        n: usize,
+    ) -> Result<Tensor> {
         let t = proj.k.dim(1)?;
         let bias = crate::dsa::causal_rows(q0, n, t, proj.k.device())?;
         let scores = proj.scores_rows(q0, n)?.broadcast_add(&bias)?; // [B, n, T]
@@ -198,13 +230,24 @@ impl ForwardContext {
 }
 
 impl DecoderLayer {
-    pub fn forward(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions) -> Result<(Tensor, LayerStats)> {
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, LayerStats)> {
         self.forward_with(h, ctx, opts, None)
     }
 
     /// `forward`, reusing `cached` as the sparse selection instead of running the indexer's
     /// top-k again (the recomputing backward: same input, so the same sets).
-    pub fn forward_with(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<(Tensor, LayerStats)> {
+    pub fn forward_with(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+    ) -> Result<(Tensor, LayerStats)> {
         if opts.block_rows > 0 && opts.attention == AttentionMode::Sparse && !opts.recall {
             return self.forward_blocks(h, ctx, opts, cached);
         }
@@ -222,30 +265,47 @@ impl DecoderLayer {
         let region = crate::profile::region("layer: attention (with top-k, KL, recall)");
         let attn_out = match opts.attention {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
-            AttentionMode::Dense if opts.defer_dense_kl && self.attn.streaming_supported(&proj, self.indexer.heads, self.indexer.head_dim) => {
+            AttentionMode::Dense
+                if opts.defer_dense_kl
+                    && self.attn.streaming_supported(
+                        &proj,
+                        self.indexer.heads,
+                        self.indexer.head_dim,
+                    ) =>
+            {
                 let (out, scores) = self.attn.dense_streaming(&proj)?;
-                stats.deferred_kl = Some(DeferredKl::Streaming { proj: ix.expect("deferred KL projects the indexer").whole()?, scores });
+                stats.deferred_kl = Some(DeferredKl::Streaming {
+                    proj: ix.expect("deferred KL projects the indexer").whole()?,
+                    scores,
+                });
                 out
             }
             // No indexer statistic wants the probabilities (the dense pre-training stage): the
             // flash-style forward and backward (kernels, or the block-recomputing twin), no
             // [H, T, T] graph.
-            AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => self.attn.dense_recomputing(&proj)?,
+            AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => {
+                self.attn.dense_recomputing(&proj)?
+            }
             AttentionMode::Dense => {
                 let ix = ix.map(IndexerView::whole).transpose()?;
                 let causal = ctx.causal(0, ctx.t)?;
                 let a = self.attn.dense(&proj, &causal)?;
                 if opts.defer_dense_kl {
                     let proj = ix.expect("deferred KL projects the indexer");
-                    stats.deferred_kl = Some(DeferredKl::Plain { proj, target: a.probs()?.clone() });
+                    stats.deferred_kl = Some(DeferredKl::Plain {
+                        proj,
+                        target: a.probs()?.clone(),
+                    });
                 } else if let Some(ix) = &ix {
                     let scores = ix.scores(&causal)?; // [B, T, T]
                     if opts.indexer_kl {
                         stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
                     }
                     if opts.recall {
-                        let sel = select_topk(&scores.detach(), opts.topk).map_err(candle_core::Error::wrap)?;
-                        stats.recall = Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
+                        let sel = select_topk(&scores.detach(), opts.topk)
+                            .map_err(candle_core::Error::wrap)?;
+                        stats.recall =
+                            Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
                     }
                 }
                 a.out
@@ -254,16 +314,26 @@ impl DecoderLayer {
                 let region = crate::profile::region("attention: selection (indexer top-k)");
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
                 drop(region);
-                let region = crate::profile::region("attention: sparse MLA forward (and probabilities)");
+                let region =
+                    crate::profile::region("attention: sparse MLA forward (and probabilities)");
                 let a = self.attn.sparse(&proj, &sel, opts.indexer_kl)?;
                 drop(region);
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.probs()?.clone(), &sel, self.indexer.tensor_cores, &mut stats)?;
+                    sparse_kl(
+                        ix,
+                        a.probs()?.clone(),
+                        &sel,
+                        self.indexer.tensor_cores,
+                        &mut stats,
+                    )?;
                 }
                 if opts.recall {
-                    let dense = self.attn.dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
-                    stats.recall = Some(recall_rows(&dense, &sel).map_err(candle_core::Error::wrap)?);
+                    let dense = self
+                        .attn
+                        .dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
+                    stats.recall =
+                        Some(recall_rows(&dense, &sel).map_err(candle_core::Error::wrap)?);
                 }
                 stats.selection = Some(sel);
                 a.out
@@ -318,9 +388,14 @@ impl DecoderLayer {
                 let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
                 let sel = match (&ix, opts.recall) {
                     (Some(p), true) => {
-                        let queries = |q0: usize, n: usize| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?));
-                        let fast = self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(p.k.device());
-                        Some(select_indexer_topk(&p.k, queries, rows, ctx, opts.topk, fast)?)
+                        let queries = |q0: usize, n: usize| {
+                            Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?))
+                        };
+                        let fast = self.attn.q_b_proj.dtype() == DType::BF16
+                            && crate::kernels::available(p.k.device());
+                        Some(select_indexer_topk(
+                            &p.k, queries, rows, ctx, opts.topk, fast,
+                        )?)
                     }
                     _ => None,
                 };
@@ -341,7 +416,13 @@ impl DecoderLayer {
                 let a = self.attn.sparse(proj, &sel, opts.indexer_kl)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(ix, a.probs()?.clone(), &sel, self.indexer.tensor_cores, stats)?;
+                    sparse_kl(
+                        ix,
+                        a.probs()?.clone(),
+                        &sel,
+                        self.indexer.tensor_cores,
+                        stats,
+                    )?;
                 }
                 if opts.recall {
                     self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
@@ -370,19 +451,38 @@ impl DecoderLayer {
     /// with sparse attention and a deferred KL (the sparse stage), the keys of every token
     /// alone, f32 [B, T, DI], since the queries (HI x DI per token) are projected again a block
     /// of rows at a time wherever they are needed; otherwise leaf copies of all three.
-    fn project_indexer(&self, x: &Tensor, qr: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: bool, stats: &mut LayerStats) -> Result<Option<IndexerView>> {
-        let need_indexer = (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
+    fn project_indexer(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: bool,
+        stats: &mut LayerStats,
+    ) -> Result<Option<IndexerView>> {
+        let need_indexer =
+            (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
         if !need_indexer {
             return Ok(None);
         }
-        let (ix, iqr) = if opts.detach_indexer_inputs { (x.detach(), qr.detach()) } else { (x.clone(), qr.clone()) };
+        let (ix, iqr) = if opts.detach_indexer_inputs {
+            (x.detach(), qr.detach())
+        } else {
+            (x.clone(), qr.clone())
+        };
         if opts.attention == AttentionMode::Sparse && opts.defer_dense_kl {
             // The deferred KL stops at the projections whether or not the inputs are detached.
             let (x, qr) = (ix.detach(), iqr.detach());
             let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
             let (b, t, _) = x.dims3()?;
             let rows = match opts.indexer_rows {
-                0 => indexer::sparse_block_rows(b, t, self.indexer.heads, self.indexer.head_dim, opts.topk),
+                0 => indexer::sparse_block_rows(
+                    b,
+                    t,
+                    self.indexer.heads,
+                    self.indexer.head_dim,
+                    opts.topk,
+                ),
                 forced => forced.min(t),
             };
             stats.indexer_inputs = Some((x.clone(), qr.clone()));
@@ -392,7 +492,11 @@ impl DecoderLayer {
         if opts.detach_indexer_inputs || opts.defer_dense_kl {
             let leaves = p.leaves()?;
             stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
-            stats.indexer_proj = Some(IndexerProj { q: leaves.q.clone(), k: leaves.k.clone(), w: leaves.w.clone() });
+            stats.indexer_proj = Some(IndexerProj {
+                q: leaves.q.clone(),
+                k: leaves.k.clone(),
+                w: leaves.w.clone(),
+            });
             Ok(Some(IndexerView::Whole(leaves)))
         } else {
             Ok(Some(IndexerView::Whole(p)))
@@ -404,23 +508,44 @@ impl DecoderLayer {
     /// `whole_rows`: with the whole projections, query rows per block of the host path (at
     /// most `dsa::query_block`; its [B, n*HI, T] intermediate is HI times that block's scores);
     /// the device kernel takes every row at once and chunks its score buffer itself.
-    fn selection(&self, ix: Option<&IndexerView>, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>, whole_rows: usize) -> Result<crate::dsa::Selection> {
+    fn selection(
+        &self,
+        ix: Option<&IndexerView>,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+        whole_rows: usize,
+    ) -> Result<crate::dsa::Selection> {
         if let Some(sel) = cached {
             return Ok(sel.clone());
         }
         let ix = ix.expect("sparse attention projects the indexer");
-        let fast = |keys: &Tensor| self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(keys.device());
+        let fast = |keys: &Tensor| {
+            self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(keys.device())
+        };
         match ix {
             IndexerView::Whole(p) => {
                 let p = p.detach();
                 let fast = fast(&p.k);
                 let rows = if fast { p.k.dim(1)? } else { whole_rows };
-                select_indexer_topk(&p.k, |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)), rows, ctx, opts.topk, fast)
+                select_indexer_topk(
+                    &p.k,
+                    |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)),
+                    rows,
+                    ctx,
+                    opts.topk,
+                    fast,
+                )
             }
             IndexerView::Keys { k, x, qr, rows } => {
                 let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
                     let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
-                    let (q, w) = self.indexer.project_queries(&x.narrow(1, q0, n)?, &qr.narrow(1, q0, n)?, &cos, &sin)?;
+                    let (q, w) = self.indexer.project_queries(
+                        &x.narrow(1, q0, n)?,
+                        &qr.narrow(1, q0, n)?,
+                        &cos,
+                        &sin,
+                    )?;
                     Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
                 };
                 select_indexer_topk(k, queries, *rows, ctx, opts.topk, fast(k))
@@ -431,7 +556,13 @@ impl DecoderLayer {
     /// `forward_with` in block mode (sparse attention, `opts.block_rows` queries at a time):
     /// the indexer over the whole sequence as usual, then `sparse_blocks`; the output is
     /// detached and the balance loss is left to the blocked backward (`balance_weights`).
-    fn forward_blocks(&self, h: &Tensor, ctx: &ForwardContext, opts: &ForwardOptions, cached: Option<&crate::dsa::Selection>) -> Result<(Tensor, LayerStats)> {
+    fn forward_blocks(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+    ) -> Result<(Tensor, LayerStats)> {
         let mut stats = LayerStats::default();
         let x = rms_norm(&h.detach(), &self.input_norm, self.eps)?;
         let qr = self.attn.project_qr(&x)?;
@@ -462,7 +593,12 @@ enum IndexerView {
     /// The sparse stage's training: the keys of every token [B, T, DI] (f32, detached) and the
     /// detached inputs x [B, T, hidden], qr [B, T, q_lora]; queries and head weights exist only
     /// `rows` tokens at a time (`Indexer::project_queries`).
-    Keys { k: Tensor, x: Tensor, qr: Tensor, rows: usize },
+    Keys {
+        k: Tensor,
+        x: Tensor,
+        qr: Tensor,
+        rows: usize,
+    },
 }
 
 impl IndexerView {
@@ -470,7 +606,9 @@ impl IndexerView {
     fn whole(self) -> Result<IndexerProj> {
         match self {
             IndexerView::Whole(p) => Ok(p),
-            IndexerView::Keys { .. } => candle_core::bail!("only the sparse stage keeps the indexer's keys alone; this pass needs its queries"),
+            IndexerView::Keys { .. } => candle_core::bail!(
+                "only the sparse stage keeps the indexer's keys alone; this pass needs its queries"
+            ),
         }
     }
 }
@@ -479,10 +617,21 @@ impl IndexerView {
 /// attention's head-mean probabilities `target` [B, T, K]: deferred to the trainer as (keys,
 /// target, sets) when only the keys are kept, otherwise per query into `stats.indexer_kl`
 /// (scores at the sets plus their bias, f32; differentiable in the projections).
-fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, tensor_cores: bool, stats: &mut LayerStats) -> Result<()> {
+fn sparse_kl(
+    ix: &IndexerView,
+    target: Tensor,
+    sel: &crate::dsa::Selection,
+    tensor_cores: bool,
+    stats: &mut LayerStats,
+) -> Result<()> {
     match ix {
         IndexerView::Keys { k, rows, .. } => {
-            stats.deferred_kl = Some(DeferredKl::Sparse { keys: k.clone(), target, sel: sel.clone(), rows: *rows });
+            stats.deferred_kl = Some(DeferredKl::Sparse {
+                keys: k.clone(),
+                target,
+                sel: sel.clone(),
+                rows: *rows,
+            });
         }
         IndexerView::Whole(p) => {
             let on_set = (p.scores_at(sel, tensor_cores)? + sel.bias()?)?; // [B, T, K]
@@ -495,10 +644,18 @@ fn sparse_kl(ix: &IndexerView, target: Tensor, sel: &crate::dsa::Selection, tens
 /// Attention-mass recall of queries q0..q0+n, [B, n]: `probs` [B, n, T] their head-mean
 /// dense probabilities, `sel` the sets of every query. Sequence by sequence: one sequence's
 /// block of sets (`Selection::block`) is contiguous, which `recall_rows`' gather needs.
-fn recall_block(probs: &Tensor, sel: &crate::dsa::Selection, q0: usize, n: usize) -> Result<Tensor> {
+fn recall_block(
+    probs: &Tensor,
+    sel: &crate::dsa::Selection,
+    q0: usize,
+    n: usize,
+) -> Result<Tensor> {
     let b = probs.dim(0)?;
     let per_seq = (0..b)
-        .map(|bi| recall_rows(&probs.narrow(0, bi, 1)?, &sel.block(bi, q0, n)?).map_err(candle_core::Error::wrap))
+        .map(|bi| {
+            recall_rows(&probs.narrow(0, bi, 1)?, &sel.block(bi, q0, n)?)
+                .map_err(candle_core::Error::wrap)
+        })
         .collect::<Result<Vec<_>>>()?; // [1, n] each
     Tensor::cat(&per_seq, 0)
 }
@@ -535,7 +692,13 @@ fn select_indexer_topk(
             let (q, w) = queries(q0, n)?;
             let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
             for (bi, parts) in per_seq.iter_mut().enumerate() {
-                let positions = crate::kernels::indexer_topk::indexer_topk(&q.get(bi)?, &w.get(bi)?, &keys.get(bi)?, q0, k)?;
+                let positions = crate::kernels::indexer_topk::indexer_topk(
+                    &q.get(bi)?,
+                    &w.get(bi)?,
+                    &keys.get(bi)?,
+                    q0,
+                    k,
+                )?;
                 parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
             }
         }
@@ -548,11 +711,24 @@ fn select_indexer_topk(
         return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?);
     }
     let keys = keys.clone();
-    crate::dsa::select_topk_streaming(b, t, k, rows.min(crate::dsa::query_block(b, t)), keys.device(), |q0, n| {
-        let (q, w) = queries(q0, n)?;
-        let block = IndexerProj { q, k: keys.clone(), w };
-        Ok(block.scores_rows(0, n)?.broadcast_add(&ctx.causal(q0, n)?)?)
-    })
+    crate::dsa::select_topk_streaming(
+        b,
+        t,
+        k,
+        rows.min(crate::dsa::query_block(b, t)),
+        keys.device(),
+        |q0, n| {
+            let (q, w) = queries(q0, n)?;
+            let block = IndexerProj {
+                q,
+                k: keys.clone(),
+                w,
+            };
+            Ok(block
+                .scores_rows(0, n)?
+                .broadcast_add(&ctx.causal(q0, n)?)?)
+        },
+    )
     .map_err(candle_core::Error::wrap)
 }
 
@@ -592,7 +768,13 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { dtype: DType::F32, device: Device::Cpu, indexer: IndexerDefaults::default(), init_seed: 0, skip_mtp: false }
+        Self {
+            dtype: DType::F32,
+            device: Device::Cpu,
+            indexer: IndexerDefaults::default(),
+            init_seed: 0,
+            skip_mtp: false,
+        }
     }
 }
 
@@ -608,10 +790,14 @@ impl Model {
         let ckpt = Checkpoint::open(hf_dir)?;
         let with_mtp = cfg.num_nextn_predict_layers > 0 && !opts.skip_mtp;
         if cfg.num_nextn_predict_layers > 0 && opts.skip_mtp {
-            crate::elog!("[load] skipping the {} MTP layer(s) as asked", cfg.num_nextn_predict_layers);
+            crate::elog!(
+                "[load] skipping the {} MTP layer(s) as asked",
+                cfg.num_nextn_predict_layers
+            );
         }
         let specs = weights::model_weights(&cfg, with_mtp);
-        let (mut params, initialised) = weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
+        let (mut params, initialised) =
+            weights::load_params(&ckpt, &specs, opts.dtype, &opts.device, opts.init_seed)?;
         if !initialised.is_empty() {
             crate::elog!(
                 "[load] {} has no indexer tensors: initialised {} of them from seed {} ({}x{} heads, top-k {})",
@@ -623,23 +809,44 @@ impl Model {
             // A trained step holds its MTP layer's tensors too; without MTP they are not loaded.
             let main_layers = cfg.num_hidden_layers;
             overlay.retain(|n, _| {
-                n.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<usize>().ok()).is_none_or(|l| l < main_layers)
+                n.strip_prefix("model.layers.")
+                    .and_then(|r| r.split('.').next())
+                    .and_then(|l| l.parse::<usize>().ok())
+                    .is_none_or(|l| l < main_layers)
             });
         }
         if !overlay.is_empty() {
-            crate::elog!("[load] applied {} trained tensors from {}", overlay.len(), dir.display());
+            crate::elog!(
+                "[load] applied {} trained tensors from {}",
+                overlay.len(),
+                dir.display()
+            );
         }
         weights::apply_overlay(&mut params, &specs, overlay, opts.dtype)?;
         if let Some(name) = weights::first_non_finite(&params)? {
-            let file = if source.overlays.is_empty() { ckpt.file_of(&name).map(|f| hf_dir.join(f).display().to_string()) } else { None };
-            anyhow::bail!("tensor {name} (in {}) holds NaN or infinite values", file.unwrap_or_else(|| dir.display().to_string()));
+            let file = if source.overlays.is_empty() {
+                ckpt.file_of(&name)
+                    .map(|f| hf_dir.join(f).display().to_string())
+            } else {
+                None
+            };
+            anyhow::bail!(
+                "tensor {name} (in {}) holds NaN or infinite values",
+                file.unwrap_or_else(|| dir.display().to_string())
+            );
         }
         Model::from_params(cfg, &params, opts.dtype, &opts.device, with_mtp)
             .with_context(|| format!("building the model from {}", dir.display()))
     }
 
     /// Assemble the model from named parameters (as listed by `weights::model_weights`).
-    pub fn from_params(cfg: ModelConfig, params: &ParamSet, dtype: DType, device: &Device, with_mtp: bool) -> anyhow::Result<Self> {
+    pub fn from_params(
+        cfg: ModelConfig,
+        params: &ParamSet,
+        dtype: DType,
+        device: &Device,
+        with_mtp: bool,
+    ) -> anyhow::Result<Self> {
         Self::from_params_sharded(cfg, params, dtype, device, with_mtp, None)
     }
 
@@ -654,8 +861,14 @@ impl Model {
         shard: Option<&ExpertShard>,
     ) -> anyhow::Result<Self> {
         let get = |n: &str| weights::get(params, n).cloned();
-        let layers = (0..cfg.num_hidden_layers).map(|l| build_layer(&cfg, params, l, shard)).collect::<anyhow::Result<Vec<_>>>()?;
-        let lm_head = if cfg.tie_word_embeddings { get("model.embed_tokens.weight")? } else { get("lm_head.weight")? };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|l| build_layer(&cfg, params, l, shard))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let lm_head = if cfg.tie_word_embeddings {
+            get("model.embed_tokens.weight")?
+        } else {
+            get("lm_head.weight")?
+        };
         let mut mtp = vec![];
         if with_mtp {
             for m in 0..cfg.num_nextn_predict_layers {
@@ -691,18 +904,29 @@ impl Model {
 
     /// Final norm and LM head: [B, T, hidden] -> [B, T, vocab].
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
-        linear(&rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?, &self.lm_head)
+        linear(
+            &rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?,
+            &self.lm_head,
+        )
     }
 
     pub fn forward(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
         let (h, layers) = self.forward_layers(tokens, opts)?;
-        Ok(ForwardOutput { logits: self.head(&h)?, hidden: h, layers })
+        Ok(ForwardOutput {
+            logits: self.head(&h)?,
+            hidden: h,
+            layers,
+        })
     }
 
     /// `forward` without the LM head: the final hidden states [B, T, hidden] (before the last
     /// norm) and each layer's statistics. For callers that run the head in chunks of
     /// positions, since the [B, T, vocab] logits outgrow the accelerator at long lengths.
-    pub fn forward_layers(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<(Tensor, Vec<LayerStats>)> {
+    pub fn forward_layers(
+        &self,
+        tokens: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, Vec<LayerStats>)> {
         let (_, t) = tokens.dims2()?;
         let ctx = ForwardContext::new(&self.cfg, t, &self.device)?;
         let mut h = self.embed(tokens)?;
@@ -718,12 +942,22 @@ impl Model {
     /// Logits of MTP depth `depth` (0-based): position t predicts token t + 2 + depth, from the
     /// main model's final hidden state at t and the embedding of token t + 1 + depth.
     /// Returns [B, T - 1 - depth, vocab].
-    pub fn mtp_logits(&self, depth: usize, hidden: &Tensor, tokens: &Tensor, opts: &ForwardOptions) -> Result<(Tensor, LayerStats)> {
+    pub fn mtp_logits(
+        &self,
+        depth: usize,
+        hidden: &Tensor,
+        tokens: &Tensor,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, LayerStats)> {
         let m = &self.mtp[depth];
         let (_, t) = tokens.dims2()?;
         let n = t - 1 - depth;
         let eps = self.cfg.rms_norm_eps;
-        let e = rms_norm(&embed_with(&m.embed, &tokens.narrow(1, 1 + depth, n)?)?, &m.enorm, eps)?;
+        let e = rms_norm(
+            &embed_with(&m.embed, &tokens.narrow(1, 1 + depth, n)?)?,
+            &m.enorm,
+            eps,
+        )?;
         let hh = rms_norm(&hidden.narrow(1, 0, n)?, &m.hnorm, eps)?;
         let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
         let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
@@ -738,12 +972,20 @@ impl Model {
 fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t) = tokens.dims2()?;
     let d = table.dim(1)?;
-    let ids: Vec<u32> = tokens.flatten_all()?.to_dtype(candle_core::DType::U32)?.to_vec1()?;
+    let ids: Vec<u32> = tokens
+        .flatten_all()?
+        .to_dtype(candle_core::DType::U32)?
+        .to_vec1()?;
     let plan = crate::rows::RowPlan::gather(&ids, table.dim(0)?, table.device())?;
     plan.apply(table)?.reshape((b, t, d))
 }
 
-pub(crate) fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard: Option<&ExpertShard>) -> anyhow::Result<DecoderLayer> {
+pub(crate) fn build_layer(
+    cfg: &ModelConfig,
+    params: &ParamSet,
+    l: usize,
+    shard: Option<&ExpertShard>,
+) -> anyhow::Result<DecoderLayer> {
     let p = format!("model.layers.{l}.");
     let get = |n: &str| weights::get(params, &format!("{p}{n}")).cloned();
     let mlp = |prefix: &str| -> anyhow::Result<Mlp> {
@@ -763,7 +1005,11 @@ pub(crate) fn build_layer(cfg: &ModelConfig, params: &ParamSet, l: usize, shard:
                 .collect::<anyhow::Result<_>>()?,
             shard: shard.cloned(),
             n_experts: cfg.n_routed_experts,
-            shared: if cfg.n_shared_experts > 0 { Some(mlp("mlp.shared_experts.")?) } else { None },
+            shared: if cfg.n_shared_experts > 0 {
+                Some(mlp("mlp.shared_experts.")?)
+            } else {
+                None
+            },
             top_k: cfg.num_experts_per_tok,
             n_group: cfg.n_group,
             topk_group: cfg.topk_group,

@@ -15,7 +15,9 @@ use rayon::prelude::*;
 
 use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
-use crate::ops::{self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved};
+use crate::ops::{
+    self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved,
+};
 use crate::rows::RowPlan;
 
 pub struct Mlp {
@@ -36,8 +38,18 @@ impl Mlp {
     }
 
     /// The backward of `forward_saved`: dy -> dx; the three weights' gradients to `grads`.
-    pub fn backward(&self, x: &Tensor, saved: &SwigluSaved, dy: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
-        let want = [grads.wants(&self.gate), grads.wants(&self.up), grads.wants(&self.down)];
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        saved: &SwigluSaved,
+        dy: &Tensor,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let want = [
+            grads.wants(&self.gate),
+            grads.wants(&self.up),
+            grads.wants(&self.down),
+        ];
         let (dx, g) = swiglu_backward(x, saved, &self.gate, &self.up, &self.down, dy, want)?;
         add_if_wanted(grads, &self.gate, g.gate)?;
         add_if_wanted(grads, &self.up, g.up)?;
@@ -70,7 +82,14 @@ enum ExpertsSaved {
     /// The busy experts at once: `pad` takes the arrived rows to [E' * cap] padded rows (zeros
     /// past an expert's count), `unpad` takes them back; the padded input [E', cap, hidden],
     /// the stacked weights (gate, up, down) and the batched SwiGLU's saved values.
-    Grouped { busy: Vec<usize>, pad: RowPlan, unpad: RowPlan, xs: Tensor, stacks: [Tensor; 3], saved: SwigluSaved },
+    Grouped {
+        busy: Vec<usize>,
+        pad: RowPlan,
+        unpad: RowPlan,
+        xs: Tensor,
+        stacks: [Tensor; 3],
+        saved: SwigluSaved,
+    },
     /// No row reached an expert held here.
     Idle,
 }
@@ -149,7 +168,15 @@ pub fn route_token(biased: &[f32], n_group: usize, topk_group: usize, top_k: usi
     groups.sort_by(|&a, &b| desc(&group_scores, a, b));
     let mut keep = vec![false; n_group];
     groups.iter().take(topk_group).for_each(|&g| keep[g] = true);
-    let masked: Vec<f32> = (0..e).map(|i| if keep[i / per_group] { biased[i] } else { f32::NEG_INFINITY }).collect();
+    let masked: Vec<f32> = (0..e)
+        .map(|i| {
+            if keep[i / per_group] {
+                biased[i]
+            } else {
+                f32::NEG_INFINITY
+            }
+        })
+        .collect();
     let mut order: Vec<usize> = (0..e).collect();
     order.sort_by(|&a, &b| desc(&masked, a, b));
     order.truncate(top_k);
@@ -181,12 +208,21 @@ impl Moe {
         let (balance_loss, balance_weights) = if balance {
             let fw = self.balance_weights(&chosen, b, t);
             let f = Tensor::from_slice(&fw, (b, self.n_experts), x.device())?;
-            let p = scores.broadcast_div(&scores.sum_keepdim(1)?)?.reshape((b, t, self.n_experts))?.mean(1)?; // [B, E]
+            let p = scores
+                .broadcast_div(&scores.sum_keepdim(1)?)?
+                .reshape((b, t, self.n_experts))?
+                .mean(1)?; // [B, E]
             (Some((f * p)?.sum(1)?.mean_all()?), Some(fw))
         } else {
             (None, None)
         };
-        Ok(MoeOutput { out: out.reshape(dims)?, counts, balance_loss, balance_weights, chosen })
+        Ok(MoeOutput {
+            out: out.reshape(dims)?,
+            counts,
+            balance_loss,
+            balance_weights,
+            chosen,
+        })
     }
 
     /// Tokens routed to each expert.
@@ -222,7 +258,14 @@ impl Moe {
         let x = x.clone();
         let n = x.dim(0)?;
         let k = self.top_k;
-        let Routing { scores, chosen, weights, tokens_of, slots_of, .. } = self.route(&x, None)?;
+        let Routing {
+            scores,
+            chosen,
+            weights,
+            tokens_of,
+            slots_of,
+            ..
+        } = self.route(&x, None)?;
         let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
@@ -260,7 +303,10 @@ impl Moe {
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
         let chosen: Vec<u32> = match known {
             Some(c) if c.len() == n * k => c.to_vec(),
-            Some(c) => candle_core::bail!("MoE routing: {} known choices for {n} tokens of {k} experts", c.len()),
+            Some(c) => candle_core::bail!(
+                "MoE routing: {} known choices for {n} tokens of {k} experts",
+                c.len()
+            ),
             None => {
                 let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
                 let bias: Vec<f32> = self.bias.to_vec1()?;
@@ -270,7 +316,9 @@ impl Moe {
                 host.par_chunks(e)
                     .flat_map_iter(|row| {
                         let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                        route_token(&biased, self.n_group, self.topk_group, k).into_iter().map(|i| i as u32)
+                        route_token(&biased, self.n_group, self.topk_group, k)
+                            .into_iter()
+                            .map(|i| i as u32)
                     })
                     .collect() // [N*K] expert ids
             }
@@ -281,7 +329,9 @@ impl Moe {
         if self.norm_topk_prob {
             weights = weights.broadcast_div(&(weights.sum_keepdim(1)? + 1e-20)?)?;
         }
-        let weights = (weights * self.routed_scaling_factor)?.to_dtype(x.dtype())?.flatten_all()?; // [N*K]
+        let weights = (weights * self.routed_scaling_factor)?
+            .to_dtype(x.dtype())?
+            .flatten_all()?; // [N*K]
 
         // Group (token, slot) pairs by expert.
         let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; e];
@@ -290,7 +340,14 @@ impl Moe {
             tokens_of[ex as usize].push((slot / k) as u32);
             slots_of[ex as usize].push(slot as u32);
         }
-        Ok(Routing { scores, chosen, picked, weights, tokens_of, slots_of })
+        Ok(Routing {
+            scores,
+            chosen,
+            picked,
+            weights,
+            tokens_of,
+            slots_of,
+        })
     }
 
     /// `forward_flat` keeping what `backward` reads: x [N, hidden] -> (output when
@@ -299,7 +356,12 @@ impl Moe {
     /// SwiGLU per expert that has rows), with the expert-parallel exchange of
     /// `experts_sharded`. Rows are sorted by expert (then token), sent, computed by the experts
     /// held here, sent back in the order they left, weighted and summed per token in that order.
-    pub fn forward_saved(&self, x: &Tensor, known: Option<&[u32]>, want_output: bool) -> Result<(Option<Tensor>, MoeSaved)> {
+    pub fn forward_saved(
+        &self,
+        x: &Tensor,
+        known: Option<&[u32]>,
+        want_output: bool,
+    ) -> Result<(Option<Tensor>, MoeSaved)> {
         let (n, _) = x.dims2()?;
         let dev = x.device();
         let routing = self.route(&x.detach(), known)?;
@@ -311,25 +373,49 @@ impl Moe {
             None => {
                 // Expert e's rows are the next len(tokens_of[e]) sorted rows.
                 let mut at = 0u32;
-                let rows_of = routing.tokens_of.iter().map(|t| { let r = (at..at + t.len() as u32).collect::<Vec<_>>(); at += t.len() as u32; r }).collect::<Vec<_>>();
+                let rows_of = routing
+                    .tokens_of
+                    .iter()
+                    .map(|t| {
+                        let r = (at..at + t.len() as u32).collect::<Vec<_>>();
+                        at += t.len() as u32;
+                        r
+                    })
+                    .collect::<Vec<_>>();
                 (x_sorted, rows_of, None)
             }
             Some(shard) => {
                 let (send, recv, counts) = self.exchange_counts(&routing.tokens_of, shard)?;
                 let arrived = all_to_all_rows(&x_sorted, &shard.exchange, &send, &recv)?; // [R, hidden]
-                (arrived, arrived_rows_of(&counts, &recv, shard.count), Some((send, recv)))
+                (
+                    arrived,
+                    arrived_rows_of(&counts, &recv, shard.count),
+                    Some((send, recv)),
+                )
             }
         };
         let arrived_rows = arrived.dim(0)?;
         let (y, experts) = self.experts_forward_saved(&arrived, &rows_of)?;
         let back = match &exchange {
-            Some((send, recv)) => all_to_all_rows(&y, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
+            Some((send, recv)) => all_to_all_rows(
+                &y,
+                &self.shard.as_ref().expect("sharded").exchange,
+                recv,
+                send,
+            )?,
             None => y,
         }; // [S, hidden]
-        let shared = self.shared.as_ref().map(|mlp| mlp.forward_saved(x)).transpose()?;
+        let shared = self
+            .shared
+            .as_ref()
+            .map(|mlp| mlp.forward_saved(x))
+            .transpose()?;
         let out = if want_output {
-            let w = RowPlan::gather(&slot, n * self.top_k, dev)?.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
-            let out = RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)?;
+            let w = RowPlan::gather(&slot, n * self.top_k, dev)?
+                .apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
+            let out = RowPlan::gather(&tok, n, dev)?
+                .adjoint()
+                .apply(&back.broadcast_mul(&w)?)?;
             Some(match (&self.shared, &shared) {
                 (Some(mlp), Some(s)) => (out + s.output(&mlp.down)?)?,
                 _ => out,
@@ -337,7 +423,19 @@ impl Moe {
         } else {
             None
         };
-        Ok((out, MoeSaved { routing, tok, slot, exchange, experts, arrived_rows, back, shared }))
+        Ok((
+            out,
+            MoeSaved {
+                routing,
+                tok,
+                slot,
+                exchange,
+                experts,
+                arrived_rows,
+                back,
+                shared,
+            },
+        ))
     }
 
     /// The backward of `forward_saved`: dy [N, hidden] -> dx [N, hidden]; the experts', the
@@ -351,7 +449,14 @@ impl Moe {
     /// through the scaling, the normalisation (dp_j = (dw_j - sum_i dw_i w_i) / sum p, with
     /// w_i = p_i / sum p), into the chosen scores, and through the sigmoid into the router
     /// logits: dlogit = ds s (1 - s), router += dlogit^T x (f32), dx += dlogit router.
-    pub fn backward(&self, x: &Tensor, saved: &MoeSaved, dy: &Tensor, balance: Option<(&Tensor, usize, usize, f64)>, grads: &mut dyn GradSink) -> Result<Tensor> {
+    pub fn backward(
+        &self,
+        x: &Tensor,
+        saved: &MoeSaved,
+        dy: &Tensor,
+        balance: Option<(&Tensor, usize, usize, f64)>,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let (n, _) = x.dims2()?;
         let dev = x.device();
         let k = self.top_k;
@@ -363,40 +468,62 @@ impl Moe {
         let tok_plan = RowPlan::gather(&saved.tok, n, dev)?;
         let d_rows = tok_plan.apply(dy)?; // [S, hidden]
         let w = RowPlan::gather(&saved.slot, n * k, dev)?.apply(&r.weights.unsqueeze(1)?)?; // [S, 1]
-        let dw_rows = (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
+        let dw_rows =
+            (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
         let d_back = d_rows.broadcast_mul(&w)?;
         let d_y = match &saved.exchange {
-            Some((send, recv)) => all_to_all_rows(&d_back, &self.shard.as_ref().expect("sharded").exchange, send, recv)?,
+            Some((send, recv)) => all_to_all_rows(
+                &d_back,
+                &self.shard.as_ref().expect("sharded").exchange,
+                send,
+                recv,
+            )?,
             None => d_back,
         }; // [R, hidden]
         let d_arrived = self.experts_backward(&saved.experts, saved.arrived_rows, &d_y, grads)?;
         let d_sorted = match &saved.exchange {
-            Some((send, recv)) => all_to_all_rows(&d_arrived, &self.shard.as_ref().expect("sharded").exchange, recv, send)?,
+            Some((send, recv)) => all_to_all_rows(
+                &d_arrived,
+                &self.shard.as_ref().expect("sharded").exchange,
+                recv,
+                send,
+            )?,
             None => d_arrived,
         }; // [S, hidden]
         dx = (dx + tok_plan.adjoint().apply(&d_sorted)?)?;
         // The weights' path into the scores.
-        let dweights = RowPlan::gather(&saved.slot, n * k, dev)?.adjoint().apply(&dw_rows)?.reshape((n, k))?; // [N, K] f32
+        let dweights = RowPlan::gather(&saved.slot, n * k, dev)?
+            .adjoint()
+            .apply(&dw_rows)?
+            .reshape((n, k))?; // [N, K] f32
         let dweights = (dweights * self.routed_scaling_factor)?;
         let dpicked = if self.norm_topk_prob {
             let sum = (r.picked.sum_keepdim(1)? + 1e-20)?;
             let normed = r.picked.broadcast_div(&sum)?;
-            dweights.broadcast_sub(&(&dweights * normed)?.sum_keepdim(1)?)?.broadcast_div(&sum)?
+            dweights
+                .broadcast_sub(&(&dweights * normed)?.sum_keepdim(1)?)?
+                .broadcast_div(&sum)?
         } else {
             dweights
         };
         let chosen_t = Tensor::from_slice(&r.chosen, (n, k), dev)?;
-        let mut dscores = r.scores.zeros_like()?.scatter_add(&chosen_t, &dpicked.contiguous()?, 1)?; // [N, E]
+        let mut dscores =
+            r.scores
+                .zeros_like()?
+                .scatter_add(&chosen_t, &dpicked.contiguous()?, 1)?; // [N, E]
         if let Some((f_rows, b, t, weight)) = balance {
             // d/ds_te of weight/(B T) sum_t sum_e f_te s_te / S_t, S_t = sum_j s_tj.
             let sum = r.scores.sum_keepdim(1)?;
             let fs = (f_rows * &r.scores)?.sum_keepdim(1)?;
-            let d = (f_rows.broadcast_div(&sum)? - fs.broadcast_div(&sum.sqr()?)?.broadcast_as(f_rows.shape())?)?;
+            let d = (f_rows.broadcast_div(&sum)?
+                - fs.broadcast_div(&sum.sqr()?)?
+                    .broadcast_as(f_rows.shape())?)?;
             dscores = (dscores + (d * (weight / (b * t) as f64))?)?;
         }
         let dlogits = (dscores * (&r.scores * r.scores.affine(-1.0, 1.0)?)?)?; // [N, E] f32
         let x32 = x.to_dtype(DType::F32)?;
-        let (dx32, drouter) = crate::ops::linear_backward(&x32, &self.router, &dlogits, grads.wants(&self.router))?;
+        let (dx32, drouter) =
+            crate::ops::linear_backward(&x32, &self.router, &dlogits, grads.wants(&self.router))?;
         add_if_wanted(grads, &self.router, drouter)?;
         dx + dx32.to_dtype(x.dtype())?
     }
@@ -404,16 +531,26 @@ impl Moe {
     /// The routed experts on the rows that arrived here [R, hidden], expert j (index into
     /// `experts`) taking rows `rows_of[j]`: their outputs in arrival order [R, hidden] and
     /// what `experts_backward` reads. Grouped or per expert as `compute` says.
-    fn experts_forward_saved(&self, arrived: &Tensor, rows_of: &[Vec<u32>]) -> Result<(Tensor, ExpertsSaved)> {
+    fn experts_forward_saved(
+        &self,
+        arrived: &Tensor,
+        rows_of: &[Vec<u32>],
+    ) -> Result<(Tensor, ExpertsSaved)> {
         let (r, d) = arrived.dims2()?;
         let dev = arrived.device();
-        let busy: Vec<usize> = (0..rows_of.len()).filter(|&j| !rows_of[j].is_empty()).collect();
+        let busy: Vec<usize> = (0..rows_of.len())
+            .filter(|&j| !rows_of[j].is_empty())
+            .collect();
         if busy.is_empty() {
             return Ok((arrived.zeros_like()?, ExpertsSaved::Idle));
         }
         if self.use_grouped() {
             let cap = busy.iter().map(|&j| rows_of[j].len()).max().unwrap_or(0);
-            let (mut src, mut off, mut p_of_r) = (Vec::with_capacity(r), Vec::with_capacity(busy.len() * cap + 1), vec![0u32; r]);
+            let (mut src, mut off, mut p_of_r) = (
+                Vec::with_capacity(r),
+                Vec::with_capacity(busy.len() * cap + 1),
+                vec![0u32; r],
+            );
             off.push(0u32);
             for (g, &j) in busy.iter().enumerate() {
                 for i in 0..cap {
@@ -427,13 +564,38 @@ impl Moe {
             let pad = RowPlan::sums(src, off, r, dev)?;
             let unpad = RowPlan::gather(&p_of_r, busy.len() * cap, dev)?;
             let xs = pad.apply(arrived)?.reshape((busy.len(), cap, d))?;
-            let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&busy.iter().map(|&j| pick(&self.experts[j])).collect::<Vec<_>>(), 0) };
+            let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> {
+                Tensor::stack(
+                    &busy
+                        .iter()
+                        .map(|&j| pick(&self.experts[j]))
+                        .collect::<Vec<_>>(),
+                    0,
+                )
+            };
             let stacks = [stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?];
             let saved = swiglu_batched_saved(&xs, &stacks[0], &stacks[1])?;
-            let y = unpad.apply(&saved.output_batched(&stacks[2])?.reshape((busy.len() * cap, d))?)?;
-            return Ok((y, ExpertsSaved::Grouped { busy, pad, unpad, xs, stacks, saved }));
+            let y = unpad.apply(
+                &saved
+                    .output_batched(&stacks[2])?
+                    .reshape((busy.len() * cap, d))?,
+            )?;
+            return Ok((
+                y,
+                ExpertsSaved::Grouped {
+                    busy,
+                    pad,
+                    unpad,
+                    xs,
+                    stacks,
+                    saved,
+                },
+            ));
         }
-        let (mut experts, mut ys) = (Vec::with_capacity(busy.len()), Vec::with_capacity(busy.len()));
+        let (mut experts, mut ys) = (
+            Vec::with_capacity(busy.len()),
+            Vec::with_capacity(busy.len()),
+        );
         for j in busy {
             let xe = RowPlan::gather(&rows_of[j], r, dev)?.apply(arrived)?;
             let saved = self.experts[j].forward_saved(&xe)?;
@@ -441,14 +603,25 @@ impl Moe {
             experts.push((j, rows_of[j].clone(), xe, saved));
         }
         // Each arrived row has exactly one expert: put the outputs back in arrival order.
-        let taken: Vec<u32> = experts.iter().flat_map(|(_, rows, _, _)| rows.iter().copied()).collect();
-        let y = RowPlan::gather(&taken, r, dev)?.adjoint().apply(&Tensor::cat(&ys, 0)?)?;
+        let taken: Vec<u32> = experts
+            .iter()
+            .flat_map(|(_, rows, _, _)| rows.iter().copied())
+            .collect();
+        let y = RowPlan::gather(&taken, r, dev)?
+            .adjoint()
+            .apply(&Tensor::cat(&ys, 0)?)?;
         Ok((y, ExpertsSaved::PerExpert(experts)))
     }
 
     /// The backward of `experts_forward_saved`: d(outputs) [R, hidden] -> d(arrived rows);
     /// the experts' weights' gradients to `grads` (none for an idle expert).
-    fn experts_backward(&self, saved: &ExpertsSaved, arrived_rows: usize, d_y: &Tensor, grads: &mut dyn GradSink) -> Result<Tensor> {
+    fn experts_backward(
+        &self,
+        saved: &ExpertsSaved,
+        arrived_rows: usize,
+        d_y: &Tensor,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let d = d_y.dim(1)?;
         let dev = d_y.device();
         match saved {
@@ -459,13 +632,27 @@ impl Moe {
                     let dye = RowPlan::gather(rows, arrived_rows, dev)?.apply(d_y)?;
                     dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
                 }
-                let taken: Vec<u32> = experts.iter().flat_map(|(_, rows, _, _)| rows.iter().copied()).collect();
-                RowPlan::gather(&taken, arrived_rows, dev)?.adjoint().apply(&Tensor::cat(&dxs, 0)?)
+                let taken: Vec<u32> = experts
+                    .iter()
+                    .flat_map(|(_, rows, _, _)| rows.iter().copied())
+                    .collect();
+                RowPlan::gather(&taken, arrived_rows, dev)?
+                    .adjoint()
+                    .apply(&Tensor::cat(&dxs, 0)?)
             }
-            ExpertsSaved::Grouped { busy, pad, unpad, xs, stacks, saved } => {
+            ExpertsSaved::Grouped {
+                busy,
+                pad,
+                unpad,
+                xs,
+                stacks,
+                saved,
+            } => {
                 let (e, cap, _) = xs.dims3()?;
                 let d_pad = unpad.adjoint().apply(d_y)?.reshape((e, cap, d))?; // zero rows past each count
-                let (dxs, g) = ops::swiglu_batched_backward(xs, saved, &stacks[0], &stacks[1], &stacks[2], &d_pad)?;
+                let (dxs, g) = ops::swiglu_batched_backward(
+                    xs, saved, &stacks[0], &stacks[1], &stacks[2], &d_pad,
+                )?;
                 for (gi, &j) in busy.iter().enumerate() {
                     let m = &self.experts[j];
                     for (param, grad) in [(&m.gate, &g.gate), (&m.up, &g.up), (&m.down, &g.down)] {
@@ -483,18 +670,34 @@ impl Moe {
     /// rows received from each, and per source the rows for each local expert (exchanged as
     /// host bytes first).
     #[allow(clippy::type_complexity)]
-    fn exchange_counts(&self, tokens_of: &[Vec<u32>], shard: &ExpertShard) -> Result<(Vec<usize>, Vec<usize>, Vec<Vec<usize>>)> {
+    fn exchange_counts(
+        &self,
+        tokens_of: &[Vec<u32>],
+        shard: &ExpertShard,
+    ) -> Result<(Vec<usize>, Vec<usize>, Vec<Vec<usize>>)> {
         let ex = &shard.exchange;
         let (ep, per) = (ex.size(), shard.count);
-        let send: Vec<usize> = (0..ep).map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum()).collect();
-        let parts = (0..ep)
-            .map(|d| tokens_of[d * per..(d + 1) * per].iter().flat_map(|v| (v.len() as u32).to_le_bytes()).collect())
+        let send: Vec<usize> = (0..ep)
+            .map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum())
             .collect();
-        let got = timed(|| ex.host(parts)).map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
+        let parts = (0..ep)
+            .map(|d| {
+                tokens_of[d * per..(d + 1) * per]
+                    .iter()
+                    .flat_map(|v| (v.len() as u32).to_le_bytes())
+                    .collect()
+            })
+            .collect();
+        let got = timed(|| ex.host(parts))
+            .map_err(|e| candle_core::Error::Msg(format!("expert exchange (row counts): {e:#}")))?;
         // counts[s][j]: rows source s sends for local expert j.
         let counts: Vec<Vec<usize>> = got
             .iter()
-            .map(|b| b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize).collect::<Vec<_>>())
+            .map(|b| {
+                b.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4 bytes")) as usize)
+                    .collect::<Vec<_>>()
+            })
             .collect();
         if counts.iter().any(|c| c.len() != per) {
             candle_core::bail!("expert exchange: a rank sent row counts for a different number of experts per rank than {per}");
@@ -511,18 +714,28 @@ impl Moe {
     /// ten per expert; the weights are stacked per call, which `use_grouped` bounds).
     /// Otherwise one gather and one SwiGLU per expert, the plain twin. Each output row is the
     /// same dot products either way (equal up to the matmul's summation order).
-    pub fn routed_outputs(&self, x: &Tensor, tokens_of: &[Vec<u32>], grouped: bool) -> Result<Option<Tensor>> {
+    pub fn routed_outputs(
+        &self,
+        x: &Tensor,
+        tokens_of: &[Vec<u32>],
+        grouped: bool,
+    ) -> Result<Option<Tensor>> {
         let (n, d) = x.dims2()?;
         let dev = x.device();
         if tokens_of.iter().all(Vec::is_empty) {
             return Ok(None);
         }
-        let _region = crate::profile::region(if grouped { "moe: routed experts (grouped)" } else { "moe: routed experts (one per expert)" });
+        let _region = crate::profile::region(if grouped {
+            "moe: routed experts (grouped)"
+        } else {
+            "moe: routed experts (one per expert)"
+        });
         if !grouped {
             let mut ys = Vec::with_capacity(self.experts.len());
             for (ex, mlp) in self.experts.iter().enumerate() {
                 if !tokens_of[ex].is_empty() {
-                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(x)?)?); // [n_e, hidden]
+                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(x)?)?);
+                    // [n_e, hidden]
                 }
             }
             return Ok(Some(Tensor::cat(&ys, 0)?));
@@ -530,12 +743,15 @@ impl Moe {
         // Only the experts that have tokens are stacked: an idle expert's weights get no
         // gradient at all, as in the per-expert path (a zero gradient would still move them
         // through AdamW's momentum and weight decay), and pad no rows.
-        let busy: Vec<usize> = (0..self.experts.len()).filter(|&ex| !tokens_of[ex].is_empty()).collect();
+        let busy: Vec<usize> = (0..self.experts.len())
+            .filter(|&ex| !tokens_of[ex].is_empty())
+            .collect();
         let e = busy.len();
         let cap = tokens_of.iter().map(Vec::len).max().unwrap_or(0);
         // Row g * cap + j of the padded input is x[tokens_of[busy[g]][j]], or zeros past that
         // expert's count (an empty group of the row sum).
-        let (mut src, mut off, mut valid) = (Vec::new(), Vec::with_capacity(e * cap + 1), Vec::new());
+        let (mut src, mut off, mut valid) =
+            (Vec::new(), Vec::with_capacity(e * cap + 1), Vec::new());
         off.push(0u32);
         for (g, &ex) in busy.iter().enumerate() {
             for j in 0..cap {
@@ -546,10 +762,23 @@ impl Moe {
                 off.push(src.len() as u32);
             }
         }
-        let xs = RowPlan::sums(src, off, n, dev)?.apply(x)?.reshape((e, cap, d))?;
-        let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> { Tensor::stack(&busy.iter().map(|&ex| pick(&self.experts[ex])).collect::<Vec<_>>(), 0) };
+        let xs = RowPlan::sums(src, off, n, dev)?
+            .apply(x)?
+            .reshape((e, cap, d))?;
+        let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> {
+            Tensor::stack(
+                &busy
+                    .iter()
+                    .map(|&ex| pick(&self.experts[ex]))
+                    .collect::<Vec<_>>(),
+                0,
+            )
+        };
         let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E', I, D], [E', I, D], [E', D, I]
-        let h = crate::ops::silu_mul(&xs.matmul(&gate.transpose(1, 2)?)?, &xs.matmul(&up.transpose(1, 2)?)?)?; // [E', cap, I]
+        let h = crate::ops::silu_mul(
+            &xs.matmul(&gate.transpose(1, 2)?)?,
+            &xs.matmul(&up.transpose(1, 2)?)?,
+        )?; // [E', cap, I]
         let y = h.matmul(&down.transpose(1, 2)?)?.reshape((e * cap, d))?;
         Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
     }
@@ -563,8 +792,19 @@ impl Moe {
             ExpertCompute::PerExpert => false,
             ExpertCompute::Grouped => true,
             ExpertCompute::Auto => {
-                let bytes: usize = self.experts.iter().map(|m| (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count()) * m.gate.dtype().size_in_bytes()).sum();
-                self.experts.first().is_some_and(|m| m.gate.device().is_cuda()) && self.experts.len() > 1 && bytes <= 256 << 20
+                let bytes: usize = self
+                    .experts
+                    .iter()
+                    .map(|m| {
+                        (m.gate.elem_count() + m.up.elem_count() + m.down.elem_count())
+                            * m.gate.dtype().size_in_bytes()
+                    })
+                    .sum();
+                self.experts
+                    .first()
+                    .is_some_and(|m| m.gate.device().is_cuda())
+                    && self.experts.len() > 1
+                    && bytes <= 256 << 20
             }
         }
     }
@@ -575,7 +815,14 @@ impl Moe {
     /// bytes), then the rows, then the outputs come back in the order the rows left. The
     /// routing weights are applied here, at the token's rank, so their gradient stays local.
     /// Per token the expert outputs are added in expert order, as in the unsharded path.
-    fn experts_sharded(&self, x: &Tensor, weights: &Tensor, tokens_of: &[Vec<u32>], slots_of: &[Vec<u32>], shard: &ExpertShard) -> Result<Tensor> {
+    fn experts_sharded(
+        &self,
+        x: &Tensor,
+        weights: &Tensor,
+        tokens_of: &[Vec<u32>],
+        slots_of: &[Vec<u32>],
+        shard: &ExpertShard,
+    ) -> Result<Tensor> {
         let ex = &shard.exchange;
         let tok: Vec<u32> = tokens_of.concat();
         let slot: Vec<u32> = slots_of.concat();
@@ -589,12 +836,16 @@ impl Moe {
         // With no row here, arrived * 0 keeps the output a function of the input, so every
         // rank's backward takes part in the exchange.
         let y = match self.routed_outputs(&arrived, &rows_of, self.use_grouped())? {
-            Some(ys) => RowPlan::gather(&taken, arrived.dim(0)?, dev)?.adjoint().apply(&ys)?,
+            Some(ys) => RowPlan::gather(&taken, arrived.dim(0)?, dev)?
+                .adjoint()
+                .apply(&ys)?,
             None => arrived.affine(0.0, 0.0)?,
         };
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
         let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?.apply(&weights.unsqueeze(1)?)?;
-        RowPlan::gather(&tok, n, dev)?.adjoint().apply(&back.broadcast_mul(&w)?)
+        RowPlan::gather(&tok, n, dev)?
+            .adjoint()
+            .apply(&back.broadcast_mul(&w)?)
     }
 }
 
@@ -624,15 +875,44 @@ fn arrived_rows_of(counts: &[Vec<usize>], recv: &[usize], per: usize) -> Vec<Vec
 /// of hidden `d` and width `i`, `n` tokens with uneven loads and the last expert unused (its
 /// weights must get no gradient from either path, or the error is infinite). For the unit
 /// test and gpu-selftest.
-pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, n: usize, d: usize, i: usize, seed: u64) -> Result<f32> {
+pub fn grouped_against_plain(
+    dev: &candle_core::Device,
+    dtype: DType,
+    e: usize,
+    n: usize,
+    d: usize,
+    i: usize,
+    seed: u64,
+) -> Result<f32> {
     use crate::rng::{randn, SplitMix64};
     use candle_core::Var;
-    let var = |shape: &[usize], s: u64| -> Result<Var> { Var::from_tensor(&randn(shape, seed * 1000 + s, 0.5, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?) };
-    let weights: Vec<[Var; 3]> = (0..e as u64).map(|s| Ok([var(&[i, d], 10 + 3 * s)?, var(&[i, d], 11 + 3 * s)?, var(&[d, i], 12 + 3 * s)?])).collect::<Result<_>>()?;
+    let var = |shape: &[usize], s: u64| -> Result<Var> {
+        Var::from_tensor(
+            &randn(shape, seed * 1000 + s, 0.5, &candle_core::Device::Cpu)?
+                .to_dtype(dtype)?
+                .to_device(dev)?,
+        )
+    };
+    let weights: Vec<[Var; 3]> = (0..e as u64)
+        .map(|s| {
+            Ok([
+                var(&[i, d], 10 + 3 * s)?,
+                var(&[i, d], 11 + 3 * s)?,
+                var(&[d, i], 12 + 3 * s)?,
+            ])
+        })
+        .collect::<Result<_>>()?;
     let moe = Moe {
         router: Tensor::zeros((e, d), DType::F32, dev)?,
         bias: Tensor::zeros(e, DType::F32, dev)?,
-        experts: weights.iter().map(|[g, u, w]| Mlp { gate: g.as_tensor().clone(), up: u.as_tensor().clone(), down: w.as_tensor().clone() }).collect(),
+        experts: weights
+            .iter()
+            .map(|[g, u, w]| Mlp {
+                gate: g.as_tensor().clone(),
+                up: u.as_tensor().clone(),
+                down: w.as_tensor().clone(),
+            })
+            .collect(),
         shard: None,
         n_experts: e,
         shared: None,
@@ -646,14 +926,35 @@ pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, 
     let x = var(&[n, d], 1)?;
     // Expert j takes each token with probability about (j + 1) / e (uneven loads); the last takes none.
     let mut rng = SplitMix64::new(seed);
-    let tokens_of: Vec<Vec<u32>> = (0..e).map(|j| if j + 1 == e { vec![] } else { (0..n as u32).filter(|_| rng.next_u64() % e as u64 <= j as u64).collect() }).collect();
+    let tokens_of: Vec<Vec<u32>> = (0..e)
+        .map(|j| {
+            if j + 1 == e {
+                vec![]
+            } else {
+                (0..n as u32)
+                    .filter(|_| rng.next_u64() % e as u64 <= j as u64)
+                    .collect()
+            }
+        })
+        .collect();
     let rows: usize = tokens_of.iter().map(Vec::len).sum();
-    let probe = randn(&[rows.max(1), d], seed + 7, 1.0, &candle_core::Device::Cpu)?.to_dtype(dtype)?.to_device(dev)?;
+    let probe = randn(&[rows.max(1), d], seed + 7, 1.0, &candle_core::Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(dev)?;
     let run = |grouped: bool| -> Result<Vec<Option<Tensor>>> {
-        let y = moe.routed_outputs(x.as_tensor(), &tokens_of, grouped)?.ok_or_else(|| candle_core::Error::Msg("no routed rows".into()))?;
-        let grads = (y.to_dtype(DType::F32)? * probe.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+        let y = moe
+            .routed_outputs(x.as_tensor(), &tokens_of, grouped)?
+            .ok_or_else(|| candle_core::Error::Msg("no routed rows".into()))?;
+        let grads = (y.to_dtype(DType::F32)? * probe.to_dtype(DType::F32)?)?
+            .sum_all()?
+            .backward()?;
         let mut all = vec![Some(y), grads.get(x.as_tensor()).cloned()];
-        all.extend(weights.iter().flatten().map(|v| grads.get(v.as_tensor()).cloned()));
+        all.extend(
+            weights
+                .iter()
+                .flatten()
+                .map(|v| grads.get(v.as_tensor()).cloned()),
+        );
         Ok(all)
     };
     let (plain, grouped) = (run(false)?, run(true)?);
@@ -666,7 +967,15 @@ pub fn grouped_against_plain(dev: &candle_core::Device, dtype: DType, e: usize, 
         };
         let scale = a.abs()?.max_all()?.to_scalar::<f32>()?;
         let diff = (&a - &b)?.abs()?.max_all()?.to_scalar::<f32>()?;
-        worst = worst.max(if scale == 0.0 { if diff == 0.0 { 0.0 } else { f32::INFINITY } } else { diff / scale });
+        worst = worst.max(if scale == 0.0 {
+            if diff == 0.0 {
+                0.0
+            } else {
+                f32::INFINITY
+            }
+        } else {
+            diff / scale
+        });
     }
     Ok(worst)
 }
@@ -687,8 +996,12 @@ mod tests {
     /// that gets no token and uneven loads (f32, so only the summation order differs).
     #[test]
     fn grouped_experts_equal_one_swiglu_per_expert() {
-        let err = grouped_against_plain(&candle_core::Device::Cpu, DType::F32, 5, 23, 12, 7, 1).unwrap();
-        assert!(err <= 1e-5, "grouped experts vs one SwiGLU per expert: max relative error {err}");
+        let err =
+            grouped_against_plain(&candle_core::Device::Cpu, DType::F32, 5, 23, 12, 7, 1).unwrap();
+        assert!(
+            err <= 1e-5,
+            "grouped experts vs one SwiGLU per expert: max relative error {err}"
+        );
     }
 
     #[test]

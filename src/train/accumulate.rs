@@ -37,7 +37,9 @@ pub struct GradSum {
 impl GradSum {
     /// A sum of zeros of `shape` (a new buffer).
     pub fn zeros(shape: &Shape, device: &Device) -> Result<Self> {
-        Ok(Self { buf: Tensor::zeros(shape, DType::F32, device)? })
+        Ok(Self {
+            buf: Tensor::zeros(shape, DType::F32, device)?,
+        })
     }
 
     /// A new sum holding `g`'s values in f32, converted a block of rows at a time (one block:
@@ -45,7 +47,9 @@ impl GradSum {
     pub fn copy_of(g: &dyn RowBlocks, device: &Device, block_values: usize) -> Result<Self> {
         let shape = Shape::from_dims(g.shape());
         if shape.rank() == 0 || shape.elem_count() <= block_values {
-            return Ok(Self { buf: owned_f32(g, &shape)? });
+            return Ok(Self {
+                buf: owned_f32(g, &shape)?,
+            });
         }
         let mut sum = Self::zeros(&shape, device)?;
         sum.take_rows(g, block_values, false)?;
@@ -71,11 +75,18 @@ impl GradSum {
     /// Overwrite the whole sum, in row-major order, from `flat` (f32, one value per element).
     pub fn write_flat(&mut self, flat: &Tensor) -> Result<()> {
         if flat.elem_count() != self.buf.elem_count() {
-            bail!("cannot overwrite a sum of {} values with {}", self.buf.elem_count(), flat.elem_count());
+            bail!(
+                "cannot overwrite a sum of {} values with {}",
+                self.buf.elem_count(),
+                flat.elem_count()
+            );
         }
         let flat = flat.to_dtype(DType::F32)?.contiguous()?;
         // A view of the buffer (the buffer is contiguous, so reshaping shares its storage).
-        Ok(self.buf.flatten_all()?.slice_set(&flat.flatten_all()?, 0, 0)?)
+        Ok(self
+            .buf
+            .flatten_all()?
+            .slice_set(&flat.flatten_all()?, 0, 0)?)
     }
 
     pub fn as_tensor(&self) -> &Tensor {
@@ -93,7 +104,11 @@ impl GradSum {
     /// Rows of g a block at a time: added to the sum's rows (`add`) or copied over them.
     fn take_rows(&mut self, g: &dyn RowBlocks, block_values: usize, add: bool) -> Result<()> {
         if g.shape() != self.buf.dims() {
-            bail!("cannot add a gradient of shape {:?} to a sum of shape {:?}", g.shape(), self.buf.dims());
+            bail!(
+                "cannot add a gradient of shape {:?} to a sum of shape {:?}",
+                g.shape(),
+                self.buf.dims()
+            );
         }
         if self.buf.rank() == 0 || self.buf.elem_count() <= block_values {
             // One block (most tensors): out of place costs one block, and `buf + g` (or the
@@ -109,11 +124,22 @@ impl GradSum {
             let len = block.min(rows - start);
             let part = g.rows(start, len)?.detach();
             if part.dims()[0] != len || part.dims()[1..] != self.buf.dims()[1..] {
-                bail!("a gradient source gave rows of shape {:?} for rows {start}..{} of {:?}", part.dims(), start + len, self.buf.dims());
+                bail!(
+                    "a gradient source gave rows of shape {:?} for rows {start}..{} of {:?}",
+                    part.dims(),
+                    start + len,
+                    self.buf.dims()
+                );
             }
             let part = part.to_dtype(DType::F32)?;
-            let new = if add { (self.buf.narrow(0, start, len)? + part)? } else { part.contiguous()? };
-            self.buf.slice_set(&new, 0, start).with_context(|| format!("writing rows {start}..{} of a gradient sum", start + len))?;
+            let new = if add {
+                (self.buf.narrow(0, start, len)? + part)?
+            } else {
+                part.contiguous()?
+            };
+            self.buf.slice_set(&new, 0, start).with_context(|| {
+                format!("writing rows {start}..{} of a gradient sum", start + len)
+            })?;
         }
         Ok(())
     }
@@ -121,14 +147,26 @@ impl GradSum {
 
 /// All of `g` (of `shape`) in f32, in a new buffer nothing else holds.
 fn owned_f32(g: &dyn RowBlocks, shape: &Shape) -> Result<Tensor> {
-    let rows = if shape.rank() == 0 { 1 } else { shape.dims()[0] };
+    let rows = if shape.rank() == 0 {
+        1
+    } else {
+        shape.dims()[0]
+    };
     let part = g.rows(0, rows)?.detach();
     if part.elem_count() != shape.elem_count() {
-        bail!("a gradient source gave {:?} for a sum of shape {:?}", part.dims(), shape.dims());
+        bail!(
+            "a gradient source gave {:?} for a sum of shape {:?}",
+            part.dims(),
+            shape.dims()
+        );
     }
     let part = part.reshape(shape)?;
     // to_dtype into the dtype a tensor already has returns that tensor: copy it then.
-    Ok(if part.dtype() == DType::F32 { part.force_contiguous()? } else { part.to_dtype(DType::F32)? })
+    Ok(if part.dtype() == DType::F32 {
+        part.force_contiguous()?
+    } else {
+        part.to_dtype(DType::F32)?
+    })
 }
 
 #[cfg(test)]
@@ -136,7 +174,13 @@ mod tests {
     use super::*;
 
     fn bits(t: &Tensor) -> Vec<u32> {
-        t.flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect()
+        t.flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect()
     }
 
     /// The sum as it was written before: the first gradient in f32, then `sum + f32(g)`.
@@ -160,7 +204,11 @@ mod tests {
                         .map(|i| {
                             let scale = [1.0, 1e-3, 3e4, 1.0][i];
                             let g = crate::rng::randn(&shape, 10 + i as u64, scale, &dev).unwrap();
-                            let g = if i == 3 { (g.zeros_like().unwrap() * -1.0).unwrap() } else { g };
+                            let g = if i == 3 {
+                                (g.zeros_like().unwrap() * -1.0).unwrap()
+                            } else {
+                                g
+                            };
                             g.to_dtype(dtype).unwrap()
                         })
                         .collect();
@@ -168,10 +216,17 @@ mod tests {
                     for g in &gs[1..] {
                         sum.add(g, block_values).unwrap();
                     }
-                    assert_eq!(bits(sum.as_tensor()), bits(&out_of_place(&gs)), "{dtype:?}, {rows} rows, block {block_values}");
+                    assert_eq!(
+                        bits(sum.as_tensor()),
+                        bits(&out_of_place(&gs)),
+                        "{dtype:?}, {rows} rows, block {block_values}"
+                    );
                     // One gradient: an exact copy, -0 kept.
                     let one = GradSum::copy_of(&gs[3], &dev, block_values).unwrap();
-                    assert_eq!(bits(one.as_tensor()), bits(&gs[3].to_dtype(DType::F32).unwrap()));
+                    assert_eq!(
+                        bits(one.as_tensor()),
+                        bits(&gs[3].to_dtype(DType::F32).unwrap())
+                    );
                 }
             }
         }
@@ -181,16 +236,27 @@ mod tests {
     fn strided_scalar_and_vector_gradients_add_like_the_out_of_place_sum() {
         let dev = Device::Cpu;
         // A transposed (non-contiguous) gradient, as a matmul backward can give.
-        let g = crate::rng::randn(&[7, 33], 1, 1.0, &dev).unwrap().to_dtype(DType::BF16).unwrap().t().unwrap();
+        let g = crate::rng::randn(&[7, 33], 1, 1.0, &dev)
+            .unwrap()
+            .to_dtype(DType::BF16)
+            .unwrap()
+            .t()
+            .unwrap();
         let h = crate::rng::randn(&[33, 7], 2, 1.0, &dev).unwrap();
         let mut sum = GradSum::copy_of(&h, &dev, 8).unwrap();
         sum.add(&g, 8).unwrap();
-        assert_eq!(bits(sum.as_tensor()), bits(&out_of_place(&[h.clone(), g.clone()])));
+        assert_eq!(
+            bits(sum.as_tensor()),
+            bits(&out_of_place(&[h.clone(), g.clone()]))
+        );
         // A vector and a scalar.
         let v = crate::rng::randn(&[1025], 3, 1.0, &dev).unwrap();
         let mut sum = GradSum::copy_of(&v, &dev, 100).unwrap();
         sum.add(&v, 100).unwrap();
-        assert_eq!(bits(sum.as_tensor()), bits(&out_of_place(&[v.clone(), v.clone()])));
+        assert_eq!(
+            bits(sum.as_tensor()),
+            bits(&out_of_place(&[v.clone(), v.clone()]))
+        );
         let s = Tensor::new(1.5f32, &dev).unwrap();
         let mut sum = GradSum::copy_of(&s, &dev, 1).unwrap();
         sum.add(&s, 1).unwrap();
@@ -205,18 +271,45 @@ mod tests {
         // Blocks of 4 values, and one block for the whole tensor (the f32 copy must be a copy).
         for block in [1 << 24, 4] {
             let mut sum = GradSum::copy_of(&g, &dev, block).unwrap();
-            sum.write_rows(0, &Tensor::ones((9, 4), DType::F32, &dev).unwrap()).unwrap();
-            assert_eq!(bits(&g), before, "block {block}: the first gradient's storage was written");
+            sum.write_rows(0, &Tensor::ones((9, 4), DType::F32, &dev).unwrap())
+                .unwrap();
+            assert_eq!(
+                bits(&g),
+                before,
+                "block {block}: the first gradient's storage was written"
+            );
         }
         let mut sum = GradSum::copy_of(&g, &dev, 4).unwrap();
         sum.add(&g, 4).unwrap();
-        sum.write_rows(2, &Tensor::ones((3, 4), DType::F32, &dev).unwrap()).unwrap();
+        sum.write_rows(2, &Tensor::ones((3, 4), DType::F32, &dev).unwrap())
+            .unwrap();
         assert_eq!(bits(&g), before, "the first gradient's storage was written");
-        assert_eq!(sum.as_tensor().narrow(0, 2, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap(), vec![1.0; 12]);
+        assert_eq!(
+            sum.as_tensor()
+                .narrow(0, 2, 3)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            vec![1.0; 12]
+        );
         // A clear error for a shape that does not match, not a panic.
-        assert!(sum.add(&Tensor::zeros((9, 5), DType::F32, &dev).unwrap(), 4).is_err());
-        assert!(sum.write_flat(&Tensor::zeros(3, DType::F32, &dev).unwrap()).is_err());
-        sum.write_flat(&Tensor::arange(0f32, 36., &dev).unwrap()).unwrap();
-        assert_eq!(sum.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap(), (0..36).map(|x| x as f32).collect::<Vec<_>>());
+        assert!(sum
+            .add(&Tensor::zeros((9, 5), DType::F32, &dev).unwrap(), 4)
+            .is_err());
+        assert!(sum
+            .write_flat(&Tensor::zeros(3, DType::F32, &dev).unwrap())
+            .is_err());
+        sum.write_flat(&Tensor::arange(0f32, 36., &dev).unwrap())
+            .unwrap();
+        assert_eq!(
+            sum.as_tensor()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap(),
+            (0..36).map(|x| x as f32).collect::<Vec<_>>()
+        );
     }
 }

@@ -74,8 +74,12 @@ impl RecordedPath {
     /// `target` as seen from a folder `from`; the absolute path resolved (`paths::resolved`).
     pub fn new(from: &Path, target: &Path) -> Self {
         Self {
-            relative: crate::paths::relative(from, target).to_string_lossy().into_owned(),
-            absolute: crate::paths::resolved(target).to_string_lossy().into_owned(),
+            relative: crate::paths::relative(from, target)
+                .to_string_lossy()
+                .into_owned(),
+            absolute: crate::paths::resolved(target)
+                .to_string_lossy()
+                .into_owned(),
         }
     }
 
@@ -83,7 +87,11 @@ impl RecordedPath {
     /// else absolute; resolved either way.
     pub fn locate(&self, step: &Path, exists: impl Fn(&Path) -> bool) -> PathBuf {
         let rel = crate::paths::resolved(&step.join(&self.relative));
-        if exists(&rel) { rel } else { crate::paths::resolved(Path::new(&self.absolute)) }
+        if exists(&rel) {
+            rel
+        } else {
+            crate::paths::resolved(Path::new(&self.absolute))
+        }
     }
 }
 
@@ -101,9 +109,10 @@ pub struct BaseChain {
 
 /// XXH3-64 (hex) of the marker of step `dir` ("" when it cannot be read).
 pub fn marker_digest(dir: &Path) -> String {
-    std::fs::read(dir.join(MARKER)).map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b))).unwrap_or_default()
+    std::fs::read(dir.join(MARKER))
+        .map(|b| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&b)))
+        .unwrap_or_default()
 }
-
 
 /// Everything a checkpoint holds, in memory.
 pub struct Snapshot {
@@ -114,10 +123,12 @@ pub struct Snapshot {
 }
 
 fn f32_tensor(name: &str, t: &Tensor) -> Result<StoredTensor> {
-    let v: Vec<f32> = t.to_dtype(candle_core::DType::F32)?.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = t
+        .to_dtype(candle_core::DType::F32)?
+        .flatten_all()?
+        .to_vec1()?;
     Ok(StoredTensor::f32(name, t.dims(), &v))
 }
-
 
 /// Write `snap` as `<output_dir>/step-<step>`, atomically. Returns the final folder.
 pub fn save(output_dir: &Path, snap: &Snapshot) -> Result<PathBuf> {
@@ -131,7 +142,11 @@ fn shard_name(kind: &str, rank: usize) -> String {
 /// `save` for a job of several ranks: every rank calls it with its own part of the snapshot
 /// (its tensors, moments and optimizer step counts; rank 0's state and recipe are written).
 /// On an error rank 0 removes the temporary folder: a failed save leaves nothing behind.
-pub fn save_sharded(output_dir: &Path, snap: &Snapshot, comm: &mut dyn crate::dist::Collective) -> Result<PathBuf> {
+pub fn save_sharded(
+    output_dir: &Path,
+    snap: &Snapshot,
+    comm: &mut dyn crate::dist::Collective,
+) -> Result<PathBuf> {
     let tmp = output_dir.join(format!(".step-{}.tmp", snap.state.step));
     let result = write_step(output_dir, &tmp, snap, comm);
     if result.is_err() && comm.rank() == 0 {
@@ -140,7 +155,12 @@ pub fn save_sharded(output_dir: &Path, snap: &Snapshot, comm: &mut dyn crate::di
     result
 }
 
-fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn crate::dist::Collective) -> Result<PathBuf> {
+fn write_step(
+    output_dir: &Path,
+    tmp: &Path,
+    snap: &Snapshot,
+    comm: &mut dyn crate::dist::Collective,
+) -> Result<PathBuf> {
     let (rank, world) = (comm.rank(), comm.world());
     let step = snap.state.step;
     let final_dir = output_dir.join(format!("step-{step}"));
@@ -149,8 +169,19 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
     }
     comm.barrier()?;
     std::fs::create_dir_all(tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let (pname, oname) = if world == 1 { ("params.safetensors".to_string(), "optimizer.safetensors".to_string()) } else { (shard_name("params", rank), shard_name("optimizer", rank)) };
-    let params: Vec<StoredTensor> = snap.params.iter().map(|(n, t)| f32_tensor(n, t)).collect::<Result<_>>()?;
+    let (pname, oname) = if world == 1 {
+        (
+            "params.safetensors".to_string(),
+            "optimizer.safetensors".to_string(),
+        )
+    } else {
+        (shard_name("params", rank), shard_name("optimizer", rank))
+    };
+    let params: Vec<StoredTensor> = snap
+        .params
+        .iter()
+        .map(|(n, t)| f32_tensor(n, t))
+        .collect::<Result<_>>()?;
     write_safetensors(&tmp.join(&pname), &params)?;
     let mut moments = vec![];
     for (n, (m, v)) in &snap.moments {
@@ -169,7 +200,8 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
     let mut files: BTreeMap<String, FileSum> = BTreeMap::new();
     for part in comm.all_gather(&mine)? {
         let (steps, sums): (BTreeMap<String, u64>, BTreeMap<String, FileSum>) =
-            serde_json::from_slice(&part).context("bad optimizer step counts or checksums from a rank")?;
+            serde_json::from_slice(&part)
+                .context("bad optimizer step counts or checksums from a rank")?;
         state.optimizer_steps.extend(steps);
         files.extend(sums);
     }
@@ -180,10 +212,16 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
     let mut meta = vec![];
     if world > 1 {
         let manifest = serde_json::json!({"world": world, "files": (0..world).flat_map(|r| [shard_name("params", r), shard_name("optimizer", r)]).collect::<Vec<_>>()});
-        write_synced(&tmp.join("manifest.json"), serde_json::to_string_pretty(&manifest)?.as_bytes())?;
+        write_synced(
+            &tmp.join("manifest.json"),
+            serde_json::to_string_pretty(&manifest)?.as_bytes(),
+        )?;
         meta.push("manifest.json".to_string());
     }
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&state)?.as_bytes())?;
+    write_synced(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&state)?.as_bytes(),
+    )?;
     write_synced(&tmp.join("recipe.toml"), snap.recipe_toml.as_bytes())?;
     meta.extend(["state.json".to_string(), "recipe.toml".to_string()]);
     files.extend(integrity::sum_files(tmp, &meta)?);
@@ -193,7 +231,8 @@ fn write_step(output_dir: &Path, tmp: &Path, snap: &Snapshot, comm: &mut dyn cra
         // (`run_dir::start_point`); something there now is not ours to replace.
         bail!("{} already exists; not replacing it", final_dir.display());
     }
-    std::fs::rename(tmp, &final_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
+    std::fs::rename(tmp, &final_dir)
+        .with_context(|| format!("cannot rename {} to {}", tmp.display(), final_dir.display()))?;
     // The rename is durable once the folder holding it is flushed.
     if let Ok(d) = std::fs::File::open(output_dir) {
         let _ = d.sync_all();
@@ -223,12 +262,25 @@ pub fn tensor_files(dir: &Path, kind: &str) -> Result<Vec<PathBuf>> {
         return Ok(vec![single]);
     }
     let manifest = dir.join("manifest.json");
-    let text = std::fs::read_to_string(&manifest).with_context(|| format!("{}: neither {kind}.safetensors nor manifest.json", dir.display()))?;
-    let m: serde_json::Value = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: bad manifest: {e}", manifest.display()))?;
-    let world = m["world"].as_u64().with_context(|| format!("{}: no world size", manifest.display()))? as usize;
+    let text = std::fs::read_to_string(&manifest).with_context(|| {
+        format!(
+            "{}: neither {kind}.safetensors nor manifest.json",
+            dir.display()
+        )
+    })?;
+    let m: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: bad manifest: {e}", manifest.display()))?;
+    let world = m["world"]
+        .as_u64()
+        .with_context(|| format!("{}: no world size", manifest.display()))?
+        as usize;
     let files: Vec<PathBuf> = (0..world).map(|r| dir.join(shard_name(kind, r))).collect();
     if let Some(missing) = files.iter().find(|f| !f.exists()) {
-        bail!("{}: the manifest lists {} but it is missing", dir.display(), missing.display());
+        bail!(
+            "{}: the manifest lists {} but it is missing",
+            dir.display(),
+            missing.display()
+        );
     }
     Ok(files)
 }
@@ -250,7 +302,12 @@ fn split_piece_name(name: &str) -> Option<(String, usize, usize)> {
 /// Every tensor of `kind` in a checkpoint, whichever shard holds it; tensors stored as row
 /// ranges (ZeRO owners of parts of a tensor) are joined back into whole tensors, which must be
 /// covered exactly once from row 0. `keep` sees the whole tensor's name.
-fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+fn load_tensors(
+    dir: &Path,
+    kind: &str,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let keep_stored = |n: &str| match split_piece_name(n) {
         Some((base, ..)) => keep(&base),
         None => keep(n),
@@ -277,7 +334,10 @@ fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> 
             at = *end;
         }
         if out.contains_key(&base) {
-            bail!("{}: {base} is stored both whole and as row ranges", dir.display());
+            bail!(
+                "{}: {base} is stored both whole and as row ranges",
+                dir.display()
+            );
         }
         let ts: Vec<Tensor> = pieces.into_iter().map(|p| p.2).collect();
         out.insert(base, Tensor::cat(&ts, 0)?);
@@ -287,10 +347,22 @@ fn load_tensors(dir: &Path, kind: &str, device: &Device, keep: &dyn Fn(&str) -> 
 
 /// Every `step-N` entry of `output_dir`, complete or not, oldest first.
 pub fn step_entries(output_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return vec![];
+    };
     let mut out: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
-        .filter_map(|e| Some((e.file_name().into_string().ok()?.strip_prefix("step-")?.parse().ok()?, e.path())))
+        .filter_map(|e| {
+            Some((
+                e.file_name()
+                    .into_string()
+                    .ok()?
+                    .strip_prefix("step-")?
+                    .parse()
+                    .ok()?,
+                e.path(),
+            ))
+        })
         .collect();
     out.sort();
     out
@@ -298,7 +370,9 @@ pub fn step_entries(output_dir: &Path) -> Vec<(u64, PathBuf)> {
 
 /// Complete checkpoints in `output_dir`, oldest first.
 pub fn complete_checkpoints(output_dir: &Path) -> Vec<(u64, PathBuf)> {
-    let Ok(entries) = std::fs::read_dir(output_dir) else { return vec![] };
+    let Ok(entries) = std::fs::read_dir(output_dir) else {
+        return vec![];
+    };
     let mut out: Vec<(u64, PathBuf)> = entries
         .filter_map(|e| e.ok())
         .filter_map(|e| {
@@ -323,7 +397,8 @@ pub fn prune(output_dir: &Path, keep_last: usize, newest: &Path) -> Result<()> {
         if dir == newest {
             continue;
         }
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
+        std::fs::remove_dir_all(dir)
+            .with_context(|| format!("cannot remove old checkpoint {}", dir.display()))?;
     }
     Ok(())
 }
@@ -336,9 +411,15 @@ pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefa
         return Ok(None);
     }
     let file = dir.join("recipe.toml");
-    let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let r = crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
-    let indexer = crate::config::IndexerDefaults { n_heads: r.model.index_n_heads, head_dim: r.model.index_head_dim, topk: r.dsa.index_topk };
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let r =
+        crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
+    let indexer = crate::config::IndexerDefaults {
+        n_heads: r.model.index_n_heads,
+        head_dim: r.model.index_head_dim,
+        topk: r.dsa.index_topk,
+    };
     Ok(Some((indexer, r.model.init_seed)))
 }
 
@@ -348,13 +429,22 @@ pub fn is_checkpoint(dir: &Path) -> bool {
 
 pub fn read_state(dir: &Path) -> Result<TrainState> {
     if !dir.join(MARKER).is_file() {
-        bail!("{} is not a complete checkpoint (no {MARKER} marker)", dir.display());
+        bail!(
+            "{} is not a complete checkpoint (no {MARKER} marker)",
+            dir.display()
+        );
     }
     let path = dir.join("state.json");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-    let state: TrainState = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: bad state: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let state: TrainState = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: bad state: {e}", path.display()))?;
     if !(1..=FORMAT_VERSION).contains(&state.format_version) {
-        bail!("{}: checkpoint format {} is not supported (this build reads {FORMAT_VERSION})", path.display(), state.format_version);
+        bail!(
+            "{}: checkpoint format {} is not supported (this build reads {FORMAT_VERSION})",
+            path.display(),
+            state.format_version
+        );
     }
     Ok(state)
 }
@@ -364,18 +454,36 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 pub fn load(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
     let state = read_state(dir)?;
     let params = load_tensors(dir, "params", device, keep)?;
-    let keep_state = |n: &str| keep(n.strip_suffix(".exp_avg").or(n.strip_suffix(".exp_avg_sq")).unwrap_or(n));
+    let keep_state = |n: &str| {
+        keep(
+            n.strip_suffix(".exp_avg")
+                .or(n.strip_suffix(".exp_avg_sq"))
+                .unwrap_or(n),
+        )
+    };
     let mut flat = load_tensors(dir, "optimizer", device, &keep_state)?;
-    let names: Vec<String> = flat.keys().filter_map(|n| n.strip_suffix(".exp_avg").map(String::from)).collect();
+    let names: Vec<String> = flat
+        .keys()
+        .filter_map(|n| n.strip_suffix(".exp_avg").map(String::from))
+        .collect();
     let mut moments = BTreeMap::new();
     for n in names {
         let m = flat.remove(&format!("{n}.exp_avg")).expect("listed above");
-        let v = flat.remove(&format!("{n}.exp_avg_sq"))
-            .with_context(|| format!("{}: optimizer state has {n}.exp_avg but no {n}.exp_avg_sq", dir.display()))?;
+        let v = flat.remove(&format!("{n}.exp_avg_sq")).with_context(|| {
+            format!(
+                "{}: optimizer state has {n}.exp_avg but no {n}.exp_avg_sq",
+                dir.display()
+            )
+        })?;
         moments.insert(n, (m, v));
     }
     let recipe_toml = std::fs::read_to_string(dir.join("recipe.toml")).unwrap_or_default();
-    Ok(Snapshot { state, params, moments, recipe_toml })
+    Ok(Snapshot {
+        state,
+        params,
+        moments,
+        recipe_toml,
+    })
 }
 
 /// Where a model comes from: a Hugging Face folder plus parameter overlays, oldest first.
@@ -401,7 +509,11 @@ impl ModelSource {
         let step = output_dir.join("step-0");
         BaseChain {
             hf_dir: RecordedPath::new(&step, &self.hf_dir),
-            overlays: self.overlays.iter().map(|o| RecordedPath::new(&step, o)).collect(),
+            overlays: self
+                .overlays
+                .iter()
+                .map(|o| RecordedPath::new(&step, o))
+                .collect(),
             overlay_markers: self.overlays.iter().map(|o| marker_digest(o)).collect(),
         }
     }
@@ -414,7 +526,10 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
     for _ in 0..64 {
         if !is_checkpoint(&cur) {
             overlays.reverse();
-            return Ok(ModelSource { hf_dir: cur, overlays });
+            return Ok(ModelSource {
+                hf_dir: cur,
+                overlays,
+            });
         }
         let state = read_state(&cur)?;
         overlays.push(cur.clone());
@@ -422,10 +537,19 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
             // The step lists its whole chain: no need to read its parents' state.
             let dir = crate::paths::resolved(&cur);
             let hf_dir = base.hf_dir.locate(&dir, |p| p.join("config.json").exists());
-            let mut links: Vec<PathBuf> = base.overlays.iter().map(|o| o.locate(&dir, is_checkpoint)).collect();
+            let mut links: Vec<PathBuf> = base
+                .overlays
+                .iter()
+                .map(|o| o.locate(&dir, is_checkpoint))
+                .collect();
             for (i, (o, l)) in base.overlays.iter().zip(&links).enumerate() {
                 if !is_checkpoint(l) {
-                    bail!("{}: a step it was trained from is gone: neither {} nor {} holds it", cur.display(), dir.join(&o.relative).display(), o.absolute);
+                    bail!(
+                        "{}: a step it was trained from is gone: neither {} nor {} holds it",
+                        cur.display(),
+                        dir.join(&o.relative).display(),
+                        o.absolute
+                    );
                 }
                 if let Some(want) = base.overlay_markers.get(i).filter(|m| !m.is_empty()) {
                     if marker_digest(l) != *want {
@@ -435,11 +559,17 @@ pub fn resolve_model(path: &Path) -> Result<ModelSource> {
             }
             overlays.reverse();
             links.extend(overlays);
-            return Ok(ModelSource { hf_dir, overlays: links });
+            return Ok(ModelSource {
+                hf_dir,
+                overlays: links,
+            });
         }
         cur = PathBuf::from(state.model_path);
     }
-    bail!("{}: checkpoint chain is longer than 64 links (a cycle?)", path.display())
+    bail!(
+        "{}: checkpoint chain is longer than 64 links (a cycle?)",
+        path.display()
+    )
 }
 
 /// `source` with each overlay replaced by its place in `<output_dir>/base/` (`<i>-<name>`);
@@ -452,11 +582,17 @@ pub fn linked_source(output_dir: &Path, source: &ModelSource) -> ModelSource {
         overlays.push(if abs.starts_with(&base) {
             abs
         } else {
-            let name = abs.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "step".into());
+            let name = abs
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "step".into());
             base.join(format!("{i}-{name}"))
         });
     }
-    ModelSource { hf_dir: crate::paths::resolved(&source.hf_dir), overlays }
+    ModelSource {
+        hf_dir: crate::paths::resolved(&source.hf_dir),
+        overlays,
+    }
 }
 
 /// Give a run its own links to the steps its model comes from: every overlay of `source`
@@ -475,9 +611,15 @@ pub fn link_base(output_dir: &Path, source: &ModelSource) -> Result<ModelSource>
             continue;
         }
         let parent = dest.parent().context("a base link has a parent folder")?;
-        let tmp = parent.join(format!(".{}.tmp", dest.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()));
+        let tmp = parent.join(format!(
+            ".{}.tmp",
+            dest.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
         let _ = std::fs::remove_dir_all(&tmp);
-        std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        std::fs::create_dir_all(&tmp)
+            .with_context(|| format!("cannot create {}", tmp.display()))?;
         let mut names: Vec<String> = std::fs::read_dir(from)
             .with_context(|| format!("cannot read {}", from.display()))?
             .filter_map(|e| e.ok())
@@ -490,13 +632,21 @@ pub fn link_base(output_dir: &Path, source: &ModelSource) -> Result<ModelSource>
         for n in &names {
             let (a, b) = (from.join(n), tmp.join(n));
             if std::fs::hard_link(&a, &b).is_err() {
-                copied += std::fs::copy(&a, &b).with_context(|| format!("cannot link or copy {} to {}", a.display(), b.display()))?;
+                copied += std::fs::copy(&a, &b).with_context(|| {
+                    format!("cannot link or copy {} to {}", a.display(), b.display())
+                })?;
             }
         }
         if copied > 0 {
-            crate::elog!("[train] {} cannot be hard-linked here: copied {:.1} MB of it into {}", from.display(), copied as f64 / 1e6, dest.display());
+            crate::elog!(
+                "[train] {} cannot be hard-linked here: copied {:.1} MB of it into {}",
+                from.display(),
+                copied as f64 / 1e6,
+                dest.display()
+            );
         }
-        std::fs::rename(&tmp, dest).with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
+        std::fs::rename(&tmp, dest)
+            .with_context(|| format!("cannot rename {} to {}", tmp.display(), dest.display()))?;
     }
     Ok(linked)
 }
@@ -507,7 +657,11 @@ pub fn overlay_params(src: &ModelSource, device: &Device) -> Result<BTreeMap<Str
 }
 
 /// As `overlay_params`, keeping only the tensors whose names `keep` accepts.
-pub fn overlay_params_where(src: &ModelSource, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<BTreeMap<String, Tensor>> {
+pub fn overlay_params_where(
+    src: &ModelSource,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let mut out = BTreeMap::new();
     for dir in &src.overlays {
         out.extend(load_tensors(dir, "params", device, keep)?);
@@ -522,10 +676,22 @@ mod tests {
     #[test]
     fn row_range_names_parse_back_to_the_whole_tensor_and_its_rows() {
         let p = |n: &str| split_piece_name(n);
-        assert_eq!(p("lm_head.weight.rows.0-5"), Some(("lm_head.weight".into(), 0, 5)));
-        assert_eq!(p("model.embed_tokens.weight.rows.64640-129280.exp_avg_sq"), Some(("model.embed_tokens.weight.exp_avg_sq".into(), 64640, 129280)));
+        assert_eq!(
+            p("lm_head.weight.rows.0-5"),
+            Some(("lm_head.weight".into(), 0, 5))
+        );
+        assert_eq!(
+            p("model.embed_tokens.weight.rows.64640-129280.exp_avg_sq"),
+            Some(("model.embed_tokens.weight.exp_avg_sq".into(), 64640, 129280))
+        );
         assert_eq!(p("x.rows.3-7.exp_avg"), Some(("x.exp_avg".into(), 3, 7)));
-        for whole in ["lm_head.weight", "lm_head.weight.exp_avg", "x.rows.5-5", "x.rows.a-b", "x.rows.3"] {
+        for whole in [
+            "lm_head.weight",
+            "lm_head.weight.exp_avg",
+            "x.rows.5-5",
+            "x.rows.a-b",
+            "x.rows.3",
+        ] {
             assert_eq!(p(whole), None, "{whole}");
         }
     }
@@ -534,22 +700,52 @@ mod tests {
     fn parts_join_into_whole_tensors_and_gaps_are_one_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let dev = Device::Cpu;
-        let rows = |a: f32, n: usize| Tensor::from_vec((0..2 * n).map(|i| a + i as f32).collect::<Vec<_>>(), (n, 2), &dev).unwrap();
+        let rows = |a: f32, n: usize| {
+            Tensor::from_vec(
+                (0..2 * n).map(|i| a + i as f32).collect::<Vec<_>>(),
+                (n, 2),
+                &dev,
+            )
+            .unwrap()
+        };
         let write = |name: &str, parts: &[(&str, Tensor)]| {
-            let stored: Vec<StoredTensor> = parts.iter().map(|(n, t)| f32_tensor(n, t).unwrap()).collect();
+            let stored: Vec<StoredTensor> = parts
+                .iter()
+                .map(|(n, t)| f32_tensor(n, t).unwrap())
+                .collect();
             write_safetensors(&dir.path().join(name), &stored).unwrap();
         };
         std::fs::write(dir.path().join("manifest.json"), r#"{"world": 2}"#).unwrap();
-        write(&shard_name("params", 0), &[("w.rows.2-5", rows(10.0, 3)), ("b", rows(0.0, 1))]);
+        write(
+            &shard_name("params", 0),
+            &[("w.rows.2-5", rows(10.0, 3)), ("b", rows(0.0, 1))],
+        );
         write(&shard_name("params", 1), &[("w.rows.0-2", rows(0.0, 2))]);
         let got = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap();
         assert_eq!(got.keys().collect::<Vec<_>>(), ["b", "w"]);
         let w: Vec<Vec<f32>> = got["w"].to_vec2().unwrap();
-        assert_eq!(w, [[0.0, 1.0], [2.0, 3.0], [10.0, 11.0], [12.0, 13.0], [14.0, 15.0]]);
+        assert_eq!(
+            w,
+            [
+                [0.0, 1.0],
+                [2.0, 3.0],
+                [10.0, 11.0],
+                [12.0, 13.0],
+                [14.0, 15.0]
+            ]
+        );
         // `keep` sees the whole tensor's name.
-        assert!(load_tensors(dir.path(), "params", &dev, &|n| n != "w").unwrap().keys().eq(["b"]));
+        assert!(load_tensors(dir.path(), "params", &dev, &|n| n != "w")
+            .unwrap()
+            .keys()
+            .eq(["b"]));
         write(&shard_name("params", 1), &[("w.rows.0-1", rows(0.0, 1))]);
-        let err = load_tensors(dir.path(), "params", &dev, &|_| true).unwrap_err().to_string();
-        assert!(err.contains("row ranges of w do not join up at row 1"), "{err}");
+        let err = load_tensors(dir.path(), "params", &dev, &|_| true)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("row ranges of w do not join up at row 1"),
+            "{err}"
+        );
     }
 }

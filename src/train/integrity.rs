@@ -58,49 +58,73 @@ impl Use {
 
 /// Size and XXH3-64 of a file, read in 8 MiB pieces.
 pub fn sum_file(path: &Path) -> Result<FileSum> {
-    let mut f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = xxhash_rust::xxh3::Xxh3::new();
     let mut buf = vec![0u8; 8 << 20];
     let mut bytes = 0u64;
     loop {
-        let n = f.read(&mut buf).with_context(|| format!("cannot read {}", path.display()))?;
+        let n = f
+            .read(&mut buf)
+            .with_context(|| format!("cannot read {}", path.display()))?;
         if n == 0 {
             break;
         }
         hasher.update(&buf[..n]);
         bytes += n as u64;
     }
-    Ok(FileSum { bytes, xxh3_64: hasher.digest() })
+    Ok(FileSum {
+        bytes,
+        xxh3_64: hasher.digest(),
+    })
 }
 
 /// Sums of the named files of `dir`, hashed in parallel.
 pub fn sum_files(dir: &Path, names: &[String]) -> Result<BTreeMap<String, FileSum>> {
-    names.par_iter().map(|n| Ok((n.clone(), sum_file(&dir.join(n))?))).collect()
+    names
+        .par_iter()
+        .map(|n| Ok((n.clone(), sum_file(&dir.join(n))?)))
+        .collect()
 }
 
 /// Write `bytes` to `path` and flush them to the storage before returning.
 pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
     f.write_all(bytes)?;
-    f.sync_all().with_context(|| format!("cannot write {}", path.display()))
+    f.sync_all()
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 /// Write the marker of `dir` (synced): the last file of a checkpoint.
 pub fn write_marker(dir: &Path, files: BTreeMap<String, FileSum>) -> Result<()> {
-    let text = serde_json::to_string_pretty(&Marker { format_version: MARKER_FORMAT, files })?;
+    let text = serde_json::to_string_pretty(&Marker {
+        format_version: MARKER_FORMAT,
+        files,
+    })?;
     write_synced(&dir.join(MARKER), text.as_bytes())
 }
 
 /// The marker of `dir`: `None` when it is the empty marker of a step written before checksums.
 pub fn read_marker(dir: &Path) -> Result<Option<Marker>> {
     let path = dir.join(MARKER);
-    let text = std::fs::read_to_string(&path).with_context(|| format!("{} is not a complete checkpoint (no {MARKER} marker)", dir.display()))?;
+    let text = std::fs::read_to_string(&path).with_context(|| {
+        format!(
+            "{} is not a complete checkpoint (no {MARKER} marker)",
+            dir.display()
+        )
+    })?;
     if text.trim().is_empty() {
         return Ok(None);
     }
-    let m: Marker = serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{}: damaged marker ({e})", path.display()))?;
+    let m: Marker = serde_json::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: damaged marker ({e})", path.display()))?;
     if m.format_version != MARKER_FORMAT {
-        bail!("{}: marker format {} is not supported (this build reads {MARKER_FORMAT})", path.display(), m.format_version);
+        bail!(
+            "{}: marker format {} is not supported (this build reads {MARKER_FORMAT})",
+            path.display(),
+            m.format_version
+        );
     }
     Ok(Some(m))
 }
@@ -133,20 +157,36 @@ pub fn verify_share(dir: &Path, what: Use, rank: usize, world: usize) -> Result<
     // A tensor or layout file the marker does not list was added afterwards: readers go by the
     // marker, but such a file means someone changed the step.
     if rank == 0 {
-        for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?.filter_map(|e| e.ok()) {
+        for e in std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .filter_map(|e| e.ok())
+        {
             let name = e.file_name().to_string_lossy().into_owned();
-            let ours = name.ends_with(".safetensors") || name == "manifest.json" || name == "state.json" || name == "recipe.toml";
+            let ours = name.ends_with(".safetensors")
+                || name == "manifest.json"
+                || name == "state.json"
+                || name == "recipe.toml";
             if ours && !marker.files.contains_key(&name) {
                 bail!("{}: not listed in the checkpoint's marker (added after the checkpoint was written); this checkpoint cannot be used", e.path().display());
             }
         }
     }
-    let needed: Vec<(&String, &FileSum)> = marker.files.iter().filter(|(n, _)| what.needs(n)).collect();
-    let mine: Vec<(&String, &FileSum)> = needed.into_iter().skip(rank).step_by(world.max(1)).collect();
+    let needed: Vec<(&String, &FileSum)> =
+        marker.files.iter().filter(|(n, _)| what.needs(n)).collect();
+    let mine: Vec<(&String, &FileSum)> = needed
+        .into_iter()
+        .skip(rank)
+        .step_by(world.max(1))
+        .collect();
     // Sizes first: a truncated or missing file is reported without hashing anything.
     for (name, want) in &mine {
         let path = dir.join(name);
-        let meta = std::fs::metadata(&path).with_context(|| format!("{}: missing, but the checkpoint's marker lists it", path.display()))?;
+        let meta = std::fs::metadata(&path).with_context(|| {
+            format!(
+                "{}: missing, but the checkpoint's marker lists it",
+                path.display()
+            )
+        })?;
         if meta.len() != want.bytes {
             bail!("{}: {} bytes, but the checkpoint recorded {} (truncated or replaced); this checkpoint cannot be used", path.display(), meta.len(), want.bytes);
         }
@@ -194,33 +234,56 @@ mod tests {
         let d = dir.path();
         std::fs::write(d.join("params.safetensors"), vec![7u8; 100_000]).unwrap();
         std::fs::write(d.join("optimizer.safetensors"), vec![1u8; 5000]).unwrap();
-        let names = vec!["params.safetensors".to_string(), "optimizer.safetensors".to_string()];
+        let names = vec![
+            "params.safetensors".to_string(),
+            "optimizer.safetensors".to_string(),
+        ];
         write_marker(d, sum_files(d, &names).unwrap()).unwrap();
         verify(d, Use::Resume).unwrap();
 
         std::fs::write(d.join("params.rank-00001.safetensors"), b"stray").unwrap();
         let err = verify(d, Use::Model).unwrap_err().to_string();
-        assert!(err.contains("params.rank-00001.safetensors") && err.contains("not listed"), "{err}");
+        assert!(
+            err.contains("params.rank-00001.safetensors") && err.contains("not listed"),
+            "{err}"
+        );
         std::fs::remove_file(d.join("params.rank-00001.safetensors")).unwrap();
 
         let mut bytes = std::fs::read(d.join("optimizer.safetensors")).unwrap();
         bytes[4321] ^= 0x10;
         std::fs::write(d.join("optimizer.safetensors"), &bytes).unwrap();
         let err = verify(d, Use::Resume).unwrap_err().to_string();
-        assert!(err.contains("optimizer.safetensors") && err.contains("checksum mismatch"), "{err}");
+        assert!(
+            err.contains("optimizer.safetensors") && err.contains("checksum mismatch"),
+            "{err}"
+        );
         // A model reader does not need the optimizer state.
         verify(d, Use::Model).unwrap();
 
         std::fs::write(d.join("params.safetensors"), vec![7u8; 99_999]).unwrap();
         let err = verify(d, Use::Model).unwrap_err().to_string();
-        assert!(err.contains("params.safetensors") && err.contains("99999 bytes") && err.contains("100000"), "{err}");
+        assert!(
+            err.contains("params.safetensors")
+                && err.contains("99999 bytes")
+                && err.contains("100000"),
+            "{err}"
+        );
         std::fs::remove_file(d.join("params.safetensors")).unwrap();
-        assert!(verify(d, Use::Model).unwrap_err().to_string().contains("missing"));
+        assert!(verify(d, Use::Model)
+            .unwrap_err()
+            .to_string()
+            .contains("missing"));
 
         // The split among ranks covers every file once.
         std::fs::write(d.join("params.safetensors"), vec![7u8; 100_000]).unwrap();
-        let fails: Vec<bool> = (0..2).map(|r| verify_share(d, Use::Resume, r, 2).is_err()).collect();
-        assert_eq!(fails.iter().filter(|&&f| f).count(), 1, "exactly one rank reads the damaged file");
+        let fails: Vec<bool> = (0..2)
+            .map(|r| verify_share(d, Use::Resume, r, 2).is_err())
+            .collect();
+        assert_eq!(
+            fails.iter().filter(|&&f| f).count(),
+            1,
+            "exactly one rank reads the damaged file"
+        );
     }
 
     #[test]
@@ -231,8 +294,14 @@ mod tests {
         verify(dir.path(), Use::Resume).unwrap();
         // An emptied marker of a step that had checksums is damage.
         std::fs::write(dir.path().join("state.json"), br#"{"format_version": 2}"#).unwrap();
-        assert!(verify(dir.path(), Use::Resume).unwrap_err().to_string().contains("the marker is empty"));
+        assert!(verify(dir.path(), Use::Resume)
+            .unwrap_err()
+            .to_string()
+            .contains("the marker is empty"));
         std::fs::write(dir.path().join(MARKER), b"{\"format_version\": 1, \"fi").unwrap();
-        assert!(verify(dir.path(), Use::Resume).unwrap_err().to_string().contains("damaged marker"));
+        assert!(verify(dir.path(), Use::Resume)
+            .unwrap_err()
+            .to_string()
+            .contains("damaged marker"));
     }
 }

@@ -45,7 +45,9 @@ pub fn max_expert_load(loads: &[Vec<u64>]) -> Option<f64> {
     loads
         .iter()
         .filter(|l| !l.is_empty() && l.iter().sum::<u64>() > 0)
-        .map(|l| *l.iter().max().unwrap_or(&0) as f64 / (l.iter().sum::<u64>() as f64 / l.len() as f64))
+        .map(|l| {
+            *l.iter().max().unwrap_or(&0) as f64 / (l.iter().sum::<u64>() as f64 / l.len() as f64)
+        })
         .max_by(|a, b| a.total_cmp(b))
 }
 
@@ -54,7 +56,8 @@ pub fn max_expert_load(loads: &[Vec<u64>]) -> Option<f64> {
 pub fn memory_in_use_gib(device: &candle_core::Device) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
-        let (free, total) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
+        let (free, total) =
+            candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok()?;
         return Some((total - free) as f64 / (1u64 << 30) as f64);
     }
     let _ = device;
@@ -67,15 +70,34 @@ pub fn memory_in_use_gib(device: &candle_core::Device) -> Option<f64> {
 
 /// The progress line for logs without a terminal: UTC time, losses, lr, speed, FLOP/s per
 /// device (the `check` count of a step's FLOPs over its time), memory and expert balance.
-pub fn log_line(m: &StepMetrics, steps: u64, flops_per_device_step: Option<f64>, mem_gib: Option<f64>) -> String {
-    let mut s = format!("{} step {}/{steps}", super::run_dir::utc_time(std::time::SystemTime::now()), m.step);
+pub fn log_line(
+    m: &StepMetrics,
+    steps: u64,
+    flops_per_device_step: Option<f64>,
+    mem_gib: Option<f64>,
+) -> String {
+    let mut s = format!(
+        "{} step {}/{steps}",
+        super::run_dir::utc_time(std::time::SystemTime::now()),
+        m.step
+    );
     if let Some(l) = m.lm_loss {
         s += &format!(" lm {l:.4}");
     }
-    s += &format!(" kl {:.4} lr {:.2e} | {:.0} ms/step {:.0} tok/s", m.indexer_kl, m.lr, m.elapsed_s * 1e3, m.tokens_per_s);
+    s += &format!(
+        " kl {:.4} lr {:.2e} | {:.0} ms/step {:.0} tok/s",
+        m.indexer_kl,
+        m.lr,
+        m.elapsed_s * 1e3,
+        m.tokens_per_s
+    );
     if let Some(f) = flops_per_device_step {
         let rate = f / m.elapsed_s;
-        s += &if rate >= 1e12 { format!(" {:.1} TFLOP/s", rate / 1e12) } else { format!(" {:.2} GFLOP/s", rate / 1e9) };
+        s += &if rate >= 1e12 {
+            format!(" {:.1} TFLOP/s", rate / 1e12)
+        } else {
+            format!(" {:.2} GFLOP/s", rate / 1e9)
+        };
     }
     if let Some(g) = mem_gib {
         s += &format!(" mem {g:.1} GiB");
@@ -97,10 +119,13 @@ impl MetricsLog {
     pub fn open(dir: &Path, resume_step: u64) -> Result<Self> {
         let path = dir.join("metrics.jsonl");
         if path.exists() {
-            let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read {}", path.display()))?;
             let kept: Vec<&str> = text
                 .lines()
-                .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= resume_step))
+                .filter(|l| {
+                    serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= resume_step)
+                })
                 .collect();
             let mut out = kept.join("\n");
             if !out.is_empty() {
@@ -108,25 +133,35 @@ impl MetricsLog {
             }
             // Replaced whole: a crash here leaves the old file or the new one, never half.
             let tmp = dir.join(".metrics.jsonl.tmp");
-            std::fs::write(&tmp, out).and_then(|()| std::fs::rename(&tmp, &path)).with_context(|| format!("cannot write {}", path.display()))?;
+            std::fs::write(&tmp, out)
+                .and_then(|()| std::fs::rename(&tmp, &path))
+                .with_context(|| format!("cannot write {}", path.display()))?;
         }
         Ok(Self { path })
     }
 
     pub fn append(&self, m: &StepMetrics) -> Result<()> {
-        let mut f = std::fs::OpenOptions::new().create(true).append(true).open(&self.path)
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
             .with_context(|| format!("cannot open {}", self.path.display()))?;
-        writeln!(f, "{}", serde_json::to_string(m)?).with_context(|| format!("cannot write {}", self.path.display()))
+        writeln!(f, "{}", serde_json::to_string(m)?)
+            .with_context(|| format!("cannot write {}", self.path.display()))
     }
 }
 
 /// Read a metrics file back (tests, plots).
 pub fn read(path: &Path) -> Result<Vec<StepMetrics>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
     text.lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| serde_json::from_str(l).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1)))
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), i + 1))
+        })
         .collect()
 }
 
@@ -138,7 +173,10 @@ mod tests {
     fn expert_load_is_the_worst_layer_max_over_mean() {
         assert_eq!(max_expert_load(&[]), None);
         assert_eq!(max_expert_load(&[vec![0, 0]]), None);
-        assert_eq!(max_expert_load(&[vec![1, 1, 1, 1], vec![4, 0, 0, 0], vec![]]), Some(4.0));
+        assert_eq!(
+            max_expert_load(&[vec![1, 1, 1, 1], vec![4, 0, 0, 0], vec![]]),
+            Some(4.0)
+        );
         assert_eq!(max_expert_load(&[vec![3, 1]]), Some(1.5));
     }
 }

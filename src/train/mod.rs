@@ -18,8 +18,8 @@
 //! divided by the number of micro-batches); clip per group; AdamW; router-bias sign update.
 
 pub mod accumulate;
-pub mod integrity;
 pub mod ckpt;
+pub mod integrity;
 pub mod metrics;
 pub mod optim;
 pub mod plan;
@@ -36,9 +36,9 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
+use crate::data::{TokenStream, WindowSampler};
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
-use crate::data::{TokenStream, WindowSampler};
 use crate::losses::next_token_nll;
 use crate::model::{AttentionMode, ForwardContext, ForwardOptions, Model};
 use crate::recipe::{Layout, Recipe, Stage};
@@ -92,7 +92,10 @@ pub struct Trainer {
 /// when resuming, the chain the checkpoint records (without the checkpoint itself, whose
 /// parameters come with its snapshot), so a resume does not depend on `model.path` still
 /// being where it was.
-fn model_source(recipe: &Recipe, resume_dir: Option<&Path>) -> Result<(ModelSource, ModelConfig, PathBuf)> {
+fn model_source(
+    recipe: &Recipe,
+    resume_dir: Option<&Path>,
+) -> Result<(ModelSource, ModelConfig, PathBuf)> {
     let model_path = std::path::absolute(&recipe.model.path)
         .with_context(|| format!("model.path {}", recipe.model.path))?;
     let source: ModelSource = match resume_dir {
@@ -119,14 +122,17 @@ fn model_source(recipe: &Recipe, resume_dir: Option<&Path>) -> Result<(ModelSour
 pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
     let micro = recipe.micro_batches();
-    if micro % layout.dp != 0 {
+    if !micro.is_multiple_of(layout.dp) {
         bail!(
             "train.global_batch_seqs / train.micro_batch_seqs = {micro} micro-batches per step, not a multiple of parallel.dp = {}",
             layout.dp
         );
     }
     // Resolved (symlinks, `..`): the same place however it is spelt.
-    let (model, out) = (crate::paths::resolved(Path::new(&recipe.model.path)), crate::paths::resolved(Path::new(&recipe.run.output_dir)));
+    let (model, out) = (
+        crate::paths::resolved(Path::new(&recipe.model.path)),
+        crate::paths::resolved(Path::new(&recipe.run.output_dir)),
+    );
     if model.starts_with(&out) {
         bail!(
             "model.path {} lies inside run.output_dir {}: the run would write over the steps it starts from; choose a new run.output_dir",
@@ -135,7 +141,11 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     }
     // Inside another run's step, pruning that step would take this run with it.
     if let Some(step) = out.ancestors().find(|a| ckpt::is_checkpoint(a)) {
-        bail!("run.output_dir {} lies inside the training checkpoint {}; choose a folder outside it", recipe.run.output_dir, step.display());
+        bail!(
+            "run.output_dir {} lies inside the training checkpoint {}; choose a folder outside it",
+            recipe.run.output_dir,
+            step.display()
+        );
     }
     Ok(layout)
 }
@@ -168,7 +178,10 @@ fn check_resumable(dir: &Path, recipe: &Recipe) -> Result<()> {
     let file = dir.join("recipe.toml");
     let text = std::fs::read_to_string(&file).unwrap_or_default();
     if text.trim().is_empty() {
-        bail!("{}: missing or empty; the checkpoint cannot be checked against the recipe", file.display());
+        bail!(
+            "{}: missing or empty; the checkpoint cannot be checked against the recipe",
+            file.display()
+        );
     }
     let saved = Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
     let changes = recipe.resume_changes(&saved);
@@ -202,11 +215,20 @@ fn build_model(
 ) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>)> {
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
-    let specs: Vec<WeightSpec> = weights::model_weights(&cfg, with_mtp).into_iter().filter(|s| held_here(shard, &s.name)).collect();
+    let specs: Vec<WeightSpec> = weights::model_weights(&cfg, with_mtp)
+        .into_iter()
+        .filter(|s| held_here(shard, &s.name))
+        .collect();
     let hf = Checkpoint::open(&source.hf_dir)?;
-    let (mut params, initialised) = weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
+    let (mut params, initialised) =
+        weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
     if !initialised.is_empty() {
-        crate::elog!("[train] {} has no indexer tensors: initialised {} from seed {}", source.hf_dir.display(), initialised.len(), recipe.model.init_seed);
+        crate::elog!(
+            "[train] {} has no indexer tensors: initialised {} from seed {}",
+            source.hf_dir.display(),
+            initialised.len(),
+            recipe.model.init_seed
+        );
     }
     let mut overlay = ckpt::overlay_params_where(source, device, &|n| held_here(shard, n))?;
     if let Some(snap) = resume {
@@ -214,7 +236,17 @@ fn build_model(
     }
     weights::apply_overlay(&mut params, &specs, overlay, dtype)?;
     if let Some(name) = weights::first_non_finite(&params)? {
-        let from = resume.map_or_else(|| source.overlays.last().unwrap_or(&source.hf_dir).display().to_string(), |_| "the checkpoint being resumed".into());
+        let from = resume.map_or_else(
+            || {
+                source
+                    .overlays
+                    .last()
+                    .unwrap_or(&source.hf_dir)
+                    .display()
+                    .to_string()
+            },
+            |_| "the checkpoint being resumed".into(),
+        );
         bail!("tensor {name} (from {from}) holds NaN or infinite values; this model cannot be trained");
     }
 
@@ -224,12 +256,21 @@ fn build_model(
     let mut router_biases = vec![];
     let mut model_params = ParamSet::new();
     for s in &specs {
-        let t = params.remove(&s.name).expect("load_params returns every spec");
+        let t = params
+            .remove(&s.name)
+            .expect("load_params returns every spec");
         if trainable(s) {
             let var = Var::from_tensor(&t)?;
             model_params.insert(s.name.clone(), var.as_tensor().clone());
-            let decay = matches!(s.kind, Kind::Linear | Kind::Embedding | Kind::Head | Kind::Router);
-            let group = if s.indexer { Group::Indexer } else { Group::Main };
+            let decay = matches!(
+                s.kind,
+                Kind::Linear | Kind::Embedding | Kind::Head | Kind::Router
+            );
+            let group = if s.indexer {
+                Group::Indexer
+            } else {
+                Group::Main
+            };
             slots.push(Slot::new(s.name.clone(), var, decay, group)?);
         } else if stage.trains_main() && s.kind == Kind::RouterBias {
             let var = Var::from_tensor(&t)?;
@@ -253,7 +294,11 @@ impl Trainer {
     /// dp-th micro-batch of the global batch, gradients summed over ranks, optimizer state
     /// sharded (ZeRO-1) and parameters gathered after each step. A checkpoint to resume and
     /// the steps under it are verified first (each rank its share of the files).
-    pub fn with_comm(recipe: Recipe, resume_dir: Option<&Path>, comm: Box<dyn Collective>) -> Result<Self> {
+    pub fn with_comm(
+        recipe: Recipe,
+        resume_dir: Option<&Path>,
+        comm: Box<dyn Collective>,
+    ) -> Result<Self> {
         let mut comm = comm;
         let layout = validate(&recipe, comm.world())?;
         let (rank, world) = (comm.rank(), comm.world());
@@ -294,16 +339,32 @@ impl Trainer {
             Some(d) => {
                 let snap = ckpt::load(d, &device, &|n| held_here(shard.as_ref(), n))?;
                 if snap.state.stage != recipe.stage() {
-                    bail!("{} was written by the {:?} stage but the recipe runs {:?}", d.display(), snap.state.stage, recipe.stage());
+                    bail!(
+                        "{} was written by the {:?} stage but the recipe runs {:?}",
+                        d.display(),
+                        snap.state.stage,
+                        recipe.stage()
+                    );
                 }
                 if rank == 0 {
-                    crate::elog!("[train] resuming from {} (step {})", d.display(), snap.state.step);
+                    crate::elog!(
+                        "[train] resuming from {} (step {})",
+                        d.display(),
+                        snap.state.step
+                    );
                 }
                 Some(snap)
             }
             None => None,
         };
-        let (model, mut slots, router_biases) = build_model(&recipe, &source, cfg, snapshot.as_ref(), &device, shard.as_ref())?;
+        let (model, mut slots, router_biases) = build_model(
+            &recipe,
+            &source,
+            cfg,
+            snapshot.as_ref(),
+            &device,
+            shard.as_ref(),
+        )?;
         let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
@@ -311,7 +372,10 @@ impl Trainer {
             // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
             let rank = comm.rank();
             let mut mine: Vec<Vec<std::ops::Range<usize>>> = vec![vec![]; slots.len()];
-            for r in zero::slot_ranges(&slots, &layout, rank).into_iter().filter(|r| r.owner == rank) {
+            for r in zero::slot_ranges(&slots, &layout, rank)
+                .into_iter()
+                .filter(|r| r.owner == rank)
+            {
                 mine[r.slot].push(r.rows);
             }
             for (s, rows) in slots.iter_mut().zip(mine) {
@@ -334,20 +398,52 @@ impl Trainer {
                     for p in s.pieces.iter_mut() {
                         // A part is copied out, so the whole loaded moment can be freed.
                         let whole = p.rows == (0..total);
-                        let rows = |t: &Tensor| -> Result<Tensor> { Ok(if whole || t.rank() == 0 { t.clone() } else { t.narrow(0, p.rows.start, p.rows.len())?.copy()? }) };
+                        let rows = |t: &Tensor| -> Result<Tensor> {
+                            Ok(if whole || t.rank() == 0 {
+                                t.clone()
+                            } else {
+                                t.narrow(0, p.rows.start, p.rows.len())?.copy()?
+                            })
+                        };
                         (p.m, p.v) = (rows(m)?, rows(v)?);
                     }
-                    s.steps = snap.state.optimizer_steps.get(&s.name).copied().unwrap_or(0);
+                    s.steps = snap
+                        .state
+                        .optimizer_steps
+                        .get(&s.name)
+                        .copied()
+                        .unwrap_or(0);
                 }
             }
-            sampler.restore(snap.state.data_cursor).with_context(|| format!("{}: its data cursor does not fit data.path and data.seq_len", resume_dir.unwrap_or(Path::new("")).display()))?;
+            sampler.restore(snap.state.data_cursor).with_context(|| {
+                format!(
+                    "{}: its data cursor does not fit data.path and data.seq_len",
+                    resume_dir.unwrap_or(Path::new("")).display()
+                )
+            })?;
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
         }
         let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         let stage = recipe.stage();
         let reducer = zero::Reducer::new(comm, layout, device.clone());
-        Ok(Self { recipe, stage, model, slots, router_biases, sampler, step, tokens_seen, model_path, source, ctx, device, reducer, layout, comm_seconds: 0.0 })
+        Ok(Self {
+            recipe,
+            stage,
+            model,
+            slots,
+            router_biases,
+            sampler,
+            step,
+            tokens_seen,
+            model_path,
+            source,
+            ctx,
+            device,
+            reducer,
+            layout,
+            comm_seconds: 0.0,
+        })
     }
 
     fn forward_options(&self) -> ForwardOptions {
@@ -362,7 +458,11 @@ impl Trainer {
             detach_indexer_inputs: self.stage == Stage::Sparse,
             seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
             defer_dense_kl: self.stage != Stage::Dense,
-            block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute { self.recipe.train.block_rows } else { 0 },
+            block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute {
+                self.recipe.train.block_rows
+            } else {
+                0
+            },
             indexer_rows: 0,
             eval_rows: None,
         }
@@ -377,33 +477,60 @@ impl Trainer {
     /// last layer. With `train.recompute` (sparse stage) pass 1 keeps only each layer's input
     /// and selected sets; pass 2 walks the layers backwards, recomputing one layer from its
     /// input and backpropagating sum(out * dL/dout) (+ its balance loss) through it alone.
-    fn micro_batch(&self, tokens: &Tensor, scale: f64, accum: &mut GradAccum, loads: &mut [Vec<u64>]) -> Result<(Option<f64>, f64)> {
+    fn micro_batch(
+        &self,
+        tokens: &Tensor,
+        scale: f64,
+        accum: &mut GradAccum,
+        loads: &mut [Vec<u64>],
+    ) -> Result<(Option<f64>, f64)> {
         let opts = self.forward_options();
         let t = &self.recipe.train;
         // `main`: the main model learns (sparse and dense stages); `with_kl`: the indexer learns.
         let main = self.stage.trains_main();
         let with_kl = self.stage != Stage::Dense;
         let recompute = main && t.recompute;
-        let kl_weight = if self.stage == Stage::Sparse { t.kl_weight } else { 1.0 };
+        let kl_weight = if self.stage == Stage::Sparse {
+            t.kl_weight
+        } else {
+            1.0
+        };
         // Scalars stay on the device until the end of the micro-batch: one host sync for the logs.
         let mut kl_sum: Option<Tensor> = None;
         let mut balance: Option<Tensor> = None;
         let add = |acc: Option<Tensor>, x: Tensor| -> Result<Option<Tensor>> {
-            Ok(Some(match acc { Some(a) => (a + x)?, None => x }))
+            Ok(Some(match acc {
+                Some(a) => (a + x)?,
+                None => x,
+            }))
         };
         // The tensors that learn, by the id of the Var the model reads (the explicit backwards' sink).
-        let trainable: HashMap<candle_core::TensorId, &str> = self.slots.iter().map(|s| (s.var.as_tensor().id(), s.name.as_str())).collect();
+        let trainable: HashMap<candle_core::TensorId, &str> = self
+            .slots
+            .iter()
+            .map(|s| (s.var.as_tensor().id(), s.name.as_str()))
+            .collect();
         let mut inputs = Vec::new();
         let mut selections = Vec::new();
         let mut balance_weights = Vec::new();
         let mut chosen = Vec::new();
         // Offload: what pass 2 needs waits in host memory.
         let host = Device::Cpu;
-        let keep = |x: Tensor| -> Result<Tensor> { Ok(if t.offload_activations { x.to_device(&host)? } else { x }) };
+        let keep = |x: Tensor| -> Result<Tensor> {
+            Ok(if t.offload_activations {
+                x.to_device(&host)?
+            } else {
+                x
+            })
+        };
         // The embedding table's gradient is built from dL/d(its output) a block of rows at a
         // time (`add_embedding_grad`), never by candle's backward: its output is a leaf.
         let embedded = self.model.embed(tokens)?.detach();
-        let embed_leaf = if main && !recompute { Some(Var::from_tensor(&embedded)?) } else { None };
+        let embed_leaf = if main && !recompute {
+            Some(Var::from_tensor(&embedded)?)
+        } else {
+            None
+        };
         let mut h = match &embed_leaf {
             Some(leaf) => leaf.as_tensor().clone(),
             None => embedded,
@@ -413,12 +540,23 @@ impl Trainer {
                 inputs.push(keep(h.clone())?);
             }
             let region = crate::profile::region("step: layer forward (first pass)");
-            let (next, mut stats) = layer.forward(&h, &self.ctx, &opts).with_context(|| format!("layer {l} forward"))?;
+            let (next, mut stats) = layer
+                .forward(&h, &self.ctx, &opts)
+                .with_context(|| format!("layer {l} forward"))?;
             drop(region);
             crate::profile::log_device_memory(&format!("layer {l} forward"));
             if with_kl {
-                let kl = self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &trainable, &layer.indexer).with_context(|| format!("layer {l} indexer KL backward"))?;
-                self.flush_layer(accum, l).with_context(|| format!("layer {l} indexer gradient sums"))?;
+                let kl = self
+                    .backprop_indexer_kl(
+                        &stats,
+                        scale * kl_weight,
+                        accum,
+                        &trainable,
+                        &layer.indexer,
+                    )
+                    .with_context(|| format!("layer {l} indexer KL backward"))?;
+                self.flush_layer(accum, l)
+                    .with_context(|| format!("layer {l} indexer gradient sums"))?;
                 crate::profile::log_device_memory(&format!("layer {l} KL backward"));
                 kl_sum = add(kl_sum, kl)?;
             }
@@ -432,33 +570,61 @@ impl Trainer {
             if recompute {
                 // The selection's one stored form ([B, T, K] u32 absolute rows): 1 GiB per
                 // layer at 128K tokens and k = 2048.
-                selections.push(stats.selection.take().map(|s| keep(s.absolute)).transpose()?);
+                selections.push(
+                    stats
+                        .selection
+                        .take()
+                        .map(|s| keep(s.absolute))
+                        .transpose()?,
+                );
                 balance_weights.push(stats.balance_weights.take());
                 chosen.push(stats.chosen.take());
             }
             drop(stats);
             // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
-            h = if !main || recompute { next.detach() } else { next };
+            h = if !main || recompute {
+                next.detach()
+            } else {
+                next
+            };
         }
         let mut lm_value = None;
         let mut dh: Option<Tensor> = None;
         crate::profile::log_device_memory("layers done");
         if main {
             let (b, _) = tokens.dims2()?;
-            let chunk = if t.lm_head_chunk > 0 { t.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size) };
+            let chunk = if t.lm_head_chunk > 0 {
+                t.lm_head_chunk
+            } else {
+                crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size)
+            };
             let (slots, m, device) = (&self.slots, &self.model, &self.device);
             // The head weight's gradient arrives a block of rows at a time, into its f32 sum.
             let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
-            let head = crate::losses::LmHead { norm: &m.norm, weight: &m.lm_head, eps: m.cfg.rms_norm_eps, weight_trains: head_slot.is_some() };
+            let head = crate::losses::LmHead {
+                norm: &m.norm,
+                weight: &m.lm_head,
+                eps: m.cfg.rms_norm_eps,
+                weight_trains: head_slot.is_some(),
+            };
             let _region = crate::profile::region("step: LM head, loss and its gradients");
-            let (lm, g) = crate::losses::chunked_next_token_loss(&h.detach(), tokens, chunk, scale, &head, |g| {
-                match (g, head_slot.as_deref()) {
-                    (crate::losses::HeadGrads::Tracked(gs), _) => accum.add(slots, gs),
-                    (crate::losses::HeadGrads::Weight(w), Some(name)) => accum.add_rows(name, w, device),
-                    (crate::losses::HeadGrads::Weight(_), None) => Ok(()), // not asked for
-                }
-                .map_err(candle_core::Error::wrap)
-            })
+            let (lm, g) = crate::losses::chunked_next_token_loss(
+                &h.detach(),
+                tokens,
+                chunk,
+                scale,
+                &head,
+                |g| {
+                    match (g, head_slot.as_deref()) {
+                        (crate::losses::HeadGrads::Tracked(gs), _) => accum.add(slots, gs),
+                        (crate::losses::HeadGrads::Weight(w), Some(name)) => {
+                            accum.add_rows(name, w, device)
+                        }
+                        (crate::losses::HeadGrads::Weight(_), None) => Ok(()), // not asked for
+                    }
+                    .map_err(candle_core::Error::wrap)
+                },
+            )
             .context("LM head and loss")?;
             lm_value = Some(lm);
             dh = Some(g);
@@ -474,15 +640,28 @@ impl Trainer {
             }
             let hv = Var::from_tensor(&h.detach())?;
             // The MTP layer is differentiated through its own forward graph: no block mode.
-            let mtp_opts = ForwardOptions { block_rows: 0, ..opts.clone() };
-            let (logits, stats) = self.model.mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
+            let mtp_opts = ForwardOptions {
+                block_rows: 0,
+                ..opts.clone()
+            };
+            let (logits, stats) =
+                self.model
+                    .mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
             if with_kl {
-                self.backprop_indexer_kl(&stats, scale * kl_weight, accum, &trainable, &self.model.mtp[depth].layer.indexer)?;
+                self.backprop_indexer_kl(
+                    &stats,
+                    scale * kl_weight,
+                    accum,
+                    &trainable,
+                    &self.model.mtp[depth].layer.indexer,
+                )?;
             }
             if trains {
                 let targets = tokens.narrow(1, 1 + depth, tokens.dim(1)? - 1 - depth)?;
                 let mtp = next_token_nll(&logits, &targets)?.mean_all()?;
-                let grads = (mtp * (t.mtp_weight * scale))?.backward().context("MTP backward")?;
+                let grads = (mtp * (t.mtp_weight * scale))?
+                    .backward()
+                    .context("MTP backward")?;
                 accum.add(&self.slots, &grads)?;
                 if let (Some(d), Some(g)) = (dh.as_mut(), grads.get(hv.as_tensor())) {
                     *d = (&*d + g.detach())?;
@@ -497,7 +676,9 @@ impl Trainer {
                 Some(l) => l >= main_layers,
                 None => n != "model.embed_tokens.weight",
             };
-            self.reducer.flush(&self.slots, accum, &done).context("LM head gradient sums")?;
+            self.reducer
+                .flush(&self.slots, accum, &done)
+                .context("LM head gradient sums")?;
         }
         if let Some(mut dh) = dh {
             let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
@@ -506,23 +687,46 @@ impl Trainer {
             if recompute {
                 for (l, layer) in self.model.layers.iter().enumerate().rev() {
                     let input = inputs[l].to_device(&self.device)?;
-                    let sel = selections[l].take().map(|s| s.to_device(&self.device)).transpose()?.map(crate::dsa::Selection::from_absolute).transpose()?;
+                    let sel = selections[l]
+                        .take()
+                        .map(|s| s.to_device(&self.device))
+                        .transpose()?
+                        .map(crate::dsa::Selection::from_absolute)
+                        .transpose()?;
                     // The layer's explicit backward: the sparse stage's recomputed a block of
                     // queries at a time with the first pass's sets, the dense stage's whole.
                     let bw = crate::model::blocks::LayerBackward {
                         dout: &dh,
-                        balance: balance_weights[l].as_deref().filter(|_| opts.seq_balance).map(|f| (f, t.seq_balance_alpha * scale)),
+                        balance: balance_weights[l]
+                            .as_deref()
+                            .filter(|_| opts.seq_balance)
+                            .map(|f| (f, t.seq_balance_alpha * scale)),
                         chosen: chosen[l].as_deref(),
                     };
-                    let mut sink = AccumSink { trainable: &trainable, accum };
+                    let mut sink = AccumSink {
+                        trainable: &trainable,
+                        accum,
+                    };
                     dh = match (opts.attention, &sel) {
-                        (AttentionMode::Sparse, Some(sel)) => layer.sparse_backward(&input, &self.ctx, sel, opts.block_rows, bw, &mut sink),
-                        (AttentionMode::Dense, _) => layer.dense_backward(&input, &self.ctx, bw, &mut sink),
-                        (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg("the first pass kept no selected sets".into())),
+                        (AttentionMode::Sparse, Some(sel)) => layer.sparse_backward(
+                            &input,
+                            &self.ctx,
+                            sel,
+                            opts.block_rows,
+                            bw,
+                            &mut sink,
+                        ),
+                        (AttentionMode::Dense, _) => {
+                            layer.dense_backward(&input, &self.ctx, bw, &mut sink)
+                        }
+                        (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg(
+                            "the first pass kept no selected sets".into(),
+                        )),
                     }
                     .with_context(|| format!("layer {l} recompute and backward"))?;
                     crate::profile::log_device_memory(&format!("layer {l} backward"));
-                    self.flush_layer(accum, l).with_context(|| format!("layer {l} gradient sums"))?;
+                    self.flush_layer(accum, l)
+                        .with_context(|| format!("layer {l} gradient sums"))?;
                 }
                 let _region = crate::profile::region("step: embedding gradient");
                 self.add_embedding_grad(accum, tokens, &dh)?;
@@ -533,7 +737,10 @@ impl Trainer {
                 }
                 let grads = loss.backward().context("main-model backward")?;
                 accum.add(&self.slots, &grads)?;
-                if let Some(d) = embed_leaf.as_ref().and_then(|leaf| grads.get(leaf.as_tensor())) {
+                if let Some(d) = embed_leaf
+                    .as_ref()
+                    .and_then(|leaf| grads.get(leaf.as_tensor()))
+                {
                     self.add_embedding_grad(accum, tokens, d)?;
                 }
                 crate::profile::log_device_memory("main-model backward done");
@@ -543,10 +750,17 @@ impl Trainer {
             Some(k) => k,
             None => Tensor::zeros((), DType::F32, &self.device)?, // dense stage: no indexer KL
         };
-        self.reducer.flush(&self.slots, accum, &|_| true).context("gradient sums")?;
-        let lm = lm_value.clone().unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
+        self.reducer
+            .flush(&self.slots, accum, &|_| true)
+            .context("gradient sums")?;
+        let lm = lm_value
+            .clone()
+            .unwrap_or_else(|| kl_sum.zeros_like().expect("scalar"));
         let host: Vec<f32> = Tensor::stack(&[&lm, &kl_sum], 0)?.to_vec1()?; // the one sync
-        Ok((lm_value.map(|_| host[0] as f64), host[1] as f64 / self.model.layers.len() as f64))
+        Ok((
+            lm_value.map(|_| host[0] as f64),
+            host[1] as f64 / self.model.layers.len() as f64,
+        ))
     }
 
     /// The slot whose Var the model reads as `t` (the model holds clones of the slots' Vars,
@@ -560,13 +774,28 @@ impl Trainer {
     /// candle's index-select backward), so that neither candle's whole bf16 gradient (built
     /// twice over: zeros and their index-add) nor its f32 copy exists beside the f32 sum.
     /// Nothing when the table is frozen.
-    fn add_embedding_grad(&self, accum: &mut GradAccum, tokens: &Tensor, dh: &Tensor) -> Result<()> {
+    fn add_embedding_grad(
+        &self,
+        accum: &mut GradAccum,
+        tokens: &Tensor,
+        dh: &Tensor,
+    ) -> Result<()> {
         let table = &self.model.embed;
-        let Some(slot) = self.slot_holding(table) else { return Ok(()) };
+        let Some(slot) = self.slot_holding(table) else {
+            return Ok(());
+        };
         let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
         let (vocab, dim) = table.dims2()?;
-        let rows = crate::grad_rows::EmbeddingGrad::new(&ids, &dh.reshape((ids.len(), dim))?, vocab, table.dtype()).context("embedding gradient")?;
-        accum.add_rows(&slot.name, &rows, &self.device).context("embedding gradient")
+        let rows = crate::grad_rows::EmbeddingGrad::new(
+            &ids,
+            &dh.reshape((ids.len(), dim))?,
+            vocab,
+            table.dtype(),
+        )
+        .context("embedding gradient")?;
+        accum
+            .add_rows(&slot.name, &rows, &self.device)
+            .context("embedding gradient")
     }
 
     /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL
@@ -586,59 +815,128 @@ impl Trainer {
         indexer: &crate::model::indexer::Indexer,
     ) -> Result<Tensor> {
         let _region = crate::profile::region("step: indexer KL backward");
-        if let Some(crate::model::DeferredKl::Sparse { keys, target, sel, rows }) = &stats.deferred_kl {
+        if let Some(crate::model::DeferredKl::Sparse {
+            keys,
+            target,
+            sel,
+            rows,
+        }) = &stats.deferred_kl
+        {
             // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
-            let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
-            let args = crate::model::indexer::SparseKl { x, qr, keys, target, sel, cos: &self.ctx.cos, sin: &self.ctx.sin, rows: *rows, weight };
+            let (x, qr) = stats
+                .indexer_inputs
+                .as_ref()
+                .context("layer kept no indexer inputs")?;
+            let args = crate::model::indexer::SparseKl {
+                x,
+                qr,
+                keys,
+                target,
+                sel,
+                cos: &self.ctx.cos,
+                sin: &self.ctx.sin,
+                rows: *rows,
+                weight,
+            };
             let kl = indexer.sparse_kl_backward(&args, &mut AccumSink { trainable, accum })?;
             return Ok(kl.to_dtype(DType::F32)?);
         }
-        let proj = match (&stats.indexer_proj, stats.deferred_kl.as_ref().and_then(|d| d.proj())) {
+        let proj = match (
+            &stats.indexer_proj,
+            stats.deferred_kl.as_ref().and_then(|d| d.proj()),
+        ) {
             (_, Some(p)) => p,
             (Some(p), None) => p,
             (None, None) => bail!("layer returned no indexer projections"),
         };
         let (b, t, hi, di) = proj.q.dims4()?;
         let grad_of = |gs: &candle_core::backprop::GradStore, x: &Tensor| -> Result<Tensor> {
-            Ok(match gs.get(x) { Some(g) => g.detach(), None => x.zeros_like()? })
+            Ok(match gs.get(x) {
+                Some(g) => g.detach(),
+                None => x.zeros_like()?,
+            })
         };
         let (kl, dq, dw, dk) = if let Some(kl) = &stats.indexer_kl {
             let kl = kl.mean_all()?;
             let gs = (&kl * weight)?.backward()?;
-            (kl.detach(), grad_of(&gs, &proj.q)?, grad_of(&gs, &proj.w)?, grad_of(&gs, &proj.k)?)
+            (
+                kl.detach(),
+                grad_of(&gs, &proj.q)?,
+                grad_of(&gs, &proj.w)?,
+                grad_of(&gs, &proj.k)?,
+            )
         } else {
-            match stats.deferred_kl.as_ref().context("layer returned no indexer KL")? {
+            match stats
+                .deferred_kl
+                .as_ref()
+                .context("layer returned no indexer KL")?
+            {
                 crate::model::DeferredKl::Streaming { proj, scores } => {
                     // Loss and gradients in one kernel call.
                     let g = weight / (b * t) as f64;
-                    let r = crate::kernels::warmup_kl::warmup_kl(&scores.q, &scores.k, &scores.lse, scores.scale, &proj.q, &proj.w, &proj.k, g)?;
+                    let r = crate::kernels::warmup_kl::warmup_kl(
+                        &scores.q,
+                        &scores.k,
+                        &scores.lse,
+                        scores.scale,
+                        &proj.q,
+                        &proj.w,
+                        &proj.k,
+                        g,
+                    )?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }
-                crate::model::DeferredKl::Sparse { .. } => bail!("the sparse-stage KL is backpropagated by Indexer::backprop_sparse_kl"),
+                crate::model::DeferredKl::Sparse { .. } => {
+                    bail!("the sparse-stage KL is backpropagated by Indexer::backprop_sparse_kl")
+                }
                 crate::model::DeferredKl::Plain { proj, target } => {
                     // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
                     let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
                     let mut total: Option<Tensor> = None;
-                    let (mut dq, mut dw, mut dk) = (proj.q.zeros_like()?, proj.w.zeros_like()?, proj.k.zeros_like()?);
+                    let (mut dq, mut dw, mut dk) = (
+                        proj.q.zeros_like()?,
+                        proj.w.zeros_like()?,
+                        proj.k.zeros_like()?,
+                    );
                     for q0 in (0..t).step_by(block) {
                         let n = block.min(t - q0);
-                        let kl_sum = crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
+                        let kl_sum =
+                            crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
                         let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
                         dq = (dq + grad_of(&gs, &proj.q)?)?;
                         dw = (dw + grad_of(&gs, &proj.w)?)?;
                         dk = (dk + grad_of(&gs, &proj.k)?)?;
                         let kl_sum = kl_sum.detach();
-                        total = Some(match total { Some(a) => (a + kl_sum)?, None => kl_sum });
+                        total = Some(match total {
+                            Some(a) => (a + kl_sum)?,
+                            None => kl_sum,
+                        });
                     }
-                    ((total.context("empty sequence")? / (b * t) as f64)?, dq, dw, dk)
+                    (
+                        (total.context("empty sequence")? / (b * t) as f64)?,
+                        dq,
+                        dw,
+                        dk,
+                    )
                 }
             }
         };
-        let (x, qr) = stats.indexer_inputs.as_ref().context("layer kept no indexer inputs")?;
+        let (x, qr) = stats
+            .indexer_inputs
+            .as_ref()
+            .context("layer kept no indexer inputs")?;
         // About 2^24 query values (64 MiB in f32) per chunk of tokens.
         let rows = crate::model::indexer::query_block_rows(b, t, hi, di);
         // Written out (`Indexer::projections_backward`; its autograd twin is `backprop_rows`).
-        indexer.projections_backward(x, qr, &self.ctx.cos, &self.ctx.sin, (&dq, &dw, &dk), rows, &mut AccumSink { trainable, accum })?;
+        indexer.projections_backward(
+            x,
+            qr,
+            &self.ctx.cos,
+            &self.ctx.sin,
+            (&dq, &dw, &dk),
+            rows,
+            &mut AccumSink { trainable, accum },
+        )?;
         Ok(kl.to_dtype(DType::F32)?)
     }
 
@@ -662,12 +960,18 @@ impl Trainer {
                 continue;
             }
             let flat: Vec<u32> = batch.concat();
-            let tokens = Tensor::from_vec(flat, (r.train.micro_batch_seqs, r.data.seq_len), &self.device)?;
+            let tokens = Tensor::from_vec(
+                flat,
+                (r.train.micro_batch_seqs, r.data.seq_len),
+                &self.device,
+            )?;
             let (lm, kl) = self.micro_batch(&tokens, scale, &mut accum, &mut loads)?;
             lm_sum += lm.unwrap_or(0.0);
             kl_sum += kl;
         }
-        self.reducer.finish(&self.slots, &mut accum).context("gradient sums")?;
+        self.reducer
+            .finish(&self.slots, &mut accum)
+            .context("gradient sums")?;
         if self.reducer.world() > 1 {
             let start = Instant::now();
             (lm_sum, kl_sum) = self.reduce_logs(&mut loads, lm_sum, kl_sum)?;
@@ -682,7 +986,8 @@ impl Trainer {
         if self.reducer.world() == 1 || self.layout.zero < 2 {
             return Ok(()); // settled once at the end of the micro-batch or step
         }
-        self.reducer.flush(&self.slots, accum, &|n| layer_of(n) == Some(l))
+        self.reducer
+            .flush(&self.slots, accum, &|n| layer_of(n) == Some(l))
     }
 
     /// Sum the expert loads and the logged losses over the ranks (loads are counts: summed
@@ -691,7 +996,9 @@ impl Trainer {
         let mut mine: Vec<u8> = [lm, kl].iter().flat_map(|x| x.to_le_bytes()).collect();
         mine.extend(loads.iter().flatten().flat_map(|x| x.to_le_bytes()));
         let all = self.reducer.comm.get_mut().all_gather(&mine)?;
-        let word = |part: &[u8], i: usize| -> [u8; 8] { part[8 * i..8 * i + 8].try_into().expect("8 bytes") };
+        let word = |part: &[u8], i: usize| -> [u8; 8] {
+            part[8 * i..8 * i + 8].try_into().expect("8 bytes")
+        };
         let (mut lm, mut kl) = (0.0, 0.0);
         loads.iter_mut().flatten().for_each(|x| *x = 0);
         for part in &all {
@@ -716,7 +1023,9 @@ impl Trainer {
         let lr = lr_at(self.step, r.train.lr, &r.train);
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
         let mut sq = AdamW::squared_norms(&self.slots, &accum).context("gradient norms")?;
-        self.reducer.sum_squared_norms(&mut sq).context("summing the gradient norms over the ranks")?;
+        self.reducer
+            .sum_squared_norms(&mut sq)
+            .context("summing the gradient norms over the ranks")?;
         let region = crate::profile::region("step: gradient norms and AdamW");
         let report = AdamW::from_recipe(&r.train)
             .step_with_norms(&mut self.slots, &accum, &sq, |g| match g {
@@ -728,7 +1037,9 @@ impl Trainer {
         drop(region);
         crate::profile::log_device_memory("optimizer step done");
         if self.layout.dp > 1 {
-            self.reducer.gather_updated_params(&mut self.slots).context("gathering the updated parameters from their owners")?;
+            self.reducer
+                .gather_updated_params(&mut self.slots)
+                .context("gathering the updated parameters from their owners")?;
         }
         self.update_router_biases(&loads)?;
         self.step += 1;
@@ -763,7 +1074,9 @@ impl Trainer {
             return Ok(());
         }
         for (name, var) in &self.router_biases {
-            let Some(l) = name.split('.').nth(2).and_then(|x| x.parse::<usize>().ok()) else { continue };
+            let Some(l) = name.split('.').nth(2).and_then(|x| x.parse::<usize>().ok()) else {
+                continue;
+            };
             let Some(load) = loads.get(l) else { continue }; // MTP layer: not counted
             let mean = load.iter().sum::<u64>() as f64 / load.len() as f64;
             // Under-loaded experts (load below the mean) get a higher bias, over-loaded a lower one.
@@ -801,7 +1114,11 @@ impl Trainer {
             }
             optimizer_steps.insert(s.name.clone(), s.steps);
         }
-        for (name, var) in self.router_biases.iter().filter(|_| self.reducer.rank() == 0) {
+        for (name, var) in self
+            .router_biases
+            .iter()
+            .filter(|_| self.reducer.rank() == 0)
+        {
             params.insert(name.clone(), var.as_tensor().clone());
         }
         Ok(Snapshot {
@@ -814,7 +1131,10 @@ impl Trainer {
                 data_cursor: self.sampler.cursor(),
                 optimizer_steps,
                 model_path: self.model_path.to_string_lossy().into_owned(),
-                base: Some(self.source.recorded_from(Path::new(&self.recipe.run.output_dir))),
+                base: Some(
+                    self.source
+                        .recorded_from(Path::new(&self.recipe.run.output_dir)),
+                ),
             },
             params,
             moments,
@@ -846,7 +1166,11 @@ impl Trainer {
     pub fn link_base(&mut self) -> Result<()> {
         let out = PathBuf::from(&self.recipe.run.output_dir);
         let comm = self.reducer.comm.get_mut();
-        let linked = if comm.rank() == 0 { ckpt::link_base(&out, &self.source).map(|_| ()) } else { Ok(()) };
+        let linked = if comm.rank() == 0 {
+            ckpt::link_base(&out, &self.source).map(|_| ())
+        } else {
+            Ok(())
+        };
         agree(comm.as_mut(), linked)?;
         self.source = ckpt::linked_source(&out, &self.source);
         Ok(())
@@ -861,7 +1185,13 @@ impl Trainer {
         if self.reducer.world() == 1 {
             return Ok(mine);
         }
-        Ok(self.reducer.comm.get_mut().all_gather(&[mine as u8])?.iter().any(|b| b.first() == Some(&1)))
+        Ok(self
+            .reducer
+            .comm
+            .get_mut()
+            .all_gather(&[mine as u8])?
+            .iter()
+            .any(|b| b.first() == Some(&1)))
     }
 }
 
@@ -880,14 +1210,21 @@ impl crate::model::grad_sink::GradSink for AccumSink<'_> {
 
     fn add(&mut self, param: &Tensor, grad: Tensor) -> candle_core::Result<()> {
         match self.trainable.get(&param.id()) {
-            Some(name) => self.accum.add_one(name, &grad).map_err(candle_core::Error::wrap),
+            Some(name) => self
+                .accum
+                .add_one(name, &grad)
+                .map_err(candle_core::Error::wrap),
             None => Ok(()),
         }
     }
 }
 
 fn layer_of(name: &str) -> Option<usize> {
-    name.strip_prefix("model.layers.")?.split('.').next()?.parse().ok()
+    name.strip_prefix("model.layers.")?
+        .split('.')
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Run a recipe to `train.steps`, checkpointing as configured.
@@ -913,21 +1250,39 @@ pub fn train(recipe: Recipe, resume: Option<Resume>) -> Result<TrainOutcome> {
 /// Before anything is written: rank 0 locks the folder (`run_dir::RunLock`, held until this
 /// returns, or the process dies), every rank agrees on it, and the start point is decided
 /// (`run_dir::start_point`: a folder holding another run is never written over).
-pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collective>) -> Result<TrainOutcome> {
+pub fn train_with(
+    recipe: Recipe,
+    resume: Option<Resume>,
+    comm: Box<dyn Collective>,
+) -> Result<TrainOutcome> {
     let mut comm = comm;
     // The run records where its model and data are, resolved: a resume from another working
     // directory, or through another spelling, compares the places, not the strings.
     let mut recipe = recipe;
-    for p in [&mut recipe.model.path, &mut recipe.data.path, &mut recipe.run.output_dir] {
-        *p = crate::paths::resolved(Path::new(p.as_str())).to_string_lossy().into_owned();
+    for p in [
+        &mut recipe.model.path,
+        &mut recipe.data.path,
+        &mut recipe.run.output_dir,
+    ] {
+        *p = crate::paths::resolved(Path::new(p.as_str()))
+            .to_string_lossy()
+            .into_owned();
     }
     let out = PathBuf::from(&recipe.run.output_dir);
     let lead = comm.rank() == 0;
     let layout = validate(&recipe, comm.world())?;
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
-    let lock = if lead { run_dir::RunLock::acquire(&out).map(Some) } else { Ok(None) };
+    std::fs::create_dir_all(&out)
+        .with_context(|| format!("cannot create run.output_dir {}", out.display()))?;
+    let lock = if lead {
+        run_dir::RunLock::acquire(&out).map(Some)
+    } else {
+        Ok(None)
+    };
     let _lock = agree(comm.as_mut(), lock)?;
-    let start = agree(comm.as_mut(), run_dir::start_point(&out, resume.as_ref(), lead))?;
+    let start = agree(
+        comm.as_mut(),
+        run_dir::start_point(&out, resume.as_ref(), lead),
+    )?;
     if lead {
         run_dir::clear_leftovers(&out);
         if start.is_none() {
@@ -935,13 +1290,20 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
             // start that never wrote a step are not this run's.
             let base = out.join("base");
             if base.exists() {
-                std::fs::remove_dir_all(&base).with_context(|| format!("cannot clear the leftover {}", base.display()))?;
+                std::fs::remove_dir_all(&base)
+                    .with_context(|| format!("cannot clear the leftover {}", base.display()))?;
             }
         }
     }
     crate::signals::install();
     if lead && comm.world() > 1 {
-        crate::elog!("[train] {} ranks over {}: dp {} x ep {}", comm.world(), comm.backend(), layout.dp, layout.ep);
+        crate::elog!(
+            "[train] {} ranks over {}: dp {} x ep {}",
+            comm.world(),
+            comm.backend(),
+            layout.dp,
+            layout.ep
+        );
     }
     let mut trainer = Trainer::with_comm(recipe, start.as_deref(), comm)?;
     trainer.link_base()?;
@@ -950,9 +1312,15 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
         // The run's resolved recipe, replaced whole (never half-written).
         let path = out.join("recipe.toml");
         let tmp = out.join(".recipe.toml.tmp");
-        std::fs::write(&tmp, r.to_toml()).and_then(|()| std::fs::rename(&tmp, &path)).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::write(&tmp, r.to_toml())
+            .and_then(|()| std::fs::rename(&tmp, &path))
+            .with_context(|| format!("cannot write {}", path.display()))?;
     }
-    let log = if lead { Some(MetricsLog::open(&out, trainer.step)?) } else { None };
+    let log = if lead {
+        Some(MetricsLog::open(&out, trainer.step)?)
+    } else {
+        None
+    };
     let mut events = if lead && r.run.tensorboard {
         tensorboard::EventWriter::create(&out, trainer.step)
             .map_err(|e| crate::elog!("[train] warning: {e:#}; no TensorBoard events for this run"))
@@ -963,16 +1331,26 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     if lead && trainer.step < r.train.steps {
         let _ = std::fs::remove_file(out.join("FINISHED")); // a longer run of the same folder
     }
-    let progress = if lead { progress_bar(&r, trainer.step) } else { None };
+    let progress = if lead {
+        progress_bar(&r, trainer.step)
+    } else {
+        None
+    };
     let mut last_checkpoint = None;
     let mut stopped = false;
     let log_every = (r.train.steps / 20).max(1);
     if lead && trainer.step >= r.train.steps {
-        crate::elog!("[train] nothing to do: the run is at step {}, train.steps is {}", trainer.step, r.train.steps);
+        crate::elog!(
+            "[train] nothing to do: the run is at step {}, train.steps is {}",
+            trainer.step,
+            r.train.steps
+        );
     }
     let first_step = trainer.step + 1;
     // FLOPs of a step (the `check` count), per device, for the log's TFLOP/s.
-    let flops_per_device_step = plan::plan(&r).ok().map(|p| p.flops_per_step / trainer.reducer.world() as f64);
+    let flops_per_device_step = plan::plan(&r)
+        .ok()
+        .map(|p| p.flops_per_step / trainer.reducer.world() as f64);
     while trainer.step < r.train.steps {
         let m = trainer.train_step()?;
         if let Some(log) = &log {
@@ -981,7 +1359,10 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
         if let Some(ev) = events.as_mut() {
             ev.append(&m);
         }
-        if !m.indexer_kl.is_finite() || m.lm_loss.is_some_and(|l| !l.is_finite()) || !m.grad_norm.is_finite() {
+        if !m.indexer_kl.is_finite()
+            || m.lm_loss.is_some_and(|l| !l.is_finite())
+            || !m.grad_norm.is_finite()
+        {
             // At the first step of this process no update has happened, and the weights were
             // checked finite at load: the learning rate is not the cause then.
             let why = match (m.step == first_step, r.model.dtype.as_str()) {
@@ -999,12 +1380,18 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
                 p.set_position(m.step);
                 p.set_message(format!(
                     "{}kl {:.4} lr {:.2e} {:.0} tok/s",
-                    m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")), m.indexer_kl, m.lr, m.tokens_per_s
+                    m.lm_loss.map_or(String::new(), |l| format!("lm {l:.4} ")),
+                    m.indexer_kl,
+                    m.lr,
+                    m.tokens_per_s
                 ));
             }
             None if lead && (m.step % log_every == 0 || m.step == 1) => {
                 let mem = metrics::memory_in_use_gib(&trainer.device);
-                crate::elog!("[train] {}", metrics::log_line(&m, r.train.steps, flops_per_device_step, mem));
+                crate::elog!(
+                    "[train] {}",
+                    metrics::log_line(&m, r.train.steps, flops_per_device_step, mem)
+                );
             }
             None => {}
         }
@@ -1014,7 +1401,10 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
             last_checkpoint = Some(trainer.save_checkpoint()?);
         }
         if stopped {
-            crate::elog!("[train] stop requested: checkpoint written at step {}, exiting", m.step);
+            crate::elog!(
+                "[train] stop requested: checkpoint written at step {}, exiting",
+                m.step
+            );
             break;
         }
     }
@@ -1024,9 +1414,14 @@ pub fn train_with(recipe: Recipe, resume: Option<Resume>, comm: Box<dyn Collecti
     let finished = out.join("FINISHED");
     if lead && trainer.step >= r.train.steps {
         // Job scripts tell "reached train.steps" from "stopped by a signal" by this file.
-        std::fs::write(&finished, format!("{}\n", trainer.step)).with_context(|| format!("cannot write {}", finished.display()))?;
+        std::fs::write(&finished, format!("{}\n", trainer.step))
+            .with_context(|| format!("cannot write {}", finished.display()))?;
     }
-    Ok(TrainOutcome { steps_done: trainer.step, stopped_by_signal: stopped, last_checkpoint })
+    Ok(TrainOutcome {
+        steps_done: trainer.step,
+        stopped_by_signal: stopped,
+        last_checkpoint,
+    })
 }
 
 fn progress_bar(r: &Recipe, start: u64) -> Option<indicatif::ProgressBar> {
@@ -1036,9 +1431,11 @@ fn progress_bar(r: &Recipe, start: u64) -> Option<indicatif::ProgressBar> {
     }
     let p = indicatif::ProgressBar::new(r.train.steps).with_position(start);
     p.set_style(
-        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] step {pos}/{len} {msg} ETA {eta}")
-            .expect("static template")
-            .progress_chars("=> "),
+        indicatif::ProgressStyle::with_template(
+            "{prefix} [{bar:30}] step {pos}/{len} {msg} ETA {eta}",
+        )
+        .expect("static template")
+        .progress_chars("=> "),
     );
     p.set_prefix(r.train.stage.clone());
     Some(p)

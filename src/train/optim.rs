@@ -54,12 +54,23 @@ pub struct Slot {
 /// The name under which rows `rows` of tensor `name` (of `total` rows) are stored: the name
 /// itself for the whole tensor, `{name}.rows.{start}-{end}` for a part.
 pub fn piece_name(name: &str, rows: &Range<usize>, total: usize) -> String {
-    if rows.start == 0 && rows.end == total { name.to_string() } else { format!("{name}.rows.{}-{}", rows.start, rows.end) }
+    if rows.start == 0 && rows.end == total {
+        name.to_string()
+    } else {
+        format!("{name}.rows.{}-{}", rows.start, rows.end)
+    }
 }
 
 impl Slot {
     pub fn new(name: String, var: Var, decay: bool, group: Group) -> Result<Self> {
-        let mut s = Self { name, var, pieces: vec![], steps: 0, decay, group };
+        let mut s = Self {
+            name,
+            var,
+            pieces: vec![],
+            steps: 0,
+            decay,
+            group,
+        };
         s.keep_rows(vec![0..s.rows()])?;
         Ok(s)
     }
@@ -78,16 +89,30 @@ impl Slot {
     /// ZeRO hands the other rows to other ranks, which is the memory it saves.
     pub fn keep_rows(&mut self, ranges: Vec<Range<usize>>) -> Result<()> {
         let t = self.var.as_tensor();
-        let whole_f32 = ranges.len() == 1 && ranges[0] == (0..self.rows()) && t.dtype() == DType::F32;
+        let whole_f32 =
+            ranges.len() == 1 && ranges[0] == (0..self.rows()) && t.dtype() == DType::F32;
         self.pieces = ranges
             .into_iter()
             .map(|rows| -> Result<Piece> {
-                let part = if t.rank() == 0 { t.clone() } else { t.narrow(0, rows.start, rows.len())? };
+                let part = if t.rank() == 0 {
+                    t.clone()
+                } else {
+                    t.narrow(0, rows.start, rows.len())?
+                };
                 // Detached copies: converted from the Var, the copy would otherwise record that op,
                 // and each update built from it would hold the previous step's tensors (a leak per step).
-                let master = if whole_f32 { None } else { Some(part.to_dtype(DType::F32)?.copy()?.detach()) };
+                let master = if whole_f32 {
+                    None
+                } else {
+                    Some(part.to_dtype(DType::F32)?.copy()?.detach())
+                };
                 let m = part.to_dtype(DType::F32)?.zeros_like()?.detach();
-                Ok(Piece { rows, master, m: m.clone(), v: m })
+                Ok(Piece {
+                    rows,
+                    master,
+                    m: m.clone(),
+                    v: m,
+                })
             })
             .collect::<Result<_>>()?;
         Ok(())
@@ -108,19 +133,31 @@ impl Slot {
             return self.piece_value(&self.pieces[0]);
         }
         let t = self.var.as_tensor();
-        let row_shape = |n: usize| -> Vec<usize> { std::iter::once(n).chain(t.dims().iter().skip(1).copied()).collect() };
+        let row_shape = |n: usize| -> Vec<usize> {
+            std::iter::once(n)
+                .chain(t.dims().iter().skip(1).copied())
+                .collect()
+        };
         let mut pieces: Vec<&Piece> = self.pieces.iter().collect();
         pieces.sort_by_key(|p| p.rows.start);
         let (mut parts, mut at) = (vec![], 0);
         for p in pieces {
             if p.rows.start > at {
-                parts.push(Tensor::zeros(row_shape(p.rows.start - at), DType::F32, t.device())?);
+                parts.push(Tensor::zeros(
+                    row_shape(p.rows.start - at),
+                    DType::F32,
+                    t.device(),
+                )?);
             }
             parts.push(self.piece_value(p)?);
             at = p.rows.end;
         }
         if at < self.rows() {
-            parts.push(Tensor::zeros(row_shape(self.rows() - at), DType::F32, t.device())?);
+            parts.push(Tensor::zeros(
+                row_shape(self.rows() - at),
+                DType::F32,
+                t.device(),
+            )?);
         }
         Ok(Tensor::cat(&parts, 0)?)
     }
@@ -130,10 +167,15 @@ impl Slot {
     pub fn set_value(&mut self, value: &Tensor) -> Result<()> {
         let value = value.detach().to_dtype(DType::F32)?;
         for p in self.pieces.iter_mut().filter(|p| p.master.is_some()) {
-            let rows = if value.rank() == 0 { value.clone() } else { value.narrow(0, p.rows.start, p.rows.len())? };
+            let rows = if value.rank() == 0 {
+                value.clone()
+            } else {
+                value.narrow(0, p.rows.start, p.rows.len())?
+            };
             p.master = Some(rows.copy()?.detach());
         }
-        self.var.set(&value.to_dtype(self.var.as_tensor().dtype())?)?;
+        self.var
+            .set(&value.to_dtype(self.var.as_tensor().dtype())?)?;
         Ok(())
     }
 }
@@ -165,11 +207,23 @@ impl Default for GradAccum {
 }
 
 /// map[name] += g in place, or a new sum holding a copy of g.
-fn add_into(map: &mut HashMap<String, GradSum>, name: &str, g: &dyn RowBlocks, device: &candle_core::Device, block_values: usize) -> Result<()> {
+fn add_into(
+    map: &mut HashMap<String, GradSum>,
+    name: &str,
+    g: &dyn RowBlocks,
+    device: &candle_core::Device,
+    block_values: usize,
+) -> Result<()> {
     match map.get_mut(name) {
-        Some(sum) => sum.add(g, block_values).with_context(|| format!("adding to the gradient sum of {name}")),
+        Some(sum) => sum
+            .add(g, block_values)
+            .with_context(|| format!("adding to the gradient sum of {name}")),
         None => {
-            map.insert(name.to_string(), GradSum::copy_of(g, device, block_values).with_context(|| format!("starting the gradient sum of {name}"))?);
+            map.insert(
+                name.to_string(),
+                GradSum::copy_of(g, device, block_values)
+                    .with_context(|| format!("starting the gradient sum of {name}"))?,
+            );
             Ok(())
         }
     }
@@ -177,14 +231,24 @@ fn add_into(map: &mut HashMap<String, GradSum>, name: &str, g: &dyn RowBlocks, d
 
 impl GradAccum {
     pub fn with_block_values(block_values: usize) -> Self {
-        Self { grads: HashMap::new(), pending: HashMap::new(), block_values: block_values.max(1) }
+        Self {
+            grads: HashMap::new(),
+            pending: HashMap::new(),
+            block_values: block_values.max(1),
+        }
     }
 
     /// Add the gradients of `store` for every slot that has one (to `pending`).
     pub fn add(&mut self, slots: &[Slot], store: &GradStore) -> Result<()> {
         for s in slots {
             if let Some(g) = store.get(s.var.as_tensor()) {
-                add_into(&mut self.pending, &s.name, &g.detach(), g.device(), self.block_values)?;
+                add_into(
+                    &mut self.pending,
+                    &s.name,
+                    &g.detach(),
+                    g.device(),
+                    self.block_values,
+                )?;
             }
         }
         Ok(())
@@ -197,7 +261,12 @@ impl GradAccum {
 
     /// Add a gradient that its source produces a block of rows at a time (the LM head's and
     /// the embedding's, `grad_rows`) to `pending[name]`: only one block of it exists at once.
-    pub fn add_rows(&mut self, name: &str, g: &dyn RowBlocks, device: &candle_core::Device) -> Result<()> {
+    pub fn add_rows(
+        &mut self,
+        name: &str,
+        g: &dyn RowBlocks,
+        device: &candle_core::Device,
+    ) -> Result<()> {
         add_into(&mut self.pending, name, g, device, self.block_values)
     }
 
@@ -210,7 +279,9 @@ impl GradAccum {
     /// Add a reduced sum to the final sums: moved in when there is none yet.
     pub fn settle_sum(&mut self, name: &str, sum: GradSum) -> Result<()> {
         match self.grads.get_mut(name) {
-            Some(total) => total.add(sum.as_tensor(), self.block_values).with_context(|| format!("adding to the summed gradient of {name}")),
+            Some(total) => total
+                .add(sum.as_tensor(), self.block_values)
+                .with_context(|| format!("adding to the summed gradient of {name}")),
             None => {
                 self.grads.insert(name.to_string(), sum);
                 Ok(())
@@ -254,13 +325,19 @@ impl GradAccum {
 
     /// Set a final sum directly (a copy of `g`), replacing any.
     pub fn set_grad(&mut self, name: &str, g: &Tensor) -> Result<()> {
-        self.grads.insert(name.to_string(), GradSum::copy_of(g, g.device(), self.block_values)?);
+        self.grads.insert(
+            name.to_string(),
+            GradSum::copy_of(g, g.device(), self.block_values)?,
+        );
         Ok(())
     }
 
     /// The final sums as plain tensors (the accumulator is done with them).
     pub fn into_grads(self) -> HashMap<String, Tensor> {
-        self.grads.into_iter().map(|(n, s)| (n, s.into_tensor())).collect()
+        self.grads
+            .into_iter()
+            .map(|(n, s)| (n, s.into_tensor()))
+            .collect()
     }
 }
 
@@ -282,10 +359,21 @@ pub struct StepReport {
 
 impl AdamW {
     pub fn from_recipe(t: &TrainConfig) -> Self {
-        Self { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay, clip: t.grad_clip }
+        Self {
+            beta1: t.beta1,
+            beta2: t.beta2,
+            eps: t.eps,
+            weight_decay: t.weight_decay,
+            clip: t.grad_clip,
+        }
     }
 
-    pub fn step(&self, slots: &mut [Slot], accum: &GradAccum, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
+    pub fn step(
+        &self,
+        slots: &mut [Slot],
+        accum: &GradAccum,
+        lr: impl Fn(Group) -> f64,
+    ) -> Result<StepReport> {
         let sq = Self::squared_norms(slots, accum)?;
         self.step_with_norms(slots, accum, &sq, lr)
     }
@@ -300,12 +388,21 @@ impl AdamW {
         for s in slots.iter() {
             let parts: Vec<&Tensor> = match accum.grad(&s.name) {
                 Some(g) => vec![g],
-                None => s.pieces.iter().filter_map(|p| accum.grad(&piece_name(&s.name, &p.rows, s.rows()))).collect(),
+                None => s
+                    .pieces
+                    .iter()
+                    .filter_map(|p| accum.grad(&piece_name(&s.name, &p.rows, s.rows())))
+                    .collect(),
             };
             for g in parts {
                 let part = match g.rank() {
                     0 | 1 => g.to_dtype(DType::F64)?.sqr()?.sum_all()?,
-                    _ => g.sqr()?.flatten_from(1)?.sum(1)?.to_dtype(DType::F64)?.sum_all()?, // [rows] f32 -> f64
+                    _ => g
+                        .sqr()?
+                        .flatten_from(1)?
+                        .sum(1)?
+                        .to_dtype(DType::F64)?
+                        .sum_all()?, // [rows] f32 -> f64
                 };
                 let sum = match sq_dev.remove(&s.group) {
                     Some(prev) => (prev + part)?,
@@ -325,9 +422,21 @@ impl AdamW {
     /// squares are `sq`. A piece's gradient is its own entry (ZeRO-2) or the rows of the whole
     /// tensor's (single process, ZeRO-1). A wholly owned tensor's Var is refreshed here; a part
     /// only in its master, the Var after `Reducer::gather_updated_params`.
-    pub fn step_with_norms(&self, slots: &mut [Slot], accum: &GradAccum, sq: &HashMap<Group, f64>, lr: impl Fn(Group) -> f64) -> Result<StepReport> {
+    pub fn step_with_norms(
+        &self,
+        slots: &mut [Slot],
+        accum: &GradAccum,
+        sq: &HashMap<Group, f64>,
+        lr: impl Fn(Group) -> f64,
+    ) -> Result<StepReport> {
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
-        let scale = |g: Group| if self.clip > 0.0 && norm(g) > self.clip { self.clip / (norm(g) + 1e-6) } else { 1.0 };
+        let scale = |g: Group| {
+            if self.clip > 0.0 && norm(g) > self.clip {
+                self.clip / (norm(g) + 1e-6)
+            } else {
+                1.0
+            }
+        };
         for s in slots.iter_mut() {
             let (total, whole) = (s.rows(), s.owns_whole());
             let t = s.steps as i32 + 1;
@@ -335,14 +444,20 @@ impl AdamW {
             let mut stepped = false;
             let mut next_whole = None;
             for p in s.pieces.iter_mut() {
-                let g = match (accum.grad(&s.name), accum.grad(&piece_name(&s.name, &p.rows, total))) {
+                let g = match (
+                    accum.grad(&s.name),
+                    accum.grad(&piece_name(&s.name, &p.rows, total)),
+                ) {
                     (_, Some(g)) => g.clone(),
                     (Some(g), None) => g.narrow(0, p.rows.start, p.rows.len())?,
                     (None, None) => continue,
                 };
                 stepped = true;
                 // An f32 model's Var: detached, so as not to record the update.
-                let w = match &p.master { Some(m) => m.clone(), None => s.var.as_tensor().detach() };
+                let w = match &p.master {
+                    Some(m) => m.clone(),
+                    None => s.var.as_tensor().detach(),
+                };
                 let decays = s.decay && self.weight_decay > 0.0;
                 let scalars = AdamWScalars {
                     grad_scale: scale(s.group),
@@ -373,14 +488,23 @@ impl AdamW {
                 s.steps += 1;
             }
         }
-        Ok(StepReport { main_grad_norm: norm(Group::Main), indexer_grad_norm: norm(Group::Indexer) })
+        Ok(StepReport {
+            main_grad_norm: norm(Group::Main),
+            indexer_grad_norm: norm(Group::Indexer),
+        })
     }
 }
 
 /// One tensor's AdamW update with candle ops: (m', v', w') from the gradient g, the moments m,
 /// v and the weights w (f32). The reference of `kernels::adamw::step`, which rounds each of
 /// these operations the same way.
-pub fn adamw_update_plain(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor, s: &AdamWScalars) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+pub fn adamw_update_plain(
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+    s: &AdamWScalars,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
     let g = (g * s.grad_scale)?;
     let m = ((m * s.beta1)? + (&g * (1.0 - s.beta1))?)?;
     let v = ((v * s.beta2)? + (g.sqr()? * (1.0 - s.beta2))?)?;
@@ -402,7 +526,9 @@ pub fn assign_owners(sizes: &[usize], ranks: usize) -> Vec<usize> {
     let mut load = vec![0usize; ranks.max(1)];
     let mut owner = vec![0; sizes.len()];
     for i in order {
-        let r = (0..load.len()).min_by_key(|&r| (load[r], r)).expect("at least one rank");
+        let r = (0..load.len())
+            .min_by_key(|&r| (load[r], r))
+            .expect("at least one rank");
         owner[i] = r;
         load[r] += sizes[i];
     }
@@ -435,8 +561,15 @@ mod tests {
     fn adamw_matches_a_scalar_f64_reference_including_decay_and_clipping() {
         let dev = Device::Cpu;
         let w0 = [0.5f32, -1.0, 2.0];
-        let mut slots = vec![Slot::new("w".into(), Var::new(&w0, &dev).unwrap(), true, Group::Main).unwrap()];
-        let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: 1.0 };
+        let mut slots =
+            vec![Slot::new("w".into(), Var::new(&w0, &dev).unwrap(), true, Group::Main).unwrap()];
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: 1.0,
+        };
         let grads = [[3.0f32, 4.0, 0.0], [0.1, -0.2, 0.3]];
         let (mut w, mut m, mut v) = ([0.5f64, -1.0, 2.0], [0f64; 3], [0f64; 3]);
         for (step, g) in grads.iter().enumerate() {
@@ -451,41 +584,77 @@ mod tests {
                 let gi = g[i] as f64 * c;
                 m[i] = 0.9 * m[i] + 0.1 * gi;
                 v[i] = 0.95 * v[i] + 0.05 * gi * gi;
-                let upd = (m[i] / (1.0 - 0.9f64.powi(t))) / ((v[i] / (1.0 - 0.95f64.powi(t))).sqrt() + 1e-8);
+                let upd = (m[i] / (1.0 - 0.9f64.powi(t)))
+                    / ((v[i] / (1.0 - 0.95f64.powi(t))).sqrt() + 1e-8);
                 w[i] = w[i] - 0.01 * upd - 0.01 * 0.1 * w[i];
             }
         }
         let got: Vec<f32> = slots[0].var.as_tensor().to_vec1().unwrap();
         for i in 0..3 {
-            assert!((got[i] as f64 - w[i]).abs() < 1e-6, "{i}: {} vs {}", got[i], w[i]);
+            assert!(
+                (got[i] as f64 - w[i]).abs() < 1e-6,
+                "{i}: {} vs {}",
+                got[i],
+                w[i]
+            );
         }
     }
 
     #[test]
     fn bf16_parameters_keep_an_f32_master_and_no_grad_means_no_change() {
         let dev = Device::Cpu;
-        let var = Var::from_tensor(&Tensor::new(&[1.0f32, 1.0], &dev).unwrap().to_dtype(DType::BF16).unwrap()).unwrap();
+        let var = Var::from_tensor(
+            &Tensor::new(&[1.0f32, 1.0], &dev)
+                .unwrap()
+                .to_dtype(DType::BF16)
+                .unwrap(),
+        )
+        .unwrap();
         let idle = Var::new(&[7.0f32], &dev).unwrap();
         let mut slots = vec![
             Slot::new("a".into(), var, false, Group::Indexer).unwrap(),
             Slot::new("b".into(), idle, true, Group::Main).unwrap(),
         ];
-        let opt = AdamW { beta1: 0.9, beta2: 0.95, eps: 1e-8, weight_decay: 0.1, clip: 0.0 };
+        let opt = AdamW {
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            clip: 0.0,
+        };
         let mut acc = GradAccum::default();
-        acc.set_grad("a", &Tensor::new(&[1.0f32, -1.0], &dev).unwrap()).unwrap();
+        acc.set_grad("a", &Tensor::new(&[1.0f32, -1.0], &dev).unwrap())
+            .unwrap();
         // Steps of 1e-4 are below bf16 resolution at 1.0, but the master accumulates them.
         for _ in 0..10 {
             opt.step(&mut slots, &acc, |_| 1e-4).unwrap();
         }
-        let master: Vec<f32> = slots[0].pieces[0].master.as_ref().unwrap().to_vec1().unwrap();
-        assert!((master[0] - 0.999).abs() < 1e-5 && (master[1] - 1.001).abs() < 1e-5, "{master:?}");
-        assert_eq!(slots[1].var.as_tensor().to_vec1::<f32>().unwrap(), vec![7.0]);
+        let master: Vec<f32> = slots[0].pieces[0]
+            .master
+            .as_ref()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(
+            (master[0] - 0.999).abs() < 1e-5 && (master[1] - 1.001).abs() < 1e-5,
+            "{master:?}"
+        );
+        assert_eq!(
+            slots[1].var.as_tensor().to_vec1::<f32>().unwrap(),
+            vec![7.0]
+        );
         assert_eq!(slots[1].steps, 0);
     }
 
     #[test]
     fn schedule_warms_up_linearly_then_follows_cosine() {
-        let mut t = TrainConfig { warmup_steps: 4, steps: 14, schedule: "cosine".into(), min_lr: 0.1, ..Default::default() };
+        let mut t = TrainConfig {
+            warmup_steps: 4,
+            steps: 14,
+            schedule: "cosine".into(),
+            min_lr: 0.1,
+            ..Default::default()
+        };
         assert!((lr_at(0, 1.0, &t) - 0.25).abs() < 1e-12);
         assert!((lr_at(3, 1.0, &t) - 1.0).abs() < 1e-12);
         assert!((lr_at(9, 1.0, &t) - 0.55).abs() < 1e-12);

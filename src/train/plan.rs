@@ -93,7 +93,11 @@ fn causal_pairs(t: u64) -> f64 {
 
 pub fn plan(recipe: &Recipe) -> Result<Plan> {
     let src = ckpt::resolve_model(std::path::Path::new(&recipe.model.path))?;
-    let defaults = IndexerDefaults { n_heads: recipe.model.index_n_heads, head_dim: recipe.model.index_head_dim, topk: recipe.dsa.index_topk };
+    let defaults = IndexerDefaults {
+        n_heads: recipe.model.index_n_heads,
+        head_dim: recipe.model.index_head_dim,
+        topk: recipe.dsa.index_topk,
+    };
     let cfg = ModelConfig::from_dir(&src.hf_dir, &defaults)?;
     Ok(plan_for(recipe, &cfg))
 }
@@ -106,8 +110,16 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let trainable = |s: &crate::weights::WeightSpec| stage.trains(s);
     let trainable_params: u64 = specs.iter().filter(|s| trainable(s)).map(numel).sum();
     let total: u64 = specs.iter().map(numel).sum();
-    let dtype_bytes = if recipe.model.dtype == "f32" { 4.0 } else { 2.0 };
-    let master = if recipe.model.dtype == "f32" { 0.0 } else { 4.0 };
+    let dtype_bytes = if recipe.model.dtype == "f32" {
+        4.0
+    } else {
+        2.0
+    };
+    let master = if recipe.model.dtype == "f32" {
+        0.0
+    } else {
+        4.0
+    };
 
     // Active parameters per token of the main model (MTP excluded from the FLOP count).
     let main = model_weights(cfg, false);
@@ -119,21 +131,43 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         if s.kind == Kind::Embedding {
             continue;
         }
-        let n = if s.name.contains(".mlp.experts.") { n * cfg.num_experts_per_tok as f64 / experts_per_layer } else { n };
-        if s.indexer { active_indexer += n } else { active_main += n }
+        let n = if s.name.contains(".mlp.experts.") {
+            n * cfg.num_experts_per_tok as f64 / experts_per_layer
+        } else {
+            n
+        };
+        if s.indexer {
+            active_indexer += n
+        } else {
+            active_main += n
+        }
     }
     let t = recipe.data.seq_len as u64;
     let seqs = recipe.train.global_batch_seqs as f64;
     let tokens = seqs * t as f64;
     let layers = cfg.num_hidden_layers as f64;
-    let (h, qk, v) = (cfg.num_attention_heads as f64, cfg.qk_head_dim() as f64, cfg.v_head_dim as f64);
+    let (h, qk, v) = (
+        cfg.num_attention_heads as f64,
+        cfg.qk_head_dim() as f64,
+        cfg.v_head_dim as f64,
+    );
     let (c, r) = (cfg.kv_lora_rank as f64, cfg.qk_rope_head_dim as f64);
     let k = recipe.dsa.index_topk as u64;
     let dense_attn = 2.0 * h * (qk + v) * causal_pairs(t) * layers * seqs;
     // sum over t of min(k, t+1)
-    let sparse_pairs = if t <= k { causal_pairs(t) } else { causal_pairs(k) + ((t - k) * k) as f64 };
+    let sparse_pairs = if t <= k {
+        causal_pairs(t)
+    } else {
+        causal_pairs(k) + ((t - k) * k) as f64
+    };
     let sparse_attn = 2.0 * h * (2.0 * c + r) * sparse_pairs * layers * seqs;
-    let indexer = 2.0 * cfg.index_n_heads as f64 * cfg.index_head_dim as f64 * causal_pairs(t) * seqs * layers + 2.0 * active_indexer * tokens;
+    let indexer = 2.0
+        * cfg.index_n_heads as f64
+        * cfg.index_head_dim as f64
+        * causal_pairs(t)
+        * seqs
+        * layers
+        + 2.0 * active_indexer * tokens;
     let flops_per_step = match stage {
         Stage::Warmup => 2.0 * active_main * tokens + dense_attn + 3.0 * indexer,
         Stage::Sparse => 3.0 * (2.0 * active_main * tokens + sparse_attn + indexer),
@@ -148,34 +182,68 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let b = recipe.train.micro_batch_seqs.max(1);
     let q_lora = cfg.q_lora_rank as f64;
     let (per_seq_token, indexer_block) = if stage == Stage::Sparse {
-        let rows = crate::model::indexer::sparse_block_rows(b, t as usize, cfg.index_n_heads, cfg.index_head_dim, k as usize) as f64;
-        let per_token = 20.0 * di + (hidden + q_lora) * dtype_bytes + 2.0 * kk * 4.0 + 12.0 * (c + r);
-        (per_token, b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk))
+        let rows = crate::model::indexer::sparse_block_rows(
+            b,
+            t as usize,
+            cfg.index_n_heads,
+            cfg.index_head_dim,
+            k as usize,
+        ) as f64;
+        let per_token =
+            20.0 * di + (hidden + q_lora) * dtype_bytes + 2.0 * kk * 4.0 + 12.0 * (c + r);
+        (
+            per_token,
+            b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk),
+        )
     } else {
         (10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r), 0.0)
     };
-    let per_query = 14.0 * h * (c + r) + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0 + 8.0 * hidden * dtype_bytes;
+    let per_query = 14.0 * h * (c + r)
+        + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0
+        + 8.0 * hidden * dtype_bytes;
     let layer_working_set = micro_tokens * (per_seq_token + per_query) + indexer_block;
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
-    let sparse_working_set = if blocked { micro_tokens * per_seq_token + indexer_block + (block.min(recipe.data.seq_len) as f64) * per_query } else { layer_working_set };
+    let sparse_working_set = if blocked {
+        micro_tokens * per_seq_token
+            + indexer_block
+            + (block.min(recipe.data.seq_len) as f64) * per_query
+    } else {
+        layer_working_set
+    };
     // One LM-head chunk: its logits and their gradient (compute dtype), and the loss's f32
     // work on one block of rows (3 f32 tensors of `LOSS_BLOCK` values).
-    let lm_positions = if recipe.train.lm_head_chunk > 0 { recipe.train.lm_head_chunk } else { crate::losses::lm_chunk_positions(b, cfg.vocab_size) };
+    let lm_positions = if recipe.train.lm_head_chunk > 0 {
+        recipe.train.lm_head_chunk
+    } else {
+        crate::losses::lm_chunk_positions(b, cfg.vocab_size)
+    };
     let lm_rows = b * lm_positions.min((t as usize).saturating_sub(1).max(1));
-    let loss_block_rows = (crate::losses::LOSS_BLOCK / cfg.vocab_size.max(1)).max(1).min(lm_rows);
-    let lm_chunk = (lm_rows * cfg.vocab_size) as f64 * 2.0 * dtype_bytes + 12.0 * (loss_block_rows * cfg.vocab_size) as f64;
-    let mtp_bytes = if with_mtp && stage != Stage::Dense { layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0) } else { 0.0 };
+    let loss_block_rows = (crate::losses::LOSS_BLOCK / cfg.vocab_size.max(1))
+        .max(1)
+        .min(lm_rows);
+    let lm_chunk = (lm_rows * cfg.vocab_size) as f64 * 2.0 * dtype_bytes
+        + 12.0 * (loss_block_rows * cfg.vocab_size) as f64;
+    let mtp_bytes = if with_mtp && stage != Stage::Dense {
+        layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0)
+    } else {
+        0.0
+    };
     // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
     let kept = micro_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;
-    let offload = recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
+    let offload =
+        recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
     let host_bytes = if offload { kept } else { 0.0 };
     let activation_bytes = match stage {
         Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
         Stage::Sparse if recipe.train.recompute => {
             // Offloaded: the layer's input and output (pass 1) or input and output gradient
             // (pass 2) and the one set in use stay on the device.
-            let on_device = if offload { micro_tokens * (2.0 * hidden * dtype_bytes + kk * 4.0) } else { kept };
+            let on_device = if offload {
+                micro_tokens * (2.0 * hidden * dtype_bytes + kk * 4.0)
+            } else {
+                kept
+            };
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
         Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
@@ -183,9 +251,19 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         // probabilities and their gradients (4 tensors of at most 2^27 values), the per-head
         // q, k, v, output and their gradients in the dtype, and the f32 sums of dk and dv.
         Stage::Dense => {
-            let block_values = (crate::model::dense_recompute::block_rows(b, h as usize, t as usize) as f64 * b as f64 * h * t as f64).min(micro_tokens * t as f64 * h);
-            let dense_working = 4.0 * 4.0 * block_values + micro_tokens * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
-            let kept = if recipe.train.recompute { micro_tokens * hidden * dtype_bytes * layers } else { 34.0 * hidden * micro_tokens * layers };
+            let block_values =
+                (crate::model::dense_recompute::block_rows(b, h as usize, t as usize) as f64
+                    * b as f64
+                    * h
+                    * t as f64)
+                    .min(micro_tokens * t as f64 * h);
+            let dense_working =
+                4.0 * 4.0 * block_values + micro_tokens * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
+            let kept = if recipe.train.recompute {
+                micro_tokens * hidden * dtype_bytes * layers
+            } else {
+                34.0 * hidden * micro_tokens * layers
+            };
             kept + layer_working_set + dense_working + lm_chunk
         }
     };
@@ -193,33 +271,69 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let dp = recipe.parallel.dp.max(1) as f64;
     let ep = recipe.parallel.ep.max(1) as f64;
     let is_expert = |s: &crate::weights::WeightSpec| s.name.contains(".mlp.experts.");
-    let local = |s: &crate::weights::WeightSpec| if is_expert(s) { numel(s) as f64 / ep } else { numel(s) as f64 };
-    let holders = |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
+    let local = |s: &crate::weights::WeightSpec| {
+        if is_expert(s) {
+            numel(s) as f64 / ep
+        } else {
+            numel(s) as f64
+        }
+    };
+    let holders =
+        |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
     let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
     let gradient_peak = GradientPeak::new(&specs, &trainable, &local, dtype_bytes);
     let optimizer_bytes = if zero2 {
         // Owned rows: master, moments and the summed gradient; plus one unit's unreduced sum.
-        most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0 + 4.0) + gradient_peak.zero2()
+        most_loaded_rank_bytes(
+            &specs,
+            &trainable,
+            recipe,
+            cfg.n_routed_experts,
+            master + 8.0 + 4.0,
+        ) + gradient_peak.zero2()
     } else {
         // Owned rows: master and moments; every local trainable tensor's f32 sum; plus what
         // adding one unit's gradient to it holds.
-        most_loaded_rank_bytes(&specs, &trainable, recipe, cfg.n_routed_experts, master + 8.0)
-            + specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0).sum::<f64>()
+        most_loaded_rank_bytes(
+            &specs,
+            &trainable,
+            recipe,
+            cfg.n_routed_experts,
+            master + 8.0,
+        ) + specs
+            .iter()
+            .filter(|s| trainable(s))
+            .map(|s| local(s) * 4.0)
+            .sum::<f64>()
             + gradient_peak.zero1(dp > 1.0)
     };
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
     let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
     // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
     let grad_sums = if zero2 { micro_per_device } else { 1.0 };
-    let grad_comm_bytes: f64 = (grad_sums + 1.0) * specs.iter().filter(|s| trainable(s)).map(|s| local(s) * 4.0 * ring(holders(s))).sum::<f64>();
-    let moe_layers = (0..cfg.num_hidden_layers).filter(|&l| cfg.is_moe_layer(l)).count() as f64;
+    let grad_comm_bytes: f64 = (grad_sums + 1.0)
+        * specs
+            .iter()
+            .filter(|s| trainable(s))
+            .map(|s| local(s) * 4.0 * ring(holders(s)))
+            .sum::<f64>();
+    let moe_layers = (0..cfg.num_hidden_layers)
+        .filter(|&l| cfg.is_moe_layer(l))
+        .count() as f64;
     let exchange_passes = match stage {
         Stage::Warmup => 1.0,
         _ => 2.0 + if recipe.train.recompute { 1.0 } else { 0.0 },
     };
-    let expert_comm_bytes = moe_layers * micro_per_device * micro_tokens * cfg.num_experts_per_tok as f64 * hidden * dtype_bytes
-        * ((ep - 1.0) / ep) * 2.0 * exchange_passes;
+    let expert_comm_bytes = moe_layers
+        * micro_per_device
+        * micro_tokens
+        * cfg.num_experts_per_tok as f64
+        * hidden
+        * dtype_bytes
+        * ((ep - 1.0) / ep)
+        * 2.0
+        * exchange_passes;
     Plan {
         trainable_params,
         frozen_params: total - trainable_params,
@@ -257,12 +371,18 @@ struct GradientPeak {
 }
 
 impl GradientPeak {
-    fn new(specs: &[crate::weights::WeightSpec], trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool, local: &dyn Fn(&crate::weights::WeightSpec) -> f64, dtype_bytes: f64) -> Self {
+    fn new(
+        specs: &[crate::weights::WeightSpec],
+        trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool,
+        local: &dyn Fn(&crate::weights::WeightSpec) -> f64,
+        dtype_bytes: f64,
+    ) -> Self {
         let block = crate::train::accumulate::BLOCK_VALUES as f64;
         let add_block = block * if dtype_bytes == 4.0 { 4.0 } else { 8.0 };
         let by_rows = |name: &str| name == "lm_head.weight" || name == "model.embed_tokens.weight";
         // unit -> (values, largest tensor, produced by rows)
-        let mut units: std::collections::BTreeMap<String, (f64, f64, bool)> = std::collections::BTreeMap::new();
+        let mut units: std::collections::BTreeMap<String, (f64, f64, bool)> =
+            std::collections::BTreeMap::new();
         for s in specs.iter().filter(|s| trainable(s)) {
             let unit = match s.name.strip_prefix("model.layers.") {
                 Some(rest) => rest.split('.').next().unwrap_or("").to_string(),
@@ -275,25 +395,43 @@ impl GradientPeak {
         let units = units
             .into_values()
             .map(|(u, largest, rows)| {
-                let extra = if rows { (3.0 * dtype_bytes * block).max(dtype_bytes * block + add_block) } else { dtype_bytes * u + (2.0 * dtype_bytes * largest).max(add_block) };
+                let extra = if rows {
+                    (3.0 * dtype_bytes * block).max(dtype_bytes * block + add_block)
+                } else {
+                    dtype_bytes * u + (2.0 * dtype_bytes * largest).max(add_block)
+                };
                 (4.0 * u, extra)
             })
             .collect();
-        Self { units, reduce: 8.0 * crate::train::zero::BUCKET as f64 }
+        Self {
+            units,
+            reduce: 8.0 * crate::train::zero::BUCKET as f64,
+        }
     }
 
     /// ZeRO-2: one unit's f32 sum at a time (each is summed onto its owners and freed before
     /// the next unit's gradients start), with what arrives into it or its reduction.
     fn zero2(&self) -> f64 {
-        self.units.iter().map(|&(sum, extra)| sum + extra.max(self.reduce)).fold(0.0, f64::max)
+        self.units
+            .iter()
+            .map(|&(sum, extra)| sum + extra.max(self.reduce))
+            .fold(0.0, f64::max)
     }
 
     /// ZeRO-1 or one process: the sums of every unit exist all step (counted with the
     /// accumulator); beyond them, what one unit's gradient holds as it arrives, or (several
     /// ranks) the reduction's bucket at the end of the step.
     fn zero1(&self, reduced: bool) -> f64 {
-        let arriving = self.units.iter().map(|&(_, extra)| extra).fold(0.0, f64::max);
-        if reduced { arriving.max(self.reduce) } else { arriving }
+        let arriving = self
+            .units
+            .iter()
+            .map(|&(_, extra)| extra)
+            .fold(0.0, f64::max);
+        if reduced {
+            arriving.max(self.reduce)
+        } else {
+            arriving
+        }
     }
 }
 
@@ -304,16 +442,28 @@ impl GradientPeak {
 /// bytes per owned value (f32 master and moments, plus the ZeRO-2 gradient share). Without the
 /// row ranges the owner of the 671B embedding (0.93B values; a rank's share at dp 2048 is about
 /// 0.33B) would hold 3x the average; with them the most-loaded rank is near the average.
-fn most_loaded_rank_bytes(specs: &[crate::weights::WeightSpec], trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool, recipe: &Recipe, experts: usize, owned: f64) -> f64 {
+fn most_loaded_rank_bytes(
+    specs: &[crate::weights::WeightSpec],
+    trainable: &dyn Fn(&crate::weights::WeightSpec) -> bool,
+    recipe: &Recipe,
+    experts: usize,
+    owned: f64,
+) -> f64 {
     let dp = recipe.parallel.dp.max(1);
     let ep = recipe.parallel.ep.max(1);
     let slice = experts.div_ceil(ep).max(1); // experts per expert-parallel rank
-    let is_expert = |s: &crate::weights::WeightSpec| ep > 1 && crate::weights::routed_expert(&s.name).is_some();
+    let is_expert =
+        |s: &crate::weights::WeightSpec| ep > 1 && crate::weights::routed_expert(&s.name).is_some();
     let load = |f: &dyn Fn(&crate::weights::WeightSpec) -> bool, ranks: usize| -> Vec<usize> {
         let shapes: Vec<(usize, usize)> = specs
             .iter()
             .filter(|s| trainable(s) && f(s))
-            .map(|s| (s.shape.first().copied().unwrap_or(1), s.shape.iter().skip(1).product::<usize>()))
+            .map(|s| {
+                (
+                    s.shape.first().copied().unwrap_or(1),
+                    s.shape.iter().skip(1).product::<usize>(),
+                )
+            })
             .collect();
         let mut load = vec![0usize; ranks.max(1)];
         for r in crate::train::zero::assign_row_ranges(&shapes, ranks) {
@@ -323,8 +473,21 @@ fn most_loaded_rank_bytes(specs: &[crate::weights::WeightSpec], trainable: &dyn 
     };
     let replicated = load(&|s| !is_expert(s), dp);
     // Slice 0's experts (every slice is the same shape) over its dp/ep replicas.
-    let expert = load(&|s| is_expert(s) && crate::weights::routed_expert(&s.name).is_some_and(|e| e < slice), (dp / ep).max(1));
-    (0..dp).map(|r| (replicated[r] + if ep > 1 { expert[(r / ep).min(expert.len() - 1)] } else { 0 }) as f64 * owned).fold(0.0, f64::max)
+    let expert = load(
+        &|s| is_expert(s) && crate::weights::routed_expert(&s.name).is_some_and(|e| e < slice),
+        (dp / ep).max(1),
+    );
+    (0..dp)
+        .map(|r| {
+            (replicated[r]
+                + if ep > 1 {
+                    expert[(r / ep).min(expert.len() - 1)]
+                } else {
+                    0
+                }) as f64
+                * owned
+        })
+        .fold(0.0, f64::max)
 }
 
 /// Human-readable report for `dsa-train check`.
@@ -349,7 +512,12 @@ mod tests {
     use crate::weights::{Kind, WeightSpec};
 
     fn spec(name: &str, rows: usize) -> WeightSpec {
-        WeightSpec { name: name.to_string(), shape: vec![rows, 10], kind: Kind::Linear, indexer: false }
+        WeightSpec {
+            name: name.to_string(),
+            shape: vec![rows, 10],
+            kind: Kind::Linear,
+            indexer: false,
+        }
     }
 
     #[test]
@@ -360,7 +528,8 @@ mod tests {
         let rows_in_flight = 10.0 * block;
         let mut json = crate::tiny::tiny_config(true);
         json["vocab_size"] = (1 << 20).into(); // the head and embedding outgrow every layer
-        let cfg = crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
+        let cfg =
+            crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
         let head = (cfg.vocab_size * cfg.hidden_size) as f64;
         let mut recipe = Recipe::default();
         recipe.train.stage = "sparse".into();
@@ -370,32 +539,66 @@ mod tests {
         let p = plan_for(&recipe, &cfg);
         let trainable = p.trainable_params as f64;
         // One process: master and moments (12 bytes), the f32 sums (4), one block in flight.
-        assert!((p.optimizer_bytes - (trainable * 16.0 + rows_in_flight)).abs() < 1.0, "one rank: {} vs {}", p.optimizer_bytes, trainable * 16.0 + rows_in_flight);
+        assert!(
+            (p.optimizer_bytes - (trainable * 16.0 + rows_in_flight)).abs() < 1.0,
+            "one rank: {} vs {}",
+            p.optimizer_bytes,
+            trainable * 16.0 + rows_in_flight
+        );
         // ZeRO-2: the owned shares (16 bytes per owned value) and the head's f32 sum (4 bytes a
         // value; no second copy, no bf16 copy) with one block in flight.
         recipe.parallel.dp = 2;
         recipe.parallel.zero = 2;
         let two = plan_for(&recipe, &cfg).optimizer_bytes;
         let specs = model_weights(&cfg, false);
-        let shares = most_loaded_rank_bytes(&specs, &|s| Stage::Sparse.trains(s), &recipe, cfg.n_routed_experts, 16.0);
-        assert!((two - (shares + head * 4.0 + rows_in_flight)).abs() < 1.0, "ZeRO-2: {two} vs shares {shares} + head {}", head * 4.0);
+        let shares = most_loaded_rank_bytes(
+            &specs,
+            &|s| Stage::Sparse.trains(s),
+            &recipe,
+            cfg.n_routed_experts,
+            16.0,
+        );
+        assert!(
+            (two - (shares + head * 4.0 + rows_in_flight)).abs() < 1.0,
+            "ZeRO-2: {two} vs shares {shares} + head {}",
+            head * 4.0
+        );
 
         // A layer differentiated by candle's backward: its f32 sum, its bf16 gradients, and the
         // product and zeros of its largest tensor (here above the add's two f32 blocks).
         let mut json = crate::tiny::tiny_config(true);
         json["moe_intermediate_size"] = (1 << 18).into();
-        let cfg = crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
+        let cfg =
+            crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
         let specs = model_weights(&cfg, false);
         let layer = |l: usize| -> (f64, f64) {
-            let mine: Vec<f64> = specs.iter().filter(|s| s.name.starts_with(&format!("model.layers.{l}.")) && Stage::Sparse.trains(s)).map(|s| s.shape.iter().product::<usize>() as f64).collect();
+            let mine: Vec<f64> = specs
+                .iter()
+                .filter(|s| {
+                    s.name.starts_with(&format!("model.layers.{l}.")) && Stage::Sparse.trains(s)
+                })
+                .map(|s| s.shape.iter().product::<usize>() as f64)
+                .collect();
             (mine.iter().sum(), mine.iter().cloned().fold(0.0, f64::max))
         };
         let (u, largest) = layer(1); // a MoE layer
-        assert!(4.0 * largest > 8.0 * block && u > head_of(&cfg), "the layer must dominate: {u} values, largest {largest}");
-        let shares = most_loaded_rank_bytes(&specs, &|s| Stage::Sparse.trains(s), &recipe, cfg.n_routed_experts, 16.0);
+        assert!(
+            4.0 * largest > 8.0 * block && u > head_of(&cfg),
+            "the layer must dominate: {u} values, largest {largest}"
+        );
+        let shares = most_loaded_rank_bytes(
+            &specs,
+            &|s| Stage::Sparse.trains(s),
+            &recipe,
+            cfg.n_routed_experts,
+            16.0,
+        );
         let two = plan_for(&recipe, &cfg).optimizer_bytes;
         let want = shares + u * 6.0 + largest * 4.0;
-        assert!((two - want).abs() < 1.0, "ZeRO-2 layer unit: {two} vs {want}");
+        assert!(
+            (two - want).abs() < 1.0,
+            "ZeRO-2 layer unit: {two} vs {want}"
+        );
     }
 
     /// The slice-671b preset is what its name says (2.0B parameters at the 671B widths) and,
@@ -403,11 +606,34 @@ mod tests {
     /// benchmarks (dense 8K; warm-up 32K; sparse 32K and 128K in blocks of 4096 and 2048 queries).
     #[test]
     fn the_slice_of_the_671b_model_fits_one_80_gb_gpu_in_every_stage() {
-        let cfg = crate::config::ModelConfig::from_json(&crate::tiny::slice_671b_config().to_string(), &Default::default()).unwrap();
-        assert_eq!((cfg.hidden_size, cfg.num_attention_heads, cfg.moe_intermediate_size, cfg.num_experts_per_tok), (7168, 128, 2048, 8));
-        let params: usize = model_weights(&cfg, false).iter().map(|s| s.shape.iter().product::<usize>()).sum();
-        assert!((1.9e9..2.1e9).contains(&(params as f64)), "{params} parameters");
-        for (stage, len, block) in [("dense", 8192, 0), ("warmup", 32768, 0), ("sparse", 32768, 4096), ("sparse", 131072, 2048)] {
+        let cfg = crate::config::ModelConfig::from_json(
+            &crate::tiny::slice_671b_config().to_string(),
+            &Default::default(),
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.hidden_size,
+                cfg.num_attention_heads,
+                cfg.moe_intermediate_size,
+                cfg.num_experts_per_tok
+            ),
+            (7168, 128, 2048, 8)
+        );
+        let params: usize = model_weights(&cfg, false)
+            .iter()
+            .map(|s| s.shape.iter().product::<usize>())
+            .sum();
+        assert!(
+            (1.9e9..2.1e9).contains(&(params as f64)),
+            "{params} parameters"
+        );
+        for (stage, len, block) in [
+            ("dense", 8192, 0),
+            ("warmup", 32768, 0),
+            ("sparse", 32768, 4096),
+            ("sparse", 131072, 2048),
+        ] {
             let mut recipe = Recipe::default();
             recipe.train.stage = stage.into();
             recipe.model.dtype = "bf16".into();
@@ -431,17 +657,30 @@ mod tests {
         recipe.parallel.dp = 4;
         let all = |_: &WeightSpec| true;
         // Four equal tensors over four ranks: one each, the average.
-        let even: Vec<WeightSpec> = (0..4).map(|i| spec(&format!("model.layers.{i}.w"), 5)).collect();
-        assert_eq!(most_loaded_rank_bytes(&even, &all, &recipe, 0, 2.0), 5.0 * 10.0 * 2.0);
+        let even: Vec<WeightSpec> = (0..4)
+            .map(|i| spec(&format!("model.layers.{i}.w"), 5))
+            .collect();
+        assert_eq!(
+            most_loaded_rank_bytes(&even, &all, &recipe, 0, 2.0),
+            5.0 * 10.0 * 2.0
+        );
         // One tensor of 100 rows beside three of 5 (fair share 1150 / 4 -> 288 values): split
         // into four ranges of 25 rows, one per rank, and the three small ones on top of three of
         // them. Whole, its owner would hold all 1000.
         let mut skewed = even[..3].to_vec();
         skewed.push(spec("model.embed_tokens.weight", 100));
-        assert_eq!(most_loaded_rank_bytes(&skewed, &all, &recipe, 0, 1.0), 300.0);
+        assert_eq!(
+            most_loaded_rank_bytes(&skewed, &all, &recipe, 0, 1.0),
+            300.0
+        );
         // Routed experts split over ep = 2: slice 0 (experts 0, 1 of 4) over dp / ep = 2 replicas.
         recipe.parallel.ep = 2;
-        let experts: Vec<WeightSpec> = (0..4).map(|e| spec(&format!("model.layers.1.mlp.experts.{e}.up_proj.weight"), 7)).collect();
-        assert_eq!(most_loaded_rank_bytes(&experts, &all, &recipe, 4, 1.0), 70.0);
+        let experts: Vec<WeightSpec> = (0..4)
+            .map(|e| spec(&format!("model.layers.1.mlp.experts.{e}.up_proj.weight"), 7))
+            .collect();
+        assert_eq!(
+            most_loaded_rank_bytes(&experts, &all, &recipe, 4, 1.0),
+            70.0
+        );
     }
 }

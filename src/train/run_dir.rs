@@ -51,8 +51,14 @@ impl RunLock {
             return Err(err).with_context(|| format!("cannot lock {}", path.display()));
         }
         let since = utc_time(std::time::SystemTime::now());
-        let text = format!("host {}, pid {}, since {since}\n", hostname(), std::process::id());
-        file.set_len(0).and_then(|()| file.write_all(text.as_bytes())).and_then(|()| file.sync_all())
+        let text = format!(
+            "host {}, pid {}, since {since}\n",
+            hostname(),
+            std::process::id()
+        );
+        file.set_len(0)
+            .and_then(|()| file.write_all(text.as_bytes()))
+            .and_then(|()| file.sync_all())
             .with_context(|| format!("cannot write {}", path.display()))?;
         Ok(Self { _file: file })
     }
@@ -61,10 +67,14 @@ impl RunLock {
 /// What of a run `dir` holds, in words, or None: complete checkpoints or logged steps.
 pub fn existing_run(dir: &Path) -> Option<String> {
     let steps = ckpt::step_entries(dir);
-    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl")).map(|t| t.lines().filter(|l| !l.trim().is_empty()).count()).unwrap_or(0);
+    let metrics = std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .map(|t| t.lines().filter(|l| !l.trim().is_empty()).count())
+        .unwrap_or(0);
     let mut parts = vec![];
     match (steps.first(), steps.last()) {
-        (Some(a), Some(b)) if a.0 != b.0 => parts.push(format!("checkpoints step-{} to step-{}", a.0, b.0)),
+        (Some(a), Some(b)) if a.0 != b.0 => {
+            parts.push(format!("checkpoints step-{} to step-{}", a.0, b.0))
+        }
         (Some(a), _) => parts.push(format!("checkpoint step-{}", a.0)),
         _ => {}
     }
@@ -106,7 +116,10 @@ pub fn start_point(out: &Path, resume: Option<&Resume>, log: bool) -> Result<Opt
         }
         Some(Resume::Auto) => {
             if newest.is_none() && log {
-                crate::elog!("[train] --resume auto: no complete checkpoint in {}; starting at step 0", out.display());
+                crate::elog!(
+                    "[train] --resume auto: no complete checkpoint in {}; starting at step 0",
+                    out.display()
+                );
             }
             Ok(newest)
         }
@@ -134,7 +147,9 @@ pub fn start_point(out: &Path, resume: Option<&Resume>, log: bool) -> Result<Opt
 /// Remove what killed saves left behind: `.step-N.tmp` folders and unfinished `base/` links.
 pub fn clear_leftovers(out: &Path) {
     for dir in [out.to_path_buf(), out.join("base")] {
-        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
         for e in entries.filter_map(|e| e.ok()) {
             let name = e.file_name().to_string_lossy().into_owned();
             if name.starts_with('.') && name.ends_with(".tmp") && e.path().is_dir() {
@@ -151,12 +166,19 @@ pub fn hostname() -> String {
     // when the name fits.
     let ok = unsafe { libc::gethostname(buf.as_mut_ptr() as *mut libc::c_char, buf.len()) } == 0;
     let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    if ok { String::from_utf8_lossy(&buf[..end]).into_owned() } else { "unknown host".into() }
+    if ok {
+        String::from_utf8_lossy(&buf[..end]).into_owned()
+    } else {
+        "unknown host".into()
+    }
 }
 
 /// `YYYY-MM-DD HH:MM:SS UTC` (days to civil date: Howard Hinnant's algorithm).
 pub fn utc_time(t: std::time::SystemTime) -> String {
-    let secs = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     let z = days + 719_468;
     let era = z.div_euclid(146_097);
@@ -167,7 +189,12 @@ pub fn utc_time(t: std::time::SystemTime) -> String {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + (month <= 2) as i64;
-    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
 }
 
 #[cfg(test)]
@@ -186,8 +213,14 @@ mod tests {
     fn a_second_lock_on_the_same_folder_names_the_holder() {
         let dir = tempfile::tempdir().unwrap();
         let first = RunLock::acquire(dir.path()).unwrap();
-        let err = RunLock::acquire(dir.path()).err().expect("the folder is locked").to_string();
-        assert!(err.contains("in use") && err.contains(&format!("pid {}", std::process::id())), "{err}");
+        let err = RunLock::acquire(dir.path())
+            .err()
+            .expect("the folder is locked")
+            .to_string();
+        assert!(
+            err.contains("in use") && err.contains(&format!("pid {}", std::process::id())),
+            "{err}"
+        );
         drop(first);
         RunLock::acquire(dir.path()).unwrap();
     }

@@ -30,19 +30,30 @@ impl EventWriter {
     /// folder holds earlier files, the file marks a restart at `resumed_step + 1`.
     pub fn create(dir: &Path, resumed_step: u64) -> Result<Self> {
         let folder = dir.join("tensorboard");
-        std::fs::create_dir_all(&folder).with_context(|| format!("cannot create {}", folder.display()))?;
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        std::fs::create_dir_all(&folder)
+            .with_context(|| format!("cannot create {}", folder.display()))?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         let mut name = format!("events.out.tfevents.{now}.{}", super::run_dir::hostname());
         // Two runs in the same second (a quick resume) get distinct files.
         let mut n = 1;
         while folder.join(&name).exists() {
-            name = format!("events.out.tfevents.{now}.{}.{n}", super::run_dir::hostname());
+            name = format!(
+                "events.out.tfevents.{now}.{}.{n}",
+                super::run_dir::hostname()
+            );
             n += 1;
         }
         let path = folder.join(name);
         let earlier = std::fs::read_dir(&folder).map(|d| d.count()).unwrap_or(0) > 0;
-        let file = std::fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        let mut w = Self { path, file: Some(file) };
+        let file = std::fs::File::create(&path)
+            .with_context(|| format!("cannot create {}", path.display()))?;
+        let mut w = Self {
+            path,
+            file: Some(file),
+        };
         w.record(&event(wall_time(), 0, Body::FileVersion))?;
         if resumed_step > 0 || earlier {
             // Earlier files may hold steps past the start (a run killed after logging them).
@@ -77,25 +88,34 @@ impl EventWriter {
         }
         let data = event(wall_time(), m.step, Body::Scalars(&scalars));
         if let Err(e) = self.record(&data) {
-            crate::elog!("[train] warning: {e:#}; TensorBoard logging stops (metrics.jsonl goes on)");
+            crate::elog!(
+                "[train] warning: {e:#}; TensorBoard logging stops (metrics.jsonl goes on)"
+            );
             self.file = None;
         }
     }
 
     fn record(&mut self, data: &[u8]) -> Result<()> {
-        let Some(f) = self.file.as_mut() else { return Ok(()) };
+        let Some(f) = self.file.as_mut() else {
+            return Ok(());
+        };
         let len = (data.len() as u64).to_le_bytes();
         let mut rec = Vec::with_capacity(data.len() + 16);
         rec.extend_from_slice(&len);
         rec.extend_from_slice(&masked_crc32c(&len).to_le_bytes());
         rec.extend_from_slice(data);
         rec.extend_from_slice(&masked_crc32c(data).to_le_bytes());
-        f.write_all(&rec).and_then(|()| f.flush()).with_context(|| format!("cannot write {}", self.path.display()))
+        f.write_all(&rec)
+            .and_then(|()| f.flush())
+            .with_context(|| format!("cannot write {}", self.path.display()))
     }
 }
 
 fn wall_time() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 enum Body<'a> {
@@ -151,7 +171,11 @@ pub fn crc32c(data: &[u8]) -> u32 {
             let mut c = i as u32;
             let mut k = 0;
             while k < 8 {
-                c = if c & 1 != 0 { 0x82f6_3b78 ^ (c >> 1) } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    0x82f6_3b78 ^ (c >> 1)
+                } else {
+                    c >> 1
+                };
                 k += 1;
             }
             t[i] = c;
@@ -179,13 +203,20 @@ pub fn read_scalars(path: &Path) -> Result<Vec<(u64, String, f32)>> {
     let mut at = 0;
     let bad = |what: &str, at: usize| anyhow::anyhow!("{}: {what} at byte {at}", path.display());
     while at < bytes.len() {
-        let head = bytes.get(at..at + 12).ok_or_else(|| bad("a torn record header", at))?;
+        let head = bytes
+            .get(at..at + 12)
+            .ok_or_else(|| bad("a torn record header", at))?;
         let len = u64::from_le_bytes(head[..8].try_into().expect("8 bytes")) as usize;
-        if masked_crc32c(&head[..8]) != u32::from_le_bytes(head[8..12].try_into().expect("4 bytes")) {
+        if masked_crc32c(&head[..8]) != u32::from_le_bytes(head[8..12].try_into().expect("4 bytes"))
+        {
             return Err(bad("a bad length checksum", at));
         }
-        let data = bytes.get(at + 12..at + 12 + len).ok_or_else(|| bad("a torn record", at))?;
-        let crc = bytes.get(at + 12 + len..at + 16 + len).ok_or_else(|| bad("a torn record", at))?;
+        let data = bytes
+            .get(at + 12..at + 12 + len)
+            .ok_or_else(|| bad("a torn record", at))?;
+        let crc = bytes
+            .get(at + 12 + len..at + 16 + len)
+            .ok_or_else(|| bad("a torn record", at))?;
         if masked_crc32c(data) != u32::from_le_bytes(crc.try_into().expect("4 bytes")) {
             return Err(bad("a bad data checksum", at));
         }
@@ -266,8 +297,20 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut w = EventWriter::create(dir.path(), 0).unwrap();
         let m = StepMetrics {
-            step: 3, stage: "sparse".into(), lm_loss: Some(2.5), indexer_kl: 0.25, lr: 1e-3, indexer_lr: 1e-3, grad_norm: 1.5,
-            indexer_grad_norm: 0.5, tokens: 4096, tokens_per_s: 1000.0, elapsed_s: 4.0, comm_s: 0.0, exchange_s: 0.0, max_expert_load: Some(1.25),
+            step: 3,
+            stage: "sparse".into(),
+            lm_loss: Some(2.5),
+            indexer_kl: 0.25,
+            lr: 1e-3,
+            indexer_lr: 1e-3,
+            grad_norm: 1.5,
+            indexer_grad_norm: 0.5,
+            tokens: 4096,
+            tokens_per_s: 1000.0,
+            elapsed_s: 4.0,
+            comm_s: 0.0,
+            exchange_s: 0.0,
+            max_expert_load: Some(1.25),
         };
         w.append(&m);
         let got = read_scalars(w.path()).unwrap();
@@ -278,6 +321,9 @@ mod tests {
         let n = bytes.len();
         bytes[n - 10] ^= 1;
         std::fs::write(w.path(), bytes).unwrap();
-        assert!(read_scalars(w.path()).unwrap_err().to_string().contains("checksum"));
+        assert!(read_scalars(w.path())
+            .unwrap_err()
+            .to_string()
+            .contains("checksum"));
     }
 }

@@ -71,11 +71,22 @@ pub fn assign_row_ranges(tensors: &[(usize, usize)], ranks: usize) -> Vec<OwnedR
     let share = total.div_ceil(ranks).max(1);
     let mut pieces = vec![];
     for (slot, &(rows, cols)) in tensors.iter().enumerate() {
-        let n = if ranks == 1 { 1 } else { (rows * cols).div_ceil(share).clamp(1, rows.max(1)) };
+        let n = if ranks == 1 {
+            1
+        } else {
+            (rows * cols).div_ceil(share).clamp(1, rows.max(1))
+        };
         // Range j: rows [j rows / n, (j + 1) rows / n).
-        pieces.extend((0..n).map(|j| OwnedRange { slot, rows: j * rows / n..(j + 1) * rows / n, owner: 0 }));
+        pieces.extend((0..n).map(|j| OwnedRange {
+            slot,
+            rows: j * rows / n..(j + 1) * rows / n,
+            owner: 0,
+        }));
     }
-    let sizes: Vec<usize> = pieces.iter().map(|p| p.rows.len() * tensors[p.slot].1).collect();
+    let sizes: Vec<usize> = pieces
+        .iter()
+        .map(|p| p.rows.len() * tensors[p.slot].1)
+        .collect();
     for (p, owner) in pieces.iter_mut().zip(assign_owners(&sizes, ranks)) {
         p.owner = owner;
     }
@@ -97,9 +108,22 @@ pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRan
     let mut out = vec![];
     let everyone: Vec<usize> = (0..layout.dp).collect();
     for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
-        let idx: Vec<usize> = (0..slots.len()).filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts).collect();
-        let shapes: Vec<(usize, usize)> = idx.iter().map(|&i| row_shape(slots[i].var.as_tensor())).collect();
-        out.extend(assign_row_ranges(&shapes, members.len()).into_iter().map(|r| OwnedRange { slot: idx[r.slot], rows: r.rows, owner: members[r.owner] }));
+        let idx: Vec<usize> = (0..slots.len())
+            .filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts)
+            .collect();
+        let shapes: Vec<(usize, usize)> = idx
+            .iter()
+            .map(|&i| row_shape(slots[i].var.as_tensor()))
+            .collect();
+        out.extend(
+            assign_row_ranges(&shapes, members.len())
+                .into_iter()
+                .map(|r| OwnedRange {
+                    slot: idx[r.slot],
+                    rows: r.rows,
+                    owner: members[r.owner],
+                }),
+        );
     }
     out
 }
@@ -170,7 +194,12 @@ fn buckets(shapes: &[Shape], bucket: usize) -> Vec<Range<usize>> {
 /// Numerics: each element is the collective's sum of the members' values; with the TCP
 /// backend that is an f32 sum in member order, whatever the bucketing or chunking. NCCL's
 /// order may depend on the size of the call.
-pub fn sum_in_place(comm: &mut dyn Collective, members: &[usize], sums: &mut [GradSum], bucket: usize) -> Result<()> {
+pub fn sum_in_place(
+    comm: &mut dyn Collective,
+    members: &[usize],
+    sums: &mut [GradSum],
+    bucket: usize,
+) -> Result<()> {
     if members.len() <= 1 {
         return Ok(()); // a sum over one holder is itself (and the result would share its buffer)
     }
@@ -188,7 +217,10 @@ pub fn sum_in_place(comm: &mut dyn Collective, members: &[usize], sums: &mut [Gr
         }
         return Ok(());
     }
-    let parts = sums.iter().map(|s| Ok(s.as_tensor().flatten_all()?)).collect::<Result<Vec<_>>>()?;
+    let parts = sums
+        .iter()
+        .map(|s| Ok(s.as_tensor().flatten_all()?))
+        .collect::<Result<Vec<_>>>()?;
     let total = comm.all_reduce_tensor_among(&Tensor::cat(&parts, 0)?, members)?;
     drop(parts);
     let mut at = 0;
@@ -211,7 +243,12 @@ pub struct Reducer {
 
 impl Reducer {
     pub fn new(comm: Box<dyn Collective>, layout: Layout, device: Device) -> Self {
-        Self { comm: RefCell::new(comm), layout, device, seconds: Default::default() }
+        Self {
+            comm: RefCell::new(comm),
+            layout,
+            device,
+            seconds: Default::default(),
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -229,17 +266,23 @@ impl Reducer {
     fn timed<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
         let start = std::time::Instant::now();
         let r = f();
-        self.seconds.set(self.seconds.get() + start.elapsed().as_secs_f64());
+        self.seconds
+            .set(self.seconds.get() + start.elapsed().as_secs_f64());
         r
     }
 
     /// The slot groups that are reduced together, each with its members: the replicated
     /// tensors over every rank, the routed experts held here over their replicas. Every rank
     /// gets the same number of groups, in the same order.
-    fn groups(&self, slots: &[Slot], scope: &dyn Fn(&str) -> bool) -> Vec<(Vec<usize>, Vec<usize>)> {
+    fn groups(
+        &self,
+        slots: &[Slot],
+        scope: &dyn Fn(&str) -> bool,
+    ) -> Vec<(Vec<usize>, Vec<usize>)> {
         let l = &self.layout;
-        let (experts, replicated): (Vec<usize>, Vec<usize>) =
-            (0..slots.len()).filter(|&i| scope(&slots[i].name)).partition(|&i| is_sharded_expert(l, &slots[i].name));
+        let (experts, replicated): (Vec<usize>, Vec<usize>) = (0..slots.len())
+            .filter(|&i| scope(&slots[i].name))
+            .partition(|&i| is_sharded_expert(l, &slots[i].name));
         let mut out = vec![(replicated, (0..l.world).collect())];
         if l.ep > 1 {
             out.push((experts, l.expert_replicas(self.rank())));
@@ -250,7 +293,12 @@ impl Reducer {
     /// ZeRO-2: sum the pending gradients of the slots in `scope` over their holders; the owner
     /// adds the sum to `accum.grads`, the others drop it. Single process: pending becomes
     /// final. ZeRO-1: nothing (the sums happen once per step, in `finish`).
-    pub fn flush(&self, slots: &[Slot], accum: &mut GradAccum, scope: &dyn Fn(&str) -> bool) -> Result<()> {
+    pub fn flush(
+        &self,
+        slots: &[Slot],
+        accum: &mut GradAccum,
+        scope: &dyn Fn(&str) -> bool,
+    ) -> Result<()> {
         if self.world() == 1 {
             return accum.settle_pending(&|n| scope(n));
         }
@@ -280,7 +328,14 @@ impl Reducer {
         })
     }
 
-    fn reduce(&self, slots: &[Slot], accum: &mut GradAccum, idx: &[usize], members: &[usize], owners_only: bool) -> Result<()> {
+    fn reduce(
+        &self,
+        slots: &[Slot],
+        accum: &mut GradAccum,
+        idx: &[usize],
+        members: &[usize],
+        owners_only: bool,
+    ) -> Result<()> {
         let name = |i: usize| slots[i].name.as_str();
         if members.len() == 1 {
             // The only holder: its gradients are the sums.
@@ -288,10 +343,21 @@ impl Reducer {
             return accum.settle_pending(&|n| names.contains(n));
         }
         let mut comm = self.comm.borrow_mut();
-        let mut present: Vec<f32> = idx.iter().map(|&i| accum.has_pending(name(i)) as u8 as f32).collect();
+        let mut present: Vec<f32> = idx
+            .iter()
+            .map(|&i| accum.has_pending(name(i)) as u8 as f32)
+            .collect();
         comm.all_reduce_sum_among(&mut present, members)?;
-        let chosen: Vec<usize> = idx.iter().zip(&present).filter(|(_, &p)| p > 0.0).map(|(&i, _)| i).collect();
-        let shapes: Vec<Shape> = chosen.iter().map(|&i| slots[i].var.as_tensor().shape().clone()).collect();
+        let chosen: Vec<usize> = idx
+            .iter()
+            .zip(&present)
+            .filter(|(_, &p)| p > 0.0)
+            .map(|(&i, _)| i)
+            .collect();
+        let shapes: Vec<Shape> = chosen
+            .iter()
+            .map(|&i| slots[i].var.as_tensor().shape().clone())
+            .collect();
         // A bucket of sums at a time: this rank's pending sums (zeros where it has none) are
         // summed over the members in place and settled before the next bucket is taken, so
         // besides the pending sums a reduction holds one bucket (or one row chunk) in flight.
@@ -311,7 +377,10 @@ impl Reducer {
                 } else {
                     // A split tensor: the owner keeps (a copy of) its rows; the sum is then freed.
                     for p in &s.pieces {
-                        accum.settle(&piece_name(&s.name, &p.rows, s.rows()), &sum.as_tensor().narrow(0, p.rows.start, p.rows.len())?)?;
+                        accum.settle(
+                            &piece_name(&s.name, &p.rows, s.rows()),
+                            &sum.as_tensor().narrow(0, p.rows.start, p.rows.len())?,
+                        )?;
                     }
                 }
             }
@@ -331,7 +400,10 @@ impl Reducer {
                 if members.len() == 1 {
                     continue; // the only holder is the owner
                 }
-                let shapes: Vec<Shape> = idx.iter().map(|&i| slots[i].var.as_tensor().shape().clone()).collect();
+                let shapes: Vec<Shape> = idx
+                    .iter()
+                    .map(|&i| slots[i].var.as_tensor().shape().clone())
+                    .collect();
                 bucketed_sum(
                     self.comm.borrow_mut().as_mut(),
                     &self.device,
@@ -339,7 +411,11 @@ impl Reducer {
                     &members,
                     |k| {
                         let s = &slots[idx[k]];
-                        if s.pieces.is_empty() { Ok(None) } else { s.owned_rows_or_zeros().map(Some) }
+                        if s.pieces.is_empty() {
+                            Ok(None)
+                        } else {
+                            s.owned_rows_or_zeros().map(Some)
+                        }
                     },
                     |k, v| {
                         let s = &slots[idx[k]];
@@ -358,15 +434,24 @@ impl Reducer {
     /// Squared gradient norms per group summed over the ranks (ZeRO-2: each rank holds only
     /// the gradients of the rows it owns, and every row has exactly one owner in the job). f64,
     /// added in rank order.
-    pub fn sum_squared_norms(&self, local: &mut std::collections::HashMap<super::optim::Group, f64>) -> Result<()> {
+    pub fn sum_squared_norms(
+        &self,
+        local: &mut std::collections::HashMap<super::optim::Group, f64>,
+    ) -> Result<()> {
         if self.world() == 1 || self.layout.zero < 2 {
             return Ok(());
         }
         use super::optim::Group;
-        let mine: Vec<u8> = [Group::Main, Group::Indexer].iter().flat_map(|g| local.get(g).copied().unwrap_or(0.0).to_le_bytes()).collect();
+        let mine: Vec<u8> = [Group::Main, Group::Indexer]
+            .iter()
+            .flat_map(|g| local.get(g).copied().unwrap_or(0.0).to_le_bytes())
+            .collect();
         let all = self.timed(|| self.comm.borrow_mut().all_gather(&mine))?;
         for (j, g) in [Group::Main, Group::Indexer].into_iter().enumerate() {
-            let total: f64 = all.iter().map(|p| f64::from_le_bytes(p[8 * j..8 * j + 8].try_into().expect("8 bytes"))).sum();
+            let total: f64 = all
+                .iter()
+                .map(|p| f64::from_le_bytes(p[8 * j..8 * j + 8].try_into().expect("8 bytes")))
+                .sum();
             local.insert(g, total);
         }
         Ok(())
@@ -385,10 +470,15 @@ mod tests {
                 assert!(!r.rows.is_empty() && r.owner < ranks, "{r:?}");
                 r.rows.clone().for_each(|x| count[x] += 1);
             }
-            assert!(count.iter().all(|&c| c == 1), "tensor {i}: rows owned {count:?} times");
+            assert!(
+                count.iter().all(|&c| c == 1),
+                "tensor {i}: rows owned {count:?} times"
+            );
         }
         let mut load = vec![0; ranks];
-        ranges.iter().for_each(|r| load[r.owner] += r.rows.len() * tensors[r.slot].1);
+        ranges
+            .iter()
+            .for_each(|r| load[r.owner] += r.rows.len() * tensors[r.slot].1);
         load
     }
 
@@ -403,9 +493,18 @@ mod tests {
         assert!(big.len() > 1, "not split: {big:?}");
         let owners: std::collections::BTreeSet<usize> = big.iter().map(|r| r.owner).collect();
         assert_eq!(owners.len(), big.len(), "two ranges on one rank: {big:?}");
-        assert!(ranges.iter().filter(|r| r.slot > 0).all(|r| r.rows == (0..5)), "small tensors stay whole");
+        assert!(
+            ranges
+                .iter()
+                .filter(|r| r.slot > 0)
+                .all(|r| r.rows == (0..5)),
+            "small tensors stay whole"
+        );
         let load = loads(&tensors, &ranges, 4);
-        assert!(*load.iter().max().unwrap() <= 2575 + 50, "unbalanced: {load:?}");
+        assert!(
+            *load.iter().max().unwrap() <= 2575 + 50,
+            "unbalanced: {load:?}"
+        );
         // Deterministic, and one holder (or a group with nothing large) never splits.
         assert_eq!(assign_row_ranges(&tensors, 4), ranges);
         assert_eq!(assign_row_ranges(&tensors, 1).len(), tensors.len());
@@ -427,22 +526,71 @@ mod tests {
         let dev = Device::Cpu;
         // Small tensors that share buckets, one that fills a bucket alone, and tensors above the
         // bucket (rows 1, 97 and 1025, one row larger than the bucket) summed in row chunks.
-        let shapes: Vec<Shape> = [vec![3usize, 2], vec![], vec![5], vec![16], vec![97, 5], vec![1, 40], vec![1025, 3], vec![2, 2]].iter().map(|d| Shape::from_dims(d)).collect();
+        let shapes: Vec<Shape> = [
+            vec![3usize, 2],
+            vec![],
+            vec![5],
+            vec![16],
+            vec![97, 5],
+            vec![1, 40],
+            vec![1025, 3],
+            vec![2, 2],
+        ]
+        .iter()
+        .map(|d| Shape::from_dims(d))
+        .collect();
         let bucket = 16;
-        let value = |rank: usize, k: usize| crate::rng::randn(shapes[k].dims(), (10 * rank + k) as u64, [1.0, 1e-3, 3e4][k % 3], &dev).unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let value = |rank: usize, k: usize| {
+            crate::rng::randn(
+                shapes[k].dims(),
+                (10 * rank + k) as u64,
+                [1.0, 1e-3, 3e4][k % 3],
+                &dev,
+            )
+            .unwrap()
+        };
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let totals: Vec<Vec<Vec<u32>>> = std::thread::scope(|sc| {
             let handles: Vec<_> = (0..2)
                 .map(|rank| {
                     let (shapes, value) = (&shapes, &value);
                     sc.spawn(move || {
-                        let launch = Launch { rank, world: 2, local_rank: rank, master_addr: "127.0.0.1".into(), master_port: port };
-                        let mut comm = TcpCollective::rendezvous(&launch, std::time::Duration::from_secs(30), vec![]).unwrap();
+                        let launch = Launch {
+                            rank,
+                            world: 2,
+                            local_rank: rank,
+                            master_addr: "127.0.0.1".into(),
+                            master_port: port,
+                        };
+                        let mut comm = TcpCollective::rendezvous(
+                            &launch,
+                            std::time::Duration::from_secs(30),
+                            vec![],
+                        )
+                        .unwrap();
                         let mut out = vec![];
                         for b in buckets(shapes, bucket) {
-                            let mut sums: Vec<GradSum> = b.clone().map(|k| GradSum::copy_of(&value(rank, k), &Device::Cpu, 7).unwrap()).collect();
+                            let mut sums: Vec<GradSum> = b
+                                .clone()
+                                .map(|k| {
+                                    GradSum::copy_of(&value(rank, k), &Device::Cpu, 7).unwrap()
+                                })
+                                .collect();
                             sum_in_place(&mut comm, &[0, 1], &mut sums, bucket).unwrap();
-                            out.extend(sums.iter().map(|s| s.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect::<Vec<u32>>()));
+                            out.extend(sums.iter().map(|s| {
+                                s.as_tensor()
+                                    .flatten_all()
+                                    .unwrap()
+                                    .to_vec1::<f32>()
+                                    .unwrap()
+                                    .iter()
+                                    .map(|x| x.to_bits())
+                                    .collect::<Vec<u32>>()
+                            }));
                         }
                         out
                     })
@@ -452,9 +600,20 @@ mod tests {
         });
         assert_eq!(totals[0], totals[1], "both ranks hold the same sums");
         for (k, got) in totals[0].iter().enumerate() {
-            let want: Vec<u32> = (value(0, k) + value(1, k)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap().iter().map(|x| x.to_bits()).collect();
+            let want: Vec<u32> = (value(0, k) + value(1, k))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .iter()
+                .map(|x| x.to_bits())
+                .collect();
             assert_eq!(got, &want, "tensor {k} of shape {:?}", shapes[k]);
         }
-        assert_eq!(buckets(&shapes, bucket), vec![0..3, 3..4, 4..5, 5..6, 6..7, 7..8]);
+        assert_eq!(
+            buckets(&shapes, bucket),
+            vec![0..3, 3..4, 4..5, 5..6, 6..7, 7..8]
+        );
     }
 }

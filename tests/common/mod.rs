@@ -17,7 +17,10 @@ pub fn tiny_checkpoint(with_indexer: bool, seed: u64) -> (tempfile::TempDir, Pat
 
 /// Run the binary; returns (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_dsa-train")).args(args).output().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dsa-train"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -30,11 +33,18 @@ pub fn run_cli(args: &[&str]) -> (i32, String, String) {
 pub fn assert_clean_error(result: &(i32, String, String), needles: &[&str]) {
     let (code, _, stderr) = result;
     assert_eq!(*code, 1, "expected exit 1, stderr:\n{stderr}");
-    assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "panic:\n{stderr}");
+    assert!(
+        !stderr.contains("panicked") && !stderr.contains("backtrace"),
+        "panic:\n{stderr}"
+    );
     let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
     assert_eq!(errors.len(), 1, "expected one error line:\n{stderr}");
     for n in needles {
-        assert!(errors[0].contains(n), "error line lacks {n:?}: {}", errors[0]);
+        assert!(
+            errors[0].contains(n),
+            "error line lacks {n:?}: {}",
+            errors[0]
+        );
     }
 }
 
@@ -91,7 +101,10 @@ impl Fixture {
 pub fn wait_for(cond: impl Fn() -> bool, what: &str) {
     let t0 = std::time::Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < std::time::Duration::from_secs(120), "timed out waiting for {what}");
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(120),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
