@@ -67,7 +67,7 @@ pub struct DataConfig {
 pub struct TrainConfig {
     /// "warmup" (dense attention, only the indexer learns), "sparse", or "dense" (pre-training
     /// from scratch: dense attention, LM loss, the indexer unused).
-    pub stage: String,
+    pub stage: Stage,
     pub steps: u64,
     pub lr: f64,
     /// Learning rate of the indexer; 0 means the same as `lr`.
@@ -77,7 +77,7 @@ pub struct TrainConfig {
     /// Linear warm-up steps from 0 to `lr`.
     pub warmup_steps: u64,
     /// "constant" or "cosine" (to `min_lr` at `steps`) after the warm-up.
-    pub schedule: String,
+    pub schedule: Schedule,
     pub min_lr: f64,
     pub beta1: f64,
     pub beta2: f64,
@@ -256,14 +256,14 @@ impl Default for DataConfig {
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {
-            stage: "warmup".into(),
+            stage: Stage::Warmup,
             steps: 1000,
             lr: 1e-3,
             indexer_lr: 0.0,
             global_batch_seqs: 16,
             micro_batch_seqs: 1,
             warmup_steps: 0,
-            schedule: "constant".into(),
+            schedule: Schedule::Constant,
             min_lr: 0.0,
             beta1: 0.9,
             beta2: 0.95,
@@ -297,6 +297,34 @@ impl Default for CheckpointConfig {
     }
 }
 
+/// The learning-rate schedule after the linear warm-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Constant,
+    /// Cosine decay to `train.min_lr` at `train.steps`.
+    Cosine,
+}
+
+/// The words a recipe may use for its enum keys (checked on the parsed tree, so that a wrong
+/// word is an error naming the key).
+const ENUM_KEYS: [(&str, &str, &[&str]); 2] = [
+    ("train", "stage", &["warmup", "sparse", "dense"]),
+    ("train", "schedule", &["constant", "cosine"]),
+];
+
+fn check_enum_words(tree: &Value) -> Result<()> {
+    for (section, key, words) in ENUM_KEYS {
+        if let Some(v) = tree.get(section).and_then(|s| s.get(key)) {
+            if !v.as_str().is_some_and(|w| words.contains(&w)) {
+                let expected: Vec<String> = words.iter().map(|w| format!("\"{w}\"")).collect();
+                bail!("{section}.{key} is {v}; expected {}", expected.join(", "));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The training stage, parsed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -306,7 +334,22 @@ pub enum Stage {
     Dense,
 }
 
+impl std::fmt::Display for Stage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl Stage {
+    /// The recipe's word for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Warmup => "warmup",
+            Stage::Sparse => "sparse",
+            Stage::Dense => "dense",
+        }
+    }
+
     /// Does this stage train tensor `s` by gradient? (The router biases move by the balancing
     /// rule instead, in the stages that train the main model.)
     pub fn trains(self, s: &crate::weights::WeightSpec) -> bool {
@@ -345,17 +388,14 @@ impl Recipe {
                 apply_set(&mut tree, &schema, set)?;
             }
         }
+        check_enum_words(&tree)?;
         let recipe: Recipe = serde_json::from_value(tree).map_err(|e| anyhow::anyhow!("{e}"))?;
         recipe.validate()?;
         Ok(recipe)
     }
 
     pub fn stage(&self) -> Stage {
-        match self.train.stage.as_str() {
-            "sparse" => Stage::Sparse,
-            "dense" => Stage::Dense,
-            _ => Stage::Warmup,
-        }
+        self.train.stage
     }
 
     /// The resolved recipe as TOML (stored in every checkpoint).
@@ -384,18 +424,6 @@ impl Recipe {
             if v.is_empty() {
                 bail!("{key} must be set");
             }
-        }
-        if !matches!(self.train.stage.as_str(), "warmup" | "sparse" | "dense") {
-            bail!(
-                "train.stage is {:?}; expected \"warmup\", \"sparse\" or \"dense\"",
-                self.train.stage
-            );
-        }
-        if !matches!(self.train.schedule.as_str(), "constant" | "cosine") {
-            bail!(
-                "train.schedule is {:?}; expected \"constant\" or \"cosine\"",
-                self.train.schedule
-            );
         }
         crate::parse_dtype(&self.model.dtype).map_err(|_| {
             anyhow::anyhow!(
@@ -842,6 +870,34 @@ mod tests {
             "{err}"
         );
         assert!(Recipe::parse(MINIMAL, &["parallel.pp=1".into()]).is_ok());
+    }
+
+    /// `train.stage` and `train.schedule` are enums: a wrong word names the key and the words.
+    #[test]
+    fn enum_keys_name_their_words() {
+        let r = Recipe::parse(
+            MINIMAL,
+            &["train.schedule=cosine".into(), "train.stage=dense".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            (r.train.schedule, r.train.stage),
+            (Schedule::Cosine, Stage::Dense)
+        );
+        let err = Recipe::parse(&format!("{MINIMAL}[train]\nschedule = \"linear\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.schedule") && err.contains("\"cosine\""),
+            "{err}"
+        );
+        let err = Recipe::parse(MINIMAL, &["train.stage=sprase".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("train.stage") && err.contains("\"sparse\""),
+            "{err}"
+        );
     }
 
     #[test]

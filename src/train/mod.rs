@@ -1048,7 +1048,7 @@ impl Trainer {
         let elapsed = start.elapsed().as_secs_f64();
         Ok(StepMetrics {
             step: self.step,
-            stage: r.train.stage.clone(),
+            stage: r.train.stage.name().to_string(),
             lm_loss: self.stage.trains_main().then_some(lm_sum / micro as f64),
             indexer_kl: kl_sum / micro as f64,
             lr,
@@ -1437,6 +1437,6 @@ fn progress_bar(r: &Recipe, start: u64) -> Option<indicatif::ProgressBar> {
         .expect("static template")
         .progress_chars("=> "),
     );
-    p.set_prefix(r.train.stage.clone());
+    p.set_prefix(r.train.stage.name());
     Some(p)
 }

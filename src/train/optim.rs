@@ -19,7 +19,7 @@ use super::accumulate::{GradSum, BLOCK_VALUES};
 use crate::grad_rows::RowBlocks;
 use crate::kernels::adamw::AdamWScalars;
 
-use crate::recipe::TrainConfig;
+use crate::recipe::{Schedule, TrainConfig};
 
 /// Parameter groups: clipped separately and given their own learning rate. In the sparse
 /// stage the two are trained by different losses, so one must not throttle the other.
@@ -541,14 +541,14 @@ pub fn lr_at(step: u64, peak: f64, t: &TrainConfig) -> f64 {
     if step < t.warmup_steps {
         return peak * (step + 1) as f64 / t.warmup_steps as f64;
     }
-    match t.schedule.as_str() {
-        "cosine" => {
+    match t.schedule {
+        Schedule::Cosine => {
             let span = t.steps.saturating_sub(t.warmup_steps).max(1) as f64;
             let progress = ((step - t.warmup_steps) as f64 / span).min(1.0);
             let min = t.min_lr.min(peak);
             min + 0.5 * (peak - min) * (1.0 + (std::f64::consts::PI * progress).cos())
         }
-        _ => peak,
+        Schedule::Constant => peak,
     }
 }
 
@@ -651,7 +651,7 @@ mod tests {
         let mut t = TrainConfig {
             warmup_steps: 4,
             steps: 14,
-            schedule: "cosine".into(),
+            schedule: Schedule::Cosine,
             min_lr: 0.1,
             ..Default::default()
         };
@@ -659,7 +659,7 @@ mod tests {
         assert!((lr_at(3, 1.0, &t) - 1.0).abs() < 1e-12);
         assert!((lr_at(9, 1.0, &t) - 0.55).abs() < 1e-12);
         assert!((lr_at(14, 1.0, &t) - 0.1).abs() < 1e-12);
-        t.schedule = "constant".into();
+        t.schedule = Schedule::Constant;
         assert_eq!(lr_at(100, 1.0, &t), 1.0);
     }
 }

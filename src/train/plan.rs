@@ -532,7 +532,7 @@ mod tests {
             crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
         let head = (cfg.vocab_size * cfg.hidden_size) as f64;
         let mut recipe = Recipe::default();
-        recipe.train.stage = "sparse".into();
+        recipe.train.stage = Stage::Sparse;
         recipe.model.dtype = "bf16".into();
         recipe.model.mtp = false;
         recipe.parallel.dp = 1;
@@ -629,13 +629,13 @@ mod tests {
             "{params} parameters"
         );
         for (stage, len, block) in [
-            ("dense", 8192, 0),
-            ("warmup", 32768, 0),
-            ("sparse", 32768, 4096),
-            ("sparse", 131072, 2048),
+            (Stage::Dense, 8192, 0),
+            (Stage::Warmup, 32768, 0),
+            (Stage::Sparse, 32768, 4096),
+            (Stage::Sparse, 131072, 2048),
         ] {
             let mut recipe = Recipe::default();
-            recipe.train.stage = stage.into();
+            recipe.train.stage = stage;
             recipe.model.dtype = "bf16".into();
             recipe.model.mtp = false;
             recipe.data.seq_len = len;
