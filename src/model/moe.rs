@@ -118,8 +118,8 @@ impl MoeSaved {
 pub struct MoeSaved {
     routing: Routing,
     /// Token and slot of every routed row, rows sorted by expert then token: [S] each.
-    tok: Vec<u32>,
-    slot: Vec<u32>,
+    tok: RowPlan,
+    slot: RowPlan,
     /// Expert parallelism: rows sent to and received from each rank of the group.
     exchange: Option<(Vec<usize>, Vec<usize>)>,
     /// The routed experts' forward.
@@ -366,9 +366,10 @@ impl Moe {
         let dev = x.device();
         let routing = self.route(&x.detach(), known)?;
         let _region = crate::profile::region("moe: routed experts and combine (explicit)");
-        let slot: Vec<u32> = routing.slots_of.concat();
-        let tok: Vec<u32> = routing.tokens_of.concat();
-        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(x)?; // [S, hidden]
+        // Row plans built once: the forward and the backward read them.
+        let slot = RowPlan::gather(&routing.slots_of.concat(), n * self.top_k, dev)?;
+        let tok = RowPlan::gather(&routing.tokens_of.concat(), n, dev)?;
+        let x_sorted = tok.apply(x)?; // [S, hidden]
         let (arrived, rows_of, exchange) = match &self.shard {
             None => {
                 // Expert e's rows are the next len(tokens_of[e]) sorted rows.
@@ -411,11 +412,8 @@ impl Moe {
             .map(|mlp| mlp.forward_saved(x))
             .transpose()?;
         let out = if want_output {
-            let w = RowPlan::gather(&slot, n * self.top_k, dev)?
-                .apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
-            let out = RowPlan::gather(&tok, n, dev)?
-                .adjoint()
-                .apply(&back.broadcast_mul(&w)?)?;
+            let w = slot.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
+            let out = tok.adjoint().apply(&back.broadcast_mul(&w)?)?;
             Some(match (&self.shared, &shared) {
                 (Some(mlp), Some(s)) => (out + s.output(&mlp.down)?)?,
                 _ => out,
@@ -465,9 +463,8 @@ impl Moe {
             (Some(mlp), Some(s)) => mlp.backward(x, s, dy, grads)?,
             _ => x.zeros_like()?,
         };
-        let tok_plan = RowPlan::gather(&saved.tok, n, dev)?;
-        let d_rows = tok_plan.apply(dy)?; // [S, hidden]
-        let w = RowPlan::gather(&saved.slot, n * k, dev)?.apply(&r.weights.unsqueeze(1)?)?; // [S, 1]
+        let d_rows = saved.tok.apply(dy)?; // [S, hidden]
+        let w = saved.slot.apply(&r.weights.unsqueeze(1)?)?; // [S, 1]
         let dw_rows =
             (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
         let d_back = d_rows.broadcast_mul(&w)?;
@@ -490,12 +487,9 @@ impl Moe {
             )?,
             None => d_arrived,
         }; // [S, hidden]
-        dx = (dx + tok_plan.adjoint().apply(&d_sorted)?)?;
+        dx = (dx + saved.tok.adjoint().apply(&d_sorted)?)?;
         // The weights' path into the scores.
-        let dweights = RowPlan::gather(&saved.slot, n * k, dev)?
-            .adjoint()
-            .apply(&dw_rows)?
-            .reshape((n, k))?; // [N, K] f32
+        let dweights = saved.slot.adjoint().apply(&dw_rows)?.reshape((n, k))?; // [N, K] f32
         let dweights = (dweights * self.routed_scaling_factor)?;
         let dpicked = if self.norm_topk_prob {
             let sum = (r.picked.sum_keepdim(1)? + 1e-20)?;
