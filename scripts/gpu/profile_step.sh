@@ -5,13 +5,13 @@
 #     on the machine: the sum against the step's wall time says how much of the step the GPU
 #     is busy, and which kernels fill it.
 # Usage: scripts/gpu/profile_step.sh BIN LOG_DIR NAME RECIPE SEQ_LEN MICRO [MODEL]
-# Environment: NCU_TIMEOUT (seconds, default 150; 0 skips ncu), STEPS (default 2), PROFILE=0 (ncu only).
+# Environment: DATA (token file, default /tmp/bench-1k/tokens.bin), NCU_TIMEOUT (seconds, default 150; 0 skips ncu), STEPS (default 2), PROFILE=0 (ncu only).
 set -uo pipefail
 BIN="${1:?BIN}"; LOG="${2:?LOG}"; NAME="${3:?NAME}"; RECIPE="${4:?RECIPE}"; L="${5:?SEQ_LEN}"; MICRO="${6:?MICRO}"
 MODEL="${7:-/tmp/bench-1k/model}"
 mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
-args=(bench step "$RECIPE" --set "model.path=$MODEL" --set data.path=/tmp/bench-1k/tokens.bin --set "data.seq_len=$L"
+args=(bench step "$RECIPE" --set "model.path=$MODEL" --set "data.path=${DATA:-/tmp/bench-1k/tokens.bin}" --set "data.seq_len=$L"
   --set "train.global_batch_seqs=$MICRO" --set "train.micro_batch_seqs=$MICRO")
 if [ "${PROFILE:-1}" = 1 ]; then
   DSA_PROFILE=1 timeout 150 "$BIN" "${args[@]}" --steps "${STEPS:-2}" > "$LOG/profile-$NAME.txt" 2>&1
