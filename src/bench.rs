@@ -214,7 +214,7 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
 pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> Result<String> {
     use candle_core::{Tensor, Var};
     let dev = crate::parse_device(device_name)?;
-    if !crate::kernels::available(&dev) {
+    if !crate::kernels::KernelPolicy::default().on(&dev) {
         anyhow::bail!("bench kernels needs a CUDA device and a --features cuda build");
     }
     // cuBLAS reference: bf16 4096^3.

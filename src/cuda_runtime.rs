@@ -16,19 +16,17 @@
 //! `DSA_CUDA_DEFAULTS=1` in the environment keeps cudarc's defaults (for side-by-side
 //! measurements of this module).
 //!
-//! `DSA_TF32=1` lets cuBLAS run f32 matrix products on tensor cores (TF32: inputs rounded to
-//! 10 mantissa bits, f32 accumulation), for bf16 models, whose f32 products (the indexer's
-//! projections, the plain twins of the kernels) take bf16-valued inputs or f32 intermediates
-//! that a bf16 kernel would round further; opt-in (measured 1.00-1.05x side by side on an H200,
-//! docs/benchmarks.md), and never for the f32 runs that must match the CPU.
+//! `set_tf32` (the recipe's `kernels.tf32`) lets cuBLAS run f32 matrix products on tensor
+//! cores (TF32: inputs rounded to 10 mantissa bits, f32 accumulation), for bf16 models, whose
+//! f32 products (the indexer's projections, the plain twins of the kernels) take bf16-valued
+//! inputs or f32 intermediates that a bf16 kernel would round further; opt-in (measured
+//! 1.00-1.05x side by side on an H200, docs/benchmarks.md), and never for the f32 runs that
+//! must match the CPU. cuBLAS holds this setting per process, so the trainer sets it once.
 
 use candle_core::Device;
 
 /// Apply the settings above to a CUDA device just created (nothing on the CPU).
 pub fn configure(device: &Device) -> candle_core::Result<()> {
-    if device.is_cuda() && std::env::var("DSA_TF32").is_ok_and(|v| v == "1") {
-        candle_core::cuda::set_gemm_reduced_precision_f32(true);
-    }
     if std::env::var("DSA_CUDA_DEFAULTS").is_ok_and(|v| v == "1") {
         return Ok(());
     }
@@ -44,6 +42,15 @@ pub fn configure(device: &Device) -> candle_core::Result<()> {
     }
     let _ = device;
     Ok(())
+}
+
+/// TF32 for cuBLAS's f32 products on or off (module comment); nothing on the CPU.
+pub fn set_tf32(device: &Device, on: bool) {
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        candle_core::cuda::set_gemm_reduced_precision_f32(on);
+    }
+    let _ = (device, on);
 }
 
 /// Return the memory the pools keep to the driver (after the device work has finished), so

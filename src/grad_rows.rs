@@ -88,12 +88,20 @@ pub struct EmbeddingGrad {
     by_token: Vec<(u32, u32)>,
     dh: Tensor,
     shape: [usize; 2],
+    kernels: crate::kernels::KernelPolicy,
 }
 
 impl EmbeddingGrad {
     /// `ids` the n token ids (host copy), `dh` [n, dim] the gradient of the looked-up rows,
-    /// `vocab` the table's rows, `dtype` the table's dtype.
-    pub fn new(ids: &[u32], dh: &Tensor, vocab: usize, dtype: DType) -> Result<Self> {
+    /// `vocab` the table's rows, `dtype` the table's dtype; the row sums run the kernel or its
+    /// twin as `kernels` says.
+    pub fn new(
+        kernels: crate::kernels::KernelPolicy,
+        ids: &[u32],
+        dh: &Tensor,
+        vocab: usize,
+        dtype: DType,
+    ) -> Result<Self> {
         let (n, dim) = dh.dims2()?;
         if ids.len() != n {
             candle_core::bail!(
@@ -114,6 +122,7 @@ impl EmbeddingGrad {
             by_token,
             dh: dh.detach().to_dtype(dtype)?.contiguous()?,
             shape: [vocab, dim],
+            kernels,
         })
     }
 }
@@ -142,7 +151,7 @@ impl RowBlocks for EmbeddingGrad {
             off[r + 1] += off[r];
         }
         let src: Vec<u32> = pairs.iter().map(|&(_, p)| p).collect();
-        crate::rows::RowPlan::sums(src, off, self.dh.dim(0)?, dev)?.apply(&self.dh)
+        crate::rows::RowPlan::sums(src, off, self.dh.dim(0)?, dev)?.apply(self.kernels, &self.dh)
     }
 }
 
@@ -223,7 +232,14 @@ mod tests {
                     .to_dtype(dtype)
                     .unwrap()
             };
-            let src = EmbeddingGrad::new(&ids, &dh, vocab, dtype).unwrap();
+            let src = EmbeddingGrad::new(
+                crate::kernels::KernelPolicy::default(),
+                &ids,
+                &dh,
+                vocab,
+                dtype,
+            )
+            .unwrap();
             for block in [1, 10, 30, 97] {
                 assert_eq!(
                     bits(&all_rows(&src, block)),
@@ -233,8 +249,22 @@ mod tests {
             }
         }
         let dh = Tensor::zeros((2, 3), DType::F32, &dev).unwrap();
-        assert!(EmbeddingGrad::new(&[1, 5], &dh, 4, DType::F32).is_err());
-        assert!(EmbeddingGrad::new(&[1], &dh, 4, DType::F32).is_err());
+        assert!(EmbeddingGrad::new(
+            crate::kernels::KernelPolicy::default(),
+            &[1, 5],
+            &dh,
+            4,
+            DType::F32
+        )
+        .is_err());
+        assert!(EmbeddingGrad::new(
+            crate::kernels::KernelPolicy::default(),
+            &[1],
+            &dh,
+            4,
+            DType::F32
+        )
+        .is_err());
     }
 
     #[test]

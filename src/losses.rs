@@ -10,6 +10,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use crate::grad_rows::LinearWeightGrad;
+use crate::kernels::KernelPolicy;
 use crate::ops::{linear, log_softmax_last, rms_norm};
 
 /// Per-row KL(p || softmax(logits)) over the last dim. `p` and `logits` [..., n]; returns [...].
@@ -64,6 +65,7 @@ pub const LOSS_BLOCK: usize = 1 << 24;
 /// formula in two passes over each row, without the f32 copies; their row sums run in another
 /// order, so there the values agree with this path to f32 rounding rather than bit for bit.
 pub fn nll_rows_and_grad(
+    kernels: KernelPolicy,
     logits: &Tensor,
     targets: &Tensor,
     weight: f64,
@@ -76,7 +78,10 @@ pub fn nll_rows_and_grad(
             targets.dims()
         );
     }
-    if rows > 0 && targets.dtype() == DType::U32 && crate::kernels::lm_loss::supported(logits) {
+    if rows > 0
+        && targets.dtype() == DType::U32
+        && crate::kernels::lm_loss::supported(kernels, logits)
+    {
         return crate::kernels::lm_loss::nll_rows_and_grad(logits, targets, weight);
     }
     nll_rows_and_grad_plain(logits, targets, weight, block_values)
@@ -125,6 +130,8 @@ pub struct LmHead<'a> {
     pub eps: f64,
     /// Produce the weight's gradient (false: the weight is frozen, skip the product).
     pub weight_trains: bool,
+    /// The norm's and the loss's kernels or twins.
+    pub kernels: KernelPolicy,
 }
 
 /// What one chunk of `chunked_next_token_loss` hands back.
@@ -174,11 +181,12 @@ pub fn chunked_next_token_loss(
     for p0 in (0..positions).step_by(chunk) {
         let n = chunk.min(positions - p0);
         let hv = candle_core::Var::from_tensor(&h.narrow(1, p0, n)?.detach())?;
-        let normed = rms_norm(hv.as_tensor(), head.norm, head.eps)?; // [B, n, D]
+        let normed = rms_norm(head.kernels, hv.as_tensor(), head.norm, head.eps)?; // [B, n, D]
         let logits = linear(&normed.detach(), &w)?; // [B, n, V]
         let vocab = logits.dim(2)?;
         let targets = tokens.narrow(1, p0 + 1, n)?.flatten_all()?; // [B n]
         let (nll_rows, dlogits) = nll_rows_and_grad(
+            head.kernels,
             &logits.reshape((b * n, vocab))?,
             &targets,
             weight / count,
@@ -302,9 +310,10 @@ mod tests {
             weight: w.as_tensor(),
             eps: 1e-6,
             weight_trains: true,
+            kernels: KernelPolicy::PLAIN,
         };
         let logits = linear(
-            &rms_norm(h.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
+            &rms_norm(KernelPolicy::PLAIN, h.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
             w.as_tensor(),
         )
         .unwrap();
@@ -412,8 +421,14 @@ mod tests {
                 .unwrap()
                 .clone();
             for block in [1, vocab, 3 * vocab + 5, 1 << 24] {
-                let (got_nll, got_grad) =
-                    nll_rows_and_grad(logits.as_tensor(), &targets, weight, block).unwrap();
+                let (got_nll, got_grad) = nll_rows_and_grad(
+                    KernelPolicy::PLAIN,
+                    logits.as_tensor(),
+                    &targets,
+                    weight,
+                    block,
+                )
+                .unwrap();
                 assert_eq!(bits(&got_nll), bits(&nll), "{dtype:?}, block {block}: NLL");
                 assert_eq!(
                     bits(&got_grad),
@@ -424,6 +439,7 @@ mod tests {
             }
         }
         assert!(nll_rows_and_grad(
+            KernelPolicy::PLAIN,
             &Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
             &targets,
             1.0,
@@ -490,7 +506,7 @@ mod tests {
                 let n = chunk.min(t - 1 - p0);
                 let hv = Var::from_tensor(&h.narrow(1, p0, n).unwrap()).unwrap();
                 let logits = linear(
-                    &rms_norm(hv.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
+                    &rms_norm(KernelPolicy::PLAIN, hv.as_tensor(), norm.as_tensor(), 1e-6).unwrap(),
                     w.as_tensor(),
                 )
                 .unwrap();
@@ -528,6 +544,7 @@ mod tests {
                 weight: w.as_tensor(),
                 eps: 1e-6,
                 weight_trains: false,
+                kernels: KernelPolicy::PLAIN,
             };
             let mut gn = norm
                 .as_tensor()

@@ -8,6 +8,8 @@
 
 use candle_core::{DType, Result, Tensor, D};
 
+use crate::kernels::KernelPolicy;
+
 /// `x @ w^T` for `x` of any rank `[..., in]` and `w` `[out, in]`.
 pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims();
@@ -22,8 +24,8 @@ pub fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 /// RMSNorm over the last dim: `w * x / sqrt(mean(x^2) + eps)`, statistics in f32; the
 /// normalised value is cast back to x's dtype before the scale (as DeepSeek and HF do). On a
 /// GPU the fused op of `kernels::rms_norm` (same roundings, one pass each way), else the plain one.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
-    if crate::kernels::rms_norm::supported(x, w) {
+pub fn rms_norm(k: KernelPolicy, x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    if crate::kernels::rms_norm::supported(k, x, w) {
         return crate::kernels::rms_norm::rms_norm(x, w, eps);
     }
     rms_norm_plain(x, w, eps)
@@ -84,14 +86,20 @@ pub fn sigmoid(x: &Tensor) -> Result<Tensor> {
 }
 
 /// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
-pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
-    linear(&silu_mul(&linear(x, gate)?, &linear(x, up)?)?, down)
+pub fn swiglu(
+    k: KernelPolicy,
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+    down: &Tensor,
+) -> Result<Tensor> {
+    linear(&silu_mul(k, &linear(x, gate)?, &linear(x, up)?)?, down)
 }
 
 /// silu(g) * u in g's dtype (silu in f32, rounded, then the product), differentiable. On a GPU
 /// the fused op of `kernels::swiglu` (the same bits), else `silu_mul_plain`.
-pub fn silu_mul(g: &Tensor, u: &Tensor) -> Result<Tensor> {
-    if crate::kernels::swiglu::supported(g, u) {
+pub fn silu_mul(k: KernelPolicy, g: &Tensor, u: &Tensor) -> Result<Tensor> {
+    if crate::kernels::swiglu::supported(k, g, u) {
         return crate::kernels::swiglu::silu_mul(g, u);
     }
     silu_mul_plain(g, u)
@@ -105,8 +113,8 @@ pub fn silu_mul_plain(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// RoPE on interleaved pairs (2i, 2i+1) with frequency i: the layout of DeepSeek's MLA.
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope` (the
 /// same bits), else the plain one.
-pub fn rope_interleaved(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(x, cos, sin) {
+pub fn rope_interleaved(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(k, x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Interleaved);
     }
     rope_interleaved_plain(x, cos, sin)
@@ -127,8 +135,8 @@ pub fn rope_interleaved_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<
 
 /// RoPE on the two halves (i, i + R/2) with frequency i: the layout of the DSA indexer.
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope`.
-pub fn rope_half(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(x, cos, sin) {
+pub fn rope_half(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if crate::kernels::rope::supported(k, x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Halves);
     }
     rope_half_plain(x, cos, sin)
@@ -187,12 +195,13 @@ pub fn linear_weight_grad(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
 /// The backward of `rms_norm`: (dx in x's dtype, dw in w's). On a GPU the fused op's backward
 /// (`kernels::rms_norm::rms_norm_backward`), else `rms_norm_backward_plain`.
 pub fn rms_norm_backward(
+    k: KernelPolicy,
     x: &Tensor,
     w: &Tensor,
     eps: f64,
     dy: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    if crate::kernels::rms_norm::supported(x, w) {
+    if crate::kernels::rms_norm::supported(k, x, w) {
         return crate::kernels::rms_norm::rms_norm_backward(x, w, eps, dy);
     }
     rms_norm_backward_plain(x, w, eps, dy)
@@ -233,8 +242,13 @@ pub fn rms_norm_backward_plain(
 
 /// The backward of `rope_interleaved`: the rotation by the opposite angles (exact: the
 /// rotation is orthogonal and -sin is exact), the fused op's inverse on a GPU.
-pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(dy, cos, sin) {
+pub fn rope_interleaved_backward(
+    k: KernelPolicy,
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    if crate::kernels::rope::supported(k, dy, cos, sin) {
         return crate::kernels::rope::rope_inverse(
             dy,
             cos,
@@ -247,8 +261,13 @@ pub fn rope_interleaved_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Res
 
 /// The backward of `rope_half`: the rotation by the opposite angles (exact), the fused op's
 /// inverse on a GPU.
-pub fn rope_half_backward(dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    if crate::kernels::rope::supported(dy, cos, sin) {
+pub fn rope_half_backward(
+    k: KernelPolicy,
+    dy: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    if crate::kernels::rope::supported(k, dy, cos, sin) {
         return crate::kernels::rope::rope_inverse(
             dy,
             cos,
@@ -305,10 +324,15 @@ impl SwigluSaved {
 }
 
 /// The hidden layer of `swiglu` with what its backward reads (the same ops, so the same values).
-pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
+pub fn swiglu_saved(
+    k: KernelPolicy,
+    x: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<SwigluSaved> {
     let g = linear(x, gate)?;
     let u = linear(x, up)?;
-    let hidden = silu_mul(&g, &u)?;
+    let hidden = silu_mul(k, &g, &u)?;
     Ok(SwigluSaved {
         gate: g,
         up: u,
@@ -318,10 +342,15 @@ pub fn swiglu_saved(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSave
 
 /// `swiglu_saved` of E SwiGLUs at once: xs [E, cap, D] with stacked weights gate, up
 /// [E, I, D] (batched products; the same dot products as E separate calls).
-pub fn swiglu_batched_saved(xs: &Tensor, gate: &Tensor, up: &Tensor) -> Result<SwigluSaved> {
+pub fn swiglu_batched_saved(
+    k: KernelPolicy,
+    xs: &Tensor,
+    gate: &Tensor,
+    up: &Tensor,
+) -> Result<SwigluSaved> {
     let g = xs.matmul(&gate.transpose(1, 2)?)?;
     let u = xs.matmul(&up.transpose(1, 2)?)?;
-    let hidden = silu_mul(&g, &u)?;
+    let hidden = silu_mul(k, &g, &u)?;
     Ok(SwigluSaved {
         gate: g,
         up: u,
@@ -341,6 +370,7 @@ impl SwigluSaved {
 /// [E, cap, D] and the stacked weights' gradients ([E, I, D], [E, I, D], [E, D, I]); the
 /// elementwise part as in `swiglu_backward`.
 pub fn swiglu_batched_backward(
+    k: KernelPolicy,
     xs: &Tensor,
     saved: &SwigluSaved,
     gate: &Tensor,
@@ -351,7 +381,7 @@ pub fn swiglu_batched_backward(
     let dtype = xs.dtype();
     let dh = dy.matmul(down)?; // [E, cap, I]
     let d_down = dy.transpose(1, 2)?.matmul(&saved.hidden)?; // [E, D, I]
-    let (dg, du) = swiglu_elementwise_backward(saved, &dh, dtype)?;
+    let (dg, du) = swiglu_elementwise_backward(k, saved, &dh, dtype)?;
     let dx = (dg.matmul(gate)? + du.matmul(up)?)?;
     let d_gate = dg.transpose(1, 2)?.matmul(xs)?;
     let d_up = du.transpose(1, 2)?.matmul(xs)?;
@@ -367,17 +397,23 @@ pub fn swiglu_batched_backward(
 
 /// d(gate product), d(up product) from dh = d(hidden): `silu_mul_backward`.
 fn swiglu_elementwise_backward(
+    k: KernelPolicy,
     saved: &SwigluSaved,
     dh: &Tensor,
     dtype: DType,
 ) -> Result<(Tensor, Tensor)> {
-    silu_mul_backward(&saved.gate, &saved.up, &dh.to_dtype(dtype)?)
+    silu_mul_backward(k, &saved.gate, &saved.up, &dh.to_dtype(dtype)?)
 }
 
 /// The backward of `silu_mul`: (dg, du) in g's dtype. On a GPU the fused op's backward, else
 /// `silu_mul_backward_plain`.
-pub fn silu_mul_backward(g: &Tensor, u: &Tensor, dh: &Tensor) -> Result<(Tensor, Tensor)> {
-    if crate::kernels::swiglu::supported(g, u) {
+pub fn silu_mul_backward(
+    k: KernelPolicy,
+    g: &Tensor,
+    u: &Tensor,
+    dh: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    if crate::kernels::swiglu::supported(k, g, u) {
         return crate::kernels::swiglu::silu_mul_backward(g, u, dh);
     }
     silu_mul_backward_plain(g, u, dh)
@@ -409,6 +445,7 @@ pub struct SwigluGrads {
 /// dg = dh u silu'(g), silu'(g) = sig(g) (1 + g (1 - sig(g))), the elementwise part in f32 and
 /// rounded once to the dtype; dx = dg @ gate + du @ up.
 pub fn swiglu_backward(
+    k: KernelPolicy,
     x: &Tensor,
     saved: &SwigluSaved,
     gate: &Tensor,
@@ -418,7 +455,7 @@ pub fn swiglu_backward(
     want: [bool; 3],
 ) -> Result<(Tensor, SwigluGrads)> {
     let (dh, d_down) = linear_backward(&saved.hidden, down, dy, want[2])?;
-    let (dg, du) = swiglu_elementwise_backward(saved, &dh, x.dtype())?;
+    let (dg, du) = swiglu_elementwise_backward(k, saved, &dh, x.dtype())?;
     let (dx_g, d_gate) = linear_backward(x, gate, &dg, want[0])?;
     let (dx_u, d_up) = linear_backward(x, up, &du, want[1])?;
     Ok((
@@ -455,11 +492,12 @@ mod tests {
 
     #[test]
     fn plain_ops_match_candles_fused_forward() {
+        let k = KernelPolicy::PLAIN;
         let x = randn(&[3, 7, 33], 1);
         let w = randn(&[33], 2);
         let b = randn(&[33], 3);
         let fused = candle_nn::ops::rms_norm(&x, &w, 1e-6).unwrap();
-        assert!(max_abs_diff(&rms_norm(&x, &w, 1e-6).unwrap(), &fused) < 1e-5);
+        assert!(max_abs_diff(&rms_norm(k, &x, &w, 1e-6).unwrap(), &fused) < 1e-5);
         let fused = candle_nn::ops::layer_norm(&x, &w, &b, 1e-6).unwrap();
         assert!(max_abs_diff(&layer_norm(&x, &w, &b, 1e-6).unwrap(), &fused) < 1e-5);
         let fused = candle_nn::ops::softmax_last_dim(&x).unwrap();
@@ -470,6 +508,7 @@ mod tests {
 
     #[test]
     fn rope_layouts_match_candles_fused_rope_and_are_a_permutation_of_each_other() {
+        let k = KernelPolicy::PLAIN;
         let (b, t, h, r) = (2, 5, 3, 8);
         let x = randn(&[b, t, h, r], 4);
         let cos = randn(&[t, r / 2], 5);
@@ -480,16 +519,17 @@ mod tests {
             .unwrap()
             .transpose(1, 2)
             .unwrap();
-        assert!(max_abs_diff(&rope_interleaved(&x, &cos, &sin).unwrap(), &fused_i) < 1e-6);
+        assert!(max_abs_diff(&rope_interleaved(k, &x, &cos, &sin).unwrap(), &fused_i) < 1e-6);
         let fused_h = candle_nn::rotary_emb::rope(&xt, &cos, &sin)
             .unwrap()
             .transpose(1, 2)
             .unwrap();
-        assert!(max_abs_diff(&rope_half(&x, &cos, &sin).unwrap(), &fused_h) < 1e-6);
+        assert!(max_abs_diff(&rope_half(k, &x, &cos, &sin).unwrap(), &fused_h) < 1e-6);
     }
 
     #[test]
     fn gradients_flow_through_every_op() {
+        let k = KernelPolicy::PLAIN;
         // Each op's gradient is compared with a central finite difference in f64.
         let dev = Device::Cpu;
         let x0 = randn(&[2, 3, 6], 7).to_dtype(DType::F64).unwrap();
@@ -509,7 +549,7 @@ mod tests {
         );
         let w3 = w.clone();
         let fs: Vec<(&str, F)> = vec![
-            ("rms_norm", Box::new(move |x| rms_norm(x, &w2, 1e-6))),
+            ("rms_norm", Box::new(move |x| rms_norm(k, x, &w2, 1e-6))),
             (
                 "layer_norm",
                 Box::new(move |x| layer_norm(x, &w3, &b2, 1e-6)),
@@ -525,11 +565,11 @@ mod tests {
             ("sigmoid", Box::new(sigmoid)),
             (
                 "rope_i",
-                Box::new(move |x| rope_interleaved(&x.reshape((2, 3, 1, 6))?, &c2, &s2)),
+                Box::new(move |x| rope_interleaved(k, &x.reshape((2, 3, 1, 6))?, &c2, &s2)),
             ),
             (
                 "rope_h",
-                Box::new(move |x| rope_half(&x.reshape((2, 3, 1, 6))?, &c3, &s3)),
+                Box::new(move |x| rope_half(k, &x.reshape((2, 3, 1, 6))?, &c3, &s3)),
             ),
         ];
         for (name, f) in fs {

@@ -22,6 +22,7 @@ pub struct Recipe {
     pub dsa: DsaConfig,
     pub checkpoint: CheckpointConfig,
     pub parallel: ParallelConfig,
+    pub kernels: KernelsConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -282,6 +283,24 @@ impl Default for TrainConfig {
     }
 }
 
+/// Which custom kernels run (`kernels::KernelPolicy`): by default every kernel where it can
+/// run. For side-by-side measurements of one binary and for runs that must repeat bit for bit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct KernelsConfig {
+    /// The plain twins (candle ops) everywhere.
+    pub plain: bool,
+    /// Fused ops that take their plain twins while the others stay on: indexer-at, lm-loss,
+    /// adamw, dense-bwd, rms-norm, rope, swiglu, join-rows, sparse-wg.
+    pub plain_ops: Vec<String>,
+    /// The sparse MLA backward sums dkv in a fixed order (bit-identical runs, about twice its
+    /// time) instead of with f32 atomics.
+    pub deterministic: bool,
+    /// cuBLAS may run f32 matrix products on tensor cores (TF32: inputs rounded to 10
+    /// mantissa bits, f32 sums); for bf16 models only, never for runs that must match the CPU.
+    pub tf32: bool,
+}
+
 impl Default for DsaConfig {
     fn default() -> Self {
         Self { index_topk: 2048 }
@@ -407,6 +426,15 @@ impl Recipe {
         self.train.global_batch_seqs / self.train.micro_batch_seqs
     }
 
+    /// The kernel policy of `[kernels]` (an unknown op name is an error naming the key).
+    pub fn kernel_policy(&self) -> Result<crate::kernels::KernelPolicy> {
+        crate::kernels::KernelPolicy::from_recipe(
+            self.kernels.plain,
+            &self.kernels.plain_ops,
+            self.kernels.deterministic,
+        )
+    }
+
     pub fn indexer_lr(&self) -> f64 {
         if self.train.indexer_lr > 0.0 {
             self.train.indexer_lr
@@ -416,6 +444,7 @@ impl Recipe {
     }
 
     fn validate(&self) -> Result<()> {
+        self.kernel_policy()?;
         for (key, v) in [
             ("run.output_dir", &self.run.output_dir),
             ("model.path", &self.model.path),
@@ -761,6 +790,8 @@ fn type_ok(sch: &Value, v: &Value) -> bool {
     match (sch, v) {
         (Value::String(_), Value::String(_)) | (Value::Bool(_), Value::Bool(_)) => true,
         (Value::Number(s), Value::Number(p)) => s.is_f64() || p.is_u64(),
+        // The schema's only lists are lists of names.
+        (Value::Array(_), Value::Array(items)) => items.iter().all(Value::is_string),
         _ => false,
     }
 }
@@ -840,6 +871,42 @@ mod tests {
         assert_eq!(r.stage(), Stage::Warmup);
         // The resolved recipe round-trips.
         assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+    }
+
+    /// `[kernels]` gives the model its kernel policy; a wrong op name names the key.
+    #[test]
+    fn the_kernels_section_sets_the_policy() {
+        use crate::kernels::{Fused, KernelPolicy};
+        assert_eq!(
+            Recipe::parse(MINIMAL, &[])
+                .unwrap()
+                .kernel_policy()
+                .unwrap(),
+            KernelPolicy::default()
+        );
+        let r = Recipe::parse(
+            MINIMAL,
+            &[
+                "kernels.plain_ops=[\"lm-loss\", \"rope\"]".into(),
+                "kernels.deterministic=true".into(),
+            ],
+        )
+        .unwrap();
+        let p = r.kernel_policy().unwrap();
+        assert!(p.is_plain(Fused::LmLoss) && p.is_plain(Fused::Rope) && !p.is_plain(Fused::Adamw));
+        assert!(p.deterministic);
+        let all = Recipe::parse(MINIMAL, &["kernels.plain=true".into()]).unwrap();
+        assert!(all.kernel_policy().unwrap().is_plain(Fused::Adamw));
+        let err = Recipe::parse(
+            &format!("{MINIMAL}[kernels]\nplain_ops = [\"lm_loss\"]\n"),
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("kernels.plain_ops") && err.contains("lm-loss"),
+            "{err}"
+        );
     }
 
     /// Tensor and pipeline parallelism are not built: no key in a resolved recipe, a value of 1

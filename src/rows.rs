@@ -134,9 +134,9 @@ impl RowPlan {
     }
 
     /// x [in_rows, ...] -> [out_rows, ...], differentiable (its gradient is the adjoint plan).
-    /// The plain twin replaces it when the GPU kernels are switched off (`DSA_PLAIN=1`).
-    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        if x.device().is_cuda() && !crate::kernels::available(x.device()) {
+    /// The plain twin replaces it on a GPU whose policy runs the plain twins.
+    pub fn apply(&self, kernels: crate::kernels::KernelPolicy, x: &Tensor) -> Result<Tensor> {
+        if x.device().is_cuda() && !kernels.on(x.device()) {
             return self.apply_plain(x);
         }
         x.contiguous()?.apply_op1(RowSum {
@@ -392,7 +392,7 @@ mod tests {
             let plan = RowPlan::gather(&ids, in_rows, &Device::Cpu)?;
             let x = Var::from_tensor(&random(in_rows, d, n as u64)?)?;
             let up = random(n, d, 99)?;
-            let ours = plan.apply(x.as_tensor())?;
+            let ours = plan.apply(crate::kernels::KernelPolicy::default(), x.as_tensor())?;
             let plain = plan.apply_plain(x.as_tensor())?;
             assert_eq!(
                 ours.to_vec2::<f32>()?,
@@ -411,7 +411,9 @@ mod tests {
                 "gradient {in_rows} {n} {d}"
             );
             // The adjoint applied directly is the scatter-add of the plain path.
-            let scattered = plan.adjoint().apply(&up)?;
+            let scattered = plan
+                .adjoint()
+                .apply(crate::kernels::KernelPolicy::default(), &up)?;
             let plain_scatter = plan.adjoint().apply_plain(&up)?;
             assert_eq!(scattered.to_vec2::<f32>()?, plain_scatter.to_vec2::<f32>()?);
         }
@@ -426,7 +428,10 @@ mod tests {
             .to_dtype(DType::BF16)?;
         let sum = RowPlan::gather(&[0, 0, 0], 1, &Device::Cpu)?.adjoint();
         let at = |t: Tensor| -> Result<f32> { Ok(t.to_dtype(DType::F32)?.to_vec2::<f32>()?[0][0]) };
-        assert_eq!(at(sum.apply(&x)?)?, 1.0 + 1.0 / 128.0);
+        assert_eq!(
+            at(sum.apply(crate::kernels::KernelPolicy::default(), &x)?)?,
+            1.0 + 1.0 / 128.0
+        );
         assert_eq!(at(sum.apply_plain(&x)?)?, 1.0);
         Ok(())
     }
@@ -440,7 +445,10 @@ mod tests {
         assert!(e.contains("index 3 is out of range for 3 rows"), "{e}");
         let plan = RowPlan::gather(&[0], 3, &Device::Cpu).unwrap();
         assert!(plan
-            .apply(&Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap())
+            .apply(
+                crate::kernels::KernelPolicy::default(),
+                &Tensor::zeros((2, 1), DType::F32, &Device::Cpu).unwrap(),
+            )
             .is_err());
     }
 }

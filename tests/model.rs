@@ -379,7 +379,9 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
                 sel.indices().unwrap().to_vec3::<u32>().unwrap(),
                 "layer {l}: the sets"
             );
-            let on_set = (p.scores_at(sel, false).unwrap() + sel.bias().unwrap()).unwrap();
+            let on_set = (p.scores_at(sel, Default::default(), false).unwrap()
+                + sel.bias().unwrap())
+            .unwrap();
             let kl_ref = dsa_train::losses::kl_rows(target, &on_set)
                 .unwrap()
                 .mean_all()

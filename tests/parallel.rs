@@ -627,6 +627,7 @@ fn sharded_experts_match_one_moe_holding_all() {
                         gate: a.as_tensor().clone(),
                         up: b.as_tensor().clone(),
                         down: c.as_tensor().clone(),
+                        kernels: Default::default(),
                     })
                     .collect(),
                 shard,
@@ -638,6 +639,7 @@ fn sharded_experts_match_one_moe_holding_all() {
                 norm_topk_prob: true,
                 routed_scaling_factor: 2.5,
                 compute,
+                kernels: Default::default(),
             };
             (moe, rv, vars)
         };

@@ -42,10 +42,10 @@ done
 if [ "${PLAIN:-1}" = 1 ]; then
   # The plain twins (candle ops only) side by side at the shortest length.
   L0="${SEQ_LENS%% *}"
-  line="$(DSA_PLAIN=1 timeout "${STEP_TIMEOUT:-300}" $BIN bench step recipes/bench-1k-sparse.toml --steps 3 \
+  line="$(timeout "${STEP_TIMEOUT:-300}" $BIN bench step recipes/bench-1k-sparse.toml --steps 3 \
     --set model.path=/tmp/bench-1k/model --set data.path=/tmp/bench-1k/tokens.bin \
-    --set data.seq_len=$L0 2>>"$LOG/bench-stderr.log" | tail -1)"
-  echo "plain twins (DSA_PLAIN=1): ${line:-FAILED}" | tee -a "$LOG/bench.log"
+    --set data.seq_len=$L0 --set kernels.plain=true 2>>"$LOG/bench-stderr.log" | tail -1)"
+  echo "plain twins (kernels.plain = true): ${line:-FAILED}" | tee -a "$LOG/bench.log"
 fi
 cat "$LOG/bench.log" >> "$LOG/summary.txt"
 echo; echo "==== summary ($DEVICE)"; cat "$LOG/summary.txt"

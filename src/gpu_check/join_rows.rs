@@ -117,7 +117,13 @@ pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             let xv = Var::from_tensor(&x)?;
             let (a, b) = view(xv.as_tensor())?;
             let y = if fused {
-                join_rows(&a, b.as_ref(), split, dout)?
+                join_rows(
+                    crate::kernels::KernelPolicy::default(),
+                    &a,
+                    b.as_ref(),
+                    split,
+                    dout,
+                )?
             } else {
                 join_rows_plain(&a, b.as_ref(), split, dout)?
             };

@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
+use crate::kernels::{Fused, KernelPolicy};
 use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
 use crate::recipe::Recipe;
 
@@ -280,7 +281,6 @@ fn sparse_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let idx = Tensor::from_vec(abs.clone(), (n, k), gpu)?;
         let upstream = crate::rng::randn(&[n, h, dv], rng.next_u64(), 1.0, gpu)?;
         // Kernel.
-        crate::kernels::set_enabled(true);
         let fused = crate::kernels::sparse_mla(q.as_tensor(), kv.as_tensor(), &idx, scale, dv)?;
         let o_k = fused.narrow(2, 0, dv)?;
         let pm_k = crate::kernels::sparse_mla_head_mean_probs(
@@ -383,13 +383,10 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let causal = crate::dsa::causal_bias(t, gpu)?;
         let sel = crate::dsa::select_topk(&proj.scores(&causal)?.detach(), k)?;
         let up = crate::rng::randn(&[b, t, k.min(t)], 6, 1.0, gpu)?;
-        crate::kernels::set_enabled(true);
-        let a = proj.scores_at(&sel, tc)?;
+        let a = proj.scores_at(&sel, KernelPolicy::default(), tc)?;
         let ga = (&a * &up)?.sum_all()?.backward()?;
-        crate::kernels::set_enabled(false);
-        let p = proj.scores_at(&sel, tc)?;
+        let p = proj.scores_at(&sel, KernelPolicy::PLAIN, tc)?;
         let gp = (&p * &up)?.sum_all()?.backward()?;
-        crate::kernels::set_enabled(true);
         let e = rel_err(&a, &p)?;
         let g = |v: &Var| -> Result<f32> {
             rel_err(
@@ -431,16 +428,27 @@ fn indexer_kernel_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
 }
 
 /// The dense stage's attention (`model::dense_recompute`) on the GPU in bf16: the flash-style
-/// forward kernel with the backward kernel (the block-recomputing backward when
-/// DSA_PLAIN_OPS=dense-bwd), against autograd of the whole f32
+/// forward kernel with the backward kernel and with the block-recomputing backward, against autograd of the whole f32
 /// softmax on the same bf16-rounded inputs (the mini and bench models' head dims, awkward T).
 fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
     use candle_core::Var;
     let mut out = vec![];
-    for (b, h, t, dqk, dv, rows) in [
+    // The backward kernel, then the block-recomputing backward (its twin) on the same inputs.
+    let cases = [
         (2usize, 8usize, 1025usize, 96usize, 64usize, 0usize),
         (1, 4, 97, 192, 128, 16),
-    ] {
+    ];
+    let policies = [
+        ("backward kernel", KernelPolicy::default()),
+        (
+            "blocked backward",
+            KernelPolicy::default().without(Fused::DenseBwd),
+        ),
+    ];
+    for ((b, h, t, dqk, dv, rows), (which, kernels)) in cases
+        .into_iter()
+        .flat_map(|c| policies.into_iter().map(move |p| (c, p)))
+    {
         let r = |dims: &[usize], seed: u64, std: f64| -> Result<Tensor> {
             Ok(crate::rng::randn(dims, seed, std, gpu)?.to_dtype(DType::BF16)?)
         };
@@ -457,6 +465,7 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
             Var::from_tensor(&v)?,
         );
         let ours = crate::model::dense_recompute::attention(
+            kernels,
             qb.as_tensor(),
             kb.as_tensor(),
             vb.as_tensor(),
@@ -481,9 +490,9 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
         // bf16 output and gradients (8 bits of mantissa): 2e-2 of the largest value.
         let worst = e_out.max(eq).max(ek).max(ev);
         out.push(Outcome {
-            name: "dense-stage attention (flash forward and backward kernels) bf16 vs whole f32",
+            name: "dense-stage attention (flash forward kernel) bf16 vs whole f32",
             ok: worst < 2e-2,
-            detail: format!("B {b} H {h} T {t} d {dqk}/{dv}: rel err out {e_out:.1e} dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} (< 2e-2)"),
+            detail: format!("{which}, B {b} H {h} T {t} d {dqk}/{dv}: rel err out {e_out:.1e} dq {eq:.1e} dk {ek:.1e} dv {ev:.1e} (< 2e-2)"),
         });
     }
     Ok(out)

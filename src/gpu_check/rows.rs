@@ -31,17 +31,29 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
                 crate::rng::randn(&[in_rows, d], n as u64, 1.0, &Device::Cpu)?.to_dtype(dtype)?;
             let up = crate::rng::randn(&[n, d], 5, 1.0, &Device::Cpu)?.to_dtype(dtype)?;
             let xv = Var::from_tensor(&x.to_device(gpu)?)?;
-            let y = on_gpu.apply(xv.as_tensor())?;
+            let y = on_gpu.apply(crate::kernels::KernelPolicy::default(), xv.as_tensor())?;
             let grads = (&y * up.to_device(gpu)?)?.sum_all()?.backward()?;
             let dx = grads.get(xv.as_tensor()).expect("gradient of x").clone();
             let pairs = [
-                (y, on_cpu.apply(&x)?),
                 (
-                    on_gpu.adjoint().apply(&up.to_device(gpu)?)?,
-                    on_cpu.adjoint().apply(&up)?,
+                    y,
+                    on_cpu.apply(crate::kernels::KernelPolicy::default(), &x)?,
+                ),
+                (
+                    on_gpu
+                        .adjoint()
+                        .apply(crate::kernels::KernelPolicy::default(), &up.to_device(gpu)?)?,
+                    on_cpu
+                        .adjoint()
+                        .apply(crate::kernels::KernelPolicy::default(), &up)?,
                 ),
                 // sum_all's backward is ones * up: the gradient is the adjoint applied to up.
-                (dx, on_cpu.adjoint().apply(&up)?),
+                (
+                    dx,
+                    on_cpu
+                        .adjoint()
+                        .apply(crate::kernels::KernelPolicy::default(), &up)?,
+                ),
             ];
             for (g, c) in pairs {
                 let (g, c) = (

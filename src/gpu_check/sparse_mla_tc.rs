@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use super::{cosine, rel_err, Outcome};
 use crate::kernels::sparse_mla_tc as tc;
+use crate::kernels::{Fused, KernelPolicy};
 
 const REL_TOL: f32 = 2e-2;
 const COS_TOL: f32 = 0.9999;
@@ -124,9 +125,9 @@ fn run(
     Ok(Run { out, dq, dkv })
 }
 
-fn run_tc(x: &Inputs) -> Result<Run> {
+fn run_tc(x: &Inputs, kernels: KernelPolicy) -> Result<Run> {
     run(x, DType::BF16, |q, kv| {
-        tc::sparse_mla_bf16(q, kv, &x.idx, x.scale, x.dv)
+        tc::sparse_mla_bf16(kernels, q, kv, &x.idx, x.scale, x.dv)
     })
 }
 
@@ -147,7 +148,7 @@ fn bits(t: &Tensor) -> Result<Vec<u16>> {
 
 fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
-    let a = run_tc(&x)?;
+    let a = run_tc(&x, KernelPolicy::default())?;
     let b = run_twin(&x)?;
     let dv = c.dv;
     let e_o = rel_err(&a.out.narrow(2, 0, dv)?, &b.out.narrow(2, 0, dv)?)?;
@@ -174,13 +175,10 @@ fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
 /// Deterministic mode: two backward runs give bit-identical dq and dkv, close to atomic mode.
 fn deterministic(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
-    let before = tc::deterministic();
-    tc::set_deterministic(false);
-    let atomic = run_tc(&x);
-    tc::set_deterministic(true);
-    let r1 = run_tc(&x);
-    let r2 = run_tc(&x);
-    tc::set_deterministic(before);
+    let det = KernelPolicy::default().with_deterministic(true);
+    let atomic = run_tc(&x, KernelPolicy::default());
+    let r1 = run_tc(&x, det);
+    let r2 = run_tc(&x, det);
     let (atomic, r1, r2) = (atomic?, r1?, r2?);
     let same_dkv = bits(&r1.dkv)? == bits(&r2.dkv)?;
     let same_dq = bits(&r1.dq)? == bits(&r2.dq)?;
@@ -224,9 +222,10 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
     let (abs, _) = selection(c.n, c.k, nkv, c.pad, c.empty, c.seed + 2);
     let idx = Tensor::from_vec(abs.clone(), (c.n, c.k), gpu)?;
     let scale = 192f64.powf(-0.5);
-    let fwd = tc::sparse_mla_bf16(&q, &kv, &idx, scale, c.dv)?;
-    let a = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
-    let a2 = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv)?;
+    let k = KernelPolicy::default();
+    let fwd = tc::sparse_mla_bf16(k, &q, &kv, &idx, scale, c.dv)?;
+    let a = tc::sparse_mla_head_mean_probs_bf16(k, &q, &kv, &idx, &fwd, scale, c.dv)?;
+    let a2 = tc::sparse_mla_head_mean_probs_bf16(k, &q, &kv, &idx, &fwd, scale, c.dv)?;
     let b = crate::kernels::sparse_mla_head_mean_probs(
         &q.to_dtype(DType::F32)?,
         &kv.to_dtype(DType::F32)?,
@@ -236,11 +235,10 @@ fn probs(c: &ProbsCase, gpu: &Device) -> Result<Outcome> {
         c.dv,
     )?;
     // At H 128 the wgmma kernel ran: also against the mma.sync kernel on the same inputs.
-    let wg = tc::wgmma_probs(c.h, c.dqk);
+    let wg = tc::wgmma_probs(k, c.h, c.dqk);
     let e_mma = if wg {
-        tc::set_wgmma(false);
-        let m = tc::sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &fwd, scale, c.dv);
-        tc::set_wgmma(true);
+        let mma = k.without(Fused::SparseWgmma);
+        let m = tc::sparse_mla_head_mean_probs_bf16(mma, &q, &kv, &idx, &fwd, scale, c.dv);
         rel_err(&a, &m?)?
     } else {
         0.0
@@ -311,7 +309,8 @@ struct WgCase {
 
 fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let (dqk, dv) = (576, 512);
-    if !tc::wgmma_forward(c.h, dqk, dv) {
+    let k = KernelPolicy::default();
+    if !tc::wgmma_forward(k, c.h, dqk, dv) {
         return Ok(Outcome {
             name: c.name,
             ok: false,
@@ -325,12 +324,9 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
     let full: Vec<u32> = (0..c.n as u32).filter(|t| !empty.contains(t)).collect();
     let idx = Tensor::from_vec(abs, (c.n, c.k), gpu)?;
     let scale = 192f64.powf(-0.5);
-    let wg = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
-    let wg2 = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
-    tc::set_wgmma(false);
-    let mma = tc::sparse_mla_bf16(&q, &kv, &idx, scale, dv);
-    tc::set_wgmma(true);
-    let mma = mma?;
+    let wg = tc::sparse_mla_bf16(k, &q, &kv, &idx, scale, dv)?;
+    let wg2 = tc::sparse_mla_bf16(k, &q, &kv, &idx, scale, dv)?;
+    let mma = tc::sparse_mla_bf16(k.without(Fused::SparseWgmma), &q, &kv, &idx, scale, dv)?;
     let f32 = crate::kernels::sparse_mla(
         &q.to_dtype(DType::F32)?,
         &kv.to_dtype(DType::F32)?,
@@ -383,7 +379,8 @@ fn wg_forward(c: &WgCase, gpu: &Device) -> Result<Outcome> {
 /// all-mma.sync backward on the same inputs: both compute the same f32 S and dP and add dQ's
 /// products tile by tile in the same k order, so dq must be bit-equal; dkv within 1e-2 (its atomics add in any order).
 fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
-    if !tc::wgmma_backward(c.h, c.dqk, c.dv) {
+    let k = KernelPolicy::default();
+    if !tc::wgmma_backward(k, c.h, c.dqk, c.dv) {
         return Ok(Outcome {
             name: c.name,
             ok: false,
@@ -391,11 +388,8 @@ fn wg_backward(c: &Case, gpu: &Device) -> Result<Outcome> {
         });
     }
     let x = inputs(c, gpu)?;
-    let a = run_tc(&x)?;
-    tc::set_wgmma(false);
-    let m = run_tc(&x);
-    tc::set_wgmma(true);
-    let m = m?;
+    let a = run_tc(&x, k)?;
+    let m = run_tc(&x, k.without(Fused::SparseWgmma))?;
     let b = run_twin(&x)?;
     let (e_dq, c_dq) = (rel_err(&a.dq, &b.dq)?, cosine(&a.dq, &b.dq)?);
     let (e_dkv, c_dkv) = (rel_err(&a.dkv, &b.dkv)?, cosine(&a.dkv, &b.dkv)?);

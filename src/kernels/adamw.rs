@@ -20,11 +20,16 @@ pub struct AdamWScalars {
     pub decay: Option<f64>,
 }
 
-/// Whether the fused kernels take these tensors: f32 on CUDA, one shape (and `DSA_PLAIN_OPS`
-/// does not name `adamw`).
-pub fn supported(g: &Tensor, m: &Tensor, v: &Tensor, w: &Tensor) -> bool {
-    crate::kernels::available(g.device())
-        && !crate::kernels::plain_op("adamw")
+/// Whether the fused kernels take these tensors: f32 on CUDA, one shape (and the policy uses
+/// the fused AdamW).
+pub fn supported(
+    policy: crate::kernels::KernelPolicy,
+    g: &Tensor,
+    m: &Tensor,
+    v: &Tensor,
+    w: &Tensor,
+) -> bool {
+    policy.uses(crate::kernels::Fused::Adamw, g.device())
         && [g, m, v, w]
             .iter()
             .all(|t| t.dtype() == DType::F32 && t.shape() == g.shape())

@@ -13,10 +13,10 @@
 
 use candle_core::{DType, Device, Result, Tensor};
 
-/// Whether the tensor-core kernels cover HI heads of DI dims: HI <= 64, DI in {32, 64, 128}.
-/// `DSA_PLAIN_OPS=indexer-at` says no (the f32 kernel runs instead: `kernels::plain_op`).
-pub fn supported(hi: usize, di: usize) -> bool {
-    !crate::kernels::plain_op("indexer-at") && fits(hi, di)
+/// Whether the tensor-core kernels cover HI heads of DI dims: HI <= 64, DI in {32, 64, 128},
+/// and the policy uses them (else the f32 kernel runs).
+pub fn supported(policy: crate::kernels::KernelPolicy, hi: usize, di: usize) -> bool {
+    !policy.is_plain(crate::kernels::Fused::IndexerAt) && fits(hi, di)
 }
 
 /// The shapes the kernels are instantiated for.

@@ -13,8 +13,15 @@ use candle_core::{DType, Result, Tensor};
 /// `[x1, x2]` along the last dim, contiguous, in `dtype` (x2 None: x1 alone). Each input
 /// [d_0, ..., d_{r-1}] is read as [A, B, W] with A the product of its first `split` dims and B
 /// of the rest but the last: each group's dims must nest (a view such as a permutation of the
-/// dims of a contiguous tensor, or a narrow of its last dim). Returns [A, B, W1 + W2].
-pub fn join_rows(x1: &Tensor, x2: Option<&Tensor>, split: usize, dtype: DType) -> Result<Tensor> {
+/// dims of a contiguous tensor, or a narrow of its last dim). Returns [A, B, W1 + W2]. The
+/// kernel runs where `policy` allows it, else `join_rows_plain`.
+pub fn join_rows(
+    policy: crate::kernels::KernelPolicy,
+    x1: &Tensor,
+    x2: Option<&Tensor>,
+    split: usize,
+    dtype: DType,
+) -> Result<Tensor> {
     let (a, b, _) = groups(x1, split)?;
     if let Some(x2) = x2 {
         let (a2, b2, _) = groups(x2, split)?;
@@ -26,7 +33,7 @@ pub fn join_rows(x1: &Tensor, x2: Option<&Tensor>, split: usize, dtype: DType) -
             );
         }
     }
-    if fused(x1, x2, split, dtype) {
+    if fused(policy, x1, x2, split, dtype) {
         #[cfg(feature = "cuda")]
         {
             let (w2, x2) = match x2 {
@@ -104,11 +111,16 @@ fn strides3_of(d: &[usize], s: &[usize], split: usize) -> Option<(usize, usize)>
 
 /// Does the kernel take these: CUDA, views that read as [A, B, W] in place, bf16 or f32 in and
 /// out, both inputs of one dtype.
-fn fused(x1: &Tensor, x2: Option<&Tensor>, split: usize, dtype: DType) -> bool {
+fn fused(
+    policy: crate::kernels::KernelPolicy,
+    x1: &Tensor,
+    x2: Option<&Tensor>,
+    split: usize,
+    dtype: DType,
+) -> bool {
     let ok =
         |x: &Tensor| strides3(x, split).is_some() && matches!(x.dtype(), DType::BF16 | DType::F32);
-    crate::kernels::available(x1.device())
-        && !crate::kernels::plain_op("join-rows")
+    policy.uses(crate::kernels::Fused::JoinRows, x1.device())
         && x1.elem_count() > 0
         && matches!(dtype, DType::BF16 | DType::F32)
         && ok(x1)
@@ -303,6 +315,7 @@ mod tests {
         let dev = candle_core::Device::Cpu;
         let x = crate::rng::randn(&[3, 4, 5], 1, 1.0, &dev).unwrap();
         let y = join_rows(
+            crate::kernels::KernelPolicy::default(),
             &x.transpose(0, 1).unwrap(),
             Some(&x.transpose(0, 1).unwrap().narrow(2, 0, 2).unwrap()),
             1,

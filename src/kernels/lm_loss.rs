@@ -12,10 +12,9 @@
 use candle_core::{DType, Result, Tensor};
 
 /// Whether the fused kernels take these logits: [N, V] bf16 or f32 on CUDA with V < 2^31 (and
-/// `DSA_PLAIN_OPS` does not name `lm-loss`).
-pub fn supported(logits: &Tensor) -> bool {
-    crate::kernels::available(logits.device())
-        && !crate::kernels::plain_op("lm-loss")
+/// the policy uses the fused LM loss).
+pub fn supported(policy: crate::kernels::KernelPolicy, logits: &Tensor) -> bool {
+    policy.uses(crate::kernels::Fused::LmLoss, logits.device())
         && matches!(logits.dtype(), DType::BF16 | DType::F32)
         && logits.dims().len() == 2
         && logits.dim(1).is_ok_and(|v| v > 0 && v < i32::MAX as usize)

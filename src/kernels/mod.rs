@@ -2,12 +2,10 @@
 //!
 //! Each kernel has a plain twin written with candle ops (the sparse MLA kernel's twin is the
 //! candle path of `model::attention::Mla::sparse`); `dsa-train gpu-selftest` compares them on
-//! fresh random inputs on the GPU. Without the `cuda` feature, or on the CPU, `available`
-//! is false and callers take the plain path.
+//! fresh random inputs on the GPU. Which of the two runs is a `KernelPolicy` the caller holds
+//! (policy.rs); without the `cuda` feature, or on the CPU, the plain path runs.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
-use candle_core::{Device, Result, Tensor};
+use candle_core::{Result, Tensor};
 
 // One module per new kernel family (each with its .cu file in kernels/).
 pub mod adamw;
@@ -15,45 +13,14 @@ pub mod indexer_at_tc;
 pub mod indexer_topk;
 pub mod join_rows;
 pub mod lm_loss;
+pub mod policy;
 pub mod rms_norm;
 pub mod rope;
 pub mod sparse_mla_tc;
 pub mod swiglu;
 pub mod warmup_kl;
 
-static ENABLED: AtomicBool = AtomicBool::new(true);
-
-/// Use the kernels when the device supports them (tests switch them off to run the twins).
-pub fn set_enabled(on: bool) {
-    ENABLED.store(on, Ordering::SeqCst);
-}
-
-/// Can the custom kernels run on `device`? `DSA_PLAIN=1` in the environment forces the plain
-/// twins (for side-by-side benchmarks).
-pub fn available(device: &Device) -> bool {
-    static PLAIN: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    let plain = *PLAIN.get_or_init(|| std::env::var("DSA_PLAIN").is_ok_and(|v| v == "1"));
-    cfg!(feature = "cuda") && device.is_cuda() && !plain && ENABLED.load(Ordering::SeqCst)
-}
-
-/// Is the fused kernel `name` switched off by `DSA_PLAIN_OPS` (a comma-separated list of names,
-/// e.g. `DSA_PLAIN_OPS=lm-loss,indexer-at`)? Side-by-side benchmarks of one binary: the named
-/// operations take their plain twins while every other kernel stays on. Names: `indexer-at`
-/// (the sparse-stage KL's tensor-core scores at the selection; the f32 kernel instead),
-/// `lm-loss` (the fused LM loss), `adamw` (the fused optimizer step), `dense-bwd` (the dense
-/// attention's tensor-core backward; `model::dense_recompute::backward_blocks` instead),
-/// `rms-norm` (the fused RMSNorm; `ops::rms_norm_plain` instead), `rope` (the fused rotary
-/// embedding; `ops::rope_interleaved_plain` and `ops::rope_half_plain` instead).
-pub fn plain_op(name: &str) -> bool {
-    static LIST: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
-    LIST.get_or_init(|| {
-        std::env::var("DSA_PLAIN_OPS")
-            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
-            .unwrap_or_default()
-    })
-    .iter()
-    .any(|s| s == name)
-}
+pub use policy::{Fused, KernelPolicy};
 
 /// Sparse MLA forward over selected keys: q [N, H, DQK] f32, kv [NKV, DQK] f32 (its first `dv`
 /// columns are the values), idx [N, K] u32 absolute kv rows (u32::MAX = padding).

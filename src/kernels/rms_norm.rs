@@ -12,11 +12,10 @@
 use candle_core::{DType, Result, Tensor};
 
 /// Whether the fused op takes x [..., D] and w [D]: bf16 or f32 on CUDA, D in 1..2^31, and
-/// `DSA_PLAIN_OPS` does not name `rms-norm`.
-pub fn supported(x: &Tensor, w: &Tensor) -> bool {
+/// the policy uses the fused RMSNorm.
+pub fn supported(policy: crate::kernels::KernelPolicy, x: &Tensor, w: &Tensor) -> bool {
     let d = x.dims().last().copied().unwrap_or(0);
-    crate::kernels::available(x.device())
-        && !crate::kernels::plain_op("rms-norm")
+    policy.uses(crate::kernels::Fused::RmsNorm, x.device())
         && matches!(x.dtype(), DType::BF16 | DType::F32)
         && matches!(w.dtype(), DType::BF16 | DType::F32)
         && w.dims() == [d]

@@ -30,11 +30,15 @@ fn shapes_fit(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
         && sin.dtype() == DType::F32
 }
 
-/// Whether the fused op takes these: `shapes_fit`, bf16 or f32 x on CUDA, and `DSA_PLAIN_OPS`
-/// does not name `rope`.
-pub fn supported(x: &Tensor, cos: &Tensor, sin: &Tensor) -> bool {
-    crate::kernels::available(x.device())
-        && !crate::kernels::plain_op("rope")
+/// Whether the fused op takes these: `shapes_fit`, bf16 or f32 x on CUDA, and the policy uses
+/// the fused RoPE.
+pub fn supported(
+    policy: crate::kernels::KernelPolicy,
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> bool {
+    policy.uses(crate::kernels::Fused::Rope, x.device())
         && matches!(x.dtype(), DType::BF16 | DType::F32)
         && shapes_fit(x, cos, sin)
 }
@@ -233,6 +237,9 @@ mod tests {
         }
         let odd = Tensor::zeros((1, 4, 2, 5), DType::F32, &dev).unwrap();
         assert!(!shapes_fit(&odd, &table(4, 2), &table(4, 2)));
-        assert!(!supported(&x, &cos, &sin), "no kernels on the CPU");
+        assert!(
+            !supported(crate::kernels::KernelPolicy::default(), &x, &cos, &sin),
+            "no kernels on the CPU"
+        );
     }
 }

@@ -16,65 +16,48 @@
 //! to bf16 as operands, accumulates dq and dkv in f32 and returns them as bf16 (candle wants the
 //! gradient dtype of the input).
 //!
-//! dkv summation: by default f32 atomics (order not deterministic). With
-//! `set_deterministic(true)` each (query, selected key) contribution is written to a chunk
+//! dkv summation: by default f32 atomics (order not deterministic). With a deterministic
+//! `KernelPolicy` each (query, selected key) contribution is written to a chunk
 //! buffer and summed per kv row in ascending (query, slot) order, chunk by chunk: bit-identical
 //! from run to run (about twice the backward time).
 //!
 //! `sparse_mla_head_mean_probs_bf16`: the sparse-stage KL target (head-mean probabilities at the
 //! selected slots, from the forward's LSE), only the S = Q K^T product; deterministic always.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use candle_core::{Result, Tensor};
 
-static DETERMINISTIC: AtomicBool = AtomicBool::new(false);
-static WGMMA: AtomicBool = AtomicBool::new(true);
+use crate::kernels::{Fused, KernelPolicy};
 
 /// Largest DQK / DV the kernels handle (shared-memory budget of one 64-head block on an H100).
 pub const MAX_DQK: usize = 576;
 pub const MAX_DV: usize = 512;
 
-/// Deterministic dkv accumulation on or off (global; default off).
-pub fn set_deterministic(on: bool) {
-    DETERMINISTIC.store(on, Ordering::SeqCst);
-}
-
-pub fn deterministic() -> bool {
-    DETERMINISTIC.load(Ordering::SeqCst)
-}
-
-/// The warpgroup (wgmma) kernels of kernels/sparse_mla_wg.cu where they apply (default on); off,
-/// every shape takes the mma.sync kernels. `DSA_PLAIN_OPS=sparse-wg` also turns them off.
-pub fn set_wgmma(on: bool) {
-    WGMMA.store(on, Ordering::SeqCst);
-}
-
-/// Built for sm_90a (the default `DSA_CUDA_ARCH`; other builds carry no wgmma code) and on.
-fn wgmma_on() -> bool {
+/// Built for sm_90a (the default `DSA_CUDA_ARCH`; other builds carry no wgmma code) and not
+/// switched off by the policy (`Fused::SparseWgmma`: every shape takes the mma.sync kernels).
+fn wgmma_on(policy: KernelPolicy) -> bool {
     #[cfg(feature = "cuda")]
     let sm90a = env!("DSA_CUDA_ARCH_BUILT") == "sm_90a";
     #[cfg(not(feature = "cuda"))]
     let sm90a = false;
-    sm90a && WGMMA.load(Ordering::SeqCst) && !crate::kernels::plain_op("sparse-wg")
+    sm90a && !policy.is_plain(Fused::SparseWgmma)
 }
 
 /// Does the forward of this shape run the wgmma kernel: 64-head blocks at DQK 576 and DV 512
 /// (the 671B shape; H a multiple of 64).
-pub fn wgmma_forward(h: usize, dqk: usize, dv: usize) -> bool {
-    h.is_multiple_of(64) && dqk == 576 && dv == 512 && wgmma_on()
+pub fn wgmma_forward(policy: KernelPolicy, h: usize, dqk: usize, dv: usize) -> bool {
+    h.is_multiple_of(64) && dqk == 576 && dv == 512 && wgmma_on(policy)
 }
 
 /// Does the backward of this shape compute S, dP and dQ on wgmma (kernels/sparse_mla_tc.cu,
 /// sparse_mla_tc_bwd_wg; the dKV tile as on mma.sync): 64-head blocks at DQK 576 and DV 512, as
 /// the forward.
-pub fn wgmma_backward(h: usize, dqk: usize, dv: usize) -> bool {
-    wgmma_forward(h, dqk, dv)
+pub fn wgmma_backward(policy: KernelPolicy, h: usize, dqk: usize, dv: usize) -> bool {
+    wgmma_forward(policy, h, dqk, dv)
 }
 
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
-pub fn wgmma_probs(h: usize, dqk: usize) -> bool {
-    h == 128 && dqk == 576 && wgmma_on()
+pub fn wgmma_probs(policy: KernelPolicy, h: usize, dqk: usize) -> bool {
+    h == 128 && dqk == 576 && wgmma_on(policy)
 }
 
 /// Shapes the tensor-core path handles: DQK and DV multiples of 64, DV <= DQK, DQK <= 576,
@@ -92,6 +75,7 @@ pub fn supported(dqk: usize, dv: usize, h: usize) -> bool {
 /// Sparse MLA forward: q [N, H, DQK] bf16, kv [NKV, DQK] bf16, idx [N, K] u32 -> [N, H, DV + 1]
 /// f32 (output, then LSE). Differentiable in q and kv (gradients bf16).
 pub fn sparse_mla_bf16(
+    policy: KernelPolicy,
     q: &Tensor,
     kv: &Tensor,
     idx: &Tensor,
@@ -107,12 +91,13 @@ pub fn sparse_mla_bf16(
             cuda::SparseMlaTc {
                 scale: scale as f32,
                 dv,
+                policy,
             },
         )
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, kv, idx, scale, dv);
+        let _ = (policy, q, kv, idx, scale, dv);
         candle_core::bail!("sparse_mla_bf16 kernel needs the `cuda` feature")
     }
 }
@@ -120,8 +105,9 @@ pub fn sparse_mla_bf16(
 /// The backward of `sparse_mla_bf16` without autograd: `fwd_out` its result [N, H, DV + 1]
 /// f32 and `grad` that result's gradient [N, H, DV + 1] f32 (the LSE column is ignored) ->
 /// (dq [N, H, DQK], dkv [NKV, DQK]) bf16, the same kernel autograd runs (deterministic when
-/// `set_deterministic` asked for it).
+/// the policy asks for it).
 pub fn sparse_mla_bf16_backward(
+    policy: KernelPolicy,
     q: &Tensor,
     kv: &Tensor,
     idx: &Tensor,
@@ -137,13 +123,14 @@ pub fn sparse_mla_bf16_backward(
         let (dq, dkv, _) = cuda::SparseMlaTc {
             scale: scale as f32,
             dv,
+            policy,
         }
         .bwd(&q, &kv, &idx, fwd_out, grad)?;
         Ok((dq.expect("dq"), dkv.expect("dkv")))
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, kv, idx, fwd_out, grad, scale, dv);
+        let _ = (policy, q, kv, idx, fwd_out, grad, scale, dv);
         candle_core::bail!("sparse_mla_bf16 kernel needs the `cuda` feature")
     }
 }
@@ -157,6 +144,7 @@ pub fn sparse_mla_bf16_backward(
 /// Numerics: S in f32 from bf16 products (mma.sync; wgmma at H 128, DQK 576, same bits), p = 2^(S scale log2 e - lse log2 e) in f32
 /// (ex2.approx); heads summed in a fixed order without atomics, so bit-identical run to run.
 pub fn sparse_mla_head_mean_probs_bf16(
+    policy: KernelPolicy,
     q: &Tensor,
     kv: &Tensor,
     idx: &Tensor,
@@ -172,6 +160,7 @@ pub fn sparse_mla_head_mean_probs_bf16(
             return Tensor::zeros((n, 0), candle_core::DType::F32, q.device());
         }
         let op = cuda::SparseMlaTcProbs {
+            policy,
             scale: scale as f32,
             dv,
             fwd_out: fwd_out.contiguous()?.detach(),
@@ -180,7 +169,7 @@ pub fn sparse_mla_head_mean_probs_bf16(
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, kv, idx, fwd_out, scale, dv);
+        let _ = (policy, q, kv, idx, fwd_out, scale, dv);
         candle_core::bail!("sparse_mla_head_mean_probs_bf16 kernel needs the `cuda` feature")
     }
 }
@@ -249,50 +238,53 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
     let scale = 192f64.powf(-0.5);
     // Where a wgmma kernel ran, the mma.sync one on the same inputs too (side by side).
-    let mma_too = |wg: bool, f: &dyn Fn() -> anyhow::Result<()>| -> anyhow::Result<Option<f64>> {
-        if !wg {
-            return Ok(None);
-        }
-        set_wgmma(false);
-        let t = time_median(dev, 5, f);
-        set_wgmma(true);
-        t.map(Some)
-    };
-    let run_fwd = || Ok(sparse_mla_bf16(&q, &kv, &idx, scale, dv).map(|_| ())?);
-    let fwd = time_median(dev, 5, run_fwd)?;
-    let fwd_kernel = if wgmma_forward(h, dqk, dv) {
+    let kernels = KernelPolicy::default();
+    let mma = kernels.without(Fused::SparseWgmma);
+    let mma_too =
+        |wg: bool, f: &dyn Fn(KernelPolicy) -> anyhow::Result<()>| -> anyhow::Result<Option<f64>> {
+            if !wg {
+                return Ok(None);
+            }
+            time_median(dev, 5, || f(mma)).map(Some)
+        };
+    let run_fwd = |k: KernelPolicy| Ok(sparse_mla_bf16(k, &q, &kv, &idx, scale, dv).map(|_| ())?);
+    let fwd = time_median(dev, 5, || run_fwd(kernels))?;
+    let fwd_kernel = if wgmma_forward(kernels, h, dqk, dv) {
         "wgmma"
     } else {
         "mma.sync"
     };
     let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
-    let out = sparse_mla_bf16(&q, &kv, &idx, scale, dv)?;
+    let out = sparse_mla_bf16(kernels, &q, &kv, &idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
     let (qr, kvr, idxr) = (&q, &kv, &idx);
-    let run_bwd = |det: bool| {
+    let run_bwd = |k: KernelPolicy| {
         let op = cuda::SparseMlaTcBwd {
             scale: scale as f32,
             dv,
             fwd_out: out.clone(),
             dout: dout.clone(),
-            deterministic: det,
+            policy: k,
         };
-        move || Ok(qr.apply_op3_no_bwd(kvr, idxr, &op).map(|_| ())?)
+        Ok(qr.apply_op3_no_bwd(kvr, idxr, &op).map(|_| ())?)
     };
     let mut bwd_times = vec![];
     for det in [false, true] {
-        bwd_times.push(time_median(dev, 3, run_bwd(det))?);
+        bwd_times.push(time_median(dev, 3, || {
+            run_bwd(kernels.with_deterministic(det))
+        })?);
     }
-    let bwd_kernel = if wgmma_backward(h, dqk, dv) {
+    let bwd_kernel = if wgmma_backward(kernels, h, dqk, dv) {
         "S, dP, dQ on wgmma"
     } else {
         "mma.sync"
     };
-    let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd(false))?;
-    let run_probs =
-        || Ok(sparse_mla_head_mean_probs_bf16(&q, &kv, &idx, &out, scale, dv).map(|_| ())?);
-    let probs = time_median(dev, 5, run_probs)?;
-    let probs_kernel = if wgmma_probs(h, dqk) {
+    let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd)?;
+    let run_probs = |k: KernelPolicy| {
+        Ok(sparse_mla_head_mean_probs_bf16(k, &q, &kv, &idx, &out, scale, dv).map(|_| ())?)
+    };
+    let probs = time_median(dev, 5, || run_probs(kernels))?;
+    let probs_kernel = if wgmma_probs(kernels, h, dqk) {
         "wgmma"
     } else {
         "mma.sync"
@@ -349,6 +341,7 @@ pub(crate) mod cuda {
     }
 
     use crate::kernels::cuda::view;
+    use crate::kernels::KernelPolicy;
 
     /// Uninitialised device buffer of at least one element (the kernels write before reading).
     fn alloc<T: candle_core::cuda_backend::cudarc::driver::DeviceRepr>(
@@ -552,6 +545,7 @@ pub(crate) mod cuda {
     pub struct SparseMlaTc {
         pub scale: f32,
         pub dv: usize,
+        pub policy: KernelPolicy,
     }
 
     impl CustomOp3 for SparseMlaTc {
@@ -589,7 +583,7 @@ pub(crate) mod cuda {
             );
             let (cidx, cnt) = compact(dev, &idx, &d)?;
             let out_len = d.n * d.h * (self.dv + 1);
-            if super::wgmma_forward(d.h, d.dqk, self.dv) {
+            if super::wgmma_forward(self.policy, d.h, d.dqk, self.dv) {
                 // SAFETY: every element is written by the kernel below (each block stores its
                 // 64 rows of DV + 1 floats whole), so no zeroing pass (about 1 ms of 26 at 32K).
                 let out = unsafe { dev.alloc::<f32>(out_len) }?;
@@ -690,7 +684,7 @@ pub(crate) mod cuda {
                 dv: self.dv,
                 fwd_out: res.detach(),
                 dout: grad_res.to_dtype(DType::F32)?.contiguous()?.detach(),
-                deterministic: super::deterministic(),
+                policy: self.policy,
             };
             let flat = q.apply_op3_no_bwd(kv, idx, &op)?;
             let (n, h, dqk) = q.dims3()?;
@@ -711,7 +705,8 @@ pub(crate) mod cuda {
         pub fwd_out: Tensor,
         /// Its gradient [N, H, DV + 1] f32 (the LSE column is ignored).
         pub dout: Tensor,
-        pub deterministic: bool,
+        /// wgmma where it applies; deterministic dkv when asked.
+        pub policy: KernelPolicy,
     }
 
     impl CustomOp3 for SparseMlaTcBwd {
@@ -800,7 +795,7 @@ pub(crate) mod cuda {
             let dkv32 = dev.alloc_zeros::<f32>(d.nkv * d.dqk)?;
             let rg = row_groups(d.h);
             let hgroups = d.h.div_ceil(16 * rg);
-            let wg = super::wgmma_backward(d.h, d.dqk, dv);
+            let wg = super::wgmma_backward(self.policy, d.h, d.dqk, dv);
             let smem = bwd_smem(rg, d.dqk, dv, wg);
             check_smem(dev, smem)?;
             let f = if wg {
@@ -853,7 +848,7 @@ pub(crate) mod cuda {
                 Ok(())
             };
 
-            if !self.deterministic {
+            if !self.policy.deterministic {
                 launch_bwd(&dkv32, 0, d.n, 0, 0)?;
             } else {
                 let per_query = (hgroups * d.k.max(1) * d.dqk).max(1);
@@ -951,6 +946,7 @@ pub(crate) mod cuda {
 
     /// Head-mean probabilities [N, K] f32 (see `sparse_mla_head_mean_probs_bf16`); no backward.
     pub struct SparseMlaTcProbs {
+        pub policy: KernelPolicy,
         pub scale: f32,
         pub dv: usize,
         /// The forward's result [N, H, DV + 1] f32 (contiguous; column DV is the LSE).
@@ -1004,7 +1000,7 @@ pub(crate) mod cuda {
             );
             let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
 
-            if super::wgmma_probs(d.h, d.dqk) {
+            if super::wgmma_probs(self.policy, d.h, d.dqk) {
                 let smem = wg_probs_smem(d.dqk);
                 check_smem(dev, smem)?;
                 let f = crate::kernels::cuda::load_from(

@@ -5,11 +5,10 @@
 
 use candle_core::{DType, Result, Tensor};
 
-/// Whether the fused ops take g and u: bf16 or f32 on CUDA, same shape and dtype, and
-/// `DSA_PLAIN_OPS` does not name `swiglu`.
-pub fn supported(g: &Tensor, u: &Tensor) -> bool {
-    crate::kernels::available(g.device())
-        && !crate::kernels::plain_op("swiglu")
+/// Whether the fused ops take g and u: bf16 or f32 on CUDA, same shape and dtype, and the
+/// policy uses the fused SwiGLU.
+pub fn supported(policy: crate::kernels::KernelPolicy, g: &Tensor, u: &Tensor) -> bool {
+    policy.uses(crate::kernels::Fused::Swiglu, g.device())
         && matches!(g.dtype(), DType::BF16 | DType::F32)
         && g.dtype() == u.dtype()
         && g.dims() == u.dims()

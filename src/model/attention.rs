@@ -18,6 +18,7 @@ use candle_core::{DType, Result, Tensor, D};
 use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dsa::Selection;
 use crate::kernels::join_rows::join_rows;
+use crate::kernels::KernelPolicy;
 use crate::ops::{
     linear, linear_backward, rms_norm, rms_norm_backward, rope_interleaved,
     rope_interleaved_backward, softmax_last,
@@ -37,6 +38,8 @@ pub struct Mla {
     pub v_dim: usize,
     pub kv_lora: usize,
     pub scale: f64,
+    /// Which kernels its ops run.
+    pub kernels: KernelPolicy,
 }
 
 /// Epsilon of the q_a and kv_a LoRA norms. DeepSeek's reference code and transformers build
@@ -150,7 +153,12 @@ impl Mla {
 
     /// The q LoRA output after its RMSNorm [B, T, q_lora] (the indexer reads it too).
     pub fn project_qr(&self, x: &Tensor) -> Result<Tensor> {
-        rms_norm(&linear(x, &self.q_a_proj)?, &self.q_a_norm, LORA_NORM_EPS)
+        rms_norm(
+            self.kernels,
+            &linear(x, &self.q_a_proj)?,
+            &self.q_a_norm,
+            LORA_NORM_EPS,
+        )
     }
 
     /// Per-head queries from `qr` [B, T, q_lora]: q_nope [B, T, H, N] and RoPE'd q_pe
@@ -165,7 +173,7 @@ impl Mla {
         let (h, n, r) = (self.heads, self.nope, self.rope);
         let q = linear(qr, &self.q_b_proj)?.reshape((b, t, h, n + r))?; // [B, T, H, N+R]
         let q_nope = q.narrow(3, 0, n)?;
-        let q_pe = rope_interleaved(&q.narrow(3, n, r)?.contiguous()?, cos, sin)?;
+        let q_pe = rope_interleaved(self.kernels, &q.narrow(3, n, r)?.contiguous()?, cos, sin)?;
         Ok((q_nope, q_pe))
     }
 
@@ -179,12 +187,13 @@ impl Mla {
         let (b, t, _) = ckv.dims3()?;
         let r = self.rope;
         let c_norm = rms_norm(
+            self.kernels,
             &ckv.narrow(2, 0, self.kv_lora)?,
             &self.kv_a_norm,
             LORA_NORM_EPS,
         )?;
         let k_pe = ckv.narrow(2, self.kv_lora, r)?.reshape((b, t, 1, r))?;
-        let k_pe = rope_interleaved(&k_pe, cos, sin)?;
+        let k_pe = rope_interleaved(self.kernels, &k_pe, cos, sin)?;
         Ok((c_norm, k_pe))
     }
 
@@ -217,12 +226,14 @@ impl Mla {
         let dkv = dkv.to_dtype(saved.ckv.dtype())?;
         let dc_norm = dkv.narrow(1, 0, c)?.reshape((b, t, c))?;
         let dk_pe = rope_interleaved_backward(
+            self.kernels,
             &dkv.narrow(1, c, r)?.reshape((b, t, 1, r))?.contiguous()?,
             cos,
             sin,
         )?
         .reshape((b, t, r))?;
         let (dc, dnorm) = rms_norm_backward(
+            self.kernels,
             &saved.ckv.narrow(2, 0, c)?,
             &self.kv_a_norm,
             LORA_NORM_EPS,
@@ -244,7 +255,7 @@ impl Mla {
         sin: &Tensor,
     ) -> Result<(Tensor, Tensor, QuerySaved)> {
         let qa = linear(x, &self.q_a_proj)?;
-        let qr = rms_norm(&qa, &self.q_a_norm, LORA_NORM_EPS)?;
+        let qr = rms_norm(self.kernels, &qa, &self.q_a_norm, LORA_NORM_EPS)?;
         let (q_nope, q_pe) = self.project_queries(&qr, cos, sin)?;
         Ok((q_nope, q_pe, QuerySaved { qa, qr }))
     }
@@ -264,18 +275,23 @@ impl Mla {
     ) -> Result<Tensor> {
         let (b, t, _) = x.dims3()?;
         let (h, r) = (self.heads, self.rope);
-        let dq_pe = rope_interleaved_backward(&dq_pe.reshape((b, t, h, r))?, cos, sin)?
-            .reshape((b * t, h, r))?;
+        let dq_pe =
+            rope_interleaved_backward(self.kernels, &dq_pe.reshape((b, t, h, r))?, cos, sin)?
+                .reshape((b * t, h, r))?;
         // [B*T, H, N+R]: the head-major dq_nope back to token-major, joined with dq_pe.
-        let dq = join_rows(&dq_nope.transpose(0, 1)?, Some(&dq_pe), 1, x.dtype())?.reshape((
-            b,
-            t,
-            h * (self.nope + r),
-        ))?;
+        let dq = join_rows(
+            self.kernels,
+            &dq_nope.transpose(0, 1)?,
+            Some(&dq_pe),
+            1,
+            x.dtype(),
+        )?
+        .reshape((b, t, h * (self.nope + r)))?;
         let (dqr, dw) =
             linear_backward(&saved.qr, &self.q_b_proj, &dq, grads.wants(&self.q_b_proj))?;
         add_if_wanted(grads, &self.q_b_proj, dw)?;
-        let (dqa, dnorm) = rms_norm_backward(&saved.qa, &self.q_a_norm, LORA_NORM_EPS, &dqr)?;
+        let (dqa, dnorm) =
+            rms_norm_backward(self.kernels, &saved.qa, &self.q_a_norm, LORA_NORM_EPS, &dqr)?;
         add_if_wanted(grads, &self.q_a_norm, Some(dnorm))?;
         let (dx, dw) = linear_backward(x, &self.q_a_proj, &dqa, grads.wants(&self.q_a_proj))?;
         add_if_wanted(grads, &self.q_a_proj, dw)?;
@@ -388,7 +404,7 @@ impl Mla {
     pub fn dense_recomputing(&self, p: &Projected) -> Result<Tensor> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let (q, k, v) = self.mha_qkv(p)?;
-        let o = super::dense_recompute::attention(&q, &k, &v, self.scale, 0)?; // [B, H, T, V]
+        let o = super::dense_recompute::attention(self.kernels, &q, &k, &v, self.scale, 0)?; // [B, H, T, V]
         linear(
             &o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?,
             &self.o_proj,
@@ -419,7 +435,7 @@ impl Mla {
         let (q, k, v) = self.mha_qkv(&p)?; // [B, H, T, N+R], [B, H, T, N+R], [B, H, T, V]
         let rows = super::dense_recompute::block_rows(b, h, t);
         let kernel = q.dtype() == DType::BF16
-            && crate::kernels::available(q.device())
+            && self.kernels.on(q.device())
             && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
         let (o, lse) = if kernel {
             crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?
@@ -465,15 +481,17 @@ impl Mla {
             .reshape((b, t, h, v_dim))?
             .transpose(1, 2)?
             .contiguous()?; // [B, H, T, V]
-        let (dq, dk, dv) = if super::dense_recompute::use_backward_kernel(&saved.q, &saved.v)? {
-            crate::kernels::warmup_kl::dense_attention_bwd(
-                &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
-            )?
-        } else {
-            super::dense_recompute::backward_blocks(
-                &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale, saved.rows,
-            )?
-        };
+        let (dq, dk, dv) =
+            if super::dense_recompute::use_backward_kernel(self.kernels, &saved.q, &saved.v)? {
+                crate::kernels::warmup_kl::dense_attention_bwd(
+                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
+                )?
+            } else {
+                super::dense_recompute::backward_blocks(
+                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
+                    saved.rows,
+                )?
+            };
         let to_tokens =
             |x: Tensor| -> Result<Tensor> { x.to_dtype(dtype)?.transpose(1, 2)?.contiguous() }; // [B, T, H, .]
         let (dq, dk, dv) = (to_tokens(dq)?, to_tokens(dk)?, to_tokens(dv)?);
@@ -507,7 +525,7 @@ impl Mla {
         indexer_dim: usize,
     ) -> bool {
         p.q_nope.dtype() == DType::BF16
-            && crate::kernels::available(p.q_nope.device())
+            && self.kernels.on(p.q_nope.device())
             && crate::kernels::warmup_kl::supported(
                 self.nope + self.rope,
                 self.v_dim,
@@ -601,21 +619,23 @@ impl Mla {
         let dtype = q_nope.dtype();
         let (w_uk, w_uv) = self.absorbed_weights()?;
         // Absorb W_UK into the query: q_lat[h] = q_nope[h] @ W_UK[h], head-major.
-        let q_nope = join_rows(&q_nope.permute((2, 0, 1, 3))?, None, 1, dtype)?; // [H, BT, N]
+        let q_nope = join_rows(self.kernels, &q_nope.permute((2, 0, 1, 3))?, None, 1, dtype)?; // [H, BT, N]
         let q_lat = q_nope.matmul(&w_uk)?; // [H, BT, C]
         let q = join_rows(
+            self.kernels,
             &q_lat.transpose(0, 1)?,
             Some(&q_pe.reshape((bt, h, r))?),
             1,
             dtype,
         )?; // [BT, H, C+R]
-        let (o_lat, head_mean, fwd) = if crate::kernels::available(q.device()) {
+        let (o_lat, head_mean, fwd) = if self.kernels.on(q.device()) {
             // Fused kernel: gathers the selected rows on the fly, keeps only the LSE. bf16 models
             // take the tensor-core kernel (bf16 products, f32 softmax and accumulators).
             let idx = sel.absolute.reshape((bt, k))?;
             let tensor_cores = self.tensor_cores(&q);
             let out = if tensor_cores {
                 crate::kernels::sparse_mla_tc::sparse_mla_bf16(
+                    self.kernels,
                     &q,
                     &kv.contiguous()?,
                     &idx,
@@ -636,6 +656,7 @@ impl Mla {
             } else if tensor_cores {
                 Some(
                     crate::kernels::sparse_mla_tc::sparse_mla_head_mean_probs_bf16(
+                        self.kernels,
                         &q.detach(),
                         &kv.detach().contiguous()?,
                         &idx,
@@ -653,7 +674,13 @@ impl Mla {
                     &q32, &kv32, &idx, &out, self.scale, c,
                 )?)
             };
-            let o_lat = join_rows(&out.narrow(2, 0, c)?.transpose(0, 1)?, None, 1, dtype)?; // [H, BT, C]
+            let o_lat = join_rows(
+                self.kernels,
+                &out.narrow(2, 0, c)?.transpose(0, 1)?,
+                None,
+                1,
+                dtype,
+            )?; // [H, BT, C]
             (
                 o_lat,
                 pm.map(|p| p.reshape((b, t, k))).transpose()?,
@@ -662,14 +689,18 @@ impl Mla {
         } else {
             let (o, pm) = self.sparse_plain(&q, kv, sel, b, t)?;
             (
-                join_rows(&o.transpose(0, 1)?, None, 1, dtype)?,
+                join_rows(self.kernels, &o.transpose(0, 1)?, None, 1, dtype)?,
                 want_probs.then_some(pm),
                 None,
             )
         };
         // Apply W_UV per head: o[h] = o_lat[h] @ W_UV[h]^T.
         let o = o_lat.matmul(&w_uv.transpose(1, 2)?)?; // [H, BT, V]
-        let o = join_rows(&o.transpose(0, 1)?, None, 1, dtype)?.reshape((b, t, h * self.v_dim))?;
+        let o = join_rows(self.kernels, &o.transpose(0, 1)?, None, 1, dtype)?.reshape((
+            b,
+            t,
+            h * self.v_dim,
+        ))?;
         let out = AttentionOut {
             out: linear(&o, &self.o_proj)?,
             head_mean_probs: head_mean.map(|p| p.detach()),
@@ -706,6 +737,7 @@ impl Mla {
         let (d_o, dw) = linear_backward(&saved.o, &self.o_proj, dout, grads.wants(&self.o_proj))?;
         add_if_wanted(grads, &self.o_proj, dw)?;
         let d_o = join_rows(
+            self.kernels,
             &d_o.reshape((bt, h, self.v_dim))?.transpose(0, 1)?,
             None,
             1,
@@ -726,10 +758,23 @@ impl Mla {
                 // token-major, and a zero LSE column.
                 let zero = Tensor::zeros((1, 1, 1), do_lat.dtype(), do_lat.device())?
                     .broadcast_as((bt, h, 1))?;
-                let grad = join_rows(&do_lat.transpose(0, 1)?, Some(&zero), 1, DType::F32)?;
+                let grad = join_rows(
+                    self.kernels,
+                    &do_lat.transpose(0, 1)?,
+                    Some(&zero),
+                    1,
+                    DType::F32,
+                )?;
                 if self.tensor_cores(&saved.q) {
                     crate::kernels::sparse_mla_tc::sparse_mla_bf16_backward(
-                        &saved.q, kv, &idx, fwd, &grad, self.scale, c,
+                        self.kernels,
+                        &saved.q,
+                        kv,
+                        &idx,
+                        fwd,
+                        &grad,
+                        self.scale,
+                        c,
                     )?
                 } else {
                     let (q32, kv32) = (
@@ -745,12 +790,18 @@ impl Mla {
                 &saved.q,
                 kv,
                 sel,
-                &join_rows(&do_lat.transpose(0, 1)?, None, 1, dtype)?,
+                &join_rows(self.kernels, &do_lat.transpose(0, 1)?, None, 1, dtype)?,
             )?,
         };
         drop(region);
         let dq = dq.to_dtype(dtype)?; // [BT, H, C+R]
-        let dq_lat = join_rows(&dq.narrow(2, 0, c)?.transpose(0, 1)?, None, 1, dtype)?; // [H, BT, C]
+        let dq_lat = join_rows(
+            self.kernels,
+            &dq.narrow(2, 0, c)?.transpose(0, 1)?,
+            None,
+            1,
+            dtype,
+        )?; // [H, BT, C]
         let dq_nope = dq_lat.matmul(&w_uk.transpose(1, 2)?)?; // [H, BT, N]
         if let Some(dw_uv) = dw_uv {
             let dw_uk = saved.q_nope.transpose(1, 2)?.matmul(&dq_lat)?; // [H, N, C]
@@ -759,7 +810,7 @@ impl Mla {
         }
         Ok(SparseGrads {
             q_nope: dq_nope,
-            q_pe: join_rows(&dq.narrow(2, c, r)?, None, 1, dtype)?,
+            q_pe: join_rows(self.kernels, &dq.narrow(2, c, r)?, None, 1, dtype)?,
             kv: dkv.to_dtype(DType::F32)?,
         })
     }

@@ -136,10 +136,12 @@ impl DecoderLayer {
             v_dim: a.v_dim,
             kv_lora: a.kv_lora,
             scale: a.scale,
+            kernels: a.kernels,
         };
         let ix = &self.indexer;
         let indexer = Indexer {
             tensor_cores: ix.tensor_cores,
+            kernels: ix.kernels,
             wq_b: d(&ix.wq_b),
             wk: d(&ix.wk),
             k_norm_weight: d(&ix.k_norm_weight),
@@ -153,6 +155,7 @@ impl DecoderLayer {
             gate: d(&m.gate),
             up: d(&m.up),
             down: d(&m.down),
+            kernels: m.kernels,
         };
         let ffn = match &self.ffn {
             FeedForward::Dense(m) => FeedForward::Dense(mlp(m)),
@@ -169,6 +172,7 @@ impl DecoderLayer {
                 norm_topk_prob: m.norm_topk_prob,
                 routed_scaling_factor: m.routed_scaling_factor,
                 compute: m.compute,
+                kernels: m.kernels,
             }),
         };
         let layer = DecoderLayer {
@@ -178,6 +182,7 @@ impl DecoderLayer {
             indexer,
             ffn,
             eps: self.eps,
+            kernels: self.kernels,
         };
         (layer, originals)
     }
@@ -218,12 +223,12 @@ impl DecoderLayer {
         let eps = self.eps;
         let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
         let dout = dout.to_dtype(h.dtype())?;
-        let xn = rms_norm(&h, &self.input_norm, eps)?;
+        let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
         let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
         let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xn, &ctx.cos, &ctx.sin)?;
         let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv)?;
         let h1 = (&h + a)?;
-        let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
+        let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
         let dxf = match &self.ffn {
             FeedForward::Dense(mlp) => {
                 let saved = mlp.forward_saved(&xf)?;
@@ -245,7 +250,8 @@ impl DecoderLayer {
                     .reshape((b, t, d))?
             }
         };
-        let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
+        let (dh1_norm, dw) =
+            rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, eps, &dxf)?;
         add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
         let dh1 = (dout + dh1_norm)?;
         let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
@@ -255,7 +261,7 @@ impl DecoderLayer {
             + self
                 .attn
                 .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
-        let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
+        let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         dh1 + dh_norm
     }
@@ -284,7 +290,7 @@ impl DecoderLayer {
         // own rows again, the same bits, and the whole-sequence copies are freed at once.)
         let region = crate::profile::region("blocks: input norm and latent kv");
         let (xn, kv, kv_saved) = {
-            let xn = rms_norm(&h, &self.input_norm, eps)?;
+            let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
             if forward {
                 let (c_norm, k_pe) = self.attn.project_kv(&xn, &ctx.cos, &ctx.sin)?;
                 (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
@@ -320,7 +326,7 @@ impl DecoderLayer {
             let hq = rows_of(&h)?;
             let xq = match &xn {
                 Some(xn) => rows_of(xn)?,
-                None => rms_norm(&hq, &self.input_norm, eps)?,
+                None => rms_norm(self.kernels, &hq, &self.input_norm, eps)?,
             };
             let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
             let block_sel = if bn == b && n == t {
@@ -334,7 +340,7 @@ impl DecoderLayer {
                 .attn
                 .sparse_saved(&q_nope, &q_pe, &kv, &block_sel, forward)?;
             let h1 = (&hq + &a.out)?;
-            let xf = rms_norm(&h1, &self.post_attention_norm, eps)?;
+            let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
             drop(region);
             let (bw, grads) = match &mut dir {
                 Direction::Forward => {
@@ -391,7 +397,8 @@ impl DecoderLayer {
             };
             drop(region);
             let region = crate::profile::region("blocks: attention backward");
-            let (dh1_norm, dw) = rms_norm_backward(&h1, &self.post_attention_norm, eps, &dxf)?;
+            let (dh1_norm, dw) =
+                rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, eps, &dxf)?;
             add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
             let dh1 = (dout + dh1_norm)?;
             let g = self
@@ -427,7 +434,7 @@ impl DecoderLayer {
             + self
                 .attn
                 .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
-        let (dh_norm, dw) = rms_norm_backward(&h, &self.input_norm, eps, &dxn)?;
+        let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))
     }

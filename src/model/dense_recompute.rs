@@ -24,6 +24,7 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
 use crate::dsa::causal_rows;
+use crate::kernels::{Fused, KernelPolicy};
 
 /// Query rows per block so that one block's [B, H, rows, T] f32 scores hold about 2^27 values
 /// (512 MiB), at least 16 rows.
@@ -34,12 +35,19 @@ pub fn block_rows(b: usize, h: usize, t: usize) -> usize {
 /// Causal softmax attention q, k [B, H, T, DQK], v [B, H, T, DV] -> [B, H, T, DV] in v's
 /// dtype, differentiable in q, k and v, scores `scale * q.k`. `rows`: query rows per block of
 /// the backward (and of the plain forward); 0 picks `block_rows`.
-pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) -> Result<Tensor> {
+pub fn attention(
+    kernels: KernelPolicy,
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    rows: usize,
+) -> Result<Tensor> {
     let (b, h, t, _) = q.dims4()?;
     let rows = if rows == 0 { block_rows(b, h, t) } else { rows };
     let (qd, kd, vd) = (q.detach(), k.detach(), v.detach());
     let kernel = q.dtype() == DType::BF16
-        && crate::kernels::available(q.device())
+        && kernels.on(q.device())
         && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
     let (out, lse) = if kernel {
         crate::kernels::warmup_kl::dense_attention_fwd(&qd, &kd, &vd, scale)?
@@ -57,6 +65,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, rows: usize) ->
             lse,
             scale,
             rows,
+            kernels,
         },
     )
 }
@@ -136,14 +145,13 @@ pub fn backward_blocks(
 }
 
 /// The tensor-core backward (`kernels::warmup_kl::dense_attention_bwd`) for bf16 on CUDA at the
-/// head dims it takes, unless `DSA_PLAIN_OPS` names `dense-bwd` (side-by-side runs); otherwise
+/// head dims it takes, where the policy uses it (`Fused::DenseBwd`); otherwise
 /// `backward_blocks`, its plain twin.
-pub fn use_backward_kernel(q: &Tensor, v: &Tensor) -> Result<bool> {
+pub fn use_backward_kernel(kernels: KernelPolicy, q: &Tensor, v: &Tensor) -> Result<bool> {
     Ok(q.dtype() == DType::BF16
         && v.dtype() == DType::BF16
-        && crate::kernels::available(q.device())
-        && crate::kernels::warmup_kl::backward_supported(q.dim(3)?, v.dim(3)?)
-        && !crate::kernels::plain_op("dense-bwd"))
+        && kernels.uses(Fused::DenseBwd, q.device())
+        && crate::kernels::warmup_kl::backward_supported(q.dim(3)?, v.dim(3)?))
 }
 
 /// Attaches the recomputing backward to an output computed without a graph: the forward hands
@@ -153,6 +161,7 @@ struct RecomputingBackward {
     lse: Tensor,
     scale: f64,
     rows: usize,
+    kernels: KernelPolicy,
 }
 
 impl RecomputingBackward {
@@ -214,7 +223,7 @@ impl CustomOp3 for RecomputingBackward {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (q, k, v, grad) = (q.detach(), k.detach(), v.detach(), grad.detach());
-        let (dq, dk, dv) = if use_backward_kernel(&q, &v)? {
+        let (dq, dk, dv) = if use_backward_kernel(self.kernels, &q, &v)? {
             crate::kernels::warmup_kl::dense_attention_bwd(
                 &q,
                 &k,
@@ -265,7 +274,14 @@ mod tests {
             let v = Var::from_tensor(&crate::rng::randn(&[b, h, t, dvv], seed + 2, 1.0, &dev)?)?;
             let up = crate::rng::randn(&[b, h, t, dvv], seed + 3, 1.0, &dev)?;
             let scale = 1.0 / (dqk as f64).sqrt();
-            let ours = attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, rows)?;
+            let ours = attention(
+                KernelPolicy::default(),
+                q.as_tensor(),
+                k.as_tensor(),
+                v.as_tensor(),
+                scale,
+                rows,
+            )?;
             let reference = whole(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
             let g1 = (&ours * &up)?.sum_all()?.backward()?;
             let g2 = (&reference * &up)?.sum_all()?.backward()?;

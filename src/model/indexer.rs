@@ -13,6 +13,7 @@
 use candle_core::{DType, Result, Tensor, D};
 
 use super::grad_sink::{add_if_wanted, GradSink, Originals, ToOriginals};
+use crate::kernels::KernelPolicy;
 use crate::ops::{
     layer_norm, layer_norm_backward, linear, linear_weight_grad, rope_half, rope_half_backward,
     softmax_last,
@@ -20,9 +21,11 @@ use crate::ops::{
 
 pub struct Indexer {
     /// Score the sparse stage's KL on tensor cores (`kernels::indexer_at_tc`: q_I and k_I
-    /// rounded to bf16, f32 sums): bf16 models on CUDA, whose selection is scored that way too.
-    /// f32 models keep the f32 kernel (GPU runs that must match the CPU).
+    /// rounded to bf16, f32 sums) where the kernels run: bf16 models, whose selection is
+    /// scored that way too. f32 models keep the f32 kernel (GPU runs that must match the CPU).
     pub tensor_cores: bool,
+    /// Which kernels its ops run.
+    pub kernels: KernelPolicy,
     pub wq_b: Tensor,
     pub wk: Tensor,
     pub k_norm_weight: Tensor,
@@ -40,7 +43,12 @@ impl Indexer {
     /// The backward of `rope_prefix`: the inverse rotation of the first `rope` dims of dy.
     fn rope_prefix_backward(&self, dy: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = dy.dim(3)?;
-        let back = rope_half_backward(&dy.narrow(3, 0, self.rope)?.contiguous()?, cos, sin)?;
+        let back = rope_half_backward(
+            self.kernels,
+            &dy.narrow(3, 0, self.rope)?.contiguous()?,
+            cos,
+            sin,
+        )?;
         if d == self.rope {
             return Ok(back);
         }
@@ -51,6 +59,7 @@ impl Indexer {
     fn detached_view(&self, originals: &mut Originals) -> Indexer {
         Indexer {
             tensor_cores: self.tensor_cores,
+            kernels: self.kernels,
             wq_b: originals.view(&self.wq_b),
             wk: originals.view(&self.wk),
             k_norm_weight: originals.view(&self.k_norm_weight),
@@ -65,7 +74,12 @@ impl Indexer {
     /// Apply the half-split RoPE to the first `rope` dims of `x` [B, T, H, DI].
     fn rope_prefix(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
         let d = x.dim(3)?;
-        let roped = rope_half(&x.narrow(3, 0, self.rope)?.contiguous()?, cos, sin)?;
+        let roped = rope_half(
+            self.kernels,
+            &x.narrow(3, 0, self.rope)?.contiguous()?,
+            cos,
+            sin,
+        )?;
         if d == self.rope {
             return Ok(roped);
         }
@@ -246,7 +260,7 @@ impl Indexer {
                 w,
             };
             let set = sel.rows(q0, n)?;
-            let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
+            let on_set = (block.scores_at(&set, self.kernels, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
             drop(region);
             let region = crate::profile::region("indexer KL bwd: KL rows");
             let kl_sum = crate::losses::kl_rows(&target.narrow(1, q0, n)?, &on_set)?.sum_all()?; // sum over [B, n]
@@ -336,17 +350,22 @@ impl IndexerProj {
     /// slots score 0 (the caller adds the selection's bias). On CUDA a fused kernel computes
     /// it (with `tensor_cores` and a shape they cover, the bf16 tensor-core one; else f32); the
     /// plain twin below gathers the keys.
-    pub fn scores_at(&self, sel: &crate::dsa::Selection, tensor_cores: bool) -> Result<Tensor> {
+    pub fn scores_at(
+        &self,
+        sel: &crate::dsa::Selection,
+        kernels: KernelPolicy,
+        tensor_cores: bool,
+    ) -> Result<Tensor> {
         // The queries may be a block of rows (t of them) while the keys cover the sequence (tk).
         let (b, t, hi, di) = self.q.dims4()?;
         let tk = self.k.dim(1)?;
         let kk = sel.k()?;
-        if crate::kernels::available(self.q.device()) {
+        if kernels.on(self.q.device()) {
             let q = self.q.contiguous()?.reshape((b * t, hi, di))?;
             let w = self.w.contiguous()?.reshape((b * t, hi))?;
             let k = self.k.reshape((b * tk, di))?;
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
-            if tensor_cores && crate::kernels::indexer_at_tc::supported(hi, di) {
+            if tensor_cores && crate::kernels::indexer_at_tc::supported(kernels, hi, di) {
                 return crate::kernels::indexer_at_tc::indexer_scores_at_bf16(&q, &w, &k, &idx)?
                     .reshape((b, t, kk));
             }
@@ -578,7 +597,7 @@ impl Indexer {
                 w,
             };
             let set = sel.rows(q0, n)?;
-            let on_set = (block.scores_at(&set, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
+            let on_set = (block.scores_at(&set, self.kernels, self.tensor_cores)? + set.bias()?)?; // [B, n, K]
             drop(region);
             let region = crate::profile::region("indexer KL bwd: KL rows and their gradient");
             let p = target.narrow(1, q0, n)?.to_dtype(DType::F32)?;
@@ -591,7 +610,8 @@ impl Indexer {
                 * scale)?;
             drop(region);
             let _region = crate::profile::region("indexer KL bwd: explicit backward of the block");
-            let (dq, dw, dk_block) = block.scores_at_backward(&set, self.tensor_cores, &d_on)?;
+            let (dq, dw, dk_block) =
+                block.scores_at_backward(&set, self.kernels, self.tensor_cores, &d_on)?;
             dk = (dk + dk_block.to_dtype(DType::F32)?)?;
             self.queries_weights_backward(&x32, &qr32, &dq, &dw, &cos_b, &sin_b, grads)?;
         }
@@ -626,6 +646,7 @@ pub fn sparse_kl_against_autograd(
     };
     let ix = Indexer {
         tensor_cores,
+        kernels: KernelPolicy::default(),
         wq_b: var(&[hi * di, ql], 1, 0.3, 0.0)?,
         wk: var(&[di, d], 2, 0.3, 0.0)?,
         k_norm_weight: var(&[di], 3, 0.1, 1.0)?,
@@ -728,6 +749,7 @@ impl IndexerProj {
     pub fn scores_at_backward(
         &self,
         sel: &crate::dsa::Selection,
+        kernels: KernelPolicy,
         tensor_cores: bool,
         grad: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
@@ -741,9 +763,9 @@ impl IndexerProj {
             .to_dtype(DType::F32)?
             .contiguous()?
             .reshape((b * t, kk))?;
-        let (dq, dw, dk) = if crate::kernels::available(self.q.device()) {
+        let (dq, dw, dk) = if kernels.on(self.q.device()) {
             let idx = sel.absolute.contiguous()?.reshape((b * t, kk))?;
-            if tensor_cores && crate::kernels::indexer_at_tc::supported(hi, di) {
+            if tensor_cores && crate::kernels::indexer_at_tc::supported(kernels, hi, di) {
                 crate::kernels::indexer_at_tc::indexer_scores_at_bf16_backward(
                     &q, &w, &k, &idx, &grad,
                 )?
@@ -799,7 +821,9 @@ mod tests {
         let sel = crate::dsa::select_topk(&dense, 5).unwrap();
         let gathered =
             (dense.gather(&sel.indices().unwrap(), 2).unwrap() * sel.valid().unwrap()).unwrap();
-        let direct = proj.scores_at(&sel, false).unwrap();
+        let direct = proj
+            .scores_at(&sel, KernelPolicy::default(), false)
+            .unwrap();
         let diff = (gathered - direct)
             .unwrap()
             .abs()
@@ -866,6 +890,7 @@ mod grad_tests {
         };
         let ix = Indexer {
             tensor_cores: false,
+            kernels: KernelPolicy::default(),
             wq_b: var(&[hi * di, ql], 1, 0.0),
             wk: var(&[di, d], 2, 0.0),
             k_norm_weight: var(&[di], 3, 1.0),
@@ -951,7 +976,10 @@ mod grad_tests {
         let causal = crate::dsa::causal_bias(t, &dev).unwrap();
         let sel = crate::dsa::select_topk(&proj.scores(&causal).unwrap().detach(), 8).unwrap();
         let up = randn(&[b, t, 8], 6, 1.0, &dev).unwrap();
-        let g = (proj.scores_at(&sel, false).unwrap() * up)
+        let g = (proj
+            .scores_at(&sel, KernelPolicy::default(), false)
+            .unwrap()
+            * up)
             .unwrap()
             .sum_all()
             .unwrap()

@@ -25,6 +25,7 @@ use crate::checkpoint::Checkpoint;
 use crate::config::{IndexerDefaults, ModelConfig};
 use crate::dist::expert::ExpertShard;
 use crate::dsa::{recall_rows, select_topk};
+use crate::kernels::KernelPolicy;
 use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
 use crate::weights::{self, ParamSet};
@@ -206,6 +207,8 @@ pub struct DecoderLayer {
     pub indexer: Indexer,
     pub ffn: FeedForward,
     pub eps: f64,
+    /// Which kernels the layer's norms run (its modules hold the same policy).
+    pub kernels: KernelPolicy,
 }
 
 /// Per-forward constants shared by all layers.
@@ -230,6 +233,22 @@ impl ForwardContext {
 }
 
 impl DecoderLayer {
+    /// Run the layer's ops with `kernels` (kernels or their plain twins).
+    pub fn set_kernels(&mut self, kernels: KernelPolicy) {
+        self.kernels = kernels;
+        self.attn.kernels = kernels;
+        self.indexer.kernels = kernels;
+        match &mut self.ffn {
+            FeedForward::Dense(m) => m.kernels = kernels,
+            FeedForward::Moe(m) => {
+                m.kernels = kernels;
+                for e in m.experts.iter_mut().chain(m.shared.iter_mut()) {
+                    e.kernels = kernels;
+                }
+            }
+        }
+    }
+
     pub fn forward(
         &self,
         h: &Tensor,
@@ -255,7 +274,7 @@ impl DecoderLayer {
         // Evaluation keeps no graph: its blocks must not stay alive through one.
         let h = if eval { h.detach() } else { h.clone() };
         let region = crate::profile::region("layer: norm + MLA projections");
-        let x = rms_norm(&h, &self.input_norm, self.eps)?;
+        let x = rms_norm(self.kernels, &h, &self.input_norm, self.eps)?;
         let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
         drop(region);
         let mut stats = LayerStats::default();
@@ -320,13 +339,7 @@ impl DecoderLayer {
                 drop(region);
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(
-                        ix,
-                        a.probs()?.clone(),
-                        &sel,
-                        self.indexer.tensor_cores,
-                        &mut stats,
-                    )?;
+                    sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, &mut stats)?;
                 }
                 if opts.recall {
                     let dense = self
@@ -342,7 +355,7 @@ impl DecoderLayer {
         drop(region);
         let _region = crate::profile::region("layer: residual, norm, feed-forward");
         let h = (&h + attn_out)?;
-        let x = rms_norm(&h, &self.post_attention_norm, self.eps)?;
+        let x = rms_norm(self.kernels, &h, &self.post_attention_norm, self.eps)?;
         let f = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
             FeedForward::Moe(moe) => {
@@ -392,7 +405,7 @@ impl DecoderLayer {
                             Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?))
                         };
                         let fast = self.attn.q_b_proj.dtype() == DType::BF16
-                            && crate::kernels::available(p.k.device());
+                            && self.kernels.on(p.k.device());
                         Some(select_indexer_topk(
                             &p.k, queries, rows, ctx, opts.topk, fast,
                         )?)
@@ -416,13 +429,7 @@ impl DecoderLayer {
                 let a = self.attn.sparse(proj, &sel, opts.indexer_kl)?;
                 if opts.indexer_kl {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-                    sparse_kl(
-                        ix,
-                        a.probs()?.clone(),
-                        &sel,
-                        self.indexer.tensor_cores,
-                        stats,
-                    )?;
+                    sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, stats)?;
                 }
                 if opts.recall {
                     self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
@@ -521,7 +528,7 @@ impl DecoderLayer {
         }
         let ix = ix.expect("sparse attention projects the indexer");
         let fast = |keys: &Tensor| {
-            self.attn.q_b_proj.dtype() == DType::BF16 && crate::kernels::available(keys.device())
+            self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device())
         };
         match ix {
             IndexerView::Whole(p) => {
@@ -564,7 +571,7 @@ impl DecoderLayer {
         cached: Option<&crate::dsa::Selection>,
     ) -> Result<(Tensor, LayerStats)> {
         let mut stats = LayerStats::default();
-        let x = rms_norm(&h.detach(), &self.input_norm, self.eps)?;
+        let x = rms_norm(self.kernels, &h.detach(), &self.input_norm, self.eps)?;
         let qr = self.attn.project_qr(&x)?;
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
@@ -573,7 +580,7 @@ impl DecoderLayer {
         let head_mean = pass.head_mean;
         if opts.indexer_kl {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
-            sparse_kl(ix, head_mean, &sel, self.indexer.tensor_cores, &mut stats)?;
+            sparse_kl(ix, head_mean, &sel, &self.indexer, &mut stats)?;
         }
         if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, pass.chosen) {
             let (b, t, _) = h.dims3()?;
@@ -621,7 +628,7 @@ fn sparse_kl(
     ix: &IndexerView,
     target: Tensor,
     sel: &crate::dsa::Selection,
-    tensor_cores: bool,
+    indexer: &Indexer,
     stats: &mut LayerStats,
 ) -> Result<()> {
     match ix {
@@ -634,7 +641,8 @@ fn sparse_kl(
             });
         }
         IndexerView::Whole(p) => {
-            let on_set = (p.scores_at(sel, tensor_cores)? + sel.bias()?)?; // [B, T, K]
+            let on_set =
+                (p.scores_at(sel, indexer.kernels, indexer.tensor_cores)? + sel.bias()?)?; // [B, T, K]
             stats.indexer_kl = Some(kl_rows(&target, &on_set)?);
         }
     }
@@ -752,6 +760,9 @@ pub struct Model {
     pub mtp: Vec<Mtp>,
     pub dtype: DType,
     pub device: Device,
+    /// Which kernels its passes run (every kernel where it can run unless `set_kernels` says
+    /// otherwise); each layer's modules hold a copy.
+    pub kernels: KernelPolicy,
 }
 
 /// How to load a model.
@@ -894,18 +905,31 @@ impl Model {
             dtype,
             device: device.clone(),
             cfg,
+            kernels: KernelPolicy::default(),
         })
+    }
+
+    /// Run the passes with `kernels` (kernels or their plain twins, per op).
+    pub fn set_kernels(&mut self, kernels: KernelPolicy) {
+        self.kernels = kernels;
+        for layer in self
+            .layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
+        {
+            layer.set_kernels(kernels);
+        }
     }
 
     /// Token embeddings [B, T, hidden] for `tokens` [B, T] u32.
     pub fn embed(&self, tokens: &Tensor) -> Result<Tensor> {
-        embed_with(&self.embed, tokens)
+        embed_with(self.kernels, &self.embed, tokens)
     }
 
     /// Final norm and LM head: [B, T, hidden] -> [B, T, vocab].
     pub fn head(&self, h: &Tensor) -> Result<Tensor> {
         linear(
-            &rms_norm(h, &self.norm, self.cfg.rms_norm_eps)?,
+            &rms_norm(self.kernels, h, &self.norm, self.cfg.rms_norm_eps)?,
             &self.lm_head,
         )
     }
@@ -954,22 +978,26 @@ impl Model {
         let n = t - 1 - depth;
         let eps = self.cfg.rms_norm_eps;
         let e = rms_norm(
-            &embed_with(&m.embed, &tokens.narrow(1, 1 + depth, n)?)?,
+            self.kernels,
+            &embed_with(self.kernels, &m.embed, &tokens.narrow(1, 1 + depth, n)?)?,
             &m.enorm,
             eps,
         )?;
-        let hh = rms_norm(&hidden.narrow(1, 0, n)?, &m.hnorm, eps)?;
+        let hh = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &m.hnorm, eps)?;
         let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
         let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
         let (y, stats) = m.layer.forward(&x, &ctx, opts)?;
-        Ok((linear(&rms_norm(&y, &m.head_norm, eps)?, &m.head)?, stats))
+        Ok((
+            linear(&rms_norm(self.kernels, &y, &m.head_norm, eps)?, &m.head)?,
+            stats,
+        ))
     }
 }
 
 /// The embedding rows of `tokens` (u32 [B, T]). A row gather whose backward sums each
 /// vocabulary row's gradients in parallel and in token order (`rows::RowPlan`); a token id
 /// past the vocabulary is an error, not a device assertion.
-fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+fn embed_with(kernels: KernelPolicy, table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t) = tokens.dims2()?;
     let d = table.dim(1)?;
     let ids: Vec<u32> = tokens
@@ -977,7 +1005,7 @@ fn embed_with(table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
         .to_dtype(candle_core::DType::U32)?
         .to_vec1()?;
     let plan = crate::rows::RowPlan::gather(&ids, table.dim(0)?, table.device())?;
-    plan.apply(table)?.reshape((b, t, d))
+    plan.apply(kernels, table)?.reshape((b, t, d))
 }
 
 pub(crate) fn build_layer(
@@ -993,6 +1021,7 @@ pub(crate) fn build_layer(
             gate: get(&format!("{prefix}gate_proj.weight"))?,
             up: get(&format!("{prefix}up_proj.weight"))?,
             down: get(&format!("{prefix}down_proj.weight"))?,
+            kernels: KernelPolicy::default(),
         })
     };
     let ffn = if cfg.is_moe_layer(l) {
@@ -1016,6 +1045,7 @@ pub(crate) fn build_layer(
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor,
             compute: moe::ExpertCompute::Auto,
+            kernels: KernelPolicy::default(),
         })
     } else {
         FeedForward::Dense(mlp("mlp.")?)
@@ -1037,12 +1067,11 @@ pub(crate) fn build_layer(
             v_dim: cfg.v_head_dim,
             kv_lora: cfg.kv_lora_rank,
             scale: cfg.softmax_scale(),
+            kernels: KernelPolicy::default(),
         },
         indexer: Indexer {
-            tensor_cores: {
-                let w = get("self_attn.kv_b_proj.weight")?;
-                w.dtype() == candle_core::DType::BF16 && crate::kernels::available(w.device())
-            },
+            kernels: KernelPolicy::default(),
+            tensor_cores: get("self_attn.kv_b_proj.weight")?.dtype() == DType::BF16,
             wq_b: get("self_attn.indexer.wq_b.weight")?,
             wk: get("self_attn.indexer.wk.weight")?,
             k_norm_weight: get("self_attn.indexer.k_norm.weight")?,
@@ -1054,5 +1083,6 @@ pub(crate) fn build_layer(
         },
         ffn,
         eps: cfg.rms_norm_eps,
+        kernels: KernelPolicy::default(),
     })
 }

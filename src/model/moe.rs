@@ -15,6 +15,7 @@ use rayon::prelude::*;
 
 use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
+use crate::kernels::KernelPolicy;
 use crate::ops::{
     self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved,
 };
@@ -24,17 +25,19 @@ pub struct Mlp {
     pub gate: Tensor,
     pub up: Tensor,
     pub down: Tensor,
+    /// Which kernels its ops run.
+    pub kernels: KernelPolicy,
 }
 
 impl Mlp {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        swiglu(x, &self.gate, &self.up, &self.down)
+        swiglu(self.kernels, x, &self.gate, &self.up, &self.down)
     }
 
     /// The hidden layer of `forward` with what `backward` reads (the output:
     /// `SwigluSaved::output`).
     pub fn forward_saved(&self, x: &Tensor) -> Result<SwigluSaved> {
-        swiglu_saved(x, &self.gate, &self.up)
+        swiglu_saved(self.kernels, x, &self.gate, &self.up)
     }
 
     /// The backward of `forward_saved`: dy -> dx; the three weights' gradients to `grads`.
@@ -50,7 +53,16 @@ impl Mlp {
             grads.wants(&self.up),
             grads.wants(&self.down),
         ];
-        let (dx, g) = swiglu_backward(x, saved, &self.gate, &self.up, &self.down, dy, want)?;
+        let (dx, g) = swiglu_backward(
+            self.kernels,
+            x,
+            saved,
+            &self.gate,
+            &self.up,
+            &self.down,
+            dy,
+            want,
+        )?;
         add_if_wanted(grads, &self.gate, g.gate)?;
         add_if_wanted(grads, &self.up, g.up)?;
         add_if_wanted(grads, &self.down, g.down)?;
@@ -149,6 +161,8 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f64,
     pub compute: ExpertCompute,
+    /// Which kernels its ops run.
+    pub kernels: KernelPolicy,
 }
 
 /// The experts chosen for one token, best first.
@@ -273,11 +287,12 @@ impl Moe {
                 // The experts' outputs of their tokens, stacked in expert order; weighted, each
                 // token sums its K rows in that order (as index_add would).
                 let order: Vec<u32> = slots_of.concat();
-                let w = RowPlan::gather(&order, n * k, dev)?.apply(&weights.unsqueeze(1)?)?; // [N*K, 1]
+                let w = RowPlan::gather(&order, n * k, dev)?
+                    .apply(self.kernels, &weights.unsqueeze(1)?)?; // [N*K, 1]
                 let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
                 let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
                 match self.routed_outputs(&x, &tokens_of, self.use_grouped())? {
-                    Some(ys) => combine.apply(&ys.broadcast_mul(&w)?)?,
+                    Some(ys) => combine.apply(self.kernels, &ys.broadcast_mul(&w)?)?,
                     None => x.zeros_like()?, // no token at all
                 }
             }
@@ -369,7 +384,7 @@ impl Moe {
         // Row plans built once: the forward and the backward read them.
         let slot = RowPlan::gather(&routing.slots_of.concat(), n * self.top_k, dev)?;
         let tok = RowPlan::gather(&routing.tokens_of.concat(), n, dev)?;
-        let x_sorted = tok.apply(x)?; // [S, hidden]
+        let x_sorted = tok.apply(self.kernels, x)?; // [S, hidden]
         let (arrived, rows_of, exchange) = match &self.shard {
             None => {
                 // Expert e's rows are the next len(tokens_of[e]) sorted rows.
@@ -412,8 +427,10 @@ impl Moe {
             .map(|mlp| mlp.forward_saved(x))
             .transpose()?;
         let out = if want_output {
-            let w = slot.apply(&routing.weights.unsqueeze(1)?)?; // [S, 1]
-            let out = tok.adjoint().apply(&back.broadcast_mul(&w)?)?;
+            let w = slot.apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [S, 1]
+            let out = tok
+                .adjoint()
+                .apply(self.kernels, &back.broadcast_mul(&w)?)?;
             Some(match (&self.shared, &shared) {
                 (Some(mlp), Some(s)) => (out + s.output(&mlp.down)?)?,
                 _ => out,
@@ -463,8 +480,8 @@ impl Moe {
             (Some(mlp), Some(s)) => mlp.backward(x, s, dy, grads)?,
             _ => x.zeros_like()?,
         };
-        let d_rows = saved.tok.apply(dy)?; // [S, hidden]
-        let w = saved.slot.apply(&r.weights.unsqueeze(1)?)?; // [S, 1]
+        let d_rows = saved.tok.apply(self.kernels, dy)?; // [S, hidden]
+        let w = saved.slot.apply(self.kernels, &r.weights.unsqueeze(1)?)?; // [S, 1]
         let dw_rows =
             (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
         let d_back = d_rows.broadcast_mul(&w)?;
@@ -487,9 +504,13 @@ impl Moe {
             )?,
             None => d_arrived,
         }; // [S, hidden]
-        dx = (dx + saved.tok.adjoint().apply(&d_sorted)?)?;
+        dx = (dx + saved.tok.adjoint().apply(self.kernels, &d_sorted)?)?;
         // The weights' path into the scores.
-        let dweights = saved.slot.adjoint().apply(&dw_rows)?.reshape((n, k))?; // [N, K] f32
+        let dweights = saved
+            .slot
+            .adjoint()
+            .apply(self.kernels, &dw_rows)?
+            .reshape((n, k))?; // [N, K] f32
         let dweights = (dweights * self.routed_scaling_factor)?;
         let dpicked = if self.norm_topk_prob {
             let sum = (r.picked.sum_keepdim(1)? + 1e-20)?;
@@ -557,7 +578,9 @@ impl Moe {
             }
             let pad = RowPlan::sums(src, off, r, dev)?;
             let unpad = RowPlan::gather(&p_of_r, busy.len() * cap, dev)?;
-            let xs = pad.apply(arrived)?.reshape((busy.len(), cap, d))?;
+            let xs = pad
+                .apply(self.kernels, arrived)?
+                .reshape((busy.len(), cap, d))?;
             let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> {
                 Tensor::stack(
                     &busy
@@ -568,8 +591,9 @@ impl Moe {
                 )
             };
             let stacks = [stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?];
-            let saved = swiglu_batched_saved(&xs, &stacks[0], &stacks[1])?;
+            let saved = swiglu_batched_saved(self.kernels, &xs, &stacks[0], &stacks[1])?;
             let y = unpad.apply(
+                self.kernels,
                 &saved
                     .output_batched(&stacks[2])?
                     .reshape((busy.len() * cap, d))?,
@@ -591,7 +615,7 @@ impl Moe {
             Vec::with_capacity(busy.len()),
         );
         for j in busy {
-            let xe = RowPlan::gather(&rows_of[j], r, dev)?.apply(arrived)?;
+            let xe = RowPlan::gather(&rows_of[j], r, dev)?.apply(self.kernels, arrived)?;
             let saved = self.experts[j].forward_saved(&xe)?;
             ys.push(saved.output(&self.experts[j].down)?);
             experts.push((j, rows_of[j].clone(), xe, saved));
@@ -603,7 +627,7 @@ impl Moe {
             .collect();
         let y = RowPlan::gather(&taken, r, dev)?
             .adjoint()
-            .apply(&Tensor::cat(&ys, 0)?)?;
+            .apply(self.kernels, &Tensor::cat(&ys, 0)?)?;
         Ok((y, ExpertsSaved::PerExpert(experts)))
     }
 
@@ -623,7 +647,7 @@ impl Moe {
             ExpertsSaved::PerExpert(experts) => {
                 let mut dxs = Vec::with_capacity(experts.len());
                 for (j, rows, xe, s) in experts {
-                    let dye = RowPlan::gather(rows, arrived_rows, dev)?.apply(d_y)?;
+                    let dye = RowPlan::gather(rows, arrived_rows, dev)?.apply(self.kernels, d_y)?;
                     dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
                 }
                 let taken: Vec<u32> = experts
@@ -632,7 +656,7 @@ impl Moe {
                     .collect();
                 RowPlan::gather(&taken, arrived_rows, dev)?
                     .adjoint()
-                    .apply(&Tensor::cat(&dxs, 0)?)
+                    .apply(self.kernels, &Tensor::cat(&dxs, 0)?)
             }
             ExpertsSaved::Grouped {
                 busy,
@@ -643,9 +667,18 @@ impl Moe {
                 saved,
             } => {
                 let (e, cap, _) = xs.dims3()?;
-                let d_pad = unpad.adjoint().apply(d_y)?.reshape((e, cap, d))?; // zero rows past each count
+                let d_pad = unpad
+                    .adjoint()
+                    .apply(self.kernels, d_y)?
+                    .reshape((e, cap, d))?; // zero rows past each count
                 let (dxs, g) = ops::swiglu_batched_backward(
-                    xs, saved, &stacks[0], &stacks[1], &stacks[2], &d_pad,
+                    self.kernels,
+                    xs,
+                    saved,
+                    &stacks[0],
+                    &stacks[1],
+                    &stacks[2],
+                    &d_pad,
                 )?;
                 for (gi, &j) in busy.iter().enumerate() {
                     let m = &self.experts[j];
@@ -655,7 +688,8 @@ impl Moe {
                         }
                     }
                 }
-                pad.adjoint().apply(&dxs.reshape((e * cap, d))?)
+                pad.adjoint()
+                    .apply(self.kernels, &dxs.reshape((e * cap, d))?)
             }
         }
     }
@@ -728,7 +762,9 @@ impl Moe {
             let mut ys = Vec::with_capacity(self.experts.len());
             for (ex, mlp) in self.experts.iter().enumerate() {
                 if !tokens_of[ex].is_empty() {
-                    ys.push(mlp.forward(&RowPlan::gather(&tokens_of[ex], n, dev)?.apply(x)?)?);
+                    ys.push(mlp.forward(
+                        &RowPlan::gather(&tokens_of[ex], n, dev)?.apply(self.kernels, x)?,
+                    )?);
                     // [n_e, hidden]
                 }
             }
@@ -757,7 +793,7 @@ impl Moe {
             }
         }
         let xs = RowPlan::sums(src, off, n, dev)?
-            .apply(x)?
+            .apply(self.kernels, x)?
             .reshape((e, cap, d))?;
         let stack = |pick: fn(&Mlp) -> &Tensor| -> Result<Tensor> {
             Tensor::stack(
@@ -770,11 +806,14 @@ impl Moe {
         };
         let (gate, up, down) = (stack(|m| &m.gate)?, stack(|m| &m.up)?, stack(|m| &m.down)?); // [E', I, D], [E', I, D], [E', D, I]
         let h = crate::ops::silu_mul(
+            self.kernels,
             &xs.matmul(&gate.transpose(1, 2)?)?,
             &xs.matmul(&up.transpose(1, 2)?)?,
         )?; // [E', cap, I]
         let y = h.matmul(&down.transpose(1, 2)?)?.reshape((e * cap, d))?;
-        Ok(Some(RowPlan::gather(&valid, e * cap, dev)?.apply(&y)?))
+        Ok(Some(
+            RowPlan::gather(&valid, e * cap, dev)?.apply(self.kernels, &y)?,
+        ))
     }
 
     /// Whether the routed experts run grouped (`routed_outputs`, `experts_forward_saved`), as
@@ -823,7 +862,7 @@ impl Moe {
         let (send, recv, counts) = self.exchange_counts(tokens_of, shard)?;
         let dev = x.device();
         let n = x.dim(0)?;
-        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(x)?; // [S, hidden]
+        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(self.kernels, x)?; // [S, hidden]
         let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
         let rows_of = arrived_rows_of(&counts, &recv, shard.count);
         let taken: Vec<u32> = rows_of.concat();
@@ -832,14 +871,15 @@ impl Moe {
         let y = match self.routed_outputs(&arrived, &rows_of, self.use_grouped())? {
             Some(ys) => RowPlan::gather(&taken, arrived.dim(0)?, dev)?
                 .adjoint()
-                .apply(&ys)?,
+                .apply(self.kernels, &ys)?,
             None => arrived.affine(0.0, 0.0)?,
         };
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
-        let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?.apply(&weights.unsqueeze(1)?)?;
+        let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?
+            .apply(self.kernels, &weights.unsqueeze(1)?)?;
         RowPlan::gather(&tok, n, dev)?
             .adjoint()
-            .apply(&back.broadcast_mul(&w)?)
+            .apply(self.kernels, &back.broadcast_mul(&w)?)
     }
 }
 
@@ -905,6 +945,7 @@ pub fn grouped_against_plain(
                 gate: g.as_tensor().clone(),
                 up: u.as_tensor().clone(),
                 down: w.as_tensor().clone(),
+                kernels: KernelPolicy::default(),
             })
             .collect(),
         shard: None,
@@ -916,6 +957,7 @@ pub fn grouped_against_plain(
         norm_topk_prob: true,
         routed_scaling_factor: 1.0,
         compute: ExpertCompute::Auto,
+        kernels: KernelPolicy::default(),
     };
     let x = var(&[n, d], 1)?;
     // Expert j takes each token with probability about (j + 1) / e (uneven loads); the last takes none.

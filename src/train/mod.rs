@@ -357,7 +357,7 @@ impl Trainer {
             }
             None => None,
         };
-        let (model, mut slots, router_biases) = build_model(
+        let (mut model, mut slots, router_biases) = build_model(
             &recipe,
             &source,
             cfg,
@@ -365,6 +365,8 @@ impl Trainer {
             &device,
             shard.as_ref(),
         )?;
+        model.set_kernels(recipe.kernel_policy()?);
+        crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
         let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
         let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
         let (mut step, mut tokens_seen) = (0, 0);
@@ -606,6 +608,7 @@ impl Trainer {
                 weight: &m.lm_head,
                 eps: m.cfg.rms_norm_eps,
                 weight_trains: head_slot.is_some(),
+                kernels: m.kernels,
             };
             let _region = crate::profile::region("step: LM head, loss and its gradients");
             let (lm, g) = crate::losses::chunked_next_token_loss(
@@ -787,6 +790,7 @@ impl Trainer {
         let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
         let (vocab, dim) = table.dims2()?;
         let rows = crate::grad_rows::EmbeddingGrad::new(
+            self.model.kernels,
             &ids,
             &dh.reshape((ids.len(), dim))?,
             vocab,
@@ -1027,7 +1031,7 @@ impl Trainer {
             .sum_squared_norms(&mut sq)
             .context("summing the gradient norms over the ranks")?;
         let region = crate::profile::region("step: gradient norms and AdamW");
-        let report = AdamW::from_recipe(&r.train)
+        let report = AdamW::from_recipe(&r.train, self.model.kernels)
             .step_with_norms(&mut self.slots, &accum, &sq, |g| match g {
                 Group::Main => lr,
                 Group::Indexer => indexer_lr,

@@ -347,6 +347,8 @@ pub struct AdamW {
     pub eps: f64,
     pub weight_decay: f64,
     pub clip: f64,
+    /// The fused update kernel or its plain twin.
+    pub kernels: crate::kernels::KernelPolicy,
 }
 
 /// What one optimizer step did, for the logs.
@@ -358,8 +360,9 @@ pub struct StepReport {
 }
 
 impl AdamW {
-    pub fn from_recipe(t: &TrainConfig) -> Self {
+    pub fn from_recipe(t: &TrainConfig, kernels: crate::kernels::KernelPolicy) -> Self {
         Self {
+            kernels,
             beta1: t.beta1,
             beta2: t.beta2,
             eps: t.eps,
@@ -468,12 +471,13 @@ impl AdamW {
                     lr,
                     decay: decays.then_some(lr * self.weight_decay),
                 };
-                let (m, v, next) = if crate::kernels::adamw::supported(&g, &p.m, &p.v, &w) {
-                    // The same roundings in two fused passes (bit for bit the plain twin).
-                    crate::kernels::adamw::step(&g, &p.m, &p.v, &w, &scalars)?
-                } else {
-                    adamw_update_plain(&g, &p.m, &p.v, &w, &scalars)?
-                };
+                let (m, v, next) =
+                    if crate::kernels::adamw::supported(self.kernels, &g, &p.m, &p.v, &w) {
+                        // The same roundings in two fused passes (bit for bit the plain twin).
+                        crate::kernels::adamw::step(&g, &p.m, &p.v, &w, &scalars)?
+                    } else {
+                        adamw_update_plain(&g, &p.m, &p.v, &w, &scalars)?
+                    };
                 (p.m, p.v) = (m, v);
                 if whole {
                     next_whole = Some(next);
@@ -569,6 +573,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             clip: 1.0,
+            kernels: Default::default(),
         };
         let grads = [[3.0f32, 4.0, 0.0], [0.1, -0.2, 0.3]];
         let (mut w, mut m, mut v) = ([0.5f64, -1.0, 2.0], [0f64; 3], [0f64; 3]);
@@ -621,6 +626,7 @@ mod tests {
             eps: 1e-8,
             weight_decay: 0.1,
             clip: 0.0,
+            kernels: Default::default(),
         };
         let mut acc = GradAccum::default();
         acc.set_grad("a", &Tensor::new(&[1.0f32, -1.0], &dev).unwrap())
