@@ -46,10 +46,7 @@ pub struct ModelSection {
     pub dtype: String,
     /// "cpu", "cuda" or "cuda:N".
     pub device: String,
-    /// Indexer shape when config.json has none (V3.1-Terminus).
-    pub index_n_heads: usize,
-    pub index_head_dim: usize,
-    /// Seed of the deterministic indexer initialisation.
+    /// Seed of the deterministic indexer initialisation (a checkpoint without an indexer).
     pub init_seed: u64,
     /// Load and train the MTP layer(s) when the checkpoint has them.
     pub mtp: bool,
@@ -114,8 +111,14 @@ pub struct TrainConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DsaConfig {
-    /// Keys per query in the sparse stage (and for the warm-up's recall metric).
+    /// Keys per query in the sparse stage (and for the warm-up's recall metric). It selects
+    /// even where a V3.2 config.json carries another (the run's steps then export this one).
     pub index_topk: usize,
+    /// The indexer's heads and head dim. 0: config.json's (a V3.2 checkpoint), or V3.2-Exp's
+    /// 64 x 128 where config.json has none (V3.1-Terminus, whose indexer is initialised from
+    /// `model.init_seed`). A value that contradicts config.json is an error naming both.
+    pub index_n_heads: usize,
+    pub index_head_dim: usize,
 }
 
 /// How the job's ranks divide the work (validated against the world size at start-up, the
@@ -237,8 +240,6 @@ impl Default for ModelSection {
             // CPU and f32 by default so that a recipe runs on any build; GPU recipes say so.
             dtype: "f32".into(),
             device: "cpu".into(),
-            index_n_heads: 64,
-            index_head_dim: 128,
             init_seed: 0,
             mtp: true,
         }
@@ -303,7 +304,11 @@ pub struct KernelsConfig {
 
 impl Default for DsaConfig {
     fn default() -> Self {
-        Self { index_topk: 2048 }
+        Self {
+            index_topk: 2048,
+            index_n_heads: 0,
+            index_head_dim: 0,
+        }
     }
 }
 
@@ -401,8 +406,15 @@ impl Recipe {
         let mut tree = serde_json::to_value(&toml_value)?;
         let schema = serde_json::to_value(Recipe::default())?;
         drop_not_built(&mut tree)?;
+        move_indexer_shape(&mut tree)?;
         check_keys(&tree, &schema, "")?;
         for set in sets {
+            if let Some(old) = INDEXER_SHAPE
+                .iter()
+                .find(|k| set.trim_start().starts_with(&format!("model.{k}")))
+            {
+                bail!("--set model.{old}: the indexer's shape lives in [dsa]; use dsa.{old}");
+            }
             if !not_built_set(set)? {
                 apply_set(&mut tree, &schema, set)?;
             }
@@ -433,6 +445,43 @@ impl Recipe {
             &self.kernels.plain_ops,
             self.kernels.deterministic,
         )
+    }
+
+    /// What fills the indexer's shape and k in where config.json has none.
+    pub fn indexer_defaults(&self) -> crate::config::IndexerDefaults {
+        let v32 = crate::config::IndexerDefaults::default();
+        let or = |v: usize, d: usize| if v == 0 { d } else { v };
+        crate::config::IndexerDefaults {
+            n_heads: or(self.dsa.index_n_heads, v32.n_heads),
+            head_dim: or(self.dsa.index_head_dim, v32.head_dim),
+            topk: self.dsa.index_topk,
+        }
+    }
+
+    /// `<hf_dir>/config.json` read with this recipe's indexer settings: the shape from
+    /// config.json where it has one (a recipe value that differs is an error naming both), else
+    /// `indexer_defaults`. k is config.json's where it has one (the trainer then selects with
+    /// `dsa.index_topk` and says so), else the recipe's.
+    pub fn model_config(&self, hf_dir: &Path) -> Result<crate::config::ModelConfig> {
+        let cfg = crate::config::ModelConfig::from_dir(hf_dir, &self.indexer_defaults())?;
+        if cfg.indexer_in_config {
+            for (key, ours, theirs) in [
+                ("index_n_heads", self.dsa.index_n_heads, cfg.index_n_heads),
+                (
+                    "index_head_dim",
+                    self.dsa.index_head_dim,
+                    cfg.index_head_dim,
+                ),
+            ] {
+                if ours != 0 && ours != theirs {
+                    bail!(
+                        "dsa.{key} = {ours} contradicts {}/config.json's {key} {theirs}: the checkpoint's indexer has that shape; remove dsa.{key} or make them agree",
+                        hf_dir.display()
+                    );
+                }
+            }
+        }
+        Ok(cfg)
     }
 
     pub fn indexer_lr(&self) -> f64 {
@@ -616,6 +665,40 @@ fn drop_not_built(tree: &mut Value) -> Result<()> {
         for (key, _) in NOT_BUILT {
             if let Some(v) = par.remove(key) {
                 not_built(key, &v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The indexer-shape keys that older recipes (and the recipe.toml of older checkpoints) have
+/// under [model]; they live in [dsa].
+const INDEXER_SHAPE: [&str; 2] = ["index_n_heads", "index_head_dim"];
+
+/// Move `model.index_n_heads` / `model.index_head_dim` of an older recipe to [dsa]; both
+/// places with different values is an error naming them.
+fn move_indexer_shape(tree: &mut Value) -> Result<()> {
+    for key in INDEXER_SHAPE {
+        let Some(v) = tree
+            .get_mut("model")
+            .and_then(Value::as_object_mut)
+            .and_then(|m| m.remove(key))
+        else {
+            continue;
+        };
+        let dsa = tree
+            .as_object_mut()
+            .context("recipe root must be a table")?
+            .entry("dsa")
+            .or_insert_with(|| Value::Object(Default::default()))
+            .as_object_mut()
+            .context("[dsa] must be a table")?;
+        match dsa.get(key) {
+            Some(d) if *d != v => {
+                bail!("model.{key} = {v} and dsa.{key} = {d}: the indexer's shape lives in [dsa] alone")
+            }
+            _ => {
+                dsa.insert(key.to_string(), v);
             }
         }
     }
@@ -871,6 +954,57 @@ mod tests {
         assert_eq!(r.stage(), Stage::Warmup);
         // The resolved recipe round-trips.
         assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+    }
+
+    /// The indexer's shape has one home, [dsa]: an older recipe's [model] keys move there, a
+    /// `--set` of the old key names the new one, and a value that contradicts config.json is an
+    /// error naming both; 0 takes config.json's, or V3.2-Exp's 64 x 128 where it has none.
+    #[test]
+    fn the_indexer_shape_lives_in_dsa_and_may_not_contradict_the_checkpoint() {
+        let with_model_keys = |extra: &str| {
+            MINIMAL.replace(
+                "[model]\n",
+                &format!("[model]\nindex_n_heads = 8\nindex_head_dim = 64\n{extra}"),
+            )
+        };
+        let old = Recipe::parse(&with_model_keys(""), &[]).unwrap();
+        assert_eq!((old.dsa.index_n_heads, old.dsa.index_head_dim), (8, 64));
+        assert!(!old.to_toml().contains("[model]\nindex_n_heads"));
+        let err = Recipe::parse(MINIMAL, &["model.index_n_heads=8".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("dsa.index_n_heads"), "{err}");
+        let both = format!("{}[dsa]\nindex_n_heads = 16\n", with_model_keys(""));
+        assert!(Recipe::parse(&both, &[]).is_err());
+
+        // A V3.1 config.json (no indexer) takes the recipe's shape or V3.2-Exp's.
+        let v31 = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data/deepseek-v3.1-terminus");
+        let plain = Recipe::parse(MINIMAL, &[]).unwrap();
+        let c = plain.model_config(&v31).unwrap();
+        assert_eq!((c.index_n_heads, c.index_head_dim), (64, 128));
+        let c = old.model_config(&v31).unwrap();
+        assert_eq!((c.index_n_heads, c.index_head_dim), (8, 64));
+        // A V3.2 config.json: its shape, and a recipe that says otherwise is refused by name.
+        let dir = std::env::temp_dir().join(format!("dsa-recipe-v32-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(v31.join("config.json")).unwrap())
+                .unwrap();
+        cfg["index_n_heads"] = 32.into();
+        cfg["index_head_dim"] = 96.into();
+        cfg["index_topk"] = 512.into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        let c = plain.model_config(&dir).unwrap();
+        assert_eq!((c.index_n_heads, c.index_head_dim), (32, 96));
+        let err = old.model_config(&dir).unwrap_err().to_string();
+        assert!(
+            err.contains("dsa.index_n_heads = 8") && err.contains("index_n_heads 32"),
+            "{err}"
+        );
+        let agree = Recipe::parse(MINIMAL, &["dsa.index_n_heads=32".into()]).unwrap();
+        assert!(agree.model_config(&dir).is_ok());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// `[kernels]` gives the model its kernel policy; a wrong op name names the key.

@@ -727,12 +727,7 @@ fn check_counts_the_bytes_each_device_sends() {
     ];
     let r = Recipe::load(&recipe, &sets).unwrap();
     let p = dsa_train::train::plan::plan(&r).unwrap();
-    let defaults = dsa_train::config::IndexerDefaults {
-        n_heads: r.model.index_n_heads,
-        head_dim: r.model.index_head_dim,
-        topk: r.dsa.index_topk,
-    };
-    let cfg = dsa_train::config::ModelConfig::from_dir(&f.root.join("model"), &defaults).unwrap();
+    let cfg = r.model_config(&f.root.join("model")).unwrap();
     let specs = dsa_train::weights::model_weights(&cfg, false);
     let replicated: usize = specs
         .iter()

@@ -166,8 +166,6 @@ progress = false
 path = "$W/tiny/model"
 dtype = "f32"
 device = "cpu"
-index_n_heads = 2
-index_head_dim = 32
 [data]
 path = "$W/tiny/tokens.bin"
 seq_len = 32
@@ -180,6 +178,8 @@ micro_batch_seqs = 2
 warmup_steps = 2
 [dsa]
 index_topk = 8
+index_n_heads = 2
+index_head_dim = 32
 [checkpoint]
 every = 2
 keep_last = 0

@@ -415,12 +415,7 @@ pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefa
         .with_context(|| format!("cannot read {}", file.display()))?;
     let r =
         crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
-    let indexer = crate::config::IndexerDefaults {
-        n_heads: r.model.index_n_heads,
-        head_dim: r.model.index_head_dim,
-        topk: r.dsa.index_topk,
-    };
-    Ok(Some((indexer, r.model.init_seed)))
+    Ok(Some((r.indexer_defaults(), r.model.init_seed)))
 }
 
 pub fn is_checkpoint(dir: &Path) -> bool {

@@ -35,7 +35,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
-use crate::config::{IndexerDefaults, ModelConfig};
+use crate::config::ModelConfig;
 use crate::data::{TokenStream, WindowSampler};
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
@@ -106,12 +106,7 @@ fn model_source(
         }
         None => ckpt::resolve_model(&model_path)?,
     };
-    let defaults = IndexerDefaults {
-        n_heads: recipe.model.index_n_heads,
-        head_dim: recipe.model.index_head_dim,
-        topk: recipe.dsa.index_topk,
-    };
-    let cfg = ModelConfig::from_dir(&source.hf_dir, &defaults)?;
+    let cfg = recipe.model_config(&source.hf_dir)?;
     Ok((source, cfg, model_path))
 }
 

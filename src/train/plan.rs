@@ -59,7 +59,7 @@
 
 use anyhow::Result;
 
-use crate::config::{IndexerDefaults, ModelConfig};
+use crate::config::ModelConfig;
 use crate::recipe::{Recipe, Stage};
 use crate::train::ckpt;
 use crate::weights::{model_weights, Kind};
@@ -93,12 +93,7 @@ fn causal_pairs(t: u64) -> f64 {
 
 pub fn plan(recipe: &Recipe) -> Result<Plan> {
     let src = ckpt::resolve_model(std::path::Path::new(&recipe.model.path))?;
-    let defaults = IndexerDefaults {
-        n_heads: recipe.model.index_n_heads,
-        head_dim: recipe.model.index_head_dim,
-        topk: recipe.dsa.index_topk,
-    };
-    let cfg = ModelConfig::from_dir(&src.hf_dir, &defaults)?;
+    let cfg = recipe.model_config(&src.hf_dir)?;
     Ok(plan_for(recipe, &cfg))
 }
 
