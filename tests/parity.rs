@@ -203,3 +203,141 @@ fn indexer_init_matches_the_reference_scripts_bits() {
         }
     }
 }
+
+/// The sampled f64 gradients of a safetensors file written by
+/// tools/parity/make_train_fixture.py, by tensor name.
+fn read_f64_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f64>> {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .into_iter()
+        .map(|(name, t)| {
+            assert_eq!(t.dtype(), safetensors::Dtype::F64, "{name}");
+            let v = t
+                .data()
+                .chunks_exact(8)
+                .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            (name, v)
+        })
+        .collect()
+}
+
+/// Training parity with an independent reference: one micro-batch (the fixture's first window)
+/// of the warm-up and of the sparse stage through our f32 CPU trainer against torch autograd
+/// through transformers' DeepseekV32ForCausalLM in f64 with the two KL losses written in torch
+/// (tools/parity/make_train_fixture.py; the losses as docs/training.md defines them). The LM
+/// loss and the summed indexer KL to 1e-5 relative; the same set of trainable tensors on both
+/// sides; per tensor, its largest |value| and L2 norm to 1e-5 relative and every sampled value
+/// (every `stride`-th of the flattened gradient, about 512 a tensor) within 1e-5 of the largest
+/// |value|: the f32 rounding of sums over a few hundred terms.
+#[test]
+fn one_training_micro_batch_matches_torch_autograd() {
+    let dir = fixture("v32_tiny");
+    let expected: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("train_expected.json")).unwrap())
+            .unwrap();
+    let (seq, k) = (
+        expected["seq_len"].as_u64().unwrap() as usize,
+        expected["topk"].as_u64().unwrap() as usize,
+    );
+    let work = std::env::temp_dir().join(format!("dsa-train-parity-{}", std::process::id()));
+    std::fs::create_dir_all(&work).unwrap();
+    // Exactly one window: the first seq_len tokens of the fixture.
+    let tokens = dsa_train::data::read_token_file(&dir.join("tokens.bin"), usize::MAX).unwrap();
+    let bytes: Vec<u8> = tokens[..seq].iter().flat_map(|t| t.to_le_bytes()).collect();
+    std::fs::write(work.join("window.bin"), bytes).unwrap();
+    for stage in ["warmup", "sparse"] {
+        let want = &expected[stage];
+        let recipe = format!(
+            "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = false\n\
+             [data]\npath = {:?}\nseq_len = {seq}\n[train]\nstage = {stage:?}\n\
+             global_batch_seqs = 1\nmicro_batch_seqs = 1\nseq_balance_alpha = {}\nkl_weight = {}\n\
+             [dsa]\nindex_topk = {k}\n",
+            work.join(format!("out-{stage}")),
+            dir,
+            work.join("window.bin"),
+            expected["seq_balance_alpha"].as_f64().unwrap(),
+            expected["kl_weight"].as_f64().unwrap(),
+        );
+        let recipe = dsa_train::recipe::Recipe::parse(&recipe, &[]).unwrap();
+        let layers = 3.0; // the fixture's main layers; the trainer logs the mean KL over them
+        let mut trainer = dsa_train::train::Trainer::new(recipe, None).unwrap();
+        let (accum, _, lm, kl) = trainer.accumulate_gradients().unwrap();
+        let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
+        let kl_want = want["indexer_kl_sum"].as_f64().unwrap() / layers;
+        assert!(
+            rel(kl, kl_want) < 1e-5,
+            "{stage}: indexer KL {kl} vs {kl_want}"
+        );
+        if stage == "sparse" {
+            let lm_want = want["lm_loss"].as_f64().unwrap();
+            assert!(
+                rel(lm, lm_want) < 1e-5,
+                "{stage}: LM loss {lm} vs {lm_want}"
+            );
+        }
+        let ours = accum.into_grads();
+        let samples = read_f64_tensors(&dir.join(format!("train_{stage}.safetensors")));
+        let stats = want["gradients"].as_object().unwrap();
+        let mut names: Vec<&String> = ours.keys().collect();
+        names.sort();
+        assert_eq!(
+            names,
+            stats.keys().collect::<Vec<_>>(),
+            "{stage}: the tensors that learn"
+        );
+        let mut worst = (0f64, String::new());
+        for (name, st) in stats {
+            let shape: Vec<usize> = st["shape"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let got = &ours[name];
+            assert_eq!(got.dims(), &shape[..], "{stage}: {name}");
+            let got: Vec<f64> = got
+                .to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let (max_abs, l2) = (st["max_abs"].as_f64().unwrap(), st["l2"].as_f64().unwrap());
+            let our_max = got.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let our_l2 = got.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let stride = st["stride"].as_u64().unwrap() as usize;
+            let want = &samples[name];
+            assert_eq!(
+                want.len(),
+                got.len().div_ceil(stride),
+                "{stage}: {name} samples"
+            );
+            let diff = got
+                .iter()
+                .step_by(stride)
+                .zip(want)
+                .fold(0f64, |m, (a, b)| m.max((a - b).abs()));
+            let e = (diff / max_abs.max(1e-30))
+                .max(rel(our_max, max_abs))
+                .max(rel(our_l2, l2));
+            if e > worst.0 {
+                worst = (e, name.clone());
+            }
+        }
+        assert!(
+            worst.0 < 1e-5,
+            "{stage}: gradient of {} differs by {:.2e} of its scale",
+            worst.1,
+            worst.0
+        );
+        eprintln!(
+            "{stage}: {} gradients, worst relative difference {:.2e} ({})",
+            stats.len(),
+            worst.0,
+            worst.1
+        );
+    }
+    std::fs::remove_dir_all(&work).unwrap();
+}

@@ -1,0 +1,223 @@
+#!/usr/bin/env python3
+"""Training parity: the gradients of one micro-batch of the warm-up and of the sparse stage,
+by torch autograd through transformers' DeepseekV32ForCausalLM in float64, with the two KL
+losses written here. dsa-train's f32 CPU trainer must reproduce them (tests/parity.rs:
+`one_training_micro_batch_matches_torch_autograd`).
+
+Input: a fixture folder of make_fixtures.py (a V3.2 one: it has indexer weights). Uses the
+first window of its tokens.bin (seq_len tokens, batch 1). The losses, as docs/training.md
+defines them for one sequence of T tokens:
+
+  warm-up:  L = sum over layers l of mean over t of KL(p_l[t] || softmax(I_l[t]))
+            p_l = head-mean dense attention probabilities over the causal keys (detached),
+            I_l = the indexer's logits with -inf on future keys; only indexer tensors learn.
+  sparse:   L = mean next-token NLL over T-1 positions
+              + alpha * sum over MoE layers of sum_e f_e P_e
+              + kl_weight * sum over layers l of mean over t of KL(p_S[t] || softmax(I_S[t]))
+            S_t = top-k of I_l[t] (higher score first, lower index on ties; all of 0..t when
+            t < k), attention over S_t only, p_S its head-mean probabilities (detached), the
+            indexer fed detached inputs; f_e = E / (K T) * (tokens routed to e), P_e = mean over
+            t of s_e / sum_j s_j with s the router's sigmoid scores; every tensor learns but the
+            router's correction bias.
+
+Output (in the fixture folder), for every trainable tensor under its checkpoint name (routed
+experts split back into per-expert gate/up/down): in train_warmup.safetensors and
+train_sparse.safetensors every `stride`-th value of its float64 gradient (flattened, from 0;
+about SAMPLES values a tensor, so the files stay small), and in train_expected.json its shape,
+stride, largest |value| and L2 norm, with the settings and the loss values.
+
+    ../dsa-venv-ref/bin/python tools/parity/make_train_fixture.py --fixture tests/fixtures/v32_tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import make_fixtures as mf  # noqa: E402  (the f64 patches, the checkpoint reader, the model)
+
+F64 = torch.float64
+ALPHA = 0.1  # train.seq_balance_alpha of the Rust side
+SAMPLES = 512  # gradient values kept per tensor (at least; every value of a small tensor)
+KL_WEIGHT = 1.0  # train.kl_weight
+
+
+class Capture:
+    """What one training forward records (with autograd graphs where a loss needs them)."""
+
+    def __init__(self):
+        self.detach_indexer_inputs = False
+        self.scores: dict[int, torch.Tensor] = {}  # layer -> indexer logits [T, T], -inf future
+        self.router: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sigmoid scores, chosen)
+
+
+CAP = Capture()
+
+
+def indexer_train_forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids, past_key_values=None):
+    """make_fixtures' f64 indexer, keeping its logits' graph and (sparse stage) fed detached
+    inputs; returns the same top-k indices."""
+    if CAP.detach_indexer_inputs:
+        hidden_states, q_resid = hidden_states.detach(), q_resid.detach()
+    bsz, seq, _ = hidden_states.shape
+    assert bsz == 1 and past_key_values is None
+    nh, hd, rd = self.n_heads, self.head_dim, self.qk_rope_head_dim
+    cos, sin = position_embeddings
+
+    def rope_half(x, c, s):
+        x1, x2 = x[..., : rd // 2], x[..., rd // 2 :]
+        return x * c + torch.cat((-x2, x1), dim=-1) * s
+
+    q = self.wq_b(q_resid).view(bsz, seq, nh, hd)
+    k = self.k_norm(self.wk(hidden_states))
+    q = torch.cat((rope_half(q[..., :rd], cos[:, :, None], sin[:, :, None]), q[..., rd:]), dim=-1)
+    k = torch.cat((rope_half(k[..., :rd], cos, sin), k[..., rd:]), dim=-1)
+    dots = torch.einsum("bthd,bsd->bhts", q, k)
+    w = self.weights_proj(hidden_states) * (nh**-0.5) * (hd**-0.5)
+    scores = torch.einsum("bth,bhts->bts", w, F.relu(dots))[0]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    CAP.scores[self.layer_idx] = scores
+    order = mf.deterministic_order(scores)
+    return order[:, : min(self.index_topk, seq)][None].to(torch.int32)
+
+
+def router_train_forward(self, hidden_states):
+    logits, w, idx = mf.router_forward_f64(self, hidden_states)
+    CAP.router.append((torch.sigmoid(logits), idx))
+    return logits, w, idx
+
+
+def kl_rows(p: torch.Tensor, scores: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """Per query KL(p || softmax(scores)) over `support` (p detached, 0 off the support)."""
+    logq = torch.log_softmax(scores.masked_fill(~support, float("-inf")), dim=-1)
+    p = p.masked_fill(~support, 0.0)
+    return torch.where(support, torch.xlogy(p, p) - p * logq.masked_fill(~support, 0.0), 0.0).sum(-1)
+
+
+def run_stage(model, window: torch.Tensor, stage: str, k: int, n_layers: int):
+    seq = window.shape[1]
+    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
+    mf.REC.mode, mf.REC.phase, mf.REC.recompute_dense = stage, "main", False
+    mf.REC.model_topk = seq if stage == "warmup" else k
+    mf.REC.select_k = k
+    mf.REC.reset()
+    CAP.__init__()
+    CAP.detach_indexer_inputs = stage == "sparse"
+    model.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        p.requires_grad_(".indexer." in name if stage == "warmup" else "e_score_correction_bias" not in name)
+    logits = model(input_ids=window, use_cache=False).logits[0]
+    kl = torch.zeros((), dtype=F64)
+    for layer in range(n_layers):
+        p = mf.REC.probs[(layer, "main")].mean(0)  # head mean, detached by the recorder
+        if stage == "warmup":
+            support = causal
+        else:
+            order = mf.deterministic_order(CAP.scores[layer])
+            support = torch.zeros(seq, seq, dtype=torch.bool).scatter(1, order[:, : min(k, seq)], True) & causal
+            assert torch.all(p[~support] < 1e-300), "the sparse attention reads S_t only"
+        kl = kl + kl_rows(p, CAP.scores[layer], support).mean()
+    values = {"indexer_kl_sum": float(kl.detach())}
+    if stage == "warmup":
+        loss = kl
+    else:
+        logp = torch.log_softmax(logits[:-1], dim=-1)
+        lm = -logp.gather(-1, window[0, 1:, None])[..., 0].mean()
+        balance = torch.zeros((), dtype=F64)
+        for s, idx in CAP.router:
+            n_tok, n_exp = s.shape
+            top_k = idx.shape[1]
+            f = torch.bincount(idx.reshape(-1), minlength=n_exp).to(F64) * (n_exp / (top_k * n_tok))
+            balance = balance + (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
+        values.update(lm_loss=float(lm.detach()), balance_sum=float(balance.detach()))
+        loss = lm + ALPHA * balance + KL_WEIGHT * kl
+    loss.backward()
+    mf.REC.mode = None
+    return values
+
+
+def gradients(model, cfg: dict) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient under its checkpoint name (fused experts split back)."""
+    out = {}
+    inter = cfg["moe_intermediate_size"]
+    for name, p in model.named_parameters():
+        if p.grad is None:
+            continue
+        g = p.grad.detach().to(F64).contiguous()
+        if name.endswith("mlp.experts.gate_up_proj"):
+            base = name[: -len("gate_up_proj")]
+            for e in range(g.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = g[e, :inter].contiguous()
+                out[f"{base}{e}.up_proj.weight"] = g[e, inter:].contiguous()
+        elif name.endswith("mlp.experts.down_proj"):
+            base = name[: -len("down_proj")]
+            for e in range(g.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = g[e].contiguous()
+        else:
+            out[name] = g
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fixture", required=True, help="a V3.2 fixture folder of make_fixtures.py")
+    args = ap.parse_args(argv)
+    d = args.fixture
+    with open(os.path.join(d, "config.json")) as f:
+        config = json.load(f)
+    with open(os.path.join(d, "expected.json")) as f:
+        expected = json.load(f)
+    seq, k = expected["seq_len"], expected["topk"]
+    n_layers = config["num_hidden_layers"]
+    toks = np.fromfile(os.path.join(d, "tokens.bin"), dtype="<u4").astype(np.int64)
+    window = torch.from_numpy(toks[:seq].copy())[None]
+    ckpt = mf.load_dequantized(d)
+    assert any(".indexer." in n for n in ckpt), "a V3.2 fixture (with indexer weights) is needed"
+    cfg = dict(config)
+    model = mf.make_model(mf.DeepseekV32Config, mf.DeepseekV32ForCausalLM, config, mf.hf_state_dict(ckpt, cfg, True))
+    patches = [
+        (mf.mv32.DeepseekV32Indexer, "forward", indexer_train_forward),
+        (mf.mv32.DeepseekV32TopkRouter, "forward", router_train_forward),
+    ]
+    report = {"seq_len": seq, "topk": k, "seq_balance_alpha": ALPHA, "kl_weight": KL_WEIGHT, "window": 0}
+    with mf.f64_patches():
+        saved = [(o, a, getattr(o, a)) for o, a, _ in patches]
+        for o, a, new in patches:
+            setattr(o, a, new)
+        try:
+            for stage in ("warmup", "sparse"):
+                report[stage] = run_stage(model, window, stage, k, n_layers)
+                grads = gradients(model, cfg)
+                samples, stats = {}, {}
+                for name, g in sorted(grads.items()):
+                    flat = g.reshape(-1)
+                    stride = max(1, flat.numel() // SAMPLES)
+                    samples[name] = flat[::stride].contiguous()
+                    stats[name] = {
+                        "shape": list(g.shape),
+                        "stride": stride,
+                        "max_abs": float(flat.abs().max()),
+                        "l2": float(flat.norm()),
+                    }
+                save_file(samples, os.path.join(d, f"train_{stage}.safetensors"))
+                report[stage]["gradients"] = stats
+        finally:
+            for o, a, old in saved:
+                setattr(o, a, old)
+    with open(os.path.join(d, "train_expected.json"), "w") as f:
+        json.dump(report, f, indent=1, sort_keys=True)
+        f.write("\n")
+    print(json.dumps(report, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
