@@ -56,8 +56,10 @@ impl Default for ExportOptions {
 
 /// Write `params` (every tensor of `weights::model_weights(cfg, with_mtp)`, any dtype, any
 /// device) into the new directory `out` as a V3.2-Exp checkpoint. The MTP layers are written
-/// when `params` holds them; when it holds none, config.json says `num_nextn_predict_layers`
-/// 0 so the export stays self-consistent. `out` must not exist or be empty.
+/// when `params` holds them, with the copies of the main embedding and output head the layout
+/// stores in them (`weights::mtp_tied_copies`); when it holds none, config.json says
+/// `num_nextn_predict_layers` 0 so the export stays self-consistent. `out` must not exist or
+/// be empty.
 pub fn export_v32(
     cfg: &ModelConfig,
     params: &ParamSet,
@@ -66,12 +68,12 @@ pub fn export_v32(
 ) -> Result<()> {
     check_output_dir(out)?;
     let with_mtp = mtp_present(cfg, params)?;
-    let specs = weights::model_weights(cfg, with_mtp);
-    check_params(&specs, params, cfg)?;
+    check_params(&weights::model_weights(cfg, with_mtp), params, cfg)?;
+    let written = weights::checkpoint_weights(cfg, with_mtp);
     let config = v32_config_json(cfg, opts.fp8, with_mtp);
 
-    let mut plan = Vec::with_capacity(specs.len() * 2);
-    for s in &specs {
+    let mut plan = Vec::with_capacity(written.len() * 2);
+    for (s, _) in &written {
         let dtype = stored_dtype(s, opts.fp8);
         plan.push(TensorPlan {
             name: s.name.clone(),
@@ -90,7 +92,12 @@ pub fn export_v32(
             });
         }
     }
-    let by_name: HashMap<&str, &WeightSpec> = specs.iter().map(|s| (s.name.as_str(), s)).collect();
+    // Each stored tensor and the parameter whose values it holds (itself, or the main tensor
+    // an MTP copy ties to).
+    let by_name: HashMap<&str, (&WeightSpec, &str)> = written
+        .iter()
+        .map(|(s, src)| (s.name.as_str(), (s, src.as_deref().unwrap_or(&s.name))))
+        .collect();
     // Quantising a weight yields its scales too; they wait here until the plan reaches them
     // (right after the weight, possibly in the next shard).
     let mut scales: HashMap<String, Vec<u8>> = HashMap::new();
@@ -110,8 +117,8 @@ pub fn export_v32(
         if let Some(bytes) = scales.remove(&t.name) {
             return Ok(bytes);
         }
-        let spec = by_name[t.name.as_str()];
-        let values = host_f32(params, &spec.name)?;
+        let (spec, holds) = by_name[t.name.as_str()];
+        let values = host_f32(params, holds)?;
         Ok(match t.dtype {
             StDtype::F8E4M3 => {
                 let [w, s] = StoredTensor::fp8(&spec.name, &spec.shape, &values);

@@ -12,7 +12,7 @@ use crate::checkpoint::StDtype;
 use crate::config::{IndexerDefaults, ModelConfig};
 use crate::hf_writer::{write_checkpoint, StoredTensor};
 use crate::rng::SplitMix64;
-use crate::weights::{model_weights, Kind, WeightSpec};
+use crate::weights::{Kind, WeightSpec};
 
 /// config.json of the tiny default model: 4 layers (1 dense + 3 MoE) and one MTP layer; dims
 /// above 128 and not multiples of it, so FP8 edge blocks are exercised.
@@ -167,11 +167,22 @@ pub fn write_checkpoint_of(
     let cfg = ModelConfig::from_json(&config.to_string(), &IndexerDefaults::default())?;
     let mut rng = SplitMix64::new(seed);
     let mut tensors = vec![];
-    for spec in model_weights(&cfg, true) {
+    // The MTP layers' copies of the embedding and head hold the main tensors' values.
+    let mut drawn: std::collections::HashMap<String, Vec<f32>> = Default::default();
+    for (spec, holds) in crate::weights::checkpoint_weights(&cfg, true) {
         if spec.indexer && !cfg.indexer_in_config {
             continue;
         }
-        let v = values(&spec, &mut rng);
+        let v = match holds {
+            Some(main) => drawn[&main].clone(),
+            None => values(&spec, &mut rng),
+        };
+        if matches!(
+            spec.kind,
+            crate::weights::Kind::Embedding | crate::weights::Kind::Head
+        ) {
+            drawn.insert(spec.name.clone(), v.clone());
+        }
         match spec.storage() {
             StDtype::F8E4M3 => tensors.extend(StoredTensor::fp8(&spec.name, &spec.shape, &v)),
             StDtype::F32 => tensors.push(StoredTensor::f32(&spec.name, &spec.shape, &v)),

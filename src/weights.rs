@@ -204,17 +204,13 @@ pub fn layer_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
     v
 }
 
-/// The extra tensors of the multi-token-prediction module at layer index `l`.
+/// The extra tensors of the multi-token-prediction module at layer index `l` that are its own.
+/// Its embedding and output head are the main model's (DeepSeek-V3 section 2.2: "shared
+/// embedding layer and output head"); the checkpoint layout's copies are `mtp_tied_copies`.
 pub fn mtp_extra_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
     let p = format!("model.layers.{l}.");
-    let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let d = cfg.hidden_size;
     vec![
-        spec(
-            format!("{p}embed_tokens.weight"),
-            &[vocab, d],
-            Kind::Embedding,
-            false,
-        ),
         spec(format!("{p}enorm.weight"), &[d], Kind::Norm, false),
         spec(format!("{p}hnorm.weight"), &[d], Kind::Norm, false),
         spec(
@@ -229,13 +225,62 @@ pub fn mtp_extra_weights(cfg: &ModelConfig, l: usize) -> Vec<WeightSpec> {
             Kind::Norm,
             false,
         ),
-        spec(
-            format!("{p}shared_head.head.weight"),
-            &[vocab, d],
-            Kind::Head,
-            false,
-        ),
     ]
+}
+
+/// The copies of the main model's embedding and output head that the Hugging Face layout
+/// stores in each MTP layer (`embed_tokens`, `shared_head.head`), each with the name of the
+/// main tensor it holds. Not parameters: loading ignores them, an export writes them.
+pub fn mtp_tied_copies(cfg: &ModelConfig) -> Vec<(WeightSpec, String)> {
+    let (d, vocab) = (cfg.hidden_size, cfg.vocab_size);
+    let head = if cfg.tie_word_embeddings {
+        "model.embed_tokens.weight"
+    } else {
+        "lm_head.weight"
+    };
+    (0..cfg.num_nextn_predict_layers)
+        .flat_map(|m| {
+            let p = format!("model.layers.{}.", cfg.num_hidden_layers + m);
+            [
+                (
+                    spec(
+                        format!("{p}embed_tokens.weight"),
+                        &[vocab, d],
+                        Kind::Embedding,
+                        false,
+                    ),
+                    "model.embed_tokens.weight".to_string(),
+                ),
+                (
+                    spec(
+                        format!("{p}shared_head.head.weight"),
+                        &[vocab, d],
+                        Kind::Head,
+                        false,
+                    ),
+                    head.to_string(),
+                ),
+            ]
+        })
+        .collect()
+}
+
+/// Every tensor a checkpoint in the Hugging Face layout stores, in its order: the model's
+/// parameters (`model_weights`) and, with the MTP layers, their tied copies after each layer's
+/// own tensors; each copy with the parameter it holds (None: the tensor is a parameter).
+pub fn checkpoint_weights(cfg: &ModelConfig, with_mtp: bool) -> Vec<(WeightSpec, Option<String>)> {
+    let mut v: Vec<(WeightSpec, Option<String>)> = model_weights(cfg, with_mtp)
+        .into_iter()
+        .map(|s| (s, None))
+        .collect();
+    if with_mtp {
+        v.extend(
+            mtp_tied_copies(cfg)
+                .into_iter()
+                .map(|(s, src)| (s, Some(src))),
+        );
+    }
+    v
 }
 
 /// Every tensor of the model, in checkpoint order. `with_mtp` adds the MTP layers.
@@ -437,13 +482,24 @@ mod tests {
             find("model.layers.5.mlp.experts.255.down_proj.weight").storage(),
             StDtype::F8E4M3
         );
-        // 671B main parameters + ~14B MTP: the table should count about 685B without indexers.
-        let total: usize = w
-            .iter()
-            .filter(|s| !s.indexer)
-            .map(|s| s.shape.iter().product::<usize>())
-            .sum();
+        // 671B main parameters + ~14B MTP: the checkpoint stores about 685B without indexers;
+        // the MTP layer's embedding and head are copies of the main ones, not parameters.
+        let count = |specs: &mut dyn Iterator<Item = &WeightSpec>| -> usize {
+            specs
+                .filter(|s| !s.indexer)
+                .map(|s| s.shape.iter().product::<usize>())
+                .sum()
+        };
+        let stored = checkpoint_weights(&cfg, true);
+        let total = count(&mut stored.iter().map(|(s, _)| s));
         assert!((684e9..686e9).contains(&(total as f64)), "{total}");
+        let copies = 2 * 129280 * 7168;
+        assert_eq!(count(&mut w.iter()), total - copies);
+        assert!(stored
+            .iter()
+            .filter_map(|(s, holds)| holds.as_ref().map(|h| (s, h)))
+            .all(|(s, h)| s.name.starts_with("model.layers.61.")
+                && (h == "model.embed_tokens.weight" || h == "lm_head.weight")));
     }
 
     #[test]

@@ -540,18 +540,32 @@ fn expert_parallel_matches_one_process_and_reshards() {
             }
         }
         train_ranks(2, &ep, &["--set", "parallel.ep=2", "--resume", "auto"]);
-        assert_close_within(
-            &losses(&f.out(&format!("{stage}-one"))),
-            &losses(&f.out(&format!("{stage}-ep"))),
-            &format!("{stage}: ep=2 vs 1 process"),
-            1e-5,
+        // The first step from the same weights to 1e-6; later steps carry f32 sums in another
+        // order through two updates at lr 1e-2, which grows the difference about tenfold a
+        // step (measured: 1e-7, 1e-6, 2e-5 relative in the sparse stage's KL): 1e-4.
+        let (one_run, ep_run) = (
+            losses(&f.out(&format!("{stage}-one"))),
+            losses(&f.out(&format!("{stage}-ep"))),
         );
-        // Re-shard the ep = 2 checkpoint onto one process: its step 3 is the others' step 3.
+        assert_close_within(
+            &one_run[..1],
+            &ep_run[..1],
+            &format!("{stage}: ep=2 vs 1 process, first step"),
+            1e-6,
+        );
+        assert_close_within(
+            &one_run,
+            &ep_run,
+            &format!("{stage}: ep=2 vs 1 process"),
+            1e-4,
+        );
+        // Re-shard the ep = 2 checkpoint onto one process.
         let down = f.recipe(stage, &format!("{stage}-epdown"), &model, 3);
         train_ranks(1, &down, &["--resume", step2.to_str().unwrap()]);
         let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+        // The same step-2 weights as the ep = 2 run: its step 3 to 1e-5.
         assert_close_within(
-            &last(losses(&f.out(&format!("{stage}-one")))),
+            &last(ep_run),
             &losses(&f.out(&format!("{stage}-epdown"))),
             &format!("{stage}: ep 2 -> 1"),
             1e-5,

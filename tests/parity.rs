@@ -225,8 +225,10 @@ fn read_f64_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f64>>
 
 /// Training parity with an independent reference: one micro-batch (the fixture's first window)
 /// of the warm-up and of the sparse stage through our f32 CPU trainer against torch autograd
-/// through transformers' DeepseekV32ForCausalLM in f64 with the two KL losses written in torch
-/// (tools/parity/make_train_fixture.py; the losses as docs/training.md defines them). The LM
+/// through transformers' DeepseekV32ForCausalLM in f64 with the two KL losses, the balance loss
+/// and the MTP module written in torch (tools/parity/make_train_fixture.py; the losses as
+/// docs/training.md defines them; the MTP as DeepSeek-V3 does: the main model's output after
+/// its final norm, the main embedding and head). The LM
 /// loss and the summed indexer KL to 1e-5 relative; the same set of trainable tensors on both
 /// sides; per tensor, its largest |value| and L2 norm to 1e-5 relative and every sampled value
 /// (every `stride`-th of the flattened gradient, about 512 a tensor) within 1e-5 of the largest
@@ -250,15 +252,16 @@ fn one_training_micro_batch_matches_torch_autograd() {
     for stage in ["warmup", "sparse"] {
         let want = &expected[stage];
         let recipe = format!(
-            "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = false\n\
+            "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = true\n\
              [data]\npath = {:?}\nseq_len = {seq}\n[train]\nstage = {stage:?}\n\
              global_batch_seqs = 1\nmicro_batch_seqs = 1\nseq_balance_alpha = {}\nkl_weight = {}\n\
-             [dsa]\nindex_topk = {k}\n",
+             mtp_weight = {}\n[dsa]\nindex_topk = {k}\n",
             work.join(format!("out-{stage}")),
             dir,
             work.join("window.bin"),
             expected["seq_balance_alpha"].as_f64().unwrap(),
             expected["kl_weight"].as_f64().unwrap(),
+            expected["mtp_weight"].as_f64().unwrap(),
         );
         let recipe = dsa_train::recipe::Recipe::parse(&recipe, &[]).unwrap();
         let layers = 3.0; // the fixture's main layers; the trainer logs the mean KL over them

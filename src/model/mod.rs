@@ -741,14 +741,15 @@ fn select_indexer_topk(
 }
 
 /// The multi-token-prediction module: predicts token t+2 from h_t and the embedding of t+1.
+/// One multi-token-prediction module (DeepSeek-V3 section 2.2). Its embedding and output head
+/// are the main model's (`Model::embed`, `Model::lm_head`): one parameter each, as the paper
+/// defines them and as Megatron-LM and SGLang run them.
 pub struct Mtp {
-    pub embed: Tensor,
     pub enorm: Tensor,
     pub hnorm: Tensor,
     pub eh_proj: Tensor,
     pub layer: DecoderLayer,
     pub head_norm: Tensor,
-    pub head: Tensor,
 }
 
 pub struct Model {
@@ -881,18 +882,22 @@ impl Model {
             get("lm_head.weight")?
         };
         let mut mtp = vec![];
+        if with_mtp && cfg.num_nextn_predict_layers > 1 {
+            anyhow::bail!(
+                "config.json has num_nextn_predict_layers {}: dsa-train trains one MTP module (DeepSeek-V3's); set model.mtp = false to leave them out",
+                cfg.num_nextn_predict_layers
+            );
+        }
         if with_mtp {
             for m in 0..cfg.num_nextn_predict_layers {
                 let l = cfg.num_hidden_layers + m;
                 let p = format!("model.layers.{l}.");
                 mtp.push(Mtp {
-                    embed: get(&format!("{p}embed_tokens.weight"))?,
                     enorm: get(&format!("{p}enorm.weight"))?,
                     hnorm: get(&format!("{p}hnorm.weight"))?,
                     eh_proj: get(&format!("{p}eh_proj.weight"))?,
                     layer: build_layer(&cfg, params, l, shard)?,
                     head_norm: get(&format!("{p}shared_head.norm.weight"))?,
-                    head: get(&format!("{p}shared_head.head.weight"))?,
                 });
             }
         }
@@ -963,9 +968,12 @@ impl Model {
         Ok((h, layers))
     }
 
-    /// Logits of MTP depth `depth` (0-based): position t predicts token t + 2 + depth, from the
-    /// main model's final hidden state at t and the embedding of token t + 1 + depth.
-    /// Returns [B, T - 1 - depth, vocab].
+    /// Logits of the MTP module (depth 0; the only one DeepSeek-V3 has): position t predicts
+    /// token t + 2 from the main model's representation at t and the embedding of token t + 1.
+    /// `hidden` [B, T, D] is the last decoder layer's output; the module reads it after the
+    /// final RMSNorm (`model.norm`), as vLLM, SGLang and Megatron-LM feed their MTP blocks
+    /// (docs/design.md), then: eh_proj([enorm(embed(t + 1)); hnorm(h)]), the decoder layer,
+    /// shared_head.norm and the main model's output head. Returns [B, T - 1 - depth, vocab].
     pub fn mtp_logits(
         &self,
         depth: usize,
@@ -979,16 +987,20 @@ impl Model {
         let eps = self.cfg.rms_norm_eps;
         let e = rms_norm(
             self.kernels,
-            &embed_with(self.kernels, &m.embed, &tokens.narrow(1, 1 + depth, n)?)?,
+            &embed_with(self.kernels, &self.embed, &tokens.narrow(1, 1 + depth, n)?)?,
             &m.enorm,
             eps,
         )?;
-        let hh = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &m.hnorm, eps)?;
+        let h0 = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &self.norm, eps)?;
+        let hh = rms_norm(self.kernels, &h0, &m.hnorm, eps)?;
         let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
         let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
         let (y, stats) = m.layer.forward(&x, &ctx, opts)?;
         Ok((
-            linear(&rms_norm(self.kernels, &y, &m.head_norm, eps)?, &m.head)?,
+            linear(
+                &rms_norm(self.kernels, &y, &m.head_norm, eps)?,
+                &self.lm_head,
+            )?,
             stats,
         ))
     }

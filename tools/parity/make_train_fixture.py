@@ -12,13 +12,19 @@ defines them for one sequence of T tokens:
             p_l = head-mean dense attention probabilities over the causal keys (detached),
             I_l = the indexer's logits with -inf on future keys; only indexer tensors learn.
   sparse:   L = mean next-token NLL over T-1 positions
-              + alpha * sum over MoE layers of sum_e f_e P_e
-              + kl_weight * sum over layers l of mean over t of KL(p_S[t] || softmax(I_S[t]))
+              + mtp_weight * mean NLL of the MTP module over T-2 positions
+              + alpha * sum over the main MoE layers of sum_e f_e P_e
+              + kl_weight * sum over layers l (the MTP layer's too) of
+                  mean over t of KL(p_S[t] || softmax(I_S[t]))
             S_t = top-k of I_l[t] (higher score first, lower index on ties; all of 0..t when
             t < k), attention over S_t only, p_S its head-mean probabilities (detached), the
             indexer fed detached inputs; f_e = E / (K T) * (tokens routed to e), P_e = mean over
             t of s_e / sum_j s_j with s the router's sigmoid scores; every tensor learns but the
-            router's correction bias.
+            router's correction bias. The MTP module (DeepSeek-V3 eq. 21-23): position i takes
+            the main model's output after the final RMSNorm, h_i, and the embedding of token i+1:
+            eh_proj([enorm(emb); hnorm(h)]) -> a decoder layer (its own indexer, sparse) ->
+            shared_head.norm -> the main model's output head, predicting token i+2; its
+            embedding and head are the main model's (one parameter each).
 
 Output (in the fixture folder), for every trainable tensor under its checkpoint name (routed
 experts split back into per-expert gate/up/down): in train_warmup.safetensors and
@@ -32,6 +38,7 @@ stride, largest |value| and L2 norm, with the settings and the loss values.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import sys
@@ -48,6 +55,7 @@ F64 = torch.float64
 ALPHA = 0.1  # train.seq_balance_alpha of the Rust side
 SAMPLES = 512  # gradient values kept per tensor (at least; every value of a small tensor)
 KL_WEIGHT = 1.0  # train.kl_weight
+MTP_WEIGHT = 0.3  # train.mtp_weight
 
 
 class Capture:
@@ -56,7 +64,7 @@ class Capture:
     def __init__(self):
         self.detach_indexer_inputs = False
         self.scores: dict[int, torch.Tensor] = {}  # layer -> indexer logits [T, T], -inf future
-        self.router: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sigmoid scores, chosen)
+        self.router: list = []  # (layer, (sigmoid scores, chosen))
 
 
 CAP = Capture()
@@ -92,7 +100,7 @@ def indexer_train_forward(self, hidden_states, q_resid, position_embeddings, att
 
 def router_train_forward(self, hidden_states):
     logits, w, idx = mf.router_forward_f64(self, hidden_states)
-    CAP.router.append((torch.sigmoid(logits), idx))
+    CAP.router.append((self.layer_idx, (torch.sigmoid(logits), idx)))
     return logits, w, idx
 
 
@@ -103,9 +111,62 @@ def kl_rows(p: torch.Tensor, scores: torch.Tensor, support: torch.Tensor) -> tor
     return torch.where(support, torch.xlogy(p, p) - p * logq.masked_fill(~support, 0.0), 0.0).sum(-1)
 
 
-def run_stage(model, window: torch.Tensor, stage: str, k: int, n_layers: int):
+class MtpModule(torch.nn.Module):
+    """The checkpoint's MTP layer (index L = num_hidden_layers) as transformers modules: a
+    DeepseekV32DecoderLayer with its weights, enorm, hnorm, eh_proj and shared_head.norm."""
+
+    def __init__(self, model, ckpt: dict, cfg: dict):
+        super().__init__()
+        L = cfg["num_hidden_layers"]
+        conf = copy.deepcopy(model.config)
+        conf.mlp_layer_types = list(conf.mlp_layer_types) + ["sparse"]
+        conf.num_hidden_layers = L + 1
+        self.layer = mf.mv32.DeepseekV32DecoderLayer(conf, L).to(F64)
+        self.layer.mlp.gate.layer_idx = L
+        d, eps = cfg["hidden_size"], conf.rms_norm_eps
+        self.enorm = mf.mv32.DeepseekV32RMSNorm(d, eps).to(F64)
+        self.hnorm = mf.mv32.DeepseekV32RMSNorm(d, eps).to(F64)
+        self.head_norm = mf.mv32.DeepseekV32RMSNorm(d, eps).to(F64)
+        self.eh_proj = torch.nn.Linear(2 * d, d, bias=False).to(F64)
+        p = f"model.layers.{L}."
+        own = {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
+        tied = {"embed_tokens.weight", "shared_head.head.weight"}  # the main model's
+        layer_sd = {}
+        for name, t in ckpt.items():
+            if not name.startswith(p) or ".mlp.experts." in name:
+                continue
+            short = name[len(p) :]
+            if short in own:
+                mod = {"enorm.weight": self.enorm, "hnorm.weight": self.hnorm,
+                       "eh_proj.weight": self.eh_proj, "shared_head.norm.weight": self.head_norm}[short]
+                mod.weight.data.copy_(t)
+            elif short not in tied:
+                layer_sd[short] = t
+        gu, dn = [], []
+        for e in range(cfg["n_routed_experts"]):
+            gu.append(torch.cat([ckpt[p + f"mlp.experts.{e}.gate_proj.weight"], ckpt[p + f"mlp.experts.{e}.up_proj.weight"]], 0))
+            dn.append(ckpt[p + f"mlp.experts.{e}.down_proj.weight"])
+        layer_sd["mlp.experts.gate_up_proj"] = torch.stack(gu)
+        layer_sd["mlp.experts.down_proj"] = torch.stack(dn)
+        missing, unexpected = self.layer.load_state_dict(layer_sd, strict=False)
+        assert not missing and not unexpected, (missing, unexpected)
+        self.prefix = p
+
+    def forward(self, model, h0: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+        n = window.shape[1] - 1
+        e = self.enorm(model.model.embed_tokens(window[:, 1:]))
+        x = self.eh_proj(torch.cat([e, self.hnorm(h0[:, :n])], dim=-1))
+        pos = torch.arange(n)[None]
+        mask = mf.mv32.create_causal_mask(
+            config=model.config, inputs_embeds=x, attention_mask=None, past_key_values=None,
+            position_ids=pos, allow_is_causal_skip=False,
+        )
+        y = self.layer(x, attention_mask=mask, position_ids=pos, position_embeddings=model.model.rotary_emb(x, pos))
+        return model.lm_head(self.head_norm(y))
+
+
+def run_stage(model, mtp: MtpModule, window: torch.Tensor, stage: str, k: int, n_layers: int):
     seq = window.shape[1]
-    causal = torch.ones(seq, seq, dtype=torch.bool).tril()
     mf.REC.mode, mf.REC.phase, mf.REC.recompute_dense = stage, "main", False
     mf.REC.model_topk = seq if stage == "warmup" else k
     mf.REC.select_k = k
@@ -113,43 +174,59 @@ def run_stage(model, window: torch.Tensor, stage: str, k: int, n_layers: int):
     CAP.__init__()
     CAP.detach_indexer_inputs = stage == "sparse"
     model.zero_grad(set_to_none=True)
-    for name, p in model.named_parameters():
+    mtp.zero_grad(set_to_none=True)
+    for name, p in list(model.named_parameters()) + list(mtp.named_parameters()):
         p.requires_grad_(".indexer." in name if stage == "warmup" else "e_score_correction_bias" not in name)
-    logits = model(input_ids=window, use_cache=False).logits[0]
+    h0 = model.model(input_ids=window, use_cache=False).last_hidden_state  # after model.norm
+    logits = model.lm_head(h0)[0]
+    mtp_logits = mtp(model, h0, window)[0]  # [T - 1, V]
     kl = torch.zeros((), dtype=F64)
-    for layer in range(n_layers):
+    kl_main = None
+    for layer in range(n_layers + 1):  # the main layers, then the MTP layer
+        if layer == n_layers:
+            kl_main = kl.detach().clone()
         p = mf.REC.probs[(layer, "main")].mean(0)  # head mean, detached by the recorder
+        n = p.shape[-1]  # T, or T - 1 in the MTP layer
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
         if stage == "warmup":
             support = causal
         else:
             order = mf.deterministic_order(CAP.scores[layer])
-            support = torch.zeros(seq, seq, dtype=torch.bool).scatter(1, order[:, : min(k, seq)], True) & causal
+            support = torch.zeros(n, n, dtype=torch.bool).scatter(1, order[:, : min(k, n)], True) & causal
             assert torch.all(p[~support] < 1e-300), "the sparse attention reads S_t only"
         kl = kl + kl_rows(p, CAP.scores[layer], support).mean()
-    values = {"indexer_kl_sum": float(kl.detach())}
+    values = {"indexer_kl_sum": float(kl_main), "mtp_indexer_kl": float(kl.detach() - kl_main)}
     if stage == "warmup":
         loss = kl
     else:
         logp = torch.log_softmax(logits[:-1], dim=-1)
         lm = -logp.gather(-1, window[0, 1:, None])[..., 0].mean()
+        mtp_nll = -torch.log_softmax(mtp_logits[:-1], dim=-1).gather(-1, window[0, 2:, None])[..., 0].mean()
         balance = torch.zeros((), dtype=F64)
-        for s, idx in CAP.router:
+        for layer, (s, idx) in CAP.router:
+            if layer >= n_layers:
+                continue  # the trainer's balance loss covers the main layers
             n_tok, n_exp = s.shape
             top_k = idx.shape[1]
             f = torch.bincount(idx.reshape(-1), minlength=n_exp).to(F64) * (n_exp / (top_k * n_tok))
             balance = balance + (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
-        values.update(lm_loss=float(lm.detach()), balance_sum=float(balance.detach()))
-        loss = lm + ALPHA * balance + KL_WEIGHT * kl
+        values.update(lm_loss=float(lm.detach()), mtp_loss=float(mtp_nll.detach()), balance_sum=float(balance.detach()))
+        loss = lm + MTP_WEIGHT * mtp_nll + ALPHA * balance + KL_WEIGHT * kl
     loss.backward()
     mf.REC.mode = None
     return values
 
 
-def gradients(model, cfg: dict) -> dict[str, torch.Tensor]:
+def gradients(model, mtp: MtpModule, cfg: dict) -> dict[str, torch.Tensor]:
     """Every parameter's gradient under its checkpoint name (fused experts split back)."""
     out = {}
     inter = cfg["moe_intermediate_size"]
-    for name, p in model.named_parameters():
+    mtp_names = {"enorm.weight": "enorm.weight", "hnorm.weight": "hnorm.weight",
+                 "eh_proj.weight": "eh_proj.weight", "head_norm.weight": "shared_head.norm.weight"}
+    named = list(model.named_parameters()) + [
+        (mtp.prefix + (mtp_names.get(n) or n.removeprefix("layer.")), p) for n, p in mtp.named_parameters()
+    ]
+    for name, p in named:
         if p.grad is None:
             continue
         g = p.grad.detach().to(F64).contiguous()
@@ -188,15 +265,17 @@ def main(argv=None):
         (mf.mv32.DeepseekV32Indexer, "forward", indexer_train_forward),
         (mf.mv32.DeepseekV32TopkRouter, "forward", router_train_forward),
     ]
-    report = {"seq_len": seq, "topk": k, "seq_balance_alpha": ALPHA, "kl_weight": KL_WEIGHT, "window": 0}
+    mtp = MtpModule(model, ckpt, cfg)
+    report = {"seq_len": seq, "topk": k, "seq_balance_alpha": ALPHA, "kl_weight": KL_WEIGHT,
+              "mtp_weight": MTP_WEIGHT, "window": 0}
     with mf.f64_patches():
         saved = [(o, a, getattr(o, a)) for o, a, _ in patches]
         for o, a, new in patches:
             setattr(o, a, new)
         try:
             for stage in ("warmup", "sparse"):
-                report[stage] = run_stage(model, window, stage, k, n_layers)
-                grads = gradients(model, cfg)
+                report[stage] = run_stage(model, mtp, window, stage, k, n_layers)
+                grads = gradients(model, mtp, cfg)
                 samples, stats = {}, {}
                 for name, g in sorted(grads.items()):
                     flat = g.reshape(-1)
