@@ -397,6 +397,15 @@ pub fn apply_overlay(
     let by_name: std::collections::HashMap<&str, &WeightSpec> =
         specs.iter().map(|s| (s.name.as_str(), s)).collect();
     for (name, t) in overlay {
+        let mtp_copy = name.starts_with("model.layers.")
+            && (name.ends_with(".embed_tokens.weight")
+                || name.ends_with(".shared_head.head.weight"));
+        if mtp_copy && !by_name.contains_key(name.as_str()) {
+            // A step of an older build trained the MTP layer's copies of the embedding and head
+            // as their own tensors; the module now shares the main ones (docs/design.md).
+            crate::elog!("[load] {name}: not loaded; the MTP module uses the main model's tensor");
+            continue;
+        }
         let spec = by_name.get(name.as_str()).with_context(|| {
             format!("checkpoint tensor {name} is not part of this model (config.json, the MTP setting or the indexer shape differ)")
         })?;
