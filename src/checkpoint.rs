@@ -387,6 +387,11 @@ impl Checkpoint {
 
 /// Read every tensor of one safetensors file as f32 (training checkpoints: master weights and
 /// optimizer moments).
+/// The tensor names a safetensors file stores (its header only).
+pub fn file_tensor_names(path: &Path) -> Result<Vec<String>> {
+    Ok(Shard::open(path)?.tensors.into_keys().collect())
+}
+
 pub fn load_file_f32(path: &Path, device: &Device) -> Result<BTreeMap<String, Tensor>> {
     load_file_f32_where(path, device, &|_| true)
 }

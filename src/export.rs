@@ -67,8 +67,106 @@ pub fn export_v32(
     opts: &ExportOptions,
 ) -> Result<()> {
     check_output_dir(out)?;
-    let with_mtp = mtp_present(cfg, params)?;
+    let with_mtp = mtp_present(cfg, &|n| params.contains_key(n))?;
     check_params(&weights::model_weights(cfg, with_mtp), params, cfg)?;
+    export_from(cfg, &ParamSource(params), with_mtp, out, opts)
+}
+
+/// Where an export reads each tensor's values, one tensor at a time.
+pub trait TensorSource {
+    /// The values of `spec` as f32 (row-major), read now; an error names the tensor.
+    fn values(&self, spec: &WeightSpec) -> Result<Vec<f32>>;
+}
+
+/// Parameters already in memory (a trainer's).
+struct ParamSource<'a>(&'a ParamSet);
+
+impl TensorSource for ParamSource<'_> {
+    fn values(&self, spec: &WeightSpec) -> Result<Vec<f32>> {
+        let t = weights::get(self.0, &spec.name)?;
+        Ok(t.to_device(&Device::Cpu)?
+            .to_dtype(DType::F32)?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+}
+
+/// A Hugging Face checkpoint and the trained tensors of the steps over it, read a tensor at a
+/// time (the base memory-mapped, a step's tensor from its files), so an export holds one
+/// tensor in memory however large the model: a trained tensor from the last step folder that
+/// stores it, else the base checkpoint's, else (an indexer tensor a V3.1 base lacks) the
+/// deterministic init from `init_seed`.
+struct CheckpointSource {
+    base: Checkpoint,
+    /// Each step folder over the base, the last first, with the tensor names it stores.
+    overlays: Vec<(std::path::PathBuf, BTreeSet<String>)>,
+    init_seed: u64,
+}
+
+impl CheckpointSource {
+    fn open(source: &crate::train::ckpt::ModelSource, init_seed: u64) -> Result<Self> {
+        let overlays = source
+            .overlays
+            .iter()
+            .rev()
+            .map(|d| Ok((d.clone(), crate::train::ckpt::overlay_names(d)?)))
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            base: Checkpoint::open(&source.hf_dir)?,
+            overlays,
+            init_seed,
+        })
+    }
+
+    fn trained_in(&self, name: &str) -> Option<&Path> {
+        self.overlays
+            .iter()
+            .find(|(_, names)| names.contains(name))
+            .map(|(d, _)| d.as_path())
+    }
+
+    fn has(&self, name: &str) -> bool {
+        self.trained_in(name).is_some() || self.base.contains(name)
+    }
+}
+
+impl TensorSource for CheckpointSource {
+    fn values(&self, spec: &WeightSpec) -> Result<Vec<f32>> {
+        let name = &spec.name;
+        let t = if let Some(dir) = self.trained_in(name) {
+            crate::train::ckpt::overlay_tensor(dir, name)?
+        } else if self.base.contains(name) {
+            self.base
+                .load(name, &spec.shape, DType::F32, &Device::Cpu)?
+        } else if spec.indexer {
+            return Ok(weights::init_indexer_tensor(spec, self.init_seed));
+        } else {
+            bail!(
+                "tensor {name} is in neither {} nor the steps over it",
+                self.base.dir().display()
+            );
+        };
+        if t.dims() != spec.shape.as_slice() {
+            bail!(
+                "tensor {name} has shape {:?}, the model config expects {:?}",
+                t.dims(),
+                spec.shape
+            );
+        }
+        Ok(t.flatten_all()?.to_vec1()?)
+    }
+}
+
+/// `export_v32` from any `TensorSource`: each tensor read, checked finite, converted and
+/// written before the next is read.
+pub fn export_from(
+    cfg: &ModelConfig,
+    source: &dyn TensorSource,
+    with_mtp: bool,
+    out: &Path,
+    opts: &ExportOptions,
+) -> Result<()> {
+    check_output_dir(out)?;
     let written = weights::checkpoint_weights(cfg, with_mtp);
     let config = v32_config_json(cfg, opts.fp8, with_mtp);
 
@@ -118,7 +216,7 @@ pub fn export_v32(
             return Ok(bytes);
         }
         let (spec, holds) = by_name[t.name.as_str()];
-        let values = host_f32(params, holds)?;
+        let values = finite(holds, source.values(by_name[holds].0)?)?;
         Ok(match t.dtype {
             StDtype::F8E4M3 => {
                 let [w, s] = StoredTensor::fp8(&spec.name, &spec.shape, &values);
@@ -144,18 +242,20 @@ pub fn stored_dtype(spec: &WeightSpec, fp8: bool) -> StDtype {
     }
 }
 
-/// Does `params` hold the MTP layers? All of them or none; a partial set is an error.
-fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
+/// Does the source (`has`) hold the MTP layers? All of them or none; a partial set is an
+/// error. Indexer tensors do not count (a V3.1 base has none; they are initialised).
+fn mtp_present(cfg: &ModelConfig, has: &dyn Fn(&str) -> bool) -> Result<bool> {
     let main: BTreeSet<String> = weights::model_weights(cfg, false)
         .into_iter()
         .map(|s| s.name)
         .collect();
     let mtp: Vec<String> = weights::model_weights(cfg, true)
         .into_iter()
+        .filter(|s| !s.indexer)
         .map(|s| s.name)
         .filter(|n| !main.contains(n))
         .collect();
-    let present = mtp.iter().filter(|n| params.contains_key(*n)).count();
+    let present = mtp.iter().filter(|n| has(n)).count();
     if present == 0 {
         if cfg.num_nextn_predict_layers > 0 {
             crate::elog!(
@@ -166,7 +266,7 @@ fn mtp_present(cfg: &ModelConfig, params: &ParamSet) -> Result<bool> {
         return Ok(false);
     }
     if present < mtp.len() {
-        let missing = mtp.iter().find(|n| !params.contains_key(*n)).unwrap();
+        let missing = mtp.iter().find(|n| !has(n)).unwrap();
         bail!(
             "the parameters hold {present} of the {} MTP tensors; {missing} is missing",
             mtp.len()
@@ -206,15 +306,9 @@ fn check_params(specs: &[WeightSpec], params: &ParamSet, cfg: &ModelConfig) -> R
     Ok(())
 }
 
-/// One parameter as f32 on the host, checked finite (FP8 block scales of a NaN or an infinity
-/// would silently corrupt the whole block).
-fn host_f32(params: &ParamSet, name: &str) -> Result<Vec<f32>> {
-    let t = weights::get(params, name)?;
-    let v: Vec<f32> = t
-        .to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1()?;
+/// `v`, the values of parameter `name`, checked finite (FP8 block scales of a NaN or an
+/// infinity would silently corrupt the whole block).
+fn finite(name: &str, v: Vec<f32>) -> Result<Vec<f32>> {
     if let Some(i) = v.iter().position(|x| !x.is_finite()) {
         bail!(
             "parameter {name} holds {} at flat index {i}; refusing to export a non-finite weight",
@@ -354,18 +448,30 @@ pub fn export_hf_checkpoint(
         // A step exports the k its run trained with (the recipe's), not a base config.json's.
         cfg.index_topk = indexer.topk;
     }
-    let ckpt = Checkpoint::open(&source.hf_dir)?;
-    let specs = weights::model_weights(&cfg, cfg.num_nextn_predict_layers > 0);
-    let (mut params, initialised) =
-        weights::load_params(&ckpt, &specs, DType::BF16, &Device::Cpu, init_seed)?;
-    // Trained tensors stay f32 here so that the export rounds them exactly once.
-    let overlay = crate::train::ckpt::overlay_params(&source, &Device::Cpu)?;
-    let trained: std::collections::HashSet<String> = overlay.keys().cloned().collect();
-    weights::apply_overlay(&mut params, &specs, overlay, DType::F32)?;
-    let initialised: Vec<&String> = initialised
+    // Read a tensor at a time while writing (trained tensors in f32, so the export rounds
+    // them exactly once); nothing is loaded up front.
+    let reader = CheckpointSource::open(&source, init_seed)?;
+    let with_mtp = mtp_present(&cfg, &|n| reader.has(n))?;
+    let specs = weights::model_weights(&cfg, with_mtp);
+    let known: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
+    let trained: BTreeSet<&String> = reader.overlays.iter().flat_map(|(_, n)| n).collect();
+    if let Some(extra) = trained.iter().find(|n| !known.contains(n.as_str())) {
+        bail!(
+            "{}: trained tensor {extra} is not a tensor of this model (config.json, the MTP layers or the indexer shape differ)",
+            src.display()
+        );
+    }
+    let initialised: Vec<&WeightSpec> = specs
         .iter()
-        .filter(|n| !trained.contains(*n))
+        .filter(|s| s.indexer && !reader.has(&s.name))
         .collect();
+    if let Some(s) = specs.iter().find(|s| !s.indexer && !reader.has(&s.name)) {
+        bail!(
+            "tensor {} is missing from {} (and from the steps over it)",
+            s.name,
+            source.hf_dir.display()
+        );
+    }
     if !initialised.is_empty() {
         crate::elog!(
             "[export] {} has no indexer tensors: initialised {} of them from seed {init_seed} ({}x{} heads, top-k {})",
@@ -379,7 +485,7 @@ pub fn export_hf_checkpoint(
             src.display()
         );
     }
-    export_v32(&cfg, &params, out, opts)?;
+    export_from(&cfg, &reader, with_mtp, out, opts)?;
     copy_companions(&source.hf_dir, out)?;
     Ok(cfg)
 }

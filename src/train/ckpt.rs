@@ -345,6 +345,25 @@ fn load_tensors(
     Ok(out)
 }
 
+/// The names of the trained tensors a step folder stores (a tensor stored as row ranges once,
+/// under its whole name), read from the file headers only.
+pub fn overlay_names(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
+    let mut names = std::collections::BTreeSet::new();
+    for f in tensor_files(dir, "params")? {
+        for n in crate::checkpoint::file_tensor_names(&f)? {
+            names.insert(split_piece_name(&n).map_or(n, |(base, ..)| base));
+        }
+    }
+    Ok(names)
+}
+
+/// One trained tensor of a step folder (its row ranges joined), f32 on the host.
+pub fn overlay_tensor(dir: &Path, name: &str) -> Result<Tensor> {
+    load_tensors(dir, "params", &Device::Cpu, &|n| n == name)?
+        .remove(name)
+        .with_context(|| format!("{}: no trained tensor {name}", dir.display()))
+}
+
 /// Every `step-N` entry of `output_dir`, complete or not, oldest first.
 pub fn step_entries(output_dir: &Path) -> Vec<(u64, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(output_dir) else {
