@@ -127,6 +127,7 @@ pub fn bench_checkpoint(dir: &Path, gib: f64, repeats: usize) -> Result<String> 
             step: 1,
             tokens_seen: 0,
             data_cursor: Default::default(),
+            blend_cursor: None,
             optimizer_steps: Default::default(),
             model_path: String::new(),
             base: None,

@@ -55,9 +55,13 @@ pub struct ModelSection {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DataConfig {
-    /// Raw little-endian u32 token file or a prepared data directory.
+    /// Raw little-endian u32 token file, a prepared data directory or a Megatron indexed
+    /// dataset. Empty when `blend` lists the corpora instead.
     pub path: String,
     pub seq_len: usize,
+    /// A blend instead of one corpus: `[[data.blend]]` tables of `path` and `weight` (each
+    /// source's share of the windows; data/blend.rs).
+    pub blend: Vec<crate::data::BlendSource>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -251,6 +255,7 @@ impl Default for DataConfig {
         Self {
             path: String::new(),
             seq_len: 131072,
+            blend: Vec::new(),
         }
     }
 }
@@ -497,10 +502,28 @@ impl Recipe {
         for (key, v) in [
             ("run.output_dir", &self.run.output_dir),
             ("model.path", &self.model.path),
-            ("data.path", &self.data.path),
         ] {
             if v.is_empty() {
                 bail!("{key} must be set");
+            }
+        }
+        match (self.data.path.is_empty(), self.data.blend.is_empty()) {
+            (true, true) => bail!("data.path must be set (or data.blend list the corpora)"),
+            (false, false) => bail!(
+                "data.path = {:?} and data.blend are both set: one corpus or a blend, not both",
+                self.data.path
+            ),
+            _ => {}
+        }
+        for (i, b) in self.data.blend.iter().enumerate() {
+            if b.path.is_empty() {
+                bail!("data.blend[{i}].path must be set");
+            }
+            if !(b.weight.is_finite() && b.weight > 0.0) {
+                bail!(
+                    "data.blend[{i}].weight = {} must be a positive number",
+                    b.weight
+                );
             }
         }
         crate::parse_dtype(&self.model.dtype).map_err(|_| {
@@ -617,7 +640,11 @@ impl Recipe {
     pub fn resume_changes(&self, saved: &Recipe) -> Vec<String> {
         let flat = |r: &Recipe| -> std::collections::BTreeMap<String, Value> {
             let mut r = r.clone();
-            for p in [&mut r.model.path, &mut r.data.path] {
+            for p in [&mut r.model.path, &mut r.data.path]
+                .into_iter()
+                .chain(r.data.blend.iter_mut().map(|b| &mut b.path))
+                .filter(|p| !p.is_empty())
+            {
                 *p = crate::paths::resolved(Path::new(p.as_str()))
                     .to_string_lossy()
                     .into_owned();
@@ -873,8 +900,11 @@ fn type_ok(sch: &Value, v: &Value) -> bool {
     match (sch, v) {
         (Value::String(_), Value::String(_)) | (Value::Bool(_), Value::Bool(_)) => true,
         (Value::Number(s), Value::Number(p)) => s.is_f64() || p.is_u64(),
-        // The schema's only lists are lists of names.
-        (Value::Array(_), Value::Array(items)) => items.iter().all(Value::is_string),
+        // The schema's lists are of names (kernels.plain_ops) or of tables (data.blend, whose
+        // fields serde checks by name).
+        (Value::Array(_), Value::Array(items)) => {
+            items.iter().all(Value::is_string) || items.iter().all(Value::is_object)
+        }
         _ => false,
     }
 }
@@ -1005,6 +1035,34 @@ mod tests {
         let agree = Recipe::parse(MINIMAL, &["dsa.index_n_heads=32".into()]).unwrap();
         assert!(agree.model_config(&dir).is_ok());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// `[[data.blend]]` lists corpora with weights instead of `data.path`; one of the two, positive
+    /// weights, and a misspelt field named.
+    #[test]
+    fn a_blend_replaces_data_path_and_its_mistakes_are_named() {
+        let no_path = MINIMAL.replace("[data]\npath = \"d\"\n", "[data]\n");
+        let blend = "[[data.blend]]\npath = \"a\"\nweight = 3\n[[data.blend]]\npath = \"b\"\nweight = 1.0\n";
+        let r = Recipe::parse(&format!("{no_path}{blend}"), &[]).unwrap();
+        assert_eq!(r.data.blend.len(), 2);
+        assert_eq!(
+            (r.data.blend[0].weight, r.data.blend[1].path.as_str()),
+            (3.0, "b")
+        );
+        assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+        let err = |text: String| Recipe::parse(&text, &[]).unwrap_err().to_string();
+        let e = err(format!("{MINIMAL}{blend}"));
+        assert!(e.contains("data.path") && e.contains("data.blend"), "{e}");
+        let e = err(format!(
+            "{no_path}[[data.blend]]\npath = \"a\"\nweight = 0\n"
+        ));
+        assert!(e.contains("data.blend[0].weight"), "{e}");
+        let e = err(format!(
+            "{no_path}[[data.blend]]\npath = \"a\"\nwieght = 1\n"
+        ));
+        assert!(e.contains("wieght"), "{e}");
+        let e = err(no_path);
+        assert!(e.contains("data.path must be set"), "{e}");
     }
 
     /// `[kernels]` gives the model its kernel policy; a wrong op name names the key.

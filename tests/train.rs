@@ -92,6 +92,50 @@ fn resume_reproduces_an_uninterrupted_run_bit_for_bit_in_both_stages() {
     assert_same_params(&f.out("s-straight/step-4"), &f.out("s-split/step-4"));
 }
 
+/// A blend of two corpora (`[[data.blend]]`) trains and resumes bit for bit, and both corpora
+/// feed it: the same run on the first corpus alone gives other losses.
+#[test]
+fn a_blend_of_corpora_resumes_bit_for_bit() {
+    let f = Fixture::new(2);
+    let model = f.root.join("model");
+    // A second corpus: the fixture's tokens in reverse order.
+    let mut ids = dsa_train::data::read_token_file(&f.root.join("tokens.bin"), usize::MAX).unwrap();
+    ids.reverse();
+    let bytes: Vec<u8> = ids.iter().flat_map(|t| t.to_le_bytes()).collect();
+    std::fs::write(f.root.join("reversed.bin"), bytes).unwrap();
+    let blended = |out: &str| {
+        let one = f.recipe("warmup", out, &model, 4);
+        let text = std::fs::read_to_string(&one).unwrap();
+        let data_line = text
+            .lines()
+            .find(|l| l.starts_with("path = ") && l.contains("tokens.bin"))
+            .unwrap()
+            .to_string();
+        let text = text.replace(&format!("{data_line}\n"), "")
+            + &format!(
+                "[[data.blend]]\n{data_line}\nweight = 2.0\n[[data.blend]]\npath = {:?}\nweight = 1.0\n",
+                f.root.join("reversed.bin")
+            );
+        std::fs::write(&one, text).unwrap();
+        one
+    };
+    let straight = blended("b-straight");
+    run_recipe(&straight, &[], None);
+    let split = blended("b-split");
+    run_recipe(&split, &["train.steps=2"], None);
+    run_recipe(&split, &[], Some(Resume::Auto));
+    let a = losses(&f.out("b-straight"));
+    assert_eq!(a.len(), 4);
+    assert_eq!(a, losses(&f.out("b-split")));
+    assert_same_params(&f.out("b-straight/step-4"), &f.out("b-split/step-4"));
+    let state = std::fs::read_to_string(f.out("b-split/step-4/state.json")).unwrap();
+    assert!(state.contains("blend_cursor"), "{state}");
+    // The first corpus alone: other windows, other losses.
+    let single = f.recipe("warmup", "b-single", &model, 4);
+    run_recipe(&single, &[], None);
+    assert_ne!(losses(&f.out("b-single")), a);
+}
+
 #[test]
 fn warmup_trains_only_the_indexer_and_leaves_every_other_tensor_bitwise_unchanged() {
     let f = Fixture::new(2);

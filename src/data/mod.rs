@@ -5,14 +5,17 @@
 //! - `megatron`: Megatron-LM indexed datasets (`.bin` + `.idx`), read in place.
 //! - `stream`: `TokenStream`, one view of a prepared directory, a Megatron dataset or a raw file.
 //! - `sampler`: `WindowSampler`, shuffled training windows with an exact-resume cursor.
+//! - `blend`: `Sampler`, one corpus or a weighted blend of several, with an exact-resume cursor.
 //! - here: raw little-endian u32 token files, as `eval --tokens` reads them.
 
+pub mod blend;
 pub mod format;
 pub mod megatron;
 pub mod prepare;
 pub mod sampler;
 pub mod stream;
 
+pub use blend::{BlendCursor, BlendSource, Sampler};
 pub use format::DataIndex;
 pub use prepare::{prepare, PrepareArgs, PrepareReport};
 pub use sampler::{DataCursor, WindowSampler};

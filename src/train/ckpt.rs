@@ -52,6 +52,9 @@ pub struct TrainState {
     pub step: u64,
     pub tokens_seen: u64,
     pub data_cursor: DataCursor,
+    /// A blend run's cursor (`data.blend`); absent for one corpus.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blend_cursor: Option<crate::data::BlendCursor>,
     /// Per-tensor Adam step counts (bias correction).
     pub optimizer_steps: BTreeMap<String, u64>,
     /// The `model.path` this run started from (absolute), for chaining (steps written before

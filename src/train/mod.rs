@@ -36,7 +36,7 @@ use candle_core::{DType, Device, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
-use crate::data::{TokenStream, WindowSampler};
+use crate::data::Sampler;
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
@@ -72,7 +72,7 @@ pub struct Trainer {
     pub slots: Vec<Slot>,
     /// MoE router biases (sparse stage): changed by the sign rule, saved with the parameters.
     pub router_biases: Vec<(String, Var)>,
-    pub sampler: WindowSampler,
+    pub sampler: Sampler,
     pub step: u64,
     pub tokens_seen: u64,
     model_path: PathBuf,
@@ -362,8 +362,13 @@ impl Trainer {
         )?;
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
-        let stream = TokenStream::open(Path::new(&recipe.data.path), model.cfg.vocab_size)?;
-        let mut sampler = WindowSampler::new(stream, recipe.data.seq_len, recipe.run.seed)?;
+        let mut sampler = Sampler::open(
+            &recipe.data.path,
+            &recipe.data.blend,
+            recipe.data.seq_len,
+            model.cfg.vocab_size,
+            recipe.run.seed,
+        )?;
         let (mut step, mut tokens_seen) = (0, 0);
         if layout.dp > 1 {
             // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
@@ -412,12 +417,14 @@ impl Trainer {
                         .unwrap_or(0);
                 }
             }
-            sampler.restore(snap.state.data_cursor).with_context(|| {
-                format!(
-                    "{}: its data cursor does not fit data.path and data.seq_len",
+            sampler
+                .restore(snap.state.data_cursor, snap.state.blend_cursor.as_ref())
+                .with_context(|| {
+                    format!(
+                    "{}: its data cursor does not fit data.path (or data.blend) and data.seq_len",
                     resume_dir.unwrap_or(Path::new("")).display()
                 )
-            })?;
+                })?;
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
         }
@@ -1127,7 +1134,8 @@ impl Trainer {
                 stage: self.stage,
                 step: self.step,
                 tokens_seen: self.tokens_seen,
-                data_cursor: self.sampler.cursor(),
+                data_cursor: self.sampler.cursor().0,
+                blend_cursor: self.sampler.cursor().1,
                 optimizer_steps,
                 model_path: self.model_path.to_string_lossy().into_owned(),
                 base: Some(
@@ -1262,7 +1270,11 @@ pub fn train_with(
         &mut recipe.model.path,
         &mut recipe.data.path,
         &mut recipe.run.output_dir,
-    ] {
+    ]
+    .into_iter()
+    .chain(recipe.data.blend.iter_mut().map(|b| &mut b.path))
+    .filter(|p| !p.is_empty())
+    {
         *p = crate::paths::resolved(Path::new(p.as_str()))
             .to_string_lossy()
             .into_owned();
