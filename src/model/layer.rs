@@ -1,0 +1,524 @@
+//! The decoder layer's forward: MLA (dense or absorbed sparse over the indexer's selection),
+//! the indexer and its statistics (KL, recall, deferred KL for the trainer), MLP or MoE, and the
+//! blocked evaluation pass. Its explicit backward is in blocks.rs.
+
+use candle_core::{DType, Result, Tensor};
+
+use super::attention;
+use super::indexer::{self, Indexer, IndexerProj};
+use super::{
+    AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, ForwardOptions,
+    LayerStats,
+};
+use crate::dsa::{recall_rows, select_topk};
+use crate::kernels::KernelPolicy;
+use crate::losses::kl_rows;
+use crate::ops::rms_norm;
+
+impl DecoderLayer {
+    /// Run the layer's ops with `kernels` (kernels or their plain twins).
+    pub fn set_kernels(&mut self, kernels: KernelPolicy) {
+        self.kernels = kernels;
+        self.attn.kernels = kernels;
+        self.indexer.kernels = kernels;
+        match &mut self.ffn {
+            FeedForward::Dense(m) => m.kernels = kernels,
+            FeedForward::Moe(m) => {
+                m.kernels = kernels;
+                for e in m.experts.iter_mut().chain(m.shared.iter_mut()) {
+                    e.kernels = kernels;
+                }
+            }
+        }
+    }
+
+    pub fn forward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+    ) -> Result<(Tensor, LayerStats)> {
+        self.forward_with(h, ctx, opts, None)
+    }
+
+    /// `forward`, reusing `cached` as the sparse selection instead of running the indexer's
+    /// top-k again (the recomputing backward: same input, so the same sets).
+    pub fn forward_with(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+    ) -> Result<(Tensor, LayerStats)> {
+        if opts.block_rows > 0 && opts.attention == AttentionMode::Sparse && !opts.recall {
+            return self.forward_blocks(h, ctx, opts, cached);
+        }
+        let eval = opts.eval_rows.is_some() && !opts.defer_dense_kl;
+        // Evaluation keeps no graph: its blocks must not stay alive through one.
+        let h = if eval { h.detach() } else { h.clone() };
+        let region = crate::profile::region("layer: norm + MLA projections");
+        let x = rms_norm(self.kernels, &h, &self.input_norm, self.eps)?;
+        let proj = self.attn.project(&x, &ctx.cos, &ctx.sin)?;
+        drop(region);
+        let mut stats = LayerStats::default();
+        let region = crate::profile::region("layer: indexer projections");
+        let ix = self.project_indexer(&x, &proj.qr, ctx, opts, cached.is_some(), &mut stats)?;
+        drop(region);
+        let region = crate::profile::region("layer: attention (with top-k, KL, recall)");
+        let attn_out = match opts.attention {
+            _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
+            AttentionMode::Dense
+                if opts.defer_dense_kl
+                    && self.attn.streaming_supported(
+                        &proj,
+                        self.indexer.heads,
+                        self.indexer.head_dim,
+                    ) =>
+            {
+                let (out, scores) = self.attn.dense_streaming(&proj)?;
+                stats.deferred_kl = Some(DeferredKl::Streaming {
+                    proj: ix.expect("deferred KL projects the indexer").whole()?,
+                    scores,
+                });
+                out
+            }
+            // No indexer statistic wants the probabilities (the dense pre-training stage): the
+            // flash-style forward and backward (kernels, or the block-recomputing twin), no
+            // [H, T, T] graph.
+            AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => {
+                self.attn.dense_recomputing(&proj)?
+            }
+            AttentionMode::Dense => {
+                let ix = ix.map(IndexerView::whole).transpose()?;
+                let causal = ctx.causal(0, ctx.t)?;
+                let a = self.attn.dense(&proj, &causal)?;
+                if opts.defer_dense_kl {
+                    let proj = ix.expect("deferred KL projects the indexer");
+                    stats.deferred_kl = Some(DeferredKl::Plain {
+                        proj,
+                        target: a.probs()?.clone(),
+                    });
+                } else if let Some(ix) = &ix {
+                    let scores = ix.scores(&causal)?; // [B, T, T]
+                    if opts.indexer_kl {
+                        stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
+                    }
+                    if opts.recall {
+                        let sel = select_topk(&scores.detach(), opts.topk)
+                            .map_err(candle_core::Error::wrap)?;
+                        stats.recall =
+                            Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
+                    }
+                }
+                a.out
+            }
+            AttentionMode::Sparse => {
+                let region = crate::profile::region("attention: selection (indexer top-k)");
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
+                drop(region);
+                let region =
+                    crate::profile::region("attention: sparse MLA forward (and probabilities)");
+                let a = self.attn.sparse(&proj, &sel, opts.indexer_kl)?;
+                drop(region);
+                if opts.indexer_kl {
+                    let ix = ix.as_ref().expect("the indexer KL projects the indexer");
+                    sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, &mut stats)?;
+                }
+                if opts.recall {
+                    let dense = self
+                        .attn
+                        .dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
+                    stats.recall =
+                        Some(recall_rows(&dense, &sel).map_err(candle_core::Error::wrap)?);
+                }
+                stats.selection = Some(sel);
+                a.out
+            }
+        };
+        drop(region);
+        let _region = crate::profile::region("layer: residual, norm, feed-forward");
+        let h = (&h + attn_out)?;
+        let x = rms_norm(self.kernels, &h, &self.post_attention_norm, self.eps)?;
+        let f = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+            FeedForward::Moe(moe) => {
+                let r = moe.forward(&x, opts.seq_balance)?;
+                stats.expert_counts = Some(r.counts);
+                stats.balance_loss = r.balance_loss;
+                stats.balance_weights = r.balance_weights;
+                stats.chosen = Some(r.chosen);
+                r.out
+            }
+        };
+        Ok(((h + f)?, stats))
+    }
+
+    /// The attention of an evaluation pass (`opts.eval_rows`) with its KL and recall, a block
+    /// of query rows at a time wherever the whole-sequence pass holds [.., T, T] tensors; the
+    /// same statistics as `forward_with`'s, row for row. Dense: the sets first (the indexer's
+    /// f32 scores block by block and the host top-k, as `select_topk` on the whole scores; bf16
+    /// models on CUDA take the device scoring and top-k kernels, as the sparse pass does: the
+    /// host top-k of every row of a 32K window took about 50 s per window), then per
+    /// block the dense attention rows, their head-mean probabilities, the indexer's scores of
+    /// those rows again (cheaper to recompute than to keep), the KL rows and the recall rows.
+    /// Sparse: the attention and its KL are O(T K) already; the host selection scores a block
+    /// of rows at a time (the device kernel as in `forward_with`), and the recall's dense
+    /// probabilities are computed per block. Every tensor of every row is O(T) (or O(T K)).
+    fn attention_in_blocks(
+        &self,
+        proj: &attention::Projected,
+        ix: Option<IndexerView>,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+        stats: &mut LayerStats,
+    ) -> Result<Tensor> {
+        let (b, t, _, _) = proj.q_nope.dims4()?;
+        let rows = match opts.eval_rows {
+            Some(0) | None => eval_block_rows(b, t, self.attn.heads, self.indexer.heads),
+            Some(forced) => forced.min(t),
+        };
+        let (mut kl, mut recall, mut ceiling) = (vec![], vec![], vec![]); // [B, n] per block
+        let out = match opts.attention {
+            AttentionMode::Dense => {
+                let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
+                let sel = match (&ix, opts.recall) {
+                    (Some(p), true) => {
+                        let queries = |q0: usize, n: usize| {
+                            Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?))
+                        };
+                        let fast = self.attn.q_b_proj.dtype() == DType::BF16
+                            && self.kernels.on(p.k.device());
+                        Some(select_indexer_topk(
+                            &p.k, queries, rows, ctx, opts.topk, fast,
+                        )?)
+                    }
+                    _ => None,
+                };
+                let out = self.attn.dense_blocks(proj, rows, true, |q0, n, probs| {
+                    if let (Some(p), true) = (&ix, opts.indexer_kl) {
+                        kl.push(DeferredKl::kl_rows_of(p, &probs, q0, n)?);
+                    }
+                    if let Some(sel) = &sel {
+                        recall.push(recall_block(&probs, sel, q0, n)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
+                    }
+                    Ok(())
+                })?;
+                out.expect("dense_blocks returns the output when asked")
+            }
+            AttentionMode::Sparse => {
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
+                let a = self.attn.sparse(proj, &sel, opts.indexer_kl)?;
+                if opts.indexer_kl {
+                    let ix = ix.as_ref().expect("the indexer KL projects the indexer");
+                    sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, stats)?;
+                }
+                if opts.recall {
+                    self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
+                        recall.push(recall_block(&probs, &sel, q0, n)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
+                        Ok(())
+                    })?;
+                }
+                stats.selection = Some(sel);
+                a.out
+            }
+        };
+        if !kl.is_empty() {
+            stats.indexer_kl = Some(Tensor::cat(&kl, 1)?);
+        }
+        if !recall.is_empty() {
+            stats.recall = Some(Tensor::cat(&recall, 1)?);
+            stats.recall_ceiling = Some(Tensor::cat(&ceiling, 1)?);
+        }
+        Ok(out)
+    }
+
+    /// The indexer's projections of x and qr when this pass needs them (sparse attention
+    /// without cached sets, the KL, or the recall). In the sparse stage its inputs are detached
+    /// so the KL trains only the indexer. Training keeps the detached inputs (`stats`) and:
+    /// with sparse attention and a deferred KL (the sparse stage), the keys of every token
+    /// alone, f32 [B, T, DI], since the queries (HI x DI per token) are projected again a block
+    /// of rows at a time wherever they are needed; otherwise leaf copies of all three.
+    fn project_indexer(
+        &self,
+        x: &Tensor,
+        qr: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: bool,
+        stats: &mut LayerStats,
+    ) -> Result<Option<IndexerView>> {
+        let need_indexer =
+            (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
+        if !need_indexer {
+            return Ok(None);
+        }
+        let (ix, iqr) = if opts.detach_indexer_inputs {
+            (x.detach(), qr.detach())
+        } else {
+            (x.clone(), qr.clone())
+        };
+        if opts.attention == AttentionMode::Sparse && opts.defer_dense_kl {
+            // The deferred KL stops at the projections whether or not the inputs are detached.
+            let (x, qr) = (ix.detach(), iqr.detach());
+            let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
+            let (b, t, _) = x.dims3()?;
+            let rows = match opts.indexer_rows {
+                0 => indexer::sparse_block_rows(
+                    b,
+                    t,
+                    self.indexer.heads,
+                    self.indexer.head_dim,
+                    opts.topk,
+                ),
+                forced => forced.min(t),
+            };
+            stats.indexer_inputs = Some((x.clone(), qr.clone()));
+            return Ok(Some(IndexerView::Keys { k, x, qr, rows }));
+        }
+        let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
+        if opts.detach_indexer_inputs || opts.defer_dense_kl {
+            let leaves = p.leaves()?;
+            stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
+            stats.indexer_proj = Some(IndexerProj {
+                q: leaves.q.clone(),
+                k: leaves.k.clone(),
+                w: leaves.w.clone(),
+            });
+            Ok(Some(IndexerView::Whole(leaves)))
+        } else {
+            Ok(Some(IndexerView::Whole(p)))
+        }
+    }
+
+    /// The sparse sets: `cached`, or the indexer's top-k, scored a block of queries at a time
+    /// (with `IndexerView::Keys`, each block's queries projected from the inputs just then).
+    /// `whole_rows`: with the whole projections, query rows per block of the host path (at
+    /// most `dsa::query_block`; its [B, n*HI, T] intermediate is HI times that block's scores);
+    /// the device kernel takes every row at once and chunks its score buffer itself.
+    fn selection(
+        &self,
+        ix: Option<&IndexerView>,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+        whole_rows: usize,
+    ) -> Result<crate::dsa::Selection> {
+        if let Some(sel) = cached {
+            return Ok(sel.clone());
+        }
+        let ix = ix.expect("sparse attention projects the indexer");
+        let fast = |keys: &Tensor| {
+            self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device())
+        };
+        match ix {
+            IndexerView::Whole(p) => {
+                let p = p.detach();
+                let fast = fast(&p.k);
+                let rows = if fast { p.k.dim(1)? } else { whole_rows };
+                select_indexer_topk(
+                    &p.k,
+                    |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)),
+                    rows,
+                    ctx,
+                    opts.topk,
+                    fast,
+                )
+            }
+            IndexerView::Keys { k, x, qr, rows } => {
+                let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
+                    let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
+                    let (q, w) = self.indexer.project_queries(
+                        &x.narrow(1, q0, n)?,
+                        &qr.narrow(1, q0, n)?,
+                        &cos,
+                        &sin,
+                    )?;
+                    Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
+                };
+                select_indexer_topk(k, queries, *rows, ctx, opts.topk, fast(k))
+            }
+        }
+    }
+
+    /// `forward_with` in block mode (sparse attention, `opts.block_rows` queries at a time):
+    /// the indexer over the whole sequence as usual, then `sparse_blocks`; the output is
+    /// detached and the balance loss is left to the blocked backward (`balance_weights`).
+    fn forward_blocks(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &ForwardOptions,
+        cached: Option<&crate::dsa::Selection>,
+    ) -> Result<(Tensor, LayerStats)> {
+        let mut stats = LayerStats::default();
+        let x = rms_norm(self.kernels, &h.detach(), &self.input_norm, self.eps)?;
+        let qr = self.attn.project_qr(&x)?;
+        let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
+        drop((x, qr));
+        let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
+        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows)?;
+        let head_mean = pass.head_mean;
+        if opts.indexer_kl {
+            let ix = ix.as_ref().expect("the indexer KL projects the indexer");
+            sparse_kl(ix, head_mean, &sel, &self.indexer, &mut stats)?;
+        }
+        if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, pass.chosen) {
+            let (b, t, _) = h.dims3()?;
+            stats.expert_counts = Some(moe.counts(&chosen));
+            stats.balance_weights = Some(moe.balance_weights(&chosen, b, t));
+            stats.chosen = Some(chosen);
+        }
+        stats.selection = Some(sel);
+        Ok((pass.out, stats))
+    }
+}
+
+/// What a pass holds of the indexer's projections.
+enum IndexerView {
+    /// Queries, keys and head weights of every row: a graph, or leaf copies when training.
+    Whole(IndexerProj),
+    /// The sparse stage's training: the keys of every token [B, T, DI] (f32, detached) and the
+    /// detached inputs x [B, T, hidden], qr [B, T, q_lora]; queries and head weights exist only
+    /// `rows` tokens at a time (`Indexer::project_queries`).
+    Keys {
+        k: Tensor,
+        x: Tensor,
+        qr: Tensor,
+        rows: usize,
+    },
+}
+
+impl IndexerView {
+    /// The whole projections (every pass but the sparse stage's training has them).
+    fn whole(self) -> Result<IndexerProj> {
+        match self {
+            IndexerView::Whole(p) => Ok(p),
+            IndexerView::Keys { .. } => candle_core::bail!(
+                "only the sparse stage keeps the indexer's keys alone; this pass needs its queries"
+            ),
+        }
+    }
+}
+
+/// The sparse-stage KL of one layer over the selected sets `sel`, against the sparse
+/// attention's head-mean probabilities `target` [B, T, K]: deferred to the trainer as (keys,
+/// target, sets) when only the keys are kept, otherwise per query into `stats.indexer_kl`
+/// (scores at the sets plus their bias, f32; differentiable in the projections).
+fn sparse_kl(
+    ix: &IndexerView,
+    target: Tensor,
+    sel: &crate::dsa::Selection,
+    indexer: &Indexer,
+    stats: &mut LayerStats,
+) -> Result<()> {
+    match ix {
+        IndexerView::Keys { k, rows, .. } => {
+            stats.deferred_kl = Some(DeferredKl::Sparse {
+                keys: k.clone(),
+                target,
+                sel: sel.clone(),
+                rows: *rows,
+            });
+        }
+        IndexerView::Whole(p) => {
+            let on_set =
+                (p.scores_at(sel, indexer.kernels, indexer.tensor_cores)? + sel.bias()?)?; // [B, T, K]
+            stats.indexer_kl = Some(kl_rows(&target, &on_set)?);
+        }
+    }
+    Ok(())
+}
+
+/// Attention-mass recall of queries q0..q0+n, [B, n]: `probs` [B, n, T] their head-mean
+/// dense probabilities, `sel` the sets of every query. Sequence by sequence: one sequence's
+/// block of sets (`Selection::block`) is contiguous, which `recall_rows`' gather needs.
+fn recall_block(
+    probs: &Tensor,
+    sel: &crate::dsa::Selection,
+    q0: usize,
+    n: usize,
+) -> Result<Tensor> {
+    let b = probs.dim(0)?;
+    let per_seq = (0..b)
+        .map(|bi| {
+            recall_rows(&probs.narrow(0, bi, 1)?, &sel.block(bi, q0, n)?)
+                .map_err(candle_core::Error::wrap)
+        })
+        .collect::<Result<Vec<_>>>()?; // [1, n] each
+    Tensor::cat(&per_seq, 0)
+}
+
+/// Query rows per block of the evaluation pass (`ForwardOptions::eval_rows`): about 2^26
+/// elements in its largest intermediates, the dense probabilities [B, H, n, T] and the
+/// indexer's per-head scores [B, n*HI, T] (f32, 256 MiB); at least 1, at most `t`.
+pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -> usize {
+    ((1usize << 26) / (b * heads.max(indexer_heads) * t).max(1)).clamp(1, t.max(1))
+}
+
+/// Top-k selection from the indexer against `keys` [B, T, DI], scoring one block of at most
+/// `rows` queries at a time (no [T, T] tensor, and the queries of one block at a time):
+/// `queries(q0, n)` gives the detached queries [B, n, HI, DI] and head weights [B, n, HI]
+/// (f32) of rows q0..q0+n. `fast` (bf16 models on CUDA): the tensor-core scoring and device
+/// top-k kernels, with q_I and k_I rounded to bf16 for the products (f32 accumulation), each
+/// block's rows passed with their offset q0; otherwise f32 scores and the host selection,
+/// the reference that f32 GPU runs share with the CPU. The sets do not depend on `rows`.
+fn select_indexer_topk(
+    keys: &Tensor,
+    queries: impl Fn(usize, usize) -> Result<(Tensor, Tensor)>,
+    rows: usize,
+    ctx: &ForwardContext,
+    k: usize,
+    fast: bool,
+) -> Result<crate::dsa::Selection> {
+    let (b, t, _) = keys.dims3()?;
+    let rows = rows.clamp(1, t.max(1));
+    if fast {
+        let keys = keys.to_dtype(DType::BF16)?;
+        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
+        for q0 in (0..t).step_by(rows) {
+            let n = rows.min(t - q0);
+            let (q, w) = queries(q0, n)?;
+            let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
+            for (bi, parts) in per_seq.iter_mut().enumerate() {
+                let positions = crate::kernels::indexer_topk::indexer_topk(
+                    &q.get(bi)?,
+                    &w.get(bi)?,
+                    &keys.get(bi)?,
+                    q0,
+                    k,
+                )?;
+                parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
+            }
+        }
+        // One whole-sequence copy at a time: the blocks of a sequence are joined and dropped.
+        let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
+        for parts in per_seq {
+            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, T, K]
+        }
+        // (candle's cat of one tensor is that tensor: no copy for a single sequence)
+        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?);
+    }
+    let keys = keys.clone();
+    crate::dsa::select_topk_streaming(
+        b,
+        t,
+        k,
+        rows.min(crate::dsa::query_block(b, t)),
+        keys.device(),
+        |q0, n| {
+            let (q, w) = queries(q0, n)?;
+            let block = IndexerProj {
+                q,
+                k: keys.clone(),
+                w,
+            };
+            Ok(block
+                .scores_rows(0, n)?
+                .broadcast_add(&ctx.causal(q0, n)?)?)
+        },
+    )
+    .map_err(candle_core::Error::wrap)
+}
