@@ -14,7 +14,7 @@
 //!   would reach, below 1 wherever the model's own attention is spread over more than k keys.
 //! Sums are accumulated in f64.
 //!
-//! Memory: the forward runs with `ForwardOptions::eval_rows` (the attention, the dense
+//! Memory: the forward runs with `Pass::eval_rows` (the attention, the dense
 //! probabilities of the KL target and the recall, the indexer's scores and top-k a block of
 //! query rows at a time) and the LM head runs on chunks of positions, so no [.., T, T] tensor
 //! and no [T, vocab] logits exist: any length whose weights and O(T) activations fit.
@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::config::IndexerDefaults;
 use crate::data::{read_token_file, TokenStream};
 use crate::losses::{lm_chunk_positions, next_token_nll};
-use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use crate::model::{AttentionMode, LoadOptions, Model, Pass};
 
 #[derive(Debug, Clone)]
 pub struct EvalArgs {
@@ -110,19 +110,8 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     if topk == 0 {
         bail!("--topk must be positive");
     }
-    let opts = ForwardOptions {
-        attention: args.attention,
-        topk,
-        indexer_kl: true,
-        recall: true,
-        detach_indexer_inputs: false,
-        seq_balance: false,
-        defer_dense_kl: false,
-        block_rows: 0,
-        indexer_rows: 0,
-        // No [.., T, T] tensor and no [T, vocab] logits at once: any length whose weights fit.
-        eval_rows: Some(0),
-    };
+    // No [.., T, T] tensor and no [T, vocab] logits at once: any length whose weights fit.
+    let opts = Pass::eval(args.attention, topk).in_rows(0);
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
     let mut ceiling_sum = vec![0f64; layers];

@@ -11,7 +11,7 @@ use common::{assert_clean_error, path_str, run_cli, tiny_checkpoint};
 use dsa_train::checkpoint::{Checkpoint, StDtype};
 use dsa_train::config::{IndexerDefaults, ModelConfig};
 use dsa_train::export::{export_v32, ExportOptions};
-use dsa_train::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use dsa_train::model::{AttentionMode, LoadOptions, Model, Pass};
 use dsa_train::rng::SplitMix64;
 use dsa_train::weights::{self, Kind, ParamSet, WeightSpec};
 
@@ -76,12 +76,8 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
-fn dense() -> ForwardOptions {
-    ForwardOptions {
-        indexer_kl: false,
-        recall: false,
-        ..ForwardOptions::new(AttentionMode::Dense, 32)
-    }
+fn dense() -> Pass {
+    Pass::logits(AttentionMode::Dense, 32)
 }
 
 /// Main and MTP logits of a dense forward, flattened.
@@ -211,9 +207,12 @@ fn fp8_and_bf16_exports_of_an_fp8_checkpoint_reload_bit_exactly_with_identical_d
             "MTP logits differ after the export (fp8: {fp8})"
         );
         // The indexer survived, to bf16 rounding: its KL against the dense attention agrees.
-        let kl_opts = ForwardOptions {
-            indexer_kl: true,
-            ..dense()
+        let kl_opts = Pass::Eval {
+            attention: AttentionMode::Dense,
+            topk: 32,
+            kl: true,
+            recall: false,
+            rows: None,
         };
         let (k1, k2) = (
             original.forward(&x, &kl_opts).unwrap(),

@@ -9,7 +9,7 @@ use common::tiny_checkpoint;
 use dsa_train::checkpoint::Checkpoint;
 use dsa_train::config::ModelConfig;
 use dsa_train::losses::next_token_nll;
-use dsa_train::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use dsa_train::model::{AttentionMode, IndexerKl, LoadOptions, Model, Pass};
 use dsa_train::weights::{self, ParamSet};
 
 fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
@@ -18,19 +18,8 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
     Tensor::from_vec(v, (b, t), &Device::Cpu).unwrap()
 }
 
-fn opts(attention: AttentionMode, topk: usize) -> ForwardOptions {
-    ForwardOptions {
-        attention,
-        topk,
-        indexer_kl: true,
-        recall: true,
-        detach_indexer_inputs: false,
-        seq_balance: false,
-        defer_dense_kl: false,
-        block_rows: 0,
-        indexer_rows: 0,
-        eval_rows: None,
-    }
+fn opts(attention: AttentionMode, topk: usize) -> Pass {
+    Pass::eval(attention, topk)
 }
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
@@ -81,7 +70,7 @@ fn sparse_attention_with_k_at_least_t_equals_dense() {
     assert!(recall[0][8..].iter().all(|r| *r > 0.0 && *r < 1.0 + 1e-6));
 }
 
-/// The evaluation pass in blocks of query rows (`ForwardOptions::eval_rows`, what
+/// The evaluation pass in blocks of query rows (`Pass::eval_rows`, what
 /// `dsa-train eval` runs, so that no [.., T, T] tensor exists) gives the whole-sequence pass's
 /// logits and, per layer and per query, its indexer KL and attention-mass recall; the LM loss
 /// with the head run in chunks of positions (`eval::nll_sum_in_chunks`) is the loss of the
@@ -118,10 +107,7 @@ fn evaluation_in_blocks_of_query_rows_equals_the_whole_sequence_pass() {
             .map(|v| *v as f64)
             .sum();
         for rows in [3, 0] {
-            let o = ForwardOptions {
-                eval_rows: Some(rows),
-                ..opts(mode, topk)
-            };
+            let o = opts(mode, topk).in_rows(rows);
             let blocked = model.forward(&x, &o).unwrap();
             let e = max_rel_err(&blocked.logits, &whole.logits);
             assert!(e < 1e-5, "{mode:?}, {rows} rows: logits, max rel err {e}");
@@ -190,9 +176,14 @@ fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
     let (_tmp, dir) = tiny_checkpoint(true, 22);
     let (model, vars) = model_with_vars(&dir);
     let x = tokens(2, 48, 2);
-    let mut o = opts(AttentionMode::Sparse, 12);
-    o.detach_indexer_inputs = true;
-    o.recall = false;
+    let o = Pass::Train {
+        stage: dsa_train::recipe::Stage::Sparse,
+        topk: 12,
+        kl: IndexerKl::PerQuery,
+        seq_balance: false,
+        block_rows: 0,
+        indexer_rows: 0,
+    };
     let out = model.forward(&x, &o).unwrap();
     let lm = next_token_nll(&out.logits, &x).unwrap().mean_all().unwrap();
     let kl = out
@@ -307,13 +298,13 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
             .unwrap()
     };
     for block_rows in [0, 4] {
-        let o = ForwardOptions {
-            detach_indexer_inputs: true,
-            defer_dense_kl: true,
-            recall: false,
+        let o = Pass::Train {
+            stage: dsa_train::recipe::Stage::Sparse,
+            topk,
+            kl: IndexerKl::Deferred,
+            seq_balance: false,
             block_rows,
             indexer_rows: 3,
-            ..opts(AttentionMode::Sparse, topk)
         };
         let out = model.forward(&x, &o).unwrap();
         for (l, s) in out.layers.iter().enumerate() {
@@ -417,8 +408,13 @@ fn without_detach_the_kl_reaches_the_main_model() {
     let (_tmp, dir) = tiny_checkpoint(true, 23);
     let (model, vars) = model_with_vars(&dir);
     let x = tokens(1, 24, 3);
-    let mut o = opts(AttentionMode::Sparse, 6);
-    o.recall = false;
+    let o = Pass::Eval {
+        attention: AttentionMode::Sparse,
+        topk: 6,
+        kl: true,
+        recall: false,
+        rows: None,
+    };
     let out = model.forward(&x, &o).unwrap();
     let kl = out.layers[1]
         .indexer_kl

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use dsa_train::config::IndexerDefaults;
 use dsa_train::eval::{evaluate, EvalArgs};
-use dsa_train::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use dsa_train::model::{AttentionMode, LoadOptions, Model, Pass};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -114,18 +114,7 @@ fn check_fixture(name: &str) {
         // Logits, window by window.
         let reference = read_logits(&dir.join(format!("logits_{key}.safetensors")));
         let vocab = model.cfg.vocab_size;
-        let opts = ForwardOptions {
-            attention: mode,
-            topk,
-            indexer_kl: false,
-            recall: false,
-            detach_indexer_inputs: false,
-            seq_balance: false,
-            defer_dense_kl: false,
-            block_rows: 0,
-            indexer_rows: 0,
-            eval_rows: None,
-        };
+        let opts = Pass::logits(mode, topk);
         for w in 0..got.windows {
             let x = Tensor::from_slice(
                 &tokens[w * seq_len..(w + 1) * seq_len],

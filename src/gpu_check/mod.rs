@@ -19,7 +19,7 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::kernels::{Fused, KernelPolicy};
-use crate::model::{AttentionMode, ForwardOptions, LoadOptions, Model};
+use crate::model::{AttentionMode, LoadOptions, Model, Pass};
 use crate::recipe::Recipe;
 
 pub(crate) struct Outcome {
@@ -102,18 +102,7 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
             "sparse forward bf16",
         ),
     ] {
-        let opts = ForwardOptions {
-            attention: mode,
-            topk: 16,
-            indexer_kl: true,
-            recall: true,
-            detach_indexer_inputs: false,
-            seq_balance: false,
-            defer_dense_kl: false,
-            block_rows: 0,
-            indexer_rows: 0,
-            eval_rows: None,
-        };
+        let opts = Pass::eval(mode, 16);
         let x = tokens(2, 97, cpu.cfg.vocab_size, 11, &Device::Cpu)?;
         let reference = cpu.forward(&x, &opts)?.logits;
         let a = g32.forward(&x.to_device(gpu)?, &opts)?.logits;
@@ -126,10 +115,7 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
         // bf16 with a selection that keeps every key (top-k >= T), against the CPU f32 path:
         // with a real selection a bf16 model may legitimately pick other keys at near-ties
         // (reported, not asserted).
-        let all_keys = ForwardOptions {
-            topk: 97,
-            ..opts.clone()
-        };
+        let all_keys = Pass::eval(mode, 97);
         let b = g16.forward(&x.to_device(gpu)?, &all_keys)?.logits;
         let c = cosine(&b, &cpu.forward(&x, &all_keys)?.logits)?;
         let with_sel = cosine(&g16.forward(&x.to_device(gpu)?, &opts)?.logits, &reference)?;
@@ -142,7 +128,7 @@ fn forward_matches_cpu(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
-/// The evaluation pass in blocks of query rows (`ForwardOptions::eval_rows`, `dsa-train eval`)
+/// The evaluation pass in blocks of query rows (`Pass::eval_rows`, `dsa-train eval`)
 /// against the whole-sequence pass on the GPU, both attention modes: f32 asserted to the CPU
 /// test's tolerances (logits 1e-4 relative, per-query KL 1e-3 relative, recall 1e-4 absolute);
 /// bf16 by the logits' cosine (> 0.999) and the mean recall difference over every query of
@@ -172,15 +158,9 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
             },
         )?;
         let x = tokens(2, 97, model.cfg.vocab_size, 12, gpu)?;
-        let whole_opts = ForwardOptions::new(mode, 16);
+        let whole_opts = Pass::eval(mode, 16);
         let whole = model.forward(&x, &whole_opts)?;
-        let blocked = model.forward(
-            &x,
-            &ForwardOptions {
-                eval_rows: Some(7),
-                ..whole_opts
-            },
-        )?;
+        let blocked = model.forward(&x, &whole_opts.clone().in_rows(7))?;
         let (mut kl, mut recall, mut recall_mean) = (0f32, 0f32, 0f32);
         for (b, w) in blocked.layers.iter().zip(&whole.layers) {
             let (kb, kw) = (

@@ -505,7 +505,7 @@ pub fn explicit_against_autograd_in(
     rows: usize,
     seed: u64,
 ) -> anyhow::Result<TwinReport> {
-    use super::{AttentionMode, ForwardOptions};
+    use super::{AttentionMode, Pass};
     use crate::rng::randn;
     use candle_core::{DType, Device, Var};
     let cpu = Device::Cpu;
@@ -556,12 +556,18 @@ pub fn explicit_against_autograd_in(
             m.compute = compute;
         }
         let dense = mode == AttentionMode::Dense;
-        let opts = ForwardOptions {
-            indexer_kl: false,
-            recall: false,
-            detach_indexer_inputs: true,
+        // A training forward without the indexer's KL (the layer twins' check).
+        let opts = Pass::Train {
+            stage: if mode == AttentionMode::Dense {
+                crate::recipe::Stage::Dense
+            } else {
+                crate::recipe::Stage::Sparse
+            },
+            topk: k,
+            kl: crate::model::IndexerKl::Off,
             seq_balance: true,
-            ..ForwardOptions::new(mode, k)
+            block_rows: 0,
+            indexer_rows: 0,
         };
         let sel = if dense {
             None

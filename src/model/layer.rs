@@ -7,8 +7,7 @@ use candle_core::{DType, Result, Tensor};
 use super::attention;
 use super::indexer::{self, Indexer, IndexerProj};
 use super::{
-    AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, ForwardOptions,
-    LayerStats,
+    AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, LayerStats, Pass,
 };
 use crate::dsa::{recall_rows, select_topk};
 use crate::kernels::KernelPolicy;
@@ -36,7 +35,7 @@ impl DecoderLayer {
         &self,
         h: &Tensor,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
     ) -> Result<(Tensor, LayerStats)> {
         self.forward_with(h, ctx, opts, None)
     }
@@ -47,13 +46,13 @@ impl DecoderLayer {
         &self,
         h: &Tensor,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
     ) -> Result<(Tensor, LayerStats)> {
-        if opts.block_rows > 0 && opts.attention == AttentionMode::Sparse && !opts.recall {
+        if opts.block_rows() > 0 && opts.attention() == AttentionMode::Sparse && !opts.recall() {
             return self.forward_blocks(h, ctx, opts, cached);
         }
-        let eval = opts.eval_rows.is_some() && !opts.defer_dense_kl;
+        let eval = opts.eval_rows().is_some() && !opts.defer_kl();
         // Evaluation keeps no graph: its blocks must not stay alive through one.
         let h = if eval { h.detach() } else { h.clone() };
         let region = crate::profile::region("layer: norm + MLA projections");
@@ -65,10 +64,10 @@ impl DecoderLayer {
         let ix = self.project_indexer(&x, &proj.qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop(region);
         let region = crate::profile::region("layer: attention (with top-k, KL, recall)");
-        let attn_out = match opts.attention {
+        let attn_out = match opts.attention() {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense
-                if opts.defer_dense_kl
+                if opts.defer_kl()
                     && self.attn.streaming_supported(
                         &proj,
                         self.indexer.heads,
@@ -85,14 +84,14 @@ impl DecoderLayer {
             // No indexer statistic wants the probabilities (the dense pre-training stage): the
             // flash-style forward and backward (kernels, or the block-recomputing twin), no
             // [H, T, T] graph.
-            AttentionMode::Dense if ix.is_none() && !opts.defer_dense_kl => {
+            AttentionMode::Dense if ix.is_none() && !opts.defer_kl() => {
                 self.attn.dense_recomputing(&proj)?
             }
             AttentionMode::Dense => {
                 let ix = ix.map(IndexerView::whole).transpose()?;
                 let causal = ctx.causal(0, ctx.t)?;
                 let a = self.attn.dense(&proj, &causal)?;
-                if opts.defer_dense_kl {
+                if opts.defer_kl() {
                     let proj = ix.expect("deferred KL projects the indexer");
                     stats.deferred_kl = Some(DeferredKl::Plain {
                         proj,
@@ -100,11 +99,11 @@ impl DecoderLayer {
                     });
                 } else if let Some(ix) = &ix {
                     let scores = ix.scores(&causal)?; // [B, T, T]
-                    if opts.indexer_kl {
+                    if opts.indexer_kl() {
                         stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
                     }
-                    if opts.recall {
-                        let sel = select_topk(&scores.detach(), opts.topk)
+                    if opts.recall() {
+                        let sel = select_topk(&scores.detach(), opts.topk())
                             .map_err(candle_core::Error::wrap)?;
                         stats.recall =
                             Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
@@ -118,13 +117,13 @@ impl DecoderLayer {
                 drop(region);
                 let region =
                     crate::profile::region("attention: sparse MLA forward (and probabilities)");
-                let a = self.attn.sparse(&proj, &sel, opts.indexer_kl)?;
+                let a = self.attn.sparse(&proj, &sel, opts.indexer_kl())?;
                 drop(region);
-                if opts.indexer_kl {
+                if opts.indexer_kl() {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
                     sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, &mut stats)?;
                 }
-                if opts.recall {
+                if opts.recall() {
                     let dense = self
                         .attn
                         .dense_head_mean_probs(&proj, &ctx.causal(0, ctx.t)?)?;
@@ -142,7 +141,7 @@ impl DecoderLayer {
         let f = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
             FeedForward::Moe(moe) => {
-                let r = moe.forward(&x, opts.seq_balance)?;
+                let r = moe.forward(&x, opts.seq_balance())?;
                 stats.expert_counts = Some(r.counts);
                 stats.balance_loss = r.balance_loss;
                 stats.balance_weights = r.balance_weights;
@@ -153,7 +152,7 @@ impl DecoderLayer {
         Ok(((h + f)?, stats))
     }
 
-    /// The attention of an evaluation pass (`opts.eval_rows`) with its KL and recall, a block
+    /// The attention of an evaluation pass (`opts.eval_rows()`) with its KL and recall, a block
     /// of query rows at a time wherever the whole-sequence pass holds [.., T, T] tensors; the
     /// same statistics as `forward_with`'s, row for row. Dense: the sets first (the indexer's
     /// f32 scores block by block and the host top-k, as `select_topk` on the whole scores; bf16
@@ -169,20 +168,20 @@ impl DecoderLayer {
         proj: &attention::Projected,
         ix: Option<IndexerView>,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
         stats: &mut LayerStats,
     ) -> Result<Tensor> {
         let (b, t, _, _) = proj.q_nope.dims4()?;
-        let rows = match opts.eval_rows {
+        let rows = match opts.eval_rows() {
             Some(0) | None => eval_block_rows(b, t, self.attn.heads, self.indexer.heads),
             Some(forced) => forced.min(t),
         };
         let (mut kl, mut recall, mut ceiling) = (vec![], vec![], vec![]); // [B, n] per block
-        let out = match opts.attention {
+        let out = match opts.attention() {
             AttentionMode::Dense => {
                 let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
-                let sel = match (&ix, opts.recall) {
+                let sel = match (&ix, opts.recall()) {
                     (Some(p), true) => {
                         let queries = |q0: usize, n: usize| {
                             Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?))
@@ -190,18 +189,23 @@ impl DecoderLayer {
                         let fast = self.attn.q_b_proj.dtype() == DType::BF16
                             && self.kernels.on(p.k.device());
                         Some(select_indexer_topk(
-                            &p.k, queries, rows, ctx, opts.topk, fast,
+                            &p.k,
+                            queries,
+                            rows,
+                            ctx,
+                            opts.topk(),
+                            fast,
                         )?)
                     }
                     _ => None,
                 };
                 let out = self.attn.dense_blocks(proj, rows, true, |q0, n, probs| {
-                    if let (Some(p), true) = (&ix, opts.indexer_kl) {
+                    if let (Some(p), true) = (&ix, opts.indexer_kl()) {
                         kl.push(DeferredKl::kl_rows_of(p, &probs, q0, n)?);
                     }
                     if let Some(sel) = &sel {
                         recall.push(recall_block(&probs, sel, q0, n)?);
-                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
                     }
                     Ok(())
                 })?;
@@ -209,15 +213,15 @@ impl DecoderLayer {
             }
             AttentionMode::Sparse => {
                 let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
-                let a = self.attn.sparse(proj, &sel, opts.indexer_kl)?;
-                if opts.indexer_kl {
+                let a = self.attn.sparse(proj, &sel, opts.indexer_kl())?;
+                if opts.indexer_kl() {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
                     sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, stats)?;
                 }
-                if opts.recall {
+                if opts.recall() {
                     self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
                         recall.push(recall_block(&probs, &sel, q0, n)?);
-                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk)?);
+                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
                         Ok(())
                     })?;
                 }
@@ -246,32 +250,33 @@ impl DecoderLayer {
         x: &Tensor,
         qr: &Tensor,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
         cached: bool,
         stats: &mut LayerStats,
     ) -> Result<Option<IndexerView>> {
-        let need_indexer =
-            (opts.attention == AttentionMode::Sparse && !cached) || opts.indexer_kl || opts.recall;
+        let need_indexer = (opts.attention() == AttentionMode::Sparse && !cached)
+            || opts.indexer_kl()
+            || opts.recall();
         if !need_indexer {
             return Ok(None);
         }
-        let (ix, iqr) = if opts.detach_indexer_inputs {
+        let (ix, iqr) = if opts.detach_indexer_inputs() {
             (x.detach(), qr.detach())
         } else {
             (x.clone(), qr.clone())
         };
-        if opts.attention == AttentionMode::Sparse && opts.defer_dense_kl {
+        if opts.attention() == AttentionMode::Sparse && opts.defer_kl() {
             // The deferred KL stops at the projections whether or not the inputs are detached.
             let (x, qr) = (ix.detach(), iqr.detach());
             let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
             let (b, t, _) = x.dims3()?;
-            let rows = match opts.indexer_rows {
+            let rows = match opts.indexer_rows() {
                 0 => indexer::sparse_block_rows(
                     b,
                     t,
                     self.indexer.heads,
                     self.indexer.head_dim,
-                    opts.topk,
+                    opts.topk(),
                 ),
                 forced => forced.min(t),
             };
@@ -279,7 +284,7 @@ impl DecoderLayer {
             return Ok(Some(IndexerView::Keys { k, x, qr, rows }));
         }
         let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
-        if opts.detach_indexer_inputs || opts.defer_dense_kl {
+        if opts.detach_indexer_inputs() || opts.defer_kl() {
             let leaves = p.leaves()?;
             stats.indexer_inputs = Some((ix.detach(), iqr.detach()));
             stats.indexer_proj = Some(IndexerProj {
@@ -302,7 +307,7 @@ impl DecoderLayer {
         &self,
         ix: Option<&IndexerView>,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
         whole_rows: usize,
     ) -> Result<crate::dsa::Selection> {
@@ -323,7 +328,7 @@ impl DecoderLayer {
                     |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)),
                     rows,
                     ctx,
-                    opts.topk,
+                    opts.topk(),
                     fast,
                 )
             }
@@ -338,19 +343,19 @@ impl DecoderLayer {
                     )?;
                     Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
                 };
-                select_indexer_topk(k, queries, *rows, ctx, opts.topk, fast(k))
+                select_indexer_topk(k, queries, *rows, ctx, opts.topk(), fast(k))
             }
         }
     }
 
-    /// `forward_with` in block mode (sparse attention, `opts.block_rows` queries at a time):
+    /// `forward_with` in block mode (sparse attention, `opts.block_rows()` queries at a time):
     /// the indexer over the whole sequence as usual, then `sparse_blocks`; the output is
     /// detached and the balance loss is left to the blocked backward (`balance_weights`).
     fn forward_blocks(
         &self,
         h: &Tensor,
         ctx: &ForwardContext,
-        opts: &ForwardOptions,
+        opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
     ) -> Result<(Tensor, LayerStats)> {
         let mut stats = LayerStats::default();
@@ -359,9 +364,9 @@ impl DecoderLayer {
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
         let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
-        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows)?;
+        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows())?;
         let head_mean = pass.head_mean;
-        if opts.indexer_kl {
+        if opts.indexer_kl() {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
             sparse_kl(ix, head_mean, &sel, &self.indexer, &mut stats)?;
         }
@@ -451,7 +456,7 @@ fn recall_block(
     Tensor::cat(&per_seq, 0)
 }
 
-/// Query rows per block of the evaluation pass (`ForwardOptions::eval_rows`): about 2^26
+/// Query rows per block of the evaluation pass (`Pass::eval_rows`): about 2^26
 /// elements in its largest intermediates, the dense probabilities [B, H, n, T] and the
 /// indexer's per-head scores [B, n*HI, T] (f32, 256 MiB); at least 1, at most `t`.
 pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -> usize {

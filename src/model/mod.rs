@@ -6,7 +6,7 @@
 //! calls. Each layer computes its statistics as it goes and drops its L x L tensors before the
 //! next layer runs, so at most one layer's L x L is alive at a time (unless gradients are being
 //! recorded through them, which the trainer avoids by backpropagating layer by layer).
-//! Evaluation (`ForwardOptions::eval_rows`) has no L x L at all: it computes those statistics
+//! Evaluation (`Pass::Eval` with `rows`) has no L x L at all: it computes those statistics
 //! a block of query rows at a time.
 
 pub mod attention;
@@ -27,6 +27,7 @@ use crate::config::ModelConfig;
 use crate::kernels::KernelPolicy;
 use crate::losses::kl_rows;
 use crate::ops::{linear, rms_norm};
+use crate::recipe::Stage;
 use attention::Mla;
 use indexer::Indexer;
 use moe::{Mlp, Moe};
@@ -40,55 +41,211 @@ pub enum AttentionMode {
     Sparse,
 }
 
-#[derive(Debug, Clone)]
-pub struct ForwardOptions {
-    pub attention: AttentionMode,
-    pub topk: usize,
-    /// Compute the per-query indexer KL of every layer.
-    pub indexer_kl: bool,
-    /// Compute the attention-mass recall of the top-k (costs a dense pass in sparse mode).
-    pub recall: bool,
-    /// Detach the indexer's inputs (x and qr) from the main model (sparse-stage training).
-    pub detach_indexer_inputs: bool,
-    /// Compute the MoE sequence-wise balance loss.
-    pub seq_balance: bool,
-    /// Instead of the per-query KL, return the indexer projections and the KL target
+/// What a forward pass is for; it decides what each layer computes, keeps and detaches.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Pass {
+    /// Inference and evaluation (`eval`, the parity checks): attention `mode` over `topk` keys
+    /// in sparse mode; per layer the indexer's KL (`kl`) and the attention-mass recall of the
+    /// top-k (`recall`; a dense pass more in sparse mode). `rows`: Some(n) runs the attention's
+    /// [.., T, T] work (dense attention, the KL target and the recall, the indexer's dense
+    /// scores, their KL and top-k) n query rows at a time, so no [.., T, T] tensor exists and
+    /// the results carry no graph (Some(0) = `eval_block_rows`, about 2^26 elements in a
+    /// block's largest intermediate); None: whole-sequence tensors (the reference the blocked
+    /// pass is tested against).
+    Eval {
+        attention: AttentionMode,
+        topk: usize,
+        kl: bool,
+        recall: bool,
+        rows: Option<usize>,
+    },
+    /// A training step's forward in `stage`. The sparse stage runs sparse attention over
+    /// `topk` keys and detaches the indexer's inputs; the warm-up and dense stages run dense
+    /// attention. `kl` (warm-up and sparse stages): the indexer's KL, deferred to the trainer
     /// (`LayerStats::deferred_kl`: dense target, streaming-kernel inputs, or the sparse
-    /// selection and its target) so the caller can compute and backpropagate the KL one block
-    /// of queries at a time (bounded memory at long sequence lengths). Both stages' training.
-    pub defer_dense_kl: bool,
-    /// Sparse attention only: run the layer `block_rows` queries at a time against the
-    /// sequence's shared latent kv, each block's outputs detached before the next (0 = the
-    /// whole sequence at once). For passes whose outputs are not differentiated (the
-    /// recomputing trainer's first pass); `DecoderLayer::sparse_backward` is its backward.
-    pub block_rows: usize,
-    /// Sparse attention with `defer_dense_kl` (the sparse stage's training): query rows per
-    /// block of the indexer's selection and KL, where its queries exist a block at a time
-    /// (0 = about 2^24 query values and 2^25 KL entries per block; tests force a few rows).
-    pub indexer_rows: usize,
-    /// Evaluation: the attention's [.., T, T] work (dense attention, the dense probabilities
-    /// of the KL target and the recall, the indexer's dense scores, their KL and top-k) runs
-    /// this many query rows at a time, so no [.., T, T] tensor exists; the layer's results
-    /// carry no graph. Some(0) = `eval_block_rows` (about 2^26 elements in a block's largest
-    /// intermediate; tests force a few rows). None: whole-sequence tensors (training, and the
-    /// reference the blocked pass is tested against). Not used with `defer_dense_kl`.
-    pub eval_rows: Option<usize>,
+    /// selection and its target, which it computes and backpropagates a block of queries at a
+    /// time), or per query with its graph (`LayerStats::indexer_kl`; the gradient-path tests). `seq_balance`: the MoE sequence-wise balance loss. `block_rows`
+    /// (sparse stage, recomputing trainer's first pass, whose outputs are not
+    /// differentiated): the layer runs that many queries at a time against the sequence's
+    /// shared latent kv, each block detached (0 = whole; `DecoderLayer::sparse_backward` is
+    /// its backward). `indexer_rows` (sparse stage): query rows per block of the indexer's
+    /// selection and KL (0 = about 2^24 query values and 2^25 KL entries; tests force a few).
+    Train {
+        stage: Stage,
+        topk: usize,
+        kl: IndexerKl,
+        seq_balance: bool,
+        block_rows: usize,
+        indexer_rows: usize,
+    },
 }
 
-impl ForwardOptions {
-    /// Inference-style options: statistics as asked, nothing detached or deferred.
-    pub fn new(attention: AttentionMode, topk: usize) -> Self {
-        Self {
+/// What a training pass does with the indexer's KL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IndexerKl {
+    Off,
+    /// Per query, differentiable (`LayerStats::indexer_kl`).
+    PerQuery,
+    /// Handed to the trainer (`LayerStats::deferred_kl`).
+    Deferred,
+}
+
+impl Pass {
+    /// Inference with every statistic, whole-sequence tensors.
+    pub fn eval(attention: AttentionMode, topk: usize) -> Self {
+        Pass::Eval {
             attention,
             topk,
-            indexer_kl: true,
+            kl: true,
             recall: true,
-            detach_indexer_inputs: false,
-            seq_balance: false,
-            defer_dense_kl: false,
-            block_rows: 0,
-            indexer_rows: 0,
-            eval_rows: None,
+            rows: None,
+        }
+    }
+
+    /// Logits only: no indexer statistic.
+    pub fn logits(attention: AttentionMode, topk: usize) -> Self {
+        Pass::Eval {
+            attention,
+            topk,
+            kl: false,
+            recall: false,
+            rows: None,
+        }
+    }
+
+    /// The same pass with `rows` query rows per block (evaluation passes).
+    pub fn in_rows(self, rows: usize) -> Self {
+        match self {
+            Pass::Eval {
+                attention,
+                topk,
+                kl,
+                recall,
+                ..
+            } => Pass::Eval {
+                attention,
+                topk,
+                kl,
+                recall,
+                rows: Some(rows),
+            },
+            train => train,
+        }
+    }
+
+    /// The same pass over the whole sequence at once (no block mode).
+    pub fn whole(self) -> Self {
+        match self {
+            Pass::Train {
+                stage,
+                topk,
+                kl,
+                seq_balance,
+                indexer_rows,
+                ..
+            } => Pass::Train {
+                stage,
+                topk,
+                kl,
+                seq_balance,
+                block_rows: 0,
+                indexer_rows,
+            },
+            Pass::Eval {
+                attention,
+                topk,
+                kl,
+                recall,
+                ..
+            } => Pass::Eval {
+                attention,
+                topk,
+                kl,
+                recall,
+                rows: None,
+            },
+        }
+    }
+
+    pub fn attention(&self) -> AttentionMode {
+        match self {
+            Pass::Eval { attention, .. } => *attention,
+            Pass::Train {
+                stage: Stage::Sparse,
+                ..
+            } => AttentionMode::Sparse,
+            Pass::Train { .. } => AttentionMode::Dense,
+        }
+    }
+
+    pub fn topk(&self) -> usize {
+        match self {
+            Pass::Eval { topk, .. } | Pass::Train { topk, .. } => *topk,
+        }
+    }
+
+    /// Does each layer compute the indexer's KL (deferred in training)?
+    pub fn indexer_kl(&self) -> bool {
+        match self {
+            Pass::Eval { kl, .. } => *kl,
+            Pass::Train { stage, kl, .. } => *kl != IndexerKl::Off && *stage != Stage::Dense,
+        }
+    }
+
+    pub fn recall(&self) -> bool {
+        matches!(self, Pass::Eval { recall: true, .. })
+    }
+
+    /// The indexer reads detached inputs (x and qr): the sparse stage's training.
+    pub fn detach_indexer_inputs(&self) -> bool {
+        matches!(
+            self,
+            Pass::Train {
+                stage: Stage::Sparse,
+                ..
+            }
+        )
+    }
+
+    pub fn seq_balance(&self) -> bool {
+        matches!(
+            self,
+            Pass::Train {
+                seq_balance: true,
+                ..
+            }
+        )
+    }
+
+    /// The indexer's KL goes to the trainer as `LayerStats::deferred_kl`.
+    pub fn defer_kl(&self) -> bool {
+        matches!(
+            self,
+            Pass::Train {
+                kl: IndexerKl::Deferred,
+                ..
+            }
+        ) && self.indexer_kl()
+    }
+
+    pub fn block_rows(&self) -> usize {
+        match self {
+            Pass::Train { block_rows, .. } => *block_rows,
+            Pass::Eval { .. } => 0,
+        }
+    }
+
+    pub fn indexer_rows(&self) -> usize {
+        match self {
+            Pass::Train { indexer_rows, .. } => *indexer_rows,
+            Pass::Eval { .. } => 0,
+        }
+    }
+
+    pub fn eval_rows(&self) -> Option<usize> {
+        match self {
+            Pass::Eval { rows, .. } => *rows,
+            Pass::Train { .. } => None,
         }
     }
 }
@@ -169,7 +326,7 @@ pub struct LayerStats {
     pub chosen: Option<Vec<u32>>,
     /// Sequence-wise balance loss (MoE layers, when asked), scalar f32.
     pub balance_loss: Option<Tensor>,
-    /// With `defer_dense_kl`: the pieces of the dense KL.
+    /// With `Pass::defer_kl`: the pieces of the dense KL.
     pub deferred_kl: Option<DeferredKl>,
     /// Sparse mode: the selected sets (a recomputing backward reuses them).
     pub selection: Option<crate::dsa::Selection>,
@@ -281,7 +438,7 @@ impl Model {
         )
     }
 
-    pub fn forward(&self, tokens: &Tensor, opts: &ForwardOptions) -> Result<ForwardOutput> {
+    pub fn forward(&self, tokens: &Tensor, opts: &Pass) -> Result<ForwardOutput> {
         let (h, layers) = self.forward_layers(tokens, opts)?;
         Ok(ForwardOutput {
             logits: self.head(&h)?,
@@ -296,7 +453,7 @@ impl Model {
     pub fn forward_layers(
         &self,
         tokens: &Tensor,
-        opts: &ForwardOptions,
+        opts: &Pass,
     ) -> Result<(Tensor, Vec<LayerStats>)> {
         let (_, t) = tokens.dims2()?;
         let ctx = ForwardContext::new(&self.cfg, t, &self.device)?;
@@ -321,7 +478,7 @@ impl Model {
         depth: usize,
         hidden: &Tensor,
         tokens: &Tensor,
-        opts: &ForwardOptions,
+        opts: &Pass,
     ) -> Result<(Tensor, LayerStats)> {
         let m = &self.mtp[depth];
         let (_, t) = tokens.dims2()?;

@@ -40,7 +40,7 @@ use crate::data::Sampler;
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
-use crate::model::{AttentionMode, ForwardContext, ForwardOptions, Model};
+use crate::model::{AttentionMode, ForwardContext, Model, Pass};
 use crate::recipe::{Layout, Recipe, Stage};
 use crate::weights::{self, Kind, ParamSet, WeightSpec};
 use ckpt::{ModelSource, Snapshot, TrainState};
@@ -450,25 +450,18 @@ impl Trainer {
         })
     }
 
-    fn forward_options(&self) -> ForwardOptions {
-        ForwardOptions {
-            attention: match self.stage {
-                Stage::Warmup | Stage::Dense => AttentionMode::Dense,
-                Stage::Sparse => AttentionMode::Sparse,
-            },
+    fn forward_options(&self) -> Pass {
+        Pass::Train {
+            stage: self.stage,
             topk: self.recipe.dsa.index_topk,
-            indexer_kl: self.stage != Stage::Dense,
-            recall: false,
-            detach_indexer_inputs: self.stage == Stage::Sparse,
+            kl: crate::model::IndexerKl::Deferred,
             seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
-            defer_dense_kl: self.stage != Stage::Dense,
             block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute {
                 self.recipe.train.block_rows
             } else {
                 0
             },
             indexer_rows: 0,
-            eval_rows: None,
         }
     }
 
@@ -645,10 +638,7 @@ impl Trainer {
             }
             let hv = Var::from_tensor(&h.detach())?;
             // The MTP layer is differentiated through its own forward graph: no block mode.
-            let mtp_opts = ForwardOptions {
-                block_rows: 0,
-                ..opts.clone()
-            };
+            let mtp_opts = opts.clone().whole();
             let (logits, stats) =
                 self.model
                     .mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
@@ -704,7 +694,7 @@ impl Trainer {
                         dout: &dh,
                         balance: balance_weights[l]
                             .as_deref()
-                            .filter(|_| opts.seq_balance)
+                            .filter(|_| opts.seq_balance())
                             .map(|f| (f, t.seq_balance_alpha * scale)),
                         chosen: chosen[l].as_deref(),
                     };
@@ -712,12 +702,12 @@ impl Trainer {
                         trainable: &trainable,
                         accum,
                     };
-                    dh = match (opts.attention, &sel) {
+                    dh = match (opts.attention(), &sel) {
                         (AttentionMode::Sparse, Some(sel)) => layer.sparse_backward(
                             &input,
                             &self.ctx,
                             sel,
-                            opts.block_rows,
+                            opts.block_rows(),
                             bw,
                             &mut sink,
                         ),

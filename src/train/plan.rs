@@ -173,7 +173,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let (hi, di) = (cfg.index_n_heads as f64, cfg.index_head_dim as f64);
     let kk = k.min(t) as f64;
     // The whole-sequence part per token and, in the sparse stage, the indexer's block of
-    // query rows (the trainer's: `ForwardOptions::indexer_rows` = 0).
+    // query rows (the trainer's: `Pass::indexer_rows` = 0).
     let b = recipe.train.micro_batch_seqs.max(1);
     let q_lora = cfg.q_lora_rank as f64;
     let (per_seq_token, indexer_block) = if stage == Stage::Sparse {
