@@ -113,58 +113,22 @@ impl Pass {
         }
     }
 
-    /// The same pass with `rows` query rows per block (evaluation passes).
-    pub fn in_rows(self, rows: usize) -> Self {
-        match self {
-            Pass::Eval {
-                attention,
-                topk,
-                kl,
-                recall,
-                ..
-            } => Pass::Eval {
-                attention,
-                topk,
-                kl,
-                recall,
-                rows: Some(rows),
-            },
-            train => train,
+    /// The same pass with `n` query rows per block (evaluation passes; a training pass is
+    /// returned as it is).
+    pub fn in_rows(mut self, n: usize) -> Self {
+        if let Pass::Eval { rows, .. } = &mut self {
+            *rows = Some(n);
         }
+        self
     }
 
     /// The same pass over the whole sequence at once (no block mode).
-    pub fn whole(self) -> Self {
-        match self {
-            Pass::Train {
-                stage,
-                topk,
-                kl,
-                seq_balance,
-                indexer_rows,
-                ..
-            } => Pass::Train {
-                stage,
-                topk,
-                kl,
-                seq_balance,
-                block_rows: 0,
-                indexer_rows,
-            },
-            Pass::Eval {
-                attention,
-                topk,
-                kl,
-                recall,
-                ..
-            } => Pass::Eval {
-                attention,
-                topk,
-                kl,
-                recall,
-                rows: None,
-            },
+    pub fn whole(mut self) -> Self {
+        match &mut self {
+            Pass::Train { block_rows, .. } => *block_rows = 0,
+            Pass::Eval { rows, .. } => *rows = None,
         }
+        self
     }
 
     pub fn attention(&self) -> AttentionMode {
