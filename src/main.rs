@@ -239,9 +239,13 @@ enum DataCommand {
         /// ship it; scripts/fetch_tokenizer.sh fetches DeepSeek-V3's otherwise).
         #[arg(long)]
         tokenizer: PathBuf,
-        /// Input files, read in the order given.
+        /// Input files, read in the order given: .txt (one document per file), .jsonl (one
+        /// object per line) or .parquet (one row per document).
         #[arg(long, num_args = 1.., required = true)]
         input: Vec<PathBuf>,
+        /// The JSONL field, or the Parquet column, that holds each document's text.
+        #[arg(long, default_value = "text")]
+        text_key: String,
         /// Output directory (must not already hold an index.json).
         #[arg(long)]
         output: PathBuf,
@@ -443,6 +447,7 @@ fn run(cli: Cli) -> Result<()> {
                     bos_id,
                     eos_id,
                     shard_tokens,
+                    text_key,
                 },
         } => {
             let args = dsa_train::data::PrepareArgs {
@@ -453,6 +458,7 @@ fn run(cli: Cli) -> Result<()> {
                 eos_id,
                 shard_tokens,
                 progress: true,
+                text_key,
             };
             let report = dsa_train::data::prepare(&args)?;
             dsa_train::elog!(

@@ -1067,3 +1067,83 @@ fn a_megatron_indexed_dataset_reads_as_the_same_stream() {
         &["c32_text_document.idx", "not an integer token type"],
     );
 }
+
+/// A Parquet file of `(body, id)` rows in row groups of `group` rows, Snappy-compressed (what
+/// pyarrow writes by default), written with the parquet crate's own writer.
+fn parquet_file(path: &Path, bodies: &[&str], group: usize) -> PathBuf {
+    use parquet::basic::Compression;
+    use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
+    use parquet::file::properties::WriterProperties;
+    use parquet::file::writer::SerializedFileWriter;
+    use std::sync::Arc;
+    let schema = Arc::new(
+        parquet::schema::parser::parse_message_type(
+            "message doc { required int64 id; required binary body (UTF8); }",
+        )
+        .unwrap(),
+    );
+    let props = Arc::new(
+        WriterProperties::builder()
+            .set_compression(Compression::SNAPPY)
+            .build(),
+    );
+    let mut w =
+        SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
+    for (g, chunk) in bodies.chunks(group).enumerate() {
+        let mut rg = w.next_row_group().unwrap();
+        let mut column = 0;
+        while let Some(mut c) = rg.next_column().unwrap() {
+            if column == 0 {
+                let ids: Vec<i64> = (0..chunk.len()).map(|i| (g * group + i) as i64).collect();
+                c.typed::<Int64Type>()
+                    .write_batch(&ids, None, None)
+                    .unwrap();
+            } else {
+                let v: Vec<ByteArray> = chunk.iter().map(|s| ByteArray::from(*s)).collect();
+                c.typed::<ByteArrayType>()
+                    .write_batch(&v, None, None)
+                    .unwrap();
+            }
+            c.close().unwrap();
+            column += 1;
+        }
+        rg.close().unwrap();
+    }
+    w.close().unwrap();
+    path.to_path_buf()
+}
+
+/// Parquet inputs: one document per row of the `--text-key` column, across row groups, in
+/// order with the other inputs; JSONL takes the same key; a missing column is named with the
+/// columns the file has, before any output exists.
+#[test]
+fn prepare_reads_parquet_rows_and_the_text_key() {
+    let tmp = tempfile::tempdir().unwrap();
+    let tok = word_tokenizer(tmp.path(), true);
+    let docs = ["the cat sat", "", "on a mat .", "a dog", "the mat ."];
+    let pq = parquet_file(&tmp.path().join("a.parquet"), &docs, 2);
+    let jl = tmp.path().join("b.jsonl");
+    std::fs::write(&jl, "{\"body\": \"a cat\"}\n").unwrap();
+    let out = tmp.path().join("out");
+    prepare_ok(&tok, &[&pq, &jl], &out, &["--text-key", "body"]);
+    let mut want = docs.to_vec();
+    want.push("a cat");
+    assert_eq!(all_tokens(&out), expected_words(&want));
+    assert_eq!(read_index(&out)["total_documents"], 5);
+
+    let (code, _, stderr) = prepare(&tok, &[&pq], &tmp.path().join("no"), &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("a.parquet")
+            && stderr.contains("no column \"text\"")
+            && stderr.contains("id, body"),
+        "{stderr}"
+    );
+    assert!(!tmp.path().join("no").exists());
+    let (code, _, stderr) = prepare(&tok, &[&jl], &tmp.path().join("no2"), &[]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("b.jsonl line 1") && stderr.contains("\"text\""),
+        "{stderr}"
+    );
+}

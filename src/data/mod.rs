@@ -1,6 +1,7 @@
 //! Token data for training and evaluation (docs/data.md describes the formats).
 //!
-//! - `prepare`: `dsa-train data prepare`, text (.txt, .jsonl) to a prepared token directory.
+//! - `prepare`: `dsa-train data prepare`, text (.txt, .jsonl, .parquet) to a prepared token
+//!   directory; `parquet`: its Parquet reader.
 //! - `format`: that directory's shard header and index.json.
 //! - `megatron`: Megatron-LM indexed datasets (`.bin` + `.idx`), read in place.
 //! - `stream`: `TokenStream`, one view of a prepared directory, a Megatron dataset or a raw file.
@@ -11,6 +12,7 @@
 pub mod blend;
 pub mod format;
 pub mod megatron;
+pub mod parquet;
 pub mod prepare;
 pub mod sampler;
 pub mod stream;

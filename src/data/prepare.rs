@@ -42,6 +42,8 @@ pub struct PrepareArgs {
     pub shard_tokens: u64,
     /// Draw a progress bar on stderr (it stays hidden when stderr is not a terminal).
     pub progress: bool,
+    /// The field of a JSONL object, or the column of a Parquet file, that holds the text.
+    pub text_key: String,
 }
 
 /// What `prepare` did, printed as one JSON line.
@@ -60,8 +62,10 @@ pub struct PrepareReport {
 enum Kind {
     /// The whole file is one document.
     Text,
-    /// One JSON object per line; its `text` string is a document.
+    /// One JSON object per line; its `text_key` string is a document.
     Jsonl,
+    /// One row per document: its `text_key` column.
+    Parquet,
 }
 
 struct Input {
@@ -101,7 +105,7 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         "--eos-id",
         vocab_size,
     )?;
-    let (inputs, input_bytes) = check_inputs(&args.inputs)?;
+    let (inputs, input_bytes) = check_inputs(&args.inputs, &args.text_key)?;
     if args.output.join(INDEX_FILE).exists() {
         bail!(
             "{} already holds a prepared data set ({INDEX_FILE}): remove it or choose another --output",
@@ -127,8 +131,16 @@ pub fn prepare(args: &PrepareArgs) -> Result<PrepareReport> {
         .expect("the template is a constant"),
     );
     let mut writer = ShardWriter::new(&args.output, args.shard_tokens, created_dir);
-    let written = tokenise_all(&tokenizer, &inputs, bos_id, eos_id, &mut writer, &bar)
-        .and_then(|()| writer.finish());
+    let written = tokenise_all(
+        &tokenizer,
+        &inputs,
+        &args.text_key,
+        bos_id,
+        eos_id,
+        &mut writer,
+        &bar,
+    )
+    .and_then(|()| writer.finish());
     bar.finish_and_clear();
     let shards = match written {
         Ok(shards) => shards,
@@ -203,7 +215,7 @@ fn delimiter_id(
 
 /// Check every input before any output exists, so that a typo fails at once; returns the
 /// inputs with their kinds and their total size for the progress bar.
-fn check_inputs(paths: &[PathBuf]) -> Result<(Vec<Input>, u64)> {
+fn check_inputs(paths: &[PathBuf], text_key: &str) -> Result<(Vec<Input>, u64)> {
     if paths.is_empty() {
         bail!("no --input files given");
     }
@@ -214,18 +226,23 @@ fn check_inputs(paths: &[PathBuf]) -> Result<(Vec<Input>, u64)> {
             .with_context(|| format!("cannot read input file {}", path.display()))?;
         if !meta.is_file() {
             bail!(
-                "input {} is not a file: expected .txt or .jsonl files",
+                "input {} is not a file: expected .txt, .jsonl or .parquet files",
                 path.display()
             );
         }
         let kind = match path.extension().and_then(|e| e.to_str()) {
             Some("txt") => Kind::Text,
             Some("jsonl") => Kind::Jsonl,
+            Some("parquet") => Kind::Parquet,
             _ => bail!(
-                "input file {} has an unsupported extension: expected .txt (one document per file) or .jsonl (one {{\"text\": ...}} object per line)",
+                "input file {} has an unsupported extension: expected .txt (one document per file), .jsonl (one {{\"text\": ...}} object per line) or .parquet (one row per document)",
                 path.display()
             ),
         };
+        if kind == Kind::Parquet {
+            // The footer only: a file without the text column fails now, not hours in.
+            super::parquet::ParquetTexts::open(path, text_key)?;
+        }
         bytes += meta.len();
         inputs.push(Input {
             path: path.clone(),
@@ -239,7 +256,7 @@ fn check_inputs(paths: &[PathBuf]) -> Result<(Vec<Input>, u64)> {
 struct Document {
     text: String,
     input: usize,
-    /// 1-based line of a JSONL document; 0 for a .txt file.
+    /// 1-based line of a JSONL document or row of a Parquet one; 0 for a .txt file.
     line: u64,
     bytes: u64,
 }
@@ -247,6 +264,7 @@ struct Document {
 fn tokenise_all(
     tokenizer: &Tokenizer,
     inputs: &[Input],
+    text_key: &str,
     bos: u32,
     eos: u32,
     writer: &mut ShardWriter,
@@ -256,6 +274,8 @@ fn tokenise_all(
         inputs,
         next_input: 0,
         open: None,
+        parquet: None,
+        text_key,
     };
     let mut done = false;
     while !done {
@@ -317,11 +337,37 @@ struct Documents<'a> {
     next_input: usize,
     /// The JSONL file being read: its index, reader and last line number.
     open: Option<(usize, BufReader<File>, u64)>,
+    /// The Parquet file being read: its index, rows, and its size shared out over its rows
+    /// (for the progress bar: size / rows each, the remainder on the last).
+    parquet: Option<(usize, super::parquet::ParquetTexts, u64)>,
+    text_key: &'a str,
 }
 
 impl Documents<'_> {
     fn next(&mut self) -> Result<Option<Document>> {
         loop {
+            if let Some((i, rows, size)) = &mut self.parquet {
+                match rows.next_text()? {
+                    Some((text, row)) => {
+                        let share = *size / rows.total_rows.max(1);
+                        let bytes = if row == rows.total_rows {
+                            *size - share * (rows.total_rows - 1)
+                        } else {
+                            share
+                        };
+                        return Ok(Some(Document {
+                            text,
+                            input: *i,
+                            line: row,
+                            bytes,
+                        }));
+                    }
+                    None => {
+                        self.parquet = None;
+                        continue;
+                    }
+                }
+            }
             if let Some((i, reader, line)) = &mut self.open {
                 let path = &self.inputs[*i].path;
                 let mut buf = Vec::new();
@@ -345,13 +391,14 @@ impl Documents<'_> {
                     .unwrap_or(&buf);
                 let value: serde_json::Value = serde_json::from_slice(record)
                     .map_err(|e| anyhow!("{} is not valid JSON: {}", where_(), json_message(&e)))?;
+                let key = self.text_key;
                 let text = match value {
-                    serde_json::Value::Object(mut fields) => match fields.remove("text") {
+                    serde_json::Value::Object(mut fields) => match fields.remove(key) {
                         Some(serde_json::Value::String(t)) => t,
-                        _ => bail!("{} has no string \"text\" field", where_()),
+                        _ => bail!("{} has no string {key:?} field", where_()),
                     },
                     _ => bail!(
-                        "{} is not a JSON object: expected {{\"text\": \"...\"}}",
+                        "{} is not a JSON object: expected {{{key:?}: \"...\"}}",
                         where_()
                     ),
                 };
@@ -371,6 +418,11 @@ impl Documents<'_> {
                 .with_context(|| format!("cannot read input file {}", input.path.display()))?;
             match input.kind {
                 Kind::Jsonl => self.open = Some((i, BufReader::with_capacity(1 << 20, file), 0)),
+                Kind::Parquet => {
+                    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+                    let rows = super::parquet::ParquetTexts::open(&input.path, self.text_key)?;
+                    self.parquet = Some((i, rows, size));
+                }
                 Kind::Text => {
                     let bytes = std::fs::read(&input.path).with_context(|| {
                         format!("cannot read input file {}", input.path.display())
