@@ -213,7 +213,7 @@ fn read_f64_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f64>>
 }
 
 /// Training parity with an independent reference: one micro-batch (the fixture's first window)
-/// of the warm-up and of the sparse stage through our f32 CPU trainer against torch autograd
+/// of the warm-up, the sparse and the dense (pre-training) stage through our f32 CPU trainer against torch autograd
 /// through transformers' DeepseekV32ForCausalLM in f64 with the two KL losses, the balance loss
 /// and the MTP module written in torch (tools/parity/make_train_fixture.py; the losses as
 /// docs/training.md defines them; the MTP as DeepSeek-V3 does: the main model's output after
@@ -238,7 +238,7 @@ fn one_training_micro_batch_matches_torch_autograd() {
     let tokens = dsa_train::data::read_token_file(&dir.join("tokens.bin"), usize::MAX).unwrap();
     let bytes: Vec<u8> = tokens[..seq].iter().flat_map(|t| t.to_le_bytes()).collect();
     std::fs::write(work.join("window.bin"), bytes).unwrap();
-    for stage in ["warmup", "sparse"] {
+    for stage in ["warmup", "sparse", "dense"] {
         let want = &expected[stage];
         let recipe = format!(
             "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = true\n\
@@ -258,11 +258,15 @@ fn one_training_micro_batch_matches_torch_autograd() {
         let (accum, _, lm, kl) = trainer.accumulate_gradients().unwrap();
         let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
         let kl_want = want["indexer_kl_sum"].as_f64().unwrap() / layers;
-        assert!(
-            rel(kl, kl_want) < 1e-5,
-            "{stage}: indexer KL {kl} vs {kl_want}"
-        );
-        if stage == "sparse" {
+        if stage == "dense" {
+            assert_eq!(kl, 0.0, "dense: no indexer KL");
+        } else {
+            assert!(
+                rel(kl, kl_want) < 1e-5,
+                "{stage}: indexer KL {kl} vs {kl_want}"
+            );
+        }
+        if stage != "warmup" {
             let lm_want = want["lm_loss"].as_f64().unwrap();
             assert!(
                 rel(lm, lm_want) < 1e-5,

@@ -11,6 +11,8 @@ defines them for one sequence of T tokens:
   warm-up:  L = sum over layers l of mean over t of KL(p_l[t] || softmax(I_l[t]))
             p_l = head-mean dense attention probabilities over the causal keys (detached),
             I_l = the indexer's logits with -inf on future keys; only indexer tensors learn.
+  dense:    L = the sparse stage's loss without the KL, dense attention, every tensor but the
+            indexer's and the router's correction bias learns (pre-training from scratch).
   sparse:   L = mean next-token NLL over T-1 positions
               + mtp_weight * mean NLL of the MTP module over T-2 positions
               + alpha * sum over the main MoE layers of sum_e f_e P_e
@@ -168,7 +170,7 @@ class MtpModule(torch.nn.Module):
 def run_stage(model, mtp: MtpModule, window: torch.Tensor, stage: str, k: int, n_layers: int):
     seq = window.shape[1]
     mf.REC.mode, mf.REC.phase, mf.REC.recompute_dense = stage, "main", False
-    mf.REC.model_topk = seq if stage == "warmup" else k
+    mf.REC.model_topk = k if stage == "sparse" else seq  # top-k >= T: dense attention
     mf.REC.select_k = k
     mf.REC.reset()
     CAP.__init__()
@@ -176,7 +178,12 @@ def run_stage(model, mtp: MtpModule, window: torch.Tensor, stage: str, k: int, n
     model.zero_grad(set_to_none=True)
     mtp.zero_grad(set_to_none=True)
     for name, p in list(model.named_parameters()) + list(mtp.named_parameters()):
-        p.requires_grad_(".indexer." in name if stage == "warmup" else "e_score_correction_bias" not in name)
+        if stage == "warmup":
+            p.requires_grad_(".indexer." in name)
+        elif stage == "sparse":
+            p.requires_grad_("e_score_correction_bias" not in name)
+        else:  # dense: the indexer neither runs a loss nor learns
+            p.requires_grad_(".indexer." not in name and "e_score_correction_bias" not in name)
     h0 = model.model(input_ids=window, use_cache=False).last_hidden_state  # after model.norm
     logits = model.lm_head(h0)[0]
     mtp_logits = mtp(model, h0, window)[0]  # [T - 1, V]
@@ -188,13 +195,14 @@ def run_stage(model, mtp: MtpModule, window: torch.Tensor, stage: str, k: int, n
         p = mf.REC.probs[(layer, "main")].mean(0)  # head mean, detached by the recorder
         n = p.shape[-1]  # T, or T - 1 in the MTP layer
         causal = torch.ones(n, n, dtype=torch.bool).tril()
-        if stage == "warmup":
+        if stage != "sparse":
             support = causal
         else:
             order = mf.deterministic_order(CAP.scores[layer])
             support = torch.zeros(n, n, dtype=torch.bool).scatter(1, order[:, : min(k, n)], True) & causal
             assert torch.all(p[~support] < 1e-300), "the sparse attention reads S_t only"
-        kl = kl + kl_rows(p, CAP.scores[layer], support).mean()
+        if stage != "dense":
+            kl = kl + kl_rows(p, CAP.scores[layer], support).mean()
     values = {"indexer_kl_sum": float(kl_main), "mtp_indexer_kl": float(kl.detach() - kl_main)}
     if stage == "warmup":
         loss = kl
@@ -211,7 +219,7 @@ def run_stage(model, mtp: MtpModule, window: torch.Tensor, stage: str, k: int, n
             f = torch.bincount(idx.reshape(-1), minlength=n_exp).to(F64) * (n_exp / (top_k * n_tok))
             balance = balance + (f * (s / s.sum(-1, keepdim=True)).mean(0)).sum()
         values.update(lm_loss=float(lm.detach()), mtp_loss=float(mtp_nll.detach()), balance_sum=float(balance.detach()))
-        loss = lm + MTP_WEIGHT * mtp_nll + ALPHA * balance + KL_WEIGHT * kl
+        loss = lm + MTP_WEIGHT * mtp_nll + ALPHA * balance + (KL_WEIGHT * kl if stage == "sparse" else 0.0)
     loss.backward()
     mf.REC.mode = None
     return values
@@ -273,7 +281,7 @@ def main(argv=None):
         for o, a, new in patches:
             setattr(o, a, new)
         try:
-            for stage in ("warmup", "sparse"):
+            for stage in ("warmup", "sparse", "dense"):
                 report[stage] = run_stage(model, mtp, window, stage, k, n_layers)
                 grads = gradients(model, mtp, cfg)
                 samples, stats = {}, {}
