@@ -422,14 +422,19 @@ fn a_broken_pipe_or_a_full_stderr_loses_lines_never_steps() {
         Some(metrics_lines(&f.out("hup")) as u64)
     );
 
-    // `check | head -0`: stdout closed before the result is written.
-    let mut check = Command::new(env!("CARGO_BIN_EXE_dsa-train"))
+    // `check | head -0`: stdout is a pipe whose reading end is closed before the child starts
+    // (closing it after the spawn would race the child's write into the pipe's buffer).
+    let mut ends = [0i32; 2];
+    assert_eq!(unsafe { libc::pipe(ends.as_mut_ptr()) }, 0);
+    unsafe { libc::close(ends[0]) };
+    // SAFETY: ends[1] is a fresh descriptor owned by nothing else; Stdio takes it over.
+    let write_end = unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(ends[1]) };
+    let check = Command::new(env!("CARGO_BIN_EXE_dsa-train"))
         .args(["check", path_str(&recipe)])
-        .stdout(Stdio::piped())
+        .stdout(Stdio::from(write_end))
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    drop(check.stdout.take());
     let out = check.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");

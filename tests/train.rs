@@ -359,6 +359,37 @@ fn recipe_and_data_errors_are_one_clear_line() {
     );
     std::fs::write(&bad, "[run\noutput_dir=1").unwrap();
     assert_clean_error(&run_cli(&["train", path_str(&bad)]), &["bad.toml", "TOML"]);
+    // The data is checked before the checkpoint is read whole: a data typo beside a damaged
+    // shard names the data (the checksum pass or load would otherwise come first).
+    let broken = f.root.join("broken-model");
+    std::fs::create_dir_all(&broken).unwrap();
+    for e in std::fs::read_dir(f.root.join("model")).unwrap() {
+        let e = e.unwrap().path();
+        std::fs::copy(&e, broken.join(e.file_name().unwrap())).unwrap();
+    }
+    let shard = std::fs::read_dir(&broken)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .unwrap();
+    let len = std::fs::metadata(&shard).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&shard)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    assert_clean_error(
+        &run_cli(&[
+            "train",
+            path_str(&recipe),
+            "--set",
+            &format!("model.path={}", broken.display()),
+            "--set",
+            "data.path=/nonexistent/tokens.bin",
+        ]),
+        &["/nonexistent/tokens.bin"],
+    );
 }
 
 #[test]

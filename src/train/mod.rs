@@ -297,20 +297,28 @@ impl Trainer {
         let mut comm = comm;
         let layout = validate(&recipe, comm.world())?;
         let (rank, world) = (comm.rank(), comm.world());
-        // Cheap checks first (the recipe guard reads one small file), then the checksums, each
-        // rank its share; every rank fails if one does.
+        // Cheap checks first (the recipe guard reads one small file; the data, its headers and
+        // sizes), then the checksums, each rank its share; every rank fails if one does. A
+        // data typo fails here, before a long checksum pass or load.
         let resolved = (|| -> Result<_> {
             if let Some(d) = resume_dir {
                 check_resumable(d, &recipe)?;
             }
-            let found = model_source(&recipe, resume_dir)?;
+            let (source, cfg, model_path) = model_source(&recipe, resume_dir)?;
+            let sampler = Sampler::open(
+                &recipe.data.path,
+                &recipe.data.blend,
+                recipe.data.seq_len,
+                cfg.vocab_size,
+                recipe.run.seed,
+            )?;
             if let Some(d) = resume_dir {
                 integrity::verify_share(d, integrity::Use::Resume, rank, world)?;
             }
-            found.0.verify_share(rank, world)?;
-            Ok(found)
+            source.verify_share(rank, world)?;
+            Ok((source, cfg, model_path, sampler))
         })();
-        let (source, mut cfg, model_path) = agree(comm.as_mut(), resolved)?;
+        let (source, mut cfg, model_path, mut sampler) = agree(comm.as_mut(), resolved)?;
         if cfg.index_topk != recipe.dsa.index_topk {
             // One home for k: the recipe's dsa.index_topk selects (a V3.2 config.json carries
             // its own); the model's config follows, so this run's steps export the k it used.
@@ -362,13 +370,6 @@ impl Trainer {
         )?;
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
-        let mut sampler = Sampler::open(
-            &recipe.data.path,
-            &recipe.data.blend,
-            recipe.data.seq_len,
-            model.cfg.vocab_size,
-            recipe.run.seed,
-        )?;
         let (mut step, mut tokens_seen) = (0, 0);
         if layout.dp > 1 {
             // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
