@@ -35,6 +35,9 @@ pub struct RunConfig {
     pub progress: bool,
     /// Also write the metrics as TensorBoard scalars to `<output_dir>/tensorboard/`.
     pub tensorboard: bool,
+    /// Print a log line (time, ms/step, tokens/s, FLOP/s, memory, expert load) every N steps
+    /// when stderr is not a terminal, and at step 1; 0 = about 20 lines a run.
+    pub log_every: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -233,6 +236,7 @@ impl Default for RunConfig {
             seed: 0,
             progress: true,
             tensorboard: true,
+            log_every: 0,
         }
     }
 }

@@ -392,6 +392,26 @@ fn recipe_and_data_errors_are_one_clear_line() {
     );
 }
 
+/// Without a terminal, a log line every `run.log_every` steps (and at step 1), with its time,
+/// speed and memory.
+#[test]
+fn log_lines_come_every_run_log_every_steps() {
+    let f = Fixture::new(8);
+    let recipe = f.recipe("warmup", "logs", &f.root.join("model"), 4);
+    let (code, _, stderr) = run_cli(&["train", path_str(&recipe), "--set", "run.log_every=2"]);
+    assert_eq!(code, 0, "{stderr}");
+    let steps: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("[train] ") && l.contains("ms/step"))
+        .map(|l| l.split(" step ").nth(1).unwrap().split('/').next().unwrap())
+        .collect();
+    assert_eq!(steps, ["1", "2", "4"], "{stderr}");
+    assert!(
+        stderr.contains("tok/s") && stderr.contains("UTC"),
+        "{stderr}"
+    );
+}
+
 #[test]
 fn check_reports_counts_and_estimates() {
     let f = Fixture::new(7);

@@ -1340,7 +1340,10 @@ pub fn train_with(
     };
     let mut last_checkpoint = None;
     let mut stopped = false;
-    let log_every = (r.train.steps / 20).max(1);
+    let log_every = match r.run.log_every {
+        0 => (r.train.steps / 20).max(1),
+        n => n,
+    };
     if lead && trainer.step >= r.train.steps {
         crate::elog!(
             "[train] nothing to do: the run is at step {}, train.steps is {}",
