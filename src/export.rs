@@ -20,7 +20,7 @@
 //! most one tensor's stored bytes (plus its f32 copy) besides `params`. The directory appears
 //! only once complete (`hf_writer::write_dir_atomically`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::time::Instant;
 
@@ -98,8 +98,12 @@ impl TensorSource for ParamSource<'_> {
 /// deterministic init from `init_seed`.
 struct CheckpointSource {
     base: Checkpoint,
-    /// Each step folder over the base, the last first, with the tensor names it stores.
-    overlays: Vec<(std::path::PathBuf, BTreeSet<String>)>,
+    /// Each step folder over the base, the last first, with the tensors it stores and the
+    /// files that hold each (`ckpt::overlay_index`).
+    overlays: Vec<(
+        std::path::PathBuf,
+        BTreeMap<String, Vec<std::path::PathBuf>>,
+    )>,
     init_seed: u64,
 }
 
@@ -109,7 +113,7 @@ impl CheckpointSource {
             .overlays
             .iter()
             .rev()
-            .map(|d| Ok((d.clone(), crate::train::ckpt::overlay_names(d)?)))
+            .map(|d| Ok((d.clone(), crate::train::ckpt::overlay_index(d)?)))
             .collect::<Result<_>>()?;
         Ok(Self {
             base: Checkpoint::open(&source.hf_dir)?,
@@ -118,11 +122,11 @@ impl CheckpointSource {
         })
     }
 
-    fn trained_in(&self, name: &str) -> Option<&Path> {
+    /// The last step folder that stores `name`, and the files holding it there.
+    fn trained_in(&self, name: &str) -> Option<(&Path, &[std::path::PathBuf])> {
         self.overlays
             .iter()
-            .find(|(_, names)| names.contains(name))
-            .map(|(d, _)| d.as_path())
+            .find_map(|(d, index)| index.get(name).map(|f| (d.as_path(), f.as_slice())))
     }
 
     fn has(&self, name: &str) -> bool {
@@ -133,8 +137,8 @@ impl CheckpointSource {
 impl TensorSource for CheckpointSource {
     fn values(&self, spec: &WeightSpec) -> Result<Vec<f32>> {
         let name = &spec.name;
-        let t = if let Some(dir) = self.trained_in(name) {
-            crate::train::ckpt::overlay_tensor(dir, name)?
+        let t = if let Some((dir, files)) = self.trained_in(name) {
+            crate::train::ckpt::overlay_tensor(dir, name, files)?
         } else if self.base.contains(name) {
             self.base
                 .load(name, &spec.shape, DType::F32, &Device::Cpu)?
@@ -454,7 +458,12 @@ pub fn export_hf_checkpoint(
     let with_mtp = mtp_present(&cfg, &|n| reader.has(n))?;
     let specs = weights::model_weights(&cfg, with_mtp);
     let known: BTreeSet<&str> = specs.iter().map(|s| s.name.as_str()).collect();
-    let trained: BTreeSet<&String> = reader.overlays.iter().flat_map(|(_, n)| n).collect();
+    let trained: BTreeSet<&String> = reader
+        .overlays
+        .iter()
+        .flat_map(|(_, index)| index.keys())
+        .filter(|n| !weights::is_mtp_copy(n)) // an older step's; the main tensors are used
+        .collect();
     if let Some(extra) = trained.iter().find(|n| !known.contains(n.as_str())) {
         bail!(
             "{}: trained tensor {extra} is not a tensor of this model (config.json, the MTP layers or the indexer shape differ)",

@@ -265,6 +265,13 @@ pub fn mtp_tied_copies(cfg: &ModelConfig) -> Vec<(WeightSpec, String)> {
         .collect()
 }
 
+/// Is `name` an MTP layer's copy of the embedding or output head (`mtp_tied_copies`)? By
+/// name alone, for tensors an older build's step stored as its own.
+pub fn is_mtp_copy(name: &str) -> bool {
+    name.starts_with("model.layers.")
+        && (name.ends_with(".embed_tokens.weight") || name.ends_with(".shared_head.head.weight"))
+}
+
 /// Every tensor a checkpoint in the Hugging Face layout stores, in its order: the model's
 /// parameters (`model_weights`) and, with the MTP layers, their tied copies after each layer's
 /// own tensors; each copy with the parameter it holds (None: the tensor is a parameter).
@@ -397,10 +404,7 @@ pub fn apply_overlay(
     let by_name: std::collections::HashMap<&str, &WeightSpec> =
         specs.iter().map(|s| (s.name.as_str(), s)).collect();
     for (name, t) in overlay {
-        let mtp_copy = name.starts_with("model.layers.")
-            && (name.ends_with(".embed_tokens.weight")
-                || name.ends_with(".shared_head.head.weight"));
-        if mtp_copy && !by_name.contains_key(name.as_str()) {
+        if is_mtp_copy(&name) && !by_name.contains_key(name.as_str()) {
             // A step of an older build trained the MTP layer's copies of the embedding and head
             // as their own tensors; the module now shares the main ones (docs/design.md).
             crate::elog!("[load] {name}: not loaded; the MTP module uses the main model's tensor");

@@ -311,14 +311,24 @@ fn load_tensors(
     device: &Device,
     keep: &dyn Fn(&str) -> bool,
 ) -> Result<BTreeMap<String, Tensor>> {
+    load_tensors_from(dir, &tensor_files(dir, kind)?, device, keep)
+}
+
+/// `load_tensors` over the given files of step `dir` (named in messages).
+fn load_tensors_from(
+    dir: &Path,
+    files: &[PathBuf],
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+) -> Result<BTreeMap<String, Tensor>> {
     let keep_stored = |n: &str| match split_piece_name(n) {
         Some((base, ..)) => keep(&base),
         None => keep(n),
     };
     let mut out = BTreeMap::new();
     let mut parts: BTreeMap<String, Vec<(usize, usize, Tensor)>> = BTreeMap::new();
-    for f in tensor_files(dir, kind)? {
-        for (name, t) in load_file_f32_where(&f, device, &keep_stored)? {
+    for f in files {
+        for (name, t) in load_file_f32_where(f, device, &keep_stored)? {
             match split_piece_name(&name) {
                 Some((base, start, end)) => parts.entry(base).or_default().push((start, end, t)),
                 None => {
@@ -348,21 +358,27 @@ fn load_tensors(
     Ok(out)
 }
 
-/// The names of the trained tensors a step folder stores (a tensor stored as row ranges once,
-/// under its whole name), read from the file headers only.
-pub fn overlay_names(dir: &Path) -> Result<std::collections::BTreeSet<String>> {
-    let mut names = std::collections::BTreeSet::new();
+/// The trained tensors a step folder stores, each (under its whole name, for a tensor stored
+/// as row ranges) with the files that hold it; read from the file headers only, once.
+pub fn overlay_index(dir: &Path) -> Result<BTreeMap<String, Vec<PathBuf>>> {
+    let mut index: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     for f in tensor_files(dir, "params")? {
         for n in crate::checkpoint::file_tensor_names(&f)? {
-            names.insert(split_piece_name(&n).map_or(n, |(base, ..)| base));
+            let files = index
+                .entry(split_piece_name(&n).map_or(n, |(base, ..)| base))
+                .or_default();
+            if files.last() != Some(&f) {
+                files.push(f.clone());
+            }
         }
     }
-    Ok(names)
+    Ok(index)
 }
 
-/// One trained tensor of a step folder (its row ranges joined), f32 on the host.
-pub fn overlay_tensor(dir: &Path, name: &str) -> Result<Tensor> {
-    load_tensors(dir, "params", &Device::Cpu, &|n| n == name)?
+/// One trained tensor of step `dir` (its row ranges joined), f32 on the host, read from
+/// `files` (its entry of `overlay_index`) only.
+pub fn overlay_tensor(dir: &Path, name: &str, files: &[PathBuf]) -> Result<Tensor> {
+    load_tensors_from(dir, files, &Device::Cpu, &|n| n == name)?
         .remove(name)
         .with_context(|| format!("{}: no trained tensor {name}", dir.display()))
 }

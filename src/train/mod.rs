@@ -1118,6 +1118,7 @@ impl Trainer {
         {
             params.insert(name.clone(), var.as_tensor().clone());
         }
+        let (data_cursor, blend_cursor) = self.sampler.cursor();
         Ok(Snapshot {
             state: TrainState {
                 format_version: ckpt::FORMAT_VERSION,
@@ -1125,8 +1126,8 @@ impl Trainer {
                 stage: self.stage,
                 step: self.step,
                 tokens_seen: self.tokens_seen,
-                data_cursor: self.sampler.cursor().0,
-                blend_cursor: self.sampler.cursor().1,
+                data_cursor,
+                blend_cursor,
                 optimizer_steps,
                 model_path: self.model_path.to_string_lossy().into_owned(),
                 base: Some(
