@@ -222,39 +222,70 @@ fn read_f64_tensors(path: &Path) -> std::collections::BTreeMap<String, Vec<f64>>
 /// sides; per tensor, its largest |value| and L2 norm to 1e-5 relative and every sampled value
 /// (every `stride`-th of the flattened gradient, about 512 a tensor) within 1e-5 of the largest
 /// |value|: the f32 rounding of sums over a few hundred terms.
-#[test]
-fn one_training_micro_batch_matches_torch_autograd() {
-    let dir = fixture("v32_tiny");
-    let expected: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("train_expected.json")).unwrap())
-            .unwrap();
-    let (seq, k) = (
-        expected["seq_len"].as_u64().unwrap() as usize,
-        expected["topk"].as_u64().unwrap() as usize,
-    );
-    let work = std::env::temp_dir().join(format!("dsa-train-parity-{}", std::process::id()));
-    std::fs::create_dir_all(&work).unwrap();
-    // Exactly one window: the first seq_len tokens of the fixture.
-    let tokens = dsa_train::data::read_token_file(&dir.join("tokens.bin"), usize::MAX).unwrap();
-    let bytes: Vec<u8> = tokens[..seq].iter().flat_map(|t| t.to_le_bytes()).collect();
-    std::fs::write(work.join("window.bin"), bytes).unwrap();
-    for stage in ["warmup", "sparse", "dense"] {
-        let want = &expected[stage];
+/// The training fixture of tools/parity/make_train_fixture.py: its report, and a trainer of
+/// one stage over exactly its window (the first seq_len tokens), working in `work`.
+struct TrainFixture {
+    dir: PathBuf,
+    expected: serde_json::Value,
+    work: PathBuf,
+}
+
+impl TrainFixture {
+    fn open(tag: &str) -> Self {
+        let dir = fixture("v32_tiny");
+        let expected: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("train_expected.json")).unwrap(),
+        )
+        .unwrap();
+        let seq = expected["seq_len"].as_u64().unwrap() as usize;
+        let work =
+            std::env::temp_dir().join(format!("dsa-train-parity-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&work).unwrap();
+        let tokens = dsa_train::data::read_token_file(&dir.join("tokens.bin"), usize::MAX).unwrap();
+        let bytes: Vec<u8> = tokens[..seq].iter().flat_map(|t| t.to_le_bytes()).collect();
+        std::fs::write(work.join("window.bin"), bytes).unwrap();
+        Self {
+            dir,
+            expected,
+            work,
+        }
+    }
+
+    fn trainer(&self, stage: &str) -> dsa_train::train::Trainer {
+        let e = &self.expected;
         let recipe = format!(
             "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = true\n\
-             [data]\npath = {:?}\nseq_len = {seq}\n[train]\nstage = {stage:?}\n\
+             [data]\npath = {:?}\nseq_len = {}\n[train]\nstage = {stage:?}\n\
              global_batch_seqs = 1\nmicro_batch_seqs = 1\nseq_balance_alpha = {}\nkl_weight = {}\n\
-             mtp_weight = {}\n[dsa]\nindex_topk = {k}\n",
-            work.join(format!("out-{stage}")),
-            dir,
-            work.join("window.bin"),
-            expected["seq_balance_alpha"].as_f64().unwrap(),
-            expected["kl_weight"].as_f64().unwrap(),
-            expected["mtp_weight"].as_f64().unwrap(),
+             mtp_weight = {}\n[dsa]\nindex_topk = {}\n",
+            self.work.join(format!("out-{stage}")),
+            self.dir,
+            self.work.join("window.bin"),
+            e["seq_len"].as_u64().unwrap(),
+            e["seq_balance_alpha"].as_f64().unwrap(),
+            e["kl_weight"].as_f64().unwrap(),
+            e["mtp_weight"].as_f64().unwrap(),
+            e["topk"].as_u64().unwrap(),
         );
         let recipe = dsa_train::recipe::Recipe::parse(&recipe, &[]).unwrap();
+        dsa_train::train::Trainer::new(recipe, None).unwrap()
+    }
+}
+
+impl Drop for TrainFixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.work);
+    }
+}
+
+#[test]
+fn one_training_micro_batch_matches_torch_autograd() {
+    let fx = TrainFixture::open("grads");
+    let (dir, expected) = (&fx.dir, &fx.expected);
+    for stage in ["warmup", "sparse", "dense"] {
+        let want = &expected[stage];
         let layers = 3.0; // the fixture's main layers; the trainer logs the mean KL over them
-        let mut trainer = dsa_train::train::Trainer::new(recipe, None).unwrap();
+        let mut trainer = fx.trainer(stage);
         let (accum, _, lm, kl) = trainer.accumulate_gradients().unwrap();
         let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
         let kl_want = want["indexer_kl_sum"].as_f64().unwrap() / layers;
@@ -335,5 +366,100 @@ fn one_training_micro_batch_matches_torch_autograd() {
             worst.1
         );
     }
-    std::fs::remove_dir_all(&work).unwrap();
+}
+
+/// Two AdamW steps from the checkpoint's weights with torch's gradients of the sparse stage
+/// (the second with -0.5 times them) against torch.optim.AdamW: our update, clipping by each
+/// group's norm, and the trainer's choice of group and weight decay per tensor. AdamW acts
+/// value by value once the group norms are known, so the sampled values (every stride-th) of
+/// each tensor suffice, with the norms torch measured over whole tensors.
+#[test]
+fn two_adamw_steps_match_torch() {
+    use dsa_train::train::optim::{AdamW, GradAccum, Group, Slot};
+    let fx = TrainFixture::open("adamw");
+    let a = &fx.expected["adamw"];
+    let f = |key: &str| a[key].as_f64().unwrap();
+    let norms = &a["group_norms"];
+    let stats = fx.expected["sparse"]["gradients"].as_object().unwrap();
+    let samples = read_f64_tensors(&fx.dir.join("train_sparse.safetensors"));
+    let trainer = fx.trainer("sparse");
+    let opt = AdamW {
+        beta1: f("beta1"),
+        beta2: f("beta2"),
+        eps: f("eps"),
+        weight_decay: f("weight_decay"),
+        clip: f("grad_clip"),
+        kernels: dsa_train::kernels::KernelPolicy::KERNELS,
+    };
+    let dev = Device::Cpu;
+    let to_f32 = |v: &[f64]| {
+        Tensor::from_vec(
+            v.iter().map(|&x| x as f32).collect::<Vec<_>>(),
+            v.len(),
+            &dev,
+        )
+        .unwrap()
+    };
+    // One slot per trainable tensor, holding its sampled weights, with the trainer's decay
+    // and group.
+    let mut slots = vec![];
+    for s in &trainer.slots {
+        let stride = stats[&s.name]["stride"].as_u64().unwrap() as usize;
+        let w: Vec<f32> = s
+            .var
+            .as_tensor()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let w: Vec<f64> = w.iter().step_by(stride).map(|&x| x as f64).collect();
+        let var = candle_core::Var::from_tensor(&to_f32(&w)).unwrap();
+        slots.push(Slot::new(s.name.clone(), var, s.decay, s.group).unwrap());
+    }
+    assert_eq!(slots.len(), stats.len(), "the tensors that learn");
+    let mut worst = (0f64, String::new());
+    for (step, factor) in [(1, 1.0), (2, -0.5)] {
+        let mut accum = GradAccum::default();
+        for s in &slots {
+            let g: Vec<f64> = samples[&s.name].iter().map(|g| g * factor).collect();
+            accum.settle(&s.name, &to_f32(&g)).unwrap();
+        }
+        let norm = |group: &str| norms[format!("{group}_step{step}")].as_f64().unwrap();
+        let sq = [
+            (Group::Main, norm("main")),
+            (Group::Indexer, norm("indexer")),
+        ]
+        .into_iter()
+        .map(|(g, n)| (g, n * n))
+        .collect();
+        opt.step_with_norms(&mut slots, &accum, &sq, |_| f("lr"))
+            .unwrap();
+        for s in &slots {
+            let want = &samples[&format!("adamw{step}/{}", s.name)];
+            let got: Vec<f32> = s.var.as_tensor().to_vec1().unwrap();
+            let scale = want.iter().fold(0f64, |m, w| m.max(w.abs())).max(1e-30);
+            let diff = got
+                .iter()
+                .zip(want)
+                .fold(0f64, |m, (&g, w)| m.max((g as f64 - w).abs()));
+            if diff / scale > worst.0 {
+                worst = (diff / scale, format!("{} after step {step}", s.name));
+            }
+        }
+    }
+    // f32 weights and arithmetic against torch's f64: a few f32 roundings of the weight.
+    assert!(
+        worst.0 < 1e-6,
+        "AdamW: {} differs by {:.2e} of its scale",
+        worst.1,
+        worst.0
+    );
+    eprintln!(
+        "AdamW: {} tensors, two steps, worst relative difference {:.2e} ({})",
+        slots.len(),
+        worst.0,
+        worst.1
+    );
 }

@@ -433,9 +433,12 @@ impl AdamW {
         lr: impl Fn(Group) -> f64,
     ) -> Result<StepReport> {
         let norm = |g: Group| sq.get(&g).copied().unwrap_or(0.0).sqrt();
+        // As torch.nn.utils.clip_grad_norm_ and Megatron-LM scale: clip / (norm + 1e-6) where
+        // that is below 1.
         let scale = |g: Group| {
-            if self.clip > 0.0 && norm(g) > self.clip {
-                self.clip / (norm(g) + 1e-6)
+            let c = self.clip / (norm(g) + 1e-6);
+            if self.clip > 0.0 && c < 1.0 {
+                c
             } else {
                 1.0
             }

@@ -34,6 +34,15 @@ train_sparse.safetensors every `stride`-th value of its float64 gradient (flatte
 about SAMPLES values a tensor, so the files stay small), and in train_expected.json its shape,
 stride, largest |value| and L2 norm, with the settings and the loss values.
 
+AdamW (sparse stage only): torch.optim.AdamW takes two steps from the checkpoint's weights, the
+first with the micro-batch's gradients, the second with -0.5 times them (so that both moments and
+both bias corrections are exercised), each after clipping every group's gradients to
+ADAMW["grad_clip"] by their global L2 norm (torch.nn.utils.clip_grad_norm_). Groups: the
+indexer's tensors and the rest, each clipped by its own norm; weight decay on tensors of two or
+more dimensions (linear, embedding, head and router weights), none on norms and biases. The
+weights after each step are sampled like the gradients, as "adamw1/<name>" and "adamw2/<name>"
+in train_sparse.safetensors; the group norms before clipping are in train_expected.json.
+
     ../dsa-venv-ref/bin/python tools/parity/make_train_fixture.py --fixture tests/fixtures/v32_tiny
 """
 
@@ -58,6 +67,10 @@ ALPHA = 0.1  # train.seq_balance_alpha of the Rust side
 SAMPLES = 512  # gradient values kept per tensor (at least; every value of a small tensor)
 KL_WEIGHT = 1.0  # train.kl_weight
 MTP_WEIGHT = 0.3  # train.mtp_weight
+# The optimizer steps after the sparse stage's micro-batch (train.*; lr large enough that an
+# error in the update shows next to the weights, clip below the main group's norm so that one
+# group is clipped and the other, the indexer's, is not).
+ADAMW = {"lr": 1e-2, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "weight_decay": 0.1, "grad_clip": 2.0}
 
 
 class Capture:
@@ -252,6 +265,29 @@ def gradients(model, mtp: MtpModule, cfg: dict) -> dict[str, torch.Tensor]:
     return out
 
 
+def adamw_steps(ckpt: dict, grads: dict[str, torch.Tensor]) -> tuple[list[dict], dict]:
+    """Two AdamW steps over the tensors in `grads` from their checkpoint values (f64): the
+    weights after each step, and the squared norm of each group's gradient at each step."""
+    params = {n: torch.nn.Parameter(ckpt[n].to(F64).clone()) for n in grads}
+    groups = {"main": [n for n in grads if ".indexer." not in n], "indexer": [n for n in grads if ".indexer." in n]}
+    opt = torch.optim.AdamW(
+        [{"params": [params[n] for n in names if params[n].dim() >= 2], "weight_decay": ADAMW["weight_decay"]}
+         for names in groups.values()]
+        + [{"params": [params[n] for n in names if params[n].dim() < 2], "weight_decay": 0.0}
+           for names in groups.values()],
+        lr=ADAMW["lr"], betas=(ADAMW["beta1"], ADAMW["beta2"]), eps=ADAMW["eps"], foreach=False)
+    after, norms = [], {}
+    for step, factor in ((1, 1.0), (2, -0.5)):
+        for n, g in grads.items():
+            params[n].grad = g.to(F64) * factor
+        for group, names in groups.items():
+            norm = torch.nn.utils.clip_grad_norm_([params[n] for n in names], ADAMW["grad_clip"])
+            norms[f"{group}_step{step}"] = float(norm)
+        opt.step()
+        after.append({n: p.detach().clone() for n, p in params.items()})
+    return after, norms
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fixture", required=True, help="a V3.2 fixture folder of make_fixtures.py")
@@ -295,8 +331,15 @@ def main(argv=None):
                         "max_abs": float(flat.abs().max()),
                         "l2": float(flat.norm()),
                     }
-                save_file(samples, os.path.join(d, f"train_{stage}.safetensors"))
                 report[stage]["gradients"] = stats
+                if stage == "sparse":
+                    after, norms = adamw_steps(ckpt, grads)
+                    for i, weights in enumerate(after):
+                        for name, w in weights.items():
+                            stride = stats[name]["stride"]
+                            samples[f"adamw{i + 1}/{name}"] = w.reshape(-1)[::stride].contiguous()
+                    report["adamw"] = dict(ADAMW, group_norms=norms)
+                save_file(samples, os.path.join(d, f"train_{stage}.safetensors"))
         finally:
             for o, a, old in saved:
                 setattr(o, a, old)
