@@ -13,7 +13,7 @@
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::{bail, CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
+use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 /// A sparse row map in CSR form: out row i sums x[src[j]] for j in off[i]..off[i + 1].
@@ -168,6 +168,173 @@ impl RowPlan {
     }
 }
 
+impl RowPlan {
+    /// out row i = the sum over its entries j of x[src[j]] * w[src[j]]: x [in_rows, d] and
+    /// w [in_rows, 1] of one dtype, each product rounded to it (as `broadcast_mul` rounds it),
+    /// the sums as `apply`'s. The MoE combine (expert rows weighted, summed per token) in one
+    /// pass (kernels/rows.cu) where the policy allows; the plain twin, `apply(x * w)`, gives the
+    /// same bits. Differentiable in x and w (the backward: `gather_scaled_dot` of the adjoint).
+    pub fn apply_weighted(
+        &self,
+        kernels: crate::kernels::KernelPolicy,
+        x: &Tensor,
+        w: &Tensor,
+    ) -> Result<Tensor> {
+        if !weighted_kernel(kernels, x, w, self.map.in_rows) {
+            return self.apply(kernels, &x.broadcast_mul(w)?);
+        }
+        x.contiguous()?.apply_op2(
+            &w.contiguous()?,
+            WeightedRowSum {
+                plan: self.clone(),
+                kernels,
+            },
+        )
+    }
+
+    /// For a gather (out row i = x[src[i]], g = `apply(x)`): (g * w, the dot product of each row
+    /// of g with y's), w [out_rows, 1] in x's dtype and y [out_rows, d] -> [out_rows, d] in x's
+    /// dtype and [out_rows, 1] f32 (products and sums in f32). The MoE combine's backward
+    /// (gradient of the weighted rows, and of their weights) without materialising g; not
+    /// differentiable. The plain twin: candle's product and an f32 sum (another order of
+    /// additions, so the dot products agree to f32 rounding; the scaled rows bit for bit).
+    pub fn gather_scaled_dot(
+        &self,
+        kernels: crate::kernels::KernelPolicy,
+        x: &Tensor,
+        w: &Tensor,
+        y: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
+        let m = &self.map;
+        let is_gather =
+            m.src.len() == m.out_rows() && m.off.iter().enumerate().all(|(i, &o)| o as usize == i);
+        if !is_gather {
+            bail!("gather_scaled_dot: the plan is not a gather");
+        }
+        if weighted_kernel(kernels, x, w, m.out_rows())
+            && y.dtype() == x.dtype()
+            && y.dims() == [m.out_rows(), x.dim(1)?]
+        {
+            let x = x.contiguous()?;
+            let gw = x.apply_op2_no_bwd(&w.contiguous()?, &GatherScale(m.clone()))?;
+            let dot = x.apply_op2_no_bwd(&y.contiguous()?, &GatherDot(m.clone()))?;
+            return Ok((gw, dot));
+        }
+        let g = self.apply(kernels, x)?;
+        let dot = (g.to_dtype(DType::F32)? * y.to_dtype(DType::F32)?)?.sum_keepdim(1)?;
+        Ok((g.broadcast_mul(w)?, dot))
+    }
+}
+
+/// May the weighted kernels take x [rows, d] and w [w_rows, 1]? (f32 or bf16, one dtype.)
+fn weighted_kernel(
+    kernels: crate::kernels::KernelPolicy,
+    x: &Tensor,
+    w: &Tensor,
+    w_rows: usize,
+) -> bool {
+    kernels.uses(crate::kernels::Fused::MoeCombine, x.device())
+        && matches!(x.dtype(), DType::F32 | DType::BF16)
+        && w.dtype() == x.dtype()
+        && x.rank() == 2
+        && w.dims() == [w_rows, 1]
+}
+
+/// `RowPlan::apply_weighted`'s op (CUDA only: the CPU and the plain policy take the twin).
+struct WeightedRowSum {
+    plan: RowPlan,
+    kernels: crate::kernels::KernelPolicy,
+}
+
+impl candle_core::CustomOp2 for WeightedRowSum {
+    fn name(&self) -> &'static str {
+        "dsa-weighted-row-sum"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        bail!("dsa-weighted-row-sum runs on CUDA only; the CPU takes apply(x * w)")
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let m = &*self.plan.map;
+        let d = l1.shape().dims()[1];
+        let shape = Shape::from((m.out_rows(), d));
+        cuda::weighted(s1, l1, s2, l2, m, d, shape)
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (dx, dw) = self.plan.adjoint().gather_scaled_dot(
+            self.kernels,
+            &grad.detach(),
+            &w.detach(),
+            &x.detach(),
+        )?;
+        Ok((Some(dx), Some(dw.to_dtype(w.dtype())?)))
+    }
+}
+
+/// The scaled gather of `RowPlan::gather_scaled_dot` (CUDA only).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GatherScale(Arc<RowMap>);
+/// The dot products of `RowPlan::gather_scaled_dot` (CUDA only).
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+struct GatherDot(Arc<RowMap>);
+
+macro_rules! cuda_only_op2 {
+    ($op:ty, $name:literal, $launch:ident) => {
+        impl candle_core::CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+
+            fn cpu_fwd(
+                &self,
+                _: &CpuStorage,
+                _: &Layout,
+                _: &CpuStorage,
+                _: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                bail!(concat!(
+                    $name,
+                    " runs on CUDA only; the CPU takes the plain twin"
+                ))
+            }
+
+            #[cfg(feature = "cuda")]
+            fn cuda_fwd(
+                &self,
+                s1: &candle_core::CudaStorage,
+                l1: &Layout,
+                s2: &candle_core::CudaStorage,
+                l2: &Layout,
+            ) -> Result<(candle_core::CudaStorage, Shape)> {
+                cuda::$launch(s1, l1, s2, l2, &self.0)
+            }
+        }
+    };
+}
+cuda_only_op2!(GatherScale, "dsa-gather-scale", gather_scale);
+cuda_only_op2!(GatherDot, "dsa-gather-dot", gather_dot);
+
 fn check_rows(x: &Tensor, m: &RowMap) -> Result<()> {
     if x.rank() == 0 || x.dim(0)? != m.in_rows {
         bail!(
@@ -298,7 +465,7 @@ mod cuda {
         DeviceRepr, LaunchConfig, PushKernelArg, ValidAsZeroBits,
     };
     use candle_core::cuda_backend::{CudaDType, WrapErr};
-    use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage};
+    use candle_core::{bail, CudaStorage, DType, Layout, Result, Shape, Storage, Tensor};
 
     use super::RowMap;
     use crate::kernels::cuda::{load_from, view};
@@ -365,6 +532,176 @@ mod cuda {
             unsafe { b.launch(cfg) }.w()?;
         }
         Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    /// The map's indices on the device (made when the plan was built for a CUDA device).
+    fn indices(m: &RowMap) -> Result<(Tensor, Tensor)> {
+        match &m.on_device {
+            Some((src, off)) => Ok((src.clone(), off.clone())),
+            None => bail!("row map: built for the CPU, applied on the GPU"),
+        }
+    }
+
+    fn suffix(dtype: DType) -> Result<&'static str> {
+        match dtype {
+            DType::F32 => Ok("f32"),
+            DType::BF16 => Ok("bf16"),
+            other => bail!("weighted row maps: {other:?} is not supported on the GPU (f32, bf16)"),
+        }
+    }
+
+    fn grid(rows: usize) -> Result<LaunchConfig> {
+        let Ok(grid) = u32::try_from(rows) else {
+            bail!("row map: {rows} output rows do not fit one launch")
+        };
+        Ok(LaunchConfig {
+            grid_dim: (grid, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        })
+    }
+
+    /// `rows_wsum`: out [out_rows, d] in x's dtype.
+    pub(super) fn weighted(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        m: &RowMap,
+        d: usize,
+        shape: Shape,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let rows = m.out_rows();
+        let f = load_from(
+            dev,
+            "dsa_rows",
+            PTX,
+            &format!("rows_wsum_{}", suffix(x.dtype())?),
+            0,
+        )?;
+        let (src_t, off_t) = indices(m)?;
+        let (ss, sl) = src_t.storage_and_layout();
+        let (os, ol) = off_t.storage_and_layout();
+        let (Storage::Cuda(ss), Storage::Cuda(os)) = (&*ss, &*os) else {
+            bail!("row map: its indices are not on the GPU")
+        };
+        let src = view::<u32>(ss, sl, "row map sources")?;
+        let off = view::<u32>(os, ol, "row map offsets")?;
+        let d32 =
+            i32::try_from(d).map_err(|_| candle_core::Error::Msg(format!("{d} values per row")))?;
+        let stream = dev.cuda_stream();
+        macro_rules! go {
+            ($t:ty) => {{
+                let out = dev.alloc_zeros::<$t>((rows * d).max(1))?;
+                if rows > 0 && d > 0 {
+                    let xv = view::<$t>(x, lx, "rows")?;
+                    let wv = view::<$t>(w, lw, "row weights")?;
+                    let mut b = stream.launch_builder(&f);
+                    b.arg(&xv).arg(&wv).arg(&src).arg(&off).arg(&out).arg(&d32);
+                    // SAFETY: x holds in_rows * d values and w in_rows (checked by the caller),
+                    // src entries < in_rows (checked when the plan was built), off rows + 1
+                    // entries, out rows * d; candle's stream.
+                    unsafe { b.launch(grid(rows)?) }.w()?;
+                }
+                CudaStorage::wrap_cuda_slice(out, dev.clone())
+            }};
+        }
+        let out = match x.dtype() {
+            DType::BF16 => go!(half::bf16),
+            _ => go!(f32),
+        };
+        Ok((out, shape))
+    }
+
+    /// `rows_gather_scale`: x [in_rows, d], w [out_rows, 1] -> [out_rows, d].
+    pub(super) fn gather_scale(
+        x: &CudaStorage,
+        lx: &Layout,
+        w: &CudaStorage,
+        lw: &Layout,
+        m: &RowMap,
+    ) -> Result<(CudaStorage, Shape)> {
+        gather_op(x, lx, w, lw, m, "rows_gather_scale", false)
+    }
+
+    /// `rows_gather_dot`: x [in_rows, d], y [out_rows, d] -> [out_rows, 1] f32.
+    pub(super) fn gather_dot(
+        x: &CudaStorage,
+        lx: &Layout,
+        y: &CudaStorage,
+        ly: &Layout,
+        m: &RowMap,
+    ) -> Result<(CudaStorage, Shape)> {
+        gather_op(x, lx, y, ly, m, "rows_gather_dot", true)
+    }
+
+    fn gather_op(
+        x: &CudaStorage,
+        lx: &Layout,
+        other: &CudaStorage,
+        lo: &Layout,
+        m: &RowMap,
+        kernel: &str,
+        dot: bool,
+    ) -> Result<(CudaStorage, Shape)> {
+        let dev = x.device();
+        let rows = m.out_rows();
+        let d = lx.shape().dims()[1];
+        let f = load_from(
+            dev,
+            "dsa_rows",
+            PTX,
+            &format!("{kernel}_{}", suffix(x.dtype())?),
+            0,
+        )?;
+        let (src_t, _) = indices(m)?;
+        let (ss, sl) = src_t.storage_and_layout();
+        let Storage::Cuda(ss) = &*ss else {
+            bail!("row map: its indices are not on the GPU")
+        };
+        let src = view::<u32>(ss, sl, "row map sources")?;
+        let d32 =
+            i32::try_from(d).map_err(|_| candle_core::Error::Msg(format!("{d} values per row")))?;
+        let stream = dev.cuda_stream();
+        macro_rules! go {
+            ($t:ty) => {{
+                let xv = view::<$t>(x, lx, "rows")?;
+                if dot {
+                    let out = dev.alloc_zeros::<f32>(rows.max(1))?;
+                    if rows > 0 {
+                        let yv = view::<$t>(other, lo, "rows")?;
+                        let mut b = stream.launch_builder(&f);
+                        b.arg(&xv).arg(&yv).arg(&src).arg(&out).arg(&d32);
+                        // SAFETY: x in_rows * d, y rows * d (checked by the caller), src
+                        // entries < in_rows, out rows values; candle's stream.
+                        unsafe { b.launch(grid(rows)?) }.w()?;
+                    }
+                    (
+                        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                        Shape::from((rows, 1)),
+                    )
+                } else {
+                    let out = dev.alloc_zeros::<$t>((rows * d).max(1))?;
+                    if rows > 0 && d > 0 {
+                        let wv = view::<$t>(other, lo, "row weights")?;
+                        let mut b = stream.launch_builder(&f);
+                        b.arg(&xv).arg(&wv).arg(&src).arg(&out).arg(&d32);
+                        // SAFETY: x in_rows * d, w rows values (checked by the caller), src
+                        // entries < in_rows, out rows * d; candle's stream.
+                        unsafe { b.launch(grid(rows)?) }.w()?;
+                    }
+                    (
+                        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                        Shape::from((rows, d)),
+                    )
+                }
+            }};
+        }
+        Ok(match x.dtype() {
+            DType::BF16 => go!(half::bf16),
+            _ => go!(f32),
+        })
     }
 }
 

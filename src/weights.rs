@@ -427,13 +427,16 @@ pub fn apply_overlay(
 
 /// The first tensor (in name order) holding a NaN or an infinity, if any: x * 0 is 0 for
 /// every finite x and NaN otherwise, so one sum per tensor, in the tensor's own dtype, finds it
-/// (a sum of zeros cannot overflow).
+/// (a sum of zeros cannot overflow). Rows are summed first: a sum straight to one value runs
+/// on one GPU thread block (11 ms for a 132M-value tensor on an H200).
 pub fn first_non_finite(params: &ParamSet) -> Result<Option<String>> {
     for (name, t) in params {
-        let s = (t * 0.0)?
-            .sum_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
+        let zeros = (t * 0.0)?;
+        let rows = match zeros.rank() {
+            0 | 1 => zeros,
+            _ => zeros.flatten_from(1)?.sum(1)?,
+        };
+        let s = rows.sum_all()?.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         if !s.is_finite() {
             return Ok(Some(name.clone()));
         }

@@ -251,7 +251,8 @@ impl TrainFixture {
         }
     }
 
-    fn trainer(&self, stage: &str) -> dsa_train::train::Trainer {
+    /// `sets`: recipe overrides (`key=value`).
+    fn trainer(&self, stage: &str, sets: &[String]) -> dsa_train::train::Trainer {
         let e = &self.expected;
         let recipe = format!(
             "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {:?}\nmtp = true\n\
@@ -267,7 +268,7 @@ impl TrainFixture {
             e["mtp_weight"].as_f64().unwrap(),
             e["topk"].as_u64().unwrap(),
         );
-        let recipe = dsa_train::recipe::Recipe::parse(&recipe, &[]).unwrap();
+        let recipe = dsa_train::recipe::Recipe::parse(&recipe, sets).unwrap();
         dsa_train::train::Trainer::new(recipe, None).unwrap()
     }
 }
@@ -282,10 +283,21 @@ impl Drop for TrainFixture {
 fn one_training_micro_batch_matches_torch_autograd() {
     let fx = TrainFixture::open("grads");
     let (dir, expected) = (&fx.dir, &fx.expected);
-    for stage in ["warmup", "sparse", "dense"] {
+    // The sparse stage twice: whole sequences, then every layer (the MTP module's too) a block
+    // of 7 query rows at a time with the logits in chunks of 5 positions.
+    let blocks = [
+        "train.block_rows=7".to_string(),
+        "train.lm_head_chunk=5".to_string(),
+    ];
+    for (stage, sets) in [
+        ("warmup", &[][..]),
+        ("sparse", &[][..]),
+        ("sparse", &blocks[..]),
+        ("dense", &[][..]),
+    ] {
         let want = &expected[stage];
         let layers = 3.0; // the fixture's main layers; the trainer logs the mean KL over them
-        let mut trainer = fx.trainer(stage);
+        let mut trainer = fx.trainer(stage, sets);
         let (accum, _, lm, kl) = trainer.accumulate_gradients().unwrap();
         let rel = |a: f64, b: f64| (a - b).abs() / b.abs().max(1e-30);
         let kl_want = want["indexer_kl_sum"].as_f64().unwrap() / layers;
@@ -382,7 +394,7 @@ fn two_adamw_steps_match_torch() {
     let norms = &a["group_norms"];
     let stats = fx.expected["sparse"]["gradients"].as_object().unwrap();
     let samples = read_f64_tensors(&fx.dir.join("train_sparse.safetensors"));
-    let trainer = fx.trainer("sparse");
+    let trainer = fx.trainer("sparse", &[]);
     let opt = AdamW {
         beta1: f("beta1"),
         beta2: f("beta2"),

@@ -33,10 +33,14 @@ pub enum Fused {
     JoinRows,
     /// The sparse MLA's warpgroup (wgmma) kernels (the mma.sync kernels instead).
     SparseWgmma,
+    /// The MoE combine's weighted row sums and their backward in one pass
+    /// (`RowPlan::apply_weighted`, `RowPlan::gather_scaled_dot`; candle's products, casts and
+    /// sums around the row maps instead).
+    MoeCombine,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 9] = [
+    pub const ALL: [Fused; 10] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -46,6 +50,7 @@ impl Fused {
         Fused::Swiglu,
         Fused::JoinRows,
         Fused::SparseWgmma,
+        Fused::MoeCombine,
     ];
 
     /// The name a recipe uses.
@@ -60,6 +65,7 @@ impl Fused {
             Fused::Swiglu => "swiglu",
             Fused::JoinRows => "join-rows",
             Fused::SparseWgmma => "sparse-wg",
+            Fused::MoeCombine => "moe-combine",
         }
     }
 

@@ -16,9 +16,11 @@ pub mod grad_sink;
 pub mod indexer;
 mod layer;
 mod load;
+pub mod mtp;
 
 pub(crate) use load::build_layer;
 pub use load::LoadOptions;
+pub use mtp::Mtp;
 pub mod moe;
 
 use candle_core::{DType, Device, Result, Tensor};
@@ -351,17 +353,6 @@ impl ForwardContext {
     }
 }
 
-/// One multi-token-prediction module (DeepSeek-V3 section 2.2). Its embedding and output head
-/// are the main model's (`Model::embed`, `Model::lm_head`): one parameter each, as the paper
-/// defines them and as Megatron-LM and SGLang run them.
-pub struct Mtp {
-    pub enorm: Tensor,
-    pub hnorm: Tensor,
-    pub eh_proj: Tensor,
-    pub layer: DecoderLayer,
-    pub head_norm: Tensor,
-}
-
 pub struct Model {
     pub cfg: ModelConfig,
     pub embed: Tensor,
@@ -430,49 +421,12 @@ impl Model {
         }
         Ok((h, layers))
     }
-
-    /// Logits of the MTP module (depth 0; the only one DeepSeek-V3 has): position t predicts
-    /// token t + 2 from the main model's representation at t and the embedding of token t + 1.
-    /// `hidden` [B, T, D] is the last decoder layer's output; the module reads it after the
-    /// final RMSNorm (`model.norm`), as vLLM, SGLang and Megatron-LM feed their MTP blocks
-    /// (docs/design.md), then: eh_proj([enorm(embed(t + 1)); hnorm(h)]), the decoder layer,
-    /// shared_head.norm and the main model's output head. Returns [B, T - 1 - depth, vocab].
-    pub fn mtp_logits(
-        &self,
-        depth: usize,
-        hidden: &Tensor,
-        tokens: &Tensor,
-        opts: &Pass,
-    ) -> Result<(Tensor, LayerStats)> {
-        let m = &self.mtp[depth];
-        let (_, t) = tokens.dims2()?;
-        let n = t - 1 - depth;
-        let eps = self.cfg.rms_norm_eps;
-        let e = rms_norm(
-            self.kernels,
-            &embed_with(self.kernels, &self.embed, &tokens.narrow(1, 1 + depth, n)?)?,
-            &m.enorm,
-            eps,
-        )?;
-        let h0 = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &self.norm, eps)?;
-        let hh = rms_norm(self.kernels, &h0, &m.hnorm, eps)?;
-        let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
-        let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
-        let (y, stats) = m.layer.forward(&x, &ctx, opts)?;
-        Ok((
-            linear(
-                &rms_norm(self.kernels, &y, &m.head_norm, eps)?,
-                &self.lm_head,
-            )?,
-            stats,
-        ))
-    }
 }
 
 /// The embedding rows of `tokens` (u32 [B, T]). A row gather whose backward sums each
 /// vocabulary row's gradients in parallel and in token order (`rows::RowPlan`); a token id
 /// past the vocabulary is an error, not a device assertion.
-fn embed_with(kernels: KernelPolicy, table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
+pub(crate) fn embed_with(kernels: KernelPolicy, table: &Tensor, tokens: &Tensor) -> Result<Tensor> {
     let (b, t) = tokens.dims2()?;
     let d = table.dim(1)?;
     let ids: Vec<u32> = tokens

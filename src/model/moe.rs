@@ -292,7 +292,7 @@ impl Moe {
                 let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
                 let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
                 match self.routed_outputs(&x, &tokens_of, self.use_grouped())? {
-                    Some(ys) => combine.apply(self.kernels, &ys.broadcast_mul(&w)?)?,
+                    Some(ys) => combine.apply_weighted(self.kernels, &ys, &w)?,
                     None => x.zeros_like()?, // no token at all
                 }
             }
@@ -428,9 +428,7 @@ impl Moe {
             .transpose()?;
         let out = if want_output {
             let w = slot.apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [S, 1]
-            let out = tok
-                .adjoint()
-                .apply(self.kernels, &back.broadcast_mul(&w)?)?;
+            let out = tok.adjoint().apply_weighted(self.kernels, &back, &w)?;
             Some(match (&self.shared, &shared) {
                 (Some(mlp), Some(s)) => (out + s.output(&mlp.down)?)?,
                 _ => out,
@@ -480,11 +478,12 @@ impl Moe {
             (Some(mlp), Some(s)) => mlp.backward(x, s, dy, grads)?,
             _ => x.zeros_like()?,
         };
-        let d_rows = saved.tok.apply(self.kernels, dy)?; // [S, hidden]
         let w = saved.slot.apply(self.kernels, &r.weights.unsqueeze(1)?)?; // [S, 1]
-        let dw_rows =
-            (d_rows.to_dtype(DType::F32)? * saved.back.to_dtype(DType::F32)?)?.sum_keepdim(1)?; // [S, 1] f32
-        let d_back = d_rows.broadcast_mul(&w)?;
+                                                                           // With d_rows = dy of each row's token: d_back = d_rows w [S, hidden], dw_rows = the
+                                                                           // row sums of d_rows back [S, 1] f32, without d_rows itself.
+        let (d_back, dw_rows) = saved
+            .tok
+            .gather_scaled_dot(self.kernels, dy, &w, &saved.back)?;
         let d_y = match &saved.exchange {
             Some((send, recv)) => all_to_all_rows(
                 &d_back,
@@ -879,7 +878,7 @@ impl Moe {
             .apply(self.kernels, &weights.unsqueeze(1)?)?;
         RowPlan::gather(&tok, n, dev)?
             .adjoint()
-            .apply(self.kernels, &back.broadcast_mul(&w)?)
+            .apply_weighted(self.kernels, &back, &w)
     }
 }
 

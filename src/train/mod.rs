@@ -21,6 +21,7 @@ pub mod accumulate;
 pub mod ckpt;
 pub mod integrity;
 pub mod metrics;
+mod mtp;
 pub mod optim;
 pub mod plan;
 pub mod run_dir;
@@ -591,14 +592,11 @@ impl Trainer {
         crate::profile::log_device_memory("layers done");
         if main {
             let (b, _) = tokens.dims2()?;
-            let chunk = if t.lm_head_chunk > 0 {
-                t.lm_head_chunk
-            } else {
-                crate::losses::lm_chunk_positions(b, self.model.cfg.vocab_size)
-            };
-            let (slots, m, device) = (&self.slots, &self.model, &self.device);
+            let chunk = self.lm_head_chunk(b);
+            let (m, device) = (&self.model, &self.device);
             // The head weight's gradient arrives a block of rows at a time, into its f32 sum.
             let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
+            let norm_slot = self.slot_holding(&m.norm).map(|s| s.name.clone());
             let head = crate::losses::LmHead {
                 norm: &m.norm,
                 weight: &m.lm_head,
@@ -614,12 +612,11 @@ impl Trainer {
                 scale,
                 &head,
                 |g| {
-                    match (g, head_slot.as_deref()) {
-                        (crate::losses::HeadGrads::Tracked(gs), _) => accum.add(slots, gs),
-                        (crate::losses::HeadGrads::Weight(w), Some(name)) => {
-                            accum.add_rows(name, w, device)
-                        }
-                        (crate::losses::HeadGrads::Weight(_), None) => Ok(()), // not asked for
+                    use crate::losses::HeadGrads;
+                    match (g, head_slot.as_deref(), norm_slot.as_deref()) {
+                        (HeadGrads::Norm(g), _, Some(name)) => accum.add_one(name, g),
+                        (HeadGrads::Weight(w), Some(name), _) => accum.add_rows(name, w, device),
+                        _ => Ok(()), // a frozen tensor's gradient
                     }
                     .map_err(candle_core::Error::wrap)
                 },
@@ -637,8 +634,21 @@ impl Trainer {
             if !trains && !with_kl {
                 continue;
             }
+            if recompute {
+                let terms = mtp::MtpTerms {
+                    kl: with_kl.then_some(scale * kl_weight),
+                    lm: trains.then_some(scale * t.mtp_weight),
+                };
+                let d = self
+                    .mtp_explicit(depth, &h, tokens, terms, &opts, accum, &trainable)
+                    .with_context(|| format!("MTP module {depth}"))?;
+                if let (Some(dh), Some(d)) = (dh.as_mut(), d) {
+                    *dh = (&*dh + d)?;
+                }
+                continue;
+            }
             let hv = Var::from_tensor(&h.detach())?;
-            // The MTP layer is differentiated through its own forward graph: no block mode.
+            // The autograd twin: the MTP layer differentiated through its own forward graph.
             let mtp_opts = opts.clone().whole();
             let (logits, stats) =
                 self.model
@@ -757,6 +767,15 @@ impl Trainer {
             lm_value.map(|_| host[0] as f64),
             host[1] as f64 / self.model.layers.len() as f64,
         ))
+    }
+
+    /// Positions per chunk of the LM head's logits (`train.lm_head_chunk`, else sized to the
+    /// vocabulary).
+    fn lm_head_chunk(&self, batch: usize) -> usize {
+        match self.recipe.train.lm_head_chunk {
+            0 => crate::losses::lm_chunk_positions(batch, self.model.cfg.vocab_size),
+            c => c,
+        }
     }
 
     /// The slot whose Var the model reads as `t` (the model holds clones of the slots' Vars,

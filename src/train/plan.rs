@@ -44,10 +44,12 @@
 //!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype). The LM head runs in
 //!   chunks of positions (`train.lm_head_chunk`, or 2^27 logits): a chunk's logits and their
 //!   gradient in the compute dtype, plus the loss's f32 work on one block of 2^24 logits
-//!   (`losses::nll_rows_and_grad`: 3 f32 tensors of the block at once), 0.69 GiB in bf16. The MTP layer (when
-//!   loaded) has no block mode and computes its logits unchunked: one layer's working set at
-//!   T tokens plus T x vocab x (dtype + 8) bytes. Warm-up: no main-model backward; the
-//!   streaming KL kernel holds O(T) state.
+//!   (`losses::nll_rows_and_grad`: 3 f32 tensors of the block at once), 0.69 GiB in bf16. The MTP
+//!   layer (when loaded), in the sparse stage with `train.recompute`, runs as a main layer does
+//!   (block mode, chunked logits) plus 3 x hidden x dtype bytes per token (its layer's input
+//!   and two output gradients); otherwise (the warm-up's autograd path) one layer's
+//!   working set at T tokens plus T x vocab x (dtype + 8) bytes for its unchunked logits.
+//!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
 //! Communication per device and step (what the trainer sends; a ring all-reduce of B bytes
 //! over n ranks sends 2 (n-1)/n B from each):
 //! - gradient sums and ZeRO-1 parameter shares: two all-reduces of the f32 trainable tensors,
@@ -219,10 +221,15 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         .min(lm_rows);
     let lm_chunk = (lm_rows * cfg.vocab_size) as f64 * 2.0 * dtype_bytes
         + 12.0 * (loss_block_rows * cfg.vocab_size) as f64;
-    let mtp_bytes = if with_mtp && stage != Stage::Dense {
-        layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0)
-    } else {
-        0.0
+    let mtp_bytes = match (with_mtp, stage) {
+        (false, _) | (_, Stage::Dense) => 0.0,
+        // Written out as a main layer is (train::mtp): the same working set, plus its layer's
+        // input and the module's and the main output's gradients (hidden each).
+        (true, Stage::Sparse) if recipe.train.recompute => {
+            sparse_working_set + micro_tokens * 3.0 * hidden * dtype_bytes
+        }
+        // Candle's autograd over the whole sequence, logits unchunked.
+        (true, _) => layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0),
     };
     // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
     let kept = micro_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;

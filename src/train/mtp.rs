@@ -1,0 +1,121 @@
+//! The MTP module's share of a recomputing micro-batch, written out as the main layers' is:
+//! the input projection and the decoder layer's first pass without a graph (block mode in the
+//! sparse stage), the indexer's KL backward, the loss through the shared output head in chunks
+//! of positions, the layer's explicit backward (recomputed from its input with the first pass's
+//! sets and experts) and the input projection's. No whole-sequence activation of the module
+//! outlives its own step, as for a main layer. The autograd twin (`Model::mtp_logits`) runs
+//! when the trainer does not recompute; tests/parity.rs holds both against torch autograd.
+
+use std::collections::HashMap;
+
+use anyhow::{Context, Result};
+use candle_core::{Tensor, TensorId};
+
+use super::optim::GradAccum;
+use super::{AccumSink, Trainer};
+use crate::losses::{chunked_next_token_loss, HeadGrads, LmHead};
+use crate::model::blocks::LayerBackward;
+use crate::model::{AttentionMode, ForwardContext, Pass};
+
+/// How MTP module `depth` takes part in a micro-batch.
+pub(super) struct MtpTerms {
+    /// The weight of its indexer's KL (micro-batch scale times kl_weight); None: no KL.
+    pub kl: Option<f64>,
+    /// The weight of its LM loss (micro-batch scale times mtp_weight); None: only its indexer
+    /// learns.
+    pub lm: Option<f64>,
+}
+
+impl Trainer {
+    /// MTP module `depth` on the main model's output `hidden` [B, T, D] (detached) of `tokens`
+    /// [B, T]: its gradients into `accum`; returns d(loss)/d(hidden) [B, T, D] when its LM loss
+    /// trains the model (None when only its indexer learns).
+    pub(super) fn mtp_explicit(
+        &self,
+        depth: usize,
+        hidden: &Tensor,
+        tokens: &Tensor,
+        terms: MtpTerms,
+        pass: &Pass,
+        accum: &mut GradAccum,
+        trainable: &HashMap<TensorId, &str>,
+    ) -> Result<Option<Tensor>> {
+        let model = &self.model;
+        let module = &model.mtp[depth];
+        let input = model
+            .mtp_input(depth, hidden, tokens)
+            .context("MTP input")?;
+        let (b, n, _) = input.x.dims3()?;
+        let ctx = ForwardContext::new(&model.cfg, n, &self.device)?;
+        let (y, mut stats) = module
+            .layer
+            .forward(&input.x, &ctx, pass)
+            .context("MTP layer forward")?;
+        if let Some(weight) = terms.kl {
+            self.backprop_indexer_kl(&stats, weight, accum, trainable, &module.layer.indexer)
+                .context("MTP indexer KL backward")?;
+        }
+        let Some(lm_weight) = terms.lm else {
+            return Ok(None);
+        };
+        let sel = stats
+            .selection
+            .take()
+            .map(|s| crate::dsa::Selection::from_absolute(s.absolute))
+            .transpose()?;
+        let chosen = stats.chosen.take();
+        drop(stats);
+        // Position i predicts token i + 2 + depth: `tokens` from 1 + depth is the next-token
+        // target row of the module's n positions.
+        let head_slot = self.slot_holding(&model.lm_head).map(|s| s.name.clone());
+        let norm_slot = self.slot_holding(&module.head_norm).map(|s| s.name.clone());
+        let head = LmHead {
+            norm: &module.head_norm,
+            weight: &model.lm_head,
+            eps: model.cfg.rms_norm_eps,
+            weight_trains: head_slot.is_some(),
+            kernels: model.kernels,
+        };
+        let (_, dy) = chunked_next_token_loss(
+            &y.detach(),
+            &tokens.narrow(1, 1 + depth, n)?,
+            self.lm_head_chunk(b),
+            lm_weight,
+            &head,
+            |g| {
+                match (g, head_slot.as_deref(), norm_slot.as_deref()) {
+                    (HeadGrads::Norm(g), _, Some(name)) => accum.add_one(name, g),
+                    (HeadGrads::Weight(w), Some(name), _) => accum.add_rows(name, w, &self.device),
+                    _ => Ok(()), // a frozen tensor's gradient
+                }
+                .map_err(candle_core::Error::wrap)
+            },
+        )
+        .context("MTP head and loss")?;
+        drop(y);
+        // No balance loss: it is taken over the main model's MoE layers only.
+        let bw = LayerBackward {
+            dout: &dy,
+            balance: None,
+            chosen: chosen.as_deref(),
+        };
+        let mut sink = AccumSink { trainable, accum };
+        let dx = match (pass.attention(), &sel) {
+            (AttentionMode::Sparse, Some(sel)) => {
+                module
+                    .layer
+                    .sparse_backward(&input.x, &ctx, sel, pass.block_rows(), bw, &mut sink)
+            }
+            (AttentionMode::Dense, _) => module.layer.dense_backward(&input.x, &ctx, bw, &mut sink),
+            (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg(
+                "the MTP layer's first pass kept no selected sets".into(),
+            )),
+        }
+        .context("MTP layer recompute and backward")?;
+        let (d_hidden, d_emb) = model
+            .mtp_input_backward(depth, &input, hidden, &dx, &mut sink)
+            .context("MTP input backward")?;
+        self.add_embedding_grad(accum, &input.tokens, &d_emb)?;
+        Ok(Some(d_hidden))
+    }
+}
