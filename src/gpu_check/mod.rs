@@ -5,6 +5,7 @@
 //! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
+mod grad_sum;
 mod indexer_topk;
 mod join_rows;
 mod rms_norm;
@@ -779,6 +780,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ),
         ("lm-loss", Box::new(|| lm_loss_matches_twin(&gpu))),
         ("adamw", Box::new(|| adamw_matches_twin(&gpu))),
+        ("grad-sum", Box::new(|| grad_sum::checks(&gpu))),
         ("rms-norm", Box::new(|| rms_norm::checks(&gpu))),
         ("rope", Box::new(|| rope::checks(&gpu))),
         ("join-rows", Box::new(|| join_rows::checks(&gpu))),

@@ -37,10 +37,13 @@ pub enum Fused {
     /// (`RowPlan::apply_weighted`, `RowPlan::gather_scaled_dot`; candle's products, casts and
     /// sums around the row maps instead).
     MoeCombine,
+    /// Gradients added to their f32 sums in place in one pass (`kernels::grad_sum`; candle's
+    /// cast, add and `slice_set` instead).
+    GradSum,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 10] = [
+    pub const ALL: [Fused; 11] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -51,6 +54,7 @@ impl Fused {
         Fused::JoinRows,
         Fused::SparseWgmma,
         Fused::MoeCombine,
+        Fused::GradSum,
     ];
 
     /// The name a recipe uses.
@@ -66,6 +70,7 @@ impl Fused {
             Fused::JoinRows => "join-rows",
             Fused::SparseWgmma => "sparse-wg",
             Fused::MoeCombine => "moe-combine",
+            Fused::GradSum => "grad-sum",
         }
     }
 

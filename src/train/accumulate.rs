@@ -8,6 +8,10 @@
 //! `Tensor::slice_set`, which writes into the sum's storage. The extra memory is two f32
 //! blocks (the converted block and the block's sum; 64 MiB each), not two whole copies.
 //!
+//! On the GPU (policy permitting) each block is added in place by one kernel
+//! (`kernels::grad_sum`: `sum += f32(g)` into the sum's storage, no copies at all); the candle
+//! path above is its plain twin.
+//!
 //! Numerics: each element gets the one f32 addition `old + f32(g)` of the out-of-place sum, in
 //! the same order over the incoming gradients, so the sums are bit for bit the same. The first
 //! gradient is copied, not added to zeros (0 + -0 would be +0).
@@ -25,6 +29,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Shape, Tensor};
 
 use crate::grad_rows::RowBlocks;
+use crate::kernels::KernelPolicy;
 
 /// Values per block: 2^24, 64 MiB in f32.
 pub const BLOCK_VALUES: usize = 1 << 24;
@@ -44,21 +49,36 @@ impl GradSum {
 
     /// A new sum holding `g`'s values in f32, converted a block of rows at a time (one block:
     /// converted at once, into a buffer of its own).
-    pub fn copy_of(g: &dyn RowBlocks, device: &Device, block_values: usize) -> Result<Self> {
+    pub fn copy_of(
+        g: &dyn RowBlocks,
+        device: &Device,
+        block_values: usize,
+        kernels: KernelPolicy,
+    ) -> Result<Self> {
         let shape = Shape::from_dims(g.shape());
+        if kernels.uses(crate::kernels::Fused::GradSum, device) && shape.rank() > 0 {
+            let mut sum = Self::zeros(&shape, device)?;
+            sum.take_rows(g, block_values, false, kernels)?;
+            return Ok(sum);
+        }
         if shape.rank() == 0 || shape.elem_count() <= block_values {
             return Ok(Self {
                 buf: owned_f32(g, &shape)?,
             });
         }
         let mut sum = Self::zeros(&shape, device)?;
-        sum.take_rows(g, block_values, false)?;
+        sum.take_rows(g, block_values, false, kernels)?;
         Ok(sum)
     }
 
     /// sum += g, a block of rows at a time (in place).
-    pub fn add(&mut self, g: &dyn RowBlocks, block_values: usize) -> Result<()> {
-        self.take_rows(g, block_values, true)
+    pub fn add(
+        &mut self,
+        g: &dyn RowBlocks,
+        block_values: usize,
+        kernels: KernelPolicy,
+    ) -> Result<()> {
+        self.take_rows(g, block_values, true, kernels)
     }
 
     /// Overwrite rows `start..start + rows of values` with `values` (f32, e.g. a collective's
@@ -102,7 +122,13 @@ impl GradSum {
     }
 
     /// Rows of g a block at a time: added to the sum's rows (`add`) or copied over them.
-    fn take_rows(&mut self, g: &dyn RowBlocks, block_values: usize, add: bool) -> Result<()> {
+    fn take_rows(
+        &mut self,
+        g: &dyn RowBlocks,
+        block_values: usize,
+        add: bool,
+        kernels: KernelPolicy,
+    ) -> Result<()> {
         if g.shape() != self.buf.dims() {
             bail!(
                 "cannot add a gradient of shape {:?} to a sum of shape {:?}",
@@ -110,7 +136,9 @@ impl GradSum {
                 self.buf.dims()
             );
         }
-        if self.buf.rank() == 0 || self.buf.elem_count() <= block_values {
+        let fused =
+            kernels.uses(crate::kernels::Fused::GradSum, self.buf.device()) && self.buf.rank() > 0;
+        if !fused && (self.buf.rank() == 0 || self.buf.elem_count() <= block_values) {
             // One block (most tensors): out of place costs one block, and `buf + g` (or the
             // converted copy) is a new buffer that this sum alone holds.
             let part = owned_f32(g, self.buf.shape())?;
@@ -130,6 +158,14 @@ impl GradSum {
                     start + len,
                     self.buf.dims()
                 );
+            }
+            let rows_of_sum = self.buf.narrow(0, start, len)?;
+            let part = part.contiguous()?;
+            if fused && crate::kernels::grad_sum::supported(kernels, &rows_of_sum, &part) {
+                crate::kernels::grad_sum::add_into(&rows_of_sum, &part, add).with_context(
+                    || format!("adding rows {start}..{} of a gradient sum", start + len),
+                )?;
+                continue;
             }
             let part = part.to_dtype(DType::F32)?;
             let new = if add {
@@ -212,9 +248,11 @@ mod tests {
                             g.to_dtype(dtype).unwrap()
                         })
                         .collect();
-                    let mut sum = GradSum::copy_of(&gs[0], &dev, block_values).unwrap();
+                    let mut sum =
+                        GradSum::copy_of(&gs[0], &dev, block_values, KernelPolicy::KERNELS)
+                            .unwrap();
                     for g in &gs[1..] {
-                        sum.add(g, block_values).unwrap();
+                        sum.add(g, block_values, KernelPolicy::KERNELS).unwrap();
                     }
                     assert_eq!(
                         bits(sum.as_tensor()),
@@ -222,7 +260,8 @@ mod tests {
                         "{dtype:?}, {rows} rows, block {block_values}"
                     );
                     // One gradient: an exact copy, -0 kept.
-                    let one = GradSum::copy_of(&gs[3], &dev, block_values).unwrap();
+                    let one = GradSum::copy_of(&gs[3], &dev, block_values, KernelPolicy::KERNELS)
+                        .unwrap();
                     assert_eq!(
                         bits(one.as_tensor()),
                         bits(&gs[3].to_dtype(DType::F32).unwrap())
@@ -243,23 +282,23 @@ mod tests {
             .t()
             .unwrap();
         let h = crate::rng::randn(&[33, 7], 2, 1.0, &dev).unwrap();
-        let mut sum = GradSum::copy_of(&h, &dev, 8).unwrap();
-        sum.add(&g, 8).unwrap();
+        let mut sum = GradSum::copy_of(&h, &dev, 8, KernelPolicy::KERNELS).unwrap();
+        sum.add(&g, 8, KernelPolicy::KERNELS).unwrap();
         assert_eq!(
             bits(sum.as_tensor()),
             bits(&out_of_place(&[h.clone(), g.clone()]))
         );
         // A vector and a scalar.
         let v = crate::rng::randn(&[1025], 3, 1.0, &dev).unwrap();
-        let mut sum = GradSum::copy_of(&v, &dev, 100).unwrap();
-        sum.add(&v, 100).unwrap();
+        let mut sum = GradSum::copy_of(&v, &dev, 100, KernelPolicy::KERNELS).unwrap();
+        sum.add(&v, 100, KernelPolicy::KERNELS).unwrap();
         assert_eq!(
             bits(sum.as_tensor()),
             bits(&out_of_place(&[v.clone(), v.clone()]))
         );
         let s = Tensor::new(1.5f32, &dev).unwrap();
-        let mut sum = GradSum::copy_of(&s, &dev, 1).unwrap();
-        sum.add(&s, 1).unwrap();
+        let mut sum = GradSum::copy_of(&s, &dev, 1, KernelPolicy::KERNELS).unwrap();
+        sum.add(&s, 1, KernelPolicy::KERNELS).unwrap();
         assert_eq!(sum.as_tensor().to_scalar::<f32>().unwrap(), 3.0);
     }
 
@@ -270,7 +309,7 @@ mod tests {
         let before = bits(&g);
         // Blocks of 4 values, and one block for the whole tensor (the f32 copy must be a copy).
         for block in [1 << 24, 4] {
-            let mut sum = GradSum::copy_of(&g, &dev, block).unwrap();
+            let mut sum = GradSum::copy_of(&g, &dev, block, KernelPolicy::KERNELS).unwrap();
             sum.write_rows(0, &Tensor::ones((9, 4), DType::F32, &dev).unwrap())
                 .unwrap();
             assert_eq!(
@@ -279,8 +318,8 @@ mod tests {
                 "block {block}: the first gradient's storage was written"
             );
         }
-        let mut sum = GradSum::copy_of(&g, &dev, 4).unwrap();
-        sum.add(&g, 4).unwrap();
+        let mut sum = GradSum::copy_of(&g, &dev, 4, KernelPolicy::KERNELS).unwrap();
+        sum.add(&g, 4, KernelPolicy::KERNELS).unwrap();
         sum.write_rows(2, &Tensor::ones((3, 4), DType::F32, &dev).unwrap())
             .unwrap();
         assert_eq!(bits(&g), before, "the first gradient's storage was written");
@@ -296,7 +335,11 @@ mod tests {
         );
         // A clear error for a shape that does not match, not a panic.
         assert!(sum
-            .add(&Tensor::zeros((9, 5), DType::F32, &dev).unwrap(), 4)
+            .add(
+                &Tensor::zeros((9, 5), DType::F32, &dev).unwrap(),
+                4,
+                KernelPolicy::KERNELS
+            )
             .is_err());
         assert!(sum
             .write_flat(&Tensor::zeros(3, DType::F32, &dev).unwrap())

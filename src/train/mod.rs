@@ -963,7 +963,7 @@ impl Trainer {
         let r = &self.recipe;
         let micro = r.micro_batches();
         let scale = 1.0 / micro as f64;
-        let mut accum = GradAccum::default();
+        let mut accum = GradAccum::default().with_kernels(self.model.kernels);
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);

@@ -198,6 +198,8 @@ pub struct GradAccum {
     pending: HashMap<String, GradSum>,
     /// Values per block of rows added at once (`accumulate::BLOCK_VALUES`; smaller in tests).
     block_values: usize,
+    /// The in-place sum kernel or its plain twin (`kernels::grad_sum`).
+    kernels: crate::kernels::KernelPolicy,
 }
 
 impl Default for GradAccum {
@@ -212,16 +214,16 @@ fn add_into(
     name: &str,
     g: &dyn RowBlocks,
     device: &candle_core::Device,
-    block_values: usize,
+    (block_values, kernels): (usize, crate::kernels::KernelPolicy),
 ) -> Result<()> {
     match map.get_mut(name) {
         Some(sum) => sum
-            .add(g, block_values)
+            .add(g, block_values, kernels)
             .with_context(|| format!("adding to the gradient sum of {name}")),
         None => {
             map.insert(
                 name.to_string(),
-                GradSum::copy_of(g, device, block_values)
+                GradSum::copy_of(g, device, block_values, kernels)
                     .with_context(|| format!("starting the gradient sum of {name}"))?,
             );
             Ok(())
@@ -235,7 +237,15 @@ impl GradAccum {
             grads: HashMap::new(),
             pending: HashMap::new(),
             block_values: block_values.max(1),
+            kernels: crate::kernels::KernelPolicy::KERNELS,
         }
+    }
+
+    /// This accumulator with the sums added by `kernels`' choice (the in-place kernel on a GPU
+    /// unless the policy asks for the plain twin).
+    pub fn with_kernels(mut self, kernels: crate::kernels::KernelPolicy) -> Self {
+        self.kernels = kernels;
+        self
     }
 
     /// Add the gradients of `store` for every slot that has one (to `pending`).
@@ -247,7 +257,7 @@ impl GradAccum {
                     &s.name,
                     &g.detach(),
                     g.device(),
-                    self.block_values,
+                    (self.block_values, self.kernels),
                 )?;
             }
         }
@@ -256,7 +266,13 @@ impl GradAccum {
 
     /// Add one tensor's gradient `g` (any float dtype, shaped like the tensor) to `pending[name]`.
     pub fn add_one(&mut self, name: &str, g: &Tensor) -> Result<()> {
-        add_into(&mut self.pending, name, g, g.device(), self.block_values)
+        add_into(
+            &mut self.pending,
+            name,
+            g,
+            g.device(),
+            (self.block_values, self.kernels),
+        )
     }
 
     /// Add a gradient that its source produces a block of rows at a time (the LM head's and
@@ -267,20 +283,32 @@ impl GradAccum {
         g: &dyn RowBlocks,
         device: &candle_core::Device,
     ) -> Result<()> {
-        add_into(&mut self.pending, name, g, device, self.block_values)
+        add_into(
+            &mut self.pending,
+            name,
+            g,
+            device,
+            (self.block_values, self.kernels),
+        )
     }
 
     /// Add a reduced gradient to the final sums (a copy of `g`'s values: `g` may be a view of
     /// a buffer that is about to be freed).
     pub fn settle(&mut self, name: &str, g: &Tensor) -> Result<()> {
-        add_into(&mut self.grads, name, g, g.device(), self.block_values)
+        add_into(
+            &mut self.grads,
+            name,
+            g,
+            g.device(),
+            (self.block_values, self.kernels),
+        )
     }
 
     /// Add a reduced sum to the final sums: moved in when there is none yet.
     pub fn settle_sum(&mut self, name: &str, sum: GradSum) -> Result<()> {
         match self.grads.get_mut(name) {
             Some(total) => total
-                .add(sum.as_tensor(), self.block_values)
+                .add(sum.as_tensor(), self.block_values, self.kernels)
                 .with_context(|| format!("adding to the summed gradient of {name}")),
             None => {
                 self.grads.insert(name.to_string(), sum);
@@ -327,7 +355,7 @@ impl GradAccum {
     pub fn set_grad(&mut self, name: &str, g: &Tensor) -> Result<()> {
         self.grads.insert(
             name.to_string(),
-            GradSum::copy_of(g, g.device(), self.block_values)?,
+            GradSum::copy_of(g, g.device(), self.block_values, self.kernels)?,
         );
         Ok(())
     }

@@ -577,7 +577,13 @@ mod tests {
                             let mut sums: Vec<GradSum> = b
                                 .clone()
                                 .map(|k| {
-                                    GradSum::copy_of(&value(rank, k), &Device::Cpu, 7).unwrap()
+                                    GradSum::copy_of(
+                                        &value(rank, k),
+                                        &Device::Cpu,
+                                        7,
+                                        crate::kernels::KernelPolicy::KERNELS,
+                                    )
+                                    .unwrap()
                                 })
                                 .collect();
                             sum_in_place(&mut comm, &[0, 1], &mut sums, bucket).unwrap();
