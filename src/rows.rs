@@ -269,10 +269,7 @@ impl candle_core::CustomOp2 for WeightedRowSum {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let m = &*self.plan.map;
-        let d = l1.shape().dims()[1];
-        let shape = Shape::from((m.out_rows(), d));
-        cuda::weighted(s1, l1, s2, l2, m, d, shape)
+        cuda::weighted(cuda::Weighted::Sum, s1, l1, s2, l2, &self.plan.map)
     }
 
     fn bwd(
@@ -300,7 +297,7 @@ struct GatherScale(Arc<RowMap>);
 struct GatherDot(Arc<RowMap>);
 
 macro_rules! cuda_only_op2 {
-    ($op:ty, $name:literal, $launch:ident) => {
+    ($op:ty, $name:literal, $kind:ident) => {
         impl candle_core::CustomOp2 for $op {
             fn name(&self) -> &'static str {
                 $name
@@ -327,13 +324,13 @@ macro_rules! cuda_only_op2 {
                 s2: &candle_core::CudaStorage,
                 l2: &Layout,
             ) -> Result<(candle_core::CudaStorage, Shape)> {
-                cuda::$launch(s1, l1, s2, l2, &self.0)
+                cuda::weighted(cuda::Weighted::$kind, s1, l1, s2, l2, &self.0)
             }
         }
     };
 }
-cuda_only_op2!(GatherScale, "dsa-gather-scale", gather_scale);
-cuda_only_op2!(GatherDot, "dsa-gather-dot", gather_dot);
+cuda_only_op2!(GatherScale, "dsa-gather-scale", Scale);
+cuda_only_op2!(GatherDot, "dsa-gather-dot", Dot);
 
 fn check_rows(x: &Tensor, m: &RowMap) -> Result<()> {
     if x.rank() == 0 || x.dim(0)? != m.in_rows {
@@ -561,23 +558,39 @@ mod cuda {
         })
     }
 
-    /// `rows_wsum`: out [out_rows, d] in x's dtype.
+    /// The weighted kernels of kernels/rows.cu.
+    pub(super) enum Weighted {
+        /// `rows_wsum`: the map's weighted row sums, [out_rows, d] in x's dtype.
+        Sum,
+        /// `rows_gather_scale`: a gather's rows times a weight per row, [out_rows, d].
+        Scale,
+        /// `rows_gather_dot`: a gather's rows' dot products with y's, [out_rows, 1] f32.
+        Dot,
+    }
+
+    /// Launch `kind` on x [in_rows, d] and `other` (the weights [in_rows or out_rows, 1], or
+    /// y [out_rows, d]).
     pub(super) fn weighted(
+        kind: Weighted,
         x: &CudaStorage,
         lx: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
+        other: &CudaStorage,
+        lo: &Layout,
         m: &RowMap,
-        d: usize,
-        shape: Shape,
     ) -> Result<(CudaStorage, Shape)> {
         let dev = x.device();
         let rows = m.out_rows();
+        let d = lx.shape().dims()[1];
+        let kernel = match kind {
+            Weighted::Sum => "rows_wsum",
+            Weighted::Scale => "rows_gather_scale",
+            Weighted::Dot => "rows_gather_dot",
+        };
         let f = load_from(
             dev,
             "dsa_rows",
             PTX,
-            &format!("rows_wsum_{}", suffix(x.dtype())?),
+            &format!("{kernel}_{}", suffix(x.dtype())?),
             0,
         )?;
         let (src_t, off_t) = indices(m)?;
@@ -591,110 +604,43 @@ mod cuda {
         let d32 =
             i32::try_from(d).map_err(|_| candle_core::Error::Msg(format!("{d} values per row")))?;
         let stream = dev.cuda_stream();
-        macro_rules! go {
-            ($t:ty) => {{
-                let out = dev.alloc_zeros::<$t>((rows * d).max(1))?;
-                if rows > 0 && d > 0 {
-                    let xv = view::<$t>(x, lx, "rows")?;
-                    let wv = view::<$t>(w, lw, "row weights")?;
-                    let mut b = stream.launch_builder(&f);
-                    b.arg(&xv).arg(&wv).arg(&src).arg(&off).arg(&out).arg(&d32);
-                    // SAFETY: x holds in_rows * d values and w in_rows (checked by the caller),
-                    // src entries < in_rows (checked when the plan was built), off rows + 1
-                    // entries, out rows * d; candle's stream.
-                    unsafe { b.launch(grid(rows)?) }.w()?;
-                }
-                CudaStorage::wrap_cuda_slice(out, dev.clone())
-            }};
-        }
-        let out = match x.dtype() {
-            DType::BF16 => go!(half::bf16),
-            _ => go!(f32),
-        };
-        Ok((out, shape))
-    }
-
-    /// `rows_gather_scale`: x [in_rows, d], w [out_rows, 1] -> [out_rows, d].
-    pub(super) fn gather_scale(
-        x: &CudaStorage,
-        lx: &Layout,
-        w: &CudaStorage,
-        lw: &Layout,
-        m: &RowMap,
-    ) -> Result<(CudaStorage, Shape)> {
-        gather_op(x, lx, w, lw, m, "rows_gather_scale", false)
-    }
-
-    /// `rows_gather_dot`: x [in_rows, d], y [out_rows, d] -> [out_rows, 1] f32.
-    pub(super) fn gather_dot(
-        x: &CudaStorage,
-        lx: &Layout,
-        y: &CudaStorage,
-        ly: &Layout,
-        m: &RowMap,
-    ) -> Result<(CudaStorage, Shape)> {
-        gather_op(x, lx, y, ly, m, "rows_gather_dot", true)
-    }
-
-    fn gather_op(
-        x: &CudaStorage,
-        lx: &Layout,
-        other: &CudaStorage,
-        lo: &Layout,
-        m: &RowMap,
-        kernel: &str,
-        dot: bool,
-    ) -> Result<(CudaStorage, Shape)> {
-        let dev = x.device();
-        let rows = m.out_rows();
-        let d = lx.shape().dims()[1];
-        let f = load_from(
-            dev,
-            "dsa_rows",
-            PTX,
-            &format!("{kernel}_{}", suffix(x.dtype())?),
-            0,
-        )?;
-        let (src_t, _) = indices(m)?;
-        let (ss, sl) = src_t.storage_and_layout();
-        let Storage::Cuda(ss) = &*ss else {
-            bail!("row map: its indices are not on the GPU")
-        };
-        let src = view::<u32>(ss, sl, "row map sources")?;
-        let d32 =
-            i32::try_from(d).map_err(|_| candle_core::Error::Msg(format!("{d} values per row")))?;
-        let stream = dev.cuda_stream();
+        let launch = rows > 0 && d > 0;
         macro_rules! go {
             ($t:ty) => {{
                 let xv = view::<$t>(x, lx, "rows")?;
-                if dot {
-                    let out = dev.alloc_zeros::<f32>(rows.max(1))?;
-                    if rows > 0 {
-                        let yv = view::<$t>(other, lo, "rows")?;
-                        let mut b = stream.launch_builder(&f);
-                        b.arg(&xv).arg(&yv).arg(&src).arg(&out).arg(&d32);
-                        // SAFETY: x in_rows * d, y rows * d (checked by the caller), src
-                        // entries < in_rows, out rows values; candle's stream.
-                        unsafe { b.launch(grid(rows)?) }.w()?;
+                let ov = view::<$t>(other, lo, "weights or rows")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&xv).arg(&ov).arg(&src);
+                // SAFETY (each launch): x holds in_rows * d values and `other` its rows (shapes
+                // checked by the caller), every src entry is < in_rows and off has rows + 1
+                // entries (checked when the plan was built), the output rows * d (or rows);
+                // candle's stream orders the launch with its other ops.
+                match kind {
+                    Weighted::Dot => {
+                        let out = dev.alloc_zeros::<f32>(rows.max(1))?;
+                        if launch {
+                            b.arg(&out).arg(&d32);
+                            unsafe { b.launch(grid(rows)?) }.w()?;
+                        }
+                        (
+                            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                            Shape::from((rows, 1)),
+                        )
                     }
-                    (
-                        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-                        Shape::from((rows, 1)),
-                    )
-                } else {
-                    let out = dev.alloc_zeros::<$t>((rows * d).max(1))?;
-                    if rows > 0 && d > 0 {
-                        let wv = view::<$t>(other, lo, "row weights")?;
-                        let mut b = stream.launch_builder(&f);
-                        b.arg(&xv).arg(&wv).arg(&src).arg(&out).arg(&d32);
-                        // SAFETY: x in_rows * d, w rows values (checked by the caller), src
-                        // entries < in_rows, out rows * d; candle's stream.
-                        unsafe { b.launch(grid(rows)?) }.w()?;
+                    _ => {
+                        let out = dev.alloc_zeros::<$t>((rows * d).max(1))?;
+                        if launch {
+                            if matches!(kind, Weighted::Sum) {
+                                b.arg(&off);
+                            }
+                            b.arg(&out).arg(&d32);
+                            unsafe { b.launch(grid(rows)?) }.w()?;
+                        }
+                        (
+                            CudaStorage::wrap_cuda_slice(out, dev.clone()),
+                            Shape::from((rows, d)),
+                        )
                     }
-                    (
-                        CudaStorage::wrap_cuda_slice(out, dev.clone()),
-                        Shape::from((rows, d)),
-                    )
                 }
             }};
         }
