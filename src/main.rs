@@ -92,8 +92,20 @@ enum Command {
         sets: Vec<String>,
         /// The job's rank count to check the layout against (default: the launcher's, else
         /// parallel.dp, else the smallest world the recipe's layout and batch allow).
-        #[arg(long)]
+        #[arg(long, alias = "gpus")]
         world: Option<usize>,
+        /// Memory of one GPU in GiB: adds a verdict (fits or not, by how much, the largest
+        /// consumer); exit status 1 when the layout does not fit.
+        #[arg(long = "gpu-mem", value_name = "GIB")]
+        gpu_mem: Option<f64>,
+        /// GiB of each GPU kept for what the estimate leaves out (CUDA context, NCCL buffers,
+        /// allocator slack).
+        #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+        reserve: f64,
+        /// With --gpu-mem: list the layouts of this many GPUs (ep, ZeRO, block_rows, offload)
+        /// that fit, fastest first by an estimated step time.
+        #[arg(long)]
+        search: bool,
     },
     /// The GPU test suite: CPU f32 twins against the GPU path on fresh random inputs.
     GpuSelftest {
@@ -378,6 +390,9 @@ fn run(cli: Cli) -> Result<()> {
             recipe,
             sets,
             world,
+            gpu_mem,
+            reserve,
+            search,
         } => {
             let mut r = Recipe::load(&recipe, &sets)?;
             let launched = dsa_train::dist::Launch::from_env()?.world;
@@ -395,6 +410,39 @@ fn run(cli: Cli) -> Result<()> {
             let plan = dsa_train::train::plan::plan(&r)?;
             print_result(&r.to_toml())?;
             print_result(&dsa_train::train::plan::report(&r, &plan))?;
+            if search && gpu_mem.is_none() {
+                anyhow::bail!("check --search needs --gpu-mem (the memory of one GPU, in GiB)");
+            }
+            if let Some(gib) = gpu_mem {
+                use dsa_train::train::fit::{
+                    search as search_layouts, search_report, Machine, Rates,
+                };
+                if !(gib.is_finite() && gib > 0.0 && reserve.is_finite() && reserve >= 0.0) {
+                    anyhow::bail!("check: --gpu-mem {gib} and --reserve {reserve} must be positive numbers of GiB");
+                }
+                let machine = Machine {
+                    gpus: layout.world,
+                    gpu_mem_gib: gib,
+                    reserve_gib: reserve,
+                };
+                let (fits, verdict) = machine.verdict(&plan);
+                print_result(&verdict)?;
+                if search {
+                    let src = dsa_train::train::ckpt::resolve_model(&PathBuf::from(&r.model.path))?;
+                    let cfg = r.model_config(&src.hf_dir)?;
+                    let rates = Rates::default();
+                    let validate =
+                        |r: &Recipe, world: usize| dsa_train::train::validate(r, world).map(|_| ());
+                    let found = search_layouts(&r, &cfg, &machine, &rates, &validate);
+                    print_result(&search_report(&found, &machine, &rates, 10))?;
+                }
+                if !fits {
+                    anyhow::bail!(
+                        "recipe {}: the layout does not fit {gib} GiB GPUs (verdict above)",
+                        recipe.display()
+                    );
+                }
+            }
         }
         Command::Bench {
             which: BenchCommand::Checkpoint { dir, gib, repeats },

@@ -941,6 +941,35 @@ fn check_validates_like_train_and_failures_leave_nothing_behind() {
         &run_cli(&["check", path_str(&recipe), "--world", "0"]),
         &["0 ranks"],
     );
+    // A verdict against a GPU's memory: a layout too large for 4 GiB less a 3.99 GiB reserve
+    // exits 1 naming the verdict; a roomy GPU passes; --search lists layouts of --gpus ranks.
+    assert_clean_error(
+        &run_cli(&[
+            "check",
+            path_str(&recipe),
+            "--gpu-mem",
+            "4",
+            "--reserve",
+            "3.99",
+        ]),
+        &["does not fit 4 GiB GPUs"],
+    );
+    let roomy = run_cli(&[
+        "check",
+        path_str(&recipe),
+        "--gpus",
+        "2",
+        "--gpu-mem",
+        "80",
+        "--search",
+    ]);
+    assert_eq!(roomy.0, 0, "{}", roomy.2);
+    assert!(roomy.1.contains("verdict: fits"), "{}", roomy.1);
+    assert!(roomy.1.contains("--set parallel.dp=2"), "{}", roomy.1);
+    assert_clean_error(
+        &run_cli(&["check", path_str(&recipe), "--search"]),
+        &["--search needs --gpu-mem"],
+    );
     assert_clean_error(
         &run_cli(&[
             "eval",

@@ -19,6 +19,7 @@
 
 pub mod accumulate;
 pub mod ckpt;
+pub mod fit;
 pub mod integrity;
 pub mod metrics;
 mod mtp;

@@ -1,0 +1,410 @@
+//! Does a layout fit the GPUs it will run on, and which layouts do: `dsa-train check --gpus N
+//! --gpu-mem GiB [--search]`.
+//!
+//! Verdict: `plan`'s estimate of one device's memory (weights, optimizer state and gradient
+//! sums, activations) against the GPU's memory less a reserve for what the estimate leaves out
+//! (the CUDA context, NCCL's buffers, the allocator's slack and fragmentation: `--reserve`,
+//! 4 GiB by default), naming the largest consumer; host memory for offloaded activations is
+//! reported beside it (per device, so a node needs GPUs-per-node times it).
+//!
+//! Search: every layout of N ranks that `train` accepts (dp = N; ep dividing dp and the
+//! routed-expert count; ZeRO 1 or 2; in the sparse stage with recomputation also
+//! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on),
+//! the ones that fit ordered by an estimated step time, the sum of
+//!   compute:          FLOPs per step / (N x peak x MFU)   (the same for every layout of N ranks)
+//!   gradient sums:    bytes each device sends for them / link bandwidth
+//!   expert exchange:  bytes each device sends in them / link bandwidth
+//!   offload:          2 x host bytes per device (out and back) / host link bandwidth
+//! with no overlap assumed (an upper bound); the rates are arguments and are printed with the
+//! result. Ties go to fewer, larger blocks (fewer launches) and no offload.
+
+use anyhow::Result;
+
+use super::plan::{plan_for, Plan};
+use crate::config::ModelConfig;
+use crate::recipe::{Recipe, Stage};
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// The GPUs a job runs on.
+#[derive(Debug, Clone, Copy)]
+pub struct Machine {
+    pub gpus: usize,
+    /// Memory of one GPU (GiB).
+    pub gpu_mem_gib: f64,
+    /// Memory of one GPU kept out of the estimate's reach (GiB).
+    pub reserve_gib: f64,
+}
+
+/// The rates the step-time estimate assumes.
+#[derive(Debug, Clone, Copy)]
+pub struct Rates {
+    /// Dense bf16 peak of one GPU (TFLOP/s).
+    pub peak_tflops: f64,
+    /// Share of the peak the step reaches.
+    pub mfu: f64,
+    /// Bytes per second one GPU sends to the others (GB/s).
+    pub link_gbytes: f64,
+    /// Bytes per second between one GPU and host memory (GB/s).
+    pub host_gbytes: f64,
+}
+
+impl Default for Rates {
+    /// H100/H200 SXM: 989 TFLOP/s bf16 dense; 40 % MFU; one 400 Gb/s NIC per GPU (50 GB/s);
+    /// PCIe 5 x16 at about 25 GB/s each way.
+    fn default() -> Self {
+        Self {
+            peak_tflops: 989.0,
+            mfu: 0.4,
+            link_gbytes: 50.0,
+            host_gbytes: 25.0,
+        }
+    }
+}
+
+impl Machine {
+    fn usable_gib(&self) -> f64 {
+        (self.gpu_mem_gib - self.reserve_gib).max(0.0)
+    }
+
+    /// Whether `plan` fits one GPU, and the verdict in one sentence.
+    pub fn verdict(&self, plan: &Plan) -> (bool, String) {
+        let need = plan.memory_bytes() / GIB;
+        let parts = [
+            ("weights", plan.weight_bytes),
+            ("optimizer state and gradient sums", plan.optimizer_bytes),
+            ("activations", plan.activation_bytes),
+        ];
+        let (name, most) = parts
+            .iter()
+            .fold(("", 0.0), |a, &(n, b)| if b > a.1 { (n, b) } else { a });
+        let usable = self.usable_gib();
+        let of = format!(
+            "{usable:.1} GiB usable ({:.1} GiB less a {:.1} GiB reserve)",
+            self.gpu_mem_gib, self.reserve_gib
+        );
+        let largest = format!("largest consumer: {name}, {:.1} GiB", most / GIB);
+        let host = if plan.host_bytes > 0.0 {
+            format!(
+                "; host memory {:.1} GiB per GPU for offloaded activations",
+                plan.host_bytes / GIB
+            )
+        } else {
+            String::new()
+        };
+        if need <= usable {
+            (
+                true,
+                format!(
+                    "verdict: fits: {need:.1} GiB per GPU of {of}, {:.1} GiB to spare; {largest}{host}",
+                    usable - need
+                ),
+            )
+        } else {
+            (
+                false,
+                format!(
+                    "verdict: does not fit: {need:.1} GiB per GPU, {:.1} GiB over the {of}; {largest}{host}",
+                    need - usable
+                ),
+            )
+        }
+    }
+}
+
+/// The estimated seconds of one step, by part.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepTime {
+    pub compute: f64,
+    pub grad_sums: f64,
+    pub expert_exchange: f64,
+    pub offload: f64,
+}
+
+impl StepTime {
+    pub fn of(plan: &Plan, gpus: usize, r: &Rates) -> Self {
+        Self {
+            compute: plan.flops_per_step / (gpus.max(1) as f64 * r.peak_tflops * 1e12 * r.mfu),
+            grad_sums: plan.grad_comm_bytes / (r.link_gbytes * 1e9),
+            expert_exchange: plan.expert_comm_bytes / (r.link_gbytes * 1e9),
+            offload: 2.0 * plan.host_bytes / (r.host_gbytes * 1e9),
+        }
+    }
+
+    pub fn total(&self) -> f64 {
+        self.compute + self.grad_sums + self.expert_exchange + self.offload
+    }
+}
+
+/// One layout the search considered.
+#[derive(Debug, Clone)]
+pub struct Candidate {
+    /// The recipe overrides that select it (`--set` form).
+    pub sets: Vec<String>,
+    pub plan: Plan,
+    pub time: StepTime,
+    /// Whether it fits the machine.
+    pub fits: bool,
+}
+
+/// The layouts of `machine.gpus` ranks that `train` accepts (`validate`: the trainer's own
+/// checks of a layout): those that fit, fastest first, then those that do not, smallest
+/// first.
+pub fn search(
+    recipe: &Recipe,
+    cfg: &ModelConfig,
+    machine: &Machine,
+    rates: &Rates,
+    validate: &dyn Fn(&Recipe, usize) -> Result<()>,
+) -> Vec<Candidate> {
+    let n = machine.gpus.max(1);
+    let experts = cfg.n_routed_experts.max(1);
+    let blockable = recipe.stage() == Stage::Sparse && recipe.train.recompute;
+    let blocks: &[usize] = if blockable {
+        &[0, 4096, 2048, 1024, 512]
+    } else {
+        &[recipe.train.block_rows]
+    };
+    let offloads: &[bool] = if blockable {
+        &[false, true]
+    } else {
+        &[recipe.train.offload_activations]
+    };
+    let mut found = vec![];
+    for ep in (1..=n).filter(|ep| n % ep == 0 && experts % ep == 0) {
+        for zero in [1usize, 2] {
+            for &block_rows in blocks {
+                for &offload in offloads {
+                    let mut r = recipe.clone();
+                    r.parallel.dp = n;
+                    r.parallel.ep = ep;
+                    r.parallel.zero = zero;
+                    r.train.block_rows = block_rows;
+                    r.train.offload_activations = offload;
+                    if validate(&r, n).is_err() {
+                        continue;
+                    }
+                    let plan = plan_for(&r, cfg);
+                    let fits = machine.verdict(&plan).0;
+                    let time = StepTime::of(&plan, n, rates);
+                    let sets = vec![
+                        format!("parallel.dp={n}"),
+                        format!("parallel.ep={ep}"),
+                        format!("parallel.zero={zero}"),
+                        format!("train.block_rows={block_rows}"),
+                        format!("train.offload_activations={offload}"),
+                    ];
+                    found.push((
+                        block_rows,
+                        offload,
+                        Candidate {
+                            sets,
+                            plan,
+                            time,
+                            fits,
+                        },
+                    ));
+                }
+            }
+        }
+    }
+    // Fitting ones fastest first (then whole sequences or larger blocks, then no offload);
+    // the rest by memory.
+    found.sort_by(|a, b| {
+        let key = |c: &(usize, bool, Candidate)| {
+            (
+                !c.2.fits,
+                if c.2.fits {
+                    c.2.time.total()
+                } else {
+                    c.2.plan.memory_bytes()
+                },
+                if c.0 == 0 { 0 } else { usize::MAX - c.0 },
+                c.1,
+            )
+        };
+        let (ka, kb) = (key(a), key(b));
+        ka.0.cmp(&kb.0)
+            .then(ka.1.total_cmp(&kb.1))
+            .then(ka.2.cmp(&kb.2))
+            .then(ka.3.cmp(&kb.3))
+    });
+    found.into_iter().map(|(_, _, c)| c).collect()
+}
+
+/// The search's report: the assumptions, then up to `limit` fitting layouts, one line each;
+/// when none fits, the one needing the least memory and its verdict.
+pub fn search_report(
+    found: &[Candidate],
+    machine: &Machine,
+    rates: &Rates,
+    limit: usize,
+) -> String {
+    let mut out = format!(
+        "search over {} GPU(s) of {:.1} GiB (reserve {:.1} GiB); step time assumes {:.0} TFLOP/s at {:.0} % MFU, {:.0} GB/s per GPU between GPUs, {:.0} GB/s to the host, no overlap\n",
+        machine.gpus, machine.gpu_mem_gib, machine.reserve_gib, rates.peak_tflops, rates.mfu * 100.0,
+        rates.link_gbytes, rates.host_gbytes
+    );
+    let line = |c: &Candidate| {
+        let t = &c.time;
+        format!(
+            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, offload {:.0}): --set {}\n",
+            c.plan.memory_bytes() / GIB,
+            t.total(),
+            t.compute,
+            t.grad_sums,
+            t.expert_exchange,
+            t.offload,
+            c.sets.join(" --set ")
+        )
+    };
+    let fitting: Vec<&Candidate> = found.iter().filter(|c| c.fits).collect();
+    match (fitting.is_empty(), found.first()) {
+        (_, None) => out.push_str(&format!(
+            "no layout of {} GPU(s) passes the trainer's checks (the global batch's micro-batches must be a multiple of dp = the GPU count)",
+            machine.gpus
+        )),
+        (true, Some(least)) => {
+            out.push_str(&format!(
+                "no layout of {} GPU(s) fits; the one needing the least memory: ",
+                machine.gpus
+            ));
+            out.push_str(&line(least));
+            out.push_str(&machine.verdict(&least.plan).1);
+        }
+        (false, _) => {
+            for c in fitting.iter().take(limit) {
+                out.push_str(&line(c));
+            }
+            if fitting.len() > limit {
+                out.push_str(&format!("({} more layouts fit)\n", fitting.len() - limit));
+            }
+        }
+    }
+    out.trim_end().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(weights: f64, optimizer: f64, activations: f64, host: f64) -> Plan {
+        Plan {
+            trainable_params: 0,
+            frozen_params: 0,
+            tokens_per_step: 0,
+            flops_per_step: 1e18,
+            weight_bytes: weights * GIB,
+            optimizer_bytes: optimizer * GIB,
+            activation_bytes: activations * GIB,
+            host_bytes: host * GIB,
+            grad_comm_bytes: 100e9,
+            expert_comm_bytes: 500e9,
+        }
+    }
+
+    #[test]
+    fn the_verdict_names_the_margin_and_the_largest_consumer() {
+        let m = Machine {
+            gpus: 8,
+            gpu_mem_gib: 80.0,
+            reserve_gib: 4.0,
+        };
+        let (fits, text) = m.verdict(&plan(50.0, 10.0, 12.0, 0.0));
+        assert!(fits, "{text}");
+        assert!(
+            text.contains("72.0 GiB per GPU of 76.0 GiB usable"),
+            "{text}"
+        );
+        assert!(text.contains("4.0 GiB to spare"), "{text}");
+        assert!(
+            text.contains("largest consumer: weights, 50.0 GiB"),
+            "{text}"
+        );
+        let (fits, text) = m.verdict(&plan(50.0, 10.0, 300.0, 20.0));
+        assert!(!fits, "{text}");
+        assert!(text.contains("284.0 GiB over"), "{text}");
+        assert!(
+            text.contains("largest consumer: activations, 300.0 GiB"),
+            "{text}"
+        );
+        assert!(text.contains("host memory 20.0 GiB"), "{text}");
+        // The reserve counts: 76.5 GiB fits 80 with no reserve, not with 4.
+        let p = plan(70.0, 6.0, 0.5, 0.0);
+        assert!(!m.verdict(&p).0);
+        assert!(
+            Machine {
+                reserve_gib: 0.0,
+                ..m
+            }
+            .verdict(&p)
+            .0
+        );
+    }
+
+    #[test]
+    fn step_time_adds_compute_and_traffic_at_the_stated_rates() {
+        let r = Rates::default();
+        let t = StepTime::of(&plan(1.0, 1.0, 1.0, 10.0), 10, &r);
+        assert!((t.compute - 1e18 / (10.0 * 989e12 * 0.4)).abs() < 1e-9);
+        assert!((t.grad_sums - 2.0).abs() < 1e-12);
+        assert!((t.expert_exchange - 10.0).abs() < 1e-12);
+        assert!((t.offload - 2.0 * 10.0 * GIB / 25e9).abs() < 1e-9);
+        assert!((t.total() - (t.compute + 2.0 + 10.0 + t.offload)).abs() < 1e-12);
+    }
+
+    #[test]
+    fn the_search_lists_the_accepted_layouts_that_fit_fastest_first() {
+        let json = crate::tiny::tiny_config(true);
+        let cfg =
+            crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
+        let mut recipe = Recipe::default();
+        recipe.train.stage = Stage::Sparse;
+        recipe.train.recompute = true;
+        recipe.train.global_batch_seqs = 8;
+        recipe.train.micro_batch_seqs = 1;
+        recipe.data.seq_len = 4096;
+        let rates = Rates::default();
+        let roomy = Machine {
+            gpus: 4,
+            gpu_mem_gib: 1e6,
+            reserve_gib: 4.0,
+        };
+        // The trainer refuses ep 4 here (a stand-in for any of its checks).
+        let validate = |r: &Recipe, world: usize| -> Result<()> {
+            anyhow::ensure!(r.parallel.ep != 4 && world == 4, "refused");
+            Ok(())
+        };
+        let found = search(&recipe, &cfg, &roomy, &rates, &validate);
+        // ep in {1, 2} (dividing 4 and the expert count), ZeRO 1 and 2, five block sizes,
+        // offload off and on.
+        assert_eq!(found.len(), 2 * 2 * 5 * 2);
+        assert!(found.iter().all(|c| c.fits));
+        assert!(found
+            .iter()
+            .all(|c| !c.sets.contains(&"parallel.ep=4".to_string())));
+        assert!(found
+            .windows(2)
+            .all(|w| w[0].time.total() <= w[1].time.total()));
+        // Offload costs host traffic: a layout without it comes first.
+        assert!(found[0]
+            .sets
+            .contains(&"train.offload_activations=false".to_string()));
+        let report = search_report(&found, &roomy, &rates, 3);
+        assert_eq!(report.lines().count(), 1 + 3 + 1, "{report}");
+        assert!(report.contains("(37 more layouts fit)"), "{report}");
+        // Nothing fits a GPU smaller than the reserve: the smallest layout and its verdict.
+        let tight = Machine {
+            gpu_mem_gib: 1.0,
+            ..roomy
+        };
+        let found = search(&recipe, &cfg, &tight, &rates, &validate);
+        assert!(found.iter().all(|c| !c.fits));
+        assert!(found
+            .windows(2)
+            .all(|w| w[0].plan.memory_bytes() <= w[1].plan.memory_bytes()));
+        let report = search_report(&found, &tight, &rates, 3);
+        assert!(report.contains("no layout of 4 GPU(s) fits"), "{report}");
+        assert!(report.contains("verdict: does not fit"), "{report}");
+    }
+}
