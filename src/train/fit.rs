@@ -171,7 +171,7 @@ pub fn search(
         &[recipe.train.offload_activations]
     };
     let mut found = vec![];
-    for ep in (1..=n).filter(|ep| n % ep == 0 && experts % ep == 0) {
+    for ep in (1..=n).filter(|ep| n.is_multiple_of(*ep) && experts.is_multiple_of(*ep)) {
         for zero in [1usize, 2] {
             for &block_rows in blocks {
                 for &offload in offloads {
