@@ -18,12 +18,22 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Shape, Tensor};
 
 use super::Collective;
 
-/// Nanoseconds spent in exchanges since the last `take_exchange_seconds`.
+/// Nanoseconds spent in exchanges since the last `take_exchange_seconds` (a measurement, read
+/// by the step's metrics; nothing numeric depends on it).
 static EXCHANGE_NANOS: AtomicU64 = AtomicU64::new(0);
+/// Bytes of token rows this process sent to other ranks since the last `take_exchange_bytes`.
+static EXCHANGE_BYTES: AtomicU64 = AtomicU64::new(0);
 
 /// Seconds spent in expert exchanges (this process) since the last call.
 pub fn take_exchange_seconds() -> f64 {
     EXCHANGE_NANOS.swap(0, Ordering::Relaxed) as f64 * 1e-9
+}
+
+/// Bytes of token rows this process sent to the other ranks of its expert group in exchanges
+/// (forward, recomputation and backward) since the last call: what `check` estimates as the
+/// expert exchange per device.
+pub fn take_exchange_bytes() -> u64 {
+    EXCHANGE_BYTES.swap(0, Ordering::Relaxed)
 }
 
 /// Time `f` as exchange time.
@@ -250,6 +260,22 @@ impl AllToAllRows {
     }
 }
 
+impl AllToAllRows {
+    /// Count the bytes leaving this rank: the blocks for the other group indices.
+    fn count_sent(&self, row_elems: usize, dtype: DType) {
+        let me = self.exchange.index();
+        let rows: usize = self
+            .send
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| i != me)
+            .map(|(_, &n)| n)
+            .sum();
+        let bytes = rows * row_elems * dtype.size_in_bytes();
+        EXCHANGE_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+}
+
 impl CustomOp1 for AllToAllRows {
     fn name(&self) -> &'static str {
         "all-to-all-rows"
@@ -266,6 +292,7 @@ impl CustomOp1 for AllToAllRows {
             parts.push(to_le_bytes(s, at, n * row)?);
             at += n * row;
         }
+        self.count_sent(row, s.dtype());
         let got = timed(|| self.exchange.host(parts))
             .map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
         let elem = s.dtype().size_in_bytes();
@@ -289,6 +316,7 @@ impl CustomOp1 for AllToAllRows {
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendDevice;
         let (shape, row) = self.out_shape(layout)?;
+        self.count_sent(row, s.dtype());
         // Synchronised on both sides so that the time is the exchange's alone.
         s.device().synchronize()?;
         let out = timed(|| -> candle_core::Result<_> {
@@ -315,5 +343,44 @@ impl CustomOp1 for AllToAllRows {
                 recv: self.send.clone(),
             })
             .map(Some)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two ranks seen from rank 0, the partner sending back what it got (same block sizes).
+    struct Echo;
+
+    impl RowExchange for Echo {
+        fn size(&self) -> usize {
+            2
+        }
+        fn index(&self) -> usize {
+            0
+        }
+        fn host(&self, parts: Vec<Vec<u8>>) -> anyhow::Result<Vec<Vec<u8>>> {
+            Ok(parts)
+        }
+    }
+
+    #[test]
+    fn the_bytes_sent_to_other_ranks_are_counted_both_ways() {
+        let exchange: Arc<dyn RowExchange> = Arc::new(Echo);
+        let x = candle_core::Var::new(
+            (0..32).map(|v| v as f32).collect::<Vec<_>>(),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let x2 = x.as_tensor().reshape((8, 4)).unwrap();
+        take_exchange_bytes();
+        // 3 rows stay on this rank, 5 rows of 4 f32 leave it: 80 bytes.
+        let y = all_to_all_rows(&x2, &exchange, &[3, 5], &[3, 5]).unwrap();
+        assert_eq!(y.to_vec2::<f32>().unwrap(), x2.to_vec2::<f32>().unwrap());
+        assert_eq!(take_exchange_bytes(), 80);
+        // The backward sends the gradient of those rows back the same way.
+        y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(take_exchange_bytes(), 80);
     }
 }

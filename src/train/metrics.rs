@@ -33,6 +33,10 @@ pub struct StepMetrics {
     /// backward; on GPUs timed between device synchronisations); 0 without ep.
     #[serde(default)]
     pub exchange_s: f64,
+    /// Bytes of token rows this rank sent to the other ranks of its expert group in the step's
+    /// exchanges; 0 without ep.
+    #[serde(default)]
+    pub exchange_bytes: u64,
     /// Expert balance: over the MoE layers, the largest ratio of the most-loaded routed
     /// expert's tokens to the mean per expert (1 = perfectly balanced); None without MoE.
     #[serde(default)]

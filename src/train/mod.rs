@@ -1080,6 +1080,7 @@ impl Trainer {
             elapsed_s: elapsed,
             comm_s: std::mem::take(&mut self.comm_seconds) + self.reducer.take_seconds(),
             exchange_s: crate::dist::expert::take_exchange_seconds(),
+            exchange_bytes: crate::dist::expert::take_exchange_bytes(),
             max_expert_load: metrics::max_expert_load(&loads),
         })
     }

@@ -79,6 +79,10 @@ impl EventWriter {
             ("perf/step_s", m.elapsed_s),
             ("perf/comm_s", m.comm_s),
             ("perf/exchange_s", m.exchange_s),
+            (
+                "perf/exchange_gib",
+                m.exchange_bytes as f64 / (1u64 << 30) as f64,
+            ),
         ];
         if let Some(l) = m.lm_loss {
             scalars.push(("train/lm_loss", l));
@@ -310,13 +314,15 @@ mod tests {
             elapsed_s: 4.0,
             comm_s: 0.0,
             exchange_s: 0.0,
+            exchange_bytes: 3 << 29,
             max_expert_load: Some(1.25),
         };
         w.append(&m);
         let got = read_scalars(w.path()).unwrap();
         assert!(got.contains(&(3, "train/lm_loss".into(), 2.5)));
         assert!(got.contains(&(3, "train/max_expert_load".into(), 1.25)));
-        assert_eq!(got.len(), 12);
+        assert!(got.contains(&(3, "perf/exchange_gib".into(), 1.5)));
+        assert_eq!(got.len(), 13);
         let mut bytes = std::fs::read(w.path()).unwrap();
         let n = bytes.len();
         bytes[n - 10] ^= 1;
