@@ -1068,10 +1068,15 @@ fn a_megatron_indexed_dataset_reads_as_the_same_stream() {
     );
 }
 
-/// A Parquet file of `(body, id)` rows in row groups of `group` rows, Snappy-compressed (what
-/// pyarrow writes by default), written with the parquet crate's own writer.
-fn parquet_file(path: &Path, bodies: &[&str], group: usize) -> PathBuf {
-    use parquet::basic::Compression;
+/// A Parquet file of `(body, id)` rows in row groups of `group` rows, pages compressed with
+/// `codec` (Snappy is what pyarrow writes by default), written with the parquet crate's own
+/// writer.
+fn parquet_file(
+    path: &Path,
+    bodies: &[&str],
+    group: usize,
+    codec: parquet::basic::Compression,
+) -> PathBuf {
     use parquet::data_type::{ByteArray, ByteArrayType, Int64Type};
     use parquet::file::properties::WriterProperties;
     use parquet::file::writer::SerializedFileWriter;
@@ -1082,11 +1087,7 @@ fn parquet_file(path: &Path, bodies: &[&str], group: usize) -> PathBuf {
         )
         .unwrap(),
     );
-    let props = Arc::new(
-        WriterProperties::builder()
-            .set_compression(Compression::SNAPPY)
-            .build(),
-    );
+    let props = Arc::new(WriterProperties::builder().set_compression(codec).build());
     let mut w =
         SerializedFileWriter::new(std::fs::File::create(path).unwrap(), schema, props).unwrap();
     for (g, chunk) in bodies.chunks(group).enumerate() {
@@ -1114,14 +1115,26 @@ fn parquet_file(path: &Path, bodies: &[&str], group: usize) -> PathBuf {
 }
 
 /// Parquet inputs: one document per row of the `--text-key` column, across row groups, in
-/// order with the other inputs; JSONL takes the same key; a missing column is named with the
-/// columns the file has, before any output exists.
+/// order with the other inputs, whatever the pages' codec (Snappy, gzip, zstd, LZ4); JSONL
+/// takes the same key; a missing column is named with the columns the file has, before any
+/// output exists.
 #[test]
 fn prepare_reads_parquet_rows_and_the_text_key() {
+    use parquet::basic::{Compression, GzipLevel, ZstdLevel};
     let tmp = tempfile::tempdir().unwrap();
     let tok = word_tokenizer(tmp.path(), true);
     let docs = ["the cat sat", "", "on a mat .", "a dog", "the mat ."];
-    let pq = parquet_file(&tmp.path().join("a.parquet"), &docs, 2);
+    for (name, codec) in [
+        ("gzip", Compression::GZIP(GzipLevel::default())),
+        ("zstd", Compression::ZSTD(ZstdLevel::default())),
+        ("lz4", Compression::LZ4_RAW),
+    ] {
+        let pq = parquet_file(&tmp.path().join(format!("{name}.parquet")), &docs, 2, codec);
+        let out = tmp.path().join(format!("out-{name}"));
+        prepare_ok(&tok, &[&pq], &out, &["--text-key", "body"]);
+        assert_eq!(all_tokens(&out), expected_words(&docs), "{name}");
+    }
+    let pq = parquet_file(&tmp.path().join("a.parquet"), &docs, 2, Compression::SNAPPY);
     let jl = tmp.path().join("b.jsonl");
     std::fs::write(&jl, "{\"body\": \"a cat\"}\n").unwrap();
     let out = tmp.path().join("out");

@@ -1,7 +1,7 @@
 //! Parquet inputs of `data prepare`: one document per row, the string column the caller names
 //! (`--text-key`, "text" by default), read a row group at a time with only that column
-//! decoded. Plain or Snappy-compressed pages (pyarrow's and the datasets library's default);
-//! another codec is an error naming the file.
+//! decoded. Pages plain or compressed with Snappy (pyarrow's and the datasets library's
+//! default), gzip, zstd or LZ4; another codec (Brotli, LZO) is an error naming the file.
 
 use std::fs::File;
 use std::path::Path;
