@@ -592,37 +592,10 @@ impl Trainer {
         let mut dh: Option<Tensor> = None;
         crate::profile::log_device_memory("layers done");
         if main {
-            let (b, _) = tokens.dims2()?;
-            let chunk = self.lm_head_chunk(b);
-            let (m, device) = (&self.model, &self.device);
-            // The head weight's gradient arrives a block of rows at a time, into its f32 sum.
-            let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
-            let norm_slot = self.slot_holding(&m.norm).map(|s| s.name.clone());
-            let head = crate::losses::LmHead {
-                norm: &m.norm,
-                weight: &m.lm_head,
-                eps: m.cfg.rms_norm_eps,
-                weight_trains: head_slot.is_some(),
-                kernels: m.kernels,
-            };
             let _region = crate::profile::region("step: LM head, loss and its gradients");
-            let (lm, g) = crate::losses::chunked_next_token_loss(
-                &h.detach(),
-                tokens,
-                chunk,
-                scale,
-                &head,
-                |g| {
-                    use crate::losses::HeadGrads;
-                    match (g, head_slot.as_deref(), norm_slot.as_deref()) {
-                        (HeadGrads::Norm(g), _, Some(name)) => accum.add_one(name, g),
-                        (HeadGrads::Weight(w), Some(name), _) => accum.add_rows(name, w, device),
-                        _ => Ok(()), // a frozen tensor's gradient
-                    }
-                    .map_err(candle_core::Error::wrap)
-                },
-            )
-            .context("LM head and loss")?;
+            let (lm, g) = self
+                .head_loss(&h, tokens, &self.model.norm, scale, accum)
+                .context("LM head and loss")?;
             lm_value = Some(lm);
             dh = Some(g);
         }
@@ -768,6 +741,48 @@ impl Trainer {
             lm_value.map(|_| host[0] as f64),
             host[1] as f64 / self.model.layers.len() as f64,
         ))
+    }
+
+    /// The next-token loss of `h` [B, n, D] (position t predicts `tokens` [B, n] at t + 1)
+    /// through the norm `norm` and the model's output head, a chunk of positions at a time
+    /// (`losses::chunked_next_token_loss`), times `weight`: the norm's and the head's gradients
+    /// into `accum` (the head's a block of rows at a time, into its f32 sum). Returns the mean
+    /// NLL (device scalar) and d(weight * loss)/dh.
+    fn head_loss(
+        &self,
+        h: &Tensor,
+        tokens: &Tensor,
+        norm: &Tensor,
+        weight: f64,
+        accum: &mut GradAccum,
+    ) -> Result<(Tensor, Tensor)> {
+        use crate::losses::HeadGrads;
+        let m = &self.model;
+        let head_slot = self.slot_holding(&m.lm_head).map(|s| s.name.clone());
+        let norm_slot = self.slot_holding(norm).map(|s| s.name.clone());
+        let head = crate::losses::LmHead {
+            norm,
+            weight: &m.lm_head,
+            eps: m.cfg.rms_norm_eps,
+            weight_trains: head_slot.is_some(),
+            kernels: m.kernels,
+        };
+        let chunk = self.lm_head_chunk(tokens.dim(0)?);
+        Ok(crate::losses::chunked_next_token_loss(
+            &h.detach(),
+            tokens,
+            chunk,
+            weight,
+            &head,
+            |g| {
+                match (g, head_slot.as_deref(), norm_slot.as_deref()) {
+                    (HeadGrads::Norm(g), _, Some(name)) => accum.add_one(name, g),
+                    (HeadGrads::Weight(w), Some(name), _) => accum.add_rows(name, w, &self.device),
+                    _ => Ok(()), // a frozen tensor's gradient
+                }
+                .map_err(candle_core::Error::wrap)
+            },
+        )?)
     }
 
     /// Positions per chunk of the LM head's logits (`train.lm_head_chunk`, else sized to the

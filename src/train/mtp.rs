@@ -13,7 +13,6 @@ use candle_core::{Tensor, TensorId};
 
 use super::optim::GradAccum;
 use super::{AccumSink, Trainer};
-use crate::losses::{chunked_next_token_loss, HeadGrads, LmHead};
 use crate::model::blocks::LayerBackward;
 use crate::model::{AttentionMode, ForwardContext, Pass};
 
@@ -45,7 +44,7 @@ impl Trainer {
         let input = model
             .mtp_input(depth, hidden, tokens)
             .context("MTP input")?;
-        let (b, n, _) = input.x.dims3()?;
+        let n = input.x.dim(1)?;
         let ctx = ForwardContext::new(&model.cfg, n, &self.device)?;
         let (y, mut stats) = module
             .layer
@@ -67,31 +66,15 @@ impl Trainer {
         drop(stats);
         // Position i predicts token i + 2 + depth: `tokens` from 1 + depth is the next-token
         // target row of the module's n positions.
-        let head_slot = self.slot_holding(&model.lm_head).map(|s| s.name.clone());
-        let norm_slot = self.slot_holding(&module.head_norm).map(|s| s.name.clone());
-        let head = LmHead {
-            norm: &module.head_norm,
-            weight: &model.lm_head,
-            eps: model.cfg.rms_norm_eps,
-            weight_trains: head_slot.is_some(),
-            kernels: model.kernels,
-        };
-        let (_, dy) = chunked_next_token_loss(
-            &y.detach(),
-            &tokens.narrow(1, 1 + depth, n)?,
-            self.lm_head_chunk(b),
-            lm_weight,
-            &head,
-            |g| {
-                match (g, head_slot.as_deref(), norm_slot.as_deref()) {
-                    (HeadGrads::Norm(g), _, Some(name)) => accum.add_one(name, g),
-                    (HeadGrads::Weight(w), Some(name), _) => accum.add_rows(name, w, &self.device),
-                    _ => Ok(()), // a frozen tensor's gradient
-                }
-                .map_err(candle_core::Error::wrap)
-            },
-        )
-        .context("MTP head and loss")?;
+        let (_, dy) = self
+            .head_loss(
+                &y,
+                &tokens.narrow(1, 1 + depth, n)?,
+                &module.head_norm,
+                lm_weight,
+                accum,
+            )
+            .context("MTP head and loss")?;
         drop(y);
         // No balance loss: it is taken over the main model's MoE layers only.
         let bw = LayerBackward {
