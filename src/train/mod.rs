@@ -979,7 +979,11 @@ impl Trainer {
         let r = &self.recipe;
         let micro = r.micro_batches();
         let scale = 1.0 / micro as f64;
-        let mut accum = GradAccum::default().with_kernels(self.model.kernels);
+        // The in-place sum kernel (`kernels::grad_sum`) stays off in training until its
+        // gpu-selftest (`--only grad-sum`) has passed on a GPU: it was written in a session
+        // that got no GPU after it. Its twin, candle's path, runs meanwhile.
+        let mut accum = GradAccum::default()
+            .with_kernels(self.model.kernels.without(crate::kernels::Fused::GradSum));
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
