@@ -608,7 +608,9 @@ impl Trainer {
             if !trains && !with_kl {
                 continue;
             }
-            if recompute {
+            // Written out when the step recomputes, and whenever only the module's indexer
+            // learns (the warm-up): no graph and no logits are needed then.
+            if recompute || !trains {
                 let terms = mtp::MtpTerms {
                     kl: with_kl.then_some(scale * kl_weight),
                     lm: trains.then_some(scale * t.mtp_weight),

@@ -47,8 +47,10 @@
 //!   (`losses::nll_rows_and_grad`: 3 f32 tensors of the block at once), 0.69 GiB in bf16. The MTP
 //!   layer (when loaded), in the sparse stage with `train.recompute`, runs as a main layer does
 //!   (block mode, chunked logits) plus 3 x hidden x dtype bytes per token (its layer's input
-//!   and two output gradients); otherwise (the warm-up's autograd path) one layer's
-//!   working set at T tokens plus T x vocab x (dtype + 8) bytes for its unchunked logits.
+//!   and two output gradients); in the warm-up it runs its layer's forward for its indexer's KL
+//!   only (no logits), within a main layer's footprint; otherwise (the autograd twin of a step
+//!   that does not recompute) one layer's working set at T tokens plus T x vocab x (dtype + 8)
+//!   bytes of logits.
 //!   Warm-up: no main-model backward; the streaming KL kernel holds O(T) state.
 //! Communication per device and step (what the trainer sends; a ring all-reduce of B bytes
 //! over n ranks sends 2 (n-1)/n B from each):
