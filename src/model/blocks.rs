@@ -187,6 +187,29 @@ impl DecoderLayer {
         (layer, originals)
     }
 
+    /// The layer's backward in the trainer's second pass, as `pass` ran the first: the sparse
+    /// stage's a block of `pass.block_rows()` queries at a time with the first pass's sets
+    /// `sel` (`sparse_backward`), the dense stage's whole (`dense_backward`).
+    pub fn recomputed_backward(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        sel: Option<&Selection>,
+        pass: &super::Pass,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        match (pass.attention(), sel) {
+            (super::AttentionMode::Sparse, Some(sel)) => {
+                self.sparse_backward(h, ctx, sel, pass.block_rows(), bw, grads)
+            }
+            (super::AttentionMode::Dense, _) => self.dense_backward(h, ctx, bw, grads),
+            (super::AttentionMode::Sparse, None) => {
+                candle_core::bail!("the first pass kept no selected sets")
+            }
+        }
+    }
+
     /// The dense stage's layer backward (MHA-mode attention over every causal key): recompute
     /// from `h` [B, T, D] and return d(loss)/dh; parameter gradients to `grads`. The gradient
     /// of `forward_with` in the dense stage up to summation order, with no autograd graph.

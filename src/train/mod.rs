@@ -42,7 +42,7 @@ use crate::data::Sampler;
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
-use crate::model::{AttentionMode, ForwardContext, Model, Pass};
+use crate::model::{ForwardContext, Model, Pass};
 use crate::recipe::{Layout, Recipe, Stage};
 use crate::weights::{self, Kind, ParamSet, WeightSpec};
 use ckpt::{ModelSource, Snapshot, TrainState};
@@ -689,23 +689,9 @@ impl Trainer {
                         trainable: &trainable,
                         accum,
                     };
-                    dh = match (opts.attention(), &sel) {
-                        (AttentionMode::Sparse, Some(sel)) => layer.sparse_backward(
-                            &input,
-                            &self.ctx,
-                            sel,
-                            opts.block_rows(),
-                            bw,
-                            &mut sink,
-                        ),
-                        (AttentionMode::Dense, _) => {
-                            layer.dense_backward(&input, &self.ctx, bw, &mut sink)
-                        }
-                        (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg(
-                            "the first pass kept no selected sets".into(),
-                        )),
-                    }
-                    .with_context(|| format!("layer {l} recompute and backward"))?;
+                    dh = layer
+                        .recomputed_backward(&input, &self.ctx, sel.as_ref(), &opts, bw, &mut sink)
+                        .with_context(|| format!("layer {l} recompute and backward"))?;
                     crate::profile::log_device_memory(&format!("layer {l} backward"));
                     self.flush_layer(accum, l)
                         .with_context(|| format!("layer {l} gradient sums"))?;

@@ -14,7 +14,7 @@ use candle_core::{Tensor, TensorId};
 use super::optim::GradAccum;
 use super::{AccumSink, Trainer};
 use crate::model::blocks::LayerBackward;
-use crate::model::{AttentionMode, ForwardContext, Pass};
+use crate::model::{ForwardContext, Pass};
 
 /// How MTP module `depth` takes part in a micro-batch.
 pub(super) struct MtpTerms {
@@ -83,18 +83,10 @@ impl Trainer {
             chosen: chosen.as_deref(),
         };
         let mut sink = AccumSink { trainable, accum };
-        let dx = match (pass.attention(), &sel) {
-            (AttentionMode::Sparse, Some(sel)) => {
-                module
-                    .layer
-                    .sparse_backward(&input.x, &ctx, sel, pass.block_rows(), bw, &mut sink)
-            }
-            (AttentionMode::Dense, _) => module.layer.dense_backward(&input.x, &ctx, bw, &mut sink),
-            (AttentionMode::Sparse, None) => Err(candle_core::Error::Msg(
-                "the MTP layer's first pass kept no selected sets".into(),
-            )),
-        }
-        .context("MTP layer recompute and backward")?;
+        let dx = module
+            .layer
+            .recomputed_backward(&input.x, &ctx, sel.as_ref(), pass, bw, &mut sink)
+            .context("MTP layer recompute and backward")?;
         let (d_hidden, d_emb) = model
             .mtp_input_backward(depth, &input, hidden, &dx, &mut sink)
             .context("MTP input backward")?;
