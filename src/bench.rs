@@ -208,8 +208,8 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
 }
 
 /// `bench kernels`: the DSA kernels at the 671B attention shape (128 heads, d_qk 576, d_v 512,
-/// top-k 2048; indexer 64 x 128) for each length, beside cuBLAS's bf16 matmul rate in the same
-/// run. FLOP counts (multiply-add = 2): sparse MLA forward 2 S H k (576 + 512), backward
+/// top-k 2048; indexer 64 x 128; the tensor-core sparse MLA also at 64 and 16 heads on the
+/// same sets) for each length, beside cuBLAS's bf16 matmul rate in the same run. FLOP counts (multiply-add = 2): sparse MLA forward 2 S H k (576 + 512), backward
 /// 2 S H k (2 x 512 + 3 x 576), indexer scores at the selection 2 S k HI DI (forward) and twice
 /// that (backward), with k the number of selected keys summed over queries (min(k, t+1)).
 pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> Result<String> {

@@ -201,7 +201,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     if !dev.is_cuda() || l == 0 {
         anyhow::bail!("sparse_mla_tc bench needs a CUDA device and l >= 1");
     }
-    let (h, dqk, dv, topk) = (128usize, 576usize, 512usize, 2048usize);
+    let (dqk, topk) = (576usize, 2048usize);
     let kk = topk.min(l);
     // The last `nq` queries of a length-l context: a query's cost does not depend on l (k keys
     // each), only the gather's spread does, and all l queries at 128 heads would not fit.
@@ -234,8 +234,30 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         }
     }
     let idx = Tensor::from_vec(idx, (nq, kk), dev)?;
-    let q = Tensor::randn(0f32, 1f32, (nq, h, dqk), dev)?.to_dtype(DType::BF16)?;
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
+    // The 671B model's 128 heads, V3.2's 64-head case of TileLang's examples, and the bench
+    // model's 16 (V2-Lite's count), on the same sets.
+    let mut lines = vec![];
+    for h in [128usize, 64, 16] {
+        lines.extend(bench_heads(dev, l, h, &idx, &kv, pairs, nq)?);
+    }
+    Ok(lines)
+}
+
+/// `bench_cuda` at `h` heads on the sets `idx` [nq, k] of the last nq queries of l.
+#[cfg(feature = "cuda")]
+fn bench_heads(
+    dev: &candle_core::Device,
+    l: usize,
+    h: usize,
+    idx: &Tensor,
+    kv: &Tensor,
+    pairs: f64,
+    nq: usize,
+) -> anyhow::Result<Vec<String>> {
+    use candle_core::DType;
+    let (dqk, dv, topk) = (576usize, 512usize, 2048usize);
+    let q = Tensor::randn(0f32, 1f32, (nq, h, dqk), dev)?.to_dtype(DType::BF16)?;
     let scale = 192f64.powf(-0.5);
     // Where a wgmma kernel ran, the mma.sync one on the same inputs too (side by side).
     let kernels = KernelPolicy::default();
@@ -247,7 +269,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
             }
             time_median(dev, 5, || f(mma)).map(Some)
         };
-    let run_fwd = |k: KernelPolicy| Ok(sparse_mla_bf16(k, &q, &kv, &idx, scale, dv).map(|_| ())?);
+    let run_fwd = |k: KernelPolicy| Ok(sparse_mla_bf16(k, &q, kv, idx, scale, dv).map(|_| ())?);
     let fwd = time_median(dev, 5, || run_fwd(kernels))?;
     let fwd_kernel = if wgmma_forward(kernels, h, dqk, dv) {
         "wgmma"
@@ -255,9 +277,9 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
         "mma.sync"
     };
     let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
-    let out = sparse_mla_bf16(kernels, &q, &kv, &idx, scale, dv)?;
+    let out = sparse_mla_bf16(kernels, &q, kv, idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
-    let (qr, kvr, idxr) = (&q, &kv, &idx);
+    let (qr, kvr, idxr) = (&q, kv, idx);
     let run_bwd = |k: KernelPolicy| {
         let op = cuda::SparseMlaTcBwd {
             scale: scale as f32,
@@ -281,7 +303,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     };
     let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd)?;
     let run_probs = |k: KernelPolicy| {
-        Ok(sparse_mla_head_mean_probs_bf16(k, &q, &kv, &idx, &out, scale, dv).map(|_| ())?)
+        Ok(sparse_mla_head_mean_probs_bf16(k, &q, kv, idx, &out, scale, dv).map(|_| ())?)
     };
     let probs = time_median(dev, 5, || run_probs(kernels))?;
     let probs_kernel = if wgmma_probs(kernels, h, dqk) {
