@@ -173,14 +173,15 @@ impl RowPlan {
     /// w [in_rows, 1] of one dtype, each product rounded to it (as `broadcast_mul` rounds it),
     /// the sums as `apply`'s. The MoE combine (expert rows weighted, summed per token) in one
     /// pass (kernels/rows.cu) where the policy allows; the plain twin, `apply(x * w)`, gives the
-    /// same bits. Differentiable in x and w (the backward: `gather_scaled_dot` of the adjoint).
+    /// same bits. Differentiable in x and w (the backward: `gather_scaled_dot` of the adjoint:
+    /// dx = w adjoint(grad), dw = the rows' dot products of adjoint(grad) with x).
     pub fn apply_weighted(
         &self,
         kernels: crate::kernels::KernelPolicy,
         x: &Tensor,
         w: &Tensor,
     ) -> Result<Tensor> {
-        if !weighted_kernel(kernels, x, w, self.map.in_rows) {
+        if !weighted_kernel(kernels, x, w, self.map.in_rows, self.map.in_rows) {
             return self.apply(kernels, &x.broadcast_mul(w)?);
         }
         x.contiguous()?.apply_op2(
@@ -192,12 +193,13 @@ impl RowPlan {
         )
     }
 
-    /// For a gather (out row i = x[src[i]], g = `apply(x)`): (g * w, the dot product of each row
-    /// of g with y's), w [out_rows, 1] in x's dtype and y [out_rows, d] -> [out_rows, d] in x's
-    /// dtype and [out_rows, 1] f32 (products and sums in f32). The MoE combine's backward
-    /// (gradient of the weighted rows, and of their weights) without materialising g; not
-    /// differentiable. The plain twin: candle's product and an f32 sum (another order of
-    /// additions, so the dot products agree to f32 rounding; the scaled rows bit for bit).
+    /// (g * w, the dot product of each row of g with y's) for g = `apply(x)`: w [out_rows, 1]
+    /// in x's dtype and y [out_rows, d] -> [out_rows, d] in x's dtype and [out_rows, 1] f32
+    /// (products and sums in f32). The MoE combine's backward (the gradient of the weighted
+    /// rows, and of their weights) without materialising g: one pass each on a GPU where the
+    /// plan is a gather (one entry per output row); not differentiable. The plain twin: candle's
+    /// product and an f32 sum (another order of additions, so the dot products agree to f32
+    /// rounding; the scaled rows bit for bit).
     pub fn gather_scaled_dot(
         &self,
         kernels: crate::kernels::KernelPolicy,
@@ -208,10 +210,8 @@ impl RowPlan {
         let m = &self.map;
         let is_gather =
             m.src.len() == m.out_rows() && m.off.iter().enumerate().all(|(i, &o)| o as usize == i);
-        if !is_gather {
-            bail!("gather_scaled_dot: the plan is not a gather");
-        }
-        if weighted_kernel(kernels, x, w, m.out_rows())
+        if is_gather
+            && weighted_kernel(kernels, x, w, m.in_rows, m.out_rows())
             && y.dtype() == x.dtype()
             && y.dims() == [m.out_rows(), x.dim(1)?]
         {
@@ -226,17 +226,20 @@ impl RowPlan {
     }
 }
 
-/// May the weighted kernels take x [rows, d] and w [w_rows, 1]? (f32 or bf16, one dtype.)
+/// May the weighted kernels take x [x_rows, d] and w [w_rows, 1]? (f32 or bf16, one dtype,
+/// the row counts the map reads.)
 fn weighted_kernel(
     kernels: crate::kernels::KernelPolicy,
     x: &Tensor,
     w: &Tensor,
+    x_rows: usize,
     w_rows: usize,
 ) -> bool {
     kernels.uses(crate::kernels::Fused::MoeCombine, x.device())
         && matches!(x.dtype(), DType::F32 | DType::BF16)
         && w.dtype() == x.dtype()
         && x.rank() == 2
+        && x.dims()[0] == x_rows
         && w.dims() == [w_rows, 1]
 }
 

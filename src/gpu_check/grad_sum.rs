@@ -33,7 +33,8 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
                 .map(|i| {
                     let scale = [1.0, 1e-3, 3e4, 1.0][i];
                     let g = crate::rng::randn(shape, 40 + i as u64, scale, gpu)?;
-                    let g = if i == 3 { (g.zeros_like()? * -1.0)? } else { g };
+                    // Signed zeros: neg of +0 (an affine op would turn -0 into +0).
+                    let g = if i == 3 { g.zeros_like()?.neg()? } else { g };
                     g.to_dtype(dtype)
                 })
                 .collect::<candle_core::Result<_>>()?;

@@ -241,7 +241,8 @@ mod tests {
                             let scale = [1.0, 1e-3, 3e4, 1.0][i];
                             let g = crate::rng::randn(&shape, 10 + i as u64, scale, &dev).unwrap();
                             let g = if i == 3 {
-                                (g.zeros_like().unwrap() * -1.0).unwrap()
+                                // Signed zeros (an affine op would turn -0 into +0).
+                                g.zeros_like().unwrap().neg().unwrap()
                             } else {
                                 g
                             };

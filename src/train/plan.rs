@@ -250,7 +250,10 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             };
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
-        Stage::Sparse => 34.0 * hidden * micro_tokens * layers + layer_working_set + lm_chunk,
+        // The whole graph of every layer; the MTP module's (with its logits) while it is alive.
+        Stage::Sparse => {
+            34.0 * hidden * micro_tokens * layers + layer_working_set.max(mtp_bytes) + lm_chunk
+        }
         // The flash-style attention of `dense_recompute`: one block of query rows' f32 scores,
         // probabilities and their gradients (4 tensors of at most 2^27 values), the per-head
         // q, k, v, output and their gradients in the dtype, and the f32 sums of dk and dv.
