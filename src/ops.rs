@@ -114,6 +114,9 @@ pub fn silu_mul_plain(g: &Tensor, u: &Tensor) -> Result<Tensor> {
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope` (the
 /// same bits), else the plain one.
 pub fn rope_interleaved(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(x, cos, sin, |x, c, s| rope_interleaved(k, x, c, s));
+    }
     if crate::kernels::rope::supported(k, x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Interleaved);
     }
@@ -122,6 +125,9 @@ pub fn rope_interleaved(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor)
 
 /// `rope_interleaved` from candle's ops (the fused kernel's twin, and the CPU's path).
 pub fn rope_interleaved_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(x, cos, sin, rope_interleaved_plain);
+    }
     let (b, t, h, r) = x.dims4()?;
     let pairs = x.reshape((b, t, h, r / 2, 2))?;
     let x0 = pairs.narrow(4, 0, 1)?.squeeze(4)?; // [B, T, H, R/2]
@@ -133,9 +139,36 @@ pub fn rope_interleaved_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<
     Tensor::stack(&[y0, y1], 4)?.reshape((b, t, h, r))
 }
 
+/// A RoPE op with per-sequence tables cos, sin [T, B, R/2] (document masking: each token's
+/// position inside its document) on x [B, T, H, R]: the B sequences become one of B*T tokens
+/// with tables [B*T, R/2], the same rotation per element as with per-window tables.
+fn per_sequence_rope(
+    x: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    op: impl Fn(&Tensor, &Tensor, &Tensor) -> Result<Tensor>,
+) -> Result<Tensor> {
+    let (b, t, h, r) = x.dims4()?;
+    let flat = |table: &Tensor| -> Result<Tensor> {
+        let (tt, bb, half) = table.dims3()?;
+        if (tt, bb) != (t, b) {
+            candle_core::bail!(
+                "RoPE tables [{tt}, {bb}, {half}] do not cover x {:?} ([T, B, R/2] expected)",
+                x.dims()
+            );
+        }
+        table.transpose(0, 1)?.contiguous()?.reshape((b * t, half))
+    };
+    let y = op(&x.contiguous()?.reshape((1, b * t, h, r))?, &flat(cos)?, &flat(sin)?)?;
+    y.reshape((b, t, h, r))
+}
+
 /// RoPE on the two halves (i, i + R/2) with frequency i: the layout of the DSA indexer.
 /// `x`: [B, T, H, R]; `cos`, `sin`: [T, R/2]. On a GPU the fused op of `kernels::rope`.
 pub fn rope_half(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(x, cos, sin, |x, c, s| rope_half(k, x, c, s));
+    }
     if crate::kernels::rope::supported(k, x, cos, sin) {
         return crate::kernels::rope::rope(x, cos, sin, crate::kernels::rope::Pairs::Halves);
     }
@@ -144,6 +177,9 @@ pub fn rope_half(k: KernelPolicy, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Res
 
 /// `rope_half` from candle's ops (the fused kernel's twin, and the CPU's path).
 pub fn rope_half_plain(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(x, cos, sin, rope_half_plain);
+    }
     let (_, t, _, r) = x.dims4()?;
     let x1 = x.narrow(3, 0, r / 2)?;
     let x2 = x.narrow(3, r / 2, r / 2)?;
@@ -248,6 +284,9 @@ pub fn rope_interleaved_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(dy, cos, sin, |x, c, s| rope_interleaved_backward(k, x, c, s));
+    }
     if crate::kernels::rope::supported(k, dy, cos, sin) {
         return crate::kernels::rope::rope_inverse(
             dy,
@@ -267,6 +306,9 @@ pub fn rope_half_backward(
     cos: &Tensor,
     sin: &Tensor,
 ) -> Result<Tensor> {
+    if cos.rank() == 3 {
+        return per_sequence_rope(dy, cos, sin, |x, c, s| rope_half_backward(k, x, c, s));
+    }
     if crate::kernels::rope::supported(k, dy, cos, sin) {
         return crate::kernels::rope::rope_inverse(
             dy,

@@ -65,6 +65,13 @@ pub struct DataConfig {
     /// A blend instead of one corpus: `[[data.blend]]` tables of `path` and `weight` (each
     /// source's share of the windows; data/blend.rs).
     pub blend: Vec<crate::data::BlendSource>,
+    /// Document masking: inside a packed window a query sees only the keys of its own
+    /// document (attention, the indexer's top-k and both KL targets), and RoPE counts
+    /// positions from its document's first token. A document starts after each `eos_id`.
+    pub document_mask: bool,
+    /// The token that ends a document; default: the prepared data's index.json `eos_id`.
+    /// Raw token files and Megatron datasets carry none: set it for them.
+    pub eos_id: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +267,8 @@ impl Default for DataConfig {
             path: String::new(),
             seq_len: 131072,
             blend: Vec::new(),
+            document_mask: false,
+            eos_id: None,
         }
     }
 }
@@ -874,7 +883,7 @@ fn apply_set(tree: &mut Value, schema: &Value, set: &str) -> Result<()> {
     Ok(())
 }
 
-/// NaN and infinities have no JSON form (they would reach the schema check as "nothing"):
+/// NaN and infinities have no JSON form (they would reach the schema check as null):
 /// name them here.
 fn reject_non_finite(v: &toml::Value, path: &str) -> Result<()> {
     match v {
@@ -904,6 +913,8 @@ fn type_ok(sch: &Value, v: &Value) -> bool {
     match (sch, v) {
         (Value::String(_), Value::String(_)) | (Value::Bool(_), Value::Bool(_)) => true,
         (Value::Number(s), Value::Number(p)) => s.is_f64() || p.is_u64(),
+        // An optional key unset by default: the only kind is a token id (data.eos_id).
+        (Value::Null, Value::Number(p)) => p.as_u64().is_some_and(|x| x <= u32::MAX as u64),
         // The schema's lists are of names (kernels.plain_ops) or of tables (data.blend, whose
         // fields serde checks by name).
         (Value::Array(_), Value::Array(items)) => {
@@ -922,7 +933,8 @@ fn type_name(v: &Value) -> &'static str {
         Value::Number(_) => "an integer",
         Value::Array(_) => "an array",
         Value::Object(_) => "a table",
-        Value::Null => "nothing",
+        // (No recipe value is null: TOML has none. A null is an unset optional token id.)
+        Value::Null => "a token id (an integer from 0 to 2^32 - 1)",
     }
 }
 

@@ -53,6 +53,11 @@ impl BlendSampler {
         })
     }
 
+    /// The sources in recipe order.
+    pub fn sources(&self) -> impl Iterator<Item = &WindowSampler> {
+        self.sources.iter()
+    }
+
     /// The source that serves the next window (largest deficit, lower index on ties).
     fn next_source(&self) -> usize {
         let n = self.taken.iter().sum::<u64>() as f64 + 1.0;
@@ -139,6 +144,20 @@ impl Sampler {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Sampler::Blend(BlendSampler::new(sources)?))
+    }
+
+    /// The end-of-document token of every source, where its data says it (a prepared
+    /// directory's index.json; None for raw token files and Megatron datasets), with the
+    /// source's path.
+    pub fn eos_ids(&self) -> Vec<(std::path::PathBuf, Option<u32>)> {
+        let one = |s: &WindowSampler| {
+            let stream = s.stream();
+            (stream.path().to_path_buf(), stream.index().map(|i| i.eos_id))
+        };
+        match self {
+            Sampler::One(s) => vec![one(s)],
+            Sampler::Blend(b) => b.sources().map(one).collect(),
+        }
     }
 
     pub fn next_batch(&mut self, n: usize) -> Result<Vec<Vec<u32>>> {

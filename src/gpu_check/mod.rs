@@ -709,6 +709,7 @@ fn layer_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
             128,
             0,
             6,
+            false,
         )?;
         out.push(Outcome {
             name: "explicit layer backward vs autograd",

@@ -324,7 +324,8 @@ impl Mla {
     }
 
     /// Dense causal probabilities per head of queries q0..q0+n against every key, [B, H, n, T]
-    /// f32, from the MHA-mode q, k [B, H, T, N+R]; `causal` is those queries' bias rows [n, T].
+    /// f32, from the MHA-mode q, k [B, H, T, N+R]; `causal` is those queries' bias rows
+    /// (`ForwardContext::causal`: [n, T], or [B, n, T] under document masking).
     fn dense_probs_rows(
         &self,
         q: &Tensor,
@@ -335,7 +336,7 @@ impl Mla {
     ) -> Result<Tensor> {
         let q = q.narrow(2, q0, n)?.contiguous()?; // [B, H, n, N+R]; the whole q when n = T
         let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?; // [B, H, n, T]
-        softmax_last(&(scores * self.scale)?.broadcast_add(causal)?)
+        softmax_last(&(scores * self.scale)?.broadcast_add(&super::per_head(causal)?)?)
     }
 
     /// Dense causal attention probabilities per head, [B, H, T, T] f32.
@@ -360,6 +361,7 @@ impl Mla {
     pub fn dense_blocks(
         &self,
         p: &Projected,
+        ctx: &super::ForwardContext,
         rows: usize,
         output: bool,
         mut each: impl FnMut(usize, usize, Tensor) -> Result<()>,
@@ -371,7 +373,7 @@ impl Mla {
         let mut outs = Vec::with_capacity(if output { t.div_ceil(rows) } else { 0 });
         for q0 in (0..t).step_by(rows) {
             let n = rows.min(t - q0);
-            let causal = crate::dsa::causal_rows(q0, n, t, q.device())?; // [n, T]
+            let causal = ctx.causal(q0, n)?; // [n, T] or [B, n, T]
             let probs = self.dense_probs_rows(&q, &k, &causal, q0, n)?; // [B, H, n, T]
             if output {
                 let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, n, V]

@@ -351,7 +351,7 @@ impl DecoderLayer {
                 Some(xn) => rows_of(xn)?,
                 None => rms_norm(self.kernels, &hq, &self.input_norm, eps)?,
             };
-            let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
+            let (cos, sin) = ctx.rope_block(b0, bn, q0, n)?;
             let block_sel = if bn == b && n == t {
                 sel.clone()
             } else {
@@ -511,11 +511,14 @@ pub fn explicit_against_autograd(
         k,
         rows,
         seed,
+        false,
     )
 }
 
 /// `explicit_against_autograd` in either attention mode: `Dense` holds `dense_backward` against
 /// autograd of the dense stage's forward (`rows` and `k` unused, no padded sets).
+/// `documents`: under document masking, sequence 0 holding documents of about T/3, 1 and the
+/// rest tokens, sequence 1 two halves.
 #[allow(clippy::too_many_arguments)]
 pub fn explicit_against_autograd_in(
     cfg: &super::ModelConfig,
@@ -527,6 +530,7 @@ pub fn explicit_against_autograd_in(
     k: usize,
     rows: usize,
     seed: u64,
+    documents: bool,
 ) -> anyhow::Result<TwinReport> {
     use super::{AttentionMode, Pass};
     use crate::rng::randn;
@@ -548,7 +552,20 @@ pub fn explicit_against_autograd_in(
         .collect::<anyhow::Result<_>>()?;
     let b = 2;
     let d = cfg.hidden_size;
-    let ctx = ForwardContext::new(cfg, t, device)?;
+    let mut ctx = ForwardContext::new(cfg, t, device)?;
+    if documents {
+        let (a, half) = (t / 3, t / 2);
+        let starts: Vec<u32> = (0..t)
+            .map(|i| match i {
+                i if i < a => 0,
+                i if i == a => a,
+                i => a + 1,
+            })
+            .chain((0..t).map(|i| if i < half { 0 } else { half }))
+            .map(|s| s as u32)
+            .collect();
+        ctx = ctx.with_documents(crate::dsa::KeyStarts::new(starts, b, t, device)?)?;
+    }
     let h = randn(&[b, t, d], seed + 11, 1.0, &cpu)?
         .to_dtype(dtype)?
         .to_device(device)?;
@@ -704,10 +721,15 @@ mod tests {
         ModelConfig::from_json(&c.to_string(), &IndexerDefaults::default()).unwrap()
     }
 
-    /// The dense stage's explicit layer backward against autograd in f32, dense and MoE layers.
+    /// The dense stage's explicit layer backward against autograd in f32, dense and MoE layers,
+    /// with and without document masking.
     #[test]
     fn explicit_dense_layer_backward_matches_autograd() {
-        for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
+        for (compute, documents) in [
+            (ExpertCompute::PerExpert, false),
+            (ExpertCompute::Grouped, false),
+            (ExpertCompute::Grouped, true),
+        ] {
             let r = explicit_against_autograd_in(
                 &config(&[]),
                 &Device::Cpu,
@@ -718,6 +740,7 @@ mod tests {
                 5,
                 0,
                 4,
+                documents,
             )
             .unwrap();
             assert!(
@@ -774,6 +797,34 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    /// The sparse stage's explicit backward against autograd under document masking (the
+    /// selection and RoPE positions per document), whole and in blocks of 4 rows.
+    #[test]
+    fn explicit_layer_backward_with_documents_matches_autograd() {
+        for rows in [0, 4] {
+            let r = explicit_against_autograd_in(
+                &config(&[]),
+                &Device::Cpu,
+                DType::F32,
+                ExpertCompute::Grouped,
+                crate::model::AttentionMode::Sparse,
+                12,
+                5,
+                rows,
+                5,
+                true,
+            )
+            .unwrap();
+            assert!(
+                r.max_rel <= 1e-5,
+                "rows {rows}: max relative error {} in {}",
+                r.max_rel,
+                r.worst
+            );
+            assert!(r.compared >= 40, "rows {rows}: only {} gradients", r.compared);
         }
     }
 }

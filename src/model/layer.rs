@@ -9,7 +9,7 @@ use super::indexer::{self, Indexer, IndexerProj};
 use super::{
     AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, LayerStats, Pass,
 };
-use crate::dsa::{recall_rows, select_topk};
+use crate::dsa::{recall_rows, select_topk_in};
 use crate::kernels::KernelPolicy;
 use crate::losses::kl_rows;
 use crate::ops::rms_norm;
@@ -68,6 +68,7 @@ impl DecoderLayer {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense
                 if opts.defer_kl()
+                    && ctx.starts.is_none() /* DOCMASK-MERGE */
                     && self.attn.streaming_supported(
                         &proj,
                         self.indexer.heads,
@@ -103,7 +104,7 @@ impl DecoderLayer {
                         stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
                     }
                     if opts.recall() {
-                        let sel = select_topk(&scores.detach(), opts.topk())
+                        let sel = select_topk_in(&scores.detach(), opts.topk(), ctx.starts.as_ref())
                             .map_err(candle_core::Error::wrap)?;
                         stats.recall =
                             Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
@@ -199,9 +200,9 @@ impl DecoderLayer {
                     }
                     _ => None,
                 };
-                let out = self.attn.dense_blocks(proj, rows, true, |q0, n, probs| {
+                let out = self.attn.dense_blocks(proj, ctx, rows, true, |q0, n, probs| {
                     if let (Some(p), true) = (&ix, opts.indexer_kl()) {
-                        kl.push(DeferredKl::kl_rows_of(p, &probs, q0, n)?);
+                        kl.push(DeferredKl::kl_rows_of(p, &probs, ctx, q0, n)?);
                     }
                     if let Some(sel) = &sel {
                         recall.push(recall_block(&probs, sel, q0, n)?);
@@ -219,7 +220,7 @@ impl DecoderLayer {
                     sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, stats)?;
                 }
                 if opts.recall() {
-                    self.attn.dense_blocks(proj, rows, false, |q0, n, probs| {
+                    self.attn.dense_blocks(proj, ctx, rows, false, |q0, n, probs| {
                         recall.push(recall_block(&probs, &sel, q0, n)?);
                         ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
                         Ok(())
@@ -334,7 +335,7 @@ impl DecoderLayer {
             }
             IndexerView::Keys { k, x, qr, rows } => {
                 let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
-                    let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?);
+                    let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?); // rows q0..q0+n
                     let (q, w) = self.indexer.project_queries(
                         &x.narrow(1, q0, n)?,
                         &qr.narrow(1, q0, n)?,
@@ -480,7 +481,7 @@ fn select_indexer_topk(
 ) -> Result<crate::dsa::Selection> {
     let (b, t, _) = keys.dims3()?;
     let rows = rows.clamp(1, t.max(1));
-    if fast {
+    if fast && ctx.starts.is_none() /* DOCMASK-MERGE */ {
         let keys = keys.to_dtype(DType::BF16)?;
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
         for q0 in (0..t).step_by(rows) {
@@ -512,6 +513,7 @@ fn select_indexer_topk(
         t,
         k,
         rows.min(crate::dsa::query_block(b, t)),
+        ctx.starts.as_ref(),
         keys.device(),
         |q0, n| {
             let (q, w) = queries(q0, n)?;

@@ -254,10 +254,11 @@ impl DeferredKl {
     pub fn block(
         proj: &indexer::IndexerProj,
         target: &Tensor,
+        ctx: &ForwardContext,
         q0: usize,
         n: usize,
     ) -> Result<Tensor> {
-        Self::kl_rows_of(proj, &target.narrow(1, q0, n)?, q0, n)
+        Self::kl_rows_of(proj, &target.narrow(1, q0, n)?, ctx, q0, n)
     }
 
     /// The warm-up KL of queries q0..q0+n against their target rows `target` [B, n, T]: the
@@ -265,12 +266,11 @@ impl DeferredKl {
     pub fn kl_rows_of(
         proj: &indexer::IndexerProj,
         target: &Tensor,
+        ctx: &ForwardContext,
         q0: usize,
         n: usize,
     ) -> Result<Tensor> {
-        let t = proj.k.dim(1)?;
-        let bias = crate::dsa::causal_rows(q0, n, t, proj.k.device())?;
-        let scores = proj.scores_rows(q0, n)?.broadcast_add(&bias)?; // [B, n, T]
+        let scores = proj.scores_rows(q0, n)?.broadcast_add(&ctx.causal(q0, n)?)?; // [B, n, T]
         kl_rows(target, &scores)
     }
 }
@@ -333,23 +333,122 @@ pub struct DecoderLayer {
 }
 
 /// Per-forward constants shared by all layers.
+#[derive(Clone)]
 pub struct ForwardContext {
+    /// RoPE tables, f32: [T, R/2] when every token's position is its index in the window;
+    /// [T, B, R/2] under document masking (each token's position inside its document). Rows
+    /// come first in both, so a block of query rows is `narrow(0, q0, n)` either way; the
+    /// RoPE ops (`ops::rope_half`, `ops::rope_interleaved`) take both layouts.
     pub cos: Tensor,
     pub sin: Tensor,
     /// Sequence length.
     pub t: usize,
+    /// Document masking: where each query's keys begin (None: every key up to the query).
+    pub starts: Option<crate::dsa::KeyStarts>,
 }
 
 impl ForwardContext {
     pub fn new(cfg: &ModelConfig, t: usize, device: &Device) -> Result<Self> {
         let (cos, sin) = crate::rope::tables(cfg, t, device)?;
-        Ok(Self { cos, sin, t })
+        Ok(Self {
+            cos,
+            sin,
+            t,
+            starts: None,
+        })
     }
 
-    /// Causal bias of queries q0..q0+n: [n, T] (built on demand; never [T, T] at long lengths
-    /// unless a caller asks for every row).
+    /// The context of windows whose queries see only their own document: `starts` [B, T] (of
+    /// this context's T), and RoPE angles of each token's position inside its document, the
+    /// rows of this context's tables (so a document gets exactly the angles it would get
+    /// alone). Every start 0 gives this context's tables, [T, B, R/2].
+    pub fn with_documents(&self, starts: crate::dsa::KeyStarts) -> Result<Self> {
+        let (b, t) = starts.dims();
+        if t != self.t || self.cos.rank() != 2 {
+            candle_core::bail!(
+                "document starts cover {t} positions, the context {} (or it has them already)",
+                self.t
+            );
+        }
+        let device = self.cos.device();
+        let positions = Tensor::from_vec(starts.positions(), b * t, device)?;
+        let per_seq = |table: &Tensor| -> Result<Tensor> {
+            let half = table.dim(1)?;
+            table
+                .index_select(&positions, 0)? // [B*T, R/2]
+                .reshape((b, t, half))?
+                .transpose(0, 1)?
+                .contiguous() // [T, B, R/2]
+        };
+        Ok(Self {
+            cos: per_seq(&self.cos)?,
+            sin: per_seq(&self.sin)?,
+            t,
+            starts: Some(starts),
+        })
+    }
+
+    /// The context of the first `n` positions (the MTP module runs on T - 1 - depth of them).
+    pub fn prefix(&self, n: usize) -> Result<Self> {
+        let starts = match &self.starts {
+            Some(s) => {
+                let (b, _) = s.dims();
+                let host: Vec<u32> = (0..b).flat_map(|bi| s.seq(bi)[..n].to_vec()).collect();
+                Some(
+                    crate::dsa::KeyStarts::new(host, b, n, self.cos.device())
+                        .map_err(candle_core::Error::wrap)?,
+                )
+            }
+            None => None,
+        };
+        Ok(Self {
+            cos: self.cos.narrow(0, 0, n)?,
+            sin: self.sin.narrow(0, 0, n)?,
+            t: n,
+            starts,
+        })
+    }
+
+    /// Mask bias of queries q0..q0+n over the T keys: [n, T] causal, or [B, n, T] under
+    /// document masking (built on demand; never [T, T] at long lengths unless a caller asks
+    /// for every row). Add it to [B, n, T] scores; `per_head` shapes it for [B, H, n, T].
     pub fn causal(&self, q0: usize, n: usize) -> Result<Tensor> {
-        crate::dsa::causal_rows(q0, n, self.t, self.cos.device())
+        match &self.starts {
+            Some(s) => s.bias_rows(q0, n, self.t),
+            None => crate::dsa::causal_rows(q0, n, self.t, self.cos.device()),
+        }
+    }
+
+    /// The RoPE rows (cos, sin) of positions q0..q0+n of sequences b0..b0+bn: [n, R/2], or
+    /// [n, bn, R/2] under document masking.
+    pub fn rope_block(&self, b0: usize, bn: usize, q0: usize, n: usize) -> Result<(Tensor, Tensor)> {
+        let rows = |table: &Tensor| -> Result<Tensor> {
+            let r = table.narrow(0, q0, n)?;
+            if r.rank() == 3 {
+                r.narrow(1, b0, bn)
+            } else {
+                Ok(r)
+            }
+        };
+        Ok((rows(&self.cos)?, rows(&self.sin)?))
+    }
+
+    /// The first key of queries q0..q0+n, u32 [B, n] (None without document masking).
+    pub fn starts_rows(&self, q0: usize, n: usize) -> Result<Option<Tensor>> {
+        self.starts
+            .as_ref()
+            .map(|s| s.tensor().narrow(1, q0, n))
+            .transpose()
+    }
+}
+
+/// A mask bias from `ForwardContext::causal` shaped for per-head scores [B, H, n, T]: [n, T]
+/// broadcasts as it is, [B, n, T] gains the head axis.
+pub fn per_head(bias: &Tensor) -> Result<Tensor> {
+    if bias.rank() == 3 {
+        bias.unsqueeze(1)
+    } else {
+        Ok(bias.clone())
     }
 }
 
@@ -394,7 +493,18 @@ impl Model {
     }
 
     pub fn forward(&self, tokens: &Tensor, opts: &Pass) -> Result<ForwardOutput> {
-        let (h, layers) = self.forward_layers(tokens, opts)?;
+        let ctx = ForwardContext::new(&self.cfg, tokens.dim(1)?, &self.device)?;
+        self.forward_in(tokens, &ctx, opts)
+    }
+
+    /// `forward` in the context `ctx` (document masking: `ForwardContext::with_documents`).
+    pub fn forward_in(
+        &self,
+        tokens: &Tensor,
+        ctx: &ForwardContext,
+        opts: &Pass,
+    ) -> Result<ForwardOutput> {
+        let (h, layers) = self.forward_layers_in(tokens, ctx, opts)?;
         Ok(ForwardOutput {
             logits: self.head(&h)?,
             hidden: h,
@@ -410,12 +520,21 @@ impl Model {
         tokens: &Tensor,
         opts: &Pass,
     ) -> Result<(Tensor, Vec<LayerStats>)> {
-        let (_, t) = tokens.dims2()?;
-        let ctx = ForwardContext::new(&self.cfg, t, &self.device)?;
+        let ctx = ForwardContext::new(&self.cfg, tokens.dim(1)?, &self.device)?;
+        self.forward_layers_in(tokens, &ctx, opts)
+    }
+
+    /// `forward_layers` in the context `ctx`.
+    pub fn forward_layers_in(
+        &self,
+        tokens: &Tensor,
+        ctx: &ForwardContext,
+        opts: &Pass,
+    ) -> Result<(Tensor, Vec<LayerStats>)> {
         let mut h = self.embed(tokens)?;
         let mut layers = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            let (next, stats) = layer.forward(&h, &ctx, opts)?;
+            let (next, stats) = layer.forward(&h, ctx, opts)?;
             h = next;
             layers.push(stats);
         }

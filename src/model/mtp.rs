@@ -67,6 +67,20 @@ impl Model {
         tokens: &Tensor,
         opts: &Pass,
     ) -> Result<(Tensor, LayerStats)> {
+        let ctx = ForwardContext::new(&self.cfg, tokens.dim(1)?, &self.device)?;
+        self.mtp_logits_in(depth, hidden, tokens, &ctx, opts)
+    }
+
+    /// `mtp_logits` in the main forward's context `ctx` (of the T positions of `tokens`; the
+    /// module runs on its first T - 1 - depth, under the same document masking).
+    pub fn mtp_logits_in(
+        &self,
+        depth: usize,
+        hidden: &Tensor,
+        tokens: &Tensor,
+        ctx: &ForwardContext,
+        opts: &Pass,
+    ) -> Result<(Tensor, LayerStats)> {
         let m = &self.mtp[depth];
         let (_, t) = tokens.dims2()?;
         let n = t - 1 - depth;
@@ -80,8 +94,7 @@ impl Model {
         let h0 = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &self.norm, eps)?;
         let hh = rms_norm(self.kernels, &h0, &m.hnorm, eps)?;
         let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
-        let ctx = ForwardContext::new(&self.cfg, n, &self.device)?;
-        let (y, stats) = m.layer.forward(&x, &ctx, opts)?;
+        let (y, stats) = m.layer.forward(&x, &ctx.prefix(n)?, opts)?;
         Ok((
             linear(
                 &rms_norm(self.kernels, &y, &m.head_norm, eps)?,

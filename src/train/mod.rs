@@ -81,6 +81,8 @@ pub struct Trainer {
     /// The model under this run's parameters, as its checkpoints record it.
     source: ModelSource,
     ctx: ForwardContext,
+    /// Document masking (`data.document_mask`): the token that ends a document.
+    document_eos: Option<u32>,
     device: Device,
     /// The other ranks of the job (a single process has none), the layout, and the gradient
     /// and parameter sums among them.
@@ -88,6 +90,41 @@ pub struct Trainer {
     layout: Layout,
     /// Seconds in stop-flag collectives since the last step's metrics.
     comm_seconds: f64,
+}
+
+/// The end-of-document token of a run with `data.document_mask` (None without): the
+/// recipe's `data.eos_id`, else the one every data source's index.json names.
+fn document_eos(recipe: &Recipe, sampler: &Sampler, vocab_size: usize) -> Result<Option<u32>> {
+    let data = &recipe.data;
+    if !data.document_mask {
+        return Ok(None);
+    }
+    let eos = match data.eos_id {
+        Some(id) => id,
+        None => {
+            let ids = sampler.eos_ids();
+            if let Some((path, _)) = ids.iter().find(|(_, id)| id.is_none()) {
+                bail!(
+                    "data.document_mask needs data.eos_id: {} names no end-of-document token (only prepared data directories do)",
+                    path.display()
+                );
+            }
+            let first = ids[0].1.expect("checked above");
+            if let Some((path, id)) = ids.iter().find(|(_, id)| *id != Some(first)) {
+                bail!(
+                    "data.document_mask needs data.eos_id: {} ends documents with token {} and {} with {first}",
+                    path.display(),
+                    id.expect("checked above"),
+                    ids[0].0.display()
+                );
+            }
+            first
+        }
+    };
+    if eos as usize >= vocab_size {
+        bail!("data.eos_id = {eos} is outside the model's vocabulary ({vocab_size} tokens)");
+    }
+    Ok(Some(eos))
 }
 
 /// Where the model of `recipe` comes from and its configuration: `model.path`'s chain, or,
@@ -318,9 +355,11 @@ impl Trainer {
                 integrity::verify_share(d, integrity::Use::Resume, rank, world)?;
             }
             source.verify_share(rank, world)?;
-            Ok((source, cfg, model_path, sampler))
+            let eos = document_eos(&recipe, &sampler, cfg.vocab_size)?;
+            Ok((source, cfg, model_path, sampler, eos))
         })();
-        let (source, mut cfg, model_path, mut sampler) = agree(comm.as_mut(), resolved)?;
+        let (source, mut cfg, model_path, mut sampler, document_eos) =
+            agree(comm.as_mut(), resolved)?;
         if cfg.index_topk != recipe.dsa.index_topk {
             // One home for k: the recipe's dsa.index_topk selects (a V3.2 config.json carries
             // its own); the model's config follows, so this run's steps export the k it used.
@@ -446,6 +485,7 @@ impl Trainer {
             model_path,
             source,
             ctx,
+            document_eos,
             device,
             reducer,
             layout,
@@ -480,6 +520,7 @@ impl Trainer {
     fn micro_batch(
         &self,
         tokens: &Tensor,
+        ctx: &ForwardContext,
         scale: f64,
         accum: &mut GradAccum,
         loads: &mut [Vec<u64>],
@@ -541,7 +582,7 @@ impl Trainer {
             }
             let region = crate::profile::region("step: layer forward (first pass)");
             let (next, mut stats) = layer
-                .forward(&h, &self.ctx, &opts)
+                .forward(&h, ctx, &opts)
                 .with_context(|| format!("layer {l} forward"))?;
             drop(region);
             crate::profile::log_device_memory(&format!("layer {l} forward"));
@@ -549,6 +590,7 @@ impl Trainer {
                 let kl = self
                     .backprop_indexer_kl(
                         &stats,
+                        ctx,
                         scale * kl_weight,
                         accum,
                         &trainable,
@@ -616,7 +658,7 @@ impl Trainer {
                     lm: trains.then_some(scale * t.mtp_weight),
                 };
                 let d = self
-                    .mtp_explicit(depth, &h, tokens, terms, &opts, accum, &trainable)
+                    .mtp_explicit(depth, &h, tokens, ctx, terms, &opts, accum, &trainable)
                     .with_context(|| format!("MTP module {depth}"))?;
                 if let (Some(dh), Some(d)) = (dh.as_mut(), d) {
                     *dh = (&*dh + d)?;
@@ -628,10 +670,12 @@ impl Trainer {
             let mtp_opts = opts.clone().whole();
             let (logits, stats) =
                 self.model
-                    .mtp_logits(depth, hv.as_tensor(), tokens, &mtp_opts)?;
+                    .mtp_logits_in(depth, hv.as_tensor(), tokens, ctx, &mtp_opts)?;
             if with_kl {
+                let mtp_ctx = ctx.prefix(tokens.dim(1)? - 1 - depth)?;
                 self.backprop_indexer_kl(
                     &stats,
+                    &mtp_ctx,
                     scale * kl_weight,
                     accum,
                     &trainable,
@@ -690,7 +734,7 @@ impl Trainer {
                         accum,
                     };
                     dh = layer
-                        .recomputed_backward(&input, &self.ctx, sel.as_ref(), &opts, bw, &mut sink)
+                        .recomputed_backward(&input, ctx, sel.as_ref(), &opts, bw, &mut sink)
                         .with_context(|| format!("layer {l} recompute and backward"))?;
                     crate::profile::log_device_memory(&format!("layer {l} backward"));
                     self.flush_layer(accum, l)
@@ -829,6 +873,7 @@ impl Trainer {
     fn backprop_indexer_kl(
         &self,
         stats: &crate::model::LayerStats,
+        ctx: &ForwardContext,
         weight: f64,
         accum: &mut GradAccum,
         trainable: &HashMap<candle_core::TensorId, &str>,
@@ -853,8 +898,8 @@ impl Trainer {
                 keys,
                 target,
                 sel,
-                cos: &self.ctx.cos,
-                sin: &self.ctx.sin,
+                cos: &ctx.cos,
+                sin: &ctx.sin,
                 rows: *rows,
                 weight,
             };
@@ -921,7 +966,7 @@ impl Trainer {
                     for q0 in (0..t).step_by(block) {
                         let n = block.min(t - q0);
                         let kl_sum =
-                            crate::model::DeferredKl::block(proj, target, q0, n)?.sum_all()?; // sum over [B, n]
+                            crate::model::DeferredKl::block(proj, target, ctx, q0, n)?.sum_all()?; // sum over [B, n]
                         let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
                         dq = (dq + grad_of(&gs, &proj.q)?)?;
                         dw = (dw + grad_of(&gs, &proj.w)?)?;
@@ -951,8 +996,8 @@ impl Trainer {
         indexer.projections_backward(
             x,
             qr,
-            &self.ctx.cos,
-            &self.ctx.sin,
+            &ctx.cos,
+            &ctx.sin,
             (&dq, &dw, &dk),
             rows,
             &mut AccumSink { trainable, accum },
@@ -967,11 +1012,7 @@ impl Trainer {
         let r = &self.recipe;
         let micro = r.micro_batches();
         let scale = 1.0 / micro as f64;
-        // The in-place sum kernel (`kernels::grad_sum`) stays off in training until its
-        // gpu-selftest (`--only grad-sum`) has passed on a GPU: it was written in a session
-        // that got no GPU after it. Its twin, candle's path, runs meanwhile.
-        let mut accum = GradAccum::default()
-            .with_kernels(self.model.kernels.without(crate::kernels::Fused::GradSum));
+        let mut accum = GradAccum::default().with_kernels(self.model.kernels);
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
@@ -984,12 +1025,19 @@ impl Trainer {
                 continue;
             }
             let flat: Vec<u32> = batch.concat();
-            let tokens = Tensor::from_vec(
-                flat,
-                (r.train.micro_batch_seqs, r.data.seq_len),
-                &self.device,
-            )?;
-            let (lm, kl) = self.micro_batch(&tokens, scale, &mut accum, &mut loads)?;
+            let (b, t) = (r.train.micro_batch_seqs, r.data.seq_len);
+            let ctx = match self.document_eos {
+                Some(eos) => self.ctx.with_documents(crate::dsa::KeyStarts::after_eos(
+                    &flat,
+                    b,
+                    t,
+                    eos,
+                    &self.device,
+                )?)?,
+                None => self.ctx.clone(),
+            };
+            let tokens = Tensor::from_vec(flat, (b, t), &self.device)?;
+            let (lm, kl) = self.micro_batch(&tokens, &ctx, scale, &mut accum, &mut loads)?;
             lm_sum += lm.unwrap_or(0.0);
             kl_sum += kl;
         }

@@ -34,6 +34,7 @@ impl Trainer {
         depth: usize,
         hidden: &Tensor,
         tokens: &Tensor,
+        ctx: &ForwardContext,
         terms: MtpTerms,
         pass: &Pass,
         accum: &mut GradAccum,
@@ -45,13 +46,13 @@ impl Trainer {
             .mtp_input(depth, hidden, tokens)
             .context("MTP input")?;
         let n = input.x.dim(1)?;
-        let ctx = ForwardContext::new(&model.cfg, n, &self.device)?;
+        let ctx = ctx.prefix(n)?;
         let (y, mut stats) = module
             .layer
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
         if let Some(weight) = terms.kl {
-            self.backprop_indexer_kl(&stats, weight, accum, trainable, &module.layer.indexer)
+            self.backprop_indexer_kl(&stats, &ctx, weight, accum, trainable, &module.layer.indexer)
                 .context("MTP indexer KL backward")?;
         }
         let Some(lm_weight) = terms.lm else {
