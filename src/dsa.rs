@@ -130,12 +130,18 @@ fn score_key(x: f32) -> f32 {
 
 /// Indices of the top-k among `row[..=t]`, best first, lower index on ties.
 pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
+    topk_key_range(row, 0, t, k)
+}
+
+/// Indices of the top-k among `row[start..=t]` (a query's keys under document masking),
+/// best first, lower index on ties.
+pub fn topk_key_range(row: &[f32], start: usize, t: usize, k: usize) -> Vec<u32> {
     let better = |a: &u32, b: &u32| {
         score_key(row[*b as usize])
             .total_cmp(&score_key(row[*a as usize]))
             .then(a.cmp(b))
     };
-    let mut cand: Vec<u32> = (0..=t as u32).collect();
+    let mut cand: Vec<u32> = (start.min(t) as u32..=t as u32).collect();
     if cand.len() > k {
         cand.select_nth_unstable_by(k - 1, better);
         cand.truncate(k);
@@ -146,15 +152,26 @@ pub fn topk_causal_row(row: &[f32], t: usize, k: usize) -> Vec<u32> {
 
 /// Deterministic causal top-k of `scores` [B, T, T] (entries above the diagonal are ignored).
 pub fn select_topk(scores: &Tensor, k: usize) -> Result<Selection> {
+    select_topk_in(scores, k, None)
+}
+
+/// `select_topk` with each query's keys starting at `starts` (document masking; None: 0).
+pub fn select_topk_in(scores: &Tensor, k: usize, starts: Option<&KeyStarts>) -> Result<Selection> {
     let (b, t, t2) = scores.dims3()?;
     anyhow::ensure!(
         t == t2,
         "indexer scores must be square per batch, got {:?}",
         scores.dims()
     );
-    select_topk_streaming(b, t, k, query_block(b, t), scores.device(), |q0, n| {
-        Ok(scores.narrow(1, q0, n)?)
-    })
+    select_topk_streaming(
+        b,
+        t,
+        k,
+        query_block(b, t),
+        starts,
+        scores.device(),
+        |q0, n| Ok(scores.narrow(1, q0, n)?),
+    )
 }
 
 /// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
@@ -166,10 +183,19 @@ pub fn select_topk_streaming(
     t: usize,
     k: usize,
     block: usize,
+    starts: Option<&KeyStarts>,
     device: &Device,
     mut rows: impl FnMut(usize, usize) -> Result<Tensor>,
 ) -> Result<Selection> {
     anyhow::ensure!(k > 0, "top-k must be positive");
+    if let Some(s) = starts {
+        anyhow::ensure!(
+            s.dims() == (b, t),
+            "key starts cover [{}, {}] queries, the scores [{b}, {t}]",
+            s.dims().0,
+            s.dims().1
+        );
+    }
     let kk = k.min(t);
     let mut indices = vec![0u32; b * t * kk];
     let mut valid = vec![0f32; b * t * kk];
@@ -191,7 +217,10 @@ pub fn select_topk_streaming(
         }
         let picked: Vec<(usize, Vec<u32>)> = idx_rows
             .par_iter()
-            .map(|(row_id, row)| (*row_id, topk_causal_row(row, row_id % t, kk)))
+            .map(|(row_id, row)| {
+                let start = starts.map_or(0, |s| s.host[*row_id] as usize);
+                (*row_id, topk_key_range(row, start, row_id % t, kk))
+            })
             .collect();
         for (row_id, sel) in picked {
             indices[row_id * kk..][..sel.len()].copy_from_slice(&sel);
@@ -282,6 +311,133 @@ pub fn topk_mass_rows(p: &Tensor, k: usize) -> candle_core::Result<Tensor> {
     let filled = (sum_above + ((count.affine(-1.0, kf)?) * mid)?)?;
     let ties_at_max = (hi * kf)?;
     count.ge(kf)?.where_cond(&ties_at_max, &filled)?.squeeze(2)
+}
+
+/// Where each query's keys begin: query t of sequence b attends to keys `start[b, t]..=t`.
+/// All zeros is plain causal attention; document masking (`data.document_mask`) starts each
+/// query at the first token of its document, so no query sees an earlier document. Kept
+/// twice: on the host (the host top-k, RoPE positions) and as u32 [B, T] on the device (the
+/// kernels read each row's start; the plain twins build their bias rows from it).
+#[derive(Debug, Clone)]
+pub struct KeyStarts {
+    host: std::sync::Arc<Vec<u32>>,
+    device: Tensor,
+    b: usize,
+    t: usize,
+}
+
+impl KeyStarts {
+    /// Starts [B*T] (row-major, each `start[b, t] <= t`) checked and copied to `device`.
+    pub fn new(host: Vec<u32>, b: usize, t: usize, device: &Device) -> Result<Self> {
+        anyhow::ensure!(
+            host.len() == b * t,
+            "{} key starts for [{b}, {t}] queries",
+            host.len()
+        );
+        for (i, &s) in host.iter().enumerate() {
+            let (bi, ti) = (i / t.max(1), i % t.max(1));
+            anyhow::ensure!(
+                s as usize <= ti && (ti == 0 || s >= host[i - 1]),
+                "key start {s} of query {ti} (sequence {bi}) is after the query or before the previous query's start"
+            );
+        }
+        let device = Tensor::from_slice(&host, (b, t), device)?;
+        Ok(Self {
+            host: std::sync::Arc::new(host),
+            device,
+            b,
+            t,
+        })
+    }
+
+    /// Document starts of token windows `tokens` [B*T]: a document begins at each window's
+    /// first token and right after every `eos` token.
+    pub fn after_eos(
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        eos: u32,
+        device: &Device,
+    ) -> Result<Self> {
+        anyhow::ensure!(
+            tokens.len() == b * t,
+            "{} tokens for [{b}, {t}] windows",
+            tokens.len()
+        );
+        let mut host = Vec::with_capacity(b * t);
+        for seq in tokens.chunks(t.max(1)) {
+            let mut start = 0u32;
+            for (i, &tok) in seq.iter().enumerate() {
+                host.push(start);
+                if tok == eos {
+                    start = i as u32 + 1;
+                }
+            }
+        }
+        Self::new(host, b, t, device)
+    }
+
+    /// (B, T).
+    pub fn dims(&self) -> (usize, usize) {
+        (self.b, self.t)
+    }
+
+    /// The starts of sequence `b`, [T] on the host.
+    pub fn seq(&self, b: usize) -> &[u32] {
+        &self.host[b * self.t..(b + 1) * self.t]
+    }
+
+    /// u32 [B, T] on the device.
+    pub fn tensor(&self) -> &Tensor {
+        &self.device
+    }
+
+    /// Each token's position inside its document, t - start[b, t], [B*T] (RoPE's positions).
+    pub fn positions(&self) -> Vec<u32> {
+        self.host
+            .iter()
+            .enumerate()
+            .map(|(i, &s)| (i % self.t) as u32 - s)
+            .collect()
+    }
+
+    /// Does any query start after key 0 (is there a boundary in any window)?
+    pub fn any_boundary(&self) -> bool {
+        self.host.iter().any(|&s| s > 0)
+    }
+
+    /// The mask bias of queries q0..q0+n over `keys` keys: [B, n, keys], 0 where
+    /// start[b, q] <= s <= q, `MASKED` elsewhere.
+    pub fn bias_rows(&self, q0: usize, n: usize, keys: usize) -> candle_core::Result<Tensor> {
+        key_bias_rows(
+            q0,
+            n,
+            keys,
+            Some(&self.device.narrow(1, q0, n)?),
+            self.device.device(),
+        )
+    }
+}
+
+/// The mask bias of queries q0..q0+n over `keys` keys: with `starts` (u32 [B, n], each
+/// query's first key) [B, n, keys], 0 where start <= s <= q0 + r; without, the causal
+/// [n, keys]. `MASKED` elsewhere. Built on the device.
+pub fn key_bias_rows(
+    q0: usize,
+    n: usize,
+    keys: usize,
+    starts: Option<&Tensor>,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let causal = causal_rows(q0, n, keys, device)?;
+    let Some(starts) = starts else {
+        return Ok(causal);
+    };
+    let b = starts.dim(0)?;
+    let cols = Tensor::arange(0u32, keys as u32, device)?.reshape((1, 1, keys))?;
+    let before = cols.broadcast_lt(&starts.reshape((b, n, 1))?)?; // [B, n, keys] u8
+    let masked = Tensor::full(MASKED, (b, n, keys), device)?;
+    before.where_cond(&masked, &causal.unsqueeze(0)?.broadcast_as((b, n, keys))?)
 }
 
 /// Causal mask bias [T, T]: 0 where s <= t, `MASKED` above the diagonal.

@@ -404,7 +404,7 @@ impl Mla {
     pub fn dense_recomputing(&self, p: &Projected) -> Result<Tensor> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let (q, k, v) = self.mha_qkv(p)?;
-        let o = super::dense_recompute::attention(self.kernels, &q, &k, &v, self.scale, 0)?; // [B, H, T, V]
+        let o = super::dense_recompute::attention(self.kernels, &q, &k, &v, self.scale, 0, None)?; // [B, H, T, V]
         linear(
             &o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?,
             &self.o_proj,
@@ -438,9 +438,9 @@ impl Mla {
             && self.kernels.on(q.device())
             && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
         let (o, lse) = if kernel {
-            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?
+            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, None)?
         } else {
-            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows)?
+            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows, None)?
         };
         let o = o.to_dtype(v.dtype())?; // [B, H, T, V]
         let o_flat = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
@@ -484,12 +484,12 @@ impl Mla {
         let (dq, dk, dv) =
             if super::dense_recompute::use_backward_kernel(self.kernels, &saved.q, &saved.v)? {
                 crate::kernels::warmup_kl::dense_attention_bwd(
-                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
+                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale, None,
                 )?
             } else {
                 super::dense_recompute::backward_blocks(
                     &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
-                    saved.rows,
+                    saved.rows, None,
                 )?
             };
         let to_tokens =
@@ -539,7 +539,8 @@ impl Mla {
     pub fn dense_streaming(&self, p: &Projected) -> Result<(Tensor, DenseScores)> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let (q, k, v) = self.mha_qkv(p)?;
-        let (o, lse) = crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?; // [B, H, T, V]
+        let (o, lse) =
+            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, None)?; // [B, H, T, V]
         let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
         Ok((
             linear(&o, &self.o_proj)?,

@@ -836,7 +836,7 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
-        let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, &dev, |q0, n| {
+        let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, None, &dev, |q0, n| {
             Ok(proj
                 .scores_rows(q0, n)?
                 .broadcast_add(&causal.narrow(0, q0, n)?)?)

@@ -494,6 +494,7 @@ fn select_indexer_topk(
                     &keys.get(bi)?,
                     q0,
                     k,
+                    None,
                 )?;
                 parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
             }
@@ -512,6 +513,7 @@ fn select_indexer_topk(
         t,
         k,
         rows.min(crate::dsa::query_block(b, t)),
+        None,
         keys.device(),
         |q0, n| {
             let (q, w) = queries(q0, n)?;

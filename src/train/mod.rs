@@ -903,6 +903,7 @@ impl Trainer {
                         &proj.w,
                         &proj.k,
                         g,
+                        None,
                     )?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }
