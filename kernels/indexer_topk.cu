@@ -1,5 +1,6 @@
 // Lightning-indexer scores of a block of query rows against every key, and the deterministic
-// causal top-k of such score rows (the O(L^2) part of DSA's sparse stage).
+// top-k of such score rows over each query's causal key range (the O(L^2) part of DSA's sparse
+// stage).
 //
 // Scores (indexer_scores_rows_bf16_ks{1..8}, KS = DI / 16):
 //   I[r, s] = sum_{h < HI} w[r, h] * ReLU(q[r, h, :] . k[s, :])   for s <= q0 + r, else -inf
@@ -16,10 +17,15 @@
 // grid.y: key ranges of KCH keys. Key tiles entirely above the block's last causal key are not
 // computed; their outputs are written as -inf directly.
 //
-// Top-k (topk_rows_f32): one block of 512 threads per row. Row r has n = min(q0 + r + 1, T)
-// causal entries. n <= topk: the row is 0..n-1 then 0xFFFFFFFF padding. Otherwise a radix
+// Top-k (topk_rows_f32): one block of 512 threads per row. Row r's candidates are the keys
+// start..=min(q0 + r, T - 1), start = starts[r] (the first key of the query's document under
+// document masking; 0 when starts is null: plain causal), n of them. The kernel reads the row
+// from `start` on, so every pass below sees exactly the candidates; the relative indices it
+// selects are offset by start when written (order and ties are unchanged by the offset).
+// n <= topk: the row is start..start+n-1 then 0xFFFFFFFF padding (a start past its query would
+// leave n = 0, all padding; the caller guarantees start <= q0 + r). Otherwise a radix
 // select on order-preserving u32 keys (-0.0 -> +0.0, NaN -> -inf, so that both tie with their
-// twins exactly as in dsa::topk_causal_row) with digits of 11, 11 and 10 bits finds the k-th
+// twins exactly as in dsa::topk_key_range) with digits of 11, 11 and 10 bits finds the k-th
 // largest key tau and `need`, the number of entries equal to tau that are taken (the lowest
 // indices win ties). An ordered compaction pass then writes, in ascending index order, every
 // entry with key > tau and the first `need` entries with key == tau. Histograms use integer
@@ -206,7 +212,7 @@ SCORES_KERNEL(8)
 // Order-preserving key: a > b as scores (with -0.0 == +0.0 and NaN == -inf) iff key(a) > key(b).
 __device__ __forceinline__ uint32_t order_key(float x) {
   uint32_t u = __float_as_uint(x);
-  if (x != x) u = 0xFF800000u;     // NaN ranks with -inf (as dsa::topk_causal_row does)
+  if (x != x) u = 0xFF800000u;     // NaN ranks with -inf (as dsa::topk_key_range does)
   if (u == 0x80000000u) u = 0u;    // -0.0 -> +0.0
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
@@ -261,7 +267,7 @@ __device__ __forceinline__ void find_bucket(const uint32_t* hist, int nb, uint32
   __syncthreads();
 }
 
-// f(key) for every causal entry of the row, 4 loads in flight per thread.
+// f(key) for every candidate of the row (row[0..n)), 4 loads in flight per thread.
 template <class F>
 __device__ __forceinline__ void for_row(const float* __restrict__ row, int n, F f) {
   int i = threadIdx.x;
@@ -275,11 +281,12 @@ __device__ __forceinline__ void for_row(const float* __restrict__ row, int n, F 
   for (; i < n; i += TK_THREADS) f(order_key(row[i]));
 }
 
-// scores [R, T] f32 (row r is query q0 + r), out [R, K] u32, K = min(topk, T), topk >= 1.
+// scores [R, T] f32 (row r is query q0 + r), starts [R] u32 or null (row r's first key; null:
+// 0), out [R, K] u32, K = min(topk, T), topk >= 1.
 // Dynamic shared memory: (HIST_BINS + cap) u32 (histogram, then the candidate cache).
 extern "C" __global__ void __launch_bounds__(TK_THREADS, 2)
-topk_rows_f32(const float* __restrict__ scores, uint32_t* __restrict__ out, int R, int T, int q0, int topk, int K,
-              int cap) {
+topk_rows_f32(const float* __restrict__ scores, const uint32_t* __restrict__ starts, uint32_t* __restrict__ out,
+              int R, int T, int q0, int topk, int K, int cap) {
   extern __shared__ __align__(16) uint32_t tk_smem[];
   uint32_t* hist = tk_smem;
   uint32_t* cache = tk_smem + HIST_BINS;
@@ -290,12 +297,15 @@ topk_rows_f32(const float* __restrict__ scores, uint32_t* __restrict__ out, int 
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int r = blockIdx.x;
-  const float* row = scores + (size_t)r * T;
+  const int end = (int)min((long long)q0 + r + 1, (long long)T);  // one past the last candidate
+  const int start = starts ? (int)min(starts[r], (uint32_t)end) : 0;
+  // The candidates only: row[i] is key start + i, for i < n.
+  const float* row = scores + (size_t)r * T + start;
   uint32_t* orow = out + (size_t)r * K;
-  const int n = (int)min((long long)q0 + r + 1, (long long)T);
+  const int n = end - start;
 
-  if (n <= topk) {  // every causal key, ascending; K >= n here
-    for (int i = tid; i < K; i += TK_THREADS) orow[i] = (i < n) ? (uint32_t)i : 0xFFFFFFFFu;
+  if (n <= topk) {  // every candidate, ascending; K >= n here
+    for (int i = tid; i < K; i += TK_THREADS) orow[i] = (i < n) ? (uint32_t)(start + i) : 0xFFFFFFFFu;
     return;
   }
 
@@ -403,7 +413,7 @@ topk_rows_f32(const float* __restrict__ scores, uint32_t* __restrict__ out, int 
       const uint32_t gb = run_g + __popc(mgt[j] & lt_mask);
       const uint32_t eb = run_e + __popc(meq[j] & lt_mask);
       const bool is_gt = (mgt[j] >> lane) & 1u, is_eq = (meq[j] >> lane) & 1u;
-      if (is_gt || (is_eq && eb < need)) orow[gb + min(eb, need)] = (uint32_t)(wb + j * 32 + lane);
+      if (is_gt || (is_eq && eb < need)) orow[gb + min(eb, need)] = (uint32_t)(start + wb + j * 32 + lane);
       run_g += __popc(mgt[j]);
       run_e += __popc(meq[j]);
     }

@@ -5,11 +5,25 @@
 // is stored.
 //
 // Shapes (row-major): q, k [B, H, T, DQK] bf16; v [B, H, T, DV] bf16; out [B, H, T, DV] bf16;
-// lse [B, H, T] f32 (natural log of sum_s exp(scale * q.k) over s <= t);
+// lse [B, H, T] f32 (natural log of sum_s exp(scale * q.k) over the keys of t);
 // qi [B, T, HI, DI] f32; w [B, T, HI] f32; ki [B, T, DI] f32;
-// kl [B, T] f32; dqi [B, T, HI, DI] f32; dw [B, T, HI] f32; dki [B, T, DI] f32.
+// kl [B, T] f32; dqi [B, T, HI, DI] f32; dw [B, T, HI] f32; dki [B, T, DI] f32;
+// starts [B, T] u32 or null.
 //
-// Maths of (2), per sequence b and query t over the causal keys s <= t:
+// Keys of a query. Query t of sequence b sees the keys start[b, t] <= s <= t: start is the
+// first token of its document under document masking; a null `starts` means start 0 for every
+// query (plain causal attention: no tile is skipped, the results equal all-zero starts bit for
+// bit). Every other key is masked: -inf logit, p = 0, ds = 0, dI = 0. The caller guarantees
+// start <= t, so every row has at least its own key (the kernels do not check it).
+// Tiles: a block skips the key tiles that no query of its tile sees: with starts, the leading
+// ones before the smallest start of its queries (kernels 1, 2 and 4: the keys its queries see
+// are the union of [start[t], t] over consecutive t, one interval from that smallest start to
+// the last query, so no later tile is entirely masked), and in kernel 3 (which walks queries)
+// the query tiles none of whose queries sees a key of its block. A skipped tile is one whose
+// every entry is masked: processing it would add exact zeros (p = 0, dI = 0) and leave the
+// online softmax's (m, l) unchanged, so the unmasked entries are summed in the same order.
+//
+// Maths of (2), per sequence b and query t over its keys s (start[b, t] <= s <= t):
 //   p[t,s]  = (1/H) sum_h exp(scale * q_h[t].k_h[s] - lse_h[t])    (head mean = L1-normalised sum)
 //   I[t,s]  = sum_j w[t,j] ReLU(qi[t,j].ki[s]),   lseI[t] = logsumexp_s I[t,s]
 //   kl[t]   = sum_s p (log p - (I - lseI)), with 0 log 0 = 0
@@ -24,7 +38,8 @@
 // and the gradients see bf16-rounded qi/ki (the plain twin is f32). The G_j operand of the
 // dqi/dki products is rounded to bf16 (relative 2^-9 per element); the attention P of the
 // forward's P.V product too (as in FlashAttention). Softmaxes, logits, LSEs, the KL and dw are
-// f32. Masked entries (s > t, or s >= T) are -inf in every softmax and carry p = 0, dI = 0.
+// f32. Masked entries (s > t, s < start, or s >= T) are -inf in every softmax and carry p = 0,
+// dI = 0.
 // The ReLU mask is strict (> 0). Exponentials use exp2f on log2e-scaled arguments.
 //
 // Kernel (1) dense_attn_fwd_dvN: FlashAttention-2 style. One block of 4 warps per (64 queries,
@@ -82,6 +97,26 @@ __device__ __forceinline__ void load_rows_async(bf16_t* dst, const bf16_t* src, 
     const bf16_t* s = ok ? src + (size_t)(r0 + r) * D + c * 8 : src;
     cp_async16(dst + r * stride + c * 8, s, ok ? 16 : 0);
   }
+}
+
+// The first key tile (of `tile` keys) that a block's queries t0..last see: the smallest
+// start[t] over them, clamped to t (a start never passes its query), divided by `tile`; 0
+// without starts. A block reduction (integer atomicMin: order-free) through `scratch`, one int
+// of shared memory not otherwise in use during the call (the kernels pass the start of their
+// dynamic shared memory before their first copy into it: no static shared memory is added to
+// the dynamic size the host budgets); every thread of the block must call it.
+__device__ __forceinline__ int first_key_tile(const uint32_t* __restrict__ sb, int t0, int last, int tile,
+                                              int nthreads, int* scratch) {
+  if (!sb) return 0;  // block-uniform
+  if (threadIdx.x == 0) *scratch = last;
+  __syncthreads();
+  int m = last;
+  for (int t = t0 + (int)threadIdx.x; t <= last; t += nthreads) m = min(m, (int)min(sb[t], (uint32_t)t));
+  atomicMin(scratch, m);
+  __syncthreads();
+  const int first = *scratch / tile;
+  __syncthreads();  // the scratch word is free again
+  return first;
 }
 
 // Fragment address helpers (lane l of the warp; all tiles row-major in shared memory).
@@ -143,7 +178,7 @@ __device__ __forceinline__ void warp_pb(float (&acc)[NP8][4], const float (&p)[2
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kernel 1: dense causal attention forward with per-head LSE.
+// Kernel 1: dense causal attention forward with per-head LSE (keys start[b, t] <= s <= t).
 
 #define FA_BM 64
 #define FA_BN 64
@@ -151,8 +186,9 @@ __device__ __forceinline__ void warp_pb(float (&acc)[NP8][4], const float (&p)[2
 
 template <int DVP>
 __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
-                                          const bf16_t* __restrict__ v, bf16_t* __restrict__ out,
-                                          float* __restrict__ lse, int T, int H, int DQK, int DV, float scale_log2) {
+                                          const bf16_t* __restrict__ v, const uint32_t* __restrict__ starts,
+                                          bf16_t* __restrict__ out, float* __restrict__ lse, int T, int H, int DQK,
+                                          int DV, float scale_log2) {
   extern __shared__ __align__(16) unsigned char fa_smem[];
   const int SQ = DQK + 8, SV = DV + 8;
   bf16_t* q_s = (bf16_t*)fa_smem;      // [FA_BM][SQ]
@@ -169,10 +205,12 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
   const bf16_t* vb = v + bh * T * DV;
   const int last = min(t0 + FA_BM, T) - 1;
   const int nkt = last / FA_BN + 1;
+  const uint32_t* sb = starts ? starts + (size_t)b * T : nullptr;
+  const int kt0 = first_key_tile(sb, t0, last, FA_BN, FA_THREADS, (int*)fa_smem);  // earlier tiles: all masked
 
   load_rows_async(q_s, qb, t0, FA_BM, T, DQK, FA_THREADS);
-  load_rows_async(k_s, kb, 0, FA_BN, T, DQK, FA_THREADS);
-  load_rows_async(v_s, vb, 0, FA_BN, T, DV, FA_THREADS);
+  load_rows_async(k_s, kb, kt0 * FA_BN, FA_BN, T, DQK, FA_THREADS);
+  load_rows_async(v_s, vb, kt0 * FA_BN, FA_BN, T, DV, FA_THREADS);
   cp_async_commit();
 
   float o[DVP / 8][4];
@@ -180,9 +218,12 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
   for (int nt = 0; nt < DVP / 8; ++nt) o[nt][0] = o[nt][1] = o[nt][2] = o[nt][3] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   const int row0 = t0 + warp * 16 + gq;  // this thread's rows: row0 and row0 + 8
+  int st[2];                             // and their first keys
+#pragma unroll
+  for (int r = 0; r < 2; ++r) st[r] = (sb && row0 + 8 * r < T) ? (int)min(sb[row0 + 8 * r], (uint32_t)T) : 0;
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const int buf = kt & 1;
+  for (int kt = kt0; kt < nkt; ++kt) {
+    const int buf = (kt - kt0) & 1;
     if (kt + 1 < nkt) {
       load_rows_async(k_s + (buf ^ 1) * FA_BN * SQ, kb, (kt + 1) * FA_BN, FA_BN, T, DQK, FA_THREADS);
       load_rows_async(v_s + (buf ^ 1) * FA_BN * SV, vb, (kt + 1) * FA_BN, FA_BN, T, DV, FA_THREADS);
@@ -201,7 +242,7 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
     for (int nt = 0; nt < 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
     warp_abt<4>(s, q_s + warp * 16 * SQ, SQ, ks, SQ, DQK, lane);
 
-    // Scale into the log2 domain, mask (s > t or s >= T -> -inf), online softmax.
+    // Scale into the log2 domain, mask (s > t, s < start or s >= T -> -inf), online softmax.
     float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int nt = 0; nt < 8; ++nt) {
@@ -210,7 +251,7 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
         const int row = row0 + ((e >> 1) << 3);
         const int col = kt * FA_BN + nt * 8 + 2 * cq + (e & 1);
         float x = s[nt][e] * scale_log2;
-        if (col > row || col >= T) x = -INFINITY;
+        if (col > row || col < st[e >> 1] || col >= T) x = -INFINITY;
         s[nt][e] = x;
         mx[e >> 1] = fmaxf(mx[e >> 1], x);
       }
@@ -270,8 +311,9 @@ __device__ __forceinline__ void dense_fwd(const bf16_t* __restrict__ q, const bf
 #define DENSE_FWD(DVP)                                                                                     \
   extern "C" __global__ void __launch_bounds__(FA_THREADS) dense_attn_fwd_dv##DVP(                      \
       const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,              \
-      bf16_t* __restrict__ out, float* __restrict__ lse, int T, int H, int DQK, int DV, float scale_log2) { \
-    dense_fwd<DVP>(q, k, v, out, lse, T, H, DQK, DV, scale_log2);                                        \
+      const uint32_t* __restrict__ starts, bf16_t* __restrict__ out, float* __restrict__ lse, int T, int H,  \
+      int DQK, int DV, float scale_log2) {                                                                   \
+    dense_fwd<DVP>(q, k, v, starts, out, lse, T, H, DQK, DV, scale_log2);                                \
   }
 DENSE_FWD(32)
 DENSE_FWD(64)
@@ -481,9 +523,9 @@ __device__ __forceinline__ void head_sum_probs(float (&P)[8][4], const KlSmem& s
 extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
     warmup_kl_bf16(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const float* __restrict__ lse,
                    const float* __restrict__ qi, const float* __restrict__ w, const float* __restrict__ ki,
-                   float* __restrict__ kl, float* __restrict__ dqi, float* __restrict__ dw,
-                   float* __restrict__ dki, int T, int H, int DQK, int HI, int DI, float scale_log2, float g,
-                   int nbuf) {
+                   const uint32_t* __restrict__ starts, float* __restrict__ kl, float* __restrict__ dqi,
+                   float* __restrict__ dw, float* __restrict__ dki, int T, int H, int DQK, int HI, int DI,
+                   float scale_log2, float g, int nbuf) {
   extern __shared__ __align__(16) unsigned char kl_smem[];
   const KlSmem sm = kl_carve(kl_smem, DQK, DI, nbuf);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, gq = lane >> 2, cq = lane & 3;
@@ -499,12 +541,17 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
   A.T = T; A.H = H; A.DQK = DQK; A.HI = HI; A.DI = DI; A.nbuf = nbuf; A.b = b; A.t0 = t0;
   const int rl0 = warp * 16 + gq, rl1 = rl0 + 8;  // this thread's local rows
   const int ra = t0 + rl0, rb = t0 + rl1;         // and their positions
+  const uint32_t* sb = starts ? starts + (size_t)b * T : nullptr;
+  const int sa = (sb && ra < T) ? (int)min(sb[ra], (uint32_t)T) : 0;  // first keys of ra and rb
+  const int sr = (sb && rb < T) ? (int)min(sb[rb], (uint32_t)T) : 0;
+  // Key chunks before ci0 are masked for every row of the block (both passes skip them).
+  const int ci0 = first_key_tile(sb, t0, rows_end - 1, KL_BC, KL_THREADS, (int*)sm.dws);
 
   for (int i = tid; i < KL_BM * HI; i += KL_THREADS) sm.dws[i] = 0.f;
 
-  // ---- Pass 1: row LSE of the indexer logits over the causal keys (online, f32).
+  // ---- Pass 1: row LSE of the indexer logits over each row's keys (online, f32).
   float mI[2] = {-INFINITY, -INFINITY}, lI[2] = {0.f, 0.f};
-  for (int ci = 0; ci < nchunks; ++ci) {
+  for (int ci = ci0; ci < nchunks; ++ci) {
     const int c0 = ci * KL_BC;
     __syncthreads();  // previous chunk's readers of the ki tile are done
     stage_ki(sm, A, c0);
@@ -517,7 +564,7 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
       for (int e = 0; e < 4; ++e) {
         const int row = (e < 2) ? ra : rb;
         const int col = c0 + nt * 8 + 2 * cq + (e & 1);
-        if (col > row || col >= T) I[nt][e] = -INFINITY;
+        if (col > row || col < ((e < 2) ? sa : sr) || col >= T) I[nt][e] = -INFINITY;
         cm[e >> 1] = fmaxf(cm[e >> 1], I[nt][e]);
       }
     }
@@ -545,7 +592,7 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
   // ---- Pass 2: target, KL and gradients, chunk by chunk.
   float klacc[2] = {0.f, 0.f};
   const float inv_h = 1.f / (float)H;
-  for (int ci = 0; ci < nchunks; ++ci) {
+  for (int ci = ci0; ci < nchunks; ++ci) {
     const int c0 = ci * KL_BC;
     __syncthreads();  // previous chunk done with every shared buffer
     stage_ki(sm, A, c0);
@@ -565,7 +612,7 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
         const int row = r ? rb : ra;
         const int col = c0 + nt * 8 + 2 * cq + (e & 1);
         float d = 0.f;
-        if (col <= row && col < T && row < T) {
+        if (col <= row && col >= (r ? sr : sa) && col < T && row < T) {
           const float pr = pd[nt][e] * inv_h;
           const float lq = I[nt][e] - lseI[r];  // log softmax(I)
           if (pr > 0.f) klacc[r] += pr * (logf(pr) - lq);
@@ -704,7 +751,7 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
 // ---------------------------------------------------------------------------------------------
 // Kernels 3 and 4: dense causal attention backward (the dense stage trains the attention).
 //
-// Maths (FlashAttention-2's backward), per (b, h), queries t and keys s <= t:
+// Maths (FlashAttention-2's backward), per (b, h), queries t and their keys start[b, t] <= s <= t:
 //   p[t,s] = exp(scale q[t].k[s] - lse[t]);  delta[t] = sum_d dout[t,d] out[t,d]
 //   dv[s]  = sum_t p[t,s] dout[t];  dp[t,s] = dout[t].v[s];  ds[t,s] = p[t,s] (dp[t,s] - delta[t])
 //   dq[t]  = scale sum_s ds[t,s] k[s];  dk[s] = scale sum_t ds[t,s] q[t]
@@ -719,7 +766,7 @@ extern "C" __global__ void __launch_bounds__(KL_THREADS, 1)
 // Numerics: products on the tensor cores (bf16 inputs, f32 accumulators); p and ds are rounded
 // to bf16 as operands of the dv, dk and dq products (relative 2^-9 each, as in
 // FlashAttention); exponentials, delta and every accumulator are f32; outputs are f32.
-// Masked pairs (s > t, or t, s >= T) carry p = 0 and ds = 0.
+// Masked pairs (s > t, s < start[b, t], or t, s >= T) carry p = 0 and ds = 0.
 //
 // Register budget per thread: kernel 3 holds dk (DQKP / 2 floats) and dv (DVP / 2) plus two
 // 16 x 32 tiles (16 floats each); kernel 4 holds dq (DQKP / 2) plus two 16 x 64 tiles. The
@@ -733,8 +780,9 @@ template <int DQKP, int DVP>
 __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                                const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
                                                const float* __restrict__ lse, const float* __restrict__ delta,
-                                               float* __restrict__ dk, float* __restrict__ dv, int T, int H, int DQK,
-                                               int DV, float scale, float scale_log2) {
+                                               const uint32_t* __restrict__ starts, float* __restrict__ dk,
+                                               float* __restrict__ dv, int T, int H, int DQK, int DV, float scale,
+                                               float scale_log2) {
   extern __shared__ __align__(16) unsigned char bw_smem[];
   const int SQ = DQK + 8, SV = DV + 8;
   bf16_t* k_s = (bf16_t*)bw_smem;          // [BW_BK][SQ]
@@ -751,12 +799,29 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
   const bf16_t* dob = dout + bh * T * DV;
   const float* lseb = lse + bh * T;
   const float* deltab = delta + bh * T;
-  const int qt0 = s0 / BW_BQ, nqt = (T + BW_BQ - 1) / BW_BQ;
+  const uint32_t* sb = starts ? starts + (size_t)b * T : nullptr;
+  const int nqt = (T + BW_BQ - 1) / BW_BQ;
+  // Does query tile qt see a key of this block (a query of it starts at or before the block's
+  // last key)? Without starts every tile from the diagonal on does. With starts a barrier
+  // (block-uniform answer); every thread calls it.
+  auto live = [&](int qt) -> bool {
+    if (!sb) return true;
+    const int t = qt * BW_BQ + tid;
+    return __syncthreads_or(tid < BW_BQ && t < T && sb[t] < (uint32_t)(s0 + BW_BK));
+  };
+  // The query tiles walked: the diagonal's and those after it, dead ones skipped (not loaded).
+  auto next_live = [&](int qt) -> int {
+    do ++qt;
+    while (qt < nqt && !live(qt));
+    return qt;
+  };
+  int qt = s0 / BW_BQ;
+  if (!live(qt)) qt = next_live(qt);
 
   load_rows_async(k_s, kb, s0, BW_BK, T, DQK, BW_THREADS);
   load_rows_async(v_s, vb, s0, BW_BK, T, DV, BW_THREADS);
-  load_rows_async(q_s, qb, qt0 * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
-  load_rows_async(do_s, dob, qt0 * BW_BQ, BW_BQ, T, DV, BW_THREADS);
+  load_rows_async(q_s, qb, qt * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
+  load_rows_async(do_s, dob, qt * BW_BQ, BW_BQ, T, DV, BW_THREADS);
   cp_async_commit();
 
   float dka[DQKP / 8][4], dva[DVP / 8][4];
@@ -766,11 +831,11 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
   for (int nt = 0; nt < DVP / 8; ++nt) dva[nt][0] = dva[nt][1] = dva[nt][2] = dva[nt][3] = 0.f;
   const int key0 = s0 + warp * 16 + gq;  // this thread's keys: key0 and key0 + 8
 
-  for (int qt = qt0; qt < nqt; ++qt) {
-    const int buf = (qt - qt0) & 1;
-    if (qt + 1 < nqt) {
-      load_rows_async(q_s + (buf ^ 1) * BW_BQ * SQ, qb, (qt + 1) * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
-      load_rows_async(do_s + (buf ^ 1) * BW_BQ * SV, dob, (qt + 1) * BW_BQ, BW_BQ, T, DV, BW_THREADS);
+  for (int buf = 0; qt < nqt; buf ^= 1) {
+    const int nx = next_live(qt);
+    if (nx < nqt) {
+      load_rows_async(q_s + (buf ^ 1) * BW_BQ * SQ, qb, nx * BW_BQ, BW_BQ, T, DQK, BW_THREADS);
+      load_rows_async(do_s + (buf ^ 1) * BW_BQ * SV, dob, nx * BW_BQ, BW_BQ, T, DV, BW_THREADS);
       cp_async_commit();
       cp_async_wait<1>();
     } else {
@@ -798,10 +863,11 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
         const bool in = col < T;
         const float l2 = in ? lseb[col] * LOG2E : 0.f;
         const float dl = in ? deltab[col] : 0.f;
+        const int sc = (in && sb) ? (int)min(sb[col], (uint32_t)T) : 0;  // the query's first key
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
           const int key = key0 + 8 * r, i = 2 * r + e;
-          const float p = (in && key <= col) ? exp2f(st[nt][i] * scale_log2 - l2) : 0.f;
+          const float p = (in && key <= col && key >= sc) ? exp2f(st[nt][i] * scale_log2 - l2) : 0.f;
           st[nt][i] = p;
           dpt[nt][i] = p * (dpt[nt][i] - dl);
         }
@@ -812,7 +878,9 @@ __device__ __forceinline__ void dense_bwd_dkdv(const bf16_t* __restrict__ q, con
     warp_pb<2, DVP / 8>(dva, st, dos, SV, DV, lane);
     warp_pb<2, DQKP / 8>(dka, dpt, qs, SQ, DQK, lane);
     __syncthreads();  // buffer `buf` is refilled in the next iteration
+    qt = nx;
   }
+  cp_async_wait<0>();  // no copy outstanding at exit (every query tile may have been dead)
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
@@ -834,8 +902,8 @@ template <int DQKP, int DVP>
 __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const bf16_t* __restrict__ k,
                                              const bf16_t* __restrict__ v, const bf16_t* __restrict__ dout,
                                              const float* __restrict__ lse, const float* __restrict__ delta,
-                                             float* __restrict__ dq, int T, int H, int DQK, int DV, float scale,
-                                             float scale_log2) {
+                                             const uint32_t* __restrict__ starts, float* __restrict__ dq, int T, int H,
+                                             int DQK, int DV, float scale, float scale_log2) {
   extern __shared__ __align__(16) unsigned char bw_smem[];
   const int SQ = DQK + 8, SV = DV + 8;
   bf16_t* q_s = (bf16_t*)bw_smem;        // [FA_BM][SQ]
@@ -852,12 +920,15 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
   const bf16_t* kb = k + bh * T * DQK;
   const bf16_t* vb = v + bh * T * DV;
   const bf16_t* dob = dout + bh * T * DV;
-  const int nkt = (min(t0 + FA_BM, T) - 1) / FA_BN + 1;
+  const int last = min(t0 + FA_BM, T) - 1;
+  const int nkt = last / FA_BN + 1;
+  const uint32_t* sb = starts ? starts + (size_t)b * T : nullptr;
+  const int kt0 = first_key_tile(sb, t0, last, FA_BN, BW_THREADS, (int*)bw_smem);  // earlier tiles: all masked
 
   load_rows_async(q_s, qb, t0, FA_BM, T, DQK, BW_THREADS);
   load_rows_async(do_s, dob, t0, FA_BM, T, DV, BW_THREADS);
-  load_rows_async(k_s, kb, 0, FA_BN, T, DQK, BW_THREADS);
-  load_rows_async(v_s, vb, 0, FA_BN, T, DV, BW_THREADS);
+  load_rows_async(k_s, kb, kt0 * FA_BN, FA_BN, T, DQK, BW_THREADS);
+  load_rows_async(v_s, vb, kt0 * FA_BN, FA_BN, T, DV, BW_THREADS);
   cp_async_commit();
 
   float dqa[DQKP / 8][4];
@@ -865,15 +936,17 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
   for (int nt = 0; nt < DQKP / 8; ++nt) dqa[nt][0] = dqa[nt][1] = dqa[nt][2] = dqa[nt][3] = 0.f;
   const int row0 = t0 + warp * 16 + gq;  // this thread's rows: row0 and row0 + 8
   float l2[2], dl[2];
+  int sr[2];  // the rows' first keys
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = row0 + 8 * r;
     l2[r] = row < T ? lse[bh * T + row] * LOG2E : 0.f;
     dl[r] = row < T ? delta[bh * T + row] : 0.f;
+    sr[r] = (sb && row < T) ? (int)min(sb[row], (uint32_t)T) : 0;
   }
 
-  for (int kt = 0; kt < nkt; ++kt) {
-    const int buf = kt & 1;
+  for (int kt = kt0; kt < nkt; ++kt) {
+    const int buf = (kt - kt0) & 1;
     if (kt + 1 < nkt) {
       load_rows_async(k_s + (buf ^ 1) * FA_BN * SQ, kb, (kt + 1) * FA_BN, FA_BN, T, DQK, BW_THREADS);
       load_rows_async(v_s + (buf ^ 1) * FA_BN * SV, vb, (kt + 1) * FA_BN, FA_BN, T, DV, BW_THREADS);
@@ -900,7 +973,7 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1, row = row0 + 8 * r;
         const int col = kt * FA_BN + nt * 8 + 2 * cq + (e & 1);
-        const float p = (row < T && col <= row) ? exp2f(s[nt][e] * scale_log2 - l2[r]) : 0.f;
+        const float p = (row < T && col <= row && col >= sr[r]) ? exp2f(s[nt][e] * scale_log2 - l2[r]) : 0.f;
         dp[nt][e] = p * (dp[nt][e] - dl[r]);
       }
     }
@@ -926,15 +999,16 @@ __device__ __forceinline__ void dense_bwd_dq(const bf16_t* __restrict__ q, const
   extern "C" __global__ void __launch_bounds__(BW_THREADS) dense_attn_bwd_dkdv_##DQKP##_##DVP(                \
       const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,                   \
       const bf16_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,             \
-      float* __restrict__ dk, float* __restrict__ dv, int T, int H, int DQK, int DV, float scale,                 \
-      float scale_log2) {                                                                                         \
-    dense_bwd_dkdv<DQKP, DVP>(q, k, v, dout, lse, delta, dk, dv, T, H, DQK, DV, scale, scale_log2);              \
+      const uint32_t* __restrict__ starts, float* __restrict__ dk, float* __restrict__ dv, int T, int H, int DQK,  \
+      int DV, float scale, float scale_log2) {                                                                    \
+    dense_bwd_dkdv<DQKP, DVP>(q, k, v, dout, lse, delta, starts, dk, dv, T, H, DQK, DV, scale, scale_log2);      \
   }                                                                                                               \
   extern "C" __global__ void __launch_bounds__(BW_THREADS) dense_attn_bwd_dq_##DQKP##_##DVP(                  \
       const bf16_t* __restrict__ q, const bf16_t* __restrict__ k, const bf16_t* __restrict__ v,                   \
       const bf16_t* __restrict__ dout, const float* __restrict__ lse, const float* __restrict__ delta,             \
-      float* __restrict__ dq, int T, int H, int DQK, int DV, float scale, float scale_log2) {                    \
-    dense_bwd_dq<DQKP, DVP>(q, k, v, dout, lse, delta, dq, T, H, DQK, DV, scale, scale_log2);                    \
+      const uint32_t* __restrict__ starts, float* __restrict__ dq, int T, int H, int DQK, int DV, float scale,     \
+      float scale_log2) {                                                                                         \
+    dense_bwd_dq<DQKP, DVP>(q, k, v, dout, lse, delta, starts, dq, T, H, DQK, DV, scale, scale_log2);            \
   }
 // Padded head dims (DQKP, DVP) with DQKP + DVP <= 320; the host picks the smallest that fit.
 DENSE_BWD(64, 32)

@@ -163,9 +163,15 @@ pub fn select_topk_in(scores: &Tensor, k: usize, starts: Option<&KeyStarts>) -> 
         "indexer scores must be square per batch, got {:?}",
         scores.dims()
     );
-    select_topk_streaming(b, t, k, query_block(b, t), starts, scores.device(), |q0, n| {
-        Ok(scores.narrow(1, q0, n)?)
-    })
+    select_topk_streaming(
+        b,
+        t,
+        k,
+        query_block(b, t),
+        starts,
+        scores.device(),
+        |q0, n| Ok(scores.narrow(1, q0, n)?),
+    )
 }
 
 /// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
@@ -346,8 +352,18 @@ impl KeyStarts {
 
     /// Document starts of token windows `tokens` [B*T]: a document begins at each window's
     /// first token and right after every `eos` token.
-    pub fn after_eos(tokens: &[u32], b: usize, t: usize, eos: u32, device: &Device) -> Result<Self> {
-        anyhow::ensure!(tokens.len() == b * t, "{} tokens for [{b}, {t}] windows", tokens.len());
+    pub fn after_eos(
+        tokens: &[u32],
+        b: usize,
+        t: usize,
+        eos: u32,
+        device: &Device,
+    ) -> Result<Self> {
+        anyhow::ensure!(
+            tokens.len() == b * t,
+            "{} tokens for [{b}, {t}] windows",
+            tokens.len()
+        );
         let mut host = Vec::with_capacity(b * t);
         for seq in tokens.chunks(t.max(1)) {
             let mut start = 0u32;
@@ -393,7 +409,13 @@ impl KeyStarts {
     /// The mask bias of queries q0..q0+n over `keys` keys: [B, n, keys], 0 where
     /// start[b, q] <= s <= q, `MASKED` elsewhere.
     pub fn bias_rows(&self, q0: usize, n: usize, keys: usize) -> candle_core::Result<Tensor> {
-        key_bias_rows(q0, n, keys, Some(&self.device.narrow(1, q0, n)?), self.device.device())
+        key_bias_rows(
+            q0,
+            n,
+            keys,
+            Some(&self.device.narrow(1, q0, n)?),
+            self.device.device(),
+        )
     }
 }
 

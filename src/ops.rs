@@ -159,7 +159,11 @@ fn per_sequence_rope(
         }
         table.transpose(0, 1)?.contiguous()?.reshape((b * t, half))
     };
-    let y = op(&x.contiguous()?.reshape((1, b * t, h, r))?, &flat(cos)?, &flat(sin)?)?;
+    let y = op(
+        &x.contiguous()?.reshape((1, b * t, h, r))?,
+        &flat(cos)?,
+        &flat(sin)?,
+    )?;
     y.reshape((b, t, h, r))
 }
 
@@ -285,7 +289,9 @@ pub fn rope_interleaved_backward(
     sin: &Tensor,
 ) -> Result<Tensor> {
     if cos.rank() == 3 {
-        return per_sequence_rope(dy, cos, sin, |x, c, s| rope_interleaved_backward(k, x, c, s));
+        return per_sequence_rope(dy, cos, sin, |x, c, s| {
+            rope_interleaved_backward(k, x, c, s)
+        });
     }
     if crate::kernels::rope::supported(k, dy, cos, sin) {
         return crate::kernels::rope::rope_inverse(

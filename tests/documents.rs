@@ -27,7 +27,11 @@ fn packed(docs: &[&[usize]], t: usize, seed: u64) -> (Vec<u32>, Vec<(usize, usiz
         for (i, &len) in lens.iter().enumerate() {
             for j in 0..len {
                 let last = j + 1 == len && i + 1 < lens.len();
-                tokens.push(if last { EOS } else { 2 + (rng.next_u64() % 510) as u32 });
+                tokens.push(if last {
+                    EOS
+                } else {
+                    2 + (rng.next_u64() % 510) as u32
+                });
             }
             spans.push((b, start, len));
             start += len;
@@ -42,12 +46,25 @@ fn rows(x: &Tensor, b: usize, start: usize, len: usize) -> Tensor {
 
 fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
     let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
     diff.to_scalar::<f32>().unwrap() / scale.max(1e-30)
 }
 
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
 }
 
 #[test]
@@ -62,7 +79,11 @@ fn key_starts_follow_the_end_of_document_token() {
     // Bias rows: 0 exactly on start..=q.
     let bias = s.bias_rows(1, 3, 4).unwrap().to_vec3::<f32>().unwrap();
     let visible = |row: &Vec<f32>| -> Vec<usize> {
-        row.iter().enumerate().filter(|(_, v)| **v == 0.0).map(|(i, _)| i).collect()
+        row.iter()
+            .enumerate()
+            .filter(|(_, v)| **v == 0.0)
+            .map(|(i, _)| i)
+            .collect()
     };
     assert_eq!(visible(&bias[0][1]), [2]);
     assert_eq!(visible(&bias[0][2]), [2, 3]);
@@ -98,7 +119,10 @@ fn a_packed_window_with_document_masking_equals_each_document_alone() {
     let mut passes = vec![];
     for mode in [AttentionMode::Dense, AttentionMode::Sparse] {
         passes.push((format!("eval {mode:?}"), Pass::eval(mode, topk)));
-        passes.push((format!("eval {mode:?}, rows 5"), Pass::eval(mode, topk).in_rows(5)));
+        passes.push((
+            format!("eval {mode:?}, rows 5"),
+            Pass::eval(mode, topk).in_rows(5),
+        ));
     }
     // The training passes' forwards (their KL is the trainer's: see the training test).
     passes.push(("dense stage".into(), train(Stage::Dense, 0)));
@@ -117,7 +141,10 @@ fn a_packed_window_with_document_masking_equals_each_document_alone() {
                 let alone_tokens = rows(&tokens, b, start, len);
                 let alone = model.forward(&alone_tokens, &pass).unwrap();
                 let e = max_rel_err(&rows(&out.logits, b, start, len), &alone.logits);
-                assert!(e < 1e-5, "{what}, document ({b}, {start}, {len}): logits {e}");
+                assert!(
+                    e < 1e-5,
+                    "{what}, document ({b}, {start}, {len}): logits {e}"
+                );
                 if start > 0 {
                     later_docs_differ |=
                         max_rel_err(&rows(&unmasked.logits, b, start, len), &alone.logits) > 1e-3;
@@ -127,10 +154,16 @@ fn a_packed_window_with_document_masking_equals_each_document_alone() {
                         continue; // a training pass
                     };
                     let e = max_rel_err(&rows(kl, b, start, len), a.indexer_kl.as_ref().unwrap());
-                    assert!(e < 1e-4, "{what}, document ({b}, {start}), layer {l}: KL {e}");
+                    assert!(
+                        e < 1e-4,
+                        "{what}, document ({b}, {start}), layer {l}: KL {e}"
+                    );
                     let r = p.recall.as_ref().unwrap();
                     let e = max_abs_diff(&rows(r, b, start, len), a.recall.as_ref().unwrap());
-                    assert!(e < 1e-5, "{what}, document ({b}, {start}), layer {l}: recall {e}");
+                    assert!(
+                        e < 1e-5,
+                        "{what}, document ({b}, {start}), layer {l}: recall {e}"
+                    );
                 }
                 if len >= 3 {
                     let (mtp_alone, _) = model
@@ -214,4 +247,42 @@ fn training_on_a_packed_window_gives_the_indexer_what_each_document_gives_alone(
         }
         assert!(compared >= 8, "{stage}: only {compared} indexer gradients");
     }
+}
+
+/// The recipe's mistakes around document masking are one sentence naming the key (and file).
+#[test]
+fn document_masking_without_an_end_of_document_token_is_refused_by_name() {
+    let (tmp, dir) = tiny_checkpoint(true, 35);
+    let window = tmp.path().join("raw.bin");
+    dsa_train::data::write_token_file(&window, &[5; 40]).unwrap();
+    let text = |extra: &str| {
+        format!(
+            "[run]\noutput_dir = {:?}\nprogress = false\n[model]\npath = {dir:?}\n\
+             [data]\npath = {window:?}\nseq_len = 16\ndocument_mask = true\n{extra}\
+             [train]\nstage = \"warmup\"\nglobal_batch_seqs = 1\nmicro_batch_seqs = 1\n",
+            tmp.path().join("out"),
+        )
+    };
+    let err = |extra: &str| -> String {
+        let recipe = match dsa_train::recipe::Recipe::parse(&text(extra), &[]) {
+            Ok(r) => r,
+            Err(e) => return format!("{e:#}"),
+        };
+        match dsa_train::train::Trainer::new(recipe, None) {
+            Ok(_) => panic!("{extra:?} was accepted"),
+            Err(e) => format!("{e:#}"),
+        }
+    };
+    let e = err("");
+    assert!(e.contains("data.eos_id") && e.contains("raw.bin"), "{e}");
+    let e = err("eos_id = 9999\n");
+    assert!(e.contains("data.eos_id = 9999") && e.contains("vocabulary"), "{e}");
+    let e = err("eos_id = -1\n");
+    assert!(e.contains("data.eos_id") && e.contains("token id"), "{e}");
+    let e = err("eos_id = \"1\"\n");
+    assert!(e.contains("data.eos_id") && e.contains("a string"), "{e}");
+    // And with the id, the same recipe trains.
+    let recipe = dsa_train::recipe::Recipe::parse(&text("eos_id = 5\n"), &[]).unwrap();
+    let mut trainer = dsa_train::train::Trainer::new(recipe, None).unwrap();
+    trainer.accumulate_gradients().unwrap();
 }

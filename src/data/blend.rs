@@ -152,7 +152,10 @@ impl Sampler {
     pub fn eos_ids(&self) -> Vec<(std::path::PathBuf, Option<u32>)> {
         let one = |s: &WindowSampler| {
             let stream = s.stream();
-            (stream.path().to_path_buf(), stream.index().map(|i| i.eos_id))
+            (
+                stream.path().to_path_buf(),
+                stream.index().map(|i| i.eos_id),
+            )
         };
         match self {
             Sampler::One(s) => vec![one(s)],

@@ -1,6 +1,7 @@
 //! GPU checks of the indexer scoring and top-k kernels (kernels/indexer_topk.cu) against their
 //! plain twins: `IndexerProj::scores_rows` in f32 on the same bf16-rounded inputs, and
-//! `dsa::topk_causal_row` on the host over the very scores the kernel saw (exact equality).
+//! `dsa::topk_causal_row` on the host over the very scores the kernel saw (exact equality);
+//! with document starts, `dsa::topk_key_range` over each row's keys (exact equality too).
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = scores_match_twin(gpu)?;
     out.extend(topk_matches_twin(gpu)?);
     out.extend(deterministic(gpu)?);
+    out.extend(topk_with_starts(gpu)?);
     Ok(out)
 }
 
@@ -218,7 +220,7 @@ fn topk_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
     }
     for (what, topk, t, r, q0, scores) in cases {
         let dev_scores = Tensor::from_vec(scores.clone(), (r, t), gpu)?;
-        let got = host_u32(&topk_rows(&dev_scores, q0, topk)?)?;
+        let got = host_u32(&topk_rows(&dev_scores, q0, topk, None)?)?;
         let want = host_topk(&scores, r, t, q0, topk);
         let kk = topk.min(t);
         let bad: Vec<usize> = (0..r)
@@ -260,10 +262,23 @@ fn deterministic(gpu: &Device) -> Result<Vec<Outcome>> {
         .iter()
         .map(|x| x.to_bits())
         .collect();
-    let a = host_u32(&indexer_topk(&q, &w, &k, q0, topk)?)?;
-    let b = host_u32(&indexer_topk(&q, &w, &k, q0, topk)?)?;
-    let c = host_u32(&indexer_topk_chunked(&q, &w, &k, q0, topk, 7 * 4 * t)?)?;
-    let d = host_u32(&topk_rows(&indexer_scores_rows(&q, &w, &k, q0)?, q0, topk)?)?;
+    let a = host_u32(&indexer_topk(&q, &w, &k, q0, topk, None)?)?;
+    let b = host_u32(&indexer_topk(&q, &w, &k, q0, topk, None)?)?;
+    let c = host_u32(&indexer_topk_chunked(
+        &q,
+        &w,
+        &k,
+        q0,
+        topk,
+        None,
+        7 * 4 * t,
+    )?)?;
+    let d = host_u32(&topk_rows(
+        &indexer_scores_rows(&q, &w, &k, q0)?,
+        q0,
+        topk,
+        None,
+    )?)?;
     let (same_s, same_ab, same_ac, same_ad) = (s1 == s2, a == b, a == c, a == d);
     Ok(vec![Outcome {
         name: "indexer scores + top-k deterministic",
@@ -273,4 +288,181 @@ fn deterministic(gpu: &Device) -> Result<Vec<Outcome>> {
              chunked (7 rows) {same_ac}, scores then top-k {same_ad}"
         ),
     }])
+}
+
+/// Each query's first key when the keys 0.. are cut into documents of the given lengths
+/// (summing to at least `q0 + r`): starts of the rows q0..q0+r.
+fn doc_starts(docs: &[usize], q0: usize, r: usize) -> Vec<u32> {
+    let mut first = Vec::with_capacity(q0 + r);
+    for (i, &len) in docs.iter().enumerate() {
+        let s0: usize = docs[..i].iter().sum();
+        first.extend(std::iter::repeat_n(s0 as u32, len));
+    }
+    assert!(
+        first.len() >= q0 + r,
+        "documents cover {} keys, not {}",
+        first.len(),
+        q0 + r
+    );
+    first[q0..q0 + r].to_vec()
+}
+
+/// The twin's selection among each row's keys start[r]..=q0 + r, sorted ascending and padded
+/// with u32::MAX to min(topk, T).
+fn host_topk_in(
+    scores: &[f32],
+    r: usize,
+    t: usize,
+    q0: usize,
+    topk: usize,
+    starts: &[u32],
+) -> Vec<u32> {
+    let kk = topk.min(t);
+    let mut out = vec![u32::MAX; r * kk];
+    for rr in 0..r {
+        let row = &scores[rr * t..(rr + 1) * t];
+        let last = (q0 + rr).min(t - 1);
+        let mut sel = crate::dsa::topk_key_range(row, starts[rr] as usize, last, kk);
+        sel.sort_unstable();
+        out[rr * kk..][..sel.len()].copy_from_slice(&sel);
+    }
+    out
+}
+
+/// Rows of `got` that differ from `want` ([r, kk] each), and where the first one does.
+fn row_diff(got: &[u32], want: &[u32], r: usize, kk: usize) -> (usize, String) {
+    let bad: Vec<usize> = (0..r)
+        .filter(|&rr| got[rr * kk..(rr + 1) * kk] != want[rr * kk..(rr + 1) * kk])
+        .collect();
+    let first = bad.first().map(|&rr| {
+        let m = (0..kk)
+            .find(|&j| got[rr * kk + j] != want[rr * kk + j])
+            .unwrap_or(0);
+        format!(
+            "; first bad row {rr} at slot {m}: got {} want {}",
+            got[rr * kk + m],
+            want[rr * kk + m]
+        )
+    });
+    (bad.len(), first.unwrap_or_default())
+}
+
+/// (4) Document starts: the kernel's selection among keys start[r]..=q0 + r equals
+/// `dsa::topk_key_range` (sorted, padded) exactly, with several documents per sequence: a
+/// length-1 document, documents shorter than top-k (selected whole, then padding), documents
+/// longer (the radix select from an offset, once past the candidate cache), on tied grid scores
+/// and on the scoring kernel's own output; `indexer_topk` (one chunk and 7-row chunks, which
+/// narrow the starts) equals scores-then-top-k; all-zero starts give the None result bit for bit.
+fn topk_with_starts(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    // (name, topk, T, R, q0, document lengths, scores).
+    let mut cases: Vec<(
+        &'static str,
+        usize,
+        usize,
+        usize,
+        usize,
+        Vec<usize>,
+        Vec<f32>,
+    )> = vec![];
+    let docs = vec![1usize, 40, 3, 1, 300, 60, 1, 618, 1];
+    cases.push((
+        "grid, 9 documents",
+        64,
+        1025,
+        1025,
+        0,
+        docs.clone(),
+        tied_scores(1025, 1025, 0, 80, grid_value),
+    ));
+    cases.push((
+        "grid, q0 900, a document across q0",
+        64,
+        1025,
+        125,
+        900,
+        docs,
+        tied_scores(125, 1025, 900, 81, grid_value),
+    ));
+    cases.push((
+        "two-level, cache overflow after an offset",
+        5000,
+        20000,
+        8,
+        19992,
+        vec![1234, 1, 18765],
+        tied_scores(8, 20000, 19992, 82, |u, u2| {
+            if u < 1.0 / 6.0 {
+                1.0
+            } else if u2 < 0.5 {
+                -0.0
+            } else {
+                0.0
+            }
+        }),
+    ));
+    let kdocs = vec![1usize, 700, 2047, 1, 1348];
+    let (q, w, k) = inputs(4097, 4097, 64, 128, 1.0, 83, gpu)?;
+    cases.push((
+        "kernel scores, k 2048",
+        2048,
+        4097,
+        4097,
+        0,
+        kdocs,
+        host_f32(&indexer_scores_rows(&q, &w, &k, 0)?)?,
+    ));
+    for (what, topk, t, r, q0, docs, scores) in cases {
+        let st = doc_starts(&docs, q0, r);
+        let dev_scores = Tensor::from_vec(scores.clone(), (r, t), gpu)?;
+        let dev_st = Tensor::from_vec(st.clone(), r, gpu)?;
+        let got = host_u32(&topk_rows(&dev_scores, q0, topk, Some(&dev_st))?)?;
+        let want = host_topk_in(&scores, r, t, q0, topk, &st);
+        let kk = topk.min(t);
+        let (bad, first) = row_diff(&got, &want, r, kk);
+        out.push(Outcome {
+            name: "indexer top-k kernel vs twin, document starts",
+            ok: bad == 0 && got.len() == want.len(),
+            detail: format!("{what}: k {topk} T {t} R {r} q0 {q0} documents {docs:?}: {bad} of {r} rows differ (exact){first}"),
+        });
+        let zeros = Tensor::zeros(r, DType::U32, gpu)?;
+        let z = host_u32(&topk_rows(&dev_scores, q0, topk, Some(&zeros))?)?;
+        let n = host_u32(&topk_rows(&dev_scores, q0, topk, None)?)?;
+        out.push(Outcome {
+            name: "indexer top-k, all-zero starts equal None",
+            ok: z == n,
+            detail: format!("{what}: k {topk} T {t} R {r} q0 {q0}: equal {}", z == n),
+        });
+    }
+    // The fused path and its chunking with starts, against scores-then-top-k and the twin.
+    let (r, t, q0, topk) = (256usize, 4097usize, 3841usize, 2048usize);
+    let (q, w, k) = inputs(r, t, 64, 128, 1.0, 84, gpu)?;
+    let docs = vec![1usize, 1000, 2899, 1, 196];
+    let st = doc_starts(&docs, q0, r);
+    let dev_st = Tensor::from_vec(st.clone(), r, gpu)?;
+    let scores = indexer_scores_rows(&q, &w, &k, q0)?;
+    let a = host_u32(&indexer_topk(&q, &w, &k, q0, topk, Some(&dev_st))?)?;
+    let c = host_u32(&indexer_topk_chunked(
+        &q,
+        &w,
+        &k,
+        q0,
+        topk,
+        Some(&dev_st),
+        7 * 4 * t,
+    )?)?;
+    let d = host_u32(&topk_rows(&scores, q0, topk, Some(&dev_st))?)?;
+    let want = host_topk_in(&host_f32(&scores)?, r, t, q0, topk, &st);
+    let (bad, first) = row_diff(&a, &want, r, topk.min(t));
+    out.push(Outcome {
+        name: "indexer top-k with document starts: fused, chunked, twin",
+        ok: a == c && a == d && bad == 0,
+        detail: format!(
+            "R {r} T {t} q0 {q0} k {topk} documents {docs:?}: chunked (7 rows) equal {}, scores then top-k equal {}; \
+             {bad} rows differ from the twin (exact){first}",
+            a == c,
+            a == d
+        ),
+    });
+    Ok(out)
 }

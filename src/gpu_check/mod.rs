@@ -452,6 +452,7 @@ fn dense_recompute_matches_whole(gpu: &Device) -> Result<Vec<Outcome>> {
             vb.as_tensor(),
             scale,
             rows,
+            None,
         )?;
         let g1 = (ours.to_dtype(DType::F32)? * &up)?.sum_all()?.backward()?;
         let f = |x: &Tensor| -> Result<Var> { Ok(Var::from_tensor(&x.to_dtype(DType::F32)?)?) };

@@ -4,10 +4,13 @@
 //! For query rows q0..q0+R of one sequence and keys 0..T-1:
 //!   I[r, s] = sum_{h < HI} w[r, h] * ReLU(q[r, h, :] . k[s, :])   for s <= q0 + r, else -inf,
 //! computed on tensor cores (bf16 inputs, f32 accumulation, fixed summation order, so the
-//! scores are bit-identical run to run). S_r = the min(k, q0 + r + 1) keys s <= q0 + r with the
-//! highest I; equal scores go to the lower index; +0.0 and -0.0 are equal; NaN ranks with -inf.
+//! scores are bit-identical run to run). S_r = the min(k, n_r) keys of start_r..=q0 + r with
+//! the highest I (n_r of them; start_r = 0 for plain causal attention, the first key of the
+//! query's document under document masking); equal scores go to the lower index; +0.0 and -0.0
+//! are equal; NaN ranks with -inf. The scores do not depend on start_r: the selection ignores
+//! the entries before it.
 //! The plain twins: `model::indexer::IndexerProj::scores_rows` (scores) and
-//! `dsa::topk_causal_row` (selection); `gpu-selftest` compares them (src/gpu_check/indexer_topk.rs).
+//! `dsa::topk_key_range` (selection); `gpu-selftest` compares them (src/gpu_check/indexer_topk.rs).
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -86,8 +89,17 @@ pub fn indexer_scores_rows(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize) -> Res
 
 /// Deterministic causal top-k of score rows: scores [R, T] f32 (row r is query q0 + r; entries
 /// past q0 + r are ignored) -> [R, min(topk, T)] u32 key positions in ascending order, padded at
-/// the end with u32::MAX when the row has fewer than `topk` causal keys.
-pub fn topk_rows(scores: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
+/// the end with u32::MAX when the row has fewer than `topk` candidate keys.
+/// `starts` (u32 [R], contiguous): row r's first key (document masking), so its candidates are
+/// start[r]..=q0 + r and the entries before start[r] are ignored too; None: every start is 0.
+/// The caller guarantees start[r] <= q0 + r (checking it would read the starts back to the
+/// host); a start past its query selects nothing (all padding).
+pub fn topk_rows(
+    scores: &Tensor,
+    q0: usize,
+    topk: usize,
+    starts: Option<&Tensor>,
+) -> Result<Tensor> {
     let (r, t) = scores.dims2().map_err(|_| {
         candle_core::Error::Msg(format!(
             "topk_rows: scores must be [R, T], got {:?}",
@@ -102,15 +114,21 @@ pub fn topk_rows(scores: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
         candle_core::bail!("topk_rows: scores {:?} {:?}, q0 {q0}, topk {topk} do not fit (f32 scores, topk >= 1, q0 + R and T < 2^31)",
             scores.dims(), scores.dtype());
     }
+    if let Some(st) = starts {
+        check_starts(st, r, scores.device())?;
+    }
     let kk = topk.min(t);
     if r == 0 || t == 0 {
         return Tensor::zeros((r, kk), DType::U32, scores.device());
     }
     #[cfg(feature = "cuda")]
     {
-        scores
-            .contiguous()?
-            .apply_op1_no_bwd(&cuda::TopkRows { q0, topk })
+        let op = cuda::TopkRows { q0, topk };
+        let scores = scores.contiguous()?;
+        match starts {
+            Some(st) => scores.apply_op2_no_bwd(st, &op),
+            None => scores.apply_op1_no_bwd(&op),
+        }
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -118,11 +136,35 @@ pub fn topk_rows(scores: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
     }
 }
 
-/// Scores and top-k together: q [R, HI, DI] bf16, w [R, HI] f32, k [T, DI] bf16 ->
-/// [R, min(topk, T)] u32 as `topk_rows`. Runs in sub-chunks of rows so that the [rows, T] f32
-/// score buffer stays within 256 MiB.
-pub fn indexer_topk(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize, topk: usize) -> Result<Tensor> {
-    indexer_topk_chunked(q, w, k, q0, topk, MAX_SCORE_BYTES)
+/// `starts`, u32 [R] on the scores' device: contiguous, one start per query row.
+fn check_starts(starts: &Tensor, r: usize, device: &Device) -> Result<()> {
+    if starts.dtype() != DType::U32
+        || starts.dims() != [r]
+        || !starts.is_contiguous()
+        || !starts.device().same_device(device)
+    {
+        candle_core::bail!(
+            "indexer top-k: key starts {:?} {:?} (contiguous: {}) must be contiguous u32 [{r}] (one per query row) on the scores' device",
+            starts.dims(),
+            starts.dtype(),
+            starts.is_contiguous()
+        );
+    }
+    Ok(())
+}
+
+/// Scores and top-k together: q [R, HI, DI] bf16, w [R, HI] f32, k [T, DI] bf16, starts None
+/// or u32 [R] -> [R, min(topk, T)] u32 as `topk_rows`. Runs in sub-chunks of rows so that the
+/// [rows, T] f32 score buffer stays within 256 MiB.
+pub fn indexer_topk(
+    q: &Tensor,
+    w: &Tensor,
+    k: &Tensor,
+    q0: usize,
+    topk: usize,
+    starts: Option<&Tensor>,
+) -> Result<Tensor> {
+    indexer_topk_chunked(q, w, k, q0, topk, starts, MAX_SCORE_BYTES)
 }
 
 /// `indexer_topk` with the score-buffer bound as a parameter (the GPU check forces many chunks).
@@ -132,11 +174,15 @@ pub(crate) fn indexer_topk_chunked(
     k: &Tensor,
     q0: usize,
     topk: usize,
+    starts: Option<&Tensor>,
     max_bytes: usize,
 ) -> Result<Tensor> {
     let (r, _, _, t) = score_dims(q, w, k, q0)?;
     if topk == 0 {
         candle_core::bail!("indexer_topk: topk must be positive");
+    }
+    if let Some(st) = starts {
+        check_starts(st, r, q.device())?;
     }
     if r == 0 || t == 0 {
         return Tensor::zeros((r, topk.min(t)), DType::U32, q.device());
@@ -147,7 +193,8 @@ pub(crate) fn indexer_topk_chunked(
     for c0 in (0..r).step_by(rows) {
         let n = rows.min(r - c0);
         let scores = indexer_scores_rows(&q.narrow(0, c0, n)?, &w.narrow(0, c0, n)?, &k, q0 + c0)?;
-        parts.push(topk_rows(&scores, q0 + c0, topk)?);
+        let st = starts.map(|s| s.narrow(0, c0, n)).transpose()?;
+        parts.push(topk_rows(&scores, q0 + c0, topk, st.as_ref())?);
     }
     if parts.len() == 1 {
         return Ok(parts.pop().unwrap());
@@ -195,13 +242,13 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     )?;
     let topk_time = time_median(dev, reps, || {
         for &(c0, n) in &chunks {
-            topk_rows(&full.narrow(0, 0, n)?, c0, topk)?;
+            topk_rows(&full.narrow(0, 0, n)?, c0, topk, None)?;
         }
         Ok(())
     })?;
     drop(full);
     let both_time = time_median(dev, reps, || {
-        Ok(indexer_topk(&q, &w, &k, 0, topk).map(|_| ())?)
+        Ok(indexer_topk(&q, &w, &k, 0, topk, None).map(|_| ())?)
     })?;
     let flops = 2.0 * hi as f64 * di as f64 * (l as f64 * (l as f64 + 1.0) / 2.0);
     Ok(vec![
@@ -222,7 +269,8 @@ mod cuda {
     };
     use candle_core::cuda_backend::{CudaDevice, WrapErr};
     use candle_core::{
-        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape,
+        bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
+        Shape,
     };
     use half::bf16;
 
@@ -365,16 +413,14 @@ mod cuda {
         pub topk: usize,
     }
 
-    impl CustomOp1 for TopkRows {
-        fn name(&self) -> &'static str {
-            "dsa-indexer-topk-rows"
-        }
-
-        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-            bail!("dsa-indexer-topk-rows runs on CUDA only; the CPU uses the plain twin (dsa::topk_causal_row)")
-        }
-
-        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    impl TopkRows {
+        /// One block per row; `starts` (u32 [r]) None passes a null pointer: every start 0.
+        fn launch(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            starts: Option<CudaView<'_, u32>>,
+        ) -> Result<(CudaStorage, Shape)> {
             let (r, t) = l.shape().dims2()?;
             if s.dtype() != DType::F32 || r == 0 || t == 0 || self.topk == 0 {
                 bail!(
@@ -401,8 +447,12 @@ mod cuda {
             );
             let stream = dev.cuda_stream();
             let mut b = stream.launch_builder(&f);
-            b.arg(&scores)
-                .arg(&out)
+            b.arg(&scores);
+            match &starts {
+                Some(st) => b.arg(st),
+                None => b.arg(&0u64), // a null device pointer
+            };
+            b.arg(&out)
                 .arg(&r32)
                 .arg(&t32)
                 .arg(&q032)
@@ -414,13 +464,64 @@ mod cuda {
                 block_dim: (TK_THREADS, 1, 1),
                 shared_mem_bytes: smem as u32,
             };
-            // SAFETY: scores is a live contiguous [r, t] f32 buffer, out holds r * kk u32.
+            // SAFETY: scores is a live contiguous [r, t] f32 buffer, starts (if any) a live
+            // contiguous u32 [r] one, out holds r * kk u32.
             unsafe { b.launch(cfg) }.w()?;
             drop(b);
             Ok((
                 CudaStorage::wrap_cuda_slice(out, dev.clone()),
                 Shape::from((r, kk)),
             ))
+        }
+    }
+
+    impl CustomOp1 for TopkRows {
+        fn name(&self) -> &'static str {
+            "dsa-indexer-topk-rows"
+        }
+
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-indexer-topk-rows runs on CUDA only; the CPU uses the plain twin (dsa::topk_key_range)")
+        }
+
+        fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.launch(s, l, None)
+        }
+    }
+
+    /// With per-row key starts: scores [R, T] f32, starts u32 [R].
+    impl CustomOp2 for TopkRows {
+        fn name(&self) -> &'static str {
+            "dsa-indexer-topk-rows-starts"
+        }
+
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            bail!("dsa-indexer-topk-rows runs on CUDA only; the CPU uses the plain twin (dsa::topk_key_range)")
+        }
+
+        fn cuda_fwd(
+            &self,
+            s: &CudaStorage,
+            l: &Layout,
+            s2: &CudaStorage,
+            l2: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            let r = l.shape().dims2()?.0;
+            if s2.dtype() != DType::U32 || l2.shape().dims() != [r] {
+                bail!(
+                    "topk_rows: key starts {:?} {:?} must be u32 [{r}]",
+                    l2.shape(),
+                    s2.dtype()
+                );
+            }
+            let starts = view::<u32>(s2, l2, "starts", 1)?;
+            self.launch(s, l, Some(starts))
         }
     }
 }

@@ -12,9 +12,9 @@
 //! Numerics (see the .cu header): bf16 tensor-core products with f32 accumulation; qi and ki
 //! (f32) are rounded to bf16 when staged in shared memory (the plain twin keeps them f32), the
 //! gradient operand `dI * w * 1[z > 0]` is rounded to bf16 for the dqi/dki products; softmaxes,
-//! LSEs, the KL and dw are f32; masked entries (s > t) are -inf / p = 0. The ReLU gradient mask
-//! is strict (`> 0`). dki is accumulated with f32 atomics across query blocks (summation order
-//! not deterministic); kl, dqi and dw are deterministic.
+//! LSEs, the KL and dw are f32; masked entries (s > t, or s < start) are -inf / p = 0. The ReLU
+//! gradient mask is strict (`> 0`). dki is accumulated with f32 atomics across query blocks
+//! (summation order not deterministic); kl, dqi and dw are deterministic.
 //!
 //! - `dense_attention_bwd`: the dense causal attention's backward (dq, dk, dv in f32) from the
 //!   forward's output and LSE, on the tensor cores, deterministic (each output row has one
@@ -23,6 +23,13 @@
 //!
 //! Plain twins (`dense_attention_fwd_plain`, `warmup_kl_plain`) are candle ops materialising
 //! [B, H, T, T]: for tests and for shapes the kernels do not take (`supported`).
+//!
+//! Document masking: every function takes `starts`, None or u32 [B, T] (contiguous, on the
+//! inputs' device): query t of sequence b then sees the keys start[b, t] ..= t only (the first
+//! token of its document on), in the attention, its LSE, the KL's two softmaxes and every
+//! gradient. None is start 0 everywhere (plain causal attention, bit for bit what all-zero
+//! starts give). The caller guarantees start[b, t] <= t (`dsa::KeyStarts` checks it on the
+//! host); the kernels read the starts but do not check them.
 
 use candle_core::{DType, Device, Result, Tensor, Var, D};
 
@@ -47,21 +54,22 @@ pub fn supported(dqk: usize, dv: usize, hi: usize, di: usize) -> bool {
 }
 
 /// Dense causal attention forward: q, k [B, H, T, DQK] bf16, v [B, H, T, DV] bf16, scores
-/// `scale * q.k`. Returns out [B, H, T, DV] bf16 and lse [B, H, T] f32 (natural log of the
-/// sum over s <= t of exp(scale * q.k)).
+/// `scale * q.k`, starts None or u32 [B, T]. Returns out [B, H, T, DV] bf16 and lse [B, H, T]
+/// f32 (natural log of the sum over the query's keys start <= s <= t of exp(scale * q.k)).
 pub fn dense_attention_fwd(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
-        cuda::dense_attention_fwd(q, k, v, scale)
+        cuda::dense_attention_fwd(q, k, v, scale, starts)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k, v, scale);
+        let _ = (q, k, v, scale, starts);
         candle_core::bail!(
             "dense_attention_fwd kernel needs the `cuda` feature (use dense_attention_fwd_plain)"
         )
@@ -86,8 +94,9 @@ fn bwd_padded(dqk: usize, dv: usize) -> Option<(usize, usize)> {
 
 /// Dense causal attention backward: q, k [B, H, T, DQK], v [B, H, T, DV], the forward's out
 /// [B, H, T, DV] and lse [B, H, T] (natural log, f32), the output gradient dout [B, H, T, DV];
-/// q, k, v, dout bf16. Returns (dq, dk, dv) in f32, bitwise repeatable run to run.
-/// delta = rowsum(dout * out) is computed here in f32 from the bf16 out and dout.
+/// q, k, v, dout bf16; starts None or u32 [B, T], the forward's. Returns (dq, dk, dv) in f32,
+/// bitwise repeatable run to run. delta = rowsum(dout * out) is computed here in f32 from the
+/// bf16 out and dout.
 #[allow(clippy::too_many_arguments)]
 pub fn dense_attention_bwd(
     q: &Tensor,
@@ -97,22 +106,24 @@ pub fn dense_attention_bwd(
     lse: &Tensor,
     dout: &Tensor,
     scale: f64,
+    starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         let delta = (dout.to_dtype(DType::F32)? * out.to_dtype(DType::F32)?)?.sum(D::Minus1)?; // [B, H, T]
-        cuda::dense_attention_bwd(q, k, v, dout, lse, &delta, scale)
+        cuda::dense_attention_bwd(q, k, v, dout, lse, &delta, scale, starts)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k, v, out, lse, dout, scale);
+        let _ = (q, k, v, out, lse, dout, scale, starts);
         candle_core::bail!("dense_attention_bwd kernel needs the `cuda` feature (use dense_recompute::backward_blocks)")
     }
 }
 
 /// Streaming warm-up KL and its indexer gradients. q, k [B, H, T, DQK] bf16 and lse [B, H, T]
-/// f32 (from `dense_attention_fwd` with the same `scale`); qi [B, T, HI, DI], w [B, T, HI],
-/// ki [B, T, DI] f32; `g` weighs the loss whose gradients are returned (g * sum_t kl[t]).
+/// f32 (from `dense_attention_fwd` with the same `scale` and `starts`); qi [B, T, HI, DI],
+/// w [B, T, HI], ki [B, T, DI] f32; `g` weighs the loss whose gradients are returned
+/// (g * sum_t kl[t]); starts None or u32 [B, T]: both softmaxes run over the query's keys.
 #[allow(clippy::too_many_arguments)]
 pub fn warmup_kl(
     q: &Tensor,
@@ -123,14 +134,15 @@ pub fn warmup_kl(
     w: &Tensor,
     ki: &Tensor,
     g: f64,
+    starts: Option<&Tensor>,
 ) -> Result<WarmupKl> {
     #[cfg(feature = "cuda")]
     {
-        cuda::warmup_kl(q, k, lse, scale, qi, w, ki, g)
+        cuda::warmup_kl(q, k, lse, scale, qi, w, ki, g, starts)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (q, k, lse, scale, qi, w, ki, g);
+        let _ = (q, k, lse, scale, qi, w, ki, g, starts);
         candle_core::bail!("warmup_kl kernel needs the `cuda` feature (use warmup_kl_plain)")
     }
 }
@@ -142,16 +154,17 @@ pub fn dense_attention_fwd_plain(
     k: &Tensor,
     v: &Tensor,
     scale: f64,
+    starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let scores = scaled_causal_scores(q, k, scale)?;
+    let scores = scaled_causal_scores(q, k, scale, starts)?;
     let lse = crate::ops::logsumexp_last(&scores)?.squeeze(D::Minus1)?;
     let out = crate::ops::softmax_last(&scores)?.matmul(&v.to_dtype(DType::F32)?.contiguous()?)?;
     Ok((out, lse))
 }
 
 /// Plain twin of `warmup_kl`: head-mean dense probabilities, dense indexer scores with the
-/// causal bias, `losses::kl_rows`, autograd (all f32, qi/ki not rounded). Materialises
-/// [B, H, T, T] and [B, T * HI, T]: small T only.
+/// causal (or document) bias, `losses::kl_rows`, autograd (all f32, qi/ki not rounded).
+/// Materialises [B, H, T, T] and [B, T * HI, T]: small T only.
 #[allow(clippy::too_many_arguments)]
 pub fn warmup_kl_plain(
     q: &Tensor,
@@ -161,10 +174,11 @@ pub fn warmup_kl_plain(
     w: &Tensor,
     ki: &Tensor,
     g: f64,
+    starts: Option<&Tensor>,
 ) -> Result<WarmupKl> {
     let (_, _, t, _) = q.dims4()?;
-    let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
-    let p = crate::ops::softmax_last(&scaled_causal_scores(q, k, scale)?)?
+    let bias = key_bias(t, starts, q.device())?; // [T, T] or [B, T, T], as the scores [B, T, T]
+    let p = crate::ops::softmax_last(&scaled_causal_scores(q, k, scale, starts)?)?
         .mean(1)?
         .detach(); // [B, T, T]
     let qv = Var::from_tensor(&qi.to_dtype(DType::F32)?.contiguous()?)?;
@@ -175,7 +189,7 @@ pub fn warmup_kl_plain(
         k: kv.as_tensor().clone(),
         w: wv.as_tensor().clone(),
     };
-    let kl = crate::losses::kl_rows(&p, &proj.scores(&causal)?)?; // [B, T]
+    let kl = crate::losses::kl_rows(&p, &proj.scores(&bias)?)?; // [B, T]
     let grads = (kl.sum_all()? * g)?.backward()?;
     let get = |v: &Var| -> Result<Tensor> {
         match grads.get(v.as_tensor()) {
@@ -191,8 +205,29 @@ pub fn warmup_kl_plain(
     })
 }
 
-/// scale * q k^T + causal bias (`dsa::MASKED` above the diagonal), f32 [B, H, T, T].
-fn scaled_causal_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
+/// The mask bias of the plain twins: causal [T, T] without starts, else [B, T, T] (0 where
+/// start[b, t] <= s <= t, `dsa::MASKED` elsewhere).
+fn key_bias(t: usize, starts: Option<&Tensor>, device: &Device) -> Result<Tensor> {
+    if let Some(st) = starts {
+        if st.dtype() != DType::U32 || st.rank() != 2 || st.dim(1)? != t {
+            candle_core::bail!(
+                "dense attention: key starts {:?} {:?} must be u32 [B, {t}]",
+                st.dims(),
+                st.dtype()
+            );
+        }
+    }
+    crate::dsa::key_bias_rows(0, t, t, starts, device)
+}
+
+/// scale * q k^T + mask bias (`dsa::MASKED` above the diagonal and, with starts, before each
+/// query's first key), f32 [B, H, T, T].
+fn scaled_causal_scores(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    starts: Option<&Tensor>,
+) -> Result<Tensor> {
     let (_, _, t, _) = q.dims4()?;
     if k.dims() != q.dims() {
         candle_core::bail!(
@@ -201,10 +236,16 @@ fn scaled_causal_scores(q: &Tensor, k: &Tensor, scale: f64) -> Result<Tensor> {
             q.shape()
         );
     }
-    let causal = crate::dsa::causal_rows(0, t, t, q.device())?;
+    let bias = key_bias(t, starts, q.device())?;
+    // [B, T, T] broadcasts over the heads as [B, 1, T, T].
+    let bias = if bias.rank() == 3 {
+        bias.unsqueeze(1)?
+    } else {
+        bias
+    };
     let q32 = q.to_dtype(DType::F32)?.contiguous()?;
     let k32 = k.to_dtype(DType::F32)?.contiguous()?;
-    (q32.matmul(&k32.t()?)? * scale)?.broadcast_add(&causal)
+    (q32.matmul(&k32.t()?)? * scale)?.broadcast_add(&bias)
 }
 
 /// Free device memory in bytes (cudarc's mem_get_info), for memory checks.
@@ -257,7 +298,7 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let reps = if l >= 65536 { 2 } else { 5 };
     let mut lines = vec![];
     let ta = time_median(dev, reps, || {
-        dense_attention_fwd(&q, &k, &v, scale)?;
+        dense_attention_fwd(&q, &k, &v, scale, None)?;
         Ok(())
     })?;
     let f_attn = 2.0 * h as f64 * (dqk + dv) as f64 * pairs;
@@ -265,10 +306,10 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
         "dense causal attention fwd (B {b}, H {h}, dqk {dqk}, dv {dv}, bf16): {:.2} ms = {:.1} TFLOP/s (2 H (dqk+dv) x causal pairs)",
         ta * 1e3, f_attn / ta / 1e12
     ));
-    let (o, lse) = dense_attention_fwd(&q, &k, &v, scale)?;
+    let (o, lse) = dense_attention_fwd(&q, &k, &v, scale, None)?;
     let dout = bf(&[b, h, l, dv])?;
     let tb = time_median(dev, reps, || {
-        dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale)?;
+        dense_attention_bwd(&q, &k, &v, &o, &lse, &dout, scale, None)?;
         Ok(())
     })?;
     let f_bwd = 2.0 * h as f64 * (3 * dqk + 2 * dv) as f64 * pairs;
@@ -285,7 +326,7 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     let g = 1.0 / l as f64;
     dev.synchronize()?;
     let free0 = device_free_bytes(dev)?;
-    let r = warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g)?;
+    let r = warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g, None)?;
     dev.synchronize()?;
     let free1 = device_free_bytes(dev)?;
     let outputs =
@@ -294,7 +335,7 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
     drop(r);
     let extra = free0.saturating_sub(free1).saturating_sub(outputs);
     let tk = time_median(dev, reps, || {
-        warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g)?;
+        warmup_kl(&q, &k, &lse, scale, &qi, &w, &ki, g, None)?;
         Ok(())
     })?;
     let f_kl = (2.0 * h as f64 * dqk as f64 + 5.0 * 2.0 * (hi * di) as f64) * pairs;
@@ -387,6 +428,37 @@ mod cuda {
         )
     }
 
+    /// Key starts u32 [b, t], contiguous, on q's device: checked, not copied.
+    fn check_starts(starts: Option<&Tensor>, q: &Tensor, b: usize, t: usize) -> Result<()> {
+        let Some(st) = starts else {
+            return Ok(());
+        };
+        if st.dtype() != DType::U32
+            || st.dims() != [b, t]
+            || !st.is_contiguous()
+            || !st.device().same_device(q.device())
+        {
+            bail!(
+                "warmup_kl kernels: key starts {:?} {:?} (contiguous: {}) must be contiguous u32 [{b}, {t}] on the inputs' device",
+                st.dims(),
+                st.dtype(),
+                st.is_contiguous()
+            );
+        }
+        Ok(())
+    }
+
+    /// Pushes the starts' device pointer, or a null pointer (every start 0) for None.
+    fn push_starts<'a>(
+        lb: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>,
+        starts: &'a Option<CudaView<'a, u32>>,
+    ) {
+        match starts {
+            Some(v) => lb.arg(v),
+            None => lb.arg(&0u64),
+        };
+    }
+
     fn check_i32(x: usize, what: &str) -> Result<i32> {
         i32::try_from(x).map_err(|_| {
             candle_core::Error::Msg(format!(
@@ -400,12 +472,14 @@ mod cuda {
         k: &Tensor,
         v: &Tensor,
         scale: f64,
+        starts: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor)> {
         let (b, h, t, dqk) = q.dims4()?;
         let (bv, hv, tv, dv) = v.dims4()?;
         if k.dims() != q.dims() || (bv, hv, tv) != (b, h, t) || t == 0 || b == 0 || h == 0 {
             bail!("dense_attention_fwd: q {:?}, k {:?}, v {:?} do not fit ([B, H, T, DQK], same, [B, H, T, DV], T > 0)", q.shape(), k.shape(), v.shape());
         }
+        check_starts(starts, q, b, t)?;
         if !(dqk % 16 == 0 && (16..=256).contains(&dqk) && dv % 16 == 0 && (16..=256).contains(&dv))
             || b > 65535
             || h > 65535
@@ -433,6 +507,11 @@ mod cuda {
         let qv = view::<bf16>(&qs, ql, "q")?;
         let kv = view::<bf16>(&ks, kl, "k")?;
         let vv = view::<bf16>(&vs, vl, "v")?;
+        let st_guard = starts.map(|st| st.storage_and_layout());
+        let sv = match &st_guard {
+            Some((ss, sl)) => Some(view::<u32>(ss, sl, "starts")?),
+            None => None,
+        };
         let mut out = dev.alloc_zeros::<bf16>(b * h * t * dv)?;
         let mut lse = dev.alloc_zeros::<f32>(b * h * t)?;
         let (t32, h32, dqk32, dv32) = (check_i32(t, "T")?, h as i32, dqk as i32, dv as i32);
@@ -444,10 +523,9 @@ mod cuda {
         };
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
-        lb.arg(&qv)
-            .arg(&kv)
-            .arg(&vv)
-            .arg(&mut out)
+        lb.arg(&qv).arg(&kv).arg(&vv);
+        push_starts(&mut lb, &sv);
+        lb.arg(&mut out)
             .arg(&mut lse)
             .arg(&t32)
             .arg(&h32)
@@ -455,8 +533,9 @@ mod cuda {
             .arg(&dv32)
             .arg(&scale_log2);
         // SAFETY: q, k are [B, H, T, DQK] and v [B, H, T, DV] contiguous bf16 starting 16-byte
-        // aligned (checked above); out and lse are fresh buffers of B H T DV and B H T elements;
-        // the launch is on candle's stream, ordered with its other work.
+        // aligned (checked above), starts (if any) contiguous u32 [B, T]; out and lse are fresh
+        // buffers of B H T DV and B H T elements; the launch is on candle's stream, ordered with
+        // its other work.
         unsafe { lb.launch(cfg) }.w()?;
         drop(lb);
         Ok((wrap(out, &dev, (b, h, t, dv)), wrap(lse, &dev, (b, h, t))))
@@ -471,6 +550,7 @@ mod cuda {
         lse: &Tensor,
         delta: &Tensor,
         scale: f64,
+        starts: Option<&Tensor>,
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (b, h, t, dqk) = q.dims4()?;
         let (bv, hv, tv, dv) = v.dims4()?;
@@ -500,6 +580,7 @@ mod cuda {
         else {
             bail!("dense_attention_bwd: {}: needs DQK <= 192, DV <= 128, multiples of 16, and B, H <= 65535", shapes());
         };
+        check_starts(starts, q, b, t)?;
         let (q, k, v, dout) = (
             prep(q, DType::BF16, "q")?,
             prep(k, DType::BF16, "k")?,
@@ -531,6 +612,11 @@ mod cuda {
         let dov = view::<bf16>(&ds, dl, "dout")?;
         let lv = view::<f32>(&ls, ll, "lse")?;
         let ev = view::<f32>(&es, el, "delta")?;
+        let st_guard = starts.map(|st| st.storage_and_layout());
+        let sv = match &st_guard {
+            Some((ss, sl)) => Some(view::<u32>(ss, sl, "starts")?),
+            None => None,
+        };
         // Every element is written exactly once (rows below T, all DQK / DV columns: multiples
         // of 16), never accumulated into, so the buffers need no zeroing.
         // SAFETY: uninitialised device memory that the kernels overwrite in full before any read.
@@ -551,14 +637,9 @@ mod cuda {
             shared_mem_bytes: smem_kv as u32,
         };
         let mut lb = stream.launch_builder(&f_kv);
-        lb.arg(&qv)
-            .arg(&kv)
-            .arg(&vv)
-            .arg(&dov)
-            .arg(&lv)
-            .arg(&ev)
-            .arg(&mut dk)
-            .arg(&mut dvv);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev);
+        push_starts(&mut lb, &sv);
+        lb.arg(&mut dk).arg(&mut dvv);
         lb.arg(&t32)
             .arg(&h32)
             .arg(&dqk32)
@@ -566,7 +647,8 @@ mod cuda {
             .arg(&scale32)
             .arg(&scale_log2);
         // SAFETY: q, k [B, H, T, DQK], v and dout [B, H, T, DV] bf16, lse and delta [B, H, T]
-        // f32, all contiguous and 16-byte aligned (checked above); dk, dv fresh buffers of the
+        // f32, all contiguous and 16-byte aligned (checked above), starts (if any) contiguous
+        // u32 [B, T]; dk, dv fresh buffers of the
         // sizes the kernel indexes; candle's stream orders the launch with its other work.
         unsafe { lb.launch(cfg_kv) }.w()?;
         drop(lb);
@@ -576,13 +658,9 @@ mod cuda {
             shared_mem_bytes: smem_q as u32,
         };
         let mut lb = stream.launch_builder(&f_q);
-        lb.arg(&qv)
-            .arg(&kv)
-            .arg(&vv)
-            .arg(&dov)
-            .arg(&lv)
-            .arg(&ev)
-            .arg(&mut dq);
+        lb.arg(&qv).arg(&kv).arg(&vv).arg(&dov).arg(&lv).arg(&ev);
+        push_starts(&mut lb, &sv);
+        lb.arg(&mut dq);
         lb.arg(&t32)
             .arg(&h32)
             .arg(&dqk32)
@@ -617,6 +695,7 @@ mod cuda {
         w: &Tensor,
         ki: &Tensor,
         g: f64,
+        starts: Option<&Tensor>,
     ) -> Result<WarmupKl> {
         let (b, h, t, dqk) = q.dims4()?;
         let shapes = || {
@@ -651,6 +730,7 @@ mod cuda {
         if !fits {
             bail!("warmup_kl: {} do not fit (DQK a multiple of 16 <= 256, 1 <= HI <= 64, DI a multiple of 16 <= 128, T > 0)", shapes());
         }
+        check_starts(starts, q, b, t)?;
         let q = prep(q, DType::BF16, "q")?;
         let k = prep(k, DType::BF16, "k")?;
         let lse = prep(lse, DType::F32, "lse")?;
@@ -681,6 +761,11 @@ mod cuda {
         let qiv = view::<f32>(&qis, qil, "qi")?;
         let wv = view::<f32>(&ws, wl, "w")?;
         let kiv = view::<f32>(&kis, kil, "ki")?;
+        let st_guard = starts.map(|st| st.storage_and_layout());
+        let sv = match &st_guard {
+            Some((ss, sl)) => Some(view::<u32>(ss, sl, "starts")?),
+            None => None,
+        };
         // All outputs start at zero: dqi and dki are accumulated into (dki with atomics).
         let mut kl = dev.alloc_zeros::<f32>(b * t)?;
         let mut dqi = dev.alloc_zeros::<f32>(b * t * hi * di)?;
@@ -704,6 +789,7 @@ mod cuda {
         let stream = dev.cuda_stream();
         let mut lb = stream.launch_builder(&f);
         lb.arg(&qv).arg(&kv).arg(&lv).arg(&qiv).arg(&wv).arg(&kiv);
+        push_starts(&mut lb, &sv);
         lb.arg(&mut kl).arg(&mut dqi).arg(&mut dw).arg(&mut dki);
         lb.arg(&t32)
             .arg(&h32)
@@ -713,8 +799,8 @@ mod cuda {
             .arg(&scale_log2)
             .arg(&g32)
             .arg(&nbuf32);
-        // SAFETY: every input is contiguous, of the checked shape and dtype, 16-byte aligned;
-        // the outputs are fresh zeroed buffers of the sizes the kernel indexes; candle's stream.
+        // SAFETY: every input is contiguous, of the checked shape and dtype, 16-byte aligned
+        // (starts, if any, contiguous u32 [B, T]); the outputs are fresh zeroed buffers of the sizes the kernel indexes; candle's stream.
         unsafe { lb.launch(cfg) }.w()?;
         drop(lb);
         Ok(WarmupKl {
@@ -744,8 +830,8 @@ mod tests {
             r(&[b, h, t, dv], 3),
         );
         let (qi, w, ki) = (r(&[b, t, hi, di], 4), r(&[b, t, hi], 5), r(&[b, t, di], 6));
-        let (out, lse) = dense_attention_fwd_plain(&q, &k, &v, scale).unwrap();
-        let res = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g).unwrap();
+        let (out, lse) = dense_attention_fwd_plain(&q, &k, &v, scale, None).unwrap();
+        let res = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, None).unwrap();
         let f = |x: &Tensor| -> Vec<f64> {
             x.flatten_all()
                 .unwrap()
@@ -841,6 +927,112 @@ mod tests {
             for (a, e) in got.iter().zip(want.iter()) {
                 close(*a, *e, what);
             }
+        }
+    }
+
+    /// With document starts, the plain twins give each document's rows (out, lse, kl, dqi, dw)
+    /// and keys (dki) what the document alone gives without starts: no query sees an earlier
+    /// document in the attention or in the indexer's softmax, and no key gets gradient from a
+    /// later document. All-zero starts equal None exactly.
+    #[test]
+    fn plain_twins_with_document_starts_equal_each_document_alone() {
+        let dev = Device::Cpu;
+        let (b, h, t, dqk, dv, hi, di) = (2usize, 2usize, 13usize, 8usize, 4usize, 3usize, 5usize);
+        let (scale, g) = (0.4, 0.7);
+        let docs = [vec![4usize, 1, 8], vec![6, 7]];
+        let mut host = vec![];
+        for seq in &docs {
+            let mut s0 = 0u32;
+            for &len in seq {
+                host.extend(std::iter::repeat_n(s0, len));
+                s0 += len as u32;
+            }
+        }
+        let starts = Tensor::from_vec(host, (b, t), &dev).unwrap();
+        let r = |shape: &[usize], seed: u64| crate::rng::randn(shape, seed, 1.0, &dev).unwrap();
+        let (q, k, v) = (
+            r(&[b, h, t, dqk], 11),
+            r(&[b, h, t, dqk], 12),
+            r(&[b, h, t, dv], 13),
+        );
+        let (qi, w, ki) = (
+            r(&[b, t, hi, di], 14),
+            r(&[b, t, hi], 15),
+            r(&[b, t, di], 16),
+        );
+        let (out, lse) = dense_attention_fwd_plain(&q, &k, &v, scale, Some(&starts)).unwrap();
+        let res = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, Some(&starts)).unwrap();
+        let err = |a: &Tensor, e: &Tensor| -> f32 {
+            let d = (a - e).unwrap().abs().unwrap().flatten_all().unwrap();
+            let m = e.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            d.max(0).unwrap().to_scalar::<f32>().unwrap() / (1.0 + m.to_scalar::<f32>().unwrap())
+        };
+        // Both sequences hold several documents, so the starts must change the rows.
+        let causal = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, None).unwrap();
+        assert!(
+            err(&res.kl, &causal.kl) > 1e-3,
+            "the starts changed nothing"
+        );
+        for (bi, seq) in docs.iter().enumerate() {
+            let mut s0 = 0;
+            for &len in seq {
+                // Rows of the document: dim 2 of [B, H, T, .], dim 1 of [B, T, ..].
+                let heads = |x: &Tensor| x.narrow(0, bi, 1).unwrap().narrow(2, s0, len).unwrap();
+                let toks = |x: &Tensor| x.narrow(0, bi, 1).unwrap().narrow(1, s0, len).unwrap();
+                let (o1, l1) =
+                    dense_attention_fwd_plain(&heads(&q), &heads(&k), &heads(&v), scale, None)
+                        .unwrap();
+                let alone = warmup_kl_plain(
+                    &heads(&q),
+                    &heads(&k),
+                    scale,
+                    &toks(&qi),
+                    &toks(&w),
+                    &toks(&ki),
+                    g,
+                    None,
+                )
+                .unwrap();
+                for (what, got, want) in [
+                    ("out", heads(&out), o1),
+                    ("lse", heads(&lse), l1),
+                    ("kl", toks(&res.kl), alone.kl),
+                    ("dqi", toks(&res.dqi), alone.dqi),
+                    ("dw", toks(&res.dw), alone.dw),
+                    ("dki", toks(&res.dki), alone.dki),
+                ] {
+                    let e = err(&got, &want);
+                    assert!(
+                        e < 1e-5,
+                        "sequence {bi}, document at {s0} (length {len}): {what} {e}"
+                    );
+                }
+                s0 += len;
+            }
+        }
+        // All-zero starts: the same bits as None.
+        let zeros = Tensor::zeros((b, t), DType::U32, &dev).unwrap();
+        let bits = |x: &Tensor| -> Vec<u32> {
+            x.flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap()
+                .into_iter()
+                .map(f32::to_bits)
+                .collect()
+        };
+        let (oz, lz) = dense_attention_fwd_plain(&q, &k, &v, scale, Some(&zeros)).unwrap();
+        let (on, ln) = dense_attention_fwd_plain(&q, &k, &v, scale, None).unwrap();
+        assert_eq!((bits(&oz), bits(&lz)), (bits(&on), bits(&ln)));
+        let z = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, Some(&zeros)).unwrap();
+        let n = warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, None).unwrap();
+        for (a, e) in [
+            (&z.kl, &n.kl),
+            (&z.dqi, &n.dqi),
+            (&z.dw, &n.dw),
+            (&z.dki, &n.dki),
+        ] {
+            assert_eq!(bits(a), bits(e));
         }
     }
 }

@@ -85,6 +85,8 @@ pub struct DenseScores {
     pub k: Tensor,
     pub lse: Tensor,
     pub scale: f64,
+    /// Document masking: each query's first key, u32 [B, T] (None: causal).
+    pub starts: Option<Tensor>,
 }
 
 /// What the query path (`Mla::queries_saved`) keeps for its backward: the q LoRA output before
@@ -125,6 +127,8 @@ pub struct DenseSaved {
     lse: Tensor,
     o_flat: Tensor,
     rows: usize,
+    /// Document masking: each query's first key, u32 [B, T].
+    starts: Option<Tensor>,
 }
 
 /// The absorbed attention's gradients with respect to its inputs.
@@ -403,10 +407,11 @@ impl Mla {
 
     /// Dense MLA in MHA mode for training without an [H, T, T] graph (`dense_recompute`):
     /// the output only; the per-head probabilities are never materialised whole.
-    pub fn dense_recomputing(&self, p: &Projected) -> Result<Tensor> {
+    /// `starts`: document masking's first key per query, u32 [B, T].
+    pub fn dense_recomputing(&self, p: &Projected, starts: Option<&Tensor>) -> Result<Tensor> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let (q, k, v) = self.mha_qkv(p)?;
-        let o = super::dense_recompute::attention(self.kernels, &q, &k, &v, self.scale, 0)?; // [B, H, T, V]
+        let o = super::dense_recompute::attention(self.kernels, &q, &k, &v, self.scale, 0, starts)?; // [B, H, T, V]
         linear(
             &o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?,
             &self.o_proj,
@@ -421,6 +426,7 @@ impl Mla {
         q_nope: &Tensor,
         q_pe: &Tensor,
         kv: &Tensor,
+        starts: Option<&Tensor>,
     ) -> Result<(Tensor, DenseSaved)> {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r) = (self.kv_lora, self.rope);
@@ -440,9 +446,9 @@ impl Mla {
             && self.kernels.on(q.device())
             && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
         let (o, lse) = if kernel {
-            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?
+            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, starts)?
         } else {
-            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows)?
+            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows, starts)?
         };
         let o = o.to_dtype(v.dtype())?; // [B, H, T, V]
         let o_flat = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
@@ -458,6 +464,7 @@ impl Mla {
                 lse,
                 o_flat,
                 rows,
+                starts: starts.cloned(),
             },
         ))
     }
@@ -486,12 +493,26 @@ impl Mla {
         let (dq, dk, dv) =
             if super::dense_recompute::use_backward_kernel(self.kernels, &saved.q, &saved.v)? {
                 crate::kernels::warmup_kl::dense_attention_bwd(
-                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
+                    &saved.q,
+                    &saved.k,
+                    &saved.v,
+                    &saved.o,
+                    &saved.lse,
+                    &d_o,
+                    self.scale,
+                    saved.starts.as_ref(),
                 )?
             } else {
                 super::dense_recompute::backward_blocks(
-                    &saved.q, &saved.k, &saved.v, &saved.o, &saved.lse, &d_o, self.scale,
+                    &saved.q,
+                    &saved.k,
+                    &saved.v,
+                    &saved.o,
+                    &saved.lse,
+                    &d_o,
+                    self.scale,
                     saved.rows,
+                    saved.starts.as_ref(),
                 )?
             };
         let to_tokens =
@@ -538,10 +559,15 @@ impl Mla {
 
     /// Dense MLA through the flash-style kernel: the output and what the streaming warm-up KL
     /// recomputes the target from (per-head q, k and LSE); no [T, T] tensor exists.
-    pub fn dense_streaming(&self, p: &Projected) -> Result<(Tensor, DenseScores)> {
+    pub fn dense_streaming(
+        &self,
+        p: &Projected,
+        starts: Option<&Tensor>,
+    ) -> Result<(Tensor, DenseScores)> {
         let (b, t, h, _) = p.q_nope.dims4()?;
         let (q, k, v) = self.mha_qkv(p)?;
-        let (o, lse) = crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale)?; // [B, H, T, V]
+        let (o, lse) =
+            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, starts)?; // [B, H, T, V]
         let o = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
         Ok((
             linear(&o, &self.o_proj)?,
@@ -550,6 +576,7 @@ impl Mla {
                 k: k.detach(),
                 lse,
                 scale: self.scale,
+                starts: starts.cloned(),
             },
         ))
     }

@@ -249,7 +249,8 @@ impl DecoderLayer {
         let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
         let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
         let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xn, &ctx.cos, &ctx.sin)?;
-        let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv)?;
+        let starts = ctx.starts.as_ref().map(|s| s.tensor());
+        let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv, starts)?;
         let h1 = (&h + a)?;
         let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
         let dxf = match &self.ffn {
@@ -559,7 +560,7 @@ pub fn explicit_against_autograd_in(
             .map(|i| match i {
                 i if i < a => 0,
                 i if i == a => a,
-                i => a + 1,
+                _ => a + 1,
             })
             .chain((0..t).map(|i| if i < half { 0 } else { half }))
             .map(|s| s as u32)
@@ -824,7 +825,11 @@ mod tests {
                 r.max_rel,
                 r.worst
             );
-            assert!(r.compared >= 40, "rows {rows}: only {} gradients", r.compared);
+            assert!(
+                r.compared >= 40,
+                "rows {rows}: only {} gradients",
+                r.compared
+            );
         }
     }
 }

@@ -20,10 +20,14 @@
 //! - lse), dv += p^T do, dp = do v^T, ds = p (dp - delta) with delta = rowsum(do * o), dq =
 //! scale ds k, dk += scale ds^T q. The probabilities are recomputed from the forward's lse, so
 //! a row sums to 1 up to the rounding of lse; dk and dv are summed over blocks in f32.
+//!
+//! Document masking: `starts` (None or u32 [B, T], each query's first key) restricts query t
+//! of sequence b to the keys start[b, t] ..= t, through the bias (`dsa::key_bias_rows`: MASKED
+//! before the start as above the diagonal, so those keys get p = 0 exactly) in the plain path
+//! and the kernels' per-row start otherwise. None is start 0: plain causal attention.
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
-use crate::dsa::causal_rows;
 use crate::kernels::{Fused, KernelPolicy};
 
 /// Query rows per block so that one block's [B, H, rows, T] f32 scores hold about 2^27 values
@@ -34,7 +38,8 @@ pub fn block_rows(b: usize, h: usize, t: usize) -> usize {
 
 /// Causal softmax attention q, k [B, H, T, DQK], v [B, H, T, DV] -> [B, H, T, DV] in v's
 /// dtype, differentiable in q, k and v, scores `scale * q.k`. `rows`: query rows per block of
-/// the backward (and of the plain forward); 0 picks `block_rows`.
+/// the backward (and of the plain forward); 0 picks `block_rows`. `starts`: None, or u32
+/// [B, T] with each query's first key (document masking), kept for the backward.
 pub fn attention(
     kernels: KernelPolicy,
     q: &Tensor,
@@ -42,6 +47,7 @@ pub fn attention(
     v: &Tensor,
     scale: f64,
     rows: usize,
+    starts: Option<&Tensor>,
 ) -> Result<Tensor> {
     let (b, h, t, _) = q.dims4()?;
     let rows = if rows == 0 { block_rows(b, h, t) } else { rows };
@@ -50,9 +56,9 @@ pub fn attention(
         && kernels.on(q.device())
         && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
     let (out, lse) = if kernel {
-        crate::kernels::warmup_kl::dense_attention_fwd(&qd, &kd, &vd, scale)?
+        crate::kernels::warmup_kl::dense_attention_fwd(&qd, &kd, &vd, scale, starts)?
     } else {
-        forward_blocks(&qd, &kd, &vd, scale, rows)?
+        forward_blocks(&qd, &kd, &vd, scale, rows, starts)?
     };
     // A fresh buffer holding exactly the output (offset 0, no more elements than the shape):
     // the op below hands out a copy of the whole buffer as a contiguous tensor.
@@ -66,17 +72,20 @@ pub fn attention(
             scale,
             rows,
             kernels,
+            starts: starts.cloned(),
         },
     )
 }
 
 /// The plain forward, a block of query rows at a time: (out [B, H, T, DV] f32, lse [B, H, T]).
+/// `starts`: None or u32 [B, T] (each query's first key).
 pub fn forward_blocks(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     scale: f64,
     rows: usize,
+    starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
     let t = q.dim(2)?;
     let (q, k, v) = (
@@ -88,7 +97,7 @@ pub fn forward_blocks(
     for q0 in (0..t).step_by(rows.max(1)) {
         let n = rows.min(t - q0);
         let keys = q0 + n;
-        let s = scores(&q, &k, scale, q0, n, keys)?; // [B, H, n, keys]
+        let s = scores(&q, &k, scale, q0, n, keys, starts)?; // [B, H, n, keys]
         let lse = crate::ops::logsumexp_last(&s)?; // [B, H, n, 1]
         let p = s.broadcast_sub(&lse)?.exp()?;
         outs.push(p.matmul(&v.narrow(2, 0, keys)?.contiguous()?)?);
@@ -97,15 +106,32 @@ pub fn forward_blocks(
     Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
 }
 
-/// scale q.k + causal bias for queries q0..q0+n against keys 0..keys, f32 [B, H, n, keys].
-fn scores(q: &Tensor, k: &Tensor, scale: f64, q0: usize, n: usize, keys: usize) -> Result<Tensor> {
+/// scale q.k + mask bias for queries q0..q0+n against keys 0..keys, f32 [B, H, n, keys]: the
+/// causal bias, and with `starts` (u32 [B, T]) MASKED before each query's first key too.
+fn scores(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    q0: usize,
+    n: usize,
+    keys: usize,
+    starts: Option<&Tensor>,
+) -> Result<Tensor> {
     let qb = q.narrow(2, q0, n)?.contiguous()?;
     let kb = k.narrow(2, 0, keys)?.contiguous()?;
-    let bias = causal_rows(q0, n, keys, q.device())?; // [n, keys]
+    let rows = starts.map(|s| s.narrow(1, q0, n)).transpose()?; // [B, n]
+    let bias = crate::dsa::key_bias_rows(q0, n, keys, rows.as_ref(), q.device())?;
+    // [n, keys] broadcasts as is; [B, n, keys] over the heads as [B, 1, n, keys].
+    let bias = if bias.rank() == 3 {
+        bias.unsqueeze(1)?
+    } else {
+        bias
+    };
     (qb.matmul(&kb.t()?)? * scale)?.broadcast_add(&bias)
 }
 
-/// The backward a block of query rows at a time: (dq, dk, dv) in f32.
+/// The backward a block of query rows at a time: (dq, dk, dv) in f32. `starts`: the
+/// forward's (None or u32 [B, T]).
 #[allow(clippy::too_many_arguments)]
 pub fn backward_blocks(
     q: &Tensor,
@@ -116,6 +142,7 @@ pub fn backward_blocks(
     dout: &Tensor,
     scale: f64,
     rows: usize,
+    starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
     let t = q.dim(2)?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
@@ -128,7 +155,7 @@ pub fn backward_blocks(
     for q0 in (0..t).step_by(rows.max(1)) {
         let n = rows.min(t - q0);
         let keys = q0 + n;
-        let p = scores(&q, &k, scale, q0, n, keys)?
+        let p = scores(&q, &k, scale, q0, n, keys, starts)?
             .broadcast_sub(&lse.narrow(2, q0, n)?)?
             .exp()?; // [B, H, n, keys]
         let do_b = dout.narrow(2, q0, n)?.contiguous()?;
@@ -162,6 +189,8 @@ struct RecomputingBackward {
     scale: f64,
     rows: usize,
     kernels: KernelPolicy,
+    /// The forward's key starts (u32 [B, T]), None for plain causal attention.
+    starts: Option<Tensor>,
 }
 
 impl RecomputingBackward {
@@ -232,10 +261,19 @@ impl CustomOp3 for RecomputingBackward {
                 &self.lse,
                 &grad.to_dtype(DType::BF16)?,
                 self.scale,
+                self.starts.as_ref(),
             )?
         } else {
             backward_blocks(
-                &q, &k, &v, &self.out, &self.lse, &grad, self.scale, self.rows,
+                &q,
+                &k,
+                &v,
+                &self.out,
+                &self.lse,
+                &grad,
+                self.scale,
+                self.rows,
+                self.starts.as_ref(),
             )?
         };
         Ok((
@@ -254,7 +292,7 @@ mod tests {
     /// The plain attention of the whole sequence, differentiated by autograd.
     fn whole(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let t = q.dim(2)?;
-        let s = scores(q, k, scale, 0, t, t)?;
+        let s = scores(q, k, scale, 0, t, t, None)?;
         crate::ops::softmax_last(&s)?.matmul(v)
     }
 
@@ -281,6 +319,7 @@ mod tests {
                 v.as_tensor(),
                 scale,
                 rows,
+                None,
             )?;
             let reference = whole(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale)?;
             let g1 = (&ours * &up)?.sum_all()?.backward()?;
@@ -315,8 +354,8 @@ mod tests {
         let q = crate::rng::randn(&[1, 2, 9, 4], 1, 1.0, &dev)?;
         let k = crate::rng::randn(&[1, 2, 9, 4], 2, 1.0, &dev)?;
         let v = crate::rng::randn(&[1, 2, 9, 3], 3, 1.0, &dev)?;
-        let (_, lse) = forward_blocks(&q, &k, &v, 0.5, 4)?;
-        let s = scores(&q, &k, 0.5, 0, 9, 9)?;
+        let (_, lse) = forward_blocks(&q, &k, &v, 0.5, 4, None)?;
+        let s = scores(&q, &k, 0.5, 0, 9, 9, None)?;
         let expect = crate::ops::logsumexp_last(&s)?.squeeze(D::Minus1)?;
         let d = (lse - expect)?
             .abs()?
@@ -324,6 +363,152 @@ mod tests {
             .max(0)?
             .to_scalar::<f32>()?;
         assert!(d < 1e-6, "{d}");
+        Ok(())
+    }
+
+    /// Key starts u32 [B, T] of sequences cut into documents of the given lengths.
+    fn doc_starts(docs: &[Vec<usize>], t: usize) -> Result<Tensor> {
+        let mut v = vec![];
+        for seq in docs {
+            assert_eq!(seq.iter().sum::<usize>(), t, "documents {seq:?}");
+            let mut s0 = 0u32;
+            for &len in seq {
+                v.extend(std::iter::repeat_n(s0, len));
+                s0 += len as u32;
+            }
+        }
+        Tensor::from_vec(v, (docs.len(), t), &Device::Cpu)
+    }
+
+    /// max |a - b| / (1 + max |b|).
+    fn max_err(a: &Tensor, b: &Tensor) -> Result<f32> {
+        let d = (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        let m = b.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        Ok(d / (1.0 + m))
+    }
+
+    /// With document starts, each document's rows of the blocked forward (out, lse) and backward
+    /// (dq, dk, dv) equal those of the document run alone (its rows of q, k, v and dout, no
+    /// starts): no query sees an earlier document, and no key gets gradient from a later one.
+    /// Blocks of 4 rows put document boundaries inside blocks; a length-1 document is included.
+    #[test]
+    fn document_starts_equal_each_document_alone() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, dqk, dvv, rows) = (2usize, 3usize, 23usize, 8usize, 5usize, 4usize);
+        let docs = vec![vec![5usize, 1, 10, 7], vec![23]];
+        let starts = doc_starts(&docs, t)?;
+        let r = |shape: &[usize], seed: u64| crate::rng::randn(shape, seed, 1.5, &dev);
+        let (q, k, v, dout) = (
+            r(&[b, h, t, dqk], 41)?,
+            r(&[b, h, t, dqk], 42)?,
+            r(&[b, h, t, dvv], 43)?,
+            r(&[b, h, t, dvv], 44)?,
+        );
+        let scale = 0.45;
+        let (out, lse) = forward_blocks(&q, &k, &v, scale, rows, Some(&starts))?;
+        let (dq, dk, dv) =
+            backward_blocks(&q, &k, &v, &out, &lse, &dout, scale, rows, Some(&starts))?;
+        // Sequence 0 has four documents, so starts must change its rows (the test can fail).
+        let (causal_out, _) = forward_blocks(&q, &k, &v, scale, rows, None)?;
+        assert!(
+            max_err(&out, &causal_out)? > 1e-2,
+            "the starts changed nothing"
+        );
+        // `attention` carries the starts to its backward: its gradients are backward_blocks'.
+        let vars = [&q, &k, &v].map(|x| Var::from_tensor(x).expect("var"));
+        let o = attention(
+            KernelPolicy::default(),
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            vars[2].as_tensor(),
+            scale,
+            rows,
+            Some(&starts),
+        )?;
+        assert!(max_err(&o, &out)? == 0.0, "attention's output");
+        let grads = (&o * &dout)?.sum_all()?.backward()?;
+        for (what, x, want) in [
+            ("dq", &vars[0], &dq),
+            ("dk", &vars[1], &dk),
+            ("dv", &vars[2], &dv),
+        ] {
+            let e = max_err(grads.get(x.as_tensor()).expect("grad"), want)?;
+            assert!(e == 0.0, "attention's {what}: {e}");
+        }
+        for (bi, seq) in docs.iter().enumerate() {
+            let mut s0 = 0;
+            for &len in seq {
+                let cut = |x: &Tensor| -> Result<Tensor> { x.narrow(0, bi, 1)?.narrow(2, s0, len) };
+                let (qd, kd, vd, dod) = (cut(&q)?, cut(&k)?, cut(&v)?, cut(&dout)?);
+                let (o1, l1) = forward_blocks(&qd, &kd, &vd, scale, 3, None)?;
+                let (dq1, dk1, dv1) =
+                    backward_blocks(&qd, &kd, &vd, &o1, &l1, &dod, scale, 3, None)?;
+                let lse_rows = lse.narrow(0, bi, 1)?.narrow(2, s0, len)?;
+                for (what, got, want) in [
+                    ("out", cut(&out)?, o1),
+                    ("lse", lse_rows, l1),
+                    ("dq", cut(&dq)?, dq1),
+                    ("dk", cut(&dk)?, dk1),
+                    ("dv", cut(&dv)?, dv1),
+                ] {
+                    let e = max_err(&got, &want)?;
+                    assert!(
+                        e < 1e-5,
+                        "sequence {bi}, document at {s0} (length {len}): {what} {e}"
+                    );
+                }
+                s0 += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// All-zero starts are the causal attention bit for bit: the blocked forward and backward
+    /// and `attention`'s autograd (the recomputing op carries its starts to the backward).
+    #[test]
+    fn all_zero_starts_equal_no_starts_exactly() -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, t, dqk, dvv) = (2usize, 2usize, 19usize, 8usize, 4usize);
+        let zeros = Tensor::zeros((b, t), DType::U32, &dev)?;
+        let q = Var::from_tensor(&crate::rng::randn(&[b, h, t, dqk], 51, 2.0, &dev)?)?;
+        let k = Var::from_tensor(&crate::rng::randn(&[b, h, t, dqk], 52, 2.0, &dev)?)?;
+        let v = Var::from_tensor(&crate::rng::randn(&[b, h, t, dvv], 53, 1.0, &dev)?)?;
+        let dout = crate::rng::randn(&[b, h, t, dvv], 54, 1.0, &dev)?;
+        let bits = |x: &Tensor| -> Result<Vec<u32>> {
+            Ok(x.flatten_all()?
+                .to_vec1::<f32>()?
+                .into_iter()
+                .map(f32::to_bits)
+                .collect())
+        };
+        let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
+        let (o_n, l_n) = forward_blocks(qt, kt, vt, 0.3, 5, None)?;
+        let (o_z, l_z) = forward_blocks(qt, kt, vt, 0.3, 5, Some(&zeros))?;
+        assert_eq!(bits(&o_z)?, bits(&o_n)?, "out");
+        assert_eq!(bits(&l_z)?, bits(&l_n)?, "lse");
+        let g_n = backward_blocks(qt, kt, vt, &o_n, &l_n, &dout, 0.3, 5, None)?;
+        let g_z = backward_blocks(qt, kt, vt, &o_n, &l_n, &dout, 0.3, 5, Some(&zeros))?;
+        for (what, a, b) in [
+            ("dq", &g_z.0, &g_n.0),
+            ("dk", &g_z.1, &g_n.1),
+            ("dv", &g_z.2, &g_n.2),
+        ] {
+            assert_eq!(bits(a)?, bits(b)?, "{what}");
+        }
+        let run = |starts: Option<&Tensor>| -> Result<Vec<Vec<u32>>> {
+            let o = attention(KernelPolicy::default(), qt, kt, vt, 0.3, 5, starts)?;
+            let g = (&o * &dout)?.sum_all()?.backward()?;
+            let mut all = vec![bits(&o)?];
+            for x in [&q, &k, &v] {
+                all.push(bits(g.get(x.as_tensor()).expect("grad"))?);
+            }
+            Ok(all)
+        };
+        assert_eq!(
+            run(Some(&zeros))?,
+            run(None)?,
+            "attention and its gradients"
+        );
         Ok(())
     }
 }

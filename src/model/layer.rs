@@ -68,14 +68,14 @@ impl DecoderLayer {
             _ if eval => self.attention_in_blocks(&proj, ix, ctx, opts, cached, &mut stats)?,
             AttentionMode::Dense
                 if opts.defer_kl()
-                    && ctx.starts.is_none() /* DOCMASK-MERGE */
                     && self.attn.streaming_supported(
                         &proj,
                         self.indexer.heads,
                         self.indexer.head_dim,
                     ) =>
             {
-                let (out, scores) = self.attn.dense_streaming(&proj)?;
+                let starts = ctx.starts.as_ref().map(|s| s.tensor());
+                let (out, scores) = self.attn.dense_streaming(&proj, starts)?;
                 stats.deferred_kl = Some(DeferredKl::Streaming {
                     proj: ix.expect("deferred KL projects the indexer").whole()?,
                     scores,
@@ -85,9 +85,9 @@ impl DecoderLayer {
             // No indexer statistic wants the probabilities (the dense pre-training stage): the
             // flash-style forward and backward (kernels, or the block-recomputing twin), no
             // [H, T, T] graph.
-            AttentionMode::Dense if ix.is_none() && !opts.defer_kl() => {
-                self.attn.dense_recomputing(&proj)?
-            }
+            AttentionMode::Dense if ix.is_none() && !opts.defer_kl() => self
+                .attn
+                .dense_recomputing(&proj, ctx.starts.as_ref().map(|s| s.tensor()))?,
             AttentionMode::Dense => {
                 let ix = ix.map(IndexerView::whole).transpose()?;
                 let causal = ctx.causal(0, ctx.t)?;
@@ -104,8 +104,9 @@ impl DecoderLayer {
                         stats.indexer_kl = Some(kl_rows(a.probs()?, &scores)?);
                     }
                     if opts.recall() {
-                        let sel = select_topk_in(&scores.detach(), opts.topk(), ctx.starts.as_ref())
-                            .map_err(candle_core::Error::wrap)?;
+                        let sel =
+                            select_topk_in(&scores.detach(), opts.topk(), ctx.starts.as_ref())
+                                .map_err(candle_core::Error::wrap)?;
                         stats.recall =
                             Some(recall_rows(a.probs()?, &sel).map_err(candle_core::Error::wrap)?);
                     }
@@ -200,16 +201,18 @@ impl DecoderLayer {
                     }
                     _ => None,
                 };
-                let out = self.attn.dense_blocks(proj, ctx, rows, true, |q0, n, probs| {
-                    if let (Some(p), true) = (&ix, opts.indexer_kl()) {
-                        kl.push(DeferredKl::kl_rows_of(p, &probs, ctx, q0, n)?);
-                    }
-                    if let Some(sel) = &sel {
-                        recall.push(recall_block(&probs, sel, q0, n)?);
-                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
-                    }
-                    Ok(())
-                })?;
+                let out = self
+                    .attn
+                    .dense_blocks(proj, ctx, rows, true, |q0, n, probs| {
+                        if let (Some(p), true) = (&ix, opts.indexer_kl()) {
+                            kl.push(DeferredKl::kl_rows_of(p, &probs, ctx, q0, n)?);
+                        }
+                        if let Some(sel) = &sel {
+                            recall.push(recall_block(&probs, sel, q0, n)?);
+                            ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
+                        }
+                        Ok(())
+                    })?;
                 out.expect("dense_blocks returns the output when asked")
             }
             AttentionMode::Sparse => {
@@ -220,11 +223,12 @@ impl DecoderLayer {
                     sparse_kl(ix, a.probs()?.clone(), &sel, &self.indexer, stats)?;
                 }
                 if opts.recall() {
-                    self.attn.dense_blocks(proj, ctx, rows, false, |q0, n, probs| {
-                        recall.push(recall_block(&probs, &sel, q0, n)?);
-                        ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
-                        Ok(())
-                    })?;
+                    self.attn
+                        .dense_blocks(proj, ctx, rows, false, |q0, n, probs| {
+                            recall.push(recall_block(&probs, &sel, q0, n)?);
+                            ceiling.push(crate::dsa::topk_mass_rows(&probs, opts.topk())?);
+                            Ok(())
+                        })?;
                 }
                 stats.selection = Some(sel);
                 a.out
@@ -481,13 +485,14 @@ fn select_indexer_topk(
 ) -> Result<crate::dsa::Selection> {
     let (b, t, _) = keys.dims3()?;
     let rows = rows.clamp(1, t.max(1));
-    if fast && ctx.starts.is_none() /* DOCMASK-MERGE */ {
+    if fast {
         let keys = keys.to_dtype(DType::BF16)?;
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
         for q0 in (0..t).step_by(rows) {
             let n = rows.min(t - q0);
             let (q, w) = queries(q0, n)?;
             let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
+            let starts = ctx.starts_rows(q0, n)?; // [B, n] under document masking
             for (bi, parts) in per_seq.iter_mut().enumerate() {
                 let positions = crate::kernels::indexer_topk::indexer_topk(
                     &q.get(bi)?,
@@ -495,6 +500,7 @@ fn select_indexer_topk(
                     &keys.get(bi)?,
                     q0,
                     k,
+                    starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
                 )?;
                 parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
             }

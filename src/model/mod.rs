@@ -270,7 +270,9 @@ impl DeferredKl {
         q0: usize,
         n: usize,
     ) -> Result<Tensor> {
-        let scores = proj.scores_rows(q0, n)?.broadcast_add(&ctx.causal(q0, n)?)?; // [B, n, T]
+        let scores = proj
+            .scores_rows(q0, n)?
+            .broadcast_add(&ctx.causal(q0, n)?)?; // [B, n, T]
         kl_rows(target, &scores)
     }
 }
@@ -421,7 +423,13 @@ impl ForwardContext {
 
     /// The RoPE rows (cos, sin) of positions q0..q0+n of sequences b0..b0+bn: [n, R/2], or
     /// [n, bn, R/2] under document masking.
-    pub fn rope_block(&self, b0: usize, bn: usize, q0: usize, n: usize) -> Result<(Tensor, Tensor)> {
+    pub fn rope_block(
+        &self,
+        b0: usize,
+        bn: usize,
+        q0: usize,
+        n: usize,
+    ) -> Result<(Tensor, Tensor)> {
         let rows = |table: &Tensor| -> Result<Tensor> {
             let r = table.narrow(0, q0, n)?;
             if r.rank() == 3 {

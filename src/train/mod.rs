@@ -948,6 +948,7 @@ impl Trainer {
                         &proj.w,
                         &proj.k,
                         g,
+                        scores.starts.as_ref(),
                     )?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }

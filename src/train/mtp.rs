@@ -52,8 +52,15 @@ impl Trainer {
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
         if let Some(weight) = terms.kl {
-            self.backprop_indexer_kl(&stats, &ctx, weight, accum, trainable, &module.layer.indexer)
-                .context("MTP indexer KL backward")?;
+            self.backprop_indexer_kl(
+                &stats,
+                &ctx,
+                weight,
+                accum,
+                trainable,
+                &module.layer.indexer,
+            )
+            .context("MTP indexer KL backward")?;
         }
         let Some(lm_weight) = terms.lm else {
             return Ok(None);
