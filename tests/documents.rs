@@ -276,7 +276,10 @@ fn document_masking_without_an_end_of_document_token_is_refused_by_name() {
     let e = err("");
     assert!(e.contains("data.eos_id") && e.contains("raw.bin"), "{e}");
     let e = err("eos_id = 9999\n");
-    assert!(e.contains("data.eos_id = 9999") && e.contains("vocabulary"), "{e}");
+    assert!(
+        e.contains("data.eos_id = 9999") && e.contains("vocabulary"),
+        "{e}"
+    );
     let e = err("eos_id = -1\n");
     assert!(e.contains("data.eos_id") && e.contains("token id"), "{e}");
     let e = err("eos_id = \"1\"\n");

@@ -222,27 +222,12 @@ fn topk_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         let dev_scores = Tensor::from_vec(scores.clone(), (r, t), gpu)?;
         let got = host_u32(&topk_rows(&dev_scores, q0, topk, None)?)?;
         let want = host_topk(&scores, r, t, q0, topk);
-        let kk = topk.min(t);
-        let bad: Vec<usize> = (0..r)
-            .filter(|&rr| got[rr * kk..(rr + 1) * kk] != want[rr * kk..(rr + 1) * kk])
-            .collect();
-        let first = bad.first().map(|&rr| {
-            let m = (0..kk)
-                .find(|&j| got[rr * kk + j] != want[rr * kk + j])
-                .unwrap_or(0);
-            format!(
-                "; first bad row {rr} at slot {m}: got {} want {}",
-                got[rr * kk + m],
-                want[rr * kk + m]
-            )
-        });
+        let (bad, first) = row_diff(&got, &want, r, topk.min(t));
         out.push(Outcome {
             name: "indexer top-k kernel vs twin",
-            ok: bad.is_empty() && got.len() == want.len(),
+            ok: bad == 0 && got.len() == want.len(),
             detail: format!(
-                "{what}: k {topk} T {t} R {r} q0 {q0}: {} of {r} rows differ (exact){}",
-                bad.len(),
-                first.unwrap_or_default()
+                "{what}: k {topk} T {t} R {r} q0 {q0}: {bad} of {r} rows differ (exact){first}"
             ),
         });
     }

@@ -95,18 +95,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         // The kernel reads the kernel's LSE; the twin recomputes the softmax from scratch.
         let kk = wk::warmup_kl(&q, &k, &lse_k, scale, &qi, &w, &ki, g, None)?;
         let tw = wk::warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, None)?;
-        let mut ok = true;
-        let mut parts = vec![];
-        for (what, a, r) in [
-            ("kl", &kk.kl, &tw.kl),
-            ("dqi", &kk.dqi, &tw.dqi),
-            ("dw", &kk.dw, &tw.dw),
-            ("dki", &kk.dki, &tw.dki),
-        ] {
-            let (o, d) = compare(a, r, 2e-2, 0.999)?;
-            ok &= o;
-            parts.push(format!("{what} {d}"));
-        }
+        let (ok, parts) = compare_kl(&kk, &tw)?;
         out.push(Outcome {
             name: "warm-up KL kernel vs twin",
             ok,
@@ -333,17 +322,7 @@ fn document_checks(gpu: &Device) -> Result<Vec<Outcome>> {
 
         let kk = wk::warmup_kl(&q, &k, &lse_k, scale, &qi, &w, &ki, g, Some(&starts))?;
         let tw = wk::warmup_kl_plain(&q, &k, scale, &qi, &w, &ki, g, Some(&starts))?;
-        let (mut ok, mut parts) = (true, vec![]);
-        for (what, a, r) in [
-            ("kl", &kk.kl, &tw.kl),
-            ("dqi", &kk.dqi, &tw.dqi),
-            ("dw", &kk.dw, &tw.dw),
-            ("dki", &kk.dki, &tw.dki),
-        ] {
-            let (o, d) = compare(a, r, 2e-2, 0.999)?;
-            ok &= o;
-            parts.push(format!("{what} {d}"));
-        }
+        let (ok, parts) = compare_kl(&kk, &tw)?;
         out.push(Outcome {
             name: "warm-up KL kernel vs twin, document starts",
             ok,
@@ -428,4 +407,21 @@ fn memory_check(gpu: &Device) -> Result<Outcome> {
             mib(outputs)
         ),
     })
+}
+
+/// The warm-up KL kernel's four outputs against its twin's (rel < 2e-2, cos > 0.999 each):
+/// whether all pass, and one note per output.
+fn compare_kl(kernel: &wk::WarmupKl, twin: &wk::WarmupKl) -> anyhow::Result<(bool, Vec<String>)> {
+    let (mut ok, mut parts) = (true, vec![]);
+    for (what, a, r) in [
+        ("kl", &kernel.kl, &twin.kl),
+        ("dqi", &kernel.dqi, &twin.dqi),
+        ("dw", &kernel.dw, &twin.dw),
+        ("dki", &kernel.dki, &twin.dki),
+    ] {
+        let (o, d) = compare(a, r, 2e-2, 0.999)?;
+        ok &= o;
+        parts.push(format!("{what} {d}"));
+    }
+    Ok((ok, parts))
 }
