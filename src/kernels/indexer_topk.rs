@@ -297,7 +297,7 @@ mod cuda {
         what: &str,
         align: usize,
     ) -> Result<CudaView<'a, T>> {
-        if !l.is_contiguous() || l.start_offset() % align != 0 {
+        if !l.is_contiguous() || !l.start_offset().is_multiple_of(align) {
             bail!("indexer_topk: {what} must be contiguous and start at a multiple of {align} elements, got strides {:?}, offset {} for shape {:?}",
                 l.stride(), l.start_offset(), l.shape());
         }

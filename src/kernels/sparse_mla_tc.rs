@@ -413,7 +413,7 @@ pub(crate) mod cuda {
         }
         // cp.async reads 16-byte pieces of q and kv rows: their storage must start 16-byte aligned
         // (rows are multiples of 64 elements, so every row is then aligned too).
-        if l1.start_offset() % 8 != 0 || l2.start_offset() % 8 != 0 {
+        if !l1.start_offset().is_multiple_of(8) || !l2.start_offset().is_multiple_of(8) {
             bail!(
                 "sparse_mla_bf16: q and kv must start at a multiple of 8 elements of their storage (16 bytes), got offsets {} and {}",
                 l1.start_offset(),
@@ -958,7 +958,6 @@ pub(crate) mod cuda {
                 }
                 .w()?;
             }
-            drop(dq);
             Ok((
                 CudaStorage::wrap_cuda_slice(out, dev.clone()),
                 Shape::from(dq_len + d.nkv * d.dqk),
