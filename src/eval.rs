@@ -28,7 +28,7 @@ use serde::Serialize;
 use crate::config::IndexerDefaults;
 use crate::data::{read_token_file, TokenStream};
 use crate::losses::{lm_chunk_positions, next_token_nll};
-use crate::model::{AttentionMode, LoadOptions, Model, Pass};
+use crate::model::{AttentionMode, ForwardContext, LoadOptions, Model, Pass};
 
 #[derive(Debug, Clone)]
 pub struct EvalArgs {
@@ -44,6 +44,9 @@ pub struct EvalArgs {
     pub skip_mtp: bool,
     /// Evaluate at most this many windows (all when None).
     pub max_windows: Option<usize>,
+    /// Document masking with this end-of-document token (`--document-mask`): each query
+    /// sees only its own document's keys, as `data.document_mask` trains (None: off).
+    pub document_eos: Option<u32>,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -60,6 +63,18 @@ pub struct EvalReport {
     pub attention_mass_recall_per_layer: Vec<f64>,
     pub attention_mass_recall_ceiling: f64,
     pub attention_mass_recall_ceiling_per_layer: Vec<f64>,
+}
+
+/// The end-of-document token a prepared token directory names (its index.json `eos_id`);
+/// raw token files and Megatron datasets name none.
+pub fn eos_of(tokens: &std::path::Path) -> Result<u32> {
+    if tokens.is_dir() {
+        return Ok(crate::data::DataIndex::read(&tokens.join("index.json"))?.eos_id);
+    }
+    bail!(
+        "--document-mask needs --eos-id: {} names no end-of-document token (only prepared data directories do)",
+        tokens.display()
+    )
 }
 
 /// Load the model named by `args` and evaluate it.
@@ -110,16 +125,45 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     if topk == 0 {
         bail!("--topk must be positive");
     }
+    if let Some(eos) = args
+        .document_eos
+        .filter(|&e| e as usize >= model.cfg.vocab_size)
+    {
+        bail!(
+            "--eos-id {eos} is outside the model's vocabulary ({} tokens)",
+            model.cfg.vocab_size
+        );
+    }
     // No [.., T, T] tensor and no [T, vocab] logits at once: any length whose weights fit.
     let opts = Pass::eval(args.attention, topk).in_rows(0);
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
     let mut ceiling_sum = vec![0f64; layers];
-    // Positions t with t + 1 > k count towards the recall.
-    let recall_positions = n.saturating_sub(topk);
+    // Positions whose query has more than k keys (t + 1 > k; under document masking,
+    // t - start + 1 > k) count towards the recall.
+    let mut recall_positions = 0usize;
+    let plain = ForwardContext::new(&model.cfg, n, &model.device)?;
     for w in 0..windows {
-        let window = Tensor::from_slice(&tokens[w * n..(w + 1) * n], (1, n), &model.device)?;
-        let (hidden, layers) = model.forward_layers(&window, &opts)?;
+        let host = &tokens[w * n..(w + 1) * n];
+        let window = Tensor::from_slice(host, (1, n), &model.device)?;
+        let ctx = match args.document_eos {
+            Some(eos) => plain.with_documents(crate::dsa::KeyStarts::after_eos(
+                host,
+                1,
+                n,
+                eos,
+                &model.device,
+            )?)?,
+            None => plain.clone(),
+        };
+        let keys: Vec<usize> = match &ctx.starts {
+            Some(s) => (0..n).map(|t| t + 1 - s.seq(0)[t] as usize).collect(),
+            None => (1..=n).collect(),
+        };
+        let counted: Vec<u32> = (0..n as u32).filter(|&t| keys[t as usize] > topk).collect();
+        recall_positions += counted.len();
+        let counted = Tensor::from_vec(counted.clone(), counted.len(), &model.device)?;
+        let (hidden, layers) = model.forward_layers_in(&window, &ctx, &opts)?;
         let nll = nll_sum_in_chunks(
             model,
             &hidden,
@@ -146,11 +190,11 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         nll_sum += nll;
         for (l, stats) in layers.iter().enumerate() {
             kl_sum[l] += layer_kl[l];
-            if let (Some(r), true) = (&stats.recall, recall_positions > 0) {
-                recall_sum[l] += sum_f64(&r.narrow(1, topk, recall_positions)?)?;
+            if let (Some(r), true) = (&stats.recall, counted.dim(0)? > 0) {
+                recall_sum[l] += sum_f64(&r.index_select(&counted, 1)?)?;
             }
-            if let (Some(c), true) = (&stats.recall_ceiling, recall_positions > 0) {
-                ceiling_sum[l] += sum_f64(&c.narrow(1, topk, recall_positions)?)?;
+            if let (Some(c), true) = (&stats.recall_ceiling, counted.dim(0)? > 0) {
+                ceiling_sum[l] += sum_f64(&c.index_select(&counted, 1)?)?;
             }
         }
         crate::elog!(
@@ -164,9 +208,7 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         if recall_positions == 0 {
             vec![1.0; layers]
         } else {
-            sums.iter()
-                .map(|s| s / (windows * recall_positions) as f64)
-                .collect()
+            sums.iter().map(|s| s / recall_positions as f64).collect()
         }
     };
     let (recall, ceiling) = (per_position(&recall_sum), per_position(&ceiling_sum));

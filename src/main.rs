@@ -73,6 +73,13 @@ enum Command {
         /// Evaluate only the first N windows.
         #[arg(long)]
         max_windows: Option<usize>,
+        /// Document masking: each query sees only its own document (as data.document_mask
+        /// trains); documents end with --eos-id (default: the prepared data's eos_id).
+        #[arg(long)]
+        document_mask: bool,
+        /// The end-of-document token for --document-mask.
+        #[arg(long)]
+        eos_id: Option<u32>,
     },
     /// Train a recipe: the dense warm-up or the sparse stage (train.stage).
     Train {
@@ -288,7 +295,12 @@ fn run(cli: Cli) -> Result<()> {
             init_seed,
             no_mtp,
             max_windows,
+            document_mask,
+            eos_id,
         } => {
+            if eos_id.is_some() && !document_mask {
+                anyhow::bail!("--eos-id is used only with --document-mask");
+            }
             if topk == Some(0) {
                 anyhow::bail!("--topk 0: top-k must be positive");
             }
@@ -327,6 +339,11 @@ fn run(cli: Cli) -> Result<()> {
                     topk,
                 ),
             };
+            let document_eos = match (document_mask, eos_id) {
+                (false, _) => None,
+                (true, Some(id)) => Some(id),
+                (true, None) => Some(dsa_train::eval::eos_of(&tokens)?),
+            };
             let args = EvalArgs {
                 model,
                 tokens,
@@ -342,6 +359,7 @@ fn run(cli: Cli) -> Result<()> {
                 init_seed,
                 skip_mtp: no_mtp,
                 max_windows,
+                document_eos,
             };
             let report = eval::run(&args)?;
             dsa_train::elog!(

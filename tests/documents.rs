@@ -289,3 +289,95 @@ fn document_masking_without_an_end_of_document_token_is_refused_by_name() {
     let mut trainer = dsa_train::train::Trainer::new(recipe, None).unwrap();
     trainer.accumulate_gradients().unwrap();
 }
+
+/// `eval --document-mask` gives a packed window's documents what they get alone: the indexer
+/// KL per layer x T equals the documents' x length (sparse attention, top-k below most
+/// documents' lengths); without EOS tokens in the stream the mask changes nothing.
+#[test]
+fn evaluation_with_document_masking_weighs_each_document_alone() {
+    let (tmp, dir) = tiny_checkpoint(true, 37);
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let t = 30;
+    let (host, spans) = packed(&[&[12, 18]], t, 7);
+    let args = |len: usize, eos: Option<u32>| dsa_train::eval::EvalArgs {
+        model: dir.clone(),
+        tokens: tmp.path().join("unused.bin"),
+        seq_len: len,
+        attention: AttentionMode::Sparse,
+        topk: Some(6),
+        device: Device::Cpu,
+        dtype: candle_core::DType::F32,
+        indexer: Default::default(),
+        init_seed: 0,
+        skip_mtp: true,
+        max_windows: None,
+        document_eos: eos,
+    };
+    let eval = |tokens: &[u32], len: usize, eos: Option<u32>| {
+        dsa_train::eval::evaluate(&model, tokens, &args(len, eos)).unwrap()
+    };
+    let masked = eval(&host, t, Some(EOS));
+    let alone: Vec<_> = spans
+        .iter()
+        .map(|&(_, start, len)| (len, eval(&host[start..start + len], len, None)))
+        .collect();
+    for l in 0..masked.indexer_kl_per_layer.len() {
+        let want: f64 = alone
+            .iter()
+            .map(|(len, r)| r.indexer_kl_per_layer[l] * *len as f64)
+            .sum();
+        let got = masked.indexer_kl_per_layer[l] * t as f64;
+        assert!(
+            (got - want).abs() <= 1e-5 * want.abs(),
+            "layer {l}: KL x T {got} vs {want}"
+        );
+    }
+    // Recall: over the queries with more than k keys of their own document, weighted alike.
+    let counted = |len: usize| len.saturating_sub(6);
+    let want: f64 = alone
+        .iter()
+        .map(|(len, r)| r.attention_mass_recall * counted(*len) as f64)
+        .sum::<f64>()
+        / alone
+            .iter()
+            .map(|(len, _)| counted(*len) as f64)
+            .sum::<f64>();
+    assert!(
+        (masked.attention_mass_recall - want).abs() < 1e-6,
+        "recall {} vs {want}",
+        masked.attention_mass_recall
+    );
+    let no_eos: Vec<u32> = host.iter().map(|&x| if x == EOS { 2 } else { x }).collect();
+    assert_eq!(eval(&no_eos, t, Some(EOS)), eval(&no_eos, t, None));
+}
+
+/// `eval --document-mask` on a raw token file needs `--eos-id`, and says so.
+#[test]
+fn eval_document_mask_on_a_raw_file_asks_for_the_eos_id() {
+    let (tmp, dir) = tiny_checkpoint(true, 39);
+    let raw = tmp.path().join("raw.bin");
+    dsa_train::data::write_token_file(&raw, &[5; 64]).unwrap();
+    let (d, r) = (dir.to_str().unwrap(), raw.to_str().unwrap());
+    let base = [
+        "eval",
+        "--model",
+        d,
+        "--tokens",
+        r,
+        "--seq-len",
+        "32",
+        "--document-mask",
+    ];
+    let (code, _, err) = common::run_cli(&base);
+    assert_ne!(code, 0);
+    assert!(err.contains("--eos-id") && err.contains("raw.bin"), "{err}");
+    let (code, _, err) = common::run_cli(&[&base[..], &["--eos-id", "99999"]].concat());
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("--eos-id 99999") && err.contains("vocabulary"),
+        "{err}"
+    );
+    let (code, out, err) = common::run_cli(&[&base[..], &["--eos-id", "5"]].concat());
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("lm_loss"), "{out}");
+}

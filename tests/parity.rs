@@ -69,6 +69,7 @@ fn check_fixture(name: &str) {
             init_seed: 0,
             skip_mtp: false,
             max_windows: None,
+            document_eos: None,
         };
         let got = evaluate(&model, &tokens, &args).unwrap();
         let want = &expected[key];

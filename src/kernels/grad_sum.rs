@@ -85,7 +85,8 @@ mod cuda {
             let (o1, o2) = (l1.start_offset(), l2.start_offset());
             // float4 stores need 16-byte alignment (offset multiple of 4 f32 values), four
             // bf16 loads 8-byte (offset multiple of 4 bf16 values); allocations are aligned.
-            let vec = i32::from(n.is_multiple_of(4) && o1.is_multiple_of(4) && o2.is_multiple_of(4));
+            let vec =
+                i32::from(n.is_multiple_of(4) && o1.is_multiple_of(4) && o2.is_multiple_of(4));
             let name = match s2.dtype() {
                 DType::F32 => "grad_sum_f32",
                 DType::BF16 => "grad_sum_bf16",
