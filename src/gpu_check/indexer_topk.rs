@@ -116,6 +116,17 @@ fn host_topk(scores: &[f32], r: usize, t: usize, q0: usize, topk: usize) -> Vec<
 
 /// Scores with many exact ties: causal entries drawn by `value(u, v)` from two uniforms; junk
 /// (1e30) above the diagonal, which the selection must ignore.
+/// A score of mostly ties: 1 with probability 1/6, else +0 or -0 (which must tie with +0).
+fn ones_and_signed_zeros(u: f64, u2: f64) -> f32 {
+    if u < 1.0 / 6.0 {
+        1.0
+    } else if u2 < 0.5 {
+        -0.0
+    } else {
+        0.0
+    }
+}
+
 fn tied_scores(
     r: usize,
     t: usize,
@@ -189,15 +200,7 @@ fn topk_matches_twin(gpu: &Device) -> Result<Vec<Outcome>> {
         20000,
         8,
         19992,
-        tied_scores(8, 20000, 19992, 61, |u, u2| {
-            if u < 1.0 / 6.0 {
-                1.0
-            } else if u2 < 0.5 {
-                -0.0
-            } else {
-                0.0
-            }
-        }),
+        tied_scores(8, 20000, 19992, 61, ones_and_signed_zeros),
     ));
     cases.push((
         "all zeros",
@@ -376,15 +379,7 @@ fn topk_with_starts(gpu: &Device) -> Result<Vec<Outcome>> {
         8,
         19992,
         vec![1234, 1, 18765],
-        tied_scores(8, 20000, 19992, 82, |u, u2| {
-            if u < 1.0 / 6.0 {
-                1.0
-            } else if u2 < 0.5 {
-                -0.0
-            } else {
-                0.0
-            }
-        }),
+        tied_scores(8, 20000, 19992, 82, ones_and_signed_zeros),
     ));
     let kdocs = vec![1usize, 700, 2047, 1, 1348];
     let (q, w, k) = inputs(4097, 4097, 64, 128, 1.0, 83, gpu)?;

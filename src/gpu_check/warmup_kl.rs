@@ -137,16 +137,11 @@ fn backward_checks(gpu: &Device) -> Result<Vec<Outcome>> {
         let twin = crate::model::dense_recompute::backward_blocks(
             &q, &k, &v, &o, &lse, &dout, scale, 256, None,
         )?;
-        let (mut ok, mut parts) = (true, vec![]);
-        for (what, a, r) in [
+        let (ok, parts) = compare_named(&[
             ("dq", &ours.0, &twin.0),
             ("dk", &ours.1, &twin.1),
             ("dv", &ours.2, &twin.2),
-        ] {
-            let (o, d) = compare(a, r, 2e-2, 0.999)?;
-            ok &= o;
-            parts.push(format!("{what} {d}"));
-        }
+        ])?;
         let mut same = true;
         for (a, r) in [
             (&ours.0, &again.0),
@@ -299,16 +294,11 @@ fn document_checks(gpu: &Device) -> Result<Vec<Outcome>> {
                 256,
                 Some(&starts),
             )?;
-            let (mut ok, mut parts) = (true, vec![]);
-            for (what, a, r) in [
+            let (ok, parts) = compare_named(&[
                 ("dq", &ours.0, &twin.0),
                 ("dk", &ours.1, &twin.1),
                 ("dv", &ours.2, &twin.2),
-            ] {
-                let (o, d) = compare(a, r, 2e-2, 0.999)?;
-                ok &= o;
-                parts.push(format!("{what} {d}"));
-            }
+            ])?;
             out.push(Outcome {
                 name: "dense attention bwd kernel vs twin, document starts",
                 ok,
@@ -409,16 +399,21 @@ fn memory_check(gpu: &Device) -> Result<Outcome> {
     })
 }
 
-/// The warm-up KL kernel's four outputs against its twin's (rel < 2e-2, cos > 0.999 each):
-/// whether all pass, and one note per output.
+/// The warm-up KL kernel's four outputs against its twin's.
 fn compare_kl(kernel: &wk::WarmupKl, twin: &wk::WarmupKl) -> anyhow::Result<(bool, Vec<String>)> {
-    let (mut ok, mut parts) = (true, vec![]);
-    for (what, a, r) in [
+    compare_named(&[
         ("kl", &kernel.kl, &twin.kl),
         ("dqi", &kernel.dqi, &twin.dqi),
         ("dw", &kernel.dw, &twin.dw),
         ("dki", &kernel.dki, &twin.dki),
-    ] {
+    ])
+}
+
+/// Named (kernel, twin) pairs compared at rel < 2e-2 and cos > 0.999: whether all pass, and
+/// one note per pair.
+fn compare_named(pairs: &[(&str, &Tensor, &Tensor)]) -> anyhow::Result<(bool, Vec<String>)> {
+    let (mut ok, mut parts) = (true, vec![]);
+    for (what, a, r) in pairs {
         let (o, d) = compare(a, r, 2e-2, 0.999)?;
         ok &= o;
         parts.push(format!("{what} {d}"));
