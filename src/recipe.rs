@@ -112,7 +112,8 @@ pub struct TrainConfig {
     /// Sparse stage with `recompute`: run each layer `block_rows` queries at a time in both
     /// passes (the attention of a block reads the sequence's shared latent kv; everything else
     /// is per token), so one layer's working set is that of `block_rows` tokens; 0 = the whole
-    /// sequence at once.
+    /// sequence at once. Warm-up: each layer's norm and feed-forward after the attention run
+    /// `block_rows` tokens at a time (the attention and the KL stay whole-sequence).
     pub block_rows: usize,
     /// With `recompute`: keep the layer inputs and selected sets between the two passes in
     /// host memory (moved back one layer at a time), not on the device.
@@ -580,7 +581,8 @@ impl Recipe {
                 bail!("{key} must be a positive number");
             }
         }
-        if (t.block_rows > 0 || t.offload_activations) && !t.recompute {
+        let blocks_need_recompute = t.block_rows > 0 && t.stage != Stage::Warmup;
+        if (blocks_need_recompute || t.offload_activations) && !t.recompute {
             bail!("train.block_rows and train.offload_activations work on the recomputing backward: set train.recompute = true");
         }
         if t.beta1 >= 1.0 || t.beta2 >= 1.0 {

@@ -285,13 +285,15 @@ fn one_training_micro_batch_matches_torch_autograd() {
     let fx = TrainFixture::open("grads");
     let (dir, expected) = (&fx.dir, &fx.expected);
     // The sparse stage twice: whole sequences, then every layer (the MTP module's too) a block
-    // of 7 query rows at a time with the logits in chunks of 5 positions.
+    // of 7 query rows at a time with the logits in chunks of 5 positions. The warm-up twice:
+    // whole, then each layer's feed-forward 7 tokens at a time.
     let blocks = [
         "train.block_rows=7".to_string(),
         "train.lm_head_chunk=5".to_string(),
     ];
     for (stage, sets) in [
         ("warmup", &[][..]),
+        ("warmup", &blocks[..1]),
         ("sparse", &[][..]),
         ("sparse", &blocks[..]),
         ("dense", &[][..]),

@@ -139,6 +139,9 @@ impl DecoderLayer {
         drop(region);
         let _region = crate::profile::region("layer: residual, norm, feed-forward");
         let h = (&h + attn_out)?;
+        if let Some(rows) = opts.feed_forward_rows() {
+            return Ok((self.feed_forward_in_rows(&h, rows, &mut stats)?, stats));
+        }
         let x = rms_norm(self.kernels, &h, &self.post_attention_norm, self.eps)?;
         let f = match &self.ffn {
             FeedForward::Dense(mlp) => mlp.forward(&x)?,
@@ -152,6 +155,41 @@ impl DecoderLayer {
             }
         };
         Ok(((h + f)?, stats))
+    }
+
+    /// The residual's norm and feed-forward (MLP or MoE) of the tokens of `h` [B, T, hidden],
+    /// `rows` tokens at a time (in token order over the batch), without a graph: the warm-up's
+    /// block mode, where the main model is frozen. Every token is routed and computed as in the
+    /// whole pass; the expert counts and choices are the whole pass's (token order kept).
+    fn feed_forward_in_rows(
+        &self,
+        h: &Tensor,
+        rows: usize,
+        stats: &mut LayerStats,
+    ) -> Result<Tensor> {
+        let (b, t, d) = h.dims3()?;
+        let flat = h.detach().reshape((b * t, d))?;
+        let mut outs = Vec::with_capacity((b * t).div_ceil(rows.max(1)));
+        let mut chosen = Vec::new();
+        for r0 in (0..b * t).step_by(rows.max(1)) {
+            let n = rows.min(b * t - r0);
+            let hb = flat.narrow(0, r0, n)?;
+            let x = rms_norm(self.kernels, &hb, &self.post_attention_norm, self.eps)?;
+            let f = match &self.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&x)?,
+                FeedForward::Moe(moe) => {
+                    let (out, picked, _) = moe.forward_flat(&x)?;
+                    chosen.extend(picked);
+                    out
+                }
+            };
+            outs.push((hb + f)?);
+        }
+        if let FeedForward::Moe(moe) = &self.ffn {
+            stats.expert_counts = Some(moe.counts(&chosen));
+            stats.chosen = Some(chosen);
+        }
+        Tensor::cat(&outs, 0)?.reshape((b, t, d))
     }
 
     /// The attention of an evaluation pass (`opts.eval_rows()`) with its KL and recall, a block

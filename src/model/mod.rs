@@ -72,6 +72,8 @@ pub enum Pass {
     /// shared latent kv, each block detached (0 = whole; `DecoderLayer::sparse_backward` is
     /// its backward). `indexer_rows` (sparse stage): query rows per block of the indexer's
     /// selection and KL (0 = about 2^24 query values and 2^25 KL entries; tests force a few).
+    /// In the warm-up, `block_rows` > 0 runs each layer's norm and feed-forward after the
+    /// attention that many tokens at a time (`Pass::feed_forward_rows`).
     Train {
         stage: Stage,
         topk: usize,
@@ -198,6 +200,20 @@ impl Pass {
         match self {
             Pass::Train { block_rows, .. } => *block_rows,
             Pass::Eval { .. } => 0,
+        }
+    }
+
+    /// The warm-up's block mode (`block_rows` > 0): tokens per block of the layers' norm and
+    /// feed-forward after the attention (the main model is frozen: no graph to keep). None:
+    /// the whole batch at once.
+    pub fn feed_forward_rows(&self) -> Option<usize> {
+        match self {
+            Pass::Train {
+                stage: Stage::Warmup,
+                block_rows,
+                ..
+            } if *block_rows > 0 => Some(*block_rows),
+            _ => None,
         }
     }
 

@@ -160,7 +160,7 @@ pub fn search(
     let n = machine.gpus.max(1);
     let experts = cfg.n_routed_experts.max(1);
     let blockable = recipe.stage() == Stage::Sparse && recipe.train.recompute;
-    let blocks: &[usize] = if blockable {
+    let blocks: &[usize] = if blockable || recipe.stage() == Stage::Warmup {
         &[0, 4096, 2048, 1024, 512]
     } else {
         &[recipe.train.block_rows]

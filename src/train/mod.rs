@@ -499,7 +499,9 @@ impl Trainer {
             topk: self.recipe.dsa.index_topk,
             kl: crate::model::IndexerKl::Deferred,
             seq_balance: self.stage.trains_main() && self.recipe.train.seq_balance_alpha > 0.0,
-            block_rows: if self.stage == Stage::Sparse && self.recipe.train.recompute {
+            block_rows: if (self.stage == Stage::Sparse && self.recipe.train.recompute)
+                || self.stage == Stage::Warmup
+            {
                 self.recipe.train.block_rows
             } else {
                 0

@@ -41,7 +41,9 @@
 //!   the B T tokens at once or, with `train.block_rows` = n, for n tokens: attention in
 //!   absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies: about
 //!   14 H (C+R) bytes), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2
-//!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype). The LM head runs in
+//!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype); in the warm-up,
+//!   `block_rows` = n counts those last two for n tokens (its feed-forward runs in blocks)
+//!   and the attention for all B T. The LM head runs in
 //!   chunks of positions (`train.lm_head_chunk`, or 2^27 logits): a chunk's logits and their
 //!   gradient in the compute dtype, plus the loss's f32 work on one block of 2^24 logits
 //!   (`losses::nll_rows_and_grad`: 3 f32 tensors of the block at once), 0.69 GiB in bf16. The MTP
@@ -197,10 +199,19 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     } else {
         (10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r), 0.0)
     };
-    let per_query = 14.0 * h * (c + r)
-        + 4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0
-        + 8.0 * hidden * dtype_bytes;
+    let per_query_ffn =
+        4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0
+            + 8.0 * hidden * dtype_bytes;
+    let per_query = 14.0 * h * (c + r) + per_query_ffn;
     let layer_working_set = micro_tokens * (per_seq_token + per_query) + indexer_block;
+    // The warm-up's block mode runs the feed-forward `block_rows` tokens at a time.
+    let warmup_working_set = match recipe.train.block_rows {
+        0 => layer_working_set,
+        rows => {
+            layer_working_set - micro_tokens * per_query_ffn
+                + (rows as f64).min(micro_tokens) * per_query_ffn
+        }
+    };
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
     let sparse_working_set = if blocked {
@@ -239,7 +250,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
     let host_bytes = if offload { kept } else { 0.0 };
     let activation_bytes = match stage {
-        Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + layer_working_set,
+        Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + warmup_working_set,
         Stage::Sparse if recipe.train.recompute => {
             // Offloaded: the layer's input and output (pass 1) or input and output gradient
             // (pass 2) and the one set in use stay on the device.
@@ -652,6 +663,33 @@ mod tests {
             let p = plan_for(&recipe, &cfg);
             assert!(gib < 75.0, "{stage} at {len}: {gib:.1} GiB by check's count (weights {:.1}, optimizer {:.1}, activations {:.1})", p.weight_bytes / 1073741824.0, p.optimizer_bytes / 1073741824.0, p.activation_bytes / 1073741824.0);
         }
+    }
+
+    /// The warm-up's block mode counts its feed-forward for `block_rows` tokens and leaves the
+    /// whole-sequence attention as it is: exactly (T - rows) x the per-token feed-forward bytes
+    /// less, nothing else changed.
+    #[test]
+    fn warm_up_blocks_count_the_feed_forward_for_the_block_only() {
+        let cfg = crate::config::ModelConfig::from_json(
+            &crate::tiny::slice_671b_config().to_string(),
+            &Default::default(),
+        )
+        .unwrap();
+        let mut recipe = Recipe::default();
+        recipe.train.stage = Stage::Warmup;
+        recipe.model.dtype = "bf16".into();
+        recipe.data.seq_len = 32768;
+        let whole = plan_for(&recipe, &cfg);
+        recipe.train.block_rows = 2048;
+        let blocked = plan_for(&recipe, &cfg);
+        let per_token = 4.0 * 8.0 * 2048.0 * 2.0 + 8.0 * 7168.0 * 2.0;
+        let saved = whole.activation_bytes - blocked.activation_bytes;
+        assert!(
+            (saved - (32768.0 - 2048.0) * per_token).abs() < 1.0,
+            "saved {saved} bytes"
+        );
+        assert_eq!(whole.weight_bytes, blocked.weight_bytes);
+        assert_eq!(whole.flops_per_step, blocked.flops_per_step);
     }
 
     fn head_of(cfg: &crate::config::ModelConfig) -> f64 {
