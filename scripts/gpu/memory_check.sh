@@ -6,7 +6,7 @@
 #   CASES: space-separated STAGE:SEQ_LEN:BLOCK_ROWS (default below).
 set -uo pipefail
 LOG="${1:-${OUT:-gpu-logs}}"
-CASES="${2:-dense:8192:0 warmup:16384:0 sparse:8192:0 sparse:32768:4096}"
+CASES="${2:-dense:8192:0 warmup:16384:0 warmup:16384:2048 sparse:8192:0 sparse:32768:4096}"
 mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa-mem; [ -x "$BIN" ] || { xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"; }
