@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# One GPU call: gpu-selftest, then side-by-side steps of one binary under two settings
-# (the in-place gradient sums on/off; document masking off/on). Logs under $OUT.
+# One GPU call of a session's checks, logs under $OUT. PART=a: gpu-selftest, then `check`'s
+# memory estimate beside the measured peak (memory_check.sh). PART=b: side-by-side steps of one
+# binary under two settings (the in-place gradient sums off/on; document masking off/on).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
-( time "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest.log" 2>&1
-grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "grad-sum|document|starts" "$OUT/selftest.log" | head -20
-SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
-  recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5
-SET_B='data.document_mask=true data.eos_id=1' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-docmask" \
-  recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 recipes/mini-dense.toml:8192:2 2>&1 | tail -5
+if [ "${PART:-a}" = a ]; then
+  ( time "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest.log" 2>&1
+  grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "grad-sum|document|starts" "$OUT/selftest.log" | head -20
+  cp "$BIN" /tmp/dsa-mem; bash scripts/gpu/memory_check.sh "$OUT"
+else
+  SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
+    recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5
+  SET_B='data.document_mask=true data.eos_id=1' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-docmask" \
+    recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 recipes/mini-dense.toml:8192:2 2>&1 | tail -5
+fi
