@@ -14,6 +14,7 @@ pub mod blocks;
 pub mod dense_recompute;
 pub mod grad_sink;
 pub mod indexer;
+mod indexer_kl;
 mod layer;
 mod load;
 pub mod mtp;

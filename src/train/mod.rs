@@ -864,14 +864,8 @@ impl Trainer {
             .context("embedding gradient")
     }
 
-    /// Backpropagate a layer's mean indexer KL times `weight` into `accum`; returns the mean KL
-    /// as a detached f32 scalar on the device. Bounded in memory at long lengths. Sparse stage:
-    /// `Indexer::backprop_sparse_kl` projects the queries again a block of rows at a time and
-    /// sends each block's parameter gradients to `accum` at once (no q_I of every row, no
-    /// concatenated dq). Otherwise two steps: (1) the gradients of the KL w.r.t. the indexer's
-    /// projections q_I, w, k_I (the layer built the KL on leaf copies of them), from the
-    /// streaming kernel (warm-up on CUDA) or block of queries by block (plain warm-up);
-    /// (2) `Indexer::backprop_rows` pushes them into the parameters a chunk of tokens at a time.
+    /// Backpropagate a layer's mean indexer KL times `weight` into `accum`
+    /// (`Indexer::kl_backward`); returns the mean KL as a detached f32 scalar on the device.
     fn backprop_indexer_kl(
         &self,
         stats: &crate::model::LayerStats,
@@ -882,130 +876,7 @@ impl Trainer {
         indexer: &crate::model::indexer::Indexer,
     ) -> Result<Tensor> {
         let _region = crate::profile::region("step: indexer KL backward");
-        if let Some(crate::model::DeferredKl::Sparse {
-            keys,
-            target,
-            sel,
-            rows,
-        }) = &stats.deferred_kl
-        {
-            // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
-            let (x, qr) = stats
-                .indexer_inputs
-                .as_ref()
-                .context("layer kept no indexer inputs")?;
-            let args = crate::model::indexer::SparseKl {
-                x,
-                qr,
-                keys,
-                target,
-                sel,
-                cos: &ctx.cos,
-                sin: &ctx.sin,
-                rows: *rows,
-                weight,
-            };
-            let kl = indexer.sparse_kl_backward(&args, &mut AccumSink { trainable, accum })?;
-            return Ok(kl.to_dtype(DType::F32)?);
-        }
-        let proj = match (
-            &stats.indexer_proj,
-            stats.deferred_kl.as_ref().and_then(|d| d.proj()),
-        ) {
-            (_, Some(p)) => p,
-            (Some(p), None) => p,
-            (None, None) => bail!("layer returned no indexer projections"),
-        };
-        let (b, t, hi, di) = proj.q.dims4()?;
-        let grad_of = |gs: &candle_core::backprop::GradStore, x: &Tensor| -> Result<Tensor> {
-            Ok(match gs.get(x) {
-                Some(g) => g.detach(),
-                None => x.zeros_like()?,
-            })
-        };
-        let (kl, dq, dw, dk) = if let Some(kl) = &stats.indexer_kl {
-            let kl = kl.mean_all()?;
-            let gs = (&kl * weight)?.backward()?;
-            (
-                kl.detach(),
-                grad_of(&gs, &proj.q)?,
-                grad_of(&gs, &proj.w)?,
-                grad_of(&gs, &proj.k)?,
-            )
-        } else {
-            match stats
-                .deferred_kl
-                .as_ref()
-                .context("layer returned no indexer KL")?
-            {
-                crate::model::DeferredKl::Streaming { proj, scores } => {
-                    // Loss and gradients in one kernel call.
-                    let g = weight / (b * t) as f64;
-                    let r = crate::kernels::warmup_kl::warmup_kl(
-                        &scores.q,
-                        &scores.k,
-                        &scores.lse,
-                        scores.scale,
-                        &proj.q,
-                        &proj.w,
-                        &proj.k,
-                        g,
-                        scores.starts.as_ref(),
-                    )?;
-                    ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
-                }
-                crate::model::DeferredKl::Sparse { .. } => {
-                    bail!("the sparse-stage KL is backpropagated by Indexer::backprop_sparse_kl")
-                }
-                crate::model::DeferredKl::Plain { proj, target } => {
-                    // About 2^26 score elements per block (the [B, n*HI, T] intermediate).
-                    let block = ((1usize << 26) / (b * hi * t).max(1)).clamp(1, t);
-                    let mut total: Option<Tensor> = None;
-                    let (mut dq, mut dw, mut dk) = (
-                        proj.q.zeros_like()?,
-                        proj.w.zeros_like()?,
-                        proj.k.zeros_like()?,
-                    );
-                    for q0 in (0..t).step_by(block) {
-                        let n = block.min(t - q0);
-                        let kl_sum =
-                            crate::model::DeferredKl::block(proj, target, ctx, q0, n)?.sum_all()?; // sum over [B, n]
-                        let gs = (&kl_sum * (weight / (b * t) as f64))?.backward()?;
-                        dq = (dq + grad_of(&gs, &proj.q)?)?;
-                        dw = (dw + grad_of(&gs, &proj.w)?)?;
-                        dk = (dk + grad_of(&gs, &proj.k)?)?;
-                        let kl_sum = kl_sum.detach();
-                        total = Some(match total {
-                            Some(a) => (a + kl_sum)?,
-                            None => kl_sum,
-                        });
-                    }
-                    (
-                        (total.context("empty sequence")? / (b * t) as f64)?,
-                        dq,
-                        dw,
-                        dk,
-                    )
-                }
-            }
-        };
-        let (x, qr) = stats
-            .indexer_inputs
-            .as_ref()
-            .context("layer kept no indexer inputs")?;
-        // About 2^24 query values (64 MiB in f32) per chunk of tokens.
-        let rows = crate::model::indexer::query_block_rows(b, t, hi, di);
-        // Written out (`Indexer::projections_backward`; its autograd twin is `backprop_rows`).
-        indexer.projections_backward(
-            x,
-            qr,
-            &ctx.cos,
-            &ctx.sin,
-            (&dq, &dw, &dk),
-            rows,
-            &mut AccumSink { trainable, accum },
-        )?;
-        Ok(kl.to_dtype(DType::F32)?)
+        Ok(indexer.kl_backward(stats, ctx, weight, &mut AccumSink { trainable, accum })?)
     }
 
     /// Forward and backward over the next `global_batch_seqs` sequences (advancing the data
