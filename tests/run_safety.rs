@@ -792,7 +792,14 @@ fn token_files_that_shrink_or_are_not_files_are_clear_errors() {
     wait_for(|| metrics_lines(&f.out("t2")) >= 2, "two steps");
     let mut bytes = std::fs::read(&tokens).unwrap();
     bytes.reverse();
-    std::fs::write(&tokens, &bytes).unwrap();
+    // Overwritten without truncation, so its size never changes, even for a moment.
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&tokens)
+        .unwrap()
+        .write_all(&bytes)
+        .unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
