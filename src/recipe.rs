@@ -581,9 +581,14 @@ impl Recipe {
                 bail!("{key} must be a positive number");
             }
         }
-        let blocks_need_recompute = t.block_rows > 0 && t.stage != Stage::Warmup;
-        if (blocks_need_recompute || t.offload_activations) && !t.recompute {
-            bail!("train.block_rows and train.offload_activations work on the recomputing backward: set train.recompute = true");
+        if t.offload_activations && !t.recompute {
+            bail!("train.offload_activations works on the recomputing backward: set train.recompute = true");
+        }
+        if t.block_rows > 0 && t.stage == Stage::Sparse && !t.recompute {
+            bail!("train.block_rows works on the sparse stage's recomputing backward: set train.recompute = true");
+        }
+        if t.block_rows > 0 && t.stage == Stage::Dense {
+            bail!("train.block_rows = {}: the dense stage has no block mode (its attention is flash-style already); set it to 0", t.block_rows);
         }
         if t.beta1 >= 1.0 || t.beta2 >= 1.0 {
             bail!("train.beta1 and train.beta2 must be below 1");
@@ -1002,6 +1007,33 @@ mod tests {
         assert_eq!(r.stage(), Stage::Warmup);
         // The resolved recipe round-trips.
         assert_eq!(Recipe::parse(&r.to_toml(), &[]).unwrap(), r);
+        // With the optional token id unset (absent from the TOML) and set.
+        assert_eq!(r.data.eos_id, None);
+        let set = [
+            "data.document_mask=true".to_string(),
+            "data.eos_id=7".into(),
+        ];
+        let masked = Recipe::parse(MINIMAL, &set).unwrap();
+        assert_eq!(
+            (masked.data.document_mask, masked.data.eos_id),
+            (true, Some(7))
+        );
+        assert_eq!(Recipe::parse(&masked.to_toml(), &[]).unwrap(), masked);
+        // Block mode: the warm-up's needs no recompute; the dense stage has none.
+        let warm = [
+            "train.block_rows=64".to_string(),
+            "train.recompute=false".into(),
+        ];
+        assert!(Recipe::parse(MINIMAL, &warm).is_ok());
+        let dense = [
+            "train.stage=\"dense\"".to_string(),
+            "train.block_rows=64".into(),
+        ];
+        let e = Recipe::parse(MINIMAL, &dense).unwrap_err().to_string();
+        assert!(
+            e.contains("train.block_rows = 64") && e.contains("dense stage"),
+            "{e}"
+        );
     }
 
     /// The indexer's shape has one home, [dsa]: an older recipe's [model] keys move there, a

@@ -409,6 +409,9 @@ impl ForwardContext {
 
     /// The context of the first `n` positions (the MTP module runs on T - 1 - depth of them).
     pub fn prefix(&self, n: usize) -> Result<Self> {
+        if n > self.t {
+            candle_core::bail!("a prefix of {n} positions of a context of {}", self.t);
+        }
         let starts = match &self.starts {
             Some(s) => {
                 let (b, _) = s.dims();

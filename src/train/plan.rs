@@ -37,17 +37,18 @@
 //!   queries and their gradients, the rows of x and qr in f32, 8 live [n_I, k] f32 tensors:
 //!   n_I (24 HI DI + 4 (hidden + q_lora) + 32 k) bytes; it bounds the selection's blocks
 //!   too). Warm-up and dense stages: the indexer (HI x DI f32 queries, their bf16 copy and
-//!   gradient: 10 HI DI bytes), 7 k x 4 bytes and 12 (C+R) bytes. And a per-query part, for
+//!   gradient: 10 HI DI bytes) and 12 (C+R) bytes. And a per-query part, for
 //!   the B T tokens at once or, with `train.block_rows` = n, for n tokens: attention in
 //!   absorbed form (H x (C+R) query and H x (C+1) output in f32 and bf16 copies: about
 //!   14 H (C+R) bytes), MoE routing and expert inputs (about 4 x top-k x moe_intermediate x 2
 //!   bytes) and the layer's hidden-size tensors (8 x hidden x dtype). The warm-up and dense
-//!   stages run the attention in MHA form instead: the warm-up counts per-head q, k, v and
-//!   the output in the dtype (2 (N+R) + 2 V values per head and token) or the feed-forward
-//!   (for `block_rows` tokens in block mode), whichever is larger, as the two are not alive at
-//!   once; the dense stage counts its flash-style attention separately (below). Against the
+//!   stages run the attention in MHA form instead: the warm-up counts per-head q, k, v, the
+//!   output and kv_b_proj's output in the dtype (2 (N+R) + 2 V + N + V values per head and
+//!   token) or the feed-forward
+//!   (for `block_rows` tokens in block mode) beside the per-head q and k the KL waits for,
+//!   whichever phase is larger; the dense stage counts its flash-style attention separately (below). Against the
 //!   device memory peak measured on the slice-671b model (H100, docs/scaling.md) the estimate
-//!   is 0.97-1.07 of it in the warm-up and sparse stages and 1.17 in the dense stage (an upper
+//!   is 1.03-1.07 of it in the warm-up and sparse stages and 1.15 in the dense stage (an upper
 //!   bound: it counts the plain twin's f32 score blocks). The LM head runs in
 //!   chunks of positions (`train.lm_head_chunk`, or 2^27 logits): a chunk's logits and their
 //!   gradient in the compute dtype, plus the loss's f32 work on one block of 2^24 logits
@@ -202,22 +203,26 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk),
         )
     } else {
-        (10.0 * hi * di + 7.0 * kk * 4.0 + 12.0 * (c + r), 0.0)
+        // No selection in the warm-up and dense stages.
+        (10.0 * hi * di + 12.0 * (c + r), 0.0)
     };
     let per_query_ffn =
         4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0
             + 8.0 * hidden * dtype_bytes;
     let per_query = 14.0 * h * (c + r) + per_query_ffn;
     let layer_working_set = micro_tokens * (per_seq_token + per_query) + indexer_block;
-    // Warm-up: the attention in MHA form (per-head q, k, v and the output in the dtype) and
-    // the feed-forward (`block_rows` tokens at a time in block mode) are not alive at once.
-    let mha_attention = dtype_bytes * h * (2.0 * qk + 2.0 * v);
+    // Warm-up: the attention in MHA form (per-head q, k, v, the output and kv_b_proj's output
+    // [H, N + V] that k and v are cut from, in the dtype), then
+    // the feed-forward (`block_rows` tokens at a time in block mode) while the per-head q and
+    // k wait for the KL (`DenseScores`); the larger phase counts.
+    let mha_attention = dtype_bytes * h * (2.0 * qk + 2.0 * v + (qk - r + v));
+    let kl_scores = dtype_bytes * h * 2.0 * qk;
     let ffn_tokens = match recipe.train.block_rows {
         0 => micro_tokens,
         rows => (rows as f64).min(micro_tokens),
     };
     let warmup_working_set = micro_tokens * per_seq_token
-        + (micro_tokens * mha_attention).max(ffn_tokens * per_query_ffn);
+        + (micro_tokens * mha_attention).max(micro_tokens * kl_scores + ffn_tokens * per_query_ffn);
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
     let sparse_working_set = if blocked {
@@ -689,12 +694,16 @@ mod tests {
         let whole = plan_for(&recipe, &cfg);
         recipe.train.block_rows = 2048;
         let blocked = plan_for(&recipe, &cfg);
-        // Per token: the feed-forward's 4 x 8 x 2048 x 2 + 8 x 7168 x 2 bytes, the MHA
-        // attention's 2 x 128 x (2 x 192 + 2 x 128): the larger phase counts.
+        // Per token: the feed-forward's 4 x 8 x 2048 x 2 + 8 x 7168 x 2 bytes beside the KL's
+        // q and k (2 x 128 x 2 x 192), or the MHA attention's 2 x 128 x (2 x 192 + 2 x 128 +
+        // 256): the larger phase counts.
         let ffn: f64 = 4.0 * 8.0 * 2048.0 * 2.0 + 8.0 * 7168.0 * 2.0;
-        let attention: f64 = 2.0 * 128.0 * (2.0 * 192.0 + 2.0 * 128.0);
+        let attention: f64 = 2.0 * 128.0 * (2.0 * 192.0 + 2.0 * 128.0 + 256.0);
+        let scores: f64 = 2.0 * 128.0 * 2.0 * 192.0;
         let saved = whole.activation_bytes - blocked.activation_bytes;
-        let want = 32768.0 * ffn - (32768.0 * attention).max(2048.0 * ffn);
+        let phase =
+            |ffn_tokens: f64| (32768.0 * attention).max(32768.0 * scores + ffn_tokens * ffn);
+        let want = phase(32768.0) - phase(2048.0);
         assert!(
             (saved - want).abs() < 1.0,
             "saved {saved} bytes, want {want}"
