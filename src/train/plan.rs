@@ -631,16 +631,34 @@ mod tests {
         );
     }
 
+    /// The slice-671b preset's configuration (the 671B widths, 2 layers, 16 experts).
+    fn slice_config() -> crate::config::ModelConfig {
+        crate::config::ModelConfig::from_json(
+            &crate::tiny::slice_671b_config().to_string(),
+            &Default::default(),
+        )
+        .unwrap()
+    }
+
+    /// A bf16 recipe for the slice: one sequence of `len` tokens in `stage`, `block` rows per
+    /// block, k 2048, MTP off.
+    fn slice_recipe(stage: Stage, len: usize, block: usize) -> Recipe {
+        let mut recipe = Recipe::default();
+        recipe.train.stage = stage;
+        recipe.model.dtype = "bf16".into();
+        recipe.model.mtp = false;
+        recipe.data.seq_len = len;
+        recipe.train.block_rows = block;
+        recipe.dsa.index_topk = 2048;
+        recipe
+    }
+
     /// The slice-671b preset is what its name says (2.0B parameters at the 671B widths) and,
     /// by `check`'s count, fits one 80 GB GPU in all three stages at the lengths of its
     /// benchmarks (dense 8K; warm-up 32K; sparse 32K and 128K in blocks of 4096 and 2048 queries).
     #[test]
     fn the_slice_of_the_671b_model_fits_one_80_gb_gpu_in_every_stage() {
-        let cfg = crate::config::ModelConfig::from_json(
-            &crate::tiny::slice_671b_config().to_string(),
-            &Default::default(),
-        )
-        .unwrap();
+        let cfg = slice_config();
         assert_eq!(
             (
                 cfg.hidden_size,
@@ -664,13 +682,7 @@ mod tests {
             (Stage::Sparse, 32768, 4096),
             (Stage::Sparse, 131072, 2048),
         ] {
-            let mut recipe = Recipe::default();
-            recipe.train.stage = stage;
-            recipe.model.dtype = "bf16".into();
-            recipe.model.mtp = false;
-            recipe.data.seq_len = len;
-            recipe.train.block_rows = block;
-            recipe.dsa.index_topk = 2048;
+            let recipe = slice_recipe(stage, len, block);
             let gib = plan_for(&recipe, &cfg).memory_bytes() / (1u64 << 30) as f64;
             let p = plan_for(&recipe, &cfg);
             assert!(gib < 75.0, "{stage} at {len}: {gib:.1} GiB by check's count (weights {:.1}, optimizer {:.1}, activations {:.1})", p.weight_bytes / 1073741824.0, p.optimizer_bytes / 1073741824.0, p.activation_bytes / 1073741824.0);
@@ -682,18 +694,9 @@ mod tests {
     /// changed.
     #[test]
     fn warm_up_blocks_count_the_feed_forward_for_the_block_only() {
-        let cfg = crate::config::ModelConfig::from_json(
-            &crate::tiny::slice_671b_config().to_string(),
-            &Default::default(),
-        )
-        .unwrap();
-        let mut recipe = Recipe::default();
-        recipe.train.stage = Stage::Warmup;
-        recipe.model.dtype = "bf16".into();
-        recipe.data.seq_len = 32768;
-        let whole = plan_for(&recipe, &cfg);
-        recipe.train.block_rows = 2048;
-        let blocked = plan_for(&recipe, &cfg);
+        let cfg = slice_config();
+        let whole = plan_for(&slice_recipe(Stage::Warmup, 32768, 0), &cfg);
+        let blocked = plan_for(&slice_recipe(Stage::Warmup, 32768, 2048), &cfg);
         // Per token: the feed-forward's 4 x 8 x 2048 x 2 + 8 x 7168 x 2 bytes beside the KL's
         // q and k (2 x 128 x 2 x 192), or the MHA attention's 2 x 128 x (2 x 192 + 2 x 128 +
         // 256): the larger phase counts.
@@ -719,11 +722,7 @@ mod tests {
     /// blocks are counted; the CUDA kernel keeps none).
     #[test]
     fn the_estimate_is_within_ten_percent_of_the_measured_peak_on_the_slice() {
-        let cfg = crate::config::ModelConfig::from_json(
-            &crate::tiny::slice_671b_config().to_string(),
-            &Default::default(),
-        )
-        .unwrap();
+        let cfg = slice_config();
         for (stage, len, block, measured_gib) in [
             (Stage::Warmup, 16384, 0, 11.5),
             (Stage::Warmup, 16384, 2048, 9.8),
@@ -731,13 +730,7 @@ mod tests {
             (Stage::Sparse, 32768, 4096, 42.1),
             (Stage::Dense, 8192, 0, 38.8),
         ] {
-            let mut recipe = Recipe::default();
-            recipe.train.stage = stage;
-            recipe.model.dtype = "bf16".into();
-            recipe.model.mtp = false;
-            recipe.data.seq_len = len;
-            recipe.train.block_rows = block;
-            recipe.dsa.index_topk = 2048;
+            let recipe = slice_recipe(stage, len, block);
             let gib = plan_for(&recipe, &cfg).memory_bytes() / (1u64 << 30) as f64;
             let ratio = gib / measured_gib;
             if stage == Stage::Dense {
