@@ -147,22 +147,17 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         let host = &tokens[w * n..(w + 1) * n];
         let window = Tensor::from_slice(host, (1, n), &model.device)?;
         let ctx = match args.document_eos {
-            Some(eos) => plain.with_documents(crate::dsa::KeyStarts::after_eos(
-                host,
-                1,
-                n,
-                eos,
-                &model.device,
-            )?)?,
+            Some(eos) => plain.for_documents(host, 1, eos)?,
             None => plain.clone(),
         };
-        let keys: Vec<usize> = match &ctx.starts {
-            Some(s) => (0..n).map(|t| t + 1 - s.seq(0)[t] as usize).collect(),
-            None => (1..=n).collect(),
-        };
-        let counted: Vec<u32> = (0..n as u32).filter(|&t| keys[t as usize] > topk).collect();
-        recall_positions += counted.len();
-        let counted = Tensor::from_vec(counted.clone(), counted.len(), &model.device)?;
+        let start = |t: usize| ctx.starts.as_ref().map_or(0, |s| s.seq(0)[t] as usize);
+        let counted: Vec<u32> = (0..n)
+            .filter(|&t| t + 1 - start(t) > topk)
+            .map(|t| t as u32)
+            .collect();
+        let n_counted = counted.len();
+        recall_positions += n_counted;
+        let counted = Tensor::from_vec(counted, n_counted, &model.device)?;
         let (hidden, layers) = model.forward_layers_in(&window, &ctx, &opts)?;
         let nll = nll_sum_in_chunks(
             model,

@@ -6,7 +6,7 @@
 mod common;
 
 use candle_core::{Device, Tensor};
-use common::tiny_checkpoint;
+use common::{max_abs_diff, max_rel_err, tiny_checkpoint};
 use dsa_train::dsa::KeyStarts;
 use dsa_train::model::{AttentionMode, ForwardContext, IndexerKl, LoadOptions, Model, Pass};
 use dsa_train::recipe::Stage;
@@ -42,29 +42,6 @@ fn packed(docs: &[&[usize]], t: usize, seed: u64) -> (Vec<u32>, Vec<(usize, usiz
 
 fn rows(x: &Tensor, b: usize, start: usize, len: usize) -> Tensor {
     x.narrow(0, b, 1).unwrap().narrow(1, start, len).unwrap()
-}
-
-fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff.to_scalar::<f32>().unwrap() / scale.max(1e-30)
-}
-
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
 }
 
 #[test]
@@ -133,6 +110,16 @@ fn a_packed_window_with_document_masking_equals_each_document_alone() {
         {
             let out = model.forward_in(&tokens, &ctx, &pass).unwrap();
             let unmasked = model.forward_in(&tokens, &plain, &pass).unwrap();
+            // All-zero starts (no boundary) give the unmasked numbers bit for bit: what lets
+            // `ForwardContext::for_documents` keep the plain context for such windows.
+            let zero_starts = KeyStarts::new(vec![0; 2 * t], 2, t, &Device::Cpu).unwrap();
+            let zero = plain.with_documents(zero_starts).unwrap();
+            let same = model.forward_in(&tokens, &zero, &pass).unwrap();
+            assert_eq!(
+                max_abs_diff(&same.logits, &unmasked.logits),
+                0.0,
+                "{what}: all-zero starts"
+            );
             let (mtp, _) = model
                 .mtp_logits_in(0, &out.hidden, &tokens, &ctx, &pass)
                 .unwrap();

@@ -5,7 +5,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor, Var};
-use common::tiny_checkpoint;
+use common::{max_rel_err, tiny_checkpoint};
 use dsa_train::checkpoint::Checkpoint;
 use dsa_train::config::ModelConfig;
 use dsa_train::losses::next_token_nll;
@@ -20,29 +20,6 @@ fn tokens(b: usize, t: usize, seed: u64) -> Tensor {
 
 fn opts(attention: AttentionMode, topk: usize) -> Pass {
     Pass::eval(attention, topk)
-}
-
-fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
-    let diff = (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    let scale = b
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap();
-    diff / scale
 }
 
 #[test]

@@ -407,6 +407,20 @@ impl ForwardContext {
         })
     }
 
+    /// The context of token windows `tokens` [B*T] under document masking, documents ending
+    /// with `eos` (`dsa::KeyStarts::after_eos`). Windows without a boundary keep this context
+    /// as it is: all-zero starts give the same numbers bit for bit, without the per-sequence
+    /// tables and masks.
+    pub fn for_documents(&self, tokens: &[u32], b: usize, eos: u32) -> Result<Self> {
+        let starts = crate::dsa::KeyStarts::after_eos(tokens, b, self.t, eos, self.cos.device())
+            .map_err(candle_core::Error::wrap)?;
+        if starts.any_boundary() {
+            self.with_documents(starts)
+        } else {
+            Ok(self.clone())
+        }
+    }
+
     /// The context of the first `n` positions (the MTP module runs on T - 1 - depth of them).
     pub fn prefix(&self, n: usize) -> Result<Self> {
         if n > self.t {

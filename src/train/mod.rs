@@ -901,13 +901,7 @@ impl Trainer {
             let flat: Vec<u32> = batch.concat();
             let (b, t) = (r.train.micro_batch_seqs, r.data.seq_len);
             let ctx = match self.document_eos {
-                Some(eos) => self.ctx.with_documents(crate::dsa::KeyStarts::after_eos(
-                    &flat,
-                    b,
-                    t,
-                    eos,
-                    &self.device,
-                )?)?,
+                Some(eos) => self.ctx.for_documents(&flat, b, eos)?,
                 None => self.ctx.clone(),
             };
             let tokens = Tensor::from_vec(flat, (b, t), &self.device)?;

@@ -5,7 +5,32 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use candle_core::Tensor;
 use dsa_train::tiny::{tiny_config, write_random_checkpoint};
+
+/// max |a - b| over all elements (f32 tensors of one shape).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// max |a - b| / max |b|: the largest error relative to the reference's scale.
+pub fn max_rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let scale = b
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap();
+    max_abs_diff(a, b) / scale.max(1e-30)
+}
 
 /// A temporary folder holding a tiny random checkpoint (V3.2 style when `with_indexer`).
 pub fn tiny_checkpoint(with_indexer: bool, seed: u64) -> (tempfile::TempDir, PathBuf) {
