@@ -10,7 +10,7 @@
 //! twin, `apply_plain`, is candle's `index_select` and `index_add`; in f32 both add the same
 //! values in the same order, so they agree bit for bit.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
@@ -18,10 +18,15 @@ use rayon::prelude::*;
 
 /// A sparse row map in CSR form: out row i sums x[src[j]] for j in off[i]..off[i + 1].
 struct RowMap {
-    src: Vec<u32>,
-    off: Vec<u32>,
+    /// `src` and `off` on the host: given when built there, copied from the device the first
+    /// time a map built there meets the CPU loop or the plain twin.
+    host: OnceLock<(Vec<u32>, Vec<u32>)>,
     in_rows: usize,
-    /// `src` and `off` on the GPU, made once when the plan is built for a CUDA device.
+    out_rows: usize,
+    /// One entry per output row, in order (a gather).
+    is_gather: bool,
+    /// `src` and `off` on the GPU, made once when the plan was built for a CUDA device (or built
+    /// there).
     #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     on_device: Option<(Tensor, Tensor)>,
 }
@@ -42,30 +47,49 @@ impl RowMap {
         } else {
             None
         };
+        let is_gather =
+            src.len() + 1 == off.len() && off.iter().enumerate().all(|(i, &o)| o as usize == i);
         Ok(Self {
-            src,
-            off,
+            out_rows: off.len() - 1,
+            host: OnceLock::from((src, off)),
             in_rows,
+            is_gather,
             on_device,
         })
     }
 
+    /// (src, off) on the host.
+    fn host(&self) -> Result<&(Vec<u32>, Vec<u32>)> {
+        if let Some(h) = self.host.get() {
+            return Ok(h);
+        }
+        let Some((src, off)) = &self.on_device else {
+            bail!("row map: neither host nor device indices")
+        };
+        let off: Vec<u32> = off.to_vec1()?;
+        let entries = *off.last().unwrap_or(&0) as usize;
+        let src: Vec<u32> = src.narrow(0, 0, entries)?.to_vec1()?;
+        let _ = self.host.set((src, off));
+        Ok(self.host.get().expect("set above"))
+    }
+
     fn out_rows(&self) -> usize {
-        self.off.len() - 1
+        self.out_rows
     }
 
     /// The adjoint map: in row r's entries are the out rows that read it, in increasing order.
     fn transpose(&self, device: &Device) -> Result<Self> {
+        let (msrc, moff) = self.host()?;
         let mut off = vec![0u32; self.in_rows + 1];
-        self.src.iter().for_each(|&r| off[r as usize + 1] += 1);
+        msrc.iter().for_each(|&r| off[r as usize + 1] += 1);
         for r in 0..self.in_rows {
             off[r + 1] += off[r];
         }
         let mut next: Vec<u32> = off[..self.in_rows].to_vec();
-        let mut src = vec![0u32; self.src.len()];
+        let mut src = vec![0u32; msrc.len()];
         for i in 0..self.out_rows() {
-            for j in self.off[i]..self.off[i + 1] {
-                let r = self.src[j as usize] as usize;
+            for j in moff[i]..moff[i + 1] {
+                let r = msrc[j as usize] as usize;
                 src[next[r] as usize] = i as u32;
                 next[r] += 1;
             }
@@ -120,6 +144,55 @@ impl RowPlan {
         })
     }
 
+    /// A plan whose indices were made on the GPU (u32, contiguous): the map (`src`, `off`) and
+    /// its adjoint, which the caller guarantees is the map's transpose with each row's entries
+    /// in increasing order (what `adjoint` of a host-built plan gives), so the sums are those
+    /// of the host-built plan bit for bit. `gather` says which of the two is a plain gather
+    /// (one entry per output row, `off` = 0, 1, 2, ...). Indices are trusted, not checked:
+    /// they come from the kernels that computed them (`kernels::moe_route`).
+    pub fn from_device(
+        map: (Tensor, Tensor),
+        adjoint: (Tensor, Tensor),
+        in_rows: usize,
+        out_rows: usize,
+        gather: (bool, bool),
+    ) -> Result<Self> {
+        let side =
+            |(src, off): (Tensor, Tensor), rows_in: usize, is_gather: bool| -> Result<RowMap> {
+                if !off.device().is_cuda() || src.dtype() != DType::U32 || off.dtype() != DType::U32
+                {
+                    bail!("row plan from the device: u32 indices on a CUDA device");
+                }
+                let rows_out = off.elem_count().saturating_sub(1);
+                // Never an empty buffer on the device (as `RowMap::new`).
+                let src = if src.elem_count() == 0 {
+                    Tensor::zeros(1, DType::U32, src.device())?
+                } else {
+                    src.contiguous()?
+                };
+                Ok(RowMap {
+                    host: OnceLock::new(),
+                    in_rows: rows_in,
+                    out_rows: rows_out,
+                    is_gather,
+                    on_device: Some((src, off.contiguous()?)),
+                })
+            };
+        let m = side(map, in_rows, gather.0)?;
+        let a = side(adjoint, out_rows, gather.1)?;
+        if m.out_rows != out_rows || a.out_rows != in_rows {
+            bail!(
+                "row plan from the device: {} and {} rows for a map of {in_rows} -> {out_rows} rows",
+                m.out_rows,
+                a.out_rows
+            );
+        }
+        Ok(Self {
+            map: Arc::new(m),
+            adjoint: Arc::new(a),
+        })
+    }
+
     /// The transposed plan: a gather's scatter-add (out row r = the sum of the rows that
     /// gathered r, in the order they were gathered).
     pub fn adjoint(&self) -> Self {
@@ -150,13 +223,14 @@ impl RowPlan {
     pub fn apply_plain(&self, x: &Tensor) -> Result<Tensor> {
         let m = &self.map;
         check_rows(x, m)?;
-        let src = Tensor::new(m.src.as_slice(), x.device())?;
+        let (msrc, moff) = m.host()?;
+        let src = Tensor::new(msrc.as_slice(), x.device())?;
         let picked = x.index_select(&src, 0)?;
-        if m.src.len() == m.out_rows() && m.off.iter().enumerate().all(|(i, &o)| o as usize == i) {
+        if m.is_gather {
             return Ok(picked);
         }
         let dest: Vec<u32> = (0..m.out_rows())
-            .flat_map(|i| (m.off[i]..m.off[i + 1]).map(move |_| i as u32))
+            .flat_map(|i| (moff[i]..moff[i + 1]).map(move |_| i as u32))
             .collect();
         let mut dims = x.dims().to_vec();
         dims[0] = m.out_rows();
@@ -208,9 +282,7 @@ impl RowPlan {
         y: &Tensor,
     ) -> Result<(Tensor, Tensor)> {
         let m = &self.map;
-        let is_gather =
-            m.src.len() == m.out_rows() && m.off.iter().enumerate().all(|(i, &o)| o as usize == i);
-        if is_gather
+        if m.is_gather
             && weighted_kernel(kernels, x, w, m.in_rows, m.out_rows())
             && y.dtype() == x.dtype()
             && y.dims() == [m.out_rows(), x.dim(1)?]
@@ -371,21 +443,22 @@ impl RowSum {
 /// The CPU loop: one output row per rayon task, entries added in order in `A`.
 fn sum_rows<T: Copy + Send + Sync, A: Copy + Send + Sync + std::ops::AddAssign>(
     x: &[T],
-    m: &RowMap,
+    m: (&[u32], &[u32]),
     d: usize,
     zero: A,
     up: impl Fn(T) -> A + Sync,
     down: impl Fn(A) -> T + Sync,
     fill: T,
 ) -> Vec<T> {
-    let mut out = vec![fill; m.out_rows() * d];
+    let mut out = vec![fill; (m.1.len() - 1) * d];
     if d == 0 {
         return out;
     }
+    let (src, off) = m;
     out.par_chunks_mut(d).enumerate().for_each(|(i, row)| {
         let mut acc = vec![zero; d];
-        for j in m.off[i]..m.off[i + 1] {
-            let s = m.src[j as usize] as usize * d;
+        for j in off[i]..off[i + 1] {
+            let s = src[j as usize] as usize * d;
             acc.iter_mut()
                 .zip(&x[s..s + d])
                 .for_each(|(a, &v)| *a += up(v));
@@ -405,7 +478,8 @@ impl CustomOp1 for RowSum {
         let Some((start, end)) = l.contiguous_offsets() else {
             bail!("row map: input must be contiguous")
         };
-        let m = &*self.map;
+        let (src, off) = self.map.host()?;
+        let m = (src.as_slice(), off.as_slice());
         let out = match s {
             CpuStorage::F32(v) => {
                 CpuStorage::F32(sum_rows(&v[start..end], m, d, 0f32, |x| x, |a| a, 0.0))

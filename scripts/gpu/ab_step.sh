@@ -10,7 +10,8 @@
 # Environment: STEPS (timed steps per run, default 3), STEP_TIMEOUT (seconds per run, default 150),
 # ENV_A / ENV_B (space-separated VAR=VALUE set for A's / B's runs only: one binary under two
 # settings, e.g. ENV_A="DSA_CUDA_DEFAULTS=1" with BIN_A = BIN_B); SET_A / SET_B (space-separated
-# recipe overrides KEY=VALUE for A's / B's runs only, e.g. SET_A="kernels.plain_ops=[\"lm-loss\"]").
+# recipe overrides KEY=VALUE for A's / B's runs only, e.g. SET_A="kernels.plain_ops=[\"lm-loss\"]");
+# SET (overrides for both), DATA (a token file instead of the bench-1k one, e.g. a preset's).
 set -uo pipefail
 A="${1:?BIN_A}"; B="${2:?BIN_B}"; LOG="${3:?LOG_DIR}"; shift 3
 mkdir -p "$LOG"
@@ -21,12 +22,12 @@ A="$(unpack "$A" a)"; B="$(unpack "$B" b)"
 [ -d /tmp/mini/init ] || "$B" init --config recipes/mini/config.json --output /tmp/mini/init 2>&1 | tail -1
 run() { # ENV SETS BIN RECIPE LEN MICRO -> tokens/s or FAILED
   local envs="$1" sets=() kv; shift
-  for kv in $1; do sets+=(--set "$kv"); done; shift
+  for kv in $1 ${SET:-}; do sets+=(--set "$kv"); done; shift
   local model="${MODEL:-/tmp/bench-1k/model}"; case "$2" in *mini-*) model=/tmp/mini/init ;; esac
   local line
   # shellcheck disable=SC2086
   line="$(env $envs timeout "${STEP_TIMEOUT:-150}" "$1" bench step "$2" --steps "${STEPS:-3}" --set "model.path=$model" \
-    --set data.path=/tmp/bench-1k/tokens.bin --set "data.seq_len=$3" --set "train.global_batch_seqs=$4" \
+    --set "data.path=${DATA:-/tmp/bench-1k/tokens.bin}" --set "data.seq_len=$3" --set "train.global_batch_seqs=$4" \
     --set "train.micro_batch_seqs=$4" "${sets[@]}" 2>>"$LOG/ab-stderr.log" | tail -1)"
   echo "$line" >> "$LOG/ab-lines.log"
   echo "$line" | grep -oE '[0-9.]+ tokens/s' | head -1 | cut -d' ' -f1 | grep . || echo FAILED

@@ -8,6 +8,7 @@
 mod grad_sum;
 mod indexer_topk;
 mod join_rows;
+mod moe_route;
 mod rms_norm;
 mod rope;
 mod rows;
@@ -768,6 +769,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("sparse-mla-tc", Box::new(|| sparse_mla_tc::checks(&gpu))),
         ("indexer-topk", Box::new(|| indexer_topk::checks(&gpu))),
         ("rows", Box::new(|| rows::checks(&gpu))),
+        ("moe-route", Box::new(|| moe_route::checks(&gpu))),
         (
             "moe-grouped",
             Box::new(|| moe_grouped_matches_per_expert(&gpu)),

@@ -14,6 +14,7 @@ pub mod indexer_at_tc;
 pub mod indexer_topk;
 pub mod join_rows;
 pub mod lm_loss;
+pub mod moe_route;
 pub mod policy;
 pub mod rms_norm;
 pub mod rope;

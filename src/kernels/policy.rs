@@ -40,10 +40,13 @@ pub enum Fused {
     /// Gradients added to their f32 sums in place in one pass (`kernels::grad_sum`; candle's
     /// cast, add and `slice_set` instead).
     GradSum,
+    /// MoE routing and its sort by expert on the device (`kernels::moe_route`; the host's
+    /// `route_token` per token and per-expert lists instead).
+    MoeRoute,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 11] = [
+    pub const ALL: [Fused; 12] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -55,6 +58,7 @@ impl Fused {
         Fused::SparseWgmma,
         Fused::MoeCombine,
         Fused::GradSum,
+        Fused::MoeRoute,
     ];
 
     /// The name a recipe uses.
@@ -71,6 +75,7 @@ impl Fused {
             Fused::SparseWgmma => "sparse-wg",
             Fused::MoeCombine => "moe-combine",
             Fused::GradSum => "grad-sum",
+            Fused::MoeRoute => "moe-route",
         }
     }
 

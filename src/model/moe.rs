@@ -5,17 +5,18 @@
 //! its top-2 b; the top `topk_group` groups survive and the rest are masked with -inf (not 0,
 //! trap 2); the top `num_experts_per_tok` experts by b are chosen (lower index on ties); their
 //! weights are the unbiased s, normalised to sum 1, then times routed_scaling_factor (trap 3).
-//! Routing runs on the host; the expert compute is grouped by expert (one gather and one
+//! Routing runs as kernels on a GPU (`kernels::moe_route`) and on the host elsewhere; the
+//! expert compute is grouped by expert (one gather and one
 //! SwiGLU per expert, then one weighted combine of all experts' rows) and stays
 //! differentiable, including through the weights. Gathers and the combine are `RowPlan`s:
 //! their backward is a parallel, deterministic row sum, not candle's serial index_add.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
-use crate::kernels::KernelPolicy;
+use crate::kernels::{moe_route, KernelPolicy};
 use crate::ops::{
     self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved,
 };
@@ -81,9 +82,88 @@ pub struct Routing {
     /// The combine weights [N*K] in x's dtype: `picked`, normalised to sum 1 when
     /// norm_topk_prob, times routed_scaling_factor.
     weights: Tensor,
-    /// Per expert, its tokens and their (token, slot) indices t*K + j, in token order.
-    tokens_of: Vec<Vec<u32>>,
-    slots_of: Vec<Vec<u32>>,
+    /// The routed rows sorted by expert.
+    sorted: SortedRows,
+}
+
+impl Routing {
+    /// Per expert, its tokens and their (token, slot) indices t*K + j, in token order (the
+    /// autograd path's lists, from the host's copy of the choice).
+    fn lists(&self, n_experts: usize, k: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
+        let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; n_experts];
+        let mut slots_of: Vec<Vec<u32>> = vec![vec![]; n_experts];
+        for (slot, &ex) in self.chosen.iter().enumerate() {
+            tokens_of[ex as usize].push((slot / k) as u32);
+            slots_of[ex as usize].push(slot as u32);
+        }
+        (tokens_of, slots_of)
+    }
+}
+
+/// The S = N K routed (token, slot) pairs as rows sorted by expert, then slot: expert e's rows
+/// are `offsets[e]..offsets[e + 1]`; `slot` gathers each row's slot of an [N K] tensor (the
+/// combine weights), `tok` each row's token of an [N, .] tensor (the dispatch; its adjoint,
+/// each token summing its K rows in row order, is the combine). Built on the GPU by the
+/// routing kernels or on the host by their twin (`kernels::moe_route`): the same plans.
+struct SortedRows {
+    offsets: Vec<u32>,
+    slot: RowPlan,
+    tok: RowPlan,
+}
+
+impl SortedRows {
+    /// The host's sort of the choice `chosen` [N K] over `e` experts.
+    fn on_host(chosen: &[u32], e: usize, n: usize, k: usize, dev: &Device) -> Result<Self> {
+        let (order, _, offsets) = moe_route::expert_order(chosen, e);
+        let tokens: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
+        Ok(Self {
+            offsets,
+            slot: RowPlan::gather(&order, n * k, dev)?,
+            tok: RowPlan::gather(&tokens, n, dev)?,
+        })
+    }
+
+    /// The plans of the device's sort (`moe_route::sort`) of N tokens' K choices, with its
+    /// offsets copied to the host. The adjoints are made there too: a gather's adjoint is its
+    /// inverse permutation (`position`); the combine's is each token's K rows ascending
+    /// (`moe_route::token_rows`), the order the host's transposed map sums them in.
+    fn on_device(
+        sorted: moe_route::ExpertOrder,
+        offsets: Vec<u32>,
+        n: usize,
+        k: usize,
+    ) -> Result<Self> {
+        let s = n * k;
+        let dev = sorted.order.device().clone();
+        let ones = Tensor::arange(0u32, s as u32 + 1, &dev)?;
+        let per_token = Tensor::arange_step(0u32, s as u32 + 1, k as u32, &dev)?;
+        let rows = moe_route::token_rows(&sorted.position, k)?;
+        Ok(Self {
+            offsets,
+            slot: RowPlan::from_device(
+                (sorted.order, ones.clone()),
+                (sorted.position, ones.clone()),
+                s,
+                s,
+                (true, true),
+            )?,
+            tok: RowPlan::from_device(
+                (sorted.token, ones),
+                (rows, per_token),
+                n,
+                s,
+                (true, k == 1),
+            )?,
+        })
+    }
+
+    /// Rows per expert.
+    fn counts(&self) -> Vec<usize> {
+        self.offsets
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .collect()
+    }
 }
 
 /// What the routed experts' explicit forward keeps, per `ExpertCompute`.
@@ -170,12 +250,17 @@ pub fn route_token(biased: &[f32], n_group: usize, topk_group: usize, top_k: usi
     let e = biased.len();
     let per_group = e / n_group;
     let desc = |v: &[f32], a: usize, b: usize| v[b].total_cmp(&v[a]).then(a.cmp(&b));
-    // Group score: sum of the (up to) two best biased scores in the group.
+    // Group score: the best biased score plus the second best (one f32 addition; a group of
+    // one expert: that expert's), as the routing kernel adds them.
     let group_scores: Vec<f32> = (0..n_group)
         .map(|g| {
             let mut m: Vec<f32> = biased[g * per_group..(g + 1) * per_group].to_vec();
             m.sort_by(|a, b| b.total_cmp(a));
-            m.iter().take(2).sum()
+            if m.len() > 1 {
+                m[0] + m[1]
+            } else {
+                m[0]
+            }
         })
         .collect();
     let mut groups: Vec<usize> = (0..n_group).collect();
@@ -270,75 +355,105 @@ impl Moe {
     /// router's sigmoid scores [N, E] f32, differentiable).
     pub fn forward_flat(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>, Tensor)> {
         let x = x.clone();
-        let n = x.dim(0)?;
-        let k = self.top_k;
-        let Routing {
-            scores,
-            chosen,
-            weights,
-            tokens_of,
-            slots_of,
-            ..
-        } = self.route(&x, None)?;
+        let routing = self.route(&x, None)?;
+        let (tokens_of, slots_of) = routing.lists(self.n_experts, self.top_k);
         let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
-                let dev = x.device();
                 // The experts' outputs of their tokens, stacked in expert order; weighted, each
                 // token sums its K rows in that order (as index_add would).
-                let order: Vec<u32> = slots_of.concat();
-                let w = RowPlan::gather(&order, n * k, dev)?
-                    .apply(self.kernels, &weights.unsqueeze(1)?)?; // [N*K, 1]
-                let tok: Vec<u32> = order.iter().map(|&s| s / k as u32).collect();
-                let combine = RowPlan::gather(&tok, n, dev)?.adjoint(); // token <- its K rows
+                let sorted = &routing.sorted;
+                let w = sorted
+                    .slot
+                    .apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [N*K, 1]
+                let combine = sorted.tok.adjoint(); // token <- its K rows
                 match self.routed_outputs(&x, &tokens_of, self.use_grouped())? {
                     Some(ys) => combine.apply_weighted(self.kernels, &ys, &w)?,
                     None => x.zeros_like()?, // no token at all
                 }
             }
-            Some(shard) => self.experts_sharded(&x, &weights, &tokens_of, &slots_of, shard)?,
+            Some(shard) => {
+                self.experts_sharded(&x, &routing.weights, &tokens_of, &slots_of, shard)?
+            }
         };
         drop(region);
         if let Some(shared) = &self.shared {
             let _region = crate::profile::region("moe: shared expert");
             out = (out + shared.forward(&x)?)?;
         }
-        Ok((out, chosen, scores))
+        Ok((out, routing.chosen, routing.scores))
     }
 
-    /// Route the tokens x [N, hidden]: router logits in f32, sigmoid scores, the host's choice
-    /// per token (`route_token`), the combine weights (differentiable through the scores).
-    /// `known`: the choice an earlier pass made for these tokens [N*K] (a recomputation: same
-    /// input, so the same choice), used as it is: no host copy of the scores.
+    /// Route the tokens x [N, hidden]: router logits in f32, sigmoid scores, each token's
+    /// choice (`route_token`), the combine weights (differentiable through the scores) and the
+    /// routed rows sorted by expert. On a GPU whose policy runs `moe-route` the choice and the
+    /// sort are kernels and the host receives the choice and the experts' row counts in one
+    /// copy ([N K + E + 1] u32, instead of the [N, E] f32 scores); elsewhere the host routes
+    /// (in parallel over tokens) and sorts. `known`: the choice an earlier pass made for these
+    /// tokens [N*K] (a recomputation: same input, so the same choice), used as it is.
     pub fn route(&self, x: &Tensor, known: Option<&[u32]>) -> Result<Routing> {
         let n = x.dim(0)?;
         let e = self.n_experts;
         let k = self.top_k;
-        let _region = crate::profile::region("moe: router and host routing");
+        let dev = x.device();
+        let _region = crate::profile::region("moe: router and routing");
         let scores = sigmoid(&linear(&x.to_dtype(DType::F32)?, &self.router)?)?; // [N, E] f32
-        let chosen: Vec<u32> = match known {
-            Some(c) if c.len() == n * k => c.to_vec(),
-            Some(c) => candle_core::bail!(
+        if let Some(c) = known.filter(|c| c.len() != n * k) {
+            candle_core::bail!(
                 "MoE routing: {} known choices for {n} tokens of {k} experts",
                 c.len()
-            ),
-            None => {
-                let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
-                let bias: Vec<f32> = self.bias.to_vec1()?;
-                // Each token's choice depends on its own row only: routed in parallel on the
-                // host's cores (one core took ~1 us per token, 16 ms per layer at 16K tokens),
-                // concatenated in token order, so the result is the serial loop's.
-                host.par_chunks(e)
-                    .flat_map_iter(|row| {
-                        let biased: Vec<f32> = row.iter().zip(&bias).map(|(s, b)| s + b).collect();
-                        route_token(&biased, self.n_group, self.topk_group, k)
-                            .into_iter()
-                            .map(|i| i as u32)
-                    })
-                    .collect() // [N*K] expert ids
-            }
+            );
+        }
+        let on_device = moe_route::supported(self.kernels, &scores, self.n_group, k);
+        let (chosen, sorted) = if on_device {
+            let chosen_t = match known {
+                Some(c) => Tensor::from_slice(c, (n, k), dev)?,
+                None => moe_route::route(
+                    &scores.detach(),
+                    &self.bias,
+                    self.n_group,
+                    self.topk_group,
+                    k,
+                )?,
+            };
+            let order = moe_route::sort(&chosen_t, e)?;
+            // The layer's one copy to the host: the choice (expert counts, balance loss, the
+            // recomputation's `known`) and the experts' row counts (the expert GEMMs' sizes).
+            let (chosen, offsets) = match known {
+                Some(c) => (c.to_vec(), order.offsets.to_vec1::<u32>()?),
+                None => {
+                    let mut both: Vec<u32> =
+                        Tensor::cat(&[chosen_t.flatten_all()?, order.offsets.clone()], 0)?
+                            .to_vec1()?;
+                    let offsets = both.split_off(n * k);
+                    (both, offsets)
+                }
+            };
+            (chosen, SortedRows::on_device(order, offsets, n, k)?)
+        } else {
+            let chosen: Vec<u32> = match known {
+                Some(c) => c.to_vec(),
+                None => {
+                    let host: Vec<f32> = scores.flatten_all()?.to_vec1()?;
+                    let bias: Vec<f32> = self.bias.to_vec1()?;
+                    // Each token's choice depends on its own row only: routed in parallel on
+                    // the host's cores, concatenated in token order, so the result is the
+                    // serial loop's.
+                    host.par_chunks(e)
+                        .flat_map_iter(|row| {
+                            let biased: Vec<f32> =
+                                row.iter().zip(&bias).map(|(s, b)| s + b).collect();
+                            route_token(&biased, self.n_group, self.topk_group, k)
+                                .into_iter()
+                                .map(|i| i as u32)
+                        })
+                        .collect() // [N*K] expert ids
+                }
+            };
+            let sorted = SortedRows::on_host(&chosen, e, n, k, dev)?;
+            (chosen, sorted)
         };
-        let chosen_t = Tensor::from_vec(chosen.clone(), (n, k), x.device())?;
+        let chosen_t = Tensor::from_slice(&chosen, (n, k), dev)?;
         let picked = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
         let mut weights = picked.clone();
         if self.norm_topk_prob {
@@ -347,21 +462,12 @@ impl Moe {
         let weights = (weights * self.routed_scaling_factor)?
             .to_dtype(x.dtype())?
             .flatten_all()?; // [N*K]
-
-        // Group (token, slot) pairs by expert.
-        let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; e];
-        let mut slots_of: Vec<Vec<u32>> = vec![vec![]; e];
-        for (slot, &ex) in chosen.iter().enumerate() {
-            tokens_of[ex as usize].push((slot / k) as u32);
-            slots_of[ex as usize].push(slot as u32);
-        }
         Ok(Routing {
             scores,
             chosen,
             picked,
             weights,
-            tokens_of,
-            slots_of,
+            sorted,
         })
     }
 
@@ -377,31 +483,22 @@ impl Moe {
         known: Option<&[u32]>,
         want_output: bool,
     ) -> Result<(Option<Tensor>, MoeSaved)> {
-        let (n, _) = x.dims2()?;
-        let dev = x.device();
         let routing = self.route(&x.detach(), known)?;
         let _region = crate::profile::region("moe: routed experts and combine (explicit)");
-        // Row plans built once: the forward and the backward read them.
-        let slot = RowPlan::gather(&routing.slots_of.concat(), n * self.top_k, dev)?;
-        let tok = RowPlan::gather(&routing.tokens_of.concat(), n, dev)?;
+        // Row plans built once (by the routing): the forward and the backward read them.
+        let (slot, tok) = (routing.sorted.slot.clone(), routing.sorted.tok.clone());
         let x_sorted = tok.apply(self.kernels, x)?; // [S, hidden]
         let (arrived, rows_of, exchange) = match &self.shard {
             None => {
-                // Expert e's rows are the next len(tokens_of[e]) sorted rows.
-                let mut at = 0u32;
-                let rows_of = routing
-                    .tokens_of
-                    .iter()
-                    .map(|t| {
-                        let r = (at..at + t.len() as u32).collect::<Vec<_>>();
-                        at += t.len() as u32;
-                        r
-                    })
+                // Expert e's rows are sorted rows offsets[e]..offsets[e + 1].
+                let o = &routing.sorted.offsets;
+                let rows_of = (0..self.n_experts)
+                    .map(|e| (o[e]..o[e + 1]).collect::<Vec<_>>())
                     .collect::<Vec<_>>();
                 (x_sorted, rows_of, None)
             }
             Some(shard) => {
-                let (send, recv, counts) = self.exchange_counts(&routing.tokens_of, shard)?;
+                let (send, recv, counts) = self.exchange_counts(&routing.sorted.counts(), shard)?;
                 let arrived = all_to_all_rows(&x_sorted, &shard.exchange, &send, &recv)?; // [R, hidden]
                 (
                     arrived,
@@ -614,7 +711,7 @@ impl Moe {
             Vec::with_capacity(busy.len()),
         );
         for j in busy {
-            let xe = RowPlan::gather(&rows_of[j], r, dev)?.apply(self.kernels, arrived)?;
+            let xe = take_rows(self.kernels, arrived, &rows_of[j])?;
             let saved = self.experts[j].forward_saved(&xe)?;
             ys.push(saved.output(&self.experts[j].down)?);
             experts.push((j, rows_of[j].clone(), xe, saved));
@@ -624,9 +721,7 @@ impl Moe {
             .iter()
             .flat_map(|(_, rows, _, _)| rows.iter().copied())
             .collect();
-        let y = RowPlan::gather(&taken, r, dev)?
-            .adjoint()
-            .apply(self.kernels, &Tensor::cat(&ys, 0)?)?;
+        let y = put_rows(self.kernels, &Tensor::cat(&ys, 0)?, &taken, r)?;
         Ok((y, ExpertsSaved::PerExpert(experts)))
     }
 
@@ -640,22 +735,19 @@ impl Moe {
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
         let d = d_y.dim(1)?;
-        let dev = d_y.device();
         match saved {
             ExpertsSaved::Idle => d_y.zeros_like(),
             ExpertsSaved::PerExpert(experts) => {
                 let mut dxs = Vec::with_capacity(experts.len());
                 for (j, rows, xe, s) in experts {
-                    let dye = RowPlan::gather(rows, arrived_rows, dev)?.apply(self.kernels, d_y)?;
+                    let dye = take_rows(self.kernels, d_y, rows)?;
                     dxs.push(self.experts[*j].backward(xe, s, &dye, grads)?);
                 }
                 let taken: Vec<u32> = experts
                     .iter()
                     .flat_map(|(_, rows, _, _)| rows.iter().copied())
                     .collect();
-                RowPlan::gather(&taken, arrived_rows, dev)?
-                    .adjoint()
-                    .apply(self.kernels, &Tensor::cat(&dxs, 0)?)
+                put_rows(self.kernels, &Tensor::cat(&dxs, 0)?, &taken, arrived_rows)
             }
             ExpertsSaved::Grouped {
                 busy,
@@ -693,25 +785,25 @@ impl Moe {
         }
     }
 
-    /// Expert parallelism: rows sent to each rank of the group (by the expert ranges), the
-    /// rows received from each, and per source the rows for each local expert (exchanged as
-    /// host bytes first).
+    /// Expert parallelism: rows sent to each rank of the group (by the expert ranges, from the
+    /// rows routed to each expert `per_expert`), the rows received from each, and per source
+    /// the rows for each local expert (exchanged as host bytes first).
     #[allow(clippy::type_complexity)]
     fn exchange_counts(
         &self,
-        tokens_of: &[Vec<u32>],
+        per_expert: &[usize],
         shard: &ExpertShard,
     ) -> Result<(Vec<usize>, Vec<usize>, Vec<Vec<usize>>)> {
         let ex = &shard.exchange;
         let (ep, per) = (ex.size(), shard.count);
         let send: Vec<usize> = (0..ep)
-            .map(|d| tokens_of[d * per..(d + 1) * per].iter().map(Vec::len).sum())
+            .map(|d| per_expert[d * per..(d + 1) * per].iter().sum())
             .collect();
         let parts = (0..ep)
             .map(|d| {
-                tokens_of[d * per..(d + 1) * per]
+                per_expert[d * per..(d + 1) * per]
                     .iter()
-                    .flat_map(|v| (v.len() as u32).to_le_bytes())
+                    .flat_map(|&c| (c as u32).to_le_bytes())
                     .collect()
             })
             .collect();
@@ -858,7 +950,8 @@ impl Moe {
         let ex = &shard.exchange;
         let tok: Vec<u32> = tokens_of.concat();
         let slot: Vec<u32> = slots_of.concat();
-        let (send, recv, counts) = self.exchange_counts(tokens_of, shard)?;
+        let per_expert: Vec<usize> = tokens_of.iter().map(Vec::len).collect();
+        let (send, recv, counts) = self.exchange_counts(&per_expert, shard)?;
         let dev = x.device();
         let n = x.dim(0)?;
         let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(self.kernels, x)?; // [S, hidden]
@@ -880,6 +973,35 @@ impl Moe {
             .adjoint()
             .apply_weighted(self.kernels, &back, &w)
     }
+}
+
+/// Rows `rows` of x [R, .]: a view when they are consecutive (an expert's sorted rows without
+/// expert parallelism), else a gather; the same values either way.
+fn take_rows(kernels: KernelPolicy, x: &Tensor, rows: &[u32]) -> Result<Tensor> {
+    match consecutive(rows) {
+        Some(first) => x.narrow(0, first, rows.len()),
+        None => RowPlan::gather(rows, x.dim(0)?, x.device())?.apply(kernels, x),
+    }
+}
+
+/// The rows y [S, .] back in place: row i of the result [r, .] is y's row j where
+/// taken[j] = i (each of the r rows taken once); y itself when taken is 0, 1, ..., r - 1.
+fn put_rows(kernels: KernelPolicy, y: &Tensor, taken: &[u32], r: usize) -> Result<Tensor> {
+    if taken.len() == r && consecutive(taken) == Some(0) {
+        return Ok(y.clone());
+    }
+    RowPlan::gather(taken, r, y.device())?
+        .adjoint()
+        .apply(kernels, y)
+}
+
+/// The first row of `rows` when they are first, first + 1, ... (None when empty).
+fn consecutive(rows: &[u32]) -> Option<usize> {
+    let first = *rows.first()?;
+    rows.iter()
+        .enumerate()
+        .all(|(i, &r)| r as usize == first as usize + i)
+        .then_some(first as usize)
 }
 
 /// Expert parallelism: local expert j's rows of the arrived rows, taken from every source's
