@@ -207,12 +207,31 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
     ))
 }
 
+/// A flag's value of comma-separated positive integers (`--lens 8192,32768`, `--heads 128,64`);
+/// an error names the flag and the value, so a typo never runs a long benchmark at a wrong shape.
+pub fn parse_counts(flag: &str, value: &str) -> Result<Vec<usize>> {
+    let counts = value
+        .split(',')
+        .map(|x| x.trim().parse::<usize>().ok().filter(|&n| n > 0))
+        .collect::<Option<Vec<_>>>();
+    match counts {
+        Some(c) if !c.is_empty() => Ok(c),
+        _ => anyhow::bail!("{flag} {value:?}: expected comma-separated positive integers"),
+    }
+}
+
 /// `bench kernels`: the DSA kernels at the 671B attention shape (128 heads, d_qk 576, d_v 512,
-/// top-k 2048; indexer 64 x 128; the tensor-core sparse MLA also at 64 and 16 heads on the
-/// same sets) for each length, beside cuBLAS's bf16 matmul rate in the same run. FLOP counts (multiply-add = 2): sparse MLA forward 2 S H k (576 + 512), backward
+/// top-k 2048; indexer 64 x 128; the tensor-core sparse MLA at each count of `heads` on the
+/// same sets) for each length, beside cuBLAS's bf16 matmul rate in the same run. FLOP counts
+/// (multiply-add = 2): sparse MLA forward 2 S H k (576 + 512), backward
 /// 2 S H k (2 x 512 + 3 x 576), indexer scores at the selection 2 S k HI DI (forward) and twice
 /// that (backward), with k the number of selected keys summed over queries (min(k, t+1)).
-pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> Result<String> {
+pub fn bench_kernels(
+    device_name: &str,
+    lens: &[usize],
+    heads: &[usize],
+    only: Option<&str>,
+) -> Result<String> {
     use candle_core::{Tensor, Var};
     let dev = crate::parse_device(device_name)?;
     if !crate::kernels::KernelPolicy::default().on(&dev) {
@@ -232,20 +251,19 @@ pub fn bench_kernels(device_name: &str, lens: &[usize], only: Option<&str>) -> R
     for &l in lens {
         // The tensor-core kernels (each module times its own; a failure such as running out of
         // memory at one length is reported and the next length still runs).
-        type Bench = fn(&Device, usize) -> Result<Vec<String>>;
+        type Bench<'a> = &'a dyn Fn(&Device, usize) -> Result<Vec<String>>;
+        // The head counts only shape the sparse MLA (the indexer's 64 x 128 is fixed).
+        let sparse_mla = |d: &Device, l: usize| crate::kernels::sparse_mla_tc::bench(d, l, heads);
         let families: [(&str, Bench); 4] = [
-            ("indexer top-k", crate::kernels::indexer_topk::bench),
+            ("indexer top-k", &crate::kernels::indexer_topk::bench),
             (
                 "indexer scores at selection (tensor cores)",
-                crate::kernels::indexer_at_tc::bench,
+                &crate::kernels::indexer_at_tc::bench,
             ),
-            (
-                "sparse MLA (tensor cores)",
-                crate::kernels::sparse_mla_tc::bench,
-            ),
+            ("sparse MLA (tensor cores)", &sparse_mla),
             (
                 "dense attention + warm-up KL",
-                crate::kernels::warmup_kl::bench,
+                &crate::kernels::warmup_kl::bench,
             ),
         ];
         let wanted = |name: &str| only.is_none_or(|o| name.contains(o));
@@ -335,5 +353,23 @@ impl Emit {
     fn push(&mut self, line: String) {
         crate::elog!("[bench] {line}");
         self.0.push(line);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_counts;
+
+    #[test]
+    fn parse_counts_reads_comma_lists_and_names_the_flag_on_bad_values() {
+        assert_eq!(
+            parse_counts("--heads", "128, 64,16").unwrap(),
+            vec![128, 64, 16]
+        );
+        assert_eq!(parse_counts("--lens", "8192").unwrap(), vec![8192]);
+        for bad in ["", "128,", "64,x", "0", "-16", "1.5"] {
+            let e = parse_counts("--heads", bad).unwrap_err().to_string();
+            assert!(e.starts_with("--heads "), "{bad:?}: {e}");
+        }
     }
 }

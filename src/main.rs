@@ -234,6 +234,10 @@ enum BenchCommand {
         /// "v1" for the f32 version-1 baseline); all by default.
         #[arg(long)]
         only: Option<String>,
+        /// Head counts of the tensor-core sparse MLA, comma-separated (the 671B model's 128,
+        /// V3.2's 64 of TileLang's examples, the bench model's 16), all on the same sets.
+        #[arg(long, default_value = "128,64,16")]
+        heads: String,
     },
     /// Time whole training steps of a recipe (no checkpoints written): median tokens/s.
     Step {
@@ -476,19 +480,20 @@ fn run(cli: Cli) -> Result<()> {
             dsa_train::gpu_check::run(&device, only.as_deref())?
         }
         Command::Bench {
-            which: BenchCommand::Kernels { device, lens, only },
+            which:
+                BenchCommand::Kernels {
+                    device,
+                    lens,
+                    only,
+                    heads,
+                },
         } => {
-            let lens: Vec<usize> = lens
-                .split(',')
-                .map(|x| {
-                    x.trim().parse().map_err(|_| {
-                        anyhow::anyhow!("--lens {lens}: expected comma-separated integers")
-                    })
-                })
-                .collect::<Result<_>>()?;
+            let lens = dsa_train::bench::parse_counts("--lens", &lens)?;
+            let heads = dsa_train::bench::parse_counts("--heads", &heads)?;
             print_result(&dsa_train::bench::bench_kernels(
                 &device,
                 &lens,
+                &heads,
                 only.as_deref(),
             )?)?;
         }

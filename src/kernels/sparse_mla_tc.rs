@@ -177,26 +177,27 @@ pub fn sparse_mla_head_mean_probs_bf16(
 #[cfg(feature = "cuda")]
 use crate::profile::time_median;
 
-/// Benchmark at sequence length `l` at the 671B shape: H 128, DQK 576, DV 512, top-k 2048
-/// (query t selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a
-/// random subset after). FLOP counts with P = number of valid (query, key) pairs:
+/// Benchmark at sequence length `l` at the 671B shape (DQK 576, DV 512, top-k 2048) for each
+/// head count of `heads` (`bench kernels --heads`: 128, 64 and 16 unless told); query t
+/// selects min(2048, t + 1) distinct keys among 0..=t: all of them while t < 2048, a random
+/// subset after. FLOP counts with P = number of valid (query, key) pairs:
 /// forward 2 P H (DQK + DV), backward 2 P H (2 DV + 3 DQK) (S, dP, dQ, dK and dV products).
 /// head-mean probabilities 2 P H DQK (the S product only).
 /// The backward is timed without autograd glue (the bwd op alone, prep included).
-pub fn bench(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>> {
+pub fn bench(dev: &candle_core::Device, l: usize, heads: &[usize]) -> anyhow::Result<Vec<String>> {
     #[cfg(feature = "cuda")]
     {
-        bench_cuda(dev, l)
+        bench_cuda(dev, l, heads)
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = (dev, l);
+        let _ = (dev, l, heads);
         anyhow::bail!("sparse_mla_tc bench needs the `cuda` feature")
     }
 }
 
 #[cfg(feature = "cuda")]
-fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>> {
+fn bench_cuda(dev: &candle_core::Device, l: usize, heads: &[usize]) -> anyhow::Result<Vec<String>> {
     use candle_core::DType;
     if !dev.is_cuda() || l == 0 {
         anyhow::bail!("sparse_mla_tc bench needs a CUDA device and l >= 1");
@@ -235,10 +236,10 @@ fn bench_cuda(dev: &candle_core::Device, l: usize) -> anyhow::Result<Vec<String>
     }
     let idx = Tensor::from_vec(idx, (nq, kk), dev)?;
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
-    // The 671B model's 128 heads, V3.2's 64-head case of TileLang's examples, and the bench
-    // model's 16 (V2-Lite's count), on the same sets.
+    // Every head count on the same sets (by default the 671B model's 128 heads, V3.2's 64-head
+    // case of TileLang's examples, and the bench model's 16, V2-Lite's count).
     let mut lines = vec![];
-    for h in [128usize, 64, 16] {
+    for &h in heads {
         lines.extend(bench_heads(dev, l, h, &idx, &kv, pairs, nq)?);
     }
     Ok(lines)
