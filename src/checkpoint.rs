@@ -287,6 +287,45 @@ impl Checkpoint {
         Ok(self.locate(name)?.1)
     }
 
+    /// `name` as the checkpoint stores it when that is FP8: its e4m3 bytes [rows, cols] (u8)
+    /// and block scales (f32) on `device`, checked (shape, scales, no NaN byte, finite
+    /// scales); None when it is stored in another dtype.
+    pub fn load_fp8(
+        &self,
+        name: &str,
+        shape: &[usize],
+        device: &Device,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (shard, info) = self.locate(name)?;
+        if info.dtype != StDtype::F8E4M3 {
+            return Ok(None);
+        }
+        let file = shard.path.display();
+        let [rows, cols] = shape else {
+            bail!("tensor {name} in {file} is F8_E4M3 with shape {shape:?}; only matrices are block-scaled");
+        };
+        if info.shape != shape {
+            bail!(
+                "tensor {name} in {file} has shape {:?}, expected {shape:?} from config.json",
+                info.shape
+            );
+        }
+        let bytes = shard.bytes(&info);
+        // e4m3fn's NaNs are 0x7f and 0xff; it has no infinities.
+        if bytes.iter().any(|&b| b & 0x7f == 0x7f) {
+            bail!("tensor {name} (in {file}) holds NaN values; this model cannot be used");
+        }
+        let scales = self.load_scales(name, *rows, *cols)?;
+        if scales.iter().any(|s| !s.is_finite()) {
+            bail!("the scales of tensor {name} (in {file}) hold NaN or infinite values");
+        }
+        let scale_shape = (fp8::blocks(*rows, FP8_BLOCK), fp8::blocks(*cols, FP8_BLOCK));
+        Ok(Some((
+            Tensor::from_slice(bytes, (*rows, *cols), device)?,
+            Tensor::from_vec(scales, scale_shape, device)?,
+        )))
+    }
+
     /// Read `name` as `dtype` on `device`, checking its shape; FP8 weights are dequantised with
     /// their block scales. Precision: FP8 and bf16 values are exact in f32; an FP8 value times a
     /// power-of-two scale is exact in bf16 too (other scales round once).

@@ -53,6 +53,10 @@ pub struct ModelSection {
     pub init_seed: u64,
     /// Load and train the MTP layer(s) when the checkpoint has them.
     pub mtp: bool,
+    /// Keep the frozen weights the checkpoint stores in FP8 in FP8 on the device (one byte a
+    /// value instead of two) and dequantise a layer's when it runs: the same values, bit for
+    /// bit. Only the warm-up freezes the main model.
+    pub frozen_fp8: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,6 +262,7 @@ impl Default for ModelSection {
             device: "cpu".into(),
             init_seed: 0,
             mtp: true,
+            frozen_fp8: false,
         }
     }
 }
@@ -586,6 +591,9 @@ impl Recipe {
         }
         if t.block_rows > 0 && t.stage == Stage::Sparse && !t.recompute {
             bail!("train.block_rows works on the sparse stage's recomputing backward: set train.recompute = true");
+        }
+        if self.model.frozen_fp8 && t.stage != Stage::Warmup {
+            bail!("model.frozen_fp8 = true keeps frozen weights in FP8, and only the warm-up freezes the main model: set train.stage = \"warmup\" or model.frozen_fp8 = false");
         }
         if t.block_rows > 0 && t.stage == Stage::Dense {
             bail!("train.block_rows = {}: the dense stage has no block mode (its attention is flash-style already); set it to 0", t.block_rows);

@@ -2,13 +2,14 @@
 //! checkpoint stores it, and whether it belongs to the lightning indexer. Loading, indexer
 //! initialisation, the trainable/frozen split and export all read this table.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, StDtype};
 use crate::config::ModelConfig;
+use crate::model::fp8_frozen::{self, Fp8Weight};
 
 /// What a tensor is; decides storage, compute dtype and (later) weight decay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -373,10 +374,41 @@ pub fn load_params(
     device: &Device,
     init_seed: u64,
 ) -> Result<(ParamSet, Vec<String>)> {
+    let (params, initialised, _) =
+        load_params_keeping_fp8(ckpt, specs, dtype, device, init_seed, &|_| false)?;
+    Ok((params, initialised))
+}
+
+/// `load_params`, keeping the tensors that `keep` names and the checkpoint stores in FP8 as
+/// they are stored (`model::fp8_frozen`): each gets a placeholder in the parameters and its
+/// bytes and scales in the third result, by name.
+pub fn load_params_keeping_fp8(
+    ckpt: &Checkpoint,
+    specs: &[WeightSpec],
+    dtype: DType,
+    device: &Device,
+    init_seed: u64,
+    keep: &dyn Fn(&WeightSpec) -> bool,
+) -> Result<(ParamSet, Vec<String>, HashMap<String, Fp8Weight>)> {
     let mut params = ParamSet::new();
     let mut initialised = vec![];
+    let mut held = HashMap::new();
     for s in specs {
         let want = s.compute_dtype(dtype);
+        if keep(s) && ckpt.contains(&s.name) {
+            if let Some((bytes, scales)) = ckpt.load_fp8(&s.name, &s.shape, device)? {
+                params.insert(s.name.clone(), fp8_frozen::placeholder(want, device)?);
+                held.insert(
+                    s.name.clone(),
+                    Fp8Weight {
+                        bytes,
+                        scales,
+                        dtype: want,
+                    },
+                );
+                continue;
+            }
+        }
         let t = if ckpt.contains(&s.name) || !s.indexer {
             ckpt.load(&s.name, &s.shape, want, device)?
         } else {
@@ -390,7 +422,7 @@ pub fn load_params(
         };
         params.insert(s.name.clone(), t);
     }
-    Ok((params, initialised))
+    Ok((params, initialised, held))
 }
 
 /// Replace loaded tensors by overlay values (f32 from training checkpoints), checking names

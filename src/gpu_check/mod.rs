@@ -5,6 +5,7 @@
 //! random inputs, and compares. It is a subcommand rather than a `cargo test` binary so that
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
+mod fp8_dequant;
 mod grad_sum;
 mod indexer_topk;
 mod join_rows;
@@ -770,6 +771,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("indexer-topk", Box::new(|| indexer_topk::checks(&gpu))),
         ("rows", Box::new(|| rows::checks(&gpu))),
         ("moe-route", Box::new(|| moe_route::checks(&gpu))),
+        ("fp8-dequant", Box::new(|| fp8_dequant::checks(&gpu))),
         (
             "moe-grouped",
             Box::new(|| moe_grouped_matches_per_expert(&gpu)),

@@ -9,6 +9,7 @@ use candle_core::{Result, Tensor};
 
 // One module per new kernel family (each with its .cu file in kernels/).
 pub mod adamw;
+pub mod fp8_dequant;
 pub mod grad_sum;
 pub mod indexer_at_tc;
 pub mod indexer_topk;

@@ -43,10 +43,13 @@ pub enum Fused {
     /// MoE routing and its sort by expert on the device (`kernels::moe_route`; the host's
     /// `route_token` per token and per-expert lists instead).
     MoeRoute,
+    /// Frozen FP8 weights dequantised on the device (`kernels::fp8_dequant`; the loader's host
+    /// loop and a copy instead).
+    Fp8Dequant,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 12] = [
+    pub const ALL: [Fused; 13] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -59,6 +62,7 @@ impl Fused {
         Fused::MoeCombine,
         Fused::GradSum,
         Fused::MoeRoute,
+        Fused::Fp8Dequant,
     ];
 
     /// The name a recipe uses.
@@ -76,6 +80,7 @@ impl Fused {
             Fused::MoeCombine => "moe-combine",
             Fused::GradSum => "grad-sum",
             Fused::MoeRoute => "moe-route",
+            Fused::Fp8Dequant => "fp8-dequant",
         }
     }
 

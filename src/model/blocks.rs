@@ -23,10 +23,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::attention::Mla;
 use super::grad_sink::{add_if_wanted, GradSink, Originals, ToOriginals};
-use super::indexer::Indexer;
-use super::moe::{Mlp, Moe};
 use super::{DecoderLayer, FeedForward, ForwardContext};
 use crate::dsa::Selection;
 use crate::ops::{rms_norm, rms_norm_backward};
@@ -71,7 +68,7 @@ impl DecoderLayer {
         sel: &Selection,
         rows: usize,
     ) -> Result<BlockPass> {
-        let (view, _) = self.detached_view();
+        let (view, _) = self.detached_view()?;
         match view.blocks(h, ctx, sel, rows.max(1), Direction::Forward)? {
             Ran::Forward(pass) => Ok(pass),
             Ran::Backward(_) => unreachable!("a forward run returns its pass"),
@@ -95,7 +92,7 @@ impl DecoderLayer {
         // The trainer's weights are Vars, through which candle records every op's inputs: the
         // work runs on detached views of them (the same storage), so no graph is kept, and
         // their gradients are handed on under the original tensors.
-        let (view, originals) = self.detached_view();
+        let (view, originals) = self.detached_view()?;
         let dout = bw.dout.detach();
         let bw = LayerBackward { dout: &dout, ..bw };
         match view.blocks(
@@ -118,73 +115,10 @@ impl DecoderLayer {
 
     /// A copy of the layer whose tensors are detached views of this one's, and the original of
     /// each view.
-    fn detached_view(&self) -> (DecoderLayer, Originals) {
+    fn detached_view(&self) -> Result<(DecoderLayer, Originals)> {
         let mut originals = Originals::default();
-        let mut d = |t: &Tensor| -> Tensor { originals.view(t) };
-        let a = &self.attn;
-        let attn = Mla {
-            q_a_proj: d(&a.q_a_proj),
-            q_a_norm: d(&a.q_a_norm),
-            q_b_proj: d(&a.q_b_proj),
-            kv_a_proj: d(&a.kv_a_proj),
-            kv_a_norm: d(&a.kv_a_norm),
-            kv_b_proj: d(&a.kv_b_proj),
-            o_proj: d(&a.o_proj),
-            heads: a.heads,
-            nope: a.nope,
-            rope: a.rope,
-            v_dim: a.v_dim,
-            kv_lora: a.kv_lora,
-            scale: a.scale,
-            kernels: a.kernels,
-        };
-        let ix = &self.indexer;
-        let indexer = Indexer {
-            tensor_cores: ix.tensor_cores,
-            kernels: ix.kernels,
-            wq_b: d(&ix.wq_b),
-            wk: d(&ix.wk),
-            k_norm_weight: d(&ix.k_norm_weight),
-            k_norm_bias: d(&ix.k_norm_bias),
-            weights_proj: d(&ix.weights_proj),
-            heads: ix.heads,
-            head_dim: ix.head_dim,
-            rope: ix.rope,
-        };
-        let mut mlp = |m: &Mlp| Mlp {
-            gate: d(&m.gate),
-            up: d(&m.up),
-            down: d(&m.down),
-            kernels: m.kernels,
-        };
-        let ffn = match &self.ffn {
-            FeedForward::Dense(m) => FeedForward::Dense(mlp(m)),
-            FeedForward::Moe(m) => FeedForward::Moe(Moe {
-                experts: m.experts.iter().map(&mut mlp).collect(),
-                shared: m.shared.as_ref().map(&mut mlp),
-                router: d(&m.router),
-                bias: d(&m.bias),
-                shard: m.shard.clone(),
-                n_experts: m.n_experts,
-                top_k: m.top_k,
-                n_group: m.n_group,
-                topk_group: m.topk_group,
-                norm_topk_prob: m.norm_topk_prob,
-                routed_scaling_factor: m.routed_scaling_factor,
-                compute: m.compute,
-                kernels: m.kernels,
-            }),
-        };
-        let layer = DecoderLayer {
-            input_norm: d(&self.input_norm),
-            post_attention_norm: d(&self.post_attention_norm),
-            attn,
-            indexer,
-            ffn,
-            eps: self.eps,
-            kernels: self.kernels,
-        };
-        (layer, originals)
+        let layer = self.map_tensors(&mut |t: &Tensor| Ok(originals.view(t)))?;
+        Ok((layer, originals))
     }
 
     /// The layer's backward in the trainer's second pass, as `pass` ran the first: the sparse
@@ -220,7 +154,7 @@ impl DecoderLayer {
         bw: LayerBackward,
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
-        let (view, originals) = self.detached_view();
+        let (view, originals) = self.detached_view()?;
         view.dense_backward_detached(
             h,
             ctx,

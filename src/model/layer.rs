@@ -6,6 +6,7 @@ use candle_core::{DType, Result, Tensor};
 
 use super::attention;
 use super::indexer::{self, Indexer, IndexerProj};
+use super::moe::{Mlp, Moe};
 use super::{
     AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, LayerStats, Pass,
 };
@@ -15,6 +16,80 @@ use crate::losses::kl_rows;
 use crate::ops::rms_norm;
 
 impl DecoderLayer {
+    /// The same layer with every tensor replaced by `f` of it (norms, projections, indexer,
+    /// router, experts), everything else copied: a detached view for a hand-written backward
+    /// (`blocks`), or the full weights of a layer held in FP8 (`fp8_frozen`).
+    pub fn map_tensors(
+        &self,
+        f: &mut dyn FnMut(&Tensor) -> Result<Tensor>,
+    ) -> Result<DecoderLayer> {
+        let a = &self.attn;
+        let attn = attention::Mla {
+            q_a_proj: f(&a.q_a_proj)?,
+            q_a_norm: f(&a.q_a_norm)?,
+            q_b_proj: f(&a.q_b_proj)?,
+            kv_a_proj: f(&a.kv_a_proj)?,
+            kv_a_norm: f(&a.kv_a_norm)?,
+            kv_b_proj: f(&a.kv_b_proj)?,
+            o_proj: f(&a.o_proj)?,
+            heads: a.heads,
+            nope: a.nope,
+            rope: a.rope,
+            v_dim: a.v_dim,
+            kv_lora: a.kv_lora,
+            scale: a.scale,
+            kernels: a.kernels,
+        };
+        let ix = &self.indexer;
+        let indexer = Indexer {
+            tensor_cores: ix.tensor_cores,
+            kernels: ix.kernels,
+            wq_b: f(&ix.wq_b)?,
+            wk: f(&ix.wk)?,
+            k_norm_weight: f(&ix.k_norm_weight)?,
+            k_norm_bias: f(&ix.k_norm_bias)?,
+            weights_proj: f(&ix.weights_proj)?,
+            heads: ix.heads,
+            head_dim: ix.head_dim,
+            rope: ix.rope,
+        };
+        let mut mlp = |m: &Mlp| -> Result<Mlp> {
+            Ok(Mlp {
+                gate: f(&m.gate)?,
+                up: f(&m.up)?,
+                down: f(&m.down)?,
+                kernels: m.kernels,
+            })
+        };
+        let ffn = match &self.ffn {
+            FeedForward::Dense(m) => FeedForward::Dense(mlp(m)?),
+            FeedForward::Moe(m) => FeedForward::Moe(Moe {
+                experts: m.experts.iter().map(&mut mlp).collect::<Result<_>>()?,
+                shared: m.shared.as_ref().map(&mut mlp).transpose()?,
+                router: f(&m.router)?,
+                bias: f(&m.bias)?,
+                shard: m.shard.clone(),
+                n_experts: m.n_experts,
+                top_k: m.top_k,
+                n_group: m.n_group,
+                topk_group: m.topk_group,
+                norm_topk_prob: m.norm_topk_prob,
+                routed_scaling_factor: m.routed_scaling_factor,
+                compute: m.compute,
+                kernels: m.kernels,
+            }),
+        };
+        Ok(DecoderLayer {
+            input_norm: f(&self.input_norm)?,
+            post_attention_norm: f(&self.post_attention_norm)?,
+            attn,
+            indexer,
+            ffn,
+            eps: self.eps,
+            kernels: self.kernels,
+        })
+    }
+
     /// Run the layer's ops with `kernels` (kernels or their plain twins).
     pub fn set_kernels(&mut self, kernels: KernelPolicy) {
         self.kernels = kernels;

@@ -161,6 +161,7 @@ impl Model {
             device: device.clone(),
             cfg,
             kernels: KernelPolicy::default(),
+            frozen_fp8: Default::default(),
         })
     }
 }

@@ -12,6 +12,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod dense_recompute;
+pub mod fp8_frozen;
 pub mod grad_sink;
 pub mod indexer;
 mod indexer_kl;
@@ -506,9 +507,23 @@ pub struct Model {
     /// Which kernels its passes run (every kernel where it can run unless `set_kernels` says
     /// otherwise); each layer's modules hold a copy.
     pub kernels: KernelPolicy,
+    /// Frozen weights its layers hold in FP8 (none unless the trainer asked: `model.frozen_fp8`).
+    pub frozen_fp8: fp8_frozen::FrozenFp8,
 }
 
 impl Model {
+    /// Main layer `l` ready to run: the layer itself, or, where it holds weights in FP8, a copy
+    /// with them dequantised (alive while the caller holds it).
+    pub fn layer(&self, l: usize) -> Result<fp8_frozen::LayerToRun<'_>> {
+        self.frozen_fp8.materialize(&self.layers[l], self.kernels)
+    }
+
+    /// MTP module `m`'s layer, as `layer`.
+    pub fn mtp_layer(&self, m: usize) -> Result<fp8_frozen::LayerToRun<'_>> {
+        self.frozen_fp8
+            .materialize(&self.mtp[m].layer, self.kernels)
+    }
+
     /// Run the passes with `kernels` (kernels or their plain twins, per op).
     pub fn set_kernels(&mut self, kernels: KernelPolicy) {
         self.kernels = kernels;
@@ -575,8 +590,8 @@ impl Model {
     ) -> Result<(Tensor, Vec<LayerStats>)> {
         let mut h = self.embed(tokens)?;
         let mut layers = Vec::with_capacity(self.layers.len());
-        for layer in &self.layers {
-            let (next, stats) = layer.forward(&h, ctx, opts)?;
+        for l in 0..self.layers.len() {
+            let (next, stats) = self.layer(l)?.forward(&h, ctx, opts)?;
             h = next;
             layers.push(stats);
         }

@@ -94,7 +94,7 @@ impl Model {
         let h0 = rms_norm(self.kernels, &hidden.narrow(1, 0, n)?, &self.norm, eps)?;
         let hh = rms_norm(self.kernels, &h0, &m.hnorm, eps)?;
         let x = linear(&Tensor::cat(&[&e, &hh], 2)?, &m.eh_proj)?;
-        let (y, stats) = m.layer.forward(&x, &ctx.prefix(n)?, opts)?;
+        let (y, stats) = self.mtp_layer(depth)?.forward(&x, &ctx.prefix(n)?, opts)?;
         Ok((
             linear(
                 &rms_norm(self.kernels, &y, &m.head_norm, eps)?,

@@ -42,6 +42,7 @@ use crate::data::Sampler;
 use crate::dist::expert::ExpertShard;
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
+use crate::model::fp8_frozen::FrozenFp8;
 use crate::model::{ForwardContext, Model, Pass};
 use crate::recipe::{Layout, Recipe, Stage};
 use crate::weights::{self, Kind, ParamSet, WeightSpec};
@@ -254,8 +255,29 @@ fn build_model(
         .filter(|s| held_here(shard, &s.name))
         .collect();
     let hf = Checkpoint::open(&source.hf_dir)?;
-    let (mut params, initialised) =
-        weights::load_params(&hf, &specs, dtype, device, recipe.model.init_seed)?;
+    let mut overlay = ckpt::overlay_params_where(source, device, &|n| held_here(shard, n))?;
+    if let Some(snap) = resume {
+        overlay.extend(snap.params.clone());
+    }
+    let stage = recipe.stage();
+    // model.frozen_fp8: the frozen tensors of the decoder layers' attention and feed-forward
+    // stay as the checkpoint stores them (`Model::layer` dequantises them), unless an overlay
+    // (an earlier stage's trained values) replaces them. The MTP module's input projection
+    // runs outside its layer and stays dense.
+    let keep_fp8 = |s: &WeightSpec| {
+        recipe.model.frozen_fp8
+            && !stage.trains(s)
+            && !overlay.contains_key(&s.name)
+            && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
+    };
+    let (mut params, initialised, held_fp8) = weights::load_params_keeping_fp8(
+        &hf,
+        &specs,
+        dtype,
+        device,
+        recipe.model.init_seed,
+        &keep_fp8,
+    )?;
     if !initialised.is_empty() {
         crate::elog!(
             "[train] {} has no indexer tensors: initialised {} from seed {}",
@@ -263,10 +285,6 @@ fn build_model(
             initialised.len(),
             recipe.model.init_seed
         );
-    }
-    let mut overlay = ckpt::overlay_params_where(source, device, &|n| held_here(shard, n))?;
-    if let Some(snap) = resume {
-        overlay.extend(snap.params.clone());
     }
     weights::apply_overlay(&mut params, &specs, overlay, dtype)?;
     if let Some(name) = weights::first_non_finite(&params)? {
@@ -284,7 +302,6 @@ fn build_model(
         bail!("tensor {name} (from {from}) holds NaN or infinite values; this model cannot be trained");
     }
 
-    let stage = recipe.stage();
     let trainable = |s: &WeightSpec| stage.trains(s);
     let mut slots = vec![];
     let mut router_biases = vec![];
@@ -314,7 +331,15 @@ fn build_model(
             model_params.insert(s.name.clone(), t);
         }
     }
-    let model = Model::from_params_sharded(cfg, &model_params, dtype, device, with_mtp, shard)?;
+    let mut model = Model::from_params_sharded(cfg, &model_params, dtype, device, with_mtp, shard)?;
+    if recipe.model.frozen_fp8 {
+        model.frozen_fp8 = FrozenFp8::new(held_fp8, &model_params)?;
+        let (n, bytes) = model.frozen_fp8.held();
+        crate::elog!(
+            "[train] model.frozen_fp8: {n} frozen tensors held in FP8 ({:.2} GiB with their scales), dequantised a layer at a time",
+            bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     Ok((model, slots, router_biases))
 }
 
@@ -578,7 +603,11 @@ impl Trainer {
             Some(leaf) => leaf.as_tensor().clone(),
             None => embedded,
         };
-        for (l, layer) in self.model.layers.iter().enumerate() {
+        for l in 0..self.model.layers.len() {
+            let layer = self
+                .model
+                .layer(l)
+                .with_context(|| format!("layer {l} weights"))?;
             if recompute {
                 inputs.push(keep(h.clone())?);
             }
@@ -713,7 +742,11 @@ impl Trainer {
                 Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)
             };
             if recompute {
-                for (l, layer) in self.model.layers.iter().enumerate().rev() {
+                for l in (0..self.model.layers.len()).rev() {
+                    let layer = self
+                        .model
+                        .layer(l)
+                        .with_context(|| format!("layer {l} weights"))?;
                     let input = inputs[l].to_device(&self.device)?;
                     let sel = selections[l]
                         .take()

@@ -42,13 +42,13 @@ impl Trainer {
     ) -> Result<Option<Tensor>> {
         let model = &self.model;
         let module = &model.mtp[depth];
+        let layer = model.mtp_layer(depth).context("MTP layer")?;
         let input = model
             .mtp_input(depth, hidden, tokens)
             .context("MTP input")?;
         let n = input.x.dim(1)?;
         let ctx = ctx.prefix(n)?;
-        let (y, mut stats) = module
-            .layer
+        let (y, mut stats) = layer
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
         if let Some(weight) = terms.kl {
@@ -91,8 +91,7 @@ impl Trainer {
             chosen: chosen.as_deref(),
         };
         let mut sink = AccumSink { trainable, accum };
-        let dx = module
-            .layer
+        let dx = layer
             .recomputed_backward(&input.x, &ctx, sel.as_ref(), pass, bw, &mut sink)
             .context("MTP layer recompute and backward")?;
         let (d_hidden, d_emb) = model
