@@ -10,12 +10,12 @@ use common::{assert_clean_error, path_str, run_cli, Fixture};
 use dsa_train::recipe::Recipe;
 use dsa_train::train::Trainer;
 
+/// Per step (indexer KL, its gradient norm); every trainable tensor's bits by name; the
+/// tensors held in FP8 and their bytes.
+type WarmUp = (Vec<(f64, f64)>, HashMap<String, Vec<u32>>, (usize, usize));
+
 /// Three warm-up steps (MTP on, block mode off and on): metrics and every trainable tensor.
-fn warm_up(
-    f: &Fixture,
-    fp8: bool,
-    block_rows: usize,
-) -> (Vec<(f64, f64)>, HashMap<String, Vec<u32>>, (usize, usize)) {
+fn warm_up(f: &Fixture, fp8: bool, block_rows: usize) -> WarmUp {
     let model = f.root.join("model");
     let recipe = f.recipe("warmup", &format!("w-{fp8}-{block_rows}"), &model, 3);
     let sets = vec![

@@ -9,14 +9,16 @@
 //!
 //! Search: every layout of N ranks that `train` accepts (dp = N; ep dividing dp and the
 //! routed-expert count; ZeRO 1 or 2; in the sparse stage with recomputation also
-//! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on),
+//! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on;
+//! in the warm-up block_rows too, and `model.frozen_fp8` off or on),
 //! the ones that fit ordered by an estimated step time, the sum of
 //!   compute:          FLOPs per step / (N x peak x MFU)   (the same for every layout of N ranks)
 //!   gradient sums:    bytes each device sends for them / link bandwidth
 //!   expert exchange:  bytes each device sends in them / link bandwidth
 //!   offload:          2 x host bytes per device (out and back) / host link bandwidth
 //! with no overlap assumed (an upper bound); the rates are arguments and are printed with the
-//! result. Ties go to fewer, larger blocks (fewer launches) and no offload.
+//! result. Ties go to fewer, larger blocks (fewer launches), no offload and dense weights (no
+//! dequantisation per layer).
 
 use anyhow::Result;
 
@@ -170,6 +172,12 @@ pub fn search(
     } else {
         &[recipe.train.offload_activations]
     };
+    // The warm-up may hold its frozen weights in FP8 (`model.frozen_fp8`).
+    let fp8s: &[bool] = if recipe.stage() == Stage::Warmup {
+        &[false, true]
+    } else {
+        &[recipe.model.frozen_fp8]
+    };
     let mut found = vec![];
     // One rank has no ZeRO to choose; blocks as long as the sequence are the whole sequence.
     let zeros: &[usize] = if n == 1 { &[1] } else { &[1, 2] };
@@ -182,35 +190,41 @@ pub fn search(
         for &zero in zeros {
             for &block_rows in &blocks {
                 for &offload in offloads {
-                    let mut r = recipe.clone();
-                    r.parallel.dp = n;
-                    r.parallel.ep = ep;
-                    r.parallel.zero = zero;
-                    r.train.block_rows = block_rows;
-                    r.train.offload_activations = offload;
-                    if validate(&r, n).is_err() {
-                        continue;
+                    for &fp8 in fp8s {
+                        let mut r = recipe.clone();
+                        r.parallel.dp = n;
+                        r.parallel.ep = ep;
+                        r.parallel.zero = zero;
+                        r.train.block_rows = block_rows;
+                        r.train.offload_activations = offload;
+                        r.model.frozen_fp8 = fp8;
+                        if validate(&r, n).is_err() {
+                            continue;
+                        }
+                        let plan = plan_for(&r, cfg);
+                        let fits = machine.verdict(&plan).0;
+                        let time = StepTime::of(&plan, n, rates);
+                        let mut sets = vec![
+                            format!("parallel.dp={n}"),
+                            format!("parallel.ep={ep}"),
+                            format!("parallel.zero={zero}"),
+                            format!("train.block_rows={block_rows}"),
+                            format!("train.offload_activations={offload}"),
+                        ];
+                        if fp8 {
+                            sets.push("model.frozen_fp8=true".into());
+                        }
+                        found.push((
+                            block_rows,
+                            (offload, fp8),
+                            Candidate {
+                                sets,
+                                plan,
+                                time,
+                                fits,
+                            },
+                        ));
                     }
-                    let plan = plan_for(&r, cfg);
-                    let fits = machine.verdict(&plan).0;
-                    let time = StepTime::of(&plan, n, rates);
-                    let sets = vec![
-                        format!("parallel.dp={n}"),
-                        format!("parallel.ep={ep}"),
-                        format!("parallel.zero={zero}"),
-                        format!("train.block_rows={block_rows}"),
-                        format!("train.offload_activations={offload}"),
-                    ];
-                    found.push((
-                        block_rows,
-                        offload,
-                        Candidate {
-                            sets,
-                            plan,
-                            time,
-                            fits,
-                        },
-                    ));
                 }
             }
         }
@@ -218,7 +232,7 @@ pub fn search(
     // Fitting ones fastest first (then whole sequences or larger blocks, then no offload);
     // the rest by memory.
     found.sort_by(|a, b| {
-        let key = |c: &(usize, bool, Candidate)| {
+        let key = |c: &(usize, (bool, bool), Candidate)| {
             (
                 !c.2.fits,
                 if c.2.fits {

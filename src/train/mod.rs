@@ -603,7 +603,7 @@ impl Trainer {
             Some(leaf) => leaf.as_tensor().clone(),
             None => embedded,
         };
-        for l in 0..self.model.layers.len() {
+        for (l, load) in loads.iter_mut().enumerate() {
             let layer = self
                 .model
                 .layer(l)
@@ -634,7 +634,7 @@ impl Trainer {
                 kl_sum = add(kl_sum, kl)?;
             }
             if let Some(c) = stats.expert_counts.take() {
-                loads[l].iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
+                load.iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
             match stats.balance_loss.take() {
                 Some(b) if !recompute => balance = add(balance, (b * t.seq_balance_alpha)?)?,

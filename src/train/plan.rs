@@ -11,6 +11,8 @@
 //!   differentiated, so the main model costs one forward and the indexer three.
 //! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
 //! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
+//!   with `model.frozen_fp8` (warm-up) the frozen projections and experts in FP8 (1 byte a
+//!   value and a 4-byte scale per 128 x 128 block) plus the largest layer dequantised;
 //! - optimizer: f32 master (when the dtype is not f32) and two f32 moments of the trainable
 //!   rows this device OWNS, on the most-loaded rank (owners of whole tensors or, for a tensor
 //!   above the fair share, of row ranges, assigned as the trainer does among the ranks that
@@ -310,7 +312,30 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let holders =
         |s: &crate::weights::WeightSpec| if is_expert(s) { (dp / ep).max(1.0) } else { dp };
-    let weight_bytes: f64 = specs.iter().map(|s| local(s) * dtype_bytes).sum();
+    // model.frozen_fp8 (warm-up): the frozen tensors a layer's attention and feed-forward
+    // take from the checkpoint in FP8 stay one byte a value plus a 4-byte scale per 128 x 128
+    // block, and the largest layer exists dequantised while it runs.
+    let held_fp8 = |s: &crate::weights::WeightSpec| {
+        recipe.model.frozen_fp8
+            && !trainable(s)
+            && s.storage() == crate::checkpoint::StDtype::F8E4M3
+            && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
+    };
+    let mut dequantised_layer = std::collections::BTreeMap::<String, f64>::new();
+    let weight_bytes: f64 = specs
+        .iter()
+        .map(|s| {
+            if held_fp8(s) {
+                let layer = s.name.split(".self_attn.").next().unwrap_or("");
+                let layer = layer.split(".mlp.").next().unwrap_or("").to_string();
+                *dequantised_layer.entry(layer).or_default() += local(s) * dtype_bytes;
+                local(s) * (1.0 + 4.0 / (128.0 * 128.0))
+            } else {
+                local(s) * dtype_bytes
+            }
+        })
+        .sum::<f64>()
+        + dequantised_layer.values().copied().fold(0.0, f64::max);
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
     let gradient_peak = GradientPeak::new(&specs, &trainable, &local, dtype_bytes);
     let optimizer_bytes = if zero2 {
@@ -692,6 +717,66 @@ mod tests {
     /// The warm-up's block mode counts its feed-forward for `block_rows` tokens and leaves the
     /// whole-sequence attention as it is (the larger of the two phases counts), nothing else
     /// changed.
+    /// model.frozen_fp8 halves the slice's frozen projections and experts (one byte a value
+    /// and the scales) and adds back the largest layer dequantised; the trained indexer,
+    /// norms, embedding and head are unchanged.
+    #[test]
+    fn frozen_fp8_counts_a_byte_a_frozen_value_plus_the_largest_layer() {
+        let cfg = slice_config();
+        let dense = plan_for(&slice_recipe(Stage::Warmup, 8192, 0), &cfg);
+        let mut r = slice_recipe(Stage::Warmup, 8192, 0);
+        r.model.frozen_fp8 = true;
+        let fp8 = plan_for(&r, &cfg);
+        let specs = model_weights(&cfg, false);
+        let held = |s: &crate::weights::WeightSpec| {
+            !Stage::Warmup.trains(s)
+                && s.storage() == crate::checkpoint::StDtype::F8E4M3
+                && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
+        };
+        let n = |s: &crate::weights::WeightSpec| s.shape.iter().product::<usize>() as f64;
+        let held_values: f64 = specs.iter().filter(|s| held(s)).map(n).sum();
+        let largest_layer = (0..cfg.num_hidden_layers)
+            .map(|l| {
+                specs
+                    .iter()
+                    .filter(|s| held(s) && s.name.starts_with(&format!("model.layers.{l}.")))
+                    .map(n)
+                    .sum::<f64>()
+            })
+            .fold(0.0, f64::max);
+        let want =
+            dense.weight_bytes - held_values * (2.0 - 1.0 - 4.0 / 16384.0) + 2.0 * largest_layer;
+        assert!(
+            held_values > 1e9,
+            "the slice's frozen FP8 values: {held_values}"
+        );
+        assert!(
+            (fp8.weight_bytes - want).abs() < 1.0,
+            "{} vs {want}",
+            fp8.weight_bytes
+        );
+        assert_eq!(fp8.activation_bytes, dense.activation_bytes);
+        // The 671B model's warm-up at dp = ep = 16: the weights fall to about half (the
+        // slice's two layers gain little: one of them is held dequantised while it runs).
+        let big = crate::config::ModelConfig::from_json(
+            include_str!("../../tests/data/deepseek-v3.1-terminus/config.json"),
+            &Default::default(),
+        )
+        .unwrap();
+        let mut r = slice_recipe(Stage::Warmup, 131072, 0);
+        r.parallel.dp = 16;
+        r.parallel.ep = 16;
+        let dense = plan_for(&r, &big).weight_bytes;
+        r.model.frozen_fp8 = true;
+        let fp8 = plan_for(&r, &big).weight_bytes;
+        assert!(
+            fp8 < 0.55 * dense,
+            "671B warm-up weights: {:.1} GiB in FP8 vs {:.1} GiB",
+            fp8 / 1073741824.0,
+            dense / 1073741824.0
+        );
+    }
+
     #[test]
     fn warm_up_blocks_count_the_feed_forward_for_the_block_only() {
         let cfg = slice_config();
