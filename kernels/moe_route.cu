@@ -85,14 +85,21 @@ extern "C" __global__ void moe_route(const float* __restrict__ scores, const flo
   }
 }
 
-// Per chunk of CHUNK slots, the slots routed to each expert: hist [n_chunks, e].
-extern "C" __global__ void moe_count(const uint32_t* __restrict__ chosen, int64_t s, uint32_t* __restrict__ hist,
-                                     int e) {
-  __shared__ uint32_t ids[CHUNK];
+// This block's chunk of the choice into shared memory, u32::MAX past the last slot (no
+// expert's id); returns the chunk's first slot.
+__device__ __forceinline__ int64_t load_chunk(const uint32_t* __restrict__ chosen, int64_t s, uint32_t* ids) {
   const int64_t c0 = (int64_t)blockIdx.x * CHUNK;
   const int len = (int)min((int64_t)CHUNK, s - c0);
   for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) ids[i] = i < len ? chosen[c0 + i] : 0xFFFFFFFFu;
   __syncthreads();
+  return c0;
+}
+
+// Per chunk of CHUNK slots, the slots routed to each expert: hist [n_chunks, e].
+extern "C" __global__ void moe_count(const uint32_t* __restrict__ chosen, int64_t s, uint32_t* __restrict__ hist,
+                                     int e) {
+  __shared__ uint32_t ids[CHUNK];
+  load_chunk(chosen, s, ids);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   for (int x = warp; x < e; x += warps) {
     uint32_t count = 0;
@@ -127,10 +134,7 @@ extern "C" __global__ void moe_place(const uint32_t* __restrict__ chosen, int64_
                                      const uint32_t* __restrict__ offsets, uint32_t* __restrict__ order,
                                      uint32_t* __restrict__ token, uint32_t* __restrict__ position, int e, int k) {
   __shared__ uint32_t ids[CHUNK];
-  const int64_t c0 = (int64_t)blockIdx.x * CHUNK;
-  const int len = (int)min((int64_t)CHUNK, s - c0);
-  for (int i = threadIdx.x; i < CHUNK; i += blockDim.x) ids[i] = i < len ? chosen[c0 + i] : 0xFFFFFFFFu;
-  __syncthreads();
+  const int64_t c0 = load_chunk(chosen, s, ids);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, warps = blockDim.x / 32;
   const uint32_t below = (1u << lane) - 1;
   for (int x = warp; x < e; x += warps) {

@@ -86,20 +86,6 @@ pub struct Routing {
     sorted: SortedRows,
 }
 
-impl Routing {
-    /// Per expert, its tokens and their (token, slot) indices t*K + j, in token order (the
-    /// autograd path's lists, from the host's copy of the choice).
-    fn lists(&self, n_experts: usize, k: usize) -> (Vec<Vec<u32>>, Vec<Vec<u32>>) {
-        let mut tokens_of: Vec<Vec<u32>> = vec![vec![]; n_experts];
-        let mut slots_of: Vec<Vec<u32>> = vec![vec![]; n_experts];
-        for (slot, &ex) in self.chosen.iter().enumerate() {
-            tokens_of[ex as usize].push((slot / k) as u32);
-            slots_of[ex as usize].push(slot as u32);
-        }
-        (tokens_of, slots_of)
-    }
-}
-
 /// The S = N K routed (token, slot) pairs as rows sorted by expert, then slot: expert e's rows
 /// are `offsets[e]..offsets[e + 1]`; `slot` gathers each row's slot of an [N K] tensor (the
 /// combine weights), `tok` each row's token of an [N, .] tensor (the dispatch; its adjoint,
@@ -155,6 +141,14 @@ impl SortedRows {
                 (true, k == 1),
             )?,
         })
+    }
+
+    /// Each expert's rows, offsets[e]..offsets[e + 1].
+    fn rows_of(&self) -> Vec<Vec<u32>> {
+        self.offsets
+            .windows(2)
+            .map(|w| (w[0]..w[1]).collect())
+            .collect()
     }
 
     /// Rows per expert.
@@ -356,25 +350,23 @@ impl Moe {
     pub fn forward_flat(&self, x: &Tensor) -> Result<(Tensor, Vec<u32>, Tensor)> {
         let x = x.clone();
         let routing = self.route(&x, None)?;
-        let (tokens_of, slots_of) = routing.lists(self.n_experts, self.top_k);
+        let sorted = &routing.sorted;
         let region = crate::profile::region("moe: routed experts and combine");
         let mut out = match &self.shard {
             None => {
-                // The experts' outputs of their tokens, stacked in expert order; weighted, each
-                // token sums its K rows in that order (as index_add would).
-                let sorted = &routing.sorted;
+                // The tokens' rows sorted by expert; each expert's are consecutive. The experts'
+                // outputs come back in that order; weighted, each token sums its K rows in
+                // that order (as index_add would).
+                let x_sorted = sorted.tok.apply(self.kernels, &x)?; // [S, hidden]
                 let w = sorted
                     .slot
-                    .apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [N*K, 1]
-                let combine = sorted.tok.adjoint(); // token <- its K rows
-                match self.routed_outputs(&x, &tokens_of, self.use_grouped())? {
-                    Some(ys) => combine.apply_weighted(self.kernels, &ys, &w)?,
+                    .apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [S, 1]
+                match self.routed_outputs(&x_sorted, &sorted.rows_of(), self.use_grouped())? {
+                    Some(ys) => sorted.tok.adjoint().apply_weighted(self.kernels, &ys, &w)?,
                     None => x.zeros_like()?, // no token at all
                 }
             }
-            Some(shard) => {
-                self.experts_sharded(&x, &routing.weights, &tokens_of, &slots_of, shard)?
-            }
+            Some(shard) => self.experts_sharded(&x, &routing.weights, sorted, shard)?,
         };
         drop(region);
         if let Some(shared) = &self.shared {
@@ -489,14 +481,7 @@ impl Moe {
         let (slot, tok) = (routing.sorted.slot.clone(), routing.sorted.tok.clone());
         let x_sorted = tok.apply(self.kernels, x)?; // [S, hidden]
         let (arrived, rows_of, exchange) = match &self.shard {
-            None => {
-                // Expert e's rows are sorted rows offsets[e]..offsets[e + 1].
-                let o = &routing.sorted.offsets;
-                let rows_of = (0..self.n_experts)
-                    .map(|e| (o[e]..o[e + 1]).collect::<Vec<_>>())
-                    .collect::<Vec<_>>();
-                (x_sorted, rows_of, None)
-            }
+            None => (x_sorted, routing.sorted.rows_of(), None),
             Some(shard) => {
                 let (send, recv, counts) = self.exchange_counts(&routing.sorted.counts(), shard)?;
                 let arrived = all_to_all_rows(&x_sorted, &shard.exchange, &send, &recv)?; // [R, hidden]
@@ -853,9 +838,7 @@ impl Moe {
             let mut ys = Vec::with_capacity(self.experts.len());
             for (ex, mlp) in self.experts.iter().enumerate() {
                 if !tokens_of[ex].is_empty() {
-                    ys.push(mlp.forward(
-                        &RowPlan::gather(&tokens_of[ex], n, dev)?.apply(self.kernels, x)?,
-                    )?);
+                    ys.push(mlp.forward(&take_rows(self.kernels, x, &tokens_of[ex])?)?);
                     // [n_e, hidden]
                 }
             }
@@ -943,18 +926,13 @@ impl Moe {
         &self,
         x: &Tensor,
         weights: &Tensor,
-        tokens_of: &[Vec<u32>],
-        slots_of: &[Vec<u32>],
+        sorted: &SortedRows,
         shard: &ExpertShard,
     ) -> Result<Tensor> {
         let ex = &shard.exchange;
-        let tok: Vec<u32> = tokens_of.concat();
-        let slot: Vec<u32> = slots_of.concat();
-        let per_expert: Vec<usize> = tokens_of.iter().map(Vec::len).collect();
-        let (send, recv, counts) = self.exchange_counts(&per_expert, shard)?;
+        let (send, recv, counts) = self.exchange_counts(&sorted.counts(), shard)?;
         let dev = x.device();
-        let n = x.dim(0)?;
-        let x_sorted = RowPlan::gather(&tok, n, dev)?.apply(self.kernels, x)?; // [S, hidden]
+        let x_sorted = sorted.tok.apply(self.kernels, x)?; // [S, hidden]
         let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
         let rows_of = arrived_rows_of(&counts, &recv, shard.count);
         let taken: Vec<u32> = rows_of.concat();
@@ -967,11 +945,8 @@ impl Moe {
             None => arrived.affine(0.0, 0.0)?,
         };
         let back = all_to_all_rows(&y, ex, &recv, &send)?; // [S, hidden], in the order rows left
-        let w = RowPlan::gather(&slot, weights.dim(0)?, dev)?
-            .apply(self.kernels, &weights.unsqueeze(1)?)?;
-        RowPlan::gather(&tok, n, dev)?
-            .adjoint()
-            .apply_weighted(self.kernels, &back, &w)
+        let w = sorted.slot.apply(self.kernels, &weights.unsqueeze(1)?)?;
+        sorted.tok.adjoint().apply_weighted(self.kernels, &back, &w)
     }
 }
 
