@@ -235,6 +235,59 @@ fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Resu
     Ok(out)
 }
 
+/// The warm-up on the GPU (bf16) with `model.frozen_fp8` against the dense-loaded warm-up: the
+/// layers' FP8-held weights dequantised on the device give the same steps bit for bit (the
+/// indexer KL of each step and every trained tensor after three).
+fn frozen_fp8_warm_up_matches_dense(
+    dir: &Path,
+    tokens_file: &Path,
+    gpu_name: &str,
+) -> Result<Vec<Outcome>> {
+    let mut runs = vec![];
+    for fp8 in [false, true] {
+        let text = format!(
+            "[run]\noutput_dir = \"{}\"\nprogress = false\n[model]\npath = \"{}\"\ndtype = \"bf16\"\ndevice = \"{gpu_name}\"\nfrozen_fp8 = {fp8}\n\
+             [data]\npath = \"{}\"\nseq_len = 64\n[train]\nstage = \"warmup\"\nsteps = 3\nlr = 3e-3\nglobal_batch_seqs = 2\n\
+             [dsa]\nindex_topk = 16\n[checkpoint]\nevery = 0\n",
+            dir.parent().unwrap().join("unused").display(), dir.display(), tokens_file.display()
+        );
+        let mut trainer = crate::train::Trainer::new(Recipe::parse(&text, &[])?, None)?;
+        let held = trainer.model.frozen_fp8.held().0;
+        let kl = (0..3)
+            .map(|_| Ok(trainer.train_step()?.indexer_kl))
+            .collect::<Result<Vec<f64>>>()?;
+        let mut bits = vec![];
+        for s in &trainer.slots {
+            bits.extend(
+                s.var
+                    .as_tensor()
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1::<f32>()?
+                    .iter()
+                    .map(|x| x.to_bits()),
+            );
+        }
+        runs.push((held, kl, bits));
+    }
+    let ok = runs[1].0 > 0 && runs[0].1 == runs[1].1 && runs[0].2 == runs[1].2;
+    Ok(vec![Outcome {
+        name: "warm-up with frozen FP8 weights vs dense-loaded (bf16)",
+        ok,
+        detail: format!(
+            "{} tensors held in FP8; KL per step {:?} vs {:?}; trained tensors {}",
+            runs[1].0,
+            runs[1].1,
+            runs[0].1,
+            if runs[0].2 == runs[1].2 {
+                "bit-equal"
+            } else {
+                "DIFFER"
+            }
+        ),
+    }])
+}
+
 /// The sparse MLA kernel against its plain twin (candle ops on the same GPU, f32) on fresh random
 /// inputs of awkward sizes with padded selections: output, head-mean probabilities, and the
 /// gradients of q and kv under a random upstream gradient.
@@ -772,6 +825,10 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("rows", Box::new(|| rows::checks(&gpu))),
         ("moe-route", Box::new(|| moe_route::checks(&gpu))),
         ("fp8-dequant", Box::new(|| fp8_dequant::checks(&gpu))),
+        (
+            "fp8-frozen",
+            Box::new(|| frozen_fp8_warm_up_matches_dense(&model, &tokens_file, device_name)),
+        ),
         (
             "moe-grouped",
             Box::new(|| moe_grouped_matches_per_expert(&gpu)),

@@ -101,6 +101,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         (DType::F32, 16usize, 8usize, 4usize, 8usize, 600usize),
         (DType::BF16, 16, 8, 4, 8, 600),
         (DType::BF16, 64, 1, 1, 6, 333),
+        (DType::F32, 8, 2, 1, 1, 200),
     ] {
         for compute in [ExpertCompute::PerExpert, ExpertCompute::Grouped] {
             let equal =

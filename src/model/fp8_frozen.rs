@@ -175,7 +175,8 @@ impl std::ops::Deref for LayerToRun<'_> {
     }
 }
 
-/// A placeholder for a weight held in FP8: no values, the model dtype, a fresh id.
+/// A placeholder for a weight held in FP8: one value (never an empty device buffer), the model
+/// dtype, a fresh id.
 pub fn placeholder(dtype: DType, device: &Device) -> Result<Tensor> {
-    Tensor::zeros(0, dtype, device)
+    Tensor::zeros(1, dtype, device)
 }

@@ -397,7 +397,7 @@ impl Moe {
             );
         }
         let on_device = moe_route::supported(self.kernels, &scores, self.n_group, k);
-        let (chosen, sorted) = if on_device {
+        let (chosen, chosen_t, sorted) = if on_device {
             let chosen_t = match known {
                 Some(c) => Tensor::from_slice(c, (n, k), dev)?,
                 None => moe_route::route(
@@ -421,7 +421,8 @@ impl Moe {
                     (both, offsets)
                 }
             };
-            (chosen, SortedRows::on_device(order, offsets, n, k)?)
+            let sorted = SortedRows::on_device(order, offsets, n, k)?;
+            (chosen, chosen_t, sorted)
         } else {
             let chosen: Vec<u32> = match known {
                 Some(c) => c.to_vec(),
@@ -443,9 +444,9 @@ impl Moe {
                 }
             };
             let sorted = SortedRows::on_host(&chosen, e, n, k, dev)?;
-            (chosen, sorted)
+            let chosen_t = Tensor::from_slice(&chosen, (n, k), dev)?;
+            (chosen, chosen_t, sorted)
         };
-        let chosen_t = Tensor::from_slice(&chosen, (n, k), dev)?;
         let picked = scores.gather(&chosen_t, 1)?; // [N, K] f32, differentiable
         let mut weights = picked.clone();
         if self.norm_topk_prob {

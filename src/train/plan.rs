@@ -714,9 +714,6 @@ mod tests {
         }
     }
 
-    /// The warm-up's block mode counts its feed-forward for `block_rows` tokens and leaves the
-    /// whole-sequence attention as it is (the larger of the two phases counts), nothing else
-    /// changed.
     /// model.frozen_fp8 halves the slice's frozen projections and experts (one byte a value
     /// and the scales) and adds back the largest layer dequantised; the trained indexer,
     /// norms, embedding and head are unchanged.
@@ -777,6 +774,9 @@ mod tests {
         );
     }
 
+    /// The warm-up's block mode counts its feed-forward for `block_rows` tokens and leaves the
+    /// whole-sequence attention as it is (the larger of the two phases counts), nothing else
+    /// changed.
     #[test]
     fn warm_up_blocks_count_the_feed_forward_for_the_block_only() {
         let cfg = slice_config();
