@@ -14,7 +14,7 @@ if [ "${PART:-a}" = a ]; then
   cp "$BIN" /tmp/dsa-mem; bash scripts/gpu/memory_check.sh "$OUT"
 elif [ "${PART:-a}" = c ]; then
   ( time "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest.log" 2>&1
-  grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "moe-route|routing kernels|fp8-dequant" "$OUT/selftest.log" | head -30
+  grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "moe-route|routing kernels|fp8" "$OUT/selftest.log" | head -30
   SET_A='kernels.plain_ops=["moe-route"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route" \
     recipes/bench-1k-sparse.toml:8192 recipes/mini-dense.toml:8192:2 2>&1 | tail -3
   slice=/tmp/preset-slice-671b
