@@ -287,21 +287,22 @@ impl Checkpoint {
         Ok(self.locate(name)?.1)
     }
 
-    /// `name` as the checkpoint stores it when that is FP8: its e4m3 bytes [rows, cols] (u8)
-    /// and block scales (f32) on `device`, checked (shape, scales, no NaN byte, finite
-    /// scales); None when it is stored in another dtype.
+    /// Rows `rows` of `name` as the checkpoint stores it when that is FP8: their e4m3 bytes
+    /// (row-major) and block scales (f32, the scale rows they fall in), checked (shape,
+    /// scales, no NaN byte, finite scales); None when it is stored in another dtype. `rows`
+    /// starts on a 128-row block (a ZeRO-3 share, `fp8_frozen::shard_rows`).
     pub fn load_fp8(
         &self,
         name: &str,
         shape: &[usize],
-        device: &Device,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        rows: std::ops::Range<usize>,
+    ) -> Result<Option<(Vec<u8>, Vec<f32>)>> {
         let (shard, info) = self.locate(name)?;
         if info.dtype != StDtype::F8E4M3 {
             return Ok(None);
         }
         let file = shard.path.display();
-        let [rows, cols] = shape else {
+        let [n_rows, cols] = shape else {
             bail!("tensor {name} in {file} is F8_E4M3 with shape {shape:?}; only matrices are block-scaled");
         };
         if info.shape != shape {
@@ -310,20 +311,23 @@ impl Checkpoint {
                 info.shape
             );
         }
-        let bytes = shard.bytes(&info);
+        if rows.start % FP8_BLOCK != 0 || rows.end > *n_rows || rows.start > rows.end {
+            bail!("tensor {name}: rows {rows:?} are not a run of 128-row blocks of its {n_rows}");
+        }
+        let bytes = &shard.bytes(&info)[rows.start * cols..rows.end * cols];
         // e4m3fn's NaNs are 0x7f and 0xff; it has no infinities.
         if bytes.iter().any(|&b| b & 0x7f == 0x7f) {
             bail!("tensor {name} (in {file}) holds NaN values; this model cannot be used");
         }
-        let scales = self.load_scales(name, *rows, *cols)?;
+        let scales = self.load_scales(name, *n_rows, *cols)?;
+        let col_blocks = fp8::blocks(*cols, FP8_BLOCK);
+        let scales = scales
+            [rows.start / FP8_BLOCK * col_blocks..fp8::blocks(rows.end, FP8_BLOCK) * col_blocks]
+            .to_vec();
         if scales.iter().any(|s| !s.is_finite()) {
             bail!("the scales of tensor {name} (in {file}) hold NaN or infinite values");
         }
-        let scale_shape = (fp8::blocks(*rows, FP8_BLOCK), fp8::blocks(*cols, FP8_BLOCK));
-        Ok(Some((
-            Tensor::from_slice(bytes, (*rows, *cols), device)?,
-            Tensor::from_vec(scales, scale_shape, device)?,
-        )))
+        Ok(Some((bytes.to_vec(), scales)))
     }
 
     /// Read `name` as `dtype` on `device`, checking its shape; FP8 weights are dequantised with

@@ -153,7 +153,9 @@ pub struct ParallelConfig {
     /// ZeRO stage over the data-parallel ranks: 1 shards the f32 master weights and Adam
     /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
     /// each layer's gradients are summed onto their owner rank as soon as its backward has
-    /// run, and the other ranks free them.
+    /// run, and the other ranks free them; 3 also shards the parameters themselves, which
+    /// is built for the warm-up's frozen FP8 weights (`model.frozen_fp8`): each rank holds its
+    /// share of their rows and a layer's are gathered when it runs.
     pub zero: usize,
 }
 
@@ -213,8 +215,8 @@ impl ParallelConfig {
         if world == 0 {
             bail!("a job of 0 ranks: the world size must be at least 1");
         }
-        if !(1..=2).contains(&self.zero) {
-            bail!("parallel.zero = {}: the ZeRO stages built are 1 (optimizer state sharded) and 2 (gradients too)", self.zero);
+        if !(1..=3).contains(&self.zero) {
+            bail!("parallel.zero = {}: the ZeRO stages built are 1 (optimizer state sharded), 2 (gradients too) and 3 (the warm-up's frozen FP8 weights too)", self.zero);
         }
         let dp = if self.dp == 0 { world } else { self.dp };
         if dp != world {
@@ -592,6 +594,9 @@ impl Recipe {
         if t.block_rows > 0 && t.stage == Stage::Sparse && !t.recompute {
             bail!("train.block_rows works on the sparse stage's recomputing backward: set train.recompute = true");
         }
+        if self.parallel.zero == 3 && !self.model.frozen_fp8 {
+            bail!("parallel.zero = 3 shards parameters; what is built shards the warm-up's frozen FP8 weights: set model.frozen_fp8 = true (warm-up), or parallel.zero = 2 to shard the optimizer state and gradients only");
+        }
         if self.model.frozen_fp8 && t.stage != Stage::Warmup {
             bail!("model.frozen_fp8 = true keeps frozen weights in FP8, and only the warm-up freezes the main model: set train.stage = \"warmup\" or model.frozen_fp8 = false");
         }
@@ -624,7 +629,8 @@ impl Recipe {
 
 /// The keys a resumed run may change: the length of the run, the learning-rate schedule and
 /// optimizer settings, loss weights, memory strategies (recompute, blocks, offload, LM-head
-/// chunks: the same gradients up to the order of f32 sums), checkpointing, logging, the device,
+/// chunks: the same gradients up to the order of f32 sums; frozen weights held in FP8: the same
+/// values), checkpointing, logging, the device,
 /// the output folder (a resume into a new folder forks the run) and the data- and
 /// expert-parallel layout (checkpoints re-shard). Every other key changes what the saved state
 /// means (which model, which data in which order, which tensors and shapes), and a resume that
@@ -634,6 +640,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "run.progress",
     "run.tensorboard",
     "model.device",
+    "model.frozen_fp8",
     "train.steps",
     "train.lr",
     "train.indexer_lr",

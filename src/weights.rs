@@ -3,12 +3,14 @@
 //! initialisation, the trainable/frozen split and export all read this table.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device, Tensor};
 
 use crate::checkpoint::{Checkpoint, StDtype};
 use crate::config::ModelConfig;
+use crate::dist::expert::RowExchange;
 use crate::model::fp8_frozen::{self, Fp8Weight};
 
 /// What a tensor is; decides storage, compute dtype and (later) weight decay.
@@ -375,13 +377,14 @@ pub fn load_params(
     init_seed: u64,
 ) -> Result<(ParamSet, Vec<String>)> {
     let (params, initialised, _) =
-        load_params_keeping_fp8(ckpt, specs, dtype, device, init_seed, &|_| false)?;
+        load_params_keeping_fp8(ckpt, specs, dtype, device, init_seed, &|_| false, &|_| None)?;
     Ok((params, initialised))
 }
 
 /// `load_params`, keeping the tensors that `keep` names and the checkpoint stores in FP8 as
 /// they are stored (`model::fp8_frozen`): each gets a placeholder in the parameters and its
-/// bytes and scales in the third result, by name.
+/// bytes and scales in the third result, by name. `shard`: ZeRO-3's group for the tensors it
+/// holds (`Some` for a tensor = shard its rows over that group, this rank keeping its share).
 pub fn load_params_keeping_fp8(
     ckpt: &Checkpoint,
     specs: &[WeightSpec],
@@ -389,21 +392,44 @@ pub fn load_params_keeping_fp8(
     device: &Device,
     init_seed: u64,
     keep: &dyn Fn(&WeightSpec) -> bool,
+    shard: &dyn Fn(&WeightSpec) -> Option<Arc<dyn RowExchange>>,
 ) -> Result<(ParamSet, Vec<String>, HashMap<String, Fp8Weight>)> {
     let mut params = ParamSet::new();
     let mut initialised = vec![];
     let mut held = HashMap::new();
     for s in specs {
         let want = s.compute_dtype(dtype);
-        if keep(s) && ckpt.contains(&s.name) {
-            if let Some((bytes, scales)) = ckpt.load_fp8(&s.name, &s.shape, device)? {
+        if keep(s) && ckpt.contains(&s.name) && s.shape.len() == 2 {
+            let (rows, cols) = (s.shape[0], s.shape[1]);
+            let group = shard(s);
+            let range = match &group {
+                Some(g) => fp8_frozen::shard_rows(rows, g.index(), g.size()),
+                None => 0..rows,
+            };
+            if let Some((bytes, scales)) = ckpt.load_fp8(&s.name, &s.shape, range.clone())? {
+                let part = if range.is_empty() {
+                    None
+                } else {
+                    let scale_rows = scales.len() / crate::fp8::blocks(cols, fp8_frozen::BLOCK);
+                    Some((
+                        Tensor::from_vec(bytes, (range.len(), cols), device)?,
+                        Tensor::from_vec(
+                            scales,
+                            (scale_rows, crate::fp8::blocks(cols, fp8_frozen::BLOCK)),
+                            device,
+                        )?,
+                    ))
+                };
                 params.insert(s.name.clone(), fp8_frozen::placeholder(want, device)?);
                 held.insert(
                     s.name.clone(),
                     Fp8Weight {
-                        bytes,
-                        scales,
+                        part,
+                        rows,
+                        cols,
                         dtype: want,
+                        device: device.clone(),
+                        sharded: group,
                     },
                 );
                 continue;

@@ -25,6 +25,11 @@ fn free_port() -> u16 {
 /// Run `dsa-train train RECIPE ARGS` as `world` processes (torchrun-style variables); every
 /// rank must exit 0.
 fn train_ranks(world: usize, recipe: &Path, args: &[&str]) {
+    train_ranks_logs(world, recipe, args);
+}
+
+/// `train_ranks`, returning each rank's standard error.
+fn train_ranks_logs(world: usize, recipe: &Path, args: &[&str]) -> Vec<String> {
     let port = free_port().to_string();
     let children: Vec<_> = (0..world)
         .map(|r| {
@@ -44,14 +49,14 @@ fn train_ranks(world: usize, recipe: &Path, args: &[&str]) {
                 .unwrap()
         })
         .collect();
+    let mut logs = vec![];
     for (r, c) in children.into_iter().enumerate() {
         let out = c.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "rank {r} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "rank {r} failed: {stderr}");
+        logs.push(stderr);
     }
+    logs
 }
 
 fn losses(dir: &Path) -> Vec<(f64, f64)> {
@@ -211,6 +216,60 @@ fn zero2_sharded_gradients_match_one_process() {
         &last(losses(&f.out("sparse-one"))),
         &losses(&f.out("z2-to-z1")),
         "sparse: zero 2 -> 1 resume",
+        1e-5,
+    );
+}
+
+/// ZeRO-3 of the warm-up's frozen FP8 weights: each of 2 ranks holds its share of the rows of
+/// every FP8-held tensor outside the routed experts, the layers gather
+/// them when they run, and the run is the ZeRO-2 one bit for bit (losses and gradient norms);
+/// its checkpoint resumes in one process without FP8 weights or ZeRO-3.
+#[test]
+fn zero3_shards_the_frozen_fp8_weights_and_changes_nothing_else() {
+    let f = Fixture::new(12);
+    let model = f.root.join("model");
+    let fp8 = ["--set", "model.frozen_fp8=true"];
+    let held = |logs: &[String]| -> Vec<u64> {
+        logs.iter()
+            .map(|l| {
+                let line = l
+                    .lines()
+                    .find(|x| x.contains("held in FP8"))
+                    .unwrap_or_else(|| panic!("no FP8 line in:\n{l}"));
+                let after = line.split("in FP8, ").nth(1).unwrap();
+                after.split(' ').next().unwrap().parse().unwrap()
+            })
+            .collect()
+    };
+    let z2 = f.recipe("warmup", "fp8-z2", &model, 3);
+    let logs2 = train_ranks_logs(2, &z2, &[&fp8[..], &["--set", "parallel.zero=2"]].concat());
+    let z3 = f.recipe("warmup", "fp8-z3", &model, 3);
+    let logs3 = train_ranks_logs(2, &z3, &[&fp8[..], &["--set", "parallel.zero=3"]].concat());
+    assert_eq!(losses(&f.out("fp8-z3")), losses(&f.out("fp8-z2")), "losses");
+    assert_eq!(
+        grad_norms(&f.out("fp8-z3")),
+        grad_norms(&f.out("fp8-z2")),
+        "gradient norms"
+    );
+    let (whole, shares) = (held(&logs2), held(&logs3));
+    assert_eq!(whole[0], whole[1]);
+    // Each rank keeps every routed expert (ep 1) and its share of the rest's rows.
+    assert!(
+        shares.iter().all(|&b| b < whole[0]) && shares[0] != shares[1],
+        "bytes held: ZeRO-3 {shares:?}, ZeRO-2 {whole:?}"
+    );
+    // The ZeRO-3 step resumes in one process, dense-loaded, as the ZeRO-2 run's step 3.
+    let resumed = f.recipe("warmup", "fp8-z3-to-1", &model, 3);
+    train_ranks(
+        1,
+        &resumed,
+        &["--resume", f.out("fp8-z3/step-2").to_str().unwrap()],
+    );
+    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+    assert_close_within(
+        &last(losses(&f.out("fp8-z2"))),
+        &losses(&f.out("fp8-z3-to-1")),
+        "warm-up: zero 3 (FP8) -> one process",
         1e-5,
     );
 }
@@ -844,8 +903,12 @@ fn layout_errors_are_one_clear_line() {
         ],
     );
     assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.zero=4"]),
+        &["parallel.zero = 4", "ZeRO stages built are 1"],
+    );
+    assert_clean_error(
         &run_cli(&["train", r, "--set", "parallel.zero=3"]),
-        &["parallel.zero = 3", "ZeRO stages built are 1"],
+        &["parallel.zero = 3", "model.frozen_fp8 = true"],
     );
     // Block mode works on the recomputing backward in the sparse stage (the warm-up's, which
     // keeps no graph, takes it without).

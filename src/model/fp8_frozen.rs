@@ -15,12 +15,14 @@
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::sync::Arc;
 
 use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use half::bf16;
 
 use super::DecoderLayer;
+use crate::dist::expert::RowExchange;
 use crate::fp8;
 use crate::kernels::{Fused, KernelPolicy};
 
@@ -29,26 +31,99 @@ pub const BLOCK: usize = 128;
 
 /// One frozen weight in FP8: e4m3 bytes [rows, cols] (u8) and block scales
 /// [ceil(rows / 128), ceil(cols / 128)] (f32, multipliers), on the model's device; `dtype` is
-/// what it dequantises to.
+/// what it dequantises to. Under ZeRO-3 (`sharded`) a rank holds only its rows (whole
+/// 128-row blocks, `shard_rows`), possibly none, and the layer's run gathers the others.
 pub struct Fp8Weight {
-    pub bytes: Tensor,
-    pub scales: Tensor,
+    /// This rank's rows: bytes and their scale rows (None: it holds no row).
+    pub part: Option<(Tensor, Tensor)>,
+    pub rows: usize,
+    pub cols: usize,
     pub dtype: DType,
+    pub device: Device,
+    /// The ranks that hold the other rows, in row order (None: `part` is the whole weight).
+    pub sharded: Option<Arc<dyn RowExchange>>,
+}
+
+/// Rank `index` of `ranks`' rows of a [rows, .] FP8 weight under ZeRO-3: its share of the
+/// 128-row scale blocks, in order (ranks past the blocks hold none).
+pub fn shard_rows(rows: usize, index: usize, ranks: usize) -> Range<usize> {
+    let blocks = fp8::blocks(rows, BLOCK);
+    let (b0, b1) = (index * blocks / ranks, (index + 1) * blocks / ranks);
+    (b0 * BLOCK).min(rows)..(b1 * BLOCK).min(rows)
 }
 
 impl Fp8Weight {
     /// Device bytes held (values and scales).
     pub fn held_bytes(&self) -> usize {
-        self.bytes.elem_count() + 4 * self.scales.elem_count()
+        self.part
+            .as_ref()
+            .map_or(0, |(b, s)| b.elem_count() + 4 * s.elem_count())
     }
 
     /// The weight [rows, cols] in `dtype`, as the loader gives it.
     pub fn dequantize(&self, kernels: KernelPolicy) -> Result<Tensor> {
-        if kernels.uses(Fused::Fp8Dequant, self.bytes.device()) {
-            crate::kernels::fp8_dequant::dequantize(&self.bytes, &self.scales, self.dtype)
+        let gathered;
+        let (bytes, scales) = match (&self.sharded, &self.part) {
+            (None, Some((b, s))) => (b, s),
+            (Some(group), part) => {
+                gathered = self.gather(group.as_ref(), part.as_ref())?;
+                (&gathered.0, &gathered.1)
+            }
+            (None, None) => bail!("fp8 weight [{}, {}] holds no rows", self.rows, self.cols),
+        };
+        if kernels.uses(Fused::Fp8Dequant, bytes.device()) {
+            crate::kernels::fp8_dequant::dequantize(bytes, scales, self.dtype)
         } else {
-            dequantize_plain(&self.bytes, &self.scales, self.dtype)
+            dequantize_plain(bytes, scales, self.dtype)
         }
+    }
+
+    /// Every rank's rows, gathered in rank order (host bytes: each rank sends its part to all):
+    /// the whole bytes and scales, on this rank's device.
+    fn gather(
+        &self,
+        group: &dyn RowExchange,
+        part: Option<&(Tensor, Tensor)>,
+    ) -> Result<(Tensor, Tensor)> {
+        let mine: Vec<u8> = match part {
+            Some((b, s)) => {
+                let mut v: Vec<u8> = b.flatten_all()?.to_vec1()?;
+                let sc: Vec<f32> = s.flatten_all()?.to_vec1()?;
+                v.extend(sc.iter().flat_map(|x| x.to_le_bytes()));
+                v
+            }
+            None => vec![],
+        };
+        let got = group
+            .host(vec![mine; group.size()])
+            .map_err(|e| candle_core::Error::Msg(format!("ZeRO-3 weight gather: {e:#}")))?;
+        let col_blocks = fp8::blocks(self.cols, BLOCK);
+        let (mut bytes, mut scales) = (Vec::with_capacity(self.rows * self.cols), vec![]);
+        for (i, g) in got.iter().enumerate() {
+            let r = shard_rows(self.rows, i, group.size()).len();
+            let n_scales = fp8::blocks(r, BLOCK) * col_blocks;
+            if g.len() != r * self.cols + 4 * n_scales {
+                bail!(
+                    "ZeRO-3 weight gather: rank {i} of the group sent {} bytes for {r} rows of {}",
+                    g.len(),
+                    self.cols
+                );
+            }
+            bytes.extend_from_slice(&g[..r * self.cols]);
+            scales.extend(
+                g[r * self.cols..]
+                    .chunks_exact(4)
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+            );
+        }
+        let device = match part {
+            Some((b, _)) => b.device().clone(),
+            None => self.device.clone(),
+        };
+        Ok((
+            Tensor::from_vec(bytes, (self.rows, self.cols), &device)?,
+            Tensor::from_vec(scales, (fp8::blocks(self.rows, BLOCK), col_blocks), &device)?,
+        ))
     }
 }
 

@@ -8,7 +8,7 @@
 //! reported beside it (per device, so a node needs GPUs-per-node times it).
 //!
 //! Search: every layout of N ranks that `train` accepts (dp = N; ep dividing dp and the
-//! routed-expert count; ZeRO 1 or 2; in the sparse stage with recomputation also
+//! routed-expert count; ZeRO 1 or 2 (3 in the warm-up); in the sparse stage with recomputation also
 //! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on;
 //! in the warm-up block_rows too, and `model.frozen_fp8` off or on),
 //! the ones that fit ordered by an estimated step time, the sum of
@@ -180,7 +180,14 @@ pub fn search(
     };
     let mut found = vec![];
     // One rank has no ZeRO to choose; blocks as long as the sequence are the whole sequence.
-    let zeros: &[usize] = if n == 1 { &[1] } else { &[1, 2] };
+    // ZeRO-3 shards the warm-up's frozen FP8 weights (validation refuses it elsewhere).
+    let zeros: &[usize] = if n == 1 {
+        &[1]
+    } else if recipe.stage() == Stage::Warmup {
+        &[1, 2, 3]
+    } else {
+        &[1, 2]
+    };
     let blocks: Vec<usize> = blocks
         .iter()
         .copied()

@@ -31,6 +31,7 @@ pub mod zero;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -39,7 +40,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::data::Sampler;
-use crate::dist::expert::ExpertShard;
+use crate::dist::expert::{ExpertShard, RowExchange};
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
 use crate::model::fp8_frozen::FrozenFp8;
@@ -247,6 +248,7 @@ fn build_model(
     resume: Option<&Snapshot>,
     device: &Device,
     shard: Option<&ExpertShard>,
+    zero3: Option<&Arc<dyn RowExchange>>,
 ) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>)> {
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
@@ -277,6 +279,13 @@ fn build_model(
         device,
         recipe.model.init_seed,
         &keep_fp8,
+        // ZeRO-3: every data-parallel rank holds the tensors outside the routed experts, so
+        // their rows are split over all of them; an expert's holders are its replicas.
+        &|s: &WeightSpec| {
+            zero3
+                .filter(|_| weights::routed_expert(&s.name).is_none())
+                .cloned()
+        },
     )?;
     if !initialised.is_empty() {
         crate::elog!(
@@ -336,8 +345,8 @@ fn build_model(
         model.frozen_fp8 = FrozenFp8::new(held_fp8, &model_params)?;
         let (n, bytes) = model.frozen_fp8.held();
         crate::elog!(
-            "[train] model.frozen_fp8: {n} frozen tensors held in FP8 ({:.2} GiB with their scales), dequantised a layer at a time",
-            bytes as f64 / (1u64 << 30) as f64
+            "[train] model.frozen_fp8: {n} frozen tensors held in FP8, {bytes} bytes with their scales on this rank{}, dequantised a layer at a time",
+            if zero3.is_some() { " (ZeRO-3: its rows of those outside the routed experts)" } else { "" }
         );
     }
     Ok((model, slots, router_biases))
@@ -426,6 +435,13 @@ impl Trainer {
             }
             None => None,
         };
+        // ZeRO-3 (the warm-up's frozen FP8 weights): every rank opens the gather channel at the
+        // same moment, before any loading.
+        let zero3 = if layout.zero >= 3 && layout.dp > 1 {
+            Some(comm.row_exchange(&(0..layout.world).collect::<Vec<_>>())?)
+        } else {
+            None
+        };
         let (mut model, mut slots, router_biases) = build_model(
             &recipe,
             &source,
@@ -433,6 +449,7 @@ impl Trainer {
             snapshot.as_ref(),
             &device,
             shard.as_ref(),
+            zero3.as_ref(),
         )?;
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);

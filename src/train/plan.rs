@@ -12,7 +12,8 @@
 //! Memory per device, for the `[parallel]` layout (dp ranks; routed experts split over ep):
 //! - weights in the compute dtype: every non-expert tensor, plus 1/ep of the routed experts;
 //!   with `model.frozen_fp8` (warm-up) the frozen projections and experts in FP8 (1 byte a
-//!   value and a 4-byte scale per 128 x 128 block) plus the largest layer dequantised;
+//!   value and a 4-byte scale per 128 x 128 block; with ZeRO-3 those outside the routed
+//!   experts 1/dp of it) plus the largest layer dequantised;
 //! - optimizer: f32 master (when the dtype is not f32) and two f32 moments of the trainable
 //!   rows this device OWNS, on the most-loaded rank (owners of whole tensors or, for a tensor
 //!   above the fair share, of row ranges, assigned as the trainer does among the ranks that
@@ -322,6 +323,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
     };
     let mut dequantised_layer = std::collections::BTreeMap::<String, f64>::new();
+    let zero3 = recipe.parallel.zero >= 3 && dp > 1.0;
     let weight_bytes: f64 = specs
         .iter()
         .map(|s| {
@@ -329,7 +331,9 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
                 let layer = s.name.split(".self_attn.").next().unwrap_or("");
                 let layer = layer.split(".mlp.").next().unwrap_or("").to_string();
                 *dequantised_layer.entry(layer).or_default() += local(s) * dtype_bytes;
-                local(s) * (1.0 + 4.0 / (128.0 * 128.0))
+                // ZeRO-3 splits the rows of those outside the routed experts over the dp ranks.
+                let share = if zero3 && !is_expert(s) { dp } else { 1.0 };
+                local(s) * (1.0 + 4.0 / (128.0 * 128.0)) / share
             } else {
                 local(s) * dtype_bytes
             }
