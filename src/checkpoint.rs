@@ -311,7 +311,7 @@ impl Checkpoint {
                 info.shape
             );
         }
-        if rows.start % FP8_BLOCK != 0 || rows.end > *n_rows || rows.start > rows.end {
+        if !rows.start.is_multiple_of(FP8_BLOCK) || rows.end > *n_rows || rows.start > rows.end {
             bail!("tensor {name}: rows {rows:?} are not a run of 128-row blocks of its {n_rows}");
         }
         let bytes = &shard.bytes(&info)[rows.start * cols..rows.end * cols];

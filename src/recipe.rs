@@ -57,6 +57,9 @@ pub struct ModelSection {
     /// value instead of two) and dequantise a layer's when it runs: the same values, bit for
     /// bit. Only the warm-up freezes the main model.
     pub frozen_fp8: bool,
+    /// With `frozen_fp8`: those FP8 weights wait in host memory and a layer's are copied to the
+    /// device when it runs (one copy per layer and micro-batch; the device holds one layer).
+    pub frozen_fp8_offload: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +268,7 @@ impl Default for ModelSection {
             init_seed: 0,
             mtp: true,
             frozen_fp8: false,
+            frozen_fp8_offload: false,
         }
     }
 }
@@ -594,6 +598,9 @@ impl Recipe {
         if t.block_rows > 0 && t.stage == Stage::Sparse && !t.recompute {
             bail!("train.block_rows works on the sparse stage's recomputing backward: set train.recompute = true");
         }
+        if self.model.frozen_fp8_offload && !self.model.frozen_fp8 {
+            bail!("model.frozen_fp8_offload = true keeps the frozen FP8 weights in host memory: it needs model.frozen_fp8 = true");
+        }
         if self.parallel.zero == 3 && !self.model.frozen_fp8 {
             bail!("parallel.zero = 3 shards parameters; what is built shards the warm-up's frozen FP8 weights: set model.frozen_fp8 = true (warm-up), or parallel.zero = 2 to shard the optimizer state and gradients only");
         }
@@ -641,6 +648,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "run.tensorboard",
     "model.device",
     "model.frozen_fp8",
+    "model.frozen_fp8_offload",
     "train.steps",
     "train.lr",
     "train.indexer_lr",

@@ -376,8 +376,16 @@ pub fn load_params(
     device: &Device,
     init_seed: u64,
 ) -> Result<(ParamSet, Vec<String>)> {
-    let (params, initialised, _) =
-        load_params_keeping_fp8(ckpt, specs, dtype, device, init_seed, &|_| false, &|_| None)?;
+    let (params, initialised, _) = load_params_keeping_fp8(
+        ckpt,
+        specs,
+        dtype,
+        device,
+        device,
+        init_seed,
+        &|_| false,
+        &|_| None,
+    )?;
     Ok((params, initialised))
 }
 
@@ -385,11 +393,15 @@ pub fn load_params(
 /// they are stored (`model::fp8_frozen`): each gets a placeholder in the parameters and its
 /// bytes and scales in the third result, by name. `shard`: ZeRO-3's group for the tensors it
 /// holds (`Some` for a tensor = shard its rows over that group, this rank keeping its share).
+/// The kept bytes live on `fp8_device` (the host, to offload them) and dequantise onto
+/// `device`.
+#[allow(clippy::too_many_arguments)]
 pub fn load_params_keeping_fp8(
     ckpt: &Checkpoint,
     specs: &[WeightSpec],
     dtype: DType,
     device: &Device,
+    fp8_device: &Device,
     init_seed: u64,
     keep: &dyn Fn(&WeightSpec) -> bool,
     shard: &dyn Fn(&WeightSpec) -> Option<Arc<dyn RowExchange>>,
@@ -412,11 +424,11 @@ pub fn load_params_keeping_fp8(
                 } else {
                     let scale_rows = scales.len() / crate::fp8::blocks(cols, fp8_frozen::BLOCK);
                     Some((
-                        Tensor::from_vec(bytes, (range.len(), cols), device)?,
+                        Tensor::from_vec(bytes, (range.len(), cols), fp8_device)?,
                         Tensor::from_vec(
                             scales,
                             (scale_rows, crate::fp8::blocks(cols, fp8_frozen::BLOCK)),
-                            device,
+                            fp8_device,
                         )?,
                     ))
                 };

@@ -14,12 +14,19 @@ use dsa_train::train::Trainer;
 /// tensors held in FP8 and their bytes.
 type WarmUp = (Vec<(f64, f64)>, HashMap<String, Vec<u32>>, (usize, usize));
 
-/// Three warm-up steps (MTP on, block mode off and on): metrics and every trainable tensor.
-fn warm_up(f: &Fixture, fp8: bool, block_rows: usize) -> WarmUp {
+/// Three warm-up steps (MTP on, block mode off and on; the FP8 weights on the device or in host
+/// memory): metrics and every trainable tensor.
+fn warm_up(f: &Fixture, fp8: bool, offload: bool, block_rows: usize) -> WarmUp {
     let model = f.root.join("model");
-    let recipe = f.recipe("warmup", &format!("w-{fp8}-{block_rows}"), &model, 3);
+    let recipe = f.recipe(
+        "warmup",
+        &format!("w-{fp8}-{offload}-{block_rows}"),
+        &model,
+        3,
+    );
     let sets = vec![
         format!("model.frozen_fp8={fp8}"),
+        format!("model.frozen_fp8_offload={offload}"),
         format!("train.block_rows={block_rows}"),
     ];
     let mut t = Trainer::new(Recipe::load(&recipe, &sets).unwrap(), None).unwrap();
@@ -55,9 +62,9 @@ fn warm_up(f: &Fixture, fp8: bool, block_rows: usize) -> WarmUp {
 #[test]
 fn the_warm_up_with_frozen_weights_in_fp8_is_the_dense_loaded_warm_up_bit_for_bit() {
     let f = Fixture::new(21);
-    for block_rows in [0, 5] {
-        let (m_dense, p_dense, held_dense) = warm_up(&f, false, block_rows);
-        let (m_fp8, p_fp8, (n, bytes)) = warm_up(&f, true, block_rows);
+    for (block_rows, offload) in [(0, false), (5, false), (5, true)] {
+        let (m_dense, p_dense, held_dense) = warm_up(&f, false, false, block_rows);
+        let (m_fp8, p_fp8, (n, bytes)) = warm_up(&f, true, offload, block_rows);
         assert_eq!(held_dense, (0, 0), "without the key nothing is held in FP8");
         // The tiny checkpoint stores every projection and expert in FP8: 2 layers of 5
         // attention projections, the dense MLP's 3, the MoE layer's experts and shared expert,
@@ -80,6 +87,15 @@ fn the_warm_up_with_frozen_weights_in_fp8_is_the_dense_loaded_warm_up_bit_for_bi
 
 #[test]
 fn frozen_fp8_is_refused_where_the_main_model_trains() {
+    let f0 = Fixture::new(23);
+    let warm = f0.recipe("warmup", "r-offload", &f0.root.join("model"), 1);
+    let r = run_cli(&[
+        "check",
+        path_str(&warm),
+        "--set",
+        "model.frozen_fp8_offload=true",
+    ]);
+    assert_clean_error(&r, &["model.frozen_fp8_offload", "model.frozen_fp8 = true"]);
     let f = Fixture::new(22);
     let model = f.root.join("model");
     for stage in ["sparse", "dense"] {

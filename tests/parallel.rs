@@ -221,7 +221,7 @@ fn zero2_sharded_gradients_match_one_process() {
 }
 
 /// ZeRO-3 of the warm-up's frozen FP8 weights: each of 2 ranks holds its share of the rows of
-/// every FP8-held tensor outside the routed experts, the layers gather
+/// every FP8-held tensor outside the routed experts (here in host memory), the layers gather
 /// them when they run, and the run is the ZeRO-2 one bit for bit (losses and gradient norms);
 /// its checkpoint resumes in one process without FP8 weights or ZeRO-3.
 #[test]
@@ -243,8 +243,22 @@ fn zero3_shards_the_frozen_fp8_weights_and_changes_nothing_else() {
     };
     let z2 = f.recipe("warmup", "fp8-z2", &model, 3);
     let logs2 = train_ranks_logs(2, &z2, &[&fp8[..], &["--set", "parallel.zero=2"]].concat());
+    // ZeRO-3 with the shares in host memory (model.frozen_fp8_offload): gathered from there.
     let z3 = f.recipe("warmup", "fp8-z3", &model, 3);
-    let logs3 = train_ranks_logs(2, &z3, &[&fp8[..], &["--set", "parallel.zero=3"]].concat());
+    let logs3 = train_ranks_logs(
+        2,
+        &z3,
+        &[
+            &fp8[..],
+            &[
+                "--set",
+                "parallel.zero=3",
+                "--set",
+                "model.frozen_fp8_offload=true",
+            ],
+        ]
+        .concat(),
+    );
     assert_eq!(losses(&f.out("fp8-z3")), losses(&f.out("fp8-z2")), "losses");
     assert_eq!(
         grad_norms(&f.out("fp8-z3")),

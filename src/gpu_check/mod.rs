@@ -235,18 +235,19 @@ fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Resu
     Ok(out)
 }
 
-/// The warm-up on the GPU (bf16) with `model.frozen_fp8` against the dense-loaded warm-up: the
-/// layers' FP8-held weights dequantised on the device give the same steps bit for bit (the
-/// indexer KL of each step and every trained tensor after three).
+/// The warm-up on the GPU (bf16) with `model.frozen_fp8` (the FP8 bytes on the device, and in
+/// host memory) against the dense-loaded warm-up: the layers' FP8-held weights dequantised on
+/// the device give the same steps bit for bit (the indexer KL of each step and every trained
+/// tensor after three).
 fn frozen_fp8_warm_up_matches_dense(
     dir: &Path,
     tokens_file: &Path,
     gpu_name: &str,
 ) -> Result<Vec<Outcome>> {
     let mut runs = vec![];
-    for fp8 in [false, true] {
+    for (fp8, offload) in [(false, false), (true, false), (true, true)] {
         let text = format!(
-            "[run]\noutput_dir = \"{}\"\nprogress = false\n[model]\npath = \"{}\"\ndtype = \"bf16\"\ndevice = \"{gpu_name}\"\nfrozen_fp8 = {fp8}\n\
+            "[run]\noutput_dir = \"{}\"\nprogress = false\n[model]\npath = \"{}\"\ndtype = \"bf16\"\ndevice = \"{gpu_name}\"\nfrozen_fp8 = {fp8}\nfrozen_fp8_offload = {offload}\n\
              [data]\npath = \"{}\"\nseq_len = 64\n[train]\nstage = \"warmup\"\nsteps = 3\nlr = 3e-3\nglobal_batch_seqs = 2\n\
              [dsa]\nindex_topk = 16\n[checkpoint]\nevery = 0\n",
             dir.parent().unwrap().join("unused").display(), dir.display(), tokens_file.display()
@@ -270,22 +271,24 @@ fn frozen_fp8_warm_up_matches_dense(
         }
         runs.push((held, kl, bits));
     }
-    let ok = runs[1].0 > 0 && runs[0].1 == runs[1].1 && runs[0].2 == runs[1].2;
-    Ok(vec![Outcome {
-        name: "warm-up with frozen FP8 weights vs dense-loaded (bf16)",
-        ok,
-        detail: format!(
-            "{} tensors held in FP8; KL per step {:?} vs {:?}; trained tensors {}",
-            runs[1].0,
-            runs[1].1,
-            runs[0].1,
-            if runs[0].2 == runs[1].2 {
-                "bit-equal"
-            } else {
-                "DIFFER"
+    Ok(["on the device", "in host memory"]
+        .iter()
+        .zip(&runs[1..])
+        .map(|(place, run)| {
+            let same = run.2 == runs[0].2;
+            Outcome {
+                name: "warm-up with frozen FP8 weights vs dense-loaded (bf16)",
+                ok: run.0 > 0 && run.1 == runs[0].1 && same,
+                detail: format!(
+                    "{} tensors held in FP8 {place}; KL per step {:?} vs {:?}; trained tensors {}",
+                    run.0,
+                    run.1,
+                    runs[0].1,
+                    if same { "bit-equal" } else { "DIFFER" }
+                ),
             }
-        ),
-    }])
+        })
+        .collect())
 }
 
 /// The sparse MLA kernel against its plain twin (candle ops on the same GPU, f32) on fresh random

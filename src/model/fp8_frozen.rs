@@ -31,8 +31,9 @@ pub const BLOCK: usize = 128;
 
 /// One frozen weight in FP8: e4m3 bytes [rows, cols] (u8) and block scales
 /// [ceil(rows / 128), ceil(cols / 128)] (f32, multipliers), on the model's device; `dtype` is
-/// what it dequantises to. Under ZeRO-3 (`sharded`) a rank holds only its rows (whole
-/// 128-row blocks, `shard_rows`), possibly none, and the layer's run gathers the others.
+/// what it dequantises to, on `device`. Under ZeRO-3 (`sharded`) a rank holds only its rows
+/// (whole 128-row blocks, `shard_rows`), possibly none, and the layer's run gathers the
+/// others; with `model.frozen_fp8_offload` the part waits in host memory and the run copies it.
 pub struct Fp8Weight {
     /// This rank's rows: bytes and their scale rows (None: it holds no row).
     pub part: Option<(Tensor, Tensor)>,
@@ -62,15 +63,13 @@ impl Fp8Weight {
 
     /// The weight [rows, cols] in `dtype`, as the loader gives it.
     pub fn dequantize(&self, kernels: KernelPolicy) -> Result<Tensor> {
-        let gathered;
         let (bytes, scales) = match (&self.sharded, &self.part) {
-            (None, Some((b, s))) => (b, s),
-            (Some(group), part) => {
-                gathered = self.gather(group.as_ref(), part.as_ref())?;
-                (&gathered.0, &gathered.1)
-            }
+            // Held elsewhere (offloaded to the host): copied to the device first.
+            (None, Some((b, s))) => (b.to_device(&self.device)?, s.to_device(&self.device)?),
+            (Some(group), part) => self.gather(group.as_ref(), part.as_ref())?,
             (None, None) => bail!("fp8 weight [{}, {}] holds no rows", self.rows, self.cols),
         };
+        let (bytes, scales) = (&bytes, &scales);
         if kernels.uses(Fused::Fp8Dequant, bytes.device()) {
             crate::kernels::fp8_dequant::dequantize(bytes, scales, self.dtype)
         } else {
@@ -116,13 +115,10 @@ impl Fp8Weight {
                     .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
             );
         }
-        let device = match part {
-            Some((b, _)) => b.device().clone(),
-            None => self.device.clone(),
-        };
+        let device = &self.device;
         Ok((
-            Tensor::from_vec(bytes, (self.rows, self.cols), &device)?,
-            Tensor::from_vec(scales, (fp8::blocks(self.rows, BLOCK), col_blocks), &device)?,
+            Tensor::from_vec(bytes, (self.rows, self.cols), device)?,
+            Tensor::from_vec(scales, (fp8::blocks(self.rows, BLOCK), col_blocks), device)?,
         ))
     }
 }

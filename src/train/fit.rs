@@ -10,12 +10,14 @@
 //! Search: every layout of N ranks that `train` accepts (dp = N; ep dividing dp and the
 //! routed-expert count; ZeRO 1 or 2 (3 in the warm-up); in the sparse stage with recomputation also
 //! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on;
-//! in the warm-up block_rows too, and `model.frozen_fp8` off or on),
+//! in the warm-up block_rows too, `model.frozen_fp8` off or on, its weights on the device or
+//! in host memory (`model.frozen_fp8_offload`), and ZeRO 3),
 //! the ones that fit ordered by an estimated step time, the sum of
 //!   compute:          FLOPs per step / (N x peak x MFU)   (the same for every layout of N ranks)
 //!   gradient sums:    bytes each device sends for them / link bandwidth
 //!   expert exchange:  bytes each device sends in them / link bandwidth
-//!   offload:          2 x host bytes per device (out and back) / host link bandwidth
+//!   offload:          (2 x offloaded activations (out and back) + micro-batches x frozen
+//!                     weights in host memory (in)) per device / host link bandwidth
 //! with no overlap assumed (an upper bound); the rates are arguments and are printed with the
 //! result. Ties go to fewer, larger blocks (fewer launches), no offload and dense weights (no
 //! dequantisation per layer).
@@ -86,10 +88,10 @@ impl Machine {
             self.gpu_mem_gib, self.reserve_gib
         );
         let largest = format!("largest consumer: {name}, {:.1} GiB", most / GIB);
-        let host = if plan.host_bytes > 0.0 {
+        let host = if plan.host_bytes + plan.frozen_host_bytes > 0.0 {
             format!(
-                "; host memory {:.1} GiB per GPU for offloaded activations",
-                plan.host_bytes / GIB
+                "; host memory {:.1} GiB per GPU for offloaded activations and frozen weights",
+                (plan.host_bytes + plan.frozen_host_bytes) / GIB
             )
         } else {
             String::new()
@@ -129,7 +131,10 @@ impl StepTime {
             compute: plan.flops_per_step / (gpus.max(1) as f64 * r.peak_tflops * 1e12 * r.mfu),
             grad_sums: plan.grad_comm_bytes / (r.link_gbytes * 1e9),
             expert_exchange: plan.expert_comm_bytes / (r.link_gbytes * 1e9),
-            offload: 2.0 * plan.host_bytes / (r.host_gbytes * 1e9),
+            // Activations out and back; frozen weights in, once per micro-batch.
+            offload: (2.0 * plan.host_bytes
+                + plan.micro_batches_per_device * plan.frozen_host_bytes)
+                / (r.host_gbytes * 1e9),
         }
     }
 
@@ -173,10 +178,11 @@ pub fn search(
         &[recipe.train.offload_activations]
     };
     // The warm-up may hold its frozen weights in FP8 (`model.frozen_fp8`).
-    let fp8s: &[bool] = if recipe.stage() == Stage::Warmup {
-        &[false, true]
+    // (model.frozen_fp8, model.frozen_fp8_offload)
+    let fp8s: &[(bool, bool)] = if recipe.stage() == Stage::Warmup {
+        &[(false, false), (true, false), (true, true)]
     } else {
-        &[recipe.model.frozen_fp8]
+        &[(recipe.model.frozen_fp8, recipe.model.frozen_fp8_offload)]
     };
     let mut found = vec![];
     // One rank has no ZeRO to choose; blocks as long as the sequence are the whole sequence.
@@ -197,7 +203,7 @@ pub fn search(
         for &zero in zeros {
             for &block_rows in &blocks {
                 for &offload in offloads {
-                    for &fp8 in fp8s {
+                    for &(fp8, fp8_offload) in fp8s {
                         let mut r = recipe.clone();
                         r.parallel.dp = n;
                         r.parallel.ep = ep;
@@ -205,6 +211,7 @@ pub fn search(
                         r.train.block_rows = block_rows;
                         r.train.offload_activations = offload;
                         r.model.frozen_fp8 = fp8;
+                        r.model.frozen_fp8_offload = fp8_offload;
                         if validate(&r, n).is_err() {
                             continue;
                         }
@@ -221,9 +228,12 @@ pub fn search(
                         if fp8 {
                             sets.push("model.frozen_fp8=true".into());
                         }
+                        if fp8_offload {
+                            sets.push("model.frozen_fp8_offload=true".into());
+                        }
                         found.push((
                             block_rows,
-                            (offload, fp8),
+                            (offload, fp8 as u8 + fp8_offload as u8),
                             Candidate {
                                 sets,
                                 plan,
@@ -239,7 +249,7 @@ pub fn search(
     // Fitting ones fastest first (then whole sequences or larger blocks, then no offload);
     // the rest by memory.
     found.sort_by(|a, b| {
-        let key = |c: &(usize, (bool, bool), Candidate)| {
+        let key = |c: &(usize, (bool, u8), Candidate)| {
             (
                 !c.2.fits,
                 if c.2.fits {
@@ -326,6 +336,8 @@ mod tests {
             optimizer_bytes: optimizer * GIB,
             activation_bytes: activations * GIB,
             host_bytes: host * GIB,
+            frozen_host_bytes: 0.0,
+            micro_batches_per_device: 1.0,
             grad_comm_bytes: 100e9,
             expert_comm_bytes: 500e9,
         }

@@ -277,6 +277,12 @@ fn build_model(
         &specs,
         dtype,
         device,
+        // model.frozen_fp8_offload: the FP8 bytes wait in host memory.
+        if recipe.model.frozen_fp8_offload {
+            &Device::Cpu
+        } else {
+            device
+        },
         recipe.model.init_seed,
         &keep_fp8,
         // ZeRO-3: every data-parallel rank holds the tensors outside the routed experts, so
@@ -345,8 +351,9 @@ fn build_model(
         model.frozen_fp8 = FrozenFp8::new(held_fp8, &model_params)?;
         let (n, bytes) = model.frozen_fp8.held();
         crate::elog!(
-            "[train] model.frozen_fp8: {n} frozen tensors held in FP8, {bytes} bytes with their scales on this rank{}, dequantised a layer at a time",
-            if zero3.is_some() { " (ZeRO-3: its rows of those outside the routed experts)" } else { "" }
+            "[train] model.frozen_fp8: {n} frozen tensors held in FP8, {bytes} bytes with their scales on this rank{}{}, dequantised a layer at a time",
+            if zero3.is_some() { " (ZeRO-3: its rows of those outside the routed experts)" } else { "" },
+            if recipe.model.frozen_fp8_offload { " in host memory" } else { "" }
         );
     }
     Ok((model, slots, router_biases))

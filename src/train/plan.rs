@@ -90,6 +90,11 @@ pub struct Plan {
     pub activation_bytes: f64,
     /// Host memory per device for offloaded activations (`train.offload_activations`).
     pub host_bytes: f64,
+    /// Host memory per device for frozen FP8 weights (`model.frozen_fp8_offload`), copied to
+    /// the device once per micro-batch, a tensor at a time.
+    pub frozen_host_bytes: f64,
+    /// Micro-batches each device runs per step.
+    pub micro_batches_per_device: f64,
     /// Bytes each device sends per step for gradient sums and ZeRO-1 shares.
     pub grad_comm_bytes: f64,
     /// Bytes each device sends per step in expert-parallel exchanges.
@@ -324,6 +329,11 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let mut dequantised_layer = std::collections::BTreeMap::<String, f64>::new();
     let zero3 = recipe.parallel.zero >= 3 && dp > 1.0;
+    let fp8_offload = recipe.model.frozen_fp8_offload;
+    let fp8_bytes = 1.0 + 4.0 / (128.0 * 128.0);
+    // Gathered (ZeRO-3) or copied from the host (offload), one whole FP8 tensor is on the
+    // device while it is dequantised.
+    let (mut frozen_host_bytes, mut fp8_in_flight) = (0.0, 0.0f64);
     let weight_bytes: f64 = specs
         .iter()
         .map(|s| {
@@ -332,14 +342,24 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
                 let layer = layer.split(".mlp.").next().unwrap_or("").to_string();
                 *dequantised_layer.entry(layer).or_default() += local(s) * dtype_bytes;
                 // ZeRO-3 splits the rows of those outside the routed experts over the dp ranks.
-                let share = if zero3 && !is_expert(s) { dp } else { 1.0 };
-                local(s) * (1.0 + 4.0 / (128.0 * 128.0)) / share
+                let sharded = zero3 && !is_expert(s);
+                if sharded || fp8_offload {
+                    fp8_in_flight = fp8_in_flight.max(local(s) * fp8_bytes);
+                }
+                let held = local(s) * fp8_bytes / if sharded { dp } else { 1.0 };
+                if fp8_offload {
+                    frozen_host_bytes += held;
+                    0.0
+                } else {
+                    held
+                }
             } else {
                 local(s) * dtype_bytes
             }
         })
         .sum::<f64>()
-        + dequantised_layer.values().copied().fold(0.0, f64::max);
+        + dequantised_layer.values().copied().fold(0.0, f64::max)
+        + fp8_in_flight;
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
     let gradient_peak = GradientPeak::new(&specs, &trainable, &local, dtype_bytes);
     let optimizer_bytes = if zero2 {
@@ -402,6 +422,11 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         optimizer_bytes,
         activation_bytes,
         host_bytes,
+        frozen_host_bytes,
+        micro_batches_per_device: (recipe.train.global_batch_seqs as f64
+            / recipe.train.micro_batch_seqs.max(1) as f64
+            / dp)
+            .max(1.0),
         grad_comm_bytes,
         expert_comm_bytes,
     }
@@ -552,6 +577,19 @@ fn most_loaded_rank_bytes(
 /// Human-readable report for `dsa-train check`.
 pub fn report(recipe: &Recipe, p: &Plan) -> String {
     let gib = |b: f64| b / (1u64 << 30) as f64;
+    let mut host = String::new();
+    if p.host_bytes > 0.0 {
+        host += &format!(
+            "; host memory for offloaded activations {:.2} GiB",
+            gib(p.host_bytes)
+        );
+    }
+    if p.frozen_host_bytes > 0.0 {
+        host += &format!(
+            "; host memory for frozen FP8 weights {:.2} GiB",
+            gib(p.frozen_host_bytes)
+        );
+    }
     format!(
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x ep {} ({} device(s))\n\
@@ -560,7 +598,7 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.ep, recipe.parallel.dp.max(1),
         gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes), recipe.parallel.zero,
-        if p.host_bytes > 0.0 { format!("; host memory for offloaded activations {:.2} GiB", gib(p.host_bytes)) } else { String::new() },
+        host,
         gib(p.grad_comm_bytes), gib(p.expert_comm_bytes)
     )
 }
@@ -776,6 +814,39 @@ mod tests {
             fp8 / 1073741824.0,
             dense / 1073741824.0
         );
+    }
+
+    /// model.frozen_fp8_offload moves the FP8 bytes to the host (`frozen_host_bytes`), leaving
+    /// on the device the largest layer dequantised and one FP8 tensor in flight; ZeRO-3 then
+    /// divides the host bytes outside the routed experts by dp.
+    #[test]
+    fn frozen_fp8_offload_moves_the_fp8_bytes_to_the_host() {
+        let cfg = slice_config();
+        let mut r = slice_recipe(Stage::Warmup, 8192, 0);
+        r.model.frozen_fp8 = true;
+        let on_device = plan_for(&r, &cfg);
+        r.model.frozen_fp8_offload = true;
+        let offloaded = plan_for(&r, &cfg);
+        assert_eq!(on_device.frozen_host_bytes, 0.0);
+        assert!(offloaded.frozen_host_bytes > 1e9);
+        let largest_tensor = model_weights(&cfg, false)
+            .iter()
+            .filter(|s| s.name.contains(".mlp.") && !Stage::Warmup.trains(s))
+            .map(|s| s.shape.iter().product::<usize>() as f64)
+            .fold(0.0, f64::max);
+        let want = on_device.weight_bytes - offloaded.frozen_host_bytes
+            + largest_tensor * (1.0 + 4.0 / 16384.0);
+        assert!(
+            (offloaded.weight_bytes - want).abs() < 1.0,
+            "{} vs {want}",
+            offloaded.weight_bytes
+        );
+        r.parallel.dp = 4;
+        r.parallel.zero = 3;
+        r.train.global_batch_seqs = 4;
+        let sharded = plan_for(&r, &cfg);
+        assert!(sharded.frozen_host_bytes < offloaded.frozen_host_bytes);
+        assert!(sharded.frozen_host_bytes > offloaded.frozen_host_bytes / 4.0);
     }
 
     /// The warm-up's block mode counts its feed-forward for `block_rows` tokens and leaves the
