@@ -174,7 +174,7 @@ impl FrozenFp8 {
     /// placeholder must be there).
     pub fn new(
         weights: HashMap<String, Fp8Weight>,
-        placeholders: &crate::weights::ParamSet,
+        placeholders: &std::collections::BTreeMap<String, Tensor>,
     ) -> Result<Self> {
         let mut by_placeholder = HashMap::with_capacity(weights.len());
         for (name, w) in weights {
