@@ -88,13 +88,19 @@ impl Machine {
             self.gpu_mem_gib, self.reserve_gib
         );
         let largest = format!("largest consumer: {name}, {:.1} GiB", most / GIB);
-        let host = if plan.host_bytes + plan.frozen_host_bytes > 0.0 {
+        let what = match (plan.host_bytes > 0.0, plan.frozen_host_bytes > 0.0) {
+            (true, true) => "offloaded activations and frozen weights",
+            (true, false) => "offloaded activations",
+            (false, true) => "frozen weights",
+            (false, false) => "",
+        };
+        let host = if what.is_empty() {
+            String::new()
+        } else {
             format!(
-                "; host memory {:.1} GiB per GPU for offloaded activations and frozen weights",
+                "; host memory {:.1} GiB per GPU for {what}",
                 (plan.host_bytes + plan.frozen_host_bytes) / GIB
             )
-        } else {
-            String::new()
         };
         if need <= usable {
             (
