@@ -2,8 +2,9 @@
 # One GPU call of a session's checks, logs under $OUT. PART=a: gpu-selftest, then `check`'s
 # memory estimate beside the measured peak (memory_check.sh). PART=b: side-by-side steps of one
 # binary under two settings (the in-place gradient sums off/on; document masking off/on).
-# PART=c: gpu-selftest, then MoE routing on the host against the routing kernels (moe-route off/on)
-# on the bench-1k, mini and slice-671b models.
+# PART=c: the gpu-selftest groups of the MoE routing and FP8 weights (and those they feed), then
+# MoE routing on the host against the routing kernels (moe-route off/on) on the bench-1k and
+# slice-671b models.
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -13,10 +14,13 @@ if [ "${PART:-a}" = a ]; then
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "grad-sum|document|starts" "$OUT/selftest.log" | head -20
   cp "$BIN" /tmp/dsa-mem; bash scripts/gpu/memory_check.sh "$OUT"
 elif [ "${PART:-a}" = c ]; then
-  ( time "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest.log" 2>&1
+  # The groups the routing and FP8 changes touch, then the step A/B (one GPU call).
+  for g in moe fp8 rows layer-backward train-steps forward; do
+    "$BIN" gpu-selftest --device cuda --only "$g" >> "$OUT/selftest.log" 2>&1 || echo "gpu-selftest --only $g FAILED"
+  done
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "moe-route|routing kernels|fp8" "$OUT/selftest.log" | head -30
-  SET_A='kernels.plain_ops=["moe-route"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route" \
-    recipes/bench-1k-sparse.toml:8192 recipes/mini-dense.toml:8192:2 2>&1 | tail -3
+  SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route" \
+    recipes/bench-1k-sparse.toml:8192 2>&1 | tail -2
   slice=/tmp/preset-slice-671b
   [ -d "$slice/model" ] || "$BIN" tiny --preset slice-671b --output "$slice" >/dev/null 2>>"$OUT/stderr.log"
   MODEL="$slice/model" DATA="$slice/tokens.bin" SET="model.mtp=false" SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 \
