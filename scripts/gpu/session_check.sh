@@ -3,8 +3,8 @@
 # memory estimate beside the measured peak (memory_check.sh). PART=b: side-by-side steps of one
 # binary under two settings (the in-place gradient sums off/on; document masking off/on).
 # PART=c: the gpu-selftest groups of the MoE routing and FP8 weights (and those they feed), then
-# MoE routing on the host against the routing kernels (moe-route off/on) on the bench-1k and
-# slice-671b models.
+# MoE routing on the host against the routing kernels (moe-route off/on) on the bench-1k model
+# (and the slice-671b model with SLICE=1).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -21,10 +21,12 @@ elif [ "${PART:-a}" = c ]; then
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "moe-route|routing kernels|fp8" "$OUT/selftest.log" | head -30
   SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route" \
     recipes/bench-1k-sparse.toml:8192 2>&1 | tail -2
-  slice=/tmp/preset-slice-671b
-  [ -d "$slice/model" ] || "$BIN" tiny --preset slice-671b --output "$slice" >/dev/null 2>>"$OUT/stderr.log"
-  MODEL="$slice/model" DATA="$slice/tokens.bin" SET="model.mtp=false" SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 \
-    bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route-slice" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
+  if [ -n "${SLICE:-}" ]; then
+    slice=/tmp/preset-slice-671b
+    [ -d "$slice/model" ] || "$BIN" tiny --preset slice-671b --output "$slice" >/dev/null 2>>"$OUT/stderr.log"
+    MODEL="$slice/model" DATA="$slice/tokens.bin" SET="model.mtp=false" SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 \
+      bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route-slice" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
+  fi
 else
   SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
     recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5
