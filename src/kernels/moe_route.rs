@@ -248,7 +248,7 @@ mod cuda {
             unsafe { b.launch(grid(n, 128)) }.w()?;
         }
         drop((ss, bs));
-        Ok(wrap(out, &dev, (n, top_k)).narrow(0, 0, n)?)
+        wrap(out, &dev, (n, top_k)).narrow(0, 0, n)
     }
 
     pub fn sort(chosen: &Tensor, e: usize) -> Result<ExpertOrder> {
@@ -387,9 +387,9 @@ mod cuda {
             unsafe { b.launch(grid(b_seqs * e, 128)) }.w()?;
         }
         drop((os, fs));
-        Ok(wrap(counts, &dev, ((b_seqs * e).max(1),))
+        wrap(counts, &dev, ((b_seqs * e).max(1),))
             .narrow(0, 0, b_seqs * e)?
-            .reshape((b_seqs, e))?)
+            .reshape((b_seqs, e))
     }
 }
 
