@@ -5,8 +5,9 @@
 //   b_i = s_i + bias_i (f32); a group's score = its best b plus its second best (f32, one
 //   addition; one expert per group: that one); the `topk_group` best groups stay, every other
 //   expert counts as -inf; the `top_k` best experts are chosen, best first.
-// Order: Rust's f32::total_cmp (NaN above +inf, -0 below +0), ties to the lower index, for the
-// groups and for the experts. Each pick is the largest (value, -index) pair strictly below the
+// Order: Rust's f32::total_cmp (-0 below +0), ties to the lower index, for the groups and for
+// the experts; every NaN is made one positive NaN first (`canon`), so NaNs rank above +inf and
+// tie. Each pick is the largest (value, -index) pair strictly below the
 // previous pick, so no "taken" set is kept and ties resolve the same way every time.
 //
 // Sort (`moe_count`, `moe_scan`, `moe_place`): slots s = t K + j in chunks of CHUNK; each chunk
@@ -26,6 +27,10 @@ __device__ __forceinline__ uint32_t total_order_key(float x) {
   b ^= (int32_t)(((uint32_t)(b >> 31)) >> 1);
   return (uint32_t)b ^ 0x80000000u;
 }
+
+// One NaN pattern for every NaN (an addition's NaN payload and sign differ between the host
+// and the GPU): NaN ranks above every number and NaNs tie, as `route_token` canonicalises.
+__device__ __forceinline__ float canon(float x) { return isnan(x) ? __int_as_float(0x7fc00000) : x; }
 
 // (value, lower index first) as one key: larger = picked earlier.
 __device__ __forceinline__ uint64_t pick_key(float x, uint32_t i) {
@@ -47,7 +52,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ scores, const flo
     uint64_t best = 0, second = 0;
     float vb = 0.f, vs = 0.f;
     for (int i = g * per_group; i < (g + 1) * per_group; ++i) {
-      const float v = row[i] + bias[i];
+      const float v = canon(row[i] + bias[i]);
       const uint64_t k = pick_key(v, i);
       if (k > best) {
         second = best, vs = vb;
@@ -56,7 +61,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ scores, const flo
         second = k, vs = v;
       }
     }
-    group_score[g] = per_group > 1 ? vb + vs : vb;
+    group_score[g] = per_group > 1 ? canon(vb + vs) : vb;
   }
   // The topk_group best groups, as a bit mask.
   uint64_t kept = 0, last = ~0ull;
@@ -76,7 +81,7 @@ extern "C" __global__ void moe_route(const float* __restrict__ scores, const flo
     uint64_t best = 0;
     int arg = 0;
     for (int i = 0; i < e; ++i) {
-      const float v = (kept >> (i / per_group)) & 1 ? row[i] + bias[i] : -INFINITY;
+      const float v = (kept >> (i / per_group)) & 1 ? canon(row[i] + bias[i]) : -INFINITY;
       const uint64_t k = pick_key(v, i);
       if (k < last && k > best) best = k, arg = i;
     }

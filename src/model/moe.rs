@@ -241,6 +241,12 @@ pub struct Moe {
 
 /// The experts chosen for one token, best first.
 pub fn route_token(biased: &[f32], n_group: usize, topk_group: usize, top_k: usize) -> Vec<usize> {
+    // A NaN ranks above every number, and NaNs tie (lower index first): one NaN pattern for
+    // all, as the routing kernel does, since NaN payloads and signs from an addition differ
+    // between the host and the GPU.
+    let canon = |x: f32| if x.is_nan() { f32::NAN } else { x };
+    let biased: Vec<f32> = biased.iter().map(|&x| canon(x)).collect();
+    let biased = biased.as_slice();
     let e = biased.len();
     let per_group = e / n_group;
     let desc = |v: &[f32], a: usize, b: usize| v[b].total_cmp(&v[a]).then(a.cmp(&b));
@@ -251,7 +257,7 @@ pub fn route_token(biased: &[f32], n_group: usize, topk_group: usize, top_k: usi
             let mut m: Vec<f32> = biased[g * per_group..(g + 1) * per_group].to_vec();
             m.sort_by(|a, b| b.total_cmp(a));
             if m.len() > 1 {
-                m[0] + m[1]
+                canon(m[0] + m[1])
             } else {
                 m[0]
             }
@@ -1135,6 +1141,13 @@ mod tests {
             err <= 1e-5,
             "grouped experts vs one SwiGLU per expert: max relative error {err}"
         );
+    }
+
+    #[test]
+    fn a_nan_score_ranks_first_and_nans_tie_by_index() {
+        let neg_nan = f32::from_bits(0xffc0_0001);
+        let b = [0.5, f32::NAN, 0.9, neg_nan, 0.1, 0.2];
+        assert_eq!(route_token(&b, 1, 1, 3), vec![1, 3, 2]);
     }
 
     #[test]
