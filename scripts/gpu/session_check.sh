@@ -15,7 +15,7 @@ if [ "${PART:-a}" = a ]; then
   cp "$BIN" /tmp/dsa-mem; bash scripts/gpu/memory_check.sh "$OUT"
 elif [ "${PART:-a}" = c ]; then
   # The groups the routing and FP8 changes touch, then the step A/B (one GPU call).
-  for g in ${GROUPS:-moe fp8 rows layer-backward train-steps forward}; do
+  for g in ${SELFTEST_GROUPS:-moe fp8 rows layer-backward train-steps forward}; do
     "$BIN" gpu-selftest --device cuda --only "$g" >> "$OUT/selftest.log" 2>&1 || echo "gpu-selftest --only $g FAILED"
   done
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -iE "moe-route|routing kernels|fp8" "$OUT/selftest.log" | head -30
