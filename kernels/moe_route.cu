@@ -173,25 +173,3 @@ extern "C" __global__ void moe_token_rows(const uint32_t* __restrict__ position,
   }
   for (int j = 0; j < k; ++j) rows[t * k + j] = p[j];
 }
-
-// Slots of sequence b routed to expert x: counts [b_seqs, e] u32, from the sorted order (a
-// sequence's slots are [b T K, (b + 1) T K), ascending within each expert's list).
-__device__ __forceinline__ uint32_t lower_bound(const uint32_t* v, uint32_t lo, uint32_t hi, uint32_t key) {
-  while (lo < hi) {
-    const uint32_t mid = lo + (hi - lo) / 2;
-    if (v[mid] < key) lo = mid + 1;
-    else hi = mid;
-  }
-  return lo;
-}
-
-extern "C" __global__ void moe_seq_counts(const uint32_t* __restrict__ order, const uint32_t* __restrict__ offsets,
-                                          uint32_t* __restrict__ counts, int b_seqs, int e, int64_t slots_per_seq) {
-  const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (int64_t)b_seqs * e) return;
-  const int b = (int)(i / e), x = (int)(i % e);
-  const uint32_t lo = offsets[x], hi = offsets[x + 1];
-  const uint32_t from = lower_bound(order, lo, hi, (uint32_t)(b * slots_per_seq));
-  const uint32_t to = lower_bound(order, lo, hi, (uint32_t)((b + 1) * slots_per_seq));
-  counts[i] = to - from;
-}

@@ -9,7 +9,6 @@
 //!   the per-expert lists of the host routing, concatenated);
 //! - `token_rows`: `token_rows_plain` (each token's K rows in the sorted order, ascending: the
 //!   order in which the transposed row map sums them);
-//! - `seq_counts`: `seq_counts_plain` (each sequence's slots per expert, for the balance loss).
 //!
 //! Integers only after the choice: every output is exact, so "bit for bit" is equality.
 
@@ -55,17 +54,6 @@ pub fn token_rows_plain(position: &[u32], k: usize) -> Vec<u32> {
             r
         })
         .collect()
-}
-
-/// Host twin of `seq_counts`: [B, E] row-major, sequence b's slots (`slots_per_seq` each, in
-/// slot order) routed to each expert.
-pub fn seq_counts_plain(chosen: &[u32], e: usize, slots_per_seq: usize) -> Vec<u32> {
-    let b = chosen.len() / slots_per_seq.max(1);
-    let mut c = vec![0u32; b * e];
-    for (slot, &x) in chosen.iter().enumerate() {
-        c[slot / slots_per_seq * e + x as usize] += 1;
-    }
-    c
 }
 
 /// The groups a token may take are a bit mask in the kernel: at most this many.
@@ -129,20 +117,6 @@ pub fn token_rows(position: &Tensor, k: usize) -> Result<Tensor> {
     #[cfg(not(feature = "cuda"))]
     {
         let _ = (position, k);
-        candle_core::bail!("the moe-route kernel needs a CUDA build")
-    }
-}
-
-/// The slots of each of B sequences (`slots_per_seq` = T K each) routed to each expert,
-/// [B, E] u32, from a sort of their choice.
-pub fn seq_counts(order: &ExpertOrder, b: usize, slots_per_seq: usize) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    {
-        cuda::seq_counts(order, b, slots_per_seq)
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (order, b, slots_per_seq);
         candle_core::bail!("the moe-route kernel needs a CUDA build")
     }
 }
@@ -359,38 +333,6 @@ mod cuda {
         drop(ps);
         wrap(rows, &dev, s.max(1)).narrow(0, 0, s)
     }
-
-    pub fn seq_counts(order: &ExpertOrder, b_seqs: usize, slots_per_seq: usize) -> Result<Tensor> {
-        let e = order.offsets.elem_count() - 1;
-        let s = order.order.elem_count();
-        if b_seqs * slots_per_seq != s || s >= u32::MAX as usize {
-            bail!("moe-route counts: {b_seqs} sequences of {slots_per_seq} slots for {s} slots");
-        }
-        let dev = order.order.device().as_cuda_device()?.clone();
-        let (os, ol) = order.order.storage_and_layout();
-        let (fs, fl) = order.offsets.storage_and_layout();
-        let ov = view::<u32>(&os, ol, "order")?;
-        let fv = view::<u32>(&fs, fl, "offsets")?;
-        let mut counts = dev.alloc_zeros::<u32>((b_seqs * e).max(1))?;
-        if b_seqs * e > 0 {
-            let f = load(&dev, "moe_seq_counts")?;
-            let (b32, e32, sp64) = (b_seqs as i32, e as i32, slots_per_seq as i64);
-            let stream = dev.cuda_stream();
-            let mut b = stream.launch_builder(&f);
-            b.arg(&ov)
-                .arg(&fv)
-                .arg(&mut counts)
-                .arg(&b32)
-                .arg(&e32)
-                .arg(&sp64);
-            // SAFETY: order holds s u32, offsets e + 1 (ascending, at most s), counts b * e.
-            unsafe { b.launch(grid(b_seqs * e, 128)) }.w()?;
-        }
-        drop((os, fs));
-        wrap(counts, &dev, ((b_seqs * e).max(1),))
-            .narrow(0, 0, b_seqs * e)?
-            .reshape((b_seqs, e))
-    }
 }
 
 #[cfg(test)]
@@ -416,10 +358,5 @@ mod tests {
         let rows = token_rows_plain(&position, 2);
         assert_eq!(&rows[6..8], &[position[7], position[6]]);
         assert!(rows[6] < rows[7]);
-        // Two sequences of 5 slots each.
-        assert_eq!(
-            seq_counts_plain(&chosen, 4, 5),
-            vec![1, 1, 2, 1, 2, 1, 1, 1]
-        );
     }
 }

@@ -121,20 +121,20 @@ impl SortedRows {
     ) -> Result<Self> {
         let s = n * k;
         let dev = sorted.order.device().clone();
-        let ones = Tensor::arange(0u32, s as u32 + 1, &dev)?;
+        let one_each = Tensor::arange(0u32, s as u32 + 1, &dev)?; // a gather's offsets
         let per_token = Tensor::arange_step(0u32, s as u32 + 1, k as u32, &dev)?;
         let rows = moe_route::token_rows(&sorted.position, k)?;
         Ok(Self {
             offsets,
             slot: RowPlan::from_device(
-                (sorted.order, ones.clone()),
-                (sorted.position, ones.clone()),
+                (sorted.order, one_each.clone()),
+                (sorted.position, one_each.clone()),
                 s,
                 s,
                 (true, true),
             )?,
             tok: RowPlan::from_device(
-                (sorted.token, ones),
+                (sorted.token, one_each),
                 (rows, per_token),
                 n,
                 s,
