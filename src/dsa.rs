@@ -10,6 +10,8 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 use rayon::prelude::*;
 
+use crate::dist::context::{QueryRows, RowBlock};
+
 /// Additive bias for masked logits. Finite so that `0 * bias` is 0 (a masked entry carries
 /// exactly zero target probability) while `exp(bias - max)` underflows to exactly 0.
 pub const MASKED: f32 = -1e30;
@@ -36,11 +38,22 @@ impl Selection {
     /// sequences of T tokens: the form the kernels produce and the one cached between passes.
     pub fn from_absolute(absolute: Tensor) -> candle_core::Result<Self> {
         let seq_len = absolute.dim(1)?;
+        Self::from_absolute_of(absolute, seq_len)
+    }
+
+    /// `from_absolute` for the sets of some query rows of each sequence (a context-parallel
+    /// rank's), absolute rows counted in sequences of `seq_len` keys.
+    pub fn from_absolute_of(absolute: Tensor, seq_len: usize) -> candle_core::Result<Self> {
         Ok(Self {
             absolute,
             seq_len,
             first_seq: 0,
         })
+    }
+
+    /// Keys per sequence that the absolute rows count in.
+    pub fn seq_len(&self) -> usize {
+        self.seq_len
     }
 
     /// Slots per query (K = min(k, T)).
@@ -167,25 +180,27 @@ pub fn select_topk_in(scores: &Tensor, k: usize, starts: Option<&KeyStarts>) -> 
         b,
         t,
         k,
-        query_block(b, t),
+        &QueryRows::whole(t).blocks(query_block(b, t)),
         starts,
         scores.device(),
-        |q0, n| Ok(scores.narrow(1, q0, n)?),
+        |r| Ok(scores.narrow(1, r.pos, r.n)?),
     )
 }
 
-/// Deterministic causal top-k computed over blocks of `block` queries: `rows(q0, n)` returns
-/// the scores [B, n, T] of queries q0..q0+n, so no more than one block exists at a time.
-/// The host selection: f32 runs and the CPU; bf16 models on CUDA take the device kernel
-/// (`kernels::indexer_topk`), whose rule is this one.
+/// Deterministic causal top-k of the query rows in `blocks` (every position, or a context
+/// rank's rows: `dist::context::QueryRows::blocks`), a block at a time: `rows(block)` returns
+/// the scores [B, n, T] of the block's queries against every key, so no more than one block
+/// exists at a time. The sets come back in row order, [B, rows, min(k, T)], absolute rows
+/// counted in sequences of T. The host selection: f32 runs and the CPU; bf16 models on CUDA
+/// take the device kernel (`kernels::indexer_topk`), whose rule is this one.
 pub fn select_topk_streaming(
     b: usize,
     t: usize,
     k: usize,
-    block: usize,
+    blocks: &[RowBlock],
     starts: Option<&KeyStarts>,
     device: &Device,
-    mut rows: impl FnMut(usize, usize) -> Result<Tensor>,
+    mut rows: impl FnMut(RowBlock) -> Result<Tensor>,
 ) -> Result<Selection> {
     anyhow::ensure!(k > 0, "top-k must be positive");
     if let Some(s) = starts {
@@ -197,39 +212,42 @@ pub fn select_topk_streaming(
         );
     }
     let kk = k.min(t);
-    let mut indices = vec![0u32; b * t * kk];
-    let mut valid = vec![0f32; b * t * kk];
-    let block = block.max(1);
-    for q0 in (0..t).step_by(block) {
-        let n = block.min(t - q0);
-        let host: Vec<f32> = rows(q0, n)?
+    let local: usize = blocks.iter().map(|r| r.n).sum();
+    let mut indices = vec![0u32; b * local * kk];
+    let mut valid = vec![0f32; b * local * kk];
+    for &block in blocks {
+        let n = block.n;
+        let host: Vec<f32> = rows(block)?
             .to_dtype(DType::F32)?
             .flatten_all()?
             .to_vec1()?; // [B, n, T]
-        let mut idx_rows: Vec<(usize, &[f32])> = Vec::with_capacity(b * n);
+                         // (output row, position, key starts' row, scores)
+        let mut idx_rows: Vec<(usize, usize, usize, &[f32])> = Vec::with_capacity(b * n);
         for bi in 0..b {
             for r in 0..n {
                 idx_rows.push((
-                    bi * t + q0 + r,
+                    bi * local + block.local + r,
+                    block.pos + r,
+                    bi * t + block.pos + r,
                     &host[(bi * n + r) * t..(bi * n + r + 1) * t],
                 ));
             }
         }
         let picked: Vec<(usize, Vec<u32>)> = idx_rows
             .par_iter()
-            .map(|(row_id, row)| {
-                let start = starts.map_or(0, |s| s.host[*row_id] as usize);
-                (*row_id, topk_key_range(row, start, row_id % t, kk))
+            .map(|&(out, pos, key_row, row)| {
+                let start = starts.map_or(0, |s| s.host[key_row] as usize);
+                (out, topk_key_range(row, start, pos, kk))
             })
             .collect();
-        for (row_id, sel) in picked {
-            indices[row_id * kk..][..sel.len()].copy_from_slice(&sel);
-            valid[row_id * kk..][..sel.len()]
+        for (out, sel) in picked {
+            indices[out * kk..][..sel.len()].copy_from_slice(&sel);
+            valid[out * kk..][..sel.len()]
                 .iter_mut()
                 .for_each(|v| *v = 1.0);
         }
     }
-    selection_from_host(indices, valid, (b, t, kk), device)
+    selection_from_host(indices, valid, (b, local, kk), t, device)
 }
 
 /// Queries per scoring block: about 2^24 score elements (64 MiB of f32) per block.
@@ -237,28 +255,32 @@ pub fn query_block(b: usize, t: usize) -> usize {
     ((1usize << 24) / (b * t).max(1)).clamp(1, t.max(1))
 }
 
+/// Host positions `indices` (1.0 in `valid` where selected) of `shape` [B, rows, K] as a
+/// selection over sequences of `seq_len` keys.
 fn selection_from_host(
     indices: Vec<u32>,
     valid: Vec<f32>,
     shape: (usize, usize, usize),
+    seq_len: usize,
     device: &Device,
 ) -> Result<Selection> {
-    let (_, t, k) = shape;
+    let (_, rows, k) = shape;
     let absolute: Vec<u32> = indices
         .iter()
         .zip(&valid)
         .enumerate()
         .map(|(i, (idx, v))| {
             if *v > 0.0 {
-                (i / (t * k) * t) as u32 + idx
+                (i / (rows * k) * seq_len) as u32 + idx
             } else {
                 u32::MAX
             }
         })
         .collect();
-    Ok(Selection::from_absolute(Tensor::from_vec(
-        absolute, shape, device,
-    )?)?)
+    Ok(Selection::from_absolute_of(
+        Tensor::from_vec(absolute, shape, device)?,
+        seq_len,
+    )?)
 }
 
 /// Attention-mass recall per query: sum over s in S_t of `p[b, t, s]`, with `p` [B, T, T] the

@@ -142,16 +142,40 @@ pub enum HeadGrads<'a> {
     Weight(&'a LinearWeightGrad),
 }
 
+/// The targets of `chunked_next_token_loss`: the next token of each of the first
+/// `targets.dim(1)` rows of h (the rows after them predict nothing), and `count`, the
+/// predicted positions the mean is taken over (every rank's together under context
+/// parallelism).
+pub struct NextTokens {
+    /// [B, m] u32.
+    pub targets: Tensor,
+    pub count: usize,
+}
+
+impl NextTokens {
+    /// Position t of `tokens` [B, T] predicts token t + 1: every position but the last.
+    pub fn of(tokens: &Tensor) -> Result<Self> {
+        let (b, t) = tokens.dims2()?;
+        if t < 2 {
+            candle_core::bail!("a sequence needs at least 2 tokens");
+        }
+        Ok(Self {
+            targets: tokens.narrow(1, 1, t - 1)?,
+            count: b * (t - 1),
+        })
+    }
+}
+
 /// Next-token cross-entropy computed and backpropagated one chunk of positions at a time, so
 /// the [B, T, vocab] logits never exist: at most `chunk` positions of them are alive.
-/// `h` [B, T, D] hidden states, `tokens` [B, T]; position t predicts token t + 1, as in
-/// `next_token_nll`. Each chunk's share of `weight * mean NLL` is backpropagated at once, by
+/// `h` [B, T, D] hidden states; row t predicts `next.targets[:, t]` (`NextTokens::of`: token
+/// t + 1, as in `next_token_nll`), and the mean is over `next.count` positions. Each chunk's share of `weight * mean NLL` is backpropagated at once, by
 /// hand (no autograd graph): the final norm weight's gradient goes to `on_grads` as
 /// `HeadGrads::Norm`, and the head weight's gradient (when `head.weight_trains`) as
 /// `HeadGrads::Weight`, a `LinearWeightGrad` that yields its rows a block at a time: the whole
 /// [vocab, D] gradient would be 5.2 GiB in bf16 for the 671B head. Returns the mean NLL
 /// (detached f32 scalar) and d(weight * mean NLL) / dh, [B, T, D] in h's dtype (zero at the
-/// last position).
+/// rows without a target).
 ///
 /// Memory per chunk: its logits and their gradient in the compute dtype and one block of the
 /// loss's f32 work (`nll_rows_and_grad`).
@@ -161,15 +185,21 @@ pub enum HeadGrads<'a> {
 /// through the norm by `ops::rms_norm_backward` (f32 sums; the fused kernel on a GPU).
 pub fn chunked_next_token_loss(
     h: &Tensor,
-    tokens: &Tensor,
+    next: &NextTokens,
     chunk: usize,
     weight: f64,
     head: &LmHead,
     mut on_grads: impl FnMut(HeadGrads) -> Result<()>,
 ) -> Result<(Tensor, Tensor)> {
     let (b, t, d) = h.dims3()?;
-    let positions = t - 1;
-    let count = (b * positions) as f64;
+    let positions = next.targets.dim(1)?;
+    if positions > t || next.count == 0 {
+        candle_core::bail!(
+            "{positions} targets for {t} rows, a mean over {} positions",
+            next.count
+        );
+    }
+    let count = next.count as f64;
     let chunk = chunk.max(1);
     let (w, norm) = (head.weight.detach(), head.norm.detach());
     let mut total: Option<Tensor> = None;
@@ -180,7 +210,7 @@ pub fn chunked_next_token_loss(
         let normed = rms_norm(head.kernels, &x, &norm, head.eps)?; // [B, n, D]
         let logits = linear(&normed, &w)?; // [B, n, V]
         let vocab = logits.dim(2)?;
-        let targets = tokens.narrow(1, p0 + 1, n)?.flatten_all()?; // [B n]
+        let targets = next.targets.narrow(1, p0, n)?.flatten_all()?; // [B n]
         let (nll_rows, dlogits) = nll_rows_and_grad(
             head.kernels,
             &logits.reshape((b * n, vocab))?,
@@ -204,10 +234,15 @@ pub fn chunked_next_token_loss(
             None => nll_sum,
         });
     }
-    dh.push(h.narrow(1, positions, 1)?.zeros_like()?);
+    if positions < t {
+        dh.push(h.narrow(1, positions, t - positions)?.zeros_like()?);
+    }
     let dh = Tensor::cat(&dh, 1)?;
-    let total = total
-        .ok_or_else(|| candle_core::Error::Msg("a sequence needs at least 2 tokens".into()))?;
+    let total = match total {
+        Some(total) => total,
+        // (a context-parallel rank whose rows all lack a target)
+        None => Tensor::zeros((), DType::F32, h.device())?,
+    };
     Ok(((total / count)?, dh))
 }
 
@@ -327,8 +362,13 @@ mod tests {
         for chunk in [1, 3, 8, 100] {
             let mut gw = w.as_tensor().zeros_like().unwrap();
             let mut gn = norm.as_tensor().zeros_like().unwrap();
-            let (loss, dh) =
-                chunked_next_token_loss(h.as_tensor(), &tokens, chunk, 0.5, &head, |g| {
+            let (loss, dh) = chunked_next_token_loss(
+                h.as_tensor(),
+                &NextTokens::of(&tokens).unwrap(),
+                chunk,
+                0.5,
+                &head,
+                |g| {
                     match g {
                         HeadGrads::Norm(g) => gn = (&gn + g)?,
                         HeadGrads::Weight(src) => {
@@ -341,8 +381,9 @@ mod tests {
                         }
                     }
                     Ok(())
-                })
-                .unwrap();
+                },
+            )
+            .unwrap();
             assert!(close(&loss, &whole) < 1e-6, "chunk {chunk}");
             assert!(
                 close(&dh, g.get(h.as_tensor()).unwrap()) < 1e-6,
@@ -537,13 +578,20 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let (_, dh) = chunked_next_token_loss(&h, &tokens, chunk, 0.5, &head, |g| {
-                match g {
-                    HeadGrads::Norm(g) => gn = (&gn + g.to_dtype(DType::F32)?)?,
-                    HeadGrads::Weight(_) => panic!("the head weight is frozen here"),
-                }
-                Ok(())
-            })
+            let (_, dh) = chunked_next_token_loss(
+                &h,
+                &NextTokens::of(&tokens).unwrap(),
+                chunk,
+                0.5,
+                &head,
+                |g| {
+                    match g {
+                        HeadGrads::Norm(g) => gn = (&gn + g.to_dtype(DType::F32)?)?,
+                        HeadGrads::Weight(_) => panic!("the head weight is frozen here"),
+                    }
+                    Ok(())
+                },
+            )
             .unwrap();
             let tol = if dtype == DType::F32 { 1e-6 } else { 1e-2 };
             for (what, a, b) in [("dh", &dh, &dh0), ("the norm's gradient", &gn, &gn0)] {

@@ -144,16 +144,21 @@ pub struct DsaConfig {
 }
 
 /// How the job's ranks divide the work (validated against the world size at start-up, the
-/// way torchtitan's ParallelDims does): dp = world. Tensor and pipeline parallelism are not
+/// way torchtitan's ParallelDims does): world = dp x cp. Tensor and pipeline parallelism are not
 /// built (`parallel.tp` / `parallel.pp` other than 1 are refused by name).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ParallelConfig {
-    /// Data-parallel ranks; 0 = the world size.
+    /// Data-parallel replicas (each draws its own sequences); 0 = the world size / cp.
     pub dp: usize,
-    /// Expert-parallel ranks: routed experts are split into ep contiguous ranges; ep divides dp.
+    /// Context-parallel ranks per sequence: cp consecutive ranks split each sequence by query
+    /// rows (load-balanced for the causal mask) and all-gather each layer's latent kv rows and
+    /// indexer keys. Built for the sparse stage (with `train.recompute`).
+    pub cp: usize,
+    /// Expert-parallel ranks: routed experts are split into ep contiguous ranges over the ranks
+    /// of ep replicas at one context index (`Layout::expert_group`); ep divides dp.
     pub ep: usize,
-    /// ZeRO stage over the data-parallel ranks: 1 shards the f32 master weights and Adam
+    /// ZeRO stage over every rank (dp x cp; each holds a share of the gradient sums): 1 shards the f32 master weights and Adam
     /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
     /// each layer's gradients are summed onto their owner rank as soon as its backward has
     /// run, and the other ranks free them; 3 also shards the parameters themselves, which
@@ -166,6 +171,7 @@ impl Default for ParallelConfig {
     fn default() -> Self {
         Self {
             dp: 0,
+            cp: 1,
             ep: 1,
             zero: 1,
         }
@@ -176,41 +182,62 @@ impl Default for ParallelConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Layout {
     pub world: usize,
+    /// Data-parallel replicas: groups of cp ranks that draw the same sequences.
     pub dp: usize,
+    /// Context-parallel ranks per sequence.
+    pub cp: usize,
     pub ep: usize,
     /// ZeRO stage (1 or 2).
     pub zero: usize,
 }
 
 impl Layout {
-    /// The expert-parallel group of `rank`: ep consecutive ranks, which between them hold
-    /// every routed expert and exchange token rows.
+    /// The expert-parallel group of `rank`: ep ranks, which between them hold every routed
+    /// expert and exchange token rows. Ranks are numbered replica-major (rank = replica x cp +
+    /// context index), and a group takes ep consecutive replicas at one context index: its
+    /// members hold the same query rows of different sequences, so they run the same blocks
+    /// and their exchanges pair up (with cp 1: ep consecutive ranks).
     pub fn expert_group(&self, rank: usize) -> Vec<usize> {
-        let first = rank / self.ep * self.ep;
-        (first..first + self.ep).collect()
+        let (replica, c) = (rank / self.cp, rank % self.cp);
+        let first = replica / self.ep * self.ep;
+        (first..first + self.ep).map(|d| d * self.cp + c).collect()
     }
 
-    /// The ranks holding the same experts as `rank` (one per expert group): expert gradients
-    /// are summed over them and their optimizer state is sharded over them.
+    /// The ranks holding the same experts as `rank` (the same index in their expert groups):
+    /// expert gradients are summed over them and their optimizer state is sharded over them.
     pub fn expert_replicas(&self, rank: usize) -> Vec<usize> {
-        (rank % self.ep..self.dp).step_by(self.ep).collect()
+        let slot = (rank / self.cp) % self.ep;
+        (0..self.world)
+            .filter(|r| (r / self.cp) % self.ep == slot)
+            .collect()
+    }
+
+    /// The context group of `rank`: cp consecutive ranks, which split the same sequences.
+    pub fn context_group(&self, rank: usize) -> Vec<usize> {
+        let first = rank / self.cp * self.cp;
+        (first..first + self.cp).collect()
+    }
+
+    /// The data-parallel replica `rank` belongs to (which micro-batches it computes).
+    pub fn replica(&self, rank: usize) -> usize {
+        rank / self.cp
     }
 }
 
 impl ParallelConfig {
-    /// The world `check` assumes without a launcher: dp when it is set; else the
-    /// smallest multiple of ep whose dp divides the `micro_batches` of a step (else ep).
+    /// The world `check` assumes without a launcher: dp x cp when dp is set; else cp times
+    /// the smallest multiple of ep that divides the `micro_batches` of a step (else ep).
     pub fn smallest_world(&self, micro_batches: usize) -> usize {
-        let ep = self.ep.max(1);
-
-        if self.dp > 0 {
+        let (ep, cp) = (self.ep.max(1), self.cp.max(1));
+        let dp = if self.dp > 0 {
             self.dp
         } else {
             (1..=micro_batches.max(1))
                 .map(|k| k * ep)
                 .find(|dp| micro_batches.is_multiple_of(*dp))
                 .unwrap_or(ep)
-        }
+        };
+        dp * cp
     }
 
     /// Resolve against `world` ranks; errors name the keys and the numbers.
@@ -221,16 +248,21 @@ impl ParallelConfig {
         if !(1..=3).contains(&self.zero) {
             bail!("parallel.zero = {}: the ZeRO stages built are 1 (optimizer state sharded), 2 (gradients too) and 3 (the warm-up's frozen FP8 weights too)", self.zero);
         }
-        let dp = if self.dp == 0 { world } else { self.dp };
-        if dp != world {
-            bail!("parallel.dp ({dp}) but the job has {world} rank(s)");
+        let cp = self.cp;
+        if cp == 0 || !world.is_multiple_of(cp) {
+            bail!("parallel.cp = {cp} must divide the job's {world} rank(s)");
         }
-        if self.ep == 0 || dp % self.ep != 0 {
-            bail!("parallel.ep ({}) must divide parallel.dp ({dp})", self.ep);
+        let dp = if self.dp == 0 { world / cp } else { self.dp };
+        if dp * cp != world {
+            bail!("parallel.dp ({dp}) x parallel.cp ({cp}) but the job has {world} rank(s)");
+        }
+        if self.ep == 0 || !dp.is_multiple_of(self.ep) {
+            bail!("parallel.ep ({}) must divide parallel.dp ({dp}): an expert group holds the same query rows of ep replicas' sequences", self.ep);
         }
         Ok(Layout {
             world,
             dp,
+            cp,
             ep: self.ep,
             zero: self.zero,
         })
@@ -671,6 +703,7 @@ pub const MAY_CHANGE_ON_RESUME: &[&str] = &[
     "checkpoint.every",
     "checkpoint.keep_last",
     "parallel.dp",
+    "parallel.cp",
     "parallel.ep",
     "parallel.zero",
 ];
@@ -726,7 +759,7 @@ fn not_built(key: &str, value: &Value) -> Result<()> {
     if value.as_i64() == Some(1) {
         return Ok(());
     }
-    bail!("parallel.{key} = {value}: {what} is not built (the layout keys are parallel.dp, parallel.ep and parallel.zero)")
+    bail!("parallel.{key} = {value}: {what} is not built (the layout keys are parallel.dp, parallel.cp, parallel.ep and parallel.zero)")
 }
 
 /// Remove `parallel.tp` / `parallel.pp` of 1 from a recipe tree; refuse any other value.
@@ -992,6 +1025,7 @@ mod tests {
         let l = Layout {
             world: 8,
             dp: 8,
+            cp: 1,
             ep: 4,
             zero: 1,
         };
@@ -1010,6 +1044,7 @@ mod tests {
         let one = Layout {
             world: 3,
             dp: 3,
+            cp: 1,
             ep: 1,
             zero: 1,
         };

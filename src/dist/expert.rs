@@ -170,6 +170,18 @@ pub fn all_to_all_rows(
     send: &[usize],
     recv: &[usize],
 ) -> candle_core::Result<Tensor> {
+    all_to_all_rows_counted(x, exchange, send, recv, &EXCHANGE_BYTES)
+}
+
+/// `all_to_all_rows`, counting the bytes sent to other ranks in `sent` (expert parallelism
+/// counts its own; context parallelism its own).
+pub fn all_to_all_rows_counted(
+    x: &Tensor,
+    exchange: &Arc<dyn RowExchange>,
+    send: &[usize],
+    recv: &[usize],
+    sent: &'static AtomicU64,
+) -> candle_core::Result<Tensor> {
     let rows: usize = send.iter().sum();
     if x.dim(0)? != rows {
         candle_core::bail!(
@@ -181,6 +193,7 @@ pub fn all_to_all_rows(
         exchange: exchange.clone(),
         send: send.to_vec(),
         recv: recv.to_vec(),
+        sent,
     })
 }
 
@@ -188,6 +201,7 @@ struct AllToAllRows {
     exchange: Arc<dyn RowExchange>,
     send: Vec<usize>,
     recv: Vec<usize>,
+    sent: &'static AtomicU64,
 }
 
 fn to_le_bytes(s: &CpuStorage, start: usize, len: usize) -> candle_core::Result<Vec<u8>> {
@@ -272,7 +286,7 @@ impl AllToAllRows {
             .map(|(_, &n)| n)
             .sum();
         let bytes = rows * row_elems * dtype.size_in_bytes();
-        EXCHANGE_BYTES.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.sent.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -294,7 +308,7 @@ impl CustomOp1 for AllToAllRows {
         }
         self.count_sent(row, s.dtype());
         let got = timed(|| self.exchange.host(parts))
-            .map_err(|e| candle_core::Error::Msg(format!("expert exchange: {e:#}")))?;
+            .map_err(|e| candle_core::Error::Msg(format!("row exchange: {e:#}")))?;
         let elem = s.dtype().size_in_bytes();
         for (i, (g, &n)) in got.iter().zip(&self.recv).enumerate() {
             if g.len() != n * row * elem {
@@ -341,6 +355,7 @@ impl CustomOp1 for AllToAllRows {
                 exchange: self.exchange.clone(),
                 send: self.recv.clone(),
                 recv: self.send.clone(),
+                sent: self.sent,
             })
             .map(Some)
     }

@@ -4,6 +4,7 @@
 //! Every collective is defined through `all_gather`; reductions sum in rank order on every
 //! rank, so all ranks hold bit-identical results whatever the network timing.
 
+pub mod context;
 pub mod expert;
 pub mod launch;
 #[cfg(feature = "nccl")]

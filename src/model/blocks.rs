@@ -58,8 +58,8 @@ enum Direction<'a, 'g> {
 }
 
 impl DecoderLayer {
-    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time, without
-    /// a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). A
+    /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time (0: every
+    /// sequence at once, or each segment of a context-parallel rank's rows), without a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). A
     /// block's working set is that of `rows` tokens, plus the sequence's latent kv.
     pub fn sparse_blocks(
         &self,
@@ -69,7 +69,7 @@ impl DecoderLayer {
         rows: usize,
     ) -> Result<BlockPass> {
         let (view, _) = self.detached_view()?;
-        match view.blocks(h, ctx, sel, rows.max(1), Direction::Forward)? {
+        match view.blocks(h, ctx, sel, rows, Direction::Forward)? {
             Ran::Forward(pass) => Ok(pass),
             Ran::Backward(_) => unreachable!("a forward run returns its pass"),
         }
@@ -246,29 +246,39 @@ impl DecoderLayer {
         // Whole-sequence parts: the input norm and the latent kv every block reads.
         // (The forward keeps neither the normed input nor kv_a's output: each block norms its
         // own rows again, the same bits, and the whole-sequence copies are freed at once.)
+        // Under context parallelism h holds this rank's query rows; their kv rows are
+        // gathered into every position's (`ForwardContext::gather_keys`).
         let region = crate::profile::region("blocks: input norm and latent kv");
+        let (cos, sin) = ctx.local_rope()?;
         let (xn, kv, kv_saved) = {
             let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
             if forward {
-                let (c_norm, k_pe) = self.attn.project_kv(&xn, &ctx.cos, &ctx.sin)?;
+                let (c_norm, k_pe) = self.attn.project_kv(&xn, &cos, &sin)?;
                 (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
             } else {
-                let (kv, saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
+                let (kv, saved) = self.attn.latent_kv_saved(&xn, &cos, &sin)?;
                 (Some(xn), kv, Some(saved))
             }
         };
-        drop(region);
-        let blocks: Vec<(usize, usize, usize, usize)> = if rows == 0 || rows >= t {
-            vec![(0, b, 0, t)]
-        } else {
-            (0..b)
-                .flat_map(|bi| {
-                    (0..t)
-                        .step_by(rows)
-                        .map(move |q0| (bi, 1, q0, rows.min(t - q0)))
-                })
-                .collect()
+        let kv = match &ctx.shard {
+            Some(_) => {
+                let width = kv.dim(1)?;
+                ctx.gather_keys(&kv.reshape((b, t, width))?)?
+                    .reshape((b * ctx.t, width))?
+            }
+            None => kv,
         };
+        drop(region);
+        // (first sequence, sequences, local row, position, rows) of each block.
+        let blocks: Vec<(usize, usize, usize, usize, usize)> =
+            if ctx.shard.is_none() && (rows == 0 || rows >= t) {
+                vec![(0, b, 0, 0, t)]
+            } else {
+                let in_rows = ctx.query_rows().blocks(rows);
+                (0..b)
+                    .flat_map(|bi| in_rows.iter().map(move |r| (bi, 1, r.local, r.pos, r.n)))
+                    .collect()
+            };
         let mut dkv: Option<Tensor> = None;
         // Backward: dh's residual part and the input norm's output gradient; forward: outputs,
         // probabilities, expert choices.
@@ -277,7 +287,7 @@ impl DecoderLayer {
             Vec::with_capacity(blocks.len()),
             Vec::new(),
         );
-        for &(b0, bn, q0, n) in &blocks {
+        for &(b0, bn, q0, pos, n) in &blocks {
             let rows_of = |x: &Tensor| -> Result<Tensor> {
                 x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous()
             };
@@ -286,7 +296,7 @@ impl DecoderLayer {
                 Some(xn) => rows_of(xn)?,
                 None => rms_norm(self.kernels, &hq, &self.input_norm, eps)?,
             };
-            let (cos, sin) = ctx.rope_block(b0, bn, q0, n)?;
+            let (cos, sin) = ctx.rope_block(b0, bn, pos, n)?;
             let block_sel = if bn == b && n == t {
                 sel.clone()
             } else {
@@ -348,7 +358,8 @@ impl DecoderLayer {
                         }
                         None => None,
                     };
-                    let balance = f_rows.as_ref().map(|(f, weight)| (f, b, t, *weight));
+                    // The balance loss is a mean over every token of the sequences (ctx.t each).
+                    let balance = f_rows.as_ref().map(|(f, weight)| (f, b, ctx.t, *weight));
                     moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?
                         .reshape((bn, n, d))?
                 }
@@ -384,6 +395,16 @@ impl DecoderLayer {
         };
         let _region = crate::profile::region("blocks: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
+        // Every position's kv gradient home to the rank holding its row (summed over the group).
+        let dkv = match &ctx.shard {
+            Some(_) => {
+                let width = dkv.dim(1)?;
+                ctx.key_grads_home(&dkv.reshape((b, ctx.t, width))?)?
+                    .reshape((b * t, width))?
+            }
+            None => dkv,
+        };
+        let (cos, sin) = ctx.local_rope()?;
         let (xn, kv_saved) = (
             xn.expect("a backward keeps the normed input"),
             kv_saved.expect("a backward keeps kv_a's output"),
@@ -391,7 +412,7 @@ impl DecoderLayer {
         let dxn = (assemble(second, b, t)?
             + self
                 .attn
-                .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &cos, &sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))

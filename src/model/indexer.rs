@@ -527,6 +527,9 @@ pub struct SparseKl<'a> {
     pub sin: &'a Tensor,
     pub rows: usize,
     pub weight: f64,
+    /// Context parallelism: x, qr, the target and the sets are this rank's query rows; the
+    /// keys every position's (None: every row of the sequence).
+    pub shard: Option<&'a crate::dist::context::ContextShard>,
 }
 
 impl Indexer {
@@ -564,10 +567,16 @@ impl Indexer {
             sin,
             rows,
             weight,
+            shard,
             ..
         } = *kl;
         let (x, qr) = (kl.x.detach(), kl.qr.detach());
-        let (b, t, _) = x.dims3()?;
+        let (b, local, _) = x.dims3()?;
+        // The KL is a mean over every query of the sequences (t each), whichever rank holds it.
+        let (t, query_rows) = match shard {
+            Some(s) => (s.t, s.rows.clone()),
+            None => (local, crate::dist::context::QueryRows::whole(local)),
+        };
         let (hi, di) = (self.heads, self.head_dim);
         let rows = rows.clamp(1, t.max(1));
         let keys = keys.detach();
@@ -575,10 +584,10 @@ impl Indexer {
         let scale = weight / (b * t) as f64;
         let mut dk = keys.zeros_like()?.to_dtype(DType::F32)?;
         let mut total: Option<Tensor> = None;
-        for q0 in (0..t).step_by(rows) {
-            let n = rows.min(t - q0);
+        for block in query_rows.blocks(rows) {
+            let (q0, n) = (block.local, block.n);
             let region = crate::profile::region("indexer KL bwd: project queries");
-            let (cos_b, sin_b) = (cos.narrow(0, q0, n)?, sin.narrow(0, q0, n)?);
+            let (cos_b, sin_b) = (cos.narrow(0, block.pos, n)?, sin.narrow(0, block.pos, n)?);
             let qr32 = qr.narrow(1, q0, n)?.to_dtype(DType::F32)?;
             let x32 = x.narrow(1, q0, n)?.to_dtype(DType::F32)?;
             let q = self
@@ -616,7 +625,16 @@ impl Indexer {
             self.queries_weights_backward(&x32, &qr32, &dq, &dw, &cos_b, &sin_b, grads)?;
         }
         let _region = crate::profile::region("indexer KL bwd: keys backward");
-        self.keys_weights_backward(&x, &dk, cos, sin, rows, grads)?;
+        let (dk, cos, sin) = match shard {
+            // Every position's key gradient home to the rank holding its row.
+            Some(s) => (
+                s.scatter_sum(&dk)?,
+                s.rows.take(cos, 0)?,
+                s.rows.take(sin, 0)?,
+            ),
+            None => (dk, cos.clone(), sin.clone()),
+        };
+        self.keys_weights_backward(&x, &dk, &cos, &sin, rows, grads)?;
         match total {
             Some(s) => s / (b * t) as f64,
             None => candle_core::bail!("the sparse-stage KL of an empty sequence"),
@@ -702,6 +720,7 @@ pub fn sparse_kl_against_autograd(
         sel: &sel,
         cos: &cos,
         sin: &sin,
+        shard: None,
         rows,
         weight: 0.7,
     };
@@ -836,10 +855,11 @@ mod tests {
             .unwrap();
         assert!(diff < 1e-5, "{diff}");
         // Streaming selection in blocks of 4 queries picks the same sets.
-        let streamed = crate::dsa::select_topk_streaming(b, t, 5, 4, None, &dev, |q0, n| {
+        let blocks = crate::dist::context::QueryRows::whole(t).blocks(4);
+        let streamed = crate::dsa::select_topk_streaming(b, t, 5, &blocks, None, &dev, |r| {
             Ok(proj
-                .scores_rows(q0, n)?
-                .broadcast_add(&causal.narrow(0, q0, n)?)?)
+                .scores_rows(r.pos, r.n)?
+                .broadcast_add(&causal.narrow(0, r.pos, r.n)?)?)
         })
         .unwrap();
         assert_eq!(

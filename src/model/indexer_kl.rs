@@ -52,6 +52,7 @@ impl Indexer {
                 sin: &ctx.sin,
                 rows: *rows,
                 weight,
+                shard: ctx.shard.as_deref(),
             };
             let kl = self.sparse_kl_backward(&args, grads)?;
             return kl.to_dtype(DType::F32);

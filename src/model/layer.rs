@@ -10,6 +10,7 @@ use super::moe::{Mlp, Moe};
 use super::{
     AttentionMode, DecoderLayer, DeferredKl, FeedForward, ForwardContext, LayerStats, Pass,
 };
+use crate::dist::context::RowBlock;
 use crate::dsa::{recall_rows, select_topk_in};
 use crate::kernels::KernelPolicy;
 use crate::losses::kl_rows;
@@ -124,7 +125,15 @@ impl DecoderLayer {
         opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
     ) -> Result<(Tensor, LayerStats)> {
-        if opts.block_rows() > 0 && opts.attention() == AttentionMode::Sparse && !opts.recall() {
+        let sparse = opts.attention() == AttentionMode::Sparse;
+        if ctx.shard.is_some() {
+            // Context parallelism: the block body, whose attention reads the gathered kv.
+            if !sparse || opts.recall() || !opts.defer_kl() {
+                candle_core::bail!("context parallelism runs the sparse stage's training pass only (no dense attention, recall or evaluation pass)");
+            }
+            return self.forward_blocks(h, ctx, opts, cached);
+        }
+        if opts.block_rows() > 0 && sparse && !opts.recall() {
             return self.forward_blocks(h, ctx, opts, cached);
         }
         let eval = opts.eval_rows().is_some() && !opts.defer_kl();
@@ -298,8 +307,8 @@ impl DecoderLayer {
                 let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
                 let sel = match (&ix, opts.recall()) {
                     (Some(p), true) => {
-                        let queries = |q0: usize, n: usize| {
-                            Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?))
+                        let queries = |r: RowBlock| {
+                            Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?))
                         };
                         let fast = self.attn.q_b_proj.dtype() == DType::BF16
                             && self.kernels.on(p.k.device());
@@ -386,7 +395,10 @@ impl DecoderLayer {
         if opts.attention() == AttentionMode::Sparse && opts.defer_kl() {
             // The deferred KL stops at the projections whether or not the inputs are detached.
             let (x, qr) = (ix.detach(), iqr.detach());
-            let k = self.indexer.project_keys(&x, &ctx.cos, &ctx.sin)?.detach(); // [B, T, DI]
+            // Every position's key (gathered from the context group under context parallelism).
+            let (cos, sin) = ctx.local_rope()?;
+            let k = self.indexer.project_keys(&x, &cos, &sin)?.detach(); // [B, rows, DI]
+            let k = ctx.gather_keys(&k)?; // [B, T, DI]
             let (b, t, _) = x.dims3()?;
             let rows = match opts.indexer_rows() {
                 0 => indexer::sparse_block_rows(
@@ -443,7 +455,7 @@ impl DecoderLayer {
                 let rows = if fast { p.k.dim(1)? } else { whole_rows };
                 select_indexer_topk(
                     &p.k,
-                    |q0, n| Ok((p.q.narrow(1, q0, n)?, p.w.narrow(1, q0, n)?)),
+                    |r: RowBlock| Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?)),
                     rows,
                     ctx,
                     opts.topk(),
@@ -451,11 +463,15 @@ impl DecoderLayer {
                 )
             }
             IndexerView::Keys { k, x, qr, rows } => {
-                let queries = |q0: usize, n: usize| -> Result<(Tensor, Tensor)> {
-                    let (cos, sin) = (ctx.cos.narrow(0, q0, n)?, ctx.sin.narrow(0, q0, n)?); // rows q0..q0+n
+                let queries = |r: RowBlock| -> Result<(Tensor, Tensor)> {
+                    // The block's rows of the inputs; its positions' RoPE rows.
+                    let (cos, sin) = (
+                        ctx.cos.narrow(0, r.pos, r.n)?,
+                        ctx.sin.narrow(0, r.pos, r.n)?,
+                    );
                     let (q, w) = self.indexer.project_queries(
-                        &x.narrow(1, q0, n)?,
-                        &qr.narrow(1, q0, n)?,
+                        &x.narrow(1, r.local, r.n)?,
+                        &qr.narrow(1, r.local, r.n)?,
                         &cos,
                         &sin,
                     )?;
@@ -489,9 +505,20 @@ impl DecoderLayer {
             sparse_kl(ix, head_mean, &sel, &self.indexer, &mut stats)?;
         }
         if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, pass.chosen) {
-            let (b, t, _) = h.dims3()?;
+            let (b, rows, _) = h.dims3()?;
             stats.expert_counts = Some(moe.counts(&chosen));
-            stats.balance_weights = Some(moe.balance_weights(&chosen, b, t));
+            let mut counts = moe.balance_counts(&chosen, b, rows);
+            if let Some(shard) = &ctx.shard {
+                // Each sequence's f counts its tokens on every rank of the context group.
+                let as_f32: Vec<f32> = counts.iter().map(|&c| c as f32).collect(); // exact below 2^24
+                counts = shard
+                    .sum_host(&as_f32)
+                    .map_err(candle_core::Error::wrap)?
+                    .iter()
+                    .map(|&c| c as u32)
+                    .collect();
+            }
+            stats.balance_weights = Some(moe.balance_weights_of(&counts, ctx.t));
             stats.chosen = Some(chosen);
         }
         stats.selection = Some(sel);
@@ -581,37 +608,40 @@ pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -
     ((1usize << 26) / (b * heads.max(indexer_heads) * t).max(1)).clamp(1, t.max(1))
 }
 
-/// Top-k selection from the indexer against `keys` [B, T, DI], scoring one block of at most
-/// `rows` queries at a time (no [T, T] tensor, and the queries of one block at a time):
-/// `queries(q0, n)` gives the detached queries [B, n, HI, DI] and head weights [B, n, HI]
-/// (f32) of rows q0..q0+n. `fast` (bf16 models on CUDA): the tensor-core scoring and device
-/// top-k kernels, with q_I and k_I rounded to bf16 for the products (f32 accumulation), each
-/// block's rows passed with their offset q0; otherwise f32 scores and the host selection,
-/// the reference that f32 GPU runs share with the CPU. The sets do not depend on `rows`.
+/// Top-k selection from the indexer against `keys` [B, T, DI] (every position's), for the
+/// context's query rows (`ForwardContext::query_rows`: every position, or this rank's under
+/// context parallelism), scoring one block of at most `rows` queries at a time (no [T, T]
+/// tensor, and the queries of one block at a time): `queries(block)` gives the detached
+/// queries [B, n, HI, DI] and head weights [B, n, HI] (f32) of the block's rows. `fast` (bf16
+/// models on CUDA): the tensor-core scoring and device top-k kernels, with q_I and k_I rounded
+/// to bf16 for the products (f32 accumulation), each block's rows passed with their first
+/// position; otherwise f32 scores and the host selection, the reference that f32 GPU runs
+/// share with the CPU. The sets do not depend on `rows`. Returns the sets of the query rows,
+/// [B, rows, K], absolute rows counted in sequences of T.
 fn select_indexer_topk(
     keys: &Tensor,
-    queries: impl Fn(usize, usize) -> Result<(Tensor, Tensor)>,
+    queries: impl Fn(RowBlock) -> Result<(Tensor, Tensor)>,
     rows: usize,
     ctx: &ForwardContext,
     k: usize,
     fast: bool,
 ) -> Result<crate::dsa::Selection> {
     let (b, t, _) = keys.dims3()?;
+    let query_rows = ctx.query_rows();
     let rows = rows.clamp(1, t.max(1));
     if fast {
         let keys = keys.to_dtype(DType::BF16)?;
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
-        for q0 in (0..t).step_by(rows) {
-            let n = rows.min(t - q0);
-            let (q, w) = queries(q0, n)?;
+        for block in query_rows.blocks(rows) {
+            let (q, w) = queries(block)?;
             let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
-            let starts = ctx.starts_rows(q0, n)?; // [B, n] under document masking
+            let starts = ctx.starts_rows(block.pos, block.n)?; // [B, n] under document masking
             for (bi, parts) in per_seq.iter_mut().enumerate() {
                 let positions = crate::kernels::indexer_topk::indexer_topk(
                     &q.get(bi)?,
                     &w.get(bi)?,
                     &keys.get(bi)?,
-                    q0,
+                    block.pos,
                     k,
                     starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
                 )?;
@@ -621,29 +651,29 @@ fn select_indexer_topk(
         // One whole-sequence copy at a time: the blocks of a sequence are joined and dropped.
         let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
         for parts in per_seq {
-            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, T, K]
+            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, rows, K]
         }
         // (candle's cat of one tensor is that tensor: no copy for a single sequence)
-        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?);
+        return crate::dsa::Selection::from_absolute_of(Tensor::cat(&seqs, 0)?, t);
     }
     let keys = keys.clone();
     crate::dsa::select_topk_streaming(
         b,
         t,
         k,
-        rows.min(crate::dsa::query_block(b, t)),
+        &query_rows.blocks(rows.min(crate::dsa::query_block(b, t))),
         ctx.starts.as_ref(),
         keys.device(),
-        |q0, n| {
-            let (q, w) = queries(q0, n)?;
-            let block = IndexerProj {
+        |block| {
+            let (q, w) = queries(block)?;
+            let scores = IndexerProj {
                 q,
                 k: keys.clone(),
                 w,
             };
-            Ok(block
-                .scores_rows(0, n)?
-                .broadcast_add(&ctx.causal(q0, n)?)?)
+            Ok(scores
+                .scores_rows(0, block.n)?
+                .broadcast_add(&ctx.causal(block.pos, block.n)?)?)
         },
     )
     .map_err(candle_core::Error::wrap)

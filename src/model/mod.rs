@@ -365,6 +365,10 @@ pub struct ForwardContext {
     pub t: usize,
     /// Document masking: where each query's keys begin (None: every key up to the query).
     pub starts: Option<crate::dsa::KeyStarts>,
+    /// Context parallelism: the query rows this rank computes and the channel to the ranks
+    /// holding the others (None: every row of the sequence). The tables and masks above stay
+    /// the whole sequence's; a pass takes its rows' part (`query_rows`, `local_rope`).
+    pub shard: Option<std::sync::Arc<crate::dist::context::ContextShard>>,
 }
 
 impl ForwardContext {
@@ -375,7 +379,48 @@ impl ForwardContext {
             sin,
             t,
             starts: None,
+            shard: None,
         })
+    }
+
+    /// This context with the query rows of `shard` (context parallelism).
+    pub fn with_shard(mut self, shard: crate::dist::context::ContextShard) -> Self {
+        self.shard = Some(std::sync::Arc::new(shard));
+        self
+    }
+
+    /// The query rows a pass computes: the shard's, or every position.
+    pub fn query_rows(&self) -> crate::dist::context::QueryRows {
+        match &self.shard {
+            Some(s) => s.rows.clone(),
+            None => crate::dist::context::QueryRows::whole(self.t),
+        }
+    }
+
+    /// The RoPE tables (cos, sin) of the query rows, in row order.
+    pub fn local_rope(&self) -> Result<(Tensor, Tensor)> {
+        match &self.shard {
+            Some(s) => Ok((s.rows.take(&self.cos, 0)?, s.rows.take(&self.sin, 0)?)),
+            None => Ok((self.cos.clone(), self.sin.clone())),
+        }
+    }
+
+    /// Every position's key rows [B, T, C] from the query rows' own [B, rows, C] (the context
+    /// group's all-gather; the rows themselves without a shard).
+    pub fn gather_keys(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.shard {
+            Some(s) => s.gather(x),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The adjoint of `gather_keys`: the gradient of every position's key row [B, T, C], summed
+    /// over the context group onto the query rows that own them, [B, rows, C] f32.
+    pub fn key_grads_home(&self, dx: &Tensor) -> Result<Tensor> {
+        match &self.shard {
+            Some(s) => s.scatter_sum(dx),
+            None => dx.to_dtype(DType::F32),
+        }
     }
 
     /// The context of windows whose queries see only their own document: `starts` [B, T] (of
@@ -405,6 +450,7 @@ impl ForwardContext {
             sin: per_seq(&self.sin)?,
             t,
             starts: Some(starts),
+            shard: self.shard.clone(),
         })
     }
 
@@ -443,6 +489,10 @@ impl ForwardContext {
             sin: self.sin.narrow(0, 0, n)?,
             t: n,
             starts,
+            shard: self
+                .shard
+                .as_ref()
+                .map(|s| std::sync::Arc::new(s.prefix(n))),
         })
     }
 

@@ -334,12 +334,30 @@ impl Moe {
     /// f of the balance loss, [B * E] row-major: f_e = E / (K T) * (tokens of the sequence
     /// routed to e), from the experts `chosen` for the B*T tokens (K per token).
     pub fn balance_weights(&self, chosen: &[u32], b: usize, t: usize) -> Vec<f32> {
+        self.balance_weights_of(&self.balance_counts(chosen, b, t), t)
+    }
+
+    /// Tokens of each sequence routed to each expert, [B * E] row-major, from the experts
+    /// `chosen` for `rows` tokens of each of B sequences (K per token).
+    pub fn balance_counts(&self, chosen: &[u32], b: usize, rows: usize) -> Vec<u32> {
         let (e, k) = (self.n_experts, self.top_k);
-        let mut f = vec![0f32; b * e];
+        let mut c = vec![0u32; b * e];
+        debug_assert_eq!(chosen.len(), b * rows * k);
         for (slot, &ex) in chosen.iter().enumerate() {
-            f[(slot / k) / t * e + ex as usize] += e as f32 / (k * t) as f32;
+            c[(slot / k) / rows.max(1) * e + ex as usize] += 1;
         }
-        f
+        c
+    }
+
+    /// f of the balance loss from each sequence's `counts` [B * E] over its `t` tokens:
+    /// E / (K T) added once per routed token, in f32 (a sum of equal terms, so the bits depend
+    /// on the count alone, however the tokens were split between ranks).
+    pub fn balance_weights_of(&self, counts: &[u32], t: usize) -> Vec<f32> {
+        let step = self.n_experts as f32 / (self.top_k * t) as f32;
+        counts
+            .iter()
+            .map(|&n| (0..n).fold(0f32, |f, _| f + step))
+            .collect()
     }
 
     /// The balance loss's share of some tokens of a batch of B sequences of T tokens: with

@@ -105,11 +105,12 @@ impl Model {
     }
 
     /// The MTP module's input without a graph (`hidden` [B, T, D], the last main layer's
-    /// output; `tokens` [B, T]): what `mtp_logits` feeds its decoder layer, and what
+    /// output; `next` [B, n], the token 1 + depth positions after each of hidden's first n
+    /// rows: `tokens` from 1 + depth for a whole sequence, or a context-parallel rank's rows'
+    /// `QueryRows::shifted`): what `mtp_logits` feeds its decoder layer, and what
     /// `mtp_input_backward` reads.
-    pub fn mtp_input(&self, depth: usize, hidden: &Tensor, tokens: &Tensor) -> Result<MtpInput> {
-        let (_, t) = tokens.dims2()?;
-        let next = tokens.narrow(1, 1 + depth, t - 1 - depth)?;
+    pub fn mtp_input(&self, depth: usize, hidden: &Tensor, next: &Tensor) -> Result<MtpInput> {
+        let next = next.clone();
         let parts = self.mtp_parts(depth, hidden, &next)?;
         Ok(MtpInput {
             x: linear(&parts.cat, &self.mtp[depth].eh_proj.detach())?,

@@ -40,6 +40,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::data::Sampler;
+use crate::dist::context::ContextShard;
 use crate::dist::expert::{ExpertShard, RowExchange};
 use crate::dist::Collective;
 use crate::losses::next_token_nll;
@@ -157,6 +158,24 @@ fn model_source(
 /// starts from).
 pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
+    if layout.cp > 1 {
+        let t = &recipe.train;
+        if recipe.stage() != Stage::Sparse || !t.recompute {
+            bail!(
+                "parallel.cp = {} is built for the sparse stage with train.recompute = true (this recipe: train.stage = \"{}\", train.recompute = {})",
+                layout.cp,
+                t.stage.name(),
+                t.recompute
+            );
+        }
+        if !recipe.data.seq_len.is_multiple_of(2 * layout.cp) {
+            bail!(
+                "data.seq_len = {} must be a multiple of 2 x parallel.cp = {} (each rank of a context group holds one chunk from the front of a sequence and one from the back)",
+                recipe.data.seq_len,
+                2 * layout.cp
+            );
+        }
+    }
     let micro = recipe.micro_batches();
     if !micro.is_multiple_of(layout.dp) {
         bail!(
@@ -444,7 +463,7 @@ impl Trainer {
         };
         // ZeRO-3 (the warm-up's frozen FP8 weights): every rank opens the gather channel at the
         // same moment, before any loading.
-        let zero3 = if layout.zero >= 3 && layout.dp > 1 {
+        let zero3 = if layout.zero >= 3 && layout.world > 1 {
             Some(comm.row_exchange(&(0..layout.world).collect::<Vec<_>>())?)
         } else {
             None
@@ -461,7 +480,7 @@ impl Trainer {
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
         let (mut step, mut tokens_seen) = (0, 0);
-        if layout.dp > 1 {
+        if layout.world > 1 {
             // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
             let rank = comm.rank();
             let mut mine: Vec<Vec<std::ops::Range<usize>>> = vec![vec![]; slots.len()];
@@ -519,7 +538,12 @@ impl Trainer {
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
         }
-        let ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
+        let mut ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
+        if layout.cp > 1 {
+            // Every rank opens its context group's channel at the same moment, after the others.
+            let exchange = comm.row_exchange(&layout.context_group(rank))?;
+            ctx = ctx.with_shard(ContextShard::balanced(recipe.data.seq_len, exchange)?);
+        }
         let stage = recipe.stage();
         let reducer = zero::Reducer::new(comm, layout, device.clone());
         Ok(Self {
@@ -615,9 +639,13 @@ impl Trainer {
                 x
             })
         };
+        // Context parallelism: this rank computes its query rows of each sequence (every
+        // position otherwise); the layers gather what attention needs from the others.
+        let rows = ctx.query_rows();
+        let local_tokens = rows.take(tokens, 1)?;
         // The embedding table's gradient is built from dL/d(its output) a block of rows at a
         // time (`add_embedding_grad`), never by candle's backward: its output is a leaf.
-        let embedded = self.model.embed(tokens)?.detach();
+        let embedded = self.model.embed(&local_tokens)?.detach();
         let embed_leaf = if main && !recompute {
             Some(Var::from_tensor(&embedded)?)
         } else {
@@ -690,8 +718,13 @@ impl Trainer {
         crate::profile::log_device_memory("layers done");
         if main {
             let _region = crate::profile::region("step: LM head, loss and its gradients");
+            let (b, t) = tokens.dims2()?;
+            let next = crate::losses::NextTokens {
+                targets: rows.shifted(tokens, 1)?,
+                count: b * (t - 1),
+            };
             let (lm, g) = self
-                .head_loss(&h, tokens, &self.model.norm, scale, accum)
+                .head_loss(&h, &next, &self.model.norm, scale, accum)
                 .context("LM head and loss")?;
             lm_value = Some(lm);
             dh = Some(g);
@@ -776,7 +809,7 @@ impl Trainer {
                         .take()
                         .map(|s| s.to_device(&self.device))
                         .transpose()?
-                        .map(crate::dsa::Selection::from_absolute)
+                        .map(|a| crate::dsa::Selection::from_absolute_of(a, ctx.t))
                         .transpose()?;
                     // The layer's explicit backward: the sparse stage's recomputed a block of
                     // queries at a time with the first pass's sets, the dense stage's whole.
@@ -800,7 +833,7 @@ impl Trainer {
                         .with_context(|| format!("layer {l} gradient sums"))?;
                 }
                 let _region = crate::profile::region("step: embedding gradient");
-                self.add_embedding_grad(accum, tokens, &dh)?;
+                self.add_embedding_grad(accum, &local_tokens, &dh)?;
             } else {
                 let mut loss = surrogate(&h, &dh)?;
                 if let Some(b) = balance {
@@ -812,7 +845,7 @@ impl Trainer {
                     .as_ref()
                     .and_then(|leaf| grads.get(leaf.as_tensor()))
                 {
-                    self.add_embedding_grad(accum, tokens, d)?;
+                    self.add_embedding_grad(accum, &local_tokens, d)?;
                 }
                 crate::profile::log_device_memory("main-model backward done");
             }
@@ -834,15 +867,15 @@ impl Trainer {
         ))
     }
 
-    /// The next-token loss of `h` [B, n, D] (position t predicts `tokens` [B, n] at t + 1)
-    /// through the norm `norm` and the model's output head, a chunk of positions at a time
+    /// The next-token loss of `h` [B, n, D] (its rows' targets `next`) through the norm `norm`
+    /// and the model's output head, a chunk of positions at a time
     /// (`losses::chunked_next_token_loss`), times `weight`: the norm's and the head's gradients
     /// into `accum` (the head's a block of rows at a time, into its f32 sum). Returns the mean
     /// NLL (device scalar) and d(weight * loss)/dh.
     fn head_loss(
         &self,
         h: &Tensor,
-        tokens: &Tensor,
+        next: &crate::losses::NextTokens,
         norm: &Tensor,
         weight: f64,
         accum: &mut GradAccum,
@@ -858,10 +891,10 @@ impl Trainer {
             weight_trains: head_slot.is_some(),
             kernels: m.kernels,
         };
-        let chunk = self.lm_head_chunk(tokens.dim(0)?);
+        let chunk = self.lm_head_chunk(h.dim(0)?);
         Ok(crate::losses::chunked_next_token_loss(
             &h.detach(),
-            tokens,
+            next,
             chunk,
             weight,
             &head,
@@ -947,12 +980,13 @@ impl Trainer {
         let experts = self.model.cfg.n_routed_experts;
         let mut loads = vec![vec![0u64; experts]; self.model.layers.len()];
         let (mut lm_sum, mut kl_sum) = (0.0, 0.0);
-        let (dp, rank) = (self.layout.dp, self.reducer.rank());
+        let (dp, replica) = (self.layout.dp, self.layout.replica(self.reducer.rank()));
         for i in 0..micro {
             // Every rank draws every window (the data cursor stays the same on all ranks) and
-            // computes its own share of the micro-batches.
+            // its replica computes its own share of the micro-batches (the ranks of a context
+            // group each their rows of the same ones).
             let batch = self.sampler.next_batch(r.train.micro_batch_seqs)?;
-            if i % dp != rank {
+            if i % dp != replica {
                 continue;
             }
             let flat: Vec<u32> = batch.concat();
@@ -1019,10 +1053,10 @@ impl Trainer {
         let seq_len = r.data.seq_len;
         let lr = lr_at(self.step, r.train.lr, &r.train);
         let indexer_lr = lr_at(self.step, r.indexer_lr(), &r.train);
-        let mut sq = AdamW::squared_norms(&self.slots, &accum).context("gradient norms")?;
-        self.reducer
-            .sum_squared_norms(&mut sq)
-            .context("summing the gradient norms over the ranks")?;
+        let sq = self
+            .reducer
+            .whole_squared_norms(&self.slots, &accum)
+            .context("gradient norms (summed over the ranks)")?;
         let region = crate::profile::region("step: gradient norms and AdamW");
         let report = AdamW::from_recipe(&r.train, self.model.kernels)
             .step_with_norms(&mut self.slots, &accum, &sq, |g| match g {
@@ -1033,7 +1067,7 @@ impl Trainer {
         drop(accum);
         drop(region);
         crate::profile::log_device_memory("optimizer step done");
-        if self.layout.dp > 1 {
+        if self.layout.world > 1 {
             self.reducer
                 .gather_updated_params(&mut self.slots)
                 .context("gathering the updated parameters from their owners")?;
@@ -1302,10 +1336,11 @@ pub fn train_with(
     crate::signals::install();
     if lead && comm.world() > 1 {
         crate::elog!(
-            "[train] {} ranks over {}: dp {} x ep {}",
+            "[train] {} ranks over {}: dp {} x cp {} (experts over ep {})",
             comm.world(),
             comm.backend(),
             layout.dp,
+            layout.cp,
             layout.ep
         );
     }

@@ -43,11 +43,15 @@ impl Trainer {
         let model = &self.model;
         let module = &model.mtp[depth];
         let layer = model.mtp_layer(depth).context("MTP layer")?;
-        let input = model
-            .mtp_input(depth, hidden, tokens)
-            .context("MTP input")?;
-        let n = input.x.dim(1)?;
+        // The module's sequence: positions 0..n, each reading the token 1 + depth after it
+        // (this rank's rows of them under context parallelism).
+        let (b, t) = tokens.dims2()?;
+        let n = t - 1 - depth;
         let ctx = ctx.prefix(n)?;
+        let rows = ctx.query_rows();
+        let input = model
+            .mtp_input(depth, hidden, &rows.shifted(tokens, 1 + depth)?)
+            .context("MTP input")?;
         let (y, mut stats) = layer
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
@@ -65,23 +69,17 @@ impl Trainer {
         let Some(lm_weight) = terms.lm else {
             return Ok(None);
         };
-        let sel = stats
-            .selection
-            .take()
-            .map(|s| crate::dsa::Selection::from_absolute(s.absolute))
-            .transpose()?;
+        let sel = stats.selection.take();
         let chosen = stats.chosen.take();
         drop(stats);
-        // Position i predicts token i + 2 + depth: `tokens` from 1 + depth is the next-token
-        // target row of the module's n positions.
+        // Position i predicts token i + 2 + depth; the mean is over the n - 1 positions that
+        // have one.
+        let next = crate::losses::NextTokens {
+            targets: rows.shifted(tokens, 2 + depth)?,
+            count: b * (n - 1),
+        };
         let (_, dy) = self
-            .head_loss(
-                &y,
-                &tokens.narrow(1, 1 + depth, n)?,
-                &module.head_norm,
-                lm_weight,
-                accum,
-            )
+            .head_loss(&y, &next, &module.head_norm, lm_weight, accum)
             .context("MTP head and loss")?;
         drop(y);
         // No balance loss: it is taken over the main model's MoE layers only.

@@ -415,8 +415,17 @@ impl AdamW {
     /// tensor split into row ranges gives the same row sums as whole and the norm does not
     /// depend on the split (one f32 sum over a 3M-value tensor would be off by ~1e-5).
     pub fn squared_norms(slots: &[Slot], accum: &GradAccum) -> Result<HashMap<Group, f64>> {
+        Self::squared_norms_of(slots, accum, &|_| true)
+    }
+
+    /// `squared_norms` over the slots whose name `include` accepts.
+    pub fn squared_norms_of(
+        slots: &[Slot],
+        accum: &GradAccum,
+        include: &dyn Fn(&str) -> bool,
+    ) -> Result<HashMap<Group, f64>> {
         let mut sq_dev: HashMap<Group, Tensor> = HashMap::new();
-        for s in slots.iter() {
+        for s in slots.iter().filter(|s| include(&s.name)) {
             let parts: Vec<&Tensor> = match accum.grad(&s.name) {
                 Some(g) => vec![g],
                 None => s

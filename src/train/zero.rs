@@ -106,7 +106,7 @@ fn row_shape(t: &Tensor) -> (usize, usize) {
 /// `slots`, `owner` is a rank of the job.
 pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRange> {
     let mut out = vec![];
-    let everyone: Vec<usize> = (0..layout.dp).collect();
+    let everyone: Vec<usize> = (0..layout.world).collect();
     for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
         let idx: Vec<usize> = (0..slots.len())
             .filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts)
@@ -431,30 +431,46 @@ impl Reducer {
         })
     }
 
-    /// Squared gradient norms per group summed over the ranks (ZeRO-2: each rank holds only
-    /// the gradients of the rows it owns, and every row has exactly one owner in the job). f64,
-    /// added in rank order.
-    pub fn sum_squared_norms(
+    /// The squared gradient norms per group of the whole model from what this rank holds, f64
+    /// added in rank order. ZeRO-2: each rank holds the gradients of the rows it owns and every
+    /// row has one owner in the job, so the ranks' norms add up. ZeRO-1: every rank holds the
+    /// summed gradient of every tensor it holds; with expert parallelism that is its expert
+    /// group's share of the routed experts, so the expert part adds up over the expert group
+    /// (the rest is complete on each rank).
+    pub fn whole_squared_norms(
         &self,
-        local: &mut std::collections::HashMap<super::optim::Group, f64>,
-    ) -> Result<()> {
-        if self.world() == 1 || self.layout.zero < 2 {
-            return Ok(());
+        slots: &[super::optim::Slot],
+        accum: &super::optim::GradAccum,
+    ) -> Result<std::collections::HashMap<super::optim::Group, f64>> {
+        use super::optim::{AdamW, Group};
+        let l = &self.layout;
+        if self.world() == 1 || (l.zero < 2 && l.ep == 1) {
+            return AdamW::squared_norms(slots, accum);
         }
-        use super::optim::Group;
+        let (mut sq, shares, members) = if l.zero >= 2 {
+            let all: Vec<usize> = (0..self.world()).collect();
+            let none = std::collections::HashMap::new();
+            (none, AdamW::squared_norms(slots, accum)?, all)
+        } else {
+            (
+                AdamW::squared_norms_of(slots, accum, &|n| !is_sharded_expert(l, n))?,
+                AdamW::squared_norms_of(slots, accum, &|n| is_sharded_expert(l, n))?,
+                l.expert_group(self.rank()),
+            )
+        };
         let mine: Vec<u8> = [Group::Main, Group::Indexer]
             .iter()
-            .flat_map(|g| local.get(g).copied().unwrap_or(0.0).to_le_bytes())
+            .flat_map(|g| shares.get(g).copied().unwrap_or(0.0).to_le_bytes())
             .collect();
         let all = self.timed(|| self.comm.borrow_mut().all_gather(&mine))?;
         for (j, g) in [Group::Main, Group::Indexer].into_iter().enumerate() {
-            let total: f64 = all
+            let shared: f64 = members
                 .iter()
-                .map(|p| f64::from_le_bytes(p[8 * j..8 * j + 8].try_into().expect("8 bytes")))
+                .map(|&r| f64::from_le_bytes(all[r][8 * j..8 * j + 8].try_into().expect("8 bytes")))
                 .sum();
-            local.insert(g, total);
+            *sq.entry(g).or_insert(0.0) += shared;
         }
-        Ok(())
+        Ok(sq)
     }
 }
 

@@ -1,0 +1,322 @@
+//! Context parallelism: one sequence split over the `cp` ranks of a context group by query
+//! rows. Everything in a decoder layer is per token except attention, and in MLA's absorbed
+//! form a query reads only the shared latent row of each key (kv_lora_rank + rope values) and
+//! the indexer's key (index_head_dim values). So a rank computes its own tokens end to end,
+//! and per layer the group all-gathers the latent rows and indexer keys (`ContextShard::gather`);
+//! the backward sends each key's gradient home and sums it there (`ContextShard::scatter_sum`).
+//!
+//! Load balance under the causal mask: the sequence is cut into 2 cp equal chunks and rank i
+//! holds chunks i and 2 cp - 1 - i (a short-context chunk with a long-context one), so every
+//! rank scores about the same number of (query, key) pairs. A rank's rows are its chunks in
+//! position order; positions ascend along its rows.
+//!
+//! Numerics: a gather moves bits. A scatter-sum adds the members' f32 partial gradients in
+//! group order (the same order on every rank, so every run gives the same bits); a single rank
+//! sums the same terms in block order, so the two agree to f32 rounding, not bit for bit.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use candle_core::{DType, Result, Tensor};
+
+use super::expert::{all_to_all_rows_counted, RowExchange};
+
+/// Bytes this process sent to the other ranks of its context group since the last
+/// `take_context_bytes` (a measurement for the metrics; nothing numeric depends on it).
+static CONTEXT_BYTES: AtomicU64 = AtomicU64::new(0);
+
+/// Bytes of latent rows, indexer keys and their gradients this process sent since the last call.
+pub fn take_context_bytes() -> u64 {
+    CONTEXT_BYTES.swap(0, Ordering::Relaxed)
+}
+
+/// A run of consecutive query rows: `n` rows starting at local row `local` and at sequence
+/// position `pos`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RowBlock {
+    pub local: usize,
+    pub pos: usize,
+    pub n: usize,
+}
+
+/// The query rows a rank computes of each sequence: segments (first position, length) in
+/// ascending position order. The whole sequence is one segment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryRows {
+    segments: Vec<(usize, usize)>,
+}
+
+impl QueryRows {
+    /// Every position of a sequence of `t` tokens.
+    pub fn whole(t: usize) -> Self {
+        Self {
+            segments: vec![(0, t)],
+        }
+    }
+
+    /// Chunks `index` and `2 parts - 1 - index` of 2 `parts` equal chunks of `t` positions.
+    pub fn balanced(t: usize, parts: usize, index: usize) -> Self {
+        let c = t / (2 * parts);
+        Self {
+            segments: vec![(index * c, c), ((2 * parts - 1 - index) * c, c)],
+        }
+    }
+
+    /// Rows per sequence.
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(|s| s.1).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sequence position of each row.
+    pub fn positions(&self) -> Vec<u32> {
+        self.segments
+            .iter()
+            .flat_map(|&(p, n)| (p..p + n).map(|x| x as u32))
+            .collect()
+    }
+
+    /// The rows at positions below `n` (a prefix of the sequence: the MTP module's).
+    pub fn below(&self, n: usize) -> Self {
+        Self {
+            segments: self
+                .segments
+                .iter()
+                .filter(|s| s.0 < n)
+                .map(|&(p, len)| (p, len.min(n - p)))
+                .collect(),
+        }
+    }
+
+    /// The rows in blocks of at most `rows` (0: a segment each), none crossing a segment.
+    pub fn blocks(&self, rows: usize) -> Vec<RowBlock> {
+        let mut out = vec![];
+        let mut local = 0;
+        for &(pos, len) in &self.segments {
+            let step = if rows == 0 { len.max(1) } else { rows };
+            for off in (0..len).step_by(step) {
+                out.push(RowBlock {
+                    local: local + off,
+                    pos: pos + off,
+                    n: step.min(len - off),
+                });
+            }
+            local += len;
+        }
+        out
+    }
+
+    /// The tokens `by` positions after the rows' own, from `tokens` [B, T] (every position):
+    /// [B, m] for the first m rows, those whose position + `by` is below T (positions ascend
+    /// along the rows, so the rows without such a token are the last ones).
+    pub fn shifted(&self, tokens: &Tensor, by: usize) -> Result<Tensor> {
+        let t = tokens.dim(1)?;
+        let at: Vec<u32> = self
+            .positions()
+            .into_iter()
+            .map(|p| p + by as u32)
+            .filter(|&p| (p as usize) < t)
+            .collect();
+        let n = at.len();
+        tokens.index_select(&Tensor::from_vec(at, n, tokens.device())?, 1)
+    }
+
+    /// The rows of `x` along `dim` that this rank holds, in row order (`x` covers every
+    /// position along `dim`).
+    pub fn take(&self, x: &Tensor, dim: usize) -> Result<Tensor> {
+        if self.segments.len() == 1 && self.segments[0] == (0, x.dim(dim)?) {
+            return Ok(x.clone());
+        }
+        let parts = self
+            .segments
+            .iter()
+            .map(|&(p, n)| x.narrow(dim, p, n))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&parts, dim)
+    }
+}
+
+/// This rank's part of the sequences of a context group, and the channel to the other parts.
+#[derive(Clone)]
+pub struct ContextShard {
+    /// Sequence length (the keys every query may read).
+    pub t: usize,
+    /// This rank's rows.
+    pub rows: QueryRows,
+    /// Every member's rows, by group index (the layout of a gather).
+    members: Vec<QueryRows>,
+    exchange: Arc<dyn RowExchange>,
+}
+
+impl ContextShard {
+    /// The load-balanced split of sequences of `t` tokens over the members of `exchange`.
+    pub fn balanced(t: usize, exchange: Arc<dyn RowExchange>) -> anyhow::Result<Self> {
+        let cp = exchange.size();
+        if !t.is_multiple_of(2 * cp) || t == 0 {
+            anyhow::bail!("data.seq_len = {t} must be a multiple of 2 x parallel.cp = {} (each rank holds one chunk from the front of a sequence and one from the back)", 2 * cp);
+        }
+        let members = (0..cp).map(|i| QueryRows::balanced(t, cp, i)).collect();
+        Ok(Self {
+            t,
+            rows: QueryRows::balanced(t, cp, exchange.index()),
+            members,
+            exchange,
+        })
+    }
+
+    /// Ranks in the group.
+    pub fn size(&self) -> usize {
+        self.exchange.size()
+    }
+
+    /// The same split of the first `n` positions (the MTP module's sequence).
+    pub fn prefix(&self, n: usize) -> Self {
+        Self {
+            t: n,
+            rows: self.rows.below(n),
+            members: self.members.iter().map(|m| m.below(n)).collect(),
+            exchange: self.exchange.clone(),
+        }
+    }
+
+    /// Every position's row of `x` [B, rows, C] gathered from the group: [B, T, C], the same
+    /// bits on every member.
+    pub fn gather(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = x.dims3()?;
+        if n != self.rows.len() {
+            candle_core::bail!(
+                "context gather: {n} rows, the rank holds {}",
+                self.rows.len()
+            );
+        }
+        let cp = self.size();
+        // Rows first ([n, B C]) so that a row block is contiguous; my rows to every member.
+        let mine = x.transpose(0, 1)?.contiguous()?.reshape((n, b * c))?;
+        let send = vec![n; cp];
+        let recv: Vec<usize> = self.members.iter().map(QueryRows::len).collect();
+        let copies = vec![mine; cp];
+        let got = all_to_all_rows_counted(
+            &Tensor::cat(&copies, 0)?,
+            &self.exchange,
+            &send,
+            &recv,
+            &CONTEXT_BYTES,
+        )?; // [T, B C], members' rows in group order
+        let order = self.position_order(x.device())?;
+        got.index_select(&order, 0)?
+            .reshape((self.t, b, c))?
+            .transpose(0, 1)?
+            .contiguous()
+    }
+
+    /// The adjoint of `gather`: `dx` [B, T, C], this member's gradient of every position's
+    /// row, summed over the group onto the rank that holds the row: [B, rows, C] f32, the
+    /// members' terms added in group order.
+    pub fn scatter_sum(&self, dx: &Tensor) -> Result<Tensor> {
+        let (b, t, c) = dx.dims3()?;
+        if t != self.t {
+            candle_core::bail!(
+                "context scatter: {t} positions, the sequence has {}",
+                self.t
+            );
+        }
+        let cp = self.size();
+        let rows = dx
+            .to_dtype(DType::F32)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .reshape((t, b * c))?;
+        // Grouped by the member that holds each row.
+        let by_member = Tensor::from_vec(
+            self.members
+                .iter()
+                .flat_map(QueryRows::positions)
+                .collect::<Vec<u32>>(),
+            t,
+            dx.device(),
+        )?;
+        let send: Vec<usize> = self.members.iter().map(QueryRows::len).collect();
+        let n = self.rows.len();
+        let got = all_to_all_rows_counted(
+            &rows.index_select(&by_member, 0)?,
+            &self.exchange,
+            &send,
+            &vec![n; cp],
+            &CONTEXT_BYTES,
+        )?; // [cp n, B C]
+        let mut sum = got.narrow(0, 0, n)?;
+        for i in 1..cp {
+            sum = (sum + got.narrow(0, i * n, n)?)?;
+        }
+        sum.reshape((n, b, c))?.transpose(0, 1)?.contiguous()
+    }
+
+    /// `v` summed element-wise over the group, in group order (the same bits on every member).
+    pub fn sum_host(&self, v: &[f32]) -> anyhow::Result<Vec<f32>> {
+        let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let got = self.exchange.host(vec![bytes; self.size()])?;
+        let mut out = vec![0f32; v.len()];
+        for (i, part) in got.iter().enumerate() {
+            if part.len() != 4 * v.len() {
+                anyhow::bail!(
+                    "context sum: group rank {i} sent {} values, expected {}",
+                    part.len() / 4,
+                    v.len()
+                );
+            }
+            for (o, c) in out.iter_mut().zip(part.chunks_exact(4)) {
+                *o += f32::from_le_bytes(c.try_into().expect("4 bytes"));
+            }
+        }
+        Ok(out)
+    }
+
+    /// For each position, its row in the members' rows concatenated in group order.
+    fn position_order(&self, device: &candle_core::Device) -> Result<Tensor> {
+        let mut order = vec![0u32; self.t];
+        for (row, p) in self
+            .members
+            .iter()
+            .flat_map(QueryRows::positions)
+            .enumerate()
+        {
+            order[p as usize] = row as u32;
+        }
+        Tensor::from_vec(order, self.t, device)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balanced_rows_cover_every_position_once_and_blocks_stay_in_segments() {
+        for (t, cp) in [(32, 2), (32, 4), (24, 3), (8, 1)] {
+            let mut seen = vec![0; t];
+            for i in 0..cp {
+                let rows = QueryRows::balanced(t, cp, i);
+                assert_eq!(rows.len(), t / cp);
+                for p in rows.positions() {
+                    seen[p as usize] += 1;
+                }
+                let blocks = rows.blocks(3);
+                assert_eq!(blocks.iter().map(|b| b.n).sum::<usize>(), rows.len());
+                let pos = rows.positions();
+                for b in &blocks {
+                    for r in 0..b.n {
+                        assert_eq!(pos[b.local + r] as usize, b.pos + r);
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&s| s == 1), "t {t} cp {cp}: {seen:?}");
+        }
+        // A prefix drops the last positions (the rank holding the sequence's end).
+        let rows = QueryRows::balanced(16, 2, 0); // [0, 4) and [12, 16)
+        assert_eq!(rows.below(15).positions(), vec![0, 1, 2, 3, 12, 13, 14]);
+        assert_eq!(QueryRows::balanced(16, 2, 1).below(15).len(), 8);
+    }
+}
