@@ -1021,4 +1021,36 @@ fn context_parallel_matches_one_process() {
             1e-5,
         );
     }
+    // Checkpoints re-shard across cp: dp 2 x cp 2's step 2 resumes at dp 2 x cp 1 and in one
+    // process, one process's at cp 4; each continues the same run (its step 3).
+    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+    for (name, world, from, layout) in [
+        ("cp-to-dp2", 2, "dp2-cp2/step-2", vec![]),
+        ("cp-to-one", 1, "dp2-cp2/step-2", vec![]),
+        (
+            "one-to-cp4",
+            4,
+            "cp-one/step-2",
+            vec!["--set", "parallel.cp=4"],
+        ),
+    ] {
+        let r = f.recipe("sparse", name, &model, 3);
+        let from = f.out(from);
+        let args: Vec<&str> = [
+            "--set",
+            "train.eps=1e-4",
+            "--resume",
+            from.to_str().unwrap(),
+        ]
+        .into_iter()
+        .chain(layout)
+        .collect();
+        train_ranks(world, &r, &args);
+        assert_close_within(
+            &last(losses(&f.out("cp-one"))),
+            &losses(&f.out(name)),
+            &format!("sparse: {name} resume"),
+            1e-5,
+        );
+    }
 }

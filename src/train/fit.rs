@@ -7,15 +7,18 @@
 //! 4 GiB by default), naming the largest consumer; host memory for offloaded activations is
 //! reported beside it (per device, so a node needs GPUs-per-node times it).
 //!
-//! Search: every layout of N ranks that `train` accepts (dp = N; ep dividing dp and the
+//! Search: every layout of N ranks that `train` accepts (dp x cp = N; ep dividing dp and the
 //! routed-expert count; ZeRO 1 or 2 (3 in the warm-up); in the sparse stage with recomputation also
-//! `train.block_rows` in 0, 4096, 2048, 1024, 512 and `train.offload_activations` off or on;
+//! cp dividing N (and seq_len / 2), `train.block_rows` in 0, 4096, 2048, 1024, 512 and
+//! `train.offload_activations` off or on;
 //! in the warm-up block_rows too, `model.frozen_fp8` off or on, its weights on the device or
 //! in host memory (`model.frozen_fp8_offload`), and ZeRO 3),
 //! the ones that fit ordered by an estimated step time, the sum of
 //!   compute:          FLOPs per step / (N x peak x MFU)   (the same for every layout of N ranks)
 //!   gradient sums:    bytes each device sends for them / link bandwidth
 //!   expert exchange:  bytes each device sends in them / link bandwidth
+//!   context exchange: bytes each device sends in the context group's gathers and gradient
+//!                     sums / link bandwidth
 //!   offload:          (2 x offloaded activations (out and back) + micro-batches x frozen
 //!                     weights in host memory (in)) per device / host link bandwidth
 //! with no overlap assumed (an upper bound); the rates are arguments and are printed with the
@@ -128,6 +131,7 @@ pub struct StepTime {
     pub compute: f64,
     pub grad_sums: f64,
     pub expert_exchange: f64,
+    pub context_exchange: f64,
     pub offload: f64,
 }
 
@@ -137,6 +141,7 @@ impl StepTime {
             compute: plan.flops_per_step / (gpus.max(1) as f64 * r.peak_tflops * 1e12 * r.mfu),
             grad_sums: plan.grad_comm_bytes / (r.link_gbytes * 1e9),
             expert_exchange: plan.expert_comm_bytes / (r.link_gbytes * 1e9),
+            context_exchange: plan.context_comm_bytes / (r.link_gbytes * 1e9),
             // Activations out and back; frozen weights in, once per micro-batch.
             offload: (2.0 * plan.host_bytes
                 + plan.micro_batches_per_device * plan.frozen_host_bytes)
@@ -145,7 +150,7 @@ impl StepTime {
     }
 
     pub fn total(&self) -> f64 {
-        self.compute + self.grad_sums + self.expert_exchange + self.offload
+        self.compute + self.grad_sums + self.expert_exchange + self.context_exchange + self.offload
     }
 }
 
@@ -205,13 +210,28 @@ pub fn search(
         .copied()
         .filter(|&b| b == 0 || b < recipe.data.seq_len)
         .collect();
-    for ep in (1..=n).filter(|ep| n.is_multiple_of(*ep) && experts.is_multiple_of(*ep)) {
+    // Context parallelism splits the sparse stage's sequences (its validation refuses it
+    // elsewhere, and sequences it cannot split evenly).
+    let cps: Vec<usize> = if blockable {
+        (1..=n)
+            .filter(|cp| n.is_multiple_of(*cp) && recipe.data.seq_len.is_multiple_of(2 * cp))
+            .collect()
+    } else {
+        vec![1]
+    };
+    let layouts = cps.iter().flat_map(|&cp| {
+        (1..=n / cp)
+            .filter(move |ep| (n / cp).is_multiple_of(*ep) && experts.is_multiple_of(*ep))
+            .map(move |ep| (cp, ep))
+    });
+    for (cp, ep) in layouts {
         for &zero in zeros {
             for &block_rows in &blocks {
                 for &offload in offloads {
                     for &(fp8, fp8_offload) in fp8s {
                         let mut r = recipe.clone();
-                        r.parallel.dp = n;
+                        r.parallel.dp = n / cp;
+                        r.parallel.cp = cp;
                         r.parallel.ep = ep;
                         r.parallel.zero = zero;
                         r.train.block_rows = block_rows;
@@ -225,7 +245,8 @@ pub fn search(
                         let fits = machine.verdict(&plan).0;
                         let time = StepTime::of(&plan, n, rates);
                         let mut sets = vec![
-                            format!("parallel.dp={n}"),
+                            format!("parallel.dp={}", n / cp),
+                            format!("parallel.cp={cp}"),
                             format!("parallel.ep={ep}"),
                             format!("parallel.zero={zero}"),
                             format!("train.block_rows={block_rows}"),
@@ -292,12 +313,13 @@ pub fn search_report(
     let line = |c: &Candidate| {
         let t = &c.time;
         format!(
-            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, offload {:.0}): --set {}\n",
+            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, context exchange {:.0}, offload {:.0}): --set {}\n",
             c.plan.memory_bytes() / GIB,
             t.total(),
             t.compute,
             t.grad_sums,
             t.expert_exchange,
+            t.context_exchange,
             t.offload,
             c.sets.join(" --set ")
         )
@@ -305,7 +327,7 @@ pub fn search_report(
     let fitting: Vec<&Candidate> = found.iter().filter(|c| c.fits).collect();
     match (fitting.is_empty(), found.first()) {
         (_, None) => out.push_str(&format!(
-            "no layout of {} GPU(s) passes the trainer's checks (the global batch's micro-batches must be a multiple of dp = the GPU count)",
+            "no layout of {} GPU(s) passes the trainer's checks (the global batch's micro-batches must be a multiple of dp = the GPU count / cp)",
             machine.gpus
         )),
         (true, Some(least)) => {
@@ -346,6 +368,7 @@ mod tests {
             micro_batches_per_device: 1.0,
             grad_comm_bytes: 100e9,
             expert_comm_bytes: 500e9,
+            context_comm_bytes: 50e9,
         }
     }
 
@@ -395,8 +418,9 @@ mod tests {
         assert!((t.compute - 1e18 / (10.0 * 989e12 * 0.4)).abs() < 1e-9);
         assert!((t.grad_sums - 2.0).abs() < 1e-12);
         assert!((t.expert_exchange - 10.0).abs() < 1e-12);
+        assert!((t.context_exchange - 1.0).abs() < 1e-12);
         assert!((t.offload - 2.0 * 10.0 * GIB / 25e9).abs() < 1e-9);
-        assert!((t.total() - (t.compute + 2.0 + 10.0 + t.offload)).abs() < 1e-12);
+        assert!((t.total() - (t.compute + 2.0 + 10.0 + 1.0 + t.offload)).abs() < 1e-12);
     }
 
     #[test]
@@ -422,9 +446,13 @@ mod tests {
             Ok(())
         };
         let found = search(&recipe, &cfg, &roomy, &rates, &validate);
-        // ep in {1, 2} (dividing 4 and the expert count), ZeRO 1 and 2, four block sizes (4096
-        // rows are the whole 4096-token sequence: listed once, as 0), offload off and on.
-        assert_eq!(found.len(), 2 * 2 * 4 * 2);
+        // (cp, ep) in (1, 1), (1, 2), (2, 1), (2, 2), (4, 1) (ep dividing dp = 4 / cp and the
+        // expert count), ZeRO 1 and 2, four block sizes (4096 rows are the whole 4096-token
+        // sequence: listed once, as 0), offload off and on.
+        assert_eq!(found.len(), 5 * 2 * 4 * 2);
+        assert!(found
+            .iter()
+            .any(|c| c.sets.contains(&"parallel.cp=4".to_string())));
         assert!(found.iter().all(|c| c.fits));
         assert!(found
             .iter()
@@ -438,7 +466,7 @@ mod tests {
             .contains(&"train.offload_activations=false".to_string()));
         let report = search_report(&found, &roomy, &rates, 3);
         assert_eq!(report.lines().count(), 1 + 3 + 1, "{report}");
-        assert!(report.contains("(29 more layouts fit)"), "{report}");
+        assert!(report.contains("(77 more layouts fit)"), "{report}");
         // Nothing fits a GPU smaller than the reserve: the smallest layout and its verdict.
         let tight = Machine {
             gpu_mem_gib: 1.0,

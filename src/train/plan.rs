@@ -99,6 +99,8 @@ pub struct Plan {
     pub grad_comm_bytes: f64,
     /// Bytes each device sends per step in expert-parallel exchanges.
     pub expert_comm_bytes: f64,
+    /// Bytes each device sends per step in context-parallel gathers and gradient sums.
+    pub context_comm_bytes: f64,
 }
 
 impl Plan {
@@ -189,6 +191,11 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         Stage::Dense => 3.0 * (2.0 * active_main * tokens + dense_attn),
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
+    // Context parallelism (sparse stage): each device computes 1/cp of every sequence's
+    // tokens; what a query reads of the others (the latent kv rows and indexer keys, and
+    // their gradients) is gathered whole.
+    let cp = recipe.parallel.cp.max(1) as f64;
+    let local_tokens = micro_tokens / cp;
     let hidden = cfg.hidden_size as f64;
     let (hi, di) = (cfg.index_n_heads as f64, cfg.index_head_dim as f64);
     let kk = k.min(t) as f64;
@@ -204,11 +211,15 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             cfg.index_head_dim,
             k as usize,
         ) as f64;
-        let per_token =
-            20.0 * di + (hidden + q_lora) * dtype_bytes + 2.0 * kk * 4.0 + 12.0 * (c + r);
+        // Gathered for every position: the keys and the latent kv; the rank's own rows: the
+        // indexer's inputs, the KL target and the sets.
+        let gathered = 20.0 * di + 12.0 * (c + r);
+        let own = (hidden + q_lora) * dtype_bytes + 2.0 * kk * 4.0;
         (
-            per_token,
-            b as f64 * rows * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk),
+            gathered + own / cp,
+            b as f64
+                * rows.min(t as f64 / cp)
+                * (24.0 * hi * di + 4.0 * (hidden + q_lora) + 32.0 * kk),
         )
     } else {
         // No selection in the warm-up and dense stages.
@@ -218,7 +229,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         4.0 * cfg.num_experts_per_tok as f64 * cfg.moe_intermediate_size as f64 * 2.0
             + 8.0 * hidden * dtype_bytes;
     let per_query = 14.0 * h * (c + r) + per_query_ffn;
-    let layer_working_set = micro_tokens * (per_seq_token + per_query) + indexer_block;
+    let layer_working_set = micro_tokens * per_seq_token + local_tokens * per_query + indexer_block;
     // Warm-up: the attention in MHA form (per-head q, k, v, the output and kv_b_proj's output
     // [H, N + V] that k and v are cut from, in the dtype), then
     // the feed-forward (`block_rows` tokens at a time in block mode) while the per-head q and
@@ -234,9 +245,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
     let sparse_working_set = if blocked {
-        micro_tokens * per_seq_token
-            + indexer_block
-            + (block.min(recipe.data.seq_len) as f64) * per_query
+        micro_tokens * per_seq_token + indexer_block + (block as f64).min(local_tokens) * per_query
     } else {
         layer_working_set
     };
@@ -247,7 +256,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     } else {
         crate::losses::lm_chunk_positions(b, cfg.vocab_size)
     };
-    let lm_rows = b * lm_positions.min((t as usize).saturating_sub(1).max(1));
+    let lm_rows = b * lm_positions.min(((t as f64 / cp) as usize).saturating_sub(1).max(1));
     let loss_block_rows = (crate::losses::LOSS_BLOCK / cfg.vocab_size.max(1))
         .max(1)
         .min(lm_rows);
@@ -258,13 +267,13 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         // Written out as a main layer is (train::mtp): the same working set, plus its layer's
         // input and the module's and the main output's gradients (hidden each).
         (true, Stage::Sparse) if recipe.train.recompute => {
-            sparse_working_set + micro_tokens * 3.0 * hidden * dtype_bytes
+            sparse_working_set + local_tokens * 3.0 * hidden * dtype_bytes
         }
         // Candle's autograd over the whole sequence, logits unchunked.
         (true, _) => layer_working_set + micro_tokens * cfg.vocab_size as f64 * (dtype_bytes + 8.0),
     };
     // Sparse stage with recomputation: each layer's input and selected set wait for pass 2.
-    let kept = micro_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;
+    let kept = local_tokens * (hidden * dtype_bytes + kk * 4.0) * layers;
     let offload =
         recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
     let host_bytes = if offload { kept } else { 0.0 };
@@ -274,7 +283,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             // Offloaded: the layer's input and output (pass 1) or input and output gradient
             // (pass 2) and the one set in use stay on the device.
             let on_device = if offload {
-                micro_tokens * (2.0 * hidden * dtype_bytes + kk * 4.0)
+                local_tokens * (2.0 * hidden * dtype_bytes + kk * 4.0)
             } else {
                 kept
             };
@@ -305,8 +314,9 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             kept + micro_tokens * (per_seq_token + per_query_ffn) + dense_working + lm_chunk
         }
     };
-    // Parallel layout: dp from the recipe (0 = one device), ep splits the routed experts.
-    let dp = recipe.parallel.dp.max(1) as f64;
+    // Parallel layout: dp x cp ranks from the recipe (dp 0 = one replica), each holding every
+    // non-expert tensor; ep splits the routed experts.
+    let dp = recipe.parallel.dp.max(1) as f64 * cp;
     let ep = recipe.parallel.ep.max(1) as f64;
     let is_expert = |s: &crate::weights::WeightSpec| s.name.contains(".mlp.experts.");
     let local = |s: &crate::weights::WeightSpec| {
@@ -388,7 +398,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             + gradient_peak.zero1(dp > 1.0)
     };
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
-    let micro_per_device = (recipe.micro_batches() as f64 / dp).max(1.0);
+    let micro_per_device = (recipe.micro_batches() as f64 / (dp / cp)).max(1.0);
     // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
     let grad_sums = if zero2 { micro_per_device } else { 1.0 };
     let grad_comm_bytes: f64 = (grad_sums + 1.0)
@@ -406,13 +416,25 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let expert_comm_bytes = moe_layers
         * micro_per_device
-        * micro_tokens
+        * local_tokens
         * cfg.num_experts_per_tok as f64
         * hidden
         * dtype_bytes
         * ((ep - 1.0) / ep)
         * 2.0
         * exchange_passes;
+    // Context exchange, per layer (MTP included) and micro-batch: the rank's kv rows (C+R in the
+    // dtype) to the cp - 1 others in the forward and again in the recomputation, its indexer
+    // keys (DI f32) once, and the others' rows of the kv and key gradients (f32) home.
+    let context_comm_bytes = if cp > 1.0 {
+        (layers + if with_mtp { 1.0 } else { 0.0 })
+            * micro_per_device
+            * micro_tokens
+            * ((cp - 1.0) / cp)
+            * ((c + r) * (2.0 * dtype_bytes + 4.0) + 2.0 * di * 4.0)
+    } else {
+        0.0
+    };
     Plan {
         trainable_params,
         frozen_params: total - trainable_params,
@@ -423,12 +445,10 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         activation_bytes,
         host_bytes,
         frozen_host_bytes,
-        micro_batches_per_device: (recipe.train.global_batch_seqs as f64
-            / recipe.train.micro_batch_seqs.max(1) as f64
-            / dp)
-            .max(1.0),
+        micro_batches_per_device: micro_per_device,
         grad_comm_bytes,
         expert_comm_bytes,
+        context_comm_bytes,
     }
 }
 
@@ -533,7 +553,8 @@ fn most_loaded_rank_bytes(
     experts: usize,
     owned: f64,
 ) -> f64 {
-    let dp = recipe.parallel.dp.max(1);
+    // Every rank (dp x cp) holds the non-expert tensors; an expert slice has world / ep holders.
+    let dp = recipe.parallel.dp.max(1) * recipe.parallel.cp.max(1);
     let ep = recipe.parallel.ep.max(1);
     let slice = experts.div_ceil(ep).max(1); // experts per expert-parallel rank
     let is_expert =
@@ -592,14 +613,15 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
     }
     format!(
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
-         layout: dp {} x ep {} ({} device(s))\n\
+         layout: dp {} x cp {}, experts over ep {} ({} device(s))\n\
          memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2} (ZeRO-{}){}\n\
-         sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB",
+         sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB, context gathers {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
-        p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.ep, recipe.parallel.dp.max(1),
+        p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.cp.max(1), recipe.parallel.ep,
+        recipe.parallel.dp.max(1) * recipe.parallel.cp.max(1),
         gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes), recipe.parallel.zero,
         host,
-        gib(p.grad_comm_bytes), gib(p.expert_comm_bytes)
+        gib(p.grad_comm_bytes), gib(p.expert_comm_bytes), gib(p.context_comm_bytes)
     )
 }
 
