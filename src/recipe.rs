@@ -155,8 +155,8 @@ pub struct ParallelConfig {
     /// rows (load-balanced for the causal mask) and all-gather each layer's latent kv rows and
     /// indexer keys. Built for the sparse stage (with `train.recompute`).
     pub cp: usize,
-    /// Expert-parallel ranks: routed experts are split into ep contiguous ranges over the ranks
-    /// of ep replicas at one context index (`Layout::expert_group`); ep divides dp.
+    /// Expert-parallel ranks: routed experts are split into ep contiguous ranges over ep
+    /// consecutive ranks; ep divides the world (dp x cp).
     pub ep: usize,
     /// ZeRO stage over every rank (dp x cp; each holds a share of the gradient sums): 1 shards the f32 master weights and Adam
     /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
@@ -192,24 +192,19 @@ pub struct Layout {
 }
 
 impl Layout {
-    /// The expert-parallel group of `rank`: ep ranks, which between them hold every routed
-    /// expert and exchange token rows. Ranks are numbered replica-major (rank = replica x cp +
-    /// context index), and a group takes ep consecutive replicas at one context index: its
-    /// members hold the same query rows of different sequences, so they run the same blocks
-    /// and their exchanges pair up (with cp 1: ep consecutive ranks).
+    /// The expert-parallel group of `rank`: ep consecutive ranks, which between them hold every
+    /// routed expert and exchange token rows (under context parallelism they may hold rows of
+    /// the same sequences or of others: every rank runs the same blocks, so their exchanges
+    /// pair up either way).
     pub fn expert_group(&self, rank: usize) -> Vec<usize> {
-        let (replica, c) = (rank / self.cp, rank % self.cp);
-        let first = replica / self.ep * self.ep;
-        (first..first + self.ep).map(|d| d * self.cp + c).collect()
+        let first = rank / self.ep * self.ep;
+        (first..first + self.ep).collect()
     }
 
-    /// The ranks holding the same experts as `rank` (the same index in their expert groups):
-    /// expert gradients are summed over them and their optimizer state is sharded over them.
+    /// The ranks holding the same experts as `rank` (one per expert group): expert gradients
+    /// are summed over them and their optimizer state is sharded over them.
     pub fn expert_replicas(&self, rank: usize) -> Vec<usize> {
-        let slot = (rank / self.cp) % self.ep;
-        (0..self.world)
-            .filter(|r| (r / self.cp) % self.ep == slot)
-            .collect()
+        (rank % self.ep..self.world).step_by(self.ep).collect()
     }
 
     /// The context group of `rank`: cp consecutive ranks, which split the same sequences.
@@ -225,19 +220,22 @@ impl Layout {
 }
 
 impl ParallelConfig {
-    /// The world `check` assumes without a launcher: dp x cp when dp is set; else cp times
-    /// the smallest multiple of ep that divides the `micro_batches` of a step (else ep).
+    /// The world `check` assumes without a launcher: dp x cp when dp is set; else the
+    /// smallest multiple of cp and ep whose dp (world / cp) divides the `micro_batches` of a
+    /// step (else that least common multiple).
     pub fn smallest_world(&self, micro_batches: usize) -> usize {
         let (ep, cp) = (self.ep.max(1), self.cp.max(1));
-        let dp = if self.dp > 0 {
-            self.dp
-        } else {
-            (1..=micro_batches.max(1))
-                .map(|k| k * ep)
-                .find(|dp| micro_batches.is_multiple_of(*dp))
-                .unwrap_or(ep)
-        };
-        dp * cp
+        if self.dp > 0 {
+            return self.dp * cp;
+        }
+        let lcm = (1..=ep)
+            .map(|k| k * cp)
+            .find(|w| w.is_multiple_of(ep))
+            .unwrap_or(ep * cp);
+        (1..=micro_batches.max(1))
+            .map(|k| k * lcm)
+            .find(|w| micro_batches.is_multiple_of(w / cp))
+            .unwrap_or(lcm)
     }
 
     /// Resolve against `world` ranks; errors name the keys and the numbers.
@@ -256,8 +254,11 @@ impl ParallelConfig {
         if dp * cp != world {
             bail!("parallel.dp ({dp}) x parallel.cp ({cp}) but the job has {world} rank(s)");
         }
-        if self.ep == 0 || !dp.is_multiple_of(self.ep) {
-            bail!("parallel.ep ({}) must divide parallel.dp ({dp}): an expert group holds the same query rows of ep replicas' sequences", self.ep);
+        if self.ep == 0 || !world.is_multiple_of(self.ep) {
+            bail!(
+                "parallel.ep ({}) must divide the job's {world} rank(s) (parallel.dp x parallel.cp)",
+                self.ep
+            );
         }
         Ok(Layout {
             world,

@@ -954,10 +954,11 @@ fn first_moments(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 /// 2 cp - 1 - i of 2 cp) and gather each layer's latent kv rows and indexer keys. In the sparse
 /// stage, with MoE layers, the balance loss and the MTP module: every tensor's gradient of the
 /// first step (its first Adam moment) within 1e-5 of the tensor's largest, and the losses and
-/// gradient norms of three steps within 1e-5 relative, against one process: at cp 2 and 4, with
-/// data parallelism beside it (dp 2 x cp 2, ZeRO-2) and with the experts split over the two
-/// replicas at each context index (dp 2 x cp 2 x ep 2, where the MTP module's prefix leaves the
-/// ranks holding the sequence's end one row short: their exchanges must still pair up). Adam's eps is 1e-4 here: with 1e-8, elements whose gradient is near zero take
+/// gradient norms of three steps within 1e-5 relative, against one process: at cp 2 and 4 (in
+/// blocks of 3 rows), with data parallelism beside it (dp 2 x cp 2, ZeRO-2) and with the
+/// experts split over the two ranks of a context group (cp 2 x ep 2, blocks of 3 rows: the MTP
+/// module's prefix leaves the rank holding the sequence's end a row short, and its blocks must
+/// still pair up with the other's for the expert exchange). Adam's eps is 1e-4 here: with 1e-8, elements whose gradient is near zero take
 /// steps of +-lr from rounding noise alone (the sums run in another order), and the runs part
 /// after a step for that reason only.
 #[test]
@@ -970,22 +971,26 @@ fn context_parallel_matches_one_process() {
     let reference = first_moments(&f.out("cp-one/step-1"));
     for (name, world, layout) in [
         ("cp2", 2, vec!["--set", "parallel.cp=2"]),
-        ("cp4", 4, vec!["--set", "parallel.cp=4"]),
+        (
+            "cp4",
+            4,
+            vec!["--set", "parallel.cp=4", "--set", "train.block_rows=3"],
+        ),
         (
             "dp2-cp2",
             4,
             vec!["--set", "parallel.cp=2", "--set", "parallel.zero=2"],
         ),
         (
-            "dp2-cp2-ep2",
-            4,
+            "cp2-ep2",
+            2,
             vec![
-                "--set",
-                "train.micro_batch_seqs=1",
                 "--set",
                 "parallel.cp=2",
                 "--set",
                 "parallel.ep=2",
+                "--set",
+                "train.block_rows=3",
             ],
         ),
     ] {

@@ -80,29 +80,44 @@ impl QueryRows {
     }
 
     /// The rows at positions below `n` (a prefix of the sequence: the MTP module's).
+    /// (A segment wholly beyond `n` is kept empty, so the segments still pair up across ranks.)
     pub fn below(&self, n: usize) -> Self {
         Self {
             segments: self
                 .segments
                 .iter()
-                .filter(|s| s.0 < n)
-                .map(|&(p, len)| (p, len.min(n - p)))
+                .map(|&(p, len)| (p.min(n), len.min(n.saturating_sub(p))))
                 .collect(),
         }
     }
 
     /// The rows in blocks of at most `rows` (0: a segment each), none crossing a segment.
     pub fn blocks(&self, rows: usize) -> Vec<RowBlock> {
+        let counts: Vec<usize> = self
+            .segments
+            .iter()
+            .map(|s| if rows == 0 { 1 } else { s.1.div_ceil(rows) })
+            .collect();
+        self.blocks_per_segment(&counts)
+    }
+
+    /// Segment i cut into `counts[i]` blocks of nearly equal size (the first ones one row
+    /// longer when the length does not divide), in row order.
+    fn blocks_per_segment(&self, counts: &[usize]) -> Vec<RowBlock> {
         let mut out = vec![];
         let mut local = 0;
-        for &(pos, len) in &self.segments {
-            let step = if rows == 0 { len.max(1) } else { rows };
-            for off in (0..len).step_by(step) {
+        for (&(pos, len), &count) in self.segments.iter().zip(counts) {
+            let count = count.clamp(1, len.max(1));
+            let (base, extra) = (len / count, len % count);
+            let mut off = 0;
+            for i in 0..count {
+                let n = base + usize::from(i < extra);
                 out.push(RowBlock {
                     local: local + off,
                     pos: pos + off,
-                    n: step.min(len - off),
+                    n,
                 });
+                off += n;
             }
             local += len;
         }
@@ -155,7 +170,7 @@ impl ContextShard {
     /// The load-balanced split of sequences of `t` tokens over the members of `exchange`.
     pub fn balanced(t: usize, exchange: Arc<dyn RowExchange>) -> anyhow::Result<Self> {
         let cp = exchange.size();
-        if !t.is_multiple_of(2 * cp) || t == 0 {
+        if !t.is_multiple_of(2 * cp) || t < 4 * cp {
             anyhow::bail!("data.seq_len = {t} must be a multiple of 2 x parallel.cp = {} (each rank holds one chunk from the front of a sequence and one from the back)", 2 * cp);
         }
         let members = (0..cp).map(|i| QueryRows::balanced(t, cp, i)).collect();
@@ -165,6 +180,33 @@ impl ContextShard {
             members,
             exchange,
         })
+    }
+
+    /// This rank's rows in blocks of at most `rows` (0: a segment each), as many blocks per
+    /// segment as the group member that needs the most: every member runs the same number of
+    /// blocks, so the collectives inside a block (the expert exchange) pair up across ranks
+    /// whose rows differ in number (the MTP module's prefix leaves the ranks holding a
+    /// sequence's end a row or more short).
+    pub fn blocks(&self, rows: usize) -> anyhow::Result<Vec<RowBlock>> {
+        let counts: Vec<usize> = (0..self.rows.segments.len())
+            .map(|i| {
+                self.members
+                    .iter()
+                    .map(|m| match (m.segments.get(i), rows) {
+                        (None, _) => 1,
+                        (Some(_), 0) => 1,
+                        (Some(&(_, len)), r) => len.div_ceil(r),
+                    })
+                    .max()
+                    .unwrap_or(1)
+            })
+            .collect();
+        for (i, (&(_, len), &count)) in self.rows.segments.iter().zip(&counts).enumerate() {
+            if len < count {
+                anyhow::bail!("context parallelism: segment {i} of this rank has {len} rows for the {count} blocks another rank of its group runs (train.block_rows too small for data.seq_len / (2 parallel.cp))");
+            }
+        }
+        Ok(self.rows.blocks_per_segment(&counts))
     }
 
     /// Ranks in the group.
@@ -318,5 +360,53 @@ mod tests {
         let rows = QueryRows::balanced(16, 2, 0); // [0, 4) and [12, 16)
         assert_eq!(rows.below(15).positions(), vec![0, 1, 2, 3, 12, 13, 14]);
         assert_eq!(QueryRows::balanced(16, 2, 1).below(15).len(), 8);
+    }
+
+    /// A group of `size` seen from member `index` (blocks and prefixes only: no traffic).
+    struct Quiet(usize, usize);
+
+    impl RowExchange for Quiet {
+        fn size(&self) -> usize {
+            self.0
+        }
+        fn index(&self) -> usize {
+            self.1
+        }
+        fn host(&self, _: Vec<Vec<u8>>) -> anyhow::Result<Vec<Vec<u8>>> {
+            anyhow::bail!("no traffic in this test")
+        }
+    }
+
+    #[test]
+    fn every_member_runs_as_many_blocks_of_a_prefix() {
+        for (t, cp, rows, cut) in [(32, 4, 3, 1), (32, 2, 5, 1), (64, 2, 16, 2), (24, 3, 0, 1)] {
+            let shards: Vec<ContextShard> = (0..cp)
+                .map(|i| {
+                    ContextShard::balanced(t, Arc::new(Quiet(cp, i)))
+                        .unwrap()
+                        .prefix(t - cut)
+                })
+                .collect();
+            let blocks: Vec<Vec<RowBlock>> =
+                shards.iter().map(|s| s.blocks(rows).unwrap()).collect();
+            for (s, b) in shards.iter().zip(&blocks) {
+                assert_eq!(b.len(), blocks[0].len(), "t {t} cp {cp} rows {rows}");
+                assert_eq!(b.iter().map(|x| x.n).sum::<usize>(), s.rows.len());
+                assert!(b.iter().all(|x| x.n >= 1 && (rows == 0 || x.n <= rows)));
+                let pos = s.rows.positions();
+                for x in b {
+                    assert_eq!(pos[x.local] as usize, x.pos);
+                }
+            }
+            // Every position below the prefix once.
+            let mut seen: Vec<u32> = shards.iter().flat_map(|s| s.rows.positions()).collect();
+            seen.sort();
+            assert_eq!(seen, (0..(t - cut) as u32).collect::<Vec<_>>());
+        }
+        // Blocks of one row cannot pair up a member a row short: an error, not a hang.
+        let short = ContextShard::balanced(16, Arc::new(Quiet(2, 0)))
+            .unwrap()
+            .prefix(15);
+        assert!(short.blocks(1).is_err());
     }
 }

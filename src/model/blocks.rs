@@ -274,7 +274,7 @@ impl DecoderLayer {
             if ctx.shard.is_none() && (rows == 0 || rows >= t) {
                 vec![(0, b, 0, 0, t)]
             } else {
-                let in_rows = ctx.query_rows().blocks(rows);
+                let in_rows = ctx.query_blocks(rows).map_err(candle_core::Error::wrap)?;
                 (0..b)
                     .flat_map(|bi| in_rows.iter().map(move |r| (bi, 1, r.local, r.pos, r.n)))
                     .collect()

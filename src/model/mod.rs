@@ -397,6 +397,16 @@ impl ForwardContext {
         }
     }
 
+    /// The query rows in blocks of at most `rows` (0: every sequence's rows, or each segment of
+    /// a context-parallel rank's), as many on every rank of a context group
+    /// (`ContextShard::blocks`).
+    pub fn query_blocks(&self, rows: usize) -> anyhow::Result<Vec<crate::dist::context::RowBlock>> {
+        match &self.shard {
+            Some(s) => s.blocks(rows),
+            None => Ok(crate::dist::context::QueryRows::whole(self.t).blocks(rows)),
+        }
+    }
+
     /// The RoPE tables (cos, sin) of the query rows, in row order.
     pub fn local_rope(&self) -> Result<(Tensor, Tensor)> {
         match &self.shard {

@@ -7,7 +7,7 @@
 //! 4 GiB by default), naming the largest consumer; host memory for offloaded activations is
 //! reported beside it (per device, so a node needs GPUs-per-node times it).
 //!
-//! Search: every layout of N ranks that `train` accepts (dp x cp = N; ep dividing dp and the
+//! Search: every layout of N ranks that `train` accepts (dp x cp = N; ep dividing N and the
 //! routed-expert count; ZeRO 1 or 2 (3 in the warm-up); in the sparse stage with recomputation also
 //! cp dividing N (and seq_len / 2), `train.block_rows` in 0, 4096, 2048, 1024, 512 and
 //! `train.offload_activations` off or on;
@@ -220,8 +220,8 @@ pub fn search(
         vec![1]
     };
     let layouts = cps.iter().flat_map(|&cp| {
-        (1..=n / cp)
-            .filter(move |ep| (n / cp).is_multiple_of(*ep) && experts.is_multiple_of(*ep))
+        (1..=n)
+            .filter(move |ep| n.is_multiple_of(*ep) && experts.is_multiple_of(*ep))
             .map(move |ep| (cp, ep))
     });
     for (cp, ep) in layouts {
@@ -446,10 +446,10 @@ mod tests {
             Ok(())
         };
         let found = search(&recipe, &cfg, &roomy, &rates, &validate);
-        // (cp, ep) in (1, 1), (1, 2), (2, 1), (2, 2), (4, 1) (ep dividing dp = 4 / cp and the
-        // expert count), ZeRO 1 and 2, four block sizes (4096 rows are the whole 4096-token
+        // cp in {1, 2, 4} and ep in {1, 2} (dividing the 4 ranks and the expert count; 4 is
+        // refused), ZeRO 1 and 2, four block sizes (4096 rows are the whole 4096-token
         // sequence: listed once, as 0), offload off and on.
-        assert_eq!(found.len(), 5 * 2 * 4 * 2);
+        assert_eq!(found.len(), 3 * 2 * 2 * 4 * 2);
         assert!(found
             .iter()
             .any(|c| c.sets.contains(&"parallel.cp=4".to_string())));
@@ -466,7 +466,7 @@ mod tests {
             .contains(&"train.offload_activations=false".to_string()));
         let report = search_report(&found, &roomy, &rates, 3);
         assert_eq!(report.lines().count(), 1 + 3 + 1, "{report}");
-        assert!(report.contains("(77 more layouts fit)"), "{report}");
+        assert!(report.contains("(93 more layouts fit)"), "{report}");
         // Nothing fits a GPU smaller than the reserve: the smallest layout and its verdict.
         let tight = Machine {
             gpu_mem_gib: 1.0,

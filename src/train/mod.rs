@@ -168,12 +168,15 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
                 t.recompute
             );
         }
-        if !recipe.data.seq_len.is_multiple_of(2 * layout.cp) {
+        let t = recipe.data.seq_len;
+        if !t.is_multiple_of(2 * layout.cp) || t < 4 * layout.cp {
             bail!(
-                "data.seq_len = {} must be a multiple of 2 x parallel.cp = {} (each rank of a context group holds one chunk from the front of a sequence and one from the back)",
-                recipe.data.seq_len,
+                "data.seq_len = {t} must be a multiple of 2 x parallel.cp = {} and at least 4 x parallel.cp (each rank of a context group holds one chunk of at least 2 tokens from the front of a sequence and one from the back)",
                 2 * layout.cp
             );
+        }
+        if recipe.train.block_rows == 1 {
+            bail!("train.block_rows = 1 with parallel.cp = {}: blocks of one row cannot pair up the ranks' blocks where the MTP module leaves one rank a row short; use 0 or at least 2", layout.cp);
         }
     }
     let micro = recipe.micro_batches();
