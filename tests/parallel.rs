@@ -907,7 +907,23 @@ fn layout_errors_are_one_clear_line() {
     );
     assert_clean_error(
         &run_cli(&["train", r, "--set", "parallel.ep=3"]),
-        &["parallel.ep (3) must divide parallel.dp (1)"],
+        &["parallel.ep (3) must divide the job's 1 rank(s)"],
+    );
+    assert_clean_error(
+        &run_cli(&["train", r, "--set", "parallel.cp=2"]),
+        &["parallel.cp = 2 must divide the job's 1 rank(s)"],
+    );
+    // `check` runs the same validation for a world it is given: context parallelism is the
+    // sparse stage's, and needs chunks of at least 2 tokens.
+    assert_clean_error(
+        &run_cli(&["check", r, "--world", "2", "--set", "parallel.cp=2"]),
+        &["parallel.cp = 2 is built for the sparse stage", "warmup"],
+    );
+    let sparse = f.recipe("sparse", "bad-sparse", &f.root.join("model"), 2);
+    let sp = sparse.to_str().unwrap();
+    assert_clean_error(
+        &run_cli(&["check", sp, "--world", "16", "--set", "parallel.cp=16"]),
+        &["data.seq_len = 32", "2 x parallel.cp = 32"],
     );
     assert_clean_error(
         &run_cli(&["train", r, "--set", "parallel.dq=2"]),
@@ -926,7 +942,6 @@ fn layout_errors_are_one_clear_line() {
     );
     // Block mode works on the recomputing backward in the sparse stage (the warm-up's, which
     // keeps no graph, takes it without).
-    let sparse = f.recipe("sparse", "bad-sparse", &f.root.join("model"), 2);
     assert_clean_error(
         &run_cli(&[
             "train",
