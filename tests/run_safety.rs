@@ -938,7 +938,7 @@ fn check_validates_like_train_and_failures_leave_nothing_behind() {
             "--set",
             "parallel.ep=3",
         ]),
-        &["parallel.ep (3) must divide parallel.dp (7)"],
+        &["parallel.ep (3) must divide the job's 7 rank(s)"],
     );
     assert_clean_error(
         &run_cli(&["check", path_str(&recipe), "--set", "parallel.dp=3"]),

@@ -91,14 +91,23 @@ impl QueryRows {
         }
     }
 
-    /// The rows in blocks of at most `rows` (0: a segment each), none crossing a segment.
+    /// The rows in blocks of `rows` (the last of a segment shorter; 0: a segment each), none
+    /// crossing a segment.
     pub fn blocks(&self, rows: usize) -> Vec<RowBlock> {
-        let counts: Vec<usize> = self
-            .segments
-            .iter()
-            .map(|s| if rows == 0 { 1 } else { s.1.div_ceil(rows) })
-            .collect();
-        self.blocks_per_segment(&counts)
+        let mut out = vec![];
+        let mut local = 0;
+        for &(pos, len) in &self.segments {
+            let step = if rows == 0 { len.max(1) } else { rows };
+            for off in (0..len).step_by(step) {
+                out.push(RowBlock {
+                    local: local + off,
+                    pos: pos + off,
+                    n: step.min(len - off),
+                });
+            }
+            local += len;
+        }
+        out
     }
 
     /// Segment i cut into `counts[i]` blocks of nearly equal size (the first ones one row
@@ -171,7 +180,7 @@ impl ContextShard {
     pub fn balanced(t: usize, exchange: Arc<dyn RowExchange>) -> anyhow::Result<Self> {
         let cp = exchange.size();
         if !t.is_multiple_of(2 * cp) || t < 4 * cp {
-            anyhow::bail!("data.seq_len = {t} must be a multiple of 2 x parallel.cp = {} (each rank holds one chunk from the front of a sequence and one from the back)", 2 * cp);
+            anyhow::bail!("data.seq_len = {t} must be a multiple of 2 x parallel.cp = {} and at least 4 x parallel.cp (each rank holds one chunk of at least 2 tokens from the front of a sequence and one from the back)", 2 * cp);
         }
         let members = (0..cp).map(|i| QueryRows::balanced(t, cp, i)).collect();
         Ok(Self {
@@ -201,9 +210,12 @@ impl ContextShard {
                     .unwrap_or(1)
             })
             .collect();
-        for (i, (&(_, len), &count)) in self.rows.segments.iter().zip(&counts).enumerate() {
-            if len < count {
-                anyhow::bail!("context parallelism: segment {i} of this rank has {len} rows for the {count} blocks another rank of its group runs (train.block_rows too small for data.seq_len / (2 parallel.cp))");
+        // Checked over every member (each rank knows them all), so all fail together.
+        for (m, member) in self.members.iter().enumerate() {
+            for (i, (&(_, len), &count)) in member.segments.iter().zip(&counts).enumerate() {
+                if len < count {
+                    anyhow::bail!("context parallelism: segment {i} of group rank {m} has {len} rows for the {count} blocks another rank of the group runs (train.block_rows too small for data.seq_len / (2 parallel.cp))");
+                }
             }
         }
         Ok(self.rows.blocks_per_segment(&counts))

@@ -65,7 +65,7 @@ pub trait RowExchange: Send + Sync {
         _row_elems: usize,
     ) -> candle_core::Result<candle_core::CudaStorage> {
         candle_core::bail!(
-            "expert parallelism on GPUs needs the NCCL backend (build with --features nccl)"
+            "expert and context parallelism on GPUs need the NCCL backend (build with --features nccl)"
         )
     }
 }
