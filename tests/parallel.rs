@@ -973,7 +973,8 @@ fn first_moments(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
 /// blocks of 3 rows), with data parallelism beside it (dp 2 x cp 2, ZeRO-2) and with the
 /// experts split over the two ranks of a context group (cp 2 x ep 2, blocks of 3 rows: the MTP
 /// module's prefix leaves the rank holding the sequence's end a row short, and its blocks must
-/// still pair up with the other's for the expert exchange). Adam's eps is 1e-4 here: with 1e-8, elements whose gradient is near zero take
+/// still pair up with the other's for the expert exchange), and cp 2 under document masking.
+/// Adam's eps is 1e-4 here: with 1e-8, elements whose gradient is near zero take
 /// steps of +-lr from rounding noise alone (the sums run in another order), and the runs part
 /// after a step for that reason only.
 #[test]
@@ -1013,6 +1014,20 @@ fn context_parallel_matches_one_process() {
         let args: Vec<&str> = common.iter().copied().chain(layout).collect();
         train_ranks(world, &r, &args);
         let what = format!("sparse: {name} vs 1 process");
+        // Each step's metrics count the bytes the context gathers sent (rank 0's).
+        let context_bytes = |dir: &Path| -> Vec<u64> {
+            metrics::read(&dir.join("metrics.jsonl"))
+                .unwrap()
+                .iter()
+                .map(|m| m.context_bytes)
+                .collect()
+        };
+        assert!(context_bytes(&f.out("cp-one")).iter().all(|&b| b == 0));
+        assert!(
+            context_bytes(&f.out(name)).iter().all(|&b| b > 0),
+            "{what}: context bytes {:?}",
+            context_bytes(&f.out(name))
+        );
         let got = first_moments(&f.out(&format!("{name}/step-1")));
         assert_eq!(
             got.keys().collect::<Vec<_>>(),
@@ -1041,6 +1056,45 @@ fn context_parallel_matches_one_process() {
             1e-5,
         );
     }
+    // Document masking: each query's keys start at its document's first token (positions and
+    // starts are the sequence's, whichever rank holds the query).
+    // (the fixture's corpus, `Fixture::new(13)`'s; its most frequent token ends documents)
+    let corpus = dsa_train::tiny::synthetic_corpus(512, 4096, 13);
+    let mut counts = vec![0usize; 512];
+    corpus.iter().for_each(|&t| counts[t as usize] += 1);
+    let eos = (0..512).max_by_key(|&t| counts[t]).unwrap();
+    let eos_set = format!("data.eos_id={eos}");
+    let docs = [
+        "--set",
+        "data.document_mask=true",
+        "--set",
+        eos_set.as_str(),
+    ];
+    let one_docs = f.recipe("sparse", "docs-one", &model, 3);
+    train_ranks(1, &one_docs, &[&common[..], &docs[..]].concat());
+    let cp_docs = f.recipe("sparse", "docs-cp2", &model, 3);
+    train_ranks(
+        2,
+        &cp_docs,
+        &[&common[..], &docs[..], &["--set", "parallel.cp=2"]].concat(),
+    );
+    assert_ne!(
+        losses(&f.out("docs-one")),
+        losses(&f.out("cp-one")),
+        "the windows hold documents"
+    );
+    assert_close_within(
+        &losses(&f.out("docs-one")),
+        &losses(&f.out("docs-cp2")),
+        "sparse, document masking: cp 2 vs 1 process",
+        1e-5,
+    );
+    assert_close_within(
+        &grad_norms(&f.out("docs-one")),
+        &grad_norms(&f.out("docs-cp2")),
+        "sparse, document masking: cp 2 vs 1 process, grad norms",
+        1e-5,
+    );
     // Checkpoints re-shard across cp: dp 2 x cp 2's step 2 resumes at dp 2 x cp 1 and in one
     // process, one process's at cp 4; each continues the same run (its step 3).
     let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();

@@ -37,6 +37,10 @@ pub struct StepMetrics {
     /// exchanges; 0 without ep.
     #[serde(default)]
     pub exchange_bytes: u64,
+    /// Bytes of latent kv rows, indexer keys and their gradients this rank sent to the other
+    /// ranks of its context group in the step; 0 without cp.
+    #[serde(default)]
+    pub context_bytes: u64,
     /// Expert balance: over the MoE layers, the largest ratio of the most-loaded routed
     /// expert's tokens to the mean per expert (1 = perfectly balanced); None without MoE.
     #[serde(default)]

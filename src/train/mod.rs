@@ -1098,6 +1098,7 @@ impl Trainer {
             comm_s: std::mem::take(&mut self.comm_seconds) + self.reducer.take_seconds(),
             exchange_s: crate::dist::expert::take_exchange_seconds(),
             exchange_bytes: crate::dist::expert::take_exchange_bytes(),
+            context_bytes: crate::dist::context::take_context_bytes(),
             max_expert_load: metrics::max_expert_load(&loads),
         })
     }

@@ -83,6 +83,10 @@ impl EventWriter {
                 "perf/exchange_gib",
                 m.exchange_bytes as f64 / (1u64 << 30) as f64,
             ),
+            (
+                "perf/context_gib",
+                m.context_bytes as f64 / (1u64 << 30) as f64,
+            ),
         ];
         if let Some(l) = m.lm_loss {
             scalars.push(("train/lm_loss", l));
@@ -315,6 +319,7 @@ mod tests {
             comm_s: 0.0,
             exchange_s: 0.0,
             exchange_bytes: 3 << 29,
+            context_bytes: 1 << 29,
             max_expert_load: Some(1.25),
         };
         w.append(&m);
@@ -322,7 +327,8 @@ mod tests {
         assert!(got.contains(&(3, "train/lm_loss".into(), 2.5)));
         assert!(got.contains(&(3, "train/max_expert_load".into(), 1.25)));
         assert!(got.contains(&(3, "perf/exchange_gib".into(), 1.5)));
-        assert_eq!(got.len(), 13);
+        assert!(got.contains(&(3, "perf/context_gib".into(), 0.5)));
+        assert_eq!(got.len(), 14);
         let mut bytes = std::fs::read(w.path()).unwrap();
         let n = bytes.len();
         bytes[n - 10] ^= 1;
