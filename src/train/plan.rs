@@ -965,4 +965,45 @@ mod tests {
             70.0
         );
     }
+
+    /// Context parallelism in the sparse stage: a device holds 1/cp of each sequence's rows
+    /// (the kept layer inputs and sets, in host memory here, exactly halve at cp 2), the
+    /// gathered kv rows and indexer keys stay whole, the weights do not change, and the context
+    /// traffic is the formula's: per layer and micro-batch, (cp-1)/cp of the sequence's rows of
+    /// kv (twice in the dtype, once in f32) and of the keys (twice in f32).
+    #[test]
+    fn context_parallelism_divides_the_rows_a_device_holds() {
+        let cfg = slice_config();
+        let mut r = slice_recipe(Stage::Sparse, 131072, 2048);
+        r.train.recompute = true;
+        r.train.offload_activations = true;
+        r.train.global_batch_seqs = 4;
+        r.train.micro_batch_seqs = 1;
+        r.parallel.dp = 4;
+        let one = plan_for(&r, &cfg);
+        r.parallel.dp = 2;
+        r.parallel.cp = 2;
+        let two = plan_for(&r, &cfg);
+        assert_eq!(one.context_comm_bytes, 0.0);
+        assert_eq!(two.weight_bytes, one.weight_bytes);
+        assert!((two.host_bytes - one.host_bytes / 2.0).abs() < 1.0);
+        assert!(two.activation_bytes < one.activation_bytes);
+        let (c, r_dim, di) = (
+            cfg.kv_lora_rank as f64,
+            cfg.qk_rope_head_dim as f64,
+            cfg.index_head_dim as f64,
+        );
+        let want = cfg.num_hidden_layers as f64 // MTP off
+            * 2.0 // micro-batches per device: 4 over dp 2
+            * 131072.0
+            * 0.5
+            * ((c + r_dim) * (2.0 * 2.0 + 4.0) + 2.0 * di * 4.0);
+        assert!(
+            (two.context_comm_bytes - want).abs() < 1.0,
+            "{} vs {want}",
+            two.context_comm_bytes
+        );
+        // The gathered part is whole: halving the rows takes less than half the activations.
+        assert!(two.activation_bytes > one.activation_bytes / 2.0);
+    }
 }
