@@ -5,7 +5,8 @@
 # gradient sums and in the expert exchange, peak memory per GPU, and the largest loss
 # difference against the one-GPU run.
 # Usage: dist/gpu/run_parallel.sh [LOG_DIR]
-# Environment: LAYOUTS (world:ep pairs, default "1:1 2:1 2:2"), SEQ_LEN (default 8192),
+# Environment: LAYOUTS (world:ep or world:ep:cp, default "1:1 2:1 2:2"; cp > 1, context
+# parallelism, runs the sparse stage only: STAGES=sparse), SEQ_LEN (default 8192),
 # STEPS (default 6), GLOBAL (sequences per step, default the largest world), STAGES (default
 # "warmup sparse"), RUN_TIMEOUT (seconds per run, default 400).
 set -uo pipefail
@@ -34,8 +35,8 @@ echo "libnccl: $NCCL_SO" | tee -a "$LOG/device.txt"
 port=29500
 for stage in ${STAGES:-warmup sparse}; do
   for layout in $LAYOUTS; do
-    world="${layout%%:*}"; ep="${layout##*:}"
-    name="$stage-w$world-ep$ep"
+    IFS=: read -r world ep cp <<< "$layout"; cp="${cp:-1}"
+    name="$stage-w$world-ep$ep-cp$cp"
     out="/tmp/runs/$name"; rm -rf "$out"
     port=$((port + 7))
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits -lms 500 > "$LOG/$name.mem.csv" &
@@ -47,7 +48,7 @@ for stage in ${STAGES:-warmup sparse}; do
         --set model.path=/tmp/bench-1k/model --set data.path=/tmp/bench-1k/tokens.bin \
         --set data.seq_len="$SEQ_LEN" --set train.steps="$STEPS" \
         --set train.global_batch_seqs="$GLOBAL" --set train.micro_batch_seqs=1 \
-        --set parallel.ep="$ep" --set run.output_dir="$out" --set checkpoint.every=0 \
+        --set parallel.ep="$ep" --set parallel.cp="$cp" --set run.output_dir="$out" --set checkpoint.every=0 \
         > "$LOG/$name.rank$r.log" 2>&1 &
       pids+=($!)
     done
@@ -64,16 +65,19 @@ import json, sys, os, collections
 log, layouts, stages, seq_len, glob = sys.argv[1], sys.argv[2].split(), sys.argv[3].split(), int(sys.argv[4]), int(sys.argv[5])
 device = open(os.path.join(log, "device.txt")).readline().strip()
 print(f"Bench model, seq_len {seq_len}, {glob} sequences per step, on {device}; steps after the first.\n")
-print("| stage | GPUs | ep | tokens/s | tokens/s per GPU | scaling eff. | step s | grad sums s | expert exchange s | peak MiB/GPU | max rel. loss diff vs 1 GPU |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| stage | GPUs | ep | cp | tokens/s | tokens/s per GPU | scaling eff. | step s | grad sums s | expert exchange s | peak MiB/GPU | max rel. loss diff vs 1 GPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+def parse(layout):
+    parts = [int(x) for x in layout.split(":")]
+    return parts[0], parts[1], (parts[2] if len(parts) > 2 else 1)
 for stage in stages:
     base = None
     for layout in layouts:
-        world, ep = map(int, layout.split(":"))
-        name = f"{stage}-w{world}-ep{ep}"
+        world, ep, cp = parse(layout)
+        name = f"{stage}-w{world}-ep{ep}-cp{cp}"
         path = os.path.join(log, name + ".metrics.jsonl")
         if not os.path.exists(path):
-            print(f"| {stage} | {world} | {ep} | failed (see {name}.rank0.log) | | | | | | | |"); continue
+            print(f"| {stage} | {world} | {ep} | {cp} | failed (see {name}.rank0.log) | | | | | | | |"); continue
         rows = [json.loads(l) for l in open(path) if l.strip()]
         tail = rows[1:] or rows
         tps = sum(r["tokens_per_s"] for r in tail) / len(tail)
@@ -92,13 +96,13 @@ for stage in stages:
             base = (tps, losses)
         eff = tps / (world * base[0]) if base else float("nan")
         diff = max(abs(a - b) / max(abs(b), 1e-9) for a, b in zip(losses, base[1])) if base else float("nan")
-        print(f"| {stage} | {world} | {ep} | {tps:.0f} | {tps / world:.0f} | {eff:.2f} | {mean('elapsed_s'):.2f} | {mean('comm_s'):.2f} | {mean('exchange_s'):.2f} | {peak_mib} | {diff:.2e} |")
+        print(f"| {stage} | {world} | {ep} | {cp} | {tps:.0f} | {tps / world:.0f} | {eff:.2f} | {mean('elapsed_s'):.2f} | {mean('comm_s'):.2f} | {mean('exchange_s'):.2f} | {peak_mib} | {diff:.2e} |")
     print()
 for stage in stages:
     for layout in layouts:
-        world, ep = map(int, layout.split(":"))
-        path = os.path.join(log, f"{stage}-w{world}-ep{ep}.metrics.jsonl")
+        world, ep, cp = parse(layout)
+        path = os.path.join(log, f"{stage}-w{world}-ep{ep}-cp{cp}.metrics.jsonl")
         if os.path.exists(path):
             key = "lm_loss" if stage == "sparse" else "indexer_kl"
-            print(f"{stage} {world} GPU ep {ep} {key}:", " ".join(f"{json.loads(l)[key]:.6f}" for l in open(path) if l.strip()))
+            print(f"{stage} {world} GPU ep {ep} cp {cp} {key}:", " ".join(f"{json.loads(l)[key]:.6f}" for l in open(path) if l.strip()))
 EOF
