@@ -34,26 +34,16 @@ pub struct Selection {
 }
 
 impl Selection {
-    /// Rebuild a selection from its `absolute` form [B, T, K] (u32::MAX = padding) of whole
-    /// sequences of T tokens: the form the kernels produce and the one cached between passes.
-    pub fn from_absolute(absolute: Tensor) -> candle_core::Result<Self> {
-        let seq_len = absolute.dim(1)?;
-        Self::from_absolute_of(absolute, seq_len)
-    }
-
-    /// `from_absolute` for the sets of some query rows of each sequence (a context-parallel
-    /// rank's), absolute rows counted in sequences of `seq_len` keys.
-    pub fn from_absolute_of(absolute: Tensor, seq_len: usize) -> candle_core::Result<Self> {
+    /// Rebuild a selection from its `absolute` form [B, rows, K] (u32::MAX = padding): the
+    /// form the kernels produce and the one cached between passes. The rows are every query of
+    /// each sequence, or a context-parallel rank's; absolute rows count in sequences of
+    /// `seq_len` keys.
+    pub fn from_absolute(absolute: Tensor, seq_len: usize) -> candle_core::Result<Self> {
         Ok(Self {
             absolute,
             seq_len,
             first_seq: 0,
         })
-    }
-
-    /// Keys per sequence that the absolute rows count in.
-    pub fn seq_len(&self) -> usize {
-        self.seq_len
     }
 
     /// Slots per query (K = min(k, T)).
@@ -277,7 +267,7 @@ fn selection_from_host(
             }
         })
         .collect();
-    Ok(Selection::from_absolute_of(
+    Ok(Selection::from_absolute(
         Tensor::from_vec(absolute, shape, device)?,
         seq_len,
     )?)

@@ -249,14 +249,14 @@ impl DecoderLayer {
         // Under context parallelism h holds this rank's query rows; their kv rows are
         // gathered into every position's (`ForwardContext::gather_keys`).
         let region = crate::profile::region("blocks: input norm and latent kv");
-        let (cos, sin) = ctx.local_rope()?;
+        let (rows_cos, rows_sin) = ctx.local_rope()?; // the rank's rows' RoPE tables
         let (xn, kv, kv_saved) = {
             let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
             if forward {
-                let (c_norm, k_pe) = self.attn.project_kv(&xn, &cos, &sin)?;
+                let (c_norm, k_pe) = self.attn.project_kv(&xn, &rows_cos, &rows_sin)?;
                 (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
             } else {
-                let (kv, saved) = self.attn.latent_kv_saved(&xn, &cos, &sin)?;
+                let (kv, saved) = self.attn.latent_kv_saved(&xn, &rows_cos, &rows_sin)?;
                 (Some(xn), kv, Some(saved))
             }
         };
@@ -404,7 +404,6 @@ impl DecoderLayer {
             }
             None => dkv,
         };
-        let (cos, sin) = ctx.local_rope()?;
         let (xn, kv_saved) = (
             xn.expect("a backward keeps the normed input"),
             kv_saved.expect("a backward keeps kv_a's output"),
@@ -412,7 +411,7 @@ impl DecoderLayer {
         let dxn = (assemble(second, b, t)?
             + self
                 .attn
-                .latent_kv_backward(&xn, &kv_saved, &dkv, &cos, &sin, grads)?)?;
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &rows_cos, &rows_sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))

@@ -654,7 +654,7 @@ fn select_indexer_topk(
             seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, rows, K]
         }
         // (candle's cat of one tensor is that tensor: no copy for a single sequence)
-        return crate::dsa::Selection::from_absolute_of(Tensor::cat(&seqs, 0)?, t);
+        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?, t);
     }
     let keys = keys.clone();
     crate::dsa::select_topk_streaming(

@@ -812,7 +812,7 @@ impl Trainer {
                         .take()
                         .map(|s| s.to_device(&self.device))
                         .transpose()?
-                        .map(|a| crate::dsa::Selection::from_absolute_of(a, ctx.t))
+                        .map(|a| crate::dsa::Selection::from_absolute(a, ctx.t))
                         .transpose()?;
                     // The layer's explicit backward: the sparse stage's recomputed a block of
                     // queries at a time with the first pass's sets, the dense stage's whole.
