@@ -161,9 +161,9 @@ pub struct ParallelConfig {
     /// ZeRO stage over every rank (dp x cp; each holds a share of the gradient sums): 1 shards the f32 master weights and Adam
     /// moments (every rank still accumulates every gradient); 2 also shards the gradients:
     /// each layer's gradients are summed onto their owner rank as soon as its backward has
-    /// run, and the other ranks free them; 3 also shards the parameters themselves, which
-    /// is built for the warm-up's frozen FP8 weights (`model.frozen_fp8`): each rank holds its
-    /// share of their rows and a layer's are gathered when it runs.
+    /// run, and the other ranks free them; 3 also shards the decoder layers' weights: each rank
+    /// holds the rows it owns (of the trainable tensors, their f32 masters; in the warm-up, of
+    /// the frozen FP8 weights, `model.frozen_fp8`) and a layer's are gathered when it runs.
     pub zero: usize,
 }
 
@@ -187,7 +187,7 @@ pub struct Layout {
     /// Context-parallel ranks per sequence.
     pub cp: usize,
     pub ep: usize,
-    /// ZeRO stage (1 or 2).
+    /// ZeRO stage (1, 2 or 3).
     pub zero: usize,
 }
 
@@ -634,8 +634,11 @@ impl Recipe {
         if self.model.frozen_fp8_offload && !self.model.frozen_fp8 {
             bail!("model.frozen_fp8_offload = true keeps the frozen FP8 weights in host memory: it needs model.frozen_fp8 = true");
         }
-        if self.parallel.zero == 3 && !self.model.frozen_fp8 {
-            bail!("parallel.zero = 3 shards parameters; what is built shards the warm-up's frozen FP8 weights: set model.frozen_fp8 = true (warm-up), or parallel.zero = 2 to shard the optimizer state and gradients only");
+        if self.parallel.zero == 3 && t.stage == Stage::Warmup && !self.model.frozen_fp8 {
+            bail!("parallel.zero = 3 in the warm-up shards the frozen main model as the checkpoint stores it: set model.frozen_fp8 = true, or parallel.zero = 2 to shard the optimizer state and gradients only");
+        }
+        if self.parallel.zero == 3 && t.stage != Stage::Warmup && !t.recompute {
+            bail!("parallel.zero = 3 gathers each layer's weights when it runs, for the first pass and again for the written-out backward that recomputes it: set train.recompute = true");
         }
         if self.model.frozen_fp8 && t.stage != Stage::Warmup {
             bail!("model.frozen_fp8 = true keeps frozen weights in FP8, and only the warm-up freezes the main model: set train.stage = \"warmup\" or model.frozen_fp8 = false");

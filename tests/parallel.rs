@@ -940,6 +940,18 @@ fn layout_errors_are_one_clear_line() {
         &run_cli(&["train", r, "--set", "parallel.zero=3"]),
         &["parallel.zero = 3", "model.frozen_fp8 = true"],
     );
+    // ZeRO-3 of trained layers needs the written-out (recomputing) backward.
+    assert_clean_error(
+        &run_cli(&[
+            "train",
+            sp,
+            "--set",
+            "parallel.zero=3",
+            "--set",
+            "train.recompute=false",
+        ]),
+        &["parallel.zero = 3", "train.recompute = true"],
+    );
     // Block mode works on the recomputing backward in the sparse stage (the warm-up's, which
     // keeps no graph, takes it without).
     assert_clean_error(
@@ -1122,6 +1134,130 @@ fn context_parallel_matches_one_process() {
         train_ranks(world, &r, &args);
         assert_close_within(
             &last(losses(&f.out("cp-one"))),
+            &losses(&f.out(name)),
+            &format!("sparse: {name} resume"),
+            1e-5,
+        );
+    }
+}
+
+/// ZeRO-3 of the trained tensors: each rank holds only the rows it owns of every tensor the
+/// decoder layers train (their f32 masters) and gathers a layer whole when it runs, for the
+/// first pass and again for the recomputing backward. Sparse stage with MoE layers, the balance
+/// loss and the MTP module, one sequence per micro-batch, against one process: dp 4, dp 4 x ep
+/// 2 (each routed expert gathered from its two replicas) and dp 4 x cp 2 (8 ranks): every
+/// tensor's first-step gradient (its first Adam moment) within 1e-5 of the tensor's largest,
+/// three steps' losses and gradient norms within 1e-5 (Adam eps 1e-4, as in the cp test). Rank
+/// 0 holds under half of the layers' values, and each step's metrics count the weight rows
+/// sent. Then (dp 4, cp 2, zero 3)'s step 2 resumes at (dp 2, cp 1, zero 2) and in one process,
+/// each continuing the one-process run (its step 3).
+#[test]
+fn zero3_shards_the_trained_layers_and_matches_one_process() {
+    let f = Fixture::new(14);
+    let model = f.root.join("model");
+    let common = [
+        "--set",
+        "train.eps=1e-4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "train.micro_batch_seqs=1",
+    ];
+    let one = f.recipe("sparse", "z3-one", &model, 3);
+    train_ranks(1, &one, &common);
+    let reference = first_moments(&f.out("z3-one/step-1"));
+    // The layers' values, in bytes of f32.
+    let layer_bytes: usize = reference
+        .iter()
+        .filter(|(n, _)| n.starts_with("model.layers."))
+        .map(|(_, v)| 4 * v.len())
+        .sum();
+    for (name, world, layout) in [
+        ("z3-dp4", 4, vec!["--set", "parallel.zero=3"]),
+        (
+            "z3-dp4-ep2",
+            4,
+            vec!["--set", "parallel.zero=3", "--set", "parallel.ep=2"],
+        ),
+        (
+            "z3-dp4-cp2",
+            8,
+            vec!["--set", "parallel.zero=3", "--set", "parallel.cp=2"],
+        ),
+    ] {
+        let r = f.recipe("sparse", name, &model, 3);
+        let args: Vec<&str> = common.iter().copied().chain(layout).collect();
+        let logs = train_ranks_logs(world, &r, &args);
+        let what = format!("sparse: {name} vs 1 process");
+        let line = logs[0]
+            .lines()
+            .find(|l| l.contains("held as row shards"))
+            .unwrap_or_else(|| panic!("{what}: no ZeRO-3 line in:\n{}", logs[0]));
+        let held: usize = line
+            .split(" bytes of f32")
+            .next()
+            .and_then(|s| s.rsplit('(').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: {line}"));
+        assert!(
+            held > 0 && 2 * held < layer_bytes,
+            "{what}: rank 0 holds {held} of the layers' {layer_bytes} bytes"
+        );
+        let gathered: Vec<u64> = metrics::read(&f.out(name).join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|m| m.gather_bytes)
+            .collect();
+        assert!(gathered.iter().all(|&b| b > 0), "{what}: {gathered:?}");
+        let got = first_moments(&f.out(&format!("{name}/step-1")));
+        assert_eq!(
+            got.keys().collect::<Vec<_>>(),
+            reference.keys().collect::<Vec<_>>(),
+            "{what}: tensors"
+        );
+        for (tensor, a) in &reference {
+            let b = &got[tensor];
+            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(
+                err <= 1e-5 * scale,
+                "{what}: the gradient of {tensor} differs by {err:e} (largest {scale:e})"
+            );
+        }
+        assert_close_within(
+            &losses(&f.out("z3-one")),
+            &losses(&f.out(name)),
+            &what,
+            1e-5,
+        );
+        assert_close_within(
+            &grad_norms(&f.out("z3-one")),
+            &grad_norms(&f.out(name)),
+            &format!("{what}, grad norms"),
+            1e-5,
+        );
+    }
+    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
+    for (name, world, layout) in [
+        ("z3-to-dp2", 2, vec!["--set", "parallel.zero=2"]),
+        ("z3-to-one", 1, vec![]),
+    ] {
+        let r = f.recipe("sparse", name, &model, 3);
+        let from = f.out("z3-dp4-cp2/step-2");
+        let args: Vec<&str> = [
+            "--set",
+            "train.eps=1e-4",
+            "--set",
+            "train.micro_batch_seqs=1",
+            "--resume",
+            from.to_str().unwrap(),
+        ]
+        .into_iter()
+        .chain(layout)
+        .collect();
+        train_ranks(world, &r, &args);
+        assert_close_within(
+            &last(losses(&f.out("z3-one"))),
             &losses(&f.out(name)),
             &format!("sparse: {name} resume"),
             1e-5,

@@ -11,7 +11,8 @@
 //! compared bit for bit in `gpu-selftest --only fp8-dequant`.
 //!
 //! The model's layer holds a placeholder (an empty tensor) where a weight is held in FP8; the
-//! placeholder's id finds the bytes. A materialised layer lives while its caller holds it.
+//! placeholder's id finds the bytes (`model::materialize`). A materialised layer lives while
+//! its caller holds it.
 
 use std::collections::HashMap;
 use std::mem::MaybeUninit;
@@ -21,7 +22,6 @@ use std::sync::Arc;
 use candle_core::{bail, DType, Device, Result, Tensor, TensorId};
 use half::bf16;
 
-use super::DecoderLayer;
 use crate::dist::expert::RowExchange;
 use crate::fp8;
 use crate::kernels::{Fused, KernelPolicy};
@@ -203,46 +203,12 @@ impl FrozenFp8 {
         )
     }
 
-    /// `layer` ready to run: itself when none of its weights is held here, else a copy with
-    /// them dequantised (the other tensors shared, so trainable ones keep their identity).
-    pub fn materialize<'a>(
-        &self,
-        layer: &'a DecoderLayer,
-        kernels: KernelPolicy,
-    ) -> Result<LayerToRun<'a>> {
-        if self.is_empty() {
-            return Ok(LayerToRun::Held(layer));
-        }
-        let mut any = false;
-        let full = layer.map_tensors(&mut |t: &Tensor| match self.by_placeholder.get(&t.id()) {
-            Some(w) => {
-                any = true;
-                w.dequantize(kernels)
-            }
-            None => Ok(t.clone()),
-        })?;
-        Ok(if any {
-            LayerToRun::Dequantised(Box::new(full))
-        } else {
-            LayerToRun::Held(layer)
-        })
-    }
-}
-
-/// A layer as it runs: the model's own, or a copy with its FP8-held weights dequantised.
-pub enum LayerToRun<'a> {
-    Held(&'a DecoderLayer),
-    Dequantised(Box<DecoderLayer>),
-}
-
-impl std::ops::Deref for LayerToRun<'_> {
-    type Target = DecoderLayer;
-
-    fn deref(&self) -> &DecoderLayer {
-        match self {
-            LayerToRun::Held(l) => l,
-            LayerToRun::Dequantised(l) => l,
-        }
+    /// `t` dequantised when it is the placeholder of a weight held here (None otherwise).
+    pub fn dequantized(&self, t: &Tensor, kernels: KernelPolicy) -> Result<Option<Tensor>> {
+        self.by_placeholder
+            .get(&t.id())
+            .map(|w| w.dequantize(kernels))
+            .transpose()
     }
 }
 

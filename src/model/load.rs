@@ -162,6 +162,7 @@ impl Model {
             cfg,
             kernels: KernelPolicy::default(),
             frozen_fp8: Default::default(),
+            sharded: Default::default(),
         })
     }
 }

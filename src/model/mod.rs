@@ -18,7 +18,9 @@ pub mod indexer;
 mod indexer_kl;
 mod layer;
 mod load;
+pub mod materialize;
 pub mod mtp;
+pub mod sharded;
 
 pub(crate) use load::build_layer;
 pub use load::LoadOptions;
@@ -569,19 +571,56 @@ pub struct Model {
     pub kernels: KernelPolicy,
     /// Frozen weights its layers hold in FP8 (none unless the trainer asked: `model.frozen_fp8`).
     pub frozen_fp8: fp8_frozen::FrozenFp8,
+    /// Trainable weights its layers hold as this rank's rows (none unless the trainer shards
+    /// them: `parallel.zero = 3`).
+    pub sharded: sharded::ShardedParams,
 }
 
 impl Model {
     /// Main layer `l` ready to run: the layer itself, or, where it holds weights in FP8, a copy
     /// with them dequantised (alive while the caller holds it).
-    pub fn layer(&self, l: usize) -> Result<fp8_frozen::LayerToRun<'_>> {
-        self.frozen_fp8.materialize(&self.layers[l], self.kernels)
+    pub fn layer(&self, l: usize) -> Result<materialize::LayerToRun<'_>> {
+        materialize::materialize(
+            &self.layers[l],
+            &self.frozen_fp8,
+            &self.sharded,
+            self.kernels,
+        )
     }
 
     /// MTP module `m`'s layer, as `layer`.
-    pub fn mtp_layer(&self, m: usize) -> Result<fp8_frozen::LayerToRun<'_>> {
-        self.frozen_fp8
-            .materialize(&self.mtp[m].layer, self.kernels)
+    pub fn mtp_layer(&self, m: usize) -> Result<materialize::LayerToRun<'_>> {
+        materialize::materialize(
+            &self.mtp[m].layer,
+            &self.frozen_fp8,
+            &self.sharded,
+            self.kernels,
+        )
+    }
+
+    /// The ids of the tensors the decoder layers hold (main and MTP).
+    pub fn layer_tensor_ids(&self) -> Result<std::collections::HashSet<candle_core::TensorId>> {
+        let mut ids = std::collections::HashSet::new();
+        for layer in self.layers.iter().chain(self.mtp.iter().map(|m| &m.layer)) {
+            layer.map_tensors(&mut |t: &Tensor| {
+                ids.insert(t.id());
+                Ok(t.clone())
+            })?;
+        }
+        Ok(ids)
+    }
+
+    /// Replace tensors of the decoder layers (main and MTP): `f` gives the new tensor, or None
+    /// to keep it.
+    pub fn replace_layer_tensors(&mut self, f: &dyn Fn(&Tensor) -> Option<Tensor>) -> Result<()> {
+        for layer in self
+            .layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
+        {
+            *layer = layer.map_tensors(&mut |t: &Tensor| Ok(f(t).unwrap_or_else(|| t.clone())))?;
+        }
+        Ok(())
     }
 
     /// Run the passes with `kernels` (kernels or their plain twins, per op).

@@ -41,6 +41,10 @@ pub struct StepMetrics {
     /// ranks of its context group in the step; 0 without cp.
     #[serde(default)]
     pub context_bytes: u64,
+    /// Bytes of layer weight rows this rank sent to the other holders under ZeRO-3 (each layer
+    /// gathered for the first pass and again for the backward); 0 otherwise.
+    #[serde(default)]
+    pub gather_bytes: u64,
     /// Expert balance: over the MoE layers, the largest ratio of the most-loaded routed
     /// expert's tokens to the mean per expert (1 = perfectly balanced); None without MoE.
     #[serde(default)]

@@ -464,10 +464,17 @@ impl Trainer {
             }
             None => None,
         };
-        // ZeRO-3 (the warm-up's frozen FP8 weights): every rank opens the gather channel at the
-        // same moment, before any loading.
+        // ZeRO-3 (the layers' trainable tensors, the warm-up's frozen FP8 weights): every rank
+        // opens the gather channels at the same moment, before any loading: one over every rank,
+        // one over the replicas of its routed experts where they have several holders.
         let zero3 = if layout.zero >= 3 && layout.world > 1 {
             Some(comm.row_exchange(&(0..layout.world).collect::<Vec<_>>())?)
+        } else {
+            None
+        };
+        let expert_replicas = layout.expert_replicas(rank);
+        let zero3_experts = if zero3.is_some() && layout.ep > 1 && expert_replicas.len() > 1 {
+            Some(comm.row_exchange(&expert_replicas)?)
         } else {
             None
         };
@@ -505,7 +512,7 @@ impl Trainer {
                     s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
                 }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
-                    let dims = s.var.as_tensor().dims().to_vec();
+                    let dims = s.shape().dims().to_vec();
                     if m.dims() != dims.as_slice() || v.dims() != dims.as_slice() {
                         bail!("{}: the Adam moments of {} have shapes {:?} and {:?}, the tensor {dims:?}", resume_dir.unwrap_or(Path::new("")).display(), s.name, m.dims(), v.dims());
                     }
@@ -540,6 +547,22 @@ impl Trainer {
                 })?;
             step = snap.state.step;
             tokens_seen = snap.state.tokens_seen;
+        }
+        if let Some(everyone) = zero3.clone() {
+            zero::shard_layers(
+                &mut model,
+                &mut slots,
+                &layout,
+                rank,
+                everyone,
+                zero3_experts,
+            )?;
+            let (n, bytes) = model.sharded.held();
+            if rank == 0 && n > 0 {
+                crate::elog!(
+                    "[train] parallel.zero = 3: {n} tensors of the layers held as row shards ({bytes} bytes of f32 masters on rank 0), gathered a layer at a time"
+                );
+            }
         }
         let mut ctx = ForwardContext::new(&model.cfg, recipe.data.seq_len, &device)?;
         if layout.cp > 1 {
@@ -679,7 +702,7 @@ impl Trainer {
                         ctx,
                         scale * kl_weight,
                         accum,
-                        &trainable,
+                        &with_gathered(&trainable, &layer),
                         &layer.indexer,
                     )
                     .with_context(|| format!("layer {l} indexer KL backward"))?;
@@ -824,6 +847,7 @@ impl Trainer {
                             .map(|f| (f, t.seq_balance_alpha * scale)),
                         chosen: chosen[l].as_deref(),
                     };
+                    let trainable = with_gathered(&trainable, &layer);
                     let mut sink = AccumSink {
                         trainable: &trainable,
                         accum,
@@ -1074,6 +1098,7 @@ impl Trainer {
             self.reducer
                 .gather_updated_params(&mut self.slots)
                 .context("gathering the updated parameters from their owners")?;
+            zero::share_sharded_masters(&mut self.model, &self.slots)?;
         }
         self.update_router_biases(&loads)?;
         self.step += 1;
@@ -1099,6 +1124,7 @@ impl Trainer {
             exchange_s: crate::dist::expert::take_exchange_seconds(),
             exchange_bytes: crate::dist::expert::take_exchange_bytes(),
             context_bytes: crate::dist::context::take_context_bytes(),
+            gather_bytes: crate::model::sharded::take_gather_bytes(),
             max_expert_load: metrics::max_expert_load(&loads),
         })
     }
@@ -1255,6 +1281,21 @@ impl crate::model::grad_sink::GradSink for AccumSink<'_> {
             None => Ok(()),
         }
     }
+}
+
+/// `trainable` and, under the names of the tensors they gather, a ZeRO-3 layer's gathered
+/// copies: their gradients are the model's tensors' gradients.
+fn with_gathered<'a>(
+    trainable: &HashMap<candle_core::TensorId, &'a str>,
+    layer: &crate::model::materialize::LayerToRun,
+) -> HashMap<candle_core::TensorId, &'a str> {
+    let mut map = trainable.clone();
+    for (gathered, held) in layer.gathered() {
+        if let Some(&name) = trainable.get(&held) {
+            map.insert(gathered, name);
+        }
+    }
+    map
 }
 
 fn layer_of(name: &str) -> Option<usize> {

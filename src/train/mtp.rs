@@ -55,16 +55,11 @@ impl Trainer {
         let (y, mut stats) = layer
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
+        // Under ZeRO-3 the layer's tensors are gathered copies, known under the model's names.
+        let trainable = &super::with_gathered(trainable, &layer);
         if let Some(weight) = terms.kl {
-            self.backprop_indexer_kl(
-                &stats,
-                &ctx,
-                weight,
-                accum,
-                trainable,
-                &module.layer.indexer,
-            )
-            .context("MTP indexer KL backward")?;
+            self.backprop_indexer_kl(&stats, &ctx, weight, accum, trainable, &layer.indexer)
+                .context("MTP indexer KL backward")?;
         }
         let Some(lm_weight) = terms.lm else {
             return Ok(None);

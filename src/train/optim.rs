@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 
 use anyhow::{Context, Result};
-use candle_core::{backprop::GradStore, DType, Tensor, Var};
+use candle_core::{backprop::GradStore, DType, Shape, Tensor, Var};
 
 use super::accumulate::{GradSum, BLOCK_VALUES};
 use crate::grad_rows::RowBlocks;
@@ -42,7 +42,13 @@ pub struct Piece {
 
 pub struct Slot {
     pub name: String,
+    /// The tensor the model reads; under ZeRO-3 (`shard`) a one-value placeholder whose id
+    /// the model's layer holds, the values living in the pieces' masters.
     pub var: Var,
+    /// The whole tensor's shape.
+    shape: Shape,
+    /// ZeRO-3: this rank holds only its pieces' rows (`var` is a placeholder).
+    pub sharded: bool,
     /// The row ranges whose f32 master and Adam moments this rank holds and updates; empty
     /// where other ranks own the whole tensor (they send its new value after each step).
     pub pieces: Vec<Piece>,
@@ -65,6 +71,8 @@ impl Slot {
     pub fn new(name: String, var: Var, decay: bool, group: Group) -> Result<Self> {
         let mut s = Self {
             name,
+            shape: var.as_tensor().shape().clone(),
+            sharded: false,
             var,
             pieces: vec![],
             steps: 0,
@@ -77,7 +85,40 @@ impl Slot {
 
     /// Rows along dim 0 (1 for a scalar).
     pub fn rows(&self) -> usize {
-        self.var.as_tensor().dims().first().copied().unwrap_or(1)
+        self.shape.dims().first().copied().unwrap_or(1)
+    }
+
+    /// The whole tensor's shape.
+    pub fn shape(&self) -> &Shape {
+        &self.shape
+    }
+
+    /// ZeRO-3: keep only the pieces' rows, every one with its f32 master, and read through
+    /// `placeholder` from now on (the model's layer holds it; `model::sharded` gathers the
+    /// rows when the layer runs). The whole tensor is freed once the model lets go of it.
+    pub fn shard(&mut self, placeholder: Var) -> Result<()> {
+        if self.sharded {
+            return Ok(());
+        }
+        let t = self.var.as_tensor();
+        for p in self.pieces.iter_mut().filter(|p| p.master.is_none()) {
+            let rows = if t.rank() == 0 {
+                t.clone()
+            } else {
+                t.narrow(0, p.rows.start, p.rows.len())?
+            };
+            p.master = Some(rows.to_dtype(DType::F32)?.copy()?.detach());
+        }
+        self.var = placeholder;
+        self.sharded = true;
+        Ok(())
+    }
+
+    /// The f32 masters of the owned rows, in row order (what a ZeRO-3 layer gathers).
+    pub fn masters_in_row_order(&self) -> Result<Vec<Tensor>> {
+        let mut pieces: Vec<&Piece> = self.pieces.iter().collect();
+        pieces.sort_by_key(|p| p.rows.start);
+        pieces.iter().map(|p| self.piece_value(p)).collect()
     }
 
     /// Does this rank own every row?
@@ -88,6 +129,9 @@ impl Slot {
     /// Hold optimizer state for `ranges` only (fresh moments, masters from the current value):
     /// ZeRO hands the other rows to other ranks, which is the memory it saves.
     pub fn keep_rows(&mut self, ranges: Vec<Range<usize>>) -> Result<()> {
+        if self.sharded {
+            anyhow::bail!("{}: the rows of a ZeRO-3 tensor are chosen once", self.name);
+        }
         let t = self.var.as_tensor();
         let whole_f32 =
             ranges.len() == 1 && ranges[0] == (0..self.rows()) && t.dtype() == DType::F32;
@@ -135,7 +179,7 @@ impl Slot {
         let t = self.var.as_tensor();
         let row_shape = |n: usize| -> Vec<usize> {
             std::iter::once(n)
-                .chain(t.dims().iter().skip(1).copied())
+                .chain(self.shape.dims().iter().skip(1).copied())
                 .collect()
         };
         let mut pieces: Vec<&Piece> = self.pieces.iter().collect();
@@ -174,8 +218,10 @@ impl Slot {
             };
             p.master = Some(rows.copy()?.detach());
         }
-        self.var
-            .set(&value.to_dtype(self.var.as_tensor().dtype())?)?;
+        if !self.sharded {
+            self.var
+                .set(&value.to_dtype(self.var.as_tensor().dtype())?)?;
+        }
         Ok(())
     }
 }

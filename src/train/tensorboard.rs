@@ -87,6 +87,10 @@ impl EventWriter {
                 "perf/context_gib",
                 m.context_bytes as f64 / (1u64 << 30) as f64,
             ),
+            (
+                "perf/weight_gather_gib",
+                m.gather_bytes as f64 / (1u64 << 30) as f64,
+            ),
         ];
         if let Some(l) = m.lm_loss {
             scalars.push(("train/lm_loss", l));
@@ -320,6 +324,7 @@ mod tests {
             exchange_s: 0.0,
             exchange_bytes: 3 << 29,
             context_bytes: 1 << 29,
+            gather_bytes: 1 << 28,
             max_expert_load: Some(1.25),
         };
         w.append(&m);
@@ -328,6 +333,7 @@ mod tests {
         assert!(got.contains(&(3, "train/max_expert_load".into(), 1.25)));
         assert!(got.contains(&(3, "perf/exchange_gib".into(), 1.5)));
         assert!(got.contains(&(3, "perf/context_gib".into(), 0.5)));
+        assert!(got.contains(&(3, "perf/weight_gather_gib".into(), 0.25)));
         assert_eq!(got.len(), 14);
         let mut bytes = std::fs::read(w.path()).unwrap();
         let n = bytes.len();

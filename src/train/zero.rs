@@ -22,6 +22,9 @@
 //!   chunks whose totals overwrite the rows they came from, so a reduction holds the sum and
 //!   one chunk, not a second whole copy.
 //!   The gradient norm for clipping is the rank-ordered sum of the owned ranges' squared norms.
+//! - ZeRO-3 (`parallel.zero = 3`): ZeRO-2, and the tensors the decoder layers train are held
+//!   only as the owned rows' f32 masters (`shard_layers`); a layer gathers them whole when it
+//!   runs (`model::sharded`), so nothing is shared after the step.
 //!
 //! Numerics: sums are f32, added in rank order on every rank (the TCP backend) or by NCCL's
 //! all-reduce (GPU ranks). ZeRO-1 adds a rank's micro-batches first and then the ranks; ZeRO-2
@@ -30,15 +33,19 @@
 //! a summed presence flag per tensor, so every holder updates the same set of tensors.
 
 use std::cell::RefCell;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
+use std::sync::Arc;
 
-use anyhow::Result;
-use candle_core::{DType, Device, Shape, Tensor};
+use anyhow::{bail, Result};
+use candle_core::{DType, Device, Shape, Tensor, TensorId, Var};
 
 use super::accumulate::GradSum;
 use super::optim::{assign_owners, piece_name, GradAccum, Slot};
+use crate::dist::expert::RowExchange;
 use crate::dist::Collective;
+use crate::model::sharded::{ShardedParams, ShardedWeight};
+use crate::model::Model;
 use crate::recipe::Layout;
 use crate::weights;
 
@@ -93,9 +100,9 @@ pub fn assign_row_ranges(tensors: &[(usize, usize)], ranks: usize) -> Vec<OwnedR
     pieces
 }
 
-/// Rows and elements per row of a tensor (a scalar is one row).
-fn row_shape(t: &Tensor) -> (usize, usize) {
-    match t.dims().split_first() {
+/// Rows and elements per row of a tensor of shape `shape` (a scalar is one row).
+fn row_shape(shape: &Shape) -> (usize, usize) {
+    match shape.dims().split_first() {
         Some((&rows, rest)) => (rows, rest.iter().product()),
         None => (1, 1),
     }
@@ -111,10 +118,8 @@ pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRan
         let idx: Vec<usize> = (0..slots.len())
             .filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts)
             .collect();
-        let shapes: Vec<(usize, usize)> = idx
-            .iter()
-            .map(|&i| row_shape(slots[i].var.as_tensor()))
-            .collect();
+        let shapes: Vec<(usize, usize)> =
+            idx.iter().map(|&i| row_shape(slots[i].shape())).collect();
         out.extend(
             assign_row_ranges(&shapes, members.len())
                 .into_iter()
@@ -126,6 +131,77 @@ pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRan
         );
     }
     out
+}
+
+/// ZeRO-3: every tensor the decoder layers train becomes this rank's rows of it (`Slot::shard`)
+/// and the layers hold placeholders that `model::sharded` gathers when a layer runs. The rows
+/// are the ZeRO ownership of `slot_ranges`, so a rank holds the weights whose optimizer state it
+/// keeps and nothing else of them. Holders: every rank (`everyone`) for the tensors outside the
+/// routed experts; an expert's replicas (`replicas`, None when each expert has one holder, who
+/// keeps it whole) for the experts. Tensors outside the layers (embedding, final norm, head,
+/// the MTP input projection) stay whole.
+pub fn shard_layers(
+    model: &mut Model,
+    slots: &mut [Slot],
+    layout: &Layout,
+    rank: usize,
+    everyone: Arc<dyn RowExchange>,
+    replicas: Option<Arc<dyn RowExchange>>,
+) -> Result<()> {
+    let in_layers = model.layer_tensor_ids()?;
+    let ranges = slot_ranges(slots, layout, rank);
+    let all: Vec<usize> = (0..layout.world).collect();
+    let expert_members = layout.expert_replicas(rank);
+    let mut channels = vec![everyone];
+    channels.extend(replicas.clone());
+    let mut params = ShardedParams::new(channels);
+    let mut placeholders: HashMap<TensorId, Tensor> = HashMap::new();
+    for (i, s) in slots.iter_mut().enumerate() {
+        if !in_layers.contains(&s.var.as_tensor().id()) {
+            continue;
+        }
+        let (group, members) = match (is_sharded_expert(layout, &s.name), &replicas) {
+            (false, _) => (0, &all),
+            (true, Some(_)) => (1, &expert_members),
+            (true, None) => continue,
+        };
+        let mut owned = vec![];
+        for r in ranges.iter().filter(|r| r.slot == i) {
+            let Some(index) = members.iter().position(|&m| m == r.owner) else {
+                bail!("{}: rows owned by rank {}, not a holder", s.name, r.owner);
+            };
+            owned.push((index, r.rows.clone()));
+        }
+        owned.sort_by_key(|(_, rows)| rows.start);
+        let t = s.var.as_tensor();
+        let (dtype, device) = (t.dtype(), t.device().clone());
+        let placeholder =
+            Var::from_tensor(&crate::model::fp8_frozen::placeholder(dtype, &device)?)?;
+        placeholders.insert(t.id(), placeholder.as_tensor().clone());
+        s.shard(placeholder)?;
+        let weight = ShardedWeight {
+            name: s.name.clone(),
+            dims: s.shape().dims().to_vec(),
+            dtype,
+            ranges: owned,
+            mine: s.masters_in_row_order()?,
+            group,
+        };
+        params.insert(s.var.as_tensor().id(), weight)?;
+    }
+    model.replace_layer_tensors(&|t| placeholders.get(&t.id()).cloned())?;
+    model.sharded = params;
+    Ok(())
+}
+
+/// ZeRO-3, after an optimizer step: the layers gather the owners' new masters from now on.
+pub fn share_sharded_masters(model: &mut Model, slots: &[Slot]) -> Result<()> {
+    for s in slots.iter().filter(|s| s.sharded) {
+        model
+            .sharded
+            .set_mine(s.var.as_tensor().id(), s.masters_in_row_order()?)?;
+    }
+    Ok(())
 }
 
 /// Sum over `members` one f32 tensor per item (`mine(k)`; None counts as zeros), flattened
@@ -208,7 +284,7 @@ pub fn sum_in_place(
         // A second handle on the buffer, only to read rows that have not been overwritten yet
         // (chunk `start` is sent before its rows are written); dropped on return.
         let t = sum.as_tensor().clone();
-        let (rows, per_row) = row_shape(&t);
+        let (rows, per_row) = row_shape(t.shape());
         let chunk = (bucket / per_row.max(1)).max(1);
         for start in (0..rows).step_by(chunk) {
             let len = chunk.min(rows - start);
@@ -354,10 +430,7 @@ impl Reducer {
             .filter(|(_, &p)| p > 0.0)
             .map(|(&i, _)| i)
             .collect();
-        let shapes: Vec<Shape> = chosen
-            .iter()
-            .map(|&i| slots[i].var.as_tensor().shape().clone())
-            .collect();
+        let shapes: Vec<Shape> = chosen.iter().map(|&i| slots[i].shape().clone()).collect();
         // A bucket of sums at a time: this rank's pending sums (zeros where it has none) are
         // summed over the members in place and settled before the next bucket is taken, so
         // besides the pending sums a reduction holds one bucket (or one row chunk) in flight.
@@ -392,18 +465,21 @@ impl Reducer {
     /// with the ranks holding it, as a sum in which each rank adds its owned rows and zeros
     /// elsewhere (exact: every row is x plus zeros). Every rank but a whole tensor's sole
     /// owner (which set its Var in the step) takes the sum.
+    /// ZeRO-3 tensors are not shared: a layer gathers their owners' rows when it runs.
     pub fn gather_updated_params(&self, slots: &mut [Slot]) -> Result<()> {
         self.timed(|| {
-            let groups = self.groups(slots, &|_| true);
+            let sharded: HashSet<&str> = slots
+                .iter()
+                .filter(|s| s.sharded)
+                .map(|s| s.name.as_str())
+                .collect();
+            let groups = self.groups(slots, &|n| !sharded.contains(n));
             let slots: &[Slot] = slots; // the Vars are set through shared references
             for (idx, members) in groups {
                 if members.len() == 1 {
                     continue; // the only holder is the owner
                 }
-                let shapes: Vec<Shape> = idx
-                    .iter()
-                    .map(|&i| slots[i].var.as_tensor().shape().clone())
-                    .collect();
+                let shapes: Vec<Shape> = idx.iter().map(|&i| slots[i].shape().clone()).collect();
                 bucketed_sum(
                     self.comm.borrow_mut().as_mut(),
                     &self.device,
