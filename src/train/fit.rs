@@ -8,7 +8,7 @@
 //! reported beside it (per device, so a node needs GPUs-per-node times it).
 //!
 //! Search: every layout of N ranks that `train` accepts (dp x cp = N; ep dividing N and the
-//! routed-expert count; ZeRO 1 or 2 (3 in the warm-up); in the sparse stage with recomputation also
+//! routed-expert count; ZeRO 1, 2 or 3; in the sparse stage with recomputation also
 //! cp dividing N (and seq_len / 2), `train.block_rows` in 0, 4096, 2048, 1024, 512 and
 //! `train.offload_activations` off or on;
 //! in the warm-up block_rows too, `model.frozen_fp8` off or on, its weights on the device or
@@ -19,6 +19,7 @@
 //!   expert exchange:  bytes each device sends in them / link bandwidth
 //!   context exchange: bytes each device sends in the context group's gathers and gradient
 //!                     sums / link bandwidth
+//!   weight gathers:   bytes each device sends in ZeRO-3's layer gathers / link bandwidth
 //!   offload:          (2 x offloaded activations (out and back) + micro-batches x frozen
 //!                     weights in host memory (in)) per device / host link bandwidth
 //! with no overlap assumed (an upper bound); the rates are arguments and are printed with the
@@ -132,6 +133,7 @@ pub struct StepTime {
     pub grad_sums: f64,
     pub expert_exchange: f64,
     pub context_exchange: f64,
+    pub weight_gathers: f64,
     pub offload: f64,
 }
 
@@ -142,6 +144,7 @@ impl StepTime {
             grad_sums: plan.grad_comm_bytes / (r.link_gbytes * 1e9),
             expert_exchange: plan.expert_comm_bytes / (r.link_gbytes * 1e9),
             context_exchange: plan.context_comm_bytes / (r.link_gbytes * 1e9),
+            weight_gathers: plan.gather_comm_bytes / (r.link_gbytes * 1e9),
             // Activations out and back; frozen weights in, once per micro-batch.
             offload: (2.0 * plan.host_bytes
                 + plan.micro_batches_per_device * plan.frozen_host_bytes)
@@ -150,7 +153,12 @@ impl StepTime {
     }
 
     pub fn total(&self) -> f64 {
-        self.compute + self.grad_sums + self.expert_exchange + self.context_exchange + self.offload
+        self.compute
+            + self.grad_sums
+            + self.expert_exchange
+            + self.context_exchange
+            + self.weight_gathers
+            + self.offload
     }
 }
 
@@ -197,14 +205,9 @@ pub fn search(
     };
     let mut found = vec![];
     // One rank has no ZeRO to choose; blocks as long as the sequence are the whole sequence.
-    // ZeRO-3 shards the warm-up's frozen FP8 weights (validation refuses it elsewhere).
-    let zeros: &[usize] = if n == 1 {
-        &[1]
-    } else if recipe.stage() == Stage::Warmup {
-        &[1, 2, 3]
-    } else {
-        &[1, 2]
-    };
+    // (ZeRO-3 needs the recomputing backward, or in the warm-up FP8 weights: validation
+    // refuses it elsewhere.)
+    let zeros: &[usize] = if n == 1 { &[1] } else { &[1, 2, 3] };
     let blocks: Vec<usize> = blocks
         .iter()
         .copied()
@@ -313,13 +316,14 @@ pub fn search_report(
     let line = |c: &Candidate| {
         let t = &c.time;
         format!(
-            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, context exchange {:.0}, offload {:.0}): --set {}\n",
+            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, context exchange {:.0}, weight gathers {:.0}, offload {:.0}): --set {}\n",
             c.plan.memory_bytes() / GIB,
             t.total(),
             t.compute,
             t.grad_sums,
             t.expert_exchange,
             t.context_exchange,
+            t.weight_gathers,
             t.offload,
             c.sets.join(" --set ")
         )
@@ -369,6 +373,7 @@ mod tests {
             grad_comm_bytes: 100e9,
             expert_comm_bytes: 500e9,
             context_comm_bytes: 50e9,
+            gather_comm_bytes: 0.0,
         }
     }
 
@@ -420,6 +425,7 @@ mod tests {
         assert!((t.expert_exchange - 10.0).abs() < 1e-12);
         assert!((t.context_exchange - 1.0).abs() < 1e-12);
         assert!((t.offload - 2.0 * 10.0 * GIB / 25e9).abs() < 1e-9);
+        assert_eq!(t.weight_gathers, 0.0);
         assert!((t.total() - (t.compute + 2.0 + 10.0 + 1.0 + t.offload)).abs() < 1e-12);
     }
 
@@ -447,9 +453,12 @@ mod tests {
         };
         let found = search(&recipe, &cfg, &roomy, &rates, &validate);
         // cp in {1, 2, 4} and ep in {1, 2} (dividing the 4 ranks and the expert count; 4 is
-        // refused), ZeRO 1 and 2, four block sizes (4096 rows are the whole 4096-token
+        // refused), ZeRO 1, 2 and 3, four block sizes (4096 rows are the whole 4096-token
         // sequence: listed once, as 0), offload off and on.
-        assert_eq!(found.len(), 3 * 2 * 2 * 4 * 2);
+        assert_eq!(found.len(), 3 * 2 * 3 * 4 * 2);
+        assert!(found
+            .iter()
+            .any(|c| c.sets.contains(&"parallel.zero=3".to_string())));
         assert!(found
             .iter()
             .any(|c| c.sets.contains(&"parallel.cp=4".to_string())));
@@ -466,7 +475,7 @@ mod tests {
             .contains(&"train.offload_activations=false".to_string()));
         let report = search_report(&found, &roomy, &rates, 3);
         assert_eq!(report.lines().count(), 1 + 3 + 1, "{report}");
-        assert!(report.contains("(93 more layouts fit)"), "{report}");
+        assert!(report.contains("(141 more layouts fit)"), "{report}");
         // Nothing fits a GPU smaller than the reserve: the smallest layout and its verdict.
         let tight = Machine {
             gpu_mem_gib: 1.0,

@@ -101,6 +101,8 @@ pub struct Plan {
     pub expert_comm_bytes: f64,
     /// Bytes each device sends per step in context-parallel gathers and gradient sums.
     pub context_comm_bytes: f64,
+    /// ZeRO-3's layer weight gathers (bytes this rank sends per step).
+    pub gather_comm_bytes: f64,
 }
 
 impl Plan {
@@ -339,6 +341,22 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     };
     let mut dequantised_layer = std::collections::BTreeMap::<String, f64>::new();
     let zero3 = recipe.parallel.zero >= 3 && dp > 1.0;
+    // ZeRO-3: a tensor a decoder layer trains is held as the owned rows' f32 masters only
+    // (counted with the optimizer state); the layer running has it whole in the compute dtype,
+    // and while the layer is gathered the exchange's received rows once more.
+    let layer_tensor = |s: &crate::weights::WeightSpec| {
+        s.name.contains(".self_attn.") || s.name.contains(".mlp.") || s.name.contains("layernorm")
+    };
+    let gathered = |s: &crate::weights::WeightSpec| {
+        zero3 && trainable(s) && layer_tensor(s) && !(is_expert(s) && holders(s) <= 1.0)
+    };
+    let layer_of = |s: &crate::weights::WeightSpec| -> String {
+        s.name.split('.').take(3).collect::<Vec<_>>().join(".")
+    };
+    let mut gathered_layer = std::collections::BTreeMap::<String, f64>::new();
+    for s in specs.iter().filter(|s| gathered(s)) {
+        *gathered_layer.entry(layer_of(s)).or_default() += local(s) * dtype_bytes;
+    }
     let fp8_offload = recipe.model.frozen_fp8_offload;
     let fp8_bytes = 1.0 + 4.0 / (128.0 * 128.0);
     // Gathered (ZeRO-3) or copied from the host (offload), one whole FP8 tensor is on the
@@ -363,12 +381,21 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
                 } else {
                     held
                 }
+            } else if gathered(s) {
+                0.0
             } else {
                 local(s) * dtype_bytes
             }
         })
         .sum::<f64>()
-        + dequantised_layer.values().copied().fold(0.0, f64::max)
+        + dequantised_layer
+            .keys()
+            .chain(gathered_layer.keys())
+            .map(|l| {
+                dequantised_layer.get(l).copied().unwrap_or(0.0)
+                    + 2.0 * gathered_layer.get(l).copied().unwrap_or(0.0)
+            })
+            .fold(0.0, f64::max)
         + fp8_in_flight;
     let zero2 = recipe.parallel.zero >= 2 && dp > 1.0;
     let gradient_peak = GradientPeak::new(&specs, &trainable, &local, dtype_bytes);
@@ -435,6 +462,15 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     } else {
         0.0
     };
+    // ZeRO-3 gathers, per layer and micro-batch: the rank's rows of the gathered tensors to
+    // every other holder, for the first pass and again for the recomputing backward.
+    let gather_comm_bytes = 2.0
+        * micro_per_device
+        * specs
+            .iter()
+            .filter(|s| gathered(s))
+            .map(|s| local(s) * dtype_bytes * (holders(s) - 1.0) / holders(s))
+            .fold(0.0, |a, b| a + b);
     Plan {
         trainable_params,
         frozen_params: total - trainable_params,
@@ -449,6 +485,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         grad_comm_bytes,
         expert_comm_bytes,
         context_comm_bytes,
+        gather_comm_bytes,
     }
 }
 
@@ -615,13 +652,14 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x cp {}, experts over ep {} ({} device(s))\n\
          memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2} (ZeRO-{}){}\n\
-         sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB, context gathers {:.2} GiB",
+         sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB, context gathers {:.2} GiB, ZeRO-3 weight gathers {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.cp.max(1), recipe.parallel.ep,
         recipe.parallel.dp.max(1) * recipe.parallel.cp.max(1),
         gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes), recipe.parallel.zero,
         host,
-        gib(p.grad_comm_bytes), gib(p.expert_comm_bytes), gib(p.context_comm_bytes)
+        gib(p.grad_comm_bytes), gib(p.expert_comm_bytes), gib(p.context_comm_bytes),
+        gib(p.gather_comm_bytes)
     )
 }
 
@@ -1005,5 +1043,58 @@ mod tests {
         );
         // The gathered part is whole: halving the rows takes less than half the activations.
         assert!(two.activation_bytes > one.activation_bytes / 2.0);
+    }
+
+    /// ZeRO-3 in the sparse stage (everything trains): the layers' weights leave the device
+    /// but for the gathered layer, counted twice (its tensors and the received rows); what
+    /// stays whole is the embedding, final norm, head and router biases; the optimizer state and the
+    /// activations do not change; the gathers send, per layer and micro-batch, the layer's
+    /// values times (n - 1) / n in the dtype, twice (first pass and recompute).
+    #[test]
+    fn zero3_keeps_the_layers_as_owned_rows_and_gathers_one_at_a_time() {
+        let cfg = slice_config();
+        let mut r = slice_recipe(Stage::Sparse, 8192, 2048);
+        r.train.recompute = true;
+        r.train.global_batch_seqs = 4;
+        r.train.micro_batch_seqs = 1;
+        r.parallel.dp = 4;
+        r.parallel.zero = 2;
+        let z2 = plan_for(&r, &cfg);
+        r.parallel.zero = 3;
+        let z3 = plan_for(&r, &cfg);
+        assert_eq!(z2.gather_comm_bytes, 0.0);
+        assert_eq!(z3.optimizer_bytes, z2.optimizer_bytes);
+        assert_eq!(z3.activation_bytes, z2.activation_bytes);
+        let specs = model_weights(&cfg, false);
+        let values = |keep: &dyn Fn(&str) -> bool| -> f64 {
+            specs
+                .iter()
+                .filter(|s| keep(&s.name))
+                .map(|s| s.shape.iter().product::<usize>() as f64)
+                .sum()
+        };
+        // The router's correction bias moves by the sign rule, not the optimizer: it stays whole.
+        let bias = |n: &str| n.ends_with("e_score_correction_bias");
+        let outside = values(&|n| !n.starts_with("model.layers.") || bias(n));
+        let per_layer: Vec<f64> = (0..cfg.num_hidden_layers)
+            .map(|l| values(&|n| n.starts_with(&format!("model.layers.{l}.")) && !bias(n)))
+            .collect();
+        let largest = per_layer.iter().copied().fold(0.0, f64::max);
+        assert!(
+            (z2.weight_bytes - 2.0 * (outside + per_layer.iter().sum::<f64>())).abs() < 1.0,
+            "ZeRO-2 holds every weight in bf16"
+        );
+        assert!(
+            (z3.weight_bytes - 2.0 * (outside + 2.0 * largest)).abs() < 1.0,
+            "{} vs {}",
+            z3.weight_bytes,
+            2.0 * (outside + 2.0 * largest)
+        );
+        let want = 2.0 * 1.0 * per_layer.iter().sum::<f64>() * 2.0 * 0.75;
+        assert!(
+            (z3.gather_comm_bytes - want).abs() < 1.0,
+            "{} vs {want}",
+            z3.gather_comm_bytes
+        );
     }
 }
