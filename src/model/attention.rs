@@ -310,21 +310,68 @@ impl Mla {
 
     /// MHA-mode per-head queries and keys [B, H, T, N+R] and values [B, H, T, V].
     fn mha_qkv(&self, p: &Projected) -> Result<(Tensor, Tensor, Tensor)> {
-        let (b, t, h, _) = p.q_nope.dims4()?;
-        let kv = linear(&p.c_norm, &self.kv_b_proj)?.reshape((b, t, h, self.nope + self.v_dim))?;
+        let (k, v) = self.mha_kv(&p.c_norm, &p.k_pe)?;
+        Ok((self.mha_q(p)?, k, v))
+    }
+
+    /// MHA-mode per-head queries [B, H, n, N+R] of the projected rows.
+    fn mha_q(&self, p: &Projected) -> Result<Tensor> {
+        Tensor::cat(&[&p.q_nope, &p.q_pe], 3)?
+            .transpose(1, 2)?
+            .contiguous()
+    }
+
+    /// MHA-mode keys [B, H, T, N+R] and values [B, H, T, V] from the latent rows: c_norm [B, T,
+    /// C] up-projected per head, k_pe [B, T, 1, R] shared by the heads.
+    fn mha_kv(&self, c_norm: &Tensor, k_pe: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, t, _) = c_norm.dims3()?;
+        let h = self.heads;
+        let kv = linear(c_norm, &self.kv_b_proj)?.reshape((b, t, h, self.nope + self.v_dim))?;
         let k_nope = kv.narrow(3, 0, self.nope)?;
         let v = kv
             .narrow(3, self.nope, self.v_dim)?
             .transpose(1, 2)?
             .contiguous()?; // [B, H, T, V]
-        let k_pe = p.k_pe.broadcast_as((b, t, h, self.rope))?;
+        let k_pe = k_pe.broadcast_as((b, t, h, self.rope))?;
         let k = Tensor::cat(&[&k_nope, &k_pe], 3)?
             .transpose(1, 2)?
             .contiguous()?; // [B, H, T, N+R]
-        let q = Tensor::cat(&[&p.q_nope, &p.q_pe], 3)?
-            .transpose(1, 2)?
-            .contiguous()?; // [B, H, T, N+R]
-        Ok((q, k, v))
+        Ok((k, v))
+    }
+
+    /// Dense MLA in MHA mode for some query rows against every position, without a graph (the
+    /// warm-up under context parallelism, where the main model is frozen): `p` the rows' own
+    /// projections ([B, n, ..], RoPE at their positions), `latent` [B, T, C+R] every position's
+    /// latent kv row (c_norm, then the RoPE'd k_pe: the context group's gather), `blocks` the
+    /// rows in blocks with their positions. Each block's per-head probabilities [B, H, nb, T]
+    /// f32 go to `each(block, probs)`; returns the attention output [B, n, hidden]. Row for row
+    /// the computation of `dense_blocks`.
+    pub fn dense_query_blocks(
+        &self,
+        p: &Projected,
+        latent: &Tensor,
+        ctx: &super::ForwardContext,
+        blocks: &[crate::dist::context::RowBlock],
+        mut each: impl FnMut(crate::dist::context::RowBlock, Tensor) -> Result<()>,
+    ) -> Result<Tensor> {
+        let (b, _, h, _) = p.q_nope.dims4()?;
+        let (t, c) = (latent.dim(1)?, self.kv_lora);
+        let c_norm = latent.narrow(2, 0, c)?.contiguous()?;
+        let k_pe = latent
+            .narrow(2, c, self.rope)?
+            .reshape((b, t, 1, self.rope))?;
+        let (k, v) = self.mha_kv(&c_norm, &k_pe)?;
+        let (q, k, v) = (self.mha_q(p)?.detach(), k.detach(), v.detach());
+        let mut outs = Vec::with_capacity(blocks.len());
+        for &blk in blocks {
+            let causal = ctx.causal(blk.pos, blk.n)?; // [n, T] or [B, n, T]
+            let probs = self.dense_probs_rows(&q, &k, &causal, blk.local, blk.n)?; // [B, H, n, T]
+            let o = probs.to_dtype(v.dtype())?.matmul(&v)?; // [B, H, n, V]
+            let o = o.transpose(1, 2)?.reshape((b, blk.n, h * self.v_dim))?;
+            outs.push(linear(&o, &self.o_proj)?.detach()); // [B, n, hidden]
+            each(blk, probs)?;
+        }
+        Tensor::cat(&outs, 1)
     }
 
     /// Dense causal probabilities per head of queries q0..q0+n against every key, [B, H, n, T]

@@ -57,6 +57,29 @@ impl Indexer {
             let kl = self.sparse_kl_backward(&args, grads)?;
             return kl.to_dtype(DType::F32);
         }
+        if let Some(DeferredKl::Rows { kl_sum, dq, dw, dk }) = &stats.deferred_kl {
+            // The warm-up under context parallelism: the mean is over every position of the
+            // sequences (the group's ranks' terms add up to it); the keys' gradients go home.
+            let (x, qr) = stats
+                .indexer_inputs
+                .as_ref()
+                .ok_or_else(|| missing("indexer inputs"))?;
+            let (b, _, hi, di) = dq.dims4()?;
+            let scale = weight / (b * ctx.t) as f64;
+            let dk = ctx.key_grads_home(&(dk * scale)?)?;
+            let (cos, sin) = ctx.local_rope()?;
+            let rows = query_block_rows(b, ctx.t, hi, di);
+            self.projections_backward(
+                x,
+                qr,
+                &cos,
+                &sin,
+                (&(dq * scale)?, &(dw * scale)?, &dk),
+                rows,
+                grads,
+            )?;
+            return (kl_sum / (b * ctx.t) as f64)?.to_dtype(DType::F32);
+        }
         let proj = match (
             &stats.indexer_proj,
             stats.deferred_kl.as_ref().and_then(|d| d.proj()),
@@ -103,8 +126,8 @@ impl Indexer {
                     )?;
                     ((r.kl.sum_all()? / (b * t) as f64)?, r.dqi, r.dw, r.dki)
                 }
-                DeferredKl::Sparse { .. } => {
-                    candle_core::bail!("a sparse-stage KL is handled above")
+                DeferredKl::Sparse { .. } | DeferredKl::Rows { .. } => {
+                    candle_core::bail!("a sparse-stage or context-parallel KL is handled above")
                 }
                 DeferredKl::Plain { proj, target } => {
                     // About 2^26 score elements per block (the [B, n*HI, T] intermediate).

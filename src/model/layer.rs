@@ -127,11 +127,16 @@ impl DecoderLayer {
     ) -> Result<(Tensor, LayerStats)> {
         let sparse = opts.attention() == AttentionMode::Sparse;
         if ctx.shard.is_some() {
-            // Context parallelism: the block body, whose attention reads the gathered kv.
-            if !sparse || opts.recall() || !opts.defer_kl() {
-                candle_core::bail!("context parallelism runs the sparse stage's training pass only (no dense attention, recall or evaluation pass)");
+            // Context parallelism: the rank's query rows against every position's gathered
+            // latent kv (and indexer keys): the sparse stage's block body, or the warm-up's.
+            if opts.recall() || !opts.defer_kl() {
+                candle_core::bail!("context parallelism runs the sparse stage's and the warm-up's training passes only (no dense-stage, recall or evaluation pass)");
             }
-            return self.forward_blocks(h, ctx, opts, cached);
+            return if sparse {
+                self.forward_blocks(h, ctx, opts, cached)
+            } else {
+                self.forward_context_warmup(h, ctx, opts)
+            };
         }
         if opts.block_rows() > 0 && sparse && !opts.recall() {
             return self.forward_blocks(h, ctx, opts, cached);
@@ -480,6 +485,109 @@ impl DecoderLayer {
                 select_indexer_topk(k, queries, *rows, ctx, opts.topk(), fast(k))
             }
         }
+    }
+
+    /// The warm-up's training pass under context parallelism (the main model frozen, no
+    /// graph): the rank's query rows of `h` [B, n, hidden] attend densely to every position,
+    /// whose latent kv rows and indexer keys the context group gathers; a block of query rows
+    /// at a time (`eval_block_rows`, blocks paired over the group) the attention's per-head
+    /// probabilities give the KL target (their head mean) and the KL of those rows is
+    /// differentiated at once in the indexer's projections (its queries and weights of the
+    /// block, every position's keys), so the deferred KL holds gradients, not the [n, T]
+    /// target (`DeferredKl::Rows`). The feed-forward runs on the rank's rows
+    /// (`opts.feed_forward_rows()` at a time, blocks paired over the group for the expert
+    /// exchange). Numerics: the whole-sequence warm-up's plain path (`DeferredKl::Plain`) row
+    /// for row; sums over blocks and ranks in another order.
+    fn forward_context_warmup(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        opts: &Pass,
+    ) -> Result<(Tensor, LayerStats)> {
+        let mut stats = LayerStats::default();
+        let h = h.detach();
+        let (b, n, _) = h.dims3()?;
+        let x = rms_norm(self.kernels, &h, &self.input_norm, self.eps)?;
+        let (cos, sin) = ctx.local_rope()?;
+        let proj = self.attn.project(&x, &cos, &sin)?;
+        // Every position's latent kv row [B, T, C+R] and indexer key [B, T, DI] (f32).
+        let own = Tensor::cat(&[&proj.c_norm, &proj.k_pe.squeeze(2)?], 2)?;
+        let latent = ctx.gather_keys(&own)?;
+        let (xi, qri) = (x.detach(), proj.qr.detach());
+        let keys = ctx.gather_keys(&self.indexer.project_keys(&xi, &cos, &sin)?.detach())?;
+        let t = ctx.t;
+        let rows = eval_block_rows(b, t, self.attn.heads, self.indexer.heads);
+        let blocks = ctx.query_blocks(rows).map_err(candle_core::Error::wrap)?;
+        let (mut dq, mut dw) = (vec![], vec![]);
+        let mut dk = Tensor::zeros(keys.shape(), DType::F32, keys.device())?;
+        let mut kl_sum = Tensor::zeros((), DType::F32, keys.device())?;
+        let attn_out =
+            self.attn
+                .dense_query_blocks(&proj, &latent, ctx, &blocks, |blk, probs| {
+                    let (q, w) = self.indexer.project_queries(
+                        &xi.narrow(1, blk.local, blk.n)?,
+                        &qri.narrow(1, blk.local, blk.n)?,
+                        &cos.narrow(0, blk.local, blk.n)?,
+                        &sin.narrow(0, blk.local, blk.n)?,
+                    )?;
+                    let leaves = (
+                        candle_core::Var::from_tensor(&q.detach())?,
+                        candle_core::Var::from_tensor(&w.detach())?,
+                        candle_core::Var::from_tensor(&keys)?,
+                    );
+                    let p = IndexerProj {
+                        q: leaves.0.as_tensor().clone(),
+                        k: leaves.2.as_tensor().clone(),
+                        w: leaves.1.as_tensor().clone(),
+                    };
+                    let scores = p
+                        .scores_rows(0, blk.n)?
+                        .broadcast_add(&ctx.causal(blk.pos, blk.n)?)?; // [B, n, T]
+                    let kl = kl_rows(&probs.mean(1)?, &scores)?.sum_all()?;
+                    let g = kl.backward()?;
+                    let grad = |v: &candle_core::Var| -> Result<Tensor> {
+                        match g.get(v.as_tensor()) {
+                            Some(x) => Ok(x.detach()),
+                            None => v.as_tensor().zeros_like(),
+                        }
+                    };
+                    dq.push(grad(&leaves.0)?);
+                    dw.push(grad(&leaves.1)?);
+                    dk = (&dk + grad(&leaves.2)?)?;
+                    kl_sum = (&kl_sum + kl.detach().to_dtype(DType::F32)?)?;
+                    Ok(())
+                })?;
+        stats.deferred_kl = Some(DeferredKl::Rows {
+            kl_sum,
+            dq: Tensor::cat(&dq, 1)?,
+            dw: Tensor::cat(&dw, 1)?,
+            dk,
+        });
+        stats.indexer_inputs = Some((xi, qri));
+        let h = (&h + attn_out)?;
+        let rows = opts.feed_forward_rows().unwrap_or(n.max(1));
+        let blocks = ctx.query_blocks(rows).map_err(candle_core::Error::wrap)?;
+        let mut outs = Vec::with_capacity(blocks.len());
+        let mut chosen = Vec::new();
+        for blk in &blocks {
+            let hb = h.narrow(1, blk.local, blk.n)?;
+            let d = hb.dim(2)?;
+            let x = rms_norm(self.kernels, &hb, &self.post_attention_norm, self.eps)?
+                .reshape((b * blk.n, d))?;
+            let f = match &self.ffn {
+                FeedForward::Dense(mlp) => mlp.forward(&x)?,
+                FeedForward::Moe(moe) => {
+                    let (out, picked, _) = moe.forward_flat(&x)?;
+                    chosen.extend(picked);
+                    out
+                }
+            };
+            outs.push((hb + f.reshape((b, blk.n, d))?)?);
+        }
+        if let FeedForward::Moe(moe) = &self.ffn {
+            stats.expert_counts = Some(moe.counts(&chosen));
+        }
+        Ok((Tensor::cat(&outs, 1)?, stats))
     }
 
     /// `forward_with` in block mode (sparse attention, `opts.block_rows()` queries at a time):

@@ -259,6 +259,16 @@ pub enum DeferredKl {
         sel: crate::dsa::Selection,
         rows: usize,
     },
+    /// The warm-up under context parallelism: the KL already differentiated, block by block,
+    /// in the indexer's projections. `kl_sum`: the sum over the rank's query rows of their KL
+    /// (f32 scalar); its gradients in the rows' queries `dq` [B, n, HI, DI] and head weights
+    /// `dw` [B, n, HI], and in every position's keys `dk` [B, T, DI] (f32, this rank's terms).
+    Rows {
+        kl_sum: Tensor,
+        dq: Tensor,
+        dw: Tensor,
+        dk: Tensor,
+    },
 }
 
 impl DeferredKl {
@@ -266,7 +276,7 @@ impl DeferredKl {
     pub fn proj(&self) -> Option<&indexer::IndexerProj> {
         match self {
             DeferredKl::Plain { proj, .. } | DeferredKl::Streaming { proj, .. } => Some(proj),
-            DeferredKl::Sparse { .. } => None,
+            DeferredKl::Sparse { .. } | DeferredKl::Rows { .. } => None,
         }
     }
 

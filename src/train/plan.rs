@@ -193,7 +193,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         Stage::Dense => 3.0 * (2.0 * active_main * tokens + dense_attn),
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
-    // Context parallelism (sparse stage): each device computes 1/cp of every sequence's
+    // Context parallelism (warm-up and sparse stage): each device computes 1/cp of every sequence's
     // tokens; what a query reads of the others (the latent kv rows and indexer keys, and
     // their gradients) is gathered whole.
     let cp = recipe.parallel.cp.max(1) as f64;
@@ -242,8 +242,25 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         0 => micro_tokens,
         rows => (rows as f64).min(micro_tokens),
     };
-    let warmup_working_set = micro_tokens * per_seq_token
-        + (micro_tokens * mha_attention).max(micro_tokens * kl_scores + ffn_tokens * per_query_ffn);
+    let warmup_working_set = if cp > 1.0 {
+        // Context parallelism (`DecoderLayer::forward_context_warmup`): every position's
+        // gathered latent row (dtype) and indexer key with its gradient (f32), the MHA keys,
+        // values and kv_b_proj output of every position; the rank's rows' inputs, per-head
+        // queries, output and the KL's query gradients (f32); one block of query rows'
+        // probabilities and the KL's work on them (about 4 f32 tensors of 2^26 values); the
+        // feed-forward's block of the rank's tokens.
+        let gathered = (c + r) * dtype_bytes + 8.0 * di + mha_attention - dtype_bytes * h * qk;
+        let own =
+            (2.0 * hidden + q_lora) * dtype_bytes + dtype_bytes * h * qk + 4.0 * hi * (di + 1.0);
+        micro_tokens * gathered
+            + local_tokens * own
+            + 4.0 * 4.0 * (1u64 << 26) as f64
+            + ffn_tokens.min(local_tokens) * per_query_ffn
+    } else {
+        micro_tokens * per_seq_token
+            + (micro_tokens * mha_attention)
+                .max(micro_tokens * kl_scores + ffn_tokens * per_query_ffn)
+    };
     let block = recipe.train.block_rows;
     let blocked = stage == Stage::Sparse && recipe.train.recompute && block > 0;
     let sparse_working_set = if blocked {
@@ -280,7 +297,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         recipe.train.recompute && recipe.train.offload_activations && stage == Stage::Sparse;
     let host_bytes = if offload { kept } else { 0.0 };
     let activation_bytes = match stage {
-        Stage::Warmup => micro_tokens * hidden * dtype_bytes * 4.0 + warmup_working_set,
+        Stage::Warmup => local_tokens * hidden * dtype_bytes * 4.0 + warmup_working_set,
         Stage::Sparse if recipe.train.recompute => {
             // Offloaded: the layer's input and output (pass 1) or input and output gradient
             // (pass 2) and the one set in use stay on the device.
@@ -452,19 +469,28 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         * exchange_passes;
     // Context exchange, per layer (MTP included) and micro-batch: the rank's kv rows (C+R in the
     // dtype) to the cp - 1 others in the forward and again in the recomputation, its indexer
-    // keys (DI f32) once, and the others' rows of the kv and key gradients (f32) home.
+    // keys (DI f32) once, and the others' rows of the kv and key gradients (f32) home. The
+    // warm-up (main model frozen, nothing recomputed): the kv rows and the keys once, the
+    // keys' gradients home.
+    let per_token_context = if stage == Stage::Warmup {
+        (c + r) * dtype_bytes + 2.0 * di * 4.0
+    } else {
+        (c + r) * (2.0 * dtype_bytes + 4.0) + 2.0 * di * 4.0
+    };
     let context_comm_bytes = if cp > 1.0 {
         (layers + if with_mtp { 1.0 } else { 0.0 })
             * micro_per_device
             * micro_tokens
             * ((cp - 1.0) / cp)
-            * ((c + r) * (2.0 * dtype_bytes + 4.0) + 2.0 * di * 4.0)
+            * per_token_context
     } else {
         0.0
     };
     // ZeRO-3 gathers, per layer and micro-batch: the rank's rows of the gathered tensors to
-    // every other holder, for the first pass and again for the recomputing backward.
-    let gather_comm_bytes = 2.0
+    // every other holder, for the first pass and again for the recomputing backward (the
+    // warm-up's indexer: once).
+    let passes = if stage == Stage::Warmup { 1.0 } else { 2.0 };
+    let gather_comm_bytes = passes
         * micro_per_device
         * specs
             .iter()
@@ -1043,6 +1069,27 @@ mod tests {
         );
         // The gathered part is whole: halving the rows takes less than half the activations.
         assert!(two.activation_bytes > one.activation_bytes / 2.0);
+        // The warm-up: the kv rows (dtype) and keys (f32) out once, the keys' gradients home.
+        let mut w = slice_recipe(Stage::Warmup, 131072, 0);
+        w.train.global_batch_seqs = 4;
+        w.train.micro_batch_seqs = 1;
+        w.parallel.dp = 4;
+        let one = plan_for(&w, &cfg);
+        w.parallel.dp = 2;
+        w.parallel.cp = 2;
+        let two = plan_for(&w, &cfg);
+        let want = cfg.num_hidden_layers as f64
+            * 2.0
+            * 131072.0
+            * 0.5
+            * ((c + r_dim) * 2.0 + 2.0 * di * 4.0);
+        assert!(
+            (two.context_comm_bytes - want).abs() < 1.0,
+            "warm-up: {} vs {want}",
+            two.context_comm_bytes
+        );
+        assert_eq!(two.weight_bytes, one.weight_bytes);
+        assert!(two.activation_bytes < one.activation_bytes);
     }
 
     /// ZeRO-3 in the sparse stage (everything trains): the layers' weights leave the device
