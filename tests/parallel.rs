@@ -975,6 +975,29 @@ fn layout_errors_are_one_clear_line() {
     );
 }
 
+/// The same tensors, and every tensor's values (first-step gradients) within 1e-5 of the
+/// reference tensor's largest value.
+fn assert_same_gradients(
+    reference: &std::collections::BTreeMap<String, Vec<f32>>,
+    got: &std::collections::BTreeMap<String, Vec<f32>>,
+    what: &str,
+) {
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        reference.keys().collect::<Vec<_>>(),
+        "{what}: tensors"
+    );
+    for (tensor, a) in reference {
+        let b = &got[tensor];
+        let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
+        let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(
+            err <= 1e-5 * scale,
+            "{what}: the gradient of {tensor} differs by {err:e} (largest {scale:e})"
+        );
+    }
+}
+
 /// The first Adam moment of every tensor in the checkpoint `dir` (after one step it is
 /// (1 - beta1) times the step's gradient), re-assembled whatever the layout that wrote it.
 fn first_moments(dir: &Path) -> std::collections::BTreeMap<String, Vec<f32>> {
@@ -1049,20 +1072,7 @@ fn context_parallel_matches_one_process() {
             context_bytes(&f.out(name))
         );
         let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            reference.keys().collect::<Vec<_>>(),
-            "{what}: tensors"
-        );
-        for (tensor, a) in &reference {
-            let b = &got[tensor];
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{what}: the gradient of {tensor} differs by {err:e} (largest {scale:e})"
-            );
-        }
+        assert_same_gradients(&reference, &got, &what);
         assert_close_within(
             &losses(&f.out("cp-one")),
             &losses(&f.out(name)),
@@ -1218,20 +1228,7 @@ fn zero3_shards_the_trained_layers_and_matches_one_process() {
             .collect();
         assert!(gathered.iter().all(|&b| b > 0), "{what}: {gathered:?}");
         let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            reference.keys().collect::<Vec<_>>(),
-            "{what}: tensors"
-        );
-        for (tensor, a) in &reference {
-            let b = &got[tensor];
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{what}: the gradient of {tensor} differs by {err:e} (largest {scale:e})"
-            );
-        }
+        assert_same_gradients(&reference, &got, &what);
         assert_close_within(
             &losses(&f.out("z3-one")),
             &losses(&f.out(name)),
@@ -1345,20 +1342,7 @@ fn context_parallel_warmup_matches_one_process() {
         let what = format!("warm-up: {name} vs 1 process");
         let want = first_moments(&f.out(&format!("{reference}/step-1")));
         let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_eq!(
-            got.keys().collect::<Vec<_>>(),
-            want.keys().collect::<Vec<_>>(),
-            "{what}: tensors"
-        );
-        for (tensor, a) in &want {
-            let b = &got[tensor];
-            let scale = a.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-30);
-            let err = a.iter().zip(b).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
-            assert!(
-                err <= 1e-5 * scale,
-                "{what}: the gradient of {tensor} differs by {err:e} (largest {scale:e})"
-            );
-        }
+        assert_same_gradients(&want, &got, &what);
         assert_close_within(
             &losses(&f.out(reference)),
             &losses(&f.out(name)),
