@@ -913,8 +913,9 @@ fn layout_errors_are_one_clear_line() {
         &run_cli(&["train", r, "--set", "parallel.cp=2"]),
         &["parallel.cp = 2 must divide the job's 1 rank(s)"],
     );
-    // `check` runs the same validation for a world it is given: context parallelism is the
-    // warm-up's and the sparse stage's, and needs chunks of at least 2 tokens.
+    // `check` runs the same validation for a world it is given: context parallelism in the
+    // dense and sparse stages runs their explicit (recomputing) layer backward, and needs
+    // chunks of at least 2 tokens.
     let dense = f.recipe("dense", "bad-dense", &f.root.join("model"), 2);
     assert_clean_error(
         &run_cli(&[
@@ -924,8 +925,10 @@ fn layout_errors_are_one_clear_line() {
             "2",
             "--set",
             "parallel.cp=2",
+            "--set",
+            "train.recompute=false",
         ]),
-        &["parallel.cp = 2 is built for the warm-up", "dense"],
+        &["parallel.cp = 2", "train.recompute = true", "\"dense\""],
     );
     let sparse = f.recipe("sparse", "bad-sparse", &f.root.join("model"), 2);
     let sp = sparse.to_str().unwrap();
@@ -1340,6 +1343,81 @@ fn context_parallel_warmup_matches_one_process() {
         let args: Vec<&str> = common.iter().copied().chain(layout).collect();
         train_ranks(world, &r, &args);
         let what = format!("warm-up: {name} vs 1 process");
+        let want = first_moments(&f.out(&format!("{reference}/step-1")));
+        let got = first_moments(&f.out(&format!("{name}/step-1")));
+        assert_same_gradients(&want, &got, &what);
+        assert_close_within(
+            &losses(&f.out(reference)),
+            &losses(&f.out(name)),
+            &what,
+            1e-5,
+        );
+        assert_close_within(
+            &grad_norms(&f.out(reference)),
+            &grad_norms(&f.out(name)),
+            &format!("{what}, grad norms"),
+            1e-5,
+        );
+        let context: Vec<u64> = metrics::read(&f.out(name).join("metrics.jsonl"))
+            .unwrap()
+            .iter()
+            .map(|m| m.context_bytes)
+            .collect();
+        assert!(context.iter().all(|&b| b > 0), "{what}: {context:?}");
+    }
+}
+
+/// Context parallelism in the dense stage (every causal key, the main model and the MTP module
+/// learning by the language-modelling loss, the balance loss on): each rank's query rows
+/// attend to every position's gathered latent kv and the keys' gradients go home. Against one
+/// process: cp 2, cp 4, cp 2 x ep 2 and cp 2 with document masking; every tensor's first-step
+/// gradient (first Adam moment) within 1e-5 of its largest, three steps' losses and gradient
+/// norms within 1e-5.
+#[test]
+fn context_parallel_dense_stage_matches_one_process() {
+    let f = Fixture::new(17);
+    let model = f.root.join("model");
+    let common = ["--set", "train.eps=1e-4", "--set", "checkpoint.every=1"];
+    let corpus = dsa_train::tiny::synthetic_corpus(512, 4096, 17);
+    let mut counts = vec![0usize; 512];
+    corpus.iter().for_each(|&t| counts[t as usize] += 1);
+    let eos = (0..512).max_by_key(|&t| counts[t]).unwrap();
+    let eos_set = format!("data.eos_id={eos}");
+    let docs = [
+        "--set",
+        "data.document_mask=true",
+        "--set",
+        eos_set.as_str(),
+    ];
+    let one = f.recipe("dense", "d-one", &model, 3);
+    train_ranks(1, &one, &common);
+    let one_docs = f.recipe("dense", "d-one-docs", &model, 3);
+    train_ranks(1, &one_docs, &[&common[..], &docs[..]].concat());
+    assert_ne!(
+        losses(&f.out("d-one")),
+        losses(&f.out("d-one-docs")),
+        "the windows hold documents"
+    );
+    for (name, world, reference, layout) in [
+        ("d-cp2", 2, "d-one", vec!["--set", "parallel.cp=2"]),
+        ("d-cp4", 4, "d-one", vec!["--set", "parallel.cp=4"]),
+        (
+            "d-cp2-ep2",
+            2,
+            "d-one",
+            vec!["--set", "parallel.cp=2", "--set", "parallel.ep=2"],
+        ),
+        (
+            "d-cp2-docs",
+            2,
+            "d-one-docs",
+            [&docs[..], &["--set", "parallel.cp=2"]].concat(),
+        ),
+    ] {
+        let r = f.recipe("dense", name, &model, 3);
+        let args: Vec<&str> = common.iter().copied().chain(layout).collect();
+        train_ranks(world, &r, &args);
+        let what = format!("dense: {name} vs 1 process");
         let want = first_moments(&f.out(&format!("{reference}/step-1")));
         let got = first_moments(&f.out(&format!("{name}/step-1")));
         assert_same_gradients(&want, &got, &what);

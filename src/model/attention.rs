@@ -129,6 +129,9 @@ pub struct DenseSaved {
     rows: usize,
     /// Document masking: each query's first key, u32 [B, T].
     starts: Option<Tensor>,
+    /// Context parallelism: the query rows' blocks and positions (the keys are every
+    /// position's); None: queries and keys are the same positions.
+    blocks: Option<Vec<crate::dist::context::RowBlock>>,
 }
 
 /// The absorbed attention's gradients with respect to its inputs.
@@ -466,36 +469,46 @@ impl Mla {
     }
 
     /// The dense stage's attention (MHA mode over every causal key, the flash-style forward of
-    /// `dense_recomputing`) from the latent kv rows `kv` [B*T, C+R] and the queries, keeping
-    /// what `dense_backward` reads: -> the attention output [B, T, hidden].
+    /// `dense_recomputing`) from the latent kv rows `kv` [B*T, C+R] and the queries [B, n, H,
+    /// .], keeping what `dense_backward` reads: -> the attention output [B, n, hidden].
+    /// `blocks`: None, queries at the keys' positions (n = T); under context parallelism the
+    /// query rows' blocks with their positions (`ForwardContext::query_blocks`), the keys every
+    /// position's (the plain path, `dense_recompute::forward_rows`).
     pub fn dense_saved(
         &self,
         q_nope: &Tensor,
         q_pe: &Tensor,
         kv: &Tensor,
         starts: Option<&Tensor>,
+        blocks: Option<Vec<crate::dist::context::RowBlock>>,
     ) -> Result<(Tensor, DenseSaved)> {
         let (b, t, h, _) = q_nope.dims4()?;
         let (c, r) = (self.kv_lora, self.rope);
-        let kv = kv.reshape((b, t, c + r))?;
-        let c_norm = kv.narrow(2, 0, c)?;
-        let k_pe = kv.narrow(2, c, r)?.reshape((b, t, 1, r))?;
+        let keys = kv.dim(0)? / b;
+        let kv = kv.reshape((b, keys, c + r))?;
+        let c_norm = kv.narrow(2, 0, c)?.contiguous()?;
+        let k_pe = kv.narrow(2, c, r)?.reshape((b, keys, 1, r))?;
         let p = Projected {
             qr: c_norm.clone(),
             q_nope: q_nope.clone(),
             q_pe: q_pe.clone(),
-            c_norm: c_norm.contiguous()?,
+            c_norm,
             k_pe,
         };
-        let (q, k, v) = self.mha_qkv(&p)?; // [B, H, T, N+R], [B, H, T, N+R], [B, H, T, V]
-        let rows = super::dense_recompute::block_rows(b, h, t);
+        let q = self.mha_q(&p)?; // [B, H, n, N+R]
+        let (k, v) = self.mha_kv(&p.c_norm, &p.k_pe)?; // [B, H, T, N+R], [B, H, T, V]
+        let rows = super::dense_recompute::block_rows(b, h, keys);
         let kernel = q.dtype() == DType::BF16
             && self.kernels.on(q.device())
             && crate::kernels::warmup_kl::supported(q.dim(3)?, v.dim(3)?, 1, 16);
-        let (o, lse) = if kernel {
-            crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, starts)?
-        } else {
-            super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows, starts)?
+        let (o, lse) = match &blocks {
+            Some(blocks) => {
+                super::dense_recompute::forward_rows(&q, &k, &v, self.scale, blocks, starts)?
+            }
+            None if kernel => {
+                crate::kernels::warmup_kl::dense_attention_fwd(&q, &k, &v, self.scale, starts)?
+            }
+            None => super::dense_recompute::forward_blocks(&q, &k, &v, self.scale, rows, starts)?,
         };
         let o = o.to_dtype(v.dtype())?; // [B, H, T, V]
         let o_flat = o.transpose(1, 2)?.reshape((b, t, h * self.v_dim))?;
@@ -512,12 +525,14 @@ impl Mla {
                 o_flat,
                 rows,
                 starts: starts.cloned(),
+                blocks,
             },
         ))
     }
 
-    /// The backward of `dense_saved`: dout [B, T, hidden] -> (d q_nope head-major [H, B*T, N],
-    /// d q_pe [B*T, H, R], as `queries_backward` takes them, and d kv [B*T, C+R] f32); o_proj's and kv_b_proj's gradients to `grads`. The
+    /// The backward of `dense_saved`: dout [B, n, hidden] -> (d q_nope head-major [H, B*n, N],
+    /// d q_pe [B*n, H, R], as `queries_backward` takes them, and d kv [B*T, C+R] f32 of every
+    /// key position); o_proj's and kv_b_proj's gradients to `grads`. The
     /// attention through the tensor-core backward (bf16 on CUDA) or
     /// `dense_recompute::backward_blocks`, as `dense_recomputing`'s autograd runs them; the
     /// shared k_pe's gradient is the sum over heads.
@@ -537,36 +552,48 @@ impl Mla {
             .reshape((b, t, h, v_dim))?
             .transpose(1, 2)?
             .contiguous()?; // [B, H, T, V]
-        let (dq, dk, dv) =
-            if super::dense_recompute::use_backward_kernel(self.kernels, &saved.q, &saved.v)? {
-                crate::kernels::warmup_kl::dense_attention_bwd(
-                    &saved.q,
-                    &saved.k,
-                    &saved.v,
-                    &saved.o,
-                    &saved.lse,
-                    &d_o,
-                    self.scale,
-                    saved.starts.as_ref(),
-                )?
-            } else {
-                super::dense_recompute::backward_blocks(
-                    &saved.q,
-                    &saved.k,
-                    &saved.v,
-                    &saved.o,
-                    &saved.lse,
-                    &d_o,
-                    self.scale,
-                    saved.rows,
-                    saved.starts.as_ref(),
-                )?
-            };
+        let keys = saved.k.dim(2)?;
+        let (dq, dk, dv) = if let Some(blocks) = &saved.blocks {
+            super::dense_recompute::backward_rows(
+                &saved.q,
+                &saved.k,
+                &saved.v,
+                &saved.o,
+                &saved.lse,
+                &d_o,
+                self.scale,
+                blocks,
+                saved.starts.as_ref(),
+            )?
+        } else if super::dense_recompute::use_backward_kernel(self.kernels, &saved.q, &saved.v)? {
+            crate::kernels::warmup_kl::dense_attention_bwd(
+                &saved.q,
+                &saved.k,
+                &saved.v,
+                &saved.o,
+                &saved.lse,
+                &d_o,
+                self.scale,
+                saved.starts.as_ref(),
+            )?
+        } else {
+            super::dense_recompute::backward_blocks(
+                &saved.q,
+                &saved.k,
+                &saved.v,
+                &saved.o,
+                &saved.lse,
+                &d_o,
+                self.scale,
+                saved.rows,
+                saved.starts.as_ref(),
+            )?
+        };
         let to_tokens =
             |x: Tensor| -> Result<Tensor> { x.to_dtype(dtype)?.transpose(1, 2)?.contiguous() }; // [B, T, H, .]
         let (dq, dk, dv) = (to_tokens(dq)?, to_tokens(dk)?, to_tokens(dv)?);
         let dkv_b =
-            Tensor::cat(&[&dk.narrow(3, 0, n)?, &dv], 3)?.reshape((b, t, h * (n + v_dim)))?;
+            Tensor::cat(&[&dk.narrow(3, 0, n)?, &dv], 3)?.reshape((b, keys, h * (n + v_dim)))?;
         let (dc_norm, dw) = linear_backward(
             &saved.c_norm,
             &self.kv_b_proj,
@@ -576,8 +603,8 @@ impl Mla {
         add_if_wanted(grads, &self.kv_b_proj, dw)?;
         // k_pe is one key shared by the heads: its gradient is the heads' sum (f32).
         let dk_pe = dk.narrow(3, n, r)?.to_dtype(DType::F32)?.sum(2)?; // [B, T, R]
-        let dkv =
-            Tensor::cat(&[&dc_norm.to_dtype(DType::F32)?, &dk_pe], 2)?.reshape((b * t, c + r))?;
+        let dkv = Tensor::cat(&[&dc_norm.to_dtype(DType::F32)?, &dk_pe], 2)?
+            .reshape((b * keys, c + r))?;
         // The queries' gradients as `queries_backward` takes them, as views of dq.
         let dq = dq.reshape((b * t, h, n + r))?;
         Ok((

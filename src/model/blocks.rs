@@ -49,6 +49,18 @@ pub struct BlockPass {
     pub chosen: Option<Vec<u32>>,
 }
 
+/// The dense stage's attention half of a layer as its backward reads it
+/// (`DecoderLayer::dense_attention_saved`); `cos`, `sin` the query rows' RoPE tables.
+pub(crate) struct DenseAttentionSaved {
+    pub h1: Tensor,
+    xn: Tensor,
+    kv_saved: super::attention::KvSaved,
+    q_saved: super::attention::QuerySaved,
+    a_saved: super::attention::DenseSaved,
+    cos: Tensor,
+    sin: Tensor,
+}
+
 /// Which way the block body runs.
 enum Direction<'a, 'g> {
     /// Outputs, probabilities and expert choices (`BlockPass`).
@@ -167,6 +179,44 @@ impl DecoderLayer {
         )
     }
 
+    /// The dense stage's attention half of the layer from its input `h` [B, n, D] (the
+    /// context's query rows), keeping what the backward reads: the norm, the latent kv rows
+    /// and queries, the attention over every causal key (under context parallelism the rows
+    /// against every position's gathered latent kv, `dense_recompute::forward_rows`), and the
+    /// residual h1 = h + attention.
+    pub(crate) fn dense_attention_saved(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<DenseAttentionSaved> {
+        let (b, n, _) = h.dims3()?;
+        let (cos, sin) = ctx.local_rope()?;
+        let xn = rms_norm(self.kernels, h, &self.input_norm, self.eps)?;
+        let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &cos, &sin)?; // [B*n, C+R]
+        let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xn, &cos, &sin)?;
+        let starts = ctx.starts.as_ref().map(|s| s.tensor());
+        let (kv, blocks) = match &ctx.shard {
+            Some(_) => {
+                let width = kv.dim(1)?;
+                let all = ctx.gather_keys(&kv.reshape((b, n, width))?)?; // [B, T, C+R]
+                let rows = super::dense_recompute::block_rows(b, self.attn.heads, ctx.t);
+                let blocks = ctx.query_blocks(rows).map_err(candle_core::Error::wrap)?;
+                (all.reshape((b * ctx.t, width))?, Some(blocks))
+            }
+            None => (kv, None),
+        };
+        let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv, starts, blocks)?;
+        Ok(DenseAttentionSaved {
+            h1: (h + a)?,
+            xn,
+            kv_saved,
+            q_saved,
+            a_saved,
+            cos,
+            sin,
+        })
+    }
+
     fn dense_backward_detached(
         &self,
         h: &Tensor,
@@ -180,12 +230,15 @@ impl DecoderLayer {
         let eps = self.eps;
         let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
         let dout = dout.to_dtype(h.dtype())?;
-        let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
-        let (kv, kv_saved) = self.attn.latent_kv_saved(&xn, &ctx.cos, &ctx.sin)?;
-        let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xn, &ctx.cos, &ctx.sin)?;
-        let starts = ctx.starts.as_ref().map(|s| s.tensor());
-        let (a, a_saved) = self.attn.dense_saved(&q_nope, &q_pe, &kv, starts)?;
-        let h1 = (&h + a)?;
+        let DenseAttentionSaved {
+            h1,
+            xn,
+            kv_saved,
+            q_saved,
+            a_saved,
+            cos,
+            sin,
+        } = self.dense_attention_saved(&h, ctx)?;
         let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
         let dxf = match &self.ffn {
             FeedForward::Dense(mlp) => {
@@ -203,7 +256,9 @@ impl DecoderLayer {
                     }
                     None => None,
                 };
-                let balance = f_rows.as_ref().map(|(f, weight)| (f, b, t, *weight));
+                // The loss's mean is over the whole sequences' tokens (ctx.t: under context
+                // parallelism the group's ranks hold T between them).
+                let balance = f_rows.as_ref().map(|(f, weight)| (f, b, ctx.t, *weight));
                 moe.backward(&xf, &saved, &dout.reshape((b * t, d))?, balance, grads)?
                     .reshape((b, t, d))?
             }
@@ -213,12 +268,21 @@ impl DecoderLayer {
         add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
         let dh1 = (dout + dh1_norm)?;
         let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
+        // Under context parallelism every position's kv gradient goes home (f32, group order).
+        let dkv = match &ctx.shard {
+            Some(_) => {
+                let width = dkv.dim(1)?;
+                ctx.key_grads_home(&dkv.reshape((b, ctx.t, width))?)?
+                    .reshape((b * t, width))?
+            }
+            None => dkv,
+        };
         let dxn = (self
             .attn
-            .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &ctx.cos, &ctx.sin, grads)?
+            .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &cos, &sin, grads)?
             + self
                 .attn
-                .latent_kv_backward(&xn, &kv_saved, &dkv, &ctx.cos, &ctx.sin, grads)?)?;
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &cos, &sin, grads)?)?;
         let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
         dh1 + dh_norm

@@ -28,6 +28,7 @@
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor, D};
 
+use crate::dist::context::{QueryRows, RowBlock};
 use crate::kernels::{Fused, KernelPolicy};
 
 /// Query rows per block so that one block's [B, H, rows, T] f32 scores hold about 2^27 values
@@ -87,17 +88,32 @@ pub fn forward_blocks(
     rows: usize,
     starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor)> {
-    let t = q.dim(2)?;
+    let blocks = QueryRows::whole(q.dim(2)?).blocks(rows.max(1));
+    forward_rows(q, k, v, scale, &blocks, starts)
+}
+
+/// `forward_blocks` for query rows at any positions (context parallelism): q [B, H, n, DQK]
+/// holds the rows of `blocks` (each `RowBlock`'s `n` rows from local row `local`, at sequence
+/// positions `pos`..), k [B, H, T, DQK] and v [B, H, T, DV] every position's; row r attends to
+/// the keys up to its position. `starts`: None or u32 [B, T] by position. -> (out [B, H, n, DV]
+/// f32, lse [B, H, n]) in local row order (the blocks cover the rows in order).
+pub fn forward_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    blocks: &[RowBlock],
+    starts: Option<&Tensor>,
+) -> Result<(Tensor, Tensor)> {
     let (q, k, v) = (
         q.to_dtype(DType::F32)?,
         k.to_dtype(DType::F32)?,
         v.to_dtype(DType::F32)?,
     );
     let (mut outs, mut lses) = (vec![], vec![]);
-    for q0 in (0..t).step_by(rows.max(1)) {
-        let n = rows.min(t - q0);
-        let keys = q0 + n;
-        let s = scores(&q, &k, scale, q0, n, keys, starts)?; // [B, H, n, keys]
+    for &blk in blocks {
+        let keys = blk.pos + blk.n;
+        let s = scores(&q, &k, scale, blk, starts)?; // [B, H, n, keys]
         let lse = crate::ops::logsumexp_last(&s)?; // [B, H, n, 1]
         let p = s.broadcast_sub(&lse)?.exp()?;
         outs.push(p.matmul(&v.narrow(2, 0, keys)?.contiguous()?)?);
@@ -106,18 +122,18 @@ pub fn forward_blocks(
     Ok((Tensor::cat(&outs, 2)?, Tensor::cat(&lses, 2)?))
 }
 
-/// scale q.k + mask bias for queries q0..q0+n against keys 0..keys, f32 [B, H, n, keys]: the
-/// causal bias, and with `starts` (u32 [B, T]) MASKED before each query's first key too.
+/// scale q.k + mask bias for the query rows of `blk` against keys 0..blk.pos + blk.n, f32
+/// [B, H, n, keys]: the causal bias, and with `starts` (u32 [B, T]) MASKED before each query's
+/// first key too.
 fn scores(
     q: &Tensor,
     k: &Tensor,
     scale: f64,
-    q0: usize,
-    n: usize,
-    keys: usize,
+    blk: RowBlock,
     starts: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let qb = q.narrow(2, q0, n)?.contiguous()?;
+    let (q0, n, keys) = (blk.pos, blk.n, blk.pos + blk.n);
+    let qb = q.narrow(2, blk.local, n)?.contiguous()?;
     let kb = k.narrow(2, 0, keys)?.contiguous()?;
     let rows = starts.map(|s| s.narrow(1, q0, n)).transpose()?; // [B, n]
     let bias = crate::dsa::key_bias_rows(q0, n, keys, rows.as_ref(), q.device())?;
@@ -144,7 +160,25 @@ pub fn backward_blocks(
     rows: usize,
     starts: Option<&Tensor>,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let t = q.dim(2)?;
+    let blocks = QueryRows::whole(q.dim(2)?).blocks(rows.max(1));
+    backward_rows(q, k, v, out, lse, dout, scale, &blocks, starts)
+}
+
+/// `backward_blocks` for query rows at any positions (`forward_rows`' backward): dq [B, H, n,
+/// DQK] of the rows, dk and dv of every position [B, H, T, .], all f32.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_rows(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    out: &Tensor,
+    lse: &Tensor,
+    dout: &Tensor,
+    scale: f64,
+    blocks: &[RowBlock],
+    starts: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let t = k.dim(2)?;
     let f = |x: &Tensor| x.to_dtype(DType::F32);
     let (q, k, v, dout) = (f(q)?, f(k)?, f(v)?, f(dout)?);
     let delta = (&dout * f(out)?)?.sum_keepdim(D::Minus1)?; // [B, H, T, 1]
@@ -152,21 +186,20 @@ pub fn backward_blocks(
     let mut dk = k.zeros_like()?;
     let mut dv = v.zeros_like()?;
     let mut dqs = vec![];
-    for q0 in (0..t).step_by(rows.max(1)) {
-        let n = rows.min(t - q0);
-        let keys = q0 + n;
-        let p = scores(&q, &k, scale, q0, n, keys, starts)?
-            .broadcast_sub(&lse.narrow(2, q0, n)?)?
+    for &blk in blocks {
+        let (l0, n, keys) = (blk.local, blk.n, blk.pos + blk.n);
+        let p = scores(&q, &k, scale, blk, starts)?
+            .broadcast_sub(&lse.narrow(2, l0, n)?)?
             .exp()?; // [B, H, n, keys]
-        let do_b = dout.narrow(2, q0, n)?.contiguous()?;
+        let do_b = dout.narrow(2, l0, n)?.contiguous()?;
         let v_b = v.narrow(2, 0, keys)?.contiguous()?;
         let k_b = k.narrow(2, 0, keys)?.contiguous()?;
         let dp = do_b.matmul(&v_b.t()?)?;
-        let ds = (p.clone() * dp.broadcast_sub(&delta.narrow(2, q0, n)?)?)?;
+        let ds = (p.clone() * dp.broadcast_sub(&delta.narrow(2, l0, n)?)?)?;
         dqs.push((ds.matmul(&k_b)? * scale)?);
         let pad = |x: Tensor| x.pad_with_zeros(2, 0, t - keys);
         dv = (dv + pad(p.t()?.matmul(&do_b)?)?)?;
-        dk = (dk + pad((ds.t()?.matmul(&q.narrow(2, q0, n)?.contiguous()?)? * scale)?)?)?;
+        dk = (dk + pad((ds.t()?.matmul(&q.narrow(2, l0, n)?.contiguous()?)? * scale)?)?)?;
     }
     Ok((Tensor::cat(&dqs, 2)?, dk, dv))
 }
@@ -292,7 +325,17 @@ mod tests {
     /// The plain attention of the whole sequence, differentiated by autograd.
     fn whole(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         let t = q.dim(2)?;
-        let s = scores(q, k, scale, 0, t, t, None)?;
+        let s = scores(
+            q,
+            k,
+            scale,
+            RowBlock {
+                local: 0,
+                pos: 0,
+                n: t,
+            },
+            None,
+        )?;
         crate::ops::softmax_last(&s)?.matmul(v)
     }
 
@@ -355,7 +398,17 @@ mod tests {
         let k = crate::rng::randn(&[1, 2, 9, 4], 2, 1.0, &dev)?;
         let v = crate::rng::randn(&[1, 2, 9, 3], 3, 1.0, &dev)?;
         let (_, lse) = forward_blocks(&q, &k, &v, 0.5, 4, None)?;
-        let s = scores(&q, &k, 0.5, 0, 9, 9, None)?;
+        let s = scores(
+            &q,
+            &k,
+            0.5,
+            RowBlock {
+                local: 0,
+                pos: 0,
+                n: 9,
+            },
+            None,
+        )?;
         let expect = crate::ops::logsumexp_last(&s)?.squeeze(D::Minus1)?;
         let d = (lse - expect)?
             .abs()?

@@ -129,13 +129,23 @@ impl DecoderLayer {
         if ctx.shard.is_some() {
             // Context parallelism: the rank's query rows against every position's gathered
             // latent kv (and indexer keys): the sparse stage's block body, or the warm-up's.
-            if opts.recall() || !opts.defer_kl() {
-                candle_core::bail!("context parallelism runs the sparse stage's and the warm-up's training passes only (no dense-stage, recall or evaluation pass)");
-            }
-            return if sparse {
-                self.forward_blocks(h, ctx, opts, cached)
-            } else {
-                self.forward_context_warmup(h, ctx, opts)
+            let dense_stage = matches!(
+                opts,
+                Pass::Train {
+                    stage: crate::recipe::Stage::Dense,
+                    ..
+                }
+            );
+            return match (sparse, opts.defer_kl()) {
+                _ if opts.recall() || opts.eval_rows().is_some() => candle_core::bail!(
+                    "context parallelism runs the training passes only (no recall or evaluation pass)"
+                ),
+                (true, true) => self.forward_blocks(h, ctx, opts, cached),
+                (false, true) => self.forward_context_warmup(h, ctx, opts),
+                (false, false) if dense_stage => self.forward_context_dense(h, ctx),
+                _ => candle_core::bail!(
+                    "context parallelism runs the warm-up's, the sparse stage's and the dense stage's training passes"
+                ),
             };
         }
         if opts.block_rows() > 0 && sparse && !opts.recall() {
@@ -614,24 +624,64 @@ impl DecoderLayer {
         }
         if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, pass.chosen) {
             let (b, rows, _) = h.dims3()?;
-            stats.expert_counts = Some(moe.counts(&chosen));
-            let mut counts = moe.balance_counts(&chosen, b, rows);
-            if let Some(shard) = &ctx.shard {
-                // Each sequence's f counts its tokens on every rank of the context group.
-                let as_f32: Vec<f32> = counts.iter().map(|&c| c as f32).collect(); // exact below 2^24
-                counts = shard
-                    .sum_host(&as_f32)
-                    .map_err(candle_core::Error::wrap)?
-                    .iter()
-                    .map(|&c| c as u32)
-                    .collect();
-            }
-            stats.balance_weights = Some(moe.balance_weights_of(&counts, ctx.t));
-            stats.chosen = Some(chosen);
+            routing_stats(moe, chosen, b, rows, ctx, &mut stats)?;
         }
         stats.selection = Some(sel);
         Ok((pass.out, stats))
     }
+
+    /// The dense stage's first pass under context parallelism: the explicit backward's
+    /// recomputation of the attention half (`dense_attention_saved`: the rank's query rows
+    /// against every position's gathered latent kv) and the feed-forward on the rank's rows,
+    /// without a graph (the trainer recomputes the layer in its second pass); the balance
+    /// loss's per-sequence counts summed over the group (`routing_stats`).
+    fn forward_context_dense(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+    ) -> Result<(Tensor, LayerStats)> {
+        let mut stats = LayerStats::default();
+        let h = h.detach();
+        let (b, n, d) = h.dims3()?;
+        let h1 = self.dense_attention_saved(&h, ctx)?.h1;
+        let x = rms_norm(self.kernels, &h1, &self.post_attention_norm, self.eps)?;
+        let f = match &self.ffn {
+            FeedForward::Dense(mlp) => mlp.forward(&x)?,
+            FeedForward::Moe(moe) => {
+                let (out, chosen, _) = moe.forward_flat(&x.reshape((b * n, d))?)?;
+                routing_stats(moe, chosen, b, n, ctx, &mut stats)?;
+                out.reshape((b, n, d))?
+            }
+        };
+        Ok(((h1 + f)?.detach(), stats))
+    }
+}
+
+/// A MoE layer's routing statistics from the experts `chosen` for the B x `rows` tokens of a
+/// pass: the expert counts, the balance loss's f per sequence (its counts summed over the
+/// context group: each sequence's f counts its tokens on every rank) and the choices.
+fn routing_stats(
+    moe: &Moe,
+    chosen: Vec<u32>,
+    b: usize,
+    rows: usize,
+    ctx: &ForwardContext,
+    stats: &mut LayerStats,
+) -> Result<()> {
+    stats.expert_counts = Some(moe.counts(&chosen));
+    let mut counts = moe.balance_counts(&chosen, b, rows);
+    if let Some(shard) = &ctx.shard {
+        let as_f32: Vec<f32> = counts.iter().map(|&c| c as f32).collect(); // exact below 2^24
+        counts = shard
+            .sum_host(&as_f32)
+            .map_err(candle_core::Error::wrap)?
+            .iter()
+            .map(|&c| c as u32)
+            .collect();
+    }
+    stats.balance_weights = Some(moe.balance_weights_of(&counts, ctx.t));
+    stats.chosen = Some(chosen);
+    Ok(())
 }
 
 /// What a pass holds of the indexer's projections.

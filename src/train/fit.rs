@@ -213,9 +213,9 @@ pub fn search(
         .copied()
         .filter(|&b| b == 0 || b < recipe.data.seq_len)
         .collect();
-    // Context parallelism splits the warm-up's and the sparse stage's sequences (validation
-    // refuses it elsewhere, and sequences it cannot split evenly).
-    let cps: Vec<usize> = if blockable || recipe.stage() == Stage::Warmup {
+    // Context parallelism splits the sequences of the warm-up and of the stages that recompute
+    // (validation refuses it elsewhere, and sequences it cannot split evenly).
+    let cps: Vec<usize> = if recipe.train.recompute || recipe.stage() == Stage::Warmup {
         (1..=n)
             .filter(|cp| n.is_multiple_of(*cp) && recipe.data.seq_len.is_multiple_of(2 * cp))
             .collect()

@@ -160,9 +160,9 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
     if layout.cp > 1 {
         let t = &recipe.train;
-        if recipe.stage() == Stage::Dense || (recipe.stage() == Stage::Sparse && !t.recompute) {
+        if recipe.stage() != Stage::Warmup && !t.recompute {
             bail!(
-                "parallel.cp = {} is built for the warm-up and for the sparse stage with train.recompute = true (this recipe: train.stage = \"{}\", train.recompute = {})",
+                "parallel.cp = {} runs the dense and sparse stages with train.recompute = true (their explicit layer backward; the warm-up needs neither) (this recipe: train.stage = \"{}\", train.recompute = {})",
                 layout.cp,
                 t.stage.name(),
                 t.recompute

@@ -193,7 +193,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         Stage::Dense => 3.0 * (2.0 * active_main * tokens + dense_attn),
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
-    // Context parallelism (warm-up and sparse stage): each device computes 1/cp of every sequence's
+    // Context parallelism (every stage): each device computes 1/cp of every sequence's
     // tokens; what a query reads of the others (the latent kv rows and indexer keys, and
     // their gradients) is gathered whole.
     let cp = recipe.parallel.cp.max(1) as f64;
@@ -316,21 +316,28 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         // probabilities and their gradients (4 tensors of at most 2^27 values), the per-head
         // q, k, v, output and their gradients in the dtype, and the f32 sums of dk and dv.
         Stage::Dense => {
+            // Under context parallelism (`DecoderLayer::dense_attention_saved`) the queries
+            // and outputs are the rank's rows, the keys and values every position's, each
+            // half of the per-head tensors.
             let block_values =
                 (crate::model::dense_recompute::block_rows(b, h as usize, t as usize) as f64
                     * b as f64
                     * h
                     * t as f64)
-                    .min(micro_tokens * t as f64 * h);
-            let dense_working =
-                4.0 * 4.0 * block_values + micro_tokens * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
+                    .min(local_tokens * t as f64 * h);
+            let dense_working = 4.0 * 4.0 * block_values
+                + (local_tokens + micro_tokens) / 2.0 * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
             let kept = if recipe.train.recompute {
-                micro_tokens * hidden * dtype_bytes * layers
+                local_tokens * hidden * dtype_bytes * layers
             } else {
                 34.0 * hidden * micro_tokens * layers
             };
-            // The attention is `dense_working`'s; the rest of a layer is per token.
-            kept + micro_tokens * (per_seq_token + per_query_ffn) + dense_working + lm_chunk
+            // The attention is `dense_working`'s; the rest of a layer is per token (the
+            // gathered latent rows of every position, the feed-forward of the rank's).
+            kept + micro_tokens * per_seq_token
+                + local_tokens * per_query_ffn
+                + dense_working
+                + lm_chunk
         }
     };
     // Parallel layout: dp x cp ranks from the recipe (dp 0 = one replica), each holding every
@@ -472,10 +479,11 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     // keys (DI f32) once, and the others' rows of the kv and key gradients (f32) home. The
     // warm-up (main model frozen, nothing recomputed): the kv rows and the keys once, the
     // keys' gradients home.
-    let per_token_context = if stage == Stage::Warmup {
-        (c + r) * dtype_bytes + 2.0 * di * 4.0
-    } else {
-        (c + r) * (2.0 * dtype_bytes + 4.0) + 2.0 * di * 4.0
+    let per_token_context = match stage {
+        Stage::Warmup => (c + r) * dtype_bytes + 2.0 * di * 4.0,
+        // The dense stage: no indexer keys.
+        Stage::Dense => (c + r) * (2.0 * dtype_bytes + 4.0),
+        Stage::Sparse => (c + r) * (2.0 * dtype_bytes + 4.0) + 2.0 * di * 4.0,
     };
     let context_comm_bytes = if cp > 1.0 {
         (layers + if with_mtp { 1.0 } else { 0.0 })
@@ -1090,6 +1098,26 @@ mod tests {
         );
         assert_eq!(two.weight_bytes, one.weight_bytes);
         assert!(two.activation_bytes < one.activation_bytes);
+        // The dense stage (recomputing): the kv rows out twice (dtype) and their gradients
+        // home (f32); no indexer keys.
+        let mut d = slice_recipe(Stage::Dense, 32768, 0);
+        d.train.recompute = true;
+        d.train.global_batch_seqs = 4;
+        d.train.micro_batch_seqs = 1;
+        d.parallel.dp = 4;
+        let one = plan_for(&d, &cfg);
+        d.parallel.dp = 2;
+        d.parallel.cp = 2;
+        let two = plan_for(&d, &cfg);
+        let want = cfg.num_hidden_layers as f64 * 2.0 * 32768.0 * 0.5 * (c + r_dim) * 8.0;
+        assert!(
+            (two.context_comm_bytes - want).abs() < 1.0,
+            "dense: {} vs {want}",
+            two.context_comm_bytes
+        );
+        assert_eq!(two.weight_bytes, one.weight_bytes);
+        assert!(two.activation_bytes < one.activation_bytes);
+        assert!(two.activation_bytes > one.activation_bytes / 2.0);
     }
 
     /// ZeRO-3 in the sparse stage (everything trains): the layers' weights leave the device

@@ -334,7 +334,7 @@ mod tests {
         assert!(got.contains(&(3, "perf/exchange_gib".into(), 1.5)));
         assert!(got.contains(&(3, "perf/context_gib".into(), 0.5)));
         assert!(got.contains(&(3, "perf/weight_gather_gib".into(), 0.25)));
-        assert_eq!(got.len(), 14);
+        assert_eq!(got.len(), 15);
         let mut bytes = std::fs::read(w.path()).unwrap();
         let n = bytes.len();
         bytes[n - 10] ^= 1;
