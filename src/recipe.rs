@@ -165,6 +165,11 @@ pub struct ParallelConfig {
     /// holds the rows it owns (of the trainable tensors, their f32 masters; in the warm-up, of
     /// the frozen FP8 weights, `model.frozen_fp8`) and a layer's are gathered when it runs.
     pub zero: usize,
+    /// Round the rows the MoE layers hand their routed experts to FP8 e4m3 with one scale per
+    /// row (`model::dispatch`): under expert parallelism half the bytes out; at every ep the
+    /// same values (the rounding is the run's, not the layout's). Trains through the explicit
+    /// backward (`train.recompute = true`) in the dense and sparse stages.
+    pub fp8_dispatch: bool,
 }
 
 impl Default for ParallelConfig {
@@ -174,6 +179,7 @@ impl Default for ParallelConfig {
             cp: 1,
             ep: 1,
             zero: 1,
+            fp8_dispatch: false,
         }
     }
 }

@@ -226,6 +226,8 @@ fn to_le_bytes(s: &CpuStorage, start: usize, len: usize) -> candle_core::Result<
             .iter()
             .flat_map(|x| x.to_le_bytes())
             .collect(),
+        // FP8 codes (the MoE's FP8 dispatch): one byte each.
+        CpuStorage::F8E4M3(v) => v[start..start + len].iter().map(|x| x.to_bits()).collect(),
         other => candle_core::bail!(
             "all_to_all_rows: dtype {:?} is not exchanged",
             other.dtype()
@@ -260,6 +262,9 @@ fn from_le_bytes(dtype: DType, b: &[u8]) -> candle_core::Result<CpuStorage> {
                 .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
                 .collect(),
         ),
+        DType::F8E4M3 => {
+            CpuStorage::F8E4M3(b.iter().map(|&x| float8::F8E4M3::from_bits(x)).collect())
+        }
         other => candle_core::bail!("all_to_all_rows: dtype {other:?} is not exchanged"),
     })
 }

@@ -283,6 +283,18 @@ impl NcclExchange {
         // element of an empty result is never read).
         let mut out =
             unsafe { self.stream.alloc::<T>(total.max(1)) }.map_err(|e| nccl_err("alloc", e))?;
+        self.exchange_into(src, send, recv, &mut out.as_view_mut())?;
+        Ok(out)
+    }
+
+    /// `exchange`, receiving into `out` (at least the sum of `recv` elements).
+    fn exchange_into<T: NcclType + DeviceRepr + ValidAsZeroBits>(
+        &self,
+        src: &candle_core::cuda_backend::cudarc::driver::CudaView<'_, T>,
+        send: &[usize],
+        recv: &[usize],
+        out: &mut candle_core::cuda_backend::cudarc::driver::CudaViewMut<'_, T>,
+    ) -> Result<()> {
         let comm = self
             .comm
             .0
@@ -313,7 +325,34 @@ impl NcclExchange {
         let closed = group_end().map_err(|e| nccl_err("group end", e));
         posted?;
         closed?;
-        Ok(out)
+        Ok(())
+    }
+
+    /// FP8 rows (the MoE's FP8 dispatch) travel as bytes: NCCL has no e4m3 type, and the
+    /// codes are moved, not reduced.
+    fn fp8_rows(
+        &self,
+        x: &CudaStorage,
+        layout: &Layout,
+        send: &[usize],
+        recv: &[usize],
+        row: usize,
+    ) -> Result<CudaStorage> {
+        let src = x
+            .as_cuda_slice::<float8::F8E4M3>()?
+            .slice(layout.start_offset()..);
+        let bytes = unsafe { src.transmute::<u8>(src.len()) }
+            .ok_or_else(|| anyhow!("FP8 rows as bytes"))?;
+        let scale = |v: &[usize]| v.iter().map(|n| n * row).collect::<Vec<_>>();
+        let total = recv.iter().sum::<usize>() * row;
+        let mut out = unsafe { self.stream.alloc::<float8::F8E4M3>(total.max(1)) }
+            .map_err(|e| nccl_err("alloc", e))?;
+        {
+            let mut out_bytes = unsafe { out.transmute_mut::<u8>(total.max(1)) }
+                .ok_or_else(|| anyhow!("FP8 rows as bytes"))?;
+            self.exchange_into(&bytes, &scale(send), &scale(recv), &mut out_bytes)?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, x.device().clone()))
     }
 
     fn rows<T: NcclType + DeviceRepr + ValidAsZeroBits + CudaDType>(
@@ -394,6 +433,7 @@ impl RowExchange for NcclExchange {
             DType::BF16 => self.rows::<half::bf16>(x, layout, send, recv, row),
             DType::F16 => self.rows::<half::f16>(x, layout, send, recv, row),
             DType::F32 => self.rows::<f32>(x, layout, send, recv, row),
+            DType::F8E4M3 => self.fp8_rows(x, layout, send, recv, row),
             other => Err(anyhow!("expert exchange: dtype {other:?} is not exchanged")),
         };
         r.map_err(|e| candle_core::Error::Msg(format!("{e:#}")))

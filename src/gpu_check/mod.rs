@@ -6,6 +6,7 @@
 //! one stripped executable carries both the suite and the benchmarks to the GPU host.
 
 mod fp8_dequant;
+mod fp8_dispatch;
 mod grad_sum;
 mod indexer_topk;
 mod join_rows;
@@ -828,6 +829,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("rows", Box::new(|| rows::checks(&gpu))),
         ("moe-route", Box::new(|| moe_route::checks(&gpu))),
         ("fp8-dequant", Box::new(|| fp8_dequant::checks(&gpu))),
+        ("fp8-dispatch", Box::new(|| fp8_dispatch::checks(&gpu))),
         (
             "fp8-frozen",
             Box::new(|| frozen_fp8_warm_up_matches_dense(&model, &tokens_file, device_name)),

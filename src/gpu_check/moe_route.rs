@@ -166,6 +166,7 @@ fn layer_routing_kernels_match_host(
         norm_topk_prob: true,
         routed_scaling_factor: 2.5,
         compute,
+        dispatch: crate::model::dispatch::Dispatch::Dtype,
         kernels: KernelPolicy::KERNELS,
     };
     let x = w(&[n, d], 8)?;

@@ -77,6 +77,7 @@ impl DecoderLayer {
                 norm_topk_prob: m.norm_topk_prob,
                 routed_scaling_factor: m.routed_scaling_factor,
                 compute: m.compute,
+                dispatch: m.dispatch,
                 kernels: m.kernels,
             }),
         };

@@ -204,6 +204,7 @@ pub(crate) fn build_layer(
             norm_topk_prob: cfg.norm_topk_prob,
             routed_scaling_factor: cfg.routed_scaling_factor,
             compute: moe::ExpertCompute::Auto,
+            dispatch: super::dispatch::Dispatch::Dtype,
             kernels: KernelPolicy::default(),
         })
     } else {

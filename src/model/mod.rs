@@ -12,6 +12,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod dense_recompute;
+pub mod dispatch;
 pub mod fp8_frozen;
 pub mod grad_sink;
 pub mod indexer;
@@ -642,6 +643,19 @@ impl Model {
             .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
         {
             layer.set_kernels(kernels);
+        }
+    }
+
+    /// Hand every MoE layer's routed experts their rows in `dispatch`'s format.
+    pub fn set_dispatch(&mut self, dispatch: dispatch::Dispatch) {
+        for layer in self
+            .layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
+        {
+            if let FeedForward::Moe(moe) = &mut layer.ffn {
+                moe.dispatch = dispatch;
+            }
         }
     }
 

@@ -17,6 +17,7 @@ use rayon::prelude::*;
 use super::grad_sink::{add_if_wanted, GradSink};
 use crate::dist::expert::{all_to_all_rows, timed, ExpertShard};
 use crate::kernels::{moe_route, KernelPolicy};
+use crate::model::dispatch::{send_to_experts, Dispatch};
 use crate::ops::{
     self, linear, sigmoid, swiglu, swiglu_backward, swiglu_batched_saved, swiglu_saved, SwigluSaved,
 };
@@ -235,6 +236,8 @@ pub struct Moe {
     pub norm_topk_prob: bool,
     pub routed_scaling_factor: f64,
     pub compute: ExpertCompute,
+    /// The routed rows' format on their way to the experts (`model::dispatch`).
+    pub dispatch: Dispatch,
     /// Which kernels its ops run.
     pub kernels: KernelPolicy,
 }
@@ -382,6 +385,7 @@ impl Moe {
                 // outputs come back in that order; weighted, each token sums its K rows in
                 // that order (as index_add would).
                 let x_sorted = sorted.tok.apply(self.kernels, &x)?; // [S, hidden]
+                let x_sorted = send_to_experts(&x_sorted, self.dispatch, None)?;
                 let w = sorted
                     .slot
                     .apply(self.kernels, &routing.weights.unsqueeze(1)?)?; // [S, 1]
@@ -506,10 +510,15 @@ impl Moe {
         let (slot, tok) = (routing.sorted.slot.clone(), routing.sorted.tok.clone());
         let x_sorted = tok.apply(self.kernels, x)?; // [S, hidden]
         let (arrived, rows_of, exchange) = match &self.shard {
-            None => (x_sorted, routing.sorted.rows_of(), None),
+            None => (
+                send_to_experts(&x_sorted, self.dispatch, None)?,
+                routing.sorted.rows_of(),
+                None,
+            ),
             Some(shard) => {
                 let (send, recv, counts) = self.exchange_counts(&routing.sorted.counts(), shard)?;
-                let arrived = all_to_all_rows(&x_sorted, &shard.exchange, &send, &recv)?; // [R, hidden]
+                let to = Some((&shard.exchange, &send[..], &recv[..]));
+                let arrived = send_to_experts(&x_sorted, self.dispatch, to)?; // [R, hidden]
                 (
                     arrived,
                     arrived_rows_of(&counts, &recv, shard.count),
@@ -958,7 +967,7 @@ impl Moe {
         let (send, recv, counts) = self.exchange_counts(&sorted.counts(), shard)?;
         let dev = x.device();
         let x_sorted = sorted.tok.apply(self.kernels, x)?; // [S, hidden]
-        let arrived = all_to_all_rows(&x_sorted, ex, &send, &recv)?; // [R, hidden]
+        let arrived = send_to_experts(&x_sorted, self.dispatch, Some((ex, &send, &recv)))?; // [R, hidden]
         let rows_of = arrived_rows_of(&counts, &recv, shard.count);
         let taken: Vec<u32> = rows_of.concat();
         // With no row here, arrived * 0 keeps the output a function of the input, so every
@@ -1078,6 +1087,7 @@ pub fn grouped_against_plain(
         norm_topk_prob: true,
         routed_scaling_factor: 1.0,
         compute: ExpertCompute::Auto,
+        dispatch: crate::model::dispatch::Dispatch::Dtype,
         kernels: KernelPolicy::default(),
     };
     let x = var(&[n, d], 1)?;

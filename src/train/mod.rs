@@ -179,6 +179,12 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
             bail!("train.block_rows = 1 with parallel.cp = {}: blocks of one row cannot pair up the ranks' blocks where the MTP module leaves one rank a row short; use 0 or at least 2", layout.cp);
         }
     }
+    if recipe.parallel.fp8_dispatch && recipe.stage() != Stage::Warmup && !recipe.train.recompute {
+        bail!(
+            "parallel.fp8_dispatch = true rounds the experts' inputs, which candle's autograd cannot carry a gradient through: the {} stage needs train.recompute = true (its explicit layer backward)",
+            recipe.train.stage.name()
+        );
+    }
     let micro = recipe.micro_batches();
     if !micro.is_multiple_of(layout.dp) {
         bail!(
@@ -369,6 +375,9 @@ fn build_model(
         }
     }
     let mut model = Model::from_params_sharded(cfg, &model_params, dtype, device, with_mtp, shard)?;
+    if recipe.parallel.fp8_dispatch {
+        model.set_dispatch(crate::model::dispatch::Dispatch::Fp8);
+    }
     if recipe.model.frozen_fp8 {
         model.frozen_fp8 = FrozenFp8::new(held_fp8, &model_params)?;
         let (n, bytes) = model.frozen_fp8.held();

@@ -461,19 +461,28 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
     let moe_layers = (0..cfg.num_hidden_layers)
         .filter(|&l| cfg.is_moe_layer(l))
         .count() as f64;
-    let exchange_passes = match stage {
+    // Per routed row and pass over a MoE layer: out to the expert's holder and back; the
+    // forward runs once (the warm-up, or no recomputation) or twice (first pass and the
+    // recomputation), the backward sends the rows' gradients out and back (in the dtype).
+    // With `parallel.fp8_dispatch` the forward's rows out go as FP8 codes and an f32 scale.
+    let forward_passes = match stage {
         Stage::Warmup => 1.0,
-        _ => 2.0 + if recipe.train.recompute { 1.0 } else { 0.0 },
+        _ if recipe.train.recompute => 2.0,
+        _ => 1.0,
     };
+    let backward_passes = if stage == Stage::Warmup { 0.0 } else { 1.0 };
+    let row_out = if recipe.parallel.fp8_dispatch {
+        hidden + 4.0
+    } else {
+        hidden * dtype_bytes
+    };
+    let row_back = hidden * dtype_bytes;
     let expert_comm_bytes = moe_layers
         * micro_per_device
         * local_tokens
         * cfg.num_experts_per_tok as f64
-        * hidden
-        * dtype_bytes
         * ((ep - 1.0) / ep)
-        * 2.0
-        * exchange_passes;
+        * (forward_passes * (row_out + row_back) + backward_passes * 2.0 * row_back);
     // Context exchange, per layer (MTP included) and micro-batch: the rank's kv rows (C+R in the
     // dtype) to the cp - 1 others in the forward and again in the recomputation, its indexer
     // keys (DI f32) once, and the others' rows of the kv and key gradients (f32) home. The
@@ -1118,6 +1127,30 @@ mod tests {
         assert_eq!(two.weight_bytes, one.weight_bytes);
         assert!(two.activation_bytes < one.activation_bytes);
         assert!(two.activation_bytes > one.activation_bytes / 2.0);
+    }
+
+    /// FP8 dispatch: of a routed row's six transfers in the recomputing sparse stage (out and
+    /// back twice in the forward, twice in the backward) the two outs go as hidden FP8 bytes
+    /// and a 4-byte scale instead of 2 hidden bf16 bytes; nothing else changes.
+    #[test]
+    fn fp8_dispatch_sends_the_forward_rows_out_in_one_byte() {
+        let cfg = slice_config();
+        let mut r = slice_recipe(Stage::Sparse, 8192, 2048);
+        r.train.recompute = true;
+        r.train.global_batch_seqs = 4;
+        r.train.micro_batch_seqs = 1;
+        r.parallel.dp = 4;
+        r.parallel.ep = 4;
+        let bf16 = plan_for(&r, &cfg);
+        r.parallel.fp8_dispatch = true;
+        let fp8 = plan_for(&r, &cfg);
+        let hidden = cfg.hidden_size as f64;
+        let want = (2.0 * (hidden + 4.0 + 2.0 * hidden) + 4.0 * hidden) / (12.0 * hidden);
+        let ratio = fp8.expert_comm_bytes / bf16.expert_comm_bytes;
+        assert!((ratio - want).abs() < 1e-12, "{ratio} vs {want}");
+        assert!(bf16.expert_comm_bytes > 0.0);
+        assert_eq!(fp8.weight_bytes, bf16.weight_bytes);
+        assert_eq!(fp8.activation_bytes, bf16.activation_bytes);
     }
 
     /// ZeRO-3 in the sparse stage (everything trains): the layers' weights leave the device
