@@ -153,7 +153,8 @@ pub struct ParallelConfig {
     pub dp: usize,
     /// Context-parallel ranks per sequence: cp consecutive ranks split each sequence by query
     /// rows (load-balanced for the causal mask) and all-gather each layer's latent kv rows and
-    /// indexer keys. Built for the sparse stage (with `train.recompute`).
+    /// indexer keys. Every stage: the warm-up, and the dense and sparse stages with
+    /// `train.recompute`.
     pub cp: usize,
     /// Expert-parallel ranks: routed experts are split into ep contiguous ranges over ep
     /// consecutive ranks; ep divides the world (dp x cp).
