@@ -1030,6 +1030,26 @@ fn layout_errors_are_one_clear_line() {
     );
 }
 
+/// Fixture run `name` is run `reference`: every tensor's first-step gradient (first Adam
+/// moment) within 1e-5 of its largest value, every step's losses and gradient norms within 1e-5.
+fn assert_same_run(f: &Fixture, reference: &str, name: &str, what: &str) {
+    let want = first_moments(&f.out(&format!("{reference}/step-1")));
+    let got = first_moments(&f.out(&format!("{name}/step-1")));
+    assert_same_gradients(&want, &got, what);
+    assert_close_within(
+        &losses(&f.out(reference)),
+        &losses(&f.out(name)),
+        what,
+        1e-5,
+    );
+    assert_close_within(
+        &grad_norms(&f.out(reference)),
+        &grad_norms(&f.out(name)),
+        &format!("{what}, grad norms"),
+        1e-5,
+    );
+}
+
 /// The same tensors, and every tensor's values (first-step gradients) within 1e-5 of the
 /// reference tensor's largest value.
 fn assert_same_gradients(
@@ -1082,7 +1102,6 @@ fn context_parallel_matches_one_process() {
     let common = ["--set", "train.eps=1e-4", "--set", "checkpoint.every=1"];
     let one = f.recipe("sparse", "cp-one", &model, 3);
     train_ranks(1, &one, &common);
-    let reference = first_moments(&f.out("cp-one/step-1"));
     for (name, world, layout) in [
         ("cp2", 2, vec!["--set", "parallel.cp=2"]),
         (
@@ -1126,20 +1145,7 @@ fn context_parallel_matches_one_process() {
             "{what}: context bytes {:?}",
             context_bytes(&f.out(name))
         );
-        let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_same_gradients(&reference, &got, &what);
-        assert_close_within(
-            &losses(&f.out("cp-one")),
-            &losses(&f.out(name)),
-            &what,
-            1e-5,
-        );
-        assert_close_within(
-            &grad_norms(&f.out("cp-one")),
-            &grad_norms(&f.out(name)),
-            &format!("{what}, grad norms"),
-            1e-5,
-        );
+        assert_same_run(&f, "cp-one", name, &what);
     }
     // Document masking: each query's keys start at its document's first token (positions and
     // starts are the sequence's, whichever rank holds the query).
@@ -1282,20 +1288,7 @@ fn zero3_shards_the_trained_layers_and_matches_one_process() {
             .map(|m| m.gather_bytes)
             .collect();
         assert!(gathered.iter().all(|&b| b > 0), "{what}: {gathered:?}");
-        let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_same_gradients(&reference, &got, &what);
-        assert_close_within(
-            &losses(&f.out("z3-one")),
-            &losses(&f.out(name)),
-            &what,
-            1e-5,
-        );
-        assert_close_within(
-            &grad_norms(&f.out("z3-one")),
-            &grad_norms(&f.out(name)),
-            &format!("{what}, grad norms"),
-            1e-5,
-        );
+        assert_same_run(&f, "z3-one", name, &what);
     }
     let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
     for (name, world, layout) in [
@@ -1325,21 +1318,21 @@ fn zero3_shards_the_trained_layers_and_matches_one_process() {
     }
 }
 
-/// Context parallelism in the warm-up: each rank's query rows attend densely to every position
-/// (the latent kv rows and indexer keys gathered), the KL of a block of rows differentiated at
-/// once and the keys' gradients summed home. With MoE layers and the MTP module's indexer,
-/// against one process: cp 2, cp 4 with the feed-forward in blocks of 3 rows, cp 2 x ep 2
-/// (blocks of 3: the MTP prefix leaves one rank a row short, and the expert exchanges must
-/// still pair up), cp 2 under document masking, and dp 2 x cp 2 with ZeRO-3 over FP8-held
-/// frozen weights: every indexer tensor's first-step gradient within 1e-5 of its largest
-/// value, three steps' KL and gradient norms within 1e-5 (Adam eps 1e-4, as in the sparse
-/// stage's test).
-#[test]
-fn context_parallel_warmup_matches_one_process() {
-    let f = Fixture::new(15);
+/// One stage under context parallelism against one process: the fixture (`seed`) trained 3
+/// steps in one process, with and without document masking (its corpus's most frequent token
+/// ends documents), then under each layout (name, world, with document masking, extra
+/// `--set`s). Every tensor's first-step gradient (its first Adam moment) within 1e-5 of the
+/// tensor's largest value, three steps' losses and gradient norms within 1e-5 (Adam eps 1e-4,
+/// as in the sparse stage's test), and every step's metrics count context bytes sent.
+fn context_parallel_stage_matches_one_process(
+    stage: &str,
+    seed: u64,
+    layouts: &[(&str, usize, bool, Vec<&str>)],
+) {
+    let f = Fixture::new(seed);
     let model = f.root.join("model");
     let common = ["--set", "train.eps=1e-4", "--set", "checkpoint.every=1"];
-    let corpus = dsa_train::tiny::synthetic_corpus(512, 4096, 15);
+    let corpus = dsa_train::tiny::synthetic_corpus(512, 4096, seed);
     let mut counts = vec![0usize; 512];
     corpus.iter().for_each(|&t| counts[t as usize] += 1);
     let eos = (0..512).max_by_key(|&t| counts[t]).unwrap();
@@ -1350,66 +1343,23 @@ fn context_parallel_warmup_matches_one_process() {
         "--set",
         eos_set.as_str(),
     ];
-    let fp8_z3 = [
-        "--set",
-        "parallel.cp=2",
-        "--set",
-        "parallel.zero=3",
-        "--set",
-        "model.frozen_fp8=true",
-    ];
-    let one = f.recipe("warmup", "w-one", &model, 3);
+    let one = f.recipe(stage, "one", &model, 3);
     train_ranks(1, &one, &common);
-    let one_docs = f.recipe("warmup", "w-one-docs", &model, 3);
+    let one_docs = f.recipe(stage, "one-docs", &model, 3);
     train_ranks(1, &one_docs, &[&common[..], &docs[..]].concat());
-    for (name, world, reference, layout) in [
-        ("w-cp2", 2, "w-one", vec!["--set", "parallel.cp=2"]),
-        (
-            "w-cp4",
-            4,
-            "w-one",
-            vec!["--set", "parallel.cp=4", "--set", "train.block_rows=3"],
-        ),
-        (
-            "w-cp2-ep2",
-            2,
-            "w-one",
-            vec![
-                "--set",
-                "parallel.cp=2",
-                "--set",
-                "parallel.ep=2",
-                "--set",
-                "train.block_rows=3",
-            ],
-        ),
-        (
-            "w-cp2-docs",
-            2,
-            "w-one-docs",
-            [&docs[..], &["--set", "parallel.cp=2"]].concat(),
-        ),
-        ("w-dp2-cp2-z3", 4, "w-one", fp8_z3.to_vec()),
-    ] {
-        let r = f.recipe("warmup", name, &model, 3);
-        let args: Vec<&str> = common.iter().copied().chain(layout).collect();
-        train_ranks(world, &r, &args);
-        let what = format!("warm-up: {name} vs 1 process");
-        let want = first_moments(&f.out(&format!("{reference}/step-1")));
-        let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_same_gradients(&want, &got, &what);
-        assert_close_within(
-            &losses(&f.out(reference)),
-            &losses(&f.out(name)),
-            &what,
-            1e-5,
-        );
-        assert_close_within(
-            &grad_norms(&f.out(reference)),
-            &grad_norms(&f.out(name)),
-            &format!("{what}, grad norms"),
-            1e-5,
-        );
+    assert_ne!(
+        losses(&f.out("one")),
+        losses(&f.out("one-docs")),
+        "{stage}: the windows hold documents"
+    );
+    for (name, world, with_docs, layout) in layouts {
+        let reference = if *with_docs { "one-docs" } else { "one" };
+        let r = f.recipe(stage, name, &model, 3);
+        let masking: &[&str] = if *with_docs { &docs } else { &[] };
+        let args: Vec<&str> = [&common[..], masking, &layout[..]].concat();
+        train_ranks(*world, &r, &args);
+        let what = format!("{stage}: {name} vs 1 process");
+        assert_same_run(&f, reference, name, &what);
         let context: Vec<u64> = metrics::read(&f.out(name).join("metrics.jsonl"))
             .unwrap()
             .iter()
@@ -1419,79 +1369,77 @@ fn context_parallel_warmup_matches_one_process() {
     }
 }
 
+/// Context parallelism in the warm-up: each rank's query rows attend densely to every position
+/// (the latent kv rows and indexer keys gathered), the KL of a block of rows differentiated at
+/// once and the keys' gradients summed home. With MoE layers and the MTP module's indexer,
+/// against one process: cp 2, cp 4 with the feed-forward in blocks of 3 rows, cp 2 x ep 2
+/// (blocks of 3: the MTP prefix leaves one rank a row short, and the expert exchanges must
+/// still pair up), cp 2 under document masking, and dp 2 x cp 2 with ZeRO-3 over FP8-held
+/// frozen weights (`context_parallel_stage_matches_one_process`).
+#[test]
+fn context_parallel_warmup_matches_one_process() {
+    let blocks = ["--set", "train.block_rows=3"];
+    context_parallel_stage_matches_one_process(
+        "warmup",
+        15,
+        &[
+            ("w-cp2", 2, false, vec!["--set", "parallel.cp=2"]),
+            (
+                "w-cp4",
+                4,
+                false,
+                [&["--set", "parallel.cp=4"][..], &blocks].concat(),
+            ),
+            (
+                "w-cp2-ep2",
+                2,
+                false,
+                [
+                    &["--set", "parallel.cp=2", "--set", "parallel.ep=2"][..],
+                    &blocks,
+                ]
+                .concat(),
+            ),
+            ("w-cp2-docs", 2, true, vec!["--set", "parallel.cp=2"]),
+            (
+                "w-dp2-cp2-z3",
+                4,
+                false,
+                vec![
+                    "--set",
+                    "parallel.cp=2",
+                    "--set",
+                    "parallel.zero=3",
+                    "--set",
+                    "model.frozen_fp8=true",
+                ],
+            ),
+        ],
+    );
+}
+
 /// Context parallelism in the dense stage (every causal key, the main model and the MTP module
 /// learning by the language-modelling loss, the balance loss on): each rank's query rows
 /// attend to every position's gathered latent kv and the keys' gradients go home. Against one
-/// process: cp 2, cp 4, cp 2 x ep 2 and cp 2 with document masking; every tensor's first-step
-/// gradient (first Adam moment) within 1e-5 of its largest, three steps' losses and gradient
-/// norms within 1e-5.
+/// process: cp 2, cp 4, cp 2 x ep 2 and cp 2 with document masking
+/// (`context_parallel_stage_matches_one_process`).
 #[test]
 fn context_parallel_dense_stage_matches_one_process() {
-    let f = Fixture::new(17);
-    let model = f.root.join("model");
-    let common = ["--set", "train.eps=1e-4", "--set", "checkpoint.every=1"];
-    let corpus = dsa_train::tiny::synthetic_corpus(512, 4096, 17);
-    let mut counts = vec![0usize; 512];
-    corpus.iter().for_each(|&t| counts[t as usize] += 1);
-    let eos = (0..512).max_by_key(|&t| counts[t]).unwrap();
-    let eos_set = format!("data.eos_id={eos}");
-    let docs = [
-        "--set",
-        "data.document_mask=true",
-        "--set",
-        eos_set.as_str(),
-    ];
-    let one = f.recipe("dense", "d-one", &model, 3);
-    train_ranks(1, &one, &common);
-    let one_docs = f.recipe("dense", "d-one-docs", &model, 3);
-    train_ranks(1, &one_docs, &[&common[..], &docs[..]].concat());
-    assert_ne!(
-        losses(&f.out("d-one")),
-        losses(&f.out("d-one-docs")),
-        "the windows hold documents"
+    context_parallel_stage_matches_one_process(
+        "dense",
+        17,
+        &[
+            ("d-cp2", 2, false, vec!["--set", "parallel.cp=2"]),
+            ("d-cp4", 4, false, vec!["--set", "parallel.cp=4"]),
+            (
+                "d-cp2-ep2",
+                2,
+                false,
+                vec!["--set", "parallel.cp=2", "--set", "parallel.ep=2"],
+            ),
+            ("d-cp2-docs", 2, true, vec!["--set", "parallel.cp=2"]),
+        ],
     );
-    for (name, world, reference, layout) in [
-        ("d-cp2", 2, "d-one", vec!["--set", "parallel.cp=2"]),
-        ("d-cp4", 4, "d-one", vec!["--set", "parallel.cp=4"]),
-        (
-            "d-cp2-ep2",
-            2,
-            "d-one",
-            vec!["--set", "parallel.cp=2", "--set", "parallel.ep=2"],
-        ),
-        (
-            "d-cp2-docs",
-            2,
-            "d-one-docs",
-            [&docs[..], &["--set", "parallel.cp=2"]].concat(),
-        ),
-    ] {
-        let r = f.recipe("dense", name, &model, 3);
-        let args: Vec<&str> = common.iter().copied().chain(layout).collect();
-        train_ranks(world, &r, &args);
-        let what = format!("dense: {name} vs 1 process");
-        let want = first_moments(&f.out(&format!("{reference}/step-1")));
-        let got = first_moments(&f.out(&format!("{name}/step-1")));
-        assert_same_gradients(&want, &got, &what);
-        assert_close_within(
-            &losses(&f.out(reference)),
-            &losses(&f.out(name)),
-            &what,
-            1e-5,
-        );
-        assert_close_within(
-            &grad_norms(&f.out(reference)),
-            &grad_norms(&f.out(name)),
-            &format!("{what}, grad norms"),
-            1e-5,
-        );
-        let context: Vec<u64> = metrics::read(&f.out(name).join("metrics.jsonl"))
-            .unwrap()
-            .iter()
-            .map(|m| m.context_bytes)
-            .collect();
-        assert!(context.iter().all(|&b| b > 0), "{what}: {context:?}");
-    }
 }
 
 /// FP8 dispatch (`parallel.fp8_dispatch`): the rows the MoE layers hand their routed experts
@@ -1521,22 +1469,7 @@ fn fp8_dispatch_is_the_same_run_at_every_ep() {
         let r = f.recipe("sparse", name, &model, 3);
         train_ranks(world, &r, &args);
     }
-    let what = "FP8 dispatch: ep 2 vs 1 process";
-    let want = first_moments(&f.out("fp8-one/step-1"));
-    let got = first_moments(&f.out("fp8-ep2/step-1"));
-    assert_same_gradients(&want, &got, what);
-    assert_close_within(
-        &losses(&f.out("fp8-one")),
-        &losses(&f.out("fp8-ep2")),
-        what,
-        1e-5,
-    );
-    assert_close_within(
-        &grad_norms(&f.out("fp8-one")),
-        &grad_norms(&f.out("fp8-ep2")),
-        &format!("{what}, grad norms"),
-        1e-5,
-    );
+    assert_same_run(&f, "fp8-one", "fp8-ep2", "FP8 dispatch: ep 2 vs 1 process");
     let (rounded, plain) = (losses(&f.out("fp8-one")), losses(&f.out("bf-one")));
     assert_ne!(rounded, plain, "the experts' inputs are rounded");
     // The first step's losses (before any update: the rounding's own effect).

@@ -51,15 +51,8 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         for dtype in [DType::BF16, DType::F32] {
             let got = crate::kernels::fp8_dequant::dequantize(&b_gpu, &s_gpu, dtype)?;
             let want = dequantize_plain(&b_cpu, &s_cpu, dtype)?;
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect())
-            };
-            equal &= got.dims() == [rows, cols] && bits(&got)? == bits(&want)?;
+            equal &=
+                got.dims() == [rows, cols] && super::f32_bits(&got)? == super::f32_bits(&want)?;
         }
         out.push(Outcome {
             name: "fp8-dequant kernel vs the loader's host loop",

@@ -31,15 +31,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             let want = dequantize_rows(&c, &s, dtype)?;
             let (c, s) = quantize_rows(&host.to_device(gpu)?)?;
             let got = dequantize_rows(&c, &s, dtype)?.to_device(&Device::Cpu)?;
-            let bits = |t: &Tensor| -> Result<Vec<u32>> {
-                Ok(t.to_dtype(DType::F32)?
-                    .flatten_all()?
-                    .to_vec1::<f32>()?
-                    .iter()
-                    .map(|x| x.to_bits())
-                    .collect())
-            };
-            equal &= bits(&got)? == bits(&want)?;
+            equal &= super::f32_bits(&got)? == super::f32_bits(&want)?;
         }
         out.push(Outcome {
             name: "fp8 dispatch rounding on the GPU vs the host",

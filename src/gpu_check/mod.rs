@@ -802,6 +802,18 @@ fn indexer_kl_backward_matches_autograd(gpu: &Device) -> Result<Vec<Outcome>> {
     Ok(out)
 }
 
+/// A tensor's values (on any device, any float dtype) as the bit patterns of their f32
+/// values: equal bits, equal values (bf16 and f16 widen to f32 exactly).
+pub(crate) fn f32_bits(t: &Tensor) -> Result<Vec<u32>> {
+    Ok(t.to_device(&Device::Cpu)?
+        .to_dtype(DType::F32)?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|v| v.to_bits())
+        .collect())
+}
+
 /// Run every check (or those whose group name contains `only`); print one line each; fail if
 /// any fails.
 pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {

@@ -8,15 +8,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use super::Outcome;
 use crate::kernels::rope::Pairs;
 
-fn bits(t: &Tensor) -> Result<Vec<u32>> {
-    Ok(t.to_device(&Device::Cpu)?
-        .to_dtype(DType::F32)?
-        .flatten_all()?
-        .to_vec1::<f32>()?
-        .iter()
-        .map(|v| v.to_bits())
-        .collect())
-}
+use super::f32_bits as bits;
 
 pub(super) fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     let mut out = vec![];

@@ -269,14 +269,7 @@ impl DecoderLayer {
         let dh1 = (dout + dh1_norm)?;
         let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
         // Under context parallelism every position's kv gradient goes home (f32, group order).
-        let dkv = match &ctx.shard {
-            Some(_) => {
-                let width = dkv.dim(1)?;
-                ctx.key_grads_home(&dkv.reshape((b, ctx.t, width))?)?
-                    .reshape((b * t, width))?
-            }
-            None => dkv,
-        };
+        let dkv = ctx.latent_grads_home(&dkv, b)?;
         let dxn = (self
             .attn
             .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &cos, &sin, grads)?
@@ -460,14 +453,7 @@ impl DecoderLayer {
         let _region = crate::profile::region("blocks: latent kv and input norm backward");
         let dkv = dkv.expect("at least one block");
         // Every position's kv gradient home to the rank holding its row (summed over the group).
-        let dkv = match &ctx.shard {
-            Some(_) => {
-                let width = dkv.dim(1)?;
-                ctx.key_grads_home(&dkv.reshape((b, ctx.t, width))?)?
-                    .reshape((b * t, width))?
-            }
-            None => dkv,
-        };
+        let dkv = ctx.latent_grads_home(&dkv, b)?;
         let (xn, kv_saved) = (
             xn.expect("a backward keeps the normed input"),
             kv_saved.expect("a backward keeps kv_a's output"),

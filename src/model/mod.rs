@@ -446,6 +446,21 @@ impl ForwardContext {
         }
     }
 
+    /// The latent kv rows' gradient of every position of `b` sequences, [B*T, W], as the
+    /// rank's rows [B*rows, W]: under context parallelism summed over the group onto the rows'
+    /// owners (`key_grads_home`, f32); on one rank the rows themselves, unchanged.
+    pub fn latent_grads_home(&self, dkv: &Tensor, b: usize) -> Result<Tensor> {
+        match &self.shard {
+            Some(_) => {
+                let width = dkv.dim(1)?;
+                let home = self.key_grads_home(&dkv.reshape((b, self.t, width))?)?;
+                let rows = home.dim(1)?;
+                home.reshape((b * rows, width))
+            }
+            None => Ok(dkv.clone()),
+        }
+    }
+
     /// The context of windows whose queries see only their own document: `starts` [B, T] (of
     /// this context's T), and RoPE angles of each token's position inside its document, the
     /// rows of this context's tables (so a document gets exactly the angles it would get
