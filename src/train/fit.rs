@@ -77,21 +77,45 @@ impl Machine {
 
     /// Whether `plan` fits one GPU, and the verdict in one sentence.
     pub fn verdict(&self, plan: &Plan) -> (bool, String) {
-        let need = plan.memory_bytes() / GIB;
+        let need = plan.peak_bytes() / GIB;
         let parts = [
             ("weights", plan.weight_bytes),
             ("optimizer state and gradient sums", plan.optimizer_bytes),
             ("activations", plan.activation_bytes),
         ];
-        let (name, most) = parts
-            .iter()
-            .fold(("", 0.0), |a, &(n, b)| if b > a.1 { (n, b) } else { a });
+        let (name, most) = if plan.load_bytes.max(plan.resume_bytes) > plan.memory_bytes() {
+            // Loading, or resuming, needs more than a step: that is what does not fit.
+            if plan.resume_bytes > plan.load_bytes {
+                (
+                    "resuming (the checkpoint's trained tensors whole, with their moments)",
+                    plan.resume_bytes,
+                )
+            } else {
+                (
+                    "loading (every held tensor whole beside the owned optimizer state)",
+                    plan.load_bytes,
+                )
+            }
+        } else {
+            parts
+                .iter()
+                .fold(("", 0.0), |a, &(n, b)| if b > a.1 { (n, b) } else { a })
+        };
         let usable = self.usable_gib();
         let of = format!(
             "{usable:.1} GiB usable ({:.1} GiB less a {:.1} GiB reserve)",
             self.gpu_mem_gib, self.reserve_gib
         );
-        let largest = format!("largest consumer: {name}, {:.1} GiB", most / GIB);
+        let step = plan.memory_bytes() / GIB;
+        let largest = if most > plan.memory_bytes() {
+            format!(
+                "largest consumer: {name}, {:.1} GiB (a training step alone needs {step:.1} GiB{})",
+                most / GIB,
+                if step <= usable { ", which fits" } else { "" }
+            )
+        } else {
+            format!("largest consumer: {name}, {:.1} GiB", most / GIB)
+        };
         let what = match (plan.host_bytes > 0.0, plan.frozen_host_bytes > 0.0) {
             (true, true) => "offloaded activations and frozen weights",
             (true, false) => "offloaded activations",
@@ -169,8 +193,10 @@ pub struct Candidate {
     pub sets: Vec<String>,
     pub plan: Plan,
     pub time: StepTime,
-    /// Whether it fits the machine.
+    /// Whether it fits the machine (a step, the load and a resume).
     pub fits: bool,
+    /// Whether its training step alone fits.
+    pub step_fits: bool,
 }
 
 /// The layouts of `machine.gpus` ranks that `train` accepts (`validate`: the trainer's own
@@ -246,6 +272,7 @@ pub fn search(
                         }
                         let plan = plan_for(&r, cfg);
                         let fits = machine.verdict(&plan).0;
+                        let step_fits = plan.memory_bytes() / GIB <= machine.usable_gib();
                         let time = StepTime::of(&plan, n, rates);
                         let mut sets = vec![
                             format!("parallel.dp={}", n / cp),
@@ -269,6 +296,7 @@ pub fn search(
                                 plan,
                                 time,
                                 fits,
+                                step_fits,
                             },
                         ));
                     }
@@ -277,15 +305,15 @@ pub fn search(
         }
     }
     // Fitting ones fastest first (then whole sequences or larger blocks, then no offload);
-    // the rest by memory.
+    // then those whose step alone fits, fastest first; the rest by memory.
     found.sort_by(|a, b| {
         let key = |c: &(usize, (bool, u8), Candidate)| {
             (
-                !c.2.fits,
-                if c.2.fits {
+                (!c.2.fits, !c.2.step_fits),
+                if c.2.step_fits {
                     c.2.time.total()
                 } else {
-                    c.2.plan.memory_bytes()
+                    c.2.plan.peak_bytes()
                 },
                 if c.0 == 0 { 0 } else { usize::MAX - c.0 },
                 c.1,
@@ -315,9 +343,14 @@ pub fn search_report(
     );
     let line = |c: &Candidate| {
         let t = &c.time;
+        let step = if c.plan.peak_bytes() > c.plan.memory_bytes() {
+            format!(" (a step {:.1})", c.plan.memory_bytes() / GIB)
+        } else {
+            String::new()
+        };
         format!(
-            "{:.1} GiB per GPU, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, context exchange {:.0}, weight gathers {:.0}, offload {:.0}): --set {}\n",
-            c.plan.memory_bytes() / GIB,
+            "{:.1} GiB per GPU{step}, step about {:.0} s (compute {:.0}, gradient sums {:.0}, expert exchange {:.0}, context exchange {:.0}, weight gathers {:.0}, offload {:.0}): --set {}\n",
+            c.plan.peak_bytes() / GIB,
             t.total(),
             t.compute,
             t.grad_sums,
@@ -334,6 +367,24 @@ pub fn search_report(
             "no layout of {} GPU(s) passes the trainer's checks (the global batch's micro-batches must be a multiple of dp = the GPU count / cp)",
             machine.gpus
         )),
+        (true, Some(first)) if first.step_fits => {
+            // Steps that fit, held back by the load or a resume.
+            let stepping: Vec<&Candidate> = found.iter().filter(|c| c.step_fits).collect();
+            let least = stepping
+                .iter()
+                .map(|c| c.plan.peak_bytes())
+                .fold(f64::INFINITY, f64::min);
+            out.push_str(&format!(
+                "no layout of {} GPU(s) fits: loading or resuming needs at least {:.1} GiB per GPU (every held tensor read whole; docs/scaling.md); the training step alone fits in {} layouts, fastest first:\n",
+                machine.gpus,
+                least / GIB,
+                stepping.len()
+            ));
+            for c in stepping.iter().take(limit) {
+                out.push_str(&line(c));
+            }
+            out.push_str(&machine.verdict(&first.plan).1);
+        }
         (true, Some(least)) => {
             out.push_str(&format!(
                 "no layout of {} GPU(s) fits; the one needing the least memory: ",
@@ -374,7 +425,57 @@ mod tests {
             expert_comm_bytes: 500e9,
             context_comm_bytes: 50e9,
             gather_comm_bytes: 0.0,
+            load_bytes: weights * GIB,
+            resume_bytes: weights * GIB,
         }
+    }
+
+    /// Where only loading or resuming keeps layouts off the machine, the report says so and
+    /// lists the layouts whose step fits, with the memory the load needs beside the step's.
+    #[test]
+    fn a_report_where_only_the_load_does_not_fit_lists_the_steps_that_do() {
+        let m = Machine {
+            gpus: 8,
+            gpu_mem_gib: 80.0,
+            reserve_gib: 4.0,
+        };
+        let rates = Rates::default();
+        let candidate = |step_gib: f64, resume_gib: f64, name: &str| {
+            let mut p = plan(step_gib, 0.0, 0.0, 0.0);
+            p.load_bytes = 0.5 * resume_gib * GIB;
+            p.resume_bytes = resume_gib * GIB;
+            Candidate {
+                sets: vec![name.into()],
+                time: StepTime::of(&p, m.gpus, &rates),
+                fits: m.verdict(&p).0,
+                step_fits: p.memory_bytes() / GIB <= m.usable_gib(),
+                plan: p,
+            }
+        };
+        let found = vec![
+            candidate(40.0, 200.0, "a=1"),
+            candidate(50.0, 150.0, "b=2"),
+            candidate(90.0, 300.0, "c=3"),
+        ];
+        assert!(found.iter().all(|c| !c.fits));
+        let report = search_report(&found, &m, &rates, 5);
+        assert!(
+            report.contains("loading or resuming needs at least 150.0 GiB per GPU"),
+            "{report}"
+        );
+        assert!(
+            report.contains("the training step alone fits in 2 layouts"),
+            "{report}"
+        );
+        assert!(
+            report.contains("200.0 GiB per GPU (a step 40.0)"),
+            "{report}"
+        );
+        assert!(
+            report.contains("--set a=1") && report.contains("--set b=2"),
+            "{report}"
+        );
+        assert!(!report.contains("c=3"), "{report}");
     }
 
     #[test]
@@ -403,6 +504,22 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("host memory 20.0 GiB"), "{text}");
+        // A load that needs more than the step is what the verdict names.
+        let mut p = plan(5.0, 10.0, 12.0, 0.0);
+        p.load_bytes = 90.0 * GIB;
+        p.resume_bytes = 90.0 * GIB;
+        let (fits, text) = m.verdict(&p);
+        assert!(!fits, "{text}");
+        assert!(text.contains("90.0 GiB per GPU, 14.0 GiB over"), "{text}");
+        assert!(text.contains("largest consumer: loading"), "{text}");
+        p.resume_bytes = 100.0 * GIB;
+        let (fits, text) = m.verdict(&p);
+        assert!(!fits, "{text}");
+        assert!(text.contains("largest consumer: resuming"), "{text}");
+        assert!(
+            text.contains("a training step alone needs 27.0 GiB, which fits"),
+            "{text}"
+        );
         // The reserve counts: 76.5 GiB fits 80 with no reserve, not with 4.
         let p = plan(70.0, 6.0, 0.5, 0.0);
         assert!(!m.verdict(&p).0);
@@ -485,7 +602,7 @@ mod tests {
         assert!(found.iter().all(|c| !c.fits));
         assert!(found
             .windows(2)
-            .all(|w| w[0].plan.memory_bytes() <= w[1].plan.memory_bytes()));
+            .all(|w| w[0].plan.peak_bytes() <= w[1].plan.peak_bytes()));
         let report = search_report(&found, &tight, &rates, 3);
         assert!(report.contains("no layout of 4 GPU(s) fits"), "{report}");
         assert!(report.contains("verdict: does not fit"), "{report}");

@@ -365,7 +365,8 @@ fn build_model(
             } else {
                 Group::Main
             };
-            slots.push(Slot::new(s.name.clone(), var, decay, group)?);
+            // Optimizer state comes with the rows this rank owns (`Trainer::with_comm`).
+            slots.push(Slot::without_state(s.name.clone(), var, decay, group));
         } else if stage.trains_main() && s.kind == Kind::RouterBias {
             let var = Var::from_tensor(&t)?;
             model_params.insert(s.name.clone(), var.as_tensor().clone());
@@ -499,19 +500,17 @@ impl Trainer {
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
         let (mut step, mut tokens_seen) = (0, 0);
-        if layout.world > 1 {
-            // Each rank keeps the optimizer state of the row ranges it owns (ZeRO).
-            let rank = comm.rank();
-            let mut mine: Vec<Vec<std::ops::Range<usize>>> = vec![vec![]; slots.len()];
-            for r in zero::slot_ranges(&slots, &layout, rank)
-                .into_iter()
-                .filter(|r| r.owner == rank)
-            {
-                mine[r.slot].push(r.rows);
-            }
-            for (s, rows) in slots.iter_mut().zip(mine) {
-                s.keep_rows(rows)?;
-            }
+        // Each rank keeps the optimizer state of the row ranges it owns (ZeRO; one process
+        // owns every row).
+        let mut mine: Vec<Vec<std::ops::Range<usize>>> = vec![vec![]; slots.len()];
+        for r in zero::slot_ranges(&slots, &layout, rank)
+            .into_iter()
+            .filter(|r| r.owner == rank)
+        {
+            mine[r.slot].push(r.rows);
+        }
+        for (s, rows) in slots.iter_mut().zip(mine) {
+            s.keep_rows(rows)?;
         }
         if let Some(snap) = &snapshot {
             // Whatever layout wrote the checkpoint (the loader re-assembles split tensors),

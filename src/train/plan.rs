@@ -103,11 +103,26 @@ pub struct Plan {
     pub context_comm_bytes: f64,
     /// ZeRO-3's layer weight gathers (bytes this rank sends per step).
     pub gather_comm_bytes: f64,
+    /// Device memory while the model loads: every tensor the rank holds, whole, beside the
+    /// owned rows' f32 masters and moments (ZeRO-3 keeps the rows after loading).
+    pub load_bytes: f64,
+    /// Device memory while a run resumes: the load's, and the checkpoint's f32 values and Adam
+    /// moments of every trained tensor the rank holds, whole (`checkpoint::load` re-assembles
+    /// the ranks' pieces before each rank keeps its rows).
+    pub resume_bytes: f64,
 }
 
 impl Plan {
+    /// Device memory of a training step.
     pub fn memory_bytes(&self) -> f64 {
         self.weight_bytes + self.optimizer_bytes + self.activation_bytes
+    }
+
+    /// The most device memory the job needs: a step's, the load's or a resume's.
+    pub fn peak_bytes(&self) -> f64 {
+        self.memory_bytes()
+            .max(self.load_bytes)
+            .max(self.resume_bytes)
     }
 }
 
@@ -448,6 +463,38 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             .sum::<f64>()
             + gradient_peak.zero1(dp > 1.0)
     };
+    // Loading (`train::build_model`): every tensor this rank holds is read whole, in the dtype
+    // (FP8-held ones as their FP8 bytes, ZeRO-3 keeping their rows per tensor), and the owned
+    // rows get their f32 masters and moments before ZeRO-3 lets go of the whole tensors.
+    let whole_weight_bytes: f64 = specs
+        .iter()
+        .map(|s| {
+            if held_fp8(s) {
+                let sharded = zero3 && !is_expert(s);
+                if fp8_offload {
+                    0.0
+                } else {
+                    local(s) * fp8_bytes / if sharded { dp } else { 1.0 }
+                }
+            } else {
+                local(s) * dtype_bytes
+            }
+        })
+        .sum();
+    let load_bytes = whole_weight_bytes
+        + most_loaded_rank_bytes(
+            &specs,
+            &trainable,
+            recipe,
+            cfg.n_routed_experts,
+            master + 8.0,
+        );
+    let resume_bytes = load_bytes
+        + specs
+            .iter()
+            .filter(|s| trainable(s))
+            .map(|s| local(s) * 12.0)
+            .sum::<f64>();
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
     let micro_per_device = (recipe.micro_batches() as f64 / (dp / cp)).max(1.0);
     // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
@@ -529,6 +576,8 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         expert_comm_bytes,
         context_comm_bytes,
         gather_comm_bytes,
+        load_bytes,
+        resume_bytes,
     }
 }
 
@@ -695,12 +744,13 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x cp {}, experts over ep {} ({} device(s))\n\
          memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2} (ZeRO-{}){}\n\
+         while loading (estimate): {:.2} GiB (every held tensor whole, and the owned rows' masters and moments); while resuming {:.2} GiB (and the checkpoint's values and moments of the trained tensors, whole)\n\
          sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB, context gathers {:.2} GiB, ZeRO-3 weight gathers {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.cp.max(1), recipe.parallel.ep,
         recipe.parallel.dp.max(1) * recipe.parallel.cp.max(1),
         gib(p.memory_bytes()), gib(p.weight_bytes), gib(p.optimizer_bytes), gib(p.activation_bytes), recipe.parallel.zero,
-        host,
+        host, gib(p.load_bytes), gib(p.resume_bytes),
         gib(p.grad_comm_bytes), gib(p.expert_comm_bytes), gib(p.context_comm_bytes),
         gib(p.gather_comm_bytes)
     )
@@ -1204,5 +1254,15 @@ mod tests {
             "{} vs {want}",
             z3.gather_comm_bytes
         );
+        // The load is the same at ZeRO-2 and ZeRO-3: every held tensor whole (ZeRO-2's
+        // weights) and the owned rows' f32 masters and moments (12 bytes a value); ZeRO-2's
+        // step holds at least as much, ZeRO-3's may hold less.
+        assert_eq!(z3.load_bytes, z2.load_bytes);
+        assert!(z2.load_bytes > z2.weight_bytes);
+        assert!(z2.load_bytes <= z2.memory_bytes());
+        assert!(z3.peak_bytes() >= z3.load_bytes);
+        // A resume reads the checkpoint's f32 values and moments of the trained tensors whole.
+        assert!(z3.resume_bytes > z3.load_bytes);
+        assert_eq!(z3.peak_bytes(), z3.resume_bytes.max(z3.memory_bytes()));
     }
 }
