@@ -334,12 +334,17 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             // Under context parallelism (`DecoderLayer::dense_attention_saved`) the queries
             // and outputs are the rank's rows, the keys and values every position's, each
             // half of the per-head tensors.
-            let block_values =
-                (crate::model::dense_recompute::block_rows(b, h as usize, t as usize) as f64
-                    * b as f64
-                    * h
-                    * t as f64)
-                    .min(local_tokens * t as f64 * h);
+            // A block of query rows never crosses a rank's segment (t / (2 cp) rows).
+            let segment = if cp > 1.0 {
+                t as f64 / (2.0 * cp)
+            } else {
+                t as f64
+            };
+            let block_values = (crate::model::dense_recompute::block_rows(b, h as usize, t as usize)
+                as f64)
+                .min(segment)
+                * b as f64
+                * h * t as f64;
             let dense_working = 4.0 * 4.0 * block_values
                 + (local_tokens + micro_tokens) / 2.0 * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
             let kept = if recipe.train.recompute {
