@@ -340,6 +340,21 @@ impl Checkpoint {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let rows = shape.first().copied().unwrap_or(1);
+        self.load_rows(name, shape, 0..rows, dtype, device)
+    }
+
+    /// Rows `rows` (along dim 0; a scalar has one) of `name`, of shape `shape` whole, as `load`
+    /// reads them, reading only those rows' bytes (an FP8 weight's from the first row of the
+    /// 128-row scale block holding `rows.start`). Equal, value for value, to `load` narrowed.
+    pub fn load_rows(
+        &self,
+        name: &str,
+        shape: &[usize],
+        rows: std::ops::Range<usize>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         let (shard, info) = self.locate(name)?;
         let file = shard.path.display();
         if info.shape != shape {
@@ -348,51 +363,79 @@ impl Checkpoint {
                 info.shape
             );
         }
+        let total = shape.first().copied().unwrap_or(1);
+        if rows.start > rows.end || rows.end > total {
+            bail!("tensor {name} in {file}: rows {rows:?} of its {total}");
+        }
+        let row: usize = shape.iter().skip(1).product();
+        let mut part_shape = shape.to_vec();
+        if let Some(first) = part_shape.first_mut() {
+            *first = rows.len();
+        }
         let bytes = shard.bytes(&info);
-        let numel: usize = shape.iter().product();
-        let tensor = match (info.dtype, dtype) {
-            (StDtype::F8E4M3, _) => {
-                let (rows, cols) = match shape {
-                    [r, c] => (*r, *c),
+        let size = info.dtype.size();
+        let span = |r: &std::ops::Range<usize>| &bytes[r.start * row * size..r.end * row * size];
+        let tensor = match info.dtype {
+            StDtype::F8E4M3 => {
+                let cols = match shape {
+                    [_, c] => *c,
                     _ => bail!("tensor {name} in {file} is F8_E4M3 with shape {shape:?}; only matrices are block-scaled"),
                 };
-                let scales = self.load_scales(name, rows, cols)?;
-                match dtype {
+                let scales = self.load_scales(name, total, cols)?;
+                // From the start of the scale block holding the first row.
+                let first = rows.start / FP8_BLOCK * FP8_BLOCK;
+                let read = first..rows.end;
+                let col_blocks = fp8::blocks(cols, FP8_BLOCK);
+                let scales = &scales[first / FP8_BLOCK * col_blocks
+                    ..fp8::blocks(rows.end, FP8_BLOCK).max(first / FP8_BLOCK) * col_blocks];
+                let numel = read.len() * cols;
+                let block = match dtype {
                     DType::BF16 => {
                         let out = filled_vec(numel, |o| {
                             fp8::dequantize_into(
-                                bytes,
-                                &scales,
-                                rows,
+                                span(&read),
+                                scales,
+                                read.len(),
                                 cols,
                                 FP8_BLOCK,
                                 o,
                                 bf16::from_f32,
                             )
                         });
-                        Tensor::from_vec(out, shape, device)?
+                        Tensor::from_vec(out, (read.len(), cols), device)?
                     }
                     _ => {
                         let out = filled_vec(numel, |o| {
-                            fp8::dequantize_into(bytes, &scales, rows, cols, FP8_BLOCK, o, |x| x)
+                            fp8::dequantize_into(
+                                span(&read),
+                                scales,
+                                read.len(),
+                                cols,
+                                FP8_BLOCK,
+                                o,
+                                |x| x,
+                            )
                         });
-                        Tensor::from_vec(out, shape, device)?.to_dtype(dtype)?
+                        Tensor::from_vec(out, (read.len(), cols), device)?.to_dtype(dtype)?
                     }
-                }
+                };
+                block.narrow(0, rows.start - first, rows.len())?
             }
-            (StDtype::BF16, _) => {
-                let v: Vec<bf16> =
-                    decode_le(bytes, |b: &[u8; 2]| bf16::from_bits(u16::from_le_bytes(*b)));
-                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            StDtype::BF16 => {
+                let v: Vec<bf16> = decode_le(span(&rows), |b: &[u8; 2]| {
+                    bf16::from_bits(u16::from_le_bytes(*b))
+                });
+                Tensor::from_vec(v, part_shape.as_slice(), device)?.to_dtype(dtype)?
             }
-            (StDtype::F16, _) => {
-                let v: Vec<f16> =
-                    decode_le(bytes, |b: &[u8; 2]| f16::from_bits(u16::from_le_bytes(*b)));
-                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            StDtype::F16 => {
+                let v: Vec<f16> = decode_le(span(&rows), |b: &[u8; 2]| {
+                    f16::from_bits(u16::from_le_bytes(*b))
+                });
+                Tensor::from_vec(v, part_shape.as_slice(), device)?.to_dtype(dtype)?
             }
-            (StDtype::F32, _) => {
-                let v: Vec<f32> = decode_le(bytes, |b: &[u8; 4]| f32::from_le_bytes(*b));
-                Tensor::from_vec(v, shape, device)?.to_dtype(dtype)?
+            StDtype::F32 => {
+                let v: Vec<f32> = decode_le(span(&rows), |b: &[u8; 4]| f32::from_le_bytes(*b));
+                Tensor::from_vec(v, part_shape.as_slice(), device)?.to_dtype(dtype)?
             }
         };
         Ok(tensor)
@@ -514,3 +557,65 @@ fn advise_huge_pages(ptr: *mut u8, len: usize) {
 
 #[cfg(not(target_os = "linux"))]
 fn advise_huge_pages(_ptr: *mut u8, _len: usize) {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `load_rows` reads what `load` reads, narrowed: every tensor of a random checkpoint (FP8
+    /// matrices whose rows are not a multiple of 128, bf16 and f32 tensors, vectors), as bf16
+    /// and f32, over row ranges that start and end inside scale blocks, empty ones included.
+    #[test]
+    fn rows_read_alone_equal_the_whole_tensor_narrowed() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let cfg = crate::tiny::tiny_config(false);
+        crate::tiny::write_random_checkpoint(dir.path(), &cfg, 7, 1 << 20)?;
+        let ckpt = Checkpoint::open(dir.path())?;
+        let mut rng = crate::rng::SplitMix64::new(11);
+        let mut fp8 = 0;
+        let names: Vec<String> = ckpt.names().cloned().collect();
+        for name in names.iter().filter(|n| !n.ends_with(SCALE_SUFFIX)) {
+            let info = ckpt.info(name)?;
+            fp8 += (info.dtype == StDtype::F8E4M3) as usize;
+            let total = info.shape.first().copied().unwrap_or(1);
+            for dtype in [DType::BF16, DType::F32] {
+                let whole = ckpt.load(name, &info.shape, dtype, &Device::Cpu)?;
+                for _ in 0..3 {
+                    let a = (rng.next_u64() % (total as u64 + 1)) as usize;
+                    let b = (rng.next_u64() % (total as u64 + 1)) as usize;
+                    let rows = a.min(b)..a.max(b);
+                    let got =
+                        ckpt.load_rows(name, &info.shape, rows.clone(), dtype, &Device::Cpu)?;
+                    let want = if info.shape.is_empty() {
+                        whole.clone()
+                    } else {
+                        whole.narrow(0, rows.start, rows.len())?
+                    };
+                    assert_eq!(got.dims(), want.dims(), "{name} rows {rows:?}");
+                    let bits = |t: &Tensor| -> Result<Vec<u32>> {
+                        Ok(t.to_dtype(DType::F32)?
+                            .flatten_all()?
+                            .to_vec1::<f32>()?
+                            .iter()
+                            .map(|x| x.to_bits())
+                            .collect())
+                    };
+                    assert_eq!(
+                        bits(&got)?,
+                        bits(&want)?,
+                        "{name} rows {rows:?} as {dtype:?}"
+                    );
+                }
+            }
+        }
+        assert!(fp8 > 0, "the checkpoint holds FP8 weights");
+        let any = names.iter().find(|n| !n.ends_with(SCALE_SUFFIX)).unwrap();
+        let shape = ckpt.info(any)?.shape;
+        let total = shape.first().copied().unwrap_or(1);
+        let err = ckpt
+            .load_rows(any, &shape, 0..total + 1, DType::F32, &Device::Cpu)
+            .unwrap_err();
+        assert!(err.to_string().contains("rows"), "{err}");
+        Ok(())
+    }
+}

@@ -1282,6 +1282,19 @@ fn zero3_shards_the_trained_layers_and_matches_one_process() {
             held > 0 && 2 * held < layer_bytes,
             "{what}: rank 0 holds {held} of the layers' {layer_bytes} bytes"
         );
+        // The layers' trained tensors were read as the rank's rows, never whole: f32 masters
+        // are 4 bytes a value, so the values read are the held bytes / 4.
+        let read = logs[0]
+            .lines()
+            .find(|l| l.contains("read as this rank's rows"))
+            .unwrap_or_else(|| panic!("{what}: no row-read line in:\n{}", logs[0]));
+        let values: usize = read
+            .split(" values)")
+            .next()
+            .and_then(|s| s.rsplit('(').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("{what}: {read}"));
+        assert_eq!(4 * values, held, "{what}: {read}");
         let gathered: Vec<u64> = metrics::read(&f.out(name).join("metrics.jsonl"))
             .unwrap()
             .iter()
@@ -1489,4 +1502,45 @@ fn fp8_dispatch_is_the_same_run_at_every_ep() {
         first_step_bytes("fp8-ep2"),
         first_step_bytes("bf-ep2")
     );
+}
+
+/// ZeRO-3 reads a layer tensor split over several owners as each owner's rows: the dense
+/// layer's MLP made wide (16384) so that its projections exceed a rank's fair share at dp 4
+/// and are split by rows. Sparse stage against one process (every first-step gradient and two
+/// steps' losses and gradient norms within 1e-5), and every rank logs the rows it read.
+#[test]
+fn zero3_reads_the_owned_rows_of_split_tensors() {
+    let f = Fixture::with_config(23, |c| c["intermediate_size"] = 16384.into());
+    let model = f.root.join("model");
+    let common = [
+        "--set",
+        "train.eps=1e-4",
+        "--set",
+        "checkpoint.every=1",
+        "--set",
+        "model.mtp=false",
+        "--set",
+        "train.micro_batch_seqs=1",
+    ];
+    let one = f.recipe("sparse", "z3w-one", &model, 2);
+    train_ranks(1, &one, &common);
+    let r = f.recipe("sparse", "z3w-dp4", &model, 2);
+    let args: Vec<&str> = [&common[..], &["--set", "parallel.zero=3"]].concat();
+    let logs = train_ranks_logs(4, &r, &args);
+    for (rank, log) in logs.iter().enumerate() {
+        assert!(
+            log.contains("read as this rank's rows"),
+            "rank {rank}: no row-read line in:\n{log}"
+        );
+    }
+    let split = optimizer_names(&f.out("z3w-dp4/step-1"))
+        .concat()
+        .into_iter()
+        .filter(|n| n.contains("mlp.gate_proj.weight.rows."))
+        .count();
+    assert!(
+        split >= 2,
+        "the wide projection is split over owners ({split} pieces)"
+    );
+    assert_same_run(&f, "z3w-one", "z3w-dp4", "ZeRO-3 split rows vs 1 process");
 }

@@ -35,7 +35,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Shape, Tensor, Var};
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -277,6 +277,7 @@ fn build_model(
     device: &Device,
     shard: Option<&ExpertShard>,
     zero3: Option<&Arc<dyn RowExchange>>,
+    owner: (&Layout, usize, bool),
 ) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>)> {
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
@@ -300,9 +301,37 @@ fn build_model(
             && !overlay.contains_key(&s.name)
             && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
     };
-    let (mut params, initialised, held_fp8) = weights::load_params_keeping_fp8(
+    // ZeRO-3: the trained tensors of the decoder layers are read a rank's owned rows at a
+    // time (`zero::held_as_rows`, the rows of `zero::named_ranges`), never whole: the layers
+    // get placeholders and the slots the rows (`Slot::from_rows`); `zero::shard_layers` then
+    // registers them. `owner`: the layout, this rank, whether experts have several holders.
+    let mut owned: HashMap<String, Vec<std::ops::Range<usize>>> = HashMap::new();
+    if zero3.is_some() {
+        let (layout, rank, expert_replicas) = owner;
+        let trained: Vec<(&str, Shape)> = specs
+            .iter()
+            .filter(|s| stage.trains(s))
+            .map(|s| (s.name.as_str(), Shape::from(s.shape.clone())))
+            .collect();
+        let named: Vec<(&str, &Shape)> = trained.iter().map(|(n, s)| (*n, s)).collect();
+        for r in zero::named_ranges(&named, layout, rank) {
+            let name = trained[r.slot].0;
+            if zero::held_as_rows(name, cfg.num_hidden_layers, layout, expert_replicas) {
+                let rows = owned.entry(name.to_string()).or_default();
+                if r.owner == rank {
+                    rows.push(r.rows);
+                }
+            }
+        }
+    }
+    let whole_specs: Vec<WeightSpec> = specs
+        .iter()
+        .filter(|s| !owned.contains_key(&s.name))
+        .cloned()
+        .collect();
+    let (mut params, mut initialised, held_fp8) = weights::load_params_keeping_fp8(
         &hf,
-        &specs,
+        &whole_specs,
         dtype,
         device,
         // model.frozen_fp8_offload: the FP8 bytes wait in host memory.
@@ -321,6 +350,68 @@ fn build_model(
                 .cloned()
         },
     )?;
+    // The owned rows of the ZeRO-3 tensors: an overlay's (an earlier stage's or the resumed
+    // checkpoint's values), the checkpoint's, or the indexer's seeded init, each rounded to
+    // the model dtype as the whole tensor would be.
+    let mut row_parts: HashMap<String, Vec<(std::ops::Range<usize>, Tensor)>> = HashMap::new();
+    for s in specs.iter().filter(|s| owned.contains_key(&s.name)) {
+        let want = s.compute_dtype(dtype);
+        let ranges = &owned[&s.name];
+        let narrowed = |t: &Tensor| -> Result<Vec<(std::ops::Range<usize>, Tensor)>> {
+            ranges
+                .iter()
+                .map(|r| Ok((r.clone(), t.narrow(0, r.start, r.len())?.to_dtype(want)?)))
+                .collect()
+        };
+        let parts = if let Some(t) = overlay.remove(&s.name) {
+            if t.dims() != s.shape.as_slice() {
+                bail!(
+                    "checkpoint tensor {} has shape {:?}, the model expects {:?}",
+                    s.name,
+                    t.dims(),
+                    s.shape
+                );
+            }
+            narrowed(&t)?
+        } else if hf.contains(&s.name) || !s.indexer {
+            ranges
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.clone(),
+                        hf.load_rows(&s.name, &s.shape, r.clone(), want, device)?,
+                    ))
+                })
+                .collect::<Result<_>>()?
+        } else {
+            initialised.push(s.name.clone());
+            let init = weights::init_indexer_tensor(s, recipe.model.init_seed);
+            narrowed(&Tensor::from_vec(init, s.shape.as_slice(), device)?)?
+        };
+        for (_, t) in &parts {
+            let finite =
+                weights::first_non_finite(&[(s.name.clone(), t.clone())].into_iter().collect())?;
+            if finite.is_some() {
+                bail!("tensor {} (from {}) holds NaN or infinite values; this model cannot be trained", s.name, source.hf_dir.display());
+            }
+        }
+        params.insert(
+            s.name.clone(),
+            crate::model::fp8_frozen::placeholder(want, device)?,
+        );
+        row_parts.insert(s.name.clone(), parts);
+    }
+    if !row_parts.is_empty() {
+        let values: usize = row_parts
+            .values()
+            .flatten()
+            .map(|(_, t)| t.elem_count())
+            .sum();
+        crate::elog!(
+            "[train] parallel.zero = 3: {} trained tensors of the layers read as this rank's rows ({values} values), never whole",
+            row_parts.len()
+        );
+    }
     if !initialised.is_empty() {
         crate::elog!(
             "[train] {} has no indexer tensors: initialised {} from seed {}",
@@ -365,8 +456,15 @@ fn build_model(
             } else {
                 Group::Main
             };
-            // Optimizer state comes with the rows this rank owns (`Trainer::with_comm`).
-            slots.push(Slot::without_state(s.name.clone(), var, decay, group));
+            let name = s.name.clone();
+            slots.push(match row_parts.remove(&s.name) {
+                // ZeRO-3, read as this rank's rows: `var` is the layer's placeholder.
+                Some(rows) => {
+                    Slot::from_rows(name, var, Shape::from(s.shape.clone()), rows, decay, group)?
+                }
+                // Optimizer state comes with the rows this rank owns (`Trainer::with_comm`).
+                None => Slot::without_state(name, var, decay, group),
+            });
         } else if stage.trains_main() && s.kind == Kind::RouterBias {
             let var = Var::from_tensor(&t)?;
             model_params.insert(s.name.clone(), var.as_tensor().clone());
@@ -496,6 +594,7 @@ impl Trainer {
             &device,
             shard.as_ref(),
             zero3.as_ref(),
+            (&layout, rank, zero3_experts.is_some()),
         )?;
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
@@ -510,6 +609,17 @@ impl Trainer {
             mine[r.slot].push(r.rows);
         }
         for (s, rows) in slots.iter_mut().zip(mine) {
+            if s.sharded {
+                // Loaded as its rows (ZeRO-3): the same rows, by the same assignment.
+                let have: Vec<_> = s.pieces.iter().map(|p| p.rows.clone()).collect();
+                if have != rows {
+                    bail!(
+                        "{}: loaded rows {have:?}, but this rank owns {rows:?}",
+                        s.name
+                    );
+                }
+                continue;
+            }
             s.keep_rows(rows)?;
         }
         if let Some(snap) = &snapshot {

@@ -102,6 +102,43 @@ impl Slot {
         &self.shape
     }
 
+    /// ZeRO-3, loaded a rank's rows at a time: the slot of a tensor of `shape` whose model
+    /// tensor is `placeholder`, holding `rows` (each range with its values in the model dtype,
+    /// as the whole tensor would have them) as f32 masters with fresh moments. What `new`,
+    /// `keep_rows` and `shard` make of the whole tensor, without it.
+    pub fn from_rows(
+        name: String,
+        placeholder: Var,
+        shape: Shape,
+        rows: Vec<(Range<usize>, Tensor)>,
+        decay: bool,
+        group: Group,
+    ) -> Result<Self> {
+        let pieces = rows
+            .into_iter()
+            .map(|(rows, values)| -> Result<Piece> {
+                let master = values.to_dtype(DType::F32)?.copy()?.detach();
+                let m = master.zeros_like()?;
+                Ok(Piece {
+                    rows,
+                    master: Some(master),
+                    m: m.clone(),
+                    v: m,
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(Self {
+            name,
+            var: placeholder,
+            shape,
+            sharded: true,
+            pieces,
+            steps: 0,
+            decay,
+            group,
+        })
+    }
+
     /// ZeRO-3: keep only the pieces' rows, every one with its f32 master, and read through
     /// `placeholder` from now on (the model's layer holds it; `model::sharded` gathers the
     /// rows when the layer runs). The whole tensor is freed once the model lets go of it.

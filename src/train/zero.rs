@@ -112,14 +112,20 @@ fn row_shape(shape: &Shape) -> (usize, usize) {
 /// over all dp ranks, routed experts over the ranks holding the same experts; `slot` indexes
 /// `slots`, `owner` is a rank of the job.
 pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRange> {
+    let named: Vec<(&str, &Shape)> = slots.iter().map(|s| (s.name.as_str(), s.shape())).collect();
+    named_ranges(&named, layout, rank)
+}
+
+/// `slot_ranges` of the tensors `named` (name, whole shape), in slot order: what the trainer
+/// computes from its slots, known before anything is loaded.
+pub fn named_ranges(named: &[(&str, &Shape)], layout: &Layout, rank: usize) -> Vec<OwnedRange> {
     let mut out = vec![];
     let everyone: Vec<usize> = (0..layout.world).collect();
     for (experts, members) in [(false, everyone), (true, layout.expert_replicas(rank))] {
-        let idx: Vec<usize> = (0..slots.len())
-            .filter(|&i| is_sharded_expert(layout, &slots[i].name) == experts)
+        let idx: Vec<usize> = (0..named.len())
+            .filter(|&i| is_sharded_expert(layout, named[i].0) == experts)
             .collect();
-        let shapes: Vec<(usize, usize)> =
-            idx.iter().map(|&i| row_shape(slots[i].shape())).collect();
+        let shapes: Vec<(usize, usize)> = idx.iter().map(|&i| row_shape(named[i].1)).collect();
         out.extend(
             assign_row_ranges(&shapes, members.len())
                 .into_iter()
@@ -131,6 +137,38 @@ pub fn slot_ranges(slots: &[Slot], layout: &Layout, rank: usize) -> Vec<OwnedRan
         );
     }
     out
+}
+
+/// ZeRO-3 holds trained tensor `name` as this rank's rows: a tensor of a decoder layer (the
+/// main layers', and the MTP module's layer but not the module's own norms, input projection
+/// and head), unless it is a routed expert whose ep group gives each expert one holder
+/// (`expert_replicas` false: the holder keeps it whole). `main_layers`: config.json's
+/// num_hidden_layers. The trainer loads these a rank's rows at a time; `shard_layers` checks
+/// that they are the tensors its layers hold.
+pub fn held_as_rows(
+    name: &str,
+    main_layers: usize,
+    layout: &Layout,
+    expert_replicas: bool,
+) -> bool {
+    let Some((l, tail)) = name
+        .strip_prefix("model.layers.")
+        .and_then(|rest| rest.split_once('.'))
+    else {
+        return false;
+    };
+    let Ok(l) = l.parse::<usize>() else {
+        return false;
+    };
+    let mtp_own = [
+        "enorm.",
+        "hnorm.",
+        "eh_proj.",
+        "shared_head.",
+        "embed_tokens.",
+    ];
+    let in_layer = l < main_layers || !mtp_own.iter().any(|p| tail.starts_with(p));
+    in_layer && (!is_sharded_expert(layout, name) || expert_replicas)
 }
 
 /// ZeRO-3: every tensor the decoder layers train becomes this rank's rows of it (`Slot::shard`)
@@ -157,13 +195,24 @@ pub fn shard_layers(
     let mut params = ShardedParams::new(channels);
     let mut placeholders: HashMap<TensorId, Tensor> = HashMap::new();
     for (i, s) in slots.iter_mut().enumerate() {
+        // A slot loaded as its rows (`held_as_rows`) must be one this walk shards.
+        let stray = |s: &Slot| -> Result<()> {
+            if s.sharded {
+                bail!("{}: loaded as this rank's rows, but ZeRO-3 does not shard it (a decoder layer does not hold it, or its expert has one holder)", s.name);
+            }
+            Ok(())
+        };
         if !in_layers.contains(&s.var.as_tensor().id()) {
+            stray(s)?;
             continue;
         }
         let (group, members) = match (is_sharded_expert(layout, &s.name), &replicas) {
             (false, _) => (0, &all),
             (true, Some(_)) => (1, &expert_members),
-            (true, None) => continue,
+            (true, None) => {
+                stray(s)?;
+                continue;
+            }
         };
         let mut owned = vec![];
         for r in ranges.iter().filter(|r| r.slot == i) {
@@ -175,10 +224,13 @@ pub fn shard_layers(
         owned.sort_by_key(|(_, rows)| rows.start);
         let t = s.var.as_tensor();
         let (dtype, device) = (t.dtype(), t.device().clone());
-        let placeholder =
-            Var::from_tensor(&crate::model::fp8_frozen::placeholder(dtype, &device)?)?;
-        placeholders.insert(t.id(), placeholder.as_tensor().clone());
-        s.shard(placeholder)?;
+        if !s.sharded {
+            // Loaded whole: keep the rows, hand the layer a placeholder.
+            let placeholder =
+                Var::from_tensor(&crate::model::fp8_frozen::placeholder(dtype, &device)?)?;
+            placeholders.insert(t.id(), placeholder.as_tensor().clone());
+            s.shard(placeholder)?;
+        }
         let weight = ShardedWeight {
             name: s.name.clone(),
             dims: s.shape().dims().to_vec(),
