@@ -134,6 +134,8 @@ pub fn bench_checkpoint(dir: &Path, gib: f64, repeats: usize) -> Result<String> 
         },
         params,
         moments,
+        param_rows: Default::default(),
+        moment_rows: Default::default(),
         recipe_toml: String::new(),
     };
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

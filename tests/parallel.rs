@@ -1506,8 +1506,9 @@ fn fp8_dispatch_is_the_same_run_at_every_ep() {
 
 /// ZeRO-3 reads a layer tensor split over several owners as each owner's rows: the dense
 /// layer's MLP made wide (16384) so that its projections exceed a rank's fair share at dp 4
-/// and are split by rows. Sparse stage against one process (every first-step gradient and two
-/// steps' losses and gradient norms within 1e-5), and every rank logs the rows it read.
+/// and are split by rows. Sparse stage against one process (every first-step gradient and three
+/// steps' losses and gradient norms within 1e-5), and every rank logs the rows it read; then
+/// resumed into ZeRO-3 from its own step 1 and from one process's.
 #[test]
 fn zero3_reads_the_owned_rows_of_split_tensors() {
     let f = Fixture::with_config(23, |c| c["intermediate_size"] = 16384.into());
@@ -1522,9 +1523,9 @@ fn zero3_reads_the_owned_rows_of_split_tensors() {
         "--set",
         "train.micro_batch_seqs=1",
     ];
-    let one = f.recipe("sparse", "z3w-one", &model, 2);
+    let one = f.recipe("sparse", "z3w-one", &model, 3);
     train_ranks(1, &one, &common);
-    let r = f.recipe("sparse", "z3w-dp4", &model, 2);
+    let r = f.recipe("sparse", "z3w-dp4", &model, 3);
     let args: Vec<&str> = [&common[..], &["--set", "parallel.zero=3"]].concat();
     let logs = train_ranks_logs(4, &r, &args);
     for (rank, log) in logs.iter().enumerate() {
@@ -1543,4 +1544,43 @@ fn zero3_reads_the_owned_rows_of_split_tensors() {
         "the wide projection is split over owners ({split} pieces)"
     );
     assert_same_run(&f, "z3w-one", "z3w-dp4", "ZeRO-3 split rows vs 1 process");
+    // Resuming into ZeRO-3 reads the owned rows of the values and moments alone, from a
+    // checkpoint stored as the owners' pieces (its own) or whole (one process's): each
+    // continues the one-process run (its steps 2 and 3: the second shows the moments).
+    let last = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
+    for (name, from) in [
+        ("z3w-from-z3", "z3w-dp4/step-1"),
+        ("z3w-from-one", "z3w-one/step-1"),
+    ] {
+        let r = f.recipe("sparse", name, &model, 3);
+        let from = f.out(from);
+        let args: Vec<&str> = [
+            &common[..],
+            &[
+                "--set",
+                "parallel.zero=3",
+                "--resume",
+                from.to_str().unwrap(),
+            ],
+        ]
+        .concat();
+        let logs = train_ranks_logs(4, &r, &args);
+        assert!(
+            logs[0].contains("read as this rank's rows"),
+            "{name}: {}",
+            logs[0]
+        );
+        assert_close_within(
+            &last(losses(&f.out("z3w-one"))),
+            &losses(&f.out(name)),
+            &format!("ZeRO-3 resume: {name}"),
+            1e-5,
+        );
+        assert_close_within(
+            &last(grad_norms(&f.out("z3w-one"))),
+            &grad_norms(&f.out(name)),
+            &format!("ZeRO-3 resume: {name}, grad norms"),
+            1e-5,
+        );
+    }
 }

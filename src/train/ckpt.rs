@@ -27,6 +27,7 @@
 //! rows). A single process never splits, so its files hold whole tensors only.
 
 use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -122,6 +123,11 @@ pub struct Snapshot {
     pub state: TrainState,
     pub params: BTreeMap<String, Tensor>,
     pub moments: BTreeMap<String, (Tensor, Tensor)>,
+    /// Tensors read as this rank's owned rows only (`load_owned`, ZeRO-3's layer tensors):
+    /// each owned range with its f32 values, in the order the ranges were asked for.
+    pub param_rows: BTreeMap<String, Vec<(Range<usize>, Tensor)>>,
+    /// Their Adam moments, the same way: (rows, exp_avg, exp_avg_sq).
+    pub moment_rows: BTreeMap<String, Vec<(Range<usize>, Tensor, Tensor)>>,
     pub recipe_toml: String,
 }
 
@@ -485,16 +491,54 @@ pub fn read_state(dir: &Path) -> Result<TrainState> {
 /// Load a checkpoint's state and the tensors (with their optimizer state) whose names `keep`
 /// accepts (`|_| true` for all; an expert-parallel rank skips the other ranks' experts).
 pub fn load(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<Snapshot> {
+    load_owned(dir, device, keep, &|_| None)
+}
+
+/// `load`, reading the tensors for which `rows_of` names owned row ranges as those rows only
+/// (`Snapshot::param_rows`, `moment_rows`): the stored pieces that overlap them are read and
+/// cut, whatever layout wrote the checkpoint, so a rank never holds the whole tensor.
+pub fn load_owned(
+    dir: &Path,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+    rows_of: &dyn Fn(&str) -> Option<Vec<Range<usize>>>,
+) -> Result<Snapshot> {
     let state = read_state(dir)?;
-    let params = load_tensors(dir, "params", device, keep)?;
-    let keep_state = |n: &str| {
-        keep(
-            n.strip_suffix(".exp_avg")
-                .or(n.strip_suffix(".exp_avg_sq"))
-                .unwrap_or(n),
-        )
+    let (params, param_rows) = load_split(dir, "params", device, keep, rows_of)?;
+    let tensor_of = |n: &str| -> String {
+        n.strip_suffix(".exp_avg")
+            .or(n.strip_suffix(".exp_avg_sq"))
+            .unwrap_or(n)
+            .to_string()
     };
-    let mut flat = load_tensors(dir, "optimizer", device, &keep_state)?;
+    let keep_state = |n: &str| keep(&tensor_of(n));
+    let (mut flat, mut flat_rows) = load_split(dir, "optimizer", device, &keep_state, &|n| {
+        rows_of(&tensor_of(n))
+    })?;
+    let mut moment_rows = BTreeMap::new();
+    let row_names: Vec<String> = flat_rows
+        .keys()
+        .filter_map(|n| n.strip_suffix(".exp_avg").map(String::from))
+        .collect();
+    for n in row_names {
+        let m = flat_rows
+            .remove(&format!("{n}.exp_avg"))
+            .expect("listed above");
+        let v = flat_rows
+            .remove(&format!("{n}.exp_avg_sq"))
+            .with_context(|| {
+                format!(
+                    "{}: optimizer state has rows of {n}.exp_avg but not of {n}.exp_avg_sq",
+                    dir.display()
+                )
+            })?;
+        let parts = m
+            .into_iter()
+            .zip(v)
+            .map(|((rows, m), (_, v))| (rows, m, v))
+            .collect();
+        moment_rows.insert(n, parts);
+    }
     let names: Vec<String> = flat
         .keys()
         .filter_map(|n| n.strip_suffix(".exp_avg").map(String::from))
@@ -515,8 +559,77 @@ pub fn load(dir: &Path, device: &Device, keep: &dyn Fn(&str) -> bool) -> Result<
         state,
         params,
         moments,
+        param_rows,
+        moment_rows,
         recipe_toml,
     })
+}
+
+/// The tensors of `kind` kept by `keep`: whole (`load_tensors`) where `rows_of` names no rows,
+/// else the owned ranges' rows, cut from the stored pieces (or whole tensor) that overlap them;
+/// every owned range must be covered by the stored rows.
+#[allow(clippy::type_complexity)]
+fn load_split(
+    dir: &Path,
+    kind: &str,
+    device: &Device,
+    keep: &dyn Fn(&str) -> bool,
+    rows_of: &dyn Fn(&str) -> Option<Vec<Range<usize>>>,
+) -> Result<(
+    BTreeMap<String, Tensor>,
+    BTreeMap<String, Vec<(Range<usize>, Tensor)>>,
+)> {
+    let files = tensor_files(dir, kind)?;
+    let whole = load_tensors_from(dir, &files, device, &|n| keep(n) && rows_of(n).is_none())?;
+    let overlapping = |n: &str| match split_piece_name(n) {
+        Some((base, start, end)) => {
+            keep(&base)
+                && rows_of(&base)
+                    .is_some_and(|rs| rs.iter().any(|r| r.start < end && start < r.end))
+        }
+        None => keep(n) && rows_of(n).is_some(),
+    };
+    let mut stored: BTreeMap<String, Vec<(usize, usize, Tensor)>> = BTreeMap::new();
+    for f in &files {
+        for (name, t) in load_file_f32_where(f, device, &overlapping)? {
+            match split_piece_name(&name) {
+                Some((base, start, end)) => stored.entry(base).or_default().push((start, end, t)),
+                None => {
+                    let n = t.dims().first().copied().unwrap_or(1);
+                    stored.entry(name).or_default().push((0, n, t));
+                }
+            }
+        }
+    }
+    let mut rows = BTreeMap::new();
+    for (base, mut pieces) in stored {
+        pieces.sort_by_key(|p| p.0);
+        let mut parts = vec![];
+        for r in rows_of(&base).unwrap_or_default() {
+            let mut at = r.start;
+            let mut cut = vec![];
+            for (start, end, t) in pieces.iter().filter(|p| p.0 < r.end && r.start < p.1) {
+                let (lo, hi) = ((*start).max(r.start), (*end).min(r.end));
+                if lo != at {
+                    break;
+                }
+                cut.push(t.narrow(0, lo - start, hi - lo)?);
+                at = hi;
+            }
+            if at != r.end || r.is_empty() {
+                bail!(
+                    "{}: the stored rows of {base} do not cover rows {}-{} (covered up to {at})",
+                    dir.display(),
+                    r.start,
+                    r.end
+                );
+            }
+            // A copy, so that the stored piece it was cut from can be freed.
+            parts.push((r, Tensor::cat(&cut, 0)?.copy()?));
+        }
+        rows.insert(base, parts);
+    }
+    Ok((whole, rows))
 }
 
 /// Where a model comes from: a Hugging Face folder plus parameter overlays, oldest first.

@@ -87,12 +87,12 @@ impl Machine {
             // Loading, or resuming, needs more than a step: that is what does not fit.
             if plan.resume_bytes > plan.load_bytes {
                 (
-                    "resuming (the checkpoint's trained tensors whole, with their moments)",
+                    "resuming (the checkpoint's values and moments of the trained tensors)",
                     plan.resume_bytes,
                 )
             } else {
                 (
-                    "loading (every held tensor whole beside the owned optimizer state)",
+                    "loading (the held tensors beside the owned optimizer state)",
                     plan.load_bytes,
                 )
             }

@@ -259,6 +259,38 @@ fn check_resumable(dir: &Path, recipe: &Recipe) -> Result<()> {
 }
 
 /// Does this rank hold tensor `name`? Everything but the routed experts of other ranks.
+/// ZeRO-3 of the trained layers: of every trained tensor a decoder layer holds
+/// (`zero::held_as_rows`), the rows this rank owns (`zero::named_ranges`, the ZeRO ownership
+/// the trainer's slots get: same names, shapes and order).
+fn zero3_owned_rows(
+    recipe: &Recipe,
+    cfg: &ModelConfig,
+    shard: Option<&ExpertShard>,
+    layout: &Layout,
+    rank: usize,
+    expert_replicas: bool,
+) -> HashMap<String, Vec<std::ops::Range<usize>>> {
+    let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
+    let stage = recipe.stage();
+    let trained: Vec<(String, Shape)> = weights::model_weights(cfg, with_mtp)
+        .into_iter()
+        .filter(|s| held_here(shard, &s.name) && stage.trains(s))
+        .map(|s| (s.name, Shape::from(s.shape)))
+        .collect();
+    let named: Vec<(&str, &Shape)> = trained.iter().map(|(n, s)| (n.as_str(), s)).collect();
+    let mut owned: HashMap<String, Vec<std::ops::Range<usize>>> = HashMap::new();
+    for r in zero::named_ranges(&named, layout, rank) {
+        let name = named[r.slot].0;
+        if zero::held_as_rows(name, cfg.num_hidden_layers, layout, expert_replicas) {
+            let rows = owned.entry(name.to_string()).or_default();
+            if r.owner == rank {
+                rows.push(r.rows);
+            }
+        }
+    }
+    owned
+}
+
 fn held_here(shard: Option<&ExpertShard>, name: &str) -> bool {
     match (shard, weights::routed_expert(name)) {
         (Some(s), Some(e)) => s.holds(e),
@@ -277,7 +309,7 @@ fn build_model(
     device: &Device,
     shard: Option<&ExpertShard>,
     zero3: Option<&Arc<dyn RowExchange>>,
-    owner: (&Layout, usize, bool),
+    owned: &HashMap<String, Vec<std::ops::Range<usize>>>,
 ) -> Result<(Model, Vec<Slot>, Vec<(String, Var)>)> {
     let dtype = crate::parse_dtype(&recipe.model.dtype)?;
     let with_mtp = recipe.model.mtp && cfg.num_nextn_predict_layers > 0;
@@ -301,29 +333,9 @@ fn build_model(
             && !overlay.contains_key(&s.name)
             && (s.name.contains(".self_attn.") || s.name.contains(".mlp."))
     };
-    // ZeRO-3: the trained tensors of the decoder layers are read a rank's owned rows at a
-    // time (`zero::held_as_rows`, the rows of `zero::named_ranges`), never whole: the layers
-    // get placeholders and the slots the rows (`Slot::from_rows`); `zero::shard_layers` then
-    // registers them. `owner`: the layout, this rank, whether experts have several holders.
-    let mut owned: HashMap<String, Vec<std::ops::Range<usize>>> = HashMap::new();
-    if zero3.is_some() {
-        let (layout, rank, expert_replicas) = owner;
-        let trained: Vec<(&str, Shape)> = specs
-            .iter()
-            .filter(|s| stage.trains(s))
-            .map(|s| (s.name.as_str(), Shape::from(s.shape.clone())))
-            .collect();
-        let named: Vec<(&str, &Shape)> = trained.iter().map(|(n, s)| (*n, s)).collect();
-        for r in zero::named_ranges(&named, layout, rank) {
-            let name = trained[r.slot].0;
-            if zero::held_as_rows(name, cfg.num_hidden_layers, layout, expert_replicas) {
-                let rows = owned.entry(name.to_string()).or_default();
-                if r.owner == rank {
-                    rows.push(r.rows);
-                }
-            }
-        }
-    }
+    // ZeRO-3: the trained tensors of the decoder layers are read as this rank's owned rows
+    // (`owned`, from `zero3_owned_rows`), never whole: the layers get placeholders and the
+    // slots the rows (`Slot::from_rows`); `zero::shard_layers` then registers them.
     let whole_specs: Vec<WeightSpec> = specs
         .iter()
         .filter(|s| !owned.contains_key(&s.name))
@@ -363,7 +375,13 @@ fn build_model(
                 .map(|r| Ok((r.clone(), t.narrow(0, r.start, r.len())?.to_dtype(want)?)))
                 .collect()
         };
-        let parts = if let Some(t) = overlay.remove(&s.name) {
+        let resumed = resume.and_then(|snap| snap.param_rows.get(&s.name));
+        let parts = if let Some(rows) = resumed {
+            // The resumed checkpoint's f32 values of these very rows.
+            rows.iter()
+                .map(|(r, t)| Ok((r.clone(), t.to_dtype(want)?)))
+                .collect::<Result<_>>()?
+        } else if let Some(t) = overlay.remove(&s.name) {
             if t.dims() != s.shape.as_slice() {
                 bail!(
                     "checkpoint tensor {} has shape {:?}, the model expects {:?}",
@@ -550,9 +568,19 @@ impl Trainer {
             None
         };
         let device = crate::parse_device(&recipe.model.device)?;
+        // ZeRO-3 of the layers: the rows of their trained tensors this rank owns, read alone
+        // from the model and from a checkpoint being resumed.
+        let owned_rows = if layout.zero >= 3 && layout.world > 1 {
+            let replicas = layout.ep > 1 && layout.expert_replicas(rank).len() > 1;
+            zero3_owned_rows(&recipe, &cfg, shard.as_ref(), &layout, rank, replicas)
+        } else {
+            HashMap::new()
+        };
         let snapshot = match resume_dir {
             Some(d) => {
-                let snap = ckpt::load(d, &device, &|n| held_here(shard.as_ref(), n))?;
+                let snap = ckpt::load_owned(d, &device, &|n| held_here(shard.as_ref(), n), &|n| {
+                    owned_rows.get(n).cloned()
+                })?;
                 if snap.state.stage != recipe.stage() {
                     bail!(
                         "{} was written by the {:?} stage but the recipe runs {:?}",
@@ -594,7 +622,7 @@ impl Trainer {
             &device,
             shard.as_ref(),
             zero3.as_ref(),
-            (&layout, rank, zero3_experts.is_some()),
+            &owned_rows,
         )?;
         model.set_kernels(recipe.kernel_policy()?);
         crate::cuda_runtime::set_tf32(&device, recipe.kernels.tf32);
@@ -628,6 +656,37 @@ impl Trainer {
             for s in slots.iter_mut().filter(|s| !s.pieces.is_empty()) {
                 if let Some(p) = snap.params.get(&s.name) {
                     s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
+                }
+                // ZeRO-3's layer tensors, read as the owned rows: the exact f32 masters and
+                // moments of those rows.
+                let mine: Vec<_> = s.pieces.iter().map(|p| p.rows.clone()).collect();
+                let name = s.name.clone();
+                let rows_of = |have: &[std::ops::Range<usize>]| -> Result<()> {
+                    if mine != have {
+                        bail!(
+                            "{}: read rows {have:?} of {name} but owns {mine:?}",
+                            resume_dir.unwrap_or(Path::new("")).display()
+                        );
+                    }
+                    Ok(())
+                };
+                if let Some(rows) = snap.param_rows.get(&s.name) {
+                    rows_of(&rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>())?;
+                    for (p, (_, t)) in s.pieces.iter_mut().zip(rows) {
+                        p.master = Some(t.clone());
+                    }
+                }
+                if let Some(rows) = snap.moment_rows.get(&s.name) {
+                    rows_of(&rows.iter().map(|r| r.0.clone()).collect::<Vec<_>>())?;
+                    for (p, (_, m, v)) in s.pieces.iter_mut().zip(rows) {
+                        (p.m, p.v) = (m.clone(), v.clone());
+                    }
+                    s.steps = snap
+                        .state
+                        .optimizer_steps
+                        .get(&s.name)
+                        .copied()
+                        .unwrap_or(0);
                 }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
                     let dims = s.shape().dims().to_vec();
@@ -1320,6 +1379,8 @@ impl Trainer {
             },
             params,
             moments,
+            param_rows: Default::default(),
+            moment_rows: Default::default(),
             recipe_toml: self.recipe.to_toml(),
         })
     }

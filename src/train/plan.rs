@@ -107,8 +107,8 @@ pub struct Plan {
     /// layer tensors, read as the owned rows), beside the owned rows' f32 masters and moments.
     pub load_bytes: f64,
     /// Device memory while a run resumes: the load's, and the checkpoint's f32 values and Adam
-    /// moments of every trained tensor the rank holds, whole (`checkpoint::load` re-assembles
-    /// the ranks' pieces before each rank keeps its rows).
+    /// moments of the trained tensors the rank holds: whole (`ckpt::load` re-assembles the
+    /// ranks' pieces), but ZeRO-3's layer tensors, read as the owned rows (`ckpt::load_owned`).
     pub resume_bytes: f64,
 }
 
@@ -489,20 +489,24 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             }
         })
         .sum();
-    let load_bytes = whole_weight_bytes
-        + most_loaded_rank_bytes(
-            &specs,
-            &trainable,
-            recipe,
-            cfg.n_routed_experts,
-            master + 8.0,
-        );
+    let owned_state = most_loaded_rank_bytes(
+        &specs,
+        &trainable,
+        recipe,
+        cfg.n_routed_experts,
+        master + 8.0,
+    );
+    let load_bytes = whole_weight_bytes + owned_state;
+    // Resuming (`ckpt::load_owned`) also reads the checkpoint's f32 values and moments: whole
+    // for the trained tensors a rank holds whole, the owned rows for ZeRO-3's layer tensors
+    // (counted as the owned state once more, while they replace the fresh pieces).
     let resume_bytes = load_bytes
         + specs
             .iter()
-            .filter(|s| trainable(s))
+            .filter(|s| trainable(s) && !gathered(s))
             .map(|s| local(s) * 12.0)
-            .sum::<f64>();
+            .sum::<f64>()
+        + if zero3 { owned_state } else { 0.0 };
     let ring = |n: f64| if n > 1.0 { 2.0 * (n - 1.0) / n } else { 0.0 };
     let micro_per_device = (recipe.micro_batches() as f64 / (dp / cp)).max(1.0);
     // ZeRO-1 sums the gradients once per step, ZeRO-2 once per micro-batch; then the shares.
@@ -752,7 +756,7 @@ pub fn report(recipe: &Recipe, p: &Plan) -> String {
         "parameters: {} trainable, {} frozen\ntokens per step: {} ({} x {})\nFLOPs per step: {:.3e}\n\
          layout: dp {} x cp {}, experts over ep {} ({} device(s))\n\
          memory per device (estimate): {:.2} GiB = weights {:.2} + optimizer/grads {:.2} + activations {:.2} (ZeRO-{}){}\n\
-         while loading (estimate): {:.2} GiB (every held tensor whole, and the owned rows' masters and moments); while resuming {:.2} GiB (and the checkpoint's values and moments of the trained tensors, whole)\n\
+         while loading (estimate): {:.2} GiB (the held tensors, the owned rows' masters and moments); while resuming {:.2} GiB (and the checkpoint's values and moments of the trained tensors)\n\
          sent per device per step (estimate): gradient sums and ZeRO-1 shares {:.2} GiB, expert exchange {:.2} GiB, context gathers {:.2} GiB, ZeRO-3 weight gathers {:.2} GiB",
         p.trainable_params, p.frozen_params, p.tokens_per_step, recipe.train.global_batch_seqs, recipe.data.seq_len,
         p.flops_per_step, recipe.parallel.dp.max(1), recipe.parallel.cp.max(1), recipe.parallel.ep,
