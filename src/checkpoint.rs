@@ -388,36 +388,17 @@ impl Checkpoint {
                 let col_blocks = fp8::blocks(cols, FP8_BLOCK);
                 let scales = &scales[first / FP8_BLOCK * col_blocks
                     ..fp8::blocks(rows.end, FP8_BLOCK).max(first / FP8_BLOCK) * col_blocks];
-                let numel = read.len() * cols;
                 let block = match dtype {
-                    DType::BF16 => {
-                        let out = filled_vec(numel, |o| {
-                            fp8::dequantize_into(
-                                span(&read),
-                                scales,
-                                read.len(),
-                                cols,
-                                FP8_BLOCK,
-                                o,
-                                bf16::from_f32,
-                            )
-                        });
-                        Tensor::from_vec(out, (read.len(), cols), device)?
-                    }
-                    _ => {
-                        let out = filled_vec(numel, |o| {
-                            fp8::dequantize_into(
-                                span(&read),
-                                scales,
-                                read.len(),
-                                cols,
-                                FP8_BLOCK,
-                                o,
-                                |x| x,
-                            )
-                        });
-                        Tensor::from_vec(out, (read.len(), cols), device)?.to_dtype(dtype)?
-                    }
+                    DType::BF16 => dequantized(
+                        span(&read),
+                        scales,
+                        read.len(),
+                        cols,
+                        bf16::from_f32,
+                        device,
+                    )?,
+                    _ => dequantized(span(&read), scales, read.len(), cols, |x| x, device)?
+                        .to_dtype(dtype)?,
                 };
                 block.narrow(0, rows.start - first, rows.len())?
             }
@@ -512,6 +493,22 @@ pub fn load_file_f32_where(
 }
 
 /// Decode little-endian elements of `N` bytes each, in parallel.
+/// FP8 rows (whole 128-row scale blocks from the first) dequantised into a [rows, cols] tensor
+/// of `store`'s type (`fp8::dequantize_into`: one table lookup per byte).
+fn dequantized<T: candle_core::WithDType>(
+    bytes: &[u8],
+    scales: &[f32],
+    rows: usize,
+    cols: usize,
+    store: impl Fn(f32) -> T + Sync,
+    device: &Device,
+) -> Result<Tensor> {
+    let out = filled_vec(rows * cols, |o| {
+        fp8::dequantize_into(bytes, scales, rows, cols, FP8_BLOCK, o, store)
+    });
+    Ok(Tensor::from_vec(out, (rows, cols), device)?)
+}
+
 fn decode_le<T: Send, const N: usize>(
     bytes: &[u8],
     f: impl Fn(&[u8; N]) -> T + Sync + Send,

@@ -1030,6 +1030,39 @@ fn layout_errors_are_one_clear_line() {
     );
 }
 
+/// Run `name` of the fixture, resumed from `from` (a step folder) on `world` ranks with
+/// `args` (`train.steps` as `reference`'s), continues run `reference`: its steps' losses and
+/// gradient norms are `reference`'s last ones within 1e-5. Returns the ranks' logs.
+fn assert_resume_continues(
+    f: &Fixture,
+    reference: &str,
+    name: &str,
+    world: usize,
+    from: &str,
+    args: &[&str],
+) -> Vec<String> {
+    let r = f.recipe("sparse", name, &f.root.join("model"), 3);
+    let from = f.out(from);
+    let args: Vec<&str> = [args, &["--resume", from.to_str().unwrap()]].concat();
+    let logs = train_ranks_logs(world, &r, &args);
+    let tail = |v: Vec<(f64, f64)>, n: usize| v[v.len() - n..].to_vec();
+    let got = losses(&f.out(name));
+    let what = format!("{name} resumed from {}", from.display());
+    assert_close_within(
+        &tail(losses(&f.out(reference)), got.len()),
+        &got,
+        &what,
+        1e-5,
+    );
+    assert_close_within(
+        &tail(grad_norms(&f.out(reference)), got.len()),
+        &grad_norms(&f.out(name)),
+        &format!("{what}, grad norms"),
+        1e-5,
+    );
+    logs
+}
+
 /// Fixture run `name` is run `reference`: every tensor's first-step gradient (first Adam
 /// moment) within 1e-5 of its largest value, every step's losses and gradient norms within 1e-5.
 fn assert_same_run(f: &Fixture, reference: &str, name: &str, what: &str) {
@@ -1188,7 +1221,6 @@ fn context_parallel_matches_one_process() {
     );
     // Checkpoints re-shard across cp: dp 2 x cp 2's step 2 resumes at dp 2 x cp 1 and in one
     // process, one process's at cp 4; each continues the same run (its step 3).
-    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
     for (name, world, from, layout) in [
         ("cp-to-dp2", 2, "dp2-cp2/step-2", vec![]),
         ("cp-to-one", 1, "dp2-cp2/step-2", vec![]),
@@ -1199,24 +1231,8 @@ fn context_parallel_matches_one_process() {
             vec!["--set", "parallel.cp=4"],
         ),
     ] {
-        let r = f.recipe("sparse", name, &model, 3);
-        let from = f.out(from);
-        let args: Vec<&str> = [
-            "--set",
-            "train.eps=1e-4",
-            "--resume",
-            from.to_str().unwrap(),
-        ]
-        .into_iter()
-        .chain(layout)
-        .collect();
-        train_ranks(world, &r, &args);
-        assert_close_within(
-            &last(losses(&f.out("cp-one"))),
-            &losses(&f.out(name)),
-            &format!("sparse: {name} resume"),
-            1e-5,
-        );
+        let args: Vec<&str> = [&["--set", "train.eps=1e-4"][..], &layout].concat();
+        assert_resume_continues(&f, "cp-one", name, world, from, &args);
     }
 }
 
@@ -1303,31 +1319,18 @@ fn zero3_shards_the_trained_layers_and_matches_one_process() {
         assert!(gathered.iter().all(|&b| b > 0), "{what}: {gathered:?}");
         assert_same_run(&f, "z3-one", name, &what);
     }
-    let last = |v: Vec<(f64, f64)>| v[v.len() - 1..].to_vec();
     for (name, world, layout) in [
         ("z3-to-dp2", 2, vec!["--set", "parallel.zero=2"]),
         ("z3-to-one", 1, vec![]),
     ] {
-        let r = f.recipe("sparse", name, &model, 3);
-        let from = f.out("z3-dp4-cp2/step-2");
-        let args: Vec<&str> = [
+        let base = [
             "--set",
             "train.eps=1e-4",
             "--set",
             "train.micro_batch_seqs=1",
-            "--resume",
-            from.to_str().unwrap(),
-        ]
-        .into_iter()
-        .chain(layout)
-        .collect();
-        train_ranks(world, &r, &args);
-        assert_close_within(
-            &last(losses(&f.out("z3-one"))),
-            &losses(&f.out(name)),
-            &format!("sparse: {name} resume"),
-            1e-5,
-        );
+        ];
+        let args: Vec<&str> = [&base[..], &layout].concat();
+        assert_resume_continues(&f, "z3-one", name, world, "z3-dp4-cp2/step-2", &args);
     }
 }
 
@@ -1547,40 +1550,16 @@ fn zero3_reads_the_owned_rows_of_split_tensors() {
     // Resuming into ZeRO-3 reads the owned rows of the values and moments alone, from a
     // checkpoint stored as the owners' pieces (its own) or whole (one process's): each
     // continues the one-process run (its steps 2 and 3: the second shows the moments).
-    let last = |v: Vec<(f64, f64)>| v[v.len() - 2..].to_vec();
     for (name, from) in [
         ("z3w-from-z3", "z3w-dp4/step-1"),
         ("z3w-from-one", "z3w-one/step-1"),
     ] {
-        let r = f.recipe("sparse", name, &model, 3);
-        let from = f.out(from);
-        let args: Vec<&str> = [
-            &common[..],
-            &[
-                "--set",
-                "parallel.zero=3",
-                "--resume",
-                from.to_str().unwrap(),
-            ],
-        ]
-        .concat();
-        let logs = train_ranks_logs(4, &r, &args);
+        let args: Vec<&str> = [&common[..], &["--set", "parallel.zero=3"]].concat();
+        let logs = assert_resume_continues(&f, "z3w-one", name, 4, from, &args);
         assert!(
             logs[0].contains("read as this rank's rows"),
             "{name}: {}",
             logs[0]
-        );
-        assert_close_within(
-            &last(losses(&f.out("z3w-one"))),
-            &losses(&f.out(name)),
-            &format!("ZeRO-3 resume: {name}"),
-            1e-5,
-        );
-        assert_close_within(
-            &last(grad_norms(&f.out("z3w-one"))),
-            &grad_norms(&f.out(name)),
-            &format!("ZeRO-3 resume: {name}, grad norms"),
-            1e-5,
         );
     }
 }
