@@ -636,19 +636,6 @@ impl Model {
         Ok(ids)
     }
 
-    /// Replace tensors of the decoder layers (main and MTP): `f` gives the new tensor, or None
-    /// to keep it.
-    pub fn replace_layer_tensors(&mut self, f: &dyn Fn(&Tensor) -> Option<Tensor>) -> Result<()> {
-        for layer in self
-            .layers
-            .iter_mut()
-            .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
-        {
-            *layer = layer.map_tensors(&mut |t: &Tensor| Ok(f(t).unwrap_or_else(|| t.clone())))?;
-        }
-        Ok(())
-    }
-
     /// Run the passes with `kernels` (kernels or their plain twins, per op).
     pub fn set_kernels(&mut self, kernels: KernelPolicy) {
         self.kernels = kernels;

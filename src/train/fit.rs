@@ -375,7 +375,7 @@ pub fn search_report(
                 .map(|c| c.plan.peak_bytes())
                 .fold(f64::INFINITY, f64::min);
             out.push_str(&format!(
-                "no layout of {} GPU(s) fits: loading or resuming needs at least {:.1} GiB per GPU (every held tensor read whole; docs/scaling.md); the training step alone fits in {} layouts, fastest first:\n",
+                "no layout of {} GPU(s) fits: loading or resuming needs at least {:.1} GiB per GPU (docs/scaling.md); the training step alone fits in {} layouts, fastest first:\n",
                 machine.gpus,
                 least / GIB,
                 stepping.len()

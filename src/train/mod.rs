@@ -258,7 +258,6 @@ fn check_resumable(dir: &Path, recipe: &Recipe) -> Result<()> {
     Ok(())
 }
 
-/// Does this rank hold tensor `name`? Everything but the routed experts of other ranks.
 /// ZeRO-3 of the trained layers: of every trained tensor a decoder layer holds
 /// (`zero::held_as_rows`), the rows this rank owns (`zero::named_ranges`, the ZeRO ownership
 /// the trainer's slots get: same names, shapes and order).
@@ -291,6 +290,7 @@ fn zero3_owned_rows(
     owned
 }
 
+/// Does this rank hold tensor `name`? Everything but the routed experts of other ranks.
 fn held_here(shard: Option<&ExpertShard>, name: &str) -> bool {
     match (shard, weights::routed_expert(name)) {
         (Some(s), Some(e)) => s.holds(e),
@@ -376,6 +376,14 @@ fn build_model(
                 .collect()
         };
         let resumed = resume.and_then(|snap| snap.param_rows.get(&s.name));
+        let from = match (resumed.is_some(), overlay.contains_key(&s.name)) {
+            (true, _) => "the checkpoint being resumed".to_string(),
+            (false, true) => source.overlays.last().map_or_else(
+                || source.hf_dir.display().to_string(),
+                |d| d.display().to_string(),
+            ),
+            (false, false) => source.hf_dir.display().to_string(),
+        };
         let parts = if let Some(rows) = resumed {
             // The resumed checkpoint's f32 values of these very rows.
             rows.iter()
@@ -406,12 +414,12 @@ fn build_model(
             let init = weights::init_indexer_tensor(s, recipe.model.init_seed);
             narrowed(&Tensor::from_vec(init, s.shape.as_slice(), device)?)?
         };
-        for (_, t) in &parts {
-            let finite =
-                weights::first_non_finite(&[(s.name.clone(), t.clone())].into_iter().collect())?;
-            if finite.is_some() {
-                bail!("tensor {} (from {}) holds NaN or infinite values; this model cannot be trained", s.name, source.hf_dir.display());
-            }
+        let rows: ParamSet = parts
+            .iter()
+            .map(|(r, t)| (format!("{} rows {r:?}", s.name), t.clone()))
+            .collect();
+        if let Some(part) = weights::first_non_finite(&rows)? {
+            bail!("tensor {part} (from {from}) holds NaN or infinite values; this model cannot be trained");
         }
         params.insert(
             s.name.clone(),
@@ -726,14 +734,7 @@ impl Trainer {
             tokens_seen = snap.state.tokens_seen;
         }
         if let Some(everyone) = zero3.clone() {
-            zero::shard_layers(
-                &mut model,
-                &mut slots,
-                &layout,
-                rank,
-                everyone,
-                zero3_experts,
-            )?;
+            zero::shard_layers(&mut model, &slots, &layout, rank, everyone, zero3_experts)?;
             let (n, bytes) = model.sharded.held();
             if rank == 0 && n > 0 {
                 crate::elog!(

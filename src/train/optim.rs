@@ -104,8 +104,8 @@ impl Slot {
 
     /// ZeRO-3, loaded a rank's rows at a time: the slot of a tensor of `shape` whose model
     /// tensor is `placeholder`, holding `rows` (each range with its values in the model dtype,
-    /// as the whole tensor would have them) as f32 masters with fresh moments. What `new`,
-    /// `keep_rows` and `shard` make of the whole tensor, without it.
+    /// as the whole tensor would have them) as f32 masters with fresh moments: what `new` and
+    /// `keep_rows` make of the whole tensor, without it.
     pub fn from_rows(
         name: String,
         placeholder: Var,
@@ -137,27 +137,6 @@ impl Slot {
             decay,
             group,
         })
-    }
-
-    /// ZeRO-3: keep only the pieces' rows, every one with its f32 master, and read through
-    /// `placeholder` from now on (the model's layer holds it; `model::sharded` gathers the
-    /// rows when the layer runs). The whole tensor is freed once the model lets go of it.
-    pub fn shard(&mut self, placeholder: Var) -> Result<()> {
-        if self.sharded {
-            return Ok(());
-        }
-        let t = self.var.as_tensor();
-        for p in self.pieces.iter_mut().filter(|p| p.master.is_none()) {
-            let rows = if t.rank() == 0 {
-                t.clone()
-            } else {
-                t.narrow(0, p.rows.start, p.rows.len())?
-            };
-            p.master = Some(rows.to_dtype(DType::F32)?.copy()?.detach());
-        }
-        self.var = placeholder;
-        self.sharded = true;
-        Ok(())
     }
 
     /// The f32 masters of the owned rows, in row order (what a ZeRO-3 layer gathers).

@@ -874,6 +874,15 @@ mod tests {
 
     /// A bf16 recipe for the slice: one sequence of `len` tokens in `stage`, `block` rows per
     /// block, k 2048, MTP off.
+    /// `recipe` recomputing, 4 sequences a step, one per micro-batch, on 4 data-parallel ranks.
+    fn four_sequences_on_four_ranks(mut recipe: Recipe) -> Recipe {
+        recipe.train.recompute = true;
+        recipe.train.global_batch_seqs = 4;
+        recipe.train.micro_batch_seqs = 1;
+        recipe.parallel.dp = 4;
+        recipe
+    }
+
     fn slice_recipe(stage: Stage, len: usize, block: usize) -> Recipe {
         let mut recipe = Recipe::default();
         recipe.train.stage = stage;
@@ -1171,11 +1180,7 @@ mod tests {
         assert!(two.activation_bytes < one.activation_bytes);
         // The dense stage (recomputing): the kv rows out twice (dtype) and their gradients
         // home (f32); no indexer keys.
-        let mut d = slice_recipe(Stage::Dense, 32768, 0);
-        d.train.recompute = true;
-        d.train.global_batch_seqs = 4;
-        d.train.micro_batch_seqs = 1;
-        d.parallel.dp = 4;
+        let mut d = four_sequences_on_four_ranks(slice_recipe(Stage::Dense, 32768, 0));
         let one = plan_for(&d, &cfg);
         d.parallel.dp = 2;
         d.parallel.cp = 2;
@@ -1197,11 +1202,7 @@ mod tests {
     #[test]
     fn fp8_dispatch_sends_the_forward_rows_out_in_one_byte() {
         let cfg = slice_config();
-        let mut r = slice_recipe(Stage::Sparse, 8192, 2048);
-        r.train.recompute = true;
-        r.train.global_batch_seqs = 4;
-        r.train.micro_batch_seqs = 1;
-        r.parallel.dp = 4;
+        let mut r = four_sequences_on_four_ranks(slice_recipe(Stage::Sparse, 8192, 2048));
         r.parallel.ep = 4;
         let bf16 = plan_for(&r, &cfg);
         r.parallel.fp8_dispatch = true;
@@ -1223,11 +1224,7 @@ mod tests {
     #[test]
     fn zero3_keeps_the_layers_as_owned_rows_and_gathers_one_at_a_time() {
         let cfg = slice_config();
-        let mut r = slice_recipe(Stage::Sparse, 8192, 2048);
-        r.train.recompute = true;
-        r.train.global_batch_seqs = 4;
-        r.train.micro_batch_seqs = 1;
-        r.parallel.dp = 4;
+        let mut r = four_sequences_on_four_ranks(slice_recipe(Stage::Sparse, 8192, 2048));
         r.parallel.zero = 2;
         let z2 = plan_for(&r, &cfg);
         r.parallel.zero = 3;

@@ -33,12 +33,12 @@
 //! a summed presence flag per tensor, so every holder updates the same set of tensors.
 
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Arc;
 
 use anyhow::{bail, Result};
-use candle_core::{DType, Device, Shape, Tensor, TensorId, Var};
+use candle_core::{DType, Device, Shape, Tensor};
 
 use super::accumulate::GradSum;
 use super::optim::{assign_owners, piece_name, GradAccum, Slot};
@@ -171,16 +171,18 @@ pub fn held_as_rows(
     in_layer && (!is_sharded_expert(layout, name) || expert_replicas)
 }
 
-/// ZeRO-3: every tensor the decoder layers train becomes this rank's rows of it (`Slot::shard`)
-/// and the layers hold placeholders that `model::sharded` gathers when a layer runs. The rows
-/// are the ZeRO ownership of `slot_ranges`, so a rank holds the weights whose optimizer state it
-/// keeps and nothing else of them. Holders: every rank (`everyone`) for the tensors outside the
-/// routed experts; an expert's replicas (`replicas`, None when each expert has one holder, who
-/// keeps it whole) for the experts. Tensors outside the layers (embedding, final norm, head,
-/// the MTP input projection) stay whole.
+/// ZeRO-3: registers the tensors the decoder layers train, loaded as this rank's rows
+/// (`Slot::from_rows`, `held_as_rows`), with the model, whose layers hold their placeholders
+/// and gather them (`model::sharded`) when a layer runs. The rows are the ZeRO ownership of
+/// `slot_ranges`, so a rank holds the weights whose optimizer state it keeps and nothing else
+/// of them. Holders: every rank (`everyone`) for the tensors outside the routed experts; an
+/// expert's replicas (`replicas`, None when each expert has one holder, who keeps it whole)
+/// for the experts. Tensors outside the layers (embedding, final norm, head, the MTP input
+/// projection) stay whole. A layer tensor loaded whole, or rows no layer holds, is an error:
+/// the loader and this walk must agree.
 pub fn shard_layers(
     model: &mut Model,
-    slots: &mut [Slot],
+    slots: &[Slot],
     layout: &Layout,
     rank: usize,
     everyone: Arc<dyn RowExchange>,
@@ -193,27 +195,25 @@ pub fn shard_layers(
     let mut channels = vec![everyone];
     channels.extend(replicas.clone());
     let mut params = ShardedParams::new(channels);
-    let mut placeholders: HashMap<TensorId, Tensor> = HashMap::new();
-    for (i, s) in slots.iter_mut().enumerate() {
-        // A slot loaded as its rows (`held_as_rows`) must be one this walk shards.
-        let stray = |s: &Slot| -> Result<()> {
+    for (i, s) in slots.iter().enumerate() {
+        let holders = match (is_sharded_expert(layout, &s.name), &replicas) {
+            _ if !in_layers.contains(&s.var.as_tensor().id()) => None,
+            (false, _) => Some((0, &all)),
+            (true, Some(_)) => Some((1, &expert_members)),
+            (true, None) => None,
+        };
+        let Some((group, members)) = holders else {
             if s.sharded {
                 bail!("{}: loaded as this rank's rows, but ZeRO-3 does not shard it (a decoder layer does not hold it, or its expert has one holder)", s.name);
             }
-            Ok(())
-        };
-        if !in_layers.contains(&s.var.as_tensor().id()) {
-            stray(s)?;
             continue;
-        }
-        let (group, members) = match (is_sharded_expert(layout, &s.name), &replicas) {
-            (false, _) => (0, &all),
-            (true, Some(_)) => (1, &expert_members),
-            (true, None) => {
-                stray(s)?;
-                continue;
-            }
         };
+        if !s.sharded {
+            bail!(
+                "{}: a decoder layer trains it under ZeRO-3, but it was loaded whole",
+                s.name
+            );
+        }
         let mut owned = vec![];
         for r in ranges.iter().filter(|r| r.slot == i) {
             let Some(index) = members.iter().position(|&m| m == r.owner) else {
@@ -222,26 +222,16 @@ pub fn shard_layers(
             owned.push((index, r.rows.clone()));
         }
         owned.sort_by_key(|(_, rows)| rows.start);
-        let t = s.var.as_tensor();
-        let (dtype, device) = (t.dtype(), t.device().clone());
-        if !s.sharded {
-            // Loaded whole: keep the rows, hand the layer a placeholder.
-            let placeholder =
-                Var::from_tensor(&crate::model::fp8_frozen::placeholder(dtype, &device)?)?;
-            placeholders.insert(t.id(), placeholder.as_tensor().clone());
-            s.shard(placeholder)?;
-        }
         let weight = ShardedWeight {
             name: s.name.clone(),
             dims: s.shape().dims().to_vec(),
-            dtype,
+            dtype: s.var.as_tensor().dtype(),
             ranges: owned,
             mine: s.masters_in_row_order()?,
             group,
         };
         params.insert(s.var.as_tensor().id(), weight)?;
     }
-    model.replace_layer_tensors(&|t| placeholders.get(&t.id()).cloned())?;
     model.sharded = params;
     Ok(())
 }
