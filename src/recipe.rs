@@ -113,8 +113,10 @@ pub struct TrainConfig {
     pub mtp_weight: f64,
     /// Weight of the indexer KL in the sparse stage (it reaches only the indexer).
     pub kl_weight: f64,
-    /// Sparse stage: keep only each layer's input during the forward and recompute the layer
-    /// in the backward (activation memory of one layer instead of all of them).
+    /// Sparse and dense stages: keep only each layer's input during the forward and recompute
+    /// the layer in its backward (activation memory of one layer instead of all of them);
+    /// false keeps what each layer's backward reads (no forward work twice, about what
+    /// autograd would keep). Either way the layers' backward is written out (`model::blocks`).
     pub recompute: bool,
     /// Sparse stage with `recompute`: run each layer `block_rows` queries at a time in both
     /// passes (the attention of a block reads the sequence's shared latent kv; everything else
@@ -515,6 +517,16 @@ impl Recipe {
             &self.kernels.plain_ops,
             self.kernels.deterministic,
         )
+    }
+
+    /// Do the main layers backpropagate through candle's autograd (the explicit backward's
+    /// twin: `kernels.plain_ops` names `layer-backward`, or `kernels.plain`, without
+    /// `train.recompute`)? An unknown op name reads as no: the policy's own error names it.
+    pub fn layer_backward_is_autograd(&self) -> bool {
+        !self.train.recompute
+            && self
+                .kernel_policy()
+                .is_ok_and(|p| p.is_plain(crate::kernels::Fused::LayerBackward))
     }
 
     /// What fills the indexer's shape and k in where config.json has none.

@@ -92,6 +92,7 @@ fn a_packed_window_with_document_masking_equals_each_document_alone() {
         seq_balance: false,
         block_rows,
         indexer_rows: 4,
+        backward: dsa_train::model::BackwardPlan::Autograd,
     };
     let mut passes = vec![];
     for mode in [AttentionMode::Dense, AttentionMode::Sparse] {

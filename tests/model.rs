@@ -160,6 +160,7 @@ fn lm_gradients_reach_the_main_model_and_kl_gradients_only_the_indexer() {
         seq_balance: false,
         block_rows: 0,
         indexer_rows: 0,
+        backward: dsa_train::model::BackwardPlan::Autograd,
     };
     let out = model.forward(&x, &o).unwrap();
     let lm = next_token_nll(&out.logits, &x).unwrap().mean_all().unwrap();
@@ -282,6 +283,7 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
             seq_balance: false,
             block_rows,
             indexer_rows: 3,
+            backward: dsa_train::model::BackwardPlan::Autograd,
         };
         let out = model.forward(&x, &o).unwrap();
         for (l, s) in out.layers.iter().enumerate() {

@@ -950,9 +950,10 @@ fn layout_errors_are_one_clear_line() {
         &["parallel.cp = 2 must divide the job's 1 rank(s)"],
     );
     // `check` runs the same validation for a world it is given: context parallelism in the
-    // dense and sparse stages runs their explicit (recomputing) layer backward, and needs
-    // chunks of at least 2 tokens.
+    // dense and sparse stages runs their explicit layer backward (not its autograd twin), and
+    // needs chunks of at least 2 tokens.
     let dense = f.recipe("dense", "bad-dense", &f.root.join("model"), 2);
+    let autograd = "kernels.plain_ops=[\"layer-backward\"]";
     assert_clean_error(
         &run_cli(&[
             "check",
@@ -963,8 +964,10 @@ fn layout_errors_are_one_clear_line() {
             "parallel.cp=2",
             "--set",
             "train.recompute=false",
+            "--set",
+            autograd,
         ]),
-        &["parallel.cp = 2", "train.recompute = true", "\"dense\""],
+        &["parallel.cp = 2", "layer-backward", "\"dense\""],
     );
     let sparse = f.recipe("sparse", "bad-sparse", &f.root.join("model"), 2);
     let sp = sparse.to_str().unwrap();
@@ -987,7 +990,7 @@ fn layout_errors_are_one_clear_line() {
         &run_cli(&["train", r, "--set", "parallel.zero=3"]),
         &["parallel.zero = 3", "model.frozen_fp8 = true"],
     );
-    // FP8 dispatch trains through the written-out backward.
+    // FP8 dispatch trains through the written-out backward, not autograd's.
     assert_clean_error(
         &run_cli(&[
             "train",
@@ -996,12 +999,10 @@ fn layout_errors_are_one_clear_line() {
             "parallel.fp8_dispatch=true",
             "--set",
             "train.recompute=false",
+            "--set",
+            autograd,
         ]),
-        &[
-            "parallel.fp8_dispatch = true",
-            "sparse",
-            "train.recompute = true",
-        ],
+        &["parallel.fp8_dispatch = true", "sparse", "layer-backward"],
     );
     // ZeRO-3 of trained layers needs the written-out (recomputing) backward.
     assert_clean_error(
@@ -1146,6 +1147,12 @@ fn context_parallel_matches_one_process() {
             "dp2-cp2",
             4,
             vec!["--set", "parallel.cp=2", "--set", "parallel.zero=2"],
+        ),
+        // The layers' backward from what the first pass kept, not recomputed.
+        (
+            "cp2-saved",
+            2,
+            vec!["--set", "parallel.cp=2", "--set", "train.recompute=false"],
         ),
         (
             "cp2-ep2",
@@ -1454,6 +1461,13 @@ fn context_parallel_dense_stage_matches_one_process() {
                 vec!["--set", "parallel.cp=2", "--set", "parallel.ep=2"],
             ),
             ("d-cp2-docs", 2, true, vec!["--set", "parallel.cp=2"]),
+            // The layers' backward from what the first pass kept, not recomputed.
+            (
+                "d-cp2-saved",
+                2,
+                false,
+                vec!["--set", "parallel.cp=2", "--set", "train.recompute=false"],
+            ),
         ],
     );
 }

@@ -540,8 +540,9 @@ fn a_diverging_run_stops_with_one_clear_line() {
 
 /// Also block mode (`train.block_rows`: each layer run and differentiated a few queries at a
 /// time against the shared latent kv, MoE balance loss included) with the layer inputs and
-/// sets offloaded to host memory, at block sizes that do and do not divide the sequence; and
-/// the dense stage's explicit layer backward against its autograd.
+/// sets offloaded to host memory, at block sizes that do and do not divide the sequence; the
+/// layers' explicit backward from saved activations (`train.recompute = false`); and the dense
+/// stage's explicit layer backward, both ways, against its autograd.
 #[test]
 fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
     let f = Fixture::new(4);
@@ -553,48 +554,58 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
         let (accum, _, lm, kl) = t.accumulate_gradients().unwrap();
         (accum.into_grads(), lm, kl)
     };
-    // The dense stage: the explicit layer backward (recompute) against autograd (no recompute).
-    let (dense_whole, dense_lm, _) = grads(&["train.stage=dense", "train.recompute=false"]);
-    let (dense_explicit, dense_lm2, _) = grads(&["train.stage=dense", "train.recompute=true"]);
-    assert!(
-        (dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(),
-        "dense: {dense_lm2} vs {dense_lm}"
-    );
-    assert_eq!(
-        dense_explicit.len(),
-        dense_whole.len(),
-        "dense: the same tensors get gradients"
-    );
-    for (name, a) in &dense_whole {
-        let b = &dense_explicit[name];
-        let diff = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let scale = a
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+    // The dense stage: the explicit layer backward, recomputing and from saved activations,
+    // against its twin, candle's autograd.
+    const AUTOGRAD: &str = "kernels.plain_ops=[\"layer-backward\"]";
+    let (dense_whole, dense_lm, _) =
+        grads(&["train.stage=dense", "train.recompute=false", AUTOGRAD]);
+    for explicit in ["train.recompute=true", "train.recompute=false"] {
+        let (dense_explicit, dense_lm2, _) = grads(&["train.stage=dense", explicit]);
         assert!(
-            diff <= 1e-4 * scale + 1e-9,
-            "dense: {name}: max diff {diff} (max |g| {scale})"
+            (dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(),
+            "dense, {explicit}: {dense_lm2} vs {dense_lm}"
         );
+        assert_eq!(
+            dense_explicit.len(),
+            dense_whole.len(),
+            "dense, {explicit}: the same tensors get gradients"
+        );
+        for (name, a) in &dense_whole {
+            let b = &dense_explicit[name];
+            let diff = (a - b)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            let scale = a
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(
+                diff <= 1e-4 * scale + 1e-9,
+                "dense, {explicit}: {name}: max diff {diff} (max |g| {scale})"
+            );
+        }
     }
-    let (whole, lm0, kl0) = grads(&["train.recompute=false", "train.lm_head_chunk=1000"]);
+    let (whole, lm0, kl0) = grads(&[
+        "train.recompute=false",
+        "train.lm_head_chunk=1000",
+        AUTOGRAD,
+    ]);
     for sets in [
         &["train.recompute=true", "train.lm_head_chunk=5"][..],
-        &["train.recompute=false", "train.lm_head_chunk=7"][..],
+        &["train.recompute=false", "train.lm_head_chunk=7", AUTOGRAD][..],
+        &["train.recompute=false", "train.lm_head_chunk=6"][..],
         &[
             "train.recompute=true",
             "train.block_rows=5",

@@ -46,10 +46,14 @@ pub enum Fused {
     /// Frozen FP8 weights dequantised on the device (`kernels::fp8_dequant`; the loader's host
     /// loop and a copy instead).
     Fp8Dequant,
+    /// The main layers' explicit backward from saved activations (`model::blocks`, with
+    /// `train.recompute = false`; candle's autograd of the layer forward instead). On every
+    /// device: it is a way of computing, not a kernel.
+    LayerBackward,
 }
 
 impl Fused {
-    pub const ALL: [Fused; 13] = [
+    pub const ALL: [Fused; 14] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -63,6 +67,7 @@ impl Fused {
         Fused::GradSum,
         Fused::MoeRoute,
         Fused::Fp8Dequant,
+        Fused::LayerBackward,
     ];
 
     /// The name a recipe uses.
@@ -81,6 +86,7 @@ impl Fused {
             Fused::GradSum => "grad-sum",
             Fused::MoeRoute => "moe-route",
             Fused::Fp8Dequant => "fp8-dequant",
+            Fused::LayerBackward => "layer-backward",
         }
     }
 

@@ -41,12 +41,63 @@ pub struct LayerBackward<'a> {
 }
 
 /// What `DecoderLayer::sparse_blocks` computed: the layer output [B, T, hidden] (detached),
-/// the sparse attention's head-mean probabilities over S_t [B, T, K] (f32), and, for MoE
-/// layers, the experts chosen per token [B*T*K] in token order.
+/// the sparse attention's head-mean probabilities over S_t [B, T, K] (f32), for MoE layers
+/// the experts chosen per token [B*T*K] in token order, and, when asked, what the layer's
+/// backward reads (`LayerSaved`).
 pub struct BlockPass {
     pub out: Tensor,
     pub head_mean: Tensor,
     pub chosen: Option<Vec<u32>>,
+    pub saved: Option<LayerSaved>,
+}
+
+/// What a layer's explicit backward reads, kept by its forward (`BackwardPlan::Saved`): the
+/// layer's input and every tensor the recomputing backward would compute again, so the
+/// backward runs no forward work. About what candle's autograd would keep for the same layer.
+pub enum LayerSaved {
+    Sparse(SparseLayerSaved),
+    Dense(Box<DenseLayerSaved>),
+}
+
+/// The sparse stage's layer: the whole-sequence parts and each block's.
+pub struct SparseLayerSaved {
+    h: Tensor,
+    xn: Tensor,
+    kv: Tensor,
+    kv_saved: super::attention::KvSaved,
+    rows_cos: Tensor,
+    rows_sin: Tensor,
+    blocks: Vec<BlockSaved>,
+}
+
+/// The dense stage's layer (whole sequence).
+pub struct DenseLayerSaved {
+    h: Tensor,
+    attn: DenseAttentionSaved,
+    xf: Tensor,
+    ffn: FfnSaved,
+}
+
+/// One block of query rows: (first sequence, sequences, first local row, rows), the normed
+/// rows, their RoPE tables and sets, the queries' and attention's saved tensors, the residual
+/// h1, its norm and the feed-forward's saved tensors.
+struct BlockSaved {
+    place: (usize, usize, usize, usize),
+    xq: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    sel: Selection,
+    q_saved: super::attention::QuerySaved,
+    a_saved: super::attention::SparseSaved,
+    h1: Tensor,
+    xf: Tensor,
+    ffn: FfnSaved,
+}
+
+/// The feed-forward's forward as its backward reads it.
+enum FfnSaved {
+    Dense(crate::ops::SwigluSaved),
+    Moe(Box<super::moe::MoeSaved>),
 }
 
 /// The dense stage's attention half of a layer as its backward reads it
@@ -63,25 +114,54 @@ pub(crate) struct DenseAttentionSaved {
 
 /// Which way the block body runs.
 enum Direction<'a, 'g> {
-    /// Outputs, probabilities and expert choices (`BlockPass`).
-    Forward,
-    /// dh, with the parameters' gradients to the sink.
+    /// Outputs, probabilities and expert choices (`BlockPass`); `keep`: and what the backward
+    /// reads.
+    Forward { keep: bool },
+    /// Recompute each block, then its backward: dh, with the parameters' gradients to the sink.
     Backward(LayerBackward<'a>, &'g mut dyn GradSink),
+}
+
+/// What one block's forward is asked for: the layer output and the attention's head-mean
+/// probabilities (`output`), the tensors its backward reads (`saved`), and the MoE experts
+/// already chosen for its tokens (`known`: a recomputation routes as the first pass did).
+struct BlockWants {
+    output: bool,
+    saved: bool,
+    known: Option<Vec<u32>>,
+}
+
+/// What one block's forward gave.
+struct BlockRun {
+    out: Option<Tensor>,
+    probs: Option<Tensor>,
+    chosen: Vec<u32>,
+    saved: Option<BlockSaved>,
+}
+
+/// A block's backward results: dh1 (the residual's gradient, before the input norm), the
+/// normed rows' gradient from the queries, and the latent kv's gradient (every position).
+struct BlockGrads {
+    dh1: Tensor,
+    dxq: Tensor,
+    dkv: Tensor,
 }
 
 impl DecoderLayer {
     /// The sparse-stage layer over blocks of `rows` queries of one sequence at a time (0: every
-    /// sequence at once, or each segment of a context-parallel rank's rows), without a graph (the recomputing trainer's first pass; `sparse_backward` is its backward). A
-    /// block's working set is that of `rows` tokens, plus the sequence's latent kv.
+    /// sequence at once, or each segment of a context-parallel rank's rows), without a graph
+    /// (the trainer's first pass; `sparse_backward` recomputes it, `saved_backward` reads what
+    /// `keep` kept). A block's working set is that of `rows` tokens, plus the sequence's latent
+    /// kv; with `keep` every block's saved tensors stay alive.
     pub fn sparse_blocks(
         &self,
         h: &Tensor,
         ctx: &ForwardContext,
         sel: &Selection,
         rows: usize,
+        keep: bool,
     ) -> Result<BlockPass> {
         let (view, _) = self.detached_view()?;
-        match view.blocks(h, ctx, sel, rows, Direction::Forward)? {
+        match view.blocks(h, ctx, sel, rows, Direction::Forward { keep })? {
             Ran::Forward(pass) => Ok(pass),
             Ran::Backward(_) => unreachable!("a forward run returns its pass"),
         }
@@ -122,6 +202,48 @@ impl DecoderLayer {
         )? {
             Ran::Backward(dh) => Ok(dh),
             Ran::Forward(_) => unreachable!("a backward run returns dh"),
+        }
+    }
+
+    /// The layer's backward from what its forward kept (`sparse_blocks` or
+    /// `forward_dense_explicit` with `keep`): the same block backward as the recomputing one,
+    /// without the forward work. `bw.chosen` is unused (the saved routing is the first pass's).
+    pub fn saved_backward(
+        &self,
+        saved: LayerSaved,
+        ctx: &ForwardContext,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let (view, originals) = self.detached_view()?;
+        let dout = bw.dout.detach();
+        let bw = LayerBackward { dout: &dout, ..bw };
+        let grads = &mut ToOriginals {
+            inner: grads,
+            originals,
+        };
+        let _region = crate::profile::region("layer: explicit backward (saved activations)");
+        match saved {
+            LayerSaved::Sparse(s) => {
+                let (b, t, _) = s.h.dims3()?;
+                let mut parts = BackwardParts::default();
+                for block in s.blocks {
+                    let g = view.block_backward(block, &s.kv, &bw, b, ctx, grads)?;
+                    parts.add(g)?;
+                }
+                view.finish_sparse_backward(
+                    &s.h,
+                    &s.xn,
+                    &s.kv_saved,
+                    (&s.rows_cos, &s.rows_sin),
+                    parts,
+                    b,
+                    t,
+                    ctx,
+                    grads,
+                )
+            }
+            LayerSaved::Dense(s) => view.dense_backward_saved(*s, ctx, &bw, grads),
         }
     }
 
@@ -167,16 +289,170 @@ impl DecoderLayer {
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
         let (view, originals) = self.detached_view()?;
-        view.dense_backward_detached(
-            h,
+        let dout = bw.dout.detach();
+        let bw = LayerBackward { dout: &dout, ..bw };
+        let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
+        let (_, saved) = view.dense_forward_detached(h, ctx, false, bw.chosen)?;
+        let saved = saved.expect("a kept forward returns its saved tensors");
+        view.dense_backward_saved(
+            saved,
             ctx,
-            &bw.dout.detach(),
-            bw,
+            &bw,
             &mut ToOriginals {
                 inner: grads,
                 originals,
             },
         )
+    }
+
+    /// The dense stage's layer forward without a graph (the first pass under context
+    /// parallelism, or with `keep` the saved-activations pass): the attention half
+    /// (`dense_attention_saved`) and the feed-forward; returns the output [B, n, D] and its
+    /// routing (MoE layers), and with `keep` what `saved_backward` reads.
+    pub(crate) fn forward_dense_explicit(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        keep: bool,
+    ) -> Result<(Tensor, Option<Vec<u32>>, Option<LayerSaved>)> {
+        let (view, _) = self.detached_view()?;
+        if !keep {
+            let (b, n, d) = h.dims3()?;
+            let h1 = view.dense_attention_saved(&h.detach(), ctx)?.h1;
+            let x = rms_norm(view.kernels, &h1, &view.post_attention_norm, view.eps)?;
+            let (f, chosen) = match &view.ffn {
+                FeedForward::Dense(mlp) => (mlp.forward(&x)?, None),
+                FeedForward::Moe(moe) => {
+                    let (out, chosen, _) = moe.forward_flat(&x.reshape((b * n, d))?)?;
+                    (out.reshape((b, n, d))?, Some(chosen))
+                }
+            };
+            return Ok(((h1 + f)?.detach(), chosen, None));
+        }
+        let (out, saved) = view.dense_forward_detached(h, ctx, true, None)?;
+        let saved = saved.expect("a kept forward returns its saved tensors");
+        let chosen = match &saved.ffn {
+            FfnSaved::Moe(m) => Some(m.chosen().to_vec()),
+            FfnSaved::Dense(_) => None,
+        };
+        let out = out.expect("asked for the output");
+        Ok((out, chosen, Some(LayerSaved::Dense(Box::new(saved)))))
+    }
+
+    /// The dense layer's forward on a detached view, keeping what its backward reads; the
+    /// output when `output` (the first pass), the MoE routed as `known` when given.
+    fn dense_forward_detached(
+        &self,
+        h: &Tensor,
+        ctx: &ForwardContext,
+        output: bool,
+        known: Option<&[u32]>,
+    ) -> Result<(Option<Tensor>, Option<DenseLayerSaved>)> {
+        let (b, t, d) = h.dims3()?;
+        let h = h.detach();
+        let attn = self.dense_attention_saved(&h, ctx)?;
+        let xf = rms_norm(self.kernels, &attn.h1, &self.post_attention_norm, self.eps)?;
+        let (f, ffn) = match &self.ffn {
+            FeedForward::Dense(mlp) => {
+                let saved = mlp.forward_saved(&xf)?;
+                let f = if output {
+                    Some(saved.output(&mlp.down)?)
+                } else {
+                    None
+                };
+                (f, FfnSaved::Dense(saved))
+            }
+            FeedForward::Moe(moe) => {
+                let (f, saved) = moe.forward_saved(&xf.reshape((b * t, d))?, known, output)?;
+                (
+                    f.map(|f| f.reshape((b, t, d))).transpose()?,
+                    FfnSaved::Moe(Box::new(saved)),
+                )
+            }
+        };
+        let out = f.map(|f| (&attn.h1 + f).map(|o| o.detach())).transpose()?;
+        Ok((out, Some(DenseLayerSaved { h, attn, xf, ffn })))
+    }
+
+    /// The dense layer's backward from its saved forward.
+    fn dense_backward_saved(
+        &self,
+        saved: DenseLayerSaved,
+        ctx: &ForwardContext,
+        bw: &LayerBackward,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let DenseLayerSaved { h, attn, xf, ffn } = saved;
+        let b = h.dim(0)?;
+        let eps = self.eps;
+        let dout = bw.dout.to_dtype(h.dtype())?;
+        let DenseAttentionSaved {
+            h1,
+            xn,
+            kv_saved,
+            q_saved,
+            a_saved,
+            cos,
+            sin,
+        } = attn;
+        let dxf = self.feed_forward_backward(&xf, ffn, &dout, bw, (0, b), ctx, grads)?;
+        let (dh1_norm, dw) =
+            rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, eps, &dxf)?;
+        add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
+        let dh1 = (dout + dh1_norm)?;
+        let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
+        // Under context parallelism every position's kv gradient goes home (f32, group order).
+        let dkv = ctx.latent_grads_home(&dkv, b)?;
+        let dxn = (self
+            .attn
+            .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &cos, &sin, grads)?
+            + self
+                .attn
+                .latent_kv_backward(&xn, &kv_saved, &dkv, &cos, &sin, grads)?)?;
+        let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
+        add_if_wanted(grads, &self.input_norm, Some(dw))?;
+        dh1 + dh_norm
+    }
+
+    /// The feed-forward's backward of rows `xf` [bn, n, D] (sequences `seqs` = (first, count)
+    /// of the batch) from its saved forward: d(loss)/dxf; the MoE balance loss's gradient
+    /// (its f per sequence from `bw.balance`, a mean over every token of the sequences) joins.
+    #[allow(clippy::too_many_arguments)]
+    fn feed_forward_backward(
+        &self,
+        xf: &Tensor,
+        saved: FfnSaved,
+        dout: &Tensor,
+        bw: &LayerBackward,
+        seqs: (usize, usize),
+        ctx: &ForwardContext,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
+        let (bn, n, d) = xf.dims3()?;
+        let (b0, b) = seqs;
+        match (&self.ffn, saved) {
+            (FeedForward::Dense(mlp), FfnSaved::Dense(saved)) => {
+                mlp.backward(xf, &saved, dout, grads)
+            }
+            (FeedForward::Moe(moe), FfnSaved::Moe(saved)) => {
+                let f_rows = match bw.balance {
+                    Some((f, weight)) => {
+                        let e = moe.n_experts;
+                        let f =
+                            Tensor::from_slice(&f[b0 * e..(b0 + bn) * e], (bn, 1, e), xf.device())?;
+                        Some((f.broadcast_as((bn, n, e))?.reshape((bn * n, e))?, weight))
+                    }
+                    None => None,
+                };
+                // The balance loss is a mean over every token of the sequences (ctx.t each:
+                // under context parallelism the group's ranks hold T between them).
+                let balance = f_rows.as_ref().map(|(f, weight)| (f, b, ctx.t, *weight));
+                let xf = xf.reshape((bn * n, d))?;
+                moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?
+                    .reshape((bn, n, d))
+            }
+            _ => candle_core::bail!("a layer's saved feed-forward is not of its kind"),
+        }
     }
 
     /// The dense stage's attention half of the layer from its input `h` [B, n, D] (the
@@ -217,70 +493,6 @@ impl DecoderLayer {
         })
     }
 
-    fn dense_backward_detached(
-        &self,
-        h: &Tensor,
-        ctx: &ForwardContext,
-        dout: &Tensor,
-        bw: LayerBackward,
-        grads: &mut dyn GradSink,
-    ) -> Result<Tensor> {
-        let (b, t, d) = h.dims3()?;
-        let h = h.detach();
-        let eps = self.eps;
-        let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
-        let dout = dout.to_dtype(h.dtype())?;
-        let DenseAttentionSaved {
-            h1,
-            xn,
-            kv_saved,
-            q_saved,
-            a_saved,
-            cos,
-            sin,
-        } = self.dense_attention_saved(&h, ctx)?;
-        let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
-        let dxf = match &self.ffn {
-            FeedForward::Dense(mlp) => {
-                let saved = mlp.forward_saved(&xf)?;
-                mlp.backward(&xf, &saved, &dout, grads)?
-            }
-            FeedForward::Moe(moe) => {
-                let xf = xf.reshape((b * t, d))?;
-                let (_, saved) = moe.forward_saved(&xf, bw.chosen, false)?;
-                let f_rows = match bw.balance {
-                    Some((f, weight)) => {
-                        let e = moe.n_experts;
-                        let f = Tensor::from_slice(f, (b, 1, e), h.device())?;
-                        Some((f.broadcast_as((b, t, e))?.reshape((b * t, e))?, weight))
-                    }
-                    None => None,
-                };
-                // The loss's mean is over the whole sequences' tokens (ctx.t: under context
-                // parallelism the group's ranks hold T between them).
-                let balance = f_rows.as_ref().map(|(f, weight)| (f, b, ctx.t, *weight));
-                moe.backward(&xf, &saved, &dout.reshape((b * t, d))?, balance, grads)?
-                    .reshape((b, t, d))?
-            }
-        };
-        let (dh1_norm, dw) =
-            rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, eps, &dxf)?;
-        add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
-        let dh1 = (dout + dh1_norm)?;
-        let (dq_nope, dq_pe, dkv) = self.attn.dense_backward(&a_saved, &dh1, grads)?;
-        // Under context parallelism every position's kv gradient goes home (f32, group order).
-        let dkv = ctx.latent_grads_home(&dkv, b)?;
-        let dxn = (self
-            .attn
-            .queries_backward(&xn, &q_saved, &dq_nope, &dq_pe, &cos, &sin, grads)?
-            + self
-                .attn
-                .latent_kv_backward(&xn, &kv_saved, &dkv, &cos, &sin, grads)?)?;
-        let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
-        add_if_wanted(grads, &self.input_norm, Some(dw))?;
-        dh1 + dh_norm
-    }
-
     /// The block body of `sparse_blocks` and `sparse_backward`, on a layer whose tensors
     /// record no graph. `rows` 0 or at least T: every sequence in one block.
     fn blocks(
@@ -291,30 +503,33 @@ impl DecoderLayer {
         rows: usize,
         mut dir: Direction,
     ) -> Result<Ran> {
-        let (b, t, d) = h.dims3()?;
+        let (b, t, _) = h.dims3()?;
         let h = h.detach();
         let eps = self.eps;
-        let forward = matches!(dir, Direction::Forward);
+        let (forward, keep) = match &dir {
+            Direction::Forward { keep } => (true, *keep),
+            Direction::Backward(..) => (false, true),
+        };
         let _region = crate::profile::region(if forward {
             "layer: forward in blocks"
         } else {
             "layer: explicit recompute and backward"
         });
         // Whole-sequence parts: the input norm and the latent kv every block reads.
-        // (The forward keeps neither the normed input nor kv_a's output: each block norms its
-        // own rows again, the same bits, and the whole-sequence copies are freed at once.)
-        // Under context parallelism h holds this rank's query rows; their kv rows are
-        // gathered into every position's (`ForwardContext::gather_keys`).
+        // (A forward that keeps nothing keeps neither the normed input nor kv_a's output: each
+        // block norms its own rows again, the same bits, and the whole-sequence copies are
+        // freed at once.) Under context parallelism h holds this rank's query rows; their kv
+        // rows are gathered into every position's (`ForwardContext::gather_keys`).
         let region = crate::profile::region("blocks: input norm and latent kv");
         let (rows_cos, rows_sin) = ctx.local_rope()?; // the rank's rows' RoPE tables
         let (xn, kv, kv_saved) = {
             let xn = rms_norm(self.kernels, &h, &self.input_norm, eps)?;
-            if forward {
-                let (c_norm, k_pe) = self.attn.project_kv(&xn, &rows_cos, &rows_sin)?;
-                (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
-            } else {
+            if keep {
                 let (kv, saved) = self.attn.latent_kv_saved(&xn, &rows_cos, &rows_sin)?;
                 (Some(xn), kv, Some(saved))
+            } else {
+                let (c_norm, k_pe) = self.attn.project_kv(&xn, &rows_cos, &rows_sin)?;
+                (None, self.attn.latent_kv(&c_norm, &k_pe)?, None)
             }
         };
         let kv = match &ctx.shard {
@@ -336,135 +551,287 @@ impl DecoderLayer {
                     .flat_map(|bi| in_rows.iter().map(move |r| (bi, 1, r.local, r.pos, r.n)))
                     .collect()
             };
-        let mut dkv: Option<Tensor> = None;
-        // Backward: dh's residual part and the input norm's output gradient; forward: outputs,
-        // probabilities, expert choices.
-        let (mut first, mut second, mut chosen) = (
+        let (mut outs, mut probs, mut chosen, mut saved) = (
             Vec::with_capacity(blocks.len()),
             Vec::with_capacity(blocks.len()),
             Vec::new(),
+            Vec::new(),
         );
-        for &(b0, bn, q0, pos, n) in &blocks {
-            let rows_of = |x: &Tensor| -> Result<Tensor> {
-                x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous()
-            };
-            let hq = rows_of(&h)?;
-            let xq = match &xn {
-                Some(xn) => rows_of(xn)?,
-                None => rms_norm(self.kernels, &hq, &self.input_norm, eps)?,
-            };
-            let (cos, sin) = ctx.rope_block(b0, bn, pos, n)?;
-            let block_sel = if bn == b && n == t {
-                sel.clone()
-            } else {
-                sel.block(b0, q0, n)?
-            };
-            let region = crate::profile::region("blocks: queries and attention forward");
-            let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xq, &cos, &sin)?;
-            let (a, a_saved) = self
-                .attn
-                .sparse_saved(&q_nope, &q_pe, &kv, &block_sel, forward)?;
-            let h1 = (&hq + &a.out)?;
-            let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, eps)?;
-            drop(region);
-            let (bw, grads) = match &mut dir {
-                Direction::Forward => {
-                    let _region = crate::profile::region("blocks: feed-forward");
-                    let f = match &self.ffn {
-                        FeedForward::Dense(mlp) => mlp.forward(&xf)?,
-                        FeedForward::Moe(moe) => {
-                            let (o, c, _) = moe.forward_flat(&xf.reshape((bn * n, d))?)?;
-                            chosen.extend(c);
-                            o.reshape((bn, n, d))?
-                        }
-                    };
-                    first.push((h1 + f)?);
-                    second.push(a.probs()?.clone());
-                    continue;
-                }
-                Direction::Backward(bw, grads) => (&*bw, &mut **grads),
-            };
-            let dout = rows_of(bw.dout)?.to_dtype(h.dtype())?;
-            let region = crate::profile::region("blocks: feed-forward forward and backward");
-            // Backward: out = h1 + ffn(norm(h1)), h1 = h + attention(norm(h)).
-            let dxf = match &self.ffn {
-                FeedForward::Dense(mlp) => {
-                    let saved = mlp.forward_saved(&xf)?;
-                    mlp.backward(&xf, &saved, &dout, grads)?
-                }
-                FeedForward::Moe(moe) => {
-                    let xf = xf.reshape((bn * n, d))?;
-                    let k = moe.top_k;
-                    let known: Option<Vec<u32>> = bw.chosen.map(|c| {
-                        (b0..b0 + bn)
-                            .flat_map(|bi| {
-                                c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied()
-                            })
-                            .collect()
-                    });
-                    let (_, saved) = moe.forward_saved(&xf, known.as_deref(), false)?;
-                    let f_rows = match bw.balance {
-                        Some((f, weight)) => {
-                            let e = moe.n_experts;
-                            let f = Tensor::from_slice(
-                                &f[b0 * e..(b0 + bn) * e],
-                                (bn, 1, e),
-                                h.device(),
-                            )?;
-                            Some((f.broadcast_as((bn, n, e))?.reshape((bn * n, e))?, weight))
-                        }
-                        None => None,
-                    };
-                    // The balance loss is a mean over every token of the sequences (ctx.t each).
-                    let balance = f_rows.as_ref().map(|(f, weight)| (f, b, ctx.t, *weight));
-                    moe.backward(&xf, &saved, &dout.reshape((bn * n, d))?, balance, grads)?
-                        .reshape((bn, n, d))?
-                }
-            };
-            drop(region);
-            let region = crate::profile::region("blocks: attention backward");
-            let (dh1_norm, dw) =
-                rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, eps, &dxf)?;
-            add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
-            let dh1 = (dout + dh1_norm)?;
-            let g = self
-                .attn
-                .sparse_backward(&a_saved, &kv, &block_sel, &dh1, grads)?;
-            dkv = Some(match dkv.take() {
-                Some(acc) => (acc + g.kv)?,
-                None => g.kv,
-            });
-            drop(region);
-            let _region = crate::profile::region("blocks: queries backward");
-            second.push(
-                self.attn
-                    .queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?,
-            );
-            first.push(dh1);
-        }
-        let Direction::Backward(_, grads) = dir else {
-            let is_moe = matches!(self.ffn, FeedForward::Moe(_));
-            return Ok(Ran::Forward(BlockPass {
-                out: assemble(first, b, t)?,
-                head_mean: assemble(second, b, t)?,
-                chosen: is_moe.then_some(chosen),
-            }));
+        let mut parts = BackwardParts::default();
+        let top_k = match &self.ffn {
+            FeedForward::Moe(moe) => Some(moe.top_k),
+            FeedForward::Dense(_) => None,
         };
+        for &(b0, bn, q0, pos, n) in &blocks {
+            // A recomputation routes each block's tokens as the first pass did.
+            let known = match &dir {
+                Direction::Backward(bw, _) => bw.chosen.zip(top_k).map(|(c, k)| {
+                    (b0..b0 + bn)
+                        .flat_map(|bi| c[(bi * t + q0) * k..(bi * t + q0 + n) * k].iter().copied())
+                        .collect()
+                }),
+                Direction::Forward { .. } => None,
+            };
+            let wants = BlockWants {
+                output: forward,
+                saved: keep,
+                known,
+            };
+            let run =
+                self.block_forward(&h, xn.as_ref(), &kv, ctx, sel, (b0, bn, q0, pos, n), wants)?;
+            match &mut dir {
+                Direction::Forward { .. } => {
+                    outs.push(run.out.expect("asked for the output"));
+                    probs.push(run.probs.expect("asked for the probabilities"));
+                    chosen.extend(run.chosen);
+                    saved.extend(run.saved);
+                }
+                Direction::Backward(bw, grads) => {
+                    let block = run.saved.expect("a backward keeps its block");
+                    parts.add(self.block_backward(block, &kv, bw, b, ctx, &mut **grads)?)?;
+                }
+            }
+        }
+        match dir {
+            Direction::Forward { .. } => {
+                let is_moe = matches!(self.ffn, FeedForward::Moe(_));
+                let saved = if keep {
+                    Some(LayerSaved::Sparse(SparseLayerSaved {
+                        h: h.clone(),
+                        xn: xn.expect("a kept forward keeps the normed input"),
+                        kv,
+                        kv_saved: kv_saved.expect("a kept forward keeps kv_a's output"),
+                        rows_cos,
+                        rows_sin,
+                        blocks: saved,
+                    }))
+                } else {
+                    None
+                };
+                Ok(Ran::Forward(BlockPass {
+                    out: assemble(outs, b, t)?,
+                    head_mean: assemble(probs, b, t)?,
+                    chosen: is_moe.then_some(chosen),
+                    saved,
+                }))
+            }
+            Direction::Backward(_, grads) => Ok(Ran::Backward(self.finish_sparse_backward(
+                &h,
+                &xn.expect("a backward keeps the normed input"),
+                &kv_saved.expect("a backward keeps kv_a's output"),
+                (&rows_cos, &rows_sin),
+                parts,
+                b,
+                t,
+                ctx,
+                grads,
+            )?)),
+        }
+    }
+
+    /// One block's forward: queries, sparse attention over the sequence's latent `kv`, the
+    /// residual, its norm and the feed-forward, for the rows `place` = (first sequence,
+    /// sequences, first local row, first position, rows) of `h`; `xn` the whole normed input
+    /// when kept (else the block norms its rows, the same bits).
+    #[allow(clippy::too_many_arguments)]
+    fn block_forward(
+        &self,
+        h: &Tensor,
+        xn: Option<&Tensor>,
+        kv: &Tensor,
+        ctx: &ForwardContext,
+        sel: &Selection,
+        place: (usize, usize, usize, usize, usize),
+        wants: BlockWants,
+    ) -> Result<BlockRun> {
+        let (b, t, d) = h.dims3()?;
+        let (b0, bn, q0, pos, n) = place;
+        let rows_of =
+            |x: &Tensor| -> Result<Tensor> { x.narrow(0, b0, bn)?.narrow(1, q0, n)?.contiguous() };
+        let hq = rows_of(h)?;
+        let xq = match xn {
+            Some(xn) => rows_of(xn)?,
+            None => rms_norm(self.kernels, &hq, &self.input_norm, self.eps)?,
+        };
+        let (cos, sin) = ctx.rope_block(b0, bn, pos, n)?;
+        let block_sel = if bn == b && n == t {
+            sel.clone()
+        } else {
+            sel.block(b0, q0, n)?
+        };
+        let region = crate::profile::region("blocks: queries and attention forward");
+        let (q_nope, q_pe, q_saved) = self.attn.queries_saved(&xq, &cos, &sin)?;
+        let (a, a_saved) = self
+            .attn
+            .sparse_saved(&q_nope, &q_pe, kv, &block_sel, wants.output)?;
+        let h1 = (&hq + &a.out)?;
+        let xf = rms_norm(self.kernels, &h1, &self.post_attention_norm, self.eps)?;
+        let probs = if wants.output {
+            Some(a.probs()?.clone())
+        } else {
+            None
+        };
+        drop(region);
+        let _region = crate::profile::region(if wants.output {
+            "blocks: feed-forward"
+        } else {
+            "blocks: feed-forward forward and backward"
+        });
+        let (f, chosen, ffn) = match &self.ffn {
+            FeedForward::Dense(mlp) if wants.saved => {
+                let saved = mlp.forward_saved(&xf)?;
+                let f = if wants.output {
+                    Some(saved.output(&mlp.down)?)
+                } else {
+                    None
+                };
+                (f, Vec::new(), Some(FfnSaved::Dense(saved)))
+            }
+            FeedForward::Dense(mlp) => (Some(mlp.forward(&xf)?), Vec::new(), None),
+            FeedForward::Moe(moe) if wants.saved => {
+                let (f, saved) = moe.forward_saved(
+                    &xf.reshape((bn * n, d))?,
+                    wants.known.as_deref(),
+                    wants.output,
+                )?;
+                let chosen = if wants.output {
+                    saved.chosen().to_vec()
+                } else {
+                    Vec::new()
+                };
+                (
+                    f.map(|f| f.reshape((bn, n, d))).transpose()?,
+                    chosen,
+                    Some(FfnSaved::Moe(Box::new(saved))),
+                )
+            }
+            FeedForward::Moe(moe) => {
+                let (o, c, _) = moe.forward_flat(&xf.reshape((bn * n, d))?)?;
+                (Some(o.reshape((bn, n, d))?), c, None)
+            }
+        };
+        let out = f.map(|f| &h1 + f).transpose()?;
+        let saved = ffn.map(|ffn| BlockSaved {
+            place: (b0, bn, q0, n),
+            xq,
+            cos,
+            sin,
+            sel: block_sel,
+            q_saved,
+            a_saved,
+            h1,
+            xf,
+            ffn,
+        });
+        Ok(BlockRun {
+            out,
+            probs,
+            chosen,
+            saved,
+        })
+    }
+
+    /// One block's backward from its saved forward, `kv` the latent rows it attended to.
+    /// Backward: out = h1 + ffn(norm(h1)), h1 = h + attention(norm(h)).
+    #[allow(clippy::too_many_arguments)]
+    fn block_backward(
+        &self,
+        block: BlockSaved,
+        kv: &Tensor,
+        bw: &LayerBackward,
+        b: usize,
+        ctx: &ForwardContext,
+        grads: &mut dyn GradSink,
+    ) -> Result<BlockGrads> {
+        let BlockSaved {
+            place: (b0, bn, q0, n),
+            xq,
+            cos,
+            sin,
+            sel,
+            q_saved,
+            a_saved,
+            h1,
+            xf,
+            ffn,
+        } = block;
+        let dout = bw
+            .dout
+            .narrow(0, b0, bn)?
+            .narrow(1, q0, n)?
+            .contiguous()?
+            .to_dtype(h1.dtype())?;
+        let region = crate::profile::region("blocks: feed-forward backward");
+        let dxf = self.feed_forward_backward(&xf, ffn, &dout, bw, (b0, b), ctx, grads)?;
+        drop(region);
+        let region = crate::profile::region("blocks: attention backward");
+        let (dh1_norm, dw) =
+            rms_norm_backward(self.kernels, &h1, &self.post_attention_norm, self.eps, &dxf)?;
+        add_if_wanted(grads, &self.post_attention_norm, Some(dw))?;
+        let dh1 = (dout + dh1_norm)?;
+        let g = self.attn.sparse_backward(&a_saved, kv, &sel, &dh1, grads)?;
+        drop(region);
+        let _region = crate::profile::region("blocks: queries backward");
+        let dxq = self
+            .attn
+            .queries_backward(&xq, &q_saved, &g.q_nope, &g.q_pe, &cos, &sin, grads)?;
+        Ok(BlockGrads {
+            dh1,
+            dxq,
+            dkv: g.kv,
+        })
+    }
+
+    /// The whole-sequence end of the sparse layer's backward: the blocks' kv gradients (summed
+    /// in f32) home and through the latent kv projection, joined with the queries' share of
+    /// the normed input's gradient, through the input norm; dh = dh1 + that.
+    #[allow(clippy::too_many_arguments)]
+    fn finish_sparse_backward(
+        &self,
+        h: &Tensor,
+        xn: &Tensor,
+        kv_saved: &super::attention::KvSaved,
+        rope: (&Tensor, &Tensor),
+        parts: BackwardParts,
+        b: usize,
+        t: usize,
+        ctx: &ForwardContext,
+        grads: &mut dyn GradSink,
+    ) -> Result<Tensor> {
         let _region = crate::profile::region("blocks: latent kv and input norm backward");
-        let dkv = dkv.expect("at least one block");
+        let dkv = parts
+            .dkv
+            .ok_or_else(|| candle_core::Error::Msg("a layer backward ran no block".into()))?;
         // Every position's kv gradient home to the rank holding its row (summed over the group).
         let dkv = ctx.latent_grads_home(&dkv, b)?;
-        let (xn, kv_saved) = (
-            xn.expect("a backward keeps the normed input"),
-            kv_saved.expect("a backward keeps kv_a's output"),
-        );
-        let dxn = (assemble(second, b, t)?
+        let dxn = (assemble(parts.dxq, b, t)?
             + self
                 .attn
-                .latent_kv_backward(&xn, &kv_saved, &dkv, &rows_cos, &rows_sin, grads)?)?;
-        let (dh_norm, dw) = rms_norm_backward(self.kernels, &h, &self.input_norm, eps, &dxn)?;
+                .latent_kv_backward(xn, kv_saved, &dkv, rope.0, rope.1, grads)?)?;
+        let (dh_norm, dw) = rms_norm_backward(self.kernels, h, &self.input_norm, self.eps, &dxn)?;
         add_if_wanted(grads, &self.input_norm, Some(dw))?;
-        Ok(Ran::Backward((assemble(first, b, t)? + dh_norm)?))
+        assemble(parts.dh1, b, t)? + dh_norm
+    }
+}
+
+/// The blocks' backward results gathered in block order: dh1 and the queries' dxn per block,
+/// and the kv gradient summed over blocks (each block's is every position's).
+#[derive(Default)]
+struct BackwardParts {
+    dh1: Vec<Tensor>,
+    dxq: Vec<Tensor>,
+    dkv: Option<Tensor>,
+}
+
+impl BackwardParts {
+    fn add(&mut self, g: BlockGrads) -> Result<()> {
+        self.dh1.push(g.dh1);
+        self.dxq.push(g.dxq);
+        self.dkv = Some(match self.dkv.take() {
+            Some(acc) => (acc + g.dkv)?,
+            None => g.dkv,
+        });
+        Ok(())
     }
 }
 
@@ -613,6 +980,7 @@ pub fn explicit_against_autograd_in(
             seq_balance: true,
             block_rows: 0,
             indexer_rows: 0,
+            backward: super::BackwardPlan::Autograd,
         };
         let sel = if dense {
             None
@@ -654,25 +1022,60 @@ pub fn explicit_against_autograd_in(
             Some(sel) => layer.sparse_backward(&h, &ctx, sel, rows, bw, &mut sink)?,
             None => layer.dense_backward(&h, &ctx, bw, &mut sink)?,
         };
-        if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
-            anyhow::bail!("layer {l}: the explicit backward recorded an autograd graph (its results hold one)");
-        }
-        note(
-            format!("layer {l} dh"),
-            reference
-                .get(hv.as_tensor())
-                .ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?,
-            &dh,
-        )?;
-        for (name, param) in &params {
-            match (reference.get(param), sink.sums.get(&param.id())) {
-                (Some(a), Some(g)) => note(name.clone(), a, g)?,
-                (None, None) => {}
-                (a, g) => anyhow::bail!(
-                    "layer {l}: {name}: autograd {} a gradient, the explicit backward {}",
-                    if a.is_some() { "gives" } else { "gives no" },
-                    if g.is_some() { "does" } else { "does not" }
-                ),
+        // The same backward from what a keeping first pass saved (`BackwardPlan::Saved`), in
+        // blocks of `rows` as the recomputing one.
+        let keeping = match opts.clone() {
+            Pass::Train {
+                stage,
+                topk,
+                kl,
+                seq_balance,
+                indexer_rows,
+                ..
+            } => Pass::Train {
+                stage,
+                topk,
+                kl,
+                seq_balance,
+                block_rows: rows,
+                indexer_rows,
+                backward: super::BackwardPlan::Saved,
+            },
+            eval => eval,
+        };
+        let (_, kept) = layer.forward_with(&h, &ctx, &keeping, sel.as_ref())?;
+        let saved = kept
+            .saved
+            .ok_or_else(|| anyhow::anyhow!("layer {l}: the keeping pass saved nothing"))?;
+        let f_kept = kept.balance_weights;
+        let mut kept_sink = super::grad_sink::GradMap::default();
+        let bw = LayerBackward {
+            dout: &dout,
+            balance: f_kept.as_deref().map(|f| (f, alpha)),
+            chosen: None,
+        };
+        let dh_kept = layer.saved_backward(saved, &ctx, bw, &mut kept_sink)?;
+        for (how, dh, sink) in [("recomputing", &dh, &sink), ("saved", &dh_kept, &kept_sink)] {
+            if dh.track_op() || sink.sums.values().any(|g| g.track_op()) {
+                anyhow::bail!("layer {l}: the {how} explicit backward recorded an autograd graph (its results hold one)");
+            }
+            note(
+                format!("layer {l} dh ({how})"),
+                reference
+                    .get(hv.as_tensor())
+                    .ok_or_else(|| anyhow::anyhow!("autograd gave no dh"))?,
+                dh,
+            )?;
+            for (name, param) in &params {
+                match (reference.get(param), sink.sums.get(&param.id())) {
+                    (Some(a), Some(g)) => note(format!("{name} ({how})"), a, g)?,
+                    (None, None) => {}
+                    (a, g) => anyhow::bail!(
+                        "layer {l}: {name}: autograd {} a gradient, the {how} explicit backward {}",
+                        if a.is_some() { "gives" } else { "gives no" },
+                        if g.is_some() { "does" } else { "does not" }
+                    ),
+                }
             }
         }
     }

@@ -143,14 +143,17 @@ impl DecoderLayer {
                 ),
                 (true, true) => self.forward_blocks(h, ctx, opts, cached),
                 (false, true) => self.forward_context_warmup(h, ctx, opts),
-                (false, false) if dense_stage => self.forward_context_dense(h, ctx),
+                (false, false) if dense_stage => self.forward_dense_stage(h, ctx, opts),
                 _ => candle_core::bail!(
                     "context parallelism runs the warm-up's, the sparse stage's and the dense stage's training passes"
                 ),
             };
         }
-        if opts.block_rows() > 0 && sparse && !opts.recall() {
+        if (opts.block_rows() > 0 || opts.keeps_activations()) && sparse && !opts.recall() {
             return self.forward_blocks(h, ctx, opts, cached);
+        }
+        if opts.keeps_activations() {
+            return self.forward_dense_stage(h, ctx, opts);
         }
         let eval = opts.eval_rows().is_some() && !opts.defer_kl();
         // Evaluation keeps no graph: its blocks must not stay alive through one.
@@ -617,7 +620,8 @@ impl DecoderLayer {
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
         let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
-        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows())?;
+        let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows(), opts.keeps_activations())?;
+        stats.saved = pass.saved;
         let head_mean = pass.head_mean;
         if opts.indexer_kl() {
             let ix = ix.as_ref().expect("the indexer KL projects the indexer");
@@ -631,30 +635,25 @@ impl DecoderLayer {
         Ok((pass.out, stats))
     }
 
-    /// The dense stage's first pass under context parallelism: the explicit backward's
-    /// recomputation of the attention half (`dense_attention_saved`: the rank's query rows
-    /// against every position's gathered latent kv) and the feed-forward on the rank's rows,
-    /// without a graph (the trainer recomputes the layer in its second pass); the balance
-    /// loss's per-sequence counts summed over the group (`routing_stats`).
-    fn forward_context_dense(
+    /// The dense stage's first pass through the explicit layer body, without a graph: under
+    /// context parallelism (the rank's query rows against every position's gathered latent
+    /// kv; the trainer recomputes the layer in its second pass), or keeping what the layer's
+    /// backward reads (`Pass::keeps_activations`). The balance loss's per-sequence counts are
+    /// summed over the context group (`routing_stats`).
+    fn forward_dense_stage(
         &self,
         h: &Tensor,
         ctx: &ForwardContext,
+        opts: &Pass,
     ) -> Result<(Tensor, LayerStats)> {
         let mut stats = LayerStats::default();
-        let h = h.detach();
-        let (b, n, d) = h.dims3()?;
-        let h1 = self.dense_attention_saved(&h, ctx)?.h1;
-        let x = rms_norm(self.kernels, &h1, &self.post_attention_norm, self.eps)?;
-        let f = match &self.ffn {
-            FeedForward::Dense(mlp) => mlp.forward(&x)?,
-            FeedForward::Moe(moe) => {
-                let (out, chosen, _) = moe.forward_flat(&x.reshape((b * n, d))?)?;
-                routing_stats(moe, chosen, b, n, ctx, &mut stats)?;
-                out.reshape((b, n, d))?
-            }
-        };
-        Ok(((h1 + f)?.detach(), stats))
+        let (b, n, _) = h.dims3()?;
+        let (out, chosen, saved) = self.forward_dense_explicit(h, ctx, opts.keeps_activations())?;
+        if let (FeedForward::Moe(moe), Some(chosen)) = (&self.ffn, chosen) {
+            routing_stats(moe, chosen, b, n, ctx, &mut stats)?;
+        }
+        stats.saved = saved;
+        Ok((out, stats))
     }
 }
 

@@ -86,7 +86,20 @@ pub enum Pass {
         seq_balance: bool,
         block_rows: usize,
         indexer_rows: usize,
+        backward: BackwardPlan,
     },
+}
+
+/// How a training pass's main layers get their backward (the warm-up's main model is frozen
+/// and has none). The explicit layer backward (`blocks`) either recomputes each layer from its
+/// input (`Recompute`: the first pass keeps the inputs and selected sets) or reads what the
+/// first pass kept (`Saved`: about what autograd would keep, no forward work twice). Its twin
+/// is candle's autograd of the layer forward (`Autograd`: the first pass builds a graph).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BackwardPlan {
+    Recompute,
+    Saved,
+    Autograd,
 }
 
 /// What a training pass does with the indexer's KL.
@@ -222,6 +235,19 @@ impl Pass {
         }
     }
 
+    /// Does the first pass keep what each layer's explicit backward reads
+    /// (`BackwardPlan::Saved`, the stages whose main model learns)?
+    pub fn keeps_activations(&self) -> bool {
+        matches!(
+            self,
+            Pass::Train {
+                backward: BackwardPlan::Saved,
+                stage: Stage::Sparse | Stage::Dense,
+                ..
+            }
+        )
+    }
+
     pub fn indexer_rows(&self) -> usize {
         match self {
             Pass::Train { indexer_rows, .. } => *indexer_rows,
@@ -339,6 +365,8 @@ pub struct LayerStats {
     /// Block mode (MoE layers): the balance loss's f per sequence [B * E] (detached), which
     /// the blocked backward needs before it has seen every token.
     pub balance_weights: Option<Vec<f32>>,
+    /// `Pass::keeps_activations`: what the layer's explicit backward reads.
+    pub saved: Option<blocks::LayerSaved>,
 }
 
 pub struct ForwardOutput {

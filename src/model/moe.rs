@@ -218,6 +218,13 @@ pub struct MoeSaved {
     shared: Option<SwigluSaved>,
 }
 
+impl MoeSaved {
+    /// The K experts chosen per token [N*K], best first (the routing the forward ran).
+    pub fn chosen(&self) -> &[u32] {
+        &self.routing.chosen
+    }
+}
+
 pub struct Moe {
     /// [E, hidden] f32
     pub router: Tensor,

@@ -43,9 +43,10 @@ use crate::data::Sampler;
 use crate::dist::context::ContextShard;
 use crate::dist::expert::{ExpertShard, RowExchange};
 use crate::dist::Collective;
+use crate::kernels::Fused;
 use crate::losses::next_token_nll;
 use crate::model::fp8_frozen::FrozenFp8;
-use crate::model::{ForwardContext, Model, Pass};
+use crate::model::{BackwardPlan, ForwardContext, Model, Pass};
 use crate::recipe::{Layout, Recipe, Stage};
 use crate::weights::{self, Kind, ParamSet, WeightSpec};
 use ckpt::{ModelSource, Snapshot, TrainState};
@@ -160,12 +161,11 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
     if layout.cp > 1 {
         let t = &recipe.train;
-        if recipe.stage() != Stage::Warmup && !t.recompute {
+        if recipe.stage() != Stage::Warmup && recipe.layer_backward_is_autograd() {
             bail!(
-                "parallel.cp = {} runs the dense and sparse stages with train.recompute = true (their explicit layer backward; the warm-up needs neither) (this recipe: train.stage = \"{}\", train.recompute = {})",
+                "parallel.cp = {} runs the dense and sparse stages through their explicit layer backward, not autograd's: drop \"layer-backward\" from kernels.plain_ops (and kernels.plain = true), or set train.recompute = true (this recipe: train.stage = \"{}\")",
                 layout.cp,
                 t.stage.name(),
-                t.recompute
             );
         }
         let t = recipe.data.seq_len;
@@ -179,9 +179,12 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
             bail!("train.block_rows = 1 with parallel.cp = {}: blocks of one row cannot pair up the ranks' blocks where the MTP module leaves one rank a row short; use 0 or at least 2", layout.cp);
         }
     }
-    if recipe.parallel.fp8_dispatch && recipe.stage() != Stage::Warmup && !recipe.train.recompute {
+    if recipe.parallel.fp8_dispatch
+        && recipe.stage() != Stage::Warmup
+        && recipe.layer_backward_is_autograd()
+    {
         bail!(
-            "parallel.fp8_dispatch = true rounds the experts' inputs, which candle's autograd cannot carry a gradient through: the {} stage needs train.recompute = true (its explicit layer backward)",
+            "parallel.fp8_dispatch = true rounds the experts' inputs, which candle's autograd cannot carry a gradient through: the {} stage needs its explicit layer backward (drop \"layer-backward\" from kernels.plain_ops and kernels.plain = true, or set train.recompute = true)",
             recipe.train.stage.name()
         );
     }
@@ -784,6 +787,20 @@ impl Trainer {
                 0
             },
             indexer_rows: 0,
+            backward: self.backward_plan(),
+        }
+    }
+
+    /// How the main layers get their backward: recomputed (`train.recompute`), or from what
+    /// the first pass kept; candle's autograd when `kernels.plain_ops` names `layer-backward`
+    /// (or `kernels.plain`) and the step does not recompute.
+    fn backward_plan(&self) -> BackwardPlan {
+        if self.recipe.train.recompute {
+            BackwardPlan::Recompute
+        } else if self.model.kernels.is_plain(Fused::LayerBackward) {
+            BackwardPlan::Autograd
+        } else {
+            BackwardPlan::Saved
         }
     }
 
@@ -793,9 +810,11 @@ impl Trainer {
     /// Pass 1 runs the layers in order; each layer's indexer KL is backpropagated as soon as
     /// the layer has run (its graph holds only indexer tensors). The LM head and cross-entropy
     /// run in chunks of positions (`losses::chunked_next_token_loss`), giving dL/dh at the
-    /// last layer. With `train.recompute` (sparse stage) pass 1 keeps only each layer's input
-    /// and selected sets; pass 2 walks the layers backwards, recomputing one layer from its
-    /// input and backpropagating sum(out * dL/dout) (+ its balance loss) through it alone.
+    /// last layer. Pass 2 walks the main layers backwards through their explicit backward
+    /// (`backward_plan`): with `train.recompute` pass 1 keeps only each layer's input and
+    /// selected sets and pass 2 recomputes one layer from its input before its backward;
+    /// otherwise pass 1 keeps what each layer's backward reads. The autograd twin builds a graph
+    /// in pass 1 and backpropagates sum(out * dL/dout) (+ the balance losses) through it.
     fn micro_batch(
         &self,
         tokens: &Tensor,
@@ -809,7 +828,11 @@ impl Trainer {
         // `main`: the main model learns (sparse and dense stages); `with_kl`: the indexer learns.
         let main = self.stage.trains_main();
         let with_kl = self.stage != Stage::Dense;
-        let recompute = main && t.recompute;
+        let plan = self.backward_plan();
+        // The main layers' backward written out (`model::blocks`): recomputed or from what
+        // pass 1 keeps; else candle's autograd through pass 1's graph.
+        let explicit = main && plan != BackwardPlan::Autograd;
+        let recompute = main && plan == BackwardPlan::Recompute;
         let kl_weight = if self.stage == Stage::Sparse {
             t.kl_weight
         } else {
@@ -834,6 +857,7 @@ impl Trainer {
         let mut selections = Vec::new();
         let mut balance_weights = Vec::new();
         let mut chosen = Vec::new();
+        let mut kept = Vec::new();
         // Offload: what pass 2 needs waits in host memory.
         let host = Device::Cpu;
         let keep = |x: Tensor| -> Result<Tensor> {
@@ -850,7 +874,7 @@ impl Trainer {
         // The embedding table's gradient is built from dL/d(its output) a block of rows at a
         // time (`add_embedding_grad`), never by candle's backward: its output is a leaf.
         let embedded = self.model.embed(&local_tokens)?.detach();
-        let embed_leaf = if main && !recompute {
+        let embed_leaf = if main && !explicit {
             Some(Var::from_tensor(&embedded)?)
         } else {
             None
@@ -893,8 +917,8 @@ impl Trainer {
                 load.iter_mut().zip(c).for_each(|(a, b)| *a += b as u64);
             }
             match stats.balance_loss.take() {
-                Some(b) if !recompute => balance = add(balance, (b * t.seq_balance_alpha)?)?,
-                _ => {} // recompute: added again in pass 2, where its graph is rebuilt
+                Some(b) if !explicit => balance = add(balance, (b * t.seq_balance_alpha)?)?,
+                _ => {} // explicit: its gradient joins in the layer's backward
             }
             if recompute {
                 // The selection's one stored form ([B, T, K] u32 absolute rows): 1 GiB per
@@ -906,12 +930,15 @@ impl Trainer {
                         .map(|s| keep(s.absolute))
                         .transpose()?,
                 );
-                balance_weights.push(stats.balance_weights.take());
                 chosen.push(stats.chosen.take());
             }
+            if explicit {
+                balance_weights.push(stats.balance_weights.take());
+                kept.push(stats.saved.take());
+            }
             drop(stats);
-            // Warm-up: nothing upstream trains. Recompute: pass 2 rebuilds the graph.
-            h = if !main || recompute {
+            // Warm-up: nothing upstream trains. Explicit backward: no graph is needed.
+            h = if !main || explicit {
                 next.detach()
             } else {
                 next
@@ -944,7 +971,7 @@ impl Trainer {
             }
             // Written out when the step recomputes, and whenever only the module's indexer
             // learns (the warm-up): no graph and no logits are needed then.
-            if recompute || !trains {
+            if explicit || !trains {
                 let terms = mtp::MtpTerms {
                     kl: with_kl.then_some(scale * kl_weight),
                     lm: trains.then_some(scale * t.mtp_weight),
@@ -1002,37 +1029,55 @@ impl Trainer {
             let surrogate = |out: &Tensor, d: &Tensor| -> Result<Tensor> {
                 Ok((out.to_dtype(DType::F32)? * d.to_dtype(DType::F32)?)?.sum_all()?)
             };
-            if recompute {
+            if explicit {
                 for l in (0..self.model.layers.len()).rev() {
                     let layer = self
                         .model
                         .layer(l)
                         .with_context(|| format!("layer {l} weights"))?;
-                    let input = inputs[l].to_device(&self.device)?;
-                    let sel = selections[l]
-                        .take()
-                        .map(|s| s.to_device(&self.device))
-                        .transpose()?
-                        .map(|a| crate::dsa::Selection::from_absolute(a, ctx.t))
-                        .transpose()?;
-                    // The layer's explicit backward: the sparse stage's recomputed a block of
-                    // queries at a time with the first pass's sets, the dense stage's whole.
                     let bw = crate::model::blocks::LayerBackward {
                         dout: &dh,
                         balance: balance_weights[l]
                             .as_deref()
                             .filter(|_| opts.seq_balance())
                             .map(|f| (f, t.seq_balance_alpha * scale)),
-                        chosen: chosen[l].as_deref(),
+                        chosen: chosen.get(l).and_then(|c| c.as_deref()),
                     };
                     let trainable = with_gathered(&trainable, &layer);
                     let mut sink = AccumSink {
                         trainable: &trainable,
                         accum,
                     };
-                    dh = layer
-                        .recomputed_backward(&input, ctx, sel.as_ref(), &opts, bw, &mut sink)
-                        .with_context(|| format!("layer {l} recompute and backward"))?;
+                    dh = match kept[l].take() {
+                        // What pass 1 kept (`BackwardPlan::Saved`).
+                        Some(saved) => layer
+                            .saved_backward(saved, ctx, bw, &mut sink)
+                            .with_context(|| format!("layer {l} backward"))?,
+                        // Recompute: the sparse stage's a block of queries at a time with the
+                        // first pass's sets, the dense stage's whole.
+                        None if !recompute => {
+                            bail!("layer {l}: the first pass kept nothing for its backward")
+                        }
+                        None => {
+                            let input = inputs[l].to_device(&self.device)?;
+                            let sel = selections[l]
+                                .take()
+                                .map(|s| s.to_device(&self.device))
+                                .transpose()?
+                                .map(|a| crate::dsa::Selection::from_absolute(a, ctx.t))
+                                .transpose()?;
+                            layer
+                                .recomputed_backward(
+                                    &input,
+                                    ctx,
+                                    sel.as_ref(),
+                                    &opts,
+                                    bw,
+                                    &mut sink,
+                                )
+                                .with_context(|| format!("layer {l} recompute and backward"))?
+                        }
+                    };
                     crate::profile::log_device_memory(&format!("layer {l} backward"));
                     self.flush_layer(accum, l)
                         .with_context(|| format!("layer {l} gradient sums"))?;

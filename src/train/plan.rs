@@ -27,8 +27,11 @@
 //! - activations of one micro-batch of B sequences of T tokens: with `train.recompute` (sparse
 //!   stage) each layer's input (hidden x dtype per token and layer) and selected set (k x 4
 //!   bytes per token and layer; both in host memory with `train.offload_activations`, which
-//!   leaves two hidden-size tensors and one set on the device) plus ONE layer's working set; without it, 34 x hidden bytes per token and layer (Korthikanti et
-//!   al.'s bf16 count without the attention matrix, which the kernels never store). One
+//!   leaves two hidden-size tensors and one set on the device) plus ONE layer's working set;
+//!   without it, what each layer's explicit backward reads, kept by the first pass: the
+//!   per-query part below for every token and layer plus the latent kv (12 (C+R) bytes per
+//!   token and layer; in the dense stage the per-head q, k, v and output in the dtype and the
+//!   feed-forward's part instead of the absorbed attention's). One
 //!   layer's working set has a whole-sequence part per token. Sparse stage (the indexer's
 //!   queries exist a block of rows at a time): the indexer's keys (DI f32 values, their leaf
 //!   copy in the KL backward, the summed gradient, one block's gradient and their sum:
@@ -323,9 +326,13 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             };
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
-        // The whole graph of every layer; the MTP module's (with its logits) while it is alive.
+        // What each layer's explicit backward reads, kept by pass 1 (`BackwardPlan::Saved`):
+        // its per-query tensors and the sequence's latent kv, every layer; plus one layer's
+        // working set (the indexer's parts) and the MTP module's while it is alive.
         Stage::Sparse => {
-            34.0 * hidden * micro_tokens * layers + layer_working_set.max(mtp_bytes) + lm_chunk
+            (local_tokens * per_query + micro_tokens * 12.0 * (c + r)) * layers
+                + layer_working_set.max(mtp_bytes)
+                + lm_chunk
         }
         // The flash-style attention of `dense_recompute`: one block of query rows' f32 scores,
         // probabilities and their gradients (4 tensors of at most 2^27 values), the per-head
@@ -347,10 +354,14 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
                 * h * t as f64;
             let dense_working = 4.0 * 4.0 * block_values
                 + (local_tokens + micro_tokens) / 2.0 * h * (qk + v) * (2.0 * dtype_bytes + 8.0);
+            // Recompute: each layer's input. Saved: what its backward reads (the per-head q,
+            // k, v and output in the dtype, the feed-forward's per-token tensors).
             let kept = if recipe.train.recompute {
                 local_tokens * hidden * dtype_bytes * layers
             } else {
-                34.0 * hidden * micro_tokens * layers
+                (local_tokens * (h * (qk + v) * 2.0 * dtype_bytes + per_query_ffn)
+                    + micro_tokens * 12.0 * (c + r))
+                    * layers
             };
             // The attention is `dense_working`'s; the rest of a layer is per token (the
             // gathered latent rows of every position, the feed-forward of the rank's).
