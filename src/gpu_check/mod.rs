@@ -198,16 +198,20 @@ fn eval_blocks_match_whole(dir: &Path, gpu: &Device) -> Result<Vec<Outcome>> {
 /// Three training steps of each stage in f32 on CPU and GPU give the same losses.
 fn train_steps_match_cpu(dir: &Path, tokens_file: &Path, gpu_name: &str) -> Result<Vec<Outcome>> {
     let mut out = vec![];
-    for (stage, name) in [
-        ("dense", "dense (pre-training) steps f32"),
-        ("warmup", "warm-up steps f32"),
-        ("sparse", "sparse steps f32"),
+    // Recomputing layers (the default), and the dense and sparse stages' layers backpropagated
+    // from the activations their first pass kept.
+    for (stage, recompute, name) in [
+        ("dense", true, "dense (pre-training) steps f32"),
+        ("dense", false, "dense steps f32, saved activations"),
+        ("warmup", true, "warm-up steps f32"),
+        ("sparse", true, "sparse steps f32"),
+        ("sparse", false, "sparse steps f32, saved activations"),
     ] {
         let mut losses = vec![];
         for device in ["cpu", gpu_name] {
             let text = format!(
                 "[run]\noutput_dir = \"{}\"\nprogress = false\n[model]\npath = \"{}\"\ndtype = \"f32\"\ndevice = \"{device}\"\n\
-                 [data]\npath = \"{}\"\nseq_len = 64\n[train]\nstage = \"{stage}\"\nsteps = 3\nlr = 3e-3\nglobal_batch_seqs = 2\n\
+                 [data]\npath = \"{}\"\nseq_len = 64\n[train]\nstage = \"{stage}\"\nsteps = 3\nlr = 3e-3\nglobal_batch_seqs = 2\nrecompute = {recompute}\n\
                  [dsa]\nindex_topk = 16\n[checkpoint]\nevery = 0\n",
                 dir.parent().unwrap().join("unused").display(), dir.display(), tokens_file.display()
             );
