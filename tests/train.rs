@@ -557,6 +557,35 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
     // The dense stage: the explicit layer backward, recomputing and from saved activations,
     // against its twin, candle's autograd.
     const AUTOGRAD: &str = "kernels.plain_ops=[\"layer-backward\"]";
+    // Every tensor's gradient of `g` within 1e-4 of its largest in `reference`, and no other.
+    let same_gradients =
+        |what: &str,
+         reference: &std::collections::HashMap<String, candle_core::Tensor>,
+         g: &std::collections::HashMap<String, candle_core::Tensor>| {
+            let missing: Vec<&String> = reference.keys().filter(|n| !g.contains_key(*n)).collect();
+            assert_eq!(
+                g.len(),
+                reference.len(),
+                "{what}: the same tensors get gradients (missing {missing:?})"
+            );
+            let max_abs = |t: &candle_core::Tensor| -> f32 {
+                t.abs()
+                    .unwrap()
+                    .flatten_all()
+                    .unwrap()
+                    .max(0)
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            for (name, a) in reference {
+                let (diff, scale) = (max_abs(&(a - &g[name]).unwrap()), max_abs(a));
+                assert!(
+                    diff <= 1e-4 * scale + 1e-9,
+                    "{what}: {name}: max diff {diff} (max |g| {scale})"
+                );
+            }
+        };
     let (dense_whole, dense_lm, _) =
         grads(&["train.stage=dense", "train.recompute=false", AUTOGRAD]);
     for explicit in ["train.recompute=true", "train.recompute=false"] {
@@ -565,37 +594,7 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
             (dense_lm - dense_lm2).abs() < 1e-6 * dense_lm.abs(),
             "dense, {explicit}: {dense_lm2} vs {dense_lm}"
         );
-        assert_eq!(
-            dense_explicit.len(),
-            dense_whole.len(),
-            "dense, {explicit}: the same tensors get gradients"
-        );
-        for (name, a) in &dense_whole {
-            let b = &dense_explicit[name];
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = a
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-4 * scale + 1e-9,
-                "dense, {explicit}: {name}: max diff {diff} (max |g| {scale})"
-            );
-        }
+        same_gradients(&format!("dense, {explicit}"), &dense_whole, &dense_explicit);
     }
     let (whole, lm0, kl0) = grads(&[
         "train.recompute=false",
@@ -619,38 +618,7 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
             (lm - lm0).abs() < 1e-6 * lm0.abs() && (kl - kl0).abs() < 1e-6 * kl0.abs().max(1e-3),
             "{sets:?}: {lm} vs {lm0}, {kl} vs {kl0}"
         );
-        let missing: Vec<&String> = whole.keys().filter(|n| !g.contains_key(*n)).collect();
-        assert_eq!(
-            g.len(),
-            whole.len(),
-            "{sets:?}: the same tensors get gradients (missing {missing:?})"
-        );
-        for (name, a) in &whole {
-            let b = &g[name];
-            let diff = (a - b)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            let scale = a
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
-            assert!(
-                diff <= 1e-4 * scale + 1e-9,
-                "{sets:?}: {name}: max diff {diff} (max |g| {scale})"
-            );
-        }
+        same_gradients(&format!("{sets:?}"), &whole, &g);
     }
 }
 

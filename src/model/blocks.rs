@@ -181,28 +181,12 @@ impl DecoderLayer {
         bw: LayerBackward,
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
-        // The trainer's weights are Vars, through which candle records every op's inputs: the
-        // work runs on detached views of them (the same storage), so no graph is kept, and
-        // their gradients are handed on under the original tensors.
-        let (view, originals) = self.detached_view()?;
-        let dout = bw.dout.detach();
-        let bw = LayerBackward { dout: &dout, ..bw };
-        match view.blocks(
-            h,
-            ctx,
-            sel,
-            rows,
-            Direction::Backward(
-                bw,
-                &mut ToOriginals {
-                    inner: grads,
-                    originals,
-                },
-            ),
-        )? {
-            Ran::Backward(dh) => Ok(dh),
-            Ran::Forward(_) => unreachable!("a backward run returns dh"),
-        }
+        self.backward_on_view(bw, grads, |view, bw, grads| {
+            match view.blocks(h, ctx, sel, rows, Direction::Backward(bw, grads))? {
+                Ran::Backward(dh) => Ok(dh),
+                Ran::Forward(_) => unreachable!("a backward run returns dh"),
+            }
+        })
     }
 
     /// The layer's backward from what its forward kept (`sparse_blocks` or
@@ -215,36 +199,19 @@ impl DecoderLayer {
         bw: LayerBackward,
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
-        let (view, originals) = self.detached_view()?;
-        let dout = bw.dout.detach();
-        let bw = LayerBackward { dout: &dout, ..bw };
-        let grads = &mut ToOriginals {
-            inner: grads,
-            originals,
-        };
         let _region = crate::profile::region("layer: explicit backward (saved activations)");
-        match saved {
+        self.backward_on_view(bw, grads, |view, bw, grads| match saved {
             LayerSaved::Sparse(s) => {
                 let (b, t, _) = s.h.dims3()?;
                 let mut parts = BackwardParts::default();
                 for block in s.blocks {
-                    let g = view.block_backward(block, &s.kv, &bw, b, ctx, grads)?;
-                    parts.add(g)?;
+                    parts.add(view.block_backward(block, &s.kv, &bw, b, ctx, grads)?)?;
                 }
-                view.finish_sparse_backward(
-                    &s.h,
-                    &s.xn,
-                    &s.kv_saved,
-                    (&s.rows_cos, &s.rows_sin),
-                    parts,
-                    b,
-                    t,
-                    ctx,
-                    grads,
-                )
+                let rope = (&s.rows_cos, &s.rows_sin);
+                view.finish_sparse_backward(&s.h, &s.xn, &s.kv_saved, rope, parts, b, t, ctx, grads)
             }
             LayerSaved::Dense(s) => view.dense_backward_saved(*s, ctx, &bw, grads),
-        }
+        })
     }
 
     /// A copy of the layer whose tensors are detached views of this one's, and the original of
@@ -253,6 +220,29 @@ impl DecoderLayer {
         let mut originals = Originals::default();
         let layer = self.map_tensors(&mut |t: &Tensor| Ok(originals.view(t)))?;
         Ok((layer, originals))
+    }
+
+    /// Run a backward `f` on a detached view of this layer. The trainer's weights are Vars,
+    /// through which candle records every op's inputs: the work runs on detached views of them
+    /// (the same storage), so no graph is kept, and their gradients are handed on to `grads`
+    /// under the original tensors. `bw.dout` is detached too.
+    fn backward_on_view<R>(
+        &self,
+        bw: LayerBackward,
+        grads: &mut dyn GradSink,
+        f: impl FnOnce(&DecoderLayer, LayerBackward, &mut dyn GradSink) -> Result<R>,
+    ) -> Result<R> {
+        let (view, originals) = self.detached_view()?;
+        let dout = bw.dout.detach();
+        let bw = LayerBackward { dout: &dout, ..bw };
+        f(
+            &view,
+            bw,
+            &mut ToOriginals {
+                inner: grads,
+                originals,
+            },
+        )
     }
 
     /// The layer's backward in the trainer's second pass, as `pass` ran the first: the sparse
@@ -288,21 +278,11 @@ impl DecoderLayer {
         bw: LayerBackward,
         grads: &mut dyn GradSink,
     ) -> Result<Tensor> {
-        let (view, originals) = self.detached_view()?;
-        let dout = bw.dout.detach();
-        let bw = LayerBackward { dout: &dout, ..bw };
         let _region = crate::profile::region("layer: explicit recompute and backward (dense)");
-        let (_, saved) = view.dense_forward_detached(h, ctx, false, bw.chosen)?;
-        let saved = saved.expect("a kept forward returns its saved tensors");
-        view.dense_backward_saved(
-            saved,
-            ctx,
-            &bw,
-            &mut ToOriginals {
-                inner: grads,
-                originals,
-            },
-        )
+        self.backward_on_view(bw, grads, |view, bw, grads| {
+            let (_, saved) = view.dense_forward_detached(h, ctx, false, bw.chosen)?;
+            view.dense_backward_saved(saved, ctx, &bw, grads)
+        })
     }
 
     /// The dense stage's layer forward without a graph (the first pass under context
@@ -330,7 +310,6 @@ impl DecoderLayer {
             return Ok(((h1 + f)?.detach(), chosen, None));
         }
         let (out, saved) = view.dense_forward_detached(h, ctx, true, None)?;
-        let saved = saved.expect("a kept forward returns its saved tensors");
         let chosen = match &saved.ffn {
             FfnSaved::Moe(m) => Some(m.chosen().to_vec()),
             FfnSaved::Dense(_) => None,
@@ -347,7 +326,7 @@ impl DecoderLayer {
         ctx: &ForwardContext,
         output: bool,
         known: Option<&[u32]>,
-    ) -> Result<(Option<Tensor>, Option<DenseLayerSaved>)> {
+    ) -> Result<(Option<Tensor>, DenseLayerSaved)> {
         let (b, t, d) = h.dims3()?;
         let h = h.detach();
         let attn = self.dense_attention_saved(&h, ctx)?;
@@ -371,7 +350,7 @@ impl DecoderLayer {
             }
         };
         let out = f.map(|f| (&attn.h1 + f).map(|o| o.detach())).transpose()?;
-        Ok((out, Some(DenseLayerSaved { h, attn, xf, ffn })))
+        Ok((out, DenseLayerSaved { h, attn, xf, ffn }))
     }
 
     /// The dense layer's backward from its saved forward.
