@@ -941,6 +941,32 @@ mod tests {
         }
     }
 
+    /// Saved activations (`train.recompute = false`): each layer's per-query tensors (the
+    /// absorbed attention's 14 H (C+R) bytes and the feed-forward's) and its latent kv stay
+    /// for the backward, in place of each layer's input and sets; the slice at 8K still fits
+    /// 80 GB, and the difference is exactly that count for its two layers.
+    #[test]
+    fn saved_activations_count_every_layers_per_query_tensors() {
+        let cfg = slice_config();
+        let recompute = plan_for(&slice_recipe(Stage::Sparse, 8192, 0), &cfg);
+        let mut r = slice_recipe(Stage::Sparse, 8192, 0);
+        r.train.recompute = false;
+        let saved = plan_for(&r, &cfg);
+        let (t, layers) = (8192.0, 2.0);
+        let per_query = 14.0 * 128.0 * 576.0 + 4.0 * 8.0 * 2048.0 * 2.0 + 8.0 * 7168.0 * 2.0;
+        let kept_saved = (t * per_query + t * 12.0 * 576.0) * layers;
+        let kept_recompute = t * (7168.0 * 2.0 + 2048.0 * 4.0) * layers;
+        let grew = saved.activation_bytes - recompute.activation_bytes;
+        assert!(
+            (grew - (kept_saved - kept_recompute)).abs() < 1.0,
+            "saved {grew} more bytes, want {}",
+            kept_saved - kept_recompute
+        );
+        let gib = saved.memory_bytes() / (1u64 << 30) as f64;
+        assert!(gib < 75.0, "{gib:.1} GiB");
+        assert_eq!(saved.flops_per_step, recompute.flops_per_step);
+    }
+
     /// model.frozen_fp8 halves the slice's frozen projections and experts (one byte a value
     /// and the scales) and adds back the largest layer dequantised; the trained indexer,
     /// norms, embedding and head are unchanged.
