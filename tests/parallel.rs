@@ -1482,7 +1482,8 @@ fn context_parallel_dense_stage_matches_one_process() {
 /// the two dispatches go in 1 byte a value and 4 a row instead of 4 a value (this f32 model,
 /// hidden 192: 0.255 of the bytes). Over all ranks that is 0.75 of the bytes; one rank's share
 /// depends on how many of its rows leave against how many arrive, so the test asks for 0.6 to
-/// 0.9 (the unrounded dispatch gives 1).
+/// 0.9 (the unrounded dispatch gives 1). Also ep 2 with the layers' backward from saved
+/// activations against the recomputing one process.
 #[test]
 fn fp8_dispatch_is_the_same_run_at_every_ep() {
     let f = Fixture::new(19);
@@ -1490,9 +1491,16 @@ fn fp8_dispatch_is_the_same_run_at_every_ep() {
     let common = ["--set", "train.eps=1e-4", "--set", "checkpoint.every=1"];
     let fp8 = ["--set", "parallel.fp8_dispatch=true"];
     let ep2 = ["--set", "parallel.ep=2"];
+    let saved = ["--set", "train.recompute=false"];
     for (name, world, args) in [
         ("fp8-one", 1, [&common[..], &fp8[..]].concat()),
         ("fp8-ep2", 2, [&common[..], &fp8[..], &ep2[..]].concat()),
+        // The layers' backward from saved activations: the exchange's counts and rows kept.
+        (
+            "fp8-ep2-saved",
+            2,
+            [&common[..], &fp8[..], &ep2[..], &saved[..]].concat(),
+        ),
         ("bf-one", 1, common.to_vec()),
         ("bf-ep2", 2, [&common[..], &ep2[..]].concat()),
     ] {
@@ -1500,6 +1508,12 @@ fn fp8_dispatch_is_the_same_run_at_every_ep() {
         train_ranks(world, &r, &args);
     }
     assert_same_run(&f, "fp8-one", "fp8-ep2", "FP8 dispatch: ep 2 vs 1 process");
+    assert_same_run(
+        &f,
+        "fp8-one",
+        "fp8-ep2-saved",
+        "FP8 dispatch: ep 2 from saved activations vs 1 process recomputing",
+    );
     let (rounded, plain) = (losses(&f.out("fp8-one")), losses(&f.out("bf-one")));
     assert_ne!(rounded, plain, "the experts' inputs are rounded");
     // The first step's losses (before any update: the rounding's own effect).
