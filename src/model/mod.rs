@@ -235,6 +235,15 @@ impl Pass {
         }
     }
 
+    /// The same pass with the layers' backward `plan` (evaluation passes are returned as they
+    /// are).
+    pub fn with_backward(mut self, plan: BackwardPlan) -> Self {
+        if let Pass::Train { backward, .. } = &mut self {
+            *backward = plan;
+        }
+        self
+    }
+
     /// Does the first pass keep what each layer's explicit backward reads
     /// (`BackwardPlan::Saved`, the stages whose main model learns)?
     pub fn keeps_activations(&self) -> bool {

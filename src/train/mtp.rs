@@ -1,10 +1,11 @@
-//! The MTP module's share of a recomputing micro-batch, written out as the main layers' is:
-//! the input projection and the decoder layer's first pass without a graph (block mode in the
-//! sparse stage), the indexer's KL backward, the loss through the shared output head in chunks
-//! of positions, the layer's explicit backward (recomputed from its input with the first pass's
-//! sets and experts) and the input projection's. No whole-sequence activation of the module
-//! outlives its own step, as for a main layer. The autograd twin (`Model::mtp_logits`) runs
-//! when the trainer does not recompute; tests/parity.rs holds both against torch autograd.
+//! The MTP module's share of a micro-batch, written out as the main layers' is: the input
+//! projection and the decoder layer's first pass without a graph (block mode in the sparse
+//! stage), the indexer's KL backward, the loss through the shared output head in chunks of
+//! positions, the layer's explicit backward (recomputed from its input with the first pass's
+//! sets and experts, or from what its first pass kept, as the step's `BackwardPlan` says) and
+//! the input projection's. No whole-sequence activation of the module outlives its own step,
+//! as for a main layer. The autograd twin (`Model::mtp_logits`) runs in the autograd step;
+//! tests/parity.rs holds both against torch autograd.
 
 use std::collections::HashMap;
 
@@ -52,6 +53,16 @@ impl Trainer {
         let input = model
             .mtp_input(depth, hidden, &rows.shifted(tokens, 1 + depth)?)
             .context("MTP input")?;
+        // Only its indexer learns: nothing of the layer's forward is kept for a backward.
+        let kl_only;
+        let pass = if terms.lm.is_none() {
+            kl_only = pass
+                .clone()
+                .with_backward(crate::model::BackwardPlan::Recompute);
+            &kl_only
+        } else {
+            pass
+        };
         let (y, mut stats) = layer
             .forward(&input.x, &ctx, pass)
             .context("MTP layer forward")?;
@@ -66,6 +77,8 @@ impl Trainer {
         };
         let sel = stats.selection.take();
         let chosen = stats.chosen.take();
+        // `BackwardPlan::Saved`: what the layer's forward kept (else it is recomputed below).
+        let saved = stats.saved.take();
         drop(stats);
         // Position i predicts token i + 2 + depth; the mean is over the n - 1 positions that
         // have one.
@@ -84,9 +97,14 @@ impl Trainer {
             chosen: chosen.as_deref(),
         };
         let mut sink = AccumSink { trainable, accum };
-        let dx = layer
-            .recomputed_backward(&input.x, &ctx, sel.as_ref(), pass, bw, &mut sink)
-            .context("MTP layer recompute and backward")?;
+        let dx = match saved {
+            Some(saved) => layer
+                .saved_backward(saved, &ctx, bw, &mut sink)
+                .context("MTP layer backward")?,
+            None => layer
+                .recomputed_backward(&input.x, &ctx, sel.as_ref(), pass, bw, &mut sink)
+                .context("MTP layer recompute and backward")?,
+        };
         let (d_hidden, d_emb) = model
             .mtp_input_backward(depth, &input, hidden, &dx, &mut sink)
             .context("MTP input backward")?;
