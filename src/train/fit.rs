@@ -164,7 +164,8 @@ pub struct StepTime {
 impl StepTime {
     pub fn of(plan: &Plan, gpus: usize, r: &Rates) -> Self {
         Self {
-            compute: plan.flops_per_step / (gpus.max(1) as f64 * r.peak_tflops * 1e12 * r.mfu),
+            compute: (plan.flops_per_step + plan.recompute_flops)
+                / (gpus.max(1) as f64 * r.peak_tflops * 1e12 * r.mfu),
             grad_sums: plan.grad_comm_bytes / (r.link_gbytes * 1e9),
             expert_exchange: plan.expert_comm_bytes / (r.link_gbytes * 1e9),
             context_exchange: plan.context_comm_bytes / (r.link_gbytes * 1e9),
@@ -211,7 +212,13 @@ pub fn search(
 ) -> Vec<Candidate> {
     let n = machine.gpus.max(1);
     let experts = cfg.n_routed_experts.max(1);
-    let blockable = recipe.stage() == Stage::Sparse && recipe.train.recompute;
+    // The dense and sparse stages recompute their layers or keep their activations.
+    let recomputes: &[bool] = if recipe.stage() == Stage::Warmup {
+        &[recipe.train.recompute]
+    } else {
+        &[true, false]
+    };
+    let blockable = recipe.stage() == Stage::Sparse;
     let blocks: &[usize] = if blockable || recipe.stage() == Stage::Warmup {
         &[0, 4096, 2048, 1024, 512]
     } else {
@@ -239,67 +246,79 @@ pub fn search(
         .copied()
         .filter(|&b| b == 0 || b < recipe.data.seq_len)
         .collect();
-    // Context parallelism splits the sequences of the warm-up and of the stages that recompute
-    // (validation refuses it elsewhere, and sequences it cannot split evenly).
-    let cps: Vec<usize> = if recipe.train.recompute || recipe.stage() == Stage::Warmup {
-        (1..=n)
-            .filter(|cp| n.is_multiple_of(*cp) && recipe.data.seq_len.is_multiple_of(2 * cp))
-            .collect()
-    } else {
-        vec![1]
-    };
+    // Context parallelism splits the sequences evenly (validation refuses it with the
+    // autograd twin, and sequences it cannot split).
+    let cps: Vec<usize> = (1..=n)
+        .filter(|cp| n.is_multiple_of(*cp) && recipe.data.seq_len.is_multiple_of(2 * cp))
+        .collect();
     let layouts = cps.iter().flat_map(|&cp| {
         (1..=n)
             .filter(move |ep| n.is_multiple_of(*ep) && experts.is_multiple_of(*ep))
             .map(move |ep| (cp, ep))
     });
-    for (cp, ep) in layouts {
-        for &zero in zeros {
-            for &block_rows in &blocks {
-                for &offload in offloads {
-                    for &(fp8, fp8_offload) in fp8s {
-                        let mut r = recipe.clone();
-                        r.parallel.dp = n / cp;
-                        r.parallel.cp = cp;
-                        r.parallel.ep = ep;
-                        r.parallel.zero = zero;
-                        r.train.block_rows = block_rows;
-                        r.train.offload_activations = offload;
-                        r.model.frozen_fp8 = fp8;
-                        r.model.frozen_fp8_offload = fp8_offload;
-                        if validate(&r, n).is_err() {
-                            continue;
-                        }
-                        let plan = plan_for(&r, cfg);
-                        let fits = machine.verdict(&plan).0;
-                        let step_fits = plan.memory_bytes() / GIB <= machine.usable_gib();
-                        let time = StepTime::of(&plan, n, rates);
-                        let mut sets = vec![
-                            format!("parallel.dp={}", n / cp),
-                            format!("parallel.cp={cp}"),
-                            format!("parallel.ep={ep}"),
-                            format!("parallel.zero={zero}"),
-                            format!("train.block_rows={block_rows}"),
-                            format!("train.offload_activations={offload}"),
-                        ];
-                        if fp8 {
-                            sets.push("model.frozen_fp8=true".into());
-                        }
-                        if fp8_offload {
-                            sets.push("model.frozen_fp8_offload=true".into());
-                        }
-                        found.push((
-                            block_rows,
-                            (offload, fp8 as u8 + fp8_offload as u8),
-                            Candidate {
-                                sets,
-                                plan,
-                                time,
-                                fits,
-                                step_fits,
-                            },
-                        ));
+    let choices = layouts.flat_map(|(cp, ep)| {
+        zeros.iter().flat_map(move |&zero| {
+            recomputes
+                .iter()
+                .map(move |&recompute| (cp, ep, zero, recompute))
+        })
+    });
+    for (cp, ep, zero, recompute) in choices {
+        // Blocks, offloading and ZeRO-3 of trained layers work on the recomputing backward
+        // (the recipe's own checks say so).
+        let kept = !recompute && recipe.stage() != Stage::Warmup;
+        if kept && zero == 3 {
+            continue;
+        }
+        for &block_rows in &blocks {
+            for &offload in offloads {
+                if kept && (offload || (block_rows > 0 && blockable)) {
+                    continue;
+                }
+                for &(fp8, fp8_offload) in fp8s {
+                    let mut r = recipe.clone();
+                    r.train.recompute = recompute;
+                    r.parallel.dp = n / cp;
+                    r.parallel.cp = cp;
+                    r.parallel.ep = ep;
+                    r.parallel.zero = zero;
+                    r.train.block_rows = block_rows;
+                    r.train.offload_activations = offload;
+                    r.model.frozen_fp8 = fp8;
+                    r.model.frozen_fp8_offload = fp8_offload;
+                    if validate(&r, n).is_err() {
+                        continue;
                     }
+                    let plan = plan_for(&r, cfg);
+                    let fits = machine.verdict(&plan).0;
+                    let step_fits = plan.memory_bytes() / GIB <= machine.usable_gib();
+                    let time = StepTime::of(&plan, n, rates);
+                    let mut sets = vec![
+                        format!("parallel.dp={}", n / cp),
+                        format!("parallel.cp={cp}"),
+                        format!("parallel.ep={ep}"),
+                        format!("parallel.zero={zero}"),
+                        format!("train.block_rows={block_rows}"),
+                        format!("train.offload_activations={offload}"),
+                        format!("train.recompute={recompute}"),
+                    ];
+                    if fp8 {
+                        sets.push("model.frozen_fp8=true".into());
+                    }
+                    if fp8_offload {
+                        sets.push("model.frozen_fp8_offload=true".into());
+                    }
+                    found.push((
+                        block_rows,
+                        (offload, fp8 as u8 + fp8_offload as u8),
+                        Candidate {
+                            sets,
+                            plan,
+                            time,
+                            fits,
+                            step_fits,
+                        },
+                    ));
                 }
             }
         }
@@ -415,6 +434,7 @@ mod tests {
             frozen_params: 0,
             tokens_per_step: 0,
             flops_per_step: 1e18,
+            recompute_flops: 0.0,
             weight_bytes: weights * GIB,
             optimizer_bytes: optimizer * GIB,
             activation_bytes: activations * GIB,
@@ -571,8 +591,9 @@ mod tests {
         let found = search(&recipe, &cfg, &roomy, &rates, &validate);
         // cp in {1, 2, 4} and ep in {1, 2} (dividing the 4 ranks and the expert count; 4 is
         // refused), ZeRO 1, 2 and 3, four block sizes (4096 rows are the whole 4096-token
-        // sequence: listed once, as 0), offload off and on.
-        assert_eq!(found.len(), 3 * 2 * 3 * 4 * 2);
+        // sequence: listed once, as 0), offload off and on, recomputing the layers; and
+        // keeping their activations with ZeRO 1 or 2, whole sequences, no offload.
+        assert_eq!(found.len(), 3 * 2 * 3 * 4 * 2 + 3 * 2 * 2);
         assert!(found
             .iter()
             .any(|c| c.sets.contains(&"parallel.zero=3".to_string())));
@@ -586,13 +607,30 @@ mod tests {
         assert!(found
             .windows(2)
             .all(|w| w[0].time.total() <= w[1].time.total()));
-        // Offload costs host traffic: a layout without it comes first.
+        // Offload costs host traffic, the recomputation its forward FLOPs: a layout keeping
+        // the activations comes first, and the same layout recomputing takes longer by the
+        // recomputation's FLOPs at the stated rate.
         assert!(found[0]
             .sets
             .contains(&"train.offload_activations=false".to_string()));
+        assert!(found[0].sets.contains(&"train.recompute=false".to_string()));
+        let twin: Vec<String> = found[0]
+            .sets
+            .iter()
+            .map(|s| s.replace("train.recompute=false", "train.recompute=true"))
+            .collect();
+        let recomputing = found.iter().find(|c| c.sets == twin).unwrap();
+        assert!(recomputing.plan.recompute_flops > 0.0 && found[0].plan.recompute_flops == 0.0);
+        let extra = recomputing.plan.recompute_flops / (4.0 * rates.peak_tflops * 1e12 * rates.mfu);
+        assert!(
+            (recomputing.time.compute - found[0].time.compute - extra).abs() < 1e-9 * extra,
+            "{:?} vs {:?}",
+            recomputing.time,
+            found[0].time
+        );
         let report = search_report(&found, &roomy, &rates, 3);
         assert_eq!(report.lines().count(), 1 + 3 + 1, "{report}");
-        assert!(report.contains("(141 more layouts fit)"), "{report}");
+        assert!(report.contains("(153 more layouts fit)"), "{report}");
         // Nothing fits a GPU smaller than the reserve: the smallest layout and its verdict.
         let tight = Machine {
             gpu_mem_gib: 1.0,

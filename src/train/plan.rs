@@ -88,6 +88,10 @@ pub struct Plan {
     pub frozen_params: u64,
     pub tokens_per_step: u64,
     pub flops_per_step: f64,
+    /// FLOPs of the recomputation (`train.recompute`, dense and sparse stages): each main
+    /// layer's forward again, not counted in `flops_per_step` (MFU counts the model's work)
+    /// but in the step's time (`fit::StepTime`).
+    pub recompute_flops: f64,
     pub weight_bytes: f64,
     pub optimizer_bytes: f64,
     pub activation_bytes: f64,
@@ -209,6 +213,15 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         Stage::Warmup => 2.0 * active_main * tokens + dense_attn + 3.0 * indexer,
         Stage::Sparse => 3.0 * (2.0 * active_main * tokens + sparse_attn + indexer),
         Stage::Dense => 3.0 * (2.0 * active_main * tokens + dense_attn),
+    };
+    // The layers' forward again (their matrices, without the LM head, and their attention;
+    // the selection is reused).
+    let head = (cfg.vocab_size * cfg.hidden_size) as f64;
+    let recompute_flops = match stage {
+        _ if !recipe.train.recompute => 0.0,
+        Stage::Warmup => 0.0,
+        Stage::Sparse => 2.0 * (active_main - head) * tokens + sparse_attn,
+        Stage::Dense => 2.0 * (active_main - head) * tokens + dense_attn,
     };
     let micro_tokens = (recipe.train.micro_batch_seqs as u64 * t) as f64;
     // Context parallelism (every stage): each device computes 1/cp of every sequence's
@@ -589,6 +602,7 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
         frozen_params: total - trainable_params,
         tokens_per_step: tokens as u64,
         flops_per_step,
+        recompute_flops,
         weight_bytes,
         optimizer_bytes,
         activation_bytes,
