@@ -455,7 +455,7 @@ __device__ __forceinline__ uint32_t blk_off(int row, int ch, int block_bytes) {
   return (uint32_t)((ch >> 3) * block_bytes + row * 128 + (((ch ^ row) & 7) << 4));
 }
 
-template <int RG, bool WG>
+template <int RG, bool WG, int CW>
 __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
                                          const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cnt,
                                          const bf16* __restrict__ dob, const float* __restrict__ lse2,
@@ -464,11 +464,13 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
                                          int DQK, int DV, float scale, float sl2, int n0, int nlen, int det,
                                          int chunk) {
   constexpr int ROWS = 16 * RG;
-  constexpr int NTHREADS = 64 * RG;
+  constexpr int NTHREADS = 64 * RG * CW;
+  constexpr int PW = RG * CW;                   // phase-3 warps per key half
   constexpr int KPT = BWD_BK / (NTHREADS / 8);  // keys gathered per thread per tile
   constexpr int MAXPH = 18;                     // dq column pairs per warp (DQK / 32 <= 18)
   constexpr int QB = ROWS * 128;                // one swizzle block of Q or dO
-  static_assert(!WG || RG == 4, "the wgmma phase 1 takes 64-row blocks");
+  static_assert(!WG || (RG == 4 && CW == 1), "the wgmma phase 1 takes 64-row blocks");
+  static_assert(NTHREADS <= 256, "a tile's key rows are gathered by at most 32 groups of 8 threads");
   extern __shared__ uint8_t smem_raw[];
   const uint32_t raw = smem_u32(smem_raw);
   const uint32_t q_s = (raw + 1023u) & ~1023u;
@@ -483,6 +485,8 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int r = warp >> 1, c = warp & 1;
+  // Phases 1 and 2 (S, dP and dQ) run on the first 2 RG warps; phase 3 (dKV) on all 2 RG CW.
+  const bool row_warp = warp < 2 * RG;
   const int g = lane >> 2, tig = lane & 3;
   const int n = n0 + nlen - 1 - (int)blockIdx.x;
   const int hg = blockIdx.y, h0 = hg * ROWS;
@@ -528,7 +532,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   // Per-row softmax statistics of this thread's phase-1 rows: 16 r + g (A) and + 8 (B) on
   // mma.sync, 16 (warp & 3) + g and + 8 on wgmma.
   const int sA = h0 + 16 * (WG ? (warp & 3) : r) + g, sB = sA + 8;
-  const bool rvA = sA < H, rvB = sB < H;
+  const bool rvA = row_warp && sA < H, rvB = row_warp && sB < H;
   const float lseA = rvA ? lse2[(size_t)n * H + sA] : 0.f, lseB = rvB ? lse2[(size_t)n * H + sB] : 0.f;
   const float dlA = rvA ? delta[(size_t)n * H + sA] : 0.f, dlB = rvB ? delta[(size_t)n * H + sB] : 0.f;
   // dq rows (phase 2): 16 r + g and + 8.
@@ -635,7 +639,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 #else
       __trap();  // built for another target: the host never launches the wgmma variant
 #endif
-    } else {
+    } else if (row_warp) {
       float sa[2][4], dpa[2][4];
 #pragma unroll
       for (int nt = 0; nt < 2; ++nt)
@@ -712,7 +716,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       }
       wgmma_commit();
 #endif
-    } else {
+    } else if (row_warp) {
 #pragma unroll
       for (int kk = 0; kk < BWD_BK / 16; ++kk) {
         uint32_t a[4];
@@ -741,7 +745,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       const bool odd = tig & 1;
       const uint32_t myrow = odd ? rowB : rowA;
       const int mykey = t * BWD_BK + 16 * kg + g + (odd ? 8 : 0);  // compacted position
-      for (int grp = 0; cs + RG * 3 * grp < npq; ++grp) {
+      for (int grp = 0; cs + PW * 3 * grp < npq; ++grp) {
         float acc[3][2][4];
 #pragma unroll
         for (int jj = 0; jj < 3; ++jj)
@@ -756,7 +760,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
           ldsm_x4_t(ap, psb + ks * 16 * 128);
 #pragma unroll
           for (int jj = 0; jj < 3; ++jj) {
-            const int cp = cs + RG * (3 * grp + jj);
+            const int cp = cs + PW * (3 * grp + jj);
             if (cp < npq) {
               const int ch = 2 * cp + a_hi;
               const uint32_t off = (ch >> 3) * QB + ks * 16 * 128 + (((ch ^ x7) & 7) << 4);
@@ -775,7 +779,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
         // Even lanes of a quad pair take row g, odd lanes row g + 8, four columns each.
 #pragma unroll
         for (int jj = 0; jj < 3; ++jj) {
-          const int cp = cs + RG * (3 * grp + jj);
+          const int cp = cs + PW * (3 * grp + jj);
           if (cp < npq) {
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
@@ -827,7 +831,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       *reinterpret_cast<uint32_t*>(rowA + col) = pack_bf16(dqx[4 * j + 0], dqx[4 * j + 1]);
       *reinterpret_cast<uint32_t*>(rowB + col) = pack_bf16(dqx[4 * j + 2], dqx[4 * j + 3]);
     }
-  } else {
+  } else if (row_warp) {
     // dq rows hA, hB; columns of half c.
 #pragma unroll
     for (int p = 0; p < MAXPH; ++p) {
@@ -844,18 +848,21 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   }
 }
 
-#define BWD_KERNEL(RG)                                                                                             \
-  extern "C" __global__ void __launch_bounds__(64 * RG, 1) sparse_mla_tc_bwd_rg##RG(                               \
+#define BWD_KERNEL(RG, CW, NAME)                                                                                   \
+  extern "C" __global__ void __launch_bounds__(64 * RG * CW, 1) NAME(                                              \
       const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,                 \
       const uint32_t* __restrict__ cnt, const bf16* __restrict__ dob, const float* __restrict__ lse2,             \
       const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf, \
       int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {         \
-    bwd_impl<RG, false>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, DQK, DV, scale, sl2, n0, nlen, det, \
+    bwd_impl<RG, false, CW>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, DQK, DV, scale, sl2, n0, nlen, det, \
                  chunk);                                                                                           \
   }
-BWD_KERNEL(1)
-BWD_KERNEL(2)
-BWD_KERNEL(4)
+BWD_KERNEL(1, 1, sparse_mla_tc_bwd_rg1)
+BWD_KERNEL(2, 1, sparse_mla_tc_bwd_rg2)
+BWD_KERNEL(4, 1, sparse_mla_tc_bwd_rg4)
+// Few heads: 4 (16 heads) or 2 (32 heads) times the warps for phase 3, 256 threads a block.
+BWD_KERNEL(1, 4, sparse_mla_tc_bwd_rg1_cw4)
+BWD_KERNEL(2, 2, sparse_mla_tc_bwd_rg2_cw2)
 
 // The wgmma variant (phase 1 on warpgroup products): H a multiple of 64, DQK 576, DV 512; grid as
 // sparse_mla_tc_bwd_rg4 (one block of 256 threads per query and 64 heads).
@@ -864,7 +871,7 @@ extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_tc_bwd_wg(
     const uint32_t* __restrict__ cnt, const bf16* __restrict__ dob, const float* __restrict__ lse2,
     const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf,
     int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {
-  bwd_impl<4, true>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, 576, 512, scale, sl2, n0, nlen, det,
+  bwd_impl<4, true, 1>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, 576, 512, scale, sl2, n0, nlen, det,
                     chunk);
 }
 

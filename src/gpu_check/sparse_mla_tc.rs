@@ -172,6 +172,30 @@ fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
     })
 }
 
+/// The few-head backward (`tc::few_heads_backward`) against the plain mma.sync kernel on the
+/// same inputs: with the deterministic dkv, dq and dkv bit for bit; with atomics, dkv within
+/// the tolerance of the sums' order and dq bit for bit (it has no atomics).
+fn few_heads(c: &Case, gpu: &Device) -> Result<Outcome> {
+    let x = inputs(c, gpu)?;
+    let on = KernelPolicy::default();
+    let off = on.without(Fused::SparseFewHeads);
+    let ran = tc::few_heads_backward(on, c.h) && !tc::few_heads_backward(off, c.h);
+    let (a, b) = (run_tc(&x, on)?, run_tc(&x, off)?);
+    let det = |p: KernelPolicy| run_tc(&x, p.with_deterministic(true));
+    let (da, db) = (det(on)?, det(off)?);
+    let det_same = bits(&da.dkv)? == bits(&db.dkv)? && bits(&da.dq)? == bits(&db.dq)?;
+    let dq_same = bits(&a.dq)? == bits(&b.dq)?;
+    let e = rel_err(&a.dkv, &b.dkv)?;
+    Ok(Outcome {
+        name: c.name,
+        ok: ran && det_same && dq_same && e < 1e-2,
+        detail: format!(
+            "N {} H {} K {} dqk {}: deterministic dq and dkv bit-equal {det_same}; atomic dq bit-equal {dq_same}, dkv rel err {e:.1e} (< 1e-2); variant chosen {ran}",
+            c.n, c.h, c.k, c.dqk
+        ),
+    })
+}
+
 /// Deterministic mode: two backward runs give bit-identical dq and dkv, close to atomic mode.
 fn deterministic(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
@@ -625,6 +649,57 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         },
     ] {
         out.push(deterministic(&c, gpu)?);
+    }
+    // The few-head backward (256 threads a block) against the plain mma.sync kernel: each dkv
+    // element is the same products in the same order, so with the deterministic dkv both give
+    // the same bits; 12, 16, 20 and 32 heads, padded sets, K past the valid keys.
+    for c in [
+        Case {
+            name: "tc sparse bwd, few-head variant vs plain (H 16, K 2048)",
+            n: 300,
+            h: 16,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1201,
+        },
+        Case {
+            name: "tc sparse bwd, few-head variant vs plain (H 12, K 97)",
+            n: 65,
+            h: 12,
+            k: 97,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1202,
+        },
+        Case {
+            name: "tc sparse bwd, few-head variant vs plain (H 20, K 64)",
+            n: 77,
+            h: 20,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1203,
+        },
+        Case {
+            name: "tc sparse bwd, few-head variant vs plain (H 32, dqk 192)",
+            n: 50,
+            h: 32,
+            k: 40,
+            dqk: 192,
+            dv: 128,
+            pad: third,
+            qmul: 1.0,
+            seed: 1204,
+        },
+    ] {
+        out.push(few_heads(&c, gpu)?);
     }
     for c in [
         ProbsCase {

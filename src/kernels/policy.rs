@@ -46,6 +46,9 @@ pub enum Fused {
     /// Frozen FP8 weights dequantised on the device (`kernels::fp8_dequant`; the loader's host
     /// loop and a copy instead).
     Fp8Dequant,
+    /// The sparse MLA backward at up to 32 heads with 256 threads a block
+    /// (`sparse_mla_tc::few_heads_backward`; the 64- or 128-thread kernel instead).
+    SparseFewHeads,
     /// The main layers' explicit backward from saved activations (`model::blocks`, with
     /// `train.recompute = false`; candle's autograd of the layer forward instead). On every
     /// device: it is a way of computing, not a kernel.
@@ -53,7 +56,7 @@ pub enum Fused {
 }
 
 impl Fused {
-    pub const ALL: [Fused; 14] = [
+    pub const ALL: [Fused; 15] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -67,6 +70,7 @@ impl Fused {
         Fused::GradSum,
         Fused::MoeRoute,
         Fused::Fp8Dequant,
+        Fused::SparseFewHeads,
         Fused::LayerBackward,
     ];
 
@@ -86,6 +90,7 @@ impl Fused {
             Fused::GradSum => "grad-sum",
             Fused::MoeRoute => "moe-route",
             Fused::Fp8Dequant => "fp8-dequant",
+            Fused::SparseFewHeads => "sparse-few-heads",
             Fused::LayerBackward => "layer-backward",
         }
     }

@@ -55,6 +55,14 @@ pub fn wgmma_backward(policy: KernelPolicy, h: usize, dqk: usize, dv: usize) -> 
     wgmma_forward(policy, h, dqk, dv)
 }
 
+/// Does the backward at `h` heads run the few-head variant (H <= 32, one group of 16 or 32
+/// heads a block): 4 or 2 times the warps of the plain mma.sync kernel, the extra ones sharing
+/// the dKV tile's columns, 256 threads a block. Every value is computed by the same products
+/// in the same order as by the plain kernel (bit for bit with the deterministic dkv).
+pub fn few_heads_backward(policy: KernelPolicy, h: usize) -> bool {
+    h <= 32 && !policy.is_plain(crate::kernels::Fused::SparseFewHeads)
+}
+
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
 pub fn wgmma_probs(policy: KernelPolicy, h: usize, dqk: usize) -> bool {
     h == 128 && dqk == 576 && wgmma_on(policy)
@@ -297,12 +305,28 @@ fn bench_heads(
             run_bwd(kernels.with_deterministic(det))
         })?);
     }
+    let few = few_heads_backward(kernels, h);
     let bwd_kernel = if wgmma_backward(kernels, h, dqk, dv) {
         "S, dP, dQ on wgmma"
+    } else if few {
+        "mma.sync, 256 threads"
     } else {
         "mma.sync"
     };
-    let bwd_mma = mma_too(bwd_kernel != "mma.sync", &run_bwd)?;
+    let bwd_mma = mma_too(bwd_kernel.starts_with("S, dP"), &run_bwd)?;
+    // Where the few-head variant ran, the plain 64- or 128-thread kernel on the same inputs.
+    let bwd_plain = if few {
+        let plain = kernels.without(Fused::SparseFewHeads);
+        let mut t = vec![];
+        for det in [false, true] {
+            t.push(time_median(dev, 3, || {
+                run_bwd(plain.with_deterministic(det))
+            })?);
+        }
+        Some(t)
+    } else {
+        None
+    };
     let run_probs = |k: KernelPolicy| {
         Ok(sparse_mla_head_mean_probs_bf16(k, &q, kv, idx, &out, scale, dv).map(|_| ())?)
     };
@@ -325,9 +349,13 @@ fn bench_heads(
         },
         format!("  bwd bf16 ({bwd_kernel}, atomic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[0] * 1e3, f_bwd / bwd_times[0] / 1e12),
         format!("  bwd bf16 ({bwd_kernel}, deterministic dkv) {:.3} ms = {:.1} TFLOP/s", bwd_times[1] * 1e3, f_bwd / bwd_times[1] / 1e12),
-        match bwd_mma {
-            Some(t) => format!("  bwd bf16 (mma.sync, atomic dkv, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_bwd / t / 1e12),
-            None => "  bwd bf16 (mma.sync): the kernel above".to_string(),
+        match (bwd_mma, &bwd_plain) {
+            (Some(t), _) => format!("  bwd bf16 (mma.sync, atomic dkv, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_bwd / t / 1e12),
+            (None, Some(t)) => format!(
+                "  bwd bf16 (mma.sync, 64 threads a row group, same inputs) atomic dkv {:.3} ms = {:.1} TFLOP/s, deterministic {:.3} ms = {:.1} TFLOP/s",
+                t[0] * 1e3, f_bwd / t[0] / 1e12, t[1] * 1e3, f_bwd / t[1] / 1e12
+            ),
+            (None, None) => "  bwd bf16 (mma.sync): the kernel above".to_string(),
         },
         format!("  head-mean probs bf16 ({probs_kernel}) {:.3} ms = {:.1} TFLOP/s", probs * 1e3, f_probs / probs / 1e12),
         match probs_mma {
@@ -821,10 +849,19 @@ pub(crate) mod cuda {
             let wg = super::wgmma_backward(self.policy, d.h, d.dqk, dv);
             let smem = bwd_smem(rg, d.dqk, dv, wg);
             check_smem(dev, smem)?;
-            let f = if wg {
-                load(dev, "sparse_mla_tc_bwd_wg", smem)?
-            } else {
-                load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)?
+            // Up to 32 heads (one head group): the variant with 256 threads, whose extra warps
+            // share the dKV tile's columns (`few_heads_backward`).
+            let cw = super::few_heads_backward(self.policy, d.h).then_some(4 / rg);
+            let (f, threads) = match (wg, cw) {
+                (true, _) => (load(dev, "sparse_mla_tc_bwd_wg", smem)?, 256),
+                (false, Some(cw)) => (
+                    load(dev, &format!("sparse_mla_tc_bwd_rg{rg}_cw{cw}"), smem)?,
+                    64 * rg * cw,
+                ),
+                (false, None) => (
+                    load(dev, &format!("sparse_mla_tc_bwd_rg{rg}"), smem)?,
+                    64 * rg,
+                ),
             };
             let dq = out.slice(0..dq_len);
             let (n32, h32, k32, dqk32, dv32) =
@@ -861,7 +898,7 @@ pub(crate) mod cuda {
                     .arg(&chunk32);
                 let cfg = LaunchConfig {
                     grid_dim: (nlen as u32, hgroups as u32, 1),
-                    block_dim: (64 * rg as u32, 1, 1),
+                    block_dim: (threads as u32, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
                 // SAFETY: shapes checked; each block writes its own dq rows; dkv32 [NKV, DQK]
