@@ -1,11 +1,12 @@
-//! The decoder layer's training passes without autograd. The sparse stage's layer a block of
-//! query rows at a time: its forward without a graph (`DecoderLayer::sparse_blocks`, the
-//! recomputing trainer's first pass in block mode) and its backward written out, as llm.c
-//! writes a layer's backward (`DecoderLayer::sparse_backward`: no candle autograd graph). The
-//! dense stage's layer backward the same way, over the whole sequence
-//! (`DecoderLayer::dense_backward`, the attention through `dense_recompute`'s kernels). One block body serves both: the backward recomputes the layer
-//! from its input (kept by the trainer's first pass) with the sets (and, in MoE layers, the
-//! expert choices) that pass made, and runs each block's backward right after its forward.
+//! The decoder layer's training passes without autograd, as llm.c writes a layer's backward.
+//! One block body (`block_forward`, `block_backward`) runs a block of query rows of the sparse
+//! stage's layer; the dense stage's layer runs whole (`dense_forward_detached`,
+//! `dense_backward_saved`). The pass's `BackwardPlan` says how the backward gets its inputs:
+//! - recomputed (`sparse_backward`, `dense_backward`): the layer again from its input (kept by
+//!   the trainer's first pass) with the sets (and, in MoE layers, the expert choices) that pass
+//!   made, each block's backward right after its forward;
+//! - saved (`saved_backward`): from what the first pass kept (`sparse_blocks` with `keep`,
+//!   `forward_dense_explicit`; `LayerSaved`), no forward work again.
 //!
 //! Shapes: B batch, T tokens, D hidden, C + R the latent kv row, n rows of a block.
 //!
