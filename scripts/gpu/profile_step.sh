@@ -5,7 +5,8 @@
 #     on the machine: the sum against the step's wall time says how much of the step the GPU
 #     is busy, and which kernels fill it.
 # Usage: scripts/gpu/profile_step.sh BIN LOG_DIR NAME RECIPE SEQ_LEN MICRO [MODEL]
-# Environment: DATA (token file, default /tmp/bench-1k/tokens.bin), NCU_TIMEOUT (seconds, default 150; 0 skips ncu), STEPS (default 2), PROFILE=0 (ncu only).
+# Environment: DATA (token file, default /tmp/bench-1k/tokens.bin), NCU_TIMEOUT (seconds, default 150; 0 skips ncu), STEPS (default 2), PROFILE=0 (ncu only),
+# SET (space-separated recipe overrides KEY=VALUE, e.g. SET="train.recompute=false").
 set -uo pipefail
 BIN="${1:?BIN}"; LOG="${2:?LOG}"; NAME="${3:?NAME}"; RECIPE="${4:?RECIPE}"; L="${5:?SEQ_LEN}"; MICRO="${6:?MICRO}"
 MODEL="${7:-/tmp/bench-1k/model}"
@@ -13,6 +14,7 @@ mkdir -p "$LOG"
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 args=(bench step "$RECIPE" --set "model.path=$MODEL" --set "data.path=${DATA:-/tmp/bench-1k/tokens.bin}" --set "data.seq_len=$L"
   --set "train.global_batch_seqs=$MICRO" --set "train.micro_batch_seqs=$MICRO")
+for kv in ${SET:-}; do args+=(--set "$kv"); done
 if [ "${PROFILE:-1}" = 1 ]; then
   DSA_PROFILE=1 timeout 150 "$BIN" "${args[@]}" --steps "${STEPS:-2}" > "$LOG/profile-$NAME.txt" 2>&1
   echo "== $NAME: $(tail -1 "$LOG/profile-$NAME.txt")"

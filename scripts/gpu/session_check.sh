@@ -4,7 +4,10 @@
 # binary under two settings (the in-place gradient sums off/on; document masking off/on).
 # PART=c: the gpu-selftest groups of the MoE routing and FP8 weights (and those they feed), then
 # MoE routing on the host against the routing kernels (moe-route off/on) on the bench-1k model
-# (and the slice-671b model with SLICE=1).
+# (and the slice-671b model with SLICE=1). PART=d: every gpu-selftest group, then the layers'
+# backward recomputed (A) against from saved activations (B) on bench-1k sparse 4K and 8K, mini
+# dense 8K x 2 and the slice-671b sparse 8K, transformers' DeepseekV32 on bench-1k in the same
+# call, and where the saved bench-1k 4K step goes (profile_step.sh: regions, then ncu).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -27,6 +30,20 @@ elif [ "${PART:-a}" = c ]; then
     MODEL="$slice/model" DATA="$slice/tokens.bin" SET="model.mtp=false" SET_A='kernels.plain_ops=["moe-route"]' STEPS=2 \
       bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-route-slice" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
   fi
+elif [ "${PART:-a}" = d ]; then
+  ( time timeout 300 "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest.log" 2>&1
+  grep -E "^(FAIL|gpu-selftest)|^real" "$OUT/selftest.log"
+  SET_A="train.recompute=true" SET_B="train.recompute=false" STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
+    "$OUT/ab-saved" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/mini-dense.toml:8192:2 2>&1 | tail -3
+  python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
+    --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"
+  slice=/tmp/preset-slice-671b
+  [ -d "$slice/model" ] || "$BIN" tiny --preset slice-671b --output "$slice" >/dev/null 2>>"$OUT/stderr.log"
+  MODEL="$slice/model" DATA="$slice/tokens.bin" SET="model.mtp=false" SET_A="train.recompute=true" \
+    SET_B="train.recompute=false" STEPS=2 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-saved-slice" \
+    recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
+  SET="train.recompute=false" NCU_TIMEOUT=150 bash scripts/gpu/profile_step.sh "$BIN" "$OUT/prof" saved4k \
+    recipes/bench-1k-sparse.toml 4096 1 2>&1 | tail -40
 else
   SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
     recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5
