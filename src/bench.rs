@@ -204,11 +204,11 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
     Ok(format!(
         "{} stage, seq_len {}, {} seqs/step, {} {}, layers' backward {}: median step {:.3} s = {:.0} tokens/s, {:.1} TFLOP/s = MFU {:.1} % of {peak_tflops} ({:.2} GFLOP/token) (last: lm_loss {}, indexer_kl {:.4}){peak}{}",
         recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
-        match recipe.train.stage {
-            crate::recipe::Stage::Warmup => "none (frozen)",
-            _ if recipe.train.recompute => "recomputed",
-            _ if recipe.layer_backward_is_autograd() => "by autograd",
-            _ => "from saved activations",
+        match (recipe.train.stage, recipe.backward_plan()) {
+            (crate::recipe::Stage::Warmup, _) => "none (frozen)",
+            (_, crate::model::BackwardPlan::Recompute) => "recomputed",
+            (_, crate::model::BackwardPlan::Autograd) => "by autograd",
+            (_, crate::model::BackwardPlan::Saved) => "from saved activations",
         },
         median, tokens / median, flops / median / 1e12, 100.0 * flops / median / (peak_tflops * 1e12), flops / tokens / 1e9,
         m.lm_loss.map_or("-".into(), |l| format!("{l:.4}")), m.indexer_kl, crate::profile::device_memory_in_use()

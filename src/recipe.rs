@@ -519,14 +519,20 @@ impl Recipe {
         )
     }
 
-    /// Do the main layers backpropagate through candle's autograd (the explicit backward's
-    /// twin: `kernels.plain_ops` names `layer-backward`, or `kernels.plain`, without
-    /// `train.recompute`)? An unknown op name reads as no: the policy's own error names it.
-    pub fn layer_backward_is_autograd(&self) -> bool {
-        !self.train.recompute
-            && self
-                .kernel_policy()
-                .is_ok_and(|p| p.is_plain(crate::kernels::Fused::LayerBackward))
+    /// How the main layers get their backward: recomputed (`train.recompute`), or from what
+    /// the first pass kept; candle's autograd, the explicit backward's twin, when
+    /// `kernels.plain_ops` names `layer-backward` (or `kernels.plain`) and the step does not
+    /// recompute. An unknown op name reads as not plain: the policy's own error names it.
+    pub fn backward_plan(&self) -> crate::model::BackwardPlan {
+        use crate::model::BackwardPlan;
+        let plain = self
+            .kernel_policy()
+            .is_ok_and(|p| p.is_plain(crate::kernels::Fused::LayerBackward));
+        match (self.train.recompute, plain) {
+            (true, _) => BackwardPlan::Recompute,
+            (false, true) => BackwardPlan::Autograd,
+            (false, false) => BackwardPlan::Saved,
+        }
     }
 
     /// What fills the indexer's shape and k in where config.json has none.
@@ -574,7 +580,7 @@ impl Recipe {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         self.kernel_policy()?;
         for (key, v) in [
             ("run.output_dir", &self.run.output_dir),

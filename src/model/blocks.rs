@@ -394,8 +394,8 @@ impl DecoderLayer {
         dh1 + dh_norm
     }
 
-    /// The feed-forward's backward of rows `xf` [bn, n, D] (sequences `seqs` = (first, count)
-    /// of the batch) from its saved forward: d(loss)/dxf; the MoE balance loss's gradient
+    /// The feed-forward's backward of rows `xf` [bn, n, D] from its saved forward, `seqs` =
+    /// (the rows' first sequence, the batch's sequences B): d(loss)/dxf; the MoE balance loss's gradient
     /// (its f per sequence from `bw.balance`, a mean over every token of the sequences) joins.
     #[allow(clippy::too_many_arguments)]
     fn feed_forward_backward(

@@ -264,17 +264,8 @@ pub fn search(
         })
     });
     for (cp, ep, zero, recompute) in choices {
-        // Blocks, offloading and ZeRO-3 of trained layers work on the recomputing backward
-        // (the recipe's own checks say so).
-        let kept = !recompute && recipe.stage() != Stage::Warmup;
-        if kept && zero == 3 {
-            continue;
-        }
         for &block_rows in &blocks {
             for &offload in offloads {
-                if kept && (offload || (block_rows > 0 && blockable)) {
-                    continue;
-                }
                 for &(fp8, fp8_offload) in fp8s {
                     let mut r = recipe.clone();
                     r.train.recompute = recompute;
@@ -286,7 +277,9 @@ pub fn search(
                     r.train.offload_activations = offload;
                     r.model.frozen_fp8 = fp8;
                     r.model.frozen_fp8_offload = fp8_offload;
-                    if validate(&r, n).is_err() {
+                    // The recipe's own checks (blocks, offloading and ZeRO-3 of trained layers
+                    // work on the recomputing backward), then the trainer's of the layout.
+                    if r.validate().is_err() || validate(&r, n).is_err() {
                         continue;
                     }
                     let plan = plan_for(&r, cfg);
@@ -572,6 +565,8 @@ mod tests {
         let cfg =
             crate::config::ModelConfig::from_json(&json.to_string(), &Default::default()).unwrap();
         let mut recipe = Recipe::default();
+        (recipe.run.output_dir, recipe.model.path) = ("out".into(), "model".into());
+        recipe.data.path = "tokens.bin".into();
         recipe.train.stage = Stage::Sparse;
         recipe.train.recompute = true;
         recipe.train.global_batch_seqs = 8;

@@ -43,7 +43,6 @@ use crate::data::Sampler;
 use crate::dist::context::ContextShard;
 use crate::dist::expert::{ExpertShard, RowExchange};
 use crate::dist::Collective;
-use crate::kernels::Fused;
 use crate::losses::next_token_nll;
 use crate::model::fp8_frozen::FrozenFp8;
 use crate::model::{BackwardPlan, ForwardContext, Model, Pass};
@@ -161,7 +160,7 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
     if layout.cp > 1 {
         let t = &recipe.train;
-        if recipe.stage() != Stage::Warmup && recipe.layer_backward_is_autograd() {
+        if recipe.stage() != Stage::Warmup && recipe.backward_plan() == BackwardPlan::Autograd {
             bail!(
                 "parallel.cp = {} runs the dense and sparse stages through their explicit layer backward, not autograd's: drop \"layer-backward\" from kernels.plain_ops (and kernels.plain = true), or set train.recompute = true (this recipe: train.stage = \"{}\")",
                 layout.cp,
@@ -184,7 +183,7 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     }
     if recipe.parallel.fp8_dispatch
         && recipe.stage() != Stage::Warmup
-        && recipe.layer_backward_is_autograd()
+        && recipe.backward_plan() == BackwardPlan::Autograd
     {
         bail!(
             "parallel.fp8_dispatch = true rounds the experts' inputs, which candle's autograd cannot carry a gradient through: the {} stage needs its explicit layer backward (drop \"layer-backward\" from kernels.plain_ops and kernels.plain = true, or set train.recompute = true)",
@@ -667,6 +666,8 @@ impl Trainer {
         if let Some(snap) = &snapshot {
             // Whatever layout wrote the checkpoint (the loader re-assembles split tensors),
             // each rank takes the state of the rows it owns now (re-sharding by name).
+            let steps_of =
+                |name: &str| -> u64 { snap.state.optimizer_steps.get(name).copied().unwrap_or(0) };
             for s in slots.iter_mut().filter(|s| !s.pieces.is_empty()) {
                 if let Some(p) = snap.params.get(&s.name) {
                     s.set_value(p)?; // the exact f32 master, not its model-dtype rounding
@@ -695,12 +696,7 @@ impl Trainer {
                     for (p, (_, m, v)) in s.pieces.iter_mut().zip(rows) {
                         (p.m, p.v) = (m.clone(), v.clone());
                     }
-                    s.steps = snap
-                        .state
-                        .optimizer_steps
-                        .get(&s.name)
-                        .copied()
-                        .unwrap_or(0);
+                    s.steps = steps_of(&s.name);
                 }
                 if let Some((m, v)) = snap.moments.get(&s.name) {
                     let dims = s.shape().dims().to_vec();
@@ -720,12 +716,7 @@ impl Trainer {
                         };
                         (p.m, p.v) = (rows(m)?, rows(v)?);
                     }
-                    s.steps = snap
-                        .state
-                        .optimizer_steps
-                        .get(&s.name)
-                        .copied()
-                        .unwrap_or(0);
+                    s.steps = steps_of(&s.name);
                 }
             }
             sampler
@@ -790,20 +781,7 @@ impl Trainer {
                 0
             },
             indexer_rows: 0,
-            backward: self.backward_plan(),
-        }
-    }
-
-    /// How the main layers get their backward: recomputed (`train.recompute`), or from what
-    /// the first pass kept; candle's autograd when `kernels.plain_ops` names `layer-backward`
-    /// (or `kernels.plain`) and the step does not recompute.
-    fn backward_plan(&self) -> BackwardPlan {
-        if self.recipe.train.recompute {
-            BackwardPlan::Recompute
-        } else if self.model.kernels.is_plain(Fused::LayerBackward) {
-            BackwardPlan::Autograd
-        } else {
-            BackwardPlan::Saved
+            backward: self.recipe.backward_plan(),
         }
     }
 
@@ -814,7 +792,7 @@ impl Trainer {
     /// the layer has run (its graph holds only indexer tensors). The LM head and cross-entropy
     /// run in chunks of positions (`losses::chunked_next_token_loss`), giving dL/dh at the
     /// last layer. Pass 2 walks the main layers backwards through their explicit backward
-    /// (`backward_plan`): with `train.recompute` pass 1 keeps only each layer's input and
+    /// (`Recipe::backward_plan`): with `train.recompute` pass 1 keeps only each layer's input and
     /// selected sets and pass 2 recomputes one layer from its input before its backward;
     /// otherwise pass 1 keeps what each layer's backward reads. The autograd twin builds a graph
     /// in pass 1 and backpropagates sum(out * dL/dout) (+ the balance losses) through it.
@@ -831,7 +809,7 @@ impl Trainer {
         // `main`: the main model learns (sparse and dense stages); `with_kl`: the indexer learns.
         let main = self.stage.trains_main();
         let with_kl = self.stage != Stage::Dense;
-        let plan = self.backward_plan();
+        let plan = self.recipe.backward_plan();
         // The main layers' backward written out (`model::blocks`): recomputed or from what
         // pass 1 keeps; else candle's autograd through pass 1's graph.
         let explicit = main && plan != BackwardPlan::Autograd;
