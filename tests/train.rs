@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 use candle_core::{DType, Device};
-use common::{assert_clean_error, path_str, run_cli, wait_for, Fixture};
+use common::{assert_clean_error, max_abs_diff, path_str, run_cli, wait_for, Fixture};
 use dsa_train::checkpoint::{load_file_f32, Checkpoint};
 use dsa_train::model::{LoadOptions, Model};
 use dsa_train::recipe::Recipe;
@@ -568,18 +568,11 @@ fn recomputing_layers_and_chunking_the_lm_head_give_the_same_gradients() {
                 reference.len(),
                 "{what}: the same tensors get gradients (missing {missing:?})"
             );
-            let max_abs = |t: &candle_core::Tensor| -> f32 {
-                t.abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap()
-            };
             for (name, a) in reference {
-                let (diff, scale) = (max_abs(&(a - &g[name]).unwrap()), max_abs(a));
+                let (diff, scale) = (
+                    max_abs_diff(a, &g[name]),
+                    max_abs_diff(a, &a.zeros_like().unwrap()),
+                );
                 assert!(
                     diff <= 1e-4 * scale + 1e-9,
                     "{what}: {name}: max diff {diff} (max |g| {scale})"
