@@ -204,7 +204,7 @@ pub fn bench_step(recipe: crate::recipe::Recipe, steps: usize, peak_tflops: f64)
     Ok(format!(
         "{} stage, seq_len {}, {} seqs/step, {} {}, layers' backward {}: median step {:.3} s = {:.0} tokens/s, {:.1} TFLOP/s = MFU {:.1} % of {peak_tflops} ({:.2} GFLOP/token) (last: lm_loss {}, indexer_kl {:.4}){peak}{}",
         recipe.train.stage, recipe.data.seq_len, recipe.train.global_batch_seqs, recipe.model.device, recipe.model.dtype,
-        match (recipe.train.stage, recipe.backward_plan()) {
+        match (recipe.train.stage, crate::train::backward_plan(&recipe)) {
             (crate::recipe::Stage::Warmup, _) => "none (frozen)",
             (_, crate::model::BackwardPlan::Recompute) => "recomputed",
             (_, crate::model::BackwardPlan::Autograd) => "by autograd",

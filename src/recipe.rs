@@ -519,22 +519,6 @@ impl Recipe {
         )
     }
 
-    /// How the main layers get their backward: recomputed (`train.recompute`), or from what
-    /// the first pass kept; candle's autograd, the explicit backward's twin, when
-    /// `kernels.plain_ops` names `layer-backward` (or `kernels.plain`) and the step does not
-    /// recompute. An unknown op name reads as not plain: the policy's own error names it.
-    pub fn backward_plan(&self) -> crate::model::BackwardPlan {
-        use crate::model::BackwardPlan;
-        let plain = self
-            .kernel_policy()
-            .is_ok_and(|p| p.is_plain(crate::kernels::Fused::LayerBackward));
-        match (self.train.recompute, plain) {
-            (true, _) => BackwardPlan::Recompute,
-            (false, true) => BackwardPlan::Autograd,
-            (false, false) => BackwardPlan::Saved,
-        }
-    }
-
     /// What fills the indexer's shape and k in where config.json has none.
     pub fn indexer_defaults(&self) -> crate::config::IndexerDefaults {
         let v32 = crate::config::IndexerDefaults::default();

@@ -152,6 +152,21 @@ fn model_source(
     Ok((source, cfg, model_path))
 }
 
+/// How `recipe`'s main layers get their backward: recomputed (`train.recompute`), or from what
+/// the first pass kept; candle's autograd, the explicit backward's twin, when
+/// `kernels.plain_ops` names `layer-backward` (or `kernels.plain`) and the step does not
+/// recompute. An unknown op name reads as not plain: the policy's own error names it.
+pub fn backward_plan(recipe: &Recipe) -> BackwardPlan {
+    let plain = recipe
+        .kernel_policy()
+        .is_ok_and(|p| p.is_plain(crate::kernels::Fused::LayerBackward));
+    match (recipe.train.recompute, plain) {
+        (true, _) => BackwardPlan::Recompute,
+        (false, true) => BackwardPlan::Autograd,
+        (false, false) => BackwardPlan::Saved,
+    }
+}
+
 /// Every check `train` makes of a recipe before loading anything, for `train` and `check`
 /// alike: the parallel layout against `world` ranks, the batch against the layout, and
 /// `model.path` outside `run.output_dir` (a run would otherwise write over the steps it
@@ -160,7 +175,7 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     let layout = recipe.parallel.layout(world)?;
     if layout.cp > 1 {
         let t = &recipe.train;
-        if recipe.stage() != Stage::Warmup && recipe.backward_plan() == BackwardPlan::Autograd {
+        if recipe.stage() != Stage::Warmup && backward_plan(recipe) == BackwardPlan::Autograd {
             bail!(
                 "parallel.cp = {} runs the dense and sparse stages through their explicit layer backward, not autograd's: drop \"layer-backward\" from kernels.plain_ops (and kernels.plain = true), or set train.recompute = true (this recipe: train.stage = \"{}\")",
                 layout.cp,
@@ -183,7 +198,7 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
     }
     if recipe.parallel.fp8_dispatch
         && recipe.stage() != Stage::Warmup
-        && recipe.backward_plan() == BackwardPlan::Autograd
+        && backward_plan(recipe) == BackwardPlan::Autograd
     {
         bail!(
             "parallel.fp8_dispatch = true rounds the experts' inputs, which candle's autograd cannot carry a gradient through: the {} stage needs its explicit layer backward (drop \"layer-backward\" from kernels.plain_ops and kernels.plain = true, or set train.recompute = true)",
@@ -781,7 +796,7 @@ impl Trainer {
                 0
             },
             indexer_rows: 0,
-            backward: self.recipe.backward_plan(),
+            backward: backward_plan(&self.recipe),
         }
     }
 
@@ -792,7 +807,7 @@ impl Trainer {
     /// the layer has run (its graph holds only indexer tensors). The LM head and cross-entropy
     /// run in chunks of positions (`losses::chunked_next_token_loss`), giving dL/dh at the
     /// last layer. Pass 2 walks the main layers backwards through their explicit backward
-    /// (`Recipe::backward_plan`): with `train.recompute` pass 1 keeps only each layer's input and
+    /// (`backward_plan`): with `train.recompute` pass 1 keeps only each layer's input and
     /// selected sets and pass 2 recomputes one layer from its input before its backward;
     /// otherwise pass 1 keeps what each layer's backward reads. The autograd twin builds a graph
     /// in pass 1 and backpropagates sum(out * dL/dout) (+ the balance losses) through it.
@@ -809,7 +824,7 @@ impl Trainer {
         // `main`: the main model learns (sparse and dense stages); `with_kl`: the indexer learns.
         let main = self.stage.trains_main();
         let with_kl = self.stage != Stage::Dense;
-        let plan = self.recipe.backward_plan();
+        let plan = backward_plan(&self.recipe);
         // The main layers' backward written out (`model::blocks`): recomputed or from what
         // pass 1 keeps; else candle's autograd through pass 1's graph.
         let explicit = main && plan != BackwardPlan::Autograd;
