@@ -9,14 +9,7 @@
 #include <stdint.h>
 
 #include "dtype.cuh"
-
-__device__ __forceinline__ float e4m3_to_f32(uint8_t b) {
-  const int exp = (b >> 3) & 0x0f, man = b & 0x07;
-  if (exp == 0x0f && man == 0x07) return __int_as_float(0x7fc00000);
-  // Exact: (8 + man) * 2^(exp - 10) for normals, man * 2^-9 for subnormals.
-  const float mag = exp == 0 ? ldexpf((float)man, -9) : ldexpf((float)(8 + man), exp - 10);
-  return (b & 0x80) ? -mag : mag;
-}
+#include "e4m3.cuh"
 
 template <typename T>
 __device__ void dequant(const uint8_t* __restrict__ w8, const float* __restrict__ scales, T* __restrict__ out,

@@ -10,6 +10,7 @@ use candle_core::{Result, Tensor};
 // One module per new kernel family (each with its .cu file in kernels/).
 pub mod adamw;
 pub mod fp8_dequant;
+pub mod fp8_rows;
 pub mod grad_sum;
 pub mod indexer_at_tc;
 pub mod indexer_topk;

@@ -38,18 +38,13 @@ pub enum Dispatch {
 }
 
 /// The smallest amax a scale is made from (an all-zero row codes as zeros, scale 2^-100 / 448).
-const AMAX_FLOOR: f64 = 7.888609052210118e-31; // 2^-100
-
-/// Why FP8 dispatch runs on CPU ranks only: candle 0.11.1 looks its CUDA cast to and from
-/// F8E4M3 up as `cast_f32_f8e4m3` while its kernel is named `cast_f32_f8_e4m3` (seen on an H100,
-/// 2026-12-08: "named symbol not found"), and the project's own rounding kernel is not written.
-pub const NOT_ON_CUDA: &str = "parallel.fp8_dispatch = true runs on CPU ranks only in this build: on CUDA the rounding to e4m3 needs a cast kernel that candle 0.11.1 looks up under the wrong name, and dsa-train's own kernel for it is not written yet; set parallel.fp8_dispatch = false (or model.device = \"cpu\")";
+pub(crate) const AMAX_FLOOR: f64 = 7.888609052210118e-31; // 2^-100
 
 /// Rows x [S, D] -> (codes [S, D] F8E4M3, scales [S, 1] f32), as the module comment states.
-/// On the CPU only (`NOT_ON_CUDA`).
+/// On a GPU the kernel (`kernels::fp8_rows`), else candle's ops on the host: its twin.
 pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if x.device().is_cuda() {
-        candle_core::bail!("{NOT_ON_CUDA}");
+        return crate::kernels::fp8_rows::quantize_rows(x);
     }
     let xf = x.to_dtype(DType::F32)?;
     let amax = xf.abs()?.max_keepdim(1)?; // [S, 1]
@@ -65,6 +60,9 @@ pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
 
 /// (codes [S, D], scales [S, 1]) -> rows [S, D] in `dtype`.
 pub fn dequantize_rows(codes: &Tensor, scales: &Tensor, dtype: DType) -> Result<Tensor> {
+    if codes.device().is_cuda() {
+        return crate::kernels::fp8_rows::dequantize_rows(codes, scales, dtype);
+    }
     codes
         .to_dtype(DType::F32)?
         .broadcast_mul(scales)?

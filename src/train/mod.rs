@@ -193,9 +193,6 @@ pub fn validate(recipe: &Recipe, world: usize) -> Result<Layout> {
             bail!("train.block_rows = 1 with parallel.cp = {}: blocks of one row cannot pair up the ranks' blocks where the MTP module leaves one rank a row short; use 0 or at least 2", layout.cp);
         }
     }
-    if recipe.parallel.fp8_dispatch && recipe.model.device.starts_with("cuda") {
-        bail!("{}", crate::model::dispatch::NOT_ON_CUDA);
-    }
     if recipe.parallel.fp8_dispatch
         && recipe.stage() != Stage::Warmup
         && backward_plan(recipe) == BackwardPlan::Autograd
