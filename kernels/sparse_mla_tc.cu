@@ -462,7 +462,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
                                          const float* __restrict__ delta, bf16* __restrict__ dq,
                                          float* __restrict__ dkv, float* __restrict__ detbuf, int N, int H, int K,
                                          int DQK, int DV, float scale, float sl2, int n0, int nlen, int det,
-                                         int chunk) {
+                                         int chunk, const uint8_t* __restrict__ cmask, int hq) {
   constexpr int ROWS = 16 * RG;
   constexpr int NTHREADS = 64 * RG * CW;
   constexpr int PW = RG * CW;                   // phase-3 warps per key half
@@ -481,6 +481,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
   uint8_t* pds_p = smem_raw + (pds_s - raw);
   uint32_t* krow_s = reinterpret_cast<uint32_t*>(pds_p + ROWS * 128);
   float* xch_s = reinterpret_cast<float*>(krow_s + 2 * BWD_BK);  // WG only: [16][128]
+  uint8_t* kmask_s = reinterpret_cast<uint8_t*>(xch_s + 16 * 128);  // WG only: [2][32]
   const int nchq = DQK / 8, ncho = DV / 8;
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -506,11 +507,13 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
 
   const int sub = tid & 7;
   uint32_t pre[KPT];
+  uint8_t prem[KPT];  // WG: the key's row mask (merged queries), all rows without one
   auto fetch_rows = [&](int t) {
 #pragma unroll
     for (int i = 0; i < KPT; ++i) {
       const int j = t * BWD_BK + (tid >> 3) + i * (NTHREADS / 8);
       pre[i] = (j < count) ? rowidx[j] : INVALID;
+      if constexpr (WG) prem[i] = (cmask != nullptr && j < count) ? cmask[(size_t)n * K + j] : (uint8_t)0xFF;
     }
   };
   auto issue_tile = [&](int buf) {
@@ -519,6 +522,9 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       const int key = (tid >> 3) + i * (NTHREADS / 8);
       const bool valid = pre[i] != INVALID;
       if (sub == 0) krow_s[buf * BWD_BK + key] = pre[i];
+      if constexpr (WG) {
+        if (sub == 0) kmask_s[buf * BWD_BK + key] = prem[i];
+      }
       const bf16* src = kv + (size_t)(valid ? pre[i] : 0u) * DQK;
       const uint32_t d = kv_s + buf * tile_bytes;
       for (int ch = sub; ch < nchq; ch += 8) cp_async16(d + blk_off(key, ch, BWD_TILE_BLOCK), src + ch * 8, valid ? 16u : 0u);
@@ -607,15 +613,20 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       wgmma_wait<0>();
       wgmma_fence_regs(acc);
       const int kbase = t * BWD_BK;
+      // Merged queries (cmask): row r belongs to query r / hq of the block, and a key counts for
+      // it where the key's mask has that query's bit (a gate, not a product: a query without
+      // keys has LSE -inf).
+      const uint32_t bitA = 1u << (row / hq), bitB = 1u << ((row + 8) / hq);
+      const uint8_t* km = kmask_s + buf * BWD_BK;
       if (wg == 0) {
 #pragma unroll
         for (int j = 0; j < 4; ++j) {
-          const int key = kbase + 8 * j + 2 * tig;
-          const bool v0 = key < count, v1 = key + 1 < count;
-          const float p0 = v0 ? ex2(fmaf(acc[4 * j + 0], sl2, -lseA)) : 0.f;
-          const float p1 = v1 ? ex2(fmaf(acc[4 * j + 1], sl2, -lseA)) : 0.f;
-          const float p2 = v0 ? ex2(fmaf(acc[4 * j + 2], sl2, -lseB)) : 0.f;
-          const float p3 = v1 ? ex2(fmaf(acc[4 * j + 3], sl2, -lseB)) : 0.f;
+          const int kt = 8 * j + 2 * tig, key = kbase + kt;
+          const uint32_t m0 = key < count ? km[kt] : 0u, m1 = key + 1 < count ? km[kt + 1] : 0u;
+          const float p0 = (m0 & bitA) ? ex2(fmaf(acc[4 * j + 0], sl2, -lseA)) : 0.f;
+          const float p1 = (m1 & bitA) ? ex2(fmaf(acc[4 * j + 1], sl2, -lseA)) : 0.f;
+          const float p2 = (m0 & bitB) ? ex2(fmaf(acc[4 * j + 2], sl2, -lseB)) : 0.f;
+          const float p3 = (m1 & bitB) ? ex2(fmaf(acc[4 * j + 3], sl2, -lseB)) : 0.f;
           xch_s[(4 * j + 0) * 128 + wr] = p0;
           xch_s[(4 * j + 1) * 128 + wr] = p1;
           xch_s[(4 * j + 2) * 128 + wr] = p2;
@@ -855,7 +866,7 @@ __device__ __forceinline__ void bwd_impl(const bf16* __restrict__ q, const bf16*
       const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf, \
       int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {         \
     bwd_impl<RG, false, CW>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, DQK, DV, scale, sl2, n0, nlen, det, \
-                 chunk);                                                                                           \
+                 chunk, nullptr, 64);                                                                              \
   }
 BWD_KERNEL(1, 1, sparse_mla_tc_bwd_rg1)
 BWD_KERNEL(2, 1, sparse_mla_tc_bwd_rg2)
@@ -865,14 +876,110 @@ BWD_KERNEL(1, 4, sparse_mla_tc_bwd_rg1_cw4)
 BWD_KERNEL(2, 2, sparse_mla_tc_bwd_rg2_cw2)
 
 // The wgmma variant (phase 1 on warpgroup products): H a multiple of 64, DQK 576, DV 512; grid as
-// sparse_mla_tc_bwd_rg4 (one block of 256 threads per query and 64 heads).
+// sparse_mla_tc_bwd_rg4 (one block of 256 threads per query and 64 heads). With cmask it runs
+// merged queries (sparse_mla_tc_merge_queries): "query" n is the block of 64 / hq consecutive
+// queries of hq heads each (H = 64: the same q, dO, LSE and delta rows), its keys their union
+// (cidx, cnt, K = the union's capacity) and cmask[n, j] bit s says whether query s of the block
+// has key j; rows r of query r / hq take only their query's keys. cmask null: every row every key
+// (hq 64).
 extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_tc_bwd_wg(
     const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
     const uint32_t* __restrict__ cnt, const bf16* __restrict__ dob, const float* __restrict__ lse2,
     const float* __restrict__ delta, bf16* __restrict__ dq, float* __restrict__ dkv, float* __restrict__ detbuf,
-    int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk) {
+    int N, int H, int K, int DQK, int DV, float scale, float sl2, int n0, int nlen, int det, int chunk,
+    const uint8_t* __restrict__ cmask, int hq) {
   bwd_impl<4, true, 1>(q, kv, cidx, cnt, dob, lse2, delta, dq, dkv, detbuf, N, H, K, 576, 512, scale, sl2, n0, nlen, det,
-                    chunk);
+                    chunk, cmask, hq);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Merged queries for the few-head backward (sparse_mla_tc_bwd_wg with cmask): group u is the
+// G = 64 / H consecutive queries G u .. G u + G - 1 (H heads each; G <= 8). Its keys: every
+// valid slot (< NKV < 2^29) of those queries as (key << 3 | query), bitonic-sorted in shared
+// memory, then each run of one key becomes as many entries as the most times one query selected
+// it: entry r of a run has bit s where query s selected the key more than r times, so every
+// query's slots, duplicates included, appear exactly once (a key each query selected once is one
+// entry for the whole group). uidx[u, 0 .. ucnt[u]) ascending by kv row, umask the bits;
+// capacity G K a group, entries past ucnt untouched. One block of 256 threads per group; P2
+// (G K rounded up to a power of two) u32 of dynamic shared memory.
+extern "C" __global__ void __launch_bounds__(256)
+sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restrict__ uidx, uint8_t* __restrict__ umask,
+                            uint32_t* __restrict__ ucnt, int K, int G, uint32_t NKV, int P2) {
+  extern __shared__ uint32_t ent[];
+  __shared__ uint32_t wsum[8];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const size_t u = blockIdx.x;
+  const int total = G * K;
+  for (int i = tid; i < P2; i += 256) {
+    uint32_t e = INVALID;
+    if (i < total) {
+      const int s = i / K;
+      const uint32_t key = idx[(u * G + s) * K + (i - s * K)];
+      if (key < NKV) e = (key << 3) | (uint32_t)s;
+    }
+    ent[i] = e;
+  }
+  __syncthreads();
+  for (int k = 2; k <= P2; k <<= 1) {
+    for (int j = k >> 1; j > 0; j >>= 1) {
+      for (int i = tid; i < P2; i += 256) {
+        const int ixj = i ^ j;
+        if (ixj > i) {
+          const uint32_t a = ent[i], b = ent[ixj];
+          if ((a > b) == ((i & k) == 0)) {
+            ent[i] = b;
+            ent[ixj] = a;
+          }
+        }
+      }
+      __syncthreads();
+    }
+  }
+  // A run of one key belongs to the thread whose span holds its first entry.
+  const int per = (P2 + 255) / 256;
+  const int lo = min(tid * per, P2), hi = min(lo + per, P2);
+  auto starts_run = [&](int i) { return ent[i] != INVALID && (i == 0 || (ent[i - 1] >> 3) != (ent[i] >> 3)); };
+  auto run_entries = [&](int i) {
+    const uint32_t key = ent[i] >> 3;
+    uint32_t most = 0, rank = 0;
+    for (int j = i; j < P2 && ent[j] != INVALID && (ent[j] >> 3) == key; ++j) {
+      rank = (j > i && ent[j] == ent[j - 1]) ? rank + 1 : 0;
+      most = max(most, rank + 1);
+    }
+    return most;
+  };
+  uint32_t mine = 0;
+  for (int i = lo; i < hi; ++i)
+    if (starts_run(i)) mine += run_entries(i);
+  uint32_t incl = mine;
+  for (int o = 1; o < 32; o <<= 1) {
+    const uint32_t v = __shfl_up_sync(FULL, incl, o);
+    if (lane >= o) incl += v;
+  }
+  if (lane == 31) wsum[warp] = incl;
+  __syncthreads();
+  uint32_t pos = incl - mine, all = 0;
+  for (int w = 0; w < 8; ++w) {
+    if (w < warp) pos += wsum[w];
+    all += wsum[w];
+  }
+  uint32_t* ou = uidx + u * (size_t)total;
+  uint8_t* om = umask + u * (size_t)total;
+  for (int i = lo; i < hi; ++i) {
+    if (!starts_run(i)) continue;
+    const uint32_t key = ent[i] >> 3, entries = run_entries(i);
+    for (uint32_t r = 0; r < entries; ++r) {
+      ou[pos + r] = key;
+      om[pos + r] = 0;
+    }
+    uint32_t rank = 0;
+    for (int j = i; j < P2 && ent[j] != INVALID && (ent[j] >> 3) == key; ++j) {
+      rank = (j > i && ent[j] == ent[j - 1]) ? rank + 1 : 0;
+      om[pos + rank] |= (uint8_t)(1u << (ent[j] & 7u));
+    }
+    pos += entries;
+  }
+  if (tid == 0) ucnt[u] = all;
 }
 
 // ---------------------------------------------------------------------------------------------

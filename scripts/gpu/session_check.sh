@@ -7,7 +7,11 @@
 # (and the slice-671b model with SLICE=1). PART=d: every gpu-selftest group, then the layers'
 # backward recomputed (A) against from saved activations (B) on bench-1k sparse 4K and 8K, mini
 # dense 8K x 2 and the slice-671b sparse 8K, transformers' DeepseekV32 on bench-1k in the same
-# call, and where the saved bench-1k 4K step goes (profile_step.sh: regions, then ncu).
+# call, and where the saved bench-1k 4K step goes (profile_step.sh: regions, then ncu). PART=e: the
+# gpu-selftest groups of the sparse MLA kernels, the FP8 dispatch and the training steps, the
+# sparse MLA at 16 and 32 heads (`bench kernels`: merged queries beside one query a block), the
+# saved-activation step with merged queries (B) against one query a block (A) on bench-1k
+# sparse 4K and 8K, transformers' DeepseekV32 beside them, then every gpu-selftest group.
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -44,6 +48,19 @@ elif [ "${PART:-a}" = d ]; then
     recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
   SET="train.recompute=false" NCU_TIMEOUT=150 bash scripts/gpu/profile_step.sh "$BIN" "$OUT/prof" saved4k \
     recipes/bench-1k-sparse.toml 4096 1 2>&1 | tail -40
+elif [ "${PART:-a}" = e ]; then
+  for g in ${SELFTEST_GROUPS:-sparse-mla-tc fp8-dispatch train-steps}; do
+    timeout 240 "$BIN" gpu-selftest --device cuda --only "$g" >> "$OUT/selftest.log" 2>&1 || echo "gpu-selftest --only $g FAILED"
+  done
+  grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -E "merged queries|fp8-dispatch" "$OUT/selftest.log" | cut -c1-400
+  timeout 150 "$BIN" bench kernels --lens 4096,8192 --heads 16,32 --only "sparse MLA" > "$OUT/kernels.log" 2>&1
+  grep -E "H 16|H 32|bwd|merged" "$OUT/kernels.log"
+  SET="train.recompute=false" SET_A='kernels.plain_ops=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
+    "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
+  python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
+    --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"
+  ( time timeout 280 "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest-all.log" 2>&1
+  grep -E "^(FAIL|gpu-selftest)|^real" "$OUT/selftest-all.log"
 else
   SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
     recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5

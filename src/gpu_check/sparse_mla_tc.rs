@@ -177,7 +177,8 @@ fn compare(c: &Case, gpu: &Device) -> Result<Outcome> {
 /// the tolerance of the sums' order and dq bit for bit (it has no atomics).
 fn few_heads(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
-    let on = KernelPolicy::default();
+    // One query a block (the merged-query path has its own checks).
+    let on = KernelPolicy::default().without(Fused::SparseMergeQueries);
     let off = on.without(Fused::SparseFewHeads);
     let ran = tc::few_heads_backward(on, c.h) && !tc::few_heads_backward(off, c.h);
     let (a, b) = (run_tc(&x, on)?, run_tc(&x, off)?);
@@ -192,6 +193,47 @@ fn few_heads(c: &Case, gpu: &Device) -> Result<Outcome> {
         detail: format!(
             "N {} H {} K {} dqk {}: deterministic dq and dkv bit-equal {det_same}; atomic dq bit-equal {dq_same}, dkv rel err {e:.1e} (< 1e-2); variant chosen {ran}",
             c.n, c.h, c.k, c.dqk
+        ),
+    })
+}
+
+/// The merged-query backward (`tc::merged_backward`: 64 / H neighbouring queries a block over
+/// the union of their keys) against the one-query-a-block kernel on the same inputs (padded
+/// sets with duplicate keys), and against the f32 kernel at `compare`'s tolerances (dq's
+/// cosine at `DQ_COS_TOL_MANY_KEYS`): dq adds its keys in another order (ascending kv row, not
+/// slot order) and dkv sums a group's queries before its atomic, so neither is bit-equal; with
+/// the deterministic dkv two merged runs are.
+fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
+    let x = inputs(c, gpu)?;
+    let nkv = c.n.max(8);
+    let on = KernelPolicy::default();
+    let off = on.without(Fused::SparseMergeQueries);
+    let ran = tc::merged_backward(on, c.h, c.dqk, c.dv, c.n, c.k, nkv)
+        && !tc::merged_backward(off, c.h, c.dqk, c.dv, c.n, c.k, nkv);
+    let (a, b, f) = (run_tc(&x, on)?, run_tc(&x, off)?, run_twin(&x)?);
+    let (e_dq, c_dq) = (rel_err(&a.dq, &b.dq)?, cosine(&a.dq, &b.dq)?);
+    let (e_dkv, c_dkv) = (rel_err(&a.dkv, &b.dkv)?, cosine(&a.dkv, &b.dkv)?);
+    let (f_dq, f_dkv) = (rel_err(&a.dq, &f.dq)?, rel_err(&a.dkv, &f.dkv)?);
+    let (fc_dq, fc_dkv) = (cosine(&a.dq, &f.dq)?, cosine(&a.dkv, &f.dkv)?);
+    let det = on.with_deterministic(true);
+    let (d1, d2) = (run_tc(&x, det)?, run_tc(&x, det)?);
+    let det_same = bits(&d1.dkv)? == bits(&d2.dkv)? && bits(&d1.dq)? == bits(&d2.dq)?;
+    let e_det = rel_err(&d1.dkv, &a.dkv)?;
+    let ok = ran
+        && e_dq.max(e_dkv).max(e_det) < 1e-2
+        && c_dq.min(c_dkv) > COS_TOL
+        && f_dq.max(f_dkv) < REL_TOL
+        && fc_dq > DQ_COS_TOL_MANY_KEYS
+        && fc_dkv > COS_TOL
+        && det_same;
+    Ok(Outcome {
+        name: c.name,
+        ok,
+        detail: format!(
+            "N {} H {} K {}: vs one query a block rel err dq {e_dq:.1e} dkv {e_dkv:.1e} (< 1e-2) cosine dq {c_dq:.6} dkv {c_dkv:.6}; \
+             vs f32 rel err dq {f_dq:.1e} dkv {f_dkv:.1e} cosine dq {fc_dq:.6} dkv {fc_dkv:.6}; deterministic runs bit-equal {det_same}, \
+             vs atomic {e_det:.1e}; merged path chosen {ran}",
+            c.n, c.h, c.k
         ),
     })
 }
@@ -700,6 +742,56 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
         },
     ] {
         out.push(few_heads(&c, gpu)?);
+    }
+    // Merged queries at 16, 32 and 8 heads: long padded sets with duplicates, short sets, a
+    // single group.
+    for c in [
+        Case {
+            name: "tc sparse bwd, merged queries vs one a block (H 16, K 2048)",
+            n: 300,
+            h: 16,
+            k: 2048,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1301,
+        },
+        Case {
+            name: "tc sparse bwd, merged queries vs one a block (H 32, K 97)",
+            n: 66,
+            h: 32,
+            k: 97,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 3.0,
+            seed: 1302,
+        },
+        Case {
+            name: "tc sparse bwd, merged queries vs one a block (H 8, K 64)",
+            n: 80,
+            h: 8,
+            k: 64,
+            dqk: 576,
+            dv: 512,
+            pad: 0.5,
+            qmul: 1.0,
+            seed: 1303,
+        },
+        Case {
+            name: "tc sparse bwd, merged queries vs one a block (H 16, one group)",
+            n: 4,
+            h: 16,
+            k: 33,
+            dqk: 576,
+            dv: 512,
+            pad: third,
+            qmul: 1.0,
+            seed: 1304,
+        },
+    ] {
+        out.push(merged(&c, gpu)?);
     }
     for c in [
         ProbsCase {

@@ -49,6 +49,10 @@ pub enum Fused {
     /// The sparse MLA backward at up to 32 heads with 256 threads a block
     /// (`sparse_mla_tc::few_heads_backward`; the 64- or 128-thread kernel instead).
     SparseFewHeads,
+    /// The sparse MLA backward at 8, 16 or 32 heads with neighbouring queries merged into one
+    /// block of 64 rows over the union of their keys (`sparse_mla_tc::merged_backward`; one
+    /// query a block instead).
+    SparseMergeQueries,
     /// The main layers' explicit backward from saved activations (`model::blocks`, with
     /// `train.recompute = false`; candle's autograd of the layer forward instead). On every
     /// device: it is a way of computing, not a kernel.
@@ -56,7 +60,7 @@ pub enum Fused {
 }
 
 impl Fused {
-    pub const ALL: [Fused; 15] = [
+    pub const ALL: [Fused; 16] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -71,6 +75,7 @@ impl Fused {
         Fused::MoeRoute,
         Fused::Fp8Dequant,
         Fused::SparseFewHeads,
+        Fused::SparseMergeQueries,
         Fused::LayerBackward,
     ];
 
@@ -91,6 +96,7 @@ impl Fused {
             Fused::MoeRoute => "moe-route",
             Fused::Fp8Dequant => "fp8-dequant",
             Fused::SparseFewHeads => "sparse-few-heads",
+            Fused::SparseMergeQueries => "sparse-merge-queries",
             Fused::LayerBackward => "layer-backward",
         }
     }

@@ -63,6 +63,30 @@ pub fn few_heads_backward(policy: KernelPolicy, h: usize) -> bool {
     h <= 32 && !policy.is_plain(crate::kernels::Fused::SparseFewHeads)
 }
 
+/// Does the backward of n queries at h heads (k slots each, nkv kv rows) merge neighbouring
+/// queries (kernels/sparse_mla_tc.cu, sparse_mla_tc_merge_queries): G = 64 / h consecutive
+/// queries become one block of 64 rows on the wgmma backward, over the union of their keys, each
+/// row taking only its query's keys. The dkv of a key the G queries share is summed in the block
+/// (one f32 atomic per group instead of one per query), and the products are 64 rows tall. At
+/// h 8, 16 or 32, the 671B attention widths (DQK 576, DV 512), n a multiple of G, G k <= 16384
+/// (the sort's shared memory) and nkv < 2^29 (a key and its query packed in 32 bits).
+pub fn merged_backward(
+    policy: KernelPolicy,
+    h: usize,
+    dqk: usize,
+    dv: usize,
+    n: usize,
+    k: usize,
+    nkv: usize,
+) -> bool {
+    matches!(h, 8 | 16 | 32)
+        && n.is_multiple_of(64 / h)
+        && (64 / h) * k <= 16384
+        && nkv < (1 << 29)
+        && wgmma_backward(policy, 64, dqk, dv)
+        && !policy.is_plain(Fused::SparseMergeQueries)
+}
+
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
 pub fn wgmma_probs(policy: KernelPolicy, h: usize, dqk: usize) -> bool {
     h == 128 && dqk == 576 && wgmma_on(policy)
@@ -242,24 +266,46 @@ fn bench_cuda(dev: &candle_core::Device, l: usize, heads: &[usize]) -> anyhow::R
             pool.swap(j, swaps[j]);
         }
     }
-    let idx = Tensor::from_vec(idx, (nq, kk), dev)?;
+    let idx_host = idx;
+    let idx = Tensor::from_slice(&idx_host, (nq, kk), dev)?;
     let kv = Tensor::randn(0f32, 1f32, (l, dqk), dev)?.to_dtype(DType::BF16)?;
     // Every head count on the same sets (by default the 671B model's 128 heads, V3.2's 64-head
     // case of TileLang's examples, and the bench model's 16, V2-Lite's count).
     let mut lines = vec![];
     for &h in heads {
-        lines.extend(bench_heads(dev, l, h, &idx, &kv, pairs, nq)?);
+        lines.extend(bench_heads(dev, l, h, (&idx, &idx_host), &kv, pairs, nq)?);
     }
     Ok(lines)
 }
 
-/// `bench_cuda` at `h` heads on the sets `idx` [nq, k] of the last nq queries of l.
+/// The mean size of the union of `g` consecutive rows' valid entries of sets [rows, k]: the
+/// keys a merged-query block visits (`merged_backward`).
+#[cfg(feature = "cuda")]
+fn mean_union(sets: &[u32], k: usize, g: usize) -> f64 {
+    let groups = sets.len() / (k * g);
+    let total: usize = (0..groups)
+        .map(|u| {
+            let mut keys: Vec<u32> = sets[u * g * k..(u + 1) * g * k]
+                .iter()
+                .copied()
+                .filter(|&v| v != u32::MAX)
+                .collect();
+            keys.sort_unstable();
+            keys.dedup();
+            keys.len()
+        })
+        .sum();
+    total as f64 / groups.max(1) as f64
+}
+
+/// `bench_cuda` at `h` heads on the sets `idx` [nq, k] of the last nq queries of l (on the
+/// device, and on the host).
 #[cfg(feature = "cuda")]
 fn bench_heads(
     dev: &candle_core::Device,
     l: usize,
     h: usize,
-    idx: &Tensor,
+    (idx, idx_host): (&Tensor, &[u32]),
     kv: &Tensor,
     pairs: f64,
     nq: usize,
@@ -306,7 +352,11 @@ fn bench_heads(
         })?);
     }
     let few = few_heads_backward(kernels, h);
-    let bwd_kernel = if wgmma_backward(kernels, h, dqk, dv) {
+    let kk = idx.dim(1)?;
+    let merged = merged_backward(kernels, h, dqk, dv, nq, kk, l);
+    let bwd_kernel = if merged {
+        "merged queries, S, dP, dQ on wgmma"
+    } else if wgmma_backward(kernels, h, dqk, dv) {
         "S, dP, dQ on wgmma"
     } else if few {
         "mma.sync, 256 threads"
@@ -314,9 +364,34 @@ fn bench_heads(
         "mma.sync"
     };
     let bwd_mma = mma_too(bwd_kernel.starts_with("S, dP"), &run_bwd)?;
+    // Where the queries were merged, one query a block (the few-head variant) on the same inputs.
+    let one_a_block = if merged {
+        let one = kernels.without(Fused::SparseMergeQueries);
+        let mut t = vec![];
+        for det in [false, true] {
+            t.push(time_median(dev, 3, || {
+                run_bwd(one.with_deterministic(det))
+            })?);
+        }
+        let g = 64 / h;
+        Some(vec![
+            format!(
+                "  bwd bf16 (one query a block, mma.sync, 256 threads, same inputs) atomic dkv {:.3} ms = {:.1} TFLOP/s, deterministic {:.3} ms = {:.1} TFLOP/s",
+                t[0] * 1e3, f_bwd_of(pairs, h) / t[0] / 1e12, t[1] * 1e3, f_bwd_of(pairs, h) / t[1] / 1e12
+            ),
+            format!(
+                "  merged queries: {g} a block over the union of their sets, {:.0} keys on average (k {kk}); TFLOP/s by the valid pairs",
+                mean_union(idx_host, kk, g)
+            ),
+        ])
+    } else {
+        None
+    };
     // Where the few-head variant ran, the plain 64- or 128-thread kernel on the same inputs.
     let bwd_plain = if few {
-        let plain = kernels.without(Fused::SparseFewHeads);
+        let plain = kernels
+            .without(Fused::SparseFewHeads)
+            .without(Fused::SparseMergeQueries);
         let mut t = vec![];
         for det in [false, true] {
             t.push(time_median(dev, 3, || {
@@ -339,8 +414,8 @@ fn bench_heads(
     let probs_mma = mma_too(probs_kernel == "wgmma", &run_probs)?;
     let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
-    let f_bwd = 2.0 * pairs * h as f64 * (2 * dv + 3 * dqk) as f64;
-    Ok(vec![
+    let f_bwd = f_bwd_of(pairs, h);
+    let mut lines = vec![
         format!("tensor-core sparse MLA (H {h}, dqk {dqk}, dv {dv}, k {topk}, the last {nq} queries of {l}: {pairs} valid pairs)"),
         format!("  fwd bf16 ({fwd_kernel}) {:.3} ms = {:.1} TFLOP/s", fwd * 1e3, f_fwd / fwd / 1e12),
         match fwd_mma {
@@ -362,7 +437,18 @@ fn bench_heads(
             Some(t) => format!("  head-mean probs bf16 (mma.sync, same inputs) {:.3} ms = {:.1} TFLOP/s", t * 1e3, f_probs / t / 1e12),
             None => "  head-mean probs bf16 (mma.sync): the kernel above".to_string(),
         },
-    ])
+    ];
+    if let Some(extra) = one_a_block {
+        lines.splice(5..5, extra);
+    }
+    Ok(lines)
+}
+
+/// The backward's FLOPs at the 671B attention widths (DQK 576, DV 512) over `pairs` valid
+/// (query, key) pairs at `h` heads: 2 P H (2 DV + 3 DQK).
+#[cfg(feature = "cuda")]
+fn f_bwd_of(pairs: f64, h: usize) -> f64 {
+    2.0 * pairs * h as f64 * (2 * 512 + 3 * 576) as f64
 }
 
 #[cfg(feature = "cuda")]
@@ -490,8 +576,8 @@ pub(crate) mod cuda {
     }
 
     /// The backward: Q, dO, two KV tiles of 32 keys, the P|dS tile, the tiles' key rows, 1024
-    /// bytes to align the swizzle blocks, and for the wgmma variant the f32 P exchange (16 x 128):
-    /// 230656 bytes at the 671B shape.
+    /// bytes to align the swizzle blocks, and for the wgmma variant the f32 P exchange (16 x 128)
+    /// and the tiles' key masks: 230720 bytes at the 671B shape.
     fn bwd_smem(rg: usize, dqk: usize, dv: usize, wg: bool) -> usize {
         let rows = 16 * rg;
         rows * dqk * 2
@@ -500,7 +586,7 @@ pub(crate) mod cuda {
             + rows * 128
             + 2 * 32 * 4
             + 1024
-            + if wg { 16 * 128 * 4 } else { 0 }
+            + if wg { 16 * 128 * 4 + 2 * 32 } else { 0 }
     }
 
     fn check_smem(dev: &CudaDevice, bytes: usize) -> Result<()> {
@@ -543,6 +629,48 @@ pub(crate) mod cuda {
         .w()?;
         drop(b);
         Ok((cidx, cnt))
+    }
+
+    /// The merged queries' keys (`super::merged_backward`): for each group of `g` consecutive
+    /// queries, the union of their valid slots ascending by kv row [N / g, g K] u32, each
+    /// entry's mask of the queries that selected it [N / g, g K] u8 (an entry per selection of
+    /// a duplicated key), and the count per group [N / g].
+    fn merge_queries(
+        dev: &CudaDevice,
+        idx: &CudaView<u32>,
+        d: &Dims,
+        g: usize,
+    ) -> Result<(CudaSlice<u32>, CudaSlice<u8>, CudaSlice<u32>)> {
+        let groups = d.n / g;
+        let cap = g * d.k;
+        let uidx = alloc::<u32>(dev, groups * cap)?;
+        let umask = alloc::<u8>(dev, groups * cap)?;
+        let ucnt = alloc::<u32>(dev, groups)?;
+        let p2 = cap.next_power_of_two();
+        let f = load(dev, "sparse_mla_tc_merge_queries", p2 * 4)?;
+        let (k, g32, nkv, p2_32) = (d.k as i32, g as i32, d.nkv as u32, p2 as i32);
+        let stream = dev.cuda_stream();
+        let mut b = stream.launch_builder(&f);
+        b.arg(idx)
+            .arg(&uidx)
+            .arg(&umask)
+            .arg(&ucnt)
+            .arg(&k)
+            .arg(&g32)
+            .arg(&nkv)
+            .arg(&p2_32);
+        // SAFETY: idx is [N, K] with N = groups g; uidx and umask [groups, g K] are written up to
+        // each group's count, ucnt [groups] fully; p2 u32 of dynamic shared memory.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (groups as u32, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: (p2 * 4) as u32,
+            })
+        }
+        .w()?;
+        drop(b);
+        Ok((uidx, umask, ucnt))
     }
 
     /// As `compact`, plus the slot of each compacted entry [N, K] (valid entries only).
@@ -839,19 +967,30 @@ pub(crate) mod cuda {
                 }
                 .w()?;
             }
-            let (cidx, cnt) = compact(dev, &idx, &d)?;
+            // The kernel's queries: each query, or (merged) each group of 64 / H neighbouring
+            // queries as one query of 64 heads over the union of their keys (`bq` of them, `bh`
+            // heads, `bk` slots; the q, dO, LSE and delta rows are the same memory either way).
+            let merged = super::merged_backward(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv);
+            let (cidx, cnt, cmask, bq, bh, bk) = if merged {
+                let g = 64 / d.h;
+                let (uidx, umask, ucnt) = merge_queries(dev, &idx, &d, g)?;
+                (uidx, ucnt, Some(umask), d.n / g, 64, g * d.k)
+            } else {
+                let (cidx, cnt) = compact(dev, &idx, &d)?;
+                (cidx, cnt, None, d.n, d.h, d.k)
+            };
 
             let dq_len = nh * d.dqk;
             let out = dev.alloc_zeros::<bf16>(dq_len + d.nkv * d.dqk)?;
             let dkv32 = dev.alloc_zeros::<f32>(d.nkv * d.dqk)?;
-            let rg = row_groups(d.h);
-            let hgroups = d.h.div_ceil(16 * rg);
-            let wg = super::wgmma_backward(self.policy, d.h, d.dqk, dv);
+            let rg = row_groups(bh);
+            let hgroups = bh.div_ceil(16 * rg);
+            let wg = super::wgmma_backward(self.policy, bh, d.dqk, dv);
             let smem = bwd_smem(rg, d.dqk, dv, wg);
             check_smem(dev, smem)?;
             // Up to 32 heads (one head group): the variant with 256 threads, whose extra warps
             // share the dKV tile's columns (`few_heads_backward`).
-            let cw = super::few_heads_backward(self.policy, d.h).then_some(4 / rg);
+            let cw = super::few_heads_backward(self.policy, bh).then_some(4 / rg);
             let (f, threads) = match (wg, cw) {
                 (true, _) => (load(dev, "sparse_mla_tc_bwd_wg", smem)?, 256),
                 (false, Some(cw)) => (
@@ -865,8 +1004,10 @@ pub(crate) mod cuda {
             };
             let dq = out.slice(0..dq_len);
             let (n32, h32, k32, dqk32, dv32) =
-                (d.n as i32, d.h as i32, d.k as i32, d.dqk as i32, dv as i32);
+                (bq as i32, bh as i32, bk as i32, d.dqk as i32, dv as i32);
             let (scale, sl2) = (self.scale, self.scale * LOG2E);
+            // The wgmma kernel's row masks (null: every row every key) and heads per query.
+            let (null_mask, hq) = (0u64, d.h.min(64) as i32);
             let launch_bwd = |detbuf: &CudaSlice<f32>,
                               n0: usize,
                               nlen: usize,
@@ -896,6 +1037,13 @@ pub(crate) mod cuda {
                     .arg(&nlen32)
                     .arg(&det)
                     .arg(&chunk32);
+                if wg {
+                    match &cmask {
+                        Some(m) => b.arg(m),
+                        None => b.arg(&null_mask),
+                    };
+                    b.arg(&hq);
+                }
                 let cfg = LaunchConfig {
                     grid_dim: (nlen as u32, hgroups as u32, 1),
                     block_dim: (threads as u32, 1, 1),
@@ -903,21 +1051,21 @@ pub(crate) mod cuda {
                 };
                 // SAFETY: shapes checked; each block writes its own dq rows; dkv32 [NKV, DQK]
                 // takes atomics (det 0); detbuf [hgroups, chunk, K, DQK] takes plain stores of
-                // the chunk's valid (query, slot) pairs (det 1).
+                // the chunk's valid (query, slot) pairs (det 1); cmask (merged) is [bq, bk].
                 unsafe { b.launch(cfg) }.w()?;
                 Ok(())
             };
 
             if !self.policy.deterministic {
-                launch_bwd(&dkv32, 0, d.n, 0, 0)?;
+                launch_bwd(&dkv32, 0, bq, 0, 0)?;
             } else {
-                let per_query = (hgroups * d.k.max(1) * d.dqk).max(1);
-                let chunk = (DET_BUF_ELEMS / per_query).clamp(1, DET_MAX_CHUNK).min(d.n);
-                let detbuf = alloc::<f32>(dev, hgroups * chunk * d.k * d.dqk)?;
+                let per_query = (hgroups * bk.max(1) * d.dqk).max(1);
+                let chunk = (DET_BUF_ELEMS / per_query).clamp(1, DET_MAX_CHUNK).min(bq);
+                let detbuf = alloc::<f32>(dev, hgroups * chunk * bk * d.dqk)?;
                 let mut rowcount = dev.alloc_zeros::<u32>(d.nkv)?;
                 let offset = alloc::<u32>(dev, d.nkv)?;
                 let cursor = alloc::<u32>(dev, d.nkv)?;
-                let list = alloc::<u32>(dev, chunk * d.k)?;
+                let list = alloc::<u32>(dev, chunk * bk)?;
                 let f_count = load(dev, "sparse_mla_tc_det_count", 0)?;
                 let f_scan = load(dev, "sparse_mla_tc_det_scan", 0)?;
                 let f_fill = load(dev, "sparse_mla_tc_det_fill", 0)?;
@@ -925,14 +1073,14 @@ pub(crate) mod cuda {
                 let nkv32 = d.nkv as i32;
                 let (hg32, chunk32) = (hgroups as i32, chunk as i32);
                 let mut n0 = 0;
-                while n0 < d.n {
-                    let nlen = chunk.min(d.n - n0);
+                while n0 < bq {
+                    let nlen = chunk.min(bq - n0);
                     launch_bwd(&detbuf, n0, nlen, 1, chunk)?;
                     if n0 > 0 {
                         stream.memset_zeros(&mut rowcount).w()?;
                     }
                     let (n0_32, nlen32) = (n0 as i32, nlen as i32);
-                    let grid = blocks(nlen * d.k, 256, 65_535);
+                    let grid = blocks(nlen * bk, 256, 65_535);
                     let cfg = |g: u32, t: u32| LaunchConfig {
                         grid_dim: (g, 1, 1),
                         block_dim: (t, 1, 1),
