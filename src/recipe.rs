@@ -363,9 +363,12 @@ impl Default for TrainConfig {
 pub struct KernelsConfig {
     /// The plain twins (candle ops) everywhere.
     pub plain: bool,
-    /// Fused ops that take their plain twins while the others stay on: indexer-at, lm-loss,
-    /// adamw, dense-bwd, rms-norm, rope, swiglu, join-rows, sparse-wg.
+    /// Fused ops that take their plain twins while the others stay on (`kernels::Fused`'s
+    /// names: indexer-at, lm-loss, adamw, rms-norm, rope, sparse-wg, ...).
     pub plain_ops: Vec<String>,
+    /// Kernels off by default that run where named (`kernels::Fused::OPT_IN`: built, their GPU
+    /// checks not yet passed on a GPU): sparse-merge-queries.
+    pub opt_in: Vec<String>,
     /// The sparse MLA backward sums dkv in a fixed order (bit-identical runs, about twice its
     /// time) instead of with f32 atomics.
     pub deterministic: bool,
@@ -515,6 +518,7 @@ impl Recipe {
         crate::kernels::KernelPolicy::from_recipe(
             self.kernels.plain,
             &self.kernels.plain_ops,
+            &self.kernels.opt_in,
             self.kernels.deterministic,
         )
     }

@@ -55,7 +55,7 @@ elif [ "${PART:-a}" = e ]; then
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -E "merged queries|fp8-dispatch" "$OUT/selftest.log" | cut -c1-400
   timeout 150 "$BIN" bench kernels --lens 4096,8192 --heads 16,32 --only "sparse MLA" > "$OUT/kernels.log" 2>&1
   grep -E "H 16|H 32|bwd|merged" "$OUT/kernels.log"
-  SET="train.recompute=false" SET_A='kernels.plain_ops=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
+  SET="train.recompute=false" SET_B='kernels.opt_in=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
     "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
   python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
     --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"

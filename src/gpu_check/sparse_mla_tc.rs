@@ -206,7 +206,7 @@ fn few_heads(c: &Case, gpu: &Device) -> Result<Outcome> {
 fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
     let nkv = c.n.max(8);
-    let on = KernelPolicy::default();
+    let on = KernelPolicy::default().with(Fused::SparseMergeQueries);
     let off = on.without(Fused::SparseMergeQueries);
     let ran = tc::merged_backward(on, c.h, c.dqk, c.dv, c.n, c.k, nkv)
         && !tc::merged_backward(off, c.h, c.dqk, c.dv, c.n, c.k, nkv);

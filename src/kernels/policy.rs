@@ -79,6 +79,11 @@ impl Fused {
         Fused::LayerBackward,
     ];
 
+    /// Kernels built whose gpu-selftest checks have not yet passed on a GPU: off unless a recipe
+    /// names them in `kernels.opt_in` (the merged-query sparse backward: written in a session
+    /// that was lent no GPU).
+    pub const OPT_IN: [Fused; 1] = [Fused::SparseMergeQueries];
+
     /// The name a recipe uses.
     pub fn name(self) -> &'static str {
         match self {
@@ -105,12 +110,24 @@ impl Fused {
         Fused::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    fn bit(self) -> u16 {
+    const fn bit(self) -> u16 {
         1 << (self as u16)
+    }
+
+    /// The bits of `OPT_IN`.
+    const fn opt_in_bits() -> u16 {
+        let mut bits = 0;
+        let mut i = 0;
+        while i < Self::OPT_IN.len() {
+            bits |= Self::OPT_IN[i].bit();
+            i += 1;
+        }
+        bits
     }
 }
 
-/// Kernels or plain twins, per op. `Default` is every kernel where it can run.
+/// Kernels or plain twins, per op. `Default` is every kernel where it can run, but those of
+/// `Fused::OPT_IN`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct KernelPolicy {
     /// false: the plain twins everywhere (candle ops only, CUDA or not).
@@ -129,10 +146,10 @@ impl Default for KernelPolicy {
 }
 
 impl KernelPolicy {
-    /// Every kernel where it can run.
+    /// Every kernel where it can run, but those of `Fused::OPT_IN`.
     pub const KERNELS: Self = Self {
         kernels: true,
-        plain_ops: 0,
+        plain_ops: Fused::opt_in_bits(),
         deterministic: false,
     };
     /// The plain twins everywhere.
@@ -142,14 +159,25 @@ impl KernelPolicy {
         deterministic: false,
     };
 
-    /// From a recipe's `[kernels]` section: `plain` (every twin) and the names in `plain_ops`;
-    /// an unknown name is an error naming the key and the valid names.
+    /// From a recipe's `[kernels]` section: `plain` (every twin), the names in `opt_in` (of
+    /// `Fused::OPT_IN`: on) and in `plain_ops` (off, whatever `opt_in` says); an unknown name
+    /// is an error naming the key and the valid names.
     pub fn from_recipe(
         plain: bool,
         plain_ops: &[String],
+        opt_in: &[String],
         deterministic: bool,
     ) -> anyhow::Result<Self> {
         let mut p = if plain { Self::PLAIN } else { Self::KERNELS };
+        for name in opt_in {
+            match Fused::parse(name.trim()).filter(|op| Fused::OPT_IN.contains(op)) {
+                Some(op) => p = p.with(op),
+                None => anyhow::bail!(
+                    "kernels.opt_in: `{name}` is not an opt-in op (opt-in ops: {}; every other op is on unless named in kernels.plain_ops)",
+                    Fused::OPT_IN.map(Fused::name).join(", ")
+                ),
+            }
+        }
         for name in plain_ops {
             match Fused::parse(name.trim()) {
                 Some(op) => p = p.without(op),
@@ -166,6 +194,12 @@ impl KernelPolicy {
     /// This policy with `op`'s plain twin.
     pub fn without(mut self, op: Fused) -> Self {
         self.plain_ops |= op.bit();
+        self
+    }
+
+    /// This policy with `op`'s kernel (an opt-in op on, or a switched-off one back on).
+    pub fn with(mut self, op: Fused) -> Self {
+        self.plain_ops &= !op.bit();
         self
     }
 
@@ -200,13 +234,27 @@ mod tests {
         for op in Fused::ALL {
             assert_eq!(Fused::parse(op.name()), Some(op));
         }
-        let p = KernelPolicy::from_recipe(false, &["rope".into(), "lm-loss".into()], true).unwrap();
+        let p = KernelPolicy::from_recipe(false, &["rope".into(), "lm-loss".into()], &[], true)
+            .unwrap();
         assert!(p.is_plain(Fused::Rope) && p.is_plain(Fused::LmLoss) && !p.is_plain(Fused::Adamw));
         assert!(p.deterministic);
+        // Opt-in ops are off by default, on where named, and plain_ops still wins.
+        let merge = || vec![Fused::SparseMergeQueries.name().to_string()];
+        assert!(KernelPolicy::default().is_plain(Fused::SparseMergeQueries));
+        let on = KernelPolicy::from_recipe(false, &[], &merge(), false).unwrap();
+        assert!(!on.is_plain(Fused::SparseMergeQueries));
+        let off = KernelPolicy::from_recipe(false, &merge(), &merge(), false).unwrap();
+        assert!(off.is_plain(Fused::SparseMergeQueries));
+        let e = KernelPolicy::from_recipe(false, &[], &["rope".into()], false).unwrap_err();
+        assert!(
+            e.to_string().contains("kernels.opt_in")
+                && e.to_string().contains("sparse-merge-queries"),
+            "{e}"
+        );
         // Off the GPU nothing runs a kernel, whatever the policy.
         assert!(!KernelPolicy::KERNELS.uses(Fused::Adamw, &Device::Cpu));
         assert!(KernelPolicy::PLAIN.is_plain(Fused::Adamw));
-        let e = KernelPolicy::from_recipe(false, &["ropes".into()], false).unwrap_err();
+        let e = KernelPolicy::from_recipe(false, &["ropes".into()], &[], false).unwrap_err();
         assert!(
             e.to_string().contains("kernels.plain_ops") && e.to_string().contains("rope"),
             "{e}"

@@ -69,7 +69,8 @@ pub fn few_heads_backward(policy: KernelPolicy, h: usize) -> bool {
 /// row taking only its query's keys. The dkv of a key the G queries share is summed in the block
 /// (one f32 atomic per group instead of one per query), and the products are 64 rows tall. At
 /// h 8, 16 or 32, the 671B attention widths (DQK 576, DV 512), n a multiple of G, G k <= 16384
-/// (the sort's shared memory) and nkv < 2^29 (a key and its query packed in 32 bits).
+/// (the sort's shared memory) and nkv < 2^29 (a key and its query packed in 32 bits). Opt-in
+/// (`Fused::OPT_IN`) until its gpu-selftest checks have passed on a GPU.
 pub fn merged_backward(
     policy: KernelPolicy,
     h: usize,
@@ -314,8 +315,9 @@ fn bench_heads(
     let (dqk, dv, topk) = (576usize, 512usize, 2048usize);
     let q = Tensor::randn(0f32, 1f32, (nq, h, dqk), dev)?.to_dtype(DType::BF16)?;
     let scale = 192f64.powf(-0.5);
-    // Where a wgmma kernel ran, the mma.sync one on the same inputs too (side by side).
-    let kernels = KernelPolicy::default();
+    // Where a wgmma kernel ran, the mma.sync one on the same inputs too (side by side). The
+    // merged-query backward is timed where it applies (it is opt-in in training).
+    let kernels = KernelPolicy::default().with(Fused::SparseMergeQueries);
     let mma = kernels.without(Fused::SparseWgmma);
     let mma_too =
         |wg: bool, f: &dyn Fn(KernelPolicy) -> anyhow::Result<()>| -> anyhow::Result<Option<f64>> {
