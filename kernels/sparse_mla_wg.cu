@@ -21,8 +21,13 @@
 // this one is computed: tile t + 1 goes to buffer (t + 1) & 1, over tile t - 1, issued after
 // the barrier that opens tile t, which both warpgroups reach only after waiting for tile t - 1's
 // products.
+// Merged queries (cmask non-null; sparse_mla_tc_merge_queries): "query" n is the block of
+// 64 / hq consecutive queries of hq heads (H = 64: the same q and out rows), cidx / cnt / K the
+// union of their keys and cmask[n, j] bit s whether query s of the block has key j; row r takes
+// only the keys of query r / hq (the others score -inf). cmask null: every row every key.
 // Shared memory (1024-aligned): Q [9 blocks][64][128 B] | KV [2][9 blocks][64][128 B] |
-// P [64][128 B] | row maxima [2][64] f32 | row sums [2][64] f32 = 230400 bytes + alignment.
+// P [64][128 B] | row maxima [2][64] f32 | row sums [2][64] f32 | key masks [2][64] u8 = 230528
+// bytes + alignment.
 // The epilogue assembles the block's [64, DV + 1] output run in the (then free) KV buffers and
 // writes it with coalesced 16-byte stores.
 //
@@ -82,7 +87,8 @@ __device__ __forceinline__ void wg_gather_row(uint32_t dst, const bf16* __restri
 template <int DQK, int DV>
 __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
                                             const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cnt,
-                                            float* __restrict__ out, int N, int H, int K, float sl2) {
+                                            float* __restrict__ out, int N, int H, int K, float sl2,
+                                            const uint8_t* __restrict__ cmask, int hq) {
   static_assert(DQK % 64 == 0 && DV == 512 && DV <= DQK, "one instantiation: DV 512 (two 256-column halves)");
   constexpr int NKC = DQK / 64;               // swizzle blocks per row
   constexpr int NCH = DQK / 8;                // 16-byte chunks per row
@@ -98,6 +104,7 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
   uint8_t* p_ptr = sbase + 3 * TILE_BYTES;
   float* max_s = reinterpret_cast<float*>(p_ptr + WG_BLOCK_BYTES);  // [2][64]
   float* sum_s = max_s + 2 * WG_ROWS;                               // [2][64]
+  uint8_t* kmask_s = reinterpret_cast<uint8_t*>(sum_s + 2 * WG_ROWS);  // [2][64]
 
   const int tid = threadIdx.x, wg = tid >> 7, lane = tid & 31, wwarp = (tid >> 5) & 3;
   const int g = lane >> 2, t4 = lane & 3;
@@ -116,11 +123,16 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
   // Gather roles: thread owns key tid / 4 of a tile, chunks (tid & 3) + 4 i.
   const int gkey = tid >> 2, gsub = tid & 3;
   uint32_t pre = INVALID;
+  uint8_t prem = 0xFF;
   auto fetch_row = [&](int t) {
     const int j = t * WG_BK + gkey;
     pre = j < count ? rowidx[j] : INVALID;
+    prem = (cmask != nullptr && j < count) ? cmask[(size_t)n * K + j] : (uint8_t)0xFF;
   };
-  auto issue_tile = [&](int buf) { wg_gather_row<DQK>(kv_s + buf * TILE_BYTES, kv, pre, gkey, gsub); };
+  auto issue_tile = [&](int buf) {
+    wg_gather_row<DQK>(kv_s + buf * TILE_BYTES, kv, pre, gkey, gsub);
+    if (gsub == 0) kmask_s[buf * WG_BK + gkey] = prem;
+  };
   fetch_row(0);
   if (ntiles > 0) issue_tile(0);
   cp_async_commit();
@@ -158,15 +170,17 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
 
     // Mask, log2 domain, this warpgroup's row maxima; exchange with the other half.
     const int kbase = t * WG_BK + wg * 32;
+    const uint8_t* km = kmask_s + (t & 1) * WG_BK + wg * 32;
+    const uint32_t bit0 = 1u << (r0 / hq), bit1 = 1u << ((r0 + 8) / hq);  // the rows' queries
     float mx0 = -INFINITY, mx1 = -INFINITY;
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      const int key = kbase + 8 * j + 2 * t4;
-      const bool v0 = key < count, v1 = key + 1 < count;
-      s[4 * j + 0] = v0 ? s[4 * j + 0] * sl2 : -INFINITY;
-      s[4 * j + 1] = v1 ? s[4 * j + 1] * sl2 : -INFINITY;
-      s[4 * j + 2] = v0 ? s[4 * j + 2] * sl2 : -INFINITY;
-      s[4 * j + 3] = v1 ? s[4 * j + 3] * sl2 : -INFINITY;
+      const int kt = 8 * j + 2 * t4, key = kbase + kt;
+      const uint32_t k0 = key < count ? km[kt] : 0u, k1 = key + 1 < count ? km[kt + 1] : 0u;
+      s[4 * j + 0] = (k0 & bit0) ? s[4 * j + 0] * sl2 : -INFINITY;
+      s[4 * j + 1] = (k1 & bit0) ? s[4 * j + 1] * sl2 : -INFINITY;
+      s[4 * j + 2] = (k0 & bit1) ? s[4 * j + 2] * sl2 : -INFINITY;
+      s[4 * j + 3] = (k1 & bit1) ? s[4 * j + 3] * sl2 : -INFINITY;
       mx0 = fmaxf(mx0, fmaxf(s[4 * j + 0], s[4 * j + 1]));
       mx1 = fmaxf(mx1, fmaxf(s[4 * j + 2], s[4 * j + 3]));
     }
@@ -271,9 +285,10 @@ __device__ __forceinline__ void wg_fwd_impl(const bf16* __restrict__ q, const bf
 
 extern "C" __global__ void __launch_bounds__(WG_THREADS, 1)
 sparse_mla_wg_fwd_576_512(const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
-                          const uint32_t* __restrict__ cnt, float* __restrict__ out, int N, int H, int K, float sl2) {
+                          const uint32_t* __restrict__ cnt, float* __restrict__ out, int N, int H, int K, float sl2,
+                          const uint8_t* __restrict__ cmask, int hq) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  wg_fwd_impl<576, 512>(q, kv, cidx, cnt, out, N, H, K, sl2);
+  wg_fwd_impl<576, 512>(q, kv, cidx, cnt, out, N, H, K, sl2, cmask, hq);
 #else
   __trap();  // built for another target: the host never launches it (wgmma_forward says no)
 #endif

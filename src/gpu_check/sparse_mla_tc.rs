@@ -197,20 +197,26 @@ fn few_heads(c: &Case, gpu: &Device) -> Result<Outcome> {
     })
 }
 
-/// The merged-query backward (`tc::merged_backward`: 64 / H neighbouring queries a block over
-/// the union of their keys) against the one-query-a-block kernel on the same inputs (padded
-/// sets with duplicate keys), and against the f32 kernel at `compare`'s tolerances (dq's
-/// cosine at `DQ_COS_TOL_MANY_KEYS`): dq adds its keys in another order (ascending kv row, not
-/// slot order) and dkv sums a group's queries before its atomic, so neither is bit-equal; with
-/// the deterministic dkv two merged runs are.
+/// Merged queries (`tc::merged_queries`: 64 / H neighbouring queries a block over the union of
+/// their keys, forward and backward) against one query a block on the same inputs (padded sets
+/// with duplicate keys), and against the f32 kernel at `compare`'s tolerances (dq's cosine at
+/// `DQ_COS_TOL_MANY_KEYS`): the output, dq and the LSE add their keys in another order (ascending
+/// kv row, not slot order) and dkv sums a group's queries before its atomic, so none is
+/// bit-equal; with the deterministic dkv two merged runs are.
 fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
     let x = inputs(c, gpu)?;
     let nkv = c.n.max(8);
     let on = KernelPolicy::default().with(Fused::SparseMergeQueries);
     let off = on.without(Fused::SparseMergeQueries);
-    let ran = tc::merged_backward(on, c.h, c.dqk, c.dv, c.n, c.k, nkv)
-        && !tc::merged_backward(off, c.h, c.dqk, c.dv, c.n, c.k, nkv);
+    let ran = tc::merged_queries(on, c.h, c.dqk, c.dv, c.n, c.k, nkv)
+        && !tc::merged_queries(off, c.h, c.dqk, c.dv, c.n, c.k, nkv);
     let (a, b, f) = (run_tc(&x, on)?, run_tc(&x, off)?, run_twin(&x)?);
+    let dv = c.dv;
+    let (e_o, e_l) = (
+        rel_err(&a.out.narrow(2, 0, dv)?, &b.out.narrow(2, 0, dv)?)?,
+        rel_err(&a.out.narrow(2, dv, 1)?, &b.out.narrow(2, dv, 1)?)?,
+    );
+    let f_o = rel_err(&a.out.narrow(2, 0, dv)?, &f.out.narrow(2, 0, dv)?)?;
     let (e_dq, c_dq) = (rel_err(&a.dq, &b.dq)?, cosine(&a.dq, &b.dq)?);
     let (e_dkv, c_dkv) = (rel_err(&a.dkv, &b.dkv)?, cosine(&a.dkv, &b.dkv)?);
     let (f_dq, f_dkv) = (rel_err(&a.dq, &f.dq)?, rel_err(&a.dkv, &f.dkv)?);
@@ -220,7 +226,8 @@ fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
     let det_same = bits(&d1.dkv)? == bits(&d2.dkv)? && bits(&d1.dq)? == bits(&d2.dq)?;
     let e_det = rel_err(&d1.dkv, &a.dkv)?;
     let ok = ran
-        && e_dq.max(e_dkv).max(e_det) < 1e-2
+        && e_o.max(e_l).max(e_dq).max(e_dkv).max(e_det) < 1e-2
+        && f_o < REL_TOL
         && c_dq.min(c_dkv) > COS_TOL
         && f_dq.max(f_dkv) < REL_TOL
         && fc_dq > DQ_COS_TOL_MANY_KEYS
@@ -230,12 +237,45 @@ fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
         name: c.name,
         ok,
         detail: format!(
-            "N {} H {} K {}: vs one query a block rel err dq {e_dq:.1e} dkv {e_dkv:.1e} (< 1e-2) cosine dq {c_dq:.6} dkv {c_dkv:.6}; \
-             vs f32 rel err dq {f_dq:.1e} dkv {f_dkv:.1e} cosine dq {fc_dq:.6} dkv {fc_dkv:.6}; deterministic runs bit-equal {det_same}, \
+            "N {} H {} K {}: vs one query a block rel err out {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dkv {e_dkv:.1e} (< 1e-2) cosine dq {c_dq:.6} dkv {c_dkv:.6}; \
+             vs f32 rel err out {f_o:.1e} dq {f_dq:.1e} dkv {f_dkv:.1e} cosine dq {fc_dq:.6} dkv {fc_dkv:.6}; deterministic runs bit-equal {det_same}, \
              vs atomic {e_det:.1e}; merged path chosen {ran}",
             c.n, c.h, c.k
         ),
     })
+}
+
+/// The merged queries' keys (kernel `sparse_mla_tc_merge_queries`) against their host twin
+/// (`tc::merged_keys_plain`), entry for entry: selections with duplicates and padding (and rows
+/// of padding only) in groups of 2, 4 and 8 rows, k up to 2048 (the sort's largest size).
+fn merged_keys(gpu: &Device) -> Result<Vec<Outcome>> {
+    let mut out = vec![];
+    for (rows, k, g, seed) in [
+        (300usize, 2048usize, 4usize, 71u64),
+        (66, 97, 2, 72),
+        (80, 64, 8, 73),
+        (16, 2048, 8, 74),
+    ] {
+        let nkv = rows.max(8);
+        let (mut abs, _) = selection(rows, k, nkv, 1.0 / 3.0, false, seed);
+        abs.iter_mut()
+            .skip(5 * k)
+            .take(k)
+            .for_each(|v| *v = u32::MAX); // row 5: padding only
+        let want = tc::merged_keys_plain(&abs, k, g, nkv);
+        let got = tc::merged_keys(&Tensor::from_slice(&abs, (rows, k), gpu)?, g, nkv)?;
+        let same = got == want;
+        let entries: usize = want.iter().map(|(keys, _)| keys.len()).sum();
+        out.push(Outcome {
+            name: "tc sparse MLA, merged queries' keys vs host twin",
+            ok: same,
+            detail: format!(
+                "{rows} rows of k {k} in groups of {g}: {entries} entries, {}",
+                if same { "equal" } else { "DIFFER" }
+            ),
+        });
+    }
+    Ok(out)
 }
 
 /// Deterministic mode: two backward runs give bit-identical dq and dkv, close to atomic mode.
@@ -743,11 +783,12 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
     ] {
         out.push(few_heads(&c, gpu)?);
     }
-    // Merged queries at 16, 32 and 8 heads: long padded sets with duplicates, short sets, a
+    out.extend(merged_keys(gpu)?);
+    // Merged queries (forward and backward) at 16, 32 and 8 heads: long padded sets with duplicates, short sets, a
     // single group.
     for c in [
         Case {
-            name: "tc sparse bwd, merged queries vs one a block (H 16, K 2048)",
+            name: "tc sparse MLA, merged queries vs one a block (H 16, K 2048)",
             n: 300,
             h: 16,
             k: 2048,
@@ -758,7 +799,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             seed: 1301,
         },
         Case {
-            name: "tc sparse bwd, merged queries vs one a block (H 32, K 97)",
+            name: "tc sparse MLA, merged queries vs one a block (H 32, K 97)",
             n: 66,
             h: 32,
             k: 97,
@@ -769,7 +810,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             seed: 1302,
         },
         Case {
-            name: "tc sparse bwd, merged queries vs one a block (H 8, K 64)",
+            name: "tc sparse MLA, merged queries vs one a block (H 8, K 64)",
             n: 80,
             h: 8,
             k: 64,
@@ -780,7 +821,7 @@ pub fn checks(gpu: &Device) -> Result<Vec<Outcome>> {
             seed: 1303,
         },
         Case {
-            name: "tc sparse bwd, merged queries vs one a block (H 16, one group)",
+            name: "tc sparse MLA, merged queries vs one a block (H 16, one group)",
             n: 4,
             h: 16,
             k: 33,

@@ -50,7 +50,7 @@ pub enum Fused {
     /// (`sparse_mla_tc::few_heads_backward`; the 64- or 128-thread kernel instead).
     SparseFewHeads,
     /// The sparse MLA backward at 8, 16 or 32 heads with neighbouring queries merged into one
-    /// block of 64 rows over the union of their keys (`sparse_mla_tc::merged_backward`; one
+    /// block of 64 rows over the union of their keys (`sparse_mla_tc::merged_queries`; one
     /// query a block instead).
     SparseMergeQueries,
     /// The main layers' explicit backward from saved activations (`model::blocks`, with

@@ -21,6 +21,11 @@
 //! buffer and summed per kv row in ascending (query, slot) order, chunk by chunk: bit-identical
 //! from run to run (about twice the backward time).
 //!
+//! Merged queries (`merged_queries`, opt-in): at 8, 16 or 32 heads the forward and backward can
+//! run 64 / H neighbouring queries as one 64-row block on the wgmma kernels over the union of
+//! their selected keys (`merged_keys_plain` is the union's host twin), each row masked to its
+//! own query's keys.
+//!
 //! `sparse_mla_head_mean_probs_bf16`: the sparse-stage KL target (head-mean probabilities at the
 //! selected slots, from the forward's LSE), only the S = Q K^T product; deterministic always.
 
@@ -63,15 +68,17 @@ pub fn few_heads_backward(policy: KernelPolicy, h: usize) -> bool {
     h <= 32 && !policy.is_plain(crate::kernels::Fused::SparseFewHeads)
 }
 
-/// Does the backward of n queries at h heads (k slots each, nkv kv rows) merge neighbouring
-/// queries (kernels/sparse_mla_tc.cu, sparse_mla_tc_merge_queries): G = 64 / h consecutive
-/// queries become one block of 64 rows on the wgmma backward, over the union of their keys, each
-/// row taking only its query's keys. The dkv of a key the G queries share is summed in the block
-/// (one f32 atomic per group instead of one per query), and the products are 64 rows tall. At
+/// Do the forward and backward of n queries at h heads (k slots each, nkv kv rows) merge
+/// neighbouring queries (kernels/sparse_mla_tc.cu, sparse_mla_tc_merge_queries): G = 64 / h
+/// consecutive queries become one block of 64 rows on the wgmma kernels, over the union of their
+/// keys, each row taking only its query's keys (a key another query of the block selected scores
+/// -inf for it). The products are 64 rows tall instead of 16 h / 16, and in the backward the dkv
+/// of a key the G queries share is summed in the block (one f32 atomic per group, not per
+/// query). The head-mean probabilities keep one query a block. At
 /// h 8, 16 or 32, the 671B attention widths (DQK 576, DV 512), n a multiple of G, G k <= 16384
 /// (the sort's shared memory) and nkv < 2^29 (a key and its query packed in 32 bits). Opt-in
 /// (`Fused::OPT_IN`) until its gpu-selftest checks have passed on a GPU.
-pub fn merged_backward(
+pub fn merged_queries(
     policy: KernelPolicy,
     h: usize,
     dqk: usize,
@@ -86,6 +93,63 @@ pub fn merged_backward(
         && nkv < (1 << 29)
         && wgmma_backward(policy, 64, dqk, dv)
         && !policy.is_plain(Fused::SparseMergeQueries)
+}
+
+/// The keys of merged queries (`merged_queries`), on the host: the plain twin of the kernel
+/// `sparse_mla_tc_merge_queries`. For each group of `g` consecutive rows of `idx` [N, k]
+/// (N a multiple of g), the valid entries (< nkv) of its rows ascending by kv row, a key taking
+/// as many entries as the most times one row selected it, and per entry the mask of the rows
+/// that selected it more times than the entry's rank among that key's entries (bit s: row s of
+/// the group). Every row's selection, duplicates included, is the entries whose mask has its bit.
+pub fn merged_keys_plain(idx: &[u32], k: usize, g: usize, nkv: usize) -> Vec<(Vec<u32>, Vec<u8>)> {
+    idx.chunks(g * k)
+        .map(|group| {
+            let mut pairs: Vec<(u32, usize)> = group
+                .iter()
+                .enumerate()
+                .filter(|&(_, &key)| (key as usize) < nkv)
+                .map(|(i, &key)| (key, i / k))
+                .collect();
+            pairs.sort_unstable();
+            let (mut keys, mut masks) = (vec![], vec![]);
+            let mut i = 0;
+            while i < pairs.len() {
+                let key = pairs[i].0;
+                let start = keys.len();
+                let mut rank = 0;
+                let mut j = i;
+                while j < pairs.len() && pairs[j].0 == key {
+                    rank = if j > i && pairs[j] == pairs[j - 1] {
+                        rank + 1
+                    } else {
+                        0
+                    };
+                    if start + rank == keys.len() {
+                        keys.push(key);
+                        masks.push(0u8);
+                    }
+                    masks[start + rank] |= 1 << pairs[j].1;
+                    j += 1;
+                }
+                i = j;
+            }
+            (keys, masks)
+        })
+        .collect()
+}
+
+/// The kernel behind `merged_keys_plain` on a CUDA device: idx [N, k] u32 -> per group (keys,
+/// masks) as the twin gives them (for gpu-selftest).
+pub fn merged_keys(idx: &Tensor, g: usize, nkv: usize) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
+    #[cfg(feature = "cuda")]
+    {
+        cuda::merged_keys(idx, g, nkv)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = (idx, g, nkv);
+        candle_core::bail!("merged_keys needs the `cuda` feature")
+    }
 }
 
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
@@ -280,7 +344,7 @@ fn bench_cuda(dev: &candle_core::Device, l: usize, heads: &[usize]) -> anyhow::R
 }
 
 /// The mean size of the union of `g` consecutive rows' valid entries of sets [rows, k]: the
-/// keys a merged-query block visits (`merged_backward`).
+/// keys a merged-query block visits (`merged_queries`).
 #[cfg(feature = "cuda")]
 fn mean_union(sets: &[u32], k: usize, g: usize) -> f64 {
     let groups = sets.len() / (k * g);
@@ -328,12 +392,23 @@ fn bench_heads(
         };
     let run_fwd = |k: KernelPolicy| Ok(sparse_mla_bf16(k, &q, kv, idx, scale, dv).map(|_| ())?);
     let fwd = time_median(dev, 5, || run_fwd(kernels))?;
-    let fwd_kernel = if wgmma_forward(kernels, h, dqk, dv) {
+    let kk = idx.dim(1)?;
+    let merged = merged_queries(kernels, h, dqk, dv, nq, kk, l);
+    let fwd_kernel = if merged {
+        "merged queries, wgmma"
+    } else if wgmma_forward(kernels, h, dqk, dv) {
         "wgmma"
     } else {
         "mma.sync"
     };
-    let fwd_mma = mma_too(fwd_kernel == "wgmma", &run_fwd)?;
+    // Where the queries were merged, one query a block (mma.sync) on the same inputs.
+    let fwd_mma = if merged {
+        Some(time_median(dev, 5, || {
+            run_fwd(kernels.without(Fused::SparseMergeQueries))
+        })?)
+    } else {
+        mma_too(fwd_kernel == "wgmma", &run_fwd)?
+    };
     let out = sparse_mla_bf16(kernels, &q, kv, idx, scale, dv)?;
     let dout = Tensor::randn(0f32, 1f32, (nq, h, dv + 1), dev)?;
     let (qr, kvr, idxr) = (&q, kv, idx);
@@ -354,8 +429,6 @@ fn bench_heads(
         })?);
     }
     let few = few_heads_backward(kernels, h);
-    let kk = idx.dim(1)?;
-    let merged = merged_backward(kernels, h, dqk, dv, nq, kk, l);
     let bwd_kernel = if merged {
         "merged queries, S, dP, dQ on wgmma"
     } else if wgmma_backward(kernels, h, dqk, dv) {
@@ -565,11 +638,12 @@ pub(crate) mod cuda {
         rows * dqk * 2 + 2 * 64 * dqk * 2 + rows * 128 + 8 * 16 * 4 + 2 * rows * 4
     }
 
-    /// The wgmma forward: Q, two KV tiles (64 rows each), the P tile, row maxima and sums, and
-    /// 1024 bytes to align the swizzle blocks: 231424 bytes at DQK 576, 1 KB under the 227 KB
-    /// a block may have on an H100 or H200 (no room for another buffer).
+    /// The wgmma forward: Q, two KV tiles (64 rows each), the P tile, row maxima and sums, the
+    /// tiles' key masks, and 1024 bytes to align the swizzle blocks: 231552 bytes at DQK 576,
+    /// 896 bytes under the 227 KB a block may have on an H100 or H200 (no room for another
+    /// buffer).
     fn wg_fwd_smem(dqk: usize) -> usize {
-        3 * 64 * dqk * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 1024
+        3 * 64 * dqk * 2 + 64 * 128 + 2 * 2 * 64 * 4 + 2 * 64 + 1024
     }
 
     /// The wgmma head-mean probabilities: three KV tiles, the column sums, alignment.
@@ -633,7 +707,7 @@ pub(crate) mod cuda {
         Ok((cidx, cnt))
     }
 
-    /// The merged queries' keys (`super::merged_backward`): for each group of `g` consecutive
+    /// The merged queries' keys (`super::merged_queries`): for each group of `g` consecutive
     /// queries, the union of their valid slots ascending by kv row [N / g, g K] u32, each
     /// entry's mask of the queries that selected it [N / g, g K] u8 (an entry per selection of
     /// a duplicated key), and the count per group [N / g].
@@ -673,6 +747,40 @@ pub(crate) mod cuda {
         .w()?;
         drop(b);
         Ok((uidx, umask, ucnt))
+    }
+
+    /// `super::merged_keys`: the kernel's output copied to the host, group by group.
+    pub fn merged_keys(idx: &Tensor, g: usize, nkv: usize) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
+        let (n, k) = idx.dims2()?;
+        if g == 0 || g > 8 || !n.is_multiple_of(g) || nkv >= 1 << 29 {
+            bail!("merged_keys: {n} rows in groups of {g} (1..=8, dividing the rows), nkv {nkv} < 2^29");
+        }
+        let dev = idx.device().as_cuda_device()?.clone();
+        let idx = idx.contiguous()?;
+        let (st, l) = idx.storage_and_layout();
+        let view = crate::kernels::cuda::storage_view::<u32>(&st, l, "idx")?;
+        let d = Dims {
+            n,
+            h: 64 / g,
+            k,
+            dqk: 0,
+            nkv,
+        };
+        let (uidx, umask, ucnt) = merge_queries(&dev, &view, &d, g)?;
+        drop(st);
+        let stream = dev.cuda_stream();
+        let keys: Vec<u32> = stream.clone_dtoh(&uidx).w()?;
+        let masks: Vec<u8> = stream.clone_dtoh(&umask).w()?;
+        let counts: Vec<u32> = stream.clone_dtoh(&ucnt).w()?;
+        Ok(counts
+            .iter()
+            .enumerate()
+            .map(|(u, &c)| {
+                let at = u * g * k;
+                let c = c as usize;
+                (keys[at..at + c].to_vec(), masks[at..at + c].to_vec())
+            })
+            .collect())
     }
 
     /// As `compact`, plus the slot of each compacted entry [N, K] (valid entries only).
@@ -762,9 +870,19 @@ pub(crate) mod cuda {
                 view::<bf16>(s2, l2, "kv")?,
                 view::<u32>(s3, l3, "idx")?,
             );
-            let (cidx, cnt) = compact(dev, &idx, &d)?;
             let out_len = d.n * d.h * (self.dv + 1);
-            if super::wgmma_forward(self.policy, d.h, d.dqk, self.dv) {
+            let merged = super::merged_queries(self.policy, d.h, d.dqk, self.dv, d.n, d.k, d.nkv);
+            if merged || super::wgmma_forward(self.policy, d.h, d.dqk, self.dv) {
+                // The kernel's queries: each query, or (merged) each group of 64 / H queries as
+                // one of 64 heads over their keys' union (the q and out rows are the same memory).
+                let (cidx, cnt, cmask, bq, bh, bk) = if merged {
+                    let g = 64 / d.h;
+                    let (uidx, umask, ucnt) = merge_queries(dev, &idx, &d, g)?;
+                    (uidx, ucnt, Some(umask), d.n / g, 64, g * d.k)
+                } else {
+                    let (cidx, cnt) = compact(dev, &idx, &d)?;
+                    (cidx, cnt, None, d.n, d.h, d.k)
+                };
                 // SAFETY: every element is written by the kernel below (each block stores its
                 // 64 rows of DV + 1 floats whole), so no zeroing pass (about 1 ms of 26 at 32K).
                 let out = unsafe { dev.alloc::<f32>(out_len) }?;
@@ -781,12 +899,13 @@ pub(crate) mod cuda {
                 // the same rows: L2 hits). A persistent grid (one block per multiprocessor
                 // walking the items, prefetching the next one's Q and first tile) measured 1-2 %
                 // slower on an H200; prefetching the tile after next into L2, 2-5 % slower.
-                let grid = d.n * d.h / 64;
+                let grid = bq * bh / 64;
                 if grid > i32::MAX as usize {
                     bail!("sparse_mla_bf16: {} queries x {} heads is more than one launch takes (2^31 blocks of 64 heads)", d.n, d.h);
                 }
-                let (n, h, k) = (d.n as i32, d.h as i32, d.k as i32);
+                let (n, h, k) = (bq as i32, bh as i32, bk as i32);
                 let sl2 = self.scale * LOG2E;
+                let (null_mask, hq) = (0u64, d.h.min(64) as i32);
                 let stream = dev.cuda_stream();
                 let mut b = stream.launch_builder(&f);
                 b.arg(&q)
@@ -798,13 +917,19 @@ pub(crate) mod cuda {
                     .arg(&h)
                     .arg(&k)
                     .arg(&sl2);
+                match &cmask {
+                    Some(m) => b.arg(m),
+                    None => b.arg(&null_mask),
+                };
+                b.arg(&hq);
                 let cfg = LaunchConfig {
                     grid_dim: (grid as u32, 1, 1),
                     block_dim: (256, 1, 1),
                     shared_mem_bytes: smem as u32,
                 };
-                // SAFETY: shapes checked (H a multiple of 64, DQK 576, DV 512); compacted rows
-                // are < NKV; out is [N, H, DV + 1] and every element is written.
+                // SAFETY: shapes checked (H a multiple of 64, or merged queries: 64 rows a block;
+                // DQK 576, DV 512); compacted or merged rows are < NKV; cmask (merged) is
+                // [bq, bk]; out is [N, H, DV + 1] and every element is written.
                 unsafe { b.launch(cfg) }.w()?;
                 drop(b);
                 return Ok((
@@ -812,6 +937,7 @@ pub(crate) mod cuda {
                     Shape::from((d.n, d.h, self.dv + 1)),
                 ));
             }
+            let (cidx, cnt) = compact(dev, &idx, &d)?;
             let out = dev.alloc_zeros::<f32>(out_len)?;
             let rg = row_groups(d.h);
             let smem = fwd_smem(rg, d.dqk);
@@ -972,7 +1098,7 @@ pub(crate) mod cuda {
             // The kernel's queries: each query, or (merged) each group of 64 / H neighbouring
             // queries as one query of 64 heads over the union of their keys (`bq` of them, `bh`
             // heads, `bk` slots; the q, dO, LSE and delta rows are the same memory either way).
-            let merged = super::merged_backward(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv);
+            let merged = super::merged_queries(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv);
             let (cidx, cnt, cmask, bq, bh, bk) = if merged {
                 let g = 64 / d.h;
                 let (uidx, umask, ucnt) = merge_queries(dev, &idx, &d, g)?;
@@ -1309,6 +1435,57 @@ pub(crate) mod cuda {
                 CudaStorage::wrap_cuda_slice(pmean, dev.clone()),
                 Shape::from((d.n, d.k)),
             ))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::merged_keys_plain;
+
+    #[test]
+    fn merged_keys_hold_every_rows_selection_once_in_ascending_order() {
+        // A hand case: rows 0 and 1 of one group (k 4, nkv 10; 99 and u32::MAX are padding).
+        let idx = [5, 2, 5, 99, 2, 7, u32::MAX, 5];
+        let got = merged_keys_plain(&idx, 4, 2, 10);
+        assert_eq!(got.len(), 1);
+        // key 2: both rows once; key 5: row 0 twice, row 1 once -> two entries; key 7: row 1.
+        assert_eq!(got[0].0, vec![2, 5, 5, 7]);
+        assert_eq!(got[0].1, vec![0b11, 0b11, 0b01, 0b10]);
+
+        // Random groups with duplicates and padding: each row's multiset comes back.
+        let mut rng = crate::rng::SplitMix64::new(7);
+        for &(g, k, nkv) in &[(4usize, 33usize, 40usize), (2, 64, 8), (8, 5, 1000)] {
+            let rows = 3 * g;
+            let idx: Vec<u32> = (0..rows * k)
+                .map(|_| match rng.next_u64() % 5 {
+                    0 => u32::MAX,
+                    _ => (rng.next_u64() % (nkv as u64 + 3)) as u32, // some >= nkv: padding too
+                })
+                .collect();
+            let got = merged_keys_plain(&idx, k, g, nkv);
+            assert_eq!(got.len(), 3);
+            for (u, (keys, masks)) in got.iter().enumerate() {
+                assert!(keys.windows(2).all(|w| w[0] <= w[1]), "ascending");
+                assert!(keys.len() <= g * k);
+                for s in 0..g {
+                    let mut want: Vec<u32> = idx[(u * g + s) * k..(u * g + s + 1) * k]
+                        .iter()
+                        .copied()
+                        .filter(|&v| (v as usize) < nkv)
+                        .collect();
+                    want.sort_unstable();
+                    let mine: Vec<u32> = keys
+                        .iter()
+                        .zip(masks)
+                        .filter(|(_, m)| *m & (1 << s) != 0)
+                        .map(|(key, _)| *key)
+                        .collect();
+                    assert_eq!(mine, want, "group {u} row {s}");
+                }
+                // No entry without a row, and no more entries of a key than one row needs.
+                assert!(masks.iter().all(|&m| m != 0));
+            }
         }
     }
 }
