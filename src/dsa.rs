@@ -100,6 +100,46 @@ impl Selection {
     }
 }
 
+/// How far the sets `sel` agree with `reference` (the same queries), per query: [B, T, 2] f32,
+/// 1 where the two sets are equal (as sets of valid keys) else 0, then the recall of the
+/// reference set |sel ∩ reference| / |reference| (1 for an empty reference). On the host.
+pub fn agreement_rows(sel: &Selection, reference: &Selection) -> candle_core::Result<Tensor> {
+    let (b, t, k) = sel.absolute.dims3()?;
+    if reference.absolute.dims() != sel.absolute.dims() {
+        candle_core::bail!(
+            "agreement of sets {:?} with reference sets {:?}",
+            sel.absolute.dims(),
+            reference.absolute.dims()
+        );
+    }
+    let sorted_rows = |s: &Selection| -> candle_core::Result<Vec<Vec<u32>>> {
+        let v = s.absolute.flatten_all()?.to_vec1::<u32>()?;
+        Ok(v.chunks(k.max(1))
+            .map(|row| {
+                let mut r: Vec<u32> = row.iter().copied().filter(|&x| x != u32::MAX).collect();
+                r.sort_unstable();
+                r.dedup();
+                r
+            })
+            .collect())
+    };
+    let (mine, theirs) = (sorted_rows(sel)?, sorted_rows(reference)?);
+    let out: Vec<f32> = mine
+        .iter()
+        .zip(&theirs)
+        .flat_map(|(a, r)| {
+            let common = a.iter().filter(|x| r.binary_search(x).is_ok()).count();
+            let recall = if r.is_empty() {
+                1.0
+            } else {
+                common as f32 / r.len() as f32
+            };
+            [f32::from(a == r), recall]
+        })
+        .collect();
+    Tensor::from_vec(out, (b, t, 2), sel.absolute.device())
+}
+
 /// Absolute rows (sequence `seq` x `seq_len` + position; u32::MAX stays padding) of key
 /// positions [n, K] of one sequence: converted a block of queries at a time so that no
 /// second whole-sequence form of the sets ever exists.

@@ -28,6 +28,7 @@ use serde::Serialize;
 use crate::config::IndexerDefaults;
 use crate::data::{read_token_file, TokenStream};
 use crate::losses::{lm_chunk_positions, next_token_nll};
+use crate::model::fp8_scores::SelectionScores;
 use crate::model::{AttentionMode, ForwardContext, LoadOptions, Model, Pass};
 
 #[derive(Debug, Clone)]
@@ -47,6 +48,8 @@ pub struct EvalArgs {
     /// Document masking with this end-of-document token (`--document-mask`): each query
     /// sees only its own document's keys, as `data.document_mask` trains (None: off).
     pub document_eos: Option<u32>,
+    /// How the selection scores keys (`--indexer-scores`, as `dsa.indexer_scores` trains).
+    pub selection_scores: SelectionScores,
 }
 
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -63,6 +66,14 @@ pub struct EvalReport {
     pub attention_mass_recall_per_layer: Vec<f64>,
     pub attention_mass_recall_ceiling: f64,
     pub attention_mass_recall_ceiling_per_layer: Vec<f64>,
+    /// "bf16" or "fp8" (`--indexer-scores`).
+    pub indexer_scores: String,
+    /// With FP8 scores, over the recall's positions: the share of queries whose FP8 set equals
+    /// the bf16 scores' set, and the mean recall of the bf16 set by the FP8 one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8_selection_identical_per_layer: Option<Vec<f64>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fp8_selection_recall_per_layer: Option<Vec<f64>>,
 }
 
 /// The end-of-document token a prepared token directory names (its index.json `eos_id`);
@@ -86,7 +97,8 @@ pub fn run(args: &EvalArgs) -> Result<EvalReport> {
         init_seed: args.init_seed,
         skip_mtp: args.skip_mtp,
     };
-    let model = Model::load(&args.model, &opts)?;
+    let mut model = Model::load(&args.model, &opts)?;
+    model.set_selection_scores(args.selection_scores)?;
     let tokens = if args.tokens.is_dir() || crate::data::megatron::prefix_of(&args.tokens).is_some()
     {
         // A prepared directory or a Megatron dataset: read only the windows to be evaluated, but never less than one
@@ -139,6 +151,8 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
     let layers = model.layers.len();
     let (mut nll_sum, mut kl_sum, mut recall_sum) = (0f64, vec![0f64; layers], vec![0f64; layers]);
     let mut ceiling_sum = vec![0f64; layers];
+    // With FP8 selection scores: per layer, the summed [same set, recall] of the counted queries.
+    let mut agreement_sum: Option<Vec<[f64; 2]>> = None;
     // Positions whose query has more than k keys (t + 1 > k; under document masking,
     // t - start + 1 > k) count towards the recall.
     let mut recall_positions = 0usize;
@@ -191,6 +205,15 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
             if let (Some(c), true) = (&stats.recall_ceiling, counted.dim(0)? > 0) {
                 ceiling_sum[l] += sum_f64(&c.index_select(&counted, 1)?)?;
             }
+            if let Some(a) = &stats.fp8_agreement {
+                let sums = agreement_sum.get_or_insert_with(|| vec![[0.0; 2]; model.layers.len()]);
+                if counted.dim(0)? > 0 {
+                    let a = a.index_select(&counted, 1)?; // [1, counted, 2]
+                    for (c, sum) in sums[l].iter_mut().enumerate() {
+                        *sum += sum_f64(&a.narrow(2, c, 1)?)?;
+                    }
+                }
+            }
         }
         crate::elog!(
             "[eval] window {}/{windows}: running lm_loss {:.5}",
@@ -207,6 +230,11 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         }
     };
     let (recall, ceiling) = (per_position(&recall_sum), per_position(&ceiling_sum));
+    let agreement = |c: usize| {
+        agreement_sum
+            .as_ref()
+            .map(|sums| per_position(&sums.iter().map(|s| s[c]).collect::<Vec<_>>()))
+    };
     Ok(EvalReport {
         tokens: windows * n,
         windows,
@@ -223,6 +251,9 @@ pub fn evaluate(model: &Model, tokens: &[u32], args: &EvalArgs) -> Result<EvalRe
         attention_mass_recall_per_layer: recall,
         attention_mass_recall_ceiling: mean(&ceiling),
         attention_mass_recall_ceiling_per_layer: ceiling,
+        indexer_scores: args.selection_scores.name().into(),
+        fp8_selection_identical_per_layer: agreement(0),
+        fp8_selection_recall_per_layer: agreement(1),
     })
 }
 

@@ -80,6 +80,11 @@ enum Command {
         /// The end-of-document token for --document-mask.
         #[arg(long)]
         eos_id: Option<u32>,
+        /// How the selection scores keys: bf16 or fp8 (as dsa.indexer_scores trains); with
+        /// fp8 the report adds, per layer, how often the FP8 sets equal the bf16 ones and their
+        /// recall of them.
+        #[arg(long, default_value = "bf16")]
+        indexer_scores: String,
     },
     /// Train a recipe: the dense warm-up or the sparse stage (train.stage).
     Train {
@@ -301,7 +306,17 @@ fn run(cli: Cli) -> Result<()> {
             max_windows,
             document_mask,
             eos_id,
+            indexer_scores,
         } => {
+            let selection_scores = dsa_train::model::fp8_scores::SelectionScores::parse(
+                &indexer_scores,
+            )
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "--indexer-scores {indexer_scores}: one of {}",
+                    dsa_train::model::fp8_scores::SelectionScores::NAMES.join(", ")
+                )
+            })?;
             if eos_id.is_some() && !document_mask {
                 anyhow::bail!("--eos-id is used only with --document-mask");
             }
@@ -364,6 +379,7 @@ fn run(cli: Cli) -> Result<()> {
                 skip_mtp: no_mtp,
                 max_windows,
                 document_eos,
+                selection_scores,
             };
             let report = eval::run(&args)?;
             dsa_train::elog!(
@@ -379,6 +395,14 @@ fn run(cli: Cli) -> Result<()> {
                 dsa_train::elog!(
                     "[eval]   layer {l:>3}: KL {kl:.6}  recall {r:.4}  ceiling {c:.4}"
                 );
+            }
+            if let (Some(same), Some(rec)) = (
+                &report.fp8_selection_identical_per_layer,
+                &report.fp8_selection_recall_per_layer,
+            ) {
+                for (l, (s, r)) in same.iter().zip(rec).enumerate() {
+                    dsa_train::elog!("[eval]   layer {l:>3}: FP8 sets equal to bf16's {s:.4}, their recall of bf16's {r:.4}");
+                }
             }
             print_result(&serde_json::to_string(&report)?)?;
         }

@@ -143,6 +143,11 @@ pub struct DsaConfig {
     /// `model.init_seed`). A value that contradicts config.json is an error naming both.
     pub index_n_heads: usize,
     pub index_head_dim: usize,
+    /// How the selection scores keys: "bf16" (q_I and k_I as computed: bf16 products on the
+    /// tensor cores of bf16 CUDA models, f32 elsewhere) or "fp8" (Hadamard-rotated e4m3 rows
+    /// with power-of-two scales, as DeepSeek's deployed indexer; `model::fp8_scores`). The
+    /// indexer's KL keeps its unrounded scores either way.
+    pub indexer_scores: String,
 }
 
 /// How the job's ranks divide the work (validated against the world size at start-up, the
@@ -383,6 +388,7 @@ impl Default for DsaConfig {
             index_topk: 2048,
             index_n_heads: 0,
             index_head_dim: 0,
+            indexer_scores: "bf16".into(),
         }
     }
 }
@@ -513,6 +519,18 @@ impl Recipe {
         self.train.global_batch_seqs / self.train.micro_batch_seqs
     }
 
+    /// `dsa.indexer_scores` (an unknown name is an error naming the key and the choices).
+    pub fn selection_scores(&self) -> Result<crate::model::fp8_scores::SelectionScores> {
+        use crate::model::fp8_scores::SelectionScores;
+        SelectionScores::parse(&self.dsa.indexer_scores).ok_or_else(|| {
+            anyhow::anyhow!(
+                "dsa.indexer_scores = \"{}\": one of {}",
+                self.dsa.indexer_scores,
+                SelectionScores::NAMES.join(", ")
+            )
+        })
+    }
+
     /// The kernel policy of `[kernels]` (an unknown op name is an error naming the key).
     pub fn kernel_policy(&self) -> Result<crate::kernels::KernelPolicy> {
         crate::kernels::KernelPolicy::from_recipe(
@@ -628,6 +646,7 @@ impl Recipe {
         if self.dsa.index_topk == 0 {
             bail!("dsa.index_topk must be positive");
         }
+        self.selection_scores()?;
         for (key, v) in [
             ("train.lr", t.lr),
             ("train.beta1", t.beta1),
@@ -1222,6 +1241,24 @@ mod tests {
         .to_string();
         assert!(
             err.contains("kernels.plain_ops") && err.contains("lm-loss"),
+            "{err}"
+        );
+    }
+
+    /// `dsa.indexer_scores`: bf16 by default, fp8 by name, anything else refused naming the
+    /// key and the choices.
+    #[test]
+    fn indexer_scores_are_named_choices() {
+        use crate::model::fp8_scores::SelectionScores;
+        let r = Recipe::parse(MINIMAL, &[]).unwrap();
+        assert_eq!(r.selection_scores().unwrap(), SelectionScores::Bf16);
+        let fp8 = Recipe::parse(MINIMAL, &["dsa.indexer_scores=\"fp8\"".into()]).unwrap();
+        assert_eq!(fp8.selection_scores().unwrap(), SelectionScores::Fp8);
+        let err = Recipe::parse(MINIMAL, &["dsa.indexer_scores=\"fp4\"".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("dsa.indexer_scores") && err.contains("fp4") && err.contains("bf16, fp8"),
             "{err}"
         );
     }

@@ -300,6 +300,7 @@ fn evaluation_with_document_masking_weighs_each_document_alone() {
         skip_mtp: true,
         max_windows: None,
         document_eos: eos,
+        selection_scores: Default::default(),
     };
     let eval = |tokens: &[u32], len: usize, eos: Option<u32>| {
         dsa_train::eval::evaluate(&model, tokens, &args(len, eos)).unwrap()

@@ -529,3 +529,65 @@ fn bench_h128_preset_has_the_v3_attention_shape() {
         (64, 128, 2048)
     );
 }
+
+/// FP8 selection scores (`dsa.indexer_scores = "fp8"`, `eval --indexer-scores fp8`): the
+/// evaluation reports, per layer, how often the FP8 sets equal the bf16 scores' sets and their
+/// recall of them; both within [0, 1], the recall high (the rounding moves scores by a few per
+/// cent), and some sets differ (the FP8 path is not the bf16 one). The bf16 report has no such
+/// fields; an index_head_dim that is not a power of two is refused by name.
+#[test]
+fn fp8_selection_scores_report_their_agreement_with_bf16() {
+    use dsa_train::eval::{evaluate, EvalArgs};
+    use dsa_train::model::fp8_scores::SelectionScores;
+    let (_tmp, dir) = tiny_checkpoint(true, 27);
+    let mut model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let (t, topk) = (48, 6);
+    let x = tokens(1, 3 * t, 8)
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<u32>()
+        .unwrap();
+    let args = |scores| EvalArgs {
+        model: dir.clone(),
+        tokens: dir.join("unused"),
+        seq_len: t,
+        attention: AttentionMode::Dense,
+        topk: Some(topk),
+        device: Device::Cpu,
+        dtype: DType::F32,
+        indexer: Default::default(),
+        init_seed: 0,
+        skip_mtp: false,
+        max_windows: None,
+        document_eos: None,
+        selection_scores: scores,
+    };
+    let plain = evaluate(&model, &x, &args(SelectionScores::Bf16)).unwrap();
+    assert_eq!(plain.indexer_scores, "bf16");
+    assert!(plain.fp8_selection_identical_per_layer.is_none());
+    model.set_selection_scores(SelectionScores::Fp8).unwrap();
+    let fp8 = evaluate(&model, &x, &args(SelectionScores::Fp8)).unwrap();
+    assert_eq!(fp8.indexer_scores, "fp8");
+    let same = fp8.fp8_selection_identical_per_layer.unwrap();
+    let recall = fp8.fp8_selection_recall_per_layer.unwrap();
+    assert_eq!(same.len(), model.layers.len());
+    for (s, r) in same.iter().zip(&recall) {
+        assert!(
+            (0.0..=1.0).contains(s) && (0.0..=1.0).contains(r),
+            "{s} {r}"
+        );
+        assert!(*r > 0.7, "recall of the bf16 sets {r}");
+        assert!(r >= s, "a query whose sets are equal has recall 1");
+    }
+    assert!(
+        same.iter().any(|s| *s < 1.0),
+        "the FP8 rounding changes no set at all: {same:?}"
+    );
+    // The LM loss reads the dense attention either way (dense evaluation).
+    assert!((fp8.lm_loss - plain.lm_loss).abs() < 1e-9);
+    model.cfg.index_head_dim = 24;
+    let e = model
+        .set_selection_scores(SelectionScores::Fp8)
+        .unwrap_err();
+    assert!(e.to_string().contains("index_head_dim is 24"), "{e}");
+}

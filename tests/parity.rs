@@ -70,6 +70,7 @@ fn check_fixture(name: &str) {
             skip_mtp: false,
             max_windows: None,
             document_eos: None,
+            selection_scores: Default::default(),
         };
         let got = evaluate(&model, &tokens, &args).unwrap();
         let want = &expected[key];

@@ -7,6 +7,7 @@
 
 mod fp8_dequant;
 mod fp8_dispatch;
+mod fp8_scores;
 mod grad_sum;
 mod indexer_topk;
 mod join_rows;
@@ -846,6 +847,7 @@ pub fn run(device_name: &str, only: Option<&str>) -> Result<()> {
         ("moe-route", Box::new(|| moe_route::checks(&gpu))),
         ("fp8-dequant", Box::new(|| fp8_dequant::checks(&gpu))),
         ("fp8-dispatch", Box::new(|| fp8_dispatch::checks(&gpu))),
+        ("fp8-scores", Box::new(|| fp8_scores::checks(&gpu))),
         (
             "fp8-frozen",
             Box::new(|| frozen_fp8_warm_up_matches_dense(&model, &tokens_file, device_name)),

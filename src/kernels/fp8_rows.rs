@@ -1,25 +1,36 @@
-//! The MoE's FP8 dispatch rounding on the GPU (kernels/fp8_rows.cu): rows [S, D] in bf16 or f32
-//! to e4m3 codes with one f32 scale per row, and back. The twin is the host path of
-//! `model::dispatch` (candle's casts on the CPU); the .cu file states the roundings, the same
-//! steps, so the two agree bit for bit (`gpu-selftest --only fp8-dispatch`). candle 0.11.1's
-//! own CUDA cast to F8E4M3 cannot be used: it looks its kernel up under a name the kernel does
-//! not have.
+//! Rows [S, D] in bf16 or f32 to e4m3 codes with one f32 scale per row, and back, on the GPU
+//! (kernels/fp8_rows.cu): the MoE's FP8 dispatch (scale amax / 448; its twin is the host path
+//! of `model::dispatch`, candle's casts on the CPU) and the indexer's FP8 selection scores
+//! (`RowScale::PowerOfTwo`; twin `model::fp8_scores::round_rows_host`). The .cu file states
+//! the roundings, the twins' steps, so they agree bit for bit (`gpu-selftest --only
+//! fp8-dispatch`, `--only fp8-scores`). candle 0.11.1's own CUDA cast to F8E4M3 cannot be used:
+//! it looks its kernel up under a name the kernel does not have.
 
 use candle_core::{DType, Result, Tensor};
 
+/// How a row's scale is chosen from its largest magnitude amax (floored at 2^-100).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowScale {
+    /// amax / 448, one f32 division (the MoE's FP8 dispatch).
+    Amax,
+    /// The smallest power of two with amax / scale <= 448 (exact; the codes times the scale
+    /// are exact in bf16).
+    PowerOfTwo,
+}
+
 /// x [S, D] (bf16 or f32; another dtype goes through f32) on a CUDA device -> (codes [S, D]
 /// F8E4M3, scales [S, 1] f32).
-pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
+pub fn quantize_rows(x: &Tensor, scale: RowScale) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
     {
         match x.dtype() {
-            DType::BF16 | DType::F32 => cuda::quantize_rows(x),
-            _ => cuda::quantize_rows(&x.to_dtype(DType::F32)?),
+            DType::BF16 | DType::F32 => cuda::quantize_rows(x, scale),
+            _ => cuda::quantize_rows(&x.to_dtype(DType::F32)?, scale),
         }
     }
     #[cfg(not(feature = "cuda"))]
     {
-        let _ = x;
+        let _ = (x, scale);
         candle_core::bail!("the fp8-rows kernel needs a CUDA build")
     }
 }
@@ -68,7 +79,7 @@ mod cuda {
             .reshape(shape)
     }
 
-    pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    pub fn quantize_rows(x: &Tensor, scale: super::RowScale) -> Result<(Tensor, Tensor)> {
         let (rows, cols) = x.dims2()?;
         if cols == 0 {
             bail!("fp8-rows: rows of no values");
@@ -81,6 +92,7 @@ mod cuda {
         let mut codes = unsafe { dev.alloc::<F8E4M3>((rows * cols).max(1)) }?;
         let mut scales = unsafe { dev.alloc::<f32>(rows.max(1)) }?;
         let (r64, c64) = (rows as i64, cols as i64);
+        let pow2 = i32::from(scale == super::RowScale::PowerOfTwo);
         let cfg = LaunchConfig {
             grid_dim: (rows.div_ceil(8).max(1) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -95,7 +107,8 @@ mod cuda {
                     .arg(&mut codes)
                     .arg(&mut scales)
                     .arg(&r64)
-                    .arg(&c64);
+                    .arg(&c64)
+                    .arg(&pow2);
                 // SAFETY: x holds rows * cols values, codes rows * cols bytes, scales rows
                 // f32; candle's stream orders the launch.
                 unsafe { b.launch(cfg) }.w()?;

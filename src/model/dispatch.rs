@@ -44,7 +44,10 @@ pub(crate) const AMAX_FLOOR: f64 = 7.888609052210118e-31; // 2^-100
 /// On a GPU the kernel (`kernels::fp8_rows`), else candle's ops on the host: its twin.
 pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
     if x.device().is_cuda() {
-        return crate::kernels::fp8_rows::quantize_rows(x);
+        return crate::kernels::fp8_rows::quantize_rows(
+            x,
+            crate::kernels::fp8_rows::RowScale::Amax,
+        );
     }
     let xf = x.to_dtype(DType::F32)?;
     let amax = xf.abs()?.max_keepdim(1)?; // [S, 1]

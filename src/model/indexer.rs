@@ -26,6 +26,8 @@ pub struct Indexer {
     pub tensor_cores: bool,
     /// Which kernels its ops run.
     pub kernels: KernelPolicy,
+    /// How the top-k selection scores keys (`dsa.indexer_scores`; the KL keeps its own).
+    pub scores: super::fp8_scores::SelectionScores,
     pub wq_b: Tensor,
     pub wk: Tensor,
     pub k_norm_weight: Tensor,
@@ -60,6 +62,7 @@ impl Indexer {
         Indexer {
             tensor_cores: self.tensor_cores,
             kernels: self.kernels,
+            scores: self.scores,
             wq_b: originals.view(&self.wq_b),
             wk: originals.view(&self.wk),
             k_norm_weight: originals.view(&self.k_norm_weight),
@@ -665,6 +668,7 @@ pub fn sparse_kl_against_autograd(
     let ix = Indexer {
         tensor_cores,
         kernels: KernelPolicy::default(),
+        scores: Default::default(),
         wq_b: var(&[hi * di, ql], 1, 0.3, 0.0)?,
         wk: var(&[di, d], 2, 0.3, 0.0)?,
         k_norm_weight: var(&[di], 3, 0.1, 1.0)?,
@@ -911,6 +915,7 @@ mod grad_tests {
         let ix = Indexer {
             tensor_cores: false,
             kernels: KernelPolicy::default(),
+            scores: Default::default(),
             wq_b: var(&[hi * di, ql], 1, 0.0),
             wk: var(&[di, d], 2, 0.0),
             k_norm_weight: var(&[di], 3, 1.0),

@@ -5,6 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::attention;
+use super::fp8_scores::{round_for_scores, SelectionScores};
 use super::indexer::{self, Indexer, IndexerProj};
 use super::moe::{Mlp, Moe};
 use super::{
@@ -45,6 +46,7 @@ impl DecoderLayer {
         let indexer = Indexer {
             tensor_cores: ix.tensor_cores,
             kernels: ix.kernels,
+            scores: ix.scores,
             wq_b: f(&ix.wq_b)?,
             wk: f(&ix.wk)?,
             k_norm_weight: f(&ix.k_norm_weight)?,
@@ -218,7 +220,8 @@ impl DecoderLayer {
             }
             AttentionMode::Sparse => {
                 let region = crate::profile::region("attention: selection (indexer top-k)");
-                let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
+                let sel =
+                    self.selection(ix.as_ref(), ctx, opts, cached, ctx.t, self.indexer.scores)?;
                 drop(region);
                 let region =
                     crate::profile::region("attention: sparse MLA forward (and probabilities)");
@@ -326,19 +329,28 @@ impl DecoderLayer {
                 let ix = ix.map(|v| v.whole().map(|p| p.detach())).transpose()?;
                 let sel = match (&ix, opts.recall()) {
                     (Some(p), true) => {
-                        let queries = |r: RowBlock| {
-                            Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?))
+                        let select = |scores: SelectionScores| {
+                            let queries = |r: RowBlock| {
+                                Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?))
+                            };
+                            let fast = self.attn.q_b_proj.dtype() == DType::BF16
+                                && self.kernels.on(p.k.device());
+                            select_indexer_topk(
+                                &p.k,
+                                queries,
+                                rows,
+                                ctx,
+                                opts.topk(),
+                                (fast, scores),
+                            )
                         };
-                        let fast = self.attn.q_b_proj.dtype() == DType::BF16
-                            && self.kernels.on(p.k.device());
-                        Some(select_indexer_topk(
-                            &p.k,
-                            queries,
-                            rows,
-                            ctx,
-                            opts.topk(),
-                            fast,
-                        )?)
+                        let sel = select(self.indexer.scores)?;
+                        if self.indexer.scores == SelectionScores::Fp8 {
+                            let reference = select(SelectionScores::Bf16)?;
+                            stats.fp8_agreement =
+                                Some(crate::dsa::agreement_rows(&sel, &reference)?);
+                        }
+                        Some(sel)
                     }
                     _ => None,
                 };
@@ -357,7 +369,13 @@ impl DecoderLayer {
                 out.expect("dense_blocks returns the output when asked")
             }
             AttentionMode::Sparse => {
-                let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows)?;
+                let scores = self.indexer.scores;
+                let sel = self.selection(ix.as_ref(), ctx, opts, cached, rows, scores)?;
+                if opts.recall() && cached.is_none() && scores == SelectionScores::Fp8 {
+                    let reference =
+                        self.selection(ix.as_ref(), ctx, opts, None, rows, SelectionScores::Bf16)?;
+                    stats.fp8_agreement = Some(crate::dsa::agreement_rows(&sel, &reference)?);
+                }
                 let a = self.attn.sparse(proj, &sel, opts.indexer_kl())?;
                 if opts.indexer_kl() {
                     let ix = ix.as_ref().expect("the indexer KL projects the indexer");
@@ -459,6 +477,7 @@ impl DecoderLayer {
         opts: &Pass,
         cached: Option<&crate::dsa::Selection>,
         whole_rows: usize,
+        scores: SelectionScores,
     ) -> Result<crate::dsa::Selection> {
         if let Some(sel) = cached {
             return Ok(sel.clone());
@@ -478,7 +497,7 @@ impl DecoderLayer {
                     rows,
                     ctx,
                     opts.topk(),
-                    fast,
+                    (fast, scores),
                 )
             }
             IndexerView::Keys { k, x, qr, rows } => {
@@ -496,7 +515,7 @@ impl DecoderLayer {
                     )?;
                     Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
                 };
-                select_indexer_topk(k, queries, *rows, ctx, opts.topk(), fast(k))
+                select_indexer_topk(k, queries, *rows, ctx, opts.topk(), (fast(k), scores))
             }
         }
     }
@@ -619,7 +638,7 @@ impl DecoderLayer {
         let qr = self.attn.project_qr(&x)?;
         let ix = self.project_indexer(&x, &qr, ctx, opts, cached.is_some(), &mut stats)?;
         drop((x, qr));
-        let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t)?;
+        let sel = self.selection(ix.as_ref(), ctx, opts, cached, ctx.t, self.indexer.scores)?;
         let pass = self.sparse_blocks(h, ctx, &sel, opts.block_rows(), opts.keeps_activations())?;
         stats.saved = pass.saved;
         let head_mean = pass.head_mean;
@@ -774,17 +793,29 @@ pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -
 /// models on CUDA): the tensor-core scoring and device top-k kernels, with q_I and k_I rounded
 /// to bf16 for the products (f32 accumulation), each block's rows passed with their first
 /// position; otherwise f32 scores and the host selection, the reference that f32 GPU runs
-/// share with the CPU. The sets do not depend on `rows`. Returns the sets of the query rows,
-/// [B, rows, K], absolute rows counted in sequences of T.
+/// share with the CPU. With `SelectionScores::Fp8` the queries and keys are first rotated and
+/// rounded to FP8 (`fp8_scores::round_for_scores`; exact in bf16, so either path scores the
+/// rounded rows with f32 sums). The sets do not depend on `rows`. Returns the sets of the query
+/// rows, [B, rows, K], absolute rows counted in sequences of T.
 fn select_indexer_topk(
     keys: &Tensor,
     queries: impl Fn(RowBlock) -> Result<(Tensor, Tensor)>,
     rows: usize,
     ctx: &ForwardContext,
     k: usize,
-    fast: bool,
+    (fast, scores): (bool, SelectionScores),
 ) -> Result<crate::dsa::Selection> {
     let (b, t, _) = keys.dims3()?;
+    let fp8 = scores == SelectionScores::Fp8;
+    let keys = &if fp8 {
+        round_for_scores(keys)?
+    } else {
+        keys.clone()
+    };
+    let queries = |block: RowBlock| -> Result<(Tensor, Tensor)> {
+        let (q, w) = queries(block)?;
+        Ok((if fp8 { round_for_scores(&q)? } else { q }, w))
+    };
     let query_rows = ctx.query_rows();
     let rows = rows.clamp(1, t.max(1));
     if fast {

@@ -231,6 +231,7 @@ pub(crate) fn build_layer(
         },
         indexer: Indexer {
             kernels: KernelPolicy::default(),
+            scores: Default::default(),
             tensor_cores: get("self_attn.kv_b_proj.weight")?.dtype() == DType::BF16,
             wq_b: get("self_attn.indexer.wq_b.weight")?,
             wk: get("self_attn.indexer.wk.weight")?,

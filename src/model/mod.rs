@@ -14,6 +14,7 @@ pub mod blocks;
 pub mod dense_recompute;
 pub mod dispatch;
 pub mod fp8_frozen;
+pub mod fp8_scores;
 pub mod grad_sink;
 pub mod indexer;
 mod indexer_kl;
@@ -353,6 +354,10 @@ pub struct LayerStats {
     /// [B, T] the most dense attention mass any k keys hold per query (the recall's ceiling;
     /// evaluation passes only).
     pub recall_ceiling: Option<Tensor>,
+    /// [B, T, 2] under FP8 selection scores (evaluation passes with the recall): per query
+    /// whether its set equals the bf16 scores' set, and the recall of that set
+    /// (`dsa::agreement_rows`).
+    pub fp8_agreement: Option<Tensor>,
     /// Tokens routed to each expert (MoE layers only).
     pub expert_counts: Option<Vec<u32>>,
     /// MoE layers: the experts chosen per token [B*T*K] in token order (a recomputing backward
@@ -683,6 +688,23 @@ impl Model {
         {
             layer.set_kernels(kernels);
         }
+    }
+
+    /// Score the top-k selection of every layer's indexer as `scores` says (an error where FP8
+    /// scores cannot rotate the indexer's head dim).
+    pub fn set_selection_scores(&mut self, scores: fp8_scores::SelectionScores) -> Result<()> {
+        let di = self.cfg.index_head_dim;
+        if scores == fp8_scores::SelectionScores::Fp8 && !di.is_power_of_two() {
+            candle_core::bail!("dsa.indexer_scores = \"fp8\" rotates the indexer's rows by a Hadamard matrix, whose order must be a power of two: this model's index_head_dim is {di}");
+        }
+        for layer in self
+            .layers
+            .iter_mut()
+            .chain(self.mtp.iter_mut().map(|m| &mut m.layer))
+        {
+            layer.indexer.scores = scores;
+        }
+        Ok(())
     }
 
     /// Hand every MoE layer's routed experts their rows in `dispatch`'s format.

@@ -520,6 +520,7 @@ fn build_model(
     if recipe.parallel.fp8_dispatch {
         model.set_dispatch(crate::model::dispatch::Dispatch::Fp8);
     }
+    model.set_selection_scores(recipe.selection_scores()?)?;
     if recipe.model.frozen_fp8 {
         model.frozen_fp8 = FrozenFp8::new(held_fp8, &model_params)?;
         let (n, bytes) = model.frozen_fp8.held();
