@@ -49,12 +49,12 @@ elif [ "${PART:-a}" = d ]; then
   SET="train.recompute=false" NCU_TIMEOUT=150 bash scripts/gpu/profile_step.sh "$BIN" "$OUT/prof" saved4k \
     recipes/bench-1k-sparse.toml 4096 1 2>&1 | tail -40
 elif [ "${PART:-a}" = e ]; then
-  for g in ${SELFTEST_GROUPS:-sparse-mla-tc fp8-dispatch train-steps}; do
+  for g in ${SELFTEST_GROUPS:-sparse-mla-tc fp8-dispatch fp8-scores train-steps}; do
     timeout 240 "$BIN" gpu-selftest --device cuda --only "$g" >> "$OUT/selftest.log" 2>&1 || echo "gpu-selftest --only $g FAILED"
   done
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -E "merged queries|fp8-dispatch" "$OUT/selftest.log" | cut -c1-400
-  timeout 150 "$BIN" bench kernels --lens 4096,8192 --heads 16,32 --only "sparse MLA" > "$OUT/kernels.log" 2>&1
-  grep -E "H 16|H 32|bwd|merged" "$OUT/kernels.log"
+  timeout 200 "$BIN" bench kernels --lens 4096,8192,32768 --heads 16,32 > "$OUT/kernels.log" 2>&1
+  grep -E "H 16|H 32|bwd|merged|top-k" "$OUT/kernels.log"
   SET="train.recompute=false" SET_B='kernels.opt_in=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
     "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
   python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
