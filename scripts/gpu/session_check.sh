@@ -53,7 +53,8 @@ elif [ "${PART:-a}" = e ]; then
     timeout 240 "$BIN" gpu-selftest --device cuda --only "$g" >> "$OUT/selftest.log" 2>&1 || echo "gpu-selftest --only $g FAILED"
   done
   grep -E "^(FAIL|gpu-selftest)" "$OUT/selftest.log"; grep -E "merged queries|fp8-dispatch" "$OUT/selftest.log" | cut -c1-400
-  timeout 200 "$BIN" bench kernels --lens 4096,8192,32768 --heads 16,32 > "$OUT/kernels.log" 2>&1
+  timeout 150 "$BIN" bench kernels --lens 4096,8192 --heads 16,32 --only "sparse MLA" > "$OUT/kernels.log" 2>&1
+  timeout 90 "$BIN" bench kernels --lens 8192,32768 --only "top-k" >> "$OUT/kernels.log" 2>&1
   grep -E "H 16|H 32|bwd|merged|top-k" "$OUT/kernels.log"
   SET="train.recompute=false" SET_B='kernels.opt_in=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
     "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
