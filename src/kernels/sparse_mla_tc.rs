@@ -707,6 +707,49 @@ pub(crate) mod cuda {
         Ok((cidx, cnt))
     }
 
+    /// The queries a kernel runs: each query with its compacted keys, or (merged) each group of
+    /// 64 / H neighbouring queries as one query of 64 heads over the union of their keys. The
+    /// q, dO, output, LSE and delta rows are the same memory either way.
+    struct KernelQueries {
+        cidx: CudaSlice<u32>,
+        cnt: CudaSlice<u32>,
+        /// Merged: each union entry's mask of the group's queries that selected it.
+        cmask: Option<CudaSlice<u8>>,
+        n: usize,
+        h: usize,
+        k: usize,
+    }
+
+    fn kernel_queries(
+        dev: &CudaDevice,
+        idx: &CudaView<u32>,
+        d: &Dims,
+        merged: bool,
+    ) -> Result<KernelQueries> {
+        Ok(if merged {
+            let g = 64 / d.h;
+            let (cidx, cmask, cnt) = merge_queries(dev, idx, d, g)?;
+            KernelQueries {
+                cidx,
+                cnt,
+                cmask: Some(cmask),
+                n: d.n / g,
+                h: 64,
+                k: g * d.k,
+            }
+        } else {
+            let (cidx, cnt) = compact(dev, idx, d)?;
+            KernelQueries {
+                cidx,
+                cnt,
+                cmask: None,
+                n: d.n,
+                h: d.h,
+                k: d.k,
+            }
+        })
+    }
+
     /// The merged queries' keys (`super::merged_queries`): for each group of `g` consecutive
     /// queries, the union of their valid slots ascending by kv row [N / g, g K] u32, each
     /// entry's mask of the queries that selected it [N / g, g K] u8 (an entry per selection of
@@ -873,16 +916,14 @@ pub(crate) mod cuda {
             let out_len = d.n * d.h * (self.dv + 1);
             let merged = super::merged_queries(self.policy, d.h, d.dqk, self.dv, d.n, d.k, d.nkv);
             if merged || super::wgmma_forward(self.policy, d.h, d.dqk, self.dv) {
-                // The kernel's queries: each query, or (merged) each group of 64 / H queries as
-                // one of 64 heads over their keys' union (the q and out rows are the same memory).
-                let (cidx, cnt, cmask, bq, bh, bk) = if merged {
-                    let g = 64 / d.h;
-                    let (uidx, umask, ucnt) = merge_queries(dev, &idx, &d, g)?;
-                    (uidx, ucnt, Some(umask), d.n / g, 64, g * d.k)
-                } else {
-                    let (cidx, cnt) = compact(dev, &idx, &d)?;
-                    (cidx, cnt, None, d.n, d.h, d.k)
-                };
+                let KernelQueries {
+                    cidx,
+                    cnt,
+                    cmask,
+                    n: bq,
+                    h: bh,
+                    k: bk,
+                } = kernel_queries(dev, &idx, &d, merged)?;
                 // SAFETY: every element is written by the kernel below (each block stores its
                 // 64 rows of DV + 1 floats whole), so no zeroing pass (about 1 ms of 26 at 32K).
                 let out = unsafe { dev.alloc::<f32>(out_len) }?;
@@ -1095,18 +1136,15 @@ pub(crate) mod cuda {
                 }
                 .w()?;
             }
-            // The kernel's queries: each query, or (merged) each group of 64 / H neighbouring
-            // queries as one query of 64 heads over the union of their keys (`bq` of them, `bh`
-            // heads, `bk` slots; the q, dO, LSE and delta rows are the same memory either way).
             let merged = super::merged_queries(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv);
-            let (cidx, cnt, cmask, bq, bh, bk) = if merged {
-                let g = 64 / d.h;
-                let (uidx, umask, ucnt) = merge_queries(dev, &idx, &d, g)?;
-                (uidx, ucnt, Some(umask), d.n / g, 64, g * d.k)
-            } else {
-                let (cidx, cnt) = compact(dev, &idx, &d)?;
-                (cidx, cnt, None, d.n, d.h, d.k)
-            };
+            let KernelQueries {
+                cidx,
+                cnt,
+                cmask,
+                n: bq,
+                h: bh,
+                k: bk,
+            } = kernel_queries(dev, &idx, &d, merged)?;
 
             let dq_len = nh * d.dqk;
             let out = dev.alloc_zeros::<bf16>(dq_len + d.nkv * d.dqk)?;
