@@ -292,11 +292,16 @@ fn sparse_stage_kl_gradients_in_query_blocks_equal_one_autograd_graph() {
                 target,
                 sel,
                 rows,
+                queries,
             }) = &s.deferred_kl
             else {
                 panic!("layer {l}: the sparse stage defers its KL")
             };
             assert_eq!(*rows, 3);
+            assert!(
+                queries.is_none(),
+                "layer {l}: a recomputing pass keeps no queries"
+            );
             assert!(
                 s.indexer_proj.is_none(),
                 "layer {l}: no projections of every row are kept"
@@ -590,4 +595,45 @@ fn fp8_selection_scores_report_their_agreement_with_bf16() {
         .set_selection_scores(SelectionScores::Fp8)
         .unwrap_err();
     assert!(e.to_string().contains("index_head_dim is 24"), "{e}");
+}
+
+/// The sparse stage's first pass from saved activations keeps the indexer's queries and head
+/// weights of every row as its selection projected them (`DeferredKl::Sparse::queries`), so the
+/// KL's backward reads them instead of projecting again; the recomputing pass keeps none.
+#[test]
+fn the_saved_sparse_pass_keeps_the_selections_queries() {
+    let (_tmp, dir) = tiny_checkpoint(true, 28);
+    let model = Model::load(&dir, &LoadOptions::default()).unwrap();
+    let (b, t) = (2, 23);
+    let x = tokens(b, t, 9);
+    let ctx = dsa_train::model::ForwardContext::new(&model.cfg, t, &Device::Cpu).unwrap();
+    let pass = |backward| Pass::Train {
+        stage: dsa_train::recipe::Stage::Sparse,
+        topk: 5,
+        kl: IndexerKl::Deferred,
+        seq_balance: false,
+        block_rows: 0,
+        indexer_rows: 3,
+        backward,
+    };
+    for (backward, keeps) in [
+        (dsa_train::model::BackwardPlan::Saved, true),
+        (dsa_train::model::BackwardPlan::Recompute, false),
+    ] {
+        let out = model.forward(&x, &pass(backward)).unwrap();
+        for (l, s) in out.layers.iter().enumerate() {
+            let Some(dsa_train::model::DeferredKl::Sparse { queries, .. }) = &s.deferred_kl else {
+                panic!("layer {l}: the sparse stage defers its KL")
+            };
+            assert_eq!(queries.is_some(), keeps, "{backward:?}, layer {l}");
+            let Some((q, w)) = queries else { continue };
+            let (xi, qr) = s.indexer_inputs.as_ref().unwrap();
+            let (want_q, want_w) = model.layers[l]
+                .indexer
+                .project_queries(xi, qr, &ctx.cos, &ctx.sin)
+                .unwrap();
+            assert_eq!(q.dims(), want_q.dims());
+            assert!(max_rel_err(q, &want_q) < 1e-6 && max_rel_err(w, &want_w) < 1e-6);
+        }
+    }
 }

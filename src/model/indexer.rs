@@ -533,6 +533,9 @@ pub struct SparseKl<'a> {
     /// Context parallelism: x, qr, the target and the sets are this rank's query rows; the
     /// keys every position's (None: every row of the sequence).
     pub shard: Option<&'a crate::dist::context::ContextShard>,
+    /// The queries [B, rows, HI, DI] and head weights [B, rows, HI] of x and qr (f32) where
+    /// the first pass kept them (None: projected again a block at a time).
+    pub queries: Option<(&'a Tensor, &'a Tensor)>,
 }
 
 impl Indexer {
@@ -571,6 +574,7 @@ impl Indexer {
             rows,
             weight,
             shard,
+            queries,
             ..
         } = *kl;
         let (x, qr) = (kl.x.detach(), kl.qr.detach());
@@ -593,14 +597,18 @@ impl Indexer {
             let (cos_b, sin_b) = (cos.narrow(0, block.pos, n)?, sin.narrow(0, block.pos, n)?);
             let qr32 = qr.narrow(1, q0, n)?.to_dtype(DType::F32)?;
             let x32 = x.narrow(1, q0, n)?.to_dtype(DType::F32)?;
-            let q = self
-                .rope_prefix(
-                    &linear(&qr32, &self.wq_b)?.reshape((b, n, hi, di))?,
-                    &cos_b,
-                    &sin_b,
-                )?
-                .contiguous()?;
-            let w = (linear(&x32, &self.weights_proj)? * head_scale)?;
+            let (q, w) = match queries {
+                Some((q, w)) => (q.narrow(1, q0, n)?.contiguous()?, w.narrow(1, q0, n)?),
+                None => (
+                    self.rope_prefix(
+                        &linear(&qr32, &self.wq_b)?.reshape((b, n, hi, di))?,
+                        &cos_b,
+                        &sin_b,
+                    )?
+                    .contiguous()?,
+                    (linear(&x32, &self.weights_proj)? * head_scale)?,
+                ),
+            };
             drop(region);
             let region = crate::profile::region("indexer KL bwd: scores at the sets");
             let block = IndexerProj {
@@ -715,52 +723,62 @@ pub fn sparse_kl_against_autograd(
             Ok(())
         },
     )?;
-    let mut sink = super::grad_sink::GradMap::default();
-    let args = SparseKl {
-        x: &x,
-        qr: &qr,
-        keys: &proj.k,
-        target: &target,
-        sel: &sel,
-        cos: &cos,
-        sin: &sin,
-        shard: None,
-        rows,
-        weight: 0.7,
-    };
-    let kl = ix.sparse_kl_backward(&args, &mut sink)?;
-    let (a, e) = (
-        kl_twin.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-        kl.to_dtype(DType::F32)?.to_scalar::<f32>()?,
-    );
-    let mut worst = 0f32;
-    for (i, p) in params.iter().enumerate() {
-        let (Some(want), Some(got)) = (twin[i].as_ref(), sink.sums.get(&p.id())) else {
-            anyhow::bail!(
-                "indexer weight {i}: the twin gives {} gradient, the explicit backward {}",
-                if twin[i].is_some() { "a" } else { "no" },
-                if sink.sums.contains_key(&p.id()) {
-                    "one"
-                } else {
-                    "none"
-                }
-            );
+    // The explicit backward twice: projecting the queries again, and reading the queries a
+    // first pass kept (`SparseKl::queries`, as the saved-activation plan hands them).
+    let (kept_q, kept_w) = ix.project_queries(&x, &qr, &cos, &sin)?;
+    let (kept_q, kept_w) = (kept_q.detach(), kept_w.detach());
+    let (mut worst, mut kl_err) = (0f32, 0f32);
+    for queries in [None, Some((&kept_q, &kept_w))] {
+        let mut sink = super::grad_sink::GradMap::default();
+        let args = SparseKl {
+            x: &x,
+            qr: &qr,
+            keys: &proj.k,
+            target: &target,
+            sel: &sel,
+            cos: &cos,
+            sin: &sin,
+            shard: None,
+            rows,
+            weight: 0.7,
+            queries,
         };
-        let scale = want
-            .abs()?
-            .max_all()?
-            .to_dtype(DType::F32)?
-            .to_scalar::<f32>()?;
-        let diff = (want.to_dtype(DType::F32)? - got)?
-            .abs()?
-            .max_all()?
-            .to_scalar::<f32>()?;
-        if scale == 0.0 {
-            anyhow::bail!("indexer weight {i}: a zero gradient (the check would prove nothing)");
+        let kl = ix.sparse_kl_backward(&args, &mut sink)?;
+        let (a, e) = (
+            kl_twin.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+            kl.to_dtype(DType::F32)?.to_scalar::<f32>()?,
+        );
+        kl_err = kl_err.max((a - e).abs() / a.abs().max(1e-3));
+        for (i, p) in params.iter().enumerate() {
+            let (Some(want), Some(got)) = (twin[i].as_ref(), sink.sums.get(&p.id())) else {
+                anyhow::bail!(
+                    "indexer weight {i}: the twin gives {} gradient, the explicit backward {}",
+                    if twin[i].is_some() { "a" } else { "no" },
+                    if sink.sums.contains_key(&p.id()) {
+                        "one"
+                    } else {
+                        "none"
+                    }
+                );
+            };
+            let scale = want
+                .abs()?
+                .max_all()?
+                .to_dtype(DType::F32)?
+                .to_scalar::<f32>()?;
+            let diff = (want.to_dtype(DType::F32)? - got)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            if scale == 0.0 {
+                anyhow::bail!(
+                    "indexer weight {i}: a zero gradient (the check would prove nothing)"
+                );
+            }
+            worst = worst.max(diff / scale);
         }
-        worst = worst.max(diff / scale);
     }
-    Ok(((a - e).abs() / a.abs().max(1e-3), worst))
+    Ok((kl_err, worst))
 }
 
 impl IndexerProj {

@@ -35,6 +35,7 @@ impl Indexer {
             target,
             sel,
             rows,
+            queries,
         }) = &stats.deferred_kl
         {
             // Written out (`Indexer::sparse_kl_backward`; its autograd twin is `backprop_sparse_kl`).
@@ -53,6 +54,7 @@ impl Indexer {
                 rows: *rows,
                 weight,
                 shard: ctx.shard.as_deref(),
+                queries: queries.as_ref().map(|(q, w)| (q, w)),
             };
             let kl = self.sparse_kl_backward(&args, grads)?;
             return kl.to_dtype(DType::F32);

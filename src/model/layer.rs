@@ -448,7 +448,18 @@ impl DecoderLayer {
                 forced => forced.min(t),
             };
             stats.indexer_inputs = Some((x.clone(), qr.clone()));
-            return Ok(Some(IndexerView::Keys { k, x, qr, rows }));
+            // A pass that keeps activations keeps the queries the selection projects, for the
+            // KL's backward (`DeferredKl::Sparse::queries`).
+            let kept = opts
+                .keeps_activations()
+                .then(|| std::cell::RefCell::new(Vec::new()));
+            return Ok(Some(IndexerView::Keys {
+                k,
+                x,
+                qr,
+                rows,
+                kept,
+            }));
         }
         let p = self.indexer.project(&ix, &iqr, &ctx.cos, &ctx.sin)?;
         if opts.detach_indexer_inputs() || opts.defer_kl() {
@@ -500,7 +511,13 @@ impl DecoderLayer {
                     (fast, scores),
                 )
             }
-            IndexerView::Keys { k, x, qr, rows } => {
+            IndexerView::Keys {
+                k,
+                x,
+                qr,
+                rows,
+                kept,
+            } => {
                 let queries = |r: RowBlock| -> Result<(Tensor, Tensor)> {
                     // The block's rows of the inputs; its positions' RoPE rows.
                     let (cos, sin) = (
@@ -513,7 +530,11 @@ impl DecoderLayer {
                         &cos,
                         &sin,
                     )?;
-                    Ok((q.detach(), w.detach())) // no graph: the selection is not differentiated
+                    let (q, w) = (q.detach(), w.detach()); // no graph: the selection is not differentiated
+                    if let Some(kept) = kept {
+                        kept.borrow_mut().push((q.clone(), w.clone()));
+                    }
+                    Ok((q, w))
                 };
                 select_indexer_topk(k, queries, *rows, ctx, opts.topk(), (fast(k), scores))
             }
@@ -709,12 +730,15 @@ enum IndexerView {
     Whole(IndexerProj),
     /// The sparse stage's training: the keys of every token [B, T, DI] (f32, detached) and the
     /// detached inputs x [B, T, hidden], qr [B, T, q_lora]; queries and head weights exist only
-    /// `rows` tokens at a time (`Indexer::project_queries`).
+    /// `rows` tokens at a time (`Indexer::project_queries`), and, in a pass that keeps
+    /// activations, `kept` collects each block's (queries, head weights) as the selection
+    /// projects them, in row order.
     Keys {
         k: Tensor,
         x: Tensor,
         qr: Tensor,
         rows: usize,
+        kept: Option<std::cell::RefCell<Vec<(Tensor, Tensor)>>>,
     },
 }
 
@@ -742,12 +766,21 @@ fn sparse_kl(
     stats: &mut LayerStats,
 ) -> Result<()> {
     match ix {
-        IndexerView::Keys { k, rows, .. } => {
+        IndexerView::Keys { k, rows, kept, .. } => {
+            // The selection's queries of every row, where it projected and kept them.
+            let queries = match kept.as_ref().map(|v| v.borrow()) {
+                Some(blocks) if !blocks.is_empty() => {
+                    let (q, w): (Vec<Tensor>, Vec<Tensor>) = blocks.iter().cloned().unzip();
+                    Some((Tensor::cat(&q, 1)?, Tensor::cat(&w, 1)?))
+                }
+                _ => None,
+            };
             stats.deferred_kl = Some(DeferredKl::Sparse {
                 keys: k.clone(),
                 target,
                 sel: sel.clone(),
                 rows: *rows,
+                queries,
             });
         }
         IndexerView::Whole(p) => {

@@ -287,14 +287,16 @@ pub enum DeferredKl {
         scores: attention::DenseScores,
     },
     /// Sparse stage: the KL over each query's selected set against the sparse attention's
-    /// head-mean probabilities `target` [B, T, K]. Only the keys [B, T, DI] (f32, detached) are
-    /// kept: `Indexer::backprop_sparse_kl` projects the queries and head weights again from
+    /// head-mean probabilities `target` [B, T, K]. The keys [B, T, DI] (f32, detached) are
+    /// kept; the queries [B, T, HI, DI] and head weights [B, T, HI] (f32, detached) too in a
+    /// pass that keeps activations (`queries`), else the backward projects them again from
     /// `LayerStats::indexer_inputs`, `rows` queries at a time.
     Sparse {
         keys: Tensor,
         target: Tensor,
         sel: crate::dsa::Selection,
         rows: usize,
+        queries: Option<(Tensor, Tensor)>,
     },
     /// The warm-up under context parallelism: the KL already differentiated, block by block,
     /// in the indexer's projections. `kl_sum`: the sum over the rank's query rows of their KL

@@ -340,10 +340,13 @@ pub fn plan_for(recipe: &Recipe, cfg: &ModelConfig) -> Plan {
             on_device + sparse_working_set.max(mtp_bytes) + lm_chunk
         }
         // What each layer's explicit backward reads, kept by pass 1 (`BackwardPlan::Saved`):
-        // its per-query tensors and the sequence's latent kv, every layer; plus one layer's
-        // working set (the indexer's parts) and the MTP module's while it is alive.
+        // its per-query tensors (the indexer's f32 queries and head weights among them, which
+        // its KL's backward reads instead of projecting them again) and the sequence's latent
+        // kv, every layer; plus one layer's working set (the indexer's parts) and the MTP
+        // module's while it is alive.
         Stage::Sparse => {
-            (local_tokens * per_query + micro_tokens * 12.0 * (c + r)) * layers
+            (local_tokens * (per_query + 4.0 * hi * (di + 1.0)) + micro_tokens * 12.0 * (c + r))
+                * layers
                 + layer_working_set.max(mtp_bytes)
                 + lm_chunk
         }
@@ -956,7 +959,8 @@ mod tests {
     }
 
     /// Saved activations (`train.recompute = false`): each layer's per-query tensors (the
-    /// absorbed attention's 14 H (C+R) bytes and the feed-forward's) and its latent kv stay
+    /// absorbed attention's 14 H (C+R) bytes, the feed-forward's, the indexer's f32 queries and
+    /// head weights) and its latent kv stay
     /// for the backward, in place of each layer's input and sets; the slice at 8K still fits
     /// 80 GB, and the difference is exactly that count for its two layers.
     #[test]
@@ -967,7 +971,10 @@ mod tests {
         r.train.recompute = false;
         let saved = plan_for(&r, &cfg);
         let (t, layers) = (8192.0, 2.0);
-        let per_query = 14.0 * 128.0 * 576.0 + 4.0 * 8.0 * 2048.0 * 2.0 + 8.0 * 7168.0 * 2.0;
+        let per_query = 14.0 * 128.0 * 576.0
+            + 4.0 * 8.0 * 2048.0 * 2.0
+            + 8.0 * 7168.0 * 2.0
+            + 4.0 * 64.0 * 129.0; // the indexer's f32 queries and head weights
         let kept_saved = (t * per_query + t * 12.0 * 576.0) * layers;
         let kept_recompute = t * (7168.0 * 2.0 + 2048.0 * 4.0) * layers;
         let grew = saved.activation_bytes - recompute.activation_bytes;
