@@ -53,6 +53,10 @@ pub enum Fused {
     /// block of 64 rows over the union of their keys (`sparse_mla_tc::merged_queries`; one
     /// query a block instead).
     SparseMergeQueries,
+    /// FP8 selection scores (`dsa.indexer_scores = "fp8"`) on the e4m3 tensor-core scoring
+    /// kernel (`kernels::indexer_topk::indexer_topk_fp8`; the rounded rows through the bf16
+    /// kernel instead, which they are exact in).
+    IndexerFp8,
     /// The main layers' explicit backward from saved activations (`model::blocks`, with
     /// `train.recompute = false`; candle's autograd of the layer forward instead). On every
     /// device: it is a way of computing, not a kernel.
@@ -60,7 +64,7 @@ pub enum Fused {
 }
 
 impl Fused {
-    pub const ALL: [Fused; 16] = [
+    pub const ALL: [Fused; 17] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -76,13 +80,14 @@ impl Fused {
         Fused::Fp8Dequant,
         Fused::SparseFewHeads,
         Fused::SparseMergeQueries,
+        Fused::IndexerFp8,
         Fused::LayerBackward,
     ];
 
     /// Kernels built whose gpu-selftest checks have not yet passed on a GPU: off unless a recipe
-    /// names them in `kernels.opt_in` (the merged-query sparse backward: written in a session
-    /// that was lent no GPU).
-    pub const OPT_IN: [Fused; 1] = [Fused::SparseMergeQueries];
+    /// names them in `kernels.opt_in` (the merged-query sparse attention and the FP8 scoring
+    /// kernel: written in a session that was lent no GPU).
+    pub const OPT_IN: [Fused; 2] = [Fused::SparseMergeQueries, Fused::IndexerFp8];
 
     /// The name a recipe uses.
     pub fn name(self) -> &'static str {
@@ -102,6 +107,7 @@ impl Fused {
             Fused::Fp8Dequant => "fp8-dequant",
             Fused::SparseFewHeads => "sparse-few-heads",
             Fused::SparseMergeQueries => "sparse-merge-queries",
+            Fused::IndexerFp8 => "indexer-fp8",
             Fused::LayerBackward => "layer-backward",
         }
     }
@@ -110,12 +116,12 @@ impl Fused {
         Fused::ALL.into_iter().find(|f| f.name() == name)
     }
 
-    const fn bit(self) -> u16 {
-        1 << (self as u16)
+    const fn bit(self) -> u32 {
+        1 << (self as u32)
     }
 
     /// The bits of `OPT_IN`.
-    const fn opt_in_bits() -> u16 {
+    const fn opt_in_bits() -> u32 {
         let mut bits = 0;
         let mut i = 0;
         while i < Self::OPT_IN.len() {
@@ -133,7 +139,7 @@ pub struct KernelPolicy {
     /// false: the plain twins everywhere (candle ops only, CUDA or not).
     kernels: bool,
     /// Fused ops switched off one by one (a bit per `Fused`).
-    plain_ops: u16,
+    plain_ops: u32,
     /// The sparse MLA backward sums dkv in a fixed order (bit-identical from run to run, about
     /// twice its time) instead of f32 atomics.
     pub deterministic: bool,

@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::attention;
-use super::fp8_scores::{round_for_scores, SelectionScores};
+use super::fp8_scores::{quantize_for_scores, round_for_scores, SelectionScores};
 use super::indexer::{self, Indexer, IndexerProj};
 use super::moe::{Mlp, Moe};
 use super::{
@@ -13,7 +13,8 @@ use super::{
 };
 use crate::dist::context::RowBlock;
 use crate::dsa::{recall_rows, select_topk_in};
-use crate::kernels::KernelPolicy;
+use crate::kernels::indexer_topk::Fp8Rows;
+use crate::kernels::{Fused, KernelPolicy};
 use crate::losses::kl_rows;
 use crate::ops::rms_norm;
 
@@ -333,15 +334,13 @@ impl DecoderLayer {
                             let queries = |r: RowBlock| {
                                 Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?))
                             };
-                            let fast = self.attn.q_b_proj.dtype() == DType::BF16
-                                && self.kernels.on(p.k.device());
                             select_indexer_topk(
                                 &p.k,
                                 queries,
                                 rows,
                                 ctx,
                                 opts.topk(),
-                                (fast, scores),
+                                self.scoring(&p.k, scores),
                             )
                         };
                         let sel = select(self.indexer.scores)?;
@@ -494,21 +493,22 @@ impl DecoderLayer {
             return Ok(sel.clone());
         }
         let ix = ix.expect("sparse attention projects the indexer");
-        let fast = |keys: &Tensor| {
-            self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device())
-        };
         match ix {
             IndexerView::Whole(p) => {
                 let p = p.detach();
-                let fast = fast(&p.k);
-                let rows = if fast { p.k.dim(1)? } else { whole_rows };
+                let scoring = self.scoring(&p.k, scores);
+                let rows = if scoring.fast {
+                    p.k.dim(1)?
+                } else {
+                    whole_rows
+                };
                 select_indexer_topk(
                     &p.k,
                     |r: RowBlock| Ok((p.q.narrow(1, r.local, r.n)?, p.w.narrow(1, r.local, r.n)?)),
                     rows,
                     ctx,
                     opts.topk(),
-                    (fast, scores),
+                    scoring,
                 )
             }
             IndexerView::Keys {
@@ -536,8 +536,20 @@ impl DecoderLayer {
                     }
                     Ok((q, w))
                 };
-                select_indexer_topk(k, queries, *rows, ctx, opts.topk(), (fast(k), scores))
+                select_indexer_topk(k, queries, *rows, ctx, opts.topk(), self.scoring(k, scores))
             }
+        }
+    }
+
+    /// How this layer's selection scores against `keys`: on the device kernels where they run
+    /// (bf16 models on CUDA), with `scores`, and FP8 scores on the e4m3 kernel where the
+    /// policy opts in (`Fused::IndexerFp8`).
+    fn scoring(&self, keys: &Tensor, scores: SelectionScores) -> Scoring {
+        let fast = self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device());
+        Scoring {
+            fast,
+            scores,
+            fp8_kernel: fast && self.kernels.uses(Fused::IndexerFp8, keys.device()),
         }
     }
 
@@ -818,6 +830,16 @@ pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -
     ((1usize << 26) / (b * heads.max(indexer_heads) * t).max(1)).clamp(1, t.max(1))
 }
 
+/// How a selection scores keys (`DecoderLayer::scoring`): on the device kernels (`fast`) or the
+/// host's f32 path; bf16 or FP8 scores; FP8 on the e4m3 kernel (`fp8_kernel`) or as rounded
+/// rows through the bf16 one.
+#[derive(Debug, Clone, Copy)]
+struct Scoring {
+    fast: bool,
+    scores: SelectionScores,
+    fp8_kernel: bool,
+}
+
 /// Top-k selection from the indexer against `keys` [B, T, DI] (every position's), for the
 /// context's query rows (`ForwardContext::query_rows`: every position, or this rank's under
 /// context parallelism), scoring one block of at most `rows` queries at a time (no [T, T]
@@ -836,10 +858,45 @@ fn select_indexer_topk(
     rows: usize,
     ctx: &ForwardContext,
     k: usize,
-    (fast, scores): (bool, SelectionScores),
+    scoring: Scoring,
 ) -> Result<crate::dsa::Selection> {
     let (b, t, _) = keys.dims3()?;
-    let fp8 = scores == SelectionScores::Fp8;
+    let query_rows = ctx.query_rows();
+    let rows = rows.clamp(1, t.max(1));
+    let fp8 = scoring.scores == SelectionScores::Fp8;
+    if fp8 && scoring.fp8_kernel {
+        // The e4m3 kernel on the codes and scales of the rotated rows.
+        let keys = quantize_for_scores(keys)?; // [B, T, DI], [B, T]
+        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b];
+        for block in query_rows.blocks(rows) {
+            let (q, w) = queries(block)?;
+            let q = quantize_for_scores(&q)?; // [B, n, HI, DI], [B, n, HI]
+            let starts = ctx.starts_rows(block.pos, block.n)?;
+            for (bi, parts) in per_seq.iter_mut().enumerate() {
+                let seq = |r: &Fp8Rows| -> Result<Fp8Rows> {
+                    Ok(Fp8Rows {
+                        codes: r.codes.get(bi)?,
+                        scales: r.scales.get(bi)?,
+                    })
+                };
+                let positions = crate::kernels::indexer_topk::indexer_topk_fp8(
+                    &seq(&q)?,
+                    &w.get(bi)?,
+                    &seq(&keys)?,
+                    block.pos,
+                    k,
+                    starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
+                )?;
+                parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
+            }
+        }
+        let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
+        for parts in per_seq {
+            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?);
+        }
+        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?, t);
+    }
+    // FP8 scores otherwise: the rounded rows, exact in bf16, through the paths below.
     let keys = &if fp8 {
         round_for_scores(keys)?
     } else {
@@ -849,9 +906,7 @@ fn select_indexer_topk(
         let (q, w) = queries(block)?;
         Ok((if fp8 { round_for_scores(&q)? } else { q }, w))
     };
-    let query_rows = ctx.query_rows();
-    let rows = rows.clamp(1, t.max(1));
-    if fast {
+    if scoring.fast {
         let keys = keys.to_dtype(DType::BF16)?;
         let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
         for block in query_rows.blocks(rows) {
