@@ -11,7 +11,9 @@
 # gpu-selftest groups of the sparse MLA kernels, the FP8 dispatch and the training steps, the
 # sparse MLA at 16 and 32 heads (`bench kernels`: merged queries beside one query a block), the
 # saved-activation step with merged queries (B) against one query a block (A) on bench-1k
-# sparse 4K and 8K, transformers' DeepseekV32 beside them, then every gpu-selftest group.
+# sparse 4K and 8K, transformers' DeepseekV32 beside them, FP8 selection scores on the e4m3
+# kernel (B) against the rounded rows through the bf16 one (A) at 8K, then every gpu-selftest
+# group.
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -60,6 +62,8 @@ elif [ "${PART:-a}" = e ]; then
     "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
   python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
     --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"
+  SET="train.recompute=false dsa.indexer_scores=fp8" SET_B='kernels.opt_in=["indexer-fp8"]' STEPS=2 \
+    bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-fp8" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
   ( time timeout 280 "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest-all.log" 2>&1
   grep -E "^(FAIL|gpu-selftest)|^real" "$OUT/selftest-all.log"
 else
