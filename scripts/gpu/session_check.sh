@@ -7,13 +7,14 @@
 # (and the slice-671b model with SLICE=1). PART=d: every gpu-selftest group, then the layers'
 # backward recomputed (A) against from saved activations (B) on bench-1k sparse 4K and 8K, mini
 # dense 8K x 2 and the slice-671b sparse 8K, transformers' DeepseekV32 on bench-1k in the same
-# call, and where the saved bench-1k 4K step goes (profile_step.sh: regions, then ncu). PART=e: the
-# gpu-selftest groups of the sparse MLA kernels, the FP8 dispatch and the training steps, the
-# sparse MLA at 16 and 32 heads (`bench kernels`: merged queries beside one query a block), the
-# saved-activation step with merged queries (B) against one query a block (A) on bench-1k
-# sparse 4K and 8K, transformers' DeepseekV32 beside them, FP8 selection scores on the e4m3
-# kernel (B) against the rounded rows through the bf16 one (A) at 8K, then every gpu-selftest
-# group.
+# call, and where the saved bench-1k 4K step goes (profile_step.sh: regions, then ncu). PART=e
+# (the opt-in kernels' first GPU call): the gpu-selftest groups of the sparse MLA kernels, the
+# FP8 dispatch and selection scores and the training steps; the sparse MLA at 16 and 32 heads
+# (`bench kernels`: merged queries beside one query a block) and the scoring and top-k kernels;
+# the saved-activation step with merged queries (B) against one query a block (A) on bench-1k
+# sparse 4K and 8K. PART=f: transformers' DeepseekV32 on bench-1k 4K and 8K, FP8 selection
+# scores on the e4m3 kernel (B) against the rounded rows through the bf16 one (A) at 8K, every
+# gpu-selftest group, and where the saved bench-1k 4K step goes (regions, then ncu).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
 BIN=/tmp/dsa; xz -dc dist/gpu/dsa-train.xz > "$BIN" && chmod +x "$BIN"
@@ -60,12 +61,16 @@ elif [ "${PART:-a}" = e ]; then
   grep -E "H 16|H 32|bwd|merged|top-k" "$OUT/kernels.log"
   SET="train.recompute=false" SET_B='kernels.opt_in=["sparse-merge-queries"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" \
     "$OUT/ab-merge" recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 2>&1 | tail -3
+elif [ "${PART:-a}" = f ]; then
+  [ -d /tmp/bench-1k/model ] || "$BIN" tiny --preset bench-1k --output /tmp/bench-1k >/dev/null 2>>"$OUT/stderr.log"
   python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
     --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"
   SET="train.recompute=false dsa.indexer_scores=fp8" SET_B='kernels.opt_in=["indexer-fp8"]' STEPS=2 \
     bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-fp8" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
   ( time timeout 280 "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest-all.log" 2>&1
   grep -E "^(FAIL|gpu-selftest)|^real" "$OUT/selftest-all.log"
+  SET="train.recompute=false" NCU_TIMEOUT=120 bash scripts/gpu/profile_step.sh "$BIN" "$OUT/prof" saved4k \
+    recipes/bench-1k-sparse.toml 4096 1 2>&1 | tail -40
 else
   SET_A='kernels.plain_ops=["grad-sum"]' STEPS=3 bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-gradsum" \
     recipes/bench-1k-sparse.toml:4096 recipes/bench-1k-sparse.toml:8192 recipes/bench-1k-warmup.toml:8192 2>&1 | tail -5
