@@ -80,11 +80,11 @@ enum Command {
         /// The end-of-document token for --document-mask.
         #[arg(long)]
         eos_id: Option<u32>,
-        /// How the selection scores keys: bf16 or fp8 (as dsa.indexer_scores trains); with
-        /// fp8 the report adds, per layer, how often the FP8 sets equal the bf16 ones and their
-        /// recall of them.
-        #[arg(long, default_value = "bf16")]
-        indexer_scores: String,
+        /// How the selection scores keys: bf16 or fp8 (as dsa.indexer_scores trains; default:
+        /// a step's recipe's, else bf16); with fp8 the report adds, per layer, how often the
+        /// FP8 sets equal the bf16 ones and their recall of them.
+        #[arg(long)]
+        indexer_scores: Option<String>,
     },
     /// Train a recipe: the dense warm-up or the sparse stage (train.stage).
     Train {
@@ -308,15 +308,18 @@ fn run(cli: Cli) -> Result<()> {
             eos_id,
             indexer_scores,
         } => {
-            let selection_scores = dsa_train::model::fp8_scores::SelectionScores::parse(
-                &indexer_scores,
-            )
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "--indexer-scores {indexer_scores}: one of {}",
-                    dsa_train::model::fp8_scores::SelectionScores::NAMES.join(", ")
-                )
-            })?;
+            use dsa_train::model::fp8_scores::SelectionScores;
+            let selection_scores = match indexer_scores {
+                Some(name) => SelectionScores::parse(&name).ok_or_else(|| {
+                    anyhow::anyhow!(
+                        "--indexer-scores {name}: one of {}",
+                        SelectionScores::NAMES.join(", ")
+                    )
+                })?,
+                None => {
+                    dsa_train::train::ckpt::trained_selection_scores(&model)?.unwrap_or_default()
+                }
+            };
             if eos_id.is_some() && !document_mask {
                 anyhow::bail!("--eos-id is used only with --document-mask");
             }

@@ -842,3 +842,55 @@ fn the_recipes_index_topk_selects_and_is_what_a_step_exports() {
             .unwrap();
     assert_eq!(cfg["index_topk"], 8);
 }
+
+/// A run with FP8 selection scores (`dsa.indexer_scores = "fp8"`) trains, and `eval` of its step
+/// selects as the run did unless told otherwise: the report names the scores and, for fp8, the
+/// sets' agreement with bf16's; `--indexer-scores bf16` evaluates the same step with bf16 sets,
+/// and a name that is neither is one clean error.
+#[test]
+fn a_step_trained_with_fp8_selection_evaluates_with_it() {
+    let f = Fixture::new(17);
+    let recipe = f.recipe("sparse", "fp8", &f.root.join("model"), 2);
+    let (code, _, stderr) = run_cli(&[
+        "train",
+        path_str(&recipe),
+        "--set",
+        "dsa.indexer_scores=fp8",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let step = f.out("fp8/step-2");
+    let tokens = f.root.join("tokens.bin");
+    let eval = |extra: &[&str]| {
+        let mut args = vec![
+            "eval",
+            "--model",
+            path_str(&step),
+            "--tokens",
+            path_str(&tokens),
+            "--seq-len",
+            "32",
+            "--max-windows",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        run_cli(&args)
+    };
+    let (code, stdout, stderr) = eval(&[]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["indexer_scores"], "fp8");
+    let recall = v["fp8_selection_recall_per_layer"].as_array().unwrap();
+    assert!(!recall.is_empty());
+    assert!(recall
+        .iter()
+        .all(|r| (0.0..=1.0).contains(&r.as_f64().unwrap())));
+    let (code, stdout, stderr) = eval(&["--indexer-scores", "bf16"]);
+    assert_eq!(code, 0, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(v["indexer_scores"], "bf16");
+    assert!(v.get("fp8_selection_recall_per_layer").is_none());
+    assert_clean_error(
+        &eval(&["--indexer-scores", "fp4"]),
+        &["--indexer-scores fp4", "bf16, fp8"],
+    );
+}

@@ -462,6 +462,22 @@ pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefa
     Ok(Some((r.indexer_defaults(), r.model.init_seed)))
 }
 
+/// For a training step-N folder, how its run's selection scored keys (`dsa.indexer_scores`
+/// of its recipe); None for any other model directory.
+pub fn trained_selection_scores(
+    dir: &Path,
+) -> Result<Option<crate::model::fp8_scores::SelectionScores>> {
+    if !is_checkpoint(dir) {
+        return Ok(None);
+    }
+    let file = dir.join("recipe.toml");
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("cannot read {}", file.display()))?;
+    let r =
+        crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
+    Ok(Some(r.selection_scores()?))
+}
+
 pub fn is_checkpoint(dir: &Path) -> bool {
     dir.join("state.json").exists()
 }
