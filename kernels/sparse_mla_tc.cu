@@ -893,29 +893,37 @@ extern "C" __global__ void __launch_bounds__(256, 1) sparse_mla_tc_bwd_wg(
 }
 
 // ---------------------------------------------------------------------------------------------
-// Merged queries for the few-head backward (sparse_mla_tc_bwd_wg with cmask): group u is the
-// G = 64 / H consecutive queries G u .. G u + G - 1 (H heads each; G <= 8). Its keys: every
-// valid slot (< NKV < 2^29) of those queries as (key << 3 | query), bitonic-sorted in shared
-// memory, then each run of one key becomes as many entries as the most times one query selected
-// it: entry r of a run has bit s where query s selected the key more than r times, so every
-// query's slots, duplicates included, appear exactly once (a key each query selected once is one
-// entry for the whole group). uidx[u, 0 .. ucnt[u]) ascending by kv row, umask the bits;
-// capacity G K a group, entries past ucnt untouched. One block of 256 threads per group; P2
-// (G K rounded up to a power of two) u32 of dynamic shared memory.
-extern "C" __global__ void __launch_bounds__(256)
-sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restrict__ uidx, uint8_t* __restrict__ umask,
-                            uint32_t* __restrict__ ucnt, int K, int G, uint32_t NKV, int P2) {
-  extern __shared__ uint32_t ent[];
+// Merged queries (sparse_mla_tc_bwd_wg and the wgmma forward with cmask, the head-mean
+// probabilities with uslot): group u is the G = 64 / H consecutive queries G u .. G u + G - 1 (H
+// heads each; G <= 8). Its keys: every valid slot (< NKV < 2^29) of those queries as (key,
+// query) (and, with slots, the slot), bitonic-sorted in shared memory, then each run of one key
+// becomes as many entries as the most times one query selected it: entry r of a run has bit s
+// where query s selected the key more than r times, so every query's slots, duplicates included,
+// appear exactly once (a key each query selected once is one entry for the whole group).
+// uidx[u, 0 .. ucnt[u]) ascending by kv row, umask the bits; with slots, uslot[u, e, s] the slot
+// of query s that entry e stands for (0xFFFF where its bit is clear; K < 2^16). Capacity G K a
+// group, entries past ucnt untouched. One block of 256 threads per group; P2 (G K rounded up to
+// a power of two) entries of dynamic shared memory (u32 without slots: key << 3 | query; u64
+// with: key << 35 | query << 32 | slot).
+
+template <typename E, bool SLOTS>
+__device__ __forceinline__ void merge_impl(const uint32_t* __restrict__ idx, uint32_t* __restrict__ uidx,
+                                           uint8_t* __restrict__ umask, uint16_t* __restrict__ uslot,
+                                           uint32_t* __restrict__ ucnt, int K, int G, uint32_t NKV, int P2) {
+  constexpr int QS = SLOTS ? 32 : 0;  // where the query sits in an entry
+  constexpr E NONE = ~(E)0;
+  extern __shared__ __align__(16) uint8_t merge_smem[];
+  E* ent = reinterpret_cast<E*>(merge_smem);
   __shared__ uint32_t wsum[8];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const size_t u = blockIdx.x;
   const int total = G * K;
   for (int i = tid; i < P2; i += 256) {
-    uint32_t e = INVALID;
+    E e = NONE;
     if (i < total) {
-      const int s = i / K;
-      const uint32_t key = idx[(u * G + s) * K + (i - s * K)];
-      if (key < NKV) e = (key << 3) | (uint32_t)s;
+      const int s = i / K, slot = i - s * K;
+      const uint32_t key = idx[(u * G + s) * K + slot];
+      if (key < NKV) e = ((E)key << (QS + 3)) | ((E)s << QS) | (SLOTS ? (E)slot : (E)0);
     }
     ent[i] = e;
   }
@@ -925,7 +933,7 @@ sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restri
       for (int i = tid; i < P2; i += 256) {
         const int ixj = i ^ j;
         if (ixj > i) {
-          const uint32_t a = ent[i], b = ent[ixj];
+          const E a = ent[i], b = ent[ixj];
           if ((a > b) == ((i & k) == 0)) {
             ent[i] = b;
             ent[ixj] = a;
@@ -935,15 +943,18 @@ sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restri
       __syncthreads();
     }
   }
+  auto key_of = [](E e) { return (uint32_t)(e >> (QS + 3)); };
+  auto query_of = [](E e) { return (uint32_t)(e >> QS) & 7u; };
+  auto same_pair = [](E a, E b) { return (a >> QS) == (b >> QS); };  // one key, one query
   // A run of one key belongs to the thread whose span holds its first entry.
   const int per = (P2 + 255) / 256;
   const int lo = min(tid * per, P2), hi = min(lo + per, P2);
-  auto starts_run = [&](int i) { return ent[i] != INVALID && (i == 0 || (ent[i - 1] >> 3) != (ent[i] >> 3)); };
+  auto starts_run = [&](int i) { return ent[i] != NONE && (i == 0 || key_of(ent[i - 1]) != key_of(ent[i])); };
   auto run_entries = [&](int i) {
-    const uint32_t key = ent[i] >> 3;
+    const uint32_t key = key_of(ent[i]);
     uint32_t most = 0, rank = 0;
-    for (int j = i; j < P2 && ent[j] != INVALID && (ent[j] >> 3) == key; ++j) {
-      rank = (j > i && ent[j] == ent[j - 1]) ? rank + 1 : 0;
+    for (int j = i; j < P2 && ent[j] != NONE && key_of(ent[j]) == key; ++j) {
+      rank = (j > i && same_pair(ent[j], ent[j - 1])) ? rank + 1 : 0;
       most = max(most, rank + 1);
     }
     return most;
@@ -967,19 +978,36 @@ sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restri
   uint8_t* om = umask + u * (size_t)total;
   for (int i = lo; i < hi; ++i) {
     if (!starts_run(i)) continue;
-    const uint32_t key = ent[i] >> 3, entries = run_entries(i);
+    const uint32_t key = key_of(ent[i]), entries = run_entries(i);
     for (uint32_t r = 0; r < entries; ++r) {
       ou[pos + r] = key;
       om[pos + r] = 0;
+      if constexpr (SLOTS) {
+        for (int s = 0; s < G; ++s) uslot[(u * total + pos + r) * G + s] = 0xFFFFu;
+      }
     }
     uint32_t rank = 0;
-    for (int j = i; j < P2 && ent[j] != INVALID && (ent[j] >> 3) == key; ++j) {
-      rank = (j > i && ent[j] == ent[j - 1]) ? rank + 1 : 0;
-      om[pos + rank] |= (uint8_t)(1u << (ent[j] & 7u));
+    for (int j = i; j < P2 && ent[j] != NONE && key_of(ent[j]) == key; ++j) {
+      rank = (j > i && same_pair(ent[j], ent[j - 1])) ? rank + 1 : 0;
+      const uint32_t s = query_of(ent[j]);
+      om[pos + rank] |= (uint8_t)(1u << s);
+      if constexpr (SLOTS) uslot[(u * total + pos + rank) * G + s] = (uint16_t)(ent[j] & 0xFFFFFFFFu);
     }
     pos += entries;
   }
   if (tid == 0) ucnt[u] = all;
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+sparse_mla_tc_merge_queries(const uint32_t* __restrict__ idx, uint32_t* __restrict__ uidx, uint8_t* __restrict__ umask,
+                            uint32_t* __restrict__ ucnt, int K, int G, uint32_t NKV, int P2) {
+  merge_impl<uint32_t, false>(idx, uidx, umask, nullptr, ucnt, K, G, NKV, P2);
+}
+extern "C" __global__ void __launch_bounds__(256)
+sparse_mla_tc_merge_queries_slots(const uint32_t* __restrict__ idx, uint32_t* __restrict__ uidx,
+                                  uint8_t* __restrict__ umask, uint16_t* __restrict__ uslot, uint32_t* __restrict__ ucnt,
+                                  int K, int G, uint32_t NKV, int P2) {
+  merge_impl<unsigned long long, true>(idx, uidx, umask, uslot, ucnt, K, G, NKV, P2);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1166,11 +1194,18 @@ sparse_mla_tc_compact_pos(const uint32_t* __restrict__ idx, uint32_t* __restrict
   if (lane == 0) cnt[n] = base;
 }
 
+// Merged queries (cmask non-null, RG 4: sparse_mla_tc_probs_merged): "query" n is the group of 4
+// consecutive queries of 16 heads (row group r = query 4 n + r), cidx / cnt / K its keys' union
+// (sparse_mla_tc_merge_queries_slots), and each row group's column sums go straight to its own
+// query's slots: out[(4 n + r) Kq + uslot[n, j, r]] for the entries j whose mask has bit r (the
+// others, where the query did not select the key, are never stored).
 template <int RG>
 __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf16* __restrict__ kv,
                                            const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cpos,
                                            const uint32_t* __restrict__ cnt, const float* __restrict__ fwd_out,
-                                           float* __restrict__ out, int N, int H, int K, int DQK, int DV, float sl2) {
+                                           float* __restrict__ out, int N, int H, int K, int DQK, int DV, float sl2,
+                                           const uint8_t* __restrict__ cmask, const uint16_t* __restrict__ uslot,
+                                           int Kq) {
   constexpr int ROWS = 16 * RG;
   constexpr int WC = 8 / RG;                       // warps per row group
   constexpr int KPW = PR_BK / WC;                  // keys per warp
@@ -1192,7 +1227,7 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
   if (count == 0) return;  // block-uniform; the output stays zero
   const int ntiles = (count + PR_BK - 1) / PR_BK;
   const uint32_t* rowidx = cidx + (size_t)n * K;
-  const uint32_t* rowpos = cpos + (size_t)n * K;
+  const uint32_t* rowpos = cpos != nullptr ? cpos + (size_t)n * K : nullptr;  // null: merged queries
 
   // Gather: thread owns keys (tid >> 3) + 32 i of a tile and chunks sub, sub + 8, ...
   const int sub = tid & 7;
@@ -1253,7 +1288,18 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
   auto store_sums = [&](int t) {
     if (tid < PR_BK) {
       const int j = t * PR_BK + tid;
-      if (j < count) {
+      if (j < count && cmask != nullptr) {
+        const float* rs = red_s + (t & 1) * RG * PR_BK + tid;
+        const uint32_t m = cmask[(size_t)n * K + j];
+        const float per_query = (float)(H / RG);
+#pragma unroll
+        for (int rr = 0; rr < RG; ++rr) {
+          if (m & (1u << rr)) {
+            const uint32_t slot = uslot[((size_t)n * K + j) * RG + rr];
+            out[((size_t)n * RG + rr) * Kq + slot] = rs[rr * PR_BK] / per_query;
+          }
+        }
+      } else if (j < count) {
         const float* rs = red_s + (t & 1) * RG * PR_BK + tid;
         float tot = 0.f;
 #pragma unroll
@@ -1273,7 +1319,7 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
     cp_async_commit();
     fetch_rows(t + 3);
     if (t > 0) store_sums(t - 1);
-    if (tid < PR_BK) {
+    if (tid < PR_BK && cmask == nullptr) {
       const int j = t * PR_BK + tid;
       mypos = j < count ? rowpos[j] : 0u;
     }
@@ -1329,12 +1375,21 @@ __device__ __forceinline__ void probs_impl(const bf16* __restrict__ q, const bf1
                                  const uint32_t* __restrict__ cidx, const uint32_t* __restrict__ cpos,            \
                                  const uint32_t* __restrict__ cnt, const float* __restrict__ fwd_out,             \
                                  float* __restrict__ out, int N, int H, int K, int DQK, int DV, float sl2) {      \
-    probs_impl<RG>(q, kv, cidx, cpos, cnt, fwd_out, out, N, H, K, DQK, DV, sl2);                                    \
+    probs_impl<RG>(q, kv, cidx, cpos, cnt, fwd_out, out, N, H, K, DQK, DV, sl2, nullptr, nullptr, K);               \
   }
 PROBS_KERNEL(1)
 PROBS_KERNEL(2)
 PROBS_KERNEL(4)
 PROBS_KERNEL(8)
+// Merged queries: groups of 4 queries of 16 heads (H 64 per group), K the union's capacity, Kq the
+// queries' own slots (probs_impl's comment).
+extern "C" __global__ void __launch_bounds__(PR_THREADS, 1)
+    sparse_mla_tc_probs_merged(const bf16* __restrict__ q, const bf16* __restrict__ kv, const uint32_t* __restrict__ cidx,
+                               const uint32_t* __restrict__ cnt, const uint8_t* __restrict__ cmask,
+                               const uint16_t* __restrict__ uslot, const float* __restrict__ fwd_out,
+                               float* __restrict__ out, int N, int K, int Kq, int DQK, int DV, float sl2) {
+  probs_impl<4>(q, kv, cidx, nullptr, cnt, fwd_out, out, N, 64, K, DQK, DV, sl2, cmask, uslot, Kq);
+}
 
 // pmean[i] = (sum over passes p = 0, 1, .. of part[p][i]) / H, in pass order.
 extern "C" __global__ void __launch_bounds__(256)

@@ -225,6 +225,18 @@ fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
     let (d1, d2) = (run_tc(&x, det)?, run_tc(&x, det)?);
     let det_same = bits(&d1.dkv)? == bits(&d2.dkv)? && bits(&d1.dq)? == bits(&d2.dq)?;
     let e_det = rel_err(&d1.dkv, &a.dkv)?;
+    // The head-mean probabilities (16 heads: four queries a block, one row group each) from one
+    // forward output: the same products and sums per query, so the same bits.
+    let probs_ran = tc::merged_probs(on, c.h, c.dqk, c.dv, c.n, c.k, nkv);
+    let probs_same = if probs_ran {
+        let (qb, kvb) = (x.q.to_dtype(DType::BF16)?, x.kv.to_dtype(DType::BF16)?);
+        let probs = |k: KernelPolicy| {
+            tc::sparse_mla_head_mean_probs_bf16(k, &qb, &kvb, &x.idx, &b.out, x.scale, x.dv)
+        };
+        super::f32_bits(&probs(on)?)? == super::f32_bits(&probs(off)?)?
+    } else {
+        true
+    };
     let ok = ran
         && e_o.max(e_l).max(e_dq).max(e_dkv).max(e_det) < 1e-2
         && f_o < REL_TOL
@@ -232,14 +244,15 @@ fn merged(c: &Case, gpu: &Device) -> Result<Outcome> {
         && f_dq.max(f_dkv) < REL_TOL
         && fc_dq > DQ_COS_TOL_MANY_KEYS
         && fc_dkv > COS_TOL
-        && det_same;
+        && det_same
+        && probs_same;
     Ok(Outcome {
         name: c.name,
         ok,
         detail: format!(
             "N {} H {} K {}: vs one query a block rel err out {e_o:.1e} lse {e_l:.1e} dq {e_dq:.1e} dkv {e_dkv:.1e} (< 1e-2) cosine dq {c_dq:.6} dkv {c_dkv:.6}; \
              vs f32 rel err out {f_o:.1e} dq {f_dq:.1e} dkv {f_dkv:.1e} cosine dq {fc_dq:.6} dkv {fc_dkv:.6}; deterministic runs bit-equal {det_same}, \
-             vs atomic {e_det:.1e}; merged path chosen {ran}",
+             vs atomic {e_det:.1e}; merged path chosen {ran}; head-mean probabilities merged {probs_ran}, bit-equal {probs_same}",
             c.n, c.h, c.k
         ),
     })

@@ -24,7 +24,8 @@
 //! Merged queries (`merged_queries`, opt-in): at 8, 16 or 32 heads the forward and backward can
 //! run 64 / H neighbouring queries as one 64-row block on the wgmma kernels over the union of
 //! their selected keys (`merged_keys_plain` is the union's host twin), each row masked to its
-//! own query's keys.
+//! own query's keys; at 16 heads the head-mean probabilities too (`merged_probs`: four queries a
+//! block, one row group each, each query's sums stored to its own slots).
 //!
 //! `sparse_mla_head_mean_probs_bf16`: the sparse-stage KL target (head-mean probabilities at the
 //! selected slots, from the forward's LSE), only the S = Q K^T product; deterministic always.
@@ -74,7 +75,7 @@ pub fn few_heads_backward(policy: KernelPolicy, h: usize) -> bool {
 /// keys, each row taking only its query's keys (a key another query of the block selected scores
 /// -inf for it). The products are 64 rows tall instead of 16 h / 16, and in the backward the dkv
 /// of a key the G queries share is summed in the block (one f32 atomic per group, not per
-/// query). The head-mean probabilities keep one query a block. At
+/// query). The head-mean probabilities merge at 16 heads (`merged_probs`). At
 /// h 8, 16 or 32, the 671B attention widths (DQK 576, DV 512), n a multiple of G, G k <= 16384
 /// (the sort's shared memory) and nkv < 2^29 (a key and its query packed in 32 bits). Opt-in
 /// (`Fused::OPT_IN`) until its gpu-selftest checks have passed on a GPU.
@@ -150,6 +151,21 @@ pub fn merged_keys(idx: &Tensor, g: usize, nkv: usize) -> Result<Vec<(Vec<u32>, 
         let _ = (idx, g, nkv);
         candle_core::bail!("merged_keys needs the `cuda` feature")
     }
+}
+
+/// Do the head-mean probabilities of n queries at h heads run merged (`merged_queries`; the
+/// probabilities' kernel takes 16-head queries four to a block, each row group one query, and
+/// slots below 2^16).
+pub fn merged_probs(
+    policy: KernelPolicy,
+    h: usize,
+    dqk: usize,
+    dv: usize,
+    n: usize,
+    k: usize,
+    nkv: usize,
+) -> bool {
+    h == 16 && k < (1 << 16) && merged_queries(policy, h, dqk, dv, n, k, nkv)
 }
 
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
@@ -481,12 +497,22 @@ fn bench_heads(
         Ok(sparse_mla_head_mean_probs_bf16(k, &q, kv, idx, &out, scale, dv).map(|_| ())?)
     };
     let probs = time_median(dev, 5, || run_probs(kernels))?;
-    let probs_kernel = if wgmma_probs(kernels, h, dqk) {
+    let merged_p = merged_probs(kernels, h, dqk, dv, nq, kk, l);
+    let probs_kernel = if merged_p {
+        "merged queries, mma.sync"
+    } else if wgmma_probs(kernels, h, dqk) {
         "wgmma"
     } else {
         "mma.sync"
     };
-    let probs_mma = mma_too(probs_kernel == "wgmma", &run_probs)?;
+    // Where a wgmma or merged kernel ran, one query a block on mma.sync on the same inputs.
+    let probs_mma = if merged_p {
+        Some(time_median(dev, 5, || {
+            run_probs(kernels.without(Fused::SparseMergeQueries))
+        })?)
+    } else {
+        mma_too(probs_kernel == "wgmma", &run_probs)?
+    };
     let f_probs = 2.0 * pairs * h as f64 * dqk as f64;
     let f_fwd = 2.0 * pairs * h as f64 * (dqk + dv) as f64;
     let f_bwd = f_bwd_of(pairs, h);
@@ -760,36 +786,64 @@ pub(crate) mod cuda {
         d: &Dims,
         g: usize,
     ) -> Result<(CudaSlice<u32>, CudaSlice<u8>, CudaSlice<u32>)> {
+        let (uidx, umask, _, ucnt) = merge_queries_with(dev, idx, d, g, false)?;
+        Ok((uidx, umask, ucnt))
+    }
+
+    /// `merge_queries`, and with `slots` each entry's slot in each query of its group
+    /// [N / g, g K, g] u16 (0xFFFF where the query did not select it; K < 2^16).
+    #[allow(clippy::type_complexity)]
+    fn merge_queries_with(
+        dev: &CudaDevice,
+        idx: &CudaView<u32>,
+        d: &Dims,
+        g: usize,
+        slots: bool,
+    ) -> Result<(
+        CudaSlice<u32>,
+        CudaSlice<u8>,
+        Option<CudaSlice<u16>>,
+        CudaSlice<u32>,
+    )> {
         let groups = d.n / g;
         let cap = g * d.k;
         let uidx = alloc::<u32>(dev, groups * cap)?;
         let umask = alloc::<u8>(dev, groups * cap)?;
         let ucnt = alloc::<u32>(dev, groups)?;
+        let uslot = if slots {
+            Some(alloc::<u16>(dev, groups * cap * g)?)
+        } else {
+            None
+        };
         let p2 = cap.next_power_of_two();
-        let f = load(dev, "sparse_mla_tc_merge_queries", p2 * 4)?;
+        let smem = p2 * if slots { 8 } else { 4 };
+        let name = if slots {
+            "sparse_mla_tc_merge_queries_slots"
+        } else {
+            "sparse_mla_tc_merge_queries"
+        };
+        let f = load(dev, name, smem)?;
         let (k, g32, nkv, p2_32) = (d.k as i32, g as i32, d.nkv as u32, p2 as i32);
         let stream = dev.cuda_stream();
         let mut b = stream.launch_builder(&f);
-        b.arg(idx)
-            .arg(&uidx)
-            .arg(&umask)
-            .arg(&ucnt)
-            .arg(&k)
-            .arg(&g32)
-            .arg(&nkv)
-            .arg(&p2_32);
-        // SAFETY: idx is [N, K] with N = groups g; uidx and umask [groups, g K] are written up to
-        // each group's count, ucnt [groups] fully; p2 u32 of dynamic shared memory.
+        b.arg(idx).arg(&uidx).arg(&umask);
+        if let Some(us) = &uslot {
+            b.arg(us);
+        }
+        b.arg(&ucnt).arg(&k).arg(&g32).arg(&nkv).arg(&p2_32);
+        // SAFETY: idx is [N, K] with N = groups g; uidx, umask (and uslot) [groups, g K (, g)]
+        // are written up to each group's count, ucnt [groups] fully; smem bytes of dynamic
+        // shared memory for the p2 sort entries.
         unsafe {
             b.launch(LaunchConfig {
                 grid_dim: (groups as u32, 1, 1),
                 block_dim: (256, 1, 1),
-                shared_mem_bytes: (p2 * 4) as u32,
+                shared_mem_bytes: smem as u32,
             })
         }
         .w()?;
         drop(b);
-        Ok((uidx, umask, ucnt))
+        Ok((uidx, umask, uslot, ucnt))
     }
 
     /// `super::merged_keys`: the kernel's output copied to the host, group by group.
@@ -1371,6 +1425,56 @@ pub(crate) mod cuda {
                 view::<bf16>(s2, l2, "kv")?,
                 view::<u32>(s3, l3, "idx")?,
             );
+            if super::merged_probs(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv) {
+                // Groups of 4 queries of 16 heads over their keys' union, each query's column
+                // sums to its own slots (kernels/sparse_mla_tc.cu, probs_impl).
+                let (uidx, umask, uslot, ucnt) = merge_queries_with(dev, &idx, &d, 4, true)?;
+                let uslot = uslot.expect("asked for the slots");
+                let smem = probs_smem(4, d.dqk);
+                check_smem(dev, smem)?;
+                let f = load(dev, "sparse_mla_tc_probs_merged", smem)?;
+                // Zero-filled: padding slots and queries without a valid slot are never written.
+                let pmean = dev.alloc_zeros::<f32>(d.n * d.k)?;
+                let groups = d.n / 4;
+                let (n32, k32, kq32, dqk32, dv32) = (
+                    groups as i32,
+                    (4 * d.k) as i32,
+                    d.k as i32,
+                    d.dqk as i32,
+                    dv as i32,
+                );
+                let sl2 = self.scale * LOG2E;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&q)
+                    .arg(&kv)
+                    .arg(&uidx)
+                    .arg(&ucnt)
+                    .arg(&umask)
+                    .arg(&uslot)
+                    .arg(&fwd_out)
+                    .arg(&pmean);
+                b.arg(&n32)
+                    .arg(&k32)
+                    .arg(&kq32)
+                    .arg(&dqk32)
+                    .arg(&dv32)
+                    .arg(&sl2);
+                // SAFETY: shapes checked above (H 16, N a multiple of 4); union rows < NKV,
+                // slots < K; fwd_out is [N, H, DV + 1]; pmean is [N, K].
+                unsafe {
+                    b.launch(LaunchConfig {
+                        grid_dim: (groups as u32, 1, 1),
+                        block_dim: (256, 1, 1),
+                        shared_mem_bytes: smem as u32,
+                    })
+                }
+                .w()?;
+                drop(b);
+                return Ok((
+                    CudaStorage::wrap_cuda_slice(pmean, dev.clone()),
+                    Shape::from((d.n, d.k)),
+                ));
+            }
             let (cidx, cpos, cnt) = compact_pos(dev, &idx, &d)?;
 
             if super::wgmma_probs(self.policy, d.h, d.dqk) {
