@@ -830,6 +830,29 @@ pub fn eval_block_rows(b: usize, t: usize, heads: usize, indexer_heads: usize) -
     ((1usize << 26) / (b * heads.max(indexer_heads) * t).max(1)).clamp(1, t.max(1))
 }
 
+/// The device kernels' sets, a block of `rows` query rows at a time: `positions(block)` gives each
+/// sequence's key positions [n, K] of the block's rows; a sequence's blocks are joined into
+/// absolute rows, one whole-sequence copy at a time.
+fn device_sets(
+    ctx: &ForwardContext,
+    (b, t): (usize, usize),
+    rows: usize,
+    positions: impl Fn(RowBlock) -> Result<Vec<Tensor>>,
+) -> Result<crate::dsa::Selection> {
+    let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
+    for block in ctx.query_rows().blocks(rows) {
+        for (bi, p) in positions(block)?.iter().enumerate() {
+            per_seq[bi].push(crate::dsa::absolute_rows(p, bi, t)?);
+        }
+    }
+    let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
+    for parts in per_seq {
+        seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, rows, K]
+    }
+    // (candle's cat of one tensor is that tensor: no copy for a single sequence)
+    crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?, t)
+}
+
 /// How a selection scores keys (`DecoderLayer::scoring`): on the device kernels (`fast`) or the
 /// host's f32 path; bf16 or FP8 scores; FP8 on the e4m3 kernel (`fp8_kernel`) or as rounded
 /// rows through the bf16 one.
@@ -867,34 +890,29 @@ fn select_indexer_topk(
     if fp8 && scoring.fp8_kernel {
         // The e4m3 kernel on the codes and scales of the rotated rows.
         let keys = quantize_for_scores(keys)?; // [B, T, DI], [B, T]
-        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b];
-        for block in query_rows.blocks(rows) {
+        return device_sets(ctx, (b, t), rows, |block| {
             let (q, w) = queries(block)?;
             let q = quantize_for_scores(&q)?; // [B, n, HI, DI], [B, n, HI]
             let starts = ctx.starts_rows(block.pos, block.n)?;
-            for (bi, parts) in per_seq.iter_mut().enumerate() {
-                let seq = |r: &Fp8Rows| -> Result<Fp8Rows> {
-                    Ok(Fp8Rows {
-                        codes: r.codes.get(bi)?,
-                        scales: r.scales.get(bi)?,
-                    })
-                };
-                let positions = crate::kernels::indexer_topk::indexer_topk_fp8(
-                    &seq(&q)?,
-                    &w.get(bi)?,
-                    &seq(&keys)?,
-                    block.pos,
-                    k,
-                    starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
-                )?;
-                parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
-            }
-        }
-        let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
-        for parts in per_seq {
-            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?);
-        }
-        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?, t);
+            let seq = |r: &Fp8Rows, bi: usize| -> Result<Fp8Rows> {
+                Ok(Fp8Rows {
+                    codes: r.codes.get(bi)?,
+                    scales: r.scales.get(bi)?,
+                })
+            };
+            (0..b)
+                .map(|bi| {
+                    crate::kernels::indexer_topk::indexer_topk_fp8(
+                        &seq(&q, bi)?,
+                        &w.get(bi)?,
+                        &seq(&keys, bi)?,
+                        block.pos,
+                        k,
+                        starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
+                    )
+                })
+                .collect()
+        });
     }
     // FP8 scores otherwise: the rounded rows, exact in bf16, through the paths below.
     let keys = &if fp8 {
@@ -908,30 +926,23 @@ fn select_indexer_topk(
     };
     if scoring.fast {
         let keys = keys.to_dtype(DType::BF16)?;
-        let mut per_seq: Vec<Vec<Tensor>> = vec![Vec::new(); b]; // [n, min(k, T)] absolute rows per block
-        for block in query_rows.blocks(rows) {
+        return device_sets(ctx, (b, t), rows, |block| {
             let (q, w) = queries(block)?;
             let q = q.to_dtype(DType::BF16)?; // [B, n, HI, DI]
             let starts = ctx.starts_rows(block.pos, block.n)?; // [B, n] under document masking
-            for (bi, parts) in per_seq.iter_mut().enumerate() {
-                let positions = crate::kernels::indexer_topk::indexer_topk(
-                    &q.get(bi)?,
-                    &w.get(bi)?,
-                    &keys.get(bi)?,
-                    block.pos,
-                    k,
-                    starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
-                )?;
-                parts.push(crate::dsa::absolute_rows(&positions, bi, t)?);
-            }
-        }
-        // One whole-sequence copy at a time: the blocks of a sequence are joined and dropped.
-        let mut seqs: Vec<Tensor> = Vec::with_capacity(b);
-        for parts in per_seq {
-            seqs.push(Tensor::cat(&parts, 0)?.unsqueeze(0)?); // [1, rows, K]
-        }
-        // (candle's cat of one tensor is that tensor: no copy for a single sequence)
-        return crate::dsa::Selection::from_absolute(Tensor::cat(&seqs, 0)?, t);
+            (0..b)
+                .map(|bi| {
+                    crate::kernels::indexer_topk::indexer_topk(
+                        &q.get(bi)?,
+                        &w.get(bi)?,
+                        &keys.get(bi)?,
+                        block.pos,
+                        k,
+                        starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
+                    )
+                })
+                .collect()
+        });
     }
     let keys = keys.clone();
     crate::dsa::select_topk_streaming(

@@ -451,6 +451,11 @@ pub fn prune(output_dir: &Path, keep_last: usize, newest: &Path) -> Result<()> {
 /// step `dir` was trained with, from its recipe; None for a folder that is not a step. `eval`
 /// and `export` read a step through this, so they see the model its run trained.
 pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefaults, u64)>> {
+    Ok(trained_recipe(dir)?.map(|r| (r.indexer_defaults(), r.model.init_seed)))
+}
+
+/// The recipe that trained a step-N folder (None for any other model directory).
+fn trained_recipe(dir: &Path) -> Result<Option<crate::recipe::Recipe>> {
     if !is_checkpoint(dir) {
         return Ok(None);
     }
@@ -459,7 +464,7 @@ pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefa
         .with_context(|| format!("cannot read {}", file.display()))?;
     let r =
         crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
-    Ok(Some((r.indexer_defaults(), r.model.init_seed)))
+    Ok(Some(r))
 }
 
 /// For a training step-N folder, how its run's selection scored keys (`dsa.indexer_scores`
@@ -467,15 +472,9 @@ pub fn trained_settings(dir: &Path) -> Result<Option<(crate::config::IndexerDefa
 pub fn trained_selection_scores(
     dir: &Path,
 ) -> Result<Option<crate::model::fp8_scores::SelectionScores>> {
-    if !is_checkpoint(dir) {
-        return Ok(None);
-    }
-    let file = dir.join("recipe.toml");
-    let text = std::fs::read_to_string(&file)
-        .with_context(|| format!("cannot read {}", file.display()))?;
-    let r =
-        crate::recipe::Recipe::parse(&text, &[]).with_context(|| format!("{}", file.display()))?;
-    Ok(Some(r.selection_scores()?))
+    trained_recipe(dir)?
+        .map(|r| r.selection_scores())
+        .transpose()
 }
 
 pub fn is_checkpoint(dir: &Path) -> bool {
