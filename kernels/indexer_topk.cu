@@ -5,14 +5,7 @@
 // Scores (indexer_scores_rows_bf16_ks{1..8}, KS = DI / 16):
 //   I[r, s] = sum_{h < HI} w[r, h] * ReLU(q[r, h, :] . k[s, :])   for s <= q0 + r, else -inf
 // q [R, HI, DI] bf16, w [R, HI] f32, k [T, DI] bf16, out [R, T] f32; HI <= 64, DI = 16 KS.
-// Tensor cores: mma.sync m16n8k16, bf16 inputs, f32 accumulation.
-// FP8 (indexer_scores_rows_fp8_ks{1..4}, KS = DI / 32; model::fp8_scores): q and k are e4m3
-// codes, w carries the query rows' scales, kscale [T] the keys' (powers of two, positive, so
-// they leave the ReLU): I[r, s] = kscale[s] * sum_h w[r, h] ReLU(cq[r, h, :] . ck[s, :]), on
-// mma.sync m16n8k32 e4m3 with f32 accumulators (the tensor cores' own accumulation order and
-// precision). A k-step is 32 bytes either way (16 bf16 or 32 e4m3 values), and the fragment
-// layouts of both products hold the same 32-bit words of a row (A through ldmatrix, B straight
-// from q), so the two variants share every load; only the product and the key scale differ. The MMA's M axis is keys
+// Tensor cores: mma.sync m16n8k16, bf16 inputs, f32 accumulation. The MMA's M axis is keys
 // (A = a 64-key tile of k, streamed through shared memory with cp.async, 3 stages), its N axis
 // is heads (B = q, held in registers for the whole block). So the sum over heads runs along N:
 // in-thread over the warp's n-tiles, then over the 4 lanes of a quad (shuffles), then over the
@@ -60,21 +53,10 @@
 // Shared memory: STAGES key tiles [KT][DI + 8] bf16 (each row padded by 16 bytes: the row stride
 // is an odd number of 16-byte units, so ldmatrix's 8 rows hit 8 distinct bank groups), then
 // red [SC_WARPS][KT] f32 (per-warp partial sums of a tile).
-// d += a (16x32 row-major e4m3) * b (32x8 col-major e4m3), f32 accumulators.
-__device__ __forceinline__ void mma_e4m3_16832(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.f32.e4m3.e4m3.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// KS k-steps of 32 bytes; rows of q and k are 32 KS bytes (DI below counts them in 2-byte units:
-// the bf16 head dim, half the e4m3 one).
-template <int KS, bool FP8>
+template <int KS>
 __device__ __forceinline__ void scores_body(const uint16_t* __restrict__ q, const float* __restrict__ w,
-                                            const uint16_t* __restrict__ k, const float* __restrict__ kscale,
-                                            float* __restrict__ out, int R, int HI, int T, int q0, int wpr) {
+                                            const uint16_t* __restrict__ k, float* __restrict__ out, int R, int HI,
+                                            int T, int q0, int wpr) {
   constexpr int DI = 16 * KS;
   constexpr int ROWB = DI * 2 + 16;     // bytes per key row in shared memory
   constexpr int STAGE_BYTES = KT * ROWB;
@@ -178,13 +160,7 @@ __device__ __forceinline__ void scores_body(const uint16_t* __restrict__ q, cons
 #pragma unroll
         for (int mt = 0; mt < 2; ++mt)
 #pragma unroll
-          for (int nt = 0; nt < 4; ++nt) {
-            if constexpr (FP8) {
-              mma_e4m3_16832(acc[mt][nt], a[mt], bq[ks][nt][0], bq[ks][nt][1]);
-            } else {
-              mma_bf16_16816(acc[mt][nt], a[mt], bq[ks][nt][0], bq[ks][nt][1]);
-            }
-          }
+          for (int nt = 0; nt < 4; ++nt) mma_bf16_16816(acc[mt][nt], a[mt], bq[ks][nt][0], bq[ks][nt][1]);
       }
       // Weighted ReLU summed over this thread's 8 heads, then over the quad's 4 lanes (32 heads);
       // lane t4 of each quad holds key 8 t4 + g of the warp's 32.
@@ -200,7 +176,6 @@ __device__ __forceinline__ void scores_body(const uint16_t* __restrict__ q, cons
       if (rr < R && s < kend) {
         float v = red[(lrr * wpr) * KT + m];
         if (wpr == 2) v += red[(lrr * wpr + 1) * KT + m];
-        if constexpr (FP8) v *= kscale[s];  // a power of two: exact
         out[(size_t)rr * T + s] = (s <= q0 + rr) ? v : NEG_INF;
       }
     }
@@ -213,14 +188,7 @@ __device__ __forceinline__ void scores_body(const uint16_t* __restrict__ q, cons
       indexer_scores_rows_bf16_ks##KSV(const uint16_t* __restrict__ q, const float* __restrict__ w,              \
                                        const uint16_t* __restrict__ k, float* __restrict__ out, int R, int HI,   \
                                        int T, int q0, int wpr) {                                                 \
-    scores_body<KSV, false>(q, w, k, nullptr, out, R, HI, T, q0, wpr);                                           \
-  }
-#define SCORES_KERNEL_FP8(KSV)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(SC_THREADS, 2)                                                    \
-      indexer_scores_rows_fp8_ks##KSV(const uint16_t* __restrict__ q, const float* __restrict__ w,               \
-                                      const uint16_t* __restrict__ k, const float* __restrict__ kscale,          \
-                                      float* __restrict__ out, int R, int HI, int T, int q0, int wpr) {          \
-    scores_body<KSV, true>(q, w, k, kscale, out, R, HI, T, q0, wpr);                                             \
+    scores_body<KSV>(q, w, k, out, R, HI, T, q0, wpr);                                                           \
   }
 
 SCORES_KERNEL(1)
@@ -231,10 +199,6 @@ SCORES_KERNEL(5)
 SCORES_KERNEL(6)
 SCORES_KERNEL(7)
 SCORES_KERNEL(8)
-SCORES_KERNEL_FP8(1)
-SCORES_KERNEL_FP8(2)
-SCORES_KERNEL_FP8(3)
-SCORES_KERNEL_FP8(4)
 
 // ---------------------------------------------------------------------------------------------
 // Top-k

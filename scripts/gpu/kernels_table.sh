@@ -100,17 +100,15 @@ for line in open(f"{log}/ours.log", errors="replace"):
         ours[(L, "sparse MLA bwd", h)] = v
     elif s.startswith("bwd bf16") and "deterministic" in s:
         ours[(L, "sparse MLA bwd, deterministic dkv", h)] = v
-    elif s.startswith("indexer scores rows") and "e4m3" in s:
-        ours[(L, "indexer scoring fp8, causal, 64 x 128", 64)] = v
     elif s.startswith("indexer scores rows"):
-        ours[(L, "indexer scoring bf16, causal, 64 x 128", 64)] = v
+        ours[(L, "indexer scoring, causal, 64 x 128", 64)] = v
     elif s.startswith("indexer top-k"):
         ours[(L, "top-k 2048, causal rows", None)] = v
 tl = {}
 names = {"sparse_mla_fwd": "sparse MLA fwd", "sparse_mla_bwd": "sparse MLA bwd",
          "sparse_mla_fwd_pipelined": "sparse MLA fwd (TileLang pipelined)",
          "sparse_mla_bwd_kernel_only": "sparse MLA bwd (TileLang kernel only)",
-         "fp8_lighting_indexer": "indexer scoring fp8, causal, 64 x 128", "topk_selector": "top-k 2048, causal rows"}
+         "fp8_lighting_indexer": "indexer scoring, causal, 64 x 128", "topk_selector": "top-k 2048, causal rows"}
 try:
     lines = open(f"{log}/tilelang.jsonl").readlines()
 except OSError:
@@ -131,8 +129,7 @@ for line in lines:
 print("| L | kernel | H | ours | TileLang | TileLang / ours (time) |")
 print("| --- | --- | --- | --- | --- | --- |")
 order = ["sparse MLA fwd", "sparse MLA fwd (TileLang pipelined)", "sparse MLA bwd", "sparse MLA bwd (TileLang kernel only)",
-         "sparse MLA bwd, deterministic dkv", "indexer scoring bf16, causal, 64 x 128",
-         "indexer scoring fp8, causal, 64 x 128", "top-k 2048, causal rows"]
+         "sparse MLA bwd, deterministic dkv", "indexer scoring, causal, 64 x 128", "top-k 2048, causal rows"]
 keys = sorted(set(ours) | set(tl), key=lambda k: (k[0], order.index(k[1]), -(k[2] or 0)))
 cell = lambda v: "-" if v is None else (f"{v[0]:.3f} ms, {v[1]}" if v[0] is not None else v[1])
 for k in keys:
@@ -141,7 +138,7 @@ for k in keys:
     print(f"| {k[0]} | {k[1]} | {k[2] or ''} | {cell(o)} | {cell(t)} | {ratio} |")
 for f in failed:
     print(f"\nours failed: {f}")
-print("\nours: bf16 unless said (the indexer also on e4m3 codes), sparse bwd with atomic dkv unless said; at 8 to 32 "
+print("\nours: bf16 (the indexer too), sparse bwd with atomic dkv unless said; at 8 to 32 "
       "heads ours merges 64 / H neighbouring queries a block (opt-in in training until checked on a GPU); TileLang: "
       "its sparse bwd is its example's whole call (preprocess, zeroed f32 dkv, bwd, postprocess), its indexer fp8. "
       "TFLOP/s: the project's count.")

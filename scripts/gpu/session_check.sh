@@ -13,7 +13,7 @@
 # (`bench kernels`: merged queries beside one query a block) and the scoring and top-k kernels;
 # the saved-activation step with merged queries (B) against one query a block (A) on bench-1k
 # sparse 4K and 8K. PART=f: transformers' DeepseekV32 on bench-1k 4K and 8K, FP8 selection
-# scores on the e4m3 kernel (B) against the rounded rows through the bf16 one (A) at 8K, every
+# scores (B, the rounded rows through the bf16 kernel) against bf16 ones (A) at 8K, every
 # gpu-selftest group, and where the saved bench-1k 4K step goes (regions, then ncu).
 set -uo pipefail
 export LD_LIBRARY_PATH="/usr/local/cuda/lib64:${LD_LIBRARY_PATH:-}"
@@ -65,7 +65,7 @@ elif [ "${PART:-a}" = f ]; then
   [ -d /tmp/bench-1k/model ] || "$BIN" tiny --preset bench-1k --output /tmp/bench-1k >/dev/null 2>>"$OUT/stderr.log"
   python3 tools/reference/bench_transformers.py --config /tmp/bench-1k/model/config.json --model v32 --lens 4096,8192 \
     --steps 3 2>>"$OUT/stderr.log" | tee "$OUT/transformers.txt"
-  SET="train.recompute=false dsa.indexer_scores=fp8" SET_B='kernels.opt_in=["indexer-fp8"]' STEPS=2 \
+  SET="train.recompute=false" SET_B="dsa.indexer_scores=fp8" STEPS=2 \
     bash scripts/gpu/ab_step.sh "$BIN" "$BIN" "$OUT/ab-fp8" recipes/bench-1k-sparse.toml:8192 2>&1 | tail -1
   ( time timeout 280 "$BIN" gpu-selftest --device cuda ) > "$OUT/selftest-all.log" 2>&1
   grep -E "^(FAIL|gpu-selftest)|^real" "$OUT/selftest-all.log"

@@ -79,7 +79,7 @@ pub fn indexer_scores_rows(q: &Tensor, w: &Tensor, k: &Tensor, q0: usize) -> Res
         let q = aligned_bf16(q, 2)?;
         let k = aligned_bf16(k, 8)?;
         let w = w.contiguous()?;
-        q.apply_op3_no_bwd(&w, &k, &cuda::ScoresRows { q0, k_scale: None })
+        q.apply_op3_no_bwd(&w, &k, &cuda::ScoresRows { q0 })
     }
     #[cfg(not(feature = "cuda"))]
     {
@@ -188,26 +188,11 @@ pub(crate) fn indexer_topk_chunked(
         return Tensor::zeros((r, topk.min(t)), DType::U32, q.device());
     }
     let (q, w, k) = (q.contiguous()?, w.contiguous()?, aligned_bf16(k, 8)?);
-    topk_in_chunks((r, t), q0, topk, starts, max_bytes, |c0, n| {
-        indexer_scores_rows(&q.narrow(0, c0, n)?, &w.narrow(0, c0, n)?, &k, q0 + c0)
-    })
-}
-
-/// The top-k of R query rows against T keys, `score(c0, n)` giving the [n, T] scores of rows
-/// c0..c0+n, in chunks of rows whose scores stay within `max_bytes`.
-fn topk_in_chunks(
-    (r, t): (usize, usize),
-    q0: usize,
-    topk: usize,
-    starts: Option<&Tensor>,
-    max_bytes: usize,
-    score: impl Fn(usize, usize) -> Result<Tensor>,
-) -> Result<Tensor> {
     let rows = (max_bytes / (4 * t)).clamp(1, r);
     let mut parts = Vec::with_capacity(r.div_ceil(rows));
     for c0 in (0..r).step_by(rows) {
         let n = rows.min(r - c0);
-        let scores = score(c0, n)?;
+        let scores = indexer_scores_rows(&q.narrow(0, c0, n)?, &w.narrow(0, c0, n)?, &k, q0 + c0)?;
         let st = starts.map(|s| s.narrow(0, c0, n)).transpose()?;
         parts.push(topk_rows(&scores, q0 + c0, topk, st.as_ref())?);
     }
@@ -215,92 +200,6 @@ fn topk_in_chunks(
         return Ok(parts.pop().unwrap());
     }
     Tensor::cat(&parts, 0)
-}
-
-/// Rows in FP8 for the scoring kernel (`model::fp8_scores::quantize_for_scores`): e4m3 codes
-/// [.., DI] (F8E4M3) and one power-of-two scale per row [..] f32.
-pub struct Fp8Rows {
-    pub codes: Tensor,
-    pub scales: Tensor,
-}
-
-/// `indexer_topk` on FP8 rows (`dsa.indexer_scores = "fp8"` with the `indexer-fp8` kernel): q
-/// codes [R, HI, DI] with scales [R, HI], w [R, HI] f32, k codes [T, DI] with scales [T]; DI a
-/// multiple of 32 up to 128. The scores are the kernel's e4m3 products accumulated on the
-/// tensor cores, times the key's and (folded into w, exactly: powers of two) the query head's
-/// scale; their twin is the rounded rows through `indexer_topk` (exact in bf16, f32 sums).
-pub fn indexer_topk_fp8(
-    q: &Fp8Rows,
-    w: &Tensor,
-    k: &Fp8Rows,
-    q0: usize,
-    topk: usize,
-    starts: Option<&Tensor>,
-) -> Result<Tensor> {
-    let (r, hi, di) = q.codes.dims3()?;
-    let (t, di2) = k.codes.dims2()?;
-    if di2 != di
-        || w.dims() != [r, hi]
-        || q.scales.dims() != [r, hi]
-        || k.scales.dims() != [t]
-        || q.codes.dtype() != DType::F8E4M3
-        || k.codes.dtype() != DType::F8E4M3
-        || !di.is_multiple_of(32)
-        || topk == 0
-    {
-        candle_core::bail!(
-            "indexer_topk_fp8: q {:?} {:?} (scales {:?}), w {:?}, k {:?} {:?} (scales {:?}), top-k {topk} do not fit",
-            q.codes.dims(), q.codes.dtype(), q.scales.dims(), w.dims(), k.codes.dims(), k.codes.dtype(), k.scales.dims()
-        );
-    }
-    if let Some(st) = starts {
-        check_starts(st, r, w.device())?;
-    }
-    if r == 0 || t == 0 {
-        return Tensor::zeros((r, topk.min(t)), DType::U32, w.device());
-    }
-    let (q, w, k) = (
-        Fp8Rows {
-            codes: q.codes.contiguous()?,
-            scales: q.scales.clone(),
-        },
-        w.contiguous()?,
-        Fp8Rows {
-            codes: k.codes.contiguous()?,
-            scales: k.scales.contiguous()?,
-        },
-    );
-    topk_in_chunks((r, t), q0, topk, starts, MAX_SCORE_BYTES, |c0, n| {
-        let rows = |x: &Tensor| x.narrow(0, c0, n);
-        let block = Fp8Rows {
-            codes: rows(&q.codes)?,
-            scales: rows(&q.scales)?,
-        };
-        indexer_scores_rows_fp8(&block, &rows(&w)?, &k, q0 + c0)
-    })
-}
-
-/// The scores of `indexer_topk_fp8` for query rows q0..q0+R: [R, T] f32, -inf where s > q0 + r
-/// (shapes as there).
-pub fn indexer_scores_rows_fp8(q: &Fp8Rows, w: &Tensor, k: &Fp8Rows, q0: usize) -> Result<Tensor> {
-    #[cfg(feature = "cuda")]
-    {
-        // The query heads' scales ride on their weights (powers of two: exact).
-        let w = (w.to_dtype(DType::F32)? * &q.scales)?.contiguous()?;
-        q.codes.contiguous()?.apply_op3_no_bwd(
-            &w,
-            &k.codes.contiguous()?,
-            &cuda::ScoresRows {
-                q0,
-                k_scale: Some(k.scales.contiguous()?),
-            },
-        )
-    }
-    #[cfg(not(feature = "cuda"))]
-    {
-        let _ = (q, w, k, q0);
-        candle_core::bail!("the FP8 indexer scores need the `cuda` feature")
-    }
 }
 
 use crate::profile::time_median;
@@ -355,32 +254,6 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
         Ok(())
     })?;
     drop(wide);
-    // The e4m3 scoring kernel on the same rows' codes (per-row power-of-two scales; the rotation
-    // of `model::fp8_scores` does not change the work).
-    use crate::kernels::fp8_rows::{quantize_rows, RowScale};
-    let codes = |x: &Tensor, rows: usize| -> anyhow::Result<Fp8Rows> {
-        let (c, s) = quantize_rows(&x.reshape((rows, di))?, RowScale::PowerOfTwo)?;
-        Ok(Fp8Rows {
-            codes: c,
-            scales: s.flatten_all()?,
-        })
-    };
-    let (q8, k8) = (codes(&q, l * hi)?, codes(&k, l)?);
-    let q8 = Fp8Rows {
-        codes: q8.codes.reshape((l, hi, di))?,
-        scales: q8.scales.reshape((l, hi))?,
-    };
-    let fp8_time = time_median(dev, reps, || {
-        for &(c0, n) in &chunks {
-            let block = Fp8Rows {
-                codes: q8.codes.narrow(0, c0, n)?,
-                scales: q8.scales.narrow(0, c0, n)?,
-            };
-            indexer_scores_rows_fp8(&block, &w.narrow(0, c0, n)?, &k8, c0)?;
-        }
-        Ok(())
-    })?;
-    drop((q8, k8));
     let both_time = time_median(dev, reps, || {
         Ok(indexer_topk(&q, &w, &k, 0, topk, None).map(|_| ())?)
     })?;
@@ -389,10 +262,6 @@ pub fn bench(dev: &Device, l: usize) -> anyhow::Result<Vec<String>> {
         format!(
             "indexer scores rows L {l} (HI {hi}, DI {di}, bf16 mma, {} chunk(s) of {rows} rows): {:.3} ms = {:.0} TFLOP/s",
             chunks.len(), score_time * 1e3, flops / score_time / 1e12
-        ),
-        format!(
-            "indexer scores rows L {l} (HI {hi}, DI {di}, e4m3 mma, same chunks): {:.3} ms = {:.0} TFLOP/s",
-            fp8_time * 1e3, flops / fp8_time / 1e12
         ),
         format!("indexer top-k L {l} (k {topk}, {l} rows): {:.3} ms = {:.2} us/row", topk_time * 1e3, topk_time * 1e6 / l as f64),
         format!("indexer top-k, 64 rows of all {l} keys (TileLang's benchmark shape, k {topk}): {:.3} ms", wide_time * 1e3),
@@ -411,7 +280,6 @@ mod cuda {
         bail, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result,
         Shape,
     };
-    use float8::F8E4M3;
     use half::bf16;
 
     const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/indexer_topk.ptx"));
@@ -446,9 +314,6 @@ mod cuda {
 
     pub struct ScoresRows {
         pub q0: usize,
-        /// FP8 scoring: the keys' scales [T] f32, with q and k e4m3 codes (F8E4M3) and the
-        /// queries' scales folded into w (`super::indexer_topk_fp8`); None: bf16 q and k.
-        pub k_scale: Option<candle_core::Tensor>,
     }
 
     impl CustomOp3 for ScoresRows {
@@ -480,15 +345,12 @@ mod cuda {
             let (r, hi, di) = l1.shape().dims3()?;
             let (r2, hi2) = l2.shape().dims2()?;
             let (t, di3) = l3.shape().dims2()?;
-            let fp8 = self.k_scale.is_some();
-            // A k-step is 32 bytes: 16 bf16 or 32 e4m3 values.
-            let per_step = if fp8 { 32 } else { 16 };
             if r2 != r
                 || hi2 != hi
                 || di3 != di
                 || hi == 0
                 || hi > 64
-                || di % per_step != 0
+                || di % 16 != 0
                 || di == 0
                 || di > 128
                 || r == 0
@@ -501,67 +363,38 @@ mod cuda {
                     l3.shape()
                 );
             }
-            let codes = if fp8 { DType::F8E4M3 } else { DType::BF16 };
-            if s1.dtype() != codes || s2.dtype() != DType::F32 || s3.dtype() != codes {
+            if s1.dtype() != DType::BF16 || s2.dtype() != DType::F32 || s3.dtype() != DType::BF16 {
                 bail!(
-                    "indexer_scores_rows: expects {codes:?} q, f32 w, {codes:?} k, got {:?} {:?} {:?}",
+                    "indexer_scores_rows: expects bf16 q, f32 w, bf16 k, got {:?} {:?} {:?}",
                     s1.dtype(),
                     s2.dtype(),
                     s3.dtype()
                 );
             }
             let dev = s1.device();
+            let q = view::<bf16>(s1, l1, "q", 2)?;
             let w = view::<f32>(s2, l2, "w", 1)?;
-            let bytes = if fp8 { di } else { 2 * di };
+            let k = view::<bf16>(s3, l3, "k", 8)?;
             // SAFETY: the kernel writes every one of the r * t entries (causal ones computed, the
             // rest -inf) before anything reads them.
             let out = unsafe { dev.alloc::<f32>(r * t) }?;
-            let smem = STAGES * KT * (bytes + 16) + SC_WARPS * KT * 4;
-            let name = if fp8 {
-                format!("indexer_scores_rows_fp8_ks{}", di / 32)
-            } else {
-                format!("indexer_scores_rows_bf16_ks{}", di / 16)
-            };
-            let f = load(dev, &name, smem)?;
+            let smem = STAGES * KT * (di * 2 + 16) + SC_WARPS * KT * 4;
+            let f = load(
+                dev,
+                &format!("indexer_scores_rows_bf16_ks{}", di / 16),
+                smem,
+            )?;
             let wpr = if hi > 32 { 2usize } else { 1 };
             let groups = r.div_ceil(SC_WARPS / wpr);
             let splits = t.div_ceil(KCH);
             let (r32, hi32, t32, q032, wpr32) =
                 (r as i32, hi as i32, t as i32, self.q0 as i32, wpr as i32);
             let stream = dev.cuda_stream();
-            let k_scale = self.k_scale.as_ref().map(|s| s.storage_and_layout());
-            let k_scale = match &k_scale {
-                Some((st, l)) => {
-                    if l.shape().dims() != [t] {
-                        bail!(
-                            "indexer_scores_rows: key scales {:?} for {t} keys",
-                            l.shape()
-                        );
-                    }
-                    Some(crate::kernels::cuda::storage_view::<f32>(
-                        st,
-                        l,
-                        "key scales",
-                    )?)
-                }
-                None => None,
-            };
-            // The kernel reads 4-byte words of q and 16-byte pieces of k.
-            let (q8, k8, q16, k16);
             let mut b = stream.launch_builder(&f);
-            if fp8 {
-                q8 = view::<F8E4M3>(s1, l1, "q", 4)?;
-                k8 = view::<F8E4M3>(s3, l3, "k", 16)?;
-                b.arg(&q8).arg(&w).arg(&k8);
-            } else {
-                q16 = view::<bf16>(s1, l1, "q", 2)?;
-                k16 = view::<bf16>(s3, l3, "k", 8)?;
-                b.arg(&q16).arg(&w).arg(&k16);
-            }
-            if let Some(ks) = &k_scale {
-                b.arg(ks);
-            }
-            b.arg(&out)
+            b.arg(&q)
+                .arg(&w)
+                .arg(&k)
+                .arg(&out)
                 .arg(&r32)
                 .arg(&hi32)
                 .arg(&t32)

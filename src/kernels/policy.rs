@@ -53,10 +53,6 @@ pub enum Fused {
     /// block of 64 rows over the union of their keys (`sparse_mla_tc::merged_queries`; one
     /// query a block instead).
     SparseMergeQueries,
-    /// FP8 selection scores (`dsa.indexer_scores = "fp8"`) on the e4m3 tensor-core scoring
-    /// kernel (`kernels::indexer_topk::indexer_topk_fp8`; the rounded rows through the bf16
-    /// kernel instead, which they are exact in).
-    IndexerFp8,
     /// The main layers' explicit backward from saved activations (`model::blocks`, with
     /// `train.recompute = false`; candle's autograd of the layer forward instead). On every
     /// device: it is a way of computing, not a kernel.
@@ -64,7 +60,7 @@ pub enum Fused {
 }
 
 impl Fused {
-    pub const ALL: [Fused; 17] = [
+    pub const ALL: [Fused; 16] = [
         Fused::IndexerAt,
         Fused::LmLoss,
         Fused::Adamw,
@@ -80,14 +76,13 @@ impl Fused {
         Fused::Fp8Dequant,
         Fused::SparseFewHeads,
         Fused::SparseMergeQueries,
-        Fused::IndexerFp8,
         Fused::LayerBackward,
     ];
 
     /// Kernels built whose gpu-selftest checks have not yet passed on a GPU: off unless a recipe
-    /// names them in `kernels.opt_in` (the merged-query sparse attention and the FP8 scoring
-    /// kernel: written in a session that was lent no GPU).
-    pub const OPT_IN: [Fused; 2] = [Fused::SparseMergeQueries, Fused::IndexerFp8];
+    /// names them in `kernels.opt_in` (the merged-query sparse attention: written in a session
+    /// that was lent no GPU).
+    pub const OPT_IN: [Fused; 1] = [Fused::SparseMergeQueries];
 
     /// The name a recipe uses.
     pub fn name(self) -> &'static str {
@@ -107,7 +102,6 @@ impl Fused {
             Fused::Fp8Dequant => "fp8-dequant",
             Fused::SparseFewHeads => "sparse-few-heads",
             Fused::SparseMergeQueries => "sparse-merge-queries",
-            Fused::IndexerFp8 => "indexer-fp8",
             Fused::LayerBackward => "layer-backward",
         }
     }

@@ -96,33 +96,16 @@ pub fn round_rows_host(y: &[f32], cols: usize) -> Vec<f32> {
         .collect()
 }
 
-/// x [.., DI] -> its rows rotated ([rows, DI] f32).
-fn rotated(x: &Tensor) -> Result<Tensor> {
-    let di = *x.dims().last().unwrap_or(&0);
-    let rows = x.elem_count() / di.max(1);
-    x.to_dtype(DType::F32)?
-        .reshape((rows, di))?
-        .matmul(&hadamard(di, x.device())?)
-}
-
-/// x [.., DI] on a CUDA device -> its rows rotated and rounded as the module states, as the
-/// FP8 scoring kernel reads them: e4m3 codes [.., DI] and the rows' scales [..] f32.
-pub fn quantize_for_scores(x: &Tensor) -> Result<crate::kernels::indexer_topk::Fp8Rows> {
-    let dims = x.dims().to_vec();
-    let (codes, scales) = fp8_rows::quantize_rows(&rotated(x)?, RowScale::PowerOfTwo)?;
-    Ok(crate::kernels::indexer_topk::Fp8Rows {
-        codes: codes.reshape(dims.as_slice())?,
-        scales: scales.reshape(&dims[..dims.len() - 1])?,
-    })
-}
-
 /// x [.., DI] (any float dtype) -> the rows rotated and rounded as the module states, f32, same
 /// shape: on a CUDA device by the kernel, elsewhere by `round_rows_host`.
 pub fn round_for_scores(x: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let di = *dims.last().unwrap_or(&0);
     let rows = x.elem_count() / di.max(1);
-    let y = rotated(x)?;
+    let y = x
+        .to_dtype(DType::F32)?
+        .reshape((rows, di))?
+        .matmul(&hadamard(di, x.device())?)?;
     let back = if x.device().is_cuda() {
         let (codes, scales) = fp8_rows::quantize_rows(&y, RowScale::PowerOfTwo)?;
         fp8_rows::dequantize_rows(&codes, &scales, DType::F32)?

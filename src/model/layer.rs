@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 
 use super::attention;
-use super::fp8_scores::{quantize_for_scores, round_for_scores, SelectionScores};
+use super::fp8_scores::{round_for_scores, SelectionScores};
 use super::indexer::{self, Indexer, IndexerProj};
 use super::moe::{Mlp, Moe};
 use super::{
@@ -13,8 +13,7 @@ use super::{
 };
 use crate::dist::context::RowBlock;
 use crate::dsa::{recall_rows, select_topk_in};
-use crate::kernels::indexer_topk::Fp8Rows;
-use crate::kernels::{Fused, KernelPolicy};
+use crate::kernels::KernelPolicy;
 use crate::losses::kl_rows;
 use crate::ops::rms_norm;
 
@@ -542,14 +541,11 @@ impl DecoderLayer {
     }
 
     /// How this layer's selection scores against `keys`: on the device kernels where they run
-    /// (bf16 models on CUDA), with `scores`, and FP8 scores on the e4m3 kernel where the
-    /// policy opts in (`Fused::IndexerFp8`).
+    /// (bf16 models on CUDA), with `scores`.
     fn scoring(&self, keys: &Tensor, scores: SelectionScores) -> Scoring {
-        let fast = self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device());
         Scoring {
-            fast,
+            fast: self.attn.q_b_proj.dtype() == DType::BF16 && self.kernels.on(keys.device()),
             scores,
-            fp8_kernel: fast && self.kernels.uses(Fused::IndexerFp8, keys.device()),
         }
     }
 
@@ -854,13 +850,11 @@ fn device_sets(
 }
 
 /// How a selection scores keys (`DecoderLayer::scoring`): on the device kernels (`fast`) or the
-/// host's f32 path; bf16 or FP8 scores; FP8 on the e4m3 kernel (`fp8_kernel`) or as rounded
-/// rows through the bf16 one.
+/// host's f32 path, with bf16 or FP8 scores.
 #[derive(Debug, Clone, Copy)]
 struct Scoring {
     fast: bool,
     scores: SelectionScores,
-    fp8_kernel: bool,
 }
 
 /// Top-k selection from the indexer against `keys` [B, T, DI] (every position's), for the
@@ -887,34 +881,7 @@ fn select_indexer_topk(
     let query_rows = ctx.query_rows();
     let rows = rows.clamp(1, t.max(1));
     let fp8 = scoring.scores == SelectionScores::Fp8;
-    if fp8 && scoring.fp8_kernel {
-        // The e4m3 kernel on the codes and scales of the rotated rows.
-        let keys = quantize_for_scores(keys)?; // [B, T, DI], [B, T]
-        return device_sets(ctx, (b, t), rows, |block| {
-            let (q, w) = queries(block)?;
-            let q = quantize_for_scores(&q)?; // [B, n, HI, DI], [B, n, HI]
-            let starts = ctx.starts_rows(block.pos, block.n)?;
-            let seq = |r: &Fp8Rows, bi: usize| -> Result<Fp8Rows> {
-                Ok(Fp8Rows {
-                    codes: r.codes.get(bi)?,
-                    scales: r.scales.get(bi)?,
-                })
-            };
-            (0..b)
-                .map(|bi| {
-                    crate::kernels::indexer_topk::indexer_topk_fp8(
-                        &seq(&q, bi)?,
-                        &w.get(bi)?,
-                        &seq(&keys, bi)?,
-                        block.pos,
-                        k,
-                        starts.as_ref().map(|s| s.get(bi)).transpose()?.as_ref(),
-                    )
-                })
-                .collect()
-        });
-    }
-    // FP8 scores otherwise: the rounded rows, exact in bf16, through the paths below.
+    // FP8 scores: the rounded rows, exact in bf16, through either path below.
     let keys = &if fp8 {
         round_for_scores(keys)?
     } else {
