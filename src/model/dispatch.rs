@@ -157,6 +157,48 @@ mod tests {
         Ok(())
     }
 
+    /// Against an independent reference (tools/parity/make_fp8_scores_fixture.py: numpy's f32
+    /// arithmetic and ml_dtypes' e4m3 cast), bit for bit.
+    #[test]
+    fn fp8_rows_match_the_independent_reference() -> Result<()> {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/fp8_scores.json"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("the fixture")).unwrap();
+        let floats = |key: &str| -> Vec<f32> {
+            v[key]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
+                .collect()
+        };
+        let (rows, cols) = (
+            v["rows"].as_u64().unwrap() as usize,
+            v["cols"].as_u64().unwrap() as usize,
+        );
+        let x = Tensor::from_vec(floats("x"), (rows, cols), &Device::Cpu)?;
+        let (codes, scales) = quantize_rows(&x)?;
+        let got = dequantize_rows(&codes, &scales, DType::F32)?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        let want = floats("dispatch");
+        let differ = got
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(
+            differ,
+            0,
+            "{differ} of {} values differ from the reference",
+            want.len()
+        );
+        Ok(())
+    }
+
     #[test]
     fn the_fp8_dispatch_carries_no_graph_and_the_dtype_dispatch_keeps_it() -> Result<()> {
         let dev = Device::Cpu;
