@@ -161,30 +161,13 @@ mod tests {
     /// arithmetic and ml_dtypes' e4m3 cast), bit for bit.
     #[test]
     fn fp8_rows_match_the_independent_reference() -> Result<()> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/fp8_scores.json"
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("the fixture")).unwrap();
-        let floats = |key: &str| -> Vec<f32> {
-            v[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
-                .collect()
-        };
-        let (rows, cols) = (
-            v["rows"].as_u64().unwrap() as usize,
-            v["cols"].as_u64().unwrap() as usize,
-        );
-        let x = Tensor::from_vec(floats("x"), (rows, cols), &Device::Cpu)?;
+        let (rows, cols, x) = crate::model::fp8_scores::reference_rows("x");
+        let x = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?;
         let (codes, scales) = quantize_rows(&x)?;
         let got = dequantize_rows(&codes, &scales, DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let want = floats("dispatch");
+        let want = crate::model::fp8_scores::reference_rows("dispatch").2;
         let differ = got
             .iter()
             .zip(&want)

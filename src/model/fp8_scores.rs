@@ -116,6 +116,26 @@ pub fn round_for_scores(x: &Tensor) -> Result<Tensor> {
     back.reshape(dims)
 }
 
+/// One field of the independent reference's fixture (tests/fixtures/fp8_scores.json, written by
+/// tools/parity/make_fp8_scores_fixture.py): (rows, cols, its f32 values).
+#[cfg(test)]
+pub(crate) fn reference_rows(key: &str) -> (usize, usize, Vec<f32>) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/fp8_scores.json"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("the fixture")).unwrap();
+    let values = v[key]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {key} in the fixture"))
+        .iter()
+        .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
+        .collect();
+    let dim = |k: &str| v[k].as_u64().unwrap() as usize;
+    (dim("rows"), dim("cols"), values)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,25 +145,8 @@ mod tests {
     /// rotation within f32 rounding, the rounding of the same rotated rows bit for bit.
     #[test]
     fn rounding_matches_the_independent_reference() -> Result<()> {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/fixtures/fp8_scores.json"
-        );
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(path).expect("the fixture")).unwrap();
-        let floats = |key: &str| -> Vec<f32> {
-            v[key]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|b| f32::from_bits(b.as_u64().unwrap() as u32))
-                .collect()
-        };
-        let (rows, cols) = (
-            v["rows"].as_u64().unwrap() as usize,
-            v["cols"].as_u64().unwrap() as usize,
-        );
-        let (x, y, want) = (floats("x"), floats("y"), floats("rounded"));
+        let (rows, cols, x) = reference_rows("x");
+        let (y, want) = (reference_rows("y").2, reference_rows("rounded").2);
         let ours = Tensor::from_vec(x, (rows, cols), &Device::Cpu)?
             .matmul(&hadamard(cols, &Device::Cpu)?)?
             .flatten_all()?
