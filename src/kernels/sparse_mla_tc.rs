@@ -154,8 +154,8 @@ pub fn merged_keys(idx: &Tensor, g: usize, nkv: usize) -> Result<Vec<(Vec<u32>, 
 }
 
 /// Do the head-mean probabilities of n queries at h heads run merged (`merged_queries`; the
-/// probabilities' kernel takes 16-head queries four to a block, each row group one query, and
-/// slots below 2^16).
+/// probabilities' kernel takes 16-head queries four to a block, each row group one query; the
+/// slots, below k <= 4096, fit the u16 slot map).
 pub fn merged_probs(
     policy: KernelPolicy,
     h: usize,
@@ -165,7 +165,7 @@ pub fn merged_probs(
     k: usize,
     nkv: usize,
 ) -> bool {
-    h == 16 && k < (1 << 16) && merged_queries(policy, h, dqk, dv, n, k, nkv)
+    h == 16 && merged_queries(policy, h, dqk, dv, n, k, nkv)
 }
 
 /// Do the head-mean probabilities of this shape run the wgmma kernel: H = 128 at DQK 576.
@@ -754,11 +754,11 @@ pub(crate) mod cuda {
     ) -> Result<KernelQueries> {
         Ok(if merged {
             let g = 64 / d.h;
-            let (cidx, cmask, cnt) = merge_queries(dev, idx, d, g)?;
+            let m = merge_queries(dev, idx, d, g, false)?;
             KernelQueries {
-                cidx,
-                cnt,
-                cmask: Some(cmask),
+                cidx: m.uidx,
+                cnt: m.ucnt,
+                cmask: Some(m.umask),
                 n: d.n / g,
                 h: 64,
                 k: g * d.k,
@@ -780,31 +780,15 @@ pub(crate) mod cuda {
     /// queries, the union of their valid slots ascending by kv row [N / g, g K] u32, each
     /// entry's mask of the queries that selected it [N / g, g K] u8 (an entry per selection of
     /// a duplicated key), and the count per group [N / g].
+    /// With `slots`, also each entry's slot in each query of its group [N / g, g K, g] u16
+    /// (0xFFFF where the query did not select it; K < 2^16).
     fn merge_queries(
         dev: &CudaDevice,
         idx: &CudaView<u32>,
         d: &Dims,
         g: usize,
-    ) -> Result<(CudaSlice<u32>, CudaSlice<u8>, CudaSlice<u32>)> {
-        let (uidx, umask, _, ucnt) = merge_queries_with(dev, idx, d, g, false)?;
-        Ok((uidx, umask, ucnt))
-    }
-
-    /// `merge_queries`, and with `slots` each entry's slot in each query of its group
-    /// [N / g, g K, g] u16 (0xFFFF where the query did not select it; K < 2^16).
-    #[allow(clippy::type_complexity)]
-    fn merge_queries_with(
-        dev: &CudaDevice,
-        idx: &CudaView<u32>,
-        d: &Dims,
-        g: usize,
         slots: bool,
-    ) -> Result<(
-        CudaSlice<u32>,
-        CudaSlice<u8>,
-        Option<CudaSlice<u16>>,
-        CudaSlice<u32>,
-    )> {
+    ) -> Result<MergedKeys> {
         let groups = d.n / g;
         let cap = g * d.k;
         let uidx = alloc::<u32>(dev, groups * cap)?;
@@ -843,14 +827,27 @@ pub(crate) mod cuda {
         }
         .w()?;
         drop(b);
-        Ok((uidx, umask, uslot, ucnt))
+        Ok(MergedKeys {
+            uidx,
+            umask,
+            uslot,
+            ucnt,
+        })
+    }
+
+    /// What `merge_queries` writes.
+    struct MergedKeys {
+        uidx: CudaSlice<u32>,
+        umask: CudaSlice<u8>,
+        uslot: Option<CudaSlice<u16>>,
+        ucnt: CudaSlice<u32>,
     }
 
     /// `super::merged_keys`: the kernel's output copied to the host, group by group.
     pub fn merged_keys(idx: &Tensor, g: usize, nkv: usize) -> Result<Vec<(Vec<u32>, Vec<u8>)>> {
         let (n, k) = idx.dims2()?;
-        if g == 0 || g > 8 || !n.is_multiple_of(g) || nkv >= 1 << 29 {
-            bail!("merged_keys: {n} rows in groups of {g} (1..=8, dividing the rows), nkv {nkv} < 2^29");
+        if g == 0 || g > 8 || !n.is_multiple_of(g) || g * k > 16384 || nkv >= 1 << 29 {
+            bail!("merged_keys: {n} rows of {k} slots in groups of {g} (1..=8, dividing the rows, g k <= 16384), nkv {nkv} < 2^29");
         }
         let dev = idx.device().as_cuda_device()?.clone();
         let idx = idx.contiguous()?;
@@ -863,12 +860,12 @@ pub(crate) mod cuda {
             dqk: 0,
             nkv,
         };
-        let (uidx, umask, ucnt) = merge_queries(&dev, &view, &d, g)?;
+        let m = merge_queries(&dev, &view, &d, g, false)?;
         drop(st);
         let stream = dev.cuda_stream();
-        let keys: Vec<u32> = stream.clone_dtoh(&uidx).w()?;
-        let masks: Vec<u8> = stream.clone_dtoh(&umask).w()?;
-        let counts: Vec<u32> = stream.clone_dtoh(&ucnt).w()?;
+        let keys: Vec<u32> = stream.clone_dtoh(&m.uidx).w()?;
+        let masks: Vec<u8> = stream.clone_dtoh(&m.umask).w()?;
+        let counts: Vec<u32> = stream.clone_dtoh(&m.ucnt).w()?;
         Ok(counts
             .iter()
             .enumerate()
@@ -1428,8 +1425,15 @@ pub(crate) mod cuda {
             if super::merged_probs(self.policy, d.h, d.dqk, dv, d.n, d.k, d.nkv) {
                 // Groups of 4 queries of 16 heads over their keys' union, each query's column
                 // sums to its own slots (kernels/sparse_mla_tc.cu, probs_impl).
-                let (uidx, umask, uslot, ucnt) = merge_queries_with(dev, &idx, &d, 4, true)?;
-                let uslot = uslot.expect("asked for the slots");
+                let MergedKeys {
+                    uidx,
+                    umask,
+                    uslot,
+                    ucnt,
+                } = merge_queries(dev, &idx, &d, 4, true)?;
+                let Some(uslot) = uslot else {
+                    bail!("sparse_mla_head_mean_probs_bf16: the merged keys came without slots");
+                };
                 let smem = probs_smem(4, d.dqk);
                 check_smem(dev, smem)?;
                 let f = load(dev, "sparse_mla_tc_probs_merged", smem)?;

@@ -167,18 +167,7 @@ mod tests {
         let got = dequantize_rows(&codes, &scales, DType::F32)?
             .flatten_all()?
             .to_vec1::<f32>()?;
-        let want = crate::model::fp8_scores::reference_rows("dispatch").2;
-        let differ = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            differ,
-            0,
-            "{differ} of {} values differ from the reference",
-            want.len()
-        );
+        crate::model::fp8_scores::assert_reference_bits(&got, "dispatch");
         Ok(())
     }
 

@@ -136,6 +136,24 @@ pub(crate) fn reference_rows(key: &str) -> (usize, usize, Vec<f32>) {
     (dim("rows"), dim("cols"), values)
 }
 
+/// Fail unless `got` equals the fixture's `key` field bit for bit.
+#[cfg(test)]
+pub(crate) fn assert_reference_bits(got: &[f32], key: &str) {
+    let want = reference_rows(key).2;
+    assert_eq!(got.len(), want.len(), "{key}: length");
+    let differ = got
+        .iter()
+        .zip(&want)
+        .filter(|(a, b)| a.to_bits() != b.to_bits())
+        .count();
+    assert_eq!(
+        differ,
+        0,
+        "{differ} of {} values differ from the reference's {key}",
+        want.len()
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,18 +183,7 @@ mod tests {
                 "row {r}: rotation off by {err}"
             );
         }
-        let got = round_rows_host(&y, cols);
-        let differ = got
-            .iter()
-            .zip(&want)
-            .filter(|(a, b)| a.to_bits() != b.to_bits())
-            .count();
-        assert_eq!(
-            differ,
-            0,
-            "{differ} of {} values differ from the reference",
-            want.len()
-        );
+        assert_reference_bits(&round_rows_host(&y, cols), "rounded");
         assert!(y.iter().zip(&want).filter(|(a, b)| a != b).count() > want.len() / 2);
         Ok(())
     }
